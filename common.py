@@ -1,0 +1,625 @@
+"""
+The plumbing every stage shares, kept in one small file so no stage copies it:
+
+  configure()            module-level defaults <- config file(s) <- --key=value overrides
+  init_runtime()         device, dtype, autocast, seeds, torch.distributed (torchrun)
+  save/load_checkpoint   atomic checkpoint I/O; load_model() rebuilds model + tokenizer
+  lr_at()                warmup + cosine / warmup-stable-decay / constant schedules
+  TokenData              memory-mapped train.bin / val.bin batches (the prepare/ format)
+  write_token_dataset()  the writer of that format (used by prepare/ and distill)
+  RunLog                 log.jsonl, loss-curve PNG, optional TensorBoard / wandb
+  measure_peak_flops()   the denominator of MFU, measured with a large matmul
+"""
+
+import ast
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# Config: python SCRIPT.py [config/FILE.py ...] [--key=value ...]
+
+_CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
+
+
+def _config_keys(namespace):
+    """The config keys of a script: its public module-level values of plain types
+    (UPPER_CASE names are constants, e.g. imported lists of choices, not keys)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)}
+
+
+def _checked(key, value, default, valid, origin):
+    """Return `value` if it may replace `default`, else exit with one line saying why.
+    Rules: a None default accepts anything (it means 'auto' or 'off'); an int is accepted for
+    a float; list and tuple are interchangeable; bool is never accepted for int or vice versa."""
+    if default is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = type(default)(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        sys.exit(f"error: {origin} sets '{key}' to {value!r} of type {type(value).__name__}, "
+                 f"but '{key}' takes {type(default).__name__} (default {default!r}); "
+                 f"valid keys: {', '.join(sorted(valid))}")
+    return value
+
+
+def _parse_value(key, raw, default):
+    """--key=value: a Python literal, or the raw text where the default is a string."""
+    if isinstance(default, str):
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return raw          # an 'auto' key given a bare word, e.g. --compile=... stays text
+        sys.exit(f"error: --{key}={raw} is not a Python literal "
+                 f"('{key}' takes {type(default).__name__}, default {default!r})")
+
+
+def configure(namespace, argv=None, model_config=None, verbose=True):
+    """Resolve a script's config in place and return it as a dict.
+
+    `namespace` is the script's globals(): every public int/float/bool/str/tuple/list/dict/None
+    value in it is a config key. `model_config` (a dataclass such as model.ModelConfig) adds
+    its fields as keys too, with the dataclass defaults unless the script set its own, so
+    `--n_layer=4` works in every training script without repeating the model's fields.
+    Then each config file named on the command line is executed over the values (a config file
+    may read earlier values, e.g. `lr_decay_iters = max_iters`), then each --key=value.
+    An unknown key or a value of the wrong type exits with one line naming the key.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = _config_keys(namespace)
+    if model_config is not None:
+        for f in fields(model_config):
+            if f.name not in config:
+                config[f.name] = f.default
+    defaults = dict(config)
+    valid = set(defaults)
+
+    if any(a in ('-h', '--help') for a in argv):
+        print('usage: python SCRIPT.py [config/FILE.py ...] [--key=value ...]\nconfig keys:')
+        for k in sorted(defaults):
+            print(f'  --{k}={defaults[k]!r}')
+        sys.exit(0)
+
+    for arg in argv:
+        if not arg.startswith('--'):                      # a config file
+            if not os.path.isfile(arg):
+                sys.exit(f"error: config file '{arg}' not found")
+            scope = dict(config)
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), scope)
+            for k, v in scope.items():
+                if k.startswith('_') or k.isupper() or not isinstance(v, _CONFIG_TYPES):
+                    continue                               # imports, helpers, constants, private
+                if k not in valid:
+                    sys.exit(f"error: config file {arg} sets unknown key '{k}'; "
+                             f"valid keys: {', '.join(sorted(valid))}")
+                if v is not config[k] and v != config[k]:
+                    config[k] = _checked(k, v, defaults[k], valid, f'config file {arg}')
+        else:                                              # --key=value
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                sys.exit(f"error: '{arg}' must look like --key=value")
+            if key not in valid:
+                sys.exit(f"error: unknown config key '{key}' (from {arg}); "
+                         f"valid keys: {', '.join(sorted(valid))}")
+            value = _parse_value(key, raw, defaults[key])
+            config[key] = _checked(key, value, defaults[key], valid, f'--{key}')
+
+    namespace.update(config)
+    if verbose and int(os.environ.get('RANK', 0)) == 0:
+        changed = {k: v for k, v in config.items() if v != defaults[k]}
+        print('config: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(config.items())))
+        if changed:
+            print('changed from defaults: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items())))
+    return config
+
+
+def model_config_from(config, model_config_cls):
+    """The model dataclass built from the model fields of a resolved config dict."""
+    return model_config_cls(**{f.name: config[f.name] for f in fields(model_config_cls)})
+
+
+# -----------------------------------------------------------------------------
+# Runtime: device, dtype, autocast, distributed
+
+@dataclass
+class Runtime:
+    device: str            # 'cuda:0', 'cpu', 'mps'
+    device_type: str       # 'cuda', 'cpu', 'mps'
+    dtype: str             # 'float32' | 'bfloat16' | 'float16' (compute dtype under autocast)
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16/fp16 autocast on accelerators; plain float32 otherwise."""
+        if self.dtype == 'float32':
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
+
+
+def init_runtime(device='auto', dtype='auto', seed=1337):
+    """Pick the device and dtype, start torch.distributed when launched by torchrun, seed
+    every RNG (offset by rank so each rank draws different batches)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+        world_size = int(os.environ['WORLD_SIZE'])
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    if device == 'auto':
+        if torch.cuda.is_available():
+            device = 'cuda'
+        elif getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            device = 'mps'
+        else:
+            device = 'cpu'
+    if device == 'cuda' and ddp:
+        device = f'cuda:{local_rank}'
+    device_type = device.split(':')[0]
+    if device_type == 'cuda':
+        if not torch.cuda.is_available():
+            sys.exit(f"error: device='{device}' but CUDA is not available; use --device=cpu or auto")
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        sys.exit(f"error: dtype='{dtype}'; valid: auto, float32, bfloat16, float16")
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    torch.manual_seed(seed + rank)
+    return Runtime(device, device_type, dtype, ddp, rank, local_rank, world_size)
+
+
+def close_runtime(rt):
+    if rt.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def synchronize(device_type):
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one dict, loadable with torch.load(weights_only=True), written atomically
+
+def save_checkpoint(out_dir, ckpt, name='ckpt.pt'):
+    """Write to a temporary name and rename, so a crash never leaves a broken checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_path(path):
+    """'out/run' -> 'out/run/ckpt.pt'; a file path is returned unchanged."""
+    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+
+
+def load_checkpoint(path, map_location='cpu'):
+    p = checkpoint_path(path)
+    if not os.path.isfile(p):
+        sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt)")
+    return torch.load(p, map_location=map_location, weights_only=True)
+
+
+def load_model(path, device='cpu', ckpt=None):
+    """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint."""
+    from model import GPT, ModelConfig
+    from tokenizer import tokenizer_from_spec
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    model = GPT(ModelConfig(**ckpt['model_config']))
+    model.load_state_dict(ckpt['model'])
+    model.to(device)
+    return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
+
+
+def capture_rng_state():
+    """RNG states for an exact resume (dropout, sampling)."""
+    state = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# -----------------------------------------------------------------------------
+# Learning-rate schedules
+
+def lr_at(step, lr, min_lr, warmup_iters, decay_iters, schedule='cosine', decay_frac=0.2):
+    """Learning rate at `step` (0-based).
+    warmup: linear from lr/(warmup+1) to lr over `warmup_iters` steps, then
+    cosine:   min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * t)),  t = progress in [0, 1] to decay_iters
+    wsd:      lr (stable) until the last `decay_frac` of decay_iters, then linear down to min_lr
+    constant: lr
+    After decay_iters the rate stays at min_lr."""
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if schedule == 'constant':
+        return lr
+    if step >= decay_iters:
+        return min_lr
+    if schedule == 'cosine':
+        t = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == 'wsd':
+        decay_start = max(warmup_iters, int(decay_iters * (1 - decay_frac)))
+        if step < decay_start:
+            return lr
+        t = (step - decay_start) / max(1, decay_iters - decay_start)
+        return lr + (min_lr - lr) * t
+    raise ValueError(f"lr_schedule='{schedule}'; valid: cosine, wsd, constant")
+
+
+# -----------------------------------------------------------------------------
+# Token data: data/<name>/{train,val}.bin (uint16 or uint32) + meta.json
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+class TokenData:
+    """Random contiguous windows from memory-mapped token files, as nanoGPT does.
+    Batches are a pure function of the generator, so a run that seeds the generator from its
+    step number reads the same batches after a resume."""
+
+    def __init__(self, data_dir):
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.isfile(meta_path):
+            sys.exit(f"error: no dataset at '{data_dir}' (missing meta.json); "
+                     f"run a prepare/ script first, e.g. python prepare/tinystories.py")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.data_dir = data_dir
+        self.dtype = np.dtype(self.meta['dtype'])
+        self.lengths = {}
+        for split in ('train', 'val'):
+            p = os.path.join(data_dir, f'{split}.bin')
+            if not os.path.isfile(p):
+                sys.exit(f"error: '{p}' is missing; re-run the prepare script for this dataset")
+            self.lengths[split] = os.path.getsize(p) // self.dtype.itemsize
+
+    def tokens(self, split):
+        # a fresh memmap per call: numpy's memmap keeps pages alive otherwise (nanoGPT's note)
+        return np.memmap(os.path.join(self.data_dir, f'{split}.bin'), dtype=self.dtype, mode='r')
+
+    def bytes_per_token(self, split):
+        """UTF-8 bytes of text per token, for bits per byte = loss / ln 2 / bytes_per_token."""
+        return self.meta[f'{split}_bytes'] / self.meta[f'{split}_tokens']
+
+    def batch(self, split, batch_size, block_size, generator, device='cpu'):
+        """x, y of shape (batch_size, block_size); y is x shifted left by one token."""
+        n = self.lengths[split]
+        if n <= block_size + 1:
+            sys.exit(f"error: the {split} split has {n} tokens, fewer than block_size+1 = "
+                     f"{block_size + 1}; lower block_size or prepare more data")
+        data = self.tokens(split)
+        ix = torch.randint(n - block_size - 1, (batch_size,), generator=generator).tolist()
+        buf = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+        xy = torch.from_numpy(buf)
+        if str(device).startswith('cuda'):
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        else:
+            xy = xy.to(device)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def read_documents(path, fields=('text', 'story')):
+    """Documents from a local file or folder, as a dict {split: [str, ...]}.
+
+    Formats: .txt (documents separated by lines that are exactly <|endoftext|>, as in the official
+    TinyStories files; a file without such lines is one document), .jsonl / .json (objects with
+    a 'text' or 'story' field) and .parquet (a 'text' column). In a folder, a file whose name
+    contains 'val' or 'valid' goes to 'val', one containing 'train' to 'train'; a single file
+    (or files with neither word) all go to 'all'."""
+    if not os.path.exists(path):
+        sys.exit(f"error: source '{path}' does not exist")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(('.txt', '.jsonl', '.json', '.parquet')))
+        if not files:
+            sys.exit(f"error: source folder '{path}' has no .txt, .jsonl, .json or .parquet files")
+    else:
+        files = [path]
+    splits = {}
+    for f in files:
+        name = os.path.basename(f).lower()
+        split = 'val' if 'val' in name else 'train' if 'train' in name else 'all'
+        splits.setdefault(split, []).extend(_read_file(f, fields))
+    for split, docs in splits.items():
+        if not docs:
+            sys.exit(f"error: source '{path}' has no documents for the {split} split")
+    return splits
+
+
+def _read_file(path, fields):
+    def field_of(obj, where):
+        for k in fields:
+            if isinstance(obj, dict) and isinstance(obj.get(k), str):
+                return obj[k]
+        sys.exit(f"error: {where} has no string field {' or '.join(map(repr, fields))}")
+
+    if path.endswith('.txt'):
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        import re
+        docs = re.split(r'^\s*<\|endoftext\|>\s*$', text, flags=re.MULTILINE)
+    elif path.endswith('.jsonl'):
+        docs = []
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
+                    docs.append(field_of(obj, f'{path} line {n}'))
+    elif path.endswith('.json'):
+        with open(path, encoding='utf-8') as f:
+            try:
+                objs = json.load(f)
+            except json.JSONDecodeError as e:
+                sys.exit(f'error: {path} is not JSON ({e.msg})')
+        if not isinstance(objs, list):
+            sys.exit(f'error: {path} must hold a JSON list of objects')
+        docs = [field_of(o, f'{path} item {i}') for i, o in enumerate(objs)]
+    elif path.endswith('.parquet'):
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        col = next((k for k in fields if k in table.column_names), None)
+        if col is None:
+            sys.exit(f"error: {path} has no column {' or '.join(map(repr, fields))}")
+        docs = table.column(col).to_pylist()
+    else:
+        sys.exit(f"error: '{path}' is not .txt, .jsonl, .json or .parquet")
+    return [d.strip() for d in docs if d and d.strip()]
+
+
+def split_off_val(docs, val_fraction, seed=0):
+    """(train, val): a seeded random val_fraction of the documents (at least one) held out."""
+    if len(docs) < 2:
+        sys.exit(f'error: {len(docs)} document(s) cannot be split into train and val')
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    val_ix = set(order[:n_val].tolist())
+    return ([d for i, d in enumerate(docs) if i not in val_ix],
+            [d for i, d in enumerate(docs) if i in val_ix])
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(spec):
+    global _worker_tokenizer
+    from tokenizer import tokenizer_from_spec
+    _worker_tokenizer = tokenizer_from_spec(spec)
+
+
+def _encode_docs(docs):
+    """Token ids of a chunk of documents, each followed by EOT, as one flat array."""
+    tok = _worker_tokenizer
+    ids = [t for doc in tok.encode_batch(docs) for t in (*doc, tok.eot_id)]
+    return np.asarray(ids, dtype=np.int64), sum(len(d.encode('utf-8')) for d in docs), len(docs)
+
+
+def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra_meta=None,
+                        chunk_docs=1024):
+    """Tokenize documents in parallel and write out_dir/{split}.bin plus meta.json.
+
+    splits: {'train': iterable of str, 'val': ...}; every document is followed by the EOT token.
+    Each file is written under a temporary name and renamed when complete, so a crash never
+    leaves a .bin that a later run would read. meta.json (written last) records the tokenizer
+    spec (large parts such as BPE ranks go to a side file), vocab size, dtype, token and byte
+    counts and the source."""
+    from tqdm import tqdm
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)        # the folder is invalid until the new meta.json lands
+    dtype = token_dtype(tokenizer.vocab_size)
+    spec = tokenizer.spec()
+    meta = {'tokenizer': save_tokenizer_spec(spec, out_dir), 'vocab_size': tokenizer.vocab_size,
+            'eot_id': tokenizer.eot_id, 'dtype': np.dtype(dtype).name, 'source': source}
+    num_proc = num_proc or os.cpu_count() or 1
+    for split, docs in splits.items():
+        docs = list(docs)
+        chunks = [docs[i:i + chunk_docs] for i in range(0, len(docs), chunk_docs)]
+        path = os.path.join(out_dir, f'{split}.bin')
+        tmp = path + '.tmp'
+        n_tokens = n_bytes = n_docs = 0
+        pool = None
+        if num_proc > 1 and len(chunks) > 1:
+            import multiprocessing as mp
+            ctx = mp.get_context('spawn' if sys.platform == 'darwin' else 'fork')
+            pool = ctx.Pool(min(num_proc, len(chunks)), initializer=_init_worker, initargs=(spec,))
+            results = pool.imap(_encode_docs, chunks)
+        else:
+            _init_worker(spec)
+            results = map(_encode_docs, chunks)
+        try:
+            with open(tmp, 'wb') as f, tqdm(total=len(docs), desc=f'tokenizing {split}',
+                                             unit='doc', disable=None) as bar:
+                for flat, nb, nd in results:
+                    flat.astype(dtype).tofile(f)
+                    n_tokens += len(flat)
+                    n_bytes += nb
+                    n_docs += nd
+                    bar.update(nd)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        os.replace(tmp, path)
+        meta[f'{split}_tokens'] = n_tokens
+        meta[f'{split}_bytes'] = n_bytes
+        meta[f'{split}_docs'] = n_docs
+        print(f'{split}: {n_docs:,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes -> {path}')
+    meta.update(extra_meta or {})
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + '.tmp', meta_path)
+    return meta
+
+
+def save_tokenizer_spec(spec, out_dir):
+    """A spec for meta.json: large binary fields (BPE ranks) go to a file beside it."""
+    spec = dict(spec)
+    if isinstance(spec.get('ranks'), bytes):
+        name = f"{spec['kind']}.tiktoken"
+        with open(os.path.join(out_dir, name + '.tmp'), 'wb') as f:
+            f.write(spec.pop('ranks'))
+        os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
+        spec['ranks_file'] = name
+    return spec
+
+
+def load_tokenizer_spec(meta_spec, data_dir):
+    """Inverse of save_tokenizer_spec: read side files back into the spec."""
+    spec = dict(meta_spec)
+    if 'ranks_file' in spec:
+        with open(os.path.join(data_dir, spec.pop('ranks_file')), 'rb') as f:
+            spec['ranks'] = f.read()
+    return spec
+
+
+# -----------------------------------------------------------------------------
+# Logging: log.jsonl, a loss-curve PNG, optional TensorBoard / wandb
+
+class RunLog:
+    def __init__(self, out_dir, enabled=True, tensorboard=False, wandb_project='', run_name='',
+                 config=None, resume=False):
+        self.out_dir, self.enabled = out_dir, enabled
+        self.path = os.path.join(out_dir, 'log.jsonl')
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: pip install tensorboard
+            self.tb = SummaryWriter(os.path.join(out_dir, 'tb'))
+        if wandb_project:
+            import wandb  # optional: pip install wandb
+            self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config)
+
+    def log(self, step, **metrics):
+        if not self.enabled:
+            return
+        row = {'step': step, 'time': round(time.time(), 3), **metrics}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        for k, v in metrics.items():
+            if self.tb is not None and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def rows(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def plot(self, keys=('train/loss', 'val/loss'), name='loss.png', title=''):
+        """A PNG of the given metrics against step; skipped quietly without matplotlib."""
+        if not self.enabled:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = self.rows()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k in keys:
+            pts = [(r['step'], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=k, marker='o' if len(pts) < 30 else None, markersize=3)
+        ax.set_xlabel('step')
+        ax.set_ylabel('loss (nats/token)')
+        ax.set_title(title or os.path.basename(os.path.normpath(self.out_dir)))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = os.path.join(self.out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path + '.tmp.png', dpi=110)
+        plt.close(fig)
+        os.replace(path + '.tmp.png', path)
+        return path
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# -----------------------------------------------------------------------------
+# Speed: the MFU denominator
+
+_PEAK_CACHE = {}
+
+
+def measure_peak_flops(device_type, dtype='bfloat16'):
+    """Achievable dense matmul FLOP/s on this device, measured with a large square matmul
+    (bf16 on GPUs, the run's dtype elsewhere). MFU = model FLOPs per second / this number."""
+    key = (device_type, dtype)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    dt = getattr(torch, dtype) if device_type == 'cuda' else torch.float32
+    n = 8192 if device_type == 'cuda' else 1024
+    a = torch.randn(n, n, device=device_type, dtype=dt)
+    b = torch.randn(n, n, device=device_type, dtype=dt)
+    best = float('inf')
+    for i in range(6):
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        synchronize(device_type)
+        if i > 0:                                       # the first round is warm-up
+            best = min(best, (time.perf_counter() - t0) / 4)
+    _PEAK_CACHE[key] = 2 * n ** 3 / best
+    return _PEAK_CACHE[key]

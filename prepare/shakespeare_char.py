@@ -1,0 +1,53 @@
+"""
+tiny-shakespeare (Karpathy's char-rnn corpus, 1.1M characters) -> data/shakespeare_char/
+
+$ python prepare/shakespeare_char.py                                  # downloads it
+$ python prepare/shakespeare_char.py --source=../shared/data/shakespeare/input.txt
+
+The first 90% of the text is train, the last 10% val, as in nanoGPT's shakespeare_char.
+Character-level by default (65 characters + EOT); --tokenizer=gpt2|bpe|byte|word also work.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import configure, write_token_dataset  # noqa: E402
+from tokenizer import KINDS, build_tokenizer  # noqa: E402
+
+# -----------------------------------------------------------------------------
+source = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+out_dir = 'data/shakespeare_char'
+tokenizer = 'char'
+tokenizer_file = ''     # gpt2: a local tiktoken rank file
+vocab_size = 1024       # bpe / word
+train_fraction = 0.9
+# -----------------------------------------------------------------------------
+configure(globals())
+if tokenizer not in KINDS:
+    sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
+if not 0 < train_fraction < 1:
+    sys.exit(f'error: train_fraction={train_fraction} must be between 0 and 1')
+
+if source.startswith(('http://', 'https://')):
+    import requests
+    try:
+        r = requests.get(source, timeout=60)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        sys.exit(f'error: could not download {source} ({type(e).__name__}); '
+                 f'pass --source=PATH to a local copy of input.txt')
+    text = r.text
+else:
+    if not os.path.isfile(source):
+        sys.exit(f"error: source '{source}' does not exist")
+    with open(source, encoding='utf-8') as f:
+        text = f.read()
+if len(text) < 1000:
+    sys.exit(f"error: source '{source}' has only {len(text)} characters; expected the ~1.1M of tiny-shakespeare")
+
+n = int(len(text) * train_fraction)
+tok = build_tokenizer(tokenizer, texts=[text], vocab_size=vocab_size, tokenizer_file=tokenizer_file or None)
+print(f'{len(text):,} characters; tokenizer: {tok}')
+write_token_dataset(out_dir, {'train': [text[:n]], 'val': [text[n:]]}, tok, source=source,
+                    extra_meta={'dataset': 'shakespeare_char'})

@@ -1,0 +1,66 @@
+"""
+TinyStories (Eldan & Li 2023) -> data/tinystories/{train,val}.bin + meta.json
+
+$ python prepare/tinystories.py                      # Hugging Face roneneldan/TinyStories, GPT-2 BPE
+$ python prepare/tinystories.py --source=PATH        # a local .txt / .jsonl / .json / .parquet or folder
+$ python prepare/tinystories.py --tokenizer=bpe --vocab_size=4096 --out_dir=data/tinystories_bpe4k
+$ python prepare/tinystories.py --source=../shared/data/tinystories/valid_sample.txt \
+      --tokenizer_file=../shared/data/gpt2.tiktoken  # fully offline
+
+With the official files, a folder holding TinyStoriesV2-GPT4-train.txt and -valid.txt keeps their
+split; a source with one split is divided, val_fraction of the stories going to val.
+Every story is followed by the end-of-text token.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import configure, read_documents, split_off_val, write_token_dataset  # noqa: E402
+from tokenizer import KINDS, build_tokenizer  # noqa: E402
+
+# -----------------------------------------------------------------------------
+source = 'roneneldan/TinyStories'   # a Hugging Face dataset name, or a local file / folder
+out_dir = 'data/tinystories'
+tokenizer = 'gpt2'                   # 'gpt2' | 'bpe' | 'byte' | 'char' | 'word'
+tokenizer_file = ''                  # gpt2: a local tiktoken rank file instead of the download
+vocab_size = 4096                    # bpe / word: vocabulary size, EOT included
+tokenizer_train_docs = 200_000       # bpe / word / char: stories the vocabulary is learned from
+val_fraction = 0.05                  # for a source without its own validation split
+max_docs = 0                         # use only the first N stories of each split (0: all)
+num_proc = 0                         # tokenizer processes (0: every core)
+# -----------------------------------------------------------------------------
+configure(globals())
+if tokenizer not in KINDS:
+    sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
+
+
+def load_hf(name):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        sys.exit('error: the Hugging Face source needs `pip install datasets`, or pass --source=PATH')
+    try:
+        ds = load_dataset(name)
+    except Exception as e:
+        sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
+                 f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories files")
+    splits = {'train': ds['train']['text'], 'val': ds['validation']['text']}
+    return {k: [t.strip() for t in v if t and t.strip()] for k, v in splits.items()}
+
+
+local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
+    source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
+splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
+if set(splits) != {'train', 'val'}:
+    every = [d for docs in splits.values() for d in docs]
+    splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction)))
+if max_docs:
+    splits = {k: v[:max_docs] for k, v in splits.items()}
+print(f"{source}: {len(splits['train']):,} train and {len(splits['val']):,} val stories")
+
+tok = build_tokenizer(tokenizer, texts=splits['train'][:tokenizer_train_docs],
+                      vocab_size=vocab_size, tokenizer_file=tokenizer_file or None)
+print(f'tokenizer: {tok}')
+write_token_dataset(out_dir, splits, tok, source=source, num_proc=num_proc or None,
+                    extra_meta={'dataset': 'tinystories'})

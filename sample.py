@@ -1,0 +1,73 @@
+"""
+Generate text from any stage's checkpoint, printing tokens as they come.
+
+$ python sample.py --out_dir=out/shakespeare_char
+$ python sample.py --out_dir=out/tinystories_moe --start="Once upon a time" --num_samples=5
+$ python sample.py --out_dir=out/run --start=FILE:prompt.txt --temperature=0   # greedy
+"""
+
+import sys
+
+import torch
+
+from common import configure, init_runtime, load_model
+
+# -----------------------------------------------------------------------------
+out_dir = 'out/run'          # a folder holding ckpt.pt (from any stage)
+start = ''                   # the prompt; 'FILE:path' reads it from a file; '' starts a fresh document
+num_samples = 3
+max_new_tokens = 256
+temperature = 0.8            # 0: greedy
+top_k = 200                  # keep the k most likely tokens (0: off)
+top_p = 1.0                  # nucleus sampling: the smallest set with this much probability (1.0: off)
+seed = 1337
+stop_at_eot = True           # end a sample at the end-of-text token
+device = 'auto'
+dtype = 'auto'
+# -----------------------------------------------------------------------------
+configure(globals(), verbose=False)
+problems = [msg for bad, msg in [
+    (num_samples < 1, f'num_samples={num_samples} must be at least 1'),
+    (max_new_tokens < 1, f'max_new_tokens={max_new_tokens} must be at least 1'),
+    (temperature < 0, f'temperature={temperature} must be >= 0 (0 means greedy)'),
+    (top_k < 0, f'top_k={top_k} must be >= 0 (0 means off)'),
+    (not 0 < top_p <= 1, f'top_p={top_p} must be in (0, 1]'),
+] if bad]
+if problems:
+    sys.exit('error: ' + '; '.join(problems))
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except OSError as e:
+        sys.exit(f"error: cannot read the prompt file '{start[5:]}': {e.strerror}")
+
+rt = init_runtime(device, dtype, seed)
+model, tok, ckpt = load_model(out_dir, rt.device)
+model.eval()
+print(f"{out_dir}: {ckpt.get('stage', '?')} checkpoint at step {ckpt.get('step', '?')}, "
+      f"{model.num_params() / 1e6:.1f}M parameters, {tok.kind} tokenizer", file=sys.stderr)
+try:
+    prompt = [tok.eot_id] + tok.encode(start)    # documents follow EOT in the training data
+except ValueError as e:
+    sys.exit(f'error: the prompt cannot be encoded: {e}')
+idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
+gen = torch.Generator(device=rt.device).manual_seed(seed)
+
+for k in range(num_samples):
+    print(start, end='', flush=True)
+    new, shown = [], ''
+    with rt.autocast():
+        for t in model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                       top_p=top_p, eot_id=tok.eot_id if stop_at_eot else None,
+                                       vocab_limit=tok.vocab_size, generator=gen):
+            if stop_at_eot and int(t[0]) == tok.eot_id:
+                break
+            new.append(int(t[0]))
+            text = tok.decode(new)
+            if text.endswith('\ufffd'):            # wait for the rest of a multi-byte character
+                continue
+            print(text[len(shown):], end='', flush=True)
+            shown = text
+    print(tok.decode(new)[len(shown):])
+    print('-' * 40)

@@ -1,0 +1,55 @@
+"""Shared test helpers: the repository on sys.path, the shared real data, running a script."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# Real data for tests lives beside the checkout (never committed); tests that need it skip.
+SHARED_DATA = os.environ.get('SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
+
+
+def shared_file(*parts):
+    """Path of a file under ../shared/data, or skip the test saying what is missing."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f'needs {os.path.join(*parts)} from the shared data folder ({SHARED_DATA}); '
+                    f'set SHARED_DATA to its location')
+    return path
+
+
+def run_script(script, *args, cwd, check=True, timeout=600):
+    """Run a repository script with --key=value args in `cwd`; return the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{script} {" ".join(args)} failed ({proc.returncode}):\n'
+                             f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. "
+        "Once upon a time, there was a little girl named Lily. She liked to play in the park "
+        "with her dog Max. One day, Max found a big red ball. \"Look!\" said Lily. ") * 40
+
+
+@pytest.fixture
+def byte_data(tmp_path):
+    """A small byte-level dataset written by the real writer, in tmp_path/data."""
+    from common import write_token_dataset
+    from tokenizer import ByteTokenizer
+    docs = [TEXT[i:i + 300] for i in range(0, len(TEXT), 300)]
+    out = tmp_path / 'data'
+    write_token_dataset(str(out), {'train': docs[:-4], 'val': docs[-4:]}, ByteTokenizer(),
+                        source='test', num_proc=1)
+    return str(out)
+
+
+TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+              '--eval_iters=2', '--log_interval=1', '--peak_flops=1e12', '--compile=False',
+              '--device=cpu']

@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, KVCache, ModelConfig, pad_prompts, sample_next
+
+VARIANTS = {
+    'gpt2': dict(),
+    'llama': dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False),
+    'gqa': dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', n_kv_head=2),
+    'mqa': dict(pos_emb='rope', n_kv_head=1),
+    'sinusoidal': dict(pos_emb='sinusoidal'),
+    'nope': dict(pos_emb='none'),
+}
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32), **kw})
+    return GPT(cfg).eval()
+
+
+def greedy_by_recompute(model, idx, n):
+    """The reference: run the whole sequence through the model for every new token."""
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_cached_generation_equals_recomputation(variant):
+    model = tiny(**VARIANTS[variant])
+    idx = torch.randint(0, 61, (3, 7))
+    fast = model.generate(idx, 25, temperature=0)
+    assert torch.equal(fast, greedy_by_recompute(model, idx, 25))
+
+
+@pytest.mark.parametrize('variant', ['gpt2', 'gqa'])
+def test_cached_logits_equal_full_forward(variant):
+    model = tiny(**VARIANTS[variant])
+    idx = torch.randint(0, 61, (2, 20))
+    full, _ = model(idx)
+    cache = KVCache(2, 20, 'cpu')
+    parts = [model(idx[:, :12], cache=cache)[0]]                   # prefill 12, then 1 at a time
+    parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['gpt2', 'gqa'])
+def test_left_padded_batch_equals_one_prompt_at_a_time(variant):
+    model = tiny(**VARIANTS[variant])
+    prompts = [[5, 9, 2, 7, 1, 3], [8, 4], [11]]
+    idx, mask = pad_prompts(prompts)
+    batched = model.generate(idx, 12, temperature=0, prompt_mask=mask)[:, idx.size(1):]
+    for row, p in zip(batched, prompts):
+        alone = model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):]
+        assert torch.equal(row, alone)
+
+
+def test_generation_continues_past_block_size():
+    model = tiny(block_size=16)
+    out = model.generate(torch.randint(0, 61, (2, 20)), 40, temperature=1.0, top_k=5)
+    assert out.shape == (2, 60)                                    # prompt cropped internally
+
+
+def test_generation_stops_at_eot_and_pads_finished_rows():
+    model = tiny()
+    idx = torch.randint(0, 61, (1, 5))
+    first = int(model.generate(idx, 1, temperature=0)[0, -1])
+    out = model.generate(idx, 10, temperature=0, eot_id=first)
+    assert out.shape == (1, 6) and out[0, -1] == first
+    two = torch.cat([idx, torch.randint(0, 61, (1, 5))])
+    new = model.generate(two, 8, temperature=0, eot_id=first)[:, 5:]
+    hit = (new[0] == first).nonzero()
+    if len(hit) and new.size(1) > 1:                               # after EOT the row stays at EOT
+        assert (new[0, hit[0, 0]:] == first).all()
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, 0), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), logits.argmax(-1))
+    for _ in range(20):
+        s = sample_next(logits, 2.0, top_k=3)
+        assert all(x in row.topk(3).indices for x, row in zip(s, logits))
+        assert (sample_next(logits, 1.0, vocab_limit=10) < 10).all()
+
+
+def test_initial_loss_is_near_uniform():
+    model = tiny(**VARIANTS['llama'])             # untied: small random logits at init
+    x = torch.randint(0, 61, (4, 32))
+    _, loss = model(x, x)
+    assert abs(loss.item() - math.log(61)) < 0.1
+
+
+def test_loss_ignores_minus_one_targets():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 16))
+    y = x.clone()
+    y[:, :8] = -1
+    _, masked = model(x, y)
+    logits, _ = model(x)
+    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 61), x[:, 8:].reshape(-1))
+    torch.testing.assert_close(masked, ref)
+
+
+def test_gpt2_preset_size_and_flops():
+    with torch.device('meta'):
+        model = GPT(ModelConfig())
+    assert model.num_params() == 124_475_904                       # nanoGPT's GPT-2 with vocab 50304
+    assert model.num_params(exclude_embeddings=True) == 123_689_472
+    c = model.config
+    n_matmul = c.n_layer * 12 * c.n_embd ** 2 + c.n_embd * c.vocab_size   # attn 4C^2 + mlp 8C^2, head
+    assert model.active_matmul_params() == n_matmul
+    assert model.flops_per_token(1024) == 6 * n_matmul + 12 * c.n_layer * c.n_head * 64 * 1024
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="pos_emb='alibi'; valid: learned, sinusoidal, rope, none"):
+        ModelConfig(pos_emb='alibi')
+    with pytest.raises(ValueError, match='multiple of n_kv_head'):
+        ModelConfig(n_head=6, n_kv_head=4)
+    with pytest.raises(ValueError, match='not divisible'):
+        ModelConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match='every prompt needs at least one token'):
+        pad_prompts([[1], []])
+
+
+def test_training_reduces_loss():
+    model = tiny(**VARIANTS['llama']).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 61, (8, 32))
+    first = None
+    for _ in range(30):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first

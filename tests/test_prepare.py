@@ -1,0 +1,123 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from common import TokenData, load_tokenizer_spec, read_documents, token_dtype, write_token_dataset
+from conftest import run_script, shared_file
+from tokenizer import EOT, ByteTokenizer, tokenizer_from_spec
+
+
+def check_dataset(out, n_docs=None):
+    """A prepared folder: files exist, counts agree, the tokenizer rebuilds and decodes."""
+    meta = json.load(open(os.path.join(out, 'meta.json')))
+    tok = tokenizer_from_spec(load_tokenizer_spec(meta['tokenizer'], out))
+    for split in ('train', 'val'):
+        ids = np.fromfile(os.path.join(out, f'{split}.bin'), dtype=meta['dtype'])
+        assert len(ids) == meta[f'{split}_tokens'] > 0
+        assert (ids == tok.eot_id).sum() == meta[f'{split}_docs']     # one EOT after each document
+        assert ids[-1] == tok.eot_id
+        text = tok.decode(ids.tolist())
+        docs = [d for d in text.split(EOT) if d]
+        if tok.kind != 'word':                                         # word is lossy by design
+            assert sum(len(d.encode()) for d in docs) == meta[f'{split}_bytes']
+    if n_docs is not None:
+        assert meta['train_docs'] + meta['val_docs'] == n_docs
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    return meta, tok
+
+
+def test_tinystories_from_the_official_txt_with_gpt2(tmp_path):
+    src = shared_file('tinystories', 'valid_sample.txt')
+    rank_file = shared_file('gpt2.tiktoken')
+    out = str(tmp_path / 'ts')
+    run_script('prepare/tinystories.py', f'--source={src}', f'--tokenizer_file={rank_file}',
+               f'--out_dir={out}', '--val_fraction=0.2', cwd=tmp_path)
+    meta, tok = check_dataset(out, n_docs=24)
+    assert meta['dtype'] == 'uint16' and meta['vocab_size'] == 50257 and meta['val_docs'] == 5
+    assert meta['tokenizer']['ranks_file'] == 'gpt2.tiktoken'    # ranks kept beside the data
+    assert tok.encode('Hello world') == [15496, 995]
+    first = np.fromfile(os.path.join(out, 'train.bin'), dtype=np.uint16)[:3].tolist()
+    assert tok.decode(first)                                       # real text decodes
+
+
+@pytest.mark.parametrize('kind', ['byte', 'char', 'word', 'bpe'])
+def test_tinystories_local_tokenizers(tmp_path, kind):
+    src = shared_file('tinystories', 'valid_sample.txt')
+    out = str(tmp_path / kind)
+    run_script('prepare/tinystories.py', f'--source={src}', f'--tokenizer={kind}', '--vocab_size=300',
+               f'--out_dir={out}', cwd=tmp_path)
+    meta, tok = check_dataset(out, n_docs=24)
+    assert meta['tokenizer']['kind'] == kind
+
+
+def test_jsonl_parquet_and_folder_splits(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = tmp_path / 'src'
+    folder.mkdir()
+    with open(folder / 'stories-train.jsonl', 'w') as f:
+        for i in range(6):
+            f.write(json.dumps({'text': f'Story number {i}. The cat sat.'}) + '\n')
+    pq.write_table(pa.table({'text': ['A val story.', 'Another one.']}), folder / 'stories-valid.parquet')
+    splits = read_documents(str(folder))
+    assert len(splits['train']) == 6 and len(splits['val']) == 2
+    out = str(tmp_path / 'out')
+    run_script('prepare/tinystories.py', f'--source={folder}', '--tokenizer=byte', f'--out_dir={out}',
+               cwd=tmp_path)
+    meta, _ = check_dataset(out)
+    assert (meta['train_docs'], meta['val_docs']) == (6, 2)        # the folder's split is kept
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    p = run_script('prepare/tinystories.py', '--source=./nowhere.txt', cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "source './nowhere.txt' does not exist" in p.stderr
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    p = run_script('prepare/tinystories.py', f'--source={bad}', cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'line 2 is not JSON' in p.stderr
+    bad.write_text('{"title": "no text"}\n')
+    p = run_script('prepare/tinystories.py', f'--source={bad}', cwd=tmp_path, check=False)
+    assert "has no string field 'text' or 'story'" in p.stderr
+    p = run_script('prepare/tinystories.py', '--tokenizer=spm', cwd=tmp_path, check=False)
+    assert "tokenizer='spm'; valid: gpt2, bpe, byte, char, word" in p.stderr
+
+
+def test_a_crash_leaves_no_dataset_behind(tmp_path):
+    def docs():
+        yield 'fine'
+        raise KeyboardInterrupt                                    # the writer dies mid-split
+    out = tmp_path / 'd'
+    write_token_dataset(str(out), {'train': ['a', 'b'], 'val': ['c']}, ByteTokenizer(), 'x', num_proc=1)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_dataset(str(out), {'train': docs(), 'val': ['c']}, ByteTokenizer(), 'x', num_proc=1)
+    assert not (out / 'meta.json').exists()                        # the folder no longer loads
+    with pytest.raises(SystemExit, match='missing meta.json'):
+        TokenData(str(out))
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+
+
+def test_parallel_tokenizing_matches_serial(tmp_path):
+    docs = [f'document {i} ' * (i % 7 + 1) for i in range(50)]
+    a = write_token_dataset(str(tmp_path / 'a'), {'train': docs, 'val': docs[:3]}, ByteTokenizer(),
+                            'x', num_proc=1, chunk_docs=8)
+    b = write_token_dataset(str(tmp_path / 'b'), {'train': docs, 'val': docs[:3]}, ByteTokenizer(),
+                            'x', num_proc=2, chunk_docs=8)
+    assert a == b
+    assert (tmp_path / 'a' / 'train.bin').read_bytes() == (tmp_path / 'b' / 'train.bin').read_bytes()
+
+
+def test_uint32_when_the_vocabulary_needs_it():
+    assert token_dtype(50304) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_shakespeare_char(tmp_path):
+    src = shared_file('shakespeare', 'input.txt')
+    out = str(tmp_path / 'sc')
+    run_script('prepare/shakespeare_char.py', f'--source={src}', f'--out_dir={out}', cwd=tmp_path)
+    meta, tok = check_dataset(out)
+    assert meta['vocab_size'] == 66 and meta['train_tokens'] + meta['val_tokens'] == 1115394 + 2
+    p = run_script('prepare/shakespeare_char.py', '--source=missing.txt', cwd=tmp_path, check=False)
+    assert "source 'missing.txt' does not exist" in p.stderr

@@ -1,0 +1,117 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from common import load_checkpoint, load_model, lr_at
+from conftest import TINY_MODEL, run_script
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def train(cwd, data, out, *extra, check=True):
+    return run_script('train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY_MODEL,
+                      '--warmup_iters=4', '--lr_decay_iters=20', '--eval_interval=5',
+                      '--learning_rate=3e-3', *extra, cwd=cwd, check=check)
+
+
+def test_resume_continues_exactly(tmp_path, byte_data):
+    model = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--dropout=0.1',
+             '--gradient_accumulation_steps=2']                    # dropout: RNG state must resume too
+    train(tmp_path, byte_data, 'straight', '--max_iters=20', *model)
+    train(tmp_path, byte_data, 'split', '--max_iters=10', *model)
+    assert load_checkpoint(str(tmp_path / 'split'))['step'] == 10
+    train(tmp_path, byte_data, 'split', '--max_iters=20', '--init_from=resume', *model)
+    a, b = losses(tmp_path / 'straight'), losses(tmp_path / 'split')
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [a[s] for s in a] == [b[s] for s in a]                  # bit-identical losses
+    assert a[20] < a[1] - 1.0                                      # and it learned something
+    pa = load_checkpoint(str(tmp_path / 'straight'))['model']
+    pb = load_checkpoint(str(tmp_path / 'split'))['model']
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_checkpoint_contents_and_reload(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'run', '--max_iters=5')
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert {'model', 'model_config', 'tokenizer', 'stage', 'step', 'optimizer', 'config', 'metrics',
+            'rng'} <= set(ckpt)
+    assert ckpt['stage'] == 'pretrain' and ckpt['step'] == 5
+    assert ckpt['config']['n_layer'] == 2 and ckpt['config']['vocab_size'] == 320   # 257 -> x64
+    assert {'val/loss', 'val/bpb', 'val/ppl'} <= set(ckpt['metrics'])
+    # bits per byte = nats per token / ln 2 / bytes per token; byte-level data: 1 byte per token
+    # except the EOT separators
+    m = ckpt['metrics']
+    assert m['val/bpb'] == pytest.approx(m['val/loss'] / math.log(2) * 1204 / 1200, rel=1e-3)
+    model, tok, _ = load_model(str(tmp_path / 'run'))
+    assert tok.kind == 'byte' and model.config.n_embd == 32
+    assert not [f for f in os.listdir(tmp_path / 'run') if f.endswith('.tmp')]
+    assert (tmp_path / 'run' / 'loss.png').exists() or not _has_matplotlib()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'run', '--max_iters=5')
+    p = train(tmp_path, byte_data, 'run', '--max_iters=15', '--init_from=resume',
+              '--learning_rate=1e30', '--grad_clip=0.0', check=False)
+    assert p.returncode != 0
+    assert 'the training loss became NaN/inf at step' in p.stderr, p.stderr[-2000:]
+    bad_step = int(p.stderr.split('at step ')[1].split(';')[0])
+    assert 5 <= bad_step < 15
+    assert load_checkpoint(str(tmp_path / 'run'))['step'] == 5    # untouched
+
+
+def test_sample_script(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'run', '--max_iters=10')
+    p = run_script('sample.py', '--out_dir=run', '--start=Once upon', '--num_samples=2',
+                   '--max_new_tokens=20', '--device=cpu', cwd=tmp_path)
+    samples = p.stdout.split('-' * 40)
+    assert len(samples) == 3 and samples[0].startswith('Once upon') and samples[1].strip()
+    (tmp_path / 'prompt.txt').write_text('Lily')
+    p = run_script('sample.py', '--out_dir=run', '--start=FILE:prompt.txt', '--num_samples=1',
+                   '--max_new_tokens=5', '--temperature=0', '--device=cpu', cwd=tmp_path)
+    assert p.stdout.startswith('Lily')
+    for bad, msg in [('--temperature=-1', 'temperature=-1.0 must be >= 0'),
+                     ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
+                     ('--num_samples=0', 'num_samples=0 must be at least 1'),
+                     ('--start=FILE:nope.txt', "cannot read the prompt file 'nope.txt'")]:
+        p = run_script('sample.py', '--out_dir=run', bad, cwd=tmp_path, check=False)
+        assert p.returncode != 0 and msg in p.stderr, (bad, p.stderr[-500:])
+    p = run_script('sample.py', '--out_dir=nothing', cwd=tmp_path, check=False)
+    assert "no checkpoint at 'nothing'" in p.stderr
+
+
+def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'base', '--max_iters=5')
+    train(tmp_path, byte_data, 'tuned', '--max_iters=3', '--init_from=base')
+    base, tuned = load_checkpoint(str(tmp_path / 'base')), load_checkpoint(str(tmp_path / 'tuned'))
+    assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
+    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--vocab_size=100', check=False)
+    assert 'vocab_size=100 is smaller than the dataset' in p.stderr
+    p = train(tmp_path, str(tmp_path / 'nodata'), 'x', '--dataset=nothing', check=False)
+    assert 'missing meta.json' in p.stderr
+
+
+def test_lr_schedules():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
+    assert lr_at(0, **kw) == pytest.approx(1 / 11)                 # linear warmup
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)                  # cosine halfway
+    assert lr_at(110, **kw) == lr_at(500, **kw) == pytest.approx(0.1)
+    assert lr_at(80, schedule='wsd', decay_frac=0.2, **kw) == 1.0  # stable until 88
+    assert lr_at(99, schedule='wsd', decay_frac=0.2, **kw) == pytest.approx(1 - 0.9 * 11 / 22)
+    assert lr_at(109, schedule='constant', **kw) == 1.0
+    with pytest.raises(ValueError, match='valid: cosine, wsd, constant'):
+        lr_at(50, schedule='linear', **kw)
