@@ -549,7 +549,7 @@ class RunLog:
         with open(self.path, 'a') as f:
             f.write(json.dumps(row) + '\n')
         for k, v in metrics.items():
-            if self.tb is not None and isinstance(v, (int, float)):
+            if self.tb is not None and isinstance(v, (int, float)):  # lists go to log.jsonl only
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
@@ -582,6 +582,34 @@ class RunLog:
         ax.set_title(title or os.path.basename(os.path.normpath(self.out_dir)))
         ax.grid(alpha=0.3)
         ax.legend()
+        path = os.path.join(self.out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path + '.tmp.png', dpi=110)
+        plt.close(fig)
+        os.replace(path + '.tmp.png', path)
+        return path
+
+    def heatmap(self, matrix, name, title='', xlabel='expert', ylabel='MoE layer'):
+        """A PNG of a (rows, cols) matrix, e.g. the share of tokens each expert received per
+        layer (an even load is a flat colour at 1/E); skipped quietly without matplotlib."""
+        if not self.enabled:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        m = matrix.float().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * m.shape[1]), 1.5 + 0.35 * m.shape[0]))
+        im = ax.imshow(m, aspect='auto', cmap='viridis', interpolation='nearest')
+        fig.colorbar(im, ax=ax, label=f'share (even = 1/{m.shape[1]} = {1 / m.shape[1]:.3f})')
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yticks(range(m.shape[0]))
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=9)
         path = os.path.join(self.out_dir, name)
         fig.tight_layout()
         fig.savefig(path + '.tmp.png', dpi=110)

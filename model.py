@@ -2,16 +2,19 @@
 The whole architecture in one file, every variant behind a ModelConfig flag:
 
   GPT-2 (learned positions, LayerNorm, GELU, tied head)  ->  Llama-style (RoPE, RMSNorm, SwiGLU,
-  grouped-query attention)  ->  DeepSeek-V3 / Kimi-K2 (Multi-head Latent Attention, DeepSeekMoE,
-  multi-token prediction).
+  grouped-query attention)  ->  DeepSeek-V3 / Kimi-K2 (Multi-head Latent Attention, DeepSeekMoE
+  with auxiliary-loss-free balancing, multi-token prediction).
 
-Read top to bottom: config, norms, positions, attention, MLP, block, model, generation.
+Read top to bottom: config and presets, norms, positions (RoPE and its long-context scalings),
+the KV cache, attention (MHA/GQA, then MLA), feed-forward (dense, then MoE), the block, the model
+(with MTP), accounting, generation.
 Shapes in comments: B batch, T new tokens, L keys in view (cached + new), H query heads,
-Hkv key/value heads, D head dim, C model width (n_embd), V vocabulary.
+Hkv key/value heads, D head dim, C model width (n_embd), V vocabulary, N = B*T tokens,
+E routed experts, K experts per token, I expert width.
 """
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -35,39 +38,108 @@ class ModelConfig:
     attention: str = 'mha'             # 'mha' (multi-head; grouped-query via n_kv_head) | 'mla'
     n_kv_head: Optional[int] = None    # key/value heads: None = n_head (MHA), 1 = MQA, else GQA
     head_dim: Optional[int] = None     # None = n_embd // n_head
+    # Multi-head Latent Attention (DeepSeek-V2/V3), in DeepSeek-V3's names
+    q_lora_rank: Optional[int] = None  # queries through a rank-q_lora_rank bottleneck; None: direct
+    kv_lora_rank: int = 512            # width of the compressed key/value latent (what is cached)
+    qk_nope_head_dim: int = 128        # per-head query/key dims without position information
+    qk_rope_head_dim: int = 64         # per-head query dims with RoPE; one shared RoPE key per token
+    v_head_dim: int = 128
+    # sliding-window attention: each query sees the last `sliding_window` tokens plus the first
+    # `n_sink_tokens` of the sequence (attention sinks, Xiao et al. 2023); None: full causal
+    sliding_window: Optional[int] = None
+    n_sink_tokens: int = 0
     # --- positions -------------------------------------------------------------------------
     pos_emb: str = 'learned'           # 'learned' | 'sinusoidal' | 'rope' | 'none'
     rope_theta: float = 10000.0
+    # None, or a dict as in DeepSeek-V3's config: {'type': 'linear' | 'dynamic' | 'yarn',
+    # 'factor', 'original_max_position_embeddings', and for yarn 'beta_fast', 'beta_slow',
+    # 'mscale', 'mscale_all_dim'}
+    rope_scaling: Optional[dict] = None
     # --- norm and MLP ----------------------------------------------------------------------
     norm: str = 'layernorm'            # 'layernorm' | 'rmsnorm'
     norm_eps: float = 1e-5
     mlp: str = 'gelu'                  # 'gelu' | 'swiglu'
-    intermediate_size: Optional[int] = None   # None: 4*C for gelu, 8/3*C rounded up to 64 for swiglu
+    intermediate_size: Optional[int] = None   # dense MLP width; None: 4C (gelu), 8/3 C (swiglu)
+    # --- mixture of experts (DeepSeekMoE); 0 routed experts = a dense model -----------------
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0          # always-on experts, each moe_intermediate_size wide
+    num_experts_per_tok: int = 2       # K: routed experts per token
+    moe_intermediate_size: Optional[int] = None   # expert width; None: ffn width / K
+    scoring_func: str = 'softmax'      # 'softmax' (Mixtral) | 'sigmoid' (DeepSeek-V3)
+    norm_topk_prob: bool = True        # renormalise the K selected weights to sum to 1
+    routed_scaling_factor: float = 1.0 # ... then multiply them by this (DeepSeek-V3: 2.5)
+    n_group: int = 1                   # group-limited routing: experts in n_group groups,
+    topk_group: int = 1                # tokens may use experts of the best topk_group groups only
+    first_k_dense_replace: int = 0     # the first k layers keep a dense MLP
+    bias_update_speed: float = 0.0     # auxiliary-loss-free balancing step (DeepSeek-V3: 0.001)
+    aux_loss_alpha: float = 0.0        # weight of the balance loss (DeepSeek-V3: 0.0001)
+    seq_aux: bool = True               # balance per sequence (DeepSeek-V3) or per batch (Switch)
+    moe_impl: str = 'auto'             # 'loop' (reference) | 'grouped' (sorted, grouped GEMM) | 'auto'
+    # --- multi-token prediction (DeepSeek-V3) ----------------------------------------------
+    mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead
+    mtp_loss_weight: float = 0.3       # lambda: loss = main + lambda / depth * sum of MTP losses
 
     def __post_init__(self):
-        choices = {'attention': ('mha',), 'pos_emb': ('learned', 'sinusoidal', 'rope', 'none'),
-                   'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu')}
+        choices = {'attention': ('mha', 'mla'), 'pos_emb': ('learned', 'sinusoidal', 'rope', 'none'),
+                   'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
+                   'scoring_func': ('softmax', 'sigmoid'), 'moe_impl': ('auto', 'loop', 'grouped')}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
         for key in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
             if getattr(self, key) < 1:
                 raise ValueError(f'ModelConfig.{key}={getattr(self, key)} must be positive')
-        if self.head_dim is None and self.n_embd % self.n_head:
-            raise ValueError(f'n_embd={self.n_embd} is not divisible by n_head={self.n_head}; '
-                             f'set head_dim explicitly')
-        if self.n_head % self.kv_heads:
-            raise ValueError(f'n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}')
-        if self.pos_emb == 'rope' and self.qk_head_dim % 2:
-            raise ValueError(f'RoPE needs an even head_dim, got {self.qk_head_dim}')
+        if self.attention == 'mha':
+            if self.head_dim is None and self.n_embd % self.n_head:
+                raise ValueError(f'n_embd={self.n_embd} is not divisible by n_head={self.n_head}; '
+                                 f'set head_dim explicitly')
+            if self.n_head % self.kv_heads:
+                raise ValueError(f'n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}')
+        else:
+            if self.pos_emb != 'rope':
+                raise ValueError("attention='mla' carries positions in its RoPE key: set pos_emb='rope'")
+            if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim < 2:
+                raise ValueError(f'qk_rope_head_dim={self.qk_rope_head_dim} must be even and positive')
+        if self.pos_emb == 'rope' and self.rope_dim % 2:
+            raise ValueError(f'RoPE needs an even head_dim, got {self.rope_dim}')
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get('type', self.rope_scaling.get('rope_type'))
+            if kind not in ('linear', 'dynamic', 'yarn', 'default'):
+                raise ValueError(f"rope_scaling type {kind!r}; valid: linear, dynamic, yarn")
+            if kind != 'default' and not self.rope_scaling.get('factor', 0) > 0:
+                raise ValueError(f'rope_scaling needs a positive factor, got {self.rope_scaling}')
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f'sliding_window={self.sliding_window} must be positive (or None)')
+        if self.n_routed_experts:
+            E, K = self.n_routed_experts, self.num_experts_per_tok
+            if not 1 <= K <= E:
+                raise ValueError(f'num_experts_per_tok={K} must be between 1 and n_routed_experts={E}')
+            if E % self.n_group or not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f'n_routed_experts={E} must split into n_group={self.n_group} groups, '
+                                 f'and 1 <= topk_group={self.topk_group} <= n_group')
+            if self.n_group > 1 and (E // self.n_group < 2 or K > self.topk_group * E // self.n_group):
+                raise ValueError(f'group-limited routing needs >= 2 experts per group and K={K} <= '
+                                 f'topk_group * experts per group')
 
+    # derived sizes
     @property
     def kv_heads(self):
         return self.n_kv_head or self.n_head
 
     @property
     def qk_head_dim(self):
+        """Width of one head's query (and key) vector."""
+        if self.attention == 'mla':
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def v_dim(self):
+        return self.v_head_dim if self.attention == 'mla' else self.qk_head_dim
+
+    @property
+    def rope_dim(self):
+        return self.qk_rope_head_dim if self.attention == 'mla' else self.qk_head_dim
 
     @property
     def ffn_size(self):
@@ -77,8 +149,51 @@ class ModelConfig:
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)   # SwiGLU: 2/3 of 4C, same FLOPs as GELU's
 
+    @property
+    def expert_size(self):
+        return self.moe_intermediate_size or max(1, self.ffn_size // self.num_experts_per_tok)
+
+    def is_moe_layer(self, layer_idx):
+        return self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Published architectures at their real sizes (build them on the meta device to count).
+_DEEPSEEK_COMMON = dict(
+    attention='mla', pos_emb='rope', norm='rmsnorm', norm_eps=1e-6, mlp='swiglu', bias=False,
+    tie_word_embeddings=False, n_embd=7168, n_layer=61, intermediate_size=18432,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    moe_intermediate_size=2048, n_shared_experts=1, num_experts_per_tok=8, scoring_func='sigmoid',
+    norm_topk_prob=True, bias_update_speed=0.001, aux_loss_alpha=0.0001, seq_aux=True)
+PRESETS = {
+    'gpt2': dict(),                                                   # GPT-2 124M (the defaults)
+    'llama3_8b': dict(vocab_size=128256, block_size=8192, n_layer=32, n_head=32, n_kv_head=8,
+                      n_embd=4096, intermediate_size=14336, pos_emb='rope', rope_theta=500000.0,
+                      norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False),
+    'mixtral_8x7b': dict(vocab_size=32000, block_size=32768, n_layer=32, n_head=32, n_kv_head=8,
+                         n_embd=4096, pos_emb='rope', rope_theta=1e6, norm='rmsnorm', mlp='swiglu',
+                         bias=False, tie_word_embeddings=False, n_routed_experts=8,
+                         num_experts_per_tok=2, moe_intermediate_size=14336, scoring_func='softmax',
+                         aux_loss_alpha=0.02, seq_aux=False),
+    'deepseek_v3': dict(_DEEPSEEK_COMMON, vocab_size=129280, block_size=163840, n_head=128,
+                        n_routed_experts=256, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                        first_k_dense_replace=3, mtp_depth=1, rope_theta=10000.0,
+                        rope_scaling=dict(type='yarn', factor=40.0, original_max_position_embeddings=4096,
+                                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+    'kimi_k2': dict(_DEEPSEEK_COMMON, vocab_size=163840, block_size=131072, n_head=64,
+                    n_routed_experts=384, routed_scaling_factor=2.827, n_group=1, topk_group=1,
+                    first_k_dense_replace=1, rope_theta=50000.0,
+                    rope_scaling=dict(type='yarn', factor=32.0, original_max_position_embeddings=4096,
+                                      beta_fast=1, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -115,21 +230,89 @@ def sinusoidal_table(n_pos, dim):
     return table
 
 
+def yarn_get_mscale(scale, mscale=1.0):
+    """YaRN's attention temperature: 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_scaling_type(config):
+    s = config.rope_scaling or {}
+    return s.get('type', s.get('rope_type', 'default'))
+
+
+def yarn_inv_freq(dim, base, factor, original_max, beta_fast=32, beta_slow=1):
+    """YaRN (Peng et al. 2023), as DeepSeek-V3's Hugging Face code and transformers compute it.
+    Frequency i keeps its original value where it turns more than beta_fast times over the
+    original context (high frequencies: extrapolate), is divided by `factor` where it turns less
+    than beta_slow times (low frequencies: interpolate), and blends linearly in between."""
+    def correction_dim(n_rotations):      # the dim index whose wavelength fits n_rotations
+        return dim * math.log(original_max / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001                     # avoid dividing by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp                # 1: keep the original frequency
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+
+
+def softmax_scale(config):
+    """1/sqrt(D_qk), times YaRN's mscale(factor, mscale_all_dim)^2 when that is set (DeepSeek)."""
+    scale = config.qk_head_dim ** -0.5
+    s = config.rope_scaling or {}
+    if rope_scaling_type(config) != 'default' and s.get('mscale_all_dim'):
+        scale *= yarn_get_mscale(s['factor'], s['mscale_all_dim']) ** 2
+    return scale
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021): rotate each pair (x_2i, x_2i+1) of a query or key at position p by
     the angle p * theta_i, theta_i = base^(-2i/d), so q.k depends only on the distance between
-    positions. Pairs are adjacent (interleaved) as in the paper and DeepSeek's reference code."""
+    positions. Pairs are adjacent (interleaved) as in the paper and DeepSeek's reference code.
+    Long-context scalings of theta_i (rope_scaling):
+      linear:  theta_i / factor                                  (position interpolation)
+      dynamic: base' = base * (factor * L / L0 - (factor - 1))^(d / (d - 2)) once the sequence
+               length L exceeds the original L0                  (dynamic NTK)
+      yarn:    see yarn_inv_freq; cos and sin are also multiplied by
+               mscale(factor, mscale) / mscale(factor, mscale_all_dim)"""
 
     def __init__(self, dim, config):
         super().__init__()
-        self.dim = dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.dim, self.base = dim, config.rope_theta
+        self.kind = rope_scaling_type(config)
+        s = config.rope_scaling or {}
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.attention_factor = 1.0
+        if self.kind == 'linear':
+            inv_freq = inv_freq / s['factor']
+        elif self.kind == 'dynamic':
+            self.factor = s['factor']
+            self.original_max = s.get('original_max_position_embeddings', config.block_size)
+        elif self.kind == 'yarn':
+            original = s.get('original_max_position_embeddings', config.block_size)
+            inv_freq = yarn_inv_freq(dim, self.base, s['factor'], original,
+                                     s.get('beta_fast') or 32, s.get('beta_slow') or 1)
+            if s.get('attention_factor'):
+                self.attention_factor = s['attention_factor']
+            elif s.get('mscale') and s.get('mscale_all_dim'):
+                self.attention_factor = (yarn_get_mscale(s['factor'], s['mscale'])
+                                         / yarn_get_mscale(s['factor'], s['mscale_all_dim']))
+            else:
+                self.attention_factor = yarn_get_mscale(s['factor'])
         self.register_buffer('inv_freq', inv_freq, persistent=False)
 
     def forward(self, positions):
         """positions: (T,) or (B, T) integer positions -> cos, sin of shape (..., T, dim/2)."""
-        angles = positions.float()[..., None] * self.inv_freq    # p * theta_i
-        return angles.cos(), angles.sin()
+        inv_freq = self.inv_freq
+        if self.kind == 'dynamic':       # the base grows with the longest position in view
+            seq_len = (positions.max() + 1).float().clamp(min=self.original_max)
+            base = self.base * (self.factor * seq_len / self.original_max - (self.factor - 1)) \
+                ** (self.dim / (self.dim - 2))
+            inv_freq = 1.0 / base ** (torch.arange(0, self.dim, 2, device=positions.device,
+                                                   dtype=torch.float32) / self.dim)
+        angles = positions.float()[..., None] * inv_freq           # p * theta_i
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 def apply_rope(x, cos, sin):
@@ -142,66 +325,112 @@ def apply_rope(x, cos, sin):
     return out.flatten(-2).type_as(x)
 
 
+def attention_mask(q_pos, k_pos, window=None, n_sink=0):
+    """Boolean mask, True where query position q may see key position k:
+    causal (k <= q), and with a window: q - k < window or k < n_sink (an attention sink)."""
+    allowed = (k_pos[..., None, :] <= q_pos[..., :, None]) & (k_pos[..., None, :] >= 0)
+    if window is not None:
+        near = (q_pos[..., :, None] - k_pos[..., None, :]) < window
+        allowed = allowed & (near | (k_pos[..., None, :] < n_sink))
+    return allowed
+
+
 # -----------------------------------------------------------------------------
-# Attention
+# The KV cache
 
 class KVCache:
-    """Past keys and values for incremental decoding, one set per layer, preallocated to
-    `max_len` tokens. Rows of a batch are left-padded to a common length: `valid` marks the real
-    tokens, and each row's positions start at 0 at its first real token."""
+    """Past keys and values (or MLA latents) for incremental decoding, one set per layer.
 
-    def __init__(self, batch_size, max_len, device, valid=None):
-        self.batch_size, self.max_len, self.device = batch_size, max_len, device
-        self.pos = 0                                   # tokens written so far
+    Rows of a batch are left-padded to a common length: each row's positions start at 0 at its
+    first real token, and padding is never attended to. Without a sliding window the cache holds
+    `max_len` tokens. With one it is a rolling buffer of n_sink + window slots: the first n_sink
+    tokens stay, the rest overwrite the oldest slot, so memory stays bounded however long
+    generation runs (positions keep counting, exactly as the masked full attention sees them).
+
+    Per forward pass: begin(T) -> (positions, mask); each layer calls update(); then end()."""
+
+    def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0):
+        self.batch_size, self.device = batch_size, device
+        self.window, self.n_sink = window, n_sink if window is not None else 0
+        self.capacity = max_len if window is None else min(max_len, self.n_sink + window)
+        self.rolling = window is not None and self.capacity < max_len
+        self.pos = 0                                   # tokens written so far (padded index)
         self.buffers = {}                              # (layer, name) -> preallocated tensor
-        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.padded = False
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
-        if valid is not None:                          # (B, P) mask of the left-padded prompt
-            self.valid[:, :valid.size(1)] = valid
-            self.pad = (~valid).sum(1)
+        self.padded = False
+        if valid is not None:                          # (B, P) mask of a left-padded prompt
+            self.pad = (~valid).sum(1).to(device)
             self.padded = bool((~valid).any())
+        # the row position of the token in each slot; -1 marks an empty slot or padding
+        self.slot_pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
+
+    def begin(self, T):
+        """Plan the next T tokens: (positions (B, T), (attn_mask, is_causal)) for the layers."""
+        q_pos = self.pos + torch.arange(T, device=self.device)[None, :] - self.pad[:, None]
+        self.q_pos = q_pos                             # negative: left padding
+        fits = self.window is None or self.pos + T <= self.window
+        if not self.padded and fits and not self.rolling:
+            mask = (None, self.pos == 0) if (self.pos == 0 or T == 1) else self._mask(T)
+        else:
+            mask = self._mask(T)
+        if self.rolling:                               # which new tokens land in which slot
+            p = self.pos + torch.arange(T)
+            slot = torch.where(p < self.n_sink, p, self.n_sink + (p - self.n_sink) % self.window)
+            keep = (p < self.n_sink) | (p + self.window >= self.pos + T)   # not overwritten in this chunk
+            self.src = torch.arange(T)[keep].to(self.device)
+            self.dst = slot[keep].to(self.device)
+        elif self.pos + T > self.capacity:
+            raise RuntimeError(f'KV cache overflow: {self.pos} + {T} > capacity {self.capacity}')
+        return q_pos.clamp(min=0), mask
+
+    def _mask(self, T):
+        cached = self.slot_pos if self.rolling else self.slot_pos[:, :self.pos]
+        k_pos = torch.cat([cached, self.q_pos.masked_fill(self.q_pos < 0, -1)], dim=1)   # (B, L)
+        allowed = attention_mask(self.q_pos, k_pos, self.window, self.n_sink)          # (B, T, L)
+        L0 = cached.size(1)                            # a padding query sees itself, not nothing
+        eye = torch.zeros_like(allowed)
+        eye[:, torch.arange(T), L0 + torch.arange(T)] = True
+        return (allowed | eye)[:, None], False                                          # (B,1,T,L)
 
     def update(self, layer, name, x, dim):
-        """Write x (T new entries along `dim`) after what is cached; return everything so far."""
+        """Add x (T new entries along `dim`) to what is cached; return the entries in view."""
         key = (layer, name)
         if key not in self.buffers:
             shape = list(x.shape)
-            shape[dim] = self.max_len
+            shape[dim] = self.capacity
             self.buffers[key] = torch.zeros(shape, dtype=x.dtype, device=x.device)
         buf, T = self.buffers[key], x.size(dim)
-        if self.pos + T > self.max_len:
-            raise RuntimeError(f'KV cache overflow: {self.pos} + {T} > max_len {self.max_len}')
-        buf.narrow(dim, self.pos, T).copy_(x)
-        return buf.narrow(dim, 0, self.pos + T)
+        if not self.rolling:
+            buf.narrow(dim, self.pos, T).copy_(x)
+            return buf.narrow(dim, 0, self.pos + T)
+        view = torch.cat([buf, x.to(buf.dtype)], dim=dim)          # every slot, then the new ones
+        buf.index_copy_(dim, self.dst, x.index_select(dim, self.src).to(buf.dtype))
+        return view
 
-    def positions(self, T):
-        """(B, T) position ids of the next T tokens: row b starts counting after its padding."""
-        p = self.pos + torch.arange(T, device=self.device)
-        return (p[None, :] - self.pad[:, None]).clamp(min=0)
-
-    def mask(self, T):
-        """(attn_mask, is_causal) for scaled_dot_product_attention over the next T tokens."""
-        if not self.padded:
-            if self.pos == 0:
-                return None, True                       # plain causal prefill
-            if T == 1:
-                return None, False                      # one new token sees every cached one
-        L = self.pos + T
-        q = self.pos + torch.arange(T, device=self.device)
-        k = torch.arange(L, device=self.device)
-        m = (k[None, :] <= q[:, None])[None] & self.valid[:, None, :L]       # (B, T, L)
-        m = m | (k[None, :] == q[:, None])[None]      # a padding query sees itself, not nothing
-        return m[:, None], False                        # (B, 1, T, L)
-
-    def advance(self, T):
+    def end(self):
+        T = self.q_pos.size(1)
+        q_pos = self.q_pos.masked_fill(self.q_pos < 0, -1)
+        if self.rolling:
+            self.slot_pos[:, self.dst] = q_pos[:, self.src]
+        else:
+            self.slot_pos[:, self.pos:self.pos + T] = q_pos
         self.pos += T
 
+    def numel_per_token(self):
+        """Numbers cached per token per layer (e.g. kv_lora_rank + qk_rope_head_dim for MLA)."""
+        per_layer = {}
+        for (layer, name), buf in self.buffers.items():
+            per_layer[layer] = per_layer.get(layer, 0) + buf.numel() // (self.batch_size * self.capacity)
+        return per_layer
+
+
+# -----------------------------------------------------------------------------
+# Attention
 
 class CausalSelfAttention(nn.Module):
     """Multi-head attention; with n_kv_head < n_head each key/value head is shared by a group of
     n_head / n_kv_head query heads (GQA, Ainslie et al. 2023; MQA when n_kv_head = 1).
-    softmax(q k^T / sqrt(D) + causal mask) v through F.scaled_dot_product_attention."""
+    softmax(q k^T / sqrt(D) + mask) v through F.scaled_dot_product_attention."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -214,6 +443,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * D, C, bias=config.bias)
         self.o_proj.residual = True                     # scaled init (see GPT._init_weights)
         self.dropout = config.dropout
+        self.scale = softmax_scale(config)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
@@ -227,14 +457,83 @@ class CausalSelfAttention(nn.Module):
             v = cache.update(self.layer_idx, 'v', v, dim=2)
         attn_mask, is_causal = mask
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)                                   # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2, section 2.1; V3, section 2.1.1).
+
+    Keys and values come from one small latent per token, c = RMSNorm(W_dkv x) (kv_lora_rank
+    wide), expanded per head: k_nope = W_uk c, v = W_uv c. Position enters through a separate
+    RoPE part: q_rope per head, and ONE k_rope per token shared by all heads. So the cache only
+    needs c and k_rope: kv_lora_rank + qk_rope_head_dim numbers per token per layer.
+        q = [q_nope ; RoPE(q_rope)]    k = [W_uk c ; RoPE(k_rope)]    v = W_uv c
+    Training / no cache: expand k and v for every head and use fused attention.
+    Decoding with a cache: absorb W_uk into the query and W_uv into the output,
+        q_nope . (W_uk c) = (W_uk^T q_nope) . c      and      sum_t a_t W_uv c_t = W_uv (sum_t a_t c_t)
+    so attention runs directly over the cached latents, as one shared key/value 'head'.
+    Module names are DeepSeek-V3's."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        C, H = config.n_embd, config.n_head
+        self.n_head, self.rank = H, config.kv_lora_rank
+        self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        d_qk = self.d_nope + self.d_rope
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(C, H * d_qk, bias=False)
+        else:                                        # queries through a low-rank bottleneck too
+            self.q_a_proj = nn.Linear(C, config.q_lora_rank, bias=config.bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * d_qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.rank + self.d_rope, bias=config.bias)   # [c ; k_rope]
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.d_nope + self.d_v), bias=False)     # [W_uk ; W_uv]
+        self.o_proj = nn.Linear(H * self.d_v, C, bias=config.bias)
+        self.o_proj.residual = True
+        self.dropout = config.dropout
+        self.scale = softmax_scale(config)
+
+    def forward(self, x, rope=None, cache=None, mask=(None, True)):
+        B, T, _ = x.shape
+        H = self.n_head
+        q = self.q_proj(x) if hasattr(self, 'q_proj') else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, self.d_nope + self.d_rope).transpose(1, 2)               # (B, H, T, Dqk)
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.d_rope], dim=-1)
+        c = self.kv_a_layernorm(c)                                                     # (B, T, r)
+        q_rope = apply_rope(q_rope, *rope)
+        k_rope = apply_rope(k_rope[:, None], *rope)[:, 0]                              # (B, T, Dr)
+        attn_mask, is_causal = mask
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:                                   # expand the latent for every head
+            kv = self.kv_b_proj(c).view(B, T, H, self.d_nope + self.d_v).transpose(1, 2)
+            k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)                     # (B, H, T, .)
+            k = torch.cat([k_nope, k_rope[:, None].expand(B, H, T, self.d_rope)], dim=-1)
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               scale=self.scale, dropout_p=dropout)   # (B, H, T, Dv)
+        else:                                               # absorb: attend over the latents
+            c = cache.update(self.layer_idx, 'latent', c, dim=1)                       # (B, L, r)
+            k_rope = cache.update(self.layer_idx, 'k_rope', k_rope, dim=1)             # (B, L, Dr)
+            w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.rank)
+            w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                        # (H, D, r)
+            q_latent = torch.einsum('bhtd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))  # W_uk^T q_nope
+            q = torch.cat([q_latent, q_rope], dim=-1)                                  # (B, H, T, r+Dr)
+            k = torch.cat([c, k_rope], dim=-1)[:, None]                                # (B, 1, L, r+Dr)
+            y = F.scaled_dot_product_attention(q, k, c[:, None], attn_mask=attn_mask,
+                                               is_causal=is_causal, scale=self.scale,
+                                               dropout_p=dropout, enable_gqa=True)    # (B, H, T, r)
+            y = torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                    # W_uv (a . c)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
+
+
 # -----------------------------------------------------------------------------
-# Feed-forward
+# Feed-forward: dense
 
 class MLP(nn.Module):
     """gelu:   down(gelu(up(x)))                       (GPT-2)
@@ -257,22 +556,208 @@ class MLP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Feed-forward: mixture of experts (DeepSeekMoE)
+
+class Router(nn.Module):
+    """Chooses K of E experts per token, in float32.
+    softmax (Mixtral): s = softmax(W x); top-K of s.
+    sigmoid (DeepSeek-V3): s_i = sigmoid(w_i . x); experts are CHOSEN by s_i + b_i, where b is
+      the auxiliary-loss-free balancing bias (moved after each optimizer step toward equal load,
+      see GPT.update_router_bias); group-limited: experts are split into n_group groups, each
+      group scored by the sum of its 2 best s_i + b_i, and only the topk_group best groups compete.
+    The weights g of the chosen experts come from s without the bias: g = s_chosen, divided by
+    their sum when norm_topk_prob, times routed_scaling_factor."""
+
+    def __init__(self, config):
+        super().__init__()
+        E = config.n_routed_experts
+        self.E, self.K = E, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.randn(E, config.n_embd) * config.init_std)
+        self.register_buffer('e_score_correction_bias', torch.zeros(E))      # b, not trained by SGD
+
+    def forward(self, x):
+        """x: (N, C) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
+        logits = F.linear(x.float(), self.weight.float())                    # (N, E)
+        scores = logits.softmax(-1) if self.scoring_func == 'softmax' else logits.sigmoid()
+        choice = scores + self.e_score_correction_bias                       # bias: selection only
+        if self.n_group > 1:
+            N = x.size(0)
+            grouped = choice.view(N, self.n_group, self.E // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)            # (N, n_group)
+            best = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(N, self.E)
+        indices = choice.topk(self.K, dim=-1).indices                        # (N, K)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as three 3-D tensors (one matrix per expert, nn.Linear layout
+    out x in), so that they can run as grouped matrix multiplies and be optimised per expert."""
+
+    def __init__(self, E, C, I, std=0.02):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.randn(E, I, C) * std)
+        self.up_proj = nn.Parameter(torch.randn(E, I, C) * std)
+        self.down_proj = nn.Parameter(torch.randn(E, C, I) * std)
+
+    def forward_loop(self, x, weights, indices):
+        """The reference: for each expert, gather its tokens, run it, add the weighted output.
+        y_t = sum_k g_tk * down_e(silu(gate_e x_t) * up_e x_t), e = indices[t, k]."""
+        y = torch.zeros_like(x)
+        for e in range(self.gate_proj.size(0)):
+            tok, slot = (indices == e).nonzero(as_tuple=True)      # data-dependent: a host sync
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]
+            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
+            y.index_add_(0, tok, (h @ self.down_proj[e].t()) * weights[tok, slot, None].to(x.dtype))
+        return y
+
+    def forward_grouped(self, x, weights, indices):
+        """The fast path: sort the N*K (token, expert) pairs by expert, run each projection as ONE
+        grouped matrix multiply over the contiguous per-expert segments, then unsort and sum the
+        K outputs of each token. No host syncs, no Python loop over experts."""
+        N, K = indices.shape
+        E = self.gate_proj.size(0)
+        flat = indices.reshape(-1)                                            # (N*K,)
+        order = flat.argsort(stable=True)                                     # pairs by expert
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)                            # segment ends
+        dtype = _grouped_mm_dtype(x)
+        xs = x[order // K].to(dtype)                                          # (N*K, C) sorted
+        gate = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
+        up = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+        ys = ys.to(x.dtype) * weights.reshape(-1)[order, None].to(x.dtype)   # (N*K, C)
+        out = torch.empty_like(ys).index_copy_(0, order, ys)                 # unsort: back to (t, k)
+        return out.view(N, K, -1).sum(1)
+
+
+def _grouped_mm_dtype(x):
+    """bf16 under CUDA autocast (the grouped GEMM kernels are bf16 on Hopper), else x's dtype."""
+    if x.is_cuda and torch.is_autocast_enabled('cuda'):
+        return torch.get_autocast_dtype('cuda')
+    return x.dtype
+
+
+def grouped_mm_supported(x, C, I):
+    """torch._grouped_mm runs here: bf16 on CUDA compute capability >= 9.0 (Hopper), or float32
+    / bf16 on CPU, with 16-byte aligned rows."""
+    if not hasattr(torch, '_grouped_mm'):
+        return False
+    dtype = _grouped_mm_dtype(x)
+    align = 128 // torch.finfo(dtype).bits if dtype.is_floating_point else 0   # elements per 16 bytes
+    if not align or C % align or I % align:
+        return False
+    if x.is_cuda:
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE (Dai et al. 2024; DeepSeek-V3 section 2.1.2):
+        y = sum_{shared i} FFN_i(x) + sum_{routed e in top-K} g_e FFN_e(x)
+    with many small (fine-grained) routed experts and a few always-on shared experts. Keeps a
+    count of the tokens sent to each expert, which drives the auxiliary-loss-free bias update
+    and the load statistics, and returns the balance loss when aux_loss_alpha > 0."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.E, self.K, I = config.n_routed_experts, config.num_experts_per_tok, config.expert_size
+        self.router = Router(config)
+        self.experts = Experts(self.E, config.n_embd, I, config.init_std)
+        self.shared_experts = MLP(config, hidden=I * config.n_shared_experts) \
+            if config.n_shared_experts else None
+        self.impl, self.C, self.I = config.moe_impl, config.n_embd, I
+        self.aux_loss_alpha, self.seq_aux = config.aux_loss_alpha, config.seq_aux
+        self.register_buffer('tokens_per_expert', torch.zeros(self.E), persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)                                               # (N, C)
+        weights, indices, scores = self.router(flat)
+        impl = self.impl
+        if impl == 'auto':
+            impl = 'grouped' if grouped_mm_supported(flat, self.C, self.I) else 'loop'
+        if impl == 'grouped':
+            y = self.experts.forward_grouped(flat, weights, indices)
+        else:
+            y = self.experts.forward_loop(flat, weights, indices)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.zeros_like(self.tokens_per_expert).scatter_add_(
+                    0, indices.reshape(-1), torch.ones(indices.numel(), device=x.device))
+        aux = None
+        if self.training and self.aux_loss_alpha > 0:
+            aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, C), aux
+
+
+def balance_loss(scores, indices, K, n_seq):
+    """sum_i f_i P_i averaged over n_seq groups of tokens (sequences, or 1 = the whole batch):
+    f_i = E / (K T) * (tokens choosing expert i), P_i = mean over tokens of s_i / sum_j s_j.
+    Equals 1 when load and affinity are uniform. DeepSeek-V3's complementary sequence-wise
+    loss when grouped by sequence; the Switch Transformer / Mixtral loss over the whole batch."""
+    N, E = scores.shape
+    T = N // n_seq
+    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, T, E)
+    f = chosen.sum(1) * E / (K * T)                                           # (n_seq, E)
+    P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)
+    return (f * P).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
 # Transformer block and model
 
 class Block(nn.Module):
-    """Pre-norm residual block: x = x + attn(norm(x)); x = x + mlp(norm(x))."""
+    """Pre-norm residual block: x = x + attn(norm(x)); x = x + ffn(norm(x)).
+    Returns (x, aux) where aux is the MoE balance loss (None without one)."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn_norm = make_norm(config, config.n_embd)
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = (MLAttention if config.attention == 'mla' else CausalSelfAttention)(config, layer_idx)
         self.mlp_norm = make_norm(config, config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        if isinstance(self.mlp, MoE):
+            h, aux = self.mlp(self.mlp_norm(x))
+        else:
+            h, aux = self.mlp(self.mlp_norm(x)), None
+        return x + self.drop(h), aux
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (DeepSeek-V3 section 2.2): from the previous depth's hidden
+    state h_i and the embedding of token t_{i+k}, predict t_{i+k+1}:
+        h'_i = Block(W [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i)]),   logits = Head(RMSNorm(h'_i))
+    sharing the embedding and output head with the main model. (The paper writes the two
+    halves in the other order; DeepSeek's released weights put the embedding first.)"""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        C = config.n_embd
+        self.enorm, self.hnorm = RMSNorm(C, config.norm_eps), RMSNorm(C, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * C, C, bias=False)
+        self.block = Block(config, layer_idx)
+        self.norm = RMSNorm(C, config.norm_eps)
+
+    def forward(self, h, emb, rope, mask):
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(h, rope, None, mask)
 
 
 class GPT(nn.Module):
@@ -286,13 +771,15 @@ class GPT(nn.Module):
         elif config.pos_emb == 'sinusoidal':
             self.register_buffer('pos_table', sinusoidal_table(config.block_size, config.n_embd),
                                  persistent=False)
-        self.rope = RotaryEmbedding(config.qk_head_dim, config) if config.pos_emb == 'rope' else None
+        self.rope = RotaryEmbedding(config.rope_dim, config) if config.pos_emb == 'rope' else None
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.mtp = nn.ModuleList(MTPModule(config, config.n_layer + k) for k in range(config.mtp_depth))
+        self.last_losses = {}
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -300,44 +787,106 @@ class GPT(nn.Module):
         std / sqrt(2 n_layer) so the stream's variance does not grow with depth (GPT-2)."""
         std = self.config.init_std
         if isinstance(module, nn.Linear):
-            if getattr(module, 'residual', False):
-                std = std / math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            s = std / math.sqrt(2 * self.config.n_layer) if getattr(module, 'residual', False) else std
+            nn.init.normal_(module.weight, mean=0.0, std=s)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_proj, mean=0.0, std=std)
+            nn.init.normal_(module.up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        elif isinstance(module, Router):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is None
-        without targets. With a KVCache, idx are the tokens after what the cache holds."""
+        without targets. With a KVCache, idx are the tokens after what the cache holds.
+        The loss adds the MoE balance losses and the weighted MTP losses; the parts are left
+        in self.last_losses ('lm', 'aux', 'mtp') for logging."""
         B, T = idx.shape
+        c = self.config
         if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f'sequence of {T} tokens exceeds block_size {self.config.block_size}')
-            positions, mask = torch.arange(T, device=idx.device), (None, True)
+            if T > c.block_size and c.pos_emb in ('learned', 'sinusoidal'):
+                raise ValueError(f'sequence of {T} tokens exceeds block_size {c.block_size}')
+            positions = torch.arange(T, device=idx.device)
+            mask = self.causal_mask(T, idx.device)
         else:
-            positions, mask = cache.positions(T), cache.mask(T)
+            positions, mask = cache.begin(T)
         x = self.tok_emb(idx)                                                   # (B, T, C)
-        if self.config.pos_emb == 'learned':
+        if c.pos_emb == 'learned':
             x = x + self.pos_emb(positions)
-        elif self.config.pos_emb == 'sinusoidal':
+        elif c.pos_emb == 'sinusoidal':
             x = x + self.pos_table[positions]
         rope = self.rope(positions) if self.rope is not None else None
         x = self.drop(x)
+        aux_total = None
         for layer in self.layers:
-            x = layer(x, rope, cache, mask)
+            x, aux = layer(x, rope, cache, mask)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:
-            cache.advance(T)
-        x = self.norm(x)
+            cache.end()
         if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None
-        logits = self.lm_head(x)                                                # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1)
+            return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
+        logits = self.lm_head(self.norm(x))                                    # (B, T, V)
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                  ignore_index=-1)
+        loss, parts = lm_loss, {'lm': lm_loss.detach()}
+        if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
+            h, mtp_losses = x, []
+            for k, module in enumerate(self.mtp, start=1):          # depth k predicts t_{i+k+1}
+                Tk = T - k
+                emb = self.tok_emb(idx[:, k:])                      # t_{i+k} for i < T - k
+                rope_k = (rope[0][:Tk], rope[1][:Tk]) if rope is not None else None
+                h, aux = module(h[:, :Tk], emb, rope_k, self.causal_mask(Tk, idx.device))
+                if aux is not None:
+                    aux_total = aux if aux_total is None else aux_total + aux
+                logits_k = self.lm_head(module.norm(h))
+                mtp_losses.append(F.cross_entropy(logits_k.float().view(-1, logits_k.size(-1)),
+                                                  targets[:, k:].reshape(-1), ignore_index=-1))
+            mtp_loss = torch.stack(mtp_losses).mean()
+            loss = loss + c.mtp_loss_weight * mtp_loss
+            parts['mtp'] = mtp_loss.detach()
+        if aux_total is not None:
+            loss = loss + aux_total
+            parts['aux'] = aux_total.detach()
+        self.last_losses = parts
         return logits, loss
+
+    def causal_mask(self, T, device):
+        """(attn_mask, is_causal) for a whole sequence: plain causal, or a sliding window."""
+        c = self.config
+        if c.sliding_window is None or c.sliding_window >= T:
+            return None, True
+        pos = torch.arange(T, device=device)
+        return attention_mask(pos, pos, c.sliding_window, c.n_sink_tokens), False
+
+    # --- mixture-of-experts bookkeeping ---------------------------------------------------
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_router_bias(self, reduce=None):
+        """Call after each optimizer step. Auxiliary-loss-free balancing (DeepSeek-V3, eq. 16):
+        b_i <- b_i + bias_update_speed * sign(mean load - load_i) for each MoE layer, from the
+        tokens counted since the last call (summed over ranks by `reduce`, e.g. an all-reduce).
+        Returns the counts as an (n_moe_layers, E) tensor for logging, or None for dense models."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        loads = torch.stack([m.tokens_per_expert for m in layers])
+        if reduce is not None:
+            reduce(loads)
+        speed = self.config.bias_update_speed
+        for m, load in zip(layers, loads):
+            if speed > 0:
+                m.router.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+            m.tokens_per_expert.zero_()
+        return loads
 
     # --- accounting -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings=False):
@@ -348,37 +897,73 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel() if self.config.pos_emb == 'learned' else 0
         return n
 
-    def active_matmul_params(self):
-        """Weights multiplied per token in a forward pass: every matrix but the embedding
-        lookups (the tied head counts once, as the head)."""
-        n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return n
+    def mtp_params(self):
+        return sum(p.numel() for p in self.mtp.parameters())
+
+    def active_params(self, include_mtp=False):
+        """Parameters a token passes through at inference: everything except the routed experts
+        it does not use (a fraction 1 - K/E of them), the embedding tables (a lookup, not a
+        multiplication; a tied table counts, as the head) and, by default, the MTP modules."""
+        n = self.num_params(exclude_embeddings=True) - (0 if include_mtp else self.mtp_params())
+        blocks = list(self.layers) + ([m.block for m in self.mtp] if include_mtp else [])
+        for b in blocks:
+            if isinstance(b.mlp, MoE):
+                n -= sum(p.numel() for p in b.mlp.experts.parameters()) * (1 - b.mlp.K / b.mlp.E)
+        return int(n)
+
+    def active_matmul_params(self, include_mtp=True):
+        """Weights multiplied per token in a forward pass (embedding lookups are not
+        multiplications; the tied head counts once, as the head; routed experts count K/E)."""
+        mtp_ids = {id(m) for m in self.mtp.modules()}
+        n = 0
+        for m in self.modules():
+            if not include_mtp and id(m) in mtp_ids:
+                continue
+            if isinstance(m, nn.Linear):
+                n += m.weight.numel()
+            elif isinstance(m, Router):
+                n += m.weight.numel()
+            elif isinstance(m, MoE):
+                n += sum(p.numel() for p in m.experts.parameters()) * m.K / m.E
+        return int(n)
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward = 3 x forward):
-        6 N for the weights (2 per multiply-add, x3), plus attention's q.k and attn.v products,
-        6 n_layer n_head (D_qk + D_v) T, counted over the full T x T square as in nanoGPT / PaLM."""
+        6 N for the weights (2 per multiply-add, x3; N = active_matmul_params, MTP included),
+        plus attention's q.k and attn.v products, 6 n_layer n_head (D_qk + D_v) T, counted over
+        the full T x T square as in nanoGPT / PaLM (T capped by a sliding window)."""
         c = self.config
         T = seq_len or c.block_size
-        attn = 6 * c.n_layer * c.n_head * (2 * c.qk_head_dim) * T
+        if c.sliding_window:
+            T = min(T, c.sliding_window + c.n_sink_tokens)
+        attn = 6 * (c.n_layer + c.mtp_depth) * c.n_head * (c.qk_head_dim + c.v_dim) * T
         return 6 * self.active_matmul_params() + attn
 
     # --- generation -----------------------------------------------------------------------
+    def new_cache(self, batch_size, max_len, device, prompt_mask=None):
+        c = self.config
+        return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens)
+
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         eot_id=None, vocab_limit=None, prompt_mask=None, generator=None):
         """Yield the next token of every row, (B,), max_new_tokens times (fewer if every row
         has emitted eot_id; finished rows then repeat eot_id). idx: (B, P) prompts, left-padded
         where prompt_mask (B, P) is False. Keys and values are cached, so each step feeds one
-        token; when the cache reaches block_size, generation continues from the latest
-        block_size/2 tokens (re-encoded), like nanoGPT's cropping but amortised."""
+        token. With a sliding window and relative positions (RoPE or none) the cache is a
+        rolling buffer and generation runs on indefinitely in bounded memory; otherwise, when
+        the cache reaches block_size, generation continues from the latest block_size/2 tokens
+        (re-encoded), like nanoGPT's cropping but amortised."""
         B, P = idx.shape
-        bs = self.config.block_size
+        c = self.config
+        bs = c.block_size
+        streaming = c.sliding_window is not None and c.pos_emb in ('rope', 'none')
         valid = prompt_mask if prompt_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-        if P > bs:                                        # keep the latest block_size tokens
+        if P > bs and not streaming:                     # keep the latest block_size tokens
             idx, valid, P = idx[:, -bs:], valid[:, -bs:], bs
         tokens, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(B, min(bs, P + max_new_tokens), idx.device, valid)
+        max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
+        cache = self.new_cache(B, max_len, idx.device, valid)
         logits, _ = self(idx, cache=cache, last_only=True)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
@@ -388,14 +973,16 @@ class GPT(nn.Module):
             yield nxt
             if eot_id is not None and bool(done.all()):
                 return
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-            if cache.pos == cache.max_len:              # window full: restart from the latest half
+            if not streaming and cache.pos == cache.capacity:   # window full: restart from the latest half
                 keep = max(1, bs // 2)
-                tokens, valid = tokens[:, -keep:], valid[:, -keep:]
-                cache = KVCache(B, bs, idx.device, valid)
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -keep:]
+                valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)[:, -keep:]
+                cache = self.new_cache(B, bs, idx.device, valid)
                 logits, _ = self(tokens, cache=cache, last_only=True)
             else:
+                if not streaming:
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                    valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
                 logits, _ = self(nxt[:, None], cache=cache, last_only=True)
 
     @torch.no_grad()
@@ -439,3 +1026,19 @@ def pad_prompts(prompts, pad_id=0, device='cpu'):
         idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):] = True
     return idx.to(device), mask.to(device)
+
+
+def count_params(config):
+    """{'total', 'active', 'mtp'} for a config, built on the meta device (nothing allocated)."""
+    with torch.device('meta'):
+        model = GPT(config)
+    return {'total': model.num_params() - model.mtp_params(), 'active': model.active_params(),
+            'mtp': model.mtp_params()}
+
+
+if __name__ == '__main__':
+    # python model.py: parameter counts of the presets
+    for name in PRESETS:
+        n = count_params(ModelConfig.from_preset(name))
+        print(f"{name:14s} total {n['total'] / 1e9:9.3f}B   active/token {n['active'] / 1e9:8.3f}B"
+              + (f"   (+{n['mtp'] / 1e9:.2f}B MTP)" if n['mtp'] else ''))

@@ -198,8 +198,10 @@ flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
 bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True,
            mininterval=1 if sys.stderr.isatty() else 30, desc='train')
 first_bad_step = torch.tensor(-1, device=rt.device)   # the first step whose loss was not finite
+expert_share, last_heatmap_step = None, step          # MoE load shares summed between evaluations
 x, y = get_batch('train', step, 0)
 t_last, steps_since = time.perf_counter(), 0
+expert_load = None                                    # (MoE layers, experts) tokens since the last log
 while True:
     lr = lr_at(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, decay_frac)
     set_lr(optim, lr / learning_rate)
@@ -215,6 +217,10 @@ while True:
         bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                   f"val ppl {metrics['val/ppl']:.2f}, val bpb {bpb:.4f}")
         log.plot(keys=('train/loss', 'train/eval_loss', 'val/loss'))
+        if expert_share is not None:
+            log.heatmap(expert_share / expert_share.sum(1, keepdim=True), 'expert_load.png',
+                        title=f'share of routed tokens per expert, steps {last_heatmap_step}-{step}')
+            expert_share, last_heatmap_step = None, step
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if step > 0 and not eval_only:
@@ -242,6 +248,10 @@ while True:
     scaler.step(optim)
     scaler.update()
     optim.zero_grad(set_to_none=True)
+    # MoE: move the router biases toward equal load (aux-loss-free), keep the loads for logging
+    loads = raw_model.update_router_bias(reduce=torch.distributed.all_reduce if rt.ddp else None)
+    if loads is not None:
+        expert_load = loads if expert_load is None else expert_load + loads
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum),
                                  torch.tensor(step, device=rt.device), first_bad_step)
     step += 1
@@ -261,6 +271,16 @@ while True:
                'step_time_ms': 1000 * dt}
         if grad_clip > 0:
             row['grad_norm'] = grad_norm.item()
+        for part, value in raw_model.last_losses.items():      # lm / aux / mtp, last micro-batch
+            row[f'train/{part}_loss'] = value.item()
+        if expert_load is not None:
+            # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
+            imbalance = (expert_load.max(1).values / expert_load.mean(1).clamp(min=1e-9)).tolist()
+            row['moe/max_imbalance'] = max(imbalance)
+            row['moe/imbalance'] = [round(v, 3) for v in imbalance]
+            share = (expert_load / expert_load.sum(1, keepdim=True).clamp(min=1)).cpu()
+            expert_share = share if expert_share is None else expert_share + share
+            expert_load = None
         log.log(step, **row)
         bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f'{tok_s:,.0f}', mfu=f'{100 * mfu:.1f}%',
                         refresh=False)

@@ -20,9 +20,20 @@ def train(cwd, data, out, *extra, check=True):
                       '--learning_rate=3e-3', *extra, cwd=cwd, check=check)
 
 
-def test_resume_continues_exactly(tmp_path, byte_data):
+MOE_MLA = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False',
+           '--kv_lora_rank=16', '--q_lora_rank=16', '--qk_nope_head_dim=16', '--qk_rope_head_dim=8',
+           '--v_head_dim=16', '--n_routed_experts=8', '--num_experts_per_tok=2', '--n_shared_experts=1',
+           '--moe_intermediate_size=16', '--scoring_func=sigmoid', '--routed_scaling_factor=2.5',
+           '--first_k_dense_replace=1', '--bias_update_speed=0.01', '--aux_loss_alpha=0.001',
+           '--mtp_depth=1']
+
+
+@pytest.mark.parametrize('arch', ['dense', 'moe'])
+def test_resume_continues_exactly(tmp_path, byte_data, arch):
     model = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--dropout=0.1',
              '--gradient_accumulation_steps=2']                    # dropout: RNG state must resume too
+    if arch == 'moe':                                              # router biases must resume too
+        model = MOE_MLA + ['--dropout=0.1', '--gradient_accumulation_steps=2']
     train(tmp_path, byte_data, 'straight', '--max_iters=20', *model)
     train(tmp_path, byte_data, 'split', '--max_iters=10', *model)
     assert load_checkpoint(str(tmp_path / 'split'))['step'] == 10
@@ -115,3 +126,16 @@ def test_lr_schedules():
     assert lr_at(109, schedule='constant', **kw) == 1.0
     with pytest.raises(ValueError, match='valid: cosine, wsd, constant'):
         lr_at(50, schedule='linear', **kw)
+
+
+def test_moe_training_logs_balance_and_mtp(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'moe', '--max_iters=10', *MOE_MLA)
+    rows = [json.loads(line) for line in open(tmp_path / 'moe' / 'log.jsonl')]
+    steps = [r for r in rows if 'train/loss' in r]
+    assert all({'train/lm_loss', 'train/mtp_loss', 'train/aux_loss', 'moe/max_imbalance'} <= set(r)
+               for r in steps)
+    assert all(len(r['moe/imbalance']) == 2 and r['moe/max_imbalance'] >= 1 for r in steps)  # MoE + MTP layer
+    ckpt = load_checkpoint(str(tmp_path / 'moe'))
+    bias = ckpt['model']['layers.1.mlp.router.e_score_correction_bias']
+    assert bias.abs().sum() > 0                                    # the balancing bias moved
+    assert (tmp_path / 'moe' / 'expert_load.png').exists() or not _has_matplotlib()

@@ -1,0 +1,364 @@
+"""The DeepSeek-V3 / Kimi-K2 parts of model.py: MLA, RoPE scalings, sliding window + sinks,
+MoE routing and balancing, multi-token prediction, presets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (GPT, KVCache, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
+                   count_params, softmax_scale)
+
+MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',
+           norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False, kv_lora_rank=8,
+           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)
+MOE = dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+           scoring_func='sigmoid', routed_scaling_factor=2.5, first_k_dense_replace=1)
+
+
+def build(*parts, **kw):
+    """A model from config dicts merged left to right, then keywords."""
+    cfg = {}
+    for p in parts + (kw,):
+        cfg.update(p)
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**cfg)).eval()
+
+
+def greedy_by_recompute(model, idx, n):
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+# --- Multi-head Latent Attention ---------------------------------------------------------
+
+@pytest.mark.parametrize('q_lora_rank', [None, 16])
+def test_mla_absorbed_decode_equals_expanded_attention(q_lora_rank):
+    model = build(MLA, q_lora_rank=q_lora_rank)
+    idx = torch.randint(0, 64, (2, 24))
+    full, _ = model(idx)                                   # expanded keys/values, fused attention
+    cache = model.new_cache(2, 24, 'cpu')
+    parts = [model(idx[:, :10], cache=cache)[0]]           # absorbed: attention over latents
+    parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_mla_cached_generation_equals_recomputation():
+    model = build(MLA, MOE, q_lora_rank=16)
+    idx = torch.randint(0, 64, (3, 6))
+    assert torch.equal(model.generate(idx, 30, temperature=0), greedy_by_recompute(model, idx, 30))
+
+
+def test_mla_cache_holds_only_the_latent_and_the_rope_key():
+    model = build(MLA)
+    cache = model.new_cache(2, 16, 'cpu')
+    model(torch.randint(0, 64, (2, 16)), cache=cache)
+    c = model.config
+    assert cache.numel_per_token() == {i: c.kv_lora_rank + c.qk_rope_head_dim for i in range(3)}
+    mha = build(vocab_size=64, n_layer=2, n_head=4, n_embd=32, pos_emb='rope', n_kv_head=2)
+    cache = mha.new_cache(1, 8, 'cpu')
+    mha(torch.randint(0, 64, (1, 8)), cache=cache)
+    assert cache.numel_per_token() == {0: 2 * 2 * 8, 1: 2 * 2 * 8}    # k and v, 2 heads of 8
+
+
+# --- RoPE scalings, each against the formula written out here ------------------------------
+
+def reference_inv_freq(kind, dim, base, s, seq_len=None):
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    inv = base ** (-i / dim)
+    if kind == 'linear':
+        return inv / s['factor']
+    if kind == 'dynamic':                                   # NTK-aware base, grown with length
+        L0, f = s['original_max_position_embeddings'], s['factor']
+        L = max(seq_len, L0)
+        new_base = base * (f * L / L0 - (f - 1)) ** (dim / (dim - 2))
+        return new_base ** (-i / dim)
+    # YaRN: wavelength lambda_i = 2 pi / theta_i; r_i = L0 / lambda_i rotations over the
+    # original context; r > beta_fast keeps theta, r < beta_slow divides it by the factor,
+    # linear in the dimension index between the two (bounds floored / ceiled, as transformers).
+    L0, f = s['original_max_position_embeddings'], s['factor']
+    d_of = lambda r: dim * math.log(L0 / (r * 2 * math.pi)) / (2 * math.log(base))   # noqa: E731
+    lo, hi = max(math.floor(d_of(s['beta_fast'])), 0), min(math.ceil(d_of(s['beta_slow'])), dim - 1)
+    out = []
+    for j, th in enumerate(inv.tolist()):
+        ramp = min(max((j - lo) / (hi - lo), 0.0), 1.0)
+        out.append(th * (1 - ramp) + th / f * ramp)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('kind', ['linear', 'dynamic', 'yarn'])
+def test_rope_scalings_match_their_formulas(kind):
+    s = {'type': kind, 'factor': 4.0, 'original_max_position_embeddings': 64, 'beta_fast': 32, 'beta_slow': 1,
+         'mscale': 1.0, 'mscale_all_dim': 1.0}
+    cfg = ModelConfig(n_head=2, n_embd=64, pos_emb='rope', rope_theta=10000.0, rope_scaling=s)
+    rope = RotaryEmbedding(32, cfg)
+    for seq_len in ((40, 200) if kind == 'dynamic' else (200,)):
+        pos = torch.arange(seq_len)
+        cos, sin = rope(pos)
+        inv = reference_inv_freq(kind, 32, 10000.0, s, seq_len)
+        angles = pos.double()[:, None] * inv
+        torch.testing.assert_close(cos.double(), angles.cos(), atol=2e-5, rtol=0)
+        torch.testing.assert_close(sin.double(), angles.sin(), atol=2e-5, rtol=0)
+
+
+def test_yarn_attention_temperature():
+    # cos/sin scaled by mscale(f, mscale) / mscale(f, mscale_all_dim); the softmax scale by
+    # mscale(f, mscale_all_dim)^2, mscale(f, m) = 0.1 m ln f + 1 (DeepSeek-V3's YaRN)
+    s = {'type': 'yarn', 'factor': 40.0, 'original_max_position_embeddings': 4096,
+         'mscale': 0.8, 'mscale_all_dim': 0.6}
+    cfg = ModelConfig(**{**MLA, 'rope_scaling': s})
+    m = lambda k: 0.1 * k * math.log(40.0) + 1                             # noqa: E731
+    cos, _ = RotaryEmbedding(4, cfg)(torch.zeros(1, dtype=torch.long))
+    assert cos[0, 0].item() == pytest.approx(m(0.8) / m(0.6))
+    assert softmax_scale(cfg) == pytest.approx((8 + 4) ** -0.5 * m(0.6) ** 2)
+    assert softmax_scale(ModelConfig(**MLA)) == pytest.approx(12 ** -0.5)
+
+
+def test_rope_gives_relative_positions():
+    cfg = ModelConfig(n_head=1, n_embd=16, pos_emb='rope')
+    rope = RotaryEmbedding(16, cfg)
+    from model import apply_rope
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    dots = []
+    for shift in (0, 7, 30):
+        cq, sq = rope(torch.tensor([5 + shift]))
+        ck, sk = rope(torch.tensor([2 + shift]))
+        dots.append((apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item())
+    assert dots[0] == pytest.approx(dots[1], abs=1e-5) == pytest.approx(dots[2], abs=1e-5)
+
+
+# --- sliding window with attention sinks ---------------------------------------------------
+
+def test_window_mask():
+    pos = torch.arange(8)
+    m = attention_mask(pos, pos, window=3, n_sink=1)
+    assert m[6].tolist() == [True, False, False, False, True, True, True, False]   # sink + 3 latest
+    assert not m[2, 3] and m[2].sum() == 3
+
+
+@pytest.mark.parametrize('attention', ['mha', 'mla'])
+def test_sliding_window_equals_full_attention_with_the_mask(attention):
+    kw = dict(MLA) if attention == 'mla' else dict(vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                                                   pos_emb='rope')
+    model = build(kw, sliding_window=5, n_sink_tokens=2, block_size=64)
+    idx = torch.randint(0, 64, (2, 30))
+    windowed, _ = model(idx)
+    # the same weights with full attention, each attention layer given the explicit mask
+    full = build(kw, block_size=64)
+    full.load_state_dict(model.state_dict())
+    pos = torch.arange(30)
+    allowed = attention_mask(pos, pos, 5, 2)
+    full.causal_mask = lambda T, device: (allowed, False)
+    torch.testing.assert_close(full(idx)[0], windowed, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(build(kw, block_size=64)(idx)[0], windowed, atol=1e-3)
+
+
+@pytest.mark.parametrize('attention', ['mha', 'mla'])
+def test_streaming_generation_far_past_the_window_and_block_size(attention):
+    kw = dict(MLA) if attention == 'mla' else dict(vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                                                   pos_emb='rope')
+    model = build(kw, sliding_window=6, n_sink_tokens=2, block_size=16)
+    idx = torch.randint(0, 64, (2, 5))
+    out = model.generate(idx, 45, temperature=0)                  # 50 tokens > block_size 16
+    assert torch.equal(out, greedy_by_recompute(model, idx, 45))  # rolling cache == masked full
+    cache = model.new_cache(2, 10_000, 'cpu')                     # memory stays bounded
+    model(idx, cache=cache)
+    for t in range(300):
+        model(out[:, t % 50:t % 50 + 1], cache=cache)
+    assert cache.capacity == 8 and all(b.size(1 if attention == 'mla' else 2) == 8
+                                       for b in cache.buffers.values())
+
+
+def test_rolling_cache_chunk_longer_than_the_window():
+    model = build(vocab_size=64, n_layer=2, n_head=2, n_embd=16, pos_emb='rope', sliding_window=4,
+                  n_sink_tokens=1, block_size=64)
+    idx = torch.randint(0, 64, (1, 30))
+    full, _ = model(idx)
+    cache = model.new_cache(1, 30, 'cpu')
+    parts = [model(idx[:, :13], cache=cache)[0], model(idx[:, 13:14], cache=cache)[0],
+             model(idx[:, 14:30], cache=cache)[0]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+# --- mixture of experts --------------------------------------------------------------------
+
+def moe_layer(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**MLA, **MOE, **kw})
+    return MoE(cfg).train(), cfg
+
+
+def test_deepseek_routing_matches_the_rule():
+    moe, cfg = moe_layer(n_group=4, topk_group=2, num_experts_per_tok=3)
+    torch.nn.init.normal_(moe.router.weight)
+    moe.router.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(50, 32)
+    w, idx, scores = moe.router(x)
+    s = torch.sigmoid(x @ moe.router.weight.t())
+    b = moe.router.e_score_correction_bias
+    for t in range(50):
+        choice = (s[t] + b).view(4, 2)
+        groups = choice.sum(-1).topk(2).indices.tolist()         # 2 experts per group: top-2 = all
+        allowed = [g * 2 + j for g in groups for j in range(2)]
+        ranked = sorted(allowed, key=lambda e: -(s[t, e] + b[e]).item())[:3]
+        assert sorted(idx[t].tolist()) == sorted(ranked)
+        g = s[t, idx[t]]
+        torch.testing.assert_close(w[t], 2.5 * g / g.sum())      # weights from s, not s + b
+
+
+def test_softmax_routing_is_mixtral():
+    moe, _ = moe_layer(scoring_func='softmax', routed_scaling_factor=1.0)
+    x = torch.randn(20, 32)
+    w, idx, _ = moe.router(x)
+    logits = x @ moe.router.weight.t()
+    top = logits.topk(2)
+    torch.testing.assert_close(w, top.values.softmax(-1))       # softmax over the top-K logits
+    assert torch.equal(idx, top.indices)
+
+
+def test_bias_moves_toward_balance():
+    model = build(MLA, MOE, bias_update_speed=0.01)
+    model.train()
+    moe = model.moe_layers()[0]
+    moe.tokens_per_expert.copy_(torch.tensor([10., 0, 0, 0, 0, 0, 0, 6]))
+    loads = model.update_router_bias()
+    b = moe.router.e_score_correction_bias
+    assert b[0] == pytest.approx(-0.01) and b[1] == pytest.approx(0.01) and b[7] == pytest.approx(-0.01)
+    assert loads[0].tolist() == [10, 0, 0, 0, 0, 0, 0, 6] and moe.tokens_per_expert.sum() == 0
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)
+    assert all(m.tokens_per_expert.sum() == 2 * 16 * 2 for m in model.moe_layers())   # N * K
+
+
+def test_balance_loss():
+    E, K = 4, 1
+    # uniform scores and perfectly even routing -> 1
+    scores = torch.full((8, E), 0.5)
+    idx = torch.arange(8)[:, None] % E
+    assert balance_loss(scores, idx, K, 1).item() == pytest.approx(1.0)
+    # everything to expert 0 with all affinity there -> E
+    scores = torch.tensor([[1.0, 1e-9, 1e-9, 1e-9]]).repeat(8, 1)
+    assert balance_loss(scores, torch.zeros(8, 1, dtype=torch.long), K, 1).item() == pytest.approx(4.0, rel=1e-6)
+    # per sequence: each sequence is unbalanced on its own even when the batch is balanced
+    idx = torch.tensor([0, 0, 1, 1])[:, None]
+    scores = torch.eye(E)[idx[:, 0]] + 1e-9
+    assert balance_loss(scores, idx, K, 2).item() > balance_loss(scores, idx, K, 1).item()
+
+
+def test_balance_loss_enters_the_training_loss():
+    model = build(MLA, MOE, aux_loss_alpha=0.1).train()
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = model(x, x)
+    parts = model.last_losses
+    assert parts['aux'] > 0 and loss.item() == pytest.approx((parts['lm'] + parts['aux']).item(), rel=1e-6)
+
+
+def test_grouped_experts_equal_the_loop():
+    torch.manual_seed(0)
+    results = {}
+    for impl in ('loop', 'grouped'):
+        model = build(MLA, MOE, moe_impl=impl, n_group=2, topk_group=1).train()
+        x = torch.randint(0, 64, (3, 20))
+        _, loss = model(x, x)
+        loss.backward()
+        results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None})
+    torch.testing.assert_close(results['loop'][0], results['grouped'][0])
+    for n, g in results['loop'][1].items():
+        torch.testing.assert_close(results['grouped'][1][n], g, atol=1e-6, rtol=1e-5)
+
+
+def test_dense_first_layers_and_shared_experts():
+    model = build(MLA, MOE, first_k_dense_replace=2)
+    kinds = [type(layer.mlp).__name__ for layer in model.layers]
+    assert kinds == ['MLP', 'MLP', 'MoE']
+    assert model.layers[2].mlp.shared_experts.up_proj.weight.shape == (16, 32)
+
+
+# --- multi-token prediction ----------------------------------------------------------------
+
+def test_mtp_loss_and_targets():
+    model = build(MLA, mtp_depth=2, mtp_loss_weight=0.5).train()
+    idx = torch.randint(0, 64, (2, 16))
+    targets = torch.roll(idx, -1, 1)
+    _, loss = model(idx, targets)
+    parts = model.last_losses
+    assert loss.item() == pytest.approx((parts['lm'] + 0.5 * parts['mtp']).item(), rel=1e-6)
+    # depth 1 by hand: [enorm(emb(t_{i+1})) ; hnorm(h_i)] -> block -> head, target t_{i+2}
+    with torch.no_grad():
+        x = model.tok_emb(idx)
+        rope = model.rope(torch.arange(16))
+        for layer in model.layers:
+            x, _ = layer(x, rope)
+        m = model.mtp[0]
+        h, _ = m(x[:, :15], model.tok_emb(idx[:, 1:]), (rope[0][:15], rope[1][:15]), (None, True))
+        loss1 = F.cross_entropy(model.lm_head(m.norm(h)).reshape(-1, 64), targets[:, 1:].reshape(-1))
+        h2, _ = model.mtp[1](h[:, :14], model.tok_emb(idx[:, 2:]), (rope[0][:14], rope[1][:14]), (None, True))
+        loss2 = F.cross_entropy(model.lm_head(model.mtp[1].norm(h2)).reshape(-1, 64), targets[:, 2:].reshape(-1))
+    assert parts['mtp'].item() == pytest.approx(((loss1 + loss2) / 2).item(), rel=1e-5)
+
+
+def test_mtp_is_off_at_generation_and_evaluation():
+    with_mtp = build(MLA, mtp_depth=1)
+    without = build(MLA)
+    without.load_state_dict({k: v for k, v in with_mtp.state_dict().items() if not k.startswith('mtp.')})
+    idx = torch.randint(0, 64, (2, 8))
+    assert torch.equal(with_mtp.generate(idx, 10, temperature=0), without.generate(idx, 10, temperature=0))
+    _, l1 = with_mtp(idx, idx)
+    _, l2 = without(idx, idx)
+    assert l1.item() == l2.item() and 'mtp' not in with_mtp.last_losses
+
+
+# --- presets -------------------------------------------------------------------------------
+
+def hand_count(c, dense_layers, moe_layers):
+    """Parameters of a DeepSeek-V3-shaped model, counted term by term."""
+    H, C = c.n_head, c.n_embd
+    attn = (C * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+            + C * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+            + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.v_head_dim * C)
+    norms = 2 * C
+    dense = 3 * C * c.intermediate_size
+    expert = 3 * C * c.moe_intermediate_size
+    moe_total = c.n_routed_experts * expert + c.n_shared_experts * expert + c.n_routed_experts * C
+    moe_active = c.num_experts_per_tok * expert + c.n_shared_experts * expert + c.n_routed_experts * C
+    emb = c.vocab_size * C
+    total = 2 * emb + C + (dense_layers + moe_layers) * (attn + norms) + dense_layers * dense + moe_layers * moe_total
+    active = emb + C + (dense_layers + moe_layers) * (attn + norms) + dense_layers * dense + moe_layers * moe_active
+    return total, active
+
+
+@pytest.mark.parametrize('name,published_total,published_active,dense', [
+    ('deepseek_v3', 671e9, 37e9, 3),      # DeepSeek-V3 report: 671B total, 37B activated
+    ('kimi_k2', 1.04e12, 32e9, 1),        # Kimi-K2 report: 1.04T total, 32B activated
+])
+def test_real_size_presets(name, published_total, published_active, dense):
+    c = ModelConfig.from_preset(name)
+    n = count_params(c)                                   # built on the meta device
+    total, active = hand_count(c, dense, c.n_layer - dense)
+    assert (n['total'], n['active']) == (total, active)
+    assert abs(n['total'] / published_total - 1) < 0.015      # 671.0B; 1,026.4B (reported "1.04T")
+    assert round(n['active'] / 1e9) == published_active / 1e9  # 36.6B -> 37B; 31.7B -> 32B
+
+
+def test_other_presets():
+    assert count_params(ModelConfig.from_preset('gpt2'))['total'] == 124_475_904
+    assert round(count_params(ModelConfig.from_preset('llama3_8b'))['total'] / 1e9, 2) == 8.03
+    mix = count_params(ModelConfig.from_preset('mixtral_8x7b'))
+    assert round(mix['total'] / 1e9, 1) == 46.7 and round(mix['active'] / 1e9, 1) == 12.7
+    with pytest.raises(ValueError, match='unknown preset'):
+        ModelConfig.from_preset('gpt5')
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="set pos_emb='rope'"):
+        ModelConfig(attention='mla')
+    with pytest.raises(ValueError, match='num_experts_per_tok=9'):
+        ModelConfig(n_routed_experts=8, num_experts_per_tok=9)
+    with pytest.raises(ValueError, match='n_group'):
+        ModelConfig(n_routed_experts=8, n_group=3)
+    with pytest.raises(ValueError, match="rope_scaling type 'ntk'"):
+        ModelConfig(pos_emb='rope', rope_scaling={'type': 'ntk', 'factor': 2})

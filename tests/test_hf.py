@@ -1,0 +1,82 @@
+"""Parity with Hugging Face transformers' DeepseekV3ForCausalLM on the same weights, and the
+export / import round trip. Skips when transformers is not installed (.ci/run installs it)."""
+
+import json
+
+import pytest
+import torch
+
+from convert_hf import export_hf, import_hf, to_hf_config
+from model import GPT, ModelConfig
+
+transformers = pytest.importorskip('transformers')
+
+BASE = dict(vocab_size=96, block_size=64, n_layer=3, n_head=4, n_embd=32, attention='mla',
+            pos_emb='rope', norm='rmsnorm', norm_eps=1e-6, mlp='swiglu', bias=False,
+            tie_word_embeddings=False, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=12, intermediate_size=48)
+CONFIGS = {
+    # DeepSeek-V3 in miniature: q-LoRA, group-limited sigmoid routing, shared expert, a dense
+    # first layer, YaRN with different mscales, MTP
+    'deepseek': dict(q_lora_rank=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                     moe_intermediate_size=16, scoring_func='sigmoid', n_group=4, topk_group=2,
+                     routed_scaling_factor=2.5, first_k_dense_replace=1, mtp_depth=1,
+                     rope_scaling=dict(type='yarn', factor=4.0, original_max_position_embeddings=16,
+                                       beta_fast=32, beta_slow=1, mscale=0.8, mscale_all_dim=0.6)),
+    # Kimi-K2 in miniature: one group, more experts, no q-LoRA, tied head, YaRN beta 1/1
+    'kimi': dict(n_routed_experts=12, n_shared_experts=1, num_experts_per_tok=3, moe_intermediate_size=8,
+                 scoring_func='sigmoid', routed_scaling_factor=2.827, first_k_dense_replace=1,
+                 tie_word_embeddings=True, rope_theta=50000.0,
+                 rope_scaling=dict(type='yarn', factor=8.0, original_max_position_embeddings=8,
+                                   beta_fast=1, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+    'moe_no_shared_linear_rope': dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                      scoring_func='sigmoid', norm_topk_prob=False,
+                                      rope_scaling=dict(type='linear', factor=2.0)),
+    'dense_dynamic_rope': dict(q_lora_rank=12, rope_scaling=dict(type='dynamic', factor=2.0,
+                                                                 original_max_position_embeddings=16)),
+}
+
+
+def randomized(cfg):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**BASE, **cfg})).eval()
+    with torch.no_grad():                      # move every norm and router bias off its init
+        for name, p in model.named_parameters():
+            if name.endswith('norm.weight') or 'layernorm' in name:
+                p.add_(0.3 * torch.randn_like(p))
+        for m in model.moe_layers():
+            m.router.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_logits_equal_transformers(name, tmp_path):
+    model = randomized(CONFIGS[name])
+    export_hf(model, str(tmp_path), eot_id=95)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
+    idx = torch.randint(0, 96, (2, 40))          # 40 > the original context of the scalings
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f'{name}: max |logit difference| = {diff:.2e}')
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize('name', ['deepseek', 'kimi'])
+def test_export_import_round_trip(name, tmp_path):
+    model = randomized(CONFIGS[name])
+    export_hf(model, str(tmp_path))
+    back = import_hf(str(tmp_path))
+    assert back.config == model.config
+    sd, sd2 = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ['config.json', 'model.safetensors'] + (['mtp.safetensors'] if name == 'deepseek' else [])
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    assert cfg['model_type'] == 'deepseek_v3' and cfg['first_k_dense_replace'] == 1
+
+
+def test_export_refuses_what_deepseek_v3_cannot_express():
+    with pytest.raises(ValueError, match="attention='mha'.*scoring_func='softmax'"):
+        to_hf_config(ModelConfig(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False,
+                                 n_routed_experts=4, scoring_func='softmax'))
