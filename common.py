@@ -72,7 +72,7 @@ def _parse_value(key, raw, default):
                  f"('{key}' takes {type(default).__name__}, default {default!r})")
 
 
-def configure(namespace, argv=None, model_config=None, verbose=True):
+def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False):
     """Resolve a script's config in place and return it as a dict.
 
     `namespace` is the script's globals(): every public int/float/bool/str/tuple/list/dict/None
@@ -82,6 +82,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True):
     Then each config file named on the command line is executed over the values (a config file
     may read earlier values, e.g. `lr_decay_iters = max_iters`), then each --key=value.
     An unknown key or a value of the wrong type exits with one line naming the key.
+    With ignore_unknown_in_files, keys a config file sets that this script does not have are
+    skipped (so e.g. bench.py can read training configs); --key=value is always strict.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config = _config_keys(namespace)
@@ -108,6 +110,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True):
             for k, v in scope.items():
                 if k.startswith('_') or k.isupper() or not isinstance(v, _CONFIG_TYPES):
                     continue                               # imports, helpers, constants, private
+                if k not in valid and ignore_unknown_in_files:
+                    continue
                 if k not in valid:
                     sys.exit(f"error: config file {arg} sets unknown key '{k}'; "
                              f"valid keys: {', '.join(sorted(valid))}")

@@ -1,0 +1,215 @@
+"""
+Speed and memory of a model config: the training step (forward + backward + optimizer), prefill
+and decode, on random tokens; optionally transformers' DeepseekV3ForCausalLM with the same
+config and weights, timed the same way in the same process.
+
+$ python bench.py config/tinystories_moe.py
+$ python bench.py config/tinystories_moe.py --compare_hf=True
+$ python bench.py config/tinystories_moe.py --device=cpu --batch_size=4 --block_size=64 --moe_impl=loop
+
+Reports the median of `steps` timed repetitions after `warmup` untimed ones, synchronising the
+device around each. MFU = model FLOPs per second (active experts and attention, see
+GPT.flops_per_token) over the peak of a large bf16 matmul measured on this device.
+"""
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import configure, init_runtime, measure_peak_flops, model_config_from, synchronize
+from model import GPT, ModelConfig
+from optim import build_optimizer
+
+# -----------------------------------------------------------------------------
+batch_size = 64
+block_size = 512
+vocab_size = 50304
+optimizer = 'adamw'
+learning_rate = 1e-4            # small: the weights should stay sane while timing
+weight_decay = 0.1
+modes = 'train,prefill,decode'  # any of train, prefill, decode
+steps = 10                      # timed repetitions (median reported)
+warmup = 3
+decode_batches = (1, 64)        # batch sizes for decode timing
+decode_tokens = 128             # new tokens per decode timing
+prompt_len = 32
+compare_hf = False              # also time transformers' DeepseekV3ForCausalLM (needs transformers)
+compile = None                  # torch.compile the training step; None: on for CUDA
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+out_file = ''                   # write the results as JSON here
+# -----------------------------------------------------------------------------
+config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=True)
+rt = init_runtime(device, dtype, seed)
+cfg = model_config_from(config, ModelConfig)
+modes = [m.strip() for m in modes.split(',') if m.strip()]
+bad = [m for m in modes if m not in ('train', 'prefill', 'decode')]
+if bad:
+    sys.exit(f"error: modes={bad}; valid: train, prefill, decode")
+cuda = rt.device_type == 'cuda'
+if compile is None:
+    compile = cuda
+
+
+def timed(fn, n=steps, n_warmup=warmup):
+    """Median seconds of fn() over n runs after n_warmup, synchronised around each."""
+    for _ in range(n_warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        synchronize(rt.device_type)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(rt.device_type)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_gb():
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
+
+
+def reset_memory():
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_train(model, step_fn, flops_per_token):
+    reset_memory()
+    dt = timed(step_fn)
+    tok_s = batch_size * block_size / dt
+    return {'step_ms': 1000 * dt, 'tokens_per_sec': tok_s, 'mfu': flops_per_token * tok_s / peak,
+            'peak_mem_gb': peak_memory_gb()}
+
+
+def our_train_step(model, opt, x, y):
+    def step():
+        with rt.autocast():
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        raw.update_router_bias()
+    return step
+
+
+def hf_train_step(model, opt, x):
+    def step():
+        with rt.autocast():
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+torch.manual_seed(seed)
+raw = GPT(cfg).to(rt.device)
+peak = measure_peak_flops(rt.device_type, rt.dtype)
+print(f'{rt.device} ({torch.cuda.get_device_name() if cuda else "cpu"}), {rt.dtype}, torch {torch.__version__}; '
+      f'matmul peak {peak / 1e12:.1f} TFLOP/s; {raw.num_params() / 1e6:.1f}M parameters, '
+      f'{raw.active_params() / 1e6:.1f}M active; batch {batch_size} x {block_size}', flush=True)
+x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=rt.device)
+y = torch.roll(x, -1, 1)
+results = {'config': {k: v for k, v in config.items()}, 'device': rt.device, 'peak_flops': peak}
+flops = raw.flops_per_token(block_size)
+
+hf = None
+if compare_hf:
+    import transformers
+    from convert_hf import export_hf
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(raw, d)
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).to(rt.device)
+    print(f'transformers {transformers.__version__}: DeepseekV3ForCausalLM with the same weights', flush=True)
+
+if 'train' in modes:
+    raw.train()
+    model = torch.compile(raw) if compile else raw
+    opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type)
+    results['train'] = bench_train(raw, our_train_step(model, opt, x, y), flops)
+    print('train', results['train'], flush=True)
+    del opt, model
+    if hf is not None:
+        hf.train()
+        hopt = torch.optim.AdamW(hf.parameters(), lr=learning_rate, fused=cuda)
+        results['train_hf'] = bench_train(hf, hf_train_step(hf, hopt, x), flops)
+        print('train_hf', results['train_hf'], flush=True)
+        del hopt
+        hf.zero_grad(set_to_none=True)
+    raw.zero_grad(set_to_none=True)
+
+raw.eval()
+if hf is not None:
+    hf.eval()
+if 'prefill' in modes:
+    @torch.no_grad()
+    def prefill():
+        with rt.autocast():
+            raw(x, cache=raw.new_cache(batch_size, block_size, rt.device))
+    reset_memory()
+    dt = timed(prefill)
+    results['prefill'] = {'tokens_per_sec': batch_size * block_size / dt, 'ms': 1000 * dt,
+                          'peak_mem_gb': peak_memory_gb()}
+    print('prefill', results['prefill'], flush=True)
+
+if 'decode' in modes:
+    for B in decode_batches:
+        prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=rt.device)
+
+        @torch.no_grad()
+        def decode():
+            with rt.autocast():
+                for _ in raw.generate_tokens(prompt, decode_tokens, temperature=0):
+                    pass
+        reset_memory()
+        dt = timed(decode, n=max(3, steps // 3), n_warmup=1)
+        results[f'decode_b{B}'] = {'tokens_per_sec': B * decode_tokens / dt, 'peak_mem_gb': peak_memory_gb()}
+        print(f'decode batch {B}', results[f'decode_b{B}'], flush=True)
+        if hf is not None:
+            @torch.no_grad()
+            def hf_decode():
+                with rt.autocast():
+                    hf.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                                do_sample=False, use_cache=True, pad_token_id=0)
+            dt = timed(hf_decode, n=max(3, steps // 3), n_warmup=1)
+            results[f'decode_b{B}_hf'] = {'tokens_per_sec': B * decode_tokens / dt}
+            print(f'decode batch {B} (transformers)', results[f'decode_b{B}_hf'], flush=True)
+
+# --- the table --------------------------------------------------------------------------------
+rows = []
+if 'train' in results:
+    r = results['train']
+    mem = f", peak {r['peak_mem_gb']:.1f} GiB" if cuda else ''
+    rows.append(('train tokens/s', f"{r['tokens_per_sec']:,.0f}",
+                 f"MFU {100 * r['mfu']:.1f}%, step {r['step_ms']:.1f} ms{mem}"))
+if 'train_hf' in results:
+    r, ours = results['train_hf'], results['train']
+    rows.append(('train tokens/s (transformers)', f"{r['tokens_per_sec']:,.0f}",
+                 f"MFU {100 * r['mfu']:.1f}%; ours / transformers = {ours['tokens_per_sec'] / r['tokens_per_sec']:.1f}x"))
+if 'prefill' in results:
+    rows.append(('prefill tokens/s', f"{results['prefill']['tokens_per_sec']:,.0f}", ''))
+for B in decode_batches:
+    if f'decode_b{B}' in results:
+        r = results[f'decode_b{B}']
+        note = ''
+        if f'decode_b{B}_hf' in results:
+            h = results[f'decode_b{B}_hf']['tokens_per_sec']
+            note = f'transformers {h:,.0f}; ours / transformers = {r["tokens_per_sec"] / h:.1f}x'
+        rows.append((f'decode tokens/s, batch {B}', f"{r['tokens_per_sec']:,.0f}", note))
+print()
+print(f"| {'measure':32s} | {'value':>12s} | notes |")
+print(f"| {'-' * 32} | {'-' * 12} | ----- |")
+for name, value, note in rows:
+    print(f'| {name:32s} | {value:>12s} | {note} |')
+if out_file:
+    os.makedirs(os.path.dirname(out_file) or '.', exist_ok=True)
+    with open(out_file, 'w') as f:
+        json.dump(results, f, indent=2, default=str)
