@@ -564,7 +564,7 @@ class RunLog:
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def plot(self, keys=('train/loss', 'val/loss'), name='loss.png', title=''):
+    def plot(self, keys=('train/loss', 'val/loss'), name='loss.png', title='', ylabel='loss (nats/token)'):
         """A PNG of the given metrics against step; skipped quietly without matplotlib."""
         if not self.enabled:
             return None
@@ -582,7 +582,7 @@ class RunLog:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=k, marker='o' if len(pts) < 30 else None, markersize=3)
         ax.set_xlabel('step')
-        ax.set_ylabel('loss (nats/token)')
+        ax.set_ylabel(ylabel)
         ax.set_title(title or os.path.basename(os.path.normpath(self.out_dir)))
         ax.grid(alpha=0.3)
         ax.legend()

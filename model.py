@@ -427,7 +427,33 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # Attention
 
-class CausalSelfAttention(nn.Module):
+class QKClipStats:
+    """What QK-Clip (Kimi-K2 report, section 2.1) needs from an attention module: with
+    `track_max_logit` on, each training forward records per head the largest pre-softmax logit
+    max_{t,l} q_t . k_l * scale over the batch (the masked entries excluded) into `max_logit`;
+    `rescale_qk_(gamma)` multiplies head h's logits by gamma[h] by rescaling its weights."""
+    track_max_logit = False
+
+    def _init_max_logit(self, n_head):
+        self.register_buffer('max_logit', torch.full((n_head,), float('-inf')), persistent=False)
+
+    @torch.no_grad()
+    def _record_max_logit(self, q, k, attn_mask, is_causal):
+        """q: (B, H, T, D), k: (B, H or Hkv, L, D): one extra q k^T, kept in the compute dtype."""
+        if k.size(1) != q.size(1):
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        s = torch.matmul(q, k.transpose(-2, -1))                               # (B, H, T, L)
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float('-inf'))
+        elif is_causal:
+            T, L = s.shape[-2:]
+            keep = torch.ones(T, L, dtype=torch.bool, device=s.device).tril(L - T)
+            s = s.masked_fill(~keep, float('-inf'))
+        m = s.amax(dim=(0, 2, 3)).float() * self.scale                         # scale > 0
+        self.max_logit.copy_(torch.maximum(self.max_logit, m))
+
+
+class CausalSelfAttention(QKClipStats, nn.Module):
     """Multi-head attention; with n_kv_head < n_head each key/value head is shared by a group of
     n_head / n_kv_head query heads (GQA, Ainslie et al. 2023; MQA when n_kv_head = 1).
     softmax(q k^T / sqrt(D) + mask) v through F.scaled_dot_product_attention."""
@@ -444,6 +470,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj.residual = True                     # scaled init (see GPT._init_weights)
         self.dropout = config.dropout
         self.scale = softmax_scale(config)
+        self._init_max_logit(self.n_head)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
@@ -456,14 +483,31 @@ class CausalSelfAttention(nn.Module):
             k = cache.update(self.layer_idx, 'k', k, dim=2)                             # (B, Hkv, L, D)
             v = cache.update(self.layer_idx, 'v', v, dim=2)
         attn_mask, is_causal = mask
+        if self.track_max_logit and self.training:
+            self._record_max_logit(q, k, attn_mask, is_causal)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)                                   # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
+    @torch.no_grad()
+    def rescale_qk_(self, gamma):
+        """Multiply head h's logits q_h . k by gamma[h] (<= 1). With GQA a key head serves a group
+        of query heads, so it takes sqrt(min gamma of its group) and each query head the rest,
+        gamma[h] / sqrt(min): every head's logits scale by exactly its own gamma, and heads of
+        the group that did not exceed tau keep their logits."""
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        g = gamma.to(self.q_proj.weight.dtype).view(Hkv, H // Hkv)
+        k_scale = g.min(dim=1).values.sqrt()                                  # (Hkv,)
+        q_scale = (g / k_scale[:, None]).reshape(H)                           # (H,)
+        for proj, scale, n in ((self.q_proj, q_scale, H), (self.k_proj, k_scale, Hkv)):
+            proj.weight.view(n, D, -1).mul_(scale.view(n, 1, 1))
+            if proj.bias is not None:
+                proj.bias.view(n, D).mul_(scale.view(n, 1))
 
-class MLAttention(nn.Module):
+
+class MLAttention(QKClipStats, nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2, section 2.1; V3, section 2.1.1).
 
     Keys and values come from one small latent per token, c = RMSNorm(W_dkv x) (kv_lora_rank
@@ -497,6 +541,7 @@ class MLAttention(nn.Module):
         self.o_proj.residual = True
         self.dropout = config.dropout
         self.scale = softmax_scale(config)
+        self._init_max_logit(H)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
@@ -515,6 +560,8 @@ class MLAttention(nn.Module):
             k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)                     # (B, H, T, .)
             k = torch.cat([k_nope, k_rope[:, None].expand(B, H, T, self.d_rope)], dim=-1)
             q = torch.cat([q_nope, q_rope], dim=-1)
+            if self.track_max_logit and self.training:
+                self._record_max_logit(q, k, attn_mask, is_causal)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                scale=self.scale, dropout_p=dropout)   # (B, H, T, Dv)
         else:                                               # absorb: attend over the latents
@@ -530,6 +577,18 @@ class MLAttention(nn.Module):
                                                dropout_p=dropout, enable_gqa=True)    # (B, H, T, r)
             y = torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                    # W_uv (a . c)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
+
+    @torch.no_grad()
+    def rescale_qk_(self, gamma):
+        """Multiply head h's logits by gamma[h] as the Kimi-K2 report does for MLA: the head's
+        q_nope and k_nope rows by sqrt(gamma) (their product carries gamma), its q_rope rows by
+        gamma, and the shared k_rope (used by every head) not at all."""
+        H, dn = self.n_head, self.d_nope
+        g = gamma.to(self.kv_b_proj.weight.dtype).view(H, 1, 1)
+        w_q = (self.q_proj if hasattr(self, 'q_proj') else self.q_b_proj).weight.view(H, dn + self.d_rope, -1)
+        w_q[:, :dn].mul_(g.sqrt())                                            # q_nope
+        w_q[:, dn:].mul_(g)                                                   # q_rope
+        self.kv_b_proj.weight.view(H, dn + self.d_v, -1)[:, :dn].mul_(g.sqrt())   # k_nope
 
 
 # -----------------------------------------------------------------------------
@@ -887,6 +946,16 @@ class GPT(nn.Module):
                 m.router.e_score_correction_bias += speed * torch.sign(load.mean() - load)
             m.tokens_per_expert.zero_()
         return loads
+
+    # --- QK-Clip bookkeeping ----------------------------------------------------------------
+    def attention_modules(self):
+        return [m for m in self.modules() if isinstance(m, QKClipStats)]
+
+    def track_max_logits(self, on=True):
+        """Record each head's largest attention logit in training forwards (costs one extra
+        q k^T per layer). Set before torch.compile: the flag is read at trace time."""
+        for m in self.attention_modules():
+            m.track_max_logit = on
 
     # --- accounting -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings=False):

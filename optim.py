@@ -1,15 +1,110 @@
 """
-Optimizers for every training stage: AdamW with decoupled weight decay on the right parameters.
+Optimizers for every training stage:
 
-build_optimizer(model, name, ...) returns a torch optimizer whose param groups carry 'base_lr';
-set_lr(optimizer, lr_now / learning_rate) applies the schedule to every group.
+  adamw     AdamW (Loshchilov & Hutter 2019), weight decay on matrices only
+  muon      Muon (Jordan et al. 2024) on the hidden layers' matrices, with Moonlight's update
+            scale (Liu et al. 2025) so AdamW's learning rate and weight decay carry over; AdamW
+            for embeddings, the output head, norms and biases
+  muonclip  Muon + QK-Clip (Kimi-K2 report, 2025): after each step, every attention head whose
+            largest logit q.k exceeded qk_clip_tau has its query/key weights scaled back
+
+build_optimizer(model, name, ...) returns one torch optimizer whose param groups carry
+'base_lr'; set_lr(optimizer, lr_now / learning_rate) applies the schedule to every group.
+qk_clip(model, tau) runs after optimizer.step() (train.py does it when optimizer='muonclip').
 """
 
 import inspect
+import math
 
 import torch
 
-OPTIMIZERS = ('adamw',)
+OPTIMIZERS = ('adamw', 'muon', 'muonclip')
+
+# the quintic Newton-Schulz coefficients of Muon: a fast rise of small singular values toward 1
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G, steps=5, eps=1e-7):
+    """Approximately orthogonalise G (..., m, n): return ~U V^T where G = U S V^T, i.e. G with
+    every singular value moved near 1 (in roughly [0.7, 1.2], see tests). Each iteration
+        X <- a X + b (X X^T) X + c (X X^T)^2 X
+    applies p(s) = a s + b s^3 + c s^5 to the singular values; after scaling G to spectral norm
+    <= 1 (by its Frobenius norm), 5 iterations push them all into that band. Runs in bf16, on
+    the wide orientation (m <= n) so X X^T is the smaller Gram matrix; leading dimensions are a
+    batch (one matrix per expert)."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def muon_update_scale(shape):
+    """Moonlight: 0.2 * sqrt(max(fan_out, fan_in)) gives the orthogonalised update the RMS of a
+    typical AdamW update (about 0.2), so the same learning rate and weight decay work."""
+    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def is_muon_param(name, p):
+    """Muon takes the matrices of the hidden layers (2-D weights, and 3-D expert stacks, one
+    matrix per expert); AdamW keeps embeddings, the output head, norms and biases."""
+    return p.ndim >= 2 and not name.startswith(('tok_emb.', 'pos_emb.', 'lm_head.'))
+
+
+class Muon(torch.optim.Optimizer):
+    """One optimizer, two update rules chosen per param group by group['use_muon'].
+
+    Muon group (momentum mu, Nesterov):   M <- mu M + G;   U = G + mu M (Nesterov) or M
+        W <- W - lr * (wd * W + muon_update_scale * NewtonSchulz(U))
+    AdamW group (betas, eps):   the usual AdamW with bias correction and decoupled decay."""
+
+    def __init__(self, param_groups, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_steps=5, betas=(0.9, 0.95), eps=1e-8):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, betas=tuple(betas), eps=eps, use_muon=False)
+        super().__init__(param_groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group['lr'], group['weight_decay']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if group['use_muon']:
+                    if 'momentum_buffer' not in state:
+                        state['momentum_buffer'] = torch.zeros_like(g)
+                    m = state['momentum_buffer']
+                    m.mul_(group['momentum']).add_(g)                        # M <- mu M + G
+                    u = g.add(m, alpha=group['momentum']) if group['nesterov'] else m
+                    o = newton_schulz(u, group['ns_steps']).to(p.dtype)
+                    p.mul_(1 - lr * wd)                                       # decoupled decay
+                    p.add_(o, alpha=-lr * muon_update_scale(p.shape))
+                else:
+                    beta1, beta2 = group['betas']
+                    if 'step' not in state:
+                        state['step'] = torch.zeros((), dtype=torch.float32)
+                        state['exp_avg'] = torch.zeros_like(p)
+                        state['exp_avg_sq'] = torch.zeros_like(p)
+                    state['step'] += 1
+                    t = state['step'].item()
+                    state['exp_avg'].lerp_(g, 1 - beta1)                      # m <- b1 m + (1-b1) g
+                    state['exp_avg_sq'].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (state['exp_avg_sq'] / (1 - beta2 ** t)).sqrt_().add_(group['eps'])
+                    p.mul_(1 - lr * wd)
+                    p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - beta1 ** t))
+        return loss
 
 
 def adamw_param_groups(params, weight_decay):
@@ -22,15 +117,23 @@ def adamw_param_groups(params, weight_decay):
 
 
 def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                    eps=1e-8, device_type='cpu'):
+                    eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5):
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer='{name}'; valid: {', '.join(OPTIMIZERS)}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = adamw_param_groups(params, weight_decay)
-    extra = {}
-    if device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters:
-        extra['fused'] = True                       # one kernel for all parameters
-    opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, **extra)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if name == 'adamw':
+        groups = adamw_param_groups([p for _, p in named], weight_decay)
+        extra = {}
+        if device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters:
+            extra['fused'] = True                   # one kernel for all parameters
+        opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, **extra)
+    else:
+        muon = [p for n, p in named if is_muon_param(n, p)]
+        rest = [p for n, p in named if not is_muon_param(n, p)]
+        groups = [{'params': muon, 'use_muon': True, 'weight_decay': weight_decay}]
+        groups += [dict(g, use_muon=False) for g in adamw_param_groups(rest, weight_decay)]
+        opt = Muon(groups, lr=learning_rate, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                   betas=betas, eps=eps)
     for g in opt.param_groups:
         g['base_lr'] = learning_rate
     return opt
@@ -40,3 +143,35 @@ def set_lr(optimizer, scale):
     """lr of every group = its base_lr * scale (the schedule's lr_now / learning_rate)."""
     for g in optimizer.param_groups:
         g['lr'] = g['base_lr'] * scale
+
+
+@torch.no_grad()
+def max_logits(model, reset=True, reduce=None):
+    """(n_attention_layers, n_head) largest attention logits recorded since the last reset
+    (reduced across ranks by `reduce`, e.g. an all-reduce with MAX), or None if not tracked."""
+    mods = model.attention_modules()
+    if not mods or not mods[0].track_max_logit:
+        return None
+    m = torch.stack([a.max_logit for a in mods])
+    if reduce is not None:
+        reduce(m)
+    if reset:
+        for a in mods:
+            a.max_logit.fill_(float('-inf'))
+    return m
+
+
+@torch.no_grad()
+def qk_clip(model, tau=100.0, reduce=None):
+    """QK-Clip, after optimizer.step(): for every head whose recorded max logit S exceeded tau,
+    gamma = tau / S and the head's query/key weights are rescaled so its logits shrink by gamma
+    (see each attention module's rescale_qk_). Under DDP pass reduce= an all-reduce(MAX) so every
+    replica clips identically. Returns (max logits before clipping, number of heads clipped as a
+    0-d tensor, so the step needs no host sync)."""
+    m = max_logits(model, reset=True, reduce=reduce)
+    if m is None:
+        raise RuntimeError('qk_clip needs model.track_max_logits(True) before the forward passes')
+    gamma = torch.where(m > tau, tau / m, torch.ones_like(m))
+    for a, g in zip(model.attention_modules(), gamma):
+        a.rescale_qk_(g)
+    return m, (m > tau).sum()

@@ -23,7 +23,7 @@ from common import (RunLog, TokenData, capture_rng_state, close_runtime, configu
                     load_checkpoint, load_tokenizer_spec, lr_at, measure_peak_flops,
                     model_config_from, restore_rng_state, save_checkpoint, synchronize)
 from model import GPT, ModelConfig
-from optim import build_optimizer, set_lr
+from optim import build_optimizer, max_logits, qk_clip, set_lr
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -44,13 +44,16 @@ gradient_accumulation_steps = 1
 vocab_size = 0               # 0: the dataset's vocabulary, padded up to a multiple of 64
 block_size = 256
 # optimizer
-optimizer = 'adamw'
-learning_rate = 6e-4
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip' (Muon + QK-Clip)
+learning_rate = 6e-4         # Muon's update is scaled to AdamW's RMS, so one rate serves both
 min_lr = 6e-5
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0              # clip the global gradient norm; 0 disables
+muon_momentum = 0.95
+qk_clip_tau = 100.0          # muonclip: heads whose max logit exceeds this are scaled back to it
+log_max_logit = False        # record and log the max attention logit per layer (on with muonclip)
 # schedule
 lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
 warmup_iters = 100
@@ -122,8 +125,13 @@ if master:
     print(f'model: {model.num_params() / 1e6:.2f}M parameters, '
           f'{model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token (training)')
 
-optim = build_optimizer(model, optimizer, learning_rate, weight_decay, (beta1, beta2),
-                        device_type=rt.device_type)
+try:
+    optim = build_optimizer(model, optimizer, learning_rate, weight_decay, (beta1, beta2),
+                            device_type=rt.device_type, momentum=muon_momentum)
+except ValueError as e:
+    sys.exit(f'error: {e}')
+track_logits = optimizer == 'muonclip' or log_max_logit
+model.track_max_logits(track_logits)                  # before torch.compile traces the flag
 step, best_val_loss = 0, float('inf')
 if init_from == 'resume':
     base_lrs = [g['base_lr'] for g in optim.param_groups]
@@ -202,6 +210,7 @@ expert_share, last_heatmap_step = None, step          # MoE load shares summed b
 x, y = get_batch('train', step, 0)
 t_last, steps_since = time.perf_counter(), 0
 expert_load = None                                    # (MoE layers, experts) tokens since the last log
+logit_max, clipped_heads = None, torch.zeros((), device=rt.device, dtype=torch.long)
 while True:
     lr = lr_at(step, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule, decay_frac)
     set_lr(optim, lr / learning_rate)
@@ -217,6 +226,8 @@ while True:
         bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                   f"val ppl {metrics['val/ppl']:.2f}, val bpb {bpb:.4f}")
         log.plot(keys=('train/loss', 'train/eval_loss', 'val/loss'))
+        if track_logits:
+            log.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
         if expert_share is not None:
             log.heatmap(expert_share / expert_share.sum(1, keepdim=True), 'expert_load.png',
                         title=f'share of routed tokens per expert, steps {last_heatmap_step}-{step}')
@@ -252,6 +263,16 @@ while True:
     loads = raw_model.update_router_bias(reduce=torch.distributed.all_reduce if rt.ddp else None)
     if loads is not None:
         expert_load = loads if expert_load is None else expert_load + loads
+    # QK-Clip: heads whose largest logit passed qk_clip_tau get their q/k weights scaled back
+    if track_logits:
+        reduce_max = (lambda t: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)) \
+            if rt.ddp else None
+        if optimizer == 'muonclip':
+            logits_now, n_clipped = qk_clip(raw_model, qk_clip_tau, reduce=reduce_max)
+            clipped_heads += n_clipped
+        else:
+            logits_now = max_logits(raw_model, reduce=reduce_max)
+        logit_max = logits_now if logit_max is None else torch.maximum(logit_max, logits_now)
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum),
                                  torch.tensor(step, device=rt.device), first_bad_step)
     step += 1
@@ -281,6 +302,13 @@ while True:
             share = (expert_load / expert_load.sum(1, keepdim=True).clamp(min=1)).cpu()
             expert_share = share if expert_share is None else expert_share + share
             expert_load = None
+        if logit_max is not None:
+            per_layer = logit_max.max(1).values.tolist()      # the largest head of each layer
+            row['attn/max_logit'] = [round(v, 2) for v in per_layer]
+            row['attn/max_logit_all'] = max(per_layer)
+            row['qk_clip/clipped_heads'] = int(clipped_heads)
+            logit_max = None
+            clipped_heads.zero_()
         log.log(step, **row)
         bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f'{tok_s:,.0f}', mfu=f'{100 * mfu:.1f}%',
                         refresh=False)

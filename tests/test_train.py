@@ -28,12 +28,14 @@ MOE_MLA = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu'
            '--mtp_depth=1']
 
 
-@pytest.mark.parametrize('arch', ['dense', 'moe'])
+@pytest.mark.parametrize('arch', ['dense', 'moe', 'muonclip'])
 def test_resume_continues_exactly(tmp_path, byte_data, arch):
     model = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--dropout=0.1',
              '--gradient_accumulation_steps=2']                    # dropout: RNG state must resume too
     if arch == 'moe':                                              # router biases must resume too
         model = MOE_MLA + ['--dropout=0.1', '--gradient_accumulation_steps=2']
+    if arch == 'muonclip':                                         # Muon momentum, clipped weights
+        model += ['--optimizer=muonclip', '--qk_clip_tau=0.5', '--learning_rate=0.01']
     train(tmp_path, byte_data, 'straight', '--max_iters=20', *model)
     train(tmp_path, byte_data, 'split', '--max_iters=10', *model)
     assert load_checkpoint(str(tmp_path / 'split'))['step'] == 10
@@ -139,3 +141,16 @@ def test_moe_training_logs_balance_and_mtp(tmp_path, byte_data):
     bias = ckpt['model']['layers.1.mlp.router.e_score_correction_bias']
     assert bias.abs().sum() > 0                                    # the balancing bias moved
     assert (tmp_path / 'moe' / 'expert_load.png').exists() or not _has_matplotlib()
+
+
+def test_muonclip_logs_max_logits_and_clipped_heads(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'mc', '--max_iters=6', '--optimizer=muonclip', '--qk_clip_tau=0.01',
+          '--learning_rate=0.01', *MOE_MLA)
+    rows = [json.loads(line) for line in open(tmp_path / 'mc' / 'log.jsonl')]
+    steps = [r for r in rows if 'train/loss' in r]
+    assert all(len(r['attn/max_logit']) == 3 for r in steps)      # 2 layers + the MTP block
+    assert steps[0]['qk_clip/clipped_heads'] == 3 * 2                # at first every head is over 0.01
+    assert all(r['attn/max_logit_all'] < 1.0 for r in steps[1:])     # then they are held near tau
+    assert (tmp_path / 'mc' / 'max_logit.png').exists() or not _has_matplotlib()
+    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--optimizer=lion', check=False)
+    assert "optimizer='lion'; valid: adamw, muon, muonclip" in p.stderr
