@@ -34,6 +34,7 @@ eval_interval = 250          # evaluate (and checkpoint) every N steps, and at t
 eval_iters = 50              # batches per split in an evaluation
 log_interval = 10            # log and refresh the progress bar every N steps
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
+save_checkpoints = True      # False: write no checkpoint at all (sweeps, benchmarks)
 eval_only = False
 # data
 dataset = 'tinystories'      # data/<dataset>/ written by prepare/<dataset>.py
@@ -234,7 +235,7 @@ while True:
             expert_share, last_heatmap_step = None, step
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if step > 0 and not eval_only:
+            if step > 0 and not eval_only and save_checkpoints:
                 save_checkpoint(out_dir, checkpoint(metrics))
     if eval_only or step == max_iters:
         break
@@ -321,6 +322,7 @@ if bad >= 0:
              f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)'))
 if master and not eval_only:
     path = log.plot(keys=('train/loss', 'train/eval_loss', 'val/loss'))
-    print(f'done: {step} steps; checkpoint in {out_dir}/ckpt.pt' + (f', loss curve {path}' if path else ''))
+    print(f'done: {step} steps' + (f'; checkpoint in {out_dir}/ckpt.pt' if save_checkpoints else '')
+          + (f', loss curve {path}' if path else ''))
 log.close()
 close_runtime(rt)
