@@ -181,8 +181,8 @@ def init_runtime(device='auto', dtype='auto', seed=1337):
             device = 'mps'
         else:
             device = 'cpu'
-    if device == 'cuda' and ddp:
-        device = f'cuda:{local_rank}'
+    if device == 'cuda':
+        device = f'cuda:{local_rank}'                  # set_device needs the index (torch 2.11)
     device_type = device.split(':')[0]
     if device_type == 'cuda':
         if not torch.cuda.is_available():
