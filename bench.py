@@ -44,6 +44,7 @@ device = 'auto'
 dtype = 'auto'
 seed = 1337
 out_file = ''                   # write the results as JSON here
+profile = ''                    # write torch.profiler tables (top kernels per mode) to this file
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=True)
 rt = init_runtime(device, dtype, seed)
@@ -69,6 +70,22 @@ def timed(fn, n=steps, n_warmup=warmup):
         synchronize(rt.device_type)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def profiled(name, fn):
+    """One more run of fn under torch.profiler; its top operations by device time go to `profile`."""
+    if not profile:
+        return
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        fn()
+        synchronize(rt.device_type)
+    sort = 'cuda_time_total' if cuda else 'cpu_time_total'
+    with open(profile, 'a') as f:
+        f.write(f'\n=== {name} ===\n')
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
 def peak_memory_gb():
@@ -135,6 +152,7 @@ if 'train' in modes:
     model = torch.compile(raw) if compile else raw
     opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type)
     results['train'] = bench_train(raw, our_train_step(model, opt, x, y), flops)
+    profiled('train step', our_train_step(model, opt, x, y))
     print('train', results['train'], flush=True)
     del opt, model
     if hf is not None:
@@ -172,6 +190,7 @@ if 'decode' in modes:
         reset_memory()
         dt = timed(decode, n=max(3, steps // 3), n_warmup=1)
         results[f'decode_b{B}'] = {'tokens_per_sec': B * decode_tokens / dt, 'peak_mem_gb': peak_memory_gb()}
+        profiled(f'decode batch {B} ({decode_tokens} tokens)', decode)
         print(f'decode batch {B}', results[f'decode_b{B}'], flush=True)
         if hf is not None:
             @torch.no_grad()
