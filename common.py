@@ -72,13 +72,15 @@ def _parse_value(key, raw, default):
                  f"('{key}' takes {type(default).__name__}, default {default!r})")
 
 
-def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False):
+def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False,
+              defaults=None):
     """Resolve a script's config in place and return it as a dict.
 
     `namespace` is the script's globals(): every public int/float/bool/str/tuple/list/dict/None
     value in it is a config key. `model_config` (a dataclass such as model.ModelConfig) adds
     its fields as keys too, with the dataclass defaults unless the script set its own, so
-    `--n_layer=4` works in every training script without repeating the model's fields.
+    `--n_layer=4` works in every training script without repeating the model's fields;
+    `defaults` (e.g. training_defaults()) adds shared keys the same way.
     Then each config file named on the command line is executed over the values (a config file
     may read earlier values, e.g. `lr_decay_iters = max_iters`), then each --key=value.
     An unknown key or a value of the wrong type exits with one line naming the key.
@@ -87,6 +89,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config = _config_keys(namespace)
+    for k, v in (defaults or {}).items():                  # shared defaults (training_defaults())
+        config.setdefault(k, v)
     if model_config is not None:
         for f in fields(model_config):
             if f.name not in config:
@@ -655,3 +659,249 @@ def measure_peak_flops(device_type, dtype='bfloat16'):
             best = min(best, (time.perf_counter() - t0) / 4)
     _PEAK_CACHE[key] = 2 * n ** 3 / best
     return _PEAK_CACHE[key]
+
+
+# -----------------------------------------------------------------------------
+# The training loop every stage shares
+
+def training_defaults():
+    """The config keys of every training stage (train, sft, reward, dpo, ppo, grpo, distill), with
+    their defaults; a stage script sets its own value for any of them at module level first."""
+    # I/O
+    out_dir = 'out/run'
+    init_from = 'scratch'        # 'scratch' | 'resume' (continue out_dir) | 'out/RUN' (its weights)
+    eval_interval = 250          # evaluate (and checkpoint) every N steps, and at the end
+    eval_iters = 50              # batches per evaluation
+    log_interval = 10            # log and refresh the progress bar every N steps
+    always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
+    save_checkpoints = True      # False: write no checkpoint at all (sweeps, benchmarks)
+    eval_only = False            # evaluate once and exit
+    # batches
+    batch_size = 32              # sequences per micro-batch (per GPU)
+    gradient_accumulation_steps = 1
+    # optimizer
+    optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip' (Muon + QK-Clip)
+    learning_rate = 6e-4         # Muon's update is scaled to AdamW's RMS, so one rate serves both
+    min_lr = 6e-5
+    weight_decay = 0.1
+    beta1 = 0.9
+    beta2 = 0.95
+    grad_clip = 1.0              # clip the global gradient norm; 0 disables
+    muon_momentum = 0.95
+    qk_clip_tau = 100.0          # muonclip: heads whose max logit exceeds this are scaled back to it
+    log_max_logit = False        # record and log the max attention logit per layer (on with muonclip)
+    # schedule
+    lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
+    warmup_iters = 100
+    max_iters = 5000
+    lr_decay_iters = 0           # 0: max_iters
+    decay_frac = 0.2             # wsd: the share of lr_decay_iters spent decaying
+    # system
+    device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+    dtype = 'auto'               # 'auto' (bf16 on capable GPUs, else fp32) | 'float32' | 'bfloat16' | 'float16'
+    compile = None               # torch.compile the model; None: on for CUDA
+    seed = 1337
+    peak_flops = 0.0             # MFU denominator in FLOP/s; 0: measure with a large matmul
+    # logging
+    tensorboard = False
+    wandb_project = ''           # non-empty: log to this wandb project
+    run_name = ''
+    return dict(locals())
+
+
+def batch_generator(seed, step, micro_step, rank, stream=0):
+    """A torch.Generator that is a function of (seed, step, micro-step, rank, stream) alone, so a
+    resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro_step * 31 + rank
+                                         + stream * 7_777_777)
+
+
+class Trainer:
+    """The optimisation loop shared by every training stage.
+
+    The stage builds the model (and anything else it needs) and supplies two functions:
+        loss_fn(model, step, micro_step) -> the mean loss of that micro-batch (a tensor)
+        evaluate(model) -> {metric: float}; 'val/loss' (lower is better) decides the best model
+    run() then does, per step: the learning-rate schedule, gradient accumulation (all-reduce on
+    the last micro-step only under DDP), gradient clipping, the optimizer step (AdamW / Muon /
+    MuonClip with QK-Clip after it), the MoE router-bias update, NaN/inf detection (one host
+    sync per log_interval), logging (loss, parts, tokens/s, MFU, load imbalance, max logits) to
+    log.jsonl, a progress bar, evaluation + plots + atomic checkpoints every eval_interval, and an
+    exact resume (optimizer, RNG, step) with init_from='resume'."""
+
+    def __init__(self, config, rt, model, stage, tokenizer_spec, tokens_per_step, flops_per_token,
+                 resume=None, checkpoint_extra=None, trainable=None):
+        from optim import build_optimizer
+        c = self.c = config
+        self.rt, self.raw, self.stage, self.tok_spec = rt, model, stage, tokenizer_spec
+        self.tokens_per_step, self.extra = tokens_per_step, checkpoint_extra or {}
+        self.lr_decay_iters = c['lr_decay_iters'] or c['max_iters']
+        try:
+            self.optimizer = build_optimizer(trainable or model, c['optimizer'], c['learning_rate'],
+                                             c['weight_decay'], (c['beta1'], c['beta2']),
+                                             device_type=rt.device_type, momentum=c['muon_momentum'])
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        self.track_logits = c['optimizer'] == 'muonclip' or c['log_max_logit']
+        model.track_max_logits(self.track_logits)        # before torch.compile reads the flag
+        self.step, self.best_val_loss = 0, float('inf')
+        if resume is not None:
+            base_lrs = [g['base_lr'] for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(resume['optimizer'])
+            for g, base_lr in zip(self.optimizer.param_groups, base_lrs):
+                g['base_lr'] = base_lr                   # the config's rate wins over the saved one
+            self.step = resume['step']
+            self.best_val_loss = resume.get('best_val_loss', float('inf'))
+            restore_rng_state(resume['rng'])
+            if rt.master:
+                print(f"resuming {c['out_dir']} at step {self.step}")
+        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
+        compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
+        self.model = torch.compile(model) if compile_ else model
+        if rt.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+        self.log = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
+                          wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
+                          resume=c['init_from'] == 'resume')
+        self.peak = None
+        if rt.master and not c['eval_only']:
+            self.peak = c['peak_flops'] or measure_peak_flops(rt.device_type, rt.dtype)
+            print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s "
+                  f"({'given' if c['peak_flops'] else 'measured with a large matmul'})")
+        self.flops_per_step = flops_per_token * tokens_per_step
+        self.first_bad_step = torch.tensor(-1, device=rt.device)
+
+    def checkpoint(self, metrics):
+        return {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict(),
+                'tokenizer': self.tok_spec, 'stage': self.stage, 'step': self.step,
+                'optimizer': self.optimizer.state_dict(), 'config': self.c, 'metrics': metrics,
+                'best_val_loss': self.best_val_loss, 'rng': capture_rng_state(), **self.extra}
+
+    def nonfinite_step(self):
+        """The first step whose loss was NaN/inf (-1 if none), agreed by every rank. Syncs the host."""
+        bad = self.first_bad_step.clone()
+        if self.rt.ddp:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return int(bad)
+
+    def run(self, loss_fn, evaluate, plot_keys=('train/loss', 'val/loss')):
+        from tqdm import tqdm
+        from optim import max_logits, qk_clip, set_lr
+        c, rt, raw, log = self.c, self.rt, self.raw, self.log
+        dist = torch.distributed if rt.ddp else None
+        reduce_sum = dist.all_reduce if dist else None
+        reduce_max = (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if dist else None
+        bar = tqdm(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
+                   mininterval=1 if sys.stderr.isatty() else 30, desc=self.stage)
+        t_last, steps_since = time.perf_counter(), 0
+        expert_load = expert_share = logit_max = None     # MoE loads and max logits since the last log
+        clipped = torch.zeros((), device=rt.device, dtype=torch.long)
+        last_heatmap_step = self.step
+        while True:
+            step = self.step
+            lr = lr_at(step, c['learning_rate'], c['min_lr'], c['warmup_iters'], self.lr_decay_iters,
+                       c['lr_schedule'], c['decay_frac'])
+            set_lr(self.optimizer, lr / c['learning_rate'])
+
+            at_eval = step % c['eval_interval'] == 0 or step == c['max_iters']
+            if at_eval and self.nonfinite_step() >= 0:
+                break                                    # never evaluate or save a diverged model
+            if (at_eval or c['eval_only']) and rt.master:
+                raw.eval()
+                metrics = evaluate(self.model)
+                raw.train()
+                log.log(step, **metrics)
+                bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()
+                                                        if isinstance(v, float)))
+                log.plot(keys=plot_keys)
+                if self.track_logits:
+                    log.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
+                if expert_share is not None:
+                    log.heatmap(expert_share / expert_share.sum(1, keepdim=True), 'expert_load.png',
+                                title=f'share of routed tokens per expert, steps {last_heatmap_step}-{step}')
+                    expert_share, last_heatmap_step = None, step
+                val = metrics.get('val/loss', float('inf'))
+                if val < self.best_val_loss or c['always_save_checkpoint']:
+                    self.best_val_loss = min(self.best_val_loss, val)
+                    if step > 0 and not c['eval_only'] and c['save_checkpoints']:
+                        save_checkpoint(c['out_dir'], self.checkpoint(metrics))
+            if c['eval_only'] or step == c['max_iters']:
+                break
+
+            # forward / backward over the micro-batches, then one optimizer step
+            n_micro = c['gradient_accumulation_steps']
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(n_micro):
+                if rt.ddp:                               # all-reduce on the last micro-step only
+                    self.model.require_backward_grad_sync = micro == n_micro - 1
+                with rt.autocast():
+                    loss = loss_fn(self.model, step, micro) / n_micro
+                self.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if c['grad_clip'] > 0:
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), c['grad_clip'])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            # MoE: move the router biases toward equal load (aux-loss-free), keep loads for logging
+            loads = raw.update_router_bias(reduce=reduce_sum)
+            if loads is not None:
+                expert_load = loads if expert_load is None else expert_load + loads
+            # QK-Clip: heads whose largest logit passed qk_clip_tau get their q/k weights scaled back
+            if self.track_logits:
+                if c['optimizer'] == 'muonclip':
+                    now, n_clipped = qk_clip(raw, c['qk_clip_tau'], reduce=reduce_max)
+                    clipped += n_clipped
+                else:
+                    now = max_logits(raw, reduce=reduce_max)
+                logit_max = now if logit_max is None else torch.maximum(logit_max, now)
+            self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss_sum),
+                                              torch.tensor(step, device=rt.device), self.first_bad_step)
+            self.step = step = step + 1
+            steps_since += 1
+            bar.update(1)
+
+            if step % c['log_interval'] == 0 and self.nonfinite_step() >= 0:
+                break
+            if step % c['log_interval'] == 0 and rt.master:
+                lossf = loss_sum.item()                  # one host sync per log_interval steps
+                synchronize(rt.device_type)
+                dt = (time.perf_counter() - t_last) / steps_since
+                t_last, steps_since = time.perf_counter(), 0
+                row = {'train/loss': lossf, 'lr': lr, 'tokens_per_sec': self.tokens_per_step / dt,
+                       'mfu': self.flops_per_step / dt / self.peak, 'step_time_ms': 1000 * dt}
+                if c['grad_clip'] > 0:
+                    row['grad_norm'] = grad_norm.item()
+                for part, value in raw.last_losses.items():    # lm / aux / mtp, last micro-batch
+                    row[f'train/{part}_loss'] = value.item()
+                if expert_load is not None:
+                    # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
+                    imbalance = (expert_load.max(1).values / expert_load.mean(1).clamp(min=1e-9)).tolist()
+                    row['moe/max_imbalance'] = max(imbalance)
+                    row['moe/imbalance'] = [round(v, 3) for v in imbalance]
+                    share = (expert_load / expert_load.sum(1, keepdim=True).clamp(min=1)).cpu()
+                    expert_share = share if expert_share is None else expert_share + share
+                    expert_load = None
+                if logit_max is not None:
+                    per_layer = logit_max.max(1).values.tolist()      # the largest head of each layer
+                    row['attn/max_logit'] = [round(v, 2) for v in per_layer]
+                    row['attn/max_logit_all'] = max(per_layer)
+                    row['qk_clip/clipped_heads'] = int(clipped)
+                    logit_max = None
+                    clipped.zero_()
+                log.log(step, **row)
+                bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f"{row['tokens_per_sec']:,.0f}",
+                                mfu=f"{100 * row['mfu']:.1f}%", refresh=False)
+        bar.close()
+        bad = self.nonfinite_step()
+        if bad >= 0:
+            last = os.path.join(c['out_dir'], 'ckpt.pt')
+            sys.exit(f'error: the training loss became NaN/inf at step {bad}; stopped. '
+                     f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)'))
+        if rt.master and not c['eval_only']:
+            path = log.plot(keys=plot_keys)
+            print(f"done: {self.step} steps" + (f"; checkpoint in {c['out_dir']}/ckpt.pt" if c['save_checkpoints'] else '')
+                  + (f', loss curve {path}' if path else ''))
+        log.close()
