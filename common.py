@@ -241,15 +241,68 @@ def load_checkpoint(path, map_location='cpu'):
     return torch.load(p, map_location=map_location, weights_only=True)
 
 
-def load_model(path, device='cpu', ckpt=None):
-    """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint."""
+def load_model(path, device='cpu', ckpt=None, overrides=None):
+    """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint; `overrides` replace fields of
+    its ModelConfig that do not change the weights (e.g. {'dropout': 0.1})."""
     from model import GPT, ModelConfig
     from tokenizer import tokenizer_from_spec
     ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    model = GPT(ModelConfig(**ckpt['model_config']))
+    model = GPT(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
     model.load_state_dict(ckpt['model'])
     model.to(device)
     return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
+
+
+def load_chat_model(path, device='cpu', ckpt=None, overrides=None):
+    """(model, tokenizer, ckpt) ready for the chat template: the checkpoint's tokenizer with the
+    template's special tokens added if it lacks them, and the model's vocabulary grown (padded to
+    a multiple of 64) if those ids do not fit in it."""
+    from tokenizer import with_chat_tokens
+    model, tok, ckpt = load_model(path, device, ckpt, overrides)
+    if not tok.chat:
+        tok = with_chat_tokens(tok)
+    if tok.vocab_size > model.config.vocab_size:
+        model.resize_vocab(64 * math.ceil(tok.vocab_size / 64))
+    return model, tok, ckpt
+
+
+def chat_batch(rows, pad_id, T=None):
+    """(x, y) for a list of (ids, mask) pairs, e.g. from tok.encode_chat: x the tokens, y the next
+    token where the mask is on and -1 elsewhere (prompt, padding: no loss). Rows are right-padded
+    with pad_id, or cut, to T tokens (default: the longest row minus one)."""
+    T = T or max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        n = min(len(ids) - 1, T)
+        x[b, :n] = torch.tensor(ids[:n])
+        y[b, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:n + 1], mask[1:n + 1])])
+    return x, y
+
+
+@torch.no_grad()
+def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
+                  batch_size=32, autocast=contextlib.nullcontext, generator=None):
+    """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
+    KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
+    'text', and 'ended' (True if the model ended its turn with <|end|> or EOT)."""
+    device = next(model.parameters()).device
+    stops = tok.stop_ids()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        from model import pad_prompts
+        chunk = [tok.encode_chat(p)[0] for p in prompts[i:i + batch_size]]
+        idx, mask = pad_prompts(chunk, pad_id=tok.eot_id, device=device)
+        with autocast():
+            new = list(model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                             top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
+                                             prompt_mask=mask, generator=generator))
+        new = torch.stack(new, 1).tolist() if new else [[] for _ in chunk]
+        for row in new:
+            end = next((j for j, t in enumerate(row) if t in stops), None)
+            ids = row if end is None else row[:end]
+            out.append({'ids': ids, 'text': tok.decode(ids), 'ended': end is not None})
+    return out
 
 
 def capture_rng_state():

@@ -892,8 +892,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
         logits = self.lm_head(self.norm(x))                                    # (B, T, V)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                  ignore_index=-1)
+        lm_loss = masked_cross_entropy(logits, targets)
         loss, parts = lm_loss, {'lm': lm_loss.detach()}
         if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
             h, mtp_losses = x, []
@@ -905,8 +904,7 @@ class GPT(nn.Module):
                 if aux is not None:
                     aux_total = aux if aux_total is None else aux_total + aux
                 logits_k = self.lm_head(module.norm(h))
-                mtp_losses.append(F.cross_entropy(logits_k.float().view(-1, logits_k.size(-1)),
-                                                  targets[:, k:].reshape(-1), ignore_index=-1))
+                mtp_losses.append(masked_cross_entropy(logits_k, targets[:, k:]))
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + c.mtp_loss_weight * mtp_loss
             parts['mtp'] = mtp_loss.detach()
@@ -956,6 +954,28 @@ class GPT(nn.Module):
         q k^T per layer). Set before torch.compile: the flag is read at trace time."""
         for m in self.attention_modules():
             m.track_max_logit = on
+
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size):
+        """Grow the token embedding and the output head to `vocab_size` rows (e.g. for new special
+        tokens that do not fit in the padded vocabulary). Existing rows are kept; new embedding
+        rows start at the mean of the old ones and new head rows at zero, so the new tokens start
+        out neutral (Hewitt 2021)."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return
+        emb = nn.Embedding(vocab_size, self.config.n_embd).to(self.tok_emb.weight)
+        emb.weight[:old] = self.tok_emb.weight
+        emb.weight[old:] = self.tok_emb.weight.mean(0)
+        self.tok_emb = emb
+        head = nn.Linear(self.config.n_embd, vocab_size, bias=False).to(self.lm_head.weight)
+        if self.config.tie_word_embeddings:
+            head.weight = emb.weight
+        else:
+            head.weight[:old] = self.lm_head.weight
+            head.weight[old:] = 0
+        self.lm_head = head
+        self.config.vocab_size = vocab_size
 
     # --- accounting -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings=False):
@@ -1015,9 +1035,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        eot_id=None, vocab_limit=None, prompt_mask=None, generator=None):
-        """Yield the next token of every row, (B,), max_new_tokens times (fewer if every row
-        has emitted eot_id; finished rows then repeat eot_id). idx: (B, P) prompts, left-padded
+                        stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None):
+        """Yield the next token of every row, (B,), max_new_tokens times (fewer once every row
+        has emitted one of stop_ids, an id or a list of ids; a finished row then repeats the
+        first of them). idx: (B, P) prompts, left-padded
         where prompt_mask (B, P) is False. Keys and values are cached, so each step feeds one
         token. With a sliding window and relative positions (RoPE or none) the cache is a
         rolling buffer and generation runs on indefinitely in bounded memory; otherwise, when
@@ -1034,13 +1055,15 @@ class GPT(nn.Module):
         max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
         cache = self.new_cache(B, max_len, idx.device, valid)
         logits, _ = self(idx, cache=cache, last_only=True)
+        if stop_ids is not None:
+            stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
-            if eot_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
-                done = done | (nxt == eot_id)
+            if stop_ids is not None:
+                nxt = torch.where(done, stop[0], nxt)
+                done = done | torch.isin(nxt, stop)
             yield nxt
-            if eot_id is not None and bool(done.all()):
+            if stop_ids is not None and bool(done.all()):
                 return
             if not streaming and cache.pos == cache.capacity:   # window full: restart from the latest half
                 keep = max(1, bs // 2)
@@ -1059,6 +1082,14 @@ class GPT(nn.Module):
         """(B, P) prompts -> (B, P + n) prompts followed by n <= max_new_tokens new tokens."""
         new = list(self.generate_tokens(idx, max_new_tokens, **kw))
         return torch.cat([idx, torch.stack(new, 1)], dim=1) if new else idx
+
+
+def masked_cross_entropy(logits, targets):
+    """Mean cross entropy over the targets that are not -1, in float32; 0 (not NaN) when every
+    target is masked, as can happen in a window of prompt tokens during fine-tuning."""
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=-1, reduction='sum')
+    return total / (targets >= 0).sum().clamp(min=1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None, generator=None):

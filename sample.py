@@ -4,6 +4,10 @@ Generate text from any stage's checkpoint, printing tokens as they come.
 $ python sample.py --out_dir=out/shakespeare_char
 $ python sample.py --out_dir=out/tinystories_moe --start="Once upon a time" --num_samples=5
 $ python sample.py --out_dir=out/run --start=FILE:prompt.txt --temperature=0   # greedy
+$ python sample.py --out_dir=out/sft --start="Write a story that uses the words: dog, ball, happy."
+
+With a checkpoint whose tokenizer has the chat template (sft.py and later stages), --start is the
+user's turn and the answer ends at <|end|> (--chat=False continues raw text instead).
 """
 
 import sys
@@ -21,7 +25,8 @@ temperature = 0.8            # 0: greedy
 top_k = 200                  # keep the k most likely tokens (0: off)
 top_p = 1.0                  # nucleus sampling: the smallest set with this much probability (1.0: off)
 seed = 1337
-stop_at_eot = True           # end a sample at the end-of-text token
+stop_at_eot = True           # end a sample at the end-of-text token (or end of turn)
+chat = None                  # prompt with the chat template; None: if the checkpoint has one
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
@@ -47,21 +52,28 @@ model, tok, ckpt = load_model(out_dir, rt.device)
 model.eval()
 print(f"{out_dir}: {ckpt.get('stage', '?')} checkpoint at step {ckpt.get('step', '?')}, "
       f"{model.num_params() / 1e6:.1f}M parameters, {tok.kind} tokenizer", file=sys.stderr)
+chat = bool(tok.chat) if chat is None else chat
+if chat and not tok.chat:
+    sys.exit(f'error: chat=True but {out_dir} has no chat template (fine-tune it with sft.py first)')
 try:
-    prompt = [tok.eot_id] + tok.encode(start)    # documents follow EOT in the training data
+    if chat:
+        prompt = tok.encode_chat(start)[0]       # EOT <|user|> start <|end|> <|assistant|>
+    else:
+        prompt = [tok.eot_id] + tok.encode(start)    # documents follow EOT in the training data
 except ValueError as e:
     sys.exit(f'error: the prompt cannot be encoded: {e}')
+stops = (tok.stop_ids() if chat else [tok.eot_id]) if stop_at_eot else None
 idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
 gen = torch.Generator(device=rt.device).manual_seed(seed)
 
 for k in range(num_samples):
-    print(start, end='', flush=True)
+    print(f'[user] {start}\n[assistant] ' if chat else start, end='', flush=True)
     new, shown = [], ''
     with rt.autocast():
         for t in model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                       top_p=top_p, eot_id=tok.eot_id if stop_at_eot else None,
-                                       vocab_limit=tok.vocab_size, generator=gen):
-            if stop_at_eot and int(t[0]) == tok.eot_id:
+                                       top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
+                                       generator=gen):
+            if stops and int(t[0]) in stops:
                 break
             new.append(int(t[0]))
             text = tok.decode(new)

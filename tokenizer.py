@@ -19,6 +19,13 @@ One interface over five tokenizers:
 
 Regular tokens take ids 0..n_base-1; special tokens (EOT first) follow them, so special
 tokens added later (the chat template) never move an existing id.
+
+The chat template (with_chat_tokens adds its three special tokens to any tokenizer):
+
+    <|endoftext|><|user|>{prompt}<|end|><|assistant|>{response}<|end|>
+
+tok.encode_chat(prompt, response) gives the ids and a mask that is True on the response and
+its closing <|end|>, the tokens a fine-tuned model is trained to produce.
 """
 
 import base64
@@ -28,6 +35,7 @@ import sys
 from collections import Counter, defaultdict
 
 EOT = '<|endoftext|>'
+CHAT_TOKENS = {'user': '<|user|>', 'assistant': '<|assistant|>', 'end': '<|end|>'}
 
 
 class Tokenizer:
@@ -37,6 +45,7 @@ class Tokenizer:
     def __init__(self, special_tokens=None):
         self.special_tokens = dict(special_tokens or {EOT: self.n_base})
         self.special_names = {i: s for s, i in self.special_tokens.items()}
+        self.chat = None                 # the chat template's token names, once added
 
     @property
     def eot_id(self):
@@ -75,7 +84,32 @@ class Tokenizer:
         return ''.join(out)
 
     def spec(self):
-        return {'kind': self.kind, 'special_tokens': dict(self.special_tokens), **self._spec()}
+        spec = {'kind': self.kind, 'special_tokens': dict(self.special_tokens), **self._spec()}
+        if self.chat:
+            spec['chat'] = dict(self.chat)
+        return spec
+
+    # --- the chat template ---------------------------------------------------------------
+    def chat_id(self, role):
+        if not self.chat:
+            raise ValueError('this tokenizer has no chat template; use with_chat_tokens(tok)')
+        return self.special_tokens[self.chat[role]]
+
+    def encode_chat(self, prompt, response=None):
+        """(ids, loss_mask) for EOT <|user|> prompt <|end|> <|assistant|> [response <|end|>].
+        Without a response the ids end at <|assistant|>: a prompt for generation. The mask is
+        True exactly on the response tokens and the closing <|end|>."""
+        ids = [self.eot_id, self.chat_id('user')] + self.encode(prompt) + \
+              [self.chat_id('end'), self.chat_id('assistant')]
+        mask = [False] * len(ids)
+        if response is not None:
+            r = self.encode(response) + [self.chat_id('end')]
+            ids, mask = ids + r, mask + [True] * len(r)
+        return ids, mask
+
+    def stop_ids(self):
+        """Token ids that end a generated response: <|end|> (with a chat template) and EOT."""
+        return ([self.chat_id('end')] if self.chat else []) + [self.eot_id]
 
     def _spec(self):
         return {}
@@ -374,8 +408,28 @@ def build_tokenizer(kind, texts=None, vocab_size=None, tokenizer_file=None):
     return bpe_tokenizer(train_bpe(texts, vocab_size or 4096))
 
 
+def with_chat_tokens(tok):
+    """The same tokenizer plus the chat template's special tokens <|user|>, <|assistant|>, <|end|>,
+    given the next free ids after every existing one (for GPT-2 BPE: 50257-50259, inside the
+    model's vocabulary padded to 50304), so existing ids and checkpoints stay valid."""
+    spec = tok.spec()
+    specials = dict(spec['special_tokens'])
+    nxt = max(tok.vocab_size, max(specials.values()) + 1)
+    for name in CHAT_TOKENS.values():
+        if name not in specials:
+            specials[name] = nxt
+            nxt += 1
+    return tokenizer_from_spec({**spec, 'special_tokens': specials, 'chat': dict(CHAT_TOKENS)})
+
+
 def tokenizer_from_spec(spec):
     """Rebuild a tokenizer from spec() output (from meta.json or a checkpoint), offline."""
+    tok = _from_spec(spec)
+    tok.chat = dict(spec['chat']) if spec.get('chat') else None
+    return tok
+
+
+def _from_spec(spec):
     kind, special = spec.get('kind'), spec.get('special_tokens')
     if kind == 'byte':
         return ByteTokenizer(special)

@@ -69,10 +69,10 @@ def test_generation_stops_at_eot_and_pads_finished_rows():
     model = tiny()
     idx = torch.randint(0, 61, (1, 5))
     first = int(model.generate(idx, 1, temperature=0)[0, -1])
-    out = model.generate(idx, 10, temperature=0, eot_id=first)
+    out = model.generate(idx, 10, temperature=0, stop_ids=first)
     assert out.shape == (1, 6) and out[0, -1] == first
     two = torch.cat([idx, torch.randint(0, 61, (1, 5))])
-    new = model.generate(two, 8, temperature=0, eot_id=first)[:, 5:]
+    new = model.generate(two, 8, temperature=0, stop_ids=first)[:, 5:]
     hit = (new[0] == first).nonzero()
     if len(hit) and new.size(1) > 1:                               # after EOT the row stays at EOT
         assert (new[0, hit[0, 0]:] == first).all()

@@ -1,0 +1,132 @@
+"""
+Evaluate any checkpoint: validation loss and bits per byte on the pretraining data, and the task
+score (task.py) of its answers to held-out prompts, generated in batches through the KV cache.
+
+$ python eval.py --out_dir=out/sft
+$ python eval.py --compare=out/tinystories_moe,out/sft,out/dpo      # one table
+$ python eval.py --out_dir=out/sft --n_prompts=500 --temperature=0.8
+
+Writes out_dir/eval.json and prints a markdown row (or, with --compare, a table). A checkpoint
+without the chat template (a pretrained model) is prompted with the template all the same: its
+tokenizer gets the template tokens appended, as sft.py does.
+"""
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+from common import (TokenData, configure, generate_chat, init_runtime, load_chat_model, load_checkpoint,
+                    load_tokenizer_spec)
+from task import score
+
+# -----------------------------------------------------------------------------
+out_dir = 'out/run'          # the checkpoint folder to evaluate
+compare = ''                 # comma-separated checkpoint folders: evaluate each, print one table
+reuse = False                # with compare: use an existing eval.json instead of re-evaluating
+data_dir = ''                # pretraining data for val loss / bpb; '' = the checkpoint's own
+eval_iters = 50              # validation batches (of batch_size x block_size tokens)
+batch_size = 16
+block_size = 0               # 0: the model's block_size
+task_dir = 'data/tinystories_instruct'
+n_prompts = 200              # held-out prompts (prompts_val.jsonl) to answer; 0 skips the task
+max_new_tokens = 300
+temperature = 0.0            # 0: greedy
+top_k = 0
+gen_batch_size = 64
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals(), verbose=False)
+rt = init_runtime(device, dtype, seed)
+
+
+@torch.no_grad()
+def val_loss(model, tok_spec, folder, ckpt):
+    """(val loss, bits per byte) on the pretraining data, or (None, None) if it is not found."""
+    d = data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
+    if not d or not os.path.exists(os.path.join(d, 'meta.json')):
+        print(f'{folder}: no pretraining data found (data_dir={d!r}); skipping val loss', file=sys.stderr)
+        return None, None
+    data = TokenData(d)
+    base = load_tokenizer_spec(data.meta['tokenizer'], d)
+    if {k: v for k, v in tok_spec.items() if k not in ('special_tokens', 'chat')} != \
+            {k: v for k, v in base.items() if k not in ('special_tokens', 'chat')}:
+        sys.exit(f"error: {folder}'s tokenizer differs from the one of the data in {d}")
+    T = block_size or model.config.block_size
+    losses = []
+    for k in range(eval_iters):
+        g = torch.Generator().manual_seed(seed + 7919 * k + 1)
+        x, y = data.batch('val', batch_size, T, g, rt.device)
+        with rt.autocast():
+            losses.append(model(x, y)[1].item())
+    loss = sum(losses) / len(losses)
+    return loss, loss / math.log(2) / data.bytes_per_token('val')
+
+
+def task_metrics(model, tok):
+    path = os.path.join(task_dir, 'prompts_val.jsonl')
+    if not n_prompts:
+        return {}
+    if not os.path.isfile(path):
+        print(f"no held-out prompts at '{path}' (python prepare/tinystories_instruct.py); skipping the task",
+              file=sys.stderr)
+        return {}
+    with open(path) as f:
+        prompts = [json.loads(line) for line in f if line.strip()][:n_prompts]
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    answers = generate_chat(model, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
+                            top_k=top_k or None, batch_size=gen_batch_size, autocast=rt.autocast, generator=g)
+    s = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
+    n = len(s)
+    return {'task/score': sum(x['score'] for x in s) / n, 'task/all_words': sum(x['all_words'] for x in s) / n,
+            'task/words': sum(x['words'] for x in s) / n, 'task/ended': sum(a['ended'] for a in answers) / n,
+            'task/repetition': sum(x['repetition'] for x in s) / n, 'task/n_prompts': n,
+            'task/example': {'prompt': prompts[0]['prompt'], 'answer': answers[0]['text']}}
+
+
+def evaluate(folder):
+    ckpt = load_checkpoint(folder)
+    model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt)
+    model.to(rt.device).eval()
+    loss, bpb = val_loss(model, tok.spec(), folder, ckpt)
+    result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0),
+              'val/loss': loss, 'val/bpb': bpb, **task_metrics(model, tok),
+              'temperature': temperature, 'max_new_tokens': max_new_tokens}
+    with open(os.path.join(folder, 'eval.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def fmt(v, spec='.4f'):
+    return '-' if v is None else format(v, spec)
+
+
+HEADER = ('| run | stage | step | val loss | val bits/byte | task score | all words used | ended turn |\n'
+          '| --- | --- | --- | --- | --- | --- | --- | --- |')
+
+
+def row(r):
+    pct = lambda k: '-' if r.get(k) is None else f'{100 * r[k]:.1f}%'   # noqa: E731
+    return (f"| {r['run']} | {r['stage']} | {r['step']} | {fmt(r['val/loss'])} | {fmt(r['val/bpb'])} | "
+            f"{fmt(r.get('task/score'), '.3f')} | {pct('task/all_words')} | {pct('task/ended')} |")
+
+
+folders = [f for f in compare.split(',') if f] if compare else [out_dir]
+results = []
+for folder in folders:
+    cached = os.path.join(folder, 'eval.json')
+    if reuse and os.path.isfile(cached):
+        with open(cached) as f:
+            results.append(json.load(f))
+    else:
+        results.append(evaluate(folder))
+if len(results) == 1 and 'task/example' in results[0]:
+    ex = results[0]['task/example']
+    print(f"prompt: {ex['prompt']}\nanswer: {ex['answer']}\n")
+print(HEADER)
+for r in results:
+    print(row(r))

@@ -1,0 +1,116 @@
+"""
+Instruction data for the post-training task (see task.py) -> data/tinystories_instruct/
+
+$ python prepare/tinystories_instruct.py                      # Hugging Face roneneldan/TinyStoriesInstruct
+$ python prepare/tinystories_instruct.py --source=TinyStoriesInstruct-valid.txt   # local Instruct files
+$ python prepare/tinystories_instruct.py --source=../shared/data/tinystories/valid_sample.txt  # plain stories
+
+Records in the TinyStories-Instruct format ('Words: ...', 'Features: ...', 'Story: ...') keep their
+words (and the dialogue feature); plain stories get words chosen from their own text and features
+they satisfy (task.make_task). Writes, as JSONL:
+  sft_train.jsonl, sft_val.jsonl        {"prompt", "response", "words", "features"}
+  prompts_train.jsonl, prompts_val.jsonl  {"prompt", "words", "features", "reference"}
+The prompt files hold held-out prompts for RL and evaluation: their stories are in no SFT file.
+With a source that has its own validation split, every *_val file comes from it.
+"""
+
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import configure, read_documents, split_off_val  # noqa: E402
+from task import make_prompt, make_task, parse_instruct  # noqa: E402
+
+# -----------------------------------------------------------------------------
+source = 'roneneldan/TinyStoriesInstruct'  # a Hugging Face dataset name, or a local file / folder
+out_dir = 'data/tinystories_instruct'
+n_prompts_val = 256          # held-out prompts for evaluation
+n_prompts_train = 2000       # held-out prompts for RL (PPO, GRPO) and preference sampling
+val_fraction = 0.1           # for a source without its own validation split
+max_docs = 0                 # use only the first N records of each split (0: all)
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals())
+
+
+def load_hf(name):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        sys.exit('error: the Hugging Face source needs `pip install datasets`, or pass --source=PATH')
+    try:
+        ds = load_dataset(name)
+    except Exception as e:
+        sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
+                 f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories(-Instruct) files")
+    return {'train': ds['train']['text'], 'val': ds['validation']['text']}
+
+
+def to_examples(docs, offset):
+    """Each document -> {'prompt', 'response', 'words', 'features'} (None-free)."""
+    out = []
+    for i, doc in enumerate(docs):
+        rng = random.Random(seed * 1_000_003 + offset + i)      # per document: order-independent
+        rec = parse_instruct(doc)
+        if rec is not None:
+            story, words = rec['story'], rec['words']
+            features = dict(rec['features'])
+        else:
+            story = doc.strip()
+            task = make_task(story, rng)
+            if task is None:
+                continue
+            words, features = task['words'], task['features']
+        out.append({'prompt': make_prompt(words, features), 'response': story,
+                    'words': words, 'features': features})
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path + '.tmp', 'w') as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    os.replace(path + '.tmp', path)
+
+
+local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
+    source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
+splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
+if set(splits) != {'train', 'val'}:
+    every = [d for docs in splits.values() for d in docs]
+    splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction, seed)))
+if max_docs:
+    splits = {k: v[:max_docs] for k, v in splits.items()}
+train = to_examples(splits['train'], 0)
+val = to_examples(splits['val'], 10 ** 9)
+random.Random(seed).shuffle(train)
+random.Random(seed + 1).shuffle(val)
+# held-out prompts first; each split keeps at least half its stories for SFT
+n_val = min(n_prompts_val, len(val) // 2)
+n_train = min(n_prompts_train, len(train) // 2)
+if n_val < 1 or len(train) - n_train < 1:
+    sys.exit(f'error: {len(train)} train and {len(val)} val stories are too few to split into SFT '
+             f'data and held-out prompts')
+
+
+def as_prompt(r):
+    return {'prompt': r['prompt'], 'words': r['words'], 'features': r['features'], 'reference': r['response']}
+
+
+os.makedirs(out_dir, exist_ok=True)
+meta_path = os.path.join(out_dir, 'meta.json')
+if os.path.exists(meta_path):
+    os.remove(meta_path)                          # the folder is invalid until meta.json lands
+files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
+         'prompts_train': [as_prompt(r) for r in train[:n_train]], 'sft_train': train[n_train:]}
+for name, rows in files.items():
+    write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), rows)
+    print(f'{name}: {len(rows):,} records')
+meta = {'source': source, 'seed': seed, **{f'{k}_records': len(v) for k, v in files.items()},
+        'instruct_format': sum(parse_instruct(d) is not None for d in splits['train'][:100]) > 0}
+with open(meta_path + '.tmp', 'w') as f:
+    json.dump(meta, f, indent=2)
+os.replace(meta_path + '.tmp', meta_path)
+print(f'wrote {out_dir}; example prompt: {files["sft_train"][0]["prompt"]}')

@@ -1,0 +1,182 @@
+"""
+Supervised fine-tuning on the instruction task (task.py): the loss falls on the response only.
+
+$ python prepare/tinystories_instruct.py
+$ python sft.py --init_from=out/tinystories_moe --out_dir=out/sft
+$ python sft.py config/sft_tinystories.py
+
+Each example is rendered with the chat template (tokenizer.py):
+    EOT <|user|> prompt <|end|> <|assistant|> response <|end|>
+and the targets are -1 (no loss) everywhere except the response and its closing <|end|>.
+Batches are packed (examples concatenated into block_size windows, the masks kept) or, with
+packing=False, drawn from examples of similar length and right-padded. curriculum=True starts from
+the shortest examples and widens to all of them over curriculum_iters steps. Every eval_interval
+steps: the response loss on sft_val and the task score of greedy and sampled answers to held-out
+prompts. Schedule, optimizer, logging, checkpoints and resume are train.py's (common.Trainer).
+"""
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+from common import (Trainer, batch_generator, chat_batch, close_runtime, configure, generate_chat,
+                    init_runtime, load_chat_model, load_checkpoint, training_defaults)
+from task import score
+
+# -----------------------------------------------------------------------------
+# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+out_dir = 'out/sft'
+init_from = 'out/run'        # the pretrained checkpoint to fine-tune, or 'resume' (continue out_dir)
+task_dir = 'data/tinystories_instruct'   # from prepare/tinystories_instruct.py
+batch_size = 16
+block_size = 0               # 0: the model's block_size
+packing = True               # pack examples into full windows; False: similar-length padded batches
+curriculum = False           # shortest examples first, widening to all over curriculum_iters steps
+curriculum_iters = 0         # 0: half of max_iters
+curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_iters = 50
+max_iters = 1000
+eval_interval = 100
+eval_iters = 20              # validation batches for the response loss
+eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation
+max_new_tokens = 300
+sample_temperature = 0.8
+dropout = 0.0
+# -----------------------------------------------------------------------------
+config = configure(globals(), defaults=training_defaults())
+# (configure() also defines every training_defaults() key as a global here)
+# -----------------------------------------------------------------------------
+rt = init_runtime(device, dtype, seed)
+
+# --- model and tokenizer ----------------------------------------------------------------------
+source = out_dir if init_from == 'resume' else init_from
+if init_from == 'scratch':
+    sys.exit("error: sft.py fine-tunes a trained model: set init_from='out/RUN' (or 'resume')")
+ckpt = load_checkpoint(source)
+model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+model.to(rt.device)
+block_size = block_size or model.config.block_size
+if block_size > model.config.block_size:
+    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
+
+
+# --- data ---------------------------------------------------------------------------------------
+def read_jsonl(name):
+    path = os.path.join(task_dir, name)
+    if not os.path.isfile(path):
+        sys.exit(f"error: '{path}' not found; run python prepare/tinystories_instruct.py "
+                 f"(or set task_dir=)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, r in enumerate(rows):
+        missing = {'prompt', 'response'} - set(r) if name.startswith('sft') else {'prompt', 'words'} - set(r)
+        if missing:
+            sys.exit(f'error: {path} line {i + 1} lacks {sorted(missing)}')
+    return rows
+
+
+def encode(rows):
+    """Token ids and response masks, cut to block_size + 1 tokens."""
+    out, cut = [], 0
+    for r in rows:
+        ids, mask = tok.encode_chat(r['prompt'], r['response'])
+        cut += len(ids) > block_size + 1
+        out.append((ids[:block_size + 1], mask[:block_size + 1]))
+    if cut and rt.master:
+        print(f'note: {cut} of {len(rows)} examples are longer than block_size + 1 = {block_size + 1} '
+              f'tokens and were cut (their ending is not trained)')
+    return out
+
+
+train_ex = encode(read_jsonl('sft_train.jsonl'))
+val_ex = encode(read_jsonl('sft_val.jsonl'))
+prompts = read_jsonl('prompts_val.jsonl')[:eval_prompts]
+by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))   # curriculum order
+curriculum_iters = curriculum_iters or max(1, max_iters // 2)
+if rt.master:
+    print(f'{len(train_ex):,} training and {len(val_ex):,} validation examples, {len(prompts)} held-out '
+          f'prompts; {tok.kind} tokenizer with the chat template ({tok.vocab_size:,} ids)')
+
+
+def pool_at(step):
+    """The examples a batch may draw from: all of them, or with the curriculum the shortest
+    share curriculum_start + (1 - curriculum_start) * step / curriculum_iters."""
+    if not curriculum:
+        return by_length
+    frac = min(1.0, curriculum_start + (1 - curriculum_start) * step / curriculum_iters)
+    return by_length[:max(batch_size, math.ceil(frac * len(by_length)))]
+
+
+def train_rows(step, micro):
+    """batch_size rows for this step, a function of (seed, step, micro-step, rank)."""
+    g = batch_generator(seed, step, micro, rt.rank)
+    pool = pool_at(step)
+    if packing:                      # concatenate random examples until each window is full
+        rows = []
+        for _ in range(batch_size):
+            ids, mask = [], []
+            while len(ids) < block_size + 1:
+                e_ids, e_mask = train_ex[pool[int(torch.randint(len(pool), (1,), generator=g))]]
+                ids, mask = ids + e_ids, mask + e_mask
+            rows.append((ids[:block_size + 1], mask[:block_size + 1]))
+        return rows
+    start = int(torch.randint(len(pool), (1,), generator=g))   # neighbours in length order
+    return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)]
+
+
+def loss_fn(model, step, micro_step):
+    x, y = chat_batch(train_rows(step, micro_step), tok.eot_id, block_size if packing else None)
+    return model(x.to(rt.device), y.to(rt.device))[1]
+
+
+@torch.no_grad()
+def response_loss(model):
+    """Mean loss per response token over the first eval_iters batches of sft_val (fixed)."""
+    total, count = 0.0, 0
+    for k in range(0, min(len(val_ex), eval_iters * batch_size), batch_size):
+        x, y = chat_batch(val_ex[k:k + batch_size], tok.eot_id)
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        n = int((y >= 0).sum())
+        total += torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                                   ignore_index=-1, reduction='sum').item()
+        count += n
+    return total / max(count, 1)
+
+
+def task_scores(model, temperature):
+    """Mean task score and share of answers using all required words, for the held-out prompts."""
+    raw = model._orig_mod if hasattr(model, '_orig_mod') else model
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    answers = generate_chat(raw, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
+                            top_k=None, batch_size=64, autocast=rt.autocast, generator=g)
+    scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
+    return (sum(s['score'] for s in scores) / len(scores), sum(s['all_words'] for s in scores) / len(scores),
+            answers[0]['text'])
+
+
+def evaluate(model):
+    metrics = {'val/loss': response_loss(model)}
+    if prompts:
+        greedy, all_g, example = task_scores(model, 0.0)
+        sampled, all_s, _ = task_scores(model, sample_temperature)
+        metrics.update({'task/score_greedy': greedy, 'task/all_words_greedy': all_g,
+                        'task/score_sampled': sampled, 'task/all_words_sampled': all_s})
+        print(f"  prompt: {prompts[0]['prompt']}\n  greedy answer: {example[:300]!r}")
+    return metrics
+
+
+tokens_per_step = batch_size * block_size * gradient_accumulation_steps * rt.world_size
+trainer = Trainer(config, rt, model, 'sft', tok.spec(), tokens_per_step, model.flops_per_token(block_size),
+                  resume=ckpt if init_from == 'resume' else None,
+                  checkpoint_extra={'task_dir': task_dir, 'parent': ckpt.get('parent', source),
+                                    'data_dir': ckpt.get('data_dir', '')})
+ckpt = None
+trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
+close_runtime(rt)

@@ -1,0 +1,218 @@
+"""The chat template, response-only masking, prepare/tinystories_instruct.py, sft.py and eval.py."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from common import chat_batch, generate_chat, load_chat_model, load_checkpoint, write_token_dataset
+from conftest import TINY_MODEL, run_script, shared_file
+from model import GPT, ModelConfig
+from tokenizer import (CHAT_TOKENS, EOT, ByteTokenizer, CharTokenizer, gpt2_tokenizer, tokenizer_from_spec,
+                       with_chat_tokens)
+
+STORIES = [
+    'Once upon a time, a little fox found a shiny key. "Look!" said the fox. She opened a small door.',
+    'Tom had a red ball. He kicked the ball over the fence. His dog ran to get it. Tom was happy.',
+    'The sun was warm. A tiny bird sang a song. The flowers danced in the wind. Everyone smiled.',
+    'Mia baked a cake for her mom. She added sugar and eggs. The cake was sweet. Mom hugged Mia.',
+    'A big bear lived in the forest. He liked honey. One day he found a hive. The bees buzzed.',
+    'Lily wanted to fly a kite. The wind was strong. The kite flew high in the sky. Lily laughed.',
+] * 4
+
+
+# --- the template ---------------------------------------------------------------------------
+
+def test_template_tokens_keep_existing_ids():
+    base = CharTokenizer.train(['hello world'])
+    chat = with_chat_tokens(base)
+    assert chat.encode('hello') == base.encode('hello') and chat.eot_id == base.eot_id
+    assert [chat.special_tokens[t] for t in CHAT_TOKENS.values()] == [base.vocab_size + i for i in range(3)]
+    again = tokenizer_from_spec(chat.spec())                        # stored in the spec
+    assert again.chat == CHAT_TOKENS and again.special_tokens == chat.special_tokens
+    assert with_chat_tokens(chat).special_tokens == chat.special_tokens   # idempotent
+
+
+def test_template_round_trip():
+    tok = with_chat_tokens(ByteTokenizer())
+    ids, mask = tok.encode_chat('Write a story.', 'Once.')
+    assert tok.decode(ids) == f"{EOT}<|user|>Write a story.<|end|><|assistant|>Once.<|end|>"
+    assert [tok.decode([i]) for i, m in zip(ids, mask) if m] == list('Once.') + ['<|end|>']
+    prompt_ids, prompt_mask = tok.encode_chat('Write a story.')
+    assert ids[:len(prompt_ids)] == prompt_ids and not any(prompt_mask)
+    assert prompt_ids[-1] == tok.chat_id('assistant') and tok.stop_ids() == [tok.chat_id('end'), tok.eot_id]
+
+
+def test_gpt2_template_ids_fit_the_padded_vocabulary():
+    tok = with_chat_tokens(gpt2_tokenizer(shared_file('gpt2.tiktoken')))
+    assert [tok.special_tokens[t] for t in CHAT_TOKENS.values()] == [50257, 50258, 50259]
+    assert tok.vocab_size == 50260 <= 50304
+
+
+def test_masking_puts_no_loss_on_prompt_or_padding():
+    tok = with_chat_tokens(ByteTokenizer())
+    rows = [tok.encode_chat('Say hi.', 'Hi!'), tok.encode_chat('A much longer prompt here.', 'Ok.')]
+    x, y = chat_batch(rows, tok.eot_id)
+    for (ids, mask), yrow in zip(rows, y):
+        n_prompt = mask.index(True)
+        assert (yrow[:n_prompt - 1] == -1).all()                    # predicting prompt tokens: no loss
+        assert yrow[n_prompt - 1:len(ids) - 1].tolist() == ids[n_prompt:]   # the response and <|end|>
+        assert (yrow[len(ids) - 1:] == -1).all()                    # padding
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64))
+    _, loss = model(x, y)
+    loss.backward()
+    logits, _ = model(x)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), y.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(loss, ref)
+    # changing a prompt token's target changes nothing: it carries no loss
+    x2 = x.clone()
+    x2[0, 3] = (x2[0, 3] + 1) % 256
+    assert model(x2[:, :4])[0][0, 2].sum() == model(x[:, :4])[0][0, 2].sum()
+
+
+def test_generate_chat_stops_at_end_of_turn():
+    tok = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
+    with torch.no_grad():                        # make <|end|> the certain next token after 3 steps
+        model.lm_head.weight.zero_()
+    out = generate_chat(model, tok, ['hi', 'a longer prompt'], max_new_tokens=5)
+    assert all(len(o['ids']) == 5 and not o['ended'] for o in out)   # all-zero logits: token 0 forever
+    with torch.no_grad():
+        model.lm_head.weight[tok.chat_id('end')] = 0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.chat_id('end')] += 1.0              # positive on every hidden state?
+    model.norm.weight.data.fill_(0)
+    model.norm.bias.data.fill_(1.0)                                   # every hidden state = all ones
+    out = generate_chat(model, tok, ['hi', 'a longer prompt'], max_new_tokens=5)
+    assert all(o['ids'] == [] and o['ended'] and o['text'] == '' for o in out)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def read(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_prepare_instruct_from_plain_stories(tmp_path):
+    src = tmp_path / 'stories.jsonl'
+    src.write_text(''.join(json.dumps({'text': s + f' Story {i}.'}) + '\n' for i, s in enumerate(STORIES)))
+    out = tmp_path / 'inst'
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', f'--out_dir={out}', '--n_prompts_val=3',
+               '--n_prompts_train=4', '--val_fraction=0.25', cwd=tmp_path)
+    files = {n: read(out, f'{n}.jsonl') for n in ('sft_train', 'sft_val', 'prompts_train', 'prompts_val')}
+    assert [len(files[n]) for n in ('prompts_val', 'prompts_train')] == [3, 4]
+    assert len(files['sft_train']) + len(files['sft_val']) + 7 == 24
+    from task import score
+    for r in files['sft_train']:
+        assert set(r) == {'prompt', 'response', 'words', 'features'}
+        assert score(r['response'], r['words'], r['features'])['score'] == 1.0
+    sft_stories = {r['response'] for n in ('sft_train', 'sft_val') for r in files[n]}
+    held_out = {r['reference'] for n in ('prompts_train', 'prompts_val') for r in files[n]}
+    assert not sft_stories & held_out                                 # no overlap
+    assert json.load(open(out / 'meta.json'))['sft_train_records'] == len(files['sft_train'])
+
+
+def test_prepare_instruct_reads_the_instruct_format(tmp_path):
+    src = tmp_path / 'TinyStoriesInstruct-valid.txt'
+    recs = [f'Features: Dialogue\nWords: fox, key, door\nSummary: x\nStory: \n{STORIES[0]} ({i})\n<|endoftext|>'
+            for i in range(8)]
+    src.write_text('\n'.join(recs))
+    out = tmp_path / 'inst'
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', f'--out_dir={out}', '--val_fraction=0.3',
+               cwd=tmp_path)
+    r = read(out, 'sft_train.jsonl')[0]
+    assert r['words'] == ['fox', 'key', 'door'] and r['features'] == {'dialogue': True}
+    assert r['prompt'] == 'Write a story that uses the words: fox, key, door. The story should have dialogue.'
+
+
+def test_prepare_instruct_on_the_shared_sample(tmp_path):
+    src = shared_file('tinystories', 'valid_sample.txt')
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', f'--out_dir={tmp_path}/i', cwd=tmp_path)
+    assert len(read(tmp_path / 'i', 'prompts_val.jsonl')) >= 1
+
+
+# --- sft.py and eval.py ---------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def pipeline(tmp_path_factory):
+    """A tiny byte-level base model pretrained on the stories, and an instruct set from them."""
+    root = tmp_path_factory.mktemp('sft')
+    write_token_dataset(str(root / 'data'), {'train': STORIES[4:] * 3, 'val': STORIES[:4]}, ByteTokenizer(),
+                        'test', num_proc=1)
+    run_script('train.py', '--data_dir=data', '--out_dir=base', *TINY_MODEL, '--block_size=256',
+               '--max_iters=60', '--eval_interval=30', '--learning_rate=3e-3', '--pos_emb=rope', cwd=root)
+    src = root / 'stories.jsonl'
+    src.write_text(''.join(json.dumps({'text': s}) + '\n' for s in STORIES))
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', '--out_dir=inst', '--n_prompts_val=3',
+               '--n_prompts_train=3', '--val_fraction=0.3', cwd=root)
+    return root
+
+
+SFT = ['--init_from=base', '--task_dir=inst', '--batch_size=4', '--block_size=256', '--eval_iters=2',
+       '--eval_prompts=2', '--max_new_tokens=16', '--compile=False', '--device=cpu', '--peak_flops=1e12',
+       '--learning_rate=3e-3', '--warmup_iters=2', '--log_interval=1', '--dropout=0.1']
+
+
+def val_losses(folder):
+    rows = [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))]
+    return [r['val/loss'] for r in rows if 'val/loss' in r], rows
+
+
+@pytest.mark.parametrize('batching', [['--packing=True'], ['--packing=False', '--curriculum=True']])
+def test_sft_lowers_the_response_loss(pipeline, batching):
+    out = f'sft_{len(batching)}'
+    run_script('sft.py', f'--out_dir={out}', *SFT, '--max_iters=30', '--eval_interval=15', *batching, cwd=pipeline)
+    losses, rows = val_losses(pipeline / out)
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert {'task/score_greedy', 'task/all_words_sampled'} <= set(rows[0])
+    ckpt = load_checkpoint(str(pipeline / out))
+    assert ckpt['stage'] == 'sft' and ckpt['tokenizer']['chat'] == CHAT_TOKENS
+    assert ckpt['parent'] == 'base' and ckpt['task_dir'] == 'inst'
+    model, tok, _ = load_chat_model(str(pipeline / out))
+    assert tok.vocab_size == 260 <= model.config.vocab_size == 320
+
+
+def test_sft_resume_continues_exactly(pipeline):
+    run_script('sft.py', '--out_dir=a', *SFT, '--max_iters=8', '--lr_decay_iters=8', '--eval_interval=4', cwd=pipeline)
+    run_script('sft.py', '--out_dir=b', *SFT, '--max_iters=4', '--lr_decay_iters=8', '--eval_interval=4', cwd=pipeline)
+    run_script('sft.py', '--out_dir=b', *SFT, '--max_iters=8', '--lr_decay_iters=8', '--eval_interval=4',
+               '--init_from=resume', cwd=pipeline)
+    la = [r['train/loss'] for r in val_losses(pipeline / 'a')[1] if 'train/loss' in r]
+    lb = [r['train/loss'] for r in val_losses(pipeline / 'b')[1] if 'train/loss' in r]
+    assert la == lb and len(la) == 8
+
+
+def test_sft_needs_a_trained_model_and_its_data(pipeline):
+    p = run_script('sft.py', '--init_from=scratch', cwd=pipeline, check=False)
+    assert "sft.py fine-tunes a trained model" in p.stderr
+    p = run_script('sft.py', '--init_from=base', '--task_dir=nowhere', '--device=cpu', cwd=pipeline, check=False)
+    assert "'nowhere/sft_train.jsonl' not found" in p.stderr
+
+
+def test_eval_table_and_compare(pipeline):
+    run_script('sft.py', '--out_dir=sft_eval', *SFT, '--max_iters=5', '--eval_interval=5', cwd=pipeline)
+    args = ['--task_dir=inst', '--n_prompts=3', '--max_new_tokens=16', '--eval_iters=2', '--batch_size=2',
+            '--block_size=32', '--device=cpu']
+    p = run_script('eval.py', '--compare=base,sft_eval', *args, cwd=pipeline)
+    lines = p.stdout.strip().splitlines()
+    assert lines[-4].startswith('| run | stage | step | val loss | val bits/byte | task score')
+    assert lines[-2].startswith('| base | pretrain | 60 |') and lines[-1].startswith('| sft_eval | sft | 5 |')
+    result = json.load(open(pipeline / 'sft_eval' / 'eval.json'))
+    assert result['task/n_prompts'] == 3 and 0 <= result['task/score'] <= 1 and result['val/bpb'] > 0
+    p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
+    assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
+    p = run_script('sample.py', '--out_dir=sft_eval', '--start=Write a story.', '--num_samples=1',
+                   '--max_new_tokens=8', '--device=cpu', cwd=pipeline)    # the chat template by default
+    assert p.stdout.startswith('[user] Write a story.\n[assistant] ')
+
+
+def test_a_window_of_prompt_tokens_only_has_zero_loss():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    x = torch.randint(0, 64, (2, 8))
+    _, loss = model(x, torch.full_like(x, -1))
+    assert loss.item() == 0.0
