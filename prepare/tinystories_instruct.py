@@ -4,6 +4,7 @@ Instruction data for the post-training task (see task.py) -> data/tinystories_in
 $ python prepare/tinystories_instruct.py                      # Hugging Face roneneldan/TinyStoriesInstruct
 $ python prepare/tinystories_instruct.py --source=TinyStoriesInstruct-valid.txt   # local Instruct files
 $ python prepare/tinystories_instruct.py --source=../shared/data/tinystories/valid_sample.txt  # plain stories
+$ python prepare/tinystories_instruct.py --source=input.txt --paragraphs=True   # tiny-shakespeare speeches
 
 Records in the TinyStories-Instruct format ('Words: ...', 'Features: ...', 'Story: ...') keep their
 words (and the dialogue feature); plain stories get words chosen from their own text and features
@@ -30,6 +31,9 @@ n_prompts_val = 256          # held-out prompts for evaluation
 n_prompts_train = 2000       # held-out prompts for RL (PPO, GRPO) and preference sampling
 val_fraction = 0.1           # for a source without its own validation split
 max_docs = 0                 # use only the first N records of each split (0: all)
+paragraphs = False           # split on blank lines (e.g. tiny-shakespeare's speeches); a source
+                             # without a val split then keeps its last val_fraction of text for val,
+                             # as prepare/shakespeare_char.py does
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -78,6 +82,12 @@ def write_jsonl(path, rows):
 local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
     source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
 splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
+if paragraphs:
+    if set(splits) != {'train', 'val'}:         # contiguous: the end of the text is val
+        text = '\n\n'.join(d for docs in splits.values() for d in docs)
+        cut = text.rfind('\n\n', 0, int(len(text) * (1 - val_fraction)))
+        splits = {'train': [text[:cut]], 'val': [text[cut:]]}
+    splits = {k: [p.strip() for d in v for p in d.split('\n\n') if p.strip()] for k, v in splits.items()}
 if set(splits) != {'train', 'val'}:
     every = [d for docs in splits.values() for d in docs]
     splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction, seed)))
