@@ -216,3 +216,18 @@ def test_a_window_of_prompt_tokens_only_has_zero_loss():
     x = torch.randint(0, 64, (2, 8))
     _, loss = model(x, torch.full_like(x, -1))
     assert loss.item() == 0.0
+
+
+def test_prepare_instruct_paragraphs_keep_the_end_of_the_text_for_val(tmp_path):
+    paras = [f'Speaker {i}:\nThe noble knight rode his horse across the river at dawn number {i}.'
+             for i in range(40)]
+    src = tmp_path / 'play.txt'
+    src.write_text('\n\n'.join(paras))
+    out = tmp_path / 'inst'
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', f'--out_dir={out}', '--paragraphs=True',
+               '--val_fraction=0.25', '--n_prompts_val=3', '--n_prompts_train=3', cwd=tmp_path)
+    val = read(out, 'sft_val.jsonl') + [dict(r, response=r['reference']) for r in read(out, 'prompts_val.jsonl')]
+    train = read(out, 'sft_train.jsonl') + [dict(r, response=r['reference']) for r in read(out, 'prompts_train.jsonl')]
+    number = lambda r: int(r['response'].split(':')[0].split()[1])          # noqa: E731
+    assert min(map(number, val)) > max(map(number, train))                  # val = the last paragraphs
+    assert len(val) + len(train) == 40
