@@ -241,24 +241,30 @@ def load_checkpoint(path, map_location='cpu'):
     return torch.load(p, map_location=map_location, weights_only=True)
 
 
-def load_model(path, device='cpu', ckpt=None, overrides=None):
+def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
     """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint; `overrides` replace fields of
-    its ModelConfig that do not change the weights (e.g. {'dropout': 0.1})."""
-    from model import GPT, ModelConfig
+    its ModelConfig that do not change the weights (e.g. {'dropout': 0.1}). With scalar=True a
+    language model's checkpoint becomes a ScalarModel (its weights plus a new scalar head)."""
+    from model import GPT, ModelConfig, ScalarModel
     from tokenizer import tokenizer_from_spec
     ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    model = GPT(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
-    model.load_state_dict(ckpt['model'])
+    is_scalar = ckpt.get('model_class') == 'scalar'
+    cls = ScalarModel if is_scalar or scalar else GPT
+    model = cls(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
+    missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    if unexpected or [k for k in missing if not (scalar and not is_scalar and k.startswith('score_head.'))]:
+        raise RuntimeError(f'{path}: the checkpoint does not fit its model: missing {missing[:4]}, '
+                           f'unexpected {unexpected[:4]}')
     model.to(device)
     return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
 
 
-def load_chat_model(path, device='cpu', ckpt=None, overrides=None):
+def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
     """(model, tokenizer, ckpt) ready for the chat template: the checkpoint's tokenizer with the
     template's special tokens added if it lacks them, and the model's vocabulary grown (padded to
     a multiple of 64) if those ids do not fit in it."""
     from tokenizer import with_chat_tokens
-    model, tok, ckpt = load_model(path, device, ckpt, overrides)
+    model, tok, ckpt = load_model(path, device, ckpt, overrides, scalar)
     if not tok.chat:
         tok = with_chat_tokens(tok)
     if tok.vocab_size > model.config.vocab_size:
@@ -303,6 +309,63 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
             ids = row if end is None else row[:end]
             out.append({'ids': ids, 'text': tok.decode(ids), 'ended': end is not None})
     return out
+
+
+def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None,
+                  batch_size=64, autocast=contextlib.nullcontext, seed=1337):
+    """Answer held-out prompts (dicts with 'prompt', 'words', 'features') and score the answers
+    with the task rule: the means of score, words, ended and repetition, the share using all
+    required words, one example, and the per-prompt answers and scores."""
+    from task import score
+    raw = model._orig_mod if hasattr(model, '_orig_mod') else model
+    device = next(raw.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    answers = generate_chat(raw, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
+                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=g)
+    scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
+    n = max(len(scores), 1)
+    mean = lambda key: sum(float(s[key]) for s in scores) / n      # noqa: E731
+    return {'score': mean('score'), 'all_words': mean('all_words'), 'words': mean('words'),
+            'ended': sum(a['ended'] for a in answers) / n, 'repetition': mean('repetition'),
+            'example': {'prompt': prompts[0]['prompt'], 'answer': answers[0]['text']} if prompts else None,
+            'answers': answers, 'scores': scores}
+
+
+def read_jsonl(path, required=(), hint=''):
+    """The records of a JSONL file; exits with a clear message if it is missing, a line is not
+    JSON, or a record lacks one of the `required` fields."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: '{path}' not found" + (f'; {hint}' if hint else ''))
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
+            missing = [k for k in required if k not in r]
+            if missing:
+                sys.exit(f'error: {path} line {n} lacks {missing}')
+            rows.append(r)
+    return rows
+
+
+def rank_correlation(a, b):
+    """Spearman's rank correlation of two sequences (ties get their average rank)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind='stable')
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):                          # average the ranks of ties
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float('nan')
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def capture_rng_state():
@@ -773,7 +836,10 @@ class Trainer:
     """The optimisation loop shared by every training stage.
 
     The stage builds the model (and anything else it needs) and supplies two functions:
-        loss_fn(model, step, micro_step) -> the mean loss of that micro-batch (a tensor)
+        loss_fn(model, step, micro_step) -> the mean loss of that micro-batch (a tensor), or
+            (loss, {name: tensor}) whose metrics are logged as train/<name>; a 'tokens' entry
+            (an int: the tokens the micro-batch really held) replaces tokens_per_step /
+            gradient_accumulation_steps in tokens/s and MFU, for batches padded to their length
         evaluate(model) -> {metric: float}; 'val/loss' (lower is better) decides the best model
     run() then does, per step: the learning-rate schedule, gradient accumulation (all-reduce on
     the last micro-step only under DDP), gradient clipping, the optimizer step (AdamW / Muon /
@@ -787,7 +853,7 @@ class Trainer:
         from optim import build_optimizer
         c = self.c = config
         self.rt, self.raw, self.stage, self.tok_spec = rt, model, stage, tokenizer_spec
-        self.tokens_per_step, self.extra = tokens_per_step, checkpoint_extra or {}
+        self.extra = checkpoint_extra or {}
         self.lr_decay_iters = c['lr_decay_iters'] or c['max_iters']
         try:
             self.optimizer = build_optimizer(trainable or model, c['optimizer'], c['learning_rate'],
@@ -822,11 +888,14 @@ class Trainer:
             self.peak = c['peak_flops'] or measure_peak_flops(rt.device_type, rt.dtype)
             print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s "
                   f"({'given' if c['peak_flops'] else 'measured with a large matmul'})")
-        self.flops_per_step = flops_per_token * tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.tokens_per_step = tokens_per_step / rt.world_size    # per rank, per step
         self.first_bad_step = torch.tensor(-1, device=rt.device)
 
     def checkpoint(self, metrics):
-        return {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict(),
+        from model import ScalarModel
+        kind = {'model_class': 'scalar'} if isinstance(self.raw, ScalarModel) else {}
+        return {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict(), **kind,
                 'tokenizer': self.tok_spec, 'stage': self.stage, 'step': self.step,
                 'optimizer': self.optimizer.state_dict(), 'config': self.c, 'metrics': metrics,
                 'best_val_loss': self.best_val_loss, 'rng': capture_rng_state(), **self.extra}
@@ -847,10 +916,11 @@ class Trainer:
         reduce_max = (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if dist else None
         bar = tqdm(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30, desc=self.stage)
-        t_last, steps_since = time.perf_counter(), 0
+        t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
         expert_load = expert_share = logit_max = None     # MoE loads and max logits since the last log
         clipped = torch.zeros((), device=rt.device, dtype=torch.long)
         last_heatmap_step = self.step
+        step_metrics = {}                                 # the stage's own metrics, last micro-batch
         while True:
             step = self.step
             lr = lr_at(step, c['learning_rate'], c['min_lr'], c['warmup_iters'], self.lr_decay_iters,
@@ -889,7 +959,13 @@ class Trainer:
                 if rt.ddp:                               # all-reduce on the last micro-step only
                     self.model.require_backward_grad_sync = micro == n_micro - 1
                 with rt.autocast():
-                    loss = loss_fn(self.model, step, micro) / n_micro
+                    loss = loss_fn(self.model, step, micro)
+                if isinstance(loss, tuple):
+                    loss, step_metrics = loss
+                    tokens_since += step_metrics.pop('tokens', self.tokens_per_step / n_micro)
+                else:
+                    tokens_since += self.tokens_per_step / n_micro
+                loss = loss / n_micro
                 self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             if c['grad_clip'] > 0:
@@ -921,14 +997,18 @@ class Trainer:
             if step % c['log_interval'] == 0 and rt.master:
                 lossf = loss_sum.item()                  # one host sync per log_interval steps
                 synchronize(rt.device_type)
-                dt = (time.perf_counter() - t_last) / steps_since
-                t_last, steps_since = time.perf_counter(), 0
-                row = {'train/loss': lossf, 'lr': lr, 'tokens_per_sec': self.tokens_per_step / dt,
-                       'mfu': self.flops_per_step / dt / self.peak, 'step_time_ms': 1000 * dt}
+                elapsed = time.perf_counter() - t_last
+                dt = elapsed / steps_since
+                tok_s = tokens_since * rt.world_size / elapsed
+                t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
+                row = {'train/loss': lossf, 'lr': lr, 'tokens_per_sec': tok_s,
+                       'mfu': self.flops_per_token * tok_s / self.peak, 'step_time_ms': 1000 * dt}
                 if c['grad_clip'] > 0:
                     row['grad_norm'] = grad_norm.item()
                 for part, value in raw.last_losses.items():    # lm / aux / mtp, last micro-batch
                     row[f'train/{part}_loss'] = value.item()
+                for name, value in step_metrics.items():
+                    row[f'train/{name}'] = float(value)
                 if expert_load is not None:
                     # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
                     imbalance = (expert_load.max(1).values / expert_load.mean(1).clamp(min=1e-9)).tolist()

@@ -18,9 +18,8 @@ import sys
 
 import torch
 
-from common import (TokenData, configure, generate_chat, init_runtime, load_chat_model, load_checkpoint,
-                    load_tokenizer_spec)
-from task import score
+from common import (TokenData, configure, evaluate_task, init_runtime, load_chat_model, load_checkpoint,
+                    load_tokenizer_spec, read_jsonl)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/run'          # the checkpoint folder to evaluate
@@ -75,17 +74,12 @@ def task_metrics(model, tok):
         print(f"no held-out prompts at '{path}' (python prepare/tinystories_instruct.py); skipping the task",
               file=sys.stderr)
         return {}
-    with open(path) as f:
-        prompts = [json.loads(line) for line in f if line.strip()][:n_prompts]
-    g = torch.Generator(device=rt.device).manual_seed(seed)
-    answers = generate_chat(model, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
-                            top_k=top_k or None, batch_size=gen_batch_size, autocast=rt.autocast, generator=g)
-    s = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
-    n = len(s)
-    return {'task/score': sum(x['score'] for x in s) / n, 'task/all_words': sum(x['all_words'] for x in s) / n,
-            'task/words': sum(x['words'] for x in s) / n, 'task/ended': sum(a['ended'] for a in answers) / n,
-            'task/repetition': sum(x['repetition'] for x in s) / n, 'task/n_prompts': n,
-            'task/example': {'prompt': prompts[0]['prompt'], 'answer': answers[0]['text']}}
+    prompts = read_jsonl(path, ('prompt', 'words'))[:n_prompts]
+    r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
+                      batch_size=gen_batch_size, autocast=rt.autocast, seed=seed)
+    return {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
+            'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
+            'task/example': r['example']}
 
 
 def evaluate(folder):

@@ -868,27 +868,7 @@ class GPT(nn.Module):
         in self.last_losses ('lm', 'aux', 'mtp') for logging."""
         B, T = idx.shape
         c = self.config
-        if cache is None:
-            if T > c.block_size and c.pos_emb in ('learned', 'sinusoidal'):
-                raise ValueError(f'sequence of {T} tokens exceeds block_size {c.block_size}')
-            positions = torch.arange(T, device=idx.device)
-            mask = self.causal_mask(T, idx.device)
-        else:
-            positions, mask = cache.begin(T)
-        x = self.tok_emb(idx)                                                   # (B, T, C)
-        if c.pos_emb == 'learned':
-            x = x + self.pos_emb(positions)
-        elif c.pos_emb == 'sinusoidal':
-            x = x + self.pos_table[positions]
-        rope = self.rope(positions) if self.rope is not None else None
-        x = self.drop(x)
-        aux_total = None
-        for layer in self.layers:
-            x, aux = layer(x, rope, cache, mask)
-            if aux is not None:
-                aux_total = aux if aux_total is None else aux_total + aux
-        if cache is not None:
-            cache.end()
+        x, rope, aux_total = self.trunk(idx, cache)
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
         logits = self.lm_head(self.norm(x))                                    # (B, T, V)
@@ -913,6 +893,34 @@ class GPT(nn.Module):
             parts['aux'] = aux_total.detach()
         self.last_losses = parts
         return logits, loss
+
+    def trunk(self, idx, cache=None):
+        """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
+        the summed MoE balance loss or None)."""
+        B, T = idx.shape
+        c = self.config
+        if cache is None:
+            if T > c.block_size and c.pos_emb in ('learned', 'sinusoidal'):
+                raise ValueError(f'sequence of {T} tokens exceeds block_size {c.block_size}')
+            positions = torch.arange(T, device=idx.device)
+            mask = self.causal_mask(T, idx.device)
+        else:
+            positions, mask = cache.begin(T)
+        x = self.tok_emb(idx)                                                   # (B, T, C)
+        if c.pos_emb == 'learned':
+            x = x + self.pos_emb(positions)
+        elif c.pos_emb == 'sinusoidal':
+            x = x + self.pos_table[positions]
+        rope = self.rope(positions) if self.rope is not None else None
+        x = self.drop(x)
+        aux_total = None
+        for layer in self.layers:
+            x, aux = layer(x, rope, cache, mask)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None:
+            cache.end()
+        return x, rope, aux_total
 
     def causal_mask(self, T, device):
         """(attn_mask, is_causal) for a whole sequence: plain causal, or a sliding window."""
@@ -1082,6 +1090,43 @@ class GPT(nn.Module):
         """(B, P) prompts -> (B, P + n) prompts followed by n <= max_new_tokens new tokens."""
         new = list(self.generate_tokens(idx, max_new_tokens, **kw))
         return torch.cat([idx, torch.stack(new, 1)], dim=1) if new else idx
+
+
+class ScalarModel(GPT):
+    """A GPT with a scalar head on its final hidden states: the reward model (one score per
+    sequence, read at its last real token) and the value model of PPO (one value per token).
+    Built from a language model's checkpoint, it keeps every weight and adds `score_head`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.score_head = nn.Linear(config.n_embd, 1, bias=True)
+        nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.score_head.bias)
+
+    def values(self, idx):
+        """(B, T) scalar outputs, one per position; the balance loss goes to last_losses."""
+        x, _, aux = self.trunk(idx)
+        self.last_losses = {} if aux is None else {'aux': aux}
+        return self.score_head(self.norm(x)).squeeze(-1).float()
+
+    def score(self, idx, last):
+        """(B,) the output at position last[b] of each row: the sequence's last real token
+        (rows are right-padded)."""
+        return self.values(idx).gather(1, last[:, None]).squeeze(1)
+
+    def forward(self, idx, targets=None, cache=None, last_only=False, last=None):
+        """With last=: the scores (through forward, so torch.compile and DDP see the call);
+        otherwise the language model's forward (the backbone keeps its head)."""
+        if last is not None:
+            return self.score(idx, last)
+        return super().forward(idx, targets, cache, last_only)
+
+
+def token_logprobs(logits, targets):
+    """(B, T) log p(target_t) under the logits, 0 where the target is -1 (prompt, padding)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets >= 0)
 
 
 def masked_cross_entropy(logits, targets):

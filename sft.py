@@ -15,16 +15,14 @@ steps: the response loss on sft_val and the task score of greedy and sampled ans
 prompts. Schedule, optimizer, logging, checkpoints and resume are train.py's (common.Trainer).
 """
 
-import json
 import math
 import os
 import sys
 
 import torch
 
-from common import (Trainer, batch_generator, chat_batch, close_runtime, configure, generate_chat,
-                    init_runtime, load_chat_model, load_checkpoint, training_defaults)
-from task import score
+from common import (Trainer, batch_generator, chat_batch, close_runtime, configure, evaluate_task,
+                    init_runtime, load_chat_model, load_checkpoint, read_jsonl, training_defaults)
 
 # -----------------------------------------------------------------------------
 # default config values (and those of common.training_defaults(): optimizer, schedule, logging)
@@ -66,18 +64,9 @@ if block_size > model.config.block_size:
 
 
 # --- data ---------------------------------------------------------------------------------------
-def read_jsonl(name):
-    path = os.path.join(task_dir, name)
-    if not os.path.isfile(path):
-        sys.exit(f"error: '{path}' not found; run python prepare/tinystories_instruct.py "
-                 f"(or set task_dir=)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for i, r in enumerate(rows):
-        missing = {'prompt', 'response'} - set(r) if name.startswith('sft') else {'prompt', 'words'} - set(r)
-        if missing:
-            sys.exit(f'error: {path} line {i + 1} lacks {sorted(missing)}')
-    return rows
+def read_jsonl_in_task(name, required):
+    return read_jsonl(os.path.join(task_dir, name), required,
+                      hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
 
 
 def encode(rows):
@@ -93,9 +82,9 @@ def encode(rows):
     return out
 
 
-train_ex = encode(read_jsonl('sft_train.jsonl'))
-val_ex = encode(read_jsonl('sft_val.jsonl'))
-prompts = read_jsonl('prompts_val.jsonl')[:eval_prompts]
+train_ex = encode(read_jsonl_in_task('sft_train.jsonl', ('prompt', 'response')))
+val_ex = encode(read_jsonl_in_task('sft_val.jsonl', ('prompt', 'response')))
+prompts = read_jsonl_in_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
 by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))   # curriculum order
 curriculum_iters = curriculum_iters or max(1, max_iters // 2)
 if rt.master:
@@ -131,7 +120,7 @@ def train_rows(step, micro):
 
 def loss_fn(model, step, micro_step):
     x, y = chat_batch(train_rows(step, micro_step), tok.eot_id, block_size if packing else None)
-    return model(x.to(rt.device), y.to(rt.device))[1]
+    return model(x.to(rt.device), y.to(rt.device))[1], {'tokens': x.numel()}
 
 
 @torch.no_grad()
@@ -150,25 +139,14 @@ def response_loss(model):
     return total / max(count, 1)
 
 
-def task_scores(model, temperature):
-    """Mean task score and share of answers using all required words, for the held-out prompts."""
-    raw = model._orig_mod if hasattr(model, '_orig_mod') else model
-    g = torch.Generator(device=rt.device).manual_seed(seed)
-    answers = generate_chat(raw, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
-                            top_k=None, batch_size=64, autocast=rt.autocast, generator=g)
-    scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
-    return (sum(s['score'] for s in scores) / len(scores), sum(s['all_words'] for s in scores) / len(scores),
-            answers[0]['text'])
-
-
 def evaluate(model):
     metrics = {'val/loss': response_loss(model)}
     if prompts:
-        greedy, all_g, example = task_scores(model, 0.0)
-        sampled, all_s, _ = task_scores(model, sample_temperature)
-        metrics.update({'task/score_greedy': greedy, 'task/all_words_greedy': all_g,
-                        'task/score_sampled': sampled, 'task/all_words_sampled': all_s})
-        print(f"  prompt: {prompts[0]['prompt']}\n  greedy answer: {example[:300]!r}")
+        for name, temperature in (('greedy', 0.0), ('sampled', sample_temperature)):
+            r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, autocast=rt.autocast, seed=seed)
+            metrics.update({f'task/score_{name}': r['score'], f'task/all_words_{name}': r['all_words']})
+            if name == 'greedy':
+                print(f"  prompt: {r['example']['prompt']}\n  greedy answer: {r['example']['answer'][:300]!r}")
     return metrics
 
 

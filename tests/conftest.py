@@ -53,3 +53,32 @@ def byte_data(tmp_path):
 TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
               '--eval_iters=2', '--log_interval=1', '--peak_flops=1e12', '--compile=False',
               '--device=cpu']
+
+
+STORIES = [
+    'Once upon a time, a little fox found a shiny key. "Look!" said the fox. She opened a small door.',
+    'Tom had a red ball. He kicked the ball over the fence. His dog ran to get it. Tom was happy.',
+    'The sun was warm. A tiny bird sang a song. The flowers danced in the wind. Everyone smiled.',
+    'Mia baked a cake for her mom. She added sugar and eggs. The cake was sweet. Mom hugged Mia.',
+    'A big bear lived in the forest. He liked honey. One day he found a hive. The bees buzzed.',
+    'Lily wanted to fly a kite. The wind was strong. The kite flew high in the sky. Lily laughed.',
+] * 4
+
+
+@pytest.fixture(scope='session')
+def pipeline(tmp_path_factory):
+    """A tiny byte-level model pretrained on the stories ('base') and an instruct set from them
+    ('inst'), in one folder shared by the post-training tests."""
+    import json
+    from common import write_token_dataset
+    from tokenizer import ByteTokenizer
+    root = tmp_path_factory.mktemp('pipeline')
+    write_token_dataset(str(root / 'data'), {'train': STORIES[4:] * 3, 'val': STORIES[:4]}, ByteTokenizer(),
+                        'test', num_proc=1)
+    run_script('train.py', '--data_dir=data', '--out_dir=base', *TINY_MODEL, '--block_size=256',
+               '--max_iters=60', '--eval_interval=30', '--learning_rate=3e-3', '--pos_emb=rope', cwd=root)
+    src = root / 'stories.jsonl'
+    src.write_text(''.join(json.dumps({'text': s}) + '\n' for s in STORIES))
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', '--out_dir=inst', '--n_prompts_val=3',
+               '--n_prompts_train=3', '--val_fraction=0.3', cwd=root)
+    return root

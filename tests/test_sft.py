@@ -7,20 +7,10 @@ import pytest
 import torch
 
 from common import chat_batch, generate_chat, load_chat_model, load_checkpoint, write_token_dataset
-from conftest import TINY_MODEL, run_script, shared_file
+from conftest import STORIES, run_script, shared_file
 from model import GPT, ModelConfig
 from tokenizer import (CHAT_TOKENS, EOT, ByteTokenizer, CharTokenizer, gpt2_tokenizer, tokenizer_from_spec,
                        with_chat_tokens)
-
-STORIES = [
-    'Once upon a time, a little fox found a shiny key. "Look!" said the fox. She opened a small door.',
-    'Tom had a red ball. He kicked the ball over the fence. His dog ran to get it. Tom was happy.',
-    'The sun was warm. A tiny bird sang a song. The flowers danced in the wind. Everyone smiled.',
-    'Mia baked a cake for her mom. She added sugar and eggs. The cake was sweet. Mom hugged Mia.',
-    'A big bear lived in the forest. He liked honey. One day he found a hive. The bees buzzed.',
-    'Lily wanted to fly a kite. The wind was strong. The kite flew high in the sky. Lily laughed.',
-] * 4
-
 
 # --- the template ---------------------------------------------------------------------------
 
@@ -136,21 +126,6 @@ def test_prepare_instruct_on_the_shared_sample(tmp_path):
 
 
 # --- sft.py and eval.py ---------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def pipeline(tmp_path_factory):
-    """A tiny byte-level base model pretrained on the stories, and an instruct set from them."""
-    root = tmp_path_factory.mktemp('sft')
-    write_token_dataset(str(root / 'data'), {'train': STORIES[4:] * 3, 'val': STORIES[:4]}, ByteTokenizer(),
-                        'test', num_proc=1)
-    run_script('train.py', '--data_dir=data', '--out_dir=base', *TINY_MODEL, '--block_size=256',
-               '--max_iters=60', '--eval_interval=30', '--learning_rate=3e-3', '--pos_emb=rope', cwd=root)
-    src = root / 'stories.jsonl'
-    src.write_text(''.join(json.dumps({'text': s}) + '\n' for s in STORIES))
-    run_script('prepare/tinystories_instruct.py', f'--source={src}', '--out_dir=inst', '--n_prompts_val=3',
-               '--n_prompts_train=3', '--val_fraction=0.3', cwd=root)
-    return root
-
 
 SFT = ['--init_from=base', '--task_dir=inst', '--batch_size=4', '--block_size=256', '--eval_iters=2',
        '--eval_prompts=2', '--max_new_tokens=16', '--compile=False', '--device=cpu', '--peak_flops=1e12',

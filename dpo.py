@@ -1,0 +1,139 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023): fine-tune the SFT model on preference
+pairs (prepare/preferences.py) without a reward model.
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+pi_c, pi_r: log-probabilities of the chosen / rejected response under the policy, summed over the
+response tokens only (prompt and padding masked); ref_c, ref_r: the same under the frozen
+reference (the SFT model), computed once before training. beta * (pi - ref) is the implicit
+reward; its margin and accuracy (chosen > rejected) are logged for training and held-out pairs,
+with the task score of greedy answers to held-out prompts. Schedule, optimizer, logging,
+checkpoints and resume: common.Trainer, as in train.py.
+
+$ python dpo.py --init_from=out/sft --out_dir=out/dpo
+"""
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (Trainer, batch_generator, chat_batch, close_runtime, configure, evaluate_task,
+                    init_runtime, load_chat_model, load_checkpoint, read_jsonl, training_defaults)
+from model import token_logprobs
+
+# -----------------------------------------------------------------------------
+# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+out_dir = 'out/dpo'
+init_from = 'out/sft'        # the SFT checkpoint: the policy's start and the reference; or 'resume'
+prefs_dir = 'data/prefs'
+task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the task score
+beta = 0.1                   # strength of the KL constraint to the reference
+batch_size = 8               # pairs per micro-batch
+block_size = 0               # 0: the model's block_size
+learning_rate = 5e-6
+min_lr = 5e-7
+weight_decay = 0.0
+warmup_iters = 20
+max_iters = 500
+eval_interval = 50
+eval_prompts = 64
+max_new_tokens = 300
+dropout = 0.0
+# -----------------------------------------------------------------------------
+config = configure(globals(), defaults=training_defaults())
+# (configure() also defines every training_defaults() key as a global here)
+# -----------------------------------------------------------------------------
+if init_from == 'scratch':
+    sys.exit("error: dpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
+rt = init_runtime(device, dtype, seed)
+source = out_dir if init_from == 'resume' else init_from
+ckpt = load_checkpoint(source)
+reference = ckpt.get('reference', source) if init_from == 'resume' else source
+model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+model.to(rt.device)
+block_size = block_size or model.config.block_size
+
+hint = 'run python prepare/preferences.py'
+train_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_train.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
+val_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_val.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
+prompts = read_jsonl(os.path.join(task_dir, 'prompts_val.jsonl'), ('prompt', 'words'),
+                     hint='run python prepare/tinystories_instruct.py')[:eval_prompts] if eval_prompts else []
+
+
+def encode(pair, side):
+    ids, mask = tok.encode_chat(pair['prompt'], pair[side], ended=pair.get(f'{side}_ended', True))
+    return ids[:block_size + 1], mask[:block_size + 1]
+
+
+def sequence_logprobs(model, pairs):
+    """(logp of each chosen response, logp of each rejected response): sums over response tokens."""
+    rows = [encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs]
+    x, y = chat_batch(rows, tok.eot_id)
+    x, y = x.to(rt.device), y.to(rt.device)
+    logits, _ = model(x)
+    return token_logprobs(logits, y).sum(1).chunk(2), x.numel()
+
+
+@torch.no_grad()
+def reference_logprobs(pairs, desc):
+    """(N, 2) reference log-probabilities of every pair, from the frozen reference model."""
+    ref_model, _, _ = load_chat_model(reference, rt.device)
+    ref_model.eval()
+    out = []
+    for i in tqdm(range(0, len(pairs), 2 * batch_size), desc=desc, disable=None if rt.master else True):
+        with rt.autocast():
+            (c, r), _ = sequence_logprobs(ref_model, pairs[i:i + 2 * batch_size])
+        out.append(torch.stack([c, r], 1).float())
+    return torch.cat(out)
+
+
+ref_train = reference_logprobs(train_pairs, 'reference log-probs (train)')
+ref_val = reference_logprobs(val_pairs, 'reference log-probs (val)')
+
+
+def dpo(pi_c, pi_r, ref):
+    """The DPO loss and the implicit rewards beta * (pi - ref) of chosen and rejected."""
+    r_c, r_r = beta * (pi_c - ref[:, 0]), beta * (pi_r - ref[:, 1])
+    return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
+
+
+def loss_fn(model, step, micro_step):
+    g = batch_generator(seed, step, micro_step, rt.rank)
+    ix = torch.randint(len(train_pairs), (batch_size,), generator=g)
+    (pi_c, pi_r), n_tokens = sequence_logprobs(model, [train_pairs[int(i)] for i in ix])
+    loss, r_c, r_r = dpo(pi_c, pi_r, ref_train[ix].to(rt.device))
+    return loss, {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': (r_c > r_r).float().mean().detach(),
+                  'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach(), 'tokens': n_tokens}
+
+
+@torch.no_grad()
+def evaluate(model):
+    losses, margins, correct = [], [], []
+    for i in range(0, len(val_pairs), batch_size):
+        with rt.autocast():
+            (pi_c, pi_r), _ = sequence_logprobs(model, val_pairs[i:i + batch_size])
+        loss, r_c, r_r = dpo(pi_c.float(), pi_r.float(), ref_val[i:i + batch_size].to(rt.device))
+        losses.append(loss.item() * len(r_c))
+        margins += (r_c - r_r).tolist()
+        correct += (r_c > r_r).tolist()
+    n = len(val_pairs)
+    metrics = {'val/loss': sum(losses) / n, 'val/reward_margin': sum(margins) / n, 'val/accuracy': sum(correct) / n}
+    if prompts:
+        r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+        metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']})
+    return metrics
+
+
+tokens_per_step = 2 * batch_size * block_size * gradient_accumulation_steps * rt.world_size
+trainer = Trainer(config, rt, model, 'dpo', tok.spec(), tokens_per_step, model.flops_per_token(block_size),
+                  resume=ckpt if init_from == 'resume' else None,
+                  checkpoint_extra={'parent': ckpt.get('parent', source), 'reference': reference,
+                                    'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', ''),
+                                    'task_dir': task_dir})
+ckpt = None
+trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
+close_runtime(rt)

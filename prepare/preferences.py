@@ -1,0 +1,104 @@
+"""
+Preference pairs for reward.py and dpo.py -> data/prefs/{prefs_train,prefs_val}.jsonl
+
+$ python prepare/preferences.py --init_from=out/sft                     # sample and score
+$ python prepare/preferences.py --source=pairs.jsonl --out_dir=data/hh   # an external set of pairs
+
+Sampling: for each prompt of task_dir/prompts_train.jsonl, `samples_per_prompt` answers from the
+SFT checkpoint (batched, KV cache, temperature `temperature`), scored with the task rule
+(task.score); the best and the worst answer form a pair when their scores differ by at least
+`margin`. val_fraction of the prompts go to prefs_val. Each record:
+  {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_ended",
+   "rejected_ended", "words", "features"}
+An external JSONL needs prompt, chosen and rejected (scores and the rest are optional); it is
+checked and split the same way (HH-RLHF-style sets converted to these fields work).
+"""
+
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common import configure, generate_chat, init_runtime, load_chat_model, read_jsonl  # noqa: E402
+from task import score  # noqa: E402
+
+# -----------------------------------------------------------------------------
+init_from = 'out/sft'        # the SFT checkpoint to sample from
+task_dir = 'data/tinystories_instruct'
+source = ''                  # an external JSONL of pairs instead of sampling
+out_dir = 'data/prefs'
+n_prompts = 0                # prompts to use from prompts_train.jsonl (0: all)
+samples_per_prompt = 4       # K answers per prompt
+temperature = 1.0
+top_k = 0
+max_new_tokens = 300
+margin = 0.1                 # keep a pair only if score(chosen) - score(rejected) >= margin
+val_fraction = 0.1
+batch_size = 64              # prompts per generation batch (x samples_per_prompt sequences)
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals())
+if samples_per_prompt < 2:
+    sys.exit(f'error: samples_per_prompt={samples_per_prompt} must be at least 2 to make a pair')
+
+
+def write_jsonl(path, rows):
+    with open(path + '.tmp', 'w') as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    os.replace(path + '.tmp', path)
+
+
+if source:
+    pairs = read_jsonl(source, ('prompt', 'chosen', 'rejected'))
+    for p in pairs:
+        p.setdefault('chosen_ended', True)
+        p.setdefault('rejected_ended', True)
+    stats = {'source': source}
+else:
+    rt = init_runtime(device, dtype, seed)
+    model, tok, _ = load_chat_model(init_from, rt.device)
+    model.eval()
+    prompts = read_jsonl(os.path.join(task_dir, 'prompts_train.jsonl'), ('prompt', 'words'),
+                         hint='run python prepare/tinystories_instruct.py')
+    prompts = prompts[:n_prompts] if n_prompts else prompts
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    pairs, gaps, kept = [], [], 0
+    for i in tqdm(range(0, len(prompts), batch_size), desc='sampling', unit='batch', disable=None):
+        chunk = prompts[i:i + batch_size]
+        # each prompt K times in one batch: K independent samples
+        flat = [p['prompt'] for p in chunk for _ in range(samples_per_prompt)]
+        answers = generate_chat(model, tok, flat, max_new_tokens, temperature, top_k=top_k or None,
+                                batch_size=len(flat), autocast=rt.autocast, generator=g)
+        for j, p in enumerate(chunk):
+            group = answers[j * samples_per_prompt:(j + 1) * samples_per_prompt]
+            scored = [(score(a['text'], p['words'], p.get('features'), a['ended'])['score'], a) for a in group]
+            scored.sort(key=lambda sa: sa[0])
+            (lo, worst), (hi, best) = scored[0], scored[-1]
+            gaps.append(hi - lo)
+            if hi - lo >= margin:
+                pairs.append({'prompt': p['prompt'], 'chosen': best['text'], 'rejected': worst['text'],
+                              'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
+                              'rejected_ended': worst['ended'], 'words': p['words'],
+                              'features': p.get('features', {})})
+    stats = {'init_from': init_from, 'prompts': len(prompts), 'samples_per_prompt': samples_per_prompt,
+             'temperature': temperature, 'margin': margin,
+             'mean_score_gap': sum(gaps) / max(len(gaps), 1)}
+    print(f'{len(pairs)} of {len(prompts)} prompts gave a pair (score gap >= {margin}); '
+          f"mean best-worst gap {stats['mean_score_gap']:.3f}")
+if len(pairs) < 2:
+    sys.exit(f'error: only {len(pairs)} pair(s); lower margin= or sample more prompts')
+random.Random(seed).shuffle(pairs)
+n_val = max(1, round(len(pairs) * val_fraction))
+os.makedirs(out_dir, exist_ok=True)
+write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), pairs[:n_val])
+write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), pairs[n_val:])
+with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+    json.dump({**stats, 'train_pairs': len(pairs) - n_val, 'val_pairs': n_val}, f, indent=2)
+print(f'wrote {out_dir}: {len(pairs) - n_val} train and {n_val} val pairs')

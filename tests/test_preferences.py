@@ -1,0 +1,132 @@
+"""Preference pairs, the reward model (reward.py) and DPO (dpo.py)."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from common import chat_batch, load_checkpoint, load_model, rank_correlation
+from conftest import run_script
+from model import GPT, ModelConfig, ScalarModel, token_logprobs
+from tokenizer import ByteTokenizer, with_chat_tokens
+
+WORDS = 'the cat dog sun ran big red happy tree ball park home mom dad friend day play jump'.split()
+
+
+def planted_pairs(n, seed=0):
+    """Chosen answers contain 'banana', rejected ones do not: a preference a reward model
+    must discover from the pairs alone."""
+    rng = random.Random(seed)
+    sent = lambda k: ' '.join(rng.choice(WORDS) for _ in range(k)) + '.'     # noqa: E731
+    rows = []
+    for i in range(n):
+        w = sent(rng.randint(6, 14)).split()
+        w.insert(rng.randint(0, 5), 'banana')
+        rows.append({'prompt': f'Write a story number {i}.', 'chosen': ' '.join(w),
+                     'rejected': sent(rng.randint(6, 15))})
+    return rows
+
+
+@pytest.fixture(scope='module')
+def planted(pipeline):
+    src = pipeline / 'planted.jsonl'
+    src.write_text(''.join(json.dumps(r) + '\n' for r in planted_pairs(240)))
+    run_script('prepare/preferences.py', f'--source={src}', '--out_dir=planted', '--val_fraction=0.2',
+               cwd=pipeline)
+    return pipeline
+
+
+def test_sequence_logprobs_count_response_tokens_only():
+    tok = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
+    rows = [tok.encode_chat('Hi.', 'Yo!'), tok.encode_chat('A longer prompt.', 'Ok.')]
+    x, y = chat_batch(rows, tok.eot_id)
+    lp = token_logprobs(model(x)[0], y)
+    for b, (ids, mask) in enumerate(rows):
+        logits, _ = model(torch.tensor([ids[:-1]]))
+        full = torch.log_softmax(logits[0], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        response = full[torch.tensor(mask[1:])]                     # positions predicting the response
+        torch.testing.assert_close(lp[b].sum(), response.sum(), atol=1e-5, rtol=1e-5)
+        assert (lp[b][y[b] < 0] == 0).all()                          # prompt and padding add nothing
+
+
+def test_rank_correlation():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9487, abs=1e-4)   # ties averaged
+    assert math.isnan(rank_correlation([1, 1], [1, 2]))
+
+
+def test_external_pairs_are_checked_and_split(tmp_path):
+    src = tmp_path / 'pairs.jsonl'
+    src.write_text(''.join(json.dumps(r) + '\n' for r in planted_pairs(20)))
+    run_script('prepare/preferences.py', f'--source={src}', '--out_dir=p', '--val_fraction=0.25', cwd=tmp_path)
+    train = [json.loads(line) for line in open(tmp_path / 'p' / 'prefs_train.jsonl')]
+    val = [json.loads(line) for line in open(tmp_path / 'p' / 'prefs_val.jsonl')]
+    assert (len(train), len(val)) == (15, 5) and train[0]['chosen_ended'] is True
+    src.write_text(json.dumps({'prompt': 'x', 'chosen': 'y'}) + '\n')
+    p = run_script('prepare/preferences.py', f'--source={src}', '--out_dir=q', cwd=tmp_path, check=False)
+    assert "line 1 lacks ['rejected']" in p.stderr
+
+
+def test_sampled_pairs_from_a_model(pipeline):
+    run_script('prepare/preferences.py', '--init_from=base', '--task_dir=inst', '--out_dir=sampled',
+               '--samples_per_prompt=3', '--max_new_tokens=12', '--margin=0.0', '--device=cpu', cwd=pipeline)
+    rows = [json.loads(line) for line in open(pipeline / 'sampled' / 'prefs_train.jsonl')]
+    rows += [json.loads(line) for line in open(pipeline / 'sampled' / 'prefs_val.jsonl')]
+    assert len(rows) == 3                                            # one pair per prompt (margin 0)
+    assert all(r['chosen_score'] >= r['rejected_score'] and {'words', 'features'} <= set(r) for r in rows)
+    p = run_script('prepare/preferences.py', '--init_from=base', '--task_dir=inst', '--out_dir=none',
+                   '--samples_per_prompt=2', '--max_new_tokens=4', '--margin=2', '--device=cpu',
+                   cwd=pipeline, check=False)
+    assert 'lower margin= or sample more prompts' in p.stderr
+
+
+COMMON = ['--compile=False', '--device=cpu', '--peak_flops=1e12', '--log_interval=1', '--warmup_iters=5',
+          '--task_dir=inst', '--max_new_tokens=8']
+
+
+def test_reward_model_learns_a_planted_preference(planted):
+    run_script('reward.py', '--init_from=base', '--out_dir=rm', '--prefs_dir=planted', '--max_iters=60',
+               '--eval_interval=30', '--batch_size=8', '--learning_rate=1e-3', '--n_fresh=3', *COMMON, cwd=planted)
+    rows = [json.loads(line) for line in open(planted / 'rm' / 'log.jsonl')]
+    evals = [r for r in rows if 'val/accuracy' in r]
+    assert evals[-1]['val/accuracy'] > 0.9, evals                   # held-out pairs
+    assert {'val/length_corr', 'fresh/rank_corr'} <= set(evals[-1])
+    assert 'train/accuracy' in rows[1]
+    ckpt = load_checkpoint(str(planted / 'rm'))
+    assert ckpt['stage'] == 'reward' and ckpt['model_class'] == 'scalar' and ckpt['parent'] == 'base'
+    model, tok, _ = load_model(str(planted / 'rm'))                 # ppo / grpo load it like this
+    assert isinstance(model, ScalarModel)
+    good, _ = tok.encode_chat('Write a story number 1.', 'the big banana ran home.')
+    bad, _ = tok.encode_chat('Write a story number 1.', 'the big dog ran home.')
+    x = torch.full((2, max(len(good), len(bad))), tok.eot_id)
+    x[0, :len(good)], x[1, :len(bad)] = torch.tensor(good), torch.tensor(bad)
+    r = model(x, last=torch.tensor([len(good) - 1, len(bad) - 1]))
+    assert r[0] > r[1]
+
+
+def test_dpo_starts_at_log_2_and_falls(planted):
+    run_script('dpo.py', '--init_from=base', '--out_dir=dpo', '--prefs_dir=planted', '--max_iters=30',
+               '--eval_interval=15', '--batch_size=8', '--learning_rate=1e-3', '--eval_prompts=2', *COMMON,
+               cwd=planted)
+    rows = [json.loads(line) for line in open(planted / 'dpo' / 'log.jsonl')]
+    evals = [r for r in rows if 'val/loss' in r]
+    train = [r['train/loss'] for r in rows if 'train/loss' in r]
+    assert evals[0]['val/loss'] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference
+    assert train[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert evals[-1]['val/loss'] < 0.6 and evals[-1]['val/accuracy'] > 0.8   # from log 2 = 0.693
+    last_train = [r for r in rows if 'train/loss' in r][-1]
+    assert {'train/reward_margin', 'train/accuracy'} <= set(last_train) and 'task/score_greedy' in evals[-1]
+    ckpt = load_checkpoint(str(planted / 'dpo'))
+    assert ckpt['stage'] == 'dpo' and ckpt['reference'] == 'base'
+
+
+def test_bad_settings(planted):
+    p = run_script('reward.py', '--loss=hinge', cwd=planted, check=False)
+    assert "loss='hinge'; valid: bt, margin" in p.stderr
+    p = run_script('dpo.py', '--init_from=base', '--prefs_dir=nowhere', '--device=cpu', cwd=planted, check=False)
+    assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in p.stderr
