@@ -22,12 +22,12 @@ if [ "$PHASE" = a ]; then
   tail -2 $OUT/prefs.log
 else
   run reward python reward.py --init_from=$OUT/sft --out_dir=$OUT/reward --prefs_dir=$OUT/prefs --task_dir=$TASK \
-    --batch_size=16 --max_iters=200 --eval_interval=50 --learning_rate=1e-4 --min_lr=1e-5 --n_fresh=128 \
+    --batch_size=16 --max_iters=100 --eval_interval=25 --learning_rate=1e-4 --min_lr=1e-5 --n_fresh=128 \
     --max_new_tokens=150 --compile=False --save_checkpoints=False
   grep -o "step [0-9]*: val/loss.*" $OUT/reward.log
   for s in 1 2; do
     run dpo$s python dpo.py --init_from=$OUT/sft --out_dir=$OUT/dpo$s --prefs_dir=$OUT/prefs --task_dir=$TASK \
-      --batch_size=8 --max_iters=150 --eval_interval=50 --learning_rate=1e-5 --min_lr=1e-6 --eval_prompts=64 \
+      --batch_size=8 --max_iters=100 --eval_interval=25 --learning_rate=1e-5 --min_lr=1e-6 --eval_prompts=64 \
       --max_new_tokens=150 --compile=False --seed=$s --always_save_checkpoint=False
     grep -o "step [0-9]*: val/loss.*" $OUT/dpo$s.log
   done
