@@ -894,8 +894,13 @@ class Trainer:
 
     def checkpoint(self, metrics):
         from model import ScalarModel
-        kind = {'model_class': 'scalar'} if isinstance(self.raw, ScalarModel) else {}
-        return {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict(), **kind,
+        if hasattr(self.raw, 'checkpoint_state'):        # e.g. PPO's policy + value model
+            weights = self.raw.checkpoint_state()
+        else:
+            weights = {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict()}
+            if isinstance(self.raw, ScalarModel):
+                weights['model_class'] = 'scalar'
+        return {**weights,
                 'tokenizer': self.tok_spec, 'stage': self.stage, 'step': self.step,
                 'optimizer': self.optimizer.state_dict(), 'config': self.c, 'metrics': metrics,
                 'best_val_loss': self.best_val_loss, 'rng': capture_rng_state(), **self.extra}
@@ -907,7 +912,8 @@ class Trainer:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return int(bad)
 
-    def run(self, loss_fn, evaluate, plot_keys=('train/loss', 'val/loss')):
+    def run(self, loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'), extra_plots=()):
+        """extra_plots: (keys, file name, y label) of further curves drawn at every evaluation."""
         from tqdm import tqdm
         from optim import max_logits, qk_clip, set_lr
         c, rt, raw, log = self.c, self.rt, self.raw, self.log
@@ -938,6 +944,8 @@ class Trainer:
                 bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()
                                                         if isinstance(v, float)))
                 log.plot(keys=plot_keys)
+                for keys, name, ylabel in extra_plots:
+                    log.plot(keys=keys, name=name, ylabel=ylabel)
                 if self.track_logits:
                     log.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
                 if expert_share is not None:

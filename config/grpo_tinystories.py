@@ -1,0 +1,14 @@
+# GRPO from the SFT model on the instruction task, rewarded by the task rule.
+# $ python grpo.py config/grpo_tinystories.py
+out_dir = 'out/grpo'
+init_from = 'out/sft'
+reward = 'rule'
+rollout_prompts = 16
+group_size = 4
+minibatch_size = 16
+max_new_tokens = 300
+beta = 0.04
+learning_rate = 1e-5
+max_iters = 400
+eval_interval = 40
+eval_prompts = 128

@@ -1,0 +1,16 @@
+# PPO from the SFT model on the instruction task, rewarded by the task rule.
+# $ python ppo.py config/ppo_tinystories.py
+# (reward='model' with reward_model='out/reward' and value_init='reward' for RLHF proper)
+out_dir = 'out/ppo'
+init_from = 'out/sft'
+reward = 'rule'
+rollout_prompts = 64
+minibatch_size = 16
+ppo_epochs = 2
+max_new_tokens = 300
+kl_beta = 0.05
+kl_target = 6.0
+learning_rate = 1e-5
+max_iters = 400
+eval_interval = 40
+eval_prompts = 128

@@ -1,0 +1,292 @@
+"""
+What PPO (ppo.py) and GRPO (grpo.py) share, in one place: rollouts (batched KV-cache sampling of
+answers to task prompts), per-token log-probabilities under the policy and the reference, rewards
+(the task rule, the reward model, a mix, or a toy), running reward normalisation, GAE, the clipped
+policy and value losses, KL estimators and the adaptive KL controller.
+
+Layout of a rollout: each row is prompt + response (+ <|end|> when the model ended its turn),
+right-padded; per-token tensors have one column less and are aligned with the targets
+seq[:, 1:], so column t holds what is known about generating token t + 1. `mask` is True on the
+columns whose target is a response token.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from common import generate_chat
+from model import token_logprobs
+
+
+# --- rollouts -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                   autocast=None, batch_size=64):
+    """Answer every prompt (dicts with 'prompt') once with the policy. Returns a dict with
+    seq (N, L) prompt + response [+ <|end|>] right-padded, mask (N, L-1), texts, ended, lengths."""
+    import contextlib
+    autocast = autocast or contextlib.nullcontext
+    answers = generate_chat(policy, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
+                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=generator)
+    rows, masks = [], []
+    for p, a in zip(prompts, answers):
+        prompt_ids = tok.encode_chat(p['prompt'])[0]
+        response = a['ids'] + ([tok.chat_id('end')] if a['ended'] else [])
+        rows.append(prompt_ids + response)
+        masks.append([False] * (len(prompt_ids) - 1) + [True] * len(response))
+    L = max(len(r) for r in rows)
+    seq = torch.full((len(rows), L), tok.eot_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L - 1), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        seq[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(m)] = torch.tensor(m)
+    device = next(policy.parameters()).device
+    return {'seq': seq.to(device), 'mask': mask.to(device), 'texts': [a['text'] for a in answers],
+            'ended': [a['ended'] for a in answers], 'lengths': [len(a['ids']) for a in answers]}
+
+
+def response_logprobs(model, seq, mask):
+    """(N, L-1) log p(token) of the response tokens under `model`, 0 elsewhere; logits returned
+    too (for the entropy)."""
+    logits, _ = model(seq[:, :-1])
+    targets = seq[:, 1:].masked_fill(~mask, -1)
+    return token_logprobs(logits, targets), logits
+
+
+@torch.no_grad()
+def batched_logprobs(model, seq, mask, autocast, batch_size=32):
+    out = []
+    for i in range(0, seq.size(0), batch_size):
+        with autocast():
+            lp, _ = response_logprobs(model, seq[i:i + batch_size], mask[i:i + batch_size])
+        out.append(lp.float())
+    return torch.cat(out)
+
+
+# --- rewards ------------------------------------------------------------------------------------
+
+class Rewards:
+    """Sequence rewards for a rollout. kind: 'rule' (task.score), 'model' (a reward.py model,
+    read at the last token), 'mix' (mix * model + (1 - mix) * rule), or 'token:<s>' (a toy: the
+    share of response tokens that are the single token <s>). A turn that did not end loses
+    no_end_penalty. Returns (rewards (N,), {'rule': scores or None, 'model': scores or None})."""
+
+    def __init__(self, kind, tok, reward_model=None, mix=0.5, no_end_penalty=0.0):
+        self.kind, self.tok, self.reward_model = kind, tok, reward_model
+        self.mix, self.no_end_penalty = mix, no_end_penalty
+        if kind.startswith('token:'):
+            ids = tok.encode(kind[len('token:'):])
+            if len(ids) != 1:
+                raise ValueError(f"reward='{kind}': '{kind[6:]}' must be one token, it is {len(ids)}")
+            self.token = ids[0]
+        elif kind not in ('rule', 'model', 'mix'):
+            raise ValueError(f"reward='{kind}'; valid: rule, model, mix, token:<text>")
+        if kind in ('model', 'mix') and reward_model is None:
+            raise ValueError(f"reward='{kind}' needs a reward model (reward_model=out/reward)")
+
+    @torch.no_grad()
+    def __call__(self, prompts, rollout, autocast, batch_size=32):
+        from task import score
+        device = rollout['seq'].device
+        rule = model_scores = None
+        if self.kind in ('rule', 'mix'):
+            rule = torch.tensor([score(t, p['words'], p.get('features'), e)['score']
+                                 for t, p, e in zip(rollout['texts'], prompts, rollout['ended'])], device=device)
+        if self.kind in ('model', 'mix'):
+            seq, mask = rollout['seq'], rollout['mask']
+            last = torch.where(mask.any(1), mask.shape[1] - mask.flip(1).float().argmax(1), torch.zeros_like(mask[:, 0], dtype=torch.long))
+            outs = []
+            for i in range(0, seq.size(0), batch_size):
+                with autocast():
+                    outs.append(self.reward_model(seq[i:i + batch_size], last=last[i:i + batch_size]).float())
+            model_scores = torch.cat(outs)
+        if self.kind == 'rule':
+            r = rule.clone()
+        elif self.kind == 'model':
+            r = model_scores.clone()
+        elif self.kind == 'mix':
+            r = self.mix * model_scores + (1 - self.mix) * rule
+        else:
+            hits = ((rollout['seq'][:, 1:] == self.token) & rollout['mask']).sum(1).float()
+            r = hits / rollout['mask'].sum(1).clamp(min=1)
+        ended = torch.tensor(rollout['ended'], device=device)
+        r = r - self.no_end_penalty * (~ended).float()
+        return r, {'rule': rule, 'model': model_scores}
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every value seen (Chan et al.'s parallel update),
+    for reward normalisation: r' = (r - mean) / std."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x):
+        x = x.double().flatten()
+        n_b, mean_b = x.numel(), x.mean().item()
+        m2_b = ((x - mean_b) ** 2).sum().item()
+        delta, n = mean_b - self.mean, self.n + n_b
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta ** 2 * self.n * n_b / n
+        self.n = n
+
+    @property
+    def std(self):
+        return math.sqrt(self.m2 / self.n) if self.n > 1 else 1.0
+
+    def normalize(self, x):
+        return (x - self.mean) / (self.std + 1e-8)
+
+    def state_dict(self):
+        return {'n': self.n, 'mean': self.mean, 'm2': self.m2}
+
+    def load_state_dict(self, s):
+        self.n, self.mean, self.m2 = s['n'], s['mean'], s['m2']
+
+
+# --- advantages ---------------------------------------------------------------------------------
+
+def masked_mean(x, mask, dim=None):
+    mask = mask.float()
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x, mask):
+    """Advantages to zero mean and unit variance over the masked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return ((x - mean) / (var.sqrt() + 1e-8)) * mask
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al. 2016), over each row's response columns:
+        delta_t = r_t + gamma V_{t+1} - V_t      (V after the last response token = 0)
+        A_t = delta_t + gamma lambda A_{t+1},    returns R_t = A_t + V_t.
+    rewards, values, mask: (N, T); 0 outside the mask."""
+    T = rewards.size(1)
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    m = mask.float()
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * m[:, t]
+        next_adv = adv[:, t]
+        next_value = values[:, t] * m[:, t]
+    return adv, (adv + values) * m
+
+
+def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta):
+    """PPO's reward stream: r_t = -beta (log pi - log ref)_t on every response token (a KL
+    penalty, the k1 estimator), plus the sequence reward on its last response token."""
+    r = -beta * (logp - ref_logp) * mask
+    last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
+    r[torch.arange(r.size(0)), last] += seq_rewards
+    return r
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """GRPO: A_i = (r_i - mean of its group) / (std of its group + eps), or without the std."""
+    g = rewards.view(-1, group_size)
+    adv = g - g.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(1, keepdim=True) + eps)
+    return adv.flatten(), (g.std(1) == 0)
+
+
+# --- losses and statistics ----------------------------------------------------------------------
+
+def clipped_policy_loss(logp, old_logp, adv, mask, eps=0.2, per_sequence=False):
+    """PPO's clipped surrogate (Schulman et al. 2017):
+        L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A),   rho = exp(log pi - log pi_old),
+    whose gradient is zero where the ratio has left the trust region in A's favour. Averaged over
+    response tokens (per_sequence: first over each sequence's tokens, then over sequences, as in
+    GRPO). Returns (loss, clip fraction, approximate KL(old || new))."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    if per_sequence:
+        loss = -masked_mean(surrogate, mask, dim=1).mean()
+    else:
+        loss = -masked_mean(surrogate, mask)
+    clipped = ((ratio - 1).abs() > eps) & mask
+    approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
+    return loss, clipped.float().sum() / mask.float().sum().clamp(min=1), approx_kl
+
+
+def clipped_value_loss(values, old_values, returns, mask, eps=0.2):
+    """0.5 max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2), over response tokens."""
+    clipped = old_values + (values - old_values).clamp(-eps, eps)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token KL(pi || ref) by the k3 estimator (Schulman 2020), unbiased and >= 0:
+    exp(log ref - log pi) - (log ref - log pi) - 1."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def entropy(logits, mask):
+    """Mean entropy of the next-token distribution over response positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over response tokens: 1 for a perfect value function."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return 1 - var_d / var_r.clamp(min=1e-8)
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019): move beta so the measured KL tracks `target`:
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
+    after each rollout of n sequences; fixed when target is 0."""
+
+    def __init__(self, beta, target=0.0, horizon=10000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        if self.target > 0:
+            err = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + err * n / self.horizon
+        return self.beta
+
+
+class ActorCritic(nn.Module):
+    """PPO's two trained models as one module, so one optimizer and common.Trainer drive both:
+    forward(x) -> (policy logits, values). The checkpoint keeps the policy as 'model' (eval.py and
+    sample.py load it like any language model) and the value model beside it."""
+
+    def __init__(self, policy, value):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.config = policy.config
+
+    def forward(self, x):
+        return self.policy(x)[0], self.value.values(x)
+
+    @property
+    def last_losses(self):
+        return {}
+
+    def update_router_bias(self, reduce=None):
+        self.value.update_router_bias(reduce)
+        return self.policy.update_router_bias(reduce)
+
+    def track_max_logits(self, on=True):
+        self.policy.track_max_logits(on)
+        self.value.track_max_logits(on)
+
+    def attention_modules(self):
+        return self.policy.attention_modules() + self.value.attention_modules()
+
+    def checkpoint_state(self):
+        return {'model': self.policy.state_dict(), 'model_config': self.policy.config.to_dict(),
+                'value_model': self.value.state_dict(), 'value_model_config': self.value.config.to_dict()}

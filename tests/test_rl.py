@@ -1,0 +1,203 @@
+"""rl.py's pieces against hand-computed values, and ppo.py / grpo.py learning a toy reward."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+from model import GPT, ModelConfig
+from rl import (AdaptiveKL, Rewards, RunningMoments, clipped_policy_loss, clipped_value_loss,
+                explained_variance, gae, group_advantages, kl_k3, per_token_rewards, sample_rollout, whiten)
+from tokenizer import ByteTokenizer, with_chat_tokens
+
+
+def test_gae_by_hand():
+    # one response of 3 tokens after a 2-column prompt, rewards [0, 0, 1], values [.5, .6, .7]
+    mask = torch.tensor([[False, False, True, True, True, False]])
+    r = torch.tensor([[0, 0, 0.0, 0.0, 1.0, 0]])
+    v = torch.tensor([[0, 0, 0.5, 0.6, 0.7, 0]])
+    adv, ret = gae(r, v, mask, gamma=1.0, lam=0.95)
+    # delta = [0 + .6 - .5, 0 + .7 - .6, 1 - .7] = [.1, .1, .3]; A2 = .3, A1 = .1 + .95 * .3,
+    # A0 = .1 + .95 * A1
+    a2, a1 = 0.3, 0.1 + 0.95 * 0.3
+    a0 = 0.1 + 0.95 * a1
+    torch.testing.assert_close(adv, torch.tensor([[0, 0, a0, a1, a2, 0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0, 0, a0 + .5, a1 + .6, a2 + .7, 0]]))
+    # gamma < 1 and a second row of another length: rows are independent
+    mask2 = torch.tensor([[True, True, False], [True, True, True]])
+    r2 = torch.tensor([[0.0, 2.0, 0], [1.0, 0.0, 1.0]])
+    v2 = torch.zeros(2, 3)
+    adv2, _ = gae(r2, v2, mask2, gamma=0.5, lam=1.0)
+    torch.testing.assert_close(adv2, torch.tensor([[0.5 * 2.0, 2.0, 0], [1 + 0.25 * 1.0, 0.5 * 1.0, 1.0]]))
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2])
+    adv, flat = group_advantages(r, 4, scale=False)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0.0, 0.0, 0, 0, 0, 0]))
+    assert flat.tolist() == [False, True]                        # the second group has no signal
+    adv, _ = group_advantages(r, 4, scale=True, eps=0.0)
+    std = torch.tensor([1.0, 0.0, 0.5, 0.5]).std()               # unbiased, as torch.std
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, 0.0, 0.0]) / std)
+
+
+def test_per_token_rewards_put_the_score_on_the_last_token():
+    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    logp = torch.tensor([[0.0, -1.0, -2.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[0.0, -1.5, -2.0, 0.0], [-1.0, -2.0, -1.0, -1.0]])
+    r = per_token_rewards(torch.tensor([3.0, 5.0]), logp, ref, mask, beta=0.1)
+    torch.testing.assert_close(r, torch.tensor([[0.0, -0.05, 3.0, 0.0], [0.0, -0.1, 0.0, 5.0]]))
+
+
+def test_clipped_loss_gradient_is_zero_outside_the_trust_region():
+    old = torch.zeros(1, 4)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    # ratios exp(0.5) (above 1 + eps) with positive advantage, exp(-0.5) (below 1 - eps) with
+    # negative advantage: clipped, no gradient; ratios inside the region: gradient
+    logp = torch.tensor([[0.5, -0.5, 0.05, -0.05]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, clip_frac, _ = clipped_policy_loss(logp, old, adv, mask, eps=0.2)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == 0
+    assert logp.grad[0, 2] < 0 and logp.grad[0, 3] > 0          # raise the good token, lower the bad
+    assert clip_frac.item() == 0.5
+    # the pessimistic side is not clipped: ratio above 1 + eps with a negative advantage
+    logp2 = torch.tensor([[0.5]], requires_grad=True)
+    loss2, _, _ = clipped_policy_loss(logp2, torch.zeros(1, 1), torch.tensor([[-1.0]]), mask[:, :1])
+    loss2.backward()
+    assert logp2.grad[0, 0] > 0
+
+
+def test_clipped_value_loss():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    v_old, ret = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    v = torch.tensor([[0.5, 1.0]])                # the second moved past the clip range toward R
+    loss = clipped_value_loss(v, v_old, ret, mask, eps=0.2)
+    # max((V - R)^2, (clip(V) - R)^2) = [max(.25, .64), max(0, .64)]
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64) / 2)
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    logp = torch.randn(3, 5)
+    assert kl_k3(logp, logp).abs().max() == 0
+    assert (kl_k3(logp, logp + 0.3) >= 0).all() and kl_k3(logp, logp + 0.3).sum() > 0
+    tok = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
+    prompts = [{'prompt': 'hi', 'words': ['x']}, {'prompt': 'a longer one', 'words': ['y']}]
+    ro = sample_rollout(model, tok, prompts, 6, 1.0, generator=torch.Generator().manual_seed(0))
+    from rl import batched_logprobs
+    import contextlib
+    a = batched_logprobs(model, ro['seq'], ro['mask'], contextlib.nullcontext)
+    b = batched_logprobs(model, ro['seq'], ro['mask'], contextlib.nullcontext)
+    assert ((a - b) * ro['mask']).abs().max() == 0 and (kl_k3(a, b) * ro['mask']).abs().max() == 0
+    assert ro['mask'].sum(1).tolist() == [n + e for n, e in zip(ro['lengths'], ro['ended'])]
+
+
+def test_rewards_and_normalisation():
+    tok = with_chat_tokens(ByteTokenizer())
+    ro = {'texts': ['The fox ran.', 'fox fox'], 'ended': [True, False],
+          'seq': torch.tensor([[97, 97, 98, 0], [97, 0, 0, 0]]), 'mask': torch.tensor([[True, True, True],
+                                                                                        [True, False, False]])}
+    prompts = [{'prompt': 'p', 'words': ['fox']}] * 2
+    import contextlib
+    r, parts = Rewards('rule', tok, no_end_penalty=0.5)(prompts, ro, contextlib.nullcontext)
+    assert r[0].item() == pytest.approx(1.0) and r[1].item() == pytest.approx(0.6 + 0.2 - 0.5)
+    r, _ = Rewards('token:b', tok)(prompts, ro, contextlib.nullcontext)
+    torch.testing.assert_close(r, torch.tensor([1 / 3, 0.0]))
+    with pytest.raises(ValueError, match='valid: rule, model, mix'):
+        Rewards('human', tok)
+    with pytest.raises(ValueError, match='needs a reward model'):
+        Rewards('mix', tok)
+    m = RunningMoments()
+    data = np.random.default_rng(0).normal(3, 2, 100)
+    for chunk in np.split(data, 4):
+        m.update(torch.tensor(chunk))
+    assert m.mean == pytest.approx(data.mean()) and m.std == pytest.approx(data.std())
+
+
+def test_statistics_and_kl_controller():
+    mask = torch.tensor([[True, True, False]])
+    assert explained_variance(torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[1.0, 2.0, 0.0]]), mask) == 1.0
+    w = whiten(torch.tensor([[1.0, 3.0, 100.0]]), mask)
+    torch.testing.assert_close(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=100)
+    assert ctl.update(12.0, 10) == pytest.approx(0.1 * 1.02)     # KL too high: beta up (clipped at +20%)
+    assert AdaptiveKL(0.1).update(50.0, 10) == 0.1                # no target: fixed
+
+
+TOY = ['--init_from=base', '--task_dir=inst', '--reward=token:e', '--no_end_penalty=0', '--max_new_tokens=8',
+       '--learning_rate=3e-3', '--compile=False', '--device=cpu', '--peak_flops=1e12', '--eval_prompts=2',
+       '--log_interval=4']
+
+
+def rewards_logged(folder):
+    rows = [json.loads(line) for line in open(folder / 'log.jsonl')]
+    return [r['train/reward'] for r in rows if 'train/reward' in r], rows
+
+
+def test_ppo_raises_a_toy_reward(pipeline):
+    run_script('ppo.py', '--out_dir=ppo', *TOY, '--rollout_prompts=16', '--minibatch_size=8', '--max_iters=64',
+               '--eval_interval=32', cwd=pipeline)
+    rewards, rows = rewards_logged(pipeline / 'ppo')
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
+    assert {'train/value_loss', 'train/clip_frac', 'train/entropy', 'train/explained_variance', 'train/kl_ref',
+            'train/beta'} <= set(rows[-2])
+    assert (pipeline / 'ppo' / 'samples.md').read_text().count('| reward |') >= 2
+    from common import load_model
+    model, _, ckpt = load_model(str(pipeline / 'ppo'))           # the policy loads as a plain GPT
+    assert type(model) is GPT and ckpt['stage'] == 'ppo' and 'value_model' in ckpt
+
+
+def test_grpo_raises_a_toy_reward(pipeline):
+    run_script('grpo.py', '--out_dir=grpo', *TOY, '--rollout_prompts=4', '--group_size=4', '--minibatch_size=8',
+               '--max_iters=64', '--eval_interval=32', cwd=pipeline)
+    rewards, rows = rewards_logged(pipeline / 'grpo')
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
+    assert {'train/zero_spread_groups', 'train/kl_loss', 'train/clip_frac'} <= set(rows[-2])
+
+
+def test_ppo_resume_continues_exactly(pipeline):
+    args = [*TOY, '--rollout_prompts=8', '--minibatch_size=4', '--ppo_epochs=1', '--eval_interval=4',
+            '--log_interval=1', '--lr_decay_iters=8']
+    run_script('ppo.py', '--out_dir=pa', *args, '--max_iters=8', cwd=pipeline)
+    run_script('ppo.py', '--out_dir=pb', *args, '--max_iters=4', cwd=pipeline)
+    run_script('ppo.py', '--out_dir=pb', *args, '--max_iters=8', '--init_from=resume', cwd=pipeline)
+    a = [r['train/loss'] for r in rewards_logged(pipeline / 'pa')[1] if 'train/loss' in r]
+    b = [r['train/loss'] for r in rewards_logged(pipeline / 'pb')[1] if 'train/loss' in r]
+    assert a == b and len(a) == 8
+
+
+def test_reward_model_in_the_loop(pipeline):
+    pairs = pipeline / 'rl_pairs.jsonl'
+    pairs.write_text(''.join(json.dumps({'prompt': f'p{i}', 'chosen': 'a banana.', 'rejected': 'a dog.'}) + '\n'
+                             for i in range(20)))
+    run_script('prepare/preferences.py', f'--source={pairs}', '--out_dir=rl_prefs', cwd=pipeline)
+    run_script('reward.py', '--init_from=base', '--out_dir=rl_rm', '--prefs_dir=rl_prefs', '--max_iters=4',
+               '--eval_interval=4', '--batch_size=4', '--n_fresh=0', '--compile=False', '--device=cpu',
+               '--peak_flops=1e12', cwd=pipeline)
+    common = ['--init_from=base', '--task_dir=inst', '--reward=mix', '--reward_model=rl_rm', '--max_new_tokens=6',
+              '--compile=False', '--device=cpu', '--peak_flops=1e12', '--eval_prompts=2', '--log_interval=1']
+    run_script('ppo.py', '--out_dir=ppo_rm', *common, '--value_init=reward', '--rollout_prompts=4',
+               '--minibatch_size=4', '--ppo_epochs=1', '--max_iters=2', '--eval_interval=2', cwd=pipeline)
+    run_script('grpo.py', '--out_dir=grpo_rm', *common, '--rollout_prompts=2', '--group_size=2',
+               '--minibatch_size=4', '--max_iters=2', '--eval_interval=2', cwd=pipeline)
+    for folder in ('ppo_rm', 'grpo_rm'):
+        rows = rewards_logged(pipeline / folder)[1]
+        assert {'train/rule_score', 'train/reward_model_score'} <= set(rows[0]) | set(rows[1])
+        assert 'val/reward_model_score' in rows[-1]
+
+
+def test_bad_settings(pipeline):
+    p = run_script('ppo.py', '--init_from=base', '--task_dir=inst', '--eval_interval=5', '--device=cpu',
+                   cwd=pipeline, check=False)
+    assert 'must be a multiple of ppo_epochs x minibatches per rollout = 8' in p.stderr
+    p = run_script('grpo.py', '--init_from=base', '--group_size=1', cwd=pipeline, check=False)
+    assert 'group_size=1 must be at least 2' in p.stderr
+    p = run_script('ppo.py', '--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8',
+                   '--device=cpu', cwd=pipeline, check=False)
+    assert "'ab' must be one token" in p.stderr
+    assert not math.isnan(0.0)
