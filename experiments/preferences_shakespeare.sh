@@ -31,6 +31,6 @@ else
       --max_new_tokens=150 --compile=False --seed=$s --always_save_checkpoint=False
     grep -o "step [0-9]*: val/loss.*" $OUT/dpo$s.log
   done
-  python eval.py --compare=$OUT/sft,$OUT/dpo1,$OUT/dpo2 --task_dir=$TASK --n_prompts=256 --max_new_tokens=150 \
+  [ -n "${SKIP_EVAL:-}" ] || python eval.py --compare=$OUT/sft,$OUT/dpo1,$OUT/dpo2 --task_dir=$TASK --n_prompts=256 --max_new_tokens=150 \
     --data_dir=$DATA --eval_iters=20 | tee $OUT/compare.md
 fi
