@@ -35,6 +35,8 @@ max_new_tokens = 300
 temperature = 0.0            # 0: greedy
 top_k = 0
 gen_batch_size = 64
+reference = ''               # a checkpoint (e.g. out/sft): also report KL(model || reference) on
+                             # sampled answers to the held-out prompts (nats per answer)
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -77,9 +79,29 @@ def task_metrics(model, tok):
     prompts = read_jsonl(path, ('prompt', 'words'))[:n_prompts]
     r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
                       batch_size=gen_batch_size, autocast=rt.autocast, seed=seed)
-    return {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
-            'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
-            'task/example': r['example']}
+    out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
+           'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
+           'task/example': r['example']}
+    if reference:
+        out['kl_ref'] = kl_to_reference(model, tok, prompts)
+    return out
+
+
+@torch.no_grad()
+def kl_to_reference(model, tok, prompts):
+    """Mean over sampled answers (temperature 1) of sum_t log pi(a_t) - log ref(a_t): the k1
+    estimate of KL(model || reference) per answer, in nats."""
+    from rl import batched_logprobs, sample_rollout
+    ref, ref_tok, _ = load_chat_model(reference, rt.device)
+    if ref_tok.spec() != tok.spec():
+        sys.exit(f"error: the reference's tokenizer ({reference}) differs from the model's")
+    ref.eval()
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    ro = sample_rollout(model, tok, prompts, max_new_tokens, 1.0, generator=g, autocast=rt.autocast,
+                        batch_size=gen_batch_size)
+    lp = batched_logprobs(model, ro['seq'], ro['mask'], rt.autocast)
+    lr = batched_logprobs(ref, ro['seq'], ro['mask'], rt.autocast)
+    return ((lp - lr) * ro['mask']).sum(1).mean().item()
 
 
 def evaluate(folder):
@@ -99,14 +121,16 @@ def fmt(v, spec='.4f'):
     return '-' if v is None else format(v, spec)
 
 
-HEADER = ('| run | stage | step | val loss | val bits/byte | task score | all words used | ended turn |\n'
-          '| --- | --- | --- | --- | --- | --- | --- | --- |')
+HEADER = ('| run | stage | step | val loss | val bits/byte | task score | all words used | ended turn |'
+          + (' KL to reference |' if reference else '') + '\n| --- | --- | --- | --- | --- | --- | --- | --- |'
+          + (' --- |' if reference else ''))
 
 
 def row(r):
     pct = lambda k: '-' if r.get(k) is None else f'{100 * r[k]:.1f}%'   # noqa: E731
     return (f"| {r['run']} | {r['stage']} | {r['step']} | {fmt(r['val/loss'])} | {fmt(r['val/bpb'])} | "
-            f"{fmt(r.get('task/score'), '.3f')} | {pct('task/all_words')} | {pct('task/ended')} |")
+            f"{fmt(r.get('task/score'), '.3f')} | {pct('task/all_words')} | {pct('task/ended')} |"
+            + (f" {fmt(r.get('kl_ref'), '.2f')} |" if reference else ''))
 
 
 folders = [f for f in compare.split(',') if f] if compare else [out_dir]

@@ -26,5 +26,5 @@ elif [ "$PHASE" = grpo ]; then
   done
 else
   python eval.py --compare=$OUT/sft,$OUT/dpo1,$OUT/dpo2,$OUT/ppo1,$OUT/ppo2,$OUT/grpo1,$OUT/grpo2 --task_dir=$TASK \
-    --n_prompts=256 --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 | tee $OUT/compare_all.md
+    --n_prompts=256 --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 --reference=$OUT/sft | tee $OUT/compare_all.md
 fi

@@ -180,6 +180,10 @@ def test_eval_table_and_compare(pipeline):
     assert result['task/n_prompts'] == 3 and 0 <= result['task/score'] <= 1 and result['val/bpb'] > 0
     p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
     assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
+    p = run_script('eval.py', '--compare=base,sft_eval', '--reference=base', *args, cwd=pipeline)
+    rows = p.stdout.strip().splitlines()
+    assert rows[-4].endswith('| KL to reference |') and rows[-2].endswith('| 0.00 |')   # base vs itself
+    assert float(rows[-1].split('|')[-2]) > 0
     p = run_script('sample.py', '--out_dir=sft_eval', '--start=Write a story.', '--num_samples=1',
                    '--max_new_tokens=8', '--device=cpu', cwd=pipeline)    # the chat template by default
     assert p.stdout.startswith('[user] Write a story.\n[assistant] ')
