@@ -77,34 +77,70 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group['lr'], group['weight_decay']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if group['use_muon']:
-                    if 'momentum_buffer' not in state:
-                        state['momentum_buffer'] = torch.zeros_like(g)
-                    m = state['momentum_buffer']
-                    m.mul_(group['momentum']).add_(g)                        # M <- mu M + G
-                    u = g.add(m, alpha=group['momentum']) if group['nesterov'] else m
-                    o = newton_schulz(u, group['ns_steps']).to(p.dtype)
-                    p.mul_(1 - lr * wd)                                       # decoupled decay
-                    p.add_(o, alpha=-lr * muon_update_scale(p.shape))
-                else:
-                    beta1, beta2 = group['betas']
-                    if 'step' not in state:
-                        state['step'] = torch.zeros((), dtype=torch.float32)
-                        state['exp_avg'] = torch.zeros_like(p)
-                        state['exp_avg_sq'] = torch.zeros_like(p)
-                    state['step'] += 1
-                    t = state['step'].item()
-                    state['exp_avg'].lerp_(g, 1 - beta1)                      # m <- b1 m + (1-b1) g
-                    state['exp_avg_sq'].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    denom = (state['exp_avg_sq'] / (1 - beta2 ** t)).sqrt_().add_(group['eps'])
-                    p.mul_(1 - lr * wd)
-                    p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - beta1 ** t))
+            params = [p for p in group['params'] if p.grad is not None]
+            if not params:
+                continue
+            if group['use_muon']:
+                self._muon_step(group, params)
+            else:
+                self._adamw_step(group, params)
         return loss
+
+    def _muon_step(self, group, params):
+        """Momentum for every matrix at once (foreach kernels), then ONE batched Newton-Schulz per
+        matrix shape: e.g. all q_b_proj weights of all layers, or the gate and up stacks of every
+        MoE layer (E matrices each), go through the same 5 iterations as one (n, m, k) batch.
+        Each matrix is still normalised and orthogonalised on its own, so this equals the loop
+        over matrices; it just launches ~15 kernels per shape instead of per matrix."""
+        lr, wd, mu = group['lr'], group['weight_decay'], group['momentum']
+        grads = [p.grad for p in params]
+        bufs = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if 'momentum_buffer' not in state:
+                state['momentum_buffer'] = torch.zeros_like(g)
+            bufs.append(state['momentum_buffer'])
+        torch._foreach_mul_(bufs, mu)                                    # M <- mu M + G
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group['nesterov'] else bufs  # G + mu M
+        torch._foreach_mul_(params, 1 - lr * wd)                         # decoupled decay
+        by_shape = {}                                                    # (m, n) -> indices
+        for i, u in enumerate(updates):
+            by_shape.setdefault((tuple(u.shape[-2:]), u.device), []).append(i)
+        for ((m, n), _), ix in by_shape.items():
+            stacked = torch.cat([updates[i].reshape(-1, m, n) for i in ix])   # (matrices, m, n)
+            ortho = newton_schulz(stacked, group['ns_steps'])
+            sizes = [updates[i].numel() // (m * n) for i in ix]
+            for i, o in zip(ix, ortho.split(sizes)):
+                p = params[i]
+                p.add_(o.view(p.shape).to(p.dtype), alpha=-lr * muon_update_scale(p.shape))
+
+    def _adamw_step(self, group, params):
+        """AdamW (Loshchilov & Hutter 2019) for embeddings, head, norms and biases, as foreach
+        kernels over the group:  m <- b1 m + (1-b1) g,  v <- b2 v + (1-b2) g^2,
+        p <- p (1 - lr wd) - lr / (1-b1^t) * m / (sqrt(v / (1-b2^t)) + eps)."""
+        lr, wd, eps = group['lr'], group['weight_decay'], group['eps']
+        beta1, beta2 = group['betas']
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if 'step' not in state:
+                state['step'] = torch.zeros((), dtype=torch.float32)    # on the CPU: no device sync
+                state['exp_avg'] = torch.zeros_like(p)
+                state['exp_avg_sq'] = torch.zeros_like(p)
+            state['step'] += 1
+            grads.append(p.grad)
+            exp_avgs.append(state['exp_avg'])
+            exp_avg_sqs.append(state['exp_avg_sq'])
+            steps.append(state['step'].item())
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** t for t in steps])
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1 ** t) for t in steps])
 
 
 def adamw_param_groups(params, weight_decay):
