@@ -7,6 +7,9 @@ $ python bench.py config/tinystories_moe.py
 $ python bench.py config/tinystories_moe.py --compare_hf=True
 $ python bench.py config/tinystories_moe.py --device=cpu --batch_size=4 --block_size=64 --moe_impl=loop
 
+Decoding runs with the weights in the compute dtype (bf16 on GPUs, for both models), eagerly and,
+on CUDA with cuda_graph=True, with every one-token step replayed as a CUDA graph.
+
 Reports the median of `steps` timed repetitions after `warmup` untimed ones, synchronising the
 device around each. MFU = model FLOPs per second (active experts and attention, see
 GPT.flops_per_token) over the peak of a large bf16 matmul measured on this device.
@@ -38,6 +41,7 @@ warmup = 3
 decode_batches = (1, 64)        # batch sizes for decode timing
 decode_tokens = 128             # new tokens per decode timing
 prompt_len = 32
+cuda_graph = True               # also time decoding with each step replayed as a CUDA graph
 compare_hf = False              # also time transformers' DeepseekV3ForCausalLM (needs transformers)
 compile = None                  # torch.compile the training step; None: on for CUDA
 device = 'auto'
@@ -164,9 +168,15 @@ if 'train' in modes:
         hf.zero_grad(set_to_none=True)
     raw.zero_grad(set_to_none=True)
 
+# inference runs with the weights in the compute dtype (bf16 on GPUs; RoPE frequencies and router
+# biases stay float32, see GPT._apply) rather than float32 weights cast by autocast at every call
 raw.eval()
+if rt.dtype != 'float32':
+    raw.to(getattr(torch, rt.dtype))
 if hf is not None:
     hf.eval()
+    if rt.dtype != 'float32':
+        hf.to(getattr(torch, rt.dtype))
 if 'prefill' in modes:
     @torch.no_grad()
     def prefill():
@@ -182,16 +192,18 @@ if 'decode' in modes:
     for B in decode_batches:
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=rt.device)
 
-        @torch.no_grad()
-        def decode():
-            with rt.autocast():
-                for _ in raw.generate_tokens(prompt, decode_tokens, temperature=0):
-                    pass
-        reset_memory()
-        dt = timed(decode, n=max(3, steps // 3), n_warmup=1)
-        results[f'decode_b{B}'] = {'tokens_per_sec': B * decode_tokens / dt, 'peak_mem_gb': peak_memory_gb()}
-        profiled(f'decode batch {B} ({decode_tokens} tokens)', decode)
-        print(f'decode batch {B}', results[f'decode_b{B}'], flush=True)
+        for graph in ((False, True) if cuda_graph and cuda else (False,)):
+            @torch.no_grad()
+            def decode():
+                with rt.autocast():
+                    for _ in raw.generate_tokens(prompt, decode_tokens, temperature=0, cuda_graph=graph):
+                        pass
+            reset_memory()
+            dt = timed(decode, n=max(3, steps // 3), n_warmup=1)
+            key = f'decode_b{B}' + ('_graph' if graph else '')
+            results[key] = {'tokens_per_sec': B * decode_tokens / dt, 'peak_mem_gb': peak_memory_gb()}
+            profiled(f'decode batch {B} ({decode_tokens} tokens){" CUDA graph" if graph else ""}', decode)
+            print(f'decode batch {B}' + (' (CUDA graph)' if graph else ''), results[key], flush=True)
         if hf is not None:
             @torch.no_grad()
             def hf_decode():
@@ -216,13 +228,14 @@ if 'train_hf' in results:
 if 'prefill' in results:
     rows.append(('prefill tokens/s', f"{results['prefill']['tokens_per_sec']:,.0f}", ''))
 for B in decode_batches:
-    if f'decode_b{B}' in results:
-        r = results[f'decode_b{B}']
-        note = ''
-        if f'decode_b{B}_hf' in results:
-            h = results[f'decode_b{B}_hf']['tokens_per_sec']
-            note = f'transformers {h:,.0f}; ours / transformers = {r["tokens_per_sec"] / h:.1f}x'
-        rows.append((f'decode tokens/s, batch {B}', f"{r['tokens_per_sec']:,.0f}", note))
+    for suffix, label in (('', ''), ('_graph', ', CUDA graph')):
+        if f'decode_b{B}{suffix}' in results:
+            r = results[f'decode_b{B}{suffix}']
+            note = ''
+            if f'decode_b{B}_hf' in results:
+                h = results[f'decode_b{B}_hf']['tokens_per_sec']
+                note = f'transformers {h:,.0f}; ours / transformers = {r["tokens_per_sec"] / h:.1f}x'
+            rows.append((f'decode tokens/s, batch {B}{label}', f"{r['tokens_per_sec']:,.0f}", note))
 print()
 print(f"| {'measure':32s} | {'value':>12s} | notes |")
 print(f"| {'-' * 32} | {'-' * 12} | ----- |")

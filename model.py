@@ -276,6 +276,7 @@ class RotaryEmbedding(nn.Module):
                length L exceeds the original L0                  (dynamic NTK)
       yarn:    see yarn_inv_freq; cos and sin are also multiplied by
                mscale(factor, mscale) / mscale(factor, mscale_all_dim)"""
+    float32_buffers = ('inv_freq',)      # kept by GPT._apply: bf16 would shift angles by radians
 
     def __init__(self, dim, config):
         super().__init__()
@@ -301,6 +302,7 @@ class RotaryEmbedding(nn.Module):
             else:
                 self.attention_factor = yarn_get_mscale(s['factor'])
         self.register_buffer('inv_freq', inv_freq, persistent=False)
+
 
     def forward(self, positions):
         """positions: (T,) or (B, T) integer positions -> cos, sin of shape (..., T, dim/2)."""
@@ -347,25 +349,48 @@ class KVCache:
     tokens stay, the rest overwrite the oldest slot, so memory stays bounded however long
     generation runs (positions keep counting, exactly as the masked full attention sees them).
 
-    Per forward pass: begin(T) -> (positions, mask); each layer calls update(); then end()."""
+    Per forward pass: begin(T) -> (positions, mask); each layer calls update(); then end().
 
-    def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0):
+    static=True (no rolling window): every tensor keeps its shape from step to step, and where the
+    next token goes is a device tensor (pos_t), not a Python number, so one decode step can be
+    captured as a CUDA graph and replayed (see DecodeGraph). Attention then runs over all
+    `capacity` slots with the empty ones masked out, which costs a little more per step and
+    nothing in launches."""
+
+    def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0, static=False):
         self.batch_size, self.device = batch_size, device
         self.window, self.n_sink = window, n_sink if window is not None else 0
         self.capacity = max_len if window is None else min(max_len, self.n_sink + window)
         self.rolling = window is not None and self.capacity < max_len
+        if static and self.rolling:
+            raise ValueError('a static KV cache cannot be a rolling buffer (sliding window shorter '
+                             'than the generation); use static=False')
+        self.static = static
         self.pos = 0                                   # tokens written so far (padded index)
         self.buffers = {}                              # (layer, name) -> preallocated tensor
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.padded = False
-        if valid is not None:                          # (B, P) mask of a left-padded prompt
-            self.pad = (~valid).sum(1).to(device)
-            self.padded = bool((~valid).any())
         # the row position of the token in each slot; -1 marks an empty slot or padding
         self.slot_pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device)   # = pos, on the device
+        self.reset(valid)
+
+    def reset(self, valid=None):
+        """Empty the cache for a new (B, P) prompt whose left padding `valid` marks (None: none),
+        keeping every buffer where it is in memory (a captured CUDA graph still points there)."""
+        self.pos = 0
+        self.pos_t.zero_()
+        self.slot_pos.fill_(-1)
+        self.pad.zero_()
+        self.padded = False
+        if valid is not None:                          # (B, P) mask of a left-padded prompt
+            self.pad.copy_((~valid).sum(1))
+            self.padded = bool((~valid).any())
 
     def begin(self, T):
         """Plan the next T tokens: (positions (B, T), (attn_mask, is_causal)) for the layers."""
+        if self.static:
+            return self._begin_static(T)
         q_pos = self.pos + torch.arange(T, device=self.device)[None, :] - self.pad[:, None]
         self.q_pos = q_pos                             # negative: left padding
         fits = self.window is None or self.pos + T <= self.window
@@ -382,6 +407,19 @@ class KVCache:
         elif self.pos + T > self.capacity:
             raise RuntimeError(f'KV cache overflow: {self.pos} + {T} > capacity {self.capacity}')
         return q_pos.clamp(min=0), mask
+
+    def _begin_static(self, T):
+        """begin() from device tensors only: the new tokens go to slots pos_t .. pos_t + T - 1,
+        and every slot is a key, masked unless it holds a token this query may see."""
+        if self.pos + T > self.capacity:
+            raise RuntimeError(f'KV cache overflow: {self.pos} + {T} > capacity {self.capacity}')
+        self.dst = self.pos_t + torch.arange(T, device=self.device)                   # (T,) slots
+        self.q_pos = self.dst[None, :] - self.pad[:, None]                            # (B, T)
+        q_pos = self.q_pos.masked_fill(self.q_pos < 0, -1)
+        k_pos = self.slot_pos.index_copy(1, self.dst, q_pos)                          # (B, capacity)
+        allowed = attention_mask(self.q_pos, k_pos, self.window, self.n_sink)        # (B, T, capacity)
+        itself = torch.arange(self.capacity, device=self.device) == self.dst[:, None]  # (T, capacity)
+        return self.q_pos.clamp(min=0), ((allowed | itself)[:, None], False)        # padding sees itself
 
     def _mask(self, T):
         cached = self.slot_pos if self.rolling else self.slot_pos[:, :self.pos]
@@ -400,6 +438,9 @@ class KVCache:
             shape[dim] = self.capacity
             self.buffers[key] = torch.zeros(shape, dtype=x.dtype, device=x.device)
         buf, T = self.buffers[key], x.size(dim)
+        if self.static:                                # write at pos_t, attend over every slot
+            buf.index_copy_(dim, self.dst, x.to(buf.dtype))
+            return buf
         if not self.rolling:
             buf.narrow(dim, self.pos, T).copy_(x)
             return buf.narrow(dim, 0, self.pos + T)
@@ -410,7 +451,10 @@ class KVCache:
     def end(self):
         T = self.q_pos.size(1)
         q_pos = self.q_pos.masked_fill(self.q_pos < 0, -1)
-        if self.rolling:
+        if self.static:
+            self.slot_pos.index_copy_(1, self.dst, q_pos)
+            self.pos_t += T
+        elif self.rolling:
             self.slot_pos[:, self.dst] = q_pos[:, self.src]
         else:
             self.slot_pos[:, self.pos:self.pos + T] = q_pos
@@ -433,6 +477,7 @@ class QKClipStats:
     max_{t,l} q_t . k_l * scale over the batch (the masked entries excluded) into `max_logit`;
     `rescale_qk_(gamma)` multiplies head h's logits by gamma[h] by rescaling its weights."""
     track_max_logit = False
+    float32_buffers = ('max_logit',)
 
     def _init_max_logit(self, n_head):
         self.register_buffer('max_logit', torch.full((n_head,), float('-inf')), persistent=False)
@@ -626,6 +671,7 @@ class Router(nn.Module):
       group scored by the sum of its 2 best s_i + b_i, and only the topk_group best groups compete.
     The weights g of the chosen experts come from s without the bias: g = s_chosen, divided by
     their sum when norm_topk_prob, times routed_scaling_factor."""
+    float32_buffers = ('e_score_correction_bias',)   # steps of 0.001 vanish in bf16
 
     def __init__(self, config):
         super().__init__()
@@ -636,6 +682,7 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.randn(E, config.n_embd) * config.init_std)
         self.register_buffer('e_score_correction_bias', torch.zeros(E))      # b, not trained by SGD
+
 
     def forward(self, x):
         """x: (N, C) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
@@ -727,6 +774,7 @@ class MoE(nn.Module):
     with many small (fine-grained) routed experts and a few always-on shared experts. Keeps a
     count of the tokens sent to each expert, which drives the auxiliary-loss-free bias update
     and the load statistics, and returns the balance loss when aux_loss_alpha > 0."""
+    float32_buffers = ('tokens_per_expert',)
 
     def __init__(self, config):
         super().__init__()
@@ -738,6 +786,7 @@ class MoE(nn.Module):
         self.impl, self.C, self.I = config.moe_impl, config.n_embd, I
         self.aux_loss_alpha, self.seq_aux = config.aux_loss_alpha, config.seq_aux
         self.register_buffer('tokens_per_expert', torch.zeros(self.E), persistent=False)
+
 
     def forward(self, x):
         B, T, C = x.shape
@@ -858,6 +907,19 @@ class GPT(nn.Module):
             nn.init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         elif isinstance(module, Router):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.bfloat16), e.g. for fast decoding without autocast, keeps the buffers
+        that must stay float32 (each module's `float32_buffers`: RoPE frequencies, router biases,
+        statistics) in float32; they still follow the model to its device."""
+        keep = [(m, name, m._buffers[name]) for m in self.modules()
+                for name in getattr(m, 'float32_buffers', ()) if m._buffers.get(name) is not None]
+        super()._apply(fn, recurse)
+        for m, name, old in keep:
+            new = m._buffers[name]
+            if new.dtype != old.dtype:
+                m._buffers[name] = old.to(new.device)
+        return self
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, idx, targets=None, cache=None, last_only=False):
@@ -1037,13 +1099,14 @@ class GPT(nn.Module):
         return 6 * self.active_matmul_params() + attn
 
     # --- generation -----------------------------------------------------------------------
-    def new_cache(self, batch_size, max_len, device, prompt_mask=None):
+    def new_cache(self, batch_size, max_len, device, prompt_mask=None, static=False):
         c = self.config
-        return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens)
+        return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens, static)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None):
+                        stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None,
+                        cuda_graph=False):
         """Yield the next token of every row, (B,), max_new_tokens times (fewer once every row
         has emitted one of stop_ids, an id or a list of ids; a finished row then repeats the
         first of them). idx: (B, P) prompts, left-padded
@@ -1051,18 +1114,25 @@ class GPT(nn.Module):
         token. With a sliding window and relative positions (RoPE or none) the cache is a
         rolling buffer and generation runs on indefinitely in bounded memory; otherwise, when
         the cache reaches block_size, generation continues from the latest block_size/2 tokens
-        (re-encoded), like nanoGPT's cropping but amortised."""
+        (re-encoded), like nanoGPT's cropping but amortised.
+        cuda_graph=True (not streaming): the cache is static and, on CUDA, the one-token step
+        runs as a captured CUDA graph (DecodeGraph): one launch per token instead of hundreds (on
+        the CPU the same static steps run eagerly; the tests check them there). For speed, put the
+        weights in the compute dtype first, model.to(torch.bfloat16), rather than autocast."""
         B, P = idx.shape
         c = self.config
         bs = c.block_size
         streaming = c.sliding_window is not None and c.pos_emb in ('rope', 'none')
+        static = cuda_graph and not streaming         # on the CPU: the same static steps, no graph
+        use_graph = static and idx.is_cuda and self.graph_capturable()
         valid = prompt_mask if prompt_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         if P > bs and not streaming:                     # keep the latest block_size tokens
             idx, valid, P = idx[:, -bs:], valid[:, -bs:], bs
         tokens, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
         max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
-        cache = self.new_cache(B, max_len, idx.device, valid)
+        cache = self.new_cache(B, max_len, idx.device, valid, static=static)
         logits, _ = self(idx, cache=cache, last_only=True)
+        step = DecodeGraph(self, cache) if use_graph and max_new_tokens > 1 else None
         if stop_ids is not None:
             stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
         for _ in range(max_new_tokens):
@@ -1074,22 +1144,82 @@ class GPT(nn.Module):
             if stop_ids is not None and bool(done.all()):
                 return
             if not streaming and cache.pos == cache.capacity:   # window full: restart from the latest half
-                keep = max(1, bs // 2)
+                keep = max(1, min(bs, cache.capacity) // 2)
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -keep:]
                 valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)[:, -keep:]
-                cache = self.new_cache(B, bs, idx.device, valid)
+                if static:                              # same buffers: a graph stays valid
+                    cache.reset(valid)
+                else:
+                    cache = self.new_cache(B, bs, idx.device, valid)
                 logits, _ = self(tokens, cache=cache, last_only=True)
             else:
                 if not streaming:
                     tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                     valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-                logits, _ = self(nxt[:, None], cache=cache, last_only=True)
+                if step is not None:
+                    logits = step(nxt[:, None])
+                else:
+                    logits, _ = self(nxt[:, None], cache=cache, last_only=True)
+
+    def graph_capturable(self):
+        """Whether a decode step can be a CUDA graph: nothing in it may wait for the host, and
+        the MoE reference loop does (it asks which tokens each expert got); the grouped path
+        runs where grouped_mm_supported, e.g. bf16 on Hopper."""
+        w = self.tok_emb.weight
+        return all(m.impl == 'grouped' or (m.impl == 'auto' and grouped_mm_supported(w[:1], m.C, m.I))
+                   for m in self.moe_layers())
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kw):
         """(B, P) prompts -> (B, P + n) prompts followed by n <= max_new_tokens new tokens."""
         new = list(self.generate_tokens(idx, max_new_tokens, **kw))
         return torch.cat([idx, torch.stack(new, 1)], dim=1) if new else idx
+
+
+class DecodeGraph:
+    """One decode step, (B, 1) tokens -> (B, 1, V) logits over a static KVCache, captured once as
+    a CUDA graph and then replayed per token. At batch 1 a small model's step is hundreds of
+    tiny kernels whose launches (and the Python that issues them) cost far more than their
+    work; a replay launches them all at once. The graph reads the token from `self.token`,
+    the position from cache.pos_t and the cache buffers in place, so every tensor it touches
+    must stay at its address: the cache is reset in place, never rebuilt. (torch.compile's
+    mode='reduce-overhead' does the same thing automatically; this is the explicit version.)"""
+
+    def __init__(self, model, cache, warmup=2):
+        assert cache.static and cache.device.type == 'cuda'
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
+        saved = (cache.pos, cache.pos_t.clone(), cache.slot_pos.clone())
+        stream = torch.cuda.Stream(cache.device)          # warm up (lazy init, cuBLAS workspaces)
+        stream.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._park()
+                self.model(self.token, cache=cache, last_only=True)
+        torch.cuda.current_stream(cache.device).wait_stream(stream)
+        self._park()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):                # records, does not run, the kernels
+            self.logits, _ = self.model(self.token, cache=cache, last_only=True)
+        cache.pos = saved[0]                              # undo the warm-up steps
+        cache.pos_t.copy_(saved[1])
+        cache.slot_pos.copy_(saved[2])
+
+    def _park(self):
+        """Point the cache at its last slot for a warm-up or capture step: that slot is empty
+        unless the cache is full (and then generation restarts from a fresh prompt before the
+        next step), so these steps never overwrite a cached token or run past the buffers.
+        (Outside the capture: a fill_ inside it would be replayed with every token.)"""
+        self.cache.pos = self.cache.capacity - 1
+        self.cache.pos_t.fill_(self.cache.capacity - 1)
+
+    def __call__(self, token):
+        if self.cache.pos + 1 > self.cache.capacity:
+            raise RuntimeError(f'KV cache overflow: {self.cache.pos} + 1 > capacity {self.cache.capacity}')
+        self.token.copy_(token)
+        self.graph.replay()                               # advances cache.pos_t on the device
+        self.cache.pos += 1                               # ... and here the host's count
+        return self.logits
 
 
 class ScalarModel(GPT):

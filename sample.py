@@ -27,6 +27,7 @@ top_p = 1.0                  # nucleus sampling: the smallest set with this much
 seed = 1337
 stop_at_eot = True           # end a sample at the end-of-text token (or end of turn)
 chat = None                  # prompt with the chat template; None: if the checkpoint has one
+cuda_graph = True            # on CUDA: replay each one-token step as a CUDA graph (model.DecodeGraph)
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
@@ -50,6 +51,8 @@ if start.startswith('FILE:'):
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device)
 model.eval()
+if rt.dtype != 'float32':    # generation only: weights in the compute dtype, no casts per step
+    model.to(getattr(torch, rt.dtype))
 print(f"{out_dir}: {ckpt.get('stage', '?')} checkpoint at step {ckpt.get('step', '?')}, "
       f"{model.num_params() / 1e6:.1f}M parameters, {tok.kind} tokenizer", file=sys.stderr)
 chat = bool(tok.chat) if chat is None else chat
@@ -72,7 +75,7 @@ for k in range(num_samples):
     with rt.autocast():
         for t in model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                        top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
-                                       generator=gen):
+                                       generator=gen, cuda_graph=cuda_graph and rt.device_type == 'cuda'):
             if stops and int(t[0]) in stops:
                 break
             new.append(int(t[0]))

@@ -1,0 +1,139 @@
+"""The fast decode path: the static KV cache (what a CUDA graph replays) against the growing one,
+generation with cuda_graph=True (static steps; a graph only on CUDA, see test_cuda.py), and the
+model in bf16 for inference with its float32 buffers kept."""
+
+import pytest
+import torch
+
+from model import GPT, KVCache, ModelConfig, pad_prompts
+
+BASE = dict(vocab_size=96, block_size=48, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+CONFIGS = {
+    'gqa': dict(BASE, n_kv_head=2, pos_emb='rope', norm='rmsnorm', mlp='swiglu'),
+    'gpt2': dict(BASE, pos_emb='learned', norm='layernorm', mlp='gelu', bias=True),
+    'mla_moe': dict(BASE, attention='mla', pos_emb='rope', norm='rmsnorm', mlp='swiglu', q_lora_rank=16,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                    scoring_func='sigmoid', first_k_dense_replace=1, moe_impl='grouped'),
+    'window': dict(BASE, pos_emb='rope', norm='rmsnorm', mlp='swiglu', sliding_window=8, n_sink_tokens=2),
+}
+
+
+def build(name, **kw):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**CONFIGS[name], **kw})).eval()
+    with torch.no_grad():                                # a router bias that changes the choice
+        for m in model.moe_layers():
+            m.router.e_score_correction_bias.copy_(torch.randn(m.E) * 0.05)
+    return model
+
+
+def prompts():
+    """Three left-padded prompts of different lengths."""
+    g = torch.Generator().manual_seed(1)
+    return pad_prompts([torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 9, 2)])
+
+
+@pytest.mark.parametrize('name', ['gqa', 'gpt2', 'mla_moe'])
+def test_static_cache_equals_growing_cache(name):
+    """Prefill then one token at a time: the static cache (fixed buffers, positions on the
+    device, every slot attended with a mask) gives the growing cache's logits."""
+    model = build(name)
+    idx, mask = prompts()
+    B, P = idx.shape
+    steps = torch.randint(0, 96, (B, 12), generator=torch.Generator().manual_seed(2))
+    out = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.new_cache(B, P + 12, 'cpu', mask, static=static)
+            logits = [model(idx, cache=cache)[0]]
+            logits += [model(steps[:, t:t + 1], cache=cache)[0] for t in range(12)]
+            out[static] = torch.cat(logits, 1)
+            assert cache.pos == P + 12
+    rows = mask.any(1)                                   # padding positions excluded
+    torch.testing.assert_close(out[True][:, P - 1:], out[False][:, P - 1:], atol=2e-5, rtol=1e-4)
+    assert rows.all()
+
+
+def test_static_cache_buffers_stay_in_place_and_reset():
+    model = build('gqa')
+    idx, mask = prompts()
+    cache = model.new_cache(3, 20, 'cpu', mask, static=True)
+    with torch.no_grad():
+        model(idx, cache=cache)
+        ptrs = {k: v.data_ptr() for k, v in cache.buffers.items()}
+        first = model(idx[:, -1:], cache=cache)[0]
+        cache.reset(mask)                                # a graph keeps pointing at the same memory
+        assert cache.pos == 0 and int(cache.pos_t) == 0 and (cache.slot_pos == -1).all()
+        model(idx, cache=cache)
+        again = model(idx[:, -1:], cache=cache)[0]
+    assert {k: v.data_ptr() for k, v in cache.buffers.items()} == ptrs
+    torch.testing.assert_close(again, first)
+    with pytest.raises(RuntimeError, match='overflow'):
+        with torch.no_grad():
+            for _ in range(20):
+                model(idx[:, -1:], cache=cache)
+
+
+def test_static_cache_refuses_a_rolling_window():
+    with pytest.raises(ValueError, match='rolling'):
+        KVCache(1, 100, 'cpu', window=8, n_sink=2, static=True)
+
+
+@pytest.mark.parametrize('name', ['gqa', 'gpt2', 'mla_moe', 'window'])
+def test_generation_with_static_steps_equals_default(name):
+    """Greedy tokens with cuda_graph=True (on the CPU: the static cache without a graph) equal the
+    default path, for padded prompts, a stop token, and past block_size (the restart re-encodes
+    into the same buffers)."""
+    model = build(name)
+    idx, mask = prompts()
+    out = {}
+    for graph in (False, True):
+        new = list(model.generate_tokens(idx, 70, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
+        out[graph] = torch.stack(new, 1)
+    assert out[True].shape == (3, 70)                    # 9 + 70 tokens: past block_size 48
+    assert torch.equal(out[True], out[False])
+    stop = int(out[False][0, 3])                         # a token the first row emits early
+    a = torch.stack(list(model.generate_tokens(idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop)), 1)
+    b = torch.stack(list(model.generate_tokens(idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop,
+                                               cuda_graph=True)), 1)
+    assert torch.equal(a, b)
+
+
+def test_sampling_with_static_steps_equals_default():
+    model = build('mla_moe')
+    idx, mask = prompts()
+    out = []
+    for graph in (False, True):
+        g = torch.Generator().manual_seed(7)
+        out.append(torch.stack(list(model.generate_tokens(idx, 16, temperature=1.0, top_k=20, prompt_mask=mask,
+                                                          generator=g, cuda_graph=graph)), 1))
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize('name', ['gqa', 'mla_moe'])
+def test_bf16_inference_keeps_float32_buffers(name):
+    """model.to(torch.bfloat16) for decoding: the weights become bf16, but RoPE frequencies and the
+    router biases stay float32 and exact (bf16 would move angles p * theta by radians and lose
+    the bias steps of 0.001); logits stay close to float32's."""
+    model = build(name)
+    before = {n: b.clone() for n, b in model.named_buffers() if 'inv_freq' in n or 'correction_bias' in n}
+    assert before
+    idx = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        model.to(torch.bfloat16)
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        for n, b in model.named_buffers():
+            if n in before:
+                assert b.dtype == torch.float32 and torch.equal(b, before[n]), n
+        low = model(idx)[0]
+        cache = model.new_cache(2, 40, 'cpu', static=True)
+        parts = [model(idx[:, :30], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(30, 40)]
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()   # noqa: E731
+    assert rel(low, ref) < 3e-2
+    assert rel(torch.cat(parts, 1), ref) < 3e-2
+    model.to(torch.float32)                              # and back: buffers untouched
+    for n, b in model.named_buffers():
+        if n in before:
+            assert torch.equal(b, before[n]), n
