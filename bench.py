@@ -35,7 +35,7 @@ vocab_size = 50304
 optimizer = 'adamw'
 learning_rate = 1e-4            # small: the weights should stay sane while timing
 weight_decay = 0.1
-modes = 'train,prefill,decode'  # any of train, prefill, decode
+modes = 'train,prefill,decode'  # any of train, prefill, decode, optimizer (the optimizer step alone)
 steps = 10                      # timed repetitions (median reported)
 warmup = 3
 decode_batches = (1, 64)        # batch sizes for decode timing
@@ -54,9 +54,9 @@ config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=
 rt = init_runtime(device, dtype, seed)
 cfg = model_config_from(config, ModelConfig)
 modes = [m.strip() for m in modes.split(',') if m.strip()]
-bad = [m for m in modes if m not in ('train', 'prefill', 'decode')]
+bad = [m for m in modes if m not in ('train', 'prefill', 'decode', 'optimizer')]
 if bad:
-    sys.exit(f"error: modes={bad}; valid: train, prefill, decode")
+    sys.exit(f"error: modes={bad}; valid: train, prefill, decode, optimizer")
 cuda = rt.device_type == 'cuda'
 if compile is None:
     compile = cuda
@@ -170,6 +170,17 @@ if 'train' in modes:
 
 # inference runs with the weights in the compute dtype (bf16 on GPUs; RoPE frequencies and router
 # biases stay float32, see GPT._apply) rather than float32 weights cast by autocast at every call
+if 'optimizer' in modes:              # optimizer.step() alone, on fixed random gradients
+    opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type)
+    for p in raw.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    dt = timed(opt.step)
+    profiled(f'{optimizer} step', opt.step)
+    results['optimizer'] = {'step_ms': 1000 * dt}
+    print('optimizer', results['optimizer'], flush=True)
+    del opt
+    raw.zero_grad(set_to_none=True)
+
 raw.eval()
 if rt.dtype != 'float32':
     raw.to(getattr(torch, rt.dtype))
@@ -225,6 +236,8 @@ if 'train_hf' in results:
     r, ours = results['train_hf'], results['train']
     rows.append(('train tokens/s (transformers)', f"{r['tokens_per_sec']:,.0f}",
                  f"MFU {100 * r['mfu']:.1f}%; ours / transformers = {ours['tokens_per_sec'] / r['tokens_per_sec']:.1f}x"))
+if 'optimizer' in results:
+    rows.append((f'{optimizer} step ms', f"{results['optimizer']['step_ms']:.1f}", 'optimizer.step() alone'))
 if 'prefill' in results:
     rows.append(('prefill tokens/s', f"{results['prefill']['tokens_per_sec']:,.0f}", ''))
 for B in decode_batches:
