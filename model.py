@@ -1135,16 +1135,16 @@ class GPT(nn.Module):
         step = DecodeGraph(self, cache) if use_graph and max_new_tokens > 1 else None
         if stop_ids is not None:
             stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
             if stop_ids is not None:
                 nxt = torch.where(done, stop[0], nxt)
                 done = done | torch.isin(nxt, stop)
             yield nxt
-            if stop_ids is not None and bool(done.all()):
-                return
+            if i == max_new_tokens - 1 or (stop_ids is not None and bool(done.all())):
+                return                                   # no forward pass for a token never used
             if not streaming and cache.pos == cache.capacity:   # window full: restart from the latest half
-                keep = max(1, min(bs, cache.capacity) // 2)
+                keep = max(1, bs // 2)
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -keep:]
                 valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)[:, -keep:]
                 if static:                              # same buffers: a graph stays valid

@@ -137,3 +137,14 @@ def test_bf16_inference_keeps_float32_buffers(name):
     for n, b in model.named_buffers():
         if n in before:
             assert torch.equal(b, before[n]), n
+
+
+@pytest.mark.parametrize('graph', [False, True])
+def test_no_forward_pass_for_a_token_never_used(graph):
+    """n new tokens take the prefill and n - 1 one-token steps, not n."""
+    model = build('gqa')
+    idx, mask = prompts()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    new = list(model.generate_tokens(idx, 5, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
+    assert len(new) == 5 and len(calls) == 5
