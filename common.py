@@ -170,8 +170,11 @@ class Runtime:
 
 
 def init_runtime(device='auto', dtype='auto', seed=1337):
-    """Pick the device and dtype, start torch.distributed when launched by torchrun, seed
-    every RNG (offset by rank so each rank draws different batches)."""
+    """Pick the device and dtype, start torch.distributed when launched by torchrun (one process
+    per GPU: NCCL on CUDA, gloo on the CPU), and seed every RNG with `seed` on EVERY rank, so that
+    every rank builds the same model (FSDP shards it without a broadcast). Trainer then moves ranks
+    > 0 to their own stream (seed + rank) for dropout; batches are drawn from explicit generators
+    (Trainer.batch_generator), so they differ per rank by construction."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
         rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
@@ -199,9 +202,13 @@ def init_runtime(device='auto', dtype='auto', seed=1337):
     if dtype not in ('float32', 'bfloat16', 'float16'):
         sys.exit(f"error: dtype='{dtype}'; valid: auto, float32, bfloat16, float16")
     if ddp:
+        import datetime
         import torch.distributed as dist
-        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    torch.manual_seed(seed + rank)
+        # rank 0 evaluates (and may sample text) while the others wait in a collective: allow it
+        # an hour rather than the default 10 minutes before a waiting rank gives up
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
+                                timeout=datetime.timedelta(hours=1))
+    torch.manual_seed(seed)
     return Runtime(device, device_type, dtype, ddp, rank, local_rank, world_size)
 
 
@@ -209,6 +216,18 @@ def close_runtime(rt):
     if rt.ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
+
+
+def all_ranks(x):
+    """The concatenation over ranks of a tensor x (the same shape on every rank) along dim 0,
+    e.g. every rank's rollout rewards for statistics that must agree everywhere; x itself in a
+    single process. A collective: every rank must call it."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def synchronize(device_type):
@@ -229,16 +248,98 @@ def save_checkpoint(out_dir, ckpt, name='ckpt.pt'):
     return path
 
 
+SHARDED_DIR = 'ckpt_dcp'       # out_dir/ckpt_dcp/: the sharded checkpoint of an fsdp=True run
+
+
 def checkpoint_path(path):
-    """'out/run' -> 'out/run/ckpt.pt'; a file path is returned unchanged."""
-    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    """Where the checkpoint of a run folder is: 'out/run' -> 'out/run/ckpt.pt', or
+    'out/run/ckpt_dcp' for a sharded (FSDP) one, whichever was written last; a file path is
+    returned unchanged."""
+    if not os.path.isdir(path):
+        return path
+    candidates = [p for p in (os.path.join(path, 'ckpt.pt'), os.path.join(path, SHARDED_DIR, 'meta.pt'))
+                  if os.path.isfile(p)]
+    if not candidates:
+        return os.path.join(path, 'ckpt.pt')
+    newest = max(candidates, key=os.path.getmtime)
+    return os.path.dirname(newest) if newest.endswith('meta.pt') else newest
 
 
 def load_checkpoint(path, map_location='cpu'):
+    """The checkpoint dict of a run folder (or a ckpt.pt file). A sharded checkpoint (ckpt_dcp/,
+    written by fsdp=True) is read back whole in this one process, without torch.distributed: its
+    metadata plus the full model weights gathered from the shards under 'model', so sample.py,
+    eval.py and a later stage's init_from= read it like ckpt.pt; 'sharded_dir' names the folder
+    (Trainer resumes the optimizer state from it, resharded to the new number of ranks)."""
     p = checkpoint_path(path)
+    if os.path.isdir(p):
+        return load_sharded_checkpoint(p)
     if not os.path.isfile(p):
-        sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt)")
+        sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt or {SHARDED_DIR}/)")
     return torch.load(p, map_location=map_location, weights_only=True)
+
+
+def save_sharded_checkpoint(out_dir, model, optimizer, meta):
+    """fsdp=True: every rank writes its shards of the model and optimizer state with
+    torch.distributed.checkpoint (DCP) into out_dir/ckpt_dcp.tmp/, rank 0 adds meta.pt (the rest
+    of the checkpoint dict: configs, tokenizer, step, RNG, metrics) and renames the folder to
+    ckpt_dcp/, so a crash never leaves a half-written checkpoint. A collective: every rank calls
+    it. State dicts are keyed by parameter name (get_state_dict), which is what lets DCP load them
+    back on any number of ranks, or whole in one process (load_sharded_checkpoint)."""
+    import shutil
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = os.path.join(out_dir, SHARDED_DIR)
+    tmp, old = final + '.tmp', final + '.old'
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=tmp)
+    if dist.get_rank() == 0:
+        torch.save(meta, os.path.join(tmp, 'meta.pt'))
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(os.path.join(out_dir, 'ckpt.pt')):     # one checkpoint per run folder
+            os.remove(os.path.join(out_dir, 'ckpt.pt'))
+    dist.barrier()                                   # no rank reads it before it is complete
+    return final
+
+
+def load_sharded_checkpoint(folder):
+    """A sharded checkpoint read whole in this process (no torch.distributed needed): meta.pt plus
+    'model', the full weights. DCP's metadata gives each tensor's global shape and dtype; DCP
+    then fills full-size tensors from however many shards were written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta_path = os.path.join(folder, 'meta.pt')
+    if not os.path.isfile(meta_path):
+        sys.exit(f"error: '{folder}' is not a complete sharded checkpoint (no meta.pt)")
+    ckpt = torch.load(meta_path, map_location='cpu', weights_only=True)
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    weights = {k[len('model.'):]: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in metadata.state_dict_metadata.items()
+               if k.startswith('model.') and isinstance(m, TensorStorageMetadata)}
+    dcp.load({'model': weights}, checkpoint_id=folder, no_dist=True)
+    return {**ckpt, 'model': weights, 'sharded_dir': folder}
+
+
+def load_sharded_optimizer(model, optimizer, folder):
+    """Resume the optimizer state of a sharded checkpoint into `optimizer` (of `model`: sharded by
+    FSDP, wrapped in nothing, or plain on one rank): DCP reshards it to this run's ranks. The
+    optimizer's state is first initialised (get_optimizer_state_dict takes one step at lr 0) so
+    that DCP knows what to fill. A collective under torch.distributed."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.load({'optimizer': state}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state)
 
 
 def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
@@ -816,6 +917,8 @@ def training_defaults():
     device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
     dtype = 'auto'               # 'auto' (bf16 on capable GPUs, else fp32) | 'float32' | 'bfloat16' | 'float16'
     compile = None               # torch.compile the model; None: on for CUDA
+    fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state
+                                 # across the ranks (FSDP2, per transformer block) instead of DDP
     seed = 1337
     peak_flops = 0.0             # MFU denominator in FLOP/s; 0: measure with a large matmul
     # logging
@@ -827,9 +930,38 @@ def training_defaults():
 
 def batch_generator(seed, step, micro_step, rank, stream=0):
     """A torch.Generator that is a function of (seed, step, micro-step, rank, stream) alone, so a
-    resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    resumed run draws exactly the batches the uninterrupted run would have drawn. Training stages
+    call Trainer.batch_generator, which passes the micro-batch's global index as micro_step."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro_step * 31 + rank
                                          + stream * 7_777_777)
+
+
+def shard_model(model, rt):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) for fsdp=True: every transformer block (those of
+    the MTP modules too) becomes one unit whose parameters (and so gradients and optimizer state)
+    are split by rows across the ranks; a unit's full parameters are all-gathered just before its
+    forward (and again for its backward) and freed after, and its gradients are reduce-scattered
+    after its backward. The root unit holds the rest (embeddings, final norm, head, the MTP
+    modules' projections and norms: GPT.forward uses an MTP module's norm outside its forward, so
+    a unit of its own would have been freed by then). Blocks first, then the root.
+    On CUDA in bf16 the gathered parameters are bf16 and gradients are reduced in fp32
+    (MixedPrecisionPolicy); the sharded master weights and the optimizer stay fp32. On the CPU
+    (gloo) everything stays fp32. cast_forward_inputs=False keeps the residual stream between
+    blocks in fp32, as it is without FSDP (autocast still runs the matmuls in bf16)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from model import Block
+    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
+    if rt.device_type == 'cuda' and rt.dtype == 'bfloat16':
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    else:
+        mp = MixedPrecisionPolicy(cast_forward_inputs=False)
+    for m in model.modules():
+        if isinstance(m, Block):
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
 
 
 class Trainer:
@@ -839,71 +971,216 @@ class Trainer:
         loss_fn(model, step, micro_step) -> the mean loss of that micro-batch (a tensor), or
             (loss, {name: tensor}) whose metrics are logged as train/<name>; a 'tokens' entry
             (an int: the tokens the micro-batch really held) replaces tokens_per_step /
-            gradient_accumulation_steps in tokens/s and MFU, for batches padded to their length
+            gradient_accumulation_steps in tokens/s and MFU, for batches padded to their length;
+            it draws its batch from trainer.batch_generator(step, micro_step)
         evaluate(model) -> {metric: float}; 'val/loss' (lower is better) decides the best model
-    run() then does, per step: the learning-rate schedule, gradient accumulation (all-reduce on
-    the last micro-step only under DDP), gradient clipping, the optimizer step (AdamW / Muon /
-    MuonClip with QK-Clip after it), the MoE router-bias update, NaN/inf detection (one host
-    sync per log_interval), logging (loss, parts, tokens/s, MFU, load imbalance, max logits) to
-    log.jsonl, a progress bar, evaluation + plots + atomic checkpoints every eval_interval, and an
-    exact resume (optimizer, RNG, step) with init_from='resume'."""
+    run() then does, per step: the learning-rate schedule, gradient accumulation, gradient
+    clipping, the optimizer step (AdamW / Muon / MuonClip with QK-Clip after it), the MoE
+    router-bias update, NaN/inf detection (one host sync per log_interval), logging (loss, parts,
+    tokens/s, MFU, load imbalance, max logits) to log.jsonl, a progress bar, evaluation + plots +
+    atomic checkpoints every eval_interval, and an exact resume (optimizer, RNG, step) with
+    init_from='resume'.
+
+    Under torchrun every rank runs this loop on its own micro-batches, and the result is the run
+    of one process with world_size times the accumulation (tests/test_distributed.py):
+      - DDP (default): gradients are averaged across ranks by an all-reduce on the last
+        micro-step only (no_sync before it);
+      - fsdp=True: FSDP2 (shard_model), gradients reduce-scattered on the last micro-step only;
+        the checkpoint is sharded (save_sharded_checkpoint) and loads on any number of ranks.
+    Micro-batches are functions of their global index (batch_generator); the MoE expert loads are
+    summed and the max attention logits maxed across ranks before the router-bias update and
+    QK-Clip, so every replica stays identical. Rank 0 logs (means over ranks: one all-reduce per
+    log_interval), evaluates (the others wait) and writes the checkpoint."""
 
     def __init__(self, config, rt, model, stage, tokenizer_spec, tokens_per_step, flops_per_token,
-                 resume=None, checkpoint_extra=None, trainable=None):
-        from optim import build_optimizer
+                 resume=None, checkpoint_extra=None, trainable=None, unused_parameters=False):
+        """unused_parameters: the stage's loss leaves some parameters without a gradient (e.g. a
+        forward without targets skips the MTP modules, a reward model its LM head), so DDP must
+        look for them after every forward (find_unused_parameters)."""
         c = self.c = config
         self.rt, self.raw, self.stage, self.tok_spec = rt, model, stage, tokenizer_spec
         self.extra = checkpoint_extra or {}
         self.lr_decay_iters = c['lr_decay_iters'] or c['max_iters']
-        try:
-            self.optimizer = build_optimizer(trainable or model, c['optimizer'], c['learning_rate'],
-                                             c['weight_decay'], (c['beta1'], c['beta2']),
-                                             device_type=rt.device_type, momentum=c['muon_momentum'])
-        except ValueError as e:
-            sys.exit(f'error: {e}')
+        self.fsdp = c['fsdp']
+        if self.fsdp and not rt.ddp:
+            sys.exit('error: fsdp=True shards the model across processes started by torchrun, e.g. '
+                     'torchrun --standalone --nproc_per_node=2 train.py CONFIG --fsdp=True')
+        if self.fsdp and rt.dtype == 'float16':
+            sys.exit("error: fsdp=True trains in bfloat16 or float32 (float16 loss scaling is not "
+                     "supported with it); set dtype='bfloat16'")
         self.track_logits = c['optimizer'] == 'muonclip' or c['log_max_logit']
         model.track_max_logits(self.track_logits)        # before torch.compile reads the flag
+        self.model_class = type(model)                   # before FSDP makes it a subclass of its own
+        full_optimizer_state = None
+        if self.fsdp and resume is not None and 'optimizer' in resume:
+            full_optimizer_state = self.optimizer_state_by_name(trainable or model, resume['optimizer'])
+        if self.fsdp:
+            shard_model(model, rt)
+        self.optimizer = self.build_optimizer(trainable or model)
         self.step, self.best_val_loss = 0, float('inf')
         if resume is not None:
             base_lrs = [g['base_lr'] for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(resume['optimizer'])
+            if 'sharded_dir' in resume:                  # written under FSDP, on any number of ranks
+                load_sharded_optimizer(trainable or model, self.optimizer, resume['sharded_dir'])
+            elif full_optimizer_state is not None:       # a single-file checkpoint, now sharded
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(trainable or model, self.optimizer, full_optimizer_state,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(resume['optimizer'])
             for g, base_lr in zip(self.optimizer.param_groups, base_lrs):
                 g['base_lr'] = base_lr                   # the config's rate wins over the saved one
             self.step = resume['step']
             self.best_val_loss = resume.get('best_val_loss', float('inf'))
-            restore_rng_state(resume['rng'])
+            per_rank = resume.get('rng_per_rank')
+            if per_rank is not None and len(per_rank) == rt.world_size:
+                restore_rng_state(per_rank[rt.rank])
+            elif rt.rank == 0:                           # other ranks keep seed + rank below
+                restore_rng_state(resume['rng'])
             if rt.master:
                 print(f"resuming {c['out_dir']} at step {self.step}")
+        if rt.rank > 0 and not (resume is not None and len(resume.get('rng_per_rank') or []) == rt.world_size):
+            torch.manual_seed(c['seed'] + rt.rank)       # own dropout masks; rank 0 keeps the
+                                                         # stream a single process would have
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
         compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
-        self.model = torch.compile(model) if compile_ else model
-        if rt.ddp:
+        # Under FSDP this compiles the sharded model as a whole: dynamo leaves FSDP's hooks at the
+        # block boundaries to run eagerly (torch._dynamo.config.skip_fsdp_hooks) and compiles
+        # what lies between them.
+        self.compiled = torch.compile(model) if compile_ else model
+        self.model = self.compiled
+        if rt.ddp and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.model = DDP(self.model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+            # broadcast_buffers=False: each rank's max-logit and expert-load buffers must keep its
+            # own counts until they are reduced (DDP would copy rank 0's over them every forward);
+            # the router biases stay equal because every rank applies the same reduced update.
+            self.model = DDP(self.compiled, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None,
+                             broadcast_buffers=False, find_unused_parameters=unused_parameters)
+        self.eval_copy = None                            # FSDP: rank 0's full copy for evaluate()
         self.log = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
                           wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
                           resume=c['init_from'] == 'resume')
         self.peak = None
         if rt.master and not c['eval_only']:
             self.peak = c['peak_flops'] or measure_peak_flops(rt.device_type, rt.dtype)
-            print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s "
+            print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s per device "
                   f"({'given' if c['peak_flops'] else 'measured with a large matmul'})")
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step / rt.world_size    # per rank, per step
         self.first_bad_step = torch.tensor(-1, device=rt.device)
 
+    def build_optimizer(self, module):
+        from optim import build_optimizer
+        c = self.c
+        try:
+            return build_optimizer(module, c['optimizer'], c['learning_rate'], c['weight_decay'],
+                                   (c['beta1'], c['beta2']), device_type=self.rt.device_type,
+                                   momentum=c['muon_momentum'])
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+
+    def optimizer_state_by_name(self, module, optimizer_state):
+        """A single-file checkpoint's optimizer state (torch's format, by parameter index), keyed
+        by parameter name so that FSDP can shard it: loaded into a throwaway optimizer of the
+        still unsharded model (FSDP replaces the parameters when it shards them)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optimizer = self.build_optimizer(module)
+        optimizer.load_state_dict(optimizer_state)
+        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
+
+    def batch_generator(self, step, micro_step, stream=0):
+        """The generator of this rank's micro-batch `micro_step` of `step`: a function of the
+        micro-batch's GLOBAL index, rank * gradient_accumulation_steps + micro_step, so N ranks
+        with accumulation k draw exactly the batches of one process with accumulation N k (and a
+        single process draws what it always drew: the index is micro_step)."""
+        index = self.rt.rank * self.c['gradient_accumulation_steps'] + micro_step
+        return batch_generator(self.c['seed'], step, index, 0, stream)
+
+    def gradient_sync(self, micro, n_micro):
+        """The context of micro-step `micro`'s forward and backward: gradients are reduced across
+        ranks after the last micro-step only; before it they accumulate locally (DDP's no_sync;
+        FSDP's set_requires_gradient_sync), saving n_micro - 1 reductions per step."""
+        last = micro == n_micro - 1
+        if self.fsdp:
+            self.raw.set_requires_gradient_sync(last)
+        elif self.rt.ddp and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def mean_over_ranks(self, numbers):
+        """{name: number or 0-d tensor} -> {name: float}, averaged over the ranks by one
+        all-reduce; in a single process the values themselves."""
+        if not self.rt.ddp:
+            return {k: float(v) for k, v in numbers.items()}
+        t = torch.stack([torch.as_tensor(v, device=self.rt.device).to(torch.float64).reshape(())
+                         for v in numbers.values()])
+        torch.distributed.all_reduce(t)
+        return dict(zip(numbers, (t / self.rt.world_size).tolist()))
+
+    def from_rank0(self, x):
+        """The float x as rank 0 has it, on every rank (a broadcast); x in a single process."""
+        if not self.rt.ddp:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.rt.device)
+        torch.distributed.broadcast(t, 0)
+        return t.item()
+
+    def evaluation_model(self):
+        """What evaluate() is given on rank 0 (None on the others, which wait): the model itself
+        (not its DDP wrapper), or under FSDP a full copy gathered from the shards (every rank
+        takes part in the gather). evaluate runs on rank 0 alone and may sample text, a number of
+        forward passes no other rank could match, while FSDP's forward needs every rank."""
+        if not self.fsdp:
+            return self.compiled if self.rt.master else None
+        import copy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.rt.master:
+            return None
+        if self.eval_copy is None:
+            with torch.random.fork_rng(devices=[]):     # must not move rank 0's RNG stream
+                self.eval_copy = self.model_class(copy.deepcopy(self.raw.config)).to(self.rt.device)
+        self.eval_copy.load_state_dict(weights)
+        return self.eval_copy.eval()
+
     def checkpoint(self, metrics):
+        """The checkpoint dict (every rank calls it: each rank's RNG state is gathered, so that a
+        resume on as many ranks continues every rank's stream). Under FSDP without the weights
+        and optimizer state, which go to the shards."""
         from model import ScalarModel
-        if hasattr(self.raw, 'checkpoint_state'):        # e.g. PPO's policy + value model
+        rng = capture_rng_state()
+        meta = {'tokenizer': self.tok_spec, 'stage': self.stage, 'step': self.step, 'config': self.c,
+                'metrics': metrics, 'best_val_loss': self.best_val_loss, 'rng': rng, **self.extra}
+        if self.rt.ddp:
+            per_rank = [None] * self.rt.world_size
+            torch.distributed.all_gather_object(per_rank, rng)
+            meta['rng_per_rank'] = per_rank
+        if self.fsdp:
+            weights = {'model_config': self.raw.config.to_dict()}
+        elif hasattr(self.raw, 'checkpoint_state'):      # e.g. PPO's policy + value model
             weights = self.raw.checkpoint_state()
         else:
             weights = {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict()}
-            if isinstance(self.raw, ScalarModel):
-                weights['model_class'] = 'scalar'
-        return {**weights,
-                'tokenizer': self.tok_spec, 'stage': self.stage, 'step': self.step,
-                'optimizer': self.optimizer.state_dict(), 'config': self.c, 'metrics': metrics,
-                'best_val_loss': self.best_val_loss, 'rng': capture_rng_state(), **self.extra}
+        if issubclass(self.model_class, ScalarModel):
+            weights['model_class'] = 'scalar'
+        if not self.fsdp:
+            weights['optimizer'] = self.optimizer.state_dict()
+        return {**weights, **meta}
+
+    def save(self, metrics):
+        """Every rank calls it. Rank 0 writes out_dir/ckpt.pt and the others wait until it is
+        complete; under FSDP every rank writes its shards to out_dir/ckpt_dcp/."""
+        import shutil
+        ckpt = self.checkpoint(metrics)
+        out_dir = self.c['out_dir']
+        if self.fsdp:
+            save_sharded_checkpoint(out_dir, self.raw, self.optimizer, ckpt)
+            return
+        if self.rt.master:
+            save_checkpoint(out_dir, ckpt)
+            shutil.rmtree(os.path.join(out_dir, SHARDED_DIR), ignore_errors=True)   # one per folder
+        if self.rt.ddp:
+            torch.distributed.barrier()
 
     def nonfinite_step(self):
         """The first step whose loss was NaN/inf (-1 if none), agreed by every rank. Syncs the host."""
@@ -936,27 +1213,30 @@ class Trainer:
             at_eval = step % c['eval_interval'] == 0 or step == c['max_iters']
             if at_eval and self.nonfinite_step() >= 0:
                 break                                    # never evaluate or save a diverged model
-            if (at_eval or c['eval_only']) and rt.master:
-                raw.eval()
-                metrics = evaluate(self.model)
-                raw.train()
-                log.log(step, **metrics)
-                bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()
-                                                        if isinstance(v, float)))
-                log.plot(keys=plot_keys)
-                for keys, name, ylabel in extra_plots:
-                    log.plot(keys=keys, name=name, ylabel=ylabel)
-                if self.track_logits:
-                    log.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
-                if expert_share is not None:
-                    log.heatmap(expert_share / expert_share.sum(1, keepdim=True), 'expert_load.png',
-                                title=f'share of routed tokens per expert, steps {last_heatmap_step}-{step}')
-                    expert_share, last_heatmap_step = None, step
-                val = metrics.get('val/loss', float('inf'))
+            if at_eval or c['eval_only']:
+                eval_model = self.evaluation_model()     # None on ranks > 0, which wait below
+                metrics = {}
+                if rt.master:
+                    raw.eval()
+                    metrics = evaluate(eval_model)
+                    raw.train()
+                    log.log(step, **metrics)
+                    bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()
+                                                            if isinstance(v, float)))
+                    log.plot(keys=plot_keys)
+                    for keys, name, ylabel in extra_plots:
+                        log.plot(keys=keys, name=name, ylabel=ylabel)
+                    if self.track_logits:
+                        log.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
+                    if expert_share is not None:
+                        log.heatmap(expert_share / expert_share.sum(1, keepdim=True), 'expert_load.png',
+                                    title=f'share of routed tokens per expert, steps {last_heatmap_step}-{step}')
+                        expert_share, last_heatmap_step = None, step
+                val = self.from_rank0(metrics.get('val/loss', float('inf')))
                 if val < self.best_val_loss or c['always_save_checkpoint']:
                     self.best_val_loss = min(self.best_val_loss, val)
                     if step > 0 and not c['eval_only'] and c['save_checkpoints']:
-                        save_checkpoint(c['out_dir'], self.checkpoint(metrics))
+                        self.save(metrics)
             if c['eval_only'] or step == c['max_iters']:
                 break
 
@@ -964,17 +1244,16 @@ class Trainer:
             n_micro = c['gradient_accumulation_steps']
             loss_sum = torch.zeros((), device=rt.device)
             for micro in range(n_micro):
-                if rt.ddp:                               # all-reduce on the last micro-step only
-                    self.model.require_backward_grad_sync = micro == n_micro - 1
-                with rt.autocast():
-                    loss = loss_fn(self.model, step, micro)
-                if isinstance(loss, tuple):
-                    loss, step_metrics = loss
-                    tokens_since += step_metrics.pop('tokens', self.tokens_per_step / n_micro)
-                else:
-                    tokens_since += self.tokens_per_step / n_micro
-                loss = loss / n_micro
-                self.scaler.scale(loss).backward()
+                with self.gradient_sync(micro, n_micro):
+                    with rt.autocast():
+                        loss = loss_fn(self.model, step, micro)
+                    if isinstance(loss, tuple):
+                        loss, step_metrics = loss
+                        tokens_since += step_metrics.pop('tokens', self.tokens_per_step / n_micro)
+                    else:
+                        tokens_since += self.tokens_per_step / n_micro
+                    loss = loss / n_micro
+                    self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             if c['grad_clip'] > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -1000,49 +1279,55 @@ class Trainer:
             steps_since += 1
             bar.update(1)
 
-            if step % c['log_interval'] == 0 and self.nonfinite_step() >= 0:
-                break
-            if step % c['log_interval'] == 0 and rt.master:
-                lossf = loss_sum.item()                  # one host sync per log_interval steps
+            if step % c['log_interval'] == 0:
+                if self.nonfinite_step() >= 0:
+                    break
+                # the loss and the stage's metrics as means over ranks, the tokens summed over
+                # them: one all-reduce per log_interval steps, and one host sync
+                numbers = {'train/loss': loss_sum, 'tokens': tokens_since}
+                numbers.update({f'train/{part}_loss': v for part, v in raw.last_losses.items()})
+                numbers.update({f'train/{name}': v for name, v in step_metrics.items()})
+                if c['grad_clip'] > 0:                   # the same on every rank; FSDP: a DTensor
+                    numbers['grad_norm'] = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
+                numbers = self.mean_over_ranks(numbers)
                 synchronize(rt.device_type)
                 elapsed = time.perf_counter() - t_last
                 dt = elapsed / steps_since
-                tok_s = tokens_since * rt.world_size / elapsed
+                tok_s = numbers.pop('tokens') * rt.world_size / elapsed      # every rank's tokens
                 t_last, steps_since, tokens_since = time.perf_counter(), 0, 0
-                row = {'train/loss': lossf, 'lr': lr, 'tokens_per_sec': tok_s,
-                       'mfu': self.flops_per_token * tok_s / self.peak, 'step_time_ms': 1000 * dt}
-                if c['grad_clip'] > 0:
-                    row['grad_norm'] = grad_norm.item()
-                for part, value in raw.last_losses.items():    # lm / aux / mtp, last micro-batch
-                    row[f'train/{part}_loss'] = value.item()
-                for name, value in step_metrics.items():
-                    row[f'train/{name}'] = float(value)
-                if expert_load is not None:
-                    # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
-                    imbalance = (expert_load.max(1).values / expert_load.mean(1).clamp(min=1e-9)).tolist()
-                    row['moe/max_imbalance'] = max(imbalance)
-                    row['moe/imbalance'] = [round(v, 3) for v in imbalance]
-                    share = (expert_load / expert_load.sum(1, keepdim=True).clamp(min=1)).cpu()
-                    expert_share = share if expert_share is None else expert_share + share
-                    expert_load = None
-                if logit_max is not None:
-                    per_layer = logit_max.max(1).values.tolist()      # the largest head of each layer
-                    row['attn/max_logit'] = [round(v, 2) for v in per_layer]
-                    row['attn/max_logit_all'] = max(per_layer)
-                    row['qk_clip/clipped_heads'] = int(clipped)
-                    logit_max = None
-                    clipped.zero_()
-                log.log(step, **row)
-                bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f"{row['tokens_per_sec']:,.0f}",
-                                mfu=f"{100 * row['mfu']:.1f}%", refresh=False)
+                if rt.master:
+                    row = {'train/loss': numbers.pop('train/loss'), 'lr': lr, 'tokens_per_sec': tok_s,
+                           'mfu': self.flops_per_token * tok_s / (self.peak * rt.world_size),
+                           'step_time_ms': 1000 * dt}
+                    if 'grad_norm' in numbers:
+                        row['grad_norm'] = numbers.pop('grad_norm')
+                    row.update(numbers)
+                    if expert_load is not None:
+                        # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
+                        imbalance = (expert_load.max(1).values / expert_load.mean(1).clamp(min=1e-9)).tolist()
+                        row['moe/max_imbalance'] = max(imbalance)
+                        row['moe/imbalance'] = [round(v, 3) for v in imbalance]
+                        share = (expert_load / expert_load.sum(1, keepdim=True).clamp(min=1)).cpu()
+                        expert_share = share if expert_share is None else expert_share + share
+                    if logit_max is not None:
+                        per_layer = logit_max.max(1).values.tolist()      # the largest head of each layer
+                        row['attn/max_logit'] = [round(v, 2) for v in per_layer]
+                        row['attn/max_logit_all'] = max(per_layer)
+                        row['qk_clip/clipped_heads'] = int(clipped)
+                    log.log(step, **row)
+                    bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}",
+                                    mfu=f"{100 * row['mfu']:.1f}%", refresh=False)
+                expert_load = logit_max = None
+                clipped.zero_()
         bar.close()
         bad = self.nonfinite_step()
         if bad >= 0:
-            last = os.path.join(c['out_dir'], 'ckpt.pt')
+            last = checkpoint_path(c['out_dir'])
             sys.exit(f'error: the training loss became NaN/inf at step {bad}; stopped. '
-                     f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)'))
+                     f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)')
+                     if rt.master else 1)
         if rt.master and not c['eval_only']:
             path = log.plot(keys=plot_keys)
-            print(f"done: {self.step} steps" + (f"; checkpoint in {c['out_dir']}/ckpt.pt" if c['save_checkpoints'] else '')
-                  + (f', loss curve {path}' if path else ''))
+            saved = f"; checkpoint in {checkpoint_path(c['out_dir'])}" if c['save_checkpoints'] else ''
+            print(f"done: {self.step} steps" + saved + (f', loss curve {path}' if path else ''))
         log.close()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Trainer, batch_generator, chat_batch, close_runtime, configure, evaluate_task,
+from common import (Trainer, chat_batch, close_runtime, configure, evaluate_task,
                     init_runtime, load_chat_model, load_checkpoint, read_jsonl, training_defaults)
 from model import token_logprobs
 
@@ -102,7 +102,7 @@ def dpo(pi_c, pi_r, ref):
 
 
 def loss_fn(model, step, micro_step):
-    g = batch_generator(seed, step, micro_step, rt.rank)
+    g = trainer.batch_generator(step, micro_step)
     ix = torch.randint(len(train_pairs), (batch_size,), generator=g)
     (pi_c, pi_r), n_tokens = sequence_logprobs(model, [train_pairs[int(i)] for i in ix])
     loss, r_c, r_r = dpo(pi_c, pi_r, ref_train[ix].to(rt.device))

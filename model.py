@@ -542,14 +542,16 @@ class CausalSelfAttention(QKClipStats, nn.Module):
         of query heads, so it takes sqrt(min gamma of its group) and each query head the rest,
         gamma[h] / sqrt(min): every head's logits scale by exactly its own gamma, and heads of
         the group that did not exceed tau keep their logits."""
+        from optim import scale_rows_                  # row by row: works on FSDP shards too
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         g = gamma.to(self.q_proj.weight.dtype).view(Hkv, H // Hkv)
         k_scale = g.min(dim=1).values.sqrt()                                  # (Hkv,)
         q_scale = (g / k_scale[:, None]).reshape(H)                           # (H,)
-        for proj, scale, n in ((self.q_proj, q_scale, H), (self.k_proj, k_scale, Hkv)):
-            proj.weight.view(n, D, -1).mul_(scale.view(n, 1, 1))
+        for proj, scale in ((self.q_proj, q_scale), (self.k_proj, k_scale)):
+            rows = scale.repeat_interleave(D)                                 # head h: rows hD..hD+D-1
+            scale_rows_(proj.weight, rows)
             if proj.bias is not None:
-                proj.bias.view(n, D).mul_(scale.view(n, 1))
+                scale_rows_(proj.bias, rows)
 
 
 class MLAttention(QKClipStats, nn.Module):
@@ -628,12 +630,14 @@ class MLAttention(QKClipStats, nn.Module):
         """Multiply head h's logits by gamma[h] as the Kimi-K2 report does for MLA: the head's
         q_nope and k_nope rows by sqrt(gamma) (their product carries gamma), its q_rope rows by
         gamma, and the shared k_rope (used by every head) not at all."""
-        H, dn = self.n_head, self.d_nope
-        g = gamma.to(self.kv_b_proj.weight.dtype).view(H, 1, 1)
-        w_q = (self.q_proj if hasattr(self, 'q_proj') else self.q_b_proj).weight.view(H, dn + self.d_rope, -1)
-        w_q[:, :dn].mul_(g.sqrt())                                            # q_nope
-        w_q[:, dn:].mul_(g)                                                   # q_rope
-        self.kv_b_proj.weight.view(H, dn + self.d_v, -1)[:, :dn].mul_(g.sqrt())   # k_nope
+        from optim import scale_rows_                  # row by row: works on FSDP shards too
+        H, dn, dr, dv = self.n_head, self.d_nope, self.d_rope, self.d_v
+        g = gamma.to(self.kv_b_proj.weight.dtype).view(H, 1)
+        # per head, q's rows are [q_nope (dn) ; q_rope (dr)] and kv_b's are [k_nope (dn) ; v (dv)]
+        q_rows = torch.cat([g.sqrt().expand(H, dn), g.expand(H, dr)], 1).reshape(-1)
+        kv_rows = torch.cat([g.sqrt().expand(H, dn), torch.ones_like(g).expand(H, dv)], 1).reshape(-1)
+        scale_rows_((self.q_proj if hasattr(self, 'q_proj') else self.q_b_proj).weight, q_rows)
+        scale_rows_(self.kv_b_proj.weight, kv_rows)
 
 
 # -----------------------------------------------------------------------------

@@ -45,6 +45,63 @@ def newton_schulz(G, steps=5, eps=1e-7):
     return X.mT if tall else X
 
 
+# --- parameters sharded by FSDP2 (fsdp=True) ---------------------------------------------------
+# fully_shard turns every parameter into a DTensor split along dim 0 across the ranks of a 1-D
+# mesh, as torch.chunk splits: each rank holds ceil(rows / world) consecutive rows (the last
+# ranks fewer, or none). Elementwise updates (momentum, AdamW, weight decay) work on the shards as
+# they are; what mixes rows needs the helpers below.
+
+def is_sharded(t):
+    """True for an FSDP2-sharded parameter (or its gradient, or a state tensor made like it)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def shard_rows(t):
+    """(start, stop): the rows of dim 0 of the full tensor that this rank holds of the sharded t."""
+    from torch.distributed.tensor import Shard
+    if t.device_mesh.ndim != 1 or t.placements != (Shard(0),):
+        raise NotImplementedError(f'parameters sharded as {t.placements} over a {t.device_mesh.ndim}-D mesh; '
+                                  f'only FSDP2 row sharding (Shard(0), one mesh dimension) is supported')
+    n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    per_rank = math.ceil(n / world)
+    start = min(rank * per_rank, n)
+    return start, min(start + per_rank, n)
+
+
+def scale_rows_(w, s):
+    """w[i] *= s[i] for every row i along dim 0, in place (QK-Clip's per-head rescaling). For a
+    sharded w only the rows this rank holds; s is the same on every rank, so no communication."""
+    if is_sharded(w):
+        start, stop = shard_rows(w)
+        w, s = w.to_local(), s[start:stop]
+    w.mul_(s.to(w.dtype).view(-1, *[1] * (w.dim() - 1)))
+
+
+def newton_schulz_input(u):
+    """The matrices Newton-Schulz must see for the momentum update u of one parameter, as a plain
+    tensor: u itself; for a sharded 2-D u the full matrix (an all-gather: orthogonalisation mixes
+    all rows, so every rank orthogonalises the whole matrix, redundantly but identically); for a
+    sharded stack of expert matrices (E, m, n) this rank's whole experts (rows of dim 0 are
+    experts, each orthogonalised on its own: no communication)."""
+    if not is_sharded(u):
+        return u
+    return u.full_tensor() if u.dim() == 2 else u.to_local()
+
+
+def add_update_(p, o, alpha):
+    """p += alpha * o, where o is Newton-Schulz's output for newton_schulz_input(p's update): for
+    a sharded 2-D p only the rows this rank holds are added."""
+    if is_sharded(p):
+        if p.dim() == 2:
+            start, stop = shard_rows(p)
+            o = o[start:stop]
+        p = p.to_local()
+    p.add_(o.view(p.shape).to(p.dtype), alpha=alpha)
+
+
 def muon_update_scale(shape):
     """Moonlight: 0.2 * sqrt(max(fan_out, fan_in)) gives the orthogonalised update the RMS of a
     typical AdamW update (about 0.2), so the same learning rate and weight decay work."""
@@ -104,6 +161,7 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=mu) if group['nesterov'] else bufs  # G + mu M
         torch._foreach_mul_(params, 1 - lr * wd)                         # decoupled decay
+        updates = [newton_schulz_input(u) for u in updates]             # FSDP: plain tensors
         by_shape = {}                                                    # (m, n) -> indices
         for i, u in enumerate(updates):
             by_shape.setdefault((tuple(u.shape[-2:]), u.device), []).append(i)
@@ -113,7 +171,7 @@ class Muon(torch.optim.Optimizer):
             sizes = [updates[i].numel() // (m * n) for i in ix]
             for i, o in zip(ix, ortho.split(sizes)):
                 p = params[i]
-                p.add_(o.view(p.shape).to(p.dtype), alpha=-lr * muon_update_scale(p.shape))
+                add_update_(p, o.view(updates[i].shape), -lr * muon_update_scale(p.shape))
 
     def _adamw_step(self, group, params):
         """AdamW (Loshchilov & Hutter 2019) for embeddings, head, norms and biases, as foreach

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Trainer, batch_generator, close_runtime, configure, evaluate_task, init_runtime,
+from common import (Trainer, close_runtime, configure, evaluate_task, init_runtime,
                     load_chat_model, load_checkpoint, rank_correlation, read_jsonl, training_defaults)
 
 # -----------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def pair_loss(r_chosen, r_rejected):
 
 
 def loss_fn(model, step, micro_step):
-    g = batch_generator(seed, step, micro_step, rt.rank)
+    g = trainer.batch_generator(step, micro_step)
     pairs = [train_pairs[int(i)] for i in torch.randint(len(train_pairs), (batch_size,), generator=g)]
     x, last = batch(pairs)
     rc, rr = model(x, last=last).chunk(2)

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from common import (Trainer, batch_generator, chat_batch, close_runtime, configure, evaluate_task,
+from common import (Trainer, chat_batch, close_runtime, configure, evaluate_task,
                     init_runtime, load_chat_model, load_checkpoint, read_jsonl, training_defaults)
 
 # -----------------------------------------------------------------------------
@@ -102,8 +102,8 @@ def pool_at(step):
 
 
 def train_rows(step, micro):
-    """batch_size rows for this step, a function of (seed, step, micro-step, rank)."""
-    g = batch_generator(seed, step, micro, rt.rank)
+    """batch_size rows for this micro-batch, a function of (seed, step, its global index)."""
+    g = trainer.batch_generator(step, micro)
     pool = pool_at(step)
     if packing:                      # concatenate random examples until each window is full
         rows = []

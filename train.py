@@ -4,11 +4,13 @@ Pretraining: next-token prediction on a prepared token dataset.
 $ python train.py config/tinystories_moe.py
 $ python train.py config/shakespeare_char.py
 $ python train.py config/tinystories_moe.py --optimizer=muonclip --max_iters=2000
-$ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py
+$ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py              (DDP)
+$ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py --fsdp=True  (FSDP2)
 
 Every ModelConfig field (n_layer, n_head, n_embd, attention, n_routed_experts, ...) is a config
 key, and so is every key of common.training_defaults() (schedule, optimizer, logging, system).
-Writes out_dir/ckpt.pt (model, configs, tokenizer, optimizer, RNG), out_dir/log.jsonl,
+Writes out_dir/ckpt.pt (model, configs, tokenizer, optimizer, RNG; fsdp=True: the sharded
+out_dir/ckpt_dcp/, which every loader reads too), out_dir/log.jsonl,
 out_dir/loss.png (and expert_load.png, max_logit.png); init_from='resume' continues exactly.
 """
 
@@ -19,7 +21,7 @@ import sys
 
 import torch
 
-from common import (TokenData, Trainer, batch_generator, close_runtime, configure, init_runtime,
+from common import (TokenData, Trainer, close_runtime, configure, init_runtime,
                     load_checkpoint, load_tokenizer_spec, model_config_from, training_defaults)
 from model import GPT, ModelConfig
 
@@ -89,8 +91,9 @@ ckpt = None                                   # free the CPU copy
 
 
 def loss_fn(model, step, micro_step):
-    """Next-token loss on a batch of random windows, drawn as a function of the step."""
-    g = batch_generator(seed, step, micro_step, rt.rank)
+    """Next-token loss on a batch of random windows, drawn as a function of the step and the
+    micro-batch's global index (so 2 ranks x accumulation k == 1 rank x accumulation 2k)."""
+    g = trainer.batch_generator(step, micro_step)
     x, y = data.batch('train', batch_size, block_size, g, rt.device)
     return model(x, y)[1]
 
