@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -325,7 +326,9 @@ def load_sharded_checkpoint(folder):
     weights = {k[len('model.'):]: torch.empty(m.size, dtype=m.properties.dtype)
                for k, m in metadata.state_dict_metadata.items()
                if k.startswith('model.') and isinstance(m, TensorStorageMetadata)}
-    dcp.load({'model': weights}, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():              # DCP warns that it loads in a single process
+        warnings.simplefilter('ignore', UserWarning)
+        dcp.load({'model': weights}, checkpoint_id=folder, no_dist=True)
     return {**ckpt, 'model': weights, 'sharded_dir': folder}
 
 
@@ -338,7 +341,9 @@ def load_sharded_optimizer(model, optimizer, folder):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)
-    dcp.load({'optimizer': state}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():              # a single process: DCP says so
+        warnings.simplefilter('ignore', UserWarning)
+        dcp.load({'optimizer': state}, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, state)
 
 

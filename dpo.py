@@ -133,7 +133,8 @@ trainer = Trainer(config, rt, model, 'dpo', tok.spec(), tokens_per_step, model.f
                   resume=ckpt if init_from == 'resume' else None,
                   checkpoint_extra={'parent': ckpt.get('parent', source), 'reference': reference,
                                     'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', ''),
-                                    'task_dir': task_dir})
+                                    'task_dir': task_dir},
+                  unused_parameters=model.config.mtp_depth > 0)     # no targets: MTP unused
 ckpt = None
 trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
 close_runtime(rt)

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from common import (Trainer, close_runtime, configure, evaluate_task, init_runtime, load_chat_model,
+from common import (Trainer, all_ranks, close_runtime, configure, evaluate_task, init_runtime, load_chat_model,
                     load_checkpoint, read_jsonl, training_defaults)
 from model import token_logprobs
 from rl import (Rewards, RunningMoments, batched_logprobs, clipped_policy_loss, entropy, group_advantages,
@@ -68,6 +68,9 @@ if group_size < 2:
 if eval_interval % updates_per_rollout:
     sys.exit(f'error: eval_interval={eval_interval} must be a multiple of grpo_epochs x minibatches per '
              f'rollout = {updates_per_rollout}, so checkpoints fall between rollouts')
+if fsdp:
+    sys.exit('error: grpo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
+             'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
 rt = init_runtime(device, dtype, seed)
 
 resume = init_from == 'resume'
@@ -116,7 +119,7 @@ def make_rollout(r):
     scores, parts = rewards(prompts, ro, rt.autocast)
     used = scores
     if normalize_reward:
-        moments.update(scores)
+        moments.update(all_ranks(scores))          # every rank's rewards: the same moments everywhere
         used = moments.normalize(scores)
     adv, flat_groups = group_advantages(used, group_size, scale_rewards)
     stats = {'reward': scores.mean().item(), 'zero_spread_groups': flat_groups.float().mean().item(),
@@ -189,7 +192,8 @@ if not resume and rt.master and os.path.exists(os.path.join(out_dir, 'samples.md
     os.remove(os.path.join(out_dir, 'samples.md'))
 tokens_per_step = minibatch_size * (max_new_tokens + 64) * rt.world_size
 trainer = Trainer(config, rt, policy, 'grpo', tok.spec(), tokens_per_step, policy.flops_per_token(),
-                  resume=ckpt if resume else None, checkpoint_extra=extra)
+                  resume=ckpt if resume else None, checkpoint_extra=extra,
+                  unused_parameters=policy.config.mtp_depth > 0)    # no targets: MTP unused
 ckpt = None
 trainer.run(loss_fn, evaluate, plot_keys=('train/policy_loss', 'train/kl_loss'),
             extra_plots=[(('train/reward', 'train/rule_score', 'train/reward_model_score'), 'reward.png', 'reward'),

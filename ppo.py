@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from common import (Trainer, close_runtime, configure, evaluate_task, init_runtime, load_chat_model,
+from common import (Trainer, all_ranks, close_runtime, configure, evaluate_task, init_runtime, load_chat_model,
                     load_checkpoint, read_jsonl, training_defaults)
 from model import ScalarModel, token_logprobs
 from rl import (ActorCritic, AdaptiveKL, Rewards, RunningMoments, batched_logprobs, clipped_policy_loss,
@@ -78,6 +78,9 @@ if eval_interval % updates_per_rollout:
              f'rollout = {updates_per_rollout}, so checkpoints fall between rollouts')
 if value_init not in ('policy', 'reward'):
     sys.exit(f"error: value_init='{value_init}'; valid: policy, reward")
+if fsdp:
+    sys.exit('error: ppo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
+             'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
 rt = init_runtime(device, dtype, seed)
 
 # --- models: policy, value, frozen reference, reward model ------------------------------------
@@ -138,13 +141,13 @@ def make_rollout(r):
         old_values = torch.cat([value.values(seq[i:i + 32, :-1]).float() for i in range(0, len(seq), 32)]) * mask
     scores, parts = rewards(prompts, ro, rt.autocast)
     if normalize_reward:
-        moments.update(scores)
+        moments.update(all_ranks(scores))          # every rank's rewards: the same moments everywhere
         scores_used = moments.normalize(scores)
     else:
         scores_used = scores
     token_rewards = per_token_rewards(scores_used, old_logp, ref_logp, mask, kl_ctl.beta)
     adv, returns = gae(token_rewards, old_values, mask, gamma, lam)
-    kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()        # sequence KL(pi || ref), k1
+    kl = all_ranks(((old_logp - ref_logp) * mask).sum(1)).mean().item()   # sequence KL(pi || ref), k1, all ranks
     stats = {'reward': scores.mean().item(), 'kl_ref': kl, 'beta': kl_ctl.beta,
              'response_tokens': sum(ro['lengths']) / len(ro['lengths']),
              'ended': sum(ro['ended']) / len(ro['ended'])}
@@ -152,7 +155,7 @@ def make_rollout(r):
         stats['rule_score'] = parts['rule'].mean().item()
     if parts['model'] is not None:
         stats['reward_model_score'] = parts['model'].mean().item()
-    kl_ctl.update(kl, len(prompts))
+    kl_ctl.update(kl, len(prompts) * rt.world_size)
     extra.update(kl_beta=kl_ctl.beta, reward_moments=moments.state_dict())
     buffer.update(index=r, seq=seq, mask=mask, old_logp=old_logp, old_values=old_values,
                   adv=whiten(adv, mask), returns=returns, stats=stats)
@@ -214,7 +217,8 @@ if not resume and rt.master and os.path.exists(os.path.join(out_dir, 'samples.md
     os.remove(os.path.join(out_dir, 'samples.md'))
 tokens_per_step = minibatch_size * (max_new_tokens + 64) * rt.world_size
 trainer = Trainer(config, rt, model, 'ppo', tok.spec(), tokens_per_step, policy.flops_per_token() * 2,
-                  resume=ckpt if resume else None, checkpoint_extra=extra)
+                  resume=ckpt if resume else None, checkpoint_extra=extra,
+                  unused_parameters=True)                # no targets: MTP unused; the value model's LM head too
 ckpt = None
 trainer.run(loss_fn, evaluate, plot_keys=('train/policy_loss', 'train/value_loss'),
             extra_plots=[(('train/reward', 'train/rule_score', 'train/reward_model_score'), 'reward.png', 'reward'),

@@ -149,7 +149,8 @@ def evaluate(model):
 tokens_per_step = 2 * batch_size * block_size * gradient_accumulation_steps * rt.world_size
 trainer = Trainer(config, rt, model, 'reward', tok.spec(), tokens_per_step, model.flops_per_token(block_size),
                   resume=ckpt if init_from == 'resume' else None,
-                  checkpoint_extra={'parent': parent, 'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', '')})
+                  checkpoint_extra={'parent': parent, 'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', '')},
+                  unused_parameters=True)                # scores only: the LM head (and MTP) unused
 ckpt = None
 trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
 close_runtime(rt)
