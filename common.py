@@ -1148,6 +1148,29 @@ class Trainer:
         self.eval_copy.load_state_dict(weights)
         return self.eval_copy.eval()
 
+    def replica_fingerprints(self):
+        """Every rank's fingerprint of the state it should share with the others: (float64 sum,
+        sum of squares) of each state-dict tensor held whole on every rank (under DDP all of them,
+        under FSDP the buffers, e.g. the router biases; the shards differ by design). Rank 0
+        warns if a rank's differs from its own: the replicas have drifted apart. A collective."""
+        from optim import is_sharded
+        names, values = [], []
+        for name, t in self.raw.state_dict().items():
+            if not is_sharded(t):
+                t = t.detach().double()
+                names.append(name)
+                values += [t.sum(), t.square().sum()]
+        mine = torch.stack(values)
+        every = [torch.empty_like(mine) for _ in range(self.rt.world_size)]
+        torch.distributed.all_gather(every, mine)
+        every = [f.cpu() for f in every]
+        bad = [(r, names[int((f != every[0]).nonzero()[0]) // 2]) for r, f in enumerate(every)
+               if not torch.equal(f, every[0])]
+        if bad and self.rt.master:
+            print(f'warning: at step {self.step} the replicas differ: ' +
+                  ', '.join(f'rank {r} in {name}' for r, name in bad), file=sys.stderr)
+        return every
+
     def checkpoint(self, metrics):
         """The checkpoint dict (every rank calls it: each rank's RNG state is gathered, so that a
         resume on as many ranks continues every rank's stream). Under FSDP without the weights
@@ -1160,6 +1183,7 @@ class Trainer:
             per_rank = [None] * self.rt.world_size
             torch.distributed.all_gather_object(per_rank, rng)
             meta['rng_per_rank'] = per_rank
+            meta['replica_fingerprints'] = self.replica_fingerprints()
         if self.fsdp:
             weights = {'model_config': self.raw.config.to_dict()}
         elif hasattr(self.raw, 'checkpoint_state'):      # e.g. PPO's policy + value model
