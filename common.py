@@ -1023,6 +1023,7 @@ class Trainer:
             shard_model(model, rt)
         self.optimizer = self.build_optimizer(trainable or model)
         self.step, self.best_val_loss = 0, float('inf')
+        rng_restored = False
         if resume is not None:
             base_lrs = [g['base_lr'] for g in self.optimizer.param_groups]
             if 'sharded_dir' in resume:                  # written under FSDP, on any number of ranks
@@ -1037,16 +1038,17 @@ class Trainer:
                 g['base_lr'] = base_lr                   # the config's rate wins over the saved one
             self.step = resume['step']
             self.best_val_loss = resume.get('best_val_loss', float('inf'))
-            per_rank = resume.get('rng_per_rank')
-            if per_rank is not None and len(per_rank) == rt.world_size:
+            per_rank = resume.get('rng_per_rank') or []
+            if len(per_rank) == rt.world_size:           # as many ranks as the run that saved it
                 restore_rng_state(per_rank[rt.rank])
-            elif rt.rank == 0:                           # other ranks keep seed + rank below
+                rng_restored = True
+            elif rt.rank == 0:
                 restore_rng_state(resume['rng'])
+                rng_restored = True
             if rt.master:
                 print(f"resuming {c['out_dir']} at step {self.step}")
-        if rt.rank > 0 and not (resume is not None and len(resume.get('rng_per_rank') or []) == rt.world_size):
-            torch.manual_seed(c['seed'] + rt.rank)       # own dropout masks; rank 0 keeps the
-                                                         # stream a single process would have
+        if rt.rank > 0 and not rng_restored:             # own dropout masks; rank 0 keeps the
+            torch.manual_seed(c['seed'] + rt.rank)       # stream a single process would have
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
         compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
         # Under FSDP this compiles the sharded model as a whole: dynamo leaves FSDP's hooks at the
@@ -1160,7 +1162,7 @@ class Trainer:
                 t = t.detach().double()
                 names.append(name)
                 values += [t.sum(), t.square().sum()]
-        mine = torch.stack(values)
+        mine = torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=self.rt.device)
         every = [torch.empty_like(mine) for _ in range(self.rt.world_size)]
         torch.distributed.all_gather(every, mine)
         every = [f.cpu() for f in every]

@@ -165,16 +165,19 @@ def test_fsdp_resumes_exactly_loads_on_one_process_and_samples(tmp_path, byte_da
 
 
 def test_sft_under_torchrun_equals_one_process(pipeline):
-    """A post-training stage under DDP: its micro-batches are functions of their global index too."""
+    """A post-training stage under DDP and FSDP: its micro-batches are functions of their global
+    index too; its evaluation samples answers (on rank 0, from the gathered weights under FSDP)."""
     sft = ['sft.py', '--init_from=base', '--task_dir=inst', '--batch_size=2', '--block_size=128', '--eval_iters=1',
            '--eval_prompts=1', '--max_new_tokens=4', '--compile=False', '--device=cpu', '--peak_flops=1e12',
            '--learning_rate=3e-3', '--warmup_iters=1', '--log_interval=1', '--dropout=0.0', '--max_iters=3',
            '--eval_interval=3']
     run_script(*sft, '--out_dir=sft_one', '--gradient_accumulation_steps=2', cwd=pipeline)
-    torchrun(*sft, '--out_dir=sft_ddp', cwd=pipeline)
-    one, ddp = load_checkpoint(str(pipeline / 'sft_one')), load_checkpoint(str(pipeline / 'sft_ddp'))
-    assert ddp['stage'] == 'sft' and ddp['step'] == 3
-    assert max_difference(one['model'], ddp['model']) < 1e-5
+    one = load_checkpoint(str(pipeline / 'sft_one'))
+    for mode in ('ddp', 'fsdp'):
+        torchrun(*sft, f'--out_dir=sft_{mode}', f'--fsdp={mode == "fsdp"}', cwd=pipeline)
+        ckpt = load_checkpoint(str(pipeline / f'sft_{mode}'))
+        assert ckpt['stage'] == 'sft' and ckpt['step'] == 3 and 'task/score_greedy' in ckpt['metrics']
+        assert max_difference(one['model'], ckpt['model']) < 1e-5, mode
 
 
 def test_fsdp_needs_torchrun_and_rl_stages_refuse_it(tmp_path, byte_data):
