@@ -216,7 +216,8 @@ def init_runtime(device='auto', dtype='auto', seed=1337):
 def close_runtime(rt):
     if rt.ddp:
         import torch.distributed as dist
-        dist.destroy_process_group()
+        dist.barrier()              # rank 0 may still be writing plots: leave together (a rank
+        dist.destroy_process_group()   # that tears gloo down alone can abort the other)
 
 
 def all_ranks(x):

@@ -8,7 +8,7 @@
 # NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the shared H200 machines require.
 # $ OUT=out/multigpu bash experiments/multigpu.sh
 # A CPU dry run of the script's logic (gloo, a tiny model):
-# $ NPROC=2 STEPS=12 EXTRA="--device=cpu --compile=False --n_layer=2 --n_embd=64 --n_head=2
+# $ NPROC=2 STEPS=12 LOG_INTERVAL=2 EXTRA="--device=cpu --compile=False --n_layer=2 --n_embd=64 --n_head=2
 #   --batch_size=2 --block_size=64 --n_routed_experts=8 --moe_intermediate_size=32 --q_lora_rank=32
 #   --kv_lora_rank=32 --qk_nope_head_dim=16 --qk_rope_head_dim=16 --v_head_dim=16 --intermediate_size=128
 #   --peak_flops=1e12" bash experiments/multigpu.sh
@@ -43,7 +43,8 @@ run() {   # name, launcher, extra train.py args: train, then print the median lo
   python - "$OUT/$name/log.jsonl" "$SKIP" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-speeds = [r['tokens_per_sec'] for r in rows if 'tokens_per_sec' in r][int(sys.argv[2]):]
+speeds = [r['tokens_per_sec'] for r in rows if 'tokens_per_sec' in r]
+speeds = speeds[int(sys.argv[2]):] or speeds[-1:]      # a short run: its last interval
 print(statistics.median(speeds))
 EOF
 }
