@@ -11,6 +11,7 @@ Optimizers for every training stage:
 build_optimizer(model, name, ...) returns one torch optimizer whose param groups carry
 'base_lr'; set_lr(optimizer, lr_now / learning_rate) applies the schedule to every group.
 qk_clip(model, tau) runs after optimizer.step() (train.py does it when optimizer='muonclip').
+All three work on parameters sharded by FSDP2 too (fsdp=True; see "parameters sharded by FSDP2").
 """
 
 import inspect
