@@ -286,6 +286,31 @@ def chat_batch(rows, pad_id, T=None):
     return x, y
 
 
+def encode_chat_examples(tok, rows, block_size):
+    """(ids, mask) of each {'prompt', 'response'} record with the chat template (tok.encode_chat),
+    cut to block_size + 1 tokens; and how many records were cut."""
+    out, cut = [], 0
+    for r in rows:
+        ids, mask = tok.encode_chat(r['prompt'], r['response'])
+        cut += len(ids) > block_size + 1
+        out.append((ids[:block_size + 1], mask[:block_size + 1]))
+    return out, cut
+
+
+def pack_chat_examples(examples, pool, batch_size, block_size, generator):
+    """batch_size rows of block_size + 1 tokens for chat_batch: each row is random examples
+    (ids, mask), drawn from `pool` (indices into `examples`), concatenated until it is full, with
+    their masks kept, so a window holds several examples and no padding (sft.py, distill.py)."""
+    rows = []
+    for _ in range(batch_size):
+        ids, mask = [], []
+        while len(ids) < block_size + 1:
+            e_ids, e_mask = examples[pool[int(torch.randint(len(pool), (1,), generator=generator))]]
+            ids, mask = ids + e_ids, mask + e_mask
+        rows.append((ids[:block_size + 1], mask[:block_size + 1]))
+    return rows
+
+
 @torch.no_grad()
 def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
                   batch_size=32, autocast=contextlib.nullcontext, generator=None):

@@ -423,6 +423,15 @@ def with_chat_tokens(tok):
     return tokenizer_from_spec({**spec, 'special_tokens': specials, 'chat': dict(CHAT_TOKENS)})
 
 
+def base_spec(spec):
+    """A tokenizer spec without the chat template (its 'chat' field and its special tokens): what
+    must agree between a pretrained model, its data and the models fine-tuned from it."""
+    chat_names = set(CHAT_TOKENS.values())
+    out = {k: v for k, v in spec.items() if k != 'chat'}
+    out['special_tokens'] = {k: v for k, v in spec.get('special_tokens', {}).items() if k not in chat_names}
+    return out
+
+
 def tokenizer_from_spec(spec):
     """Rebuild a tokenizer from spec() output (from meta.json or a checkpoint), offline."""
     tok = _from_spec(spec)
