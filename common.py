@@ -580,10 +580,18 @@ def _init_worker(spec):
 
 
 def _encode_docs(docs):
-    """Token ids of a chunk of documents, each followed by EOT, as one flat array."""
+    """Token ids of a chunk of documents, each followed by EOT, as one flat array. Documents that
+    are already token ids (e.g. a teacher's samples) are kept as they are; their bytes are those of
+    their decoded text."""
     tok = _worker_tokenizer
-    ids = [t for doc in tok.encode_batch(docs) for t in (*doc, tok.eot_id)]
-    return np.asarray(ids, dtype=np.int64), sum(len(d.encode('utf-8')) for d in docs), len(docs)
+    if docs and not isinstance(docs[0], str):
+        encoded = [list(d) for d in docs]
+        n_bytes = sum(len(tok.decode(d).encode('utf-8')) for d in encoded)
+    else:
+        encoded = tok.encode_batch(docs)
+        n_bytes = sum(len(d.encode('utf-8')) for d in docs)
+    ids = [t for doc in encoded for t in (*doc, tok.eot_id)]
+    return np.asarray(ids, dtype=np.int64), n_bytes, len(docs)
 
 
 def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra_meta=None,
@@ -591,6 +599,7 @@ def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra
     """Tokenize documents in parallel and write out_dir/{split}.bin plus meta.json.
 
     splits: {'train': iterable of str, 'val': ...}; every document is followed by the EOT token.
+    A split may hold token-id lists instead of strings: they are written unchanged (distill.py).
     Each file is written under a temporary name and renamed when complete, so a crash never
     leaves a .bin that a later run would read. meta.json (written last) records the tokenizer
     spec (large parts such as BPE ranks go to a side file), vocab size, dtype, token and byte

@@ -177,8 +177,8 @@ if rt.master:
 # --- mode='sequence': the teacher's corpus ---------------------------------------------------------
 @torch.no_grad()
 def sample_documents(n_docs, length):
-    """n_docs documents from the teacher, each begun from EOT, sampled in batches of gen_batch_size
-    through the KV cache; a document ends at the teacher's EOT or after `length` tokens."""
+    """n_docs documents (token-id lists) from the teacher, each begun from EOT, sampled in batches of
+    gen_batch_size through the KV cache; a document ends at the teacher's EOT or after `length` tokens."""
     from tqdm import tqdm
     g = torch.Generator(device=rt.device).manual_seed(seed)
     docs = []
@@ -193,16 +193,16 @@ def sample_documents(n_docs, length):
                     stop_ids=[tok.eot_id], vocab_limit=V, generator=g))
             for row in torch.stack(new, 1).tolist():
                 end = row.index(tok.eot_id) if tok.eot_id in row else len(row)
-                docs.append(tok.decode(row[:end]))
+                docs.append(row[:end])
             bar.update(n)
     return docs
 
 
 def write_teacher_corpus(folder):
-    """seq_data_dir in the prepare/ format: train.bin from the teacher's samples (decoded and
-    written by common.write_token_dataset, so tokenized and byte-counted as the real data is),
-    val.bin copied from the real data with its token and byte counts. Kept and reused when its
-    settings match; a folder holding another corpus is an error, never overwritten."""
+    """seq_data_dir in the prepare/ format: train.bin holds the teacher's samples, token for token,
+    each followed by EOT (written by common.write_token_dataset; bytes counted from the decoded
+    text), val.bin is a copy of the real data's with its token and byte counts. Kept and reused
+    when its settings match; a folder holding another corpus is an error, never overwritten."""
     length = sample_length or teacher_model.config.block_size
     settings = {'teacher': teacher, 'teacher_step': teacher_ckpt.get('step'), 'num_samples': num_samples,
                 'sample_length': length, 'sample_temperature': sample_temperature,
