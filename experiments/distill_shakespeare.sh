@@ -8,6 +8,9 @@
 # $ python prepare/shakespeare_char.py --source=../shared/data/shakespeare/input.txt
 # $ bash experiments/distill_shakespeare.sh          (about 15 minutes on 2 CPU cores)
 set -euo pipefail
+# one thread per run: the matrices are small, and on shared cores extra threads spin against other jobs
+# (measured here: 15 steps/s with one thread, under 1 step/s with two while another job ran)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-out/distill_shakespeare}
 DATA=${DATA:-data/shakespeare_char}
 mkdir -p $OUT
