@@ -393,6 +393,31 @@ def chat_batch(rows, pad_id, T=None):
     return x, y
 
 
+def encode_chat_examples(tok, rows, block_size):
+    """(ids, mask) of each {'prompt', 'response'} record with the chat template (tok.encode_chat),
+    cut to block_size + 1 tokens; and how many records were cut."""
+    out, cut = [], 0
+    for r in rows:
+        ids, mask = tok.encode_chat(r['prompt'], r['response'])
+        cut += len(ids) > block_size + 1
+        out.append((ids[:block_size + 1], mask[:block_size + 1]))
+    return out, cut
+
+
+def pack_chat_examples(examples, pool, batch_size, block_size, generator):
+    """batch_size rows of block_size + 1 tokens for chat_batch: each row is random examples
+    (ids, mask), drawn from `pool` (indices into `examples`), concatenated until it is full, with
+    their masks kept, so a window holds several examples and no padding (sft.py, distill.py)."""
+    rows = []
+    for _ in range(batch_size):
+        ids, mask = [], []
+        while len(ids) < block_size + 1:
+            e_ids, e_mask = examples[pool[int(torch.randint(len(pool), (1,), generator=generator))]]
+            ids, mask = ids + e_ids, mask + e_mask
+        rows.append((ids[:block_size + 1], mask[:block_size + 1]))
+    return rows
+
+
 @torch.no_grad()
 def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
                   batch_size=32, autocast=contextlib.nullcontext, generator=None):
@@ -662,10 +687,18 @@ def _init_worker(spec):
 
 
 def _encode_docs(docs):
-    """Token ids of a chunk of documents, each followed by EOT, as one flat array."""
+    """Token ids of a chunk of documents, each followed by EOT, as one flat array. Documents that
+    are already token ids (e.g. a teacher's samples) are kept as they are; their bytes are those of
+    their decoded text."""
     tok = _worker_tokenizer
-    ids = [t for doc in tok.encode_batch(docs) for t in (*doc, tok.eot_id)]
-    return np.asarray(ids, dtype=np.int64), sum(len(d.encode('utf-8')) for d in docs), len(docs)
+    if docs and not isinstance(docs[0], str):
+        encoded = [list(d) for d in docs]
+        n_bytes = sum(len(tok.decode(d).encode('utf-8')) for d in encoded)
+    else:
+        encoded = tok.encode_batch(docs)
+        n_bytes = sum(len(d.encode('utf-8')) for d in docs)
+    ids = [t for doc in encoded for t in (*doc, tok.eot_id)]
+    return np.asarray(ids, dtype=np.int64), n_bytes, len(docs)
 
 
 def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra_meta=None,
@@ -673,6 +706,7 @@ def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra
     """Tokenize documents in parallel and write out_dir/{split}.bin plus meta.json.
 
     splits: {'train': iterable of str, 'val': ...}; every document is followed by the EOT token.
+    A split may hold token-id lists instead of strings: they are written unchanged (distill.py).
     Each file is written under a temporary name and renamed when complete, so a crash never
     leaves a .bin that a later run would read. meta.json (written last) records the tokenizer
     spec (large parts such as BPE ranks go to a side file), vocab size, dtype, token and byte

@@ -14,7 +14,7 @@ E routed experts, K experts per token, I expert width.
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -1269,6 +1269,67 @@ def masked_cross_entropy(logits, targets):
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                             ignore_index=-1, reduction='sum')
     return total / (targets >= 0).sum().clamp(min=1)
+
+
+# --- knowledge distillation (distill.py): the teacher's soft targets and the student's KL to them ---
+
+def teacher_log_probs(teacher_logits, temperature=1.0, top_k=0, vocab=None):
+    """The teacher's side of distillation, computed once per batch without gradient.
+    log p = log_softmax(z_T / T) over the first `vocab` ids (the tokenizer's; ids past it are
+    vocabulary padding and are dropped). Returns (log_p, ids):
+      top_k = 0: log p over the whole vocabulary (..., V) and ids = None;
+      top_k = k: O(k) numbers per position instead of O(V): the log-probabilities of the teacher's
+        k most likely ids (..., k), and, when k < V, one more column: the rest of its mass as one
+        bucket, log p_rest = log sum_{i not in top-k} p_i (so the k + 1 columns still sum to 1;
+        nothing is renormalised); ids (..., k) are those k token ids."""
+    z = teacher_logits.float()
+    if vocab is not None:
+        z = z[..., :vocab]
+    logp = F.log_softmax(z / temperature, dim=-1)
+    if not top_k:
+        return logp, None
+    top, ids = logp.topk(top_k, dim=-1)
+    if top_k < logp.size(-1):
+        rest = logp.scatter(-1, ids, float('-inf')).logsumexp(-1, keepdim=True)   # log p_rest
+        top = torch.cat([top, rest], dim=-1)
+    return top, ids
+
+
+def distillation_kl(student_logits, targets, temperature=1.0, kind='forward', mask=None, vocab=None):
+    """T^2 * KL between the teacher's softened distribution p (targets = teacher_log_probs(...))
+    and the student's q = softmax(z_S / T) over the first `vocab` ids (default: the teacher's
+    full width; ids past it are the student's vocabulary padding), averaged over the positions
+    where mask is True:
+        forward  KL(p || q) = sum_i p_i (log p_i - log q_i)   (Hinton et al. 2015: q covers all of p)
+        reverse  KL(q || p) = sum_i q_i (log q_i - log p_i)   (mode-seeking: q avoids where p is small)
+    The factor T^2 keeps the gradient's size independent of T: for the forward KL,
+    d(T^2 KL)/dz_S = T (q - p), and as T grows, T^2 KL -> sum_i (a_i - b_i)^2 / 2V with a, b the
+    mean-centred teacher and student logits (logit matching). With top-k targets, q is coarsened
+    the same way as p: q at the teacher's k ids plus q_rest, the student's mass on all other ids;
+    the KL between the two (k + 1)-outcome distributions is a lower bound of the full KL and equals
+    it when k = V."""
+    logp, ids = targets
+    if vocab is None:
+        if ids is not None:
+            raise ValueError('top-k targets need vocab= (the size of the real vocabulary)')
+        vocab = logp.size(-1)
+    logq = F.log_softmax(student_logits.float()[..., :vocab] / temperature, dim=-1)
+    if ids is not None:                                              # top-k targets
+        logq_k = logq.gather(-1, ids)                                # log q at the teacher's k ids
+        if logp.size(-1) > ids.size(-1):                             # and the teacher's rest bucket:
+            logq_rest = logq.scatter(-1, ids, float('-inf')).logsumexp(-1, keepdim=True)  # log q_rest
+            logq_k = torch.cat([logq_k, logq_rest], dim=-1)
+        logq = logq_k
+    if kind == 'forward':
+        kl = (logp.exp() * (logp - logq)).sum(-1)                    # KL(p_T || q_S)
+    elif kind == 'reverse':
+        kl = (logq.exp() * (logq - logp)).sum(-1)                    # KL(q_S || p_T)
+    else:
+        raise ValueError(f"kind='{kind}'; valid: forward, reverse")
+    kl = kl * temperature ** 2                                       # * T^2
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None, generator=None):

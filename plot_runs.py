@@ -6,7 +6,6 @@ $ python plot_runs.py --runs=out/a,out/b --key=attn/max_logit_all --out=max_logi
 """
 
 import json
-import math
 import os
 import sys
 

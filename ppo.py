@@ -28,7 +28,7 @@ from common import (Trainer, all_ranks, close_runtime, configure, evaluate_task,
                     load_checkpoint, read_jsonl, training_defaults)
 from model import ScalarModel, token_logprobs
 from rl import (ActorCritic, AdaptiveKL, Rewards, RunningMoments, batched_logprobs, clipped_policy_loss,
-                clipped_value_loss, entropy, explained_variance, gae, masked_mean, per_token_rewards,
+                clipped_value_loss, entropy, explained_variance, gae, per_token_rewards,
                 sample_rollout, whiten)
 
 # -----------------------------------------------------------------------------

@@ -21,8 +21,9 @@ import sys
 
 import torch
 
-from common import (Trainer, chat_batch, close_runtime, configure, evaluate_task,
-                    init_runtime, load_chat_model, load_checkpoint, read_jsonl, training_defaults)
+from common import (Trainer, chat_batch, close_runtime, configure, encode_chat_examples,
+                    evaluate_task, init_runtime, load_chat_model, load_checkpoint, pack_chat_examples,
+                    read_jsonl, training_defaults)
 
 # -----------------------------------------------------------------------------
 # default config values (and those of common.training_defaults(): optimizer, schedule, logging)
@@ -71,11 +72,7 @@ def read_jsonl_in_task(name, required):
 
 def encode(rows):
     """Token ids and response masks, cut to block_size + 1 tokens."""
-    out, cut = [], 0
-    for r in rows:
-        ids, mask = tok.encode_chat(r['prompt'], r['response'])
-        cut += len(ids) > block_size + 1
-        out.append((ids[:block_size + 1], mask[:block_size + 1]))
+    out, cut = encode_chat_examples(tok, rows, block_size)
     if cut and rt.master:
         print(f'note: {cut} of {len(rows)} examples are longer than block_size + 1 = {block_size + 1} '
               f'tokens and were cut (their ending is not trained)')
@@ -106,14 +103,7 @@ def train_rows(step, micro):
     g = trainer.batch_generator(step, micro)
     pool = pool_at(step)
     if packing:                      # concatenate random examples until each window is full
-        rows = []
-        for _ in range(batch_size):
-            ids, mask = [], []
-            while len(ids) < block_size + 1:
-                e_ids, e_mask = train_ex[pool[int(torch.randint(len(pool), (1,), generator=g))]]
-                ids, mask = ids + e_ids, mask + e_mask
-            rows.append((ids[:block_size + 1], mask[:block_size + 1]))
-        return rows
+        return pack_chat_examples(train_ex, pool, batch_size, block_size, g)
     start = int(torch.randint(len(pool), (1,), generator=g))   # neighbours in length order
     return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)]
 

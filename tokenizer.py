@@ -31,7 +31,6 @@ its closing <|end|>, the tokens a fine-tuned model is trained to produce.
 import base64
 import heapq
 import re
-import sys
 from collections import Counter, defaultdict
 
 EOT = '<|endoftext|>'
@@ -421,6 +420,15 @@ def with_chat_tokens(tok):
             specials[name] = nxt
             nxt += 1
     return tokenizer_from_spec({**spec, 'special_tokens': specials, 'chat': dict(CHAT_TOKENS)})
+
+
+def base_spec(spec):
+    """A tokenizer spec without the chat template (its 'chat' field and its special tokens): what
+    must agree between a pretrained model, its data and the models fine-tuned from it."""
+    chat_names = set(CHAT_TOKENS.values())
+    out = {k: v for k, v in spec.items() if k != 'chat'}
+    out['special_tokens'] = {k: v for k, v in spec.get('special_tokens', {}).items() if k not in chat_names}
+    return out
 
 
 def tokenizer_from_spec(spec):

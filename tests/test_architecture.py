@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, KVCache, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
+from model import (GPT, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
                    count_params, softmax_scale)
 
 MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',

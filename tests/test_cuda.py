@@ -1,6 +1,8 @@
 """GPU paths the CPU suite cannot reach: bf16 grouped-GEMM experts, torch.compile of the training
 step, bf16 MLA decoding. Skipped without CUDA (CI has none; run them on the lent GPU)."""
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,26 @@ def test_cuda_graph_decode_equals_the_same_steps_eager(B, monkeypatch):
     monkeypatch.setattr(model, 'graph_capturable', lambda: False)   # the same static steps, no graph
     eager = torch.stack(list(model.generate_tokens(idx, 150, temperature=0.0, cuda_graph=True)), 1)
     assert torch.equal(graph, eager)
+
+
+def test_distill_script_with_a_bf16_moe_teacher(tmp_path, byte_data):
+    """distill.py on the GPU: an MLA + MoE teacher whose weights are cast to bf16 (its buffers, the
+    RoPE frequencies and router biases, stay float32), compiled, teaching a dense student; then
+    the teacher's corpus sampled through the bf16 KV cache."""
+    args = [a for a in TINY_MODEL if not a.startswith(('--compile', '--device'))] + ['--device=cuda']
+    moe = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--kv_lora_rank=16',
+           '--qk_nope_head_dim=16', '--qk_rope_head_dim=8', '--v_head_dim=16', '--n_routed_experts=8',
+           '--moe_intermediate_size=32', '--n_shared_experts=1', '--scoring_func=sigmoid',
+           '--bias_update_speed=0.01']
+    run_script('train.py', f'--data_dir={byte_data}', '--out_dir=teacher', *args, *moe, '--max_iters=20',
+               '--eval_interval=20', '--compile=False', cwd=tmp_path)
+    p = run_script('distill.py', '--teacher=teacher', '--out_dir=student', *args, '--n_layer=1', '--pos_emb=rope',
+                   '--max_iters=20', '--eval_interval=10', '--compile=True', '--top_k_logits=16', cwd=tmp_path)
+    assert 'torch.bfloat16; student' in p.stdout and 'done: 20 steps' in p.stdout
+    rows = [json.loads(line) for line in open(tmp_path / 'student' / 'log.jsonl')]
+    kls = [r['val/kl'] for r in rows if 'val/kl' in r]
+    assert kls[-1] < kls[0]
+    run_script('distill.py', '--teacher=teacher', '--mode=sequence', '--seq_data_dir=seq', '--num_samples=8',
+               '--sample_length=48', '--generate_only=True', *args, cwd=tmp_path)
+    from common import TokenData
+    assert TokenData(str(tmp_path / 'seq')).meta['train_docs'] == 8

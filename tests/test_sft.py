@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from common import chat_batch, generate_chat, load_chat_model, load_checkpoint, write_token_dataset
+from common import chat_batch, generate_chat, load_chat_model, load_checkpoint
 from conftest import STORIES, run_script, shared_file
 from model import GPT, ModelConfig
 from tokenizer import (CHAT_TOKENS, EOT, ByteTokenizer, CharTokenizer, gpt2_tokenizer, tokenizer_from_spec,

@@ -1,0 +1,339 @@
+"""
+Knowledge distillation: a smaller student learns from a trained teacher that shares its tokenizer.
+
+$ python distill.py config/distill_tinystories.py                        # logit distillation
+$ python distill.py config/distill_tinystories.py --mode=sequence        # sequence-level distillation
+$ python distill.py --teacher=out/sft --task_dir=data/tinystories_instruct --init_from=out/small ...
+$ python eval.py --compare=out/tinystories_moe,out/distill
+
+mode='logits' (Hinton et al. 2015). At every position the teacher's and the student's next-token
+distributions are softened by a temperature T, p = softmax(z_teacher / T), q = softmax(z_student / T),
+and the student minimises
+    loss = alpha * T^2 * KL + (1 - alpha) * CE(z_student, the real next token)
+with KL = KL(p || q) (kl='forward') or KL(q || p) (kl='reverse'); T^2 keeps the gradient's scale
+independent of T. top_k_logits=k keeps only the teacher's k most likely ids per position plus one
+bucket holding the rest of its mass (the formulas: model.teacher_log_probs, model.distillation_kl).
+The teacher is frozen: eval mode, no gradients, its weights in the run's compute dtype on a GPU
+(bf16) and in float32 on the CPU (where bf16 matmuls are slow and the tests compare exactly).
+
+mode='sequence' (Kim & Rush 2016). Sample num_samples documents from the teacher (batched through
+the KV cache, each begun from the end-of-text token, as documents are in the data), write them to
+seq_data_dir in the prepare/ format (train.bin: the samples; val.bin: a copy of the real data's
+val split, so bits per byte are measured on real text), then train the student on them with the
+plain next-token loss: the same as `python train.py --data_dir=<seq_data_dir>` with the student's
+keys (generate_only=True writes the corpus and stops).
+
+Pretraining data by default (data_dir: the teacher's own); with task_dir= the instruction data
+(prepare/tinystories_instruct.py): the chat-formatted SFT examples, packed as sft.py packs them,
+with both losses on the response tokens only, and the task score in every evaluation.
+The student is any ModelConfig (every field is a key, as in train.py) or a trained checkpoint
+(init_from='out/RUN'). Schedule, optimizer, logging, checkpoints and exact resume are train.py's
+(common.Trainer). Every evaluation logs val/loss and val/bpb (on the real val split) and val/kl,
+the student's KL(p || q) to the teacher at T = 1, with the teacher's own val loss beside it.
+The checkpoint (stage 'distill') is a plain language model that sample.py and eval.py load.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+
+from common import (TokenData, Trainer, chat_batch, close_runtime, configure,
+                    encode_chat_examples, evaluate_task, init_runtime, load_chat_model, load_checkpoint,
+                    load_model, load_tokenizer_spec, model_config_from, pack_chat_examples, read_jsonl,
+                    training_defaults, write_token_dataset)
+from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, teacher_log_probs
+from tokenizer import base_spec, tokenizer_from_spec
+
+# -----------------------------------------------------------------------------
+# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+out_dir = 'out/distill'
+teacher = ''                 # the teacher's checkpoint folder (e.g. out/tinystories_moe, out/sft); required
+mode = 'logits'              # 'logits': match the teacher's distributions | 'sequence': train on its samples
+init_from = 'scratch'        # the student: 'scratch' (from the ModelConfig keys) | 'resume' | 'out/RUN'
+data_dir = ''                # pretraining data (prepare/ format); '' = the teacher's data_dir
+task_dir = ''                # instruction data (sft_*.jsonl, prompts_val.jsonl); '' = pretraining data
+batch_size = 32              # sequences per micro-batch (per GPU)
+block_size = 0               # training window; 0 = the teacher's block_size
+vocab_size = 0               # the student's vocabulary (scratch): 0 = the tokenizer's, padded to x64
+# the loss of mode='logits'
+temperature = 2.0            # T: both distributions are softmax(z / T)
+alpha = 0.5                  # loss = alpha * T^2 * KL + (1 - alpha) * CE on the real next token
+kl = 'forward'               # 'forward': KL(p_teacher || q_student) | 'reverse': KL(q_student || p_teacher)
+top_k_logits = 0             # keep the teacher's k most likely ids (+ one bucket for the rest); 0 = all
+# mode='sequence': the teacher's corpus
+seq_data_dir = 'data/distill_seq'   # where the samples are written (with a copy of the real val split)
+num_samples = 1000           # documents sampled from the teacher
+sample_length = 0            # tokens per document at most (it ends earlier at EOT); 0 = teacher's block_size
+sample_temperature = 1.0     # 0: greedy
+sample_top_k = 0             # 0: off
+gen_batch_size = 64          # documents sampled together
+generate_only = False        # write the corpus and stop
+# task_dir: the instruction case
+eval_prompts = 64            # held-out prompts answered (greedy) at each evaluation
+max_new_tokens = 300
+# -----------------------------------------------------------------------------
+config = configure(globals(), model_config=ModelConfig, defaults=training_defaults())
+# (configure() also defines every training_defaults() and ModelConfig key as a global here)
+# -----------------------------------------------------------------------------
+problems = [msg for bad, msg in [
+    (mode not in ('logits', 'sequence'), f"mode='{mode}'; valid: logits, sequence"),
+    (temperature <= 0, f'temperature={temperature} must be > 0'),
+    (not 0 <= alpha <= 1, f'alpha={alpha} must be in [0, 1] (1: the distillation loss alone, 0: hard labels alone)'),
+    (kl not in ('forward', 'reverse'), f"kl='{kl}'; valid: forward, reverse"),
+    (top_k_logits < 0, f'top_k_logits={top_k_logits} must be >= 0 (0: the full vocabulary)'),
+    (num_samples < 1, f'num_samples={num_samples} must be at least 1'),
+    (sample_temperature < 0, f'sample_temperature={sample_temperature} must be >= 0 (0: greedy)'),
+    (sample_top_k < 0 or sample_length < 0, 'sample_top_k and sample_length must be >= 0 (0: off / auto)'),
+    (mode == 'sequence' and bool(task_dir), "mode='sequence' samples documents for pretraining data; "
+                                            "with task_dir use mode='logits'"),
+] if bad]
+if problems:
+    sys.exit('error: ' + '; '.join(problems))
+rt = init_runtime(device, dtype, seed)
+
+
+def describe(spec):
+    try:
+        return f"{spec['kind']} tokenizer with {tokenizer_from_spec(spec).vocab_size:,} ids"
+    except Exception:                                  # noqa: BLE001 (a spec we cannot rebuild offline)
+        return f"{spec.get('kind')} tokenizer"
+
+
+def require_same_tokenizer(spec_a, name_a, spec_b, name_b):
+    """Distillation compares distributions id by id: both sides must use one tokenizer (the chat
+    template's extra tokens aside)."""
+    if base_spec(spec_a) != base_spec(spec_b):
+        a, b = describe(spec_a), describe(spec_b)
+        sys.exit(f'error: {name_a} uses a {a} but {name_b} uses a {b}'
+                 + (' (the same kind and size, different vocabularies)' if a == b else '')
+                 + '; the teacher and the student must share one tokenizer')
+
+
+# --- the teacher: frozen ------------------------------------------------------------------------
+resume = load_checkpoint(out_dir) if init_from == 'resume' else None
+teacher = teacher or (resume or {}).get('teacher', '')
+if not teacher:
+    sys.exit("error: no teacher: set teacher='out/RUN' (a trained checkpoint folder, e.g. out/tinystories_moe)")
+teacher_ckpt = load_checkpoint(teacher)
+if teacher_ckpt.get('model_class') == 'scalar':
+    sys.exit(f'error: the teacher {teacher} is a reward / value model; distillation needs a language model')
+load = load_chat_model if task_dir else load_model       # the chat template's tokens for instructions
+teacher_model, teacher_tok, teacher_ckpt = load(teacher, 'cpu', teacher_ckpt)
+teacher_model.eval().requires_grad_(False)
+teacher_model.to(rt.device)
+if rt.device_type != 'cpu':                   # weights (not buffers: RoPE frequencies, router biases)
+    for p in teacher_model.parameters():      # in the compute dtype, bf16 on current GPUs
+        p.data = p.data.to(getattr(torch, rt.dtype))
+
+# --- data and tokenizer ---------------------------------------------------------------------------
+data_dir = data_dir or teacher_ckpt.get('data_dir', '')
+if task_dir:
+    tok = teacher_tok                         # the teacher's tokenizer, with the chat template
+    tok_spec = tok.spec()
+else:
+    if not data_dir:
+        sys.exit(f"error: the teacher {teacher} names no data_dir; set data_dir='data/NAME'")
+    data = TokenData(data_dir)
+    tok_spec = load_tokenizer_spec(data.meta['tokenizer'], data_dir)
+    require_same_tokenizer(teacher_ckpt['tokenizer'], f'the teacher {teacher}', tok_spec, f'the data in {data_dir}')
+    tok = tokenizer_from_spec(tok_spec)
+V = tok.vocab_size                            # logits are compared on the real vocabulary only
+if top_k_logits > V:
+    sys.exit(f'error: top_k_logits={top_k_logits} exceeds the vocabulary ({V} ids); use at most {V} (or 0: all)')
+
+# --- the student ----------------------------------------------------------------------------------
+torch.manual_seed(seed + rt.rank)             # the same initial weights as train.py's with this seed
+if init_from == 'scratch':
+    block_size = config['block_size'] = block_size or teacher_model.config.block_size
+    vocab_size = config['vocab_size'] = vocab_size or 64 * math.ceil(V / 64)
+    model = GPT(model_config_from(config, ModelConfig))
+    source = None
+else:
+    source = out_dir if init_from == 'resume' else init_from
+    model, student_tok, _ = load(source, 'cpu', resume, overrides={'dropout': dropout})
+    require_same_tokenizer(student_tok.spec(), f'the student {source}', tok_spec,
+                           f'the teacher {teacher}' if task_dir else f'the data in {data_dir}')
+    block_size = block_size or model.config.block_size
+if model.config.vocab_size < V:
+    sys.exit(f'error: vocab_size={model.config.vocab_size} is smaller than the vocabulary ({V} ids)')
+if block_size > min(model.config.block_size, teacher_model.config.block_size):
+    sys.exit(f'error: block_size={block_size} exceeds the block_size of the student '
+             f'({model.config.block_size}) or of the teacher ({teacher_model.config.block_size})')
+model.to(rt.device)
+compile_ = compile if compile is not None else rt.device_type == 'cuda'
+teacher_forward = torch.compile(teacher_model) if compile_ else teacher_model
+distilling = mode == 'logits' and alpha > 0   # else the teacher is run at evaluations only
+if rt.master:
+    s_act, t_act = model.active_params(), teacher_model.active_params()
+    print(f'teacher {teacher}: {teacher_model.num_params() / 1e6:.2f}M parameters, {t_act / 1e6:.2f}M active, '
+          f'{next(teacher_model.parameters()).dtype}; student: {model.num_params() / 1e6:.2f}M parameters, '
+          f'{s_act / 1e6:.2f}M active ({s_act / t_act:.1%} of the teacher); {describe(tok_spec)}')
+
+
+# --- mode='sequence': the teacher's corpus ---------------------------------------------------------
+@torch.no_grad()
+def sample_documents(n_docs, length):
+    """n_docs documents (token-id lists) from the teacher, each begun from EOT, sampled in batches of
+    gen_batch_size through the KV cache; a document ends at the teacher's EOT or after `length` tokens."""
+    from tqdm import tqdm
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    docs = []
+    with tqdm(total=n_docs, desc='sampling the teacher', unit='doc', dynamic_ncols=True,
+              mininterval=1 if sys.stderr.isatty() else 30) as bar:
+        for start in range(0, n_docs, gen_batch_size):
+            n = min(gen_batch_size, n_docs - start)
+            idx = torch.full((n, 1), tok.eot_id, dtype=torch.long, device=rt.device)
+            with rt.autocast():
+                new = list(teacher_model.generate_tokens(
+                    idx, length, temperature=sample_temperature, top_k=sample_top_k or None,
+                    stop_ids=[tok.eot_id], vocab_limit=V, generator=g))
+            for row in torch.stack(new, 1).tolist():
+                end = row.index(tok.eot_id) if tok.eot_id in row else len(row)
+                docs.append(row[:end])
+            bar.update(n)
+    return docs
+
+
+def write_teacher_corpus(folder):
+    """seq_data_dir in the prepare/ format: train.bin holds the teacher's samples, token for token,
+    each followed by EOT (written by common.write_token_dataset; bytes counted from the decoded
+    text), val.bin is a copy of the real data's with its token and byte counts. Kept and reused
+    when its settings match; a folder holding another corpus is an error, never overwritten."""
+    length = sample_length or teacher_model.config.block_size
+    settings = {'teacher': teacher, 'teacher_step': teacher_ckpt.get('step'), 'num_samples': num_samples,
+                'sample_length': length, 'sample_temperature': sample_temperature,
+                'sample_top_k': sample_top_k, 'seed': seed, 'val_from': data_dir}
+    meta_path = os.path.join(folder, 'meta.json')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f).get('distill')
+        if old == settings:
+            print(f'{folder} already holds this corpus; reusing it')
+            return
+        sys.exit(f'error: {folder} holds another data set (settings {old}, wanted {settings}); '
+                 f'delete it or set seq_data_dir= to a new folder')
+    docs = sample_documents(num_samples, length)
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(os.path.join(data_dir, 'val.bin'), os.path.join(folder, 'val.bin.tmp'))
+    os.replace(os.path.join(folder, 'val.bin.tmp'), os.path.join(folder, 'val.bin'))
+    val_counts = {f'val_{k}': data.meta[f'val_{k}'] for k in ('tokens', 'bytes', 'docs')}
+    write_token_dataset(folder, {'train': docs}, tok, source=f'samples of {teacher}',
+                        extra_meta={**val_counts, 'val_source': data_dir, 'distill': settings})
+
+
+if mode == 'sequence':
+    if rt.master:
+        write_teacher_corpus(seq_data_dir)
+    if rt.ddp:
+        torch.distributed.barrier()
+    if generate_only:
+        print(f'wrote {seq_data_dir}; train a student on it with python distill.py ... --mode=sequence, '
+              f'or python train.py --data_dir={seq_data_dir} ...')
+        close_runtime(rt)
+        sys.exit(0)
+    train_data = TokenData(seq_data_dir)
+    if train_data.meta['dtype'] != data.meta['dtype']:
+        sys.exit(f'error: {seq_data_dir} and {data_dir} store tokens as different types')
+else:
+    train_data = data if not task_dir else None
+
+# --- the instruction case: chat-formatted examples ------------------------------------------------
+if task_dir:
+    def read_task(name, required):
+        return read_jsonl(os.path.join(task_dir, name), required,
+                          hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
+    train_ex, cut = encode_chat_examples(tok, read_task('sft_train.jsonl', ('prompt', 'response')), block_size)
+    val_ex, _ = encode_chat_examples(tok, read_task('sft_val.jsonl', ('prompt', 'response')), block_size)
+    prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts] if eval_prompts else []
+    if rt.master:
+        print(f'{len(train_ex):,} training and {len(val_ex):,} validation examples ({cut} cut to block_size), '
+              f'{len(prompts)} held-out prompts')
+
+
+def train_batch(step, micro_step):
+    """(x, y) of this micro-step, a function of (seed, step, the micro-batch's global index) as in
+    train.py; y is -1 where no loss falls (prompts in the instruction case)."""
+    g = trainer.batch_generator(step, micro_step)
+    if task_dir:
+        rows = pack_chat_examples(train_ex, range(len(train_ex)), batch_size, block_size, g)
+        x, y = chat_batch(rows, tok.eot_id, block_size)
+        return x.to(rt.device), y.to(rt.device)
+    return train_data.batch('train', batch_size, block_size, g, rt.device)
+
+
+def loss_fn(model, step, micro_step):
+    x, y = train_batch(step, micro_step)
+    if not distilling:                        # hard labels alone: train.py's loss; the teacher rests
+        return model(x, y)[1]
+    with torch.no_grad():                     # the teacher's soft targets, before the student's forward
+        targets = teacher_log_probs(teacher_forward(x)[0], temperature, top_k_logits, V)
+    logits, loss = model(x, y)                # CE on the real next token + the student's MoE / MTP terms
+    ce = masked_cross_entropy(logits, y)      # that CE again, with its gradient, to re-weight it
+    kd = distillation_kl(logits, targets, temperature, kl, mask=y >= 0, vocab=V)     # T^2 KL
+    return loss + alpha * (kd - ce), {'kd_loss': kd.detach()}   # alpha T^2 KL + (1 - alpha) CE + extras
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+teacher_scores = {}                           # the teacher's task score, measured once
+
+
+@torch.no_grad()
+def held_out(model, batches):
+    """Over (x, y) batches: the student's mean cross entropy per target token, its mean
+    KL(p_teacher || q_student) at T = 1 over the real vocabulary, and the teacher's cross entropy."""
+    ce = kl_ = teacher_ce = 0.0
+    n = 0
+    for x, y in batches:
+        with rt.autocast():
+            logits = model(x)[0]
+            teacher_logits = teacher_forward(x)[0]
+        mask = y >= 0
+        k = int(mask.sum())
+        ce += masked_cross_entropy(logits, y).item() * k
+        teacher_ce += masked_cross_entropy(teacher_logits, y).item() * k
+        kl_ += distillation_kl(logits, teacher_log_probs(teacher_logits, 1.0, 0, V), 1.0, 'forward', mask).item() * k
+        n += k
+    n = max(n, 1)
+    return ce / n, kl_ / n, teacher_ce / n
+
+
+def evaluate(model):
+    if task_dir:
+        batches = [tuple(t.to(rt.device) for t in chat_batch(val_ex[k:k + batch_size], tok.eot_id))
+                   for k in range(0, min(len(val_ex), eval_iters * batch_size), batch_size)]
+        ce, kl_val, teacher_ce = held_out(model, batches)
+        metrics = {'val/loss': ce, 'val/kl': kl_val, 'val/teacher_loss': teacher_ce}
+        if prompts:
+            r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+            if not teacher_scores:
+                t = evaluate_task(teacher_model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+                teacher_scores.update({'task/teacher_score_greedy': t['score']})
+            metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words'],
+                            **teacher_scores})
+            print(f"  prompt: {r['example']['prompt']}\n  greedy answer: {r['example']['answer'][:300]!r}")
+        return metrics
+    out = {}
+    for split, d in (('train', train_data), ('val', data)):   # the same fixed batches as train.py's
+        batches = (d.batch(split, batch_size, block_size,
+                           torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1)),
+                           rt.device) for k in range(eval_iters))
+        out[split] = held_out(model, batches)
+    val, kl_val, teacher_val = out['val']
+    return {'train/eval_loss': out['train'][0], 'val/loss': val, 'val/ppl': math.exp(min(val, 50)),
+            'val/bpb': val / math.log(2) / data.bytes_per_token('val'), 'val/kl': kl_val,
+            'val/teacher_loss': teacher_val}
+
+
+tokens_per_step = batch_size * block_size * gradient_accumulation_steps * rt.world_size
+flops_per_token = model.flops_per_token(block_size) + (    # + the teacher's forward (1/3 of training)
+    teacher_model.flops_per_token(block_size) / 3 if distilling else 0)
+trainer = Trainer(config, rt, model, 'distill', tok_spec, tokens_per_step, flops_per_token, resume=resume,
+                  checkpoint_extra={'data_dir': data_dir, 'teacher': teacher, 'parent': source or 'scratch',
+                                    'task_dir': task_dir, 'seq_data_dir': seq_data_dir if mode == 'sequence' else ''})
+resume = None                                 # free the CPU copy
+trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss', 'val/teacher_loss'))
+close_runtime(rt)
