@@ -760,13 +760,15 @@ def _grouped_mm_dtype(x):
 
 def grouped_mm_supported(x, C, I):
     """torch._grouped_mm runs here: bf16 on CUDA compute capability >= 9.0 (Hopper), or float32
-    / bf16 on CPU, with 16-byte aligned rows."""
+    / bf16 on CPU (float32 not under torch.compile), with 16-byte aligned rows."""
     if not hasattr(torch, '_grouped_mm'):
         return False
     dtype = _grouped_mm_dtype(x)
     align = 128 // torch.finfo(dtype).bits if dtype.is_floating_point else 0   # elements per 16 bytes
     if not align or C % align or I % align:
         return False
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False                 # torch.compile's shape rule for _grouped_mm takes bf16 only
     if x.is_cuda:
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16)
