@@ -20,6 +20,7 @@ import torch
 
 from common import (TokenData, configure, evaluate_task, init_runtime, load_chat_model, load_checkpoint,
                     load_tokenizer_spec, read_jsonl)
+from tokenizer import base_spec
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/run'          # the checkpoint folder to evaluate
@@ -54,8 +55,7 @@ def val_loss(model, tok_spec, folder, ckpt):
         return None, None
     data = TokenData(d)
     base = load_tokenizer_spec(data.meta['tokenizer'], d)
-    if {k: v for k, v in tok_spec.items() if k not in ('special_tokens', 'chat')} != \
-            {k: v for k, v in base.items() if k not in ('special_tokens', 'chat')}:
+    if base_spec(tok_spec) != base_spec(base):             # the chat template aside
         sys.exit(f"error: {folder}'s tokenizer differs from the one of the data in {d}")
     T = block_size or model.config.block_size
     losses = []
