@@ -42,6 +42,7 @@ decode_batches = (1, 64)        # batch sizes for decode timing
 decode_tokens = 128             # new tokens per decode timing
 prompt_len = 32
 cuda_graph = True               # also time decoding with each step replayed as a CUDA graph
+compile_decode = True           # and with the graph of a torch.compile'd step
 compare_hf = False              # also time transformers' DeepseekV3ForCausalLM (needs transformers)
 compile = None                  # torch.compile the training step; None: on for CUDA
 device = 'auto'
@@ -203,18 +204,25 @@ if 'decode' in modes:
     for B in decode_batches:
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=rt.device)
 
-        for graph in ((False, True) if cuda_graph and cuda else (False,)):
+        variants = [('', False, False)]                 # (name, CUDA graph, compiled step)
+        if cuda_graph and cuda:
+            variants.append(('_graph', True, False))
+            if compile_decode:
+                variants.append(('_graph_compiled', True, True))
+        for suffix, graph, compiled in variants:
             @torch.no_grad()
             def decode():
                 with rt.autocast():
-                    for _ in raw.generate_tokens(prompt, decode_tokens, temperature=0, cuda_graph=graph):
+                    for _ in raw.generate_tokens(prompt, decode_tokens, temperature=0, cuda_graph=graph,
+                                                 compile_step=compiled):
                         pass
             reset_memory()
             dt = timed(decode, n=max(3, steps // 3), n_warmup=1)
-            key = f'decode_b{B}' + ('_graph' if graph else '')
+            key = f'decode_b{B}{suffix}'
             results[key] = {'tokens_per_sec': B * decode_tokens / dt, 'peak_mem_gb': peak_memory_gb()}
-            profiled(f'decode batch {B} ({decode_tokens} tokens){" CUDA graph" if graph else ""}', decode)
-            print(f'decode batch {B}' + (' (CUDA graph)' if graph else ''), results[key], flush=True)
+            label = {'': '', '_graph': ' (CUDA graph)', '_graph_compiled': ' (compiled, CUDA graph)'}[suffix]
+            profiled(f'decode batch {B} ({decode_tokens} tokens){label}', decode)
+            print(f'decode batch {B}{label}', results[key], flush=True)
         if hf is not None:
             @torch.no_grad()
             def hf_decode():
@@ -241,7 +249,7 @@ if 'optimizer' in results:
 if 'prefill' in results:
     rows.append(('prefill tokens/s', f"{results['prefill']['tokens_per_sec']:,.0f}", ''))
 for B in decode_batches:
-    for suffix, label in (('', ''), ('_graph', ', CUDA graph')):
+    for suffix, label in (('', ''), ('_graph', ', CUDA graph'), ('_graph_compiled', ', compiled + CUDA graph')):
         if f'decode_b{B}{suffix}' in results:
             r = results[f'decode_b{B}{suffix}']
             note = ''

@@ -1112,7 +1112,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None,
-                        cuda_graph=False):
+                        cuda_graph=False, compile_step=False):
         """Yield the next token of every row, (B,), max_new_tokens times (fewer once every row
         has emitted one of stop_ids, an id or a list of ids; a finished row then repeats the
         first of them). idx: (B, P) prompts, left-padded
@@ -1124,7 +1124,8 @@ class GPT(nn.Module):
         cuda_graph=True (not streaming): the cache is static and, on CUDA, the one-token step
         runs as a captured CUDA graph (DecodeGraph): one launch per token instead of hundreds (on
         the CPU the same static steps run eagerly; the tests check them there). For speed, put the
-        weights in the compute dtype first, model.to(torch.bfloat16), rather than autocast."""
+        weights in the compute dtype first, model.to(torch.bfloat16), rather than autocast.
+        compile_step=True (with cuda_graph): the captured step is torch.compile's fused one."""
         B, P = idx.shape
         c = self.config
         bs = c.block_size
@@ -1138,7 +1139,7 @@ class GPT(nn.Module):
         max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
         cache = self.new_cache(B, max_len, idx.device, valid, static=static)
         logits, _ = self(idx, cache=cache, last_only=True)
-        step = DecodeGraph(self, cache) if use_graph and max_new_tokens > 1 else None
+        step = DecodeGraph(self, cache, compile=compile_step) if use_graph and max_new_tokens > 1 else None
         if stop_ids is not None:
             stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
         for i in range(max_new_tokens):
@@ -1182,6 +1183,23 @@ class GPT(nn.Module):
         return torch.cat([idx, torch.stack(new, 1)], dim=1) if new else idx
 
 
+def decode_step(model, token, cache):
+    """One token per row through the model and its cache: the (B, 1, V) logits."""
+    return model(token, cache=cache, last_only=True)[0]
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """decode_step through torch.compile, made once per process: every cache of the same shapes
+    passes the same guards, so later generate() calls reuse the compiled code."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, dynamic=False)
+    return _compiled_decode_step
+
+
 class DecodeGraph:
     """One decode step, (B, 1) tokens -> (B, 1, V) logits over a static KVCache, captured once as
     a CUDA graph and then replayed per token. At batch 1 a small model's step is hundreds of
@@ -1191,9 +1209,12 @@ class DecodeGraph:
     must stay at its address: the cache is reset in place, never rebuilt. (torch.compile's
     mode='reduce-overhead' does the same thing automatically; this is the explicit version.)"""
 
-    def __init__(self, model, cache, warmup=2):
+    def __init__(self, model, cache, warmup=2, compile=False):
         assert cache.static and cache.device.type == 'cuda'
         self.model, self.cache = model, cache
+        # compile=True: the step is first fused by torch.compile (hundreds of small elementwise
+        # kernels become a few dozen), then its kernels are captured the same way
+        self.step_fn = compiled_decode_step() if compile else decode_step
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         saved = (cache.pos, cache.pos_t.clone(), cache.slot_pos.clone())
         stream = torch.cuda.Stream(cache.device)          # warm up (lazy init, cuBLAS workspaces)
@@ -1201,12 +1222,12 @@ class DecodeGraph:
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 self._park()
-                self.model(self.token, cache=cache, last_only=True)
+                self.step_fn(self.model, self.token, cache)
         torch.cuda.current_stream(cache.device).wait_stream(stream)
         self._park()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):                # records, does not run, the kernels
-            self.logits, _ = self.model(self.token, cache=cache, last_only=True)
+            self.logits = self.step_fn(self.model, self.token, cache)
         cache.pos = saved[0]                              # undo the warm-up steps
         cache.pos_t.copy_(saved[1])
         cache.slot_pos.copy_(saved[2])
