@@ -125,9 +125,8 @@ load = load_chat_model if task_dir else load_model       # the chat template's t
 teacher_model, teacher_tok, teacher_ckpt = load(teacher, 'cpu', teacher_ckpt)
 teacher_model.eval().requires_grad_(False)
 teacher_model.to(rt.device)
-if rt.device_type != 'cpu':                   # weights (not buffers: RoPE frequencies, router biases)
-    for p in teacher_model.parameters():      # in the compute dtype, bf16 on current GPUs
-        p.data = p.data.to(getattr(torch, rt.dtype))
+if rt.device_type != 'cpu' and rt.dtype != 'float32':   # weights in the compute dtype (bf16); RoPE
+    teacher_model.to(getattr(torch, rt.dtype))            # frequencies, router biases stay float32
 
 # --- data and tokenizer ---------------------------------------------------------------------------
 data_dir = data_dir or teacher_ckpt.get('data_dir', '')
@@ -146,7 +145,7 @@ if top_k_logits > V:
     sys.exit(f'error: top_k_logits={top_k_logits} exceeds the vocabulary ({V} ids); use at most {V} (or 0: all)')
 
 # --- the student ----------------------------------------------------------------------------------
-torch.manual_seed(seed + rt.rank)             # the same initial weights as train.py's with this seed
+torch.manual_seed(seed)                       # train.py's initial weights, the same on every rank
 if init_from == 'scratch':
     block_size = config['block_size'] = block_size or teacher_model.config.block_size
     vocab_size = config['vocab_size'] = vocab_size or 64 * math.ceil(V / 64)

@@ -179,6 +179,20 @@ def test_sft_under_torchrun_equals_one_process(pipeline):
         assert max_difference(one['model'], ckpt['model']) < 1e-5, mode
 
 
+def test_distill_under_fsdp_equals_one_process(tmp_path, byte_data):
+    """distill.py sharded on 2 ranks: every rank builds the same student (FSDP does not broadcast
+    it) and draws its micro-batches by their global index, so it is one process with twice the
+    accumulation."""
+    run_script(*train_args(byte_data, 'teacher', '--max_iters=4', '--eval_interval=4'), cwd=tmp_path)
+    distill = ['distill.py', '--teacher=teacher', *TINY_MODEL, '--n_layer=1', '--pos_emb=rope', '--dropout=0.0',
+               '--max_iters=3', '--eval_interval=3', '--warmup_iters=1', '--learning_rate=3e-3']
+    run_script(*distill, '--out_dir=one', '--gradient_accumulation_steps=2', cwd=tmp_path)
+    torchrun(*distill, '--out_dir=fsdp', '--fsdp=True', cwd=tmp_path)
+    one, fsdp = load_checkpoint(str(tmp_path / 'one')), load_checkpoint(str(tmp_path / 'fsdp'))
+    assert fsdp['stage'] == 'distill' and fsdp['step'] == 3
+    assert max_difference(one['model'], fsdp['model']) < 1e-5
+
+
 def test_fsdp_needs_torchrun_and_rl_stages_refuse_it(tmp_path, byte_data):
     p = run_script(*train_args(byte_data, 'x', '--max_iters=1', '--fsdp=True'), cwd=tmp_path, check=False)
     assert p.returncode != 0 and 'fsdp=True shards the model across processes started by torchrun' in p.stderr
