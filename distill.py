@@ -267,7 +267,7 @@ def train_batch(step, micro_step):
 def loss_fn(model, step, micro_step):
     x, y = train_batch(step, micro_step)
     if not distilling:                        # hard labels alone: train.py's loss; the teacher rests
-        return model(x, y)[1]
+        return model(x, y, return_logits=False)[1]
     with torch.no_grad():                     # the teacher's soft targets, before the student's forward
         targets = teacher_log_probs(teacher_forward(x)[0], temperature, top_k_logits, V)
     logits, loss = model(x, y)                # CE on the real next token + the student's MoE / MTP terms

@@ -63,7 +63,7 @@ def val_loss(model, tok_spec, folder, ckpt):
         g = torch.Generator().manual_seed(seed + 7919 * k + 1)
         x, y = data.batch('val', batch_size, T, g, rt.device)
         with rt.autocast():
-            losses.append(model(x, y)[1].item())
+            losses.append(model(x, y, return_logits=False)[1].item())
     loss = sum(losses) / len(losses)
     return loss, loss / math.log(2) / data.bytes_per_token('val')
 

@@ -519,9 +519,10 @@ class CausalSelfAttention(QKClipStats, nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)                   # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)                # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -593,10 +594,13 @@ class MLAttention(QKClipStats, nn.Module):
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
         H = self.n_head
-        q = self.q_proj(x) if hasattr(self, 'q_proj') else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        low_rank_q = not hasattr(self, 'q_proj')      # x's two projections, one GEMM when fused
+        q, ckv = fused_linear(x, [self.q_a_proj if low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
+        if low_rank_q:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, H, self.d_nope + self.d_rope).transpose(1, 2)               # (B, H, T, Dqk)
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.d_rope], dim=-1)
+        c, k_rope = ckv.split([self.rank, self.d_rope], dim=-1)
         c = self.kv_a_layernorm(c)                                                     # (B, T, r)
         q_rope = apply_rope(q_rope, *rope)
         k_rope = apply_rope(k_rope[:, None], *rope)[:, 0]                              # (B, T, Dr)
@@ -643,6 +647,22 @@ class MLAttention(QKClipStats, nn.Module):
 # -----------------------------------------------------------------------------
 # Feed-forward: dense
 
+def fused_linear(x, linears):
+    """[l(x) for l in linears], as ONE matrix multiply over the stacked weights when autocast
+    copies the weights anyway (float32 weights cast to bf16 at every training step: the cast
+    writes them side by side, and under torch.compile that is one kernel). Weights already in
+    the compute dtype (decoding in bf16) would be copied by the stacking, so then one each."""
+    dev = x.device.type
+    w = linears[0].weight
+    if not (torch.is_autocast_enabled(dev) and w.dtype != torch.get_autocast_dtype(dev)):
+        return [l(x) for l in linears]
+    bias = None
+    if any(l.bias is not None for l in linears):
+        bias = torch.cat([l.bias if l.bias is not None else w.new_zeros(l.out_features) for l in linears])
+    y = F.linear(x, torch.cat([l.weight for l in linears]), bias)
+    return y.split([l.weight.size(0) for l in linears], dim=-1)
+
+
 class MLP(nn.Module):
     """gelu:   down(gelu(up(x)))                       (GPT-2)
        swiglu: down(silu(gate(x)) * up(x))             (Shazeer 2020; Llama, DeepSeek)"""
@@ -659,7 +679,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = fused_linear(x, [self.gate_proj, self.up_proj])
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate='tanh'))
 
 
@@ -730,25 +751,54 @@ class Experts(nn.Module):
             y.index_add_(0, tok, (h @ self.down_proj[e].t()) * weights[tok, slot, None].to(x.dtype))
         return y
 
-    def forward_grouped(self, x, weights, indices):
+    def forward_grouped(self, x, weights, indices, fuse_gate_up=None):
         """The fast path: sort the N*K (token, expert) pairs by expert, run each projection as ONE
         grouped matrix multiply over the contiguous per-expert segments, then unsort and sum the
-        K outputs of each token. No host syncs, no Python loop over experts."""
+        K outputs of each token. No host syncs, no Python loop over experts.
+        fuse_gate_up (None: whenever the weights are cast to the compute dtype anyway, i.e. float32
+        weights under autocast): gate and up as one grouped GEMM over [gate ; up] (E, 2I, C),
+        written side by side by that cast; with weights already in the compute dtype (decoding)
+        the concatenation would be an extra copy of every expert per step, so two GEMMs."""
         N, K = indices.shape
         E = self.gate_proj.size(0)
         flat = indices.reshape(-1)                                            # (N*K,)
         order = flat.argsort(stable=True)                                     # pairs by expert
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)                            # segment ends
         dtype = _grouped_mm_dtype(x)
-        xs = x[order // K].to(dtype)                                          # (N*K, C) sorted
-        gate = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
-        up = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
+        xs = GatherRows.apply(x, order // K, inv, K).to(dtype)                # (N*K, C) sorted
+        if fuse_gate_up is None:
+            fuse_gate_up = self.gate_proj.dtype != dtype
+        if fuse_gate_up:
+            w13 = torch.cat([self.gate_proj, self.up_proj], 1).to(dtype)     # (E, 2I, C)
+            gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        else:
+            gate = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
+            up = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
         ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
-        ys = ys.to(x.dtype) * weights.reshape(-1)[order, None].to(x.dtype)   # (N*K, C)
-        out = torch.empty_like(ys).index_copy_(0, order, ys)                 # unsort: back to (t, k)
-        return out.view(N, K, -1).sum(1)
+        ys = GatherRows.apply(ys, inv, order, 1).view(N, K, -1)              # unsort: back to (t, k)
+        return (ys.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)      # sum_k g_tk y_tk
+
+
+class GatherRows(torch.autograd.Function):
+    """y = x[index], where index names every row of x exactly `copies` times, and inverse lists
+    where those copies landed: row t of x is at y[inverse[t * copies + j]], j < copies. Autograd's
+    own gradient of indexing is a scatter-add (atomic adds on a GPU); knowing the inverse makes
+    it a gather and a sum: grad_x[t] = sum_j grad_y[inverse[t * copies + j]]."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, copies):
+        ctx.save_for_backward(inverse)
+        ctx.copies = copies
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        inverse, = ctx.saved_tensors
+        grad_x = grad_y[inverse].view(-1, ctx.copies, grad_y.size(-1)).sum(1)
+        return grad_x, None, None, None
 
 
 def _grouped_mm_dtype(x):
@@ -928,10 +978,12 @@ class GPT(nn.Module):
         return self
 
     # --- forward ------------------------------------------------------------------------
-    def forward(self, idx, targets=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is None
-        without targets. With a KVCache, idx are the tokens after what the cache holds.
+        without targets. return_logits=False (with targets): logits is None, for a training
+        step that needs only the loss; under torch.compile a returned logits tensor is a graph
+        output whose gradient the backward must materialise, as zeros of (B, T, V) when unused. With a KVCache, idx are the tokens after what the cache holds.
         The loss adds the MoE balance losses and the weighted MTP losses; the parts are left
         in self.last_losses ('lm', 'aux', 'mtp') for logging."""
         B, T = idx.shape
@@ -960,7 +1012,7 @@ class GPT(nn.Module):
             loss = loss + aux_total
             parts['aux'] = aux_total.detach()
         self.last_losses = parts
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def trunk(self, idx, cache=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
@@ -1271,12 +1323,12 @@ class ScalarModel(GPT):
         (rows are right-padded)."""
         return self.values(idx).gather(1, last[:, None]).squeeze(1)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, last=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None):
         """With last=: the scores (through forward, so torch.compile and DDP see the call);
         otherwise the language model's forward (the backbone keeps its head)."""
         if last is not None:
             return self.score(idx, last)
-        return super().forward(idx, targets, cache, last_only)
+        return super().forward(idx, targets, cache, last_only, return_logits)
 
 
 def token_logprobs(logits, targets):

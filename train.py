@@ -95,7 +95,7 @@ def loss_fn(model, step, micro_step):
     micro-batch's global index (so 2 ranks x accumulation k == 1 rank x accumulation 2k)."""
     g = trainer.batch_generator(step, micro_step)
     x, y = data.batch('train', batch_size, block_size, g, rt.device)
-    return model(x, y)[1]
+    return model(x, y, return_logits=False)[1]
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def evaluate(model):
             g = torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1))
             x, y = data.batch(split, batch_size, block_size, g, rt.device)
             with rt.autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     return {'train/eval_loss': out['train'], 'val/loss': out['val'],

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
-                   count_params, softmax_scale)
+from model import (GPT, Experts, GatherRows, ModelConfig, MoE, RotaryEmbedding, attention_mask,
+                   balance_loss, count_params, softmax_scale)
 
 MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',
            norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False, kv_lora_rank=8,
@@ -269,6 +269,45 @@ def test_grouped_experts_equal_the_loop():
     torch.testing.assert_close(results['loop'][0], results['grouped'][0])
     for n, g in results['loop'][1].items():
         torch.testing.assert_close(results['grouped'][1][n], g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('fuse_gate_up', [False, True])
+def test_grouped_experts_with_and_without_fused_gate_up(fuse_gate_up):
+    """Gate and up as one grouped GEMM over [gate ; up] (the training path, where float32 weights
+    are cast anyway) or two: the loop's outputs and gradients either way, also with an expert
+    that gets no token."""
+    torch.manual_seed(0)
+    experts = Experts(E=6, C=16, I=8, std=0.3)
+    x = torch.randn(11, 16, requires_grad=True)
+    weights = torch.rand(11, 3, requires_grad=True)
+    indices = torch.stack([torch.randperm(5)[:3] for _ in range(11)])    # expert 5 never chosen
+    results = []
+    for run in (lambda: experts.forward_loop(x, weights, indices),
+                lambda: experts.forward_grouped(x, weights, indices, fuse_gate_up=fuse_gate_up)):
+        out = run()
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(),
+                                    [x, weights] + list(experts.parameters()))
+        results.append((out, grads))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for g_grouped, g_loop in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g_grouped, g_loop, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_rows_gradient_is_autograd_indexing():
+    """GatherRows' gather-and-sum backward equals autograd's scatter-add for the same indexing."""
+    torch.manual_seed(0)
+    N, K, C = 7, 3, 5
+    order = torch.randperm(N * K)
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K))
+    x = torch.randn(N, C, requires_grad=True)
+    g = torch.randn(N * K, C)
+    ours, = torch.autograd.grad((GatherRows.apply(x, order // K, inv, K) * g).sum(), x)
+    ref, = torch.autograd.grad((x[order // K] * g).sum(), x)
+    torch.testing.assert_close(ours, ref)
+    y = torch.randn(N * K, C, requires_grad=True)              # copies=1: a permutation
+    ours, = torch.autograd.grad((GatherRows.apply(y, inv, order, 1) * g).sum(), y)
+    ref, = torch.autograd.grad((y[inv] * g).sum(), y)
+    torch.testing.assert_close(ours, ref)
 
 
 def test_compiled_moe_on_the_cpu_in_float32():

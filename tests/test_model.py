@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, KVCache, ModelConfig, pad_prompts, sample_next
+from model import GPT, KVCache, ModelConfig, fused_linear, pad_prompts, sample_next
 
 VARIANTS = {
     'gpt2': dict(),
@@ -95,6 +95,46 @@ def test_initial_loss_is_near_uniform():
     x = torch.randint(0, 61, (4, 32))
     _, loss = model(x, x)
     assert abs(loss.item() - math.log(61)) < 0.1
+
+
+def test_loss_without_logits_is_the_same_loss_and_gradient():
+    """return_logits=False (training steps): the same loss and gradients, no (B, T, V) output."""
+    model = tiny(**VARIANTS['llama']).train()
+    x = torch.randint(0, 61, (2, 16))
+    grads = []
+    for keep in (True, False):
+        model.zero_grad()
+        logits, loss = model(x, x, return_logits=keep)
+        assert (logits is None) != keep
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fused_linear_equals_separate_projections():
+    """Under autocast with float32 weights, x's projections (q/k/v, gate/up, MLA's q_a/kv_a, here
+    with and without bias) run as one GEMM over the stacked weights: same values and gradients as
+    one GEMM each; outside autocast (weights already in the compute dtype) nothing is stacked."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(32, 24), torch.nn.Linear(32, 8, bias=False), torch.nn.Linear(32, 16)]
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    outs, grads = [], []
+    for fused in (True, False):
+        with torch.autocast('cpu', torch.bfloat16):
+            ys = fused_linear(x, linears) if fused else [l(x) for l in linears]
+        outs.append(ys)
+        loss = sum((y.float() * (i + 1)).sum() for i, y in enumerate(ys))
+        grads.append(torch.autograd.grad(loss, [x] + [p for l in linears for p in l.parameters()]))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+    ys = fused_linear(x, linears)                    # no autocast: the modules themselves
+    for y, l in zip(ys, linears):
+        torch.testing.assert_close(y, l(x), rtol=0, atol=0)
 
 
 def test_loss_ignores_minus_one_targets():
