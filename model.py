@@ -74,7 +74,8 @@ class ModelConfig:
     bias_update_speed: float = 0.0     # auxiliary-loss-free balancing step (DeepSeek-V3: 0.001)
     aux_loss_alpha: float = 0.0        # weight of the balance loss (DeepSeek-V3: 0.0001)
     seq_aux: bool = True               # balance per sequence (DeepSeek-V3) or per batch (Switch)
-    moe_impl: str = 'auto'             # 'loop' (reference) | 'grouped' (sorted, grouped GEMM) | 'auto'
+    moe_impl: str = 'auto'             # 'loop' (reference) | 'grouped' (sorted, grouped GEMM) |
+                                       # 'gathered' (few tokens) | 'auto' (see MoE.forward)
     # --- multi-token prediction (DeepSeek-V3) ----------------------------------------------
     mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead
     mtp_loss_weight: float = 0.3       # lambda: loss = main + lambda / depth * sum of MTP losses
@@ -82,7 +83,7 @@ class ModelConfig:
     def __post_init__(self):
         choices = {'attention': ('mha', 'mla'), 'pos_emb': ('learned', 'sinusoidal', 'rope', 'none'),
                    'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
-                   'scoring_func': ('softmax', 'sigmoid'), 'moe_impl': ('auto', 'loop', 'grouped')}
+                   'scoring_func': ('softmax', 'sigmoid'), 'moe_impl': ('auto', 'loop', 'grouped', 'gathered')}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
@@ -782,6 +783,21 @@ class Experts(nn.Module):
         return (ys.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)      # sum_k g_tk y_tk
 
 
+    def forward_gathered(self, x, weights, indices):
+        """For a few tokens (decoding at a small batch): every (token, k) pair reads its expert's
+        matrices directly, as matrix-vector products over the gathered weights,
+            h_tk = silu(W_gate[e] x_t) * (W_up[e] x_t),   y_t = sum_k g_tk W_down[e] h_tk,  e = indices[t, k]
+        with no sort, no segment offsets and no host sync. Written as multiply-and-sum (float32
+        accumulation) so that torch.compile makes each product one kernel that reads the chosen
+        rows in place. It reads N*K expert matrices, no more than all E when N*K <= E (MoE's rule)."""
+        xf = x.float()[:, None, None, :]                                      # (N, 1, 1, C)
+        gate = (self.gate_proj[indices].float() * xf).sum(-1)                 # (N, K, I)
+        up = (self.up_proj[indices].float() * xf).sum(-1)
+        h = (F.silu(gate) * up)[:, :, None, :]                                # (N, K, 1, I)
+        y = (self.down_proj[indices].float() * h).sum(-1)                     # (N, K, C)
+        return (y * weights[..., None].float()).sum(1).to(x.dtype)
+
+
 class GatherRows(torch.autograd.Function):
     """y = x[index], where index names every row of x exactly `copies` times, and inverse lists
     where those copies landed: row t of x is at y[inverse[t * copies + j]], j < copies. Autograd's
@@ -849,10 +865,15 @@ class MoE(nn.Module):
         flat = x.reshape(-1, C)                                               # (N, C)
         weights, indices, scores = self.router(flat)
         impl = self.impl
-        if impl == 'auto':
-            impl = 'grouped' if grouped_mm_supported(flat, self.C, self.I) else 'loop'
+        if impl == 'auto':            # few (token, expert) pairs, as when decoding: no sort at all
+            if flat.size(0) * self.K <= self.E:
+                impl = 'gathered'
+            else:
+                impl = 'grouped' if grouped_mm_supported(flat, self.C, self.I) else 'loop'
         if impl == 'grouped':
             y = self.experts.forward_grouped(flat, weights, indices)
+        elif impl == 'gathered':
+            y = self.experts.forward_gathered(flat, weights, indices)
         else:
             y = self.experts.forward_loop(flat, weights, indices)
         if self.training:
@@ -1183,7 +1204,7 @@ class GPT(nn.Module):
         bs = c.block_size
         streaming = c.sliding_window is not None and c.pos_emb in ('rope', 'none')
         static = cuda_graph and not streaming         # on the CPU: the same static steps, no graph
-        use_graph = static and idx.is_cuda and self.graph_capturable()
+        use_graph = static and idx.is_cuda and self.graph_capturable(B)
         valid = prompt_mask if prompt_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         if P > bs and not streaming:                     # keep the latest block_size tokens
             idx, valid, P = idx[:, -bs:], valid[:, -bs:], bs
@@ -1220,13 +1241,18 @@ class GPT(nn.Module):
                 else:
                     logits, _ = self(nxt[:, None], cache=cache, last_only=True)
 
-    def graph_capturable(self):
-        """Whether a decode step can be a CUDA graph: nothing in it may wait for the host, and
-        the MoE reference loop does (it asks which tokens each expert got); the grouped path
-        runs where grouped_mm_supported, e.g. bf16 on Hopper."""
+    def graph_capturable(self, batch_size=None):
+        """Whether a decode step (batch_size tokens) can be a CUDA graph: nothing in it may wait
+        for the host, and the MoE reference loop does (it asks which tokens each expert got);
+        the grouped path runs where grouped_mm_supported (e.g. bf16 on Hopper), the gathered one
+        (which 'auto' takes for batch_size * K <= E) everywhere."""
         w = self.tok_emb.weight
-        return all(m.impl == 'grouped' or (m.impl == 'auto' and grouped_mm_supported(w[:1], m.C, m.I))
-                   for m in self.moe_layers())
+
+        def capturable(m):
+            if m.impl == 'auto':
+                return (batch_size is not None and batch_size * m.K <= m.E) or grouped_mm_supported(w[:1], m.C, m.I)
+            return m.impl in ('grouped', 'gathered')
+        return all(capturable(m) for m in self.moe_layers())
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kw):

@@ -271,26 +271,45 @@ def test_grouped_experts_equal_the_loop():
         torch.testing.assert_close(results['grouped'][1][n], g, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize('fuse_gate_up', [False, True])
-def test_grouped_experts_with_and_without_fused_gate_up(fuse_gate_up):
-    """Gate and up as one grouped GEMM over [gate ; up] (the training path, where float32 weights
-    are cast anyway) or two: the loop's outputs and gradients either way, also with an expert
-    that gets no token."""
+@pytest.mark.parametrize('path', ['grouped', 'grouped_fused', 'gathered'])
+def test_fast_expert_paths_equal_the_loop(path):
+    """The grouped path with gate and up as one grouped GEMM over [gate ; up] (training, where the
+    float32 weights are cast anyway) or as two, and the sort-free gathered path of decoding: the
+    loop's outputs and gradients, also with an expert that gets no token."""
     torch.manual_seed(0)
     experts = Experts(E=6, C=16, I=8, std=0.3)
     x = torch.randn(11, 16, requires_grad=True)
     weights = torch.rand(11, 3, requires_grad=True)
     indices = torch.stack([torch.randperm(5)[:3] for _ in range(11)])    # expert 5 never chosen
+    fast = {'grouped': lambda: experts.forward_grouped(x, weights, indices, fuse_gate_up=False),
+            'grouped_fused': lambda: experts.forward_grouped(x, weights, indices, fuse_gate_up=True),
+            'gathered': lambda: experts.forward_gathered(x, weights, indices)}[path]
     results = []
-    for run in (lambda: experts.forward_loop(x, weights, indices),
-                lambda: experts.forward_grouped(x, weights, indices, fuse_gate_up=fuse_gate_up)):
+    for run in (lambda: experts.forward_loop(x, weights, indices), fast):
         out = run()
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(),
                                     [x, weights] + list(experts.parameters()))
         results.append((out, grads))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
-    for g_grouped, g_loop in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(g_grouped, g_loop, atol=1e-5, rtol=1e-5)
+    for g_fast, g_loop in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g_fast, g_loop, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_auto_takes_the_gathered_path_for_few_tokens():
+    """'auto': N * K <= E pairs (one decoding token per row) go the sort-free way, more the grouped
+    (or loop) way; the layer's output is the same either way."""
+    model = build(MLA, MOE)                            # E = 8, K = 2
+    moe = model.layers[1].mlp
+    x = torch.randn(1, 4, 32)                          # 4 tokens x 2 = 8 pairs <= 8: gathered
+    used = []
+    for name in ('forward_gathered', 'forward_grouped', 'forward_loop'):
+        real = getattr(moe.experts, name)
+        setattr(moe.experts, name, lambda *a, _r=real, _n=name, **kw: used.append(_n) or _r(*a, **kw))
+    auto = moe(x)[0]
+    moe(torch.randn(1, 5, 32))                         # 10 pairs > 8
+    assert used[0] == 'forward_gathered' and used[1] in ('forward_grouped', 'forward_loop')
+    moe.impl = 'loop'
+    torch.testing.assert_close(moe(x)[0], auto, atol=1e-5, rtol=1e-5)
 
 
 def test_gather_rows_gradient_is_autograd_indexing():

@@ -106,7 +106,7 @@ def test_cuda_graph_decode_equals_the_same_steps_eager(B, monkeypatch):
     monkeypatch.setattr(model_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
     graph = torch.stack(list(model.generate_tokens(idx, 150, temperature=0.0, cuda_graph=True)), 1)
     assert captured                                    # the graph path really ran
-    monkeypatch.setattr(model, 'graph_capturable', lambda: False)   # the same static steps, no graph
+    monkeypatch.setattr(model, 'graph_capturable', lambda batch_size=None: False)   # the same static steps, no graph
     eager = torch.stack(list(model.generate_tokens(idx, 150, temperature=0.0, cuda_graph=True)), 1)
     assert torch.equal(graph, eager)
 
@@ -142,6 +142,6 @@ def test_compiled_cuda_graph_decode_matches_eager():
     a = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True, compile_step=True)), 1)
     b = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True, compile_step=True)), 1)
     assert torch.equal(a, b)                           # the compiled graph is reused, deterministic
-    model.graph_capturable = lambda: False
+    model.graph_capturable = lambda batch_size=None: False
     ref = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True)), 1)
     assert torch.equal(a[:, :16], ref[:, :16])
