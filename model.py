@@ -1208,7 +1208,8 @@ class GPT(nn.Module):
         valid = prompt_mask if prompt_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         if P > bs and not streaming:                     # keep the latest block_size tokens
             idx, valid, P = idx[:, -bs:], valid[:, -bs:], bs
-        tokens, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        tokens, new = idx, []          # the window: tokens, then the new ones (joined at a restart)
         max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
         cache = self.new_cache(B, max_len, idx.device, valid, static=static)
         logits, _ = self(idx, cache=cache, last_only=True)
@@ -1223,19 +1224,19 @@ class GPT(nn.Module):
             yield nxt
             if i == max_new_tokens - 1 or (stop_ids is not None and bool(done.all())):
                 return                                   # no forward pass for a token never used
+            if not streaming:
+                new.append(nxt)
             if not streaming and cache.pos == cache.capacity:   # window full: restart from the latest half
                 keep = max(1, bs // 2)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -keep:]
-                valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)[:, -keep:]
+                tokens = torch.cat([tokens, torch.stack(new, 1)], dim=1)[:, -keep:]
+                valid = torch.cat([valid, valid.new_ones(B, len(new))], dim=1)[:, -keep:]
+                new = []
                 if static:                              # same buffers: a graph stays valid
                     cache.reset(valid)
                 else:
                     cache = self.new_cache(B, bs, idx.device, valid)
                 logits, _ = self(tokens, cache=cache, last_only=True)
             else:
-                if not streaming:
-                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                    valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
                 if step is not None:
                     logits = step(nxt[:, None])
                 else:
@@ -1437,12 +1438,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
     """Pick the next token from (B, V) logits: greedy at temperature 0, else sample from
     softmax(logits / temperature) restricted to the top_k most likely tokens and/or the
     smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019)."""
-    logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.size(-1):
-        logits[:, vocab_limit:] = -float('inf')       # ids past the tokenizer (vocab padding)
+        logits = logits[:, :vocab_limit]              # never an id past the tokenizer (vocab padding)
     if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
+        return logits.argmax(-1)                      # in the logits' own dtype: no float copy
+    logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float('inf'))

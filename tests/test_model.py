@@ -88,6 +88,8 @@ def test_sampling_filters():
         s = sample_next(logits, 2.0, top_k=3)
         assert all(x in row.topk(3).indices for x, row in zip(s, logits))
         assert (sample_next(logits, 1.0, vocab_limit=10) < 10).all()
+    assert torch.equal(sample_next(logits, 0, vocab_limit=10), logits[:, :10].argmax(-1))
+    assert torch.equal(sample_next(logits.bfloat16(), 0), logits.bfloat16().float().argmax(-1))
 
 
 def test_initial_loss_is_near_uniform():
