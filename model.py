@@ -1438,11 +1438,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
     """Pick the next token from (B, V) logits: greedy at temperature 0, else sample from
     softmax(logits / temperature) restricted to the top_k most likely tokens and/or the
     smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019)."""
-    if vocab_limit is not None and vocab_limit < logits.size(-1):
-        logits = logits[:, :vocab_limit]              # never an id past the tokenizer (vocab padding)
-    if temperature == 0:
-        return logits.argmax(-1)                      # in the logits' own dtype: no float copy
-    logits = logits.float() / temperature
+    limited = vocab_limit is not None and vocab_limit < logits.size(-1)   # ids past the tokenizer
+    if temperature == 0:                              # (vocab padding) are never chosen
+        return (logits[:, :vocab_limit] if limited else logits).argmax(-1)   # in bf16: no float copy
+    logits = logits.float() / temperature             # a new tensor: the caller's logits stay as they are
+    if limited:                       # masked (slicing would change which tokens a seed draws)
+        logits[:, vocab_limit:] = -float('inf')
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float('inf'))

@@ -89,6 +89,9 @@ def test_sampling_filters():
         assert all(x in row.topk(3).indices for x, row in zip(s, logits))
         assert (sample_next(logits, 1.0, vocab_limit=10) < 10).all()
     assert torch.equal(sample_next(logits, 0, vocab_limit=10), logits[:, :10].argmax(-1))
+    before = logits.clone()
+    sample_next(logits, 1.0, top_k=5, vocab_limit=10)
+    assert torch.equal(logits, before)                 # the caller's logits are not modified
     assert torch.equal(sample_next(logits.bfloat16(), 0), logits.bfloat16().float().argmax(-1))
 
 

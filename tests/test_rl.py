@@ -134,14 +134,28 @@ TOY = ['--init_from=base', '--task_dir=inst', '--reward=token:e', '--no_end_pena
        '--log_interval=4']
 
 
+@pytest.fixture(scope='module')
+def sft_pipeline(pipeline):
+    """The shared pipeline plus 'sft': the base model after 40 steps of SFT, where RL starts in the
+    real pipeline. Its answers are English-like bytes with 'e' about 7% of them; the base model's
+    answers after the chat template are near-uniform bytes ('e' 0.5%), so from there whether a few
+    dozen PPO steps ever sample the toy reward's token is a matter of the seed."""
+    if not (pipeline / 'sft').exists():
+        run_script('sft.py', '--init_from=base', '--out_dir=sft', '--task_dir=inst', '--max_iters=40',
+                   '--eval_interval=40', '--learning_rate=3e-3', '--batch_size=8', '--block_size=96',
+                   '--eval_prompts=2', '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
+    return pipeline
+
+
 def rewards_logged(folder):
     rows = [json.loads(line) for line in open(folder / 'log.jsonl')]
     return [r['train/reward'] for r in rows if 'train/reward' in r], rows
 
 
-def test_ppo_raises_a_toy_reward(pipeline):
-    run_script('ppo.py', '--out_dir=ppo', *TOY, '--rollout_prompts=16', '--minibatch_size=8', '--max_iters=64',
-               '--eval_interval=32', cwd=pipeline)
+def test_ppo_raises_a_toy_reward(sft_pipeline):
+    pipeline = sft_pipeline
+    run_script('ppo.py', '--out_dir=ppo', *TOY, '--init_from=sft', '--rollout_prompts=16', '--minibatch_size=8',
+               '--max_iters=64', '--eval_interval=32', cwd=pipeline)
     rewards, rows = rewards_logged(pipeline / 'ppo')
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
     assert {'train/value_loss', 'train/clip_frac', 'train/entropy', 'train/explained_variance', 'train/kl_ref',
@@ -152,9 +166,10 @@ def test_ppo_raises_a_toy_reward(pipeline):
     assert type(model) is GPT and ckpt['stage'] == 'ppo' and 'value_model' in ckpt
 
 
-def test_grpo_raises_a_toy_reward(pipeline):
-    run_script('grpo.py', '--out_dir=grpo', *TOY, '--rollout_prompts=4', '--group_size=4', '--minibatch_size=8',
-               '--max_iters=64', '--eval_interval=32', cwd=pipeline)
+def test_grpo_raises_a_toy_reward(sft_pipeline):
+    pipeline = sft_pipeline
+    run_script('grpo.py', '--out_dir=grpo', *TOY, '--init_from=sft', '--rollout_prompts=4', '--group_size=4',
+               '--minibatch_size=8', '--max_iters=64', '--eval_interval=32', cwd=pipeline)
     rewards, rows = rewards_logged(pipeline / 'grpo')
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
     assert {'train/zero_spread_groups', 'train/kl_loss', 'train/clip_frac'} <= set(rows[-2])
