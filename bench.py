@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import configure, init_runtime, measure_peak_flops, model_config_from, synchronize
+from common import configure, init_runtime, kernel_table, measure_peak_flops, model_config_from, synchronize
 from model import GPT, ModelConfig
 from optim import build_optimizer
 
@@ -91,6 +91,8 @@ def profiled(name, fn):
     with open(profile, 'a') as f:
         f.write(f'\n=== {name} ===\n')
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+        if cuda:
+            f.write('\n' + kernel_table(prof))
 
 
 def peak_memory_gb():

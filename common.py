@@ -918,6 +918,41 @@ def measure_peak_flops(device_type, dtype='bfloat16'):
     return _PEAK_CACHE[key]
 
 
+# kernel kinds by name, for the profile summaries (a heuristic: the names are the libraries' own)
+KERNEL_KINDS = (('GEMM', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'grouped_gemm')),
+                ('attention', ('sdpa', 'flash', 'fmha', 'attention')),
+                ('fused (Triton)', ('triton_',)),
+                ('optimizer', ('multi_tensor', 'adam')))
+
+
+def kernel_stats(prof):
+    """{kernel name: (microseconds, launches)} over the device kernels of a torch.profiler run."""
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t, n = kernels.get(e.name, (0.0, 0))
+            kernels[e.name] = (t + e.time_range.elapsed_us(), n + 1)
+    return kernels
+
+
+def kernel_table(prof, rows=60):
+    """The device kernels of a torch.profiler run, aggregated by name: one line per kind with its
+    total time, share and count (the `rows` longest), then the time per KERNEL_KINDS class."""
+    kernels = kernel_stats(prof)
+    total = sum(t for t, _ in kernels.values()) or 1.0
+    lines = [f'device kernels: {len(kernels)} kinds, {sum(n for _, n in kernels.values())} launches, '
+             f'{total / 1000:.2f} ms']
+    for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f'{t / 1000:9.3f} ms {100 * t / total:5.1f}% {n:6d}x  {name[:110]}')
+    classes = {}
+    for name, (t, n) in kernels.items():
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in name.lower() for x in keys)), 'other')
+        classes[kind] = classes.get(kind, 0.0) + t
+    lines.append('by class: ' + ', '.join(f'{k} {v / 1000:.2f} ms ({100 * v / total:.0f}%)'
+                                         for k, v in sorted(classes.items(), key=lambda kv: -kv[1])))
+    return '\n'.join(lines) + '\n'
+
+
 # -----------------------------------------------------------------------------
 # The training loop every stage shares
 

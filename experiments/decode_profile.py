@@ -13,13 +13,12 @@ frequent first, then one summary line.
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import configure, init_runtime, model_config_from, synchronize  # noqa: E402
+from common import configure, init_runtime, kernel_stats, model_config_from, synchronize  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -62,11 +61,9 @@ wall = sorted(walls)[1] / tokens
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     decode()
     synchronize('cuda')
-calls, device_us = defaultdict(int), defaultdict(float)
-for e in prof.events():
-    if e.device_type == torch.autograd.DeviceType.CUDA:
-        calls[e.name] += 1
-        device_us[e.name] += e.time_range.elapsed_us()
+stats = kernel_stats(prof)
+calls = {name: n for name, (_, n) in stats.items()}
+device_us = {name: us for name, (us, _) in stats.items()}
 n_kernels = sum(calls.values()) / tokens
 kernel_us = sum(device_us.values()) / tokens
 print(f"{'kernel':70s} {'per token':>9s} {'us/token':>9s}")

@@ -1,0 +1,49 @@
+"""bench.py and its profile summaries, on the CPU with a tiny MoE config."""
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from common import kernel_table
+from conftest import run_script
+
+TINY_MOE = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--attention=mla', '--pos_emb=rope',
+            '--q_lora_rank=16', '--kv_lora_rank=16', '--qk_nope_head_dim=8', '--qk_rope_head_dim=8',
+            '--v_head_dim=8', '--n_routed_experts=8', '--num_experts_per_tok=2', '--moe_intermediate_size=16',
+            '--n_shared_experts=1', '--first_k_dense_replace=1', '--intermediate_size=64', '--vocab_size=96',
+            '--batch_size=2', '--block_size=32', '--prompt_len=4', '--decode_tokens=4', '--decode_batches=(1, 3)',
+            '--steps=2', '--warmup=1']
+
+
+def test_bench_times_every_mode(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train,prefill,decode,optimizer', '--optimizer=muon',
+                      f'--out_file={out}', cwd=tmp_path)
+    r = json.loads(out.read_text())
+    assert r['train']['tokens_per_sec'] > 0 and 0 < r['train']['mfu']
+    assert r['optimizer']['step_ms'] > 0 and r['prefill']['tokens_per_sec'] > 0
+    assert r['decode_b1']['tokens_per_sec'] > 0 and r['decode_b3']['tokens_per_sec'] > 0
+    assert '| train tokens/s' in proc.stdout and '| decode tokens/s, batch 3' in proc.stdout
+
+
+def test_bench_rejects_an_unknown_mode(tmp_path):
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train,fly', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "modes=['fly']" in proc.stderr
+
+
+def test_kernel_table_sums_kernels_by_name_and_class():
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def event(name, us, device=cuda):
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    events = [event('nvjet_sm90_tst_64x8', 30.0), event('nvjet_sm90_tst_64x8', 20.0),
+              event('triton_poi_fused_mul_silu_3', 30.0), event('cudnn_sdpa_flash_fprop', 20.0),
+              event('aten::mm', 500.0, torch.autograd.DeviceType.CPU)]        # a host op: not a kernel
+    table = kernel_table(SimpleNamespace(events=lambda: events))
+    lines = table.splitlines()
+    assert lines[0] == 'device kernels: 3 kinds, 4 launches, 0.10 ms'
+    assert lines[1].split() == ['0.050', 'ms', '50.0%', '2x', 'nvjet_sm90_tst_64x8']
+    assert 'GEMM 0.05 ms (50%)' in lines[-1] and 'fused (Triton) 0.03 ms (30%)' in lines[-1]
+    assert 'attention 0.02 ms (20%)' in lines[-1]
