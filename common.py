@@ -919,9 +919,10 @@ def measure_peak_flops(device_type, dtype='bfloat16'):
 
 
 # kernel kinds by name, for the profile summaries (a heuristic: the names are the libraries' own)
-KERNEL_KINDS = (('GEMM', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'grouped_gemm')),
+# (first match wins: Triton kernels fused around attention carry 'attention' in their names too)
+KERNEL_KINDS = (('fused (Triton)', ('triton_',)),
+                ('GEMM', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas')),
                 ('attention', ('sdpa', 'flash', 'fmha', 'attention')),
-                ('fused (Triton)', ('triton_',)),
                 ('optimizer', ('multi_tensor', 'adam')))
 
 

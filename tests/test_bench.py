@@ -39,7 +39,8 @@ def test_kernel_table_sums_kernels_by_name_and_class():
         return SimpleNamespace(name=name, device_type=device,
                                time_range=SimpleNamespace(elapsed_us=lambda: us))
     events = [event('nvjet_sm90_tst_64x8', 30.0), event('nvjet_sm90_tst_64x8', 20.0),
-              event('triton_poi_fused_mul_silu_3', 30.0), event('cudnn_sdpa_flash_fprop', 20.0),
+              event('triton_poi_fused__scaled_dot_product_cudnn_attention_3', 30.0),
+              event('cudnn_sdpa_flash_fprop', 20.0),
               event('aten::mm', 500.0, torch.autograd.DeviceType.CPU)]        # a host op: not a kernel
     table = kernel_table(SimpleNamespace(events=lambda: events))
     lines = table.splitlines()
