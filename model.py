@@ -764,7 +764,7 @@ class Experts(nn.Module):
         E = self.gate_proj.size(0)
         flat = indices.reshape(-1)                                            # (N*K,)
         order = flat.argsort(stable=True)                                     # pairs by expert
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))  # pair p is at inv[p]
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)                            # segment ends
@@ -781,7 +781,6 @@ class Experts(nn.Module):
         ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
         ys = GatherRows.apply(ys, inv, order, 1).view(N, K, -1)              # unsort: back to (t, k)
         return (ys.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)      # sum_k g_tk y_tk
-
 
     def forward_gathered(self, x, weights, indices):
         """For a few tokens (decoding at a small batch): every (token, k) pair reads its expert's
