@@ -7,6 +7,8 @@
 # training split). eval.py then measures each, beside the teacher, on the real val split.
 # $ python prepare/shakespeare_char.py --source=../shared/data/shakespeare/input.txt
 # $ bash experiments/distill_shakespeare.sh          (about 15 minutes on 2 CPU cores)
+# TEACHER_ARGS adds train.py arguments for the teacher, e.g. a stronger one (README, Distillation results):
+# $ OUT=out/kd TEACHER_ARGS="--max_iters=6000 --lr_decay_iters=6000 --eval_interval=500" bash experiments/distill_shakespeare.sh
 set -euo pipefail
 # one thread per run: the matrices are small, and on shared cores extra threads spin against other jobs
 # (measured here: 15 steps/s with one thread, under 1 step/s with two while another job ran)
@@ -20,7 +22,8 @@ run() {     # run NAME command...: log to $OUT/NAME.log, report the wall time
   "$@" > $OUT/$name.log 2>&1 || { tail -20 $OUT/$name.log; exit 1; }
   echo "$name: $((SECONDS - start)) s"
 }
-[ -f $OUT/teacher/ckpt.pt ] || run teacher python train.py config/shakespeare_char.py --data_dir=$DATA --out_dir=$OUT/teacher
+[ -f $OUT/teacher/ckpt.pt ] || run teacher python train.py config/shakespeare_char.py --data_dir=$DATA \
+  --out_dir=$OUT/teacher ${TEACHER_ARGS:-}
 COMMON="config/distill_shakespeare.py --teacher=$OUT/teacher --data_dir=$DATA"
 run scratch python distill.py $COMMON --alpha=0 --out_dir=$OUT/scratch
 run logits python distill.py $COMMON --out_dir=$OUT/logits
