@@ -312,6 +312,19 @@ def test_moe_auto_takes_the_gathered_path_for_few_tokens():
     torch.testing.assert_close(moe(x)[0], auto, atol=1e-5, rtol=1e-5)
 
 
+def test_graph_capturable_follows_the_moe_path(monkeypatch):
+    """A decode step can be a CUDA graph unless an MoE layer takes the loop (it asks the host which
+    tokens each expert got): 'gathered' always can; 'auto' can where the grouped GEMM runs, or at a
+    batch small enough for the gathered path (batch * K <= E)."""
+    import model as model_module
+    assert not build(MLA, MOE, moe_impl='loop').graph_capturable(batch_size=1)
+    assert build(MLA, MOE, moe_impl='gathered').graph_capturable(batch_size=64)
+    auto = build(MLA, MOE)                                         # E = 8, K = 2
+    monkeypatch.setattr(model_module, 'grouped_mm_supported', lambda *a: False)
+    assert auto.graph_capturable(batch_size=4) and not auto.graph_capturable(batch_size=5)
+    assert not auto.graph_capturable()
+
+
 def test_gather_rows_gradient_is_autograd_indexing():
     """GatherRows' gather-and-sum backward equals autograd's scatter-add for the same indexing."""
     torch.manual_seed(0)
