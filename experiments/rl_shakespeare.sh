@@ -4,27 +4,54 @@
 # DPO with two seeds), PPO and GRPO from the SFT model with the task rule as reward, two seeds
 # each, then one table of SFT, DPO, PPO and GRPO on 256 held-out prompts.
 # $ PHASE=ppo bash experiments/rl_shakespeare.sh; PHASE=grpo ...; PHASE=eval ...
+# PHASE=all runs the whole chain on one GPU in one go: base + SFT, then side by side (one process
+# each: small-batch decoding leaves most of the GPU idle) the pairs + DPO x 2, PPO x 2 and GRPO x 2,
+# then the table. Wall time per stage goes to $OUT/times.txt.
+# $ PHASE=all bash experiments/rl_shakespeare.sh          (prepare the data as sft_shakespeare.sh says)
 set -euo pipefail
 DATA=${DATA:-data/shakespeare_gpt2}
 TASK=${TASK:-data/shakespeare_instruct}
 OUT=${OUT:-out/prefs_shakespeare}
 PHASE=${PHASE:-ppo}
+SEEDS=${SEEDS:-1 2}
+export DATA TASK OUT
+mkdir -p $OUT
 run() { local name=$1; shift; "$@" > $OUT/$name.log 2>&1 || { tail -20 $OUT/$name.log; exit 1; }; }
 COMMON="--init_from=$OUT/sft --task_dir=$TASK --reward=rule --max_new_tokens=150 --eval_prompts=64
   --learning_rate=2e-5 --min_lr=2e-6 --compile=False --log_interval=4"
 if [ "$PHASE" = ppo ]; then
-  for s in 1 2; do
+  for s in $SEEDS; do
     run ppo$s python ppo.py $COMMON --out_dir=$OUT/ppo$s --seed=$s --rollout_prompts=64 --minibatch_size=16 \
       --ppo_epochs=2 --max_iters=160 --eval_interval=40 --kl_beta=0.05
     grep -o "step [0-9]*: task.*" $OUT/ppo$s.log
   done
 elif [ "$PHASE" = grpo ]; then
-  for s in 1 2; do
+  for s in $SEEDS; do
     run grpo$s python grpo.py $COMMON --out_dir=$OUT/grpo$s --seed=$s --rollout_prompts=16 --group_size=4 \
       --minibatch_size=16 --max_iters=80 --eval_interval=20 --beta=0.04
     grep -o "step [0-9]*: task.*" $OUT/grpo$s.log
   done
+elif [ "$PHASE" = all ]; then
+  t0=$SECONDS
+  stamp() { echo "$1: $((SECONDS - t0)) s after the start" | tee -a $OUT/times.txt; }
+  PHASE=a1 bash experiments/preferences_shakespeare.sh
+  stamp "base + SFT"
+  pids=() names=()
+  start() { local name=$1; shift; ( "$@" > $OUT/stage_$name.log 2>&1; stamp "$name" ) & pids+=($!); names+=($name); }
+  start dpo bash -c "PHASE=a2 bash experiments/preferences_shakespeare.sh && SKIP_REWARD=1 SKIP_EVAL=1 PHASE=b bash experiments/preferences_shakespeare.sh"
+  for s in $SEEDS; do
+    start ppo$s env PHASE=ppo SEEDS=$s bash $0
+    start grpo$s env PHASE=grpo SEEDS=$s bash $0
+  done
+  failed=0
+  for i in "${!pids[@]}"; do wait ${pids[$i]} || { echo "${names[$i]} failed:"; tail -20 $OUT/stage_${names[$i]}.log; failed=1; }; done
+  cat $OUT/stage_*.log
+  PHASE=eval bash $0
+  stamp "eval"
+  exit $failed
 else
-  python eval.py --compare=$OUT/sft,$OUT/dpo1,$OUT/dpo2,$OUT/ppo1,$OUT/ppo2,$OUT/grpo1,$OUT/grpo2 --task_dir=$TASK \
+  models=$OUT/sft
+  for m in dpo1 dpo2 ppo1 ppo2 grpo1 grpo2; do if [ -f $OUT/$m/ckpt.pt ]; then models=$models,$OUT/$m; fi; done
+  python eval.py --compare=$models --task_dir=$TASK \
     --n_prompts=256 --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 --reference=$OUT/sft | tee $OUT/compare_all.md
 fi
