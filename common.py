@@ -927,10 +927,12 @@ KERNEL_KINDS = (('fused (Triton)', ('triton_',)),
 
 
 def kernel_stats(prof):
-    """{kernel name: (microseconds, launches)} over the device kernels of a torch.profiler run."""
+    """{kernel name: (microseconds, launches)} over the device kernels of a torch.profiler run.
+    Ranges that annotate the device timeline (e.g. 'Optimizer.step#AdamW.step' spans the
+    optimizer's kernels) are left out: counting them would count those kernels twice."""
     kernels = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, 'is_user_annotation', False):
             t, n = kernels.get(e.name, (0.0, 0))
             kernels[e.name] = (t + e.time_range.elapsed_us(), n + 1)
     return kernels

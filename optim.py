@@ -38,11 +38,14 @@ def newton_schulz(G, steps=5, eps=1e-7):
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])                       # (matrices, m, n): a view here
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        A = X @ X.mT                                       # (matrices, m, m)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)        # b A + c A A: one GEMM, the sum in its epilogue
+        X = torch.baddbmm(X, B, X, beta=a)                 # a X + B X: likewise
+    X = X.reshape(*batch, *X.shape[-2:])
     return X.mT if tall else X
 
 
@@ -100,7 +103,7 @@ def add_update_(p, o, alpha):
             start, stop = shard_rows(p)
             o = o[start:stop]
         p = p.to_local()
-    p.add_(o.view(p.shape).to(p.dtype), alpha=alpha)
+    p.add_(o.view(p.shape), alpha=alpha)              # bf16 o into float32 p: no float32 copy of o
 
 
 def muon_update_scale(shape):

@@ -35,13 +35,14 @@ def test_bench_rejects_an_unknown_mode(tmp_path):
 def test_kernel_table_sums_kernels_by_name_and_class():
     cuda = torch.autograd.DeviceType.CUDA
 
-    def event(name, us, device=cuda):
-        return SimpleNamespace(name=name, device_type=device,
+    def event(name, us, device=cuda, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
                                time_range=SimpleNamespace(elapsed_us=lambda: us))
     events = [event('nvjet_sm90_tst_64x8', 30.0), event('nvjet_sm90_tst_64x8', 20.0),
               event('triton_poi_fused__scaled_dot_product_cudnn_attention_3', 30.0),
               event('cudnn_sdpa_flash_fprop', 20.0),
-              event('aten::mm', 500.0, torch.autograd.DeviceType.CPU)]        # a host op: not a kernel
+              event('aten::mm', 500.0, torch.autograd.DeviceType.CPU),        # a host op: not a kernel
+              event('Optimizer.step#AdamW.step', 70.0, annotation=True)]     # a range over kernels: not one
     table = kernel_table(SimpleNamespace(events=lambda: events))
     lines = table.splitlines()
     assert lines[0] == 'device kernels: 3 kinds, 4 launches, 0.10 ms'

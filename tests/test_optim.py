@@ -51,7 +51,8 @@ def reference_ns(G, steps=5):
     X = X / (X.norm() + 1e-7)
     for _ in range(steps):
         A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.addmm(A, A, A, beta=b, alpha=c)      # b A + c A A, rounded once (as optim.py does)
+        X = torch.addmm(X, B, X, beta=a)               # a X + B X
     return X.T if G.size(0) > G.size(1) else X
 
 
