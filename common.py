@@ -846,7 +846,8 @@ class RunLog:
         ax.set_ylabel(ylabel)
         ax.set_title(title or os.path.basename(os.path.normpath(self.out_dir)))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:                   # none before the first logged value of these keys
+            ax.legend()
         path = os.path.join(self.out_dir, name)
         fig.tight_layout()
         fig.savefig(path + '.tmp.png', dpi=110)

@@ -213,7 +213,7 @@ def clipped_policy_loss(logp, old_logp, adv, mask, eps=0.2, per_sequence=False):
     else:
         loss = -masked_mean(surrogate, mask)
     clipped = ((ratio - 1).abs() > eps) & mask
-    approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
+    approx_kl = masked_mean(0.5 * (logp.detach() - old_logp) ** 2, mask)   # a statistic: no gradient
     return loss, clipped.float().sum() / mask.float().sum().clamp(min=1), approx_kl
 
 
