@@ -56,5 +56,5 @@ else
   models=$OUT/sft
   for m in dpo1 dpo2 ppo1 ppo2 grpo1 grpo2; do if [ -f $OUT/$m/ckpt.pt ]; then models=$models,$OUT/$m; fi; done
   python eval.py --compare=$models --task_dir=$TASK \
-    --n_prompts=256 --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 --reference=$OUT/sft | tee $OUT/compare_all.md
+    --n_prompts=256 --gen_batch_size=256 --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 --reference=$OUT/sft | tee $OUT/compare_all.md
 fi
