@@ -420,10 +420,14 @@ def pack_chat_examples(examples, pool, batch_size, block_size, generator):
 
 @torch.no_grad()
 def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                  batch_size=32, autocast=contextlib.nullcontext, generator=None):
+                  batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False):
     """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
     KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
-    'text', and 'ended' (True if the model ended its turn with <|end|> or EOT)."""
+    'text', and 'ended' (True if the model ended its turn with <|end|> or EOT).
+    cuda_graph=True: a static cache whose one-token step is captured once per batch and replayed
+    (model.DecodeGraph; the same static steps run eagerly on the CPU). Under autocast the float32
+    weights are cast once per batch (autocast caches the casts of weights within its context, so
+    the captured step reads the cached bf16 copies)."""
     device = next(model.parameters()).device
     stops = tok.stop_ids()
     out = []
@@ -434,7 +438,7 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
         with autocast():
             new = list(model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                              top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
-                                             prompt_mask=mask, generator=generator))
+                                             prompt_mask=mask, generator=generator, cuda_graph=cuda_graph))
         new = torch.stack(new, 1).tolist() if new else [[] for _ in chunk]
         for row in new:
             end = next((j for j, t in enumerate(row) if t in stops), None)
@@ -444,7 +448,7 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
 
 
 def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None,
-                  batch_size=64, autocast=contextlib.nullcontext, seed=1337):
+                  batch_size=64, autocast=contextlib.nullcontext, seed=1337, cuda_graph=False):
     """Answer held-out prompts (dicts with 'prompt', 'words', 'features') and score the answers
     with the task rule: the means of score, words, ended and repetition, the share using all
     required words, one example, and the per-prompt answers and scores."""
@@ -453,7 +457,8 @@ def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
     device = next(raw.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     answers = generate_chat(raw, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
-                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=g)
+                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=g,
+                            cuda_graph=cuda_graph)
     scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
     n = max(len(scores), 1)
     mean = lambda key: sum(float(s[key]) for s in scores) / n      # noqa: E731

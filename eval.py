@@ -36,6 +36,7 @@ max_new_tokens = 300
 temperature = 0.0            # 0: greedy
 top_k = 0
 gen_batch_size = 64
+cuda_graph = False           # on CUDA: answer through a captured one-token step (model.DecodeGraph)
 reference = ''               # a checkpoint (e.g. out/sft): also report KL(model || reference) on
                              # sampled answers to the held-out prompts (nats per answer)
 device = 'auto'
@@ -78,7 +79,7 @@ def task_metrics(model, tok):
         return {}
     prompts = read_jsonl(path, ('prompt', 'words'))[:n_prompts]
     r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
-                      batch_size=gen_batch_size, autocast=rt.autocast, seed=seed)
+                      batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
            'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
            'task/example': r['example']}

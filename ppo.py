@@ -64,6 +64,7 @@ eval_interval = 40
 log_interval = 2
 eval_prompts = 64
 sample_every = 5             # rollouts between tables of samples in samples.md
+cuda_graph = False           # rollouts and evaluations: one-token steps replayed as a CUDA graph
 dropout = 0.0
 # -----------------------------------------------------------------------------
 config = configure(globals(), defaults=training_defaults())
@@ -133,7 +134,8 @@ def make_rollout(r):
     g = torch.Generator().manual_seed(seed * 1_000_003 + r * 7919 + rt.rank)
     prompts = [train_prompts[int(i)] for i in torch.randint(len(train_prompts), (rollout_prompts,), generator=g)]
     gen = torch.Generator(device=rt.device).manual_seed(seed * 1_000_003 + r * 7919 + rt.rank)
-    ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast)
+    ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
+                        cuda_graph=cuda_graph)
     seq, mask = ro['seq'], ro['mask']
     old_logp = batched_logprobs(policy, seq, mask, rt.autocast)
     ref_logp = batched_logprobs(reference, seq, mask, rt.autocast)
@@ -196,10 +198,12 @@ def loss_fn(m, step, micro_step):
 def evaluate(m):
     metrics = {}
     if val_prompts:
-        r = evaluate_task(policy, tok, val_prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+        r = evaluate_task(policy, tok, val_prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
+                          cuda_graph=cuda_graph)
         metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']})
         gen = torch.Generator(device=rt.device).manual_seed(seed)
-        ro = sample_rollout(policy, tok, val_prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast)
+        ro = sample_rollout(policy, tok, val_prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
+                            cuda_graph=cuda_graph)
         lp = batched_logprobs(policy, ro['seq'], ro['mask'], rt.autocast)
         ref = batched_logprobs(reference, ro['seq'], ro['mask'], rt.autocast)
         metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()

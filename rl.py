@@ -23,13 +23,15 @@ from model import token_logprobs
 
 @torch.no_grad()
 def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-                   autocast=None, batch_size=64):
+                   autocast=None, batch_size=64, cuda_graph=False):
     """Answer every prompt (dicts with 'prompt') once with the policy. Returns a dict with
-    seq (N, L) prompt + response [+ <|end|>] right-padded, mask (N, L-1), texts, ended, lengths."""
+    seq (N, L) prompt + response [+ <|end|>] right-padded, mask (N, L-1), texts, ended, lengths.
+    cuda_graph: decode through a captured one-token step (common.generate_chat)."""
     import contextlib
     autocast = autocast or contextlib.nullcontext
     answers = generate_chat(policy, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
-                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=generator)
+                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=generator,
+                            cuda_graph=cuda_graph)
     rows, masks = [], []
     for p, a in zip(prompts, answers):
         prompt_ids = tok.encode_chat(p['prompt'])[0]

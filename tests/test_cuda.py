@@ -111,6 +111,27 @@ def test_cuda_graph_decode_equals_the_same_steps_eager(B, monkeypatch):
     assert torch.equal(graph, eager)
 
 
+
+def test_chat_answers_through_a_graph_under_autocast_equal_the_same_steps_eager(monkeypatch):
+    """PPO/GRPO rollouts with cuda_graph=True: float32 weights under bf16 autocast (the training
+    setting; autocast caches the weight casts for the batch), the step captured once per batch,
+    left-padded prompts; the same tokens as the same static steps without the graph."""
+    import model as model_module
+    from common import generate_chat
+    from tokenizer import ByteTokenizer, with_chat_tokens
+    tok = with_chat_tokens(ByteTokenizer())
+    model = build(vocab_size=320, mtp_depth=0).eval()
+    prompts = ['hi', 'a much longer prompt than the first', 'mid size one']
+    captured = []
+    real = model_module.DecodeGraph
+    monkeypatch.setattr(model_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
+    autocast = lambda: torch.autocast('cuda', dtype=torch.bfloat16)     # noqa: E731
+    graph = generate_chat(model, tok, prompts, 60, 0.0, autocast=autocast, cuda_graph=True)
+    assert captured                                    # the graph path really ran
+    monkeypatch.setattr(model, 'graph_capturable', lambda batch_size=None: False)
+    eager = generate_chat(model, tok, prompts, 60, 0.0, autocast=autocast, cuda_graph=True)
+    assert [a['ids'] for a in graph] == [a['ids'] for a in eager]
+
 def test_distill_script_with_a_bf16_moe_teacher(tmp_path, byte_data):
     """distill.py on the GPU: an MLA + MoE teacher whose weights are cast to bf16 (its buffers, the
     RoPE frequencies and router biases, stay float32), compiled, teaching a dense student; then

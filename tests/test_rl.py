@@ -97,6 +97,32 @@ def test_kl_is_zero_when_policy_equals_reference():
     assert ro['mask'].sum(1).tolist() == [n + e for n, e in zip(ro['lengths'], ro['ended'])]
 
 
+
+def test_rollouts_and_greedy_answers_through_static_steps_equal_the_default():
+    """cuda_graph=True in rollouts and evaluations (a captured step on CUDA; on the CPU the same
+    static-cache steps run eagerly): the same answers as the default path, sampled with one seed
+    and greedy, for prompts of different lengths (left padding) on an MLA + MoE policy."""
+    from common import evaluate_task
+    tok = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=320, n_layer=2, n_head=2, n_embd=32, block_size=64, attention='mla',
+                            pos_emb='rope', q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                            qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                            intermediate_size=64)).eval()
+    prompts = [{'prompt': 'hi', 'words': ['x']}, {'prompt': 'a much longer prompt here', 'words': ['y']},
+               {'prompt': 'mid size', 'words': ['z']}]
+    static_caches = []
+    real_new_cache = model.new_cache
+    model.new_cache = lambda *a, static=False, **kw: static_caches.append(static) or real_new_cache(*a, static=static, **kw)
+    ro = {g: sample_rollout(model, tok, prompts, 12, 1.0, generator=torch.Generator().manual_seed(3),
+                            cuda_graph=g) for g in (False, True)}
+    assert static_caches == [False, True]             # the option reaches the decoder
+    assert torch.equal(ro[True]['seq'], ro[False]['seq']) and ro[True]['texts'] == ro[False]['texts']
+    ev = {g: evaluate_task(model, tok, prompts, 12, cuda_graph=g) for g in (False, True)}
+    assert [a['ids'] for a in ev[True]['answers']] == [a['ids'] for a in ev[False]['answers']]
+    assert any(len(a['ids']) > 0 for a in ev[True]['answers'])
+
 def test_rewards_and_normalisation():
     tok = with_chat_tokens(ByteTokenizer())
     ro = {'texts': ['The fox ran.', 'fox fox'], 'ended': [True, False],
