@@ -11,6 +11,9 @@
 # 10-minute device call for the final table (7 models x 256 prompts): run PHASE=eval apart if needed.
 # On a machine that sets OUT itself (the device tool does), pass OUT=out/prefs_shakespeare.
 # $ PHASE=all bash experiments/rl_shakespeare.sh          (prepare the data as sft_shakespeare.sh says)
+# RL_ARGS adds arguments to every PPO and GRPO run (e.g. "--cuda_graph=True --learning_rate=5e-5");
+# PPO_ITERS / GRPO_ITERS set their lengths (8 / 4 optimizer steps per rollout); SKIP_DPO=1 leaves
+# out the pairs and DPO in PHASE=all.
 set -euo pipefail
 DATA=${DATA:-data/shakespeare_gpt2}
 TASK=${TASK:-data/shakespeare_instruct}
@@ -25,13 +28,13 @@ COMMON="--init_from=$OUT/sft --task_dir=$TASK --reward=rule --max_new_tokens=150
 if [ "$PHASE" = ppo ]; then
   for s in $SEEDS; do
     run ppo$s python ppo.py $COMMON --out_dir=$OUT/ppo$s --seed=$s --rollout_prompts=64 --minibatch_size=16 \
-      --ppo_epochs=2 --max_iters=160 --eval_interval=40 --kl_beta=0.05
+      --ppo_epochs=2 --max_iters=${PPO_ITERS:-160} --eval_interval=40 --kl_beta=0.05 ${RL_ARGS:-}
     grep -o "step [0-9]*: task.*" $OUT/ppo$s.log
   done
 elif [ "$PHASE" = grpo ]; then
   for s in $SEEDS; do
     run grpo$s python grpo.py $COMMON --out_dir=$OUT/grpo$s --seed=$s --rollout_prompts=16 --group_size=4 \
-      --minibatch_size=16 --max_iters=80 --eval_interval=20 --beta=0.04
+      --minibatch_size=16 --max_iters=${GRPO_ITERS:-80} --eval_interval=20 --beta=0.04 ${RL_ARGS:-}
     grep -o "step [0-9]*: task.*" $OUT/grpo$s.log
   done
 elif [ "$PHASE" = all ]; then
@@ -41,7 +44,7 @@ elif [ "$PHASE" = all ]; then
   stamp "base + SFT"
   pids=() names=()
   start() { local name=$1; shift; ( "$@" > $OUT/stage_$name.log 2>&1; stamp "$name" ) & pids+=($!); names+=($name); }
-  start dpo bash -c "PHASE=a2 bash experiments/preferences_shakespeare.sh && SKIP_REWARD=1 SKIP_EVAL=1 PHASE=b bash experiments/preferences_shakespeare.sh"
+  [ -n "${SKIP_DPO:-}" ] || start dpo bash -c "PHASE=a2 bash experiments/preferences_shakespeare.sh && SKIP_REWARD=1 SKIP_EVAL=1 PHASE=b bash experiments/preferences_shakespeare.sh"
   for s in $SEEDS; do
     start ppo$s env PHASE=ppo SEEDS=$s bash $0
     start grpo$s env PHASE=grpo SEEDS=$s bash $0
