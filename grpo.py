@@ -19,11 +19,11 @@ import sys
 
 import torch
 
-from common import (Trainer, all_ranks, close_runtime, configure, evaluate_task, init_runtime, load_chat_model,
+from common import (Trainer, all_ranks, close_runtime, configure, init_runtime, load_chat_model,
                     load_checkpoint, read_jsonl, training_defaults)
 from model import token_logprobs
-from rl import (Rewards, RunningMoments, batched_logprobs, clipped_policy_loss, entropy, group_advantages,
-                kl_k3, masked_mean, sample_rollout)
+from rl import (Rewards, RunningMoments, append_samples, batched_logprobs, clipped_policy_loss, entropy,
+                evaluate_policy, group_advantages, kl_k3, masked_mean, rollout_stats, sample_rollout)
 
 # -----------------------------------------------------------------------------
 # default config values (and those of common.training_defaults(): optimizer, schedule, logging)
@@ -124,23 +124,16 @@ def make_rollout(r):
         moments.update(all_ranks(scores))          # every rank's rewards: the same moments everywhere
         used = moments.normalize(scores)
     adv, flat_groups = group_advantages(used, group_size, scale_rewards)
-    stats = {'reward': scores.mean().item(), 'zero_spread_groups': flat_groups.float().mean().item(),
-             'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item(),
-             'response_tokens': sum(ro['lengths']) / len(ro['lengths']), 'ended': sum(ro['ended']) / len(ro['ended'])}
-    if parts['rule'] is not None:
-        stats['rule_score'] = parts['rule'].mean().item()
-    if parts['model'] is not None:
-        stats['reward_model_score'] = parts['model'].mean().item()
+    stats = {**rollout_stats(scores, parts, ro), 'zero_spread_groups': flat_groups.float().mean().item(),
+             'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item()}
     extra.update(reward_moments=moments.state_dict())
     buffer.update(index=r, seq=seq, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
                   adv=adv[:, None].expand_as(old_logp) * mask, stats=stats)
     if rt.master and sample_every and r % sample_every == 0:
-        with open(os.path.join(out_dir, 'samples.md'), 'a') as f:
-            f.write(f'\n## rollout {r} (step {r * updates_per_rollout})\n\n| prompt | answer | reward | advantage |\n'
-                    f'| --- | --- | --- | --- |\n')
-            for p, t, s, a in list(zip(prompts, ro['texts'], scores.tolist(), adv.tolist()))[:group_size]:
-                cell = lambda x: x.replace('|', '/').replace('\n', ' ')[:300]    # noqa: E731
-                f.write(f"| {cell(p['prompt'])} | {cell(t)} | {s:.3f} | {a:+.2f} |\n")
+        append_samples(os.path.join(out_dir, 'samples.md'), f'rollout {r} (step {r * updates_per_rollout})',
+                       ('prompt', 'answer', 'reward', 'advantage'),
+                       [(p['prompt'], t, f'{x:.3f}', f'{a:+.2f}')
+                        for p, t, x, a in zip(prompts, ro['texts'], scores.tolist(), adv.tolist())][:group_size])
     policy.train()
 
 
@@ -171,24 +164,8 @@ def loss_fn(m, step, micro_step):
 
 @torch.no_grad()
 def evaluate(m):
-    metrics = {}
-    if val_prompts:
-        r = evaluate_task(policy, tok, val_prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
-                          cuda_graph=cuda_graph)
-        metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']})
-        gen = torch.Generator(device=rt.device).manual_seed(seed)
-        ro = sample_rollout(policy, tok, val_prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
-                            cuda_graph=cuda_graph)
-        lp = batched_logprobs(policy, ro['seq'], ro['mask'], rt.autocast)
-        ref = batched_logprobs(reference, ro['seq'], ro['mask'], rt.autocast)
-        metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()
-        scores, parts = rewards(val_prompts, ro, rt.autocast)
-        metrics['val/reward_sampled'] = scores.mean().item()
-        if parts['model'] is not None:
-            metrics['val/reward_model_score'] = parts['model'].mean().item()
-        if parts['rule'] is not None:
-            metrics['val/rule_score_sampled'] = parts['rule'].mean().item()
-    return metrics
+    return evaluate_policy(policy, reference, tok, val_prompts, rewards, max_new_tokens, temperature, rt.autocast,
+                           seed, cuda_graph)
 
 
 os.makedirs(out_dir, exist_ok=True)

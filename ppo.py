@@ -24,12 +24,12 @@ import sys
 
 import torch
 
-from common import (Trainer, all_ranks, close_runtime, configure, evaluate_task, init_runtime, load_chat_model,
+from common import (Trainer, all_ranks, close_runtime, configure, init_runtime, load_chat_model,
                     load_checkpoint, read_jsonl, training_defaults)
 from model import ScalarModel, token_logprobs
-from rl import (ActorCritic, AdaptiveKL, Rewards, RunningMoments, batched_logprobs, clipped_policy_loss,
-                clipped_value_loss, entropy, explained_variance, gae, per_token_rewards,
-                sample_rollout, whiten)
+from rl import (ActorCritic, AdaptiveKL, Rewards, RunningMoments, append_samples, batched_logprobs,
+                clipped_policy_loss, clipped_value_loss, entropy, evaluate_policy, explained_variance, gae,
+                per_token_rewards, rollout_stats, sample_rollout, whiten)
 
 # -----------------------------------------------------------------------------
 # default config values (and those of common.training_defaults(): optimizer, schedule, logging)
@@ -150,23 +150,15 @@ def make_rollout(r):
     token_rewards = per_token_rewards(scores_used, old_logp, ref_logp, mask, kl_ctl.beta)
     adv, returns = gae(token_rewards, old_values, mask, gamma, lam)
     kl = all_ranks(((old_logp - ref_logp) * mask).sum(1)).mean().item()   # sequence KL(pi || ref), k1, all ranks
-    stats = {'reward': scores.mean().item(), 'kl_ref': kl, 'beta': kl_ctl.beta,
-             'response_tokens': sum(ro['lengths']) / len(ro['lengths']),
-             'ended': sum(ro['ended']) / len(ro['ended'])}
-    if parts['rule'] is not None:
-        stats['rule_score'] = parts['rule'].mean().item()
-    if parts['model'] is not None:
-        stats['reward_model_score'] = parts['model'].mean().item()
+    stats = {**rollout_stats(scores, parts, ro), 'kl_ref': kl, 'beta': kl_ctl.beta}
     kl_ctl.update(kl, len(prompts) * rt.world_size)
     extra.update(kl_beta=kl_ctl.beta, reward_moments=moments.state_dict())
     buffer.update(index=r, seq=seq, mask=mask, old_logp=old_logp, old_values=old_values,
                   adv=whiten(adv, mask), returns=returns, stats=stats)
     if rt.master and sample_every and r % sample_every == 0:
-        with open(os.path.join(out_dir, 'samples.md'), 'a') as f:
-            f.write(f'\n## rollout {r} (step {r * updates_per_rollout})\n\n| prompt | answer | reward |\n| --- | --- | --- |\n')
-            for p, t, s in list(zip(prompts, ro['texts'], scores.tolist()))[:4]:
-                cell = lambda x: x.replace('|', '/').replace('\n', ' ')[:300]    # noqa: E731
-                f.write(f"| {cell(p['prompt'])} | {cell(t)} | {s:.3f} |\n")
+        append_samples(os.path.join(out_dir, 'samples.md'), f'rollout {r} (step {r * updates_per_rollout})',
+                       ('prompt', 'answer', 'reward'),
+                       [(p['prompt'], t, f'{x:.3f}') for p, t, x in zip(prompts, ro['texts'], scores.tolist())][:4])
     model.train()
 
 
@@ -196,24 +188,8 @@ def loss_fn(m, step, micro_step):
 
 @torch.no_grad()
 def evaluate(m):
-    metrics = {}
-    if val_prompts:
-        r = evaluate_task(policy, tok, val_prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
-                          cuda_graph=cuda_graph)
-        metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']})
-        gen = torch.Generator(device=rt.device).manual_seed(seed)
-        ro = sample_rollout(policy, tok, val_prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
-                            cuda_graph=cuda_graph)
-        lp = batched_logprobs(policy, ro['seq'], ro['mask'], rt.autocast)
-        ref = batched_logprobs(reference, ro['seq'], ro['mask'], rt.autocast)
-        metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()
-        scores, parts = rewards(val_prompts, ro, rt.autocast)
-        metrics['val/reward_sampled'] = scores.mean().item()
-        if parts['model'] is not None:
-            metrics['val/reward_model_score'] = parts['model'].mean().item()
-        if parts['rule'] is not None:
-            metrics['val/rule_score_sampled'] = parts['rule'].mean().item()
-    return metrics
+    return evaluate_policy(policy, reference, tok, val_prompts, rewards, max_new_tokens, temperature, rt.autocast,
+                           seed, cuda_graph)
 
 
 os.makedirs(out_dir, exist_ok=True)

@@ -67,6 +67,55 @@ def batched_logprobs(model, seq, mask, autocast, batch_size=32):
     return torch.cat(out)
 
 
+def rollout_stats(scores, parts, rollout):
+    """What every rollout logs: its mean reward, the rule's and the reward model's mean scores
+    (side by side, to catch reward hacking), answer length and the share of ended turns."""
+    n = len(rollout['lengths'])
+    stats = {'reward': scores.mean().item(), 'response_tokens': sum(rollout['lengths']) / n,
+             'ended': sum(rollout['ended']) / n}
+    if parts['rule'] is not None:
+        stats['rule_score'] = parts['rule'].mean().item()
+    if parts['model'] is not None:
+        stats['reward_model_score'] = parts['model'].mean().item()
+    return stats
+
+
+def append_samples(path, title, columns, rows):
+    """Append a markdown table of sample answers (rows of prompt, answer, numbers...) to path."""
+    cell = lambda x: x.replace('|', '/').replace('\n', ' ')[:300] if isinstance(x, str) else x   # noqa: E731
+    with open(path, 'a') as f:
+        f.write(f'\n## {title}\n\n| ' + ' | '.join(columns) + ' |\n|' + ' --- |' * len(columns) + '\n')
+        for row in rows:
+            f.write('| ' + ' | '.join(str(cell(x)) for x in row) + ' |\n')
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, temperature, autocast, seed,
+                    cuda_graph=False):
+    """The held-out evaluation of PPO and GRPO: the task score of greedy answers, then sampled
+    answers (seeded) scored by the rewards, with their KL(policy || reference) per answer (k1)."""
+    from common import evaluate_task
+    if not prompts:
+        return {}
+    r = evaluate_task(policy, tok, prompts, max_new_tokens, 0.0, autocast=autocast, seed=seed,
+                      cuda_graph=cuda_graph)
+    metrics = {'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']}
+    device = next(policy.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=autocast,
+                        cuda_graph=cuda_graph)
+    lp = batched_logprobs(policy, ro['seq'], ro['mask'], autocast)
+    ref = batched_logprobs(reference, ro['seq'], ro['mask'], autocast)
+    metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()
+    scores, parts = rewards(prompts, ro, autocast)
+    metrics['val/reward_sampled'] = scores.mean().item()
+    if parts['model'] is not None:
+        metrics['val/reward_model_score'] = parts['model'].mean().item()
+    if parts['rule'] is not None:
+        metrics['val/rule_score_sampled'] = parts['rule'].mean().item()
+    return metrics
+
+
 # --- rewards ------------------------------------------------------------------------------------
 
 class Rewards:
