@@ -187,6 +187,9 @@ def test_ppo_raises_a_toy_reward(sft_pipeline):
     assert {'train/value_loss', 'train/clip_frac', 'train/entropy', 'train/explained_variance', 'train/kl_ref',
             'train/beta'} <= set(rows[-2])
     assert (pipeline / 'ppo' / 'samples.md').read_text().count('| reward |') >= 2
+    evals = [r for r in rows if 'val/kl_ref' in r]                 # step 0, 32, 64: rl.evaluate_policy
+    assert len(evals) == 3 and evals[0]['val/kl_ref'] == 0 and evals[-1]['val/kl_ref'] > 0
+    assert {'task/score_greedy', 'task/all_words_greedy', 'val/reward_sampled'} <= set(evals[-1])
     from common import load_model
     model, _, ckpt = load_model(str(pipeline / 'ppo'))           # the policy loads as a plain GPT
     assert type(model) is GPT and ckpt['stage'] == 'ppo' and 'value_model' in ckpt
@@ -199,6 +202,9 @@ def test_grpo_raises_a_toy_reward(sft_pipeline):
     rewards, rows = rewards_logged(pipeline / 'grpo')
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
     assert {'train/zero_spread_groups', 'train/kl_loss', 'train/clip_frac'} <= set(rows[-2])
+    assert (pipeline / 'grpo' / 'samples.md').read_text().count('| advantage |') >= 2
+    evals = [r for r in rows if 'val/kl_ref' in r]
+    assert len(evals) == 3 and evals[-1]['val/kl_ref'] > 0 and 'task/score_greedy' in evals[-1]
 
 
 def test_ppo_resume_continues_exactly(pipeline):
