@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from common import configure, init_runtime, kernel_table, measure_peak_flops, model_config_from, synchronize
+from common import (compile_mode_arg, configure, init_runtime, kernel_table, measure_peak_flops, model_config_from,
+                    synchronize)
 from model import GPT, ModelConfig
 from optim import build_optimizer
 
@@ -45,6 +46,7 @@ cuda_graph = True               # also time decoding with each step replayed as 
 compile_decode = True           # and with the graph of a torch.compile'd step
 compare_hf = False              # also time transformers' DeepseekV3ForCausalLM (needs transformers)
 compile = None                  # torch.compile the training step; None: on for CUDA
+compile_mode = 'default'        # torch.compile's mode (common.COMPILE_MODES), e.g. 'reduce-overhead'
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -58,6 +60,10 @@ modes = [m.strip() for m in modes.split(',') if m.strip()]
 bad = [m for m in modes if m not in ('train', 'prefill', 'decode', 'optimizer')]
 if bad:
     sys.exit(f"error: modes={bad}; valid: train, prefill, decode, optimizer")
+try:
+    compile_mode_arg(compile_mode)
+except ValueError as e:
+    sys.exit(f'error: {e}')
 cuda = rt.device_type == 'cuda'
 if compile is None:
     compile = cuda
@@ -156,7 +162,7 @@ if compare_hf:
 
 if 'train' in modes:
     raw.train()
-    model = torch.compile(raw) if compile else raw
+    model = torch.compile(raw, mode=compile_mode_arg(compile_mode)) if compile else raw
     opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type)
     results['train'] = bench_train(raw, our_train_step(model, opt, x, y), flops)
     profiled('train step', our_train_step(model, opt, x, y))

@@ -962,6 +962,16 @@ def kernel_table(prof, rows=60):
     return '\n'.join(lines) + '\n'
 
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
+def compile_mode_arg(mode):
+    """torch.compile's mode= for a config's compile_mode, refused early with the valid names."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode='{mode}'; valid: {', '.join(COMPILE_MODES)}")
+    return None if mode == 'default' else mode
+
+
 # -----------------------------------------------------------------------------
 # The training loop every stage shares
 
@@ -1001,6 +1011,8 @@ def training_defaults():
     device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
     dtype = 'auto'               # 'auto' (bf16 on capable GPUs, else fp32) | 'float32' | 'bfloat16' | 'float16'
     compile = None               # torch.compile the model; None: on for CUDA
+    compile_mode = 'default'     # torch.compile's mode: 'default' | 'reduce-overhead' (CUDA graphs) |
+                                 # 'max-autotune' | 'max-autotune-no-cudagraphs' (GEMM autotuning)
     fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state
                                  # across the ranks (FSDP2, per transformer block) instead of DDP
     seed = 1337
@@ -1133,7 +1145,11 @@ class Trainer:
         # Under FSDP this compiles the sharded model as a whole: dynamo leaves FSDP's hooks at the
         # block boundaries to run eagerly (torch._dynamo.config.skip_fsdp_hooks) and compiles
         # what lies between them.
-        self.compiled = torch.compile(model) if compile_ else model
+        try:
+            mode = compile_mode_arg(c['compile_mode'])
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        self.compiled = torch.compile(model, mode=mode) if compile_ else model
         self.model = self.compiled
         if rt.ddp and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP

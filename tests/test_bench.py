@@ -30,6 +30,8 @@ def test_bench_times_every_mode(tmp_path):
 def test_bench_rejects_an_unknown_mode(tmp_path):
     proc = run_script('bench.py', *TINY_MOE, '--modes=train,fly', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "modes=['fly']" in proc.stderr
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--compile_mode=fast', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in proc.stderr
 
 
 def test_kernel_table_sums_kernels_by_name_and_class():
