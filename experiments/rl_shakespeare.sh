@@ -7,7 +7,7 @@
 # PHASE=all runs the whole chain on one GPU in one go: base + SFT, then side by side (one process
 # each: small-batch decoding leaves most of the GPU idle) the pairs + DPO x 2, PPO x 2 and GRPO x 2,
 # then the table. Wall time per stage goes to $OUT/times.txt. On one H100 (session 14): 157 s for
-# base + SFT, 265 s for the six runs side by side, and more than the remaining 2 minutes of a
+# base + SFT, 266 s for the six runs side by side, and more than the remaining 2 minutes of a
 # 10-minute device call for the final table (7 models x 256 prompts): run PHASE=eval apart if needed.
 # On a machine that sets OUT itself (the device tool does), pass OUT=out/prefs_shakespeare.
 # $ PHASE=all bash experiments/rl_shakespeare.sh          (prepare the data as sft_shakespeare.sh says)
