@@ -75,6 +75,7 @@ def rollout_stats(scores, parts, rollout):
              'ended': sum(rollout['ended']) / n}
     if parts['rule'] is not None:
         stats['rule_score'] = parts['rule'].mean().item()
+        stats['rule_words'] = parts['words'].mean().item()     # the rule's largest part (0.6 of it)
     if parts['model'] is not None:
         stats['reward_model_score'] = parts['model'].mean().item()
     return stats
@@ -99,7 +100,8 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
         return {}
     r = evaluate_task(policy, tok, prompts, max_new_tokens, 0.0, autocast=autocast, seed=seed,
                       cuda_graph=cuda_graph)
-    metrics = {'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']}
+    metrics = {'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words'],
+               'task/words_greedy': r['words']}
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=autocast,
@@ -113,6 +115,7 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
         metrics['val/reward_model_score'] = parts['model'].mean().item()
     if parts['rule'] is not None:
         metrics['val/rule_score_sampled'] = parts['rule'].mean().item()
+        metrics['val/words_sampled'] = parts['words'].mean().item()
     return metrics
 
 
@@ -122,7 +125,8 @@ class Rewards:
     """Sequence rewards for a rollout. kind: 'rule' (task.score), 'model' (a reward.py model,
     read at the last token), 'mix' (mix * model + (1 - mix) * rule), or 'token:<s>' (a toy: the
     share of response tokens that are the single token <s>). A turn that did not end loses
-    no_end_penalty. Returns (rewards (N,), {'rule': scores or None, 'model': scores or None})."""
+    no_end_penalty. Returns (rewards (N,), {'rule': scores or None, 'model': scores or None,
+    'words': the rule's share of required words used, or None})."""
 
     def __init__(self, kind, tok, reward_model=None, mix=0.5, no_end_penalty=0.0):
         self.kind, self.tok, self.reward_model = kind, tok, reward_model
@@ -142,9 +146,12 @@ class Rewards:
         from task import score
         device = rollout['seq'].device
         rule = model_scores = None
+        words = None
         if self.kind in ('rule', 'mix'):
-            rule = torch.tensor([score(t, p['words'], p.get('features'), e)['score']
-                                 for t, p, e in zip(rollout['texts'], prompts, rollout['ended'])], device=device)
+            checks = [score(t, p['words'], p.get('features'), e)
+                      for t, p, e in zip(rollout['texts'], prompts, rollout['ended'])]
+            rule = torch.tensor([x['score'] for x in checks], device=device)
+            words = torch.tensor([x['words'] for x in checks], device=device)  # share of required words used
         if self.kind in ('model', 'mix'):
             seq, mask = rollout['seq'], rollout['mask']
             last = torch.where(mask.any(1), mask.shape[1] - mask.flip(1).float().argmax(1), torch.zeros_like(mask[:, 0], dtype=torch.long))
@@ -164,7 +171,7 @@ class Rewards:
             r = hits / rollout['mask'].sum(1).clamp(min=1)
         ended = torch.tensor(rollout['ended'], device=device)
         r = r - self.no_end_penalty * (~ended).float()
-        return r, {'rule': rule, 'model': model_scores}
+        return r, {'rule': rule, 'model': model_scores, 'words': words}
 
 
 class RunningMoments:

@@ -234,8 +234,8 @@ def test_reward_model_in_the_loop(pipeline):
                '--minibatch_size=4', '--max_iters=2', '--eval_interval=2', cwd=pipeline)
     for folder in ('ppo_rm', 'grpo_rm'):
         rows = rewards_logged(pipeline / folder)[1]
-        assert {'train/rule_score', 'train/reward_model_score'} <= set(rows[0]) | set(rows[1])
-        assert 'val/reward_model_score' in rows[-1]
+        assert {'train/rule_score', 'train/rule_words', 'train/reward_model_score'} <= set(rows[0]) | set(rows[1])
+        assert {'val/reward_model_score', 'val/words_sampled', 'task/words_greedy'} <= set(rows[-1])
 
 
 def test_bad_settings(pipeline):
