@@ -177,6 +177,7 @@ trainer = Trainer(config, rt, policy, 'grpo', tok.spec(), tokens_per_step, polic
                   unused_parameters=policy.config.mtp_depth > 0)    # no targets: MTP unused
 ckpt = None
 trainer.run(loss_fn, evaluate, plot_keys=('train/policy_loss', 'train/kl_loss'),
-            extra_plots=[(('train/reward', 'train/rule_score', 'train/rule_words', 'train/reward_model_score'), 'reward.png', 'reward'),
+            extra_plots=[(('train/reward', 'train/rule_score', 'train/rule_words', 'train/reward_model_score'),
+                          'reward.png', 'reward'),
                          (('train/kl_ref', 'val/kl_ref'), 'kl.png', 'KL(policy || reference), nats')])
 close_runtime(rt)

@@ -201,6 +201,7 @@ trainer = Trainer(config, rt, model, 'ppo', tok.spec(), tokens_per_step, policy.
                   unused_parameters=True)                # no targets: MTP unused; the value model's LM head too
 ckpt = None
 trainer.run(loss_fn, evaluate, plot_keys=('train/policy_loss', 'train/value_loss'),
-            extra_plots=[(('train/reward', 'train/rule_score', 'train/rule_words', 'train/reward_model_score'), 'reward.png', 'reward'),
+            extra_plots=[(('train/reward', 'train/rule_score', 'train/rule_words', 'train/reward_model_score'),
+                          'reward.png', 'reward'),
                          (('train/kl_ref', 'val/kl_ref'), 'kl.png', 'KL(policy || reference), nats')])
 close_runtime(rt)
