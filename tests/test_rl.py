@@ -59,7 +59,8 @@ def test_clipped_loss_gradient_is_zero_outside_the_trust_region():
     # negative advantage: clipped, no gradient; ratios inside the region: gradient
     logp = torch.tensor([[0.5, -0.5, 0.05, -0.05]], requires_grad=True)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss, clip_frac, _ = clipped_policy_loss(logp, old, adv, mask, eps=0.2)
+    loss, clip_frac, approx_kl = clipped_policy_loss(logp, old, adv, mask, eps=0.2)
+    assert not approx_kl.requires_grad and not clip_frac.requires_grad     # statistics, not losses
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == 0
     assert logp.grad[0, 2] < 0 and logp.grad[0, 3] > 0          # raise the good token, lower the bad
@@ -248,3 +249,18 @@ def test_bad_settings(pipeline):
                    '--device=cpu', cwd=pipeline, check=False)
     assert "'ab' must be one token" in p.stderr
     assert not math.isnan(0.0)
+
+
+def test_rl_curves_reads_the_printed_evaluations(tmp_path):
+    """experiments/rl_curves.py: the table (start -> end per run, steps turned into rollouts)
+    and the PNG from the `step N: ...` lines of PPO / GRPO logs; a log without them is refused."""
+    line = 'step {}: task/score_greedy {}, task/all_words_greedy 0.0000, val/kl_ref {}, val/reward_sampled 0.3, val/rule_score_sampled {}'
+    (tmp_path / 'ppo1.log').write_text('config: ...\r' + '\n'.join(
+        line.format(s, g, k, r) for s, g, k, r in [(0, 0.42, 0.0, 0.39), (40, 0.41, 2.5, 0.41), (80, 0.43, 3.0, 0.42)]))
+    (tmp_path / 'bad.log').write_text('nothing here\n')
+    proc = run_script('experiments/rl_curves.py', '--logs=ppo1.log', '--steps_per_rollout=8', '--out=c.png',
+                      cwd=tmp_path)
+    assert '| ppo1 | 10 | 0.4200 -> 0.4300 | 0.3900 -> 0.4200 | 3.00 |' in proc.stdout
+    assert (tmp_path / 'c.png').stat().st_size > 0
+    bad = run_script('experiments/rl_curves.py', '--logs=bad.log', '--steps_per_rollout=8', cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and 'no evaluation lines' in bad.stderr
