@@ -43,9 +43,12 @@ for name, pts in runs.items():
     print(f"| {name} | {pts[-1][0]:g} | {a['task/score_greedy']:.4f} -> {b['task/score_greedy']:.4f} | "
           f"{a['val/rule_score_sampled']:.4f} -> {b['val/rule_score_sampled']:.4f} | {b['val/kl_ref']:.2f} |")
 
-import matplotlib  # noqa: E402
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+try:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+except ImportError:                 # an optional extra (requirements-dev.txt): the table alone
+    sys.exit('matplotlib is not installed: no PNG (pip install matplotlib)')
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
 for name, pts in runs.items():
     xs = [x for x, _ in pts]
