@@ -39,7 +39,7 @@ if [ "$PHASE" = ppo ]; then
 elif [ "$PHASE" = grpo ]; then
   for s in $SEEDS; do
     timed grpo$s python grpo.py $COMMON --out_dir=$OUT/grpo$s --seed=$s --rollout_prompts=16 --group_size=${GROUP_SIZE:-4} \
-      --minibatch_size=16 --max_iters=${GRPO_ITERS:-80} --eval_interval=20 --beta=0.04 ${RL_ARGS:-}
+      --minibatch_size=16 --max_iters=${GRPO_ITERS:-80} --eval_interval=$((5 * ${GROUP_SIZE:-4})) --beta=0.04 ${RL_ARGS:-}
     grep -o "step [0-9]*: task.*" $OUT/grpo$s.log
   done
 elif [ "$PHASE" = all ]; then
