@@ -76,6 +76,11 @@ class ModelConfig:
     seq_aux: bool = True               # balance per sequence (DeepSeek-V3) or per batch (Switch)
     moe_impl: str = 'auto'             # 'loop' (reference) | 'grouped' (sorted, grouped GEMM) |
                                        # 'gathered' (few tokens) | 'auto' (see MoE.forward)
+    # --- the training loss -----------------------------------------------------------------
+    loss_impl: str = 'auto'            # 'plain' (logits, then F.cross_entropy) | 'fused' (output
+                                       # layer + loss in chunks, gradients in the forward:
+                                       # linear_cross_entropy) | 'auto': fused on CUDA when the
+                                       # logits are not returned (the training step)
     # --- multi-token prediction (DeepSeek-V3) ----------------------------------------------
     mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead
     mtp_loss_weight: float = 0.3       # lambda: loss = main + lambda / depth * sum of MTP losses
@@ -83,7 +88,8 @@ class ModelConfig:
     def __post_init__(self):
         choices = {'attention': ('mha', 'mla'), 'pos_emb': ('learned', 'sinusoidal', 'rope', 'none'),
                    'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
-                   'scoring_func': ('softmax', 'sigmoid'), 'moe_impl': ('auto', 'loop', 'grouped', 'gathered')}
+                   'scoring_func': ('softmax', 'sigmoid'), 'moe_impl': ('auto', 'loop', 'grouped', 'gathered'),
+                   'loss_impl': ('auto', 'plain', 'fused')}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
@@ -1011,8 +1017,12 @@ class GPT(nn.Module):
         x, rope, aux_total = self.trunk(idx, cache)
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
-        logits = self.lm_head(self.norm(x))                                    # (B, T, V)
-        lm_loss = masked_cross_entropy(logits, targets)
+        fused = self.fused_loss(x, return_logits)
+        if fused:       # the (B, T, V) logits are never whole in memory (linear_cross_entropy)
+            logits, lm_loss = None, linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+        else:
+            logits = self.lm_head(self.norm(x))                                # (B, T, V)
+            lm_loss = masked_cross_entropy(logits, targets)
         loss, parts = lm_loss, {'lm': lm_loss.detach()}
         if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
             h, mtp_losses = x, []
@@ -1023,8 +1033,10 @@ class GPT(nn.Module):
                 h, aux = module(h[:, :Tk], emb, rope_k, self.causal_mask(Tk, idx.device))
                 if aux is not None:
                     aux_total = aux if aux_total is None else aux_total + aux
-                logits_k = self.lm_head(module.norm(h))
-                mtp_losses.append(masked_cross_entropy(logits_k, targets[:, k:]))
+                if fused:
+                    mtp_losses.append(linear_cross_entropy(module.norm(h), self.lm_head.weight, targets[:, k:]))
+                else:
+                    mtp_losses.append(masked_cross_entropy(self.lm_head(module.norm(h)), targets[:, k:]))
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + c.mtp_loss_weight * mtp_loss
             parts['mtp'] = mtp_loss.detach()
@@ -1033,6 +1045,15 @@ class GPT(nn.Module):
             parts['aux'] = aux_total.detach()
         self.last_losses = parts
         return (logits if return_logits else None), loss
+
+    def fused_loss(self, x, return_logits):
+        """Whether the loss goes through linear_cross_entropy (see ModelConfig.loss_impl): only
+        when the caller does not want the logits back and a gradient is being taken ('auto' also
+        needs CUDA, where the row kernel is a Triton one)."""
+        impl = self.config.loss_impl
+        if impl == 'plain' or return_logits or not torch.is_grad_enabled():
+            return False
+        return impl == 'fused' or (x.is_cuda and HAVE_TRITON)
 
     def trunk(self, idx, cache=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
@@ -1370,6 +1391,113 @@ def masked_cross_entropy(logits, targets):
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                             ignore_index=-1, reduction='sum')
     return total / (targets >= 0).sum().clamp(min=1)
+
+
+# --- the output layer and the loss in one: no (B, T, V) logits (the training step's fast path) ---
+#
+# With V = 50,304 the logits are the largest tensor of a small model's step (64 x 512 tokens:
+# 3.3 GB in bf16), and the plain path reads or writes them four times: the output GEMM writes
+# them, the loss reads them, its backward reads them again and writes dlogits. Here, per chunk of
+# rows (Liger-Kernel's FusedLinearCrossEntropy, Hsu et al. 2024), the loss and its gradient are
+# taken together in the forward:
+#     z = h W^T                       (n, V) bf16, one chunk at a time
+#     loss_i = logsumexp(z_i) - z_i[y_i]        (0 where y_i = -1)
+#     dz_i = softmax(z_i) - onehot(y_i)         written over z_i by the same row pass
+#     dh = dz W,  dW += dz^T h                   the output layer's backward, done now
+# and backward only scales dh and dW by the incoming gradient. Rows where y = -1 get dz = 0.
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:                      # the CPU build of PyTorch comes without Triton
+    HAVE_TRITON = False
+
+if HAVE_TRITON:
+    @triton.jit
+    def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
+        """One program per row: loss = logsumexp(z) - z[y], then z <- softmax(z) - onehot(y).
+        Two passes over the row (the second finds it in L2), one write."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride
+        y = tl.load(targets_ptr + row)
+        m = float('-inf')                                # running max
+        s = 0.0                                          # running sum of exp(z - m)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < V, other=float('-inf')).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        valid = y >= 0
+        z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - z_y, 0.0))
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            dz = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
+            dz = tl.where(valid, dz, 0.0)
+            tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+
+
+def cross_entropy_rows_(z, targets):
+    """Per-row loss (float32, 0 where the target is -1) of logits z (n, V), and z overwritten with
+    d loss_sum / dz = softmax(z) - onehot(y) (0 on masked rows). Triton on CUDA; the same math in
+    PyTorch elsewhere (the reference the CUDA test compares the kernel with)."""
+    if z.is_cuda and HAVE_TRITON:
+        loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+        _cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), targets, loss, z.size(1),
+                                                 BLOCK=4096, num_warps=8)
+        return loss
+    valid = targets >= 0
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1)
+    loss = (lse - zf.gather(1, targets.clamp(min=0)[:, None])[:, 0]) * valid
+    dz = torch.exp(zf - lse[:, None])
+    dz[torch.arange(z.size(0), device=z.device), targets.clamp(min=0)] -= 1.0
+    z.copy_(dz * valid[:, None])
+    return loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) with the gradients of h and W computed in the forward, chunk by chunk
+    (see the comment above). Under autocast the products run in its dtype, as nn.Linear's would."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            hc, w = h.to(dtype), weight.to(dtype)
+            dh = torch.empty_like(hc)
+            dw = None
+            total = torch.zeros((), device=h.device, dtype=torch.float32)
+            for start in range(0, h.size(0), chunk_rows):
+                h_c = hc[start:start + chunk_rows]
+                z = h_c @ w.t()                                          # (n, V)
+                total = total + cross_entropy_rows_(z, targets[start:start + chunk_rows]).sum()
+                torch.mm(z, w, out=dh[start:start + chunk_rows])         # dh = dz W
+                dw_c = z.t() @ h_c                                       # dW = dz^T h   (V, C)
+                dw = dw_c.float() if dw is None else dw.add_(dw_c)
+        ctx.save_for_backward(dh, dw)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        return (dh * grad_total).to(ctx.h_dtype), (dw * grad_total).to(ctx.w_dtype), None, None
+
+
+@torch.compiler.disable       # eager between compiled graphs: dynamo does not trace the row kernel
+def linear_cross_entropy(h, weight, targets, chunk_bytes=1 << 30):
+    """masked_cross_entropy(h @ weight.T, targets) without the (.., V) logits held whole: h (B, T, C)
+    or (N, C), weight (V, C), targets (B, T) or (N,) with -1 where no loss is wanted. Chunks of
+    rows whose logits take at most chunk_bytes (1 GiB: 8 chunks at 128 x 512 tokens, V = 50,304)."""
+    h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1).contiguous()
+    rows = max(1, chunk_bytes // (weight.size(0) * 2))
+    total = LinearCrossEntropy.apply(h2, weight, t, rows)
+    return total / (t >= 0).sum().clamp(min=1)
 
 
 # --- knowledge distillation (distill.py): the teacher's soft targets and the student's KL to them ---

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, KVCache, ModelConfig, fused_linear, pad_prompts, sample_next
+from model import (GPT, KVCache, ModelConfig, cross_entropy_rows_, fused_linear, linear_cross_entropy,
+                   pad_prompts, sample_next)
 
 VARIANTS = {
     'gpt2': dict(),
@@ -116,6 +117,57 @@ def test_loss_without_logits_is_the_same_loss_and_gradient():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cross_entropy_rows_gives_the_loss_and_its_gradient_in_place():
+    """The row pass of the fused loss: per-row cross entropy, and z overwritten with its gradient
+    (softmax - onehot; 0 on rows whose target is -1), against autograd through F.cross_entropy."""
+    torch.manual_seed(0)
+    z = torch.randn(6, 37) * 3
+    y = torch.tensor([0, 36, 5, -1, 12, 12])
+    ref = z.clone().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(ref, y, ignore_index=-1, reduction='none')
+    ref_loss.sum().backward()
+    loss = cross_entropy_rows_(z, y)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(z, ref.grad)
+    assert (z[3] == 0).all()
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_linear_cross_entropy_equals_the_plain_loss(tied):
+    """The output layer + loss in chunks (loss_impl='fused', on by default only on CUDA): the same
+    loss and gradients as logits followed by F.cross_entropy, with masked targets, chunks that do
+    not divide the rows, MTP, a tied head, and under bf16 autocast."""
+    cfg = dict(**VARIANTS['llama'], mtp_depth=1) if not tied else dict(pos_emb='rope', norm='rmsnorm')
+    x = torch.randint(0, 61, (3, 16))
+    y = x.clone()
+    y[0, :5] = -1
+    for autocast in (False, True):
+        out = {}
+        for impl in ('plain', 'fused'):
+            model = tiny(**cfg, loss_impl=impl).train()
+            with torch.autocast('cpu', torch.bfloat16, enabled=autocast):
+                logits, loss = model(x, y, return_logits=False)
+            assert logits is None
+            loss.backward()
+            out[impl] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out['fused'][0], out['plain'][0], **tol)
+        for n, g in out['plain'][1].items():
+            torch.testing.assert_close(out['fused'][1][n], g, **tol, msg=lambda m: f'{n}: {m}')
+    # chunks of 7 rows for 48 (the last one short), gradient scaled by the outer factor
+    torch.manual_seed(1)
+    h = torch.randn(48, 32, requires_grad=True)
+    w = torch.randn(61, 32, requires_grad=True)
+    t = torch.randint(-1, 61, (48,))
+    (3 * linear_cross_entropy(h, w, t, chunk_bytes=7 * 61 * 2)).backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (3 * torch.nn.functional.cross_entropy(ref_h @ ref_w.t(), t, ignore_index=-1)).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)
+    with pytest.raises(ValueError, match='loss_impl'):
+        ModelConfig(loss_impl='chunked')
 
 
 def test_fused_linear_equals_separate_projections():
