@@ -14,6 +14,8 @@
 # RL_ARGS adds arguments to every PPO and GRPO run (e.g. "--cuda_graph=True --learning_rate=5e-5");
 # PPO_ITERS / GRPO_ITERS set their lengths (8 / 4 optimizer steps per rollout); SKIP_DPO=1 leaves
 # out the pairs and DPO in PHASE=all, SKIP_EVAL=1 the final table; GROUP_SIZE sets GRPO's k (4);
+# PPO_ARGS / GRPO_ARGS add arguments to one kind of run only (after the defaults, so they win);
+# EVAL_ARGS to the final eval.py (e.g. "--cuda_graph=True"); EVAL_TIMEOUT=N stops it after N seconds.
 # RUN_TIMEOUT=N stops each PPO / GRPO run after N seconds (its printed evaluations and log.jsonl
 # stay), so that a run sized by guess still ends inside a device call.
 set -euo pipefail
@@ -33,13 +35,13 @@ COMMON="--init_from=$OUT/sft --task_dir=$TASK --reward=rule --max_new_tokens=150
 if [ "$PHASE" = ppo ]; then
   for s in $SEEDS; do
     timed ppo$s python ppo.py $COMMON --out_dir=$OUT/ppo$s --seed=$s --rollout_prompts=64 --minibatch_size=16 \
-      --ppo_epochs=2 --max_iters=${PPO_ITERS:-160} --eval_interval=40 --kl_beta=0.05 ${RL_ARGS:-}
+      --ppo_epochs=2 --max_iters=${PPO_ITERS:-160} --eval_interval=40 --kl_beta=0.05 ${RL_ARGS:-} ${PPO_ARGS:-}
     grep -o "step [0-9]*: task.*" $OUT/ppo$s.log
   done
 elif [ "$PHASE" = grpo ]; then
   for s in $SEEDS; do
     timed grpo$s python grpo.py $COMMON --out_dir=$OUT/grpo$s --seed=$s --rollout_prompts=16 --group_size=${GROUP_SIZE:-4} \
-      --minibatch_size=16 --max_iters=${GRPO_ITERS:-80} --eval_interval=$((5 * ${GROUP_SIZE:-4})) --beta=0.04 ${RL_ARGS:-}
+      --minibatch_size=16 --max_iters=${GRPO_ITERS:-80} --eval_interval=$((5 * ${GROUP_SIZE:-4})) --beta=0.04 ${RL_ARGS:-} ${GRPO_ARGS:-}
     grep -o "step [0-9]*: task.*" $OUT/grpo$s.log
   done
 elif [ "$PHASE" = all ]; then
@@ -62,6 +64,6 @@ elif [ "$PHASE" = all ]; then
 else
   models=$OUT/sft
   for m in dpo1 dpo2 ppo1 ppo2 grpo1 grpo2; do if [ -f $OUT/$m/ckpt.pt ]; then models=$models,$OUT/$m; fi; done
-  python eval.py --compare=$models --task_dir=$TASK \
-    --n_prompts=256 --gen_batch_size=256 --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 --reference=$OUT/sft | tee $OUT/compare_all.md
+  timeout ${EVAL_TIMEOUT:-0} python eval.py --compare=$models --task_dir=$TASK --n_prompts=256 --gen_batch_size=256 \
+    --max_new_tokens=150 --data_dir=$DATA --eval_iters=20 --reference=$OUT/sft ${EVAL_ARGS:-} | tee $OUT/compare_all.md
 fi
