@@ -45,6 +45,9 @@ prompt_len = 32
 cuda_graph = True               # also time decoding with each step replayed as a CUDA graph
 compile_decode = True           # and with the graph of a torch.compile'd step
 compare_hf = False              # also time transformers' DeepseekV3ForCausalLM (needs transformers)
+hf_rounds = 3                   # with compare_hf: training timed in this many alternating rounds (ours,
+                                # transformers, ours, ...), each side's median round reported, so
+                                # that a slow or fast spell of the GPU falls on both
 compile = None                  # torch.compile the training step; None: on for CUDA
 compile_mode = 'default'        # torch.compile's mode (common.COMPILE_MODES), e.g. 'reduce-overhead'
 device = 'auto'
@@ -164,17 +167,26 @@ if 'train' in modes:
     raw.train()
     model = torch.compile(raw, mode=compile_mode_arg(compile_mode)) if compile else raw
     opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type)
-    results['train'] = bench_train(raw, our_train_step(model, opt, x, y), flops)
-    profiled('train step', our_train_step(model, opt, x, y))
-    print('train', results['train'], flush=True)
-    del opt, model
-    if hf is not None:
-        hf.train()
-        hopt = torch.optim.AdamW(hf.parameters(), lr=learning_rate, fused=cuda)
-        results['train_hf'] = bench_train(hf, hf_train_step(hf, hopt, x), flops)
-        print('train_hf', results['train_hf'], flush=True)
+    ours, theirs, hopt = [], [], None
+    for r in range(max(1, hf_rounds) if hf is not None else 1):
+        ours.append(bench_train(raw, our_train_step(model, opt, x, y), flops))
+        print('train', ours[-1], flush=True)
+        if hf is not None:
+            hf.train()
+            hopt = hopt or torch.optim.AdamW(hf.parameters(), lr=learning_rate, fused=cuda)
+            theirs.append(bench_train(hf, hf_train_step(hf, hopt, x), flops))
+            print('train_hf', theirs[-1], flush=True)
+    median_round = lambda rs: sorted(rs, key=lambda m: m['tokens_per_sec'])[len(rs) // 2]   # noqa: E731
+    # peak memory from the first round: later ones also hold transformers' optimizer state
+    results['train'] = {**median_round(ours), 'peak_mem_gb': ours[0]['peak_mem_gb']}
+    if theirs:
+        results['train_hf'] = median_round(theirs)
+        results['train_rounds'] = {'ours': [m['tokens_per_sec'] for m in ours],
+                                   'transformers': [m['tokens_per_sec'] for m in theirs]}
         del hopt
         hf.zero_grad(set_to_none=True)
+    profiled('train step', our_train_step(model, opt, x, y))
+    del opt, model
     raw.zero_grad(set_to_none=True)
 
 # inference runs with the weights in the compute dtype (bf16 on GPUs; RoPE frequencies and router
@@ -251,7 +263,9 @@ if 'train' in results:
 if 'train_hf' in results:
     r, ours = results['train_hf'], results['train']
     rows.append(('train tokens/s (transformers)', f"{r['tokens_per_sec']:,.0f}",
-                 f"MFU {100 * r['mfu']:.1f}%; ours / transformers = {ours['tokens_per_sec'] / r['tokens_per_sec']:.1f}x"))
+                 f"MFU {100 * r['mfu']:.1f}%; ours / transformers = {ours['tokens_per_sec'] / r['tokens_per_sec']:.1f}x"
+                 + (f" (medians of {len(results['train_rounds']['ours'])} alternating rounds)"
+                    if 'train_rounds' in results else '')))
 if 'optimizer' in results:
     rows.append((f'{optimizer} step ms', f"{results['optimizer']['step_ms']:.1f}", 'optimizer.step() alone'))
 if 'prefill' in results:

@@ -5,6 +5,8 @@
 #   PART=2  the default MoE config beside transformers: training step, prefill, decode at batch 1
 #           (eager, CUDA graph, compiled + CUDA graph), with torch.profiler tables
 #   PART=3  decode at batch 64 beside transformers; the dense config; the optimizer step alone
+#   PART=4  the fused output layer + loss (loss_impl=auto) against the plain one: dense at batch 128,
+#           MoE at 64 (beside transformers in alternating rounds) and 128 (about 6 minutes)
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh
 set -uo pipefail
@@ -24,5 +26,12 @@ case $PART in
      for o in muon adamw; do
        python bench.py config/tinystories_moe.py --modes=optimizer --optimizer=$o 2>&1 | grep "step ms"
      done ;;
-  *) echo "PART=$PART; valid: 1, 2, 3"; exit 2 ;;
+  4) one() { local name=$1; shift; python bench.py "$@" --modes=train --out_file=$OUT/$name.json 2>&1 | grep -v -i warn |
+               grep "^| train\|Error\|error" | sed "s/^/$name /"; }
+     one dense_b128_auto config/tinystories_dense.py --batch_size=128 --loss_impl=auto
+     one dense_b128_plain config/tinystories_dense.py --batch_size=128 --loss_impl=plain
+     one moe_b64_auto_hf config/tinystories_moe.py --loss_impl=auto --compare_hf=True --hf_rounds=3
+     one moe_b64_plain config/tinystories_moe.py --loss_impl=plain
+     one moe_b128_auto config/tinystories_moe.py --batch_size=128 --loss_impl=auto ;;
+  *) echo "PART=$PART; valid: 1, 2, 3, 4"; exit 2 ;;
 esac

@@ -27,6 +27,21 @@ def test_bench_times_every_mode(tmp_path):
     assert '| train tokens/s' in proc.stdout and '| decode tokens/s, batch 3' in proc.stdout
 
 
+def test_bench_times_transformers_in_alternating_rounds(tmp_path):
+    """--compare_hf: the training step of ours and of transformers' DeepseekV3 timed in turns, each
+    side's median round reported with the ratio."""
+    out = tmp_path / 'bench.json'
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--compare_hf=True', '--hf_rounds=3',
+                      '--scoring_func=sigmoid', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False',
+                      '--tie_word_embeddings=False', f'--out_file={out}', cwd=tmp_path)
+    r = json.loads(out.read_text())
+    rounds = r['train_rounds']
+    assert len(rounds['ours']) == 3 and len(rounds['transformers']) == 3
+    assert r['train']['tokens_per_sec'] == sorted(rounds['ours'])[1]
+    assert r['train_hf']['tokens_per_sec'] == sorted(rounds['transformers'])[1]
+    assert 'ours / transformers' in proc.stdout and 'medians of 3 alternating rounds' in proc.stdout
+
+
 def test_bench_rejects_an_unknown_mode(tmp_path):
     proc = run_script('bench.py', *TINY_MOE, '--modes=train,fly', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "modes=['fly']" in proc.stderr
