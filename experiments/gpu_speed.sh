@@ -27,7 +27,7 @@ case $PART in
        python bench.py config/tinystories_moe.py --modes=optimizer --optimizer=$o 2>&1 | grep "step ms"
      done ;;
   4) one() { local name=$1; shift; python bench.py "$@" --modes=train --out_file=$OUT/$name.json 2>&1 | grep -v -i warn |
-               grep "^| train\|Error\|error" | sed "s/^/$name /"; }
+               grep "^| train\|^train\|Error\|error" | sed "s/^/$name /"; }
      one dense_b128_auto config/tinystories_dense.py --batch_size=128 --loss_impl=auto
      one dense_b128_plain config/tinystories_dense.py --batch_size=128 --loss_impl=plain
      one moe_b64_auto_hf config/tinystories_moe.py --loss_impl=auto --compare_hf=True --hf_rounds=3
