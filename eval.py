@@ -36,7 +36,8 @@ max_new_tokens = 300
 temperature = 0.0            # 0: greedy
 top_k = 0
 gen_batch_size = 64
-cuda_graph = False           # on CUDA: answer through a captured one-token step (model.DecodeGraph)
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
+                             # (model.DecodeGraph); None: on for CUDA
 reference = ''               # a checkpoint (e.g. out/sft): also report KL(model || reference) on
                              # sampled answers to the held-out prompts (nats per answer)
 device = 'auto'
@@ -45,6 +46,7 @@ seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
 rt = init_runtime(device, dtype, seed)
+cuda_graph = rt.device_type == 'cuda' if cuda_graph is None else bool(cuda_graph)
 
 
 @torch.no_grad()

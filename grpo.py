@@ -53,7 +53,8 @@ eval_interval = 40
 log_interval = 2
 eval_prompts = 64
 sample_every = 5
-cuda_graph = False           # rollouts and evaluations: one-token steps replayed as a CUDA graph
+cuda_graph = None            # rollouts and evaluations: one-token steps replayed as a CUDA graph
+                             # (model.DecodeGraph); None: on for CUDA
 dropout = 0.0
 # -----------------------------------------------------------------------------
 config = configure(globals(), defaults=training_defaults())
@@ -73,6 +74,7 @@ if fsdp:
     sys.exit('error: grpo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
              'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
 rt = init_runtime(device, dtype, seed)
+cuda_graph = rt.device_type == 'cuda' if cuda_graph is None else bool(cuda_graph)
 
 resume = init_from == 'resume'
 source = out_dir if resume else init_from

@@ -9,6 +9,12 @@
 # then the table. Wall time per stage goes to $OUT/times.txt. On one H100 (session 14): 157 s for
 # base + SFT, 266 s for the six runs side by side, and more than the remaining 2 minutes of a
 # 10-minute device call for the final table (7 models x 256 prompts): run PHASE=eval apart if needed.
+# Session 15 (the README's results), one call: 144 s base + SFT, 270 s for PPO x 2 and GRPO x 2
+# side by side (RUN_TIMEOUT), 96 s for the table of 5 models with --cuda_graph=True:
+# $ OUT=out/prefs_shakespeare PHASE=all SKIP_DPO=1 RUN_TIMEOUT=270 EVAL_TIMEOUT=110 PPO_ITERS=480 GRPO_ITERS=480 \
+#     GROUP_SIZE=8 RL_ARGS="--cuda_graph=True" PPO_ARGS="--rollout_prompts=128 --ppo_epochs=1 --kl_beta=0.02" \
+#     EVAL_ARGS="--cuda_graph=True" bash experiments/rl_shakespeare.sh
+# To bring the logs back, leave out checkpoints and the .tmp of one stopped mid-save: tar --exclude='*.pt*'.
 # On a machine that sets OUT itself (the device tool does), pass OUT=out/prefs_shakespeare.
 # $ PHASE=all bash experiments/rl_shakespeare.sh          (prepare the data as sft_shakespeare.sh says)
 # RL_ARGS adds arguments to every PPO and GRPO run (e.g. "--cuda_graph=True --learning_rate=5e-5");
