@@ -51,11 +51,13 @@ def max_difference(a, b):
 
 def test_ddp_and_fsdp_equal_one_process_with_twice_the_accumulation(tmp_path, byte_data):
     """2 ranks x accumulation 1 == 1 rank x accumulation 2: the same micro-batches (drawn by their
-    global index), gradients averaged over ranks, expert loads and router biases reduced."""
+    global index), gradients averaged over ranks, expert loads and router biases reduced. The FSDP
+    run takes the fused output layer + loss (the default of CUDA training steps), whose weight
+    gradient is computed in the forward: FSDP must still reduce it."""
     n = ['--max_iters=4', '--eval_interval=4']
     run_script(*train_args(byte_data, 'one', *n, '--gradient_accumulation_steps=2'), cwd=tmp_path)
     torchrun(*train_args(byte_data, 'ddp', *n), cwd=tmp_path)
-    torchrun(*train_args(byte_data, 'fsdp', *n, '--fsdp=True'), cwd=tmp_path)
+    torchrun(*train_args(byte_data, 'fsdp', *n, '--fsdp=True', '--loss_impl=fused'), cwd=tmp_path)
     one = load_checkpoint(str(tmp_path / 'one'))
     assert not (tmp_path / 'fsdp' / 'ckpt.pt').exists() and (tmp_path / 'fsdp' / 'ckpt_dcp' / 'meta.pt').exists()
     for run in ('ddp', 'fsdp'):
