@@ -1417,7 +1417,9 @@ if HAVE_TRITON:
     @triton.jit
     def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
         """One program per row: loss = logsumexp(z) - z[y], then z <- softmax(z) - onehot(y).
-        Two passes over the row (the second finds it in L2), one write."""
+        Two reads of the row and one write. With a program per row, about a thousand rows are in
+        flight on an H100, more than its L2 holds, so the second read comes from memory too
+        (measured: notes/performance.md, session 15)."""
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride
         y = tl.load(targets_ptr + row)
