@@ -418,6 +418,17 @@ def pack_chat_examples(examples, pool, batch_size, block_size, generator):
     return rows
 
 
+def use_cuda_graph(value, device_type):
+    """A script's cuda_graph setting resolved: None means on for CUDA (the captured one-token step
+    of model.DecodeGraph gives the answers of eager decoding, several times faster), off elsewhere;
+    True / False as given. Anything else is refused by name."""
+    if value is None:
+        return device_type == 'cuda'
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f'cuda_graph={value!r}; valid: None (on for CUDA), True, False')
+
+
 @torch.no_grad()
 def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
                   batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False):

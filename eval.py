@@ -19,7 +19,7 @@ import sys
 import torch
 
 from common import (TokenData, configure, evaluate_task, init_runtime, load_chat_model, load_checkpoint,
-                    load_tokenizer_spec, read_jsonl)
+                    load_tokenizer_spec, read_jsonl, use_cuda_graph)
 from tokenizer import base_spec
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,10 @@ seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
 rt = init_runtime(device, dtype, seed)
-cuda_graph = rt.device_type == 'cuda' if cuda_graph is None else bool(cuda_graph)
+try:
+    cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
+except ValueError as e:
+    sys.exit(f'error: {e}')
 
 
 @torch.no_grad()

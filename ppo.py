@@ -25,7 +25,7 @@ import sys
 import torch
 
 from common import (Trainer, all_ranks, close_runtime, configure, init_runtime, load_chat_model,
-                    load_checkpoint, read_jsonl, training_defaults)
+                    load_checkpoint, read_jsonl, training_defaults, use_cuda_graph)
 from model import ScalarModel, token_logprobs
 from rl import (ActorCritic, AdaptiveKL, Rewards, RunningMoments, append_samples, batched_logprobs,
                 clipped_policy_loss, clipped_value_loss, entropy, evaluate_policy, explained_variance, gae,
@@ -84,7 +84,10 @@ if fsdp:
     sys.exit('error: ppo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
              'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
 rt = init_runtime(device, dtype, seed)
-cuda_graph = rt.device_type == 'cuda' if cuda_graph is None else bool(cuda_graph)
+try:
+    cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
+except ValueError as e:
+    sys.exit(f'error: {e}')
 
 # --- models: policy, value, frozen reference, reward model ------------------------------------
 resume = init_from == 'resume'

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from common import chat_batch, generate_chat, load_chat_model, load_checkpoint
+from common import chat_batch, generate_chat, load_chat_model, load_checkpoint, use_cuda_graph
 from conftest import STORIES, run_script, shared_file
 from model import GPT, ModelConfig
 from tokenizer import (CHAT_TOKENS, EOT, ByteTokenizer, CharTokenizer, gpt2_tokenizer, tokenizer_from_spec,
@@ -210,3 +210,15 @@ def test_prepare_instruct_paragraphs_keep_the_end_of_the_text_for_val(tmp_path):
     number = lambda r: int(r['response'].split(':')[0].split()[1])          # noqa: E731
     assert min(map(number, val)) > max(map(number, train))                  # val = the last paragraphs
     assert len(val) + len(train) == 40
+
+
+def test_cuda_graph_defaults_to_cuda_only_and_refuses_other_values(tmp_path):
+    """cuda_graph=None (the default of eval.py, ppo.py, grpo.py) decodes through the captured step on
+    CUDA only; True / False are kept; anything else stops the script with its name."""
+    assert use_cuda_graph(None, 'cuda') is True and use_cuda_graph(None, 'cpu') is False
+    assert use_cuda_graph(True, 'cpu') is True and use_cuda_graph(False, 'cuda') is False
+    with pytest.raises(ValueError, match="cuda_graph='maybe'; valid: None"):
+        use_cuda_graph('maybe', 'cuda')
+    for script in ('eval.py', 'ppo.py', 'grpo.py'):
+        p = run_script(script, '--cuda_graph=maybe', '--device=cpu', cwd=tmp_path, check=False)
+        assert p.returncode != 0 and "error: cuda_graph='maybe'; valid" in p.stderr, (script, p.stderr[-500:])
