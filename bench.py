@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common import (compile_mode_arg, configure, init_runtime, kernel_table, measure_peak_flops, model_config_from,
-                    synchronize)
+from common import (compile_mode_arg, configure, cuda_graph_step, idle_table, init_runtime, kernel_table,
+                    measure_peak_flops, model_config_from, synchronize)
 from model import GPT, ModelConfig
 from optim import build_optimizer
 
@@ -50,6 +50,7 @@ hf_rounds = 3                   # with compare_hf: training timed in this many a
                                 # that a slow or fast spell of the GPU falls on both
 compile = None                  # torch.compile the training step; None: on for CUDA
 compile_mode = 'default'        # torch.compile's mode (common.COMPILE_MODES), e.g. 'reduce-overhead'
+cuda_graph_train = False        # replay the whole training step (forward, backward, AdamW) as one CUDA graph
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -101,7 +102,7 @@ def profiled(name, fn):
         f.write(f'\n=== {name} ===\n')
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
         if cuda:
-            f.write('\n' + kernel_table(prof))
+            f.write('\n' + kernel_table(prof) + idle_table(prof))
 
 
 def peak_memory_gb():
@@ -114,8 +115,9 @@ def reset_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_train(model, step_fn, flops_per_token):
-    reset_memory()
+def bench_train(model, step_fn, flops_per_token, reset=True):
+    if reset:
+        reset_memory()
     dt = timed(step_fn)
     tok_s = batch_size * block_size / dt
     return {'step_ms': 1000 * dt, 'tokens_per_sec': tok_s, 'mfu': flops_per_token * tok_s / peak,
@@ -166,10 +168,16 @@ if compare_hf:
 if 'train' in modes:
     raw.train()
     model = torch.compile(raw, mode=compile_mode_arg(compile_mode)) if compile else raw
-    opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type)
+    graphed = cuda_graph_train and cuda
+    opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type,
+                          capturable=graphed)
+    train_step = our_train_step(model, opt, x, y)
+    if graphed:
+        reset_memory()                # the graph's memory pool is taken while capturing: count it
+        train_step = cuda_graph_step(train_step)
     ours, theirs, hopt = [], [], None
     for r in range(max(1, hf_rounds) if hf is not None else 1):
-        ours.append(bench_train(raw, our_train_step(model, opt, x, y), flops))
+        ours.append(bench_train(raw, train_step, flops, reset=not (graphed and r == 0)))
         print('train', ours[-1], flush=True)
         if hf is not None:
             hf.train()
@@ -185,7 +193,7 @@ if 'train' in modes:
                                    'transformers': [m['tokens_per_sec'] for m in theirs]}
         del hopt
         hf.zero_grad(set_to_none=True)
-    profiled('train step', our_train_step(model, opt, x, y))
+    profiled('train step', train_step)
     del opt, model
     raw.zero_grad(set_to_none=True)
 

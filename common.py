@@ -237,6 +237,27 @@ def synchronize(device_type):
         torch.cuda.synchronize()
 
 
+def cuda_graph_step(step, warmup=3):
+    """One whole training step, captured as a CUDA graph; returns the function that replays it.
+    step() must read fixed input tensors (copy each new batch into them), keep every tensor the
+    host needs afterwards in a fixed place, and never wait on the device (no .item(), no
+    data-dependent shapes): the replay launches its ~1,300 kernels in one call, so the GPU no
+    longer idles while Python catches up (the gaps of bench.py's idle table).
+    The warm-up steps run on a side stream first (torch.compile, autotuning and the allocator
+    settle there, as CUDA graph capture requires). Gradients set to None at the end of step() are
+    fine: the captured backward then writes them afresh at every replay instead of adding to them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: one dict, loadable with torch.load(weights_only=True), written atomically
 
@@ -970,6 +991,35 @@ def kernel_table(prof, rows=60):
         classes[kind] = classes.get(kind, 0.0) + t
     lines.append('by class: ' + ', '.join(f'{k} {v / 1000:.2f} ms ({100 * v / total:.0f}%)'
                                          for k, v in sorted(classes.items(), key=lambda kv: -kv[1])))
+    return '\n'.join(lines) + '\n'
+
+
+def idle_table(prof, rows=15, min_gap_us=5.0):
+    """Where the device waits: the span from the first kernel's start to the last one's end, the
+    part of it no kernel runs (idle = span - union of kernel intervals), and the `rows` longest
+    idle gaps, each with the kernels on either side and the host ops running when the kernel
+    after it started (the host was late there: those ops are what to make cheaper)."""
+    evs = [e for e in prof.events() if not getattr(e, 'is_user_annotation', False)]
+    kern = sorted(((e.time_range.start, e.time_range.end, e.name) for e in evs
+                   if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
+    if not kern:
+        return 'idle: no device kernels\n'
+    host = [e for e in evs if e.device_type == torch.autograd.DeviceType.CPU]
+    gaps, busy_end, prev = [], kern[0][1], kern[0][2]
+    for start, end, name in kern[1:]:
+        if start - busy_end > min_gap_us:
+            gaps.append((start - busy_end, prev, name, start))
+        if end > busy_end:
+            busy_end, prev = end, name
+    span = busy_end - kern[0][0]
+    idle = sum(g[0] for g in gaps)
+    lines = [f'device span {span / 1000:.2f} ms, idle {idle / 1000:.2f} ms ({100 * idle / max(span, 1e-9):.0f}%) '
+             f'in {len(gaps)} gaps over {min_gap_us:g} us; the longest:']
+    for gap, before, after, t in sorted(gaps, key=lambda g: -g[0])[:rows]:
+        running = sorted((e for e in host if e.time_range.start <= t <= e.time_range.end),
+                         key=lambda e: e.time_range.start)
+        ops = ' > '.join(e.name[:40] for e in running[:4]) or '-'
+        lines.append(f'{gap:9.1f} us  after {before[:45]}  before {after[:45]}  host: {ops}')
     return '\n'.join(lines) + '\n'
 
 

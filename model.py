@@ -728,11 +728,29 @@ class Router(nn.Module):
             best = group_scores.topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(N, self.E)
-        indices = choice.topk(self.K, dim=-1).indices                        # (N, K)
+        indices = top_k_indices(choice, self.K)                              # (N, K)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
+
+
+def top_k_indices(choice, K, by_argmax=None):
+    """choice.topk(K, dim=-1).indices for a few experts per row (E = 64: 32,768 rows of a batch).
+    On a GPU, torch.topk is a radix select plus a sort per row, 0.13 ms per layer; K rounds of
+    argmax, each masking the last pick, are row reductions that torch.compile fuses with the
+    router's sigmoid and bias into one kernel. The same indices in the same order (the largest
+    first; on ties the lower index, where topk's order is unspecified). by_argmax: None = on CUDA."""
+    if not (choice.is_cuda if by_argmax is None else by_argmax):
+        return choice.topk(K, dim=-1).indices
+    choice = choice.detach()
+    cols = torch.arange(choice.size(-1), device=choice.device)
+    picks = []
+    for _ in range(K):
+        i = choice.argmax(-1, keepdim=True)                                  # (N, 1)
+        picks.append(i)
+        choice = torch.where(cols == i, float('-inf'), choice)               # not again
+    return torch.cat(picks, -1)
 
 
 class Experts(nn.Module):
@@ -779,7 +797,10 @@ class Experts(nn.Module):
         if fuse_gate_up is None:
             fuse_gate_up = self.gate_proj.dtype != dtype
         if fuse_gate_up:
-            w13 = torch.cat([self.gate_proj, self.up_proj], 1).to(dtype)     # (E, 2I, C)
+            # cast, then concatenate: the backward's float32 gradients of gate and up are then
+            # two contiguous tensors, not strided views of one (E, 2I, C) buffer that autograd
+            # would have to copy into each parameter's layout
+            w13 = torch.cat([self.gate_proj.to(dtype), self.up_proj.to(dtype)], 1)   # (E, 2I, C)
             gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         else:
             gate = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
@@ -1462,6 +1483,9 @@ def cross_entropy_rows_(z, targets):
     return loss
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, 'dtype')     # torch.mm(bf16, bf16, out_dtype=float32)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T, y_i) with the gradients of h and W computed in the forward, chunk by chunk
     (see the comment above). Under autocast the products run in its dtype, as nn.Linear's would."""
@@ -1474,13 +1498,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(hc)
             dw = None
             total = torch.zeros((), device=h.device, dtype=torch.float32)
-            for start in range(0, h.size(0), chunk_rows):
+            n = h.size(0)
+            chunk_rows = -(-n // -(-n // chunk_rows))                    # equal chunks, none tiny
+            fp32_out = hc.is_cuda and dtype != torch.float32 and _MM_OUT_DTYPE
+            for start in range(0, n, chunk_rows):
                 h_c = hc[start:start + chunk_rows]
                 z = h_c @ w.t()                                          # (n, V)
                 total = total + cross_entropy_rows_(z, targets[start:start + chunk_rows]).sum()
                 torch.mm(z, w, out=dh[start:start + chunk_rows])         # dh = dz W
-                dw_c = z.t() @ h_c                                       # dW = dz^T h   (V, C)
-                dw = dw_c.float() if dw is None else dw.add_(dw_c)
+                if fp32_out:              # dW += dz^T h, accumulated by the GEMM in float32
+                    dw = torch.mm(z.t(), h_c, out_dtype=torch.float32) if dw is None else \
+                        torch.addmm(dw, z.t(), h_c, out_dtype=torch.float32, out=dw)
+                else:
+                    dw_c = z.t() @ h_c                                   # dW = dz^T h   (V, C)
+                    dw = dw_c.float() if dw is None else dw.add_(dw_c)
         ctx.save_for_backward(dh, dw)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         return total

@@ -215,15 +215,22 @@ def adamw_param_groups(params, weight_decay):
 
 
 def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                    eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5):
+                    eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5, capturable=False):
+    """capturable: the step may be captured in a CUDA graph (common.cuda_graph_step): AdamW keeps
+    its step counts on the device and never reads them on the host (Muon cannot yet)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer='{name}'; valid: {', '.join(OPTIMIZERS)}")
+    if capturable and name != 'adamw':
+        raise ValueError(f"optimizer='{name}' cannot be captured in a CUDA graph (its step reads the step "
+                         "count on the host); use optimizer='adamw'")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == 'adamw':
         groups = adamw_param_groups([p for _, p in named], weight_decay)
         extra = {}
         if device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters:
             extra['fused'] = True                   # one kernel for all parameters
+        if capturable:
+            extra['capturable'] = True
         opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, **extra)
     else:
         muon = [p for n, p in named if is_muon_param(n, p)]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (GPT, Experts, GatherRows, ModelConfig, MoE, RotaryEmbedding, attention_mask,
-                   balance_loss, count_params, softmax_scale)
+                   balance_loss, count_params, softmax_scale, top_k_indices)
 
 MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',
            norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False, kv_lora_rank=8,
@@ -207,6 +207,19 @@ def test_deepseek_routing_matches_the_rule():
         assert sorted(idx[t].tolist()) == sorted(ranked)
         g = s[t, idx[t]]
         torch.testing.assert_close(w[t], 2.5 * g / g.sum())      # weights from s, not s + b
+
+
+def test_top_k_by_argmax_rounds_equals_topk():
+    """The GPU's router selection (K rounds of argmax) picks what torch.topk picks, in its order,
+    with masked (-inf) experts of group-limited routing and whole rows of ties."""
+    torch.manual_seed(0)
+    choice = torch.randn(300, 64)
+    choice[:50, ::3] = float('-inf')                          # experts outside the kept groups
+    got = top_k_indices(choice, 4, by_argmax=True)
+    assert torch.equal(got, choice.topk(4, dim=-1).indices)
+    ties = torch.zeros(3, 8)
+    assert top_k_indices(ties, 3, by_argmax=True).tolist() == [[0, 1, 2]] * 3
+    assert not choice.requires_grad and top_k_indices(choice.requires_grad_(), 2).shape == (300, 2)
 
 
 def test_softmax_routing_is_mixtral():

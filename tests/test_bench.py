@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import kernel_table
+from common import idle_table, kernel_table
 from conftest import run_script
 
 TINY_MOE = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--attention=mla', '--pos_emb=rope',
@@ -66,3 +66,21 @@ def test_kernel_table_sums_kernels_by_name_and_class():
     assert lines[1].split() == ['0.050', 'ms', '50.0%', '2x', 'nvjet_sm90_tst_64x8']
     assert 'GEMM 0.05 ms (50%)' in lines[-1] and 'fused (Triton) 0.03 ms (30%)' in lines[-1]
     assert 'attention 0.02 ms (20%)' in lines[-1]
+
+
+def test_idle_table_finds_the_gaps_between_kernels_and_the_host_ops_behind_them():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cuda):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=False,
+                               time_range=SimpleNamespace(start=start, end=end))
+    events = [event('gemm_a', 0.0, 100.0), event('triton_b', 50.0, 120.0),   # overlapping: busy to 120
+              event('triton_c', 150.0, 160.0),                                # a 30 us gap before it
+              event('adam_d', 260.0, 300.0),                                  # a 100 us gap before it
+              event('Optimizer.step', 200.0, 300.0, cpu), event('aten::_foreach_add', 255.0, 262.0, cpu),
+              event('aten::mm', 0.0, 10.0, cpu)]
+    lines = idle_table(SimpleNamespace(events=lambda: events)).splitlines()
+    assert lines[0].startswith('device span 0.30 ms, idle 0.13 ms (43%) in 2 gaps')
+    assert lines[1].split()[:6] == ['100.0', 'us', 'after', 'triton_c', 'before', 'adam_d']
+    assert lines[1].endswith('host: Optimizer.step > aten::_foreach_add')
+    assert lines[2].split()[:6] == ['30.0', 'us', 'after', 'triton_b', 'before', 'triton_c']

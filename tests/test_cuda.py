@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_script
-from model import GPT, ModelConfig, cross_entropy_rows_, grouped_mm_supported
+from common import cuda_graph_step
+from model import GPT, ModelConfig, cross_entropy_rows_, grouped_mm_supported, linear_cross_entropy
 from optim import build_optimizer, qk_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -84,6 +85,25 @@ def test_cross_entropy_row_kernel_equals_pytorch():
     torch.testing.assert_close(loss.cpu(), ref_loss, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(z.cpu().float(), ref, atol=2e-3, rtol=1e-2)
     assert (z[::7] == 0).all()
+
+
+def test_fused_loss_in_chunks_equals_float32_cross_entropy():
+    """Several chunks (the float32 dW accumulated by the GEMM across them), one of them short, and
+    masked rows: the loss and both gradients against float32 PyTorch."""
+    torch.manual_seed(0)
+    h = torch.randn(1000, 64, device='cuda', requires_grad=True)
+    w = (torch.randn(50304, 64, device='cuda') * 0.2).requires_grad_()
+    y = torch.randint(0, 50304, (1000,), device='cuda')
+    y[::9] = -1
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, chunk_bytes=300 * 50304 * 2)      # 4 chunks of 250 rows
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h2 @ w2.t(), y, ignore_index=-1)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 2e-3 * ref.item()
+    assert rel(h.grad, h2.grad) < 2e-2 and rel(w.grad, w2.grad) < 2e-2
+    assert w.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize('compiled', [False, True])
@@ -201,3 +221,43 @@ def test_compiled_cuda_graph_decode_matches_eager():
     model.graph_capturable = lambda batch_size=None: False
     ref = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True)), 1)
     assert torch.equal(a[:, :16], ref[:, :16])
+
+
+def test_whole_step_cuda_graph_equals_the_same_steps_without():
+    """bench.py's cuda_graph_train: the compiled step (forward, fused loss, backward, capturable
+    AdamW, router-bias update) captured once and replayed gives the losses and weights of the
+    same steps run one by one."""
+    x = torch.randint(0, 512, (8, 128), device='cuda')
+    got, weights = {}, {}
+    for graphed in (False, True):
+        raw = build().train()
+        model = torch.compile(raw)
+        opt = build_optimizer(raw, 'adamw', 1e-3, 0.1, device_type='cuda', capturable=graphed)
+        seen = []
+
+        def step():
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                _, loss = model(x, x, return_logits=False)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            raw.update_router_bias()
+            seen.append(loss.detach())
+        if graphed:
+            replay = cuda_graph_step(step, warmup=2)
+            losses = [t.item() for t in seen[:2]]
+            for _ in range(3):
+                replay()
+                losses.append(seen[2].item())             # the captured step's loss, rewritten each replay
+        else:
+            for _ in range(5):
+                step()
+            losses = [t.item() for t in seen]
+        got[graphed] = losses
+        weights[graphed] = (raw.layers[1].mlp.experts.gate_proj.detach().clone(),
+                            raw.layers[1].mlp.router.e_score_correction_bias.clone())
+    assert len(set(got[True])) == 5                        # every replay really stepped
+    for a, b in zip(got[False], got[True]):
+        assert abs(a - b) < 2e-2 * abs(a), got
+    assert rel(weights[True][0], weights[False][0]) < 1e-2
+    assert torch.equal(weights[True][1].abs() > 0, weights[False][1].abs() > 0)
