@@ -237,25 +237,52 @@ def synchronize(device_type):
         torch.cuda.synchronize()
 
 
-def cuda_graph_step(step, warmup=3):
-    """One whole training step, captured as a CUDA graph; returns the function that replays it.
-    step() must read fixed input tensors (copy each new batch into them), keep every tensor the
-    host needs afterwards in a fixed place, and never wait on the device (no .item(), no
-    data-dependent shapes): the replay launches its ~1,300 kernels in one call, so the GPU no
-    longer idles while Python catches up (the gaps of bench.py's idle table).
-    The warm-up steps run on a side stream first (torch.compile, autotuning and the allocator
-    settle there, as CUDA graph capture requires). Gradients set to None at the end of step() are
-    fine: the captured backward then writes them afresh at every replay instead of adding to them."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+class CUDAGraphStep:
+    """A whole training step (forward, backward, optimizer, ...) replayed as one CUDA graph: its
+    ~1,300 kernels go to the GPU in one launch, so the GPU no longer idles while Python catches up
+    (the gaps in bench.py's idle table).
+        step = CUDAGraphStep(fn, warmup=3);  out = step(*inputs)   # every step
+    The first `warmup` calls run fn as it is, on a side stream (torch.compile, autotuning and the
+    allocator settle there, as capture requires); the next call captures fn in a graph, then
+    replays it, and every later call only replays it. Each call copies `inputs` (tensors, or
+    lists / tuples of them, e.g. this step's batches) into the tensors fn was first given, so fn
+    must read its inputs only from its arguments. fn must never wait on the device (no .item(),
+    no shapes that depend on data) and must keep what it returns in tensors: after the capture,
+    every call returns the same objects, the captured step's outputs, rewritten by each replay.
+    Gradients set to None at the end of fn are right: the captured backward then writes them
+    afresh at every replay instead of adding to them."""
+
+    def __init__(self, fn, warmup=3):
+        self.fn, self.warmup_left = fn, warmup
+        self.static, self.graph, self.out, self.side = None, None, None, None
+
+    @staticmethod
+    def _copy(dst, src):
+        if torch.is_tensor(dst):
+            dst.copy_(src, non_blocking=True)
+        else:
+            for d, s in zip(dst, src):
+                CUDAGraphStep._copy(d, s)
+
+    def __call__(self, *inputs):
+        if self.static is None:
+            self.static = inputs
+        else:
+            self._copy(self.static, inputs)
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.side = self.side or torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = self.fn(*self.static)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn(*self.static)
+        self.graph.replay()
+        return self.out
 
 
 # -----------------------------------------------------------------------------
@@ -1074,6 +1101,9 @@ def training_defaults():
     compile = None               # torch.compile the model; None: on for CUDA
     compile_mode = 'default'     # torch.compile's mode: 'default' | 'reduce-overhead' (CUDA graphs) |
                                  # 'max-autotune' | 'max-autotune-no-cudagraphs' (GEMM autotuning)
+    cuda_graph_train = False     # CUDA: capture the whole training step (forward, backward, clipping,
+                                 # AdamW, router-bias update) once as a CUDA graph and replay it at
+                                 # every step: no Python between kernels (one GPU, AdamW; train.py)
     fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state
                                  # across the ranks (FSDP2, per transformer block) instead of DDP
     seed = 1337
@@ -1129,7 +1159,8 @@ class Trainer:
             (loss, {name: tensor}) whose metrics are logged as train/<name>; a 'tokens' entry
             (an int: the tokens the micro-batch really held) replaces tokens_per_step /
             gradient_accumulation_steps in tokens/s and MFU, for batches padded to their length;
-            it draws its batch from trainer.batch_generator(step, micro_step)
+            it draws its batch from trainer.batch_generator(step, micro_step);
+            or, with run(..., batch_fn=...) (train.py), loss_fn(model, *batch_fn(step, micro_step))
         evaluate(model) -> {metric: float}; 'val/loss' (lower is better) decides the best model
     run() then does, per step: the learning-rate schedule, gradient accumulation, gradient
     clipping, the optimizer step (AdamW / Muon / MuonClip with QK-Clip after it), the MoE
@@ -1201,6 +1232,19 @@ class Trainer:
                 print(f"resuming {c['out_dir']} at step {self.step}")
         if rt.rank > 0 and not rng_restored:             # own dropout masks; rank 0 keeps the
             torch.manual_seed(c['seed'] + rt.rank)       # stream a single process would have
+        self.graph_step = None                           # the CUDAGraphStep, made at the first step
+        if c['cuda_graph_train']:
+            why = ('needs a CUDA GPU' if rt.device_type != 'cuda' else
+                   'runs in one process, not under torchrun' if rt.ddp else
+                   "needs optimizer='adamw'" if c['optimizer'] != 'adamw' else
+                   "needs dtype 'bfloat16' or 'float32' (float16's loss scaling reads the scale on the host)"
+                   if rt.dtype == 'float16' else
+                   'records no max attention logits: set log_max_logit=False' if self.track_logits else '')
+            if why:
+                sys.exit(f'error: cuda_graph_train=True {why}')
+            for g in self.optimizer.param_groups:       # (again after a resume loaded saved groups)
+                g['capturable'] = True                   # step counts stay on the device
+                g['lr'] = torch.tensor(float(g['lr']), device=rt.device)   # set_lr fills it in place
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
         compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
         # Under FSDP this compiles the sharded model as a whole: dynamo leaves FSDP's hooks at the
@@ -1351,7 +1395,9 @@ class Trainer:
         if issubclass(self.model_class, ScalarModel):
             weights['model_class'] = 'scalar'
         if not self.fsdp:
-            weights['optimizer'] = self.optimizer.state_dict()
+            opt = self.optimizer.state_dict()            # learning rates as numbers (cuda_graph_train
+            opt['param_groups'] = [{**g, 'lr': float(g['lr'])} for g in opt['param_groups']]  # has tensors)
+            weights['optimizer'] = opt
         return {**weights, **meta}
 
     def save(self, metrics):
@@ -1376,8 +1422,11 @@ class Trainer:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return int(bad)
 
-    def run(self, loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'), extra_plots=()):
-        """extra_plots: (keys, file name, y label) of further curves drawn at every evaluation."""
+    def run(self, loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'), extra_plots=(), batch_fn=None):
+        """extra_plots: (keys, file name, y label) of further curves drawn at every evaluation.
+        batch_fn(step, micro_step) -> tuple of tensors on the device: the stage draws its batches
+        apart from the loss, which is then loss_fn(model, *batch) (needed by cuda_graph_train,
+        whose captured step reads each new batch from the tensors it was captured with)."""
         from tqdm import tqdm
         from optim import max_logits, qk_clip, set_lr
         c, rt, raw, log = self.c, self.rt, self.raw, self.log
@@ -1391,6 +1440,45 @@ class Trainer:
         clipped = torch.zeros((), device=rt.device, dtype=torch.long)
         last_heatmap_step = self.step
         step_metrics = {}                                 # the stage's own metrics, last micro-batch
+        n_micro = c['gradient_accumulation_steps']
+
+        def one_step(step_or_batches):
+            """Forward and backward over the micro-batches, clipping, the optimizer step and the
+            router-bias update; returns the tensors the loop logs (with cuda_graph_train the body
+            of the CUDA graph: it then reads and returns the same tensors at every replay)."""
+            out = {'loss_sum': torch.zeros((), device=rt.device), 'tokens': 0.0}
+            for micro in range(n_micro):
+                with self.gradient_sync(micro, n_micro):
+                    with rt.autocast():
+                        if batch_fn is not None:
+                            loss = loss_fn(self.model, *step_or_batches[micro])
+                        else:
+                            loss = loss_fn(self.model, step_or_batches, micro)
+                    if isinstance(loss, tuple):
+                        loss, out['metrics'] = loss
+                        out['tokens'] += out['metrics'].pop('tokens', self.tokens_per_step / n_micro)
+                    else:
+                        out['tokens'] += self.tokens_per_step / n_micro
+                    loss = loss / n_micro
+                    self.scaler.scale(loss).backward()
+                out['loss_sum'] += loss.detach()
+            out['parts'] = dict(raw.last_losses)          # the last micro-batch's loss parts
+            if c['grad_clip'] > 0:
+                self.scaler.unscale_(self.optimizer)
+                out['grad_norm'] = torch.nn.utils.clip_grad_norm_(raw.parameters(), c['grad_clip'])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            # MoE: move the router biases toward equal load (aux-loss-free), keep loads for logging
+            out['loads'] = raw.update_router_bias(reduce=reduce_sum)
+            return out
+
+        if c['cuda_graph_train']:
+            if batch_fn is None:
+                sys.exit(f'error: cuda_graph_train=True needs a stage that hands its batches to the '
+                         f'trainer (train.py does; {self.stage} does not)')
+            self.graph_step = CUDAGraphStep(lambda batches: {k: v for k, v in one_step(batches).items()
+                                                             if k != 'tokens'})
         while True:
             step = self.step
             lr = lr_at(step, c['learning_rate'], c['min_lr'], c['warmup_iters'], self.lr_decay_iters,
@@ -1428,30 +1516,21 @@ class Trainer:
                 break
 
             # forward / backward over the micro-batches, then one optimizer step
-            n_micro = c['gradient_accumulation_steps']
-            loss_sum = torch.zeros((), device=rt.device)
-            for micro in range(n_micro):
-                with self.gradient_sync(micro, n_micro):
-                    with rt.autocast():
-                        loss = loss_fn(self.model, step, micro)
-                    if isinstance(loss, tuple):
-                        loss, step_metrics = loss
-                        tokens_since += step_metrics.pop('tokens', self.tokens_per_step / n_micro)
-                    else:
-                        tokens_since += self.tokens_per_step / n_micro
-                    loss = loss / n_micro
-                    self.scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if c['grad_clip'] > 0:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), c['grad_clip'])
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            # MoE: move the router biases toward equal load (aux-loss-free), keep loads for logging
-            loads = raw.update_router_bias(reduce=reduce_sum)
-            if loads is not None:
-                expert_load = loads if expert_load is None else expert_load + loads
+            if batch_fn is not None:
+                batches = [batch_fn(step, micro) for micro in range(n_micro)]
+                if self.graph_step is not None:          # copied into the graph's inputs, replayed
+                    out = self.graph_step(batches)
+                    tokens_since += self.tokens_per_step
+                else:
+                    out = one_step(batches)
+            else:
+                out = one_step(step)
+            out = dict(out)                              # (the graph's own dict stays whole)
+            tokens_since += out.pop('tokens', 0.0)
+            step_metrics = out.pop('metrics', step_metrics)
+            loss_sum, grad_norm, parts = out['loss_sum'], out.get('grad_norm'), out['parts']
+            if out.get('loads') is not None:             # MoE expert loads, for logging
+                expert_load = out['loads'].clone() if expert_load is None else expert_load + out['loads']
             # QK-Clip: heads whose largest logit passed qk_clip_tau get their q/k weights scaled back
             if self.track_logits:
                 if c['optimizer'] == 'muonclip':
@@ -1472,7 +1551,7 @@ class Trainer:
                 # the loss and the stage's metrics as means over ranks, the tokens summed over
                 # them: one all-reduce per log_interval steps, and one host sync
                 numbers = {'train/loss': loss_sum, 'tokens': tokens_since}
-                numbers.update({f'train/{part}_loss': v for part, v in raw.last_losses.items()})
+                numbers.update({f'train/{part}_loss': v for part, v in parts.items()})
                 numbers.update({f'train/{name}': v for name, v in step_metrics.items()})
                 if c['grad_clip'] > 0:                   # the same on every rank; FSDP: a DTensor
                     numbers['grad_norm'] = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm

@@ -247,7 +247,10 @@ def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, b
 def set_lr(optimizer, scale):
     """lr of every group = its base_lr * scale (the schedule's lr_now / learning_rate)."""
     for g in optimizer.param_groups:
-        g['lr'] = g['base_lr'] * scale
+        if torch.is_tensor(g['lr']):         # a step captured in a CUDA graph reads it from the device
+            g['lr'].fill_(g['base_lr'] * scale)
+        else:
+            g['lr'] = g['base_lr'] * scale
 
 
 @torch.no_grad()

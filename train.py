@@ -90,11 +90,14 @@ trainer = Trainer(config, rt, model, 'pretrain', tok_spec, tokens_per_step, mode
 ckpt = None                                   # free the CPU copy
 
 
-def loss_fn(model, step, micro_step):
-    """Next-token loss on a batch of random windows, drawn as a function of the step and the
-    micro-batch's global index (so 2 ranks x accumulation k == 1 rank x accumulation 2k)."""
-    g = trainer.batch_generator(step, micro_step)
-    x, y = data.batch('train', batch_size, block_size, g, rt.device)
+def batch_fn(step, micro_step):
+    """A batch of random windows, drawn as a function of the step and the micro-batch's global
+    index (so 2 ranks x accumulation k == 1 rank x accumulation 2k)."""
+    return data.batch('train', batch_size, block_size, trainer.batch_generator(step, micro_step), rt.device)
+
+
+def loss_fn(model, x, y):
+    """Next-token loss (and the MTP and balance terms, when the model has them)."""
     return model(x, y, return_logits=False)[1]
 
 
@@ -116,5 +119,5 @@ def evaluate(model):
             'val/ppl': math.exp(min(out['val'], 50)), 'val/bpb': out['val'] / math.log(2) / bytes_per_token}
 
 
-trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'train/eval_loss', 'val/loss'))
+trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'train/eval_loss', 'val/loss'), batch_fn=batch_fn)
 close_runtime(rt)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_script
-from common import cuda_graph_step
+from common import CUDAGraphStep
 from model import GPT, ModelConfig, cross_entropy_rows_, grouped_mm_supported, linear_cross_entropy
 from optim import build_optimizer, qk_clip
 
@@ -244,10 +244,11 @@ def test_whole_step_cuda_graph_equals_the_same_steps_without():
             raw.update_router_bias()
             seen.append(loss.detach())
         if graphed:
-            replay = cuda_graph_step(step, warmup=2)
+            graph = CUDAGraphStep(step, warmup=2)
+            graph(), graph()                               # two plain steps
             losses = [t.item() for t in seen[:2]]
-            for _ in range(3):
-                replay()
+            for _ in range(3):                             # captured, then replayed
+                graph()
                 losses.append(seen[2].item())             # the captured step's loss, rewritten each replay
         else:
             for _ in range(5):
@@ -261,3 +262,35 @@ def test_whole_step_cuda_graph_equals_the_same_steps_without():
         assert abs(a - b) < 2e-2 * abs(a), got
     assert rel(weights[True][0], weights[False][0]) < 1e-2
     assert torch.equal(weights[True][1].abs() > 0, weights[False][1].abs() > 0)
+
+
+def test_train_script_with_the_step_in_a_cuda_graph(tmp_path, byte_data):
+    """train.py --cuda_graph_train=True: 3 plain steps, then every step a replay, with the
+    learning rate changing under warm-up and decay, gradient accumulation, MoE + MTP, evaluation
+    and checkpoints in between, and a resume. The losses follow the run without a graph."""
+    args = [a for a in TINY_MODEL if not a.startswith(('--compile', '--device'))]
+    moe = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--kv_lora_rank=16',
+           '--qk_nope_head_dim=16', '--qk_rope_head_dim=8', '--v_head_dim=16', '--n_routed_experts=8',
+           '--moe_intermediate_size=32', '--n_shared_experts=1', '--scoring_func=sigmoid',
+           '--bias_update_speed=0.01', '--mtp_depth=1', '--gradient_accumulation_steps=2']
+
+    def train(out, *extra):
+        return run_script('train.py', f'--data_dir={byte_data}', f'--out_dir={out}', *args, *moe,
+                          '--compile=True', '--device=cuda', '--warmup_iters=4', '--lr_decay_iters=12',
+                          '--eval_interval=4', '--learning_rate=3e-3', *extra, cwd=tmp_path)
+
+    def log(out):
+        rows = [json.loads(line) for line in open(tmp_path / out / 'log.jsonl')]
+        return {r['step']: r for r in rows if 'train/loss' in r}
+    train('plain', '--max_iters=12')
+    train('graph', '--max_iters=12', '--cuda_graph_train=True')
+    train('split', '--max_iters=6', '--cuda_graph_train=True')
+    train('split', '--max_iters=12', '--cuda_graph_train=True', '--init_from=resume')
+    plain, graph, split = log('plain'), log('graph'), log('split')
+    assert sorted(plain) == sorted(graph) == sorted(split) == list(range(1, 13))
+    for s in range(1, 13):
+        for run in (graph, split):
+            assert abs(run[s]['train/loss'] - plain[s]['train/loss']) < 2e-2 * plain[s]['train/loss']
+            assert abs(run[s]['train/mtp_loss'] - plain[s]['train/mtp_loss']) < 2e-2 * plain[s]['train/mtp_loss']
+    assert len({graph[s]['train/loss'] for s in range(5, 13)}) == 8          # the replays really step
+    assert graph[12]['train/loss'] < graph[1]['train/loss'] - 0.5

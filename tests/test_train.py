@@ -117,6 +117,8 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert 'missing meta.json' in p.stderr
     p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast', check=False)
     assert p.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in p.stderr
+    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True', check=False)
+    assert p.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in p.stderr
 
 
 def test_lr_schedules():
