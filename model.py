@@ -1436,14 +1436,9 @@ except ImportError:                      # the CPU build of PyTorch comes withou
 
 if HAVE_TRITON:
     @triton.jit
-    def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
-        """One program per row: loss = logsumexp(z) - z[y], then z <- softmax(z) - onehot(y).
-        Two reads of the row and one write. With a program per row, about a thousand rows are in
-        flight on an H100, more than its L2 holds, so the second read comes from memory too
-        (measured: notes/performance.md, session 15)."""
-        row = tl.program_id(0).to(tl.int64)
-        z_row = z_ptr + row * stride
-        y = tl.load(targets_ptr + row)
+    def _cross_entropy_row(z_row, y, loss_at, V, BLOCK: tl.constexpr):
+        """One row of logits at z_row with target y: *loss_at = logsumexp(z) - z[y], then
+        z <- softmax(z) - onehot(y); both 0 where y = -1. Two reads of the row and one write."""
         m = float('-inf')                                # running max
         s = 0.0                                          # running sum of exp(z - m)
         for start in range(0, V, BLOCK):
@@ -1455,13 +1450,21 @@ if HAVE_TRITON:
         lse = m + tl.log(s)
         valid = y >= 0
         z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - z_y, 0.0))
+        tl.store(loss_at, tl.where(valid, lse - z_y, 0.0))
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
             dz = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
             dz = tl.where(valid, dz, 0.0)
-            tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(z_row + cols, dz.to(z_row.dtype.element_ty), mask=cols < V)
+
+    @triton.jit
+    def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
+        """One program per row. With a program per row about a thousand rows are in flight on an
+        H100, more than its L2 holds, so the second read comes from memory too; fewer rows in
+        flight (a persistent grid) measured no faster (notes/performance.md, sessions 15-16)."""
+        row = tl.program_id(0).to(tl.int64)
+        _cross_entropy_row(z_ptr + row * stride, tl.load(targets_ptr + row), loss_ptr + row, V, BLOCK)
 
 
 def cross_entropy_rows_(z, targets):

@@ -22,6 +22,7 @@ import triton                           # noqa: E402
 import triton.language as tl            # noqa: E402
 
 import model                            # noqa: E402
+from model import _cross_entropy_row    # noqa: E402
 from common import CUDAGraphStep        # noqa: E402
 
 
@@ -44,28 +45,10 @@ def bench(fn, n=20, warmup=3):
 
 @triton.jit
 def ce_persistent(z_ptr, stride, targets_ptr, loss_ptr, n_rows, V, BLOCK: tl.constexpr):
-    """As model._cross_entropy_rows_kernel, but each program walks rows pid, pid + P, ..."""
+    """model's row pass, but each program walks rows pid, pid + P, ... (P programs in all)."""
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        z_row = z_ptr + row.to(tl.int64) * stride
-        y = tl.load(targets_ptr + row)
-        m = float('-inf')
-        s = 0.0
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_row + cols, mask=cols < V, other=float('-inf')).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-            m = m_new
-        lse = m + tl.log(s)
-        valid = y >= 0
-        z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - z_y, 0.0))
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            dz = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
-            dz = tl.where(valid, dz, 0.0)
-            tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+        _cross_entropy_row(z_ptr + row.to(tl.int64) * stride, tl.load(targets_ptr + row), loss_ptr + row,
+                           V, BLOCK)
 
 
 @triton.jit
