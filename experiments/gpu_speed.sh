@@ -7,6 +7,9 @@
 #   PART=3  decode at batch 64 beside transformers; the dense config; the optimizer step alone
 #   PART=4  the fused output layer + loss (loss_impl=auto) against the plain one: dense at batch 128,
 #           MoE at 64 (beside transformers in alternating rounds) and 128 (about 6 minutes)
+#   PART=5  the whole training step as one CUDA graph (session 16): MoE at batch 64 beside
+#           transformers in alternating rounds, with a profile (kernels and idle gaps); MoE at 128;
+#           the loss-kernel and router micro-benchmarks (about 6 minutes)
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh
 set -uo pipefail
@@ -33,5 +36,10 @@ case $PART in
      one moe_b64_auto_hf config/tinystories_moe.py --loss_impl=auto --compare_hf=True --hf_rounds=3
      one moe_b64_plain config/tinystories_moe.py --loss_impl=plain
      one moe_b128_auto config/tinystories_moe.py --batch_size=128 --loss_impl=auto ;;
-  *) echo "PART=$PART; valid: 1, 2, 3, 4"; exit 2 ;;
+  5) G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True"
+     $G --compare_hf=True --hf_rounds=3 --profile=$OUT/moe_b64_graph_profile.txt --out_file=$OUT/moe_b64_graph.json \
+       2>&1 | grep -v -i warn | grep "^| train\|^train\|rror"
+     $G --batch_size=128 --out_file=$OUT/moe_b128_graph.json 2>&1 | grep "^train\|rror"
+     python experiments/kernel_bench.py ce,router 2>&1 | grep -v -i warn ;;
+  *) echo "PART=$PART; valid: 1, 2, 3, 4, 5"; exit 2 ;;
 esac
