@@ -169,8 +169,13 @@ if 'train' in modes:
     raw.train()
     model = torch.compile(raw, mode=compile_mode_arg(compile_mode)) if compile else raw
     graphed = cuda_graph_train and cuda
-    opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type,
-                          capturable=graphed)
+    if cuda_graph_train and not cuda:
+        sys.exit('error: cuda_graph_train=True needs a CUDA GPU')
+    try:
+        opt = build_optimizer(raw, optimizer, learning_rate, weight_decay, device_type=rt.device_type,
+                              capturable=graphed)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     train_step = our_train_step(model, opt, x, y)
     if graphed:
         reset_memory()                # the graph's memory pool is taken while capturing: count it

@@ -216,7 +216,7 @@ def adamw_param_groups(params, weight_decay):
 
 def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
                     eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5, capturable=False):
-    """capturable: the step may be captured in a CUDA graph (common.cuda_graph_step): AdamW keeps
+    """capturable: the step may be captured in a CUDA graph (common.CUDAGraphStep): AdamW keeps
     its step counts on the device and never reads them on the host (Muon cannot yet)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer='{name}'; valid: {', '.join(OPTIMIZERS)}")

@@ -47,6 +47,8 @@ def test_bench_rejects_an_unknown_mode(tmp_path):
     assert proc.returncode != 0 and "modes=['fly']" in proc.stderr
     proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--compile_mode=fast', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in proc.stderr
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--cuda_graph_train=True', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in proc.stderr
 
 
 def test_kernel_table_sums_kernels_by_name_and_class():
