@@ -308,6 +308,19 @@ def test_fast_expert_paths_equal_the_loop(path):
         torch.testing.assert_close(g_fast, g_loop, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_gate_up_gradients_are_contiguous():
+    """float32 experts computed in bf16 (as under autocast): gate and up run as one grouped GEMM,
+    and their float32 gradients come out as two contiguous tensors, not strided views of one
+    [gate ; up] buffer that autograd would have to copy into each parameter's layout."""
+    torch.manual_seed(0)
+    experts = Experts(E=4, C=16, I=8, std=0.3)
+    x = torch.randn(10, 16).bfloat16()
+    indices = torch.stack([torch.randperm(4)[:2] for _ in range(10)])
+    out = experts.forward_grouped(x, torch.rand(10, 2), indices)
+    g_gate, g_up = torch.autograd.grad(out.float().sum(), [experts.gate_proj, experts.up_proj])
+    assert g_gate.dtype == torch.float32 and g_gate.is_contiguous() and g_up.is_contiguous()
+
+
 def test_moe_auto_takes_the_gathered_path_for_few_tokens():
     """'auto': N * K <= E pairs (one decoding token per row) go the sort-free way, more the grouped
     (or loop) way; the layer's output is the same either way."""
