@@ -1477,8 +1477,7 @@ class Trainer:
             if batch_fn is None:
                 sys.exit(f'error: cuda_graph_train=True needs a stage that hands its batches to the '
                          f'trainer (train.py does; {self.stage} does not)')
-            self.graph_step = CUDAGraphStep(lambda batches: {k: v for k, v in one_step(batches).items()
-                                                             if k != 'tokens'})
+            self.graph_step = CUDAGraphStep(one_step)   # its 'tokens': tokens_per_step, as every step's
         while True:
             step = self.step
             lr = lr_at(step, c['learning_rate'], c['min_lr'], c['warmup_iters'], self.lr_decay_iters,
@@ -1518,11 +1517,8 @@ class Trainer:
             # forward / backward over the micro-batches, then one optimizer step
             if batch_fn is not None:
                 batches = [batch_fn(step, micro) for micro in range(n_micro)]
-                if self.graph_step is not None:          # copied into the graph's inputs, replayed
-                    out = self.graph_step(batches)
-                    tokens_since += self.tokens_per_step
-                else:
-                    out = one_step(batches)
+                # with cuda_graph_train: copied into the graph's inputs, then replayed
+                out = (self.graph_step or one_step)(batches)
             else:
                 out = one_step(step)
             out = dict(out)                              # (the graph's own dict stays whole)
