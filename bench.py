@@ -176,17 +176,26 @@ if 'train' in modes:
                               capturable=graphed)
     except ValueError as e:
         sys.exit(f'error: {e}')
-    train_step = our_train_step(model, opt, x, y)
-    if graphed:
-        reset_memory()                # the graph's memory pool is taken while capturing: count it
-        train_step = CUDAGraphStep(train_step, warmup=3)
+
+    def captured_step():
+        step = CUDAGraphStep(our_train_step(model, opt, x, y), warmup=3)
         for _ in range(4):            # 3 plain steps, then the capture (and its first replay)
-            train_step()
+            step()
+        return step
+
+    train_step = None if graphed else our_train_step(model, opt, x, y)
     ours, theirs, hopt = [], [], None
     for r in range(max(1, hf_rounds) if hf is not None else 1):
+        if train_step is None:
+            if r == 0:
+                reset_memory()        # the graph's memory pool is taken while capturing: count it
+            train_step = captured_step()
         ours.append(bench_train(raw, train_step, flops, reset=not (graphed and r == 0)))
         print('train', ours[-1], flush=True)
         if hf is not None:
+            if graphed:               # give the graph's memory pool back for transformers' round (at
+                train_step = None     # batch 128 the two do not fit together); captured again after
+                torch.cuda.empty_cache()
             hf.train()
             hopt = hopt or torch.optim.AdamW(hf.parameters(), lr=learning_rate, fused=cuda)
             theirs.append(bench_train(hf, hf_train_step(hf, hopt, x), flops))
@@ -200,8 +209,10 @@ if 'train' in modes:
                                    'transformers': [m['tokens_per_sec'] for m in theirs]}
         del hopt
         hf.zero_grad(set_to_none=True)
+    if profile and train_step is None:
+        train_step = captured_step()
     profiled('train step', train_step)
-    del opt, model
+    del opt, model, train_step
     raw.zero_grad(set_to_none=True)
 
 # inference runs with the weights in the compute dtype (bf16 on GPUs; RoPE frequencies and router

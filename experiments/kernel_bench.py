@@ -7,9 +7,13 @@ against the reference it would replace, on one CUDA GPU:
             in flight and the second read may come from L2), and
           - a row held whole in registers (one read of the row, one write);
   router  the sigmoid router's choice of K experts (torch.topk) against K rounds of argmax
-          under torch.compile, forward and backward.
+          under torch.compile, forward and backward;
+  lmhead  one chunk of the output layer and the loss (logits, loss, dh, dW): cuBLAS GEMMs with
+          the row pass between them (model.LinearCrossEntropy) against the three Triton kernels
+          that take the softmax inside the backward GEMMs (linear_cross_entropy_chunk_),
+          each kernel over a few tile configurations.
 
-$ python experiments/kernel_bench.py [ce,router]
+$ python experiments/kernel_bench.py [ce,router,lmhead]
 """
 import os
 import statistics
@@ -169,6 +173,220 @@ def bench_router(N=32768, C=512, E=64, K=4):
               f'{"same choice, weights and gradient" if same else "DIFFERENT"}', flush=True)
 
 
+# --- the output layer and the loss, one chunk ---
+
+# The same output layer and loss without the row pass: the softmax is taken inside the two
+# backward GEMMs, so the logits are written once (by the first GEMM) and read twice, not five times.
+# Tried in session 17 and dropped: correct, but 9.1 ms per chunk against 3.1 ms (README, notes).
+#     z = h W^T, and m_it = max of row i over column tile t    (_logits_kernel)
+#     m_i = max_t m_it,  P_ij = exp(z_ij - m_i),  S_i = sum_j P_ij,  lse_i = m_i + log S_i
+#     dh_i = (P_i W) / S_i - W[y_i]                              (_softmax_weight_kernel)
+#     dW  += softmax(z)^T h - onehot(y)^T h                      (_softmax_t_h_kernel, index_add_)
+# softmax(z) is taken in registers from the bf16 logits each GEMM reads, so nothing but z is
+# written; the onehot parts are a gather of W's rows and a scatter of h's rows, in float32.
+
+@triton.jit
+def _logits_kernel(h_ptr, w_ptr, z_ptr, tile_max_ptr, n, V, C, n_tiles_v,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """z = h W^T for BM rows x BN vocabulary columns (bf16), and each row's max over them."""
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(n, BM)
+    pid_m = pid % n_tiles_m                   # neighbouring programs share the W tile (L2)
+    pid_v = pid // n_tiles_m
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_v * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    rows_c = tl.minimum(rows, n - 1)          # edge tiles read a valid row; the store is masked
+    cols_c = tl.minimum(cols, V - 1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, C, BK):                 # C % BK == 0
+        a = tl.load(h_ptr + rows_c[:, None] * C + (k + ks)[None, :])
+        b = tl.load(w_ptr + cols_c[:, None] * C + (k + ks)[None, :])
+        acc = tl.dot(a, tl.trans(b), acc)
+    z = acc.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], z,
+             mask=(rows[:, None] < n) & (cols[None, :] < V))
+    z_max = tl.max(tl.where(cols[None, :] < V, z.to(tl.float32), float('-inf')), 1)
+    tl.store(tile_max_ptr + rows * n_tiles_v + pid_v, z_max, mask=rows < n)
+
+@triton.jit
+def _softmax_weight_kernel(z_ptr, w_ptr, tile_max_ptr, targets_ptr, dh_ptr, lse_ptr, loss_ptr,
+                           n, V, C, n_tiles_v, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr, BT: tl.constexpr):
+    """dh = softmax(z) W - W[y] for BM rows x BN of the C columns (0 where y = -1); the first
+    column block also writes each row's lse (+inf where y = -1) and loss."""
+    pid = tl.program_id(0)
+    n_tiles_c = C // BN
+    pid_c = pid % n_tiles_c                   # the programs reading the same logits are neighbours
+    pid_m = pid // n_tiles_c
+    rows = pid_m * BM + tl.arange(0, BM)
+    rows_c = tl.minimum(rows, n - 1)
+    t = tl.arange(0, BT)                      # BT >= n_tiles_v
+    m = tl.max(tl.load(tile_max_ptr + rows_c[:, None] * n_tiles_v + t[None, :],
+                       mask=t[None, :] < n_tiles_v, other=float('-inf')), 1)
+    cols = pid_c * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    z_rows = z_ptr + rows_c.to(tl.int64)[:, None] * V
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    s = tl.zeros((BM,), dtype=tl.float32)
+    for k in range(0, V, BK):
+        kk = k + ks
+        p = tl.exp(tl.load(z_rows + kk[None, :], mask=kk[None, :] < V, other=float('-inf')).to(tl.float32)
+                   - m[:, None])                                            # P = exp(z - m)
+        s += tl.sum(p, 1)
+        w = tl.load(w_ptr + kk[:, None] * C + cols[None, :], mask=kk[:, None] < V, other=0.0)
+        acc = tl.dot(p.to(w.dtype), w, acc)
+    y = tl.load(targets_ptr + rows_c)
+    valid = (y >= 0) & (rows < n)
+    w_y = tl.load(w_ptr + tl.maximum(y, 0)[:, None] * C + cols[None, :]).to(tl.float32)
+    dh = tl.where(valid[:, None], acc / s[:, None] - w_y, 0.0)             # P W / S - W[y]
+    tl.store(dh_ptr + rows[:, None] * C + cols[None, :], dh.to(dh_ptr.dtype.element_ty),
+             mask=rows[:, None] < n)
+    if pid_c == 0:
+        lse = m + tl.log(s)
+        z_y = tl.load(z_ptr + rows_c.to(tl.int64) * V + tl.maximum(y, 0)).to(tl.float32)
+        tl.store(loss_ptr + rows, tl.where(valid, lse - z_y, 0.0), mask=rows < n)
+        tl.store(lse_ptr + rows, tl.where(valid, lse, float('inf')), mask=rows < n)
+
+@triton.jit
+def _softmax_t_h_kernel(z_ptr, h_ptr, lse_ptr, dw_ptr, n, V, C, BV: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """dW (+)= softmax(z)^T h for BV vocabulary rows x BN of the C columns, in float32 (rows
+    with lse = +inf, the masked ones, add nothing)."""
+    pid = tl.program_id(0)
+    n_tiles_c = C // BN
+    pid_c = pid % n_tiles_c
+    pid_v = pid // n_tiles_c
+    vs = pid_v * BV + tl.arange(0, BV)
+    vs_c = tl.minimum(vs, V - 1)
+    cols = pid_c * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BV, BN), dtype=tl.float32)
+    for k in range(0, n, BK):
+        kk = k + ks
+        kk_c = tl.minimum(kk, n - 1)
+        lse = tl.load(lse_ptr + kk, mask=kk < n, other=float('inf'))
+        z = tl.load(z_ptr + kk_c.to(tl.int64)[:, None] * V + vs_c[None, :]).to(tl.float32)
+        p = tl.exp(z - lse[:, None])                                        # (BK, BV) softmax
+        h = tl.load(h_ptr + kk_c[:, None] * C + cols[None, :])
+        acc = tl.dot(tl.trans(p.to(h.dtype)), h, acc)
+    out = dw_ptr + vs[:, None] * C + cols[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=vs[:, None] < V, other=0.0)
+    tl.store(out, acc, mask=vs[:, None] < V)
+
+
+LOSS_KERNEL_CONFIG = dict(logits=(128, 256, 64, 8, 3), weight=(128, 256, 64, 8, 3), t_h=(128, 256, 64, 8, 3))
+# (rows, columns, k-step, warps, pipeline stages) of the three kernels' tiles
+
+
+def linear_cross_entropy_chunk_(h, w, targets, z, dh, dw, accumulate, config=None):
+    """One chunk of the output layer and the loss by the three Triton kernels above: h (n, C) bf16,
+    w (V, C) bf16, targets (n,), z (>= n*V) bf16 scratch, dh (n, C) written, dw (V, C) float32
+    written (accumulate=False) or added to. Returns the per-row loss (float32, 0 where y = -1)."""
+    cfg = {**LOSS_KERNEL_CONFIG, **(config or {})}
+    n, C = h.shape
+    V = w.size(0)
+    z = z[:n * V].view(n, V)
+    (bm, bn, bk, nw, ns) = cfg['logits']
+    n_tiles_v = triton.cdiv(V, bn)
+    tile_max = torch.empty(n, n_tiles_v, device=h.device, dtype=torch.float32)
+    _logits_kernel[(triton.cdiv(n, bm) * n_tiles_v,)](h, w, z, tile_max, n, V, C, n_tiles_v,
+                                                      BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
+    lse = torch.empty(n, device=h.device, dtype=torch.float32)
+    loss = torch.empty(n, device=h.device, dtype=torch.float32)
+    (bm, bn, bk, nw, ns) = cfg['weight']
+    _softmax_weight_kernel[(triton.cdiv(n, bm) * (C // bn),)](
+        z, w, tile_max, targets, dh, lse, loss, n, V, C, n_tiles_v, BM=bm, BN=bn, BK=bk,
+        BT=triton.next_power_of_2(n_tiles_v), num_warps=nw, num_stages=ns)
+    (bv, bn, bk, nw, ns) = cfg['t_h']
+    _softmax_t_h_kernel[(triton.cdiv(V, bv) * (C // bn),)](z, h, lse, dw, n, V, C, BV=bv, BN=bn, BK=bk,
+                                                           ACCUMULATE=accumulate, num_warps=nw, num_stages=ns)
+    valid = (targets >= 0).unsqueeze(1)
+    dw.index_add_(0, targets.clamp(min=0), torch.where(valid, -h.float(), 0.0))   # - onehot(y)^T h
+    return loss
+
+
+
+LMHEAD_CONFIGS = {      # (rows, columns, k-step, warps, stages) per kernel
+    'logits': [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+               (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (128, 256, 128, 8, 2)],
+    'weight': [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4), (64, 512, 64, 8, 3),
+               (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 128, 4, 3), (128, 256, 128, 8, 2)],
+    't_h': [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4), (64, 512, 64, 8, 3),
+            (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4)],
+}
+
+
+def bench_lmhead(n=9363, V=50304, C=512):
+    """n: linear_cross_entropy's chunk at 128 x 512 tokens (7 equal chunks of at most 1 GiB)."""
+    g = torch.Generator(device='cuda').manual_seed(0)
+    h = torch.randn(n, C, device='cuda', generator=g).to(torch.bfloat16)
+    w = (torch.randn(V, C, device='cuda', generator=g) * 2 / C ** 0.5).to(torch.bfloat16)
+    y = torch.randint(0, V, (n,), device='cuda', generator=g)
+    y[::7] = -1
+    flop = 2 * n * V * C
+    print(f'lmhead: {n} rows x {C} -> {V}; each GEMM {flop / 1e12:.2f} TFLOP')
+    dh, dw = torch.empty_like(h), torch.zeros(V, C, device='cuda')
+
+    def cublas(parts=('logits', 'rows', 'dh', 'dw')):
+        z = h @ w.t()
+        loss = model.cross_entropy_rows_(z, y) if 'rows' in parts else None
+        if 'dh' in parts:
+            torch.mm(z, w, out=dh)
+        if 'dw' in parts:
+            torch.addmm(dw, z.t(), h, out_dtype=torch.float32, out=dw)
+        return loss
+    z = h @ w.t()
+    ref_loss = model.cross_entropy_rows_(z, y)
+    ref_dh = z @ w
+    ref_dw = (z.t().float() @ h.float())
+    t_logits = bench(lambda: h @ w.t())
+    t_rows = bench(lambda: model.cross_entropy_rows_(h @ w.t(), y)) - t_logits
+    t_dh = bench(lambda: torch.mm(z, w, out=dh))
+    t_dw = bench(lambda: torch.addmm(dw, z.t(), h, out_dtype=torch.float32, out=dw))
+    total = bench(cublas)
+    print(f'  cuBLAS + row pass: logits {t_logits:.3f} ms ({flop / t_logits / 1e9:.0f} TFLOP/s), row pass {t_rows:.3f}, '
+          f'dh {t_dh:.3f} ({flop / t_dh / 1e9:.0f}), dW {t_dw:.3f} ({flop / t_dw / 1e9:.0f}); all {total:.3f} ms', flush=True)
+
+    scratch = torch.empty(n * V, device='cuda', dtype=torch.bfloat16)
+    best = {}
+    for kernel, configs in LMHEAD_CONFIGS.items():
+        for c in configs:
+            cfg = {kernel: c}
+            try:
+                run = lambda: linear_cross_entropy_chunk_(h, w, y, scratch, dh, dw, False, cfg)  # noqa: E731
+                run()
+                all_ms = bench(run)
+            except Exception as e:               # out of shared memory or registers for this tile
+                print(f'  {kernel:7s} {c}: {type(e).__name__}: {str(e)[:80]}')
+                continue
+            best.setdefault(kernel, (1e9, None))
+            if all_ms < best[kernel][0]:
+                best[kernel] = (all_ms, c)
+            print(f'  {kernel:7s} {c}: all three {all_ms:.3f} ms', flush=True)
+    cfg = {k: c for k, (_, c) in best.items()}
+    run = lambda: linear_cross_entropy_chunk_(h, w, y, scratch, dh, dw, False, cfg)  # noqa: E731
+    loss = run()
+    err = ((loss - ref_loss).abs().max().item(), (dh.float() - ref_dh.float()).abs().max().item(),
+           (dw - ref_dw).abs().max().item())
+    scale = (ref_dh.float().abs().max().item(), ref_dw.abs().max().item())
+    t_all = bench(run)
+    print(f'  Triton, best tiles {cfg}: all {t_all:.3f} ms against {total:.3f} ms; max error loss {err[0]:.1e}, '
+          f'dh {err[1]:.1e} (of {scale[0]:.1e}), dW {err[2]:.1e} (of {scale[1]:.1e})', flush=True)
+    prof_parts(run)
+
+
+def prof_parts(run):
+    """Each kernel's time in one run, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        print(f'    {e.device_time_total / 1000:8.3f} ms  {e.key[:90]}')
+
+
 if __name__ == '__main__':
     which = sys.argv[1].split(',') if len(sys.argv) > 1 else ['ce', 'router']
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
@@ -176,3 +394,5 @@ if __name__ == '__main__':
         bench_ce()
     if 'router' in which:
         bench_router()
+    if 'lmhead' in which:
+        bench_lmhead()
