@@ -1104,6 +1104,9 @@ def training_defaults():
     cuda_graph_train = False     # CUDA: capture the whole training step (forward, backward, clipping,
                                  # AdamW, router-bias update) once as a CUDA graph and replay it at
                                  # every step: no Python between kernels (one GPU, AdamW; train.py)
+    cuda_sync_check = False      # CUDA: warn at every host-device sync between two log lines (from
+                                 # the 5th step on), with a stack (torch.cuda.set_sync_debug_mode):
+                                 # each one stalls the GPU while the host prepares the next step
     fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state
                                  # across the ranks (FSDP2, per transformer block) instead of DDP
     seed = 1337
@@ -1441,6 +1444,7 @@ class Trainer:
         last_heatmap_step = self.step
         step_metrics = {}                                 # the stage's own metrics, last micro-batch
         n_micro = c['gradient_accumulation_steps']
+        start_step = self.step
 
         def one_step(step_or_batches):
             """Forward and backward over the micro-batches, clipping, the optimizer step and the
@@ -1515,6 +1519,9 @@ class Trainer:
                 break
 
             # forward / backward over the micro-batches, then one optimizer step
+            sync_check = c['cuda_sync_check'] and rt.device_type == 'cuda' and step >= start_step + 4
+            if sync_check:
+                torch.cuda.set_sync_debug_mode('warn')
             if batch_fn is not None:
                 batches = [batch_fn(step, micro) for micro in range(n_micro)]
                 # with cuda_graph_train: copied into the graph's inputs, then replayed
@@ -1535,8 +1542,11 @@ class Trainer:
                 else:
                     now = max_logits(raw, reduce=reduce_max)
                 logit_max = now if logit_max is None else torch.maximum(logit_max, now)
-            self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss_sum),
-                                              torch.tensor(step, device=rt.device), self.first_bad_step)
+            # the first non-finite step, kept on the device (a filled scalar: torch.tensor(step,
+            # device=...) would be a copy from the host that waits for the GPU to finish the step)
+            self.first_bad_step.masked_fill_((self.first_bad_step < 0) & ~torch.isfinite(loss_sum), step)
+            if sync_check:
+                torch.cuda.set_sync_debug_mode('default')
             self.step = step = step + 1
             steps_since += 1
             bar.update(1)

@@ -295,3 +295,34 @@ def test_train_script_with_the_step_in_a_cuda_graph(tmp_path, byte_data):
             assert abs(run[s]['train/mtp_loss'] - plain[s]['train/mtp_loss']) < 2e-2 * plain[s]['train/mtp_loss']
     assert len({graph[s]['train/loss'] for s in range(5, 13)}) == 8          # the replays really step
     assert graph[12]['train/loss'] < graph[1]['train/loss'] - 0.5
+
+
+SYNC_WARNING = 'called a synchronizing CUDA operation'
+
+
+def test_the_sync_check_sees_a_copy_from_the_host():
+    """The string the next test looks for is what torch's sync debug mode writes."""
+    import warnings
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.tensor(3, device='cuda')                # a copy from pageable host memory: waits
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert any(SYNC_WARNING in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize('graph', [False, True])
+def test_train_loop_never_waits_for_the_gpu_between_log_lines(tmp_path, byte_data, graph):
+    """train.py --cuda_sync_check=True: no step between two log lines makes the host wait for the
+    device (each wait leaves the GPU idle while the host prepares the next step), with the step
+    as Python or as a CUDA graph, MoE + MTP."""
+    args = [a for a in TINY_MODEL if not a.startswith(('--device', '--log_interval'))]
+    moe = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--kv_lora_rank=16',
+           '--qk_nope_head_dim=16', '--qk_rope_head_dim=8', '--v_head_dim=16', '--n_routed_experts=8',
+           '--moe_intermediate_size=32', '--n_shared_experts=1', '--scoring_func=sigmoid', '--mtp_depth=1']
+    proc = run_script('train.py', f'--data_dir={byte_data}', f'--out_dir={tmp_path / "out"}', *args, *moe,
+                      '--device=cuda', '--max_iters=16', '--eval_interval=100', '--log_interval=8',
+                      '--cuda_sync_check=True', f'--cuda_graph_train={graph}', cwd=tmp_path)
+    assert SYNC_WARNING not in proc.stderr, proc.stderr[-3000:]
