@@ -10,6 +10,9 @@
 #   PART=5  the whole training step as one CUDA graph (session 16): MoE at batch 64 beside
 #           transformers in alternating rounds, with a profile (kernels and idle gaps); MoE at 128;
 #           the loss-kernel and router micro-benchmarks (about 6 minutes)
+#   PART=6  session 17: MoE at batch 64 and 128 beside transformers in alternating rounds (the graph
+#           captured afresh each round, so batch 128 fits too); the output-layer micro-benchmarks
+#           (Triton softmax-in-GEMM, chunk sizes) and the attention backends (about 7 minutes)
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh
 set -uo pipefail
@@ -41,5 +44,10 @@ case $PART in
        2>&1 | grep -v -i warn | grep "^| train\|^train\|rror"
      $G --batch_size=128 --out_file=$OUT/moe_b128_graph.json 2>&1 | grep "^train\|rror"
      python experiments/kernel_bench.py ce,router 2>&1 | grep -v -i warn ;;
-  *) echo "PART=$PART; valid: 1, 2, 3, 4, 5"; exit 2 ;;
+  6) G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --compare_hf=True --hf_rounds=3"
+     for b in 64 128; do
+       $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
+     done
+     python experiments/kernel_bench.py lmhead,chunks,attn 2>&1 | grep -v -i warn ;;
+  *) echo "PART=$PART; valid: 1, 2, 3, 4, 5, 6"; exit 2 ;;
 esac

@@ -11,9 +11,14 @@ against the reference it would replace, on one CUDA GPU:
   lmhead  one chunk of the output layer and the loss (logits, loss, dh, dW): cuBLAS GEMMs with
           the row pass between them (model.LinearCrossEntropy) against the three Triton kernels
           that take the softmax inside the backward GEMMs (linear_cross_entropy_chunk_),
-          each kernel over a few tile configurations.
+          each kernel over a few tile configurations;
+  chunks  model.linear_cross_entropy (forward and backward) at 128 x 512 tokens with chunks of
+          0.25 to 2 GiB of logits (1 GiB is the default);
+  attn    MLA's causal attention (q, k 96 wide, v 64) forward and backward through each SDPA
+          backend that takes it (cuDNN, flash with v padded to 96, memory-efficient) and
+          FlexAttention.
 
-$ python experiments/kernel_bench.py [ce,router,lmhead]
+$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn]
 """
 import os
 import statistics
@@ -387,6 +392,73 @@ def prof_parts(run):
         print(f'    {e.device_time_total / 1000:8.3f} ms  {e.key[:90]}')
 
 
+def bench_chunks(N=65536, V=50304, C=512):
+    g = torch.Generator(device='cuda').manual_seed(0)
+    h = torch.randn(N, C, device='cuda', generator=g).requires_grad_()
+    w = (torch.randn(V, C, device='cuda', generator=g) * 2 / C ** 0.5).requires_grad_()
+    y = torch.randint(0, V, (N,), device='cuda', generator=g)
+    print(f'chunks: linear_cross_entropy forward + backward, {N} rows x {C} -> {V}, float32 weights under bf16 autocast')
+    for gib in (0.25, 0.5, 1, 2):
+        def run():
+            with torch.autocast('cuda', torch.bfloat16):
+                loss = model.linear_cross_entropy(h, w, y, chunk_bytes=int(gib * 2 ** 30))
+            loss.backward()
+            h.grad = w.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        ms = bench(run, n=10)
+        print(f'  {gib:4} GiB chunks ({-(-N // max(1, int(gib * 2 ** 30) // (V * 2)))}): {ms:7.3f} ms, '
+              f'peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB', flush=True)
+
+
+def bench_attn(B=128, H=8, T=512, d_qk=96, d_v=64):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator(device='cuda').manual_seed(0)
+    q, k = (torch.randn(B, H, T, d_qk, device='cuda', generator=g, dtype=torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    v = torch.randn(B, H, T, d_v, device='cuda', generator=g, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(B, H, T, d_v, device='cuda', generator=g, dtype=torch.bfloat16)
+    flop = 4 * B * H * T * T * (d_qk + d_v) / 2 * 3.5 / 2      # causal; backward = 2.5 x forward
+    print(f'attn: B={B} H={H} T={T}, q/k {d_qk}, v {d_v}, causal; forward + backward')
+
+    def sdpa(backend, pad):
+        def run():
+            with sdpa_kernel(backend):
+                vv = F.pad(v, (0, d_qk - d_v)) if pad else v
+                y = F.scaled_dot_product_attention(q, k, vv, is_causal=True)[..., :d_v]
+            y.backward(dy)
+            q.grad = k.grad = v.grad = None
+            return y
+        return run
+    variants = {'cuDNN': sdpa(SDPBackend.CUDNN_ATTENTION, False),
+                'flash, v padded to 96': sdpa(SDPBackend.FLASH_ATTENTION, True),
+                'memory-efficient': sdpa(SDPBackend.EFFICIENT_ATTENTION, False)}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T)
+        flex = torch.compile(flex_attention)
+
+        def run_flex():
+            y = flex(q, k, v, block_mask=mask)
+            y.backward(dy)
+            q.grad = k.grad = v.grad = None
+            return y
+        variants['FlexAttention (compiled)'] = run_flex
+    except Exception as e:                       # noqa: BLE001
+        print(f'  FlexAttention: {type(e).__name__}: {str(e)[:80]}')
+    ref = None
+    for name, run in variants.items():
+        try:
+            y = run().float()
+            ms = bench(run, n=10)
+        except Exception as e:                   # noqa: BLE001 (a backend that refuses these shapes)
+            print(f'  {name:28s} {type(e).__name__}: {str(e)[:80]}')
+            continue
+        ref = y if ref is None else ref
+        print(f'  {name:28s} {ms:7.3f} ms  {flop / ms / 1e9:5.0f} TFLOP/s  max diff to cuDNN '
+              f'{(y - ref).abs().max().item():.1e}', flush=True)
+
+
 if __name__ == '__main__':
     which = sys.argv[1].split(',') if len(sys.argv) > 1 else ['ce', 'router']
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
@@ -396,3 +468,7 @@ if __name__ == '__main__':
         bench_router()
     if 'lmhead' in which:
         bench_lmhead()
+    if 'chunks' in which:
+        bench_chunks()
+    if 'attn' in which:
+        bench_attn()
