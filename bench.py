@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common import (compile_mode_arg, configure, CUDAGraphStep, idle_table, init_runtime, kernel_table,
-                    measure_peak_flops, model_config_from, synchronize)
+from common import (compile_mode_arg, configure, CUDAGraphStep, init_runtime, measure_peak_flops,
+                    model_config_from, synchronize, write_profile)
 from model import GPT, ModelConfig
 from optim import build_optimizer
 
@@ -97,12 +97,7 @@ def profiled(name, fn):
     with torch_profile(activities=acts) as prof:
         fn()
         synchronize(rt.device_type)
-    sort = 'cuda_time_total' if cuda else 'cpu_time_total'
-    with open(profile, 'a') as f:
-        f.write(f'\n=== {name} ===\n')
-        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
-        if cuda:
-            f.write('\n' + kernel_table(prof) + idle_table(prof))
+    write_profile(prof, profile, name, rt.device_type)
 
 
 def peak_memory_gb():

@@ -1021,6 +1021,17 @@ def kernel_table(prof, rows=60):
     return '\n'.join(lines) + '\n'
 
 
+def write_profile(prof, path, title, device_type):
+    """Append a torch.profiler run's tables to `path`: its operations by time and, on CUDA, its
+    kernels by kind (kernel_table) and where the device waited (idle_table)."""
+    cuda = device_type == 'cuda'
+    with open(path, 'a') as f:
+        f.write(f'\n=== {title} ===\n')
+        f.write(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=40))
+        if cuda:
+            f.write('\n' + kernel_table(prof) + idle_table(prof))
+
+
 def idle_table(prof, rows=15, min_gap_us=5.0):
     """Where the device waits: the span from the first kernel's start to the last one's end, the
     part of it no kernel runs (idle = span - union of kernel intervals), and the `rows` longest
@@ -1104,6 +1115,9 @@ def training_defaults():
     cuda_graph_train = False     # CUDA: capture the whole training step (forward, backward, clipping,
                                  # AdamW, router-bias update) once as a CUDA graph and replay it at
                                  # every step: no Python between kernels (one GPU, AdamW; train.py)
+    profile = ''                 # append torch.profiler tables of 2 steps (the 11th and 12th of the
+                                 # run: past compilation and the graph's capture) to this file: the
+                                 # kernels by time and the device's idle gaps (as bench.py --profile)
     cuda_sync_check = False      # CUDA: warn at every host-device sync between two log lines (from
                                  # the 5th step on), with a stack (torch.cuda.set_sync_debug_mode):
                                  # each one stalls the GPU while the host prepares the next step
@@ -1445,6 +1459,7 @@ class Trainer:
         step_metrics = {}                                 # the stage's own metrics, last micro-batch
         n_micro = c['gradient_accumulation_steps']
         start_step = self.step
+        prof = None                                       # torch.profiler over 2 steps (c['profile'])
 
         def one_step(step_or_batches):
             """Forward and backward over the micro-batches, clipping, the optimizer step and the
@@ -1519,6 +1534,11 @@ class Trainer:
                 break
 
             # forward / backward over the micro-batches, then one optimizer step
+            if c['profile'] and step == start_step + 10:
+                from torch.profiler import ProfilerActivity, profile
+                prof = profile(activities=[ProfilerActivity.CPU] +
+                               ([ProfilerActivity.CUDA] if rt.device_type == 'cuda' else []))
+                prof.__enter__()
             sync_check = c['cuda_sync_check'] and rt.device_type == 'cuda' and step >= start_step + 4
             if sync_check:
                 torch.cuda.set_sync_debug_mode('warn')
@@ -1550,6 +1570,12 @@ class Trainer:
             self.step = step = step + 1
             steps_since += 1
             bar.update(1)
+            if prof is not None and step == start_step + 12:
+                synchronize(rt.device_type)
+                prof.__exit__(None, None, None)
+                if rt.master:
+                    write_profile(prof, c['profile'], f'{self.stage}: steps {step - 2} and {step - 1}', rt.device_type)
+                prof = None
 
             if step % c['log_interval'] == 0:
                 if self.nonfinite_step() >= 0:
@@ -1592,6 +1618,9 @@ class Trainer:
                 expert_load = logit_max = None
                 clipped.zero_()
         bar.close()
+        if prof is not None:                              # the run ended inside the profiled steps
+            prof.__exit__(None, None, None)
+            prof = None
         bad = self.nonfinite_step()
         if bad >= 0:
             last = checkpoint_path(c['out_dir'])

@@ -326,3 +326,14 @@ def test_train_loop_never_waits_for_the_gpu_between_log_lines(tmp_path, byte_dat
                       '--device=cuda', '--max_iters=16', '--eval_interval=100', '--log_interval=8',
                       '--cuda_sync_check=True', f'--cuda_graph_train={graph}', cwd=tmp_path)
     assert SYNC_WARNING not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_train_profile_on_the_gpu_lists_kernels_and_idle_gaps(tmp_path, byte_data):
+    """train.py --profile with the step as a CUDA graph: the kernel and idle tables are there."""
+    args = [a for a in TINY_MODEL if not a.startswith('--device')]
+    run_script('train.py', f'--data_dir={byte_data}', f'--out_dir={tmp_path / "out"}', *args, '--device=cuda',
+               '--max_iters=14', '--eval_interval=100', '--cuda_graph_train=True',
+               f'--profile={tmp_path / "prof.txt"}', cwd=tmp_path)
+    text = (tmp_path / 'prof.txt').read_text()
+    assert '=== pretrain: steps 10 and 11 ===' in text
+    assert 'device kernels:' in text and 'device span' in text

@@ -147,6 +147,17 @@ def test_moe_training_logs_balance_and_mtp(tmp_path, byte_data):
     assert (tmp_path / 'moe' / 'expert_load.png').exists() or not _has_matplotlib()
 
 
+def test_profile_writes_the_tables_of_two_steps_and_changes_nothing(tmp_path, byte_data):
+    """--profile=FILE: torch.profiler over the 11th and 12th steps, its table appended to FILE; the
+    run's losses are those of the run without it."""
+    train(tmp_path, byte_data, 'plain', '--max_iters=14', *MOE_MLA)
+    train(tmp_path, byte_data, 'prof', '--max_iters=14', f'--profile={tmp_path / "prof.txt"}', *MOE_MLA)
+    text = (tmp_path / 'prof.txt').read_text()
+    assert '=== pretrain: steps 10 and 11 ===' in text
+    assert 'aten::mm' in text and 'Self CPU' in text
+    assert losses(tmp_path / 'prof') == losses(tmp_path / 'plain')
+
+
 def test_muonclip_logs_max_logits_and_clipped_heads(tmp_path, byte_data):
     train(tmp_path, byte_data, 'mc', '--max_iters=6', '--optimizer=muonclip', '--qk_clip_tau=0.01',
           '--learning_rate=0.01', *MOE_MLA)
