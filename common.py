@@ -1445,7 +1445,7 @@ class Trainer:
         apart from the loss, which is then loss_fn(model, *batch) (needed by cuda_graph_train,
         whose captured step reads each new batch from the tensors it was captured with)."""
         from tqdm import tqdm
-        from optim import max_logits, qk_clip, set_lr
+        from optim import clip_grad_norm_, max_logits, qk_clip, set_lr
         c, rt, raw, log = self.c, self.rt, self.raw, self.log
         dist = torch.distributed if rt.ddp else None
         reduce_sum = dist.all_reduce if dist else None
@@ -1484,7 +1484,8 @@ class Trainer:
             out['parts'] = dict(raw.last_losses)          # the last micro-batch's loss parts
             if c['grad_clip'] > 0:
                 self.scaler.unscale_(self.optimizer)
-                out['grad_norm'] = torch.nn.utils.clip_grad_norm_(raw.parameters(), c['grad_clip'])
+                out['grad_norm'] = clip_grad_norm_(self.optimizer, raw.parameters(), c['grad_clip'],
+                                                   defer_to_optimizer=not (self.scaler.is_enabled() or self.fsdp))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)

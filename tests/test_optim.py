@@ -168,3 +168,40 @@ def test_qk_clip_brings_a_hot_head_under_tau_and_leaves_the_rest(cfg):
 def test_qk_clip_needs_tracking():
     with pytest.raises(RuntimeError, match='track_max_logits'):
         qk_clip(build(GQA), 100.0)
+
+
+@pytest.mark.parametrize('max_norm', [0.5, 1e4])      # clipping every step / never
+def test_clipping_left_to_fused_adamw_equals_clip_grad_norm(max_norm):
+    """optim.clip_grad_norm_ with a fused AdamW hands the scaling to the optimizer's kernel
+    (grad_scale); the weights and the returned norms are those of torch's clip_grad_norm_ followed
+    by the same optimizer."""
+    from optim import clip_grad_norm_
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (4, 4, 3)]
+    start = [torch.randn(s) for s in shapes]
+    runs = {}
+    for deferred in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        g = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * 3
+            norms.append(float(clip_grad_norm_(opt, params, max_norm, defer_to_optimizer=deferred)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[deferred] = (params, norms)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6)
+    assert max(runs[True][1]) > 0.5 * 4                     # (so with max_norm 0.5 every step clips)
+    for a, b in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_norm_without_a_fused_optimizer_scales_the_gradients():
+    from optim import clip_grad_norm_
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    opt = torch.optim.SGD([p], lr=0.1)
+    assert float(clip_grad_norm_(opt, [p], 1.0)) == pytest.approx(5.0)
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
