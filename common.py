@@ -1025,6 +1025,7 @@ def write_profile(prof, path, title, device_type):
     """Append a torch.profiler run's tables to `path`: its operations by time and, on CUDA, its
     kernels by kind (kernel_table) and where the device waited (idle_table)."""
     cuda = device_type == 'cuda'
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with open(path, 'a') as f:
         f.write(f'\n=== {title} ===\n')
         f.write(prof.key_averages().table(sort_by='cuda_time_total' if cuda else 'cpu_time_total', row_limit=40))
@@ -1249,6 +1250,9 @@ class Trainer:
                 print(f"resuming {c['out_dir']} at step {self.step}")
         if rt.rank > 0 and not rng_restored:             # own dropout masks; rank 0 keeps the
             torch.manual_seed(c['seed'] + rt.rank)       # stream a single process would have
+        if c['cuda_sync_check'] and rt.device_type != 'cuda':
+            sys.exit(f"error: cuda_sync_check=True needs a CUDA GPU (device is '{rt.device}'); "
+                     f"it reports where the host waits for one")
         self.graph_step = None                           # the CUDAGraphStep, made at the first step
         if c['cuda_graph_train']:
             why = ('needs a CUDA GPU' if rt.device_type != 'cuda' else

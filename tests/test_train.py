@@ -151,11 +151,17 @@ def test_profile_writes_the_tables_of_two_steps_and_changes_nothing(tmp_path, by
     """--profile=FILE: torch.profiler over the 11th and 12th steps, its table appended to FILE; the
     run's losses are those of the run without it."""
     train(tmp_path, byte_data, 'plain', '--max_iters=14', *MOE_MLA)
-    train(tmp_path, byte_data, 'prof', '--max_iters=14', f'--profile={tmp_path / "prof.txt"}', *MOE_MLA)
-    text = (tmp_path / 'prof.txt').read_text()
+    train(tmp_path, byte_data, 'prof', '--max_iters=14', f'--profile={tmp_path / "new" / "prof.txt"}', *MOE_MLA)
+    text = (tmp_path / 'new' / 'prof.txt').read_text()     # (its folder made as needed)
     assert '=== pretrain: steps 10 and 11 ===' in text
     assert 'aten::mm' in text and 'Self CPU' in text
     assert losses(tmp_path / 'prof') == losses(tmp_path / 'plain')
+
+
+def test_cuda_sync_check_is_refused_by_name_without_a_gpu(tmp_path, byte_data):
+    proc = train(tmp_path, byte_data, 'out', '--max_iters=2', '--cuda_sync_check=True', check=False)
+    assert proc.returncode != 0
+    assert "cuda_sync_check=True needs a CUDA GPU (device is 'cpu')" in proc.stderr
 
 
 def test_muonclip_logs_max_logits_and_clipped_heads(tmp_path, byte_data):
