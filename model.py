@@ -21,6 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:                                     # the two hand-written kernels (the experts' SwiGLU backward,
+    import triton                        # the loss's row pass) are Triton; the CPU build of
+    import triton.language as tl         # PyTorch comes without it, and takes the same math in
+    HAVE_TRITON = True                   # PyTorch instead
+except ImportError:
+    HAVE_TRITON = False
+
 
 @dataclass
 class ModelConfig:
@@ -793,21 +800,28 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)                            # segment ends
         dtype = _grouped_mm_dtype(x)
-        xs = GatherRows.apply(x, order // K, inv, K).to(dtype)                # (N*K, C) sorted
+        xs = GatherRows.apply(x.to(dtype), order // K, inv, K)                # (N*K, C) sorted; cast
+        # first (float32 x under autocast): the gather and its backward move bf16 rows, not float32
         if fuse_gate_up is None:
             fuse_gate_up = self.gate_proj.dtype != dtype
+        # the gate weight enters before the down projection, which is linear: g W_down h = W_down (g h).
+        # Then the combine is a plain gather-and-sum, and its backward a gather of dy: no read of
+        # the experts' outputs for dg (that comes from h, in the SwiGLU's backward)
+        g = GatherRows.apply(weights.reshape(-1, 1), order, inv, 1)         # (N*K, 1) sorted
         if fuse_gate_up:
             # cast, then concatenate: the backward's float32 gradients of gate and up are then
             # two contiguous tensors, not strided views of one (E, 2I, C) buffer that autograd
             # would have to copy into each parameter's layout
             w13 = torch.cat([self.gate_proj.to(dtype), self.up_proj.to(dtype)], 1)   # (E, 2I, C)
-            gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            h = WeightedSwiGLU.apply(torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs), g, dtype)
         else:
             gate = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
             up = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
-        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
-        ys = GatherRows.apply(ys, inv, order, 1).view(N, K, -1)              # unsort: back to (t, k)
-        return (ys.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)      # sum_k g_tk y_tk
+            h = (F.silu(gate) * up * g).to(dtype)                            # g h
+        ys = torch._grouped_mm(h, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+        # unsort and sum the K outputs of each token: y_t = sum_k g_tk y_tk (float32 sum, written
+        # in the compute dtype like any autocast layer's output: its backward reads dy in bf16)
+        return GatherRows.apply(ys, inv, order, 1).view(N, K, -1).sum(1, dtype=torch.float32).to(dtype)
 
     def forward_gathered(self, x, weights, indices):
         """For a few tokens (decoding at a small batch): every (token, k) pair reads its expert's
@@ -822,6 +836,74 @@ class Experts(nn.Module):
         h = (F.silu(gate) * up)[:, :, None, :]                                # (N, K, 1, I)
         y = (self.down_proj[indices].float() * h).sum(-1)                     # (N, K, C)
         return (y * weights[..., None].float()).sum(1).to(x.dtype)
+
+
+class WeightedSwiGLU(torch.autograd.Function):
+    """h = g * silu(a) * b for the sorted (token, expert) rows: gate_up = [a ; b] (M, 2I) from the
+    fused gate/up GEMM, g (M, 1) the gate weights, h (M, I) in dtype. Its backward,
+        dh' = g dh,   da = dh' b sigmoid(a) (1 + a (1 - sigmoid(a))),   db = dh' silu(a),
+        dg = sum_i dh_i silu(a_i) b_i,
+    is one Triton kernel on CUDA: one read of gate_up and dh, one write of d gate_up, with dg
+    from the same rows (torch.compile writes the reduction as a second kernel that reads gate_up
+    again). The same math in PyTorch elsewhere."""
+
+    @staticmethod
+    def forward(ctx, gate_up, g, dtype):
+        ctx.save_for_backward(gate_up, g)
+        a, b = gate_up.chunk(2, dim=-1)
+        return (F.silu(a) * b * g).to(dtype)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate_up, g = ctx.saved_tensors
+        if gate_up.is_cuda and HAVE_TRITON:
+            d_gate_up, dg = swiglu_weighted_backward(gate_up, g, dh.contiguous())
+            return d_gate_up, dg.view_as(g).to(g.dtype), None
+        a, b = gate_up.float().chunk(2, dim=-1)
+        dh = dh.float()
+        sig = torch.sigmoid(a)
+        dg = (dh * a * sig * b).sum(-1, keepdim=True)
+        dh = dh * g
+        da = dh * b * sig * (1 + a * (1 - sig))
+        return torch.cat([da, dh * a * sig], -1).to(gate_up.dtype), dg.to(g.dtype), None
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _swiglu_weighted_backward_kernel(gate_up_ptr, g_ptr, dh_ptr, d_gate_up_ptr, dg_ptr, M, I,
+                                         BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+        """WeightedSwiGLU's backward for BLOCK_M rows (all I columns at once)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_I)
+        row_ok = rows < M
+        mask = row_ok[:, None] & (cols < I)[None, :]
+        at = rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]           # a at [row, i], b at + I
+        a = tl.load(gate_up_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(gate_up_ptr + at + I, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        tl.store(dg_ptr + rows, tl.sum(dh * silu * b, 1), mask=row_ok)       # dg = sum_i dh silu(a) b
+        dh = dh * g[:, None]
+        da = dh * b * sig * (1 + a * (1 - sig))
+        tl.store(d_gate_up_ptr + at, da.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_gate_up_ptr + at + I, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
+
+    @torch.library.triton_op('nano_kimi::swiglu_weighted_backward', mutates_args=())
+    def swiglu_weighted_backward(gate_up: torch.Tensor, g: torch.Tensor,
+                                 dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d gate_up, dg (M,) float32) of WeightedSwiGLU; a custom op, so that torch.compile
+        keeps the kernel inside its graph (no graph break)."""
+        M, I = dh.shape
+        d_gate_up = torch.empty_like(gate_up)
+        dg = torch.empty(M, device=dh.device, dtype=torch.float32)
+        block_i = triton.next_power_of_2(I)
+        block_m = max(1, 4096 // block_i)
+        torch.library.wrap_triton(_swiglu_weighted_backward_kernel)[(triton.cdiv(M, block_m),)](
+            gate_up, g.reshape(-1).float(), dh, d_gate_up, dg, M, I, BLOCK_M=block_m, BLOCK_I=block_i,
+            num_warps=4)
+        return d_gate_up, dg
 
 
 class GatherRows(torch.autograd.Function):
@@ -1423,67 +1505,82 @@ def masked_cross_entropy(logits, targets):
 # taken together in the forward:
 #     z = h W^T                       (n, V) bf16, one chunk at a time
 #     loss_i = logsumexp(z_i) - z_i[y_i]        (0 where y_i = -1)
-#     dz_i = softmax(z_i) - onehot(y_i)         written over z_i by the same row pass
+#     dz_i = softmax(z_i) - onehot(y_i)
 #     dh = dz W,  dW += dz^T h                   the output layer's backward, done now
 # and backward only scales dh and dW by the incoming gradient. Rows where y = -1 get dz = 0.
-
-try:
-    import triton
-    import triton.language as tl
-    HAVE_TRITON = True
-except ImportError:                      # the CPU build of PyTorch comes without Triton
-    HAVE_TRITON = False
+# The row pass reads each row of z once: the softmax's normaliser S_i is known only at the row's
+# end, so it writes z_i <- P_i = exp(z_i - c_i) - S_i onehot(y_i), unnormalised (c_i: an offset
+# near the row's max), and the division by S_i moves to the (n, C) side of the two GEMMs:
+#     dz_i = P_i / S_i,   dh_i = (P_i W) / S_i,   dW += P^T (h / S)
+# which costs two small (n, C) scalings instead of a second read of the (n, V) logits.
 
 if HAVE_TRITON:
     @triton.jit
-    def _cross_entropy_row(z_row, y, loss_at, V, BLOCK: tl.constexpr):
-        """One row of logits at z_row with target y: *loss_at = logsumexp(z) - z[y], then
-        z <- softmax(z) - onehot(y); both 0 where y = -1. Two reads of the row and one write."""
-        m = float('-inf')                                # running max
-        s = 0.0                                          # running sum of exp(z - m)
+    def _cross_entropy_row(z_row, y, loss_at, inv_sum_at, V, BLOCK: tl.constexpr,
+                           RESCALE_AT: tl.constexpr = 32.0):
+        """One row of logits at z_row with target y, read once and written once:
+        *loss_at = logsumexp(z) - z[y],  z <- exp(z - c) - S onehot(y),  *inv_sum_at = 1 / S,
+        S = sum exp(z - c); loss and 1/S are 0 where y = -1. The offset c is the first block's
+        max, raised (and the blocks already written rescaled by exp(c_old - c_new)) whenever a
+        later block's max passes c + RESCALE_AT, so exp(z - c) <= e^32 and S < 2^64 never overflow,
+        and entries that underflow (z < c - 87 <= max - 87) carry no probability to speak of."""
+        valid = y >= 0
+        z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
+        c = float('-inf')                                # the offset
+        s = 0.0                                          # sum of exp(z - c) so far
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             z = tl.load(z_row + cols, mask=cols < V, other=float('-inf')).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-            m = m_new
-        lse = m + tl.log(s)
-        valid = y >= 0
-        z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
-        tl.store(loss_at, tl.where(valid, lse - z_y, 0.0))
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            dz = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
-            dz = tl.where(valid, dz, 0.0)
-            tl.store(z_row + cols, dz.to(z_row.dtype.element_ty), mask=cols < V)
+            m = tl.max(z, 0)
+            if m > c + RESCALE_AT:                       # the first block, then rarely
+                scale = tl.exp(c - m)
+                tl.debug_barrier()                       # this row's earlier stores are visible
+                for prev in range(0, start, BLOCK):
+                    pcols = prev + tl.arange(0, BLOCK)
+                    p = tl.load(z_row + pcols).to(tl.float32) * scale
+                    tl.store(z_row + pcols, p.to(z_row.dtype.element_ty))
+                s = s * scale
+                c = m
+            p = tl.exp(z - c)
+            s += tl.sum(p, 0)
+            tl.store(z_row + cols, p.to(z_row.dtype.element_ty), mask=cols < V)
+        tl.store(loss_at, tl.where(valid, c + tl.log(s) - z_y, 0.0))
+        tl.store(inv_sum_at, tl.where(valid, 1.0 / s, 0.0))
+        tl.debug_barrier()                               # the block's store of P[y] lands first
+        if valid:
+            tl.store(z_row + y, (tl.exp(z_y - c) - s).to(z_row.dtype.element_ty))
 
     @triton.jit
-    def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
-        """One program per row. With a program per row about a thousand rows are in flight on an
-        H100, more than its L2 holds, so the second read comes from memory too; fewer rows in
-        flight (a persistent grid) measured no faster (notes/performance.md, sessions 15-16)."""
+    def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, inv_sum_ptr, V,
+                                   BLOCK: tl.constexpr):
+        """One program per row."""
         row = tl.program_id(0).to(tl.int64)
-        _cross_entropy_row(z_ptr + row * stride, tl.load(targets_ptr + row), loss_ptr + row, V, BLOCK)
+        _cross_entropy_row(z_ptr + row * stride, tl.load(targets_ptr + row), loss_ptr + row,
+                           inv_sum_ptr + row, V, BLOCK)
 
 
 def cross_entropy_rows_(z, targets):
-    """Per-row loss (float32, 0 where the target is -1) of logits z (n, V), and z overwritten with
-    d loss_sum / dz = softmax(z) - onehot(y) (0 on masked rows). Triton on CUDA; the same math in
-    PyTorch elsewhere (the reference the CUDA test compares the kernel with)."""
+    """The loss's row pass over logits z (n, V) with targets (n,), -1 = no loss. Returns the
+    per-row loss (float32) and 1 / S (float32; both 0 where the target is -1), and overwrites z
+    with P = exp(z - c) - S onehot(y), so that the gradient d loss_sum / dz = P / S (see above).
+    Triton on CUDA; elsewhere the same contract in PyTorch with c = the row's max (the reference
+    the CUDA test compares the kernel with)."""
     if z.is_cuda and HAVE_TRITON:
         loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
-        _cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), targets, loss, z.size(1),
+        inv_sum = torch.empty_like(loss)
+        _cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), targets, loss, inv_sum, z.size(1),
                                                  BLOCK=4096, num_warps=8)
-        return loss
+        return loss, inv_sum
     valid = targets >= 0
+    y = targets.clamp(min=0)[:, None]
     zf = z.float()
-    lse = torch.logsumexp(zf, dim=-1)
-    loss = (lse - zf.gather(1, targets.clamp(min=0)[:, None])[:, 0]) * valid
-    dz = torch.exp(zf - lse[:, None])
-    dz[torch.arange(z.size(0), device=z.device), targets.clamp(min=0)] -= 1.0
-    z.copy_(dz * valid[:, None])
-    return loss
+    c = zf.max(-1, keepdim=True).values
+    p = torch.exp(zf - c)
+    s = p.sum(-1)
+    loss = (c[:, 0] + torch.log(s) - zf.gather(1, y)[:, 0]) * valid
+    p.scatter_add_(1, y, -s[:, None])                       # P[y] -= S
+    z.copy_(p)
+    return loss, valid / s
 
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, 'dtype')     # torch.mm(bf16, bf16, out_dtype=float32)
@@ -1507,13 +1604,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_rows):
                 h_c = hc[start:start + chunk_rows]
                 z = h_c @ w.t()                                          # (n, V)
-                total = total + cross_entropy_rows_(z, targets[start:start + chunk_rows]).sum()
-                torch.mm(z, w, out=dh[start:start + chunk_rows])         # dh = dz W
-                if fp32_out:              # dW += dz^T h, accumulated by the GEMM in float32
-                    dw = torch.mm(z.t(), h_c, out_dtype=torch.float32) if dw is None else \
-                        torch.addmm(dw, z.t(), h_c, out_dtype=torch.float32, out=dw)
+                loss, inv_sum = cross_entropy_rows_(z, targets[start:start + chunk_rows])  # z <- P
+                total = total + loss.sum()
+                dh_c = torch.mm(z, w, out=dh[start:start + chunk_rows])  # P W
+                dh_c.mul_(inv_sum[:, None])                              # dh = dz W = (P W) / S
+                h_s = (h_c * inv_sum[:, None]).to(dtype)                 # h / S
+                if fp32_out:              # dW += dz^T h = P^T (h / S), accumulated in float32
+                    dw = torch.mm(z.t(), h_s, out_dtype=torch.float32) if dw is None else \
+                        torch.addmm(dw, z.t(), h_s, out_dtype=torch.float32, out=dw)
                 else:
-                    dw_c = z.t() @ h_c                                   # dW = dz^T h   (V, C)
+                    dw_c = z.t() @ h_s                                   # (V, C)
                     dw = dw_c.float() if dw is None else dw.add_(dw_c)
         ctx.save_for_backward(dh, dw)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype

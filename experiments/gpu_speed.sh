@@ -13,6 +13,9 @@
 #   PART=6  session 17: MoE at batch 64 and 128 beside transformers in alternating rounds (the graph
 #           captured afresh each round, so batch 128 fits too); the output-layer micro-benchmarks
 #           (Triton softmax-in-GEMM, chunk sizes) and the attention backends (about 7 minutes)
+#   PART=7  session 18: the CUDA tests of the loss, MoE and graphed step; the loss's row pass (one
+#           read against two) and the experts' grouped GEMMs alone; MoE at batch 128 (with a
+#           profile) and 64 with the graph (about 6 minutes)
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh
 set -uo pipefail
@@ -49,5 +52,12 @@ case $PART in
        $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
      done
      python experiments/kernel_bench.py lmhead,chunks,attn 2>&1 | grep -v -i warn ;;
-  *) echo "PART=$PART; valid: 1, 2, 3, 4, 5, 6"; exit 2 ;;
+  7) python -m pytest -q tests/test_cuda.py -k "grouped or compiled_step or cross_entropy or fused_loss or whole_step or swiglu" \
+       2>&1 | tail -3
+     python experiments/kernel_bench.py ce,grouped 2>&1 | grep -v -i warn
+     G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True"
+     $G --batch_size=128 --profile=$OUT/moe_b128_graph_profile.txt --out_file=$OUT/moe_b128_graph.json \
+       2>&1 | grep "^train\|rror"
+     $G --out_file=$OUT/moe_b64_graph.json 2>&1 | grep "^train\|rror" ;;
+  *) echo "PART=$PART; valid: 1 to 7"; exit 2 ;;
 esac

@@ -2,10 +2,10 @@
 against the reference it would replace, on one CUDA GPU:
 
   ce      the loss's row pass over a chunk of bf16 logits (model.cross_entropy_rows_): the kernel
-          in model.py (a program per row, two reads of the row) against
-          - a persistent grid (P programs per SM, each looping over rows, so that fewer rows are
-            in flight and the second read may come from L2), and
-          - a row held whole in registers (one read of the row, one write);
+          in model.py (a program per row, one read and one write, the softmax left unnormalised)
+          against session 17's kernel that normalised it (two reads of the row, one write), that
+          one on a persistent grid (P programs per SM, each looping over rows, so that fewer rows
+          are in flight and the second read may come from L2), and a row held whole in registers;
   router  the sigmoid router's choice of K experts (torch.topk) against K rounds of argmax
           under torch.compile, forward and backward;
   lmhead  one chunk of the output layer and the loss (logits, loss, dh, dW): cuBLAS GEMMs with
@@ -18,7 +18,10 @@ against the reference it would replace, on one CUDA GPU:
           backend that takes it (cuDNN, flash with v padded to 96, memory-efficient) and
           FlexAttention.
 
-$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn]
+  grouped the experts' grouped GEMMs (torch._grouped_mm) of one MoE layer at 128 x 512 tokens, each
+          alone in autograd's operand layouts and the alternatives, then forward + backward.
+
+$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn,grouped]
 """
 import os
 import statistics
@@ -31,7 +34,6 @@ import triton                           # noqa: E402
 import triton.language as tl            # noqa: E402
 
 import model                            # noqa: E402
-from model import _cross_entropy_row    # noqa: E402
 from common import CUDAGraphStep        # noqa: E402
 
 
@@ -53,11 +55,40 @@ def bench(fn, n=20, warmup=3):
 # --- the loss's row pass ---
 
 @triton.jit
+def ce_two_pass_row(z_row, y, loss_at, V, BLOCK: tl.constexpr):
+    """Session 17's row pass: *loss_at = logsumexp(z) - z[y], z <- softmax(z) - onehot(y) (0 where
+    y = -1); one read for the max and the sum, a second to write the normalised gradient."""
+    m = float('-inf')
+    s = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_row + cols, mask=cols < V, other=float('-inf')).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    valid = y >= 0
+    z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
+    tl.store(loss_at, tl.where(valid, lse - z_y, 0.0))
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        dz = tl.where(valid, tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0), 0.0)
+        tl.store(z_row + cols, dz.to(z_row.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def ce_two_pass(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ce_two_pass_row(z_ptr + row * stride, tl.load(targets_ptr + row), loss_ptr + row, V, BLOCK)
+
+
+@triton.jit
 def ce_persistent(z_ptr, stride, targets_ptr, loss_ptr, n_rows, V, BLOCK: tl.constexpr):
-    """model's row pass, but each program walks rows pid, pid + P, ... (P programs in all)."""
+    """The two-pass row, but each program walks rows pid, pid + P, ... (P programs in all)."""
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        _cross_entropy_row(z_ptr + row.to(tl.int64) * stride, tl.load(targets_ptr + row), loss_ptr + row,
-                           V, BLOCK)
+        ce_two_pass_row(z_ptr + row.to(tl.int64) * stride, tl.load(targets_ptr + row), loss_ptr + row,
+                        V, BLOCK)
 
 
 @triton.jit
@@ -80,15 +111,22 @@ def ce_whole_row(z_ptr, stride, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
 
 
 def ce_variants(n_sm):
+    """name -> fn(z, t) returning (loss, inv_sum or None): z then holds the gradient times
+    1 / inv_sum per row (model's kernel) or the gradient itself (None)."""
     def current(z, t):
         return model.cross_entropy_rows_(z, t)
+
+    def two_pass(z, t):
+        loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+        ce_two_pass[(z.size(0),)](z, z.stride(0), t, loss, z.size(1), BLOCK=4096, num_warps=8)
+        return loss, None
 
     def persistent(progs, block, warps):
         def run(z, t):
             loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
             grid = (min(z.size(0), progs * n_sm),)
             ce_persistent[grid](z, z.stride(0), t, loss, z.size(0), z.size(1), BLOCK=block, num_warps=warps)
-            return loss
+            return loss, None
         return run
 
     def whole(warps):
@@ -96,40 +134,111 @@ def ce_variants(n_sm):
             loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
             ce_whole_row[(z.size(0),)](z, z.stride(0), t, loss, z.size(1),
                                        BLOCK=triton.next_power_of_2(z.size(1)), num_warps=warps)
-            return loss
+            return loss, None
         return run
-    variants = {'current (row per program, 4096 x 8 warps)': current}
-    for progs in (1, 2, 4):
-        for block, warps in ((4096, 8), (8192, 16)):
-            variants[f'persistent {progs}/SM, {block} x {warps} warps'] = persistent(progs, block, warps)
-    for warps in (8, 16, 32):
-        variants[f'whole row, {warps} warps'] = whole(warps)
+    def one_pass(block, warps):
+        def run(z, t):
+            loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+            inv_sum = torch.empty_like(loss)
+            model._cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), t, loss, inv_sum, z.size(1),
+                                                           BLOCK=block, num_warps=warps)
+            return loss, inv_sum
+        return run
+    variants = {'model (one pass, unnormalised, 4096 x 8 warps)': current}
+    for block, warps in ((2048, 4), (2048, 8), (4096, 4), (4096, 16), (8192, 8), (8192, 16), (16384, 16)):
+        variants[f'one pass, {block} x {warps} warps'] = one_pass(block, warps)
+    variants['session 17 (two passes, 4096 x 8 warps)'] = two_pass
+    for progs in (1, 2):
+        variants[f'two passes, persistent {progs}/SM, 4096 x 8 warps'] = persistent(progs, 4096, 8)
+    variants['two passes, whole row, 32 warps'] = whole(32)
     return variants
 
 
-def bench_ce(rows=10672, V=50304):
-    """rows: the chunk linear_cross_entropy takes (1 GiB of bf16 logits at V = 50,304)."""
+def bench_ce(rows=9363, V=50304):
+    """rows: the chunk linear_cross_entropy takes at 128 x 512 tokens (7 chunks of <= 1 GiB)."""
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator(device='cuda').manual_seed(0)
     z0 = (torch.randn(rows, V, device='cuda', generator=g) * 3).to(torch.bfloat16)
     t = torch.randint(0, V, (rows,), device='cuda', generator=g)
     t[::7] = -1
-    ref_z = z0.cpu()
-    ref_loss = model.cross_entropy_rows_(ref_z, t.cpu())                # the PyTorch reference, in place
-    gb = 3 * z0.numel() * 2 / 1e9                                        # 2 reads + 1 write
-    print(f'ce: {rows} x {V} bf16 logits; TB/s below counts 2 reads + 1 write = {gb:.2f} GB')
+    ref_z = z0.cpu().float()
+    ref_loss, ref_inv = model.cross_entropy_rows_(ref_z, t.cpu())       # the PyTorch reference
+    ref_dz = ref_z * ref_inv[:, None]
+    gb = z0.numel() * 2 / 1e9
+    print(f'ce: {rows} x {V} bf16 logits ({gb:.2f} GB); TB/s counts the bytes each variant moves '
+          f'(one pass: 1 read + 1 write; two passes: 2 reads + 1 write)')
     out = []
     for name, fn in ce_variants(n_sm).items():
         z = z0.clone()
-        loss = fn(z, t)
+        loss, inv_sum = fn(z, t)
+        dz = z.float() if inv_sum is None else z.float() * inv_sum[:, None]
         err_loss = (loss.cpu() - ref_loss).abs().max().item()
-        err_dz = (z.cpu().float() - ref_z.float()).abs().max().item()
+        err_dz = (dz.cpu() - ref_dz).abs().max().item()
         ok = err_loss < 1e-2 and err_dz < 1e-2
         ms = bench(lambda: fn(z, t))
+        moved = (2 if inv_sum is not None else 3) * gb
         out.append((name, ms, ok, err_loss, err_dz))
-        print(f'  {name:45s} {ms:7.3f} ms  {gb / ms:6.2f} TB/s(eff)  max err loss {err_loss:.1e} dz {err_dz:.1e}'
+        print(f'  {name:50s} {ms:7.3f} ms  {moved / ms:6.2f} TB/s  max err loss {err_loss:.1e} dz {err_dz:.1e}'
               f'  {"ok" if ok else "WRONG"}', flush=True)
     return out
+
+
+# --- the experts' grouped GEMMs ---
+
+def bench_grouped(N=65536, K=4, E=64, C=512, I=256):
+    """The six grouped GEMMs of one MoE layer at 128 x 512 tokens (forward gate/up and down, and
+    the gradients of their inputs and weights), each timed alone in the operand layouts that
+    torch's autograd uses and in the alternatives, with TFLOP/s; then forward + backward through
+    autograd with its kernels from torch.profiler."""
+    import torch.nn.functional as F
+    g = torch.Generator(device='cuda').manual_seed(0)
+    idx = torch.rand(N, E, device='cuda', generator=g).topk(K, -1).indices
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    M = N * K
+    bf = dict(device='cuda', dtype=torch.bfloat16)
+    x = torch.randn(M, C, **bf)
+    w13 = torch.randn(E, 2 * I, C, **bf) * 0.02
+    w2 = torch.randn(E, C, I, **bf) * 0.02
+    h = torch.randn(M, I, **bf)
+    dy13 = torch.randn(M, 2 * I, **bf)
+    dy2 = torch.randn(M, C, **bf)
+    gmm = torch._grouped_mm
+    print(f'grouped: {E} experts, {M} rows (tokens per expert {counts.min().item()}..{counts.max().item()}), '
+          f'C = {C}, I = {I}')
+    cases = {
+        'fwd gate/up  x @ w13^T (view)': (lambda: gmm(x, w13.transpose(1, 2), offs=offs), M * C * 2 * I),
+        'fwd gate/up  x @ (w13^T contiguous)': (lambda: gmm(x, w13.transpose(1, 2).contiguous(), offs=offs), None),
+        'fwd down     h @ w2^T (view)': (lambda: gmm(h, w2.transpose(1, 2), offs=offs), M * I * C),
+        'dx  gate/up  dy13 @ w13': (lambda: gmm(dy13, w13, offs=offs), M * C * 2 * I),
+        'dx  down     dy2 @ w2': (lambda: gmm(dy2, w2, offs=offs), M * I * C),
+        'dW  gate/up  x^T dy13 -> (E, C, 2I)': (lambda: gmm(x.t(), dy13, offs=offs), M * C * 2 * I),
+        'dW  gate/up  dy13^T x -> (E, 2I, C)': (lambda: gmm(dy13.t(), x, offs=offs), M * C * 2 * I),
+        'dW  down     h^T dy2 -> (E, I, C)': (lambda: gmm(h.t(), dy2, offs=offs), M * I * C),
+        'dW  down     dy2^T h -> (E, C, I)': (lambda: gmm(dy2.t(), h, offs=offs), M * I * C),
+    }
+    flop = None
+    for name, (fn, f) in cases.items():
+        flop = f or flop
+        try:
+            ms = bench(fn)
+        except Exception as e:
+            print(f'  {name:40s} {type(e).__name__}: {str(e)[:100]}')
+            continue
+        print(f'  {name:40s} {ms:7.3f} ms  {2 * flop / ms / 1e9:5.0f} TFLOP/s', flush=True)
+
+    xr = x.clone().requires_grad_()
+    w13r = w13.float().requires_grad_()
+    w2r = w2.float().requires_grad_()
+    dy = torch.randn(M, C, **bf)
+
+    def layer():
+        gate, up = gmm(xr, w13r.to(torch.bfloat16).transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = gmm(F.silu(gate) * up, w2r.to(torch.bfloat16).transpose(1, 2), offs=offs)
+        y.backward(dy)
+        xr.grad = w13r.grad = w2r.grad = None
+    print(f'  autograd forward + backward: {bench(layer):.3f} ms (all six GEMMs: {6 * M * C * 3 * I / 1e9:.0f} GFLOP)')
+    prof_parts(layer)
 
 
 # --- the router's top-K ---
@@ -336,14 +445,15 @@ def bench_lmhead(n=9363, V=50304, C=512):
 
     def cublas(parts=('logits', 'rows', 'dh', 'dw')):
         z = h @ w.t()
-        loss = model.cross_entropy_rows_(z, y) if 'rows' in parts else None
+        loss, inv_sum = model.cross_entropy_rows_(z, y) if 'rows' in parts else (None, 1.0)
         if 'dh' in parts:
-            torch.mm(z, w, out=dh)
+            torch.mm(z, w, out=dh).mul_(inv_sum[:, None])
         if 'dw' in parts:
-            torch.addmm(dw, z.t(), h, out_dtype=torch.float32, out=dw)
+            torch.addmm(dw, z.t(), (h * inv_sum[:, None]).to(h.dtype), out_dtype=torch.float32, out=dw)
         return loss
     z = h @ w.t()
-    ref_loss = model.cross_entropy_rows_(z, y)
+    ref_loss, ref_inv = model.cross_entropy_rows_(z, y)
+    z = (z * ref_inv[:, None]).to(z.dtype)                # softmax - onehot
     ref_dh = z @ w
     ref_dw = (z.t().float() @ h.float())
     t_logits = bench(lambda: h @ w.t())
@@ -389,7 +499,8 @@ def prof_parts(run):
         run()
         torch.cuda.synchronize()
     for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
-        print(f'    {e.device_time_total / 1000:8.3f} ms  {e.key[:90]}')
+        name = e.key if len(e.key) <= 110 else e.key[:50] + ' ... ' + e.key[-55:]   # templates differ late
+        print(f'    {e.device_time_total / 1000:8.3f} ms  {e.count:3d}x  {name}')
 
 
 def bench_chunks(N=65536, V=50304, C=512):
@@ -472,3 +583,5 @@ if __name__ == '__main__':
         bench_chunks()
     if 'attn' in which:
         bench_attn()
+    if 'grouped' in which:
+        bench_grouped()
