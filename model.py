@@ -794,7 +794,9 @@ class Experts(nn.Module):
         N, K = indices.shape
         E = self.gate_proj.size(0)
         flat = indices.reshape(-1)                                            # (N*K,)
-        order = flat.argsort(stable=True)                                     # pairs by expert
+        # pairs by expert. The sort's keys in the narrowest integer that holds E: a GPU radix sort
+        # makes one pass per byte of key (8 for int64); the stable order is the same
+        order = flat.to(torch.uint8 if E <= 256 else torch.int16).argsort(stable=True)
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))  # pair p is at inv[p]
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
