@@ -571,17 +571,12 @@ def bench_attn(B=128, H=8, T=512, d_qk=96, d_v=64):
 
 
 if __name__ == '__main__':
+    modes = {'ce': bench_ce, 'router': bench_router, 'lmhead': bench_lmhead, 'chunks': bench_chunks,
+             'attn': bench_attn, 'grouped': bench_grouped}
     which = sys.argv[1].split(',') if len(sys.argv) > 1 else ['ce', 'router']
+    unknown = [m for m in which if m not in modes]
+    if unknown:
+        sys.exit(f'kernel_bench.py: unknown mode(s) {unknown}; choose from {",".join(modes)}')
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
-    if 'ce' in which:
-        bench_ce()
-    if 'router' in which:
-        bench_router()
-    if 'lmhead' in which:
-        bench_lmhead()
-    if 'chunks' in which:
-        bench_chunks()
-    if 'attn' in which:
-        bench_attn()
-    if 'grouped' in which:
-        bench_grouped()
+    for m in which:
+        modes[m]()
