@@ -1524,9 +1524,9 @@ if HAVE_TRITON:
         *loss_at = logsumexp(z) - z[y],  z <- exp(z - c) - S onehot(y),  *inv_sum_at = 1 / S,
         S = sum exp(z - c); loss and 1/S are 0 where y = -1. The offset c is the first block's
         max, raised (and the blocks already written rescaled by exp(c_old - c_new)) whenever a
-        later block's max passes c + RESCALE_AT, so exp(z - c) <= e^32 and S <= V e^32 stay far below
-        float32's 3e38,
-        and entries that underflow (z < c - 87 <= max - 87) carry no probability to speak of."""
+        later block's max passes c + RESCALE_AT: exp(z - c) <= e^32 and S <= V e^32 stay far below
+        float32's 3e38, and the entries that underflow (z < c - 87 <= max - 87) carry no
+        probability to speak of."""
         valid = y >= 0
         z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
         c = float('-inf')                                # the offset
