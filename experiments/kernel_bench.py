@@ -19,9 +19,13 @@ against the reference it would replace, on one CUDA GPU:
           FlexAttention.
 
   grouped the experts' grouped GEMMs (torch._grouped_mm) of one MoE layer at 128 x 512 tokens, each
-          alone in autograd's operand layouts and the alternatives, then forward + backward.
+          alone in autograd's operand layouts and the alternatives, then forward + backward;
+  mla     one MLAttention layer forward + backward, this model.py against
+          experiments/model_old_ab.py (q, k, v kept as (B, T, H, D) against transposed copies);
+  glue    the MoE's row gathers as torch.compile writes them against one Triton kernel;
+  counts  tokens per expert: atomic scatter_add against a one-hot sum and a search of the sorted keys.
 
-$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn,grouped]
+$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn,grouped,mla,glue,counts]
 """
 import os
 import statistics
@@ -570,9 +574,150 @@ def bench_attn(B=128, H=8, T=512, d_qk=96, d_v=64):
               f'{(y - ref).abs().max().item():.1e}', flush=True)
 
 
+# --- MLA's layout: heads inside each token's row, or heads first ---
+
+def bench_mla(B=128, T=512, config_file='config/tinystories_moe.py'):
+    """One MLAttention layer forward + backward (compiled, bf16 autocast, float32 weights as in
+    training) at B x T tokens: this checkout's model.py, which keeps q, k, v as (B, T, H, D) and
+    hands attention strided views, against the one in experiments/model_old_ab.py (before: q, k
+    transposed to (B, H, T, D) and concatenated there). Same weights; outputs compared."""
+    import importlib.util
+    import runpy
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'model_old_ab.py')
+    if not os.path.exists(path):
+        print(f'mla: {path} is missing (git show REV:model.py > experiments/model_old_ab.py)')
+        return
+    spec = importlib.util.spec_from_file_location('model_old_ab', path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    values = {k: v for k, v in runpy.run_path(config_file).items() if not k.startswith('_')}
+    fields = model.ModelConfig.__dataclass_fields__
+    cfg = model.ModelConfig(**{k: v for k, v in values.items() if k in fields})
+    g = torch.Generator(device='cuda').manual_seed(0)
+    x = torch.randn(B, T, cfg.n_embd, device='cuda', generator=g)
+    dy = torch.randn(B, T, cfg.n_embd, device='cuda', generator=g)
+    print(f'mla: B={B} T={T} H={cfg.n_head} q/k {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, '
+          f'v {cfg.v_head_dim}; forward + backward, compiled, bf16 autocast')
+    outs = {}
+    for name, mod in (('heads first (before)', old), ('heads inside rows (now)', model)):
+        torch.manual_seed(0)
+        attn = mod.MLAttention(cfg, 0).cuda()
+        rope = mod.RotaryEmbedding(cfg.qk_rope_head_dim, cfg).cuda()(torch.arange(T, device='cuda'))
+        xr = x.clone().requires_grad_()
+
+        def fwd_bwd(xr=xr, attn=attn, rope=rope):
+            with torch.autocast('cuda', torch.bfloat16):
+                y = attn(xr, rope=rope)
+            y.backward(dy)
+            return y
+        step = torch.compile(fwd_bwd)
+        y = step().float()
+        outs[name] = (y, xr.grad.clone())
+        xr.grad = None
+        attn.zero_grad(set_to_none=True)
+
+        def run():
+            step()
+            xr.grad = None
+            attn.zero_grad(set_to_none=True)
+        print(f'  {name:26s} {bench(run):7.3f} ms', flush=True)
+        prof_parts(run)
+    (y0, g0), (y1, g1) = outs.values()
+    print(f'  max diff: output {(y0 - y1).abs().max().item():.1e} (of {y0.abs().max().item():.1e}), '
+          f'dx {(g0 - g1).abs().max().item():.1e} (of {g0.abs().max().item():.1e})')
+
+
+# --- the MoE's row gathers: inductor's kernels against one Triton kernel ---
+
+@triton.jit
+def _gather_sum_rows_kernel(src_ptr, index_ptr, out_ptr, n_out, C, DIV: tl.constexpr, COPIES: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[i] = sum_{j < COPIES} src[index[i * COPIES + j] // DIV], summed in float32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_out
+    cols = tl.arange(0, BLOCK_C)
+    mask = ok[:, None] & (cols < C)[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for j in tl.static_range(COPIES):
+        src = tl.load(index_ptr + rows * COPIES + j, mask=ok, other=0) // DIV
+        acc += tl.load(src_ptr + src[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_sum_rows(src, index, div, copies, dtype, block_r, warps):
+    n_out = index.numel() // copies
+    out = torch.empty(n_out, src.size(1), device=src.device, dtype=dtype)
+    _gather_sum_rows_kernel[(triton.cdiv(n_out, block_r),)](
+        src, index, out, n_out, src.size(1), DIV=div, COPIES=copies, BLOCK_R=block_r,
+        BLOCK_C=triton.next_power_of_2(src.size(1)), num_warps=warps)
+    return out
+
+
+def bench_glue(N=65536, K=4, E=64, C=512):
+    """The MoE layer's row moves at 128 x 512 tokens, each as torch.compile writes it and as
+    _gather_sum_rows_kernel over a few shapes: the sort's gather of float32 token rows into bf16
+    (x[order // K]), the same of bf16 rows (dy in the combine's backward), and the combine's
+    gather-and-sum of K bf16 rows (also the sort's backward)."""
+    g = torch.Generator(device='cuda').manual_seed(0)
+    idx = torch.rand(N, E, device='cuda', generator=g).topk(K, -1).indices.reshape(-1)
+    order = idx.to(torch.uint8).argsort(stable=True)
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device='cuda'))
+    x = torch.randn(N, C, device='cuda', generator=g)
+    xb = x.bfloat16()
+    ys = torch.randn(N * K, C, device='cuda', generator=g, dtype=torch.bfloat16)
+    bf = torch.bfloat16
+    cases = [
+        ('gather f32 -> bf16, x[order // K]', torch.compile(lambda: x.to(bf)[order // K]),
+         lambda b, w: gather_sum_rows(x, order, K, 1, bf, b, w), N * K * C * (4 + 2)),
+        ('gather bf16, dy[order // K]', torch.compile(lambda: xb[order // K]),
+         lambda b, w: gather_sum_rows(xb, order, K, 1, bf, b, w), N * K * C * 4),
+        ('gather-sum bf16, ys[inv].view(N, K, C).sum(1)',
+         torch.compile(lambda: ys[inv].view(N, K, C).sum(1, dtype=torch.float32).to(bf)),
+         lambda b, w: gather_sum_rows(ys, inv, 1, K, bf, b, w), N * K * C * 2 + N * C * 2),
+    ]
+    print(f'glue: {N} tokens x {K} experts, C = {C} (GB/s counts each row read once and written once)')
+    for name, ref, tri, nbytes in cases:
+        want = ref()
+        ms = bench(ref)
+        print(f'  {name:48s} compiled {ms:6.3f} ms  {nbytes / ms / 1e6:5.0f} GB/s', flush=True)
+        for b, w in ((1, 1), (2, 2), (4, 4), (8, 4), (8, 8), (16, 8)):
+            got = tri(b, w)
+            ok = torch.equal(got, want) or torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+            ms = bench(lambda: tri(b, w))
+            print(f'    triton rows {b:2d} warps {w}  {ms:6.3f} ms  {nbytes / ms / 1e6:5.0f} GB/s  '
+                  f'{"same" if ok else "DIFFERENT"}', flush=True)
+
+
+# --- tokens per expert: a histogram of N*K expert indices into E bins ---
+
+def bench_counts(N=65536, K=4, E=64):
+    """The MoE layer's tokens per expert (the grouped GEMM's segment ends come from them), compiled:
+    scatter_add of ones (atomic adds, all on E addresses), a sum over a one-hot comparison (a
+    reduction), and a binary search for each expert's segment end in the sort's keys."""
+    g = torch.Generator(device='cuda').manual_seed(0)
+    idx = torch.rand(N, E, device='cuda', generator=g).topk(K, -1).indices.reshape(-1)
+    keys = idx.to(torch.uint8)
+    experts = torch.arange(E, device='cuda')
+    variants = {
+        'scatter_add (atomics)': torch.compile(lambda: torch.zeros(E, dtype=torch.int32, device='cuda').scatter_add_(
+            0, idx, torch.ones_like(idx, dtype=torch.int32))),
+        'one-hot sum': torch.compile(lambda: (idx[:, None] == experts).sum(0, dtype=torch.int32)),
+        'sort + searchsorted': torch.compile(lambda: torch.searchsorted(
+            keys.sort(stable=True)[0], experts.to(torch.uint8), right=True).to(torch.int32).diff(prepend=experts[:1] * 0)),
+        'sort alone (for reference)': torch.compile(lambda: keys.sort(stable=True)[1]),
+    }
+    want = torch.bincount(idx, minlength=E)
+    print(f'counts: {N * K} (token, expert) pairs into {E} bins, compiled')
+    for name, fn in variants.items():
+        got = fn()
+        same = 'same' if got.numel() != E or torch.equal(got.long(), want) else 'DIFFERENT'
+        print(f'  {name:28s} {bench(fn) * 1000:7.1f} us  {same}', flush=True)
+
+
 if __name__ == '__main__':
     modes = {'ce': bench_ce, 'router': bench_router, 'lmhead': bench_lmhead, 'chunks': bench_chunks,
-             'attn': bench_attn, 'grouped': bench_grouped}
+             'attn': bench_attn, 'grouped': bench_grouped, 'mla': bench_mla,
+             'glue': bench_glue, 'counts': bench_counts}
     which = sys.argv[1].split(',') if len(sys.argv) > 1 else ['ce', 'router']
     unknown = [m for m in which if m not in modes]
     if unknown:
