@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (GPT, Experts, GatherRows, ModelConfig, MoE, RotaryEmbedding, attention_mask,
-                   balance_loss, count_params, softmax_scale, top_k_indices)
+                   balance_loss, count_params, expert_counts, softmax_scale, top_k_indices)
 
 MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',
            norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False, kv_lora_rank=8,
@@ -244,6 +244,17 @@ def test_bias_moves_toward_balance():
     x = torch.randint(0, 64, (2, 16))
     model(x, x)
     assert all(m.tokens_per_expert.sum() == 2 * 16 * 2 for m in model.moe_layers())   # N * K
+
+
+def test_expert_counts_equal_bincount_and_leave_empty_experts_at_zero():
+    """expert_counts (a sum over a one-hot comparison, which torch.compile makes one reduction) is
+    the histogram of the chosen experts, experts no token chose included."""
+    torch.manual_seed(0)
+    indices = torch.randint(0, 12, (50, 3))                          # experts 12..15 never chosen
+    counts = expert_counts(indices, 16)
+    assert counts.dtype == torch.int32
+    assert torch.equal(counts.long(), torch.bincount(indices.reshape(-1), minlength=16))
+    assert counts[12:].eq(0).all() and counts.sum() == 150
 
 
 def test_balance_loss():
