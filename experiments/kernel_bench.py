@@ -582,7 +582,7 @@ def bench_mla(B=128, T=512, config_file='config/tinystories_moe.py'):
     hands attention strided views, against the one in experiments/model_old_ab.py (before: q, k
     transposed to (B, H, T, D) and concatenated there). Same weights; outputs compared."""
     import importlib.util
-    import runpy
+    from common import configure, model_config_from
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'model_old_ab.py')
     if not os.path.exists(path):
         print(f'mla: {path} is missing (git show REV:model.py > experiments/model_old_ab.py)')
@@ -590,9 +590,8 @@ def bench_mla(B=128, T=512, config_file='config/tinystories_moe.py'):
     spec = importlib.util.spec_from_file_location('model_old_ab', path)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
-    values = {k: v for k, v in runpy.run_path(config_file).items() if not k.startswith('_')}
-    fields = model.ModelConfig.__dataclass_fields__
-    cfg = model.ModelConfig(**{k: v for k, v in values.items() if k in fields})
+    cfg = model_config_from(configure({}, argv=[config_file], model_config=model.ModelConfig, verbose=False,
+                                      ignore_unknown_in_files=True), model.ModelConfig)
     g = torch.Generator(device='cuda').manual_seed(0)
     x = torch.randn(B, T, cfg.n_embd, device='cuda', generator=g)
     dy = torch.randn(B, T, cfg.n_embd, device='cuda', generator=g)
