@@ -51,6 +51,7 @@ hf_rounds = 3                   # with compare_hf: training timed in this many a
 compile = None                  # torch.compile the training step; None: on for CUDA
 compile_mode = 'default'        # torch.compile's mode (common.COMPILE_MODES), e.g. 'reduce-overhead'
 cuda_graph_train = False        # replay the whole training step (forward, backward, AdamW) as one CUDA graph
+inductor = {}                   # torch._inductor.config settings to try, e.g. --inductor="{'combo_kernels': True}"
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -69,6 +70,18 @@ try:
 except ValueError as e:
     sys.exit(f'error: {e}')
 cuda = rt.device_type == 'cuda'
+if inductor:
+    import torch._inductor.config as inductor_config
+    for k, v in dict(inductor).items():       # dotted keys reach sub-configs: 'triton.enable_pdl'
+        *parents, name = k.split('.')
+        try:
+            section = inductor_config
+            for p in parents:
+                section = getattr(section, p)
+            getattr(section, name)
+        except AttributeError:
+            sys.exit(f"error: inductor={{'{k}': ...}}: torch {torch.__version__} has no torch._inductor.config.{k}")
+        setattr(section, name, v)
 if compile is None:
     compile = cuda
 

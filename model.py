@@ -706,7 +706,9 @@ class MLP(nn.Module):
 # Feed-forward: mixture of experts (DeepSeekMoE)
 
 class Router(nn.Module):
-    """Chooses K of E experts per token, in float32.
+    """Chooses K of E experts per token. Scores, selection and weights are float32; the logits'
+    product runs in autocast's dtype under autocast (bf16 logits, as transformers' DeepseekV3 gets
+    from the same F.linear of float32 inputs), in float32 without it.
     softmax (Mixtral): s = softmax(W x); top-K of s.
     sigmoid (DeepSeek-V3): s_i = sigmoid(w_i . x); experts are CHOSEN by s_i + b_i, where b is
       the auxiliary-loss-free balancing bias (moved after each optimizer step toward equal load,
@@ -729,7 +731,7 @@ class Router(nn.Module):
 
     def forward(self, x):
         """x: (N, C) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
-        logits = F.linear(x.float(), self.weight.float())                    # (N, E)
+        logits = F.linear(x.float(), self.weight.float()).float()            # (N, E)
         scores = logits.softmax(-1) if self.scoring_func == 'softmax' else logits.sigmoid()
         choice = scores + self.e_score_correction_bias                       # bias: selection only
         if self.n_group > 1:

@@ -17,9 +17,12 @@
 #           read against two) and the experts' grouped GEMMs alone; MoE at batch 128 (with a
 #           profile) and 64 with the graph (about 6 minutes)
 #   PART=8  session 19: the micro-benchmarks of MLA's layout (needs experiments/model_old_ab.py, see
-#           bench_ab.sh), the MoE's row gathers and the expert counts; MoE at batch 128 and 64
+#           kernel_bench.py mla), the MoE's row gathers and the expert counts; MoE at batch 128 and 64
 #           beside transformers in alternating rounds (about 5 minutes). The A/B numbers of that
-#           session came from experiments/bench_ab.sh
+#           session came from experiments/bench_ab.sh, now experiments/ab.py
+#   PART=9  session 20: the residual stream's RMSNorm backward and its bf16 cast under inductor's
+#           settings (kernel_bench.py normcast); MoE at batch 128 and 64 beside transformers in
+#           alternating rounds (about 6 minutes). Its A/B numbers came from experiments/ab.py
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh
 set -uo pipefail
@@ -68,5 +71,10 @@ case $PART in
      for b in 128 64; do
        $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
      done ;;
-  *) echo "PART=$PART; valid: 1 to 8"; exit 2 ;;
+  9) python experiments/kernel_bench.py normcast 2>&1 | grep -v -i warn
+     G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --compare_hf=True --hf_rounds=3"
+     for b in 128 64; do
+       $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
+     done ;;
+  *) echo "PART=$PART; valid: 1 to 9"; exit 2 ;;
 esac

@@ -23,9 +23,11 @@ against the reference it would replace, on one CUDA GPU:
   mla     one MLAttention layer forward + backward, this model.py against
           experiments/model_old_ab.py (q, k, v kept as (B, T, H, D) against transposed copies);
   glue    the MoE's row gathers as torch.compile writes them against one Triton kernel;
-  counts  tokens per expert: atomic scatter_add against a one-hot sum and a search of the sorted keys.
+  counts  tokens per expert: atomic scatter_add against a one-hot sum and a search of the sorted keys;
+  normcast the float32 residual stream's RMSNorm backward and the bf16 cast of its gradient, as
+          inductor fuses them under its mix-order reduction settings.
 
-$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn,grouped,mla,glue,counts]
+$ python experiments/kernel_bench.py [ce,router,lmhead,chunks,attn,grouped,mla,glue,counts,normcast]
 """
 import os
 import statistics
@@ -713,10 +715,51 @@ def bench_counts(N=65536, K=4, E=64):
         print(f'  {name:28s} {bench(fn) * 1000:7.1f} us  {same}', flush=True)
 
 
+# --- the residual stream's gradient: inductor's RMSNorm backward and the bf16 cast after it ---
+
+def bench_normcast(N=65536, C=512, blocks=3):
+    """Three pre-norm sublayers on a float32 residual stream, compiled, forward + backward, under
+    inductor settings. Each norm's backward writes the stream's float32 gradient; the bf16
+    sublayer output before it takes that gradient cast to bf16. Lists the backward's Triton
+    kernels: is the cast its own kernel (a second read of the float32 gradient) or fused?"""
+    import re
+    import torch._inductor.config as inductor_config
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+    g = torch.Generator(device='cuda').manual_seed(0)
+    x0 = torch.randn(N, C, device='cuda', generator=g, requires_grad=True)
+    mats = [(torch.randn(C, C, device='cuda', generator=g) * 0.02).requires_grad_() for _ in range(blocks + 1)]
+    norms = [torch.ones(C, device='cuda', requires_grad=True) for _ in range(blocks)]
+
+    def run(x):
+        with torch.autocast('cuda', torch.bfloat16):
+            h = x @ mats[0]                                   # a bf16 sublayer output
+            for w, m in zip(norms, mats[1:]):
+                x = x + h                                     # float32 stream + bf16 output
+                h = (F.rms_norm(x, (C,), eps=1e-6) * w) @ m   # the next sublayer's bf16 output
+            return (x + h).float().square().mean()
+
+    settings = {'default': {}, 'non-strict mix order': {'triton.mix_order_reduction_non_strict_mode': True},
+                'no mix-order reduction': {'triton.mix_order_reduction': False}}
+    print(f'normcast: {blocks} sublayers on a ({N}, {C}) float32 stream, compiled forward + backward')
+    for name, patch in settings.items():
+        torch._dynamo.reset()
+        try:
+            with inductor_config.patch(patch):
+                f = torch.compile(run)
+                _, codes = run_and_get_code(lambda: f(x0).backward())
+                ms = bench(lambda: f(x0).backward())
+        except (AttributeError, RuntimeError) as e:
+            print(f'  {name:24s} not run: {str(e)[:100]}')
+            continue
+        kernels = list(dict.fromkeys(re.findall(r'(triton_\w+)\.run\(', codes[-1])))
+        print(f'  {name:24s} {ms:.3f} ms; backward kernels: {", ".join(k[7:] for k in kernels)}', flush=True)
+
+
 if __name__ == '__main__':
     modes = {'ce': bench_ce, 'router': bench_router, 'lmhead': bench_lmhead, 'chunks': bench_chunks,
              'attn': bench_attn, 'grouped': bench_grouped, 'mla': bench_mla,
-             'glue': bench_glue, 'counts': bench_counts}
+             'glue': bench_glue, 'counts': bench_counts, 'normcast': bench_normcast}
     which = sys.argv[1].split(',') if len(sys.argv) > 1 else ['ce', 'router']
     unknown = [m for m in which if m not in modes]
     if unknown:

@@ -209,6 +209,27 @@ def test_deepseek_routing_matches_the_rule():
         torch.testing.assert_close(w[t], 2.5 * g / g.sum())      # weights from s, not s + b
 
 
+def test_router_scores_and_weights_stay_float32_under_autocast():
+    """Under bf16 autocast the logits' product is bf16 (as transformers' DeepseekV3's), but the
+    sigmoid, the choice and the weights are float32: the same as the float32 rule applied to the
+    bf16-rounded logits, not scores rounded to bf16 (steps of 2^-8 near 1, coarser than the
+    balancing bias's steps of 0.001)."""
+    moe, cfg = moe_layer()
+    torch.nn.init.normal_(moe.router.weight)
+    moe.router.e_score_correction_bias.normal_(0, 0.01)
+    x = torch.randn(64, 32)
+    with torch.autocast('cpu', torch.bfloat16):
+        w, idx, scores = moe.router(x)
+    assert w.dtype == scores.dtype == torch.float32
+    logits = (x.bfloat16() @ moe.router.weight.bfloat16().t()).float()
+    s = torch.sigmoid(logits)
+    torch.testing.assert_close(scores, s)
+    want = (s + moe.router.e_score_correction_bias).topk(cfg.num_experts_per_tok, -1).indices
+    assert torch.equal(idx, want)
+    g = s.gather(1, idx)
+    torch.testing.assert_close(w, cfg.routed_scaling_factor * g / g.sum(-1, keepdim=True))
+
+
 def test_top_k_by_argmax_rounds_equals_topk():
     """The GPU's router selection (K rounds of argmax) picks what torch.topk picks, in its order,
     with masked (-inf) experts of group-limited routing and whole rows of ties."""
