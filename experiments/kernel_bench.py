@@ -752,8 +752,9 @@ def bench_normcast(N=65536, C=512, blocks=3):
         except (AttributeError, RuntimeError) as e:
             print(f'  {name:24s} not run: {str(e)[:100]}')
             continue
-        kernels = list(dict.fromkeys(re.findall(r'(triton_\w+)\.run\(', codes[-1])))
-        print(f'  {name:24s} {ms:.3f} ms; backward kernels: {", ".join(k[7:] for k in kernels)}', flush=True)
+        launches = re.findall(r'(triton_\w+)\.run\(', codes[-1])
+        kernels = ', '.join(f'{k[7:]} x{launches.count(k)}' for k in dict.fromkeys(launches))
+        print(f'  {name:24s} {ms:.3f} ms; backward kernels: {kernels}', flush=True)
 
 
 if __name__ == '__main__':
