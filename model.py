@@ -1038,12 +1038,18 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, mask))
+        B, T, C = x.shape
+        # the residual stream as (B*T, C) rows inside the block. Under torch.compile each norm's
+        # backward then also writes the bf16 copy of the stream's gradient that the sublayer before
+        # it takes (fused into inductor's RMSNorm backward kernel); on (B, T, C) inductor writes
+        # that copy in a kernel of its own, a second read of the float32 gradient per sublayer
+        x = x.reshape(B * T, C)
+        x = x + self.drop(self.attn(self.attn_norm(x).view(B, T, C), rope, cache, mask)).reshape(B * T, C)
         if isinstance(self.mlp, MoE):
-            h, aux = self.mlp(self.mlp_norm(x))
+            h, aux = self.mlp(self.mlp_norm(x).view(B, T, C))
         else:
             h, aux = self.mlp(self.mlp_norm(x)), None
-        return x + self.drop(h), aux
+        return (x + self.drop(h).reshape(B * T, C)).view(B, T, C), aux
 
 
 class MTPModule(nn.Module):
