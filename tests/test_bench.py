@@ -86,3 +86,15 @@ def test_idle_table_finds_the_gaps_between_kernels_and_the_host_ops_behind_them(
     assert lines[1].split()[:6] == ['100.0', 'us', 'after', 'triton_c', 'before', 'adam_d']
     assert lines[1].endswith('host: Optimizer.step > aten::_foreach_add')
     assert lines[2].split()[:6] == ['30.0', 'us', 'after', 'triton_b', 'before', 'triton_c']
+
+
+def test_bench_inductor_settings_are_checked_against_torch(tmp_path):
+    """--inductor={...} sets torch._inductor.config values for the run (dotted keys reach its
+    sub-configs); a name this torch lacks is refused before anything runs."""
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train', "--inductor={'triton.no_such_knob': 1}",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'has no torch._inductor.config.triton.no_such_knob' in proc.stderr
+    out = tmp_path / 'bench.json'
+    run_script('bench.py', *TINY_MOE, '--modes=train', "--inductor={'triton.mix_order_reduction': False}",
+               f'--out_file={out}', cwd=tmp_path)
+    assert json.loads(out.read_text())['train']['tokens_per_sec'] > 0
