@@ -1043,6 +1043,7 @@ class Block(nn.Module):
         # backward then also writes the bf16 copy of the stream's gradient that the sublayer before
         # it takes (fused into inductor's RMSNorm backward kernel); on (B, T, C) inductor writes
         # that copy in a kernel of its own, a second read of the float32 gradient per sublayer
+        # (15 kernels, 0.97 ms of an H100's 72 ms step at batch 128; README, Performance)
         x = x.reshape(B * T, C)
         x = x + self.drop(self.attn(self.attn_norm(x).view(B, T, C), rope, cache, mask)).reshape(B * T, C)
         if isinstance(self.mlp, MoE):
