@@ -29,6 +29,12 @@ set -uo pipefail
 OUT=${OUT:-out/gpu_speed}
 PART=${PART:-2}
 mkdir -p $OUT
+beside_transformers() {   # the graphed MoE step at each batch given, 3 rounds alternating with transformers
+  for b in "$@"; do
+    python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --compare_hf=True \
+      --hf_rounds=3 --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
+  done
+}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case $PART in
@@ -54,10 +60,7 @@ case $PART in
        2>&1 | grep -v -i warn | grep "^| train\|^train\|rror"
      $G --batch_size=128 --out_file=$OUT/moe_b128_graph.json 2>&1 | grep "^train\|rror"
      python experiments/kernel_bench.py ce,router 2>&1 | grep -v -i warn ;;
-  6) G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --compare_hf=True --hf_rounds=3"
-     for b in 64 128; do
-       $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
-     done
+  6) beside_transformers 64 128
      python experiments/kernel_bench.py lmhead,chunks,attn 2>&1 | grep -v -i warn ;;
   7) python -m pytest -q tests/test_cuda.py -k "grouped or compiled_step or cross_entropy or fused_loss or whole_step or swiglu" \
        2>&1 | tail -3
@@ -67,14 +70,8 @@ case $PART in
        2>&1 | grep "^train\|rror"
      $G --out_file=$OUT/moe_b64_graph.json 2>&1 | grep "^train\|rror" ;;
   8) python experiments/kernel_bench.py mla,glue,counts 2>&1 | grep -v -i warn
-     G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --compare_hf=True --hf_rounds=3"
-     for b in 128 64; do
-       $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
-     done ;;
+     beside_transformers 128 64 ;;
   9) python experiments/kernel_bench.py normcast 2>&1 | grep -v -i warn
-     G="python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --compare_hf=True --hf_rounds=3"
-     for b in 128 64; do
-       $G --batch_size=$b --out_file=$OUT/moe_b${b}_graph_hf.json 2>&1 | grep "^| train\|^train\|rror"
-     done ;;
+     beside_transformers 128 64 ;;
   *) echo "PART=$PART; valid: 1 to 9"; exit 2 ;;
 esac
