@@ -72,7 +72,7 @@ except ValueError as e:
 cuda = rt.device_type == 'cuda'
 if inductor:
     import torch._inductor.config as inductor_config
-    for k, v in dict(inductor).items():       # dotted keys reach sub-configs: 'triton.enable_pdl'
+    for k, v in inductor.items():             # dotted keys reach sub-configs: 'triton.enable_pdl'
         *parents, name = k.split('.')
         try:
             section = inductor_config

@@ -28,18 +28,22 @@ a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(root)
-os.makedirs(a.out, exist_ok=True)
-saved = tempfile.NamedTemporaryFile(suffix='.py', delete=False).name
-shutil.copy('model.py', saved)             # the checkout's model.py, restored at the end
 variants = []
 for v in a.variants:
     name, _, rest = v.partition('=')
     model_file, *items = rest.split(';')
-    model_file = saved if model_file == 'model.py' else model_file
-    if not os.path.exists(model_file):
-        sys.exit(f'error: variant {name}: no file {model_file}')
+    if not name or not os.path.exists(model_file):
+        sys.exit(f"error: variant '{v}': give NAME=MODEL_FILE[;VAR=VALUE or --key=value ...] with an "
+                 f"existing MODEL_FILE")
+    bad = [i for i in items if i and not i.startswith('--') and '=' not in i]
+    if bad:
+        sys.exit(f"error: variant '{name}': items {bad} are neither VAR=VALUE nor --key=value")
     env = dict(i.split('=', 1) for i in items if i and not i.startswith('--'))
     variants.append((name, model_file, env, [i for i in items if i.startswith('--')]))
+os.makedirs(a.out, exist_ok=True)
+saved = tempfile.NamedTemporaryFile(suffix='.py', delete=False).name
+shutil.copy('model.py', saved)             # the checkout's model.py: what 'model.py' names, restored at the end
+variants = [(name, saved if f == 'model.py' else f, env, args) for name, f, env, args in variants]
 
 steps = {name: [] for name, *_ in variants}
 try:

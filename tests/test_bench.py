@@ -1,12 +1,13 @@
 """bench.py and its profile summaries, on the CPU with a tiny MoE config."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import torch
 
 from common import idle_table, kernel_table
-from conftest import run_script
+from conftest import REPO, run_script
 
 TINY_MOE = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--attention=mla', '--pos_emb=rope',
             '--q_lora_rank=16', '--kv_lora_rank=16', '--qk_nope_head_dim=8', '--qk_rope_head_dim=8',
@@ -94,7 +95,21 @@ def test_bench_inductor_settings_are_checked_against_torch(tmp_path):
     proc = run_script('bench.py', *TINY_MOE, '--modes=train', "--inductor={'triton.no_such_knob': 1}",
                       cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'has no torch._inductor.config.triton.no_such_knob' in proc.stderr
+    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--inductor=3', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "'inductor' takes dict" in proc.stderr
     out = tmp_path / 'bench.json'
     run_script('bench.py', *TINY_MOE, '--modes=train', "--inductor={'triton.mix_order_reduction': False}",
                f'--out_file={out}', cwd=tmp_path)
     assert json.loads(out.read_text())['train']['tokens_per_sec'] > 0
+
+
+def test_ab_refuses_a_malformed_variant_before_touching_model_py(tmp_path):
+    """experiments/ab.py swaps model.py for each variant's: a variant it cannot run is refused by
+    name before any swap (and before any GPU is needed)."""
+    model_py = os.path.join(REPO, 'model.py')
+    before = open(model_py, 'rb').read()
+    proc = run_script('experiments/ab.py', 'base=no_such_model.py', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "variant 'base=no_such_model.py': give NAME=MODEL_FILE" in proc.stderr
+    proc = run_script('experiments/ab.py', 'x=model.py;PDL', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "variant 'x': items ['PDL'] are neither VAR=VALUE nor --key=value" in proc.stderr
+    assert open(model_py, 'rb').read() == before
