@@ -1093,6 +1093,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.mtp = nn.ModuleList(MTPModule(config, config.n_layer + k) for k in range(config.mtp_depth))
         self.last_losses = {}
+        self._decode_graphs = DecodeGraphs()   # captured decode steps kept between generate() calls
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -1119,6 +1120,7 @@ class GPT(nn.Module):
         statistics) in float32; they still follow the model to its device."""
         keep = [(m, name, m._buffers[name]) for m in self.modules()
                 for name in getattr(m, 'float32_buffers', ()) if m._buffers.get(name) is not None]
+        self._decode_graphs.clear()                  # they read the old tensors' memory
         super()._apply(fn, recurse)
         for m, name, old in keep:
             new = m._buffers[name]
@@ -1341,7 +1343,9 @@ class GPT(nn.Module):
         runs as a captured CUDA graph (DecodeGraph): one launch per token instead of hundreds (on
         the CPU the same static steps run eagerly; the tests check them there). For speed, put the
         weights in the compute dtype first, model.to(torch.bfloat16), rather than autocast.
-        compile_step=True (with cuda_graph): the captured step is torch.compile's fused one."""
+        compile_step=True (with cuda_graph): the captured step is torch.compile's fused one.
+        A captured step is kept for the next call with the same batch size and cache length
+        (DecodeGraphs), so repeated calls (samples, evaluation batches, RL rollouts) capture once."""
         B, P = idx.shape
         c = self.config
         bs = c.block_size
@@ -1354,36 +1358,50 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, new = idx, []          # the window: tokens, then the new ones (joined at a restart)
         max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
-        cache = self.new_cache(B, max_len, idx.device, valid, static=static)
-        logits, _ = self(idx, cache=cache, last_only=True)
-        step = DecodeGraph(self, cache, compile=compile_step) if use_graph and max_new_tokens > 1 else None
-        if stop_ids is not None:
-            stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
+        graphs = key = signature = step = None
+        if use_graph and max_new_tokens > 1:           # the graph of an earlier call of this shape
+            graphs, key = self._decode_graphs, (idx.device, B, max_len, compile_step)
+            signature = graphs.signature(self)
+            step = graphs.take(key, signature)
+        if step is not None:                           # its cache: the same buffers, emptied
+            cache = step.cache
+            cache.reset(valid)
+        else:
+            cache = self.new_cache(B, max_len, idx.device, valid, static=static)
+        try:
+            logits, _ = self(idx, cache=cache, last_only=True)
+            if graphs is not None and step is None:    # captured after the prompt made the buffers
+                step = DecodeGraph(self, cache, compile=compile_step)
             if stop_ids is not None:
-                nxt = torch.where(done, stop[0], nxt)
-                done = done | torch.isin(nxt, stop)
-            yield nxt
-            if i == max_new_tokens - 1 or (stop_ids is not None and bool(done.all())):
-                return                                   # no forward pass for a token never used
-            if not streaming:
-                new.append(nxt)
-            if not streaming and cache.pos == cache.capacity:   # window full: restart from the latest half
-                keep = max(1, bs // 2)
-                tokens = torch.cat([tokens, torch.stack(new, 1)], dim=1)[:, -keep:]
-                valid = torch.cat([valid, valid.new_ones(B, len(new))], dim=1)[:, -keep:]
-                new = []
-                if static:                              # same buffers: a graph stays valid
-                    cache.reset(valid)
+                stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
+                if stop_ids is not None:
+                    nxt = torch.where(done, stop[0], nxt)
+                    done = done | torch.isin(nxt, stop)
+                yield nxt
+                if i == max_new_tokens - 1 or (stop_ids is not None and bool(done.all())):
+                    return                               # no forward pass for a token never used
+                if not streaming:
+                    new.append(nxt)
+                if not streaming and cache.pos == cache.capacity:   # window full: restart from the last half
+                    keep = max(1, bs // 2)
+                    tokens = torch.cat([tokens, torch.stack(new, 1)], dim=1)[:, -keep:]
+                    valid = torch.cat([valid, valid.new_ones(B, len(new))], dim=1)[:, -keep:]
+                    new = []
+                    if static:                          # same buffers: a graph stays valid
+                        cache.reset(valid)
+                    else:
+                        cache = self.new_cache(B, bs, idx.device, valid)
+                    logits, _ = self(tokens, cache=cache, last_only=True)
                 else:
-                    cache = self.new_cache(B, bs, idx.device, valid)
-                logits, _ = self(tokens, cache=cache, last_only=True)
-            else:
-                if step is not None:
-                    logits = step(nxt[:, None])
-                else:
-                    logits, _ = self(nxt[:, None], cache=cache, last_only=True)
+                    if step is not None:
+                        logits = step(nxt[:, None])
+                    else:
+                        logits, _ = self(nxt[:, None], cache=cache, last_only=True)
+        finally:                                       # kept for the next call (not while in use)
+            if step is not None:
+                graphs.give_back(self, key, step, signature)
 
     def graph_capturable(self, batch_size=None):
         """Whether a decode step (batch_size tokens) can be a CUDA graph: nothing in it may wait
@@ -1469,6 +1487,51 @@ class DecodeGraph:
         self.graph.replay()                               # advances cache.pos_t on the device
         self.cache.pos += 1                               # ... and here the host's count
         return self.logits
+
+
+class DecodeGraphs:
+    """The captured decode steps of one model, kept between generate_tokens() calls: making one
+    (warm-up steps, torch.compile's guards, the capture) costs about as much as 40 replayed tokens
+    of the default config at batch 1, so a caller that generates again with the same batch size
+    and cache length (samples, evaluation batches, RL rollouts) should not pay it again.
+
+    A step is keyed by (device, batch size, cache length, compiled or not), and is valid only for
+    the tensors it was captured on: every parameter and buffer at the same address and dtype, under
+    the same autocast setting. `take` checks that and hands a step out to one caller at a time
+    (another caller of the same shape meanwhile captures its own); `give_back` keeps it, the most
+    recent `max_steps` of them. Weights updated in place (an optimizer step) stay valid: the graph
+    reads them where they are. model.to(...) drops them all (GPT._apply); so does clear(). Each
+    kept step holds its KV cache and the graph's memory pool."""
+
+    def __init__(self, max_steps=4):
+        self.max_steps = max_steps
+        self.steps = {}                  # key -> (signature, DecodeGraph), oldest first
+
+    @staticmethod
+    def signature(model):
+        tensors = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+        return (tensors, model.training, torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'))
+
+    def take(self, key, signature):
+        """The step kept for `key`, removed while its caller decodes; None if none was kept for
+        these tensors (signature(model) now)."""
+        kept = self.steps.pop(key, None)
+        return kept[1] if kept is not None and kept[0] == signature else None
+
+    def give_back(self, model, key, step, signature):
+        """Keep `step` (captured or taken with `signature`) unless the model changed meanwhile."""
+        if self.signature(model) != signature:
+            return
+        self.steps.pop(key, None)
+        self.steps[key] = (signature, step)
+        while len(self.steps) > self.max_steps:
+            self.steps.pop(next(iter(self.steps)))
+
+    def clear(self):
+        self.steps.clear()
+
+    def __deepcopy__(self, memo):        # a copied model captures its own
+        return DecodeGraphs(self.max_steps)
 
 
 class ScalarModel(GPT):

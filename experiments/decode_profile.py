@@ -6,7 +6,8 @@ around the host's per-token work), which at batch 1 depend on how many kernels a
 
 $ python experiments/decode_profile.py config/tinystories_moe.py [--compile_decode=True] [--tokens=128]
 
-Prints a table of the kernel kinds of one token (calls per token, microseconds per token), most
+Prints where one generate() call goes (the prompt's forward, the per-token replays, and what
+capturing the graph anew would add), a table of the kernel kinds of one token (calls per token, microseconds per token), most
 frequent first, then one summary line.
 """
 
@@ -40,23 +41,39 @@ prompt = torch.randint(0, model.config.vocab_size, (decode_batch, prompt_len), d
 
 
 @torch.no_grad()
-def decode():
+def decode(n=tokens):
     with rt.autocast():
-        for _ in model.generate_tokens(prompt, tokens, temperature=0, cuda_graph=True,
+        for _ in model.generate_tokens(prompt, n, temperature=0, cuda_graph=True,
                                        compile_step=compile_decode):
             pass
 
 
+def call_seconds(n, fresh=False):
+    """The median wall time of three generate() calls of n new tokens (fresh: each capturing its
+    graph anew, as every call did before graphs were kept between calls)."""
+    walls = []
+    for _ in range(3):
+        if fresh:
+            model._decode_graphs.clear()
+        synchronize('cuda')
+        t0 = time.perf_counter()
+        decode(n)
+        synchronize('cuda')
+        walls.append(time.perf_counter() - t0)
+    return sorted(walls)[1]
+
+
 for _ in range(2):                                        # compile, capture, warm up
     decode()
-walls = []
-for _ in range(3):
-    synchronize('cuda')
-    t0 = time.perf_counter()
-    decode()
-    synchronize('cuda')
-    walls.append(time.perf_counter() - t0)
-wall = sorted(walls)[1] / tokens
+wall = call_seconds(tokens) / tokens
+# Where one generate() call goes: n=1 is the prompt's forward alone (no graph is needed for one
+# token); the rest are replays and sampling. A call that captures its graph takes longer by
+# making it (warm-up steps through the compiled step, then the capture).
+t1, t_fresh = call_seconds(1), call_seconds(tokens, fresh=True)
+per_token = (wall * tokens - t1) / (tokens - 1)
+print(f'a generate() call of {tokens} tokens, {1e3 * wall * tokens:.1f} ms: prompt forward {1e3 * t1:.1f} ms, '
+      f'then {1e6 * per_token:.0f} us a token ({decode_batch / per_token:.0f} tokens/s); a call that '
+      f'captures its graph anew: {1e3 * t_fresh:.1f} ms ({decode_batch * tokens / t_fresh:.0f} tokens/s)')
 
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     decode()

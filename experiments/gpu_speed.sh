@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for the GPU speed work (issue 10) on one H100, in three parts that each fit one device
+# Evidence for the GPU speed work (issue 10) on one H100, in parts that each fit one device
 # call of 10 minutes (the numbers in the README's "Performance on one H100" came from these):
 #   PART=1  the CUDA tests (about 6 minutes: several torch.compile runs)
 #   PART=2  the default MoE config beside transformers: training step, prefill, decode at batch 1
@@ -23,6 +23,11 @@
 #   PART=9  session 20: the residual stream's RMSNorm backward and its bf16 cast under inductor's
 #           settings (kernel_bench.py normcast); MoE at batch 128 and 64 beside transformers in
 #           alternating rounds (about 6 minutes). Its A/B numbers came from experiments/ab.py
+#   PART=10 session 21, every training target on the final code: MoE at batch 128 and 64 beside
+#           transformers in alternating rounds, then a profile of the graphed batch-128 step
+#           (about 7 minutes)
+#   PART=11 session 21: the CUDA tests that session 20 left unrun; decode at batch 1 and 64 beside
+#           transformers; the dense config at batch 128 with the graph (about 6 minutes)
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh
 set -uo pipefail
@@ -73,5 +78,14 @@ case $PART in
      beside_transformers 128 64 ;;
   9) python experiments/kernel_bench.py normcast 2>&1 | grep -v -i warn
      beside_transformers 128 64 ;;
-  *) echo "PART=$PART; valid: 1 to 9"; exit 2 ;;
+  10) beside_transformers 128 64
+      python bench.py config/tinystories_moe.py --modes=train --cuda_graph_train=True --batch_size=128 \
+        --profile=$OUT/moe_b128_graph_profile.txt --out_file=$OUT/moe_b128_graph.json 2>&1 | grep "^train\|rror" ;;
+  11) python -m pytest -q tests/test_cuda.py -k "row_kernel or train_script_compiled or sync_check or profile_on_the_gpu" \
+        2>&1 | tail -3
+      python bench.py config/tinystories_moe.py --modes=decode --decode_batches="(1, 64)" --compare_hf=True \
+        --steps=6 --out_file=$OUT/moe_decode_hf.json 2>&1 | grep -v -i warn | tail -8
+      python bench.py config/tinystories_dense.py --modes=train --cuda_graph_train=True --batch_size=128 \
+        --out_file=$OUT/dense_b128_graph.json 2>&1 | grep "^| train\|^train\|rror" ;;
+  *) echo "PART=$PART; valid: 1 to 11"; exit 2 ;;
 esac

@@ -194,6 +194,41 @@ def test_cuda_graph_decode_equals_the_same_steps_eager(B, monkeypatch):
 
 
 
+def test_decode_graph_is_kept_between_calls_and_reads_weights_updated_in_place(monkeypatch):
+    """generate_tokens captures a step once per shape and replays it in later calls: for other
+    prompts, and after the weights changed in place (what an optimizer step does between RL
+    rollouts). Each call gives the tokens of the same static steps without a graph. model.to()
+    makes new tensors, so the next call captures again."""
+    import model as model_module
+    model = build().eval().to(torch.bfloat16)
+    captured = []
+    real = model_module.DecodeGraph
+    monkeypatch.setattr(model_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
+
+    def tokens(idx, graph=True):
+        if not graph:                                  # the same static steps, no graph
+            model.graph_capturable = lambda batch_size=None: False
+        try:
+            return torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True)), 1)
+        finally:
+            model.__dict__.pop('graph_capturable', None)
+
+    before = None
+    for call in range(3):
+        idx = torch.randint(0, 512, (2, 16), device='cuda')
+        if call == 2:
+            before = tokens(idx, graph=False)
+            with torch.no_grad():
+                model.lm_head.weight.mul_(-1.0)         # in place: the same memory, other values
+        a = tokens(idx)
+        assert torch.equal(a, tokens(idx, graph=False))
+    assert not torch.equal(a, before)                  # the kept graph read the changed weights
+    assert len(captured) == 1
+    model.float().to(torch.bfloat16)
+    assert torch.equal(tokens(idx), tokens(idx, graph=False))
+    assert len(captured) == 2
+
+
 def test_chat_answers_through_a_graph_under_autocast_equal_the_same_steps_eager(monkeypatch):
     """PPO/GRPO rollouts with cuda_graph=True: float32 weights under bf16 autocast (the training
     setting; autocast caches the weight casts for the batch), the step captured once per batch,

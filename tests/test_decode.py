@@ -5,6 +5,8 @@ model in bf16 for inference with its float32 buffers kept."""
 import pytest
 import torch
 
+import copy
+
 from model import GPT, KVCache, ModelConfig, pad_prompts
 
 BASE = dict(vocab_size=96, block_size=48, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
@@ -148,3 +150,32 @@ def test_no_forward_pass_for_a_token_never_used(graph):
     model.register_forward_hook(lambda *a: calls.append(1))
     new = list(model.generate_tokens(idx, 5, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
     assert len(new) == 5 and len(calls) == 5
+
+
+def test_decode_graphs_keep_a_step_only_for_the_tensors_it_was_captured_on():
+    """The bookkeeping behind reusing a captured decode step (the graphs themselves need CUDA:
+    test_cuda.py): a step is handed to one caller at a time; weights changed in place keep it;
+    new tensors (model.to, replaced parameters) or another autocast setting do not."""
+    model = build('mla_moe')
+    graphs = model._decode_graphs
+    sig = graphs.signature(model)
+    graphs.give_back(model, 'a', 'step a', sig)
+    assert graphs.take('a', sig) == 'step a'
+    assert graphs.take('a', sig) is None                # handed out: a second caller makes its own
+    graphs.give_back(model, 'a', 'step a', sig)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)                  # an optimizer step: same memory
+    assert graphs.signature(model) == sig
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=True):
+        assert graphs.signature(model) != sig
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert graphs.take('a', graphs.signature(model)) is None
+    graphs.give_back(model, 'a', 'step a', sig)          # captured on the old tensors: not kept
+    assert graphs.steps == {}
+    sig = graphs.signature(model)
+    for k in 'abcde':                                   # the latest max_steps (4) kept
+        graphs.give_back(model, k, 'step ' + k, sig)
+    assert list(graphs.steps) == list('bcde')
+    assert copy.deepcopy(model)._decode_graphs.steps == {}
+    model.to(torch.float64)
+    assert graphs.steps == {}
