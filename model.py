@@ -848,7 +848,7 @@ def expert_counts(indices, E):
     """(E,) int32: how many (token, expert) pairs in indices (N, K) went to each expert. A sum over
     the one-hot comparison, which torch.compile writes as one reduction over the indices; a
     scatter_add of N*K ones into E counters is atomic adds that queue on the same E addresses
-    (0.13 ms per layer at 65,536 tokens on an H100, README "Performance")."""
+    (0.13 ms per layer at 65,536 tokens on an H100, notes/performance.md, session 19)."""
     return (indices.reshape(-1, 1) == torch.arange(E, device=indices.device)).sum(0, dtype=torch.int32)
 
 
@@ -1043,7 +1043,7 @@ class Block(nn.Module):
         # backward then also writes the bf16 copy of the stream's gradient that the sublayer before
         # it takes (fused into inductor's RMSNorm backward kernel); on (B, T, C) inductor writes
         # that copy in a kernel of its own, a second read of the float32 gradient per sublayer
-        # (15 kernels, 0.97 ms of an H100's 72 ms step at batch 128; README, Performance)
+        # (15 kernels, 0.97 ms of an H100's 72 ms step at batch 128; notes/performance.md, session 20)
         x = x.reshape(B * T, C)
         x = x + self.drop(self.attn(self.attn_norm(x).view(B, T, C), rope, cache, mask)).reshape(B * T, C)
         if isinstance(self.mlp, MoE):

@@ -4,7 +4,7 @@
 # scaled by 2.5, auxiliary-loss-free balancing. 239M parameters in total, 48M active per token.
 # $ python train.py config/tinystories_moe.py        (prepares data/tinystories/ first if missing)
 # On one CUDA GPU add --cuda_graph_train=True: the whole step replayed as one CUDA graph (H100:
-# 771k -> 790k tokens/s; README, Performance).
+# 771k -> 790k tokens/s, train.py in session 18; notes/performance.md).
 out_dir = 'out/tinystories_moe'
 dataset = 'tinystories'
 eval_interval = 500

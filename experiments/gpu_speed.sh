@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Evidence for the GPU speed work (issue 10) on one H100, in parts that each fit one device
-# call of 10 minutes (the numbers in the README's "Performance on one H100" came from these):
+# call of 10 minutes (the numbers of the README's "Performance on one H100" and of notes/performance.md
+# came from these):
 #   PART=1  the CUDA tests (about 6 minutes: several torch.compile runs)
 #   PART=2  the default MoE config beside transformers: training step, prefill, decode at batch 1
 #           (eager, CUDA graph, compiled + CUDA graph), with torch.profiler tables
