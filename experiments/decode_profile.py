@@ -7,8 +7,8 @@ around the host's per-token work), which at batch 1 depend on how many kernels a
 $ python experiments/decode_profile.py config/tinystories_moe.py [--compile_decode=True] [--tokens=128]
 
 Prints where one generate() call goes (the prompt's forward, the per-token replays, and what
-capturing the graph anew would add), a table of the kernel kinds of one token (calls per token, microseconds per token), most
-frequent first, then one summary line.
+capturing the graph anew would add), a table of the kernel kinds of one token (calls per token,
+microseconds per token), most frequent first, then one summary line.
 """
 
 import os
