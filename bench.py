@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from common import (compile_mode_arg, configure, CUDAGraphStep, init_runtime, measure_peak_flops,
-                    model_config_from, synchronize, write_profile)
+from config import configure, model_config_from
+from runtime import compile_mode_arg, CUDAGraphStep, init_runtime, measure_peak_flops, synchronize, write_profile
+from generate import generate_tokens, new_cache
 from model import GPT, ModelConfig
 from optim import build_optimizer
 
@@ -49,7 +50,7 @@ hf_rounds = 3                   # with compare_hf: training timed in this many a
                                 # transformers, ours, ...), each side's median round reported, so
                                 # that a slow or fast spell of the GPU falls on both
 compile = None                  # torch.compile the training step; None: on for CUDA
-compile_mode = 'default'        # torch.compile's mode (common.COMPILE_MODES), e.g. 'reduce-overhead'
+compile_mode = 'default'        # torch.compile's mode (runtime.COMPILE_MODES), e.g. 'reduce-overhead'
 cuda_graph_train = False        # replay the whole training step (forward, backward, AdamW) as one CUDA graph
 inductor = {}                   # torch._inductor.config settings to try, e.g. --inductor="{'combo_kernels': True}"
 device = 'auto'
@@ -247,7 +248,7 @@ if 'prefill' in modes:
     @torch.no_grad()
     def prefill():
         with rt.autocast():
-            raw(x, cache=raw.new_cache(batch_size, block_size, rt.device))
+            raw(x, cache=new_cache(raw, batch_size, block_size, rt.device))
     reset_memory()
     dt = timed(prefill)
     results['prefill'] = {'tokens_per_sec': batch_size * block_size / dt, 'ms': 1000 * dt,
@@ -267,8 +268,8 @@ if 'decode' in modes:
             @torch.no_grad()
             def decode():
                 with rt.autocast():
-                    for _ in raw.generate_tokens(prompt, decode_tokens, temperature=0, cuda_graph=graph,
-                                                 compile_step=compiled):
+                    for _ in generate_tokens(raw, prompt, decode_tokens, temperature=0, cuda_graph=graph,
+                                             compile_step=compiled):
                         pass
             reset_memory()
             dt = timed(decode, n=max(3, steps // 3), n_warmup=1)

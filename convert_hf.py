@@ -215,6 +215,12 @@ def import_hf(folder):
     for name in sorted(os.listdir(folder)):
         if name.endswith('.safetensors'):
             hf.update(load_file(os.path.join(folder, name)))
+    if c.mtp_depth and f'model.layers.{c.n_layer}.enorm.weight' not in hf:
+        # transformers' DeepseekV3ForCausalLM names num_nextn_predict_layers in its config but never
+        # builds or saves the MTP layer; DeepSeek's own folders do carry it
+        print(f'{folder}: config.json names {c.mtp_depth} MTP layer(s) but the weights hold none '
+              f'(a transformers save_pretrained folder); importing without MTP', file=sys.stderr)
+        c.mtp_depth = 0
     model = GPT(c)
     sd = from_hf_state_dict(hf, c)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -225,8 +231,8 @@ def import_hf(folder):
 
 
 if __name__ == '__main__':
-    from common import configure, load_checkpoint, load_model, save_checkpoint
-    from tokenizer import tokenizer_from_spec  # noqa: F401  (the spec travels in the checkpoint)
+    from checkpoint import load_checkpoint, load_model, save_checkpoint
+    from config import configure
     # -------------------------------------------------------------------------
     direction = 'export'          # 'export' (ckpt -> HF folder) | 'import' (HF folder -> ckpt)
     out_dir = 'out/run'           # our checkpoint folder

@@ -27,8 +27,8 @@ Pretraining data by default (data_dir: the teacher's own); with task_dir= the in
 (prepare/tinystories_instruct.py): the chat-formatted SFT examples, packed as sft.py packs them,
 with both losses on the response tokens only, and the task score in every evaluation.
 The student is any ModelConfig (every field is a key, as in train.py) or a trained checkpoint
-(init_from='out/RUN'). Schedule, optimizer, logging, checkpoints and exact resume are train.py's
-(common.Trainer). Every evaluation logs val/loss and val/bpb (on the real val split) and val/kl,
+(init_from='out/RUN'). Schedule, optimizer, logging, checkpoints and exact resume work as in
+train.py (training.Run). Every evaluation logs val/loss and val/bpb (on the real val split) and val/kl,
 the student's KL(p || q) to the teacher at T = 1, with the teacher's own val loss beside it.
 The checkpoint (stage 'distill') is a plain language model that sample.py and eval.py load.
 """
@@ -41,24 +41,40 @@ import sys
 
 import torch
 
-from common import (TokenData, Trainer, chat_batch, close_runtime, configure,
-                    encode_chat_examples, evaluate_task, init_runtime, load_chat_model, load_checkpoint,
-                    load_model, load_tokenizer_spec, model_config_from, pack_chat_examples, read_jsonl,
-                    training_defaults, write_token_dataset)
+from tqdm import tqdm
+
+from checkpoint import load_chat_model, load_checkpoint, load_model
+from config import configure, model_config_from
+from data import (TokenData, chat_batch, encode_chat_examples, load_tokenizer_spec, pack_chat_examples,
+                  read_jsonl, write_token_dataset)
+from generate import generate_tokens
 from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, teacher_log_probs
+from runtime import close_runtime, init_runtime
+from task import evaluate_task
 from tokenizer import base_spec, tokenizer_from_spec
+from training import Run
 
 # -----------------------------------------------------------------------------
-# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+# I/O
 out_dir = 'out/distill'
 teacher = ''                 # the teacher's checkpoint folder (e.g. out/tinystories_moe, out/sft); required
 mode = 'logits'              # 'logits': match the teacher's distributions | 'sequence': train on its samples
 init_from = 'scratch'        # the student: 'scratch' (from the ModelConfig keys) | 'resume' | 'out/RUN'
+eval_interval = 250          # evaluate (and checkpoint) every N steps, and at the end
+eval_iters = 50              # batches per split per evaluation
+log_interval = 10
+always_save_checkpoint = True
+save_checkpoints = True
+eval_only = False
+# data
 data_dir = ''                # pretraining data (prepare/ format); '' = the teacher's data_dir
 task_dir = ''                # instruction data (sft_*.jsonl, prompts_val.jsonl); '' = pretraining data
 batch_size = 32              # sequences per micro-batch (per GPU)
 block_size = 0               # training window; 0 = the teacher's block_size
+gradient_accumulation_steps = 1
+# the student: these two and every ModelConfig field (n_layer, n_embd, attention, ...), as in train.py
 vocab_size = 0               # the student's vocabulary (scratch): 0 = the tokenizer's, padded to x64
+dropout = 0.0
 # the loss of mode='logits'
 temperature = 2.0            # T: both distributions are softmax(z / T)
 alpha = 0.5                  # loss = alpha * T^2 * KL + (1 - alpha) * CE on the real next token
@@ -75,9 +91,34 @@ generate_only = False        # write the corpus and stop
 # task_dir: the instruction case
 eval_prompts = 64            # held-out prompts answered (greedy) at each evaluation
 max_new_tokens = 300
+# optimizer and schedule (as in train.py)
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
+learning_rate = 6e-4
+min_lr = 6e-5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+muon_momentum = 0.95
+qk_clip_tau = 100.0
+lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
+warmup_iters = 100
+max_iters = 5000
+lr_decay_iters = 0           # 0: max_iters
+decay_frac = 0.2
+# system and logging (as in train.py)
+device = 'auto'
+dtype = 'auto'
+compile = None
+compile_mode = 'default'
+fsdp = False
+seed = 1337
+peak_flops = 0.0
+tensorboard = False
+wandb_project = ''
+run_name = ''
 # -----------------------------------------------------------------------------
-config = configure(globals(), model_config=ModelConfig, defaults=training_defaults())
-# (configure() also defines every training_defaults() and ModelConfig key as a global here)
+config = configure(globals(), model_config=ModelConfig)
 # -----------------------------------------------------------------------------
 problems = [msg for bad, msg in [
     (mode not in ('logits', 'sequence'), f"mode='{mode}'; valid: logits, sequence"),
@@ -178,7 +219,6 @@ if rt.master:
 def sample_documents(n_docs, length):
     """n_docs documents (token-id lists) from the teacher, each begun from EOT, sampled in batches of
     gen_batch_size through the KV cache; a document ends at the teacher's EOT or after `length` tokens."""
-    from tqdm import tqdm
     g = torch.Generator(device=rt.device).manual_seed(seed)
     docs = []
     with tqdm(total=n_docs, desc='sampling the teacher', unit='doc', dynamic_ncols=True,
@@ -187,8 +227,8 @@ def sample_documents(n_docs, length):
             n = min(gen_batch_size, n_docs - start)
             idx = torch.full((n, 1), tok.eot_id, dtype=torch.long, device=rt.device)
             with rt.autocast():
-                new = list(teacher_model.generate_tokens(
-                    idx, length, temperature=sample_temperature, top_k=sample_top_k or None,
+                new = list(generate_tokens(
+                    teacher_model, idx, length, temperature=sample_temperature, top_k=sample_top_k or None,
                     stop_ids=[tok.eot_id], vocab_limit=V, generator=g))
             for row in torch.stack(new, 1).tolist():
                 end = row.index(tok.eot_id) if tok.eot_id in row else len(row)
@@ -199,7 +239,7 @@ def sample_documents(n_docs, length):
 
 def write_teacher_corpus(folder):
     """seq_data_dir in the prepare/ format: train.bin holds the teacher's samples, token for token,
-    each followed by EOT (written by common.write_token_dataset; bytes counted from the decoded
+    each followed by EOT (written by data.write_token_dataset; bytes counted from the decoded
     text), val.bin is a copy of the real data's with its token and byte counts. Kept and reused
     when its settings match; a folder holding another corpus is an error, never overwritten."""
     length = sample_length or teacher_model.config.block_size
@@ -256,7 +296,7 @@ if task_dir:
 def train_batch(step, micro_step):
     """(x, y) of this micro-step, a function of (seed, step, the micro-batch's global index) as in
     train.py; y is -1 where no loss falls (prompts in the instruction case)."""
-    g = trainer.batch_generator(step, micro_step)
+    g = run.batch_generator(step, micro_step)
     if task_dir:
         rows = pack_chat_examples(train_ex, range(len(train_ex)), batch_size, block_size, g)
         x, y = chat_batch(rows, tok.eot_id, block_size)
@@ -264,16 +304,18 @@ def train_batch(step, micro_step):
     return train_data.batch('train', batch_size, block_size, g, rt.device)
 
 
-def loss_fn(model, step, micro_step):
-    x, y = train_batch(step, micro_step)
-    if not distilling:                        # hard labels alone: train.py's loss; the teacher rests
-        return model(x, y, return_logits=False)[1]
+def distillation_loss(model, x, y):
+    """(loss, the T^2 KL term or None): alpha T^2 KL(teacher || student) + (1 - alpha) CE on the
+    real next token, plus the student's MoE balance and MTP terms; with alpha = 0 (or
+    mode='sequence') train.py's loss alone, and the teacher rests."""
+    if not distilling:
+        return model(x, y, return_logits=False)[1], None
     with torch.no_grad():                     # the teacher's soft targets, before the student's forward
         targets = teacher_log_probs(teacher_forward(x)[0], temperature, top_k_logits, V)
     logits, loss = model(x, y)                # CE on the real next token + the student's MoE / MTP terms
     ce = masked_cross_entropy(logits, y)      # that CE again, with its gradient, to re-weight it
     kd = distillation_kl(logits, targets, temperature, kl, mask=y >= 0, vocab=V)     # T^2 KL
-    return loss + alpha * (kd - ce), {'kd_loss': kd.detach()}   # alpha T^2 KL + (1 - alpha) CE + extras
+    return loss + alpha * (kd - ce), kd.detach()
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -327,12 +369,32 @@ def evaluate(model):
             'val/teacher_loss': teacher_val}
 
 
-tokens_per_step = batch_size * block_size * gradient_accumulation_steps * rt.world_size
 flops_per_token = model.flops_per_token(block_size) + (    # + the teacher's forward (1/3 of training)
     teacher_model.flops_per_token(block_size) / 3 if distilling else 0)
-trainer = Trainer(config, rt, model, 'distill', tok_spec, tokens_per_step, flops_per_token, resume=resume,
-                  checkpoint_extra={'data_dir': data_dir, 'teacher': teacher, 'parent': source or 'scratch',
-                                    'task_dir': task_dir, 'seq_data_dir': seq_data_dir if mode == 'sequence' else ''})
+# optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+run = Run(config, rt, model, 'distill', tok_spec, flops_per_token, resume=resume,
+          checkpoint_extra={'data_dir': data_dir, 'teacher': teacher, 'parent': source or 'scratch',
+                            'task_dir': task_dir, 'seq_data_dir': seq_data_dir if mode == 'sequence' else ''})
 resume = None                                 # free the CPU copy
-trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss', 'val/teacher_loss'))
+
+# --- the training loop ----------------------------------------------------------------------------
+plots = (('train/loss', 'val/loss', 'val/teacher_loss'), 'loss.png', 'loss (nats/token)')
+tokens_per_step = batch_size * block_size * gradient_accumulation_steps      # per rank
+step = run.step                               # 0, or where a resumed run stopped
+while run.evaluate(step, evaluate, plots):    # every eval_interval steps: evaluate, plot, save
+    lr = run.set_lr(step)
+    loss = torch.zeros((), device=rt.device)
+    for micro in range(gradient_accumulation_steps):
+        x, y = train_batch(step, micro)
+        with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
+            with rt.autocast():
+                micro_loss, kd = distillation_loss(run.model, x, y)
+                micro_loss = micro_loss / gradient_accumulation_steps
+            run.backward(micro_loss)
+        loss += micro_loss.detach()
+    out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
+    step += 1
+    if not run.log(step, lr, loss, tokens_per_step, out, {} if kd is None else {'kd_loss': kd}):
+        break                                 # (every log_interval steps; False: NaN/inf loss)
+run.finish(plots)
 close_runtime(rt)

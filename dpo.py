@@ -9,7 +9,7 @@ response tokens only (prompt and padding masked); ref_c, ref_r: the same under t
 reference (the SFT model), computed once before training. beta * (pi - ref) is the implicit
 reward; its margin and accuracy (chosen > rejected) are logged for training and held-out pairs,
 with the task score of greedy answers to held-out prompts. Schedule, optimizer, logging,
-checkpoints and resume: common.Trainer, as in train.py.
+checkpoints and resume work as in train.py (training.Run).
 
 $ python dpo.py --init_from=out/sft --out_dir=out/dpo
 """
@@ -21,31 +21,61 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Trainer, chat_batch, close_runtime, configure, evaluate_task,
-                    init_runtime, load_chat_model, load_checkpoint, read_jsonl, training_defaults)
+from checkpoint import load_chat_model, load_checkpoint
+from config import configure
+from data import chat_batch, read_jsonl
 from model import token_logprobs
+from runtime import close_runtime, init_runtime
+from task import evaluate_task
+from training import Run
 
 # -----------------------------------------------------------------------------
-# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+# I/O
 out_dir = 'out/dpo'
 init_from = 'out/sft'        # the SFT checkpoint: the policy's start and the reference; or 'resume'
+eval_interval = 50           # evaluate (and checkpoint) every N steps, and at the end
+log_interval = 10
+always_save_checkpoint = True
+save_checkpoints = True
+eval_only = False
+gradient_accumulation_steps = 1
+# data and loss
 prefs_dir = 'data/prefs'
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the task score
 beta = 0.1                   # strength of the KL constraint to the reference
 batch_size = 8               # pairs per micro-batch
 block_size = 0               # 0: the model's block_size
-learning_rate = 5e-6
-min_lr = 5e-7
-weight_decay = 0.0
-warmup_iters = 20
-max_iters = 500
-eval_interval = 50
 eval_prompts = 64
 max_new_tokens = 300
 dropout = 0.0
+# optimizer and schedule (as in train.py)
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
+learning_rate = 5e-6
+min_lr = 5e-7
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+muon_momentum = 0.95
+qk_clip_tau = 100.0
+lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
+warmup_iters = 20
+max_iters = 500
+lr_decay_iters = 0           # 0: max_iters
+decay_frac = 0.2
+# system and logging (as in train.py)
+device = 'auto'
+dtype = 'auto'
+compile = None
+compile_mode = 'default'
+fsdp = False
+seed = 1337
+peak_flops = 0.0
+tensorboard = False
+wandb_project = ''
+run_name = ''
 # -----------------------------------------------------------------------------
-config = configure(globals(), defaults=training_defaults())
-# (configure() also defines every training_defaults() key as a global here)
+config = configure(globals())
 # -----------------------------------------------------------------------------
 if init_from == 'scratch':
     sys.exit("error: dpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
@@ -101,15 +131,6 @@ def dpo(pi_c, pi_r, ref):
     return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
 
 
-def loss_fn(model, step, micro_step):
-    g = trainer.batch_generator(step, micro_step)
-    ix = torch.randint(len(train_pairs), (batch_size,), generator=g)
-    (pi_c, pi_r), n_tokens = sequence_logprobs(model, [train_pairs[int(i)] for i in ix])
-    loss, r_c, r_r = dpo(pi_c, pi_r, ref_train[ix].to(rt.device))
-    return loss, {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': (r_c > r_r).float().mean().detach(),
-                  'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach(), 'tokens': n_tokens}
-
-
 @torch.no_grad()
 def evaluate(model):
     losses, margins, correct = [], [], []
@@ -128,13 +149,33 @@ def evaluate(model):
     return metrics
 
 
-tokens_per_step = 2 * batch_size * block_size * gradient_accumulation_steps * rt.world_size
-trainer = Trainer(config, rt, model, 'dpo', tok.spec(), tokens_per_step, model.flops_per_token(block_size),
-                  resume=ckpt if init_from == 'resume' else None,
-                  checkpoint_extra={'parent': ckpt.get('parent', source), 'reference': reference,
-                                    'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', ''),
-                                    'task_dir': task_dir},
-                  unused_parameters=model.config.mtp_depth > 0)     # no targets: MTP unused
+# optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+run = Run(config, rt, model, 'dpo', tok.spec(), model.flops_per_token(block_size),
+          resume=ckpt if init_from == 'resume' else None,
+          checkpoint_extra={'parent': ckpt.get('parent', source), 'reference': reference,
+                            'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', ''), 'task_dir': task_dir},
+          unused_parameters=model.config.mtp_depth > 0)    # no targets: MTP unused
 ckpt = None
-trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
+
+# --- the training loop: a random batch of pairs per micro-step ----------------------------------
+step = run.step                               # 0, or where a resumed run stopped
+while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
+    lr = run.set_lr(step)
+    loss, tokens = torch.zeros((), device=rt.device), 0
+    for micro in range(gradient_accumulation_steps):
+        ix = torch.randint(len(train_pairs), (batch_size,), generator=run.batch_generator(step, micro))
+        with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
+            with rt.autocast():
+                (pi_c, pi_r), n_tokens = sequence_logprobs(run.model, [train_pairs[int(i)] for i in ix])
+                micro_loss, r_c, r_r = dpo(pi_c, pi_r, ref_train[ix].to(rt.device))
+                micro_loss = micro_loss / gradient_accumulation_steps
+            run.backward(micro_loss)
+        loss, tokens = loss + micro_loss.detach(), tokens + n_tokens
+    out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
+    step += 1
+    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': (r_c > r_r).float().mean().detach(),
+               'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach()}
+    if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
+        break
+run.finish()
 close_runtime(rt)

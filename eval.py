@@ -18,8 +18,12 @@ import sys
 
 import torch
 
-from common import (TokenData, configure, evaluate_task, init_runtime, load_chat_model, load_checkpoint,
-                    load_tokenizer_spec, read_jsonl, use_cuda_graph)
+from checkpoint import load_chat_model, load_checkpoint
+from config import configure
+from data import load_tokenizer_spec, read_jsonl, TokenData
+from generate import use_cuda_graph
+from runtime import init_runtime
+from task import evaluate_task
 from tokenizer import base_spec
 
 # -----------------------------------------------------------------------------
@@ -37,7 +41,7 @@ temperature = 0.0            # 0: greedy
 top_k = 0
 gen_batch_size = 64
 cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
-                             # (model.DecodeGraph); None: on for CUDA
+                             # (generate.DecodeGraph); None: on for CUDA
 reference = ''               # a checkpoint (e.g. out/sft): also report KL(model || reference) on
                              # sampled answers to the held-out prompts (nats per answer)
 device = 'auto'

@@ -1,75 +1,103 @@
 """
 Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) on the instruction task: no
-value model. Each rollout answers rollout_prompts training prompts group_size times; an answer's
-advantage is its reward relative to its group, (r - mean) / (std + eps) (scale_rewards=False:
-r - mean), given to every token of the answer. The loss per token is PPO's clipped surrogate plus
-beta * KL(pi || ref) by the k3 estimator, averaged over each answer's tokens, then over answers.
+value model. Each iteration is one rollout and its updates:
+
+    for each rollout:
+        answer rollout_prompts training prompts group_size times each with the policy
+        score the answers; an answer's advantage is its reward relative to its group,
+            A = (r - mean of the group) / (std of the group + eps)      (scale_rewards=False: r - mean)
+        given to every token of the answer
+        for each of grpo_epochs epochs, for each minibatch of answers:
+            one optimizer step on PPO's clipped surrogate + beta * KL(pi || ref) (k3 estimator),
+            averaged over each answer's tokens, then over answers
 
 $ python grpo.py --init_from=out/sft --reward=rule --out_dir=out/grpo
 
-One optimizer step per minibatch of answers; max_iters counts those. Logs as ppo.py (reward, rule
-score, reward-model score, KL to the reference, clip fraction, entropy) plus the share of groups
-whose answers all scored the same (they carry no signal). Schedule, optimizer, logging,
-checkpoints and resume: common.Trainer. Rewards and the other shared pieces: rl.py.
+max_iters, eval_interval, log_interval and warmup_iters count rollouts. Logs as ppo.py (reward,
+rule score, reward-model score, KL to the reference, clip fraction, entropy) plus the share of
+groups whose answers all scored the same (they carry no signal). Rewards, rollouts and the other
+pieces PPO uses too: rl.py.
 """
 
-import math
 import os
 import sys
 
 import torch
 
-from common import (Trainer, all_ranks, close_runtime, configure, init_runtime, load_chat_model,
-                    load_checkpoint, read_jsonl, training_defaults, use_cuda_graph)
+from config import configure
+from generate import use_cuda_graph
 from model import token_logprobs
-from rl import (Rewards, RunningMoments, append_samples, batched_logprobs, clipped_policy_loss, entropy,
-                evaluate_policy, group_advantages, kl_k3, masked_mean, rollout_stats, sample_rollout)
+from rl import (RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss, entropy,
+                evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards, masked_mean, mean_stats,
+                minibatch_update, prompts_of_rollout, read_prompts, rollout_stats, sample_rollout)
+from runtime import all_ranks, close_runtime, init_runtime
+from training import Run
 
 # -----------------------------------------------------------------------------
-# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+# I/O
 out_dir = 'out/grpo'
 init_from = 'out/sft'        # the SFT checkpoint: the policy's start and the reference; or 'resume'
-task_dir = 'data/tinystories_instruct'
+eval_interval = 10           # rollouts between evaluations (and checkpoints)
+log_interval = 1             # rollouts between log lines
+always_save_checkpoint = True
+save_checkpoints = True
+eval_only = False
+eval_prompts = 64            # held-out prompts answered at each evaluation
+sample_every = 5             # rollouts between tables of samples in samples.md
+# the task and the reward
+task_dir = 'data/tinystories_instruct'   # prompts_train.jsonl (rollouts), prompts_val.jsonl (eval)
 reward = 'rule'              # 'rule' | 'model' | 'mix' | 'token:<text>' (a toy)
-reward_model = 'out/reward'
-reward_mix = 0.5
-no_end_penalty = 0.2
+reward_model = 'out/reward'  # for reward='model' / 'mix'
+reward_mix = 0.5             # mix: weight of the reward model (the rule gets the rest)
+no_end_penalty = 0.2         # subtracted from the reward of an answer that did not end its turn
 normalize_reward = False     # running mean/std of rewards (the group normalisation usually suffices)
+# rollouts and updates
 rollout_prompts = 16         # prompts per rollout ...
 group_size = 4               # ... each answered this many times
 scale_rewards = True         # divide by the group's std (False: only subtract the group mean)
 max_new_tokens = 200
 temperature = 1.0
+cuda_graph = None            # sampling: one-token steps replayed as a CUDA graph; None: on for CUDA
 grpo_epochs = 1              # passes over each rollout
 minibatch_size = 16          # answers per optimizer step
+gradient_accumulation_steps = 1   # micro-batches per minibatch
 clip_eps = 0.2
 beta = 0.04                  # weight of the KL(pi || ref) penalty in the loss
+dropout = 0.0
+# optimizer and schedule (as in train.py; the schedule counts rollouts)
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
 learning_rate = 1e-5
 min_lr = 1e-6
 weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+muon_momentum = 0.95
+qk_clip_tau = 100.0
+lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
 warmup_iters = 0
-max_iters = 200
-eval_interval = 40
-log_interval = 2
-eval_prompts = 64
-sample_every = 5
-cuda_graph = None            # rollouts and evaluations: one-token steps replayed as a CUDA graph
-                             # (model.DecodeGraph); None: on for CUDA
-dropout = 0.0
+max_iters = 100              # rollouts
+lr_decay_iters = 0           # 0: max_iters
+decay_frac = 0.2
+# system and logging (as in train.py)
+device = 'auto'
+dtype = 'auto'
+compile = None
+compile_mode = 'default'
+fsdp = False                 # refused: each rank samples rollouts of other lengths (use DDP)
+seed = 1337
+peak_flops = 0.0
+tensorboard = False
+wandb_project = ''
+run_name = ''
 # -----------------------------------------------------------------------------
-config = configure(globals(), defaults=training_defaults())
-# (configure() also defines every training_defaults() key as a global here)
+config = configure(globals())
 # -----------------------------------------------------------------------------
 n_answers = rollout_prompts * group_size
-n_minibatches = math.ceil(n_answers / minibatch_size)
-updates_per_rollout = grpo_epochs * n_minibatches
-if init_from == 'scratch':
-    sys.exit("error: grpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 if group_size < 2:
     sys.exit(f'error: group_size={group_size} must be at least 2 (advantages are relative to the group)')
-if eval_interval % updates_per_rollout:
-    sys.exit(f'error: eval_interval={eval_interval} must be a multiple of grpo_epochs x minibatches per '
-             f'rollout = {updates_per_rollout}, so checkpoints fall between rollouts')
+if not 1 <= minibatch_size <= n_answers:
+    sys.exit(f'error: minibatch_size={minibatch_size} must be between 1 and rollout_prompts x group_size = {n_answers}')
 if fsdp:
     sys.exit('error: grpo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
              'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
@@ -79,110 +107,96 @@ try:
 except ValueError as e:
     sys.exit(f'error: {e}')
 
+# --- models: the policy (trained), the frozen reference, the reward -------------------------------
 resume = init_from == 'resume'
-source = out_dir if resume else init_from
-ckpt = load_checkpoint(source)
-reference_path = ckpt['reference'] if resume else source
-policy, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+ckpt, policy, tok, reference, reference_path = load_policy('grpo', init_from, out_dir, rt.device, dropout)
 policy.to(rt.device)
-reference, _, _ = load_chat_model(reference_path, rt.device)
-reference.eval().requires_grad_(False)
-rm = None
-if reward in ('model', 'mix'):
-    rm, rm_tok, _ = load_chat_model(reward_model, rt.device)
-    if rm_tok.spec() != tok.spec():
-        sys.exit(f"error: the reward model's tokenizer ({reward_model}) differs from the policy's")
-    rm.eval().requires_grad_(False)
-try:
-    rewards = Rewards(reward, tok, rm, reward_mix, no_end_penalty)
-except ValueError as e:
-    sys.exit(f'error: {e}')
+rewards = load_rewards(reward, tok, reward_model, reward_mix, no_end_penalty, rt.device)
 moments = RunningMoments()
 if resume and 'reward_moments' in ckpt:
     moments.load_state_dict(ckpt['reward_moments'])
-train_prompts = read_jsonl(os.path.join(task_dir, 'prompts_train.jsonl'), ('prompt', 'words'),
-                           hint='run python prepare/tinystories_instruct.py')
-val_prompts = read_jsonl(os.path.join(task_dir, 'prompts_val.jsonl'), ('prompt', 'words'))[:eval_prompts]
-extra = {'parent': ckpt.get('parent', source), 'reference': reference_path, 'reward': reward,
-         'reward_model': reward_model if rm is not None else '', 'task_dir': task_dir,
+train_prompts, val_prompts = read_prompts(task_dir, eval_prompts)
+clear_samples(out_dir, resume, rt.master)
+extra = {'parent': ckpt.get('parent', reference_path), 'reference': reference_path, 'reward': reward,
+         'reward_model': reward_model if rewards.reward_model is not None else '', 'task_dir': task_dir,
          'data_dir': ckpt.get('data_dir', ''), 'reward_moments': moments.state_dict()}
-buffer = {'index': None}
+# optimizer, DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+run = Run(config, rt, policy, 'grpo', tok.spec(), policy.flops_per_token(), resume=ckpt if resume else None,
+          checkpoint_extra=extra, unused_parameters=policy.config.mtp_depth > 0)    # no targets: MTP unused
+ckpt = None
 
 
 @torch.no_grad()
 def make_rollout(r):
-    """Rollout r: rollout_prompts prompts, each answered group_size times (rows of a group are
-    adjacent), a function of (seed, r, rank) and the current weights."""
+    """Rollout r: rollout_prompts prompts, each answered group_size times (the answers of a group
+    are adjacent rows), a function of (seed, r, rank) and the current weights; their rewards,
+    group-relative advantages and per answer token the log-probabilities under the policy and
+    the reference."""
     policy.eval()
-    g = torch.Generator().manual_seed(seed * 1_000_003 + r * 7919 + rt.rank)
-    chosen = [train_prompts[int(i)] for i in torch.randint(len(train_prompts), (rollout_prompts,), generator=g)]
+    chosen, gen = prompts_of_rollout(train_prompts, rollout_prompts, seed, r, rt.rank, rt.device)
     prompts = [p for p in chosen for _ in range(group_size)]
-    gen = torch.Generator(device=rt.device).manual_seed(seed * 1_000_003 + r * 7919 + rt.rank)
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
                         cuda_graph=cuda_graph)
     seq, mask = ro['seq'], ro['mask']
     old_logp = batched_logprobs(policy, seq, mask, rt.autocast)
     ref_logp = batched_logprobs(reference, seq, mask, rt.autocast)
     scores, parts = rewards(prompts, ro, rt.autocast)
-    used = scores
     if normalize_reward:
-        moments.update(all_ranks(scores))          # every rank's rewards: the same moments everywhere
-        used = moments.normalize(scores)
-    adv, flat_groups = group_advantages(used, group_size, scale_rewards)
+        moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
+    adv, flat_groups = group_advantages(moments.normalize(scores) if normalize_reward else scores,
+                                        group_size, scale_rewards)
     stats = {**rollout_stats(scores, parts, ro), 'zero_spread_groups': flat_groups.float().mean().item(),
              'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item()}
     extra.update(reward_moments=moments.state_dict())
-    buffer.update(index=r, seq=seq, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-                  adv=adv[:, None].expand_as(old_logp) * mask, stats=stats)
     if rt.master and sample_every and r % sample_every == 0:
-        append_samples(os.path.join(out_dir, 'samples.md'), f'rollout {r} (step {r * updates_per_rollout})',
-                       ('prompt', 'answer', 'reward', 'advantage'),
+        append_samples(os.path.join(out_dir, 'samples.md'), f'rollout {r}', ('prompt', 'answer', 'reward', 'advantage'),
                        [(p['prompt'], t, f'{x:.3f}', f'{a:+.2f}')
                         for p, t, x, a in zip(prompts, ro['texts'], scores.tolist(), adv.tolist())][:group_size])
     policy.train()
+    return {'seq': seq, 'mask': mask, 'old_logp': old_logp, 'ref_logp': ref_logp,
+            'adv': adv[:, None].expand_as(old_logp) * mask}, stats
 
 
-def loss_fn(m, step, micro_step):
-    r, u = divmod(step, updates_per_rollout)
-    if buffer['index'] != r:
-        make_rollout(r)
-    epoch, mb = divmod(u, n_minibatches)
-    perm = torch.randperm(n_answers, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
-    idx = perm[mb * minibatch_size:(mb + 1) * minibatch_size].to(rt.device)
-    idx = idx.chunk(gradient_accumulation_steps)[micro_step] if gradient_accumulation_steps > 1 else idx
-    b = {k: buffer[k][idx] for k in ('seq', 'mask', 'old_logp', 'ref_logp', 'adv')}
+def grpo_loss(b):
+    """The loss of a minibatch b of the rollout: the clipped surrogate per token, averaged over
+    each answer, then over answers, plus beta * the k3 KL to the reference; with statistics."""
     length = int(b['mask'].any(0).nonzero().max()) + 2                # trim right padding
     seq, mask = b['seq'][:, :length], b['mask'][:, :length - 1]
     cut = lambda t: t[:, :length - 1]                                  # noqa: E731
-    logits, _ = m(seq[:, :-1])
+    logits = run.model(seq[:, :-1])[0]
     logp = token_logprobs(logits, seq[:, 1:].masked_fill(~mask, -1))
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, cut(b['old_logp']), cut(b['adv']), mask, clip_eps,
                                                         per_sequence=True)
-    kl = kl_k3(logp, cut(b['ref_logp']))
-    kl_loss = masked_mean(masked_mean(kl, mask, dim=1), mask.any(1))
+    kl_loss = masked_mean(masked_mean(kl_k3(logp, cut(b['ref_logp'])), mask, dim=1), mask.any(1))
     with torch.no_grad():
         stats = {'policy_loss': pg_loss.detach(), 'kl_loss': kl_loss.detach(), 'clip_frac': clip_frac,
-                 'approx_kl': approx_kl, 'entropy': entropy(logits.detach(), mask), 'tokens': seq.numel(),
-                 **buffer['stats']}
-    return pg_loss + beta * kl_loss, stats
+                 'approx_kl': approx_kl, 'entropy': entropy(logits.detach(), mask)}
+    return pg_loss + beta * kl_loss, stats, seq.numel()
 
 
-@torch.no_grad()
-def evaluate(m):
+def evaluate(_):
     return evaluate_policy(policy, reference, tok, val_prompts, rewards, max_new_tokens, temperature, rt.autocast,
                            seed, cuda_graph)
 
 
-os.makedirs(out_dir, exist_ok=True)
-if not resume and rt.master and os.path.exists(os.path.join(out_dir, 'samples.md')):
-    os.remove(os.path.join(out_dir, 'samples.md'))
-tokens_per_step = minibatch_size * (max_new_tokens + 64) * rt.world_size
-trainer = Trainer(config, rt, policy, 'grpo', tok.spec(), tokens_per_step, policy.flops_per_token(),
-                  resume=ckpt if resume else None, checkpoint_extra=extra,
-                  unused_parameters=policy.config.mtp_depth > 0)    # no targets: MTP unused
-ckpt = None
-trainer.run(loss_fn, evaluate, plot_keys=('train/policy_loss', 'train/kl_loss'),
-            extra_plots=[(('train/reward', 'train/rule_score', 'train/rule_words', 'train/reward_model_score'),
-                          'reward.png', 'reward'),
-                         (('train/kl_ref', 'val/kl_ref'), 'kl.png', 'KL(policy || reference), nats')])
+# --- the training loop: a rollout, then epochs of minibatch updates ------------------------------
+plots = [(('train/policy_loss', 'train/kl_loss'), 'loss.png', 'loss'),
+         (('train/reward', 'train/rule_score', 'train/rule_words', 'train/reward_model_score'), 'reward.png', 'reward'),
+         (('train/kl_ref', 'val/kl_ref'), 'kl.png', 'KL(policy || reference), nats')]
+r = run.step                                  # rollouts done: 0, or where a resumed run stopped
+while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: evaluate, plot, save
+    lr = run.set_lr(r)
+    buffer, stats_of_rollout = make_rollout(r)
+    losses, updates, tokens = [], [], 0
+    for epoch in range(grpo_epochs):                # passes over the rollout, in shuffled minibatches
+        order = torch.randperm(n_answers, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
+        for idx in order.to(rt.device).split(minibatch_size):
+            loss, stats, n, out = minibatch_update(run, grpo_loss, buffer, idx, rt.autocast)   # one step
+            losses.append(loss)
+            updates.append(stats)
+            tokens += n
+    r += 1
+    if not run.log(r, lr, torch.stack(losses).mean(), tokens, out, {**mean_stats(updates), **stats_of_rollout}):
+        break                                 # (every log_interval rollouts; False: NaN/inf loss)
+run.finish(plots)
 close_runtime(rt)

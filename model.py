@@ -6,8 +6,15 @@ The whole architecture in one file, every variant behind a ModelConfig flag:
   with auxiliary-loss-free balancing, multi-token prediction).
 
 Read top to bottom: config and presets, norms, positions (RoPE and its long-context scalings),
-the KV cache, attention (MHA/GQA, then MLA), feed-forward (dense, then MoE), the block, the model
-(with MTP), accounting, generation.
+attention (MHA/GQA, then MLA with its naive and absorbed paths), feed-forward (dense, then the
+router, the experts and the MoE), the block and the MTP module, the losses, the model (forward
+with its loss, router-bias balancing, accounting, a plain generate), the scalar-head model.
+
+This file is the reference. Where a faster way to compute the same thing exists, the line that
+uses it is a call into kernels.py (Triton kernels, grouped GEMMs, the fused output layer + loss),
+each kernel equal to the code here; generate.py holds the inference engine (KV cache, batched and
+CUDA-graph decoding); optim.py holds Muon and QK-Clip, whose max-logit statistic the attention
+modules record.
 Shapes in comments: B batch, T new tokens, L keys in view (cached + new), H query heads,
 Hkv key/value heads, D head dim, C model width (n_embd), V vocabulary, N = B*T tokens,
 E routed experts, K experts per token, I expert width.
@@ -21,12 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:                                     # the two hand-written kernels (the experts' SwiGLU backward,
-    import triton                        # the loss's row pass) are Triton; the CPU build of
-    import triton.language as tl         # PyTorch comes without it, and takes the same math in
-    HAVE_TRITON = True                   # PyTorch instead
-except ImportError:
-    HAVE_TRITON = False
+import kernels
+from optim import record_max_logit
 
 
 @dataclass
@@ -352,170 +355,19 @@ def attention_mask(q_pos, k_pos, window=None, n_sink=0):
 
 
 # -----------------------------------------------------------------------------
-# The KV cache
-
-class KVCache:
-    """Past keys and values (or MLA latents) for incremental decoding, one set per layer.
-
-    Rows of a batch are left-padded to a common length: each row's positions start at 0 at its
-    first real token, and padding is never attended to. Without a sliding window the cache holds
-    `max_len` tokens. With one it is a rolling buffer of n_sink + window slots: the first n_sink
-    tokens stay, the rest overwrite the oldest slot, so memory stays bounded however long
-    generation runs (positions keep counting, exactly as the masked full attention sees them).
-
-    Per forward pass: begin(T) -> (positions, mask); each layer calls update(); then end().
-
-    static=True (no rolling window): every tensor keeps its shape from step to step, and where the
-    next token goes is a device tensor (pos_t), not a Python number, so one decode step can be
-    captured as a CUDA graph and replayed (see DecodeGraph). Attention then runs over all
-    `capacity` slots with the empty ones masked out, which costs a little more per step and
-    nothing in launches."""
-
-    def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0, static=False):
-        self.batch_size, self.device = batch_size, device
-        self.window, self.n_sink = window, n_sink if window is not None else 0
-        self.capacity = max_len if window is None else min(max_len, self.n_sink + window)
-        self.rolling = window is not None and self.capacity < max_len
-        if static and self.rolling:
-            raise ValueError('a static KV cache cannot be a rolling buffer (sliding window shorter '
-                             'than the generation); use static=False')
-        self.static = static
-        self.pos = 0                                   # tokens written so far (padded index)
-        self.buffers = {}                              # (layer, name) -> preallocated tensor
-        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.padded = False
-        # the row position of the token in each slot; -1 marks an empty slot or padding
-        self.slot_pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
-        self.pos_t = torch.zeros((), dtype=torch.long, device=device)   # = pos, on the device
-        self.reset(valid)
-
-    def reset(self, valid=None):
-        """Empty the cache for a new (B, P) prompt whose left padding `valid` marks (None: none),
-        keeping every buffer where it is in memory (a captured CUDA graph still points there)."""
-        self.pos = 0
-        self.pos_t.zero_()
-        self.slot_pos.fill_(-1)
-        self.pad.zero_()
-        self.padded = False
-        if valid is not None:                          # (B, P) mask of a left-padded prompt
-            self.pad.copy_((~valid).sum(1))
-            self.padded = bool((~valid).any())
-
-    def begin(self, T):
-        """Plan the next T tokens: (positions (B, T), (attn_mask, is_causal)) for the layers."""
-        if self.static:
-            return self._begin_static(T)
-        q_pos = self.pos + torch.arange(T, device=self.device)[None, :] - self.pad[:, None]
-        self.q_pos = q_pos                             # negative: left padding
-        fits = self.window is None or self.pos + T <= self.window
-        if not self.padded and fits and not self.rolling:
-            mask = (None, self.pos == 0) if (self.pos == 0 or T == 1) else self._mask(T)
-        else:
-            mask = self._mask(T)
-        if self.rolling:                               # which new tokens land in which slot
-            p = self.pos + torch.arange(T)
-            slot = torch.where(p < self.n_sink, p, self.n_sink + (p - self.n_sink) % self.window)
-            keep = (p < self.n_sink) | (p + self.window >= self.pos + T)   # not overwritten in this chunk
-            self.src = torch.arange(T)[keep].to(self.device)
-            self.dst = slot[keep].to(self.device)
-        elif self.pos + T > self.capacity:
-            raise RuntimeError(f'KV cache overflow: {self.pos} + {T} > capacity {self.capacity}')
-        return q_pos.clamp(min=0), mask
-
-    def _begin_static(self, T):
-        """begin() from device tensors only: the new tokens go to slots pos_t .. pos_t + T - 1,
-        and every slot is a key, masked unless it holds a token this query may see."""
-        if self.pos + T > self.capacity:
-            raise RuntimeError(f'KV cache overflow: {self.pos} + {T} > capacity {self.capacity}')
-        self.dst = self.pos_t + torch.arange(T, device=self.device)                   # (T,) slots
-        self.q_pos = self.dst[None, :] - self.pad[:, None]                            # (B, T)
-        q_pos = self.q_pos.masked_fill(self.q_pos < 0, -1)
-        k_pos = self.slot_pos.index_copy(1, self.dst, q_pos)                          # (B, capacity)
-        allowed = attention_mask(self.q_pos, k_pos, self.window, self.n_sink)        # (B, T, capacity)
-        itself = torch.arange(self.capacity, device=self.device) == self.dst[:, None]  # (T, capacity)
-        return self.q_pos.clamp(min=0), ((allowed | itself)[:, None], False)        # padding sees itself
-
-    def _mask(self, T):
-        cached = self.slot_pos if self.rolling else self.slot_pos[:, :self.pos]
-        k_pos = torch.cat([cached, self.q_pos.masked_fill(self.q_pos < 0, -1)], dim=1)   # (B, L)
-        allowed = attention_mask(self.q_pos, k_pos, self.window, self.n_sink)          # (B, T, L)
-        L0 = cached.size(1)                            # a padding query sees itself, not nothing
-        eye = torch.zeros_like(allowed)
-        eye[:, torch.arange(T), L0 + torch.arange(T)] = True
-        return (allowed | eye)[:, None], False                                          # (B,1,T,L)
-
-    def update(self, layer, name, x, dim):
-        """Add x (T new entries along `dim`) to what is cached; return the entries in view."""
-        key = (layer, name)
-        if key not in self.buffers:
-            shape = list(x.shape)
-            shape[dim] = self.capacity
-            self.buffers[key] = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        buf, T = self.buffers[key], x.size(dim)
-        if self.static:                                # write at pos_t, attend over every slot
-            buf.index_copy_(dim, self.dst, x.to(buf.dtype))
-            return buf
-        if not self.rolling:
-            buf.narrow(dim, self.pos, T).copy_(x)
-            return buf.narrow(dim, 0, self.pos + T)
-        view = torch.cat([buf, x.to(buf.dtype)], dim=dim)          # every slot, then the new ones
-        buf.index_copy_(dim, self.dst, x.index_select(dim, self.src).to(buf.dtype))
-        return view
-
-    def end(self):
-        T = self.q_pos.size(1)
-        q_pos = self.q_pos.masked_fill(self.q_pos < 0, -1)
-        if self.static:
-            self.slot_pos.index_copy_(1, self.dst, q_pos)
-            self.pos_t += T
-        elif self.rolling:
-            self.slot_pos[:, self.dst] = q_pos[:, self.src]
-        else:
-            self.slot_pos[:, self.pos:self.pos + T] = q_pos
-        self.pos += T
-
-    def numel_per_token(self):
-        """Numbers cached per token per layer (e.g. kv_lora_rank + qk_rope_head_dim for MLA)."""
-        per_layer = {}
-        for (layer, name), buf in self.buffers.items():
-            per_layer[layer] = per_layer.get(layer, 0) + buf.numel() // (self.batch_size * self.capacity)
-        return per_layer
-
-
-# -----------------------------------------------------------------------------
 # Attention
+#
+# Both attention modules take (x, rope, cache, mask): rope the (cos, sin) of the positions, cache
+# a generate.KVCache (None in training) whose update() returns the keys and values in view, mask
+# (attn_mask, is_causal) for F.scaled_dot_product_attention. For QK-Clip (optim.py) each keeps
+# `max_logit`, the largest pre-softmax logit per head seen in training forwards while
+# `track_max_logit` is on (GPT.track_max_logits).
 
-class QKClipStats:
-    """What QK-Clip (Kimi-K2 report, section 2.1) needs from an attention module: with
-    `track_max_logit` on, each training forward records per head the largest pre-softmax logit
-    max_{t,l} q_t . k_l * scale over the batch (the masked entries excluded) into `max_logit`;
-    `rescale_qk_(gamma)` multiplies head h's logits by gamma[h] by rescaling its weights."""
-    track_max_logit = False
-    float32_buffers = ('max_logit',)
-
-    def _init_max_logit(self, n_head):
-        self.register_buffer('max_logit', torch.full((n_head,), float('-inf')), persistent=False)
-
-    @torch.no_grad()
-    def _record_max_logit(self, q, k, attn_mask, is_causal):
-        """q: (B, H, T, D), k: (B, H or Hkv, L, D): one extra q k^T, kept in the compute dtype."""
-        if k.size(1) != q.size(1):
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-        s = torch.matmul(q, k.transpose(-2, -1))                               # (B, H, T, L)
-        if attn_mask is not None:
-            s = s.masked_fill(~attn_mask, float('-inf'))
-        elif is_causal:
-            T, L = s.shape[-2:]
-            keep = torch.ones(T, L, dtype=torch.bool, device=s.device).tril(L - T)
-            s = s.masked_fill(~keep, float('-inf'))
-        m = s.amax(dim=(0, 2, 3)).float() * self.scale                         # scale > 0
-        self.max_logit.copy_(torch.maximum(self.max_logit, m))
-
-
-class CausalSelfAttention(QKClipStats, nn.Module):
+class CausalSelfAttention(nn.Module):
     """Multi-head attention; with n_kv_head < n_head each key/value head is shared by a group of
     n_head / n_kv_head query heads (GQA, Ainslie et al. 2023; MQA when n_kv_head = 1).
     softmax(q k^T / sqrt(D) + mask) v through F.scaled_dot_product_attention."""
+    float32_buffers = ('max_logit',)
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -529,11 +381,12 @@ class CausalSelfAttention(QKClipStats, nn.Module):
         self.o_proj.residual = True                     # scaled init (see GPT._init_weights)
         self.dropout = config.dropout
         self.scale = softmax_scale(config)
-        self._init_max_logit(self.n_head)
+        self.track_max_logit = False
+        self.register_buffer('max_logit', torch.full((self.n_head,), float('-inf')), persistent=False)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = kernels.fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])   # one GEMM
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)                   # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)                # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -544,32 +397,15 @@ class CausalSelfAttention(QKClipStats, nn.Module):
             v = cache.update(self.layer_idx, 'v', v, dim=2)
         attn_mask, is_causal = mask
         if self.track_max_logit and self.training:
-            self._record_max_logit(q, k, attn_mask, is_causal)
+            record_max_logit(self, q, k, attn_mask, is_causal)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)                                   # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-    @torch.no_grad()
-    def rescale_qk_(self, gamma):
-        """Multiply head h's logits q_h . k by gamma[h] (<= 1). With GQA a key head serves a group
-        of query heads, so it takes sqrt(min gamma of its group) and each query head the rest,
-        gamma[h] / sqrt(min): every head's logits scale by exactly its own gamma, and heads of
-        the group that did not exceed tau keep their logits."""
-        from optim import scale_rows_                  # row by row: works on FSDP shards too
-        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        g = gamma.to(self.q_proj.weight.dtype).view(Hkv, H // Hkv)
-        k_scale = g.min(dim=1).values.sqrt()                                  # (Hkv,)
-        q_scale = (g / k_scale[:, None]).reshape(H)                           # (H,)
-        for proj, scale in ((self.q_proj, q_scale), (self.k_proj, k_scale)):
-            rows = scale.repeat_interleave(D)                                 # head h: rows hD..hD+D-1
-            scale_rows_(proj.weight, rows)
-            if proj.bias is not None:
-                scale_rows_(proj.bias, rows)
 
-
-class MLAttention(QKClipStats, nn.Module):
+class MLAttention(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2, section 2.1; V3, section 2.1.1).
 
     Keys and values come from one small latent per token, c = RMSNorm(W_dkv x) (kv_lora_rank
@@ -580,8 +416,10 @@ class MLAttention(QKClipStats, nn.Module):
     Training / no cache: expand k and v for every head and use fused attention.
     Decoding with a cache: absorb W_uk into the query and W_uv into the output,
         q_nope . (W_uk c) = (W_uk^T q_nope) . c      and      sum_t a_t W_uv c_t = W_uv (sum_t a_t c_t)
-    so attention runs directly over the cached latents, as one shared key/value 'head'.
-    Module names are DeepSeek-V3's."""
+    so attention runs directly over the cached latents, as one shared key/value 'head'
+    (attend_naive and attend_absorbed below compute the same attention both ways; the tests hold
+    them equal). Module names are DeepSeek-V3's."""
+    float32_buffers = ('max_logit',)
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -603,13 +441,14 @@ class MLAttention(QKClipStats, nn.Module):
         self.o_proj.residual = True
         self.dropout = config.dropout
         self.scale = softmax_scale(config)
-        self._init_max_logit(H)
+        self.track_max_logit = False
+        self.register_buffer('max_logit', torch.full((H,), float('-inf')), persistent=False)
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
         H = self.n_head
         low_rank_q = not hasattr(self, 'q_proj')      # x's two projections, one GEMM when fused
-        q, ckv = fused_linear(x, [self.q_a_proj if low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
+        q, ckv = kernels.fused_linear(x, [self.q_a_proj if low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
         if low_rank_q:
             q = self.q_b_proj(self.q_a_layernorm(q))
         # heads stay inside each token's row, (B, T, H, D), as the projections write them; attention
@@ -621,65 +460,49 @@ class MLAttention(QKClipStats, nn.Module):
         c = self.kv_a_layernorm(c)                                                     # (B, T, r)
         q_rope = apply_rope(q_rope.transpose(1, 2), *rope).transpose(1, 2)             # (B, T, H, Dr)
         k_rope = apply_rope(k_rope[:, None], *rope)[:, 0]                              # (B, T, Dr)
-        attn_mask, is_causal = mask
-        dropout = self.dropout if self.training else 0.0
-        if cache is None:                                   # expand the latent for every head
-            kv = self.kv_b_proj(c).view(B, T, H, self.d_nope + self.d_v)
-            k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)                     # (B, T, H, .)
-            k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, H, self.d_rope)], dim=-1)
-            q = torch.cat([q_nope, q_rope], dim=-1)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, .) views
-            if self.track_max_logit and self.training:
-                self._record_max_logit(q, k, attn_mask, is_causal)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                               scale=self.scale, dropout_p=dropout)   # (B, H, T, Dv)
-        else:                                               # absorb: attend over the latents
+        if cache is None:
+            y = self.attend_naive(q_nope, q_rope, c, k_rope, mask)                     # (B, H, T, Dv)
+        else:
             c = cache.update(self.layer_idx, 'latent', c, dim=1)                       # (B, L, r)
             k_rope = cache.update(self.layer_idx, 'k_rope', k_rope, dim=1)             # (B, L, Dr)
-            w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.rank)
-            w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                        # (H, D, r)
-            q_latent = torch.einsum('bthd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))  # W_uk^T q_nope
-            q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)                  # (B, H, T, r+Dr)
-            k = torch.cat([c, k_rope], dim=-1)[:, None]                                # (B, 1, L, r+Dr)
-            y = F.scaled_dot_product_attention(q, k, c[:, None], attn_mask=attn_mask,
-                                               is_causal=is_causal, scale=self.scale,
-                                               dropout_p=dropout, enable_gqa=True)    # (B, H, T, r)
-            y = torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                    # W_uv (a . c)
+            y = self.attend_absorbed(q_nope, q_rope, c, k_rope, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
 
-    @torch.no_grad()
-    def rescale_qk_(self, gamma):
-        """Multiply head h's logits by gamma[h] as the Kimi-K2 report does for MLA: the head's
-        q_nope and k_nope rows by sqrt(gamma) (their product carries gamma), its q_rope rows by
-        gamma, and the shared k_rope (used by every head) not at all."""
-        from optim import scale_rows_                  # row by row: works on FSDP shards too
-        H, dn, dr, dv = self.n_head, self.d_nope, self.d_rope, self.d_v
-        g = gamma.to(self.kv_b_proj.weight.dtype).view(H, 1)
-        # per head, q's rows are [q_nope (dn) ; q_rope (dr)] and kv_b's are [k_nope (dn) ; v (dv)]
-        q_rows = torch.cat([g.sqrt().expand(H, dn), g.expand(H, dr)], 1).reshape(-1)
-        kv_rows = torch.cat([g.sqrt().expand(H, dn), torch.ones_like(g).expand(H, dv)], 1).reshape(-1)
-        scale_rows_((self.q_proj if hasattr(self, 'q_proj') else self.q_b_proj).weight, q_rows)
-        scale_rows_(self.kv_b_proj.weight, kv_rows)
+    def attend_naive(self, q_nope, q_rope, c, k_rope, mask):
+        """Training and prefill without a cache: expand the latent c into every head's key and
+        value, then fused attention. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr), c (B, T, r),
+        k_rope (B, T, Dr) -> (B, H, T, Dv)."""
+        B, T, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c).view(B, T, H, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)                         # (B, T, H, .)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, H, self.d_rope)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H, T, .) views
+        attn_mask, is_causal = mask
+        if self.track_max_logit and self.training:
+            record_max_logit(self, q, k, attn_mask, is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def attend_absorbed(self, q_nope, q_rope, c, k_rope, mask):
+        """Decoding over cached latents: W_uk moves into the query and W_uv onto the output, so
+        the L cached tokens are read as c (B, L, r) and k_rope (B, L, Dr), never expanded per
+        head. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr) -> (B, H, T, Dv)."""
+        H = self.n_head
+        w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.rank)
+        w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                            # (H, D, r)
+        q_latent = torch.einsum('bthd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))      # W_uk^T q_nope
+        q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)                      # (B, H, T, r+Dr)
+        k = torch.cat([c, k_rope], dim=-1)[:, None]                                    # (B, 1, L, r+Dr)
+        attn_mask, is_causal = mask
+        y = F.scaled_dot_product_attention(q, k, c[:, None], attn_mask=attn_mask, is_causal=is_causal,
+                                           scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=True)                            # (B, H, T, r)
+        return torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                     # W_uv (a . c)
 
 
 # -----------------------------------------------------------------------------
 # Feed-forward: dense
-
-def fused_linear(x, linears):
-    """[l(x) for l in linears], as ONE matrix multiply over the stacked weights when autocast
-    copies the weights anyway (float32 weights cast to bf16 at every training step: the cast
-    writes them side by side, and under torch.compile that is one kernel). Weights already in
-    the compute dtype (decoding in bf16) would be copied by the stacking, so then one each."""
-    dev = x.device.type
-    w = linears[0].weight
-    if not (torch.is_autocast_enabled(dev) and w.dtype != torch.get_autocast_dtype(dev)):
-        return [l(x) for l in linears]
-    bias = None
-    if any(l.bias is not None for l in linears):
-        bias = torch.cat([l.bias if l.bias is not None else w.new_zeros(l.out_features) for l in linears])
-    y = F.linear(x, torch.cat([l.weight for l in linears]), bias)
-    return y.split([l.weight.size(0) for l in linears], dim=-1)
-
 
 class MLP(nn.Module):
     """gelu:   down(gelu(up(x)))                       (GPT-2)
@@ -697,7 +520,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            gate, up = fused_linear(x, [self.gate_proj, self.up_proj])
+            gate, up = kernels.fused_linear(x, [self.gate_proj, self.up_proj])   # one GEMM
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate='tanh'))
 
@@ -741,29 +564,11 @@ class Router(nn.Module):
             best = group_scores.topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(N, self.E)
-        indices = top_k_indices(choice, self.K)                              # (N, K)
+        indices = kernels.top_k_indices(choice, self.K)                      # (N, K): choice.topk
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
-
-
-def top_k_indices(choice, K, by_argmax=None):
-    """choice.topk(K, dim=-1).indices for a few experts per row (E = 64: 32,768 rows of a batch).
-    On a GPU, torch.topk is a radix select plus a sort per row, 0.13 ms per layer; K rounds of
-    argmax, each masking the last pick, are row reductions that torch.compile fuses with the
-    router's sigmoid and bias into one kernel. The same indices in the same order (the largest
-    first; on ties the lower index, where topk's order is unspecified). by_argmax: None = on CUDA."""
-    if not (choice.is_cuda if by_argmax is None else by_argmax):
-        return choice.topk(K, dim=-1).indices
-    choice = choice.detach()
-    cols = torch.arange(choice.size(-1), device=choice.device)
-    picks = []
-    for _ in range(K):
-        i = choice.argmax(-1, keepdim=True)                                  # (N, 1)
-        picks.append(i)
-        choice = torch.where(cols == i, float('-inf'), choice)               # not again
-    return torch.cat(picks, -1)
 
 
 class Experts(nn.Module):
@@ -776,9 +581,10 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.randn(E, I, C) * std)
         self.down_proj = nn.Parameter(torch.randn(E, C, I) * std)
 
-    def forward_loop(self, x, weights, indices):
+    def forward(self, x, weights, indices):
         """The reference: for each expert, gather its tokens, run it, add the weighted output.
-        y_t = sum_k g_tk * down_e(silu(gate_e x_t) * up_e x_t), e = indices[t, k]."""
+        y_t = sum_k g_tk * down_e(silu(gate_e x_t) * up_e x_t), e = indices[t, k].
+        MoE.forward takes kernels.experts_grouped or experts_gathered instead where they run."""
         y = torch.zeros_like(x)
         for e in range(self.gate_proj.size(0)):
             tok, slot = (indices == e).nonzero(as_tuple=True)      # data-dependent: a host sync
@@ -788,178 +594,6 @@ class Experts(nn.Module):
             h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
             y.index_add_(0, tok, (h @ self.down_proj[e].t()) * weights[tok, slot, None].to(x.dtype))
         return y
-
-    def forward_grouped(self, x, weights, indices, fuse_gate_up=None):
-        """The fast path: sort the N*K (token, expert) pairs by expert, run each projection as ONE
-        grouped matrix multiply over the contiguous per-expert segments, then unsort and sum the
-        K outputs of each token. No host syncs, no Python loop over experts.
-        fuse_gate_up (None: whenever the weights are cast to the compute dtype anyway, i.e. float32
-        weights under autocast): gate and up as one grouped GEMM over [gate ; up] (E, 2I, C),
-        written side by side by that cast; with weights already in the compute dtype (decoding)
-        the concatenation would be an extra copy of every expert per step, so two GEMMs."""
-        N, K = indices.shape
-        E = self.gate_proj.size(0)
-        flat = indices.reshape(-1)                                            # (N*K,)
-        # pairs by expert. The sort's keys in the narrowest integer that holds E: a GPU radix sort
-        # makes one pass per byte of key (8 for int64); the stable order is the same
-        order = flat.to(torch.uint8 if E <= 256 else torch.int16).argsort(stable=True)
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))  # pair p is at inv[p]
-        offs = expert_counts(indices, E).cumsum(0, dtype=torch.int32)         # segment ends
-        dtype = _grouped_mm_dtype(x)
-        xs = GatherRows.apply(x.to(dtype), order // K, inv, K)                # (N*K, C) sorted; cast
-        # first (float32 x under autocast): the gather and its backward move bf16 rows, not float32
-        if fuse_gate_up is None:
-            fuse_gate_up = self.gate_proj.dtype != dtype
-        # the gate weight enters before the down projection, which is linear: g W_down h = W_down (g h).
-        # Then the combine is a plain gather-and-sum, and its backward a gather of dy: no read of
-        # the experts' outputs for dg (that comes from h, in the SwiGLU's backward)
-        g = GatherRows.apply(weights.reshape(-1, 1), order, inv, 1)         # (N*K, 1) sorted
-        if fuse_gate_up:
-            # cast, then concatenate: the backward's float32 gradients of gate and up are then
-            # two contiguous tensors, not strided views of one (E, 2I, C) buffer that autograd
-            # would have to copy into each parameter's layout
-            w13 = torch.cat([self.gate_proj.to(dtype), self.up_proj.to(dtype)], 1)   # (E, 2I, C)
-            h = WeightedSwiGLU.apply(torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs), g, dtype)
-        else:
-            gate = torch._grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
-            up = torch._grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
-            h = (F.silu(gate) * up * g).to(dtype)                            # g h
-        ys = torch._grouped_mm(h, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
-        # unsort and sum the K outputs of each token: y_t = sum_k g_tk y_tk (float32 sum, written
-        # in the compute dtype like any autocast layer's output: its backward reads dy in bf16)
-        return GatherRows.apply(ys, inv, order, 1).view(N, K, -1).sum(1, dtype=torch.float32).to(dtype)
-
-    def forward_gathered(self, x, weights, indices):
-        """For a few tokens (decoding at a small batch): every (token, k) pair reads its expert's
-        matrices directly, as matrix-vector products over the gathered weights,
-            h_tk = silu(W_gate[e] x_t) * (W_up[e] x_t),   y_t = sum_k g_tk W_down[e] h_tk,  e = indices[t, k]
-        with no sort, no segment offsets and no host sync. Written as multiply-and-sum (float32
-        accumulation) so that torch.compile makes each product one kernel that reads the chosen
-        rows in place. It reads N*K expert matrices, no more than all E when N*K <= E (MoE's rule)."""
-        xf = x.float()[:, None, None, :]                                      # (N, 1, 1, C)
-        gate = (self.gate_proj[indices].float() * xf).sum(-1)                 # (N, K, I)
-        up = (self.up_proj[indices].float() * xf).sum(-1)
-        h = (F.silu(gate) * up)[:, :, None, :]                                # (N, K, 1, I)
-        y = (self.down_proj[indices].float() * h).sum(-1)                     # (N, K, C)
-        return (y * weights[..., None].float()).sum(1).to(x.dtype)
-
-
-def expert_counts(indices, E):
-    """(E,) int32: how many (token, expert) pairs in indices (N, K) went to each expert. A sum over
-    the one-hot comparison, which torch.compile writes as one reduction over the indices; a
-    scatter_add of N*K ones into E counters is atomic adds that queue on the same E addresses
-    (0.13 ms per layer at 65,536 tokens on an H100, notes/performance.md, session 19)."""
-    return (indices.reshape(-1, 1) == torch.arange(E, device=indices.device)).sum(0, dtype=torch.int32)
-
-
-class WeightedSwiGLU(torch.autograd.Function):
-    """h = g * silu(a) * b for the sorted (token, expert) rows: gate_up = [a ; b] (M, 2I) from the
-    fused gate/up GEMM, g (M, 1) the gate weights, h (M, I) in dtype. Its backward,
-        dh' = g dh,   da = dh' b sigmoid(a) (1 + a (1 - sigmoid(a))),   db = dh' silu(a),
-        dg = sum_i dh_i silu(a_i) b_i,
-    is one Triton kernel on CUDA: one read of gate_up and dh, one write of d gate_up, with dg
-    from the same rows (torch.compile writes the reduction as a second kernel that reads gate_up
-    again). The same math in PyTorch elsewhere."""
-
-    @staticmethod
-    def forward(ctx, gate_up, g, dtype):
-        ctx.save_for_backward(gate_up, g)
-        a, b = gate_up.chunk(2, dim=-1)
-        return (F.silu(a) * b * g).to(dtype)
-
-    @staticmethod
-    def backward(ctx, dh):
-        gate_up, g = ctx.saved_tensors
-        if gate_up.is_cuda and HAVE_TRITON:
-            d_gate_up, dg = swiglu_weighted_backward(gate_up, g, dh.contiguous())
-            return d_gate_up, dg.view_as(g).to(g.dtype), None
-        a, b = gate_up.float().chunk(2, dim=-1)
-        dh = dh.float()
-        sig = torch.sigmoid(a)
-        dg = (dh * a * sig * b).sum(-1, keepdim=True)
-        dh = dh * g
-        da = dh * b * sig * (1 + a * (1 - sig))
-        return torch.cat([da, dh * a * sig], -1).to(gate_up.dtype), dg.to(g.dtype), None
-
-
-if HAVE_TRITON:
-    @triton.jit
-    def _swiglu_weighted_backward_kernel(gate_up_ptr, g_ptr, dh_ptr, d_gate_up_ptr, dg_ptr, M, I,
-                                         BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
-        """WeightedSwiGLU's backward for BLOCK_M rows (all I columns at once)."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_I)
-        row_ok = rows < M
-        mask = row_ok[:, None] & (cols < I)[None, :]
-        at = rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]           # a at [row, i], b at + I
-        a = tl.load(gate_up_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(gate_up_ptr + at + I, mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(dh_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        sig = tl.sigmoid(a)
-        silu = a * sig
-        tl.store(dg_ptr + rows, tl.sum(dh * silu * b, 1), mask=row_ok)       # dg = sum_i dh silu(a) b
-        dh = dh * g[:, None]
-        da = dh * b * sig * (1 + a * (1 - sig))
-        tl.store(d_gate_up_ptr + at, da.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
-        tl.store(d_gate_up_ptr + at + I, (dh * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
-
-    @torch.library.triton_op('nano_kimi::swiglu_weighted_backward', mutates_args=())
-    def swiglu_weighted_backward(gate_up: torch.Tensor, g: torch.Tensor,
-                                 dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d gate_up, dg (M,) float32) of WeightedSwiGLU; a custom op, so that torch.compile
-        keeps the kernel inside its graph (no graph break)."""
-        M, I = dh.shape
-        d_gate_up = torch.empty_like(gate_up)
-        dg = torch.empty(M, device=dh.device, dtype=torch.float32)
-        block_i = triton.next_power_of_2(I)
-        block_m = max(1, 4096 // block_i)
-        torch.library.wrap_triton(_swiglu_weighted_backward_kernel)[(triton.cdiv(M, block_m),)](
-            gate_up, g.reshape(-1).float(), dh, d_gate_up, dg, M, I, BLOCK_M=block_m, BLOCK_I=block_i,
-            num_warps=4)
-        return d_gate_up, dg
-
-
-class GatherRows(torch.autograd.Function):
-    """y = x[index], where index names every row of x exactly `copies` times, and inverse lists
-    where those copies landed: row t of x is at y[inverse[t * copies + j]], j < copies. Autograd's
-    own gradient of indexing is a scatter-add (atomic adds on a GPU); knowing the inverse makes
-    it a gather and a sum: grad_x[t] = sum_j grad_y[inverse[t * copies + j]]."""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse, copies):
-        ctx.save_for_backward(inverse)
-        ctx.copies = copies
-        return x[index]
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        inverse, = ctx.saved_tensors
-        grad_x = grad_y[inverse].view(-1, ctx.copies, grad_y.size(-1)).sum(1)
-        return grad_x, None, None, None
-
-
-def _grouped_mm_dtype(x):
-    """bf16 under CUDA autocast (the grouped GEMM kernels are bf16 on Hopper), else x's dtype."""
-    if x.is_cuda and torch.is_autocast_enabled('cuda'):
-        return torch.get_autocast_dtype('cuda')
-    return x.dtype
-
-
-def grouped_mm_supported(x, C, I):
-    """torch._grouped_mm runs here: bf16 on CUDA compute capability >= 9.0 (Hopper), or float32
-    / bf16 on CPU (float32 not under torch.compile), with 16-byte aligned rows."""
-    if not hasattr(torch, '_grouped_mm'):
-        return False
-    dtype = _grouped_mm_dtype(x)
-    align = 128 // torch.finfo(dtype).bits if dtype.is_floating_point else 0   # elements per 16 bytes
-    if not align or C % align or I % align:
-        return False
-    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return False                 # torch.compile's shape rule for _grouped_mm takes bf16 only
-    if x.is_cuda:
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16)
 
 
 class MoE(nn.Module):
@@ -986,27 +620,31 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)                                               # (N, C)
         weights, indices, scores = self.router(flat)
-        impl = self.impl
-        if impl == 'auto':            # few (token, expert) pairs, as when decoding: no sort at all
-            if flat.size(0) * self.K <= self.E:
-                impl = 'gathered'
-            else:
-                impl = 'grouped' if grouped_mm_supported(flat, self.C, self.I) else 'loop'
-        if impl == 'grouped':
-            y = self.experts.forward_grouped(flat, weights, indices)
-        elif impl == 'gathered':
-            y = self.experts.forward_gathered(flat, weights, indices)
+        impl = self.expert_impl(flat)
+        if impl == 'grouped':         # tokens sorted by expert, one grouped GEMM per projection
+            y = kernels.experts_grouped(self.experts, flat, weights, indices)
+        elif impl == 'gathered':      # each token reads its experts' rows: no sort at all
+            y = kernels.experts_gathered(self.experts, flat, weights, indices)
         else:
-            y = self.experts.forward_loop(flat, weights, indices)
+            y = self.experts(flat, weights, indices)                          # the loop
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += expert_counts(indices, self.E)
+                self.tokens_per_expert += kernels.expert_counts(indices, self.E)
         aux = None
         if self.training and self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, C), aux
+
+    def expert_impl(self, flat):
+        """moe_impl, with 'auto' resolved: 'gathered' for few (token, expert) pairs (decoding),
+        'grouped' where torch._grouped_mm runs (bf16 on Hopper, the CPU), else 'loop'."""
+        if self.impl != 'auto':
+            return self.impl
+        if flat.size(0) * self.K <= self.E:
+            return 'gathered'
+        return 'grouped' if kernels.grouped_mm_supported(flat, self.C, self.I) else 'loop'
 
 
 def balance_loss(scores, indices, K, n_seq):
@@ -1020,6 +658,24 @@ def balance_loss(scores, indices, K, n_seq):
     f = chosen.sum(1) * E / (K * T)                                           # (n_seq, E)
     P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)
     return (f * P).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+def token_logprobs(logits, targets):
+    """(B, T) log p(target_t) under the logits, 0 where the target is -1 (prompt, padding)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets >= 0)
+
+
+def masked_cross_entropy(logits, targets):
+    """Mean cross entropy over the targets that are not -1, in float32; 0 (not NaN) when every
+    target is masked, as can happen in a window of prompt tokens during fine-tuning."""
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=-1, reduction='sum')
+    return total / (targets >= 0).sum().clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
@@ -1039,11 +695,9 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, C = x.shape
-        # the residual stream as (B*T, C) rows inside the block. Under torch.compile each norm's
+        # the residual stream as (B*T, C) rows inside the block: under torch.compile each norm's
         # backward then also writes the bf16 copy of the stream's gradient that the sublayer before
-        # it takes (fused into inductor's RMSNorm backward kernel); on (B, T, C) inductor writes
-        # that copy in a kernel of its own, a second read of the float32 gradient per sublayer
-        # (15 kernels, 0.97 ms of an H100's 72 ms step at batch 128; notes/performance.md, session 20)
+        # it takes (on (B, T, C) inductor writes that copy in a kernel of its own)
         x = x.reshape(B * T, C)
         x = x + self.drop(self.attn(self.attn_norm(x).view(B, T, C), rope, cache, mask)).reshape(B * T, C)
         if isinstance(self.mlp, MoE):
@@ -1092,8 +746,7 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.mtp = nn.ModuleList(MTPModule(config, config.n_layer + k) for k in range(config.mtp_depth))
-        self.last_losses = {}
-        self._decode_graphs = DecodeGraphs()   # captured decode steps kept between generate() calls
+        self.last_losses = {}                # the loss's parts of the last forward, for logging
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -1120,7 +773,8 @@ class GPT(nn.Module):
         statistics) in float32; they still follow the model to its device."""
         keep = [(m, name, m._buffers[name]) for m in self.modules()
                 for name in getattr(m, 'float32_buffers', ()) if m._buffers.get(name) is not None]
-        self._decode_graphs.clear()                  # they read the old tensors' memory
+        if '_decode_graphs' in self.__dict__:        # generate.py's captured decode steps read the
+            self.__dict__['_decode_graphs'].clear()  # old tensors' memory
         super()._apply(fn, recurse)
         for m, name, old in keep:
             new = m._buffers[name]
@@ -1134,7 +788,8 @@ class GPT(nn.Module):
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is None
         without targets. return_logits=False (with targets): logits is None, for a training
         step that needs only the loss; under torch.compile a returned logits tensor is a graph
-        output whose gradient the backward must materialise, as zeros of (B, T, V) when unused. With a KVCache, idx are the tokens after what the cache holds.
+        output whose gradient the backward must materialise, as zeros of (B, T, V) when unused.
+        With a KVCache (generate.py), idx are the tokens after what the cache holds.
         The loss adds the MoE balance losses and the weighted MTP losses; the parts are left
         in self.last_losses ('lm', 'aux', 'mtp') for logging."""
         B, T = idx.shape
@@ -1143,11 +798,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
         fused = self.fused_loss(x, return_logits)
-        if fused:       # the (B, T, V) logits are never whole in memory (linear_cross_entropy)
-            logits, lm_loss = None, linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
-        else:
-            logits = self.lm_head(self.norm(x))                                # (B, T, V)
-            lm_loss = masked_cross_entropy(logits, targets)
+        logits, lm_loss = self.head_loss(self.norm(x), targets, fused)
         loss, parts = lm_loss, {'lm': lm_loss.detach()}
         if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
             h, mtp_losses = x, []
@@ -1158,10 +809,7 @@ class GPT(nn.Module):
                 h, aux = module(h[:, :Tk], emb, rope_k, self.causal_mask(Tk, idx.device))
                 if aux is not None:
                     aux_total = aux if aux_total is None else aux_total + aux
-                if fused:
-                    mtp_losses.append(linear_cross_entropy(module.norm(h), self.lm_head.weight, targets[:, k:]))
-                else:
-                    mtp_losses.append(masked_cross_entropy(self.lm_head(module.norm(h)), targets[:, k:]))
+                mtp_losses.append(self.head_loss(module.norm(h), targets[:, k:], fused)[1])
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + c.mtp_loss_weight * mtp_loss
             parts['mtp'] = mtp_loss.detach()
@@ -1171,6 +819,15 @@ class GPT(nn.Module):
         self.last_losses = parts
         return (logits if return_logits else None), loss
 
+    def head_loss(self, h, targets, fused):
+        """(logits, mean cross entropy) of the output head on normed hidden states h. fused: the
+        same loss through kernels.linear_cross_entropy, which never holds the (B, T, V) logits
+        whole and takes the head's gradients in the forward (logits is then None)."""
+        if fused:
+            return None, kernels.linear_cross_entropy(h, self.lm_head.weight, targets)
+        logits = self.lm_head(h)                                               # (B, T, V)
+        return logits, masked_cross_entropy(logits, targets)
+
     def fused_loss(self, x, return_logits):
         """Whether the loss goes through linear_cross_entropy (see ModelConfig.loss_impl): only
         when the caller does not want the logits back and a gradient is being taken ('auto' also
@@ -1178,7 +835,7 @@ class GPT(nn.Module):
         impl = self.config.loss_impl
         if impl == 'plain' or return_logits or not torch.is_grad_enabled():
             return False
-        return impl == 'fused' or (x.is_cuda and HAVE_TRITON)
+        return impl == 'fused' or (x.is_cuda and kernels.HAVE_TRITON)
 
     def trunk(self, idx, cache=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
@@ -1241,7 +898,7 @@ class GPT(nn.Module):
 
     # --- QK-Clip bookkeeping ----------------------------------------------------------------
     def attention_modules(self):
-        return [m for m in self.modules() if isinstance(m, QKClipStats)]
+        return [m for m in self.modules() if isinstance(m, (CausalSelfAttention, MLAttention))]
 
     def track_max_logits(self, on=True):
         """Record each head's largest attention logit in training forwards (costs one extra
@@ -1323,216 +980,27 @@ class GPT(nn.Module):
         return 6 * self.active_matmul_params() + attn
 
     # --- generation -----------------------------------------------------------------------
-    def new_cache(self, batch_size, max_len, device, prompt_mask=None, static=False):
-        c = self.config
-        return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens, static)
 
+    # --- generation: the reference ---------------------------------------------------------
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None,
-                        cuda_graph=False, compile_step=False):
-        """Yield the next token of every row, (B,), max_new_tokens times (fewer once every row
-        has emitted one of stop_ids, an id or a list of ids; a finished row then repeats the
-        first of them). idx: (B, P) prompts, left-padded
-        where prompt_mask (B, P) is False. Keys and values are cached, so each step feeds one
-        token. With a sliding window and relative positions (RoPE or none) the cache is a
-        rolling buffer and generation runs on indefinitely in bounded memory; otherwise, when
-        the cache reaches block_size, generation continues from the latest block_size/2 tokens
-        (re-encoded), like nanoGPT's cropping but amortised.
-        cuda_graph=True (not streaming): the cache is static and, on CUDA, the one-token step
-        runs as a captured CUDA graph (DecodeGraph): one launch per token instead of hundreds (on
-        the CPU the same static steps run eagerly; the tests check them there). For speed, put the
-        weights in the compute dtype first, model.to(torch.bfloat16), rather than autocast.
-        compile_step=True (with cuda_graph): the captured step is torch.compile's fused one.
-        A captured step is kept for the next call with the same batch size and cache length
-        (DecodeGraphs), so repeated calls (samples, evaluation batches, RL rollouts) capture once."""
-        B, P = idx.shape
-        c = self.config
-        bs = c.block_size
-        streaming = c.sliding_window is not None and c.pos_emb in ('rope', 'none')
-        static = cuda_graph and not streaming         # on the CPU: the same static steps, no graph
-        use_graph = static and idx.is_cuda and self.graph_capturable(B)
-        valid = prompt_mask if prompt_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-        if P > bs and not streaming:                     # keep the latest block_size tokens
-            idx, valid, P = idx[:, -bs:], valid[:, -bs:], bs
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        tokens, new = idx, []          # the window: tokens, then the new ones (joined at a restart)
-        max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
-        graphs = key = signature = step = None
-        if use_graph and max_new_tokens > 1:           # the graph of an earlier call of this shape
-            graphs, key = self._decode_graphs, (idx.device, B, max_len, compile_step)
-            signature = graphs.signature(self)
-            step = graphs.take(key, signature)
-        if step is not None:                           # its cache: the same buffers, emptied
-            cache = step.cache
-            cache.reset(valid)
-        else:
-            cache = self.new_cache(B, max_len, idx.device, valid, static=static)
-        try:
-            logits, _ = self(idx, cache=cache, last_only=True)
-            if graphs is not None and step is None:    # captured after the prompt made the buffers
-                step = DecodeGraph(self, cache, compile=compile_step)
-            if stop_ids is not None:
-                stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
-            for i in range(max_new_tokens):
-                nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
-                if stop_ids is not None:
-                    nxt = torch.where(done, stop[0], nxt)
-                    done = done | torch.isin(nxt, stop)
-                yield nxt
-                if i == max_new_tokens - 1 or (stop_ids is not None and bool(done.all())):
-                    return                               # no forward pass for a token never used
-                if not streaming:
-                    new.append(nxt)
-                if not streaming and cache.pos == cache.capacity:   # window full: restart from the last half
-                    keep = max(1, bs // 2)
-                    tokens = torch.cat([tokens, torch.stack(new, 1)], dim=1)[:, -keep:]
-                    valid = torch.cat([valid, valid.new_ones(B, len(new))], dim=1)[:, -keep:]
-                    new = []
-                    if static:                          # same buffers: a graph stays valid
-                        cache.reset(valid)
-                    else:
-                        cache = self.new_cache(B, bs, idx.device, valid)
-                    logits, _ = self(tokens, cache=cache, last_only=True)
-                else:
-                    if step is not None:
-                        logits = step(nxt[:, None])
-                    else:
-                        logits, _ = self(nxt[:, None], cache=cache, last_only=True)
-        finally:                                       # kept for the next call (not while in use)
-            if step is not None:
-                graphs.give_back(self, key, step, signature)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """nanoGPT's generate, the reference for generate.generate_tokens (the KV-cache engine):
+        no cache, every new token runs the last block_size tokens through the whole model.
+        idx (B, P) -> (B, P + max_new_tokens); temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size:]
+            logits = self(window, last_only=True)[0][:, -1].float()               # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -float('inf'))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
 
-    def graph_capturable(self, batch_size=None):
-        """Whether a decode step (batch_size tokens) can be a CUDA graph: nothing in it may wait
-        for the host, and the MoE reference loop does (it asks which tokens each expert got);
-        the grouped path runs where grouped_mm_supported (e.g. bf16 on Hopper), the gathered one
-        (which 'auto' takes for batch_size * K <= E) everywhere."""
-        w = self.tok_emb.weight
-
-        def capturable(m):
-            if m.impl == 'auto':
-                return (batch_size is not None and batch_size * m.K <= m.E) or grouped_mm_supported(w[:1], m.C, m.I)
-            return m.impl in ('grouped', 'gathered')
-        return all(capturable(m) for m in self.moe_layers())
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, **kw):
-        """(B, P) prompts -> (B, P + n) prompts followed by n <= max_new_tokens new tokens."""
-        new = list(self.generate_tokens(idx, max_new_tokens, **kw))
-        return torch.cat([idx, torch.stack(new, 1)], dim=1) if new else idx
-
-
-def decode_step(model, token, cache):
-    """One token per row through the model and its cache: the (B, 1, V) logits."""
-    return model(token, cache=cache, last_only=True)[0]
-
-
-_compiled_decode_step = None
-
-
-def compiled_decode_step():
-    """decode_step through torch.compile, made once per process: every cache of the same shapes
-    passes the same guards, so later generate() calls reuse the compiled code."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, dynamic=False)
-    return _compiled_decode_step
-
-
-class DecodeGraph:
-    """One decode step, (B, 1) tokens -> (B, 1, V) logits over a static KVCache, captured once as
-    a CUDA graph and then replayed per token. At batch 1 a small model's step is hundreds of
-    tiny kernels whose launches (and the Python that issues them) cost far more than their
-    work; a replay launches them all at once. The graph reads the token from `self.token`,
-    the position from cache.pos_t and the cache buffers in place, so every tensor it touches
-    must stay at its address: the cache is reset in place, never rebuilt. (torch.compile's
-    mode='reduce-overhead' does the same thing automatically; this is the explicit version.)"""
-
-    def __init__(self, model, cache, warmup=2, compile=False):
-        assert cache.static and cache.device.type == 'cuda'
-        self.model, self.cache = model, cache
-        # compile=True: the step is first fused by torch.compile (hundreds of small elementwise
-        # kernels become a few dozen), then its kernels are captured the same way
-        self.step_fn = compiled_decode_step() if compile else decode_step
-        self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
-        saved = (cache.pos, cache.pos_t.clone(), cache.slot_pos.clone())
-        stream = torch.cuda.Stream(cache.device)          # warm up (lazy init, cuBLAS workspaces)
-        stream.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._park()
-                self.step_fn(self.model, self.token, cache)
-        torch.cuda.current_stream(cache.device).wait_stream(stream)
-        self._park()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):                # records, does not run, the kernels
-            self.logits = self.step_fn(self.model, self.token, cache)
-        cache.pos = saved[0]                              # undo the warm-up steps
-        cache.pos_t.copy_(saved[1])
-        cache.slot_pos.copy_(saved[2])
-
-    def _park(self):
-        """Point the cache at its last slot for a warm-up or capture step: that slot is empty
-        unless the cache is full (and then generation restarts from a fresh prompt before the
-        next step), so these steps never overwrite a cached token or run past the buffers.
-        (Outside the capture: a fill_ inside it would be replayed with every token.)"""
-        self.cache.pos = self.cache.capacity - 1
-        self.cache.pos_t.fill_(self.cache.capacity - 1)
-
-    def __call__(self, token):
-        if self.cache.pos + 1 > self.cache.capacity:
-            raise RuntimeError(f'KV cache overflow: {self.cache.pos} + 1 > capacity {self.cache.capacity}')
-        self.token.copy_(token)
-        self.graph.replay()                               # advances cache.pos_t on the device
-        self.cache.pos += 1                               # ... and here the host's count
-        return self.logits
-
-
-class DecodeGraphs:
-    """The captured decode steps of one model, kept between generate_tokens() calls: making one
-    (warm-up steps, torch.compile's guards, the capture) cost 13 to 24 ms on an H100, as much as 20
-    to 45 replayed tokens of the default config at batch 1, so a caller that generates again with
-    the same batch size and cache length (samples, evaluation batches, RL rollouts) should not pay
-    it again.
-
-    A step is keyed by (device, batch size, cache length, compiled or not), and is valid only for
-    the tensors it was captured on: every parameter and buffer at the same address and dtype, under
-    the same autocast setting. `take` checks that and hands a step out to one caller at a time
-    (another caller of the same shape meanwhile captures its own); `give_back` keeps it, the most
-    recent `max_steps` of them. Weights updated in place (an optimizer step) stay valid: the graph
-    reads them where they are. model.to(...) drops them all (GPT._apply); so does clear(). Each
-    kept step holds its KV cache and the graph's memory pool."""
-
-    def __init__(self, max_steps=4):
-        self.max_steps = max_steps
-        self.steps = {}                  # key -> (signature, DecodeGraph), oldest first
-
-    @staticmethod
-    def signature(model):
-        tensors = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
-        return (tensors, model.training, torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'))
-
-    def take(self, key, signature):
-        """The step kept for `key`, removed while its caller decodes; None if none was kept for
-        these tensors (signature(model) now)."""
-        kept = self.steps.pop(key, None)
-        return kept[1] if kept is not None and kept[0] == signature else None
-
-    def give_back(self, model, key, step, signature):
-        """Keep `step` (captured or taken with `signature`) unless the model changed meanwhile."""
-        if self.signature(model) != signature:
-            return
-        self.steps.pop(key, None)
-        self.steps[key] = (signature, step)
-        while len(self.steps) > self.max_steps:
-            self.steps.pop(next(iter(self.steps)))
-
-    def clear(self):
-        self.steps.clear()
-
-    def __deepcopy__(self, memo):        # a copied model captures its own
-        return DecodeGraphs(self.max_steps)
 
 
 class ScalarModel(GPT):
@@ -1557,168 +1025,15 @@ class ScalarModel(GPT):
         (rows are right-padded)."""
         return self.values(idx).gather(1, last[:, None]).squeeze(1)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None):
-        """With last=: the scores (through forward, so torch.compile and DDP see the call);
-        otherwise the language model's forward (the backbone keeps its head)."""
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None, values=False):
+        """With last=: the scores; with values=True: values(idx) (through forward, so that
+        torch.compile and DDP see the call); otherwise the language model's forward (the
+        backbone keeps its head)."""
         if last is not None:
             return self.score(idx, last)
+        if values:
+            return self.values(idx)
         return super().forward(idx, targets, cache, last_only, return_logits)
-
-
-def token_logprobs(logits, targets):
-    """(B, T) log p(target_t) under the logits, 0 where the target is -1 (prompt, padding)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (targets >= 0)
-
-
-def masked_cross_entropy(logits, targets):
-    """Mean cross entropy over the targets that are not -1, in float32; 0 (not NaN) when every
-    target is masked, as can happen in a window of prompt tokens during fine-tuning."""
-    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            ignore_index=-1, reduction='sum')
-    return total / (targets >= 0).sum().clamp(min=1)
-
-
-# --- the output layer and the loss in one: no (B, T, V) logits (the training step's fast path) ---
-#
-# With V = 50,304 the logits are the largest tensor of a small model's step (64 x 512 tokens:
-# 3.3 GB in bf16), and the plain path reads or writes them four times: the output GEMM writes
-# them, the loss reads them, its backward reads them again and writes dlogits. Here, per chunk of
-# rows (Liger-Kernel's FusedLinearCrossEntropy, Hsu et al. 2024), the loss and its gradient are
-# taken together in the forward:
-#     z = h W^T                       (n, V) bf16, one chunk at a time
-#     loss_i = logsumexp(z_i) - z_i[y_i]        (0 where y_i = -1)
-#     dz_i = softmax(z_i) - onehot(y_i)
-#     dh = dz W,  dW += dz^T h                   the output layer's backward, done now
-# and backward only scales dh and dW by the incoming gradient. Rows where y = -1 get dz = 0.
-# The row pass reads each row of z once: the softmax's normaliser S_i is known only at the row's
-# end, so it writes z_i <- P_i = exp(z_i - c_i) - S_i onehot(y_i), unnormalised (c_i: an offset
-# near the row's max), and the division by S_i moves to the (n, C) side of the two GEMMs:
-#     dz_i = P_i / S_i,   dh_i = (P_i W) / S_i,   dW += P^T (h / S)
-# which costs two small (n, C) scalings instead of a second read of the (n, V) logits.
-
-if HAVE_TRITON:
-    @triton.jit
-    def _cross_entropy_row(z_row, y, loss_at, inv_sum_at, V, BLOCK: tl.constexpr,
-                           RESCALE_AT: tl.constexpr = 32.0):
-        """One row of logits at z_row with target y, read once and written once:
-        *loss_at = logsumexp(z) - z[y],  z <- exp(z - c) - S onehot(y),  *inv_sum_at = 1 / S,
-        S = sum exp(z - c); loss and 1/S are 0 where y = -1. The offset c is the first block's
-        max, raised (and the blocks already written rescaled by exp(c_old - c_new)) whenever a
-        later block's max passes c + RESCALE_AT: exp(z - c) <= e^32 and S <= V e^32 stay far below
-        float32's 3e38, and the entries that underflow (z < c - 87 <= max - 87) carry no
-        probability to speak of."""
-        valid = y >= 0
-        z_y = tl.load(z_row + tl.maximum(y, 0)).to(tl.float32)
-        c = float('-inf')                                # the offset
-        s = 0.0                                          # sum of exp(z - c) so far
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_row + cols, mask=cols < V, other=float('-inf')).to(tl.float32)
-            m = tl.max(z, 0)
-            if m > c + RESCALE_AT:                       # the first block, then rarely
-                scale = tl.exp(c - m)
-                tl.debug_barrier()                       # this row's earlier stores are visible
-                for prev in range(0, start, BLOCK):
-                    pcols = prev + tl.arange(0, BLOCK)
-                    p = tl.load(z_row + pcols).to(tl.float32) * scale
-                    tl.store(z_row + pcols, p.to(z_row.dtype.element_ty))
-                s = s * scale
-                c = m
-            p = tl.exp(z - c)
-            s += tl.sum(p, 0)
-            tl.store(z_row + cols, p.to(z_row.dtype.element_ty), mask=cols < V)
-        tl.store(loss_at, tl.where(valid, c + tl.log(s) - z_y, 0.0))
-        tl.store(inv_sum_at, tl.where(valid, 1.0 / s, 0.0))
-        tl.debug_barrier()                               # the block's store of P[y] lands first
-        if valid:
-            tl.store(z_row + y, (tl.exp(z_y - c) - s).to(z_row.dtype.element_ty))
-
-    @triton.jit
-    def _cross_entropy_rows_kernel(z_ptr, stride, targets_ptr, loss_ptr, inv_sum_ptr, V,
-                                   BLOCK: tl.constexpr):
-        """One program per row."""
-        row = tl.program_id(0).to(tl.int64)
-        _cross_entropy_row(z_ptr + row * stride, tl.load(targets_ptr + row), loss_ptr + row,
-                           inv_sum_ptr + row, V, BLOCK)
-
-
-def cross_entropy_rows_(z, targets):
-    """The loss's row pass over logits z (n, V) with targets (n,), -1 = no loss. Returns the
-    per-row loss (float32) and 1 / S (float32; both 0 where the target is -1), and overwrites z
-    with P = exp(z - c) - S onehot(y), so that the gradient d loss_sum / dz = P / S (see above).
-    Triton on CUDA; elsewhere the same contract in PyTorch with c = the row's max (the reference
-    the CUDA test compares the kernel with)."""
-    if z.is_cuda and HAVE_TRITON:
-        loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
-        inv_sum = torch.empty_like(loss)
-        _cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), targets, loss, inv_sum, z.size(1),
-                                                 BLOCK=4096, num_warps=8)
-        return loss, inv_sum
-    valid = targets >= 0
-    y = targets.clamp(min=0)[:, None]
-    zf = z.float()
-    c = zf.max(-1, keepdim=True).values
-    p = torch.exp(zf - c)
-    s = p.sum(-1)
-    loss = (c[:, 0] + torch.log(s) - zf.gather(1, y)[:, 0]) * valid
-    p.scatter_add_(1, y, -s[:, None])                       # P[y] -= S
-    z.copy_(p)
-    return loss, valid / s
-
-
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, 'dtype')     # torch.mm(bf16, bf16, out_dtype=float32)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, y_i) with the gradients of h and W computed in the forward, chunk by chunk
-    (see the comment above). Under autocast the products run in its dtype, as nn.Linear's would."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows):
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        with torch.autocast(h.device.type, enabled=False):
-            hc, w = h.to(dtype), weight.to(dtype)
-            dh = torch.empty_like(hc)
-            dw = None
-            total = torch.zeros((), device=h.device, dtype=torch.float32)
-            n = h.size(0)
-            chunk_rows = -(-n // -(-n // chunk_rows))                    # equal chunks, none tiny
-            fp32_out = hc.is_cuda and dtype != torch.float32 and _MM_OUT_DTYPE
-            for start in range(0, n, chunk_rows):
-                h_c = hc[start:start + chunk_rows]
-                z = h_c @ w.t()                                          # (n, V)
-                loss, inv_sum = cross_entropy_rows_(z, targets[start:start + chunk_rows])  # z <- P
-                total = total + loss.sum()
-                dh_c = torch.mm(z, w, out=dh[start:start + chunk_rows])  # P W
-                dh_c.mul_(inv_sum[:, None])                              # dh = dz W = (P W) / S
-                h_s = (h_c * inv_sum[:, None]).to(dtype)                 # h / S
-                if fp32_out:              # dW += dz^T h = P^T (h / S), accumulated in float32
-                    dw = torch.mm(z.t(), h_s, out_dtype=torch.float32) if dw is None else \
-                        torch.addmm(dw, z.t(), h_s, out_dtype=torch.float32, out=dw)
-                else:
-                    dw_c = z.t() @ h_s                                   # (V, C)
-                    dw = dw_c.float() if dw is None else dw.add_(dw_c)
-        ctx.save_for_backward(dh, dw)
-        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        dh, dw = ctx.saved_tensors
-        return (dh * grad_total).to(ctx.h_dtype), (dw * grad_total).to(ctx.w_dtype), None, None
-
-
-@torch.compiler.disable       # eager between compiled graphs: dynamo does not trace the row kernel
-def linear_cross_entropy(h, weight, targets, chunk_bytes=1 << 30):
-    """masked_cross_entropy(h @ weight.T, targets) without the (.., V) logits held whole: h (B, T, C)
-    or (N, C), weight (V, C), targets (B, T) or (N,) with -1 where no loss is wanted. Chunks of
-    rows whose logits take at most chunk_bytes (1 GiB: 8 chunks at 128 x 512 tokens, V = 50,304)."""
-    h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1).contiguous()
-    rows = max(1, chunk_bytes // (weight.size(0) * 2))
-    total = LinearCrossEntropy.apply(h2, weight, t, rows)
-    return total / (t >= 0).sum().clamp(min=1)
 
 
 # --- knowledge distillation (distill.py): the teacher's soft targets and the student's KL to them ---
@@ -1781,41 +1096,6 @@ def distillation_kl(student_logits, targets, temperature=1.0, kind='forward', ma
         return kl.mean()
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None, generator=None):
-    """Pick the next token from (B, V) logits: greedy at temperature 0, else sample from
-    softmax(logits / temperature) restricted to the top_k most likely tokens and/or the
-    smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019)."""
-    limited = vocab_limit is not None and vocab_limit < logits.size(-1)   # ids past the tokenizer
-    if temperature == 0:                              # (vocab padding) are never chosen
-        return (logits[:, :vocab_limit] if limited else logits).argmax(-1)   # in bf16: no float copy
-    logits = logits.float() / temperature             # a new tensor: the caller's logits stay as they are
-    if limited:                       # masked (slicing would change which tokens a seed draws)
-        logits[:, vocab_limit:] = -float('inf')
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float('inf'))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p     # mass before this token already >= top_p
-        sorted_logits = sorted_logits.masked_fill(outside, -float('inf'))
-        logits = torch.full_like(logits, -float('inf')).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def pad_prompts(prompts, pad_id=0, device='cpu'):
-    """Left-pad a list of token-id lists to one (B, P) tensor and its (B, P) validity mask."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError('every prompt needs at least one token (an empty one can start with EOT)')
-    P = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = True
-    return idx.to(device), mask.to(device)
 
 
 def count_params(config):

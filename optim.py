@@ -114,8 +114,9 @@ def muon_update_scale(shape):
 
 def is_muon_param(name, p):
     """Muon takes the matrices of the hidden layers (2-D weights, and 3-D expert stacks, one
-    matrix per expert); AdamW keeps embeddings, the output head, norms and biases."""
-    return p.ndim >= 2 and not name.startswith(('tok_emb.', 'pos_emb.', 'lm_head.'))
+    matrix per expert); AdamW keeps embeddings, the output heads, norms and biases (also inside a
+    container, e.g. '1.lm_head.weight' of PPO's [policy, value model])."""
+    return p.ndim >= 2 and not set(name.split('.')) & {'tok_emb', 'pos_emb', 'lm_head', 'score_head'}
 
 
 class Muon(torch.optim.Optimizer):
@@ -216,7 +217,7 @@ def adamw_param_groups(params, weight_decay):
 
 def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
                     eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5, capturable=False):
-    """capturable: the step may be captured in a CUDA graph (common.CUDAGraphStep): AdamW keeps
+    """capturable: the step may be captured in a CUDA graph (runtime.CUDAGraphStep): AdamW keeps
     its step counts on the device and never reads them on the host (Muon cannot yet)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer='{name}'; valid: {', '.join(OPTIMIZERS)}")
@@ -269,6 +270,61 @@ def set_lr(optimizer, scale):
             g['lr'] = g['base_lr'] * scale
 
 
+# --- QK-Clip (Kimi-K2 report, section 2.1) ----------------------------------------------------
+# Each attention module keeps `max_logit`, per head the largest pre-softmax logit
+# max_{t,l} q_t . k_l * scale seen in training forwards (record_max_logit, called from the
+# module's forward while track_max_logit is on). After each optimizer step qk_clip reads them
+# and, for every head h whose S_h exceeded tau, rescales the head's query and key weights so its
+# logits shrink by gamma_h = tau / S_h.
+
+@torch.no_grad()
+def record_max_logit(attn, q, k, attn_mask, is_causal):
+    """attn.max_logit <- max(attn.max_logit, per-head max of q k^T * attn.scale over the batch,
+    masked entries excluded). q: (B, H, T, D), k: (B, H or Hkv, L, D): one extra q k^T, in the
+    compute dtype."""
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    s = torch.matmul(q, k.transpose(-2, -1))                               # (B, H, T, L)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float('-inf'))
+    elif is_causal:
+        T, L = s.shape[-2:]
+        keep = torch.ones(T, L, dtype=torch.bool, device=s.device).tril(L - T)
+        s = s.masked_fill(~keep, float('-inf'))
+    m = s.amax(dim=(0, 2, 3)).float() * attn.scale                         # scale > 0
+    attn.max_logit.copy_(torch.maximum(attn.max_logit, m))
+
+
+@torch.no_grad()
+def rescale_qk_(attn, gamma):
+    """Multiply head h's logits by gamma[h] (<= 1) by rescaling weights, row by row (so FSDP
+    shards work too).
+    MHA / GQA (model.CausalSelfAttention): a key head serves a group of query heads, so it takes
+      sqrt(min gamma of its group) and each query head the rest, gamma[h] / sqrt(min): every
+      head's logits scale by exactly its own gamma, and heads of the group under tau keep theirs.
+    MLA (model.MLAttention), as the Kimi-K2 report does it: the head's q_nope and k_nope rows by
+      sqrt(gamma) (their product carries gamma), its q_rope rows by gamma, and the shared k_rope
+      (used by every head) not at all."""
+    if hasattr(attn, 'kv_b_proj'):                                          # MLA
+        H, dn, dr, dv = attn.n_head, attn.d_nope, attn.d_rope, attn.d_v
+        g = gamma.to(attn.kv_b_proj.weight.dtype).view(H, 1)
+        # per head, q's rows are [q_nope (dn) ; q_rope (dr)] and kv_b's are [k_nope (dn) ; v (dv)]
+        q_rows = torch.cat([g.sqrt().expand(H, dn), g.expand(H, dr)], 1).reshape(-1)
+        kv_rows = torch.cat([g.sqrt().expand(H, dn), torch.ones_like(g).expand(H, dv)], 1).reshape(-1)
+        scale_rows_((attn.q_proj if hasattr(attn, 'q_proj') else attn.q_b_proj).weight, q_rows)
+        scale_rows_(attn.kv_b_proj.weight, kv_rows)
+        return
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    g = gamma.to(attn.q_proj.weight.dtype).view(Hkv, H // Hkv)
+    k_scale = g.min(dim=1).values.sqrt()                                    # (Hkv,)
+    q_scale = (g / k_scale[:, None]).reshape(H)                             # (H,)
+    for proj, scale in ((attn.q_proj, q_scale), (attn.k_proj, k_scale)):
+        rows = scale.repeat_interleave(D)                                   # head h: rows hD..hD+D-1
+        scale_rows_(proj.weight, rows)
+        if proj.bias is not None:
+            scale_rows_(proj.bias, rows)
+
+
 @torch.no_grad()
 def max_logits(model, reset=True, reduce=None):
     """(n_attention_layers, n_head) largest attention logits recorded since the last reset
@@ -289,7 +345,7 @@ def max_logits(model, reset=True, reduce=None):
 def qk_clip(model, tau=100.0, reduce=None):
     """QK-Clip, after optimizer.step(): for every head whose recorded max logit S exceeded tau,
     gamma = tau / S and the head's query/key weights are rescaled so its logits shrink by gamma
-    (see each attention module's rescale_qk_). Under DDP pass reduce= an all-reduce(MAX) so every
+    (rescale_qk_). Under DDP pass reduce= an all-reduce(MAX) so every
     replica clips identically. Returns (max logits before clipping, number of heads clipped as a
     0-d tensor, so the step needs no host sync)."""
     m = max_logits(model, reset=True, reduce=reduce)
@@ -297,5 +353,32 @@ def qk_clip(model, tau=100.0, reduce=None):
         raise RuntimeError('qk_clip needs model.track_max_logits(True) before the forward passes')
     gamma = torch.where(m > tau, tau / m, torch.ones_like(m))
     for a, g in zip(model.attention_modules(), gamma):
-        a.rescale_qk_(g)
+        rescale_qk_(a, g)
     return m, (m > tau).sum()
+
+
+# --- the learning-rate schedule ----------------------------------------------------------------
+
+def lr_at(step, lr, min_lr, warmup_iters, decay_iters, schedule='cosine', decay_frac=0.2):
+    """Learning rate at `step` (0-based).
+    warmup: linear from lr/(warmup+1) to lr over `warmup_iters` steps, then
+    cosine:   min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * t)),  t = progress in [0, 1] to decay_iters
+    wsd:      lr (stable) until the last `decay_frac` of decay_iters, then linear down to min_lr
+    constant: lr
+    After decay_iters the rate stays at min_lr."""
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if schedule == 'constant':
+        return lr
+    if step >= decay_iters:
+        return min_lr
+    if schedule == 'cosine':
+        t = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == 'wsd':
+        decay_start = max(warmup_iters, int(decay_iters * (1 - decay_frac)))
+        if step < decay_start:
+            return lr
+        t = (step - decay_start) / max(1, decay_iters - decay_start)
+        return lr + (min_lr - lr) * t
+    raise ValueError(f"lr_schedule='{schedule}'; valid: cosine, wsd, constant")

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from common import configure
+from config import configure
 
 # -----------------------------------------------------------------------------
 runs = ''            # comma-separated run folders (each holding log.jsonl)

@@ -10,7 +10,7 @@ $ python reward.py --init_from=out/sft --out_dir=out/reward
 Every eval_interval steps it logs: held-out pair accuracy and loss; the length bias (Pearson
 correlation of reward with response length, beside the rule score's own); and the rank
 correlation between reward and rule score on fresh samples of the SFT model for held-out prompts.
-Schedule, optimizer, logging, checkpoints and resume: common.Trainer, as in train.py.
+Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
 
 import math
@@ -21,32 +21,62 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Trainer, close_runtime, configure, evaluate_task, init_runtime,
-                    load_chat_model, load_checkpoint, rank_correlation, read_jsonl, training_defaults)
+from checkpoint import load_chat_model, load_checkpoint
+from config import configure
+from data import read_jsonl
+from runtime import close_runtime, init_runtime
+from task import evaluate_task, rank_correlation
+from training import Run
 
 # -----------------------------------------------------------------------------
-# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+# I/O
 out_dir = 'out/reward'
 init_from = 'out/sft'        # the SFT checkpoint whose backbone starts the reward model, or 'resume'
+eval_interval = 50           # evaluate (and checkpoint) every N steps, and at the end
+log_interval = 10
+always_save_checkpoint = True
+save_checkpoints = True
+eval_only = False
+gradient_accumulation_steps = 1
+# data and loss
 prefs_dir = 'data/prefs'     # prefs_train.jsonl, prefs_val.jsonl
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the fresh samples
 loss = 'bt'                  # 'bt' (Bradley-Terry) | 'margin' (margin ranking)
 ranking_margin = 1.0         # m of the margin ranking loss
 batch_size = 16              # pairs per micro-batch
 block_size = 0               # 0: the model's block_size
-learning_rate = 3e-5
-min_lr = 3e-6
-weight_decay = 0.0
-warmup_iters = 20
-max_iters = 500
-eval_interval = 50
 n_fresh = 128                # fresh samples (SFT model, held-out prompts) for the rank correlation
 fresh_temperature = 1.0
 max_new_tokens = 300
 dropout = 0.0
+# optimizer and schedule (as in train.py)
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
+learning_rate = 3e-5
+min_lr = 3e-6
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+muon_momentum = 0.95
+qk_clip_tau = 100.0
+lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
+warmup_iters = 20
+max_iters = 500
+lr_decay_iters = 0           # 0: max_iters
+decay_frac = 0.2
+# system and logging (as in train.py)
+device = 'auto'
+dtype = 'auto'
+compile = None
+compile_mode = 'default'
+fsdp = False
+seed = 1337
+peak_flops = 0.0
+tensorboard = False
+wandb_project = ''
+run_name = ''
 # -----------------------------------------------------------------------------
-config = configure(globals(), defaults=training_defaults())
-# (configure() also defines every training_defaults() key as a global here)
+config = configure(globals())
 # -----------------------------------------------------------------------------
 if loss not in ('bt', 'margin'):
     sys.exit(f"error: loss='{loss}'; valid: bt, margin")
@@ -87,15 +117,6 @@ def pair_loss(r_chosen, r_rejected):
     if loss == 'bt':
         return -F.logsigmoid(diff).mean()                 # Bradley-Terry: P(chosen > rejected) = sigma(diff)
     return F.relu(ranking_margin - diff).mean()
-
-
-def loss_fn(model, step, micro_step):
-    g = trainer.batch_generator(step, micro_step)
-    pairs = [train_pairs[int(i)] for i in torch.randint(len(train_pairs), (batch_size,), generator=g)]
-    x, last = batch(pairs)
-    rc, rr = model(x, last=last).chunk(2)
-    return pair_loss(rc, rr), {'accuracy': (rc > rr).float().mean().detach(),
-                               'reward_margin': (rc - rr).mean().detach(), 'tokens': x.numel()}
 
 
 @torch.no_grad()
@@ -146,11 +167,31 @@ def evaluate(model):
     return metrics
 
 
-tokens_per_step = 2 * batch_size * block_size * gradient_accumulation_steps * rt.world_size
-trainer = Trainer(config, rt, model, 'reward', tok.spec(), tokens_per_step, model.flops_per_token(block_size),
-                  resume=ckpt if init_from == 'resume' else None,
-                  checkpoint_extra={'parent': parent, 'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', '')},
-                  unused_parameters=True)                # scores only: the LM head (and MTP) unused
+# optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+run = Run(config, rt, model, 'reward', tok.spec(), model.flops_per_token(block_size),
+          resume=ckpt if init_from == 'resume' else None,
+          checkpoint_extra={'parent': parent, 'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', '')},
+          unused_parameters=True)             # scores only: the LM head (and MTP) unused
 ckpt = None
-trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
+
+# --- the training loop: a random batch of pairs per micro-step ----------------------------------
+step = run.step                               # 0, or where a resumed run stopped
+while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
+    lr = run.set_lr(step)
+    loss, tokens = torch.zeros((), device=rt.device), 0
+    for micro in range(gradient_accumulation_steps):
+        ix = torch.randint(len(train_pairs), (batch_size,), generator=run.batch_generator(step, micro))
+        x, last = batch([train_pairs[int(i)] for i in ix])
+        with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
+            with rt.autocast():
+                rc, rr = run.model(x, last=last).chunk(2)       # rewards of chosen and rejected
+                micro_loss = pair_loss(rc, rr) / gradient_accumulation_steps
+            run.backward(micro_loss)
+        loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
+    out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
+    step += 1
+    metrics = {'accuracy': (rc > rr).float().mean().detach(), 'reward_margin': (rc - rr).mean().detach()}
+    if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
+        break
+run.finish()
 close_runtime(rt)

@@ -1,8 +1,9 @@
 """
-What PPO (ppo.py) and GRPO (grpo.py) share, in one place: rollouts (batched KV-cache sampling of
-answers to task prompts), per-token log-probabilities under the policy and the reference, rewards
-(the task rule, the reward model, a mix, or a toy), running reward normalisation, GAE, the clipped
-policy and value losses, KL estimators and the adaptive KL controller.
+What PPO (ppo.py) and GRPO (grpo.py) share, in one place: loading the policy, the frozen
+reference and the reward, rollouts (batched KV-cache sampling of answers to task prompts),
+per-token log-probabilities under the policy and the reference, rewards (the task rule, the
+reward model, a mix, or a toy), running reward normalisation, GAE, the clipped policy and value
+losses, KL estimators, the adaptive KL controller and the held-out evaluation.
 
 Layout of a rollout: each row is prompt + response (+ <|end|> when the model ended its turn),
 right-padded; per-token tensors have one column less and are aligned with the targets
@@ -10,13 +11,73 @@ seq[:, 1:], so column t holds what is known about generating token t + 1. `mask`
 columns whose target is a response token.
 """
 
+import contextlib
 import math
+import os
+import sys
 
 import torch
-import torch.nn as nn
 
-from common import generate_chat
+from checkpoint import load_chat_model, load_checkpoint
+from data import read_jsonl
+from generate import generate_chat
 from model import token_logprobs
+from task import evaluate_task, score
+
+
+# --- the models and the prompts ---------------------------------------------------------------------
+
+def load_policy(stage, init_from, out_dir, device, dropout):
+    """(checkpoint, policy on the CPU, tokenizer with the chat template, the frozen reference on
+    `device`, the reference's path) for ppo.py / grpo.py: the policy starts from init_from (the
+    SFT model), which is also the reference; with init_from='resume' it continues out_dir and
+    the reference is the one that run named."""
+    if init_from == 'scratch':
+        sys.exit(f"error: {stage}.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
+    source = out_dir if init_from == 'resume' else init_from
+    ckpt = load_checkpoint(source)
+    reference_path = ckpt['reference'] if init_from == 'resume' else source
+    policy, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+    reference, _, _ = load_chat_model(reference_path, device)
+    reference.eval().requires_grad_(False)
+    return ckpt, policy, tok, reference, reference_path
+
+
+def load_rewards(kind, tok, reward_model, mix, no_end_penalty, device):
+    """Rewards(kind, ...) with its reward model loaded (frozen) where kind needs one."""
+    rm = None
+    if kind in ('model', 'mix'):
+        rm, rm_tok, _ = load_chat_model(reward_model, device)
+        if rm_tok.spec() != tok.spec():
+            sys.exit(f"error: the reward model's tokenizer ({reward_model}) differs from the policy's")
+        rm.eval().requires_grad_(False)
+    try:
+        return Rewards(kind, tok, rm, mix, no_end_penalty)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+
+
+def read_prompts(task_dir, n_val):
+    """(training prompts for rollouts, the first n_val held-out prompts for evaluation)."""
+    hint = 'run python prepare/tinystories_instruct.py (or set task_dir=)'
+    train = read_jsonl(os.path.join(task_dir, 'prompts_train.jsonl'), ('prompt', 'words'), hint)
+    val = read_jsonl(os.path.join(task_dir, 'prompts_val.jsonl'), ('prompt', 'words'), hint)[:n_val]
+    return train, val
+
+
+def prompts_of_rollout(prompts, n, seed, r, rank, device):
+    """The n training prompts of rollout r on this rank, and a generator on `device` for sampling
+    their answers: functions of (seed, r, rank), so a resumed run draws the same ones."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + r * 7919 + rank)
+    chosen = [prompts[int(i)] for i in torch.randint(len(prompts), (n,), generator=g)]
+    return chosen, torch.Generator(device=device).manual_seed(seed * 1_000_003 + r * 7919 + rank)
+
+
+def clear_samples(out_dir, resume, master):
+    """A fresh out_dir/samples.md (the tables of sample answers) unless resuming."""
+    os.makedirs(out_dir, exist_ok=True)
+    if not resume and master and os.path.exists(os.path.join(out_dir, 'samples.md')):
+        os.remove(os.path.join(out_dir, 'samples.md'))
 
 
 # --- rollouts -----------------------------------------------------------------------------------
@@ -26,8 +87,7 @@ def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=
                    autocast=None, batch_size=64, cuda_graph=False):
     """Answer every prompt (dicts with 'prompt') once with the policy. Returns a dict with
     seq (N, L) prompt + response [+ <|end|>] right-padded, mask (N, L-1), texts, ended, lengths.
-    cuda_graph: decode through a captured one-token step (common.generate_chat)."""
-    import contextlib
+    cuda_graph: decode through a captured one-token step (generate.generate_chat)."""
     autocast = autocast or contextlib.nullcontext
     answers = generate_chat(policy, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
                             top_k=top_k, batch_size=batch_size, autocast=autocast, generator=generator,
@@ -95,7 +155,6 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
                     cuda_graph=False):
     """The held-out evaluation of PPO and GRPO: the task score of greedy answers, then sampled
     answers (seeded) scored by the rewards, with their KL(policy || reference) per answer (k1)."""
-    from common import evaluate_task
     if not prompts:
         return {}
     r = evaluate_task(policy, tok, prompts, max_new_tokens, 0.0, autocast=autocast, seed=seed,
@@ -117,6 +176,27 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
         metrics['val/rule_score_sampled'] = parts['rule'].mean().item()
         metrics['val/words_sampled'] = parts['words'].mean().item()
     return metrics
+
+
+def minibatch_update(run, loss_fn, buffer, idx, autocast):
+    """One optimizer step on the answers idx of a rollout: loss_fn(minibatch) -> (loss, stats,
+    tokens) over run's gradient_accumulation_steps micro-batches (DDP reduces the gradients on
+    the last one only), then run.optimizer_step() (clip, step, router biases, QK-Clip).
+    Returns (the minibatch's loss, the last micro-batch's stats, its tokens, the step's output)."""
+    n_micro = run.c['gradient_accumulation_steps']
+    total, tokens = 0.0, 0
+    for micro, part in enumerate(idx.chunk(n_micro)):
+        with run.sync(micro):
+            with autocast():
+                loss, stats, n = loss_fn({k: v[part] for k, v in buffer.items()})
+            run.backward(loss / n_micro)
+        total, tokens = total + loss.detach() / n_micro, tokens + n
+    return total, stats, tokens, run.optimizer_step()
+
+
+def mean_stats(rows):
+    """{name: mean over rows} of a list of {name: 0-d tensor} (one per update), on the device."""
+    return {k: torch.stack([row[k] for row in rows]).mean() for k in rows[0]}
 
 
 # --- rewards ------------------------------------------------------------------------------------
@@ -143,7 +223,6 @@ class Rewards:
 
     @torch.no_grad()
     def __call__(self, prompts, rollout, autocast, batch_size=32):
-        from task import score
         device = rollout['seq'].device
         rule = model_scores = None
         words = None
@@ -315,36 +394,3 @@ class AdaptiveKL:
             err = max(-0.2, min(0.2, kl / self.target - 1))
             self.beta *= 1 + err * n / self.horizon
         return self.beta
-
-
-class ActorCritic(nn.Module):
-    """PPO's two trained models as one module, so one optimizer and common.Trainer drive both:
-    forward(x) -> (policy logits, values). The checkpoint keeps the policy as 'model' (eval.py and
-    sample.py load it like any language model) and the value model beside it."""
-
-    def __init__(self, policy, value):
-        super().__init__()
-        self.policy, self.value = policy, value
-        self.config = policy.config
-
-    def forward(self, x):
-        return self.policy(x)[0], self.value.values(x)
-
-    @property
-    def last_losses(self):
-        return {}
-
-    def update_router_bias(self, reduce=None):
-        self.value.update_router_bias(reduce)
-        return self.policy.update_router_bias(reduce)
-
-    def track_max_logits(self, on=True):
-        self.policy.track_max_logits(on)
-        self.value.track_max_logits(on)
-
-    def attention_modules(self):
-        return self.policy.attention_modules() + self.value.attention_modules()
-
-    def checkpoint_state(self):
-        return {'model': self.policy.state_dict(), 'model_config': self.policy.config.to_dict(),
-                'value_model': self.value.state_dict(), 'value_model_config': self.value.config.to_dict()}

@@ -14,7 +14,10 @@ import sys
 
 import torch
 
-from common import configure, init_runtime, load_model
+from checkpoint import load_model
+from config import configure
+from runtime import init_runtime
+from generate import generate_tokens
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/run'          # a folder holding ckpt.pt (from any stage)
@@ -27,9 +30,9 @@ top_p = 1.0                  # nucleus sampling: the smallest set with this much
 seed = 1337
 stop_at_eot = True           # end a sample at the end-of-text token (or end of turn)
 chat = None                  # prompt with the chat template; None: if the checkpoint has one
-cuda_graph = True            # on CUDA: replay each one-token step as a CUDA graph (model.DecodeGraph)
+cuda_graph = True            # on CUDA: replay each one-token step as a CUDA graph (generate.DecodeGraph)
 compile_decode = False       # with cuda_graph: fuse that step with torch.compile first (tens of seconds
-                             # of compilation; then ~1.8x faster again on the H100, see README)
+                             # of compilation; then about 2x faster again, see docs/performance.md)
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
@@ -75,7 +78,7 @@ for k in range(num_samples):
     print(f'[user] {start}\n[assistant] ' if chat else start, end='', flush=True)
     new, shown = [], ''
     with rt.autocast():
-        for t in model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+        for t in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                        top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
                                        generator=gen, cuda_graph=cuda_graph and rt.device_type == 'cuda',
                                        compile_step=compile_decode):

@@ -12,7 +12,7 @@ Batches are packed (examples concatenated into block_size windows, the masks kep
 packing=False, drawn from examples of similar length and right-padded. curriculum=True starts from
 the shortest examples and widens to all of them over curriculum_iters steps. Every eval_interval
 steps: the response loss on sft_val and the task score of greedy and sampled answers to held-out
-prompts. Schedule, optimizer, logging, checkpoints and resume are train.py's (common.Trainer).
+prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
 
 import math
@@ -21,34 +21,64 @@ import sys
 
 import torch
 
-from common import (Trainer, chat_batch, close_runtime, configure, encode_chat_examples,
-                    evaluate_task, init_runtime, load_chat_model, load_checkpoint, pack_chat_examples,
-                    read_jsonl, training_defaults)
+from checkpoint import load_chat_model, load_checkpoint
+from config import configure
+from data import chat_batch, encode_chat_examples, pack_chat_examples, read_jsonl
+from runtime import close_runtime, init_runtime
+from task import evaluate_task
+from training import Run
 
 # -----------------------------------------------------------------------------
-# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+# I/O
 out_dir = 'out/sft'
 init_from = 'out/run'        # the pretrained checkpoint to fine-tune, or 'resume' (continue out_dir)
+eval_interval = 100          # evaluate (and checkpoint) every N steps, and at the end
+eval_iters = 20              # validation batches for the response loss
+log_interval = 10
+always_save_checkpoint = True
+save_checkpoints = True
+eval_only = False
+# data
 task_dir = 'data/tinystories_instruct'   # from prepare/tinystories_instruct.py
-batch_size = 16
+batch_size = 16              # sequences per micro-batch (per GPU)
 block_size = 0               # 0: the model's block_size
+gradient_accumulation_steps = 1
 packing = True               # pack examples into full windows; False: similar-length padded batches
 curriculum = False           # shortest examples first, widening to all over curriculum_iters steps
 curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
-learning_rate = 1e-4
-min_lr = 1e-5
-warmup_iters = 50
-max_iters = 1000
-eval_interval = 100
-eval_iters = 20              # validation batches for the response loss
 eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation
 max_new_tokens = 300
 sample_temperature = 0.8
 dropout = 0.0
+# optimizer and schedule (as in train.py)
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
+learning_rate = 1e-4
+min_lr = 1e-5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+muon_momentum = 0.95
+qk_clip_tau = 100.0
+lr_schedule = 'cosine'       # 'cosine' | 'wsd' | 'constant'
+warmup_iters = 50
+max_iters = 1000
+lr_decay_iters = 0           # 0: max_iters
+decay_frac = 0.2
+# system and logging (as in train.py)
+device = 'auto'
+dtype = 'auto'
+compile = None
+compile_mode = 'default'
+fsdp = False
+seed = 1337
+peak_flops = 0.0
+tensorboard = False
+wandb_project = ''
+run_name = ''
 # -----------------------------------------------------------------------------
-config = configure(globals(), defaults=training_defaults())
-# (configure() also defines every training_defaults() key as a global here)
+config = configure(globals())
 # -----------------------------------------------------------------------------
 rt = init_runtime(device, dtype, seed)
 
@@ -100,17 +130,12 @@ def pool_at(step):
 
 def train_rows(step, micro):
     """batch_size rows for this micro-batch, a function of (seed, step, its global index)."""
-    g = trainer.batch_generator(step, micro)
+    g = run.batch_generator(step, micro)
     pool = pool_at(step)
     if packing:                      # concatenate random examples until each window is full
         return pack_chat_examples(train_ex, pool, batch_size, block_size, g)
     start = int(torch.randint(len(pool), (1,), generator=g))   # neighbours in length order
     return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)]
-
-
-def loss_fn(model, step, micro_step):
-    x, y = chat_batch(train_rows(step, micro_step), tok.eot_id, block_size if packing else None)
-    return model(x.to(rt.device), y.to(rt.device))[1], {'tokens': x.numel()}
 
 
 @torch.no_grad()
@@ -140,11 +165,28 @@ def evaluate(model):
     return metrics
 
 
-tokens_per_step = batch_size * block_size * gradient_accumulation_steps * rt.world_size
-trainer = Trainer(config, rt, model, 'sft', tok.spec(), tokens_per_step, model.flops_per_token(block_size),
-                  resume=ckpt if init_from == 'resume' else None,
-                  checkpoint_extra={'task_dir': task_dir, 'parent': ckpt.get('parent', source),
-                                    'data_dir': ckpt.get('data_dir', '')})
+# optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+run = Run(config, rt, model, 'sft', tok.spec(), model.flops_per_token(block_size),
+          resume=ckpt if init_from == 'resume' else None,
+          checkpoint_extra={'task_dir': task_dir, 'parent': ckpt.get('parent', source),
+                            'data_dir': ckpt.get('data_dir', '')})
 ckpt = None
-trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'val/loss'))
+
+# --- the training loop: the loss on the response tokens only ------------------------------------
+step = run.step                               # 0, or where a resumed run stopped
+while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
+    lr = run.set_lr(step)
+    loss, tokens = torch.zeros((), device=rt.device), 0
+    for micro in range(gradient_accumulation_steps):
+        x, y = chat_batch(train_rows(step, micro), tok.eot_id, block_size if packing else None)
+        with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
+            with rt.autocast():               # targets are -1 on the prompt and the padding
+                micro_loss = run.model(x.to(rt.device), y.to(rt.device))[1] / gradient_accumulation_steps
+            run.backward(micro_loss)
+        loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
+    out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
+    step += 1
+    if not run.log(step, lr, loss, tokens, out):   # every log_interval steps; False: NaN/inf loss
+        break
+run.finish()
 close_runtime(rt)

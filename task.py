@@ -21,8 +21,14 @@ The rule (exact and cheap):
   score = (0.6 words + 0.2 features + 0.2 ending) * (1 - clip((repetition - 0.2) / 0.6, 0, 1))
 """
 
+import contextlib
 import math
 import re
+
+import numpy as np
+import torch
+
+from generate import generate_chat
 
 STOP_WORDS = set('''a an the and or but so if then than that this these those there their they them
 he she it its his her him we us our you your i me my mine was were is are be been being am do does
@@ -176,3 +182,212 @@ def parse_instruct(doc):
         features['dialogue'] = True
     return {'story': story, 'words': [w.strip() for w in words.split(',') if w.strip()],
             'features': features}
+
+
+# -----------------------------------------------------------------------------
+# Scoring a model on held-out prompts
+
+def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None,
+                  batch_size=64, autocast=contextlib.nullcontext, seed=1337, cuda_graph=False):
+    """Answer held-out prompts (dicts with 'prompt', 'words', 'features') and score the answers
+    with the task rule: the means of score, words, ended and repetition, the share using all
+    required words, one example, and the per-prompt answers and scores."""
+    raw = model._orig_mod if hasattr(model, '_orig_mod') else model
+    device = next(raw.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    answers = generate_chat(raw, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
+                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=g,
+                            cuda_graph=cuda_graph)
+    scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
+    n = max(len(scores), 1)
+    mean = lambda key: sum(float(s[key]) for s in scores) / n      # noqa: E731
+    return {'score': mean('score'), 'all_words': mean('all_words'), 'words': mean('words'),
+            'ended': sum(a['ended'] for a in answers) / n, 'repetition': mean('repetition'),
+            'example': {'prompt': prompts[0]['prompt'], 'answer': answers[0]['text']} if prompts else None,
+            'answers': answers, 'scores': scores}
+
+
+def rank_correlation(a, b):
+    """Spearman's rank correlation of two sequences (ties get their average rank)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind='stable')
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):                          # average the ranks of ties
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float('nan')
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# -----------------------------------------------------------------------------
+# One noun, one verb and one adjective from a story's own text, without a part-of-speech tagger
+# (nltk's tagger data cannot be downloaded offline): make_task_pos looks the story's words up in
+# the word lists below, written for this task: common concrete nouns, verbs (base forms) and
+# adjectives of children's stories. The lists leave out the stop words, words whose usual part of
+# speech in stories is unclear (rose, bear, kind, light, fish, rain, dress, ...) and near-function
+# words (want, good, new); no word is in two lists. A listed word counts as present when the story
+# has it, uncapitalised, in a regular form of its own part of speech (noun: plural; verb: -s, -ed,
+# -ing; adjective: -er, -est) that `inflections` also accepts, so the reward rule always finds it.
+# Irregular forms (ran, mice, better) are not matched. It is a heuristic: a word used in another
+# part of speech than its list's ("a sudden jump") is still taken as that list's.
+
+NOUNS = frozenset('''
+dog cat bird horse cow pig sheep goat duck hen chicken rabbit bunny mouse fox wolf lion tiger
+elephant monkey frog toad snake turtle owl eagle robin sparrow bee butterfly ant spider squirrel
+deer puppy kitten pony donkey lamb calf whale dolphin shark crab snail worm dragon giant fairy
+witch wizard king queen prince princess knight soldier sailor farmer baker teacher doctor mother
+father sister brother baby girl boy woman grandmother grandfather aunt uncle cousin neighbor
+neighbour servant shepherd hunter fisherman captain pirate goose parrot beetle mole
+house cottage hut garden forest tree flower grass river lake sea ocean beach island mountain hill
+valley field farm village town city castle palace tower bridge road path street school church
+shop market kitchen door window wall roof floor bed table chair box basket bag cup plate bowl
+spoon knife fork bottle jar candle lamp stove clock bell book letter pencil paper picture toy doll
+ball kite boat ship wagon cart wheel carriage hat coat shoe boot glove scarf necklace crown sword
+shield key coin treasure apple bread cake cookie pie cheese egg soup honey candy berry cherry
+carrot potato corn nut seed branch root rock stone sand shell star moon sun sky cloud storm
+rainbow feather nest cave pond fence gate barn meadow orchard blanket pillow mirror
+umbrella ladder rope bucket broom pocket button ribbon flag drum trumpet violin piano guitar harp
+flute song story game gift party picnic birthday lunch dinner breakfast supper bath chimney
+fireplace cellar attic staircase hedge bush leaf petal daisy tulip lily acorn pumpkin strawberry
+grape lemon pear plum peach banana sugar salt butter tea coffee jam tart pudding sandwich muffin
+carpet curtain sofa cupboard drawer wardrobe cradle lantern torch map ticket purse jewel pearl
+diamond crystal medal robot rocket airplane bicycle truck bus car balloon bubble puddle journey
+adventure secret riddle lesson prize crumb pebble twig log kettle oven bench tent sled park zoo
+library museum hospital station harbor harbour jungle tail wing paw claw beak fur horn nose ear
+eye finger toe knee cheek chin lip mouth neck leg hair mud snowflake raindrop waterfall volcano
+sunflower mushroom vine oak willow needle bead marble shovel spade sack barrel chest envelope
+parcel package closet bedroom
+'''.split())
+
+VERBS = frozenset('''
+jump laugh cry climb swim run hop skip clap shout whisper help open push pull kick carry hug
+listen hide share bake eat sleep try hate pick build dig fix wash splash bounce chase follow
+explore visit wander travel hurry knock sit stay wait grab lift pour fill spill shake tremble
+shiver giggle sneeze yawn nod blink stare peep peek crawl tiptoe gallop fetch borrow scream yell
+thank forgive remember forget learn teach count spell write sew knit decide agree obey scold
+tease rescue pretend imagine arrive enjoy believe notice ask reply answer sniff lick chew swallow
+nibble gobble tickle squeeze cuddle wiggle wriggle stretch scramble tumble stumble slip slide
+skate paddle float drift flutter flap growl purr hiss chirp quack howl roar squeak sparkle
+glitter shine twinkle melt freeze boil bloom grow gather collect hunt catch throw toss kneel
+pray weep sob sigh frown grin chuckle gasp scratch rub sweep scrub polish fold bury feed keep
+save worry wonder guess play walk smile dance watch love hope wish kiss touch drop call turn
+start stop move pass rush return search promise sing swing bring hear finish
+'''.split())
+
+ADJECTIVES = frozenset('''
+happy sad angry scared brave gentle quiet loud soft warm cold hot cool wet dry dark bright shiny
+sunny cloudy rainy windy snowy sleepy hungry thirsty tired excited curious silly funny lucky busy
+lazy proud shy polite rude clever wise foolish naughty greedy grumpy cheerful careful careless
+helpful friendly lonely lovely pretty beautiful ugly tiny huge small tall short flat smooth
+rough sharp dull heavy fresh sweet sour bitter salty yummy delicious tasty fluffy furry fuzzy
+sticky smelly dirty muddy messy neat tidy empty full strong weak slow quick rich poor young
+strange odd special wonderful terrible horrible awful fierce wild tame noisy calm gloomy cozy
+merry jolly glad sorry red blue green yellow purple pink brown white black gray grey golden
+wooden rusty ancient mighty royal colorful colourful playful joyful peaceful graceful thankful
+hopeful fearful grateful honest humble eager nervous anxious jealous famous precious generous
+delightful dreadful frightened surprised worried afraid alone asleep awake alive pale thin fat
+deep fair sick broken magical clumsy cruel wicked handsome nice large pleasant silent bold fond
+keen narrow broad thick steep distant sudden tender bare faint grim grand lively hearty weary
+sorrowful mournful hasty ragged shabby plain rare ripe rotten savage stout slender stern swift
+glorious splendid noble lame blind deaf dizzy drowsy dusty frosty frozen hollow icy misty mossy
+rocky sandy shady silky starry stony stormy thorny woolly enormous gigantic immense vast puny
+delicate elegant fancy ridiculous serious solemn severe strict harsh vain selfish faithful loyal
+obedient diligent idle stupid smart ignorant innocent guilty evil holy magnificent gorgeous
+charming comfortable miserable wretched unhappy dangerous safe useful useless valuable cheap
+expensive costly gay handsome ugly crooked straight curly bald
+'''.split())
+
+POS_LISTS = {'verb': VERBS, 'noun': NOUNS, 'adjective': ADJECTIVES}   # prompt order, as in
+                                                                         # TinyStories-Instruct
+
+
+def _doubles(w):
+    """Does `w` double its last letter before -ed / -ing / -er (hop: hopped, big: bigger)? A
+    one-syllable word ending consonant-vowel-consonant does, and a few stressed-final ones."""
+    if w in ('forget', 'regret', 'admit', 'permit', 'begin', 'prefer', 'occur', 'control', 'patrol'):
+        return True                                          # stressed last syllable
+    groups = re.findall(r'[aeiou]+', w)
+    return (len(groups) == 1 and len(w) >= 3 and w[-1] not in 'aeiouwxy' and w[-2] in 'aeiou'
+            and w[-3] not in 'aeiou')
+
+
+def pos_forms(word, pos):
+    """The regular forms of `word` as a noun (plural), verb (-s, -ed, -ing) or adjective (-er,
+    -est), kept only where `inflections` accepts them too (so `score` finds them)."""
+    w = word.lower()
+    cons_y = w.endswith('y') and len(w) > 2 and w[-2] not in 'aeiou'
+    s = w[:-1] + 'ies' if cons_y else w + 'es' if w.endswith(('s', 'x', 'z', 'ch', 'sh', 'o')) else w + 's'
+    forms = {w}
+    if pos in ('noun', 'verb'):
+        forms.add(s)
+    if pos == 'verb':
+        stem = w + w[-1] if _doubles(w) else w[:-1] if w.endswith('e') and not w.endswith('ee') else w
+        forms.add(w[:-1] + 'ied' if cons_y else w + 'd' if w.endswith('e') else stem + 'ed')
+        forms.add(stem + 'ing')
+    if pos == 'adjective':
+        stem = w[:-1] + 'i' if cons_y else w + w[-1] if _doubles(w) else w[:-1] if w.endswith('e') else w
+        forms |= {stem + 'er', stem + 'est'}
+    return forms & inflections(w)
+
+
+FORM_INDEX = {}                  # form -> [(base word, part of speech), ...]
+for _pos, _words in POS_LISTS.items():
+    for _w in sorted(_words - STOP_WORDS):
+        for _f in pos_forms(_w, _pos):
+            FORM_INDEX.setdefault(_f, []).append((_w, _pos))
+
+
+SUFFIXES = {'noun': ('tion', 'sion', 'ness', 'ment', 'ship', 'hood', 'ity'),
+            'adjective': ('ous', 'less', 'ful', 'able', 'ible')}   # no reliable one for verbs
+
+
+def suffix_words(story, pos):
+    """Words of the story (uncapitalised, 6+ letters, in no word list) whose ending marks them as
+    nouns (-tion, -ness, -ment, ...) or adjectives (-ous, -less, -ful, -able, -ible): the second
+    choice of make_task_pos. Sorted."""
+    listed = NOUNS | VERBS | ADJECTIVES
+    return sorted(t for t in content_words(story)
+                  if len(t) >= 6 and t.endswith(SUFFIXES.get(pos, ())) and t not in listed)
+
+
+def content_words(story):
+    """make_task's candidates: words that occur uncapitalised, at least 3 letters, no stop words,
+    no apostrophes (sorted)."""
+    lower_seen = {t for t in WORD.findall(story) if t.islower()}
+    return sorted(t for t in lower_seen if len(t) >= 3 and t not in STOP_WORDS and "'" not in t)
+
+
+def make_task_pos(story, rng):
+    """Required words and features for a plain story, TinyStories-Instruct style: one verb, one
+    noun and one adjective of the story's own text (in that order), each chosen with `rng` among
+    the listed words the story uses (POS_LISTS, pos_forms); for a part of speech the story uses
+    none of, among its words with a noun or adjective ending (suffix_words), else among make_task's
+    content words. Returns {'words', 'features', 'pos', 'how'}: 'how' says where each word came
+    from ('list', 'suffix' or 'content'). None if the story has too few words."""
+    found = {pos: set() for pos in POS_LISTS}
+    for t in {t for t in WORD.findall(story) if t.islower()}:
+        for base, pos in FORM_INDEX.get(t, ()):
+            found[pos].add(base)
+    words, how = [], []
+
+    def pick(candidates):
+        rng.shuffle(candidates)
+        return next((c for c in candidates
+                     if not any(word_used(c, [d]) or word_used(d, [c]) for d in words)), None)
+
+    for pos in POS_LISTS:
+        for kind, candidates in (('list', lambda: sorted(found[pos])),
+                                 ('suffix', lambda: suffix_words(story, pos)),
+                                 ('content', lambda: content_words(story))):
+            w = pick(candidates())
+            if w is not None:
+                break
+        if w is None:
+            return None
+        words.append(w)
+        how.append(kind)
+    return {'words': words, 'features': choose_features(story, rng), 'pos': list(POS_LISTS), 'how': how}

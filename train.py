@@ -1,5 +1,5 @@
 """
-Pretraining: next-token prediction on a prepared token dataset.
+Pretraining: next-token prediction on a prepared token dataset (prepare/).
 
 $ python train.py config/tinystories_moe.py
 $ python train.py config/shakespeare_char.py
@@ -7,11 +7,11 @@ $ python train.py config/tinystories_moe.py --optimizer=muonclip --max_iters=200
 $ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py              (DDP)
 $ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py --fsdp=True  (FSDP2)
 
-Every ModelConfig field (n_layer, n_head, n_embd, attention, n_routed_experts, ...) is a config
-key, and so is every key of common.training_defaults() (schedule, optimizer, logging, system).
-Writes out_dir/ckpt.pt (model, configs, tokenizer, optimizer, RNG; fsdp=True: the sharded
-out_dir/ckpt_dcp/, which every loader reads too), out_dir/log.jsonl,
-out_dir/loss.png (and expert_load.png, max_logit.png); init_from='resume' continues exactly.
+Every setting below is a config key, and so is every ModelConfig field (model.py: n_layer,
+n_head, n_embd, attention, n_routed_experts, ...). Writes out_dir/ckpt.pt (model, configs,
+tokenizer, optimizer, RNG; with fsdp=True the sharded out_dir/ckpt_dcp/, which every loader
+reads too), out_dir/log.jsonl and out_dir/loss.png (and expert_load.png, max_logit.png);
+init_from='resume' continues exactly.
 """
 
 import math
@@ -21,26 +21,74 @@ import sys
 
 import torch
 
-from common import (TokenData, Trainer, close_runtime, configure, init_runtime,
-                    load_checkpoint, load_tokenizer_spec, model_config_from, training_defaults)
+from checkpoint import load_checkpoint
+from config import configure, model_config_from
+from data import TokenData, load_tokenizer_spec
 from model import GPT, ModelConfig
+from runtime import CUDAGraphStep, close_runtime, init_runtime, synchronize, write_profile
+from training import Run
 
 # -----------------------------------------------------------------------------
-# default config values (and those of common.training_defaults(): optimizer, schedule, logging)
+# I/O
 out_dir = 'out/run'
+init_from = 'scratch'        # 'scratch' | 'resume' (continue out_dir) | 'out/RUN' (start from its weights)
+eval_interval = 250          # evaluate (and checkpoint) every N steps, and at the end
+eval_iters = 50              # batches per split per evaluation
+log_interval = 10            # log and refresh the progress bar every N steps
+always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
+save_checkpoints = True      # False: write no checkpoint at all (sweeps, benchmarks)
+eval_only = False            # evaluate once and exit
+# data
 dataset = 'tinystories'      # data/<dataset>/ written by prepare/<dataset>.py
 data_dir = ''                # explicit folder; '' means data/<dataset>
 batch_size = 32              # sequences per micro-batch (per GPU)
-# model: every ModelConfig field is a key too; these override its defaults
+block_size = 256             # tokens per sequence
+gradient_accumulation_steps = 1
+# model: these two and every ModelConfig field (n_layer, attention, n_routed_experts, ...)
 vocab_size = 0               # 0: the dataset's vocabulary, padded up to a multiple of 64
-block_size = 256
+dropout = 0.0
+# optimizer
+optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip' (Muon + QK-Clip)
+learning_rate = 6e-4         # Muon's update is scaled to AdamW's RMS, so one rate serves both
+min_lr = 6e-5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0              # clip the global gradient norm; 0 disables
+muon_momentum = 0.95
+qk_clip_tau = 100.0          # muonclip: heads whose max logit exceeds this are scaled back to it
+log_max_logit = False        # record and log the max attention logit per layer (on with muonclip)
+# schedule
+lr_schedule = 'cosine'       # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
+warmup_iters = 100
+max_iters = 5000
+lr_decay_iters = 0           # 0: max_iters
+decay_frac = 0.2             # wsd: the share of lr_decay_iters spent decaying
+# system
+device = 'auto'              # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = 'auto'               # 'auto' (bf16 on capable GPUs, else fp32) | 'float32' | 'bfloat16' | 'float16'
+compile = None               # torch.compile the model; None: on for CUDA
+compile_mode = 'default'     # 'default' | 'reduce-overhead' | 'max-autotune' | 'max-autotune-no-cudagraphs'
+cuda_graph_train = False     # CUDA: capture the whole step (forward, backward, clipping, AdamW, router
+                             # biases) once as a CUDA graph and replay it: no Python between kernels
+fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
+seed = 1337
+peak_flops = 0.0             # MFU denominator in FLOP/s; 0: measure with a large matmul
+profile = ''                 # append torch.profiler tables of steps 11 and 12 to this file
+cuda_sync_check = False      # CUDA: warn, with a stack, at every host-device sync inside a step
+# logging
+tensorboard = False
+wandb_project = ''           # non-empty: log to this wandb project
+run_name = ''
 # -----------------------------------------------------------------------------
-config = configure(globals(), model_config=ModelConfig, defaults=training_defaults())
-# (configure() also defines every training_defaults() and ModelConfig key as a global here)
+config = configure(globals(), model_config=ModelConfig)
 # -----------------------------------------------------------------------------
 
 rt = init_runtime(device, dtype, seed)
 data_dir = data_dir or os.path.join('data', dataset)
+if cuda_sync_check and rt.device_type != 'cuda':
+    sys.exit(f"error: cuda_sync_check=True needs a CUDA GPU (device is '{rt.device}'); "
+             f"it reports where the host waits for one")
 
 # --- data (prepared on first use when a prepare script of that name exists) ----------------
 if not os.path.exists(os.path.join(data_dir, 'meta.json')):
@@ -68,7 +116,7 @@ else:
     if ckpt['tokenizer'] != tok_spec:
         sys.exit(f"error: the checkpoint's tokenizer ({ckpt['tokenizer']['kind']}) differs from "
                  f"the dataset's ({tok_spec['kind']}) in {data_dir}")
-    model_cfg = ModelConfig(**{**ckpt['model_config'], 'dropout': config['dropout']})
+    model_cfg = ModelConfig(**{**ckpt['model_config'], 'dropout': dropout})
     block_size = min(block_size, model_cfg.block_size)
 if data.meta['vocab_size'] > model_cfg.vocab_size:
     sys.exit(f"error: vocab_size={model_cfg.vocab_size} is smaller than the dataset's vocabulary "
@@ -80,25 +128,23 @@ if ckpt is not None:
     model.load_state_dict(ckpt['model'])
 model.to(rt.device)
 tokens_per_step = batch_size * block_size * gradient_accumulation_steps * rt.world_size
+flops_per_token = model.flops_per_token(block_size)
 if rt.master:
     print(f'{rt.device}, {rt.dtype}, world size {rt.world_size}; {tokens_per_step:,} tokens per step; '
           f'model: {model.num_params() / 1e6:.2f}M parameters ({model.active_params() / 1e6:.2f}M active), '
-          f'{model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token (training)')
-trainer = Trainer(config, rt, model, 'pretrain', tok_spec, tokens_per_step, model.flops_per_token(block_size),
-                  resume=ckpt if init_from == 'resume' else None,
-                  checkpoint_extra={'data_dir': data_dir})
+          f'{flops_per_token / 1e6:.1f} MFLOPs per token (training)')
+
+# optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+run = Run(config, rt, model, 'pretrain', tok_spec, flops_per_token,
+          resume=ckpt if init_from == 'resume' else None, checkpoint_extra={'data_dir': data_dir})
 ckpt = None                                   # free the CPU copy
 
 
-def batch_fn(step, micro_step):
-    """A batch of random windows, drawn as a function of the step and the micro-batch's global
-    index (so 2 ranks x accumulation k == 1 rank x accumulation 2k)."""
-    return data.batch('train', batch_size, block_size, trainer.batch_generator(step, micro_step), rt.device)
-
-
-def loss_fn(model, x, y):
-    """Next-token loss (and the MTP and balance terms, when the model has them)."""
-    return model(x, y, return_logits=False)[1]
+def get_batch(split, step, micro_step):
+    """x, y (batch_size, block_size): random windows of the split, y shifted left by one token,
+    drawn as a function of (seed, step, the micro-batch's global index): a resumed run reads
+    the same batches, and 2 ranks x accumulation k read those of 1 rank x accumulation 2k."""
+    return data.batch(split, batch_size, block_size, run.batch_generator(step, micro_step), rt.device)
 
 
 @torch.no_grad()
@@ -119,5 +165,57 @@ def evaluate(model):
             'val/ppl': math.exp(min(out['val'], 50)), 'val/bpb': out['val'] / math.log(2) / bytes_per_token}
 
 
-trainer.run(loss_fn, evaluate, plot_keys=('train/loss', 'train/eval_loss', 'val/loss'), batch_fn=batch_fn)
+def train_step(batches):
+    """Forward and backward over the micro-batches, then one optimizer step. Only device tensors
+    in and out (no host sync), so that cuda_graph_train can capture it whole."""
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro, (x, y) in enumerate(batches):
+        with run.sync(micro):                      # DDP / FSDP reduce gradients on the last only
+            with rt.autocast():
+                loss = run.model(x, y, return_logits=False)[1] / gradient_accumulation_steps
+            run.backward(loss)
+        loss_sum += loss.detach()
+    return {'loss': loss_sum, **run.optimizer_step()}   # clip, step, zero grads, router biases
+
+
+if cuda_graph_train:
+    why = ('needs a CUDA GPU' if rt.device_type != 'cuda' else
+           'runs in one process, not under torchrun' if rt.ddp else
+           "needs optimizer='adamw'" if optimizer != 'adamw' else
+           "needs dtype 'bfloat16' or 'float32' (float16's loss scaling reads the scale on the host)"
+           if rt.dtype == 'float16' else
+           'records no max attention logits: set log_max_logit=False' if run.track_logits else '')
+    if why:
+        sys.exit(f'error: cuda_graph_train=True {why}')
+    run.capturable()                          # the optimizer's step counts and lr on the device
+    train_step = CUDAGraphStep(train_step)    # copies each step's batches in, replays the graph
+
+# --- the training loop ------------------------------------------------------------------------
+plots = (('train/loss', 'train/eval_loss', 'val/loss'), 'loss.png', 'loss (nats/token)')
+step = start = run.step                      # 0, or where a resumed run stopped
+prof = None
+while run.evaluate(step, evaluate, plots):   # every eval_interval steps: evaluate, plot, save;
+    lr = run.set_lr(step)                     # False at max_iters. lr: warmup, then decay
+    if profile and step == start + 10:        # past compilation and the graph's capture
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                      ([torch.profiler.ProfilerActivity.CUDA] if rt.device_type == 'cuda' else []))
+        prof.__enter__()
+    if cuda_sync_check and step >= start + 4:
+        torch.cuda.set_sync_debug_mode('warn')
+    batches = [get_batch('train', step, micro) for micro in range(gradient_accumulation_steps)]
+    out = train_step(batches)                 # (with cuda_graph_train: a replay of the graph)
+    if cuda_sync_check:
+        torch.cuda.set_sync_debug_mode('default')
+    step += 1
+    if prof is not None and step == start + 12:
+        synchronize(rt.device_type)
+        prof.__exit__(None, None, None)
+        if rt.master:
+            write_profile(prof, profile, f'pretrain: steps {step - 2} and {step - 1}', rt.device_type)
+        prof = None
+    if not run.log(step, lr, out['loss'], tokens_per_step / rt.world_size, out):   # False: NaN/inf loss
+        break
+if prof is not None:                          # the run ended inside the profiled steps
+    prof.__exit__(None, None, None)
+run.finish(plots)
 close_runtime(rt)

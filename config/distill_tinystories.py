@@ -39,7 +39,7 @@ warmup_iters = 200
 max_iters = 5000
 lr_schedule = 'cosine'
 
-# mode='logits': the best of the CPU sweep on tiny-shakespeare (README, Distillation results), where
+# mode='logits': the best of the CPU sweep on tiny-shakespeare (docs/results.md, Distillation results), where
 # alpha = 0.5 beat 1.0 and 0.25 (at T = 1 and 2) and T = 1 beat 2 and 4 (at alpha = 0.5)
 temperature = 1.0
 alpha = 0.5

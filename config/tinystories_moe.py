@@ -3,8 +3,8 @@
 # experts (top-4) plus 1 shared expert; sigmoid routing with one group like Kimi-K2, weights
 # scaled by 2.5, auxiliary-loss-free balancing. 239M parameters in total, 48M active per token.
 # $ python train.py config/tinystories_moe.py        (prepares data/tinystories/ first if missing)
-# On one CUDA GPU add --cuda_graph_train=True: the whole step replayed as one CUDA graph (H100:
-# 771k -> 790k tokens/s, train.py in session 18; notes/performance.md).
+# On one CUDA GPU add --cuda_graph_train=True: the whole step replayed as one CUDA graph
+# (docs/performance.md has the measured tokens/s with and without it).
 out_dir = 'out/tinystories_moe'
 dataset = 'tinystories'
 eval_interval = 500

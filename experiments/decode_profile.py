@@ -19,7 +19,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import configure, init_runtime, kernel_stats, model_config_from, synchronize  # noqa: E402
+from config import configure, model_config_from  # noqa: E402
+from runtime import init_runtime, kernel_stats, synchronize  # noqa: E402
+from generate import decode_graphs, generate_tokens  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -43,8 +45,8 @@ prompt = torch.randint(0, model.config.vocab_size, (decode_batch, prompt_len), d
 @torch.no_grad()
 def decode(n=tokens):
     with rt.autocast():
-        for _ in model.generate_tokens(prompt, n, temperature=0, cuda_graph=True,
-                                       compile_step=compile_decode):
+        for _ in generate_tokens(model, prompt, n, temperature=0, cuda_graph=True,
+                                 compile_step=compile_decode):
             pass
 
 
@@ -54,7 +56,7 @@ def call_seconds(n, fresh=False):
     walls = []
     for _ in range(3):
         if fresh:
-            model._decode_graphs.clear()
+            decode_graphs(model).clear()
         synchronize('cuda')
         t0 = time.perf_counter()
         decode(n)

@@ -20,7 +20,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import configure, read_documents  # noqa: E402
+from config import configure  # noqa: E402
+from data import read_documents  # noqa: E402
 
 # -----------------------------------------------------------------------------
 tokenizer_model = ''         # llama2.c's tokenizer.model (the Llama 2 sentencepiece model)

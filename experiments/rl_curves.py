@@ -12,7 +12,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import configure  # noqa: E402
+from config import configure  # noqa: E402
 
 logs = ''                # comma-separated log files
 steps_per_rollout = ''   # comma-separated, one per log: optimizer steps per rollout (PPO: epochs x minibatches)

@@ -23,7 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import configure, generate_chat, init_runtime, load_chat_model, read_jsonl  # noqa: E402
+from checkpoint import load_chat_model  # noqa: E402
+from config import configure  # noqa: E402
+from data import read_jsonl  # noqa: E402
+from generate import generate_chat  # noqa: E402
+from runtime import init_runtime  # noqa: E402
 from task import score  # noqa: E402
 
 # -----------------------------------------------------------------------------

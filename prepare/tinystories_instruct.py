@@ -21,7 +21,8 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import configure, read_documents, split_off_val  # noqa: E402
+from config import configure  # noqa: E402
+from data import read_documents, split_off_val  # noqa: E402
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ TEXT = ("It was a bright cold day in April, and the clocks were striking thirtee
 @pytest.fixture
 def byte_data(tmp_path):
     """A small byte-level dataset written by the real writer, in tmp_path/data."""
-    from common import write_token_dataset
+    from data import write_token_dataset
     from tokenizer import ByteTokenizer
     docs = [TEXT[i:i + 300] for i in range(0, len(TEXT), 300)]
     out = tmp_path / 'data'
@@ -70,7 +70,7 @@ def pipeline(tmp_path_factory):
     """A tiny byte-level model pretrained on the stories ('base') and an instruct set from them
     ('inst'), in one folder shared by the post-training tests."""
     import json
-    from common import write_token_dataset
+    from data import write_token_dataset
     from tokenizer import ByteTokenizer
     root = tmp_path_factory.mktemp('pipeline')
     write_token_dataset(str(root / 'data'), {'train': STORIES[4:] * 3, 'val': STORIES[:4]}, ByteTokenizer(),

@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, Experts, GatherRows, ModelConfig, MoE, RotaryEmbedding, attention_mask,
-                   balance_loss, count_params, expert_counts, softmax_scale, top_k_indices)
+import kernels
+from generate import generate, graph_capturable, new_cache
+from kernels import GatherRows, expert_counts, top_k_indices
+from model import (GPT, Experts, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
+                   count_params, softmax_scale)
 
 MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',
            norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False, kv_lora_rank=8,
@@ -40,7 +43,7 @@ def test_mla_absorbed_decode_equals_expanded_attention(q_lora_rank):
     model = build(MLA, q_lora_rank=q_lora_rank)
     idx = torch.randint(0, 64, (2, 24))
     full, _ = model(idx)                                   # expanded keys/values, fused attention
-    cache = model.new_cache(2, 24, 'cpu')
+    cache = new_cache(model, 2, 24, 'cpu')
     parts = [model(idx[:, :10], cache=cache)[0]]           # absorbed: attention over latents
     parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
@@ -49,17 +52,17 @@ def test_mla_absorbed_decode_equals_expanded_attention(q_lora_rank):
 def test_mla_cached_generation_equals_recomputation():
     model = build(MLA, MOE, q_lora_rank=16)
     idx = torch.randint(0, 64, (3, 6))
-    assert torch.equal(model.generate(idx, 30, temperature=0), greedy_by_recompute(model, idx, 30))
+    assert torch.equal(generate(model, idx, 30, temperature=0), model.generate(idx, 30, temperature=0))
 
 
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
     model = build(MLA)
-    cache = model.new_cache(2, 16, 'cpu')
+    cache = new_cache(model, 2, 16, 'cpu')
     model(torch.randint(0, 64, (2, 16)), cache=cache)
     c = model.config
     assert cache.numel_per_token() == {i: c.kv_lora_rank + c.qk_rope_head_dim for i in range(3)}
     mha = build(vocab_size=64, n_layer=2, n_head=4, n_embd=32, pos_emb='rope', n_kv_head=2)
-    cache = mha.new_cache(1, 8, 'cpu')
+    cache = new_cache(mha, 1, 8, 'cpu')
     mha(torch.randint(0, 64, (1, 8)), cache=cache)
     assert cache.numel_per_token() == {0: 2 * 2 * 8, 1: 2 * 2 * 8}    # k and v, 2 heads of 8
 
@@ -162,9 +165,9 @@ def test_streaming_generation_far_past_the_window_and_block_size(attention):
                                                    pos_emb='rope')
     model = build(kw, sliding_window=6, n_sink_tokens=2, block_size=16)
     idx = torch.randint(0, 64, (2, 5))
-    out = model.generate(idx, 45, temperature=0)                  # 50 tokens > block_size 16
+    out = generate(model, idx, 45, temperature=0)                 # 50 tokens > block_size 16
     assert torch.equal(out, greedy_by_recompute(model, idx, 45))  # rolling cache == masked full
-    cache = model.new_cache(2, 10_000, 'cpu')                     # memory stays bounded
+    cache = new_cache(model, 2, 10_000, 'cpu')                     # memory stays bounded
     model(idx, cache=cache)
     for t in range(300):
         model(out[:, t % 50:t % 50 + 1], cache=cache)
@@ -177,7 +180,7 @@ def test_rolling_cache_chunk_longer_than_the_window():
                   n_sink_tokens=1, block_size=64)
     idx = torch.randint(0, 64, (1, 30))
     full, _ = model(idx)
-    cache = model.new_cache(1, 30, 'cpu')
+    cache = new_cache(model, 1, 30, 'cpu')
     parts = [model(idx[:, :13], cache=cache)[0], model(idx[:, 13:14], cache=cache)[0],
              model(idx[:, 14:30], cache=cache)[0]]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
@@ -326,11 +329,11 @@ def test_fast_expert_paths_equal_the_loop(path):
     x = torch.randn(11, 16, requires_grad=True)
     weights = torch.rand(11, 3, requires_grad=True)
     indices = torch.stack([torch.randperm(5)[:3] for _ in range(11)])    # expert 5 never chosen
-    fast = {'grouped': lambda: experts.forward_grouped(x, weights, indices, fuse_gate_up=False),
-            'grouped_fused': lambda: experts.forward_grouped(x, weights, indices, fuse_gate_up=True),
-            'gathered': lambda: experts.forward_gathered(x, weights, indices)}[path]
+    fast = {'grouped': lambda: kernels.experts_grouped(experts, x, weights, indices, fuse_gate_up=False),
+            'grouped_fused': lambda: kernels.experts_grouped(experts, x, weights, indices, fuse_gate_up=True),
+            'gathered': lambda: kernels.experts_gathered(experts, x, weights, indices)}[path]
     results = []
-    for run in (lambda: experts.forward_loop(x, weights, indices), fast):
+    for run in (lambda: experts(x, weights, indices), fast):
         out = run()
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(),
                                     [x, weights] + list(experts.parameters()))
@@ -348,7 +351,7 @@ def test_fused_gate_up_gradients_are_contiguous():
     experts = Experts(E=4, C=16, I=8, std=0.3)
     x = torch.randn(10, 16).bfloat16()
     indices = torch.stack([torch.randperm(4)[:2] for _ in range(10)])
-    out = experts.forward_grouped(x, torch.rand(10, 2), indices)
+    out = kernels.experts_grouped(experts, x, torch.rand(10, 2), indices)
     g_gate, g_up = torch.autograd.grad(out.float().sum(), [experts.gate_proj, experts.up_proj])
     assert g_gate.dtype == torch.float32 and g_gate.is_contiguous() and g_up.is_contiguous()
 
@@ -359,13 +362,9 @@ def test_moe_auto_takes_the_gathered_path_for_few_tokens():
     model = build(MLA, MOE)                            # E = 8, K = 2
     moe = model.layers[1].mlp
     x = torch.randn(1, 4, 32)                          # 4 tokens x 2 = 8 pairs <= 8: gathered
-    used = []
-    for name in ('forward_gathered', 'forward_grouped', 'forward_loop'):
-        real = getattr(moe.experts, name)
-        setattr(moe.experts, name, lambda *a, _r=real, _n=name, **kw: used.append(_n) or _r(*a, **kw))
+    assert moe.expert_impl(x.view(-1, 32)) == 'gathered'
+    assert moe.expert_impl(torch.randn(5, 32)) in ('grouped', 'loop')     # 10 pairs > 8
     auto = moe(x)[0]
-    moe(torch.randn(1, 5, 32))                         # 10 pairs > 8
-    assert used[0] == 'forward_gathered' and used[1] in ('forward_grouped', 'forward_loop')
     moe.impl = 'loop'
     torch.testing.assert_close(moe(x)[0], auto, atol=1e-5, rtol=1e-5)
 
@@ -374,13 +373,13 @@ def test_graph_capturable_follows_the_moe_path(monkeypatch):
     """A decode step can be a CUDA graph unless an MoE layer takes the loop (it asks the host which
     tokens each expert got): 'gathered' always can; 'auto' can where the grouped GEMM runs, or at a
     batch small enough for the gathered path (batch * K <= E)."""
-    import model as model_module
-    assert not build(MLA, MOE, moe_impl='loop').graph_capturable(batch_size=1)
-    assert build(MLA, MOE, moe_impl='gathered').graph_capturable(batch_size=64)
+    import generate as generate_module
+    assert not graph_capturable(build(MLA, MOE, moe_impl='loop'), batch_size=1)
+    assert graph_capturable(build(MLA, MOE, moe_impl='gathered'), batch_size=64)
     auto = build(MLA, MOE)                                         # E = 8, K = 2
-    monkeypatch.setattr(model_module, 'grouped_mm_supported', lambda *a: False)
-    assert auto.graph_capturable(batch_size=4) and not auto.graph_capturable(batch_size=5)
-    assert not auto.graph_capturable()
+    monkeypatch.setattr(generate_module, 'grouped_mm_supported', lambda *a: False)
+    assert graph_capturable(auto, batch_size=4) and not graph_capturable(auto, batch_size=5)
+    assert not graph_capturable(auto)
 
 
 def test_gather_rows_gradient_is_autograd_indexing():
@@ -445,7 +444,7 @@ def test_mtp_is_off_at_generation_and_evaluation():
     without = build(MLA)
     without.load_state_dict({k: v for k, v in with_mtp.state_dict().items() if not k.startswith('mtp.')})
     idx = torch.randint(0, 64, (2, 8))
-    assert torch.equal(with_mtp.generate(idx, 10, temperature=0), without.generate(idx, 10, temperature=0))
+    assert torch.equal(generate(with_mtp, idx, 10, temperature=0), generate(without, idx, 10, temperature=0))
     _, l1 = with_mtp(idx, idx)
     _, l2 = without(idx, idx)
     assert l1.item() == l2.item() and 'mtp' not in with_mtp.last_losses

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import idle_table, kernel_table
+from runtime import idle_table, kernel_table
 from conftest import REPO, run_script
 
 TINY_MOE = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--attention=mla', '--pos_emb=rope',

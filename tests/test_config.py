@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from common import configure, model_config_from
+from config import configure, model_config_from
 from model import ModelConfig
 
 
@@ -88,3 +88,17 @@ def test_help_lists_keys(capsys):
         run(['--help'])
     assert e.value.code == 0
     assert '--n_steps=10' in capsys.readouterr().out
+
+
+def test_key_space_value_is_accepted_and_a_bare_flag_is_refused():
+    _, cfg = run(['--n_steps', '20', '--out_dir', 'out/y', '--flag=True'])
+    assert cfg['n_steps'] == 20 and cfg['out_dir'] == 'out/y' and cfg['flag'] is True
+    msg = exit_message(['--flag', '--n_steps=3'])
+    assert "'--flag' has no value; write --key=value or --key value" in msg
+
+
+def test_wrong_type_names_the_value_a_config_file_set(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text('n_steps = 8\n')
+    msg = exit_message([str(f), '--n_steps=2.5'])
+    assert f"takes int (now 8, set by {f})" in msg and 'default' not in msg.split('valid keys')[0]

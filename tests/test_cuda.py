@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_script
-from common import CUDAGraphStep
-from model import (GPT, ModelConfig, WeightedSwiGLU, cross_entropy_rows_, grouped_mm_supported,
-                   linear_cross_entropy)
+from runtime import CUDAGraphStep
+from generate import generate_tokens, new_cache
+from kernels import WeightedSwiGLU, cross_entropy_rows_, grouped_mm_supported, linear_cross_entropy
+from model import GPT, ModelConfig
 from optim import build_optimizer, qk_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -158,7 +159,7 @@ def test_mla_decode_in_bf16():
     idx = torch.randint(0, 512, (4, 64), device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
         full, _ = model(idx)
-        cache = model.new_cache(4, 64, 'cuda')
+        cache = new_cache(model, 4, 64, 'cuda')
         parts = [model(idx[:, :32], cache=cache)[0]] + \
                 [model(idx[:, t:t + 1], cache=cache)[0] for t in range(32, 64)]
     assert rel(torch.cat(parts, 1), full) < 2e-2
@@ -179,19 +180,18 @@ def test_train_script_compiled_on_gpu(tmp_path, byte_data):
 def test_cuda_graph_decode_equals_the_same_steps_eager(B, monkeypatch):
     """Decoding through the captured graph (bf16 weights, grouped MoE) gives exactly the tokens of
     the same static-cache steps run eagerly, past block_size too (the restart reuses the buffers)."""
-    import model as model_module
+    import generate as generate_module
     model = build().eval().to(torch.bfloat16)
-    assert model.graph_capturable()
+    assert generate_module.graph_capturable(model)
     idx = torch.randint(0, 512, (B, 16), device='cuda')
     captured = []
-    real = model_module.DecodeGraph
-    monkeypatch.setattr(model_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
-    graph = torch.stack(list(model.generate_tokens(idx, 150, temperature=0.0, cuda_graph=True)), 1)
+    real = generate_module.DecodeGraph
+    monkeypatch.setattr(generate_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
+    graph = torch.stack(list(generate_tokens(model, idx, 150, temperature=0.0, cuda_graph=True)), 1)
     assert captured                                    # the graph path really ran
-    monkeypatch.setattr(model, 'graph_capturable', lambda batch_size=None: False)   # the same static steps, no graph
-    eager = torch.stack(list(model.generate_tokens(idx, 150, temperature=0.0, cuda_graph=True)), 1)
+    monkeypatch.setattr(generate_module, 'graph_capturable', lambda *a, **kw: False)   # the same static steps, no graph
+    eager = torch.stack(list(generate_tokens(model, idx, 150, temperature=0.0, cuda_graph=True)), 1)
     assert torch.equal(graph, eager)
-
 
 
 def test_decode_graph_is_kept_between_calls_and_reads_weights_updated_in_place(monkeypatch):
@@ -199,19 +199,17 @@ def test_decode_graph_is_kept_between_calls_and_reads_weights_updated_in_place(m
     prompts, and after the weights changed in place (what an optimizer step does between RL
     rollouts). Each call gives the tokens of the same static steps without a graph. model.to()
     makes new tensors, so the next call captures again."""
-    import model as model_module
+    import generate as generate_module
     model = build().eval().to(torch.bfloat16)
     captured = []
-    real = model_module.DecodeGraph
-    monkeypatch.setattr(model_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
+    real = generate_module.DecodeGraph
+    monkeypatch.setattr(generate_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
 
     def tokens(idx, graph=True):
-        if not graph:                                  # the same static steps, no graph
-            model.graph_capturable = lambda batch_size=None: False
-        try:
-            return torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True)), 1)
-        finally:
-            model.__dict__.pop('graph_capturable', None)
+        with monkeypatch.context() as m:
+            if not graph:                              # the same static steps, no graph
+                m.setattr(generate_module, 'graph_capturable', lambda *a, **kw: False)
+            return torch.stack(list(generate_tokens(model, idx, 40, temperature=0.0, cuda_graph=True)), 1)
 
     before = None
     for call in range(3):
@@ -233,21 +231,22 @@ def test_chat_answers_through_a_graph_under_autocast_equal_the_same_steps_eager(
     """PPO/GRPO rollouts with cuda_graph=True: float32 weights under bf16 autocast (the training
     setting; autocast caches the weight casts for the batch), the step captured once per batch,
     left-padded prompts; the same tokens as the same static steps without the graph."""
-    import model as model_module
-    from common import generate_chat
+    import generate as generate_module
+    from generate import generate_chat
     from tokenizer import ByteTokenizer, with_chat_tokens
     tok = with_chat_tokens(ByteTokenizer())
     model = build(vocab_size=320, mtp_depth=0).eval()
     prompts = ['hi', 'a much longer prompt than the first', 'mid size one']
     captured = []
-    real = model_module.DecodeGraph
-    monkeypatch.setattr(model_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
+    real = generate_module.DecodeGraph
+    monkeypatch.setattr(generate_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
     autocast = lambda: torch.autocast('cuda', dtype=torch.bfloat16)     # noqa: E731
     graph = generate_chat(model, tok, prompts, 60, 0.0, autocast=autocast, cuda_graph=True)
     assert captured                                    # the graph path really ran
-    monkeypatch.setattr(model, 'graph_capturable', lambda batch_size=None: False)
+    monkeypatch.setattr(generate_module, 'graph_capturable', lambda *a, **kw: False)
     eager = generate_chat(model, tok, prompts, 60, 0.0, autocast=autocast, cuda_graph=True)
     assert [a['ids'] for a in graph] == [a['ids'] for a in eager]
+
 
 def test_distill_script_with_a_bf16_moe_teacher(tmp_path, byte_data):
     """distill.py on the GPU: an MLA + MoE teacher whose weights are cast to bf16 (its buffers, the
@@ -268,20 +267,21 @@ def test_distill_script_with_a_bf16_moe_teacher(tmp_path, byte_data):
     assert kls[-1] < kls[0]
     run_script('distill.py', '--teacher=teacher', '--mode=sequence', '--seq_data_dir=seq', '--num_samples=8',
                '--sample_length=48', '--generate_only=True', *args, cwd=tmp_path)
-    from common import TokenData
+    from data import TokenData
     assert TokenData(str(tmp_path / 'seq')).meta['train_docs'] == 8
 
 
-def test_compiled_cuda_graph_decode_matches_eager():
+def test_compiled_cuda_graph_decode_matches_eager(monkeypatch):
     """The captured step fused by torch.compile: the same greedy tokens as the eager static steps
     (bf16 kernels may round differently, so most, not all: the first 16 tokens agree exactly)."""
     model = build().eval().to(torch.bfloat16)
     idx = torch.randint(0, 512, (2, 16), device='cuda')
-    a = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True, compile_step=True)), 1)
-    b = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True, compile_step=True)), 1)
+    a = torch.stack(list(generate_tokens(model, idx, 40, temperature=0.0, cuda_graph=True, compile_step=True)), 1)
+    b = torch.stack(list(generate_tokens(model, idx, 40, temperature=0.0, cuda_graph=True, compile_step=True)), 1)
     assert torch.equal(a, b)                           # the compiled graph is reused, deterministic
-    model.graph_capturable = lambda batch_size=None: False
-    ref = torch.stack(list(model.generate_tokens(idx, 40, temperature=0.0, cuda_graph=True)), 1)
+    import generate as generate_module
+    monkeypatch.setattr(generate_module, 'graph_capturable', lambda *a, **kw: False)
+    ref = torch.stack(list(generate_tokens(model, idx, 40, temperature=0.0, cuda_graph=True)), 1)
     assert torch.equal(a[:, :16], ref[:, :16])
 
 

@@ -7,7 +7,8 @@ import torch
 
 import copy
 
-from model import GPT, KVCache, ModelConfig, pad_prompts
+from generate import KVCache, decode_graphs, generate_tokens, new_cache, pad_prompts
+from model import GPT, ModelConfig
 
 BASE = dict(vocab_size=96, block_size=48, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 CONFIGS = {
@@ -47,7 +48,7 @@ def test_static_cache_equals_growing_cache(name):
     out = {}
     with torch.no_grad():
         for static in (False, True):
-            cache = model.new_cache(B, P + 12, 'cpu', mask, static=static)
+            cache = new_cache(model, B, P + 12, 'cpu', mask, static=static)
             logits = [model(idx, cache=cache)[0]]
             logits += [model(steps[:, t:t + 1], cache=cache)[0] for t in range(12)]
             out[static] = torch.cat(logits, 1)
@@ -60,7 +61,7 @@ def test_static_cache_equals_growing_cache(name):
 def test_static_cache_buffers_stay_in_place_and_reset():
     model = build('gqa')
     idx, mask = prompts()
-    cache = model.new_cache(3, 20, 'cpu', mask, static=True)
+    cache = new_cache(model, 3, 20, 'cpu', mask, static=True)
     with torch.no_grad():
         model(idx, cache=cache)
         ptrs = {k: v.data_ptr() for k, v in cache.buffers.items()}
@@ -91,13 +92,13 @@ def test_generation_with_static_steps_equals_default(name):
     idx, mask = prompts()
     out = {}
     for graph in (False, True):
-        new = list(model.generate_tokens(idx, 70, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
+        new = list(generate_tokens(model, idx, 70, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
         out[graph] = torch.stack(new, 1)
     assert out[True].shape == (3, 70)                    # 9 + 70 tokens: past block_size 48
     assert torch.equal(out[True], out[False])
     stop = int(out[False][0, 3])                         # a token the first row emits early
-    a = torch.stack(list(model.generate_tokens(idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop)), 1)
-    b = torch.stack(list(model.generate_tokens(idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop,
+    a = torch.stack(list(generate_tokens(model, idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop)), 1)
+    b = torch.stack(list(generate_tokens(model, idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop,
                                                cuda_graph=True)), 1)
     assert torch.equal(a, b)
 
@@ -108,7 +109,7 @@ def test_sampling_with_static_steps_equals_default():
     out = []
     for graph in (False, True):
         g = torch.Generator().manual_seed(7)
-        out.append(torch.stack(list(model.generate_tokens(idx, 16, temperature=1.0, top_k=20, prompt_mask=mask,
+        out.append(torch.stack(list(generate_tokens(model, idx, 16, temperature=1.0, top_k=20, prompt_mask=mask,
                                                           generator=g, cuda_graph=graph)), 1))
     assert torch.equal(out[0], out[1])
 
@@ -130,7 +131,7 @@ def test_bf16_inference_keeps_float32_buffers(name):
             if n in before:
                 assert b.dtype == torch.float32 and torch.equal(b, before[n]), n
         low = model(idx)[0]
-        cache = model.new_cache(2, 40, 'cpu', static=True)
+        cache = new_cache(model, 2, 40, 'cpu', static=True)
         parts = [model(idx[:, :30], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(30, 40)]
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()   # noqa: E731
     assert rel(low, ref) < 3e-2
@@ -148,7 +149,7 @@ def test_no_forward_pass_for_a_token_never_used(graph):
     idx, mask = prompts()
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
-    new = list(model.generate_tokens(idx, 5, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
+    new = list(generate_tokens(model, idx, 5, temperature=0.0, prompt_mask=mask, cuda_graph=graph))
     assert len(new) == 5 and len(calls) == 5
 
 
@@ -157,7 +158,7 @@ def test_decode_graphs_keep_a_step_only_for_the_tensors_it_was_captured_on():
     test_cuda.py): a step is handed to one caller at a time; weights changed in place keep it;
     new tensors (model.to, replaced parameters) or another autocast setting do not."""
     model = build('mla_moe')
-    graphs = model._decode_graphs
+    graphs = decode_graphs(model)
     sig = graphs.signature(model)
     graphs.give_back(model, 'a', 'step a', sig)
     assert graphs.take('a', sig) == 'step a'
@@ -176,6 +177,6 @@ def test_decode_graphs_keep_a_step_only_for_the_tensors_it_was_captured_on():
     for k in 'abcde':                                   # the latest max_steps (4) kept
         graphs.give_back(model, k, 'step ' + k, sig)
     assert list(graphs.steps) == list('bcde')
-    assert copy.deepcopy(model)._decode_graphs.steps == {}
+    assert decode_graphs(copy.deepcopy(model)).steps == {}
     model.to(torch.float64)
     assert graphs.steps == {}

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from common import TokenData, load_checkpoint, load_model, write_token_dataset
+from checkpoint import load_checkpoint, load_model
+from data import TokenData, write_token_dataset
 from conftest import TEXT, TINY_MODEL, run_script
 from model import GPT, ModelConfig, distillation_kl, teacher_log_probs
 from tokenizer import ByteTokenizer, CharTokenizer

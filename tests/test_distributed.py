@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import REPO, TINY_MODEL, run_script
 from test_train import MOE_MLA, losses
 
@@ -82,7 +82,7 @@ import copy, sys
 import torch
 sys.path.insert(0, {repo!r})
 from torch.distributed.tensor import distribute_tensor
-from common import close_runtime, init_runtime, shard_model
+from runtime import close_runtime, init_runtime, shard_model
 from model import GPT, ModelConfig
 from optim import build_optimizer, qk_clip
 rt = init_runtime('cpu', 'float32', 0)

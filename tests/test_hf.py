@@ -80,3 +80,18 @@ def test_export_refuses_what_deepseek_v3_cannot_express():
     with pytest.raises(ValueError, match="attention='mha'.*scoring_func='softmax'"):
         to_hf_config(ModelConfig(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False,
                                  n_routed_experts=4, scoring_func='softmax'))
+
+
+def test_import_of_a_transformers_folder_without_its_mtp_layer(tmp_path, capfd):
+    """transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+    weights: such a folder imports without MTP (saying so), with the same logits."""
+    model = randomized(CONFIGS['deepseek'])
+    export_hf(model, str(tmp_path / 'ours'))
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / 'ours'), torch_dtype=torch.float32)
+    hf.save_pretrained(str(tmp_path / 'theirs'))
+    assert json.loads((tmp_path / 'theirs' / 'config.json').read_text())['num_nextn_predict_layers'] == 1
+    back = import_hf(str(tmp_path / 'theirs')).eval()
+    assert back.config.mtp_depth == 0 and 'importing without MTP' in capfd.readouterr().err
+    idx = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], model(idx)[0])

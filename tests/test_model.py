@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from model import (GPT, KVCache, ModelConfig, cross_entropy_rows_, fused_linear, linear_cross_entropy,
-                   pad_prompts, sample_next)
+from generate import KVCache, generate, pad_prompts, sample_next
+from kernels import cross_entropy_rows_, fused_linear, linear_cross_entropy
+from model import GPT, ModelConfig
 
 VARIANTS = {
     'gpt2': dict(),
@@ -34,8 +35,9 @@ def greedy_by_recompute(model, idx, n):
 def test_cached_generation_equals_recomputation(variant):
     model = tiny(**VARIANTS[variant])
     idx = torch.randint(0, 61, (3, 7))
-    fast = model.generate(idx, 25, temperature=0)
+    fast = generate(model, idx, 25, temperature=0)                 # the KV-cache engine
     assert torch.equal(fast, greedy_by_recompute(model, idx, 25))
+    assert torch.equal(fast, model.generate(idx, 25, temperature=0))  # model.py's plain reference
 
 
 @pytest.mark.parametrize('variant', ['gpt2', 'gqa'])
@@ -54,26 +56,27 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(variant):
     model = tiny(**VARIANTS[variant])
     prompts = [[5, 9, 2, 7, 1, 3], [8, 4], [11]]
     idx, mask = pad_prompts(prompts)
-    batched = model.generate(idx, 12, temperature=0, prompt_mask=mask)[:, idx.size(1):]
+    batched = generate(model, idx, 12, temperature=0, prompt_mask=mask)[:, idx.size(1):]
     for row, p in zip(batched, prompts):
-        alone = model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):]
+        alone = generate(model, torch.tensor([p]), 12, temperature=0)[0, len(p):]
         assert torch.equal(row, alone)
 
 
 def test_generation_continues_past_block_size():
     model = tiny(block_size=16)
-    out = model.generate(torch.randint(0, 61, (2, 20)), 40, temperature=1.0, top_k=5)
+    out = generate(model, torch.randint(0, 61, (2, 20)), 40, temperature=1.0, top_k=5)
     assert out.shape == (2, 60)                                    # prompt cropped internally
+    assert model.generate(torch.randint(0, 61, (2, 20)), 30, temperature=1.0, top_k=5).shape == (2, 50)
 
 
 def test_generation_stops_at_eot_and_pads_finished_rows():
     model = tiny()
     idx = torch.randint(0, 61, (1, 5))
-    first = int(model.generate(idx, 1, temperature=0)[0, -1])
-    out = model.generate(idx, 10, temperature=0, stop_ids=first)
+    first = int(generate(model, idx, 1, temperature=0)[0, -1])
+    out = generate(model, idx, 10, temperature=0, stop_ids=first)
     assert out.shape == (1, 6) and out[0, -1] == first
     two = torch.cat([idx, torch.randint(0, 61, (1, 5))])
-    new = model.generate(two, 8, temperature=0, stop_ids=first)[:, 5:]
+    new = generate(model, two, 8, temperature=0, stop_ids=first)[:, 5:]
     hit = (new[0] == first).nonzero()
     if len(hit) and new.size(1) > 1:                               # after EOT the row stays at EOT
         assert (new[0, hit[0, 0]:] == first).all()

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from common import chat_batch, load_checkpoint, load_model, rank_correlation
+from checkpoint import load_checkpoint, load_model
+from data import chat_batch
+from task import rank_correlation
 from conftest import run_script
 from model import GPT, ModelConfig, ScalarModel, token_logprobs
 from tokenizer import ByteTokenizer, with_chat_tokens

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from common import TokenData, load_tokenizer_spec, read_documents, token_dtype, write_token_dataset
+from data import load_tokenizer_spec, read_documents, token_dtype, TokenData, write_token_dataset
 from conftest import run_script, shared_file
 from tokenizer import EOT, ByteTokenizer, tokenizer_from_spec
 

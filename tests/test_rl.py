@@ -99,11 +99,11 @@ def test_kl_is_zero_when_policy_equals_reference():
 
 
 
-def test_rollouts_and_greedy_answers_through_static_steps_equal_the_default():
+def test_rollouts_and_greedy_answers_through_static_steps_equal_the_default(monkeypatch):
     """cuda_graph=True in rollouts and evaluations (a captured step on CUDA; on the CPU the same
     static-cache steps run eagerly): the same answers as the default path, sampled with one seed
     and greedy, for prompts of different lengths (left padding) on an MLA + MoE policy."""
-    from common import evaluate_task
+    from task import evaluate_task
     tok = with_chat_tokens(ByteTokenizer())
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=320, n_layer=2, n_head=2, n_embd=32, block_size=64, attention='mla',
@@ -114,8 +114,10 @@ def test_rollouts_and_greedy_answers_through_static_steps_equal_the_default():
     prompts = [{'prompt': 'hi', 'words': ['x']}, {'prompt': 'a much longer prompt here', 'words': ['y']},
                {'prompt': 'mid size', 'words': ['z']}]
     static_caches = []
-    real_new_cache = model.new_cache
-    model.new_cache = lambda *a, static=False, **kw: static_caches.append(static) or real_new_cache(*a, static=static, **kw)
+    import generate as generate_module
+    real_new_cache = generate_module.new_cache
+    monkeypatch.setattr(generate_module, 'new_cache', lambda *a, static=False, **kw:
+                        static_caches.append(static) or real_new_cache(*a, static=static, **kw))
     ro = {g: sample_rollout(model, tok, prompts, 12, 1.0, generator=torch.Generator().manual_seed(3),
                             cuda_graph=g) for g in (False, True)}
     assert static_caches == [False, True]             # the option reaches the decoder
@@ -158,7 +160,7 @@ def test_statistics_and_kl_controller():
 
 TOY = ['--init_from=base', '--task_dir=inst', '--reward=token:e', '--no_end_penalty=0', '--max_new_tokens=8',
        '--learning_rate=3e-3', '--compile=False', '--device=cpu', '--peak_flops=1e12', '--eval_prompts=2',
-       '--log_interval=4']
+       '--log_interval=1']
 
 
 @pytest.fixture(scope='module')
@@ -182,26 +184,26 @@ def rewards_logged(folder):
 def test_ppo_raises_a_toy_reward(sft_pipeline):
     pipeline = sft_pipeline
     run_script('ppo.py', '--out_dir=ppo', *TOY, '--init_from=sft', '--rollout_prompts=16', '--minibatch_size=8',
-               '--max_iters=64', '--eval_interval=32', cwd=pipeline)
+               '--max_iters=16', '--eval_interval=8', cwd=pipeline)       # 16 rollouts of 4 updates
     rewards, rows = rewards_logged(pipeline / 'ppo')
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
+    assert len(rewards) == 16 and np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
     assert {'train/value_loss', 'train/clip_frac', 'train/entropy', 'train/explained_variance', 'train/kl_ref',
             'train/beta'} <= set(rows[-2])
     assert (pipeline / 'ppo' / 'samples.md').read_text().count('| reward |') >= 2
-    evals = [r for r in rows if 'val/kl_ref' in r]                 # step 0, 32, 64: rl.evaluate_policy
+    evals = [r for r in rows if 'val/kl_ref' in r]                 # rollouts 0, 8, 16: rl.evaluate_policy
     assert len(evals) == 3 and evals[0]['val/kl_ref'] == 0 and evals[-1]['val/kl_ref'] > 0
     assert {'task/score_greedy', 'task/all_words_greedy', 'val/reward_sampled'} <= set(evals[-1])
-    from common import load_model
+    from checkpoint import load_model
     model, _, ckpt = load_model(str(pipeline / 'ppo'))           # the policy loads as a plain GPT
-    assert type(model) is GPT and ckpt['stage'] == 'ppo' and 'value_model' in ckpt
+    assert type(model) is GPT and ckpt['stage'] == 'ppo' and 'value_model' in ckpt and ckpt['step'] == 16
 
 
 def test_grpo_raises_a_toy_reward(sft_pipeline):
     pipeline = sft_pipeline
     run_script('grpo.py', '--out_dir=grpo', *TOY, '--init_from=sft', '--rollout_prompts=4', '--group_size=4',
-               '--minibatch_size=8', '--max_iters=64', '--eval_interval=32', cwd=pipeline)
+               '--minibatch_size=8', '--max_iters=32', '--eval_interval=16', cwd=pipeline)   # 2 updates each
     rewards, rows = rewards_logged(pipeline / 'grpo')
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards   # over 16 rollouts
+    assert len(rewards) == 32 and np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
     assert {'train/zero_spread_groups', 'train/kl_loss', 'train/clip_frac'} <= set(rows[-2])
     assert (pipeline / 'grpo' / 'samples.md').read_text().count('| advantage |') >= 2
     evals = [r for r in rows if 'val/kl_ref' in r]
@@ -209,14 +211,14 @@ def test_grpo_raises_a_toy_reward(sft_pipeline):
 
 
 def test_ppo_resume_continues_exactly(pipeline):
-    args = [*TOY, '--rollout_prompts=8', '--minibatch_size=4', '--ppo_epochs=1', '--eval_interval=4',
-            '--log_interval=1', '--lr_decay_iters=8']
-    run_script('ppo.py', '--out_dir=pa', *args, '--max_iters=8', cwd=pipeline)
-    run_script('ppo.py', '--out_dir=pb', *args, '--max_iters=4', cwd=pipeline)
-    run_script('ppo.py', '--out_dir=pb', *args, '--max_iters=8', '--init_from=resume', cwd=pipeline)
+    args = [*TOY, '--rollout_prompts=8', '--minibatch_size=4', '--ppo_epochs=1', '--eval_interval=2',
+            '--log_interval=1', '--lr_decay_iters=4']               # rollouts of 2 updates each
+    run_script('ppo.py', '--out_dir=pa', *args, '--max_iters=4', cwd=pipeline)
+    run_script('ppo.py', '--out_dir=pb', *args, '--max_iters=2', cwd=pipeline)
+    run_script('ppo.py', '--out_dir=pb', *args, '--max_iters=4', '--init_from=resume', cwd=pipeline)
     a = [r['train/loss'] for r in rewards_logged(pipeline / 'pa')[1] if 'train/loss' in r]
     b = [r['train/loss'] for r in rewards_logged(pipeline / 'pb')[1] if 'train/loss' in r]
-    assert a == b and len(a) == 8
+    assert a == b and len(a) == 4
 
 
 def test_reward_model_in_the_loop(pipeline):
@@ -240,9 +242,9 @@ def test_reward_model_in_the_loop(pipeline):
 
 
 def test_bad_settings(pipeline):
-    p = run_script('ppo.py', '--init_from=base', '--task_dir=inst', '--eval_interval=5', '--device=cpu',
+    p = run_script('ppo.py', '--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu',
                    cwd=pipeline, check=False)
-    assert 'must be a multiple of ppo_epochs x minibatches per rollout = 8' in p.stderr
+    assert 'minibatch_size=65 must be between 1 and rollout_prompts=64' in p.stderr
     p = run_script('grpo.py', '--init_from=base', '--group_size=1', cwd=pipeline, check=False)
     assert 'group_size=1 must be at least 2' in p.stderr
     p = run_script('ppo.py', '--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8',

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-from common import chat_batch, generate_chat, load_chat_model, load_checkpoint, use_cuda_graph
+from checkpoint import load_chat_model, load_checkpoint
+from data import chat_batch
+from generate import generate_chat, use_cuda_graph
 from conftest import STORIES, run_script, shared_file
 from model import GPT, ModelConfig
 from tokenizer import (CHAT_TOKENS, EOT, ByteTokenizer, CharTokenizer, gpt2_tokenizer, tokenizer_from_spec,

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from common import load_checkpoint, load_model, lr_at
+from checkpoint import load_checkpoint, load_model
+from optim import lr_at
 from conftest import TINY_MODEL, run_script
 
 
@@ -175,3 +176,14 @@ def test_muonclip_logs_max_logits_and_clipped_heads(tmp_path, byte_data):
     assert (tmp_path / 'mc' / 'max_logit.png').exists() or not _has_matplotlib()
     p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--optimizer=lion', check=False)
     assert "optimizer='lion'; valid: adamw, muon, muonclip" in p.stderr
+
+
+def test_without_matplotlib_the_log_says_so_once_and_writes_no_png(tmp_path, monkeypatch, capsys):
+    import sys
+    import runlog
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)       # import matplotlib now fails
+    monkeypatch.setattr(runlog, '_PYPLOT', [])
+    log = runlog.RunLog(str(tmp_path))
+    log.log(1, **{'train/loss': 1.0})
+    assert log.plot() is None and log.plot() is None and not list(tmp_path.glob('*.png'))
+    assert capsys.readouterr().err.count('matplotlib is not installed') == 1

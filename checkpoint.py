@@ -1,0 +1,162 @@
+"""
+Checkpoints: one dict per run folder, out_dir/ckpt.pt, loadable with torch.load(weights_only=True)
+and written atomically (a temporary file, then a rename), or under FSDP the sharded
+out_dir/ckpt_dcp/ that every loader reads too. load_model rebuilds (model, tokenizer, ckpt) from
+any stage's folder; the RNG states make a resume continue exactly.
+"""
+
+import math
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_optimizer_state_dict
+
+from model import GPT, ModelConfig, ScalarModel
+from tokenizer import tokenizer_from_spec, with_chat_tokens
+
+
+def save_checkpoint(out_dir, ckpt, name='ckpt.pt'):
+    """Write to a temporary name and rename, so a crash never leaves a broken checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+SHARDED_DIR = 'ckpt_dcp'       # out_dir/ckpt_dcp/: the sharded checkpoint of an fsdp=True run
+
+
+def checkpoint_path(path):
+    """Where the checkpoint of a run folder is: 'out/run' -> 'out/run/ckpt.pt', or
+    'out/run/ckpt_dcp' for a sharded (FSDP) one, whichever was written last; a file path is
+    returned unchanged."""
+    if not os.path.isdir(path):
+        return path
+    candidates = [p for p in (os.path.join(path, 'ckpt.pt'), os.path.join(path, SHARDED_DIR, 'meta.pt'))
+                  if os.path.isfile(p)]
+    if not candidates:
+        return os.path.join(path, 'ckpt.pt')
+    newest = max(candidates, key=os.path.getmtime)
+    return os.path.dirname(newest) if newest.endswith('meta.pt') else newest
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """The checkpoint dict of a run folder (or a ckpt.pt file). A sharded checkpoint (ckpt_dcp/,
+    written by fsdp=True) is read back whole in this one process, without torch.distributed: its
+    metadata plus the full model weights gathered from the shards under 'model', so sample.py,
+    eval.py and a later stage's init_from= read it like ckpt.pt; 'sharded_dir' names the folder
+    (Trainer resumes the optimizer state from it, resharded to the new number of ranks)."""
+    p = checkpoint_path(path)
+    if os.path.isdir(p):
+        return load_sharded_checkpoint(p)
+    if not os.path.isfile(p):
+        sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt or {SHARDED_DIR}/)")
+    return torch.load(p, map_location=map_location, weights_only=True)
+
+
+def save_sharded_checkpoint(out_dir, model, optimizer, meta):
+    """fsdp=True: every rank writes its shards of the model and optimizer state with
+    torch.distributed.checkpoint (DCP) into out_dir/ckpt_dcp.tmp/, rank 0 adds meta.pt (the rest
+    of the checkpoint dict: configs, tokenizer, step, RNG, metrics) and renames the folder to
+    ckpt_dcp/, so a crash never leaves a half-written checkpoint. A collective: every rank calls
+    it. State dicts are keyed by parameter name (get_state_dict), which is what lets DCP load them
+    back on any number of ranks, or whole in one process (load_sharded_checkpoint)."""
+    final = os.path.join(out_dir, SHARDED_DIR)
+    tmp, old = final + '.tmp', final + '.old'
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=tmp)
+    if dist.get_rank() == 0:
+        torch.save(meta, os.path.join(tmp, 'meta.pt'))
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(os.path.join(out_dir, 'ckpt.pt')):     # one checkpoint per run folder
+            os.remove(os.path.join(out_dir, 'ckpt.pt'))
+    dist.barrier()                                   # no rank reads it before it is complete
+    return final
+
+
+def load_sharded_checkpoint(folder):
+    """A sharded checkpoint read whole in this process (no torch.distributed needed): meta.pt plus
+    'model', the full weights. DCP's metadata gives each tensor's global shape and dtype; DCP
+    then fills full-size tensors from however many shards were written."""
+    meta_path = os.path.join(folder, 'meta.pt')
+    if not os.path.isfile(meta_path):
+        sys.exit(f"error: '{folder}' is not a complete sharded checkpoint (no meta.pt)")
+    ckpt = torch.load(meta_path, map_location='cpu', weights_only=True)
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    weights = {k[len('model.'):]: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in metadata.state_dict_metadata.items()
+               if k.startswith('model.') and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():              # DCP warns that it loads in a single process
+        warnings.simplefilter('ignore', UserWarning)
+        dcp.load({'model': weights}, checkpoint_id=folder, no_dist=True)
+    return {**ckpt, 'model': weights, 'sharded_dir': folder}
+
+
+def load_sharded_optimizer(model, optimizer, folder):
+    """Resume the optimizer state of a sharded checkpoint into `optimizer` (of `model`: sharded by
+    FSDP, wrapped in nothing, or plain on one rank): DCP reshards it to this run's ranks. The
+    optimizer's state is first initialised (get_optimizer_state_dict takes one step at lr 0) so
+    that DCP knows what to fill. A collective under torch.distributed."""
+    state = get_optimizer_state_dict(model, optimizer)
+    with warnings.catch_warnings():              # a single process: DCP says so
+        warnings.simplefilter('ignore', UserWarning)
+        dcp.load({'optimizer': state}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
+    """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint; `overrides` replace fields of
+    its ModelConfig that do not change the weights (e.g. {'dropout': 0.1}). With scalar=True a
+    language model's checkpoint becomes a ScalarModel (its weights plus a new scalar head)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    is_scalar = ckpt.get('model_class') == 'scalar'
+    cls = ScalarModel if is_scalar or scalar else GPT
+    model = cls(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
+    missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    if unexpected or [k for k in missing if not (scalar and not is_scalar and k.startswith('score_head.'))]:
+        raise RuntimeError(f'{path}: the checkpoint does not fit its model: missing {missing[:4]}, '
+                           f'unexpected {unexpected[:4]}')
+    model.to(device)
+    return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
+
+
+def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
+    """(model, tokenizer, ckpt) ready for the chat template: the checkpoint's tokenizer with the
+    template's special tokens added if it lacks them, and the model's vocabulary grown (padded to
+    a multiple of 64) if those ids do not fit in it."""
+    model, tok, ckpt = load_model(path, device, ckpt, overrides, scalar)
+    if not tok.chat:
+        tok = with_chat_tokens(tok)
+    if tok.vocab_size > model.config.vocab_size:
+        model.resize_vocab(64 * math.ceil(tok.vocab_size / 64))
+    return model, tok, ckpt
+
+
+def capture_rng_state():
+    """RNG states for an exact resume (dropout, sampling)."""
+    state = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])

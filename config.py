@@ -1,0 +1,149 @@
+"""
+Settings, as nanoGPT's configurator does them: a script assigns its defaults as plain module-level
+values, then
+
+    config = configure(globals(), model_config=ModelConfig)
+
+executes each config file named on the command line over them, then applies --key=value (or
+--key value) overrides, parsed as Python literals and type-checked against the default. An
+unknown key or a value of the wrong type is an error that names the key and lists the valid
+ones. The resolved values are written back into the script's globals and returned as a dict
+(the checkpoint stores it).
+"""
+
+import ast
+import os
+import sys
+from dataclasses import fields
+
+
+_CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
+
+
+def _config_keys(namespace):
+    """The config keys of a script: its public module-level values of plain types
+    (UPPER_CASE names are constants, e.g. imported lists of choices, not keys)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, _CONFIG_TYPES)}
+
+
+def _checked(key, value, default, valid, origin, current=None):
+    """Return `value` if it may replace `default`, else exit with one line saying why (naming
+    `current`, the value in effect, where a config file changed it from the default).
+    Rules: a None default accepts anything (it means 'auto' or 'off'); an int is accepted for
+    a float; list and tuple are interchangeable; bool is never accepted for int or vice versa."""
+    if default is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = type(default)(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        now = f'now {current[0]!r}, set by {current[1]}' if current else f'default {default!r}'
+        sys.exit(f"error: {origin} sets '{key}' to {value!r} of type {type(value).__name__}, "
+                 f"but '{key}' takes {type(default).__name__} ({now}); "
+                 f"valid keys: {', '.join(sorted(valid))}")
+    return value
+
+
+def _parse_value(key, raw, default):
+    """--key=value: a Python literal, or the raw text where the default is a string."""
+    if isinstance(default, str):
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return raw          # an 'auto' key given a bare word, e.g. --compile=... stays text
+        sys.exit(f"error: --{key}={raw} is not a Python literal "
+                 f"('{key}' takes {type(default).__name__}, default {default!r})")
+
+
+def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False,
+              defaults=None):
+    """Resolve a script's config in place and return it as a dict.
+
+    `namespace` is the script's globals(): every public int/float/bool/str/tuple/list/dict/None
+    value in it is a config key. `model_config` (a dataclass such as model.ModelConfig) adds
+    its fields as keys too, with the dataclass defaults unless the script set its own, so
+    `--n_layer=4` works in every training script without repeating the model's fields;
+    `defaults` (e.g. training_defaults()) adds shared keys the same way.
+    Then each config file named on the command line is executed over the values (a config file
+    may read earlier values, e.g. `lr_decay_iters = max_iters`), then each --key=value (or
+    --key value: the next argument is the value unless it starts with --).
+    An unknown key or a value of the wrong type exits with one line naming the key.
+    With ignore_unknown_in_files, keys a config file sets that this script does not have are
+    skipped (so e.g. bench.py can read training configs); --key=value is always strict.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = _config_keys(namespace)
+    for k, v in (defaults or {}).items():                  # shared defaults (training_defaults())
+        config.setdefault(k, v)
+    if model_config is not None:
+        for f in fields(model_config):
+            if f.name not in config:
+                config[f.name] = f.default
+    defaults = dict(config)
+    valid = set(defaults)
+
+    if any(a in ('-h', '--help') for a in argv):
+        print('usage: python SCRIPT.py [config/FILE.py ...] [--key=value ...]\nconfig keys:')
+        for k in sorted(defaults):
+            print(f'  --{k}={defaults[k]!r}')
+        sys.exit(0)
+
+    args, i = [], 0
+    while i < len(argv):                                   # --key value -> --key=value
+        arg = argv[i]
+        if arg.startswith('--') and '=' not in arg:
+            if i + 1 == len(argv) or argv[i + 1].startswith('--'):
+                sys.exit(f"error: '{arg}' has no value; write --key=value or --key value")
+            arg, i = f'{arg}={argv[i + 1]}', i + 1
+        args.append(arg)
+        i += 1
+    set_by = {}                                            # key -> the config file that set it
+    for arg in args:
+        if not arg.startswith('--'):                      # a config file
+            if not os.path.isfile(arg):
+                sys.exit(f"error: config file '{arg}' not found")
+            scope = dict(config)
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), scope)
+            for k, v in scope.items():
+                if k.startswith('_') or k.isupper() or not isinstance(v, _CONFIG_TYPES):
+                    continue                               # imports, helpers, constants, private
+                if k not in valid and ignore_unknown_in_files:
+                    continue
+                if k not in valid:
+                    sys.exit(f"error: config file {arg} sets unknown key '{k}'; "
+                             f"valid keys: {', '.join(sorted(valid))}")
+                if v is not config[k] and v != config[k]:
+                    config[k] = _checked(k, v, defaults[k], valid, f'config file {arg}')
+                    set_by[k] = arg
+        else:                                              # --key=value
+            key, _, raw = arg[2:].partition('=')
+            if key not in valid:
+                sys.exit(f"error: unknown config key '{key}' (from {arg}); "
+                         f"valid keys: {', '.join(sorted(valid))}")
+            value = _parse_value(key, raw, defaults[key])
+            current = (config[key], set_by[key]) if key in set_by else None
+            config[key] = _checked(key, value, defaults[key], valid, f'--{key}', current)
+
+    namespace.update(config)
+    if verbose and int(os.environ.get('RANK', 0)) == 0:
+        changed = {k: v for k, v in config.items() if v != defaults[k]}
+        print('config: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(config.items())))
+        if changed:
+            print('changed from defaults: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items())))
+    return config
+
+
+def model_config_from(config, model_config_cls):
+    """The model dataclass built from the model fields of a resolved config dict."""
+    return model_config_cls(**{f.name: config[f.name] for f in fields(model_config_cls)})

@@ -1,0 +1,331 @@
+"""
+Data: the token files every pretraining stage reads (data/<name>/{train,val}.bin + meta.json,
+written by write_token_dataset for prepare/ and distill.py), batches drawn as a pure function of
+(seed, step, micro-step) so a resume reads the same ones, documents from local files, JSONL
+records, and the chat-template batches of the post-training stages.
+"""
+
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokenizer import tokenizer_from_spec
+
+
+# -----------------------------------------------------------------------------
+# Token files: data/<name>/{train,val}.bin (uint16 or uint32) + meta.json
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+class TokenData:
+    """Random contiguous windows from memory-mapped token files, as nanoGPT does.
+    Batches are a pure function of the generator, so a run that seeds the generator from its
+    step number reads the same batches after a resume."""
+
+    def __init__(self, data_dir):
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.isfile(meta_path):
+            sys.exit(f"error: no dataset at '{data_dir}' (missing meta.json); "
+                     f"run a prepare/ script first, e.g. python prepare/tinystories.py")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.data_dir = data_dir
+        self.dtype = np.dtype(self.meta['dtype'])
+        self.lengths = {}
+        for split in ('train', 'val'):
+            p = os.path.join(data_dir, f'{split}.bin')
+            if not os.path.isfile(p):
+                sys.exit(f"error: '{p}' is missing; re-run the prepare script for this dataset")
+            self.lengths[split] = os.path.getsize(p) // self.dtype.itemsize
+
+    def tokens(self, split):
+        # a fresh memmap per call: numpy's memmap keeps pages alive otherwise (nanoGPT's note)
+        return np.memmap(os.path.join(self.data_dir, f'{split}.bin'), dtype=self.dtype, mode='r')
+
+    def bytes_per_token(self, split):
+        """UTF-8 bytes of text per token, for bits per byte = loss / ln 2 / bytes_per_token."""
+        return self.meta[f'{split}_bytes'] / self.meta[f'{split}_tokens']
+
+    def batch(self, split, batch_size, block_size, generator, device='cpu'):
+        """x, y of shape (batch_size, block_size); y is x shifted left by one token."""
+        n = self.lengths[split]
+        if n <= block_size + 1:
+            sys.exit(f"error: the {split} split has {n} tokens, fewer than block_size+1 = "
+                     f"{block_size + 1}; lower block_size or prepare more data")
+        data = self.tokens(split)
+        ix = torch.randint(n - block_size - 1, (batch_size,), generator=generator).tolist()
+        buf = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+        xy = torch.from_numpy(buf)
+        if str(device).startswith('cuda'):
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        else:
+            xy = xy.to(device)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def batch_generator(seed, step, micro_step, rank, stream=0):
+    """A torch.Generator that is a function of (seed, step, micro-step, rank, stream) alone, so a
+    resumed run draws exactly the batches the uninterrupted run would have drawn. Training stages
+    call Trainer.batch_generator, which passes the micro-batch's global index as micro_step."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro_step * 31 + rank
+                                         + stream * 7_777_777)
+
+
+def read_documents(path, fields=('text', 'story')):
+    """Documents from a local file or folder, as a dict {split: [str, ...]}.
+
+    Formats: .txt (documents separated by lines that are exactly <|endoftext|>, as in the official
+    TinyStories files; a file without such lines is one document), .jsonl / .json (objects with
+    a 'text' or 'story' field) and .parquet (a 'text' column). In a folder, a file whose name
+    contains 'val' or 'valid' goes to 'val', one containing 'train' to 'train'; a single file
+    (or files with neither word) all go to 'all'."""
+    if not os.path.exists(path):
+        sys.exit(f"error: source '{path}' does not exist")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith(('.txt', '.jsonl', '.json', '.parquet')))
+        if not files:
+            sys.exit(f"error: source folder '{path}' has no .txt, .jsonl, .json or .parquet files")
+    else:
+        files = [path]
+    splits = {}
+    for f in files:
+        name = os.path.basename(f).lower()
+        split = 'val' if 'val' in name else 'train' if 'train' in name else 'all'
+        splits.setdefault(split, []).extend(_read_file(f, fields))
+    for split, docs in splits.items():
+        if not docs:
+            sys.exit(f"error: source '{path}' has no documents for the {split} split")
+    return splits
+
+
+def _read_file(path, fields):
+    def field_of(obj, where):
+        for k in fields:
+            if isinstance(obj, dict) and isinstance(obj.get(k), str):
+                return obj[k]
+        sys.exit(f"error: {where} has no string field {' or '.join(map(repr, fields))}")
+
+    if path.endswith('.txt'):
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        docs = re.split(r'^\s*<\|endoftext\|>\s*$', text, flags=re.MULTILINE)
+    elif path.endswith('.jsonl'):
+        docs = []
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
+                    docs.append(field_of(obj, f'{path} line {n}'))
+    elif path.endswith('.json'):
+        with open(path, encoding='utf-8') as f:
+            try:
+                objs = json.load(f)
+            except json.JSONDecodeError as e:
+                sys.exit(f'error: {path} is not JSON ({e.msg})')
+        if not isinstance(objs, list):
+            sys.exit(f'error: {path} must hold a JSON list of objects')
+        docs = [field_of(o, f'{path} item {i}') for i, o in enumerate(objs)]
+    elif path.endswith('.parquet'):
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        col = next((k for k in fields if k in table.column_names), None)
+        if col is None:
+            sys.exit(f"error: {path} has no column {' or '.join(map(repr, fields))}")
+        docs = table.column(col).to_pylist()
+    else:
+        sys.exit(f"error: '{path}' is not .txt, .jsonl, .json or .parquet")
+    return [d.strip() for d in docs if d and d.strip()]
+
+
+def split_off_val(docs, val_fraction, seed=0):
+    """(train, val): a seeded random val_fraction of the documents (at least one) held out."""
+    if len(docs) < 2:
+        sys.exit(f'error: {len(docs)} document(s) cannot be split into train and val')
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    val_ix = set(order[:n_val].tolist())
+    return ([d for i, d in enumerate(docs) if i not in val_ix],
+            [d for i, d in enumerate(docs) if i in val_ix])
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(spec):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer_from_spec(spec)
+
+
+def _encode_docs(docs):
+    """Token ids of a chunk of documents, each followed by EOT, as one flat array. Documents that
+    are already token ids (e.g. a teacher's samples) are kept as they are; their bytes are those of
+    their decoded text."""
+    tok = _worker_tokenizer
+    if docs and not isinstance(docs[0], str):
+        encoded = [list(d) for d in docs]
+        n_bytes = sum(len(tok.decode(d).encode('utf-8')) for d in encoded)
+    else:
+        encoded = tok.encode_batch(docs)
+        n_bytes = sum(len(d.encode('utf-8')) for d in docs)
+    ids = [t for doc in encoded for t in (*doc, tok.eot_id)]
+    return np.asarray(ids, dtype=np.int64), n_bytes, len(docs)
+
+
+def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra_meta=None,
+                        chunk_docs=1024):
+    """Tokenize documents in parallel and write out_dir/{split}.bin plus meta.json.
+
+    splits: {'train': iterable of str, 'val': ...}; every document is followed by the EOT token.
+    A split may hold token-id lists instead of strings: they are written unchanged (distill.py).
+    Each file is written under a temporary name and renamed when complete, so a crash never
+    leaves a .bin that a later run would read. meta.json (written last) records the tokenizer
+    spec (large parts such as BPE ranks go to a side file), vocab size, dtype, token and byte
+    counts and the source."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)        # the folder is invalid until the new meta.json lands
+    dtype = token_dtype(tokenizer.vocab_size)
+    spec = tokenizer.spec()
+    meta = {'tokenizer': save_tokenizer_spec(spec, out_dir), 'vocab_size': tokenizer.vocab_size,
+            'eot_id': tokenizer.eot_id, 'dtype': np.dtype(dtype).name, 'source': source}
+    num_proc = num_proc or os.cpu_count() or 1
+    for split, docs in splits.items():
+        docs = list(docs)
+        chunks = [docs[i:i + chunk_docs] for i in range(0, len(docs), chunk_docs)]
+        path = os.path.join(out_dir, f'{split}.bin')
+        tmp = path + '.tmp'
+        n_tokens = n_bytes = n_docs = 0
+        pool = None
+        if num_proc > 1 and len(chunks) > 1:
+            ctx = mp.get_context('spawn' if sys.platform == 'darwin' else 'fork')
+            pool = ctx.Pool(min(num_proc, len(chunks)), initializer=_init_worker, initargs=(spec,))
+            results = pool.imap(_encode_docs, chunks)
+        else:
+            _init_worker(spec)
+            results = map(_encode_docs, chunks)
+        try:
+            with open(tmp, 'wb') as f, tqdm(total=len(docs), desc=f'tokenizing {split}',
+                                             unit='doc', disable=None) as bar:
+                for flat, nb, nd in results:
+                    flat.astype(dtype).tofile(f)
+                    n_tokens += len(flat)
+                    n_bytes += nb
+                    n_docs += nd
+                    bar.update(nd)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        os.replace(tmp, path)
+        meta[f'{split}_tokens'] = n_tokens
+        meta[f'{split}_bytes'] = n_bytes
+        meta[f'{split}_docs'] = n_docs
+        print(f'{split}: {n_docs:,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes -> {path}')
+    meta.update(extra_meta or {})
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + '.tmp', meta_path)
+    return meta
+
+
+def save_tokenizer_spec(spec, out_dir):
+    """A spec for meta.json: large binary fields (BPE ranks) go to a file beside it."""
+    spec = dict(spec)
+    if isinstance(spec.get('ranks'), bytes):
+        name = f"{spec['kind']}.tiktoken"
+        with open(os.path.join(out_dir, name + '.tmp'), 'wb') as f:
+            f.write(spec.pop('ranks'))
+        os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
+        spec['ranks_file'] = name
+    return spec
+
+
+def load_tokenizer_spec(meta_spec, data_dir):
+    """Inverse of save_tokenizer_spec: read side files back into the spec."""
+    spec = dict(meta_spec)
+    if 'ranks_file' in spec:
+        with open(os.path.join(data_dir, spec.pop('ranks_file')), 'rb') as f:
+            spec['ranks'] = f.read()
+    return spec
+
+
+# -----------------------------------------------------------------------------
+# Records and chat batches
+
+
+def read_jsonl(path, required=(), hint=''):
+    """The records of a JSONL file; exits with a clear message if it is missing, a line is not
+    JSON, or a record lacks one of the `required` fields."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: '{path}' not found" + (f'; {hint}' if hint else ''))
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
+            missing = [k for k in required if k not in r]
+            if missing:
+                sys.exit(f'error: {path} line {n} lacks {missing}')
+            rows.append(r)
+    return rows
+
+
+def chat_batch(rows, pad_id, T=None):
+    """(x, y) for a list of (ids, mask) pairs, e.g. from tok.encode_chat: x the tokens, y the next
+    token where the mask is on and -1 elsewhere (prompt, padding: no loss). Rows are right-padded
+    with pad_id, or cut, to T tokens (default: the longest row minus one)."""
+    T = T or max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        n = min(len(ids) - 1, T)
+        x[b, :n] = torch.tensor(ids[:n])
+        y[b, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:n + 1], mask[1:n + 1])])
+    return x, y
+
+
+def encode_chat_examples(tok, rows, block_size):
+    """(ids, mask) of each {'prompt', 'response'} record with the chat template (tok.encode_chat),
+    cut to block_size + 1 tokens; and how many records were cut."""
+    out, cut = [], 0
+    for r in rows:
+        ids, mask = tok.encode_chat(r['prompt'], r['response'])
+        cut += len(ids) > block_size + 1
+        out.append((ids[:block_size + 1], mask[:block_size + 1]))
+    return out, cut
+
+
+def pack_chat_examples(examples, pool, batch_size, block_size, generator):
+    """batch_size rows of block_size + 1 tokens for chat_batch: each row is random examples
+    (ids, mask), drawn from `pool` (indices into `examples`), concatenated until it is full, with
+    their masks kept, so a window holds several examples and no padding (sft.py, distill.py)."""
+    rows = []
+    for _ in range(batch_size):
+        ids, mask = [], []
+        while len(ids) < block_size + 1:
+            e_ids, e_mask = examples[pool[int(torch.randint(len(pool), (1,), generator=generator))]]
+            ids, mask = ids + e_ids, mask + e_mask
+        rows.append((ids[:block_size + 1], mask[:block_size + 1]))
+    return rows

@@ -1,0 +1,538 @@
+"""
+Real story text -> data/stories/{train,val,val_tinystories}.bin + meta.json (pretraining), and the
+post-training task built from the same text -> data/stories_instruct/*.jsonl
+
+$ python prepare/stories.py                                  # everything in ../shared/data, GPT-2 BPE
+$ python prepare/stories.py --max_books=40 --out_dir=data/stories_small --task_dir=data/stories_small_instruct
+$ python prepare/stories.py --source_dir=/data/shared --task_dir=''      # another folder; no task data
+
+Sources (under source_dir, each a setting; '' leaves one out):
+  books_file        Project Gutenberg children's books, one book a document between <|endoftext|>
+                    lines (.xz or plain); manifest_file names each book (title, author, words), in the
+                    same order (checked: every book's word count must match)
+  fairytales_file   fairy tales, <|endoftext|>-separated
+  tinystories_file  TinyStories training stories, kept whole (they are short)
+  tinystories_val_file  TinyStories validation stories -> the val_tinystories split
+
+Splits (no book contributes to two): val_books whole books, chosen with a seeded RNG, are held out.
+  train            passages of the other books + fairy-tale passages + the TinyStories stories
+  val              passages of the held-out books, less any passage sharing a paragraph with train
+                   (the same tale can be in two collections)
+  val_tinystories  the TinyStories validation stories, whole
+Every document is followed by the end-of-text token. Fairy tales (about 2,000 words each) are cut
+into passages like the books, so that every document of the stream is a passage of the same kind
+and they can serve the task too.
+
+Passages. A book is cut into blocks at blank lines. A block of several lines is hard-wrapped prose
+(its lines are joined with spaces) in a document whose lines are all short (< 2% over 90
+characters) when nearly all its lines but the last are at least 40 characters long; in a document
+with long lines, a block whose lines mostly end a sentence holds one paragraph a line (fairy-tale
+files); any other block of several lines is verse, a list or a table of contents. A paragraph is
+prose when at least 60% of its characters are letters, it has lower-case letters, it ends with
+. ! ? : ; or a dash (a closing quote or bracket may follow), at most 30% of its words are in
+capitals, at most half its words (of 6 or more) are capitalised, and it is no heading ('Chapter
+IV.', 'Contents', 'The End') and no credit or note ('[Sidenote: ...]', 'Transcriber's note').
+Runs of consecutive prose paragraphs (anything else ends a run, so a passage never crosses a
+chapter heading) are grouped into passages: each passage draws a target length uniformly from
+passage_words_min..passage_words_max words and takes whole paragraphs until it reaches it (a
+paragraph longer than passage_words_max is first cut at sentence ends); a short rest at the end of
+a run joins the passage before it if that stays within bounds, else it is dropped. Paragraphs in a
+passage are joined by one newline, as in TinyStories; whitespace is normalised and page markers
+([Pg 12], [12]) removed; with straight_quotes, curly quotes become straight ones. Every passage
+holds passage_words_min..passage_words_max words (whitespace-separated).
+
+The task (task_dir; the format of prepare/tinystories_instruct.py):
+  sft_train.jsonl, sft_val.jsonl          {"prompt", "response", "words", "features"}
+  prompts_train.jsonl, prompts_val.jsonl  {"prompt", "words", "features", "reference"}
+from passages (and TinyStories stories) of task_words_min..task_words_max words: one verb, noun and
+adjective of the passage (task.make_task_pos) and features it satisfies (task.choose_features); a
+passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
+features, a complete last sentence, little repetition). The *_train files come from the training
+books and fairy tales (sft_train also takes every TinyStories training story), the *_val files
+from the held-out books only; no passage is in two files.
+"""
+
+import json
+import lzma
+import os
+import random
+import re
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+from tqdm import tqdm  # noqa: E402
+
+from config import configure  # noqa: E402
+from data import write_token_dataset  # noqa: E402
+from task import complete_ending, make_prompt, make_task_pos, score, sentences  # noqa: E402
+from tokenizer import KINDS, build_tokenizer  # noqa: E402
+
+# -----------------------------------------------------------------------------
+source_dir = os.environ.get('SHARED_DATA') or os.path.normpath(os.path.join(_REPO, '..', 'shared', 'data'))
+books_file = 'stories/gutenberg_children.txt.xz'     # under source_dir (or an absolute path)
+manifest_file = 'stories/gutenberg_children_manifest.tsv'  # title / author / words per book ('': none)
+fairytales_file = 'stories/fairytales.txt'           # '': leave the fairy tales out
+tinystories_file = 'tinystories/train_sample_2mb.txt'       # '': leave TinyStories train out
+tinystories_val_file = 'tinystories/valid_sample_800kb.txt'  # '': no val_tinystories split
+out_dir = 'data/stories'
+task_dir = 'data/stories_instruct'   # '': write no task data
+tokenizer = 'gpt2'                   # 'gpt2' | 'bpe' | 'byte' | 'char' | 'word'
+tokenizer_file = ''                  # gpt2: a tiktoken rank file ('': source_dir/gpt2.tiktoken if it
+                                     # exists, else tiktoken's download)
+vocab_size = 4096                    # bpe / word: vocabulary size, EOT included
+tokenizer_train_docs = 200_000       # bpe / word / char: documents the vocabulary is learned from
+max_books = 0                        # use only the first N books (0: all)
+val_books = 10                       # whole books held out for val (seeded choice)
+max_stories = 0                      # use only the first N fairy tales and TinyStories stories (0: all)
+passage_words_min = 60               # passage length bounds, in words
+passage_words_max = 300
+straight_quotes = True               # “ ” ‘ ’ -> " " ' ' (as in TinyStories)
+task_words_min = 40                  # task examples: passages and stories of this many words
+task_words_max = 200
+n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
+n_sft_val = 1000                     # SFT val examples (held-out books)
+n_prompts_train = 2000               # prompts for RL (PPO, GRPO) and preference sampling
+n_sft_train = 50_000                 # SFT examples from training books and fairy tales (0: all),
+                                     # plus every TinyStories training story of the right length
+seed = 1337
+num_proc = 0                         # processes (0: every core)
+# -----------------------------------------------------------------------------
+configure(globals())
+if tokenizer not in KINDS:
+    sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
+if not 0 < passage_words_min <= passage_words_max:
+    sys.exit(f'error: passage_words_min={passage_words_min} and passage_words_max={passage_words_max} '
+             f'must satisfy 0 < min <= max')
+if not 0 < task_words_min <= task_words_max:
+    sys.exit(f'error: task_words_min={task_words_min} and task_words_max={task_words_max} must '
+             f'satisfy 0 < min <= max')
+for _k in ('max_books', 'max_stories', 'n_prompts_val', 'n_sft_val', 'n_prompts_train', 'n_sft_train',
+           'num_proc'):
+    if globals()[_k] < 0:
+        sys.exit(f'error: {_k}={globals()[_k]} must be >= 0')
+if val_books < 1:
+    sys.exit(f'error: val_books={val_books} must be at least 1 (the val split is whole held-out books)')
+if not os.path.isdir(source_dir):
+    sys.exit(f"error: source_dir='{source_dir}' is not a folder (the shared data folder with "
+             f"{books_file}; set --source_dir or SHARED_DATA)")
+
+
+def source_path(name, key):
+    """The path of a source file under source_dir, or exit naming the setting and the file."""
+    if not name:
+        return ''
+    path = name if os.path.isabs(name) else os.path.join(source_dir, name)
+    if not os.path.exists(path):
+        sys.exit(f"error: {key}='{name}': {path} does not exist (source_dir='{source_dir}'; "
+                 f"--{key}='' leaves it out)")
+    return path
+
+
+books_path = source_path(books_file, 'books_file')
+if not books_path:
+    sys.exit("error: books_file='' but the books are the corpus; name the file")
+manifest_path = source_path(manifest_file, 'manifest_file')
+fairytales_path = source_path(fairytales_file, 'fairytales_file')
+tinystories_path = source_path(tinystories_file, 'tinystories_file')
+tinystories_val_path = source_path(tinystories_val_file, 'tinystories_val_file')
+if not tokenizer_file and tokenizer == 'gpt2' and os.path.exists(os.path.join(source_dir, 'gpt2.tiktoken')):
+    tokenizer_file = os.path.join(source_dir, 'gpt2.tiktoken')
+num_proc = num_proc or os.cpu_count() or 1
+
+# -----------------------------------------------------------------------------
+# Reading
+
+SEPARATOR = '<|endoftext|>'
+
+
+def read_books(path, limit=0):
+    """The books of a <|endoftext|>-separated file (.xz or plain), streamed, the first `limit`."""
+    opener = lzma.open if path.endswith('.xz') else open
+    n, lines = 0, []
+    with opener(path, 'rt', encoding='utf-8') as f:
+        for line in f:
+            if line.strip() == SEPARATOR:
+                if any(x.strip() for x in lines):
+                    yield ''.join(lines)
+                    n += 1
+                    if n == limit:
+                        return
+                lines = []
+            else:
+                lines.append(line)
+    if any(x.strip() for x in lines):
+        yield ''.join(lines)
+
+
+def read_stories(path, limit=0):
+    docs = [d.strip() for d in re.split(r'^\s*<\|endoftext\|>\s*$', open(path, encoding='utf-8').read(),
+                                        flags=re.MULTILINE)]
+    docs = [d for d in docs if d]
+    return docs[:limit] if limit else docs
+
+
+def read_manifest(path):
+    """Rows of the manifest TSV (split on '\\n' only: a few titles hold a stray carriage return)."""
+    if not path:
+        return []
+    lines = open(path, encoding='utf-8', newline='').read().split('\n')
+    header = lines[0].rstrip('\r').split('\t')
+    rows = [dict(zip(header, line.rstrip('\r').split('\t'))) for line in lines[1:] if line.strip()]
+    for r in rows:
+        r['title'] = ' '.join(r.get('title', '').split())
+        r['author'] = ' '.join(r.get('author', '').split())
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Passages (the rule is in the module docstring)
+
+BLOCK = re.compile(r'\n[ \t\xa0\r]*\n')
+END = re.compile(r'[.!?:;\-—–…]["\'”’)\]]*$')
+HEADING = re.compile(r"^(chapter|book|part|section|canto|act|scene|stave|volume|vol\.|contents|preface|"
+                     r"introduction|appendix|index|footnotes?|illustrations?|finis|the end\W*$)\b", re.I)
+CREDIT = re.compile(r"^(\[|transcriber|produced by|end of (the )?(project|ebook)|copyright|isbn|"
+                    r"printed by|\*)", re.I)
+MARKERS = re.compile(r'\[(?:Pg|pg|Page|page|p\.)\s*[\dIVXLCivxlc]+\]|\[\d+\]|\{\d+\}')
+QUOTES = {'“': '"', '”': '"', '‘': "'", '’': "'", 'ʼ': "'", '„': '"'}
+
+
+def straighten(text):
+    for a, b in QUOTES.items():
+        text = text.replace(a, b)
+    return text
+
+
+OTHER = re.compile(r'[^\w\s.,;:!?\'"()-]|[\d_]')         # digits and symbols
+UPPER = re.compile('[A-Z]')
+CAPS_WORD = re.compile(r'\b[A-Z][A-Z]+\b')             # a word in capitals (2+ letters)
+TITLED = re.compile(r'(?:^|\s)[^\w\s]*[A-Z]')          # a word that starts with a capital
+
+
+def is_prose(p):
+    """A paragraph of running text (see the module docstring)."""
+    chars = len(p) - p.count(' ')
+    if len(OTHER.findall(p)) > 0.4 * chars or not re.search('[a-z]', p):
+        return False
+    if not END.search(p) or CREDIT.match(p):
+        return False
+    n = len(p.split())
+    if HEADING.match(p) and n < 12:
+        return False
+    if len(UPPER.findall(p)) < 0.08 * chars:               # ordinary prose (fast path)
+        return True
+    if len(CAPS_WORD.findall(p)) > 0.3 * n:
+        return False
+    return not (n >= 6 and '"' not in p and len(TITLED.findall(p)) > 0.5 * n)
+
+
+def paragraphs(text):
+    """A document -> a list of paragraphs (str) and None where non-prose breaks the text."""
+    text = MARKERS.sub('', text.replace('\r', ''))
+    if straight_quotes:
+        text = straighten(text)
+    all_lines = [x for x in text.split('\n') if x.strip()]
+    wrapped = sum(len(x.strip()) > 90 for x in all_lines) < 0.02 * max(1, len(all_lines))
+    out = []
+    for block in BLOCK.split(text):
+        lines = [' '.join(x.split()) for x in block.split('\n')]
+        lines = [x for x in lines if x]
+        if not lines:
+            continue
+        if len(lines) > 1:
+            body = lines[:-1]
+            long_share = sum(len(x) >= 40 for x in body) / len(body)
+            ends_share = sum(bool(END.search(x)) for x in lines) / len(lines)
+            if wrapped and long_share >= 0.8:
+                lines = [' '.join(lines)]                  # hard-wrapped prose
+            elif not wrapped and ends_share >= 0.5:
+                pass                                       # one paragraph a line
+            elif not wrapped and long_share >= 0.8 and ends_share < 0.3:
+                lines = [' '.join(lines)]                  # a wrapped block among long lines
+            else:
+                out.append(None)                           # verse, a list, a table of contents
+                continue
+        for p in lines:
+            out.append(p if is_prose(p) else None)
+    return out
+
+
+def pieces_of(p, max_words):
+    """A paragraph, or its sentences grouped into about equal pieces of at most max_words words
+    (a single longer sentence stays one piece, and is dropped later)."""
+    n = len(p.split())
+    if n <= max_words:
+        return [p]
+    sents = sentences(p)
+    k = -(-n // max_words)
+    goal = n / k
+    out, cur, cw = [], [], 0
+    for s in sents:
+        w = len(s.split())
+        if cur and (cw + w > max_words or cw >= goal):
+            out.append(' '.join(cur))
+            cur, cw = [], 0
+        cur.append(s)
+        cw += w
+    if cur:
+        out.append(' '.join(cur))
+    return out
+
+
+def passages_of(text, rng):
+    """A document -> (passages, words kept, words seen in prose paragraphs)."""
+    lo, hi = passage_words_min, passage_words_max
+    out, seen = [], 0
+    runs, run = [], []
+    for p in paragraphs(text) + [None]:
+        if p is None:
+            if run:
+                runs.append(run)
+            run = []
+        else:
+            run.append(p)
+    for run in runs:
+        first = len(out)                                   # passages of this run start here
+        cur, cw, target = [], 0, rng.randint(lo, hi)
+
+        def flush():
+            nonlocal cur, cw, target
+            if cw >= lo:
+                out.append(('\n'.join(cur), cw))
+            elif len(out) > first and out[-1][1] + cw <= hi:   # a short rest joins the one before
+                out[-1] = (out[-1][0] + '\n' + '\n'.join(cur), out[-1][1] + cw)
+            cur, cw, target = [], 0, rng.randint(lo, hi)
+
+        for p in run:
+            for piece in pieces_of(p, hi):
+                w = len(piece.split())
+                seen += w
+                if w > hi:                                 # one endless sentence
+                    if cur:
+                        flush()
+                    continue
+                if cur and cw + w > hi:
+                    flush()
+                cur.append(piece)
+                cw += w
+                if cw >= target:
+                    flush()
+        if cur:
+            flush()
+    return [t for t, _ in out], sum(w for _, w in out), seen
+
+
+def book_job(args):
+    """(index, text) -> (index, passages, words kept, prose words, all words); seeded per book."""
+    i, text = args
+    rng = random.Random(seed * 1_000_003 + i)
+    ps, kept, seen = passages_of(text, rng)
+    return i, ps, kept, seen, len(text.split())
+
+
+def key_of(paragraph):
+    """A paragraph's identity for the overlap check: its letters, lower-cased."""
+    return hash(' '.join(re.findall(r'[a-z]+', paragraph.lower())))
+
+
+# -----------------------------------------------------------------------------
+# 1. Books -> passages
+
+t0 = time.time()
+manifest = read_manifest(manifest_path)
+n_books = min(max_books, len(manifest)) if max_books and manifest else max_books or len(manifest) or 0
+books = read_books(books_path, n_books)
+results = {}
+with tqdm(total=n_books or None, desc='books -> passages', unit='book', disable=None) as bar:
+    if num_proc > 1 and sys.platform != 'darwin':      # fork: the workers share these settings
+        import multiprocessing as mp
+        pool = mp.get_context('fork').Pool(num_proc)
+        jobs = pool.imap(book_job, enumerate(books), chunksize=1)
+    else:
+        pool, jobs = None, map(book_job, enumerate(books))
+    try:
+        for i, ps, kept, seen, words in jobs:
+            results[i] = (ps, kept, seen, words)
+            bar.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+n_books = len(results)
+if manifest:
+    if max_books == 0 and n_books != len(manifest):
+        sys.exit(f'error: {books_file} holds {n_books} books but {manifest_file} lists {len(manifest)}')
+    for i in range(n_books):
+        if int(manifest[i]['words']) != results[i][3]:
+            sys.exit(f"error: book {i} of {books_file} has {results[i][3]:,} words but line {i + 2} of "
+                     f"{manifest_file} ('{manifest[i]['title']}') says {manifest[i]['words']}: the "
+                     f"manifest is not in the order of the books; --manifest_file='' goes without it")
+titles = [f"{manifest[i]['title']} ({manifest[i]['author']})" if manifest else f'book {i}'
+          for i in range(n_books)]
+if val_books >= n_books:
+    sys.exit(f'error: val_books={val_books} leaves no training book: only {n_books} books '
+             f'(max_books={max_books})')
+held = sorted(random.Random(seed).sample(range(n_books), val_books))
+held_set = set(held)
+book_passages = {i: results[i][0] for i in range(n_books)}
+t_books = time.time() - t0
+print(f'{n_books} books in {t_books:.0f}s: {sum(len(p) for p in book_passages.values()):,} passages, '
+      f'{sum(r[1] for r in results.values()):,} of {sum(r[3] for r in results.values()):,} words kept '
+      f'({sum(r[2] for r in results.values()):,} in prose paragraphs)')
+
+# -----------------------------------------------------------------------------
+# 2. Fairy tales, TinyStories
+
+fairy_passages = []
+if fairytales_path:
+    for j, tale in enumerate(read_stories(fairytales_path, max_stories)):
+        fairy_passages += passages_of(tale, random.Random(seed * 1_000_003 + 10 ** 7 + j))[0]
+tiny_train = read_stories(tinystories_path, max_stories) if tinystories_path else []
+tiny_val = read_stories(tinystories_val_path, max_stories) if tinystories_val_path else []
+if straight_quotes:
+    tiny_train = [straighten(s) for s in tiny_train]
+    tiny_val = [straighten(s) for s in tiny_val]
+
+train_book_passages = [p for i in range(n_books) if i not in held_set for p in book_passages[i]]
+train_keys = {key_of(par) for p in train_book_passages + fairy_passages for par in p.split('\n')
+              if len(par.split()) >= 8}
+val_passages, dropped_overlap = [], 0
+for i in held:
+    for p in book_passages[i]:
+        if any(len(par.split()) >= 8 and key_of(par) in train_keys for par in p.split('\n')):
+            dropped_overlap += 1
+        else:
+            val_passages.append(p)
+if not val_passages:
+    sys.exit(f'error: the held-out books {[titles[i] for i in held]} gave no val passage')
+train_docs = train_book_passages + fairy_passages + tiny_train
+print(f'held out {len(held)} books ({len(val_passages):,} passages; {dropped_overlap} dropped for sharing '
+      f'a paragraph with train): ' + '; '.join(titles[i] for i in held))
+
+
+def words(docs):
+    return sum(len(d.split()) for d in docs)
+
+
+print(f'train: {len(train_book_passages):,} book passages ({words(train_book_passages):,} words) + '
+      f'{len(fairy_passages):,} fairy-tale passages ({words(fairy_passages):,} words) + '
+      f'{len(tiny_train):,} TinyStories ({words(tiny_train):,} words)')
+
+# -----------------------------------------------------------------------------
+# 3. Tokens
+
+t1 = time.time()
+tok = build_tokenizer(tokenizer, texts=train_docs[:tokenizer_train_docs], vocab_size=vocab_size,
+                      tokenizer_file=tokenizer_file or None)
+print(f'tokenizer: {tok}')
+splits = {'train': train_docs, 'val': val_passages}
+if tiny_val:
+    splits['val_tinystories'] = tiny_val
+meta = write_token_dataset(
+    out_dir, splits, tok, source=os.path.abspath(books_path), num_proc=num_proc,
+    extra_meta={'dataset': 'stories',
+                'sources': {k: os.path.abspath(v) for k, v in
+                            (('books', books_path), ('manifest', manifest_path), ('fairytales', fairytales_path),
+                             ('tinystories', tinystories_path), ('tinystories_val', tinystories_val_path)) if v},
+                'books': n_books, 'val_books': [{'index': i, 'title': titles[i],
+                                                 'passages': len(book_passages[i])} for i in held],
+                'train_docs_by_source': {'gutenberg': len(train_book_passages),
+                                         'fairytales': len(fairy_passages), 'tinystories': len(tiny_train)},
+                'train_words_by_source': {'gutenberg': words(train_book_passages),
+                                          'fairytales': words(fairy_passages), 'tinystories': words(tiny_train)},
+                'val_words': words(val_passages), 'val_dropped_overlap': dropped_overlap,
+                'passage_words': [passage_words_min, passage_words_max], 'straight_quotes': straight_quotes,
+                'seed': seed, 'max_books': max_books, 'max_stories': max_stories})
+t_tokens = time.time() - t1
+print(f'tokenized in {t_tokens:.0f}s')
+
+
+# -----------------------------------------------------------------------------
+# 4. The task
+
+def to_examples(docs, offset, limit):
+    """Documents -> task examples until `limit` (0: all); (examples, documents tried, by reason)."""
+    out, why = [], {'length': 0, 'no_task': 0, 'reference_below_1': 0}
+    fallbacks = {f'{pos}_{how}': 0 for pos in ('verb', 'noun', 'adjective') for how in ('suffix', 'content')}
+    for i, doc in enumerate(docs):
+        if limit and len(out) >= limit:
+            break
+        if not task_words_min <= len(doc.split()) <= task_words_max:
+            why['length'] += 1
+            continue
+        rng = random.Random(seed * 1_000_003 + offset + i)
+        t = make_task_pos(doc, rng)
+        if t is None:
+            why['no_task'] += 1
+            continue
+        if score(doc, t['words'], t['features'])['score'] < 1.0 or not complete_ending(doc):
+            why['reference_below_1'] += 1
+            continue
+        for pos, how in zip(t['pos'], t['how']):
+            if how != 'list':
+                fallbacks[f'{pos}_{how}'] += 1
+        out.append({'prompt': make_prompt(t['words'], t['features']), 'response': doc,
+                    'words': t['words'], 'features': t['features']})
+    return out, why, fallbacks
+
+
+def write_jsonl(path, rows):
+    with open(path + '.tmp', 'w') as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    os.replace(path + '.tmp', path)
+
+
+if task_dir:
+    t2 = time.time()
+    pool_train = train_book_passages + fairy_passages
+    pool_val = list(val_passages)
+    random.Random(seed).shuffle(pool_train)
+    random.Random(seed + 1).shuffle(pool_val)
+    val, why_val, fb_val = to_examples(pool_val, 10 ** 9, n_prompts_val + n_sft_val)
+    train, why_train, fb_train = to_examples(pool_train, 0, n_prompts_train + n_sft_train if n_sft_train else 0)
+    tiny, why_tiny, fb_tiny = to_examples(tiny_train, 2 * 10 ** 9, 0)
+    n_val = min(n_prompts_val, len(val) // 2)       # each split keeps at least half for SFT
+    n_train = min(n_prompts_train, len(train) // 2)
+    if n_val < 1 or len(train) + len(tiny) - n_train < 1:
+        sys.exit(f'error: {len(train) + len(tiny)} train and {len(val)} val task examples are too few to '
+                 f'split into SFT data and held-out prompts (task_words_min={task_words_min}, '
+                 f'task_words_max={task_words_max})')
+
+    def as_prompt(r):
+        return {'prompt': r['prompt'], 'words': r['words'], 'features': r['features'],
+                'reference': r['response']}
+
+    sft_train = train[n_train:] + tiny
+    random.Random(seed + 2).shuffle(sft_train)
+    files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
+             'prompts_train': [as_prompt(r) for r in train[:n_train]], 'sft_train': sft_train}
+    os.makedirs(task_dir, exist_ok=True)
+    meta_path = os.path.join(task_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)                        # the folder is invalid until meta.json lands
+    for name, rows in files.items():
+        write_jsonl(os.path.join(task_dir, f'{name}.jsonl'), rows)
+        print(f'{name}: {len(rows):,} records')
+    task_meta = {'source': os.path.abspath(books_path), 'dataset': 'stories', 'seed': seed,
+                 **{f'{k}_records': len(v) for k, v in files.items()},
+                 'sft_train_tinystories': len(tiny), 'task_words': [task_words_min, task_words_max],
+                 'val_books': [titles[i] for i in held],
+                 'skipped': {'val': why_val, 'train': why_train, 'tinystories': why_tiny},
+                 'words_not_from_lists': {'val': fb_val, 'train': fb_train, 'tinystories': fb_tiny},
+                 'instruct_format': False}
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(task_meta, f, indent=2)
+    os.replace(meta_path + '.tmp', meta_path)
+    print(f'task data in {time.time() - t2:.0f}s -> {task_dir}; example prompt: {files["prompts_val"][0]["prompt"]}')
+
+# -----------------------------------------------------------------------------
+print('summary:')
+print(f'  books: {n_books} ({n_books - len(held)} train, {len(held)} val); passages '
+      f'{passage_words_min}..{passage_words_max} words')
+for split in splits:
+    print(f"  {split:16s} {meta[f'{split}_docs']:>9,} docs {words(splits[split]):>12,} words "
+          f"{meta[f'{split}_tokens']:>12,} tokens")
+print(f'  total {time.time() - t0:.0f}s (books {t_books:.0f}s, tokens {t_tokens:.0f}s)')

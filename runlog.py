@@ -1,0 +1,117 @@
+"""
+What a run writes about itself: out_dir/log.jsonl (one JSON object per logged step or
+evaluation), PNG curves and the expert-load heatmap, optionally TensorBoard and wandb.
+"""
+
+import json
+import os
+import sys
+import time
+
+
+class RunLog:
+    def __init__(self, out_dir, enabled=True, tensorboard=False, wandb_project='', run_name='',
+                 config=None, resume=False):
+        self.out_dir, self.enabled = out_dir, enabled
+        self.path = os.path.join(out_dir, 'log.jsonl')
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: pip install tensorboard
+            self.tb = SummaryWriter(os.path.join(out_dir, 'tb'))
+        if wandb_project:
+            import wandb  # optional: pip install wandb
+            self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config)
+
+    def log(self, step, **metrics):
+        if not self.enabled:
+            return
+        row = {'step': step, 'time': round(time.time(), 3), **metrics}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        for k, v in metrics.items():
+            if self.tb is not None and isinstance(v, (int, float)):  # lists go to log.jsonl only
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def rows(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def plot(self, keys=('train/loss', 'val/loss'), name='loss.png', title='', ylabel='loss (nats/token)'):
+        """A PNG of the given metrics against step (None without matplotlib)."""
+        plt = pyplot() if self.enabled else None
+        if plt is None:
+            return None
+        rows = self.rows()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k in keys:
+            pts = [(r['step'], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=k, marker='o' if len(pts) < 30 else None, markersize=3)
+        ax.set_xlabel('step')
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or os.path.basename(os.path.normpath(self.out_dir)))
+        ax.grid(alpha=0.3)
+        if ax.lines:                   # none before the first logged value of these keys
+            ax.legend()
+        return self.save(fig, name)
+
+    def heatmap(self, matrix, name, title='', xlabel='expert', ylabel='MoE layer'):
+        """A PNG of a (rows, cols) matrix, e.g. the share of tokens each expert received per
+        layer (an even load is a flat colour at 1/E); None without matplotlib."""
+        plt = pyplot() if self.enabled else None
+        if plt is None:
+            return None
+        m = matrix.float().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * m.shape[1]), 1.5 + 0.35 * m.shape[0]))
+        im = ax.imshow(m, aspect='auto', cmap='viridis', interpolation='nearest')
+        fig.colorbar(im, ax=ax, label=f'share (even = 1/{m.shape[1]} = {1 / m.shape[1]:.3f})')
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yticks(range(m.shape[0]))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(title, fontsize=9)
+        return self.save(fig, name)
+
+    def save(self, fig, name):
+        """Write fig to out_dir/name (through a temporary file) and close it."""
+        path = os.path.join(self.out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path + '.tmp.png', dpi=110)
+        pyplot().close(fig)
+        os.replace(path + '.tmp.png', path)
+        return path
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+_PYPLOT = []
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (said once) where matplotlib is
+    not installed: requirements.txt leaves it out; requirements-dev.txt installs it."""
+    if not _PYPLOT:
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            plt = None
+            print('note: matplotlib is not installed, so no PNG plots are written '
+                  '(pip install matplotlib, or pip install -r requirements-dev.txt)', file=sys.stderr)
+        _PYPLOT.append(plt)
+    return _PYPLOT[0]

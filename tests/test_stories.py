@@ -1,0 +1,195 @@
+"""prepare/stories.py on the real shared story text (three books), and task.make_task_pos."""
+
+import json
+import lzma
+import os
+import random
+
+import numpy as np
+import pytest
+
+from data import load_tokenizer_spec
+from conftest import REPO, run_script, shared_file  # noqa: F401
+from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, make_prompt, make_task_pos, pos_forms, score,
+                  suffix_words, word_used, words_of)
+from tokenizer import EOT, tokenizer_from_spec
+
+LO, HI = 60, 300          # the script's default passage bounds
+
+
+def shared_dir():
+    books = shared_file('stories', 'gutenberg_children.txt.xz')
+    for parts in (('stories', 'fairytales.txt'), ('tinystories', 'train_sample_2mb.txt'),
+                  ('tinystories', 'valid_sample_800kb.txt'), ('gpt2.tiktoken',)):
+        shared_file(*parts)
+    return os.path.dirname(os.path.dirname(books))
+
+
+@pytest.fixture(scope='module')
+def stories(tmp_path_factory):
+    """Three books (one held out), 20 fairy tales and 20 + 20 TinyStories stories."""
+    src = shared_dir()
+    root = tmp_path_factory.mktemp('stories')
+    run_script('prepare/stories.py', f'--source_dir={src}', '--max_books=3', '--val_books=1',
+               '--max_stories=20', f'--out_dir={root / "data"}', f'--task_dir={root / "inst"}',
+               '--num_proc=2', cwd=root, timeout=300)
+    out = str(root / 'data')
+    meta = json.load(open(os.path.join(out, 'meta.json')))
+    tok = tokenizer_from_spec(load_tokenizer_spec(meta['tokenizer'], out))
+    docs = {}
+    for split in ('train', 'val', 'val_tinystories'):
+        ids = np.fromfile(os.path.join(out, f'{split}.bin'), dtype=meta['dtype'])
+        assert len(ids) == meta[f'{split}_tokens'] > 0 and ids[-1] == tok.eot_id
+        assert (ids == tok.eot_id).sum() == meta[f'{split}_docs']
+        docs[split] = tok.decode(ids.tolist()).split(EOT)[:-1]
+    books = []
+    with lzma.open(os.path.join(src, 'stories', 'gutenberg_children.txt.xz'), 'rt', encoding='utf-8') as f:
+        lines = []
+        for line in f:
+            if line.strip() == EOT:
+                books.append(''.join(lines))
+                lines = []
+                if len(books) == 3:
+                    break
+            else:
+                lines.append(line)
+    return {'root': root, 'meta': meta, 'docs': docs, 'books': books, 'src': src}
+
+
+def flat(text):
+    """Text as the script writes it, for substring checks: straight quotes, one space."""
+    for a, b in {'“': '"', '”': '"', '‘': "'", '’': "'", 'ʼ': "'"}.items():
+        text = text.replace(a, b)
+    return ' '.join(text.split())
+
+
+def test_meta_has_every_split_and_the_held_out_book(stories):
+    meta, docs = stories['meta'], stories['docs']
+    assert meta['dataset'] == 'stories' and meta['books'] == 3
+    for split in ('train', 'val', 'val_tinystories'):
+        assert meta[f'{split}_tokens'] > 0 and meta[f'{split}_docs'] == len(docs[split])
+    assert meta['val_tinystories_docs'] == 20
+    by_source = meta['train_docs_by_source']
+    assert sum(by_source.values()) == meta['train_docs'] and by_source['tinystories'] == 20
+    assert by_source['gutenberg'] > 100 and by_source['fairytales'] > 20
+    (held,) = meta['val_books']
+    assert held['title'] and 0 <= held['index'] < 3 and held['passages'] >= meta['val_docs']
+
+
+def test_passages_hold_whole_paragraphs_within_bounds(stories):
+    meta, docs = stories['meta'], stories['docs']
+    n = meta['train_docs_by_source']['gutenberg'] + meta['train_docs_by_source']['fairytales']
+    for d in docs['val'] + docs['train'][:n]:                  # book and fairy-tale passages
+        assert LO <= len(d.split()) <= HI, d[:200]
+        assert d == d.strip() and '\n\n' not in d
+    assert not any('“' in d or '”' in d for d in docs['train'])   # straight quotes
+    assert any(len(d.split()) < 150 for d in docs['val']) and any(len(d.split()) > 200 for d in docs['val'])
+
+
+def test_the_held_out_book_gives_val_only(stories):
+    meta, docs, books = stories['meta'], stories['docs'], stories['books']
+    held = meta['val_books'][0]['index']
+    held_text = flat(books[held])
+    train_text = flat('\n'.join(docs['train']))
+    others = [flat(b) for i, b in enumerate(books) if i != held]
+    for d in docs['val']:
+        for par in d.split('\n'):
+            assert par in held_text, par[:200]                         # every val passage is from it ...
+            if len(par.split()) >= 8:
+                assert par not in train_text, par[:200]                # ... and in no training document
+    n_book = meta['train_docs_by_source']['gutenberg']
+    for d in docs['train'][:n_book]:
+        pars = [p for p in d.split('\n') if len(p.split()) >= 8]
+        assert all(any(p in o for o in others) for p in pars)           # train passages: other books
+        assert not any(p in held_text for p in pars)
+
+
+def test_task_files_from_the_same_text(stories):
+    inst, docs = stories['root'] / 'inst', stories['docs']
+    files = {}
+    for name, fields in (('sft_train', {'prompt', 'response', 'words', 'features'}),
+                         ('sft_val', {'prompt', 'response', 'words', 'features'}),
+                         ('prompts_train', {'prompt', 'words', 'features', 'reference'}),
+                         ('prompts_val', {'prompt', 'words', 'features', 'reference'})):
+        rows = [json.loads(line) for line in open(inst / f'{name}.jsonl')]
+        assert rows and all(set(r) == fields for r in rows), name
+        files[name] = rows
+    val_docs, train_docs = set(docs['val']), set(docs['train'])
+    for name in ('prompts_val', 'sft_val', 'prompts_train', 'sft_train'):
+        for r in files[name]:
+            story = r.get('reference', r.get('response'))
+            assert r['prompt'] == make_prompt(r['words'], r['features']) and len(r['words']) == 3
+            assert 40 <= len(story.split()) <= 200
+            s = score(story, r['words'], r['features'])
+            assert s['all_words'] and s['score'] == 1.0               # every reference meets the rule
+            assert story in (val_docs if name.endswith('_val') else train_docs)   # no leak across
+    stories_used = [r.get('reference', r.get('response')) for rows in files.values() for r in rows]
+    assert len(stories_used) == len(set(stories_used))                  # no passage in two files
+    meta = json.load(open(inst / 'meta.json'))
+    assert meta['prompts_val_records'] == len(files['prompts_val']) and meta['val_books']
+
+
+def test_bad_settings_give_clear_errors(tmp_path):
+    src = shared_dir()
+    p = run_script('prepare/stories.py', f'--source_dir={src}', '--max_books=3', '--val_books=3',
+                   cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'val_books=3 leaves no training book' in p.stderr
+    p = run_script('prepare/stories.py', f'--source_dir={tmp_path}/nowhere', cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'nowhere' in p.stderr and 'is not a folder' in p.stderr
+    p = run_script('prepare/stories.py', f'--source_dir={src}', '--fairytales_file=stories/none.txt',
+                   cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "fairytales_file='stories/none.txt'" in p.stderr
+    p = run_script('prepare/stories.py', f'--source_dir={src}', '--passage_words_min=400', cwd=tmp_path,
+                   check=False)
+    assert p.returncode != 0 and 'passage_words_min=400' in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# The noun / verb / adjective heuristic
+
+PASSAGE = ('Once upon a time, a small rabbit hopped across the garden. She was hungry and looked for '
+           'carrots. "Where are they?" she asked. Then she noticed a tiny mouse, who smiled and shared '
+           'his biggest berries with her. They were happier together. Rose ran home.')
+
+
+def test_word_lists_are_disjoint_and_free_of_stop_words():
+    assert not (NOUNS & VERBS or NOUNS & ADJECTIVES or VERBS & ADJECTIVES)
+    assert not (NOUNS | VERBS | ADJECTIVES) & STOP_WORDS
+    assert min(len(NOUNS), len(VERBS), len(ADJECTIVES)) >= 150
+
+
+def test_regular_forms_only():
+    assert pos_forms('hop', 'verb') == {'hop', 'hops', 'hopped', 'hopping'}
+    assert pos_forms('hope', 'verb') == {'hope', 'hopes', 'hoped', 'hoping'}
+    assert pos_forms('cry', 'verb') == {'cry', 'cries', 'cried', 'crying'}
+    assert pos_forms('fox', 'noun') == {'fox', 'foxes'} and pos_forms('berry', 'noun') == {'berry', 'berries'}
+    assert pos_forms('big', 'adjective') == {'big', 'bigger', 'biggest'}
+    assert pos_forms('happy', 'adjective') == {'happy', 'happier', 'happiest'}
+
+
+def test_one_noun_verb_and_adjective_of_the_passage():
+    seen = {'verb': set(), 'noun': set(), 'adjective': set()}
+    for i in range(40):
+        t = make_task_pos(PASSAGE, random.Random(i))
+        verb, noun, adj = t['words']
+        assert t['pos'] == ['verb', 'noun', 'adjective'] and t['how'] == ['list'] * 3
+        assert verb in VERBS and noun in NOUNS and adj in ADJECTIVES
+        assert score(PASSAGE, t['words'], t['features'])['all_words']
+        for pos, w in zip(t['pos'], t['words']):
+            seen[pos].add(w)
+    assert seen['verb'] == {'hop', 'ask', 'notice', 'smile', 'share'}   # 'ran': irregular, not matched
+    assert seen['noun'] == {'rabbit', 'garden', 'carrot', 'mouse', 'berry'}   # 'Rose': capitalised only
+    assert seen['adjective'] == {'small', 'hungry', 'tiny', 'happy'}    # 'biggest' of 'big': a stop word
+    assert not word_used('run', words_of(PASSAGE))
+
+
+def test_fallbacks_when_a_part_of_speech_is_missing():
+    text = 'The darkness was mysterious and marvellous. Nobody remembered the weather.'
+    t = make_task_pos(text, random.Random(0))
+    assert t['how'] == ['list', 'suffix', 'suffix'] and t['words'][0] == 'remember'
+    assert t['words'][1] == 'darkness' and t['words'][2] in ('marvellous', 'mysterious')
+    assert suffix_words(text, 'adjective') == ['marvellous', 'mysterious']
+    t = make_task_pos('Grumbling merchants argued loudly about flour prices.', random.Random(0))
+    assert t['how'] == ['content', 'content', 'content'] and len(set(t['words'])) == 3
+    assert score('Grumbling merchants argued loudly about flour prices.', t['words'])['all_words']
+    assert make_task_pos('A cat.', random.Random(0)) is None

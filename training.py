@@ -1,0 +1,468 @@
+"""
+The pieces of a training loop that every stage's loop calls. The loop itself is written out in
+each stage (train.py, sft.py, reward.py, dpo.py, distill.py, ppo.py, grpo.py):
+
+    run = Run(config, rt, model, 'sft', tok_spec, flops_per_token, resume=ckpt)
+    step = run.step                                # 0, or where a resumed run stopped
+    while run.evaluate(step, evaluate):            # every eval_interval steps; False at the end
+        lr = run.set_lr(step)                      # warmup, then cosine / wsd / constant
+        for micro in range(gradient_accumulation_steps):
+            with run.sync(micro):                  # DDP/FSDP reduce gradients on the last only
+                with rt.autocast():
+                    loss = ... / gradient_accumulation_steps
+                run.backward(loss)
+        out = run.optimizer_step()                 # clip, step, zero grads, router biases, QK-Clip
+        step += 1
+        if not run.log(step, lr, loss, tokens, out):   # every log_interval steps; False: NaN/inf
+            break
+    run.finish()
+
+What Run holds: the optimizer (AdamW / Muon / MuonClip) built for the model, FSDP sharding or the
+DDP wrapper and torch.compile (run.model is what the loop calls; run.raw the plain module), a
+GradScaler for float16, the resumed step, RNG and optimizer state, the log (log.jsonl, plots,
+TensorBoard, wandb) and what the log line reports between two log lines: tokens/s, MFU, the
+loss's parts, the expert load and the max attention logits (QK-Clip runs in optimizer_step).
+
+Under torchrun every rank runs the same loop on its own micro-batches, drawn with
+run.batch_generator(step, micro) (a function of the micro-batch's global index), so N ranks with
+accumulation k are one process with accumulation N k (tests/test_distributed.py).
+"""
+
+import contextlib
+import copy
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sharded_optimizer,
+                        restore_rng_state, save_checkpoint, save_sharded_checkpoint)
+from data import batch_generator
+from model import ScalarModel
+from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
+from runlog import RunLog
+from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
+
+
+class Run:
+
+    def __init__(self, config, rt, model, stage, tokenizer_spec, flops_per_token, resume=None,
+                 checkpoint_extra=None, also_train=None, unused_parameters=False):
+        """config: the stage's resolved settings (config.configure). model: the plain module, on
+        rt.device. also_train: a second model the same optimizer trains (PPO's value model; it
+        is saved beside the model as 'value_model', and run.also is what the loop calls).
+        resume: a checkpoint dict to continue (optimizer, step, RNG). checkpoint_extra: more
+        entries for the checkpoint (a dict the loop may update). unused_parameters: the stage's
+        loss leaves some parameters without a gradient (a forward without targets skips the MTP
+        modules, a reward model its LM head), so DDP must look for them."""
+        c = self.c = config
+        self.rt, self.raw, self.stage, self.tok_spec = rt, model, stage, tokenizer_spec
+        self.extra = checkpoint_extra if checkpoint_extra is not None else {}
+        self.also_raw = also_train
+        self.fsdp = c['fsdp']
+        if also_train is not None and self.fsdp:
+            sys.exit(f'error: {stage}.py does not support fsdp=True: use DDP (the default)')
+        if self.fsdp and not rt.ddp:
+            sys.exit('error: fsdp=True shards the model across processes started by torchrun, e.g. '
+                     f'torchrun --standalone --nproc_per_node=2 {stage}.py CONFIG --fsdp=True')
+        if self.fsdp and rt.dtype == 'float16':
+            sys.exit("error: fsdp=True trains in bfloat16 or float32 (float16 loss scaling is not "
+                     "supported with it); set dtype='bfloat16'")
+        self.track_logits = c['optimizer'] == 'muonclip' or c.get('log_max_logit', False)
+        self.models = [model] + ([also_train] if also_train is not None else [])
+        for m in self.models:
+            m.track_max_logits(self.track_logits)        # before torch.compile reads the flag
+        self.model_class = type(model)                   # before FSDP makes it a subclass of its own
+        trainable = model if also_train is None else torch.nn.ModuleList(self.models)
+        full_optimizer_state = None
+        if self.fsdp and resume is not None and 'optimizer' in resume:
+            full_optimizer_state = self.optimizer_state_by_name(trainable, resume['optimizer'])
+        if self.fsdp:
+            shard_model(model, rt)
+        self.optimizer = self.build_optimizer(trainable)
+        self.step, self.best_val_loss = 0, float('inf')
+        if resume is not None:
+            self.load_resume_state(resume, trainable, full_optimizer_state)
+        elif rt.rank > 0:                                # own dropout masks; rank 0 keeps the
+            torch.manual_seed(c['seed'] + rt.rank)       # stream a single process would have
+        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
+        compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
+        try:
+            mode = compile_mode_arg(c['compile_mode'])
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        # Under FSDP this compiles the sharded model as a whole: dynamo leaves FSDP's hooks at the
+        # block boundaries to run eagerly and compiles what lies between them.
+        compiled = [torch.compile(m, mode=mode) if compile_ else m for m in self.models]
+        self.compiled = compiled[0]
+        if rt.ddp and not self.fsdp:
+            # broadcast_buffers=False: each rank's max-logit and expert-load buffers must keep its
+            # own counts until they are reduced (DDP would copy rank 0's over them every forward);
+            # the router biases stay equal because every rank applies the same reduced update.
+            compiled = [DDP(m, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None,
+                            broadcast_buffers=False, find_unused_parameters=unused_parameters) for m in compiled]
+        self.model = compiled[0]                         # what the loop calls
+        self.also = compiled[1] if also_train is not None else None
+        self.eval_copy = None                            # FSDP: rank 0's full copy for evaluate()
+        self.log_file = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
+                               wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
+                               resume=c['init_from'] == 'resume')
+        self.peak = None
+        if rt.master and not c['eval_only']:
+            self.peak = c['peak_flops'] or measure_peak_flops(rt.device_type, rt.dtype)
+            print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s per device "
+                  f"({'given' if c['peak_flops'] else 'measured with a large matmul'})")
+        self.flops_per_token = flops_per_token
+        self.first_bad_step = torch.tensor(-1, device=rt.device)   # the first NaN/inf step, on the device
+        # what the next log line reports: summed over the steps since the last one
+        self.t_last, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0.0
+        self.expert_load = self.expert_share = self.logit_max = None
+        self.clipped = torch.zeros((), device=rt.device, dtype=torch.long)
+        self.last_heatmap_step = self.step
+        self.bar = tqdm(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
+                        mininterval=1 if sys.stderr.isatty() else 30, desc=stage)
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def build_optimizer(self, module):
+        c = self.c
+        try:
+            return build_optimizer(module, c['optimizer'], c['learning_rate'], c['weight_decay'],
+                                   (c['beta1'], c['beta2']), device_type=self.rt.device_type,
+                                   momentum=c['muon_momentum'])
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+
+    def optimizer_state_by_name(self, module, optimizer_state):
+        """A single-file checkpoint's optimizer state (torch's format, by parameter index), keyed
+        by parameter name so that FSDP can shard it: loaded into a throwaway optimizer of the
+        still unsharded model (FSDP replaces the parameters when it shards them)."""
+        optimizer = self.build_optimizer(module)
+        optimizer.load_state_dict(optimizer_state)
+        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
+
+    def load_resume_state(self, resume, trainable, full_optimizer_state):
+        """Continue a checkpoint exactly: its optimizer state (resharded to this run's ranks where
+        it was sharded, or sharded now), step, best val loss and every rank's RNG stream."""
+        rt = self.rt
+        base_lrs = [g['base_lr'] for g in self.optimizer.param_groups]
+        if 'sharded_dir' in resume:                  # written under FSDP, on any number of ranks
+            load_sharded_optimizer(trainable, self.optimizer, resume['sharded_dir'])
+        elif full_optimizer_state is not None:       # a single-file checkpoint, now sharded
+            set_optimizer_state_dict(trainable, self.optimizer, full_optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(resume['optimizer'])
+        for g, base_lr in zip(self.optimizer.param_groups, base_lrs):
+            g['base_lr'] = base_lr                   # the config's rate wins over the saved one
+        self.step = resume['step']
+        self.best_val_loss = resume.get('best_val_loss', float('inf'))
+        per_rank = resume.get('rng_per_rank') or []
+        if len(per_rank) == rt.world_size:           # as many ranks as the run that saved it
+            restore_rng_state(per_rank[rt.rank])
+        elif rt.rank == 0:
+            restore_rng_state(resume['rng'])
+        else:
+            torch.manual_seed(self.c['seed'] + rt.rank)
+        if rt.master:
+            print(f"resuming {self.c['out_dir']} at step {self.step}")
+
+    def capturable(self):
+        """Make the optimizer's step capturable in a CUDA graph (runtime.CUDAGraphStep): its step
+        counts and learning rates stay on the device (set_lr then fills the tensors in place)."""
+        for g in self.optimizer.param_groups:
+            g['capturable'] = True
+            g['lr'] = torch.tensor(float(g['lr']), device=self.rt.device)
+
+    # --- one step -------------------------------------------------------------------------------
+    def set_lr(self, step):
+        """The learning rate of `step` (optim.lr_at), applied to every param group."""
+        c = self.c
+        lr = lr_at(step, c['learning_rate'], c['min_lr'], c['warmup_iters'], c['lr_decay_iters'] or c['max_iters'],
+                   c['lr_schedule'], c['decay_frac'])
+        set_lr(self.optimizer, lr / c['learning_rate'])
+        return lr
+
+    def batch_generator(self, step, micro_step, stream=0):
+        """The generator of this rank's micro-batch `micro_step` of `step`: a function of the
+        micro-batch's GLOBAL index, rank * gradient_accumulation_steps + micro_step, so N ranks
+        with accumulation k draw exactly the batches of one process with accumulation N k."""
+        index = self.rt.rank * self.c['gradient_accumulation_steps'] + micro_step
+        return batch_generator(self.c['seed'], step, index, 0, stream)
+
+    def sync(self, micro):
+        """The context of micro-step `micro`'s forward and backward: gradients are reduced across
+        ranks after the last micro-step only; before it they accumulate locally (DDP's no_sync,
+        FSDP's set_requires_gradient_sync)."""
+        last = micro == self.c['gradient_accumulation_steps'] - 1
+        if self.fsdp:
+            self.raw.set_requires_gradient_sync(last)
+        elif self.rt.ddp and not last:
+            stack = contextlib.ExitStack()
+            for m in (self.model, self.also):
+                if m is not None:
+                    stack.enter_context(m.no_sync())
+            return stack
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self):
+        """Clip the gradients' global norm to grad_clip (0: off), step the optimizer (through the
+        GradScaler in float16), zero the gradients, move the MoE router biases toward equal load
+        (auxiliary-loss-free balancing, counts summed over ranks), then QK-Clip (muonclip). Device
+        tensors only (no host sync): {'grad_norm', 'loads', 'parts'}, parts the loss's parts
+        of the last forward (model.last_losses)."""
+        out = {'parts': dict(self.raw.last_losses)}
+        if self.c['grad_clip'] > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for m in self.models for p in m.parameters()]
+            out['grad_norm'] = clip_grad_norm_(self.optimizer, params, self.c['grad_clip'],
+                                               defer_to_optimizer=not (self.scaler.is_enabled() or self.fsdp))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        reduce_sum = dist.all_reduce if self.rt.ddp else None
+        if self.also_raw is not None:
+            self.also_raw.update_router_bias(reduce=reduce_sum)
+        out['loads'] = self.raw.update_router_bias(reduce=reduce_sum)
+        if self.track_logits:                          # (never under cuda_graph_train: refused)
+            reduce_max = (lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if self.rt.ddp else None
+            for m in self.models:
+                # QK-Clip: heads whose largest logit passed qk_clip_tau get their q/k weights scaled back
+                if self.c['optimizer'] == 'muonclip':
+                    now, n_clipped = qk_clip(m, self.c['qk_clip_tau'], reduce=reduce_max)
+                    self.clipped += n_clipped
+                else:
+                    now = max_logits(m, reduce=reduce_max)
+                if m is self.raw:                      # the logged max logits: the model's
+                    self.logit_max = now if self.logit_max is None else torch.maximum(self.logit_max, now)
+        return out
+
+    # --- logging, evaluation, checkpoints -------------------------------------------------------
+    def diverged(self):
+        """The first step whose loss was NaN/inf (-1 if none), agreed by every rank. Syncs the host."""
+        bad = self.first_bad_step.clone()
+        if self.rt.ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return int(bad) >= 0
+
+    def log(self, step, lr, loss, tokens, out, metrics=None):
+        """Count a finished step: step = the steps done, loss its loss (a device tensor), tokens
+        this rank's tokens in it, out what optimizer_step returned, metrics the stage's own
+        ({name: number or tensor}, logged as train/<name>). The expert loads and the first
+        NaN/inf loss stay on the device; every log_interval steps the log line is written: loss,
+        the loss's parts and the metrics as means over ranks, tokens/s over all ranks, MFU, grad
+        norm, expert-load imbalance, max attention logits. Returns False when the loss has
+        become NaN/inf (the loop then stops; finish() says where)."""
+        c, rt = self.c, self.rt
+        self.step = step
+        if out.get('loads') is not None:
+            self.expert_load = out['loads'].clone() if self.expert_load is None else self.expert_load + out['loads']
+        # a filled scalar, not torch.tensor(step, device=...): that would wait for the GPU
+        self.first_bad_step.masked_fill_((self.first_bad_step < 0) & ~torch.isfinite(loss), step - 1)
+        self.steps_since += 1
+        self.tokens_since += tokens
+        self.bar.update(1)
+        if step % c['log_interval']:
+            return True
+        if self.diverged():
+            return False
+        numbers = {'train/loss': loss, 'tokens': self.tokens_since}
+        numbers.update({f'train/{part}_loss': v for part, v in out['parts'].items()})
+        numbers.update({f'train/{name}': v for name, v in (metrics or {}).items()})
+        grad_norm = out.get('grad_norm')
+        if grad_norm is not None:                        # the same on every rank; FSDP: a DTensor
+            numbers['grad_norm'] = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm
+        numbers = self.mean_over_ranks(numbers)          # one all-reduce, one host sync
+        synchronize(rt.device_type)
+        elapsed = time.perf_counter() - self.t_last
+        tok_s = numbers.pop('tokens') * rt.world_size / elapsed
+        dt = elapsed / self.steps_since
+        self.t_last, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0.0
+        if rt.master:
+            row = {'train/loss': numbers.pop('train/loss'), 'lr': lr, 'tokens_per_sec': tok_s,
+                   'mfu': self.flops_per_token * tok_s / (self.peak * rt.world_size), 'step_time_ms': 1000 * dt}
+            row.update(numbers)
+            if self.expert_load is not None:
+                # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
+                load = self.expert_load
+                imbalance = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
+                row['moe/max_imbalance'] = max(imbalance)
+                row['moe/imbalance'] = [round(v, 3) for v in imbalance]
+                share = (load / load.sum(1, keepdim=True).clamp(min=1)).cpu()
+                self.expert_share = share if self.expert_share is None else self.expert_share + share
+            if self.logit_max is not None:
+                per_layer = self.logit_max.max(1).values.tolist()      # the largest head of each layer
+                row['attn/max_logit'] = [round(v, 2) for v in per_layer]
+                row['attn/max_logit_all'] = max(per_layer)
+                row['qk_clip/clipped_heads'] = int(self.clipped)
+            self.log_file.log(step, **row)
+            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}',
+                                 mfu=f"{100 * row['mfu']:.1f}%", refresh=False)
+        self.expert_load = self.logit_max = None
+        self.clipped.zero_()
+        return True
+
+    def evaluate(self, step, evaluate, plots=(('train/loss', 'val/loss'), 'loss.png', 'loss (nats/token)')):
+        """Whether the loop goes on to train step `step`: False at max_iters, with eval_only,
+        or when the loss has become NaN/inf (then nothing is evaluated or saved). At step 0,
+        every eval_interval steps and at max_iters, first: rank 0 runs evaluate(model) ->
+        {metric: float} (the others wait), logs and prints the metrics, draws the plots
+        ((keys, file, y label) triples, or one triple) and the expert-load heatmap; then the
+        checkpoint is saved (every rank takes part) when val/loss improved or
+        always_save_checkpoint, except at step 0."""
+        c, rt, log = self.c, self.rt, self.log_file
+        self.step = step
+        last = step >= c['max_iters'] or c['eval_only']
+        if step % c['eval_interval'] and not last:
+            return True
+        if self.diverged():
+            return False                                 # never evaluate or save a diverged model
+        eval_model = self.evaluation_model()             # None on ranks > 0
+        metrics = {}
+        if rt.master:
+            self.raw.eval()
+            metrics = evaluate(eval_model)
+            self.raw.train()
+            log.log(step, **metrics)
+            self.bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()
+                                                        if isinstance(v, float)))
+            self.plot(plots)
+            if self.expert_share is not None:
+                log.heatmap(self.expert_share / self.expert_share.sum(1, keepdim=True), 'expert_load.png',
+                            title=f'share of routed tokens per expert, steps {self.last_heatmap_step}-{step}')
+                self.expert_share, self.last_heatmap_step = None, step
+        val = self.from_rank0(metrics.get('val/loss', float('inf')))
+        if val < self.best_val_loss or c['always_save_checkpoint']:
+            self.best_val_loss = min(self.best_val_loss, val)
+            if step > 0 and not c['eval_only'] and c['save_checkpoints']:
+                self.save(step, metrics)
+        return not last
+
+    def plot(self, plots):
+        plots = [plots] if isinstance(plots[1], str) else plots
+        for keys, name, ylabel in plots:
+            self.log_file.plot(keys=keys, name=name, ylabel=ylabel)
+        if self.track_logits:
+            self.log_file.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
+
+    def finish(self, plots=(('train/loss', 'val/loss'), 'loss.png', 'loss (nats/token)')):
+        """After the loop: exit with the step where the loss diverged, or print where the
+        checkpoint and the loss curve are; close the log."""
+        c, rt = self.c, self.rt
+        self.bar.close()
+        if self.diverged():
+            last = checkpoint_path(c['out_dir'])
+            sys.exit(f'error: the training loss became NaN/inf at step {int(self.first_bad_step)}; stopped. '
+                     f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)')
+                     if rt.master else 1)
+        if rt.master and not c['eval_only']:
+            self.plot(plots)
+            path = os.path.join(c['out_dir'], 'loss.png')
+            saved = f"; checkpoint in {checkpoint_path(c['out_dir'])}" if c['save_checkpoints'] else ''
+            print(f'done: {self.step} steps' + saved + (f', loss curve {path}' if os.path.exists(path) else ''))
+        self.log_file.close()
+
+    def mean_over_ranks(self, numbers):
+        """{name: number or 0-d tensor} -> {name: float}, averaged over the ranks by one
+        all-reduce; in a single process the values themselves."""
+        if not self.rt.ddp:
+            return {k: float(v) for k, v in numbers.items()}
+        t = torch.stack([torch.as_tensor(v, device=self.rt.device).to(torch.float64).reshape(())
+                         for v in numbers.values()])
+        dist.all_reduce(t)
+        return dict(zip(numbers, (t / self.rt.world_size).tolist()))
+
+    def from_rank0(self, x):
+        """The float x as rank 0 has it, on every rank (a broadcast); x in a single process."""
+        if not self.rt.ddp:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.rt.device)
+        dist.broadcast(t, 0)
+        return t.item()
+
+    def evaluation_model(self):
+        """What evaluate() is given on rank 0 (None on the others, which wait): the model itself
+        (not its DDP wrapper), or under FSDP a full copy gathered from the shards (every rank
+        takes part in the gather): evaluate runs on rank 0 alone and may sample text, a number of
+        forward passes no other rank could match, while FSDP's forward needs every rank."""
+        if not self.fsdp:
+            return self.compiled if self.rt.master else None
+        weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.rt.master:
+            return None
+        if self.eval_copy is None:
+            with torch.random.fork_rng(devices=[]):     # must not move rank 0's RNG stream
+                self.eval_copy = self.model_class(copy.deepcopy(self.raw.config)).to(self.rt.device)
+        self.eval_copy.load_state_dict(weights)
+        return self.eval_copy.eval()
+
+    def replica_fingerprints(self):
+        """Every rank's fingerprint of the state it should share with the others: (float64 sum,
+        sum of squares) of each state-dict tensor held whole on every rank (under DDP all of them,
+        under FSDP the buffers, e.g. the router biases; the shards differ by design). Rank 0
+        warns if a rank's differs from its own: the replicas have drifted apart. A collective."""
+        names, values = [], []
+        for name, t in self.raw.state_dict().items():
+            if not is_sharded(t):
+                t = t.detach().double()
+                names.append(name)
+                values += [t.sum(), t.square().sum()]
+        mine = torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=self.rt.device)
+        every = [torch.empty_like(mine) for _ in range(self.rt.world_size)]
+        dist.all_gather(every, mine)
+        every = [f.cpu() for f in every]
+        bad = [(r, names[int((f != every[0]).nonzero()[0]) // 2]) for r, f in enumerate(every)
+               if not torch.equal(f, every[0])]
+        if bad and self.rt.master:
+            print(f'warning: at step {self.step} the replicas differ: ' +
+                  ', '.join(f'rank {r} in {name}' for r, name in bad), file=sys.stderr)
+        return every
+
+    def checkpoint(self, step, metrics):
+        """The checkpoint dict (every rank calls it: each rank's RNG state is gathered, so that a
+        resume on as many ranks continues every rank's stream). Under FSDP without the weights
+        and optimizer state, which go to the shards."""
+        rng = capture_rng_state()
+        meta = {'tokenizer': self.tok_spec, 'stage': self.stage, 'step': step, 'config': self.c,
+                'metrics': metrics, 'best_val_loss': self.best_val_loss, 'rng': rng, **self.extra}
+        if self.rt.ddp:
+            per_rank = [None] * self.rt.world_size
+            dist.all_gather_object(per_rank, rng)
+            meta['rng_per_rank'] = per_rank
+            meta['replica_fingerprints'] = self.replica_fingerprints()
+        if self.fsdp:
+            weights = {'model_config': self.raw.config.to_dict()}
+        else:
+            weights = {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict()}
+        if self.also_raw is not None:                    # PPO's value model, beside the policy
+            weights.update(value_model=self.also_raw.state_dict(), value_model_config=self.also_raw.config.to_dict())
+        if issubclass(self.model_class, ScalarModel):
+            weights['model_class'] = 'scalar'
+        if not self.fsdp:
+            opt = self.optimizer.state_dict()            # learning rates as numbers (cuda_graph_train
+            opt['param_groups'] = [{**g, 'lr': float(g['lr'])} for g in opt['param_groups']]  # has tensors)
+            weights['optimizer'] = opt
+        return {**weights, **meta}
+
+    def save(self, step, metrics):
+        """Every rank calls it. Rank 0 writes out_dir/ckpt.pt and the others wait until it is
+        complete; under FSDP every rank writes its shards to out_dir/ckpt_dcp/."""
+        ckpt = self.checkpoint(step, metrics)
+        out_dir = self.c['out_dir']
+        if self.fsdp:
+            save_sharded_checkpoint(out_dir, self.raw, self.optimizer, ckpt)
+            return
+        if self.rt.master:
+            save_checkpoint(out_dir, ckpt)
+            shutil.rmtree(os.path.join(out_dir, SHARDED_DIR), ignore_errors=True)   # one per folder
+        if self.rt.ddp:
+            dist.barrier()
