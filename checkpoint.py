@@ -7,6 +7,7 @@ any stage's folder; the RNG states make a resume continue exactly.
 
 import math
 import os
+import pickle
 import shutil
 import sys
 import warnings
@@ -48,18 +49,36 @@ def checkpoint_path(path):
     return os.path.dirname(newest) if newest.endswith('meta.pt') else newest
 
 
+def run_folders(root='out'):
+    """The folders under root that hold a checkpoint, the most recently written first."""
+    if not os.path.isdir(root):
+        return []
+    found = [d if root == '.' else os.path.join(root, d) for d in os.listdir(root)]
+    found = [d for d in found if os.path.isdir(d) and os.path.exists(checkpoint_path(d))]
+    return sorted(found, key=lambda d: -os.path.getmtime(checkpoint_path(d)))
+
+
 def load_checkpoint(path, map_location='cpu'):
     """The checkpoint dict of a run folder (or a ckpt.pt file). A sharded checkpoint (ckpt_dcp/,
     written by fsdp=True) is read back whole in this one process, without torch.distributed: its
     metadata plus the full model weights gathered from the shards under 'model', so sample.py,
     eval.py and a later stage's init_from= read it like ckpt.pt; 'sharded_dir' names the folder
-    (Trainer resumes the optimizer state from it, resharded to the new number of ranks)."""
+    (training.Run resumes the optimizer state from it, resharded to the new number of ranks).
+    A missing checkpoint exits naming the run folders that do hold one; a damaged one (empty,
+    cut short) exits naming the file."""
     p = checkpoint_path(path)
     if os.path.isdir(p):
         return load_sharded_checkpoint(p)
     if not os.path.isfile(p):
-        sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt or {SHARDED_DIR}/)")
-    return torch.load(p, map_location=map_location, weights_only=True)
+        others = run_folders(os.path.dirname(os.path.normpath(path)) or '.') or run_folders()
+        sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt or {SHARDED_DIR}/); "
+                 + (f"checkpoints found: {', '.join(others[:8])}" if others else 'no checkpoint found under out/'))
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as e:
+        sys.exit(f"error: the checkpoint '{p}' is damaged or incomplete ({os.path.getsize(p):,} bytes; "
+                 f"{type(e).__name__}: {str(e)[:120]}); delete it, then train again or resume from an "
+                 f"earlier copy")
 
 
 def save_sharded_checkpoint(out_dir, model, optimizer, meta):

@@ -268,6 +268,20 @@ def load_tokenizer_spec(meta_spec, data_dir):
 
 
 # -----------------------------------------------------------------------------
+# Local copies of public data, for machines without internet
+
+LOCAL_DATA = os.environ.get('SHARED_DATA') or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data'))
+
+
+def local_copy(*parts):
+    """The path of a local copy of a public data file under $SHARED_DATA (default: shared/data
+    beside the checkout), or None: what the prepare scripts fall back to when a download fails."""
+    path = os.path.join(LOCAL_DATA, *parts)
+    return path if os.path.exists(path) else None
+
+
+# -----------------------------------------------------------------------------
 # Records and chat batches
 
 

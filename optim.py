@@ -250,8 +250,8 @@ def clip_grad_norm_(optimizer, params, max_norm, defer_to_optimizer=True):
     the total 2-norm, which is returned. With a fused AdamW (and defer_to_optimizer) the scaling is
     not a pass of its own: the optimizer's kernel divides each gradient by its `grad_scale`,
         grad_scale = max(1, (norm + 1e-6) / max_norm),
-    as it does for GradScaler's loss scale, so the gradients are read once less per step (H100,
-    239M float32 gradients: 0.71 ms). defer_to_optimizer must be False where a GradScaler steps
+    as it does for GradScaler's loss scale, so the gradients are read once less per step.
+    defer_to_optimizer must be False where a GradScaler steps
     the optimizer (it sets grad_scale itself) and for sharded (FSDP) gradients."""
     params = [p for p in params if p.grad is not None]
     if defer_to_optimizer and isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get('fused'):

@@ -11,15 +11,22 @@ import time
 
 class RunLog:
     def __init__(self, out_dir, enabled=True, tensorboard=False, wandb_project='', run_name='',
-                 config=None, resume=False):
+                 config=None, resume_step=None):
+        """A new log.jsonl, or with resume_step (a resumed run) the old one up to that step: rows
+        the run wrote after its checkpoint are dropped, as the resumed run writes them again."""
         self.out_dir, self.enabled = out_dir, enabled
         self.path = os.path.join(out_dir, 'log.jsonl')
         self.tb = self.wandb = None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):
+        if resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
+        elif resume_step is not None:
+            kept = [r for r in self.rows() if r.get('step', 0) <= resume_step]
+            with open(self.path + '.tmp', 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in kept)
+            os.replace(self.path + '.tmp', self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional: pip install tensorboard
             self.tb = SummaryWriter(os.path.join(out_dir, 'tb'))

@@ -14,13 +14,13 @@ import sys
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, run_folders
 from config import configure
 from runtime import init_runtime
 from generate import generate_tokens
 
 # -----------------------------------------------------------------------------
-out_dir = 'out/run'          # a folder holding ckpt.pt (from any stage)
+out_dir = ''                 # a folder holding ckpt.pt (from any stage); '': the newest under out/
 start = ''                   # the prompt; 'FILE:path' reads it from a file; '' starts a fresh document
 num_samples = 3
 max_new_tokens = 256
@@ -53,6 +53,14 @@ if start.startswith('FILE:'):
     except OSError as e:
         sys.exit(f"error: cannot read the prompt file '{start[5:]}': {e.strerror}")
 
+if not out_dir:
+    found = run_folders('out')
+    if not found:
+        sys.exit('error: no checkpoint under out/ to sample from; train one first '
+                 '(python train.py config/...), or name one with --out_dir=FOLDER')
+    out_dir = found[0]
+    print(f"sampling from {out_dir}, the newest checkpoint under out/ (others: {', '.join(found[1:6]) or 'none'})",
+          file=sys.stderr)
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device)
 model.eval()

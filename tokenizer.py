@@ -31,6 +31,7 @@ its closing <|end|>, the tokens a fine-tuned model is trained to produce.
 import base64
 import heapq
 import re
+import sys
 from collections import Counter, defaultdict
 
 EOT = '<|endoftext|>'
@@ -279,10 +280,19 @@ class BPETokenizer(Tokenizer):
         return {'ranks': self.ranks_blob, 'pat_str': self.pat_str}
 
 
-def gpt2_tokenizer(tokenizer_file=None):
+def gpt2_tokenizer(tokenizer_file=None, fallback_file=None):
     """GPT-2's BPE. With `tokenizer_file` (a tiktoken rank file such as gpt2.tiktoken) nothing is
-    downloaded; otherwise tiktoken fetches the encoding once and we keep its ranks in the spec."""
+    downloaded; otherwise tiktoken fetches the encoding once and we keep its ranks in the spec.
+    fallback_file: a local rank file to read, saying so, when tiktoken's download fails."""
     from tiktoken_ext.openai_public import r50k_pat_str     # GPT-2's pre-tokenizer pattern
+    if not tokenizer_file and fallback_file:
+        import tiktoken
+        try:
+            tiktoken.get_encoding('gpt2')
+        except Exception as e:
+            print(f"tiktoken could not fetch the GPT-2 encoding ({type(e).__name__}); reading the local "
+                  f"rank file {fallback_file} instead", file=sys.stderr)
+            tokenizer_file = fallback_file
     if tokenizer_file:
         try:
             with open(tokenizer_file, 'rb') as f:
@@ -391,12 +401,13 @@ def bpe_tokenizer(ranks, pat_str=BPE_PATTERN):
 KINDS = ('gpt2', 'bpe', 'byte', 'char', 'word')
 
 
-def build_tokenizer(kind, texts=None, vocab_size=None, tokenizer_file=None):
-    """A new tokenizer of `kind`; char, word and bpe are learned from `texts`."""
+def build_tokenizer(kind, texts=None, vocab_size=None, tokenizer_file=None, fallback_file=None):
+    """A new tokenizer of `kind`; char, word and bpe are learned from `texts` (gpt2: see
+    gpt2_tokenizer for the two files)."""
     if kind not in KINDS:
         raise ValueError(f"tokenizer='{kind}'; valid: {', '.join(KINDS)}")
     if kind == 'gpt2':
-        return gpt2_tokenizer(tokenizer_file)
+        return gpt2_tokenizer(tokenizer_file, fallback_file)
     if kind == 'byte':
         return ByteTokenizer()
     if texts is None:

@@ -39,8 +39,9 @@ always_save_checkpoint = True  # save at every evaluation, not only when val los
 save_checkpoints = True      # False: write no checkpoint at all (sweeps, benchmarks)
 eval_only = False            # evaluate once and exit
 # data
-dataset = 'tinystories'      # data/<dataset>/ written by prepare/<dataset>.py
-data_dir = ''                # explicit folder; '' means data/<dataset>
+dataset = 'tinystories'      # data/<dataset>/, made on first use by the prepare script below
+prepare = ''                 # that script and its flags, e.g. 'tinystories.py --tokenizer=bpe'; '': <dataset>.py
+data_dir = ''                # an explicit folder (never prepared here); '' means data/<dataset>
 batch_size = 32              # sequences per micro-batch (per GPU)
 block_size = 256             # tokens per sequence
 gradient_accumulation_steps = 1
@@ -85,25 +86,38 @@ config = configure(globals(), model_config=ModelConfig)
 # -----------------------------------------------------------------------------
 
 rt = init_runtime(device, dtype, seed)
+own_data_dir = not data_dir                   # data/<dataset>: prepared here when missing
 data_dir = data_dir or os.path.join('data', dataset)
 if cuda_sync_check and rt.device_type != 'cuda':
     sys.exit(f"error: cuda_sync_check=True needs a CUDA GPU (device is '{rt.device}'); "
              f"it reports where the host waits for one")
 
-# --- data (prepared on first use when a prepare script of that name exists) ----------------
+# --- data (data/<dataset> is prepared on first use by prepare/<dataset>.py) -----------------
 if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare', f'{dataset}.py')
-    if rt.master and os.path.isfile(script):
-        print(f'{data_dir} is missing; preparing it with {script}')
-        rc = subprocess.call([sys.executable, script, f'--out_dir={data_dir}'])
+    script, *flags = (prepare or f'{dataset}.py').split()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare', script)
+    command = [sys.executable, script, *flags, f'--out_dir={data_dir}']
+    if not own_data_dir:
+        sys.exit(f"error: no dataset at data_dir='{data_dir}' (no meta.json); prepare one there, e.g. "
+                 f"python prepare/{dataset}.py --out_dir={data_dir}, or leave data_dir unset for data/{dataset}")
+    if not os.path.isfile(script):
+        sys.exit(f"error: no dataset at {data_dir} and no prepare/{os.path.basename(script)} to make it; "
+                 f"valid datasets: {', '.join(sorted(f[:-3] for f in os.listdir(os.path.dirname(script)) if f.endswith('.py')))}")
+    if rt.master:
+        print(f"{data_dir} is missing; preparing it: {' '.join(command[1:])}", flush=True)
+        rc = subprocess.call(command)
         if rc:
-            sys.exit(f'error: {script} failed (exit {rc}); prepare the data by hand, e.g. '
-                     f'python prepare/{dataset}.py --source=PATH')
+            sys.exit(f"error: {' '.join(command[1:])} failed (exit {rc}); prepare the data by hand, e.g. "
+                     f"with --source=PATH to local files")
     if rt.ddp:
         torch.distributed.barrier()
 data = TokenData(data_dir)
 tok_spec = load_tokenizer_spec(data.meta['tokenizer'], data_dir)
 bytes_per_token = data.bytes_per_token('val')
+for split in ('train', 'val'):                # checked before any work: a window needs block_size + 1
+    if data.lengths[split] <= block_size + 1:
+        sys.exit(f"error: the {split} split of {data_dir} has {data.lengths[split]:,} tokens, fewer than "
+                 f"block_size + 1 = {block_size + 1}; lower block_size or prepare more data into it")
 
 # --- model ----------------------------------------------------------------------------------
 ckpt = None
@@ -151,6 +165,7 @@ def get_batch(split, step, micro_step):
 def evaluate(model):
     """Mean loss over eval_iters fixed batches per split (the same batches at every evaluation),
     val perplexity and bits per byte (nats per token / ln 2 / bytes per token)."""
+    run.bar.write(f'evaluating: {eval_iters} batches of {batch_size} x {block_size} tokens per split')
     out = {}
     for split in ('train', 'val'):
         losses = torch.zeros(eval_iters)

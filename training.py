@@ -32,7 +32,9 @@ import contextlib
 import copy
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -111,14 +113,20 @@ class Run:
         self.model = compiled[0]                         # what the loop calls
         self.also = compiled[1] if also_train is not None else None
         self.eval_copy = None                            # FSDP: rank 0's full copy for evaluate()
+        self.resumed_at = self.step if resume is not None else None
         self.log_file = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
                                wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
-                               resume=c['init_from'] == 'resume')
+                               resume_step=self.resumed_at)
+        # MFU against a peak that means something: a GPU's measured bf16 matmul, or one given
         self.peak = None
-        if rt.master and not c['eval_only']:
+        if rt.master and not c['eval_only'] and (c['peak_flops'] or rt.device_type == 'cuda'):
             self.peak = c['peak_flops'] or measure_peak_flops(rt.device_type, rt.dtype)
             print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s per device "
                   f"({'given' if c['peak_flops'] else 'measured with a large matmul'})")
+        # Ctrl-C: finish the step, save a checkpoint, say how to resume (a second Ctrl-C stops at once)
+        self.stop_requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.on_interrupt)
         self.flops_per_token = flops_per_token
         self.first_bad_step = torch.tensor(-1, device=rt.device)   # the first NaN/inf step, on the device
         # what the next log line reports: summed over the steps since the last one
@@ -130,6 +138,13 @@ class Run:
                         mininterval=1 if sys.stderr.isatty() else 30, desc=stage)
 
     # --- set-up ---------------------------------------------------------------------------------
+    def on_interrupt(self, signum, frame):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print('\nCtrl-C: finishing this step, then saving a checkpoint and stopping '
+              '(Ctrl-C again to stop at once, saving nothing)', file=sys.stderr, flush=True)
+
     def build_optimizer(self, module):
         c = self.c
         try:
@@ -260,9 +275,10 @@ class Run:
         ({name: number or tensor}, logged as train/<name>). The expert loads and the first
         NaN/inf loss stay on the device; every log_interval steps the log line is written: loss,
         the loss's parts and the metrics as means over ranks, tokens/s over all ranks, MFU, grad
-        norm, expert-load imbalance, max attention logits. Returns False when the loss has
-        become NaN/inf (the loop then stops; finish() says where)."""
-        c, rt = self.c, self.rt
+        norm, expert-load imbalance, max attention logits. Returns False when the loop should
+        stop: the loss has become NaN/inf, or Ctrl-C (then the checkpoint is saved here); finish()
+        says which."""
+        c = self.c
         self.step = step
         if out.get('loads') is not None:
             self.expert_load = out['loads'].clone() if self.expert_load is None else self.expert_load + out['loads']
@@ -271,8 +287,18 @@ class Run:
         self.steps_since += 1
         self.tokens_since += tokens
         self.bar.update(1)
-        if step % c['log_interval']:
-            return True
+        at_log = step % c['log_interval'] == 0
+        if at_log and not self.log_line(step, lr, loss, out, metrics):
+            return False
+        if self.interrupted(at_log):
+            if c['save_checkpoints'] and not self.diverged():
+                self.save(step, {})
+            return False
+        return True
+
+    def log_line(self, step, lr, loss, out, metrics):
+        """log()'s line (see there); False, writing nothing, when the loss has become NaN/inf."""
+        rt = self.rt
         if self.diverged():
             return False
         numbers = {'train/loss': loss, 'tokens': self.tokens_since}
@@ -288,8 +314,9 @@ class Run:
         dt = elapsed / self.steps_since
         self.t_last, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0.0
         if rt.master:
-            row = {'train/loss': numbers.pop('train/loss'), 'lr': lr, 'tokens_per_sec': tok_s,
-                   'mfu': self.flops_per_token * tok_s / (self.peak * rt.world_size), 'step_time_ms': 1000 * dt}
+            row = {'train/loss': numbers.pop('train/loss'), 'lr': lr, 'tokens_per_sec': tok_s, 'step_time_ms': 1000 * dt}
+            if self.peak:
+                row['mfu'] = self.flops_per_token * tok_s / (self.peak * rt.world_size)
             row.update(numbers)
             if self.expert_load is not None:
                 # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
@@ -305,8 +332,8 @@ class Run:
                 row['attn/max_logit_all'] = max(per_layer)
                 row['qk_clip/clipped_heads'] = int(self.clipped)
             self.log_file.log(step, **row)
-            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}',
-                                 mfu=f"{100 * row['mfu']:.1f}%", refresh=False)
+            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}', refresh=False,
+                                 **({'mfu': f"{100 * row['mfu']:.1f}%"} if 'mfu' in row else {}))
         self.expert_load = self.logit_max = None
         self.clipped.zero_()
         return True
@@ -322,8 +349,8 @@ class Run:
         c, rt, log = self.c, self.rt, self.log_file
         self.step = step
         last = step >= c['max_iters'] or c['eval_only']
-        if step % c['eval_interval'] and not last:
-            return True
+        if (step % c['eval_interval'] and not last) or (step == self.resumed_at and not c['eval_only']):
+            return not last                              # (a resumed step was evaluated before its save)
         if self.diverged():
             return False                                 # never evaluate or save a diverged model
         eval_model = self.evaluation_model()             # None on ranks > 0
@@ -354,11 +381,32 @@ class Run:
         if self.track_logits:
             self.log_file.plot(keys=('attn/max_logit_all',), name='max_logit.png', ylabel='max attention logit')
 
+    def interrupted(self, at_log):
+        """Whether Ctrl-C asked the run to stop, agreed by every rank (under torchrun asked at
+        log steps only: the question is a collective)."""
+        if not self.rt.ddp:
+            return self.stop_requested
+        if not at_log:
+            return False
+        flag = torch.tensor(float(self.stop_requested), device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
     def finish(self, plots=(('train/loss', 'val/loss'), 'loss.png', 'loss (nats/token)')):
-        """After the loop: exit with the step where the loss diverged, or print where the
-        checkpoint and the loss curve are; close the log."""
+        """After the loop: exit with the step where the loss diverged, or after Ctrl-C with where
+        the checkpoint is and the command that resumes it; else print where the checkpoint and
+        the loss curve are. Closes the log."""
         c, rt = self.c, self.rt
         self.bar.close()
+        if self.stop_requested and not self.diverged():
+            self.log_file.close()
+            if rt.master:
+                args = [a for a in sys.argv[1:] if not a.startswith('--init_from')]
+                saved = (f'checkpoint of step {self.step} in {checkpoint_path(c["out_dir"])}; continue with\n'
+                         f'  python {" ".join([sys.argv[0], *args])} --init_from=resume' if c['save_checkpoints']
+                         else 'no checkpoint (save_checkpoints=False)')
+                print(f'stopped by Ctrl-C after step {self.step}: {saved}', file=sys.stderr)
+            sys.exit(130)
         if self.diverged():
             last = checkpoint_path(c['out_dir'])
             sys.exit(f'error: the training loss became NaN/inf at step {int(self.first_bad_step)}; stopped. '

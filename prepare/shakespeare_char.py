@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import write_token_dataset  # noqa: E402
+from data import local_copy, write_token_dataset  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -35,10 +35,15 @@ if source.startswith(('http://', 'https://')):
     try:
         r = requests.get(source, timeout=60)
         r.raise_for_status()
+        text = r.text
     except requests.RequestException as e:
-        sys.exit(f'error: could not download {source} ({type(e).__name__}); '
-                 f'pass --source=PATH to a local copy of input.txt')
-    text = r.text
+        local = local_copy('shakespeare', 'input.txt')
+        if not local:
+            sys.exit(f'error: could not download {source} ({type(e).__name__}); '
+                     f'pass --source=PATH to a local copy of input.txt')
+        print(f'could not download {source} ({type(e).__name__}); using the local copy {local}', file=sys.stderr)
+        with open(local, encoding='utf-8') as f:
+            text = f.read()
 else:
     if not os.path.isfile(source):
         sys.exit(f"error: source '{source}' does not exist")
@@ -48,7 +53,8 @@ if len(text) < 1000:
     sys.exit(f"error: source '{source}' has only {len(text)} characters; expected the ~1.1M of tiny-shakespeare")
 
 n = int(len(text) * train_fraction)
-tok = build_tokenizer(tokenizer, texts=[text], vocab_size=vocab_size, tokenizer_file=tokenizer_file or None)
+tok = build_tokenizer(tokenizer, texts=[text], vocab_size=vocab_size, tokenizer_file=tokenizer_file or None,
+                      fallback_file=local_copy('gpt2.tiktoken'))
 print(f'{len(text):,} characters; tokenizer: {tok}')
 write_token_dataset(out_dir, {'train': [text[:n]], 'val': [text[n:]]}, tok, source=source,
                     extra_meta={'dataset': 'shakespeare_char'})

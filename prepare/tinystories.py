@@ -4,8 +4,13 @@ TinyStories (Eldan & Li 2023) -> data/tinystories/{train,val}.bin + meta.json
 $ python prepare/tinystories.py                      # Hugging Face roneneldan/TinyStories, GPT-2 BPE
 $ python prepare/tinystories.py --source=PATH        # a local .txt / .jsonl / .json / .parquet or folder
 $ python prepare/tinystories.py --tokenizer=bpe --vocab_size=4096 --out_dir=data/tinystories_bpe4k
-$ python prepare/tinystories.py --source=../shared/data/tinystories/valid_sample.txt \
+$ python prepare/tinystories.py --source=../shared/data/tinystories/train_sample_2mb.txt \
       --tokenizer_file=../shared/data/gpt2.tiktoken  # fully offline
+
+Offline (the hub unreachable), the default source falls back to the local TinyStories sample
+under $SHARED_DATA (default: shared/data beside the checkout), if there is one, and says so:
+tinystories/train_sample_2mb.txt (2,316 stories) for train, valid_sample_800kb.txt for val; the
+GPT-2 ranks likewise come from its gpt2.tiktoken when tiktoken cannot download them.
 
 With the official files, a folder holding TinyStoriesV2-GPT4-train.txt and -valid.txt keeps their
 split; a source with one split is divided, val_fraction of the stories going to val.
@@ -17,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import read_documents, split_off_val, write_token_dataset  # noqa: E402
+from data import local_copy, read_documents, split_off_val, write_token_dataset  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -44,6 +49,13 @@ def load_hf(name):
     try:
         ds = load_dataset(name)
     except Exception as e:
+        train, val = local_copy('tinystories', 'train_sample_2mb.txt'), local_copy('tinystories', 'valid_sample_800kb.txt')
+        if train and val:
+            print(f"could not load '{name}' from the Hugging Face hub ({type(e).__name__}); using the "
+                  f"local sample {train} (train) and {val} (val) instead", file=sys.stderr)
+            global source
+            source = f'{train} + {val}'           # what meta.json records
+            return {'train': read_documents(train)['train'], 'val': read_documents(val)['val']}
         sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
                  f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories files")
     splits = {'train': ds['train']['text'], 'val': ds['validation']['text']}
@@ -61,7 +73,8 @@ if max_docs:
 print(f"{source}: {len(splits['train']):,} train and {len(splits['val']):,} val stories")
 
 tok = build_tokenizer(tokenizer, texts=splits['train'][:tokenizer_train_docs],
-                      vocab_size=vocab_size, tokenizer_file=tokenizer_file or None)
+                      vocab_size=vocab_size, tokenizer_file=tokenizer_file or None,
+                      fallback_file=local_copy('gpt2.tiktoken'))
 print(f'tokenizer: {tok}')
 write_token_dataset(out_dir, splits, tok, source=source, num_proc=num_proc or None,
                     extra_meta={'dataset': 'tinystories'})

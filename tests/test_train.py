@@ -104,7 +104,16 @@ def test_sample_script(tmp_path, byte_data):
         p = run_script('sample.py', '--out_dir=run', bad, cwd=tmp_path, check=False)
         assert p.returncode != 0 and msg in p.stderr, (bad, p.stderr[-500:])
     p = run_script('sample.py', '--out_dir=nothing', cwd=tmp_path, check=False)
-    assert "no checkpoint at 'nothing'" in p.stderr
+    assert "no checkpoint at 'nothing" in p.stderr and 'checkpoints found: run' in p.stderr
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'ckpt.pt').write_bytes(b'')                # empty, as a killed copy leaves it
+    p = run_script('sample.py', '--out_dir=broken', cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in p.stderr
+    assert 'Traceback' not in p.stderr
+    train(tmp_path, byte_data, 'out/older', '--max_iters=1')
+    train(tmp_path, byte_data, 'out/newer', '--max_iters=1')
+    p = run_script('sample.py', '--max_new_tokens=3', '--num_samples=1', '--device=cpu', cwd=tmp_path)
+    assert 'sampling from out/newer, the newest checkpoint under out/ (others: out/older)' in p.stderr
 
 
 def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
@@ -114,8 +123,14 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
     p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--vocab_size=100', check=False)
     assert 'vocab_size=100 is smaller than the dataset' in p.stderr
-    p = train(tmp_path, str(tmp_path / 'nodata'), 'x', '--dataset=nothing', check=False)
-    assert 'missing meta.json' in p.stderr
+    p = train(tmp_path, str(tmp_path / 'nodata'), 'x', check=False)     # a named folder: never prepared
+    assert f"no dataset at data_dir='{tmp_path / 'nodata'}' (no meta.json)" in p.stderr
+    assert not (tmp_path / 'nodata').exists()
+    p = run_script('train.py', '--dataset=nothing', '--device=cpu', cwd=tmp_path, check=False)
+    assert 'no dataset at data/nothing and no prepare/nothing.py to make it; valid datasets:' in p.stderr
+    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--block_size=2000', check=False)
+    assert 'the val split of' in p.stderr and 'fewer than block_size + 1 = 2001' in p.stderr
+    assert 'evaluating' not in p.stdout                            # refused before any work
     p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast', check=False)
     assert p.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in p.stderr
     p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True', check=False)
@@ -187,3 +202,51 @@ def test_without_matplotlib_the_log_says_so_once_and_writes_no_png(tmp_path, mon
     log.log(1, **{'train/loss': 1.0})
     assert log.plot() is None and log.plot() is None and not list(tmp_path.glob('*.png'))
     assert capsys.readouterr().err.count('matplotlib is not installed') == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resume_logs_each_step_once(tmp_path, byte_data):
+    """SIGINT mid-run: the step in flight finishes, the checkpoint is saved (atomically), the
+    message names the command that resumes, the exit is clean (130, no traceback); the resumed run
+    continues from that step and log.jsonl holds every step once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), f'--data_dir={byte_data}', '--out_dir=run', *TINY_MODEL,
+           '--max_iters=100000', '--eval_interval=100000']
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    log, deadline = tmp_path / 'run' / 'log.jsonl', time.time() + 180
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 130 and 'Traceback' not in err, err[-2000:]
+    n = load_checkpoint(str(tmp_path / 'run'))['step']
+    assert n >= 3 and f'stopped by Ctrl-C after step {n}' in err and '--init_from=resume' in err
+    assert not list((tmp_path / 'run').glob('*.tmp'))
+    run_script('train.py', f'--data_dir={byte_data}', '--out_dir=run', *TINY_MODEL, f'--max_iters={n + 2}',
+               '--eval_interval=100000', '--init_from=resume', cwd=tmp_path)
+    rows = [json.loads(line) for line in open(log)]
+    assert [r['step'] for r in rows if 'train/loss' in r] == list(range(1, n + 3))
+    assert [r['step'] for r in rows if 'val/loss' in r] == [0, n + 2]
+
+
+def test_a_missing_dataset_is_made_by_its_prepare_command(tmp_path):
+    """data/<dataset> missing: train.py runs the prepare script the config names, with its flags
+    (config/tinystories_cpu.py does this for its BPE-4096 data), then trains on what it wrote."""
+    from conftest import shared_file
+    src = shared_file('shakespeare', 'input.txt')
+    p = run_script('train.py', '--dataset=chars', f'--prepare=shakespeare_char.py --source={src}', '--out_dir=run',
+                   *TINY_MODEL, '--max_iters=2', '--eval_interval=2', cwd=tmp_path)
+    assert f'data/chars is missing; preparing it: ' in p.stdout and 'done: 2 steps' in p.stdout
+    assert json.load(open(tmp_path / 'data' / 'chars' / 'meta.json'))['vocab_size'] == 66
+
+
+def test_mfu_is_reported_only_against_a_meaningful_peak(tmp_path, byte_data):
+    """On a CPU no peak is measured (a matmul there says little about the hardware): no MFU unless
+    peak_flops is given."""
+    p = train(tmp_path, byte_data, 'run', '--max_iters=2', '--peak_flops=0.0')
+    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    assert 'MFU' not in p.stdout and not any('mfu' in r for r in rows) and any('tokens_per_sec' in r for r in rows)
