@@ -41,11 +41,15 @@ class TokenData:
         self.data_dir = data_dir
         self.dtype = np.dtype(self.meta['dtype'])
         self.lengths = {}
-        for split in ('train', 'val'):
+        splits = ['train', 'val'] + sorted(k[:-len('_tokens')] for k in self.meta
+                                           if k.endswith('_tokens') and k.startswith('val_'))
+        for split in splits:
             p = os.path.join(data_dir, f'{split}.bin')
             if not os.path.isfile(p):
                 sys.exit(f"error: '{p}' is missing; re-run the prepare script for this dataset")
             self.lengths[split] = os.path.getsize(p) // self.dtype.itemsize
+        # the held-out splits: 'val' and any more a prepare script wrote (e.g. val_tinystories)
+        self.val_splits = [s for s in splits if s != 'train']
 
     def tokens(self, split):
         # a fresh memmap per call: numpy's memmap keeps pages alive otherwise (nanoGPT's note)

@@ -6,9 +6,11 @@ $ python eval.py --out_dir=out/sft
 $ python eval.py --compare=out/tinystories_moe,out/sft,out/dpo      # one table
 $ python eval.py --out_dir=out/sft --n_prompts=500 --temperature=0.8
 
-Writes out_dir/eval.json and prints a markdown row (or, with --compare, a table). A checkpoint
-without the chat template (a pretrained model) is prompted with the template all the same: its
-tokenizer gets the template tokens appended, as sft.py does.
+Writes out_dir/eval.json (val loss and bits per byte on each held-out split, the task metrics, the
+first n_samples answers with their scores, and n_samples continuations of story openings written
+as a language model, without the template) and prints a markdown row (or, with --compare, a
+table). A checkpoint without the chat template (a pretrained model) is prompted with the template
+all the same: its tokenizer gets the template tokens appended, as sft.py does.
 """
 
 import json
@@ -18,16 +20,16 @@ import sys
 
 import torch
 
-from checkpoint import load_chat_model, load_checkpoint
+from checkpoint import load_chat_model, load_checkpoint, run_folders
 from config import configure
 from data import load_tokenizer_spec, read_jsonl, TokenData
-from generate import use_cuda_graph
+from generate import generate_tokens, pad_prompts, use_cuda_graph
 from runtime import init_runtime
 from task import evaluate_task
 from tokenizer import base_spec
 
 # -----------------------------------------------------------------------------
-out_dir = 'out/run'          # the checkpoint folder to evaluate
+out_dir = ''                 # the checkpoint folder to evaluate; '': the newest under out/
 compare = ''                 # comma-separated checkpoint folders: evaluate each, print one table
 reuse = False                # with compare: use an existing eval.json instead of re-evaluating
 data_dir = ''                # pretraining data for val loss / bpb; '' = the checkpoint's own
@@ -44,11 +46,15 @@ cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
                              # (generate.DecodeGraph); None: on for CUDA
 reference = ''               # a checkpoint (e.g. out/sft): also report KL(model || reference) on
                              # sampled answers to the held-out prompts (nats per answer)
+n_samples = 5                # answers kept in eval.json, and continuations of story openings
+sample_tokens = 120          # new tokens per continuation
 device = 'auto'
 dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
+OPENINGS = ('Once upon a time', 'One day, a little girl named Lily', 'The old wizard looked at the boy and said',
+            'Tom and his dog went to the forest', 'In a small village by the sea')
 rt = init_runtime(device, dtype, seed)
 try:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
@@ -58,24 +64,44 @@ except ValueError as e:
 
 @torch.no_grad()
 def val_loss(model, tok_spec, folder, ckpt):
-    """(val loss, bits per byte) on the pretraining data, or (None, None) if it is not found."""
+    """{split/loss, split/bpb} on each held-out split of the pretraining data (val, and e.g.
+    val_tinystories), or {} if the data is not found."""
     d = data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
     if not d or not os.path.exists(os.path.join(d, 'meta.json')):
         print(f'{folder}: no pretraining data found (data_dir={d!r}); skipping val loss', file=sys.stderr)
-        return None, None
+        return {}
     data = TokenData(d)
     base = load_tokenizer_spec(data.meta['tokenizer'], d)
     if base_spec(tok_spec) != base_spec(base):             # the chat template aside
         sys.exit(f"error: {folder}'s tokenizer differs from the one of the data in {d}")
     T = block_size or model.config.block_size
-    losses = []
-    for k in range(eval_iters):
-        g = torch.Generator().manual_seed(seed + 7919 * k + 1)
-        x, y = data.batch('val', batch_size, T, g, rt.device)
-        with rt.autocast():
-            losses.append(model(x, y, return_logits=False)[1].item())
-    loss = sum(losses) / len(losses)
-    return loss, loss / math.log(2) / data.bytes_per_token('val')
+    out = {}
+    for split in data.val_splits:
+        losses = []
+        for k in range(eval_iters):
+            g = torch.Generator().manual_seed(seed + 7919 * k + 1)
+            x, y = data.batch(split, batch_size, T, g, rt.device)
+            with rt.autocast():
+                losses.append(model(x, y, return_logits=False)[1].item())
+        loss = sum(losses) / len(losses)
+        out.update({f'{split}/loss': loss, f'{split}/bpb': loss / math.log(2) / data.bytes_per_token(split)})
+    return out
+
+
+@torch.no_grad()
+def continuations(model, tok):
+    """n_samples continuations (temperature 0.8, seeded) of story openings, without the chat
+    template: what the model writes as a language model."""
+    if not n_samples:
+        return []
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    idx, mask = pad_prompts([[tok.eot_id] + tok.encode(o) for o in OPENINGS[:n_samples]], tok.eot_id, rt.device)
+    with rt.autocast():
+        new = torch.stack(list(generate_tokens(model, idx, sample_tokens, temperature=0.8, top_k=200,
+                                               stop_ids=[tok.eot_id], vocab_limit=tok.vocab_size,
+                                               prompt_mask=mask, generator=g)), 1).tolist()
+    return [o + tok.decode(row[:row.index(tok.eot_id)] if tok.eot_id in row else row)
+            for o, row in zip(OPENINGS, new)]
 
 
 def task_metrics(model, tok):
@@ -91,7 +117,9 @@ def task_metrics(model, tok):
                       batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
            'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
-           'task/example': r['example']}
+           'task/example': r['example'],
+           'task/samples': [{'prompt': p['prompt'], 'answer': a['text'], **{k: s[k] for k in ('score', 'all_words')}}
+                            for p, a, s in zip(prompts, r['answers'], r['scores'])][:n_samples]}
     if reference:
         out['kl_ref'] = kl_to_reference(model, tok, prompts)
     return out
@@ -118,10 +146,11 @@ def evaluate(folder):
     ckpt = load_checkpoint(folder)
     model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt)
     model.to(rt.device).eval()
-    loss, bpb = val_loss(model, tok.spec(), folder, ckpt)
     result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0),
-              'val/loss': loss, 'val/bpb': bpb, **task_metrics(model, tok),
-              'temperature': temperature, 'max_new_tokens': max_new_tokens}
+              'params': model.num_params(), 'active_params': model.active_params(), 'val/loss': None,
+              'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task_metrics(model, tok),
+              'continuations': continuations(model, tok), 'temperature': temperature,
+              'max_new_tokens': max_new_tokens}
     with open(os.path.join(folder, 'eval.json'), 'w') as f:
         json.dump(result, f, indent=2)
     return result
@@ -143,7 +172,7 @@ def row(r):
             + (f" {fmt(r.get('kl_ref'), '.2f')} |" if reference else ''))
 
 
-folders = [f for f in compare.split(',') if f] if compare else [out_dir]
+folders = [f for f in compare.split(',') if f] if compare else [out_dir or next(iter(run_folders('out')), 'out/run')]
 results = []
 for folder in folders:
     cached = os.path.join(folder, 'eval.json')

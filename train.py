@@ -113,8 +113,7 @@ if not os.path.exists(os.path.join(data_dir, 'meta.json')):
         torch.distributed.barrier()
 data = TokenData(data_dir)
 tok_spec = load_tokenizer_spec(data.meta['tokenizer'], data_dir)
-bytes_per_token = data.bytes_per_token('val')
-for split in ('train', 'val'):                # checked before any work: a window needs block_size + 1
+for split in data.lengths:                    # checked before any work: a window needs block_size + 1
     if data.lengths[split] <= block_size + 1:
         sys.exit(f"error: the {split} split of {data_dir} has {data.lengths[split]:,} tokens, fewer than "
                  f"block_size + 1 = {block_size + 1}; lower block_size or prepare more data into it")
@@ -163,11 +162,13 @@ def get_batch(split, step, micro_step):
 
 @torch.no_grad()
 def evaluate(model):
-    """Mean loss over eval_iters fixed batches per split (the same batches at every evaluation),
-    val perplexity and bits per byte (nats per token / ln 2 / bytes per token)."""
-    run.bar.write(f'evaluating: {eval_iters} batches of {batch_size} x {block_size} tokens per split')
+    """Mean loss over eval_iters fixed batches per split (the same batches at every evaluation);
+    for each held-out split (val, and e.g. val_tinystories) also bits per byte, nats per token /
+    ln 2 / bytes per token, which compares across tokenizers; val perplexity."""
+    splits = ['train'] + data.val_splits
+    run.bar.write(f'evaluating: {eval_iters} batches of {batch_size} x {block_size} tokens on each of {", ".join(splits)}')
     out = {}
-    for split in ('train', 'val'):
+    for split in splits:
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             g = torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1))
@@ -176,8 +177,11 @@ def evaluate(model):
                 _, loss = model(x, y, return_logits=False)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
-    return {'train/eval_loss': out['train'], 'val/loss': out['val'],
-            'val/ppl': math.exp(min(out['val'], 50)), 'val/bpb': out['val'] / math.log(2) / bytes_per_token}
+    metrics = {'train/eval_loss': out['train'], 'val/ppl': math.exp(min(out['val'], 50))}
+    for split in data.val_splits:
+        metrics[f'{split}/loss'] = out[split]
+        metrics[f'{split}/bpb'] = out[split] / math.log(2) / data.bytes_per_token(split)
+    return metrics
 
 
 def train_step(batches):
@@ -206,7 +210,7 @@ if cuda_graph_train:
     train_step = CUDAGraphStep(train_step)    # copies each step's batches in, replays the graph
 
 # --- the training loop ------------------------------------------------------------------------
-plots = (('train/loss', 'train/eval_loss', 'val/loss'), 'loss.png', 'loss (nats/token)')
+plots = (('train/loss', 'train/eval_loss', *(f'{s}/loss' for s in data.val_splits)), 'loss.png', 'loss (nats/token)')
 step = start = run.step                      # 0, or where a resumed run stopped
 prof = None
 while run.evaluate(step, evaluate, plots):   # every eval_interval steps: evaluate, plot, save;

@@ -131,6 +131,7 @@ class Run:
         self.first_bad_step = torch.tensor(-1, device=rt.device)   # the first NaN/inf step, on the device
         # what the next log line reports: summed over the steps since the last one
         self.t_last, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0.0
+        self.tokens_seen = (resume or {}).get('tokens', 0.0)    # trained on, all ranks, since step 0
         self.expert_load = self.expert_share = self.logit_max = None
         self.clipped = torch.zeros((), device=rt.device, dtype=torch.long)
         self.last_heatmap_step = self.step
@@ -310,11 +311,13 @@ class Run:
         numbers = self.mean_over_ranks(numbers)          # one all-reduce, one host sync
         synchronize(rt.device_type)
         elapsed = time.perf_counter() - self.t_last
+        self.tokens_seen += numbers['tokens'] * rt.world_size
         tok_s = numbers.pop('tokens') * rt.world_size / elapsed
         dt = elapsed / self.steps_since
         self.t_last, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0.0
         if rt.master:
-            row = {'train/loss': numbers.pop('train/loss'), 'lr': lr, 'tokens_per_sec': tok_s, 'step_time_ms': 1000 * dt}
+            row = {'train/loss': numbers.pop('train/loss'), 'lr': lr, 'tokens_per_sec': tok_s, 'step_time_ms': 1000 * dt,
+                   'tokens': self.tokens_seen}
             if self.peak:
                 row['mfu'] = self.flops_per_token * tok_s / (self.peak * rt.world_size)
             row.update(numbers)
@@ -481,6 +484,7 @@ class Run:
         and optimizer state, which go to the shards."""
         rng = capture_rng_state()
         meta = {'tokenizer': self.tok_spec, 'stage': self.stage, 'step': step, 'config': self.c,
+                'tokens': self.tokens_seen + self.tokens_since * self.rt.world_size,
                 'metrics': metrics, 'best_val_loss': self.best_val_loss, 'rng': rng, **self.extra}
         if self.rt.ddp:
             per_rank = [None] * self.rt.world_size

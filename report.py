@@ -1,0 +1,247 @@
+"""
+The report card of a speedrun (speedrun.sh): one page that says what every stage of the life
+cycle did, read from the folders it wrote (each stage's ckpt.pt, log.jsonl and eval.json, the
+data's meta.json, times.tsv).
+
+$ python report.py --out=out/speedrun_cpu
+
+Writes OUT/report.md and OUT/report.json, and the plots they show: OUT/report_losses.png (every
+stage's training loss and held-out loss), OUT/report_rl.png (PPO's and GRPO's rewards and KL to
+the SFT model against rollouts); the base model's expert load and max attention logit plots are
+the ones train.py drew. Each target of the life-cycle run is checked and its margin printed.
+"""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from config import configure
+from runlog import pyplot
+
+# -----------------------------------------------------------------------------
+out = 'out/speedrun_cpu'     # the speedrun's folder
+profile = ''                 # its profile (cpu | gpu), for the title
+# -----------------------------------------------------------------------------
+configure(globals(), verbose=False)
+if not os.path.isdir(out):
+    sys.exit(f"error: out='{out}' is not a folder (run speedrun.sh first)")
+
+TRAINED = ('base', 'sft', 'reward', 'dpo_seed1', 'dpo_seed2', 'dpo_seed3', 'ppo', 'grpo', 'student_scratch',
+           'student_distill')
+TARGETS = {'sft_all_words': 0.90, 'reward_accuracy': 0.90, 'distill_gap_closed': 0.50}
+
+
+def read_json(*parts):
+    path = os.path.join(out, *parts)
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def log_rows(name):
+    path = os.path.join(out, name, 'log.jsonl')
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def checkpoint_meta(name):
+    """The small part of a checkpoint: stage, step, metrics, tokens, parameter counts (the weights
+    are only counted)."""
+    path = os.path.join(out, name, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return None
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    n = sum(v.numel() for v in ckpt['model'].values())
+    return {'stage': ckpt.get('stage'), 'step': ckpt.get('step'), 'metrics': ckpt.get('metrics', {}),
+            'tokens': ckpt.get('tokens'), 'params': n}
+
+
+def fmt(x, spec='.3f'):
+    return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def pct(x):
+    return '-' if x is None else f'{100 * x:.1f}%'
+
+
+# --- what each stage did ------------------------------------------------------------------------
+times = {}
+if os.path.isfile(os.path.join(out, 'times.tsv')):
+    for line in open(os.path.join(out, 'times.tsv')):
+        name, seconds = line.split('\t')
+        times[name] = times.get(name, 0) + int(seconds)
+meta = read_json('data', 'meta.json') or {}
+stages = {}
+for name in TRAINED:
+    ckpt = checkpoint_meta(name)
+    if ckpt is None:
+        continue
+    ev = read_json(name, 'eval.json') or {}
+    rows = log_rows(name)
+    stages[name] = {'time_s': times.get('train' if name == 'base' else name), 'step': ckpt['step'], 'tokens': ckpt['tokens'],
+                    'params': ckpt['params'], 'active_params': ev.get('active_params'),
+                    'val_loss': ev.get('val/loss'), 'val_bpb': ev.get('val/bpb'),
+                    'val_tinystories_bpb': ev.get('val_tinystories/bpb'),
+                    'task_score': ev.get('task/score'), 'all_words': ev.get('task/all_words'),
+                    'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'),
+                    'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
+                    'metrics': ckpt['metrics'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {})}
+
+# --- the targets ----------------------------------------------------------------------------------
+checks = []
+
+
+def check(name, value, target, passed, how):
+    checks.append({'target': name, 'value': value, 'goal': target, 'met': passed, 'how': how})
+
+
+if 'sft' in stages:
+    v, base = stages['sft']['all_words'], stages.get('base', {}).get('all_words')
+    check('SFT: all required words used (greedy, held-out prompts)', v, f">= {pct(TARGETS['sft_all_words'])}",
+          v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}')
+if 'reward' in stages:
+    acc = stages['reward']['metrics'].get('val/accuracy')
+    check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
+          acc is not None and acc >= TARGETS['reward_accuracy'], 'reward.py val/accuracy at its last evaluation')
+dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
+if dpo and 'sft' in stages:
+    sft_score = stages['sft']['task_score']
+    spread = statistics.pstdev(dpo) if len(dpo) > 1 else float('nan')
+    gain = statistics.mean(dpo) - sft_score
+    check('DPO: task score above SFT by more than the seed spread', gain,
+          f'> spread {fmt(spread)} ({len(dpo)} seeds)', len(dpo) > 1 and gain > spread,
+          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}")
+for name in ('ppo', 'grpo'):
+    if name in stages and 'sft' in stages:
+        gain = (stages[name]['task_score'] or 0) - (stages['sft']['task_score'] or 0)
+        check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0', gain > 0,
+              f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}; "
+              f"KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer")
+if {'student_scratch', 'student_distill', 'base'} <= set(stages):
+    t, s, d = (stages[k]['val_loss'] for k in ('base', 'student_scratch', 'student_distill'))
+    closed = (s - d) / (s - t) if None not in (t, s, d) and s != t else None
+    ratio = (stages['student_distill']['active_params'] or 0) / max(stages['base']['active_params'] or 1, 1)
+    check('Distillation: share of the scratch student -> teacher val-loss gap closed', closed,
+          f">= {pct(TARGETS['distill_gap_closed'])}, student <= 25% of the teacher's active parameters",
+          closed is not None and closed >= TARGETS['distill_gap_closed'] and ratio <= 0.25,
+          f'val loss: teacher {fmt(t)}, scratch student {fmt(s)}, distilled student {fmt(d)}; '
+          f'student active parameters {pct(ratio)} of the teacher\'s')
+
+# --- plots --------------------------------------------------------------------------------------
+plots = {}
+plt = pyplot()
+if plt is not None and stages:
+    names = [n for n in stages if n != 'reward'] + (['reward'] if 'reward' in stages else [])
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(13, 3.2 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        rows = log_rows(name)
+        for key in ('train/loss', 'val/loss'):
+            pts = [(r['step'], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker='o' if len(pts) < 20 else None, markersize=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel('rollout' if name in ('ppo', 'grpo') else 'step')
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'report_losses.png'), dpi=100)
+    plt.close(fig)
+    plots['losses'] = 'report_losses.png'
+    if {'ppo', 'grpo'} & set(stages):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+        for name in ('ppo', 'grpo'):
+            rows = log_rows(name)
+            pts = [(r['step'], r['train/reward']) for r in rows if 'train/reward' in r]
+            if pts:
+                a1.plot(*zip(*pts), label=f'{name}: mean reward of the rollout', marker='.')
+            pts = [(r['step'], r['task/score_greedy']) for r in rows if 'task/score_greedy' in r]
+            if pts:
+                a1.plot(*zip(*pts), label=f'{name}: greedy task score, held out', marker='o')
+            pts = [(r['step'], r['val/kl_ref']) for r in rows if 'val/kl_ref' in r]
+            if pts:
+                a2.plot(*zip(*pts), label=name, marker='o')
+        a1.set(xlabel='rollout', ylabel='reward (task rule)', title='rewards')
+        a2.set(xlabel='rollout', ylabel='nats per answer', title='KL(policy || SFT), sampled held-out answers')
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            if a.lines:
+                a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, 'report_rl.png'), dpi=100)
+        plt.close(fig)
+        plots['rl'] = 'report_rl.png'
+for name in ('expert_load.png', 'max_logit.png', 'loss.png'):
+    if os.path.isfile(os.path.join(out, 'base', name)):
+        plots[f'base_{name[:-4]}'] = f'base/{name}'
+
+# --- report.json and report.md --------------------------------------------------------------------
+try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+except OSError:
+    commit = ''
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
+report = {'profile': profile, 'date': time.strftime('%Y-%m-%d %H:%M'), 'commit': commit, 'device': device,
+          'torch': torch.__version__, 'total_time_s': sum(times.values()), 'times_s': times,
+          'data': {k: v for k, v in meta.items() if k.endswith(('_tokens', '_docs', '_bytes'))},
+          'stages': stages, 'targets': checks, 'plots': plots}
+with open(os.path.join(out, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=2, default=str)
+
+md = [f"# Report card: the life cycle on stories ({profile or '?'} profile)", '',
+      f"{report['date']}, commit {commit or '?'}, {device}, torch {torch.__version__}; "
+      f"{sum(times.values()) / 60:.1f} minutes of stages in all.", '', '## Data', '',
+      '| split | documents | tokens | bytes |', '| --- | --- | --- | --- |']
+for split in ('train', 'val', 'val_tinystories'):
+    if f'{split}_tokens' in meta:
+        md.append(f"| {split} | {meta.get(f'{split}_docs', 0):,} | {meta[f'{split}_tokens']:,} | {meta.get(f'{split}_bytes', 0):,} |")
+md += ['', 'val: passages of whole held-out books; val_tinystories: the real TinyStories validation stories.', '',
+       '## Stages', '',
+       '| stage | time | steps | tokens | parameters (active) | val loss | val bits/byte | TinyStories val bits/byte '
+       '| task score | all words | ended turn | KL to SFT |',
+       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+prep = times.get('prepare')
+if prep is not None:
+    md.append(f"| prepare | {prep} s | | | | | | | | | | |")
+if 'prefs' in times:
+    md.append(f"| prefs | {times['prefs']} s | | | | | | | | | | |")
+for name, s in stages.items():
+    params = f"{s['params'] / 1e6:.2f}M" + (f" ({s['active_params'] / 1e6:.2f}M)" if s['active_params'] else '')
+    tokens = f"{s['tokens'] / 1e6:.2f}M" if s['tokens'] else '-'
+    extra = ''
+    if name == 'reward':
+        extra = f" (pair accuracy {pct(s['metrics'].get('val/accuracy'))})"
+    md.append(f"| {name}{extra} | {s['time_s'] if s['time_s'] is not None else '-'} s | {s['step']} | {tokens} | {params} | "
+              f"{fmt(s['val_loss'])} | {fmt(s['val_bpb'])} | {fmt(s['val_tinystories_bpb'])} | {fmt(s['task_score'])} | "
+              f"{pct(s['all_words'])} | {pct(s['ended'])} | {fmt(s['kl_ref'], '.2f')} |")
+md += ['', 'Task score: the reward rule of task.py (required words, requested features, a finished answer, '
+       'no repetition) on greedy answers to the held-out prompts, from held-out books; KL: nats per sampled '
+       'answer (eval.py --reference).', '', '## Targets', '', '| target | value | goal | met | how |',
+       '| --- | --- | --- | --- | --- |']
+for c in checks:
+    v = c['value']
+    md.append(f"| {c['target']} | {pct(v) if isinstance(v, float) and abs(v) <= 1.5 else fmt(v)} | {c['goal']} | "
+              f"{'yes' if c['met'] else '**no**'} | {c['how']} |")
+md += ['', '## Plots', '']
+for key, path in plots.items():
+    md.append(f'![{key}]({path})')
+md += ['', '## Samples', '']
+for name, s in stages.items():
+    if s['continuations'] and name in ('base', 'student_distill'):
+        md += [f'### {name}: continuations of story openings', '']
+        md += [f'{i + 1}. {c.strip()[:600]!r}' for i, c in enumerate(s['continuations'])] + ['']
+    if s['samples'] and name not in ('base', 'student_scratch', 'student_distill'):
+        md += [f'### {name}: answers to held-out prompts', '']
+        md += [f"{i + 1}. **{a['prompt']}** -> {a['answer'].strip()[:600]!r} (score {a['score']:.2f})"
+               for i, a in enumerate(s['samples'])] + ['']
+with open(os.path.join(out, 'report.md'), 'w') as f:
+    f.write('\n'.join(md) + '\n')
+print('\n'.join(md[:40]))
+print(f'... wrote {out}/report.md and {out}/report.json')

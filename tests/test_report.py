@@ -1,0 +1,33 @@
+"""report.py: the report card of a speedrun, read from the folders its stages wrote (a tiny
+pretrained model and its SFT model here; speedrun.sh --profile=cpu runs every stage in CI)."""
+
+import json
+import os
+
+from conftest import run_script
+
+
+def test_report_card_rows_targets_samples_and_plots(pipeline):
+    out = pipeline / 'speedrun'
+    out.mkdir(exist_ok=True)
+    if not (pipeline / 'sft_report').exists():
+        run_script('sft.py', '--init_from=base', '--out_dir=sft_report', '--task_dir=inst', '--max_iters=4',
+                   '--eval_interval=4', '--batch_size=4', '--block_size=96', '--eval_prompts=2', '--max_new_tokens=8',
+                   '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
+    for name, src in (('base', 'base'), ('sft', 'sft_report'), ('data', 'data')):
+        if not (out / name).exists():
+            os.symlink(pipeline / src, out / name)
+    for name in ('base', 'sft'):
+        run_script('eval.py', f'--out_dir=speedrun/{name}', '--task_dir=inst', '--eval_iters=2', '--n_prompts=3',
+                   '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', cwd=pipeline)
+    (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\n')
+    p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    assert '# Report card: the life cycle on stories (test profile)' in md
+    assert '| base | 12 s | 60 |' in md and '| sft | 5 s | 4 |' in md
+    assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
+    assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
+    assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
+    report = json.loads((out / 'report.json').read_text())
+    assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20
+    assert len(report['stages']['base']['continuations']) == 5 and 'wrote speedrun/report.md' in p.stdout
