@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for distillation (issue 8) on one GPU with the real text these machines have (the full
+# Evidence for distillation on one GPU with the real text these machines have (the full
 # TinyStories set is not here). Two stand-ins run side by side, each student trained for the same
 # tokens as its teacher three ways: from scratch (alpha=0), logit-distilled, sequence-distilled.
 #  char: nanoGPT's GPU shakespeare_char recipe (6 layers x 384, 10.6M parameters, dropout 0.2,
@@ -13,7 +13,7 @@
 # $ python prepare/shakespeare_char.py --source=../shared/data/shakespeare/input.txt
 # $ python prepare/shakespeare_char.py --tokenizer=gpt2 --out_dir=data/shakespeare_gpt2 [--tokenizer_file=...]
 # $ bash experiments/distill_gpu.sh
-# On one H100 (session 14) the bpe part took 218 s and the char teacher 205 s; the five char
+# On one H100 the bpe part took 218 s and the char teacher 205 s; the five char
 # students side by side then ran at 17 to 19 steps/s each, so the whole script takes about 11
 # minutes: over one device call's 10. PARTS=char or PARTS=bpe runs one part (one call each).
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for distillation (issue 8) at CPU scale: the shakespeare_char model (config/shakespeare_char.py,
+# Evidence for distillation at CPU scale: the shakespeare_char model (config/shakespeare_char.py,
 # 0.87M parameters) teaches a student with a fifth of its active parameters (0.17M), trained for the
 # same 2,000 steps x 12 x 64 tokens three ways: from scratch (alpha=0: the hard-label loss alone, which
 # is train.py's run from the same initial weights on the same batches), logit-distilled, and

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Evidence for the GPU speed work (issue 10) on one H100, in parts that each fit one device
-# call of 10 minutes (the numbers of the README's "Performance on one H100" and of notes/performance.md
+# Evidence for the GPU speed work on one H100, in parts that each fit one device
+# call of 10 minutes (the numbers of docs/performance.md and of notes/performance.md
 # came from these):
 #   PART=1  the CUDA tests (about 6 minutes: several torch.compile runs)
 #   PART=2  the default MoE config beside transformers: training step, prefill, decode at batch 1
@@ -8,26 +8,26 @@
 #   PART=3  decode at batch 64 beside transformers; the dense config; the optimizer step alone
 #   PART=4  the fused output layer + loss (loss_impl=auto) against the plain one: dense at batch 128,
 #           MoE at 64 (beside transformers in alternating rounds) and 128 (about 6 minutes)
-#   PART=5  the whole training step as one CUDA graph (session 16): MoE at batch 64 beside
+#   PART=5  the whole training step as one CUDA graph: MoE at batch 64 beside
 #           transformers in alternating rounds, with a profile (kernels and idle gaps); MoE at 128;
 #           the loss-kernel and router micro-benchmarks (about 6 minutes)
-#   PART=6  session 17: MoE at batch 64 and 128 beside transformers in alternating rounds (the graph
+#   PART=6  MoE at batch 64 and 128 beside transformers in alternating rounds (the graph
 #           captured afresh each round, so batch 128 fits too); the output-layer micro-benchmarks
 #           (Triton softmax-in-GEMM, chunk sizes) and the attention backends (about 7 minutes)
-#   PART=7  session 18: the CUDA tests of the loss, MoE and graphed step; the loss's row pass (one
+#   PART=7  the CUDA tests of the loss, MoE and graphed step; the loss's row pass (one
 #           read against two) and the experts' grouped GEMMs alone; MoE at batch 128 (with a
 #           profile) and 64 with the graph (about 6 minutes)
-#   PART=8  session 19: the micro-benchmarks of MLA's layout (needs experiments/model_old_ab.py, see
+#   PART=8  the micro-benchmarks of MLA's layout (needs experiments/model_old_ab.py, see
 #           kernel_bench.py mla), the MoE's row gathers and the expert counts; MoE at batch 128 and 64
 #           beside transformers in alternating rounds (about 5 minutes). The A/B numbers of that
 #           session came from experiments/bench_ab.sh, now experiments/ab.py
-#   PART=9  session 20: the residual stream's RMSNorm backward and its bf16 cast under inductor's
+#   PART=9  the residual stream's RMSNorm backward and its bf16 cast under inductor's
 #           settings (kernel_bench.py normcast); MoE at batch 128 and 64 beside transformers in
 #           alternating rounds (about 6 minutes). Its A/B numbers came from experiments/ab.py
-#   PART=10 session 21, every training target on the final code: MoE at batch 128 and 64 beside
+#   PART=10 every training target on the final code: MoE at batch 128 and 64 beside
 #           transformers in alternating rounds, then a profile of the graphed batch-128 step
 #           (about 7 minutes)
-#   PART=11 session 21: the CUDA tests that session 20 left unrun; decode at batch 1 and 64 beside
+#   PART=11 the CUDA tests left unrun before; decode at batch 1 and 64 beside
 #           transformers; the dense config at batch 128 with the graph (about 6 minutes)
 # JSON results and profiles go to $OUT.
 # $ PART=2 OUT=out/gpu_speed bash experiments/gpu_speed.sh

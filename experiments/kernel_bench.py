@@ -1,9 +1,9 @@
-"""Micro-benchmarks of candidate kernels for the MoE training step (issue 10), each checked
+"""Micro-benchmarks of candidate kernels for the MoE training step, each checked
 against the reference it would replace, on one CUDA GPU:
 
   ce      the loss's row pass over a chunk of bf16 logits (kernels.cross_entropy_rows_): the kernel
           in kernels.py (a program per row, one read and one write, the softmax left unnormalised)
-          against session 17's kernel that normalised it (two reads of the row, one write), that
+          against the earlier kernel that normalised it (two reads of the row, one write), that
           one on a persistent grid (P programs per SM, each looping over rows, so that fewer rows
           are in flight and the second read may come from L2), and a row held whole in registers;
   router  the sigmoid router's choice of K experts (torch.topk) against K rounds of argmax
@@ -63,7 +63,7 @@ def bench(fn, n=20, warmup=3):
 
 @triton.jit
 def ce_two_pass_row(z_row, y, loss_at, V, BLOCK: tl.constexpr):
-    """Session 17's row pass: *loss_at = logsumexp(z) - z[y], z <- softmax(z) - onehot(y) (0 where
+    """The earlier row pass: *loss_at = logsumexp(z) - z[y], z <- softmax(z) - onehot(y) (0 where
     y = -1); one read for the max and the sum, a second to write the normalised gradient."""
     m = float('-inf')
     s = 0.0
@@ -154,7 +154,7 @@ def ce_variants(n_sm):
     variants = {'model (one pass, unnormalised, 4096 x 8 warps)': current}
     for block, warps in ((2048, 4), (2048, 8), (4096, 4), (4096, 16), (8192, 8), (8192, 16), (16384, 16)):
         variants[f'one pass, {block} x {warps} warps'] = one_pass(block, warps)
-    variants['session 17 (two passes, 4096 x 8 warps)'] = two_pass
+    variants['earlier (two passes, 4096 x 8 warps)'] = two_pass
     for progs in (1, 2):
         variants[f'two passes, persistent {progs}/SM, 4096 x 8 warps'] = persistent(progs, 4096, 8)
     variants['two passes, whole row, 32 warps'] = whole(32)
@@ -298,7 +298,7 @@ def bench_router(N=32768, C=512, E=64, K=4):
 
 # The same output layer and loss without the row pass: the softmax is taken inside the two
 # backward GEMMs, so the logits are written once (by the first GEMM) and read twice, not five times.
-# Tried in session 17 and dropped: correct, but 9.1 ms per chunk against 3.1 ms (README, notes).
+# Tried and dropped: correct, but 9.1 ms per chunk against 3.1 ms (README, notes).
 #     z = h W^T, and m_it = max of row i over column tile t    (_logits_kernel)
 #     m_i = max_t m_it,  P_ij = exp(z_ij - m_i),  S_i = sum_j P_ij,  lse_i = m_i + log S_i
 #     dh_i = (P_i W) / S_i - W[y_i]                              (_softmax_weight_kernel)

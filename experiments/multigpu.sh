@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for multi-GPU training (issue 9), on a lent machine with 2 GPUs (about 10 minutes):
+# Evidence for multi-GPU training, on a lent machine with 2 GPUs (about 10 minutes):
 # training tokens/s of the default MoE config (config/tinystories_moe.py, batch_size 64 x 512 per
 # GPU) on 1 GPU, on 2 GPUs with DDP and on 2 GPUs with FSDP (--fsdp=True), then the ratios to 1 GPU
 # (target: at least 1.8x). Each run is train.py itself for $STEPS steps on a synthetic token set

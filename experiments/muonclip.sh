@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for MuonClip (issue 4): the default MoE config (config/tinystories_moe.py) trained for the
+# Evidence for MuonClip: the default MoE config (config/tinystories_moe.py) trained for the
 # same tokens with AdamW, Muon and MuonClip at two learning rates each, then Muon and MuonClip at a
 # learning rate high enough for the attention logits to grow. Prints tables, writes PNGs to $OUT.
 # $ DATA=data/shakespeare_gpt2 OUT=out/muonclip bash experiments/muonclip.sh

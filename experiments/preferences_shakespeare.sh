@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for the reward model and DPO (issue 6) on the tiny-shakespeare pipeline of
+# Evidence for the reward model and DPO on the tiny-shakespeare pipeline of
 # experiments/sft_shakespeare.sh (the full TinyStories set is not available on these machines).
 # PHASE=a: pretrain + SFT + preference pairs (PHASE=a1: pretrain + SFT; PHASE=a2: the pairs);
 # PHASE=b: reward model (SKIP_REWARD=1 skips it), DPO with two seeds, eval (SKIP_EVAL=1 skips it).

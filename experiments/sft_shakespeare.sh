@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for SFT (issue 5) with the largest real text on these machines (tiny-shakespeare; the
+# Evidence for SFT with the largest real text on these machines (tiny-shakespeare; the
 # full TinyStories set is not available here): pretrain config/tinystories_moe.py on it, fine-tune
 # on the instruction task built from its speeches, and compare base and SFT models on held-out
 # prompts from the last 10% of the text, which the base model never trained on.

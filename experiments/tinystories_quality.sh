@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quality run of issue 10: config/tinystories_moe.py on TinyStories for at most MINUTES of one
+# The quality run: config/tinystories_moe.py on TinyStories for at most MINUTES of one
 # GPU (the optimizer that won the MuonClip comparison: AdamW at 1e-3), then val loss and bits per
 # byte, loss-curve and expert-load PNGs, and five samples from "Once upon a time"; compare the bits
 # per byte with llama2.c's (experiments/llama2c_bpb.py: 0.396 / 0.313 / 0.280 bits per byte for its

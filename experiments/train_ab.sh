@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of train.py's own tokens/s without the CUDA graph (the path most sensitive to host time):
 # this checkout's model.py against an older one, alternating, two runs each (the first train.py run
-# on a fresh machine measured slower: notes/performance.md, session 18); then a profile of the new.
+# on a fresh machine measured slower: notes/performance.md); then a profile of the new.
 # Put the older model.py beside this one first (both are left untracked):
 # $ git show 92b6085:model.py > experiments/model_old_ab.py && cp model.py experiments/model_new_ab.py
 # $ OUT=out/train_ab bash experiments/train_ab.sh          (carry data/tinystories to the GPU machine)
