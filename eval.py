@@ -24,6 +24,7 @@ from checkpoint import load_chat_model, load_checkpoint, run_folders
 from config import configure
 from data import load_tokenizer_spec, read_jsonl, TokenData
 from generate import generate_tokens, pad_prompts, use_cuda_graph
+from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
 from task import evaluate_task
 from tokenizer import base_spec
@@ -129,7 +130,6 @@ def task_metrics(model, tok):
 def kl_to_reference(model, tok, prompts):
     """Mean over sampled answers (temperature 1) of sum_t log pi(a_t) - log ref(a_t): the k1
     estimate of KL(model || reference) per answer, in nats."""
-    from rl import batched_logprobs, sample_rollout
     ref, ref_tok, _ = load_chat_model(reference, rt.device)
     if ref_tok.spec() != tok.spec():
         sys.exit(f"error: the reference's tokenizer ({reference}) differs from the model's")

@@ -18,6 +18,7 @@ import inspect
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 OPTIMIZERS = ('adamw', 'muon', 'muonclip')
 
@@ -59,13 +60,11 @@ def is_sharded(t):
     """True for an FSDP2-sharded parameter (or its gradient, or a state tensor made like it)."""
     if not torch.distributed.is_available():
         return False
-    from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
 
 
 def shard_rows(t):
     """(start, stop): the rows of dim 0 of the full tensor that this rank holds of the sharded t."""
-    from torch.distributed.tensor import Shard
     if t.device_mesh.ndim != 1 or t.placements != (Shard(0),):
         raise NotImplementedError(f'parameters sharded as {t.placements} over a {t.device_mesh.ndim}-D mesh; '
                                   f'only FSDP2 row sharding (Shard(0), one mesh dimension) is supported')

@@ -34,6 +34,9 @@ import re
 import sys
 from collections import Counter, defaultdict
 
+import regex
+from tqdm import tqdm
+
 EOT = '<|endoftext|>'
 CHAT_TOKENS = {'user': '<|user|>', 'assistant': '<|assistant|>', 'end': '<|end|>'}
 
@@ -324,8 +327,6 @@ def train_bpe(texts, vocab_size, pat_str=BPE_PATTERN, verbose=True):
     The rank of a token is the order in which it was made, which is what tiktoken needs: it
     encodes by repeatedly merging the adjacent pair whose concatenation has the lowest rank.
     Returns {token bytes: rank}."""
-    import regex
-    from tqdm import tqdm
     n_target = vocab_size - 1                                # one id is left for EOT
     if n_target < 256:
         raise ValueError(f'bpe: vocab_size={vocab_size} must be at least 257 (256 bytes + EOT)')
