@@ -1,0 +1,206 @@
+"""
+Serving many requests at once: continuous batching over a paged KV cache.
+
+    engine = Engine(model, n_blocks=256, block_size=16)
+    a = engine.add(prompt_ids, max_new_tokens=64)              # any time, also while others run
+    for request, token, finished in engine.step(): ...          # one forward pass of every request
+    engine.run()                                                # steps until every request is done
+
+Continuous batching (Orca, Yu et al. 2022): at every step the requests that are waiting are
+admitted as far as the cache has room, finished ones leave, and every running request adds its
+next tokens to one batch: a chunk of at most prefill_chunk prompt tokens while its prompt is being
+read (chunked prefill), then one token per step. Rows of a step are left-padded to its longest row.
+
+The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
+a block table (its blocks, in order); a request holds blocks for its prompt plus max_new_tokens,
+taken when it is admitted (so a running request never runs out) and given back when it finishes.
+For MLA (DeepSeek-V2/V3) the pool holds what the absorbed attention reads, the compressed latent
+and the shared RoPE key: kv_lora_rank + qk_rope_head_dim numbers per token and layer; for MHA/GQA
+the keys and values. Attention reads a step's rows gathered from their blocks into (B, L) tensors:
+the storage is paged, the attention itself is model.py's (PyTorch's scaled_dot_product_attention).
+
+With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
+(tests/test_engine.py): the padding and the other rows are masked out of its attention.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from generate import sample_next
+from model import attention_mask
+
+
+@dataclass
+class Request:
+    prompt: list                      # token ids
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = None
+    top_p: float = None
+    stop_ids: tuple = ()
+    generator: torch.Generator = None
+    id: int = 0
+    blocks: list = field(default_factory=list)   # its block table
+    length: int = 0                   # tokens in the cache
+    pending: list = field(default_factory=list)  # tokens to feed next (the prompt's rest, or the last token)
+    output: list = field(default_factory=list)   # generated tokens
+    done: bool = False
+
+
+class PagedCache:
+    """The model-facing side of the paged pool for one step (the interface of generate.KVCache):
+    begin(T) gives the positions and the mask of the step's (B, T) left-padded new tokens,
+    update(layer, name, x, dim) writes the real new entries into their blocks and returns every
+    row's entries gathered to (B, L), end() advances each request's length."""
+
+    def __init__(self, pool, rows, n_new, device):
+        self.pool, self.rows, self.n_new, self.device = pool, rows, n_new, device
+
+    def begin(self, T):
+        B, bs = len(self.rows), self.pool.block_size
+        n = torch.tensor(self.n_new, device=self.device)                         # (B,) real new tokens
+        start = torch.tensor([r.length for r in self.rows], device=self.device)  # (B,) cached before
+        cols = torch.arange(T, device=self.device)
+        real = cols[None, :] >= T - n[:, None]                                   # (B, T), left-padded
+        q_pos = start[:, None] + cols[None, :] - (T - n[:, None])                # (B, T); < start on padding
+        L = int((start + n).max())
+        k_pos = torch.arange(L, device=self.device)[None, :].expand(B, L)
+        k_pos = k_pos.masked_fill(k_pos >= (start + n)[:, None], -1)            # (B, L); -1: not this row's
+        c = self.pool.config
+        allowed = attention_mask(q_pos.masked_fill(~real, -1), k_pos, c.sliding_window, c.n_sink_tokens)
+        allowed[:, :, 0] |= ~real                     # a padding query sees one key, not none (no NaN)
+        # where the new tokens go, and where every row's L keys are read from: (block, offset) pairs
+        table = torch.zeros(B, max(len(r.blocks) for r in self.rows), dtype=torch.long, device=self.device)
+        for b, r in enumerate(self.rows):
+            table[b, :len(r.blocks)] = torch.tensor(r.blocks, device=self.device)
+        b_idx, t_idx = real.nonzero(as_tuple=True)
+        slot = q_pos[b_idx, t_idx]
+        self.write = (table[b_idx, slot // bs], slot % bs, b_idx, t_idx)
+        slots = torch.arange(L, device=self.device)
+        self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))
+        return q_pos.clamp(min=0), (allowed[:, None], False)
+
+    def update(self, layer, name, x, dim):
+        x = x.movedim(dim, 1)                                                    # (B, T, ...)
+        pool = self.pool.tensor(layer, name, x)
+        blk, off, b, t = self.write
+        pool[blk, off] = x[b, t].to(pool.dtype)
+        return pool[self.read].to(x.dtype).movedim(1, dim)                      # (B, L, ...) -> x's layout
+
+    def end(self):
+        for r, n in zip(self.rows, self.n_new):
+            r.length += n
+
+
+class BlockPool:
+    """n_blocks blocks of block_size tokens for every (layer, name) the model caches; the pools
+    are made at the first write, in the dtype and device of what is written."""
+
+    def __init__(self, config, n_blocks, block_size):
+        self.config, self.n_blocks, self.block_size = config, n_blocks, block_size
+        self.free = list(range(n_blocks - 1, -1, -1))
+        self.tensors = {}
+
+    def tensor(self, layer, name, x):
+        key = (layer, name)
+        if key not in self.tensors:
+            self.tensors[key] = torch.zeros(self.n_blocks, self.block_size, *x.shape[2:], dtype=x.dtype,
+                                            device=x.device)
+        return self.tensors[key]
+
+    def take(self, n):
+        return [self.free.pop() for _ in range(n)]
+
+    def give_back(self, blocks):
+        self.free.extend(reversed(blocks))
+
+    def numbers_per_token(self):
+        """Numbers cached per token, over all layers (e.g. n_layer (kv_lora_rank + qk_rope_head_dim)
+        for MLA): the pools' sizes per block slot."""
+        return sum(t[0, 0].numel() for t in self.tensors.values())
+
+
+class Engine:
+
+    def __init__(self, model, n_blocks=256, block_size=16, max_batch=64, prefill_chunk=128, vocab_limit=None):
+        """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x block_size
+        tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
+        of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
+        vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled)."""
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.vocab_limit = vocab_limit
+        self.pool = BlockPool(model.config, n_blocks, block_size)
+        self.device = next(model.parameters()).device
+        self.waiting, self.running = [], []
+        self.ids = itertools.count()
+
+    def blocks_for(self, n_tokens):
+        return -(-n_tokens // self.pool.block_size)
+
+    def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), seed=None):
+        """Queue a request (prompt: token ids); returns it (request.output fills as it runs).
+        Refused by name if it could never fit: past the model's block_size, or more blocks than
+        the pool has."""
+        if not prompt or max_new_tokens < 1:
+            raise ValueError('a request needs at least one prompt token and max_new_tokens >= 1')
+        total = len(prompt) + max_new_tokens
+        if total > self.model.config.block_size:
+            raise ValueError(f'prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the '
+                             f"model's block_size {self.model.config.block_size}")
+        if self.blocks_for(total) > self.pool.n_blocks:
+            raise ValueError(f'{total} tokens need {self.blocks_for(total)} blocks; the pool has {self.pool.n_blocks}')
+        g = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        r = Request(list(prompt), max_new_tokens, temperature, top_k, top_p, tuple(stop_ids), g, next(self.ids))
+        r.pending = list(prompt)
+        self.waiting.append(r)
+        return r
+
+    def admit(self):
+        """Waiting requests, first come first served, while a batch row and their blocks are free;
+        one that does not fit waits (and the ones behind it wait too, so none starves)."""
+        while self.waiting and len(self.running) < self.max_batch:
+            r = self.waiting[0]
+            need = self.blocks_for(len(r.prompt) + r.max_new_tokens)
+            if need > len(self.pool.free):
+                break
+            r.blocks = self.pool.take(need)
+            self.running.append(self.waiting.pop(0))
+
+    @torch.no_grad()
+    def step(self):
+        """One forward pass over every running request; returns [(request, new token or None,
+        finished)] (None while its prompt is still being read)."""
+        self.admit()
+        if not self.running:
+            return []
+        rows = self.running
+        feed = [r.pending[:self.prefill_chunk] for r in rows]
+        T = max(len(f) for f in feed)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, f in enumerate(feed):
+            idx[b, T - len(f):] = torch.tensor(f)
+        cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
+        logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
+        events = []
+        for b, (r, f) in enumerate(zip(rows, feed)):
+            r.pending = r.pending[len(f):]
+            if r.pending:                                  # more of the prompt to read
+                events.append((r, None, False))
+                continue
+            tok = int(sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, self.vocab_limit, r.generator)[0])
+            r.output.append(tok)
+            r.done = tok in r.stop_ids or len(r.output) >= r.max_new_tokens
+            r.pending = [] if r.done else [tok]
+            events.append((r, tok, r.done))
+        for r in [r for r in rows if r.done]:
+            self.pool.give_back(r.blocks)
+            r.blocks = []
+            self.running.remove(r)
+        return events
+
+    def run(self):
+        """Step until no request waits or runs."""
+        while self.waiting or self.running:
+            self.step()
