@@ -200,6 +200,17 @@ class Engine:
             self.running.remove(r)
         return events
 
+    def cancel(self, r):
+        """Stop a request (e.g. its client went away, or a stop string was seen): its blocks go
+        back to the pool."""
+        r.done = True
+        if r in self.waiting:
+            self.waiting.remove(r)
+        if r in self.running:
+            self.pool.give_back(r.blocks)
+            r.blocks = []
+            self.running.remove(r)
+
     def run(self):
         """Step until no request waits or runs."""
         while self.waiting or self.running:

@@ -111,6 +111,23 @@ class Tokenizer:
             ids, mask = ids + r, mask + [True] * len(r)
         return ids, mask
 
+    def encode_messages(self, messages):
+        """A conversation ([{'role': 'system' | 'user' | 'assistant', 'content': str}, ...], ending
+        with a user turn) as a prompt for the next assistant turn, in the template of encode_chat:
+        EOT <|user|> u1 <|end|> <|assistant|> a1 <|end|> <|user|> u2 <|end|> <|assistant|>. A system
+        message has no turn of its own in the template: its text leads the first user turn."""
+        system = ' '.join(m['content'] for m in messages if m['role'] == 'system')
+        turns = [m for m in messages if m['role'] != 'system']
+        if not turns or turns[-1]['role'] != 'user':
+            raise ValueError('the conversation must end with a user message')
+        ids = [self.eot_id]
+        for i, m in enumerate(turns):
+            if m['role'] not in ('user', 'assistant'):
+                raise ValueError(f"role {m['role']!r}; valid: system, user, assistant")
+            text = f"{system}\n\n{m['content']}" if system and i == 0 and m['role'] == 'user' else m['content']
+            ids += [self.chat_id(m['role'])] + self.encode(text) + [self.chat_id('end')]
+        return ids + [self.chat_id('assistant')]
+
     def stop_ids(self):
         """Token ids that end a generated response: <|end|> (with a chat template) and EOT."""
         return ([self.chat_id('end')] if self.chat else []) + [self.eot_id]

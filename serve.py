@@ -1,0 +1,279 @@
+"""
+Serve a checkpoint over HTTP with OpenAI's API, backed by engine.py, so that concurrent requests
+are batched together (continuous batching over a paged KV cache):
+
+$ python serve.py --out_dir=out/sft                      # http://127.0.0.1:8000, the chat page at /
+$ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
+
+  POST /v1/chat/completions   messages -> the assistant's answer (the chat template of tokenizer.py)
+  POST /v1/completions        prompt -> its continuation
+      both: max_tokens, temperature, top_p, stop (strings), n, seed, stream (server-sent events)
+  GET  /v1/models             the one model served
+  GET  /health                {"status": "ok"}
+  GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
+
+Any OpenAI client works, e.g. openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none').
+One thread runs the engine; each HTTP request waits on its own queue for its tokens.
+"""
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from checkpoint import load_model, run_folders
+from config import configure
+from engine import Engine
+from runtime import init_runtime
+
+# -----------------------------------------------------------------------------
+out_dir = ''                 # the checkpoint to serve; '': the newest under out/
+host = '127.0.0.1'
+port = 8000                  # 0: any free port (printed)
+n_blocks = 512               # KV-cache blocks in the pool ...
+block_size = 16              # ... of this many tokens each
+max_batch = 32               # requests decoded together at most
+prefill_chunk = 256          # prompt tokens read per step
+default_max_tokens = 256     # when a request names none
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals(), verbose=False)
+out_dir = out_dir or next(iter(run_folders('out')), '')
+if not out_dir:
+    sys.exit('error: no checkpoint to serve: train one first, or name one with --out_dir=FOLDER')
+rt = init_runtime(device, dtype, seed)
+model, tok, ckpt = load_model(out_dir, rt.device)
+model.eval()
+if rt.dtype != 'float32':
+    model.to(getattr(torch, rt.dtype))
+MODEL_ID = os.path.basename(os.path.normpath(out_dir))
+engine = Engine(model, n_blocks, block_size, max_batch, prefill_chunk, vocab_limit=tok.vocab_size)
+inbox = queue.Queue()                    # (request arguments, the reply queue) from HTTP threads
+cancelled = set()                        # ids of requests whose clients stopped listening
+
+
+def engine_loop():
+    """The one thread that touches the engine: admits new requests, steps, hands tokens out."""
+    listeners = {}
+    while True:
+        while not inbox.empty() or not (engine.waiting or engine.running):
+            args, reply = inbox.get()
+            try:
+                r = engine.add(**args)
+                listeners[r.id] = reply
+                reply.put(('started', r.id))
+            except ValueError as e:
+                reply.put(('error', str(e)))
+        active = engine.waiting + engine.running
+        for r in [r for r in active if r.id in cancelled]:  # a stop string was seen, or the client left
+            engine.cancel(r)
+            listeners.pop(r.id, None)
+        cancelled.intersection_update(r.id for r in engine.waiting + engine.running)
+        for r, token, finished in engine.step():
+            if token is not None:
+                listeners[r.id].put(('token', token))
+            if finished:
+                listeners.pop(r.id).put(('done', 'stop' if token in r.stop_ids else 'length'))
+
+
+class Generation:
+    """One choice of one HTTP request: its token ids in, text out as it comes, stop strings cut."""
+
+    def __init__(self, prompt_ids, body, index):
+        self.reply, self.index, self.stop = queue.Queue(), index, body.get('stop') or []
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        req_seed = body.get('seed')
+        inbox.put((dict(prompt=prompt_ids, max_new_tokens=int(body.get('max_tokens') or body.get('max_completion_tokens')
+                                                               or default_max_tokens),
+                        temperature=float(body.get('temperature', 1.0)), top_p=body.get('top_p'),
+                        stop_ids=tok.stop_ids(), seed=None if req_seed is None else int(req_seed) + index), self.reply))
+        kind, value = self.reply.get()
+        if kind == 'error':
+            raise ValueError(value)
+        self.id, self.ids, self.text, self.finish = value, [], '', None
+        self.prompt_tokens = len(prompt_ids)
+
+    def pieces(self):
+        """Yield the new text as tokens arrive (held back while it may be a multi-byte character or
+        the start of a stop string); sets self.finish ('stop' | 'length')."""
+        sent = 0
+        while self.finish is None:
+            kind, value = self.reply.get()
+            if kind == 'done':
+                self.finish = value
+            elif value not in tok.stop_ids():
+                self.ids.append(value)
+            text = tok.decode(self.ids)
+            cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+            if cut >= 0:                                # a stop string: end here, free the blocks
+                text, self.finish = text[:cut], 'stop'
+                cancelled.add(self.id)
+            elif self.finish is None and (text.endswith('\ufffd') or any(
+                    text.endswith(s[:k]) for s in self.stop for k in range(1, len(s)))):
+                continue                                # wait for the rest
+            self.text = text
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+
+
+def prompt_of(path, body):
+    if path == '/v1/chat/completions':
+        messages = body.get('messages')
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content}")
+        if not tok.chat:
+            raise ValueError(f'{out_dir} has no chat template (fine-tune it with sft.py); use /v1/completions')
+        return tok.encode_messages(messages)
+    prompt = body.get('prompt')
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ''
+    if not isinstance(prompt, str):
+        raise ValueError("'prompt' must be a string")
+    return [tok.eot_id] + tok.encode(prompt)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, fmt, *args):                 # quiet: one line per request is noise here
+        pass
+
+    def send(self, code, obj, content_type='application/json'):
+        data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header('Content-Type', content_type)
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == '/health':
+            self.send(200, {'status': 'ok'})
+        elif self.path == '/v1/models':
+            self.send(200, {'object': 'list', 'data': [{'id': MODEL_ID, 'object': 'model', 'created': 0,
+                                                         'owned_by': 'nano-kimi'}]})
+        elif self.path in ('/', '/index.html'):
+            self.send(200, CHAT_PAGE, 'text/html; charset=utf-8')
+        else:
+            self.send(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+
+    def do_POST(self):
+        if self.path not in ('/v1/chat/completions', '/v1/completions'):
+            return self.send(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+        chat = self.path == '/v1/chat/completions'
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
+            gens = [Generation(prompt_of(self.path, body), body, i) for i in range(int(body.get('n', 1)))]
+        except (ValueError, KeyError, TypeError) as e:
+            return self.send(400, {'error': {'message': str(e), 'type': 'invalid_request_error'}})
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
+        kind = 'chat.completion' if chat else 'text_completion'
+        if body.get('stream'):
+            return self.stream(gens, rid, created, kind, chat)
+        for g in gens:
+            for _ in g.pieces():
+                pass
+        choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': None,
+                    **({'message': {'role': 'assistant', 'content': g.text}} if chat else {'text': g.text})}
+                   for g in gens]
+        usage = {'prompt_tokens': gens[0].prompt_tokens, 'completion_tokens': sum(len(g.ids) for g in gens)}
+        self.send(200, {'id': rid, 'object': kind, 'created': created, 'model': MODEL_ID, 'choices': choices,
+                        'usage': {**usage, 'total_tokens': usage['prompt_tokens'] + usage['completion_tokens']}})
+
+    def stream(self, gens, rid, created, kind, chat):
+        """Server-sent events: one chunk per piece of text, each choice in turn as its tokens come,
+        then a chunk with its finish_reason, then [DONE]."""
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/event-stream')
+        self.send_header('Cache-Control', 'no-cache')
+        self.send_header('Connection', 'close')
+        self.end_headers()
+
+        def event(index, content, finish=None, first=False):
+            delta = ({'role': 'assistant'} if first else {}) | ({'content': content} if content is not None else {})
+            choice = {'index': index, 'finish_reason': finish, 'logprobs': None,
+                      **({'delta': delta} if chat else {'text': content or ''})}
+            obj = {'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created, 'model': MODEL_ID,
+                   'choices': [choice]}
+            self.wfile.write(f'data: {json.dumps(obj)}\n\n'.encode())
+            self.wfile.flush()
+        try:
+            for g in gens:
+                if chat:
+                    event(g.index, '', first=True)
+                for piece in g.pieces():
+                    event(g.index, piece)
+                event(g.index, None, g.finish)
+            self.wfile.write(b'data: [DONE]\n\n')
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped listening: free its blocks
+            cancelled.update(g.id for g in gens if g.finish is None)
+        self.close_connection = True
+
+
+CHAT_PAGE = '''<!doctype html>
+<html><head><meta charset="utf-8"><title>nano-kimi chat</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 1rem auto; padding: 0 1rem; }
+#log .msg { white-space: pre-wrap; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
+#log .user { background: #e8f0fe; } #log .assistant { background: #f1f3f4; }
+form { display: flex; gap: .5rem; } textarea { flex: 1; height: 4rem; }
+#settings { margin: .5rem 0; font-size: .9rem; } #settings input { width: 4.5rem; }
+</style></head><body>
+<h1>nano-kimi</h1><div id="model"></div>
+<div id="log"></div>
+<div id="settings">temperature <input id="temperature" type="number" step="0.1" value="0.8">
+ top_p <input id="top_p" type="number" step="0.05" value="1.0">
+ max tokens <input id="max_tokens" type="number" value="256"></div>
+<form id="form"><textarea id="input" placeholder="Write a story that uses the words: dog, ball, happy."></textarea>
+<button id="send" type="submit">Send</button><button id="stop" type="button" disabled>Stop</button>
+<button id="clear" type="button">Clear</button></form>
+<script>
+const log = document.getElementById('log'), input = document.getElementById('input');
+const sendBtn = document.getElementById('send'), stopBtn = document.getElementById('stop');
+let messages = [], controller = null;
+fetch('/v1/models').then(r => r.json()).then(j => document.getElementById('model').textContent = 'model: ' + j.data[0].id);
+function add(role, text) { const d = document.createElement('div'); d.className = 'msg ' + role;
+  d.textContent = text; log.appendChild(d); return d; }
+document.getElementById('clear').onclick = () => { messages = []; log.innerHTML = ''; };
+stopBtn.onclick = () => { if (controller) controller.abort(); };
+document.getElementById('form').onsubmit = async (e) => {
+  e.preventDefault(); const text = input.value.trim(); if (!text) return;
+  input.value = ''; messages.push({role: 'user', content: text}); add('user', text);
+  const out = add('assistant', ''); let answer = '';
+  controller = new AbortController(); sendBtn.disabled = true; stopBtn.disabled = false;
+  try {
+    const res = await fetch('/v1/chat/completions', {method: 'POST', signal: controller.signal,
+      headers: {'Content-Type': 'application/json'}, body: JSON.stringify({messages, stream: true,
+      temperature: +document.getElementById('temperature').value, top_p: +document.getElementById('top_p').value,
+      max_tokens: +document.getElementById('max_tokens').value})});
+    if (!res.ok) { out.textContent = (await res.json()).error.message; return; }
+    const reader = res.body.getReader(), decoder = new TextDecoder(); let buf = '';
+    while (true) { const {done, value} = await reader.read(); if (done) break;
+      buf += decoder.decode(value, {stream: true}); const events = buf.split('\\n\\n'); buf = events.pop();
+      for (const ev of events) { const data = ev.replace(/^data: /, ''); if (data === '[DONE]') continue;
+        const delta = JSON.parse(data).choices[0].delta; if (delta.content) { answer += delta.content; out.textContent = answer; } } }
+  } catch (err) { if (err.name !== 'AbortError') out.textContent = String(err); }
+  finally { messages.push({role: 'assistant', content: answer}); controller = null;
+    sendBtn.disabled = false; stopBtn.disabled = true; }
+};
+</script></body></html>
+'''
+
+server = ThreadingHTTPServer((host, port), Handler)
+threading.Thread(target=engine_loop, daemon=True).start()
+print(f"serving {out_dir} ({ckpt.get('stage', '?')} checkpoint, {model.num_params() / 1e6:.1f}M parameters) on "
+      f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {block_size} tokens", flush=True)
+try:
+    server.serve_forever()
+except KeyboardInterrupt:
+    server.server_close()

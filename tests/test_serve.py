@@ -1,0 +1,94 @@
+"""serve.py with the official openai client on loopback: chat and text completions, streamed and
+not, n, seed, stop strings, /v1/models, /health, the chat page; concurrent requests are batched by
+the engine and get the greedy answers of generate_chat."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+openai = pytest.importorskip('openai')
+
+
+@pytest.fixture(scope='module')
+def server(pipeline):
+    """serve.py on the tiny pipeline's SFT-style model (the base model with the chat template's
+    tokens: sft.py adds them), on a free port."""
+    from conftest import run_script
+    if not (pipeline / 'sft_serve').exists():
+        run_script('sft.py', '--init_from=base', '--out_dir=sft_serve', '--task_dir=inst', '--max_iters=2',
+                   '--eval_interval=2', '--batch_size=2', '--block_size=96', '--eval_prompts=1', '--max_new_tokens=4',
+                   '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), '--out_dir=sft_serve', '--port=0',
+                             '--device=cpu', '--n_blocks=64', '--block_size=8', '--default_max_tokens=12'],
+                            cwd=pipeline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    line = ''
+    while 'serving' not in line and proc.poll() is None:
+        line = proc.stdout.readline()
+    assert 'serving' in line, line + proc.stderr.read()
+    url = line.split(' on ')[1].split(';')[0]
+    yield url, pipeline
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + '/v1', api_key='none')
+
+
+def test_chat_completions_streamed_and_not_equal_the_engine_free_greedy_answer(server):
+    url, pipeline = server
+    c = client(url)
+    msgs = [{'role': 'user', 'content': 'Write a story that uses the words: fox, key.'}]
+    r = c.chat.completions.create(model='sft_serve', messages=msgs, max_tokens=10, temperature=0)
+    answer = r.choices[0].message.content
+    assert r.object == 'chat.completion' and r.choices[0].finish_reason in ('stop', 'length')
+    assert r.usage.completion_tokens <= 10 and r.usage.prompt_tokens > 0
+    from checkpoint import load_model
+    from generate import generate_chat
+    model, tok, _ = load_model(str(pipeline / 'sft_serve'))
+    expected = generate_chat(model.eval(), tok, [msgs[0]['content']], 10, 0.0)[0]['text']
+    assert answer == expected
+    pieces = [ch.choices[0].delta.content or '' for ch in c.chat.completions.create(
+        model='sft_serve', messages=msgs, max_tokens=10, temperature=0, stream=True)]
+    assert ''.join(pieces) == answer and len(pieces) > 2
+
+
+def test_completions_n_seed_and_stop_strings(server):
+    url, _ = server
+    c = client(url)
+    a = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=1.0, n=2, seed=7)
+    b = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=1.0, n=2, seed=7)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 2
+    full = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=0).choices[0].text
+    stop = full[3:5]
+    cut = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == 'stop'
+    streamed = ''.join(ch.choices[0].text for ch in c.completions.create(
+        model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=0, stream=True))
+    assert streamed == full
+
+
+def test_concurrent_requests_models_health_and_the_chat_page(server):
+    url, _ = server
+    c = client(url)
+    prompts = [f'Write a story that uses the words: {w}.' for w in ('dog', 'sun', 'cake', 'tree', 'ball', 'bird')]
+    one = lambda p: c.chat.completions.create(model='m', messages=[{'role': 'user', 'content': p}],  # noqa: E731
+                                              max_tokens=8, temperature=0).choices[0].message.content
+    alone = [one(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(one, prompts))
+    assert together == alone
+    assert [m.id for m in c.models.list().data] == ['sft_serve']
+    assert json.load(urllib.request.urlopen(url + '/health')) == {'status': 'ok'}
+    page = urllib.request.urlopen(url + '/').read().decode()
+    assert '<textarea' in page and '/v1/chat/completions' in page and 'stream: true' in page
+    with pytest.raises(openai.BadRequestError, match='must end with a user message'):
+        c.chat.completions.create(model='m', messages=[{'role': 'assistant', 'content': 'hi'}])
