@@ -92,3 +92,38 @@ def test_concurrent_requests_models_health_and_the_chat_page(server):
     assert '<textarea' in page and '/v1/chat/completions' in page and 'stream: true' in page
     with pytest.raises(openai.BadRequestError, match='must end with a user message'):
         c.chat.completions.create(model='m', messages=[{'role': 'assistant', 'content': 'hi'}])
+
+
+def test_the_chat_page_in_headless_chromium(server):
+    """The page as a user drives it: the model's name appears, a message sent streams an answer
+    into the page (greedy: the API's answer), a second turn carries the first, Clear empties it."""
+    import shutil
+    sync_api = pytest.importorskip('playwright.sync_api', reason='needs pip install playwright')
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    if not chromium:
+        pytest.skip("needs Debian's chromium (apt-get install chromium), as .ci/run installs it")
+    url, _ = server
+    c = client(url)
+    question = 'Write a story that uses the words: fox, key.'
+    api = c.chat.completions.create(model='m', messages=[{'role': 'user', 'content': question}], max_tokens=12,
+                                    temperature=0).choices[0].message.content
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=['--no-sandbox'])
+        page = browser.new_page()
+        page.goto(url + '/')
+        page.wait_for_function("document.getElementById('model').textContent.includes('sft_serve')")
+        page.fill('#temperature', '0')
+        page.fill('#max_tokens', '12')
+        page.fill('#input', question)
+        page.click('#send')
+        page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+        assert page.locator('.msg.user').all_text_contents() == [question]
+        assert page.locator('.msg.assistant').all_text_contents() == [api]
+        page.fill('#input', 'And then?')
+        page.click('#send')
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        assert page.evaluate('messages.length') == 4                   # both turns go to the server
+        page.click('#clear')
+        assert page.locator('.msg').count() == 0
+        browser.close()
