@@ -94,6 +94,14 @@ class PagedCache:
             r.length += n
 
 
+def cache_numbers_per_token(config):
+    """Numbers the cache holds per token, over all layers: MLA n_layer (kv_lora_rank +
+    qk_rope_head_dim), the compressed latent and the shared RoPE key; MHA/GQA n_layer 2 Hkv D."""
+    if config.attention == 'mla':
+        return config.n_layer * (config.kv_lora_rank + config.qk_rope_head_dim)
+    return config.n_layer * 2 * config.kv_heads * config.qk_head_dim
+
+
 class BlockPool:
     """n_blocks blocks of block_size tokens for every (layer, name) the model caches; the pools
     are made at the first write, in the dtype and device of what is written."""

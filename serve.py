@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import load_model, run_folders
 from config import configure
-from engine import Engine
+from engine import Engine, cache_numbers_per_token
 from runtime import init_runtime
 
 # -----------------------------------------------------------------------------
@@ -271,8 +271,10 @@ document.getElementById('form').onsubmit = async (e) => {
 
 server = ThreadingHTTPServer((host, port), Handler)
 threading.Thread(target=engine_loop, daemon=True).start()
+per_token = cache_numbers_per_token(model.config) * next(model.parameters()).element_size()
 print(f"serving {out_dir} ({ckpt.get('stage', '?')} checkpoint, {model.num_params() / 1e6:.1f}M parameters) on "
-      f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {block_size} tokens", flush=True)
+      f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {block_size} tokens, "
+      f"{per_token:,} bytes per token ({n_blocks * block_size * per_token / 2**20:.1f} MiB)", flush=True)
 try:
     server.serve_forever()
 except KeyboardInterrupt:

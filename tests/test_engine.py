@@ -5,7 +5,7 @@ greedy tokens they get alone; blocks all go back to the pool; a request that doe
 import pytest
 import torch
 
-from engine import Engine
+from engine import Engine, cache_numbers_per_token
 from generate import generate
 from model import GPT, ModelConfig
 
@@ -69,12 +69,12 @@ def test_stop_tokens_end_a_request_and_mla_pages_only_the_latent_and_rope_key():
     engine.run()
     assert r.output == first[:first.index(first[2]) + 1]    # up to the stop token, which ends it
     c = model.config
-    assert engine.pool.numbers_per_token() == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim)
+    assert engine.pool.numbers_per_token() == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) == cache_numbers_per_token(c)
     gqa = build(**VARIANTS['gqa_rope'])
     engine = Engine(gqa, n_blocks=10, block_size=4)
     engine.add([1, 2], 3)
     engine.run()
-    assert engine.pool.numbers_per_token() == 2 * 2 * 2 * 8           # layers x (k, v) x Hkv x D
+    assert engine.pool.numbers_per_token() == 2 * 2 * 2 * 8 == cache_numbers_per_token(gqa.config)   # layers x (k, v) x Hkv x D
 
 
 def test_sampled_requests_follow_their_own_seeds():
