@@ -29,6 +29,7 @@ from runtime import compile_mode_arg, CUDAGraphStep, init_runtime, measure_peak_
 from generate import generate_tokens, new_cache
 from model import GPT, ModelConfig
 from optim import build_optimizer
+from quant import BITS, quantize_model, weight_bytes
 
 # -----------------------------------------------------------------------------
 batch_size = 64
@@ -38,6 +39,7 @@ optimizer = 'adamw'
 learning_rate = 1e-4            # small: the weights should stay sane while timing
 weight_decay = 0.1
 modes = 'train,prefill,decode'  # any of train, prefill, decode, optimizer (the optimizer step alone)
+quantize = ''                   # 'int8' | 'int4': prefill and decode with quantized weights (quant.py)
 steps = 10                      # timed repetitions (median reported)
 warmup = 3
 decode_batches = (1, 64)        # batch sizes for decode timing
@@ -240,6 +242,11 @@ if 'optimizer' in modes:              # optimizer.step() alone, on fixed random 
 raw.eval()
 if rt.dtype != 'float32':
     raw.to(getattr(torch, rt.dtype))
+if quantize:
+    if quantize not in BITS:
+        sys.exit(f"error: quantize='{quantize}'; valid: {', '.join(BITS)}")
+    quantize_model(raw, quantize)
+    print(f'{quantize} weights: {weight_bytes(raw) / 2**30:.2f} GiB', flush=True)
 if hf is not None:
     hf.eval()
     if rt.dtype != 'float32':

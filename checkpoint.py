@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_optimizer_state_dict
 
 from model import GPT, ModelConfig, ScalarModel
+from quant import BITS, quantize_model
 from tokenizer import tokenizer_from_spec, with_chat_tokens
 
 
@@ -139,23 +140,31 @@ def load_sharded_optimizer(model, optimizer, folder):
     set_optimizer_state_dict(model, optimizer, state)
 
 
-def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
+def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quantize=''):
     """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint; `overrides` replace fields of
     its ModelConfig that do not change the weights (e.g. {'dropout': 0.1}). With scalar=True a
-    language model's checkpoint becomes a ScalarModel (its weights plus a new scalar head)."""
+    language model's checkpoint becomes a ScalarModel (its weights plus a new scalar head).
+    quantize='int8' | 'int4': its weights quantized for inference (quant.py); a checkpoint saved
+    quantized (quantize.py) loads quantized whatever this says."""
     ckpt = load_checkpoint(path) if ckpt is None else ckpt
     is_scalar = ckpt.get('model_class') == 'scalar'
     cls = ScalarModel if is_scalar or scalar else GPT
     model = cls(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
+    if ckpt.get('quantized'):                        # built quantized (empty), then filled
+        quantize_model(model, ckpt['quantized']['kind'], ckpt['quantized']['group_size'], weights=False)
+    elif quantize and quantize not in BITS:
+        sys.exit(f"error: quantize='{quantize}'; valid: '' (off), {', '.join(BITS)}")
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     if unexpected or [k for k in missing if not (scalar and not is_scalar and k.startswith('score_head.'))]:
         raise RuntimeError(f'{path}: the checkpoint does not fit its model: missing {missing[:4]}, '
                            f'unexpected {unexpected[:4]}')
+    if quantize and not ckpt.get('quantized'):
+        quantize_model(model, quantize)
     model.to(device)
     return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
 
 
-def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False):
+def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quantize=''):
     """(model, tokenizer, ckpt) ready for the chat template: the checkpoint's tokenizer with the
     template's special tokens added if it lacks them, and the model's vocabulary grown (padded to
     a multiple of 64) if those ids do not fit in it."""
@@ -163,7 +172,12 @@ def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False)
     if not tok.chat:
         tok = with_chat_tokens(tok)
     if tok.vocab_size > model.config.vocab_size:
+        if ckpt.get('quantized'):
+            sys.exit(f"error: {path} was saved quantized without the chat template's tokens; quantize the "
+                     f"fine-tuned model (sft.py's checkpoint) instead")
         model.resize_vocab(64 * math.ceil(tok.vocab_size / 64))
+    if quantize and not ckpt.get('quantized'):       # after the resize: the head grows in full precision
+        quantize_model(model, quantize)
     return model, tok, ckpt
 
 

@@ -49,6 +49,7 @@ reference = ''               # a checkpoint (e.g. out/sft): also report KL(model
                              # sampled answers to the held-out prompts (nats per answer)
 n_samples = 5                # answers kept in eval.json, and continuations of story openings
 sample_tokens = 120          # new tokens per continuation
+quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -144,7 +145,7 @@ def kl_to_reference(model, tok, prompts):
 
 def evaluate(folder):
     ckpt = load_checkpoint(folder)
-    model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt)
+    model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt, quantize=quantize)
     model.to(rt.device).eval()
     result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0),
               'params': model.num_params(), 'active_params': model.active_params(), 'val/loss': None,

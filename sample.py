@@ -33,6 +33,7 @@ chat = None                  # prompt with the chat template; None: if the check
 cuda_graph = True            # on CUDA: replay each one-token step as a CUDA graph (generate.DecodeGraph)
 compile_decode = False       # with cuda_graph: fuse that step with torch.compile first (tens of seconds
                              # of compilation; then about 2x faster again, see docs/performance.md)
+quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
@@ -62,7 +63,7 @@ if not out_dir:
     print(f"sampling from {out_dir}, the newest checkpoint under out/ (others: {', '.join(found[1:6]) or 'none'})",
           file=sys.stderr)
 rt = init_runtime(device, dtype, seed)
-model, tok, ckpt = load_model(out_dir, rt.device)
+model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)
 model.eval()
 if rt.dtype != 'float32':    # generation only: weights in the compute dtype, no casts per step
     model.to(getattr(torch, rt.dtype))

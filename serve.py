@@ -41,6 +41,7 @@ block_size = 16              # ... of this many tokens each
 max_batch = 32               # requests decoded together at most
 prefill_chunk = 256          # prompt tokens read per step
 default_max_tokens = 256     # when a request names none
+quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -50,7 +51,7 @@ out_dir = out_dir or next(iter(run_folders('out')), '')
 if not out_dir:
     sys.exit('error: no checkpoint to serve: train one first, or name one with --out_dir=FOLDER')
 rt = init_runtime(device, dtype, seed)
-model, tok, ckpt = load_model(out_dir, rt.device)
+model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)
 model.eval()
 if rt.dtype != 'float32':
     model.to(getattr(torch, rt.dtype))

@@ -1,0 +1,72 @@
+"""quant.py / quantize.py: int8 and int4 weight-only quantization of every linear layer and the
+routed experts, its error bounds, its equivalence across the MoE paths, and a quantized checkpoint
+that saves and loads again."""
+
+import pytest
+import torch
+
+import kernels
+from checkpoint import load_checkpoint, load_model
+from conftest import run_script
+from model import GPT, ModelConfig
+from quant import QuantExperts, QuantLinear, dequantize_weight, quantize_model, quantize_weight, weight_bytes
+
+MLA_MOE = dict(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64, attention='mla', pos_emb='rope',
+               norm='rmsnorm', mlp='swiglu', bias=False, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+               qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+               moe_intermediate_size=32, scoring_func='sigmoid', first_k_dense_replace=1, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_round_trip_error_is_at_most_half_a_step(bits):
+    torch.manual_seed(0)
+    w = torch.randn(3, 16, 256)                                      # a stack of expert matrices
+    q, scale = quantize_weight(w, bits, group_size=64)
+    back = dequantize_weight(q, scale, bits, torch.float32)
+    step = scale if bits == 8 else scale.repeat_interleave(64, dim=-1)
+    assert back.shape == w.shape and ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert q.numel() == w.numel() // (1 if bits == 8 else 2)          # int4: two values a byte
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_quantized_model_is_close_and_its_moe_paths_agree(kind):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**MLA_MOE)).eval()
+    idx = torch.randint(0, 96, (2, 24))
+    ref = model(idx)[0]
+    before = weight_bytes(model)
+    quantize_model(model, kind, group_size=32)
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())      # the head too (untied)
+    assert sum(isinstance(m, QuantExperts) for m in model.modules()) == 1
+    assert weight_bytes(model) < before * (0.5 if kind == 'int8' else 0.4)
+    out = model(idx)[0]
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (0.01 if kind == 'int8' else 0.2), rel          # random weights: int4's error is ~10%
+    experts = model.layers[1].mlp.experts                            # every expert path reads the same stacks
+    x, w = torch.randn(10, 64), torch.rand(10, 2)
+    ind = torch.stack([torch.randperm(8)[:2] for _ in range(10)])
+    torch.testing.assert_close(kernels.experts_gathered(experts, x, w, ind), experts(x, w, ind), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kernels.experts_grouped(experts, x, w, ind), experts(x, w, ind), atol=1e-5, rtol=1e-4)
+    assert isinstance(model.layers[0].attn.kv_b_proj, QuantLinear)  # MLA's absorbed path reads its .weight
+    from generate import generate
+    assert generate(model, idx[:, :5], 5, temperature=0).shape == (2, 10)
+
+
+def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path, byte_data):
+    run_script('train.py', f'--data_dir={byte_data}', '--out_dir=base', '--n_layer=2', '--n_head=2', '--n_embd=64',
+               '--block_size=32', '--batch_size=4', '--max_iters=20', '--eval_interval=20', '--eval_iters=2',
+               '--compile=False', '--device=cpu', '--learning_rate=3e-3', cwd=tmp_path)
+    p = run_script('quantize.py', '--out_dir=base', '--quantize=int8', '--save_dir=base_int8', '--eval_iters=4',
+                   '--device=cpu', cwd=tmp_path)
+    assert '| weights |' in p.stdout and '| val loss |' in p.stdout and 'greedy agreement' in p.stdout
+    ckpt = load_checkpoint(str(tmp_path / 'base_int8'))
+    assert ckpt['quantized'] == {'kind': 'int8', 'group_size': 128} and 'optimizer' not in ckpt
+    loaded, _, _ = load_model(str(tmp_path / 'base_int8'))
+    fresh, _, _ = load_model(str(tmp_path / 'base'), quantize='int8')
+    idx = torch.randint(0, 200, (1, 16))
+    assert torch.equal(loaded.eval()(idx)[0], fresh.eval()(idx)[0])
+    p = run_script('sample.py', '--out_dir=base', '--quantize=int4', '--max_new_tokens=5', '--num_samples=1',
+                   '--device=cpu', cwd=tmp_path)
+    assert p.returncode == 0
+    p = run_script('sample.py', '--out_dir=base', '--quantize=int3', '--device=cpu', cwd=tmp_path, check=False)
+    assert "quantize='int3'; valid: '' (off), int8, int4" in p.stderr
