@@ -183,6 +183,14 @@ class KVCache:
             self.slot_pos[:, self.pos:self.pos + T] = q_pos
         self.pos += T
 
+    def rollback(self, n):
+        """Forget the last n tokens (speculative decoding's rejected drafts): their slots are
+        marked empty and written over next. Not for a rolling or static cache."""
+        if self.rolling or self.static:
+            raise ValueError('rollback needs a plain cache (no rolling window, not static)')
+        self.pos -= n
+        self.slot_pos[:, self.pos:self.pos + n] = -1
+
     def numel_per_token(self):
         """Numbers cached per token per layer (e.g. kv_lora_rank + qk_rope_head_dim for MLA)."""
         per_layer = {}
@@ -461,3 +469,62 @@ def generate(model, idx, max_new_tokens, **kw):
     generate_tokens yields (the same keywords)."""
     new = list(generate_tokens(model, idx, max_new_tokens, **kw))
     return torch.cat([idx, torch.stack(new, 1)], dim=1) if new else idx
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding with the model's own multi-token-prediction modules
+
+@torch.no_grad()
+def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64):
+    """Greedy decoding of one prompt (a list of ids) that drafts with the MTP modules: from the
+    main model's last hidden state h and the token t it predicts, MTP depth k drafts the token
+    after the next, d_k = argmax Head(MTP_k(h^(k-1), Emb(d_(k-1)))) with d_0 = t (DeepSeek-V3's MTP,
+    used as a draft model as its report suggests); then ONE forward pass of the main model over
+    [t, d_1, ..., d_D] checks them all: the drafts that equal the main model's own greedy tokens
+    are kept, the first that does not is replaced by the main model's token, and the cache forgets
+    the rest. The output is the main model's greedy decoding, token for token (tests/test_decode.py);
+    the MTP blocks see the last `window` positions (their attention context; a shorter one makes
+    worse drafts, never other tokens). Returns (new tokens, {'drafted', 'accepted', 'forward_passes'})."""
+    c, mtp = model.config, model.mtp
+    if not len(mtp):
+        raise ValueError('speculative decoding drafts with the MTP modules: the model has none (mtp_depth=0)')
+    if len(prompt) + max_new_tokens + len(mtp) > c.block_size:
+        raise ValueError(f'prompt + max_new_tokens + {len(mtp)} draft tokens exceed block_size {c.block_size}')
+    device = model.tok_emb.weight.device
+    cache = new_cache(model, 1, c.block_size, device)
+    x = model.trunk(torch.tensor([prompt], device=device), cache)[0]          # (1, P, C)
+    hidden = x[0, -window:]                                                    # main hidden per fed position
+    tokens = list(prompt)
+    nxt = int(model.lm_head(model.norm(x[:, -1]))[0].argmax())
+    out, stats = [nxt], {'drafted': 0, 'accepted': 0, 'forward_passes': 1}
+    while len(out) < max_new_tokens and nxt not in stop_ids:
+        # draft: depth k reads the previous depth's hidden states and the embedding of the token
+        # each position is followed by (the last position's: the newest token, then each draft)
+        seq = tokens + [nxt]
+        h, drafts = hidden, []
+        for k, module in enumerate(mtp):
+            follow = (seq[len(seq) - len(h) + k:] + drafts)[-len(h):]          # t_{i+1+k} per position i
+            n = len(follow)
+            positions = torch.arange(n, device=device)
+            rope = model.rope(positions) if model.rope is not None else None
+            h, _ = module(h[-n:][None], model.tok_emb(torch.tensor([follow], device=device)), rope,
+                          model.causal_mask(n, device))
+            h = h[0]
+            drafts.append(int(model.lm_head(module.norm(h[-1:]))[0].argmax()))
+        drafts = drafts[:max_new_tokens - len(out)]
+        # verify: the main model on [nxt, drafts...] in one pass; keep the drafts it agrees with
+        x = model.trunk(torch.tensor([[nxt] + drafts], device=device), cache)[0]  # (1, 1 + D, C)
+        greedy = model.lm_head(model.norm(x[0])).argmax(-1).tolist()
+        k = 0
+        while k < len(drafts) and drafts[k] == greedy[k] and drafts[k] not in stop_ids:
+            k += 1
+        stats['drafted'] += len(drafts)
+        stats['accepted'] += k
+        stats['forward_passes'] += 1
+        cache.rollback(len(drafts) - k)                                        # forget the rejected
+        tokens += [nxt] + drafts[:k]
+        hidden = torch.cat([hidden, x[0, :k + 1]])[-window:]
+        out += drafts[:k] + [greedy[k]]                   # (a stop token is never a kept draft:
+        nxt = out[-1]                                     # it ends the loop as the main model's)
+    return out[:max_new_tokens], stats
+

@@ -180,3 +180,27 @@ def test_decode_graphs_keep_a_step_only_for_the_tensors_it_was_captured_on():
     assert decode_graphs(copy.deepcopy(model)).steps == {}
     model.to(torch.float64)
     assert graphs.steps == {}
+
+
+def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, byte_data):
+    """A model trained with 2 MTP modules drafts 2 tokens a step and checks them in one forward
+    pass: the tokens are greedy decoding's, exactly; on this repetitive text most drafts are kept,
+    so fewer forward passes than tokens. A random model's drafts are mostly rejected: the same
+    tokens all the same."""
+    from checkpoint import load_model
+    from conftest import TINY_MODEL, run_script
+    from generate import generate, generate_speculative
+    run_script('train.py', f'--data_dir={byte_data}', '--out_dir=mtp', *TINY_MODEL, '--block_size=64',
+               '--pos_emb=rope', '--norm=rmsnorm', '--mtp_depth=2', '--max_iters=150', '--eval_interval=150',
+               '--learning_rate=3e-3', cwd=tmp_path)
+    model, _, _ = load_model(str(tmp_path / 'mtp'))
+    model.eval()
+    for m in (model, build('mla_moe', mtp_depth=1, block_size=64)):
+        for prompt in ([65, 32, 90], [t % 96 for t in b'Once upon a time, there was a little']):
+            ours, stats = generate_speculative(m, prompt, 24)
+            assert ours == generate(m, torch.tensor([prompt]), 24, temperature=0)[0, len(prompt):].tolist()
+            assert stats['forward_passes'] <= 24 and stats['drafted'] >= stats['accepted'] >= 0
+    ours, stats = generate_speculative(model, list(b'Once upon a time, there was a little'), 24)
+    assert stats['accepted'] / stats['drafted'] > 0.3 and stats['forward_passes'] < 20, stats
+    with pytest.raises(ValueError, match='the model has none'):
+        generate_speculative(build('gqa'), [1, 2], 4)
