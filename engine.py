@@ -19,11 +19,24 @@ and the shared RoPE key: kv_lora_rank + qk_rope_head_dim numbers per token and l
 the keys and values. Attention reads a step's rows gathered from their blocks into (B, L) tensors:
 the storage is paged, the attention itself is model.py's (PyTorch's scaled_dot_product_attention).
 
+Prefix sharing (automatic prefix caching, as in vLLM): requests whose prompts begin alike (a system
+prompt, a chat template's preamble) share the blocks of that prefix instead of computing and
+storing them again. Only full blocks of prompt tokens are shared; a block is named by a hash of
+(the previous block's hash, its token ids), so one name means one whole prefix, always at the same
+positions from 0 (the same RoPE). The pool keeps a table name -> block and a reference count per
+block. At admission a request walks its prompt block by block, takes every block already in the
+table and prefills only the rest; when a request finishes its blocks' counts drop, and a named
+block nobody holds stays cached (evictable, least recently used first) until a later request
+reuses it or the pool needs a free block. A request only ever writes past what it reused, so a
+shared block is never written: its partial last block and its generated tokens are its own.
+
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
 """
 
+import hashlib
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +60,8 @@ class Request:
     pending: list = field(default_factory=list)  # tokens to feed next (the prompt's rest, or the last token)
     output: list = field(default_factory=list)   # generated tokens
     done: bool = False
+    hashes: list = field(default_factory=list)   # names of its prompt's full blocks (prefix sharing)
+    n_named: int = 0                  # its leading blocks already reused or registered in the table
 
 
 class PagedCache:
@@ -102,14 +117,36 @@ def cache_numbers_per_token(config):
     return config.n_layer * 2 * config.kv_heads * config.qk_head_dim
 
 
+def block_hashes(tokens, block_size):
+    """The names of the full blocks of `tokens`: block i's is a hash of (block i-1's name, its
+    block_size token ids), so it stands for the whole prefix tokens[:(i + 1) block_size].
+    A cryptographic hash (blake2b, 128 bits): two different prefixes never share a name in practice,
+    which sharing needs to be exact."""
+    names, prev = [], b''
+    for i in range(len(tokens) // block_size):
+        chunk = tokens[i * block_size:(i + 1) * block_size]
+        prev = hashlib.blake2b(prev + b'|' + ','.join(map(str, chunk)).encode(), digest_size=16).digest()
+        names.append(prev)
+    return names
+
+
 class BlockPool:
     """n_blocks blocks of block_size tokens for every (layer, name) the model caches; the pools
-    are made at the first write, in the dtype and device of what is written."""
+    are made at the first write, in the dtype and device of what is written.
+
+    Every block is in one of three states: free (holds nothing of use), held (ref[b] > 0 requests
+    have it in their block table), or cached (nobody holds it, but it holds a full prefix block
+    named in `cached`, so a later request may reuse it; evicted, least recently released first,
+    when take() finds no free block)."""
 
     def __init__(self, config, n_blocks, block_size):
         self.config, self.n_blocks, self.block_size = config, n_blocks, block_size
         self.free = list(range(n_blocks - 1, -1, -1))
         self.tensors = {}
+        self.ref = [0] * n_blocks                  # requests holding each block
+        self.cached = {}                           # name -> block holding that full prefix block
+        self.name = {}                             # block -> its name, for the blocks in `cached`
+        self.evictable = OrderedDict()             # cached blocks nobody holds, least recently used first
 
     def tensor(self, layer, name, x):
         key = (layer, name)
@@ -118,11 +155,67 @@ class BlockPool:
                                             device=x.device)
         return self.tensors[key]
 
+    def available(self):
+        """Blocks take() can hand out: the free ones and the cached ones nobody holds."""
+        return len(self.free) + len(self.evictable)
+
     def take(self, n):
-        return [self.free.pop() for _ in range(n)]
+        """n blocks for one request to write: free ones first, then the least recently used cached
+        ones, whose names leave the table (their content is about to be overwritten)."""
+        blocks = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.pop()
+            else:
+                b, _ = self.evictable.popitem(last=False)
+                del self.cached[self.name.pop(b)]
+            self.ref[b] = 1
+            blocks.append(b)
+        return blocks
+
+    def lookup(self, names):
+        """The blocks holding the longest prefix of `names` that the table knows (walked from the
+        first block: a block is only of use after all the blocks before it)."""
+        blocks = []
+        for h in names:
+            if h not in self.cached:
+                break
+            blocks.append(self.cached[h])
+        return blocks
+
+    def share(self, blocks):
+        """One more request holds these (cached) blocks; ones nobody held stop being evictable."""
+        for b in blocks:
+            self.ref[b] += 1
+            self.evictable.pop(b, None)
+
+    def register(self, block, h):
+        """`block` now holds the full prompt block named h (computed, and never written again):
+        later requests may reuse it. If another block already holds that prefix (two requests
+        computed it at once, or a fully cached prompt recomputed its last block), keep that one;
+        this block stays its request's own and is freed with it."""
+        if h not in self.cached:
+            self.cached[h], self.name[block] = block, h
+
+    def forget(self):
+        """Drop every name (e.g. the model's weights changed, so what the blocks hold is stale):
+        cached blocks nobody holds become free; held ones are freed with their requests."""
+        self.free.extend(reversed(self.evictable))
+        self.evictable.clear()
+        self.cached.clear()
+        self.name.clear()
 
     def give_back(self, blocks):
-        self.free.extend(reversed(blocks))
+        """A request lets go of its blocks. One nobody holds any more becomes free, or, if it holds
+        a named prefix block, cached and evictable. Released last block first, so that a prefix's
+        tail is evicted before its head (a tail is of no use without its head)."""
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self.name:
+                    self.evictable[b] = None           # most recently used end
+                else:
+                    self.free.append(b)
 
     def numbers_per_token(self):
         """Numbers cached per token, over all layers (e.g. n_layer (kv_lora_rank + qk_rope_head_dim)
@@ -132,17 +225,30 @@ class BlockPool:
 
 class Engine:
 
-    def __init__(self, model, n_blocks=256, block_size=16, max_batch=64, prefill_chunk=128, vocab_limit=None):
+    def __init__(self, model, n_blocks=256, block_size=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
+                 prefix_sharing=True):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x block_size
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
-        vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled)."""
+        vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled).
+        prefix_sharing: reuse the cached blocks of prompt prefixes seen before (see the top)."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
-        self.vocab_limit = vocab_limit
+        self.vocab_limit, self.prefix_sharing = vocab_limit, prefix_sharing
         self.pool = BlockPool(model.config, n_blocks, block_size)
         self.device = next(model.parameters()).device
         self.waiting, self.running = [], []
         self.ids = itertools.count()
+        # prompt_tokens: of admitted requests; reused_tokens: of those, read from shared blocks;
+        # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back
+        self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0)
+
+    def hit_rate(self):
+        """The share of admitted prompt tokens that were reused rather than computed."""
+        return self.stats['reused_tokens'] / max(1, self.stats['prompt_tokens'])
+
+    def forget_prefixes(self):
+        """Reuse nothing computed so far (call it after changing the model's weights)."""
+        self.pool.forget()
 
     def blocks_for(self, n_tokens):
         return -(-n_tokens // self.pool.block_size)
@@ -162,19 +268,43 @@ class Engine:
         g = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         r = Request(list(prompt), max_new_tokens, temperature, top_k, top_p, tuple(stop_ids), g, next(self.ids))
         r.pending = list(prompt)
+        if self.prefix_sharing:
+            r.hashes = block_hashes(r.prompt, self.pool.block_size)
         self.waiting.append(r)
         return r
 
     def admit(self):
         """Waiting requests, first come first served, while a batch row and their blocks are free;
-        one that does not fit waits (and the ones behind it wait too, so none starves)."""
+        one that does not fit waits (and the ones behind it wait too, so none starves).
+        With prefix sharing a request first reuses the cached blocks of its prompt's longest known
+        prefix, and takes new blocks only for the rest."""
+        bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
             need = self.blocks_for(len(r.prompt) + r.max_new_tokens)
-            if need > len(self.pool.free):
+            # reuse at most the blocks wholly inside prompt[:-1]: the last prompt token is always
+            # computed, for the logits of the first new token (so a prompt made only of cached
+            # blocks recomputes its last block, into a block of its own)
+            reused = self.pool.lookup(r.hashes[:(len(r.prompt) - 1) // bs])
+            idle = sum(self.pool.ref[b] == 0 for b in reused)    # cached blocks this request revives
+            if need - len(reused) > self.pool.available() - idle:
                 break
-            r.blocks = self.pool.take(need)
+            self.pool.share(reused)                             # before take(), which may evict
+            r.blocks = reused + self.pool.take(need - len(reused))
+            r.length = len(reused) * bs                         # the reused prefix counts as cached
+            r.n_named = len(reused)
+            r.pending = r.prompt[r.length:]
+            self.stats['requests'] += 1
+            self.stats['prompt_tokens'] += len(r.prompt)
+            self.stats['reused_tokens'] += r.length
             self.running.append(self.waiting.pop(0))
+
+    def register_prompt_blocks(self, r):
+        """Name r's full prompt blocks computed so far, so that later requests may reuse them.
+        Only prompt blocks, and only once wholly written: r never writes below r.length again."""
+        while r.n_named < len(r.hashes) and (r.n_named + 1) * self.pool.block_size <= r.length:
+            self.pool.register(r.blocks[r.n_named], r.hashes[r.n_named])
+            r.n_named += 1
 
     @torch.no_grad()
     def step(self):
@@ -193,6 +323,8 @@ class Engine:
         logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
         events = []
         for b, (r, f) in enumerate(zip(rows, feed)):
+            self.stats['decode_tokens' if r.output else 'prefill_tokens'] += len(f)
+            self.register_prompt_blocks(r)
             r.pending = r.pending[len(f):]
             if r.pending:                                  # more of the prompt to read
                 events.append((r, None, False))

@@ -44,7 +44,7 @@ def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_bloc
     engine.run()
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
-    assert len(engine.pool.free) == 40 and not engine.running
+    assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
 
 
 def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
@@ -86,3 +86,171 @@ def test_sampled_requests_follow_their_own_seeds():
         engine.run()
         runs.append({i: r.output for i, r in reqs.items()})
     assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+
+
+# Prefix sharing: requests whose prompts begin alike share the cached blocks of that prefix.
+
+def shared_prefix_prompts(n_prefix, suffix_lengths, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 97, (n_prefix,), generator=g).tolist()
+    return [prefix + torch.randint(0, 97, (n,), generator=g).tolist() for n in suffix_lengths]
+
+
+def check_pool(engine):
+    """The pool's bookkeeping: each block is free, held (its count = the block tables it is in,
+    never twice in one) or cached nobody holding it; named blocks are those in the table."""
+    pool, held = engine.pool, {}
+    for r in engine.running:
+        assert len(set(r.blocks)) == len(r.blocks), r.blocks
+        for b in r.blocks:
+            held[b] = held.get(b, 0) + 1
+    assert pool.ref == [held.get(b, 0) for b in range(pool.n_blocks)]
+    free, idle = set(pool.free), set(pool.evictable)
+    assert len(free) == len(pool.free) and not free & idle and not (free | idle) & set(held)
+    assert len(free | idle | set(held)) == pool.n_blocks and not free & set(pool.name)
+    assert idle <= set(pool.name) and {pool.cached[h]: h for h in pool.cached} == pool.name
+
+
+def run(engine):
+    while engine.waiting or engine.running:
+        engine.step()
+        check_pool(engine)
+
+
+def run_arrivals(model, prompts, n_new, arrive_at, **engine_kw):
+    """Add prompts[i] before step arrive_at[i]; step until all are done."""
+    engine = Engine(model, **engine_kw)
+    requests, step = [None] * len(prompts), 0
+    while any(r is None or not r.done for r in requests):
+        for i, at in enumerate(arrive_at):
+            if at == step:
+                requests[i] = engine.add(prompts[i], n_new[i])
+        engine.step()
+        check_pool(engine)
+        step += 1
+    return engine, requests
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_a_shared_prefix_is_computed_once_and_every_request_gets_its_tokens_alone(variant):
+    model = build(**VARIANTS[variant])
+    prompts = shared_prefix_prompts(29, (3, 11, 1, 20, 6))   # 3 full blocks of 8 shared, then 5 more tokens
+    n_new, arrive_at = [15, 9, 20, 6, 12], [0, 0, 4, 5, 9]   # request 1 arrives beside 0: nothing cached yet
+    kw = dict(n_blocks=40, block_size=8, prefill_chunk=16)
+    on, shared = run_arrivals(model, prompts, n_new, arrive_at, **kw)
+    off, unshared = run_arrivals(model, prompts, n_new, arrive_at, prefix_sharing=False, **kw)
+    for i, p in enumerate(prompts):
+        assert shared[i].output == unshared[i].output == alone(model, p, n_new[i]), (variant, i)
+    total = sum(map(len, prompts))
+    assert off.stats['reused_tokens'] == 0 and off.stats['prefill_tokens'] == total
+    # requests 2, 3, 4 each reuse the three blocks of the prefix (request 3 also has more than
+    # prefill_chunk tokens, so some of its suffix runs in a second step)
+    assert on.stats['reused_tokens'] == 3 * 24 and on.stats['prompt_tokens'] == total
+    assert on.stats['prefill_tokens'] == total - 3 * 24 < off.stats['prefill_tokens']
+    assert on.hit_rate() == 72 / total
+    # all done: every block is free or cached: the prefix's 3 blocks and the requests' own full
+    # prompt blocks past it (1 + 2 + 0 + 3 + 1; request 1's copy of the prefix is not named twice)
+    assert on.pool.available() == 40 and not any(on.pool.ref)
+    assert len(on.pool.evictable) == len(on.pool.cached) == 10 and len(off.pool.free) == 40
+
+
+def test_a_small_pool_evicts_cached_blocks_least_recently_used_tail_first_and_stays_exact():
+    model = build(**VARIANTS['gqa_rope'])
+    a, c = shared_prefix_prompts(12, (2, 3))           # 3 full blocks of 4 shared
+    b = shared_prefix_prompts(20, (0,), seed=3)[0]     # another prompt: 5 full blocks
+    engine = Engine(model, n_blocks=12, block_size=4, prefill_chunk=8)
+    ra = engine.add(a, 10)                             # 24 tokens: 6 blocks
+    run(engine)
+    assert len(engine.pool.evictable) == 3 and len(engine.pool.free) == 9
+    head = [engine.pool.cached[h] for h in ra.hashes]  # a's three prompt blocks, cached
+    rb = engine.add(b, 20)                             # 40 tokens: 10 blocks = 9 free + 1 evicted
+    engine.step()
+    check_pool(engine)
+    assert rb.blocks[-1] == head[2] and head[2] not in engine.pool.name   # the prefix's tail went first
+    run(engine)
+    rc = engine.add(c, 9)                              # reuses the prefix's 2 blocks still cached
+    run(engine)
+    assert rc.blocks == [] and engine.stats['reused_tokens'] == 8
+    for r, p in ((ra, a), (rb, b), (rc, c)):
+        assert r.output == alone(model, p, r.max_new_tokens)
+    assert engine.pool.available() == 12 and not any(engine.pool.ref)
+    rd = engine.add(b[:8] + [5] * 30, 8)               # 46 tokens: 12 blocks, every cached one is evicted
+    run(engine)                                        # ... but first its own 2 cached prefix blocks are reused
+    assert rd.output == alone(model, rd.prompt, 8) and engine.stats['reused_tokens'] == 16
+    assert engine.pool.available() == 12
+
+
+@pytest.mark.parametrize('variant', ['gpt2', 'mla'])
+def test_a_prompt_made_only_of_cached_blocks_recomputes_its_last_block_for_its_first_token(variant):
+    model = build(**VARIANTS[variant])
+    p = shared_prefix_prompts(16, (0,))[0]             # exactly 2 blocks of 8
+    engine = Engine(model, n_blocks=20, block_size=8)
+    first = engine.add(p, 6)
+    run(engine)
+    assert len(engine.pool.cached) == 2
+    again = engine.add(p, 6)                           # all cached: reuses block 0, recomputes block 1
+    one = engine.add(p[:8], 6)                         # one cached block: nothing reused, all computed
+    run(engine)
+    assert again.output == first.output == alone(model, p, 6)
+    assert one.output == alone(model, p[:8], 6)
+    assert engine.stats['reused_tokens'] == 8 and engine.stats['prefill_tokens'] == 16 + 8 + 8
+    # twice at once while cached: both reuse block 0; the recomputed copies of block 1 are theirs
+    x, y = engine.add(p, 5), engine.add(p, 5)
+    engine.step()
+    assert x.blocks[0] == y.blocks[0] and engine.pool.ref[x.blocks[0]] == 2 and x.blocks[1] != y.blocks[1]
+    run(engine)
+    assert x.output == y.output == first.output[:5]
+    assert engine.pool.available() == 20 and len(engine.pool.cached) == 2   # p's blocks (p[:8] is p's block 0)
+    engine.forget_prefixes()                           # e.g. new weights: nothing is reused
+    z = engine.add(p, 5)
+    engine.step()
+    check_pool(engine)
+    assert z.length == 16 and engine.stats['reused_tokens'] == 8 + 8 + 8
+    run(engine)
+    assert z.output == first.output[:5] and len(engine.pool.free) == 18 and len(engine.pool.cached) == 2
+
+
+@pytest.mark.parametrize('how', ['finish', 'cancel'])
+def test_a_block_two_running_requests_share_is_kept_until_both_let_go(how):
+    model = build(**VARIANTS['mla_moe'])
+    a, b = shared_prefix_prompts(16, (3, 5))           # 2 full blocks of 8 shared
+    engine = Engine(model, n_blocks=13, block_size=8, prefill_chunk=32)
+    ra = engine.add(a, 3 if how == 'finish' else 30)   # 22 or 49 tokens: 3 or 7 blocks
+    engine.step()                                      # a's prompt read: its blocks named
+    rb = engine.add(b, 40)                             # 61 tokens: 8 blocks, 2 of them a's, 6 new
+    engine.step()
+    shared = ra.blocks[:2]
+    assert rb.blocks[:2] == shared and [engine.pool.ref[s] for s in shared] == [2, 2]
+    if how == 'cancel':
+        engine.cancel(ra)
+    else:
+        engine.step()                                  # a's third token: it finishes
+    assert ra.done and not ra.blocks and [engine.pool.ref[s] for s in shared] == [1, 1]
+    assert not set(shared) & (set(engine.pool.free) | set(engine.pool.evictable))
+    # a request that takes every block left: if a shared block had been freed it would overwrite it
+    rd = engine.add(shared_prefix_prompts(20, (0,), seed=5)[0], 20)   # 40 tokens: the 5 blocks left
+    engine.step()
+    assert not engine.waiting and engine.pool.available() == 0
+    run(engine)
+    assert rb.output == alone(model, b, 40) and rd.output == alone(model, rd.prompt, 20)
+    if how == 'finish':
+        assert ra.output == alone(model, a, 3)
+    assert engine.pool.available() == 13 and not any(engine.pool.ref)
+
+
+def test_a_request_waits_when_the_only_room_is_its_own_cached_prefix():
+    model = build(**VARIANTS['gqa_rope'])
+    a, c = shared_prefix_prompts(8, (1, 1))            # 2 full blocks of 4 shared
+    engine = Engine(model, n_blocks=10, block_size=4)
+    ra = engine.add(a, 3)                              # 12 tokens: 3 blocks
+    run(engine)
+    rb = engine.add([9] * 20, 8)                       # 28 tokens: 7 blocks, 1 free left + a's 2 cached
+    engine.step()
+    rc = engine.add(c, 7)                              # 16 tokens: 4 blocks, 2 of them a's cached ones
+    engine.step()                                      # the 2 new ones are not there: reusing its prefix
+    check_pool(engine)                                 # does not make room
+    assert engine.waiting == [rc] and len(engine.pool.evictable) == 2
+    run(engine)
+    assert engine.stats['reused_tokens'] == 8
+    for r, p in ((ra, a), (rb, rb.prompt), (rc, c)):
+        assert r.output == alone(model, p, r.max_new_tokens)
