@@ -280,3 +280,4 @@ try:
     server.serve_forever()
 except KeyboardInterrupt:
     server.server_close()
+    print(f"prefix sharing: {engine.stats['reused_tokens']:,} of {engine.stats['prompt_tokens']:,} prompt tokens reused ({engine.hit_rate():.1%})")
