@@ -47,7 +47,7 @@ from checkpoint import load_chat_model, load_checkpoint, load_model
 from config import configure, model_config_from
 from data import (TokenData, chat_batch, encode_chat_examples, load_tokenizer_spec, pack_chat_examples,
                   read_jsonl, write_token_dataset)
-from generate import generate_tokens
+from generate import generate_tokens, use_cuda_graph
 from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, teacher_log_probs
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
@@ -111,6 +111,7 @@ device = 'auto'
 dtype = 'auto'
 compile = None
 compile_mode = 'default'
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 fsdp = False
 seed = 1337
 peak_flops = 0.0
@@ -135,6 +136,7 @@ problems = [msg for bad, msg in [
 if problems:
     sys.exit('error: ' + '; '.join(problems))
 rt = init_runtime(device, dtype, seed)
+cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 
 
 def describe(spec):
@@ -349,9 +351,11 @@ def evaluate(model):
         ce, kl_val, teacher_ce = held_out(model, batches)
         metrics = {'val/loss': ce, 'val/kl': kl_val, 'val/teacher_loss': teacher_ce}
         if prompts:
-            r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+            r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
+                              cuda_graph=cuda_graph)
             if not teacher_scores:
-                t = evaluate_task(teacher_model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+                t = evaluate_task(teacher_model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
+                                  cuda_graph=cuda_graph)
                 teacher_scores.update({'task/teacher_score_greedy': t['score']})
             metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words'],
                             **teacher_scores})

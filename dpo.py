@@ -24,6 +24,7 @@ from tqdm import tqdm
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
 from data import chat_batch, read_jsonl
+from generate import use_cuda_graph
 from model import token_logprobs
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
@@ -68,6 +69,7 @@ device = 'auto'
 dtype = 'auto'
 compile = None
 compile_mode = 'default'
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 fsdp = False
 seed = 1337
 peak_flops = 0.0
@@ -80,6 +82,7 @@ config = configure(globals())
 if init_from == 'scratch':
     sys.exit("error: dpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
+cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 reference = ckpt.get('reference', source) if init_from == 'resume' else source
@@ -144,7 +147,8 @@ def evaluate(model):
     n = len(val_pairs)
     metrics = {'val/loss': sum(losses) / n, 'val/reward_margin': sum(margins) / n, 'val/accuracy': sum(correct) / n}
     if prompts:
-        r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed)
+        r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
+                          cuda_graph=cuda_graph)
         metrics.update({'task/score_greedy': r['score'], 'task/all_words_greedy': r['all_words']})
     return metrics
 

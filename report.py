@@ -73,6 +73,9 @@ if os.path.isfile(os.path.join(out, 'times.tsv')):
     for line in open(os.path.join(out, 'times.tsv')):
         name, seconds = line.split('\t')
         times[name] = times.get(name, 0) + int(seconds)
+wall = 0                                 # speedrun.sh's wall time (its runs summed, if resumed)
+if os.path.isfile(os.path.join(out, 'wall.tsv')):
+    wall = sum(int(line.split('\t')[1]) for line in open(os.path.join(out, 'wall.tsv')) if '\t' in line)
 meta = read_json('data', 'meta.json') or {}
 stages = {}
 for name in TRAINED:
@@ -189,7 +192,7 @@ except OSError:
     commit = ''
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
 report = {'profile': profile, 'date': time.strftime('%Y-%m-%d %H:%M'), 'commit': commit, 'device': device,
-          'torch': torch.__version__, 'total_time_s': sum(times.values()), 'times_s': times,
+          'torch': torch.__version__, 'total_time_s': sum(times.values()), 'wall_time_s': wall, 'times_s': times,
           'data': {k: v for k, v in meta.items() if k.endswith(('_tokens', '_docs', '_bytes'))},
           'stages': stages, 'targets': checks, 'plots': plots}
 with open(os.path.join(out, 'report.json'), 'w') as f:
@@ -197,7 +200,9 @@ with open(os.path.join(out, 'report.json'), 'w') as f:
 
 md = [f"# Report card: the life cycle on stories ({profile or '?'} profile)", '',
       f"{report['date']}, commit {commit or '?'}, {device}, torch {torch.__version__}; "
-      f"{sum(times.values()) / 60:.1f} minutes of stages in all.", '', '## Data', '',
+      f"{sum(times.values()) / 60:.1f} minutes of stages in all"
+      + (f", {wall / 60:.1f} minutes of wall time (stages that do not need each other's output ran side by side)"
+         if wall and wall < 0.95 * sum(times.values()) else '') + '.', '', '## Data', '',
       '| split | documents | tokens | bytes |', '| --- | --- | --- | --- |']
 for split in ('train', 'val', 'val_tinystories'):
     if f'{split}_tokens' in meta:

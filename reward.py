@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
 from data import read_jsonl
+from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
 from task import evaluate_task, rank_correlation
 from training import Run
@@ -69,6 +70,7 @@ device = 'auto'
 dtype = 'auto'
 compile = None
 compile_mode = 'default'
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 fsdp = False
 seed = 1337
 peak_flops = 0.0
@@ -83,6 +85,7 @@ if loss not in ('bt', 'margin'):
 if init_from == 'scratch':
     sys.exit("error: reward.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
+cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the SFT model
@@ -140,7 +143,8 @@ if n_fresh and rt.master:
                          hint='run python prepare/tinystories_instruct.py')[:n_fresh]
     sampler, _, _ = load_chat_model(parent, rt.device)
     sampler.eval()
-    r = evaluate_task(sampler, tok, prompts, max_new_tokens, fresh_temperature, autocast=rt.autocast, seed=seed)
+    r = evaluate_task(sampler, tok, prompts, max_new_tokens, fresh_temperature, autocast=rt.autocast, seed=seed,
+                      cuda_graph=cuda_graph)
     for p, a, s in zip(prompts, r['answers'], r['scores']):
         ids, _ = tok.encode_chat(p['prompt'], a['text'], ended=a['ended'])
         fresh.append((ids[:block_size], min(len(ids), block_size) - 1, s['score']))

@@ -24,6 +24,7 @@ import torch
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
 from data import chat_batch, encode_chat_examples, pack_chat_examples, read_jsonl
+from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
 from training import Run
@@ -71,6 +72,7 @@ device = 'auto'
 dtype = 'auto'
 compile = None
 compile_mode = 'default'
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 fsdp = False
 seed = 1337
 peak_flops = 0.0
@@ -81,6 +83,7 @@ run_name = ''
 config = configure(globals())
 # -----------------------------------------------------------------------------
 rt = init_runtime(device, dtype, seed)
+cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 
 # --- model and tokenizer ----------------------------------------------------------------------
 source = out_dir if init_from == 'resume' else init_from
@@ -158,7 +161,8 @@ def evaluate(model):
     metrics = {'val/loss': response_loss(model)}
     if prompts:
         for name, temperature in (('greedy', 0.0), ('sampled', sample_temperature)):
-            r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, autocast=rt.autocast, seed=seed)
+            r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, autocast=rt.autocast, seed=seed,
+                              cuda_graph=cuda_graph)
             metrics.update({f'task/score_{name}': r['score'], f'task/all_words_{name}': r['all_words']})
             if name == 'greedy':
                 print(f"  prompt: {r['example']['prompt']}\n  greedy answer: {r['example']['answer'][:300]!r}")

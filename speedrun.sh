@@ -3,7 +3,7 @@
 #   prepare   Gutenberg children's books + TinyStories + fairy tales -> token files (held-out
 #             whole books, and the real TinyStories validation stories), and the instruction task
 #             ("write a story that uses the words ...") built from the same passages
-#   train     the base model (MLA + DeepSeekMoE with auxiliary-loss-free balancing)
+#   train     the base model (MLA + DeepSeekMoE with auxiliary-loss-free balancing, one MTP module)
 #   sft       supervised fine-tuning on the task       prefs   preference pairs sampled from SFT
 #   reward    the reward model                          dpo     DPO from SFT (DPO_SEEDS seeds)
 #   ppo       PPO from SFT, rewarded by the task rule   grpo    GRPO from SFT, likewise
@@ -16,18 +16,21 @@
 # $ bash speedrun.sh --profile=cpu      # a smoke test: every stage, tiny, about 10 minutes on 2 CPU cores
 # $ bash speedrun.sh --profile=gpu      # one GPU (H200): the real run, under 25 minutes
 # $ bash speedrun.sh --profile=gpu --stages=prepare,train      # some stages only (in this order)
-# Options: --profile=cpu|gpu, --out=FOLDER (default out/speedrun_<profile>), --stages=a,b,...
+# Options: --profile=cpu|gpu, --out=FOLDER (default out/speedrun_<profile>), --stages=a,b,...,
+# --parallel=0|1 (stages that do not need each other's output side by side; the gpu profile's default)
 # The data comes from $SHARED_DATA (default ../shared/data beside the checkout; see prepare/stories.py).
 set -euo pipefail
 PROFILE=cpu
 STAGES=prepare,train,sft,prefs,reward,dpo,ppo,grpo,distill,eval,report
 OUT=''
+PARALLEL=''
 for arg in "$@"; do
   case $arg in
     --profile=*) PROFILE=${arg#*=} ;;
     --stages=*) STAGES=${arg#*=} ;;
     --out=*) OUT=${arg#*=} ;;
-    *) echo "error: unknown option '$arg'; valid: --profile=cpu|gpu --stages=a,b,... --out=FOLDER"; exit 2 ;;
+    --parallel=0|--parallel=1) PARALLEL=${arg#*=} ;;
+    *) echo "error: unknown option '$arg'; valid: --profile=cpu|gpu --stages=a,b,... --out=FOLDER --parallel=0|1"; exit 2 ;;
   esac
 done
 OUT=${OUT:-out/speedrun_$PROFILE}
@@ -40,7 +43,7 @@ case $PROFILE in
     PREPARE="--max_books=12 --val_books=2 --max_stories=400 --tokenizer=bpe --vocab_size=4096
              --n_prompts_val=32 --n_sft_val=64 --n_prompts_train=64 --n_sft_train=4000"
     SYSTEM="--device=cpu --compile=False"
-    MODEL="config/tinystories_cpu.py --block_size=256 --batch_size=8 --max_iters=200 --eval_interval=200 --eval_iters=5"
+    MODEL="config/tinystories_cpu.py --mtp_depth=1 --block_size=256 --batch_size=8 --max_iters=200 --eval_interval=200 --eval_iters=5"
     SFT="--max_iters=80 --eval_interval=80 --batch_size=8 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=10
          --eval_prompts=16 --max_new_tokens=160 --eval_iters=4"
     PREFS="--n_prompts=48 --samples_per_prompt=4 --max_new_tokens=160 --val_fraction=0.25"
@@ -57,35 +60,38 @@ case $PROFILE in
              --intermediate_size=128 --block_size=256 --batch_size=8 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=20
              --max_iters=120 --eval_interval=120 --eval_iters=5"
     DISTILL="--temperature=2.0 --alpha=0.5"
-    EVAL="--eval_iters=5 --n_prompts=16 --max_new_tokens=160 --sample_tokens=60" ;;
+    EVAL="--eval_iters=5 --n_prompts=16 --max_new_tokens=160 --sample_tokens=60"
+    PARALLEL=${PARALLEL:-0} ;;
   gpu)
     PREPARE="--n_prompts_val=256 --n_prompts_train=2000"
     SYSTEM=""
-    MODEL="config/tinystories_moe.py --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
+    MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
-    SFT="--max_iters=600 --eval_interval=200 --batch_size=32 --block_size=512 --learning_rate=1e-4 --min_lr=1e-5
-         --warmup_iters=30 --eval_prompts=128 --max_new_tokens=320"
-    PREFS="--n_prompts=1000 --samples_per_prompt=4 --max_new_tokens=320"
-    REWARD="--max_iters=400 --eval_interval=200 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6 --n_fresh=128
+    SFT="--max_iters=800 --eval_interval=200 --batch_size=32 --block_size=512 --learning_rate=5e-4 --min_lr=5e-5
+         --warmup_iters=50 --eval_prompts=128 --max_new_tokens=320"
+    PREFS="--n_prompts=600 --samples_per_prompt=4 --max_new_tokens=320"
+    REWARD="--max_iters=300 --eval_interval=150 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6 --n_fresh=128
             --max_new_tokens=320"
-    DPO="--max_iters=300 --eval_interval=150 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7 --eval_prompts=128
+    DPO="--max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7 --eval_prompts=128
          --max_new_tokens=320"
     DPO_SEEDS="1 2 3"
-    PPO="--max_iters=30 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1 --max_new_tokens=320
+    PPO="--max_iters=20 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1 --max_new_tokens=320
          --kl_beta=0.02 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
-    GRPO="--max_iters=30 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32 --max_new_tokens=320
+    GRPO="--max_iters=20 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32 --max_new_tokens=320
           --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
     STUDENT="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
              --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
              --max_iters=1500 --eval_interval=500 --eval_iters=20"
     DISTILL="--temperature=2.0 --alpha=0.5 --top_k_logits=64"
-    EVAL="--eval_iters=50 --n_prompts=256 --max_new_tokens=320" ;;
+    EVAL="--eval_iters=30 --n_prompts=256 --max_new_tokens=320"
+    PARALLEL=${PARALLEL:-1} ;;
   *) echo "error: --profile=$PROFILE; valid: cpu, gpu"; exit 2 ;;
 esac
 
 DATA=$OUT/data TASK=$OUT/task PREFS_DIR=$OUT/prefs
 mkdir -p $OUT/logs
 stage_wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
+T_START=$SECONDS
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
 # times.tsv; skipped when DONE_FILE exists (its stage finished before)
 run() {
@@ -94,14 +100,39 @@ run() {
   echo "$name: $*"
   local t0=$SECONDS
   if ! "$@" > $OUT/logs/$name.log 2>&1; then
-    echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; exit 1
+    echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1
   fi
   printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> $OUT/times.tsv
   echo "$name: $((SECONDS - t0)) s"
 }
+# together CMD...: each CMD (a quoted command line) at once in the background; fails if any failed
+together() {
+  local pids=() failed=0
+  for cmd in "$@"; do eval "$cmd" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait $pid || failed=1; done
+  return $failed
+}
 
-for stage in ${STAGES//,/ }; do
-  case $stage in
+student_scratch() {   # the distillation's student trained from scratch, at the distilled one's steps
+  run student_scratch $OUT/student_scratch/ckpt.pt python train.py $STUDENT --data_dir=$DATA \
+    --out_dir=$OUT/student_scratch $SYSTEM
+}
+student_distill() {   # the same student distilled from the base model
+  run student_distill $OUT/student_distill/ckpt.pt python distill.py --teacher=$OUT/base \
+    --out_dir=$OUT/student_distill --data_dir=$DATA $STUDENT $DISTILL $SYSTEM
+}
+dpo_seed() {
+  run dpo_seed$1 $OUT/dpo_seed$1/ckpt.pt python dpo.py --init_from=$OUT/sft --out_dir=$OUT/dpo_seed$1 \
+    --prefs_dir=$PREFS_DIR --task_dir=$TASK --seed=$1 $DPO $SYSTEM
+}
+eval_run() {          # eval.py on one run folder; KL to the SFT model for the runs trained from it
+  local ref=''; case $1 in dpo*|ppo|grpo) ref=--reference=$OUT/sft ;; esac
+  run eval_$1 $OUT/$1/eval.json python eval.py --out_dir=$OUT/$1 --task_dir=$TASK $ref $EVAL ${SYSTEM/--compile=False/}
+}
+EVAL_RUNS="base sft $(for s in $DPO_SEEDS; do echo dpo_seed$s; done) ppo grpo student_scratch student_distill"
+
+stage() {
+  case $1 in
     prepare) run prepare $DATA/meta.json python prepare/stories.py --out_dir=$DATA --task_dir=$TASK $PREPARE ;;
     train)   run train $OUT/base/ckpt.pt python train.py $MODEL --data_dir=$DATA --out_dir=$OUT/base $SYSTEM ;;
     sft)     run sft $OUT/sft/ckpt.pt python sft.py --init_from=$OUT/base --out_dir=$OUT/sft --task_dir=$TASK $SFT $SYSTEM ;;
@@ -109,26 +140,45 @@ for stage in ${STAGES//,/ }; do
                --out_dir=$PREFS_DIR $PREFS ${SYSTEM/--compile=False/} ;;
     reward)  run reward $OUT/reward/ckpt.pt python reward.py --init_from=$OUT/sft --out_dir=$OUT/reward \
                --prefs_dir=$PREFS_DIR --task_dir=$TASK $REWARD $SYSTEM ;;
-    dpo)     for s in $DPO_SEEDS; do
-               run dpo_seed$s $OUT/dpo_seed$s/ckpt.pt python dpo.py --init_from=$OUT/sft --out_dir=$OUT/dpo_seed$s \
-                 --prefs_dir=$PREFS_DIR --task_dir=$TASK --seed=$s $DPO $SYSTEM
-             done ;;
+    dpo)     local cmds=(); for s in $DPO_SEEDS; do cmds+=("dpo_seed $s"); done
+             if [ $PARALLEL = 1 ]; then together "${cmds[@]}"
+             else for c in "${cmds[@]}"; do $c || return 1; done; fi ;;
     ppo)     run ppo $OUT/ppo/ckpt.pt python ppo.py --init_from=$OUT/sft --out_dir=$OUT/ppo --task_dir=$TASK --reward=rule \
                $PPO $SYSTEM ;;
     grpo)    run grpo $OUT/grpo/ckpt.pt python grpo.py --init_from=$OUT/sft --out_dir=$OUT/grpo --task_dir=$TASK \
                --reward=rule $GRPO $SYSTEM ;;
-    distill) # the same student twice, at equal steps: trained from scratch, and distilled from the base model
-             run student_scratch $OUT/student_scratch/ckpt.pt python train.py $STUDENT --data_dir=$DATA \
-               --out_dir=$OUT/student_scratch $SYSTEM
-             run student_distill $OUT/student_distill/ckpt.pt python distill.py --teacher=$OUT/base \
-               --out_dir=$OUT/student_distill --data_dir=$DATA $STUDENT $DISTILL $SYSTEM ;;
-    eval)    for run_dir in base sft reward $(for s in $DPO_SEEDS; do echo dpo_seed$s; done) ppo grpo student_scratch student_distill; do
-               [ "$run_dir" = reward ] && continue                 # a scalar model: its numbers are in its log
-               ref=''; case $run_dir in dpo*|ppo|grpo) ref=--reference=$OUT/sft ;; esac   # KL to SFT
-               run eval_$run_dir $OUT/$run_dir/eval.json python eval.py --out_dir=$OUT/$run_dir --task_dir=$TASK \
-                 $ref $EVAL ${SYSTEM/--compile=False/}
-             done ;;
-    report)  python report.py --out=$OUT --profile=$PROFILE ;;
-    *) echo "error: unknown stage '$stage'; valid: ${STAGES//,/, }"; exit 2 ;;
+    distill) student_scratch && student_distill ;;
+    student_scratch|student_distill) $1 ;;
+    eval)    local cmds=(); for r in $EVAL_RUNS; do cmds+=("eval_run $r"); done
+             if [ $PARALLEL = 1 ]; then together "${cmds[@]}"
+             else for c in "${cmds[@]}"; do $c || return 1; done; fi ;;
+    report)  printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv   # this run's wall time so far
+             python report.py --out=$OUT --profile=$PROFILE ;;
+    *) echo "error: unknown stage '$1'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, eval, report"
+       return 2 ;;
+  esac
+}
+
+for s in ${STAGES//,/ }; do    # every name is checked before anything runs
+  case $s in prepare|train|sft|prefs|reward|dpo|ppo|grpo|distill|eval|report) ;;
+    *) echo "error: unknown stage '$s'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, eval, report"; exit 2 ;;
   esac
 done
+if [ $PARALLEL = 1 ]; then
+  # Stages that do not need each other's checkpoints run side by side on the one GPU (the small
+  # models leave most of it idle); a phase starts when the one before it has finished:
+  #   prepare | train + student_scratch | sft + student_distill | prefs + ppo + grpo
+  #   | reward + dpo (its seeds at once) | eval (every run at once) | report
+  for phase in prepare "train student_scratch" "sft student_distill" "prefs ppo grpo" "reward dpo" eval report; do
+    cmds=()
+    for s in $phase; do
+      name=$s; case $s in student_*) name=distill ;; esac
+      stage_wanted $name && cmds+=("stage $s")
+    done
+    [ ${#cmds[@]} -gt 0 ] && { together "${cmds[@]}" || exit 1; }
+  done
+else
+  for s in ${STAGES//,/ }; do stage $s || exit 1; done
+fi
+stage_wanted report || printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv
+echo "speedrun: $((SECONDS - T_START)) s of wall time -> $OUT/report.md"

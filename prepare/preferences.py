@@ -26,7 +26,7 @@ from tqdm import tqdm  # noqa: E402
 from checkpoint import load_chat_model  # noqa: E402
 from config import configure  # noqa: E402
 from data import read_jsonl  # noqa: E402
-from generate import generate_chat  # noqa: E402
+from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runtime import init_runtime  # noqa: E402
 from task import score  # noqa: E402
 
@@ -46,6 +46,7 @@ batch_size = 64              # prompts per generation batch (x samples_per_promp
 device = 'auto'
 dtype = 'auto'
 seed = 1337
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 # -----------------------------------------------------------------------------
 configure(globals())
 if samples_per_prompt < 2:
@@ -67,6 +68,7 @@ if source:
     stats = {'source': source}
 else:
     rt = init_runtime(device, dtype, seed)
+    cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
     model, tok, _ = load_chat_model(init_from, rt.device)
     model.eval()
     prompts = read_jsonl(os.path.join(task_dir, 'prompts_train.jsonl'), ('prompt', 'words'),
@@ -79,7 +81,7 @@ else:
         # each prompt K times in one batch: K independent samples
         flat = [p['prompt'] for p in chunk for _ in range(samples_per_prompt)]
         answers = generate_chat(model, tok, flat, max_new_tokens, temperature, top_k=top_k or None,
-                                batch_size=len(flat), autocast=rt.autocast, generator=g)
+                                batch_size=len(flat), autocast=rt.autocast, generator=g, cuda_graph=cuda_graph)
         for j, p in enumerate(chunk):
             group = answers[j * samples_per_prompt:(j + 1) * samples_per_prompt]
             scored = [(score(a['text'], p['words'], p.get('features'), a['ended'])['score'], a) for a in group]

@@ -45,7 +45,8 @@ The task (task_dir; the format of prepare/tinystories_instruct.py):
   sft_train.jsonl, sft_val.jsonl          {"prompt", "response", "words", "features"}
   prompts_train.jsonl, prompts_val.jsonl  {"prompt", "words", "features", "reference"}
 from passages (and TinyStories stories) of task_words_min..task_words_max words: one verb, noun and
-adjective of the passage (task.make_task_pos) and features it satisfies (task.choose_features); a
+adjective of the passage (task.make_task_pos; with list_words_only, only passages that have a word
+of each of task.py's lists of common story words) and features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
 features, a complete last sentence, little repetition). The *_train files come from the training
 books and fairy tales (sft_train also takes every TinyStories training story), the *_val files
@@ -91,6 +92,7 @@ passage_words_max = 300
 straight_quotes = True               # “ ” ‘ ’ -> " " ' ' (as in TinyStories)
 task_words_min = 40                  # task examples: passages and stories of this many words
 task_words_max = 200
+list_words_only = True               # required words only from task.py's lists of common story words
 n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
 n_sft_val = 1000                     # SFT val examples (held-out books)
 n_prompts_train = 2000               # prompts for RL (PPO, GRPO) and preference sampling
@@ -454,7 +456,7 @@ print(f'tokenized in {t_tokens:.0f}s')
 
 def to_examples(docs, offset, limit):
     """Documents -> task examples until `limit` (0: all); (examples, documents tried, by reason)."""
-    out, why = [], {'length': 0, 'no_task': 0, 'reference_below_1': 0}
+    out, why = [], {'length': 0, 'no_task': 0, 'not_list_words': 0, 'reference_below_1': 0}
     fallbacks = {f'{pos}_{how}': 0 for pos in ('verb', 'noun', 'adjective') for how in ('suffix', 'content')}
     for i, doc in enumerate(docs):
         if limit and len(out) >= limit:
@@ -466,6 +468,9 @@ def to_examples(docs, offset, limit):
         t = make_task_pos(doc, rng)
         if t is None:
             why['no_task'] += 1
+            continue
+        if list_words_only and any(how != 'list' for how in t['how']):
+            why['not_list_words'] += 1          # a rare word the passage happens to have
             continue
         if score(doc, t['words'], t['features'])['score'] < 1.0 or not complete_ending(doc):
             why['reference_below_1'] += 1
