@@ -5,6 +5,7 @@ $ python sample.py --out_dir=out/shakespeare_char
 $ python sample.py --out_dir=out/tinystories_moe --start="Once upon a time" --num_samples=5
 $ python sample.py --out_dir=out/run --start=FILE:prompt.txt --temperature=0   # greedy
 $ python sample.py --out_dir=out/sft --start="Write a story that uses the words: dog, ball, happy."
+$ python sample.py --out_dir=out/run --temperature=0 --speculative=True     # a model trained with mtp_depth >= 1
 
 With a checkpoint whose tokenizer has the chat template (sft.py and later stages), --start is the
 user's turn and the answer ends at <|end|> (--chat=False continues raw text instead).
@@ -17,7 +18,7 @@ import torch
 from checkpoint import load_model, run_folders
 from config import configure
 from runtime import init_runtime
-from generate import generate_tokens
+from generate import generate_speculative, generate_tokens
 
 # -----------------------------------------------------------------------------
 out_dir = ''                 # a folder holding ckpt.pt (from any stage); '': the newest under out/
@@ -33,6 +34,9 @@ chat = None                  # prompt with the chat template; None: if the check
 cuda_graph = True            # on CUDA: replay each one-token step as a CUDA graph (generate.DecodeGraph)
 compile_decode = False       # with cuda_graph: fuse that step with torch.compile first (tens of seconds
                              # of compilation; then about 2x faster again, see docs/performance.md)
+speculative = False          # greedy decoding that drafts tokens with the checkpoint's MTP modules and
+                             # checks them in one forward pass (generate.generate_speculative): the same
+                             # tokens as --temperature=0, in fewer forward passes
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
@@ -44,6 +48,7 @@ problems = [msg for bad, msg in [
     (temperature < 0, f'temperature={temperature} must be >= 0 (0 means greedy)'),
     (top_k < 0, f'top_k={top_k} must be >= 0 (0 means off)'),
     (not 0 < top_p <= 1, f'top_p={top_p} must be in (0, 1]'),
+    (speculative and temperature > 0, f'speculative=True is greedy decoding: set --temperature=0 (not {temperature})'),
 ] if bad]
 if problems:
     sys.exit('error: ' + '; '.join(problems))
@@ -80,6 +85,17 @@ try:
 except ValueError as e:
     sys.exit(f'error: the prompt cannot be encoded: {e}')
 stops = (tok.stop_ids() if chat else [tok.eot_id]) if stop_at_eot else None
+if speculative:
+    if not model.config.mtp_depth:
+        sys.exit(f'error: speculative=True drafts with MTP modules and {out_dir} has none (train with --mtp_depth=1)')
+    with rt.autocast():
+        new, stats = generate_speculative(model, prompt, max_new_tokens, stop_ids=stops or ())
+    new = new[:-1] if stops and new and new[-1] in stops else new
+    print((f'[user] {start}\n[assistant] ' if chat else start) + tok.decode(new))
+    print(f"speculative: {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
+          f"({stats['accepted'] / max(stats['drafted'], 1):.0%}), {len(new)} tokens in {stats['forward_passes']} "
+          f"forward passes of the main model", file=sys.stderr)
+    sys.exit(0)
 idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
 gen = torch.Generator(device=rt.device).manual_seed(seed)
 

@@ -204,3 +204,11 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     assert stats['accepted'] / stats['drafted'] > 0.3 and stats['forward_passes'] < 20, stats
     with pytest.raises(ValueError, match='the model has none'):
         generate_speculative(build('gqa'), [1, 2], 4)
+    # sample.py --speculative=True prints greedy decoding's text and the acceptance
+    args = ('--out_dir=mtp', '--start=Once upon a', '--max_new_tokens=20', '--temperature=0', '--num_samples=1',
+            '--device=cpu', '--stop_at_eot=False')
+    greedy = run_script('sample.py', *args, cwd=tmp_path).stdout
+    spec = run_script('sample.py', *args, '--speculative=True', cwd=tmp_path)
+    assert spec.stdout.strip() == greedy.split('-' * 40)[0].strip() and 'drafted tokens accepted' in spec.stderr
+    bad = run_script('sample.py', '--out_dir=mtp', '--speculative=True', cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and 'set --temperature=0' in bad.stderr + bad.stdout
