@@ -1,0 +1,199 @@
+"""
+Serving benchmark: throughput and latency of many concurrent requests with mixed prompt and
+output lengths, served by the engine (continuous batching over the paged cache), by our own static
+batching of the same requests (generate.generate_tokens on each group of `streams` requests, to the
+longest output of the group), and optionally by transformers' generate on the exported model.
+
+$ python bench_serve.py config/tinystories_moe.py                      # a random-weight model of a config
+$ python bench_serve.py --checkpoint=out/speedrun_gpu/base --streams=1,8,64,256
+$ python bench_serve.py config/tinystories_cpu.py --device=cpu --streams=1,4 --n_requests=8 --max_output=32
+
+Each level of concurrency C keeps C requests in flight (closed loop: a finished request is replaced
+by the next one at once; static batching takes the next C at once). Outputs never stop early (no
+stop token), so every method produces the same tokens. Reported per method and C: generated tokens
+per second, time to first token (p50, p99) and the time between a request's tokens (p50, p99).
+"""
+
+import json
+import random
+import sys
+import time
+
+import torch
+
+from checkpoint import load_model
+from config import configure, model_config_from
+from engine import Engine, cache_numbers_per_token
+from generate import generate_tokens, pad_prompts, use_cuda_graph
+from model import GPT, ModelConfig
+from runtime import init_runtime
+
+# -----------------------------------------------------------------------------
+checkpoint = ''                 # a checkpoint folder to serve; '': a random-weight model of the config given
+streams = '1,8,64,256'          # concurrency levels
+n_requests = 0                  # requests per level (0: max(4 x streams, 32))
+min_prompt, max_prompt = 16, 256      # prompt lengths, uniform
+min_output, max_output = 16, 512      # output lengths, uniform
+methods = 'engine,static'       # any of engine, static, hf (transformers' generate on the export)
+cuda_graph = None               # static batching's one-token steps as CUDA graphs; None: on for CUDA
+block_size_cache = 16           # the engine's cache block (tokens)
+prefill_chunk = 256
+device = 'auto'
+dtype = 'auto'
+seed = 1337
+out_file = ''                   # also write the results as JSON here
+# -----------------------------------------------------------------------------
+config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=True)
+rt = init_runtime(device, dtype, seed)
+levels = [int(s) for s in str(streams).split(',') if s.strip()]
+methods = [m.strip() for m in methods.split(',') if m.strip()]
+bad = [m for m in methods if m not in ('engine', 'static', 'hf')]
+if bad or not levels or min(levels) < 1:
+    sys.exit(f'error: methods {bad} unknown (valid: engine, static, hf) or streams={streams!r} not positive integers')
+if checkpoint:
+    model, tok, _ = load_model(checkpoint, rt.device)
+else:
+    model = GPT(model_config_from(config, ModelConfig)).to(rt.device)
+model.eval()
+if rt.dtype != 'float32':
+    model.to(getattr(torch, rt.dtype))
+c = model.config
+if max_prompt + max_output > c.block_size:
+    sys.exit(f'error: max_prompt + max_output = {max_prompt + max_output} exceeds the block_size {c.block_size}')
+graph = use_cuda_graph(cuda_graph, rt.device_type)
+
+
+def sync():
+    if rt.device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def workload(n):
+    rng = random.Random(seed)
+    return [([rng.randrange(c.vocab_size) for _ in range(rng.randint(min_prompt, max_prompt))],
+             rng.randint(min_output, max_output)) for _ in range(n)]
+
+
+def percentiles(xs):
+    xs = sorted(xs)
+    at = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float('nan')   # noqa: E731
+    return at(0.5), at(0.99)
+
+
+def run_engine(reqs, C):
+    """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
+    inter-token gaps, tokens)."""
+    total = sum(len(p) + n for p, n in reqs[:C]) if C < len(reqs) else sum(len(p) + n for p, n in reqs)
+    n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // block_size_cache) + C + 16
+    engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk)
+    queue, started, last, ttft, gaps, tokens = list(reqs), {}, {}, [], [], 0
+    t0 = time.time()
+    while queue or engine.running or engine.waiting:
+        while queue and len(engine.running) + len(engine.waiting) < C:
+            p, n = queue.pop(0)
+            r = engine.add(p, n)
+            started[r.id] = time.time()
+        events = engine.step()
+        sync()
+        now = time.time()
+        for r, tok_, finished in events:
+            if tok_ is None:
+                continue
+            tokens += 1
+            if r.id not in last:
+                ttft.append(now - started[r.id])
+            else:
+                gaps.append(now - last[r.id])
+            last[r.id] = now
+    return time.time() - t0, ttft, gaps, tokens
+
+
+def run_static(reqs, C, generate_group):
+    """Groups of C requests in arrival order, each run to its longest output; a request's tokens
+    count up to its own length (the rest of the group's steps are the waste continuous batching avoids)."""
+    ttft, gaps, tokens = [], [], 0
+    t0 = time.time()
+    for i in range(0, len(reqs), C):
+        group = reqs[i:i + C]
+        g0 = time.time()
+        times = generate_group([p for p, _ in group], max(n for _, n in group))
+        for p, n in group:
+            ttft.append(times[0] - g0)
+            gaps += [b - a for a, b in zip(times[:n - 1], times[1:n])]
+            tokens += n
+    return time.time() - t0, ttft, gaps, tokens
+
+
+def ours_group(prompts, n):
+    idx, mask = pad_prompts(prompts, device=rt.device)
+    times = []
+    for _ in generate_tokens(model, idx, n, temperature=0, prompt_mask=mask, cuda_graph=graph):
+        sync()
+        times.append(time.time())
+    return times
+
+
+hf_model = None
+if 'hf' in methods:                               # transformers' DeepseekV3ForCausalLM on the export
+    import tempfile
+    import transformers
+    from convert_hf import export_hf
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(model.float(), d)
+        hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(d, torch_dtype=getattr(torch, rt.dtype))
+    hf_model.to(rt.device).eval()
+    model.to(getattr(torch, rt.dtype))
+
+
+def hf_group(prompts, n):
+    """transformers' generate (greedy, its own static batching) with a streamer to time each step."""
+    idx, mask = pad_prompts(prompts, device=rt.device)
+    times = []
+
+    class Clock:
+        def put(self, value):
+            sync()
+            times.append(time.time())
+
+        def end(self):
+            pass
+    hf_model.generate(input_ids=idx, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, streamer=Clock(), pad_token_id=0)
+    return times[1:]                               # the first put() is the prompt
+
+
+rows, results = [], []
+with rt.autocast():
+    run_engine(workload(4), 2)                     # warm-up (allocator, kernels)
+    for C in levels:
+        reqs = workload(n_requests or max(4 * C, 32))
+        for m in methods:
+            if m == 'engine':
+                secs, ttft, gaps, tokens = run_engine(reqs, C)
+            else:
+                fn = ours_group if m == 'static' else hf_group
+                fn([reqs[0][0]] * min(C, 2), 4)    # warm-up (graph capture for this batch)
+                secs, ttft, gaps, tokens = run_static(reqs, C, fn)
+            r = {'method': m, 'streams': C, 'requests': len(reqs), 'tokens': tokens, 'seconds': secs,
+                 'tokens_per_s': tokens / secs, 'ttft_p50': percentiles(ttft)[0], 'ttft_p99': percentiles(ttft)[1],
+                 'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1]}
+            results.append(r)
+            print(f"{m:7s} streams {C:4d}: {r['tokens_per_s']:10,.0f} tokens/s; first token p50 {r['ttft_p50'] * 1e3:8.1f} ms, "
+                  f"p99 {r['ttft_p99'] * 1e3:8.1f} ms; between tokens p50 {r['itl_p50'] * 1e3:6.1f} ms, "
+                  f"p99 {r['itl_p99'] * 1e3:6.1f} ms", flush=True)
+
+per_token = cache_numbers_per_token(c)
+elem = torch.finfo(getattr(torch, rt.dtype)).bits // 8
+print(f"\n{checkpoint or 'random weights'}: {model.num_params() / 1e6:.0f}M parameters, {rt.device} {rt.dtype}; prompts "
+      f"{min_prompt}-{max_prompt}, outputs {min_output}-{max_output} tokens; paged cache {per_token:,} numbers "
+      f"= {per_token * elem:,} bytes per token")
+print('| streams | method | tokens/s | vs static | first token p50 / p99 (ms) | between tokens p50 / p99 (ms) |')
+print('| --- | --- | --- | --- | --- | --- |')
+for r in results:
+    static = next((s for s in results if s['method'] == 'static' and s['streams'] == r['streams']), None)
+    vs = f"{r['tokens_per_s'] / static['tokens_per_s']:.2f}x" if static else '-'
+    print(f"| {r['streams']} | {r['method']} | {r['tokens_per_s']:,.0f} | {vs} | {r['ttft_p50'] * 1e3:.1f} / "
+          f"{r['ttft_p99'] * 1e3:.1f} | {r['itl_p50'] * 1e3:.1f} / {r['itl_p99'] * 1e3:.1f} |")
+if out_file:
+    with open(out_file, 'w') as f:
+        json.dump({'config': {k: v for k, v in config.items()}, 'results': results}, f, indent=2, default=str)
