@@ -223,6 +223,9 @@ for name, overrides in variants.items():
     else:
         fail(f"{where}: overrides must be a dict {{'key': value}} or a list ['--key=value'], got {overrides!r}")
     keys = [k for k, _ in parse_args(var_args, where) if k]
+    if 'max_iters' in keys and (max_tokens or max_flops):
+        fail(f"{where} sets max_iters, but the study's budget ({'max_tokens' if max_tokens else 'max_flops'}) "
+             f"sets every run's; leave one of them out")
     override_keys += [k for k in keys if k not in override_keys]
     cfg = resolve(base_args + var_args, where)
     numbers = model_numbers(cfg, where)        # also checks that the ModelConfig is valid
@@ -478,7 +481,7 @@ def cell(values, key):
     if len(values) == 1 or key in ('params', 'active_params', 'flops_per_token', 'kv_cache_bytes_per_token'):
         return fmt.format(mean)                     # (a config's numbers do not vary with the seed)
     std = statistics.stdev(values) * scale
-    return f'{fmt.format(mean)} ± {fmt.format(std).rstrip("%M")}'
+    return f'{fmt.format(mean)} ± {fmt.format(std)}'
 
 
 by_variant = {}

@@ -173,6 +173,7 @@ def test_a_budget_in_tokens_or_flops_becomes_max_iters(monkeypatch, tmp_path, ca
     ({'variants': {'a': {'attention': 'mqa'}}}, "variant 'a': ModelConfig.attention='mqa'"),
     ({'variants': {'a': {}}, 'seeds': []}, 'seeds must be a non-empty list'),
     ({'variants': {'a': {}}, 'max_tokens': 1e6, 'max_flops': 1e12}, 'set one budget per run'),
+    ({'variants': {'a': {'max_iters': 5}}, 'max_tokens': 1e6}, "variant 'a' sets max_iters, but the study's budget"),
 ])
 def test_bad_studies_stop_with_one_line_saying_why(monkeypatch, tmp_path, capsys, settings, message):
     study = write_study(tmp_path, ['--device=cpu'], **settings)
