@@ -435,7 +435,7 @@ def summarize(run):
     peaks = [number(r.get('peak_mem_gb')) for r in trains if number(r.get('peak_mem_gb')) is not None]
     row['peak_mem_gb'] = max(peaks) if peaks else None
     times = training_time(trains)
-    row['train_time_s'] = time_at(times, row['steps'])
+    row['train_time_s'] = time_at(times, row['steps']) if trains else None   # (no log line: unknown)
     cvs = [number(r.get('moe/load_cv')) for r in trains if number(r.get('moe/load_cv')) is not None]
     row['moe_load_cv'] = statistics.mean(cvs) if cvs else None          # mean over the log lines
     imb = [number(r.get('moe/max_imbalance')) for r in trains if number(r.get('moe/max_imbalance')) is not None]

@@ -152,7 +152,8 @@ def test_a_budget_in_tokens_or_flops_becomes_max_iters(monkeypatch, tmp_path, ca
     fpt = {}
     for name, n_embd in (('small', 32), ('wide', 64)):
         with torch.device('meta'):
-            fpt[name] = GPT(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=n_embd)).flops_per_token(32)
+            model = GPT(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=n_embd))
+        fpt[name] = model.flops_per_token(32)
     code, out = ablate(monkeypatch, tmp_path, capsys, study, '--max_flops=1e10')
     for name in fpt:
         line = next(line for line in out.splitlines() if f'{name}_s1 ' in line)
