@@ -321,11 +321,16 @@ class Run:
             if self.peak:
                 row['mfu'] = self.flops_per_token * tok_s / (self.peak * rt.world_size)
             row.update(numbers)
+            if rt.device_type == 'cuda':                 # the allocator's high-water mark since the start
+                row['peak_mem_gb'] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
             if self.expert_load is not None:
                 # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
                 load = self.expert_load
                 imbalance = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
                 row['moe/max_imbalance'] = max(imbalance)
+                # coefficient of variation of the tokens per expert (std / mean; 0 = even), mean over layers
+                cv = load.float().std(1, unbiased=False) / load.float().mean(1).clamp(min=1e-9)
+                row['moe/load_cv'] = cv.mean().item()
                 row['moe/imbalance'] = [round(v, 3) for v in imbalance]
                 share = (load / load.sum(1, keepdim=True).clamp(min=1)).cpu()
                 self.expert_share = share if self.expert_share is None else self.expert_share + share

@@ -1,0 +1,583 @@
+"""
+Ablations: train.py over a set of variants x seeds, every run its own train.py process in its own
+folder, then one table of what each variant did.
+
+$ python ablate.py config/ablations/attention.py                      # MHA vs GQA vs MLA (GPU)
+$ python ablate.py config/ablations/attention.py --seeds=[1,2,3] --parallel=3   # three runs at once
+$ python ablate.py config/ablations/attention.py --dry_run=True       # the runs and their commands
+$ python ablate.py config/ablations/attention.py --report_only=True   # tables and plots, no training
+$ python ablate.py --base="['config/tinystories_cpu.py']" --grid="{'n_layer': [2, 4]}" \
+      --max_tokens=2e6 --out_dir=out/ablations/depth                  # a study without a file
+
+A study (a config file, config/ablations/*.py) sets the values below: `base`, train.py's
+arguments shared by every run; either `variants` (name -> overrides) or `grid` (key -> values,
+every combination a variant named 'key=value,key=value'); `seeds`; a budget per run (`max_tokens`,
+`max_flops`, or the max_iters that base gives); `out_dir`; `parallel`. Each variant x seed is
+
+    python train.py BASE... --key=value... --seed=S --out_dir=OUT_DIR/<variant>_s<S> --max_iters=N
+
+(train.py's own code path; never a second training loop). Stopping and starting again is safe: a
+run that finished is skipped, one that was killed or failed continues from its checkpoint
+(init_from='resume'), one never started starts. A failed run's output tail is printed and the
+others go on. Then OUT_DIR gets
+  results.csv              one row per run: variant, seed, status, every override, the budget, and
+                           what the run logged (final val loss and bits per byte, tokens/s, MFU, peak
+                           memory, expert-load CV, max attention logit) or its config gives
+                           (parameters, KV-cache bytes per token); a cell is empty where it has none
+  results.md               per variant mean +- std over seeds, sorted by val loss, and whether the
+                           best two differ by more than the seed-to-seed spread
+  val_loss_vs_tokens.png   val loss against training tokens, one curve per variant (mean over seeds)
+  val_loss_vs_time.png     ... against training time (without matplotlib: one note, no plots)
+Each run folder holds train.py's own files (ckpt.pt, log.jsonl, loss.png) plus train_output.txt
+(its stdout and stderr) and ablate.json (its command and status).
+"""
+
+import ast
+import contextlib
+import csv
+import difflib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from config import configure, model_config_from
+
+# -----------------------------------------------------------------------------
+base = None              # train.py arguments every run shares: a list ('config/X.py', '--key=value', ...)
+                         # or one config file's path
+variants = {}            # name -> overrides: {'key': value, ...} or ['--key=value', ...]
+grid = {}                # key -> [values]: every combination is a variant (set variants or grid)
+seeds = [1337]           # each variant runs once per seed (--seed=S)
+max_tokens = 0.0         # budget per run in training tokens: max_iters = max_tokens / tokens per step; 0: off
+max_flops = 0.0          # budget per run in training FLOPs: max_iters = max_flops / (FLOPs per token x
+                         # tokens per step), FLOPs per token from the model (model.flops_per_token); 0: off
+out_dir = 'out/ablations/study'
+parallel = 1             # runs at once (several small runs can share one GPU)
+devices = ''             # e.g. '0,1': the k-th concurrent run slot uses CUDA_VISIBLE_DEVICES=devices[k % n]
+nproc_per_node = 1       # > 1: every run under torchrun --standalone --nproc_per_node=N (DDP)
+dry_run = False          # print the runs and their commands, run nothing
+report_only = False      # write the tables and plots from the run folders as they are, train nothing
+log_tail = 25            # lines of a failed run's output to print
+# -----------------------------------------------------------------------------
+configure(globals())
+# -----------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(REPO, 'train.py')
+RESERVED = ('seed', 'out_dir', 'init_from')     # the runner sets these for each run
+t_start = time.time()
+
+
+def fail(message):
+    sys.exit(f'error: {message}')
+
+
+def hms(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+# --- the study: checked before anything is imported or run --------------------------------------
+if base is None:
+    fail('set base: train.py arguments every run shares, e.g. '
+         "base = ['config/tinystories_moe.py', '--max_iters=500'] (or one config file's path)")
+base_args = [base] if isinstance(base, str) else list(base)
+if not all(isinstance(a, str) for a in base_args):
+    fail(f'base must be a list of strings (train.py arguments), got {base!r}')
+if variants and grid:
+    fail('set either variants (name -> overrides) or grid (key -> values), not both')
+if not variants and not grid:
+    fail("set variants, e.g. {'mha': {'attention': 'mha'}, 'mla': {'attention': 'mla'}}, "
+         "or grid, e.g. {'n_layer': [4, 8]}")
+if grid:
+    if not isinstance(grid, dict) or not all(isinstance(v, (list, tuple)) for v in grid.values()):
+        fail(f"grid maps each key to a list of values, e.g. {{'n_layer': [4, 8]}}; got {grid!r}")
+    empty = [k for k, v in grid.items() if not v]
+    if empty:
+        fail(f"grid key{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+             f"{'have' if len(empty) > 1 else 'has'} no values: give each key at least one")
+    # the cartesian product, in the grid's order: {'a': [1, 2], 'b': ['x']} -> 'a=1,b=x', 'a=2,b=x'
+    variants = {','.join(f'{k}={v}' for k, v in zip(grid, combo)): dict(zip(grid, combo))
+                for combo in itertools.product(*grid.values())}
+if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                for s in seeds):
+    fail(f'seeds must be a non-empty list of ints, e.g. [1, 2, 3]; got {seeds!r}')
+if len(set(seeds)) != len(seeds):
+    fail(f'seeds {list(seeds)} repeat a seed')
+if max_tokens < 0 or max_flops < 0:
+    fail('max_tokens and max_flops are budgets: positive, or 0 for off')
+if max_tokens and max_flops:
+    fail('set one budget per run: max_tokens or max_flops, not both')
+if parallel < 1 or nproc_per_node < 1:
+    fail(f'parallel={parallel} and nproc_per_node={nproc_per_node} must be at least 1')
+
+
+def parse_args(items, where):
+    """['--key=value' | 'config/X.py', ...] -> [(key or None, value text)]: what each item sets."""
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            fail(f'{where}: {item!r} is not a train.py argument (a string --key=value or a config file)')
+        if item.startswith('--'):
+            key, eq, value = item[2:].partition('=')
+            if not eq:
+                fail(f"{where}: '{item}' has no value; write --key=value")
+            out.append((key, value))
+        else:
+            out.append((None, item))           # a config file: train.py's configure reads it
+    return out
+
+
+# train.py's settings: the plain `name = value` assignments of its settings block, read from the
+# source (running train.py would train), plus every ModelConfig field, as train.py's configure has
+import torch  # noqa: E402  (after the cheap checks above, which need no torch)
+
+from engine import cache_numbers_per_token  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
+from runlog import pyplot  # noqa: E402
+
+train_defaults = {}
+for node in ast.parse(open(TRAIN).read()).body:
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+            getattr(node.value.func, 'id', '') == 'configure':
+        break                                   # the end of the settings block
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        with contextlib.suppress(ValueError, SyntaxError):
+            train_defaults[node.targets[0].id] = ast.literal_eval(node.value)
+TRAIN_KEYS = set(train_defaults) | {f.name for f in ModelConfig.__dataclass_fields__.values()}
+
+
+def check_keys(keys, where):
+    for key in keys:
+        if key in RESERVED:
+            fail(f"{where} sets '{key}', which the runner sets for each run (seeds, out_dir, resuming)")
+        if key not in TRAIN_KEYS:
+            close = difflib.get_close_matches(key, TRAIN_KEYS, n=3)
+            fail(f"{where} sets '{key}', which is not a train.py setting"
+                 + (f" (did you mean {', '.join(close)}?)" if close else '')
+                 + '; see python train.py --help')
+
+
+def resolve(args, where):
+    """train.py's resolved config for these arguments (its configure, run here), or exit naming
+    `where` with configure's complaint (a wrong type, a missing config file)."""
+    namespace = dict(train_defaults)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return configure(namespace, argv=args, model_config=ModelConfig, verbose=False)
+    except SystemExit as e:
+        fail(f"{where}: {str(e.code).removeprefix('error: ')}")
+
+
+def dataset_vocab(cfg):
+    """The vocabulary train.py will give the model: vocab_size, or the dataset's padded to a
+    multiple of 64 (as train.py does); None where the dataset is not prepared yet."""
+    if cfg['vocab_size']:
+        return cfg['vocab_size']
+    meta = os.path.join(cfg['data_dir'] or os.path.join('data', cfg['dataset']), 'meta.json')
+    if not os.path.isfile(meta):
+        return None
+    with open(meta) as f:
+        return 64 * math.ceil(json.load(f)['vocab_size'] / 64)
+
+
+def model_numbers(cfg, where):
+    """Parameters, FLOPs per token and KV-cache bytes per token of the run's model, built on the
+    meta device (nothing allocated); {} where the vocabulary is not known yet."""
+    vocab = dataset_vocab(cfg)
+    try:                                        # (a stand-in vocabulary checks the rest before any data)
+        mc = model_config_from({**cfg, 'vocab_size': vocab or 64}, ModelConfig)
+    except ValueError as e:
+        fail(f'{where}: {e}')
+    if vocab is None:
+        return {}
+    with torch.device('meta'):
+        m = GPT(mc)
+    return {'params': m.num_params() - m.mtp_params(), 'active_params': m.active_params(),
+            'flops_per_token': m.flops_per_token(cfg['block_size']),
+            # numbers cached per token over all layers (MLA: the latent + the RoPE key; MHA/GQA:
+            # 2 n_kv_head head_dim a layer) x 2 bytes: the cache in bf16, as a GPU serves it
+            'kv_cache_bytes_per_token': 2 * cache_numbers_per_token(mc)}
+
+
+# --- the runs: one per variant x seed -------------------------------------------------------------
+check_keys([k for k, _ in parse_args(base_args, 'base') if k], 'base')
+runs, override_keys = [], []
+for name, overrides in variants.items():
+    where = f"variant '{name}'"
+    if isinstance(overrides, dict):
+        check_keys(overrides, where)
+        # a string goes as it is (train.py reads a str setting raw), anything else as a literal
+        var_args = [f'--{k}={v}' if isinstance(v, str) else f'--{k}={v!r}' for k, v in overrides.items()]
+    elif isinstance(overrides, (list, tuple)):
+        var_args = list(overrides)
+        check_keys([k for k, _ in parse_args(var_args, where) if k], where)
+    else:
+        fail(f"{where}: overrides must be a dict {{'key': value}} or a list ['--key=value'], got {overrides!r}")
+    keys = [k for k, _ in parse_args(var_args, where) if k]
+    if 'max_iters' in keys and (max_tokens or max_flops):
+        fail(f"{where} sets max_iters, but the study's budget ({'max_tokens' if max_tokens else 'max_flops'}) "
+             f"sets every run's; leave one of them out")
+    override_keys += [k for k in keys if k not in override_keys]
+    cfg = resolve(base_args + var_args, where)
+    numbers = model_numbers(cfg, where)        # also checks that the ModelConfig is valid
+    # tokens one optimizer step trains on: micro-batch x sequence x accumulation x processes
+    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps'] * nproc_per_node
+    if max_tokens:
+        iters = max(1, int(max_tokens // tokens_per_step))
+    elif max_flops:
+        if not numbers:
+            fail(f'{where}: max_flops needs the model\'s FLOPs per token, so its vocabulary: prepare the '
+                 f'dataset first (no meta.json at {cfg["data_dir"] or "data/" + cfg["dataset"]}) or set vocab_size')
+        iters = max(1, int(max_flops // (numbers['flops_per_token'] * tokens_per_step)))
+    else:
+        iters = cfg['max_iters']
+    dir_name = re.sub(r'[^A-Za-z0-9._=+-]+', '-', name)   # 'a=1,b=x' -> 'a=1-b=x'
+    for seed in seeds:
+        run_dir = os.path.join(out_dir, f'{dir_name}_s{seed}')
+        args = [*base_args, *var_args, f'--seed={seed}', f'--out_dir={run_dir}', f'--max_iters={iters}']
+        runs.append({'variant': name, 'seed': seed, 'dir': run_dir, 'args': args, 'max_iters': iters,
+                     'tokens_per_step': tokens_per_step, 'config': cfg, 'numbers': numbers,
+                     'save_checkpoints': cfg['save_checkpoints']})
+if len({r['dir'] for r in runs}) != len(runs):
+    fail('two variants map to the same run folder; give them names that differ in letters or digits')
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def log_rows(run_dir):
+    rows = []
+    with contextlib.suppress(OSError):
+        with open(os.path.join(run_dir, 'log.jsonl')) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):     # a line cut short by a kill
+                    rows.append(json.loads(line))
+    return rows
+
+
+def finished(run):
+    """Whether a run is done at this budget: the runner saw it exit 0 at this max_iters, or (a
+    folder from elsewhere, no ablate.json) its log holds the final evaluation at max_iters."""
+    marker = read_json(os.path.join(run['dir'], 'ablate.json'))
+    if marker is not None:
+        return marker.get('status') == 'done' and marker.get('max_iters') == run['max_iters']
+    return any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir']))
+
+
+def has_checkpoint(run_dir):
+    return os.path.isfile(os.path.join(run_dir, 'ckpt.pt')) or \
+        os.path.isfile(os.path.join(run_dir, 'ckpt_dcp', 'meta.pt'))
+
+
+def write_marker(run, **fields):
+    path = os.path.join(run['dir'], 'ablate.json')
+    info = {'variant': run['variant'], 'seed': run['seed'], 'max_iters': run['max_iters'],
+            'command': run['command'], **fields}
+    with open(path + '.tmp', 'w') as f:
+        json.dump(info, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def command(run, resume):
+    launcher = [sys.executable] if nproc_per_node == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc_per_node}']
+    return launcher + [TRAIN, *run['args'], *(['--init_from=resume'] if resume else [])]
+
+
+# --- train ----------------------------------------------------------------------------------------
+n = len(runs)
+label = {id(r): f"[{i + 1}/{n}] {r['variant']} seed {r['seed']}" for i, r in enumerate(runs)}
+todo = []
+for r in runs:
+    r['resume'] = has_checkpoint(r['dir']) and r['save_checkpoints']
+    r['command'] = command(r, r['resume'])
+    if finished(r):
+        print(f"{label[id(r)]}: finished before, skipped ({r['dir']})")
+    else:
+        todo.append(r)
+print(f"{n} runs ({len(variants)} variants x {len(seeds)} seeds) in {out_dir}; {len(todo)} to train"
+      + (f', {parallel} at once' if parallel > 1 and todo else ''))
+if dry_run or report_only:
+    for r in todo:
+        print(f"{label[id(r)]}: {'would resume' if r['resume'] else 'would start'}: "
+              f"python {' '.join(os.path.relpath(a) if a == TRAIN else a for a in r['command'][1:])}")
+    todo = []
+    if dry_run:
+        sys.exit(0)
+
+env = dict(os.environ, PYTHONUNBUFFERED='1')
+if parallel > 1 and 'OMP_NUM_THREADS' not in env:       # CPU threads shared between the runs
+    env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // parallel))
+slots = [d for d in devices.split(',') if d.strip()]
+running = {}                                              # slot -> (run, process, start, output offset)
+interrupted = False
+try:
+    while todo or running:
+        for slot in range(parallel):                      # fill the free slots
+            if slot in running or not todo:
+                continue
+            r = todo.pop(0)
+            os.makedirs(r['dir'], exist_ok=True)
+            output = os.path.join(r['dir'], 'train_output.txt')
+            offset = os.path.getsize(output) if os.path.exists(output) else 0
+            rows = log_rows(r['dir'])
+            how = (f"resuming from its checkpoint (its log reached step {max([x['step'] for x in rows] or [0])})"
+                   if r['resume'] else 'from scratch')
+            run_env = dict(env, **({'CUDA_VISIBLE_DEVICES': slots[slot % len(slots)].strip()} if slots else {}))
+            with open(output, 'a') as out:
+                out.write(f"\n$ {' '.join(r['command'])}\n")
+                out.flush()
+                proc = subprocess.Popen(r['command'], stdout=out, stderr=subprocess.STDOUT, env=run_env)
+            write_marker(r, status='running', pid=proc.pid)
+            running[slot] = (r, proc, time.time(), offset)
+            print(f"{label[id(r)]}: started {how}, {r['max_iters']} steps"
+                  + (f" on GPU {run_env['CUDA_VISIBLE_DEVICES']}" if slots else '')
+                  + f"; {hms(time.time() - t_start)} elapsed", flush=True)
+        time.sleep(0.2)
+        for slot, (r, proc, t0, offset) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[slot]
+            took = time.time() - t0
+            write_marker(r, status='done' if rc == 0 else 'failed', returncode=rc, seconds=round(took, 1))
+            if rc == 0:
+                vals = [x['val/loss'] for x in log_rows(r['dir']) if 'val/loss' in x]
+                print(f"{label[id(r)]}: done in {hms(took)}" + (f', val loss {vals[-1]:.4f}' if vals else '')
+                      + f"; {hms(time.time() - t_start)} elapsed", flush=True)
+            else:
+                with open(os.path.join(r['dir'], 'train_output.txt'), errors='replace') as f:
+                    f.seek(offset)
+                    # tqdm redraws its bar with carriage returns: keep each line's last state
+                    lines = [line.split('\r')[-1] for line in f.read().splitlines()]
+                tail = '\n'.join('    ' + line for line in lines[-log_tail:])
+                print(f"{label[id(r)]}: FAILED (exit {rc}) after {hms(took)}; the last lines of "
+                      f"{os.path.join(r['dir'], 'train_output.txt')}:\n{tail}\n"
+                      f"  (run this command again to continue it from its checkpoint)", flush=True)
+except KeyboardInterrupt:
+    # Ctrl-C reached the train.py processes too (one process group): each finishes its step, saves
+    # a checkpoint and exits; wait for them, then write the table of what there is
+    interrupted = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print('\nCtrl-C: waiting for the running train.py processes to save their checkpoints', flush=True)
+    for r, proc, t0, offset in running.values():
+        proc.wait()
+        write_marker(r, status='stopped', returncode=proc.returncode, seconds=round(time.time() - t0, 1))
+
+
+# --- the results ----------------------------------------------------------------------------------
+def number(x):
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def training_time(rows):
+    """{step: seconds of training up to it}: step_time_ms is the wall time between two log lines
+    over the steps between them (evaluations included, start-up not), so the sum over the log
+    counts a resumed run's time without the pause."""
+    t, prev, at = 0.0, 0, {0: 0.0}
+    for r in sorted((r for r in rows if number(r.get('step_time_ms')) is not None), key=lambda r: r['step']):
+        t += r['step_time_ms'] / 1000 * (r['step'] - prev)     # ms a step x the steps since the last line
+        at[r['step']], prev = t, r['step']
+    return at
+
+
+def time_at(times, step):
+    """Training seconds at `step`: at the last logged step at or before it."""
+    return times[max(s for s in times if s <= step)]
+
+
+def median_of(rows, key):
+    """The median of a per-log-line number, the first line left out where there are more
+    (it includes compilation and the step-0 evaluation)."""
+    vals = [number(r.get(key)) for r in rows if number(r.get(key)) is not None]
+    vals = vals[1:] if len(vals) > 1 else vals
+    return statistics.median(vals) if vals else None
+
+
+def summarize(run):
+    """One results row: the run's status, overrides and what its log and config give."""
+    marker = read_json(os.path.join(run['dir'], 'ablate.json')) or {}
+    status = 'done' if finished(run) else marker.get('status') or 'not started'
+    status = 'failed' if status == 'running' else status     # a runner killed mid-run left 'running'
+    row = {'variant': run['variant'], 'seed': run['seed'], 'status': status}
+    row.update({k: run['config'][k] for k in override_keys})  # the resolved value of every override
+    row.update({'max_iters': run['max_iters'], **run['numbers']})
+    run['curve'] = []
+    if status != 'done':
+        return row
+    rows = log_rows(run['dir'])
+    evals = [r for r in rows if number(r.get('val/loss')) is not None]
+    trains = [r for r in rows if 'train/loss' in r]
+    last = evals[-1] if evals else {}
+    row['steps'] = max([r['step'] for r in rows] or [0])
+    row['tokens'] = number(trains[-1].get('tokens')) if trains else None
+    row['val_loss'], row['val_bpb'] = number(last.get('val/loss')), number(last.get('val/bpb'))
+    for key, value in last.items():                  # more held-out splits, e.g. val_tinystories
+        split, _, kind = key.rpartition('/')
+        if kind in ('loss', 'bpb') and split not in ('val', 'train') and number(value) is not None:
+            row[f'{split}_{kind}'] = number(value)
+    row['tokens_per_sec'] = median_of(trains, 'tokens_per_sec')
+    row['mfu'] = median_of(trains, 'mfu')
+    peaks = [number(r.get('peak_mem_gb')) for r in trains if number(r.get('peak_mem_gb')) is not None]
+    row['peak_mem_gb'] = max(peaks) if peaks else None
+    times = training_time(trains)
+    row['train_time_s'] = time_at(times, row['steps']) if trains else None   # (no log line: unknown)
+    cvs = [number(r.get('moe/load_cv')) for r in trains if number(r.get('moe/load_cv')) is not None]
+    row['moe_load_cv'] = statistics.mean(cvs) if cvs else None          # mean over the log lines
+    imb = [number(r.get('moe/max_imbalance')) for r in trains if number(r.get('moe/max_imbalance')) is not None]
+    row['moe_max_imbalance'] = statistics.mean(imb) if imb else None    # busiest expert / mean, mean over lines
+    logits = [number(r.get('attn/max_logit_all')) for r in trains if number(r.get('attn/max_logit_all')) is not None]
+    row['max_attn_logit'] = max(logits) if logits else None            # the largest over the run
+    # the val-loss curve: (step, tokens trained, training seconds, val loss) at each evaluation
+    run['curve'] = [(r['step'], r['step'] * run['tokens_per_step'], time_at(times, r['step']), r['val/loss'])
+                    for r in evals]
+    return row
+
+
+results = [summarize(r) for r in runs]
+METRICS = ['val_loss', 'val_bpb']                    # then the extra splits, then these
+LATER = ['tokens_per_sec', 'mfu', 'peak_mem_gb', 'train_time_s', 'params', 'active_params', 'flops_per_token',
+         'kv_cache_bytes_per_token', 'moe_load_cv', 'moe_max_imbalance', 'max_attn_logit']
+extra = []
+for row in results:
+    extra += [k for k in row if re.fullmatch(r'.+_(loss|bpb)', k) and k not in METRICS + extra]
+METRICS += extra + LATER
+columns = ['variant', 'seed', 'status', *override_keys, 'max_iters', 'steps', 'tokens', *METRICS]
+os.makedirs(out_dir, exist_ok=True)
+with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+    w.writeheader()
+    for row in results:                             # None -> an empty cell
+        w.writerow({k: '' if row.get(k) is None else row[k] for k in columns})
+
+# results.md: per variant the mean over its finished seeds +- their standard deviation
+FORMAT = {'tokens_per_sec': '{:,.0f}', 'mfu': '{:.1%}', 'peak_mem_gb': '{:.2f}', 'train_time_s': '{:.0f}',
+          'params': '{:.2f}M', 'active_params': '{:.2f}M', 'flops_per_token': '{:.3g}',
+          'kv_cache_bytes_per_token': '{:,.0f}', 'moe_load_cv': '{:.3f}', 'moe_max_imbalance': '{:.2f}',
+          'max_attn_logit': '{:.1f}'}
+SCALE = {'params': 1e-6, 'active_params': 1e-6}
+
+
+def cell(values, key):
+    """'mean +- std' of the seeds' values (one seed: the value), formatted for the metric."""
+    if not values:
+        return ''
+    fmt, scale = FORMAT.get(key, '{:.4f}'), SCALE.get(key, 1)
+    mean = statistics.mean(values) * scale
+    if len(values) == 1 or key in ('params', 'active_params', 'flops_per_token', 'kv_cache_bytes_per_token'):
+        return fmt.format(mean)                     # (a config's numbers do not vary with the seed)
+    std = statistics.stdev(values) * scale
+    return f'{fmt.format(mean)} ± {fmt.format(std)}'
+
+
+by_variant = {}
+for row in results:
+    by_variant.setdefault(row['variant'], []).append(row)
+stats = {}
+for name, rows in by_variant.items():
+    done = [r for r in rows if r['status'] == 'done']
+    vals = {k: [r[k] for r in done if r.get(k) is not None] for k in METRICS}
+    stats[name] = {'done': len(done), 'of': len(rows), 'values': vals,
+                   'val_mean': statistics.mean(vals['val_loss']) if vals['val_loss'] else None,
+                   'val_std': statistics.stdev(vals['val_loss']) if len(vals['val_loss']) > 1 else None,
+                   'failed': [r['seed'] for r in rows if r['status'] != 'done']}
+order = sorted(stats, key=lambda v: (stats[v]['val_mean'] is None, stats[v]['val_mean'] or 0.0))
+shown = [k for k in METRICS if any(stats[v]['values'][k] for v in stats)]
+budgets = sorted({(r['max_iters'], r['tokens_per_step']) for r in runs})
+md = [f'# Ablation: {os.path.basename(os.path.normpath(out_dir))}', '',
+      f'{len(variants)} variants x {len(seeds)} seeds (seeds {", ".join(map(str, seeds))}); each run '
+      + '; '.join(f'{it:,} steps of {tps:,} tokens ({it * tps:,} tokens)' for it, tps in budgets)
+      + ('' if len(budgets) == 1 else ' (by variant)') + '. '
+      + f'Base: `{" ".join(base_args)}`.', '',
+      'Each cell: the mean over the finished seeds ± their standard deviation; val loss in nats per token '
+      '(the last evaluation); tokens/s and MFU are medians over the log lines; train time is training '
+      'wall time with evaluations; KV cache in bf16; moe_load_cv is the coefficient of variation '
+      '(std / mean) of the tokens per routed expert, averaged over layers and log lines.', '',
+      '| variant | seeds done | ' + ' | '.join(shown) + ' |',
+      '|' + ' --- |' * (len(shown) + 2)]
+for v in order:
+    s = stats[v]
+    md.append(f"| {v} | {s['done']}/{s['of']} | " + ' | '.join(cell(s['values'][k], k) for k in shown) + ' |')
+md.append('')
+ranked = [v for v in order if stats[v]['val_mean'] is not None]
+if len(ranked) >= 2:
+    a, b = stats[ranked[0]], stats[ranked[1]]
+    gap = b['val_mean'] - a['val_mean']
+    spreads = [s for s in (a['val_std'], b['val_std']) if s is not None]
+    if not spreads:
+        md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss; with one finished seed each '
+                  f'the seed-to-seed spread is unknown, so whether that is more than noise cannot be told '
+                  f'(run more seeds, e.g. --seeds=[1,2,3]).')
+    elif gap < max(spreads):
+        md.append(f'**Inside the noise:** the best two, {ranked[0]} and {ranked[1]}, differ by {gap:.4f} in val '
+                  f'loss, less than the seed-to-seed spread (std up to {max(spreads):.4f}); neither is '
+                  f'shown to be better.')
+    else:
+        md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, {gap / max(spreads):.1f} times '
+                  f'the larger seed-to-seed std ({max(spreads):.4f}).')
+not_done = [(r['variant'], r['seed'], r['status']) for r in results if r['status'] != 'done']
+if not_done:
+    md.append('')
+    md.append('Not finished (left out of the means): ' + ', '.join(f'{v} seed {s} ({st})' for v, s, st in not_done)
+              + '; run the same command again to continue them.')
+with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write('\n'.join(md) + '\n')
+
+
+def mean_curve(variant):
+    """The variant's val-loss curve averaged over its finished seeds, at the evaluations they share."""
+    curves = [r['curve'] for r in runs if r['variant'] == variant and r['curve']]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*({p[0] for p in c} for c in curves)))
+    at = [{p[0]: p for p in c} for c in curves]
+    return [(s, statistics.mean(c[s][1] for c in at), statistics.mean(c[s][2] for c in at),
+             statistics.mean(c[s][3] for c in at)) for s in steps]
+
+
+plots = []
+plt = pyplot()                                       # None, with one note, without matplotlib
+if plt is not None and any(r['curve'] for r in runs):
+    for name, x, xlabel in (('val_loss_vs_tokens.png', 1, 'training tokens'),
+                            ('val_loss_vs_time.png', 2, 'training time (s)')):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for v in order:
+            pts = mean_curve(v)
+            if pts:
+                ax.plot([p[x] for p in pts], [p[3] for p in pts], marker='o' if len(pts) < 30 else None,
+                        markersize=3, label=f"{v} ({stats[v]['done']} seed{'s' if stats[v]['done'] > 1 else ''})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel('val loss (nats/token), mean over seeds')
+        ax.set_title(os.path.basename(os.path.normpath(out_dir)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path + '.tmp.png', dpi=110)
+        plt.close(fig)
+        os.replace(path + '.tmp.png', path)
+        plots.append(path)
+
+print('\n'.join(md[6:]))                             # the table and the verdict
+print(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.md')}"
+      + ''.join(f', {p}' for p in plots) + f'; {hms(time.time() - t_start)} in all')
+failed = [r for r in results if r['status'] != 'done']
+if interrupted:
+    print('stopped by Ctrl-C; run the same command again to continue', file=sys.stderr)
+    sys.exit(130)
+if failed and not report_only:
+    sys.exit(f'{len(failed)} of {n} runs did not finish (see above); run the same command again to continue them')

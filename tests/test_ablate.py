@@ -1,0 +1,189 @@
+"""ablate.py: a grid of variants x seeds runs train.py once each and writes one table; a rerun skips
+finished runs; a killed run is reported failed, the others go on, and the next call resumes it from
+its checkpoint; a budget in tokens or FLOPs becomes max_iters; bad studies stop with one line."""
+
+import csv
+import json
+import os
+import runpy
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY_MODEL, run_script
+
+MOE = ['--n_routed_experts=4', '--num_experts_per_tok=2', '--moe_intermediate_size=16', '--log_max_logit=True']
+
+
+def write_study(tmp_path, base, **settings):
+    """A study config file in tmp_path: base (train.py arguments) plus the runner's settings."""
+    text = f'base = {base!r}\n' + ''.join(f'{k} = {v!r}\n' for k, v in settings.items())
+    (tmp_path / 'study.py').write_text(text)
+    return 'study.py'
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def log_rows(run_dir):
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_grid_runs_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, byte_data):
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, *MOE, '--max_iters=4', '--eval_interval=4', '--warmup_iters=2']
+    study = write_study(tmp_path, base, grid={'n_kv_head': [1, 2]}, seeds=[1, 2], out_dir='out/s', parallel=2)
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    out = tmp_path / 'out' / 's'
+    assert p.stdout.count('started from scratch') == 4 and '[4/4]' in p.stdout
+
+    rows = read_csv(out / 'results.csv')
+    assert [(r['variant'], r['seed']) for r in rows] == [('n_kv_head=1', '1'), ('n_kv_head=1', '2'),
+                                                         ('n_kv_head=2', '1'), ('n_kv_head=2', '2')]
+    assert list(rows[0])[:7] == ['variant', 'seed', 'status', 'n_kv_head', 'max_iters', 'steps', 'tokens']
+    assert {'val_loss', 'val_bpb', 'tokens_per_sec', 'mfu', 'peak_mem_gb', 'kv_cache_bytes_per_token',
+            'moe_load_cv', 'max_attn_logit', 'params', 'active_params'} <= set(rows[0])
+    for r in rows:
+        log = log_rows(out / f"{r['variant']}_s{r['seed']}")
+        evals = [x for x in log if 'val/loss' in x]
+        trains = [x for x in log if 'train/loss' in x]
+        assert r['status'] == 'done' and r['n_kv_head'] == r['variant'][-1]
+        assert int(r['steps']) == int(r['max_iters']) == 4 and float(r['tokens']) == 4 * 4 * 32
+        assert float(r['val_loss']) == evals[-1]['val/loss'] and float(r['val_bpb']) == evals[-1]['val/bpb']
+        assert float(r['tokens_per_sec']) == statistics.median(x['tokens_per_sec'] for x in trains[1:])
+        assert float(r['mfu']) == statistics.median(x['mfu'] for x in trains[1:])
+        assert float(r['moe_load_cv']) == pytest.approx(statistics.mean(x['moe/load_cv'] for x in trains))
+        assert float(r['max_attn_logit']) == max(x['attn/max_logit_all'] for x in trains)
+        assert r['peak_mem_gb'] == ''                     # a CPU run logs no GPU memory: an empty cell
+        # 2 layers x 2 (key and value) x n_kv_head x head_dim 16 numbers, 2 bytes each
+        assert int(r['kv_cache_bytes_per_token']) == 2 * 2 * int(r['n_kv_head']) * 16 * 2
+    assert rows[0]['val_loss'] != rows[1]['val_loss']     # the seed changes the run
+
+    md = (out / 'results.md').read_text()
+    means = {v: statistics.mean(float(r['val_loss']) for r in rows if r['variant'] == v)
+             for v in ('n_kv_head=1', 'n_kv_head=2')}
+    table = [line for line in md.splitlines() if line.startswith('| n_kv_head=')]
+    assert [line.split(' | ')[0][2:] for line in table] == sorted(means, key=means.get)   # by val loss
+    best = min(means, key=means.get)
+    assert f'{means[best]:.4f} ± ' in md and '| 2/2 |' in md
+    assert ('Inside the noise' in md) != ('times the larger seed-to-seed std' in md)
+    if has_matplotlib():
+        assert (out / 'val_loss_vs_tokens.png').stat().st_size > 0 and (out / 'val_loss_vs_time.png').exists()
+
+    # a second call finds every run finished: nothing is trained again, the table is rewritten
+    files = [out / f'n_kv_head={k}_s{s}' / name for k in (1, 2) for s in (1, 2)
+             for name in ('log.jsonl', 'ckpt.pt', 'train_output.txt')]
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    t0 = time.time()
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert p.stdout.count('finished before, skipped') == 4 and '0 to train' in p.stdout and 'started' not in p.stdout
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
+    assert read_csv(out / 'results.csv') == rows
+    assert time.time() - t0 < 60
+
+
+def test_a_killed_run_fails_the_rest_go_on_and_the_next_call_resumes_it(tmp_path, byte_data):
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=40', '--eval_interval=10', '--eval_iters=1',
+            '--log_interval=5', '--warmup_iters=5']
+    study = write_study(tmp_path, base, variants={'killed': {}, 'next': ['--max_iters=5']}, seeds=[7],
+                        out_dir='out/s')
+    run = tmp_path / 'out' / 's' / 'killed_s7'
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, 'ablate.py'), study], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    deadline = time.time() + 120
+    while not (run / 'ckpt.pt').exists() and time.time() < deadline:    # its first checkpoint (step 10)
+        time.sleep(0.02)
+    os.kill(json.loads((run / 'ablate.json').read_text())['pid'], signal.SIGKILL)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and '1 of 2 runs did not finish' in err
+    assert 'killed seed 7: FAILED (exit -9)' in out and 'step 10:' in out      # with the output's tail
+    assert 'next seed 7: done' in out                                           # the next run still ran
+    rows = read_csv(tmp_path / 'out' / 's' / 'results.csv')
+    assert [(r['variant'], r['status']) for r in rows] == [('killed', 'failed'), ('next', 'done')]
+    assert rows[0]['val_loss'] == '' and rows[1]['val_loss'] != ''
+    kept = [r for r in log_rows(run) if r['step'] <= 10]
+
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert 'killed seed 7: started resuming from its checkpoint' in p.stdout
+    assert 'next seed 7: finished before, skipped' in p.stdout
+    assert f'resuming {os.path.join("out", "s", "killed_s7")} at step 10' in (run / 'train_output.txt').read_text()
+    log = log_rows(run)
+    assert log[:len(kept)] == kept                       # the steps before the checkpoint kept, not retrained
+    assert [r['step'] for r in log if 'train/loss' in r] == list(range(5, 41, 5))   # each step once
+    assert [r['step'] for r in log if 'val/loss' in r] == list(range(0, 41, 10))
+    rows = read_csv(tmp_path / 'out' / 's' / 'results.csv')
+    assert [r['status'] for r in rows] == ['done', 'done'] and rows[0]['steps'] == '40'
+
+
+def ablate(monkeypatch, tmp_path, capsys, *args):
+    """Run ablate.py in this process (its checks need no subprocess); (exit code or message, stdout)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['ablate.py', *args])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, 'ablate.py'), run_name='__main__')
+    return e.value.code, capsys.readouterr().out
+
+
+def test_a_budget_in_tokens_or_flops_becomes_max_iters(monkeypatch, tmp_path, capsys, byte_data):
+    import torch
+    from model import GPT, ModelConfig
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--gradient_accumulation_steps=2']
+    study = write_study(tmp_path, base, variants={'small': {}, 'wide': {'n_embd': 64}}, seeds=[1, 2],
+                        dry_run=True)
+    # tokens per step: batch 4 x block 32 x accumulation 2 = 256; 10,000 tokens -> 39 steps
+    code, out = ablate(monkeypatch, tmp_path, capsys, study, '--max_tokens=10000')
+    assert code == 0 and out.count('--max_iters=39') == 4 and out.count('would start') == 4
+    assert 'out/ablations/study/wide_s2 --max_iters=39' in out and '--seed=2' in out
+    # FLOPs: each variant's own FLOPs per token (vocab 257 -> 320), so the wide model gets fewer steps
+    fpt = {}
+    for name, n_embd in (('small', 32), ('wide', 64)):
+        with torch.device('meta'):
+            model = GPT(ModelConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=n_embd))
+        fpt[name] = model.flops_per_token(32)
+    code, out = ablate(monkeypatch, tmp_path, capsys, study, '--max_flops=1e10')
+    for name in fpt:
+        line = next(line for line in out.splitlines() if f'{name}_s1 ' in line)
+        assert f'--max_iters={int(1e10 // (fpt[name] * 256))} ' in line + ' '
+    assert fpt['wide'] > fpt['small']
+
+
+@pytest.mark.parametrize('settings, message', [
+    ({'variants': {'a': {}}, 'grid': {'n_layer': [1]}}, 'set either variants'),
+    ({}, 'set variants'),
+    ({'grid': {'n_layer': [], 'n_head': [2]}}, 'grid key n_layer has no values'),
+    ({'grid': {}}, 'set variants'),
+    ({'variants': {'a': {'n_layers': 4}}}, "variant 'a' sets 'n_layers', which is not a train.py setting "
+                                           "(did you mean n_layer"),
+    ({'variants': {'a': ['--atention=mha']}}, "variant 'a' sets 'atention', which is not a train.py setting"),
+    ({'variants': {'a': {'seed': 3}}}, "variant 'a' sets 'seed', which the runner sets"),
+    ({'variants': {'a': {'n_layer': 'four'}}}, "variant 'a': --n_layer=four is not a Python literal"),
+    ({'variants': {'a': {'attention': 'mqa'}}}, "variant 'a': ModelConfig.attention='mqa'"),
+    ({'variants': {'a': {}}, 'seeds': []}, 'seeds must be a non-empty list'),
+    ({'variants': {'a': {}}, 'max_tokens': 1e6, 'max_flops': 1e12}, 'set one budget per run'),
+    ({'variants': {'a': {'max_iters': 5}}, 'max_tokens': 1e6}, "variant 'a' sets max_iters, but the study's budget"),
+])
+def test_bad_studies_stop_with_one_line_saying_why(monkeypatch, tmp_path, capsys, settings, message):
+    study = write_study(tmp_path, ['--device=cpu'], **settings)
+    code, _ = ablate(monkeypatch, tmp_path, capsys, study)
+    assert isinstance(code, str) and code.startswith('error: ') and message in code, code
+    assert not (tmp_path / 'out').exists()                # nothing was run or written
+
+
+def test_a_missing_base_is_an_error(monkeypatch, tmp_path, capsys):
+    (tmp_path / 'study.py').write_text("variants = {'a': {}}\n")
+    code, _ = ablate(monkeypatch, tmp_path, capsys, 'study.py')
+    assert code.startswith('error: set base')
