@@ -67,7 +67,7 @@ from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
 from data import write_token_dataset  # noqa: E402
-from task import complete_ending, make_prompt, make_task_pos, score, sentences  # noqa: E402
+from task import choose_features, complete_ending, make_prompt, make_task_pos, score, sentences  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -92,6 +92,7 @@ passage_words_max = 300
 straight_quotes = True               # “ ” ‘ ’ -> " " ' ' (as in TinyStories)
 task_words_min = 40                  # task examples: passages and stories of this many words
 task_words_max = 200
+words_from_sentences = 0             # >0: the required words come from the passage's first N sentences
 list_words_only = True               # required words only from task.py's lists of common story words
 n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
 n_sft_val = 1000                     # SFT val examples (held-out books)
@@ -465,7 +466,10 @@ def to_examples(docs, offset, limit):
             why['length'] += 1
             continue
         rng = random.Random(seed * 1_000_003 + offset + i)
-        t = make_task_pos(doc, rng)
+        head = ' '.join(sentences(doc)[:words_from_sentences]) if words_from_sentences else doc
+        t = make_task_pos(head, rng)            # the words from the head, the features from the whole
+        if t is not None and words_from_sentences:
+            t['features'] = choose_features(doc, rng)
         if t is None:
             why['no_task'] += 1
             continue

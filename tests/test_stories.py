@@ -10,7 +10,7 @@ import pytest
 
 from data import load_tokenizer_spec
 from conftest import REPO, run_script, shared_file  # noqa: F401
-from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, make_prompt, make_task_pos, pos_forms, score,
+from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, make_prompt, make_task_pos, pos_forms, score, sentences,
                   suffix_words, word_used, words_of)
 from tokenizer import EOT, tokenizer_from_spec
 
@@ -127,6 +127,22 @@ def test_task_files_from_the_same_text(stories):
     assert len(stories_used) == len(set(stories_used))                  # no passage in two files
     meta = json.load(open(inst / 'meta.json'))
     assert meta['prompts_val_records'] == len(files['prompts_val']) and meta['val_books']
+
+
+def test_words_from_the_first_sentences(tmp_path):
+    """words_from_sentences=1: every required word is used in the answer's first sentence, and
+    the features still hold for the whole answer."""
+    run_script('prepare/stories.py', f'--source_dir={shared_dir()}', '--max_books=2', '--val_books=1',
+               '--max_stories=20', '--tokenizer=byte', '--words_from_sentences=1', f'--out_dir={tmp_path / "d"}',
+               f'--task_dir={tmp_path / "t"}', '--num_proc=2', cwd=tmp_path, timeout=300)
+    rows = [json.loads(line) for name in ('sft_train', 'prompts_val')
+            for line in open(tmp_path / 't' / f'{name}.jsonl')]
+    assert len(rows) > 20
+    for r in rows:
+        story = r.get('reference', r.get('response'))
+        first = words_of(sentences(story)[0])
+        assert all(word_used(w, first) for w in r['words']), (r['words'], sentences(story)[0])
+        assert score(story, r['words'], r['features'])['score'] == 1.0
 
 
 def test_bad_settings_give_clear_errors(tmp_path):
