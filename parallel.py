@@ -14,6 +14,7 @@ backward sends each pair's output gradient to the owner and the input gradient b
 The training step around it (EP size == world size here, so no expert has a replica):
     loss = model(x_local, y_local)[1]; loss.backward()          # the mean over this rank's tokens
     sync_gradients(model)          # replicated grads averaged; expert grads / N (see there)
+    clip_grad_norm(model, 1.0)     # optional: the global norm, expert slices from every rank
     optimizer.step()
     update_router_bias(model)      # expert loads summed over ranks: the same bias step everywhere
 Every rank must build the same model (same seed) or load the same full state dict
@@ -157,6 +158,24 @@ def sync_gradients(model, group=None):
         if name not in experts:
             dist.all_reduce(p.grad, group=group)
         p.grad.div_(size)
+
+
+@torch.no_grad()
+def clip_grad_norm(model, max_norm, group=None):
+    """Clip the gradients (after sync_gradients) to a global norm of max_norm; returns the norm
+    before clipping, that of the single-process model:
+        |g|^2 = sum over replicated parameters (the same on every rank, counted once)
+              + sum over ranks of this rank's expert slices (all-reduced)."""
+    experts = set(expert_parameter_names(model))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    shared = sum((g.float().square().sum() for n, g in grads.items() if n not in experts), torch.zeros(()))
+    local = sum((g.float().square().sum() for n, g in grads.items() if n in experts), torch.zeros(()))
+    dist.all_reduce(local, group=group)
+    norm = (shared + local).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)          # torch's clip_grad_norm_ rule
+    for g in grads.values():
+        g.mul_(scale.to(g.dtype))
+    return norm
 
 
 def update_router_bias(model, group=None):

@@ -31,8 +31,8 @@ def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)                   # the ranks share the CPU cores
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     from model import GPT, ModelConfig
-    from parallel import (expert_parameter_names, full_state_dict, load_full_state_dict, shard_experts,
-                          sync_gradients, update_router_bias)
+    from parallel import (clip_grad_norm, expert_parameter_names, full_state_dict, load_full_state_dict,
+                          shard_experts, sync_gradients, update_router_bias)
     cfg = ModelConfig(**CONFIG)
     out = {}
     torch.manual_seed(0)
@@ -94,6 +94,22 @@ def worker(rank, world, init_file, out_dir):
         for layer in m.moe_layers():
             layer.router.e_score_correction_bias[:E_local] -= 100.0
             layer.tokens_per_expert.zero_()
+    # a few AdamW steps with gradient clipping and the bias update: the same trajectory
+    # (eps 1e-6: Adam's g / sqrt(v) would turn float rounding of near-zero gradients into lr-sized steps)
+    opts = [torch.optim.AdamW(m.parameters(), lr=3e-3, eps=1e-6) for m in (ref, ep)]
+    for step in range(3):
+        compare_step(f'adamw{step}', seed=10 + step)
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        norm = clip_grad_norm(ep, 0.05)
+        out[f'adamw{step}/norm'] = abs(norm.item() - norm_ref.item())
+        out[f'adamw{step}/clipped'] = norm_ref.item() > 0.05
+        for opt in opts:
+            opt.step()
+        ref.update_router_bias()
+        update_router_bias(ep)
+    ref_params = dict(ref.named_parameters())
+    out['adamw/weights'] = max(max_diff(p, ref_params[n][lo:lo + E_local] if n in experts else ref_params[n])
+                               for n, p in ep.named_parameters())
     # (c) the gathered state dict is the single-process one, and loads back into fresh shards
     full = full_state_dict(ep)
     want = ref.state_dict()
@@ -142,6 +158,15 @@ def test_loss_and_gradients_equal_one_process(results):
             assert r[f'{tag}/loss'] < 1e-5, (world, tag, r)
             assert r[f'{tag}/grad'] < 1e-5 * max(1.0, r[f'{tag}/grad_scale']), (world, tag, r)
         assert r['skewed/other_load'] == 0          # ranks 1.. received no tokens, yet took part
+
+
+def test_clipped_adamw_steps_follow_one_process(results):
+    world, ranks = results
+    for r in ranks:
+        for step in range(3):
+            assert r[f'adamw{step}/loss'] < 1e-5 and r[f'adamw{step}/norm'] < 1e-5, (world, step, r)
+            assert r[f'adamw{step}/clipped']
+        assert r['adamw/weights'] < 1e-5, (world, r)
 
 
 def test_router_bias_update_equals_one_process(results):
