@@ -81,8 +81,10 @@ class ExpertParallelMoE(MoE):
         recv_x = AllToAll.apply(flat[token], send, recv, self.ep_group)       # (M, C) for my experts
         recv_y = self.local_experts(recv_x, recv_id)                          # (M, C) unweighted FFN_e(x)
         y_pairs = AllToAll.apply(recv_y, recv, send, self.ep_group)           # (N*K, C) in `order`
-        g = weights.reshape(-1)[order, None].to(y_pairs.dtype)                # g of each sorted pair
-        y = torch.zeros_like(flat).index_add_(0, token, y_pairs * g)          # y_t = sum_k g_tk FFN_e(x_t)
+        g = weights.reshape(-1)[order, None].to(flat.dtype)                   # g of each sorted pair
+        # y_t = sum_k g_tk FFN_e(x_t), summed in the tokens' dtype (the experts' output may be
+        # autocast's bf16)
+        y = torch.zeros_like(flat).index_add_(0, token, y_pairs.to(flat.dtype) * g)
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += kernels.expert_counts(indices, self.E)   # summed over ranks later
