@@ -39,7 +39,8 @@ case ${1:-} in
     python report.py --out=$R --profile=gpu > /dev/null ;;
   collect)
     mkdir -p ${2:?collect needs a folder}
-    tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' -C $(dirname $R) $(basename $R)
+    tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
+      --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs -C $(dirname $R) $(basename $R)
     cp $R/report.md $2/ 2> /dev/null; cat $R/logs/speculative.log 2> /dev/null
     ls -la $2 ;;
   *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | report | collect FOLDER"; exit 2 ;;
