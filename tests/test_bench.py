@@ -113,3 +113,25 @@ def test_ab_refuses_a_malformed_variant_before_touching_model_py(tmp_path):
     proc = run_script('experiments/ab.py', 'x=model.py;PDL', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "variant 'x': items ['PDL'] are neither VAR=VALUE nor --key=value" in proc.stderr
     assert open(model_py, 'rb').read() == before
+
+
+SERVE_MOE = [a for a in TINY_MOE if a.split('=')[0] not in ('--prompt_len', '--decode_tokens', '--decode_batches',
+                                                            '--steps', '--warmup', '--batch_size')]
+
+
+def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_path):
+    """Every request's output is its own length in both methods (no early stop), at each
+    concurrency level; the table has a row per method and level; bad settings are refused."""
+    out = tmp_path / 'serve.json'
+    proc = run_script('bench_serve.py', *SERVE_MOE, '--block_size=64', '--streams=1,3', '--n_requests=5',
+                      '--min_prompt=2', '--max_prompt=9', '--min_output=1', '--max_output=12', f'--out_file={out}',
+                      cwd=tmp_path)
+    rows = json.loads(out.read_text())['results']
+    assert [(r['method'], r['streams']) for r in rows] == [('engine', 1), ('static', 1), ('engine', 3), ('static', 3)]
+    assert len({r['tokens'] for r in rows}) == 1 and rows[0]['tokens'] >= 5
+    assert all(r['tokens_per_s'] > 0 and r['ttft_p50'] <= r['ttft_p99'] for r in rows)
+    assert '| 3 | engine |' in proc.stdout and 'bytes per token' in proc.stdout
+    bad = run_script('bench_serve.py', *SERVE_MOE, '--methods=engine,vllm', cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "['vllm']" in bad.stdout + bad.stderr
+    bad = run_script('bench_serve.py', *SERVE_MOE, '--block_size=64', '--max_prompt=60', cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and 'exceeds the block_size 64' in bad.stdout + bad.stderr

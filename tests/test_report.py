@@ -21,6 +21,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         run_script('eval.py', f'--out_dir=speedrun/{name}', '--task_dir=inst', '--eval_iters=2', '--n_prompts=3',
                    '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', cwd=pipeline)
     (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\n')
+    (out / 'wall.tsv').write_text('wall\t9\n')          # stages side by side: less wall time than their sum
     p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     md = (out / 'report.md').read_text()
     assert '# Report card: the life cycle on stories (test profile)' in md
@@ -29,5 +30,6 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
-    assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20
+    assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20 and report['wall_time_s'] == 9
+    assert '0.3 minutes of stages in all, 0.1 minutes of wall time' in md
     assert len(report['stages']['base']['continuations']) == 5 and 'wrote speedrun/report.md' in p.stdout

@@ -119,6 +119,7 @@ def test_task_files_from_the_same_text(stories):
         for r in files[name]:
             story = r.get('reference', r.get('response'))
             assert r['prompt'] == make_prompt(r['words'], r['features']) and len(r['words']) == 3
+            assert [w in lst for w, lst in zip(r['words'], (VERBS, NOUNS, ADJECTIVES))] == [True] * 3  # list_words_only
             assert 40 <= len(story.split()) <= 200
             s = score(story, r['words'], r['features'])
             assert s['all_words'] and s['score'] == 1.0               # every reference meets the rule
