@@ -83,7 +83,7 @@ def percentiles(xs):
 def run_engine(reqs, C):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
     inter-token gaps, tokens)."""
-    total = sum(len(p) + n for p, n in reqs[:C]) if C < len(reqs) else sum(len(p) + n for p, n in reqs)
+    total = sum(len(p) + n for p, n in reqs[:C])                    # the first C requests: the pool, roughly
     n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // block_size_cache) + C + 16
     engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk)
     queue, started, last, ttft, gaps, tokens = list(reqs), {}, {}, [], [], 0
