@@ -60,6 +60,8 @@ out_dir = 'out/distill'
 teacher = ''                 # the teacher's checkpoint folder (e.g. out/tinystories_moe, out/sft); required
 mode = 'logits'              # 'logits': match the teacher's distributions | 'sequence': train on its samples
 init_from = 'scratch'        # the student: 'scratch' (from the ModelConfig keys) | 'resume' | 'out/RUN'
+init_embedding = 'random'    # a scratch student's token table (and head): 'random' (train.py's initialisation)
+                             # | 'teacher' (the teacher's, projected to the student's width: project_embeddings)
 eval_interval = 250          # evaluate (and checkpoint) every N steps, and at the end
 eval_iters = 50              # batches per split per evaluation
 log_interval = 10
@@ -129,6 +131,9 @@ problems = [msg for bad, msg in [
     (kl not in ('forward', 'reverse'), f"kl='{kl}'; valid: forward, reverse"),
     (top_k_logits < 0, f'top_k_logits={top_k_logits} must be >= 0 (0: the full vocabulary)'),
     (num_samples < 1, f'num_samples={num_samples} must be at least 1'),
+    (init_embedding not in ('random', 'teacher'), f"init_embedding='{init_embedding}'; valid: random, teacher"),
+    (init_embedding == 'teacher' and init_from != 'scratch',
+     f"init_embedding='teacher' initialises a scratch student; init_from='{init_from}' already has its weights"),
     (sample_temperature < 0, f'sample_temperature={sample_temperature} must be >= 0 (0: greedy)'),
     (sample_top_k < 0 or sample_length < 0, 'sample_top_k and sample_length must be >= 0 (0: off / auto)'),
     (mode == 'sequence' and bool(task_dir), "mode='sequence' samples documents for pretraining data; "
@@ -189,12 +194,45 @@ if top_k_logits > V:
     sys.exit(f'error: top_k_logits={top_k_logits} exceeds the vocabulary ({V} ids); use at most {V} (or 0: all)')
 
 # --- the student ----------------------------------------------------------------------------------
+@torch.no_grad()
+def project_embeddings(student, teacher_model, V):
+    """The student's token table (and head) from the teacher's, at the student's width d (the
+    weight inheritance of DistilBERT and Minitron, for a narrower student). E holds the teacher's rows
+    of the real vocabulary: its token table for the student's token table and its head for the
+    student's head; for a student that ties the two, both side by side (V x 2D). The thin SVD
+    E = U S W^T gives the best rank-d approximation of E (Eckart-Young), and U_d S_d (V x d) are
+    the tokens' coordinates along its d strongest directions: the student's rows keep the teacher's
+    inner products between tokens as far as d dimensions allow, E E^T ~ (U_d S_d)(U_d S_d)^T. The rows
+    are rescaled to the RMS of the student's own initialisation, the scale its optimizer expects."""
+    t_emb = teacher_model.tok_emb.weight[:V].float()
+    t_head = teacher_model.lm_head.weight[:V].float()
+    if student.config.tie_word_embeddings:
+        pairs = [(student.tok_emb.weight, t_emb if teacher_model.config.tie_word_embeddings
+                  else torch.cat([t_emb, t_head], 1))]
+    else:
+        pairs = [(student.tok_emb.weight, t_emb), (student.lm_head.weight, t_head)]
+    d = student.config.n_embd
+    for w, E in pairs:
+        if d > E.shape[1]:
+            sys.exit(f"error: init_embedding='teacher' projects the teacher's {E.shape[1]} columns to the "
+                     f"student's n_embd={d}; the student must not be wider")
+        U, S, _ = torch.linalg.svd(E, full_matrices=False)
+        rows = U[:, :d] * S[:d]                                        # (V, d)
+        rms = w[:V].float().pow(2).mean().sqrt() / rows.pow(2).mean().sqrt()
+        w[:V] = (rows * rms).to(w)
+        kept = (S[:d].pow(2).sum() / S.pow(2).sum()).item()          # share of ||E||^2 the d directions hold
+        print(f"init_embedding='teacher': {(V, d)} of the student from the teacher's {tuple(E.shape)}, "
+              f"projected to {d} of {E.shape[1]} dimensions ({kept:.1%} of its squared norm)")
+
+
 torch.manual_seed(seed)                       # train.py's initial weights, the same on every rank
 if init_from == 'scratch':
     block_size = config['block_size'] = block_size or teacher_model.config.block_size
     vocab_size = config['vocab_size'] = vocab_size or 64 * math.ceil(V / 64)
     model = GPT(model_config_from(config, ModelConfig))
     source = None
+    if init_embedding == 'teacher':
+        project_embeddings(model, teacher_model, V)
 else:
     source = out_dir if init_from == 'resume' else init_from
     model, student_tok, _ = load(source, 'cpu', resume, overrides={'dropout': dropout})

@@ -38,10 +38,14 @@ export PYTHONUNBUFFERED=1
 
 # --- the two profiles: every stage's settings ----------------------------------------------------
 # (any script's --key=value; see the top of each script for what they mean)
+# The task, in both profiles: answers are passages cut to at most 120 words at a sentence end, and
+# the required words come from their first two sentences (a copy the model meets early, whose
+# share of the answer's loss is not drowned by 100 words of prose)
+TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2"
 case $PROFILE in
   cpu)
     PREPARE="--max_books=12 --val_books=2 --max_stories=400 --tokenizer=bpe --vocab_size=4096
-             --n_prompts_val=32 --n_sft_val=64 --n_prompts_train=64 --n_sft_train=4000"
+             --n_prompts_val=32 --n_sft_val=64 --n_prompts_train=64 --n_sft_train=4000 $TASK_DATA"
     SYSTEM="--device=cpu --compile=False"
     MODEL="config/tinystories_cpu.py --mtp_depth=1 --block_size=256 --batch_size=8 --max_iters=200 --eval_interval=200 --eval_iters=5"
     SFT="--max_iters=80 --eval_interval=80 --batch_size=8 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=10
@@ -59,31 +63,31 @@ case $PROFILE in
     STUDENT="--n_layer=2 --n_head=2 --n_embd=48 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
              --intermediate_size=128 --block_size=256 --batch_size=8 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=20
              --max_iters=120 --eval_interval=120 --eval_iters=5"
-    DISTILL="--temperature=2.0 --alpha=0.5"
+    DISTILL="--temperature=1.0 --alpha=0.9 --init_embedding=teacher"
     EVAL="--eval_iters=5 --n_prompts=16 --max_new_tokens=160 --sample_tokens=60"
     PARALLEL=${PARALLEL:-0} ;;
   gpu)
-    PREPARE="--n_prompts_val=256 --n_prompts_train=2000"
+    PREPARE="--n_prompts_val=256 --n_prompts_train=2000 $TASK_DATA"
     SYSTEM=""
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
-    SFT="--max_iters=800 --eval_interval=200 --batch_size=32 --block_size=512 --learning_rate=5e-4 --min_lr=5e-5
-         --warmup_iters=50 --eval_prompts=128 --max_new_tokens=320"
-    PREFS="--n_prompts=600 --samples_per_prompt=4 --max_new_tokens=320"
+    SFT="--max_iters=1000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
+         --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
+    PREFS="--n_prompts=600 --samples_per_prompt=4 --max_new_tokens=200"
     REWARD="--max_iters=300 --eval_interval=150 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6 --n_fresh=128
-            --max_new_tokens=320"
+            --max_new_tokens=200"
     DPO="--max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7 --eval_prompts=128
-         --max_new_tokens=320"
+         --max_new_tokens=200"
     DPO_SEEDS="1 2 3"
-    PPO="--max_iters=20 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1 --max_new_tokens=320
+    PPO="--max_iters=20 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1 --max_new_tokens=200
          --kl_beta=0.02 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
-    GRPO="--max_iters=20 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32 --max_new_tokens=320
+    GRPO="--max_iters=20 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32 --max_new_tokens=200
           --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
     STUDENT="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
              --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
              --max_iters=1500 --eval_interval=500 --eval_iters=20"
-    DISTILL="--temperature=2.0 --alpha=0.5 --top_k_logits=64"
-    EVAL="--eval_iters=30 --n_prompts=256 --max_new_tokens=320"
+    DISTILL="--temperature=1.0 --alpha=0.9 --init_embedding=teacher"
+    EVAL="--eval_iters=30 --n_prompts=256 --max_new_tokens=200"
     PARALLEL=${PARALLEL:-1} ;;
   *) echo "error: --profile=$PROFILE; valid: cpu, gpu"; exit 2 ;;
 esac

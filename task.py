@@ -60,6 +60,19 @@ def sentences(text):
     return parts
 
 
+def leading_sentences(doc, max_words):
+    """The longest start of `doc` that ends a sentence and has at most max_words words ('' if its
+    first sentence is longer)."""
+    end, n, prev = 0, 0, 0
+    for m in SENTENCE_END.finditer(doc):
+        n += len(doc[prev:m.end()].split())
+        prev = m.end()
+        if n > max_words:
+            break
+        end = m.end()
+    return doc[:end].strip()
+
+
 def inflections(word):
     """The forms of `word` the rule accepts: -s/-es, -ed/-d, -ing (with a dropped final e or a
     doubled final consonant), -er/-est, -ly, and y -> ies/ied/ier/iest/ily."""

@@ -202,7 +202,7 @@ class Run:
         c = self.c
         lr = lr_at(step, c['learning_rate'], c['min_lr'], c['warmup_iters'], c['lr_decay_iters'] or c['max_iters'],
                    c['lr_schedule'], c['decay_frac'])
-        set_lr(self.optimizer, lr / c['learning_rate'])
+        set_lr(self.optimizer, lr / c['learning_rate'] if c['learning_rate'] else 0.0)   # lr 0: frozen
         return lr
 
     def batch_generator(self, step, micro_step, stream=0):

@@ -2,8 +2,11 @@
 # The GPU profile of speedrun.sh in one hold of a rented GPU machine whose commands are cut after
 # 10 minutes: the work runs in its own process session (setsid), so it outlives the command that
 # started it, and later commands wait for it and collect the results.
-#   start     speedrun.sh --profile=gpu in the background, and beside its SFT a second SFT run at
-#             a higher learning rate (a one-point sweep)
+#   start     speedrun.sh --profile=gpu in the background; beside its distilled student a second
+#             one without the teacher's embedding (what the projection adds); when all of it has
+#             finished, the serving benchmarks on the base model, alone on the GPU: speculative
+#             decoding (spec) and bench_serve.py (engine and static batching at 1/8/64/256 streams,
+#             then transformers at 64)
 #   spec      the speculative-decoding benchmark on the base model (trained with one MTP module)
 #   report    report.py on whatever has finished
 #   wait N    wait up to N seconds for all of it to finish; print the stage times so far
@@ -11,8 +14,12 @@
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
-SWEEP="--max_iters=800 --eval_interval=200 --batch_size=32 --block_size=512 --warmup_iters=50 --eval_prompts=128
-       --max_new_tokens=320"
+# the gpu profile's student and distillation settings (speedrun.sh), without --init_embedding=teacher
+KD_ONLY="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
+         --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
+         --max_iters=1500 --eval_interval=500 --eval_iters=20 --temperature=1.0 --alpha=0.9"
+SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
+KD_ONLY=$(echo $KD_ONLY)     # one line: it is spliced into the command string below
 case ${1:-} in
   start)
     mkdir -p $R/logs
@@ -21,16 +28,21 @@ case ${1:-} in
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       if grep -qs '^train' $R/times.tsv; then
-        python sft.py --init_from=$R/base --out_dir=$R/sweep_sft_adamw_lr1.5e-3 --task_dir=$R/task $SWEEP \
-          --learning_rate=1.5e-3 --min_lr=1.5e-4 > $R/logs/sweep_sft_adamw_lr1.5e-3.log 2>&1 &
+        python distill.py --teacher=$R/base --out_dir=$R/student_distill_kd_only --data_dir=$R/data $KD_ONLY \
+          > $R/logs/student_distill_kd_only.log 2>&1 &
       fi
       wait
+      touch $R/LIFECYCLE_DONE
+      bash experiments/lifecycle_gpu.sh spec > /dev/null
+      python bench_serve.py $SERVE --methods=engine,static --out_file=$R/serve.json > $R/logs/serve.log 2>&1
+      python bench_serve.py $SERVE --methods=engine,static,hf --streams=64 --n_requests=128 \
+        --out_file=$R/serve_hf.json > $R/logs/serve_hf.log 2>&1
       touch $R/ALL_DONE
     " > /dev/null 2>&1 < /dev/null &
     echo "started in the background; logs in $R/logs" ;;
   wait)
     for ((i = 0; i < ${2:-560}; i += 10)); do [ -e $R/ALL_DONE ] && break; sleep 10; done
-    [ -e $R/ALL_DONE ] && echo "all done" || echo "still running"
+    [ -e $R/ALL_DONE ] && echo "all done" || { [ -e $R/LIFECYCLE_DONE ] && echo "life cycle done, benchmarks running" || echo "still running"; }
     cat $R/times.tsv 2> /dev/null; tail -3 $R/logs/speedrun.log 2> /dev/null
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
   spec)      # the speculative-decoding benchmark on the base model (alone on the GPU: it times batch 1)
@@ -41,7 +53,7 @@ case ${1:-} in
     mkdir -p ${2:?collect needs a folder}
     tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs -C $(dirname $R) $(basename $R)
-    cp $R/report.md $2/ 2> /dev/null; cat $R/logs/speculative.log 2> /dev/null
+    cp $R/report.md $2/ 2> /dev/null; tail -12 $R/logs/speculative.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;
   *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | report | collect FOLDER"; exit 2 ;;
 esac

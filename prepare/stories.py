@@ -44,7 +44,8 @@ holds passage_words_min..passage_words_max words (whitespace-separated).
 The task (task_dir; the format of prepare/tinystories_instruct.py):
   sft_train.jsonl, sft_val.jsonl          {"prompt", "response", "words", "features"}
   prompts_train.jsonl, prompts_val.jsonl  {"prompt", "words", "features", "reference"}
-from passages (and TinyStories stories) of task_words_min..task_words_max words: one verb, noun and
+from passages (and TinyStories stories) of task_words_min..task_words_max words (with task_cut, a
+longer one is cut after its last whole sentence within task_words_max): one verb, noun and
 adjective of the passage (task.make_task_pos; with list_words_only, only passages that have a word
 of each of task.py's lists of common story words) and features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
@@ -67,7 +68,7 @@ from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
 from data import write_token_dataset  # noqa: E402
-from task import choose_features, complete_ending, make_prompt, make_task_pos, score, sentences  # noqa: E402
+from task import choose_features, complete_ending, leading_sentences, make_prompt, make_task_pos, score, sentences  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -92,6 +93,8 @@ passage_words_max = 300
 straight_quotes = True               # “ ” ‘ ’ -> " " ' ' (as in TinyStories)
 task_words_min = 40                  # task examples: passages and stories of this many words
 task_words_max = 200
+task_cut = False                     # a longer passage becomes its leading whole sentences of at most
+                                     # task_words_max words (False: it is skipped)
 words_from_sentences = 0             # >0: the required words come from the passage's first N sentences
 list_words_only = True               # required words only from task.py's lists of common story words
 n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
@@ -462,6 +465,8 @@ def to_examples(docs, offset, limit):
     for i, doc in enumerate(docs):
         if limit and len(out) >= limit:
             break
+        if task_cut and len(doc.split()) > task_words_max:
+            doc = leading_sentences(doc, task_words_max)
         if not task_words_min <= len(doc.split()) <= task_words_max:
             why['length'] += 1
             continue
@@ -528,6 +533,7 @@ if task_dir:
     task_meta = {'source': os.path.abspath(books_path), 'dataset': 'stories', 'seed': seed,
                  **{f'{k}_records': len(v) for k, v in files.items()},
                  'sft_train_tinystories': len(tiny), 'task_words': [task_words_min, task_words_max],
+                 'task_cut': task_cut, 'words_from_sentences': words_from_sentences,
                  'val_books': [titles[i] for i in held],
                  'skipped': {'val': why_val, 'train': why_train, 'tinystories': why_tiny},
                  'words_not_from_lists': {'val': fb_val, 'train': fb_train, 'tinystories': fb_tiny},

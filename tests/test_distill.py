@@ -147,6 +147,31 @@ def test_student_moves_toward_the_teacher(tiny, loss):
                        cwd=tiny)
 
 
+def test_student_embedding_from_the_teacher(tiny):
+    """init_embedding='teacher': the student's tied table is the teacher's table projected onto its
+    n_embd strongest directions (Gram matrix = the rank-16 truncation's, up to the rescaling), and
+    the student it starts is closer to the teacher than a random one after the same steps."""
+    runs = {}
+    for init in ('random', 'teacher'):
+        p = distill(tiny, f'emb_{init}', f'--init_embedding={init}', '--alpha=1.0', '--max_iters=20',
+                    '--eval_interval=20', '--learning_rate=1e-3')
+        runs[init] = [r for r in log_rows(tiny / f'emb_{init}') if 'val/kl' in r]
+    assert "init_embedding='teacher': (257, 16) of the student from the teacher's (257, 32)" in p.stdout
+    assert runs['teacher'][-1]['val/kl'] < runs['random'][-1]['val/kl'], runs
+    assert runs['teacher'][0]['val/loss'] != runs['random'][0]['val/loss']
+    p = distill(tiny, 'emb_step0', '--init_embedding=teacher', '--max_iters=1', '--learning_rate=0', '--min_lr=0')
+    student, _, _ = load_model(str(tiny / 'emb_step0'))
+    teacher, _, _ = load_model(str(tiny / 'teacher'))
+    E, S_ = teacher.tok_emb.weight[:257].double(), student.tok_emb.weight[:257].double()
+    U, S, _ = torch.linalg.svd(E, full_matrices=False)
+    gram_rank16 = (U[:, :16] * S[:16] ** 2) @ U[:, :16].T
+    gram = S_ @ S_.T
+    scale = (gram * gram_rank16).sum() / (gram_rank16 ** 2).sum()
+    torch.testing.assert_close(gram, scale * gram_rank16, atol=1e-5 * gram.abs().max().item(), rtol=0)
+    p = distill(tiny, 'bad', '--init_embedding=teacher', '--n_embd=64', '--max_iters=1', check=False)
+    assert p.returncode != 0 and "the student must not be wider" in p.stderr
+
+
 def test_hard_labels_alone_are_train_py(tiny):
     """alpha = 0: the same initial weights, batches and losses as train.py with the same seed."""
     run_script('train.py', '--data_dir=data', '--out_dir=scratch', *STUDENT, '--max_iters=6', '--eval_interval=6',
@@ -202,6 +227,8 @@ def test_bad_input_is_refused(tiny):
         (['--temperature=0'], 'temperature=0.0 must be > 0'),
         (['--alpha=1.5'], 'alpha=1.5 must be in [0, 1]'),
         (['--kl=js'], "kl='js'; valid: forward, reverse"),
+        (['--init_embedding=copy'], "init_embedding='copy'; valid: random, teacher"),
+        (['--init_embedding=teacher', '--init_from=char_model'], "init_embedding='teacher' initialises a scratch"),
         (['--teacher='], "no teacher: set teacher='out/RUN'"),
         (['--teacher=nowhere'], "no checkpoint at 'nowhere'"),
         (['--top_k_logits=300'], 'top_k_logits=300 exceeds the vocabulary (257 ids)'),

@@ -10,8 +10,8 @@ import pytest
 
 from data import load_tokenizer_spec
 from conftest import REPO, run_script, shared_file  # noqa: F401
-from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, make_prompt, make_task_pos, pos_forms, score, sentences,
-                  suffix_words, word_used, words_of)
+from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, complete_ending, leading_sentences, make_prompt,
+                  make_task_pos, pos_forms, score, sentences, suffix_words, word_used, words_of)
 from tokenizer import EOT, tokenizer_from_spec
 
 LO, HI = 60, 300          # the script's default passage bounds
@@ -130,20 +130,36 @@ def test_task_files_from_the_same_text(stories):
     assert meta['prompts_val_records'] == len(files['prompts_val']) and meta['val_books']
 
 
-def test_words_from_the_first_sentences(tmp_path):
+def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
     """words_from_sentences=1: every required word is used in the answer's first sentence, and
-    the features still hold for the whole answer."""
-    run_script('prepare/stories.py', f'--source_dir={shared_dir()}', '--max_books=2', '--val_books=1',
-               '--max_stories=20', '--tokenizer=byte', '--words_from_sentences=1', f'--out_dir={tmp_path / "d"}',
-               f'--task_dir={tmp_path / "t"}', '--num_proc=2', cwd=tmp_path, timeout=300)
-    rows = [json.loads(line) for name in ('sft_train', 'prompts_val')
-            for line in open(tmp_path / 't' / f'{name}.jsonl')]
-    assert len(rows) > 20
-    for r in rows:
-        story = r.get('reference', r.get('response'))
-        first = words_of(sentences(story)[0])
-        assert all(word_used(w, first) for w in r['words']), (r['words'], sentences(story)[0])
-        assert score(story, r['words'], r['features'])['score'] == 1.0
+    the features still hold for the whole answer; task_cut: passages longer than task_words_max
+    become their leading whole sentences, so answers are short and still end a sentence."""
+    common = [f'--source_dir={shared_dir()}', '--max_books=2', '--val_books=1', '--max_stories=20',
+              '--tokenizer=byte', '--words_from_sentences=1', '--num_proc=2', '--task_words_max=150']
+    lengths = {}
+    for cut in (False, True):
+        t = tmp_path / f't{cut}'
+        run_script('prepare/stories.py', *common, f'--task_cut={cut}', f'--out_dir={tmp_path / "d"}',
+                   f'--task_dir={t}', cwd=tmp_path, timeout=300)
+        rows = [json.loads(line) for name in ('sft_train', 'prompts_val') for line in open(t / f'{name}.jsonl')]
+        lengths[cut] = [len(r.get('reference', r.get('response')).split()) for r in rows]
+        print(f'task_cut={cut}: {len(rows)} examples')
+        assert len(rows) > (20 if cut else 5)
+        for r in rows:
+            story = r.get('reference', r.get('response'))
+            first = words_of(sentences(story)[0])
+            assert all(word_used(w, first) for w in r['words']), (r['words'], sentences(story)[0])
+            assert score(story, r['words'], r['features'])['score'] == 1.0
+            assert complete_ending(story)
+    assert max(lengths[True]) <= 150 and max(lengths[False]) <= 150
+    assert len(lengths[True]) > 2 * len(lengths[False])      # the cut passages are used, not skipped
+
+
+def test_leading_sentences():
+    assert leading_sentences('One two. Three four five! Six "seven."  Eight', 5) == 'One two. Three four five!'
+    text = 'One two. Three four five! Six "seven."  Eight'
+    assert leading_sentences(text, 7) == 'One two. Three four five! Six "seven."'
+    assert leading_sentences('One two three. Four.', 2) == ''
 
 
 def test_bad_settings_give_clear_errors(tmp_path):
