@@ -41,7 +41,7 @@ export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=${TORCHINDUCTOR_COALESCE_TILING_AN
 
 # --- the two profiles: every stage's settings ----------------------------------------------------
 # (any script's --key=value; see the top of each script for what they mean)
-# The task, in both profiles: answers are passages cut to at most 120 words at a sentence end, and
+# The task, in both profiles: answers are passages cut at sentence ends into pieces of at most 120 words, and
 # the required words come from their first two sentences (a copy the model meets early, whose
 # share of the answer's loss is not drowned by 100 words of prose)
 TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2"
@@ -70,7 +70,7 @@ case $PROFILE in
     EVAL="--eval_iters=5 --n_prompts=16 --max_new_tokens=160 --sample_tokens=60"
     PARALLEL=${PARALLEL:-0} ;;
   gpu)
-    PREPARE="--n_prompts_val=256 --n_prompts_train=2000 $TASK_DATA"
+    PREPARE="--n_prompts_val=256 --n_prompts_train=2000 --n_sft_train=0 $TASK_DATA"
     SYSTEM=""
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"

@@ -60,17 +60,25 @@ def sentences(text):
     return parts
 
 
-def leading_sentences(doc, max_words):
-    """The longest start of `doc` that ends a sentence and has at most max_words words ('' if its
-    first sentence is longer)."""
-    end, n, prev = 0, 0, 0
+def sentence_chunks(doc, max_words):
+    """`doc` cut at sentence ends into consecutive pieces of at most max_words words, each as long
+    as it can be; a sentence longer than max_words is dropped (the next piece starts after it), and
+    so is text after the last sentence end. Newlines inside a piece are kept."""
+    chunks, start, prev, n = [], 0, 0, 0
     for m in SENTENCE_END.finditer(doc):
-        n += len(doc[prev:m.end()].split())
+        k = len(doc[prev:m.end()].split())     # words of the sentence ending here
+        if n + k > max_words:
+            if n:
+                chunks.append(doc[start:prev].strip())
+            start, n = prev, 0
+            if k > max_words:
+                start = prev = m.end()
+                continue
+        n += k
         prev = m.end()
-        if n > max_words:
-            break
-        end = m.end()
-    return doc[:end].strip()
+    if n:
+        chunks.append(doc[start:prev].strip())
+    return chunks
 
 
 def inflections(word):

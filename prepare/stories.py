@@ -45,7 +45,8 @@ The task (task_dir; the format of prepare/tinystories_instruct.py):
   sft_train.jsonl, sft_val.jsonl          {"prompt", "response", "words", "features"}
   prompts_train.jsonl, prompts_val.jsonl  {"prompt", "words", "features", "reference"}
 from passages (and TinyStories stories) of task_words_min..task_words_max words (with task_cut, a
-longer one is cut after its last whole sentence within task_words_max): one verb, noun and
+longer one is cut at sentence ends into pieces within task_words_max, task.sentence_chunks, each
+piece a passage of its own): one verb, noun and
 adjective of the passage (task.make_task_pos; with list_words_only, only passages that have a word
 of each of task.py's lists of common story words) and features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
@@ -68,7 +69,8 @@ from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
 from data import write_token_dataset  # noqa: E402
-from task import choose_features, complete_ending, leading_sentences, make_prompt, make_task_pos, score, sentences  # noqa: E402
+from task import (choose_features, complete_ending, make_prompt, make_task_pos, score, sentence_chunks,  # noqa: E402
+                  sentences)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -93,8 +95,8 @@ passage_words_max = 300
 straight_quotes = True               # “ ” ‘ ’ -> " " ' ' (as in TinyStories)
 task_words_min = 40                  # task examples: passages and stories of this many words
 task_words_max = 200
-task_cut = False                     # a longer passage becomes its leading whole sentences of at most
-                                     # task_words_max words (False: it is skipped)
+task_cut = False                     # a longer passage is cut at sentence ends into pieces of at most
+                                     # task_words_max words, each a candidate example (False: skipped)
 words_from_sentences = 0             # >0: the required words come from the passage's first N sentences
 list_words_only = True               # required words only from task.py's lists of common story words
 n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
@@ -462,15 +464,16 @@ def to_examples(docs, offset, limit):
     """Documents -> task examples until `limit` (0: all); (examples, documents tried, by reason)."""
     out, why = [], {'length': 0, 'no_task': 0, 'not_list_words': 0, 'reference_below_1': 0}
     fallbacks = {f'{pos}_{how}': 0 for pos in ('verb', 'noun', 'adjective') for how in ('suffix', 'content')}
-    for i, doc in enumerate(docs):
+    pieces = ((i, piece) for i, doc in enumerate(docs)
+              for piece in (sentence_chunks(doc, task_words_max) if task_cut and len(doc.split()) > task_words_max
+                            else [doc]))
+    for j, (_, doc) in enumerate(pieces):
         if limit and len(out) >= limit:
             break
-        if task_cut and len(doc.split()) > task_words_max:
-            doc = leading_sentences(doc, task_words_max)
         if not task_words_min <= len(doc.split()) <= task_words_max:
             why['length'] += 1
             continue
-        rng = random.Random(seed * 1_000_003 + offset + i)
+        rng = random.Random(seed * 1_000_003 + offset + j)
         head = ' '.join(sentences(doc)[:words_from_sentences]) if words_from_sentences else doc
         t = make_task_pos(head, rng)            # the words from the head, the features from the whole
         if t is not None and words_from_sentences:

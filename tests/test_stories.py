@@ -10,8 +10,8 @@ import pytest
 
 from data import load_tokenizer_spec
 from conftest import REPO, run_script, shared_file  # noqa: F401
-from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, complete_ending, leading_sentences, make_prompt,
-                  make_task_pos, pos_forms, score, sentences, suffix_words, word_used, words_of)
+from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, complete_ending, make_prompt,
+                  make_task_pos, pos_forms, score, sentence_chunks, sentences, suffix_words, word_used, words_of)
 from tokenizer import EOT, tokenizer_from_spec
 
 LO, HI = 60, 300          # the script's default passage bounds
@@ -133,7 +133,7 @@ def test_task_files_from_the_same_text(stories):
 def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
     """words_from_sentences=1: every required word is used in the answer's first sentence, and
     the features still hold for the whole answer; task_cut: passages longer than task_words_max
-    become their leading whole sentences, so answers are short and still end a sentence."""
+    are cut into pieces at sentence ends, so answers are short and still end a sentence."""
     common = [f'--source_dir={shared_dir()}', '--max_books=2', '--val_books=1', '--max_stories=20',
               '--tokenizer=byte', '--words_from_sentences=1', '--num_proc=2', '--task_words_max=150']
     lengths = {}
@@ -155,11 +155,14 @@ def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
     assert len(lengths[True]) > 2 * len(lengths[False])      # the cut passages are used, not skipped
 
 
-def test_leading_sentences():
-    assert leading_sentences('One two. Three four five! Six "seven."  Eight', 5) == 'One two. Three four five!'
-    text = 'One two. Three four five! Six "seven."  Eight'
-    assert leading_sentences(text, 7) == 'One two. Three four five! Six "seven."'
-    assert leading_sentences('One two three. Four.', 2) == ''
+def test_sentence_chunks():
+    text = 'One two. Three four five! Six "seven."\nEight nine ten eleven twelve thirteen. End'
+    assert sentence_chunks(text, 5) == ['One two. Three four five!', 'Six "seven."']   # the 6-word one dropped
+    first, second = 'One two. Three four five! Six "seven."', 'Eight nine ten eleven twelve thirteen.'
+    assert sentence_chunks(text, 7) == [first, second]
+    assert sentence_chunks(text, 100) == [first + '\n' + second]
+    assert sentence_chunks('One two three. Four.', 2) == ['Four.']
+    assert sentence_chunks('no sentence end', 10) == []
 
 
 def test_bad_settings_give_clear_errors(tmp_path):
