@@ -17,6 +17,8 @@ The training step around it (EP size == world size here, so no expert has a repl
     clip_grad_norm(model, 1.0)     # optional: the global norm, expert slices from every rank
     optimizer.step()
     update_router_bias(model)      # expert loads summed over ranks: the same bias step everywhere
+training.Run does exactly this when train.py runs with expert_parallel=N under torchrun, and saves
+checkpoints in the single-process layout (full_state_dict, full_optimizer_state).
 Every rank must build the same model (same seed) or load the same full state dict
 (load_full_state_dict), and every forward and backward must run on all ranks together: the
 exchanges are collectives. model.py stays the single-process reference.
@@ -217,3 +219,40 @@ def load_full_state_dict(model, state, group=None):
             v = v[lo:lo + m.E_local]
         local[k] = v
     model.load_state_dict(local)
+
+
+def expert_state_owners(model, optimizer):
+    """{index of a parameter in optimizer.state_dict()['state']: the ExpertParallelMoE whose
+    expert stack it is}, for every expert stack the optimizer holds."""
+    owner = {id(getattr(m.experts, w)): m for m in expert_parallel_layers(model) for w in EXPERT_WEIGHTS}
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    return {i: owner[id(p)] for i, p in enumerate(params) if id(p) in owner}
+
+
+@torch.no_grad()
+def full_optimizer_state(model, optimizer, group=None):
+    """optimizer.state_dict() in the single-process layout: the state of each expert stack
+    (AdamW's moments, Muon's momentum: tensors shaped like the stack, (E/N, ., .)) gathered from
+    every rank into (E, ., .). Every rank joins; the optimizer itself is left as it is."""
+    state = optimizer.state_dict()
+    state = {'state': {i: dict(s) for i, s in state['state'].items()}, 'param_groups': state['param_groups']}
+    for i, m in expert_state_owners(model, optimizer).items():
+        for k, v in state['state'].get(i, {}).items():
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == m.E_local:
+                parts = [torch.empty_like(v) for _ in range(m.ep_size)]
+                dist.all_gather(parts, v.contiguous(), group=group)
+                state['state'][i][k] = torch.cat(parts, 0)
+    return state
+
+
+def local_optimizer_state(model, optimizer, state):
+    """The inverse of full_optimizer_state: a single-process optimizer state with this rank's
+    slice [r E/N, (r+1) E/N) of each expert stack's state, for optimizer.load_state_dict."""
+    state = {'state': {i: dict(s) for i, s in state['state'].items()}, 'param_groups': state['param_groups']}
+    for i, m in expert_state_owners(model, optimizer).items():
+        for k, v in state['state'].get(i, {}).items():
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == m.E:
+                lo = m.ep_rank * m.E_local
+                state['state'][i][k] = v[lo:lo + m.E_local].clone()
+    return state
+

@@ -6,6 +6,7 @@ $ python train.py config/shakespeare_char.py
 $ python train.py config/tinystories_moe.py --optimizer=muonclip --max_iters=2000
 $ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py              (DDP)
 $ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py --fsdp=True  (FSDP2)
+$ torchrun --standalone --nproc_per_node=2 train.py config/tinystories_moe.py --expert_parallel=2
 
 Every setting below is a config key, and so is every ModelConfig field (model.py: n_layer,
 n_head, n_embd, attention, n_routed_experts, ...). Writes out_dir/ckpt.pt (model, configs,
@@ -73,6 +74,8 @@ compile_mode = 'default'     # 'default' | 'reduce-overhead' | 'max-autotune' | 
 cuda_graph_train = False     # CUDA: capture the whole step (forward, backward, clipping, AdamW, router
                              # biases) once as a CUDA graph and replay it: no Python between kernels
 fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
+expert_parallel = 0          # under torchrun with N processes, N: each rank keeps 1/N of every MoE layer's
+                             # routed experts, tokens travel to them by all_to_all (parallel.py); 0: off
 seed = 1337
 peak_flops = 0.0             # MFU denominator in FLOP/s; 0: measure with a large matmul
 profile = ''                 # append torch.profiler tables of steps 11 and 12 to this file

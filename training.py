@@ -25,7 +25,10 @@ loss's parts, the expert load and the max attention logits (QK-Clip runs in opti
 
 Under torchrun every rank runs the same loop on its own micro-batches, drawn with
 run.batch_generator(step, micro) (a function of the micro-batch's global index), so N ranks with
-accumulation k are one process with accumulation N k (tests/test_distributed.py).
+accumulation k are one process with accumulation N k (tests/test_distributed.py). With
+expert_parallel=N (train.py, N = the number of ranks) each rank keeps 1/N of every MoE layer's
+routed experts (parallel.py): no DDP wrapper; optimizer_step averages the replicated gradients
+itself, and checkpoints are gathered into the single-process layout.
 """
 
 import contextlib
@@ -47,8 +50,9 @@ from tqdm import tqdm
 from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sharded_optimizer,
                         restore_rng_state, save_checkpoint, save_sharded_checkpoint)
 from data import batch_generator
-from model import ScalarModel
+from model import MoE, ScalarModel
 from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
+import parallel
 from runlog import RunLog
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
@@ -77,6 +81,9 @@ class Run:
         if self.fsdp and rt.dtype == 'float16':
             sys.exit("error: fsdp=True trains in bfloat16 or float32 (float16 loss scaling is not "
                      "supported with it); set dtype='bfloat16'")
+        self.ep = c.get('expert_parallel', 0) > 1
+        if self.ep:
+            self.check_expert_parallel(model, also_train)
         self.track_logits = c['optimizer'] == 'muonclip' or c.get('log_max_logit', False)
         self.models = [model] + ([also_train] if also_train is not None else [])
         for m in self.models:
@@ -88,6 +95,12 @@ class Run:
             full_optimizer_state = self.optimizer_state_by_name(trainable, resume['optimizer'])
         if self.fsdp:
             shard_model(model, rt)
+        if self.ep:
+            parallel.shard_experts(model)                # this rank's slice of every expert stack
+            if rt.master:
+                layers = parallel.expert_parallel_layers(model)
+                print(f'expert parallelism: each of {rt.world_size} ranks holds {layers[0].E_local} of the '
+                      f'{layers[0].E} routed experts of each of {len(layers)} MoE layers')
         self.optimizer = self.build_optimizer(trainable)
         self.step, self.best_val_loss = 0, float('inf')
         if resume is not None:
@@ -104,7 +117,7 @@ class Run:
         # block boundaries to run eagerly and compiles what lies between them.
         compiled = [torch.compile(m, mode=mode) if compile_ else m for m in self.models]
         self.compiled = compiled[0]
-        if rt.ddp and not self.fsdp:
+        if rt.ddp and not self.fsdp and not self.ep:
             # broadcast_buffers=False: each rank's max-logit and expert-load buffers must keep its
             # own counts until they are reduced (DDP would copy rank 0's over them every forward);
             # the router biases stay equal because every rank applies the same reduced update.
@@ -146,6 +159,29 @@ class Run:
         print('\nCtrl-C: finishing this step, then saving a checkpoint and stopping '
               '(Ctrl-C again to stop at once, saving nothing)', file=sys.stderr, flush=True)
 
+    def check_expert_parallel(self, model, also_train):
+        c, rt, n = self.c, self.rt, self.c['expert_parallel']
+        layers = [m for m in model.modules() if type(m) is MoE]
+        problems = [msg for bad, msg in [
+            (not rt.ddp, f'expert_parallel={n} splits the routed experts across processes started by torchrun, '
+                         f'e.g. torchrun --standalone --nproc_per_node={n} {self.stage_script()} CONFIG '
+                         f'--expert_parallel={n}'),
+            (rt.ddp and n != rt.world_size, f'expert_parallel={n} must equal the number of processes '
+                                            f'({rt.world_size}): each rank holds 1/N of the experts'),
+            (self.fsdp, 'expert_parallel and fsdp=True do not combine yet; use one of them'),
+            (also_train is not None, f'{self.stage_script()} does not support expert_parallel'),
+            (c.get('cuda_graph_train'), 'expert_parallel exchanges a variable number of tokens each step; '
+                                        'set cuda_graph_train=False'),
+            (not layers, f'expert_parallel={n} needs an MoE model (n_routed_experts > 0)'),
+            (any(m.E % n for m in layers), f'expert_parallel={n} needs the routed experts '
+                                           f'({layers[0].E if layers else 0}) divisible by {n}'),
+        ] if bad]
+        if problems:
+            sys.exit('error: ' + '; '.join(problems))
+
+    def stage_script(self):
+        return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'train.py'
+
     def build_optimizer(self, module):
         c = self.c
         try:
@@ -170,6 +206,9 @@ class Run:
         base_lrs = [g['base_lr'] for g in self.optimizer.param_groups]
         if 'sharded_dir' in resume:                  # written under FSDP, on any number of ranks
             load_sharded_optimizer(trainable, self.optimizer, resume['sharded_dir'])
+        elif self.ep:                                # the single-process layout: this rank's experts
+            self.optimizer.load_state_dict(parallel.local_optimizer_state(self.raw, self.optimizer,
+                                                                           resume['optimizer']))
         elif full_optimizer_state is not None:       # a single-file checkpoint, now sharded
             set_optimizer_state_dict(trainable, self.optimizer, full_optimizer_state,
                                      options=StateDictOptions(full_state_dict=True))
@@ -217,6 +256,8 @@ class Run:
         ranks after the last micro-step only; before it they accumulate locally (DDP's no_sync,
         FSDP's set_requires_gradient_sync)."""
         last = micro == self.c['gradient_accumulation_steps'] - 1
+        if self.ep:
+            return contextlib.nullcontext()              # optimizer_step reduces the gradients
         if self.fsdp:
             self.raw.set_requires_gradient_sync(last)
         elif self.rt.ddp and not last:
@@ -237,11 +278,16 @@ class Run:
         tensors only (no host sync): {'grad_norm', 'loads', 'parts'}, parts the loss's parts
         of the last forward (model.last_losses)."""
         out = {'parts': dict(self.raw.last_losses)}
+        if self.ep:                                    # what DDP would have done in the backward
+            parallel.sync_gradients(self.raw)
         if self.c['grad_clip'] > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for m in self.models for p in m.parameters()]
-            out['grad_norm'] = clip_grad_norm_(self.optimizer, params, self.c['grad_clip'],
-                                               defer_to_optimizer=not (self.scaler.is_enabled() or self.fsdp))
+            if self.ep:                                # the norm of the whole model, every rank's experts
+                out['grad_norm'] = parallel.clip_grad_norm(self.raw, self.c['grad_clip'])
+            else:
+                out['grad_norm'] = clip_grad_norm_(self.optimizer, params, self.c['grad_clip'],
+                                                   defer_to_optimizer=not (self.scaler.is_enabled() or self.fsdp))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -449,10 +495,14 @@ class Run:
         """What evaluate() is given on rank 0 (None on the others, which wait): the model itself
         (not its DDP wrapper), or under FSDP a full copy gathered from the shards (every rank
         takes part in the gather): evaluate runs on rank 0 alone and may sample text, a number of
-        forward passes no other rank could match, while FSDP's forward needs every rank."""
-        if not self.fsdp:
+        forward passes no other rank could match, while FSDP's forward needs every rank (and so does
+        an expert-parallel one: its experts are gathered the same way)."""
+        if not (self.fsdp or self.ep):
             return self.compiled if self.rt.master else None
-        weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ep:
+            weights = parallel.full_state_dict(self.raw)
+        else:
+            weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.rt.master:
             return None
         if self.eval_copy is None:
@@ -464,11 +514,13 @@ class Run:
     def replica_fingerprints(self):
         """Every rank's fingerprint of the state it should share with the others: (float64 sum,
         sum of squares) of each state-dict tensor held whole on every rank (under DDP all of them,
-        under FSDP the buffers, e.g. the router biases; the shards differ by design). Rank 0
+        under FSDP the buffers, e.g. the router biases; the shards and, under expert parallelism, the
+        expert stacks differ by design). Rank 0
         warns if a rank's differs from its own: the replicas have drifted apart. A collective."""
         names, values = [], []
+        own = set(parallel.expert_parameter_names(self.raw))      # each rank's own experts
         for name, t in self.raw.state_dict().items():
-            if not is_sharded(t):
+            if not is_sharded(t) and name not in own:
                 t = t.detach().double()
                 names.append(name)
                 values += [t.sum(), t.square().sum()]
@@ -498,6 +550,8 @@ class Run:
             meta['replica_fingerprints'] = self.replica_fingerprints()
         if self.fsdp:
             weights = {'model_config': self.raw.config.to_dict()}
+        elif self.ep:                                    # gathered: it loads in one process
+            weights = {'model': parallel.full_state_dict(self.raw), 'model_config': self.raw.config.to_dict()}
         else:
             weights = {'model': self.raw.state_dict(), 'model_config': self.raw.config.to_dict()}
         if self.also_raw is not None:                    # PPO's value model, beside the policy
@@ -505,7 +559,8 @@ class Run:
         if issubclass(self.model_class, ScalarModel):
             weights['model_class'] = 'scalar'
         if not self.fsdp:
-            opt = self.optimizer.state_dict()            # learning rates as numbers (cuda_graph_train
+            opt = (parallel.full_optimizer_state(self.raw, self.optimizer) if self.ep
+                   else self.optimizer.state_dict())     # learning rates as numbers (cuda_graph_train
             opt['param_groups'] = [{**g, 'lr': float(g['lr'])} for g in opt['param_groups']]  # has tensors)
             weights['optimizer'] = opt
         return {**weights, **meta}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Evidence for multi-GPU training, on a lent machine with 2 GPUs (about 10 minutes):
 # training tokens/s of the default MoE config (config/tinystories_moe.py, batch_size 64 x 512 per
-# GPU) on 1 GPU, on 2 GPUs with DDP and on 2 GPUs with FSDP (--fsdp=True), then the ratios to 1 GPU
-# (target: at least 1.8x). Each run is train.py itself for $STEPS steps on a synthetic token set
+# GPU) on 1 GPU, on 2 GPUs with DDP, with FSDP (--fsdp=True) and with expert parallelism
+# (--expert_parallel=2, MoE configs only), then the ratios to 1 GPU (target: at least 1.8x). Each run is train.py itself for $STEPS steps on a synthetic token set
 # (random bytes, so no download; the vocabulary is padded to GPT-2's 50304 as in the real run);
 # tokens/s is the median of the logged intervals after the first $SKIP (compilation, warm-up).
 # NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the shared H200 machines require.
@@ -27,7 +27,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,
 if [ ! -f $DATA/meta.json ]; then                   # 8M random printable bytes, split 31:1
   python - "$DATA" <<'EOF'
 import random, sys
-from common import write_token_dataset
+from data import write_token_dataset
 from tokenizer import ByteTokenizer
 rng = random.Random(0)
 docs = [''.join(rng.choices('abcdefghijklmnopqrstuvwxyz .,', k=8192)) for _ in range(1024)]
@@ -52,12 +52,16 @@ TORCHRUN="torchrun --standalone --nproc_per_node=$NPROC"
 one=$(run gpu1 python "")
 ddp=$(run ddp$NPROC "$TORCHRUN" "")
 fsdp=$(run fsdp$NPROC "$TORCHRUN" "--fsdp=True")
-python - "$one" "$ddp" "$fsdp" "$NPROC" "$CONFIG" <<'EOF' | tee $OUT/summary.md
+ep=0
+if [ "${EP:-1}" = 1 ]; then ep=$(run ep$NPROC "$TORCHRUN" "--expert_parallel=$NPROC"); fi   # EP=0: a dense config
+python - "$one" "$ddp" "$fsdp" "$ep" "$NPROC" "$CONFIG" <<'EOF' | tee $OUT/summary.md
 import sys
-one, ddp, fsdp = map(float, sys.argv[1:4])
-n, config = sys.argv[4], sys.argv[5]
+one, ddp, fsdp, ep = map(float, sys.argv[1:5])
+n, config = sys.argv[5], sys.argv[6]
 print(f'| {config} | tokens/s | vs 1 GPU |\n| --- | --- | --- |')
 print(f'| 1 GPU | {one:,.0f} | 1.00x |')
 print(f'| {n} GPUs, DDP | {ddp:,.0f} | {ddp / one:.2f}x |')
 print(f'| {n} GPUs, FSDP | {fsdp:,.0f} | {fsdp / one:.2f}x |')
+if ep:
+    print(f'| {n} GPUs, expert parallel | {ep:,.0f} | {ep / one:.2f}x |')
 EOF

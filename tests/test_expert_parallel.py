@@ -183,3 +183,65 @@ def test_full_state_dict_loads_in_one_process_and_back_into_shards(results):
         assert r['c/logits'] < 1e-5, (world, r)
         if world == 4:
             assert 'divisible by 4' in r['error']
+
+
+# --- train.py --expert_parallel=N under torchrun ------------------------------------------------
+
+def test_train_py_under_expert_parallelism_equals_one_process(tmp_path, byte_data):
+    """train.py --expert_parallel=2 on 2 ranks (no DDP wrapper; training.Run syncs the replicated
+    gradients, clips the global norm, sums the expert loads) is the run of one process with twice
+    the accumulation. Its checkpoint holds the full expert stacks and their optimizer state (the
+    single-process layout: sample.py loads it), a run split by a resume under expert parallelism
+    equals the straight run, and one process resumes it."""
+    from checkpoint import load_checkpoint
+    from conftest import run_script
+    from test_distributed import max_difference, torchrun, train_args
+    from test_train import losses
+    n = ['--max_iters=4', '--eval_interval=2']
+    run_script(*train_args(byte_data, 'one', *n, '--gradient_accumulation_steps=2'), cwd=tmp_path)
+    p = torchrun(*train_args(byte_data, 'ep', *n, '--expert_parallel=2'), cwd=tmp_path)
+    assert 'expert parallelism: each of 2 ranks holds 4 of the 8 routed experts of each of 2 MoE layers' in p.stdout
+    one, ep = load_checkpoint(str(tmp_path / 'one')), load_checkpoint(str(tmp_path / 'ep'))
+    stacks = [k for k in one['model'] if '.experts.' in k]
+    assert stacks and all(ep['model'][k].shape == one['model'][k].shape and one['model'][k].shape[0] == 8
+                          for k in stacks)                               # all 8 experts, gathered
+    assert max_difference(one['model'], ep['model']) < 1e-5
+    biases = [k for k in one['model'] if k.endswith('e_score_correction_bias')]
+    assert biases and all(torch.equal(one['model'][k], ep['model'][k]) for k in biases)
+    a, b = losses(tmp_path / 'one'), losses(tmp_path / 'ep')
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+    fingerprints = ep['replica_fingerprints']                             # the replicated part agrees
+    assert len(fingerprints) == 2 and torch.equal(fingerprints[0], fingerprints[1])
+    so, se = one['optimizer']['state'], ep['optimizer']['state']         # AdamW moments, all experts
+    assert sorted(so) == sorted(se)
+    for i in so:
+        for k, v in so[i].items():
+            assert se[i][k].shape == v.shape, (i, k)
+            torch.testing.assert_close(se[i][k].float(), v.float(), rtol=1e-4, atol=1e-8)
+    p = run_script('sample.py', '--out_dir=ep', '--max_new_tokens=8', '--num_samples=1', '--device=cpu',
+                   cwd=tmp_path)
+    assert 'pretrain checkpoint at step 4' in p.stderr
+    # a resumed run under expert parallelism continues exactly
+    torchrun(*train_args(byte_data, 'split', '--max_iters=2', '--eval_interval=2', '--expert_parallel=2'),
+             cwd=tmp_path)
+    torchrun(*train_args(byte_data, 'split', *n, '--init_from=resume', '--expert_parallel=2'), cwd=tmp_path)
+    split = load_checkpoint(str(tmp_path / 'split'))
+    assert losses(tmp_path / 'split') == b
+    assert all(torch.equal(split['model'][k], ep['model'][k]) for k in ep['model'])
+    # ... and one process continues the expert-parallel checkpoint
+    run_script(*train_args(byte_data, 'split', '--max_iters=5', '--eval_interval=5', '--init_from=resume',
+                           '--gradient_accumulation_steps=2'), cwd=tmp_path)
+    assert load_checkpoint(str(tmp_path / 'split'))['step'] == 5
+
+
+def test_expert_parallel_refusals(tmp_path, byte_data):
+    from conftest import run_script
+    from test_distributed import torchrun, train_args
+    p = run_script(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=2'), cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'expert_parallel=2 splits the routed experts across processes started by ' \
+                                 'torchrun' in p.stderr
+    p = torchrun(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=4'), cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'expert_parallel=4 must equal the number of processes (2)' in p.stderr
+    p = torchrun(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=2', '--n_routed_experts=3'),
+                 cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'needs the routed experts (3) divisible by 2' in p.stderr
