@@ -326,7 +326,11 @@ class DecodeGraph:
     work; a replay launches them all at once. The graph reads the token from `self.token`,
     the position from cache.pos_t and the cache buffers in place, so every tensor it touches
     must stay at its address: the cache is reset in place, never rebuilt. (torch.compile's
-    mode='reduce-overhead' does the same thing automatically; this is the explicit version.)"""
+    mode='reduce-overhead' does the same thing automatically; this is the explicit version.)
+    Under autocast the capture runs with autocast's weight cache off, so that the casts of float32
+    weights are kernels of the graph: a cached cast lives only until its autocast context exits,
+    and a graph kept for a later call would read the freed memory (garbage logits, and a
+    device-side assert in torch.multinomial once the memory was reused)."""
 
     def __init__(self, model, cache, warmup=2, compile=False):
         assert cache.static and cache.device.type == 'cuda'
@@ -336,17 +340,22 @@ class DecodeGraph:
         self.step_fn = compiled_decode_step() if compile else decode_step
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         saved = (cache.pos, cache.pos_t.clone(), cache.slot_pos.clone())
-        stream = torch.cuda.Stream(cache.device)          # warm up (lazy init, cuBLAS workspaces)
-        stream.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._park()
-                self.step_fn(self.model, self.token, cache)
-        torch.cuda.current_stream(cache.device).wait_stream(stream)
-        self._park()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):                # records, does not run, the kernels
-            self.logits = self.step_fn(self.model, self.token, cache)
+        cache_casts = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)           # weight casts inside the graph (above)
+        try:
+            stream = torch.cuda.Stream(cache.device)      # warm up (lazy init, cuBLAS workspaces)
+            stream.wait_stream(torch.cuda.current_stream(cache.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    self._park()
+                    self.step_fn(self.model, self.token, cache)
+            torch.cuda.current_stream(cache.device).wait_stream(stream)
+            self._park()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):            # records, does not run, the kernels
+                self.logits = self.step_fn(self.model, self.token, cache)
+        finally:
+            torch.set_autocast_cache_enabled(cache_casts)
         cache.pos = saved[0]                              # undo the warm-up steps
         cache.pos_t.copy_(saved[1])
         cache.slot_pos.copy_(saved[2])
@@ -441,10 +450,9 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
     """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
     KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
     'text', and 'ended' (True if the model ended its turn with <|end|> or EOT).
-    cuda_graph=True: a static cache whose one-token step is captured once per batch and replayed
-    (DecodeGraph; the same static steps run eagerly on the CPU). Under autocast the float32
-    weights are cast once per batch (autocast caches the casts of weights within its context, so
-    the captured step reads the cached bf16 copies)."""
+    cuda_graph=True: a static cache whose one-token step is captured once and replayed, in this
+    and later calls of the same shape (DecodeGraph; the same static steps run eagerly on the CPU).
+    Under autocast the captured step casts the float32 weights itself at every token (DecodeGraph)."""
     device = next(model.parameters()).device
     stops = tok.stop_ids()
     out = []

@@ -38,6 +38,9 @@ export PYTHONUNBUFFERED=1
 # torch 2.11's inductor once asserted in its coalescing analysis (tiling_utils.get_pw_red_splits) while
 # compiling SFT's training step on the H200 (notes/lifecycle.md); that analysis only picks tilings
 export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=${TORCHINDUCTOR_COALESCE_TILING_ANALYSIS:-0}
+# and should a compiler still fail, the graph it could not build runs eagerly (torch logs a warning)
+# instead of ending a 25-minute run
+export TORCHDYNAMO_SUPPRESS_ERRORS=${TORCHDYNAMO_SUPPRESS_ERRORS:-1}
 
 # --- the two profiles: every stage's settings ----------------------------------------------------
 # (any script's --key=value; see the top of each script for what they mean)

@@ -248,6 +248,37 @@ def test_chat_answers_through_a_graph_under_autocast_equal_the_same_steps_eager(
     assert [a['ids'] for a in graph] == [a['ids'] for a in eager]
 
 
+def test_a_graph_kept_from_an_earlier_autocast_context_reads_live_weights(monkeypatch):
+    """sft.py's evaluation: float32 weights that require grad, under bf16 autocast, greedy answers
+    then sampled ones in a second generate_chat call that replays the graph captured in the first.
+    Autocast frees its cached weight casts when a context exits; the memory is then reused (here:
+    filled with NaN on purpose). The kept graph must not read it: the second call's greedy answers
+    equal the eager steps' and sampling raises no device-side assert."""
+    import generate as generate_module
+    from generate import generate_chat
+    from tokenizer import ByteTokenizer, with_chat_tokens
+    tok = with_chat_tokens(ByteTokenizer())
+    model = build(vocab_size=320, mtp_depth=0).eval()               # a training process's weights
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    prompts = ['hi', 'a much longer prompt than the first', 'mid size one']
+    captured = []
+    real = generate_module.DecodeGraph
+    monkeypatch.setattr(generate_module, 'DecodeGraph', lambda *a, **kw: captured.append(1) or real(*a, **kw))
+    autocast = lambda: torch.autocast('cuda', dtype=torch.bfloat16)     # noqa: E731
+    first = generate_chat(model, tok, prompts, 40, 0.0, autocast=autocast, cuda_graph=True)
+    scrub = [torch.full((1 << 20,), float('nan'), device='cuda') for _ in range(256)]   # reuse freed blocks
+    del scrub
+    second = generate_chat(model, tok, prompts, 40, 0.0, autocast=autocast, cuda_graph=True)
+    g = torch.Generator(device='cuda').manual_seed(0)
+    sampled = generate_chat(model, tok, prompts, 40, 0.8, autocast=autocast, cuda_graph=True, generator=g)
+    torch.cuda.synchronize()
+    assert len(captured) == 1                          # one capture, replayed by the later calls
+    monkeypatch.setattr(generate_module, 'graph_capturable', lambda *a, **kw: False)
+    eager = generate_chat(model, tok, prompts, 40, 0.0, autocast=autocast, cuda_graph=True)
+    assert [a['ids'] for a in first] == [a['ids'] for a in second] == [a['ids'] for a in eager]
+    assert all(len(a['ids']) > 0 for a in sampled)
+
+
 def test_distill_script_with_a_bf16_moe_teacher(tmp_path, byte_data):
     """distill.py on the GPU: an MLA + MoE teacher whose weights are cast to bf16 (its buffers, the
     RoPE frequencies and router biases, stay float32), compiled, teaching a dense student; then
