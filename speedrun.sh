@@ -44,10 +44,11 @@ export TORCHDYNAMO_SUPPRESS_ERRORS=${TORCHDYNAMO_SUPPRESS_ERRORS:-1}
 
 # --- the two profiles: every stage's settings ----------------------------------------------------
 # (any script's --key=value; see the top of each script for what they mean)
-# The task, in both profiles: answers are passages cut at sentence ends into pieces of at most 120 words, and
-# the required words come from their first two sentences (a copy the model meets early, whose
-# share of the answer's loss is not drowned by 100 words of prose)
-TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2"
+# The task, in both profiles: answers are passages cut at sentence ends into pieces of at most 120
+# words; the required words come from their first two sentences and are listed in the order the
+# answer uses them (a copy the model meets early, word after word, whose share of the answer's
+# loss is not drowned by 100 words of prose)
+TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2 --words_in_order=True"
 case $PROFILE in
   cpu)
     PREPARE="--max_books=12 --val_books=2 --max_stories=400 --tokenizer=bpe --vocab_size=4096

@@ -102,6 +102,13 @@ def word_used(word, text_words):
     return any(t in forms or word.lower() in inflections(t) for t in set(text_words))
 
 
+def first_use(word, text_words):
+    """Index of the first of text_words that uses `word` as word_used counts it (len(text_words)
+    if none does)."""
+    forms, w = inflections(word), word.lower()
+    return next((i for i, t in enumerate(text_words) if t in forms or w in inflections(t)), len(text_words))
+
+
 def repetition(text, n=4):
     """Share of the word n-grams of `text` that already occurred earlier in it."""
     w = words_of(text)

@@ -48,7 +48,8 @@ from passages (and TinyStories stories) of task_words_min..task_words_max words 
 longer one is cut at sentence ends into pieces within task_words_max, task.sentence_chunks, each
 piece a passage of its own): one verb, noun and
 adjective of the passage (task.make_task_pos; with list_words_only, only passages that have a word
-of each of task.py's lists of common story words) and features it satisfies (task.choose_features); a
+of each of task.py's lists of common story words; with words_in_order, listed in the order the
+passage first uses them) and features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
 features, a complete last sentence, little repetition). The *_train files come from the training
 books and fairy tales (sft_train also takes every TinyStories training story), the *_val files
@@ -69,8 +70,8 @@ from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
 from data import write_token_dataset  # noqa: E402
-from task import (choose_features, complete_ending, make_prompt, make_task_pos, score, sentence_chunks,  # noqa: E402
-                  sentences)
+from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
+                  sentence_chunks, sentences, words_of)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -99,6 +100,8 @@ task_cut = False                     # a longer passage is cut at sentence ends 
                                      # task_words_max words, each a candidate example (False: skipped)
 words_from_sentences = 0             # >0: the required words come from the passage's first N sentences
 list_words_only = True               # required words only from task.py's lists of common story words
+words_in_order = False               # list the required words in the order the passage first uses them
+                                     # (False: verb, noun, adjective, as TinyStories-Instruct)
 n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
 n_sft_val = 1000                     # SFT val examples (held-out books)
 n_prompts_train = 2000               # prompts for RL (PPO, GRPO) and preference sampling
@@ -478,6 +481,10 @@ def to_examples(docs, offset, limit):
         t = make_task_pos(head, rng)            # the words from the head, the features from the whole
         if t is not None and words_from_sentences:
             t['features'] = choose_features(doc, rng)
+        if t is not None and words_in_order:    # the answer then copies the next listed word each time
+            used = words_of(doc)
+            order = sorted(range(len(t['words'])), key=lambda k: first_use(t['words'][k], used))
+            t.update({key: [t[key][k] for k in order] for key in ('words', 'pos', 'how')})
         if t is None:
             why['no_task'] += 1
             continue
@@ -537,6 +544,7 @@ if task_dir:
                  **{f'{k}_records': len(v) for k, v in files.items()},
                  'sft_train_tinystories': len(tiny), 'task_words': [task_words_min, task_words_max],
                  'task_cut': task_cut, 'words_from_sentences': words_from_sentences,
+                 'words_in_order': words_in_order,
                  'val_books': [titles[i] for i in held],
                  'skipped': {'val': why_val, 'train': why_train, 'tinystories': why_tiny},
                  'words_not_from_lists': {'val': fb_val, 'train': fb_train, 'tinystories': fb_tiny},

@@ -10,7 +10,7 @@ import pytest
 
 from data import load_tokenizer_spec
 from conftest import REPO, run_script, shared_file  # noqa: F401
-from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, complete_ending, make_prompt,
+from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, complete_ending, first_use, make_prompt,
                   make_task_pos, pos_forms, score, sentence_chunks, sentences, suffix_words, word_used, words_of)
 from tokenizer import EOT, tokenizer_from_spec
 
@@ -133,9 +133,11 @@ def test_task_files_from_the_same_text(stories):
 def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
     """words_from_sentences=1: every required word is used in the answer's first sentence, and
     the features still hold for the whole answer; task_cut: passages longer than task_words_max
-    are cut into pieces at sentence ends, so answers are short and still end a sentence."""
+    are cut into pieces at sentence ends, so answers are short and still end a sentence;
+    words_in_order: the prompt lists the words in the order the answer first uses them."""
     common = [f'--source_dir={shared_dir()}', '--max_books=2', '--val_books=1', '--max_stories=20',
-              '--tokenizer=byte', '--words_from_sentences=1', '--num_proc=2', '--task_words_max=150']
+              '--tokenizer=byte', '--words_from_sentences=1', '--num_proc=2', '--task_words_max=150',
+              '--words_in_order=True']
     lengths = {}
     for cut in (False, True):
         t = tmp_path / f't{cut}'
@@ -151,8 +153,16 @@ def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
             assert all(word_used(w, first) for w in r['words']), (r['words'], sentences(story)[0])
             assert score(story, r['words'], r['features'])['score'] == 1.0
             assert complete_ending(story)
+            uses = [first_use(w, words_of(story)) for w in r['words']]
+            assert uses == sorted(uses), (r['words'], story[:200])   # words_in_order
     assert max(lengths[True]) <= 150 and max(lengths[False]) <= 150
     assert len(lengths[True]) > 2 * len(lengths[False])      # the cut passages are used, not skipped
+
+
+def test_first_use():
+    text = words_of('The dogs barked; a happier cat jumped over the dog.')
+    assert first_use('dog', text) == 1 and first_use('jump', text) == 6 and first_use('happy', text) == 4
+    assert first_use('bird', text) == len(text)
 
 
 def test_sentence_chunks():
