@@ -47,12 +47,13 @@ export TORCHDYNAMO_SUPPRESS_ERRORS=${TORCHDYNAMO_SUPPRESS_ERRORS:-1}
 # The task, in both profiles: answers are passages cut at sentence ends into pieces of at most 120
 # words; the required words come from their first two sentences and are listed in the order the
 # answer uses them (a copy the model meets early, word after word, whose share of the answer's
-# loss is not drowned by 100 words of prose)
+# loss is not drowned by 100 words of prose); some SFT examples also join the pretraining data
+# (task_in_train), so the base model has seen instructions followed by stories
 TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2 --words_in_order=True"
 case $PROFILE in
   cpu)
     PREPARE="--max_books=12 --val_books=2 --max_stories=400 --tokenizer=bpe --vocab_size=4096
-             --n_prompts_val=32 --n_sft_val=64 --n_prompts_train=64 --n_sft_train=4000 $TASK_DATA"
+             --n_prompts_val=32 --n_sft_val=64 --n_prompts_train=64 --n_sft_train=4000 --task_in_train=500 $TASK_DATA"
     SYSTEM="--device=cpu --compile=False"
     MODEL="config/tinystories_cpu.py --mtp_depth=1 --block_size=256 --batch_size=8 --max_iters=200 --eval_interval=200 --eval_iters=5"
     SFT="--max_iters=80 --eval_interval=80 --batch_size=8 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=10
@@ -74,7 +75,7 @@ case $PROFILE in
     EVAL="--eval_iters=5 --n_prompts=16 --max_new_tokens=160 --sample_tokens=60"
     PARALLEL=${PARALLEL:-0} ;;
   gpu)
-    PREPARE="--n_prompts_val=256 --n_prompts_train=2000 --n_sft_train=0 $TASK_DATA"
+    PREPARE="--n_prompts_val=256 --n_prompts_train=2000 --n_sft_train=0 --task_in_train=20000 $TASK_DATA"
     SYSTEM=""
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"

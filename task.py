@@ -22,6 +22,7 @@ The rule (exact and cheap):
 """
 
 import contextlib
+import functools
 import math
 import re
 
@@ -81,9 +82,11 @@ def sentence_chunks(doc, max_words):
     return chunks
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def inflections(word):
     """The forms of `word` the rule accepts: -s/-es, -ed/-d, -ing (with a dropped final e or a
-    doubled final consonant), -er/-est, -ly, and y -> ies/ied/ier/iest/ily."""
+    doubled final consonant), -er/-est, -ly, and y -> ies/ied/ier/iest/ily. (A frozenset, cached:
+    the reward rule asks for the forms of every word of every answer.)"""
     w = word.lower()
     forms = {w, w + 's', w + 'es', w + 'ed', w + 'd', w + 'ing', w + 'er', w + 'est', w + 'ly'}
     if w.endswith('e'):
@@ -92,7 +95,7 @@ def inflections(word):
         forms |= {w + w[-1] + 'ing', w + w[-1] + 'ed', w + w[-1] + 'er', w + w[-1] + 'est'}
     if w.endswith('y') and len(w) > 2:
         forms |= {w[:-1] + 'ies', w[:-1] + 'ied', w[:-1] + 'ier', w[:-1] + 'iest', w[:-1] + 'ily'}
-    return forms
+    return frozenset(forms)
 
 
 def word_used(word, text_words):

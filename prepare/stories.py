@@ -53,7 +53,8 @@ passage first uses them) and features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
 features, a complete last sentence, little repetition). The *_train files come from the training
 books and fairy tales (sft_train also takes every TinyStories training story), the *_val files
-from the held-out books only; no passage is in two files.
+from the held-out books only; no passage is in two files. With task_in_train=N the first N
+sft_train examples also join the pretraining data's train split, as "<instruction>\n<answer>".
 """
 
 import json
@@ -107,6 +108,9 @@ n_sft_val = 1000                     # SFT val examples (held-out books)
 n_prompts_train = 2000               # prompts for RL (PPO, GRPO) and preference sampling
 n_sft_train = 50_000                 # SFT examples from training books and fairy tales (0: all),
                                      # plus every TinyStories training story of the right length
+task_in_train = 0                    # this many SFT examples also join the pretraining data (train split)
+                                     # as plain documents "<instruction>\n<answer>", as TinyStories-Instruct
+                                     # teaches its format in pretraining (0: none; needs task_dir)
 seed = 1337
 num_proc = 0                         # processes (0: every core)
 # -----------------------------------------------------------------------------
@@ -123,6 +127,8 @@ for _k in ('max_books', 'max_stories', 'n_prompts_val', 'n_sft_val', 'n_prompts_
            'num_proc'):
     if globals()[_k] < 0:
         sys.exit(f'error: {_k}={globals()[_k]} must be >= 0')
+if task_in_train and not task_dir:
+    sys.exit(f'error: task_in_train={task_in_train} adds task examples to the train split; set task_dir')
 if val_books < 1:
     sys.exit(f'error: val_books={val_books} must be at least 1 (the val split is whole held-out books)')
 if not os.path.isdir(source_dir):
@@ -432,73 +438,61 @@ print(f'train: {len(train_book_passages):,} book passages ({words(train_book_pas
       f'{len(tiny_train):,} TinyStories ({words(tiny_train):,} words)')
 
 # -----------------------------------------------------------------------------
-# 3. Tokens
+# 3. The task
 
-t1 = time.time()
-tok = build_tokenizer(tokenizer, texts=train_docs[:tokenizer_train_docs], vocab_size=vocab_size,
-                      tokenizer_file=tokenizer_file or None)
-print(f'tokenizer: {tok}')
-splits = {'train': train_docs, 'val': val_passages}
-if tiny_val:
-    splits['val_tinystories'] = tiny_val
-meta = write_token_dataset(
-    out_dir, splits, tok, source=os.path.abspath(books_path), num_proc=num_proc,
-    extra_meta={'dataset': 'stories',
-                'sources': {k: os.path.abspath(v) for k, v in
-                            (('books', books_path), ('manifest', manifest_path), ('fairytales', fairytales_path),
-                             ('tinystories', tinystories_path), ('tinystories_val', tinystories_val_path)) if v},
-                'books': n_books, 'val_books': [{'index': i, 'title': titles[i],
-                                                 'passages': len(book_passages[i])} for i in held],
-                'train_docs_by_source': {'gutenberg': len(train_book_passages),
-                                         'fairytales': len(fairy_passages), 'tinystories': len(tiny_train)},
-                'train_words_by_source': {'gutenberg': words(train_book_passages),
-                                          'fairytales': words(fairy_passages), 'tinystories': words(tiny_train)},
-                'val_words': words(val_passages), 'val_dropped_overlap': dropped_overlap,
-                'passage_words': [passage_words_min, passage_words_max], 'straight_quotes': straight_quotes,
-                'seed': seed, 'max_books': max_books, 'max_stories': max_stories})
-t_tokens = time.time() - t1
-print(f'tokenized in {t_tokens:.0f}s')
+def task_example(job):
+    """(seed index, passage) -> (task example or None, why it was skipped or None, the parts of
+    speech whose word is not from the lists, as 'verb_suffix'...)."""
+    index, doc = job
+    if not task_words_min <= len(doc.split()) <= task_words_max:
+        return None, 'length', []
+    rng = random.Random(seed * 1_000_003 + index)
+    head = ' '.join(sentences(doc)[:words_from_sentences]) if words_from_sentences else doc
+    t = make_task_pos(head, rng)                # the words from the head, the features from the whole
+    if t is None:
+        return None, 'no_task', []
+    if words_from_sentences:
+        t['features'] = choose_features(doc, rng)
+    if words_in_order:                          # the answer then copies the next listed word each time
+        used = words_of(doc)
+        order = sorted(range(len(t['words'])), key=lambda k: first_use(t['words'][k], used))
+        t.update({key: [t[key][k] for k in order] for key in ('words', 'pos', 'how')})
+    if list_words_only and any(how != 'list' for how in t['how']):
+        return None, 'not_list_words', []       # a rare word the passage happens to have
+    if score(doc, t['words'], t['features'])['score'] < 1.0 or not complete_ending(doc):
+        return None, 'reference_below_1', []
+    row = {'prompt': make_prompt(t['words'], t['features']), 'response': doc, 'words': t['words'],
+           'features': t['features']}
+    return row, None, [f'{pos}_{how}' for pos, how in zip(t['pos'], t['how']) if how != 'list']
 
-
-# -----------------------------------------------------------------------------
-# 4. The task
 
 def to_examples(docs, offset, limit):
-    """Documents -> task examples until `limit` (0: all); (examples, documents tried, by reason)."""
+    """Documents (with task_cut, their pieces) -> task examples, in order, until `limit` (0: all),
+    on num_proc processes; (examples, documents skipped by reason, words not from the lists)."""
     out, why = [], {'length': 0, 'no_task': 0, 'not_list_words': 0, 'reference_below_1': 0}
     fallbacks = {f'{pos}_{how}': 0 for pos in ('verb', 'noun', 'adjective') for how in ('suffix', 'content')}
-    pieces = ((i, piece) for i, doc in enumerate(docs)
-              for piece in (sentence_chunks(doc, task_words_max) if task_cut and len(doc.split()) > task_words_max
-                            else [doc]))
-    for j, (_, doc) in enumerate(pieces):
-        if limit and len(out) >= limit:
-            break
-        if not task_words_min <= len(doc.split()) <= task_words_max:
-            why['length'] += 1
-            continue
-        rng = random.Random(seed * 1_000_003 + offset + j)
-        head = ' '.join(sentences(doc)[:words_from_sentences]) if words_from_sentences else doc
-        t = make_task_pos(head, rng)            # the words from the head, the features from the whole
-        if t is not None and words_from_sentences:
-            t['features'] = choose_features(doc, rng)
-        if t is not None and words_in_order:    # the answer then copies the next listed word each time
-            used = words_of(doc)
-            order = sorted(range(len(t['words'])), key=lambda k: first_use(t['words'][k], used))
-            t.update({key: [t[key][k] for k in order] for key in ('words', 'pos', 'how')})
-        if t is None:
-            why['no_task'] += 1
-            continue
-        if list_words_only and any(how != 'list' for how in t['how']):
-            why['not_list_words'] += 1          # a rare word the passage happens to have
-            continue
-        if score(doc, t['words'], t['features'])['score'] < 1.0 or not complete_ending(doc):
-            why['reference_below_1'] += 1
-            continue
-        for pos, how in zip(t['pos'], t['how']):
-            if how != 'list':
-                fallbacks[f'{pos}_{how}'] += 1
-        out.append({'prompt': make_prompt(t['words'], t['features']), 'response': doc,
-                    'words': t['words'], 'features': t['features']})
+    pieces = [p for doc in docs for p in (sentence_chunks(doc, task_words_max)
+                                          if task_cut and len(doc.split()) > task_words_max else [doc])]
+    jobs = ((offset + j, p) for j, p in enumerate(pieces))
+    pool = None
+    if num_proc > 1 and sys.platform != 'darwin' and len(pieces) > 1000:
+        import multiprocessing as mp
+        pool = mp.get_context('fork').Pool(num_proc)
+    try:
+        results = pool.imap(task_example, jobs, chunksize=256) if pool else map(task_example, jobs)
+        for row, reason, fell_back in results:
+            if limit and len(out) >= limit:
+                break
+            if row is None:
+                why[reason] += 1
+                continue
+            for key in fell_back:
+                fallbacks[key] += 1
+            out.append(row)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return out, why, fallbacks
 
 
@@ -544,7 +538,7 @@ if task_dir:
                  **{f'{k}_records': len(v) for k, v in files.items()},
                  'sft_train_tinystories': len(tiny), 'task_words': [task_words_min, task_words_max],
                  'task_cut': task_cut, 'words_from_sentences': words_from_sentences,
-                 'words_in_order': words_in_order,
+                 'words_in_order': words_in_order, 'task_in_train': min(task_in_train, len(sft_train)),
                  'val_books': [titles[i] for i in held],
                  'skipped': {'val': why_val, 'train': why_train, 'tinystories': why_tiny},
                  'words_not_from_lists': {'val': fb_val, 'train': fb_train, 'tinystories': fb_tiny},
@@ -553,6 +547,41 @@ if task_dir:
         json.dump(task_meta, f, indent=2)
     os.replace(meta_path + '.tmp', meta_path)
     print(f'task data in {time.time() - t2:.0f}s -> {task_dir}; example prompt: {files["prompts_val"][0]["prompt"]}')
+
+
+# -----------------------------------------------------------------------------
+# 4. Tokens (after the task: with task_in_train, some SFT examples join the train split)
+
+t1 = time.time()
+tok = build_tokenizer(tokenizer, texts=train_docs[:tokenizer_train_docs], vocab_size=vocab_size,
+                      tokenizer_file=tokenizer_file or None)
+print(f'tokenizer: {tok}')
+task_docs = [f"{r['prompt']}\n{r['response']}" for r in sft_train[:task_in_train]] if task_in_train else []
+if task_docs:                          # the instruction, a newline, the answer: pretraining sees the format
+    print(f'train: + {len(task_docs):,} SFT examples as documents ({words(task_docs):,} words)')
+splits = {'train': train_docs + task_docs, 'val': val_passages}
+if tiny_val:
+    splits['val_tinystories'] = tiny_val
+meta = write_token_dataset(
+    out_dir, splits, tok, source=os.path.abspath(books_path), num_proc=num_proc,
+    extra_meta={'dataset': 'stories',
+                'sources': {k: os.path.abspath(v) for k, v in
+                            (('books', books_path), ('manifest', manifest_path), ('fairytales', fairytales_path),
+                             ('tinystories', tinystories_path), ('tinystories_val', tinystories_val_path)) if v},
+                'books': n_books, 'val_books': [{'index': i, 'title': titles[i],
+                                                 'passages': len(book_passages[i])} for i in held],
+                'train_docs_by_source': {'gutenberg': len(train_book_passages),
+                                         'fairytales': len(fairy_passages), 'tinystories': len(tiny_train),
+                                         'task_examples': len(task_docs)},
+                'train_words_by_source': {'gutenberg': words(train_book_passages),
+                                          'fairytales': words(fairy_passages), 'tinystories': words(tiny_train),
+                                          'task_examples': words(task_docs)},
+                'val_words': words(val_passages), 'val_dropped_overlap': dropped_overlap,
+                'passage_words': [passage_words_min, passage_words_max], 'straight_quotes': straight_quotes,
+                'seed': seed, 'max_books': max_books, 'max_stories': max_stories})
+t_tokens = time.time() - t1
+print(f'tokenized in {t_tokens:.0f}s')
+
 
 # -----------------------------------------------------------------------------
 print('summary:')

@@ -159,6 +159,27 @@ def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
     assert len(lengths[True]) > 2 * len(lengths[False])      # the cut passages are used, not skipped
 
 
+def test_task_examples_in_the_pretraining_data(tmp_path):
+    """task_in_train=N: N SFT examples (training books only) also join the train split as plain
+    documents, the instruction, a newline and the answer; val is untouched."""
+    common = [f'--source_dir={shared_dir()}', '--max_books=2', '--val_books=1', '--max_stories=20',
+              '--tokenizer=byte', '--num_proc=2']
+    for n in (0, 20):
+        run_script('prepare/stories.py', *common, f'--task_in_train={n}', f'--out_dir={tmp_path / f"d{n}"}',
+                   f'--task_dir={tmp_path / f"t{n}"}', cwd=tmp_path, timeout=300)
+    meta0, meta = (json.load(open(tmp_path / f'd{n}' / 'meta.json')) for n in (0, 20))
+    assert meta['train_docs_by_source']['task_examples'] == 20 and meta0['train_docs_by_source']['task_examples'] == 0
+    assert meta['train_docs'] == meta0['train_docs'] + 20 and meta['val_tokens'] == meta0['val_tokens']
+    assert json.load(open(tmp_path / 't20' / 'meta.json'))['task_in_train'] == 20
+    sft = [json.loads(line) for line in open(tmp_path / 't20' / 'sft_train.jsonl')][:20]
+    text = bytes(np.fromfile(tmp_path / 'd20' / 'train.bin', dtype=np.uint16)[-50_000:].clip(0, 255).astype(np.uint8)
+                 ).decode('utf-8', 'replace')
+    assert f"{sft[-1]['prompt']}\n{sft[-1]['response']}" in text           # the last one, whole
+    p = run_script('prepare/stories.py', *common, '--task_in_train=5', '--task_dir=', f'--out_dir={tmp_path / "x"}',
+                   cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'task_in_train=5 adds task examples to the train split; set task_dir' in p.stderr
+
+
 def test_first_use():
     text = words_of('The dogs barked; a happier cat jumped over the dog.')
     assert first_use('dog', text) == 1 and first_use('jump', text) == 6 and first_use('happy', text) == 4
