@@ -187,3 +187,18 @@ def test_a_missing_base_is_an_error(monkeypatch, tmp_path, capsys):
     (tmp_path / 'study.py').write_text("variants = {'a': {}}\n")
     code, _ = ablate(monkeypatch, tmp_path, capsys, 'study.py')
     assert code.startswith('error: set base')
+
+
+@pytest.mark.parametrize('study', sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'config', 'ablations'))
+                                         if f.endswith('.py')))
+def test_every_study_in_the_repository_builds_its_runs(tmp_path, study):
+    """Each config/ablations/*.py names valid train.py keys and a budget that becomes max_iters
+    (a dry run: nothing trains), on a stand-in data/stories with GPT-2's vocabulary."""
+    os.symlink(os.path.join(REPO, 'config'), tmp_path / 'config')
+    (tmp_path / 'data' / 'stories').mkdir(parents=True)
+    (tmp_path / 'data' / 'stories' / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))
+    p = run_script('ablate.py', f'config/ablations/{study}.py', '--dry_run=True', cwd=tmp_path)
+    starts = [line for line in p.stdout.splitlines() if 'would start: python' in line and 'train.py' in line]
+    n = int(p.stdout.split(' runs (')[0].split()[-1])
+    assert n >= 3 and len(starts) == n, p.stdout[-2000:]
+    assert all('--max_iters=' in line and '--data_dir=data/stories' in line for line in starts)

@@ -1,0 +1,39 @@
+# MoE ablation: dense vs MoE at equal active and at equal total parameters, fine-grained experts
+# (16 / 64 / 256 routed experts at equal active and equal total routed parameters), and the
+# shared expert on / off, in the default run's model (config/tinystories_moe.py: 8 layers, n_embd
+# 512, 64 routed experts of 256 + 1 shared, top-4, the first layer dense) on the story corpus.
+# $ python prepare/stories.py                                   (data/stories, GPT-2 tokenizer)
+# $ python ablate.py config/ablations/moe.py                    (7 runs, two at a time, on an H200)
+#
+# Parameters (model.num_params / active_params, vocabulary 50,304; FLOPs per token at T=512):
+#   variant                    routed experts x width, top-k, shared   total     active   MFLOPs/token
+#   moe64_shared               64 x 256, top-4, 1 shared (the default)  239.45M   48.54M   322.6
+#   moe64_top5_no_shared       64 x 256, top-5, none                    236.70M   48.54M   322.6
+#   dense_equal_active         a SwiGLU of 1,280 in every layer          73.67M   47.92M   318.9
+#   dense_equal_total          a SwiGLU of 16,640 in every layer        262.42M  236.66M  1451.4
+#   granularity: no shared expert, k x width = 1,024 active and E x width = 16,384 routed per layer
+#   experts16_top1             16 x 1,024, top-1                        236.52M   45.62M   305.1
+#   experts64_top4             64 x 256, top-4                          236.70M   45.79M   306.1
+#   experts256_top16           256 x 64, top-16                         237.38M   46.48M   310.2
+# Eight experts cannot keep both equal (top-k would be 1/2), so the granularity runs start at 16.
+# The same tokens for every run (max_tokens); dense_equal_total spends 4.5x the FLOPs per token.
+
+base = ['config/tinystories_moe.py', '--data_dir=data/stories', '--optimizer=muonclip',
+        '--learning_rate=3e-3', '--min_lr=3e-4', '--warmup_iters=50',
+        '--eval_interval=100', '--eval_iters=20', '--log_interval=10', '--cuda_graph_train=False']
+_dense = {'n_routed_experts': 0, 'n_shared_experts': 0, 'first_k_dense_replace': 0}
+variants = {
+    'moe64_shared': {},
+    'moe64_top5_no_shared': {'n_shared_experts': 0, 'num_experts_per_tok': 5},
+    'dense_equal_active': {**_dense, 'intermediate_size': 1280},
+    'dense_equal_total': {**_dense, 'intermediate_size': 65 * 256},
+    'experts16_top1': {'n_shared_experts': 0, 'n_routed_experts': 16, 'moe_intermediate_size': 1024,
+                       'num_experts_per_tok': 1},
+    'experts64_top4': {'n_shared_experts': 0},
+    'experts256_top16': {'n_shared_experts': 0, 'n_routed_experts': 256, 'moe_intermediate_size': 64,
+                         'num_experts_per_tok': 16},
+}
+seeds = [1337]
+max_tokens = 500 * 64 * 512        # 16.4M tokens: 500 steps of 64 sequences of 512 tokens
+out_dir = 'out/ablations/moe'
+parallel = 2
