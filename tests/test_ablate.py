@@ -200,5 +200,5 @@ def test_every_study_in_the_repository_builds_its_runs(tmp_path, study):
     p = run_script('ablate.py', f'config/ablations/{study}.py', '--dry_run=True', cwd=tmp_path)
     starts = [line for line in p.stdout.splitlines() if 'would start: python' in line and 'train.py' in line]
     n = int(p.stdout.split(' runs (')[0].split()[-1])
-    assert n >= 3 and len(starts) == n, p.stdout[-2000:]
+    assert n >= 1 and len(starts) == n, p.stdout[-2000:]
     assert all('--max_iters=' in line and '--data_dir=data/stories' in line for line in starts)
