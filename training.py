@@ -282,10 +282,10 @@ class Run:
             parallel.sync_gradients(self.raw)
         if self.c['grad_clip'] > 0:
             self.scaler.unscale_(self.optimizer)
-            params = [p for m in self.models for p in m.parameters()]
             if self.ep:                                # the norm of the whole model, every rank's experts
                 out['grad_norm'] = parallel.clip_grad_norm(self.raw, self.c['grad_clip'])
             else:
+                params = [p for m in self.models for p in m.parameters()]
                 out['grad_norm'] = clip_grad_norm_(self.optimizer, params, self.c['grad_clip'],
                                                    defer_to_optimizer=not (self.scaler.is_enabled() or self.fsdp))
         self.scaler.step(self.optimizer)
