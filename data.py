@@ -188,6 +188,20 @@ def _encode_docs(docs):
     return np.asarray(ids, dtype=np.int64), n_bytes, len(docs)
 
 
+def usable_cpus():
+    """The cores this process may use: os.cpu_count() is the host's, which on a container or a
+    CI runner can be far more than the CPU affinity mask or the cgroup quota (cpu.max) allows."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    try:
+        with open('/sys/fs/cgroup/cpu.max') as f:          # cgroup v2: "<quota> <period>" or "max ..."
+            quota, period = f.read().split()[:2]
+        if quota != 'max':
+            n = min(n, max(1, -(-int(quota) // int(period))))     # ceil(quota / period)
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra_meta=None,
                         chunk_docs=1024):
     """Tokenize documents in parallel and write out_dir/{split}.bin plus meta.json.
@@ -206,7 +220,7 @@ def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra
     spec = tokenizer.spec()
     meta = {'tokenizer': save_tokenizer_spec(spec, out_dir), 'vocab_size': tokenizer.vocab_size,
             'eot_id': tokenizer.eot_id, 'dtype': np.dtype(dtype).name, 'source': source}
-    num_proc = num_proc or os.cpu_count() or 1
+    num_proc = num_proc or usable_cpus()
     for split, docs in splits.items():
         docs = list(docs)
         chunks = [docs[i:i + chunk_docs] for i in range(0, len(docs), chunk_docs)]

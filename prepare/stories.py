@@ -70,7 +70,7 @@ sys.path.insert(0, _REPO)
 from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
-from data import write_token_dataset  # noqa: E402
+from data import usable_cpus, write_token_dataset  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
@@ -156,7 +156,7 @@ tinystories_path = source_path(tinystories_file, 'tinystories_file')
 tinystories_val_path = source_path(tinystories_val_file, 'tinystories_val_file')
 if not tokenizer_file and tokenizer == 'gpt2' and os.path.exists(os.path.join(source_dir, 'gpt2.tiktoken')):
     tokenizer_file = os.path.join(source_dir, 'gpt2.tiktoken')
-num_proc = num_proc or os.cpu_count() or 1
+num_proc = num_proc or usable_cpus()
 
 # -----------------------------------------------------------------------------
 # Reading
@@ -473,25 +473,31 @@ def to_examples(docs, offset, limit):
     fallbacks = {f'{pos}_{how}': 0 for pos in ('verb', 'noun', 'adjective') for how in ('suffix', 'content')}
     pieces = [p for doc in docs for p in (sentence_chunks(doc, task_words_max)
                                           if task_cut and len(doc.split()) > task_words_max else [doc])]
-    jobs = ((offset + j, p) for j, p in enumerate(pieces))
     pool = None
     if num_proc > 1 and sys.platform != 'darwin' and len(pieces) > 1000:
         import multiprocessing as mp
         pool = mp.get_context('fork').Pool(num_proc)
+    # in batches, each finished before the next starts: at the limit no work is in flight, so the
+    # pool closes normally (terminating a pool whose workers are still sending results can hang)
+    batch = 4096
     try:
-        results = pool.imap(task_example, jobs, chunksize=256) if pool else map(task_example, jobs)
-        for row, reason, fell_back in results:
+        for start in range(0, len(pieces), batch):
+            jobs = [(offset + j, pieces[j]) for j in range(start, min(start + batch, len(pieces)))]
+            for row, reason, fell_back in (pool.map(task_example, jobs, chunksize=64) if pool
+                                           else map(task_example, jobs)):
+                if limit and len(out) >= limit:
+                    break
+                if row is None:
+                    why[reason] += 1
+                    continue
+                for key in fell_back:
+                    fallbacks[key] += 1
+                out.append(row)
             if limit and len(out) >= limit:
                 break
-            if row is None:
-                why[reason] += 1
-                continue
-            for key in fell_back:
-                fallbacks[key] += 1
-            out.append(row)
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.close()
             pool.join()
     return out, why, fallbacks
 
