@@ -33,6 +33,26 @@ def run_script(script, *args, cwd, check=True, timeout=600):
     return proc
 
 
+def run_scripts(jobs, *, cwd, timeout=600):
+    """Run (script, args) jobs, like run_script(..., check=False) each, but from one Python that
+    imports torch once and forks a child per job (tests/run_many.py): a refusal test's dozen runs
+    take seconds instead of a dozen imports. Returns their CompletedProcesses, in order."""
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        results = os.path.join(tmp, 'results.json')
+        run_script(os.path.join('tests', 'run_many.py'), results,
+                   json.dumps([[script, list(args)] for script, args in jobs]), cwd=cwd, timeout=timeout)
+        with open(results) as f:
+            return [subprocess.CompletedProcess([r['script'], *r['args']], r['returncode'], r['stdout'], r['stderr'])
+                    for r in json.load(f)]
+
+
+def run_script_many(script, arg_lists, *, cwd, timeout=600):
+    """run_scripts for one script: once per list of args."""
+    return run_scripts([(script, args) for args in arg_lists], cwd=cwd, timeout=timeout)
+
+
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. "
         "Once upon a time, there was a little girl named Lily. She liked to play in the park "
         "with her dog Max. One day, Max found a big red ball. \"Look!\" said Lily. ") * 40

@@ -10,7 +10,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_model
 from data import TokenData, write_token_dataset
-from conftest import TEXT, TINY_MODEL, run_script
+from conftest import TEXT, TINY_MODEL, run_script, run_script_many
 from model import GPT, ModelConfig, distillation_kl, teacher_log_probs
 from tokenizer import ByteTokenizer, CharTokenizer
 
@@ -222,7 +222,7 @@ def test_bad_input_is_refused(tiny):
     char = CharTokenizer.train([TEXT])
     write_token_dataset(str(tiny / 'char'), {'train': [TEXT[:-500]], 'val': [TEXT[-500:]]}, char, 'test', num_proc=1)
     run_script('train.py', '--data_dir=char', '--out_dir=char_model', *STUDENT, '--max_iters=1', cwd=tiny)
-    for args, message in [
+    cases = [
         (['--mode=online'], "mode='online'; valid: logits, sequence"),
         (['--temperature=0'], 'temperature=0.0 must be > 0'),
         (['--alpha=1.5'], 'alpha=1.5 must be in [0, 1]'),
@@ -236,8 +236,10 @@ def test_bad_input_is_refused(tiny):
                               'uses a char tokenizer with'),
         (['--init_from=char_model'], 'the student char_model uses a char tokenizer with 34 ids but the data in '
                                      'data uses a byte tokenizer with 257 ids'),
-    ]:
-        p = distill(tiny, 'bad', *args, '--max_iters=1', check=False)
+    ]
+    runs = run_script_many('distill.py', [['--teacher=teacher', '--out_dir=bad', *STUDENT, *args, '--max_iters=1']
+                                          for args, _ in cases], cwd=tiny)
+    for (args, message), p in zip(cases, runs):
         assert p.returncode != 0 and message in p.stderr, (args, p.stderr[-500:])
 
 

@@ -10,7 +10,7 @@ import torch
 from checkpoint import load_checkpoint, load_model
 from data import chat_batch
 from task import rank_correlation
-from conftest import run_script
+from conftest import run_script, run_scripts
 from model import GPT, ModelConfig, ScalarModel, token_logprobs
 from tokenizer import ByteTokenizer, with_chat_tokens
 
@@ -128,7 +128,8 @@ def test_dpo_starts_at_log_2_and_falls(planted):
 
 
 def test_bad_settings(planted):
-    p = run_script('reward.py', '--loss=hinge', cwd=planted, check=False)
-    assert "loss='hinge'; valid: bt, margin" in p.stderr
-    p = run_script('dpo.py', '--init_from=base', '--prefs_dir=nowhere', '--device=cpu', cwd=planted, check=False)
-    assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in p.stderr
+    loss, prefs = run_scripts([('reward.py', ['--loss=hinge']),
+                               ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu'])], cwd=planted)
+    assert loss.returncode != 0 and "loss='hinge'; valid: bt, margin" in loss.stderr
+    assert prefs.returncode != 0
+    assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in prefs.stderr

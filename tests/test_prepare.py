@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data import load_tokenizer_spec, read_documents, token_dtype, TokenData, write_token_dataset
-from conftest import run_script, shared_file
+from conftest import run_script, run_script_many, shared_file
 from tokenizer import EOT, ByteTokenizer, tokenizer_from_spec
 
 
@@ -71,17 +71,15 @@ def test_jsonl_parquet_and_folder_splits(tmp_path):
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
-    p = run_script('prepare/tinystories.py', '--source=./nowhere.txt', cwd=tmp_path, check=False)
-    assert p.returncode != 0 and "source './nowhere.txt' does not exist" in p.stderr
-    bad = tmp_path / 'bad.jsonl'
-    bad.write_text('{"text": "ok"}\nnot json\n')
-    p = run_script('prepare/tinystories.py', f'--source={bad}', cwd=tmp_path, check=False)
-    assert p.returncode != 0 and 'line 2 is not JSON' in p.stderr
-    bad.write_text('{"title": "no text"}\n')
-    p = run_script('prepare/tinystories.py', f'--source={bad}', cwd=tmp_path, check=False)
-    assert "has no string field 'text' or 'story'" in p.stderr
-    p = run_script('prepare/tinystories.py', '--tokenizer=spm', cwd=tmp_path, check=False)
-    assert "tokenizer='spm'; valid: gpt2, bpe, byte, char, word" in p.stderr
+    (tmp_path / 'not_json.jsonl').write_text('{"text": "ok"}\nnot json\n')
+    (tmp_path / 'no_text.jsonl').write_text('{"title": "no text"}\n')
+    cases = [('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
+             (f'--source={tmp_path / "not_json.jsonl"}', 'line 2 is not JSON'),
+             (f'--source={tmp_path / "no_text.jsonl"}', "has no string field 'text' or 'story'"),
+             ('--tokenizer=spm', "tokenizer='spm'; valid: gpt2, bpe, byte, char, word")]
+    runs = run_script_many('prepare/tinystories.py', [[arg] for arg, _ in cases], cwd=tmp_path)
+    for (arg, message), p in zip(cases, runs):
+        assert p.returncode != 0 and message in p.stderr, (arg, p.stderr[-500:])
 
 
 def test_a_crash_leaves_no_dataset_behind(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data import load_tokenizer_spec
-from conftest import REPO, run_script, shared_file  # noqa: F401
+from conftest import REPO, run_script, run_script_many, shared_file  # noqa: F401
 from task import (ADJECTIVES, NOUNS, STOP_WORDS, VERBS, complete_ending, first_use, make_prompt,
                   make_task_pos, pos_forms, score, sentence_chunks, sentences, suffix_words, word_used, words_of)
 from tokenizer import EOT, tokenizer_from_spec
@@ -198,17 +198,14 @@ def test_sentence_chunks():
 
 def test_bad_settings_give_clear_errors(tmp_path):
     src = shared_dir()
-    p = run_script('prepare/stories.py', f'--source_dir={src}', '--max_books=3', '--val_books=3',
-                   cwd=tmp_path, check=False)
-    assert p.returncode != 0 and 'val_books=3 leaves no training book' in p.stderr
-    p = run_script('prepare/stories.py', f'--source_dir={tmp_path}/nowhere', cwd=tmp_path, check=False)
-    assert p.returncode != 0 and 'nowhere' in p.stderr and 'is not a folder' in p.stderr
-    p = run_script('prepare/stories.py', f'--source_dir={src}', '--fairytales_file=stories/none.txt',
-                   cwd=tmp_path, check=False)
-    assert p.returncode != 0 and "fairytales_file='stories/none.txt'" in p.stderr
-    p = run_script('prepare/stories.py', f'--source_dir={src}', '--passage_words_min=400', cwd=tmp_path,
-                   check=False)
-    assert p.returncode != 0 and 'passage_words_min=400' in p.stderr
+    cases = [([f'--source_dir={src}', '--max_books=3', '--val_books=3'], 'val_books=3 leaves no training book'),
+             ([f'--source_dir={tmp_path}/nowhere'], f'{tmp_path}/nowhere'),
+             ([f'--source_dir={src}', '--fairytales_file=stories/none.txt'], "fairytales_file='stories/none.txt'"),
+             ([f'--source_dir={src}', '--passage_words_min=400'], 'passage_words_min=400')]
+    runs = run_script_many('prepare/stories.py', [args for args, _ in cases], cwd=tmp_path)
+    for (args, message), p in zip(cases, runs):
+        assert p.returncode != 0 and message in p.stderr, (args, p.stderr[-500:])
+    assert 'is not a folder' in runs[1].stderr
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_model
 from optim import lr_at
-from conftest import TINY_MODEL, run_script
+from conftest import TINY_MODEL, run_script, run_script_many
 
 
 def losses(out_dir):
@@ -15,10 +15,13 @@ def losses(out_dir):
     return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
 
 
+def train_args(data, out, *extra):
+    return [f'--data_dir={data}', f'--out_dir={out}', *TINY_MODEL, '--warmup_iters=4', '--lr_decay_iters=20',
+            '--eval_interval=5', '--learning_rate=3e-3', *extra]
+
+
 def train(cwd, data, out, *extra, check=True):
-    return run_script('train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY_MODEL,
-                      '--warmup_iters=4', '--lr_decay_iters=20', '--eval_interval=5',
-                      '--learning_rate=3e-3', *extra, cwd=cwd, check=check)
+    return run_script('train.py', *train_args(data, out, *extra), cwd=cwd, check=check)
 
 
 MOE_MLA = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False',
@@ -88,35 +91,37 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_sample_script(tmp_path, byte_data):
-    train(tmp_path, byte_data, 'run', '--max_iters=10')
-    p = run_script('sample.py', '--out_dir=run', '--start=Once upon', '--num_samples=2',
-                   '--max_new_tokens=20', '--device=cpu', cwd=tmp_path)
-    samples = p.stdout.split('-' * 40)
-    assert len(samples) == 3 and samples[0].startswith('Once upon') and samples[1].strip()
-    (tmp_path / 'prompt.txt').write_text('Lily')
-    p = run_script('sample.py', '--out_dir=run', '--start=FILE:prompt.txt', '--num_samples=1',
-                   '--max_new_tokens=5', '--temperature=0', '--device=cpu', cwd=tmp_path)
-    assert p.stdout.startswith('Lily')
-    for bad, msg in [('--temperature=-1', 'temperature=-1.0 must be >= 0'),
-                     ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
-                     ('--num_samples=0', 'num_samples=0 must be at least 1'),
-                     ('--start=FILE:nope.txt', "cannot read the prompt file 'nope.txt'")]:
-        p = run_script('sample.py', '--out_dir=run', bad, cwd=tmp_path, check=False)
-        assert p.returncode != 0 and msg in p.stderr, (bad, p.stderr[-500:])
-    p = run_script('sample.py', '--out_dir=nothing', cwd=tmp_path, check=False)
-    assert "no checkpoint at 'nothing" in p.stderr and 'checkpoints found: run' in p.stderr
-    (tmp_path / 'broken').mkdir()
-    (tmp_path / 'broken' / 'ckpt.pt').write_bytes(b'')                # empty, as a killed copy leaves it
-    p = run_script('sample.py', '--out_dir=broken', cwd=tmp_path, check=False)
-    assert p.returncode != 0 and "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in p.stderr
-    assert 'Traceback' not in p.stderr
     import shutil
     import time
+    train(tmp_path, byte_data, 'run', '--max_iters=10')
+    (tmp_path / 'prompt.txt').write_text('Lily')
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'ckpt.pt').write_bytes(b'')                # empty, as a killed copy leaves it
     for name in ('older', 'newer'):                                # the newest by its checkpoint's time
         shutil.copytree(tmp_path / 'run', tmp_path / 'out' / name)
         os.utime(tmp_path / 'out' / name / 'ckpt.pt', (time.time() + (name == 'newer'),) * 2)
-    p = run_script('sample.py', '--max_new_tokens=3', '--num_samples=1', '--device=cpu', cwd=tmp_path)
-    assert 'sampling from out/newer, the newest checkpoint under out/ (others: out/older)' in p.stderr
+    bad = [('--temperature=-1', 'temperature=-1.0 must be >= 0'),
+           ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
+           ('--num_samples=0', 'num_samples=0 must be at least 1'),
+           ('--start=FILE:nope.txt', "cannot read the prompt file 'nope.txt'")]
+    two, lily, *refused, nothing, broken, newest = run_script_many('sample.py', [
+        ['--out_dir=run', '--start=Once upon', '--num_samples=2', '--max_new_tokens=20', '--device=cpu'],
+        ['--out_dir=run', '--start=FILE:prompt.txt', '--num_samples=1', '--max_new_tokens=5', '--temperature=0',
+         '--device=cpu'],
+        *[['--out_dir=run', arg] for arg, _ in bad],
+        ['--out_dir=nothing'], ['--out_dir=broken'], ['--max_new_tokens=3', '--num_samples=1', '--device=cpu']],
+        cwd=tmp_path)
+    assert two.returncode == lily.returncode == newest.returncode == 0, (two.stderr, lily.stderr, newest.stderr)
+    samples = two.stdout.split('-' * 40)
+    assert len(samples) == 3 and samples[0].startswith('Once upon') and samples[1].strip()
+    assert lily.stdout.startswith('Lily')
+    for (arg, msg), p in zip(bad, refused):
+        assert p.returncode != 0 and msg in p.stderr, (arg, p.stderr[-500:])
+    assert "no checkpoint at 'nothing" in nothing.stderr and 'checkpoints found: broken, run' in nothing.stderr
+    assert broken.returncode != 0
+    assert "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in broken.stderr
+    assert 'Traceback' not in broken.stderr
+    assert 'sampling from out/newer, the newest checkpoint under out/ (others: out/older)' in newest.stderr
 
 
 def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
@@ -124,20 +129,21 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     train(tmp_path, byte_data, 'tuned', '--max_iters=3', '--init_from=base')
     base, tuned = load_checkpoint(str(tmp_path / 'base')), load_checkpoint(str(tmp_path / 'tuned'))
     assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
-    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--vocab_size=100', check=False)
-    assert 'vocab_size=100 is smaller than the dataset' in p.stderr
-    p = train(tmp_path, str(tmp_path / 'nodata'), 'x', check=False)     # a named folder: never prepared
-    assert f"no dataset at data_dir='{tmp_path / 'nodata'}' (no meta.json)" in p.stderr
+    vocab, nodata, nothing, block, mode, graph = run_script_many('train.py', [
+        train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
+        train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
+        ['--dataset=nothing', '--device=cpu'],
+        train_args(byte_data, 'x', '--max_iters=1', '--block_size=2000'),
+        train_args(byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast'),
+        train_args(byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True')], cwd=tmp_path)
+    assert 'vocab_size=100 is smaller than the dataset' in vocab.stderr
+    assert f"no dataset at data_dir='{tmp_path / 'nodata'}' (no meta.json)" in nodata.stderr
     assert not (tmp_path / 'nodata').exists()
-    p = run_script('train.py', '--dataset=nothing', '--device=cpu', cwd=tmp_path, check=False)
-    assert 'no dataset at data/nothing and no prepare/nothing.py to make it; valid datasets:' in p.stderr
-    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--block_size=2000', check=False)
-    assert 'the val split of' in p.stderr and 'fewer than block_size + 1 = 2001' in p.stderr
-    assert 'evaluating' not in p.stdout                            # refused before any work
-    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast', check=False)
-    assert p.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in p.stderr
-    p = train(tmp_path, byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True', check=False)
-    assert p.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in p.stderr
+    assert 'no dataset at data/nothing and no prepare/nothing.py to make it; valid datasets:' in nothing.stderr
+    assert 'the val split of' in block.stderr and 'fewer than block_size + 1 = 2001' in block.stderr
+    assert 'evaluating' not in block.stdout                        # refused before any work
+    assert mode.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in mode.stderr
+    assert graph.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in graph.stderr
 
 
 def test_lr_schedules():
