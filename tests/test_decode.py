@@ -188,7 +188,7 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     so fewer forward passes than tokens. A random model's drafts are mostly rejected: the same
     tokens all the same."""
     from checkpoint import load_model
-    from conftest import TINY_MODEL, run_script
+    from conftest import TINY_MODEL, run_script, run_script_many
     from generate import generate, generate_speculative
     run_script('train.py', f'--data_dir={byte_data}', '--out_dir=mtp', *TINY_MODEL, '--block_size=64',
                '--pos_emb=rope', '--norm=rmsnorm', '--mtp_depth=2', '--max_iters=150', '--eval_interval=150',
@@ -207,8 +207,9 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     # sample.py --speculative=True prints greedy decoding's text and the acceptance
     args = ('--out_dir=mtp', '--start=Once upon a', '--max_new_tokens=20', '--temperature=0', '--num_samples=1',
             '--device=cpu', '--stop_at_eot=False')
-    greedy = run_script('sample.py', *args, cwd=tmp_path).stdout
-    spec = run_script('sample.py', *args, '--speculative=True', cwd=tmp_path)
-    assert spec.stdout.strip() == greedy.split('-' * 40)[0].strip() and 'drafted tokens accepted' in spec.stderr
-    bad = run_script('sample.py', '--out_dir=mtp', '--speculative=True', cwd=tmp_path, check=False)
+    greedy, spec, bad = run_script_many('sample.py', [args, [*args, '--speculative=True'],
+                                                      ['--out_dir=mtp', '--speculative=True']], cwd=tmp_path)
+    assert greedy.returncode == spec.returncode == 0, (greedy.stderr, spec.stderr)
+    assert spec.stdout.strip() == greedy.stdout.split('-' * 40)[0].strip()
+    assert 'drafted tokens accepted' in spec.stderr
     assert bad.returncode != 0 and 'set --temperature=0' in bad.stderr + bad.stdout

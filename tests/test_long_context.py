@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from conftest import TINY_MODEL, run_script
+from conftest import TINY_MODEL, run_script, run_script_many
 from data import TokenData
 
 ROPE = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False']
@@ -42,8 +42,7 @@ def test_losses_by_position_with_every_scaling(tmp_path, byte_data):
 
 def test_learned_positions_are_refused(tmp_path, byte_data):
     run_script('train.py', '--data_dir=data', '--out_dir=learned', *TINY_MODEL, '--max_iters=1', cwd=tmp_path)
-    p = run_script('experiments/long_context.py', '--out_dir=learned', '--device=cpu', cwd=tmp_path, check=False)
-    assert p.returncode != 0 and "pos_emb is 'learned': only RoPE positions extend" in p.stderr
-    p = run_script('experiments/long_context.py', '--out_dir=learned', '--scalings=ntk', '--device=cpu',
-                   cwd=tmp_path, check=False)
-    assert "scalings='ntk'; valid: none, linear, dynamic, yarn" in p.stderr
+    learned, ntk = run_script_many('experiments/long_context.py', [
+        ['--out_dir=learned', '--device=cpu'], ['--out_dir=learned', '--scalings=ntk', '--device=cpu']], cwd=tmp_path)
+    assert learned.returncode != 0 and "pos_emb is 'learned': only RoPE positions extend" in learned.stderr
+    assert ntk.returncode != 0 and "scalings='ntk'; valid: none, linear, dynamic, yarn" in ntk.stderr

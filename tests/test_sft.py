@@ -9,7 +9,7 @@ import torch
 from checkpoint import load_chat_model, load_checkpoint
 from data import chat_batch
 from generate import generate_chat, use_cuda_graph
-from conftest import STORIES, run_script, shared_file
+from conftest import STORIES, run_script, run_script_many, run_scripts, shared_file
 from model import GPT, ModelConfig
 from tokenizer import (CHAT_TOKENS, EOT, ByteTokenizer, CharTokenizer, gpt2_tokenizer, tokenizer_from_spec,
                        with_chat_tokens)
@@ -164,10 +164,11 @@ def test_sft_resume_continues_exactly(pipeline):
 
 
 def test_sft_needs_a_trained_model_and_its_data(pipeline):
-    p = run_script('sft.py', '--init_from=scratch', cwd=pipeline, check=False)
-    assert "sft.py fine-tunes a trained model" in p.stderr
-    p = run_script('sft.py', '--init_from=base', '--task_dir=nowhere', '--device=cpu', cwd=pipeline, check=False)
-    assert "'nowhere/sft_train.jsonl' not found" in p.stderr
+    scratch, nowhere = run_script_many('sft.py', [['--init_from=scratch'],
+                                                  ['--init_from=base', '--task_dir=nowhere', '--device=cpu']],
+                                       cwd=pipeline)
+    assert scratch.returncode and "sft.py fine-tunes a trained model" in scratch.stderr
+    assert nowhere.returncode and "'nowhere/sft_train.jsonl' not found" in nowhere.stderr
 
 
 def test_eval_table_and_compare(pipeline):
@@ -221,6 +222,7 @@ def test_cuda_graph_defaults_to_cuda_only_and_refuses_other_values(tmp_path):
     assert use_cuda_graph(True, 'cpu') is True and use_cuda_graph(False, 'cuda') is False
     with pytest.raises(ValueError, match="cuda_graph='maybe'; valid: None"):
         use_cuda_graph('maybe', 'cuda')
-    for script in ('eval.py', 'ppo.py', 'grpo.py'):
-        p = run_script(script, '--cuda_graph=maybe', '--device=cpu', cwd=tmp_path, check=False)
+    scripts = ('eval.py', 'ppo.py', 'grpo.py')
+    for script, p in zip(scripts, run_scripts([(s, ['--cuda_graph=maybe', '--device=cpu']) for s in scripts],
+                                              cwd=tmp_path)):
         assert p.returncode != 0 and "error: cuda_graph='maybe'; valid" in p.stderr, (script, p.stderr[-500:])
