@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from runtime import idle_table, kernel_table
-from conftest import REPO, run_script
+from conftest import REPO, run_script, run_script_many
 
 TINY_MOE = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--attention=mla', '--pos_emb=rope',
             '--q_lora_rank=16', '--kv_lora_rank=16', '--qk_nope_head_dim=8', '--qk_rope_head_dim=8',
@@ -44,12 +44,12 @@ def test_bench_times_transformers_in_alternating_rounds(tmp_path):
 
 
 def test_bench_rejects_an_unknown_mode(tmp_path):
-    proc = run_script('bench.py', *TINY_MOE, '--modes=train,fly', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "modes=['fly']" in proc.stderr
-    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--compile_mode=fast', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in proc.stderr
-    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--cuda_graph_train=True', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in proc.stderr
+    mode, compile_mode, graph = run_script_many('bench.py', [
+        [*TINY_MOE, '--modes=train,fly'], [*TINY_MOE, '--modes=train', '--compile_mode=fast'],
+        [*TINY_MOE, '--modes=train', '--cuda_graph_train=True']], cwd=tmp_path)
+    assert mode.returncode != 0 and "modes=['fly']" in mode.stderr
+    assert compile_mode.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in compile_mode.stderr
+    assert graph.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in graph.stderr
 
 
 def test_kernel_table_sums_kernels_by_name_and_class():
@@ -92,11 +92,10 @@ def test_idle_table_finds_the_gaps_between_kernels_and_the_host_ops_behind_them(
 def test_bench_inductor_settings_are_checked_against_torch(tmp_path):
     """--inductor={...} sets torch._inductor.config values for the run (dotted keys reach its
     sub-configs); a name this torch lacks is refused before anything runs."""
-    proc = run_script('bench.py', *TINY_MOE, '--modes=train', "--inductor={'triton.no_such_knob': 1}",
-                      cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'has no torch._inductor.config.triton.no_such_knob' in proc.stderr
-    proc = run_script('bench.py', *TINY_MOE, '--modes=train', '--inductor=3', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "'inductor' takes dict" in proc.stderr
+    knob, number = run_script_many('bench.py', [[*TINY_MOE, '--modes=train', "--inductor={'triton.no_such_knob': 1}"],
+                                                [*TINY_MOE, '--modes=train', '--inductor=3']], cwd=tmp_path)
+    assert knob.returncode != 0 and 'has no torch._inductor.config.triton.no_such_knob' in knob.stderr
+    assert number.returncode != 0 and "'inductor' takes dict" in number.stderr
     out = tmp_path / 'bench.json'
     run_script('bench.py', *TINY_MOE, '--modes=train', "--inductor={'triton.mix_order_reduction': False}",
                f'--out_file={out}', cwd=tmp_path)
@@ -108,10 +107,9 @@ def test_ab_refuses_a_malformed_variant_before_touching_model_py(tmp_path):
     name before any swap (and before any GPU is needed)."""
     model_py = os.path.join(REPO, 'model.py')
     before = open(model_py, 'rb').read()
-    proc = run_script('experiments/ab.py', 'base=no_such_model.py', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "variant 'base=no_such_model.py': give NAME=MODEL_FILE" in proc.stderr
-    proc = run_script('experiments/ab.py', 'x=model.py;PDL', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "variant 'x': items ['PDL'] are neither VAR=VALUE nor --key=value" in proc.stderr
+    name, item = run_script_many('experiments/ab.py', [['base=no_such_model.py'], ['x=model.py;PDL']], cwd=tmp_path)
+    assert name.returncode != 0 and "variant 'base=no_such_model.py': give NAME=MODEL_FILE" in name.stderr
+    assert item.returncode != 0 and "variant 'x': items ['PDL'] are neither VAR=VALUE nor --key=value" in item.stderr
     assert open(model_py, 'rb').read() == before
 
 
@@ -131,7 +129,7 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert len({r['tokens'] for r in rows}) == 1 and rows[0]['tokens'] >= 5
     assert all(r['tokens_per_s'] > 0 and r['ttft_p50'] <= r['ttft_p99'] for r in rows)
     assert '| 3 | engine |' in proc.stdout and 'bytes per token' in proc.stdout
-    bad = run_script('bench_serve.py', *SERVE_MOE, '--methods=engine,vllm', cwd=tmp_path, check=False)
-    assert bad.returncode != 0 and "['vllm']" in bad.stdout + bad.stderr
-    bad = run_script('bench_serve.py', *SERVE_MOE, '--block_size=64', '--max_prompt=60', cwd=tmp_path, check=False)
+    vllm, bad = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
+                                                   [*SERVE_MOE, '--block_size=64', '--max_prompt=60']], cwd=tmp_path)
+    assert vllm.returncode != 0 and "['vllm']" in vllm.stdout + vllm.stderr
     assert bad.returncode != 0 and 'exceeds the block_size 64' in bad.stdout + bad.stderr
