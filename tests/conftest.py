@@ -1,5 +1,7 @@
 """Shared test helpers: the repository on sys.path, the shared real data, running a script."""
 
+import atexit
+import json
 import os
 import subprocess
 import sys
@@ -22,11 +24,50 @@ def shared_file(*parts):
     return path
 
 
+# Variables a Python reads when it imports torch: a run that sets them differently from the script
+# server's start gets a fresh Python.
+_IMPORT_TIME_ENV = ('OMP_', 'MKL_', 'TORCH', 'PYTORCH', 'CUDA', 'PYTHON')
+_server = None
+
+
+def _import_time_env(env):
+    return {k: v for k, v in env.items() if k.startswith(_IMPORT_TIME_ENV)}
+
+
+def _script_server(env):
+    """tests/script_server.py, started on first use: it runs each script in a forked child of one
+    Python that imported torch once (a few seconds saved per run, a few hundred runs a suite)."""
+    global _server
+    if _server is not None and _server.poll() is None and _server.env == _import_time_env(env):
+        return _server
+    if _server is not None:
+        _server.kill()
+    _server = subprocess.Popen([sys.executable, os.path.join(REPO, 'tests', 'script_server.py')], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding='utf-8')
+    _server.env = _import_time_env(env)
+    atexit.register(_server.kill)
+    return _server
+
+
 def run_script(script, *args, cwd, check=True, timeout=600):
-    """Run a repository script with --key=value args in `cwd`; return the CompletedProcess."""
+    """Run a repository script with --key=value args in `cwd`, as `python SCRIPT ARGS` does; return
+    the CompletedProcess. Through the script server unless FRESH_PYTHON=1 (then one new Python a run)."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, os.path.join(REPO, script), *args]
+    if os.environ.get('FRESH_PYTHON') == '1' or sys.platform == 'win32':
+        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        server = _script_server(env)
+        server.stdin.write(json.dumps({'script': script, 'args': list(args), 'cwd': str(cwd), 'env': env,
+                                       'timeout': timeout}) + '\n')
+        server.stdin.flush()
+        line = server.stdout.readline()
+        if not line:
+            raise AssertionError(f'tests/script_server.py ended (exit {server.wait()}) while running {script}')
+        reply = json.loads(line)
+        if reply['timed_out']:
+            raise subprocess.TimeoutExpired(command, timeout, reply['stdout'], reply['stderr'])
+        proc = subprocess.CompletedProcess(command, reply['returncode'], reply['stdout'], reply['stderr'])
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} {" ".join(args)} failed ({proc.returncode}):\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
@@ -34,18 +75,8 @@ def run_script(script, *args, cwd, check=True, timeout=600):
 
 
 def run_scripts(jobs, *, cwd, timeout=600):
-    """Run (script, args) jobs, like run_script(..., check=False) each, but from one Python that
-    imports torch once and forks a child per job (tests/run_many.py): a refusal test's dozen runs
-    take seconds instead of a dozen imports. Returns their CompletedProcesses, in order."""
-    import json
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        results = os.path.join(tmp, 'results.json')
-        run_script(os.path.join('tests', 'run_many.py'), results,
-                   json.dumps([[script, list(args)] for script, args in jobs]), cwd=cwd, timeout=timeout)
-        with open(results) as f:
-            return [subprocess.CompletedProcess([r['script'], *r['args']], r['returncode'], r['stdout'], r['stderr'])
-                    for r in json.load(f)]
+    """[(script, args), ...] -> their CompletedProcesses, each run as run_script(..., check=False)."""
+    return [run_script(script, *args, cwd=cwd, check=False, timeout=timeout) for script, args in jobs]
 
 
 def run_script_many(script, arg_lists, *, cwd, timeout=600):
