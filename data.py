@@ -188,12 +188,12 @@ def _encode_docs(docs):
     return np.asarray(ids, dtype=np.int64), n_bytes, len(docs)
 
 
-def usable_cpus():
+def usable_cpus(cpu_max='/sys/fs/cgroup/cpu.max'):
     """The cores this process may use: os.cpu_count() is the host's, which on a container or a
     CI runner can be far more than the CPU affinity mask or the cgroup quota (cpu.max) allows."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     try:
-        with open('/sys/fs/cgroup/cpu.max') as f:          # cgroup v2: "<quota> <period>" or "max ..."
+        with open(cpu_max) as f:          # cgroup v2: "<quota> <period>" or "max ..."
             quota, period = f.read().split()[:2]
         if quota != 'max':
             n = min(n, max(1, -(-int(quota) // int(period))))     # ceil(quota / period)

@@ -119,3 +119,15 @@ def test_shakespeare_char(tmp_path):
     assert meta['vocab_size'] == 66 and meta['train_tokens'] + meta['val_tokens'] == 1115394 + 2
     p = run_script('prepare/shakespeare_char.py', '--source=missing.txt', cwd=tmp_path, check=False)
     assert "source 'missing.txt' does not exist" in p.stderr
+
+
+def test_usable_cpus_follows_the_affinity_mask_and_the_cgroup_quota(tmp_path):
+    from data import usable_cpus
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(tmp_path / 'none')) == cores                    # no cgroup file: the mask
+    (tmp_path / 'max').write_text('max 100000\n')
+    assert usable_cpus(str(tmp_path / 'max')) == cores
+    (tmp_path / 'quota').write_text('150000 100000\n')                     # 1.5 cores -> 2 processes
+    assert usable_cpus(str(tmp_path / 'quota')) == min(cores, 2)
+    (tmp_path / 'tiny').write_text('10000 100000\n')
+    assert usable_cpus(str(tmp_path / 'tiny')) == 1

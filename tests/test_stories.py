@@ -130,6 +130,21 @@ def test_task_files_from_the_same_text(stories):
     assert meta['prompts_val_records'] == len(files['prompts_val']) and meta['val_books']
 
 
+def test_task_files_are_the_same_on_one_process_and_on_two(tmp_path):
+    """The task is built on a pool of processes when there are more than 1,000 pieces; with a limit
+    on the examples (n_sft_train) the pool stops early. The files equal one process's."""
+    common = [f'--source_dir={shared_dir()}', '--max_books=4', '--val_books=1', '--max_stories=20',
+              '--tokenizer=byte', '--task_cut=True', '--task_words_min=20', '--task_words_max=60',
+              '--n_sft_train=700', f'--out_dir={tmp_path / "d"}']
+    for n in (1, 2):
+        run_script('prepare/stories.py', *common, f'--num_proc={n}', f'--task_dir={tmp_path / f"t{n}"}',
+                   cwd=tmp_path, timeout=300)
+    meta = json.load(open(tmp_path / 't2' / 'meta.json'))
+    assert meta['sft_train_records'] >= 700
+    for name in ('sft_train', 'sft_val', 'prompts_train', 'prompts_val'):
+        assert (tmp_path / 't1' / f'{name}.jsonl').read_bytes() == (tmp_path / 't2' / f'{name}.jsonl').read_bytes()
+
+
 def test_words_from_the_first_sentences_of_cut_passages(tmp_path):
     """words_from_sentences=1: every required word is used in the answer's first sentence, and
     the features still hold for the whole answer; task_cut: passages longer than task_words_max
