@@ -45,8 +45,13 @@ def _script_server(env):
     _server = subprocess.Popen([sys.executable, os.path.join(REPO, 'tests', 'script_server.py')], env=env,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding='utf-8')
     _server.env = _import_time_env(env)
-    atexit.register(_server.kill)
     return _server
+
+
+@atexit.register
+def _stop_script_server():
+    if _server is not None:
+        _server.kill()
 
 
 def run_script(script, *args, cwd, check=True, timeout=600):
