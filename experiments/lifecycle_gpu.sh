@@ -2,9 +2,10 @@
 # The GPU profile of speedrun.sh in one hold of a rented GPU machine whose commands are cut after
 # 10 minutes: the work runs in its own process session (setsid), so it outlives the command that
 # started it, and later commands wait for it and collect the results.
-#   start     speedrun.sh --profile=gpu in the background; beside its distilled student a second
-#             one without the teacher's embedding (what the projection adds); when all of it has
-#             finished, the serving benchmarks on the base model, alone on the GPU: speculative
+#   start     speedrun.sh --profile=gpu in the background, and beside it two variants of its runs:
+#             the distilled student with alpha 1 (the teacher's distribution alone, no hard labels)
+#             and SFT for twice the steps; when all of it has finished, the serving benchmarks on
+#             the base model, alone on the GPU: speculative
 #             decoding (spec) and bench_serve.py (engine and static batching at 1/8/64/256 streams,
 #             then transformers at 64)
 #   spec      the speculative-decoding benchmark on the base model (trained with one MTP module)
@@ -14,22 +15,27 @@
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
-# the gpu profile's student and distillation settings (speedrun.sh), without --init_embedding=teacher
-KD_ONLY="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
+# the gpu profile's student and distillation settings (speedrun.sh), with alpha 1 instead of 0.9
+DISTILL_ALPHA1="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
          --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
-         --max_iters=1500 --eval_interval=500 --eval_iters=20 --temperature=1.0 --alpha=0.9"
+         --max_iters=1500 --eval_interval=500 --eval_iters=20 --temperature=1.0 --alpha=1.0 --init_embedding=teacher"
+# the gpu profile's SFT settings (speedrun.sh) for 2,000 steps instead of 1,000
+SFT_LONG="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
+         --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
-KD_ONLY=$(echo $KD_ONLY)     # one line: it is spliced into the command string below
+DISTILL_ALPHA1=$(echo $DISTILL_ALPHA1) SFT_LONG=$(echo $SFT_LONG)   # one line each: spliced into the command below
 case ${1:-} in
   start)
     mkdir -p $R/logs
     setsid nohup bash -c "
+      export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 TORCHDYNAMO_SUPPRESS_ERRORS=1   # as speedrun.sh
       bash speedrun.sh --profile=gpu --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       if grep -qs '^train' $R/times.tsv; then
-        python distill.py --teacher=$R/base --out_dir=$R/student_distill_kd_only --data_dir=$R/data $KD_ONLY \
-          > $R/logs/student_distill_kd_only.log 2>&1 &
+        python distill.py --teacher=$R/base --out_dir=$R/student_distill_alpha1 --data_dir=$R/data $DISTILL_ALPHA1 \
+          > $R/logs/student_distill_alpha1.log 2>&1 &
+        python sft.py --init_from=$R/base --out_dir=$R/sft_2000 --task_dir=$R/task $SFT_LONG > $R/logs/sft_2000.log 2>&1 &
       fi
       wait
       touch $R/LIFECYCLE_DONE
