@@ -113,8 +113,7 @@ device = 'auto'
 dtype = 'auto'
 compile = None
 compile_mode = 'default'
-cuda_graph = False           # answers through CUDA-graph decoding (None: on for CUDA); off by default: sampled
-                             # answers through the graph once hit a device-side assert (notes/lifecycle.md)
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 fsdp = False
 seed = 1337
 peak_flops = 0.0

@@ -46,8 +46,7 @@ batch_size = 64              # prompts per generation batch (x samples_per_promp
 device = 'auto'
 dtype = 'auto'
 seed = 1337
-cuda_graph = False           # answers through CUDA-graph decoding (None: on for CUDA); off by default: sampled
-                             # answers through the graph once hit a device-side assert (notes/lifecycle.md)
+cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 # -----------------------------------------------------------------------------
 configure(globals())
 if samples_per_prompt < 2:
