@@ -79,7 +79,7 @@ case $PROFILE in
     SYSTEM=""
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
-    SFT="--max_iters=1000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
+    SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
          --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
     PREFS="--n_prompts=600 --samples_per_prompt=4 --max_new_tokens=200"
     REWARD="--max_iters=300 --eval_interval=150 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6 --n_fresh=128

@@ -3,11 +3,12 @@
 # 10 minutes: the work runs in its own process session (setsid), so it outlives the command that
 # started it, and later commands wait for it and collect the results.
 #   start     speedrun.sh --profile=gpu in the background, and beside it two variants of its runs:
-#             the distilled student with alpha 1 (the teacher's distribution alone, no hard labels)
-#             and SFT for twice the steps; when all of it has finished, the serving benchmarks on
-#             the base model, alone on the GPU: speculative
-#             decoding (spec) and bench_serve.py (engine and static batching at 1/8/64/256 streams,
-#             then transformers at 64)
+#             the distilled student with alpha 1 (the teacher's distribution alone, no hard labels),
+#             and SFT on a task whose three words all come from the answer's first sentence (a
+#             second task folder, prepared while the base model trains; SFT from the same base);
+#             when all of it has finished, the serving benchmarks on the base model, alone on the
+#             GPU: speculative decoding (spec) and bench_serve.py (engine and static batching at
+#             1/8/64/256 streams, then transformers at 64)
 #   spec      the speculative-decoding benchmark on the base model (trained with one MTP module)
 #   report    report.py on whatever has finished
 #   wait N    wait up to N seconds for all of it to finish; print the stage times so far
@@ -19,11 +20,14 @@ R=${R:-out/speedrun_gpu}
 DISTILL_ALPHA1="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
          --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
          --max_iters=1500 --eval_interval=500 --eval_iters=20 --temperature=1.0 --alpha=1.0 --init_embedding=teacher"
-# the gpu profile's SFT settings (speedrun.sh) for 2,000 steps instead of 1,000
-SFT_LONG="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
+# the gpu profile's task (speedrun.sh) with the words drawn from the answer's first sentence only,
+# and its SFT settings
+TASK_WS1="--n_prompts_val=256 --n_prompts_train=0 --n_sft_train=0 --task_in_train=0 --task_cut=True --task_words_min=30
+         --task_words_max=120 --words_from_sentences=1 --words_in_order=True"
+SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
          --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
-DISTILL_ALPHA1=$(echo $DISTILL_ALPHA1) SFT_LONG=$(echo $SFT_LONG)   # one line each: spliced into the command below
+DISTILL_ALPHA1=$(echo $DISTILL_ALPHA1) TASK_WS1=$(echo $TASK_WS1) SFT=$(echo $SFT)   # one line each: spliced below
 case ${1:-} in
   start)
     mkdir -p $R/logs
@@ -31,11 +35,13 @@ case ${1:-} in
       export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 TORCHDYNAMO_SUPPRESS_ERRORS=1   # as speedrun.sh
       bash speedrun.sh --profile=gpu --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
+      until grep -qs '^prepare' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
+      python prepare/stories.py --out_dir=$R/data_ws1 --task_dir=$R/task_ws1 $TASK_WS1 > $R/logs/prepare_ws1.log 2>&1
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       if grep -qs '^train' $R/times.tsv; then
         python distill.py --teacher=$R/base --out_dir=$R/student_distill_alpha1 --data_dir=$R/data $DISTILL_ALPHA1 \
           > $R/logs/student_distill_alpha1.log 2>&1 &
-        python sft.py --init_from=$R/base --out_dir=$R/sft_2000 --task_dir=$R/task $SFT_LONG > $R/logs/sft_2000.log 2>&1 &
+        python sft.py --init_from=$R/base --out_dir=$R/sft_ws1 --task_dir=$R/task_ws1 $SFT > $R/logs/sft_ws1.log 2>&1 &
       fi
       wait
       touch $R/LIFECYCLE_DONE
@@ -58,7 +64,8 @@ case ${1:-} in
   collect)
     mkdir -p ${2:?collect needs a folder}
     tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
-      --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs -C $(dirname $R) $(basename $R)
+      --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
+      --exclude=$(basename $R)/data_ws1 --exclude=$(basename $R)/task_ws1 -C $(dirname $R) $(basename $R)
     cp $R/report.md $2/ 2> /dev/null; tail -12 $R/logs/speculative.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;
   *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | report | collect FOLDER"; exit 2 ;;
