@@ -14,8 +14,10 @@
 #   wait N    wait up to N seconds for all of it to finish; print the stage times so far
 #   collect D the report, logs, eval.json / log.jsonl of every run and the plots -> D/lifecycle.tgz
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
+# SIDE=0 leaves out the two side runs, BENCH=0 the serving benchmarks (the life cycle alone on the GPU)
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
+SIDE=${SIDE:-1} BENCH=${BENCH:-1}
 # the gpu profile's student and distillation settings (speedrun.sh), with alpha 1 instead of 0.9
 DISTILL_ALPHA1="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
          --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
@@ -35,16 +37,18 @@ case ${1:-} in
       export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 TORCHDYNAMO_SUPPRESS_ERRORS=1   # as speedrun.sh
       bash speedrun.sh --profile=gpu --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
+      [ $SIDE = 1 ] || { wait; touch $R/LIFECYCLE_DONE; }
       until grep -qs '^prepare' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      python prepare/stories.py --out_dir=$R/data_ws1 --task_dir=$R/task_ws1 $TASK_WS1 > $R/logs/prepare_ws1.log 2>&1
+      [ $SIDE = 1 ] && python prepare/stories.py --out_dir=$R/data_ws1 --task_dir=$R/task_ws1 $TASK_WS1 > $R/logs/prepare_ws1.log 2>&1
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      if grep -qs '^train' $R/times.tsv; then
+      if [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv; then
         python distill.py --teacher=$R/base --out_dir=$R/student_distill_alpha1 --data_dir=$R/data $DISTILL_ALPHA1 \
           > $R/logs/student_distill_alpha1.log 2>&1 &
         python sft.py --init_from=$R/base --out_dir=$R/sft_ws1 --task_dir=$R/task_ws1 $SFT > $R/logs/sft_ws1.log 2>&1 &
       fi
       wait
       touch $R/LIFECYCLE_DONE
+      [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
       bash experiments/lifecycle_gpu.sh spec > /dev/null
       python bench_serve.py $SERVE --methods=engine,static --out_file=$R/serve.json > $R/logs/serve.log 2>&1
       python bench_serve.py $SERVE --methods=engine,static,hf --streams=64 --n_requests=128 \
