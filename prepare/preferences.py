@@ -7,7 +7,9 @@ $ python prepare/preferences.py --source=pairs.jsonl --out_dir=data/hh   # an ex
 Sampling: for each prompt of task_dir/prompts_train.jsonl, `samples_per_prompt` answers from the
 SFT checkpoint (batched, KV cache, temperature `temperature`), scored with the task rule
 (task.score); the best and the worst answer form a pair when their scores differ by at least
-`margin`. val_fraction of the prompts go to prefs_val. Each record:
+`margin` (with all_pairs, every two answers whose scores differ by that much: up to K(K-1)/2 pairs
+a prompt, as InstructGPT trained its reward model). val_fraction of the prompts go to prefs_val,
+with all their pairs (no prompt is in both files). Each record:
   {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_ended",
    "rejected_ended", "words", "features"}
 An external JSONL needs prompt, chosen and rejected (scores and the rest are optional); it is
@@ -41,6 +43,7 @@ temperature = 1.0
 top_k = 0
 max_new_tokens = 300
 margin = 0.1                 # keep a pair only if score(chosen) - score(rejected) >= margin
+all_pairs = False            # every two answers of a prompt that differ by margin (False: best vs worst)
 val_fraction = 0.1
 batch_size = 64              # prompts per generation batch (x samples_per_prompt sequences)
 device = 'auto'
@@ -86,25 +89,42 @@ else:
             group = answers[j * samples_per_prompt:(j + 1) * samples_per_prompt]
             scored = [(score(a['text'], p['words'], p.get('features'), a['ended'])['score'], a) for a in group]
             scored.sort(key=lambda sa: sa[0])
-            (lo, worst), (hi, best) = scored[0], scored[-1]
-            gaps.append(hi - lo)
-            if hi - lo >= margin:
-                pairs.append({'prompt': p['prompt'], 'chosen': best['text'], 'rejected': worst['text'],
-                              'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
-                              'rejected_ended': worst['ended'], 'words': p['words'],
-                              'features': p.get('features', {})})
+            gaps.append(scored[-1][0] - scored[0][0])
+            # (rejected, chosen) index pairs, chosen scoring at least `margin` more
+            ij = ([(a, b) for a in range(len(scored)) for b in range(a + 1, len(scored))] if all_pairs
+                  else [(0, len(scored) - 1)])
+            for a, b in ij:
+                (lo, worst), (hi, best) = scored[a], scored[b]
+                if hi - lo >= margin:
+                    pairs.append({'prompt': p['prompt'], 'chosen': best['text'], 'rejected': worst['text'],
+                                  'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
+                                  'rejected_ended': worst['ended'], 'words': p['words'],
+                                  'features': p.get('features', {})})
     stats = {'init_from': init_from, 'prompts': len(prompts), 'samples_per_prompt': samples_per_prompt,
-             'temperature': temperature, 'margin': margin,
+             'temperature': temperature, 'margin': margin, 'all_pairs': all_pairs,
              'mean_score_gap': sum(gaps) / max(len(gaps), 1)}
-    print(f'{len(pairs)} of {len(prompts)} prompts gave a pair (score gap >= {margin}); '
-          f"mean best-worst gap {stats['mean_score_gap']:.3f}")
+    print(f"{len(pairs)} pairs from {len({p['prompt'] for p in pairs})} of {len(prompts)} prompts (score gap >= "
+          f"{margin}); mean best-worst gap {stats['mean_score_gap']:.3f}")
 if len(pairs) < 2:
     sys.exit(f'error: only {len(pairs)} pair(s); lower margin= or sample more prompts')
-random.Random(seed).shuffle(pairs)
-n_val = max(1, round(len(pairs) * val_fraction))
+# the split is by prompt: a prompt's pairs share its answers, so they all go to one file
+by_prompt = {}
+for p in pairs:
+    by_prompt.setdefault(p['prompt'], []).append(p)
+groups = list(by_prompt.values())
+random.Random(seed).shuffle(groups)
+n_val = max(1, round(len(groups) * val_fraction)) if len(groups) > 1 else 0
+val_pairs = [p for g in groups[:n_val] for p in g]
+train_pairs = [p for g in groups[n_val:] for p in g]
+if not val_pairs or not train_pairs:
+    sys.exit(f'error: {len(pairs)} pairs from {len(groups)} prompt(s) cannot be split into train and val '
+             f'(val_fraction={val_fraction}); sample more prompts')
+random.Random(seed + 1).shuffle(train_pairs)
 os.makedirs(out_dir, exist_ok=True)
-write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), pairs[:n_val])
-write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), pairs[n_val:])
+write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
+write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
 with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
-    json.dump({**stats, 'train_pairs': len(pairs) - n_val, 'val_pairs': n_val}, f, indent=2)
-print(f'wrote {out_dir}: {len(pairs) - n_val} train and {n_val} val pairs')
+    json.dump({**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
+               'val_prompts': n_val, 'train_prompts': len(groups) - n_val}, f, indent=2)
+print(f'wrote {out_dir}: {len(train_pairs)} train pairs ({len(groups) - n_val} prompts) and {len(val_pairs)} '
+      f'val pairs ({n_val} prompts)')
