@@ -48,8 +48,10 @@ from passages (and TinyStories stories) of task_words_min..task_words_max words 
 longer one is cut at sentence ends into pieces within task_words_max, task.sentence_chunks, each
 piece a passage of its own): one verb, noun and
 adjective of the passage (task.make_task_pos; with list_words_only, only passages that have a word
-of each of task.py's lists of common story words; with words_in_order, listed in the order the
-passage first uses them) and features it satisfies (task.choose_features); a
+of each of task.py's lists of common story words, and with sft_list_words_only=False that holds
+for the prompts and sft_val only: sft_train then also takes passages whose words are rarer, about
+4x the examples; with words_in_order, listed in the order the passage first uses them) and
+features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
 features, a complete last sentence, little repetition). The *_train files come from the training
 books and fairy tales (sft_train also takes every TinyStories training story), the *_val files
@@ -101,6 +103,9 @@ task_cut = False                     # a longer passage is cut at sentence ends 
                                      # task_words_max words, each a candidate example (False: skipped)
 words_from_sentences = 0             # >0: the required words come from the passage's first N sentences
 list_words_only = True               # required words only from task.py's lists of common story words
+sft_list_words_only = True           # the same for the SFT training examples (False: any word of the
+                                     # passage there, about 4x the examples; prompts and sft_val keep
+                                     # list words, so the held-out task is unchanged)
 words_in_order = False               # list the required words in the order the passage first uses them
                                      # (False: verb, noun, adjective, as TinyStories-Instruct)
 n_prompts_val = 256                  # held-out prompts for evaluation (held-out books)
@@ -443,7 +448,7 @@ print(f'train: {len(train_book_passages):,} book passages ({words(train_book_pas
 def task_example(job):
     """(seed index, passage) -> (task example or None, why it was skipped or None, the parts of
     speech whose word is not from the lists, as 'verb_suffix'...)."""
-    index, doc = job
+    index, doc, list_only = job
     if not task_words_min <= len(doc.split()) <= task_words_max:
         return None, 'length', []
     rng = random.Random(seed * 1_000_003 + index)
@@ -457,7 +462,7 @@ def task_example(job):
         used = words_of(doc)
         order = sorted(range(len(t['words'])), key=lambda k: first_use(t['words'][k], used))
         t.update({key: [t[key][k] for k in order] for key in ('words', 'pos', 'how')})
-    if list_words_only and any(how != 'list' for how in t['how']):
+    if list_only and any(how != 'list' for how in t['how']):
         return None, 'not_list_words', []       # a rare word the passage happens to have
     if score(doc, t['words'], t['features'])['score'] < 1.0 or not complete_ending(doc):
         return None, 'reference_below_1', []
@@ -466,10 +471,11 @@ def task_example(job):
     return row, None, [f'{pos}_{how}' for pos, how in zip(t['pos'], t['how']) if how != 'list']
 
 
-def to_examples(docs, offset, limit):
+def to_examples(docs, offset, limit, list_only=list_words_only):
     """Documents (with task_cut, their pieces) -> task examples, in order, until `limit` (0: all),
-    on num_proc processes; (examples, documents skipped by reason, words not from the lists)."""
-    out, why = [], {'length': 0, 'no_task': 0, 'not_list_words': 0, 'reference_below_1': 0}
+    on num_proc processes; (examples, documents skipped by reason, words not from the lists, for
+    each example whether all its words are from the lists)."""
+    out, listed, why = [], [], {'length': 0, 'no_task': 0, 'not_list_words': 0, 'reference_below_1': 0}
     fallbacks = {f'{pos}_{how}': 0 for pos in ('verb', 'noun', 'adjective') for how in ('suffix', 'content')}
     pieces = [p for doc in docs for p in (sentence_chunks(doc, task_words_max)
                                           if task_cut and len(doc.split()) > task_words_max else [doc])]
@@ -482,7 +488,7 @@ def to_examples(docs, offset, limit):
     batch = 4096
     try:
         for start in range(0, len(pieces), batch):
-            jobs = [(offset + j, pieces[j]) for j in range(start, min(start + batch, len(pieces)))]
+            jobs = [(offset + j, pieces[j], list_only) for j in range(start, min(start + batch, len(pieces)))]
             for row, reason, fell_back in (pool.map(task_example, jobs, chunksize=64) if pool
                                            else map(task_example, jobs)):
                 if limit and len(out) >= limit:
@@ -493,13 +499,14 @@ def to_examples(docs, offset, limit):
                 for key in fell_back:
                     fallbacks[key] += 1
                 out.append(row)
+                listed.append(not fell_back)
             if limit and len(out) >= limit:
                 break
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    return out, why, fallbacks
+    return out, why, fallbacks, listed
 
 
 def write_jsonl(path, rows):
@@ -515,11 +522,16 @@ if task_dir:
     pool_val = list(val_passages)
     random.Random(seed).shuffle(pool_train)
     random.Random(seed + 1).shuffle(pool_val)
-    val, why_val, fb_val = to_examples(pool_val, 10 ** 9, n_prompts_val + n_sft_val)
-    train, why_train, fb_train = to_examples(pool_train, 0, n_prompts_train + n_sft_train if n_sft_train else 0)
-    tiny, why_tiny, fb_tiny = to_examples(tiny_train, 2 * 10 ** 9, 0)
+    sft_list_only = list_words_only and sft_list_words_only
+    val, why_val, fb_val, _ = to_examples(pool_val, 10 ** 9, n_prompts_val + n_sft_val)
+    train, why_train, fb_train, listed = to_examples(pool_train, 0, n_prompts_train + n_sft_train if n_sft_train else 0,
+                                                     sft_list_only)
+    tiny, why_tiny, fb_tiny, tiny_listed = to_examples(tiny_train, 2 * 10 ** 9, 0, sft_list_only)
+    # the training prompts (RL, preference pairs) are made like the held-out ones: list words only
+    # when list_words_only; the other examples are SFT data
+    can_prompt = [i for i in range(len(train)) if listed[i] or not list_words_only]
     n_val = min(n_prompts_val, len(val) // 2)       # each split keeps at least half for SFT
-    n_train = min(n_prompts_train, len(train) // 2)
+    n_train = min(n_prompts_train, len(can_prompt) // 2)
     if n_val < 1 or len(train) + len(tiny) - n_train < 1:
         sys.exit(f'error: {len(train) + len(tiny)} train and {len(val)} val task examples are too few to '
                  f'split into SFT data and held-out prompts (task_words_min={task_words_min}, '
@@ -529,10 +541,11 @@ if task_dir:
         return {'prompt': r['prompt'], 'words': r['words'], 'features': r['features'],
                 'reference': r['response']}
 
-    sft_train = train[n_train:] + tiny
+    as_prompts = set(can_prompt[:n_train])
+    sft_train = [r for i, r in enumerate(train) if i not in as_prompts] + tiny
     random.Random(seed + 2).shuffle(sft_train)
     files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
-             'prompts_train': [as_prompt(r) for r in train[:n_train]], 'sft_train': sft_train}
+             'prompts_train': [as_prompt(train[i]) for i in can_prompt[:n_train]], 'sft_train': sft_train}
     os.makedirs(task_dir, exist_ok=True)
     meta_path = os.path.join(task_dir, 'meta.json')
     if os.path.exists(meta_path):
@@ -542,7 +555,8 @@ if task_dir:
         print(f'{name}: {len(rows):,} records')
     task_meta = {'source': os.path.abspath(books_path), 'dataset': 'stories', 'seed': seed,
                  **{f'{k}_records': len(v) for k, v in files.items()},
-                 'sft_train_tinystories': len(tiny), 'task_words': [task_words_min, task_words_max],
+                 'sft_train_tinystories': len(tiny), 'sft_list_words_only': sft_list_only,
+                 'sft_train_not_list_words': len(train) - sum(listed) + len(tiny) - sum(tiny_listed), 'task_words': [task_words_min, task_words_max],
                  'task_cut': task_cut, 'words_from_sentences': words_from_sentences,
                  'words_in_order': words_in_order, 'task_in_train': min(task_in_train, len(sft_train)),
                  'val_books': [titles[i] for i in held],

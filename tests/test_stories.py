@@ -272,3 +272,32 @@ def test_fallbacks_when_a_part_of_speech_is_missing():
     assert t['how'] == ['content', 'content', 'content'] and len(set(t['words'])) == 3
     assert score('Grumbling merchants argued loudly about flour prices.', t['words'])['all_words']
     assert make_task_pos('A cat.', random.Random(0)) is None
+
+
+def test_sft_examples_with_any_words_leave_the_prompts_as_they_were(tmp_path):
+    """sft_list_words_only=False: SFT training examples may require words outside task.py's lists
+    (more examples); every prompt, held-out or for RL, and sft_val still use list words only, and
+    the held-out files are byte for byte the same as without it."""
+    common = [f'--source_dir={shared_dir()}', '--max_books=3', '--val_books=1', '--max_stories=20',
+              '--tokenizer=byte', '--num_proc=2', '--task_cut=True', '--task_words_min=30', '--task_words_max=120',
+              '--words_from_sentences=2', '--n_prompts_train=30', '--n_sft_train=0']
+    for only in (True, False):
+        run_script('prepare/stories.py', *common, f'--sft_list_words_only={only}', f'--out_dir={tmp_path / "d"}',
+                   f'--task_dir={tmp_path / f"t{only}"}', cwd=tmp_path, timeout=300)
+    rows = {name: [json.loads(line) for line in open(tmp_path / 'tFalse' / f'{name}.jsonl')]
+            for name in ('sft_train', 'sft_val', 'prompts_train', 'prompts_val')}
+    listed = lambda r: [w in lst for w, lst in zip(r['words'], (VERBS, NOUNS, ADJECTIVES))] == [True] * 3  # noqa: E731
+    for name in ('sft_val', 'prompts_train', 'prompts_val'):
+        assert rows[name] and all(listed(r) for r in rows[name]), name
+    assert len(rows['prompts_train']) == 30
+    n_before = json.load(open(tmp_path / 'tTrue' / 'meta.json'))['sft_train_records']
+    meta = json.load(open(tmp_path / 'tFalse' / 'meta.json'))
+    not_listed = [r for r in rows['sft_train'] if not listed(r)]
+    assert meta['sft_train_not_list_words'] == len(not_listed) > 0
+    assert len(rows['sft_train']) > 2 * n_before
+    for r in rows['sft_train']:
+        assert score(r['response'], r['words'], r['features'])['score'] == 1.0
+    for name in ('sft_val', 'prompts_val'):
+        assert (tmp_path / 'tTrue' / f'{name}.jsonl').read_bytes() == (tmp_path / 'tFalse' / f'{name}.jsonl').read_bytes()
+    used = [r.get('reference', r.get('response')) for rs in rows.values() for r in rs]
+    assert len(used) == len(set(used))                                # no passage in two files
