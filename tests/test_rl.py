@@ -186,6 +186,10 @@ def test_ppo_raises_a_toy_reward(sft_pipeline):
                '--max_iters=16', '--eval_interval=8', cwd=pipeline)       # 16 rollouts of 4 updates
     rewards, rows = rewards_logged(pipeline / 'ppo')
     assert len(rewards) == 16 and np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+    # the new value head starts at 0: no early values noisier than the returns (with its random
+    # init the first three rollouts' explained variance was -1.2, -11.9, -1.0)
+    ev = [r['train/explained_variance'] for r in rows if 'train/explained_variance' in r]
+    assert min(ev[:3]) > -0.5, ev
     assert {'train/value_loss', 'train/clip_frac', 'train/entropy', 'train/explained_variance', 'train/kl_ref',
             'train/beta'} <= set(rows[-2])
     assert (pipeline / 'ppo' / 'samples.md').read_text().count('| reward |') >= 2
