@@ -48,8 +48,12 @@ export TORCHDYNAMO_SUPPRESS_ERRORS=${TORCHDYNAMO_SUPPRESS_ERRORS:-1}
 # words; the required words come from their first two sentences and are listed in the order the
 # answer uses them (a copy the model meets early, word after word, whose share of the answer's
 # loss is not drowned by 100 words of prose); some SFT examples also join the pretraining data
-# (task_in_train), so the base model has seen instructions followed by stories
-TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2 --words_in_order=True"
+# (task_in_train), so the base model has seen instructions followed by stories. SFT examples may
+# ask for any word of their passage, not only the common story words the prompts use
+# (sft_list_words_only=False): 299k examples instead of 76k, so that SFT copies words from many
+# distinct passages instead of memorising a few over three epochs
+TASK_DATA="--task_cut=True --task_words_min=30 --task_words_max=120 --words_from_sentences=2 --words_in_order=True
+           --sft_list_words_only=False"
 case $PROFILE in
   cpu)
     PREPARE="--max_books=12 --val_books=2 --max_stories=400 --tokenizer=bpe --vocab_size=4096
@@ -75,13 +79,13 @@ case $PROFILE in
     EVAL="--eval_iters=5 --n_prompts=16 --max_new_tokens=160 --sample_tokens=60"
     PARALLEL=${PARALLEL:-0} ;;
   gpu)
-    PREPARE="--n_prompts_val=256 --n_prompts_train=2000 --n_sft_train=0 --task_in_train=20000 $TASK_DATA"
+    PREPARE="--n_prompts_val=256 --n_prompts_train=8000 --n_sft_train=0 --task_in_train=20000 $TASK_DATA"
     SYSTEM=""
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
     SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
          --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
-    PREFS="--n_prompts=600 --samples_per_prompt=4 --max_new_tokens=200"
+    PREFS="--n_prompts=3000 --samples_per_prompt=4 --all_pairs=True --max_new_tokens=200"
     REWARD="--max_iters=300 --eval_interval=150 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6 --n_fresh=128
             --max_new_tokens=200"
     DPO="--max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7 --eval_prompts=128
