@@ -107,8 +107,12 @@ if 'sft' in stages:
           v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}')
 if 'reward' in stages:
     acc = stages['reward']['metrics'].get('val/accuracy')
+    prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
+    n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training)"
+               if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
-          acc is not None and acc >= TARGETS['reward_accuracy'], 'reward.py val/accuracy at its last evaluation')
+          acc is not None and acc >= TARGETS['reward_accuracy'],
+          f'reward.py val/accuracy at its last evaluation{n_pairs}')
 dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
 if dpo and 'sft' in stages:
     sft_score = stages['sft']['task_score']
