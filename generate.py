@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from kernels import grouped_mm_supported
+from fast_paths import grouped_mm_supported
 from model import attention_mask
 
 

@@ -11,7 +11,7 @@ router, the experts and the MoE), the block and the MTP module, the losses, the 
 with its loss, router-bias balancing, accounting, a plain generate), the scalar-head model.
 
 This file is the reference. Where a faster way to compute the same thing exists, the line that
-uses it is a call into kernels.py (Triton kernels, grouped GEMMs, the fused output layer + loss),
+uses it is a call into fast_paths.py (Triton kernels, grouped GEMMs, the fused output layer + loss),
 each kernel equal to the code here; generate.py holds the inference engine (KV cache, batched and
 CUDA-graph decoding); optim.py holds Muon and QK-Clip, whose max-logit statistic the attention
 modules record.
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import fast_paths
 from optim import record_max_logit
 
 
@@ -386,7 +386,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
-        q, k, v = kernels.fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])   # one GEMM
+        q, k, v = fast_paths.fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])   # one GEMM
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)                   # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)                # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -448,7 +448,7 @@ class MLAttention(nn.Module):
         B, T, _ = x.shape
         H = self.n_head
         low_rank_q = not hasattr(self, 'q_proj')      # x's two projections, one GEMM when fused
-        q, ckv = kernels.fused_linear(x, [self.q_a_proj if low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
+        q, ckv = fast_paths.fused_linear(x, [self.q_a_proj if low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
         if low_rank_q:
             q = self.q_b_proj(self.q_a_layernorm(q))
         # heads stay inside each token's row, (B, T, H, D), as the projections write them; attention
@@ -520,7 +520,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            gate, up = kernels.fused_linear(x, [self.gate_proj, self.up_proj])   # one GEMM
+            gate, up = fast_paths.fused_linear(x, [self.gate_proj, self.up_proj])   # one GEMM
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate='tanh'))
 
@@ -564,7 +564,7 @@ class Router(nn.Module):
             best = group_scores.topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(N, self.E)
-        indices = kernels.top_k_indices(choice, self.K)                      # (N, K): choice.topk
+        indices = fast_paths.top_k_indices(choice, self.K)                      # (N, K): choice.topk
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -584,7 +584,7 @@ class Experts(nn.Module):
     def forward(self, x, weights, indices):
         """The reference: for each expert, gather its tokens, run it, add the weighted output.
         y_t = sum_k g_tk * down_e(silu(gate_e x_t) * up_e x_t), e = indices[t, k].
-        MoE.forward takes kernels.experts_grouped or experts_gathered instead where they run."""
+        MoE.forward takes fast_paths.experts_grouped or experts_gathered instead where they run."""
         y = torch.zeros_like(x)
         for e in range(self.gate_proj.size(0)):
             tok, slot = (indices == e).nonzero(as_tuple=True)      # data-dependent: a host sync
@@ -622,14 +622,14 @@ class MoE(nn.Module):
         weights, indices, scores = self.router(flat)
         impl = self.expert_impl(flat)
         if impl == 'grouped':         # tokens sorted by expert, one grouped GEMM per projection
-            y = kernels.experts_grouped(self.experts, flat, weights, indices)
+            y = fast_paths.experts_grouped(self.experts, flat, weights, indices)
         elif impl == 'gathered':      # each token reads its experts' rows: no sort at all
-            y = kernels.experts_gathered(self.experts, flat, weights, indices)
+            y = fast_paths.experts_gathered(self.experts, flat, weights, indices)
         else:
             y = self.experts(flat, weights, indices)                          # the loop
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += kernels.expert_counts(indices, self.E)
+                self.tokens_per_expert += fast_paths.expert_counts(indices, self.E)
         aux = None
         if self.training and self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1)
@@ -644,7 +644,7 @@ class MoE(nn.Module):
             return self.impl
         if flat.size(0) * self.K <= self.E:
             return 'gathered'
-        return 'grouped' if kernels.grouped_mm_supported(flat, self.C, self.I) else 'loop'
+        return 'grouped' if fast_paths.grouped_mm_supported(flat, self.C, self.I) else 'loop'
 
 
 def balance_loss(scores, indices, K, n_seq):
@@ -821,10 +821,10 @@ class GPT(nn.Module):
 
     def head_loss(self, h, targets, fused):
         """(logits, mean cross entropy) of the output head on normed hidden states h. fused: the
-        same loss through kernels.linear_cross_entropy, which never holds the (B, T, V) logits
+        same loss through fast_paths.linear_cross_entropy, which never holds the (B, T, V) logits
         whole and takes the head's gradients in the forward (logits is then None)."""
         if fused:
-            return None, kernels.linear_cross_entropy(h, self.lm_head.weight, targets)
+            return None, fast_paths.linear_cross_entropy(h, self.lm_head.weight, targets)
         logits = self.lm_head(h)                                               # (B, T, V)
         return logits, masked_cross_entropy(logits, targets)
 
@@ -835,7 +835,7 @@ class GPT(nn.Module):
         impl = self.config.loss_impl
         if impl == 'plain' or return_logits or not torch.is_grad_enabled():
             return False
-        return impl == 'fused' or (x.is_cuda and kernels.HAVE_TRITON)
+        return impl == 'fused' or (x.is_cuda and fast_paths.HAVE_TRITON)
 
     def trunk(self, idx, cache=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,

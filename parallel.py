@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import kernels
+import fast_paths
 from model import MoE, balance_loss
 
 EXPERT_WEIGHTS = ('gate_proj', 'up_proj', 'down_proj')     # Experts' (E, ., .) parameter stacks
@@ -89,7 +89,7 @@ class ExpertParallelMoE(MoE):
         y = torch.zeros_like(flat).index_add_(0, token, y_pairs.to(flat.dtype) * g)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += kernels.expert_counts(indices, self.E)   # summed over ranks later
+                self.tokens_per_expert += fast_paths.expert_counts(indices, self.E)   # summed over ranks later
         aux = None
         if self.training and self.aux_loss_alpha > 0:
             # per sequence (seq_aux) this is exact: the mean over ranks of the per-rank means; per
@@ -107,9 +107,9 @@ class ExpertParallelMoE(MoE):
         ones = torch.ones(x.size(0), 1, dtype=torch.float32, device=x.device)
         impl = self.impl
         if impl not in ('grouped', 'loop'):   # 'auto' / 'gathered': grouped where it runs
-            impl = 'grouped' if kernels.grouped_mm_supported(x, self.C, self.I) else 'loop'
+            impl = 'grouped' if fast_paths.grouped_mm_supported(x, self.C, self.I) else 'loop'
         if impl == 'grouped':
-            return kernels.experts_grouped(self.experts, x, ones, ids[:, None])
+            return fast_paths.experts_grouped(self.experts, x, ones, ids[:, None])
         return self.experts(x, ones, ids[:, None])
 
 

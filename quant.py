@@ -78,7 +78,7 @@ class QuantLinear(nn.Module):
 
 class QuantExperts(nn.Module):
     """Experts with the three (E, out, in) stacks stored quantized; gate_proj, up_proj and
-    down_proj dequantize them, one MoE layer at a time, for model.py's and kernels.py's paths."""
+    down_proj dequantize them, one MoE layer at a time, for model.py's and fast_paths.py's paths."""
 
     def __init__(self, E, C, I, bits, group_size, dtype):
         super().__init__()

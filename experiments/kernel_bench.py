@@ -1,18 +1,18 @@
 """Micro-benchmarks of candidate kernels for the MoE training step, each checked
 against the reference it would replace, on one CUDA GPU:
 
-  ce      the loss's row pass over a chunk of bf16 logits (kernels.cross_entropy_rows_): the kernel
-          in kernels.py (a program per row, one read and one write, the softmax left unnormalised)
+  ce      the loss's row pass over a chunk of bf16 logits (fast_paths.cross_entropy_rows_): the kernel
+          in fast_paths.py (a program per row, one read and one write, the softmax left unnormalised)
           against the earlier kernel that normalised it (two reads of the row, one write), that
           one on a persistent grid (P programs per SM, each looping over rows, so that fewer rows
           are in flight and the second read may come from L2), and a row held whole in registers;
   router  the sigmoid router's choice of K experts (torch.topk) against K rounds of argmax
           under torch.compile, forward and backward;
   lmhead  one chunk of the output layer and the loss (logits, loss, dh, dW): cuBLAS GEMMs with
-          the row pass between them (kernels.LinearCrossEntropy) against the three Triton kernels
+          the row pass between them (fast_paths.LinearCrossEntropy) against the three Triton kernels
           that take the softmax inside the backward GEMMs (linear_cross_entropy_chunk_),
           each kernel over a few tile configurations;
-  chunks  kernels.linear_cross_entropy (forward and backward) at 128 x 512 tokens with chunks of
+  chunks  fast_paths.linear_cross_entropy (forward and backward) at 128 x 512 tokens with chunks of
           0.25 to 2 GiB of logits (1 GiB is the default);
   attn    MLA's causal attention (q, k 96 wide, v 64) forward and backward through each SDPA
           backend that takes it (cuDNN, flash with v padded to 96, memory-efficient) and
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import triton                           # noqa: E402
 import triton.language as tl            # noqa: E402
 
-import kernels                          # noqa: E402
+import fast_paths                          # noqa: E402
 import model                            # noqa: E402
 from runtime import CUDAGraphStep        # noqa: E402
 
@@ -121,7 +121,7 @@ def ce_variants(n_sm):
     """name -> fn(z, t) returning (loss, inv_sum or None): z then holds the gradient times
     1 / inv_sum per row (model's kernel) or the gradient itself (None)."""
     def current(z, t):
-        return kernels.cross_entropy_rows_(z, t)
+        return fast_paths.cross_entropy_rows_(z, t)
 
     def two_pass(z, t):
         loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
@@ -147,7 +147,7 @@ def ce_variants(n_sm):
         def run(z, t):
             loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
             inv_sum = torch.empty_like(loss)
-            kernels._cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), t, loss, inv_sum, z.size(1),
+            fast_paths._cross_entropy_rows_kernel[(z.size(0),)](z, z.stride(0), t, loss, inv_sum, z.size(1),
                                                            BLOCK=block, num_warps=warps)
             return loss, inv_sum
         return run
@@ -169,7 +169,7 @@ def bench_ce(rows=9363, V=50304):
     t = torch.randint(0, V, (rows,), device='cuda', generator=g)
     t[::7] = -1
     ref_z = z0.cpu().float()
-    ref_loss, ref_inv = kernels.cross_entropy_rows_(ref_z, t.cpu())       # the PyTorch reference
+    ref_loss, ref_inv = fast_paths.cross_entropy_rows_(ref_z, t.cpu())       # the PyTorch reference
     ref_dz = ref_z * ref_inv[:, None]
     gb = z0.numel() * 2 / 1e9
     print(f'ce: {rows} x {V} bf16 logits ({gb:.2f} GB); TB/s counts the bytes each variant moves '
@@ -258,9 +258,9 @@ def route_topk(logits, bias, K, scale):
 
 
 def route_argmax(logits, bias, K, scale):
-    """kernels.top_k_indices: K rounds of argmax (row reductions that inductor fuses), not a sort."""
+    """fast_paths.top_k_indices: K rounds of argmax (row reductions that inductor fuses), not a sort."""
     scores = logits.sigmoid()
-    idx = kernels.top_k_indices(scores + bias, K, by_argmax=True)
+    idx = fast_paths.top_k_indices(scores + bias, K, by_argmax=True)
     w = scores.gather(1, idx)
     return w / w.sum(-1, keepdim=True) * scale, idx
 
@@ -452,19 +452,19 @@ def bench_lmhead(n=9363, V=50304, C=512):
 
     def cublas(parts=('logits', 'rows', 'dh', 'dw')):
         z = h @ w.t()
-        loss, inv_sum = kernels.cross_entropy_rows_(z, y) if 'rows' in parts else (None, 1.0)
+        loss, inv_sum = fast_paths.cross_entropy_rows_(z, y) if 'rows' in parts else (None, 1.0)
         if 'dh' in parts:
             torch.mm(z, w, out=dh).mul_(inv_sum[:, None])
         if 'dw' in parts:
             torch.addmm(dw, z.t(), (h * inv_sum[:, None]).to(h.dtype), out_dtype=torch.float32, out=dw)
         return loss
     z = h @ w.t()
-    ref_loss, ref_inv = kernels.cross_entropy_rows_(z, y)
+    ref_loss, ref_inv = fast_paths.cross_entropy_rows_(z, y)
     z = (z * ref_inv[:, None]).to(z.dtype)                # softmax - onehot
     ref_dh = z @ w
     ref_dw = (z.t().float() @ h.float())
     t_logits = bench(lambda: h @ w.t())
-    t_rows = bench(lambda: kernels.cross_entropy_rows_(h @ w.t(), y)) - t_logits
+    t_rows = bench(lambda: fast_paths.cross_entropy_rows_(h @ w.t(), y)) - t_logits
     t_dh = bench(lambda: torch.mm(z, w, out=dh))
     t_dw = bench(lambda: torch.addmm(dw, z.t(), h, out_dtype=torch.float32, out=dw))
     total = bench(cublas)
@@ -519,7 +519,7 @@ def bench_chunks(N=65536, V=50304, C=512):
     for gib in (0.25, 0.5, 1, 2):
         def run():
             with torch.autocast('cuda', torch.bfloat16):
-                loss = kernels.linear_cross_entropy(h, w, y, chunk_bytes=int(gib * 2 ** 30))
+                loss = fast_paths.linear_cross_entropy(h, w, y, chunk_bytes=int(gib * 2 ** 30))
             loss.backward()
             h.grad = w.grad = None
         torch.cuda.reset_peak_memory_stats()

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fast_paths
 from generate import generate, graph_capturable, new_cache
-from kernels import GatherRows, expert_counts, top_k_indices
+from fast_paths import GatherRows, expert_counts, top_k_indices
 from model import (GPT, Experts, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
                    count_params, softmax_scale)
 
@@ -329,9 +329,9 @@ def test_fast_expert_paths_equal_the_loop(path):
     x = torch.randn(11, 16, requires_grad=True)
     weights = torch.rand(11, 3, requires_grad=True)
     indices = torch.stack([torch.randperm(5)[:3] for _ in range(11)])    # expert 5 never chosen
-    fast = {'grouped': lambda: kernels.experts_grouped(experts, x, weights, indices, fuse_gate_up=False),
-            'grouped_fused': lambda: kernels.experts_grouped(experts, x, weights, indices, fuse_gate_up=True),
-            'gathered': lambda: kernels.experts_gathered(experts, x, weights, indices)}[path]
+    fast = {'grouped': lambda: fast_paths.experts_grouped(experts, x, weights, indices, fuse_gate_up=False),
+            'grouped_fused': lambda: fast_paths.experts_grouped(experts, x, weights, indices, fuse_gate_up=True),
+            'gathered': lambda: fast_paths.experts_gathered(experts, x, weights, indices)}[path]
     results = []
     for run in (lambda: experts(x, weights, indices), fast):
         out = run()
@@ -351,7 +351,7 @@ def test_fused_gate_up_gradients_are_contiguous():
     experts = Experts(E=4, C=16, I=8, std=0.3)
     x = torch.randn(10, 16).bfloat16()
     indices = torch.stack([torch.randperm(4)[:2] for _ in range(10)])
-    out = kernels.experts_grouped(experts, x, torch.rand(10, 2), indices)
+    out = fast_paths.experts_grouped(experts, x, torch.rand(10, 2), indices)
     g_gate, g_up = torch.autograd.grad(out.float().sum(), [experts.gate_proj, experts.up_proj])
     assert g_gate.dtype == torch.float32 and g_gate.is_contiguous() and g_up.is_contiguous()
 

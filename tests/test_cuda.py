@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_MODEL, run_script
 from runtime import CUDAGraphStep
 from generate import generate_tokens, new_cache
-from kernels import WeightedSwiGLU, cross_entropy_rows_, grouped_mm_supported, linear_cross_entropy
+from fast_paths import WeightedSwiGLU, cross_entropy_rows_, grouped_mm_supported, linear_cross_entropy
 from model import GPT, ModelConfig
 from optim import build_optimizer, qk_clip
 

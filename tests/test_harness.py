@@ -44,3 +44,14 @@ def test_a_run_past_its_timeout_is_killed(tmp_path):
         run_script(str(tmp_path / 'slow.py'), cwd=tmp_path, timeout=2)
     (tmp_path / 'quick.py').write_text('print("still serving")\n')
     assert run_script(str(tmp_path / 'quick.py'), cwd=tmp_path).stdout == 'still serving\n'
+
+
+def test_no_module_of_the_repository_shadows_an_installed_package():
+    """Scripts run from the repository root, so its modules come first on sys.path: one named like
+    an installed package replaces it for everything that imports that package. (transformers
+    imports Hugging Face's `kernels`; a kernels.py here broke its model loading.)"""
+    import importlib.metadata
+    import pathlib
+    installed = set(importlib.metadata.packages_distributions())    # top-level import names
+    ours = {p.stem for p in pathlib.Path(__file__).resolve().parent.parent.glob('*.py')}
+    assert ours and not ours & installed, sorted(ours & installed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generate import KVCache, generate, pad_prompts, sample_next
-from kernels import cross_entropy_rows_, fused_linear, linear_cross_entropy
+from fast_paths import cross_entropy_rows_, fused_linear, linear_cross_entropy
 from model import GPT, ModelConfig
 
 VARIANTS = {

@@ -13,6 +13,9 @@ a line that says "this is the fast way to do X" and keeps the reading of the mod
 
 Triton kernels run on CUDA; without Triton (PyTorch's CPU build) each falls back to the same
 math in PyTorch, which is what the CPU tests compare with the references.
+
+(Not named kernels.py: transformers imports Hugging Face's `kernels` package, and a kernels.py in
+the folder a script runs from would stand in for it.)
 """
 
 import torch
