@@ -17,6 +17,15 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     for name, src in (('base', 'base'), ('sft', 'sft_report'), ('data', 'data')):
         if not (out / name).exists():
             os.symlink(pipeline / src, out / name)
+    # a reward model on 20 external pairs (5 held out): its target row names how many pairs it saw
+    pairs = [{'prompt': f'Write a story number {i}.', 'chosen': 'The cat ran home.', 'rejected': 'cat cat cat'}
+             for i in range(20)]
+    (pipeline / 'report_pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in pairs))
+    run_script('prepare/preferences.py', '--source=report_pairs.jsonl', '--out_dir=speedrun/prefs',
+               '--val_fraction=0.25', cwd=pipeline)
+    run_script('reward.py', '--init_from=speedrun/sft', '--out_dir=speedrun/reward', '--prefs_dir=speedrun/prefs',
+               '--task_dir=inst', '--max_iters=2', '--eval_interval=2', '--batch_size=4', '--n_fresh=2',
+               '--max_new_tokens=8', '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
     for name in ('base', 'sft'):
         run_script('eval.py', f'--out_dir=speedrun/{name}', '--task_dir=inst', '--eval_iters=2', '--n_prompts=3',
                    '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', cwd=pipeline)
@@ -27,6 +36,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '# Report card: the life cycle on stories (test profile)' in md
     assert '| base | 12 s | 60 |' in md and '| sft | 5 s | 4 |' in md
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
+    assert 'reward.py val/accuracy at its last evaluation, on 5 held-out pairs (15 for training)' in md
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
