@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import triton                           # noqa: E402
 import triton.language as tl            # noqa: E402
 
-import fast_paths                          # noqa: E402
+import fast_paths                       # noqa: E402
 import model                            # noqa: E402
 from runtime import CUDAGraphStep        # noqa: E402
 

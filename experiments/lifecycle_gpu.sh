@@ -37,7 +37,6 @@ case ${1:-} in
       export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 TORCHDYNAMO_SUPPRESS_ERRORS=1   # as speedrun.sh
       bash speedrun.sh --profile=gpu --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
-      [ $SIDE = 1 ] || { wait; touch $R/LIFECYCLE_DONE; }
       until grep -qs '^prepare' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       [ $SIDE = 1 ] && python prepare/stories.py --out_dir=$R/data_ws1 --task_dir=$R/task_ws1 $TASK_WS1 > $R/logs/prepare_ws1.log 2>&1
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done

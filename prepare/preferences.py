@@ -20,6 +20,7 @@ import json
 import os
 import random
 import sys
+from itertools import combinations
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -91,9 +92,7 @@ else:
             scored.sort(key=lambda sa: sa[0])
             gaps.append(scored[-1][0] - scored[0][0])
             # (rejected, chosen) index pairs, chosen scoring at least `margin` more
-            ij = ([(a, b) for a in range(len(scored)) for b in range(a + 1, len(scored))] if all_pairs
-                  else [(0, len(scored) - 1)])
-            for a, b in ij:
+            for a, b in (combinations(range(len(scored)), 2) if all_pairs else [(0, len(scored) - 1)]):
                 (lo, worst), (hi, best) = scored[a], scored[b]
                 if hi - lo >= margin:
                     pairs.append({'prompt': p['prompt'], 'chosen': best['text'], 'rejected': worst['text'],

@@ -82,9 +82,11 @@ def test_sampled_pairs_from_a_model(pipeline):
     assert len(rows) == 3                                            # one pair per prompt (margin 0)
     assert all(r['chosen_score'] >= r['rejected_score'] and {'words', 'features'} <= set(r) for r in rows)
     # all_pairs: every two of the 3 answers (margin 0: all 3 pairs a prompt), split by prompt
-    run_script('prepare/preferences.py', '--init_from=base', '--task_dir=inst', '--out_dir=all_pairs', '--all_pairs=True',
-               '--samples_per_prompt=3', '--max_new_tokens=12', '--margin=0.0', '--device=cpu', cwd=pipeline)
-    files = {s: [json.loads(line) for line in open(pipeline / 'all_pairs' / f'prefs_{s}.jsonl')] for s in ('train', 'val')}
+    run_script('prepare/preferences.py', '--init_from=base', '--task_dir=inst', '--out_dir=all_pairs',
+               '--all_pairs=True', '--samples_per_prompt=3', '--max_new_tokens=12', '--margin=0.0', '--device=cpu',
+               cwd=pipeline)
+    files = {s: [json.loads(line) for line in open(pipeline / 'all_pairs' / f'prefs_{s}.jsonl')]
+             for s in ('train', 'val')}
     assert len(files['train']) + len(files['val']) == 9 and len(files['val']) == 3
     assert not {r['prompt'] for r in files['train']} & {r['prompt'] for r in files['val']}
     assert all(r['chosen_score'] >= r['rejected_score'] for r in files['train'] + files['val'])

@@ -45,7 +45,8 @@ def test_quantized_model_is_close_and_its_moe_paths_agree(kind):
     experts = model.layers[1].mlp.experts                            # every expert path reads the same stacks
     x, w = torch.randn(10, 64), torch.rand(10, 2)
     ind = torch.stack([torch.randperm(8)[:2] for _ in range(10)])
-    torch.testing.assert_close(fast_paths.experts_gathered(experts, x, w, ind), experts(x, w, ind), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_paths.experts_gathered(experts, x, w, ind), experts(x, w, ind),
+                               atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast_paths.experts_grouped(experts, x, w, ind), experts(x, w, ind), atol=1e-5, rtol=1e-4)
     assert isinstance(model.layers[0].attn.kv_b_proj, QuantLinear)  # MLA's absorbed path reads its .weight
     from generate import generate

@@ -298,6 +298,7 @@ def test_sft_examples_with_any_words_leave_the_prompts_as_they_were(tmp_path):
     for r in rows['sft_train']:
         assert score(r['response'], r['words'], r['features'])['score'] == 1.0
     for name in ('sft_val', 'prompts_val'):
-        assert (tmp_path / 'tTrue' / f'{name}.jsonl').read_bytes() == (tmp_path / 'tFalse' / f'{name}.jsonl').read_bytes()
+        before, after = ((tmp_path / t / f'{name}.jsonl').read_bytes() for t in ('tTrue', 'tFalse'))
+        assert before == after, name
     used = [r.get('reference', r.get('response')) for rs in rows.values() for r in rs]
     assert len(used) == len(set(used))                                # no passage in two files
