@@ -74,26 +74,29 @@ class PagedCache:
         self.pool, self.rows, self.n_new, self.device = pool, rows, n_new, device
 
     def begin(self, T):
-        B, bs = len(self.rows), self.pool.block_size
-        n = torch.tensor(self.n_new, device=self.device)                         # (B,) real new tokens
-        start = torch.tensor([r.length for r in self.rows], device=self.device)  # (B,) cached before
-        cols = torch.arange(T, device=self.device)
+        B, bs, dev = len(self.rows), self.pool.block_size, self.device
+        # everything about the rows is known on the host: build it there and copy each tensor once
+        # (no per-row copies, no device-to-host reads in the step)
+        lengths = [r.length for r in self.rows]
+        L = max(s + n for s, n in zip(lengths, self.n_new))
+        n = torch.tensor(self.n_new, device=dev)                                 # (B,) real new tokens
+        start = torch.tensor(lengths, device=dev)                                # (B,) cached before
+        cols = torch.arange(T, device=dev)
         real = cols[None, :] >= T - n[:, None]                                   # (B, T), left-padded
         q_pos = start[:, None] + cols[None, :] - (T - n[:, None])                # (B, T); < start on padding
-        L = int((start + n).max())
-        k_pos = torch.arange(L, device=self.device)[None, :].expand(B, L)
+        k_pos = torch.arange(L, device=dev)[None, :].expand(B, L)
         k_pos = k_pos.masked_fill(k_pos >= (start + n)[:, None], -1)            # (B, L); -1: not this row's
         c = self.pool.config
         allowed = attention_mask(q_pos.masked_fill(~real, -1), k_pos, c.sliding_window, c.n_sink_tokens)
         allowed[:, :, 0] |= ~real                     # a padding query sees one key, not none (no NaN)
         # where the new tokens go, and where every row's L keys are read from: (block, offset) pairs
-        table = torch.zeros(B, max(len(r.blocks) for r in self.rows), dtype=torch.long, device=self.device)
-        for b, r in enumerate(self.rows):
-            table[b, :len(r.blocks)] = torch.tensor(r.blocks, device=self.device)
-        b_idx, t_idx = real.nonzero(as_tuple=True)
-        slot = q_pos[b_idx, t_idx]
-        self.write = (table[b_idx, slot // bs], slot % bs, b_idx, t_idx)
-        slots = torch.arange(L, device=self.device)
+        width = max(len(r.blocks) for r in self.rows)
+        table = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows], device=dev)
+        write = [(r.blocks[slot // bs], slot % bs, b, T - k + i)                # row b's i-th new token,
+                 for b, (r, s0, k) in enumerate(zip(self.rows, lengths, self.n_new))   # column T - k + i,
+                 for i, slot in enumerate(range(s0, s0 + k))]                           # goes to slot s0 + i
+        self.write = tuple(torch.tensor(col, device=dev) for col in zip(*write))
+        slots = torch.arange(L, device=dev)
         self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))
         return q_pos.clamp(min=0), (allowed[:, None], False)
 
@@ -321,6 +324,12 @@ class Engine:
             idx[b, T - len(f):] = torch.tensor(f)
         cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
         logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
+        # the next token of every row whose prompt is read: the greedy rows in one argmax and one
+        # read back to the host; a sampled row draws with its own generator (its seed's stream)
+        ready = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending)]
+        greedy = [b for b in ready if rows[b].temperature == 0]
+        picked = dict(zip(greedy, sample_next(logits[greedy], 0, vocab_limit=self.vocab_limit).tolist()
+                          if greedy else []))
         events = []
         for b, (r, f) in enumerate(zip(rows, feed)):
             self.stats['decode_tokens' if r.output else 'prefill_tokens'] += len(f)
@@ -329,7 +338,8 @@ class Engine:
             if r.pending:                                  # more of the prompt to read
                 events.append((r, None, False))
                 continue
-            tok = int(sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, self.vocab_limit, r.generator)[0])
+            tok = picked[b] if b in picked else int(
+                sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, self.vocab_limit, r.generator)[0])
             r.output.append(tok)
             r.done = tok in r.stop_ids or len(r.output) >= r.max_new_tokens
             r.pending = [] if r.done else [tok]
