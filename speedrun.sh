@@ -86,15 +86,18 @@ case $PROFILE in
     SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
          --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
     PREFS="--n_prompts=3000 --samples_per_prompt=4 --all_pairs=True --max_new_tokens=200"
-    REWARD="--max_iters=300 --eval_interval=150 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6 --n_fresh=128
-            --max_new_tokens=200"
-    DPO="--max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7 --eval_prompts=128
-         --max_new_tokens=200"
+    # the reward model, DPO, PPO and GRPO run eagerly: compiling was most of their time on the H200
+    # (their first 10 steps took 178 s / 170 s for reward / DPO, a step after them 67 / 86 ms; PPO's
+    # first rollout 266 s, later ones 2 s; GRPO's 152 s, later 3.7 s; several processes compiled at once)
+    REWARD="--compile=False --max_iters=300 --eval_interval=150 --batch_size=32 --learning_rate=3e-5 --min_lr=3e-6
+            --n_fresh=128 --max_new_tokens=200"
+    DPO="--compile=False --max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7
+         --eval_prompts=128 --max_new_tokens=200"
     DPO_SEEDS="1 2 3"
-    PPO="--max_iters=20 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1 --max_new_tokens=200
-         --kl_beta=0.02 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
-    GRPO="--max_iters=20 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32 --max_new_tokens=200
-          --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
+    PPO="--compile=False --max_iters=20 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1
+         --max_new_tokens=200 --kl_beta=0.02 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
+    GRPO="--compile=False --max_iters=20 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32
+          --max_new_tokens=200 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
     STUDENT="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False
              --intermediate_size=512 --block_size=512 --batch_size=64 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100
              --max_iters=1500 --eval_interval=500 --eval_iters=20"
