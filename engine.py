@@ -92,9 +92,9 @@ class PagedCache:
         # where the new tokens go, and where every row's L keys are read from: (block, offset) pairs
         width = max(len(r.blocks) for r in self.rows)
         table = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows], device=dev)
-        write = [(r.blocks[slot // bs], slot % bs, b, T - k + i)                # row b's i-th new token,
-                 for b, (r, s0, k) in enumerate(zip(self.rows, lengths, self.n_new))   # column T - k + i,
-                 for i, slot in enumerate(range(s0, s0 + k))]                           # goes to slot s0 + i
+        # row b's i-th new token (column T - k + i of the step) goes to its slot s0 + i
+        write = [(r.blocks[(s0 + i) // bs], (s0 + i) % bs, b, T - k + i)
+                 for b, (r, s0, k) in enumerate(zip(self.rows, lengths, self.n_new)) for i in range(k)]
         self.write = tuple(torch.tensor(col, device=dev) for col in zip(*write))
         slots = torch.arange(L, device=dev)
         self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))
@@ -326,8 +326,7 @@ class Engine:
         logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
         # the next token of every row whose prompt is read: the greedy rows in one argmax and one
         # read back to the host; a sampled row draws with its own generator (its seed's stream)
-        ready = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending)]
-        greedy = [b for b in ready if rows[b].temperature == 0]
+        greedy = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending) and r.temperature == 0]
         picked = dict(zip(greedy, sample_next(logits[greedy], 0, vocab_limit=self.vocab_limit).tolist()
                           if greedy else []))
         events = []
