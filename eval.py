@@ -8,7 +8,8 @@ $ python eval.py --out_dir=out/sft --n_prompts=500 --temperature=0.8
 
 Writes out_dir/eval.json (val loss and bits per byte on each held-out split, the task metrics, the
 first n_samples answers with their scores, and n_samples continuations of story openings written
-as a language model, without the template) and prints a markdown row (or, with --compare, a
+as a language model, without the template), every answer with its scores in
+out_dir/eval_answers.jsonl (to read what the model gets wrong), and prints a markdown row (or, with --compare, a
 table). A checkpoint without the chat template (a pretrained model) is prompted with the template
 all the same: its tokenizer gets the template tokens appended, as sft.py does.
 """
@@ -107,24 +108,27 @@ def continuations(model, tok):
 
 
 def task_metrics(model, tok):
+    """The task metrics for eval.json, and one row per held-out prompt (its answer and scores)."""
     path = os.path.join(task_dir, 'prompts_val.jsonl')
     if not n_prompts:
-        return {}
+        return {}, []
     if not os.path.isfile(path):
         print(f"no held-out prompts at '{path}' (python prepare/tinystories_instruct.py); skipping the task",
               file=sys.stderr)
-        return {}
+        return {}, []
     prompts = read_jsonl(path, ('prompt', 'words'))[:n_prompts]
     r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
                       batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
-           'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
+           'task/word_by_position': r['word_by_position'], 'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
            'task/example': r['example'],
            'task/samples': [{'prompt': p['prompt'], 'answer': a['text'], **{k: s[k] for k in ('score', 'all_words')}}
                             for p, a, s in zip(prompts, r['answers'], r['scores'])][:n_samples]}
     if reference:
         out['kl_ref'] = kl_to_reference(model, tok, prompts)
-    return out
+    rows = [{'prompt': p['prompt'], 'words': p['words'], 'answer': a['text'], 'ended': a['ended'], **s}
+            for p, a, s in zip(prompts, r['answers'], r['scores'])]
+    return out, rows
 
 
 @torch.no_grad()
@@ -147,13 +151,17 @@ def evaluate(folder):
     ckpt = load_checkpoint(folder)
     model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt, quantize=quantize)
     model.to(rt.device).eval()
+    task, answers = task_metrics(model, tok)
     result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0),
               'params': model.num_params(), 'active_params': model.active_params(), 'val/loss': None,
-              'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task_metrics(model, tok),
+              'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
               'continuations': continuations(model, tok), 'temperature': temperature,
               'max_new_tokens': max_new_tokens}
     with open(os.path.join(folder, 'eval.json'), 'w') as f:
         json.dump(result, f, indent=2)
+    if answers:
+        with open(os.path.join(folder, 'eval_answers.jsonl'), 'w') as f:
+            f.writelines(json.dumps(row) + '\n' for row in answers)
     return result
 
 

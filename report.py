@@ -89,6 +89,7 @@ for name in TRAINED:
                     'val_loss': ev.get('val/loss'), 'val_bpb': ev.get('val/bpb'),
                     'val_tinystories_bpb': ev.get('val_tinystories/bpb'),
                     'task_score': ev.get('task/score'), 'all_words': ev.get('task/all_words'),
+                    'word_by_position': ev.get('task/word_by_position'),
                     'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'),
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
                     'metrics': ckpt['metrics'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {})}
@@ -103,8 +104,11 @@ def check(name, value, target, passed, how):
 
 if 'sft' in stages:
     v, base = stages['sft']['all_words'], stages.get('base', {}).get('all_words')
+    by_position = stages['sft'].get('word_by_position')      # which listed word the answers drop
+    per_word = (f"; the 1st / 2nd / 3rd listed word used in {' / '.join(pct(x) for x in by_position[:3])} of answers"
+                if by_position else '')
     check('SFT: all required words used (greedy, held-out prompts)', v, f">= {pct(TARGETS['sft_all_words'])}",
-          v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}')
+          v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}{per_word}')
 if 'reward' in stages:
     acc = stages['reward']['metrics'].get('val/accuracy')
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made

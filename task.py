@@ -148,6 +148,7 @@ def score(text, words, features=None, ended=True):
     penalty = min(1.0, max(0.0, (rep - 0.2) / 0.6))
     total = (0.6 * words_frac + 0.2 * features_frac + 0.2 * ending) * (1 - penalty)
     return {'score': total, 'words': words_frac, 'all_words': len(used) == len(words),
+            'used': [w in used for w in words],          # per required word, in the prompt's order
             'features': features_frac, 'ending': ending, 'repetition': rep}
 
 
@@ -222,7 +223,8 @@ def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
                   batch_size=64, autocast=contextlib.nullcontext, seed=1337, cuda_graph=False):
     """Answer held-out prompts (dicts with 'prompt', 'words', 'features') and score the answers
     with the task rule: the means of score, words, ended and repetition, the share using all
-    required words, one example, and the per-prompt answers and scores."""
+    required words, the share using the i-th listed word (word_by_position, for i = 1, 2, ...:
+    which of the words an answer drops), one example, and the per-prompt answers and scores."""
     raw = model._orig_mod if hasattr(model, '_orig_mod') else model
     device = next(raw.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
@@ -232,7 +234,12 @@ def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
     scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
     n = max(len(scores), 1)
     mean = lambda key: sum(float(s[key]) for s in scores) / n      # noqa: E731
+    n_listed = max((len(s['used']) for s in scores), default=0)
+    # share of answers using the i-th listed word, over the prompts that list at least i words
+    by_position = [sum(s['used'][i] for s in scores if len(s['used']) > i) /
+                   max(1, sum(len(s['used']) > i for s in scores)) for i in range(n_listed)]
     return {'score': mean('score'), 'all_words': mean('all_words'), 'words': mean('words'),
+            'word_by_position': by_position,
             'ended': sum(a['ended'] for a in answers) / n, 'repetition': mean('repetition'),
             'example': {'prompt': prompts[0]['prompt'], 'answer': answers[0]['text']} if prompts else None,
             'answers': answers, 'scores': scores}

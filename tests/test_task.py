@@ -14,14 +14,14 @@ GOOD = ('Once upon a time, a little fox found a shiny key in the grass. "What do
 
 def test_a_good_story_scores_one():
     s = score(GOOD, ['fox', 'shiny', 'open'], {'dialogue': True, 'max_sentences': 10}, ended=True)
-    assert s == {'score': 1.0, 'words': 1.0, 'all_words': True, 'features': 1.0, 'ending': 1.0,
-                 'repetition': pytest.approx(s['repetition'])}
+    assert s == {'score': 1.0, 'words': 1.0, 'all_words': True, 'used': [True, True, True], 'features': 1.0,
+                 'ending': 1.0, 'repetition': pytest.approx(s['repetition'])}
     assert s['repetition'] < 0.05
 
 
 def test_missing_words_count_as_a_share():
     s = score(GOOD, ['fox', 'dragon', 'castle'], ended=True)
-    assert s['words'] == pytest.approx(1 / 3) and not s['all_words']
+    assert s['words'] == pytest.approx(1 / 3) and not s['all_words'] and s['used'] == [True, False, False]
     assert s['score'] == pytest.approx(0.6 / 3 + 0.2 + 0.2)
 
 
@@ -73,3 +73,17 @@ def test_parse_instruct():
     assert parse_instruct(doc) == {'story': 'The oak was gloomy.\n"I quit," it said.',
                                    'words': ['quit', 'oak', 'gloomy'], 'features': {'dialogue': True}}
     assert parse_instruct('Just a plain story.') is None
+
+
+def test_evaluate_task_says_which_listed_word_the_answers_drop(monkeypatch):
+    """word_by_position: the share of answers using the 1st, 2nd, 3rd listed word (here the third
+    word is dropped by two answers of three, the second by one)."""
+    import torch
+
+    import task
+    answers = ['The fox found a key in a box.', 'The fox found a key.', 'The fox sat.']
+    monkeypatch.setattr(task, 'generate_chat', lambda *a, **k: [{'text': t, 'ended': True} for t in answers])
+    prompts = [{'prompt': make_prompt(['fox', 'key', 'box']), 'words': ['fox', 'key', 'box']}] * 3
+    r = task.evaluate_task(torch.nn.Linear(1, 1), None, prompts)
+    assert r['word_by_position'] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert r['all_words'] == pytest.approx(1 / 3) and r['words'] == pytest.approx((3 + 2 + 1) / 9)
