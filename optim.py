@@ -214,10 +214,24 @@ def adamw_param_groups(params, weight_decay):
             {'params': no_decay, 'weight_decay': 0.0}]
 
 
+def split_by_lr_scale(groups, lr_scale):
+    """Each param group split by the learning-rate multiplier of its parameters (lr_scale: id of a
+    parameter -> multiplier, 1 where absent), the multiplier kept in the group as 'lr_scale'."""
+    out = []
+    for g in groups:
+        scales = sorted({lr_scale.get(id(p), 1.0) for p in g['params']}) or [1.0]
+        out += [dict(g, params=[p for p in g['params'] if lr_scale.get(id(p), 1.0) == s], lr_scale=s)
+                for s in scales]
+    return out
+
+
 def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                    eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5, capturable=False):
+                    eps=1e-8, device_type='cpu', momentum=0.95, nesterov=True, ns_steps=5, capturable=False,
+                    lr_scale=None):
     """capturable: the step may be captured in a CUDA graph (runtime.CUDAGraphStep): AdamW keeps
-    its step counts on the device and never reads them on the host (Muon cannot yet)."""
+    its step counts on the device and never reads them on the host (Muon cannot yet).
+    lr_scale: {id(parameter): multiplier} for parameters that learn at learning_rate * multiplier
+    (PPO's value model: a fresh head learns faster than the policy may move)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer='{name}'; valid: {', '.join(OPTIMIZERS)}")
     if capturable and name != 'adamw':
@@ -226,6 +240,8 @@ def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, b
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == 'adamw':
         groups = adamw_param_groups([p for _, p in named], weight_decay)
+        if lr_scale:
+            groups = split_by_lr_scale(groups, lr_scale)
         extra = {}
         if device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters:
             extra['fused'] = True                   # one kernel for all parameters
@@ -237,10 +253,12 @@ def build_optimizer(model, name='adamw', learning_rate=3e-4, weight_decay=0.1, b
         rest = [p for n, p in named if not is_muon_param(n, p)]
         groups = [{'params': muon, 'use_muon': True, 'weight_decay': weight_decay}]
         groups += [dict(g, use_muon=False) for g in adamw_param_groups(rest, weight_decay)]
+        if lr_scale:
+            groups = split_by_lr_scale(groups, lr_scale)
         opt = Muon(groups, lr=learning_rate, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                    betas=betas, eps=eps)
     for g in opt.param_groups:
-        g['base_lr'] = learning_rate
+        g['base_lr'] = g['lr'] = learning_rate * g.get('lr_scale', 1.0)
     return opt
 
 

@@ -94,8 +94,11 @@ case $PROFILE in
     DPO="--compile=False --max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7
          --eval_prompts=128 --max_new_tokens=200"
     DPO_SEEDS="1 2 3"
+    # PPO's value model learns at 10x the policy's rate: at the policy's 2e-5 its values explained
+    # none of the returns' variance in 20 rollouts (explained variance 0.00 throughout)
     PPO="--compile=False --max_iters=20 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1
-         --max_new_tokens=200 --kl_beta=0.02 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
+         --max_new_tokens=200 --kl_beta=0.02 --learning_rate=2e-5 --min_lr=2e-6 --value_learning_rate=2e-4
+         --eval_prompts=128"
     GRPO="--compile=False --max_iters=20 --eval_interval=10 --rollout_prompts=32 --group_size=8 --minibatch_size=32
           --max_new_tokens=200 --learning_rate=2e-5 --min_lr=2e-6 --eval_prompts=128"
     STUDENT="--n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm --mlp=swiglu --bias=False

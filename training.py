@@ -184,10 +184,15 @@ class Run:
 
     def build_optimizer(self, module):
         c = self.c
+        # the second model's own learning rate (PPO's value_learning_rate), as a multiplier of
+        # learning_rate that the schedule then scales like every other group's
+        lr_scale = None
+        if self.also_raw is not None and c.get('value_learning_rate') and c['learning_rate']:
+            lr_scale = {id(p): c['value_learning_rate'] / c['learning_rate'] for p in self.also_raw.parameters()}
         try:
             return build_optimizer(module, c['optimizer'], c['learning_rate'], c['weight_decay'],
                                    (c['beta1'], c['beta2']), device_type=self.rt.device_type,
-                                   momentum=c['muon_momentum'])
+                                   momentum=c['muon_momentum'], lr_scale=lr_scale)
         except ValueError as e:
             sys.exit(f'error: {e}')
 

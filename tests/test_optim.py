@@ -118,6 +118,24 @@ def test_parameter_assignment():
         build_optimizer(untied, 'sgd')
 
 
+@pytest.mark.parametrize('name', ['adamw', 'muonclip'])
+def test_lr_scale_gives_some_parameters_their_own_rate_under_the_schedule(name):
+    """lr_scale (PPO's value_learning_rate): those parameters' groups start at learning_rate x their
+    multiplier, and the schedule (optim.set_lr) scales every group alike; the rest keep learning_rate."""
+    from optim import set_lr
+    policy, value = build(MLA), build(GQA, seed=1)
+    both = torch.nn.ModuleList([policy, value])
+    opt = build_optimizer(both, name, learning_rate=1e-3, lr_scale={id(p): 10.0 for p in value.parameters()})
+    rate = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
+    assert all(rate[id(p)] == pytest.approx(1e-3) for p in policy.parameters())
+    assert all(rate[id(p)] == pytest.approx(1e-2) for p in value.parameters())
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(both.parameters()))
+    set_lr(opt, 0.5)                                        # halfway down a schedule
+    rate = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
+    assert rate[id(next(value.parameters()))] == pytest.approx(5e-3)
+    assert rate[id(next(policy.parameters()))] == pytest.approx(5e-4)
+
+
 # --- QK-Clip -------------------------------------------------------------------------------
 
 def head_max_logits(model, x):
