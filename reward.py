@@ -6,6 +6,7 @@ ppo.py and grpo.py load its checkpoint as the reward.
 
 $ python prepare/preferences.py --init_from=out/sft
 $ python reward.py --init_from=out/sft --out_dir=out/reward
+$ python reward.py --init_from=out/sft --batch_by=prompt     # a prompt's pairs together (all_pairs data)
 
 Every eval_interval steps it logs: held-out pair accuracy and loss; the length bias (Pearson
 correlation of reward with response length, beside the rule score's own); and the rank
@@ -44,7 +45,11 @@ prefs_dir = 'data/prefs'     # prefs_train.jsonl, prefs_val.jsonl
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the fresh samples
 loss = 'bt'                  # 'bt' (Bradley-Terry) | 'margin' (margin ranking)
 ranking_margin = 1.0         # m of the margin ranking loss
-batch_size = 16              # pairs per micro-batch
+batch_size = 16              # pairs (or, batch_by='prompt', prompts) per micro-batch
+batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, each with all its pairs,
+                             # every answer read once. With all pairs of K answers a prompt, shuffled
+                             # pairs show each answer K - 1 times an epoch and the model learns the
+                             # answers, not the preference (InstructGPT, Ouyang et al. 2022, 3.5)
 block_size = 0               # 0: the model's block_size
 n_fresh = 128                # fresh samples (SFT model, held-out prompts) for the rank correlation
 fresh_temperature = 1.0
@@ -82,6 +87,8 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 if loss not in ('bt', 'margin'):
     sys.exit(f"error: loss='{loss}'; valid: bt, margin")
+if batch_by not in ('pair', 'prompt'):
+    sys.exit(f"error: batch_by='{batch_by}'; valid: pair, prompt")
 if init_from == 'scratch':
     sys.exit("error: reward.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
@@ -104,10 +111,9 @@ def encode(pair, side):
     return ids[:block_size]
 
 
-def batch(pairs):
-    """x (2B, T): the chosen sequences then the rejected ones, right-padded; last (2B,): the
-    position of each sequence's last token, where the reward is read."""
-    seqs = [encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs]
+def padded(seqs):
+    """x (N, T): the sequences right-padded; last (N,): each one's last position, where its reward
+    is read."""
     x = torch.full((len(seqs), max(map(len, seqs))), tok.eot_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         x[i, :len(s)] = torch.tensor(s)
@@ -115,11 +121,51 @@ def batch(pairs):
     return x.to(rt.device), last.to(rt.device)
 
 
-def pair_loss(r_chosen, r_rejected):
+def batch(pairs):
+    """The B pairs' sequences (x, last): the chosen ones, then the rejected ones."""
+    return padded([encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs])
+
+
+def by_prompt(pairs):
+    """The pairs grouped by prompt: per prompt its distinct answers (as pair dicts and sides, to
+    encode) and its pairs as (chosen, rejected) indices into them."""
+    groups = {}
+    for p in pairs:
+        answers, index, comparisons = groups.setdefault(p['prompt'], ([], {}, []))
+        ids = []
+        for side in ('chosen', 'rejected'):
+            key = (p[side], p.get(f'{side}_ended', True))
+            if key not in index:
+                index[key] = len(answers)
+                answers.append((p, side))
+            ids.append(index[key])
+        comparisons.append(tuple(ids))
+    return [(answers, comparisons) for answers, _, comparisons in groups.values()]
+
+
+def prompt_batch(groups):
+    """The B prompts' answers (x, last), each once, and their pairs: chosen and rejected indices
+    into x, and per pair the weight 1 / (B x the prompt's pairs), so every prompt counts alike."""
+    seqs, chosen, rejected, weight = [], [], [], []
+    for answers, comparisons in groups:
+        for c, r in comparisons:
+            chosen.append(len(seqs) + c)
+            rejected.append(len(seqs) + r)
+            weight.append(1 / (len(groups) * len(comparisons)))
+        seqs += [encode(p, side) for p, side in answers]
+    x, last = padded(seqs)
+    return x, last, torch.tensor(chosen, device=rt.device), torch.tensor(rejected, device=rt.device), \
+        torch.tensor(weight, device=rt.device)
+
+
+def pair_loss(r_chosen, r_rejected, weight=None):
+    """The mean loss of the pairs (or, with weight, their weighted sum)."""
     diff = r_chosen - r_rejected
     if loss == 'bt':
-        return -F.logsigmoid(diff).mean()                 # Bradley-Terry: P(chosen > rejected) = sigma(diff)
-    return F.relu(ranking_margin - diff).mean()
+        per_pair = -F.logsigmoid(diff)                    # Bradley-Terry: P(chosen > rejected) = sigma(diff)
+    else:
+        per_pair = F.relu(ranking_margin - diff)
+    return per_pair.mean() if weight is None else (weight * per_pair).sum()
 
 
 @torch.no_grad()
@@ -178,18 +224,26 @@ run = Run(config, rt, model, 'reward', tok.spec(), model.flops_per_token(block_s
           unused_parameters=True)             # scores only: the LM head (and MTP) unused
 ckpt = None
 
-# --- the training loop: a random batch of pairs per micro-step ----------------------------------
+# --- the training loop: a random batch of pairs (or of prompts) per micro-step -------------------
+train_groups = by_prompt(train_pairs) if batch_by == 'prompt' else None
 step = run.step                               # 0, or where a resumed run stopped
 while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
-        ix = torch.randint(len(train_pairs), (batch_size,), generator=run.batch_generator(step, micro))
-        x, last = batch([train_pairs[int(i)] for i in ix])
+        g = run.batch_generator(step, micro)
+        if batch_by == 'prompt':
+            ix = torch.randint(len(train_groups), (batch_size,), generator=g)
+            x, last, chosen, rejected, weight = prompt_batch([train_groups[int(i)] for i in ix])
+        else:
+            ix = torch.randint(len(train_pairs), (batch_size,), generator=g)
+            x, last = batch([train_pairs[int(i)] for i in ix])
+            chosen, rejected, weight = torch.arange(2 * batch_size, device=rt.device).chunk(2) + (None,)
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
-                rc, rr = run.model(x, last=last).chunk(2)       # rewards of chosen and rejected
-                micro_loss = pair_loss(rc, rr) / gradient_accumulation_steps
+                r = run.model(x, last=last)
+                rc, rr = r[chosen], r[rejected]                 # rewards of chosen and rejected
+                micro_loss = pair_loss(rc, rr, weight) / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip

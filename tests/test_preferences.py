@@ -120,6 +120,29 @@ def test_reward_model_learns_a_planted_preference(planted):
     assert r[0] > r[1]
 
 
+def test_reward_model_batched_by_prompt_learns_from_all_pairs_of_each_prompt(pipeline):
+    """batch_by='prompt': per prompt 2 answers with 'banana' and 2 without, and every (banana, plain)
+    pair (4 a prompt, each answer in 2 of them, as prepare/preferences.py --all_pairs makes them);
+    a batch holds whole prompts, each answer read once."""
+    rng = random.Random(1)
+    sent = lambda k: ' '.join(rng.choice(WORDS) for _ in range(k)) + '.'     # noqa: E731
+    rows = []
+    for i in range(100):
+        good = [sent(rng.randint(5, 12)).replace('.', ' banana.') for _ in range(2)]
+        bad = [sent(rng.randint(6, 13)) for _ in range(2)]
+        rows += [{'prompt': f'Write a story number {i}.', 'chosen': g, 'rejected': b} for g in good for b in bad]
+    (pipeline / 'grouped.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run_script('prepare/preferences.py', '--source=grouped.jsonl', '--out_dir=grouped', '--val_fraction=0.2',
+               cwd=pipeline)
+    run_script('reward.py', '--init_from=base', '--out_dir=rm_grouped', '--prefs_dir=grouped', '--batch_by=prompt',
+               '--max_iters=60', '--eval_interval=30', '--batch_size=2', '--learning_rate=1e-3', '--n_fresh=0',
+               *COMMON, cwd=pipeline)
+    rows = [json.loads(line) for line in open(pipeline / 'rm_grouped' / 'log.jsonl')]
+    evals = [r for r in rows if 'val/accuracy' in r]
+    assert evals[0]['val/accuracy'] < 0.8 and evals[-1]['val/accuracy'] > 0.9, evals
+    assert rows[1]['train/accuracy'] is not None
+
+
 def test_dpo_starts_at_log_2_and_falls(planted):
     run_script('dpo.py', '--init_from=base', '--out_dir=dpo', '--prefs_dir=planted', '--max_iters=30',
                '--eval_interval=15', '--batch_size=8', '--learning_rate=1e-3', '--eval_prompts=2', *COMMON,
@@ -137,8 +160,10 @@ def test_dpo_starts_at_log_2_and_falls(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs = run_scripts([('reward.py', ['--loss=hinge']),
-                               ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu'])], cwd=planted)
+    loss, prefs, by = run_scripts([('reward.py', ['--loss=hinge']),
+                                   ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
+                                   ('reward.py', ['--batch_by=answer'])], cwd=planted)
     assert loss.returncode != 0 and "loss='hinge'; valid: bt, margin" in loss.stderr
+    assert by.returncode != 0 and "batch_by='answer'; valid: pair, prompt" in by.stderr
     assert prefs.returncode != 0
     assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in prefs.stderr

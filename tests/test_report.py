@@ -3,6 +3,7 @@ pretrained model and its SFT model here; speedrun.sh --profile=cpu runs every st
 
 import json
 import os
+import subprocess
 
 from conftest import run_script
 
@@ -46,3 +47,20 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20 and report['wall_time_s'] == 9
     assert '0.3 minutes of stages in all, 0.1 minutes of wall time' in md
     assert len(report['stages']['base']['continuations']) == 5 and 'wrote speedrun/report.md' in p.stdout
+
+
+def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
+    """speedrun.sh: <NAME>_EXTRA is appended to a stage's settings (so it wins over the profile's
+    value) and EVAL_RUNS names the runs eval evaluates. The stages fail here (no base model); the
+    command lines they print are what is checked."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, SFT_EXTRA='--learning_rate=3e-4 --max_iters=7', EVAL_RUNS='sft student_scratch')
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    line = next(x for x in p.stdout.splitlines() if x.startswith('sft: python sft.py'))
+    assert line.endswith('--learning_rate=3e-4 --max_iters=7 --device=cpu --compile=False'), line
+    assert line.index('--learning_rate=1e-3') < line.index('--learning_rate=3e-4')    # the profile's, then ours
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=eval'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    runs = [x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_')]
+    assert runs[0] == 'eval_sft' and 'eval_base' not in runs, p.stdout
