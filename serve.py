@@ -160,8 +160,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == '/health':
             self.send(200, {'status': 'ok'})
         elif self.path == '/v1/models':
+            # 'chat': whether the checkpoint has the chat template (the page continues text otherwise)
             self.send(200, {'object': 'list', 'data': [{'id': MODEL_ID, 'object': 'model', 'created': 0,
-                                                         'owned_by': 'nano-kimi'}]})
+                                                         'owned_by': 'nano-kimi', 'chat': bool(tok.chat)}]})
         elif self.path in ('/', '/index.html'):
             self.send(200, CHAT_PAGE, 'text/html; charset=utf-8')
         else:
@@ -241,8 +242,11 @@ form { display: flex; gap: .5rem; } textarea { flex: 1; height: 4rem; }
 <script>
 const log = document.getElementById('log'), input = document.getElementById('input');
 const sendBtn = document.getElementById('send'), stopBtn = document.getElementById('stop');
-let messages = [], controller = null;
-fetch('/v1/models').then(r => r.json()).then(j => document.getElementById('model').textContent = 'model: ' + j.data[0].id);
+let messages = [], controller = null, chat = true;
+fetch('/v1/models').then(r => r.json()).then(j => { const m = j.data[0]; chat = m.chat !== false;
+  document.getElementById('model').textContent = 'model: ' + m.id + (chat ? '' :
+    ' (a pretrained model without the chat template: it continues the text you write)');
+  if (!chat) input.placeholder = 'Once upon a time'; });
 function add(role, text) { const d = document.createElement('div'); d.className = 'msg ' + role;
   d.textContent = text; log.appendChild(d); return d; }
 document.getElementById('clear').onclick = () => { messages = []; log.innerHTML = ''; };
@@ -250,19 +254,21 @@ stopBtn.onclick = () => { if (controller) controller.abort(); };
 document.getElementById('form').onsubmit = async (e) => {
   e.preventDefault(); const text = input.value.trim(); if (!text) return;
   input.value = ''; messages.push({role: 'user', content: text}); add('user', text);
-  const out = add('assistant', ''); let answer = '';
+  const out = add('assistant', chat ? '' : text); let answer = '';
   controller = new AbortController(); sendBtn.disabled = true; stopBtn.disabled = false;
-  try {
-    const res = await fetch('/v1/chat/completions', {method: 'POST', signal: controller.signal,
-      headers: {'Content-Type': 'application/json'}, body: JSON.stringify({messages, stream: true,
-      temperature: +document.getElementById('temperature').value, top_p: +document.getElementById('top_p').value,
-      max_tokens: +document.getElementById('max_tokens').value})});
+  const settings = {stream: true, temperature: +document.getElementById('temperature').value,
+    top_p: +document.getElementById('top_p').value, max_tokens: +document.getElementById('max_tokens').value};
+  try {   // a chat model answers the conversation; a pretrained one continues this message's text
+    const res = await fetch(chat ? '/v1/chat/completions' : '/v1/completions', {method: 'POST',
+      signal: controller.signal, headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify(chat ? {messages, ...settings} : {prompt: text, ...settings})});
     if (!res.ok) { out.textContent = (await res.json()).error.message; return; }
     const reader = res.body.getReader(), decoder = new TextDecoder(); let buf = '';
     while (true) { const {done, value} = await reader.read(); if (done) break;
       buf += decoder.decode(value, {stream: true}); const events = buf.split('\\n\\n'); buf = events.pop();
       for (const ev of events) { const data = ev.replace(/^data: /, ''); if (data === '[DONE]') continue;
-        const delta = JSON.parse(data).choices[0].delta; if (delta.content) { answer += delta.content; out.textContent = answer; } } }
+        const choice = JSON.parse(data).choices[0], piece = chat ? choice.delta.content : choice.text;
+        if (piece) { answer += piece; out.textContent = (chat ? '' : text) + answer; } } }
   } catch (err) { if (err.name !== 'AbortError') out.textContent = String(err); }
   finally { messages.push({role: 'assistant', content: answer}); controller = null;
     sendBtn.disabled = false; stopBtn.disabled = true; }

@@ -16,16 +16,9 @@ from conftest import REPO
 openai = pytest.importorskip('openai')
 
 
-@pytest.fixture(scope='module')
-def server(pipeline):
-    """serve.py on the tiny pipeline's SFT-style model (the base model with the chat template's
-    tokens: sft.py adds them), on a free port."""
-    from conftest import run_script
-    if not (pipeline / 'sft_serve').exists():
-        run_script('sft.py', '--init_from=base', '--out_dir=sft_serve', '--task_dir=inst', '--max_iters=2',
-                   '--eval_interval=2', '--batch_size=2', '--block_size=96', '--eval_prompts=1', '--max_new_tokens=4',
-                   '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), '--out_dir=sft_serve', '--port=0',
+def start_server(pipeline, out_dir):
+    """serve.py on a checkpoint of the tiny pipeline, on a free port: (process, its url)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), f'--out_dir={out_dir}', '--port=0',
                              '--device=cpu', '--n_blocks=64', '--block_size=8', '--default_max_tokens=12'],
                             cwd=pipeline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
@@ -33,7 +26,19 @@ def server(pipeline):
     while 'serving' not in line and proc.poll() is None:
         line = proc.stdout.readline()
     assert 'serving' in line, line + proc.stderr.read()
-    url = line.split(' on ')[1].split(';')[0]
+    return proc, line.split(' on ')[1].split(';')[0]
+
+
+@pytest.fixture(scope='module')
+def server(pipeline):
+    """serve.py on the tiny pipeline's SFT-style model (the base model with the chat template's
+    tokens: sft.py adds them)."""
+    from conftest import run_script
+    if not (pipeline / 'sft_serve').exists():
+        run_script('sft.py', '--init_from=base', '--out_dir=sft_serve', '--task_dir=inst', '--max_iters=2',
+                   '--eval_interval=2', '--batch_size=2', '--block_size=96', '--eval_prompts=1', '--max_new_tokens=4',
+                   '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
+    proc, url = start_server(pipeline, 'sft_serve')
     yield url, pipeline
     proc.terminate()
     proc.wait(timeout=30)
@@ -127,3 +132,35 @@ def test_the_chat_page_in_headless_chromium(server):
         page.click('#clear')
         assert page.locator('.msg').count() == 0
         browser.close()
+
+
+def test_the_chat_page_continues_text_with_a_pretrained_model(pipeline):
+    """The quick start's first model has no chat template: /v1/models says so ('chat': false), and
+    the page sends each message to /v1/completions and shows the text with its continuation (the
+    API's greedy continuation), instead of an error."""
+    import shutil
+    sync_api = pytest.importorskip('playwright.sync_api', reason='needs pip install playwright')
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    if not chromium:
+        pytest.skip("needs Debian's chromium (apt-get install chromium), as .ci/run installs it")
+    proc, url = start_server(pipeline, 'base')
+    try:
+        models = json.load(urllib.request.urlopen(url + '/v1/models'))
+        assert models['data'][0]['chat'] is False
+        api = client(url).completions.create(model='m', prompt='Once upon a time', max_tokens=12,
+                                             temperature=0).choices[0].text
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=['--no-sandbox'])
+            page = browser.new_page()
+            page.goto(url + '/')
+            page.wait_for_function("document.getElementById('model').textContent.includes('continues the text')")
+            page.fill('#temperature', '0')
+            page.fill('#max_tokens', '12')
+            page.fill('#input', 'Once upon a time')
+            page.click('#send')
+            page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+            assert page.locator('.msg.assistant').all_text_contents() == ['Once upon a time' + api]
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
