@@ -238,7 +238,8 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
         else:
             ix = torch.randint(len(train_pairs), (batch_size,), generator=g)
             x, last = batch([train_pairs[int(i)] for i in ix])
-            chosen, rejected, weight = torch.arange(2 * batch_size, device=rt.device).chunk(2) + (None,)
+            chosen = torch.arange(batch_size, device=rt.device)   # x: the chosen, then the rejected
+            rejected, weight = chosen + batch_size, None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
                 r = run.model(x, last=last)

@@ -57,7 +57,8 @@ def load_hf(name):
             source = f'{train} + {val}'           # what meta.json records
             return {'train': read_documents(train)['train'], 'val': read_documents(val)['val']}
         sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
-                 f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories files")
+                 f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories files, or set SHARED_DATA "
+                 "to a folder holding tinystories/train_sample_2mb.txt and valid_sample_800kb.txt")
     splits = {'train': ds['train']['text'], 'val': ds['validation']['text']}
     return {k: [t.strip() for t in v if t and t.strip()] for k, v in splits.items()}
 

@@ -248,11 +248,13 @@ def test_reward_model_in_the_loop(pipeline):
 
 
 def test_bad_settings(pipeline):
-    minibatch, group, token = run_scripts([
+    minibatch, group, token, value_lr = run_scripts([
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu']),
         ('grpo.py', ['--init_from=base', '--group_size=1']),
-        ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu'])],
+        ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu']),
+        ('ppo.py', ['--value_learning_rate=-1e-4'])],
         cwd=pipeline)
+    assert value_lr.returncode and 'value_learning_rate=-0.0001; it must be >= 0' in value_lr.stderr
     assert minibatch.returncode and 'minibatch_size=65 must be between 1 and rollout_prompts=64' in minibatch.stderr
     assert group.returncode and 'group_size=1 must be at least 2' in group.stderr
     assert token.returncode and "'ab' must be one token" in token.stderr
