@@ -411,8 +411,11 @@ class DecodeGraphs:
         self.steps = {}                  # key -> (signature, DecodeGraph), oldest first
 
     @staticmethod
-    def signature(model):
-        tensors = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+    def signature(model, tensors=None):
+        """What a captured step depends on besides its inputs. tensors: the model's tensors, or a
+        list of them kept by the caller (walking the modules costs more than a replayed step)."""
+        tensors = (*model.parameters(), *model.buffers()) if tensors is None else tensors
+        tensors = tuple((t.data_ptr(), t.dtype) for t in tensors)
         return (tensors, model.training, torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'))
 
     def take(self, key, signature):
