@@ -482,6 +482,12 @@ class Engine:
             for Bb in sorted({self.bucket(B) for B in range(1, self.max_batch + 1)}):
                 self.refresh_graph(self.static_cache(Bb))
 
+    def decode_mode(self):
+        """How the decode steps run, in words, for a script to print."""
+        if not self.cuda_graph:
+            return 'eager'
+        return 'CUDA graphs' if any(c.graph is not None for c in self.static.values()) else 'fixed shapes, eager'
+
     def cancel(self, r):
         """Stop a request (e.g. its client went away, or a stop string was seen): its blocks go
         back to the pool."""
