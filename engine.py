@@ -39,10 +39,14 @@ row feeds exactly one token (a decode step; steps that read prompt chunks stay e
 fixed shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_batch rows,
 every block table ceil(model block_size / block_size) blocks wide, so its keys are always the same
 L slots (the empty ones masked), and the step's inputs (tokens, lengths, block tables, where each
-new token goes) copied into tensors made once per bucket. Padding rows write to a scratch block
+new token goes) copied into one tensor made once per bucket. Padding rows write to a scratch block
 that no request ever holds. On CUDA each bucket's step is captured once, at its first use
 (generate.capture_graph), and replayed after; elsewhere the same static step runs eagerly (what the
-CPU tests check). Sampling stays outside the graph, as in an eager step.
+CPU tests check). Sampling stays outside the graph, as in an eager step. The price is attention
+over all L slots whatever the rows' lengths. generate.py's static cache makes the same trade, and
+its graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
+launches are cheap, the static step is slower than the eager one at larger batches (the scripts
+turn cuda_graph on for CUDA only).
 
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
@@ -119,7 +123,8 @@ class PagedCache:
         c = self.pool.config
         allowed = attention_mask(q_pos.masked_fill(~real, -1), k_pos, c.sliding_window, c.n_sink_tokens)
         allowed[:, :, 0] |= ~real                     # a padding query sees one key, not none (no NaN)
-        self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))   # key s: block s // bs, offset s % bs
+        # key s of a row is at (its block s // bs, offset s % bs)
+        self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))
         return q_pos.clamp(min=0), (allowed[:, None], False)
 
     def update(self, layer, name, x, dim):
@@ -389,7 +394,9 @@ class Engine:
         rows = self.running
         feed = [r.pending[:self.prefill_chunk] for r in rows]
         T = max(len(f) for f in feed)
-        if self.cuda_graph and T == 1:                     # one token per row: a decode step
+        # one token per row (each row decoding, or feeding its prompt's last token): a decode step,
+        # in fixed shapes with cuda_graph; any longer prompt chunk makes the step an eager one
+        if self.cuda_graph and T == 1:
             logits = self.decode_static(rows)
         else:
             idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -478,7 +485,7 @@ class Engine:
     def capture_graphs(self):
         """Capture every bucket's decode step now (a server at start, a benchmark before it times)
         rather than at its first use. Nothing without cuda_graph, or off CUDA."""
-        if self.cuda_graph:
+        if self.cuda_graph and self.device.type == 'cuda':
             for Bb in sorted({self.bucket(B) for B in range(1, self.max_batch + 1)}):
                 self.refresh_graph(self.static_cache(Bb))
 
