@@ -12,6 +12,9 @@ Each level of concurrency C keeps C requests in flight (closed loop: a finished 
 by the next one at once; static batching takes the next C at once). Outputs never stop early (no
 stop token), so every method produces the same tokens. Reported per method and C: generated tokens
 per second, time to first token (p50, p99) and the time between a request's tokens (p50, p99).
+cuda_graph (None: on for CUDA) makes the engine's decode steps CUDA graphs, one per batch bucket,
+captured before the engine is timed (as a server does at start), and static batching's one-token
+steps too (generate_tokens captures one per group shape, inside its timing).
 """
 
 import json
@@ -35,7 +38,8 @@ n_requests = 0                  # requests per level (0: max(4 x streams, 32))
 min_prompt, max_prompt = 16, 256      # prompt lengths, uniform
 min_output, max_output = 16, 512      # output lengths, uniform
 methods = 'engine,static'       # any of engine, static, hf (transformers' generate on the export)
-cuda_graph = None               # static batching's one-token steps as CUDA graphs; None: on for CUDA
+cuda_graph = None               # the engine's decode steps and static batching's one-token steps as
+                                # CUDA graphs; None: on for CUDA
 block_size_cache = 16           # the engine's cache block (tokens)
 prefill_chunk = 256
 device = 'auto'
@@ -80,12 +84,17 @@ def percentiles(xs):
     return at(0.5), at(0.99)
 
 
+engine_modes = set()            # how the engine's decode steps ran (Engine.decode_mode)
+
+
 def run_engine(reqs, C):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
     inter-token gaps, tokens)."""
     total = sum(len(p) + n for p, n in reqs[:C])                    # the first C requests: the pool, roughly
     n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // block_size_cache) + C + 16
-    engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk)
+    engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk,
+                    cuda_graph=graph)
+    engine.capture_graphs()                                         # as a server does at start: not timed
     queue, started, last, ttft, gaps, tokens = list(reqs), {}, {}, [], [], 0
     t0 = time.time()
     while queue or engine.running or engine.waiting:
@@ -105,6 +114,7 @@ def run_engine(reqs, C):
             else:
                 gaps.append(now - last[r.id])
             last[r.id] = now
+    engine_modes.add(engine.decode_mode())
     return time.time() - t0, ttft, gaps, tokens
 
 
@@ -186,7 +196,9 @@ per_token = cache_numbers_per_token(c)
 elem = torch.finfo(getattr(torch, rt.dtype)).bits // 8
 print(f"\n{checkpoint or 'random weights'}: {model.num_params() / 1e6:.0f}M parameters, {rt.device} {rt.dtype}; prompts "
       f"{min_prompt}-{max_prompt}, outputs {min_output}-{max_output} tokens; paged cache {per_token:,} numbers "
-      f"= {per_token * elem:,} bytes per token")
+      f"= {per_token * elem:,} bytes per token; engine decode steps: {', '.join(sorted(engine_modes)) or '-'}; "
+      f"static batching's one-token steps: "
+      f"{('CUDA graphs' if rt.device_type == 'cuda' else 'fixed shapes, eager') if graph else 'eager'}")
 print('| streams | method | tokens/s | vs static | first token p50 / p99 (ms) | between tokens p50 / p99 (ms) |')
 print('| --- | --- | --- | --- | --- | --- |')
 for r in results:

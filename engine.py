@@ -1,7 +1,7 @@
 """
 Serving many requests at once: continuous batching over a paged KV cache.
 
-    engine = Engine(model, n_blocks=256, block_size=16)
+    engine = Engine(model, n_blocks=256, block_size=16)        # cuda_graph=True: see below
     a = engine.add(prompt_ids, max_new_tokens=64)              # any time, also while others run
     for request, token, finished in engine.step(): ...          # one forward pass of every request
     engine.run()                                                # steps until every request is done
@@ -30,6 +30,24 @@ block nobody holds stays cached (evictable, least recently used first) until a l
 reuses it or the pool needs a free block. A request only ever writes past what it reused, so a
 shared block is never written: its partial last block and its generated tokens are its own.
 
+Decode steps as CUDA graphs (cuda_graph=True). A small model's step is hundreds of small kernels,
+and launching them from Python costs more than their work: for the default MoE model on an H200,
+about 30 tokens/s for one stream eagerly against about 470 when generate.py replays the same
+one-token step as a CUDA graph (docs/performance.md). A graph replays fixed kernels on fixed
+memory, but an engine step changes shape every time (B rows, L keys). So a step in which every
+row feeds exactly one token (a decode step; steps that read prompt chunks stay eager) runs in
+fixed shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_batch rows,
+every block table ceil(model block_size / block_size) blocks wide, so its keys are always the same
+L slots (the empty ones masked), and the step's inputs (tokens, lengths, block tables, where each
+new token goes) copied into one tensor made once per bucket. Padding rows write to a scratch block
+that no request ever holds. On CUDA each bucket's step is captured once, at its first use
+(generate.capture_graph), and replayed after; elsewhere the same static step runs eagerly (what the
+CPU tests check). Sampling stays outside the graph, as in an eager step. The price is attention
+over all L slots whatever the rows' lengths. generate.py's static cache makes the same trade, and
+its graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
+launches are cheap, the static step is slower than the eager one at larger batches (the scripts
+turn cuda_graph on for CUDA only).
+
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
 """
@@ -41,7 +59,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import sample_next
+from generate import DecodeGraphs, capture_graph, graph_capturable, sample_next
 from model import attention_mask
 
 
@@ -74,29 +92,38 @@ class PagedCache:
         self.pool, self.rows, self.n_new, self.device = pool, rows, n_new, device
 
     def begin(self, T):
-        B, bs, dev = len(self.rows), self.pool.block_size, self.device
+        bs, dev = self.pool.block_size, self.device
         # everything about the rows is known on the host: build it there and copy each tensor once
         # (no per-row copies, no device-to-host reads in the step)
         lengths = [r.length for r in self.rows]
         L = max(s + n for s, n in zip(lengths, self.n_new))
-        n = torch.tensor(self.n_new, device=dev)                                 # (B,) real new tokens
-        start = torch.tensor(lengths, device=dev)                                # (B,) cached before
-        cols = torch.arange(T, device=dev)
-        real = cols[None, :] >= T - n[:, None]                                   # (B, T), left-padded
-        q_pos = start[:, None] + cols[None, :] - (T - n[:, None])                # (B, T); < start on padding
-        k_pos = torch.arange(L, device=dev)[None, :].expand(B, L)
-        k_pos = k_pos.masked_fill(k_pos >= (start + n)[:, None], -1)            # (B, L); -1: not this row's
-        c = self.pool.config
-        allowed = attention_mask(q_pos.masked_fill(~real, -1), k_pos, c.sliding_window, c.n_sink_tokens)
-        allowed[:, :, 0] |= ~real                     # a padding query sees one key, not none (no NaN)
-        # where the new tokens go, and where every row's L keys are read from: (block, offset) pairs
-        width = max(len(r.blocks) for r in self.rows)
-        table = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows], device=dev)
+        table = torch.tensor(self.tables(self.rows, max(len(r.blocks) for r in self.rows)), device=dev)
         # row b's i-th new token (column T - k + i of the step) goes to its slot s0 + i
         write = [(r.blocks[(s0 + i) // bs], (s0 + i) % bs, b, T - k + i)
                  for b, (r, s0, k) in enumerate(zip(self.rows, lengths, self.n_new)) for i in range(k)]
         self.write = tuple(torch.tensor(col, device=dev) for col in zip(*write))
+        return self.plan(torch.tensor(lengths, device=dev), torch.tensor(self.n_new, device=dev), T, L, table)
+
+    def tables(self, rows, width):
+        """The rows' block tables as lists `width` long: past its own blocks a row points at the
+        scratch block (its keys there are masked out)."""
+        return [r.blocks + [self.pool.scratch] * (width - len(r.blocks)) for r in rows]
+
+    def plan(self, start, n, T, L, table):
+        """The step from device tensors alone (so the static step below shares it): start (B,)
+        tokens each row has cached, n (B,) its new ones, the last n of the T columns (the ones
+        before are left padding), table (B, W) its blocks, L <= W block_size keys in view.
+        Returns (positions, mask) for the layers; keeps in self.read where the keys come from."""
+        B, bs, dev = start.size(0), self.pool.block_size, start.device
+        cols = torch.arange(T, device=dev)
+        real = cols[None, :] >= T - n[:, None]                                   # (B, T), left-padded
+        q_pos = start[:, None] + cols[None, :] - (T - n[:, None])                # (B, T); < start on padding
         slots = torch.arange(L, device=dev)
+        k_pos = slots[None, :].expand(B, L).masked_fill(slots >= (start + n)[:, None], -1)   # (B, L); -1: empty
+        c = self.pool.config
+        allowed = attention_mask(q_pos.masked_fill(~real, -1), k_pos, c.sliding_window, c.n_sink_tokens)
+        allowed[:, :, 0] |= ~real                     # a padding query sees one key, not none (no NaN)
+        # key s of a row is at (its block s // bs, offset s % bs)
         self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))
         return q_pos.clamp(min=0), (allowed[:, None], False)
 
@@ -110,6 +137,44 @@ class PagedCache:
     def end(self):
         for r, n in zip(self.rows, self.n_new):
             r.length += n
+
+
+class StaticPagedCache(PagedCache):
+    """A decode step (one new token per row) of up to Bb rows in shapes that never change, so
+    that it can be a CUDA graph: Bb rows (the step's, then padding), block tables `width` blocks
+    wide (enough for the model's block_size), so L = width x block_size keys, the empty ones
+    masked. What changes from step to step lives in one device tensor made once and filled in
+    place by fill(rows) (built on the host, one copy): begin() and update() run the same kernels
+    on the same memory at every step, and a graph captured once replays them. A padding row has
+    length 0 and every block of its table is the pool's scratch block: it writes its token there
+    (never into a block a request holds) and sees that one key (no NaN)."""
+
+    def __init__(self, pool, Bb, width, device):
+        super().__init__(pool, [], [], device)
+        self.Bb, self.width, self.L = Bb, width, width * pool.block_size
+        # per row: the token it feeds, its length (tokens cached), the block and offset where the
+        # new token goes, then its block table: (Bb, 4 + width), and views of its columns
+        self.inputs = torch.zeros(Bb, 4 + width, dtype=torch.long, device=device)
+        self.token, self.length = self.inputs[:, :1], self.inputs[:, 1]            # (Bb, 1), (Bb,)
+        self.block, self.offset, self.table = self.inputs[:, 2], self.inputs[:, 3], self.inputs[:, 4:]
+        self.one = torch.ones(Bb, dtype=torch.long, device=device)                 # new tokens per row
+        # row b's new token is column 0 of row b
+        self.write = (self.block, self.offset, torch.arange(Bb, device=device), torch.zeros_like(self.one))
+        self.graph = self.logits = self.signature = None               # its CUDA graph, once captured
+
+    def fill(self, rows):
+        """Make the next step that of `rows`, each feeding r.pending[0] at slot r.length; with
+        rows = [] every row is padding (what warm-up and capture steps run: they write only the
+        scratch block)."""
+        bs, s = self.pool.block_size, self.pool.scratch
+        host = [[r.pending[0], r.length, r.blocks[r.length // bs], r.length % bs] + table
+                for r, table in zip(rows, self.tables(rows, self.width))]
+        host += [[0, 0, s, 0] + [s] * self.width] * (self.Bb - len(rows))
+        self.inputs.copy_(torch.tensor(host))
+        self.rows, self.n_new = rows, [1] * len(rows)                  # for end()
+
+    def begin(self, T):
+        return self.plan(self.length, self.one, T, self.L, self.table)
 
 
 def cache_numbers_per_token(config):
@@ -135,7 +200,9 @@ def block_hashes(tokens, block_size):
 
 class BlockPool:
     """n_blocks blocks of block_size tokens for every (layer, name) the model caches; the pools
-    are made at the first write, in the dtype and device of what is written.
+    are made at the first write, in the dtype and device of what is written. Each pool has one
+    block more, the scratch block (number n_blocks), which take() never hands out: the padding of
+    a block table points there, and the padding rows of a static decode step write there.
 
     Every block is in one of three states: free (holds nothing of use), held (ref[b] > 0 requests
     have it in their block table), or cached (nobody holds it, but it holds a full prefix block
@@ -144,6 +211,7 @@ class BlockPool:
 
     def __init__(self, config, n_blocks, block_size):
         self.config, self.n_blocks, self.block_size = config, n_blocks, block_size
+        self.scratch = n_blocks                    # the extra block, outside every count below
         self.free = list(range(n_blocks - 1, -1, -1))
         self.tensors = {}
         self.ref = [0] * n_blocks                  # requests holding each block
@@ -154,8 +222,8 @@ class BlockPool:
     def tensor(self, layer, name, x):
         key = (layer, name)
         if key not in self.tensors:
-            self.tensors[key] = torch.zeros(self.n_blocks, self.block_size, *x.shape[2:], dtype=x.dtype,
-                                            device=x.device)
+            self.tensors[key] = torch.zeros(self.n_blocks + 1, self.block_size, *x.shape[2:], dtype=x.dtype,
+                                            device=x.device)                # + the scratch block
         return self.tensors[key]
 
     def available(self):
@@ -229,21 +297,28 @@ class BlockPool:
 class Engine:
 
     def __init__(self, model, n_blocks=256, block_size=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
-                 prefix_sharing=True):
+                 prefix_sharing=True, cuda_graph=False):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x block_size
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
         vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled).
-        prefix_sharing: reuse the cached blocks of prompt prefixes seen before (see the top)."""
+        prefix_sharing: reuse the cached blocks of prompt prefixes seen before (see the top).
+        cuda_graph: decode steps in fixed shapes, each bucket's step a CUDA graph on CUDA (see the
+        top; on the CPU the same steps run eagerly)."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
-        self.vocab_limit, self.prefix_sharing = vocab_limit, prefix_sharing
+        self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
         self.pool = BlockPool(model.config, n_blocks, block_size)
         self.device = next(model.parameters()).device
         self.waiting, self.running = [], []
         self.ids = itertools.count()
+        self.width = -(-model.config.block_size // block_size)     # blocks in the longest request's table
+        self.static = {}                   # bucket size -> its StaticPagedCache (and CUDA graph)
+        self.params = list(model.parameters())   # what a captured step reads, listed once
         # prompt_tokens: of admitted requests; reused_tokens: of those, read from shared blocks;
-        # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back
-        self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0)
+        # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back;
+        # static_steps: decode steps in fixed shapes (cuda_graph), graph_captures: CUDA graphs captured
+        self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0,
+                          static_steps=0, graph_captures=0)
 
     def hit_rate(self):
         """The share of admitted prompt tokens that were reused rather than computed."""
@@ -319,11 +394,16 @@ class Engine:
         rows = self.running
         feed = [r.pending[:self.prefill_chunk] for r in rows]
         T = max(len(f) for f in feed)
-        idx = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, f in enumerate(feed):
-            idx[b, T - len(f):] = torch.tensor(f)
-        cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
-        logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
+        # one token per row (each row decoding, or feeding its prompt's last token): a decode step,
+        # in fixed shapes with cuda_graph; any longer prompt chunk makes the step an eager one
+        if self.cuda_graph and T == 1:
+            logits = self.decode_static(rows)
+        else:
+            idx = torch.zeros(len(rows), T, dtype=torch.long)
+            for b, f in enumerate(feed):
+                idx[b, T - len(f):] = torch.tensor(f)
+            cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
+            logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
         # the next token of every row whose prompt is read: the greedy rows in one argmax and one
         # read back to the host; a sampled row draws with its own generator (its seed's stream)
         greedy = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending) and r.temperature == 0]
@@ -348,6 +428,72 @@ class Engine:
             r.blocks = []
             self.running.remove(r)
         return events
+
+    def bucket(self, B):
+        """The rows a decode step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and
+        max_batch that holds them (a few shapes, so a few graphs)."""
+        return min(1 << (B - 1).bit_length(), self.max_batch)
+
+    def decode_static(self, rows):
+        """A decode step of `rows` in its bucket's fixed shapes: (B, V) logits of the real rows,
+        through the bucket's CUDA graph where it has one (see refresh_graph), else eagerly."""
+        cache = self.static_cache(self.bucket(len(rows)))
+        self.refresh_graph(cache)
+        cache.fill(rows)
+        if cache.graph is not None:
+            cache.graph.replay()                           # writes the pools and cache.logits
+            cache.end()                                    # a replay runs no Python: lengths here
+            logits = cache.logits
+        else:
+            logits = self.model(cache.token, cache=cache, last_only=True)[0]
+        self.stats['static_steps'] += 1
+        return logits[:len(rows), -1]                                          # (B, V)
+
+    def static_cache(self, Bb):
+        if Bb not in self.static:
+            self.static[Bb] = StaticPagedCache(self.pool, Bb, self.width, self.device)
+        return self.static[Bb]
+
+    def refresh_graph(self, cache):
+        """On CUDA, give `cache` a graph of its step captured for the model as it is now: at its
+        first use, and again if the parameters moved (model.to(...); an update in place is read
+        where it is) or the autocast setting changed; none where a graph cannot hold the step
+        (generate.graph_capturable: e.g. the MoE loop waits for the host)."""
+        if self.device.type != 'cuda':
+            return
+        signature = DecodeGraphs.signature(self.model, self.params)   # cheap: the parameters listed once
+        if cache.signature != signature:
+            cache.graph = cache.logits = None              # an older graph's memory goes first
+            cache.signature = signature
+            if graph_capturable(self.model, cache.Bb):
+                self.capture(cache)
+
+    @torch.no_grad()
+    def capture(self, cache):
+        """Capture `cache`'s decode step as a CUDA graph (generate.capture_graph: warm-up steps on a
+        side stream, then the capture) with every row parked on the scratch block, so that none of
+        these steps writes a block a request holds. A capture must not allocate the pools: if no
+        step has made them yet, one parked step run eagerly does."""
+        def step():
+            return self.model(cache.token, cache=cache, last_only=True)[0]    # (Bb, 1, V)
+        cache.fill([])
+        if not self.pool.tensors:
+            step()
+        cache.graph, cache.logits = capture_graph(step, self.device)
+        self.stats['graph_captures'] += 1
+
+    def capture_graphs(self):
+        """Capture every bucket's decode step now (a server at start, a benchmark before it times)
+        rather than at its first use. Nothing without cuda_graph, or off CUDA."""
+        if self.cuda_graph and self.device.type == 'cuda':
+            for Bb in sorted({self.bucket(B) for B in range(1, self.max_batch + 1)}):
+                self.refresh_graph(self.static_cache(Bb))
+
+    def decode_mode(self):
+        """How the decode steps run, in words, for a script to print."""
+        if not self.cuda_graph:
+            return 'eager'
+        return 'CUDA graphs' if any(c.graph is not None for c in self.static.values()) else 'fixed shapes, eager'
 
     def cancel(self, r):
         """Stop a request (e.g. its client went away, or a stop string was seen): its blocks go

@@ -6,6 +6,7 @@ use (nanochat's engine.py plays this part there).
   pad_prompts(prompts)                 left-padded (B, P) prompts and their validity mask
   KVCache                              keys and values (or MLA latents) of earlier tokens
   generate_tokens(model, idx, ...)     yields the next token of every row, through the cache
+  capture_graph(fn, device)            a step captured as a CUDA graph (side-stream warm-up first)
   DecodeGraph / DecodeGraphs           a one-token step captured as a CUDA graph, kept per shape
   generate_chat(model, tok, prompts)   answers to chat prompts, in batches
 
@@ -319,6 +320,37 @@ def compiled_decode_step():
     return _compiled_decode_step
 
 
+def capture_graph(fn, device, warmup=2, park=None):
+    """fn() captured as a CUDA graph: (graph, fn's output, which every graph.replay() rewrites in
+    place). fn must read its inputs from tensors that stay where they are (filled in place before
+    a replay) and never wait for the host. `warmup` calls of fn first run on a side stream (lazy
+    init, cuBLAS workspaces, the allocator settle there, as capture requires); park(), if given,
+    runs before each of them and before the capture, on the host, to point the inputs where these
+    runs do no harm (outside the capture: a fill_ inside it would be replayed with every step).
+    Under autocast the capture runs with autocast's weight cache off, so that the casts of float32
+    weights are kernels of the graph: a cached cast lives only until its autocast context exits,
+    and a graph kept for a later call would read the freed memory (garbage logits, and a
+    device-side assert in torch.multinomial once the memory was reused)."""
+    park = park or (lambda: None)
+    cache_casts = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)               # weight casts inside the graph (above)
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                park()
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        park()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):                     # records, does not run, the kernels
+            out = fn()
+    finally:
+        torch.set_autocast_cache_enabled(cache_casts)
+    return graph, out
+
+
 class DecodeGraph:
     """One decode step, (B, 1) tokens -> (B, 1, V) logits over a static KVCache, captured once as
     a CUDA graph and then replayed per token. At batch 1 a small model's step is hundreds of
@@ -327,10 +359,7 @@ class DecodeGraph:
     the position from cache.pos_t and the cache buffers in place, so every tensor it touches
     must stay at its address: the cache is reset in place, never rebuilt. (torch.compile's
     mode='reduce-overhead' does the same thing automatically; this is the explicit version.)
-    Under autocast the capture runs with autocast's weight cache off, so that the casts of float32
-    weights are kernels of the graph: a cached cast lives only until its autocast context exits,
-    and a graph kept for a later call would read the freed memory (garbage logits, and a
-    device-side assert in torch.multinomial once the memory was reused)."""
+    The capture is capture_graph's (under autocast: with the weight casts inside the graph)."""
 
     def __init__(self, model, cache, warmup=2, compile=False):
         assert cache.static and cache.device.type == 'cuda'
@@ -340,22 +369,8 @@ class DecodeGraph:
         self.step_fn = compiled_decode_step() if compile else decode_step
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         saved = (cache.pos, cache.pos_t.clone(), cache.slot_pos.clone())
-        cache_casts = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)           # weight casts inside the graph (above)
-        try:
-            stream = torch.cuda.Stream(cache.device)      # warm up (lazy init, cuBLAS workspaces)
-            stream.wait_stream(torch.cuda.current_stream(cache.device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    self._park()
-                    self.step_fn(self.model, self.token, cache)
-            torch.cuda.current_stream(cache.device).wait_stream(stream)
-            self._park()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):            # records, does not run, the kernels
-                self.logits = self.step_fn(self.model, self.token, cache)
-        finally:
-            torch.set_autocast_cache_enabled(cache_casts)
+        self.graph, self.logits = capture_graph(lambda: self.step_fn(self.model, self.token, cache),
+                                                cache.device, warmup, self._park)
         cache.pos = saved[0]                              # undo the warm-up steps
         cache.pos_t.copy_(saved[1])
         cache.slot_pos.copy_(saved[2])
@@ -396,8 +411,11 @@ class DecodeGraphs:
         self.steps = {}                  # key -> (signature, DecodeGraph), oldest first
 
     @staticmethod
-    def signature(model):
-        tensors = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+    def signature(model, tensors=None):
+        """What a captured step depends on besides its inputs. tensors: the model's tensors, or a
+        list of them kept by the caller (walking the modules costs more than a replayed step)."""
+        tensors = (*model.parameters(), *model.buffers()) if tensors is None else tensors
+        tensors = tuple((t.data_ptr(), t.dtype) for t in tensors)
         return (tensors, model.training, torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'))
 
     def take(self, key, signature):

@@ -30,6 +30,7 @@ import torch
 from checkpoint import load_model, run_folders
 from config import configure
 from engine import Engine, cache_numbers_per_token
+from generate import use_cuda_graph
 from runtime import init_runtime
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,7 @@ n_blocks = 512               # KV-cache blocks in the pool ...
 block_size = 16              # ... of this many tokens each
 max_batch = 32               # requests decoded together at most
 prefill_chunk = 256          # prompt tokens read per step
+cuda_graph = None            # decode steps as CUDA graphs, captured at start (engine.py); None: on for CUDA
 default_max_tokens = 256     # when a request names none
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
@@ -56,7 +58,9 @@ model.eval()
 if rt.dtype != 'float32':
     model.to(getattr(torch, rt.dtype))
 MODEL_ID = os.path.basename(os.path.normpath(out_dir))
-engine = Engine(model, n_blocks, block_size, max_batch, prefill_chunk, vocab_limit=tok.vocab_size)
+engine = Engine(model, n_blocks, block_size, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
+                cuda_graph=use_cuda_graph(cuda_graph, rt.device_type))
+engine.capture_graphs()                  # every batch bucket's decode step, before any request
 inbox = queue.Queue()                    # (request arguments, the reply queue) from HTTP threads
 cancelled = set()                        # ids of requests whose clients stopped listening
 
@@ -281,7 +285,8 @@ threading.Thread(target=engine_loop, daemon=True).start()
 per_token = cache_numbers_per_token(model.config) * next(model.parameters()).element_size()
 print(f"serving {out_dir} ({ckpt.get('stage', '?')} checkpoint, {model.num_params() / 1e6:.1f}M parameters) on "
       f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {block_size} tokens, "
-      f"{per_token:,} bytes per token ({n_blocks * block_size * per_token / 2**20:.1f} MiB)", flush=True)
+      f"{per_token:,} bytes per token ({n_blocks * block_size * per_token / 2**20:.1f} MiB); decode steps: "
+      f"{engine.decode_mode()}", flush=True)
 try:
     server.serve_forever()
 except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
 from engine import Engine  # noqa: E402
+from generate import use_cuda_graph  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -35,11 +36,13 @@ n_embd = 128
 threads = 0                      # torch CPU threads (0: torch's default)
 repeats = 3
 device = 'cpu'
+cuda_graph = None                # decode steps as CUDA graphs (engine.py); None: on for CUDA
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals())
 if threads:
     torch.set_num_threads(threads)
+graph = use_cuda_graph(cuda_graph, torch.device(device).type)
 torch.manual_seed(seed)
 model = GPT(ModelConfig(vocab_size=512, block_size=system_len + user_len + max_new_tokens + 8, n_layer=n_layer,
                         n_head=4, n_embd=n_embd, attention='mla', pos_emb='rope', norm='rmsnorm', mlp='swiglu',
@@ -53,7 +56,8 @@ n_blocks = requests * -(-(system_len + user_len + max_new_tokens) // block_size)
 
 def serve(prefix_sharing):
     engine = Engine(model, n_blocks=n_blocks, block_size=block_size, prefill_chunk=prefill_chunk,
-                    prefix_sharing=prefix_sharing)
+                    prefix_sharing=prefix_sharing, cuda_graph=graph)
+    engine.capture_graphs()                            # (with cuda_graph on CUDA) not timed
     reqs, steps, t0 = [], 0, time.perf_counter()
     while len(reqs) < len(prompts) or engine.waiting or engine.running:
         if len(reqs) < len(prompts) and steps % arrive_every == 0:

@@ -29,12 +29,11 @@ def alone(model, prompt, n, **kw):
     return generate(model, torch.tensor([prompt]), n, temperature=0, **kw)[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
-def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_block(variant):
-    model = build(**VARIANTS[variant])
+def mixed_arrivals(engine):
+    """Five requests of 1 to 40 prompt tokens: two, then (request 1 still reading its prompt) two
+    more, then one; stepped until all are done. Returns the requests and their prompts."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 23, 1, 40, 9)]
-    engine = Engine(model, n_blocks=40, block_size=8, prefill_chunk=16)
     requests = [engine.add(prompts[0], 20), engine.add(prompts[1], 12)]
     for _ in range(3):                                 # the first two run (request 1 still reading)
         engine.step()
@@ -42,9 +41,18 @@ def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_bloc
     engine.step()
     requests.append(engine.add(prompts[4], 15))
     engine.run()
+    return requests, prompts
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_block(variant):
+    model = build(**VARIANTS[variant])
+    engine = Engine(model, n_blocks=40, block_size=8, prefill_chunk=16)
+    requests, prompts = mixed_arrivals(engine)
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
     assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
+    assert engine.stats['static_steps'] == 0           # cuda_graph=False: every step eager
 
 
 def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
@@ -109,6 +117,7 @@ def check_pool(engine):
     assert len(free) == len(pool.free) and not free & idle and not (free | idle) & set(held)
     assert len(free | idle | set(held)) == pool.n_blocks and not free & set(pool.name)
     assert idle <= set(pool.name) and {pool.cached[h]: h for h in pool.cached} == pool.name
+    assert pool.scratch == pool.n_blocks and pool.scratch not in free | idle | set(held)   # never handed out
 
 
 def run(engine):
@@ -254,3 +263,108 @@ def test_a_request_waits_when_the_only_room_is_its_own_cached_prefix():
     assert engine.stats['reused_tokens'] == 8
     for r, p in ((ra, a), (rb, rb.prompt), (rc, c)):
         assert r.output == alone(model, p, r.max_new_tokens)
+
+
+# Decode steps in fixed shapes (cuda_graph=True): the rows padded to a bucket, full-width block
+# tables, the inputs copied into tensors made once per bucket; on the CPU they run eagerly.
+
+STATIC_VARIANTS = {k: VARIANTS[k] for k in ('gpt2', 'gqa_rope', 'mla_moe')}
+STATIC_VARIANTS['window'] = dict(VARIANTS['gqa_rope'], sliding_window=12, n_sink_tokens=2)
+
+
+def spy_on_static_steps(engine):
+    """Record (rows, bucket) of every static decode step, checking that the scratch block is in
+    no request's table and every block is where the pool says."""
+    sizes, real = [], engine.decode_static
+
+    def decode_static(rows):
+        assert all(engine.pool.scratch not in r.blocks for r in engine.running)
+        check_pool(engine)
+        sizes.append((len(rows), engine.bucket(len(rows))))
+        return real(rows)
+    engine.decode_static = decode_static
+    return sizes
+
+
+def first_alone_then_mixed_arrivals(model, **engine_kw):
+    """A 1-token prompt alone (its first step is a decode step, before any step has made the pools),
+    then mixed_arrivals. Returns the engine, its static steps' (rows, bucket), the requests, the prompts."""
+    engine = Engine(model, n_blocks=40, block_size=8, prefill_chunk=16, **engine_kw)
+    sizes = spy_on_static_steps(engine)
+    first = engine.add([7], 10)
+    engine.run()
+    requests, prompts = mixed_arrivals(engine)
+    return engine, sizes, [first] + requests, [[7]] + prompts
+
+
+@pytest.mark.parametrize('variant', STATIC_VARIANTS)
+def test_static_decode_steps_give_each_request_its_tokens_alone(variant):
+    """cuda_graph=True on the CPU: the static path, eagerly, with batches of 3 and 5 rows (padded
+    to 4 and 8) and lengths crossing block boundaries (blocks of 8). The padding rows' writes land
+    in the scratch block only: every other block ends as the eager engine leaves it."""
+    model = build(**STATIC_VARIANTS[variant])
+    engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True)
+    for r, p in zip(requests, prompts):
+        assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
+    assert engine.stats['static_steps'] == len(sizes) >= 10          # the static path really ran
+    assert {(3, 4), (5, 8)} <= set(sizes) and set(engine.static) == {1, 2, 4, 8}   # with padding rows
+    assert engine.stats['graph_captures'] == 0                         # no graph off CUDA
+    assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
+    eager, no_static, _, _ = first_alone_then_mixed_arrivals(model)
+    assert not no_static and eager.pool.tensors.keys() == engine.pool.tensors.keys()
+    for key, pool in engine.pool.tensors.items():
+        torch.testing.assert_close(pool[:40], eager.pool.tensors[key][:40])
+    assert sorted(engine.pool.take(40)) == list(range(40))            # every block, not the scratch one
+
+
+def test_sampling_with_static_decode_steps_follows_the_same_seeds():
+    model = build(**VARIANTS['mla_moe'])
+    outputs = {}
+    for graph in (False, True):
+        engine = Engine(model, n_blocks=30, block_size=8, cuda_graph=graph)
+        reqs = [engine.add([3, 1, 4, 1, 5][:i + 3], 12, temperature=1.0, top_k=20, seed=10 + i) for i in range(3)]
+        reqs.append(engine.add([2, 7], 12))                           # a greedy row beside them
+        engine.run()
+        outputs[graph] = [r.output for r in reqs]
+        assert (engine.stats['static_steps'] > 0) == graph
+    assert outputs[True] == outputs[False] and outputs[True][0] != outputs[True][1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
+def test_cuda_graph_decode_steps_equal_the_eager_engine_and_are_captured_once_per_bucket(variant, monkeypatch):
+    """On CUDA in float32 the decode steps replay one captured graph per bucket, captured at its
+    first use (the first one before any step has made the pools) and reused by later requests:
+    the tokens of the eager engine and of the same static steps without a graph. capture_graphs()
+    captures every bucket at once; model.cpu().cuda() (new tensors, same values) captures again."""
+    import engine as engine_module
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    model = build(**VARIANTS[variant]).cuda()
+
+    def serve(cuda_graph, upfront=False):
+        engine = Engine(model, n_blocks=40, block_size=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph)
+        if upfront:
+            engine.capture_graphs()
+        first = engine.add([7], 10)                    # alone: its first step is a decode step
+        engine.run()
+        requests, _ = mixed_arrivals(engine)
+        assert engine.pool.available() == 40
+        return engine, [r.output for r in [first] + requests]
+
+    _, eager = serve(False)
+    engine, graphed = serve(True)
+    assert graphed == eager
+    capturable = {Bb for Bb in engine.static if engine_module.graph_capturable(model, Bb)}
+    assert capturable and {Bb for Bb, c in engine.static.items() if c.graph is not None} == capturable
+    assert engine.stats['graph_captures'] == len(capturable) < engine.stats['static_steps']
+    with monkeypatch.context() as m:                   # the same static steps, no graph
+        m.setattr(engine_module, 'graph_capturable', lambda *a, **kw: False)
+        without, static = serve(True)
+    assert static == graphed and without.stats['graph_captures'] == 0
+    upfront, again = serve(True, upfront=True)
+    every = {b for b in (1, 2, 4, 8) if engine_module.graph_capturable(model, b)}
+    assert again == graphed and upfront.stats['graph_captures'] == len(every)
+    model.cpu().cuda()                                 # the parameters move: the graphs are stale
+    r = upfront.add([7], 10)
+    upfront.run()
+    assert r.output == eager[0] and upfront.stats['graph_captures'] == len(every) + 1
