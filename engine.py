@@ -30,23 +30,36 @@ block nobody holds stays cached (evictable, least recently used first) until a l
 reuses it or the pool needs a free block. A request only ever writes past what it reused, so a
 shared block is never written: its partial last block and its generated tokens are its own.
 
-Decode steps as CUDA graphs (cuda_graph=True). A small model's step is hundreds of small kernels,
-and launching them from Python costs more than their work: for the default MoE model on an H200,
-about 30 tokens/s for one stream eagerly against about 470 when generate.py replays the same
-one-token step as a CUDA graph (docs/performance.md). A graph replays fixed kernels on fixed
-memory, but an engine step changes shape every time (B rows, L keys). So a step in which every
-row feeds exactly one token (a decode step; steps that read prompt chunks stay eager) runs in
-fixed shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_batch rows,
-every block table ceil(model block_size / block_size) blocks wide, so its keys are always the same
-L slots (the empty ones masked), and the step's inputs (tokens, lengths, block tables, where each
-new token goes) copied into one tensor made once per bucket. Padding rows write to a scratch block
-that no request ever holds. On CUDA each bucket's step is captured once, at its first use
-(generate.capture_graph), and replayed after; elsewhere the same static step runs eagerly (what the
-CPU tests check). Sampling stays outside the graph, as in an eager step. The price is attention
-over all L slots whatever the rows' lengths. generate.py's static cache makes the same trade, and
-its graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
-launches are cheap, the static step is slower than the eager one at larger batches (the scripts
-turn cuda_graph on for CUDA only).
+Steps as CUDA graphs (cuda_graph=True). A small model's step is hundreds of small kernels, and
+launching them from Python costs more than their work: for the default MoE model on an H200, about
+30 tokens/s for one stream eagerly against about 470 when generate.py replays the same one-token
+step as a CUDA graph (docs/performance.md). A graph replays fixed kernels on fixed memory, but an
+engine step changes shape every time (B rows, T columns, L keys). So every step runs in fixed
+shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_batch rows, the
+columns to a bucket of 1 (a decode step: every row feeds one token), 8, 32, 128, ... (x4) or
+prefill_chunk (some row reads a prompt chunk: each row left-padded as an eager step left-pads to
+its longest row), every block table ceil(model block_size / block_size) blocks wide, so its keys
+are always the same L slots (the empty ones masked), and the step's inputs (per row its tokens,
+length, new-token count and block table, per column the block and offset its entries go to)
+copied into one tensor made once per (rows, columns) bucket. Padding rows and padding columns
+write to a scratch block that no request ever holds. On CUDA each bucket's step is captured once,
+at its first use (generate.capture_graph; capture_graphs() captures the decode buckets up front),
+and replayed after; elsewhere the same static steps run eagerly (what the CPU tests check).
+Sampling stays outside the graph, as in an eager step.
+
+The price is compute: attention over all L slots whatever the rows' lengths, and in a step with a
+prompt chunk every row, decoding ones too, padded to the chunk's column bucket (at 64 rows and a
+200-token chunk, 64 x 256 tokens through the model for 263 real ones). A launch-bound small model
+has compute to spare: an eager step of the default MoE costs ~40 ms on an H200 whatever its few
+hundred tokens, while 64 x 256 tokens at the ~1M tokens/s of its prefill are ~17 ms, and the
+smaller column buckets far less (an estimate from bench.py's prefill rate on an H100,
+notes/performance.md; not yet measured in the engine); about one step in ten reads a prompt chunk
+when requests keep arriving. The column buckets grow x4, so that a chunk is padded at most 4x
+while the graphs stay few (rows buckets x column buckets) and short chunks (a prompt's last, a
+short prompt) run in a small bucket. generate.py's static cache makes the same trade, and its
+graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
+launches are cheap, the static steps are slower than eager ones (the scripts turn cuda_graph on
+for CUDA only).
 
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
@@ -140,41 +153,67 @@ class PagedCache:
 
 
 class StaticPagedCache(PagedCache):
-    """A decode step (one new token per row) of up to Bb rows in shapes that never change, so
-    that it can be a CUDA graph: Bb rows (the step's, then padding), block tables `width` blocks
-    wide (enough for the model's block_size), so L = width x block_size keys, the empty ones
-    masked. What changes from step to step lives in one device tensor made once and filled in
-    place by fill(rows) (built on the host, one copy): begin() and update() run the same kernels
-    on the same memory at every step, and a graph captured once replays them. A padding row has
-    length 0 and every block of its table is the pool's scratch block: it writes its token there
-    (never into a block a request holds) and sees that one key (no NaN)."""
+    """A step of up to Bb rows, each feeding up to Tb tokens, in shapes that never change, so that
+    it can be a CUDA graph: Bb rows (the step's, then padding) of Tb columns (each row left-padded,
+    as the eager step left-pads to its longest row), block tables `width` blocks wide (enough for
+    the model's block_size), so L = width x block_size keys, the empty ones masked. Tb = 1 is a
+    decode step; Tb > 1 a step in which some row reads a prompt chunk. What changes from step to
+    step lives in one device tensor made once and filled in place by fill(rows, feed) (built on the
+    host, one copy): begin() and update() run the same kernels on the same memory at every step,
+    and a graph captured once replays them. A padding row has length 0, no new tokens and every
+    block of its table is the pool's scratch block; every padding column (of any row) writes its
+    entries to the scratch block, never into a block a request holds. A padding query sees one
+    key (plan(): no NaN), and its output is never read."""
 
-    def __init__(self, pool, Bb, width, device):
+    def __init__(self, pool, Bb, Tb, width, device):
         super().__init__(pool, [], [], device)
-        self.Bb, self.width, self.L = Bb, width, width * pool.block_size
-        # per row: the token it feeds, its length (tokens cached), the block and offset where the
-        # new token goes, then its block table: (Bb, 4 + width), and views of its columns
-        self.inputs = torch.zeros(Bb, 4 + width, dtype=torch.long, device=device)
-        self.token, self.length = self.inputs[:, :1], self.inputs[:, 1]            # (Bb, 1), (Bb,)
-        self.block, self.offset, self.table = self.inputs[:, 2], self.inputs[:, 3], self.inputs[:, 4:]
-        self.one = torch.ones(Bb, dtype=torch.long, device=device)                 # new tokens per row
-        # row b's new token is column 0 of row b
-        self.write = (self.block, self.offset, torch.arange(Bb, device=device), torch.zeros_like(self.one))
+        self.Bb, self.Tb, self.width, self.L = Bb, Tb, width, width * pool.block_size
+        # per row: its Tb tokens (left-padded), its length (tokens cached), its n new tokens, its
+        # block table, then per column the block and the offset its entries go to:
+        # (Bb, Tb + 2 + width + 2 Tb), and views of its columns
+        self.inputs = torch.zeros(Bb, 3 * Tb + 2 + width, dtype=torch.long, device=device)
+        self.tokens, self.length, self.n, self.table, self.block, self.offset = self.columns(self.inputs)
+        # column t of row b goes to (block[b, t], offset[b, t]): every column is written, the
+        # padding ones to the scratch block (update() then needs no mask)
+        self.write = (self.block, self.offset, torch.arange(Bb, device=device)[:, None],
+                      torch.arange(Tb, device=device)[None, :])
         self.graph = self.logits = self.signature = None               # its CUDA graph, once captured
 
-    def fill(self, rows):
-        """Make the next step that of `rows`, each feeding r.pending[0] at slot r.length; with
-        rows = [] every row is padding (what warm-up and capture steps run: they write only the
-        scratch block)."""
-        bs, s = self.pool.block_size, self.pool.scratch
-        host = [[r.pending[0], r.length, r.blocks[r.length // bs], r.length % bs] + table
-                for r, table in zip(rows, self.tables(rows, self.width))]
-        host += [[0, 0, s, 0] + [s] * self.width] * (self.Bb - len(rows))
-        self.inputs.copy_(torch.tensor(host))
-        self.rows, self.n_new = rows, [1] * len(rows)                  # for end()
+    def columns(self, inputs):
+        """Views of an inputs-shaped tensor: tokens (Bb, Tb), length (Bb,), n (Bb,), table
+        (Bb, width), block (Bb, Tb), offset (Bb, Tb)."""
+        Tb, W = self.Tb, self.width
+        return (inputs[:, :Tb], inputs[:, Tb], inputs[:, Tb + 1], inputs[:, Tb + 2:Tb + 2 + W],
+                inputs[:, Tb + 2 + W:2 * Tb + 2 + W], inputs[:, 2 * Tb + 2 + W:])
+
+    def fill(self, rows, feed=()):
+        """Make the next step that of `rows`, row b feeding the tokens feed[b] (at most Tb) from
+        slot rows[b].length on; with rows = [] every row is padding (what warm-up and capture
+        steps run: they write only the scratch block). Built on the host with a few vectorised
+        ops (a per-element Python list of Bb x 3 Tb numbers would cost milliseconds at Bb = 64,
+        Tb = 256), then copied to the device at once."""
+        bs, s, Tb, B = self.pool.block_size, self.pool.scratch, self.Tb, len(rows)
+        host = torch.zeros(self.inputs.shape, dtype=torch.long)
+        tokens, length, n, table, block, offset = self.columns(host)
+        table.fill_(s)
+        if rows:
+            # row b's tokens in its last len(feed[b]) columns (left padding: token 0 before them)
+            at = [(b, Tb - len(f) + i) for b, f in enumerate(feed) for i in range(len(f))]
+            tokens[tuple(torch.tensor(at).T)] = torch.tensor([t for f in feed for t in f])
+            length[:B] = torch.tensor([r.length for r in rows])
+            n[:B] = torch.tensor([len(f) for f in feed])
+            table[:B] = torch.tensor(self.tables(rows, self.width))
+        # column t of row b holds new token t - (Tb - n) (when >= 0), at slot length + t - (Tb - n)
+        slot = length[:, None] + torch.arange(Tb)[None, :] - (Tb - n[:, None])      # (Bb, Tb)
+        real = slot >= length[:, None]
+        block.copy_(torch.where(real, table.gather(1, slot.clamp(min=0) // bs), s))
+        offset.copy_(torch.where(real, slot % bs, 0))
+        self.inputs.copy_(host)
+        self.rows, self.n_new = rows, [len(f) for f in feed]          # for end()
 
     def begin(self, T):
-        return self.plan(self.length, self.one, T, self.L, self.table)
+        assert T == self.Tb
+        return self.plan(self.length, self.n, T, self.L, self.table)
 
 
 def cache_numbers_per_token(config):
@@ -312,13 +351,19 @@ class Engine:
         self.waiting, self.running = [], []
         self.ids = itertools.count()
         self.width = -(-model.config.block_size // block_size)     # blocks in the longest request's table
-        self.static = {}                   # bucket size -> its StaticPagedCache (and CUDA graph)
+        # the columns a step is padded to (cuda_graph): 1 (decode), then 8, 32, 128, ... (x4) below
+        # prefill_chunk, then prefill_chunk itself; e.g. (1, 8, 32, 128, 256) for prefill_chunk 256
+        self.token_buckets = tuple(sorted({1, prefill_chunk} | {8 * 4 ** i for i in range(8)
+                                                                 if 8 * 4 ** i < prefill_chunk}))
+        self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once
         # prompt_tokens: of admitted requests; reused_tokens: of those, read from shared blocks;
         # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back;
-        # static_steps: decode steps in fixed shapes (cuda_graph), graph_captures: CUDA graphs captured
+        # eager_steps: steps run in their own shapes (PagedCache); static_steps: steps in fixed
+        # shapes (cuda_graph), static_prefill_steps: those of them with a prompt chunk (columns > 1);
+        # graph_captures: CUDA graphs captured
         self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0,
-                          static_steps=0, graph_captures=0)
+                          eager_steps=0, static_steps=0, static_prefill_steps=0, graph_captures=0)
 
     def hit_rate(self):
         """The share of admitted prompt tokens that were reused rather than computed."""
@@ -394,16 +439,17 @@ class Engine:
         rows = self.running
         feed = [r.pending[:self.prefill_chunk] for r in rows]
         T = max(len(f) for f in feed)
-        # one token per row (each row decoding, or feeding its prompt's last token): a decode step,
-        # in fixed shapes with cuda_graph; any longer prompt chunk makes the step an eager one
-        if self.cuda_graph and T == 1:
-            logits = self.decode_static(rows)
+        # with cuda_graph every step runs in fixed shapes (its (rows, columns) bucket); else in its
+        # own: the rows left-padded to the longest, T columns
+        if self.cuda_graph:
+            logits = self.static_step(rows, feed)
         else:
             idx = torch.zeros(len(rows), T, dtype=torch.long)
             for b, f in enumerate(feed):
                 idx[b, T - len(f):] = torch.tensor(f)
             cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
             logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
+            self.stats['eager_steps'] += 1
         # the next token of every row whose prompt is read: the greedy rows in one argmax and one
         # read back to the host; a sampled row draws with its own generator (its seed's stream)
         greedy = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending) and r.temperature == 0]
@@ -430,67 +476,81 @@ class Engine:
         return events
 
     def bucket(self, B):
-        """The rows a decode step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and
-        max_batch that holds them (a few shapes, so a few graphs)."""
+        """The rows a step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and max_batch
+        that holds them (a few shapes, so a few graphs)."""
         return min(1 << (B - 1).bit_length(), self.max_batch)
 
-    def decode_static(self, rows):
-        """A decode step of `rows` in its bucket's fixed shapes: (B, V) logits of the real rows,
-        through the bucket's CUDA graph where it has one (see refresh_graph), else eagerly."""
-        cache = self.static_cache(self.bucket(len(rows)))
+    def token_bucket(self, T):
+        """The columns a step whose longest row feeds T tokens is padded to: the smallest of
+        self.token_buckets that holds them (T <= prefill_chunk, the largest)."""
+        return next(Tb for Tb in self.token_buckets if Tb >= T)
+
+    def static_step(self, rows, feed):
+        """A step of `rows` (row b feeding the tokens feed[b]) in its (rows, columns) bucket's fixed
+        shapes: (B, V) logits of the real rows' last tokens, through the bucket's CUDA graph where
+        it has one (see refresh_graph), else eagerly."""
+        cache = self.static_cache(self.bucket(len(rows)), self.token_bucket(max(len(f) for f in feed)))
         self.refresh_graph(cache)
-        cache.fill(rows)
+        cache.fill(rows, feed)
         if cache.graph is not None:
             cache.graph.replay()                           # writes the pools and cache.logits
             cache.end()                                    # a replay runs no Python: lengths here
             logits = cache.logits
         else:
-            logits = self.model(cache.token, cache=cache, last_only=True)[0]
+            logits = self.model(cache.tokens, cache=cache, last_only=True)[0]
         self.stats['static_steps'] += 1
-        return logits[:len(rows), -1]                                          # (B, V)
+        self.stats['static_prefill_steps'] += int(cache.Tb > 1)
+        return logits[:len(rows), -1]                      # (Bb, 1, V) -> (B, V): column Tb - 1, every row's last
 
-    def static_cache(self, Bb):
-        if Bb not in self.static:
-            self.static[Bb] = StaticPagedCache(self.pool, Bb, self.width, self.device)
-        return self.static[Bb]
+    def static_cache(self, Bb, Tb):
+        if (Bb, Tb) not in self.static:
+            self.static[Bb, Tb] = StaticPagedCache(self.pool, Bb, Tb, self.width, self.device)
+        return self.static[Bb, Tb]
 
     def refresh_graph(self, cache):
         """On CUDA, give `cache` a graph of its step captured for the model as it is now: at its
         first use, and again if the parameters moved (model.to(...); an update in place is read
         where it is) or the autocast setting changed; none where a graph cannot hold the step
-        (generate.graph_capturable: e.g. the MoE loop waits for the host)."""
+        (generate.graph_capturable, for its Bb x Tb tokens: e.g. the MoE loop waits for the host)."""
         if self.device.type != 'cuda':
             return
         signature = DecodeGraphs.signature(self.model, self.params)   # cheap: the parameters listed once
         if cache.signature != signature:
             cache.graph = cache.logits = None              # an older graph's memory goes first
             cache.signature = signature
-            if graph_capturable(self.model, cache.Bb):
+            if graph_capturable(self.model, cache.Bb * cache.Tb):
                 self.capture(cache)
 
     @torch.no_grad()
     def capture(self, cache):
-        """Capture `cache`'s decode step as a CUDA graph (generate.capture_graph: warm-up steps on a
-        side stream, then the capture) with every row parked on the scratch block, so that none of
+        """Capture `cache`'s step as a CUDA graph (generate.capture_graph: warm-up steps on a side
+        stream, then the capture) with every row parked on the scratch block, so that none of
         these steps writes a block a request holds. A capture must not allocate the pools: if no
         step has made them yet, one parked step run eagerly does."""
         def step():
-            return self.model(cache.token, cache=cache, last_only=True)[0]    # (Bb, 1, V)
+            return self.model(cache.tokens, cache=cache, last_only=True)[0]   # (Bb, 1, V)
         cache.fill([])
         if not self.pool.tensors:
             step()
         cache.graph, cache.logits = capture_graph(step, self.device)
         self.stats['graph_captures'] += 1
 
-    def capture_graphs(self):
-        """Capture every bucket's decode step now (a server at start, a benchmark before it times)
-        rather than at its first use. Nothing without cuda_graph, or off CUDA."""
+    def capture_graphs(self, prefill=False):
+        """Capture every rows bucket's decode step (1 column) now (a server at start, a benchmark
+        before it times) rather than at its first use; with prefill=True also every (rows, columns)
+        pair of the prompt-chunk steps. Nothing without cuda_graph, or off CUDA.
+        By default the prompt-chunk pairs are captured at their first use: they are many (7 rows
+        buckets x 4 column buckets at max_batch 64, prefill_chunk 256), a steady load uses few of
+        them (a closed loop of C streams sits at rows bucket C), and each graph keeps the memory
+        of its step's activations, which grow with Bb x Tb. The price: the first step of each
+        pair used also runs the capture (two warm-up steps and the capture itself)."""
         if self.cuda_graph and self.device.type == 'cuda':
             for Bb in sorted({self.bucket(B) for B in range(1, self.max_batch + 1)}):
-                self.refresh_graph(self.static_cache(Bb))
+                for Tb in self.token_buckets if prefill else (1,):
+                    self.refresh_graph(self.static_cache(Bb, Tb))
 
     def decode_mode(self):
-        """How the decode steps run, in words, for a script to print."""
+        """How the steps run, in words, for a script to print."""
         if not self.cuda_graph:
             return 'eager'
         return 'CUDA graphs' if any(c.graph is not None for c in self.static.values()) else 'fixed shapes, eager'

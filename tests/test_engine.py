@@ -52,7 +52,7 @@ def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_bloc
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
     assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
-    assert engine.stats['static_steps'] == 0           # cuda_graph=False: every step eager
+    assert engine.stats['static_steps'] == 0 < engine.stats['eager_steps']   # cuda_graph=False: every step eager
 
 
 def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
@@ -265,30 +265,33 @@ def test_a_request_waits_when_the_only_room_is_its_own_cached_prefix():
         assert r.output == alone(model, p, r.max_new_tokens)
 
 
-# Decode steps in fixed shapes (cuda_graph=True): the rows padded to a bucket, full-width block
-# tables, the inputs copied into tensors made once per bucket; on the CPU they run eagerly.
+# Steps in fixed shapes (cuda_graph=True): the rows padded to a bucket, the columns to a token
+# bucket (1 for a decode step), full-width block tables, the inputs copied into tensors made once
+# per (rows, columns) bucket; on the CPU they run eagerly.
 
 STATIC_VARIANTS = {k: VARIANTS[k] for k in ('gpt2', 'gqa_rope', 'mla_moe')}
 STATIC_VARIANTS['window'] = dict(VARIANTS['gqa_rope'], sliding_window=12, n_sink_tokens=2)
 
 
 def spy_on_static_steps(engine):
-    """Record (rows, bucket) of every static decode step, checking that the scratch block is in
-    no request's table and every block is where the pool says."""
-    sizes, real = [], engine.decode_static
+    """Record (rows, rows bucket, longest row's tokens, columns bucket) of every static step,
+    checking that the scratch block is in no request's table and every block is where the pool says."""
+    sizes, real = [], engine.static_step
 
-    def decode_static(rows):
+    def static_step(rows, feed):
         assert all(engine.pool.scratch not in r.blocks for r in engine.running)
         check_pool(engine)
-        sizes.append((len(rows), engine.bucket(len(rows))))
-        return real(rows)
-    engine.decode_static = decode_static
+        T = max(map(len, feed))
+        sizes.append((len(rows), engine.bucket(len(rows)), T, engine.token_bucket(T)))
+        return real(rows, feed)
+    engine.static_step = static_step
     return sizes
 
 
 def first_alone_then_mixed_arrivals(model, **engine_kw):
     """A 1-token prompt alone (its first step is a decode step, before any step has made the pools),
-    then mixed_arrivals. Returns the engine, its static steps' (rows, bucket), the requests, the prompts."""
+    then mixed_arrivals. Returns the engine, its static steps (see spy_on_static_steps), the
+    requests, the prompts."""
     engine = Engine(model, n_blocks=40, block_size=8, prefill_chunk=16, **engine_kw)
     sizes = spy_on_static_steps(engine)
     first = engine.add([7], 10)
@@ -297,54 +300,115 @@ def first_alone_then_mixed_arrivals(model, **engine_kw):
     return engine, sizes, [first] + requests, [[7]] + prompts
 
 
+def assert_same_blocks(engine, eager):
+    """Every pool block but the scratch one as the eager engine leaves it: the padding rows' and
+    padding columns' writes landed in the scratch block only."""
+    n = engine.pool.n_blocks
+    assert eager.pool.tensors.keys() == engine.pool.tensors.keys()
+    for key, pool in engine.pool.tensors.items():
+        torch.testing.assert_close(pool[:n], eager.pool.tensors[key][:n])
+
+
 @pytest.mark.parametrize('variant', STATIC_VARIANTS)
-def test_static_decode_steps_give_each_request_its_tokens_alone(variant):
-    """cuda_graph=True on the CPU: the static path, eagerly, with batches of 3 and 5 rows (padded
-    to 4 and 8) and lengths crossing block boundaries (blocks of 8). The padding rows' writes land
-    in the scratch block only: every other block ends as the eager engine leaves it."""
+def test_static_steps_give_each_request_its_tokens_alone(variant):
+    """cuda_graph=True on the CPU: the static path, eagerly, for every step: decode steps and
+    steps with prompt chunks (prompts of 23 and 40 tokens read in chunks of 16, the last 7 of the
+    23 padded to 8 columns, chunks of 5 and 9 beside a chunk of 16), with batches of 3 and 5 rows
+    (padded to 4 and 8) and lengths crossing block boundaries (blocks of 8)."""
     model = build(**STATIC_VARIANTS[variant])
     engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True)
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
-    assert engine.stats['static_steps'] == len(sizes) >= 10          # the static path really ran
-    assert {(3, 4), (5, 8)} <= set(sizes) and set(engine.static) == {1, 2, 4, 8}   # with padding rows
-    assert engine.stats['graph_captures'] == 0                         # no graph off CUDA
+    s = engine.stats
+    assert s['static_steps'] == len(sizes) >= 10 and s['eager_steps'] == 0     # every step in fixed shapes
+    assert s['static_prefill_steps'] == sum(Tb > 1 for *_, Tb in sizes) >= 4
+    assert {(3, 4), (5, 8)} <= {(B, Bb) for B, Bb, _, _ in sizes}              # padding rows
+    assert (2, 2, 7, 8) in sizes and (5, 8, 16, 16) in sizes   # padding columns (23 = 16 + 7) and rows
+    assert engine.token_buckets == (1, 8, 16) and {(1, 1), (2, 16), (8, 8), (8, 16)} <= set(engine.static)
+    assert s['graph_captures'] == 0                                            # no graph off CUDA
     assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
     eager, no_static, _, _ = first_alone_then_mixed_arrivals(model)
-    assert not no_static and eager.pool.tensors.keys() == engine.pool.tensors.keys()
-    for key, pool in engine.pool.tensors.items():
-        torch.testing.assert_close(pool[:40], eager.pool.tensors[key][:40])
+    assert not no_static and eager.stats['static_steps'] == eager.stats['static_prefill_steps'] == 0
+    assert_same_blocks(engine, eager)
     assert sorted(engine.pool.take(40)) == list(range(40))            # every block, not the scratch one
 
 
-def test_sampling_with_static_decode_steps_follows_the_same_seeds():
+@pytest.mark.parametrize('variant', ['gpt2', 'mla_moe', 'window'])
+def test_static_steps_with_prefix_sharing_start_rows_past_their_reused_blocks(variant):
+    """Prefix sharing with cuda_graph=True: rows whose prompt chunks start at a nonzero length
+    (3 reused blocks of 8), a suffix longer than prefill_chunk, prompts made of a cached prefix."""
+    model = build(**STATIC_VARIANTS[variant])
+    prompts = shared_prefix_prompts(29, (3, 11, 1, 20, 6))
+    n_new, arrive_at = [15, 9, 20, 6, 12], [0, 0, 4, 5, 9]
+    kw = dict(n_blocks=40, block_size=8, prefill_chunk=16)
+    static, graphed = run_arrivals(model, prompts, n_new, arrive_at, cuda_graph=True, **kw)
+    eager, plain = run_arrivals(model, prompts, n_new, arrive_at, **kw)
+    for i, p in enumerate(prompts):
+        assert graphed[i].output == plain[i].output == alone(model, p, n_new[i]), (variant, i)
+    assert static.stats['reused_tokens'] == eager.stats['reused_tokens'] == 3 * 24
+    assert static.stats['eager_steps'] == 0 < static.stats['static_prefill_steps'] < static.stats['static_steps']
+    assert_same_blocks(static, eager)
+
+
+def test_a_static_step_fills_each_row_left_padded_and_writes_padding_to_the_scratch_block():
+    """The inputs of one (4 rows, 8 columns) step, read back: row 0 feeds 5 tokens from slot 3
+    (crossing into its second block), row 1 one token from slot 8 (its second block's first slot),
+    rows 2 and 3 are padding."""
+    from engine import Request, StaticPagedCache
+    engine = Engine(build(), n_blocks=10, block_size=4, prefill_chunk=8)
+    a = Request([1], 8, blocks=[5, 2, 9], length=3)
+    b = Request([1], 8, blocks=[4, 7, 0], length=8)
+    cache = StaticPagedCache(engine.pool, 4, 8, engine.width, 'cpu')
+    cache.fill([a, b], [[11, 12, 13, 14, 15], [16]])
+    s = engine.pool.scratch
+    assert cache.tokens.tolist() == [[0, 0, 0, 11, 12, 13, 14, 15], [0] * 7 + [16], [0] * 8, [0] * 8]
+    assert cache.length.tolist() == [3, 8, 0, 0] and cache.n.tolist() == [5, 1, 0, 0]
+    assert cache.table.tolist() == [[5, 2, 9] + [s] * 21, [4, 7, 0] + [s] * 21] + [[s] * 24] * 2
+    assert cache.block.tolist() == [[s, s, s, 5, 2, 2, 2, 2], [s] * 7 + [0], [s] * 8, [s] * 8]
+    assert cache.offset.tolist()[:2] == [[0, 0, 0, 3, 0, 1, 2, 3], [0] * 8]
+    cache.fill([])                                     # every row parked on the scratch block
+    assert cache.table.unique().tolist() == cache.block.unique().tolist() == [s] and not cache.n.any()
+
+
+def test_sampling_with_static_steps_follows_the_same_seeds():
+    """Seeded sampling, prompts of 3 to 5 tokens read in one step of 8 columns, then decode steps,
+    and a request arriving while the others decode (a prompt chunk of 9 beside them)."""
     model = build(**VARIANTS['mla_moe'])
     outputs = {}
     for graph in (False, True):
         engine = Engine(model, n_blocks=30, block_size=8, cuda_graph=graph)
         reqs = [engine.add([3, 1, 4, 1, 5][:i + 3], 12, temperature=1.0, top_k=20, seed=10 + i) for i in range(3)]
         reqs.append(engine.add([2, 7], 12))                           # a greedy row beside them
+        for _ in range(4):
+            engine.step()
+        reqs.append(engine.add([9, 2, 6, 5, 3, 5, 8, 9, 7], 10, temperature=0.8, top_p=0.9, seed=3))
         engine.run()
         outputs[graph] = [r.output for r in reqs]
-        assert (engine.stats['static_steps'] > 0) == graph
+        s = engine.stats
+        assert (s['static_steps'] > 0) == (s['eager_steps'] == 0) == (s['static_prefill_steps'] == 2) == graph
     assert outputs[True] == outputs[False] and outputs[True][0] != outputs[True][1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
-def test_cuda_graph_decode_steps_equal_the_eager_engine_and_are_captured_once_per_bucket(variant, monkeypatch):
-    """On CUDA in float32 the decode steps replay one captured graph per bucket, captured at its
-    first use (the first one before any step has made the pools) and reused by later requests:
-    the tokens of the eager engine and of the same static steps without a graph. capture_graphs()
-    captures every bucket at once; model.cpu().cuda() (new tensors, same values) captures again."""
+def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucket(variant, monkeypatch):
+    """On CUDA in float32 every step replays one captured graph per (rows, columns) bucket,
+    decode steps and steps with prompt chunks alike, captured at its first use (the first one
+    before any step has made the pools) and reused by later requests: the tokens of the eager
+    engine and of the same static steps without a graph. capture_graphs() captures every rows
+    bucket's decode step at once (the prompt-chunk buckets still at their first use), with
+    prefill=True every pair; model.cpu().cuda() (new tensors, same values) captures again."""
     import engine as engine_module
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     model = build(**VARIANTS[variant]).cuda()
 
-    def serve(cuda_graph, upfront=False):
+    def capturable(pairs):
+        return {(Bb, Tb) for Bb, Tb in pairs if engine_module.graph_capturable(model, Bb * Tb)}
+
+    def serve(cuda_graph, upfront=None):
         engine = Engine(model, n_blocks=40, block_size=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph)
-        if upfront:
-            engine.capture_graphs()
+        if upfront is not None:
+            engine.capture_graphs(prefill=upfront)
         first = engine.add([7], 10)                    # alone: its first step is a decode step
         engine.run()
         requests, _ = mixed_arrivals(engine)
@@ -353,18 +417,27 @@ def test_cuda_graph_decode_steps_equal_the_eager_engine_and_are_captured_once_pe
 
     _, eager = serve(False)
     engine, graphed = serve(True)
-    assert graphed == eager
-    capturable = {Bb for Bb in engine.static if engine_module.graph_capturable(model, Bb)}
-    assert capturable and {Bb for Bb, c in engine.static.items() if c.graph is not None} == capturable
-    assert engine.stats['graph_captures'] == len(capturable) < engine.stats['static_steps']
+    assert graphed == eager and engine.stats['eager_steps'] == 0
+    used = capturable(engine.static)
+    assert {(Bb, Tb) for Bb, Tb in used if Tb > 1}, 'a prompt-chunk bucket was captured'
+    assert {key for key, c in engine.static.items() if c.graph is not None} == used
+    assert engine.stats['graph_captures'] == len(used) < engine.stats['static_steps']
     with monkeypatch.context() as m:                   # the same static steps, no graph
         m.setattr(engine_module, 'graph_capturable', lambda *a, **kw: False)
         without, static = serve(True)
     assert static == graphed and without.stats['graph_captures'] == 0
-    upfront, again = serve(True, upfront=True)
-    every = {b for b in (1, 2, 4, 8) if engine_module.graph_capturable(model, b)}
-    assert again == graphed and upfront.stats['graph_captures'] == len(every)
+    upfront, again = serve(True, upfront=False)        # decode buckets up front, the rest at first use
+    decode = capturable((Bb, 1) for Bb in (1, 2, 4, 8))
+    assert again == graphed and upfront.stats['graph_captures'] == len(decode | used)
+    every, all_pairs = serve(True, upfront=True)       # every pair up front: none captured later
+    pairs = capturable((Bb, Tb) for Bb in (1, 2, 4, 8) for Tb in (1, 8, 16))
+    assert all_pairs == graphed and every.stats['graph_captures'] == len(pairs)
     model.cpu().cuda()                                 # the parameters move: the graphs are stale
     r = upfront.add([7], 10)
     upfront.run()
-    assert r.output == eager[0] and upfront.stats['graph_captures'] == len(every) + 1
+    n = len(decode | used)
+    assert r.output == eager[0] and upfront.stats['graph_captures'] == n + 1
+    r = upfront.add([7, 8, 9], 10)                     # a prompt chunk of 3: bucket (1, 8) again
+    upfront.run()
+    assert r.output == alone(model, [7, 8, 9], 10)
+    assert upfront.stats['graph_captures'] == n + 1 + len(capturable([(1, 8)]))
