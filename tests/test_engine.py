@@ -419,7 +419,9 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     engine, graphed = serve(True)
     assert graphed == eager and engine.stats['eager_steps'] == 0
     used = capturable(engine.static)
-    assert {(Bb, Tb) for Bb, Tb in used if Tb > 1}, 'a prompt-chunk bucket was captured'
+    # a prompt-chunk bucket replayed as a graph (for the MoE in float32 on CUDA only steps of at
+    # most E / K tokens are capturable: the gathered experts; grouped_mm takes bf16)
+    assert {(Bb, Tb) for Bb, Tb in used if Tb > 1} or variant == 'mla_moe'
     assert {key for key, c in engine.static.items() if c.graph is not None} == used
     assert engine.stats['graph_captures'] == len(used) < engine.stats['static_steps']
     with monkeypatch.context() as m:                   # the same static steps, no graph
