@@ -12,9 +12,9 @@ Each level of concurrency C keeps C requests in flight (closed loop: a finished 
 by the next one at once; static batching takes the next C at once). Outputs never stop early (no
 stop token), so every method produces the same tokens. Reported per method and C: generated tokens
 per second, time to first token (p50, p99) and the time between a request's tokens (p50, p99).
-cuda_graph (None: on for CUDA) makes the engine's decode steps CUDA graphs, one per batch bucket,
-captured before the engine is timed (as a server does at start), and static batching's one-token
-steps too (generate_tokens captures one per group shape, inside its timing).
+cuda_graph (None: on for CUDA) makes the engine's steps CUDA graphs, one per (rows, prompt-chunk
+columns) bucket, all captured before the engine is timed, and static batching's one-token steps
+too (generate_tokens captures one per group shape, inside its timing).
 """
 
 import json
@@ -84,7 +84,7 @@ def percentiles(xs):
     return at(0.5), at(0.99)
 
 
-engine_modes = set()            # how the engine's decode steps ran (Engine.decode_mode)
+engine_modes = set()            # how the engine's steps ran (Engine.decode_mode)
 
 
 def run_engine(reqs, C):
@@ -94,7 +94,7 @@ def run_engine(reqs, C):
     n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // block_size_cache) + C + 16
     engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk,
                     cuda_graph=graph)
-    engine.capture_graphs()                                         # as a server does at start: not timed
+    engine.capture_graphs(prefill=True)        # every (rows, columns) bucket's graph before the timing
     queue, started, last, ttft, gaps, tokens = list(reqs), {}, {}, [], [], 0
     t0 = time.time()
     while queue or engine.running or engine.waiting:
@@ -196,7 +196,7 @@ per_token = cache_numbers_per_token(c)
 elem = torch.finfo(getattr(torch, rt.dtype)).bits // 8
 print(f"\n{checkpoint or 'random weights'}: {model.num_params() / 1e6:.0f}M parameters, {rt.device} {rt.dtype}; prompts "
       f"{min_prompt}-{max_prompt}, outputs {min_output}-{max_output} tokens; paged cache {per_token:,} numbers "
-      f"= {per_token * elem:,} bytes per token; engine decode steps: {', '.join(sorted(engine_modes)) or '-'}; "
+      f"= {per_token * elem:,} bytes per token; engine steps: {', '.join(sorted(engine_modes)) or '-'}; "
       f"static batching's one-token steps: "
       f"{('CUDA graphs' if rt.device_type == 'cuda' else 'fixed shapes, eager') if graph else 'eager'}")
 print('| streams | method | tokens/s | vs static | first token p50 / p99 (ms) | between tokens p50 / p99 (ms) |')
