@@ -10,9 +10,9 @@ D=${1:-out/serve_gpu}
 mkdir -p $D
 CFG="config/tinystories_moe.py --max_prompt=128 --max_output=384"
 # one process per level, each bounded, so a slow level still leaves the others their rows. The
-# engine's decode steps are CUDA graphs (bench_serve's cuda_graph, on for CUDA: one per batch
-# bucket, captured before the timing starts); when they ran eagerly (about 30 tokens/s for one
-# stream on the H200), 32 requests at one stream, the default, did not finish in 200 s
+# engine's steps are CUDA graphs (bench_serve's cuda_graph, on for CUDA: one per (rows, prompt-chunk
+# columns) bucket, captured before the timing starts); when they ran eagerly (about 30 tokens/s for
+# one stream on the H200), 32 requests at one stream, the default, did not finish in 200 s
 for C in 1 8 64 256; do
   n=$((C < 8 ? 8 : 2 * C))
   timeout 150 python bench_serve.py $CFG --methods=engine,static --streams=$C --n_requests=$n \
