@@ -303,6 +303,15 @@ def local_copy(*parts):
 # Records and chat batches
 
 
+def write_jsonl(path, rows):
+    """One JSON record per line, written to a temporary name and renamed (a crash leaves no
+    half-written file)."""
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    os.replace(path + '.tmp', path)
+
+
 def read_jsonl(path, required=(), hint=''):
     """The records of a JSONL file; exits with a clear message if it is missing, a line is not
     JSON, or a record lacks one of the `required` fields."""

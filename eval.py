@@ -23,7 +23,7 @@ import torch
 
 from checkpoint import load_chat_model, load_checkpoint, run_folders
 from config import configure
-from data import load_tokenizer_spec, read_jsonl, TokenData
+from data import load_tokenizer_spec, read_jsonl, TokenData, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
@@ -160,8 +160,7 @@ def evaluate(folder):
     with open(os.path.join(folder, 'eval.json'), 'w') as f:
         json.dump(result, f, indent=2)
     if answers:
-        with open(os.path.join(folder, 'eval_answers.jsonl'), 'w') as f:
-            f.writelines(json.dumps(row) + '\n' for row in answers)
+        write_jsonl(os.path.join(folder, 'eval_answers.jsonl'), answers)
     return result
 
 

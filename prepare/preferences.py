@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_chat_model  # noqa: E402
 from config import configure  # noqa: E402
-from data import read_jsonl  # noqa: E402
+from data import read_jsonl, write_jsonl  # noqa: E402
 from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runtime import init_runtime  # noqa: E402
 from task import score  # noqa: E402
@@ -55,13 +55,6 @@ cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
 configure(globals())
 if samples_per_prompt < 2:
     sys.exit(f'error: samples_per_prompt={samples_per_prompt} must be at least 2 to make a pair')
-
-
-def write_jsonl(path, rows):
-    with open(path + '.tmp', 'w') as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(path + '.tmp', path)
 
 
 if source:

@@ -72,7 +72,7 @@ sys.path.insert(0, _REPO)
 from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
-from data import usable_cpus, write_token_dataset  # noqa: E402
+from data import usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
@@ -507,13 +507,6 @@ def to_examples(docs, offset, limit, list_only=list_words_only):
             pool.close()
             pool.join()
     return out, why, fallbacks, listed
-
-
-def write_jsonl(path, rows):
-    with open(path + '.tmp', 'w') as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(path + '.tmp', path)
 
 
 if task_dir:

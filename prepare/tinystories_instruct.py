@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import read_documents, split_off_val  # noqa: E402
+from data import read_documents, split_off_val, write_jsonl  # noqa: E402
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -71,13 +71,6 @@ def to_examples(docs, offset):
         out.append({'prompt': make_prompt(words, features), 'response': story,
                     'words': words, 'features': features})
     return out
-
-
-def write_jsonl(path, rows):
-    with open(path + '.tmp', 'w') as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(path + '.tmp', path)
 
 
 local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \

@@ -3,8 +3,10 @@ not, n, seed, stop strings, /v1/models, /health, the chat page; concurrent reque
 the engine and get the greedy answers of generate_chat."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -46,6 +48,29 @@ def server(pipeline):
 
 def client(url):
     return openai.OpenAI(base_url=url + '/v1', api_key='none')
+
+
+@contextlib.contextmanager
+def chat_page(url):
+    """The server's chat page in headless Chromium (skipped without playwright or chromium)."""
+    sync_api = pytest.importorskip('playwright.sync_api', reason='needs pip install playwright')
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    if not chromium:
+        pytest.skip("needs Debian's chromium (apt-get install chromium), as .ci/run installs it")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=['--no-sandbox'])
+        page = browser.new_page()
+        page.goto(url + '/')
+        yield page
+        browser.close()
+
+
+def send(page, text, max_tokens=12):
+    """Type `text` into the page and send it, greedy, at most max_tokens new tokens."""
+    page.fill('#temperature', '0')
+    page.fill('#max_tokens', str(max_tokens))
+    page.fill('#input', text)
+    page.click('#send')
 
 
 def test_chat_completions_streamed_and_not_equal_the_engine_free_greedy_answer(server):
@@ -102,25 +127,14 @@ def test_concurrent_requests_models_health_and_the_chat_page(server):
 def test_the_chat_page_in_headless_chromium(server):
     """The page as a user drives it: the model's name appears, a message sent streams an answer
     into the page (greedy: the API's answer), a second turn carries the first, Clear empties it."""
-    import shutil
-    sync_api = pytest.importorskip('playwright.sync_api', reason='needs pip install playwright')
-    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
-    if not chromium:
-        pytest.skip("needs Debian's chromium (apt-get install chromium), as .ci/run installs it")
     url, _ = server
     c = client(url)
     question = 'Write a story that uses the words: fox, key.'
     api = c.chat.completions.create(model='m', messages=[{'role': 'user', 'content': question}], max_tokens=12,
                                     temperature=0).choices[0].message.content
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=['--no-sandbox'])
-        page = browser.new_page()
-        page.goto(url + '/')
+    with chat_page(url) as page:
         page.wait_for_function("document.getElementById('model').textContent.includes('sft_serve')")
-        page.fill('#temperature', '0')
-        page.fill('#max_tokens', '12')
-        page.fill('#input', question)
-        page.click('#send')
+        send(page, question)
         page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
         assert page.locator('.msg.user').all_text_contents() == [question]
         assert page.locator('.msg.assistant').all_text_contents() == [api]
@@ -131,36 +145,23 @@ def test_the_chat_page_in_headless_chromium(server):
         assert page.evaluate('messages.length') == 4                   # both turns go to the server
         page.click('#clear')
         assert page.locator('.msg').count() == 0
-        browser.close()
 
 
 def test_the_chat_page_continues_text_with_a_pretrained_model(pipeline):
     """The quick start's first model has no chat template: /v1/models says so ('chat': false), and
     the page sends each message to /v1/completions and shows the text with its continuation (the
     API's greedy continuation), instead of an error."""
-    import shutil
-    sync_api = pytest.importorskip('playwright.sync_api', reason='needs pip install playwright')
-    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
-    if not chromium:
-        pytest.skip("needs Debian's chromium (apt-get install chromium), as .ci/run installs it")
     proc, url = start_server(pipeline, 'base')
     try:
         models = json.load(urllib.request.urlopen(url + '/v1/models'))
         assert models['data'][0]['chat'] is False
         api = client(url).completions.create(model='m', prompt='Once upon a time', max_tokens=12,
                                              temperature=0).choices[0].text
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=['--no-sandbox'])
-            page = browser.new_page()
-            page.goto(url + '/')
+        with chat_page(url) as page:
             page.wait_for_function("document.getElementById('model').textContent.includes('continues the text')")
-            page.fill('#temperature', '0')
-            page.fill('#max_tokens', '12')
-            page.fill('#input', 'Once upon a time')
-            page.click('#send')
+            send(page, 'Once upon a time')
             page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
             assert page.locator('.msg.assistant').all_text_contents() == ['Once upon a time' + api]
-            browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
