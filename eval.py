@@ -157,8 +157,10 @@ def evaluate(folder):
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
               'continuations': continuations(model, tok), 'temperature': temperature,
               'max_new_tokens': max_new_tokens}
-    with open(os.path.join(folder, 'eval.json'), 'w') as f:
+    path = os.path.join(folder, 'eval.json')
+    with open(path + '.tmp', 'w') as f:           # renamed when whole: a crash leaves the old file
         json.dump(result, f, indent=2)
+    os.replace(path + '.tmp', path)
     if answers:
         write_jsonl(os.path.join(folder, 'eval_answers.jsonl'), answers)
     return result
