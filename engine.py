@@ -514,7 +514,8 @@ class Engine:
         (generate.graph_capturable, for its Bb x Tb tokens: e.g. the MoE loop waits for the host)."""
         if self.device.type != 'cuda':
             return
-        signature = DecodeGraphs.signature(self.model, self.params)   # cheap: the parameters listed once
+        signature = (DecodeGraphs.signature(self.model, self.params),    # cheap: the parameters listed
+                     self.model.__dict__.get('tensor_moves', 0))          # once; and model.to(...) calls
         if cache.signature != signature:
             cache.graph = cache.logits = None              # an older graph's memory goes first
             cache.signature = signature

@@ -775,6 +775,9 @@ class GPT(nn.Module):
                 for name in getattr(m, 'float32_buffers', ()) if m._buffers.get(name) is not None]
         if '_decode_graphs' in self.__dict__:        # generate.py's captured decode steps read the
             self.__dict__['_decode_graphs'].clear()  # old tensors' memory
+        # counted, so that a graph keeper (engine.py) sees every move, even one whose new tensors the
+        # allocator happens to place at the old addresses (the buffers are not compared there)
+        self.__dict__['tensor_moves'] = self.__dict__.get('tensor_moves', 0) + 1
         super()._apply(fn, recurse)
         for m, name, old in keep:
             new = m._buffers[name]

@@ -26,7 +26,8 @@ def build(**kw):
 
 
 def alone(model, prompt, n, **kw):
-    return generate(model, torch.tensor([prompt]), n, temperature=0, **kw)[0, len(prompt):].tolist()
+    idx = torch.tensor([prompt], device=next(model.parameters()).device)
+    return generate(model, idx, n, temperature=0, **kw)[0, len(prompt):].tolist()
 
 
 def mixed_arrivals(engine):
@@ -434,7 +435,7 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     every, all_pairs = serve(True, upfront=True)       # every pair up front: none captured later
     pairs = capturable((Bb, Tb) for Bb in (1, 2, 4, 8) for Tb in (1, 8, 16))
     assert all_pairs == graphed and every.stats['graph_captures'] == len(pairs)
-    model.cpu().cuda()                                 # the parameters move: the graphs are stale
+    model.cpu().cuda()                                 # a move: captured again (even at reused addresses)
     r = upfront.add([7], 10)
     upfront.run()
     n = len(decode | used)
