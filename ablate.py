@@ -354,7 +354,8 @@ try:
                 continue
             del running[slot]
             took = time.time() - t0
-            write_marker(r, status='done' if rc == 0 else 'failed', returncode=rc, seconds=round(took, 1))
+            write_marker(r, status='done' if rc == 0 else 'failed', returncode=rc, seconds=round(took, 1),
+                         model_numbers=r['numbers'])    # for a report made where the data is absent
             if rc == 0:
                 vals = [x['val/loss'] for x in log_rows(r['dir']) if 'val/loss' in x]
                 print(f"{label[id(r)]}: done in {hms(took)}" + (f', val loss {vals[-1]:.4f}' if vals else '')
@@ -415,7 +416,7 @@ def summarize(run):
     status = 'failed' if status == 'running' else status     # a runner killed mid-run left 'running'
     row = {'variant': run['variant'], 'seed': run['seed'], 'status': status}
     row.update({k: run['config'][k] for k in override_keys})  # the resolved value of every override
-    row.update({'max_iters': run['max_iters'], **run['numbers']})
+    row.update({'max_iters': run['max_iters'], **(run['numbers'] or marker.get('model_numbers') or {})})
     run['curve'] = []
     if status != 'done':
         return row
@@ -554,17 +555,27 @@ plt = pyplot()                                       # None, with one note, with
 if plt is not None and any(r['curve'] for r in runs):
     for name, x, xlabel in (('val_loss_vs_tokens.png', 1, 'training tokens'),
                             ('val_loss_vs_time.png', 2, 'training time (s)')):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        # left: the whole run (log scale: the first evaluation, near ln(vocabulary), would flatten
+        # the rest); right: its second half, zoomed, where variants a few hundredths apart separate
+        fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4.5))
         for v in order:
             pts = mean_curve(v)
-            if pts:
-                ax.plot([p[x] for p in pts], [p[3] for p in pts], marker='o' if len(pts) < 30 else None,
-                        markersize=3, label=f"{v} ({stats[v]['done']} seed{'s' if stats[v]['done'] > 1 else ''})")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel('val loss (nats/token), mean over seeds')
+            if not pts:
+                continue
+            label = f"{v} ({stats[v]['done']} seed{'s' if stats[v]['done'] > 1 else ''})"
+            line, = ax.plot([p[x] for p in pts], [p[3] for p in pts], marker='o' if len(pts) < 30 else None,
+                            markersize=3, label=label)
+            late = [p for p in pts if p[x] >= pts[-1][x] / 2]
+            zoom.plot([p[x] for p in late], [p[3] for p in late], marker='o' if len(late) < 30 else None,
+                      markersize=3, color=line.get_color(), label=label)
+        ax.set_yscale('log')
         ax.set_title(os.path.basename(os.path.normpath(out_dir)))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        zoom.set_title('second half, zoomed')
+        for a in (ax, zoom):
+            a.set_xlabel(xlabel)
+            a.set_ylabel('val loss (nats/token), mean over seeds')
+            a.grid(alpha=0.3)
+        zoom.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
         fig.savefig(path + '.tmp.png', dpi=110)
