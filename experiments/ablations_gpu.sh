@@ -8,6 +8,9 @@
 #   D             the folder the archives and logs go to (the device's $OUT)
 #   STUDY...      names of config/ablations/*.py: attention balancing moe mtp optimizer long_context
 #   BUDGET        seconds for all the studies of this call (default 500; then the archives)
+#   ABLATE_ARGS   more settings for every study's ablate.py (e.g. '--parallel=2')
+# Runs a study finished before whose folders are kept in docs/ablations/STUDY (logs and markers, no
+# checkpoints) are copied in first, so a fresh machine trains only the missing seeds and variants.
 # The long_context study also scores its model at 2x and 4x its training length with every RoPE
 # scaling (experiments/long_context.py).
 # $ SHARED_DATA=.shared_data bash experiments/ablations_gpu.sh $OUT attention mtp
@@ -26,7 +29,10 @@ fi
 for s in "$@"; do
   left=$((END - SECONDS))
   [ $left -gt 30 ] || { echo "$s: no time left in this call's budget"; continue; }
-  timeout $left python ablate.py config/ablations/$s.py > $D/$s.log 2>&1
+  if [ -d docs/ablations/$s ] && [ ! -d out/ablations/$s ]; then
+    mkdir -p out/ablations && cp -r docs/ablations/$s out/ablations/$s
+  fi
+  timeout $left python ablate.py config/ablations/$s.py ${ABLATE_ARGS:-} > $D/$s.log 2>&1
   rc=$?
   [ $rc = 124 ] && echo "$s: stopped by the budget after ${left} s (run this again on the same machine to continue)"
   if [ $s = long_context ] && [ $rc = 0 ]; then
