@@ -16,7 +16,7 @@
 # $ SHARED_DATA=.shared_data bash experiments/sft_sweep_gpu.sh start && bash experiments/sft_sweep_gpu.sh wait 540
 set -uo pipefail
 R=${R:-out/sft_sweep} PROFILE=${PROFILE:-gpu} LONG=${LONG:-3000}
-RUNS="ref long ref_lr3e-4 long_lr3e-4"
+RUNS=${RUNS:-"ref long ref_lr3e-4 long_lr3e-4"}
 case ${1:-} in
   start)
     mkdir -p $R/logs $R/ref $R/long $R/ref_lr3e-4 $R/long_lr3e-4
