@@ -87,14 +87,21 @@ def percentiles(xs):
 engine_modes = set()            # how the engine's steps ran (Engine.decode_mode)
 
 
+engine_setup = {}               # streams -> the graphs' capture: seconds, graphs, GPU memory reserved after
+
+
 def run_engine(reqs, C):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
-    inter-token gaps, tokens)."""
+    inter-token gaps, tokens); the capture's cost goes to engine_setup[C]."""
     total = sum(len(p) + n for p, n in reqs[:C])                    # the first C requests: the pool, roughly
     n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // block_size_cache) + C + 16
     engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk,
                     cuda_graph=graph)
+    t_capture = time.time()
     engine.capture_graphs(prefill=True)        # every (rows, columns) bucket's graph before the timing
+    sync()
+    engine_setup[C] = {'capture_s': time.time() - t_capture, 'graphs': engine.stats['graph_captures'],
+                       'memory_reserved_gb': torch.cuda.memory_reserved() / 1e9 if rt.device_type == 'cuda' else None}
     queue, started, last, ttft, gaps, tokens = list(reqs), {}, {}, [], [], 0
     t0 = time.time()
     while queue or engine.running or engine.waiting:
@@ -175,6 +182,7 @@ def hf_group(prompts, n):
 rows, results = [], []
 with rt.autocast():
     run_engine(workload(4), 2)                     # warm-up (allocator, kernels)
+    engine_setup.clear()
     for C in levels:
         reqs = workload(n_requests or max(4 * C, 32))
         for m in methods:
@@ -186,7 +194,8 @@ with rt.autocast():
                 secs, ttft, gaps, tokens = run_static(reqs, C, fn)
             r = {'method': m, 'streams': C, 'requests': len(reqs), 'tokens': tokens, 'seconds': secs,
                  'tokens_per_s': tokens / secs, 'ttft_p50': percentiles(ttft)[0], 'ttft_p99': percentiles(ttft)[1],
-                 'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1]}
+                 'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1],
+                 **(engine_setup[C] if m == 'engine' else {})}
             results.append(r)
             print(f"{m:7s} streams {C:4d}: {r['tokens_per_s']:10,.0f} tokens/s; first token p50 {r['ttft_p50'] * 1e3:8.1f} ms, "
                   f"p99 {r['ttft_p99'] * 1e3:8.1f} ms; between tokens p50 {r['itl_p50'] * 1e3:6.1f} ms, "
@@ -199,6 +208,10 @@ print(f"\n{checkpoint or 'random weights'}: {model.num_params() / 1e6:.0f}M para
       f"= {per_token * elem:,} bytes per token; engine steps: {', '.join(sorted(engine_modes)) or '-'}; "
       f"static batching's one-token steps: "
       f"{('CUDA graphs' if rt.device_type == 'cuda' else 'fixed shapes, eager') if graph else 'eager'}")
+for C, setup in engine_setup.items():
+    if setup['graphs']:
+        memory = f", {setup['memory_reserved_gb']:.1f} GB reserved after" if setup['memory_reserved_gb'] else ''
+        print(f"engine at {C} streams: {setup['graphs']} graphs captured in {setup['capture_s']:.1f} s{memory}")
 print('| streams | method | tokens/s | vs static | first token p50 / p99 (ms) | between tokens p50 / p99 (ms) |')
 print('| --- | --- | --- | --- | --- | --- |')
 for r in results:

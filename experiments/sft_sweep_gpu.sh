@@ -49,11 +49,13 @@ import json, os, sys
 R, runs = sys.argv[1], sys.argv[2:]
 print('| run | val bits/byte (books / TinyStories) | task score | all words | 1st / 2nd / 3rd word used | repetition |')
 print('| --- | --- | --- | --- | --- | --- |')
+seen = set()                     # a base model linked into several runs' folders: one row
 for v in runs:
     for run in ('base', 'sft'):
-        path = os.path.join(R, v, run, 'eval.json')
-        if run == 'base' and '_lr' in v or not os.path.isfile(path):
+        path = os.path.realpath(os.path.join(R, v, run, 'eval.json'))
+        if path in seen or not os.path.isfile(path):
             continue
+        seen.add(path)
         e = json.load(open(path))
         f = lambda k, spec='.3f': format(e[k], spec) if e.get(k) is not None else '-'  # noqa: E731
         words = ' / '.join(f'{100 * x:.1f}%' for x in e.get('task/word_by_position', []))

@@ -130,6 +130,8 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert all(r['tokens_per_s'] > 0 and r['ttft_p50'] <= r['ttft_p99'] for r in rows)
     assert '| 3 | engine |' in proc.stdout and 'bytes per token' in proc.stdout
     assert 'engine steps: eager;' in proc.stdout          # cuda_graph None: off on the CPU
+    assert all(r['graphs'] == 0 and r['capture_s'] >= 0 for r in rows if r['method'] == 'engine')
+    assert 'graphs captured' not in proc.stdout           # (printed where the engine captured some)
     vllm, bad = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
                                                    [*SERVE_MOE, '--block_size=64', '--max_prompt=60']], cwd=tmp_path)
     assert vllm.returncode != 0 and "['vllm']" in vllm.stdout + vllm.stderr
