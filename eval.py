@@ -126,7 +126,9 @@ def task_metrics(model, tok):
                             for p, a, s in zip(prompts, r['answers'], r['scores'])][:n_samples]}
     if reference:
         out['kl_ref'] = kl_to_reference(model, tok, prompts)
-    rows = [{'prompt': p['prompt'], 'words': p['words'], 'answer': a['text'], 'ended': a['ended'], **s}
+    # the required words, then the scores (their 'words', the share of them used, as words_share)
+    rows = [{'prompt': p['prompt'], 'words': p['words'], 'answer': a['text'], 'ended': a['ended'],
+             **{'words_share' if k == 'words' else k: v for k, v in s.items()}}
             for p, a, s in zip(prompts, r['answers'], r['scores'])]
     return out, rows
 

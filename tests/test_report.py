@@ -39,7 +39,9 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
     assert 'the 1st / 2nd / 3rd listed word used in' in md         # which word the answers drop
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
-    assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used'} <= set(answers[0])
+    assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
+    for a in answers:                                  # the prompt's words, and which of them the answer used
+        assert all(w in a['prompt'] for w in a['words']) and len(a['used']) == len(a['words'])
     assert 'reward.py val/accuracy at its last evaluation, on 5 held-out pairs (15 for training)' in md
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
