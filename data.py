@@ -333,26 +333,61 @@ def read_jsonl(path, required=(), hint=''):
     return rows
 
 
-def chat_batch(rows, pad_id, T=None):
+def chat_batch(rows, pad_id, T=None, weights=False):
     """(x, y) for a list of (ids, mask) pairs, e.g. from tok.encode_chat: x the tokens, y the next
     token where the mask is on and -1 elsewhere (prompt, padding: no loss). Rows are right-padded
-    with pad_id, or cut, to T tokens (default: the longest row minus one)."""
+    with pad_id, or cut, to T tokens (default: the longest row minus one). weights=True: also w,
+    each target's mask value as a float (0 where no loss; a mask of weights, as
+    encode_chat_examples(word_weight=) makes, gives each target its loss weight)."""
     T = T or max(len(ids) for ids, _ in rows) - 1
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
+    w = torch.zeros((len(rows), T))
     for b, (ids, mask) in enumerate(rows):
         n = min(len(ids) - 1, T)
         x[b, :n] = torch.tensor(ids[:n])
         y[b, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:n + 1], mask[1:n + 1])])
-    return x, y
+        if weights:
+            w[b, :n] = torch.tensor([float(m) for m in mask[1:n + 1]])
+    return (x, y, w) if weights else (x, y)
 
 
-def encode_chat_examples(tok, rows, block_size):
+def word_token_weights(tok, response, words, weight):
+    """Per token of tok.encode(response): `weight` on the tokens of each required word's first use
+    (task.word_spans), 1 elsewhere. A word's tokens are those between the encoding of the text
+    before it (which must be a prefix of the whole encoding: with GPT-2's BPE the space before a
+    word is part of the word's token, so the text before it is then taken without that space) and
+    the encoding of the text through it. A word the tokenizer merges with what precedes it in
+    some other way keeps weight 1."""
+    from task import word_spans                       # (task.py imports the generation code)
+    ids = tok.encode(response)
+    out = [1.0] * len(ids)
+    for span in word_spans(response, words):
+        if span is None:
+            continue
+        start, end = span
+        k1 = len(tok.encode(response[:end]))
+        for before in (response[:start], response[:start - 1] if response[:start].endswith(' ') else None):
+            prefix = tok.encode(before) if before is not None else None
+            if prefix is not None and prefix == ids[:len(prefix)] and len(prefix) < k1 <= len(ids):
+                out[len(prefix):k1] = [weight] * (k1 - len(prefix))
+                break
+    return out
+
+
+def encode_chat_examples(tok, rows, block_size, word_weight=1.0):
     """(ids, mask) of each {'prompt', 'response'} record with the chat template (tok.encode_chat),
-    cut to block_size + 1 tokens; and how many records were cut."""
+    cut to block_size + 1 tokens; and how many records were cut. word_weight != 1: the mask of a
+    record with 'words' holds loss weights instead of booleans: word_weight on the tokens of each
+    required word's first use in the response (word_token_weights), 1 on the rest of the response
+    and on its closing <|end|>, 0 on the prompt."""
     out, cut = [], 0
     for r in rows:
         ids, mask = tok.encode_chat(r['prompt'], r['response'])
+        if word_weight != 1 and r.get('words'):
+            n_prompt = mask.index(True)
+            weights = word_token_weights(tok, r['response'], r['words'], word_weight)
+            mask = [0.0] * n_prompt + weights + [1.0] * (len(ids) - n_prompt - len(weights))
         cut += len(ids) > block_size + 1
         out.append((ids[:block_size + 1], mask[:block_size + 1]))
     return out, cut

@@ -10,7 +10,9 @@ Each example is rendered with the chat template (tokenizer.py):
 and the targets are -1 (no loss) everywhere except the response and its closing <|end|>.
 Batches are packed (examples concatenated into block_size windows, the masks kept) or, with
 packing=False, drawn from examples of similar length and right-padded. curriculum=True starts from
-the shortest examples and widens to all of them over curriculum_iters steps. Every eval_interval
+the shortest examples and widens to all of them over curriculum_iters steps. word_loss_weight > 1
+weights the tokens where a task answer first uses a required word: copying the word is the skill
+the task asks for, and those tokens are a few percent of an answer's loss. Every eval_interval
 steps: the response loss on sft_val and the task score of greedy and sampled answers to held-out
 prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
@@ -48,6 +50,8 @@ packing = True               # pack examples into full windows; False: similar-l
 curriculum = False           # shortest examples first, widening to all over curriculum_iters steps
 curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
+word_loss_weight = 1.0       # loss weight of the tokens where an answer first uses a required word
+                             # (records with 'words'); 1: every response token alike
 eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation
 max_new_tokens = 300
 sample_temperature = 0.8
@@ -82,6 +86,8 @@ run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
 # -----------------------------------------------------------------------------
+if word_loss_weight <= 0:
+    sys.exit(f'error: word_loss_weight={word_loss_weight} must be positive')
 rt = init_runtime(device, dtype, seed)
 cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 
@@ -103,16 +109,16 @@ def read_jsonl_in_task(name, required):
                       hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
 
 
-def encode(rows):
-    """Token ids and response masks, cut to block_size + 1 tokens."""
-    out, cut = encode_chat_examples(tok, rows, block_size)
+def encode(rows, word_weight=1.0):
+    """Token ids and response masks (with word_weight != 1, loss weights), cut to block_size + 1."""
+    out, cut = encode_chat_examples(tok, rows, block_size, word_weight)
     if cut and rt.master:
         print(f'note: {cut} of {len(rows)} examples are longer than block_size + 1 = {block_size + 1} '
               f'tokens and were cut (their ending is not trained)')
     return out
 
 
-train_ex = encode(read_jsonl_in_task('sft_train.jsonl', ('prompt', 'response')))
+train_ex = encode(read_jsonl_in_task('sft_train.jsonl', ('prompt', 'response')), word_loss_weight)
 val_ex = encode(read_jsonl_in_task('sft_val.jsonl', ('prompt', 'response')))
 prompts = read_jsonl_in_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
 by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))   # curriculum order
@@ -177,15 +183,31 @@ run = Run(config, rt, model, 'sft', tok.spec(), model.flops_per_token(block_size
 ckpt = None
 
 # --- the training loop: the loss on the response tokens only ------------------------------------
+def weighted_loss(x, y, w):
+    """The model's loss (the mean cross entropy over the N response tokens, plus the MoE and MTP
+    terms) with the required words' tokens weighted: + sum_t (w_t - 1) CE_t / N over the targets
+    whose weight w_t is not 1, i.e. the cross entropy becomes sum_t w_t CE_t / N."""
+    logits, loss = run.model(x, y)
+    extra = (w != 1) & (y >= 0)
+    if extra.any():
+        ce = torch.nn.functional.cross_entropy(logits[extra].float(), y[extra], reduction='none')
+        loss = loss + ((w[extra] - 1) * ce).sum() / (y >= 0).sum()
+    return loss
+
+
 step = run.step                               # 0, or where a resumed run stopped
 while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
-        x, y = chat_batch(train_rows(step, micro), tok.eot_id, block_size if packing else None)
+        x, y, w = chat_batch(train_rows(step, micro), tok.eot_id, block_size if packing else None, weights=True)
+        x, y, w = x.to(rt.device), y.to(rt.device), w.to(rt.device)
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():               # targets are -1 on the prompt and the padding
-                micro_loss = run.model(x.to(rt.device), y.to(rt.device))[1] / gradient_accumulation_steps
+                if word_loss_weight == 1:
+                    micro_loss = run.model(x, y)[1] / gradient_accumulation_steps
+                else:
+                    micro_loss = weighted_loss(x, y, w) / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip

@@ -112,6 +112,18 @@ def first_use(word, text_words):
     return next((i for i, t in enumerate(text_words) if t in forms or w in inflections(t)), len(text_words))
 
 
+def word_spans(text, words):
+    """(start, end) character span in `text` of the first use of each of `words` (as word_used
+    counts it: an inflection either way), in the order of `words`; None for a word not used."""
+    matches = list(WORD.finditer(text))
+    tw = [m.group().lower() for m in matches]
+    spans = []
+    for w in words:
+        i = first_use(w, tw)
+        spans.append((matches[i].start(), matches[i].end()) if i < len(tw) else None)
+    return spans
+
+
 def repetition(text, n=4):
     """Share of the word n-grams of `text` that already occurred earlier in it."""
     w = words_of(text)

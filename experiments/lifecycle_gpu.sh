@@ -21,8 +21,9 @@ SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENC
 S=${S:-out/sft_sides}
 # the side runs: SFT settings added to the gpu profile's (speedrun.sh SFT_EXTRA), one folder each
 declare -A SIDE_SFT=(
-  [muonclip]="--optimizer=muonclip"                 # the base model's own optimizer (AdamW otherwise)
+  [words5]="--word_loss_weight=5"                   # the required words' tokens weigh 5x in the loss
   [lr2e-3]="--learning_rate=2e-3 --min_lr=2e-4"     # lr 1e-3 doubled 3e-4's words rate (docs/results.md)
+  # next: [muonclip]="--optimizer=muonclip"         # the base model's own optimizer (AdamW otherwise)
 )
 A=$PWD/$R
 SIDE_RUNS=""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import load_chat_model, load_checkpoint
-from data import chat_batch
+from data import chat_batch, encode_chat_examples, word_token_weights
 from generate import generate_chat, use_cuda_graph
 from conftest import STORIES, run_script, run_script_many, run_scripts, shared_file
 from model import GPT, ModelConfig
@@ -137,6 +137,44 @@ SFT = ['--init_from=base', '--task_dir=inst', '--batch_size=4', '--block_size=25
 def val_losses(folder):
     rows = [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))]
     return [r['val/loss'] for r in rows if 'val/loss' in r], rows
+
+
+@pytest.mark.parametrize('kind', ['byte', 'gpt2'])
+def test_word_weights_fall_on_the_tokens_of_each_required_words_first_use(kind):
+    tok = with_chat_tokens(ByteTokenizer() if kind == 'byte' else gpt2_tokenizer(shared_file('gpt2.tiktoken')))
+    response = 'The tired horse turned back. "Weary?" she asked, and the horses rested.'
+    words = ['horse', 'turn', 'weary', 'river']             # 'turned' counts for turn; no river
+    w = word_token_weights(tok, response, words, 5.0)
+    ids = tok.encode(response)
+    weighted = [i for i, x in enumerate(w) if x == 5.0]
+    assert len(w) == len(ids) and set(w) == {1.0, 5.0}
+    # the weighted tokens are exactly the words' first uses ('horses' comes later), with the space
+    # before a word where the tokenizer makes it part of the word's token (GPT-2), else without
+    assert tok.decode([ids[i] for i in weighted]) == (' horse turnedWeary' if kind == 'gpt2' else 'horseturnedWeary')
+    # in a chat example: 0 on the prompt, the weights on the response, 1 on its closing <|end|>;
+    # chat_batch's w lines up with y (the weight of the token each position predicts)
+    row = {'prompt': 'Write a story that uses the words: horse, turn, weary.', 'response': response, 'words': words}
+    (ids, mask), = encode_chat_examples(tok, [row], 1000, word_weight=5.0)[0]
+    n_prompt = len(tok.encode_chat(row['prompt'])[0])
+    assert mask == [0.0] * n_prompt + w + [1.0]
+    x, y, wt = chat_batch([(ids, mask)], tok.eot_id, weights=True)
+    assert [tok.decode([int(t)]) for t in y[0][wt[0] == 5.0]] == [tok.decode([ids[n_prompt + i]]) for i in weighted]
+    assert ((wt[0] > 0) == (y[0] >= 0)).all()
+    (_, plain), = encode_chat_examples(tok, [row], 1000)[0]  # weight 1: the boolean mask as before
+    assert plain == tok.encode_chat(row['prompt'], response)[1]
+
+
+def test_sft_word_loss_weight_adds_the_weighted_words_loss(pipeline):
+    """Step 1's loss (before any update, same batch) with the required words' tokens weighted 4x
+    is the plain loss plus 3x their cross entropy / N: larger; a weight <= 0 is refused."""
+    runs = run_script_many('sft.py', [['--out_dir=w1', *SFT, '--max_iters=1', '--eval_interval=1', '--log_interval=1'],
+                                      ['--out_dir=w4', *SFT, '--max_iters=1', '--eval_interval=1', '--log_interval=1',
+                                       '--word_loss_weight=4'],
+                                      ['--out_dir=w0', *SFT, '--word_loss_weight=0']], cwd=pipeline)
+    assert runs[0].returncode == 0 and runs[1].returncode == 0, runs[1].stderr[-2000:]
+    first = [next(r['train/loss'] for r in val_losses(pipeline / out)[1] if 'train/loss' in r) for out in ('w1', 'w4')]
+    assert first[1] > first[0] + 0.01, first
+    assert runs[2].returncode and 'word_loss_weight=0.0 must be positive' in runs[2].stderr
 
 
 @pytest.mark.parametrize('batching', [['--packing=True'], ['--packing=False', '--curriculum=True']])
