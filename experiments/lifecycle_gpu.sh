@@ -4,7 +4,8 @@
 # started it, and later commands wait for it and collect the results.
 #   start     speedrun.sh --profile=gpu in the background, and beside it (SIDE=1) the variants of
 #             its SFT in SIDE_SFT below, each from the same base model and task, each evaluated
-#             like the main SFT (speedrun.sh --stages=sft,eval in its own folder under S); when all
+#             like the main SFT (speedrun.sh --stages=sft,eval in its own folder under S), and a
+#             second SFT round on rejection samples (BEST_SFT below, folder S/best); when all
 #             of it has finished, the serving benchmarks on the base model, alone on the GPU:
 #             speculative decoding (spec) and bench_serve.py (engine and static batching at
 #             1/8/64/256 streams, then transformers at 64)
@@ -32,6 +33,21 @@ for v in "${!SIDE_SFT[@]}"; do
   sft="EVAL_RUNS=sft SFT_EXTRA='${SIDE_SFT[$v]}' bash speedrun.sh --profile=$PROFILE --out=$S/$v --stages=sft,eval"
   SIDE_RUNS+="($link && $sft > $R/logs/side_$v.log 2>&1) & "
 done
+# and a second SFT round from the main SFT model on rejection samples: the best answer of each
+# prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
+# run's prefs stage), about 3 epochs of them, evaluated like the rest
+BEST_SFT="--max_iters=60 --eval_interval=30 --batch_size=16 --block_size=512 --learning_rate=3e-4 --min_lr=3e-5
+          --warmup_iters=10 --eval_prompts=128 --max_new_tokens=200 --compile=False"
+[ $PROFILE = cpu ] && BEST_SFT="--max_iters=4 --eval_interval=4 --batch_size=4 --block_size=256 --eval_prompts=8
+                                --max_new_tokens=64 --device=cpu --compile=False"
+BEST_SFT=$(echo $BEST_SFT)
+link="mkdir -p $S/best && for x in data task base; do ln -sfn $A/\$x $S/best/\$x; done"
+BEST_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done;
+  [ -e $R/best/sft_train.jsonl ] && $link && python sft.py --init_from=$A/sft --task_dir=$A/best --out_dir=$S/best/sft
+  $BEST_SFT > $R/logs/side_best.log 2>&1 && EVAL_RUNS=sft bash speedrun.sh --profile=$PROFILE --out=$S/best
+  --stages=eval >> $R/logs/side_best.log 2>&1) &"
+BEST_RUN=$(echo $BEST_RUN)
+[ $SIDE = 1 ] && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
 case ${1:-} in
   start)
@@ -42,7 +58,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS }
+      [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN }
       wait
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
@@ -61,7 +77,7 @@ case ${1:-} in
   spec)      # the speculative-decoding benchmark on the base model (alone on the GPU: it times batch 1)
     python experiments/speculative_bench.py --out_dir=$R/base --out_file=$R/speculative.json 2>&1 | tee $R/logs/speculative.log ;;
   sides)     # the main SFT and its variants: words rate, per-word use, repetition (from eval.json)
-    R=$S RUNS="main ${!SIDE_SFT[*]}" bash experiments/sft_sweep_gpu.sh table ;;
+    R=$S RUNS="main ${!SIDE_SFT[*]} best" bash experiments/sft_sweep_gpu.sh table ;;
   report)    # a report card of what has finished so far
     python report.py --out=$R --profile=$PROFILE > /dev/null ;;
   collect)

@@ -14,6 +14,13 @@ with all their pairs (no prompt is in both files). Each record:
    "rejected_ended", "words", "features"}
 An external JSONL needs prompt, chosen and rejected (scores and the rest are optional); it is
 checked and split the same way (HH-RLHF-style sets converted to these fields work).
+
+Rejection sampling (best_dir): the same samples also give an SFT set, each prompt's best answer
+where it scores at least best_min_score and ended its turn (DeepSeek-V3 and R1 made SFT data this
+way from their own models), written as best_dir/sft_train.jsonl beside task_dir's sft_val.jsonl
+and prompts_val.jsonl, so that a second SFT round reads it as its task:
+$ python prepare/preferences.py --init_from=out/sft --best_dir=data/best
+$ python sft.py --init_from=out/sft --task_dir=data/best --out_dir=out/sft_best
 """
 
 import json
@@ -46,6 +53,8 @@ max_new_tokens = 300
 margin = 0.1                 # keep a pair only if score(chosen) - score(rejected) >= margin
 all_pairs = False            # every two answers of a prompt that differ by margin (False: best vs worst)
 val_fraction = 0.1
+best_dir = ''                # also write each prompt's best answer as SFT data here ('': none)
+best_min_score = 1.0         # ... if it scores at least this (1.0: every word, feature and the ending)
 batch_size = 64              # prompts per generation batch (x samples_per_prompt sequences)
 device = 'auto'
 dtype = 'auto'
@@ -55,6 +64,8 @@ cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
 configure(globals())
 if samples_per_prompt < 2:
     sys.exit(f'error: samples_per_prompt={samples_per_prompt} must be at least 2 to make a pair')
+if best_dir and source:
+    sys.exit('error: best_dir= keeps the best of sampled answers; an external set of pairs (source=) has none')
 
 
 if source:
@@ -72,7 +83,7 @@ else:
                          hint='run python prepare/tinystories_instruct.py')
     prompts = prompts[:n_prompts] if n_prompts else prompts
     g = torch.Generator(device=rt.device).manual_seed(seed)
-    pairs, gaps, kept = [], [], 0
+    pairs, gaps, best_answers = [], [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc='sampling', unit='batch', disable=None):
         chunk = prompts[i:i + batch_size]
         # each prompt K times in one batch: K independent samples
@@ -84,6 +95,11 @@ else:
             scored = [(score(a['text'], p['words'], p.get('features'), a['ended'])['score'], a) for a in group]
             scored.sort(key=lambda sa: sa[0])
             gaps.append(scored[-1][0] - scored[0][0])
+            top, top_answer = max(((sc, a) for sc, a in scored if a['ended']), key=lambda sa: sa[0],
+                                  default=(None, None))          # the best answer that ended its turn
+            if top is not None and top >= best_min_score:
+                best_answers.append({'prompt': p['prompt'], 'response': top_answer['text'], 'words': p['words'],
+                                     'features': p.get('features', {}), 'score': top})
             # (rejected, chosen) index pairs, chosen scoring at least `margin` more
             for a, b in (combinations(range(len(scored)), 2) if all_pairs else [(0, len(scored) - 1)]):
                 (lo, worst), (hi, best) = scored[a], scored[b]
@@ -97,6 +113,19 @@ else:
              'mean_score_gap': sum(gaps) / max(len(gaps), 1)}
     print(f"{len(pairs)} pairs from {len({p['prompt'] for p in pairs})} of {len(prompts)} prompts (score gap >= "
           f"{margin}); mean best-worst gap {stats['mean_score_gap']:.3f}")
+if best_dir and not best_answers:  # the pairs are still wanted: a note, not an error
+    print(f'note: no prompt had an answer scoring at least best_min_score={best_min_score}, so {best_dir} is '
+          f'not written; lower best_min_score= or sample more answers (samples_per_prompt=)', file=sys.stderr)
+elif best_dir:                   # the rejection-sampled SFT set
+    os.makedirs(best_dir, exist_ok=True)
+    write_jsonl(os.path.join(best_dir, 'sft_train.jsonl'), best_answers)
+    for name in ('sft_val.jsonl', 'prompts_val.jsonl'):      # the held-out data stays the task's
+        write_jsonl(os.path.join(best_dir, name), read_jsonl(os.path.join(task_dir, name)))
+    with open(os.path.join(best_dir, 'meta.json'), 'w') as f:
+        json.dump({**stats, 'task_dir': task_dir, 'best_min_score': best_min_score,
+                   'sft_train': len(best_answers)}, f, indent=2)
+    print(f'wrote {best_dir}: {len(best_answers)} best answers of {len(prompts)} prompts (score >= '
+          f'{best_min_score}, ended), mean score {sum(b["score"] for b in best_answers) / len(best_answers):.3f}')
 if len(pairs) < 2:
     sys.exit(f'error: only {len(pairs)} pair(s); lower margin= or sample more prompts')
 # the split is by prompt: a prompt's pairs share its answers, so they all go to one file

@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_model
 from data import chat_batch
-from task import rank_correlation
+from task import rank_correlation, score
 from conftest import run_script, run_scripts
 from model import GPT, ModelConfig, ScalarModel, token_logprobs
 from tokenizer import ByteTokenizer, with_chat_tokens
@@ -94,6 +94,38 @@ def test_sampled_pairs_from_a_model(pipeline):
                    '--samples_per_prompt=2', '--max_new_tokens=4', '--margin=2', '--device=cpu',
                    cwd=pipeline, check=False)
     assert 'lower margin= or sample more prompts' in p.stderr
+
+
+def test_best_answers_make_an_sft_set_a_second_sft_round_reads(pipeline):
+    """best_dir: per prompt the best-scoring answer that ended its turn, if it scores at least
+    best_min_score, with the task's held-out files beside it; sft.py fine-tunes on it."""
+    run_script('sft.py', '--init_from=base', '--task_dir=inst', '--out_dir=sft_for_best', '--max_iters=40',
+               '--eval_interval=40', '--batch_size=8', '--block_size=256', '--learning_rate=3e-3', '--eval_prompts=0',
+               '--compile=False', '--device=cpu', cwd=pipeline)
+    run_script('prepare/preferences.py', '--init_from=sft_for_best', '--task_dir=inst', '--out_dir=p_best',
+               '--best_dir=best', '--best_min_score=0.0', '--samples_per_prompt=6', '--max_new_tokens=120',
+               '--margin=0.0', '--device=cpu', cwd=pipeline)
+    best = [json.loads(line) for line in open(pipeline / 'best' / 'sft_train.jsonl')]
+    prompts = {json.loads(line)['prompt']: json.loads(line) for line in open(pipeline / 'inst' / 'prompts_train.jsonl')}
+    assert 1 <= len(best) <= len(prompts) and len({b['prompt'] for b in best}) == len(best), (len(best), len(prompts))
+    for b in best:                                   # the score is the rule's on that answer
+        p = prompts[b['prompt']]
+        assert b['words'] == p['words'] and b['score'] == score(b['response'], p['words'], p.get('features'))['score']
+    for name in ('sft_val.jsonl', 'prompts_val.jsonl'):
+        assert (pipeline / 'best' / name).read_text() == (pipeline / 'inst' / name).read_text()
+    assert json.loads((pipeline / 'best' / 'meta.json').read_text())['sft_train'] == len(best)
+    run_script('sft.py', '--init_from=sft_for_best', '--task_dir=best', '--out_dir=sft_best', '--max_iters=2',
+               '--eval_interval=2', '--batch_size=2', '--block_size=256', '--eval_prompts=1', '--max_new_tokens=8',
+               '--compile=False', '--device=cpu', cwd=pipeline)
+    assert load_checkpoint(str(pipeline / 'sft_best'))['task_dir'] == 'best'
+    none, external = run_scripts([                 # none good enough: the pairs still, and a note
+        ('prepare/preferences.py', ['--init_from=sft_for_best', '--task_dir=inst', '--out_dir=p_none',
+                                    '--best_dir=none', '--best_min_score=2', '--samples_per_prompt=2',
+                                    '--max_new_tokens=4', '--margin=0.0', '--device=cpu']),
+        ('prepare/preferences.py', ['--source=planted.jsonl', '--best_dir=x'])], cwd=pipeline)
+    assert none.returncode == 0 and 'no prompt had an answer scoring at least best_min_score=2' in none.stderr
+    assert not (pipeline / 'none').exists() and (pipeline / 'p_none' / 'prefs_train.jsonl').exists()
+    assert external.returncode and 'an external set of pairs (source=) has none' in external.stderr
 
 
 COMMON = ['--compile=False', '--device=cpu', '--peak_flops=1e12', '--log_interval=1', '--warmup_iters=5',
