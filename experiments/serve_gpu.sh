@@ -16,7 +16,7 @@ CFG="config/tinystories_moe.py --max_prompt=128 --max_output=384"
 for C in 1 8 64 256; do
   n=$((C < 8 ? 8 : 2 * C))
   timeout 90 python bench_serve.py $CFG --methods=engine,static --streams=$C --n_requests=$n \
-    --out_file=$D/serve_$C.json 2>&1 | tee $D/serve_$C.log | grep -E '^engine at|^\| [0-9]'
+    --out_file=$D/serve_$C.json 2>&1 | tee $D/serve_$C.log | grep -E '^engine at|^\| [0-9]|^(engine|static) +streams'
 done
 timeout 100 python bench_serve.py $CFG --methods=engine,static,hf --streams=64 --n_requests=128 \
   --out_file=$D/serve_hf.json 2>&1 | tee $D/serve_hf.log | grep '^|'
