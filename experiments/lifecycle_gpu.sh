@@ -88,5 +88,5 @@ case ${1:-} in
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
     tail -12 $R/logs/speculative.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;
-  *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | report | collect FOLDER"; exit 2 ;;
+  *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | sides | report | collect FOLDER"; exit 2 ;;
 esac
