@@ -114,9 +114,13 @@ if 'reward' in stages:
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
     n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training)"
                if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
+    m = stages['reward']['metrics']                     # the accuracy on each kind of pair (reward.py)
+    kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
+             for k in ('words', 'features', 'ending', 'repetition') if f'val/accuracy_{k}' in m]
+    by_kind = f"; by the part of the rule that separates the pair most: {', '.join(kinds)}" if kinds else ''
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
-          f'reward.py val/accuracy at its last evaluation{n_pairs}')
+          f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}')
 dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
 if dpo and 'sft' in stages:
     sft_score = stages['sft']['task_score']

@@ -8,7 +8,9 @@ $ python prepare/preferences.py --init_from=out/sft
 $ python reward.py --init_from=out/sft --out_dir=out/reward
 $ python reward.py --init_from=out/sft --batch_by=prompt     # a prompt's pairs together (all_pairs data)
 
-Every eval_interval steps it logs: held-out pair accuracy and loss; the length bias (Pearson
+Every eval_interval steps it logs: held-out pair accuracy and loss, and the accuracy on the pairs
+that each part of the task rule separates most (required words, features, the ending, repetition:
+what the model has learned of the rule and what not); the length bias (Pearson
 correlation of reward with response length, beside the rule score's own); and the rank
 correlation between reward and rule score on fresh samples of the SFT model for held-out prompts.
 Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
@@ -27,7 +29,7 @@ from config import configure
 from data import read_jsonl
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
-from task import evaluate_task, rank_correlation
+from task import evaluate_task, rank_correlation, score
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -104,6 +106,31 @@ block_size = block_size or model.config.block_size
 hint = 'run python prepare/preferences.py'
 train_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_train.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
 val_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_val.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
+
+
+def what_separates(pair):
+    """Which part of the task rule (task.score) favours the chosen answer most: 'words' (0.6 x the
+    share of required words used), 'features' (0.2 x the share of requested features), 'ending'
+    (0.2 x a finished last sentence) or 'repetition' (the score the repetition penalty takes off);
+    None for a pair without the prompt's words (an external set) or one no part favours."""
+    if not pair.get('words'):
+        return None
+    parts = {}
+    for side in ('chosen', 'rejected'):
+        s = score(pair[side], pair['words'], pair.get('features'), pair.get(f'{side}_ended', True))
+        base = 0.6 * s['words'] + 0.2 * s['features'] + 0.2 * s['ending']
+        parts[side] = {'words': 0.6 * s['words'], 'features': 0.2 * s['features'], 'ending': 0.2 * s['ending'],
+                       'repetition': s['score'] - base}                     # <= 0: what the penalty took
+    gain = {k: parts['chosen'][k] - parts['rejected'][k] for k in parts['chosen']}
+    best = max(gain, key=gain.get)
+    return best if gain[best] > 0 else None                              # (a tie: a pair of margin 0)
+
+
+# the held-out pairs by what separates them, for the accuracy of each kind (what the model misses)
+val_kinds = [what_separates(p) for p in val_pairs]
+if rt.master and any(val_kinds):
+    counts = {k: val_kinds.count(k) for k in ('words', 'features', 'ending', 'repetition')}
+    print('held-out pairs by what separates them: ' + ', '.join(f'{k} {n}' for k, n in counts.items()))
 
 
 def encode(pair, side):
@@ -204,6 +231,11 @@ def evaluate(model):
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
     metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).float().mean().item(),
                'val/reward_margin': (rc - rr).mean().item()}
+    for kind in ('words', 'features', 'ending', 'repetition'):   # accuracy on the pairs of each kind
+        mask = torch.tensor([k == kind for k in val_kinds])
+        if mask.any():
+            metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).float().mean().item()
+            metrics[f'val/pairs_{kind}'] = int(mask.sum())
     # length bias: does the reward follow response length more than the rule does?
     lengths = [len(tok.encode(p[s])) for s in ('chosen', 'rejected') for p in val_pairs]
     rule = [p.get(f'{s}_score', float('nan')) for s in ('chosen', 'rejected') for p in val_pairs]

@@ -175,6 +175,38 @@ def test_reward_model_batched_by_prompt_learns_from_all_pairs_of_each_prompt(pip
     assert rows[1]['train/accuracy'] is not None
 
 
+def test_reward_model_reports_its_accuracy_on_each_kind_of_pair(pipeline):
+    """Held-out pairs of the task (with the prompt's words) are sorted by the part of the rule that
+    favours the chosen answer most: the required words, the ending, repetition; the log has the
+    accuracy and the count of each kind, which add up to the overall accuracy."""
+    rng = random.Random(2)
+    rows, expected = [], {}
+    for i in range(30):
+        w = rng.sample(WORDS[1:], 3)
+        other = ' '.join(rng.choice([x for x in WORDS if x not in w]) for _ in range(6))
+        story = f'the {w[0]} and the {w[1]} saw a {w[2]} {other}.'
+        kind = ('words', 'ending', 'repetition')[i % 3]
+        rejected = {'words': f'the {w[0]} {other}.',                             # one word of three
+                    'ending': story[:-1] + ' and then',                          # no last sentence end
+                    'repetition': ' '.join([f'the {w[0]} and the {w[1]} saw a {w[2]}'] * 4) + '.'}[kind]
+        prompt = f'Write a story that uses the words: {", ".join(w)}. ({i})'
+        rows.append({'prompt': prompt, 'chosen': story, 'rejected': rejected, 'words': w, 'features': {}})
+        expected[prompt] = kind
+    (pipeline / 'kinds.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run_script('prepare/preferences.py', '--source=kinds.jsonl', '--out_dir=kinds', '--val_fraction=0.5',
+               cwd=pipeline)
+    p = run_script('reward.py', '--init_from=base', '--out_dir=rm_kinds', '--prefs_dir=kinds', '--max_iters=2',
+                   '--eval_interval=2', '--batch_size=4', '--n_fresh=0', *COMMON, cwd=pipeline)
+    val = [json.loads(line) for line in open(pipeline / 'kinds' / 'prefs_val.jsonl')]
+    counts = {k: sum(expected[r['prompt']] == k for r in val) for k in ('words', 'ending', 'repetition')}
+    assert f"held-out pairs by what separates them: words {counts['words']}, features 0, ending " \
+           f"{counts['ending']}, repetition {counts['repetition']}" in p.stdout
+    last = [json.loads(line) for line in open(pipeline / 'rm_kinds' / 'log.jsonl') if 'val/accuracy' in line][-1]
+    assert {k: last.get(f'val/pairs_{k}', 0) for k in counts} == counts and 'val/pairs_features' not in last
+    weighted = sum(last[f'val/accuracy_{k}'] * n for k, n in counts.items() if n) / len(val)
+    assert last['val/accuracy'] == pytest.approx(weighted)
+
+
 def test_dpo_starts_at_log_2_and_falls(planted):
     run_script('dpo.py', '--init_from=base', '--out_dir=dpo', '--prefs_dir=planted', '--max_iters=30',
                '--eval_interval=15', '--batch_size=8', '--learning_rate=1e-3', '--eval_prompts=2', *COMMON,
