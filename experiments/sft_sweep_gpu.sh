@@ -11,7 +11,8 @@
 #   start     all of it in the background (setsid: it outlives the device command that started it)
 #   wait N    wait up to N seconds for it to finish; print what has finished
 #   table     one row per run: val bits/byte, greedy task score, all words, the 1st / 2nd / 3rd
-#             listed word used, repetition (from each eval.json)
+#             listed word used, repetition (from each eval.json); R= and RUNS= name other folders
+#             (lifecycle_gpu.sh sides uses it so); a base model linked into several runs is one row
 #   collect D the table, logs, eval.json / eval_answers.jsonl / log.jsonl and plots -> D/sft_sweep.tgz
 # $ SHARED_DATA=.shared_data bash experiments/sft_sweep_gpu.sh start && bash experiments/sft_sweep_gpu.sh wait 540
 set -uo pipefail
