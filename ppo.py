@@ -155,7 +155,7 @@ extra = {'parent': ckpt.get('parent', reference_path), 'reference': reference_pa
          'data_dir': ckpt.get('data_dir', ''), 'kl_beta': kl_ctl.beta, 'reward_moments': moments.state_dict()}
 # one optimizer over the policy and the value model; DDP, torch.compile; the resumed state
 run = Run(config, rt, policy, 'ppo', tok.spec(), 2 * policy.flops_per_token(), resume=ckpt if resume else None,
-          checkpoint_extra=extra, also_train=value,
+          checkpoint_extra=extra, also_train=value, also_train_lr=value_learning_rate,
           unused_parameters=True)             # no targets: MTP unused; the value model's LM head too
 ckpt = None
 

@@ -60,10 +60,11 @@ from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchroni
 class Run:
 
     def __init__(self, config, rt, model, stage, tokenizer_spec, flops_per_token, resume=None,
-                 checkpoint_extra=None, also_train=None, unused_parameters=False):
+                 checkpoint_extra=None, also_train=None, also_train_lr=0.0, unused_parameters=False):
         """config: the stage's resolved settings (config.configure). model: the plain module, on
         rt.device. also_train: a second model the same optimizer trains (PPO's value model; it
-        is saved beside the model as 'value_model', and run.also is what the loop calls).
+        is saved beside the model as 'value_model', and run.also is what the loop calls), at the
+        peak rate also_train_lr (0: learning_rate), scaled by the same schedule.
         resume: a checkpoint dict to continue (optimizer, step, RNG). checkpoint_extra: more
         entries for the checkpoint (a dict the loop may update). unused_parameters: the stage's
         loss leaves some parameters without a gradient (a forward without targets skips the MTP
@@ -71,7 +72,7 @@ class Run:
         c = self.c = config
         self.rt, self.raw, self.stage, self.tok_spec = rt, model, stage, tokenizer_spec
         self.extra = checkpoint_extra if checkpoint_extra is not None else {}
-        self.also_raw = also_train
+        self.also_raw, self.also_lr = also_train, also_train_lr
         self.fsdp = c['fsdp']
         if also_train is not None and self.fsdp:
             sys.exit(f'error: {stage}.py does not support fsdp=True: use DDP (the default)')
@@ -184,11 +185,11 @@ class Run:
 
     def build_optimizer(self, module):
         c = self.c
-        # the second model's own learning rate (PPO's value_learning_rate), as a multiplier of
-        # learning_rate that the schedule then scales like every other group's
+        # the second model's own learning rate, as a multiplier of learning_rate that the schedule
+        # then scales like every other group's
         lr_scale = None
-        if self.also_raw is not None and c.get('value_learning_rate') and c['learning_rate']:
-            lr_scale = {id(p): c['value_learning_rate'] / c['learning_rate'] for p in self.also_raw.parameters()}
+        if self.also_raw is not None and self.also_lr and c['learning_rate']:
+            lr_scale = {id(p): self.also_lr / c['learning_rate'] for p in self.also_raw.parameters()}
         try:
             return build_optimizer(module, c['optimizer'], c['learning_rate'], c['weight_decay'],
                                    (c['beta1'], c['beta2']), device_type=self.rt.device_type,
