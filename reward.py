@@ -29,7 +29,7 @@ from config import configure
 from data import read_jsonl
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
-from task import evaluate_task, rank_correlation, score
+from task import evaluate_task, rank_correlation, score, score_parts
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -115,12 +115,8 @@ def what_separates(pair):
     None for a pair without the prompt's words (an external set) or one no part favours."""
     if not pair.get('words'):
         return None
-    parts = {}
-    for side in ('chosen', 'rejected'):
-        s = score(pair[side], pair['words'], pair.get('features'), pair.get(f'{side}_ended', True))
-        base = 0.6 * s['words'] + 0.2 * s['features'] + 0.2 * s['ending']
-        parts[side] = {'words': 0.6 * s['words'], 'features': 0.2 * s['features'], 'ending': 0.2 * s['ending'],
-                       'repetition': s['score'] - base}                     # <= 0: what the penalty took
+    parts = {side: score_parts(score(pair[side], pair['words'], pair.get('features'), pair.get(f'{side}_ended', True)))
+             for side in ('chosen', 'rejected')}
     gain = {k: parts['chosen'][k] - parts['rejected'][k] for k in parts['chosen']}
     best = max(gain, key=gain.get)
     return best if gain[best] > 0 else None                              # (a tie: a pair of margin 0)

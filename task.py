@@ -143,6 +143,9 @@ def complete_ending(text):
     return bool(re.search(r'[.!?]["”’\']?\s*$', text.strip())) if text.strip() else False
 
 
+RULE_WEIGHTS = {'words': 0.6, 'features': 0.2, 'ending': 0.2}   # of score()'s parts, before the penalty
+
+
 def score(text, words, features=None, ended=True):
     """The reward rule (see the module docstring). Returns the parts and their 'score'."""
     features = features or {}
@@ -158,10 +161,19 @@ def score(text, words, features=None, ended=True):
     ending = float(bool(ended) and complete_ending(text))
     rep = repetition(text)
     penalty = min(1.0, max(0.0, (rep - 0.2) / 0.6))
-    total = (0.6 * words_frac + 0.2 * features_frac + 0.2 * ending) * (1 - penalty)
+    parts = {'words': words_frac, 'features': features_frac, 'ending': ending}
+    total = sum(RULE_WEIGHTS[k] * v for k, v in parts.items()) * (1 - penalty)
     return {'score': total, 'words': words_frac, 'all_words': len(used) == len(words),
             'used': [w in used for w in words],          # per required word, in the prompt's order
             'features': features_frac, 'ending': ending, 'repetition': rep}
+
+
+def score_parts(s):
+    """What each part of the rule adds to a score() result: words, features and ending at their
+    weights, and repetition, what the penalty took off (<= 0); they sum to s['score']."""
+    parts = {k: w * float(s[k]) for k, w in RULE_WEIGHTS.items()}
+    parts['repetition'] = s['score'] - sum(parts.values())
+    return parts
 
 
 def make_prompt(words, features=None):
