@@ -342,7 +342,7 @@ def chat_batch(rows, pad_id, T=None, weights=False):
     T = T or max(len(ids) for ids, _ in rows) - 1
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
-    w = torch.zeros((len(rows), T))
+    w = torch.zeros((len(rows), T)) if weights else None
     for b, (ids, mask) in enumerate(rows):
         n = min(len(ids) - 1, T)
         x[b, :n] = torch.tensor(ids[:n])

@@ -200,14 +200,14 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
-        x, y, w = chat_batch(train_rows(step, micro), tok.eot_id, block_size if packing else None, weights=True)
-        x, y, w = x.to(rt.device), y.to(rt.device), w.to(rt.device)
+        # x, y, and with word_loss_weight != 1 the targets' loss weights w (built only then)
+        x, y, *w = chat_batch(train_rows(step, micro), tok.eot_id, block_size if packing else None,
+                              weights=word_loss_weight != 1)
+        x, y = x.to(rt.device), y.to(rt.device)
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():               # targets are -1 on the prompt and the padding
-                if word_loss_weight == 1:
-                    micro_loss = run.model(x, y)[1] / gradient_accumulation_steps
-                else:
-                    micro_loss = weighted_loss(x, y, w) / gradient_accumulation_steps
+                step_loss = weighted_loss(x, y, w[0].to(rt.device)) if w else run.model(x, y)[1]
+                micro_loss = step_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
