@@ -361,9 +361,9 @@ class Engine:
         # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back;
         # eager_steps: steps run in their own shapes (PagedCache); static_steps: steps in fixed
         # shapes (cuda_graph), static_prefill_steps: those of them with a prompt chunk (columns > 1);
-        # graph_captures: CUDA graphs captured
+        # graph_captures: CUDA graphs captured; cancelled: requests stopped early (cancel())
         self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0,
-                          eager_steps=0, static_steps=0, static_prefill_steps=0, graph_captures=0)
+                          eager_steps=0, static_steps=0, static_prefill_steps=0, graph_captures=0, cancelled=0)
 
     def hit_rate(self):
         """The share of admitted prompt tokens that were reused rather than computed."""
@@ -559,6 +559,8 @@ class Engine:
     def cancel(self, r):
         """Stop a request (e.g. its client went away, or a stop string was seen): its blocks go
         back to the pool."""
+        if not r.done:
+            self.stats['cancelled'] += 1
         r.done = True
         if r in self.waiting:
             self.waiting.remove(r)

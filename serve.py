@@ -9,11 +9,23 @@ $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
   POST /v1/completions        prompt -> its continuation
       both: max_tokens, temperature, top_p, stop (strings), n, seed, stream (server-sent events)
   GET  /v1/models             the one model served
-  GET  /health                {"status": "ok"}
+  GET  /health                {"status": "ok"} and what the engine holds: running, waiting, free blocks
   GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
 
 Any OpenAI client works, e.g. openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none').
-One thread runs the engine; each HTTP request waits on its own queue for its tokens.
+A request is checked before anything runs; what cannot be served gets a 4xx in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}: malformed JSON, no messages, an unknown model
+(404, model_not_found; a request may leave the model out), a prompt or max_tokens past the
+model's context (context_length_exceeded), a sampling setting out of OpenAI's range (temperature
+0..2, top_p in (0, 1], n >= 1). A client that leaves mid-stream has its request cancelled and its
+blocks freed; an engine step that fails (e.g. out of memory) fails the requests in flight with a
+500 and the server goes on.
+
+One thread runs the engine; each HTTP request waits on its own queue for its tokens. The HTTP
+layer is the standard library's ThreadingHTTPServer (a thread per connection): the model step is
+the bottleneck, not the HTTP parsing, and it keeps serve.py free of extra dependencies and
+readable top to bottom; an asyncio stack (FastAPI / uvicorn) would matter for thousands of idle
+connections, which one GPU's batch of at most max_batch requests never has.
 """
 
 import json
@@ -22,6 +34,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -82,29 +95,133 @@ def engine_loop():
             engine.cancel(r)
             listeners.pop(r.id, None)
         cancelled.intersection_update(r.id for r in engine.waiting + engine.running)
-        for r, token, finished in engine.step():
+        try:
+            events = engine.step()
+        except Exception as e:          # e.g. out of memory: fail the requests in flight, keep serving
+            traceback.print_exc()
+            for r in engine.waiting + engine.running:
+                engine.cancel(r)
+            for reply in listeners.values():
+                reply.put(('failed', f'the engine failed: {type(e).__name__}: {e}'))
+            listeners.clear()
+            continue
+        for r, token, finished in events:
             if token is not None:
                 listeners[r.id].put(('token', token))
             if finished:
                 listeners.pop(r.id).put(('done', 'stop' if token in r.stop_ids else 'length'))
 
 
+class APIError(Exception):
+    """A request the server refuses or could not finish, answered with an HTTP status and OpenAI's
+    error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message, param=None, code=None, status=400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+    def body(self):
+        kind = 'invalid_request_error' if self.status < 500 else 'server_error'
+        return {'error': {'message': str(self), 'type': kind, 'param': self.param, 'code': self.code}}
+
+
+def number(body, key, default, low, high=None, integer=False, above=False):
+    """body[key] (default when absent or null), an integer or a number in [low, high], or in
+    (low, high] with above=True; APIError naming the key otherwise."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise APIError(f"'{key}' must be {'an integer' if integer else 'a number'}, not {json.dumps(v)}", key)
+    if v < low or (above and v == low) or (high is not None and v > high):
+        raise APIError(f"'{key}' is {v}; it must be {'above' if above else 'at least'} {low}"
+                       + (f' and at most {high}' if high is not None else ''), key)
+    return v
+
+
+def text_of(content, where):
+    """A message's content: a string, or OpenAI's list of parts [{'type': 'text', 'text': ...}]."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get('type') == 'text'
+                                         and isinstance(p.get('text'), str) for p in content):
+        return ''.join(p['text'] for p in content)
+    if not isinstance(content, str):
+        raise APIError(f"{where}.content must be a string or a list of text parts", 'messages')
+    return content
+
+
+def prompt_of(path, body):
+    """The prompt's token ids: the conversation in the chat template, or EOT + the text."""
+    if path == '/v1/chat/completions':
+        messages = body.get('messages')
+        if not isinstance(messages, list) or not messages:
+            raise APIError("'messages' must be a non-empty list of {role, content}", 'messages')
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get('role') not in ('system', 'user', 'assistant'):
+                raise APIError(f"messages[{i}] must be an object whose role is system, user or assistant",
+                               'messages')
+            turns.append({'role': m['role'], 'content': text_of(m.get('content'), f'messages[{i}]')})
+        if not tok.chat:
+            raise APIError(f'{out_dir} has no chat template (fine-tune it with sft.py); use /v1/completions',
+                           'messages')
+        try:
+            return tok.encode_messages(turns)
+        except ValueError as e:
+            raise APIError(str(e), 'messages')
+    prompt = body.get('prompt')
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError("'prompt' must be a string (or a list of one)", 'prompt')
+    return [tok.eot_id] + tok.encode(prompt)
+
+
+def parse(path, body):
+    """Check a request before anything runs: (prompt ids, the engine's arguments, the stop
+    strings, n); APIError for what cannot be served. max_tokens defaults to default_max_tokens or
+    what the context leaves after the prompt, whichever is less."""
+    if not isinstance(body, dict):
+        raise APIError('the request body must be a JSON object')
+    if body.get('model') not in (None, MODEL_ID):
+        raise APIError(f"the model {json.dumps(body['model'])} does not exist: this server serves "
+                       f"'{MODEL_ID}'", 'model', 'model_not_found', 404)
+    prompt = prompt_of(path, body)
+    context = model.config.block_size
+    room = context - len(prompt)                          # tokens left for the answer
+    if room < 1:
+        raise APIError(f"the prompt is {len(prompt)} tokens; the model's context is {context}, with no room for "
+                       f"an answer", 'messages' if path == '/v1/chat/completions' else 'prompt',
+                       'context_length_exceeded')
+    key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
+    max_tokens = number(body, key, min(default_max_tokens, room), 1, integer=True)
+    if max_tokens > room:
+        raise APIError(f"'{key}' is {max_tokens}, but the prompt's {len(prompt)} tokens leave {room} of the model's "
+                       f"context of {context}", key, 'context_length_exceeded')
+    stop = body.get('stop') or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError("'stop' must be a string or a list of strings", 'stop')
+    if not isinstance(body.get('stream', False), bool):
+        raise APIError("'stream' must be true or false", 'stream')
+    top_p = number(body, 'top_p', 1.0, 0, 1, above=True)
+    args = dict(prompt=prompt, max_new_tokens=max_tokens, temperature=float(number(body, 'temperature', 1.0, 0, 2)),
+                top_p=None if top_p == 1 else top_p, stop_ids=tok.stop_ids(),
+                seed=number(body, 'seed', None, -2**63, 2**63 - 1, integer=True))
+    return args, [s for s in stop if s], number(body, 'n', 1, 1, max_batch, integer=True)
+
+
 class Generation:
     """One choice of one HTTP request: its token ids in, text out as it comes, stop strings cut."""
 
-    def __init__(self, prompt_ids, body, index):
-        self.reply, self.index, self.stop = queue.Queue(), index, body.get('stop') or []
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        req_seed = body.get('seed')
-        inbox.put((dict(prompt=prompt_ids, max_new_tokens=int(body.get('max_tokens') or body.get('max_completion_tokens')
-                                                               or default_max_tokens),
-                        temperature=float(body.get('temperature', 1.0)), top_p=body.get('top_p'),
-                        stop_ids=tok.stop_ids(), seed=None if req_seed is None else int(req_seed) + index), self.reply))
+    def __init__(self, args, stop, index):
+        self.reply, self.index, self.stop = queue.Queue(), index, stop
+        seed = args['seed']                               # choice i samples with seed + i
+        inbox.put(({**args, 'seed': None if seed is None else seed + index}, self.reply))
         kind, value = self.reply.get()
-        if kind == 'error':
-            raise ValueError(value)
+        if kind == 'error':                               # the engine refused it (e.g. the pool is too small)
+            raise APIError(value)
         self.id, self.ids, self.text, self.finish = value, [], '', None
-        self.prompt_tokens = len(prompt_ids)
+        self.prompt_tokens = len(args['prompt'])
 
     def pieces(self):
         """Yield the new text as tokens arrive (held back while it may be a multi-byte character or
@@ -112,6 +229,8 @@ class Generation:
         sent = 0
         while self.finish is None:
             kind, value = self.reply.get()
+            if kind == 'failed':
+                raise APIError(value, code='engine_error', status=500)
             if kind == 'done':
                 self.finish = value
             elif value not in tok.stop_ids():
@@ -130,22 +249,6 @@ class Generation:
                 sent = len(text)
 
 
-def prompt_of(path, body):
-    if path == '/v1/chat/completions':
-        messages = body.get('messages')
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list of {role, content}")
-        if not tok.chat:
-            raise ValueError(f'{out_dir} has no chat template (fine-tune it with sft.py); use /v1/completions')
-        return tok.encode_messages(messages)
-    prompt = body.get('prompt')
-    if isinstance(prompt, list):
-        prompt = prompt[0] if prompt else ''
-    if not isinstance(prompt, str):
-        raise ValueError("'prompt' must be a string")
-    return [tok.eot_id] + tok.encode(prompt)
-
-
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
 
@@ -161,8 +264,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        if self.path == '/health':
-            self.send(200, {'status': 'ok'})
+        if self.path == '/health':                     # and what the engine holds now
+            self.send(200, {'status': 'ok', 'running': len(engine.running), 'waiting': len(engine.waiting),
+                            'free_blocks': engine.pool.available(), 'blocks': engine.pool.n_blocks,
+                            'cancelled': engine.stats['cancelled']})
         elif self.path == '/v1/models':
             # 'chat': whether the checkpoint has the chat template (the page continues text otherwise)
             self.send(200, {'object': 'list', 'data': [{'id': MODEL_ID, 'object': 'model', 'created': 0,
@@ -170,24 +275,29 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path in ('/', '/index.html'):
             self.send(200, CHAT_PAGE, 'text/html; charset=utf-8')
         else:
-            self.send(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+            self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
 
     def do_POST(self):
         if self.path not in ('/v1/chat/completions', '/v1/completions'):
-            return self.send(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+            return self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
         chat = self.path == '/v1/chat/completions'
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
-            gens = [Generation(prompt_of(self.path, body), body, i) for i in range(int(body.get('n', 1)))]
-        except (ValueError, KeyError, TypeError) as e:
-            return self.send(400, {'error': {'message': str(e), 'type': 'invalid_request_error'}})
-        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
-        kind = 'chat.completion' if chat else 'text_completion'
-        if body.get('stream'):
-            return self.stream(gens, rid, created, kind, chat)
-        for g in gens:
-            for _ in g.pieces():
-                pass
+            raw = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+            try:
+                body = json.loads(raw or b'{}')
+            except ValueError as e:
+                raise APIError(f'the request body is not valid JSON: {e}')
+            args, stop, n = parse(self.path, body)
+            gens = [Generation(args, stop, i) for i in range(n)]
+            rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
+            kind = 'chat.completion' if chat else 'text_completion'
+            if body.get('stream'):
+                return self.stream(gens, rid, created, kind, chat)
+            for g in gens:
+                for _ in g.pieces():
+                    pass
+        except APIError as e:
+            return self.send(e.status, e.body())
         choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': None,
                     **({'message': {'role': 'assistant', 'content': g.text}} if chat else {'text': g.text})}
                    for g in gens]
@@ -197,30 +307,35 @@ class Handler(BaseHTTPRequestHandler):
 
     def stream(self, gens, rid, created, kind, chat):
         """Server-sent events: one chunk per piece of text, each choice in turn as its tokens come,
-        then a chunk with its finish_reason, then [DONE]."""
+        then a chunk with its finish_reason, then [DONE]. An engine failure mid-stream sends an
+        event {"error": ...} and ends the stream."""
         self.send_response(200)
         self.send_header('Content-Type', 'text/event-stream')
         self.send_header('Cache-Control', 'no-cache')
         self.send_header('Connection', 'close')
         self.end_headers()
 
+        def write(obj):
+            self.wfile.write(f'data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n'.encode())
+            self.wfile.flush()
+
         def event(index, content, finish=None, first=False):
             delta = ({'role': 'assistant'} if first else {}) | ({'content': content} if content is not None else {})
             choice = {'index': index, 'finish_reason': finish, 'logprobs': None,
                       **({'delta': delta} if chat else {'text': content or ''})}
-            obj = {'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created, 'model': MODEL_ID,
-                   'choices': [choice]}
-            self.wfile.write(f'data: {json.dumps(obj)}\n\n'.encode())
-            self.wfile.flush()
+            write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created, 'model': MODEL_ID,
+                   'choices': [choice]})
         try:
-            for g in gens:
-                if chat:
-                    event(g.index, '', first=True)
-                for piece in g.pieces():
-                    event(g.index, piece)
-                event(g.index, None, g.finish)
-            self.wfile.write(b'data: [DONE]\n\n')
-            self.wfile.flush()
+            try:
+                for g in gens:
+                    if chat:
+                        event(g.index, '', first=True)
+                    for piece in g.pieces():
+                        event(g.index, piece)
+                    event(g.index, None, g.finish)
+            except APIError as e:
+                write(e.body())
+            write('[DONE]')
         except (BrokenPipeError, ConnectionResetError):  # the client stopped listening: free its blocks
             cancelled.update(g.id for g in gens if g.finish is None)
         self.close_connection = True

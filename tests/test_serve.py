@@ -1,14 +1,19 @@
 """serve.py with the official openai client on loopback: chat and text completions, streamed and
 not, n, seed, stop strings, /v1/models, /health, the chat page; concurrent requests are batched by
-the engine and get the greedy answers of generate_chat."""
+the engine and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a
+client that leaves mid-stream frees its blocks, and a load of 32 clients x 10 requests gets each
+request's answer alone."""
 
 import concurrent.futures
 import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -110,18 +115,126 @@ def test_concurrent_requests_models_health_and_the_chat_page(server):
     url, _ = server
     c = client(url)
     prompts = [f'Write a story that uses the words: {w}.' for w in ('dog', 'sun', 'cake', 'tree', 'ball', 'bird')]
-    one = lambda p: c.chat.completions.create(model='m', messages=[{'role': 'user', 'content': p}],  # noqa: E731
+    one = lambda p: c.chat.completions.create(model='sft_serve', messages=[{'role': 'user', 'content': p}],  # noqa: E731
                                               max_tokens=8, temperature=0).choices[0].message.content
     alone = [one(p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         together = list(pool.map(one, prompts))
     assert together == alone
     assert [m.id for m in c.models.list().data] == ['sft_serve']
-    assert json.load(urllib.request.urlopen(url + '/health')) == {'status': 'ok'}
+    health = json.load(urllib.request.urlopen(url + '/health'))
+    assert health['status'] == 'ok' and health['running'] == health['waiting'] == 0
+    assert health['free_blocks'] == health['blocks'] == 64
     page = urllib.request.urlopen(url + '/').read().decode()
     assert '<textarea' in page and '/v1/chat/completions' in page and 'stream: true' in page
     with pytest.raises(openai.BadRequestError, match='must end with a user message'):
-        c.chat.completions.create(model='m', messages=[{'role': 'assistant', 'content': 'hi'}])
+        c.chat.completions.create(model='sft_serve', messages=[{'role': 'assistant', 'content': 'hi'}])
+
+
+def post(url, path, body):
+    """POST body (bytes, or an object sent as JSON): (HTTP status, the JSON answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={'Content-Type': 'application/json'})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serving(server):
+    url, _ = server
+    chat, text = '/v1/chat/completions', '/v1/completions'
+    hello = [{'role': 'user', 'content': 'Write a story that uses the words: fox.'}]
+    cases = [  # (path, body, status, the error's param, its code)
+        (chat, b'{"messages": [', 400, None, None),                                  # malformed JSON
+        (chat, [1, 2], 400, None, None),                                              # not an object
+        (chat, {'model': 'sft_serve'}, 400, 'messages', None),                        # no messages
+        (chat, {'messages': [{'content': 'hi'}]}, 400, 'messages', None),             # no role
+        (chat, {'messages': [{'role': 'user', 'content': 7}]}, 400, 'messages', None),
+        (chat, {'model': 'gpt-4o', 'messages': hello}, 404, 'model', 'model_not_found'),
+        (text, {'prompt': 'x' * 300}, 400, 'prompt', 'context_length_exceeded'),     # context is 256 bytes
+        (text, {'prompt': 'Once', 'max_tokens': 10_000}, 400, 'max_tokens', 'context_length_exceeded'),
+        (text, {'prompt': 'Once', 'max_tokens': 0}, 400, 'max_tokens', None),
+        (text, {'prompt': 'Once', 'max_tokens': 'ten'}, 400, 'max_tokens', None),
+        (chat, {'messages': hello, 'temperature': -0.5}, 400, 'temperature', None),
+        (chat, {'messages': hello, 'top_p': 0}, 400, 'top_p', None),
+        (chat, {'messages': hello, 'n': 0}, 400, 'n', None),
+        (chat, {'messages': hello, 'stop': 5}, 400, 'stop', None),
+        (text, {'prompt': 7}, 400, 'prompt', None),
+    ]
+    for path, body, status, param, code in cases:
+        got, answer = post(url, path, body)
+        assert got == status, (body, answer)
+        error = answer['error']
+        assert error['type'] == 'invalid_request_error' and error['message'], (body, answer)
+        assert (error['param'], error['code']) == (param, code), (body, answer)
+    got, answer = post(url, '/v1/nothing', {})
+    assert got == 404 and 'no route' in answer['error']['message']
+    c = client(url)                                                   # the openai client's view of it
+    with pytest.raises(openai.NotFoundError, match='does not exist'):
+        c.chat.completions.create(model='gpt-4o', messages=hello)
+    with pytest.raises(openai.BadRequestError, match='temperature'):
+        c.chat.completions.create(model='sft_serve', messages=hello, temperature=-1)
+    # still serving: a good request (the model named, or left out) gets the greedy answer
+    status, good = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0})
+    assert status == 200 and good['choices'][0]['message']['content'] == c.chat.completions.create(
+        model='sft_serve', messages=hello, max_tokens=6, temperature=0).choices[0].message.content
+
+
+def health(url):
+    return json.load(urllib.request.urlopen(url + '/health'))
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
+    url, _ = server
+    before = health(url)['cancelled']
+    host, port = url.removeprefix('http://').split(':')
+    body = json.dumps({'prompt': 'Once upon a time', 'max_tokens': 200, 'temperature': 0, 'stream': True})
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f'POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n'
+                     f'Content-Length: {len(body)}\r\n\r\n{body}'.encode())
+        got = b''
+        while b'data: ' not in got:                                     # the first piece has come ...
+            got += sock.recv(4096)
+        assert got.startswith(b'HTTP/1.1 200')
+    # ... and the client has left
+    for _ in range(200):
+        h = health(url)
+        if h['running'] == h['waiting'] == 0:
+            break
+        time.sleep(0.05)
+    assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
+    assert h['cancelled'] == before + 1                                 # stopped early, not run to the end
+
+
+def test_32_clients_x_10_requests_each_get_the_answer_served_alone(server):
+    """A bounded load test: 320 requests from 32 threads at once (chat and text, streamed and not,
+    greedy and seeded sampling, 3 to 14 tokens) all succeed, each equal to the request sent alone."""
+    url, _ = server
+    c = client(url)
+    words = ('fox', 'key', 'sun', 'cake', 'tree', 'ball', 'bird', 'ship', 'moon', 'frog')
+
+    def call(k):
+        kind, stream, sampled = k % 2, k % 3 == 0, k % 4 == 0
+        args = dict(model='sft_serve', max_tokens=3 + k % 12, temperature=1.0 if sampled else 0.0, seed=k,
+                    stream=stream)
+        if kind:
+            r = c.completions.create(prompt=f'The {words[k % 10]} and the {words[k // 10 % 10]}', **args)
+            return ''.join(ch.choices[0].text for ch in r) if stream else r.choices[0].text
+        messages = [{'role': 'user', 'content': f'Write a story that uses the words: {words[k % 10]}, '
+                                                f'{words[k // 10 % 10]}.'}]
+        r = c.chat.completions.create(messages=messages, **args)
+        return ''.join(ch.choices[0].delta.content or '' for ch in r) if stream else r.choices[0].message.content
+
+    distinct = range(40)
+    alone = {k: call(k) for k in distinct}
+    jobs = [(7 * client_ + j) % 40 for client_ in range(32) for j in range(10)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(call, jobs))
+    assert together == [alone[k] for k in jobs]
+    h = health(url)
+    assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
 
 
 def test_the_chat_page_in_headless_chromium(server):
@@ -130,7 +243,7 @@ def test_the_chat_page_in_headless_chromium(server):
     url, _ = server
     c = client(url)
     question = 'Write a story that uses the words: fox, key.'
-    api = c.chat.completions.create(model='m', messages=[{'role': 'user', 'content': question}], max_tokens=12,
+    api = c.chat.completions.create(model='sft_serve', messages=[{'role': 'user', 'content': question}], max_tokens=12,
                                     temperature=0).choices[0].message.content
     with chat_page(url) as page:
         page.wait_for_function("document.getElementById('model').textContent.includes('sft_serve')")
@@ -155,7 +268,7 @@ def test_the_chat_page_continues_text_with_a_pretrained_model(pipeline):
     try:
         models = json.load(urllib.request.urlopen(url + '/v1/models'))
         assert models['data'][0]['chat'] is False
-        api = client(url).completions.create(model='m', prompt='Once upon a time', max_tokens=12,
+        api = client(url).completions.create(model='base', prompt='Once upon a time', max_tokens=12,
                                              temperature=0).choices[0].text
         with chat_page(url) as page:
             page.wait_for_function("document.getElementById('model').textContent.includes('continues the text')")
