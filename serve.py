@@ -55,7 +55,7 @@ block_size = 16              # ... of this many tokens each
 max_batch = 32               # requests decoded together at most
 prefill_chunk = 256          # prompt tokens read per step
 cuda_graph = None            # decode steps as CUDA graphs, captured at start (engine.py); None: on for CUDA
-default_max_tokens = 256     # when a request names none
+default_max_tokens = 256     # when a request names none (at most what the context leaves after the prompt)
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
@@ -354,7 +354,7 @@ form { display: flex; gap: .5rem; } textarea { flex: 1; height: 4rem; }
 <div id="log"></div>
 <div id="settings">temperature <input id="temperature" type="number" step="0.1" value="0.8">
  top_p <input id="top_p" type="number" step="0.05" value="1.0">
- max tokens <input id="max_tokens" type="number" value="256"></div>
+ max tokens <input id="max_tokens" type="number" min="1" placeholder="auto"></div>
 <form id="form"><textarea id="input" placeholder="Write a story that uses the words: dog, ball, happy."></textarea>
 <button id="send" type="submit">Send</button><button id="stop" type="button" disabled>Stop</button>
 <button id="clear" type="button">Clear</button></form>
@@ -376,17 +376,30 @@ document.getElementById('form').onsubmit = async (e) => {
   const out = add('assistant', chat ? '' : text); let answer = '';
   controller = new AbortController(); sendBtn.disabled = true; stopBtn.disabled = false;
   const settings = {stream: true, temperature: +document.getElementById('temperature').value,
-    top_p: +document.getElementById('top_p').value, max_tokens: +document.getElementById('max_tokens').value};
+    top_p: +document.getElementById('top_p').value};
+  const maxTokens = document.getElementById('max_tokens').value;   // empty: what the context leaves
+  if (maxTokens) settings.max_tokens = +maxTokens;
   try {   // a chat model answers the conversation; a pretrained one continues this message's text
-    const res = await fetch(chat ? '/v1/chat/completions' : '/v1/completions', {method: 'POST',
-      signal: controller.signal, headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify(chat ? {messages, ...settings} : {prompt: text, ...settings})});
+    let sent = messages, res;
+    while (true) {   // a conversation past the model's context: leave out its oldest turns until it fits
+      res = await fetch(chat ? '/v1/chat/completions' : '/v1/completions', {method: 'POST',
+        signal: controller.signal, headers: {'Content-Type': 'application/json'},
+        body: JSON.stringify(chat ? {messages: sent, ...settings} : {prompt: text, ...settings})});
+      if (res.ok || !chat || sent.length < 3) break;
+      const error = (await res.clone().json()).error;
+      if (error.code !== 'context_length_exceeded' || error.param !== 'messages') break;
+      sent = sent.slice(2);
+    }
     if (!res.ok) { out.textContent = (await res.json()).error.message; return; }
+    if (sent.length < messages.length) out.title = (messages.length - sent.length) +
+      ' earlier messages were left out: the conversation is longer than the context of the model';
     const reader = res.body.getReader(), decoder = new TextDecoder(); let buf = '';
     while (true) { const {done, value} = await reader.read(); if (done) break;
       buf += decoder.decode(value, {stream: true}); const events = buf.split('\\n\\n'); buf = events.pop();
       for (const ev of events) { const data = ev.replace(/^data: /, ''); if (data === '[DONE]') continue;
-        const choice = JSON.parse(data).choices[0], piece = chat ? choice.delta.content : choice.text;
+        const obj = JSON.parse(data);
+        if (obj.error) { out.textContent = answer + ' [' + obj.error.message + ']'; continue; }
+        const choice = obj.choices[0], piece = chat ? choice.delta.content : choice.text;
         if (piece) { answer += piece; out.textContent = (chat ? '' : text) + answer; } } }
   } catch (err) { if (err.name !== 'AbortError') out.textContent = String(err); }
   finally { messages.push({role: 'assistant', content: answer}); controller = null;

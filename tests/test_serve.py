@@ -239,7 +239,8 @@ def test_32_clients_x_10_requests_each_get_the_answer_served_alone(server):
 
 def test_the_chat_page_in_headless_chromium(server):
     """The page as a user drives it: the model's name appears, a message sent streams an answer
-    into the page (greedy: the API's answer), a second turn carries the first, Clear empties it."""
+    into the page (greedy: the API's answer), a second turn carries the first, a turn that makes
+    the conversation longer than the context is answered without the oldest turns, Clear empties it."""
     url, _ = server
     c = client(url)
     question = 'Write a story that uses the words: fox, key.'
@@ -256,6 +257,15 @@ def test_the_chat_page_in_headless_chromium(server):
         page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
                                "!document.getElementById('send').disabled", timeout=60_000)
         assert page.evaluate('messages.length') == 4                   # both turns go to the server
+        # a third turn past the model's context of 256 bytes: the page leaves out the oldest turns
+        long = 'Write a story that uses the words: ' + ', '.join(['fox', 'key', 'moon', 'cake'] * 7) + '.'
+        alone = c.chat.completions.create(model='sft_serve', messages=[{'role': 'user', 'content': long}],
+                                          max_tokens=12, temperature=0).choices[0].message.content
+        send(page, long)
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 3 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        last = page.locator('.msg.assistant').nth(2)
+        assert last.text_content() == alone and 'left out' in last.get_attribute('title')
         page.click('#clear')
         assert page.locator('.msg').count() == 0
 
