@@ -141,7 +141,7 @@ def parse_args(items, where):
 import torch  # noqa: E402  (after the cheap checks above, which need no torch)
 
 from engine import cache_numbers_per_token  # noqa: E402
-from model import GPT, ModelConfig  # noqa: E402
+from model import GPT, ModelConfig, padded_vocab_size  # noqa: E402
 from runlog import pyplot  # noqa: E402
 
 train_defaults = {}
@@ -186,7 +186,7 @@ def dataset_vocab(cfg):
     if not os.path.isfile(meta):
         return None
     with open(meta) as f:
-        return 64 * math.ceil(json.load(f)['vocab_size'] / 64)
+        return padded_vocab_size(json.load(f)['vocab_size'])
 
 
 def model_numbers(cfg, where):

@@ -5,7 +5,6 @@ out_dir/ckpt_dcp/ that every loader reads too. load_model rebuilds (model, token
 any stage's folder; the RNG states make a resume continue exactly.
 """
 
-import math
 import os
 import pickle
 import shutil
@@ -18,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_optimizer_state_dict
 
-from model import GPT, ModelConfig, ScalarModel
+from model import GPT, ModelConfig, ScalarModel, padded_vocab_size
 from quant import BITS, quantize_model
 from tokenizer import tokenizer_from_spec, with_chat_tokens
 
@@ -175,7 +174,7 @@ def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False,
         if ckpt.get('quantized'):
             sys.exit(f"error: {path} was saved quantized without the chat template's tokens; quantize the "
                      f"fine-tuned model (sft.py's checkpoint) instead")
-        model.resize_vocab(64 * math.ceil(tok.vocab_size / 64))
+        model.resize_vocab(padded_vocab_size(tok.vocab_size))
     if quantize and not ckpt.get('quantized'):       # after the resize: the head grows in full precision
         quantize_model(model, quantize)
     return model, tok, ckpt

@@ -63,8 +63,8 @@ class TokenData:
         """x, y of shape (batch_size, block_size); y is x shifted left by one token."""
         n = self.lengths[split]
         if n <= block_size + 1:
-            sys.exit(f"error: the {split} split has {n} tokens, fewer than block_size+1 = "
-                     f"{block_size + 1}; lower block_size or prepare more data")
+            sys.exit(f"error: the {split} split has {n} tokens; a window of block_size + 1 = "
+                     f"{block_size + 1} needs more; lower block_size or prepare more data")
         data = self.tokens(split)
         ix = torch.randint(n - block_size - 1, (batch_size,), generator=generator).tolist()
         buf = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
@@ -74,6 +74,13 @@ class TokenData:
         else:
             xy = xy.to(device)
         return xy[:, :-1], xy[:, 1:]
+
+
+def eval_generator(seed, k, split):
+    """The generator of the k-th fixed evaluation batch of `split` (one stream for 'train', one
+    for every held-out split): the same batches at every evaluation and in every script that
+    reports a loss on them (train.py, distill.py, eval.py, quantize.py), so their numbers compare."""
+    return torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1))
 
 
 def batch_generator(seed, step, micro_step, rank, stream=0):

@@ -45,10 +45,10 @@ from tqdm import tqdm
 
 from checkpoint import load_chat_model, load_checkpoint, load_model
 from config import configure, model_config_from
-from data import (TokenData, chat_batch, encode_chat_examples, load_tokenizer_spec, pack_chat_examples,
-                  read_jsonl, write_token_dataset)
+from data import (TokenData, chat_batch, encode_chat_examples, eval_generator, load_tokenizer_spec,
+                  pack_chat_examples, read_jsonl, write_token_dataset)
 from generate import generate_tokens, use_cuda_graph
-from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, teacher_log_probs
+from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, padded_vocab_size, teacher_log_probs
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
 from tokenizer import base_spec, tokenizer_from_spec
@@ -227,7 +227,7 @@ def project_embeddings(student, teacher_model, V):
 torch.manual_seed(seed)                       # train.py's initial weights, the same on every rank
 if init_from == 'scratch':
     block_size = config['block_size'] = block_size or teacher_model.config.block_size
-    vocab_size = config['vocab_size'] = vocab_size or 64 * math.ceil(V / 64)
+    vocab_size = config['vocab_size'] = vocab_size or padded_vocab_size(V)
     model = GPT(model_config_from(config, ModelConfig))
     source = None
     if init_embedding == 'teacher':
@@ -401,9 +401,8 @@ def evaluate(model):
         return metrics
     out = {}
     for split, d in (('train', train_data), ('val', data)):   # the same fixed batches as train.py's
-        batches = (d.batch(split, batch_size, block_size,
-                           torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1)),
-                           rt.device) for k in range(eval_iters))
+        batches = (d.batch(split, batch_size, block_size, eval_generator(seed, k, split), rt.device)
+                   for k in range(eval_iters))
         out[split] = held_out(model, batches)
     val, kl_val, teacher_val = out['val']
     return {'train/eval_loss': out['train'][0], 'val/loss': val, 'val/ppl': math.exp(min(val, 50)),

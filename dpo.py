@@ -103,7 +103,8 @@ def encode(pair, side):
 
 
 def sequence_logprobs(model, pairs):
-    """(logp of each chosen response, logp of each rejected response): sums over response tokens."""
+    """((logp of each chosen response, logp of each rejected response), tokens in the batch): the
+    log-probabilities are sums over the response tokens, chosen and rejected run as one batch."""
     rows = [encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs]
     x, y = chat_batch(rows, tok.eot_id)
     x, y = x.to(rt.device), y.to(rt.device)
@@ -112,10 +113,9 @@ def sequence_logprobs(model, pairs):
 
 
 @torch.no_grad()
-def reference_logprobs(pairs, desc):
-    """(N, 2) reference log-probabilities of every pair, from the frozen reference model."""
-    ref_model, _, _ = load_chat_model(reference, rt.device)
-    ref_model.eval()
+def reference_logprobs(ref_model, pairs, desc):
+    """(N, 2) log-probabilities of every pair's chosen and rejected response under the frozen
+    reference model: computed once, before training, as they never change."""
     out = []
     for i in tqdm(range(0, len(pairs), 2 * batch_size), desc=desc, disable=None if rt.master else True):
         with rt.autocast():
@@ -124,8 +124,11 @@ def reference_logprobs(pairs, desc):
     return torch.cat(out)
 
 
-ref_train = reference_logprobs(train_pairs, 'reference log-probs (train)')
-ref_val = reference_logprobs(val_pairs, 'reference log-probs (val)')
+ref_model, _, _ = load_chat_model(reference, rt.device)
+ref_model.eval()
+ref_train = reference_logprobs(ref_model, train_pairs, 'reference log-probs (train)')
+ref_val = reference_logprobs(ref_model, val_pairs, 'reference log-probs (val)')
+del ref_model                                 # not needed again: its memory goes to training
 
 
 def dpo(pi_c, pi_r, ref):
@@ -177,6 +180,7 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
         loss, tokens = loss + micro_loss.detach(), tokens + n_tokens
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
+    # the implicit rewards of the last micro-batch's pairs (the loss is the whole step's)
     metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': (r_c > r_r).float().mean().detach(),
                'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach()}
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf

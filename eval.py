@@ -23,7 +23,7 @@ import torch
 
 from checkpoint import load_chat_model, load_checkpoint, run_folders
 from config import configure
-from data import load_tokenizer_spec, read_jsonl, TokenData, write_jsonl
+from data import eval_generator, load_tokenizer_spec, read_jsonl, TokenData, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
@@ -82,7 +82,7 @@ def val_loss(model, tok_spec, folder, ckpt):
     for split in data.val_splits:
         losses = []
         for k in range(eval_iters):
-            g = torch.Generator().manual_seed(seed + 7919 * k + 1)
+            g = eval_generator(seed, k, split)
             x, y = data.batch(split, batch_size, T, g, rt.device)
             with rt.autocast():
                 losses.append(model(x, y, return_logits=False)[1].item())

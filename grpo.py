@@ -26,10 +26,10 @@ import torch
 
 from config import configure
 from generate import use_cuda_graph
-from model import token_logprobs
 from rl import (RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss, entropy,
                 evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards, masked_mean, mean_stats,
-                minibatch_update, prompts_of_rollout, read_prompts, rollout_stats, sample_rollout)
+                minibatch_update, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats,
+                sample_rollout, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
 
@@ -160,18 +160,16 @@ def make_rollout(r):
 def grpo_loss(b):
     """The loss of a minibatch b of the rollout: the clipped surrogate per token, averaged over
     each answer, then over answers, plus beta * the k3 KL to the reference; with statistics."""
-    length = int(b['mask'].any(0).nonzero().max()) + 2                # trim right padding
-    seq, mask = b['seq'][:, :length], b['mask'][:, :length - 1]
-    cut = lambda t: t[:, :length - 1]                                  # noqa: E731
-    logits = run.model(seq[:, :-1])[0]
-    logp = token_logprobs(logits, seq[:, 1:].masked_fill(~mask, -1))
-    pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, cut(b['old_logp']), cut(b['adv']), mask, clip_eps,
+    b = trim_padding(b)
+    mask = b['mask']
+    logp, logits = response_logprobs(run.model, b['seq'], mask)
+    pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps,
                                                         per_sequence=True)
-    kl_loss = masked_mean(masked_mean(kl_k3(logp, cut(b['ref_logp'])), mask, dim=1), mask.any(1))
+    kl_loss = masked_mean(masked_mean(kl_k3(logp, b['ref_logp']), mask, dim=1), mask.any(1))
     with torch.no_grad():
         stats = {'policy_loss': pg_loss.detach(), 'kl_loss': kl_loss.detach(), 'clip_frac': clip_frac,
                  'approx_kl': approx_kl, 'entropy': entropy(logits.detach(), mask)}
-    return pg_loss + beta * kl_loss, stats, seq.numel()
+    return pg_loss + beta * kl_loss, stats, b['seq'].numel()
 
 
 def evaluate(_):

@@ -7,8 +7,9 @@ The whole architecture in one file, every variant behind a ModelConfig flag:
 
 Read top to bottom: config and presets, norms, positions (RoPE and its long-context scalings),
 attention (MHA/GQA, then MLA with its naive and absorbed paths), feed-forward (dense, then the
-router, the experts and the MoE), the block and the MTP module, the losses, the model (forward
-with its loss, router-bias balancing, accounting, a plain generate), the scalar-head model.
+router, the experts and the MoE), the losses (cross entropy, and distillation's soft targets and
+KL), the block and the MTP module, the model (forward with its loss, router-bias balancing,
+accounting, a plain generate), the scalar-head model, and count_params for the presets.
 
 This file is the reference. Where a faster way to compute the same thing exists, the line that
 uses it is a call into fast_paths.py (Triton kernels, grouped GEMMs, the fused output layer + loss),
@@ -120,9 +121,9 @@ class ModelConfig:
         if self.pos_emb == 'rope' and self.rope_dim % 2:
             raise ValueError(f'RoPE needs an even head_dim, got {self.rope_dim}')
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get('type', self.rope_scaling.get('rope_type'))
+            kind = self.rope_scaling.get('type', self.rope_scaling.get('rope_type'))   # no type: refused
             if kind not in ('linear', 'dynamic', 'yarn', 'default'):
-                raise ValueError(f"rope_scaling type {kind!r}; valid: linear, dynamic, yarn")
+                raise ValueError(f"rope_scaling type {kind!r}; valid: default, linear, dynamic, yarn")
             if kind != 'default' and not self.rope_scaling.get('factor', 0) > 0:
                 raise ValueError(f'rope_scaling needs a positive factor, got {self.rope_scaling}')
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -213,6 +214,13 @@ PRESETS = {
 }
 
 
+def padded_vocab_size(n):
+    """A tokenizer's n ids padded up to a multiple of 64 for the model's embedding and output
+    layer (GPT-2's 50,257 -> 50,304): the output layer's matmul then runs on whole tiles. The
+    padding ids are never sampled (generate.py's vocab_limit)."""
+    return 64 * math.ceil(n / 64)
+
+
 # -----------------------------------------------------------------------------
 # Norms
 
@@ -252,6 +260,11 @@ def yarn_get_mscale(scale, mscale=1.0):
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def rope_inv_freq(dim, base, device=None):
+    """RoPE's angular frequencies theta_i = base^(-2i/d), i = 0 .. d/2 - 1: (d/2,) in float32."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+
+
 def rope_scaling_type(config):
     s = config.rope_scaling or {}
     return s.get('type', s.get('rope_type', 'default'))
@@ -270,7 +283,8 @@ def yarn_inv_freq(dim, base, factor, original_max, beta_fast=32, beta_slow=1):
         high += 0.001                     # avoid dividing by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp                # 1: keep the original frequency
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = rope_inv_freq(dim, base)
+    # (1 - extrapolate) rather than ramp: the reference's rounding, bit for bit
     return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
 
 
@@ -291,8 +305,8 @@ class RotaryEmbedding(nn.Module):
       linear:  theta_i / factor                                  (position interpolation)
       dynamic: base' = base * (factor * L / L0 - (factor - 1))^(d / (d - 2)) once the sequence
                length L exceeds the original L0                  (dynamic NTK)
-      yarn:    see yarn_inv_freq; cos and sin are also multiplied by
-               mscale(factor, mscale) / mscale(factor, mscale_all_dim)"""
+      yarn:    see yarn_inv_freq; cos and sin are also multiplied by attention_factor when the
+               config gives one, else mscale(factor, mscale) / mscale(factor, mscale_all_dim)"""
     float32_buffers = ('inv_freq',)      # kept by GPT._apply: bf16 would shift angles by radians
 
     def __init__(self, dim, config):
@@ -300,7 +314,7 @@ class RotaryEmbedding(nn.Module):
         self.dim, self.base = dim, config.rope_theta
         self.kind = rope_scaling_type(config)
         s = config.rope_scaling or {}
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        inv_freq = rope_inv_freq(dim, self.base)                    # theta_i
         self.attention_factor = 1.0
         if self.kind == 'linear':
             inv_freq = inv_freq / s['factor']
@@ -328,8 +342,7 @@ class RotaryEmbedding(nn.Module):
             seq_len = (positions.max() + 1).float().clamp(min=self.original_max)
             base = self.base * (self.factor * seq_len / self.original_max - (self.factor - 1)) \
                 ** (self.dim / (self.dim - 2))
-            inv_freq = 1.0 / base ** (torch.arange(0, self.dim, 2, device=positions.device,
-                                                   dtype=torch.float32) / self.dim)
+            inv_freq = rope_inv_freq(self.dim, base, positions.device)
         angles = positions.float()[..., None] * inv_freq           # p * theta_i
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
@@ -678,6 +691,67 @@ def masked_cross_entropy(logits, targets):
     return total / (targets >= 0).sum().clamp(min=1)
 
 
+# knowledge distillation (distill.py): the teacher's soft targets and the student's KL to them
+
+def teacher_log_probs(teacher_logits, temperature=1.0, top_k=0, vocab=None):
+    """The teacher's side of distillation, computed once per batch without gradient.
+    log p = log_softmax(z_T / T) over the first `vocab` ids (the tokenizer's; ids past it are
+    vocabulary padding and are dropped). Returns (log_p, ids):
+      top_k = 0: log p over the whole vocabulary (..., V) and ids = None;
+      top_k = k: O(k) numbers per position instead of O(V): the log-probabilities of the teacher's
+        k most likely ids (..., k), and, when k < V, one more column: the rest of its mass as one
+        bucket, log p_rest = log sum_{i not in top-k} p_i (so the k + 1 columns still sum to 1;
+        nothing is renormalised); ids (..., k) are those k token ids."""
+    z = teacher_logits.float()
+    if vocab is not None:
+        z = z[..., :vocab]
+    logp = F.log_softmax(z / temperature, dim=-1)
+    if not top_k:
+        return logp, None
+    top, ids = logp.topk(top_k, dim=-1)
+    if top_k < logp.size(-1):
+        rest = logp.scatter(-1, ids, float('-inf')).logsumexp(-1, keepdim=True)   # log p_rest
+        top = torch.cat([top, rest], dim=-1)
+    return top, ids
+
+
+def distillation_kl(student_logits, targets, temperature=1.0, kind='forward', mask=None, vocab=None):
+    """T^2 * KL between the teacher's softened distribution p (targets = teacher_log_probs(...))
+    and the student's q = softmax(z_S / T) over the first `vocab` ids (default: the teacher's
+    full width; ids past it are the student's vocabulary padding), averaged over the positions
+    where mask is True:
+        forward  KL(p || q) = sum_i p_i (log p_i - log q_i)   (Hinton et al. 2015: q covers all of p)
+        reverse  KL(q || p) = sum_i q_i (log q_i - log p_i)   (mode-seeking: q avoids where p is small)
+    The factor T^2 keeps the gradient's size independent of T: for the forward KL,
+    d(T^2 KL)/dz_S = T (q - p), and as T grows, T^2 KL -> sum_i (a_i - b_i)^2 / 2V with a, b the
+    mean-centred teacher and student logits (logit matching). With top-k targets, q is coarsened
+    the same way as p: q at the teacher's k ids plus q_rest, the student's mass on all other ids;
+    the KL between the two (k + 1)-outcome distributions is a lower bound of the full KL and equals
+    it when k = V."""
+    logp, ids = targets
+    if vocab is None:
+        if ids is not None:
+            raise ValueError('top-k targets need vocab= (the size of the real vocabulary)')
+        vocab = logp.size(-1)
+    logq = F.log_softmax(student_logits.float()[..., :vocab] / temperature, dim=-1)
+    if ids is not None:                                              # top-k targets
+        logq_k = logq.gather(-1, ids)                                # log q at the teacher's k ids
+        if logp.size(-1) > ids.size(-1):                             # and the teacher's rest bucket:
+            logq_rest = logq.scatter(-1, ids, float('-inf')).logsumexp(-1, keepdim=True)  # log q_rest
+            logq_k = torch.cat([logq_k, logq_rest], dim=-1)
+        logq = logq_k
+    if kind == 'forward':
+        kl = (logp.exp() * (logp - logq)).sum(-1)                    # KL(p_T || q_S)
+    elif kind == 'reverse':
+        kl = (logq.exp() * (logq - logp)).sum(-1)                    # KL(q_S || p_T)
+    else:
+        raise ValueError(f"kind='{kind}'; valid: forward, reverse")
+    kl = kl * temperature ** 2                                       # * T^2
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 # -----------------------------------------------------------------------------
 # Transformer block and model
 
@@ -800,7 +874,7 @@ class GPT(nn.Module):
         x, rope, aux_total = self.trunk(idx, cache)
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
-        fused = self.fused_loss(x, return_logits)
+        fused = self.use_fused_loss(x, return_logits)
         logits, lm_loss = self.head_loss(self.norm(x), targets, fused)
         loss, parts = lm_loss, {'lm': lm_loss.detach()}
         if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
@@ -831,7 +905,7 @@ class GPT(nn.Module):
         logits = self.lm_head(h)                                               # (B, T, V)
         return logits, masked_cross_entropy(logits, targets)
 
-    def fused_loss(self, x, return_logits):
+    def use_fused_loss(self, x, return_logits):
         """Whether the loss goes through linear_cross_entropy (see ModelConfig.loss_impl): only
         when the caller does not want the logits back and a gradient is being taken ('auto' also
         needs CUDA, where the row kernel is a Triton one)."""
@@ -943,25 +1017,24 @@ class GPT(nn.Module):
     def mtp_params(self):
         return sum(p.numel() for p in self.mtp.parameters())
 
-    def active_params(self, include_mtp=False):
-        """Parameters a token passes through at inference: everything except the routed experts
-        it does not use (a fraction 1 - K/E of them), the embedding tables (a lookup, not a
-        multiplication; a tied table counts, as the head) and, by default, the MTP modules."""
-        n = self.num_params(exclude_embeddings=True) - (0 if include_mtp else self.mtp_params())
-        blocks = list(self.layers) + ([m.block for m in self.mtp] if include_mtp else [])
-        for b in blocks:
+    def active_params(self):
+        """Parameters a token passes through at inference, the number model cards quote: every
+        parameter except the routed experts it does not use (a fraction 1 - K/E of them), the
+        embedding tables (a lookup, not a multiplication; a tied table counts, as the head) and
+        the MTP modules (a training signal; speculative decoding's drafts aside)."""
+        n = self.num_params(exclude_embeddings=True) - self.mtp_params()
+        for b in self.layers:
             if isinstance(b.mlp, MoE):
                 n -= sum(p.numel() for p in b.mlp.experts.parameters()) * (1 - b.mlp.K / b.mlp.E)
         return int(n)
 
-    def active_matmul_params(self, include_mtp=True):
-        """Weights multiplied per token in a forward pass (embedding lookups are not
-        multiplications; the tied head counts once, as the head; routed experts count K/E)."""
-        mtp_ids = {id(m) for m in self.mtp.modules()}
+    def active_matmul_params(self):
+        """Weights multiplied per token in a training forward pass, for flops_per_token: unlike
+        active_params, the MTP modules count (training runs them) and norms and biases do not
+        (not multiplications); embedding lookups do not either, the tied head counts once, as the
+        head, and routed experts count K/E."""
         n = 0
         for m in self.modules():
-            if not include_mtp and id(m) in mtp_ids:
-                continue
             if isinstance(m, nn.Linear):
                 n += m.weight.numel()
             elif isinstance(m, Router):
@@ -981,8 +1054,6 @@ class GPT(nn.Module):
             T = min(T, c.sliding_window + c.n_sink_tokens)
         attn = 6 * (c.n_layer + c.mtp_depth) * c.n_head * (c.qk_head_dim + c.v_dim) * T
         return 6 * self.active_matmul_params() + attn
-
-    # --- generation -----------------------------------------------------------------------
 
     # --- generation: the reference ---------------------------------------------------------
     @torch.no_grad()
@@ -1018,9 +1089,11 @@ class ScalarModel(GPT):
         nn.init.zeros_(self.score_head.bias)
 
     def values(self, idx):
-        """(B, T) scalar outputs, one per position; the balance loss goes to last_losses."""
+        """(B, T) scalar outputs, one per position. An MoE backbone's balance loss is only logged
+        (last_losses): the reward and value losses leave it out, and the router biases (aux-loss-
+        free balancing) still even out the experts' load."""
         x, _, aux = self.trunk(idx)
-        self.last_losses = {} if aux is None else {'aux': aux}
+        self.last_losses = {} if aux is None else {'aux': aux.detach()}
         return self.score_head(self.norm(x)).squeeze(-1).float()
 
     def score(self, idx, last):
@@ -1037,68 +1110,6 @@ class ScalarModel(GPT):
         if values:
             return self.values(idx)
         return super().forward(idx, targets, cache, last_only, return_logits)
-
-
-# --- knowledge distillation (distill.py): the teacher's soft targets and the student's KL to them ---
-
-def teacher_log_probs(teacher_logits, temperature=1.0, top_k=0, vocab=None):
-    """The teacher's side of distillation, computed once per batch without gradient.
-    log p = log_softmax(z_T / T) over the first `vocab` ids (the tokenizer's; ids past it are
-    vocabulary padding and are dropped). Returns (log_p, ids):
-      top_k = 0: log p over the whole vocabulary (..., V) and ids = None;
-      top_k = k: O(k) numbers per position instead of O(V): the log-probabilities of the teacher's
-        k most likely ids (..., k), and, when k < V, one more column: the rest of its mass as one
-        bucket, log p_rest = log sum_{i not in top-k} p_i (so the k + 1 columns still sum to 1;
-        nothing is renormalised); ids (..., k) are those k token ids."""
-    z = teacher_logits.float()
-    if vocab is not None:
-        z = z[..., :vocab]
-    logp = F.log_softmax(z / temperature, dim=-1)
-    if not top_k:
-        return logp, None
-    top, ids = logp.topk(top_k, dim=-1)
-    if top_k < logp.size(-1):
-        rest = logp.scatter(-1, ids, float('-inf')).logsumexp(-1, keepdim=True)   # log p_rest
-        top = torch.cat([top, rest], dim=-1)
-    return top, ids
-
-
-def distillation_kl(student_logits, targets, temperature=1.0, kind='forward', mask=None, vocab=None):
-    """T^2 * KL between the teacher's softened distribution p (targets = teacher_log_probs(...))
-    and the student's q = softmax(z_S / T) over the first `vocab` ids (default: the teacher's
-    full width; ids past it are the student's vocabulary padding), averaged over the positions
-    where mask is True:
-        forward  KL(p || q) = sum_i p_i (log p_i - log q_i)   (Hinton et al. 2015: q covers all of p)
-        reverse  KL(q || p) = sum_i q_i (log q_i - log p_i)   (mode-seeking: q avoids where p is small)
-    The factor T^2 keeps the gradient's size independent of T: for the forward KL,
-    d(T^2 KL)/dz_S = T (q - p), and as T grows, T^2 KL -> sum_i (a_i - b_i)^2 / 2V with a, b the
-    mean-centred teacher and student logits (logit matching). With top-k targets, q is coarsened
-    the same way as p: q at the teacher's k ids plus q_rest, the student's mass on all other ids;
-    the KL between the two (k + 1)-outcome distributions is a lower bound of the full KL and equals
-    it when k = V."""
-    logp, ids = targets
-    if vocab is None:
-        if ids is not None:
-            raise ValueError('top-k targets need vocab= (the size of the real vocabulary)')
-        vocab = logp.size(-1)
-    logq = F.log_softmax(student_logits.float()[..., :vocab] / temperature, dim=-1)
-    if ids is not None:                                              # top-k targets
-        logq_k = logq.gather(-1, ids)                                # log q at the teacher's k ids
-        if logp.size(-1) > ids.size(-1):                             # and the teacher's rest bucket:
-            logq_rest = logq.scatter(-1, ids, float('-inf')).logsumexp(-1, keepdim=True)  # log q_rest
-            logq_k = torch.cat([logq_k, logq_rest], dim=-1)
-        logq = logq_k
-    if kind == 'forward':
-        kl = (logp.exp() * (logp - logq)).sum(-1)                    # KL(p_T || q_S)
-    elif kind == 'reverse':
-        kl = (logq.exp() * (logq - logp)).sum(-1)                    # KL(q_S || p_T)
-    else:
-        raise ValueError(f"kind='{kind}'; valid: forward, reverse")
-    kl = kl * temperature ** 2                                       # * T^2
-    if mask is None:
-        return kl.mean()
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
 
 
 def count_params(config):

@@ -32,11 +32,11 @@ import torch
 from checkpoint import load_chat_model
 from config import configure
 from generate import use_cuda_graph
-from model import ScalarModel, token_logprobs
+from model import ScalarModel
 from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss,
                 clipped_value_loss, entropy, evaluate_policy, explained_variance, gae, load_policy, load_rewards,
-                mean_stats, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts, rollout_stats,
-                sample_rollout, whiten)
+                mean_stats, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts,
+                response_logprobs, rollout_stats, sample_rollout, trim_padding, whiten)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
 
@@ -197,19 +197,17 @@ def make_rollout(r):
 def ppo_loss(b):
     """The loss of a minibatch b of the rollout: PPO's clipped surrogate + vf_coef * the clipped
     value loss, over response tokens; with the update's statistics."""
-    length = int(b['mask'].any(0).nonzero().max()) + 2                # trim right padding
-    seq, mask = b['seq'][:, :length], b['mask'][:, :length - 1]
-    cut = lambda t: t[:, :length - 1]                                  # noqa: E731
-    logits = run.model(seq[:, :-1])[0]
-    values = run.also(seq[:, :-1], values=True).float() * mask
-    logp = token_logprobs(logits, seq[:, 1:].masked_fill(~mask, -1))
-    pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, cut(b['old_logp']), cut(b['adv']), mask, clip_eps)
-    vf_loss = clipped_value_loss(values, cut(b['old_values']), cut(b['returns']), mask, value_clip)
+    b = trim_padding(b)
+    mask = b['mask']
+    logp, logits = response_logprobs(run.model, b['seq'], mask)
+    values = run.also(b['seq'][:, :-1], values=True).float() * mask
+    pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps)
+    vf_loss = clipped_value_loss(values, b['old_values'], b['returns'], mask, value_clip)
     with torch.no_grad():
         stats = {'policy_loss': pg_loss.detach(), 'value_loss': vf_loss.detach(), 'clip_frac': clip_frac,
                  'approx_kl': approx_kl, 'entropy': entropy(logits.detach(), mask),
-                 'explained_variance': explained_variance(values, cut(b['returns']), mask)}
-    return pg_loss + vf_coef * vf_loss, stats, seq.numel()
+                 'explained_variance': explained_variance(values, b['returns'], mask)}
+    return pg_loss + vf_coef * vf_loss, stats, b['seq'].numel()
 
 
 # --- the training loop: a rollout, then epochs of minibatch updates ------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import load_model, save_checkpoint
 from config import configure
-from data import TokenData
+from data import TokenData, eval_generator
 from quant import BITS, quantize_model, weight_bytes
 from runtime import init_runtime
 
@@ -55,7 +55,7 @@ if d and os.path.exists(os.path.join(d, 'meta.json')):
     losses, agree, total = {'original': 0.0, 'quantized': 0.0}, 0, 0
     with torch.no_grad():
         for k in range(eval_iters):
-            x, y = data.batch('val', batch_size, T, torch.Generator().manual_seed(seed + 7919 * k + 1), rt.device)
+            x, y = data.batch('val', batch_size, T, eval_generator(seed, k, 'val'), rt.device)
             with rt.autocast():
                 (lo, l1), (lq, l2) = original(x, y), quantized(x, y)
             losses['original'] += l1.item() / eval_iters

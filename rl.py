@@ -109,6 +109,15 @@ def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=
             'ended': [a['ended'] for a in answers], 'lengths': [len(a['ids']) for a in answers]}
 
 
+def trim_padding(b):
+    """A minibatch of a rollout without the right padding that no answer in it reaches: with j the
+    last column any answer's mask covers (mask[:, j] marks whether seq[:, j + 1] is a response
+    token), seq keeps j + 2 columns and every per-token tensor (mask, old log-probs, advantages,
+    values, returns: one column fewer than seq) keeps j + 1."""
+    length = int(b['mask'].any(0).nonzero().max()) + 2
+    return {k: v[:, :length] if k == 'seq' else v[:, :length - 1] for k, v in b.items()}
+
+
 def response_logprobs(model, seq, mask):
     """(N, L-1) log p(token) of the response tokens under `model`, 0 elsewhere; logits returned
     too (for the entropy)."""

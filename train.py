@@ -24,8 +24,8 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import configure, model_config_from
-from data import TokenData, load_tokenizer_spec
-from model import GPT, ModelConfig
+from data import TokenData, eval_generator, load_tokenizer_spec
+from model import GPT, ModelConfig, padded_vocab_size
 from runtime import CUDAGraphStep, close_runtime, init_runtime, synchronize, write_profile
 from training import Run
 
@@ -116,16 +116,16 @@ if not os.path.exists(os.path.join(data_dir, 'meta.json')):
         torch.distributed.barrier()
 data = TokenData(data_dir)
 tok_spec = load_tokenizer_spec(data.meta['tokenizer'], data_dir)
-for split in data.lengths:                    # checked before any work: a window needs block_size + 1
+for split in data.lengths:     # checked before any work (data.batch would only fail at its first batch)
     if data.lengths[split] <= block_size + 1:
-        sys.exit(f"error: the {split} split of {data_dir} has {data.lengths[split]:,} tokens, fewer than "
-                 f"block_size + 1 = {block_size + 1}; lower block_size or prepare more data into it")
+        sys.exit(f"error: the {split} split of {data_dir} has {data.lengths[split]:,} tokens; a window of "
+                 f"block_size + 1 = {block_size + 1} needs more; lower block_size or prepare more data into it")
 
 # --- model ----------------------------------------------------------------------------------
 ckpt = None
 if init_from == 'scratch':
     if vocab_size == 0:
-        vocab_size = config['vocab_size'] = 64 * math.ceil(data.meta['vocab_size'] / 64)
+        vocab_size = config['vocab_size'] = padded_vocab_size(data.meta['vocab_size'])
     model_cfg = model_config_from(config, ModelConfig)
 else:
     ckpt = load_checkpoint(out_dir if init_from == 'resume' else init_from)
@@ -137,8 +137,6 @@ else:
 if data.meta['vocab_size'] > model_cfg.vocab_size:
     sys.exit(f"error: vocab_size={model_cfg.vocab_size} is smaller than the dataset's vocabulary "
              f"({data.meta['vocab_size']})")
-if block_size > model_cfg.block_size:
-    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model_cfg.block_size}')
 model = GPT(model_cfg)
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
@@ -174,7 +172,7 @@ def evaluate(model):
     for split in splits:
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            g = torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1))
+            g = eval_generator(seed, k, split)
             x, y = data.batch(split, batch_size, block_size, g, rt.device)
             with rt.autocast():
                 _, loss = model(x, y, return_logits=False)
@@ -216,8 +214,8 @@ if cuda_graph_train:
 plots = (('train/loss', 'train/eval_loss', *(f'{s}/loss' for s in data.val_splits)), 'loss.png', 'loss (nats/token)')
 step = start = run.step                      # 0, or where a resumed run stopped
 prof = None
-while run.evaluate(step, evaluate, plots):   # every eval_interval steps: evaluate, plot, save;
-    lr = run.set_lr(step)                     # False at max_iters. lr: warmup, then decay
+while run.evaluate(step, evaluate, plots):   # every eval_interval steps: evaluate, plot, save; False at the end
+    lr = run.set_lr(step)                     # warmup, then decay
     if profile and step == start + 10:        # past compilation and the graph's capture
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                       ([torch.profiler.ProfilerActivity.CUDA] if rt.device_type == 'cuda' else []))

@@ -145,7 +145,7 @@ def test_fused_loss_equals_the_plain_loss_under_autocast(compiled):
     for impl in ('plain', 'auto'):
         raw = build(loss_impl=impl).train()
         model = torch.compile(raw) if compiled else raw
-        assert raw.fused_loss(x.float(), return_logits=False) == (impl == 'auto')
+        assert raw.use_fused_loss(x.float(), return_logits=False) == (impl == 'auto')
         with torch.autocast('cuda', dtype=torch.bfloat16):
             _, loss = model(x, y, return_logits=False)
         loss.backward()

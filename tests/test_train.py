@@ -140,7 +140,7 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert f"no dataset at data_dir='{tmp_path / 'nodata'}' (no meta.json)" in nodata.stderr
     assert not (tmp_path / 'nodata').exists()
     assert 'no dataset at data/nothing and no prepare/nothing.py to make it; valid datasets:' in nothing.stderr
-    assert 'the val split of' in block.stderr and 'fewer than block_size + 1 = 2001' in block.stderr
+    assert 'the val split of' in block.stderr and 'a window of block_size + 1 = 2001 needs more' in block.stderr
     assert 'evaluating' not in block.stdout                        # refused before any work
     assert mode.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in mode.stderr
     assert graph.returncode != 0 and 'cuda_graph_train=True needs a CUDA GPU' in graph.stderr
