@@ -1,7 +1,7 @@
 """
 Reward model: the SFT model's backbone plus a scalar head read at the last token of
 prompt + response, trained on preference pairs (prepare/preferences.py) with the Bradley-Terry
-loss  -log sigmoid(r_chosen - r_rejected)  (or loss='margin': max(0, m - (r_chosen - r_rejected))).
+loss  -log sigmoid(r_chosen - r_rejected)  (or loss_type='margin': max(0, m - (r_chosen - r_rejected))).
 ppo.py and grpo.py load its checkpoint as the reward.
 
 $ python prepare/preferences.py --init_from=out/sft
@@ -45,7 +45,7 @@ gradient_accumulation_steps = 1
 # data and loss
 prefs_dir = 'data/prefs'     # prefs_train.jsonl, prefs_val.jsonl
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the fresh samples
-loss = 'bt'                  # 'bt' (Bradley-Terry) | 'margin' (margin ranking)
+loss_type = 'bt'             # 'bt' (Bradley-Terry) | 'margin' (margin ranking)
 ranking_margin = 1.0         # m of the margin ranking loss
 batch_size = 16              # pairs (or, batch_by='prompt', prompts) per micro-batch
 batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, each with all its pairs,
@@ -87,8 +87,8 @@ run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
 # -----------------------------------------------------------------------------
-if loss not in ('bt', 'margin'):
-    sys.exit(f"error: loss='{loss}'; valid: bt, margin")
+if loss_type not in ('bt', 'margin'):
+    sys.exit(f"error: loss_type='{loss_type}'; valid: bt, margin")
 if batch_by not in ('pair', 'prompt'):
     sys.exit(f"error: batch_by='{batch_by}'; valid: pair, prompt")
 if init_from == 'scratch':
@@ -184,7 +184,7 @@ def prompt_batch(groups):
 def pair_loss(r_chosen, r_rejected, weight=None):
     """The mean loss of the pairs (or, with weight, their weighted sum)."""
     diff = r_chosen - r_rejected
-    if loss == 'bt':
+    if loss_type == 'bt':
         per_pair = -F.logsigmoid(diff)                    # Bradley-Terry: P(chosen > rejected) = sigma(diff)
     else:
         per_pair = F.relu(ranking_margin - diff)

@@ -1,8 +1,11 @@
+import ast
+import glob
 import os
 
 import pytest
 
 from config import configure, model_config_from
+from conftest import REPO
 from model import ModelConfig
 
 
@@ -102,3 +105,54 @@ def test_wrong_type_names_the_value_a_config_file_set(tmp_path):
     f.write_text('n_steps = 8\n')
     msg = exit_message([str(f), '--n_steps=2.5'])
     assert f"takes int (now 8, set by {f})" in msg and 'default' not in msg.split('valid keys')[0]
+
+
+def rebound_settings(path):
+    """(line, name) of each module-level statement after configure() in a script that assigns to
+    one of its settings (the names assigned before configure()) without reading it: neither the
+    new value nor an enclosing if / while mentions the name. `block_size = block_size or ...` and
+    `if vocab_size == 0: vocab_size = ...` resolve a setting; `loss, tokens = 0, 0` in a training
+    loop would silently replace the setting `loss` for every line after it."""
+    src = open(path).read()
+    tree = ast.parse(src)
+    settings, configured = set(), None
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.Expr)) and 'configure(' in ast.get_source_segment(src, node):
+            configured = node.lineno
+            break
+        if isinstance(node, ast.Assign):
+            settings |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    found = []
+
+    def names(node):
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+    def visit(statements, guards):
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.lineno <= (configured or 1e9):
+                continue
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.For)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                read = guards | (set() if isinstance(node, ast.For) else names(node.value))
+                found.extend((node.lineno, n) for t in targets for n in sorted(names(t) & settings - read))
+            for field in ('body', 'orelse', 'handlers', 'finalbody'):
+                inner = guards | (names(node.test) if isinstance(node, (ast.If, ast.While)) and field == 'body'
+                                  else set())
+                visit(getattr(node, field, None) or [], inner)
+    visit(tree.body, set())
+    return found
+
+
+def test_no_script_replaces_one_of_its_settings_by_accident(tmp_path):
+    """A stage script's settings are module globals: a later assignment to the same name (a loop's
+    running `loss` once replaced reward.py's loss='bt' setting, so it trained with the other loss)
+    changes what every line after it reads. Each script's rebindings must resolve the setting."""
+    deliberate = {('ablate.py', 'variants')}                         # a grid becomes the variants
+    scripts = [os.path.relpath(p, REPO) for pattern in ('*.py', 'prepare/*.py', 'experiments/*.py')
+               for p in glob.glob(os.path.join(REPO, pattern))]
+    found = {(s, line, name) for s in scripts for line, name in rebound_settings(os.path.join(REPO, s))
+             if (s, name) not in deliberate}
+    assert len(scripts) > 30 and not found, sorted(found)
+    bug = 'loss = "bt"\nconfig = configure(globals())\nfor step in range(3):\n    loss, tokens = 0.0, 0\n'
+    (tmp_path / 'example.py').write_text(bug)
+    assert rebound_settings(tmp_path / 'example.py') == [(4, 'loss')]

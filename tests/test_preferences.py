@@ -152,6 +152,22 @@ def test_reward_model_learns_a_planted_preference(planted):
     assert r[0] > r[1]
 
 
+def test_reward_model_trains_with_the_loss_it_is_given(planted):
+    """One pair a step: the logged training loss is -log sigmoid(r_c - r_r) (Bradley-Terry) or
+    max(0, 1 - (r_c - r_r)) (margin) of the logged reward margin r_c - r_r, at every step."""
+    for loss_type in ('bt', 'margin'):
+        out = f'rm_{loss_type}'
+        run_script('reward.py', '--init_from=base', f'--out_dir={out}', '--prefs_dir=planted', '--max_iters=4',
+                   '--eval_interval=4', '--batch_size=1', f'--loss_type={loss_type}', '--n_fresh=0', *COMMON,
+                   cwd=planted)
+        rows = [json.loads(line) for line in open(planted / out / 'log.jsonl') if 'train/loss' in line]
+        assert len(rows) == 4
+        for r in rows:
+            d = torch.tensor(r['train/reward_margin'])
+            expected = -torch.nn.functional.logsigmoid(d) if loss_type == 'bt' else (1 - d).clamp(min=0)
+            assert r['train/loss'] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5), (loss_type, r)
+
+
 def test_reward_model_batched_by_prompt_learns_from_all_pairs_of_each_prompt(pipeline):
     """batch_by='prompt': per prompt 2 answers with 'banana' and 2 without, and every (banana, plain)
     pair (4 a prompt, each answer in 2 of them, as prepare/preferences.py --all_pairs makes them);
@@ -224,10 +240,10 @@ def test_dpo_starts_at_log_2_and_falls(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs, by = run_scripts([('reward.py', ['--loss=hinge']),
+    loss, prefs, by = run_scripts([('reward.py', ['--loss_type=hinge']),
                                    ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
                                    ('reward.py', ['--batch_by=answer'])], cwd=planted)
-    assert loss.returncode != 0 and "loss='hinge'; valid: bt, margin" in loss.stderr
+    assert loss.returncode != 0 and "loss_type='hinge'; valid: bt, margin" in loss.stderr
     assert by.returncode != 0 and "batch_by='answer'; valid: pair, prompt" in by.stderr
     assert prefs.returncode != 0
     assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in prefs.stderr
