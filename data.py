@@ -83,12 +83,12 @@ def eval_generator(seed, k, split):
     return torch.Generator().manual_seed(seed + 7919 * k + (0 if split == 'train' else 1))
 
 
-def batch_generator(seed, step, micro_step, rank, stream=0):
-    """A torch.Generator that is a function of (seed, step, micro-step, rank, stream) alone, so a
+def batch_generator(seed, step, index):
+    """A torch.Generator that is a function of (seed, step, the micro-batch's index) alone, so a
     resumed run draws exactly the batches the uninterrupted run would have drawn. Training stages
-    call Trainer.batch_generator, which passes the micro-batch's global index as micro_step."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro_step * 31 + rank
-                                         + stream * 7_777_777)
+    call Run.batch_generator (training.py), which passes the micro-batch's global index over all
+    ranks, so ranks draw different batches by construction."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + index * 31)
 
 
 def read_documents(path, fields=('text', 'story')):

@@ -355,7 +355,7 @@ def distillation_loss(model, x, y):
     logits, loss = model(x, y)                # CE on the real next token + the student's MoE / MTP terms
     ce = masked_cross_entropy(logits, y)      # that CE again, with its gradient, to re-weight it
     kd = distillation_kl(logits, targets, temperature, kl, mask=y >= 0, vocab=V)     # T^2 KL
-    return loss + alpha * (kd - ce), kd.detach()
+    return loss + alpha * (kd - ce), kd.detach()   # (1 - alpha) CE + alpha T^2 KL + the MoE / MTP terms
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import DecodeGraphs, capture_graph, graph_capturable, sample_next
+from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, sample_next
 from model import attention_mask
 
 
@@ -438,15 +438,12 @@ class Engine:
             return []
         rows = self.running
         feed = [r.pending[:self.prefill_chunk] for r in rows]
-        T = max(len(f) for f in feed)
         # with cuda_graph every step runs in fixed shapes (its (rows, columns) bucket); else in its
-        # own: the rows left-padded to the longest, T columns
+        # own: the rows left-padded to the longest
         if self.cuda_graph:
             logits = self.static_step(rows, feed)
         else:
-            idx = torch.zeros(len(rows), T, dtype=torch.long)
-            for b, f in enumerate(feed):
-                idx[b, T - len(f):] = torch.tensor(f)
+            idx, _ = pad_prompts(feed)                # (B, T), each row left-padded with 0
             cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
             logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
             self.stats['eager_steps'] += 1

@@ -4,11 +4,15 @@ use (nanochat's engine.py plays this part there).
 
   sample_next(logits, ...)             greedy, temperature, top-k and nucleus sampling
   pad_prompts(prompts)                 left-padded (B, P) prompts and their validity mask
-  KVCache                              keys and values (or MLA latents) of earlier tokens
+  KVCache, new_cache(model, ...)       keys and values (or MLA latents) of earlier tokens
   generate_tokens(model, idx, ...)     yields the next token of every row, through the cache
+  graph_capturable(model)              whether a step of this model can be a CUDA graph
   capture_graph(fn, device)            a step captured as a CUDA graph (side-stream warm-up first)
   DecodeGraph / DecodeGraphs           a one-token step captured as a CUDA graph, kept per shape
+  use_cuda_graph(value, device_type)   a script's cuda_graph setting resolved (None: on for CUDA)
   generate_chat(model, tok, prompts)   answers to chat prompts, in batches
+  generate(model, idx, ...)            generate_tokens gathered into one (B, P + new) tensor
+  generate_speculative(model, prompt)  greedy decoding drafted by the model's own MTP modules
 
 GPT.generate in model.py is the reference: no cache, the whole window recomputed per token;
 tests hold generate_tokens equal to it.
@@ -41,7 +45,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p     # mass before this token already >= top_p
+        outside = probs.cumsum(-1) - probs > top_p     # the mass before this token already exceeds top_p
         sorted_logits = sorted_logits.masked_fill(outside, -float('inf'))
         logits = torch.full_like(logits, -float('inf')).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
@@ -83,7 +87,8 @@ class KVCache:
 
     def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0, static=False):
         self.batch_size, self.device = batch_size, device
-        self.window, self.n_sink = window, n_sink if window is not None else 0
+        self.window = window
+        self.n_sink = n_sink if window is not None else 0          # sinks only matter with a window
         self.capacity = max_len if window is None else min(max_len, self.n_sink + window)
         self.rolling = window is not None and self.capacity < max_len
         if static and self.rolling:
@@ -117,10 +122,12 @@ class KVCache:
             return self._begin_static(T)
         q_pos = self.pos + torch.arange(T, device=self.device)[None, :] - self.pad[:, None]
         self.q_pos = q_pos                             # negative: left padding
-        fits = self.window is None or self.pos + T <= self.window
+        fits = self.window is None or self.pos + T <= self.window   # no key falls out of the window yet
         if not self.padded and fits and not self.rolling:
+            # a first chunk: plain causal attention (is_causal); one new token: it sees every key,
+            # no mask; several tokens after a cached prefix: an explicit mask
             mask = (None, self.pos == 0) if (self.pos == 0 or T == 1) else self._mask(T)
-        else:
+        else:                                          # padding, a window or a rolling buffer
             mask = self._mask(T)
         if self.rolling:                               # which new tokens land in which slot
             p = self.pos + torch.arange(T)

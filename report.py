@@ -23,6 +23,7 @@ import torch
 
 from config import configure
 from runlog import pyplot
+from task import RULE_PARTS
 
 # -----------------------------------------------------------------------------
 out = 'out/speedrun_cpu'     # the speedrun's folder
@@ -116,7 +117,7 @@ if 'reward' in stages:
                if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
     m = stages['reward']['metrics']                     # the accuracy on each kind of pair (reward.py)
     kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
-             for k in ('words', 'features', 'ending', 'repetition') if f'val/accuracy_{k}' in m]
+             for k in RULE_PARTS if f'val/accuracy_{k}' in m]
     by_kind = f"; by the part of the rule that separates the pair most: {', '.join(kinds)}" if kinds else ''
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],

@@ -29,7 +29,7 @@ from config import configure
 from data import read_jsonl
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
-from task import evaluate_task, rank_correlation, score, score_parts
+from task import RULE_PARTS, evaluate_task, rank_correlation, score, score_parts
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -109,9 +109,8 @@ val_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_val.jsonl'), ('prompt', 'c
 
 
 def what_separates(pair):
-    """Which part of the task rule (task.score) favours the chosen answer most: 'words' (0.6 x the
-    share of required words used), 'features' (0.2 x the share of requested features), 'ending'
-    (0.2 x a finished last sentence) or 'repetition' (the score the repetition penalty takes off);
+    """Which part of the task rule (task.score_parts: words, features and ending at their
+    task.RULE_WEIGHTS, and what the repetition penalty takes off) favours the chosen answer most;
     None for a pair without the prompt's words (an external set) or one no part favours."""
     if not pair.get('words'):
         return None
@@ -125,7 +124,7 @@ def what_separates(pair):
 # the held-out pairs by what separates them, for the accuracy of each kind (what the model misses)
 val_kinds = [what_separates(p) for p in val_pairs]
 if rt.master and any(val_kinds):
-    counts = {k: val_kinds.count(k) for k in ('words', 'features', 'ending', 'repetition')}
+    counts = {k: val_kinds.count(k) for k in RULE_PARTS}
     print('held-out pairs by what separates them: ' + ', '.join(f'{k} {n}' for k, n in counts.items()))
 
 
@@ -192,16 +191,13 @@ def pair_loss(r_chosen, r_rejected, weight=None):
 
 
 @torch.no_grad()
-def rewards_of(model, seqs_last):
+def rewards_of(model, seqs):
+    """The reward of each sequence (token ids), read at its last token, in batches of 2 x batch_size."""
     out = []
-    for i in range(0, len(seqs_last), 2 * batch_size):
-        chunk = seqs_last[i:i + 2 * batch_size]
-        x = torch.full((len(chunk), max(len(s) for s, _ in chunk)), tok.eot_id, dtype=torch.long)
-        for j, (s, _) in enumerate(chunk):
-            x[j, :len(s)] = torch.tensor(s)
-        last = torch.tensor([n for _, n in chunk])
+    for i in range(0, len(seqs), 2 * batch_size):
+        x, last = padded(seqs[i:i + 2 * batch_size])
         with rt.autocast():
-            out += model(x.to(rt.device), last=last.to(rt.device)).float().tolist()
+            out += model(x, last=last).float().tolist()
     return out
 
 
@@ -216,18 +212,17 @@ if n_fresh and rt.master:
                       cuda_graph=cuda_graph)
     for p, a, s in zip(prompts, r['answers'], r['scores']):
         ids, _ = tok.encode_chat(p['prompt'], a['text'], ended=a['ended'])
-        fresh.append((ids[:block_size], min(len(ids), block_size) - 1, s['score']))
+        fresh.append((ids[:block_size], s['score']))
     del sampler
     print(f'{len(fresh)} fresh samples from {parent}: mean rule score {r["score"]:.3f}')
 
 
 def evaluate(model):
-    seqs = [(encode(p, s), len(encode(p, s)) - 1) for s in ('chosen', 'rejected') for p in val_pairs]
-    r = rewards_of(model, seqs)
+    r = rewards_of(model, [encode(p, side) for side in ('chosen', 'rejected') for p in val_pairs])
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
     metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).float().mean().item(),
                'val/reward_margin': (rc - rr).mean().item()}
-    for kind in ('words', 'features', 'ending', 'repetition'):   # accuracy on the pairs of each kind
+    for kind in RULE_PARTS:                   # the accuracy on the pairs of each kind
         mask = torch.tensor([k == kind for k in val_kinds])
         if mask.any():
             metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).float().mean().item()
@@ -240,8 +235,8 @@ def evaluate(model):
         if not any(math.isnan(v) for v in rule) and np.std(rule) > 0:
             metrics['val/rule_length_corr'] = float(np.corrcoef(rule, lengths)[0, 1])
     if fresh:
-        rf = rewards_of(model, [(s, n) for s, n, _ in fresh])
-        metrics['fresh/rank_corr'] = rank_correlation(rf, [sc for _, _, sc in fresh])
+        rf = rewards_of(model, [ids for ids, _ in fresh])
+        metrics['fresh/rank_corr'] = rank_correlation(rf, [sc for _, sc in fresh])
     return metrics
 
 

@@ -46,9 +46,9 @@ class Runtime:
 def init_runtime(device='auto', dtype='auto', seed=1337):
     """Pick the device and dtype, start torch.distributed when launched by torchrun (one process
     per GPU: NCCL on CUDA, gloo on the CPU), and seed every RNG with `seed` on EVERY rank, so that
-    every rank builds the same model (FSDP shards it without a broadcast). Trainer then moves ranks
-    > 0 to their own stream (seed + rank) for dropout; batches are drawn from explicit generators
-    (Trainer.batch_generator), so they differ per rank by construction."""
+    every rank builds the same model (FSDP shards it without a broadcast). training.Run then moves
+    ranks > 0 to their own stream (seed + rank) for dropout; batches are drawn from explicit
+    generators (Run.batch_generator), so they differ per rank by construction."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
         rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])

@@ -144,6 +144,7 @@ def complete_ending(text):
 
 
 RULE_WEIGHTS = {'words': 0.6, 'features': 0.2, 'ending': 0.2}   # of score()'s parts, before the penalty
+RULE_PARTS = (*RULE_WEIGHTS, 'repetition')                        # what score_parts() splits a score into
 
 
 def score(text, words, features=None, ended=True):

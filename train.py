@@ -207,7 +207,7 @@ if cuda_graph_train:
            'records no max attention logits: set log_max_logit=False' if run.track_logits else '')
     if why:
         sys.exit(f'error: cuda_graph_train=True {why}')
-    run.capturable()                          # the optimizer's step counts and lr on the device
+    run.make_optimizer_capturable()           # the optimizer's step counts and lr on the device
     train_step = CUDAGraphStep(train_step)    # copies each step's batches in, replays the graph
 
 # --- the training loop ------------------------------------------------------------------------

@@ -75,10 +75,10 @@ class Run:
         self.also_raw, self.also_lr = also_train, also_train_lr
         self.fsdp = c['fsdp']
         if also_train is not None and self.fsdp:
-            sys.exit(f'error: {stage}.py does not support fsdp=True: use DDP (the default)')
+            sys.exit(f'error: {self.stage_script()} does not support fsdp=True: use DDP (the default)')
         if self.fsdp and not rt.ddp:
             sys.exit('error: fsdp=True shards the model across processes started by torchrun, e.g. '
-                     f'torchrun --standalone --nproc_per_node=2 {stage}.py CONFIG --fsdp=True')
+                     f'torchrun --standalone --nproc_per_node=2 {self.stage_script()} CONFIG --fsdp=True')
         if self.fsdp and rt.dtype == 'float16':
             sys.exit("error: fsdp=True trains in bfloat16 or float32 (float16 loss scaling is not "
                      "supported with it); set dtype='bfloat16'")
@@ -234,7 +234,7 @@ class Run:
         if rt.master:
             print(f"resuming {self.c['out_dir']} at step {self.step}")
 
-    def capturable(self):
+    def make_optimizer_capturable(self):
         """Make the optimizer's step capturable in a CUDA graph (runtime.CUDAGraphStep): its step
         counts and learning rates stay on the device (set_lr then fills the tensors in place)."""
         for g in self.optimizer.param_groups:
@@ -250,12 +250,12 @@ class Run:
         set_lr(self.optimizer, lr / c['learning_rate'] if c['learning_rate'] else 0.0)   # lr 0: frozen
         return lr
 
-    def batch_generator(self, step, micro_step, stream=0):
+    def batch_generator(self, step, micro_step):
         """The generator of this rank's micro-batch `micro_step` of `step`: a function of the
         micro-batch's GLOBAL index, rank * gradient_accumulation_steps + micro_step, so N ranks
         with accumulation k draw exactly the batches of one process with accumulation N k."""
         index = self.rt.rank * self.c['gradient_accumulation_steps'] + micro_step
-        return batch_generator(self.c['seed'], step, index, 0, stream)
+        return batch_generator(self.c['seed'], step, index)
 
     def sync(self, micro):
         """The context of micro-step `micro`'s forward and backward: gradients are reduced across
@@ -316,7 +316,8 @@ class Run:
 
     # --- logging, evaluation, checkpoints -------------------------------------------------------
     def diverged(self):
-        """The first step whose loss was NaN/inf (-1 if none), agreed by every rank. Syncs the host."""
+        """Whether some step's loss was NaN/inf on any rank (first_bad_step, the first such step
+        or -1, reduced over ranks). Syncs the host."""
         bad = self.first_bad_step.clone()
         if self.rt.ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
