@@ -40,7 +40,7 @@ min_output, max_output = 16, 512      # output lengths, uniform
 methods = 'engine,static'       # any of engine, static, hf (transformers' generate on the export)
 cuda_graph = None               # the engine's decode steps and static batching's one-token steps as
                                 # CUDA graphs; None: on for CUDA
-block_size_cache = 16           # the engine's cache block (tokens)
+tokens_per_block = 16           # the engine's cache block (tokens)
 prefill_chunk = 256
 device = 'auto'
 dtype = 'auto'
@@ -94,8 +94,8 @@ def run_engine(reqs, C):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
     inter-token gaps, tokens); the capture's cost goes to engine_setup[C]."""
     total = sum(len(p) + n for p, n in reqs[:C])                    # the first C requests: the pool, roughly
-    n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // block_size_cache) + C + 16
-    engine = Engine(model, n_blocks=n_blocks, block_size=block_size_cache, max_batch=C, prefill_chunk=prefill_chunk,
+    n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // tokens_per_block) + C + 16
+    engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, max_batch=C, prefill_chunk=prefill_chunk,
                     cuda_graph=graph)
     t_capture = time.time()
     engine.capture_graphs(prefill=True)        # every (rows, columns) bucket's graph before the timing

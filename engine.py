@@ -1,7 +1,7 @@
 """
 Serving many requests at once: continuous batching over a paged KV cache.
 
-    engine = Engine(model, n_blocks=256, block_size=16)        # cuda_graph=True: see below
+    engine = Engine(model, n_blocks=256, tokens_per_block=16)        # cuda_graph=True: see below
     a = engine.add(prompt_ids, max_new_tokens=64)              # any time, also while others run
     for request, token, finished in engine.step(): ...          # one forward pass of every request
     engine.run()                                                # steps until every request is done
@@ -38,7 +38,7 @@ engine step changes shape every time (B rows, T columns, L keys). So every step 
 shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_batch rows, the
 columns to a bucket of 1 (a decode step: every row feeds one token), 8, 32, 128, ... (x4) or
 prefill_chunk (some row reads a prompt chunk: each row left-padded as an eager step left-pads to
-its longest row), every block table ceil(model block_size / block_size) blocks wide, so its keys
+its longest row), every block table ceil(model block_size / tokens_per_block) blocks wide, so its keys
 are always the same L slots (the empty ones masked), and the step's inputs (per row its tokens,
 length, new-token count and block table, per column the block and offset its entries go to)
 copied into one tensor made once per (rows, columns) bucket. Padding rows and padding columns
@@ -105,7 +105,7 @@ class PagedCache:
         self.pool, self.rows, self.n_new, self.device = pool, rows, n_new, device
 
     def begin(self, T):
-        bs, dev = self.pool.block_size, self.device
+        bs, dev = self.pool.tokens_per_block, self.device
         # everything about the rows is known on the host: build it there and copy each tensor once
         # (no per-row copies, no device-to-host reads in the step)
         lengths = [r.length for r in self.rows]
@@ -125,9 +125,9 @@ class PagedCache:
     def plan(self, start, n, T, L, table):
         """The step from device tensors alone (so the static step below shares it): start (B,)
         tokens each row has cached, n (B,) its new ones, the last n of the T columns (the ones
-        before are left padding), table (B, W) its blocks, L <= W block_size keys in view.
+        before are left padding), table (B, W) its blocks, L <= W tokens_per_block keys in view.
         Returns (positions, mask) for the layers; keeps in self.read where the keys come from."""
-        B, bs, dev = start.size(0), self.pool.block_size, start.device
+        B, bs, dev = start.size(0), self.pool.tokens_per_block, start.device
         cols = torch.arange(T, device=dev)
         real = cols[None, :] >= T - n[:, None]                                   # (B, T), left-padded
         q_pos = start[:, None] + cols[None, :] - (T - n[:, None])                # (B, T); < start on padding
@@ -156,7 +156,7 @@ class StaticPagedCache(PagedCache):
     """A step of up to Bb rows, each feeding up to Tb tokens, in shapes that never change, so that
     it can be a CUDA graph: Bb rows (the step's, then padding) of Tb columns (each row left-padded,
     as the eager step left-pads to its longest row), block tables `width` blocks wide (enough for
-    the model's block_size), so L = width x block_size keys, the empty ones masked. Tb = 1 is a
+    the model's block_size), so L = width x tokens_per_block keys, the empty ones masked. Tb = 1 is a
     decode step; Tb > 1 a step in which some row reads a prompt chunk. What changes from step to
     step lives in one device tensor made once and filled in place by fill(rows, feed) (built on the
     host, one copy): begin() and update() run the same kernels on the same memory at every step,
@@ -167,7 +167,7 @@ class StaticPagedCache(PagedCache):
 
     def __init__(self, pool, Bb, Tb, width, device):
         super().__init__(pool, [], [], device)
-        self.Bb, self.Tb, self.width, self.L = Bb, Tb, width, width * pool.block_size
+        self.Bb, self.Tb, self.width, self.L = Bb, Tb, width, width * pool.tokens_per_block
         # per row: its Tb tokens (left-padded), its length (tokens cached), its n new tokens, its
         # block table, then per column the block and the offset its entries go to:
         # (Bb, Tb + 2 + width + 2 Tb), and views of its columns
@@ -192,7 +192,7 @@ class StaticPagedCache(PagedCache):
         steps run: they write only the scratch block). Built on the host with a few vectorised
         ops (a per-element Python list of Bb x 3 Tb numbers would cost milliseconds at Bb = 64,
         Tb = 256), then copied to the device at once."""
-        bs, s, Tb, B = self.pool.block_size, self.pool.scratch, self.Tb, len(rows)
+        bs, s, Tb, B = self.pool.tokens_per_block, self.pool.scratch, self.Tb, len(rows)
         host = torch.zeros(self.inputs.shape, dtype=torch.long)
         tokens, length, n, table, block, offset = self.columns(host)
         table.fill_(s)
@@ -224,21 +224,21 @@ def cache_numbers_per_token(config):
     return config.n_layer * 2 * config.kv_heads * config.qk_head_dim
 
 
-def block_hashes(tokens, block_size):
+def block_hashes(tokens, tokens_per_block):
     """The names of the full blocks of `tokens`: block i's is a hash of (block i-1's name, its
-    block_size token ids), so it stands for the whole prefix tokens[:(i + 1) block_size].
+    tokens_per_block token ids), so it stands for the whole prefix tokens[:(i + 1) tokens_per_block].
     A cryptographic hash (blake2b, 128 bits): two different prefixes never share a name in practice,
     which sharing needs to be exact."""
     names, prev = [], b''
-    for i in range(len(tokens) // block_size):
-        chunk = tokens[i * block_size:(i + 1) * block_size]
+    for i in range(len(tokens) // tokens_per_block):
+        chunk = tokens[i * tokens_per_block:(i + 1) * tokens_per_block]
         prev = hashlib.blake2b(prev + b'|' + ','.join(map(str, chunk)).encode(), digest_size=16).digest()
         names.append(prev)
     return names
 
 
 class BlockPool:
-    """n_blocks blocks of block_size tokens for every (layer, name) the model caches; the pools
+    """n_blocks blocks of tokens_per_block tokens for every (layer, name) the model caches; the pools
     are made at the first write, in the dtype and device of what is written. Each pool has one
     block more, the scratch block (number n_blocks), which take() never hands out: the padding of
     a block table points there, and the padding rows of a static decode step write there.
@@ -248,8 +248,8 @@ class BlockPool:
     named in `cached`, so a later request may reuse it; evicted, least recently released first,
     when take() finds no free block)."""
 
-    def __init__(self, config, n_blocks, block_size):
-        self.config, self.n_blocks, self.block_size = config, n_blocks, block_size
+    def __init__(self, config, n_blocks, tokens_per_block):
+        self.config, self.n_blocks, self.tokens_per_block = config, n_blocks, tokens_per_block
         self.scratch = n_blocks                    # the extra block, outside every count below
         self.free = list(range(n_blocks - 1, -1, -1))
         self.tensors = {}
@@ -261,7 +261,7 @@ class BlockPool:
     def tensor(self, layer, name, x):
         key = (layer, name)
         if key not in self.tensors:
-            self.tensors[key] = torch.zeros(self.n_blocks + 1, self.block_size, *x.shape[2:], dtype=x.dtype,
+            self.tensors[key] = torch.zeros(self.n_blocks + 1, self.tokens_per_block, *x.shape[2:], dtype=x.dtype,
                                             device=x.device)                # + the scratch block
         return self.tensors[key]
 
@@ -335,9 +335,9 @@ class BlockPool:
 
 class Engine:
 
-    def __init__(self, model, n_blocks=256, block_size=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
+    def __init__(self, model, n_blocks=256, tokens_per_block=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
                  prefix_sharing=True, cuda_graph=False):
-        """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x block_size
+        """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x tokens_per_block
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
         vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled).
@@ -346,11 +346,11 @@ class Engine:
         top; on the CPU the same steps run eagerly)."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
-        self.pool = BlockPool(model.config, n_blocks, block_size)
+        self.pool = BlockPool(model.config, n_blocks, tokens_per_block)
         self.device = next(model.parameters()).device
         self.waiting, self.running = [], []
         self.ids = itertools.count()
-        self.width = -(-model.config.block_size // block_size)     # blocks in the longest request's table
+        self.width = -(-model.config.block_size // tokens_per_block)   # blocks in the longest request (the context)
         # the columns a step is padded to (cuda_graph): 1 (decode), then 8, 32, 128, ... (x4) below
         # prefill_chunk, then prefill_chunk itself; e.g. (1, 8, 32, 128, 256) for prefill_chunk 256
         self.token_buckets = tuple(sorted({1, prefill_chunk} | {8 * 4 ** i for i in range(8)
@@ -374,7 +374,7 @@ class Engine:
         self.pool.forget()
 
     def blocks_for(self, n_tokens):
-        return -(-n_tokens // self.pool.block_size)
+        return -(-n_tokens // self.pool.tokens_per_block)
 
     def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), seed=None):
         """Queue a request (prompt: token ids); returns it (request.output fills as it runs).
@@ -392,7 +392,7 @@ class Engine:
         r = Request(list(prompt), max_new_tokens, temperature, top_k, top_p, tuple(stop_ids), g, next(self.ids))
         r.pending = list(prompt)
         if self.prefix_sharing:
-            r.hashes = block_hashes(r.prompt, self.pool.block_size)
+            r.hashes = block_hashes(r.prompt, self.pool.tokens_per_block)
         self.waiting.append(r)
         return r
 
@@ -401,7 +401,7 @@ class Engine:
         one that does not fit waits (and the ones behind it wait too, so none starves).
         With prefix sharing a request first reuses the cached blocks of its prompt's longest known
         prefix, and takes new blocks only for the rest."""
-        bs = self.pool.block_size
+        bs = self.pool.tokens_per_block
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
             need = self.blocks_for(len(r.prompt) + r.max_new_tokens)
@@ -425,7 +425,7 @@ class Engine:
     def register_prompt_blocks(self, r):
         """Name r's full prompt blocks computed so far, so that later requests may reuse them.
         Only prompt blocks, and only once wholly written: r never writes below r.length again."""
-        while r.n_named < len(r.hashes) and (r.n_named + 1) * self.pool.block_size <= r.length:
+        while r.n_named < len(r.hashes) and (r.n_named + 1) * self.pool.tokens_per_block <= r.length:
             self.pool.register(r.blocks[r.n_named], r.hashes[r.n_named])
             r.n_named += 1
 

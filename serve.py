@@ -51,7 +51,7 @@ out_dir = ''                 # the checkpoint to serve; '': the newest under out
 host = '127.0.0.1'
 port = 8000                  # 0: any free port (printed)
 n_blocks = 512               # KV-cache blocks in the pool ...
-block_size = 16              # ... of this many tokens each
+tokens_per_block = 16        # ... of this many tokens each
 max_batch = 32               # requests decoded together at most
 prefill_chunk = 256          # prompt tokens read per step
 cuda_graph = None            # decode steps as CUDA graphs, captured at start (engine.py); None: on for CUDA
@@ -71,7 +71,7 @@ model.eval()
 if rt.dtype != 'float32':
     model.to(getattr(torch, rt.dtype))
 MODEL_ID = os.path.basename(os.path.normpath(out_dir))
-engine = Engine(model, n_blocks, block_size, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
+engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
                 cuda_graph=use_cuda_graph(cuda_graph, rt.device_type))
 engine.capture_graphs()                  # every batch bucket's decode step, before any request
 inbox = queue.Queue()                    # (request arguments, the reply queue) from HTTP threads
@@ -412,8 +412,8 @@ server = ThreadingHTTPServer((host, port), Handler)
 threading.Thread(target=engine_loop, daemon=True).start()
 per_token = cache_numbers_per_token(model.config) * next(model.parameters()).element_size()
 print(f"serving {out_dir} ({ckpt.get('stage', '?')} checkpoint, {model.num_params() / 1e6:.1f}M parameters) on "
-      f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {block_size} tokens, "
-      f"{per_token:,} bytes per token ({n_blocks * block_size * per_token / 2**20:.1f} MiB); decode steps: "
+      f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {tokens_per_block} tokens, "
+      f"{per_token:,} bytes per token ({n_blocks * tokens_per_block * per_token / 2**20:.1f} MiB); decode steps: "
       f"{engine.decode_mode()}", flush=True)
 try:
     server.serve_forever()

@@ -29,7 +29,7 @@ system_len = 256                 # tokens of the shared system prompt
 user_len = 24                    # tokens of each request's own question
 max_new_tokens = 16
 arrive_every = 2                 # steps between arrivals
-block_size = 16                  # tokens per cache block
+tokens_per_block = 16            # tokens per cache block
 prefill_chunk = 128
 n_layer = 4
 n_embd = 128
@@ -51,11 +51,11 @@ model = GPT(ModelConfig(vocab_size=512, block_size=system_len + user_len + max_n
 g = torch.Generator().manual_seed(seed)
 system = torch.randint(0, 512, (system_len,), generator=g).tolist()
 prompts = [system + torch.randint(0, 512, (user_len,), generator=g).tolist() for _ in range(requests)]
-n_blocks = requests * -(-(system_len + user_len + max_new_tokens) // block_size)   # room for all at once
+n_blocks = requests * -(-(system_len + user_len + max_new_tokens) // tokens_per_block)   # room for all at once
 
 
 def serve(prefix_sharing):
-    engine = Engine(model, n_blocks=n_blocks, block_size=block_size, prefill_chunk=prefill_chunk,
+    engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, prefill_chunk=prefill_chunk,
                     prefix_sharing=prefix_sharing, cuda_graph=graph)
     engine.capture_graphs()                            # (with cuda_graph on CUDA) not timed
     reqs, steps, t0 = [], 0, time.perf_counter()
@@ -69,7 +69,7 @@ def serve(prefix_sharing):
 
 serve(True)                                            # warm-up
 print(f'{requests} requests: a {system_len}-token system prompt + {user_len} tokens each, {max_new_tokens} new '
-      f'tokens, one every {arrive_every} steps; blocks of {block_size}; {model.num_params() / 1e6:.2f}M-parameter '
+      f'tokens, one every {arrive_every} steps; blocks of {tokens_per_block}; {model.num_params() / 1e6:.2f}M-parameter '
       f"MLA model, {device}{f' ({torch.get_num_threads()} threads)' if device == 'cpu' else ''}")
 runs = {False: [], True: []}
 for _ in range(repeats):

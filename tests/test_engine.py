@@ -48,7 +48,7 @@ def mixed_arrivals(engine):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_block(variant):
     model = build(**VARIANTS[variant])
-    engine = Engine(model, n_blocks=40, block_size=8, prefill_chunk=16)
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=16)
     requests, prompts = mixed_arrivals(engine)
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
@@ -58,7 +58,7 @@ def test_mixed_arrivals_give_each_request_its_tokens_alone_and_return_every_bloc
 
 def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
     model = build(**VARIANTS['mla'])
-    engine = Engine(model, n_blocks=6, block_size=8)
+    engine = Engine(model, n_blocks=6, tokens_per_block=8)
     a, b = engine.add([1, 2, 3], 30), engine.add([4, 5, 6], 30)        # 33 tokens: 5 blocks each
     events = engine.step()
     assert [e[0] for e in events] == [a] and engine.waiting == [b]   # b waits for a's blocks
@@ -73,14 +73,14 @@ def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
 def test_stop_tokens_end_a_request_and_mla_pages_only_the_latent_and_rope_key():
     model = build(**VARIANTS['mla'])
     first = alone(model, [7, 8, 9], 4)
-    engine = Engine(model, n_blocks=20, block_size=4)
+    engine = Engine(model, n_blocks=20, tokens_per_block=4)
     r = engine.add([7, 8, 9], 50 - 3, stop_ids=[first[2]])
     engine.run()
     assert r.output == first[:first.index(first[2]) + 1]    # up to the stop token, which ends it
     c = model.config
     assert engine.pool.numbers_per_token() == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) == cache_numbers_per_token(c)
     gqa = build(**VARIANTS['gqa_rope'])
-    engine = Engine(gqa, n_blocks=10, block_size=4)
+    engine = Engine(gqa, n_blocks=10, tokens_per_block=4)
     engine.add([1, 2], 3)
     engine.run()
     assert engine.pool.numbers_per_token() == 2 * 2 * 2 * 8 == cache_numbers_per_token(gqa.config)   # layers x (k, v) x Hkv x D
@@ -90,7 +90,7 @@ def test_sampled_requests_follow_their_own_seeds():
     model = build(**VARIANTS['gqa_rope'])
     runs = []
     for order in ((0, 1), (1, 0)):                     # the same seeds, admitted in another order
-        engine = Engine(model, n_blocks=30, block_size=8)
+        engine = Engine(model, n_blocks=30, tokens_per_block=8)
         reqs = {i: engine.add([3, 1, 4, 1, 5][:i + 3], 12, temperature=1.0, top_k=20, seed=10 + i) for i in order}
         engine.run()
         runs.append({i: r.output for i, r in reqs.items()})
@@ -146,7 +146,7 @@ def test_a_shared_prefix_is_computed_once_and_every_request_gets_its_tokens_alon
     model = build(**VARIANTS[variant])
     prompts = shared_prefix_prompts(29, (3, 11, 1, 20, 6))   # 3 full blocks of 8 shared, then 5 more tokens
     n_new, arrive_at = [15, 9, 20, 6, 12], [0, 0, 4, 5, 9]   # request 1 arrives beside 0: nothing cached yet
-    kw = dict(n_blocks=40, block_size=8, prefill_chunk=16)
+    kw = dict(n_blocks=40, tokens_per_block=8, prefill_chunk=16)
     on, shared = run_arrivals(model, prompts, n_new, arrive_at, **kw)
     off, unshared = run_arrivals(model, prompts, n_new, arrive_at, prefix_sharing=False, **kw)
     for i, p in enumerate(prompts):
@@ -168,7 +168,7 @@ def test_a_small_pool_evicts_cached_blocks_least_recently_used_tail_first_and_st
     model = build(**VARIANTS['gqa_rope'])
     a, c = shared_prefix_prompts(12, (2, 3))           # 3 full blocks of 4 shared
     b = shared_prefix_prompts(20, (0,), seed=3)[0]     # another prompt: 5 full blocks
-    engine = Engine(model, n_blocks=12, block_size=4, prefill_chunk=8)
+    engine = Engine(model, n_blocks=12, tokens_per_block=4, prefill_chunk=8)
     ra = engine.add(a, 10)                             # 24 tokens: 6 blocks
     run(engine)
     assert len(engine.pool.evictable) == 3 and len(engine.pool.free) == 9
@@ -194,7 +194,7 @@ def test_a_small_pool_evicts_cached_blocks_least_recently_used_tail_first_and_st
 def test_a_prompt_made_only_of_cached_blocks_recomputes_its_last_block_for_its_first_token(variant):
     model = build(**VARIANTS[variant])
     p = shared_prefix_prompts(16, (0,))[0]             # exactly 2 blocks of 8
-    engine = Engine(model, n_blocks=20, block_size=8)
+    engine = Engine(model, n_blocks=20, tokens_per_block=8)
     first = engine.add(p, 6)
     run(engine)
     assert len(engine.pool.cached) == 2
@@ -224,7 +224,7 @@ def test_a_prompt_made_only_of_cached_blocks_recomputes_its_last_block_for_its_f
 def test_a_block_two_running_requests_share_is_kept_until_both_let_go(how):
     model = build(**VARIANTS['mla_moe'])
     a, b = shared_prefix_prompts(16, (3, 5))           # 2 full blocks of 8 shared
-    engine = Engine(model, n_blocks=13, block_size=8, prefill_chunk=32)
+    engine = Engine(model, n_blocks=13, tokens_per_block=8, prefill_chunk=32)
     ra = engine.add(a, 3 if how == 'finish' else 30)   # 22 or 49 tokens: 3 or 7 blocks
     engine.step()                                      # a's prompt read: its blocks named
     rb = engine.add(b, 40)                             # 61 tokens: 8 blocks, 2 of them a's, 6 new
@@ -251,7 +251,7 @@ def test_a_block_two_running_requests_share_is_kept_until_both_let_go(how):
 def test_a_request_waits_when_the_only_room_is_its_own_cached_prefix():
     model = build(**VARIANTS['gqa_rope'])
     a, c = shared_prefix_prompts(8, (1, 1))            # 2 full blocks of 4 shared
-    engine = Engine(model, n_blocks=10, block_size=4)
+    engine = Engine(model, n_blocks=10, tokens_per_block=4)
     ra = engine.add(a, 3)                              # 12 tokens: 3 blocks
     run(engine)
     rb = engine.add([9] * 20, 8)                       # 28 tokens: 7 blocks, 1 free left + a's 2 cached
@@ -293,7 +293,7 @@ def first_alone_then_mixed_arrivals(model, **engine_kw):
     """A 1-token prompt alone (its first step is a decode step, before any step has made the pools),
     then mixed_arrivals. Returns the engine, its static steps (see spy_on_static_steps), the
     requests, the prompts."""
-    engine = Engine(model, n_blocks=40, block_size=8, prefill_chunk=16, **engine_kw)
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=16, **engine_kw)
     sizes = spy_on_static_steps(engine)
     first = engine.add([7], 10)
     engine.run()
@@ -341,7 +341,7 @@ def test_static_steps_with_prefix_sharing_start_rows_past_their_reused_blocks(va
     model = build(**STATIC_VARIANTS[variant])
     prompts = shared_prefix_prompts(29, (3, 11, 1, 20, 6))
     n_new, arrive_at = [15, 9, 20, 6, 12], [0, 0, 4, 5, 9]
-    kw = dict(n_blocks=40, block_size=8, prefill_chunk=16)
+    kw = dict(n_blocks=40, tokens_per_block=8, prefill_chunk=16)
     static, graphed = run_arrivals(model, prompts, n_new, arrive_at, cuda_graph=True, **kw)
     eager, plain = run_arrivals(model, prompts, n_new, arrive_at, **kw)
     for i, p in enumerate(prompts):
@@ -356,7 +356,7 @@ def test_a_static_step_fills_each_row_left_padded_and_writes_padding_to_the_scra
     (crossing into its second block), row 1 one token from slot 8 (its second block's first slot),
     rows 2 and 3 are padding."""
     from engine import Request, StaticPagedCache
-    engine = Engine(build(), n_blocks=10, block_size=4, prefill_chunk=8)
+    engine = Engine(build(), n_blocks=10, tokens_per_block=4, prefill_chunk=8)
     a = Request([1], 8, blocks=[5, 2, 9], length=3)
     b = Request([1], 8, blocks=[4, 7, 0], length=8)
     cache = StaticPagedCache(engine.pool, 4, 8, engine.width, 'cpu')
@@ -377,7 +377,7 @@ def test_sampling_with_static_steps_follows_the_same_seeds():
     model = build(**VARIANTS['mla_moe'])
     outputs = {}
     for graph in (False, True):
-        engine = Engine(model, n_blocks=30, block_size=8, cuda_graph=graph)
+        engine = Engine(model, n_blocks=30, tokens_per_block=8, cuda_graph=graph)
         reqs = [engine.add([3, 1, 4, 1, 5][:i + 3], 12, temperature=1.0, top_k=20, seed=10 + i) for i in range(3)]
         reqs.append(engine.add([2, 7], 12))                           # a greedy row beside them
         for _ in range(4):
@@ -407,7 +407,7 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
         return {(Bb, Tb) for Bb, Tb in pairs if engine_module.graph_capturable(model, Bb * Tb)}
 
     def serve(cuda_graph, upfront=None):
-        engine = Engine(model, n_blocks=40, block_size=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph)
+        engine = Engine(model, n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph)
         if upfront is not None:
             engine.capture_graphs(prefill=upfront)
         first = engine.add([7], 10)                    # alone: its first step is a decode step

@@ -26,7 +26,7 @@ openai = pytest.importorskip('openai')
 def start_server(pipeline, out_dir):
     """serve.py on a checkpoint of the tiny pipeline, on a free port: (process, its url)."""
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), f'--out_dir={out_dir}', '--port=0',
-                             '--device=cpu', '--n_blocks=64', '--block_size=8', '--default_max_tokens=12'],
+                             '--device=cpu', '--n_blocks=64', '--tokens_per_block=8', '--default_max_tokens=12'],
                             cwd=pipeline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
     line = ''
