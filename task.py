@@ -84,11 +84,14 @@ def sentence_chunks(doc, max_words):
 
 @functools.lru_cache(maxsize=1 << 16)
 def inflections(word):
-    """The forms of `word` the rule accepts: -s/-es, -ed/-d, -ing (with a dropped final e or a
-    doubled final consonant), -er/-est, -ly, and y -> ies/ied/ier/iest/ily. (A frozenset, cached:
-    the reward rule asks for the forms of every word of every answer.)"""
+    """The forms of `word` the rule accepts: -s (-es after s, x, z, ch, sh, o), -ed (-d after e),
+    -ing (with a dropped final e or a doubled final consonant), -er/-est, -ly, and y -> ies/ied/
+    ier/iest/ily. (A frozenset, cached: the reward rule asks for the forms of every word of every
+    answer.) Spelling rules without a dictionary: a few forms are other words (corn -> corner)."""
     w = word.lower()
-    forms = {w, w + 's', w + 'es', w + 'ed', w + 'd', w + 'ing', w + 'er', w + 'est', w + 'ly'}
+    forms = {w, w + 's', w + 'ing', w + 'er', w + 'est', w + 'ly', w + 'd' if w.endswith('e') else w + 'ed'}
+    if w.endswith(('s', 'x', 'z', 'ch', 'sh', 'o')):
+        forms.add(w + 'es')
     if w.endswith('e'):
         forms |= {w[:-1] + 'ing', w[:-1] + 'er', w[:-1] + 'est'}
     if len(w) >= 3 and w[-1] not in 'aeiouwy' and w[-2] in 'aeiou' and w[-3] not in 'aeiou':
@@ -98,18 +101,23 @@ def inflections(word):
     return frozenset(forms)
 
 
+def uses(t, word):
+    """Whether the text's (lower-case) word t uses `word`: t is one of word's inflections, or word
+    is one of t's (the prompt may give 'jumped' and the story 'jump'); that second way only from
+    words of 3 letters or more outside STOP_WORDS, whose made-up inflections would be other words
+    (the -> thing, we -> wing, be -> best, for -> forest, should -> shoulder)."""
+    w = word.lower()
+    return t in inflections(w) or (len(t) >= 3 and t not in STOP_WORDS and w in inflections(t))
+
+
 def word_used(word, text_words):
-    """True if `word` or one of its inflections is a whole word of the text, or the text has a
-    word of which `word` is an inflection (the prompt may give 'jumped' and the story 'jump')."""
-    forms = inflections(word)
-    return any(t in forms or word.lower() in inflections(t) for t in set(text_words))
+    """True if a whole word of the text uses `word` (see uses())."""
+    return any(uses(t, word) for t in set(text_words))
 
 
 def first_use(word, text_words):
-    """Index of the first of text_words that uses `word` as word_used counts it (len(text_words)
-    if none does)."""
-    forms, w = inflections(word), word.lower()
-    return next((i for i, t in enumerate(text_words) if t in forms or w in inflections(t)), len(text_words))
+    """Index of the first of text_words that uses `word` (len(text_words) if none does)."""
+    return next((i for i, t in enumerate(text_words) if uses(t, word)), len(text_words))
 
 
 def word_spans(text, words):

@@ -31,6 +31,11 @@ def test_words_are_whole_words_in_any_listed_inflection():
     assert word_used('run', text) and word_used('make', text) is False   # 'made': irregular, not listed
     assert word_used('jumped', words_of('They jump.'))                     # prompt form inflected, text base
     assert not word_used('cat', words_of('The category was cathartic.'))   # whole words only
+    for word, text in (('thing', 'The cat sat.'), ('wing', 'We ran.'), ('best', 'Be brave.'), ('seed', 'I see.'),
+                       ('forest', 'One for all.'), ('shoulder', 'You should.'), ('shed', 'She hid.')):
+        assert not word_used(word, words_of(text)), (word, text)     # a stop word's made-up forms
+    assert word_used('running', words_of('I run.')) and word_used('baked', words_of('We bake.'))
+    assert 'bakeed' not in inflections('bake') and 'dogs' in inflections('dog') and 'boxes' in inflections('box')
     assert {'dogs', 'dogged', 'dogging'} <= inflections('dog')
     assert {'making', 'bakes'} <= inflections('make') | inflections('bake')
 
