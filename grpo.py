@@ -28,7 +28,7 @@ from config import configure
 from generate import use_cuda_graph
 from rl import (RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss, entropy,
                 evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards, masked_mean, mean_stats,
-                minibatch_update, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats,
+                minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats,
                 sample_rollout, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
@@ -56,7 +56,7 @@ rollout_prompts = 16         # prompts per rollout ...
 group_size = 4               # ... each answered this many times
 scale_rewards = True         # divide by the group's std (False: only subtract the group mean)
 max_new_tokens = 200
-temperature = 1.0
+temperature = 1.0            # rollouts sample at it; log-probs and KL use softmax(logits / temperature)
 cuda_graph = None            # sampling: one-token steps replayed as a CUDA graph; None: on for CUDA
 grpo_epochs = 1              # passes over each rollout
 minibatch_size = 16          # answers per optimizer step
@@ -96,11 +96,14 @@ config = configure(globals())
 n_answers = rollout_prompts * group_size
 if group_size < 2:
     sys.exit(f'error: group_size={group_size} must be at least 2 (advantages are relative to the group)')
-if not 1 <= minibatch_size <= n_answers:
-    sys.exit(f'error: minibatch_size={minibatch_size} must be between 1 and rollout_prompts x group_size = {n_answers}')
+problem = minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, 'rollout_prompts x group_size')
+if problem:
+    sys.exit(f'error: {problem}')
 if fsdp:
     sys.exit('error: grpo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
              'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
+if temperature <= 0:
+    sys.exit(f'error: temperature={temperature} must be positive (RL samples its rollouts)')
 rt = init_runtime(device, dtype, seed)
 try:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
@@ -138,8 +141,8 @@ def make_rollout(r):
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
                         cuda_graph=cuda_graph)
     seq, mask = ro['seq'], ro['mask']
-    old_logp = batched_logprobs(policy, seq, mask, rt.autocast)
-    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast)
+    old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature)   # the sampling
+    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature)  # distribution
     scores, parts = rewards(prompts, ro, rt.autocast)
     if normalize_reward:
         moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
@@ -162,7 +165,7 @@ def grpo_loss(b):
     each answer, then over answers, plus beta * the k3 KL to the reference; with statistics."""
     b = trim_padding(b)
     mask = b['mask']
-    logp, logits = response_logprobs(run.model, b['seq'], mask)
+    logp, logits = response_logprobs(run.model, b['seq'], mask, temperature)
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps,
                                                         per_sequence=True)
     kl_loss = masked_mean(masked_mean(kl_k3(logp, b['ref_logp']), mask, dim=1), mask.any(1))

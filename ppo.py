@@ -35,7 +35,7 @@ from generate import use_cuda_graph
 from model import ScalarModel
 from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss,
                 clipped_value_loss, entropy, evaluate_policy, explained_variance, gae, load_policy, load_rewards,
-                mean_stats, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts,
+                mean_stats, minibatch_problem, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts,
                 response_logprobs, rollout_stats, sample_rollout, trim_padding, whiten)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
@@ -62,7 +62,7 @@ value_init = 'policy'        # the value model's backbone: 'policy' (the SFT mod
 # rollouts and updates
 rollout_prompts = 64         # answers per rollout
 max_new_tokens = 200
-temperature = 1.0
+temperature = 1.0            # rollouts sample at it; log-probs and KL use softmax(logits / temperature)
 cuda_graph = None            # sampling: one-token steps replayed as a CUDA graph; None: on for CUDA
 ppo_epochs = 2               # passes over each rollout
 minibatch_size = 16          # answers per optimizer step
@@ -113,11 +113,14 @@ if value_learning_rate < 0:
     sys.exit(f'error: value_learning_rate={value_learning_rate}; it must be >= 0 (0: learning_rate)')
 if value_init not in ('policy', 'reward'):
     sys.exit(f"error: value_init='{value_init}'; valid: policy, reward")
-if not 1 <= minibatch_size <= rollout_prompts:
-    sys.exit(f'error: minibatch_size={minibatch_size} must be between 1 and rollout_prompts={rollout_prompts}')
+problem = minibatch_problem(rollout_prompts, minibatch_size, gradient_accumulation_steps, 'rollout_prompts')
+if problem:
+    sys.exit(f'error: {problem}')
 if fsdp:
     sys.exit('error: ppo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
              'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
+if temperature <= 0:
+    sys.exit(f'error: temperature={temperature} must be positive (RL samples its rollouts)')
 rt = init_runtime(device, dtype, seed)
 try:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
@@ -171,8 +174,8 @@ def make_rollout(r):
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
                         cuda_graph=cuda_graph)
     seq, mask = ro['seq'], ro['mask']
-    old_logp = batched_logprobs(policy, seq, mask, rt.autocast)
-    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast)
+    old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature)   # the sampling
+    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature)  # distribution
     with rt.autocast():
         old_values = torch.cat([value.values(seq[i:i + 32, :-1]).float() for i in range(0, len(seq), 32)]) * mask
     scores, parts = rewards(prompts, ro, rt.autocast)
@@ -199,7 +202,7 @@ def ppo_loss(b):
     value loss, over response tokens; with the update's statistics."""
     b = trim_padding(b)
     mask = b['mask']
-    logp, logits = response_logprobs(run.model, b['seq'], mask)
+    logp, logits = response_logprobs(run.model, b['seq'], mask, temperature)
     values = run.also(b['seq'][:, :-1], values=True).float() * mask
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps)
     vf_loss = clipped_value_loss(values, b['old_values'], b['returns'], mask, value_clip)

@@ -86,7 +86,8 @@ def clear_samples(out_dir, resume, master):
 def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
                    autocast=None, batch_size=64, cuda_graph=False):
     """Answer every prompt (dicts with 'prompt') once with the policy. Returns a dict with
-    seq (N, L) prompt + response [+ <|end|>] right-padded, mask (N, L-1), texts, ended, lengths.
+    seq (N, L) prompt + response [+ the stop token it sampled, <|end|> or EOT] right-padded,
+    mask (N, L-1), texts, ended, lengths.
     cuda_graph: decode through a captured one-token step (generate.generate_chat)."""
     autocast = autocast or contextlib.nullcontext
     answers = generate_chat(policy, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
@@ -95,7 +96,7 @@ def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=
     rows, masks = [], []
     for p, a in zip(prompts, answers):
         prompt_ids = tok.encode_chat(p['prompt'])[0]
-        response = a['ids'] + ([tok.chat_id('end')] if a['ended'] else [])
+        response = a['ids'] + ([a['stop']] if a['ended'] else [])        # trained on what it sampled
         rows.append(prompt_ids + response)
         masks.append([False] * (len(prompt_ids) - 1) + [True] * len(response))
     L = max(len(r) for r in rows)
@@ -118,20 +119,23 @@ def trim_padding(b):
     return {k: v[:, :length] if k == 'seq' else v[:, :length - 1] for k, v in b.items()}
 
 
-def response_logprobs(model, seq, mask):
-    """(N, L-1) log p(token) of the response tokens under `model`, 0 elsewhere; logits returned
-    too (for the entropy)."""
+def response_logprobs(model, seq, mask, temperature=1.0):
+    """(N, L-1) log p(token) of the response tokens under `model` sampling at `temperature`
+    (softmax(logits / T): the distribution the rollout was drawn from, so that the ratios and the
+    KL are on-policy), 0 elsewhere; the logits returned too (for the entropy)."""
     logits, _ = model(seq[:, :-1])
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = seq[:, 1:].masked_fill(~mask, -1)
     return token_logprobs(logits, targets), logits
 
 
 @torch.no_grad()
-def batched_logprobs(model, seq, mask, autocast, batch_size=32):
+def batched_logprobs(model, seq, mask, autocast, batch_size=32, temperature=1.0):
     out = []
     for i in range(0, seq.size(0), batch_size):
         with autocast():
-            lp, _ = response_logprobs(model, seq[i:i + batch_size], mask[i:i + batch_size])
+            lp, _ = response_logprobs(model, seq[i:i + batch_size], mask[i:i + batch_size], temperature)
         out.append(lp.float())
     return torch.cat(out)
 
@@ -174,8 +178,8 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
     gen = torch.Generator(device=device).manual_seed(seed)
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=autocast,
                         cuda_graph=cuda_graph)
-    lp = batched_logprobs(policy, ro['seq'], ro['mask'], autocast)
-    ref = batched_logprobs(reference, ro['seq'], ro['mask'], autocast)
+    lp = batched_logprobs(policy, ro['seq'], ro['mask'], autocast, temperature=temperature)
+    ref = batched_logprobs(reference, ro['seq'], ro['mask'], autocast, temperature=temperature)
     metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()
     scores, parts = rewards(prompts, ro, autocast)
     metrics['val/reward_sampled'] = scores.mean().item()
@@ -187,20 +191,39 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
     return metrics
 
 
+def minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, what):
+    """Why a rollout of n_answers (named `what`) cannot be cut into minibatches of minibatch_size
+    answers, each into gradient_accumulation_steps equal micro-batches; None if it can."""
+    if not 1 <= minibatch_size <= n_answers:
+        return f'minibatch_size={minibatch_size} must be between 1 and {what} = {n_answers}'
+    if gradient_accumulation_steps > 1 and (minibatch_size % gradient_accumulation_steps
+                                            or n_answers % minibatch_size):
+        return (f'with gradient_accumulation_steps={gradient_accumulation_steps}, minibatch_size='
+                f'{minibatch_size} must be a multiple of it and divide {what} = {n_answers}, so that every '
+                f'minibatch makes that many equal micro-batches')
+    return None
+
+
 def minibatch_update(run, loss_fn, buffer, idx, autocast):
     """One optimizer step on the answers idx of a rollout: loss_fn(minibatch) -> (loss, stats,
-    tokens) over run's gradient_accumulation_steps micro-batches (DDP reduces the gradients on
-    the last one only), then run.optimizer_step() (clip, step, router biases, QK-Clip).
-    Returns (the minibatch's loss, the last micro-batch's stats, its tokens, the step's output)."""
+    tokens) over run's gradient_accumulation_steps micro-batches, exactly that many (DDP reduces
+    the gradients on the last one only; the scripts check that they divide every minibatch),
+    then run.optimizer_step() (clip, step, router biases, QK-Clip).
+    Returns (the minibatch's loss, its stats, its tokens, the step's output): loss and stats are
+    means over the micro-batches."""
     n_micro = run.c['gradient_accumulation_steps']
-    total, tokens = 0.0, 0
-    for micro, part in enumerate(idx.chunk(n_micro)):
+    parts = torch.tensor_split(idx, n_micro)
+    if any(len(p) == 0 for p in parts):
+        raise ValueError(f'{len(idx)} answers cannot make {n_micro} micro-batches')
+    total, tokens, sums = 0.0, 0, {}
+    for micro, part in enumerate(parts):
         with run.sync(micro):
             with autocast():
                 loss, stats, n = loss_fn({k: v[part] for k, v in buffer.items()})
             run.backward(loss / n_micro)
         total, tokens = total + loss.detach() / n_micro, tokens + n
-    return total, stats, tokens, run.optimizer_step()
+        sums = {k: sums.get(k, 0) + v / n_micro for k, v in stats.items()}
+    return total, sums, tokens, run.optimizer_step()
 
 
 def mean_stats(rows):
