@@ -73,9 +73,11 @@ class KVCache:
 
     Rows of a batch are left-padded to a common length: each row's positions start at 0 at its
     first real token, and padding is never attended to. Without a sliding window the cache holds
-    `max_len` tokens. With one it is a rolling buffer of n_sink + window slots: the first n_sink
-    tokens stay, the rest overwrite the oldest slot, so memory stays bounded however long
-    generation runs (positions keep counting, exactly as the masked full attention sees them).
+    `max_len` tokens. With one (and roll=True: positions relative, RoPE or none) it is a rolling
+    buffer of n_keep + window slots: the first n_keep = n_sink + the longest left padding slots
+    stay (every row's sinks: a row padded by k has them at k .. k + n_sink - 1), the rest overwrite
+    the oldest slot, so memory stays bounded however long generation runs (positions keep
+    counting, exactly as the masked full attention sees them).
 
     Per forward pass: begin(T) -> (positions, mask); each layer calls update(); then end().
 
@@ -85,11 +87,13 @@ class KVCache:
     `capacity` slots with the empty ones masked out, which costs a little more per step and
     nothing in launches."""
 
-    def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0, static=False):
+    def __init__(self, batch_size, max_len, device, valid=None, window=None, n_sink=0, static=False, roll=True):
         self.batch_size, self.device = batch_size, device
         self.window = window
         self.n_sink = n_sink if window is not None else 0          # sinks only matter with a window
-        self.capacity = max_len if window is None else min(max_len, self.n_sink + window)
+        max_pad = int((~valid).sum(1).max()) if valid is not None and window is not None else 0
+        self.n_keep = self.n_sink + max_pad                        # slots never overwritten
+        self.capacity = max_len if window is None or not roll else min(max_len, self.n_keep + window)
         self.rolling = window is not None and self.capacity < max_len
         if static and self.rolling:
             raise ValueError('a static KV cache cannot be a rolling buffer (sliding window shorter '
@@ -131,8 +135,8 @@ class KVCache:
             mask = self._mask(T)
         if self.rolling:                               # which new tokens land in which slot
             p = self.pos + torch.arange(T)
-            slot = torch.where(p < self.n_sink, p, self.n_sink + (p - self.n_sink) % self.window)
-            keep = (p < self.n_sink) | (p + self.window >= self.pos + T)   # not overwritten in this chunk
+            slot = torch.where(p < self.n_keep, p, self.n_keep + (p - self.n_keep) % self.window)
+            keep = (p < self.n_keep) | (p + self.window >= self.pos + T)   # not overwritten in this chunk
             self.src = torch.arange(T)[keep].to(self.device)
             self.dst = slot[keep].to(self.device)
         elif self.pos + T > self.capacity:
@@ -208,9 +212,12 @@ class KVCache:
 
 
 def new_cache(model, batch_size, max_len, device, prompt_mask=None, static=False):
-    """A KVCache shaped for `model` (its sliding window and attention sinks)."""
+    """A KVCache shaped for `model` (its sliding window and attention sinks): a rolling buffer
+    only where positions are relative (RoPE or none); learned or sinusoidal positions cannot go
+    past block_size, so their cache holds max_len tokens and the window is the mask's alone."""
     c = model.config
-    return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens, static)
+    return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens, static,
+                   roll=c.pos_emb in ('rope', 'none'))
 
 
 # -----------------------------------------------------------------------------
@@ -474,7 +481,8 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
                   batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False):
     """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
     KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
-    'text', and 'ended' (True if the model ended its turn with <|end|> or EOT).
+    'text', 'ended' (True if the model ended its turn with <|end|> or EOT) and 'stop' (that
+    token's id, or None).
     cuda_graph=True: a static cache whose one-token step is captured once and replayed, in this
     and later calls of the same shape (DecodeGraph; the same static steps run eagerly on the CPU).
     Under autocast the captured step casts the float32 weights itself at every token (DecodeGraph)."""
@@ -492,7 +500,8 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
         for row in new:
             end = next((j for j, t in enumerate(row) if t in stops), None)
             ids = row if end is None else row[:end]
-            out.append({'ids': ids, 'text': tok.decode(ids), 'ended': end is not None})
+            out.append({'ids': ids, 'text': tok.decode(ids), 'ended': end is not None,
+                        'stop': None if end is None else row[end]})
     return out
 
 

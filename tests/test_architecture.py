@@ -175,6 +175,33 @@ def test_streaming_generation_far_past_the_window_and_block_size(attention):
                                        for b in cache.buffers.values())
 
 
+@pytest.mark.parametrize('attention', ['mha', 'mla'])
+def test_a_left_padded_row_keeps_its_sinks_in_the_rolling_cache(attention):
+    """Rows of different prompt lengths, left-padded, past the window: each row decodes as it
+    does alone (its own first tokens stay as sinks, not the padding's slots)."""
+    kw = dict(MLA) if attention == 'mla' else dict(vocab_size=64, n_layer=2, n_head=4, n_embd=32,
+                                                   pos_emb='rope')
+    model = build(kw, sliding_window=4, n_sink_tokens=2, block_size=64)
+    from generate import generate_tokens, pad_prompts
+    prompts = [[5, 9, 11, 3, 7, 2, 8], [6, 1, 4]]
+    idx, mask = pad_prompts(prompts)
+    together = torch.stack(list(generate_tokens(model, idx, 20, temperature=0, prompt_mask=mask)), 1)
+    for b, p in enumerate(prompts):
+        alone = greedy_by_recompute(model, torch.tensor([p]), 20)[0, len(p):]
+        assert torch.equal(together[b], alone), b
+
+
+def test_a_window_with_learned_positions_generates_past_block_size():
+    """Learned positions cannot go past block_size: no rolling cache (the window is the mask's),
+    and generation restarts from the latest tokens as without a window; static steps agree."""
+    model = build(vocab_size=64, n_layer=2, n_head=2, n_embd=16, pos_emb='learned', sliding_window=4,
+                  n_sink_tokens=1, block_size=40)
+    idx = torch.randint(0, 64, (2, 7))
+    out = generate(model, idx, 45, temperature=0)
+    assert out.shape == (2, 52) and torch.equal(out, generate(model, idx, 45, temperature=0, cuda_graph=True))
+    assert torch.equal(out[:, :40], greedy_by_recompute(model, idx, 33))   # before the first restart
+
+
 def test_rolling_cache_chunk_longer_than_the_window():
     model = build(vocab_size=64, n_layer=2, n_head=2, n_embd=16, pos_emb='rope', sliding_window=4,
                   n_sink_tokens=1, block_size=64)
