@@ -424,7 +424,7 @@ tokens_per_step = batch_size * block_size * gradient_accumulation_steps      # p
 step = run.step                               # 0, or where a resumed run stopped
 while run.evaluate(step, evaluate, plots):    # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
-    loss = torch.zeros((), device=rt.device)
+    loss, kd_mean = torch.zeros((), device=rt.device), None
     for micro in range(gradient_accumulation_steps):
         x, y = train_batch(step, micro)
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
@@ -433,9 +433,11 @@ while run.evaluate(step, evaluate, plots):    # every eval_interval steps: evalu
                 micro_loss = micro_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss += micro_loss.detach()
+        if kd is not None:                    # the KL's mean over the micro-batches, like the loss
+            kd_mean = (0 if kd_mean is None else kd_mean) + kd / gradient_accumulation_steps
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
-    if not run.log(step, lr, loss, tokens_per_step, out, {} if kd is None else {'kd_loss': kd}):
+    if not run.log(step, lr, loss, tokens_per_step, out, {} if kd_mean is None else {'kd_loss': kd_mean}):
         break                                 # (every log_interval steps; False: NaN/inf loss)
 run.finish(plots)
 close_runtime(rt)

@@ -103,12 +103,12 @@ class Run:
                 print(f'expert parallelism: each of {rt.world_size} ranks holds {layers[0].E_local} of the '
                       f'{layers[0].E} routed experts of each of {len(layers)} MoE layers')
         self.optimizer = self.build_optimizer(trainable)
-        self.step, self.best_val_loss = 0, float('inf')
+        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
+        self.step, self.best_val_loss, self.parts = 0, float('inf'), {}
         if resume is not None:
             self.load_resume_state(resume, trainable, full_optimizer_state)
         elif rt.rank > 0:                                # own dropout masks; rank 0 keeps the
             torch.manual_seed(c['seed'] + rt.rank)       # stream a single process would have
-        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == 'float16')
         compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
         try:
             mode = compile_mode_arg(c['compile_mode'])
@@ -128,6 +128,9 @@ class Run:
         self.also = compiled[1] if also_train is not None else None
         self.eval_copy = None                            # FSDP: rank 0's full copy for evaluate()
         self.resumed_at = self.step if resume is not None else None
+        # a resumed step is not evaluated again, unless its checkpoint was Ctrl-C's, saved before
+        # that step's evaluation
+        self.evaluated_at = self.resumed_at if resume is not None and resume.get('evaluated', True) else None
         self.log_file = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
                                wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
                                resume_step=self.resumed_at)
@@ -222,6 +225,8 @@ class Run:
             self.optimizer.load_state_dict(resume['optimizer'])
         for g, base_lr in zip(self.optimizer.param_groups, base_lrs):
             g['base_lr'] = base_lr                   # the config's rate wins over the saved one
+        if resume.get('scaler') and self.scaler.is_enabled():   # float16's loss scale and its growth count
+            self.scaler.load_state_dict(resume['scaler'])
         self.step = resume['step']
         self.best_val_loss = resume.get('best_val_loss', float('inf'))
         per_rank = resume.get('rng_per_rank') or []
@@ -276,14 +281,18 @@ class Run:
 
     def backward(self, loss):
         self.scaler.scale(loss).backward()
+        # the loss's parts (model.last_losses: lm, aux, mtp), averaged over the step's micro-batches
+        n = self.c['gradient_accumulation_steps']
+        for k, v in self.raw.last_losses.items():
+            self.parts[k] = self.parts.get(k, 0) + v / n
 
     def optimizer_step(self):
         """Clip the gradients' global norm to grad_clip (0: off), step the optimizer (through the
         GradScaler in float16), zero the gradients, move the MoE router biases toward equal load
         (auxiliary-loss-free balancing, counts summed over ranks), then QK-Clip (muonclip). Device
         tensors only (no host sync): {'grad_norm', 'loads', 'parts'}, parts the loss's parts
-        of the last forward (model.last_losses)."""
-        out = {'parts': dict(self.raw.last_losses)}
+        averaged over the step's micro-batches (backward() adds them up)."""
+        out, self.parts = {'parts': self.parts}, {}
         if self.ep:                                    # what DDP would have done in the backward
             parallel.sync_gradients(self.raw)
         if self.c['grad_clip'] > 0:
@@ -346,7 +355,7 @@ class Run:
             return False
         if self.interrupted(at_log):
             if c['save_checkpoints'] and not self.diverged():
-                self.save(step, {})
+                self.save(step, {}, evaluated=False)
             return False
         return True
 
@@ -405,13 +414,13 @@ class Run:
         every eval_interval steps and at max_iters, first: rank 0 runs evaluate(model) ->
         {metric: float} (the others wait), logs and prints the metrics, draws the plots
         ((keys, file, y label) triples, or one triple) and the expert-load heatmap; then the
-        checkpoint is saved (every rank takes part) when val/loss improved or
-        always_save_checkpoint, except at step 0."""
+        checkpoint is saved (every rank takes part) when val/loss improved, or always_save_checkpoint,
+        or the stage reports no val/loss, except at step 0."""
         c, rt, log = self.c, self.rt, self.log_file
         self.step = step
         last = step >= c['max_iters'] or c['eval_only']
-        if (step % c['eval_interval'] and not last) or (step == self.resumed_at and not c['eval_only']):
-            return not last                              # (a resumed step was evaluated before its save)
+        if (step % c['eval_interval'] and not last) or (step == self.evaluated_at and not c['eval_only']):
+            return not last
         if self.diverged():
             return False                                 # never evaluate or save a diverged model
         eval_model = self.evaluation_model()             # None on ranks > 0
@@ -428,9 +437,10 @@ class Run:
                 log.heatmap(self.expert_share / self.expert_share.sum(1, keepdim=True), 'expert_load.png',
                             title=f'share of routed tokens per expert, steps {self.last_heatmap_step}-{step}')
                 self.expert_share, self.last_heatmap_step = None, step
-        val = self.from_rank0(metrics.get('val/loss', float('inf')))
-        if val < self.best_val_loss or c['always_save_checkpoint']:
-            self.best_val_loss = min(self.best_val_loss, val)
+        # a stage whose evaluations have no val loss (PPO, GRPO: rewards) saves at every one (-1)
+        val = self.from_rank0(metrics.get('val/loss', -1.0))
+        if val < 0 or val < self.best_val_loss or c['always_save_checkpoint']:
+            self.best_val_loss = min(self.best_val_loss, val) if val >= 0 else self.best_val_loss
             if step > 0 and not c['eval_only'] and c['save_checkpoints']:
                 self.save(step, metrics)
         return not last
@@ -542,14 +552,16 @@ class Run:
                   ', '.join(f'rank {r} in {name}' for r, name in bad), file=sys.stderr)
         return every
 
-    def checkpoint(self, step, metrics):
+    def checkpoint(self, step, metrics, evaluated=True):
         """The checkpoint dict (every rank calls it: each rank's RNG state is gathered, so that a
         resume on as many ranks continues every rank's stream). Under FSDP without the weights
-        and optimizer state, which go to the shards."""
+        and optimizer state, which go to the shards. evaluated: whether `step` was evaluated
+        before this save (False for Ctrl-C's save: a resumed run evaluates that step first)."""
         rng = capture_rng_state()
         meta = {'tokenizer': self.tok_spec, 'stage': self.stage, 'step': step, 'config': self.c,
                 'tokens': self.tokens_seen + self.tokens_since * self.rt.world_size,
-                'metrics': metrics, 'best_val_loss': self.best_val_loss, 'rng': rng, **self.extra}
+                'metrics': metrics, 'best_val_loss': self.best_val_loss, 'rng': rng, 'evaluated': evaluated,
+                'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None, **self.extra}
         if self.rt.ddp:
             per_rank = [None] * self.rt.world_size
             dist.all_gather_object(per_rank, rng)
@@ -572,10 +584,10 @@ class Run:
             weights['optimizer'] = opt
         return {**weights, **meta}
 
-    def save(self, step, metrics):
+    def save(self, step, metrics, evaluated=True):
         """Every rank calls it. Rank 0 writes out_dir/ckpt.pt and the others wait until it is
         complete; under FSDP every rank writes its shards to out_dir/ckpt_dcp/."""
-        ckpt = self.checkpoint(step, metrics)
+        ckpt = self.checkpoint(step, metrics, evaluated)
         out_dir = self.c['out_dir']
         if self.fsdp:
             save_sharded_checkpoint(out_dir, self.raw, self.optimizer, ckpt)

@@ -159,6 +159,19 @@ def test_lr_schedules():
         lr_at(50, schedule='linear', **kw)
 
 
+def test_the_logged_loss_parts_add_up_to_the_loss_over_every_micro_batch(tmp_path, byte_data):
+    """With gradient accumulation the loss is the mean over the micro-batches, and so is each of
+    its logged parts: lm + mtp_loss_weight * mtp + aux = loss at every step."""
+    train(tmp_path, byte_data, 'acc', '--max_iters=4', '--log_interval=1', '--gradient_accumulation_steps=3',
+          *MOE_MLA)
+    steps = [r for r in map(json.loads, open(tmp_path / 'acc' / 'log.jsonl')) if 'train/loss' in r]
+    weight = load_checkpoint(str(tmp_path / 'acc'))['model_config']['mtp_loss_weight']
+    assert len(steps) == 4
+    for r in steps:
+        parts = r['train/lm_loss'] + weight * r['train/mtp_loss'] + r['train/aux_loss']
+        assert parts == pytest.approx(r['train/loss'], rel=1e-5), r
+
+
 def test_moe_training_logs_balance_and_mtp(tmp_path, byte_data):
     train(tmp_path, byte_data, 'moe', '--max_iters=10', *MOE_MLA)
     rows = [json.loads(line) for line in open(tmp_path / 'moe' / 'log.jsonl')]
@@ -235,11 +248,13 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resume_logs_each_s
     n = load_checkpoint(str(tmp_path / 'run'))['step']
     assert n >= 3 and f'stopped by Ctrl-C after step {n}' in err and '--init_from=resume' in err
     assert not list((tmp_path / 'run').glob('*.tmp'))
+    # resumed with step n an evaluation step: Ctrl-C saved before evaluating it, so it is evaluated now
+    assert load_checkpoint(str(tmp_path / 'run'))['evaluated'] is False
     run_script('train.py', f'--data_dir={byte_data}', '--out_dir=run', *TINY_MODEL, f'--max_iters={n + 2}',
-               '--eval_interval=100000', '--init_from=resume', cwd=tmp_path)
+               f'--eval_interval={n}', '--init_from=resume', cwd=tmp_path)
     rows = [json.loads(line) for line in open(log)]
     assert [r['step'] for r in rows if 'train/loss' in r] == list(range(1, n + 3))
-    assert [r['step'] for r in rows if 'val/loss' in r] == [0, n + 2]
+    assert [r['step'] for r in rows if 'val/loss' in r] == [0, n, n + 2]
 
 
 def test_a_missing_dataset_is_made_by_its_prepare_command(tmp_path):
