@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -278,6 +279,14 @@ def finished(run):
     return any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir']))
 
 
+def other_budget(run):
+    """The max_iters a run folder was trained toward, if the runner's marker names another than
+    this run's (the study's budget changed); else None."""
+    marker = read_json(os.path.join(run['dir'], 'ablate.json'))
+    old = marker.get('max_iters') if marker else None
+    return old if old is not None and old != run['max_iters'] else None
+
+
 def has_checkpoint(run_dir):
     return os.path.isfile(os.path.join(run_dir, 'ckpt.pt')) or \
         os.path.isfile(os.path.join(run_dir, 'ckpt_dcp', 'meta.pt'))
@@ -303,6 +312,14 @@ n = len(runs)
 label = {id(r): f"[{i + 1}/{n}] {r['variant']} seed {r['seed']}" for i, r in enumerate(runs)}
 todo = []
 for r in runs:
+    old = other_budget(r)
+    if old is not None and not dry_run and not report_only:
+        # resuming would continue the old learning-rate schedule: start over, the old run set aside
+        aside = f"{r['dir']}.max_iters{old}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(r['dir'], aside)
+        print(f"{label[id(r)]}: trained toward max_iters={old}, not {r['max_iters']}: starts over "
+              f"(the old run moved to {aside})")
     r['resume'] = has_checkpoint(r['dir']) and r['save_checkpoints']
     r['command'] = command(r, r['resume'])
     if finished(r):

@@ -136,6 +136,15 @@ def test_a_killed_run_fails_the_rest_go_on_and_the_next_call_resumes_it(tmp_path
     rows = read_csv(tmp_path / 'out' / 's' / 'results.csv')
     assert [r['status'] for r in rows] == ['done', 'done'] and rows[0]['steps'] == '40'
 
+    # a new budget: the finished run is not resumed toward it (that would continue its old
+    # learning-rate schedule) but starts over, the old run set aside
+    write_study(tmp_path, base, variants={'killed': {}, 'next': ['--max_iters=7']}, seeds=[7], out_dir='out/s')
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert 'next seed 7: trained toward max_iters=5, not 7: starts over' in p.stdout
+    assert 'next seed 7: started from scratch' in p.stdout and 'killed seed 7: finished before, skipped' in p.stdout
+    assert (tmp_path / 'out' / 's' / 'next_s7.max_iters5' / 'log.jsonl').exists()
+    assert read_csv(tmp_path / 'out' / 's' / 'results.csv')[1]['steps'] == '7'
+
 
 def ablate(monkeypatch, tmp_path, capsys, *args):
     """Run ablate.py in this process (its checks need no subprocess); (exit code or message, stdout)."""
