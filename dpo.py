@@ -89,6 +89,8 @@ reference = ckpt.get('reference', source) if init_from == 'resume' else source
 model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
 model.to(rt.device)
 block_size = block_size or model.config.block_size
+if block_size > model.config.block_size:
+    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
 
 hint = 'run python prepare/preferences.py'
 train_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_train.jsonl'), ('prompt', 'chosen', 'rejected'), hint)

@@ -38,7 +38,8 @@ data_dir = ''                # pretraining data for val loss / bpb; '' = the che
 eval_iters = 50              # validation batches (of batch_size x block_size tokens)
 batch_size = 16
 block_size = 0               # 0: the model's block_size
-task_dir = 'data/tinystories_instruct'
+task_dir = ''                # held-out prompts; '': the checkpoint's own (sft.py records it), else
+                             # data/tinystories_instruct
 n_prompts = 200              # held-out prompts (prompts_val.jsonl) to answer; 0 skips the task
 max_new_tokens = 300
 temperature = 0.0            # 0: greedy
@@ -107,9 +108,9 @@ def continuations(model, tok):
             for o, row in zip(OPENINGS, new)]
 
 
-def task_metrics(model, tok):
+def task_metrics(model, tok, ckpt):
     """The task metrics for eval.json, and one row per held-out prompt (its answer and scores)."""
-    path = os.path.join(task_dir, 'prompts_val.jsonl')
+    path = os.path.join(task_dir or ckpt.get('task_dir') or 'data/tinystories_instruct', 'prompts_val.jsonl')
     if not n_prompts:
         return {}, []
     if not os.path.isfile(path):
@@ -153,7 +154,7 @@ def evaluate(folder):
     ckpt = load_checkpoint(folder)
     model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt, quantize=quantize)
     model.to(rt.device).eval()
-    task, answers = task_metrics(model, tok)
+    task, answers = task_metrics(model, tok, ckpt)
     result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0),
               'params': model.num_params(), 'active_params': model.active_params(), 'val/loss': None,
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,

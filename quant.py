@@ -122,6 +122,8 @@ def quantize_model(model, kind, group_size=128, weights=True):
                         new.bias.data.copy_(child.bias.detach())
             elif isinstance(child, Experts):
                 E, I, C = child.gate_proj.shape
+                if bits == 4 and (I % 2 or C % 2):
+                    continue                             # odd rows cannot be packed: kept as they are
                 dtype = child.gate_proj.dtype
                 new = QuantExperts(E, C, I, bits, group_size, dtype)
                 if weights:

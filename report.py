@@ -122,18 +122,21 @@ if 'reward' in stages:
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
           f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}')
+# a score missing (a stage's eval.json not written) leaves its target unknown, never met or missed by default
 dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
 if dpo and 'sft' in stages:
     sft_score = stages['sft']['task_score']
     spread = statistics.pstdev(dpo) if len(dpo) > 1 else float('nan')
-    gain = statistics.mean(dpo) - sft_score
+    gain = None if sft_score is None else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
-          f'> spread {fmt(spread)} ({len(dpo)} seeds)', len(dpo) > 1 and gain > spread,
+          f'> spread {fmt(spread)} ({len(dpo)} seeds)', None if gain is None else len(dpo) > 1 and gain > spread,
           f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}")
 for name in ('ppo', 'grpo'):
     if name in stages and 'sft' in stages:
-        gain = (stages[name]['task_score'] or 0) - (stages['sft']['task_score'] or 0)
-        check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0', gain > 0,
+        scores = (stages[name]['task_score'], stages['sft']['task_score'])
+        gain = None if None in scores else scores[0] - scores[1]
+        check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
+              None if gain is None else gain > 0,
               f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}; "
               f"KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer")
 if {'student_scratch', 'student_distill', 'base'} <= set(stages):
@@ -246,7 +249,7 @@ md += ['', 'Task score: the reward rule of task.py (required words, requested fe
 for c in checks:
     v = c['value']
     md.append(f"| {c['target']} | {pct(v) if isinstance(v, float) and abs(v) <= 1.5 else fmt(v)} | {c['goal']} | "
-              f"{'yes' if c['met'] else '**no**'} | {c['how']} |")
+              f"{'unknown' if c['met'] is None else 'yes' if c['met'] else '**no**'} | {c['how']} |")
 md += ['', '## Plots', '']
 for key, path in plots.items():
     md.append(f'![{key}]({path})')

@@ -101,6 +101,8 @@ parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the
 model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout}, scalar=True)
 model.to(rt.device)
 block_size = block_size or model.config.block_size
+if block_size > model.config.block_size:
+    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
 
 # --- data: each pair -> the chosen and the rejected sequence, and where each one ends -----------
 hint = 'run python prepare/preferences.py'

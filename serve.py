@@ -76,6 +76,7 @@ engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, voc
 engine.capture_graphs()                  # every batch bucket's decode step, before any request
 inbox = queue.Queue()                    # (request arguments, the reply queue) from HTTP threads
 cancelled = set()                        # ids of requests whose clients stopped listening
+cancel_lock = threading.Lock()           # cancelled is written by HTTP threads, pruned by the engine's
 
 
 def engine_loop():
@@ -90,11 +91,14 @@ def engine_loop():
                 reply.put(('started', r.id))
             except ValueError as e:
                 reply.put(('error', str(e)))
-        active = engine.waiting + engine.running
-        for r in [r for r in active if r.id in cancelled]:  # a stop string was seen, or the client left
+        with cancel_lock:
+            stop = [r for r in engine.waiting + engine.running if r.id in cancelled]
+        for r in stop:                                      # a stop string was seen, or the client left
             engine.cancel(r)
             listeners.pop(r.id, None)
-        cancelled.intersection_update(r.id for r in engine.waiting + engine.running)
+        live = {r.id for r in engine.waiting + engine.running}
+        with cancel_lock:                                   # forget ids of requests that have ended
+            cancelled.intersection_update(live)
         try:
             events = engine.step()
         except Exception as e:          # e.g. out of memory: fail the requests in flight, keep serving
@@ -239,7 +243,8 @@ class Generation:
             cut = min((text.find(s) for s in self.stop if s in text), default=-1)
             if cut >= 0:                                # a stop string: end here, free the blocks
                 text, self.finish = text[:cut], 'stop'
-                cancelled.add(self.id)
+                with cancel_lock:
+                    cancelled.add(self.id)
             elif self.finish is None and (text.endswith('\ufffd') or any(
                     text.endswith(s[:k]) for s in self.stop for k in range(1, len(s)))):
                 continue                                # wait for the rest
@@ -337,7 +342,8 @@ class Handler(BaseHTTPRequestHandler):
                 write(e.body())
             write('[DONE]')
         except (BrokenPipeError, ConnectionResetError):  # the client stopped listening: free its blocks
-            cancelled.update(g.id for g in gens if g.finish is None)
+            with cancel_lock:
+                cancelled.update(g.id for g in gens if g.finish is None)
         self.close_connection = True
 
 

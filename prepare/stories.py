@@ -567,7 +567,10 @@ if task_dir:
 # 4. Tokens (after the task: with task_in_train, some SFT examples join the train split)
 
 t1 = time.time()
-tok = build_tokenizer(tokenizer, texts=train_docs[:tokenizer_train_docs], vocab_size=vocab_size,
+# char: every character of every split (a character set says nothing of the held-out text, and a
+# character the vocabulary lacked could not be encoded); the others learn from train only
+tok = build_tokenizer(tokenizer, texts=train_docs + val_passages + (tiny_val or []) if tokenizer == 'char'
+                      else train_docs[:tokenizer_train_docs], vocab_size=vocab_size,
                       tokenizer_file=tokenizer_file or None)
 print(f'tokenizer: {tok}')
 task_docs = [f"{r['prompt']}\n{r['response']}" for r in sft_train[:task_in_train]] if task_in_train else []

@@ -73,7 +73,10 @@ if max_docs:
     splits = {k: v[:max_docs] for k, v in splits.items()}
 print(f"{source}: {len(splits['train']):,} train and {len(splits['val']):,} val stories")
 
-tok = build_tokenizer(tokenizer, texts=splits['train'][:tokenizer_train_docs],
+# char: every character of every split (a character set says nothing of the held-out text, and a
+# character the vocabulary lacked could not be encoded); the others learn from train only
+tok = build_tokenizer(tokenizer, texts=[d for docs in splits.values() for d in docs] if tokenizer == 'char'
+                      else splits['train'][:tokenizer_train_docs],
                       vocab_size=vocab_size, tokenizer_file=tokenizer_file or None,
                       fallback_file=local_copy('gpt2.tiktoken'))
 print(f'tokenizer: {tok}')

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import read_documents, split_off_val, write_jsonl  # noqa: E402
+from data import read_documents, records_of_lines, split_off_val, write_jsonl  # noqa: E402
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -50,7 +50,8 @@ def load_hf(name):
     except Exception as e:
         sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
                  f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories(-Instruct) files")
-    return {'train': ds['train']['text'], 'val': ds['validation']['text']}
+    # the hub serves the original files line by line: a record is the lines up to an <|endoftext|> row
+    return {'train': records_of_lines(ds['train']['text']), 'val': records_of_lines(ds['validation']['text'])}
 
 
 def to_examples(docs, offset):

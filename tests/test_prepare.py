@@ -52,6 +52,14 @@ def test_tinystories_local_tokenizers(tmp_path, kind):
     assert meta['tokenizer']['kind'] == kind
 
 
+def test_a_char_vocabulary_covers_the_characters_only_val_has(tmp_path):
+    (tmp_path / 'train.txt').write_text('Once upon a time.\n<|endoftext|>\nThe end.\n')
+    (tmp_path / 'val.txt').write_text('A café, 9 € — ok.\n<|endoftext|>\nZ!\n')
+    run_script('prepare/tinystories.py', f'--source={tmp_path}', '--tokenizer=char', '--out_dir=out', cwd=tmp_path)
+    meta = json.load(open(tmp_path / 'out' / 'meta.json'))
+    assert meta['val_tokens'] > 0 and '€' in meta['tokenizer']['chars']
+
+
 def test_jsonl_parquet_and_folder_splits(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -53,6 +53,18 @@ def test_quantized_model_is_close_and_its_moe_paths_agree(kind):
     assert generate(model, idx[:, :5], 5, temperature=0).shape == (2, 10)
 
 
+def test_int4_keeps_experts_of_an_odd_width_as_they_are():
+    """Two int4 values share a byte: a stack of expert rows of odd length stays unquantized, as an
+    odd-width Linear does, and the model still runs."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**MLA_MOE, 'moe_intermediate_size': 21})).eval()
+    idx = torch.randint(0, 96, (1, 8))
+    ref = model(idx)[0]
+    quantize_model(model, 'int4', group_size=32)
+    assert not any(isinstance(m, QuantExperts) for m in model.modules())
+    assert ((model(idx)[0] - ref).norm() / ref.norm()).item() < 0.2
+
+
 def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path, byte_data):
     run_script('train.py', f'--data_dir={byte_data}', '--out_dir=base', '--n_layer=2', '--n_head=2', '--n_embd=64',
                '--block_size=32', '--batch_size=4', '--max_iters=20', '--eval_interval=20', '--eval_iters=2',

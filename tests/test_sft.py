@@ -219,6 +219,9 @@ def test_eval_table_and_compare(pipeline):
     assert lines[-2].startswith('| base | pretrain | 60 |') and lines[-1].startswith('| sft_eval | sft | 5 |')
     result = json.load(open(pipeline / 'sft_eval' / 'eval.json'))
     assert result['task/n_prompts'] == 3 and 0 <= result['task/score'] <= 1 and result['val/bpb'] > 0
+    # without --task_dir: the held-out prompts of the task the model was fine-tuned on (its checkpoint's)
+    run_script('eval.py', '--out_dir=sft_eval', *[a for a in args if not a.startswith('--task_dir')], cwd=pipeline)
+    assert json.load(open(pipeline / 'sft_eval' / 'eval.json'))['task/samples'] == result['task/samples']
     p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
     assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
     p = run_script('eval.py', '--compare=base,sft_eval', '--reference=base', *args, cwd=pipeline)

@@ -78,6 +78,12 @@ def test_parse_instruct():
     assert parse_instruct(doc) == {'story': 'The oak was gloomy.\n"I quit," it said.',
                                    'words': ['quit', 'oak', 'gloomy'], 'features': {'dialogue': True}}
     assert parse_instruct('Just a plain story.') is None
+    # the Hugging Face hub serves TinyStoriesInstruct line by line: rows grouped back into records
+    from data import records_of_lines
+    rows = doc.split('\n') + ['<|endoftext|>'] + ['Words: sun', 'Story: ', 'It was hot.'] + ['<|endoftext|>']
+    records = records_of_lines(rows)
+    assert records[0] == doc and parse_instruct(records[1])['words'] == ['sun'] and len(records) == 2
+    assert records_of_lines(['One story.', 'Another.']) == ['One story.', 'Another.']   # rows already records
 
 
 def test_evaluate_task_says_which_listed_word_the_answers_drop(monkeypatch):
