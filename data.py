@@ -66,6 +66,8 @@ class TokenData:
             sys.exit(f"error: the {split} split has {n} tokens; a window of block_size + 1 = "
                      f"{block_size + 1} needs more; lower block_size or prepare more data")
         data = self.tokens(split)
+        # starts 0 .. n - block_size - 2: the last possible start (n - block_size - 1) is never drawn,
+        # kept so that every documented run's batches (and evaluation batches) stay the same
         ix = torch.randint(n - block_size - 1, (batch_size,), generator=generator).tolist()
         buf = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
         xy = torch.from_numpy(buf)

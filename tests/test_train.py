@@ -32,7 +32,7 @@ MOE_MLA = ['--attention=mla', '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu'
            '--mtp_depth=1']
 
 
-@pytest.mark.parametrize('arch', ['dense', 'moe', 'muonclip'])
+@pytest.mark.parametrize('arch', ['dense', 'moe', 'muonclip', 'float16'])
 def test_resume_continues_exactly(tmp_path, byte_data, arch):
     model = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--dropout=0.1',
              '--gradient_accumulation_steps=2']                    # dropout: RNG state must resume too
@@ -40,6 +40,8 @@ def test_resume_continues_exactly(tmp_path, byte_data, arch):
         model = MOE_MLA + ['--dropout=0.1', '--gradient_accumulation_steps=2']
     if arch == 'muonclip':                                         # Muon momentum, clipped weights
         model += ['--optimizer=muonclip', '--qk_clip_tau=0.5', '--learning_rate=0.01']
+    if arch == 'float16':                                          # the GradScaler's scale and count
+        model += ['--dtype=float16']
     train(tmp_path, byte_data, 'straight', '--max_iters=20', *model)
     train(tmp_path, byte_data, 'split', '--max_iters=10', *model)
     assert load_checkpoint(str(tmp_path / 'split'))['step'] == 10
@@ -51,6 +53,9 @@ def test_resume_continues_exactly(tmp_path, byte_data, arch):
     pa = load_checkpoint(str(tmp_path / 'straight'))['model']
     pb = load_checkpoint(str(tmp_path / 'split'))['model']
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    scaler = load_checkpoint(str(tmp_path / 'straight'))['scaler']
+    assert scaler == load_checkpoint(str(tmp_path / 'split'))['scaler']
+    assert (scaler is None) == (arch != 'float16')
 
 
 def test_checkpoint_contents_and_reload(tmp_path, byte_data):
