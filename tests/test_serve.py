@@ -180,6 +180,10 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
     status, good = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0})
     assert status == 200 and good['choices'][0]['message']['content'] == c.chat.completions.create(
         model='sft_serve', messages=hello, max_tokens=6, temperature=0).choices[0].message.content
+    parts = [{'role': 'user', 'content': [{'type': 'text', 'text': 'Write a story that uses '},
+                                          {'type': 'text', 'text': 'the words: fox.'}]}]   # OpenAI's content parts
+    status, same = post(url, chat, {'messages': parts, 'max_tokens': 6, 'temperature': 0})
+    assert status == 200 and same['choices'][0]['message'] == good['choices'][0]['message']
 
 
 def health(url):
