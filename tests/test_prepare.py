@@ -25,6 +25,8 @@ def check_dataset(out, n_docs=None):
     if n_docs is not None:
         assert meta['train_docs'] + meta['val_docs'] == n_docs
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    from data import TokenData                                         # each held-out split once
+    assert TokenData(out).val_splits == ['val']
     return meta, tok
 
 

@@ -69,6 +69,8 @@ def test_meta_has_every_split_and_the_held_out_book(stories):
     for split in ('train', 'val', 'val_tinystories'):
         assert meta[f'{split}_tokens'] > 0 and meta[f'{split}_docs'] == len(docs[split])
     assert meta['val_tinystories_docs'] == 20
+    from data import TokenData                                     # what train.py evaluates, each once
+    assert TokenData(str(stories['root'] / 'data')).val_splits == ['val', 'val_tinystories']
     by_source = meta['train_docs_by_source']
     assert sum(by_source.values()) == meta['train_docs'] and by_source['tinystories'] == 20
     assert by_source['gutenberg'] > 100 and by_source['fairytales'] > 20
