@@ -30,6 +30,9 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     for name in ('base', 'sft'):
         run_script('eval.py', f'--out_dir=speedrun/{name}', '--task_dir=inst', '--eval_iters=2', '--n_prompts=3',
                    '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', cwd=pipeline)
+    (out / 'ppo').mkdir(exist_ok=True)            # a stage whose eval.json is missing: its target is unknown
+    if not (out / 'ppo' / 'ckpt.pt').exists():
+        os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'ppo' / 'ckpt.pt')
     (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\n')
     (out / 'wall.tsv').write_text('wall\t9\n')          # stages side by side: less wall time than their sum
     p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
@@ -37,6 +40,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '# Report card: the life cycle on stories (test profile)' in md
     assert '| base | 12 s | 60 |' in md and '| sft | 5 s | 4 |' in md
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
+    assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
     assert 'the 1st / 2nd / 3rd listed word used in' in md         # which word the answers drop
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
