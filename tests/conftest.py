@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # Real data for tests lives beside the checkout (never committed); tests that need it skip.
-SHARED_DATA = os.environ.get('SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
+SHARED_DATA = os.environ.get('SHARED_DATA') or os.path.join(REPO, '..', 'shared', 'data')   # unset or empty: beside the checkout
 
 
 def shared_file(*parts):
