@@ -184,17 +184,20 @@ def rewards_logged(folder):
 
 def test_ppo_raises_a_toy_reward(sft_pipeline):
     pipeline = sft_pipeline
-    run_script('ppo.py', '--out_dir=ppo', *TOY, '--init_from=sft', '--rollout_prompts=16', '--minibatch_size=8',
-               '--max_iters=16', '--eval_interval=8', '--value_learning_rate=3e-2', cwd=pipeline)   # 16 rollouts of 4 updates
+    ppo = ['--init_from=sft', '--rollout_prompts=16', '--minibatch_size=8', '--max_iters=16', '--eval_interval=8']
+    run_script('ppo.py', '--out_dir=ppo', *TOY, *ppo, '--value_learning_rate=3e-2', cwd=pipeline)   # 16 rollouts of 4 updates
+    run_script('ppo.py', '--out_dir=ppo_1x', *TOY, *ppo, cwd=pipeline)          # the value model at the policy's rate
     rewards, rows = rewards_logged(pipeline / 'ppo')
     assert len(rewards) == 16 and np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
     # the new value head starts at 0: no early values noisier than the returns (with its random
     # init the first three rollouts' explained variance was -1.2, -11.9, -1.0)
     ev = [r['train/explained_variance'] for r in rows if 'train/explained_variance' in r]
     assert min(ev[:3]) > -0.5, ev
-    # the value model at 10x the policy's rate explains part of the returns' variance by the end
-    # (the last five rollouts' explained variance averaged 0.08 at the policy's rate, 0.18 at 10x)
-    assert np.mean(ev[-5:]) > 0.12, ev
+    # the value model at 10x the policy's rate explains part of the returns' variance by the end,
+    # more than at the policy's rate (the last five rollouts averaged 0.18 against 0.08)
+    ev_1x = [r['train/explained_variance'] for r in rewards_logged(pipeline / 'ppo_1x')[1]
+             if 'train/explained_variance' in r]
+    assert np.mean(ev[-5:]) > max(0.12, np.mean(ev_1x[-5:]) + 0.05), (ev, ev_1x)
     assert {'train/value_loss', 'train/clip_frac', 'train/entropy', 'train/explained_variance', 'train/kl_ref',
             'train/beta'} <= set(rows[-2])
     assert (pipeline / 'ppo' / 'samples.md').read_text().count('| reward |') >= 2
@@ -303,12 +306,16 @@ def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
 
 
 def test_bad_settings(pipeline):
-    minibatch, group, token, value_lr = run_scripts([
+    minibatch, group, token, value_lr, split, temperature = run_scripts([
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu']),
         ('grpo.py', ['--init_from=base', '--group_size=1']),
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu']),
-        ('ppo.py', ['--value_learning_rate=-1e-4'])],
+        ('ppo.py', ['--value_learning_rate=-1e-4']),
+        ('grpo.py', ['--init_from=base', '--minibatch_size=16', '--gradient_accumulation_steps=3']),
+        ('grpo.py', ['--init_from=base', '--temperature=0'])],
         cwd=pipeline)
+    assert split.returncode and 'gradient_accumulation_steps=3, minibatch_size=16 must be a multiple' in split.stderr
+    assert temperature.returncode and 'temperature=0.0 must be positive' in temperature.stderr
     assert value_lr.returncode and 'value_learning_rate=-0.0001; it must be >= 0' in value_lr.stderr
     assert minibatch.returncode and 'minibatch_size=65 must be between 1 and rollout_prompts = 64' in minibatch.stderr
     assert group.returncode and 'group_size=1 must be at least 2' in group.stderr

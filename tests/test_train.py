@@ -279,3 +279,15 @@ def test_mfu_is_reported_only_against_a_meaningful_peak(tmp_path, byte_data):
     p = train(tmp_path, byte_data, 'run', '--max_iters=2', '--peak_flops=0.0')
     rows = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
     assert 'MFU' not in p.stdout and not any('mfu' in r for r in rows) and any('tokens_per_sec' in r for r in rows)
+
+
+def test_measuring_the_peak_flops_leaves_the_random_stream_alone():
+    """train.py measures the peak once it has restored a resumed run's random state: the measuring
+    matmul's operands come from a generator of their own."""
+    import runtime
+    runtime._PEAK_CACHE.clear()
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    assert runtime.measure_peak_flops('cpu', 'float32') > 0
+    assert torch.equal(torch.rand(3), want)
