@@ -340,6 +340,13 @@ def write_jsonl(path, rows):
     os.replace(path + '.tmp', path)
 
 
+def write_json(path, obj):
+    """obj as indented JSON, written to a temporary name and renamed (a crash leaves the old file)."""
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
 def read_jsonl(path, required=(), hint=''):
     """The records of a JSONL file; exits with a clear message if it is missing, a line is not
     JSON, or a record lacks one of the `required` fields."""

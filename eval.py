@@ -23,7 +23,7 @@ import torch
 
 from checkpoint import load_chat_model, load_checkpoint, run_folders
 from config import configure
-from data import eval_generator, load_tokenizer_spec, read_jsonl, TokenData, write_jsonl
+from data import eval_generator, load_tokenizer_spec, read_jsonl, TokenData, write_json, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
@@ -160,10 +160,7 @@ def evaluate(folder):
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
               'continuations': continuations(model, tok), 'temperature': temperature,
               'max_new_tokens': max_new_tokens}
-    path = os.path.join(folder, 'eval.json')
-    with open(path + '.tmp', 'w') as f:           # renamed when whole: a crash leaves the old file
-        json.dump(result, f, indent=2)
-    os.replace(path + '.tmp', path)
+    write_json(os.path.join(folder, 'eval.json'), result)
     if answers:
         write_jsonl(os.path.join(folder, 'eval_answers.jsonl'), answers)
     return result

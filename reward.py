@@ -219,8 +219,15 @@ if n_fresh and rt.master:
     print(f'{len(fresh)} fresh samples from {parent}: mean rule score {r["score"]:.3f}')
 
 
+# the held-out pairs (the chosen answers, then the rejected ones): their sequences, response
+# lengths and rule scores, the same at every evaluation, made once
+val_seqs = [encode(p, side) for side in ('chosen', 'rejected') for p in val_pairs]
+val_lengths = [len(tok.encode(p[side])) for side in ('chosen', 'rejected') for p in val_pairs]
+val_rule = [p.get(f'{side}_score', float('nan')) for side in ('chosen', 'rejected') for p in val_pairs]
+
+
 def evaluate(model):
-    r = rewards_of(model, [encode(p, side) for side in ('chosen', 'rejected') for p in val_pairs])
+    r = rewards_of(model, val_seqs)
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
     metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).float().mean().item(),
                'val/reward_margin': (rc - rr).mean().item()}
@@ -230,12 +237,10 @@ def evaluate(model):
             metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).float().mean().item()
             metrics[f'val/pairs_{kind}'] = int(mask.sum())
     # length bias: does the reward follow response length more than the rule does?
-    lengths = [len(tok.encode(p[s])) for s in ('chosen', 'rejected') for p in val_pairs]
-    rule = [p.get(f'{s}_score', float('nan')) for s in ('chosen', 'rejected') for p in val_pairs]
-    if np.std(lengths) > 0:
-        metrics['val/length_corr'] = float(np.corrcoef(r, lengths)[0, 1])
-        if not any(math.isnan(v) for v in rule) and np.std(rule) > 0:
-            metrics['val/rule_length_corr'] = float(np.corrcoef(rule, lengths)[0, 1])
+    if np.std(val_lengths) > 0:
+        metrics['val/length_corr'] = float(np.corrcoef(r, val_lengths)[0, 1])
+        if not any(math.isnan(v) for v in val_rule) and np.std(val_rule) > 0:
+            metrics['val/rule_length_corr'] = float(np.corrcoef(val_rule, val_lengths)[0, 1])
     if fresh:
         rf = rewards_of(model, [ids for ids, _ in fresh])
         metrics['fresh/rank_corr'] = rank_correlation(rf, [sc for _, sc in fresh])

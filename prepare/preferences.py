@@ -23,7 +23,6 @@ $ python prepare/preferences.py --init_from=out/sft --best_dir=data/best
 $ python sft.py --init_from=out/sft --task_dir=data/best --out_dir=out/sft_best
 """
 
-import json
 import os
 import random
 import sys
@@ -35,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_chat_model  # noqa: E402
 from config import configure  # noqa: E402
-from data import read_jsonl, write_jsonl  # noqa: E402
+from data import read_jsonl, write_json, write_jsonl  # noqa: E402
 from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runtime import init_runtime  # noqa: E402
 from task import score  # noqa: E402
@@ -121,9 +120,8 @@ elif best_dir:                   # the rejection-sampled SFT set
     write_jsonl(os.path.join(best_dir, 'sft_train.jsonl'), best_answers)
     for name in ('sft_val.jsonl', 'prompts_val.jsonl'):      # the held-out data stays the task's
         write_jsonl(os.path.join(best_dir, name), read_jsonl(os.path.join(task_dir, name)))
-    with open(os.path.join(best_dir, 'meta.json'), 'w') as f:
-        json.dump({**stats, 'task_dir': task_dir, 'best_min_score': best_min_score,
-                   'sft_train': len(best_answers)}, f, indent=2)
+    write_json(os.path.join(best_dir, 'meta.json'), {**stats, 'task_dir': task_dir, 'best_min_score': best_min_score,
+                                                     'sft_train': len(best_answers)})
     print(f'wrote {best_dir}: {len(best_answers)} best answers of {len(prompts)} prompts (score >= '
           f'{best_min_score}, ended), mean score {sum(b["score"] for b in best_answers) / len(best_answers):.3f}')
 if len(pairs) < 2:
@@ -144,8 +142,7 @@ random.Random(seed + 1).shuffle(train_pairs)
 os.makedirs(out_dir, exist_ok=True)
 write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
 write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
-with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
-    json.dump({**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
-               'val_prompts': n_val, 'train_prompts': len(groups) - n_val}, f, indent=2)
+write_json(os.path.join(out_dir, 'meta.json'), {**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
+                                                'val_prompts': n_val, 'train_prompts': len(groups) - n_val})
 print(f'wrote {out_dir}: {len(train_pairs)} train pairs ({len(groups) - n_val} prompts) and {len(val_pairs)} '
       f'val pairs ({n_val} prompts)')
