@@ -1,7 +1,8 @@
 """serve.py with the official openai client on loopback: chat and text completions, streamed and
 not, n, seed, stop strings, /v1/models, /health, the chat page; concurrent requests are batched by
 the engine and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a
-client that leaves mid-stream frees its blocks, and a load of 32 clients x 10 requests gets each
+client that leaves mid-stream frees its blocks, an engine step that fails answers 500 to the
+requests in flight and the server goes on, and a load of 32 clients x 10 requests gets each
 request's answer alone."""
 
 import concurrent.futures
@@ -23,9 +24,10 @@ from conftest import REPO
 openai = pytest.importorskip('openai')
 
 
-def start_server(pipeline, out_dir):
-    """serve.py on a checkpoint of the tiny pipeline, on a free port: (process, its url)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), f'--out_dir={out_dir}', '--port=0',
+def start_server(pipeline, out_dir, python=()):
+    """serve.py on a checkpoint of the tiny pipeline, on a free port: (process, its url). python:
+    the interpreter's arguments before the script's (e.g. ('-c', code) that runs serve.py itself)."""
+    proc = subprocess.Popen([sys.executable, *python, os.path.join(REPO, 'serve.py'), f'--out_dir={out_dir}', '--port=0',
                              '--device=cpu', '--n_blocks=64', '--tokens_per_block=8', '--default_max_tokens=12'],
                             cwd=pipeline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
@@ -210,6 +212,45 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
         time.sleep(0.05)
     assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
     assert h['cancelled'] == before + 1                                 # stopped early, not run to the end
+
+
+# serve.py with an engine whose step fails (as out of memory would) while a request of 13 tokens runs
+FAILING_ENGINE = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0])
+import engine
+step = engine.Engine.step
+def failing_step(self):
+    if any(r.max_new_tokens == 13 for r in self.running):
+        raise RuntimeError('out of memory (made by the test)')
+    return step(self)
+engine.Engine.step = failing_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the_server_goes_on(server):
+    _, pipeline = server
+    proc, url = start_server(pipeline, 'sft_serve', python=('-c', FAILING_ENGINE))
+    try:
+        body = {'prompt': 'Once upon a time', 'temperature': 0}
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 13})
+        assert status == 500, answer
+        error = answer['error']
+        assert (error['type'], error['code']) == ('server_error', 'engine_error')
+        assert "out of memory (made by the test)" in error['message']
+        with pytest.raises(openai.APIError, match="out of memory"):   # streamed: the error comes as an event
+            for _ in client(url).completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=13,
+                                                    temperature=0, stream=True):
+                pass
+        status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
+        assert status == 200 and good['choices'][0]['finish_reason'] == 'length'
+        h = health(url)
+        assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_32_clients_x_10_requests_each_get_the_answer_served_alone(server):
