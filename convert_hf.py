@@ -75,7 +75,8 @@ def to_hf_config(c, eot_id=None):
         'tie_word_embeddings': c.tie_word_embeddings, 'initializer_range': c.init_std,
         'num_nextn_predict_layers': c.mtp_depth, 'bos_token_id': eot_id, 'eos_token_id': eot_id,
         'torch_dtype': 'float32', 'use_cache': True,
-    }
+        'block_size': c.block_size,   # ours: the context we train and serve (for dynamic NTK it is
+    }                                 # not max_position_embeddings), read back by from_hf_config
 
 
 def from_hf_config(d):
@@ -90,8 +91,11 @@ def from_hf_config(d):
     theta = d.get('rope_theta') or (d.get('rope_parameters') or {}).get('rope_theta', 10000.0)
     n_layer = d['num_hidden_layers']
     moe = d.get('n_routed_experts') and d.get('first_k_dense_replace', 0) < n_layer
+    block_size = d.get('block_size') or d.get('max_position_embeddings', 4096)   # ours, else theirs
+    if rope and kind == 'dynamic' and not d.get('block_size'):    # dynamic NTK is made to go past it
+        block_size = int(rope['factor'] * rope['original_max_position_embeddings'])
     return ModelConfig(
-        vocab_size=d['vocab_size'], block_size=d.get('max_position_embeddings', 4096), n_layer=n_layer,
+        vocab_size=d['vocab_size'], block_size=block_size, n_layer=n_layer,
         n_head=d['num_attention_heads'], n_embd=d['hidden_size'], bias=False,
         tie_word_embeddings=d.get('tie_word_embeddings', False), init_std=d.get('initializer_range', 0.02),
         attention='mla', q_lora_rank=d.get('q_lora_rank'), kv_lora_rank=d['kv_lora_rank'],
@@ -150,8 +154,20 @@ def to_hf_state_dict(model):
     return ({k: v.clone() for k, v in main.items()}, {k: v.clone() for k, v in mtp.items()})
 
 
-def from_hf_state_dict(hf, c):
-    """Our state dict from DeepSeek-V3 tensors (per-expert, or transformers' fused gate_up_proj)."""
+def interleave_rope_rows(w, d_nope, d_rope, rows_per_head):
+    """w's RoPE rows from the half-split layout (transformers' rope_interleave=False rotates the
+    pairs (i, i + d/2)) to ours, adjacent pairs (2i, 2i + 1), head by head: our row 2i is their row
+    i, our row 2i + 1 their row i + d/2. q and k move alike, so q.k and the logits do not change."""
+    half = d_rope // 2
+    order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()   # 0, d/2, 1, ...
+    w = w.clone().view(-1, rows_per_head, *w.shape[1:])
+    w[:, d_nope:d_nope + d_rope] = w[:, d_nope:d_nope + d_rope][:, order]
+    return w.flatten(0, 1)
+
+
+def from_hf_state_dict(hf, c, rope_interleave=True):
+    """Our state dict from DeepSeek-V3 tensors (per-expert, or transformers' fused gate_up_proj).
+    rope_interleave=False (a config.json that says so): the RoPE rows are reordered to ours."""
     inverse = {v: k for k, v in _BLOCK.items()}
     sd = {'tok_emb.weight': hf['model.embed_tokens.weight'], 'norm.weight': hf['model.norm.weight'],
           'lm_head.weight': hf.get('lm_head.weight', hf['model.embed_tokens.weight'])}
@@ -189,6 +205,13 @@ def from_hf_state_dict(hf, c):
         for ours, theirs in (('enorm', 'enorm'), ('hnorm', 'hnorm'), ('eh_proj', 'eh_proj'),
                              ('norm', 'shared_head.norm')):
             sd[f'{p}{ours}.weight'] = hf[f'{q}{theirs}.weight']
+    if not rope_interleave:
+        d_nope, d_rope = c.qk_nope_head_dim, c.qk_rope_head_dim
+        for k in list(sd):
+            if k.endswith(('attn.q_proj.weight', 'attn.q_b_proj.weight')):    # per head [nope; rope]
+                sd[k] = interleave_rope_rows(sd[k], d_nope, d_rope, d_nope + d_rope)
+            elif k.endswith('attn.kv_a_proj_with_mqa.weight'):               # [latent; the shared k_rope]
+                sd[k] = interleave_rope_rows(sd[k], c.kv_lora_rank, d_rope, c.kv_lora_rank + d_rope)
     return sd
 
 
@@ -210,7 +233,8 @@ def import_hf(folder):
     """Our GPT from a DeepSeek-V3 folder (config.json + *.safetensors, sharded or not)."""
     from safetensors.torch import load_file
     with open(os.path.join(folder, 'config.json')) as f:
-        c = from_hf_config(json.load(f))
+        d = json.load(f)
+    c = from_hf_config(d)
     hf = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith('.safetensors'):
@@ -222,7 +246,7 @@ def import_hf(folder):
               f'(a transformers save_pretrained folder); importing without MTP', file=sys.stderr)
         c.mtp_depth = 0
     model = GPT(c)
-    sd = from_hf_state_dict(hf, c)
+    sd = from_hf_state_dict(hf, c, rope_interleave=d.get('rope_interleave', True))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (c.tie_word_embeddings and k == 'lm_head.weight')]
     if missing or unexpected:

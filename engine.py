@@ -370,8 +370,12 @@ class Engine:
         return self.stats['reused_tokens'] / max(1, self.stats['prompt_tokens'])
 
     def forget_prefixes(self):
-        """Reuse nothing computed so far (call it after changing the model's weights)."""
+        """Reuse nothing computed so far (call it after changing the model's weights). A request
+        still reading its prompt names none of its later blocks either: they are computed on top of
+        blocks of the old weights."""
         self.pool.forget()
+        for r in self.running:
+            r.n_named = len(r.hashes)
 
     def blocks_for(self, n_tokens):
         return -(-n_tokens // self.pool.tokens_per_block)

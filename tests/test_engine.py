@@ -220,6 +220,30 @@ def test_a_prompt_made_only_of_cached_blocks_recomputes_its_last_block_for_its_f
     assert z.output == first.output[:5] and len(engine.pool.free) == 18 and len(engine.pool.cached) == 2
 
 
+def test_forget_prefixes_while_a_prompt_is_read_names_none_of_its_later_blocks():
+    """forget_prefixes() (the weights changed) while a request is still reading its prompt: the
+    prompt blocks it reads after that sit on top of blocks of the old weights, so they are never
+    offered for reuse; later requests with the same prompt get the new weights' tokens."""
+    model = build(**VARIANTS['gqa_rope'])
+    p = shared_prefix_prompts(40, (0,))[0]             # 5 blocks of 8
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=8)
+    engine.add(p, 4)
+    engine.step()                                      # block 0 read with the old weights
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():                              # new weights (an RL update, a reload) ...
+        for w in model.parameters():
+            w.add_(0.5 * w.std(unbiased=False) * torch.randn(w.shape, generator=g))
+    engine.forget_prefixes()                           # ... so nothing computed so far is reused
+    run(engine)
+    assert not engine.pool.cached                      # its blocks 1-4 were read after the change
+    second = engine.add(p, 8)                          # computes and names every block afresh
+    run(engine)
+    third = engine.add(p, 8)                           # reuses the second's blocks 0-3
+    run(engine)
+    assert engine.stats['reused_tokens'] == 32
+    assert second.output == third.output == alone(model, p, 8)
+
+
 @pytest.mark.parametrize('how', ['finish', 'cancel'])
 def test_a_block_two_running_requests_share_is_kept_until_both_let_go(how):
     model = build(**VARIANTS['mla_moe'])

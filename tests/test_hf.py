@@ -62,18 +62,37 @@ def test_logits_equal_transformers(name, tmp_path):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize('name', ['deepseek', 'kimi'])
+@pytest.mark.parametrize('name', ['deepseek', 'kimi', 'dense_dynamic_rope'])
 def test_export_import_round_trip(name, tmp_path):
+    """The same config (block_size too: for dynamic NTK, not the max_position_embeddings that
+    transformers reads as the original context) and the same tensors come back."""
     model = randomized(CONFIGS[name])
     export_hf(model, str(tmp_path))
     back = import_hf(str(tmp_path))
-    assert back.config == model.config
+    dense = {'num_experts_per_tok', 'moe_intermediate_size', 'scoring_func'}   # unused without experts
+    same = lambda c: {k: v for k, v in c.to_dict().items() if c.n_routed_experts or k not in dense}  # noqa: E731
+    assert same(back.config) == same(model.config) and back.config.block_size == 64
     sd, sd2 = model.state_dict(), back.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ['config.json', 'model.safetensors'] + (['mtp.safetensors'] if name == 'deepseek' else [])
     cfg = json.loads((tmp_path / 'config.json').read_text())
-    assert cfg['model_type'] == 'deepseek_v3' and cfg['first_k_dense_replace'] == 1
+    assert cfg['model_type'] == 'deepseek_v3' and cfg['first_k_dense_replace'] == (1 if model.moe_layers() else 3)
+
+
+def test_import_of_a_folder_whose_rope_is_not_interleaved(tmp_path):
+    """A DeepseekV3 config.json with rope_interleave false: transformers rotates the pairs (i, i +
+    d/2) of the RoPE dimensions; the import reorders those rows to our adjacent pairs, so the
+    logits equal transformers' on the same files."""
+    export_hf(randomized(CONFIGS['deepseek']), str(tmp_path))
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    (tmp_path / 'config.json').write_text(json.dumps({**cfg, 'rope_interleave': False}))
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
+    back = import_hf(str(tmp_path)).eval()
+    idx = torch.randint(0, 96, (2, 40))
+    with torch.no_grad():
+        ours, theirs = back(idx)[0], hf(idx).logits
+    assert (ours - theirs).abs().max() < 1e-4
 
 
 def test_export_refuses_what_deepseek_v3_cannot_express():
