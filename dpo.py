@@ -111,7 +111,7 @@ def sequence_logprobs(model, pairs):
     x, y = chat_batch(rows, tok.eot_id)
     x, y = x.to(rt.device), y.to(rt.device)
     logits, _ = model(x)
-    return token_logprobs(logits, y).sum(1).chunk(2), x.numel()
+    return token_logprobs(logits, y, tok.vocab_size).sum(1).chunk(2), x.numel()
 
 
 @torch.no_grad()

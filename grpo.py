@@ -141,8 +141,8 @@ def make_rollout(r):
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
                         cuda_graph=cuda_graph)
     seq, mask = ro['seq'], ro['mask']
-    old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature)   # the sampling
-    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature)  # distribution
+    old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
+    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
     scores, parts = rewards(prompts, ro, rt.autocast)
     if normalize_reward:
         moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
@@ -165,7 +165,7 @@ def grpo_loss(b):
     each answer, then over answers, plus beta * the k3 KL to the reference; with statistics."""
     b = trim_padding(b)
     mask = b['mask']
-    logp, logits = response_logprobs(run.model, b['seq'], mask, temperature)
+    logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps,
                                                         per_sequence=True)
     kl_loss = masked_mean(masked_mean(kl_k3(logp, b['ref_logp']), mask, dim=1), mask.any(1))

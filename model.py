@@ -50,7 +50,8 @@ class ModelConfig:
     n_kv_head: Optional[int] = None    # key/value heads: None = n_head (MHA), 1 = MQA, else GQA
     head_dim: Optional[int] = None     # None = n_embd // n_head
     # Multi-head Latent Attention (DeepSeek-V2/V3), in DeepSeek-V3's names
-    q_lora_rank: Optional[int] = None  # queries through a rank-q_lora_rank bottleneck; None: direct
+    q_lora_rank: Optional[int] = None  # queries through a rank-q_lora_rank bottleneck; None (or 0,
+                                       # DeepSeek's spelling): direct
     kv_lora_rank: int = 512            # width of the compressed key/value latent (what is cached)
     qk_nope_head_dim: int = 128        # per-head query/key dims without position information
     qk_rope_head_dim: int = 64         # per-head query dims with RoPE; one shared RoPE key per token
@@ -118,6 +119,13 @@ class ModelConfig:
                 raise ValueError("attention='mla' carries positions in its RoPE key: set pos_emb='rope'")
             if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim < 2:
                 raise ValueError(f'qk_rope_head_dim={self.qk_rope_head_dim} must be even and positive')
+            for key in ('kv_lora_rank', 'v_head_dim'):
+                if getattr(self, key) < 1:
+                    raise ValueError(f'ModelConfig.{key}={getattr(self, key)} must be positive')
+            if self.qk_nope_head_dim < 0 or (self.q_lora_rank or 0) < 0:
+                raise ValueError('qk_nope_head_dim and q_lora_rank cannot be negative')
+        if self.q_lora_rank == 0:       # DeepSeek's configs write 0 for "no query bottleneck"
+            self.q_lora_rank = None
         if self.pos_emb == 'rope' and self.rope_dim % 2:
             raise ValueError(f'RoPE needs an even head_dim, got {self.rope_dim}')
         if self.rope_scaling is not None:
@@ -217,7 +225,10 @@ PRESETS = {
 def padded_vocab_size(n):
     """A tokenizer's n ids padded up to a multiple of 64 for the model's embedding and output
     layer (GPT-2's 50,257 -> 50,304): the output layer's matmul then runs on whole tiles. The
-    padding ids are never sampled (generate.py's vocab_limit)."""
+    padding ids are never sampled (generate.py's vocab_limit) and are left out of the softmax of
+    every log-probability a stage computes (token_logprobs' and teacher_log_probs' vocab); the
+    training loss keeps them, as nanoGPT does: their targets never occur, so training only drives
+    their logits down."""
     return 64 * math.ceil(n / 64)
 
 
@@ -549,7 +560,8 @@ class Router(nn.Module):
     sigmoid (DeepSeek-V3): s_i = sigmoid(w_i . x); experts are CHOSEN by s_i + b_i, where b is
       the auxiliary-loss-free balancing bias (moved after each optimizer step toward equal load,
       see GPT.update_router_bias); group-limited: experts are split into n_group groups, each
-      group scored by the sum of its 2 best s_i + b_i, and only the topk_group best groups compete.
+      group scored by the sum of its 2 best s_i + b_i, and only the topk_group best groups compete
+      (with softmax scores a group is scored by its best expert, as DeepSeek-V2 routes).
     The weights g of the chosen experts come from s without the bias: g = s_chosen, divided by
     their sum when norm_topk_prob, times routed_scaling_factor."""
     float32_buffers = ('e_score_correction_bias',)   # steps of 0.001 vanish in bf16
@@ -573,7 +585,10 @@ class Router(nn.Module):
         if self.n_group > 1:
             N = x.size(0)
             grouped = choice.view(N, self.n_group, self.E // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)            # (N, n_group)
+            if self.scoring_func == 'sigmoid':                               # (N, n_group)
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)        # V3: its 2 best
+            else:
+                group_scores = grouped.amax(-1)                              # V2: its best
             best = group_scores.topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(N, self.E)
@@ -676,9 +691,11 @@ def balance_loss(scores, indices, K, n_seq):
 # -----------------------------------------------------------------------------
 # Losses
 
-def token_logprobs(logits, targets):
-    """(B, T) log p(target_t) under the logits, 0 where the target is -1 (prompt, padding)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def token_logprobs(logits, targets, vocab=None):
+    """(B, T) log p(target_t) under the logits, 0 where the target is -1 (prompt, padding). vocab:
+    the softmax runs over the first `vocab` ids only (the tokenizer's; the rest is the padding of
+    padded_vocab_size, which generation never samples)."""
+    logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * (targets >= 0)
 

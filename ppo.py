@@ -174,8 +174,8 @@ def make_rollout(r):
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=rt.autocast,
                         cuda_graph=cuda_graph)
     seq, mask = ro['seq'], ro['mask']
-    old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature)   # the sampling
-    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature)  # distribution
+    old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
+    ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
     with rt.autocast():
         old_values = torch.cat([value.values(seq[i:i + 32, :-1]).float() for i in range(0, len(seq), 32)]) * mask
     scores, parts = rewards(prompts, ro, rt.autocast)
@@ -202,7 +202,7 @@ def ppo_loss(b):
     value loss, over response tokens; with the update's statistics."""
     b = trim_padding(b)
     mask = b['mask']
-    logp, logits = response_logprobs(run.model, b['seq'], mask, temperature)
+    logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)
     values = run.also(b['seq'][:, :-1], values=True).float() * mask
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps)
     vf_loss = clipped_value_loss(values, b['old_values'], b['returns'], mask, value_clip)

@@ -119,11 +119,13 @@ def trim_padding(b):
     return {k: v[:, :length] if k == 'seq' else v[:, :length - 1] for k, v in b.items()}
 
 
-def response_logprobs(model, seq, mask, temperature=1.0):
-    """(N, L-1) log p(token) of the response tokens under `model` sampling at `temperature`
-    (softmax(logits / T): the distribution the rollout was drawn from, so that the ratios and the
-    KL are on-policy), 0 elsewhere; the logits returned too (for the entropy)."""
+def response_logprobs(model, seq, mask, temperature=1.0, vocab=None):
+    """(N, L-1) log p(token) of the response tokens under `model` sampling at `temperature` over
+    the tokenizer's `vocab` ids (softmax(logits[:vocab] / T): the distribution the rollout was drawn
+    from, so that the ratios and the KL are on-policy), 0 elsewhere; the logits returned too (for
+    the entropy)."""
     logits, _ = model(seq[:, :-1])
+    logits = logits[..., :vocab]                         # without the padding ids, never sampled
     if temperature != 1.0:
         logits = logits / temperature
     targets = seq[:, 1:].masked_fill(~mask, -1)
@@ -131,11 +133,11 @@ def response_logprobs(model, seq, mask, temperature=1.0):
 
 
 @torch.no_grad()
-def batched_logprobs(model, seq, mask, autocast, batch_size=32, temperature=1.0):
+def batched_logprobs(model, seq, mask, autocast, batch_size=32, temperature=1.0, vocab=None):
     out = []
     for i in range(0, seq.size(0), batch_size):
         with autocast():
-            lp, _ = response_logprobs(model, seq[i:i + batch_size], mask[i:i + batch_size], temperature)
+            lp, _ = response_logprobs(model, seq[i:i + batch_size], mask[i:i + batch_size], temperature, vocab)
         out.append(lp.float())
     return torch.cat(out)
 
@@ -178,8 +180,8 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
     gen = torch.Generator(device=device).manual_seed(seed)
     ro = sample_rollout(policy, tok, prompts, max_new_tokens, temperature, generator=gen, autocast=autocast,
                         cuda_graph=cuda_graph)
-    lp = batched_logprobs(policy, ro['seq'], ro['mask'], autocast, temperature=temperature)
-    ref = batched_logprobs(reference, ro['seq'], ro['mask'], autocast, temperature=temperature)
+    lp = batched_logprobs(policy, ro['seq'], ro['mask'], autocast, temperature=temperature, vocab=tok.vocab_size)
+    ref = batched_logprobs(reference, ro['seq'], ro['mask'], autocast, temperature=temperature, vocab=tok.vocab_size)
     metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()
     scores, parts = rewards(prompts, ro, autocast)
     metrics['val/reward_sampled'] = scores.mean().item()
@@ -265,7 +267,8 @@ class Rewards:
             words = torch.tensor([x['words'] for x in checks], device=device)  # share of required words used
         if self.kind in ('model', 'mix'):
             seq, mask = rollout['seq'], rollout['mask']
-            last = torch.where(mask.any(1), mask.shape[1] - mask.flip(1).float().argmax(1), torch.zeros_like(mask[:, 0], dtype=torch.long))
+            last = mask.shape[1] - mask.flip(1).float().argmax(1)    # seq's index of the last response token
+            last = torch.where(mask.any(1), last, torch.zeros_like(last))
             outs = []
             for i in range(0, seq.size(0), batch_size):
                 with autocast():

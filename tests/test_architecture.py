@@ -239,6 +239,25 @@ def test_deepseek_routing_matches_the_rule():
         torch.testing.assert_close(w[t], 2.5 * g / g.sum())      # weights from s, not s + b
 
 
+def test_group_limited_routing_scores_a_group_by_its_two_best_sigmoid_or_its_best_softmax_score():
+    """DeepSeek-V3 (sigmoid) scores a group by the sum of its 2 best biased scores, DeepSeek-V2
+    (softmax) by its best one: with 4 experts a group, the two rules pick other groups."""
+    x = torch.randn(400, 32)
+    for func in ('sigmoid', 'softmax'):
+        moe, cfg = moe_layer(n_group=2, topk_group=1, num_experts_per_tok=2, scoring_func=func)
+        torch.nn.init.normal_(moe.router.weight)
+        moe.router.e_score_correction_bias.normal_(0, 0.1)
+        _, idx, scores = moe.router(x)
+        choice = (scores + moe.router.e_score_correction_bias).view(400, 2, 4)
+        group = choice.topk(2, -1).values.sum(-1) if func == 'sigmoid' else choice.amax(-1)
+        other = choice.amax(-1) if func == 'sigmoid' else choice.topk(2, -1).values.sum(-1)
+        assert (group.argmax(-1) != other.argmax(-1)).any()        # the rules differ on these tokens
+        best = group.argmax(-1)
+        assert ((idx // 4) == best[:, None]).all()                 # every choice from the best group
+        want = choice.gather(1, best[:, None, None].expand(-1, 1, 4))[:, 0].topk(2, -1).indices + 4 * best[:, None]
+        assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+
+
 def test_router_scores_and_weights_stay_float32_under_autocast():
     """Under bf16 autocast the logits' product is bf16 (as transformers' DeepseekV3's), but the
     sigmoid, the choice and the weights are float32: the same as the float32 rule applied to the
@@ -527,3 +546,18 @@ def test_config_validation():
         ModelConfig(n_routed_experts=8, n_group=3)
     with pytest.raises(ValueError, match="rope_scaling type 'ntk'"):
         ModelConfig(pos_emb='rope', rope_scaling={'type': 'ntk', 'factor': 2})
+    for key in ('kv_lora_rank', 'v_head_dim'):                  # zero-width values: refused
+        with pytest.raises(ValueError, match=f'{key}=0 must be positive'):
+            ModelConfig(**{**MLA, key: 0})
+
+
+def test_q_lora_rank_0_means_no_query_bottleneck_as_in_deepseeks_configs():
+    """DeepSeek's configs (and transformers') write q_lora_rank 0 or null for direct queries; 0
+    must not build a 0-wide bottleneck, whose queries are all zero (uniform attention)."""
+    torch.manual_seed(0)
+    direct = GPT(ModelConfig(**MLA))
+    torch.manual_seed(0)
+    zero = GPT(ModelConfig(**MLA, q_lora_rank=0))
+    assert zero.config.q_lora_rank is None and hasattr(zero.layers[0].attn, 'q_proj')
+    idx = torch.randint(64, (2, 16))
+    torch.testing.assert_close(zero(idx)[0], direct(idx)[0])

@@ -289,20 +289,35 @@ def test_a_minibatch_makes_exactly_its_micro_batches_and_averages_their_statisti
 
 
 def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
-    """At temperature T the rollout samples from softmax(logits / T): the log-probabilities PPO and
-    GRPO take their ratios and KL from are of that distribution, on the response tokens only."""
+    """At temperature T the rollout samples from softmax(logits / T) over the tokenizer's ids (the
+    model's vocabulary is padded past them, and sample_next never picks a padding id): the
+    log-probabilities PPO and GRPO take their ratios and KL from are of that distribution, on the
+    response tokens only, however much mass the padding ids' logits would take."""
+    from generate import sample_next
     from rl import response_logprobs
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16)).eval()
-    seq = torch.randint(50, (2, 9))
+    V = 50                                               # the tokenizer's ids; the model has 64
+    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[V:] = model.lm_head.weight[:V].mean(0) + 0.5   # the padding: high logits
+    seq = torch.randint(V, (2, 9))
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[:, 4:] = True                                   # tokens 5.. are the response
     with torch.no_grad():
         logits = model(seq[:, :-1])[0]
         for T in (1.0, 0.7):
-            lp, _ = response_logprobs(model, seq, mask, T)
-            want = torch.log_softmax(logits / T, -1).gather(-1, seq[:, 1:, None])[..., 0] * mask
+            lp, _ = response_logprobs(model, seq, mask, T, vocab=V)
+            want = torch.log_softmax(logits[..., :V] / T, -1).gather(-1, seq[:, 1:, None])[..., 0] * mask
             torch.testing.assert_close(lp, want)
+            padded = torch.log_softmax(logits / T, -1).gather(-1, seq[:, 1:, None])[..., 0] * mask
+            assert (padded - want).abs().max() > 0.1      # over the padded vocabulary it would be off
+        # the rollout's sampler at position 5 of row 0, 20,000 draws: the same distribution
+        row = logits[0, 5:6].repeat(20_000, 1)
+        drawn = sample_next(row, 0.7, vocab_limit=V, generator=torch.Generator().manual_seed(0))
+        assert drawn.max() < V
+        freq = torch.bincount(drawn.flatten(), minlength=V).float() / drawn.numel()
+        p = torch.softmax(logits[0, 5, :V] / 0.7, -1)
+        assert (freq - p).abs().max() < 0.02
 
 
 def test_bad_settings(pipeline):
