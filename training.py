@@ -173,6 +173,9 @@ class Run:
             (rt.ddp and n != rt.world_size, f'expert_parallel={n} must equal the number of processes '
                                             f'({rt.world_size}): each rank holds 1/N of the experts'),
             (self.fsdp, 'expert_parallel and fsdp=True do not combine yet; use one of them'),
+            (rt.dtype == 'float16', "expert_parallel trains in bfloat16 or float32: with float16's loss "
+                                    "scaling an overflow in one rank's experts would skip the step there "
+                                    "only; set dtype='bfloat16'"),
             (also_train is not None, f'{self.stage_script()} does not support expert_parallel'),
             (c.get('cuda_graph_train'), 'expert_parallel exchanges a variable number of tokens each step; '
                                         'set cuda_graph_train=False'),
@@ -213,6 +216,10 @@ class Run:
         it was sharded, or sharded now), step, best val loss and every rank's RNG stream."""
         rt = self.rt
         base_lrs = [g['base_lr'] for g in self.optimizer.param_groups]
+        if 'sharded_dir' in resume and self.ep:
+            sys.exit(f"error: {resume['sharded_dir']} was written under fsdp=True; expert_parallel cannot "
+                     f"resume its optimizer state yet: resume it once on one process or with DDP (that run "
+                     f"saves a ckpt.pt), then with expert_parallel")
         if 'sharded_dir' in resume:                  # written under FSDP, on any number of ranks
             load_sharded_optimizer(trainable, self.optimizer, resume['sharded_dir'])
         elif self.ep:                                # the single-process layout: this rank's experts

@@ -238,9 +238,11 @@ def test_train_py_under_expert_parallelism_equals_one_process(tmp_path, byte_dat
 def test_expert_parallel_refusals(tmp_path, byte_data):
     from conftest import run_script
     from test_distributed import torchrun, train_args
-    p = run_script(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=2'), cwd=tmp_path, check=False)
+    p = run_script(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=2', '--dtype=float16'),
+                   cwd=tmp_path, check=False)
     assert p.returncode != 0 and 'expert_parallel=2 splits the routed experts across processes started by ' \
                                  'torchrun' in p.stderr
+    assert "expert_parallel trains in bfloat16 or float32" in p.stderr     # each rank's own loss scale
     p = torchrun(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=4'), cwd=tmp_path, check=False)
     assert p.returncode != 0 and 'expert_parallel=4 must equal the number of processes (2)' in p.stderr
     p = torchrun(*train_args(byte_data, 'x', '--max_iters=1', '--expert_parallel=2', '--n_routed_experts=3'),
