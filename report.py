@@ -57,7 +57,7 @@ def checkpoint_meta(name):
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     n = sum(v.numel() for v in ckpt['model'].values())
     return {'stage': ckpt.get('stage'), 'step': ckpt.get('step'), 'metrics': ckpt.get('metrics', {}),
-            'tokens': ckpt.get('tokens'), 'params': n}
+            'tokens': ckpt.get('tokens'), 'params': n, 'config': ckpt.get('config') or {}}
 
 
 def fmt(x, spec='.3f'):
@@ -93,14 +93,16 @@ for name in TRAINED:
                     'word_by_position': ev.get('task/word_by_position'),
                     'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'),
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
-                    'metrics': ckpt['metrics'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {})}
+                    'metrics': ckpt['metrics'], 'config': ckpt['config'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {})}
 
 # --- the targets ----------------------------------------------------------------------------------
 checks = []
 
 
-def check(name, value, target, passed, how):
-    checks.append({'target': name, 'value': value, 'goal': target, 'met': passed, 'how': how})
+def check(name, value, target, passed, how, unit='share'):
+    """unit: 'share' (a fraction, printed as %) or 'points' (a difference of task scores, 0..1,
+    printed as a signed number of the same scale as the scores)."""
+    checks.append({'target': name, 'value': value, 'goal': target, 'met': passed, 'how': how, 'unit': unit})
 
 
 if 'sft' in stages:
@@ -130,7 +132,7 @@ if dpo and 'sft' in stages:
     gain = None if sft_score is None else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
           f'> spread {fmt(spread)} ({len(dpo)} seeds)', None if gain is None else len(dpo) > 1 and gain > spread,
-          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}")
+          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}", unit='points')
 for name in ('ppo', 'grpo'):
     if name in stages and 'sft' in stages:
         scores = (stages[name]['task_score'], stages['sft']['task_score'])
@@ -138,16 +140,19 @@ for name in ('ppo', 'grpo'):
         check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
               None if gain is None else gain > 0,
               f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}; "
-              f"KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer")
+              f"KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer", unit='points')
 if {'student_scratch', 'student_distill', 'base'} <= set(stages):
     t, s, d = (stages[k]['val_loss'] for k in ('base', 'student_scratch', 'student_distill'))
     closed = (s - d) / (s - t) if None not in (t, s, d) and s != t else None
     ratio = (stages['student_distill']['active_params'] or 0) / max(stages['base']['active_params'] or 1, 1)
+    borrowed = ("; the distilled student also starts from the teacher's token embeddings (init_embedding='teacher'), "
+                "the scratch student from random ones" if stages['student_distill']['config'].get('init_embedding')
+                == 'teacher' else '')
     check('Distillation: share of the scratch student -> teacher val-loss gap closed', closed,
           f">= {pct(TARGETS['distill_gap_closed'])}, student <= 25% of the teacher's active parameters",
           closed is not None and closed >= TARGETS['distill_gap_closed'] and ratio <= 0.25,
           f'val loss: teacher {fmt(t)}, scratch student {fmt(s)}, distilled student {fmt(d)}; '
-          f'student active parameters {pct(ratio)} of the teacher\'s')
+          f'student active parameters {pct(ratio)} of the teacher\'s{borrowed}')
 
 # --- plots --------------------------------------------------------------------------------------
 plots = {}
@@ -248,7 +253,8 @@ md += ['', 'Task score: the reward rule of task.py (required words, requested fe
        '| --- | --- | --- | --- | --- |']
 for c in checks:
     v = c['value']
-    md.append(f"| {c['target']} | {pct(v) if isinstance(v, float) and abs(v) <= 1.5 else fmt(v)} | {c['goal']} | "
+    shown = '-' if v is None else pct(v) if c['unit'] == 'share' else f'{v:+.3f}'
+    md.append(f"| {c['target']} | {shown} | {c['goal']} | "
               f"{'unknown' if c['met'] is None else 'yes' if c['met'] else '**no**'} | {c['how']} |")
 md += ['', '## Plots', '']
 for key, path in plots.items():

@@ -3,6 +3,7 @@ pretrained model and its SFT model here; speedrun.sh --profile=cpu runs every st
 
 import json
 import os
+import shutil
 import subprocess
 
 from conftest import run_script
@@ -33,6 +34,10 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     (out / 'ppo').mkdir(exist_ok=True)            # a stage whose eval.json is missing: its target is unknown
     if not (out / 'ppo' / 'ckpt.pt').exists():
         os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'ppo' / 'ckpt.pt')
+    (out / 'grpo').mkdir(exist_ok=True)           # a stage that scores as SFT does: a gain of +0.000, missed
+    if not (out / 'grpo' / 'ckpt.pt').exists():
+        os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'grpo' / 'ckpt.pt')
+    shutil.copy(out / 'sft' / 'eval.json', out / 'grpo' / 'eval.json')
     (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\n')
     (out / 'wall.tsv').write_text('wall\t9\n')          # stages side by side: less wall time than their sum
     p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
@@ -41,6 +46,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| base | 12 s | 60 |' in md and '| sft | 5 s | 4 |' in md
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
     assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
+    assert '| GRPO: task reward above SFT (greedy, held-out prompts) | +0.000 | > 0 | **no** |' in md   # score points
     assert 'the 1st / 2nd / 3rd listed word used in' in md         # which word the answers drop
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
