@@ -431,12 +431,15 @@ def encode_chat_examples(tok, rows, block_size, word_weight=1.0):
 def pack_chat_examples(examples, pool, batch_size, block_size, generator):
     """batch_size rows of block_size + 1 tokens for chat_batch: each row is random examples
     (ids, mask), drawn from `pool` (indices into `examples`), concatenated until it is full, with
-    their masks kept, so a window holds several examples and no padding (sft.py, distill.py)."""
-    rows = []
-    for _ in range(batch_size):
-        ids, mask = [], []
+    their masks kept, so a window holds several examples and no padding (sft.py, distill.py).
+    Returns (rows, segments): segments (batch_size, block_size) numbers the example of each input
+    token (chat_batch's x), for GPT.forward(segments=) to keep the examples apart."""
+    rows, segments = [], torch.empty((batch_size, block_size), dtype=torch.long)
+    for b in range(batch_size):
+        ids, mask, seg = [], [], []
         while len(ids) < block_size + 1:
             e_ids, e_mask = examples[pool[int(torch.randint(len(pool), (1,), generator=generator))]]
-            ids, mask = ids + e_ids, mask + e_mask
+            ids, mask, seg = ids + e_ids, mask + e_mask, seg + [len(seg) and seg[-1] + 1] * len(e_ids)
         rows.append((ids[:block_size + 1], mask[:block_size + 1]))
-    return rows
+        segments[b] = torch.tensor(seg[:block_size])
+    return rows, segments

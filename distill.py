@@ -24,7 +24,8 @@ plain next-token loss: the same as `python train.py --data_dir=<seq_data_dir>` w
 keys (generate_only=True writes the corpus and stops).
 
 Pretraining data by default (data_dir: the teacher's own); with task_dir= the instruction data
-(prepare/tinystories_instruct.py): the chat-formatted SFT examples, packed as sft.py packs them,
+(prepare/tinystories_instruct.py): the chat-formatted SFT examples, packed as sft.py packs them
+(each example attending to itself alone),
 with both losses on the response tokens only, and the task score in every evaluation.
 The student is any ModelConfig (every field is a key, as in train.py) or a trained checkpoint
 (init_from='out/RUN'). Schedule, optimizer, logging, checkpoints and exact resume work as in
@@ -335,25 +336,27 @@ if task_dir:
 
 
 def train_batch(step, micro_step):
-    """(x, y) of this micro-step, a function of (seed, step, the micro-batch's global index) as in
-    train.py; y is -1 where no loss falls (prompts in the instruction case)."""
+    """(x, y, segments) of this micro-step, a function of (seed, step, the micro-batch's global
+    index) as in train.py; y is -1 where no loss falls (prompts in the instruction case), whose
+    packed examples attend to themselves alone (segments, as in sft.py; None for token data)."""
     g = run.batch_generator(step, micro_step)
     if task_dir:
-        rows = pack_chat_examples(train_ex, range(len(train_ex)), batch_size, block_size, g)
+        rows, segments = pack_chat_examples(train_ex, range(len(train_ex)), batch_size, block_size, g)
         x, y = chat_batch(rows, tok.eot_id, block_size)
-        return x.to(rt.device), y.to(rt.device)
-    return train_data.batch('train', batch_size, block_size, g, rt.device)
+        return x.to(rt.device), y.to(rt.device), segments.to(rt.device)
+    return *train_data.batch('train', batch_size, block_size, g, rt.device), None
 
 
-def distillation_loss(model, x, y):
+def distillation_loss(model, x, y, segments=None):
     """(loss, the T^2 KL term or None): alpha T^2 KL(teacher || student) + (1 - alpha) CE on the
     real next token, plus the student's MoE balance and MTP terms; with alpha = 0 (or
-    mode='sequence') train.py's loss alone, and the teacher rests."""
+    mode='sequence') train.py's loss alone, and the teacher rests. segments: packed examples kept
+    apart, in the teacher's forward and the student's alike."""
     if not distilling:
-        return model(x, y, return_logits=False)[1], None
+        return model(x, y, return_logits=False, segments=segments)[1], None
     with torch.no_grad():                     # the teacher's soft targets, before the student's forward
-        targets = teacher_log_probs(teacher_forward(x)[0], temperature, top_k_logits, V)
-    logits, loss = model(x, y)                # CE on the real next token + the student's MoE / MTP terms
+        targets = teacher_log_probs(teacher_forward(x, segments=segments)[0], temperature, top_k_logits, V)
+    logits, loss = model(x, y, segments=segments)   # CE on the real next token + the student's MoE / MTP terms
     ce = masked_cross_entropy(logits, y)      # that CE again, with its gradient, to re-weight it
     kd = distillation_kl(logits, targets, temperature, kl, mask=y >= 0, vocab=V)     # T^2 KL
     return loss + alpha * (kd - ce), kd.detach()   # (1 - alpha) CE + alpha T^2 KL + the MoE / MTP terms
@@ -427,10 +430,10 @@ while run.evaluate(step, evaluate, plots):    # every eval_interval steps: evalu
     lr = run.set_lr(step)
     loss, kd_mean = torch.zeros((), device=rt.device), None
     for micro in range(gradient_accumulation_steps):
-        x, y = train_batch(step, micro)
+        x, y, segments = train_batch(step, micro)
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
-                micro_loss, kd = distillation_loss(run.model, x, y)
+                micro_loss, kd = distillation_loss(run.model, x, y, segments)
                 micro_loss = micro_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss += micro_loss.detach()

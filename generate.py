@@ -36,7 +36,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
     limited = vocab_limit is not None and vocab_limit < logits.size(-1)   # ids past the tokenizer
     if temperature == 0:                              # (vocab padding) are never chosen
         return (logits[:, :vocab_limit] if limited else logits).argmax(-1)   # in bf16: no float copy
-    logits = logits.float() / temperature             # a new tensor: the caller's logits stay as they are
+    logits = logits.float()                           # a new tensor: the caller's logits stay as they are
+    # minus the row's largest first: a tiny temperature (1e-39) then makes the others -inf and the
+    # largest 0 (greedy's choice), where the division alone would overflow to inf - inf = NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if limited:                       # masked (slicing would change which tokens a seed draws)
         logits[:, vocab_limit:] = -float('inf')
     if top_k:
@@ -481,8 +484,10 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
                   batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False):
     """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
     KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
-    'text', 'ended' (True if the model ended its turn with <|end|> or EOT) and 'stop' (that
-    token's id, or None).
+    'text', 'ended' (True if the model ended its turn: emitted <|end|>) and 'stop' (the id of
+    the token that stopped it, <|end|> or EOT, or None at max_new_tokens). An EOT also stops the
+    answer, but it ends a document, not a turn: a pretrained model that never saw the template
+    stops there, and its answers do not count as ended turns.
     cuda_graph=True: a static cache whose one-token step is captured once and replayed, in this
     and later calls of the same shape (DecodeGraph; the same static steps run eagerly on the CPU).
     Under autocast the captured step casts the float32 weights itself at every token (DecodeGraph)."""
@@ -500,8 +505,9 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
         for row in new:
             end = next((j for j, t in enumerate(row) if t in stops), None)
             ids = row if end is None else row[:end]
-            out.append({'ids': ids, 'text': tok.decode(ids), 'ended': end is not None,
-                        'stop': None if end is None else row[end]})
+            stop = None if end is None else row[end]
+            out.append({'ids': ids, 'text': tok.decode(ids), 'ended': stop not in (None, tok.eot_id),
+                        'stop': stop})
     return out
 
 
@@ -517,7 +523,7 @@ def generate(model, idx, max_new_tokens, **kw):
 # Speculative decoding with the model's own multi-token-prediction modules
 
 @torch.no_grad()
-def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64):
+def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, vocab_limit=None):
     """Greedy decoding of one prompt (a list of ids) that drafts with the MTP modules: from the
     main model's last hidden state h and the token t it predicts, MTP depth k drafts the token
     after the next, d_k = argmax Head(MTP_k(h^(k-1), Emb(d_(k-1)))) with d_0 = t (DeepSeek-V3's MTP,
@@ -526,18 +532,27 @@ def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64):
     are kept, the first that does not is replaced by the main model's token, and the cache forgets
     the rest. The output is the main model's greedy decoding, token for token (tests/test_decode.py);
     the MTP blocks see the last `window` positions (their attention context; a shorter one makes
-    worse drafts, never other tokens). Returns (new tokens, {'drafted', 'accepted', 'forward_passes'})."""
+    worse drafts, never other tokens). vocab_limit: ids past it (vocabulary padding) are never
+    chosen, as in generate_tokens. Returns (new tokens, {'drafted', 'accepted', 'forward_passes'})."""
     c, mtp = model.config, model.mtp
     if not len(mtp):
         raise ValueError('speculative decoding drafts with the MTP modules: the model has none (mtp_depth=0)')
-    if len(prompt) + max_new_tokens + len(mtp) > c.block_size:
-        raise ValueError(f'prompt + max_new_tokens + {len(mtp)} draft tokens exceed block_size {c.block_size}')
+    if len(prompt) + max_new_tokens > c.block_size:    # (drafts never run past max_new_tokens)
+        raise ValueError(f'prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceed '
+                         f'block_size {c.block_size}')
+    if model.rope is not None and model.rope.kind == 'dynamic':
+        raise ValueError("speculative decoding with rope_scaling 'dynamic': its RoPE base follows the "
+                         "longest position of each forward pass, so a verify pass of several tokens "
+                         "would not compute one-token steps' logits")
     device = model.tok_emb.weight.device
-    cache = new_cache(model, 1, c.block_size, device)
+    # a plain cache (no rolling window): rejected drafts are rolled back, and the prompt and the
+    # new tokens fit in block_size; a sliding window is then the mask's alone
+    cache = KVCache(1, c.block_size, device, window=c.sliding_window, n_sink=c.n_sink_tokens, roll=False)
+    greedy_of = lambda h: model.lm_head(h)[..., :vocab_limit].argmax(-1)     # noqa: E731  (h normed)
     x = model.trunk(torch.tensor([prompt], device=device), cache)[0]          # (1, P, C)
     hidden = x[0, -window:]                                                    # main hidden per fed position
     tokens = list(prompt)
-    nxt = int(model.lm_head(model.norm(x[:, -1]))[0].argmax())
+    nxt = int(greedy_of(model.norm(x[:, -1]))[0])
     out, stats = [nxt], {'drafted': 0, 'accepted': 0, 'forward_passes': 1}
     while len(out) < max_new_tokens and nxt not in stop_ids:
         # draft: depth k reads the previous depth's hidden states and the embedding of the token
@@ -552,21 +567,26 @@ def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64):
             h, _ = module(h[-n:][None], model.tok_emb(torch.tensor([follow], device=device)), rope,
                           model.causal_mask(n, device))
             h = h[0]
-            drafts.append(int(model.lm_head(module.norm(h[-1:]))[0].argmax()))
+            drafts.append(int(greedy_of(module.norm(h[-1:]))[0]))
         drafts = drafts[:max_new_tokens - len(out)]
         # verify: the main model on [nxt, drafts...] in one pass; keep the drafts it agrees with
         x = model.trunk(torch.tensor([[nxt] + drafts], device=device), cache)[0]  # (1, 1 + D, C)
-        greedy = model.lm_head(model.norm(x[0])).argmax(-1).tolist()
-        k = 0
-        while k < len(drafts) and drafts[k] == greedy[k] and drafts[k] not in stop_ids:
+        greedy = greedy_of(model.norm(x[0])).tolist()
+        k = 0                                             # the drafts kept: up to the first wrong one,
+        while k < len(drafts) and drafts[k] == greedy[k]:   # or up to and with a stop token
             k += 1
+            if drafts[k - 1] in stop_ids:
+                break
         stats['drafted'] += len(drafts)
         stats['accepted'] += k
         stats['forward_passes'] += 1
+        if k and drafts[k - 1] in stop_ids:               # a kept stop token ends the answer
+            out += drafts[:k]
+            break
         cache.rollback(len(drafts) - k)                                        # forget the rejected
         tokens += [nxt] + drafts[:k]
         hidden = torch.cat([hidden, x[0, :k + 1]])[-window:]
-        out += drafts[:k] + [greedy[k]]                   # (a stop token is never a kept draft:
-        nxt = out[-1]                                     # it ends the loop as the main model's)
+        out += drafts[:k] + [greedy[k]]                   # and the main model's token after them
+        nxt = out[-1]
     return out[:max_new_tokens], stats
 

@@ -349,11 +349,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions):
         """positions: (T,) or (B, T) integer positions -> cos, sin of shape (..., T, dim/2)."""
         inv_freq = self.inv_freq
-        if self.kind == 'dynamic':       # the base grows with the longest position in view
-            seq_len = (positions.max() + 1).float().clamp(min=self.original_max)
+        if self.kind == 'dynamic':       # the base grows with the longest position in view: each
+            # row's own (a batch of requests must not change one another's angles)
+            seq_len = (positions.amax(-1, keepdim=True) + 1).float().clamp(min=self.original_max)  # (..., 1)
             base = self.base * (self.factor * seq_len / self.original_max - (self.factor - 1)) \
                 ** (self.dim / (self.dim - 2))
-            inv_freq = rope_inv_freq(self.dim, base, positions.device)
+            inv_freq = rope_inv_freq(self.dim, base, positions.device)       # (..., dim/2)
+            if positions.dim() == 2:
+                inv_freq = inv_freq[:, None, :]                              # (B, 1, dim/2)
         angles = positions.float()[..., None] * inv_freq           # p * theta_i
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
@@ -877,18 +880,21 @@ class GPT(nn.Module):
         return self
 
     # --- forward ------------------------------------------------------------------------
-    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True):
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, segments=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is None
         without targets. return_logits=False (with targets): logits is None, for a training
         step that needs only the loss; under torch.compile a returned logits tensor is a graph
         output whose gradient the backward must materialise, as zeros of (B, T, V) when unused.
         With a KVCache (generate.py), idx are the tokens after what the cache holds.
+        segments (B, T): rows that pack several examples (sft.py), each token numbered by its
+        example: a token attends to its own example only, at positions counted from the example's
+        start, as if each example were alone in its row (see packed_mask).
         The loss adds the MoE balance losses and the weighted MTP losses; the parts are left
         in self.last_losses ('lm', 'aux', 'mtp') for logging."""
         B, T = idx.shape
         c = self.config
-        x, rope, aux_total = self.trunk(idx, cache)
+        x, rope, aux_total = self.trunk(idx, cache, segments)
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
         fused = self.use_fused_loss(x, return_logits)
@@ -899,11 +905,16 @@ class GPT(nn.Module):
             for k, module in enumerate(self.mtp, start=1):          # depth k predicts t_{i+k+1}
                 Tk = T - k
                 emb = self.tok_emb(idx[:, k:])                      # t_{i+k} for i < T - k
-                rope_k = (rope[0][:Tk], rope[1][:Tk]) if rope is not None else None
-                h, aux = module(h[:, :Tk], emb, rope_k, self.causal_mask(Tk, idx.device))
+                rope_k = (rope[0][..., :Tk, :], rope[1][..., :Tk, :]) if rope is not None else None
+                mask_k = (self.causal_mask(Tk, idx.device) if segments is None
+                          else self.packed_mask(segments[:, :Tk])[1])
+                h, aux = module(h[:, :Tk], emb, rope_k, mask_k)
                 if aux is not None:
                     aux_total = aux if aux_total is None else aux_total + aux
-                mtp_losses.append(self.head_loss(module.norm(h), targets[:, k:], fused)[1])
+                targets_k = targets[:, k:]
+                if segments is not None:                            # t_{i+k} of another example: no loss
+                    targets_k = targets_k.masked_fill(segments[:, :Tk] != segments[:, k:], -1)
+                mtp_losses.append(self.head_loss(module.norm(h), targets_k, fused)[1])
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + c.mtp_loss_weight * mtp_loss
             parts['mtp'] = mtp_loss.detach()
@@ -931,18 +942,20 @@ class GPT(nn.Module):
             return False
         return impl == 'fused' or (x.is_cuda and fast_paths.HAVE_TRITON)
 
-    def trunk(self, idx, cache=None):
+    def trunk(self, idx, cache=None, segments=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
         the summed MoE balance loss or None)."""
         B, T = idx.shape
         c = self.config
-        if cache is None:
-            if T > c.block_size and c.pos_emb in ('learned', 'sinusoidal'):
-                raise ValueError(f'sequence of {T} tokens exceeds block_size {c.block_size}')
+        if cache is not None:
+            positions, mask = cache.begin(T)
+        elif T > c.block_size and c.pos_emb in ('learned', 'sinusoidal'):
+            raise ValueError(f'sequence of {T} tokens exceeds block_size {c.block_size}')
+        elif segments is not None:
+            positions, mask = self.packed_mask(segments)
+        else:
             positions = torch.arange(T, device=idx.device)
             mask = self.causal_mask(T, idx.device)
-        else:
-            positions, mask = cache.begin(T)
         x = self.tok_emb(idx)                                                   # (B, T, C)
         if c.pos_emb == 'learned':
             x = x + self.pos_emb(positions)
@@ -966,6 +979,23 @@ class GPT(nn.Module):
             return None, True
         pos = torch.arange(T, device=device)
         return attention_mask(pos, pos, c.sliding_window, c.n_sink_tokens), False
+
+    def packed_mask(self, segments):
+        """(positions (B, T), (attn_mask (B, 1, T, T), False)) for rows packing several examples:
+        segments (B, T) gives each token's example (equal along an example, changing where the
+        next begins). Position p of a token = its column - the column where its example starts;
+        it may attend to key j iff j is in its example and causal (and in the window): a
+        block-diagonal causal mask, so each example is computed as if alone in its row."""
+        B, T = segments.shape
+        cols = torch.arange(T, device=segments.device).expand(B, T)
+        first = torch.ones_like(segments, dtype=torch.bool)
+        first[:, 1:] = segments[:, 1:] != segments[:, :-1]                  # an example's first token
+        start = torch.where(first, cols, 0).cummax(-1).values               # its example's first column
+        positions = cols - start
+        c = self.config
+        allowed = attention_mask(positions, positions, c.sliding_window, c.n_sink_tokens)   # (B, T, T)
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
+        return positions, (allowed[:, None], False)
 
     # --- mixture-of-experts bookkeeping ---------------------------------------------------
     def moe_layers(self):

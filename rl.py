@@ -5,7 +5,7 @@ per-token log-probabilities under the policy and the reference, rewards (the tas
 reward model, a mix, or a toy), running reward normalisation, GAE, the clipped policy and value
 losses, KL estimators, the adaptive KL controller and the held-out evaluation.
 
-Layout of a rollout: each row is prompt + response (+ <|end|> when the model ended its turn),
+Layout of a rollout: each row is prompt + response (+ the stop token it sampled: <|end|> or EOT),
 right-padded; per-token tensors have one column less and are aligned with the targets
 seq[:, 1:], so column t holds what is known about generating token t + 1. `mask` is True on the
 columns whose target is a response token.
@@ -96,7 +96,7 @@ def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=
     rows, masks = [], []
     for p, a in zip(prompts, answers):
         prompt_ids = tok.encode_chat(p['prompt'])[0]
-        response = a['ids'] + ([a['stop']] if a['ended'] else [])        # trained on what it sampled
+        response = a['ids'] + ([a['stop']] if a['stop'] is not None else [])   # trained on what it sampled
         rows.append(prompt_ids + response)
         masks.append([False] * (len(prompt_ids) - 1) + [True] * len(response))
     L = max(len(r) for r in rows)

@@ -88,8 +88,16 @@ stops = (tok.stop_ids() if chat else [tok.eot_id]) if stop_at_eot else None
 if speculative:
     if not model.config.mtp_depth:
         sys.exit(f'error: speculative=True drafts with MTP modules and {out_dir} has none (train with --mtp_depth=1)')
+    if len(prompt) + max_new_tokens > model.config.block_size:
+        sys.exit(f'error: speculative decoding keeps the whole answer in view: the prompt ({len(prompt)} tokens) '
+                 f'+ max_new_tokens ({max_new_tokens}) exceed block_size {model.config.block_size}; '
+                 f'pass --max_new_tokens={max(model.config.block_size - len(prompt), 0)} or fewer')
     with rt.autocast():
-        new, stats = generate_speculative(model, prompt, max_new_tokens, stop_ids=stops or ())
+        try:
+            new, stats = generate_speculative(model, prompt, max_new_tokens, stop_ids=stops or (),
+                                              vocab_limit=tok.vocab_size)
+        except ValueError as e:
+            sys.exit(f'error: {e}')
     new = new[:-1] if stops and new and new[-1] in stops else new
     print((f'[user] {start}\n[assistant] ' if chat else start) + tok.decode(new))
     print(f"speculative: {stats['accepted']} of {stats['drafted']} drafted tokens accepted "

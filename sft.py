@@ -9,7 +9,10 @@ Each example is rendered with the chat template (tokenizer.py):
     EOT <|user|> prompt <|end|> <|assistant|> response <|end|>
 and the targets are -1 (no loss) everywhere except the response and its closing <|end|>.
 Batches are packed (examples concatenated into block_size windows, the masks kept) or, with
-packing=False, drawn from examples of similar length and right-padded. curriculum=True starts from
+packing=False, drawn from examples of similar length and right-padded. In a packed window each
+example attends to itself alone, at positions counted from its own start (a block-diagonal causal
+mask, GPT.forward's segments), as it is when answered: packed_attention='window' lets the tokens
+attend across the whole window instead (pretraining's way, and the fused causal attention kernel). curriculum=True starts from
 the shortest examples and widens to all of them over curriculum_iters steps. word_loss_weight > 1
 weights the tokens where a task answer first uses a required word: copying the word is the skill
 the task asks for, and those tokens are a few percent of an answer's loss. Every eval_interval
@@ -47,6 +50,8 @@ batch_size = 16              # sequences per micro-batch (per GPU)
 block_size = 0               # 0: the model's block_size
 gradient_accumulation_steps = 1
 packing = True               # pack examples into full windows; False: similar-length padded batches
+packed_attention = 'example'  # with packing: 'example' (each example sees only itself, positions from
+                             # its start) | 'window' (causal attention over the whole window)
 curriculum = False           # shortest examples first, widening to all over curriculum_iters steps
 curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
@@ -88,6 +93,8 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 if word_loss_weight <= 0:
     sys.exit(f'error: word_loss_weight={word_loss_weight} must be positive')
+if packed_attention not in ('example', 'window'):
+    sys.exit(f"error: packed_attention='{packed_attention}'; valid: example, window")
 rt = init_runtime(device, dtype, seed)
 cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 
@@ -138,13 +145,15 @@ def pool_at(step):
 
 
 def train_rows(step, micro):
-    """batch_size rows for this micro-batch, a function of (seed, step, its global index)."""
+    """(batch_size rows, their examples' numbers per token or None) for this micro-batch, a function
+    of (seed, step, its global index)."""
     g = run.batch_generator(step, micro)
     pool = pool_at(step)
     if packing:                      # concatenate random examples until each window is full
-        return pack_chat_examples(train_ex, pool, batch_size, block_size, g)
+        rows, segments = pack_chat_examples(train_ex, pool, batch_size, block_size, g)
+        return rows, (segments if packed_attention == 'example' else None)
     start = int(torch.randint(len(pool), (1,), generator=g))   # neighbours in length order
-    return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)]
+    return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)], None
 
 
 @torch.no_grad()
@@ -183,11 +192,11 @@ run = Run(config, rt, model, 'sft', tok.spec(), model.flops_per_token(block_size
 ckpt = None
 
 # --- the training loop: the loss on the response tokens only ------------------------------------
-def weighted_loss(x, y, w):
+def weighted_loss(x, y, w, segments):
     """The model's loss (the mean cross entropy over the N response tokens, plus the MoE and MTP
     terms) with the required words' tokens weighted: + sum_t (w_t - 1) CE_t / N over the targets
     whose weight w_t is not 1, i.e. the cross entropy becomes sum_t w_t CE_t / N."""
-    logits, loss = run.model(x, y)
+    logits, loss = run.model(x, y, segments=segments)
     extra = (w != 1) & (y >= 0)
     if extra.any():
         ce = torch.nn.functional.cross_entropy(logits[extra].float(), y[extra], reduction='none')
@@ -201,12 +210,14 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
         # x, y, and with word_loss_weight != 1 the targets' loss weights w (built only then)
-        x, y, *w = chat_batch(train_rows(step, micro), tok.eot_id, block_size if packing else None,
-                              weights=word_loss_weight != 1)
+        rows, segments = train_rows(step, micro)
+        x, y, *w = chat_batch(rows, tok.eot_id, block_size if packing else None, weights=word_loss_weight != 1)
         x, y = x.to(rt.device), y.to(rt.device)
+        segments = segments.to(rt.device) if segments is not None else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():               # targets are -1 on the prompt and the padding
-                step_loss = weighted_loss(x, y, w[0].to(rt.device)) if w else run.model(x, y)[1]
+                step_loss = (weighted_loss(x, y, w[0].to(rt.device), segments) if w
+                             else run.model(x, y, segments=segments)[1])
                 micro_loss = step_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()

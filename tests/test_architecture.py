@@ -36,6 +36,39 @@ def greedy_by_recompute(model, idx, n):
     return idx
 
 
+# --- packed examples ----------------------------------------------------------------------
+
+GPT2 = dict(vocab_size=64, block_size=48, n_layer=2, n_head=4, n_embd=32)          # learned positions
+
+
+@pytest.mark.parametrize('parts', [(GPT2,), (MLA, MOE), (MLA, dict(sliding_window=4, n_sink_tokens=1)),
+                                   (GPT2, dict(pos_emb='rope', n_kv_head=2))], ids=['gpt2', 'mla_moe', 'window', 'gqa'])
+def test_packed_examples_are_computed_as_if_each_were_alone(parts):
+    """segments (sft.py's packed rows): every example's logits equal those of the example alone in
+    its row (positions from its own start, no attention to the examples before it); and the MTP
+    loss of packed rows is trained the same way (its modules get the same mask and positions)."""
+    model = build(*parts, mtp_depth=1).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = [torch.randint(0, 64, (n,), generator=g) for n in (7, 12, 5)]
+    x = torch.cat(examples)[None]
+    segments = torch.cat([torch.full((len(e),), i) for i, e in enumerate(examples)])[None]
+    packed = model(x, segments=segments)[0][0]
+    start = 0
+    for e in examples:
+        torch.testing.assert_close(packed[start:start + len(e)], model(e[None])[0][0], atol=1e-5, rtol=1e-4)
+        start += len(e)
+    assert not torch.allclose(packed, model(x)[0][0], atol=1e-3)          # (plain causal: other logits)
+    model.train()                              # the MTP loss, no dropout: one example with the others
+    y = torch.full_like(x, -1)                 # masked out equals that example alone
+    y[0, 19:23] = x[0, 20:24]
+    alone = torch.full((1, 5), -1)
+    alone[0, :4] = examples[2][1:]
+    model(x, y, segments=segments)
+    mtp_packed = model.last_losses['mtp']
+    model(examples[2][None], alone)
+    torch.testing.assert_close(mtp_packed, model.last_losses['mtp'], atol=1e-5, rtol=1e-4)
+
+
 # --- Multi-head Latent Attention ---------------------------------------------------------
 
 @pytest.mark.parametrize('q_lora_rank', [None, 16])

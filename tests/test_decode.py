@@ -207,9 +207,44 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     # sample.py --speculative=True prints greedy decoding's text and the acceptance
     args = ('--out_dir=mtp', '--start=Once upon a', '--max_new_tokens=20', '--temperature=0', '--num_samples=1',
             '--device=cpu', '--stop_at_eot=False')
-    greedy, spec, bad = run_script_many('sample.py', [args, [*args, '--speculative=True'],
-                                                      ['--out_dir=mtp', '--speculative=True']], cwd=tmp_path)
+    greedy, spec, bad, long = run_script_many('sample.py', [
+        args, [*args, '--speculative=True'], ['--out_dir=mtp', '--speculative=True'],
+        ['--out_dir=mtp', '--speculative=True', '--temperature=0', '--max_new_tokens=256']], cwd=tmp_path)
     assert greedy.returncode == spec.returncode == 0, (greedy.stderr, spec.stderr)
     assert spec.stdout.strip() == greedy.stdout.split('-' * 40)[0].strip()
     assert 'drafted tokens accepted' in spec.stderr
     assert bad.returncode != 0 and 'set --temperature=0' in bad.stderr + bad.stdout
+    assert long.returncode != 0 and 'exceed block_size 64; pass --max_new_tokens=63 or fewer' in long.stderr
+    assert 'Traceback' not in long.stderr
+
+
+def test_speculative_decoding_at_the_edges():
+    """Greedy decoding's tokens also with a sliding window (its rolling cache cannot forget rejected
+    drafts: a plain cache is used), to the last position of the context, and with a padded
+    vocabulary (ids past vocab_limit are never chosen, as in generate); dynamic NTK is refused (its
+    RoPE base follows the longest position of a forward pass: a verify pass is not one-token steps)."""
+    from generate import generate, generate_speculative
+    window = build('window', mtp_depth=2)
+    prompt = list(range(10, 30))
+    ours, _ = generate_speculative(window, prompt, 28)                  # 20 + 28 = block_size 48
+    assert ours == generate(window, torch.tensor([prompt]), 28, temperature=0)[0, 20:].tolist()
+    padded = build('mla_moe', mtp_depth=1)
+    first = generate(padded, torch.tensor([prompt]), 1, temperature=0)[0, -1]
+    with torch.no_grad():                   # ids 90-95: padding, scoring 1.5x the first greedy token
+        padded.lm_head.weight[90:] = 1.5 * padded.lm_head.weight[first]
+    ours, _ = generate_speculative(padded, prompt, 16, vocab_limit=90)
+    want = generate(padded, torch.tensor([prompt]), 16, temperature=0, vocab_limit=90)[0, 20:].tolist()
+    assert ours == want and max(ours) < 90
+    assert max(generate_speculative(padded, prompt, 16)[0]) >= 90   # (without the limit it picks them)
+    dynamic = build('gqa', mtp_depth=1, rope_scaling={'type': 'dynamic', 'factor': 2.0})
+    with pytest.raises(ValueError, match="rope_scaling 'dynamic'"):
+        generate_speculative(dynamic, prompt, 4)
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy():
+    """softmax(logits / T) for T -> 0 is greedy's one-hot; the division alone overflows to NaN
+    (inf - inf) below about 1e-38, which failed a whole batch of the server's requests."""
+    from generate import sample_next
+    logits = torch.randn(4, 96) * 5
+    for t in (1e-3, 1e-30, 1e-39, 1e-45):
+        assert torch.equal(sample_next(logits, t, generator=torch.Generator().manual_seed(0)), logits.argmax(-1))

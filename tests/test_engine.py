@@ -220,6 +220,24 @@ def test_a_prompt_made_only_of_cached_blocks_recomputes_its_last_block_for_its_f
     assert z.output == first.output[:5] and len(engine.pool.free) == 18 and len(engine.pool.cached) == 2
 
 
+def test_dynamic_ntk_rope_of_one_request_does_not_depend_on_the_others():
+    """Dynamic NTK grows the RoPE base with the longest position in view: each row's own, so a
+    short request beside a long one (past the original 16 positions) gets its tokens alone, in the
+    engine and in a left-padded generate batch."""
+    model = build(**VARIANTS['gqa_rope'], rope_scaling={'type': 'dynamic', 'factor': 4.0,
+                                                        'original_max_position_embeddings': 16},
+                  init_std=0.3)                        # large weights: tokens that follow the angles
+    short, long = shared_prefix_prompts(0, (6, 70), seed=3)
+    engine = Engine(model, n_blocks=40, tokens_per_block=8)
+    a, b = engine.add(short, 12), engine.add(long, 12)
+    run(engine)
+    assert a.output == alone(model, short, 12) and b.output == alone(model, long, 12)
+    from generate import pad_prompts
+    idx, valid = pad_prompts([short, long])
+    both = generate(model, idx, 12, temperature=0, prompt_mask=valid)[:, -12:].tolist()
+    assert both == [a.output, b.output]
+
+
 def test_forget_prefixes_while_a_prompt_is_read_names_none_of_its_later_blocks():
     """forget_prefixes() (the weights changed) while a request is still reading its prompt: the
     prompt blocks it reads after that sit on top of blocks of the old weights, so they are never

@@ -96,7 +96,8 @@ def test_kl_is_zero_when_policy_equals_reference():
     a = batched_logprobs(model, ro['seq'], ro['mask'], contextlib.nullcontext)
     b = batched_logprobs(model, ro['seq'], ro['mask'], contextlib.nullcontext)
     assert ((a - b) * ro['mask']).abs().max() == 0 and (kl_k3(a, b) * ro['mask']).abs().max() == 0
-    assert ro['mask'].sum(1).tolist() == [n + e for n, e in zip(ro['lengths'], ro['ended'])]
+    stopped = [n < 6 for n in ro['lengths']]                 # (at <|end|> or EOT: trained on that token too)
+    assert ro['mask'].sum(1).tolist() == [n + s for n, s in zip(ro['lengths'], stopped)]
 
 
 

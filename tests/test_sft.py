@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import load_chat_model, load_checkpoint
-from data import chat_batch, encode_chat_examples, word_token_weights
+from data import chat_batch, encode_chat_examples, pack_chat_examples, word_token_weights
 from generate import generate_chat, use_cuda_graph
 from conftest import STORIES, run_script, run_script_many, run_scripts, shared_file
 from model import GPT, ModelConfig
@@ -64,7 +64,34 @@ def test_masking_puts_no_loss_on_prompt_or_padding():
     assert model(x2[:, :4])[0][0, 2].sum() == model(x[:, :4])[0][0, 2].sum()
 
 
-def test_generate_chat_stops_at_end_of_turn():
+def test_a_packed_row_trains_each_example_as_if_it_were_alone():
+    """pack_chat_examples numbers each token's example (segments); with them the packed row's
+    loss is that of its examples each in a row of its own (the last one cut where the row ends),
+    weighted by their response tokens: no example sees another, positions start at each."""
+    tok = with_chat_tokens(ByteTokenizer())
+    examples, _ = encode_chat_examples(tok, [{'prompt': f'Tell story {i}.', 'response': 'Once, a fox' + '!' * i}
+                                            for i in range(6)], 64)
+    rows, segments = pack_chat_examples(examples, range(6), 2, 48, torch.Generator().manual_seed(0))
+    x, y = chat_batch(rows, tok.eot_id, 48)
+    assert segments.shape == x.shape and (segments[:, 0] == 0).all()
+    starts = segments[:, 1:] != segments[:, :-1]
+    assert (x[:, 1:][starts] == tok.eot_id).all()                 # a new number where an example begins
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=320, n_layer=2, n_head=2, n_embd=16, block_size=64, pos_emb='rope',
+                            init_std=0.3))                    # large weights: context changes the loss
+    total, count = 0.0, 0
+    for b in range(2):
+        for s in segments[b].unique():
+            cols = (segments[b] == s).nonzero()[:, 0]
+            xs, ys = x[b, cols][None], y[b, cols][None]
+            if (ys >= 0).any():
+                n = int((ys >= 0).sum())
+                total, count = total + model(xs, ys)[1] * n, count + n
+    torch.testing.assert_close(model(x, y, segments=segments)[1], total / count)
+    assert not torch.isclose(model(x, y)[1], total / count)        # across the window: another loss
+
+
+def test_generate_chat_stops_at_end_of_turn_and_at_eot_which_is_no_ended_turn():
     tok = with_chat_tokens(ByteTokenizer())
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
@@ -79,7 +106,12 @@ def test_generate_chat_stops_at_end_of_turn():
     model.norm.weight.data.fill_(0)
     model.norm.bias.data.fill_(1.0)                                   # every hidden state = all ones
     out = generate_chat(model, tok, ['hi', 'a longer prompt'], max_new_tokens=5)
-    assert all(o['ids'] == [] and o['ended'] and o['text'] == '' for o in out)
+    assert all(o['ids'] == [] and o['ended'] and o['text'] == '' and o['stop'] == tok.chat_id('end') for o in out)
+    with torch.no_grad():                                             # EOT instead: the answer stops,
+        model.lm_head.weight.zero_()                                  # but no turn was ended
+        model.lm_head.weight[tok.eot_id] += 1.0
+    out = generate_chat(model, tok, ['hi'], max_new_tokens=5)
+    assert out[0]['ids'] == [] and out[0]['stop'] == tok.eot_id and not out[0]['ended']
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -177,9 +209,10 @@ def test_sft_word_loss_weight_adds_the_weighted_words_loss(pipeline):
     assert runs[2].returncode and 'word_loss_weight=0.0 must be positive' in runs[2].stderr
 
 
-@pytest.mark.parametrize('batching', [['--packing=True'], ['--packing=False', '--curriculum=True']])
+@pytest.mark.parametrize('batching', [['--packing=True'], ['--packing=True', '--packed_attention=window'],
+                                      ['--packing=False', '--curriculum=True']])
 def test_sft_lowers_the_response_loss(pipeline, batching):
-    out = f'sft_{len(batching)}'
+    out = 'sft_' + '_'.join(b.split('=')[1] for b in batching)
     run_script('sft.py', f'--out_dir={out}', *SFT, '--max_iters=30', '--eval_interval=15', *batching, cwd=pipeline)
     losses, rows = val_losses(pipeline / out)
     assert losses[-1] < losses[0] - 0.1, losses
@@ -202,10 +235,11 @@ def test_sft_resume_continues_exactly(pipeline):
 
 
 def test_sft_needs_a_trained_model_and_its_data(pipeline):
-    scratch, nowhere = run_script_many('sft.py', [['--init_from=scratch'],
-                                                  ['--init_from=base', '--task_dir=nowhere', '--device=cpu']],
-                                       cwd=pipeline)
+    scratch, nowhere, attention = run_script_many('sft.py', [
+        ['--init_from=scratch'], ['--init_from=base', '--task_dir=nowhere', '--device=cpu'],
+        ['--init_from=base', '--packed_attention=document']], cwd=pipeline)
     assert scratch.returncode and "sft.py fine-tunes a trained model" in scratch.stderr
+    assert attention.returncode and "packed_attention='document'; valid: example, window" in attention.stderr
     assert nowhere.returncode and "'nowhere/sft_train.jsonl' not found" in nowhere.stderr
 
 
