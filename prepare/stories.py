@@ -17,7 +17,9 @@ Sources (under source_dir, each a setting; '' leaves one out):
 Splits (no book contributes to two): val_books whole books, chosen with a seeded RNG, are held out.
   train            passages of the other books + fairy-tale passages + the TinyStories stories
   val              passages of the held-out books, less any passage sharing a paragraph with train
-                   (the same tale can be in two collections)
+                   or near-duplicating train text: val_overlap_max or more of its word 8-grams in
+                   train (the same tale can be in two collections, in two translations or editions,
+                   and publishers' catalogues repeat across books)
   val_tinystories  the TinyStories validation stories, whole
 Every document is followed by the end-of-text token. Fairy tales (about 2,000 words each) are cut
 into passages like the books, so that every document of the stream is a passage of the same kind
@@ -67,6 +69,8 @@ import re
 import sys
 import time
 
+import numpy as np
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 from tqdm import tqdm  # noqa: E402
@@ -93,6 +97,7 @@ vocab_size = 4096                    # bpe / word: vocabulary size, EOT included
 tokenizer_train_docs = 200_000       # bpe / word / char: documents the vocabulary is learned from
 max_books = 0                        # use only the first N books (0: all)
 val_books = 10                       # whole books held out for val (seeded choice)
+val_overlap_max = 0.2                # a val passage with this share of its word 8-grams in train is dropped
 max_stories = 0                      # use only the first N fairy tales and TinyStories stories (0: all)
 passage_words_min = 60               # passage length bounds, in words
 passage_words_max = 300
@@ -346,12 +351,26 @@ def passages_of(text, rng):
     return [t for t, _ in out], sum(w for _, w in out), seen
 
 
+def shingles(text, n=8):
+    """Hashes (uint64) of the text's word n-grams, words being its runs of letters, lower-cased:
+    a near-duplicate (a typo, other punctuation, another edition) shares most of them. Each
+    word's hash is combined as h = h * 1,000,003 + w over the n words (wrapping at 2^64)."""
+    w = np.array([hash(x) for x in re.findall(r'[a-z]+', text.lower())], dtype=np.int64).view(np.uint64)
+    if len(w) < n:
+        return np.empty(0, dtype=np.uint64)
+    h = np.zeros(len(w) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        h = h * np.uint64(1_000_003) + w[k:len(w) - n + 1 + k]
+    return h
+
+
 def book_job(args):
-    """(index, text) -> (index, passages, words kept, prose words, all words); seeded per book."""
+    """(index, text) -> (index, passages, words kept, prose words, all words, the passages' word
+    8-gram hashes); seeded per book."""
     i, text = args
     rng = random.Random(seed * 1_000_003 + i)
     ps, kept, seen = passages_of(text, rng)
-    return i, ps, kept, seen, len(text.split())
+    return i, ps, kept, seen, len(text.split()), shingles('\n'.join(ps))
 
 
 def key_of(paragraph):
@@ -375,8 +394,8 @@ with tqdm(total=n_books or None, desc='books -> passages', unit='book', disable=
     else:
         pool, jobs = None, map(book_job, enumerate(books))
     try:
-        for i, ps, kept, seen, words in jobs:
-            results[i] = (ps, kept, seen, words)
+        for i, ps, kept, seen, words, hashes in jobs:
+            results[i] = (ps, kept, seen, words, hashes)
             bar.update(1)
     finally:
         if pool is not None:
@@ -420,18 +439,34 @@ if straight_quotes:
 train_book_passages = [p for i in range(n_books) if i not in held_set for p in book_passages[i]]
 train_keys = {key_of(par) for p in train_book_passages + fairy_passages for par in p.split('\n')
               if len(par.split()) >= 8}
-val_passages, dropped_overlap = [], 0
+train_shingles = np.unique(np.concatenate(     # sorted: a val passage's are looked up by bisection
+    [results[i][4] for i in range(n_books) if i not in held_set] +
+    [shingles('\n'.join(fairy_passages)), np.empty(0, dtype=np.uint64)]))
+
+
+def share_in_train(passage):
+    """The share of the passage's word 8-grams that occur in the train books or fairy tales."""
+    h = shingles(passage)
+    if not len(h) or not len(train_shingles):
+        return 0.0
+    at = np.minimum(np.searchsorted(train_shingles, h), len(train_shingles) - 1)
+    return float((train_shingles[at] == h).mean())
+
+
+val_passages, dropped_overlap, dropped_near = [], 0, 0
 for i in held:
     for p in book_passages[i]:
         if any(len(par.split()) >= 8 and key_of(par) in train_keys for par in p.split('\n')):
             dropped_overlap += 1
+        elif share_in_train(p) >= val_overlap_max:
+            dropped_near += 1
         else:
             val_passages.append(p)
 if not val_passages:
     sys.exit(f'error: the held-out books {[titles[i] for i in held]} gave no val passage')
 train_docs = train_book_passages + fairy_passages + tiny_train
 print(f'held out {len(held)} books ({len(val_passages):,} passages; {dropped_overlap} dropped for sharing '
-      f'a paragraph with train): ' + '; '.join(titles[i] for i in held))
+      f'a paragraph with train, {dropped_near} for near-duplicating train text): ' + '; '.join(titles[i] for i in held))
 
 
 def words(docs):
@@ -511,8 +546,18 @@ def to_examples(docs, offset, limit, list_only=list_words_only):
 
 if task_dir:
     t2 = time.time()
-    pool_train = train_book_passages + fairy_passages
-    pool_val = list(val_passages)
+    def distinct(passages):
+        """The passages less the repeats (the same text in two books or collections): a passage
+        gives one example, in one file."""
+        seen, out = set(), []
+        for p in passages:
+            if (k := key_of(p)) not in seen:
+                seen.add(k)
+                out.append(p)
+        return out
+
+    pool_train = distinct(train_book_passages + fairy_passages)
+    pool_val = distinct(val_passages)
     random.Random(seed).shuffle(pool_train)
     random.Random(seed + 1).shuffle(pool_val)
     sft_list_only = list_words_only and sft_list_words_only
@@ -593,7 +638,7 @@ meta = write_token_dataset(
                 'train_words_by_source': {'gutenberg': words(train_book_passages),
                                           'fairytales': words(fairy_passages), 'tinystories': words(tiny_train),
                                           'task_examples': words(task_docs)},
-                'val_words': words(val_passages), 'val_dropped_overlap': dropped_overlap,
+                'val_words': words(val_passages), 'val_dropped_overlap': dropped_overlap, 'val_dropped_near_duplicate': dropped_near,
                 'passage_words': [passage_words_min, passage_words_max], 'straight_quotes': straight_quotes,
                 'seed': seed, 'max_books': max_books, 'max_stories': max_stories})
 t_tokens = time.time() - t1

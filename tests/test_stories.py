@@ -213,6 +213,37 @@ def test_sentence_chunks():
     assert sentence_chunks('no sentence end', 10) == []
 
 
+def test_a_near_duplicate_of_train_text_is_not_held_out(tmp_path):
+    """Three made-up books that each hold their own edition of one paragraph (a word changed, as
+    editions and scans differ): whichever book is held out, its passage with that paragraph shares
+    most word 8-grams with train, though no paragraph exactly, and is dropped from val."""
+    rng = random.Random(0)
+    vocab = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 8))) for _ in range(2000)]
+
+    def paragraph(n=120):
+        sentences = [' '.join(rng.choice(vocab) for _ in range(12)) for _ in range(n // 12)]
+        return ' '.join(s.capitalize() + '.' for s in sentences)
+
+    shared = paragraph(150).split()
+    books = []
+    for b in range(3):
+        edition = list(shared)
+        edition[70 + b] = 'changed'                                  # each book's own edition
+        pars = [paragraph() for _ in range(3)] + [' '.join(edition)] + [paragraph() for _ in range(3)]
+        books.append('\n\n'.join(pars) + '\n')
+    (tmp_path / 'books.txt').write_text(f'\n{EOT}\n'.join(books) + f'\n{EOT}\n')
+    run_script('prepare/stories.py', f'--source_dir={tmp_path}', '--books_file=books.txt', '--manifest_file=',
+               '--fairytales_file=', '--tinystories_file=', '--tinystories_val_file=', '--tokenizer=byte',
+               '--task_dir=', '--val_books=1', '--passage_words_min=100', '--passage_words_max=160',
+               f'--out_dir={tmp_path / "data"}', cwd=tmp_path)
+    meta = json.load(open(tmp_path / 'data' / 'meta.json'))
+    assert meta['val_dropped_overlap'] == 0 and meta['val_dropped_near_duplicate'] == 1
+    tok = tokenizer_from_spec(load_tokenizer_spec(meta['tokenizer'], str(tmp_path / 'data')))
+    val = tok.decode(np.fromfile(tmp_path / 'data' / 'val.bin', dtype=meta['dtype']).tolist())
+    assert ' '.join(shared[:8]) not in val and ' '.join(shared[100:108]) not in val
+    assert val.count(EOT) == meta['val_docs'] >= 3                       # the book's other passages
+
+
 def test_bad_settings_give_clear_errors(tmp_path):
     src = shared_dir()
     cases = [([f'--source_dir={src}', '--max_books=3', '--val_books=3'], 'val_books=3 leaves no training book'),
