@@ -34,7 +34,7 @@ if not os.path.isdir(out):
     sys.exit(f"error: out='{out}' is not a folder (run speedrun.sh first)")
 
 TRAINED = ('base', 'sft', 'reward', 'dpo_seed1', 'dpo_seed2', 'dpo_seed3', 'ppo', 'grpo', 'student_scratch',
-           'student_distill')
+           'student_distill', 'student_embed')
 TARGETS = {'sft_all_words': 0.90, 'reward_accuracy': 0.90, 'distill_gap_closed': 0.50}
 
 
@@ -148,6 +148,11 @@ if {'student_scratch', 'student_distill', 'base'} <= set(stages):
     borrowed = ("; the distilled student also starts from the teacher's token embeddings (init_embedding='teacher'), "
                 "the scratch student from random ones" if stages['student_distill']['config'].get('init_embedding')
                 == 'teacher' else '')
+    if borrowed and None not in (t, d, stages.get('student_embed', {}).get('val_loss')):
+        e = stages['student_embed']['val_loss']     # that start without distillation (speedrun.sh student_embed)
+        borrowed += (f"; trained from that start without the teacher's distribution (student_embed) it reaches "
+                     f"{fmt(e)}, so distillation itself closes {pct((e - d) / (e - t)) if e != t else '-'} of "
+                     f"the gap from there")
     check('Distillation: share of the scratch student -> teacher val-loss gap closed', closed,
           f">= {pct(TARGETS['distill_gap_closed'])}, student <= 25% of the teacher's active parameters",
           closed is not None and closed >= TARGETS['distill_gap_closed'] and ratio <= 0.25,

@@ -8,6 +8,8 @@
 #   reward    the reward model                          dpo     DPO from SFT (DPO_SEEDS seeds)
 #   ppo       PPO from SFT, rewarded by the task rule   grpo    GRPO from SFT, likewise
 #   distill   a small dense student of the base model, and the same student trained from scratch
+#   student_embed  (only when named) the scratch student started from the teacher's embeddings, as
+#             the distilled one starts: it separates what distillation adds from what that start does
 #   eval      every checkpoint on the held-out data and prompts (eval.py -> eval.json)
 #   report    report.md + report.json + plots (report.py)
 # Each stage reads the previous stage's checkpoint (init_from=) and writes its own folder under
@@ -154,6 +156,10 @@ student_distill() {   # the same student distilled from the base model
   run student_distill $OUT/student_distill/ckpt.pt python distill.py --teacher=$OUT/base \
     --out_dir=$OUT/student_distill --data_dir=$DATA $STUDENT $DISTILL $SYSTEM
 }
+student_embed() {     # the scratch student (no KL: alpha 0) from the teacher's embeddings, as distilled starts
+  run student_embed $OUT/student_embed/ckpt.pt python distill.py --teacher=$OUT/base \
+    --out_dir=$OUT/student_embed --data_dir=$DATA $STUDENT $DISTILL --alpha=0 $SYSTEM
+}
 dpo_seed() {
   run dpo_seed$1 $OUT/dpo_seed$1/ckpt.pt python dpo.py --init_from=$OUT/sft --out_dir=$OUT/dpo_seed$1 \
     --prefs_dir=$PREFS_DIR --task_dir=$TASK --seed=$1 $DPO $SYSTEM
@@ -162,7 +168,8 @@ eval_run() {          # eval.py on one run folder; KL to the SFT model for the r
   local ref=''; case $1 in dpo*|ppo|grpo) ref=--reference=$OUT/sft ;; esac
   run eval_$1 $OUT/$1/eval.json python eval.py --out_dir=$OUT/$1 --task_dir=$TASK $ref $EVAL ${SYSTEM/--compile=False/}
 }
-EVAL_RUNS=${EVAL_RUNS:-"base sft $(for s in $DPO_SEEDS; do echo dpo_seed$s; done) ppo grpo student_scratch student_distill"}
+EVAL_RUNS=${EVAL_RUNS:-"base sft $(for s in $DPO_SEEDS; do echo dpo_seed$s; done) ppo grpo student_scratch student_distill
+  $(stage_wanted student_embed && echo student_embed)"}
 
 stage() {
   case $1 in
@@ -181,20 +188,20 @@ stage() {
     grpo)    run grpo $OUT/grpo/ckpt.pt python grpo.py --init_from=$OUT/sft --out_dir=$OUT/grpo --task_dir=$TASK \
                --reward=rule $GRPO $SYSTEM ;;
     distill) student_scratch && student_distill ;;
-    student_scratch|student_distill) $1 ;;
+    student_scratch|student_distill|student_embed) $1 ;;
     eval)    local cmds=(); for r in $EVAL_RUNS; do cmds+=("eval_run $r"); done
              if [ $PARALLEL = 1 ]; then together "${cmds[@]}"
              else for c in "${cmds[@]}"; do $c || return 1; done; fi ;;
     report)  printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv   # this run's wall time so far
              python report.py --out=$OUT --profile=$PROFILE ;;
-    *) echo "error: unknown stage '$1'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, eval, report"
+    *) echo "error: unknown stage '$1'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, student_embed, eval, report"
        return 2 ;;
   esac
 }
 
 for s in ${STAGES//,/ }; do    # every name is checked before anything runs
-  case $s in prepare|train|sft|prefs|reward|dpo|ppo|grpo|distill|eval|report) ;;
-    *) echo "error: unknown stage '$s'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, eval, report"; exit 2 ;;
+  case $s in prepare|train|sft|prefs|reward|dpo|ppo|grpo|distill|student_embed|eval|report) ;;
+    *) echo "error: unknown stage '$s'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, student_embed, eval, report"; exit 2 ;;
   esac
 done
 if [ $PARALLEL = 1 ]; then
@@ -202,10 +209,10 @@ if [ $PARALLEL = 1 ]; then
   # models leave most of it idle); a phase starts when the one before it has finished:
   #   prepare | train + student_scratch | sft + student_distill | prefs + ppo + grpo
   #   | reward + dpo (its seeds at once) | eval (every run at once) | report
-  for phase in prepare "train student_scratch" "sft student_distill" "prefs ppo grpo" "reward dpo" eval report; do
+  for phase in prepare "train student_scratch" "sft student_distill student_embed" "prefs ppo grpo" "reward dpo" eval report; do
     cmds=()
     for s in $phase; do
-      name=$s; case $s in student_*) name=distill ;; esac
+      name=$s; case $s in student_scratch|student_distill) name=distill ;; esac
       stage_wanted $name && cmds+=("stage $s")
     done
     [ ${#cmds[@]} -gt 0 ] && { together "${cmds[@]}" || exit 1; }

@@ -5,7 +5,8 @@
 #   start     speedrun.sh --profile=gpu in the background, and beside it (SIDE=1) the variants of
 #             its SFT in SIDE_SFT below, each from the same base model and task, each evaluated
 #             like the main SFT (speedrun.sh --stages=sft,eval in its own folder under S), and a
-#             second SFT round on rejection samples (BEST_SFT below, folder S/best); when all
+#             second SFT round on rejection samples (BEST_SFT below, folder S/best) and the scratch
+#             student from the teacher's embeddings (folder S/embed); when all
 #             of it has finished, the serving benchmarks on the base model, alone on the GPU:
 #             speculative decoding (spec) and bench_serve.py (engine and static batching at
 #             1/8/64/256 streams, then transformers at 64)
@@ -35,6 +36,10 @@ for v in "${!SIDE_SFT[@]}"; do
   sft="EVAL_RUNS=sft SFT_EXTRA='${SIDE_SFT[$v]}' bash speedrun.sh --profile=$PROFILE --out=$S/$v --stages=sft,eval"
   SIDE_RUNS+="($link && $sft > $R/logs/side_$v.log 2>&1) & "
 done
+# the scratch student from the teacher's embeddings (distill.py --alpha=0 --init_embedding=teacher), the
+# start the distilled student has: what distillation adds beyond it (speedrun.sh student_embed)
+link="mkdir -p $S/embed && for x in data task base; do ln -sfn $A/\$x $S/embed/\$x; done"
+SIDE_RUNS+="($link && bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
 # and a second SFT round from the main SFT model on rejection samples: the best answer of each
 # prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
 # run's prefs stage), about 3 epochs of them, evaluated like the rest
