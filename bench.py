@@ -209,7 +209,8 @@ if 'train' in modes:
                 torch.cuda.empty_cache()
             hf.train()
             hopt = hopt or torch.optim.AdamW(hf.parameters(), lr=learning_rate, fused=cuda)
-            theirs.append(bench_train(hf, hf_train_step(hf, hopt, x), flops))
+            # transformers' DeepseekV3 trains no MTP module: its MFU counts the model without them
+            theirs.append(bench_train(hf, hf_train_step(hf, hopt, x), raw.flops_per_token(block_size, mtp=False)))
             print('train_hf', theirs[-1], flush=True)
     median_round = lambda rs: sorted(rs, key=lambda m: m['tokens_per_sec'])[len(rs) // 2]   # noqa: E731
     # peak memory from the first round: later ones also hold transformers' optimizer state
@@ -255,7 +256,7 @@ if 'prefill' in modes:
     @torch.no_grad()
     def prefill():
         with rt.autocast():
-            raw(x, cache=new_cache(raw, batch_size, block_size, rt.device))
+            raw(x, cache=new_cache(raw, batch_size, block_size, rt.device), last_only=True)   # as generation
     reset_memory()
     dt = timed(prefill)
     results['prefill'] = {'tokens_per_sec': batch_size * block_size / dt, 'ms': 1000 * dt,

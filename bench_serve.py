@@ -6,15 +6,19 @@ longest output of the group), and optionally by transformers' generate on the ex
 
 $ python bench_serve.py config/tinystories_moe.py                      # a random-weight model of a config
 $ python bench_serve.py --checkpoint=out/speedrun_gpu/base --streams=1,8,64,256
-$ python bench_serve.py config/tinystories_cpu.py --device=cpu --streams=1,4 --n_requests=8 --max_output=32
+$ python bench_serve.py config/tinystories_cpu.py --device=cpu --streams=1,4 --n_requests=8 --max_prompt=64 --max_output=32
 
 Each level of concurrency C keeps C requests in flight (closed loop: a finished request is replaced
-by the next one at once; static batching takes the next C at once). Outputs never stop early (no
-stop token), so every method produces the same tokens. Reported per method and C: generated tokens
-per second, time to first token (p50, p99) and the time between a request's tokens (p50, p99).
+by the next one at once; static batching takes the next C at once, when the whole group before has
+finished). Outputs never stop early (no stop token), so every method produces the same tokens.
+Reported per method and C: generated tokens per second, time to first token (p50, p99) counted
+from when the request was submitted (for static batching: when its client's previous request
+finished, so the wait for the rest of that group counts) and the time between a request's tokens
+(p50, p99; interpolated, with the number of samples in the JSON: a p99 of fewer than 100 samples is
+close to their maximum). The engine's pool holds C requests of the longest length at once.
 cuda_graph (None: on for CUDA) makes the engine's steps CUDA graphs, one per (rows, prompt-chunk
 columns) bucket, all captured before the engine is timed, and static batching's one-token steps
-too (generate_tokens captures one per group shape, inside its timing).
+too (one cache length for every group, so one graph per batch size, captured in a warm-up).
 """
 
 import json
@@ -35,8 +39,8 @@ from runtime import init_runtime
 checkpoint = ''                 # a checkpoint folder to serve; '': a random-weight model of the config given
 streams = '1,8,64,256'          # concurrency levels
 n_requests = 0                  # requests per level (0: max(4 x streams, 32))
-min_prompt, max_prompt = 16, 256      # prompt lengths, uniform
-min_output, max_output = 16, 512      # output lengths, uniform
+min_prompt, max_prompt = 16, 128      # prompt lengths, uniform (max_prompt + max_output <= block_size)
+min_output, max_output = 16, 384      # output lengths, uniform
 methods = 'engine,static'       # any of engine, static, hf (transformers' generate on the export)
 cuda_graph = None               # the engine's decode steps and static batching's one-token steps as
                                 # CUDA graphs; None: on for CUDA
@@ -79,8 +83,15 @@ def workload(n):
 
 
 def percentiles(xs):
+    """(p50, p99), linearly interpolated between the nearest samples (numpy's default)."""
     xs = sorted(xs)
-    at = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float('nan')   # noqa: E731
+    if not xs:
+        return float('nan'), float('nan')
+
+    def at(q):
+        i = q * (len(xs) - 1)
+        lo = int(i)
+        return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
     return at(0.5), at(0.99)
 
 
@@ -93,8 +104,8 @@ engine_setup = {}               # streams -> the graphs' capture: seconds, graph
 def run_engine(reqs, C):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
     inter-token gaps, tokens); the capture's cost goes to engine_setup[C]."""
-    total = sum(len(p) + n for p, n in reqs[:C])                    # the first C requests: the pool, roughly
-    n_blocks = -(-max(total, max(len(p) + n for p, n in reqs)) // tokens_per_block) + C + 16
+    longest = max(len(p) + n for p, n in reqs)                      # C of the longest at once: no request
+    n_blocks = C * -(-longest // tokens_per_block) + 16             # waits for blocks, C are always running
     engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, max_batch=C, prefill_chunk=prefill_chunk,
                     cuda_graph=graph)
     t_capture = time.time()
@@ -127,24 +138,28 @@ def run_engine(reqs, C):
 
 def run_static(reqs, C, generate_group):
     """Groups of C requests in arrival order, each run to its longest output; a request's tokens
-    count up to its own length (the rest of the group's steps are the waste continuous batching avoids)."""
+    count up to its own length (the rest of the group's steps are the waste continuous batching
+    avoids). Client j of the C submits its next request when its last one finished; it waits
+    there until the whole group has finished, and that wait counts in its time to first token."""
     ttft, gaps, tokens = [], [], 0
     t0 = time.time()
+    submitted = [t0] * C                          # when client j's request of this group was sent
     for i in range(0, len(reqs), C):
         group = reqs[i:i + C]
-        g0 = time.time()
         times = generate_group([p for p, _ in group], max(n for _, n in group))
-        for p, n in group:
-            ttft.append(times[0] - g0)
+        for j, (p, n) in enumerate(group):
+            ttft.append(times[0] - submitted[j])
             gaps += [b - a for a, b in zip(times[:n - 1], times[1:n])]
             tokens += n
+            submitted[j] = times[n - 1]           # its last token: the client sends the next one
     return time.time() - t0, ttft, gaps, tokens
 
 
 def ours_group(prompts, n):
     idx, mask = pad_prompts(prompts, device=rt.device)
     times = []
-    for _ in generate_tokens(model, idx, n, temperature=0, prompt_mask=mask, cuda_graph=graph):
+    for _ in generate_tokens(model, idx, n, temperature=0, prompt_mask=mask, cuda_graph=graph,
+                             cache_len=max_prompt + max_output):   # one captured step per batch size
         sync()
         times.append(time.time())
     return times
@@ -190,11 +205,12 @@ with rt.autocast():
                 secs, ttft, gaps, tokens = run_engine(reqs, C)
             else:
                 fn = ours_group if m == 'static' else hf_group
-                fn([reqs[0][0]] * min(C, 2), 4)    # warm-up (graph capture for this batch)
+                fn([reqs[0][0]] * min(C, len(reqs)), 4)   # warm-up: the graph of this batch size
                 secs, ttft, gaps, tokens = run_static(reqs, C, fn)
             r = {'method': m, 'streams': C, 'requests': len(reqs), 'tokens': tokens, 'seconds': secs,
                  'tokens_per_s': tokens / secs, 'ttft_p50': percentiles(ttft)[0], 'ttft_p99': percentiles(ttft)[1],
-                 'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1],
+                 'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1], 'ttft_samples': len(ttft),
+                 'itl_samples': len(gaps),
                  **(engine_setup[C] if m == 'engine' else {})}
             results.append(r)
             print(f"{m:7s} streams {C:4d}: {r['tokens_per_s']:10,.0f} tokens/s; first token p50 {r['ttft_p50'] * 1e3:8.1f} ms, "

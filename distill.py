@@ -423,7 +423,7 @@ run = Run(config, rt, model, 'distill', tok_spec, flops_per_token, resume=resume
 resume = None                                 # free the CPU copy
 
 # --- the training loop ----------------------------------------------------------------------------
-plots = (('train/loss', 'val/loss', 'val/teacher_loss'), 'loss.png', 'loss (nats/token)')
+plots = (('train/lm_loss', 'val/loss', 'val/teacher_loss'), 'loss.png', 'loss (nats/token)')   # (lm: the CE alone)
 tokens_per_step = batch_size * block_size * gradient_accumulation_steps      # per rank
 step = run.step                               # 0, or where a resumed run stopped
 while run.evaluate(step, evaluate, plots):    # every eval_interval steps: evaluate, plot, save

@@ -229,7 +229,7 @@ def new_cache(model, batch_size, max_len, device, prompt_mask=None, static=False
 @torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None,
-                    cuda_graph=False, compile_step=False):
+                    cuda_graph=False, compile_step=False, cache_len=None):
     """Yield the next token of every row, (B,), max_new_tokens times (fewer once every row
     has emitted one of stop_ids, an id or a list of ids; a finished row then repeats the
     first of them). idx: (B, P) prompts, left-padded
@@ -244,7 +244,9 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     weights in the compute dtype first, model.to(torch.bfloat16), rather than autocast.
     compile_step=True (with cuda_graph): the captured step is torch.compile's fused one.
     A captured step is kept for the next call with the same batch size and cache length
-    (DecodeGraphs), so repeated calls (samples, evaluation batches, RL rollouts) capture once."""
+    (DecodeGraphs), so repeated calls (samples, evaluation batches, RL rollouts) capture once.
+    cache_len: the cache's length, at least P + max_new_tokens (the default) and at most
+    block_size: calls of different lengths that pass one cache_len share one captured step."""
     B, P = idx.shape
     c = model.config
     bs = c.block_size
@@ -256,7 +258,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         idx, valid, P = idx[:, -bs:], valid[:, -bs:], bs
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     tokens, new = idx, []          # the window: tokens, then the new ones (joined at a restart)
-    max_len = P + max_new_tokens if streaming else min(bs, P + max_new_tokens)
+    max_len = P + max_new_tokens if streaming else min(bs, max(P + max_new_tokens, cache_len or 0))
     graphs = key = signature = step = None
     if use_graph and max_new_tokens > 1:           # the graph of an earlier call of this shape
         graphs, key = decode_graphs(model), (idx.device, B, max_len, compile_step)

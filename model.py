@@ -1075,13 +1075,16 @@ class GPT(nn.Module):
                 n -= sum(p.numel() for p in b.mlp.experts.parameters()) * (1 - b.mlp.K / b.mlp.E)
         return int(n)
 
-    def active_matmul_params(self):
+    def active_matmul_params(self, mtp=True):
         """Weights multiplied per token in a training forward pass, for flops_per_token: unlike
-        active_params, the MTP modules count (training runs them) and norms and biases do not
-        (not multiplications); embedding lookups do not either, the tied head counts once, as the
-        head, and routed experts count K/E."""
-        n = 0
-        for m in self.modules():
+        active_params, the MTP modules count (training runs them; mtp=False leaves them out, e.g.
+        for a model run without them) and norms and biases do not (not multiplications); embedding
+        lookups do not either, the tied head counts once, as the head, plus once per MTP depth
+        (each depth's logits go through it again), and routed experts count K/E."""
+        n = self.config.mtp_depth * self.lm_head.weight.numel() if mtp else 0
+        for name, m in self.named_modules():
+            if not mtp and name.startswith('mtp.'):
+                continue
             if isinstance(m, nn.Linear):
                 n += m.weight.numel()
             elif isinstance(m, Router):
@@ -1090,17 +1093,18 @@ class GPT(nn.Module):
                 n += sum(p.numel() for p in m.experts.parameters()) * m.K / m.E
         return int(n)
 
-    def flops_per_token(self, seq_len=None):
+    def flops_per_token(self, seq_len=None, mtp=True):
         """Training FLOPs per token (forward + backward = 3 x forward):
-        6 N for the weights (2 per multiply-add, x3; N = active_matmul_params, MTP included),
+        6 N for the weights (2 per multiply-add, x3; N = active_matmul_params, MTP included unless
+        mtp=False; each depth runs on T - k of the T tokens, counted as T),
         plus attention's q.k and attn.v products, 6 n_layer n_head (D_qk + D_v) T, counted over
         the full T x T square as in nanoGPT / PaLM (T capped by a sliding window)."""
         c = self.config
         T = seq_len or c.block_size
         if c.sliding_window:
             T = min(T, c.sliding_window + c.n_sink_tokens)
-        attn = 6 * (c.n_layer + c.mtp_depth) * c.n_head * (c.qk_head_dim + c.v_dim) * T
-        return 6 * self.active_matmul_params() + attn
+        attn = 6 * (c.n_layer + (c.mtp_depth if mtp else 0)) * c.n_head * (c.qk_head_dim + c.v_dim) * T
+        return 6 * self.active_matmul_params(mtp) + attn
 
     # --- generation: the reference ---------------------------------------------------------
     @torch.no_grad()

@@ -382,13 +382,14 @@ def lr_at(step, lr, min_lr, warmup_iters, decay_iters, schedule='cosine', decay_
     cosine:   min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * t)),  t = progress in [0, 1] to decay_iters
     wsd:      lr (stable) until the last `decay_frac` of decay_iters, then linear down to min_lr
     constant: lr
-    After decay_iters the rate stays at min_lr."""
-    if step < warmup_iters:
-        return lr * (step + 1) / (warmup_iters + 1)
+    After decay_iters the rate stays at min_lr, also when the warmup would go on past it (a
+    warmup longer than the run: the rate never reaches lr)."""
     if schedule == 'constant':
-        return lr
+        return lr * (step + 1) / (warmup_iters + 1) if step < warmup_iters else lr
     if step >= decay_iters:
         return min_lr
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
     if schedule == 'cosine':
         t = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
         return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))

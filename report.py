@@ -169,7 +169,10 @@ if plt is not None and stages:
                              squeeze=False)
     for ax, name in zip(axes.flat, names):
         rows = log_rows(name)
-        for key in ('train/loss', 'val/loss'):
+        # the next-token loss where it is logged (train/loss is the objective: with MTP, balance or
+        # distillation terms, not comparable with val/loss)
+        train_key = 'train/lm_loss' if any('train/lm_loss' in r for r in rows) else 'train/loss'
+        for key in (train_key, 'val/loss'):
             pts = [(r['step'], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker='o' if len(pts) < 20 else None, markersize=3)

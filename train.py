@@ -211,7 +211,9 @@ if cuda_graph_train:
     train_step = CUDAGraphStep(train_step)    # copies each step's batches in, replays the graph
 
 # --- the training loop ------------------------------------------------------------------------
-plots = (('train/loss', 'train/eval_loss', *(f'{s}/loss' for s in data.val_splits)), 'loss.png', 'loss (nats/token)')
+# the next-token loss (train/lm_loss: the objective train/loss also holds the MTP and balance terms,
+# which the evaluations leave out) beside the evaluated ones
+plots = (('train/lm_loss', 'train/eval_loss', *(f'{s}/loss' for s in data.val_splits)), 'loss.png', 'loss (nats/token)')
 step = start = run.step                      # 0, or where a resumed run stopped
 prof = None
 while run.evaluate(step, evaluate, plots):   # every eval_interval steps: evaluate, plot, save; False at the end

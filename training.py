@@ -33,6 +33,7 @@ itself, and checkpoints are gathered into the single-process layout.
 
 import contextlib
 import copy
+import math
 import os
 import shutil
 import signal
@@ -146,6 +147,7 @@ class Run:
             signal.signal(signal.SIGINT, self.on_interrupt)
         self.flops_per_token = flops_per_token
         self.first_bad_step = torch.tensor(-1, device=rt.device)   # the first NaN/inf step, on the device
+        self.bad_what = 'training loss'                            # (or, found at an evaluation, 'val loss')
         # what the next log line reports: summed over the steps since the last one
         self.t_last, self.steps_since, self.tokens_since = time.perf_counter(), 0, 0.0
         self.tokens_seen = (resume or {}).get('tokens', 0.0)    # trained on, all ranks, since step 0
@@ -446,6 +448,10 @@ class Run:
                 self.expert_share, self.last_heatmap_step = None, step
         # a stage whose evaluations have no val loss (PPO, GRPO: rewards) saves at every one (-1)
         val = self.from_rank0(metrics.get('val/loss', -1.0))
+        if not math.isfinite(val):        # the last step's update broke the model though its loss was
+            self.first_bad_step.fill_(step - 1)   # finite: a diverged model, never saved over the good one
+            self.bad_what = 'val loss'
+            return False
         if val < 0 or val < self.best_val_loss or c['always_save_checkpoint']:
             self.best_val_loss = min(self.best_val_loss, val) if val >= 0 else self.best_val_loss
             if step > 0 and not c['eval_only'] and c['save_checkpoints']:
@@ -487,7 +493,7 @@ class Run:
             sys.exit(130)
         if self.diverged():
             last = checkpoint_path(c['out_dir'])
-            sys.exit(f'error: the training loss became NaN/inf at step {int(self.first_bad_step)}; stopped. '
+            sys.exit(f'error: the {self.bad_what} became NaN/inf at step {int(self.first_bad_step)}; stopped. '
                      f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)')
                      if rt.master else 1)
         if rt.master and not c['eval_only']:

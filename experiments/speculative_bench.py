@@ -73,8 +73,8 @@ if rt.device_type == 'cuda':
 results, reference = {}, None
 for name, fn in methods.items():
     with rt.autocast():
-        for p in prompts[:2]:
-            fn(p)                                   # warm-up (and graph capture)
+        for p in prompts:
+            fn(p)                                   # warm-up: every prompt once (a graph per prompt length)
         sync()
         t0, outs, stats = time.time(), [], {'drafted': 0, 'accepted': 0, 'forward_passes': 0}
         for _ in range(repeats):

@@ -220,6 +220,29 @@ def test_gpt2_preset_size_and_flops():
     assert model.flops_per_token(1024) == 6 * n_matmul + 12 * c.n_layer * c.n_head * 64 * 1024
 
 
+@pytest.mark.parametrize('kw', [{}, {'mtp_depth': 2}, {'pos_emb': 'rope', 'mlp': 'swiglu', 'n_routed_experts': 8,
+                                'n_shared_experts': 1, 'num_experts_per_tok': 2, 'moe_intermediate_size': 16,
+                                'first_k_dense_replace': 1, 'mtp_depth': 1, 'moe_impl': 'loop'}],
+                         ids=['gpt', 'mtp2', 'moe_mtp'])
+def test_flops_per_token_counts_the_matmuls_a_training_step_runs(kw):
+    """6 x active_matmul_params against torch's FlopCounterMode over a forward and backward: the
+    weights' FLOPs (its CPU flash-attention kernel is not counted, so the attention term is left
+    out; MLA's unequal head widths take the math kernel, which is, hence no MLA case here).
+    Each MTP depth runs the output head again and covers T - k of the T tokens (the formula counts
+    T): within k/T."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=128, block_size=64, n_layer=2, n_head=4, n_embd=32, **kw)).train()
+    x, y = torch.randint(0, 128, (2, 64)), torch.randint(0, 128, (2, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(x, y)[1].backward()
+    counted = counter.get_total_flops() / x.numel()
+    formula = 6 * model.active_matmul_params()
+    assert abs(counted / formula - 1) <= model.config.mtp_depth / 64, (counted, formula)
+    if model.config.mtp_depth:                         # mtp=False: the model as run without them
+        assert model.active_matmul_params(mtp=False) < formula / 6
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="pos_emb='alibi'; valid: learned, sinusoidal, rope, none"):
         ModelConfig(pos_emb='alibi')

@@ -93,6 +93,12 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     bad_step = int(p.stderr.split('at step ')[1].split(';')[0])
     assert 5 <= bad_step < 15
     assert load_checkpoint(str(tmp_path / 'run'))['step'] == 5    # untouched
+    # a step whose loss is finite but whose update breaks the model: its evaluation's val loss is
+    # NaN; that model is not saved over the good checkpoint either
+    p = train(tmp_path, byte_data, 'run', '--max_iters=15', '--init_from=resume', '--eval_interval=1',
+              '--learning_rate=1e30', '--grad_clip=0.0', check=False)
+    assert p.returncode != 0 and 'became NaN/inf at step' in p.stderr, p.stderr[-2000:]
+    assert load_checkpoint(str(tmp_path / 'run'))['step'] == 5
 
 
 def test_sample_script(tmp_path, byte_data):
@@ -162,6 +168,9 @@ def test_lr_schedules():
     assert lr_at(109, schedule='constant', **kw) == 1.0
     with pytest.raises(ValueError, match='valid: cosine, wsd, constant'):
         lr_at(50, schedule='linear', **kw)
+    short = dict(lr=1.0, min_lr=0.1, warmup_iters=100, decay_iters=50)   # a warmup longer than the run
+    assert lr_at(49, **short) == pytest.approx(50 / 101)
+    assert lr_at(50, **short) == lr_at(99, **short) == lr_at(120, **short) == 0.1   # min_lr after it, as said
 
 
 def test_the_logged_loss_parts_add_up_to_the_loss_over_every_micro_batch(tmp_path, byte_data):
