@@ -6,7 +6,8 @@ longest output of the group), and optionally by transformers' generate on the ex
 
 $ python bench_serve.py config/tinystories_moe.py                      # a random-weight model of a config
 $ python bench_serve.py --checkpoint=out/speedrun_gpu/base --streams=1,8,64,256
-$ python bench_serve.py config/tinystories_cpu.py --device=cpu --streams=1,4 --n_requests=8 --max_prompt=64 --max_output=32
+$ python bench_serve.py config/tinystories_cpu.py --device=cpu --streams=1,4 --n_requests=8 \
+    --max_prompt=64 --max_output=32
 
 Each level of concurrency C keeps C requests in flight (closed loop: a finished request is replaced
 by the next one at once; static batching takes the next C at once, when the whole group before has

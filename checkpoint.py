@@ -6,7 +6,6 @@ any stage's folder; the RNG states make a resume continue exactly.
 """
 
 import os
-import pickle
 import shutil
 import sys
 import warnings
@@ -75,7 +74,7 @@ def load_checkpoint(path, map_location='cpu'):
                  + (f"checkpoints found: {', '.join(others[:8])}" if others else 'no checkpoint found under out/'))
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as e:
+    except Exception as e:               # (a text file, a cut-short zip: whatever torch.load raises)
         sys.exit(f"error: the checkpoint '{p}' is damaged or incomplete ({os.path.getsize(p):,} bytes; "
                  f"{type(e).__name__}: {str(e)[:120]}); delete it, then train again or resume from an "
                  f"earlier copy")
@@ -123,7 +122,11 @@ def load_sharded_checkpoint(folder):
                if k.startswith('model.') and isinstance(m, TensorStorageMetadata)}
     with warnings.catch_warnings():              # DCP warns that it loads in a single process
         warnings.simplefilter('ignore', UserWarning)
-        dcp.load({'model': weights}, checkpoint_id=folder, no_dist=True)
+        try:
+            dcp.load({'model': weights}, checkpoint_id=folder, no_dist=True)
+        except Exception as e:                   # a shard missing or cut short
+            sys.exit(f"error: the sharded checkpoint '{folder}' is damaged or incomplete ({type(e).__name__}: "
+                     f"{str(e)[:200]}); delete it, then train again or resume from an earlier copy")
     return {**ckpt, 'model': weights, 'sharded_dir': folder}
 
 
@@ -141,18 +144,24 @@ def load_sharded_optimizer(model, optimizer, folder):
 
 def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quantize=''):
     """Rebuild (model, tokenizer, ckpt) from any stage's checkpoint; `overrides` replace fields of
-    its ModelConfig that do not change the weights (e.g. {'dropout': 0.1}). With scalar=True a
-    language model's checkpoint becomes a ScalarModel (its weights plus a new scalar head).
+    its ModelConfig that do not change the weights (e.g. {'dropout': 0.1}). scalar=False: a
+    language model (a reward model's checkpoint is refused by name: it has no use as one);
+    scalar=True: a ScalarModel (a language model's checkpoint gets a new scalar head); None: as
+    the checkpoint was saved.
     quantize='int8' | 'int4': its weights quantized for inference (quant.py); a checkpoint saved
     quantized (quantize.py) loads quantized whatever this says."""
     ckpt = load_checkpoint(path) if ckpt is None else ckpt
     is_scalar = ckpt.get('model_class') == 'scalar'
+    if is_scalar and scalar is False:
+        sys.exit(f"error: {path} holds a {ckpt.get('stage', 'reward')} model (a scalar score, no language model "
+                 f"head): sample, evaluate, serve or fine-tune the language model it was trained from "
+                 f"({ckpt.get('parent') or 'its init_from'}); reward models are read by ppo.py / grpo.py "
+                 f"(--reward_model=)")
     cls = ScalarModel if is_scalar or scalar else GPT
     model = cls(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
+    check_quantize(quantize, ckpt, path)
     if ckpt.get('quantized'):                        # built quantized (empty), then filled
         quantize_model(model, ckpt['quantized']['kind'], ckpt['quantized']['group_size'], weights=False)
-    elif quantize and quantize not in BITS:
-        sys.exit(f"error: quantize='{quantize}'; valid: '' (off), {', '.join(BITS)}")
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     if unexpected or [k for k in missing if not (scalar and not is_scalar and k.startswith('score_head.'))]:
         raise RuntimeError(f'{path}: the checkpoint does not fit its model: missing {missing[:4]}, '
@@ -163,10 +172,23 @@ def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quan
     return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
 
 
+def check_quantize(quantize, ckpt, path):
+    """Exit if `quantize` (a load-time setting) is no kind, or asks a checkpoint saved quantized for
+    another kind (its full-precision weights are gone)."""
+    if quantize and quantize not in BITS:
+        sys.exit(f"error: quantize='{quantize}'; valid: '' (off), {', '.join(BITS)}")
+    saved = (ckpt.get('quantized') or {}).get('kind')
+    if quantize and saved and quantize != saved:
+        sys.exit(f"error: {path} is saved quantized as {saved}; quantize={quantize} needs the full-precision "
+                 f"checkpoint it came from ({ckpt.get('parent')})")
+
+
 def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quantize=''):
     """(model, tokenizer, ckpt) ready for the chat template: the checkpoint's tokenizer with the
     template's special tokens added if it lacks them, and the model's vocabulary grown (padded to
     a multiple of 64) if those ids do not fit in it."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    check_quantize(quantize, ckpt, path)
     model, tok, ckpt = load_model(path, device, ckpt, overrides, scalar)
     if not tok.chat:
         tok = with_chat_tokens(tok)

@@ -5,7 +5,9 @@ values, then
     config = configure(globals(), model_config=ModelConfig)
 
 executes each config file named on the command line over them, then applies --key=value (or
---key value) overrides, parsed as Python literals and type-checked against the default. An
+--key value) overrides (after every config file, wherever they stand on the command line),
+parsed as Python literals (true / false / none in any case too) and type-checked against the
+default. An
 unknown key or a value of the wrong type is an error that names the key and lists the valid
 ones. The resolved values are written back into the script's globals and returned as a dict
 (the checkpoint stores it).
@@ -53,9 +55,14 @@ def _checked(key, value, default, valid, origin, current=None):
 
 
 def _parse_value(key, raw, default):
-    """--key=value: a Python literal, or the raw text where the default is a string."""
+    """--key=value: a Python literal, or the raw text where the default is a string; true, false
+    and none in any case are True, False, None (--compile=false must not be the text 'false',
+    which a key whose default is None would otherwise keep, and which is true)."""
     if isinstance(default, str):
         return raw
+    words = {'true': True, 'false': False, 'none': None}
+    if raw.strip().lower() in words:
+        return words[raw.strip().lower()]
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -108,6 +115,9 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         args.append(arg)
         i += 1
     set_by = {}                                            # key -> the config file that set it
+    # the config files first, in their order, then the overrides: an override written before a
+    # config file still wins over it
+    args = [a for a in args if not a.startswith('--')] + [a for a in args if a.startswith('--')]
     for arg in args:
         if not arg.startswith('--'):                      # a config file
             if not os.path.isfile(arg):

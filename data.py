@@ -368,6 +368,16 @@ def read_jsonl(path, required=(), hint=''):
     return rows
 
 
+def read_prepared(folder, name, required=(), hint=''):
+    """read_jsonl of a file in a folder a prepare script wrote (the task, the preference pairs).
+    Those scripts remove the folder's meta.json first and write it last: a folder without one is
+    half-written (an interrupted run, old files beside new ones) and is refused."""
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, 'meta.json')):
+        sys.exit(f"error: '{folder}' has no meta.json: its preparation did not finish (its files may mix "
+                 f"an interrupted run with an earlier one); prepare it again" + (f' ({hint})' if hint else ''))
+    return read_jsonl(os.path.join(folder, name), required, hint)
+
+
 def chat_batch(rows, pad_id, T=None, weights=False):
     """(x, y) for a list of (ids, mask) pairs, e.g. from tok.encode_chat: x the tokens, y the next
     token where the mask is on and -1 elsewhere (prompt, padding: no loss). Rows are right-padded

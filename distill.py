@@ -48,7 +48,7 @@ from tqdm import tqdm
 from checkpoint import load_chat_model, load_checkpoint, load_model
 from config import configure, model_config_from
 from data import (TokenData, chat_batch, encode_chat_examples, eval_generator, load_tokenizer_spec,
-                  pack_chat_examples, read_jsonl, write_token_dataset)
+                  pack_chat_examples, read_prepared, write_token_dataset)
 from generate import generate_tokens, use_cuda_graph
 from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, padded_vocab_size, teacher_log_probs
 from runtime import close_runtime, init_runtime
@@ -325,8 +325,8 @@ else:
 # --- the instruction case: chat-formatted examples ------------------------------------------------
 if task_dir:
     def read_task(name, required):
-        return read_jsonl(os.path.join(task_dir, name), required,
-                          hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
+        return read_prepared(task_dir, name, required,
+                             hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
     train_ex, cut = encode_chat_examples(tok, read_task('sft_train.jsonl', ('prompt', 'response')), block_size)
     val_ex, _ = encode_chat_examples(tok, read_task('sft_val.jsonl', ('prompt', 'response')), block_size)
     prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts] if eval_prompts else []

@@ -14,7 +14,6 @@ checkpoints and resume work as in train.py (training.Run).
 $ python dpo.py --init_from=out/sft --out_dir=out/dpo
 """
 
-import os
 import sys
 
 import torch
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
-from data import chat_batch, read_jsonl
+from data import chat_batch, read_prepared
 from generate import use_cuda_graph
 from model import token_logprobs
 from runtime import close_runtime, init_runtime
@@ -93,10 +92,10 @@ if block_size > model.config.block_size:
     sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
 
 hint = 'run python prepare/preferences.py'
-train_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_train.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
-val_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_val.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
-prompts = read_jsonl(os.path.join(task_dir, 'prompts_val.jsonl'), ('prompt', 'words'),
-                     hint='run python prepare/tinystories_instruct.py')[:eval_prompts] if eval_prompts else []
+train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
+val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
+prompts = read_prepared(task_dir, 'prompts_val.jsonl', ('prompt', 'words'),
+                        hint='run python prepare/tinystories_instruct.py')[:eval_prompts] if eval_prompts else []
 
 
 def encode(pair, side):
@@ -161,7 +160,8 @@ def evaluate(model):
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
 run = Run(config, rt, model, 'dpo', tok.spec(), model.flops_per_token(block_size),
           resume=ckpt if init_from == 'resume' else None,
-          checkpoint_extra={'parent': ckpt.get('parent', source), 'reference': reference,
+          checkpoint_extra={'parent': ckpt.get('parent', source) if init_from == 'resume' else source,
+                            'reference': reference,
                             'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', ''), 'task_dir': task_dir},
           unused_parameters=model.config.mtp_depth > 0)    # no targets: MTP unused
 ckpt = None

@@ -23,8 +23,9 @@ import torch
 
 from checkpoint import load_chat_model, load_checkpoint, run_folders
 from config import configure
-from data import eval_generator, load_tokenizer_spec, read_jsonl, TokenData, write_json, write_jsonl
+from data import eval_generator, load_tokenizer_spec, read_prepared, TokenData, write_json, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
+from model import GPT
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
 from task import evaluate_task
@@ -117,7 +118,7 @@ def task_metrics(model, tok, ckpt):
         print(f"no held-out prompts at '{path}' (python prepare/tinystories_instruct.py); skipping the task",
               file=sys.stderr)
         return {}, []
-    prompts = read_jsonl(path, ('prompt', 'words'))[:n_prompts]
+    prompts = read_prepared(os.path.dirname(path), os.path.basename(path), ('prompt', 'words'))[:n_prompts]
     r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
                       batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
@@ -155,14 +156,19 @@ def evaluate(folder):
     model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt, quantize=quantize)
     model.to(rt.device).eval()
     task, answers = task_metrics(model, tok, ckpt)
-    result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0),
-              'params': model.num_params(), 'active_params': model.active_params(), 'val/loss': None,
+    quantized = (ckpt.get('quantized') or {}).get('kind') or quantize or None
+    with torch.device('meta'):        # counted as in full precision (quantized weights are buffers)
+        full = GPT(model.config)
+    result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0), 'quantized': quantized,
+              'params': full.num_params(), 'active_params': full.active_params(), 'val/loss': None,
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
               'continuations': continuations(model, tok), 'temperature': temperature,
               'max_new_tokens': max_new_tokens}
-    write_json(os.path.join(folder, 'eval.json'), result)
+    # quantized here (--quantize) from a full-precision folder: beside its own eval.json, not over it
+    suffix = f'_{quantize}' if quantize and not ckpt.get('quantized') else ''
+    write_json(os.path.join(folder, f'eval{suffix}.json'), result)
     if answers:
-        write_jsonl(os.path.join(folder, 'eval_answers.jsonl'), answers)
+        write_jsonl(os.path.join(folder, f'eval_answers{suffix}.jsonl'), answers)
     return result
 
 
@@ -177,7 +183,8 @@ HEADER = ('| run | stage | step | val loss | val bits/byte | task score | all wo
 
 def row(r):
     pct = lambda k: '-' if r.get(k) is None else f'{100 * r[k]:.1f}%'   # noqa: E731
-    return (f"| {r['run']} | {r['stage']} | {r['step']} | {fmt(r['val/loss'])} | {fmt(r['val/bpb'])} | "
+    name = r['run'] + (f" ({r['quantized']})" if r.get('quantized') else '')
+    return (f"| {name} | {r['stage']} | {r['step']} | {fmt(r['val/loss'])} | {fmt(r['val/bpb'])} | "
             f"{fmt(r.get('task/score'), '.3f')} | {pct('task/all_words')} | {pct('task/ended')} |"
             + (f" {fmt(r.get('kl_ref'), '.2f')} |" if reference else ''))
 

@@ -120,7 +120,8 @@ if resume and 'reward_moments' in ckpt:
     moments.load_state_dict(ckpt['reward_moments'])
 train_prompts, val_prompts = read_prompts(task_dir, eval_prompts)
 clear_samples(out_dir, resume, rt.master)
-extra = {'parent': ckpt.get('parent', reference_path), 'reference': reference_path, 'reward': reward,
+extra = {'parent': ckpt.get('parent', reference_path) if resume else reference_path,   # what it started from
+         'reference': reference_path, 'reward': reward,
          'reward_model': reward_model if rewards.reward_model is not None else '', 'task_dir': task_dir,
          'data_dir': ckpt.get('data_dir', ''), 'reward_moments': moments.state_dict()}
 # optimizer, DDP, torch.compile, the log, and the resumed optimizer state, step and RNG

@@ -37,12 +37,17 @@ dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
+if quantize not in BITS:
+    sys.exit(f"error: quantize='{quantize}'; valid: {', '.join(BITS)}")
+if group_size < 1:
+    sys.exit(f'error: group_size={group_size} must be positive')
+if save_dir and os.path.exists(save_dir) and os.path.realpath(save_dir) == os.path.realpath(out_dir):
+    sys.exit(f"error: save_dir='{save_dir}' is the checkpoint's own folder: the quantized checkpoint would "
+             f"replace the full-precision one (which training and a later quantization need); pick another")
 rt = init_runtime(device, dtype, seed)
 original, tok, ckpt = load_model(out_dir, rt.device)
 if ckpt.get('quantized'):
     sys.exit(f"error: {out_dir} is quantized already ({ckpt['quantized']['kind']})")
-if quantize not in BITS:
-    sys.exit(f"error: quantize='{quantize}'; valid: {', '.join(BITS)}")
 quantized = quantize_model(load_model(out_dir, rt.device, ckpt=ckpt)[0], quantize, group_size)
 original.eval()
 quantized.eval()

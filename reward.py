@@ -17,7 +17,6 @@ Schedule, optimizer, logging, checkpoints and resume work as in train.py (traini
 """
 
 import math
-import os
 import sys
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
-from data import read_jsonl
+from data import read_prepared
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
 from task import RULE_PARTS, evaluate_task, rank_correlation, score, score_parts
@@ -106,8 +105,8 @@ if block_size > model.config.block_size:
 
 # --- data: each pair -> the chosen and the rejected sequence, and where each one ends -----------
 hint = 'run python prepare/preferences.py'
-train_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_train.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
-val_pairs = read_jsonl(os.path.join(prefs_dir, 'prefs_val.jsonl'), ('prompt', 'chosen', 'rejected'), hint)
+train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
+val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 
 
 def what_separates(pair):
@@ -206,8 +205,8 @@ def rewards_of(model, seqs):
 # fresh samples of the SFT model on held-out prompts, scored by the rule once, for the rank correlation
 fresh = []
 if n_fresh and rt.master:
-    prompts = read_jsonl(os.path.join(task_dir, 'prompts_val.jsonl'), ('prompt', 'words'),
-                         hint='run python prepare/tinystories_instruct.py')[:n_fresh]
+    prompts = read_prepared(task_dir, 'prompts_val.jsonl', ('prompt', 'words'),
+                            hint='run python prepare/tinystories_instruct.py')[:n_fresh]
     sampler, _, _ = load_chat_model(parent, rt.device)
     sampler.eval()
     r = evaluate_task(sampler, tok, prompts, max_new_tokens, fresh_temperature, autocast=rt.autocast, seed=seed,

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from checkpoint import load_chat_model, load_checkpoint
-from data import read_jsonl
+from data import read_prepared
 from generate import generate_chat
 from model import token_logprobs
 from task import evaluate_task, score
@@ -47,7 +47,7 @@ def load_rewards(kind, tok, reward_model, mix, no_end_penalty, device):
     """Rewards(kind, ...) with its reward model loaded (frozen) where kind needs one."""
     rm = None
     if kind in ('model', 'mix'):
-        rm, rm_tok, _ = load_chat_model(reward_model, device)
+        rm, rm_tok, _ = load_chat_model(reward_model, device, scalar=None)   # as saved (Rewards checks it)
         if rm_tok.spec() != tok.spec():
             sys.exit(f"error: the reward model's tokenizer ({reward_model}) differs from the policy's")
         rm.eval().requires_grad_(False)
@@ -60,8 +60,8 @@ def load_rewards(kind, tok, reward_model, mix, no_end_penalty, device):
 def read_prompts(task_dir, n_val):
     """(training prompts for rollouts, the first n_val held-out prompts for evaluation)."""
     hint = 'run python prepare/tinystories_instruct.py (or set task_dir=)'
-    train = read_jsonl(os.path.join(task_dir, 'prompts_train.jsonl'), ('prompt', 'words'), hint)
-    val = read_jsonl(os.path.join(task_dir, 'prompts_val.jsonl'), ('prompt', 'words'), hint)[:n_val]
+    train = read_prepared(task_dir, 'prompts_train.jsonl', ('prompt', 'words'), hint)
+    val = read_prepared(task_dir, 'prompts_val.jsonl', ('prompt', 'words'), hint)[:n_val]
     return train, val
 
 

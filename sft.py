@@ -12,8 +12,9 @@ Batches are packed (examples concatenated into block_size windows, the masks kep
 packing=False, drawn from examples of similar length and right-padded. In a packed window each
 example attends to itself alone, at positions counted from its own start (a block-diagonal causal
 mask, GPT.forward's segments), as it is when answered: packed_attention='window' lets the tokens
-attend across the whole window instead (pretraining's way, and the fused causal attention kernel). curriculum=True starts from
-the shortest examples and widens to all of them over curriculum_iters steps. word_loss_weight > 1
+attend across the whole window instead (pretraining's way, and the fused causal attention kernel).
+curriculum=True starts from the shortest examples and widens to all of them over curriculum_iters
+steps. word_loss_weight > 1
 weights the tokens where a task answer first uses a required word: copying the word is the skill
 the task asks for, and those tokens are a few percent of an answer's loss. Every eval_interval
 steps: the response loss on sft_val and the task score of greedy and sampled answers to held-out
@@ -21,14 +22,13 @@ prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.p
 """
 
 import math
-import os
 import sys
 
 import torch
 
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
-from data import chat_batch, encode_chat_examples, pack_chat_examples, read_jsonl
+from data import chat_batch, encode_chat_examples, pack_chat_examples, read_prepared
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
@@ -111,9 +111,8 @@ if block_size > model.config.block_size:
 
 
 # --- data ---------------------------------------------------------------------------------------
-def read_jsonl_in_task(name, required):
-    return read_jsonl(os.path.join(task_dir, name), required,
-                      hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
+def read_task(name, required):
+    return read_prepared(task_dir, name, required, hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
 
 
 def encode(rows, word_weight=1.0):
@@ -125,9 +124,9 @@ def encode(rows, word_weight=1.0):
     return out
 
 
-train_ex = encode(read_jsonl_in_task('sft_train.jsonl', ('prompt', 'response')), word_loss_weight)
-val_ex = encode(read_jsonl_in_task('sft_val.jsonl', ('prompt', 'response')))
-prompts = read_jsonl_in_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
+train_ex = encode(read_task('sft_train.jsonl', ('prompt', 'response')), word_loss_weight)
+val_ex = encode(read_task('sft_val.jsonl', ('prompt', 'response')))
+prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
 by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))   # curriculum order
 curriculum_iters = curriculum_iters or max(1, max_iters // 2)
 if rt.master:
@@ -187,7 +186,8 @@ def evaluate(model):
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
 run = Run(config, rt, model, 'sft', tok.spec(), model.flops_per_token(block_size),
           resume=ckpt if init_from == 'resume' else None,
-          checkpoint_extra={'task_dir': task_dir, 'parent': ckpt.get('parent', source),
+          checkpoint_extra={'task_dir': task_dir,
+                            'parent': ckpt.get('parent', source) if init_from == 'resume' else source,
                             'data_dir': ckpt.get('data_dir', '')})
 ckpt = None
 

@@ -217,6 +217,7 @@ class WordTokenizer(Tokenizer):
         counts = Counter()
         for t in texts:
             counts.update(cls.split(t))
+        counts.pop(cls.UNK, None)                # '<unk>' in the text (WikiText has it) is id 0 already
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size - 2]
         return cls([cls.UNK] + [w for w, _ in top])
 

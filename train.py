@@ -129,6 +129,9 @@ if init_from == 'scratch':
     model_cfg = model_config_from(config, ModelConfig)
 else:
     ckpt = load_checkpoint(out_dir if init_from == 'resume' else init_from)
+    if ckpt.get('quantized'):          # (training.Run refuses a quantized model in the other stages)
+        sys.exit(f"error: the model train.py was given is quantized (weights stored as int8/int4, frozen): "
+                 f"training needs the full-precision checkpoint it was quantized from, {ckpt.get('parent')}")
     if ckpt['tokenizer'] != tok_spec:
         sys.exit(f"error: the checkpoint's tokenizer ({ckpt['tokenizer']['kind']}) differs from "
                  f"the dataset's ({tok_spec['kind']}) in {data_dir}")

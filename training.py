@@ -54,6 +54,7 @@ from data import batch_generator
 from model import MoE, ScalarModel
 from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
 import parallel
+from quant import QuantExperts, QuantLinear
 from runlog import RunLog
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
@@ -83,6 +84,14 @@ class Run:
         if self.fsdp and rt.dtype == 'float16':
             sys.exit("error: fsdp=True trains in bfloat16 or float32 (float16 loss scaling is not "
                      "supported with it); set dtype='bfloat16'")
+        if any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
+            sys.exit(f"error: the model {self.stage_script()} was given is quantized (weights stored as int8/int4, "
+                     f"frozen): training needs the full-precision checkpoint it was quantized from (the "
+                     f"quantized checkpoint's 'parent')")
+        if resume is not None and resume.get('stage', stage) != stage:
+            sys.exit(f"error: init_from=resume continues a {stage} run, but {c['out_dir']} holds a "
+                     f"{resume['stage']} checkpoint: pick another out_dir, or start this stage from that "
+                     f"checkpoint with init_from={c['out_dir']}")
         self.ep = c.get('expert_parallel', 0) > 1
         if self.ep:
             self.check_expert_parallel(model, also_train)

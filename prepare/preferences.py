@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_chat_model  # noqa: E402
 from config import configure  # noqa: E402
-from data import read_jsonl, write_json, write_jsonl  # noqa: E402
+from data import read_jsonl, read_prepared, write_json, write_jsonl  # noqa: E402
 from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runtime import init_runtime  # noqa: E402
 from task import score  # noqa: E402
@@ -69,7 +69,13 @@ if best_dir and source:
 
 if source:
     pairs = read_jsonl(source, ('prompt', 'chosen', 'rejected'))
-    for p in pairs:
+    for n, p in enumerate(pairs, 1):
+        bad = [k for k in ('prompt', 'chosen', 'rejected') if not isinstance(p[k], str)]
+        problem = (f'{bad} are not text' if bad else 'chosen and rejected are the same text'
+                   if p['chosen'] == p['rejected'] else 'chosen_score < rejected_score'
+                   if p.get('chosen_score', 0) < p.get('rejected_score', 0) else '')
+        if problem:
+            sys.exit(f'error: {source}: pair {n} (of the non-empty lines): {problem}')
         p.setdefault('chosen_ended', True)
         p.setdefault('rejected_ended', True)
     stats = {'source': source}
@@ -78,8 +84,8 @@ else:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
     model, tok, _ = load_chat_model(init_from, rt.device)
     model.eval()
-    prompts = read_jsonl(os.path.join(task_dir, 'prompts_train.jsonl'), ('prompt', 'words'),
-                         hint='run python prepare/tinystories_instruct.py')
+    prompts = read_prepared(task_dir, 'prompts_train.jsonl', ('prompt', 'words'),
+                            hint='run python prepare/tinystories_instruct.py')
     prompts = prompts[:n_prompts] if n_prompts else prompts
     g = torch.Generator(device=rt.device).manual_seed(seed)
     pairs, gaps, best_answers = [], [], []
@@ -117,9 +123,11 @@ if best_dir and not best_answers:  # the pairs are still wanted: a note, not an 
           f'not written; lower best_min_score= or sample more answers (samples_per_prompt=)', file=sys.stderr)
 elif best_dir:                   # the rejection-sampled SFT set
     os.makedirs(best_dir, exist_ok=True)
+    if os.path.exists(os.path.join(best_dir, 'meta.json')):
+        os.remove(os.path.join(best_dir, 'meta.json'))    # the folder is incomplete until it lands again
     write_jsonl(os.path.join(best_dir, 'sft_train.jsonl'), best_answers)
     for name in ('sft_val.jsonl', 'prompts_val.jsonl'):      # the held-out data stays the task's
-        write_jsonl(os.path.join(best_dir, name), read_jsonl(os.path.join(task_dir, name)))
+        write_jsonl(os.path.join(best_dir, name), read_prepared(task_dir, name))
     write_json(os.path.join(best_dir, 'meta.json'), {**stats, 'task_dir': task_dir, 'best_min_score': best_min_score,
                                                      'sft_train': len(best_answers)})
     print(f'wrote {best_dir}: {len(best_answers)} best answers of {len(prompts)} prompts (score >= '
@@ -140,6 +148,8 @@ if not val_pairs or not train_pairs:
              f'(val_fraction={val_fraction}); sample more prompts')
 random.Random(seed + 1).shuffle(train_pairs)
 os.makedirs(out_dir, exist_ok=True)
+if os.path.exists(os.path.join(out_dir, 'meta.json')):
+    os.remove(os.path.join(out_dir, 'meta.json'))           # the folder is incomplete until it lands again
 write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
 write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
 write_json(os.path.join(out_dir, 'meta.json'), {**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),

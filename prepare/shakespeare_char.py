@@ -44,6 +44,7 @@ if source.startswith(('http://', 'https://')):
         print(f'could not download {source} ({type(e).__name__}); using the local copy {local}', file=sys.stderr)
         with open(local, encoding='utf-8') as f:
             text = f.read()
+        source = local                   # what meta.json records
 else:
     if not os.path.isfile(source):
         sys.exit(f"error: source '{source}' does not exist")

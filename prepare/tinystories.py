@@ -27,6 +27,7 @@ from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'   # a Hugging Face dataset name, or a local file / folder
+HUB_SOURCE = source                  # the one name whose failure falls back to the local sample
 out_dir = 'data/tinystories'
 tokenizer = 'gpt2'                   # 'gpt2' | 'bpe' | 'byte' | 'char' | 'word'
 tokenizer_file = ''                  # gpt2: a local tiktoken rank file instead of the download
@@ -49,6 +50,9 @@ def load_hf(name):
     try:
         ds = load_dataset(name)
     except Exception as e:
+        if name != HUB_SOURCE:           # another name (or a mistyped local path): the sample is not it
+            sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
+                     f"{str(e)[:200]}); if it is a local file or folder, it does not exist")
         train, val = local_copy('tinystories', 'train_sample_2mb.txt'), local_copy('tinystories', 'valid_sample_800kb.txt')
         if train and val:
             print(f"could not load '{name}' from the Hugging Face hub ({type(e).__name__}); using the "

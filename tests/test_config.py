@@ -45,6 +45,14 @@ def test_none_default_accepts_any_type():
     assert cfg['auto'] == 'word'
 
 
+def test_true_false_none_in_any_case_are_the_python_values():
+    """--compile=false on a key whose default is None (auto) was the text 'false', which is true."""
+    for raw, value in (('false', False), ('FALSE', False), ('true', True), ('None', None), ('none', None)):
+        assert run([f'--auto={raw}'])[1]['auto'] is value
+    assert run(['--flag=true'])[1]['flag'] is True
+    assert run(['--out_dir=none'])[1]['out_dir'] == 'none'       # a string key keeps its text
+
+
 @pytest.mark.parametrize('arg,expect', [
     ('--n_steps=2.5', "'n_steps' to 2.5 of type float, but 'n_steps' takes int"),
     ('--n_steps=True', "takes int"),
@@ -66,6 +74,8 @@ def test_config_file_runs_over_defaults_and_may_read_them(tmp_path):
     f = tmp_path / 'cfg.py'
     f.write_text('import math\nn_steps = 100\nlr = n_steps * 1e-5\n_private = 3\n')
     _, cfg = run([str(f), '--n_steps=7'])       # the command line comes after the file
+    assert cfg['n_steps'] == 7 and cfg['lr'] == pytest.approx(1e-3)
+    _, cfg = run(['--n_steps=7', str(f)])       # written before the file, it still wins
     assert cfg['n_steps'] == 7 and cfg['lr'] == pytest.approx(1e-3)
 
 

@@ -72,6 +72,17 @@ def test_external_pairs_are_checked_and_split(tmp_path):
     src.write_text(json.dumps({'prompt': 'x', 'chosen': 'y'}) + '\n')
     p = run_script('prepare/preferences.py', f'--source={src}', '--out_dir=q', cwd=tmp_path, check=False)
     assert "line 1 lacks ['rejected']" in p.stderr
+    from conftest import run_script_many
+    cases = [({'chosen': 'same', 'rejected': 'same'}, 'chosen and rejected are the same text'),
+             ({'chosen': 123, 'rejected': None}, "['chosen', 'rejected'] are not text"),
+             ({'chosen_score': 0.1, 'rejected_score': 0.9}, 'chosen_score < rejected_score')]
+    for k, (bad, _) in enumerate(cases):
+        (tmp_path / f'bad{k}.jsonl').write_text(''.join(json.dumps({**r, **(bad if i == 3 else {})}) + '\n'
+                                                        for i, r in enumerate(planted_pairs(6))))
+    runs = run_script_many('prepare/preferences.py', [[f'--source=bad{k}.jsonl', '--out_dir=q'] for k in range(3)],
+                           cwd=tmp_path)
+    for p, (_, message) in zip(runs, cases):
+        assert p.returncode and f'pair 4 (of the non-empty lines): {message}' in p.stderr
 
 
 def test_sampled_pairs_from_a_model(pipeline):
@@ -81,6 +92,12 @@ def test_sampled_pairs_from_a_model(pipeline):
     rows += [json.loads(line) for line in open(pipeline / 'sampled' / 'prefs_val.jsonl')]
     assert len(rows) == 3                                            # one pair per prompt (margin 0)
     assert all(r['chosen_score'] >= r['rejected_score'] and {'words', 'features'} <= set(r) for r in rows)
+    # a prepared folder without its meta.json (written last, removed first) is half-written: refused
+    import shutil
+    shutil.copytree(pipeline / 'sampled', pipeline / 'half', dirs_exist_ok=True)
+    (pipeline / 'half' / 'meta.json').unlink()
+    p = run_script('reward.py', '--init_from=base', '--prefs_dir=half', '--device=cpu', cwd=pipeline, check=False)
+    assert p.returncode and "'half' has no meta.json: its preparation did not finish" in p.stderr
     # all_pairs: every two of the 3 answers (margin 0: all 3 pairs a prompt), split by prompt
     run_script('prepare/preferences.py', '--init_from=base', '--task_dir=inst', '--out_dir=all_pairs',
                '--all_pairs=True', '--samples_per_prompt=3', '--max_new_tokens=12', '--margin=0.0', '--device=cpu',
@@ -142,7 +159,7 @@ def test_reward_model_learns_a_planted_preference(planted):
     assert 'train/accuracy' in rows[1]
     ckpt = load_checkpoint(str(planted / 'rm'))
     assert ckpt['stage'] == 'reward' and ckpt['model_class'] == 'scalar' and ckpt['parent'] == 'base'
-    model, tok, _ = load_model(str(planted / 'rm'))                 # ppo / grpo load it like this
+    model, tok, _ = load_model(str(planted / 'rm'), scalar=None)    # ppo / grpo load it like this
     assert isinstance(model, ScalarModel)
     good, _ = tok.encode_chat('Write a story number 1.', 'the big banana ran home.')
     bad, _ = tok.encode_chat('Write a story number 1.', 'the big dog ran home.')

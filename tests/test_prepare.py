@@ -80,13 +80,17 @@ def test_jsonl_parquet_and_folder_splits(tmp_path):
     assert (meta['train_docs'], meta['val_docs']) == (6, 2)        # the folder's split is kept
 
 
-def test_bad_sources_give_clear_errors(tmp_path):
+def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     (tmp_path / 'not_json.jsonl').write_text('{"text": "ok"}\nnot json\n')
     (tmp_path / 'no_text.jsonl').write_text('{"title": "no text"}\n')
     cases = [('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
              (f'--source={tmp_path / "not_json.jsonl"}', 'line 2 is not JSON'),
              (f'--source={tmp_path / "no_text.jsonl"}', "has no string field 'text' or 'story'"),
-             ('--tokenizer=spm', "tokenizer='spm'; valid: gpt2, bpe, byte, char, word")]
+             ('--tokenizer=spm', "tokenizer='spm'; valid: gpt2, bpe, byte, char, word"),
+             # a mistyped local folder reads as a hub name: an error, not the local TinyStories sample
+             ('--source=my_data/tinystorie', "if it is a local file or folder, it does not exist")]
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')            # the hub's answer at once (no network retries)
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     runs = run_script_many('prepare/tinystories.py', [[arg] for arg, _ in cases], cwd=tmp_path)
     for (arg, message), p in zip(cases, runs):
         assert p.returncode != 0 and message in p.stderr, (arg, p.stderr[-500:])

@@ -83,3 +83,29 @@ def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path,
     assert p.returncode == 0
     p = run_script('sample.py', '--out_dir=base', '--quantize=int3', '--device=cpu', cwd=tmp_path, check=False)
     assert "quantize='int3'; valid: '' (off), int8, int4" in p.stderr
+    # what must not happen to the full-precision checkpoint: replaced by its quantization, or
+    # trained from the quantized weights (frozen buffers, and a checkpoint that would not load)
+    from conftest import run_script_many
+    same, group, train, resume = run_script_many('quantize.py', [
+        ['--out_dir=base', '--save_dir=base', '--device=cpu'], ['--out_dir=base', '--group_size=0']], cwd=tmp_path) + \
+        run_script_many('train.py', [
+            [f'--data_dir={byte_data}', '--out_dir=x', '--init_from=base_int8', '--max_iters=1', '--device=cpu'],
+            [f'--data_dir={byte_data}', '--out_dir=base_int8', '--init_from=resume', '--max_iters=1', '--device=cpu']],
+            cwd=tmp_path)
+    assert same.returncode and "save_dir='base' is the checkpoint's own folder" in same.stderr
+    assert load_checkpoint(str(tmp_path / 'base')).get('quantized') is None
+    assert group.returncode and 'group_size=0 must be positive' in group.stderr
+    for p in (train, resume):
+        assert p.returncode and 'is quantized (weights stored as int8/int4' in p.stderr, p.stderr[-500:]
+    # eval.py --quantize: a result of its own, marked, parameters counted in full precision
+    ev, bad_kind, other_kind = run_script_many('eval.py', [
+        ['--out_dir=base', '--quantize=int8', '--eval_iters=2', '--device=cpu'],
+        ['--out_dir=base', '--quantize=int3', '--device=cpu'], ['--out_dir=base_int8', '--quantize=int4', '--device=cpu']],
+        cwd=tmp_path)
+    import json
+    result = json.loads((tmp_path / 'base' / 'eval_int8.json').read_text())
+    assert ev.returncode == 0 and '| base (int8) | pretrain |' in ev.stdout
+    assert result['quantized'] == 'int8' and result['params'] == load_model(str(tmp_path / 'base'))[0].num_params()
+    assert not (tmp_path / 'base' / 'eval.json').exists()             # the full-precision result's place
+    assert bad_kind.returncode and "quantize='int3'; valid" in bad_kind.stderr
+    assert other_kind.returncode and 'is saved quantized as int8; quantize=int4 needs' in other_kind.stderr

@@ -208,6 +208,7 @@ def test_ppo_raises_a_toy_reward(sft_pipeline):
     from checkpoint import load_model
     model, _, ckpt = load_model(str(pipeline / 'ppo'))           # the policy loads as a plain GPT
     assert type(model) is GPT and ckpt['stage'] == 'ppo' and 'value_model' in ckpt and ckpt['step'] == 16
+    assert ckpt['parent'] == ckpt['reference'] == 'sft'         # what it started from (not the SFT's own parent)
 
 
 def test_grpo_raises_a_toy_reward(sft_pipeline):
@@ -255,6 +256,12 @@ def test_reward_model_in_the_loop(pipeline):
         rows = rewards_logged(pipeline / folder)[1]
         assert {'train/rule_score', 'train/rule_words', 'train/reward_model_score'} <= set(rows[0]) | set(rows[1])
         assert {'val/reward_model_score', 'val/words_sampled', 'task/words_greedy'} <= set(rows[-1])
+    # a reward model is no language model: the scripts that need one say so instead of sampling its
+    # untrained LM head or scoring it as one
+    from conftest import run_script_many
+    for p in run_script_many('sample.py', [['--out_dir=rl_rm', '--device=cpu']], cwd=pipeline) + \
+            run_script_many('eval.py', [['--out_dir=rl_rm', '--device=cpu']], cwd=pipeline):
+        assert p.returncode and 'rl_rm holds a reward model (a scalar score, no language model head)' in p.stderr
 
 
 def test_a_minibatch_makes_exactly_its_micro_batches_and_averages_their_statistics():

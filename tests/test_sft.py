@@ -235,9 +235,12 @@ def test_sft_resume_continues_exactly(pipeline):
 
 
 def test_sft_needs_a_trained_model_and_its_data(pipeline):
-    scratch, nowhere, attention = run_script_many('sft.py', [
+    scratch, nowhere, attention, other = run_script_many('sft.py', [
         ['--init_from=scratch'], ['--init_from=base', '--task_dir=nowhere', '--device=cpu'],
-        ['--init_from=base', '--packed_attention=document']], cwd=pipeline)
+        ['--init_from=base', '--packed_attention=document'],
+        [*SFT, '--init_from=resume', '--out_dir=base', '--max_iters=1']], cwd=pipeline)
+    assert other.returncode and 'init_from=resume continues a sft run, but base holds a pretrain' in other.stderr
+    assert load_checkpoint(str(pipeline / 'base'))['stage'] == 'pretrain'      # (left as it was)
     assert scratch.returncode and "sft.py fine-tunes a trained model" in scratch.stderr
     assert attention.returncode and "packed_attention='document'; valid: example, window" in attention.stderr
     assert nowhere.returncode and "'nowhere/sft_train.jsonl' not found" in nowhere.stderr

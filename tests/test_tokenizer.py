@@ -41,6 +41,8 @@ def test_word_round_trip():
     assert small.vocab_size == 5 and small.encode('zebra') == [0]
     assert small.decode(small.encode('zebra')) == '<unk>'
     assert small.encode(small.decode([0, 1, 0])) == [0, 1, 0]
+    wiki = WordTokenizer.train(['the <unk> sat on the <unk> <unk> .'], vocab_size=10)   # WikiText writes <unk>
+    assert wiki.words.count('<unk>') == 1 and wiki.encode('<unk> zebra') == [0, 0]
 
 
 def test_special_ids_decode_to_their_names_and_bad_ids_fail():

@@ -108,6 +108,8 @@ def test_sample_script(tmp_path, byte_data):
     (tmp_path / 'prompt.txt').write_text('Lily')
     (tmp_path / 'broken').mkdir()
     (tmp_path / 'broken' / 'ckpt.pt').write_bytes(b'')                # empty, as a killed copy leaves it
+    (tmp_path / 'texted').mkdir()
+    (tmp_path / 'texted' / 'ckpt.pt').write_text('version https://git-lfs... or any text\n')   # not a zip
     for name in ('older', 'newer'):                                # the newest by its checkpoint's time
         shutil.copytree(tmp_path / 'run', tmp_path / 'out' / name)
         os.utime(tmp_path / 'out' / name / 'ckpt.pt', (time.time() + (name == 'newer'),) * 2)
@@ -115,12 +117,13 @@ def test_sample_script(tmp_path, byte_data):
            ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
            ('--num_samples=0', 'num_samples=0 must be at least 1'),
            ('--start=FILE:nope.txt', "cannot read the prompt file 'nope.txt'")]
-    two, lily, *refused, nothing, broken, newest = run_script_many('sample.py', [
+    two, lily, *refused, nothing, broken, texted, newest = run_script_many('sample.py', [
         ['--out_dir=run', '--start=Once upon', '--num_samples=2', '--max_new_tokens=20', '--device=cpu'],
         ['--out_dir=run', '--start=FILE:prompt.txt', '--num_samples=1', '--max_new_tokens=5', '--temperature=0',
          '--device=cpu'],
         *[['--out_dir=run', arg] for arg, _ in bad],
-        ['--out_dir=nothing'], ['--out_dir=broken'], ['--max_new_tokens=3', '--num_samples=1', '--device=cpu']],
+        ['--out_dir=nothing'], ['--out_dir=broken'], ['--out_dir=texted'],
+        ['--max_new_tokens=3', '--num_samples=1', '--device=cpu']],
         cwd=tmp_path)
     assert two.returncode == lily.returncode == newest.returncode == 0, (two.stderr, lily.stderr, newest.stderr)
     samples = two.stdout.split('-' * 40)
@@ -128,10 +131,12 @@ def test_sample_script(tmp_path, byte_data):
     assert lily.stdout.startswith('Lily')
     for (arg, msg), p in zip(bad, refused):
         assert p.returncode != 0 and msg in p.stderr, (arg, p.stderr[-500:])
-    assert "no checkpoint at 'nothing" in nothing.stderr and 'checkpoints found: broken, run' in nothing.stderr
+    found = nothing.stderr.split('checkpoints found: ')[1].strip().split(', ')   # newest first
+    assert "no checkpoint at 'nothing" in nothing.stderr and sorted(found) == ['broken', 'run', 'texted']
     assert broken.returncode != 0
     assert "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in broken.stderr
     assert 'Traceback' not in broken.stderr
+    assert "the checkpoint 'texted/ckpt.pt' is damaged or incomplete" in texted.stderr and 'Traceback' not in texted.stderr
     assert 'sampling from out/newer, the newest checkpoint under out/ (others: out/older)' in newest.stderr
 
 
