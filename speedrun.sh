@@ -169,7 +169,7 @@ eval_run() {          # eval.py on one run folder; KL to the SFT model for the r
   run eval_$1 $OUT/$1/eval.json python eval.py --out_dir=$OUT/$1 --task_dir=$TASK $ref $EVAL ${SYSTEM/--compile=False/}
 }
 EVAL_RUNS=${EVAL_RUNS:-"base sft $(for s in $DPO_SEEDS; do echo dpo_seed$s; done) ppo grpo student_scratch student_distill
-  $(stage_wanted student_embed && echo student_embed)"}
+  $(stage_wanted student_embed && echo student_embed || true)"}
 
 stage() {
   case $1 in

@@ -77,3 +77,11 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     runs = [x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_')]
     assert runs[0] == 'eval_sft' and 'eval_base' not in runs, p.stdout
+    # without EVAL_RUNS: the default list (student_embed only where that stage is named); the runs
+    # of one phase start together with --parallel=1, so each prints its command line
+    env.pop('EVAL_RUNS')
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=eval',
+                        '--parallel=1'], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    runs = sorted(x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_'))
+    assert runs == ['eval_base', 'eval_dpo_seed1', 'eval_grpo', 'eval_ppo', 'eval_sft', 'eval_student_distill',
+                    'eval_student_scratch'], p.stdout + p.stderr
