@@ -9,6 +9,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import socket
 import sys
 
 import numpy as np
@@ -318,6 +319,19 @@ def load_tokenizer_spec(meta_spec, data_dir):
 
 LOCAL_DATA = os.environ.get('SHARED_DATA') or os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data'))
+
+
+def offline_if_unreachable(host='huggingface.co'):
+    """Before the first `import datasets`: if the hub's host name does not resolve, tell the
+    Hugging Face libraries they are offline, so a load fails at once (and the prepare scripts go to
+    their local copies) instead of after about 25 s of retries. Returns whether it resolved."""
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        os.environ.setdefault('HF_HUB_OFFLINE', '1')
+        os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+        return False
 
 
 def local_copy(*parts):

@@ -169,6 +169,8 @@ def evaluate(folder):
     write_json(os.path.join(folder, f'eval{suffix}.json'), result)
     if answers:
         write_jsonl(os.path.join(folder, f'eval_answers{suffix}.jsonl'), answers)
+    print(f"wrote {os.path.join(folder, f'eval{suffix}.json')}"
+          + (f' and eval_answers{suffix}.jsonl' if answers else ''), file=sys.stderr)
     return result
 
 

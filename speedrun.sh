@@ -35,6 +35,7 @@ for arg in "$@"; do
     --stages=*) STAGES=${arg#*=} ;;
     --out=*) OUT=${arg#*=} ;;
     --parallel=0|--parallel=1) PARALLEL=${arg#*=} ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;   # the header above
     *) echo "error: unknown option '$arg'; valid: --profile=cpu|gpu --stages=a,b,... --out=FOLDER --parallel=0|1"; exit 2 ;;
   esac
 done

@@ -150,6 +150,12 @@ if rt.master:
     print(f'{rt.device}, {rt.dtype}, world size {rt.world_size}; {tokens_per_step:,} tokens per step; '
           f'model: {model.num_params() / 1e6:.2f}M parameters ({model.active_params() / 1e6:.2f}M active), '
           f'{flops_per_token / 1e6:.1f} MFLOPs per token (training)')
+    step_flops = flops_per_token * tokens_per_step
+    if rt.device_type == 'cpu' and step_flops > 1e12:      # e.g. config/tinystories_moe.py on a laptop
+        # (config/tinystories_cpu.py trains about 10k tokens/s x 7.6 MFLOPs on 2 cores: 0.07 TFLOP/s)
+        print(f'note: {step_flops / 1e12:.1f} TFLOPs a step, sized for a GPU: a 2-core CPU does about 0.07 '
+              f'TFLOP/s, so several minutes a step here; config/tinystories_cpu.py is the CPU-sized run '
+              f'(a few minutes in all)', file=sys.stderr)
 
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
 run = Run(config, rt, model, 'pretrain', tok_spec, flops_per_token,

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import local_copy, read_documents, split_off_val, write_token_dataset  # noqa: E402
+from data import local_copy, offline_if_unreachable, read_documents, split_off_val, write_token_dataset  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -43,6 +43,7 @@ if tokenizer not in KINDS:
 
 
 def load_hf(name):
+    offline_if_unreachable()             # offline: fail at once, not after the library's retries
     try:
         from datasets import load_dataset
     except ImportError:

@@ -22,11 +22,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import read_documents, records_of_lines, split_off_val, write_jsonl  # noqa: E402
+from data import (local_copy, offline_if_unreachable, read_documents, records_of_lines, split_off_val,  # noqa: E402
+                  write_jsonl)
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStoriesInstruct'  # a Hugging Face dataset name, or a local file / folder
+HUB_SOURCE = source                  # the one name whose failure falls back to the local sample
 out_dir = 'data/tinystories_instruct'
 n_prompts_val = 256          # held-out prompts for evaluation
 n_prompts_train = 2000       # held-out prompts for RL (PPO, GRPO) and preference sampling
@@ -41,6 +43,7 @@ configure(globals())
 
 
 def load_hf(name):
+    offline_if_unreachable()             # offline: fail at once, not after the library's retries
     try:
         from datasets import load_dataset
     except ImportError:
@@ -48,8 +51,17 @@ def load_hf(name):
     try:
         ds = load_dataset(name)
     except Exception as e:
+        sample = local_copy('tinystories', 'train_sample_2mb.txt')
+        if name == HUB_SOURCE and sample:    # plain stories: each gets a task made from its own text
+            print(f"could not load '{name}' from the Hugging Face hub ({type(e).__name__}); using the local "
+                  f"TinyStories sample {sample} instead (its stories, with tasks made from their text)",
+                  file=sys.stderr)
+            global source
+            source = sample                  # what meta.json records
+            return read_documents(sample)
         sys.exit(f"error: could not load '{name}' from the Hugging Face hub ({type(e).__name__}: "
-                 f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories(-Instruct) files")
+                 f"{str(e)[:200]}); offline, pass --source=PATH to local TinyStories(-Instruct) files"
+                 + ('' if name == HUB_SOURCE else '; if it is a local file or folder, it does not exist'))
     # the hub serves the original files line by line: a record is the lines up to an <|endoftext|> row
     return {'train': records_of_lines(ds['train']['text']), 'val': records_of_lines(ds['validation']['text'])}
 
@@ -112,7 +124,10 @@ files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_va
          'prompts_train': [as_prompt(r) for r in train[:n_train]], 'sft_train': train[n_train:]}
 for name, rows in files.items():
     write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), rows)
-    print(f'{name}: {len(rows):,} records')
+    asked = {'prompts_val': n_prompts_val, 'prompts_train': n_prompts_train}.get(name)
+    fewer = (f' (of {asked:,} asked for: each split keeps at least half its stories for SFT)'
+             if asked and len(rows) < asked else '')
+    print(f'{name}: {len(rows):,} records{fewer}')
 meta = {'source': source, 'seed': seed, **{f'{k}_records': len(v) for k, v in files.items()},
         'instruct_format': sum(parse_instruct(d) is not None for d in splits['train'][:100]) > 0}
 with open(meta_path + '.tmp', 'w') as f:

@@ -85,3 +85,5 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
     runs = sorted(x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_'))
     assert runs == ['eval_base', 'eval_dpo_seed1', 'eval_grpo', 'eval_ppo', 'eval_sft', 'eval_student_distill',
                     'eval_student_scratch'], p.stdout + p.stderr
+    p = subprocess.run(['bash', 'speedrun.sh', '--help'], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories') and '--profile=' in p.stdout

@@ -159,6 +159,17 @@ def test_prepare_instruct_on_the_shared_sample(tmp_path):
     assert len(read(tmp_path / 'i', 'prompts_val.jsonl')) >= 1
 
 
+def test_prepare_instruct_offline_falls_back_to_the_shared_sample(tmp_path, monkeypatch):
+    """No --source and no hub: the TinyStories sample under SHARED_DATA, said so, at once."""
+    sample = shared_file('tinystories', 'train_sample_2mb.txt')
+    monkeypatch.setenv('SHARED_DATA', os.path.dirname(os.path.dirname(sample)))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')                 # (as an unresolvable hub makes it)
+    p = run_script('prepare/tinystories_instruct.py', f'--out_dir={tmp_path}/i', cwd=tmp_path)
+    assert 'using the local TinyStories sample' in p.stderr
+    assert 'prompts_val: 116 records (of 256 asked for' in p.stdout
+    assert json.loads((tmp_path / 'i' / 'meta.json').read_text())['source'] == sample
+
+
 # --- sft.py and eval.py ---------------------------------------------------------------------
 
 SFT = ['--init_from=base', '--task_dir=inst', '--batch_size=4', '--block_size=256', '--eval_iters=2',
