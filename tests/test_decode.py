@@ -248,3 +248,7 @@ def test_sampling_at_a_tiny_temperature_is_greedy():
     logits = torch.randn(4, 96) * 5
     for t in (1e-3, 1e-30, 1e-39, 1e-45):
         assert torch.equal(sample_next(logits, t, generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
+    padded = logits.clone()
+    padded[:, 90:] = 100.0                              # the padding's logits the largest: still never drawn
+    got = sample_next(padded, 1e-39, vocab_limit=90, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, logits[:, :90].argmax(-1)) and padded[0, 95] == 100.0   # (the caller's logits kept)
