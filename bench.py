@@ -27,14 +27,15 @@ import torch
 from config import configure, model_config_from
 from runtime import compile_mode_arg, CUDAGraphStep, init_runtime, measure_peak_flops, synchronize, write_profile
 from generate import generate_tokens, new_cache
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, padded_vocab_size
 from optim import build_optimizer
 from quant import BITS, quantize_model, weight_bytes
 
 # -----------------------------------------------------------------------------
 batch_size = 64
 block_size = 512
-vocab_size = 50304
+vocab_size = 0                  # 0: the config's dataset's (data/<dataset>/meta.json, padded), else GPT-2's 50,304
+dataset = ''                    # (train.py configs name it) the data folder whose vocabulary the model gets
 optimizer = 'adamw'
 learning_rate = 1e-4            # small: the weights should stay sane while timing
 weight_decay = 0.1
@@ -63,6 +64,15 @@ profile = ''                    # write torch.profiler tables (top kernels per m
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=True)
 rt = init_runtime(device, dtype, seed)
+if vocab_size == 0:                           # the model the config trains: train.py sizes its vocabulary so
+    meta = os.path.join('data', dataset, 'meta.json') if dataset else ''
+    if meta and os.path.isfile(meta):
+        with open(meta) as f:
+            config['vocab_size'] = padded_vocab_size(json.load(f)['vocab_size'])
+    else:
+        config['vocab_size'] = 50304
+        print(f"vocab_size 50,304 (GPT-2's): {meta or 'no dataset named'} {'not found' if meta else ''}".strip(),
+              file=sys.stderr)
 cfg = model_config_from(config, ModelConfig)
 modes = [m.strip() for m in modes.split(',') if m.strip()]
 bad = [m for m in modes if m not in ('train', 'prefill', 'decode', 'optimizer')]

@@ -102,6 +102,18 @@ def test_bench_inductor_settings_are_checked_against_torch(tmp_path):
     assert json.loads(out.read_text())['train']['tokens_per_sec'] > 0
 
 
+def test_bench_gives_the_model_the_vocabulary_of_the_configs_dataset(tmp_path):
+    """A train.py config names its dataset; the model bench.py times has that dataset's vocabulary
+    (padded), as the one train.py trains, not GPT-2's 50,304 (a 7x larger model for a 4,096-token BPE)."""
+    (tmp_path / 'data' / 'bpe4k').mkdir(parents=True)
+    (tmp_path / 'data' / 'bpe4k' / 'meta.json').write_text(json.dumps({'vocab_size': 4000}))
+    (tmp_path / 'cfg.py').write_text("dataset = 'bpe4k'\nprepare = 'tinystories.py'\n")   # (prepare: train.py's)
+    args = [a for a in TINY_MOE if not a.startswith('--vocab_size')]
+    out = tmp_path / 'b.json'
+    run_script('bench.py', 'cfg.py', *args, '--modes=optimizer', f'--out_file={out}', cwd=tmp_path)
+    assert json.loads(out.read_text())['config']['vocab_size'] == 4032              # 4,000 padded to 64s
+
+
 def test_ab_refuses_a_malformed_variant_before_touching_model_py(tmp_path):
     """experiments/ab.py swaps model.py for each variant's: a variant it cannot run is refused by
     name before any swap (and before any GPU is needed)."""
