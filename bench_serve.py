@@ -27,6 +27,7 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 from checkpoint import load_model
@@ -84,16 +85,8 @@ def workload(n):
 
 
 def percentiles(xs):
-    """(p50, p99), linearly interpolated between the nearest samples (numpy's default)."""
-    xs = sorted(xs)
-    if not xs:
-        return float('nan'), float('nan')
-
-    def at(q):
-        i = q * (len(xs) - 1)
-        lo = int(i)
-        return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
-    return at(0.5), at(0.99)
+    """(p50, p99), linearly interpolated between the nearest samples."""
+    return tuple(float(p) for p in np.percentile(xs, (50, 99))) if xs else (float('nan'), float('nan'))
 
 
 engine_modes = set()            # how the engine's steps ran (Engine.decode_mode)

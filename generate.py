@@ -36,13 +36,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
     limited = vocab_limit is not None and vocab_limit < logits.size(-1)   # ids past the tokenizer
     if temperature == 0:                              # (vocab padding) are never chosen
         return (logits[:, :vocab_limit] if limited else logits).argmax(-1)   # in bf16: no float copy
-    logits = logits.float()                           # (new tensors below: the caller's stay as they are)
+    logits = logits.float()
+    # minus the largest real id's logit first: a tiny temperature (1e-39) then makes the others -inf
+    # and that one 0 (greedy's choice), where the division alone would overflow to inf - inf = NaN
+    top = (logits[:, :vocab_limit] if limited else logits).amax(-1, keepdim=True)
+    logits = (logits - top) / temperature             # a new tensor: the caller's logits stay as they are
     if limited:                       # masked (slicing would change which tokens a seed draws)
-        logits = logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= vocab_limit,
-                                    -float('inf'))
-    # minus the row's largest first: a tiny temperature (1e-39) then makes the others -inf and the
-    # largest 0 (greedy's choice), where the division alone would overflow to inf - inf = NaN
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+        logits[:, vocab_limit:] = -float('inf')
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float('inf'))
