@@ -525,6 +525,17 @@ def generate(model, idx, max_new_tokens, **kw):
 # -----------------------------------------------------------------------------
 # Speculative decoding with the model's own multi-token-prediction modules
 
+def kept_drafts(drafts, greedy, stop_ids):
+    """How many drafts a verify pass keeps: those equal to the main model's greedy tokens at their
+    positions, up to the first that differs, or up to and with a stop token (a correct one counts)."""
+    k = 0
+    while k < len(drafts) and drafts[k] == greedy[k]:
+        k += 1
+        if drafts[k - 1] in stop_ids:
+            break
+    return k
+
+
 @torch.no_grad()
 def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, vocab_limit=None):
     """Greedy decoding of one prompt (a list of ids) that drafts with the MTP modules: from the
@@ -575,11 +586,7 @@ def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, 
         # verify: the main model on [nxt, drafts...] in one pass; keep the drafts it agrees with
         x = model.trunk(torch.tensor([[nxt] + drafts], device=device), cache)[0]  # (1, 1 + D, C)
         greedy = greedy_of(model.norm(x[0])).tolist()
-        k = 0                                             # the drafts kept: up to the first wrong one,
-        while k < len(drafts) and drafts[k] == greedy[k]:   # or up to and with a stop token
-            k += 1
-            if drafts[k - 1] in stop_ids:
-                break
+        k = kept_drafts(drafts, greedy, stop_ids)
         stats['drafted'] += len(drafts)
         stats['accepted'] += k
         stats['forward_passes'] += 1

@@ -241,6 +241,16 @@ def test_speculative_decoding_at_the_edges():
         generate_speculative(dynamic, prompt, 4)
 
 
+def test_the_drafts_a_verify_pass_keeps():
+    """Up to the first draft the main model disagrees with; a correct stop-token draft is kept and
+    counted as accepted (it ends the answer)."""
+    from generate import kept_drafts
+    assert kept_drafts([5, 6, 7], [5, 6, 9, 1], ()) == 2
+    assert kept_drafts([5, 6, 7], [5, 6, 7, 1], ()) == 3
+    assert kept_drafts([5, 6, 7], [5, 6, 7, 1], (6,)) == 2       # the stop token 6: kept, then no further
+    assert kept_drafts([4], [5, 1], (5,)) == 0
+
+
 def test_sampling_at_a_tiny_temperature_is_greedy():
     """softmax(logits / T) for T -> 0 is greedy's one-hot; the division alone overflows to NaN
     (inf - inf) below about 1e-38, which failed a whole batch of the server's requests."""
