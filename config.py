@@ -14,6 +14,7 @@ ones. The resolved values are written back into the script's globals and returne
 """
 
 import ast
+import difflib
 import os
 import sys
 from dataclasses import fields
@@ -131,7 +132,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
                 if k not in valid and ignore_unknown_in_files:
                     continue
                 if k not in valid:
-                    sys.exit(f"error: config file {arg} sets unknown key '{k}'; "
+                    sys.exit(f"error: config file {arg} sets unknown key '{k}'{_did_you_mean(k, valid)}; "
                              f"valid keys: {', '.join(sorted(valid))}")
                 if v is not config[k] and v != config[k]:
                     config[k] = _checked(k, v, defaults[k], valid, f'config file {arg}')
@@ -139,7 +140,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         else:                                              # --key=value
             key, _, raw = arg[2:].partition('=')
             if key not in valid:
-                sys.exit(f"error: unknown config key '{key}' (from {arg}); "
+                sys.exit(f"error: unknown config key '{key}' (from {arg}){_did_you_mean(key, valid)}; "
                          f"valid keys: {', '.join(sorted(valid))}")
             value = _parse_value(key, raw, defaults[key])
             current = (config[key], set_by[key]) if key in set_by else None
@@ -152,6 +153,12 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         if changed:
             print('changed from defaults: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items())))
     return config
+
+
+def _did_you_mean(key, valid):
+    """' (did you mean 'n_layer'?)' for the closest valid keys of a mistyped one, else ''."""
+    close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ''
 
 
 def model_config_from(config, model_config_cls):

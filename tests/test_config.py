@@ -66,8 +66,9 @@ def test_wrong_type_exits_with_one_line(arg, expect):
 
 def test_unknown_key_lists_the_valid_keys():
     msg = exit_message(['--n_step=3'])
-    assert "unknown config key 'n_step'" in msg
+    assert "unknown config key 'n_step' (from --n_step=3) (did you mean 'n_steps'?)" in msg
     assert 'valid keys: auto, betas, flag, lr, n_steps, out_dir' in msg and '\n' not in msg
+    assert 'did you mean' not in exit_message(['--zzz=3'])     # nothing close: no guess
 
 
 def test_config_file_runs_over_defaults_and_may_read_them(tmp_path):
