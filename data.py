@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from runlog import progress
 from tokenizer import tokenizer_from_spec
 
 
@@ -265,8 +265,8 @@ def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra
             _init_worker(spec)
             results = map(_encode_docs, chunks)
         try:
-            with open(tmp, 'wb') as f, tqdm(total=len(docs), desc=f'tokenizing {split}',
-                                             unit='doc', disable=None) as bar:
+            with open(tmp, 'wb') as f, progress(total=len(docs), desc=f'tokenizing {split}',
+                                                 unit='doc') as bar:
                 for flat, nb, nd in results:
                     flat.astype(dtype).tofile(f)
                     n_tokens += len(flat)

@@ -43,7 +43,6 @@ import sys
 
 import torch
 
-from tqdm import tqdm
 
 from checkpoint import load_chat_model, load_checkpoint, load_model
 from config import configure, model_config_from
@@ -51,6 +50,7 @@ from data import (TokenData, chat_batch, encode_chat_examples, eval_generator, l
                   pack_chat_examples, read_prepared, write_token_dataset)
 from generate import generate_tokens, use_cuda_graph
 from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, padded_vocab_size, teacher_log_probs
+from runlog import progress
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
 from tokenizer import base_spec, tokenizer_from_spec
@@ -263,8 +263,7 @@ def sample_documents(n_docs, length):
     gen_batch_size through the KV cache; a document ends at the teacher's EOT or after `length` tokens."""
     g = torch.Generator(device=rt.device).manual_seed(seed)
     docs = []
-    with tqdm(total=n_docs, desc='sampling the teacher', unit='doc', dynamic_ncols=True,
-              mininterval=1 if sys.stderr.isatty() else 30) as bar:
+    with progress(total=n_docs, desc='sampling the teacher', unit='doc', dynamic_ncols=True) as bar:
         for start in range(0, n_docs, gen_batch_size):
             n = min(gen_batch_size, n_docs - start)
             idx = torch.full((n, 1), tok.eot_id, dtype=torch.long, device=rt.device)

@@ -18,13 +18,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoint import load_chat_model, load_checkpoint
 from config import configure
 from data import chat_batch, read_prepared
 from generate import use_cuda_graph
 from model import token_logprobs
+from runlog import progress
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
 from training import Run
@@ -118,7 +118,7 @@ def reference_logprobs(ref_model, pairs, desc):
     """(N, 2) log-probabilities of every pair's chosen and rejected response under the frozen
     reference model: computed once, before training, as they never change."""
     out = []
-    for i in tqdm(range(0, len(pairs), 2 * batch_size), desc=desc, disable=None if rt.master else True):
+    for i in progress(range(0, len(pairs), 2 * batch_size), desc=desc, disable=not rt.master):
         with rt.autocast():
             (c, r), _ = sequence_logprobs(ref_model, pairs[i:i + 2 * batch_size])
         out.append(torch.stack([c, r], 1).float())

@@ -105,6 +105,13 @@ class RunLog:
             self.wandb.finish()
 
 
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar that also shows in a log file: redrawn every second on a terminal, a
+    line every 30 s when stderr is a file (as speedrun.sh's logs are)."""
+    from tqdm import tqdm
+    return tqdm(iterable, mininterval=1 if sys.stderr.isatty() else 30, **kwargs)
+
+
 _PYPLOT = []
 
 

@@ -35,7 +35,8 @@ import sys
 from collections import Counter, defaultdict
 
 import regex
-from tqdm import tqdm
+
+from runlog import progress
 
 EOT = '<|endoftext|>'
 CHAT_TOKENS = {'user': '<|user|>', 'assistant': '<|assistant|>', 'end': '<|end|>'}
@@ -364,7 +365,7 @@ def train_bpe(texts, vocab_size, pat_str=BPE_PATTERN, verbose=True):
             where[p].add(wi)
     heap = [(-c, p) for p, c in pair_counts.items()]         # max-heap by count, lazy deletion
     heapq.heapify(heap)
-    bar = tqdm(total=n_target - 256, desc='training BPE', unit='merge', disable=not verbose or None)
+    bar = progress(total=n_target - 256, desc='training BPE', unit='merge', disable=not verbose)
     while len(vocab) < n_target and heap:
         neg, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg or -neg <= 0:

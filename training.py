@@ -46,7 +46,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sharded_optimizer,
                         restore_rng_state, save_checkpoint, save_sharded_checkpoint)
@@ -55,7 +54,7 @@ from model import MoE, ScalarModel
 from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
 import parallel
 from quant import QuantExperts, QuantLinear
-from runlog import RunLog
+from runlog import RunLog, progress
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
 
@@ -163,8 +162,8 @@ class Run:
         self.expert_load = self.expert_share = self.logit_max = None
         self.clipped = torch.zeros((), device=rt.device, dtype=torch.long)
         self.last_heatmap_step = self.step
-        self.bar = tqdm(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
-                        mininterval=1 if sys.stderr.isatty() else 30, desc=stage)
+        self.bar = progress(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
+                            desc=stage)
 
     # --- set-up ---------------------------------------------------------------------------------
     def on_interrupt(self, signum, frame):

@@ -30,12 +30,12 @@ from itertools import combinations
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from checkpoint import load_chat_model  # noqa: E402
 from config import configure  # noqa: E402
 from data import read_jsonl, read_prepared, write_json, write_jsonl  # noqa: E402
 from generate import generate_chat, use_cuda_graph  # noqa: E402
+from runlog import progress  # noqa: E402
 from runtime import init_runtime  # noqa: E402
 from task import score  # noqa: E402
 
@@ -89,7 +89,7 @@ else:
     prompts = prompts[:n_prompts] if n_prompts else prompts
     g = torch.Generator(device=rt.device).manual_seed(seed)
     pairs, gaps, best_answers = [], [], []
-    for i in tqdm(range(0, len(prompts), batch_size), desc='sampling', unit='batch', disable=None):
+    for i in progress(range(0, len(prompts), batch_size), desc='sampling', unit='batch'):
         chunk = prompts[i:i + batch_size]
         # each prompt K times in one batch: K independent samples
         flat = [p['prompt'] for p in chunk for _ in range(samples_per_prompt)]

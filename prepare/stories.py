@@ -73,10 +73,10 @@ import numpy as np
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
-from tqdm import tqdm  # noqa: E402
 
 from config import configure  # noqa: E402
 from data import usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
+from runlog import progress  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
@@ -386,7 +386,7 @@ manifest = read_manifest(manifest_path)
 n_books = min(max_books, len(manifest)) if max_books and manifest else max_books or len(manifest) or 0
 books = read_books(books_path, n_books)
 results = {}
-with tqdm(total=n_books or None, desc='books -> passages', unit='book', disable=None) as bar:
+with progress(total=n_books or None, desc='books -> passages', unit='book') as bar:
     if num_proc > 1 and sys.platform != 'darwin':      # fork: the workers share these settings
         import multiprocessing as mp
         pool = mp.get_context('fork').Pool(num_proc)
