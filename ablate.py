@@ -18,8 +18,11 @@ every combination a variant named 'key=value,key=value'); `seeds`; a budget per 
 
 (train.py's own code path; never a second training loop). Stopping and starting again is safe: a
 run that finished is skipped, one that was killed or failed continues from its checkpoint
-(init_from='resume'), one never started starts. A failed run's output tail is printed and the
-others go on. Then OUT_DIR gets
+(init_from='resume'), one never started starts. A run whose loss became NaN/inf is recorded as
+diverged (at its step) and not run again: in a learning-rate sweep that is a result. A run trained
+toward another budget, with other settings or on other data (the prepared splits' sizes differ)
+than the study now gives is moved aside (OUT_DIR/<run>.stale) and starts over. A failed run's
+output tail is printed and the others go on. Then OUT_DIR gets
   results.csv              one row per run: variant, seed, status, every override, the budget, and
                            what the run logged (final val loss and bits per byte, tokens/s, MFU, peak
                            memory, expert-load CV, max attention logit) or its config gives
@@ -36,6 +39,7 @@ import ast
 import contextlib
 import csv
 import difflib
+import hashlib
 import io
 import itertools
 import json
@@ -209,6 +213,35 @@ def model_numbers(cfg, where):
             'kv_cache_bytes_per_token': 2 * cache_numbers_per_token(mc)}
 
 
+# what changes where a run writes, how it logs or how fast it runs, not what it trains
+NOT_TRAINING = ('out_dir', 'init_from', 'max_iters', 'data_dir', 'prepare', 'log_interval', 'always_save_checkpoint',
+                'save_checkpoints', 'eval_only', 'device', 'compile', 'compile_mode', 'cuda_graph_train',
+                'peak_flops', 'profile', 'cuda_sync_check', 'tensorboard', 'wandb_project', 'run_name')
+
+
+def digest(value):
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+def fingerprint(cfg):
+    """(settings, data): short hashes of what a run trains: its resolved train.py settings (NOT_TRAINING
+    left out) and its data, the prepared splits' token / byte / document counts and the vocabulary
+    in meta.json (None where the data is not prepared here: a report made without the data)."""
+    settings = digest({k: v for k, v in cfg.items() if k not in NOT_TRAINING})
+    meta = read_json(os.path.join(cfg['data_dir'] or os.path.join('data', cfg['dataset']), 'meta.json'))
+    data = digest({k: v for k, v in meta.items() if k == 'vocab_size' or k.endswith(('_tokens', '_bytes', '_docs'))}
+                  ) if meta else None
+    return settings, data
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 # --- the runs: one per variant x seed -------------------------------------------------------------
 check_keys([k for k, _ in parse_args(base_args, 'base') if k], 'base')
 runs, override_keys = [], []
@@ -247,17 +280,9 @@ for name, overrides in variants.items():
         args = [*base_args, *var_args, f'--seed={seed}', f'--out_dir={run_dir}', f'--max_iters={iters}']
         runs.append({'variant': name, 'seed': seed, 'dir': run_dir, 'args': args, 'max_iters': iters,
                      'tokens_per_step': tokens_per_step, 'config': cfg, 'numbers': numbers,
-                     'save_checkpoints': cfg['save_checkpoints']})
+                     'fingerprint': fingerprint(cfg), 'save_checkpoints': cfg['save_checkpoints']})
 if len({r['dir'] for r in runs}) != len(runs):
     fail('two variants map to the same run folder; give them names that differ in letters or digits')
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def log_rows(run_dir):
@@ -270,21 +295,39 @@ def log_rows(run_dir):
     return rows
 
 
-def finished(run):
-    """Whether a run is done at this budget: the runner saw it exit 0 at this max_iters, or (a
-    folder from elsewhere, no ablate.json) its log holds the final evaluation at max_iters."""
+def outcome(run):
+    """'done' or 'diverged' where a run has ended for good as this study now gives it: the runner
+    saw it exit 0 (or its loss become NaN/inf) at this budget, settings and data, or (a folder from
+    elsewhere, no ablate.json) its log holds the final evaluation at max_iters; else None."""
     marker = read_json(os.path.join(run['dir'], 'ablate.json'))
     if marker is not None:
-        return marker.get('status') == 'done' and marker.get('max_iters') == run['max_iters']
-    return any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir']))
+        ended = marker.get('status') in ('done', 'diverged')
+        return marker['status'] if ended and stale(run) is None else None
+    return 'done' if any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir'])) else None
 
 
-def other_budget(run):
-    """The max_iters a run folder was trained toward, if the runner's marker names another than
-    this run's (the study's budget changed); else None."""
+def stale(run):
+    """Why a run folder does not belong to this study as it is now (trained toward another budget,
+    with other settings, on other data), or None. A folder without the runner's marker is taken
+    as it is."""
     marker = read_json(os.path.join(run['dir'], 'ablate.json'))
-    old = marker.get('max_iters') if marker else None
-    return old if old is not None and old != run['max_iters'] else None
+    if marker is None:
+        return None
+    if marker.get('max_iters') is not None and marker['max_iters'] != run['max_iters']:
+        return f"trained toward max_iters={marker['max_iters']}, not {run['max_iters']}"
+    settings, data = run['fingerprint']
+    if marker.get('settings') != settings:
+        return ('trained with other settings' if 'settings' in marker else
+                'trained before the runner recorded its settings')
+    if data and marker.get('data') and marker['data'] != data:
+        return 'trained on other data (the prepared splits differ)'
+    return None
+
+
+def diverged_at(run_dir):
+    """The step at which train.py found the loss NaN/inf (its log's last 'diverged_at'), or None."""
+    steps = [r['diverged_at'] for r in log_rows(run_dir) if 'diverged_at' in r]
+    return steps[-1] if steps else None
 
 
 def has_checkpoint(run_dir):
@@ -294,8 +337,9 @@ def has_checkpoint(run_dir):
 
 def write_marker(run, **fields):
     path = os.path.join(run['dir'], 'ablate.json')
+    settings, data = run['fingerprint']
     info = {'variant': run['variant'], 'seed': run['seed'], 'max_iters': run['max_iters'],
-            'command': run['command'], **fields}
+            'settings': settings, 'data': data, 'command': run['command'], **fields}
     with open(path + '.tmp', 'w') as f:
         json.dump(info, f, indent=1)
     os.replace(path + '.tmp', path)
@@ -312,17 +356,21 @@ n = len(runs)
 label = {id(r): f"[{i + 1}/{n}] {r['variant']} seed {r['seed']}" for i, r in enumerate(runs)}
 todo = []
 for r in runs:
-    old = other_budget(r)
-    if old is not None and not dry_run and not report_only:
-        # resuming would continue the old learning-rate schedule: start over, the old run set aside
-        aside = f"{r['dir']}.max_iters{old}"
+    why = stale(r)
+    if why is not None and not dry_run and not report_only:
+        # resuming would continue another schedule, model or data: start over, the old run set aside
+        aside = f"{r['dir']}.stale"
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(r['dir'], aside)
-        print(f"{label[id(r)]}: trained toward max_iters={old}, not {r['max_iters']}: starts over "
-              f"(the old run moved to {aside})")
+        print(f"{label[id(r)]}: {why}: starts over (the old run moved to {aside})")
+    elif why is not None:
+        print(f"{label[id(r)]}: {why}: would start over")
     r['resume'] = has_checkpoint(r['dir']) and r['save_checkpoints']
     r['command'] = command(r, r['resume'])
-    if finished(r):
+    ended = outcome(r)
+    if ended == 'diverged':
+        print(f"{label[id(r)]}: diverged before (at step {diverged_at(r['dir'])}), not run again ({r['dir']})")
+    elif ended:
         print(f"{label[id(r)]}: finished before, skipped ({r['dir']})")
     else:
         todo.append(r)
@@ -371,9 +419,14 @@ try:
                 continue
             del running[slot]
             took = time.time() - t0
-            write_marker(r, status='done' if rc == 0 else 'failed', returncode=rc, seconds=round(took, 1),
+            bad_step = diverged_at(r['dir']) if rc != 0 else None
+            status = 'done' if rc == 0 else 'failed' if bad_step is None else 'diverged'
+            write_marker(r, status=status, returncode=rc, seconds=round(took, 1),
                          model_numbers=r['numbers'])    # for a report made where the data is absent
-            if rc == 0:
+            if status == 'diverged':
+                print(f"{label[id(r)]}: DIVERGED: the loss became NaN/inf at step {bad_step}, after {hms(took)}; "
+                      f"recorded as a result, not run again; {hms(time.time() - t_start)} elapsed", flush=True)
+            elif rc == 0:
                 vals = [x['val/loss'] for x in log_rows(r['dir']) if 'val/loss' in x]
                 print(f"{label[id(r)]}: done in {hms(took)}" + (f', val loss {vals[-1]:.4f}' if vals else '')
                       + f"; {hms(time.time() - t_start)} elapsed", flush=True)
@@ -405,10 +458,21 @@ def number(x):
 def training_time(rows):
     """{step: seconds of training up to it}: step_time_ms is the wall time between two log lines
     over the steps between them (evaluations included, start-up not), so the sum over the log
-    counts a resumed run's time without the pause."""
+    counts a resumed run's time without the pause. The first interval of a process (the log's
+    first, and the first after a resume: its line comes more than 10 s after the line before plus
+    its own interval) holds torch.compile's compilation, no property of the variant: such an
+    interval counts at the median time a step of the others."""
+    lines = sorted((r for r in rows if number(r.get('step_time_ms')) is not None), key=lambda r: r['step'])
+    steps = [r['step'] - p['step'] for p, r in zip([{'step': 0}] + lines, lines)]
+    first = [i == 0 or number(r.get('time')) is not None and number(lines[i - 1].get('time')) is not None and
+             r['time'] - lines[i - 1]['time'] > r['step_time_ms'] / 1000 * steps[i] + 10
+             for i, r in enumerate(lines)]
+    rest = [r['step_time_ms'] for r, f in zip(lines, first) if not f]
+    typical = statistics.median(rest) if rest else None
     t, prev, at = 0.0, 0, {0: 0.0}
-    for r in sorted((r for r in rows if number(r.get('step_time_ms')) is not None), key=lambda r: r['step']):
-        t += r['step_time_ms'] / 1000 * (r['step'] - prev)     # ms a step x the steps since the last line
+    for r, f in zip(lines, first):
+        ms = typical if f and typical is not None else r['step_time_ms']
+        t += ms / 1000 * (r['step'] - prev)                     # ms a step x the steps since the last line
         at[r['step']], prev = t, r['step']
     return at
 
@@ -429,9 +493,12 @@ def median_of(rows, key):
 def summarize(run):
     """One results row: the run's status, overrides and what its log and config give."""
     marker = read_json(os.path.join(run['dir'], 'ablate.json')) or {}
-    status = 'done' if finished(run) else marker.get('status') or 'not started'
+    why = stale(run)
+    status = outcome(run) or (f'stale: {why}' if why else marker.get('status') or 'not started')
     status = 'failed' if status == 'running' else status     # a runner killed mid-run left 'running'
     row = {'variant': run['variant'], 'seed': run['seed'], 'status': status}
+    if status == 'diverged':
+        row['diverged_at'] = diverged_at(run['dir'])
     row.update({k: run['config'][k] for k in override_keys})  # the resolved value of every override
     row.update({'max_iters': run['max_iters'], **(run['numbers'] or marker.get('model_numbers') or {})})
     run['curve'] = []
@@ -474,7 +541,7 @@ extra = []
 for row in results:
     extra += [k for k in row if re.fullmatch(r'.+_(loss|bpb)', k) and k not in METRICS + extra]
 METRICS += extra + LATER
-columns = ['variant', 'seed', 'status', *override_keys, 'max_iters', 'steps', 'tokens', *METRICS]
+columns = ['variant', 'seed', 'status', *override_keys, 'max_iters', 'steps', 'tokens', *METRICS, 'diverged_at']
 os.makedirs(out_dir, exist_ok=True)
 with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
@@ -512,7 +579,7 @@ for name, rows in by_variant.items():
     stats[name] = {'done': len(done), 'of': len(rows), 'values': vals,
                    'val_mean': statistics.mean(vals['val_loss']) if vals['val_loss'] else None,
                    'val_std': statistics.stdev(vals['val_loss']) if len(vals['val_loss']) > 1 else None,
-                   'failed': [r['seed'] for r in rows if r['status'] != 'done']}
+                   'diverged': sum(r['status'] == 'diverged' for r in rows)}
 order = sorted(stats, key=lambda v: (stats[v]['val_mean'] is None, stats[v]['val_mean'] or 0.0))
 shown = [k for k in METRICS if any(stats[v]['values'][k] for v in stats)]
 budgets = sorted({(r['max_iters'], r['tokens_per_step']) for r in runs})
@@ -523,13 +590,15 @@ md = [f'# Ablation: {os.path.basename(os.path.normpath(out_dir))}', '',
       + f'Base: `{" ".join(base_args)}`.', '',
       'Each cell: the mean over the finished seeds ± their standard deviation; val loss in nats per token '
       '(the last evaluation); tokens/s and MFU are medians over the log lines; train time is training '
-      'wall time with evaluations; KV cache in bf16; moe_load_cv is the coefficient of variation '
+      'wall time with evaluations, without compilation (the first log interval of each process counts '
+      'at the median step time); KV cache in bf16; moe_load_cv is the coefficient of variation '
       '(std / mean) of the tokens per routed expert, averaged over layers and log lines.', '',
       '| variant | seeds done | ' + ' | '.join(shown) + ' |',
       '|' + ' --- |' * (len(shown) + 2)]
 for v in order:
     s = stats[v]
-    md.append(f"| {v} | {s['done']}/{s['of']} | " + ' | '.join(cell(s['values'][k], k) for k in shown) + ' |')
+    seeds_cell = f"{s['done']}/{s['of']}" + (f" ({s['diverged']} diverged)" if s['diverged'] else '')
+    md.append(f"| {v} | {seeds_cell} | " + ' | '.join(cell(s['values'][k], k) for k in shown) + ' |')
 md.append('')
 ranked = [v for v in order if stats[v]['val_mean'] is not None]
 if len(ranked) >= 2:
@@ -547,7 +616,16 @@ if len(ranked) >= 2:
     else:
         md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, {gap / max(spreads):.1f} times '
                   f'the larger seed-to-seed std ({max(spreads):.4f}).')
-not_done = [(r['variant'], r['seed'], r['status']) for r in results if r['status'] != 'done']
+diverged = [r for r in results if r['status'] == 'diverged']
+if diverged:
+    md.append('')
+    md.append('Diverged (the training loss became NaN/inf; left out of the means, not run again): '
+              + ', '.join(f"{r['variant']} seed {r['seed']} at step {r['diverged_at']}" for r in diverged) + '.')
+if parallel > 1:
+    md.append('')
+    md.append(f'Up to {parallel} runs trained at once on one device here, so tokens/s, MFU and train time '
+              f'depend on which runs overlapped: compare them only with runs made alone (--parallel=1).')
+not_done = [(r['variant'], r['seed'], r['status']) for r in results if r['status'] not in ('done', 'diverged')]
 if not_done:
     md.append('')
     md.append('Not finished (left out of the means): ' + ', '.join(f'{v} seed {s} ({st})' for v, s, st in not_done)
@@ -603,7 +681,7 @@ if plt is not None and any(r['curve'] for r in runs):
 print('\n'.join(md[6:]))                             # the table and the verdict
 print(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.md')}"
       + ''.join(f', {p}' for p in plots) + f'; {hms(time.time() - t_start)} in all')
-failed = [r for r in results if r['status'] != 'done']
+failed = [r for r in results if r['status'] not in ('done', 'diverged')]
 if interrupted:
     print('stopped by Ctrl-C; run the same command again to continue', file=sys.stderr)
     sys.exit(130)

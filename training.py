@@ -501,6 +501,9 @@ class Run:
             sys.exit(130)
         if self.diverged():
             last = checkpoint_path(c['out_dir'])
+            bad = int(self.first_bad_step)
+            self.log_file.log(bad, diverged_at=bad)        # for a reader of the log (ablate.py: a result)
+            self.log_file.close()
             sys.exit(f'error: the {self.bad_what} became NaN/inf at step {int(self.first_bad_step)}; stopped. '
                      f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)')
                      if rt.master else 1)

@@ -142,8 +142,51 @@ def test_a_killed_run_fails_the_rest_go_on_and_the_next_call_resumes_it(tmp_path
     p = run_script('ablate.py', study, cwd=tmp_path)
     assert 'next seed 7: trained toward max_iters=5, not 7: starts over' in p.stdout
     assert 'next seed 7: started from scratch' in p.stdout and 'killed seed 7: finished before, skipped' in p.stdout
-    assert (tmp_path / 'out' / 's' / 'next_s7.max_iters5' / 'log.jsonl').exists()
+    assert (tmp_path / 'out' / 's' / 'next_s7.stale' / 'log.jsonl').exists()
     assert read_csv(tmp_path / 'out' / 's' / 'results.csv')[1]['steps'] == '7'
+
+    # other settings at the same budget: not skipped as finished, shown as stale in a report, then
+    # trained again from scratch
+    write_study(tmp_path, base, variants={'killed': {}, 'next': ['--max_iters=7', '--learning_rate=2e-3']},
+                seeds=[7], out_dir='out/s')
+    p = run_script('ablate.py', study, '--report_only=True', cwd=tmp_path)
+    assert 'next seed 7: trained with other settings: would start over' in p.stdout
+    assert read_csv(tmp_path / 'out' / 's' / 'results.csv')[1]['status'] == 'stale: trained with other settings'
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert 'next seed 7: trained with other settings: starts over' in p.stdout
+    assert 'next seed 7: started from scratch' in p.stdout and 'killed seed 7: finished before, skipped' in p.stdout
+    assert [r['status'] for r in read_csv(tmp_path / 'out' / 's' / 'results.csv')] == ['done', 'done']
+
+
+def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, byte_data):
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=4', '--eval_interval=4', '--warmup_iters=0']
+    study = write_study(tmp_path, base, variants={'fine': {}, 'huge_lr': {'learning_rate': 1e30}}, seeds=[1],
+                        out_dir='out/s')
+    p = run_script('ablate.py', study, cwd=tmp_path)       # exits 0: every run ended
+    assert 'huge_lr seed 1: DIVERGED: the loss became NaN/inf at step' in p.stdout
+    rows = read_csv(tmp_path / 'out' / 's' / 'results.csv')
+    assert [(r['variant'], r['status']) for r in rows] == [('fine', 'done'), ('huge_lr', 'diverged')]
+    assert rows[1]['diverged_at'] != '' and rows[1]['val_loss'] == ''
+    md = (tmp_path / 'out' / 's' / 'results.md').read_text()
+    assert '| huge_lr | 0/1 (1 diverged) |' in md and f"huge_lr seed 1 at step {rows[1]['diverged_at']}" in md
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert 'huge_lr seed 1: diverged before (at step' in p.stdout and '0 to train' in p.stdout
+
+
+def test_train_time_leaves_out_each_process_s_compilation(tmp_path, byte_data):
+    # a run folder from elsewhere (no marker): the log's first interval (compilation) and the first
+    # after a resume (its line 100 s after the one before) count at the median step time
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=40']
+    study = write_study(tmp_path, base, variants={'a': {}}, seeds=[1], out_dir='out/s')
+    run = tmp_path / 'out' / 's' / 'a_s1'
+    run.mkdir(parents=True)
+    lines = [(10, 5000, 1000.0 + 50), (20, 100, 1051.0), (30, 3000, 1051.0 + 100 + 30), (40, 100, 1182.0)]
+    rows = [{'step': s, 'time': t, 'train/loss': 1.0, 'tokens': 1, 'step_time_ms': ms} for s, ms, t in lines]
+    rows.append({'step': 40, 'time': 1183.0, 'val/loss': 2.0})
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run_script('ablate.py', study, '--report_only=True', cwd=tmp_path)
+    row = read_csv(tmp_path / 'out' / 's' / 'results.csv')[0]
+    assert row['status'] == 'done' and float(row['train_time_s']) == pytest.approx(40 * 0.1)
 
 
 def ablate(monkeypatch, tmp_path, capsys, *args):
