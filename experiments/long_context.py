@@ -11,7 +11,9 @@ For each factor f and scaling s the model is rebuilt with block_size f L and rop
 {type: s, factor: f, original_max_position_embeddings: L} ('none': RoPE as trained; the RoPE
 frequencies are not part of the weights, so one checkpoint serves every scaling) and scores the
 same `batches` x `batch_size` windows of f L tokens of the val split. The loss of each position is
-averaged over the windows, then over buckets of L/2 positions. Prints one table per factor and
+averaged over the windows, then over buckets of L/2 positions. Dynamic NTK sets its RoPE base from
+the sequence's length, so each of its buckets is scored by a forward over the window up to that
+bucket's end (as when generating up to there), not over the whole window. Prints one table per factor and
 writes long_context.json (and long_context.png, the loss by position bucket, one line per scaling
 and factor) into out_dir. Only RoPE models extend: learned positions stop at L.
 """
@@ -65,14 +67,20 @@ print(f'{out_dir}: trained on windows of {L} tokens (step {ckpt.get("step")}); {
 
 
 @torch.no_grad()
-def position_losses(model, windows, T):
-    """Mean next-token loss at each of the T positions over the windows."""
+def position_losses(model, windows, T, prefixes=False):
+    """Mean next-token loss at each of the T positions over the windows. prefixes=True (dynamic
+    NTK, whose RoPE base grows with the sequence's length): bucket k's positions are scored by a
+    forward over the first (k + 1) x bucket tokens only, so each position sees the scaling a model
+    generating up to there would use (none inside the trained length), not the whole window's."""
     total = torch.zeros(T, dtype=torch.float64)
     for x, y in windows:
-        with rt.autocast():
-            logits = model(x.to(rt.device))[0]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), y.to(rt.device), reduction='none')   # (B, T)
-        total += ce.sum(0).double().cpu()
+        x, y = x.to(rt.device), y.to(rt.device)
+        for end in range(bucket, T + 1, bucket) if prefixes else (T,):
+            start = end - bucket if prefixes else 0
+            with rt.autocast():
+                logits = model(x[:, :end])[0][:, start:]
+            ce = F.cross_entropy(logits.float().transpose(1, 2), y[:, start:end], reduction='none')   # (B, end - start)
+            total[start:end] += ce.sum(0).double().cpu()
     return total / (len(windows) * windows[0][0].size(0))
 
 
@@ -86,11 +94,11 @@ for f in fs:
         scaling = None if s == 'none' else {'type': s, 'factor': float(f), 'original_max_position_embeddings': L}
         model, _, _ = load_model(out_dir, rt.device, ckpt, overrides={'block_size': T, 'rope_scaling': scaling})
         model.eval()
-        per_position = position_losses(model, windows, T)
+        per_position = position_losses(model, windows, T, prefixes=s == 'dynamic')
         rows[s] = per_position.view(-1, bucket).mean(1).tolist()
         results['losses'][f'{f}x_{s}'] = rows[s]
         del model
-    print(f'\n{f}x ({T} tokens) | ' + ' | '.join(ss) + '\n| --- ' * (len(ss) + 1) + '|')
+    print(f'\n| {f}x ({T} tokens) | ' + ' | '.join(ss) + ' |\n' + '| --- ' * (len(ss) + 1) + '|')
     for k in range(T // bucket):
         mark = ' (trained)' if (k + 1) * bucket <= L else ''
         print(f'| {k * bucket}-{(k + 1) * bucket - 1}{mark} | ' + ' | '.join(f'{rows[s][k]:.4f}' for s in ss) + ' |')

@@ -19,6 +19,7 @@ def test_losses_by_position_with_every_scaling(tmp_path, byte_data):
     p = run_script('experiments/long_context.py', '--out_dir=run', '--factors=2,4', '--batches=2', '--batch_size=2',
                    '--device=cpu', cwd=tmp_path)
     assert '| 0-15 (trained) |' in p.stdout and '| 112-127 |' in p.stdout
+    assert '| 2x (64 tokens) | none | linear | dynamic | yarn |\n| --- | --- | --- | --- | --- |' in p.stdout
     res = json.load(open(tmp_path / 'run' / 'long_context.json'))
     assert res['block_size'] == 32 and res['bucket'] == 16
     assert sorted(res['losses']) == sorted(f'{f}x_{s}' for f in (2, 4) for s in ('none', 'linear', 'dynamic', 'yarn'))
@@ -36,7 +37,10 @@ def test_losses_by_position_with_every_scaling(tmp_path, byte_data):
                      for x, y in windows) / 4
         expected = ce.view(2, 16).mean(1).tolist()
         assert all(abs(a - b) < 1e-5 for a, b in zip(res['losses'][f'{f}x_none'][:2], expected))
-        for s in ('linear', 'dynamic', 'yarn'):          # each scaling moved the angles (a tiny model cares little)
+        # dynamic NTK scales by the length generated so far: none inside the trained length
+        assert all(abs(a - b) < 1e-5 for a, b in zip(res['losses'][f'{f}x_dynamic'][:2], expected))
+        assert res['losses'][f'{f}x_dynamic'][2:] != res['losses'][f'{f}x_none'][2:]
+        for s in ('linear', 'yarn'):                     # these scale every position (a tiny model cares little)
             assert abs(res['losses'][f'{f}x_{s}'][0] - expected[0]) > 1e-7, s
 
 
