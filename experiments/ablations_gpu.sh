@@ -29,7 +29,9 @@ fi
 for s in "$@"; do
   left=$((END - SECONDS))
   [ $left -gt 30 ] || { echo "$s: no time left in this call's budget"; continue; }
-  if [ -d docs/ablations/$s ] && [ ! -d out/ablations/$s ]; then
+  # (not long_context: its runs are scored again by long_context.py below, which needs their
+  # checkpoints, and the kept folders have none)
+  if [ -d docs/ablations/$s ] && [ ! -d out/ablations/$s ] && [ $s != long_context ]; then
     mkdir -p out/ablations && cp -r docs/ablations/$s out/ablations/$s
   fi
   timeout $left python ablate.py config/ablations/$s.py ${ABLATE_ARGS:-} > $D/$s.log 2>&1
