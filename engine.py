@@ -8,8 +8,12 @@ Serving many requests at once: continuous batching over a paged KV cache.
 
 Continuous batching (Orca, Yu et al. 2022): at every step the requests that are waiting are
 admitted as far as the cache has room, finished ones leave, and every running request adds its
-next tokens to one batch: a chunk of at most prefill_chunk prompt tokens while its prompt is being
-read (chunked prefill), then one token per step. Rows of a step are left-padded to its longest row.
+next tokens: a chunk of at most prefill_chunk prompt tokens while its prompt is being read
+(chunked prefill), then one token per step. A step is at most two forward passes: one over the
+rows reading a prompt chunk (left-padded to the longest chunk) and one over the rows feeding one
+token, so that a decoding row is never padded to a chunk's width: in one pass, one new 128-token
+prompt beside 63 decoding rows is 64 x 128 positions (when the engine ran so, its steps at 64
+streams on an H200 averaged 6.1 ms against static batching's 2.6: docs/performance.md).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
 a block table (its blocks, in order); a request holds blocks for its prompt plus max_new_tokens,
@@ -47,16 +51,12 @@ at its first use (generate.capture_graph; capture_graphs() captures the decode b
 and replayed after; elsewhere the same static steps run eagerly (what the CPU tests check).
 Sampling stays outside the graph, as in an eager step.
 
-The price is compute: attention over all L slots whatever the rows' lengths, and in a step with a
-prompt chunk every row, decoding ones too, padded to the chunk's column bucket (at 64 rows and a
-200-token chunk, 64 x 256 tokens through the model for 263 real ones). A launch-bound small model
-has compute to spare: an eager step of the default MoE costs ~40 ms on an H200 whatever its few
-hundred tokens, while 64 x 256 tokens at the ~1M tokens/s of its prefill are ~17 ms, and the
-smaller column buckets far less (an estimate from bench.py's prefill rate on an H100,
-notes/performance.md; not yet measured in the engine); about one step in ten reads a prompt chunk
-when requests keep arriving. The column buckets grow x4, so that a chunk is padded at most 4x
-while the graphs stay few (rows buckets x column buckets) and short chunks (a prompt's last, a
-short prompt) run in a small bucket. generate.py's static cache makes the same trade, and its
+The price is compute: attention over all L slots whatever the rows' lengths, and the prompt-chunk
+pass's rows padded to its column bucket (the decoding rows are in their own one-column pass). The
+column buckets grow x4, so that a chunk is padded at most 4x while the graphs stay few (rows
+buckets x column buckets) and short chunks (a prompt's last, a short prompt) run in a small
+bucket. Run eagerly on a GPU, where each pass costs its launches, a step with both kinds of rows
+costs about two decode steps; with graphs (the default there) the decode pass is one replay. generate.py's static cache makes the same trade, and its
 graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
 launches are cheap, the static steps are slower than eager ones (the scripts turn cuda_graph on
 for CUDA only).
@@ -359,8 +359,9 @@ class Engine:
         self.params = list(model.parameters())   # what a captured step reads, listed once
         # prompt_tokens: of admitted requests; reused_tokens: of those, read from shared blocks;
         # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back;
-        # eager_steps: steps run in their own shapes (PagedCache); static_steps: steps in fixed
-        # shapes (cuda_graph), static_prefill_steps: those of them with a prompt chunk (columns > 1);
+        # eager_steps: forward passes run in their own shapes (PagedCache; a step is one or two
+        # passes, see the top); static_steps: passes in fixed shapes (cuda_graph),
+        # static_prefill_steps: those of them with a prompt chunk (columns > 1);
         # graph_captures: CUDA graphs captured; cancelled: requests stopped early (cancel())
         self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0,
                           eager_steps=0, static_steps=0, static_prefill_steps=0, graph_captures=0, cancelled=0)
@@ -442,15 +443,14 @@ class Engine:
             return []
         rows = self.running
         feed = [r.pending[:self.prefill_chunk] for r in rows]
-        # with cuda_graph every step runs in fixed shapes (its (rows, columns) bucket); else in its
-        # own: the rows left-padded to the longest
-        if self.cuda_graph:
-            logits = self.static_step(rows, feed)
-        else:
-            idx, _ = pad_prompts(feed)                # (B, T), each row left-padded with 0
-            cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
-            logits = self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
-            self.stats['eager_steps'] += 1
+        # the rows reading a prompt chunk go through the model apart from the rows feeding one
+        # token, so that no decoding row is padded to a chunk's width: at 64 rows and one new
+        # 128-token prompt, 128 + 63 token positions instead of 64 x 128
+        chunked = [b for b, f in enumerate(feed) if len(f) > 1]
+        single = [b for b, f in enumerate(feed) if len(f) == 1]
+        parts = [self.forward_rows([rows[b] for b in g], [feed[b] for b in g]) for g in (chunked, single) if g]
+        logits = parts[0] if len(parts) == 1 else \
+            torch.cat(parts)[torch.tensor(chunked + single, device=self.device).argsort()]   # rows' order
         # the next token of every row whose prompt is read: the greedy rows in one argmax and one
         # read back to the host; a sampled row draws with its own generator (its seed's stream)
         greedy = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending) and r.temperature == 0]
@@ -475,6 +475,17 @@ class Engine:
             r.blocks = []
             self.running.remove(r)
         return events
+
+    def forward_rows(self, rows, feed):
+        """(B, V) logits of the last token row b feeds (feed[b]): one forward pass, with cuda_graph in
+        its (rows, columns) bucket's fixed shapes, else in its own (the rows left-padded to the
+        longest)."""
+        if self.cuda_graph:
+            return self.static_step(rows, feed)
+        idx, _ = pad_prompts(feed)                    # (B, T), each row left-padded with 0
+        cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
+        self.stats['eager_steps'] += 1
+        return self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
 
     def bucket(self, B):
         """The rows a step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and max_batch

@@ -324,6 +324,8 @@ def spy_on_static_steps(engine):
     def static_step(rows, feed):
         assert all(engine.pool.scratch not in r.blocks for r in engine.running)
         check_pool(engine)
+        # prompt chunks and one-token rows never share a pass (no decoding row padded to a chunk)
+        assert all(len(f) > 1 for f in feed) or all(len(f) == 1 for f in feed), [len(f) for f in feed]
         T = max(map(len, feed))
         sizes.append((len(rows), engine.bucket(len(rows)), T, engine.token_bucket(T)))
         return real(rows, feed)
@@ -356,8 +358,9 @@ def assert_same_blocks(engine, eager):
 def test_static_steps_give_each_request_its_tokens_alone(variant):
     """cuda_graph=True on the CPU: the static path, eagerly, for every step: decode steps and
     steps with prompt chunks (prompts of 23 and 40 tokens read in chunks of 16, the last 7 of the
-    23 padded to 8 columns, chunks of 5 and 9 beside a chunk of 16), with batches of 3 and 5 rows
-    (padded to 4 and 8) and lengths crossing block boundaries (blocks of 8)."""
+    23 padded to 8 columns, two prompts' chunks in one pass), each run apart from the step's
+    decoding rows, with batches of 3 and 5 rows (padded to 4 and 8) and lengths crossing block
+    boundaries (blocks of 8)."""
     model = build(**STATIC_VARIANTS[variant])
     engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True)
     for r, p in zip(requests, prompts):
@@ -366,8 +369,8 @@ def test_static_steps_give_each_request_its_tokens_alone(variant):
     assert s['static_steps'] == len(sizes) >= 10 and s['eager_steps'] == 0     # every step in fixed shapes
     assert s['static_prefill_steps'] == sum(Tb > 1 for *_, Tb in sizes) >= 4
     assert {(3, 4), (5, 8)} <= {(B, Bb) for B, Bb, _, _ in sizes}              # padding rows
-    assert (2, 2, 7, 8) in sizes and (5, 8, 16, 16) in sizes   # padding columns (23 = 16 + 7) and rows
-    assert engine.token_buckets == (1, 8, 16) and {(1, 1), (2, 16), (8, 8), (8, 16)} <= set(engine.static)
+    assert (1, 1, 7, 8) in sizes and (2, 2, 16, 16) in sizes   # padding columns (23 = 16 + 7); two chunks
+    assert engine.token_buckets == (1, 8, 16) and {(1, 1), (1, 8), (2, 16), (8, 1)} <= set(engine.static)
     assert s['graph_captures'] == 0                                            # no graph off CUDA
     assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
     eager, no_static, _, _ = first_alone_then_mixed_arrivals(model)
