@@ -93,6 +93,8 @@ class Request:
     done: bool = False
     hashes: list = field(default_factory=list)   # names of its prompt's full blocks (prefix sharing)
     n_named: int = 0                  # its leading blocks already reused or registered in the table
+    table_row: torch.Tensor = None    # its block table padded to the static steps' width, on the host
+                                      # (made once: a request's blocks do not change while it runs)
 
 
 class PagedCache:
@@ -197,12 +199,17 @@ class StaticPagedCache(PagedCache):
         tokens, length, n, table, block, offset = self.columns(host)
         table.fill_(s)
         if rows:
-            # row b's tokens in its last len(feed[b]) columns (left padding: token 0 before them)
-            at = [(b, Tb - len(f) + i) for b, f in enumerate(feed) for i in range(len(f))]
-            tokens[tuple(torch.tensor(at).T)] = torch.tensor([t for f in feed for t in f])
+            if Tb == 1:                                    # a decode pass: one token a row
+                tokens[:B, 0] = torch.tensor([f[0] for f in feed])
+            else:    # row b's tokens in its last len(feed[b]) columns (left padding: token 0 before them)
+                at = [(b, Tb - len(f) + i) for b, f in enumerate(feed) for i in range(len(f))]
+                tokens[tuple(torch.tensor(at).T)] = torch.tensor([t for f in feed for t in f])
             length[:B] = torch.tensor([r.length for r in rows])
             n[:B] = torch.tensor([len(f) for f in feed])
-            table[:B] = torch.tensor(self.tables(rows, self.width))
+            for r in rows:
+                if r.table_row is None:
+                    r.table_row = torch.tensor(self.tables([r], self.width)[0])
+            table[:B] = torch.stack([r.table_row for r in rows])
         # column t of row b holds new token t - (Tb - n) (when >= 0), at slot length + t - (Tb - n)
         slot = length[:, None] + torch.arange(Tb)[None, :] - (Tb - n[:, None])      # (Bb, Tb)
         real = slot >= length[:, None]
