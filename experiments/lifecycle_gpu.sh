@@ -25,9 +25,8 @@ S=${S:-out/sft_sides}
 declare -A SIDE_SFT=(
   [words5]="--word_loss_weight=5"                   # the required words' tokens weigh 5x in the loss
   [lr2e-3]="--learning_rate=2e-3 --min_lr=2e-4"     # lr 1e-3 doubled 3e-4's words rate (docs/results.md)
-  [window]="--packed_attention=window"              # packed examples see the ones before them (as
-                                                    # before 2026-12-05): what keeping them apart buys
-  # next: [muonclip]="--optimizer=muonclip"         # the base model's own optimizer (AdamW otherwise)
+  # measured and dropped: [window]="--packed_attention=window" (examples apart: all words 21.5%
+  # against 21.9% the run before, docs/results.md); next: [muonclip]="--optimizer=muonclip"
 )
 A=$PWD/$R
 SIDE_RUNS=""
