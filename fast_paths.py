@@ -149,10 +149,10 @@ def experts_gathered(experts, x, weights, indices):
     accumulation) so that torch.compile makes each product one kernel that reads the chosen
     rows in place. It reads N*K expert matrices, no more than all E when N*K <= E (MoE's rule)."""
     xf = x.float()[:, None, None, :]                                      # (N, 1, 1, C)
-    gate = (experts.gate_proj[indices].float() * xf).sum(-1)                 # (N, K, I)
-    up = (experts.up_proj[indices].float() * xf).sum(-1)
+    gate = (experts.gathered('gate_proj', indices).float() * xf).sum(-1)     # (N, K, I)
+    up = (experts.gathered('up_proj', indices).float() * xf).sum(-1)
     h = (F.silu(gate) * up)[:, :, None, :]                                # (N, K, 1, I)
-    y = (experts.down_proj[indices].float() * h).sum(-1)                     # (N, K, C)
+    y = (experts.gathered('down_proj', indices).float() * h).sum(-1)         # (N, K, C)
     return (y * weights[..., None].float()).sum(1).to(x.dtype)
 
 

@@ -612,6 +612,11 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.randn(E, I, C) * std)
         self.down_proj = nn.Parameter(torch.randn(E, C, I) * std)
 
+    def gathered(self, name, indices):
+        """The matrices of stack `name` of the experts `indices` (any shape): stack[indices]
+        (quant.QuantExperts dequantizes only these)."""
+        return getattr(self, name)[indices]
+
     def forward(self, x, weights, indices):
         """The reference: for each expert, gather its tokens, run it, add the weighted output.
         y_t = sum_k g_tk * down_e(silu(gate_e x_t) * up_e x_t), e = indices[t, k].

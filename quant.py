@@ -93,6 +93,12 @@ class QuantExperts(nn.Module):
         scale = getattr(self, f'{name}_scale')
         return dequantize_weight(getattr(self, f'{name}_q'), scale, self.bits, scale.dtype)
 
+    def gathered(self, name, indices):
+        """stack(name)[indices], dequantizing only the experts indexed: a decoding token reads K of
+        the E experts, and dequantizing all E at every step cost more than the matmuls."""
+        scale = getattr(self, f'{name}_scale')
+        return dequantize_weight(getattr(self, f'{name}_q')[indices], scale[indices], self.bits, scale.dtype)
+
     gate_proj = property(lambda self: self.stack('gate_proj'))
     up_proj = property(lambda self: self.stack('up_proj'))
     down_proj = property(lambda self: self.stack('down_proj'))

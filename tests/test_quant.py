@@ -47,6 +47,13 @@ def test_quantized_model_is_close_and_its_moe_paths_agree(kind):
     ind = torch.stack([torch.randperm(8)[:2] for _ in range(10)])
     torch.testing.assert_close(fast_paths.experts_gathered(experts, x, w, ind), experts(x, w, ind),
                                atol=1e-5, rtol=1e-4)
+    # decoding's gathered path dequantizes the chosen experts only, never the whole stacks
+    for name in ('gate_proj', 'up_proj', 'down_proj'):
+        assert torch.equal(experts.gathered(name, ind), experts.stack(name)[ind])
+    expected = experts(x, w, ind)
+    experts.stack = None                                             # calling it now would fail
+    torch.testing.assert_close(fast_paths.experts_gathered(experts, x, w, ind), expected, atol=1e-5, rtol=1e-4)
+    del experts.stack
     torch.testing.assert_close(fast_paths.experts_grouped(experts, x, w, ind), experts(x, w, ind), atol=1e-5, rtol=1e-4)
     assert isinstance(model.layers[0].attn.kv_b_proj, QuantLinear)  # MLA's absorbed path reads its .weight
     from generate import generate
