@@ -146,8 +146,9 @@ def kl_to_reference(model, tok, prompts):
     g = torch.Generator(device=rt.device).manual_seed(seed)
     ro = sample_rollout(model, tok, prompts, max_new_tokens, 1.0, generator=g, autocast=rt.autocast,
                         batch_size=gen_batch_size)
-    lp = batched_logprobs(model, ro['seq'], ro['mask'], rt.autocast)
-    lr = batched_logprobs(ref, ro['seq'], ro['mask'], rt.autocast)
+    # over the tokenizer's ids only, the distribution sample_rollout drew from (not the padding)
+    lp = batched_logprobs(model, ro['seq'], ro['mask'], rt.autocast, vocab=tok.vocab_size)
+    lr = batched_logprobs(ref, ro['seq'], ro['mask'], rt.autocast, vocab=tok.vocab_size)
     return ((lp - lr) * ro['mask']).sum(1).mean().item()
 
 

@@ -55,7 +55,8 @@ def checkpoint_meta(name):
     if not os.path.isfile(path):
         return None
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    n = sum(v.numel() for v in ckpt['model'].values())
+    # each tensor once: tied weights (the embedding as the output layer) load as one shared tensor
+    n = sum(v.numel() for v in {v.data_ptr(): v for v in ckpt['model'].values()}.values())
     return {'stage': ckpt.get('stage'), 'step': ckpt.get('step'), 'metrics': ckpt.get('metrics', {}),
             'tokens': ckpt.get('tokens'), 'params': n, 'config': ckpt.get('config') or {}}
 
@@ -128,7 +129,7 @@ if 'reward' in stages:
 dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
 if dpo and 'sft' in stages:
     sft_score = stages['sft']['task_score']
-    spread = statistics.pstdev(dpo) if len(dpo) > 1 else float('nan')
+    spread = statistics.stdev(dpo) if len(dpo) > 1 else float('nan')   # the seeds' sample std
     gain = None if sft_score is None else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
           f'> spread {fmt(spread)} ({len(dpo)} seeds)', None if gain is None else len(dpo) > 1 and gain > spread,
@@ -216,7 +217,8 @@ for name in ('expert_load.png', 'max_logit.png', 'loss.png'):
 
 # --- report.json and report.md --------------------------------------------------------------------
 try:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    # '-dirty' where the files differ from that commit (as a copied working tree can)
+    commit = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True).stdout.strip()
 except OSError:
     commit = ''
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'

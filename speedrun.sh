@@ -13,7 +13,8 @@
 #   eval      every checkpoint on the held-out data and prompts (eval.py -> eval.json)
 #   report    report.md + report.json + plots (report.py)
 # Each stage reads the previous stage's checkpoint (init_from=) and writes its own folder under
-# OUT; a stage whose output is already there is skipped, so a run stopped midway continues.
+# OUT; a stage that finished (its output there, its line in times.tsv) is skipped, so a stopped run
+# continues with the stage it stopped in (that stage starts over).
 #
 # $ bash speedrun.sh --profile=cpu      # a smoke test: every stage, tiny, about 10 minutes on 2 CPU cores
 # $ bash speedrun.sh --profile=gpu      # one GPU (H200): the real run, under 25 minutes
@@ -128,11 +129,20 @@ DATA=$OUT/data TASK=$OUT/task PREFS_DIR=$OUT/prefs
 mkdir -p $OUT/logs
 stage_wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
 T_START=$SECONDS
+# this run's wall time, once, into wall.tsv (report.py adds the lines of a run stopped and started
+# again): by the report stage, or when the script exits, also on an error or Ctrl-C
+wall_line() {
+  [ -e $OUT/logs/wall.$$ ] || printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv
+  touch $OUT/logs/wall.$$
+}
+trap 'wall_line; rm -f $OUT/logs/wall.$$' EXIT
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
-# times.tsv; skipped when DONE_FILE exists (its stage finished before)
+# times.tsv; skipped when it finished before: DONE_FILE exists and times.tsv has its line (a
+# stage stopped midway leaves a checkpoint, not the line: it runs again)
 run() {
   local name=$1 done=$2; shift 2
-  if [ -e "$done" ]; then echo "$name: done before ($done)"; return; fi
+  if [ -e "$done" ] && grep -qs "^$name	" $OUT/times.tsv; then echo "$name: done before ($done)"; return; fi
+  [ -e "$done" ] && echo "$name: $done is there but the stage did not finish (no line in times.tsv): it runs again"
   echo "$name: $*"
   local t0=$SECONDS
   if ! "$@" > $OUT/logs/$name.log 2>&1; then
@@ -193,7 +203,7 @@ stage() {
     eval)    local cmds=(); for r in $EVAL_RUNS; do cmds+=("eval_run $r"); done
              if [ $PARALLEL = 1 ]; then together "${cmds[@]}"
              else for c in "${cmds[@]}"; do $c || return 1; done; fi ;;
-    report)  printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv   # this run's wall time so far
+    report)  wall_line                   # this run's wall time so far, for the card
              python report.py --out=$OUT --profile=$PROFILE ;;
     *) echo "error: unknown stage '$1'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, student_embed, eval, report"
        return 2 ;;
@@ -221,5 +231,4 @@ if [ $PARALLEL = 1 ]; then
 else
   for s in ${STAGES//,/ }; do stage $s || exit 1; done
 fi
-stage_wanted report || printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv
 echo "speedrun: $((SECONDS - T_START)) s of wall time -> $OUT/report.md"

@@ -38,7 +38,7 @@ done
 # the scratch student from the teacher's embeddings (distill.py --alpha=0 --init_embedding=teacher), the
 # start the distilled student has: what distillation adds beyond it (speedrun.sh student_embed)
 link="mkdir -p $S/embed && for x in data task base; do ln -sfn $A/\$x $S/embed/\$x; done"
-SIDE_RUNS+="($link && bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
+SIDE_RUNS+="($link && EVAL_RUNS=student_embed bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
 # and a second SFT round from the main SFT model on rejection samples: the best answer of each
 # prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
 # run's prefs stage), about 3 epochs of them, evaluated like the rest

@@ -4,6 +4,7 @@ pretrained model and its SFT model here; speedrun.sh --profile=cpu runs every st
 import json
 import os
 import shutil
+import statistics
 import subprocess
 
 from conftest import run_script
@@ -60,6 +61,18 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20 and report['wall_time_s'] == 9
     assert '0.3 minutes of stages in all, 0.1 minutes of wall time' in md
     assert len(report['stages']['base']['continuations']) == 5 and 'wrote speedrun/report.md' in p.stdout
+    # parameters counted once each: the tied embedding is also the output layer, not a second matrix
+    assert report['stages']['base']['params'] == json.loads((out / 'base' / 'eval.json').read_text())['params']
+    # the DPO seeds' spread is their sample standard deviation
+    for seed, score in ((1, 0.60), (2, 0.58), (3, 0.61)):
+        (out / f'dpo_seed{seed}').mkdir(exist_ok=True)
+        if not (out / f'dpo_seed{seed}' / 'ckpt.pt').exists():
+            os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / f'dpo_seed{seed}' / 'ckpt.pt')
+        ev = json.loads((out / 'sft' / 'eval.json').read_text())
+        ev['task/score'] = score
+        (out / f'dpo_seed{seed}' / 'eval.json').write_text(json.dumps(ev))
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    assert f'> spread {statistics.stdev([0.60, 0.58, 0.61]):.3f} (3 seeds)' in (out / 'report.md').read_text()
 
 
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
@@ -85,5 +98,19 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
     runs = sorted(x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_'))
     assert runs == ['eval_base', 'eval_dpo_seed1', 'eval_grpo', 'eval_ppo', 'eval_sft', 'eval_student_distill',
                     'eval_student_scratch'], p.stdout + p.stderr
+    # a stage stopped midway left its checkpoint but no line in times.tsv: it runs again (and fails
+    # here, without a base model); a failed run still writes its wall time
+    (tmp_path / 'run' / 'sft').mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'run' / 'sft' / 'ckpt.pt').write_bytes(b'')
+    (tmp_path / 'run' / 'wall.tsv').unlink(missing_ok=True)
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert 'sft/ckpt.pt is there but the stage did not finish' in p.stdout and p.returncode != 0
+    assert (tmp_path / 'run' / 'wall.tsv').read_text().startswith('wall\t')
+    with open(tmp_path / 'run' / 'times.tsv', 'a') as f:
+        f.write('sft\t5\n')
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert 'sft: done before' in p.stdout and p.returncode == 0
     p = subprocess.run(['bash', 'speedrun.sh', '--help'], cwd=repo, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories') and '--profile=' in p.stdout
