@@ -125,6 +125,28 @@ if 'reward' in stages:
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
           f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}')
+
+
+def paired_gain(run, base='sft'):
+    """' (per prompt: +0.040 +- 0.020, its standard error over 256 prompts)': the mean of run's
+    score minus base's on each held-out prompt (eval_answers.jsonl), with its standard error, so
+    that a gain can be read against the noise of the prompt sample; '' where the answers are not
+    both there or not for the same prompts."""
+    answers = []
+    for name in (run, base):
+        path = os.path.join(out, name, 'eval_answers.jsonl')
+        if not os.path.isfile(path):
+            return ''
+        with open(path) as f:
+            answers.append([json.loads(line) for line in f if line.strip()])
+    a, b = answers
+    if len(a) < 2 or [x['prompt'] for x in a] != [x['prompt'] for x in b]:
+        return ''
+    d = [x['score'] - y['score'] for x, y in zip(a, b)]        # paired: the same prompts
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    return f' (per prompt: {statistics.mean(d):+.3f} ± {se:.3f}, its standard error over {len(d)} prompts)'
+
+
 # a score missing (a stage's eval.json not written) leaves its target unknown, never met or missed by default
 dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
 if dpo and 'sft' in stages:
@@ -140,7 +162,7 @@ for name in ('ppo', 'grpo'):
         gain = None if None in scores else scores[0] - scores[1]
         check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
               None if gain is None else gain > 0,
-              f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}; "
+              f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}{paired_gain(name)}; "
               f"KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer", unit='points')
 if {'student_scratch', 'student_distill', 'base'} <= set(stages):
     t, s, d = (stages[k]['val_loss'] for k in ('base', 'student_scratch', 'student_distill'))

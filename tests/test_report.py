@@ -39,6 +39,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     if not (out / 'grpo' / 'ckpt.pt').exists():
         os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'grpo' / 'ckpt.pt')
     shutil.copy(out / 'sft' / 'eval.json', out / 'grpo' / 'eval.json')
+    shutil.copy(out / 'sft' / 'eval_answers.jsonl', out / 'grpo' / 'eval_answers.jsonl')
     (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\n')
     (out / 'wall.tsv').write_text('wall\t9\n')          # stages side by side: less wall time than their sum
     p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
@@ -48,6 +49,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
     assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
     assert '| GRPO: task reward above SFT (greedy, held-out prompts) | +0.000 | > 0 | **no** |' in md   # score points
+    assert '(per prompt: +0.000 ± 0.000, its standard error over 3 prompts)' in md    # the same answers
     assert 'the 1st / 2nd / 3rd listed word used in' in md         # which word the answers drop
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
