@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from config import configure
+from config import configure, model_config_from
+from model import GPT, ModelConfig
 from runlog import pyplot
 from task import RULE_PARTS
 
@@ -55,10 +56,16 @@ def checkpoint_meta(name):
     if not os.path.isfile(path):
         return None
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    # each tensor once: tied weights (the embedding as the output layer) load as one shared tensor
-    n = sum(v.numel() for v in {v.data_ptr(): v for v in ckpt['model'].values()}.values())
+    # the model's own counts, from its config on the meta device (tied weights once; active: what
+    # a token passes through); else each saved tensor once (a tied pair loads as one tensor)
+    try:
+        with torch.device('meta'):
+            m = GPT(model_config_from(ckpt['config'], ModelConfig))
+        n, active = m.num_params(), m.active_params()
+    except (KeyError, TypeError, ValueError):
+        n, active = sum(v.numel() for v in {v.data_ptr(): v for v in ckpt['model'].values()}.values()), None
     return {'stage': ckpt.get('stage'), 'step': ckpt.get('step'), 'metrics': ckpt.get('metrics', {}),
-            'tokens': ckpt.get('tokens'), 'params': n, 'config': ckpt.get('config') or {}}
+            'tokens': ckpt.get('tokens'), 'params': n, 'active_params': active, 'config': ckpt.get('config') or {}}
 
 
 def fmt(x, spec='.3f'):
@@ -87,7 +94,7 @@ for name in TRAINED:
     ev = read_json(name, 'eval.json') or {}
     rows = log_rows(name)
     stages[name] = {'time_s': times.get('train' if name == 'base' else name), 'step': ckpt['step'], 'tokens': ckpt['tokens'],
-                    'params': ckpt['params'], 'active_params': ev.get('active_params'),
+                    'params': ckpt['params'], 'active_params': ckpt['active_params'] or ev.get('active_params'),
                     'val_loss': ev.get('val/loss'), 'val_bpb': ev.get('val/bpb'),
                     'val_tinystories_bpb': ev.get('val_tinystories/bpb'),
                     'task_score': ev.get('task/score'), 'all_words': ev.get('task/all_words'),
