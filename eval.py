@@ -42,6 +42,9 @@ block_size = 0               # 0: the model's block_size
 task_dir = ''                # held-out prompts; '': the checkpoint's own (sft.py records it), else
                              # data/tinystories_instruct
 n_prompts = 200              # held-out prompts (prompts_val.jsonl) to answer; 0 skips the task
+prompts_file = 'prompts_val.jsonl'   # in task_dir; another (e.g. prompts_train.jsonl: prompts made the same
+                             # way from the training books) writes eval_<its name>.json beside eval.json:
+                             # is a low score the held-out books or the model?
 max_new_tokens = 300
 temperature = 0.0            # 0: greedy
 top_k = 0
@@ -111,7 +114,7 @@ def continuations(model, tok):
 
 def task_metrics(model, tok, ckpt):
     """The task metrics for eval.json, and one row per held-out prompt (its answer and scores)."""
-    path = os.path.join(task_dir or ckpt.get('task_dir') or 'data/tinystories_instruct', 'prompts_val.jsonl')
+    path = os.path.join(task_dir or ckpt.get('task_dir') or 'data/tinystories_instruct', prompts_file)
     if not n_prompts:
         return {}, []
     if not os.path.isfile(path):
@@ -167,6 +170,8 @@ def evaluate(folder):
               'max_new_tokens': max_new_tokens}
     # quantized here (--quantize) from a full-precision folder: beside its own eval.json, not over it
     suffix = f'_{quantize}' if quantize and not ckpt.get('quantized') else ''
+    if prompts_file != 'prompts_val.jsonl':                  # not the held-out prompts: not eval.json
+        suffix += '_' + os.path.splitext(os.path.basename(prompts_file))[0]
     write_json(os.path.join(folder, f'eval{suffix}.json'), result)
     if answers:
         write_jsonl(os.path.join(folder, f'eval_answers{suffix}.jsonl'), answers)

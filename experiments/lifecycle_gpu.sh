@@ -66,6 +66,11 @@ case ${1:-} in
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN }
       wait
+      # the SFT model on prompts made the same way from the training books (eval_prompts_train.json):
+      # if its words rate is far above the held-out one, the held-out books' prompts are the gap
+      python eval.py --out_dir=$R/sft --task_dir=$R/task --prompts_file=prompts_train.jsonl --eval_iters=1 \
+        --n_prompts=256 --max_new_tokens=200 $([ $PROFILE = cpu ] && echo --device=cpu --n_prompts=16) \
+        > $R/logs/eval_sft_train_prompts.log 2>&1
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
       bash experiments/lifecycle_gpu.sh spec > /dev/null

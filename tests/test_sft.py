@@ -270,6 +270,12 @@ def test_eval_table_and_compare(pipeline):
     # without --task_dir: the held-out prompts of the task the model was fine-tuned on (its checkpoint's)
     run_script('eval.py', '--out_dir=sft_eval', *[a for a in args if not a.startswith('--task_dir')], cwd=pipeline)
     assert json.load(open(pipeline / 'sft_eval' / 'eval.json'))['task/samples'] == result['task/samples']
+    # the training books' prompts: their own files beside eval.json, which stays the held-out one
+    before = (pipeline / 'sft_eval' / 'eval.json').read_text()
+    run_script('eval.py', '--out_dir=sft_eval', '--prompts_file=prompts_train.jsonl', *args, cwd=pipeline)
+    train_eval = json.load(open(pipeline / 'sft_eval' / 'eval_prompts_train.json'))
+    assert train_eval['task/n_prompts'] == 3 and (pipeline / 'sft_eval' / 'eval_answers_prompts_train.jsonl').exists()
+    assert (pipeline / 'sft_eval' / 'eval.json').read_text() == before
     p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
     assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
     p = run_script('eval.py', '--compare=base,sft_eval', '--reference=base', *args, cwd=pipeline)
