@@ -31,7 +31,7 @@ from config import configure
 from data import chat_batch, encode_chat_examples, pack_chat_examples, read_prepared
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
-from task import evaluate_task
+from task import ADJECTIVES, NOUNS, VERBS, evaluate_task
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -56,6 +56,8 @@ curriculum = False           # shortest examples first, widening to all over cur
 curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
 word_loss_weight = 1.0       # loss weight of the tokens where an answer first uses a required word
+prompt_like_repeat = 1       # examples whose required words all come from task.py's word lists, as every
+                             # held-out prompt's do, appear this many times in the training set
                              # (records with 'words'); 1: every response token alike
 eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation
 max_new_tokens = 300
@@ -91,6 +93,8 @@ run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
 # -----------------------------------------------------------------------------
+if prompt_like_repeat < 1:
+    sys.exit(f'error: prompt_like_repeat={prompt_like_repeat} must be at least 1')
 if word_loss_weight <= 0:
     sys.exit(f'error: word_loss_weight={word_loss_weight} must be positive')
 if packed_attention not in ('example', 'window'):
@@ -124,7 +128,15 @@ def encode(rows, word_weight=1.0):
     return out
 
 
-train_ex = encode(read_task('sft_train.jsonl', ('prompt', 'response')), word_loss_weight)
+train_rows = read_task('sft_train.jsonl', ('prompt', 'response'))
+if prompt_like_repeat > 1:          # more of the kind of example the held-out prompts ask for
+    listed = NOUNS | VERBS | ADJECTIVES
+    like = [r for r in train_rows if r.get('words') and all(w in listed for w in r['words'])]
+    train_rows = train_rows + like * (prompt_like_repeat - 1)
+    if rt.master:
+        print(f'{len(like):,} of the examples ask only for listed words, as the held-out prompts do: '
+              f'{prompt_like_repeat} copies of each')
+train_ex = encode(train_rows, word_loss_weight)
 val_ex = encode(read_task('sft_val.jsonl', ('prompt', 'response')))
 prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
 by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))   # curriculum order

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -213,11 +214,19 @@ def test_sft_word_loss_weight_adds_the_weighted_words_loss(pipeline):
     runs = run_script_many('sft.py', [['--out_dir=w1', *SFT, '--max_iters=1', '--eval_interval=1', '--log_interval=1'],
                                       ['--out_dir=w4', *SFT, '--max_iters=1', '--eval_interval=1', '--log_interval=1',
                                        '--word_loss_weight=4'],
-                                      ['--out_dir=w0', *SFT, '--word_loss_weight=0']], cwd=pipeline)
+                                      ['--out_dir=w0', *SFT, '--word_loss_weight=0'],
+                                      ['--out_dir=rep3', *SFT, '--max_iters=1', '--eval_interval=1',
+                                       '--prompt_like_repeat=3'],
+                                      ['--out_dir=rep0', *SFT, '--prompt_like_repeat=0']], cwd=pipeline)
     assert runs[0].returncode == 0 and runs[1].returncode == 0, runs[1].stderr[-2000:]
     first = [next(r['train/loss'] for r in val_losses(pipeline / out)[1] if 'train/loss' in r) for out in ('w1', 'w4')]
     assert first[1] > first[0] + 0.01, first
     assert runs[2].returncode and 'word_loss_weight=0.0 must be positive' in runs[2].stderr
+    # prompt_like_repeat: the examples asking only for listed words (as held-out prompts do), 3 times
+    n_train = [int(re.search(r'([\d,]+) training and', p.stdout).group(1).replace(',', '')) for p in (runs[0], runs[3])]
+    like = int(re.search(r'([\d,]+) of the examples ask only for listed words', runs[3].stdout).group(1).replace(',', ''))
+    assert like > 0 and n_train[1] == n_train[0] + 2 * like, (n_train, like)
+    assert runs[4].returncode and 'prompt_like_repeat=0 must be at least 1' in runs[4].stderr
 
 
 @pytest.mark.parametrize('batching', [['--packing=True'], ['--packing=True', '--packed_attention=window'],
