@@ -82,14 +82,36 @@ def sentence_chunks(doc, max_words):
     return chunks
 
 
+# irregular forms a story may use for a word: past tenses and participles, plurals, comparatives
+IRREGULAR = {parts[0]: frozenset(parts[1:]) for parts in (entry.split() for entry in """
+    begin began begun, bite bit bitten, blow blew blown, break broke broken, bring brought,
+    build built, burn burnt, buy bought, catch caught, choose chose chosen, come came, dig dug,
+    draw drew drawn, drink drank drunk, drive drove driven, eat ate eaten, fall fell fallen,
+    feed fed, feel felt, fight fought, find found, fly flew flown, forget forgot forgotten,
+    forgive forgave forgiven, freeze froze frozen, get got gotten, give gave given, go went gone,
+    grow grew grown, hang hung, hear heard, hide hid hidden, hold held, keep kept, kneel knelt,
+    know knew known, lead led, learn learnt, leave left, lose lost, make made, mean meant, meet met,
+    pay paid, ride rode ridden, ring rang rung, rise rose risen, run ran, say said, see saw seen,
+    sell sold, send sent, sew sewn, shake shook shaken, shine shone, shoot shot, sing sang sung,
+    sink sank sunk, sit sat, sleep slept, slide slid, smell smelt, speak spoke spoken, spell spelt,
+    spend spent, spill spilt, stand stood, steal stole stolen, stick stuck, sweep swept,
+    swim swam swum, swing swung, take took taken, teach taught, tear tore torn, tell told,
+    think thought, throw threw thrown, understand understood, wake woke woken, wear wore worn,
+    weep wept, win won, write wrote written, child children, man men, woman women, foot feet,
+    tooth teeth, mouse mice, goose geese, leaf leaves, wolf wolves, knife knives, life lives,
+    wife wives, shelf shelves, thief thieves, good better best, bad worse worst""".split(','))}
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def inflections(word):
     """The forms of `word` the rule accepts: -s (-es after s, x, z, ch, sh, o), -ed (-d after e),
-    -ing (with a dropped final e or a doubled final consonant), -er/-est, -ly, and y -> ies/ied/
-    ier/iest/ily. (A frozenset, cached: the reward rule asks for the forms of every word of every
-    answer.) Spelling rules without a dictionary: a few forms are other words (corn -> corner)."""
+    -ing (with a dropped final e or a doubled final consonant), -er/-est, -ly, y -> ies/ied/
+    ier/iest/ily, and the irregular forms of IRREGULAR (ran for run, women for woman). (A frozenset,
+    cached: the reward rule asks for the forms of every word of every answer.) Spelling rules
+    without a dictionary: a few forms are other words (corn -> corner)."""
     w = word.lower()
-    forms = {w, w + 's', w + 'ing', w + 'er', w + 'est', w + 'ly', w + 'd' if w.endswith('e') else w + 'ed'}
+    forms = {w, w + 's', w + 'ing', w + 'er', w + 'est', w + 'ly', w + 'd' if w.endswith('e') else w + 'ed',
+             *IRREGULAR.get(w, ())}
     if w.endswith(('s', 'x', 'z', 'ch', 'sh', 'o')):
         forms.add(w + 'es')
     if w.endswith('e'):

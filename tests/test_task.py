@@ -28,7 +28,7 @@ def test_missing_words_count_as_a_share():
 def test_words_are_whole_words_in_any_listed_inflection():
     text = words_of('The kids were jumping. She cried. He made the happiest cake and was running.')
     assert word_used('jump', text) and word_used('cry', text) and word_used('happy', text)
-    assert word_used('run', text) and word_used('make', text) is False   # 'made': irregular, not listed
+    assert word_used('run', text) and word_used('make', text)           # 'made': irregular (task.IRREGULAR)
     assert word_used('jumped', words_of('They jump.'))                     # prompt form inflected, text base
     assert not word_used('cat', words_of('The category was cathartic.'))   # whole words only
     for word, text in (('thing', 'The cat sat.'), ('wing', 'We ran.'), ('best', 'Be brave.'), ('seed', 'I see.'),
@@ -37,6 +37,10 @@ def test_words_are_whole_words_in_any_listed_inflection():
     assert word_used('running', words_of('I run.')) and word_used('baked', words_of('We bake.'))
     assert 'bakeed' not in inflections('bake') and 'dogs' in inflections('dog') and 'boxes' in inflections('box')
     assert {'dogs', 'dogged', 'dogging'} <= inflections('dog')
+    # irregular forms count: a story that says the fox ran, the women, kept the key uses run, woman, keep
+    assert {'ran', 'running'} <= inflections('run') and 'women' in inflections('woman') and 'kept' in inflections('keep')
+    assert score('The fox ran to the women and kept the key.', ['run', 'woman', 'keep'])['words'] == 1.0
+    assert 'ran' not in inflections('rain')
     assert {'making', 'bakes'} <= inflections('make') | inflections('bake')
 
 
