@@ -56,10 +56,10 @@ pass's rows padded to its column bucket (the decoding rows are in their own one-
 column buckets grow x4, so that a chunk is padded at most 4x while the graphs stay few (rows
 buckets x column buckets) and short chunks (a prompt's last, a short prompt) run in a small
 bucket. Run eagerly on a GPU, where each pass costs its launches, a step with both kinds of rows
-costs about two decode steps; with graphs (the default there) the decode pass is one replay. generate.py's static cache makes the same trade, and its
-graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
-launches are cheap, the static steps are slower than eager ones (the scripts turn cuda_graph on
-for CUDA only).
+costs about two decode steps; with graphs (the default there) the decode pass is one replay.
+generate.py's static cache makes the same trade, and its graph is still several times faster
+than eager decoding at batch 64 on a GPU; on a CPU, where launches are cheap, the static steps are
+slower than eager ones (the scripts turn cuda_graph on for CUDA only).
 
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
