@@ -382,6 +382,16 @@ def read_jsonl(path, required=(), hint=''):
     return rows
 
 
+def start_prepared(folder):
+    """Make `folder` for a prepare script's files and remove its meta.json, which the script writes
+    last: until it lands again, read_prepared refuses the folder. Returns the meta.json path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'meta.json')
+    if os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def read_prepared(folder, name, required=(), hint=''):
     """read_jsonl of a file in a folder a prepare script wrote (the task, the preference pairs).
     Those scripts remove the folder's meta.json first and write it last: a folder without one is

@@ -114,14 +114,15 @@ def continuations(model, tok):
 
 def task_metrics(model, tok, ckpt):
     """The task metrics for eval.json, and one row per held-out prompt (its answer and scores)."""
-    path = os.path.join(task_dir or ckpt.get('task_dir') or 'data/tinystories_instruct', prompts_file)
+    folder = task_dir or ckpt.get('task_dir') or 'data/tinystories_instruct'
+    path = os.path.join(folder, prompts_file)
     if not n_prompts:
         return {}, []
     if not os.path.isfile(path):
         print(f"no held-out prompts at '{path}' (python prepare/tinystories_instruct.py); skipping the task",
               file=sys.stderr)
         return {}, []
-    prompts = read_prepared(os.path.dirname(path), os.path.basename(path), ('prompt', 'words'))[:n_prompts]
+    prompts = read_prepared(folder, prompts_file, ('prompt', 'words'))[:n_prompts]
     r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
                       batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],

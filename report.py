@@ -22,6 +22,7 @@ import time
 import torch
 
 from config import configure, model_config_from
+from data import read_jsonl
 from model import GPT, ModelConfig
 from runlog import pyplot
 from task import RULE_PARTS
@@ -139,14 +140,10 @@ def paired_gain(run, base='sft'):
     score minus base's on each held-out prompt (eval_answers.jsonl), with its standard error, so
     that a gain can be read against the noise of the prompt sample; '' where the answers are not
     both there or not for the same prompts."""
-    answers = []
-    for name in (run, base):
-        path = os.path.join(out, name, 'eval_answers.jsonl')
-        if not os.path.isfile(path):
-            return ''
-        with open(path) as f:
-            answers.append([json.loads(line) for line in f if line.strip()])
-    a, b = answers
+    paths = [os.path.join(out, name, 'eval_answers.jsonl') for name in (run, base)]
+    if not all(os.path.isfile(p) for p in paths):
+        return ''
+    a, b = (read_jsonl(p, ('prompt', 'score')) for p in paths)
     if len(a) < 2 or [x['prompt'] for x in a] != [x['prompt'] for x in b]:
         return ''
     d = [x['score'] - y['score'] for x, y in zip(a, b)]        # paired: the same prompts

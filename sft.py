@@ -31,7 +31,7 @@ from config import configure
 from data import chat_batch, encode_chat_examples, pack_chat_examples, read_prepared
 from generate import use_cuda_graph
 from runtime import close_runtime, init_runtime
-from task import ADJECTIVES, NOUNS, VERBS, evaluate_task
+from task import LIST_WORDS, evaluate_task
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -130,8 +130,7 @@ def encode(rows, word_weight=1.0):
 
 train_rows = read_task('sft_train.jsonl', ('prompt', 'response'))
 if prompt_like_repeat > 1:          # more of the kind of example the held-out prompts ask for
-    listed = NOUNS | VERBS | ADJECTIVES
-    like = [r for r in train_rows if r.get('words') and all(w in listed for w in r['words'])]
+    like = [r for r in train_rows if r.get('words') and all(w in LIST_WORDS for w in r['words'])]
     train_rows = train_rows + like * (prompt_like_repeat - 1)
     if rt.master:
         print(f'{len(like):,} of the examples ask only for listed words, as the held-out prompts do: '

@@ -394,6 +394,7 @@ charming comfortable miserable wretched unhappy dangerous safe useful useless va
 expensive costly gay handsome ugly crooked straight curly bald
 '''.split())
 
+LIST_WORDS = NOUNS | VERBS | ADJECTIVES   # every word a held-out prompt may ask for
 POS_LISTS = {'verb': VERBS, 'noun': NOUNS, 'adjective': ADJECTIVES}   # prompt order, as in
                                                                          # TinyStories-Instruct
 
@@ -442,9 +443,8 @@ def suffix_words(story, pos):
     """Words of the story (uncapitalised, 6+ letters, in no word list) whose ending marks them as
     nouns (-tion, -ness, -ment, ...) or adjectives (-ous, -less, -ful, -able, -ible): the second
     choice of make_task_pos. Sorted."""
-    listed = NOUNS | VERBS | ADJECTIVES
     return sorted(t for t in content_words(story)
-                  if len(t) >= 6 and t.endswith(SUFFIXES.get(pos, ())) and t not in listed)
+                  if len(t) >= 6 and t.endswith(SUFFIXES.get(pos, ())) and t not in LIST_WORDS)
 
 
 def content_words(story):

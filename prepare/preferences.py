@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from checkpoint import load_chat_model  # noqa: E402
 from config import configure  # noqa: E402
-from data import read_jsonl, read_prepared, write_json, write_jsonl  # noqa: E402
+from data import read_jsonl, read_prepared, start_prepared, write_json, write_jsonl  # noqa: E402
 from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runlog import progress  # noqa: E402
 from runtime import init_runtime  # noqa: E402
@@ -122,9 +122,7 @@ if best_dir and not best_answers:  # the pairs are still wanted: a note, not an 
     print(f'note: no prompt had an answer scoring at least best_min_score={best_min_score}, so {best_dir} is '
           f'not written; lower best_min_score= or sample more answers (samples_per_prompt=)', file=sys.stderr)
 elif best_dir:                   # the rejection-sampled SFT set
-    os.makedirs(best_dir, exist_ok=True)
-    if os.path.exists(os.path.join(best_dir, 'meta.json')):
-        os.remove(os.path.join(best_dir, 'meta.json'))    # the folder is incomplete until it lands again
+    start_prepared(best_dir)                                  # incomplete until its meta.json lands
     write_jsonl(os.path.join(best_dir, 'sft_train.jsonl'), best_answers)
     for name in ('sft_val.jsonl', 'prompts_val.jsonl'):      # the held-out data stays the task's
         write_jsonl(os.path.join(best_dir, name), read_prepared(task_dir, name))
@@ -147,9 +145,7 @@ if not val_pairs or not train_pairs:
     sys.exit(f'error: {len(pairs)} pairs from {len(groups)} prompt(s) cannot be split into train and val '
              f'(val_fraction={val_fraction}); sample more prompts')
 random.Random(seed + 1).shuffle(train_pairs)
-os.makedirs(out_dir, exist_ok=True)
-if os.path.exists(os.path.join(out_dir, 'meta.json')):
-    os.remove(os.path.join(out_dir, 'meta.json'))           # the folder is incomplete until it lands again
+start_prepared(out_dir)                                       # incomplete until its meta.json lands
 write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
 write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
 write_json(os.path.join(out_dir, 'meta.json'), {**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),

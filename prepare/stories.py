@@ -75,7 +75,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 from config import configure  # noqa: E402
-from data import usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
+from data import start_prepared, usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
 from runlog import progress  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
@@ -584,10 +584,7 @@ if task_dir:
     random.Random(seed + 2).shuffle(sft_train)
     files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
              'prompts_train': [as_prompt(train[i]) for i in can_prompt[:n_train]], 'sft_train': sft_train}
-    os.makedirs(task_dir, exist_ok=True)
-    meta_path = os.path.join(task_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)                        # the folder is invalid until meta.json lands
+    meta_path = start_prepared(task_dir)          # the folder is invalid until meta.json lands
     for name, rows in files.items():
         write_jsonl(os.path.join(task_dir, f'{name}.jsonl'), rows)
         print(f'{name}: {len(rows):,} records')

@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
 from data import (local_copy, offline_if_unreachable, read_documents, records_of_lines, split_off_val,  # noqa: E402
-                  write_jsonl)
+                  start_prepared, write_jsonl)
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -116,10 +116,7 @@ def as_prompt(r):
     return {'prompt': r['prompt'], 'words': r['words'], 'features': r['features'], 'reference': r['response']}
 
 
-os.makedirs(out_dir, exist_ok=True)
-meta_path = os.path.join(out_dir, 'meta.json')
-if os.path.exists(meta_path):
-    os.remove(meta_path)                          # the folder is invalid until meta.json lands
+meta_path = start_prepared(out_dir)             # the folder is invalid until meta.json lands
 files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
          'prompts_train': [as_prompt(r) for r in train[:n_train]], 'sft_train': train[n_train:]}
 for name, rows in files.items():
