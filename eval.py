@@ -118,6 +118,10 @@ def task_metrics(model, tok, ckpt):
     path = os.path.join(folder, prompts_file)
     if not n_prompts:
         return {}, []
+    if not os.path.isfile(path) and prompts_file != 'prompts_val.jsonl':     # asked for by name: an error
+        sys.exit(f"error: prompts_file='{prompts_file}' is not in {folder} (its prompt files: "
+                 f"{', '.join(sorted(f for f in os.listdir(folder) if f.startswith('prompts'))) or 'none'})"
+                 if os.path.isdir(folder) else f"error: no task folder '{folder}' for prompts_file='{prompts_file}'")
     if not os.path.isfile(path):
         print(f"no held-out prompts at '{path}' (python prepare/tinystories_instruct.py); skipping the task",
               file=sys.stderr)

@@ -285,6 +285,10 @@ def test_eval_table_and_compare(pipeline):
     train_eval = json.load(open(pipeline / 'sft_eval' / 'eval_prompts_train.json'))
     assert train_eval['task/n_prompts'] == 3 and (pipeline / 'sft_eval' / 'eval_answers_prompts_train.jsonl').exists()
     assert (pipeline / 'sft_eval' / 'eval.json').read_text() == before
+    p = run_script('eval.py', '--out_dir=sft_eval', '--prompts_file=prompts_trian.jsonl', *args, cwd=pipeline,
+                   check=False)
+    assert p.returncode and "prompts_file='prompts_trian.jsonl' is not in inst" in p.stderr
+    assert 'prompts_train.jsonl, prompts_val.jsonl' in p.stderr
     p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
     assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
     p = run_script('eval.py', '--compare=base,sft_eval', '--reference=base', *args, cwd=pipeline)

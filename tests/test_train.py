@@ -7,7 +7,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_model
 from optim import lr_at
-from conftest import TINY_MODEL, run_script, run_script_many
+from conftest import REPO, TINY_MODEL, run_script, run_script_many
 
 
 def losses(out_dir):
@@ -305,3 +305,29 @@ def test_measuring_the_peak_flops_leaves_the_random_stream_alone():
     torch.manual_seed(5)
     assert runtime.measure_peak_flops('cpu', 'float32') > 0
     assert torch.equal(torch.rand(3), want)
+
+
+def test_progress_bars_write_to_a_log_file_every_30_seconds():
+    """runlog.progress: where stderr is not a terminal (a speedrun log) the bar stays on and redraws
+    every 30 s, instead of tqdm's disable=None turning it off there."""
+    from runlog import progress
+    bar = progress(total=3)                     # pytest captures stderr: not a terminal
+    assert not bar.disable and bar.mininterval == 30
+    bar.close()
+
+
+def test_the_moe_study_compares_at_equal_active_and_equal_total_parameters():
+    import runpy
+    import torch
+    from model import GPT, ModelConfig
+    cfg = {k: v for k, v in runpy.run_path(os.path.join(REPO, 'config', 'tinystories_moe.py')).items()
+           if k in ModelConfig.__dataclass_fields__}
+    study = runpy.run_path(os.path.join(REPO, 'config', 'ablations', 'moe.py'))
+    counts = {}
+    for name in ('moe64_shared', 'dense_equal_active', 'dense_equal_total'):
+        with torch.device('meta'):
+            m = GPT(ModelConfig(**{**cfg, 'vocab_size': 50304, **study['variants'][name]}))
+        counts[name] = (m.num_params() - m.mtp_params(), m.active_params())
+    total, active = counts['moe64_shared']
+    assert abs(counts['dense_equal_total'][0] / total - 1) < 0.001, counts       # within 0.1% in total
+    assert abs(counts['dense_equal_active'][1] / active - 1) < 0.02, counts      # within 2% active
