@@ -3,6 +3,8 @@ Serving benchmark: throughput and latency of many concurrent requests with mixed
 output lengths, served by the engine (continuous batching over the paged cache), by our own static
 batching of the same requests (generate.generate_tokens on each group of `streams` requests, to the
 longest output of the group), and optionally by transformers' generate on the exported model.
+Methods: engine (each step's tokens read back one step late, so the host prepares the next step
+while the device runs this one: Engine(overlap=True)), engine_sync (read back at once), static, hf.
 
 $ python bench_serve.py config/tinystories_moe.py                      # a random-weight model of a config
 $ python bench_serve.py --checkpoint=out/speedrun_gpu/base --streams=1,8,64,256
@@ -17,6 +19,14 @@ from when the request was submitted (for static batching: when its client's prev
 finished, so the wait for the rest of that group counts) and the time between a request's tokens
 (p50, p99; interpolated, with the number of samples in the JSON: a p99 of fewer than 100 samples is
 close to their maximum). The engine's pool holds C requests of the longest length at once.
+Also reported: the steps each method ran (static batching: per group a prompt step and one step
+per token of its longest output) and their ratio, static steps / engine steps, the speed-up that
+scheduling alone gives when a step of either costs the same: the ceiling of engine / static for
+this workload unless the engine's steps are cheaper. With uniform output lengths it stays below 2
+at 64 streams however many requests (1.24 for 128 requests, 1.46 for 256, 1.84 for 4,096: the
+longest of 64 outputs is close to max_output, their mean half of it, and the last requests finish
+alone); output_lengths='exponential' draws them from a long tail instead (mean mean_output, clipped
+to min_output..max_output), as chat traffic has.
 cuda_graph (None: on for CUDA) makes the engine's steps CUDA graphs, one per (rows, prompt-chunk
 columns) bucket, all captured before the engine is timed, and static batching's one-token steps
 too (one cache length for every group, so one graph per batch size, captured in a warm-up).
@@ -42,8 +52,10 @@ checkpoint = ''                 # a checkpoint folder to serve; '': a random-wei
 streams = '1,8,64,256'          # concurrency levels
 n_requests = 0                  # requests per level (0: max(4 x streams, 32))
 min_prompt, max_prompt = 16, 128      # prompt lengths, uniform (max_prompt + max_output <= block_size)
-min_output, max_output = 16, 384      # output lengths, uniform
-methods = 'engine,static'       # any of engine, static, hf (transformers' generate on the export)
+min_output, max_output = 16, 384      # output lengths
+output_lengths = 'uniform'      # 'uniform' in min_output..max_output | 'exponential': min_output + an
+mean_output = 128               # exponential draw, mean mean_output in all, clipped to max_output
+methods = 'engine,static'       # any of engine, engine_sync, static, hf (transformers' generate on the export)
 cuda_graph = None               # the engine's decode steps and static batching's one-token steps as
                                 # CUDA graphs; None: on for CUDA
 tokens_per_block = 16           # the engine's cache block (tokens)
@@ -57,9 +69,14 @@ config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=
 rt = init_runtime(device, dtype, seed)
 levels = [int(s) for s in str(streams).split(',') if s.strip()]
 methods = [m.strip() for m in methods.split(',') if m.strip()]
-bad = [m for m in methods if m not in ('engine', 'static', 'hf')]
+bad = [m for m in methods if m not in ('engine', 'engine_sync', 'static', 'hf')]
 if bad or not levels or min(levels) < 1:
-    sys.exit(f'error: methods {bad} unknown (valid: engine, static, hf) or streams={streams!r} not positive integers')
+    sys.exit(f'error: methods {bad} unknown (valid: engine, engine_sync, static, hf) or streams={streams!r} not '
+             f'positive integers')
+if output_lengths not in ('uniform', 'exponential') or (output_lengths == 'exponential'
+                                                       and not min_output <= mean_output <= max_output):
+    sys.exit(f"error: output_lengths={output_lengths!r} (valid: uniform, exponential) or mean_output={mean_output} "
+             f"outside min_output..max_output ({min_output}..{max_output})")
 if checkpoint:
     model, tok, _ = load_model(checkpoint, rt.device)
 else:
@@ -80,8 +97,13 @@ def sync():
 
 def workload(n):
     rng = random.Random(seed)
-    return [([rng.randrange(c.vocab_size) for _ in range(rng.randint(min_prompt, max_prompt))],
-             rng.randint(min_output, max_output)) for _ in range(n)]
+
+    def output_length():
+        if output_lengths == 'uniform':
+            return rng.randint(min_output, max_output)
+        return min(max_output, min_output + int(rng.expovariate(1 / max(1e-9, mean_output - min_output))))
+    return [([rng.randrange(c.vocab_size) for _ in range(rng.randint(min_prompt, max_prompt))], output_length())
+            for _ in range(n)]
 
 
 def percentiles(xs):
@@ -95,13 +117,13 @@ engine_modes = set()            # how the engine's steps ran (Engine.decode_mode
 engine_setup = {}               # streams -> the graphs' capture: seconds, graphs, GPU memory reserved after
 
 
-def run_engine(reqs, C):
+def run_engine(reqs, C, overlap=True):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
-    inter-token gaps, tokens); the capture's cost goes to engine_setup[C]."""
+    inter-token gaps, tokens, steps); the capture's cost goes to engine_setup[C]."""
     longest = max(len(p) + n for p, n in reqs)                      # C of the longest at once: no request
     n_blocks = C * -(-longest // tokens_per_block) + 16             # waits for blocks, C are always running
     engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, max_batch=C, prefill_chunk=prefill_chunk,
-                    cuda_graph=graph)
+                    cuda_graph=graph, overlap=overlap)
     t_capture = time.time()
     engine.capture_graphs(prefill=True)        # every (rows, columns) bucket's graph before the timing
     sync()
@@ -114,9 +136,8 @@ def run_engine(reqs, C):
             p, n = queue.pop(0)
             r = engine.add(p, n)
             started[r.id] = time.time()
-        events = engine.step()
-        sync()
-        now = time.time()
+        events = engine.step()         # its tokens are on the host already (no sync(): with overlap
+        now = time.time()              # the next step is running on the device now)
         for r, tok_, finished in events:
             if tok_ is None:
                 continue
@@ -127,7 +148,7 @@ def run_engine(reqs, C):
                 gaps.append(now - last[r.id])
             last[r.id] = now
     engine_modes.add(engine.decode_mode())
-    return time.time() - t0, ttft, gaps, tokens
+    return time.time() - t0, ttft, gaps, tokens, engine.stats['steps']
 
 
 def run_static(reqs, C, generate_group):
@@ -135,18 +156,19 @@ def run_static(reqs, C, generate_group):
     count up to its own length (the rest of the group's steps are the waste continuous batching
     avoids). Client j of the C submits its next request when its last one finished; it waits
     there until the whole group has finished, and that wait counts in its time to first token."""
-    ttft, gaps, tokens = [], [], 0
+    ttft, gaps, tokens, steps = [], [], 0, 0
     t0 = time.time()
     submitted = [t0] * C                          # when client j's request of this group was sent
     for i in range(0, len(reqs), C):
         group = reqs[i:i + C]
         times = generate_group([p for p, _ in group], max(n for _, n in group))
+        steps += len(times)                       # the prompt step, then one step a token after the first
         for j, (p, n) in enumerate(group):
             ttft.append(times[0] - submitted[j])
             gaps += [b - a for a, b in zip(times[:n - 1], times[1:n])]
             tokens += n
             submitted[j] = times[n - 1]           # its last token: the client sends the next one
-    return time.time() - t0, ttft, gaps, tokens
+    return time.time() - t0, ttft, gaps, tokens, steps
 
 
 def ours_group(prompts, n):
@@ -191,21 +213,22 @@ def hf_group(prompts, n):
 rows, results = [], []
 with rt.autocast():
     run_engine(workload(4), 2)                     # warm-up (allocator, kernels)
+    run_engine(workload(4), 2, overlap=False)
     engine_setup.clear()
     for C in levels:
         reqs = workload(n_requests or max(4 * C, 32))
         for m in methods:
-            if m == 'engine':
-                secs, ttft, gaps, tokens = run_engine(reqs, C)
+            if m in ('engine', 'engine_sync'):
+                secs, ttft, gaps, tokens, steps = run_engine(reqs, C, overlap=m == 'engine')
             else:
                 fn = ours_group if m == 'static' else hf_group
                 fn([reqs[0][0]] * min(C, len(reqs)), 4)   # warm-up: the graph of this batch size
-                secs, ttft, gaps, tokens = run_static(reqs, C, fn)
-            r = {'method': m, 'streams': C, 'requests': len(reqs), 'tokens': tokens, 'seconds': secs,
+                secs, ttft, gaps, tokens, steps = run_static(reqs, C, fn)
+            r = {'method': m, 'streams': C, 'requests': len(reqs), 'tokens': tokens, 'seconds': secs, 'steps': steps,
                  'tokens_per_s': tokens / secs, 'ttft_p50': percentiles(ttft)[0], 'ttft_p99': percentiles(ttft)[1],
                  'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1], 'ttft_samples': len(ttft),
                  'itl_samples': len(gaps),
-                 **(engine_setup[C] if m == 'engine' else {})}
+                 **(engine_setup[C] if m.startswith('engine') else {})}
             results.append(r)
             print(f"{m:7s} streams {C:4d}: {r['tokens_per_s']:10,.0f} tokens/s; first token p50 {r['ttft_p50'] * 1e3:8.1f} ms, "
                   f"p99 {r['ttft_p99'] * 1e3:8.1f} ms; between tokens p50 {r['itl_p50'] * 1e3:6.1f} ms, "
@@ -222,13 +245,16 @@ for C, setup in engine_setup.items():
     if setup['graphs']:
         memory = f", {setup['memory_reserved_gb']:.1f} GB reserved after" if setup['memory_reserved_gb'] else ''
         print(f"engine at {C} streams: {setup['graphs']} graphs captured in {setup['capture_s']:.1f} s{memory}")
-print('| streams | method | tokens/s | vs static | first token p50 / p99 (ms) | between tokens p50 / p99 (ms) |')
-print('| --- | --- | --- | --- | --- | --- |')
+print('| streams | method | tokens/s | vs static | steps (static / these) | ms a step | first token p50 / p99 (ms) '
+      '| between tokens p50 / p99 (ms) |')
+print('| --- | --- | --- | --- | --- | --- | --- | --- |')
 for r in results:
     static = next((s for s in results if s['method'] == 'static' and s['streams'] == r['streams']), None)
     vs = f"{r['tokens_per_s'] / static['tokens_per_s']:.2f}x" if static else '-'
-    print(f"| {r['streams']} | {r['method']} | {r['tokens_per_s']:,.0f} | {vs} | {r['ttft_p50'] * 1e3:.1f} / "
-          f"{r['ttft_p99'] * 1e3:.1f} | {r['itl_p50'] * 1e3:.1f} / {r['itl_p99'] * 1e3:.1f} |")
+    ceiling = f" ({static['steps'] / r['steps']:.2f})" if static else ''
+    print(f"| {r['streams']} | {r['method']} | {r['tokens_per_s']:,.0f} | {vs} | {r['steps']:,}{ceiling} | "
+          f"{r['seconds'] / r['steps'] * 1e3:.2f} | {r['ttft_p50'] * 1e3:.1f} / {r['ttft_p99'] * 1e3:.1f} | "
+          f"{r['itl_p50'] * 1e3:.1f} / {r['itl_p99'] * 1e3:.1f} |")
 if out_file:
     with open(out_file, 'w') as f:
         json.dump({'config': {k: v for k, v in config.items()}, 'results': results}, f, indent=2, default=str)

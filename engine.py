@@ -51,6 +51,16 @@ at its first use (generate.capture_graph; capture_graphs() captures the decode b
 and replayed after; elsewhere the same static steps run eagerly (what the CPU tests check).
 Sampling stays outside the graph, as in an eager step.
 
+Overlap (overlap=True; SGLang's overlap scheduler, vLLM's asynchronous scheduling). A step's tokens
+are sampled on the device, and a decoding row's input at the next step is read there (feed -1 - i:
+entry i of the last step's tokens), so nothing in a step waits for the device. With overlap the
+host reads a step's tokens back only after it has queued the next step: it builds step n + 1's
+inputs (pinned buffers, copied without waiting) while the device runs step n, and then waits for
+step n's tokens alone. The price of reading one step late: a request that sampled its stop token
+is fed once more (that token is dropped), its blocks and its batch row come back a step later, and
+each token reaches its caller a step later. A request ending at max_new_tokens is known on the host
+and never fed past its end.
+
 The price is compute: attention over all L slots whatever the rows' lengths, and the prompt-chunk
 pass's rows padded to its column bucket (the decoding rows are in their own one-column pass). The
 column buckets grow x4, so that a chunk is padded at most 4x while the graphs stay few (rows
@@ -88,11 +98,13 @@ class Request:
     id: int = 0
     blocks: list = field(default_factory=list)   # its block table
     length: int = 0                   # tokens in the cache
-    pending: list = field(default_factory=list)  # tokens to feed next (the prompt's rest, or the last token)
+    pending: list = field(default_factory=list)  # the prompt's tokens still to read
     output: list = field(default_factory=list)   # generated tokens
     done: bool = False
     hashes: list = field(default_factory=list)   # names of its prompt's full blocks (prefix sharing)
     n_named: int = 0                  # its leading blocks already reused or registered in the table
+    src: int = 0                      # its entry of the last step's sampled tokens (on the device)
+    in_flight: int = 0                # tokens sampled for it whose value the host has not read yet
     table_row: torch.Tensor = None    # its block table padded to the static steps' width, on the host
                                       # (made once: a request's blocks do not change while it runs)
 
@@ -175,6 +187,12 @@ class StaticPagedCache(PagedCache):
         # (Bb, Tb + 2 + width + 2 Tb), and views of its columns
         self.inputs = torch.zeros(Bb, 3 * Tb + 2 + width, dtype=torch.long, device=device)
         self.tokens, self.length, self.n, self.table, self.block, self.offset = self.columns(self.inputs)
+        # where fill() builds them on the host: pinned on CUDA, so that the copy does not wait for
+        # the device; two, used in turns, so that a copy still pending is never overwritten (the
+        # engine reads every step's tokens back, waiting for that step, before the one after next)
+        pinned = torch.device(device).type == 'cuda'
+        self.staging = [torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.turn = 0
         # column t of row b goes to (block[b, t], offset[b, t]): every column is written, the
         # padding ones to the scratch block (update() then needs no mask)
         self.write = (self.block, self.offset, torch.arange(Bb, device=device)[:, None],
@@ -188,14 +206,16 @@ class StaticPagedCache(PagedCache):
         return (inputs[:, :Tb], inputs[:, Tb], inputs[:, Tb + 1], inputs[:, Tb + 2:Tb + 2 + W],
                 inputs[:, Tb + 2 + W:2 * Tb + 2 + W], inputs[:, 2 * Tb + 2 + W:])
 
-    def fill(self, rows, feed=()):
+    def fill(self, rows, feed=(), last=None):
         """Make the next step that of `rows`, row b feeding the tokens feed[b] (at most Tb) from
-        slot rows[b].length on; with rows = [] every row is padding (what warm-up and capture
+        slot rows[b].length on (a token -1 - i: entry i of `last`, the tokens the step before
+        sampled, on the device); with rows = [] every row is padding (what warm-up and capture
         steps run: they write only the scratch block). Built on the host with a few vectorised
         ops (a per-element Python list of Bb x 3 Tb numbers would cost milliseconds at Bb = 64,
         Tb = 256), then copied to the device at once."""
         bs, s, Tb, B = self.pool.tokens_per_block, self.pool.scratch, self.Tb, len(rows)
-        host = torch.zeros(self.inputs.shape, dtype=torch.long)
+        host = self.staging[self.turn].zero_()
+        self.turn ^= 1
         tokens, length, n, table, block, offset = self.columns(host)
         table.fill_(s)
         if rows:
@@ -215,12 +235,20 @@ class StaticPagedCache(PagedCache):
         real = slot >= length[:, None]
         block.copy_(torch.where(real, table.gather(1, slot.clamp(min=0) // bs), s))
         offset.copy_(torch.where(real, slot % bs, 0))
-        self.inputs.copy_(host)
+        self.inputs.copy_(host, non_blocking=True)
+        if any(f[-1] < 0 for f in feed):
+            take_sampled(self.tokens[:, -1], last)
         self.rows, self.n_new = rows, [len(f) for f in feed]          # for end()
 
     def begin(self, T):
         assert T == self.Tb
         return self.plan(self.length, self.n, T, self.L, self.table)
+
+
+def take_sampled(column, last):
+    """A step's last input column, on the device: an entry -1 - i (a decoding row, whose input is
+    the token sampled for entry i of the step before) becomes last[i], in place; the others stay."""
+    column.copy_(torch.where(column < 0, last[(-1 - column).clamp(min=0)], column))
 
 
 def cache_numbers_per_token(config):
@@ -343,16 +371,19 @@ class BlockPool:
 class Engine:
 
     def __init__(self, model, n_blocks=256, tokens_per_block=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
-                 prefix_sharing=True, cuda_graph=False):
+                 prefix_sharing=True, cuda_graph=False, overlap=False):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x tokens_per_block
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
         vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled).
         prefix_sharing: reuse the cached blocks of prompt prefixes seen before (see the top).
         cuda_graph: decode steps in fixed shapes, each bucket's step a CUDA graph on CUDA (see the
-        top; on the CPU the same steps run eagerly)."""
+        top; on the CPU the same steps run eagerly).
+        overlap: read each step's tokens back one step late, so that the host prepares the next step
+        while the device runs this one (see the top)."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
+        self.overlap = overlap
         self.pool = BlockPool(model.config, n_blocks, tokens_per_block)
         self.device = next(model.parameters()).device
         self.waiting, self.running = [], []
@@ -364,13 +395,19 @@ class Engine:
                                                                  if 8 * 4 ** i < prefill_chunk}))
         self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once
+        self.last_tokens = None            # the tokens the last step sampled, on the device
+        self.in_flight = None              # with overlap: the launched step not read back yet
+        pinned = self.device.type == 'cuda'
+        self.token_buffers = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.turn = 0
         # prompt_tokens: of admitted requests; reused_tokens: of those, read from shared blocks;
         # prefill_tokens: prompt tokens run through the model; decode_tokens: generated tokens fed back;
+        # steps: steps that ran the model (each one or two passes, see the top);
         # eager_steps: forward passes run in their own shapes (PagedCache; a step is one or two
         # passes, see the top); static_steps: passes in fixed shapes (cuda_graph),
         # static_prefill_steps: those of them with a prompt chunk (columns > 1);
         # graph_captures: CUDA graphs captured; cancelled: requests stopped early (cancel())
-        self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0,
+        self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0, steps=0,
                           eager_steps=0, static_steps=0, static_prefill_steps=0, graph_captures=0, cancelled=0)
 
     def hit_rate(self):
@@ -443,44 +480,89 @@ class Engine:
 
     @torch.no_grad()
     def step(self):
-        """One forward pass over every running request; returns [(request, new token or None,
-        finished)] (None while its prompt is still being read)."""
+        """One step: every running request that needs one feeds its next tokens through the model
+        (a prompt chunk, or the token it sampled last), and those whose prompt is read sample their
+        next token, on the device. Returns [(request, new token or None, finished)] for the tokens
+        read back to the host in this call: this step's, or with overlap the step before's (None:
+        a prompt chunk was read and more of the prompt is left)."""
         self.admit()
-        if not self.running:
-            return []
-        rows = self.running
-        feed = [r.pending[:self.prefill_chunk] for r in rows]
+        # a request needs a step while its prompt is being read, or while the tokens it has (read
+        # back or still on the device) are fewer than max_new_tokens and it has not stopped
+        rows = [r for r in self.running if r.pending or (not r.done and len(r.output) + r.in_flight < r.max_new_tokens)]
+        launched = self.launch(rows) if rows else None
+        if not self.overlap:
+            return self.read_back(launched) if launched else []
+        before, self.in_flight = self.in_flight, launched
+        return self.read_back(before) if before else []
+
+    def launch(self, rows):
+        """Queue the forward passes of `rows` and their sampling on the device (no wait for the
+        device here, on CUDA); returns what read_back needs."""
+        # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
+        # before: -1 - i stands for row i's entry of that step's tokens, still on the device
+        feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
         # the rows reading a prompt chunk go through the model apart from the rows feeding one
         # token, so that no decoding row is padded to a chunk's width: at 64 rows and one new
         # 128-token prompt, 128 + 63 token positions instead of 64 x 128
-        chunked = [b for b, f in enumerate(feed) if len(f) > 1]
-        single = [b for b, f in enumerate(feed) if len(f) == 1]
-        parts = [self.forward_rows([rows[b] for b in g], [feed[b] for b in g]) for g in (chunked, single) if g]
-        logits = parts[0] if len(parts) == 1 else \
-            torch.cat(parts)[torch.tensor(chunked + single, device=self.device).argsort()]   # rows' order
-        # the next token of every row whose prompt is read: the greedy rows in one argmax and one
-        # read back to the host; a sampled row draws with its own generator (its seed's stream)
-        greedy = [b for b, (r, f) in enumerate(zip(rows, feed)) if len(f) == len(r.pending) and r.temperature == 0]
-        picked = dict(zip(greedy, sample_next(logits[greedy], 0, vocab_limit=self.vocab_limit).tolist()
-                          if greedy else []))
-        events = []
-        for b, (r, f) in enumerate(zip(rows, feed)):
-            self.stats['decode_tokens' if r.output else 'prefill_tokens'] += len(f)
+        order = [b for b, f in enumerate(feed) if len(f) > 1] + [b for b, f in enumerate(feed) if len(f) == 1]
+        split = next((k for k, b in enumerate(order) if len(feed[b]) == 1), len(order))
+        parts = [self.forward_rows([rows[b] for b in g], [feed[b] for b in g]) for g in (order[:split], order[split:]) if g]
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), in `order`
+        self.stats['steps'] += 1
+        # every row's greedy choice in one argmax; a sampling row draws with its own generator (its
+        # seed's stream). All on the device: nothing here waits for the step to finish
+        tokens = sample_next(logits, 0, vocab_limit=self.vocab_limit)
+        sampled = []
+        for k, b in enumerate(order):
+            r, f = rows[b], feed[b]
+            prompt = bool(r.pending)
+            self.stats['prefill_tokens' if prompt else 'decode_tokens'] += len(f)
+            r.pending = r.pending[len(f):] if prompt else []
             self.register_prompt_blocks(r)
-            r.pending = r.pending[len(f):]
-            if r.pending:                                  # more of the prompt to read
-                events.append((r, None, False))
+            sampled.append(not r.pending)               # its prompt is read: this step gives a token
+            if sampled[-1]:
+                r.src, r.in_flight = k, r.in_flight + 1
+                if r.temperature > 0:
+                    tokens[k] = sample_next(logits[k:k + 1], r.temperature, r.top_k, r.top_p, self.vocab_limit,
+                                            r.generator)[0]
+        self.last_tokens = tokens
+        done = None
+        if self.overlap and tokens.is_cuda:             # to the host without waiting: a pinned buffer
+            host = self.token_buffers[self.turn][:len(order)]       # (two, used in turns: the one read
+            self.turn ^= 1                                           # back next is never written now)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            tokens = host
+        at = [0] * len(rows)                            # row b's entry of the step's tokens
+        for k, b in enumerate(order):
+            at[b] = k
+        return rows, [sampled[at[b]] for b in range(len(rows))], at, tokens, done
+
+    def read_back(self, launched):
+        """The tokens of a launched step, on the host (waiting for that step only): each request
+        adds its token and finishes at a stop token or max_new_tokens, giving its blocks back. A
+        request that stopped (or was cancelled) while the step ran drops its token."""
+        rows, sampled, at, tokens, done = launched
+        if done is not None:
+            done.synchronize()
+        values, events = tokens.tolist(), []
+        for r, s, k in zip(rows, sampled, at):
+            tok = values[k]
+            if not s:
+                if not r.done:
+                    events.append((r, None, False))
                 continue
-            tok = picked[b] if b in picked else int(
-                sample_next(logits[b:b + 1], r.temperature, r.top_k, r.top_p, self.vocab_limit, r.generator)[0])
+            r.in_flight -= 1
+            if r.done:
+                continue
             r.output.append(tok)
             r.done = tok in r.stop_ids or len(r.output) >= r.max_new_tokens
-            r.pending = [] if r.done else [tok]
             events.append((r, tok, r.done))
-        for r in [r for r in rows if r.done]:
-            self.pool.give_back(r.blocks)
-            r.blocks = []
-            self.running.remove(r)
+            if r.done:
+                self.pool.give_back(r.blocks)
+                r.blocks = []
+                self.running.remove(r)
         return events
 
     def forward_rows(self, rows, feed):
@@ -490,9 +572,12 @@ class Engine:
         if self.cuda_graph:
             return self.static_step(rows, feed)
         idx, _ = pad_prompts(feed)                    # (B, T), each row left-padded with 0
+        idx = idx.to(self.device)
+        if any(f[-1] < 0 for f in feed):
+            take_sampled(idx[:, -1], self.last_tokens)
         cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
         self.stats['eager_steps'] += 1
-        return self.model(idx.to(self.device), cache=cache, last_only=True)[0][:, -1]   # (B, V)
+        return self.model(idx, cache=cache, last_only=True)[0][:, -1]   # (B, V)
 
     def bucket(self, B):
         """The rows a step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and max_batch
@@ -510,7 +595,7 @@ class Engine:
         it has one (see refresh_graph), else eagerly."""
         cache = self.static_cache(self.bucket(len(rows)), self.token_bucket(max(len(f) for f in feed)))
         self.refresh_graph(cache)
-        cache.fill(rows, feed)
+        cache.fill(rows, feed, self.last_tokens)
         if cache.graph is not None:
             cache.graph.replay()                           # writes the pools and cache.logits
             cache.end()                                    # a replay runs no Python: lengths here

@@ -55,6 +55,8 @@ tokens_per_block = 16        # ... of this many tokens each
 max_batch = 32               # requests decoded together at most
 prefill_chunk = 256          # prompt tokens read per step
 cuda_graph = None            # decode steps as CUDA graphs, captured at start (engine.py); None: on for CUDA
+overlap = None               # read each step's tokens back a step late, so that the host prepares the next
+                             # step while the GPU runs this one (engine.py); None: on for CUDA
 default_max_tokens = 256     # when a request names none (at most what the context leaves after the prompt)
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
@@ -72,7 +74,8 @@ if rt.dtype != 'float32':
     model.to(getattr(torch, rt.dtype))
 MODEL_ID = os.path.basename(os.path.normpath(out_dir))
 engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
-                cuda_graph=use_cuda_graph(cuda_graph, rt.device_type))
+                cuda_graph=use_cuda_graph(cuda_graph, rt.device_type),
+                overlap=rt.device_type == 'cuda' if overlap is None else bool(overlap))
 engine.capture_graphs()                  # every batch bucket's decode step, before any request
 inbox = queue.Queue()                    # (request arguments, the reply queue) from HTTP threads
 cancelled = set()                        # ids of requests whose clients stopped listening

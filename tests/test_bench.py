@@ -135,16 +135,21 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     out = tmp_path / 'serve.json'
     proc = run_script('bench_serve.py', *SERVE_MOE, '--block_size=64', '--streams=1,3', '--n_requests=5',
                       '--min_prompt=2', '--max_prompt=9', '--min_output=1', '--max_output=12', f'--out_file={out}',
-                      cwd=tmp_path)
+                      '--methods=engine,engine_sync,static', cwd=tmp_path)
     rows = json.loads(out.read_text())['results']
-    assert [(r['method'], r['streams']) for r in rows] == [('engine', 1), ('static', 1), ('engine', 3), ('static', 3)]
+    assert [(r['method'], r['streams']) for r in rows] == [(m, C) for C in (1, 3) for m in ('engine', 'engine_sync', 'static')]
     assert len({r['tokens'] for r in rows}) == 1 and rows[0]['tokens'] >= 5
+    # one stream: one step a token for every method; three: static batching runs each group to its longest
+    assert all(r['steps'] == r['tokens'] for r in rows[:3]) and rows[5]['steps'] >= rows[4]['steps']
     assert all(r['tokens_per_s'] > 0 and r['ttft_p50'] <= r['ttft_p99'] for r in rows)
     assert '| 3 | engine |' in proc.stdout and 'bytes per token' in proc.stdout
     assert 'engine steps: eager;' in proc.stdout          # cuda_graph None: off on the CPU
-    assert all(r['graphs'] == 0 and r['capture_s'] >= 0 for r in rows if r['method'] == 'engine')
+    assert all(r['graphs'] == 0 and r['capture_s'] >= 0 for r in rows if r['method'].startswith('engine'))
     assert 'graphs captured' not in proc.stdout           # (printed where the engine captured some)
-    vllm, bad = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
-                                                   [*SERVE_MOE, '--block_size=64', '--max_prompt=60']], cwd=tmp_path)
+    vllm, bad, tail = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
+                                                         [*SERVE_MOE, '--block_size=64', '--max_prompt=60'],
+                                                         [*SERVE_MOE, '--output_lengths=exponential', '--mean_output=8',
+                                                          '--min_output=16']], cwd=tmp_path)
     assert vllm.returncode != 0 and "['vllm']" in vllm.stdout + vllm.stderr
     assert bad.returncode != 0 and 'exceeds the block_size 64' in bad.stdout + bad.stderr
+    assert tail.returncode != 0 and 'mean_output=8 outside min_output..max_output' in tail.stdout + tail.stderr

@@ -435,6 +435,72 @@ def test_sampling_with_static_steps_follows_the_same_seeds():
     assert outputs[True] == outputs[False] and outputs[True][0] != outputs[True][1]
 
 
+# Overlap: each step's tokens stay on the device and are read back one step late.
+
+@pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
+@pytest.mark.parametrize('cuda_graph', [False, True])
+def test_overlap_reads_tokens_a_step_late_and_each_request_gets_its_tokens_alone(variant, cuda_graph):
+    """With overlap the first step returns no token (its tokens are still on the device) and a
+    one-token prompt's first token comes with the second step; mixed arrivals (prompt chunks
+    beside decoding, eager or fixed-shape steps) give every request its tokens alone, and every
+    block goes back; the decoding rows' inputs come from the step before's tokens on the device."""
+    model = build(**VARIANTS[variant])
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=16, cuda_graph=cuda_graph, overlap=True)
+    first = engine.add([7], 3)
+    assert engine.step() == [] and first.in_flight == 1 and not first.output
+    assert engine.step() == [(first, alone(model, [7], 1)[0], False)]
+    engine.run()
+    requests, prompts = mixed_arrivals(engine)
+    for r, p in zip([first] + requests, [[7]] + prompts):
+        assert r.done and r.in_flight == 0 and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
+    assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
+    assert engine.stats['decode_tokens'] == sum(r.max_new_tokens - 1 for r in [first] + requests)   # none wasted
+
+
+def test_overlap_a_stop_token_read_late_drops_the_extra_token_and_the_blocks_serve_the_next_request():
+    """A stop token is seen a step after it was sampled, when the request has already fed it
+    once more: that step's token is dropped, its blocks go back, and the request waiting for
+    them (admitted into the blocks the extra step wrote) gets its tokens alone."""
+    model = build(**VARIANTS['mla'], tie_word_embeddings=False)          # (tied, it repeats its input)
+    ref = alone(model, [7, 8, 9], 12)
+    k = next(k for k in range(2, 12) if ref[k] not in ref[:k])          # a token first sampled at step k
+    engine = Engine(model, n_blocks=6, tokens_per_block=4, cuda_graph=True, overlap=True)
+    a = engine.add([7, 8, 9], 20, stop_ids=[ref[k]])                     # 23 tokens: all 6 blocks
+    b = engine.add([5, 6], 20)
+    most = 0
+    while engine.waiting or engine.running:
+        engine.step()
+        most = max(most, a.in_flight + len(a.output))
+        check_pool(engine)
+    assert a.output == ref[:k + 1] and a.in_flight == 0                  # the stop token ends it
+    assert most == k + 2                                                 # after one step more
+    assert b.output == alone(model, [5, 6], 20) and engine.pool.available() == 6
+
+
+def test_overlap_sampling_and_cancelling_a_request_while_its_token_is_on_the_device():
+    """Seeded sampling gives the same tokens with and without overlap; a request cancelled while
+    its next token is still on the device gives its blocks back and no more tokens."""
+    model = build(**VARIANTS['mla_moe'])
+    outputs = {}
+    for overlap in (False, True):
+        engine = Engine(model, n_blocks=30, tokens_per_block=8, cuda_graph=True, overlap=overlap)
+        reqs = [engine.add([3, 1, 4, 1, 5][:i + 3], 12, temperature=1.0, top_k=20, seed=10 + i) for i in range(3)]
+        reqs.append(engine.add([2, 7], 12))
+        for _ in range(4):
+            engine.step()
+        gone = engine.add([9, 2, 6], 10)
+        engine.step()
+        engine.step()
+        assert gone.in_flight == int(overlap)
+        engine.cancel(gone)
+        check_pool(engine)
+        seen = len(gone.output)
+        engine.run()
+        assert len(gone.output) == seen and engine.pool.available() == 30
+        outputs[overlap] = [r.output for r in reqs]
+    assert outputs[True] == outputs[False] and outputs[True][0] != outputs[True][1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
 def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucket(variant, monkeypatch):
@@ -443,7 +509,8 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     before any step has made the pools) and reused by later requests: the tokens of the eager
     engine and of the same static steps without a graph. capture_graphs() captures every rows
     bucket's decode step at once (the prompt-chunk buckets still at their first use), with
-    prefill=True every pair; model.cpu().cuda() (new tensors, same values) captures again."""
+    prefill=True every pair; model.cpu().cuda() (new tensors, same values) captures again. With
+    overlap (tokens read back a step late, through pinned buffers) the tokens are the same."""
     import engine as engine_module
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     model = build(**VARIANTS[variant]).cuda()
@@ -451,8 +518,9 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     def capturable(pairs):
         return {(Bb, Tb) for Bb, Tb in pairs if engine_module.graph_capturable(model, Bb * Tb)}
 
-    def serve(cuda_graph, upfront=None):
-        engine = Engine(model, n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph)
+    def serve(cuda_graph, upfront=None, overlap=False):
+        engine = Engine(model, n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph,
+                        overlap=overlap)
         if upfront is not None:
             engine.capture_graphs(prefill=upfront)
         first = engine.add([7], 10)                    # alone: its first step is a decode step
@@ -464,6 +532,8 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     _, eager = serve(False)
     engine, graphed = serve(True)
     assert graphed == eager and engine.stats['eager_steps'] == 0
+    _, overlapped = serve(True, overlap=True)          # read back a step late: pinned buffers, events
+    assert overlapped == eager
     used = capturable(engine.static)
     # a prompt-chunk bucket replayed as a graph (for the MoE in float32 on CUDA only steps of at
     # most E / K tokens are capturable: the gathered experts; grouped_mm takes bf16)
