@@ -64,6 +64,9 @@ device = 'auto'
 dtype = 'auto'
 seed = 1337
 out_file = ''                   # also write the results as JSON here
+steps_only = False              # run no model: print the steps each level's workload needs from static batching
+                                # and from a perfect continuous batcher (a request's prompt in one step,
+                                # then one step a token), and their ratio
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=True)
 rt = init_runtime(device, dtype, seed)
@@ -77,6 +80,42 @@ if output_lengths not in ('uniform', 'exponential') or (output_lengths == 'expon
                                                        and not min_output <= mean_output <= max_output):
     sys.exit(f"error: output_lengths={output_lengths!r} (valid: uniform, exponential) or mean_output={mean_output} "
              f"outside min_output..max_output ({min_output}..{max_output})")
+def workload(n, vocab_size):
+    """n requests: (prompt token ids, output length). The lengths come from their own random stream,
+    so they do not depend on the vocabulary (steps_only draws the same ones)."""
+    rng, tokens = random.Random(seed), random.Random(seed + 1)
+
+    def output_length():
+        if output_lengths == 'uniform':
+            return rng.randint(min_output, max_output)
+        return min(max_output, min_output + int(rng.expovariate(1 / max(1e-9, mean_output - min_output))))
+    lengths = [(rng.randint(min_prompt, max_prompt), output_length()) for _ in range(n)]
+    return [([tokens.randrange(vocab_size) for _ in range(p)], o) for p, o in lengths]
+
+
+def scheduled_steps(reqs, C):
+    """(static batching's steps, a perfect continuous batcher's) for the requests' output lengths at
+    C streams, in a closed loop: static batching runs each group of C to its longest output (a
+    prompt step, then a step for each token after the first); the batcher admits a request the step
+    after one leaves and gives each running request one token a step."""
+    static = sum(max(n for _, n in reqs[i:i + C]) for i in range(0, len(reqs), C))
+    queue, running, steps = [n for _, n in reqs], [], 0
+    while queue or running:
+        k = C - len(running)
+        running, queue = running + queue[:k], queue[k:]
+        steps += 1
+        running = [n - 1 for n in running if n > 1]
+    return static, steps
+
+
+if steps_only:
+    print('| streams | requests | static steps | continuous steps | ratio |')
+    print('| --- | --- | --- | --- | --- |')
+    for C in levels:
+        n = n_requests or max(4 * C, 32)
+        st, ct = scheduled_steps(workload(n, 2), C)
+        print(f'| {C} | {n} | {st:,} | {ct:,} | {st / ct:.2f} |')
+    sys.exit(0)
 if checkpoint:
     model, tok, _ = load_model(checkpoint, rt.device)
 else:
@@ -93,17 +132,6 @@ graph = use_cuda_graph(cuda_graph, rt.device_type)
 def sync():
     if rt.device_type == 'cuda':
         torch.cuda.synchronize()
-
-
-def workload(n):
-    rng = random.Random(seed)
-
-    def output_length():
-        if output_lengths == 'uniform':
-            return rng.randint(min_output, max_output)
-        return min(max_output, min_output + int(rng.expovariate(1 / max(1e-9, mean_output - min_output))))
-    return [([rng.randrange(c.vocab_size) for _ in range(rng.randint(min_prompt, max_prompt))], output_length())
-            for _ in range(n)]
 
 
 def percentiles(xs):
@@ -212,11 +240,11 @@ def hf_group(prompts, n):
 
 rows, results = [], []
 with rt.autocast():
-    run_engine(workload(4), 2)                     # warm-up (allocator, kernels)
-    run_engine(workload(4), 2, overlap=False)
+    run_engine(workload(4, c.vocab_size), 2)                     # warm-up (allocator, kernels)
+    run_engine(workload(4, c.vocab_size), 2, overlap=False)
     engine_setup.clear()
     for C in levels:
-        reqs = workload(n_requests or max(4 * C, 32))
+        reqs = workload(n_requests or max(4 * C, 32), c.vocab_size)
         for m in methods:
             if m in ('engine', 'engine_sync'):
                 secs, ttft, gaps, tokens, steps = run_engine(reqs, C, overlap=m == 'engine')
