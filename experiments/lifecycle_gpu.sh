@@ -8,8 +8,9 @@
 #             second SFT round on rejection samples (BEST_SFT below, folder S/best) and the scratch
 #             student from the teacher's embeddings (folder S/embed); when all
 #             of it has finished, the serving benchmarks on the base model, alone on the GPU:
-#             speculative decoding (spec) and bench_serve.py (engine and static batching at
-#             1/8/64/256 streams, then transformers at 64)
+#             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
+#             greedy agreement) and bench_serve.py (engine and static batching at 1/8/64/256
+#             streams, then transformers at 64)
 #   spec      the speculative-decoding benchmark on the base model (trained with one MTP module)
 #   report    report.py on whatever has finished
 #   wait N    wait up to N seconds for all of it to finish; print the stage times so far
@@ -76,6 +77,9 @@ case ${1:-} in
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
       bash experiments/lifecycle_gpu.sh spec > /dev/null
+      for q in int8 int4; do   # weight memory, val loss and greedy agreement of the trained base model
+        python quantize.py --out_dir=$R/base --quantize=\$q > $R/logs/quantize_\$q.log 2>&1
+      done
       python bench_serve.py $SERVE --methods=engine,static --out_file=$R/serve.json > $R/logs/serve.log 2>&1
       python bench_serve.py $SERVE --methods=engine,static,hf --streams=64 --n_requests=128 \
         --out_file=$R/serve_hf.json > $R/logs/serve_hf.log 2>&1
@@ -99,7 +103,7 @@ case ${1:-} in
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $PWD/$(dirname $S) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
-    tail -12 $R/logs/speculative.log $R/logs/serve*.log 2> /dev/null
+    tail -12 $R/logs/speculative.log $R/logs/quantize_*.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;
   *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | sides | report | collect FOLDER"; exit 2 ;;
 esac
