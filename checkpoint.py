@@ -202,6 +202,14 @@ def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False,
     return model, tok, ckpt
 
 
+# What the stages that train on padded batches (reward.py, dpo.py, ppo.py, grpo.py) change in the
+# model they load: the router biases of auxiliary-loss-free balancing stay as pretraining and SFT
+# left them. Their padding tokens (a quarter of a batch, all routed alike) would count as load and
+# push real tokens off their experts; DeepSeek-V3 too stops the bias updates (speed 0) for the end
+# of pretraining, and the stages after it never need them.
+FROZEN_ROUTING = {'bias_update_speed': 0.0}
+
+
 def capture_rng_state():
     """RNG states for an exact resume (dropout, sampling)."""
     state = {'torch': torch.get_rng_state()}

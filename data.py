@@ -5,6 +5,7 @@ written by write_token_dataset for prepare/ and distill.py), batches drawn as a 
 records, and the chat-template batches of the post-training stages.
 """
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -92,6 +93,22 @@ def batch_generator(seed, step, index):
     call Run.batch_generator (training.py), which passes the micro-batch's global index over all
     ranks, so ranks draw different batches by construction."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + index * 31)
+
+
+def epoch_batch(n, batch_size, seed, number):
+    """The item numbers of global micro-batch `number` (0, 1, 2, ... over the whole run) when n
+    items are read in epochs, each a fresh permutation of them (seeded by (seed, epoch)): no item
+    comes twice before every item has come once, and the batch is a function of its number alone,
+    so a resumed run reads what the uninterrupted one would. (Drawing batch_size items at random
+    at every step instead leaves 37% of the items unread after one epoch's worth of batches, and
+    shows others two or three times: what a small model then fits is the repeats.)"""
+    start = number * batch_size
+    return [int(_permutation(n, seed, pos // n)[pos % n]) for pos in range(start, start + batch_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + 17))
 
 
 def read_documents(path, fields=('text', 'story')):

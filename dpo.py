@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_chat_model, load_checkpoint
+from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
 from data import chat_batch, read_prepared
 from generate import use_cuda_graph
@@ -85,7 +85,7 @@ cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 reference = ckpt.get('reference', source) if init_from == 'resume' else source
-model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout, **FROZEN_ROUTING})
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
@@ -172,7 +172,7 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
-        ix = torch.randint(len(train_pairs), (batch_size,), generator=run.batch_generator(step, micro))
+        ix = run.epoch_batch(step, micro, len(train_pairs), batch_size)   # every pair once an epoch
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
                 (pi_c, pi_r), n_tokens = sequence_logprobs(run.model, [train_pairs[int(i)] for i in ix])

@@ -1145,12 +1145,15 @@ class ScalarModel(GPT):
         nn.init.zeros_(self.score_head.bias)
 
     def values(self, idx):
-        """(B, T) scalar outputs, one per position. An MoE backbone's balance loss is only logged
-        (last_losses): the reward and value losses leave it out, and the router biases (aux-loss-
-        free balancing) still even out the experts' load."""
+        """(B, T) scalar outputs, one per position, in float32. An MoE backbone's balance loss is
+        only logged (last_losses): the reward and value losses leave it out."""
         x, _, aux = self.trunk(idx)
         self.last_losses = {} if aux is None else {'aux': aux.detach()}
-        return self.score_head(self.norm(x)).squeeze(-1).float()
+        h = self.norm(x)
+        # the head outside autocast: in bf16 a score near 2.5 has steps of 1/64, and two answers
+        # a pair compares would often get the same one
+        with torch.autocast(h.device.type, enabled=False):
+            return self.score_head(h.to(self.score_head.weight.dtype)).squeeze(-1).float()
 
     def score(self, idx, last):
         """(B,) the output at position last[b] of each row: the sequence's last real token

@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from checkpoint import load_chat_model
+from checkpoint import FROZEN_ROUTING, load_chat_model
 from config import configure
 from generate import use_cuda_graph
 from model import ScalarModel
@@ -135,7 +135,7 @@ if resume:
     value.load_state_dict(ckpt['value_model'])
 else:
     value_source = reward_model if value_init == 'reward' else init_from
-    value, value_tok, _ = load_chat_model(value_source, 'cpu', scalar=True)
+    value, value_tok, _ = load_chat_model(value_source, 'cpu', overrides=FROZEN_ROUTING, scalar=True)
     if value_tok.spec() != tok.spec():
         sys.exit(f"error: the value model's tokenizer ({value_source}) differs from the policy's")
     if value_init == 'policy':

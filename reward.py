@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_chat_model, load_checkpoint
+from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
 from data import read_prepared
 from generate import use_cuda_graph
@@ -97,7 +97,8 @@ cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the SFT model
-model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout}, scalar=True)
+model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout, **FROZEN_ROUTING},
+                                  scalar=True)
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
@@ -112,14 +113,16 @@ val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 're
 def what_separates(pair):
     """Which part of the task rule (task.score_parts: words, features and ending at their
     task.RULE_WEIGHTS, and what the repetition penalty takes off) favours the chosen answer most;
-    None for a pair without the prompt's words (an external set) or one no part favours."""
+    None for a pair without the prompt's words (an external set), one no part favours, or one two
+    parts favour equally (a word more and an ending: the model may see either)."""
     if not pair.get('words'):
         return None
     parts = {side: score_parts(score(pair[side], pair['words'], pair.get('features'), pair.get(f'{side}_ended', True)))
              for side in ('chosen', 'rejected')}
     gain = {k: parts['chosen'][k] - parts['rejected'][k] for k in parts['chosen']}
     best = max(gain, key=gain.get)
-    return best if gain[best] > 0 else None                              # (a tie: a pair of margin 0)
+    tied = sum(abs(g - gain[best]) < 1e-9 for g in gain.values()) > 1
+    return best if gain[best] > 0 and not tied else None
 
 
 # the held-out pairs by what separates them, for the accuracy of each kind (what the model misses)
@@ -260,13 +263,13 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
-        g = run.batch_generator(step, micro)
+        # read in epochs: every prompt (or pair) once before any comes again
         if batch_by == 'prompt':
-            ix = torch.randint(len(train_groups), (batch_size,), generator=g)
-            x, last, chosen, rejected, weight = prompt_batch([train_groups[int(i)] for i in ix])
+            ix = run.epoch_batch(step, micro, len(train_groups), batch_size)
+            x, last, chosen, rejected, weight = prompt_batch([train_groups[i] for i in ix])
         else:
-            ix = torch.randint(len(train_pairs), (batch_size,), generator=g)
-            x, last = batch([train_pairs[int(i)] for i in ix])
+            ix = run.epoch_batch(step, micro, len(train_pairs), batch_size)
+            x, last = batch([train_pairs[i] for i in ix])
             chosen = torch.arange(batch_size, device=rt.device)   # x: the chosen, then the rejected
             rejected, weight = chosen + batch_size, None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only

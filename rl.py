@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from checkpoint import load_chat_model, load_checkpoint
+from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from data import read_prepared
 from generate import generate_chat
 from model import token_logprobs
@@ -37,7 +37,7 @@ def load_policy(stage, init_from, out_dir, device, dropout):
     source = out_dir if init_from == 'resume' else init_from
     ckpt = load_checkpoint(source)
     reference_path = ckpt['reference'] if init_from == 'resume' else source
-    policy, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+    policy, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout, **FROZEN_ROUTING})
     reference, _, _ = load_chat_model(reference_path, device)
     reference.eval().requires_grad_(False)
     return ckpt, policy, tok, reference, reference_path

@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sharded_optimizer,
                         restore_rng_state, save_checkpoint, save_sharded_checkpoint)
-from data import batch_generator
+from data import batch_generator, epoch_batch
 from model import MoE, ScalarModel
 from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
 import parallel
@@ -278,6 +278,13 @@ class Run:
         with accumulation k draw exactly the batches of one process with accumulation N k."""
         index = self.rt.rank * self.c['gradient_accumulation_steps'] + micro_step
         return batch_generator(self.c['seed'], step, index)
+
+    def epoch_batch(self, step, micro_step, n, batch_size):
+        """This rank's micro-batch `micro_step` of `step` as batch_size item numbers of n items read
+        in epochs (data.epoch_batch), numbered by the micro-batch's global index as above."""
+        per_step = self.rt.world_size * self.c['gradient_accumulation_steps']
+        number = step * per_step + self.rt.rank * self.c['gradient_accumulation_steps'] + micro_step
+        return epoch_batch(n, batch_size, self.c['seed'], number)
 
     def sync(self, micro):
         """The context of micro-step `micro`'s forward and backward: gradients are reduced across

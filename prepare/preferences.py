@@ -108,7 +108,7 @@ else:
             # (rejected, chosen) index pairs, chosen scoring at least `margin` more
             for a, b in (combinations(range(len(scored)), 2) if all_pairs else [(0, len(scored) - 1)]):
                 (lo, worst), (hi, best) = scored[a], scored[b]
-                if hi - lo >= margin:
+                if hi - lo >= margin - 1e-9:     # (a gap of exactly margin, whatever the rounding)
                     pairs.append({'prompt': p['prompt'], 'chosen': best['text'], 'rejected': worst['text'],
                                   'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
                                   'rejected_ended': worst['ended'], 'words': p['words'],

@@ -10,7 +10,7 @@ import torch
 from checkpoint import load_checkpoint, load_model
 from data import chat_batch
 from task import rank_correlation, score
-from conftest import run_script, run_scripts
+from conftest import TINY_MODEL, run_script, run_scripts
 from model import GPT, ModelConfig, ScalarModel, token_logprobs
 from tokenizer import ByteTokenizer, with_chat_tokens
 
@@ -269,3 +269,46 @@ def test_bad_settings(planted):
     assert by.returncode != 0 and "batch_by='answer'; valid: pair, prompt" in by.stderr
     assert prefs.returncode != 0
     assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in prefs.stderr
+
+
+def test_epochs_read_every_item_once_before_any_again_whatever_the_split_of_batches():
+    """data.epoch_batch: 10 items in batches of 3 over two epochs: each epoch's 10 positions hold
+    every item once, the two epochs differ in order, and a batch is a function of its number only
+    (a resumed run reads the same)."""
+    from data import epoch_batch
+    stream = [i for k in range(7) for i in epoch_batch(10, 3, 1337, k)]          # 21 positions
+    assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10)) and stream[:10] != stream[10:20]
+    assert epoch_batch(10, 3, 1337, 5) == stream[15:18] and epoch_batch(10, 3, 7, 0) != stream[:3]
+
+
+def test_stages_on_padded_batches_leave_the_router_biases_as_they_were(planted):
+    """reward.py and dpo.py from an MoE model: their padding would count as expert load, so the
+    auxiliary-loss-free biases stay where pretraining left them (checkpoint.FROZEN_ROUTING) while
+    the weights learn; the base model's own training moved them."""
+    moe = ['--n_routed_experts=4', '--num_experts_per_tok=2', '--moe_intermediate_size=16', '--n_shared_experts=1',
+           '--first_k_dense_replace=1', '--scoring_func=sigmoid', '--bias_update_speed=0.01']
+    run_script('train.py', '--data_dir=data', '--out_dir=moe_base', *TINY_MODEL, *moe, '--block_size=256',
+               '--max_iters=6', '--eval_interval=6', '--pos_emb=rope', cwd=planted)
+    for script, extra in (('reward.py', ['--n_fresh=0']), ('dpo.py', ['--eval_prompts=0'])):
+        out = f'moe_{script[:-3]}'
+        run_script(script, '--init_from=moe_base', f'--out_dir={out}', '--prefs_dir=planted', '--max_iters=3',
+                   '--eval_interval=3', '--batch_size=4', *extra, *COMMON, cwd=planted)
+        before, after = (load_checkpoint(str(planted / d))['model'] for d in ('moe_base', out))
+        bias = [k for k in before if k.endswith('e_score_correction_bias')]
+        assert bias and before[bias[0]].abs().sum() > 0                       # train.py moved them
+        assert all(torch.equal(before[k], after[k]) for k in bias), script
+        assert not torch.equal(before['layers.1.mlp.router.weight'], after['layers.1.mlp.router.weight'])
+
+
+def test_the_scalar_head_runs_in_float32_under_autocast():
+    """Rewards are read in float32 even where the backbone runs in bf16: in bf16 a score near 2.5
+    has steps of 1/64, and the two answers of a pair would often tie."""
+    torch.manual_seed(0)
+    model = ScalarModel(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 64, (2, 8))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        values = model.values(idx)
+        h = model.norm(model.trunk(idx)[0])
+    expected = (h.float() @ model.score_head.weight.float().T + model.score_head.bias).squeeze(-1)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
