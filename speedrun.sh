@@ -69,7 +69,7 @@ case $PROFILE in
     MODEL="config/tinystories_cpu.py --mtp_depth=1 --block_size=256 --batch_size=8 --max_iters=200 --eval_interval=200 --eval_iters=5"
     SFT="--max_iters=80 --eval_interval=80 --batch_size=8 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=10
          --eval_prompts=16 --max_new_tokens=160 --eval_iters=4"
-    PREFS="--n_prompts=48 --samples_per_prompt=4 --max_new_tokens=160 --val_fraction=0.25"
+    PREFS="--n_prompts=48 --samples_per_prompt=4 --max_new_tokens=160 --val_fraction=0.25 --swap_pairs=1"
     REWARD="--max_iters=50 --eval_interval=50 --batch_size=8 --learning_rate=3e-4 --min_lr=3e-5 --warmup_iters=10 --n_fresh=16
             --max_new_tokens=160"
     DPO="--max_iters=40 --eval_interval=40 --batch_size=4 --learning_rate=2e-5 --min_lr=2e-6 --warmup_iters=5
@@ -92,17 +92,21 @@ case $PROFILE in
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
     SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
          --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200"
-    PREFS="--n_prompts=3000 --samples_per_prompt=4 --all_pairs=True --max_new_tokens=200"
+    # with each training prompt's best answer also in a swapped-word minimal pair, both ways
+    # (prepare/preferences.py swap_pairs): pairs only the prompt's words decide, for the reward model
+    # (and DPO) to learn to look at them
+    PREFS="--n_prompts=3000 --samples_per_prompt=4 --all_pairs=True --max_new_tokens=200 --swap_pairs=1"
     # the reward model, DPO, PPO and GRPO run eagerly: compiling was most of their time on the H200
     # (their first 10 steps took 178 s / 170 s for reward / DPO, a step after them 67 / 86 ms; PPO's
     # first rollout 266 s, later ones 2 s; GRPO's 152 s, later 3.7 s; several processes compiled at once)
-    # the reward model reads a prompt's pairs together (8 prompts, about 34 pairs a step; 300 steps read
-    # 2,400 of the 2,567 training prompts, each once): shuffled pairs, in which each answer is in up to
-    # three, reached 75-81% on training batches and 54% on held-out pairs. Its learning rate is 10x
+    # the reward model reads a prompt's pairs together (8 prompts a step; 500 steps read 4,000 of the
+    # about 5,100 training prompts, half of them the swapped prompts, each once): shuffled pairs, in
+    # which each answer is in up to three, reached 75-81% on training batches and 54% on held-out
+    # pairs. Its learning rate is 10x
     # the last run's 3e-5, at which the pairs that differ in words stayed near chance (57%): on the CPU,
     # pairs whose label only the prompt decides stayed at chance at 3e-5 and 1e-4 and were learned at
     # 3e-4 (65-77%, two seeds), while a preference visible in the answer alone was learned at 3e-5
-    REWARD="--compile=False --max_iters=300 --eval_interval=100 --batch_by=prompt --batch_size=8 --learning_rate=3e-4
+    REWARD="--compile=False --max_iters=500 --eval_interval=100 --batch_by=prompt --batch_size=8 --learning_rate=3e-4
             --min_lr=3e-5 --n_fresh=128 --max_new_tokens=200"
     DPO="--compile=False --max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7
          --eval_prompts=128 --max_new_tokens=200"

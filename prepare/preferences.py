@@ -15,6 +15,16 @@ with all their pairs (no prompt is in both files). Each record:
 An external JSONL needs prompt, chosen and rejected (scores and the rest are optional); it is
 checked and split the same way (HH-RLHF-style sets converted to these fields work).
 
+Swapped pairs (swap_pairs=N, training prompts only): minimal pairs whose label only the prompt
+decides. For up to N required words w that a training prompt's best answer A uses as written, A'
+is A with w replaced by a word v of the same common-word list (task.POS_LISTS) that A does not
+use, and P' is the prompt asking for v instead of w. Two pairs join the training file: under the
+prompt, A over A'; under P', A' over A (each kept only if task.score agrees by the margin both
+ways). Each answer is then once chosen and once rejected, so nothing in the answer alone predicts
+the label: the reward model has to compare the answer with the prompt's words, which pairs of
+two unrelated samples (most of them differing in one required word among 150 tokens) teach
+slowly. The held-out pairs stay the sampled ones. Records carry "swap": true.
+
 Rejection sampling (best_dir): the same samples also give an SFT set, each prompt's best answer
 where it scores at least best_min_score and ended its turn (DeepSeek-V3 and R1 made SFT data this
 way from their own models), written as best_dir/sft_train.jsonl beside task_dir's sft_val.jsonl
@@ -37,7 +47,7 @@ from data import read_jsonl, read_prepared, start_prepared, write_json, write_js
 from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runlog import progress  # noqa: E402
 from runtime import init_runtime  # noqa: E402
-from task import score  # noqa: E402
+from task import POS_LISTS, WORD, LIST_WORDS, make_prompt, score, word_used, words_of  # noqa: E402
 
 # -----------------------------------------------------------------------------
 init_from = 'out/sft'        # the SFT checkpoint to sample from
@@ -52,6 +62,7 @@ max_new_tokens = 300
 margin = 0.1                 # keep a pair only if score(chosen) - score(rejected) >= margin
 all_pairs = False            # every two answers of a prompt that differ by margin (False: best vs worst)
 val_fraction = 0.1
+swap_pairs = 0               # per training prompt, up to this many swapped-word minimal pairs (see the top; 0: none)
 best_dir = ''                # also write each prompt's best answer as SFT data here ('': none)
 best_min_score = 1.0         # ... if it scores at least this (1.0: every word, feature and the ending)
 batch_size = 64              # prompts per generation batch (x samples_per_prompt sequences)
@@ -144,11 +155,61 @@ train_pairs = [p for g in groups[n_val:] for p in g]
 if not val_pairs or not train_pairs:
     sys.exit(f'error: {len(pairs)} pairs from {len(groups)} prompt(s) cannot be split into train and val '
              f'(val_fraction={val_fraction}); sample more prompts')
+
+
+def swapped(pair, w, rng):
+    """The two swapped pairs of `pair`'s chosen answer A and its required word w (see the top), or
+    [] where A does not use w as written, no list word fits, or the rule does not agree."""
+    A, words, features = pair['chosen'], pair['words'], pair.get('features') or {}
+    hits = [m for m in WORD.finditer(A) if m.group().lower() == w.lower()]
+    if not hits:
+        return []
+    pool = next((sorted(ws) for ws in POS_LISTS.values() if w in ws), sorted(LIST_WORDS))
+    used = words_of(A)
+    candidates = [v for v in pool if v not in words and not word_used(v, used)]
+    if not candidates:
+        return []
+    v = rng.choice(candidates)
+    out, at = [], 0
+    for m in hits:                                   # every use as written, keeping a capital
+        out += [A[at:m.start()], v.capitalize() if m.group()[0].isupper() else v]
+        at = m.end()
+    A2 = ''.join(out) + A[at:]
+    words2 = [v if x == w else x for x in words]
+    ended = pair.get('chosen_ended', True)
+    s = {(text, k): score(text, ws, features, ended)['score']
+         for text in (A, A2) for k, ws in (('p', words), ('p2', words2))}
+    if s[A, 'p'] - s[A2, 'p'] < margin - 1e-9 or s[A2, 'p2'] - s[A, 'p2'] < margin - 1e-9:
+        return []
+    prompt2 = make_prompt(words2, features)
+    common = {'chosen_ended': ended, 'rejected_ended': ended, 'features': features, 'swap': True}
+    return [{'prompt': pair['prompt'], 'chosen': A, 'rejected': A2, 'chosen_score': s[A, 'p'],
+             'rejected_score': s[A2, 'p'], 'words': words, **common},
+            {'prompt': prompt2, 'chosen': A2, 'rejected': A, 'chosen_score': s[A2, 'p2'],
+             'rejected_score': s[A, 'p2'], 'words': words2, **common}]
+
+
+n_swapped = 0
+if swap_pairs:
+    rng = random.Random(seed + 2)
+    for g in groups[n_val:]:
+        if not g[0].get('words'):
+            continue
+        best = max(g, key=lambda p: p.get('chosen_score', 0))
+        made = 0
+        for w in best['words']:
+            new = swapped(best, w, rng) if made < swap_pairs else []
+            train_pairs += new
+            made += bool(new)
+        n_swapped += 2 * made
+    if n_swapped == 0:
+        print('note: swap_pairs made no pair (no best answer uses a required word as written)', file=sys.stderr)
 random.Random(seed + 1).shuffle(train_pairs)
 start_prepared(out_dir)                                       # incomplete until its meta.json lands
 write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
 write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
 write_json(os.path.join(out_dir, 'meta.json'), {**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
+                                                'swap_pairs': n_swapped,
                                                 'val_prompts': n_val, 'train_prompts': len(groups) - n_val})
-print(f'wrote {out_dir}: {len(train_pairs)} train pairs ({len(groups) - n_val} prompts) and {len(val_pairs)} '
-      f'val pairs ({n_val} prompts)')
+print(f'wrote {out_dir}: {len(train_pairs)} train pairs ({len(groups) - n_val} prompts'
+      f'{f", {n_swapped} of the pairs swapped" if swap_pairs else ""}) and {len(val_pairs)} val pairs ({n_val} prompts)')

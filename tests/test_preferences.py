@@ -312,3 +312,30 @@ def test_the_scalar_head_runs_in_float32_under_autocast():
     expected = (h.float() @ model.score_head.weight.float().T + model.score_head.bias).squeeze(-1)
     assert values.dtype == torch.float32
     torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_swapped_pairs_are_minimal_pairs_only_the_prompt_decides(tmp_path):
+    """swap_pairs=1: for each training prompt, its best answer with one required word swapped for
+    another word of the same list, in two pairs (the prompt prefers the answer, the swapped prompt
+    the swapped answer), each labelled as the rule scores it; held-out pairs are never swapped."""
+    rng = random.Random(3)
+    rows = []
+    for i in range(20):
+        w = ['jump', 'dog', 'happy']
+        chosen = f'The happy dog likes to jump. It ran home ({i}).'
+        rejected = ' '.join(rng.choice(WORDS[1:]) for _ in range(8)) + '.'
+        rows.append({'prompt': f'Write a story that uses the words: {", ".join(w)}. ({i})', 'chosen': chosen,
+                     'rejected': rejected, 'words': w, 'features': {}})
+    (tmp_path / 'src.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    p = run_script('prepare/preferences.py', '--source=src.jsonl', '--out_dir=sw', '--val_fraction=0.25',
+                   '--swap_pairs=1', cwd=tmp_path)
+    train = [json.loads(line) for line in open(tmp_path / 'sw' / 'prefs_train.jsonl')]
+    val = [json.loads(line) for line in open(tmp_path / 'sw' / 'prefs_val.jsonl')]
+    swaps = [r for r in train if r.get('swap')]
+    assert len(swaps) == 2 * 15 and not any(r.get('swap') for r in val) and '30 of the pairs swapped' in p.stdout
+    for r in swaps:
+        assert score(r['chosen'], r['words'])['score'] - score(r['rejected'], r['words'])['score'] >= 0.1
+        a, b = r['chosen'].split(), r['rejected'].split()
+        assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1       # one word swapped
+        mirror = [m for m in swaps if m['chosen'] == r['rejected'] and m['rejected'] == r['chosen']]
+        assert len(mirror) == 1 and mirror[0]['prompt'] != r['prompt']
