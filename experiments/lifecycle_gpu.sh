@@ -5,8 +5,9 @@
 #   start     speedrun.sh --profile=gpu in the background, and beside it (SIDE=1) the variants of
 #             its SFT in SIDE_SFT below, each from the same base model and task, each evaluated
 #             like the main SFT (speedrun.sh --stages=sft,eval in its own folder under S), and a
-#             second SFT round on rejection samples (BEST_SFT below, folder S/best) and the scratch
-#             student from the teacher's embeddings (folder S/embed); when all
+#             second SFT round on rejection samples (BEST_SFT below, folder S/best), the scratch
+#             student from the teacher's embeddings (folder S/embed) and the reward model at lr 1e-4
+#             (folder S/reward_lr1e-4); when all
 #             of it has finished, the serving benchmarks on the base model, alone on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
 #             greedy agreement) and bench_serve.py (engine and static batching at 1/8/64/256
@@ -56,6 +57,13 @@ BEST_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /
   $BEST_SFT > $R/logs/side_best.log 2>&1 && EVAL_RUNS=sft bash speedrun.sh --profile=$PROFILE --out=$S/best
   --stages=eval >> $R/logs/side_best.log 2>&1) &"
 BEST_RUN=$(echo $BEST_RUN)
+# and the reward model at a third of the main run's learning rate (3e-4 is 10x the last run's; on the
+# CPU 1e-3 sent every token to one expert for a while), on the main run's pairs (folder S/reward_lr1e-4)
+link="mkdir -p $S/reward_lr1e-4 && for x in data task base sft prefs; do ln -sfn $A/\$x $S/reward_lr1e-4/\$x; done"
+REWARD_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+  REWARD_EXTRA='--learning_rate=1e-4 --min_lr=1e-5' bash speedrun.sh --profile=$PROFILE --out=$S/reward_lr1e-4
+  --stages=reward > $R/logs/side_reward.log 2>&1) &"
+REWARD_RUN=$(echo $REWARD_RUN)
 [ $SIDE = 1 ] && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
 case ${1:-} in
@@ -67,7 +75,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN }
+      [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUN }
       wait
       # the SFT model on prompts made the same way from the training books (eval_prompts_train.json):
       # if its words rate is far above the held-out one, the held-out books' prompts are the gap
@@ -103,6 +111,8 @@ case ${1:-} in
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $PWD/$(dirname $S) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
+    for d in $R $S/reward_lr1e-4; do      # the reward models' last held-out accuracy, main and side
+      echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | cut -c1-300)"; done
     tail -12 $R/logs/speculative.log $R/logs/quantize_*.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;
   *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | sides | report | collect FOLDER"; exit 2 ;;
