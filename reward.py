@@ -231,12 +231,12 @@ val_rule = [p.get(f'{side}_score', float('nan')) for side in ('chosen', 'rejecte
 def evaluate(model):
     r = rewards_of(model, val_seqs)
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
-    metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).float().mean().item(),
+    metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).sum().item() / len(rc),
                'val/reward_margin': (rc - rr).mean().item()}
     for kind in RULE_PARTS:                   # the accuracy on the pairs of each kind
         mask = torch.tensor([k == kind for k in val_kinds])
         if mask.any():
-            metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).float().mean().item()
+            metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).sum().item() / int(mask.sum())
             metrics[f'val/pairs_{kind}'] = int(mask.sum())
     # length bias: does the reward follow response length more than the rule does?
     if np.std(val_lengths) > 0:

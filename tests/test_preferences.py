@@ -238,6 +238,8 @@ def test_reward_model_reports_its_accuracy_on_each_kind_of_pair(pipeline):
     assert {k: last.get(f'val/pairs_{k}', 0) for k in counts} == counts and 'val/pairs_features' not in last
     weighted = sum(last[f'val/accuracy_{k}'] * n for k, n in counts.items() if n) / len(val)
     assert last['val/accuracy'] == pytest.approx(weighted)
+    right = round(last['val/accuracy'] * len(val))        # an exact share (9 of 10 is 0.9, not 0.8999999762)
+    assert last['val/accuracy'] == right / len(val)
 
 
 def test_dpo_starts_at_log_2_and_falls(planted):
