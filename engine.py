@@ -498,23 +498,23 @@ class Engine:
     def launch(self, rows):
         """Queue the forward passes of `rows` and their sampling on the device (no wait for the
         device here, on CUDA); returns what read_back needs."""
-        # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
-        # before: -1 - i stands for row i's entry of that step's tokens, still on the device
-        feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
         # the rows reading a prompt chunk go through the model apart from the rows feeding one
         # token, so that no decoding row is padded to a chunk's width: at 64 rows and one new
         # 128-token prompt, 128 + 63 token positions instead of 64 x 128
-        order = [b for b, f in enumerate(feed) if len(f) > 1] + [b for b, f in enumerate(feed) if len(f) == 1]
-        split = next((k for k, b in enumerate(order) if len(feed[b]) == 1), len(order))
-        parts = [self.forward_rows([rows[b] for b in g], [feed[b] for b in g]) for g in (order[:split], order[split:]) if g]
-        logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), in `order`
+        chunked = [r for r in rows if len(r.pending) > 1]
+        rows = chunked + [r for r in rows if len(r.pending) <= 1]
+        # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
+        # before: -1 - i stands for entry i of that step's tokens, still on the device
+        feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
+        n = len(chunked)
+        parts = [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((0, n), (n, len(rows))) if b > a]
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), row k's in row k
         self.stats['steps'] += 1
         # every row's greedy choice in one argmax; a sampling row draws with its own generator (its
         # seed's stream). All on the device: nothing here waits for the step to finish
         tokens = sample_next(logits, 0, vocab_limit=self.vocab_limit)
         sampled = []
-        for k, b in enumerate(order):
-            r, f = rows[b], feed[b]
+        for k, (r, f) in enumerate(zip(rows, feed)):
             prompt = bool(r.pending)
             self.stats['prefill_tokens' if prompt else 'decode_tokens'] += len(f)
             r.pending = r.pending[len(f):] if prompt else []
@@ -528,27 +528,23 @@ class Engine:
         self.last_tokens = tokens
         done = None
         if self.overlap and tokens.is_cuda:             # to the host without waiting: a pinned buffer
-            host = self.token_buffers[self.turn][:len(order)]       # (two, used in turns: the one read
+            host = self.token_buffers[self.turn][:len(rows)]        # (two, used in turns: the one read
             self.turn ^= 1                                           # back next is never written now)
             host.copy_(tokens, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             tokens = host
-        at = [0] * len(rows)                            # row b's entry of the step's tokens
-        for k, b in enumerate(order):
-            at[b] = k
-        return rows, [sampled[at[b]] for b in range(len(rows))], at, tokens, done
+        return rows, sampled, tokens, done
 
     def read_back(self, launched):
         """The tokens of a launched step, on the host (waiting for that step only): each request
         adds its token and finishes at a stop token or max_new_tokens, giving its blocks back. A
         request that stopped (or was cancelled) while the step ran drops its token."""
-        rows, sampled, at, tokens, done = launched
+        rows, sampled, tokens, done = launched
         if done is not None:
             done.synchronize()
-        values, events = tokens.tolist(), []
-        for r, s, k in zip(rows, sampled, at):
-            tok = values[k]
+        events = []
+        for r, s, tok in zip(rows, sampled, tokens.tolist()):
             if not s:
                 if not r.done:
                     events.append((r, None, False))

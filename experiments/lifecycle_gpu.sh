@@ -32,7 +32,7 @@ declare -A SIDE_SFT=(
   # measured and dropped: [window]="--packed_attention=window" (examples apart: all words 21.5%
   # against 21.9% the run before, docs/results.md); next: [muonclip]="--optimizer=muonclip"
 )
-A=$PWD/$R
+A=$(realpath -m "$R")        # absolute, for the links (R may be relative or absolute)
 SIDE_RUNS=""
 for v in "${!SIDE_SFT[@]}"; do
   link="mkdir -p $S/$v && for x in data task base; do ln -sfn $A/\$x $S/$v/\$x; done"
@@ -109,7 +109,7 @@ case ${1:-} in
     mkdir -p ${2:?collect needs a folder}
     tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
-      -C $(dirname $R) $(basename $R) -C $PWD/$(dirname $S) $(basename $S)
+      -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
     for d in $R $S/reward_lr1e-4; do      # the reward models' last held-out accuracy, main and side
       echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | cut -c1-300)"; done
