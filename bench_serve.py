@@ -23,7 +23,7 @@ Also reported: the steps each method ran (static batching: per group a prompt st
 per token of its longest output) and their ratio, static steps / engine steps, the speed-up that
 scheduling alone gives when a step of either costs the same: the ceiling of engine / static for
 this workload unless the engine's steps are cheaper. With uniform output lengths it stays below 2
-at 64 streams however many requests (1.24 for 128 requests, 1.46 for 256, 1.84 for 4,096: the
+at 64 streams however many requests (1.13 for 128 requests, 1.57 for 512, 1.86 for 4,096: the
 longest of 64 outputs is close to max_output, their mean half of it, and the last requests finish
 alone); output_lengths='exponential' draws them from a long tail instead (mean mean_output, clipped
 to min_output..max_output), as chat traffic has.
