@@ -28,7 +28,7 @@ from generate import generate_tokens, pad_prompts, use_cuda_graph
 from model import GPT
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
-from task import evaluate_task
+from task import evaluate_task, score
 from tokenizer import base_spec
 
 # -----------------------------------------------------------------------------
@@ -53,6 +53,9 @@ cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
                              # (generate.DecodeGraph); None: on for CUDA
 reference = ''               # a checkpoint (e.g. out/sft): also report KL(model || reference) on
                              # sampled answers to the held-out prompts (nats per answer)
+sampled_score = True         # also score one answer sampled at temperature 1 (seeded) per prompt
+                             # ('task/score_sampled', 'task/all_words_sampled'): what RL's rollouts draw
+                             # from, beside the greedy answers (the KL reads the same answers)
 n_samples = 5                # answers kept in eval.json, and continuations of story openings
 sample_tokens = 120          # new tokens per continuation
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
@@ -134,8 +137,16 @@ def task_metrics(model, tok, ckpt):
            'task/example': r['example'],
            'task/samples': [{'prompt': p['prompt'], 'answer': a['text'], **{k: s[k] for k in ('score', 'all_words')}}
                             for p, a, s in zip(prompts, r['answers'], r['scores'])][:n_samples]}
-    if reference:
-        out['kl_ref'] = kl_to_reference(model, tok, prompts)
+    if sampled_score or reference:
+        g = torch.Generator(device=rt.device).manual_seed(seed)
+        ro = sample_rollout(model, tok, prompts, max_new_tokens, 1.0, generator=g, autocast=rt.autocast,
+                            batch_size=gen_batch_size)
+        if sampled_score:
+            s = [score(t, p['words'], p.get('features'), e) for t, e, p in zip(ro['texts'], ro['ended'], prompts)]
+            out['task/score_sampled'] = sum(x['score'] for x in s) / len(s)
+            out['task/all_words_sampled'] = sum(x['all_words'] for x in s) / len(s)
+        if reference:
+            out['kl_ref'] = kl_to_reference(model, tok, ro)
     # the required words, then the scores (their 'words', the share of them used, as words_share)
     rows = [{'prompt': p['prompt'], 'words': p['words'], 'answer': a['text'], 'ended': a['ended'],
              **{'words_share' if k == 'words' else k: v for k, v in s.items()}}
@@ -144,16 +155,13 @@ def task_metrics(model, tok, ckpt):
 
 
 @torch.no_grad()
-def kl_to_reference(model, tok, prompts):
-    """Mean over sampled answers (temperature 1) of sum_t log pi(a_t) - log ref(a_t): the k1
-    estimate of KL(model || reference) per answer, in nats."""
+def kl_to_reference(model, tok, ro):
+    """Mean over the model's sampled answers `ro` (rl.sample_rollout, temperature 1) of
+    sum_t log pi(a_t) - log ref(a_t): the k1 estimate of KL(model || reference) per answer, in nats."""
     ref, ref_tok, _ = load_chat_model(reference, rt.device)
     if ref_tok.spec() != tok.spec():
         sys.exit(f"error: the reference's tokenizer ({reference}) differs from the model's")
     ref.eval()
-    g = torch.Generator(device=rt.device).manual_seed(seed)
-    ro = sample_rollout(model, tok, prompts, max_new_tokens, 1.0, generator=g, autocast=rt.autocast,
-                        batch_size=gen_batch_size)
     # over the tokenizer's ids only, the distribution sample_rollout drew from (not the padding)
     lp = batched_logprobs(model, ro['seq'], ro['mask'], rt.autocast, vocab=tok.vocab_size)
     lr = batched_logprobs(ref, ro['seq'], ro['mask'], rt.autocast, vocab=tok.vocab_size)

@@ -99,6 +99,7 @@ for name in TRAINED:
                     'val_loss': ev.get('val/loss'), 'val_bpb': ev.get('val/bpb'),
                     'val_tinystories_bpb': ev.get('val_tinystories/bpb'),
                     'task_score': ev.get('task/score'), 'all_words': ev.get('task/all_words'),
+                    'score_sampled': ev.get('task/score_sampled'),
                     'word_by_position': ev.get('task/word_by_position'),
                     'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'),
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
@@ -167,7 +168,9 @@ for name in ('ppo', 'grpo'):
         check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
               None if gain is None else gain > 0,
               f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}{paired_gain(name)}; "
-              f"KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer", unit='points')
+              f"on answers sampled at temperature 1: {fmt(stages[name]['score_sampled'])} vs "
+              f"{fmt(stages['sft']['score_sampled'])}; KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer",
+              unit='points')
 if {'student_scratch', 'student_distill', 'base'} <= set(stages):
     t, s, d = (stages[k]['val_loss'] for k in ('base', 'student_scratch', 'student_distill'))
     closed = (s - d) / (s - t) if None not in (t, s, d) and s != t else None
@@ -267,13 +270,13 @@ for split in ('train', 'val', 'val_tinystories'):
 md += ['', 'val: passages of whole held-out books; val_tinystories: the real TinyStories validation stories.', '',
        '## Stages', '',
        '| stage | time | steps | tokens | parameters (active) | val loss | val bits/byte | TinyStories val bits/byte '
-       '| task score | all words | ended turn | KL to SFT |',
-       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+       '| task score | task score, sampled | all words | ended turn | KL to SFT |',
+       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
 prep = times.get('prepare')
 if prep is not None:
-    md.append(f"| prepare | {prep} s | | | | | | | | | | |")
+    md.append(f"| prepare | {prep} s | | | | | | | | | | | |")
 if 'prefs' in times:
-    md.append(f"| prefs | {times['prefs']} s | | | | | | | | | | |")
+    md.append(f"| prefs | {times['prefs']} s | | | | | | | | | | | |")
 for name, s in stages.items():
     params = f"{s['params'] / 1e6:.2f}M" + (f" ({s['active_params'] / 1e6:.2f}M)" if s['active_params'] else '')
     tokens = f"{s['tokens'] / 1e6:.2f}M" if s['tokens'] else '-'
@@ -282,10 +285,10 @@ for name, s in stages.items():
         extra = f" (pair accuracy {pct(s['metrics'].get('val/accuracy'))})"
     md.append(f"| {name}{extra} | {s['time_s'] if s['time_s'] is not None else '-'} s | {s['step']} | {tokens} | {params} | "
               f"{fmt(s['val_loss'])} | {fmt(s['val_bpb'])} | {fmt(s['val_tinystories_bpb'])} | {fmt(s['task_score'])} | "
-              f"{pct(s['all_words'])} | {pct(s['ended'])} | {fmt(s['kl_ref'], '.2f')} |")
+              f"{fmt(s['score_sampled'])} | {pct(s['all_words'])} | {pct(s['ended'])} | {fmt(s['kl_ref'], '.2f')} |")
 md += ['', 'Task score: the reward rule of task.py (required words, requested features, a finished answer, '
-       'no repetition) on greedy answers to the held-out prompts, from held-out books; KL: nats per sampled '
-       'answer (eval.py --reference).', '', '## Targets', '', '| target | value | goal | met | how |',
+       'no repetition) on greedy answers to the held-out prompts, from held-out books (sampled: on one answer '
+       'per prompt sampled at temperature 1); KL: nats per sampled answer (eval.py --reference).', '', '## Targets', '', '| target | value | goal | met | how |',
        '| --- | --- | --- | --- | --- |']
 for c in checks:
     v = c['value']

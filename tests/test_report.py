@@ -50,6 +50,11 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
     assert '| GRPO: task reward above SFT (greedy, held-out prompts) | +0.000 | > 0 | **no** |' in md   # score points
     assert '(per prompt: +0.000 ± 0.000, its standard error over 3 prompts)' in md    # the same answers
+    # beside the greedy answers, one sampled at temperature 1 per prompt (seeded), scored the same way
+    ev = json.loads((out / 'sft' / 'eval.json').read_text())
+    assert 0 <= ev['task/score_sampled'] <= 1 and 0 <= ev['task/all_words_sampled'] <= 1
+    assert '| task score | task score, sampled | all words |' in md
+    assert f"on answers sampled at temperature 1: {ev['task/score_sampled']:.3f} vs {ev['task/score_sampled']:.3f}" in md
     assert 'the 1st / 2nd / 3rd listed word used in' in md         # which word the answers drop
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
