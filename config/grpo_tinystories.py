@@ -7,6 +7,7 @@ rollout_prompts = 16
 group_size = 4
 minibatch_size = 16
 max_new_tokens = 300
+temperature = 0.7                 # rollouts (see config/ppo_tinystories.py)
 beta = 0.04
 learning_rate = 1e-5
 max_iters = 100                   # rollouts of 4 minibatches

@@ -8,6 +8,9 @@ rollout_prompts = 64
 minibatch_size = 16
 ppo_epochs = 2
 max_new_tokens = 300
+temperature = 0.7                 # rollouts: at 1 they almost never loop, so RL saw no signal against
+                                  # the loops of greedy answers (notes/lifecycle.md)
+lam = 1.0                         # GAE: with 0.95 and a young critic, early tokens got almost no credit
 kl_beta = 0.05
 kl_target = 6.0
 learning_rate = 1e-5

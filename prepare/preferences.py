@@ -74,6 +74,8 @@ cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
 configure(globals())
 if samples_per_prompt < 2:
     sys.exit(f'error: samples_per_prompt={samples_per_prompt} must be at least 2 to make a pair')
+if swap_pairs < 0:
+    sys.exit(f'error: swap_pairs={swap_pairs} must be 0 (none) or a positive number of swapped pairs per prompt')
 if best_dir and source:
     sys.exit('error: best_dir= keeps the best of sampled answers; an external set of pairs (source=) has none')
 

@@ -341,3 +341,28 @@ def test_swapped_pairs_are_minimal_pairs_only_the_prompt_decides(tmp_path):
         assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1       # one word swapped
         mirror = [m for m in swaps if m['chosen'] == r['rejected'] and m['rejected'] == r['chosen']]
         assert len(mirror) == 1 and mirror[0]['prompt'] != r['prompt']
+    bad = run_scripts([('prepare/preferences.py', ['--source=src.jsonl', '--out_dir=bad', '--swap_pairs=-1'])],
+                      cwd=tmp_path)[0]
+    assert bad.returncode and 'swap_pairs=-1 must be 0 (none) or a positive number' in bad.stderr
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_a_pair_two_parts_of_the_rule_separate_equally_is_of_no_kind(pipeline):
+    """A rejected answer that lacks a required word (0.2 of the score) and its ending (0.2) could be
+    told from the chosen one by either: it is counted as neither a words nor an ending pair."""
+    rows = []
+    for i in range(8):
+        w = ['cat', 'dog', 'sun']
+        prompt = f'Write a story that uses the words: {", ".join(w)}. ({i})'
+        story = 'the cat and the dog saw the sun in the park today.'
+        rejected = {0: 'the cat and the dog saw a tree in the park and then',          # a word and the ending
+                    1: 'the cat and the dog saw a tree in the park today.'}[i % 2]     # a word only
+        rows.append({'prompt': prompt, 'chosen': story, 'rejected': rejected, 'words': w, 'features': {}})
+    (pipeline / 'ties.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run_script('prepare/preferences.py', '--source=ties.jsonl', '--out_dir=ties', '--val_fraction=0.5', cwd=pipeline)
+    p = run_script('reward.py', '--init_from=base', '--out_dir=rm_ties', '--prefs_dir=ties', '--max_iters=1',
+                   '--eval_interval=1', '--batch_size=2', '--n_fresh=0', *COMMON, cwd=pipeline)
+    val = [json.loads(line) for line in open(pipeline / 'ties' / 'prefs_val.jsonl')]
+    words_only = sum(r['rejected'].endswith('.') for r in val)
+    assert 0 < words_only < len(val)
+    assert f'held-out pairs by what separates them: words {words_only}, features 0, ending 0, repetition 0' in p.stdout

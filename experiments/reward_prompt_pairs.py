@@ -1,0 +1,65 @@
+"""
+Preference pairs whose label only the prompt decides: can a reward model learn to compare the
+answer with the prompt's required word, and at what learning rate?
+
+Each draw takes two nouns x and z of twelve and two short random sentences, one using x and one
+using z, and makes two pairs: under the prompt asking for x the x-sentence is chosen, under the
+prompt asking for z the z-sentence is. Every answer is then once chosen and once rejected, so
+nothing in the answer alone predicts the label (a preference visible in the answer, such as an
+ending, is learned at rates where this one is not).
+
+$ python experiments/reward_prompt_pairs.py --out_dir=out/prompt_pairs
+$ for lr in 3e-5 1e-4 3e-4; do OMP_NUM_THREADS=1 python reward.py --init_from=out/speedrun_cpu/sft \
+    --task_dir=out/speedrun_cpu/task --prefs_dir=out/prompt_pairs --out_dir=out/prompt_pairs_rm_$lr \
+    --learning_rate=$lr --min_lr=$(python -c "print($lr / 10)") --batch_by=pair --batch_size=16 \
+    --max_iters=300 --eval_interval=100 --warmup_iters=10 --n_fresh=0 --save_checkpoints=False \
+    --device=cpu --compile=False; done
+(each run's last `val/accuracy` line; 50% is chance. On the cpu speedrun's SFT model: 49.5% at
+3e-5, 51.0% at 1e-4, 65.5% at 3e-4)
+"""
+
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import configure  # noqa: E402
+from data import start_prepared, write_json, write_jsonl  # noqa: E402
+from task import make_prompt, score  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out_dir = 'out/prompt_pairs'
+train_draws = 1500             # draws of two nouns: two pairs each
+val_draws = 100
+seed = 0
+# -----------------------------------------------------------------------------
+configure(globals())
+NOUNS = 'dog cat bird horse apple cake ball tree boat king moon star'.split()
+FILL = 'the a big red little happy ran saw played near under over home park day with and then'.split()
+rng = random.Random(seed)
+
+
+def sentence(word):
+    words = [rng.choice(FILL) for _ in range(rng.randint(6, 12))]
+    words.insert(rng.randint(0, len(words)), word)
+    return ' '.join(words).capitalize() + '.'
+
+
+def pairs(draws):
+    out = []
+    for _ in range(draws):
+        x, z = rng.sample(NOUNS, 2)
+        with_x, with_z = sentence(x), sentence(z)
+        for want, chosen, rejected in ((x, with_x, with_z), (z, with_z, with_x)):
+            out.append({'prompt': make_prompt([want]), 'chosen': chosen, 'rejected': rejected,
+                        'chosen_score': score(chosen, [want])['score'], 'rejected_score': score(rejected, [want])['score'],
+                        'chosen_ended': True, 'rejected_ended': True, 'words': [want], 'features': {}})
+    return out
+
+
+meta = start_prepared(out_dir)
+train, val = pairs(train_draws), pairs(val_draws)
+write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train)
+write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val)
+write_json(meta, {'source': 'experiments/reward_prompt_pairs.py', 'train_pairs': len(train), 'val_pairs': len(val)})
+print(f'wrote {out_dir}: {len(train)} train and {len(val)} val pairs; e.g. {train[0]}')
