@@ -23,7 +23,7 @@ from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
 from data import chat_batch, read_prepared
 from generate import use_cuda_graph
-from model import token_logprobs
+from model import through_last, token_logprobs
 from runlog import progress
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
@@ -109,7 +109,7 @@ def sequence_logprobs(model, pairs):
     rows = [encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs]
     x, y = chat_batch(rows, tok.eot_id)
     x, y = x.to(rt.device), y.to(rt.device)
-    logits, _ = model(x)
+    logits, _ = model(x, counted=through_last(y >= 0))      # the padding is no expert load
     return token_logprobs(logits, y, tok.vocab_size).sum(1).chunk(2), x.numel()
 
 

@@ -652,7 +652,7 @@ class MoE(nn.Module):
         self.register_buffer('tokens_per_expert', torch.zeros(self.E), persistent=False)
 
 
-    def forward(self, x):
+    def forward(self, x, counted=None):
         B, T, C = x.shape
         flat = x.reshape(-1, C)                                               # (N, C)
         weights, indices, scores = self.router(flat)
@@ -663,15 +663,23 @@ class MoE(nn.Module):
             y = fast_paths.experts_gathered(self.experts, flat, weights, indices)
         else:
             y = self.experts(flat, weights, indices)                          # the loop
-        if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += fast_paths.expert_counts(indices, self.E)
+        self.count_load(indices, counted)
         aux = None
         if self.training and self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, C), aux
+
+    @torch.no_grad()
+    def count_load(self, indices, counted=None):
+        """In training, add each expert's (token, expert) pairs to tokens_per_expert. counted (B, T)
+        bool: the tokens that count (a right-padded batch's padding does not); None: all."""
+        if not self.training:
+            return
+        if counted is not None:   # an uncounted token's choices go to index E, which no expert has
+            indices = indices.masked_fill(~counted.reshape(-1, 1), self.E)
+        self.tokens_per_expert += fast_paths.expert_counts(indices, self.E)
 
     def expert_impl(self, flat):
         """moe_impl, with 'auto' resolved: 'gathered' for few (token, expert) pairs (decoding),
@@ -681,6 +689,12 @@ class MoE(nn.Module):
         if flat.size(0) * self.K <= self.E:
             return 'gathered'
         return 'grouped' if fast_paths.grouped_mm_supported(flat, self.C, self.I) else 'loop'
+
+
+def through_last(mask):
+    """(B, T) bool: True at and before each row's last True. From the positions a right-padded
+    batch scores (its targets), the tokens that are not padding, for MoE load counts."""
+    return mask.flip(1).cummax(1).values.flip(1)
 
 
 def balance_loss(scores, indices, K, n_seq):
@@ -782,7 +796,8 @@ def distillation_kl(student_logits, targets, temperature=1.0, kind='forward', ma
 
 class Block(nn.Module):
     """Pre-norm residual block: x = x + attn(norm(x)); x = x + ffn(norm(x)).
-    Returns (x, aux) where aux is the MoE balance loss (None without one)."""
+    Returns (x, aux) where aux is the MoE balance loss (None without one). counted (B, T) bool:
+    the tokens whose expert choices count as load (MoE.count_load); None: all."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -792,7 +807,7 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, mask=(None, True)):
+    def forward(self, x, rope=None, cache=None, mask=(None, True), counted=None):
         B, T, C = x.shape
         # the residual stream as (B*T, C) rows inside the block: under torch.compile each norm's
         # backward then also writes the bf16 copy of the stream's gradient that the sublayer before
@@ -800,7 +815,7 @@ class Block(nn.Module):
         x = x.reshape(B * T, C)
         x = x + self.drop(self.attn(self.attn_norm(x).view(B, T, C), rope, cache, mask)).reshape(B * T, C)
         if isinstance(self.mlp, MoE):
-            h, aux = self.mlp(self.mlp_norm(x).view(B, T, C))
+            h, aux = self.mlp(self.mlp_norm(x).view(B, T, C), counted)
         else:
             h, aux = self.mlp(self.mlp_norm(x)), None
         return (x + self.drop(h).reshape(B * T, C)).view(B, T, C), aux
@@ -821,9 +836,9 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_idx)
         self.norm = RMSNorm(C, config.norm_eps)
 
-    def forward(self, h, emb, rope, mask):
+    def forward(self, h, emb, rope, mask, counted=None):
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.block(h, rope, None, mask)
+        return self.block(h, rope, None, mask, counted)
 
 
 class GPT(nn.Module):
@@ -885,7 +900,8 @@ class GPT(nn.Module):
         return self
 
     # --- forward ------------------------------------------------------------------------
-    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, segments=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, segments=None,
+                counted=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is None
         without targets. return_logits=False (with targets): logits is None, for a training
@@ -894,12 +910,13 @@ class GPT(nn.Module):
         With a KVCache (generate.py), idx are the tokens after what the cache holds.
         segments (B, T): rows that pack several examples (sft.py), each token numbered by its
         example: a token attends to its own example only, at positions counted from the example's
-        start, as if each example were alone in its row (see packed_mask).
+        start, as if each example were alone in its row (see packed_mask). counted (B, T) bool: the
+        tokens whose expert choices count as expert load (not a right-padded batch's padding).
         The loss adds the MoE balance losses and the weighted MTP losses; the parts are left
         in self.last_losses ('lm', 'aux', 'mtp') for logging."""
         B, T = idx.shape
         c = self.config
-        x, rope, aux_total = self.trunk(idx, cache, segments)
+        x, rope, aux_total = self.trunk(idx, cache, segments, counted)
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
         fused = self.use_fused_loss(x, return_logits)
@@ -913,7 +930,7 @@ class GPT(nn.Module):
                 rope_k = (rope[0][..., :Tk, :], rope[1][..., :Tk, :]) if rope is not None else None
                 mask_k = (self.causal_mask(Tk, idx.device) if segments is None
                           else self.packed_mask(segments[:, :Tk])[1])
-                h, aux = module(h[:, :Tk], emb, rope_k, mask_k)
+                h, aux = module(h[:, :Tk], emb, rope_k, mask_k, None if counted is None else counted[:, :Tk])
                 if aux is not None:
                     aux_total = aux if aux_total is None else aux_total + aux
                 targets_k = targets[:, k:]
@@ -947,7 +964,7 @@ class GPT(nn.Module):
             return False
         return impl == 'fused' or (x.is_cuda and fast_paths.HAVE_TRITON)
 
-    def trunk(self, idx, cache=None, segments=None):
+    def trunk(self, idx, cache=None, segments=None, counted=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
         the summed MoE balance loss or None)."""
         B, T = idx.shape
@@ -970,7 +987,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         aux_total = None
         for layer in self.layers:
-            x, aux = layer(x, rope, cache, mask)
+            x, aux = layer(x, rope, cache, mask, counted)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:
@@ -1144,10 +1161,11 @@ class ScalarModel(GPT):
         nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.score_head.bias)
 
-    def values(self, idx):
+    def values(self, idx, counted=None):
         """(B, T) scalar outputs, one per position, in float32. An MoE backbone's balance loss is
-        only logged (last_losses): the reward and value losses leave it out."""
-        x, _, aux = self.trunk(idx)
+        only logged (last_losses): the reward and value losses leave it out. counted: as in
+        GPT.forward."""
+        x, _, aux = self.trunk(idx, counted=counted)
         self.last_losses = {} if aux is None else {'aux': aux.detach()}
         h = self.norm(x)
         # the head outside autocast: in bf16 a score near 2.5 has steps of 1/64, and two answers
@@ -1157,18 +1175,20 @@ class ScalarModel(GPT):
 
     def score(self, idx, last):
         """(B,) the output at position last[b] of each row: the sequence's last real token
-        (rows are right-padded)."""
-        return self.values(idx).gather(1, last[:, None]).squeeze(1)
+        (rows are right-padded, and their padding is not counted as expert load)."""
+        counted = torch.arange(idx.size(1), device=idx.device) <= last[:, None]   # (B, T)
+        return self.values(idx, counted).gather(1, last[:, None]).squeeze(1)
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None, values=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None, values=False,
+                counted=None):
         """With last=: the scores; with values=True: values(idx) (through forward, so that
         torch.compile and DDP see the call); otherwise the language model's forward (the
         backbone keeps its head)."""
         if last is not None:
             return self.score(idx, last)
         if values:
-            return self.values(idx)
-        return super().forward(idx, targets, cache, last_only, return_logits)
+            return self.values(idx, counted)
+        return super().forward(idx, targets, cache, last_only, return_logits, counted=counted)
 
 
 def count_params(config):

@@ -59,7 +59,7 @@ class ExpertParallelMoE(MoE):
     directly). The router, the shared experts, the token counts and the balance loss are those of
     MoE, computed on this rank's tokens; the routed experts run where they live."""
 
-    def forward(self, x):
+    def forward(self, x, counted=None):
         B, T, C = x.shape
         flat = x.reshape(-1, C)                                               # (N, C) this rank's tokens
         weights, indices, scores = self.router(flat)                          # replicated router: all E
@@ -87,9 +87,7 @@ class ExpertParallelMoE(MoE):
         # y_t = sum_k g_tk FFN_e(x_t), summed in the tokens' dtype (the experts' output may be
         # autocast's bf16)
         y = torch.zeros_like(flat).index_add_(0, token, y_pairs.to(flat.dtype) * g)
-        if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += fast_paths.expert_counts(indices, self.E)   # summed over ranks later
+        self.count_load(indices, counted)                                     # summed over ranks later
         aux = None
         if self.training and self.aux_loss_alpha > 0:
             # per sequence (seq_aux) this is exact: the mean over ranks of the per-rank means; per

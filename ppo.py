@@ -32,7 +32,7 @@ import torch
 from checkpoint import FROZEN_ROUTING, load_chat_model
 from config import configure
 from generate import use_cuda_graph
-from model import ScalarModel
+from model import ScalarModel, through_last
 from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss,
                 clipped_value_loss, entropy, evaluate_policy, explained_variance, gae, load_policy, load_rewards,
                 mean_stats, minibatch_problem, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts,
@@ -204,7 +204,7 @@ def ppo_loss(b):
     b = trim_padding(b)
     mask = b['mask']
     logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)
-    values = run.also(b['seq'][:, :-1], values=True).float() * mask
+    values = run.also(b['seq'][:, :-1], values=True, counted=through_last(mask)).float() * mask
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps)
     vf_loss = clipped_value_loss(values, b['old_values'], b['returns'], mask, value_clip)
     with torch.no_grad():

@@ -21,7 +21,7 @@ import torch
 from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from data import read_prepared
 from generate import generate_chat
-from model import token_logprobs
+from model import through_last, token_logprobs
 from task import evaluate_task, score
 
 
@@ -124,7 +124,7 @@ def response_logprobs(model, seq, mask, temperature=1.0, vocab=None):
     the tokenizer's `vocab` ids (softmax(logits[:vocab] / T): the distribution the rollout was drawn
     from, so that the ratios and the KL are on-policy), 0 elsewhere; the logits returned too (for
     the entropy)."""
-    logits, _ = model(seq[:, :-1])
+    logits, _ = model(seq[:, :-1], counted=through_last(mask))   # the padding is no expert load
     logits = logits[..., :vocab]                         # without the padding ids, never sampled
     if temperature != 1.0:
         logits = logits / temperature

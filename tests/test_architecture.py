@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import fast_paths
 from generate import generate, graph_capturable, new_cache
 from fast_paths import GatherRows, expert_counts, top_k_indices
-from model import (GPT, Experts, ModelConfig, MoE, RotaryEmbedding, attention_mask, balance_loss,
-                   count_params, softmax_scale)
+from model import (GPT, Experts, ModelConfig, MoE, RotaryEmbedding, ScalarModel, attention_mask,
+                   balance_loss, count_params, softmax_scale, through_last)
 
 MLA = dict(vocab_size=64, block_size=48, n_layer=3, n_head=4, n_embd=32, attention='mla', pos_emb='rope',
            norm='rmsnorm', mlp='swiglu', bias=False, tie_word_embeddings=False, kv_lora_rank=8,
@@ -347,6 +347,35 @@ def test_bias_moves_toward_balance():
     x = torch.randint(0, 64, (2, 16))
     model(x, x)
     assert all(m.tokens_per_expert.sum() == 2 * 16 * 2 for m in model.moe_layers())   # N * K
+
+
+def test_right_padding_is_not_counted_as_expert_load():
+    """A right-padded batch (reward, DPO, PPO, GRPO) with counted=through_last(scored positions)
+    adds the same expert load as its rows run alone without their padding: under causal attention
+    the real tokens route the same way, and the padding counts for nothing. The scalar model's
+    score() counts through each row's last real token."""
+    model = build(MLA, MOE).train()
+    x = torch.randint(0, 64, (2, 16))
+    targets = x.clone()
+    targets[1, 9:] = -1                                     # row 1: 9 real tokens, then padding
+    counted = through_last(targets >= 0)
+    assert counted.sum(1).tolist() == [16, 9]
+
+    def loads(*batches, **kw):
+        for m in model.moe_layers():
+            m.tokens_per_expert.zero_()
+        for b in batches:
+            model(b, **kw)
+        return torch.stack([m.tokens_per_expert.clone() for m in model.moe_layers()])
+
+    padded = loads(x, counted=counted)
+    assert torch.equal(padded, loads(x[:1], x[1:, :9]))
+    assert padded.sum(1).tolist() == [(16 + 9) * 2] * 2                      # tokens x K per layer
+    assert loads(x).sum(1).tolist() == [32 * 2] * 2                           # without counted: all
+    torch.manual_seed(0)
+    scorer = ScalarModel(ModelConfig(**MLA, **MOE)).train()
+    scorer(x, last=torch.tensor([15, 8]))
+    assert [int(m.tokens_per_expert.sum()) for m in scorer.moe_layers()] == [(16 + 9) * 2] * 2
 
 
 def test_expert_counts_equal_bincount_and_leave_empty_experts_at_zero():
