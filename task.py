@@ -127,8 +127,11 @@ def uses(t, word):
     """Whether the text's (lower-case) word t uses `word`: t is one of word's inflections, or word
     is one of t's (the prompt may give 'jumped' and the story 'jump'); that second way only from
     words of 3 letters or more outside STOP_WORDS, whose made-up inflections would be other words
-    (the -> thing, we -> wing, be -> best, for -> forest, should -> shoulder)."""
+    (the -> thing, we -> wing, be -> best, for -> forest, should -> shoulder). A possessive uses its
+    noun (king's uses king); other contractions are their own words (won't does not use win)."""
     w = word.lower()
+    if t.endswith("'s") and uses(t[:-2], w):
+        return True
     return t in inflections(w) or (len(t) >= 3 and t not in STOP_WORDS and w in inflections(t))
 
 

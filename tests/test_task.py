@@ -42,6 +42,9 @@ def test_words_are_whole_words_in_any_listed_inflection():
     assert score('The fox ran to the women and kept the key.', ['run', 'woman', 'keep'])['words'] == 1.0
     assert 'ran' not in inflections('rain')
     assert {'making', 'bakes'} <= inflections('make') | inflections('bake')
+    # a possessive uses its noun; other contractions are words of their own
+    assert score("The king's crown shone. Her mothers' hats.", ['king', 'mother'])['words'] == 1.0
+    assert not word_used('win', words_of("I won't go.")) and not word_used('kingdom', words_of("The king's."))
 
 
 def test_features():
