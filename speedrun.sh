@@ -237,12 +237,26 @@ if [ $PARALLEL = 1 ]; then
   # Stages that do not need each other's checkpoints run side by side on the one GPU (the small
   # models leave most of it idle); a phase starts when the one before it has finished:
   #   prepare | train + student_scratch | sft + student_distill | prefs + ppo + grpo
-  #   | reward + dpo (its seeds at once) | eval (every run at once) | report
+  #   | reward + dpo (its seeds at once) | eval (the runs not yet evaluated) | report
+  # Each phase also evaluates the runs the phase before it trained, beside its own stages, so that a
+  # run cut short still has their rows on its card; the eval phase then takes the runs left.
+  trained=''
   for phase in prepare "train student_scratch" "sft student_distill student_embed" "prefs ppo grpo" "reward dpo" eval report; do
     cmds=()
+    if [ "$phase" != eval ] && stage_wanted eval; then
+      for r in $trained; do [[ " $(echo $EVAL_RUNS) " == *" $r "* ]] && cmds+=("eval_run $r"); done
+    fi
+    trained=''
     for s in $phase; do
       name=$s; case $s in student_scratch|student_distill) name=distill ;; esac
-      stage_wanted $name && cmds+=("stage $s")
+      stage_wanted $name || continue
+      cmds+=("stage $s")
+      case $s in             # the runs (folders under OUT) the stage trains
+        train) trained+=' base' ;;
+        dpo) trained+=" $(for d in $DPO_SEEDS; do echo dpo_seed$d; done)" ;;
+        prepare|prefs|reward|eval|report) ;;
+        *) trained+=" $s" ;;
+      esac
     done
     [ ${#cmds[@]} -gt 0 ] && { together "${cmds[@]}" || exit 1; }
   done

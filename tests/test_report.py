@@ -120,4 +120,26 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert 'sft: done before' in p.stdout and p.returncode == 0
     p = subprocess.run(['bash', 'speedrun.sh', '--help'], cwd=repo, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories') and '--profile=' in p.stdout
+    assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories')
+
+
+def test_speedrun_evaluates_each_run_in_the_phase_after_it(tmp_path):
+    """speedrun.sh --parallel=1: a run is evaluated beside the next phase's stages, not only in the
+    eval phase at the end, so a run cut short still has its rows. Here train and SFT finished before;
+    the base model's eval starts in SFT's phase (and fails: its checkpoint is empty), so the run
+    stops before SFT's own eval. Without the eval stage nothing is evaluated."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / 'run'
+    for d in ('base', 'sft'):
+        (run / d).mkdir(parents=True)
+        (run / d / 'ckpt.pt').write_bytes(b'')
+    (run / 'times.tsv').write_text('train\t1\nsft\t1\n')
+    env = {k: v for k, v in os.environ.items() if k != 'EVAL_RUNS'}
+    args = ['bash', 'speedrun.sh', '--profile=cpu', f'--out={run}', '--parallel=1']
+    p = subprocess.run(args + ['--stages=train,sft,eval'], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=300)
+    out = p.stdout
+    assert 'train: done before' in out and 'sft: done before' in out, out
+    assert 'eval_base: python eval.py' in out and 'eval_sft' not in out and p.returncode != 0, out
+    p = subprocess.run(args + ['--stages=train,sft'], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and 'eval_' not in p.stdout, p.stdout and '--profile=' in p.stdout
