@@ -105,7 +105,8 @@ case $PROFILE in
     # pairs. Its learning rate is 10x
     # the last run's 3e-5, at which the pairs that differ in words stayed near chance (57%): on the CPU,
     # pairs whose label only the prompt decides (experiments/reward_prompt_pairs.py) stayed at chance
-    # at 3e-5 and 1e-4 (49.5%, 51.0%) and reached 65.5% at 3e-4 in 300 steps
+    # at 3e-5 and 1e-4 (49.5%, 51.0%) and reached 65.5% at 3e-4 in 300 steps; on the GPU 3e-4 gained
+    # nothing at equal steps (57.6% at step 300, 61.4% at 400: docs/results.md)
     REWARD="--compile=False --max_iters=500 --eval_interval=100 --batch_by=prompt --batch_size=8 --learning_rate=3e-4
             --min_lr=3e-5 --n_fresh=128 --max_new_tokens=200"
     DPO="--compile=False --max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7
