@@ -236,7 +236,8 @@ def padded_vocab_size(n):
 # Norms
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight     (Zhang & Sennrich 2019), computed in float32."""
+    """y = x / sqrt(mean(x^2) + eps) * weight     (Zhang & Sennrich 2019), computed in float32 and
+    returned in x's dtype (under autocast, a bf16 MLA latent stays bf16, and so does its cache)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -244,7 +245,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        return (F.rms_norm(x.float(), (x.size(-1),), eps=self.eps) * self.weight).type_as(x)
 
 
 def make_norm(config, dim):

@@ -26,10 +26,11 @@ import sys
 
 import torch
 
-from checkpoint import load_chat_model, load_checkpoint
+from checkpoint import load_chat_model
 from config import configure
 from data import chat_batch, encode_chat_examples, pack_chat_examples, read_prepared
 from generate import use_cuda_graph
+from model import masked_cross_entropy, through_last
 from runtime import close_runtime, init_runtime
 from task import LIST_WORDS, evaluate_task
 from training import Run
@@ -106,8 +107,7 @@ cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 if init_from == 'scratch':
     sys.exit("error: sft.py fine-tunes a trained model: set init_from='out/RUN' (or 'resume')")
-ckpt = load_checkpoint(source)
-model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout})
+model, tok, ckpt = load_chat_model(source, 'cpu', overrides={'dropout': dropout})
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
@@ -128,17 +128,18 @@ def encode(rows, word_weight=1.0):
     return out
 
 
-train_rows = read_task('sft_train.jsonl', ('prompt', 'response'))
+train_records = read_task('sft_train.jsonl', ('prompt', 'response'))
 if prompt_like_repeat > 1:          # more of the kind of example the held-out prompts ask for
-    like = [r for r in train_rows if r.get('words') and all(w in LIST_WORDS for w in r['words'])]
-    train_rows = train_rows + like * (prompt_like_repeat - 1)
+    like = [r for r in train_records if r.get('words') and all(w in LIST_WORDS for w in r['words'])]
+    train_records = train_records + like * (prompt_like_repeat - 1)
     if rt.master:
         print(f'{len(like):,} of the examples ask only for listed words, as the held-out prompts do: '
               f'{prompt_like_repeat} copies of each')
-train_ex = encode(train_rows, word_loss_weight)
+train_ex = encode(train_records, word_loss_weight)
 val_ex = encode(read_task('sft_val.jsonl', ('prompt', 'response')))
 prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
-by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))   # curriculum order
+# the examples shortest first: the curriculum's order, and neighbours in length for padded batches
+by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))
 curriculum_iters = curriculum_iters or max(1, max_iters // 2)
 if rt.master:
     print(f'{len(train_ex):,} training and {len(val_ex):,} validation examples, {len(prompts)} held-out '
@@ -154,7 +155,7 @@ def pool_at(step):
     return by_length[:max(batch_size, math.ceil(frac * len(by_length)))]
 
 
-def train_rows(step, micro):
+def batch_rows(step, micro):
     """(batch_size rows, their examples' numbers per token or None) for this micro-batch, a function
     of (seed, step, its global index)."""
     g = run.batch_generator(step, micro)
@@ -162,7 +163,8 @@ def train_rows(step, micro):
     if packing:                      # concatenate random examples until each window is full
         rows, segments = pack_chat_examples(train_ex, pool, batch_size, block_size, g)
         return rows, (segments if packed_attention == 'example' else None)
-    start = int(torch.randint(len(pool), (1,), generator=g))   # neighbours in length order
+    # neighbours in length order (the pool wraps around only when it holds fewer than batch_size)
+    start = int(torch.randint(max(1, len(pool) - batch_size + 1), (1,), generator=g))
     return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)], None
 
 
@@ -176,8 +178,7 @@ def response_loss(model):
         with rt.autocast():
             logits, _ = model(x)
         n = int((y >= 0).sum())
-        total += torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                                   ignore_index=-1, reduction='sum').item()
+        total += masked_cross_entropy(logits, y).item() * n        # the mean over the n response tokens
         count += n
     return total / max(count, 1)
 
@@ -207,7 +208,7 @@ def weighted_loss(x, y, w, segments):
     """The model's loss (the mean cross entropy over the N response tokens, plus the MoE and MTP
     terms) with the required words' tokens weighted: + sum_t (w_t - 1) CE_t / N over the targets
     whose weight w_t is not 1, i.e. the cross entropy becomes sum_t w_t CE_t / N."""
-    logits, loss = run.model(x, y, segments=segments)
+    logits, loss = run.model(x, y, segments=segments, counted=through_last(y >= 0))
     extra = (w != 1) & (y >= 0)
     if extra.any():
         ce = torch.nn.functional.cross_entropy(logits[extra].float(), y[extra], reduction='none')
@@ -221,14 +222,14 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
         # x, y, and with word_loss_weight != 1 the targets' loss weights w (built only then)
-        rows, segments = train_rows(step, micro)
+        rows, segments = batch_rows(step, micro)
         x, y, *w = chat_batch(rows, tok.eot_id, block_size if packing else None, weights=word_loss_weight != 1)
         x, y = x.to(rt.device), y.to(rt.device)
         segments = segments.to(rt.device) if segments is not None else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():               # targets are -1 on the prompt and the padding
-                step_loss = (weighted_loss(x, y, w[0].to(rt.device), segments) if w
-                             else run.model(x, y, segments=segments)[1])
+                step_loss = (weighted_loss(x, y, w[0].to(rt.device), segments) if w else
+                             run.model(x, y, segments=segments, return_logits=False, counted=through_last(y >= 0))[1])
                 micro_loss = step_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()

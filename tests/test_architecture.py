@@ -94,6 +94,11 @@ def test_mla_cache_holds_only_the_latent_and_the_rope_key():
     model(torch.randint(0, 64, (2, 16)), cache=cache)
     c = model.config
     assert cache.numel_per_token() == {i: c.kv_lora_rank + c.qk_rope_head_dim for i in range(3)}
+    # under bf16 autocast both cached parts are bf16: the normed latent does not come back as float32
+    cache = new_cache(model, 2, 16, 'cpu')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 16)), cache=cache)
+    assert {b.dtype for b in cache.buffers.values()} == {torch.bfloat16}
     mha = build(vocab_size=64, n_layer=2, n_head=4, n_embd=32, pos_emb='rope', n_kv_head=2)
     cache = new_cache(mha, 1, 8, 'cpu')
     mha(torch.randint(0, 64, (1, 8)), cache=cache)
