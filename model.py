@@ -318,7 +318,8 @@ class RotaryEmbedding(nn.Module):
       dynamic: base' = base * (factor * L / L0 - (factor - 1))^(d / (d - 2)) once the sequence
                length L exceeds the original L0                  (dynamic NTK)
       yarn:    see yarn_inv_freq; cos and sin are also multiplied by attention_factor when the
-               config gives one, else mscale(factor, mscale) / mscale(factor, mscale_all_dim)"""
+               config gives one, else by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+               when it gives both, else by mscale(factor)"""
     float32_buffers = ('inv_freq',)      # kept by GPT._apply: bf16 would shift angles by radians
 
     def __init__(self, dim, config):
@@ -373,8 +374,9 @@ def apply_rope(x, cos, sin):
 
 
 def attention_mask(q_pos, k_pos, window=None, n_sink=0):
-    """Boolean mask, True where query position q may see key position k:
-    causal (k <= q), and with a window: q - k < window or k < n_sink (an attention sink)."""
+    """Boolean mask, True where query position q may see key position k: causal (k <= q), never
+    a negative k (how a KV cache marks its empty slots and left padding), and with a window:
+    q - k < window or k < n_sink (an attention sink)."""
     allowed = (k_pos[..., None, :] <= q_pos[..., :, None]) & (k_pos[..., None, :] >= 0)
     if window is not None:
         near = (q_pos[..., :, None] - k_pos[..., None, :]) < window
@@ -456,7 +458,8 @@ class MLAttention(nn.Module):
         self.n_head, self.rank = H, config.kv_lora_rank
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         d_qk = self.d_nope + self.d_rope
-        if config.q_lora_rank is None:
+        self.low_rank_q = config.q_lora_rank is not None
+        if not self.low_rank_q:
             self.q_proj = nn.Linear(C, H * d_qk, bias=False)
         else:                                        # queries through a low-rank bottleneck too
             self.q_a_proj = nn.Linear(C, config.q_lora_rank, bias=config.bias)
@@ -475,9 +478,9 @@ class MLAttention(nn.Module):
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
         H = self.n_head
-        low_rank_q = not hasattr(self, 'q_proj')      # x's two projections, one GEMM when fused
-        q, ckv = fast_paths.fused_linear(x, [self.q_a_proj if low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
-        if low_rank_q:
+        # x's two projections (queries, or their low-rank part; the latent and RoPE key), one GEMM when fused
+        q, ckv = fast_paths.fused_linear(x, [self.q_a_proj if self.low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
+        if self.low_rank_q:
             q = self.q_b_proj(self.q_a_layernorm(q))
         # heads stay inside each token's row, (B, T, H, D), as the projections write them; attention
         # reads q, k, v as (B, H, T, D) through strides. Transposed copies (B, H, T, D) would make
@@ -633,6 +636,19 @@ class Experts(nn.Module):
         return y
 
 
+def balance_loss(scores, indices, K, n_seq):
+    """sum_i f_i P_i averaged over n_seq groups of tokens (sequences, or 1 = the whole batch):
+    f_i = E / (K T) * (tokens choosing expert i), P_i = mean over tokens of s_i / sum_j s_j.
+    Equals 1 when load and affinity are uniform. DeepSeek-V3's complementary sequence-wise
+    loss when grouped by sequence; the Switch Transformer / Mixtral loss over the whole batch."""
+    N, E = scores.shape
+    T = N // n_seq
+    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, T, E)
+    f = chosen.sum(1) * E / (K * T)                                           # (n_seq, E)
+    P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)
+    return (f * P).sum(-1).mean()
+
+
 class MoE(nn.Module):
     """DeepSeekMoE (Dai et al. 2024; DeepSeek-V3 section 2.1.2):
         y = sum_{shared i} FFN_i(x) + sum_{routed e in top-K} g_e FFN_e(x)
@@ -692,25 +708,6 @@ class MoE(nn.Module):
         return 'grouped' if fast_paths.grouped_mm_supported(flat, self.C, self.I) else 'loop'
 
 
-def through_last(mask):
-    """(B, T) bool: True at and before each row's last True. From the positions a right-padded
-    batch scores (its targets), the tokens that are not padding, for MoE load counts."""
-    return mask.flip(1).cummax(1).values.flip(1)
-
-
-def balance_loss(scores, indices, K, n_seq):
-    """sum_i f_i P_i averaged over n_seq groups of tokens (sequences, or 1 = the whole batch):
-    f_i = E / (K T) * (tokens choosing expert i), P_i = mean over tokens of s_i / sum_j s_j.
-    Equals 1 when load and affinity are uniform. DeepSeek-V3's complementary sequence-wise
-    loss when grouped by sequence; the Switch Transformer / Mixtral loss over the whole batch."""
-    N, E = scores.shape
-    T = N // n_seq
-    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, T, E)
-    f = chosen.sum(1) * E / (K * T)                                           # (n_seq, E)
-    P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)
-    return (f * P).sum(-1).mean()
-
-
 # -----------------------------------------------------------------------------
 # Losses
 
@@ -721,6 +718,12 @@ def token_logprobs(logits, targets, vocab=None):
     logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * (targets >= 0)
+
+
+def through_last(mask):
+    """(B, T) bool: True at and before each row's last True. From the positions a right-padded
+    batch scores (its targets), the tokens that are not padding, for MoE load counts."""
+    return mask.flip(1).cummax(1).values.flip(1)
 
 
 def masked_cross_entropy(logits, targets):
@@ -1057,8 +1060,8 @@ class GPT(nn.Module):
     def resize_vocab(self, vocab_size):
         """Grow the token embedding and the output head to `vocab_size` rows (e.g. for new special
         tokens that do not fit in the padded vocabulary). Existing rows are kept; new embedding
-        rows start at the mean of the old ones and new head rows at zero, so the new tokens start
-        out neutral (Hewitt 2021)."""
+        rows start at the mean of the old ones and new head rows at zero (with a tied head, they
+        are the new embedding rows), so the new tokens start out neutral (Hewitt 2021)."""
         old = self.config.vocab_size
         if vocab_size <= old:
             return
@@ -1120,8 +1123,9 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward = 3 x forward):
         6 N for the weights (2 per multiply-add, x3; N = active_matmul_params, MTP included unless
         mtp=False; each depth runs on T - k of the T tokens, counted as T),
-        plus attention's q.k and attn.v products, 6 n_layer n_head (D_qk + D_v) T, counted over
-        the full T x T square as in nanoGPT / PaLM (T capped by a sliding window)."""
+        plus attention's q.k and attn.v products, 6 (n_layer + mtp_depth) n_head (D_qk + D_v) T
+        (each MTP depth is one more block), counted over the full T x T square as in nanoGPT / PaLM
+        (T capped by a sliding window)."""
         c = self.config
         T = seq_len or c.block_size
         if c.sliding_window:

@@ -328,7 +328,7 @@ def rescale_qk_(attn, gamma):
         # per head, q's rows are [q_nope (dn) ; q_rope (dr)] and kv_b's are [k_nope (dn) ; v (dv)]
         q_rows = torch.cat([g.sqrt().expand(H, dn), g.expand(H, dr)], 1).reshape(-1)
         kv_rows = torch.cat([g.sqrt().expand(H, dn), torch.ones_like(g).expand(H, dv)], 1).reshape(-1)
-        scale_rows_((attn.q_proj if hasattr(attn, 'q_proj') else attn.q_b_proj).weight, q_rows)
+        scale_rows_((attn.q_b_proj if attn.low_rank_q else attn.q_proj).weight, q_rows)
         scale_rows_(attn.kv_b_proj.weight, kv_rows)
         return
     H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
