@@ -388,7 +388,8 @@ def attention_mask(q_pos, k_pos, window=None, n_sink=0):
 # Attention
 #
 # Both attention modules take (x, rope, cache, mask): rope the (cos, sin) of the positions, cache
-# a generate.KVCache (None in training) whose update() returns the keys and values in view, mask
+# a generate.KVCache or engine.PagedCache (None in training) whose update() returns the keys and
+# values in view, mask
 # (attn_mask, is_causal) for F.scaled_dot_product_attention. For QK-Clip (optim.py) each keeps
 # `max_logit`, the largest pre-softmax logit per head seen in training forwards while
 # `track_max_logit` is on (GPT.track_max_logits).
@@ -396,7 +397,8 @@ def attention_mask(q_pos, k_pos, window=None, n_sink=0):
 class CausalSelfAttention(nn.Module):
     """Multi-head attention; with n_kv_head < n_head each key/value head is shared by a group of
     n_head / n_kv_head query heads (GQA, Ainslie et al. 2023; MQA when n_kv_head = 1).
-    softmax(q k^T / sqrt(D) + mask) v through F.scaled_dot_product_attention."""
+    softmax(q k^T * scale + mask) v through F.scaled_dot_product_attention, scale = 1 / sqrt(D)
+    (times YaRN's mscale^2 where it applies: softmax_scale)."""
     float32_buffers = ('max_logit',)
 
     def __init__(self, config, layer_idx):
