@@ -6,8 +6,9 @@
 #             its SFT in SIDE_SFT below, each from the same base model and task, each evaluated
 #             like the main SFT (speedrun.sh --stages=sft,eval in its own folder under S), and a
 #             second SFT round on rejection samples (BEST_SFT below, folder S/best), the scratch
-#             student from the teacher's embeddings (folder S/embed) and the reward model trained
-#             twice as long (folder S/reward_long); when all
+#             student from the teacher's embeddings (folder S/embed), the reward model trained
+#             twice as long (folder S/reward_long) and one whose pairs add 5,000 reference passages'
+#             swapped pairs (prepare/preferences.py --reference_swaps, folder S/reward_refswap); when all
 #             of it has finished, the serving benchmarks on the base model, alone on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
 #             greedy agreement) and bench_serve.py (engine and static batching at 1/8/64/256
@@ -63,6 +64,12 @@ link="mkdir -p $S/reward_long && for x in data task base sft prefs; do ln -sfn $
 REWARD_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
   REWARD_EXTRA='--max_iters=1000' bash speedrun.sh --profile=$PROFILE --out=$S/reward_long
   --stages=reward > $R/logs/side_reward.log 2>&1) &"
+# and the reward model on pairs sampled the same way (the same seed) plus the swapped pairs of 5,000
+# reference passages: minimal pairs only the prompt decides, from text that uses all its words
+link="mkdir -p $S/reward_refswap && for x in data task base sft; do ln -sfn $A/\$x $S/reward_refswap/\$x; done"
+REWARD_RUN+=" (until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+  PREFS_EXTRA='--reference_swaps=5000' bash speedrun.sh --profile=$PROFILE --out=$S/reward_refswap
+  --stages=prefs,reward > $R/logs/side_refswap.log 2>&1) &"
 REWARD_RUN=$(echo $REWARD_RUN)
 [ $SIDE = 1 ] && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
@@ -111,7 +118,7 @@ case ${1:-} in
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
-    for d in $R $S/reward_long; do      # the reward models' last held-out accuracy, main and side
+    for d in $R $S/reward_long $S/reward_refswap; do      # the reward models' last held-out accuracy, main and side
       echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | cut -c1-300)"; done
     tail -12 $R/logs/speculative.log $R/logs/quantize_*.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;

@@ -24,6 +24,11 @@ ways). Each answer is then once chosen and once rejected, so nothing in the answ
 the label: the reward model has to compare the answer with the prompt's words, which pairs of
 two unrelated samples (most of them differing in one required word among 150 tokens) teach
 slowly. The held-out pairs stay the sampled ones. Records carry "swap": true.
+reference_swaps=N adds the same minimal pairs made from N reference passages of
+task_dir/sft_train.jsonl that ask only for common-list words, as the held-out prompts do (A is the
+passage, which uses all its words; one word swapped each; none whose prompt is a held-out pair's):
+many more such pairs than the sampled answers give, without sampling. Records also carry
+"reference": true.
 
 Rejection sampling (best_dir): the same samples also give an SFT set, each prompt's best answer
 where it scores at least best_min_score and ended its turn (DeepSeek-V3 and R1 made SFT data this
@@ -63,6 +68,7 @@ margin = 0.1                 # keep a pair only if score(chosen) - score(rejecte
 all_pairs = False            # every two answers of a prompt that differ by margin (False: best vs worst)
 val_fraction = 0.1
 swap_pairs = 0               # per training prompt, up to this many swapped-word minimal pairs (see the top; 0: none)
+reference_swaps = 0          # swapped pairs from this many reference passages of sft_train.jsonl (see the top)
 best_dir = ''                # also write each prompt's best answer as SFT data here ('': none)
 best_min_score = 1.0         # ... if it scores at least this (1.0: every word, feature and the ending)
 batch_size = 64              # prompts per generation batch (x samples_per_prompt sequences)
@@ -76,6 +82,8 @@ if samples_per_prompt < 2:
     sys.exit(f'error: samples_per_prompt={samples_per_prompt} must be at least 2 to make a pair')
 if swap_pairs < 0:
     sys.exit(f'error: swap_pairs={swap_pairs} must be 0 (none) or a positive number of swapped pairs per prompt')
+if reference_swaps < 0:
+    sys.exit(f'error: reference_swaps={reference_swaps} must be 0 (none) or a positive number of passages')
 if best_dir and source:
     sys.exit('error: best_dir= keeps the best of sampled answers; an external set of pairs (source=) has none')
 
@@ -206,12 +214,32 @@ if swap_pairs:
         n_swapped += 2 * made
     if n_swapped == 0:
         print('note: swap_pairs made no pair (no best answer uses a required word as written)', file=sys.stderr)
+n_reference = 0
+if reference_swaps:
+    rng = random.Random(seed + 3)
+    held_out = {p['prompt'] for p in val_pairs}
+    refs = [r for r in read_prepared(task_dir, 'sft_train.jsonl', ('prompt', 'response', 'words'))
+            if r['words'] and all(w in LIST_WORDS for w in r['words']) and r['prompt'] not in held_out]
+    rng.shuffle(refs)
+    for r in refs:
+        if n_reference >= 2 * reference_swaps:
+            break
+        ref = {'prompt': r['prompt'], 'chosen': r['response'], 'words': r['words'], 'features': r.get('features') or {}}
+        # one word each, the first (in a random order) that the passage uses as written
+        new = next((pp for w in rng.sample(r['words'], len(r['words'])) if (pp := swapped(ref, w, rng))), [])
+        train_pairs += [{**pp, 'reference': True} for pp in new]
+        n_reference += len(new)
+    if n_reference < 2 * reference_swaps:
+        print(f'note: reference_swaps={reference_swaps} made {n_reference // 2} passages\' pairs (too few '
+              f'passages ask only for list words and use one as written)', file=sys.stderr)
 random.Random(seed + 1).shuffle(train_pairs)
 start_prepared(out_dir)                                       # incomplete until its meta.json lands
 write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
 write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
 write_json(os.path.join(out_dir, 'meta.json'), {**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
-                                                'swap_pairs': n_swapped,
+                                                'swap_pairs': n_swapped, 'reference_swap_pairs': n_reference,
                                                 'val_prompts': n_val, 'train_prompts': len(groups) - n_val})
 print(f'wrote {out_dir}: {len(train_pairs)} train pairs ({len(groups) - n_val} prompts'
-      f'{f", {n_swapped} of the pairs swapped" if swap_pairs else ""}) and {len(val_pairs)} val pairs ({n_val} prompts)')
+      f'{f", {n_swapped} of the pairs swapped" if swap_pairs else ""}'
+      f'{f", {n_reference} swapped from reference passages" if reference_swaps else ""}) and {len(val_pairs)} val '
+      f'pairs ({n_val} prompts)')

@@ -347,6 +347,39 @@ def test_swapped_pairs_are_minimal_pairs_only_the_prompt_decides(tmp_path):
     assert not (tmp_path / 'bad').exists()
 
 
+def test_reference_swaps_are_minimal_pairs_from_the_task_passages(tmp_path):
+    """reference_swaps=N: N reference passages of sft_train.jsonl that ask only for list words give
+    two mirrored swapped pairs each (the passage, which uses all its words, against itself with one
+    of them swapped); passages asking for other words, and the held-out pairs' prompts, give none."""
+    rows = [{'prompt': f'Write a story that uses the words: jump, dog, happy. ({i})',
+             'chosen': f'The happy dog likes to jump ({i}).', 'rejected': 'Rain fell.', 'words': ['jump', 'dog', 'happy'],
+             'features': {}} for i in range(8)]
+    (tmp_path / 'src.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    task = tmp_path / 'task'
+    task.mkdir()
+    refs = [{'prompt': f'Write a story that uses the words: cat, tree, red. [{i}]', 'response':
+             f'A red cat sat in a tree [{i}].', 'words': ['cat', 'tree', 'red'], 'features': {}} for i in range(10)]
+    refs += [{'prompt': 'Write a story that uses the words: zeppelin, tree, red.', 'response': 'A red zeppelin.',
+              'words': ['zeppelin', 'tree', 'red'], 'features': {}}]      # not all list words: never used
+    refs += [{'prompt': r['prompt'], 'response': r['chosen'], 'words': r['words'], 'features': {}} for r in rows]
+    (task / 'sft_train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in refs))
+    (task / 'meta.json').write_text('{}')
+    p = run_script('prepare/preferences.py', '--source=src.jsonl', '--task_dir=task', '--out_dir=rs',
+                   '--val_fraction=0.25', '--reference_swaps=100', cwd=tmp_path)
+    train = [json.loads(line) for line in open(tmp_path / 'rs' / 'prefs_train.jsonl')]
+    val = [json.loads(line) for line in open(tmp_path / 'rs' / 'prefs_val.jsonl')]
+    made = [r for r in train if r.get('reference')]
+    held_out = {r['prompt'] for r in val}
+    # 10 + the 6 training pairs' passages (the 2 held-out prompts' are left out): 16 passages, 2 pairs each
+    assert len(made) == 2 * 16 and 'made 16 passages' in p.stderr, p.stdout + p.stderr
+    assert not held_out & {r['prompt'] for r in made} and all('zeppelin' not in r['chosen'] for r in made)
+    for r in made:
+        assert r['swap'] and score(r['chosen'], r['words'])['score'] - score(r['rejected'], r['words'])['score'] >= 0.1
+        mirror = [m for m in made if m['chosen'] == r['rejected'] and m['rejected'] == r['chosen']]
+        assert len(mirror) == 1 and mirror[0]['prompt'] != r['prompt']
+    assert '32 swapped from reference passages' in p.stdout
+
+
 def test_a_pair_two_parts_of_the_rule_separate_equally_is_of_no_kind(pipeline):
     """A rejected answer that lacks a required word (0.2 of the score) and its ending (0.2) could be
     told from the chosen one by either: it is counted as neither a words nor an ending pair."""
