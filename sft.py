@@ -221,14 +221,13 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     for micro in range(gradient_accumulation_steps):
-        # x, y, and with word_loss_weight != 1 the targets' loss weights w (built only then)
-        rows, segments = batch_rows(step, micro)
-        x, y, *w = chat_batch(rows, tok.eot_id, block_size if packing else None, weights=word_loss_weight != 1)
+        rows, segments = batch_rows(step, micro)       # x, y and the targets' loss weights w
+        x, y, w = chat_batch(rows, tok.eot_id, block_size if packing else None, weights=True)
         x, y = x.to(rt.device), y.to(rt.device)
         segments = segments.to(rt.device) if segments is not None else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():               # targets are -1 on the prompt and the padding
-                step_loss = (weighted_loss(x, y, w[0].to(rt.device), segments) if w else
+                step_loss = (weighted_loss(x, y, w.to(rt.device), segments) if word_loss_weight != 1 else
                              run.model(x, y, segments=segments, return_logits=False, counted=through_last(y >= 0))[1])
                 micro_loss = step_loss / gradient_accumulation_steps
             run.backward(micro_loss)
