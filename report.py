@@ -77,6 +77,21 @@ def pct(x):
     return '-' if x is None else f'{100 * x:.1f}%'
 
 
+def held_out_from_log(name, rows):
+    """For a stage eval.py did not evaluate (a run cut short): the eval.json values its own last
+    held-out evaluation in log.jsonl also measured, on its own prompts and batches: the val loss
+    and bits per byte on the pretraining data (base model, students), or the task score and the
+    all-words rate of greedy answers (SFT, DPO, PPO, GRPO)."""
+    last = {}
+    for r in rows:                                     # the latest value of each key
+        last.update(r)
+    if name in ('base', 'student_scratch', 'student_distill', 'student_embed'):
+        keys = {'val/loss': 'val/loss', 'val/bpb': 'val/bpb', 'val_tinystories/bpb': 'val_tinystories/bpb'}
+    else:
+        keys = {'task/score': 'task/score_greedy', 'task/all_words': 'task/all_words_greedy'}
+    return {k: last[v] for k, v in keys.items() if v in last}
+
+
 # --- what each stage did ------------------------------------------------------------------------
 times = {}
 if os.path.isfile(os.path.join(out, 'times.tsv')):
@@ -92,8 +107,10 @@ for name in TRAINED:
     ckpt = checkpoint_meta(name)
     if ckpt is None:
         continue
-    ev = read_json(name, 'eval.json') or {}
+    ev = read_json(name, 'eval.json')
     rows = log_rows(name)
+    from_log = ev is None and name != 'reward'
+    ev = held_out_from_log(name, rows) if from_log else ev or {}
     stages[name] = {'time_s': times.get('train' if name == 'base' else name), 'step': ckpt['step'], 'tokens': ckpt['tokens'],
                     'params': ckpt['params'], 'active_params': ckpt['active_params'] or ev.get('active_params'),
                     'val_loss': ev.get('val/loss'), 'val_bpb': ev.get('val/bpb'),
@@ -103,7 +120,8 @@ for name in TRAINED:
                     'word_by_position': ev.get('task/word_by_position'),
                     'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'),
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
-                    'metrics': ckpt['metrics'], 'config': ckpt['config'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {})}
+                    'metrics': ckpt['metrics'], 'config': ckpt['config'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {}),
+                    'source': 'log' if from_log and ev else 'eval'}
 
 # --- the targets ----------------------------------------------------------------------------------
 checks = []
@@ -283,12 +301,18 @@ for name, s in stages.items():
     extra = ''
     if name == 'reward':
         extra = f" (pair accuracy {pct(s['metrics'].get('val/accuracy'))})"
-    md.append(f"| {name}{extra} | {s['time_s'] if s['time_s'] is not None else '-'} s | {s['step']} | {tokens} | {params} | "
+    mark = ' †' if s['source'] == 'log' else ''
+    md.append(f"| {name}{mark}{extra} | {s['time_s'] if s['time_s'] is not None else '-'} s | {s['step']} | {tokens} | {params} | "
               f"{fmt(s['val_loss'])} | {fmt(s['val_bpb'])} | {fmt(s['val_tinystories_bpb'])} | {fmt(s['task_score'])} | "
               f"{fmt(s['score_sampled'])} | {pct(s['all_words'])} | {pct(s['ended'])} | {fmt(s['kl_ref'], '.2f')} |")
 md += ['', 'Task score: the reward rule of task.py (required words, requested features, a finished answer, '
        'no repetition) on greedy answers to the held-out prompts, from held-out books (sampled: on one answer '
-       'per prompt sampled at temperature 1); KL: nats per sampled answer (eval.py --reference).', '', '## Targets', '', '| target | value | goal | met | how |',
+       'per prompt sampled at temperature 1); KL: nats per sampled answer (eval.py --reference).']
+if any(s['source'] == 'log' for s in stages.values()):
+    md += ['', "† eval.py did not evaluate this stage (a run cut short): its values are the stage's own last "
+           "held-out evaluation in its log.jsonl, on its own prompts and batches (and so are the targets read "
+           "from them)."]
+md += ['', '## Targets', '', '| target | value | goal | met | how |',
        '| --- | --- | --- | --- | --- |']
 for c in checks:
     v = c['value']

@@ -80,6 +80,18 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         (out / f'dpo_seed{seed}' / 'eval.json').write_text(json.dumps(ev))
     run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     assert f'> spread {statistics.stdev([0.60, 0.58, 0.61]):.3f} (3 seeds)' in (out / 'report.md').read_text()
+    # a run cut before eval.py reached PPO: its row and target come from PPO's own held-out evaluation
+    # in its log (the latest of each value), marked as such
+    rows = [{'step': 10, 'task/score_greedy': 0.5, 'task/all_words_greedy': 0.25}, {'step': 12, 'train/loss': 1.0},
+            {'step': 20, 'task/score_greedy': 0.95, 'task/all_words_greedy': 0.75}]
+    (out / 'ppo' / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    sft_score = json.loads((out / 'sft' / 'eval.json').read_text())['task/score']
+    assert '| ppo † |' in md and '| 0.950 |' in md and '| 75.0% |' in md and "† eval.py did not evaluate" in md
+    assert f'| PPO: task reward above SFT (greedy, held-out prompts) | {0.95 - sft_score:+.3f} | > 0 |' in md
+    assert '| sft |' in md and '| sft † |' not in md           # evaluated stages keep eval.py's values
+    (out / 'ppo' / 'log.jsonl').unlink()
 
 
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
