@@ -78,7 +78,7 @@ expert_parallel = 0          # under torchrun with N processes, N: each rank kee
                              # routed experts, tokens travel to them by all_to_all (parallel.py); 0: off
 seed = 1337
 peak_flops = 0.0             # MFU denominator in FLOP/s; 0: measure with a large matmul
-profile = ''                 # append torch.profiler tables of steps 11 and 12 to this file
+profile = ''                 # append torch.profiler tables of the 11th and 12th steps of this run to this file
 cuda_sync_check = False      # CUDA: warn, with a stack, at every host-device sync inside a step
 # logging
 tensorboard = False
@@ -137,6 +137,8 @@ else:
                  f"the dataset's ({tok_spec['kind']}) in {data_dir}")
     model_cfg = ModelConfig(**{**ckpt['model_config'], 'dropout': dropout})
     block_size = min(block_size, model_cfg.block_size)
+    # the saved config describes the model trained (the checkpoint's, not this run's defaults)
+    config.update({**model_cfg.to_dict(), 'block_size': block_size})
 if data.meta['vocab_size'] > model_cfg.vocab_size:
     sys.exit(f"error: vocab_size={model_cfg.vocab_size} is smaller than the dataset's vocabulary "
              f"({data.meta['vocab_size']})")

@@ -6,11 +6,13 @@ each stage (train.py, sft.py, reward.py, dpo.py, distill.py, ppo.py, grpo.py):
     step = run.step                                # 0, or where a resumed run stopped
     while run.evaluate(step, evaluate):            # every eval_interval steps; False at the end
         lr = run.set_lr(step)                      # warmup, then cosine / wsd / constant
+        loss = 0
         for micro in range(gradient_accumulation_steps):
             with run.sync(micro):                  # DDP/FSDP reduce gradients on the last only
                 with rt.autocast():
-                    loss = ... / gradient_accumulation_steps
-                run.backward(loss)
+                    micro_loss = ... / gradient_accumulation_steps
+                run.backward(micro_loss)
+            loss = loss + micro_loss.detach()      # the step's loss, for the log
         out = run.optimizer_step()                 # clip, step, zero grads, router biases, QK-Clip
         step += 1
         if not run.log(step, lr, loss, tokens, out):   # every log_interval steps; False: NaN/inf
@@ -20,8 +22,9 @@ each stage (train.py, sft.py, reward.py, dpo.py, distill.py, ppo.py, grpo.py):
 What Run holds: the optimizer (AdamW / Muon / MuonClip) built for the model, FSDP sharding or the
 DDP wrapper and torch.compile (run.model is what the loop calls; run.raw the plain module), a
 GradScaler for float16, the resumed step, RNG and optimizer state, the log (log.jsonl, plots,
-TensorBoard, wandb) and what the log line reports between two log lines: tokens/s, MFU, the
-loss's parts, the expert load and the max attention logits (QK-Clip runs in optimizer_step).
+TensorBoard, wandb) and what the log line reports: the last step's loss and its parts, and over
+the steps since the line before, tokens/s, MFU, the expert load and the max attention logits
+(QK-Clip runs in optimizer_step).
 
 Under torchrun every rank runs the same loop on its own micro-batches, drawn with
 run.batch_generator(step, micro) (a function of the micro-batch's global index), so N ranks with
@@ -143,7 +146,7 @@ class Run:
         self.log_file = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
                                wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
                                resume_step=self.resumed_at)
-        # MFU against a peak that means something: a GPU's measured bf16 matmul, or one given
+        # MFU against a peak that means something: a GPU's measured matmul in the run's dtype, or one given
         self.peak = None
         if rt.master and not c['eval_only'] and (c['peak_flops'] or rt.device_type == 'cuda'):
             self.peak = c['peak_flops'] or measure_peak_flops(rt.device_type, rt.dtype)
@@ -447,6 +450,8 @@ class Run:
             return not last
         if self.diverged():
             return False                                 # never evaluate or save a diverged model
+        synchronize(rt.device_type)                      # the evaluation's and the save's time is not
+        t0 = time.perf_counter()                         # training time: the next log line leaves it out
         eval_model = self.evaluation_model()             # None on ranks > 0
         metrics = {}
         if rt.master:
@@ -464,13 +469,15 @@ class Run:
         # a stage whose evaluations have no val loss (PPO, GRPO: rewards) saves at every one (-1)
         val = self.from_rank0(metrics.get('val/loss', -1.0))
         if not math.isfinite(val):        # the last step's update broke the model though its loss was
-            self.first_bad_step.fill_(step - 1)   # finite: a diverged model, never saved over the good one
-            self.bad_what = 'val loss'
+            self.first_bad_step.fill_(max(step - 1, 0))   # finite (at step 0: the model it started from):
+            self.bad_what = 'val loss'                    # a diverged model, never saved over the good one
             return False
         if val < 0 or val < self.best_val_loss or c['always_save_checkpoint']:
             self.best_val_loss = min(self.best_val_loss, val) if val >= 0 else self.best_val_loss
             if step > 0 and not c['eval_only'] and c['save_checkpoints']:
                 self.save(step, metrics)
+        synchronize(rt.device_type)
+        self.t_last += time.perf_counter() - t0
         return not last
 
     def plot(self, plots):
@@ -501,8 +508,9 @@ class Run:
             self.log_file.close()
             if rt.master:
                 args = [a for a in sys.argv[1:] if not a.startswith('--init_from')]
+                launcher = (f'torchrun --standalone --nproc_per_node={rt.world_size}' if rt.ddp else 'python')
                 saved = (f'checkpoint of step {self.step} in {checkpoint_path(c["out_dir"])}; continue with\n'
-                         f'  python {" ".join([sys.argv[0], *args])} --init_from=resume' if c['save_checkpoints']
+                         f'  {launcher} {" ".join([sys.argv[0], *args])} --init_from=resume' if c['save_checkpoints']
                          else 'no checkpoint (save_checkpoints=False)')
                 print(f'stopped by Ctrl-C after step {self.step}: {saved}', file=sys.stderr)
             sys.exit(130)

@@ -101,6 +101,29 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert load_checkpoint(str(tmp_path / 'run'))['step'] == 5
 
 
+def test_a_nan_val_loss_at_step_0_is_an_error(tmp_path, byte_data):
+    """A model whose val loss is NaN before any step (here: weights of 1e30) stops the run with an
+    error naming step 0, and no checkpoint is written."""
+    p = train(tmp_path, byte_data, 'bad', '--max_iters=3', '--init_std=1e30', check=False)
+    assert p.returncode != 0 and 'the val loss became NaN/inf at step 0' in p.stderr, p.stdout[-1500:] + p.stderr[-1500:]
+    assert not (tmp_path / 'bad' / 'ckpt.pt').exists()
+
+
+def test_speed_leaves_out_evaluation_time_and_a_resumed_config_describes_its_model(tmp_path, byte_data):
+    """tokens/s and step_time_ms count training only: a slow evaluation (200 batches) between two
+    log lines is not in them. A resumed run saves the model's own config (its vocab_size, not
+    the 0 of this run's defaults)."""
+    train(tmp_path, byte_data, 'run', '--max_iters=6', '--log_interval=2', '--eval_interval=2', '--eval_iters=200')
+    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    lines = [r for r in rows if 'step_time_ms' in r]
+    assert [r['step'] for r in lines] == [2, 4, 6]
+    for a, b in zip(lines, lines[1:]):          # an evaluation of 200 batches lies between each two
+        assert 2 * b['step_time_ms'] / 1000 < 0.5 * (b['time'] - a['time']), (a, b)
+    train(tmp_path, byte_data, 'run', '--max_iters=8', '--init_from=resume')
+    ckpt = load_checkpoint(str(tmp_path / 'run'))
+    assert ckpt['config']['vocab_size'] == ckpt['model_config']['vocab_size'] > 0
+
+
 def test_sample_script(tmp_path, byte_data):
     import shutil
     import time
