@@ -117,8 +117,8 @@ def read_documents(path, fields=('text', 'story')):
     Formats: .txt (documents separated by lines that are exactly <|endoftext|>, as in the official
     TinyStories files; a file without such lines is one document), .jsonl / .json (objects with
     a 'text' or 'story' field) and .parquet (a 'text' column). In a folder, a file whose name
-    contains 'val' or 'valid' goes to 'val', one containing 'train' to 'train'; a single file
-    (or files with neither word) all go to 'all'."""
+    contains 'val' or 'valid' goes to 'val', one containing 'train' to 'train' (a single file's
+    split comes from its name the same way); files with neither word go to 'all'."""
     if not os.path.exists(path):
         sys.exit(f"error: source '{path}' does not exist")
     if os.path.isdir(path):

@@ -30,15 +30,18 @@ Passages. A book is cut into blocks at blank lines. A block of several lines is 
 characters) when nearly all its lines but the last are at least 40 characters long; in a document
 with long lines, a block whose lines mostly end a sentence holds one paragraph a line (fairy-tale
 files); any other block of several lines is verse, a list or a table of contents. A paragraph is
-prose when at least 60% of its characters are letters, it has lower-case letters, it ends with
-. ! ? : ; or a dash (a closing quote or bracket may follow), at most 30% of its words are in
-capitals, at most half its words (of 6 or more) are capitalised, and it is no heading ('Chapter
-IV.', 'Contents', 'The End') and no credit or note ('[Sidenote: ...]', 'Transcriber's note').
+prose when at most 40% of its characters (spaces aside) are digits or symbols other than
+.,;:!?'"()-, it has lower-case letters, it ends with . ! ? : ; or a dash (a closing quote or
+bracket may follow), it is no heading ('Chapter IV.', 'Contents', 'The End') and no credit or
+note ('[Sidenote: ...]', 'Transcriber's note'), and, where at least 8% of its characters are
+capitals, at most 30% of its words are in capitals and (of 6 or more words, without a double
+quote) at most half are capitalised.
 Runs of consecutive prose paragraphs (anything else ends a run, so a passage never crosses a
 chapter heading) are grouped into passages: each passage draws a target length uniformly from
 passage_words_min..passage_words_max words and takes whole paragraphs until it reaches it (a
-paragraph longer than passage_words_max is first cut at sentence ends); a short rest at the end of
-a run joins the passage before it if that stays within bounds, else it is dropped. Paragraphs in a
+paragraph longer than passage_words_max is first cut at sentence ends); a short rest (under
+passage_words_min words) joins the passage before it if that stays within bounds, else it is
+dropped. Paragraphs in a
 passage are joined by one newline, as in TinyStories; whitespace is normalised and page markers
 ([Pg 12], [12]) removed; with straight_quotes, curly quotes become straight ones. Every passage
 holds passage_words_min..passage_words_max words (whitespace-separated).
@@ -57,7 +60,8 @@ features it satisfies (task.choose_features); a
 passage is used only if it scores 1.0 under the reward rule itself (task.score: all words, its
 features, a complete last sentence, little repetition). The *_train files come from the training
 books and fairy tales (sft_train also takes every TinyStories training story), the *_val files
-from the held-out books only; no passage is in two files. With task_in_train=N the first N
+from the held-out books only; no held-out passage is in a training file (with task_cut, pieces of
+one training passage may be in sft_train and prompts_train). With task_in_train=N the first N
 sft_train examples also join the pretraining data's train split, as "<instruction>\n<answer>".
 """
 
@@ -75,14 +79,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 from config import configure  # noqa: E402
-from data import start_prepared, usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
+from data import LOCAL_DATA, start_prepared, usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
 from runlog import progress  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
-source_dir = os.environ.get('SHARED_DATA') or os.path.normpath(os.path.join(_REPO, '..', 'shared', 'data'))
+source_dir = LOCAL_DATA                # $SHARED_DATA, else ../shared/data beside the checkout
 books_file = 'stories/gutenberg_children.txt.xz'     # under source_dir (or an absolute path)
 manifest_file = 'stories/gutenberg_children_manifest.tsv'  # title / author / words per book ('': none)
 fairytales_file = 'stories/fairytales.txt'           # '': leave the fairy tales out
@@ -94,11 +98,11 @@ tokenizer = 'gpt2'                   # 'gpt2' | 'bpe' | 'byte' | 'char' | 'word'
 tokenizer_file = ''                  # gpt2: a tiktoken rank file ('': source_dir/gpt2.tiktoken if it
                                      # exists, else tiktoken's download)
 vocab_size = 4096                    # bpe / word: vocabulary size, EOT included
-tokenizer_train_docs = 200_000       # bpe / word / char: documents the vocabulary is learned from
+tokenizer_train_docs = 200_000       # bpe / word: documents the vocabulary is learned from (char: all)
 max_books = 0                        # use only the first N books (0: all)
 val_books = 10                       # whole books held out for val (seeded choice)
 val_overlap_max = 0.2                # a val passage with this share of its word 8-grams in train is dropped
-max_stories = 0                      # use only the first N fairy tales and TinyStories stories (0: all)
+max_stories = 0                      # use only the first N fairy tales and TinyStories (train and val) stories (0: all)
 passage_words_min = 60               # passage length bounds, in words
 passage_words_max = 300
 straight_quotes = True               # “ ” ‘ ’ -> " " ' ' (as in TinyStories)
@@ -394,8 +398,8 @@ with progress(total=n_books or None, desc='books -> passages', unit='book') as b
     else:
         pool, jobs = None, map(book_job, enumerate(books))
     try:
-        for i, ps, kept, seen, words, hashes in jobs:
-            results[i] = (ps, kept, seen, words, hashes)
+        for i, ps, kept, seen, n_words, hashes in jobs:
+            results[i] = (ps, kept, seen, n_words, hashes)
             bar.update(1)
     finally:
         if pool is not None:
@@ -481,8 +485,8 @@ print(f'train: {len(train_book_passages):,} book passages ({words(train_book_pas
 # 3. The task
 
 def task_example(job):
-    """(seed index, passage) -> (task example or None, why it was skipped or None, the parts of
-    speech whose word is not from the lists, as 'verb_suffix'...)."""
+    """(seed index, passage, list words only) -> (task example or None, why it was skipped or
+    None, the parts of speech whose word is not from the lists, as 'verb_suffix'...)."""
     index, doc, list_only = job
     if not task_words_min <= len(doc.split()) <= task_words_max:
         return None, 'length', []
