@@ -258,10 +258,7 @@ def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra
     leaves a .bin that a later run would read. meta.json (written last) records the tokenizer
     spec (large parts such as BPE ranks go to a side file), vocab size, dtype, token and byte
     counts and the source."""
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)        # the folder is invalid until the new meta.json lands
+    meta_path = start_prepared(out_dir)     # the folder is invalid until the new meta.json lands
     dtype = token_dtype(tokenizer.vocab_size)
     spec = tokenizer.spec()
     meta = {'tokenizer': save_tokenizer_spec(spec, out_dir), 'vocab_size': tokenizer.vocab_size,
@@ -304,9 +301,7 @@ def write_token_dataset(out_dir, splits, tokenizer, source, num_proc=None, extra
         meta[f'{split}_docs'] = n_docs
         print(f'{split}: {n_docs:,} documents, {n_tokens:,} tokens, {n_bytes:,} bytes -> {path}')
     meta.update(extra_meta or {})
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + '.tmp', meta_path)
+    write_json(meta_path, meta)
     return meta
 
 

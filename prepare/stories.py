@@ -65,7 +65,6 @@ one training passage may be in sft_train and prompts_train). With task_in_train=
 sft_train examples also join the pretraining data's train split, as "<instruction>\n<answer>".
 """
 
-import json
 import lzma
 import os
 import random
@@ -79,7 +78,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 from config import configure  # noqa: E402
-from data import LOCAL_DATA, start_prepared, usable_cpus, write_jsonl, write_token_dataset  # noqa: E402
+from data import LOCAL_DATA, start_prepared, usable_cpus, write_json, write_jsonl, write_token_dataset  # noqa: E402
 from runlog import progress  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
@@ -603,9 +602,7 @@ if task_dir:
                  'skipped': {'val': why_val, 'train': why_train, 'tinystories': why_tiny},
                  'words_not_from_lists': {'val': fb_val, 'train': fb_train, 'tinystories': fb_tiny},
                  'instruct_format': False}
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump(task_meta, f, indent=2)
-    os.replace(meta_path + '.tmp', meta_path)
+    write_json(meta_path, task_meta)
     print(f'task data in {time.time() - t2:.0f}s -> {task_dir}; example prompt: {files["prompts_val"][0]["prompt"]}')
 
 

@@ -15,7 +15,6 @@ The prompt files hold held-out prompts for RL and evaluation: their stories are 
 With a source that has its own validation split, every *_val file comes from it.
 """
 
-import json
 import os
 import random
 import sys
@@ -23,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
 from data import (local_copy, offline_if_unreachable, read_documents, records_of_lines, split_off_val,  # noqa: E402
-                  start_prepared, write_jsonl)
+                  start_prepared, write_json, write_jsonl)
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -127,7 +126,5 @@ for name, rows in files.items():
     print(f'{name}: {len(rows):,} records{fewer}')
 meta = {'source': source, 'seed': seed, **{f'{k}_records': len(v) for k, v in files.items()},
         'instruct_format': sum(parse_instruct(d) is not None for d in splits['train'][:100]) > 0}
-with open(meta_path + '.tmp', 'w') as f:
-    json.dump(meta, f, indent=2)
-os.replace(meta_path + '.tmp', meta_path)
+write_json(meta_path, meta)
 print(f'wrote {out_dir}; example prompt: {files["sft_train"][0]["prompt"]}')
