@@ -78,7 +78,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 from config import configure  # noqa: E402
-from data import LOCAL_DATA, start_prepared, usable_cpus, write_json, write_jsonl, write_token_dataset  # noqa: E402
+from data import LOCAL_DATA, read_documents, start_prepared, usable_cpus, write_json, write_jsonl, write_token_dataset  # noqa: E402
 from runlog import progress  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
@@ -197,9 +197,8 @@ def read_books(path, limit=0):
 
 
 def read_stories(path, limit=0):
-    docs = [d.strip() for d in re.split(r'^\s*<\|endoftext\|>\s*$', open(path, encoding='utf-8').read(),
-                                        flags=re.MULTILINE)]
-    docs = [d for d in docs if d]
+    """The stories of an <|endoftext|>-separated text file (data.read_documents), the first `limit`."""
+    docs = [d for split in read_documents(path).values() for d in split]
     return docs[:limit] if limit else docs
 
 
