@@ -474,6 +474,15 @@ def encode_chat_examples(tok, rows, block_size, word_weight=1.0):
     return out, cut
 
 
+def neighbours_in_length(examples, pool, batch_size, generator):
+    """batch_size examples that follow each other in `pool` (indices into `examples`, shortest
+    first), from a random start, for a padded batch of similar lengths (sft.py packing=False). The
+    run never wraps from the longest examples to the shortest, unless the pool holds fewer than
+    batch_size."""
+    start = int(torch.randint(max(1, len(pool) - batch_size + 1), (1,), generator=generator))
+    return [examples[pool[(start + k) % len(pool)]] for k in range(batch_size)]
+
+
 def pack_chat_examples(examples, pool, batch_size, block_size, generator):
     """batch_size rows of block_size + 1 tokens for chat_batch: each row is random examples
     (ids, mask), drawn from `pool` (indices into `examples`), concatenated until it is full, with

@@ -28,7 +28,7 @@ import torch
 
 from checkpoint import load_chat_model
 from config import configure
-from data import chat_batch, encode_chat_examples, pack_chat_examples, read_prepared
+from data import chat_batch, encode_chat_examples, neighbours_in_length, pack_chat_examples, read_prepared
 from generate import use_cuda_graph
 from model import masked_cross_entropy, through_last
 from runtime import close_runtime, init_runtime
@@ -163,9 +163,7 @@ def batch_rows(step, micro):
     if packing:                      # concatenate random examples until each window is full
         rows, segments = pack_chat_examples(train_ex, pool, batch_size, block_size, g)
         return rows, (segments if packed_attention == 'example' else None)
-    # neighbours in length order (the pool wraps around only when it holds fewer than batch_size)
-    start = int(torch.randint(max(1, len(pool) - batch_size + 1), (1,), generator=g))
-    return [train_ex[pool[(start + k) % len(pool)]] for k in range(batch_size)], None
+    return neighbours_in_length(train_ex, pool, batch_size, g), None
 
 
 @torch.no_grad()

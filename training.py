@@ -61,6 +61,15 @@ from runlog import RunLog, progress
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
 
+def resume_command(argv, world_size=1):
+    """The command line that continues a stopped run: its own arguments with --init_from=resume,
+    under torchrun with as many processes where it ran under torchrun (one process would draw only
+    the first rank's micro-batches)."""
+    args = [a for a in argv[1:] if not a.startswith('--init_from')]
+    launcher = f'torchrun --standalone --nproc_per_node={world_size}' if world_size > 1 else 'python'
+    return f'{launcher} {" ".join([argv[0], *args])} --init_from=resume'
+
+
 class Run:
 
     def __init__(self, config, rt, model, stage, tokenizer_spec, flops_per_token, resume=None,
@@ -507,10 +516,8 @@ class Run:
         if self.stop_requested and not self.diverged():
             self.log_file.close()
             if rt.master:
-                args = [a for a in sys.argv[1:] if not a.startswith('--init_from')]
-                launcher = (f'torchrun --standalone --nproc_per_node={rt.world_size}' if rt.ddp else 'python')
                 saved = (f'checkpoint of step {self.step} in {checkpoint_path(c["out_dir"])}; continue with\n'
-                         f'  {launcher} {" ".join([sys.argv[0], *args])} --init_from=resume' if c['save_checkpoints']
+                         f'  {resume_command(sys.argv, rt.world_size if rt.ddp else 1)}' if c['save_checkpoints']
                          else 'no checkpoint (save_checkpoints=False)')
                 print(f'stopped by Ctrl-C after step {self.step}: {saved}', file=sys.stderr)
             sys.exit(130)

@@ -378,6 +378,10 @@ def test_reference_swaps_are_minimal_pairs_from_the_task_passages(tmp_path):
         mirror = [m for m in made if m['chosen'] == r['rejected'] and m['rejected'] == r['chosen']]
         assert len(mirror) == 1 and mirror[0]['prompt'] != r['prompt']
     assert '32 swapped from reference passages' in p.stdout
+    bad = run_scripts([('prepare/preferences.py', ['--source=src.jsonl', '--task_dir=task', '--out_dir=bad',
+                                                   '--reference_swaps=-2'])], cwd=tmp_path)[0]
+    assert bad.returncode and 'reference_swaps=-2 must be 0 (none) or a positive number' in bad.stderr
+    assert not (tmp_path / 'bad').exists()
 
 
 def test_a_pair_two_parts_of_the_rule_separate_equally_is_of_no_kind(pipeline):

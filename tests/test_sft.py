@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import load_chat_model, load_checkpoint
-from data import chat_batch, encode_chat_examples, pack_chat_examples, word_token_weights
+from data import chat_batch, encode_chat_examples, neighbours_in_length, pack_chat_examples, word_token_weights
 from generate import generate_chat, use_cuda_graph
 from conftest import STORIES, run_script, run_script_many, run_scripts, shared_file
 from model import GPT, ModelConfig
@@ -63,6 +63,17 @@ def test_masking_puts_no_loss_on_prompt_or_padding():
     x2 = x.clone()
     x2[0, 3] = (x2[0, 3] + 1) % 256
     assert model(x2[:, :4])[0][0, 2].sum() == model(x[:, :4])[0][0, 2].sum()
+
+
+def test_a_padded_batch_takes_neighbours_in_length_without_wrapping():
+    """neighbours_in_length: batch_size consecutive examples of the length-ordered pool, never the
+    longest ones together with the shortest (the pool wraps only when smaller than the batch)."""
+    examples = list(range(100, 110))                        # stand-ins for (ids, mask), in length order
+    for seed in range(200):
+        batch = neighbours_in_length(examples, range(10), 4, torch.Generator().manual_seed(seed))
+        assert batch == list(range(batch[0], batch[0] + 4)) and batch[-1] <= 109, batch
+    assert neighbours_in_length(examples, range(3), 5, torch.Generator()) in (
+        [100, 101, 102, 100, 101], [101, 102, 100, 101, 102], [102, 100, 101, 102, 100])
 
 
 def test_a_packed_row_trains_each_example_as_if_it_were_alone():

@@ -299,6 +299,16 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resume_logs_each_s
     assert [r['step'] for r in rows if 'val/loss' in r] == [0, n, n + 2]
 
 
+def test_the_resume_command_keeps_the_launcher():
+    """After Ctrl-C: the run's own arguments with --init_from=resume (any other init_from dropped),
+    under torchrun with the same number of processes where it ran there."""
+    from training import resume_command
+    argv = ['train.py', 'config/x.py', '--init_from=out/base', '--max_iters=9']
+    assert resume_command(argv) == 'python train.py config/x.py --max_iters=9 --init_from=resume'
+    assert resume_command(argv, 4) == ('torchrun --standalone --nproc_per_node=4 train.py config/x.py '
+                                       '--max_iters=9 --init_from=resume')
+
+
 def test_a_missing_dataset_is_made_by_its_prepare_command(tmp_path):
     """data/<dataset> missing: train.py runs the prepare script the config names, with its flags
     (config/tinystories_cpu.py does this for its BPE-4096 data), then trains on what it wrote."""
