@@ -78,7 +78,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 from config import configure  # noqa: E402
-from data import LOCAL_DATA, read_documents, start_prepared, usable_cpus, write_json, write_jsonl, write_token_dataset  # noqa: E402
+from data import (LOCAL_DATA, read_documents, start_prepared, usable_cpus, write_json, write_jsonl,  # noqa: E402
+                  write_token_dataset)
 from runlog import progress  # noqa: E402
 from task import (choose_features, complete_ending, first_use, make_prompt, make_task_pos, score,  # noqa: E402
                   sentence_chunks, sentences, words_of)
