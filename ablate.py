@@ -31,6 +31,8 @@ output tail is printed and the others go on. Then OUT_DIR gets
                            best two differ by more than the seed-to-seed spread
   val_loss_vs_tokens.png   val loss against training tokens, one curve per variant (mean over seeds)
   val_loss_vs_time.png     ... against training time (without matplotlib: one note, no plots)
+  expert_load_cv_vs_tokens.png, max_logit_vs_tokens.png   the expert-load CV and the max attention
+                           logit of the training log against tokens, where the runs log them
 Each run folder holds train.py's own files (ckpt.pt, log.jsonl, loss.png) plus train_output.txt
 (its stdout and stderr) and ablate.json (its command and status).
 """
@@ -268,6 +270,10 @@ for name, overrides in variants.items():
     if max_tokens:
         iters = max(1, int(max_tokens // tokens_per_step))
     elif max_flops:
+        if not numbers and report_only:     # a report made without the data: the numbers a run recorded
+            markers = [read_json(os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9._=+-]+', '-', name)}_s{seed}",
+                                              'ablate.json')) or {} for seed in seeds]
+            numbers = next((m['model_numbers'] for m in markers if m.get('model_numbers')), {})
         if not numbers:
             fail(f'{where}: max_flops needs the model\'s FLOPs per token, so its vocabulary: prepare the '
                  f'dataset first (no meta.json at {cfg["data_dir"] or "data/" + cfg["dataset"]}) or set vocab_size')
@@ -384,6 +390,19 @@ if dry_run or report_only:
     if dry_run:
         sys.exit(0)
 
+run_device = todo[0]['config']['device'] if todo else 'cpu'
+if parallel > 1 and todo and not any(r['config']['peak_flops'] for r in todo) and \
+        (run_device in ('auto', 'cpu') or run_device.startswith('cuda')):
+    # every train.py measures its device's peak FLOP/s (its MFU denominator) with a large matmul at
+    # its start; several runs sharing a GPU each measure it while the others train, each a different
+    # fraction of it (MFU above 80% on an H200). So it is measured here once, alone, and given to all.
+    from runtime import measure_peak_flops
+    device_type = 'cuda' if run_device != 'cpu' and torch.cuda.is_available() else 'cpu'
+    dtype = todo[0]['config']['dtype']
+    peak = measure_peak_flops(device_type, 'bfloat16' if dtype == 'auto' else dtype)
+    print(f'MFU relative to {peak / 1e12:.2f} TFLOP/s, measured once here before the runs share the device')
+    for r in todo:
+        r['command'].append(f'--peak_flops={peak:.6g}')
 env = dict(os.environ, PYTHONUNBUFFERED='1')
 if parallel > 1 and 'OMP_NUM_THREADS' not in env:       # CPU threads shared between the runs
     env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // parallel))
@@ -677,6 +696,48 @@ if plt is not None and any(r['curve'] for r in runs):
         plt.close(fig)
         os.replace(path + '.tmp.png', path)
         plots.append(path)
+
+
+
+def train_curve(variant, key):
+    """A metric of the training log lines (key) against tokens trained, averaged over the variant's
+    finished seeds at the steps they share: [(tokens, value)]."""
+    curves = []
+    for r in runs:
+        if r['variant'] == variant and r['curve']:               # finished
+            pts = {x['step'] * r['tokens_per_step']: number(x.get(key)) for x in log_rows(r['dir'])
+                   if 'train/loss' in x and number(x.get(key)) is not None}
+            if pts:
+                curves.append(pts)
+    if not curves:
+        return []
+    return [(t, statistics.mean(c[t] for c in curves)) for t in sorted(set.intersection(*map(set, curves)))]
+
+
+# what a study adds over the val loss, over training: how evenly the experts are loaded (the
+# balancing study) and the largest attention logit (the optimizer study: what QK-clip caps)
+for key, name, ylabel in (('moe/load_cv', 'expert_load_cv_vs_tokens.png',
+                           'expert-load CV (std / mean of tokens per expert)'),
+                          ('attn/max_logit_all', 'max_logit_vs_tokens.png', 'max attention logit, all layers')):
+    curves = {v: train_curve(v, key) for v in order}
+    if plt is None or not any(curves.values()):
+        continue
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{v} ({stats[v]['done']} seed"
+                    f"{'s' if stats[v]['done'] > 1 else ''})")
+    ax.set_xlabel('training tokens')
+    ax.set_ylabel(ylabel + ', mean over seeds')
+    ax.set_title(os.path.basename(os.path.normpath(out_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path + '.tmp.png', dpi=110)
+    plt.close(fig)
+    os.replace(path + '.tmp.png', path)
+    plots.append(path)
 
 print('\n'.join(md[6:]))                             # the table and the verdict
 print(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.md')}"

@@ -22,6 +22,7 @@ E routed experts, K experts per token, I expert width.
 """
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -146,6 +147,11 @@ class ModelConfig:
             if self.n_group > 1 and (E // self.n_group < 2 or K > self.topk_group * E // self.n_group):
                 raise ValueError(f'group-limited routing needs >= 2 experts per group and K={K} <= '
                                  f'topk_group * experts per group')
+            if K == 1 and self.norm_topk_prob:    # weight = s / s = 1 for every token
+                warnings.warn('num_experts_per_tok=1 with norm_topk_prob=True: the chosen expert\'s weight '
+                              'is always 1, so the router gets no gradient from the loss and only the '
+                              'balancing moves its choices; set norm_topk_prob=False (weight = its score)',
+                              stacklevel=3)
 
     # derived sizes
     @property

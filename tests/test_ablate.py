@@ -85,6 +85,9 @@ def test_grid_runs_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, byte_
     assert ('Inside the noise' in md) != ('times the larger seed-to-seed std' in md)
     if has_matplotlib():
         assert (out / 'val_loss_vs_tokens.png').stat().st_size > 0 and (out / 'val_loss_vs_time.png').exists()
+        # the runs log expert load and attention logits: their curves against tokens too
+        assert (out / 'expert_load_cv_vs_tokens.png').stat().st_size > 0
+        assert (out / 'max_logit_vs_tokens.png').stat().st_size > 0
 
     # a second call finds every run finished: nothing is trained again, the table is rewritten
     files = [out / f'n_kv_head={k}_s{s}' / name for k in (1, 2) for s in (1, 2)
@@ -102,6 +105,20 @@ def test_grid_runs_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, byte_
     (data / 'meta.json').unlink()
     run_script('ablate.py', study, '--report_only=True', cwd=tmp_path)
     assert read_csv(out / 'results.csv') == rows
+
+
+def test_runs_that_share_a_device_share_one_mfu_denominator(tmp_path, byte_data):
+    # each train.py would measure the device's peak FLOP/s while the other runs train on it; the
+    # runner measures it once before they start and gives every run the same number
+    base = [f'--data_dir={byte_data}', *[a for a in TINY_MODEL if not a.startswith('--peak_flops')],
+            '--max_iters=2', '--eval_interval=2', '--warmup_iters=1']
+    study = write_study(tmp_path, base, variants={'a': {}, 'b': {'n_kv_head': 1}}, out_dir='out/p', parallel=2)
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert 'measured once here before the runs share the device' in p.stdout
+    lines = [next(line for line in (tmp_path / 'out' / 'p' / f'{v}_s1337' / 'train_output.txt').read_text().splitlines()
+                  if line.startswith('MFU is relative to')) for v in 'ab']
+    assert lines[0] == lines[1] and lines[0].endswith('(given)')
+    assert all(r['mfu'] for r in read_csv(tmp_path / 'out' / 'p' / 'results.csv'))
 
 
 def test_a_killed_run_fails_the_rest_go_on_and_the_next_call_resumes_it(tmp_path, byte_data):
@@ -219,6 +236,20 @@ def test_a_budget_in_tokens_or_flops_becomes_max_iters(monkeypatch, tmp_path, ca
         line = next(line for line in out.splitlines() if f'{name}_s1 ' in line)
         assert f'--max_iters={int(1e10 // (fpt[name] * 256))} ' in line + ' '
     assert fpt['wide'] > fpt['small']
+
+
+def test_a_report_without_the_data_reads_a_flops_budget_from_the_runs_markers(tmp_path):
+    # run folders brought back from a GPU machine, the data not here: the FLOPs per token that turn
+    # max_flops into steps come from what the runs recorded (no vocabulary to build the model from)
+    base = [f"--data_dir={tmp_path / 'not_prepared'}", *TINY_MODEL]
+    study = write_study(tmp_path, base, variants={'a': {}}, max_flops=1e10, out_dir='out/f')
+    run = tmp_path / 'out' / 'f' / 'a_s1337'
+    run.mkdir(parents=True)
+    (run / 'ablate.json').write_text(json.dumps({'variant': 'a', 'seed': 1337, 'status': 'done', 'model_numbers': {
+        'params': 1000, 'active_params': 1000, 'flops_per_token': 1e6, 'kv_cache_bytes_per_token': 64}}))
+    p = run_script('ablate.py', study, '--report_only=True', cwd=tmp_path, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert read_csv(tmp_path / 'out' / 'f' / 'results.csv')[0]['max_iters'] == str(int(1e10 // (1e6 * 4 * 32)))
 
 
 @pytest.mark.parametrize('settings, message', [

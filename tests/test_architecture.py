@@ -2,6 +2,7 @@
 MoE routing and balancing, multi-token prediction, presets."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -338,6 +339,24 @@ def test_softmax_routing_is_mixtral():
     top = logits.topk(2)
     torch.testing.assert_close(w, top.values.softmax(-1))       # softmax over the top-K logits
     assert torch.equal(idx, top.indices)
+
+
+def test_top1_routing_with_normalised_weights_warns_that_the_router_cannot_learn():
+    # K = 1 and norm_topk_prob: the one weight is s / s = 1, so no gradient reaches the router
+    with pytest.warns(UserWarning, match='router gets no gradient'):
+        moe, cfg = moe_layer(num_experts_per_tok=1)
+    x = torch.randn(20, 32, requires_grad=True)
+    w, _, _ = moe.router(x)
+    assert torch.equal(w, torch.full_like(w, cfg.routed_scaling_factor))     # 1 x the scaling factor
+    upstream = torch.randn_like(w)
+    (w * upstream).sum().backward()
+    stuck = moe.router.weight.grad.abs().max()        # s / (s + 1e-20): rounding only
+    with warnings.catch_warnings():                   # the fix it names: the weight is the score
+        warnings.simplefilter('error')
+        moe, _ = moe_layer(num_experts_per_tok=1, norm_topk_prob=False)
+    w, _, _ = moe.router(x)
+    (w * upstream).sum().backward()
+    assert stuck < 1e-5 * moe.router.weight.grad.abs().max()
 
 
 def test_bias_moves_toward_balance():
