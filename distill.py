@@ -49,7 +49,7 @@ from config import configure, model_config_from
 from data import (TokenData, chat_batch, encode_chat_examples, eval_generator, load_tokenizer_spec,
                   pack_chat_examples, read_prepared, write_token_dataset)
 from generate import generate_tokens, use_cuda_graph
-from model import GPT, ModelConfig, distillation_kl, masked_cross_entropy, padded_vocab_size, teacher_log_probs
+from model import GPT, ModelConfig, chunked_distillation_kl, masked_cross_entropy, padded_vocab_size
 from runlog import progress
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
@@ -353,11 +353,12 @@ def distillation_loss(model, x, y, segments=None):
     apart, in the teacher's forward and the student's alike."""
     if not distilling:
         return model(x, y, return_logits=False, segments=segments)[1], None
-    with torch.no_grad():                     # the teacher's soft targets, before the student's forward
-        targets = teacher_log_probs(teacher_forward(x, segments=segments)[0], temperature, top_k_logits, V)
+    with torch.no_grad():                     # the teacher's logits, before the student's forward
+        teacher_logits = teacher_forward(x, segments=segments)[0]
     logits, loss = model(x, y, segments=segments)   # CE on the real next token + the student's MoE / MTP terms
     ce = masked_cross_entropy(logits, y)      # that CE again, with its gradient, to re-weight it
-    kd = distillation_kl(logits, targets, temperature, kl, mask=y >= 0, vocab=V)     # T^2 KL
+    # T^2 KL to the teacher's softened (top-k) distribution, a few thousand positions at a time
+    kd = chunked_distillation_kl(logits, teacher_logits, temperature, kl, y >= 0, V, top_k_logits)
     return loss + alpha * (kd - ce), kd.detach()   # (1 - alpha) CE + alpha T^2 KL + the MoE / MTP terms
 
 
@@ -379,7 +380,7 @@ def held_out(model, batches):
         k = int(mask.sum())
         ce += masked_cross_entropy(logits, y).item() * k
         teacher_ce += masked_cross_entropy(teacher_logits, y).item() * k
-        kl_ += distillation_kl(logits, teacher_log_probs(teacher_logits, 1.0, 0, V), 1.0, 'forward', mask).item() * k
+        kl_ += chunked_distillation_kl(logits, teacher_logits, 1.0, 'forward', mask, V).item() * k
         n += k
     n = max(n, 1)
     return ce / n, kl_ / n, teacher_ce / n

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import fast_paths
 from optim import record_max_logit
@@ -801,6 +802,28 @@ def distillation_kl(student_logits, targets, temperature=1.0, kind='forward', ma
     if mask is None:
         return kl.mean()
     return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def chunked_distillation_kl(student_logits, teacher_logits, temperature=1.0, kind='forward', mask=None,
+                            vocab=None, top_k=0, chunk=4096):
+    """distillation_kl(student_logits, teacher_log_probs(teacher_logits, temperature, top_k, vocab),
+    ...): the same value and gradient, computed `chunk` positions at a time. Each chunk's float32
+    (chunk, V) tensors (both log-softmaxes, p, p (log p - log q)) are recomputed in the backward
+    pass instead of kept (activation checkpointing), so the loss holds O(chunk x V) floats instead
+    of several (B, T, V) ones (5 x 6.6 GB at B 64, T 512 and GPT-2's vocabulary). The mean over the
+    masked positions is the sum of each chunk's masked mean x its count, over the total count."""
+    Vs, Vt = student_logits.size(-1), teacher_logits.size(-1)
+    s, t = student_logits.reshape(-1, Vs), teacher_logits.reshape(-1, Vt)
+    m = (mask.reshape(-1) if mask is not None else torch.ones(s.size(0), dtype=torch.bool, device=s.device))
+    vocab = vocab or Vt
+
+    def masked_sum(s_c, t_c, m_c):
+        targets = teacher_log_probs(t_c, temperature, top_k, vocab)
+        return distillation_kl(s_c, targets, temperature, kind, m_c, vocab) * m_c.sum()
+
+    total = sum(torch.utils.checkpoint.checkpoint(masked_sum, s[i:i + chunk], t[i:i + chunk], m[i:i + chunk],
+                                                  use_reentrant=False) for i in range(0, s.size(0), chunk))
+    return total / m.sum().clamp(min=1)
 
 
 # -----------------------------------------------------------------------------

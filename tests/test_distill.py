@@ -11,7 +11,7 @@ import torch
 from checkpoint import load_checkpoint, load_model
 from data import TokenData, write_token_dataset
 from conftest import TEXT, TINY_MODEL, run_script, run_script_many
-from model import GPT, ModelConfig, distillation_kl, teacher_log_probs
+from model import GPT, ModelConfig, chunked_distillation_kl, distillation_kl, teacher_log_probs
 from tokenizer import ByteTokenizer, CharTokenizer
 
 # --- the losses -----------------------------------------------------------------------------
@@ -19,6 +19,25 @@ from tokenizer import ByteTokenizer, CharTokenizer
 
 def kd(student, teacher, T=1.0, kind='forward', top_k=0, vocab=None, mask=None):
     return distillation_kl(student, teacher_log_probs(teacher, T, top_k, vocab), T, kind, mask, vocab)
+
+
+@pytest.mark.parametrize('kind', ['forward', 'reverse'])
+@pytest.mark.parametrize('top_k', [0, 3])
+def test_the_chunked_kl_equals_the_whole_one_in_value_and_gradient(kind, top_k):
+    # 2 x 7 = 14 positions in chunks of 4 (the last one short), a mask, a padded student vocabulary
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 7, 10) * 2
+    mask = torch.rand(2, 7) > 0.3
+    grads = []
+    for chunked in (False, True):
+        student = (torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_()
+        loss = (chunked_distillation_kl(student, teacher, 2.0, kind, mask, 10, top_k, chunk=4) if chunked
+                else kd(student, teacher, 2.0, kind, top_k, 10, mask))
+        loss.backward()
+        grads.append((loss.detach(), student.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+    assert grads[0][1][..., 10:].abs().max() == 0 and grads[0][1][~mask].abs().max() == 0
 
 
 @pytest.mark.parametrize('kind', ['forward', 'reverse'])
