@@ -344,8 +344,11 @@ def has_checkpoint(run_dir):
 def write_marker(run, **fields):
     path = os.path.join(run['dir'], 'ablate.json')
     settings, data = run['fingerprint']
+    # model_numbers: for a report made where the data is absent; parallel: how many runs shared
+    # the device (the report's note on speed); peak_flops: the MFU denominator a resumed run reuses
     info = {'variant': run['variant'], 'seed': run['seed'], 'max_iters': run['max_iters'],
-            'settings': settings, 'data': data, 'command': run['command'], **fields}
+            'settings': settings, 'data': data, 'command': run['command'], 'model_numbers': run['numbers'],
+            'parallel': parallel, **({'peak_flops': run['peak_flops']} if run.get('peak_flops') else {}), **fields}
     with open(path + '.tmp', 'w') as f:
         json.dump(info, f, indent=1)
     os.replace(path + '.tmp', path)
@@ -395,13 +398,27 @@ if parallel > 1 and todo and not any(r['config']['peak_flops'] for r in todo) an
         (run_device in ('auto', 'cpu') or run_device.startswith('cuda')):
     # every train.py measures its device's peak FLOP/s (its MFU denominator) with a large matmul at
     # its start; several runs sharing a GPU each measure it while the others train, each a different
-    # fraction of it (MFU above 80% on an H200). So it is measured here once, alone, and given to all.
-    from runtime import measure_peak_flops
-    device_type = 'cuda' if run_device != 'cpu' and torch.cuda.is_available() else 'cpu'
-    dtype = todo[0]['config']['dtype']
-    peak = measure_peak_flops(device_type, 'bfloat16' if dtype == 'auto' else dtype)
-    print(f'MFU relative to {peak / 1e12:.2f} TFLOP/s, measured once here before the runs share the device')
+    # fraction of it (MFU above 80% on an H200). So it is measured here once, alone, and given to all;
+    # a study resumed later reuses the peak its runs recorded, so that one log has one denominator.
+    recorded = [(read_json(os.path.join(r['dir'], 'ablate.json')) or {}).get('peak_flops') for r in runs]
+    peak = next((p for p in recorded if p), None)
+    if peak is None:
+        from runtime import measure_peak_flops
+        device_type = 'cuda' if run_device != 'cpu' and torch.cuda.is_available() else 'cpu'
+        dtype = todo[0]['config']['dtype']
+        gpu = None                                       # the first run slot's GPU (devices=), else the current
+        if device_type == 'cuda':
+            named = [d.strip() for d in devices.split(',') if d.strip()]
+            gpu = int(named[0]) if named and named[0].isdigit() else torch.cuda.current_device()
+        with torch.cuda.device(gpu) if gpu is not None else contextlib.nullcontext():
+            peak = measure_peak_flops(device_type, 'bfloat16' if dtype == 'auto' else dtype)
+            if device_type == 'cuda':
+                torch.cuda.empty_cache()                 # the matmul's buffers: not kept from the runs
+        print(f'MFU relative to {peak / 1e12:.2f} TFLOP/s, measured once here before the runs share the device')
+    else:
+        print(f'MFU relative to {peak / 1e12:.2f} TFLOP/s, as measured for these runs before')
     for r in todo:
+        r['peak_flops'] = peak
         r['command'].append(f'--peak_flops={peak:.6g}')
 env = dict(os.environ, PYTHONUNBUFFERED='1')
 if parallel > 1 and 'OMP_NUM_THREADS' not in env:       # CPU threads shared between the runs
@@ -440,8 +457,7 @@ try:
             took = time.time() - t0
             bad_step = diverged_at(r['dir']) if rc != 0 else None
             status = 'done' if rc == 0 else 'failed' if bad_step is None else 'diverged'
-            write_marker(r, status=status, returncode=rc, seconds=round(took, 1),
-                         model_numbers=r['numbers'])    # for a report made where the data is absent
+            write_marker(r, status=status, returncode=rc, seconds=round(took, 1))
             if status == 'diverged':
                 print(f"{label[id(r)]}: DIVERGED: the loss became NaN/inf at step {bad_step}, after {hms(took)}; "
                       f"recorded as a result, not run again; {hms(time.time() - t_start)} elapsed", flush=True)
@@ -516,6 +532,7 @@ def summarize(run):
     status = outcome(run) or (f'stale: {why}' if why else marker.get('status') or 'not started')
     status = 'failed' if status == 'running' else status     # a runner killed mid-run left 'running'
     row = {'variant': run['variant'], 'seed': run['seed'], 'status': status}
+    run['parallel'] = marker.get('parallel')
     if status == 'diverged':
         row['diverged_at'] = diverged_at(run['dir'])
     row.update({k: run['config'][k] for k in override_keys})  # the resolved value of every override
@@ -528,7 +545,7 @@ def summarize(run):
     trains = [r for r in rows if 'train/loss' in r]
     last = evals[-1] if evals else {}
     row['steps'] = max([r['step'] for r in rows] or [0])
-    row['tokens'] = number(trains[-1].get('tokens')) if trains else None
+    row['tokens'] = row['steps'] * run['tokens_per_step']    # (the last log line may be before the end)
     row['val_loss'], row['val_bpb'] = number(last.get('val/loss')), number(last.get('val/bpb'))
     for key, value in last.items():                  # more held-out splits, e.g. val_tinystories
         split, _, kind = key.rpartition('/')
@@ -628,21 +645,28 @@ if len(ranked) >= 2:
         md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss; with one finished seed each '
                   f'the seed-to-seed spread is unknown, so whether that is more than noise cannot be told '
                   f'(run more seeds, e.g. --seeds=[1,2,3]).')
-    elif gap < max(spreads):
-        md.append(f'**Inside the noise:** the best two, {ranked[0]} and {ranked[1]}, differ by {gap:.4f} in val '
-                  f'loss, less than the seed-to-seed spread (std up to {max(spreads):.4f}); neither is '
-                  f'shown to be better.')
     else:
-        md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, {gap / max(spreads):.1f} times '
-                  f'the larger seed-to-seed std ({max(spreads):.4f}).')
+        # the standard error of the difference of the two means, sqrt(s_a^2 / n_a + s_b^2 / n_b), a
+        # variant with one seed taking the other's std; "more than noise" is a gap above 2 of them
+        sa, sb = (x['val_std'] if x['val_std'] is not None else max(spreads) for x in (a, b))
+        se = math.sqrt(sa ** 2 / a['done'] + sb ** 2 / b['done'])
+        if gap <= 2 * se:
+            md.append(f'**Inside the noise:** the best two, {ranked[0]} and {ranked[1]}, differ by {gap:.4f} in val '
+                      f'loss, {gap / se:.1f} standard errors of that difference ({se:.4f}; seed-to-seed std up '
+                      f'to {max(spreads):.4f}): less than two, so neither is shown to be better.')
+        else:
+            md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, '
+                      + (f'{gap / se:.1f} standard errors of that difference ({se:.4f}).' if se > 0 else
+                         'and their seeds agree exactly (standard error 0).'))
 diverged = [r for r in results if r['status'] == 'diverged']
 if diverged:
     md.append('')
     md.append('Diverged (the training loss became NaN/inf; left out of the means, not run again): '
               + ', '.join(f"{r['variant']} seed {r['seed']} at step {r['diverged_at']}" for r in diverged) + '.')
-if parallel > 1:
+shared = max([r['parallel'] for r in runs if r.get('parallel')] or [parallel])   # as the runs were trained
+if shared > 1:
     md.append('')
-    md.append(f'Up to {parallel} runs trained at once on one device here, so tokens/s, MFU and train time '
+    md.append(f'Up to {shared} runs trained at once on one device here, so tokens/s, MFU and train time '
               f'depend on which runs overlapped: compare them only with runs made alone (--parallel=1).')
 not_done = [(r['variant'], r['seed'], r['status']) for r in results if r['status'] not in ('done', 'diverged')]
 if not_done:

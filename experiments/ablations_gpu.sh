@@ -36,12 +36,15 @@ for s in "$@"; do
   fi
   timeout $left python ablate.py config/ablations/$s.py ${ABLATE_ARGS:-} > $D/$s.log 2>&1
   rc=$?
-  [ $rc = 124 ] && echo "$s: stopped by the budget after ${left} s (run this again on the same machine to continue)"
+  if [ $rc = 124 ]; then    # cut before ablate.py wrote its tables: write them from what has finished
+    echo "$s: stopped by the budget after ${left} s (run this again on the same machine to continue)"
+    timeout 60 python ablate.py config/ablations/$s.py ${ABLATE_ARGS:-} --report_only=True >> $D/$s.log 2>&1
+  fi
   if [ $s = long_context ] && [ $rc = 0 ]; then
     timeout $((END - SECONDS > 30 ? END - SECONDS : 30)) python experiments/long_context.py \
       --out_dir=out/ablations/long_context/train256_s1337 --factors=2,4 >> $D/$s.log 2>&1
   fi
   grep '^|' out/ablations/$s/results.md 2> /dev/null
-  tar czf $D/$s.tgz --exclude='*.pt' -C out/ablations $s 2> /dev/null
+  tar czf $D/$s.tgz --exclude='*.pt' --exclude='*.stale' -C out/ablations $s 2> /dev/null   # (not the runs set aside)
 done
 ls -la $D
