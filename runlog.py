@@ -47,10 +47,17 @@ class RunLog:
             self.wandb.log(metrics, step=step)
 
     def rows(self):
+        """The logged rows; a line cut short (a process killed mid-write) is skipped."""
         if not os.path.exists(self.path):
             return []
+        rows = []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+        return rows
 
     def plot(self, keys=('train/loss', 'val/loss'), name='loss.png', title='', ylabel='loss (nats/token)'):
         """A PNG of the given metrics against step (None without matplotlib)."""

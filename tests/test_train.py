@@ -268,6 +268,17 @@ def test_without_matplotlib_the_log_says_so_once_and_writes_no_png(tmp_path, mon
     assert capsys.readouterr().err.count('matplotlib is not installed') == 1
 
 
+def test_a_log_line_cut_by_a_kill_is_skipped_when_a_resumed_run_reopens_the_log(tmp_path):
+    import runlog
+    log = runlog.RunLog(str(tmp_path))
+    for step in (10, 20, 30):
+        log.log(step, **{'train/loss': 1.0 / step})
+    with open(log.path, 'a') as f:
+        f.write('{"step": 40, "train/lo')                   # the process died mid-write
+    resumed = runlog.RunLog(str(tmp_path), resume_step=20)
+    assert [r['step'] for r in resumed.rows()] == [10, 20]
+
+
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resume_logs_each_step_once(tmp_path, byte_data):
     """SIGINT mid-run: the step in flight finishes, the checkpoint is saved (atomically), the
     message names the command that resumes, the exit is clean (130, no traceback); the resumed run
