@@ -19,10 +19,15 @@
 #   sides     the SFT variants' table beside the main SFT (experiments/sft_sweep_gpu.sh table)
 #   collect D the report, logs, eval.json / log.jsonl of every run and the plots -> D/lifecycle.tgz
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
-# SIDE=0 leaves out the side runs, BENCH=0 the serving benchmarks (the life cycle alone on the GPU)
+# SIDE=0 leaves out the side runs, SIDES='best reward_refswap' runs only those named (each slows the
+# main run: all six do not fit a 30-minute GPU session), BENCH=0 leaves out the serving benchmarks
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
+ALL_SIDES="words5 like3 embed best reward_long reward_refswap"
+SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
+for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
+wanted() { [[ " $SIDES " == *" $1 "* ]]; }
 S=${S:-out/sft_sides}
 # the side runs: SFT settings added to the gpu profile's (speedrun.sh SFT_EXTRA), one folder each
 declare -A SIDE_SFT=(
@@ -36,6 +41,7 @@ declare -A SIDE_SFT=(
 A=$(realpath -m "$R")        # absolute, for the links (R may be relative or absolute)
 SIDE_RUNS=""
 for v in "${!SIDE_SFT[@]}"; do
+  wanted $v || continue
   link="mkdir -p $S/$v && for x in data task base; do ln -sfn $A/\$x $S/$v/\$x; done"
   sft="EVAL_RUNS=sft SFT_EXTRA='${SIDE_SFT[$v]}' bash speedrun.sh --profile=$PROFILE --out=$S/$v --stages=sft,eval"
   SIDE_RUNS+="($link && $sft > $R/logs/side_$v.log 2>&1) & "
@@ -43,7 +49,7 @@ done
 # the scratch student from the teacher's embeddings (distill.py --alpha=0 --init_embedding=teacher), the
 # start the distilled student has: what distillation adds beyond it (speedrun.sh student_embed)
 link="mkdir -p $S/embed && for x in data task base; do ln -sfn $A/\$x $S/embed/\$x; done"
-SIDE_RUNS+="($link && EVAL_RUNS=student_embed bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
+wanted embed && SIDE_RUNS+="($link && EVAL_RUNS=student_embed bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
 # and a second SFT round from the main SFT model on rejection samples: the best answer of each
 # prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
 # run's prefs stage), about 3 epochs of them, evaluated like the rest
@@ -57,21 +63,21 @@ BEST_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /
   [ -e $R/best/sft_train.jsonl ] && $link && python sft.py --init_from=$A/sft --task_dir=$A/best --out_dir=$S/best/sft
   $BEST_SFT > $R/logs/side_best.log 2>&1 && EVAL_RUNS=sft bash speedrun.sh --profile=$PROFILE --out=$S/best
   --stages=eval >> $R/logs/side_best.log 2>&1) &"
-BEST_RUN=$(echo $BEST_RUN)
+BEST_RUN=$(echo $BEST_RUN); wanted best || BEST_RUN=""
 # and the reward model trained twice as long on the main run's pairs (folder S/reward_long): on the
 # last GPU run its held-out accuracy still rose at step 400 of 500 (57.6% at 300, 61.4% at 400)
 link="mkdir -p $S/reward_long && for x in data task base sft prefs; do ln -sfn $A/\$x $S/reward_long/\$x; done"
-REWARD_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+REWARD_RUN=""; wanted reward_long && REWARD_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
   REWARD_EXTRA='--max_iters=1000' bash speedrun.sh --profile=$PROFILE --out=$S/reward_long
   --stages=reward > $R/logs/side_reward.log 2>&1) &"
 # and the reward model on pairs sampled the same way (the same seed) plus the swapped pairs of 5,000
 # reference passages: minimal pairs only the prompt decides, from text that uses all its words
 link="mkdir -p $S/reward_refswap && for x in data task base sft; do ln -sfn $A/\$x $S/reward_refswap/\$x; done"
-REWARD_RUN+=" (until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+wanted reward_refswap && REWARD_RUN+=" (until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
   PREFS_EXTRA='--reference_swaps=5000' bash speedrun.sh --profile=$PROFILE --out=$S/reward_refswap
   --stages=prefs,reward > $R/logs/side_refswap.log 2>&1) &"
 REWARD_RUN=$(echo $REWARD_RUN)
-[ $SIDE = 1 ] && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
+wanted best && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
 case ${1:-} in
   start)
@@ -82,7 +88,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ $SIDE = 1 ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUN }
+      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUN :; }
       wait
       # the SFT model on prompts made the same way from the training books (eval_prompts_train.json):
       # if its words rate is far above the held-out one, the held-out books' prompts are the gap
