@@ -57,6 +57,18 @@ def run_folders(root='out'):
     return sorted(found, key=lambda d: -os.path.getmtime(checkpoint_path(d)))
 
 
+def newest_run(purpose, root='out'):
+    """The run folder under root written last, for a script given no out_dir (sample.py, serve.py,
+    eval.py), said on stderr with the others; no such folder exits saying how to make or name one."""
+    found = run_folders(root)
+    if not found:
+        sys.exit(f'error: no checkpoint under {root}/ to {purpose}; train one first '
+                 f'(python train.py config/...), or name one with --out_dir=FOLDER')
+    print(f"{purpose}: {found[0]}, the newest checkpoint under {root}/ (others: {', '.join(found[1:6]) or 'none'}; "
+          f"--out_dir=FOLDER picks one)", file=sys.stderr)
+    return found[0]
+
+
 def load_checkpoint(path, map_location='cpu'):
     """The checkpoint dict of a run folder (or a ckpt.pt file). A sharded checkpoint (ckpt_dcp/,
     written by fsdp=True) is read back whole in this one process, without torch.distributed: its

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from checkpoint import load_chat_model, load_checkpoint, run_folders
+from checkpoint import load_chat_model, load_checkpoint, newest_run
 from config import configure
 from data import eval_generator, load_tokenizer_spec, read_prepared, TokenData, write_json, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
@@ -210,7 +210,7 @@ def row(r):
             + (f" {fmt(r.get('kl_ref'), '.2f')} |" if reference else ''))
 
 
-folders = [f for f in compare.split(',') if f] if compare else [out_dir or next(iter(run_folders('out')), 'out/run')]
+folders = [f for f in compare.split(',') if f] if compare else [out_dir or newest_run('evaluating')]
 results = []
 for folder in folders:
     cached = os.path.join(folder, 'eval.json')

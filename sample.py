@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from checkpoint import load_model, run_folders
+from checkpoint import load_model, newest_run
 from config import configure
 from runtime import init_runtime
 from generate import generate_speculative, generate_tokens
@@ -59,14 +59,7 @@ if start.startswith('FILE:'):
     except OSError as e:
         sys.exit(f"error: cannot read the prompt file '{start[5:]}': {e.strerror}")
 
-if not out_dir:
-    found = run_folders('out')
-    if not found:
-        sys.exit('error: no checkpoint under out/ to sample from; train one first '
-                 '(python train.py config/...), or name one with --out_dir=FOLDER')
-    out_dir = found[0]
-    print(f"sampling from {out_dir}, the newest checkpoint under out/ (others: {', '.join(found[1:6]) or 'none'})",
-          file=sys.stderr)
+out_dir = out_dir or newest_run('sampling from')
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)
 model.eval()

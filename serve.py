@@ -31,7 +31,6 @@ connections, which one GPU's batch of at most max_batch requests never has.
 import json
 import os
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -40,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from checkpoint import load_model, run_folders
+from checkpoint import load_model, newest_run
 from config import configure
 from engine import Engine, cache_numbers_per_token
 from generate import use_cuda_graph
@@ -64,9 +63,7 @@ dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
-out_dir = out_dir or next(iter(run_folders('out')), '')
-if not out_dir:
-    sys.exit('error: no checkpoint to serve: train one first, or name one with --out_dir=FOLDER')
+out_dir = out_dir or newest_run('serving')
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)
 model.eval()

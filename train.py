@@ -158,6 +158,11 @@ if rt.master:
         print(f'note: {step_flops / 1e12:.1f} TFLOPs a step, sized for a GPU: a 2-core CPU does about 0.07 '
               f'TFLOP/s, so several minutes a step here; config/tinystories_cpu.py is the CPU-sized run '
               f'(a few minutes in all)', file=sys.stderr)
+    epochs = max_iters * tokens_per_step / max(data.lengths['train'], 1)
+    if epochs > 20:                                   # e.g. the GPU config on the offline TinyStories sample
+        print(f"note: {max_iters:,} steps x {tokens_per_step:,} tokens read the {data.lengths['train']:,} training "
+              f"tokens of {data_dir} about {epochs:,.0f} times: expect the val loss to turn up (overfitting) "
+              f"long before the end; more data, or fewer steps (max_iters)", file=sys.stderr)
 
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
 run = Run(config, rt, model, 'pretrain', tok_spec, flops_per_token,

@@ -57,7 +57,9 @@ def load_hf(name):
         train, val = local_copy('tinystories', 'train_sample_2mb.txt'), local_copy('tinystories', 'valid_sample_800kb.txt')
         if train and val:
             print(f"could not load '{name}' from the Hugging Face hub ({type(e).__name__}); using the "
-                  f"local sample {train} (train) and {val} (val) instead", file=sys.stderr)
+                  f"local sample {train} (train) and {val} (val) instead: 2,316 stories, about 0.5M "
+                  f"tokens, enough to try the scripts; a GPU-sized run reads it hundreds of times over "
+                  f"(the story corpus, python prepare/stories.py, is the larger offline data)", file=sys.stderr)
             global source
             source = f'{train} + {val}'           # what meta.json records
             return {'train': read_documents(train)['train'], 'val': read_documents(val)['val']}

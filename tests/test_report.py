@@ -90,6 +90,9 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     sft_score = json.loads((out / 'sft' / 'eval.json').read_text())['task/score']
     assert '| ppo † |' in md and '| 0.950 |' in md and '| 75.0% |' in md and "† eval.py did not evaluate" in md
     assert f'| PPO: task reward above SFT (greedy, held-out prompts) | {0.95 - sft_score:+.3f} | > 0 |' in md
+    assert 'smoke test' not in md
+    run_script('report.py', '--out=speedrun', '--profile=cpu', cwd=pipeline)     # the cpu card says what it is
+    assert 'The cpu profile is a smoke test of the plumbing' in (out / 'report.md').read_text()
     assert '| sft |' in md and '| sft † |' not in md           # evaluated stages keep eval.py's values
     (out / 'ppo' / 'log.jsonl').unlink()
 

@@ -160,7 +160,7 @@ def test_sample_script(tmp_path, byte_data):
     assert "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in broken.stderr
     assert 'Traceback' not in broken.stderr
     assert "the checkpoint 'texted/ckpt.pt' is damaged or incomplete" in texted.stderr and 'Traceback' not in texted.stderr
-    assert 'sampling from out/newer, the newest checkpoint under out/ (others: out/older)' in newest.stderr
+    assert 'sampling from: out/newer, the newest checkpoint under out/ (others: out/older;' in newest.stderr
 
 
 def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
@@ -266,6 +266,17 @@ def test_without_matplotlib_the_log_says_so_once_and_writes_no_png(tmp_path, mon
     log.log(1, **{'train/loss': 1.0})
     assert log.plot() is None and log.plot() is None and not list(tmp_path.glob('*.png'))
     assert capsys.readouterr().err.count('matplotlib is not installed') == 1
+
+
+def test_a_run_that_reads_its_data_many_times_over_is_told_so(tmp_path, byte_data):
+    # 2 steps x 512 x 32 tokens over the ~8k of the test data: about 4 passes, no note; 12 steps:
+    # about 24, a note naming the overfitting and what to change
+    train_len = os.path.getsize(os.path.join(byte_data, 'train.bin')) // 2
+    few = train(tmp_path, byte_data, 'few', '--max_iters=2', '--batch_size=512', '--eval_iters=1')
+    many = train(tmp_path, byte_data, 'many', '--max_iters=12', '--batch_size=512', '--eval_iters=1')
+    assert 2 * 512 * 32 / train_len < 20 < 12 * 512 * 32 / train_len
+    assert 'overfitting' not in few.stderr
+    assert f'read the {train_len:,} training tokens' in many.stderr and 'overfitting' in many.stderr
 
 
 def test_a_log_line_cut_by_a_kill_is_skipped_when_a_resumed_run_reopens_the_log(tmp_path):
