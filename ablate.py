@@ -690,6 +690,17 @@ def mean_curve(variant):
 
 plots = []
 plt = pyplot()                                       # None, with one note, without matplotlib
+
+
+def save_plot(fig, name):
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path + '.tmp.png', dpi=110)          # written whole, then renamed
+    plt.close(fig)
+    os.replace(path + '.tmp.png', path)
+    plots.append(path)
+
+
 if plt is not None and any(r['curve'] for r in runs):
     for name, x, xlabel in (('val_loss_vs_tokens.png', 1, 'training tokens'),
                             ('val_loss_vs_time.png', 2, 'training time (s)')):
@@ -714,13 +725,7 @@ if plt is not None and any(r['curve'] for r in runs):
             a.set_ylabel('val loss (nats/token), mean over seeds')
             a.grid(alpha=0.3)
         zoom.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, name)
-        fig.savefig(path + '.tmp.png', dpi=110)
-        plt.close(fig)
-        os.replace(path + '.tmp.png', path)
-        plots.append(path)
-
+        save_plot(fig, name)
 
 
 def train_curve(variant, key):
@@ -756,12 +761,7 @@ for key, name, ylabel in (('moe/load_cv', 'expert_load_cv_vs_tokens.png',
     ax.set_title(os.path.basename(os.path.normpath(out_dir)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path + '.tmp.png', dpi=110)
-    plt.close(fig)
-    os.replace(path + '.tmp.png', path)
-    plots.append(path)
+    save_plot(fig, name)
 
 print('\n'.join(md[6:]))                             # the table and the verdict
 print(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.md')}"
