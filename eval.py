@@ -25,7 +25,7 @@ from checkpoint import load_chat_model, load_checkpoint, newest_run
 from config import configure
 from data import eval_generator, load_tokenizer_spec, read_prepared, TokenData, write_json, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
-from model import GPT
+from model import GPT, masked_cross_entropy
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
 from task import evaluate_task, score
@@ -76,7 +76,9 @@ except ValueError as e:
 @torch.no_grad()
 def val_loss(model, tok_spec, folder, ckpt):
     """{split/loss, split/bpb} on each held-out split of the pretraining data (val, and e.g.
-    val_tinystories), or {} if the data is not found."""
+    val_tinystories), or {} if the data is not found. The softmax runs over the vocabulary the
+    model was trained with: the rows load_chat_model adds for the chat tokens hold zero logits, and
+    counted, they would add log(1 + 64 / sum_i e^{z_i}) nats, a different amount for each model."""
     d = data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
     if not d or not os.path.exists(os.path.join(d, 'meta.json')):
         print(f'{folder}: no pretraining data found (data_dir={d!r}); skipping val loss', file=sys.stderr)
@@ -86,6 +88,7 @@ def val_loss(model, tok_spec, folder, ckpt):
     if base_spec(tok_spec) != base_spec(base):             # the chat template aside
         sys.exit(f"error: {folder}'s tokenizer differs from the one of the data in {d}")
     T = block_size or model.config.block_size
+    trained_vocab = ckpt['model_config']['vocab_size']
     out = {}
     for split in data.val_splits:
         losses = []
@@ -93,7 +96,10 @@ def val_loss(model, tok_spec, folder, ckpt):
             g = eval_generator(seed, k, split)
             x, y = data.batch(split, batch_size, T, g, rt.device)
             with rt.autocast():
-                losses.append(model(x, y, return_logits=False)[1].item())
+                if model.config.vocab_size > trained_vocab:      # grown for the chat tokens: without them
+                    losses.append(masked_cross_entropy(model(x)[0][..., :trained_vocab], y).item())
+                else:
+                    losses.append(model(x, y, return_logits=False)[1].item())
         loss = sum(losses) / len(losses)
         out.update({f'{split}/loss': loss, f'{split}/bpb': loss / math.log(2) / data.bytes_per_token(split)})
     return out

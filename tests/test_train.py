@@ -386,3 +386,15 @@ def test_the_moe_study_compares_at_equal_active_and_equal_total_parameters():
     total, active = counts['moe64_shared']
     assert abs(counts['dense_equal_total'][0] / total - 1) < 0.001, counts       # within 0.1% in total
     assert abs(counts['dense_equal_active'][1] / active - 1) < 0.02, counts      # within 2% active
+
+
+def test_eval_py_s_val_loss_is_train_py_s_though_the_chat_tokens_grow_the_vocabulary(tmp_path, byte_data):
+    # a model of exactly 257 rows: eval.py's load_chat_model adds the 3 chat tokens and grows it to
+    # 320, new rows at zero logits; the val loss must still be the one over the trained vocabulary
+    train(tmp_path, byte_data, 'v257', '--max_iters=6', '--eval_interval=6', '--vocab_size=257')
+    rows = [json.loads(line) for line in (tmp_path / 'v257' / 'log.jsonl').read_text().splitlines()]
+    trained = [r for r in rows if 'val/loss' in r][-1]['val/loss']
+    run_script('eval.py', '--out_dir=v257', '--n_prompts=0', '--eval_iters=2', '--batch_size=4', '--block_size=32',
+               '--device=cpu', f'--data_dir={byte_data}', cwd=tmp_path)
+    ev = json.loads((tmp_path / 'v257' / 'eval.json').read_text())
+    assert ev['val/loss'] == pytest.approx(trained, abs=1e-5)
