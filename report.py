@@ -190,7 +190,19 @@ for name in ('ppo', 'grpo'):
               f"{fmt(stages['sft']['score_sampled'])}; KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer",
               unit='points')
 if {'student_scratch', 'student_distill', 'base'} <= set(stages):
-    t, s, d = (stages[k]['val_loss'] for k in ('base', 'student_scratch', 'student_distill'))
+    trio = ('base', 'student_scratch', 'student_distill')
+    t, s, d = (stages[k]['val_loss'] for k in trio)
+    measured = ''
+    if len({stages[k]['source'] for k in trio}) > 1:
+        # some from eval.py, some from a stage's log (a run cut short): other batches, so all three
+        # from the logs, the teacher's val loss as distill.py measured it on the students' batches
+        last = {}
+        for r in log_rows('student_distill'):
+            last.update(r)
+        t = last.get('val/teacher_loss')
+        s, d = (held_out_from_log(k, log_rows(k)).get('val/loss') for k in trio[1:])
+        measured = ("; all three from the students' training logs (eval.py did not evaluate all of them), "
+                    "the teacher's on the same batches by distill.py")
     closed = (s - d) / (s - t) if None not in (t, s, d) and s != t else None
     ratio = (stages['student_distill']['active_params'] or 0) / max(stages['base']['active_params'] or 1, 1)
     borrowed = ("; the distilled student also starts from the teacher's token embeddings (init_embedding='teacher'), "
@@ -205,7 +217,7 @@ if {'student_scratch', 'student_distill', 'base'} <= set(stages):
           f">= {pct(TARGETS['distill_gap_closed'])}, student <= 25% of the teacher's active parameters",
           closed is not None and closed >= TARGETS['distill_gap_closed'] and ratio <= 0.25,
           f'val loss: teacher {fmt(t)}, scratch student {fmt(s)}, distilled student {fmt(d)}; '
-          f'student active parameters {pct(ratio)} of the teacher\'s{borrowed}')
+          f'student active parameters {pct(ratio)} of the teacher\'s{borrowed}{measured}')
 
 # --- plots --------------------------------------------------------------------------------------
 plots = {}

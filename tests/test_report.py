@@ -91,6 +91,18 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| ppo † |' in md and '| 0.950 |' in md and '| 75.0% |' in md and "† eval.py did not evaluate" in md
     assert f'| PPO: task reward above SFT (greedy, held-out prompts) | {0.95 - sft_score:+.3f} | > 0 |' in md
     assert 'smoke test' not in md
+    # students cut before eval.py (from their logs) and a teacher evaluated by eval.py (other batches):
+    # the share of the gap comes from the logs alone, the teacher's as distill.py measured it
+    for name, row in (('student_scratch', {'step': 10, 'val/loss': 5.0}),
+                      ('student_distill', {'step': 10, 'val/loss': 4.5, 'val/teacher_loss': 4.0})):
+        (out / name).mkdir(exist_ok=True)
+        if not (out / name / 'ckpt.pt').exists():
+            os.symlink(pipeline / 'base' / 'ckpt.pt', out / name / 'ckpt.pt')
+        (out / name / 'log.jsonl').write_text(json.dumps(row) + '\n')
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    assert "| Distillation: share of the scratch student -> teacher val-loss gap closed | 50.0% |" in md
+    assert "all three from the students' training logs" in md
     run_script('report.py', '--out=speedrun', '--profile=cpu', cwd=pipeline)     # the cpu card says what it is
     assert 'The cpu profile is a smoke test of the plumbing' in (out / 'report.md').read_text()
     assert '| sft |' in md and '| sft † |' not in md           # evaluated stages keep eval.py's values
