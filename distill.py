@@ -409,7 +409,10 @@ def evaluate(model):
                    for k in range(eval_iters))
         out[split] = held_out(model, batches)
     val, kl_val, teacher_val = out['val']
-    return {'train/eval_loss': out['train'][0], 'val/loss': val, 'val/ppl': math.exp(min(val, 50)),
+    # the train split's too: a teacher much surer on the text it was trained on (its train loss far
+    # below its val loss) teaches targets sharper than what generalises
+    return {'train/eval_loss': out['train'][0], 'train/eval_kl': out['train'][1],
+            'train/teacher_loss': out['train'][2], 'val/loss': val, 'val/ppl': math.exp(min(val, 50)),
             'val/bpb': val / math.log(2) / data.bytes_per_token('val'), 'val/kl': kl_val,
             'val/teacher_loss': teacher_val}
 

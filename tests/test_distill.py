@@ -154,6 +154,7 @@ def test_student_moves_toward_the_teacher(tiny, loss):
     assert rows[-1]['val/kl'] < 0.7 * rows[0]['val/kl'], rows              # held-out KL to the teacher falls
     assert rows[-1]['val/loss'] < rows[0]['val/loss']
     assert all(r['val/teacher_loss'] == rows[0]['val/teacher_loss'] for r in rows)
+    assert all(r['train/teacher_loss'] == rows[0]['train/teacher_loss'] and r['train/eval_kl'] >= 0 for r in rows)
     assert all('train/kd_loss' in r for r in log_rows(tiny / out) if 'train/loss' in r)
     ckpt = load_checkpoint(str(tiny / out))                  # a plain language-model checkpoint
     assert ckpt['stage'] == 'distill' and ckpt['data_dir'] == 'data' and ckpt['teacher'] == 'teacher'
