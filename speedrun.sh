@@ -8,6 +8,7 @@
 #   reward    the reward model                          dpo     DPO from SFT (DPO_SEEDS seeds)
 #   ppo       PPO from SFT, rewarded by the task rule   grpo    GRPO from SFT, likewise
 #   distill   a small dense student of the base model, and the same student trained from scratch
+#             (stages student_distill and student_scratch: one of the two)
 #   student_embed  (only when named) the scratch student started from the teacher's embeddings, as
 #             the distilled one starts: it separates what distillation adds from what that start does
 #   eval      every checkpoint on the held-out data and prompts (eval.py -> eval.json)
@@ -224,14 +225,16 @@ stage() {
              else for c in "${cmds[@]}"; do $c || return 1; done; fi ;;
     report)  wall_line                   # this run's wall time so far, for the card
              python report.py --out=$OUT --profile=$PROFILE ;;
-    *) echo "error: unknown stage '$1'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, student_embed, eval, report"
+    *) echo "error: unknown stage '$1'; valid: $VALID_STAGES"
        return 2 ;;
   esac
 }
 
+VALID_STAGES="prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill (student_scratch and student_distill,
+  or one of them), student_embed, eval, report"
 for s in ${STAGES//,/ }; do    # every name is checked before anything runs
-  case $s in prepare|train|sft|prefs|reward|dpo|ppo|grpo|distill|student_embed|eval|report) ;;
-    *) echo "error: unknown stage '$s'; valid: prepare, train, sft, prefs, reward, dpo, ppo, grpo, distill, student_embed, eval, report"; exit 2 ;;
+  case $s in prepare|train|sft|prefs|reward|dpo|ppo|grpo|distill|student_scratch|student_distill|student_embed|eval|report) ;;
+    *) echo "error: unknown stage '$s'; valid: $VALID_STAGES"; exit 2 ;;
   esac
 done
 if [ $PARALLEL = 1 ]; then
@@ -250,7 +253,7 @@ if [ $PARALLEL = 1 ]; then
     trained=''
     for s in $phase; do
       name=$s; case $s in student_scratch|student_distill) name=distill ;; esac
-      stage_wanted $name || continue
+      stage_wanted $s || stage_wanted $name || continue
       cmds+=("stage $s")
       case $s in             # the runs (folders under OUT) the stage trains
         train) trained+=' base' ;;

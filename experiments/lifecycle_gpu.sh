@@ -8,7 +8,8 @@
 #             second SFT round on rejection samples (BEST_SFT below, folder S/best), the scratch
 #             student from the teacher's embeddings (folder S/embed), the reward model trained
 #             twice as long (folder S/reward_long) and one whose pairs add 5,000 reference passages'
-#             swapped pairs (prepare/preferences.py --reference_swaps, folder S/reward_refswap); when all
+#             swapped pairs (prepare/preferences.py --reference_swaps, folder S/reward_refswap), the
+#             distilled student at temperature 2 (folder S/distill_t2); SIDES names some of them; when all
 #             of it has finished, the serving benchmarks on the base model, alone on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
 #             greedy agreement) and bench_serve.py (engine and static batching at 1/8/64/256
@@ -24,7 +25,7 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
-ALL_SIDES="words5 like3 embed best reward_long reward_refswap"
+ALL_SIDES="words5 like3 embed best reward_long reward_refswap distill_t2"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -50,6 +51,11 @@ done
 # start the distilled student has: what distillation adds beyond it (speedrun.sh student_embed)
 link="mkdir -p $S/embed && for x in data task base; do ln -sfn $A/\$x $S/embed/\$x; done"
 wanted embed && SIDE_RUNS+="($link && EVAL_RUNS=student_embed bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
+# and the distilled student at temperature 2 (folder S/distill_t2; the main one's is 1): the teacher's
+# loss on its training text is far below its val loss (3.03 against 3.75, the third card), so its
+# targets there may be sharper than what generalises; a softer T is the lever
+link="mkdir -p $S/distill_t2 && for x in data task base; do ln -sfn $A/\$x $S/distill_t2/\$x; done"
+wanted distill_t2 && SIDE_RUNS+="($link && EVAL_RUNS=student_distill DISTILL_EXTRA='--temperature=2.0' bash speedrun.sh --profile=$PROFILE --out=$S/distill_t2 --stages=student_distill,eval > $R/logs/side_distill_t2.log 2>&1) & "
 # and a second SFT round from the main SFT model on rejection samples: the best answer of each
 # prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
 # run's prefs stage), about 3 epochs of them, evaluated like the rest
@@ -126,6 +132,8 @@ case ${1:-} in
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
     for d in $R $S/reward_long $S/reward_refswap; do      # the reward models' last held-out accuracy, main and side
       echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | cut -c1-300)"; done
+    for f in $R/student_*/log.jsonl $S/distill_t2/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
+      [ -e $f ] && echo "$f: $(grep -h '"val/loss"' $f | tail -1 | cut -c1-240)"; done   # the students' last val loss
     tail -12 $R/logs/speculative.log $R/logs/quantize_*.log $R/logs/serve*.log 2> /dev/null
     ls -la $2 ;;
   *) echo "usage: bash experiments/lifecycle_gpu.sh start | wait SECONDS | spec | sides | report | collect FOLDER"; exit 2 ;;

@@ -132,6 +132,12 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
     runs = sorted(x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_'))
     assert runs == ['eval_base', 'eval_dpo_seed1', 'eval_grpo', 'eval_ppo', 'eval_sft', 'eval_student_distill',
                     'eval_student_scratch'], p.stdout + p.stderr
+    # one student alone (a side run beside another run's scratch student), in sequence and in phases
+    for parallel in ('0', '1'):
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/alone', '--stages=student_distill',
+                            f'--parallel={parallel}'], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        started = [x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('student_')]
+        assert started == ['student_distill'] and 'unknown stage' not in p.stdout, p.stdout
     # a stage stopped midway left its checkpoint but no line in times.tsv: it runs again (and fails
     # here, without a base model); a failed run still writes its wall time
     (tmp_path / 'run' / 'sft').mkdir(parents=True, exist_ok=True)
