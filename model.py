@@ -98,12 +98,15 @@ class ModelConfig:
     # --- multi-token prediction (DeepSeek-V3) ----------------------------------------------
     mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead
     mtp_loss_weight: float = 0.3       # lambda: loss = main + lambda / depth * sum of MTP losses
+    # --- the scalar head (ScalarModel: the reward model) ----------------------------------------
+    score_pooling: str = 'last'        # a sequence's score: 'last' (the head at its last token) |
+                                       # 'last+mean' (+ the mean of the head over every token to it)
 
     def __post_init__(self):
         choices = {'attention': ('mha', 'mla'), 'pos_emb': ('learned', 'sinusoidal', 'rope', 'none'),
                    'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
                    'scoring_func': ('softmax', 'sigmoid'), 'moe_impl': ('auto', 'loop', 'grouped', 'gathered'),
-                   'loss_impl': ('auto', 'plain', 'fused')}
+                   'loss_impl': ('auto', 'plain', 'fused'), 'score_pooling': ('last', 'last+mean')}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
@@ -1211,9 +1214,16 @@ class ScalarModel(GPT):
 
     def score(self, idx, last):
         """(B,) the output at position last[b] of each row: the sequence's last real token
-        (rows are right-padded, and their padding is not counted as expert load)."""
+        (rows are right-padded, and their padding is not counted as expert load). With
+        score_pooling='last+mean', plus the mean of the outputs at positions 0..last[b]: a judgement
+        each token can make where it stands ("this word is one the prompt asked for"), summed,
+        instead of one the last token must gather from the whole sequence."""
         counted = torch.arange(idx.size(1), device=idx.device) <= last[:, None]   # (B, T)
-        return self.values(idx, counted).gather(1, last[:, None]).squeeze(1)
+        v = self.values(idx, counted)
+        s = v.gather(1, last[:, None]).squeeze(1)
+        if self.config.score_pooling == 'last+mean':
+            s = s + (v * counted).sum(1) / counted.sum(1)
+        return s
 
     def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None, values=False,
                 counted=None):

@@ -45,6 +45,8 @@ gradient_accumulation_steps = 1
 prefs_dir = 'data/prefs'     # prefs_train.jsonl, prefs_val.jsonl
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the fresh samples
 loss_type = 'bt'             # 'bt' (Bradley-Terry) | 'margin' (margin ranking)
+score_pooling = 'last'       # the score: 'last' (the head at the last token) | 'last+mean' (+ the mean
+                             # of the head over every token; ModelConfig.score_pooling, kept in the checkpoint)
 ranking_margin = 1.0         # m of the margin ranking loss
 batch_size = 16              # pairs (or, batch_by='prompt', prompts) per micro-batch
 batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, each with all its pairs,
@@ -90,6 +92,8 @@ if loss_type not in ('bt', 'margin'):
     sys.exit(f"error: loss_type='{loss_type}'; valid: bt, margin")
 if batch_by not in ('pair', 'prompt'):
     sys.exit(f"error: batch_by='{batch_by}'; valid: pair, prompt")
+if score_pooling not in ('last', 'last+mean'):
+    sys.exit(f"error: score_pooling='{score_pooling}'; valid: last, last+mean")
 if init_from == 'scratch':
     sys.exit("error: reward.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
@@ -97,8 +101,8 @@ cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the SFT model
-model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout, **FROZEN_ROUTING},
-                                  scalar=True)
+model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, scalar=True, overrides={
+    'dropout': dropout, **FROZEN_ROUTING, **({} if init_from == 'resume' else {'score_pooling': score_pooling})})
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:

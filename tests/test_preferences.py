@@ -316,6 +316,25 @@ def test_the_scalar_head_runs_in_float32_under_autocast():
     torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_score_pooling_adds_the_mean_over_the_sequence_and_ignores_padding():
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    last_only = ScalarModel(ModelConfig(**cfg)).eval()
+    pooled = ScalarModel(ModelConfig(**cfg, score_pooling='last+mean')).eval()
+    pooled.load_state_dict(last_only.state_dict())
+    idx = torch.randint(0, 64, (2, 10))
+    last = torch.tensor([9, 5])                      # the second row right-padded after position 5
+    with torch.no_grad():
+        v = last_only.values(idx)
+        s_last, s_pooled = last_only(idx, last=last), pooled(idx, last=last)
+        other_padding = pooled(torch.cat([idx[:, :6], torch.randint(0, 64, (2, 4))], 1), last=torch.tensor([5, 5]))
+    torch.testing.assert_close(s_last, v[[0, 1], last])
+    torch.testing.assert_close(s_pooled, v[[0, 1], last] + torch.stack([v[0].mean(), v[1, :6].mean()]))
+    torch.testing.assert_close(other_padding[1], s_pooled[1])            # the padding is not read
+    with pytest.raises(ValueError, match='score_pooling'):
+        ModelConfig(**cfg, score_pooling='max')
+
+
 def test_swapped_pairs_are_minimal_pairs_only_the_prompt_decides(tmp_path):
     """swap_pairs=1: for each training prompt, its best answer with one required word swapped for
     another word of the same list, in two pairs (the prompt prefers the answer, the swapped prompt
