@@ -21,7 +21,7 @@
 #   collect D the report, logs, eval.json / log.jsonl of every run and the plots -> D/lifecycle.tgz
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
 # SIDE=0 leaves out the side runs, SIDES='best reward_refswap' runs only those named (each slows the
-# main run: all six do not fit a 30-minute GPU session), BENCH=0 leaves out the serving benchmarks
+# main run: all of them do not fit 30 minutes of GPU time), BENCH=0 leaves out the serving benchmarks
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
