@@ -18,16 +18,18 @@ $ for lr in 3e-5 1e-4 3e-4; do OMP_NUM_THREADS=1 python reward.py --init_from=ou
 3e-5, 51.0% at 1e-4, 65.5% at 3e-4)
 
 The score read at the last token alone against that plus the mean of the head over every token
-(reward.py --score_pooling=last+mean), 1,500 steps at 3e-4, two runs at once with OMP_NUM_THREADS=1:
-$ for pool in last last+mean; do OMP_NUM_THREADS=1 python reward.py --init_from=out/speedrun_cpu/sft \
-    --task_dir=out/speedrun_cpu/task --prefs_dir=out/prompt_pairs --out_dir=out/prompt_pairs_rm_$pool \
-    --learning_rate=3e-4 --min_lr=3e-5 --batch_by=pair --batch_size=16 --max_iters=1500 --eval_interval=300 \
-    --warmup_iters=10 --n_fresh=0 --save_checkpoints=False --device=cpu --compile=False \
-    --score_pooling=$pool & done; wait
+(reward.py --score_pooling=last+mean), 1,500 steps at 3e-4, three seeds, two runs at once:
+$ for seed in 1337 1338 1339; do for pool in last last+mean; do OMP_NUM_THREADS=1 python reward.py \
+    --init_from=out/speedrun_cpu/sft --task_dir=out/speedrun_cpu/task --prefs_dir=out/prompt_pairs \
+    --out_dir=out/prompt_pairs_rm_${pool}_$seed --learning_rate=3e-4 --min_lr=3e-5 --batch_by=pair \
+    --batch_size=16 --max_iters=1500 --eval_interval=300 --warmup_iters=10 --n_fresh=0 \
+    --save_checkpoints=False --device=cpu --compile=False --score_pooling=$pool --seed=$seed & done; wait; done
 (held-out accuracy at steps 300 / 600 / 900 / 1,200 / 1,500, on another cpu speedrun's SFT model,
-2026-12-05: last 74.5 / 81.0 / 82.0 / 85.0 / 93.5%; last+mean 88.5 / 95.5 / 100 / 100 / 100%. One
-seed: each token can judge "this word is one the prompt asked for" where it stands, and the mean
-adds those judgements, where the last token alone must gather them from the whole answer.)
+2026-12-05; seeds 1337 / 1338 / 1339:
+  last       74.5 / 81.0 / 82.0 / 85.0 / 93.5%   50.0 / 65.0 / 65.0 / 65.0 / 64.0%   65.5 / 80.5 / 96.5 / 98.5 / 99.5%
+  last+mean  88.5 / 95.5 / 100 / 100 / 100%      67.5 / 70.0 / 70.5 / 73.0 / 80.0%   64.5 / 69.0 / 71.0 / 84.5 / 85.0%
+at step 1,500 a mean of 85.7% against 88.3%, inside the seeds' ranges (35 and 20 points): the seed decides
+more than the pooling, and whether a run learns the comparison at all.)
 """
 
 import os
