@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import runpy
+import shutil
 import signal
 import statistics
 import subprocess
@@ -111,14 +112,28 @@ def test_runs_that_share_a_device_share_one_mfu_denominator(tmp_path, byte_data)
     # each train.py would measure the device's peak FLOP/s while the other runs train on it; the
     # runner measures it once before they start and gives every run the same number
     base = [f'--data_dir={byte_data}', *[a for a in TINY_MODEL if not a.startswith('--peak_flops')],
-            '--max_iters=2', '--eval_interval=2', '--warmup_iters=1']
+            '--max_iters=3', '--eval_interval=3', '--warmup_iters=1', '--log_interval=2']
     study = write_study(tmp_path, base, variants={'a': {}, 'b': {'n_kv_head': 1}}, out_dir='out/p', parallel=2)
+    out = tmp_path / 'out' / 'p'
     p = run_script('ablate.py', study, cwd=tmp_path)
     assert 'measured once here before the runs share the device' in p.stdout
-    lines = [next(line for line in (tmp_path / 'out' / 'p' / f'{v}_s1337' / 'train_output.txt').read_text().splitlines()
+    lines = [next(line for line in (out / f'{v}_s1337' / 'train_output.txt').read_text().splitlines()
                   if line.startswith('MFU is relative to')) for v in 'ab']
     assert lines[0] == lines[1] and lines[0].endswith('(given)')
-    assert all(r['mfu'] for r in read_csv(tmp_path / 'out' / 'p' / 'results.csv'))
+    rows = read_csv(out / 'results.csv')
+    assert all(r['mfu'] for r in rows)
+    # the tokens trained, though the last log line (step 2) comes before the last step (3)
+    assert [float(r['tokens']) for r in rows] == [3 * 4 * 32] * 2
+    # a report made later, with another parallel setting, still says the runs shared the device
+    run_script('ablate.py', study, '--report_only=True', '--parallel=1', cwd=tmp_path)
+    assert 'Up to 2 runs trained at once' in (out / 'results.md').read_text()
+    # a run trained again later is given the peak its study measured before, not a new one
+    shutil.rmtree(out / 'b_s1337')
+    p = run_script('ablate.py', study, cwd=tmp_path)
+    assert 'as measured for these runs before' in p.stdout
+    again = next(line for line in (out / 'b_s1337' / 'train_output.txt').read_text().splitlines()
+                 if line.startswith('MFU is relative to'))
+    assert again == lines[0]
 
 
 def test_a_killed_run_fails_the_rest_go_on_and_the_next_call_resumes_it(tmp_path, byte_data):

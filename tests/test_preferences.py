@@ -259,16 +259,18 @@ def test_dpo_starts_at_log_2_and_falls(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs, by, rm_block, dpo_block = run_scripts([
+    loss, prefs, by, rm_block, dpo_block, pooling = run_scripts([
         ('reward.py', ['--loss_type=hinge']),
         ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
         ('reward.py', ['--batch_by=answer']),
         ('reward.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
-        ('dpo.py', ['--init_from=base', '--block_size=9999', '--device=cpu'])], cwd=planted)
+        ('dpo.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
+        ('reward.py', ['--score_pooling=max'])], cwd=planted)
     for p in (rm_block, dpo_block):
         assert p.returncode and 'block_size=9999 exceeds the model block_size 256' in p.stderr, p.stderr
     assert loss.returncode != 0 and "loss_type='hinge'; valid: bt, margin" in loss.stderr
     assert by.returncode != 0 and "batch_by='answer'; valid: pair, prompt" in by.stderr
+    assert pooling.returncode != 0 and "score_pooling='max'; valid: last, last+mean" in pooling.stderr
     assert prefs.returncode != 0
     assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in prefs.stderr
 
