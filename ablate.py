@@ -267,12 +267,12 @@ for name, overrides in variants.items():
     numbers = model_numbers(cfg, where)        # also checks that the ModelConfig is valid
     # tokens one optimizer step trains on: micro-batch x sequence x accumulation x processes
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps'] * nproc_per_node
+    dir_name = re.sub(r'[^A-Za-z0-9._=+-]+', '-', name)   # 'a=1,b=x' -> 'a=1-b=x'
     if max_tokens:
         iters = max(1, int(max_tokens // tokens_per_step))
     elif max_flops:
         if not numbers and report_only:     # a report made without the data: the numbers a run recorded
-            markers = [read_json(os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9._=+-]+', '-', name)}_s{seed}",
-                                              'ablate.json')) or {} for seed in seeds]
+            markers = [read_json(os.path.join(out_dir, f'{dir_name}_s{seed}', 'ablate.json')) or {} for seed in seeds]
             numbers = next((m['model_numbers'] for m in markers if m.get('model_numbers')), {})
         if not numbers:
             fail(f'{where}: max_flops needs the model\'s FLOPs per token, so its vocabulary: prepare the '
@@ -280,7 +280,6 @@ for name, overrides in variants.items():
         iters = max(1, int(max_flops // (numbers['flops_per_token'] * tokens_per_step)))
     else:
         iters = cfg['max_iters']
-    dir_name = re.sub(r'[^A-Za-z0-9._=+-]+', '-', name)   # 'a=1,b=x' -> 'a=1-b=x'
     for seed in seeds:
         run_dir = os.path.join(out_dir, f'{dir_name}_s{seed}')
         args = [*base_args, *var_args, f'--seed={seed}', f'--out_dir={run_dir}', f'--max_iters={iters}']

@@ -77,14 +77,20 @@ def pct(x):
     return '-' if x is None else f'{100 * x:.1f}%'
 
 
+def latest(rows):
+    """The latest logged value of each key over a run's log rows."""
+    last = {}
+    for r in rows:
+        last.update(r)
+    return last
+
+
 def held_out_from_log(name, rows):
     """For a stage eval.py did not evaluate (a run cut short): the eval.json values its own last
     held-out evaluation in log.jsonl also measured, on its own prompts and batches: the val loss
     and bits per byte on the pretraining data (base model, students), or the task score and the
     all-words rate of greedy answers (SFT, DPO, PPO, GRPO)."""
-    last = {}
-    for r in rows:                                     # the latest value of each key
-        last.update(r)
+    last = latest(rows)
     if name in ('base', 'student_scratch', 'student_distill', 'student_embed'):
         keys = {'val/loss': 'val/loss', 'val/bpb': 'val/bpb', 'val_tinystories/bpb': 'val_tinystories/bpb'}
     else:
@@ -196,10 +202,7 @@ if {'student_scratch', 'student_distill', 'base'} <= set(stages):
     if len({stages[k]['source'] for k in trio}) > 1:
         # some from eval.py, some from a stage's log (a run cut short): other batches, so all three
         # from the logs, the teacher's val loss as distill.py measured it on the students' batches
-        last = {}
-        for r in log_rows('student_distill'):
-            last.update(r)
-        t = last.get('val/teacher_loss')
+        t = latest(log_rows('student_distill')).get('val/teacher_loss')
         s, d = (held_out_from_log(k, log_rows(k)).get('val/loss') for k in trio[1:])
         measured = ("; all three from the students' training logs (eval.py did not evaluate all of them), "
                     "the teacher's on the same batches by distill.py")
