@@ -95,7 +95,7 @@ for name, fn in methods.items():
     results[name] = row
 base = results['greedy, eager']['tokens_per_s']
 print(f"{out_dir}: {len(prompts)} prompts x {max_new_tokens} new tokens at most, batch 1, {rt.device} {rt.dtype}")
-print(f"| method | tokens/s | vs eager greedy | acceptance | tokens per main forward | answers equal to greedy |")
+print("| method | tokens/s | vs eager greedy | acceptance | tokens per main forward | answers equal to greedy |")
 print('| --- | --- | --- | --- | --- | --- |')
 for name, r in results.items():
     print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "

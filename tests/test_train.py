@@ -338,7 +338,7 @@ def test_a_missing_dataset_is_made_by_its_prepare_command(tmp_path):
     src = shared_file('shakespeare', 'input.txt')
     p = run_script('train.py', '--dataset=chars', f'--prepare=shakespeare_char.py --source={src}', '--out_dir=run',
                    *TINY_MODEL, '--max_iters=2', '--eval_interval=2', cwd=tmp_path)
-    assert f'data/chars is missing; preparing it: ' in p.stdout and 'done: 2 steps' in p.stdout
+    assert 'data/chars is missing; preparing it: ' in p.stdout and 'done: 2 steps' in p.stdout
     assert json.load(open(tmp_path / 'data' / 'chars' / 'meta.json'))['vocab_size'] == 66
 
 
