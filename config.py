@@ -73,15 +73,13 @@ def _parse_value(key, raw, default):
                  f"('{key}' takes {type(default).__name__}, default {default!r})")
 
 
-def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False,
-              defaults=None):
+def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False):
     """Resolve a script's config in place and return it as a dict.
 
     `namespace` is the script's globals(): every public int/float/bool/str/tuple/list/dict/None
     value in it is a config key. `model_config` (a dataclass such as model.ModelConfig) adds
     its fields as keys too, with the dataclass defaults unless the script set its own, so
-    `--n_layer=4` works in every training script without repeating the model's fields;
-    `defaults` (e.g. training_defaults()) adds shared keys the same way.
+    `--n_layer=4` works in every training script without repeating the model's fields.
     Then each config file named on the command line is executed over the values (a config file
     may read earlier values, e.g. `lr_decay_iters = max_iters`), then each --key=value (or
     --key value: the next argument is the value unless it starts with --).
@@ -91,8 +89,6 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config = _config_keys(namespace)
-    for k, v in (defaults or {}).items():                  # shared defaults (training_defaults())
-        config.setdefault(k, v)
     if model_config is not None:
         for f in fields(model_config):
             if f.name not in config:

@@ -74,7 +74,7 @@ eval_only = False
 data_dir = ''                # pretraining data (prepare/ format); '' = the teacher's data_dir
 task_dir = ''                # instruction data (sft_*.jsonl, prompts_val.jsonl); '' = pretraining data
 batch_size = 32              # sequences per micro-batch (per GPU)
-block_size = 0               # training window; 0 = the teacher's block_size
+block_size = 0               # training window; 0 = the teacher's block_size (and not past the student's)
 gradient_accumulation_steps = 1
 # the student: these two and every ModelConfig field (n_layer, n_embd, attention, ...), as in train.py
 vocab_size = 0               # the student's vocabulary (scratch): 0 = the tokenizer's, padded to x64
@@ -239,7 +239,7 @@ else:
     model, student_tok, _ = load(source, 'cpu', resume, overrides={'dropout': dropout})
     require_same_tokenizer(student_tok.spec(), f'the student {source}', tok_spec,
                            f'the teacher {teacher}' if task_dir else f'the data in {data_dir}')
-    block_size = block_size or model.config.block_size
+    block_size = config['block_size'] = block_size or min(model.config.block_size, teacher_model.config.block_size)
 if model.config.vocab_size < V:
     sys.exit(f'error: vocab_size={model.config.vocab_size} is smaller than the vocabulary ({V} ids)')
 if block_size > min(model.config.block_size, teacher_model.config.block_size):

@@ -50,11 +50,12 @@ reward = 'rule'              # 'rule' | 'model' | 'mix' | 'token:<text>' (a toy)
 reward_model = 'out/reward'  # for reward='model' / 'mix'
 reward_mix = 0.5             # mix: weight of the reward model (the rule gets the rest)
 no_end_penalty = 0.2         # subtracted from the reward of an answer that did not end its turn
-normalize_reward = False     # running mean/std of rewards (the group normalisation usually suffices)
+normalize_reward = False     # running mean/std of rewards first; with scale_rewards the group's z-score
+                             # cancels it (it matters only with scale_rewards=False)
 # rollouts and updates
 rollout_prompts = 16         # prompts per rollout ...
 group_size = 4               # ... each answered this many times
-scale_rewards = True         # divide by the group's std (False: only subtract the group mean)
+scale_rewards = True         # advantages: divide by the group's std (False: only subtract the group mean)
 max_new_tokens = 200
 temperature = 1.0            # rollouts sample at it; log-probs and KL use softmax(logits / temperature)
 cuda_graph = None            # sampling: one-token steps replayed as a CUDA graph; None: on for CUDA

@@ -201,7 +201,7 @@ run = Run(config, rt, model, 'sft', tok.spec(), model.flops_per_token(block_size
                             'data_dir': ckpt.get('data_dir', '')})
 ckpt = None
 
-# --- the training loop: the loss on the response tokens only ------------------------------------
+
 def weighted_loss(x, y, w, segments):
     """The model's loss (the mean cross entropy over the N response tokens, plus the MoE and MTP
     terms) with the required words' tokens weighted: + sum_t (w_t - 1) CE_t / N over the targets
@@ -214,6 +214,7 @@ def weighted_loss(x, y, w, segments):
     return loss
 
 
+# --- the training loop: the loss on the response tokens only ------------------------------------
 step = run.step                               # 0, or where a resumed run stopped
 while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)

@@ -202,6 +202,15 @@ def test_hard_labels_alone_are_train_py(tiny):
     assert a == b and len(a) == 6
 
 
+def test_a_longer_student_checkpoint_trains_at_the_teachers_length(tiny):
+    """init_from= a student whose block_size (64) exceeds the teacher's (32): block_size=0 takes the
+    shorter of the two."""
+    run_script('train.py', '--data_dir=data', '--out_dir=long_student', *STUDENT, '--block_size=64',
+               '--max_iters=1', '--eval_interval=1', cwd=tiny)
+    p = distill(tiny, 'from_long', '--init_from=long_student', '--block_size=0', '--max_iters=2', '--eval_interval=2')
+    assert load_checkpoint(str(tiny / 'from_long'))['config']['block_size'] == 32, p.stdout[-500:]
+
+
 def test_resume_continues_exactly(tiny):
     args = ['--alpha=0.5', '--temperature=2.0', '--top_k_logits=16', '--dropout=0.1', '--lr_decay_iters=8',
             '--eval_interval=4', '--gradient_accumulation_steps=2']
