@@ -740,7 +740,10 @@ def through_last(mask):
 
 def masked_cross_entropy(logits, targets):
     """Mean cross entropy over the targets that are not -1, in float32; 0 (not NaN) when every
-    target is masked, as can happen in a window of prompt tokens during fine-tuning."""
+    target is masked, as can happen in a window of prompt tokens during fine-tuning.
+    To change the training loss here (label smoothing, a z-loss), note that a CUDA training step
+    computes it in fast_paths.linear_cross_entropy instead (GPT.use_fused_loss): set
+    loss_impl='plain' in the ModelConfig, or ask for the logits (return_logits=True)."""
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                             ignore_index=-1, reduction='sum')
     return total / (targets >= 0).sum().clamp(min=1)
