@@ -6,7 +6,7 @@
 # output lengths, then bench.py's decode in bf16, int8 and int4 weights. Each part is bounded by a
 # timeout, so one that runs long leaves the others their time, and all of it by 580 s (one device
 # call of at most 600 s).
-# $ bash experiments/serve_gpu.sh out/serve_gpu
+# $ bash experiments/serve_gpu.sh out/serve_gpu       (DECODE=0: without the quantized decode)
 set -uo pipefail
 D=${1:-out/serve_gpu}
 mkdir -p $D
@@ -26,7 +26,7 @@ timeout 100 python bench_serve.py $CFG --methods=engine,static,hf --streams=64 -
   --out_file=$D/serve_hf.json 2>&1 | tee $D/serve_hf.log | grep '^|'
 timeout 60 python bench_serve.py $CFG --methods=engine,static --streams=64 --n_requests=512 --output_lengths=exponential \
   --mean_output=128 --out_file=$D/serve_exp.json 2>&1 | tee $D/serve_exp.log | grep '^|'
-for q in bf16 int8 int4; do
+for q in $([ "${DECODE:-1}" = 1 ] && echo bf16 int8 int4); do     # DECODE=0: without them (105 s)
   quant=$q; [ $q = bf16 ] && quant=''
   timeout 35 python bench.py config/tinystories_moe.py --modes=decode --compile_decode=False --quantize=$quant \
     --steps=5 --warmup=2 > $D/decode_$q.log 2>&1
