@@ -10,6 +10,7 @@ $ python bench_serve.py config/tinystories_moe.py                      # a rando
 $ python bench_serve.py --checkpoint=out/speedrun_gpu/base --streams=1,8,64,256
 $ python bench_serve.py config/tinystories_cpu.py --device=cpu --streams=1,4 --n_requests=8 \
     --max_prompt=64 --max_output=32
+$ python bench_serve.py config/tinystories_moe.py --streams=64 --n_requests=128 --profile=out/serve_profile.txt
 
 Each level of concurrency C keeps C requests in flight (closed loop: a finished request is replaced
 by the next one at once; static batching takes the next C at once, when the whole group before has
@@ -32,7 +33,9 @@ columns) bucket, all captured before the engine is timed, and static batching's 
 too (one cache length for every group, so one graph per batch size, captured in a warm-up).
 """
 
+import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -45,7 +48,7 @@ from config import configure, model_config_from
 from engine import Engine, cache_numbers_per_token
 from generate import generate_tokens, pad_prompts, use_cuda_graph
 from model import GPT, ModelConfig
-from runtime import init_runtime
+from runtime import init_runtime, kernel_stats, write_profile
 
 # -----------------------------------------------------------------------------
 checkpoint = ''                 # a checkpoint folder to serve; '': a random-weight model of the config given
@@ -64,6 +67,10 @@ device = 'auto'
 dtype = 'auto'
 seed = 1337
 out_file = ''                   # also write the results as JSON here
+profile = ''                    # a file: each method's run at each level under torch.profiler, its tables
+                                # appended there (operations, kernels by kind, where the device waited) and
+                                # one line per run printed: kernels and their device time per step (fewer
+                                # requests are enough: --n_requests=128)
 steps_only = False              # run no model: print the steps each level's workload needs from static batching
                                 # and from a perfect continuous batcher (a request's prompt in one step,
                                 # then one step a token), and their ratio
@@ -145,9 +152,10 @@ engine_modes = set()            # how the engine's steps ran (Engine.decode_mode
 engine_setup = {}               # streams -> the graphs' capture: seconds, graphs, GPU memory reserved after
 
 
-def run_engine(reqs, C, overlap=True):
+def run_engine(reqs, C, overlap=True, timed=None):
     """Closed loop over the engine: C requests in flight. Returns (seconds, first-token delays,
-    inter-token gaps, tokens, steps); the capture's cost goes to engine_setup[C]."""
+    inter-token gaps, tokens, steps); the capture's cost goes to engine_setup[C]. timed: a context
+    around the timed loop alone (after the capture)."""
     longest = max(len(p) + n for p, n in reqs)                      # C of the longest at once: no request
     n_blocks = C * -(-longest // tokens_per_block) + 16             # waits for blocks, C are always running
     engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, max_batch=C, prefill_chunk=prefill_chunk,
@@ -158,25 +166,27 @@ def run_engine(reqs, C, overlap=True):
     engine_setup[C] = {'capture_s': time.time() - t_capture, 'graphs': engine.stats['graph_captures'],
                        'memory_reserved_gb': torch.cuda.memory_reserved() / 1e9 if rt.device_type == 'cuda' else None}
     queue, started, last, ttft, gaps, tokens = list(reqs), {}, {}, [], [], 0
-    t0 = time.time()
-    while queue or engine.running or engine.waiting:
-        while queue and len(engine.running) + len(engine.waiting) < C:
-            p, n = queue.pop(0)
-            r = engine.add(p, n)
-            started[r.id] = time.time()
-        events = engine.step()         # its tokens are on the host already (no sync(): with overlap
-        now = time.time()              # the next step is running on the device now)
-        for r, tok_, finished in events:
-            if tok_ is None:
-                continue
-            tokens += 1
-            if r.id not in last:
-                ttft.append(now - started[r.id])
-            else:
-                gaps.append(now - last[r.id])
-            last[r.id] = now
+    with timed or contextlib.nullcontext():
+        t0 = time.time()
+        while queue or engine.running or engine.waiting:
+            while queue and len(engine.running) + len(engine.waiting) < C:
+                p, n = queue.pop(0)
+                r = engine.add(p, n)
+                started[r.id] = time.time()
+            events = engine.step()         # its tokens are on the host already (no sync(): with overlap
+            now = time.time()              # the next step is running on the device now)
+            for r, tok_, finished in events:
+                if tok_ is None:
+                    continue
+                tokens += 1
+                if r.id not in last:
+                    ttft.append(now - started[r.id])
+                else:
+                    gaps.append(now - last[r.id])
+                last[r.id] = now
+        seconds = time.time() - t0
     engine_modes.add(engine.decode_mode())
-    return time.time() - t0, ttft, gaps, tokens, engine.stats['steps']
+    return seconds, ttft, gaps, tokens, engine.stats['steps']
 
 
 def run_static(reqs, C, generate_group):
@@ -238,6 +248,27 @@ def hf_group(prompts, n):
     return times[1:]                               # the first put() is the prompt
 
 
+def profiled(title):
+    """A context that runs its body under torch.profiler when `profile` names a file (else nothing),
+    appends the tables there and leaves the device's kernels in prof_stats[title]."""
+    if not profile:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device_type == 'cuda' else [])
+
+    @contextlib.contextmanager
+    def run():
+        with torch.profiler.profile(activities=acts) as prof:
+            yield
+            sync()
+        write_profile(prof, profile, title, rt.device_type)
+        prof_stats[title] = kernel_stats(prof)
+    return run()
+
+
+prof_stats = {}                 # title -> {kernel: (microseconds, launches)} (profile=)
+if profile and os.path.exists(profile):
+    os.remove(profile)
 rows, results = [], []
 with rt.autocast():
     run_engine(workload(4, c.vocab_size), 2)                     # warm-up (allocator, kernels)
@@ -246,12 +277,19 @@ with rt.autocast():
     for C in levels:
         reqs = workload(n_requests or max(4 * C, 32), c.vocab_size)
         for m in methods:
+            title = f'{m} at {C} streams, {len(reqs)} requests'
             if m in ('engine', 'engine_sync'):
-                secs, ttft, gaps, tokens, steps = run_engine(reqs, C, overlap=m == 'engine')
+                secs, ttft, gaps, tokens, steps = run_engine(reqs, C, overlap=m == 'engine', timed=profiled(title))
             else:
                 fn = ours_group if m == 'static' else hf_group
                 fn([reqs[0][0]] * min(C, len(reqs)), 4)   # warm-up: the graph of this batch size
-                secs, ttft, gaps, tokens, steps = run_static(reqs, C, fn)
+                with profiled(title):
+                    secs, ttft, gaps, tokens, steps = run_static(reqs, C, fn)
+            if prof_stats.get(title):    # on CUDA: the device's kernels
+                k = prof_stats[title]
+                us, n = sum(t for t, _ in k.values()), sum(n for _, n in k.values())
+                print(f'profile, {title}: {n / steps:.0f} kernels and {us / steps:.0f} us of them a step '
+                      f'({steps} steps, {1e6 * secs / steps:.0f} us wall a step); tables in {profile}', flush=True)
             r = {'method': m, 'streams': C, 'requests': len(reqs), 'tokens': tokens, 'seconds': secs, 'steps': steps,
                  'tokens_per_s': tokens / secs, 'ttft_p50': percentiles(ttft)[0], 'ttft_p99': percentiles(ttft)[1],
                  'itl_p50': percentiles(gaps)[0], 'itl_p99': percentiles(gaps)[1], 'ttft_samples': len(ttft),

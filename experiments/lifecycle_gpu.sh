@@ -21,7 +21,9 @@
 #   collect D the report, logs, eval.json / log.jsonl of every run and the plots -> D/lifecycle.tgz
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
 # SIDE=0 leaves out the side runs, SIDES='best reward_refswap' runs only those named (each slows the
-# main run: all of them do not fit 30 minutes of GPU time), BENCH=0 leaves out the serving benchmarks
+# main run: all of them do not fit 30 minutes of GPU time), BENCH=0 leaves out the serving benchmarks.
+# STAGES (speedrun.sh --stages) and EVAL_RUNS run part of the main life cycle, for the side runs' levers
+# in less time: STAGES=prepare,train,sft,prefs,student_scratch,eval,report EVAL_RUNS="base sft student_scratch"
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
@@ -91,7 +93,7 @@ case ${1:-} in
     ln -sfn $A $S/main
     setsid nohup bash -c "
       export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 TORCHDYNAMO_SUPPRESS_ERRORS=1   # as speedrun.sh
-      bash speedrun.sh --profile=$PROFILE --out=$R > $R/logs/speedrun.log 2>&1 &
+      bash speedrun.sh --profile=$PROFILE --out=$R ${STAGES:+--stages=$STAGES} > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUN :; }

@@ -135,8 +135,13 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     out = tmp_path / 'serve.json'
     proc = run_script('bench_serve.py', *SERVE_MOE, '--block_size=64', '--streams=1,3', '--n_requests=5',
                       '--min_prompt=2', '--max_prompt=9', '--min_output=1', '--max_output=12', f'--out_file={out}',
-                      '--methods=engine,engine_sync,static', cwd=tmp_path)
+                      '--methods=engine,engine_sync,static', f'--profile={tmp_path / "profile.txt"}', cwd=tmp_path)
     rows = json.loads(out.read_text())['results']
+    # profile=: each method's timed run at each level profiled (on the CPU: its operations' table)
+    profile = (tmp_path / 'profile.txt').read_text()
+    titles = [line for line in profile.splitlines() if line.startswith('=== ')]
+    assert titles == [f'=== {m} at {C} streams, 5 requests ===' for C in (1, 3) for m in ('engine', 'engine_sync', 'static')]
+    assert 'aten::' in profile
     assert [(r['method'], r['streams']) for r in rows] == [(m, C) for C in (1, 3) for m in ('engine', 'engine_sync', 'static')]
     assert len({r['tokens'] for r in rows}) == 1 and rows[0]['tokens'] >= 5
     # one stream: one step a token for every method; three: static batching runs each group to its longest
