@@ -92,7 +92,7 @@ case $PROFILE in
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
     # the tokens where an answer first uses a required word weigh 5x in SFT's loss (word_loss_weight):
-    # on the H100 all required words went from 23.8% of held-out answers to 71.1% (one seed; 20-24%
+    # on the H100 all required words went from 23.8% of held-out answers to 71.1% (one seed; 20-23%
     # on four cards before), at the same val bits/byte (docs/results.md)
     SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
          --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200 --word_loss_weight=5"
