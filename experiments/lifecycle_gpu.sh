@@ -61,9 +61,10 @@ link="mkdir -p $S/distill_t2 && for x in data task base; do ln -sfn $A/\$x $S/di
 wanted distill_t2 && SIDE_RUNS+="($link && EVAL_RUNS=student_distill DISTILL_EXTRA='--temperature=2.0' bash speedrun.sh --profile=$PROFILE --out=$S/distill_t2 --stages=student_distill,eval > $R/logs/side_distill_t2.log 2>&1) & "
 # and a second SFT round from the main SFT model on rejection samples: the best answer of each
 # prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
-# run's prefs stage), about 3 epochs of them, evaluated like the rest
+# run's prefs stage), about 3 epochs of them, the words weighted as in the main SFT, evaluated like
+# the rest (from the unweighted SFT: score 0.806, all words 38.7%, +0.19 bits/byte, docs/results.md)
 BEST_SFT="--max_iters=60 --eval_interval=30 --batch_size=16 --block_size=512 --learning_rate=3e-4 --min_lr=3e-5
-          --warmup_iters=10 --eval_prompts=128 --max_new_tokens=200 --compile=False"
+          --warmup_iters=10 --eval_prompts=128 --max_new_tokens=200 --compile=False --word_loss_weight=5"
 [ $PROFILE = cpu ] && BEST_SFT="--max_iters=4 --eval_interval=4 --batch_size=4 --block_size=256 --eval_prompts=8
                                 --max_new_tokens=64 --device=cpu --compile=False"
 BEST_SFT=$(echo $BEST_SFT)
