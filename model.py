@@ -101,6 +101,8 @@ class ModelConfig:
     # --- the scalar head (ScalarModel: the reward model) ----------------------------------------
     score_pooling: str = 'last'        # a sequence's score: 'last' (the head at its last token) |
                                        # 'last+mean' (+ the mean of the head over every token to it)
+    score_reread: bool = False         # the reward model reads prompt + answer + the prompt again and
+                                       # scores at the end of the reread (rl.reward_input)
 
     def __post_init__(self):
         choices = {'attention': ('mha', 'mla'), 'pos_emb': ('learned', 'sinusoidal', 'rope', 'none'),

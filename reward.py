@@ -27,6 +27,7 @@ from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
 from data import read_prepared
 from generate import use_cuda_graph
+from rl import reward_input
 from runtime import close_runtime, init_runtime
 from task import RULE_PARTS, evaluate_task, rank_correlation, score, score_parts
 from training import Run
@@ -47,6 +48,8 @@ task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the fresh sampl
 loss_type = 'bt'             # 'bt' (Bradley-Terry) | 'margin' (margin ranking)
 score_pooling = 'last'       # the score: 'last' (the head at the last token) | 'last+mean' (+ the mean
                              # of the head over every token; ModelConfig.score_pooling, kept in the checkpoint)
+score_reread = False         # read the prompt again after the answer, score at its end (rl.reward_input;
+                             # ModelConfig.score_reread, kept in the checkpoint)
 ranking_margin = 1.0         # m of the margin ranking loss
 batch_size = 16              # pairs (or, batch_by='prompt', prompts) per micro-batch
 batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, each with all its pairs,
@@ -102,7 +105,7 @@ source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the SFT model
 model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, scalar=True, overrides={
-    'dropout': dropout, **FROZEN_ROUTING, **({} if init_from == 'resume' else {'score_pooling': score_pooling})})
+    'dropout': dropout, **FROZEN_ROUTING, **({} if init_from == 'resume' else {'score_pooling': score_pooling, 'score_reread': score_reread})})
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
@@ -138,7 +141,7 @@ if rt.master and any(val_kinds):
 
 def encode(pair, side):
     ids, _ = tok.encode_chat(pair['prompt'], pair[side], ended=pair.get(f'{side}_ended', True))
-    return ids[:block_size]
+    return reward_input(tok, model.config, ids, pair['prompt'], block_size)
 
 
 def padded(seqs):
@@ -220,7 +223,7 @@ if n_fresh and rt.master:
                       cuda_graph=cuda_graph)
     for p, a, s in zip(prompts, r['answers'], r['scores']):
         ids, _ = tok.encode_chat(p['prompt'], a['text'], ended=a['ended'])
-        fresh.append((ids[:block_size], s['score']))
+        fresh.append((reward_input(tok, model.config, ids, p['prompt'], block_size), s['score']))
     del sampler
     print(f'{len(fresh)} fresh samples from {parent}: mean rule score {r["score"]:.3f}')
 

@@ -57,6 +57,18 @@ def load_rewards(kind, tok, reward_model, mix, no_end_penalty, device):
         sys.exit(f'error: {e}')
 
 
+def reward_input(tok, config, ids, prompt, block_size):
+    """What a reward model reads: ids (the prompt's chat turn and the answer, tok.encode_chat), and
+    with config.score_reread the prompt once more after them, as a second user turn. In a causal
+    model the prompt's tokens cannot see the answer; read again after it, each of them can look back
+    for itself there (is the word the prompt asks for in the answer?), and the score, read at the
+    end, comes right after those checks instead of having to gather prompt and answer from one
+    position (the echo embeddings of Springer et al. 2024 do the same for sentence embeddings).
+    At most block_size ids: a long answer loses its end, never the reread."""
+    suffix = [tok.chat_id('user')] + tok.encode(prompt) + [tok.chat_id('end')] if config.score_reread else []
+    return list(ids)[:block_size - len(suffix)] + suffix
+
+
 def read_prompts(task_dir, n_val):
     """(training prompts for rollouts, the first n_val held-out prompts for evaluation)."""
     hint = 'run python prepare/tinystories_instruct.py (or set task_dir=)'
@@ -269,6 +281,14 @@ class Rewards:
             seq, mask = rollout['seq'], rollout['mask']
             last = mask.shape[1] - mask.flip(1).float().argmax(1)    # seq's index of the last response token
             last = torch.where(mask.any(1), last, torch.zeros_like(last))
+            rm_config = self.reward_model.config
+            if rm_config.score_reread:                                # + the prompt again (reward_input)
+                rows = [reward_input(self.tok, rm_config, seq[i, :j + 1].tolist(), p['prompt'], rm_config.block_size)
+                        for i, (j, p) in enumerate(zip(last.tolist(), prompts))]
+                seq = torch.full((len(rows), max(map(len, rows))), self.tok.eot_id, dtype=torch.long)
+                for i, r in enumerate(rows):
+                    seq[i, :len(r)] = torch.tensor(r)
+                seq, last = seq.to(device), torch.tensor([len(r) - 1 for r in rows], device=device)
             outs = []
             for i in range(0, seq.size(0), batch_size):
                 with autocast():

@@ -185,6 +185,17 @@ def test_reward_model_trains_with_the_loss_it_is_given(planted):
             assert r['train/loss'] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5), (loss_type, r)
 
 
+def test_reward_model_that_rereads_the_prompt_keeps_it_in_its_checkpoint(planted):
+    """score_reread=True trains on prompt + answer + the prompt again and saves the flag, so that
+    ppo.py / grpo.py (rl.Rewards) score their rollouts the same way."""
+    run_script('reward.py', '--init_from=base', '--out_dir=rm_reread', '--prefs_dir=planted', '--max_iters=4',
+               '--eval_interval=4', '--batch_size=2', '--score_reread=True', '--n_fresh=2', *COMMON, cwd=planted)
+    model, _, _ = load_model(str(planted / 'rm_reread'), scalar=None)
+    assert model.config.score_reread and not load_model(str(planted / 'base'))[0].config.score_reread
+    rows = [json.loads(line) for line in open(planted / 'rm_reread' / 'log.jsonl')]
+    assert {'val/accuracy', 'fresh/rank_corr'} <= set(rows[-1])
+
+
 def test_reward_model_batched_by_prompt_learns_from_all_pairs_of_each_prompt(pipeline):
     """batch_by='prompt': per prompt 2 answers with 'banana' and 2 without, and every (banana, plain)
     pair (4 a prompt, each answer in 2 of them, as prepare/preferences.py --all_pairs makes them);

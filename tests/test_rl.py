@@ -101,6 +101,40 @@ def test_kl_is_zero_when_policy_equals_reference():
 
 
 
+def test_a_rereading_reward_model_scores_rollouts_as_reward_py_encodes_pairs():
+    """score_reread: what the reward model reads is prompt + answer + the prompt again as a user
+    turn, scored at its end, in rollouts (Rewards) as in training (reward_input); a long answer
+    loses its end, never the reread; without the flag the sequence is left as it is."""
+    from model import ScalarModel
+    from rl import reward_input
+    tok = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    rm = ScalarModel(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64,
+                                 score_reread=True)).eval()
+    prompts = [{'prompt': 'use fox', 'words': ['fox']}, {'prompt': 'a longer prompt: use dog', 'words': ['dog']}]
+    answers = ['The fox ran.', 'dog']
+    rows = [tok.encode_chat(p['prompt'], a)[0] for p, a in zip(prompts, answers)]
+    # a rollout as sample_rollout makes it: prompt + response (+ <|end|>), right-padded, mask on the response
+    L = max(map(len, rows)) + 2
+    seq = torch.full((2, L), tok.eot_id, dtype=torch.long)
+    mask = torch.zeros(2, L - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        seq[i, :len(r)] = torch.tensor(r)
+        mask[i, len(tok.encode_chat(p['prompt'])[0]) - 1:len(r) - 1] = True
+    ro = {'seq': seq, 'mask': mask, 'texts': answers, 'ended': [True, True]}
+    r, parts = Rewards('model', tok, rm)(prompts, ro, contextlib.nullcontext)
+    for i, (p, ids) in enumerate(zip(prompts, rows)):
+        x = reward_input(tok, rm.config, ids, p['prompt'], 64)
+        assert x == ids + [tok.chat_id('user')] + tok.encode(p['prompt']) + [tok.chat_id('end')]
+        with torch.no_grad():
+            alone = rm(torch.tensor([x]), last=torch.tensor([len(x) - 1]))
+        torch.testing.assert_close(r[i:i + 1], alone)
+    long = reward_input(tok, rm.config, rows[0] * 10, 'use fox', 64)
+    assert len(long) == 64 and long[-9:] == [tok.chat_id('user')] + tok.encode('use fox') + [tok.chat_id('end')]
+    plain = ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64)
+    assert reward_input(tok, plain, rows[0], 'use fox', 64) == rows[0]
+
+
 def test_rollouts_and_greedy_answers_through_static_steps_equal_the_default(monkeypatch):
     """cuda_graph=True in rollouts and evaluations (a captured step on CUDA; on the CPU the same
     static-cache steps run eagerly): the same answers as the default path, sampled with one seed
