@@ -30,6 +30,20 @@ $ for seed in 1337 1338 1339; do for pool in last last+mean; do OMP_NUM_THREADS=
   last+mean  88.5 / 95.5 / 100 / 100 / 100%      67.5 / 70.0 / 70.5 / 73.0 / 80.0%   64.5 / 69.0 / 71.0 / 84.5 / 85.0%
 at step 1,500 a mean of 85.7% against 88.3%, inside the seeds' ranges (35 and 20 points): the seed decides
 more than the pooling, and whether a run learns the comparison at all.)
+
+Reading the prompt again after the answer (reward.py --score_reread=True, rl.reward_input), the
+same three seeds and settings against the last token alone, on the SFT model of the cpu profile
+(`speedrun.sh --profile=cpu`; its last-token runs repeat the numbers above exactly), 2026-12-06:
+$ for seed in 1337 1338 1339; do for rr in False True; do OMP_NUM_THREADS=1 python reward.py \
+    --init_from=out/speedrun_cpu/sft --task_dir=out/speedrun_cpu/task --prefs_dir=out/prompt_pairs \
+    --out_dir=out/prompt_pairs_rm_reread${rr}_$seed --learning_rate=3e-4 --min_lr=3e-5 --batch_by=pair \
+    --batch_size=16 --max_iters=1500 --eval_interval=300 --warmup_iters=10 --n_fresh=0 \
+    --save_checkpoints=False --device=cpu --compile=False --score_reread=$rr --seed=$seed & done; wait; done
+(held-out accuracy at steps 300 / 600 / 900 / 1,200 / 1,500; seeds 1337 / 1338 / 1339:
+  last     74.5 / 81.0 / 82.0 / 85.0 / 93.5%   50.0 / 65.0 / 65.0 / 65.0 / 64.0%   65.5 / 80.5 / 96.5 / 98.5 / 99.5%
+  reread   84.5 / 97.5 / 100 / 99.5 / 100%     51.0 / 71.5 / 75.5 / 78.5 / 77.5%   78.5 / 95.0 / 100 / 100 / 100%
+the reread is ahead on every seed at every evaluation after the first: a mean of 88.0% against
+75.5% at step 600 and 92.5% against 85.7% at 1,500. Seed 1338 stays the slow one in both.)
 """
 
 import os
