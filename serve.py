@@ -354,13 +354,14 @@ body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 1rem auto; 
 #log .msg { white-space: pre-wrap; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
 #log .user { background: #e8f0fe; } #log .assistant { background: #f1f3f4; }
 form { display: flex; gap: .5rem; } textarea { flex: 1; height: 4rem; }
-#settings { margin: .5rem 0; font-size: .9rem; } #settings input { width: 4.5rem; }
+#settings { margin: .5rem 0; font-size: .9rem; } #settings input { width: 4.5rem; } .hint { color: #777; }
 </style></head><body>
 <h1>nano-kimi</h1><div id="model"></div>
 <div id="log"></div>
 <div id="settings">temperature <input id="temperature" type="number" step="0.1" value="0.8">
  top_p <input id="top_p" type="number" step="0.05" value="1.0">
- max tokens <input id="max_tokens" type="number" min="1" placeholder="auto"></div>
+ max tokens <input id="max_tokens" type="number" min="1" placeholder="auto">
+ <span class="hint">Enter sends, Shift+Enter starts a new line</span></div>
 <form id="form"><textarea id="input" placeholder="Write a story that uses the words: dog, ball, happy."></textarea>
 <button id="send" type="submit">Send</button><button id="stop" type="button" disabled>Stop</button>
 <button id="clear" type="button">Clear</button></form>
@@ -376,6 +377,9 @@ function add(role, text) { const d = document.createElement('div'); d.className 
   d.textContent = text; log.appendChild(d); return d; }
 document.getElementById('clear').onclick = () => { messages = []; log.innerHTML = ''; };
 stopBtn.onclick = () => { if (controller) controller.abort(); };
+input.addEventListener('keydown', (e) => {   // Enter sends (unless a reply is still streaming)
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault();
+    if (!sendBtn.disabled) document.getElementById('form').requestSubmit(); } });
 document.getElementById('form').onsubmit = async (e) => {
   e.preventDefault(); const text = input.value.trim(); if (!text) return;
   input.value = ''; messages.push({role: 'user', content: text}); add('user', text);

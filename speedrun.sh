@@ -23,8 +23,11 @@
 # Options: --profile=cpu|gpu, --out=FOLDER (default out/speedrun_<profile>), --stages=a,b,...,
 # --parallel=0|1 (stages that do not need each other's output side by side; the gpu profile's default)
 # A stage's settings can be changed from the environment: <NAME>_EXTRA is appended to the settings
-# NAME below (the last value of a key wins), and EVAL_RUNS names the runs eval evaluates:
+# NAME (PREPARE, MODEL, SFT, PREFS, REWARD, DPO, PPO, GRPO, STUDENT, DISTILL, EVAL; in this script's
+# profiles below; the last value of a key wins), and EVAL_RUNS names the runs eval evaluates:
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
+# A stage that finished before is skipped, whatever the settings now: to run it again, delete its
+# folder under OUT (and its line in OUT/times.tsv) or give another --out=
 # The data comes from $SHARED_DATA (default ../shared/data beside the checkout; see prepare/stories.py).
 set -euo pipefail
 PROFILE=cpu
@@ -168,9 +171,12 @@ trap 'wall_line; rm -f $OUT/logs/wall.$$' EXIT
 # stage stopped midway leaves a checkpoint, not the line: it runs again)
 run() {
   local name=$1 done=$2; shift 2
-  if [ -e "$done" ] && grep -qs "^$name	" $OUT/times.tsv; then echo "$name: done before ($done)"; return; fi
+  if [ -e "$done" ] && grep -qs "^$name	" $OUT/times.tsv; then
+    echo "$name: done before ($done), skipped; to run it again with the settings now, delete that folder or use --out="
+    return
+  fi
   [ -e "$done" ] && echo "$name: $done is there but the stage did not finish (no line in times.tsv): it runs again"
-  echo "$name: $*"
+  echo "$name: $*   (log: $OUT/logs/$name.log)"
   local t0=$SECONDS
   if ! "$@" > $OUT/logs/$name.log 2>&1; then
     echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1

@@ -26,6 +26,7 @@ from checkpoint import load_checkpoint
 from config import configure, model_config_from
 from data import TokenData, eval_generator, load_tokenizer_spec
 from model import GPT, ModelConfig, padded_vocab_size
+from runlog import progress
 from runtime import CUDAGraphStep, close_runtime, init_runtime, synchronize, write_profile
 from training import Run
 
@@ -155,8 +156,12 @@ if rt.master:
     step_flops = flops_per_token * tokens_per_step
     if rt.device_type == 'cpu' and step_flops > 1e12:      # e.g. config/tinystories_moe.py on a laptop
         # (config/tinystories_cpu.py trains about 10k tokens/s x 7.6 MFLOPs on 2 cores: 0.07 TFLOP/s)
+        # an evaluation is a forward pass (a third of a training step's FLOPs) per batch and split
+        eval_minutes = (eval_iters * (1 + len(data.val_splits)) * flops_per_token * batch_size * block_size / 3
+                        / 0.07e12 / 60)
         print(f'note: {step_flops / 1e12:.1f} TFLOPs a step, sized for a GPU: a 2-core CPU does about 0.07 '
-              f'TFLOP/s, so several minutes a step here; config/tinystories_cpu.py is the CPU-sized run '
+              f'TFLOP/s, so several minutes a step here, and about {eval_minutes:,.0f} minutes for each '
+              f'evaluation (the first one before step 1); config/tinystories_cpu.py is the CPU-sized run '
               f'(a few minutes in all)', file=sys.stderr)
     epochs = max_iters * tokens_per_step / max(data.lengths['train'], 1)
     if epochs > 20:                                   # e.g. the GPU config on the offline TinyStories sample
@@ -187,7 +192,9 @@ def evaluate(model):
     out = {}
     for split in splits:
         losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        # a bar where someone watches a terminal (a CPU's evaluation of a GPU-sized model takes minutes)
+        for k in progress(range(eval_iters), desc=f'evaluating {split}', leave=False,
+                          disable=not (rt.master and sys.stderr.isatty())):
             g = eval_generator(seed, k, split)
             x, y = data.batch(split, batch_size, block_size, g, rt.device)
             with rt.autocast():

@@ -297,8 +297,11 @@ def test_the_chat_page_in_headless_chromium(server):
         page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
         assert page.locator('.msg.user').all_text_contents() == [question]
         assert page.locator('.msg.assistant').all_text_contents() == [api]
+        page.fill('#input', 'And then')
+        page.press('#input', 'Shift+Enter')                            # a new line, nothing sent
+        assert page.input_value('#input') == 'And then\n' and page.locator('.msg.user').count() == 1
         page.fill('#input', 'And then?')
-        page.click('#send')
+        page.press('#input', 'Enter')                                  # Enter sends
         page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
                                "!document.getElementById('send').disabled", timeout=60_000)
         assert page.evaluate('messages.length') == 4                   # both turns go to the server
