@@ -144,10 +144,10 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
 
     namespace.update(config)
     if verbose and int(os.environ.get('RANK', 0)) == 0:
+        # what this run changed; every value is in the checkpoint ('config') and --help lists the defaults
         changed = {k: v for k, v in config.items() if v != defaults[k]}
-        print('config: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(config.items())))
-        if changed:
-            print('changed from defaults: ' + ', '.join(f'{k}={v!r}' for k, v in sorted(changed.items())))
+        print('config, changed from the defaults: ' + (', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))
+                                                       or 'nothing'))
     return config
 
 
