@@ -118,6 +118,8 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     line = next(x for x in p.stdout.splitlines() if x.startswith('sft: python sft.py'))
+    line, log = line.split('   (log: ')                                  # each stage names its log
+    assert log == f'{tmp_path}/run/logs/sft.log)'
     assert line.endswith('--learning_rate=3e-4 --max_iters=7 --device=cpu --compile=False'), line
     assert line.index('--learning_rate=1e-3') < line.index('--learning_rate=3e-4')    # the profile's, then ours
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=eval'],
@@ -152,6 +154,7 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert 'sft: done before' in p.stdout and p.returncode == 0
+    assert 'to run it again with the settings now, delete that folder or use --out=' in p.stdout
     p = subprocess.run(['bash', 'speedrun.sh', '--help'], cwd=repo, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories')
 
