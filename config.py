@@ -16,6 +16,7 @@ ones. The resolved values are written back into the script's globals and returne
 import ast
 import difflib
 import os
+import re
 import sys
 from dataclasses import fields
 
@@ -97,9 +98,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     valid = set(defaults)
 
     if any(a in ('-h', '--help') for a in argv):
-        print('usage: python SCRIPT.py [config/FILE.py ...] [--key=value ...]\nconfig keys:')
-        for k in sorted(defaults):
-            print(f'  --{k}={defaults[k]!r}')
+        print(_help(namespace, defaults, model_config))
         sys.exit(0)
 
     args, i = [], 0
@@ -149,6 +148,60 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         print('config, changed from the defaults: ' + (', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))
                                                        or 'nothing'))
     return config
+
+
+def _key_comments(path):
+    """{key: its comment} from the assignments of a source file, `key = value  # comment` (a
+    script's config block) or `key: type = value  # comment` (a dataclass field), in the order the
+    file first assigns each ('' where it has no comment), the comment lines right below that
+    continue it joined on."""
+    comments, last = {}, None
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return comments
+    in_string = False
+    for line in lines:
+        if in_string or line.count('"""') % 2:             # docstrings (their text may read key=value)
+            in_string ^= line.count('"""') % 2 == 1
+            last = None
+            continue
+        # module level: key = ...; a dataclass field (indented): key: type = ...
+        m = re.match(r'(?:(\w+)\s*|\s+(\w+)\s*:[^=#]*)=(?!=)[^#]*(?:#\s?(.*))?$', line)
+        if m:
+            m = (m.group(1) or m.group(2), m.group(3))
+            last = m[0] if m[0] not in comments else None
+            if last:
+                comments[last] = (m[1] or '').strip()                   # '' (no comment) keeps its place
+        elif last and comments[last] and re.match(r'\s+#', line) and line.index('#') > 20:   # continued
+            comments[last] += ' ' + line.strip().lstrip('#').strip()
+        else:
+            last = None
+    return comments
+
+
+def _help(namespace, defaults, model_config):
+    """--help: the script's usage (the first paragraph of its docstring) and every key with its
+    default and the comment beside it in the script (or in the model's config class)."""
+    script = namespace.get('__file__') or 'SCRIPT.py'
+    doc = (namespace.get('__doc__') or '').strip().split('\n\n')[0]
+    comments = _key_comments(script)
+    model_keys = []
+    if model_config is not None:
+        model_comments = _key_comments(sys.modules[model_config.__module__].__file__)
+        model_keys = [f.name for f in fields(model_config) if f.name not in comments]
+        comments = {**model_comments, **comments}
+    order = {k: i for i, k in enumerate(comments)}           # the source's order: keys grouped as written
+    own = sorted((k for k in defaults if k not in model_keys), key=lambda k: (order.get(k, len(order)), k))
+
+    def rows(keys):
+        return [f'  --{k}={defaults[k]!r}' + (f'\n      {comments[k]}' if comments.get(k) else '') for k in keys]
+    out = [f'usage: python {os.path.relpath(script)} [config/FILE.py ...] [--key=value ...]']
+    out += [doc, ''] if doc else []
+    out += ['settings (default, then what it does):'] + rows(own)
+    if model_keys:
+        out += ['', f'model settings ({model_config.__name__}; a checkpoint keeps them):'] + rows(model_keys)
+    return '\n'.join(out)
 
 
 def _did_you_mean(key, valid):

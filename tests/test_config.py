@@ -104,6 +104,32 @@ def test_help_lists_keys(capsys):
     assert '--n_steps=10' in capsys.readouterr().out
 
 
+def test_help_gives_each_key_its_comment_in_the_scripts_order(tmp_path, capsys):
+    """--help: the script's name and the first paragraph of its docstring, then each key in the
+    order the script sets it with the comment beside it (a comment continued on the lines below
+    joined on; key=value text in the docstring ignored), then the model's keys with ModelConfig's
+    comments."""
+    script = tmp_path / 'stage.py'
+    script.write_text('"""\nA toy stage.\n\nwith\nlr=3 in the text of the docstring\n"""\n'
+                      "out_dir = 'out/x'     # where it writes\n"
+                      'lr = 0.1              # the learning rate,\n'
+                      '                      # decayed to a tenth\n'
+                      'steps = 10\n')
+    ns = {'__file__': str(script), '__doc__': '\nA toy stage.\n\nwith\nlr=3\n', 'out_dir': 'out/x', 'lr': 0.1,
+          'steps': 10}
+    with pytest.raises(SystemExit) as e:
+        configure(ns, ['--help'], model_config=ModelConfig)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f'usage: python {os.path.relpath(script)} ')
+    assert 'A toy stage.' in out and 'lr=3' not in out
+    own = out.split('model settings')[0]
+    assert own.index('--out_dir=') < own.index('--lr=') < own.index('--steps=10')
+    assert "--out_dir='out/x'\n      where it writes" in own
+    assert '--lr=0.1\n      the learning rate, decayed to a tenth' in own
+    model = out.split('model settings')[1]
+    assert '--kv_lora_rank=512\n      width of the compressed key/value latent (what is cached)' in model
+
+
 def test_key_space_value_is_accepted_and_a_bare_flag_is_refused():
     _, cfg = run(['--n_steps', '20', '--out_dir', 'out/y', '--flag=True'])
     assert cfg['n_steps'] == 20 and cfg['out_dir'] == 'out/y' and cfg['flag'] is True
