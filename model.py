@@ -508,9 +508,10 @@ class MLAttention(nn.Module):
         if cache is None:
             y = self.attend_naive(q_nope, q_rope, c, k_rope, mask)                     # (B, H, T, Dv)
         else:
-            c = cache.update(self.layer_idx, 'latent', c, dim=1)                       # (B, L, r)
-            k_rope = cache.update(self.layer_idx, 'k_rope', k_rope, dim=1)             # (B, L, Dr)
-            y = self.attend_absorbed(q_nope, q_rope, c, k_rope, mask)
+            # the cache keeps [c ; k_rope] as one row per token, the absorbed attention's key: the
+            # step joins its T new rows, never the L cached ones (and a paged cache gathers once)
+            ckv = cache.update(self.layer_idx, 'latent_rope', torch.cat([c, k_rope], dim=-1), dim=1)  # (B, L, r+Dr)
+            y = self.attend_absorbed(q_nope, q_rope, ckv, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
 
     def attend_naive(self, q_nope, q_rope, c, k_rope, mask):
@@ -529,18 +530,19 @@ class MLAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                                               dropout_p=self.dropout if self.training else 0.0)
 
-    def attend_absorbed(self, q_nope, q_rope, c, k_rope, mask):
+    def attend_absorbed(self, q_nope, q_rope, ckv, mask):
         """Decoding over cached latents: W_uk moves into the query and W_uv onto the output, so
-        the L cached tokens are read as c (B, L, r) and k_rope (B, L, Dr), never expanded per
-        head. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr) -> (B, H, T, Dv)."""
+        the L cached tokens are read as ckv = [c ; k_rope] (B, L, r+Dr), the key, whose first r
+        numbers c are the value, never expanded per head. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr)
+        -> (B, H, T, Dv)."""
         H = self.n_head
         w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.rank)
         w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                            # (H, D, r)
         q_latent = torch.einsum('bthd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))      # W_uk^T q_nope
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)                      # (B, H, T, r+Dr)
-        k = torch.cat([c, k_rope], dim=-1)[:, None]                                    # (B, 1, L, r+Dr)
+        k, c = ckv[:, None], ckv[:, None, :, :self.rank]                              # (B, 1, L, r+Dr), (B, 1, L, r)
         attn_mask, is_causal = mask
-        y = F.scaled_dot_product_attention(q, k, c[:, None], attn_mask=attn_mask, is_causal=is_causal,
+        y = F.scaled_dot_product_attention(q, k, c, attn_mask=attn_mask, is_causal=is_causal,
                                            scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=True)                            # (B, H, T, r)
         return torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                     # W_uv (a . c)
