@@ -130,6 +130,13 @@ def test_help_gives_each_key_its_comment_in_the_scripts_order(tmp_path, capsys):
     assert '--kv_lora_rank=512\n      width of the compressed key/value latent (what is cached)' in model
 
 
+def test_a_run_prints_only_what_it_changed(capsys):
+    configure(defaults(), ['--n_steps=20', '--lr=3e-4'])              # lr given its default: not a change
+    assert capsys.readouterr().out == 'config, changed from the defaults: n_steps=20\n'
+    configure(defaults(), [])
+    assert capsys.readouterr().out == 'config, changed from the defaults: nothing\n'
+
+
 def test_key_space_value_is_accepted_and_a_bare_flag_is_refused():
     _, cfg = run(['--n_steps', '20', '--out_dir', 'out/y', '--flag=True'])
     assert cfg['n_steps'] == 20 and cfg['out_dir'] == 'out/y' and cfg['flag'] is True

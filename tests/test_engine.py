@@ -79,6 +79,8 @@ def test_stop_tokens_end_a_request_and_mla_pages_only_the_latent_and_rope_key():
     assert r.output == first[:first.index(first[2]) + 1]    # up to the stop token, which ends it
     c = model.config
     assert engine.pool.numbers_per_token() == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) == cache_numbers_per_token(c)
+    # one pool a layer: the latent and the RoPE key share a row, so a step gathers once a layer
+    assert sorted(engine.pool.tensors) == [(i, 'latent_rope') for i in range(c.n_layer)]
     gqa = build(**VARIANTS['gqa_rope'])
     engine = Engine(gqa, n_blocks=10, tokens_per_block=4)
     engine.add([1, 2], 3)

@@ -279,6 +279,14 @@ def test_a_run_that_reads_its_data_many_times_over_is_told_so(tmp_path, byte_dat
     assert f'read the {train_len:,} training tokens' in many.stderr and 'overfitting' in many.stderr
 
 
+def test_a_gpu_sized_step_on_the_cpu_is_told_what_a_step_and_an_evaluation_cost(tmp_path, byte_data):
+    """Over 1 TFLOP a step on the CPU (here by gradient accumulation; no step runs): a note with the
+    minutes each evaluation will take, the first one before step 1."""
+    p = train(tmp_path, byte_data, 'big', '--max_iters=0', '--batch_size=512', '--eval_iters=1',
+              '--gradient_accumulation_steps=20000', check=False)
+    assert 'sized for a GPU' in p.stderr and 'minutes for each evaluation (the first one before step 1)' in p.stderr
+
+
 def test_a_log_line_cut_by_a_kill_is_skipped_when_a_resumed_run_reopens_the_log(tmp_path):
     import runlog
     log = runlog.RunLog(str(tmp_path))
