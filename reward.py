@@ -27,7 +27,7 @@ from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
 from data import read_prepared
 from generate import use_cuda_graph
-from rl import reward_input
+from rl import reward_input, right_padded
 from runtime import close_runtime, init_runtime
 from task import RULE_PARTS, evaluate_task, rank_correlation, score, score_parts
 from training import Run
@@ -147,11 +147,7 @@ def encode(pair, side):
 def padded(seqs):
     """x (N, T): the sequences right-padded; last (N,): each one's last position, where its reward
     is read."""
-    x = torch.full((len(seqs), max(map(len, seqs))), tok.eot_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-    last = torch.tensor([len(s) - 1 for s in seqs])
-    return x.to(rt.device), last.to(rt.device)
+    return right_padded(seqs, tok.eot_id, rt.device)
 
 
 def batch(pairs):

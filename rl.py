@@ -69,6 +69,15 @@ def reward_input(tok, config, ids, prompt, block_size):
     return list(ids)[:block_size - len(suffix)] + suffix
 
 
+def right_padded(seqs, pad_id, device):
+    """x (N, T): token-id sequences right-padded with pad_id; last (N,): each one's last position,
+    where a reward model reads its score. Both on `device`."""
+    x = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
+
+
 def read_prompts(task_dir, n_val):
     """(training prompts for rollouts, the first n_val held-out prompts for evaluation)."""
     hint = 'run python prepare/tinystories_instruct.py (or set task_dir=)'
@@ -283,12 +292,10 @@ class Rewards:
             last = torch.where(mask.any(1), last, torch.zeros_like(last))
             rm_config = self.reward_model.config
             if rm_config.score_reread:                                # + the prompt again (reward_input)
-                rows = [reward_input(self.tok, rm_config, seq[i, :j + 1].tolist(), p['prompt'], rm_config.block_size)
-                        for i, (j, p) in enumerate(zip(last.tolist(), prompts))]
-                seq = torch.full((len(rows), max(map(len, rows))), self.tok.eot_id, dtype=torch.long)
-                for i, r in enumerate(rows):
-                    seq[i, :len(r)] = torch.tensor(r)
-                seq, last = seq.to(device), torch.tensor([len(r) - 1 for r in rows], device=device)
+                seq, last = right_padded([reward_input(self.tok, rm_config, seq[i, :j + 1].tolist(), p['prompt'],
+                                                       rm_config.block_size)
+                                          for i, (j, p) in enumerate(zip(last.tolist(), prompts))],
+                                         self.tok.eot_id, device)
             outs = []
             for i in range(0, seq.size(0), batch_size):
                 with autocast():
