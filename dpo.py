@@ -118,10 +118,10 @@ def reference_logprobs(ref_model, pairs, desc):
     """(N, 2) log-probabilities of every pair's chosen and rejected response under the frozen
     reference model: computed once, before training, as they never change."""
     out = []
-    for i in progress(range(0, len(pairs), 2 * batch_size), desc=desc, disable=not rt.master):
+    for i in progress(range(0, len(pairs), 2 * batch_size), desc=desc, disable=not rt.master):   # no grads: 2x fit
         with rt.autocast():
             (c, r), _ = sequence_logprobs(ref_model, pairs[i:i + 2 * batch_size])
-        out.append(torch.stack([c, r], 1).float())
+        out.append(torch.stack([c, r], 1))
     return torch.cat(out)
 
 
@@ -144,7 +144,7 @@ def evaluate(model):
     for i in range(0, len(val_pairs), batch_size):
         with rt.autocast():
             (pi_c, pi_r), _ = sequence_logprobs(model, val_pairs[i:i + batch_size])
-        loss, r_c, r_r = dpo(pi_c.float(), pi_r.float(), ref_val[i:i + batch_size].to(rt.device))
+        loss, r_c, r_r = dpo(pi_c, pi_r, ref_val[i:i + batch_size].to(rt.device))
         losses.append(loss.item() * len(r_c))
         margins += (r_c - r_r).tolist()
         correct += (r_c > r_r).tolist()
@@ -164,7 +164,7 @@ run = Run(config, rt, model, 'dpo', tok.spec(), model.flops_per_token(block_size
                             'reference': reference,
                             'prefs_dir': prefs_dir, 'data_dir': ckpt.get('data_dir', ''), 'task_dir': task_dir},
           unused_parameters=model.config.mtp_depth > 0)    # no targets: MTP unused
-ckpt = None
+ckpt = None                                   # Run holds what it needs; free the loaded tensors
 
 # --- the training loop: a random batch of pairs per micro-step ----------------------------------
 step = run.step                               # 0, or where a resumed run stopped

@@ -39,17 +39,19 @@ from optim import record_max_logit
 class ModelConfig:
     # --- the core, in nanoGPT's names; the defaults are GPT-2 124M -------------------------
     vocab_size: int = 50304            # GPT-2's 50,257 ids padded to a multiple of 64
-    block_size: int = 1024             # longest sequence trained on; the generation window
+    block_size: int = 1024             # longest sequence trained on; the generation window (HF:
+                                       # max_position_embeddings; every HF name: convert_hf.to_hf_config)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True                  # biases in linear layers and LayerNorm
+    bias: bool = True                  # biases in linear layers and LayerNorm (HF: attention_bias)
     tie_word_embeddings: bool = True   # the output head shares the token embedding matrix
-    init_std: float = 0.02
+    init_std: float = 0.02             # HF: initializer_range
     # --- attention -------------------------------------------------------------------------
     attention: str = 'mha'             # 'mha' (multi-head; grouped-query via n_kv_head) | 'mla'
-    n_kv_head: Optional[int] = None    # key/value heads: None = n_head (MHA), 1 = MQA, else GQA
+    n_kv_head: Optional[int] = None    # key/value heads (HF: num_key_value_heads): None = n_head (MHA),
+                                       # 1 = MQA, else GQA
     head_dim: Optional[int] = None     # None = n_embd // n_head
     # Multi-head Latent Attention (DeepSeek-V2/V3), in DeepSeek-V3's names
     q_lora_rank: Optional[int] = None  # queries through a rank-q_lora_rank bottleneck; None (or 0,
@@ -71,8 +73,9 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None
     # --- norm and MLP ----------------------------------------------------------------------
     norm: str = 'layernorm'            # 'layernorm' | 'rmsnorm'
-    norm_eps: float = 1e-5
-    mlp: str = 'gelu'                  # 'gelu' | 'swiglu'
+    norm_eps: float = 1e-5             # HF: rms_norm_eps (MLA's two inner norms keep DeepSeek's 1e-6)
+    mlp: str = 'gelu'                  # 'gelu' | 'swiglu': the dense MLPs and the shared experts; the
+                                       # routed experts are always SwiGLU (Experts)
     intermediate_size: Optional[int] = None   # dense MLP width; None: 4C (gelu), 8/3 C (swiglu)
     # --- mixture of experts (DeepSeekMoE); 0 routed experts = a dense model -----------------
     n_routed_experts: int = 0
@@ -89,14 +92,15 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0        # weight of the balance loss (DeepSeek-V3: 0.0001)
     seq_aux: bool = True               # balance per sequence (DeepSeek-V3) or per batch (Switch)
     moe_impl: str = 'auto'             # 'loop' (reference) | 'grouped' (sorted, grouped GEMM) |
-                                       # 'gathered' (few tokens) | 'auto' (see MoE.forward)
+                                       # 'gathered' (few tokens) | 'auto' (see MoE.expert_impl)
     # --- the training loss -----------------------------------------------------------------
     loss_impl: str = 'auto'            # 'plain' (logits, then F.cross_entropy) | 'fused' (output
                                        # layer + loss in chunks, gradients in the forward:
                                        # linear_cross_entropy) | 'auto': fused on CUDA when the
                                        # logits are not returned (the training step)
     # --- multi-token prediction (DeepSeek-V3) ----------------------------------------------
-    mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead
+    mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead (HF:
+                                       # num_nextn_predict_layers)
     mtp_loss_weight: float = 0.3       # lambda: loss = main + lambda / depth * sum of MTP losses
     # --- the scalar head (ScalarModel: the reward model) ----------------------------------------
     score_pooling: str = 'last'        # a sequence's score: 'last' (the head at its last token) |
@@ -220,7 +224,8 @@ PRESETS = {
                          n_embd=4096, pos_emb='rope', rope_theta=1e6, norm='rmsnorm', mlp='swiglu',
                          bias=False, tie_word_embeddings=False, n_routed_experts=8,
                          num_experts_per_tok=2, moe_intermediate_size=14336, scoring_func='softmax',
-                         aux_loss_alpha=0.02, seq_aux=False),
+                         aux_loss_alpha=0.02 * 2 / 32, seq_aux=False),   # HF's coefficient 0.02
+                                                                           # (balance_loss says why)
     'deepseek_v3': dict(_DEEPSEEK_COMMON, vocab_size=129280, block_size=163840, n_head=128,
                         n_routed_experts=256, routed_scaling_factor=2.5, n_group=8, topk_group=4,
                         first_k_dense_replace=3, mtp_depth=1, rope_theta=10000.0,
@@ -469,7 +474,7 @@ class MLAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         C, H = config.n_embd, config.n_head
-        self.n_head, self.rank = H, config.kv_lora_rank
+        self.n_head, self.kv_lora_rank = H, config.kv_lora_rank
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         d_qk = self.d_nope + self.d_rope
         self.low_rank_q = config.q_lora_rank is not None
@@ -478,10 +483,11 @@ class MLAttention(nn.Module):
         else:                                        # queries through a low-rank bottleneck too
             self.q_a_proj = nn.Linear(C, config.q_lora_rank, bias=config.bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, H * d_qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(C, self.rank + self.d_rope, bias=config.bias)   # [c ; k_rope]
-        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.rank, H * (self.d_nope + self.d_v), bias=False)     # [W_uk ; W_uv]
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * d_qk, bias=False)   # rows: head h's [q_nope ; q_rope]
+        r = self.kv_lora_rank
+        self.kv_a_proj_with_mqa = nn.Linear(C, r + self.d_rope, bias=config.bias)   # [c ; k_rope]
+        self.kv_a_layernorm = RMSNorm(r, 1e-6)      # 1e-6: DeepSeek's, whatever norm_eps is
+        self.kv_b_proj = nn.Linear(r, H * (self.d_nope + self.d_v), bias=False)   # rows: head h's [W_uk_h ; W_uv_h]
         self.o_proj = nn.Linear(H * self.d_v, C, bias=config.bias)
         self.o_proj.residual = True
         self.dropout = config.dropout
@@ -501,7 +507,7 @@ class MLAttention(nn.Module):
         # the RoPE-and-concatenate kernels, and their backwards, move every row across the layout
         q = q.view(B, T, H, self.d_nope + self.d_rope)                               # (B, T, H, Dqk)
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
-        c, k_rope = ckv.split([self.rank, self.d_rope], dim=-1)
+        c, k_rope = ckv.split([self.kv_lora_rank, self.d_rope], dim=-1)
         c = self.kv_a_layernorm(c)                                                     # (B, T, r)
         q_rope = apply_rope(q_rope.transpose(1, 2), *rope).transpose(1, 2)             # (B, T, H, Dr)
         k_rope = apply_rope(k_rope[:, None], *rope)[:, 0]                              # (B, T, Dr)
@@ -536,15 +542,17 @@ class MLAttention(nn.Module):
         numbers c are the value, never expanded per head. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr)
         -> (B, H, T, Dv)."""
         H = self.n_head
-        w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.rank)
-        w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                            # (H, D, r)
+        w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                            # (H, Dn, r), (H, Dv, r)
         q_latent = torch.einsum('bthd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))      # W_uk^T q_nope
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)                      # (B, H, T, r+Dr)
-        k, c = ckv[:, None], ckv[:, None, :, :self.rank]                              # (B, 1, L, r+Dr), (B, 1, L, r)
+        k, c = ckv[:, None], ckv[:, None, :, :self.kv_lora_rank]                      # (B, 1, L, r+Dr), (B, 1, L, r)
         attn_mask, is_causal = mask
         y = F.scaled_dot_product_attention(q, k, c, attn_mask=attn_mask, is_causal=is_causal,
                                            scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=True)                            # (B, H, T, r)
+        # scale: still 1/sqrt(Dn + Dr) (softmax_scale), not SDPA's default 1/sqrt(r + Dr): the
+        # logits q_latent . c + q_rope . k_rope are the same numbers as attend_naive's q . k
         return torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                     # W_uv (a . c)
 
 
@@ -628,6 +636,8 @@ class Experts(nn.Module):
 
     def __init__(self, E, C, I, std=0.02):
         super().__init__()
+        # in a GPT, _init_weights draws these again (down_proj at std / sqrt(2 n_layer), as for
+        # every projection into the residual stream)
         self.gate_proj = nn.Parameter(torch.randn(E, I, C) * std)
         self.up_proj = nn.Parameter(torch.randn(E, I, C) * std)
         self.down_proj = nn.Parameter(torch.randn(E, C, I) * std)
@@ -656,7 +666,10 @@ def balance_loss(scores, indices, K, n_seq):
     """sum_i f_i P_i averaged over n_seq groups of tokens (sequences, or 1 = the whole batch):
     f_i = E / (K T) * (tokens choosing expert i), P_i = mean over tokens of s_i / sum_j s_j.
     Equals 1 when load and affinity are uniform. DeepSeek-V3's complementary sequence-wise
-    loss when grouped by sequence; the Switch Transformer / Mixtral loss over the whole batch."""
+    loss when grouped by sequence; over the whole batch the Switch Transformer's loss (which is
+    the same at K = 1). Per layer, and the layers' losses are added. HF's Mixtral loss pools every
+    layer's tokens and is K at uniform load, about K times the mean over layers: its
+    router_aux_loss_coef a is about aux_loss_alpha = a K / n_layer here."""
     N, E = scores.shape
     T = N // n_seq
     chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, T, E)
@@ -959,37 +972,48 @@ class GPT(nn.Module):
         tokens whose expert choices count as expert load (not a right-padded batch's padding).
         The loss adds the MoE balance losses and the weighted MTP losses; the parts are left
         in self.last_losses ('lm', 'aux', 'mtp') for logging."""
-        B, T = idx.shape
+        T = idx.size(1)
         c = self.config
         x, rope, aux_total = self.trunk(idx, cache, segments, counted)
-        if targets is None:
+        if targets is None:                  # no loss: nothing to log (last_losses) either
+            self.last_losses = {}
             return self.lm_head(self.norm(x[:, -1:] if last_only else x)), None
         fused = self.use_fused_loss(x, return_logits)
         logits, lm_loss = self.head_loss(self.norm(x), targets, fused)
         loss, parts = lm_loss, {'lm': lm_loss.detach()}
         if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
-            h, mtp_losses = x, []
-            for k, module in enumerate(self.mtp, start=1):          # depth k predicts t_{i+k+1}
-                Tk = T - k
-                emb = self.tok_emb(idx[:, k:])                      # t_{i+k} for i < T - k
-                rope_k = (rope[0][..., :Tk, :], rope[1][..., :Tk, :]) if rope is not None else None
-                mask_k = (self.causal_mask(Tk, idx.device) if segments is None
-                          else self.packed_mask(segments[:, :Tk])[1])
-                h, aux = module(h[:, :Tk], emb, rope_k, mask_k, None if counted is None else counted[:, :Tk])
-                if aux is not None:
-                    aux_total = aux if aux_total is None else aux_total + aux
-                targets_k = targets[:, k:]
-                if segments is not None:                            # t_{i+k} of another example: no loss
-                    targets_k = targets_k.masked_fill(segments[:, :Tk] != segments[:, k:], -1)
-                mtp_losses.append(self.head_loss(module.norm(h), targets_k, fused)[1])
-            mtp_loss = torch.stack(mtp_losses).mean()
+            mtp_loss, aux = self.mtp_loss(x, idx, targets, rope, segments, counted, fused)
             loss = loss + c.mtp_loss_weight * mtp_loss
             parts['mtp'] = mtp_loss.detach()
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
         if aux_total is not None:
             loss = loss + aux_total
             parts['aux'] = aux_total.detach()
         self.last_losses = parts
         return (logits if return_logits else None), loss
+
+    def mtp_loss(self, x, idx, targets, rope, segments, counted, fused):
+        """Multi-token prediction (DeepSeek-V3 sec. 2.2): module k combines the previous depth's
+        hidden state at position i with the embedding of token t_{i+k} and predicts t_{i+k+1},
+        through the shared output head. Returns (the mean cross entropy over the depths, their
+        MoE balance loss or None)."""
+        T = idx.size(1)
+        h, losses, aux_total = x, [], None
+        for k, module in enumerate(self.mtp, start=1):              # depth k predicts t_{i+k+1}
+            Tk = T - k
+            emb = self.tok_emb(idx[:, k:])                          # t_{i+k} for i < T - k
+            rope_k = (rope[0][..., :Tk, :], rope[1][..., :Tk, :]) if rope is not None else None
+            mask_k = (self.causal_mask(Tk, idx.device) if segments is None
+                      else self.packed_mask(segments[:, :Tk])[1])
+            h, aux = module(h[:, :Tk], emb, rope_k, mask_k, None if counted is None else counted[:, :Tk])
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+            targets_k = targets[:, k:]
+            if segments is not None:                                # t_{i+k} of another example: no loss
+                targets_k = targets_k.masked_fill(segments[:, :Tk] != segments[:, k:], -1)
+            losses.append(self.head_loss(module.norm(h), targets_k, fused)[1])
+        return torch.stack(losses).mean(), aux_total
 
     def head_loss(self, h, targets, fused):
         """(logits, mean cross entropy) of the output head on normed hidden states h. fused: the
@@ -1012,7 +1036,7 @@ class GPT(nn.Module):
     def trunk(self, idx, cache=None, segments=None, counted=None):
         """Embeddings and every block: (x (B, T, C) before the final norm, the RoPE cos/sin used,
         the summed MoE balance loss or None)."""
-        B, T = idx.shape
+        T = idx.size(1)
         c = self.config
         if cache is not None:
             positions, mask = cache.begin(T)
@@ -1204,6 +1228,7 @@ class ScalarModel(GPT):
     def __init__(self, config):
         super().__init__(config)
         self.score_head = nn.Linear(config.n_embd, 1, bias=True)
+        # std 1/sqrt(C + 1), as OpenAI's lm-human-preferences initialises its reward head
         nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.score_head.bias)
 

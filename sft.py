@@ -199,14 +199,18 @@ run = Run(config, rt, model, 'sft', tok.spec(), model.flops_per_token(block_size
           checkpoint_extra={'task_dir': task_dir,
                             'parent': ckpt.get('parent', source) if init_from == 'resume' else source,
                             'data_dir': ckpt.get('data_dir', '')})
-ckpt = None
+ckpt = None                                   # Run holds what it needs; free the loaded tensors
 
 
-def weighted_loss(x, y, w, segments):
-    """The model's loss (the mean cross entropy over the N response tokens, plus the MoE and MTP
-    terms) with the required words' tokens weighted: + sum_t (w_t - 1) CE_t / N over the targets
-    whose weight w_t is not 1, i.e. the cross entropy becomes sum_t w_t CE_t / N."""
-    logits, loss = run.model(x, y, segments=segments, counted=through_last(y >= 0))
+def train_loss(x, y, w, segments):
+    """The model's loss on the response tokens (y is -1 on the prompt and the padding): the mean
+    cross entropy over the N response tokens, plus the MoE and MTP terms. With word_loss_weight != 1
+    the required words' tokens weigh w_t: + sum_t (w_t - 1) CE_t / N over the targets whose w_t is
+    not 1, so that the cross entropy becomes sum_t w_t CE_t / N."""
+    counted = through_last(y >= 0)            # the padding after a row's last target is no expert load
+    if word_loss_weight == 1:
+        return run.model(x, y, segments=segments, return_logits=False, counted=counted)[1]
+    logits, loss = run.model(x, y, segments=segments, counted=counted)
     extra = (w != 1) & (y >= 0)
     if extra.any():
         ce = torch.nn.functional.cross_entropy(logits[extra].float(), y[extra], reduction='none')
@@ -222,13 +226,11 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     for micro in range(gradient_accumulation_steps):
         rows, segments = batch_rows(step, micro)       # x, y and the targets' loss weights w
         x, y, w = chat_batch(rows, tok.eot_id, block_size if packing else None, weights=True)
-        x, y = x.to(rt.device), y.to(rt.device)
+        x, y, w = x.to(rt.device), y.to(rt.device), w.to(rt.device)
         segments = segments.to(rt.device) if segments is not None else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
-            with rt.autocast():               # targets are -1 on the prompt and the padding
-                step_loss = (weighted_loss(x, y, w.to(rt.device), segments) if word_loss_weight != 1 else
-                             run.model(x, y, segments=segments, return_logits=False, counted=through_last(y >= 0))[1])
-                micro_loss = step_loss / gradient_accumulation_steps
+            with rt.autocast():
+                micro_loss = train_loss(x, y, w, segments) / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip

@@ -434,6 +434,10 @@ def test_balance_loss_enters_the_training_loss():
     _, loss = model(x, x)
     parts = model.last_losses
     assert parts['aux'] > 0 and loss.item() == pytest.approx((parts['lm'] + parts['aux']).item(), rel=1e-6)
+    # a forward without targets has no loss, so no parts: a training loop that logs them (dpo.py, a
+    # hacked stage adding a term) must not see the last forward's with targets
+    model(x)
+    assert model.last_losses == {}
 
 
 def test_grouped_experts_equal_the_loop():
