@@ -1257,16 +1257,16 @@ class ScalarModel(GPT):
             s = s + (v * counted).sum(1) / counted.sum(1)
         return s
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, last=None, values=False,
-                counted=None):
-        """With last=: the scores; with values=True: values(idx) (through forward, so that
-        torch.compile and DDP see the call); otherwise the language model's forward (the
-        backbone keeps its head)."""
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, segments=None,
+                counted=None, *, last=None, values=False):
+        """GPT.forward's arguments, and: with last=, the scores; with values=True, values(idx)
+        (through forward, so that torch.compile and DDP see the call); otherwise the language
+        model's forward (the backbone keeps its head)."""
         if last is not None:
             return self.score(idx, last)
         if values:
             return self.values(idx, counted)
-        return super().forward(idx, targets, cache, last_only, return_logits, counted=counted)
+        return super().forward(idx, targets, cache, last_only, return_logits, segments, counted)
 
 
 def count_params(config):
