@@ -662,19 +662,22 @@ class Experts(nn.Module):
         return y
 
 
-def balance_loss(scores, indices, K, n_seq):
+def balance_loss(scores, indices, K, n_seq, counted=None):
     """sum_i f_i P_i averaged over n_seq groups of tokens (sequences, or 1 = the whole batch):
-    f_i = E / (K T) * (tokens choosing expert i), P_i = mean over tokens of s_i / sum_j s_j.
+    f_i = E / (K T) * (tokens choosing expert i), P_i = mean over tokens of s_i / sum_j s_j,
+    over the T tokens of a group that count (counted (B, T) bool: not a right-padded batch's padding).
     Equals 1 when load and affinity are uniform. DeepSeek-V3's complementary sequence-wise
     loss when grouped by sequence; over the whole batch the Switch Transformer's loss (which is
     the same at K = 1). Per layer, and the layers' losses are added. HF's Mixtral loss pools every
     layer's tokens and is K at uniform load, about K times the mean over layers: its
     router_aux_loss_coef a is about aux_loss_alpha = a K / n_layer here."""
     N, E = scores.shape
-    T = N // n_seq
-    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, T, E)
-    f = chosen.sum(1) * E / (K * T)                                           # (n_seq, E)
-    P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)
+    w = (torch.ones(N, 1, device=scores.device) if counted is None
+         else counted.reshape(N, 1).to(scores.dtype)).view(n_seq, -1, 1)      # (n_seq, N / n_seq, 1)
+    T = w.sum(1).clamp(min=1)                                                 # (n_seq, 1): tokens that count
+    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, -1, E)
+    f = (chosen * w).sum(1) * E / (K * T)                                     # (n_seq, E)
+    P = ((scores / scores.sum(-1, keepdim=True)).view(n_seq, -1, E) * w).sum(1) / T
     return (f * P).sum(-1).mean()
 
 
@@ -712,7 +715,7 @@ class MoE(nn.Module):
         self.count_load(indices, counted)
         aux = None
         if self.training and self.aux_loss_alpha > 0:
-            aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1)
+            aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1, counted)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, C), aux

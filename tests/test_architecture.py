@@ -428,6 +428,29 @@ def test_balance_loss():
     assert balance_loss(scores, idx, K, 2).item() > balance_loss(scores, idx, K, 1).item()
 
 
+def test_balance_loss_leaves_out_the_padding():
+    """A right-padded batch's balance loss is the loss of its real tokens alone (sft.py with
+    packing=False pads its rows; the padding's expert choices are no load)."""
+    torch.manual_seed(0)
+    E, K, T = 8, 2, 6
+    scores = torch.rand(2 * T, E)
+    indices = scores.topk(K, dim=-1).indices
+    counted = torch.tensor([[True] * T, [True] * 3 + [False] * 3])
+    real = torch.cat([torch.arange(T), torch.arange(T, T + 3)])
+    per_sequence = (balance_loss(scores[:T], indices[:T], K, 1) + balance_loss(scores[T:T + 3], indices[T:T + 3], K, 1)) / 2
+    torch.testing.assert_close(balance_loss(scores, indices, K, 2, counted), per_sequence)
+    torch.testing.assert_close(balance_loss(scores, indices, K, 1, counted), balance_loss(scores[real], indices[real], K, 1))
+    assert not torch.allclose(balance_loss(scores, indices, K, 2), per_sequence)    # the padding did count
+    # and the model passes its counted tokens on to it
+    model = build(MLA, MOE, aux_loss_alpha=0.1).train()
+    x = torch.randint(0, 64, (2, 16))
+    aux = {}
+    for name, c in (('all', None), ('real', torch.arange(16) < torch.tensor([[16], [9]]))):
+        model(x, x, counted=c)
+        aux[name] = model.last_losses['aux']
+    assert not torch.allclose(aux['all'], aux['real'])
+
+
 def test_balance_loss_enters_the_training_loss():
     model = build(MLA, MOE, aux_loss_alpha=0.1).train()
     x = torch.randint(0, 64, (2, 16))
