@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, sample_next
+from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, penalize, sample_next
 from model import attention_mask
 
 
@@ -96,6 +96,9 @@ class Request:
     stop_ids: tuple = ()
     generator: torch.Generator = None
     id: int = 0
+    frequency_penalty: float = 0.0    # OpenAI's penalties on repeated tokens (generate.penalize)
+    presence_penalty: float = 0.0
+    counts: torch.Tensor = None       # with a penalty: (V,) uses of each token in its output, on the device
     blocks: list = field(default_factory=list)   # its block table
     length: int = 0                   # tokens in the cache
     pending: list = field(default_factory=list)  # the prompt's tokens still to read
@@ -425,7 +428,8 @@ class Engine:
     def blocks_for(self, n_tokens):
         return -(-n_tokens // self.pool.tokens_per_block)
 
-    def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), seed=None):
+    def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), seed=None,
+            frequency_penalty=0.0, presence_penalty=0.0):
         """Queue a request (prompt: token ids); returns it (request.output fills as it runs).
         Refused by name if it could never fit: past the model's block_size, or more blocks than
         the pool has."""
@@ -438,7 +442,10 @@ class Engine:
         if self.blocks_for(total) > self.pool.n_blocks:
             raise ValueError(f'{total} tokens need {self.blocks_for(total)} blocks; the pool has {self.pool.n_blocks}')
         g = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        r = Request(list(prompt), max_new_tokens, temperature, top_k, top_p, tuple(stop_ids), g, next(self.ids))
+        r = Request(list(prompt), max_new_tokens, temperature, top_k, top_p, tuple(stop_ids), g, next(self.ids),
+                    frequency_penalty, presence_penalty)
+        if frequency_penalty or presence_penalty:
+            r.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
         r.pending = list(prompt)
         if self.prefix_sharing:
             r.hashes = block_hashes(r.prompt, self.pool.tokens_per_block)
@@ -511,7 +518,8 @@ class Engine:
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), row k's in row k
         self.stats['steps'] += 1
         # every row's greedy choice in one argmax; a sampling row draws with its own generator (its
-        # seed's stream). All on the device: nothing here waits for the step to finish
+        # seed's stream), a row with a penalty picks from its penalised logits and counts its token.
+        # All on the device: nothing here waits for the step to finish
         tokens = sample_next(logits, 0, vocab_limit=self.vocab_limit)
         sampled = []
         for k, (r, f) in enumerate(zip(rows, feed)):
@@ -522,9 +530,13 @@ class Engine:
             sampled.append(not r.pending)               # its prompt is read: this step gives a token
             if sampled[-1]:
                 r.src, r.in_flight = k, r.in_flight + 1
-                if r.temperature > 0:
-                    tokens[k] = sample_next(logits[k:k + 1], r.temperature, r.top_k, r.top_p, self.vocab_limit,
-                                            r.generator)[0]
+                z = logits[k:k + 1]
+                if r.counts is not None:
+                    z = penalize(z, r.counts[None], r.frequency_penalty, r.presence_penalty)
+                if r.temperature > 0 or r.counts is not None:
+                    tokens[k] = sample_next(z, r.temperature, r.top_k, r.top_p, self.vocab_limit, r.generator)[0]
+                if r.counts is not None:
+                    r.counts.index_add_(0, tokens[k:k + 1], torch.ones_like(r.counts[:1]))
         self.last_tokens = tokens
         done = None
         if self.overlap and tokens.is_cuda:             # to the host without waiting: a pinned buffer

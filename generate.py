@@ -3,6 +3,7 @@ The inference engine: everything that turns a model into text, which every stage
 use (nanochat's engine.py plays this part there).
 
   sample_next(logits, ...)             greedy, temperature, top-k and nucleus sampling
+  penalize(logits, counts, ...)        OpenAI's frequency and presence penalties on repeated tokens
   pad_prompts(prompts)                 left-padded (B, P) prompts and their validity mask
   KVCache, new_cache(model, ...)       keys and values (or MLA latents) of earlier tokens
   generate_tokens(model, idx, ...)     yields the next token of every row, through the cache
@@ -54,6 +55,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
         logits = torch.full_like(logits, -float('inf')).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def penalize(logits, counts, frequency_penalty=0.0, presence_penalty=0.0):
+    """OpenAI's penalties on (B, V) logits, from counts (B, V) of each token in the answer so far:
+        z_i - frequency_penalty * c_i - presence_penalty * [c_i > 0]
+    Positive values make a token less likely each time it is used (frequency) or once it has been
+    used at all (presence): against the loops of greedy decoding. A new float32 tensor."""
+    return logits.float() - frequency_penalty * counts - presence_penalty * (counts > 0).float()
 
 
 def pad_prompts(prompts, pad_id=0, device='cpu'):
@@ -230,7 +239,8 @@ def new_cache(model, batch_size, max_len, device, prompt_mask=None, static=False
 @torch.no_grad()
 def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     stop_ids=None, vocab_limit=None, prompt_mask=None, generator=None,
-                    cuda_graph=False, compile_step=False, cache_len=None):
+                    cuda_graph=False, compile_step=False, cache_len=None, frequency_penalty=0.0,
+                    presence_penalty=0.0):
     """Yield the next token of every row, (B,), max_new_tokens times (fewer once every row
     has emitted one of stop_ids, an id or a list of ids; a finished row then repeats the
     first of them). idx: (B, P) prompts, left-padded
@@ -247,7 +257,8 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     A captured step is kept for the next call with the same batch size and cache length
     (DecodeGraphs), so repeated calls (samples, evaluation batches, RL rollouts) capture once.
     cache_len: the cache's length, at least P + max_new_tokens (the default) and at most
-    block_size: calls of different lengths that pass one cache_len share one captured step."""
+    block_size: calls of different lengths that pass one cache_len share one captured step.
+    frequency_penalty, presence_penalty: see penalize; they count the tokens this call generates."""
     B, P = idx.shape
     c = model.config
     bs = c.block_size
@@ -276,8 +287,15 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             step = DecodeGraph(model, cache, compile=compile_step)
         if stop_ids is not None:
             stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
+        counts = None
+        if frequency_penalty or presence_penalty:       # (B, V): each token's uses in the answer so far
+            counts = torch.zeros(B, logits.size(-1), device=idx.device)
         for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, vocab_limit, generator)
+            last = logits[:, -1] if counts is None else penalize(logits[:, -1], counts, frequency_penalty,
+                                                                   presence_penalty)
+            nxt = sample_next(last, temperature, top_k, top_p, vocab_limit, generator)
+            if counts is not None:
+                counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
             if stop_ids is not None:
                 nxt = torch.where(done, stop[0], nxt)
                 done = done | torch.isin(nxt, stop)
@@ -484,7 +502,8 @@ def use_cuda_graph(value, device_type):
 
 @torch.no_grad()
 def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                  batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False):
+                  batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False,
+                  frequency_penalty=0.0, presence_penalty=0.0):
     """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
     KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
     'text', 'ended' (True if the model ended its turn: emitted <|end|>) and 'stop' (the id of
@@ -493,7 +512,8 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
     stops there, and its answers do not count as ended turns.
     cuda_graph=True: a static cache whose one-token step is captured once and replayed, in this
     and later calls of the same shape (DecodeGraph; the same static steps run eagerly on the CPU).
-    Under autocast the captured step casts the float32 weights itself at every token (DecodeGraph)."""
+    Under autocast the captured step casts the float32 weights itself at every token (DecodeGraph).
+    frequency_penalty, presence_penalty: as in generate_tokens (penalize)."""
     device = next(model.parameters()).device
     stops = tok.stop_ids()
     out = []
@@ -503,7 +523,8 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
         with autocast():
             new = list(generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
-                                       prompt_mask=mask, generator=generator, cuda_graph=cuda_graph))
+                                       prompt_mask=mask, generator=generator, cuda_graph=cuda_graph,
+                                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
         new = torch.stack(new, 1).tolist() if new else [[] for _ in chunk]
         for row in new:
             end = next((j for j, t in enumerate(row) if t in stops), None)

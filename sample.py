@@ -28,6 +28,8 @@ max_new_tokens = 256
 temperature = 0.8            # 0: greedy
 top_k = 200                  # keep the k most likely tokens (0: off)
 top_p = 1.0                  # nucleus sampling: the smallest set with this much probability (1.0: off)
+frequency_penalty = 0.0      # OpenAI's: each use of a token lowers its logit by this much (against loops)
+presence_penalty = 0.0       # OpenAI's: a token used at all has its logit lowered by this much
 seed = 1337
 stop_at_eot = True           # end a sample at the end-of-text token (or end of turn)
 chat = None                  # prompt with the chat template; None: if the checkpoint has one
@@ -49,6 +51,8 @@ problems = [msg for bad, msg in [
     (top_k < 0, f'top_k={top_k} must be >= 0 (0 means off)'),
     (not 0 < top_p <= 1, f'top_p={top_p} must be in (0, 1]'),
     (speculative and temperature > 0, f'speculative=True is greedy decoding: set --temperature=0 (not {temperature})'),
+    (speculative and bool(frequency_penalty or presence_penalty), 'speculative=True checks plain greedy tokens: '
+                                                                   'no frequency_penalty / presence_penalty'),
 ] if bad]
 if problems:
     sys.exit('error: ' + '; '.join(problems))
@@ -107,7 +111,8 @@ for k in range(num_samples):
         for t in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                        top_p=top_p, stop_ids=stops, vocab_limit=tok.vocab_size,
                                        generator=gen, cuda_graph=cuda_graph and rt.device_type == 'cuda',
-                                       compile_step=compile_decode):
+                                       compile_step=compile_decode, frequency_penalty=frequency_penalty,
+                                       presence_penalty=presence_penalty):
             if stops and int(t[0]) in stops:
                 break
             new.append(int(t[0]))

@@ -7,7 +7,8 @@ $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
 
   POST /v1/chat/completions   messages -> the assistant's answer (the chat template of tokenizer.py)
   POST /v1/completions        prompt -> its continuation
-      both: max_tokens, temperature, top_p, stop (strings), n, seed, stream (server-sent events)
+      both: max_tokens, temperature, top_p, frequency_penalty, presence_penalty, stop (strings), n, seed,
+            stream (server-sent events)
   GET  /v1/models             the one model served
   GET  /health                {"status": "ok"} and what the engine holds: running, waiting, free blocks
   GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
@@ -17,9 +18,9 @@ A request is checked before anything runs; what cannot be served gets a 4xx in O
 {"error": {"message", "type", "param", "code"}}: malformed JSON, no messages, an unknown model
 (404, model_not_found; a request may leave the model out), a prompt or max_tokens past the
 model's context (context_length_exceeded), a sampling setting out of OpenAI's range (temperature
-0..2, top_p in (0, 1], n >= 1). A client that leaves mid-stream has its request cancelled and its
-blocks freed; an engine step that fails (e.g. out of memory) fails the requests in flight with a
-500 and the server goes on.
+0..2, top_p in (0, 1], the penalties in -2..2, n >= 1). A client that leaves mid-stream has its
+request cancelled and its blocks freed; an engine step that fails (e.g. out of memory) fails the
+requests in flight with a 500 and the server goes on.
 
 One thread runs the engine; each HTTP request waits on its own queue for its tokens. The HTTP
 layer is the standard library's ThreadingHTTPServer (a thread per connection): the model step is
@@ -210,7 +211,9 @@ def parse(path, body):
     top_p = number(body, 'top_p', 1.0, 0, 1, above=True)
     args = dict(prompt=prompt, max_new_tokens=max_tokens, temperature=float(number(body, 'temperature', 1.0, 0, 2)),
                 top_p=None if top_p == 1 else top_p, stop_ids=tok.stop_ids(),
-                seed=number(body, 'seed', None, -2**63, 2**63 - 1, integer=True))
+                seed=number(body, 'seed', None, -2**63, 2**63 - 1, integer=True),
+                frequency_penalty=float(number(body, 'frequency_penalty', 0.0, -2, 2)),
+                presence_penalty=float(number(body, 'presence_penalty', 0.0, -2, 2)))
     return args, [s for s in stop if s], number(body, 'n', 1, 1, max_batch, integer=True)
 
 
@@ -360,6 +363,7 @@ form { display: flex; gap: .5rem; } textarea { flex: 1; height: 4rem; }
 <div id="log"></div>
 <div id="settings">temperature <input id="temperature" type="number" step="0.1" value="0.8">
  top_p <input id="top_p" type="number" step="0.05" value="1.0">
+ frequency penalty <input id="frequency_penalty" type="number" step="0.1" min="-2" max="2" value="0">
  max tokens <input id="max_tokens" type="number" min="1" placeholder="auto">
  <span class="hint">Enter sends, Shift+Enter starts a new line</span></div>
 <form id="form"><textarea id="input" placeholder="Write a story that uses the words: dog, ball, happy."></textarea>
@@ -386,7 +390,8 @@ document.getElementById('form').onsubmit = async (e) => {
   const out = add('assistant', chat ? '' : text); let answer = '';
   controller = new AbortController(); sendBtn.disabled = true; stopBtn.disabled = false;
   const settings = {stream: true, temperature: +document.getElementById('temperature').value,
-    top_p: +document.getElementById('top_p').value};
+    top_p: +document.getElementById('top_p').value,
+    frequency_penalty: +document.getElementById('frequency_penalty').value};
   const maxTokens = document.getElementById('max_tokens').value;   // empty: what the context leaves
   if (maxTokens) settings.max_tokens = +maxTokens;
   try {   // a chat model answers the conversation; a pretrained one continues this message's text

@@ -7,7 +7,7 @@ import torch
 
 import copy
 
-from generate import KVCache, decode_graphs, generate_tokens, new_cache, pad_prompts
+from generate import KVCache, decode_graphs, generate_tokens, new_cache, pad_prompts, penalize
 from model import GPT, ModelConfig
 
 BASE = dict(vocab_size=96, block_size=48, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
@@ -207,15 +207,20 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     # sample.py --speculative=True prints greedy decoding's text and the acceptance
     args = ('--out_dir=mtp', '--start=Once upon a', '--max_new_tokens=20', '--temperature=0', '--num_samples=1',
             '--device=cpu', '--stop_at_eot=False')
-    greedy, spec, bad, long = run_script_many('sample.py', [
+    greedy, spec, bad, long, penalised, bad_penalty = run_script_many('sample.py', [
         args, [*args, '--speculative=True'], ['--out_dir=mtp', '--speculative=True'],
-        ['--out_dir=mtp', '--speculative=True', '--temperature=0', '--max_new_tokens=256']], cwd=tmp_path)
+        ['--out_dir=mtp', '--speculative=True', '--temperature=0', '--max_new_tokens=256'],
+        [*args, '--presence_penalty=100'], [*args, '--speculative=True', '--frequency_penalty=1']], cwd=tmp_path)
     assert greedy.returncode == spec.returncode == 0, (greedy.stderr, spec.stderr)
     assert spec.stdout.strip() == greedy.stdout.split('-' * 40)[0].strip()
     assert 'drafted tokens accepted' in spec.stderr
     assert bad.returncode != 0 and 'set --temperature=0' in bad.stderr + bad.stdout
     assert long.returncode != 0 and 'exceed block_size 64; pass --max_new_tokens=63 or fewer' in long.stderr
     assert 'Traceback' not in long.stderr
+    text = penalised.stdout.split('-' * 40)[0].strip()                # bytes: no byte twice in the answer
+    assert penalised.returncode == 0 and text != greedy.stdout.split('-' * 40)[0].strip()
+    assert len(set(text[len('Once upon a'):])) == len(text) - len('Once upon a'), text
+    assert bad_penalty.returncode != 0 and 'no frequency_penalty' in bad_penalty.stderr
 
 
 def test_speculative_decoding_at_the_edges():
@@ -262,3 +267,32 @@ def test_sampling_at_a_tiny_temperature_is_greedy():
     padded[:, 90:] = 100.0                              # the padding's logits the largest: still never drawn
     got = sample_next(padded, 1e-39, vocab_limit=90, generator=torch.Generator().manual_seed(0))
     assert torch.equal(got, logits[:, :90].argmax(-1)) and padded[0, 95] == 100.0   # (the caller's logits kept)
+
+
+def test_penalties_follow_openais_formula_and_stop_greedy_repeats():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    counts = torch.tensor([[3.0, 0.0, 1.0, 0.0]])
+    expected = logits - 0.5 * counts - 0.25 * (counts > 0).float()      # z - f c - p [c > 0]
+    torch.testing.assert_close(penalize(logits, counts, 0.5, 0.25), expected)
+    model = build('mla_moe')
+    idx, mask = prompts()
+    plain = torch.stack(list(generate_tokens(model, idx, 20, temperature=0.0, prompt_mask=mask)), 1)
+    assert any(len(set(row)) < len(row) for row in plain.tolist())        # greedy repeats itself here
+    out = []
+    for graph in (False, True):                   # the static steps (a CUDA graph on CUDA) penalise alike
+        out.append(torch.stack(list(generate_tokens(model, idx, 20, temperature=0.0, prompt_mask=mask,
+                                                    presence_penalty=100.0, cuda_graph=graph)), 1))
+    assert torch.equal(out[0], out[1])
+    assert all(len(set(row)) == len(row) for row in out[0].tolist())     # a large presence penalty: no repeats
+    # through the cache, as the formula on the whole window recomputed per token (no cache)
+    seq = torch.tensor([[5, 17, 3, 9]])
+    counts = torch.zeros(1, model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(20):
+            z = penalize(model(seq)[0][:, -1], counts, 0.7, 0.3)
+            nxt = z.argmax(-1)
+            counts[0, nxt] += 1
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    cached = torch.stack(list(generate_tokens(model, seq[:, :4], 20, temperature=0.0, frequency_penalty=0.7,
+                                              presence_penalty=0.3)), 1)
+    assert torch.equal(cached, seq[:, 4:])

@@ -99,6 +99,22 @@ def test_sampled_requests_follow_their_own_seeds():
     assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
 
 
+def test_penalised_requests_get_their_tokens_alone_beside_plain_ones():
+    """A request with OpenAI's frequency / presence penalties counts its own tokens on the device
+    (nothing waits for the host) and gets what generate_tokens gives it alone."""
+    model = build(**VARIANTS['mla_moe'])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (6, 19, 2)]
+    settings = [dict(frequency_penalty=0.8), dict(), dict(presence_penalty=1.5, frequency_penalty=-0.2)]
+    for overlap in (False, True):
+        engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=8, overlap=overlap)
+        requests = [engine.add(p, 24, **kw) for p, kw in zip(prompts, settings)]
+        engine.run()
+        for r, p, kw in zip(requests, prompts, settings):
+            assert r.output == alone(model, p, 24, **kw), (overlap, kw)
+    assert alone(model, prompts[0], 24, frequency_penalty=0.8) != alone(model, prompts[0], 24)
+
+
 # Prefix sharing: requests whose prompts begin alike share the cached blocks of that prefix.
 
 def shared_prefix_prompts(n_prefix, suffix_lengths, seed=2):

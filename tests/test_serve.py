@@ -1,6 +1,6 @@
 """serve.py with the official openai client on loopback: chat and text completions, streamed and
-not, n, seed, stop strings, /v1/models, /health, the chat page; concurrent requests are batched by
-the engine and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a
+not, n, seed, stop strings, frequency and presence penalties, /v1/models, /health, the chat page;
+concurrent requests are batched by the engine and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a
 client that leaves mid-stream frees its blocks, an engine step that fails answers 500 to the
 requests in flight and the server goes on, and a load of 32 clients x 10 requests gets each
 request's answer alone."""
@@ -98,8 +98,8 @@ def test_chat_completions_streamed_and_not_equal_the_engine_free_greedy_answer(s
     assert ''.join(pieces) == answer and len(pieces) > 2
 
 
-def test_completions_n_seed_and_stop_strings(server):
-    url, _ = server
+def test_completions_n_seed_stop_strings_and_penalties(server):
+    url, pipeline = server
     c = client(url)
     a = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=1.0, n=2, seed=7)
     b = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=1.0, n=2, seed=7)
@@ -111,6 +111,17 @@ def test_completions_n_seed_and_stop_strings(server):
     streamed = ''.join(ch.choices[0].text for ch in c.completions.create(
         model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=0, stream=True))
     assert streamed == full
+    # OpenAI's penalties reach the engine: the greedy answer of generate_chat with the same penalties
+    msgs = [{'role': 'user', 'content': 'Write a story that uses the words: fox, key.'}]
+    from checkpoint import load_model
+    from generate import generate_chat
+    model, tok, _ = load_model(str(pipeline / 'sft_serve'))
+    for kw in (dict(frequency_penalty=1.5), dict(presence_penalty=2.0, frequency_penalty=-0.5)):
+        got = c.chat.completions.create(model='sft_serve', messages=msgs, max_tokens=12, temperature=0, **kw)
+        assert got.choices[0].message.content == generate_chat(model.eval(), tok, [msgs[0]['content']], 12, 0.0,
+                                                                **kw)[0]['text'], kw
+    assert generate_chat(model, tok, [msgs[0]['content']], 12, 0.0, frequency_penalty=1.5)[0]['text'] != \
+        generate_chat(model, tok, [msgs[0]['content']], 12, 0.0)[0]['text']
 
 
 def test_concurrent_requests_models_health_and_the_chat_page(server):
@@ -162,6 +173,8 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         (chat, {'messages': hello, 'temperature': -0.5}, 400, 'temperature', None),
         (chat, {'messages': hello, 'top_p': 0}, 400, 'top_p', None),
         (chat, {'messages': hello, 'n': 0}, 400, 'n', None),
+        (chat, {'messages': hello, 'frequency_penalty': 2.5}, 400, 'frequency_penalty', None),
+        (chat, {'messages': hello, 'presence_penalty': -3}, 400, 'presence_penalty', None),
         (chat, {'messages': hello, 'stop': 5}, 400, 'stop', None),
         (text, {'prompt': 7}, 400, 'prompt', None),
     ]
