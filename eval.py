@@ -48,6 +48,8 @@ prompts_file = 'prompts_val.jsonl'   # in task_dir; another (e.g. prompts_train.
 max_new_tokens = 300
 temperature = 0.0            # 0: greedy
 top_k = 0
+frequency_penalty = 0.0      # OpenAI's penalties on the answers' repeated tokens (generate.penalize); with
+presence_penalty = 0.0       # either set, the results go to eval_fp<f>_pp<p>.json beside eval.json
 gen_batch_size = 64
 cuda_graph = None            # answers: one-token steps replayed as a CUDA graph
                              # (generate.DecodeGraph); None: on for CUDA
@@ -137,7 +139,8 @@ def task_metrics(model, tok, ckpt):
         return {}, []
     prompts = read_prepared(folder, prompts_file, ('prompt', 'words'))[:n_prompts]
     r = evaluate_task(model, tok, prompts, max_new_tokens, temperature, top_k=top_k or None,
-                      batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph)
+                      batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph,
+                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
            'task/word_by_position': r['word_by_position'], 'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
            'task/example': r['example'],
@@ -174,6 +177,17 @@ def kl_to_reference(model, tok, ro):
     return ((lp - lr) * ro['mask']).sum(1).mean().item()
 
 
+def result_suffix(saved_quantized):
+    """What tells this evaluation's files from eval.json (the held-out prompts, greedy, as saved)."""
+    # quantized here (--quantize) from a full-precision folder: beside its own eval.json, not over it
+    suffix = f'_{quantize}' if quantize and not saved_quantized else ''
+    if prompts_file != 'prompts_val.jsonl':                  # not the held-out prompts: not eval.json
+        suffix += '_' + os.path.splitext(os.path.basename(prompts_file))[0]
+    if frequency_penalty or presence_penalty:                # another decoding: not eval.json either
+        suffix += f'_fp{frequency_penalty:g}_pp{presence_penalty:g}'
+    return suffix
+
+
 def evaluate(folder):
     ckpt = load_checkpoint(folder)
     model, tok, ckpt = load_chat_model(folder, 'cpu', ckpt, quantize=quantize)
@@ -186,11 +200,9 @@ def evaluate(folder):
               'params': full.num_params(), 'active_params': full.active_params(), 'val/loss': None,
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
               'continuations': continuations(model, tok), 'temperature': temperature,
+              'frequency_penalty': frequency_penalty, 'presence_penalty': presence_penalty,
               'max_new_tokens': max_new_tokens}
-    # quantized here (--quantize) from a full-precision folder: beside its own eval.json, not over it
-    suffix = f'_{quantize}' if quantize and not ckpt.get('quantized') else ''
-    if prompts_file != 'prompts_val.jsonl':                  # not the held-out prompts: not eval.json
-        suffix += '_' + os.path.splitext(os.path.basename(prompts_file))[0]
+    suffix = result_suffix(bool(ckpt.get('quantized')))
     write_json(os.path.join(folder, f'eval{suffix}.json'), result)
     if answers:
         write_jsonl(os.path.join(folder, f'eval_answers{suffix}.jsonl'), answers)
@@ -219,7 +231,7 @@ def row(r):
 folders = [f for f in compare.split(',') if f] if compare else [out_dir or newest_run('evaluating')]
 results = []
 for folder in folders:
-    cached = os.path.join(folder, 'eval.json')
+    cached = os.path.join(folder, f'eval{result_suffix(saved_quantized=False)}.json')
     if reuse and os.path.isfile(cached):
         with open(cached) as f:
             results.append(json.load(f))

@@ -278,7 +278,8 @@ def parse_instruct(doc):
 # Scoring a model on held-out prompts
 
 def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None,
-                  batch_size=64, autocast=contextlib.nullcontext, seed=1337, cuda_graph=False):
+                  batch_size=64, autocast=contextlib.nullcontext, seed=1337, cuda_graph=False,
+                  frequency_penalty=0.0, presence_penalty=0.0):
     """Answer held-out prompts (dicts with 'prompt', 'words', 'features') and score the answers
     with the task rule: the means of score, words, ended and repetition, the share using all
     required words, the share using the i-th listed word (word_by_position, for i = 1, 2, ...:
@@ -288,7 +289,8 @@ def evaluate_task(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
     g = torch.Generator(device=device).manual_seed(seed)
     answers = generate_chat(raw, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
                             top_k=top_k, batch_size=batch_size, autocast=autocast, generator=g,
-                            cuda_graph=cuda_graph)
+                            cuda_graph=cuda_graph, frequency_penalty=frequency_penalty,
+                            presence_penalty=presence_penalty)
     scores = [score(a['text'], p['words'], p.get('features'), a['ended']) for a, p in zip(answers, prompts)]
     n = max(len(scores), 1)
     mean = lambda key: sum(float(s[key]) for s in scores) / n      # noqa: E731

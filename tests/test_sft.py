@@ -302,6 +302,15 @@ def test_eval_table_and_compare(pipeline):
     assert 'prompts_train.jsonl, prompts_val.jsonl' in p.stderr
     p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
     assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
+    # greedy with a presence penalty: its own file (reused by that name), eval.json untouched
+    run_script('eval.py', '--out_dir=sft_eval', '--presence_penalty=2', *args, cwd=pipeline)
+    penalised = json.load(open(pipeline / 'sft_eval' / 'eval_fp0_pp2.json'))
+    assert penalised['presence_penalty'] == 2 and penalised['task/samples'] != result['task/samples']
+    assert (pipeline / 'sft_eval' / 'eval.json').read_text() == before
+    penalised['task/score'] = 0.987654                               # a mark: is this the file reused?
+    (pipeline / 'sft_eval' / 'eval_fp0_pp2.json').write_text(json.dumps(penalised))
+    p = run_script('eval.py', '--compare=sft_eval', '--presence_penalty=2', '--reuse=True', *args, cwd=pipeline)
+    assert '0.988' in p.stdout.strip().splitlines()[-1]
     p = run_script('eval.py', '--compare=base,sft_eval', '--reference=base', *args, cwd=pipeline)
     rows = p.stdout.strip().splitlines()
     assert rows[-4].endswith('| KL to reference |') and rows[-2].endswith('| 0.00 |')   # base vs itself
