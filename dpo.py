@@ -98,9 +98,17 @@ prompts = read_prepared(task_dir, 'prompts_val.jsonl', ('prompt', 'words'),
                         hint='run python prepare/tinystories_instruct.py')[:eval_prompts] if eval_prompts else []
 
 
-def encode(pair, side):
+def encode(pair, side, cut=True):
     ids, mask = tok.encode_chat(pair['prompt'], pair[side], ended=pair.get(f'{side}_ended', True))
-    return ids[:block_size + 1], mask[:block_size + 1]
+    return (ids[:block_size + 1], mask[:block_size + 1]) if cut else (ids, mask)
+
+
+n_long = sum(len(encode(p, side, cut=False)[0]) > block_size + 1 for p in train_pairs + val_pairs
+             for side in ('chosen', 'rejected'))
+if n_long and rt.master:
+    print(f'note: {n_long} of the {2 * (len(train_pairs) + len(val_pairs))} answers (with their prompts) are '
+          f'longer than block_size + 1 = {block_size + 1} tokens and were cut: their pairs compare the '
+          f'answers\' beginnings only')
 
 
 def sequence_logprobs(model, pairs):

@@ -270,13 +270,17 @@ def test_dpo_starts_at_log_2_and_falls(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs, by, rm_block, dpo_block, pooling = run_scripts([
+    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short = run_scripts([
         ('reward.py', ['--loss_type=hinge']),
         ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
         ('reward.py', ['--batch_by=answer']),
         ('reward.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
         ('dpo.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
-        ('reward.py', ['--score_pooling=max'])], cwd=planted)
+        ('reward.py', ['--score_pooling=max']),
+        ('dpo.py', ['--init_from=base', '--out_dir=dpo_short', '--prefs_dir=planted', '--block_size=12',
+                    '--max_iters=1', '--eval_interval=1', '--batch_size=2', '--eval_prompts=0', *COMMON])], cwd=planted)
+    assert dpo_short.returncode == 0 and 'longer than block_size + 1 = 13 tokens and were cut' in dpo_short.stdout, \
+        dpo_short.stderr
     for p in (rm_block, dpo_block):
         assert p.returncode and 'block_size=9999 exceeds the model block_size 256' in p.stderr, p.stderr
     assert loss.returncode != 0 and "loss_type='hinge'; valid: bt, margin" in loss.stderr
