@@ -13,8 +13,9 @@ $ python prepare/tinystories_instruct.py --source=../shared/data/tinystories/tra
 $ python sft.py --init_from=out/demo --out_dir=out/demo_sft --task_dir=data/demo_instruct --max_iters=600 \
       --eval_interval=300 --batch_size=8 --block_size=128 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20 \
       --eval_prompts=8 --max_new_tokens=100 --device=cpu --compile=False
-$ python experiments/chat_screenshot.py --out_dir=out/demo_sft --height=580 \
+$ python experiments/chat_screenshot.py --out_dir=out/demo_sft --height=580 --frequency_penalty=0.5 \
       --messages="Write a story that uses the words: dog, ball, happy.|Write a story that uses the words: cat, tree, brave."
+(greedy, without the penalty the first answer loops: "The dog is brown and yellow." eight times)
 """
 
 import os
@@ -31,6 +32,7 @@ out_dir = 'out/sft'          # the checkpoint to serve
 png = 'docs/chat_page.png'
 messages = 'Write a story that uses the words: dog, ball, happy.'   # turns, separated by |
 temperature = 0.0            # the page's sampling settings
+frequency_penalty = 0.0
 max_tokens = 0               # 0: the page's default (what the context leaves after the prompt)
 width, height = 900, 900     # the browser window, in CSS pixels
 device = 'cpu'
@@ -61,6 +63,7 @@ try:
         page.goto(url + '/')
         page.wait_for_function("document.getElementById('model').textContent.length > 0")
         page.fill('#temperature', str(temperature))
+        page.fill('#frequency_penalty', str(frequency_penalty))
         if max_tokens:
             page.fill('#max_tokens', str(max_tokens))
         for text in messages.split('|'):
