@@ -290,6 +290,9 @@ class Rewards:
             seq, mask = rollout['seq'], rollout['mask']
             last = mask.shape[1] - mask.flip(1).float().argmax(1)    # seq's index of the last response token
             last = torch.where(mask.any(1), last, torch.zeros_like(last))
+            # an answer that stopped at EOT is read at the token before it: reward.py encodes an answer
+            # without <|end|> with no stop token after it (encode_chat, ended=False)
+            last = last - ((seq.gather(1, last[:, None])[:, 0] == self.tok.eot_id) & mask.any(1)).long()
             rm_config = self.reward_model.config
             if rm_config.score_reread:                                # + the prompt again (reward_input)
                 seq, last = right_padded([reward_input(self.tok, rm_config, seq[i, :j + 1].tolist(), p['prompt'],

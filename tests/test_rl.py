@@ -135,6 +135,36 @@ def test_a_rereading_reward_model_scores_rollouts_as_reward_py_encodes_pairs():
     assert reward_input(tok, plain, rows[0], 'use fox', 64) == rows[0]
 
 
+@pytest.mark.parametrize('reread', [False, True])
+def test_rollouts_are_scored_as_reward_py_encodes_their_answers_whatever_stopped_them(reread):
+    """A rollout keeps the stop token it sampled (<|end|> or EOT: the policy is trained on it), but
+    reward.py encodes an answer that did not end its turn with no stop token: the reward model reads
+    an EOT-stopped rollout at its last word, where it was trained to."""
+    from model import ScalarModel
+    from rl import reward_input
+    tok = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    rm = ScalarModel(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64,
+                                 score_reread=reread)).eval()
+    prompts = [{'prompt': 'use fox', 'words': ['fox']}, {'prompt': 'use dog', 'words': ['dog']}]
+    answers, ended = ['The fox ran.', 'A dog'], [True, False]
+    rows = [tok.encode_chat(p['prompt'], a, ended=e)[0] + ([] if e else [tok.eot_id])
+            for p, a, e in zip(prompts, answers, ended)]                  # as sample_rollout keeps them
+    L = max(map(len, rows)) + 2
+    seq = torch.full((2, L), tok.eot_id, dtype=torch.long)
+    mask = torch.zeros(2, L - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        seq[i, :len(r)] = torch.tensor(r)
+        mask[i, len(tok.encode_chat(p['prompt'])[0]) - 1:len(r) - 1] = True
+    r, _ = Rewards('model', tok, rm)(prompts, {'seq': seq, 'mask': mask, 'texts': answers, 'ended': ended},
+                                     contextlib.nullcontext)
+    for i, (p, a, e) in enumerate(zip(prompts, answers, ended)):
+        x = reward_input(tok, rm.config, tok.encode_chat(p['prompt'], a, ended=e)[0], p['prompt'], 64)   # reward.py's
+        with torch.no_grad():
+            alone = rm(torch.tensor([x]), last=torch.tensor([len(x) - 1]))
+        torch.testing.assert_close(r[i:i + 1], alone)
+
+
 def test_rollouts_and_greedy_answers_through_static_steps_equal_the_default(monkeypatch):
     """cuda_graph=True in rollouts and evaluations (a captured step on CUDA; on the CPU the same
     static-cache steps run eagerly): the same answers as the default path, sampled with one seed
