@@ -28,8 +28,8 @@ from config import configure
 from generate import use_cuda_graph
 from rl import (RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss, entropy,
                 evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards, masked_mean, mean_stats,
-                minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats,
-                sample_rollout, trim_padding)
+                minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts, response_logprobs, room_problem,
+                rollout_stats, sample_rollout, settings_problem, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
 
@@ -100,11 +100,9 @@ if group_size < 2:
 problem = minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, 'rollout_prompts x group_size')
 if problem:
     sys.exit(f'error: {problem}')
-if fsdp:
-    sys.exit('error: grpo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
-             'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
-if temperature <= 0:
-    sys.exit(f'error: temperature={temperature} must be positive (RL samples its rollouts)')
+problem = settings_problem('grpo', fsdp, temperature, dropout)
+if problem:
+    sys.exit(f'error: {problem}')
 rt = init_runtime(device, dtype, seed)
 try:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
@@ -120,6 +118,9 @@ moments = RunningMoments()
 if resume and 'reward_moments' in ckpt:
     moments.load_state_dict(ckpt['reward_moments'])
 train_prompts, val_prompts = read_prompts(task_dir, eval_prompts)
+problem = room_problem(tok, train_prompts + val_prompts, max_new_tokens, policy.config.block_size)
+if problem:
+    sys.exit(f'error: {problem}')
 clear_samples(out_dir, resume, rt.master)
 extra = {'parent': ckpt.get('parent', reference_path) if resume else reference_path,   # what it started from
          'reference': reference_path, 'reward': reward,

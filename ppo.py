@@ -36,7 +36,8 @@ from model import ScalarModel, through_last
 from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss,
                 clipped_value_loss, entropy, evaluate_policy, explained_variance, gae, load_policy, load_rewards,
                 mean_stats, minibatch_problem, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts,
-                response_logprobs, rollout_stats, sample_rollout, trim_padding, whiten)
+                response_logprobs, rollout_stats, room_problem, sample_rollout, settings_problem, trim_padding,
+                whiten)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
 
@@ -116,11 +117,9 @@ if value_init not in ('policy', 'reward'):
 problem = minibatch_problem(rollout_prompts, minibatch_size, gradient_accumulation_steps, 'rollout_prompts')
 if problem:
     sys.exit(f'error: {problem}')
-if fsdp:
-    sys.exit('error: ppo.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
-             'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
-if temperature <= 0:
-    sys.exit(f'error: temperature={temperature} must be positive (RL samples its rollouts)')
+problem = settings_problem('ppo', fsdp, temperature, dropout)
+if problem:
+    sys.exit(f'error: {problem}')
 rt = init_runtime(device, dtype, seed)
 try:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
@@ -152,6 +151,9 @@ moments = RunningMoments()
 if resume and 'reward_moments' in ckpt:
     moments.load_state_dict(ckpt['reward_moments'])
 train_prompts, val_prompts = read_prompts(task_dir, eval_prompts)
+problem = room_problem(tok, train_prompts + val_prompts, max_new_tokens, policy.config.block_size)
+if problem:
+    sys.exit(f'error: {problem}')
 clear_samples(out_dir, resume, rt.master)
 extra = {'parent': ckpt.get('parent', reference_path) if resume else reference_path,   # what it started from
          'reference': reference_path, 'reward': reward,

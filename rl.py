@@ -214,6 +214,31 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
     return metrics
 
 
+def settings_problem(stage, fsdp, temperature, dropout):
+    """Why ppo.py / grpo.py (stage) cannot run with these settings; None if they can."""
+    if fsdp:
+        return (f'{stage}.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
+                'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
+    if temperature <= 0:
+        return f'temperature={temperature} must be positive (RL samples its rollouts)'
+    if dropout > 0:   # the old log-probs come from eval mode: the first ratio would not be 1
+        return (f'dropout={dropout}: the policy ratio compares training-mode log-probs with the rollout\'s '
+                f'(eval mode, no dropout), so it would not start at 1; set dropout=0')
+    return None
+
+
+def room_problem(tok, prompts, max_new_tokens, block_size):
+    """Why the longest prompt (in the chat template) + max_new_tokens would not fit the model's
+    block_size (generation would then restart from the window's second half, which the log-probs of
+    the whole sequence do not see); None if it fits."""
+    longest = max(len(tok.encode_chat(p['prompt'])[0]) for p in prompts)
+    if longest + max_new_tokens > block_size:
+        return (f'the longest prompt is {longest} tokens; with max_new_tokens={max_new_tokens} a rollout '
+                f'would pass the model\'s block_size {block_size}: set max_new_tokens={block_size - longest} '
+                f'or less')
+    return None
+
+
 def minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, what):
     """Why a rollout of n_answers (named `what`) cannot be cut into minibatches of minibatch_size
     answers, each into gradient_accumulation_steps equal micro-batches; None if it can."""

@@ -393,14 +393,19 @@ def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
 
 
 def test_bad_settings(pipeline):
-    minibatch, group, token, value_lr, split, temperature = run_scripts([
+    minibatch, group, token, value_lr, split, temperature, dropout, room = run_scripts([
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu']),
         ('grpo.py', ['--init_from=base', '--group_size=1']),
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu']),
         ('ppo.py', ['--value_learning_rate=-1e-4']),
         ('grpo.py', ['--init_from=base', '--minibatch_size=16', '--gradient_accumulation_steps=3']),
-        ('grpo.py', ['--init_from=base', '--temperature=0'])],
+        ('grpo.py', ['--init_from=base', '--temperature=0']),
+        ('ppo.py', ['--init_from=base', '--dropout=0.1']),
+        ('grpo.py', ['--init_from=base', '--task_dir=inst', '--max_new_tokens=5000', '--device=cpu'])],
         cwd=pipeline)
+    assert dropout.returncode and 'dropout=0.1: the policy ratio compares' in dropout.stderr
+    assert room.returncode and "with max_new_tokens=5000 a rollout would pass the model's block_size" in room.stderr, \
+        room.stderr
     assert split.returncode and 'gradient_accumulation_steps=3, minibatch_size=16 must be a multiple' in split.stderr
     assert temperature.returncode and 'temperature=0.0 must be positive' in temperature.stderr
     assert value_lr.returncode and 'value_learning_rate=-0.0001; it must be >= 0' in value_lr.stderr
