@@ -104,15 +104,16 @@ def clear_samples(out_dir, resume, master):
 # --- rollouts -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+def sample_rollout(policy, tok, prompts, max_new_tokens, temperature=1.0, generator=None,
                    autocast=None, batch_size=64, cuda_graph=False):
     """Answer every prompt (dicts with 'prompt') once with the policy. Returns a dict with
     seq (N, L) prompt + response [+ the stop token it sampled, <|end|> or EOT] right-padded,
-    mask (N, L-1), texts, ended, lengths.
+    mask (N, L-1), texts, ended, lengths. Sampled from the whole softmax at `temperature` (no
+    top-k or top-p), the distribution whose log-probs response_logprobs computes: on-policy.
     cuda_graph: decode through a captured one-token step (generate.generate_chat)."""
     autocast = autocast or contextlib.nullcontext
     answers = generate_chat(policy, tok, [p['prompt'] for p in prompts], max_new_tokens, temperature,
-                            top_k=top_k, batch_size=batch_size, autocast=autocast, generator=generator,
+                            batch_size=batch_size, autocast=autocast, generator=generator,
                             cuda_graph=cuda_graph)
     rows, masks = [], []
     for p, a in zip(prompts, answers):
