@@ -239,7 +239,15 @@ else:
     model, student_tok, _ = load(source, 'cpu', resume, overrides={'dropout': dropout})
     require_same_tokenizer(student_tok.spec(), f'the student {source}', tok_spec,
                            f'the teacher {teacher}' if task_dir else f'the data in {data_dir}')
-    block_size = config['block_size'] = block_size or min(model.config.block_size, teacher_model.config.block_size)
+    block_size = block_size or min(model.config.block_size, teacher_model.config.block_size)
+    # the saved config describes the student trained (the checkpoint's architecture, as train.py does)
+    differ = {k: v for k, v in model.config.to_dict().items()
+              if k not in ('block_size', 'dropout') and k in config and config[k] != v
+              and not (k == 'vocab_size' and config[k] == 0)}          # 0: the tokenizer's
+    if differ and rt.master:
+        print(f'note: the student {source} keeps its own architecture: '
+              + ', '.join(f'{k}={v!r} (not {config[k]!r})' for k, v in differ.items()))
+    config.update({**model.config.to_dict(), 'block_size': block_size})
 if model.config.vocab_size < V:
     sys.exit(f'error: vocab_size={model.config.vocab_size} is smaller than the vocabulary ({V} ids)')
 if block_size > min(model.config.block_size, teacher_model.config.block_size):

@@ -204,11 +204,14 @@ def test_hard_labels_alone_are_train_py(tiny):
 
 def test_a_longer_student_checkpoint_trains_at_the_teachers_length(tiny):
     """init_from= a student whose block_size (64) exceeds the teacher's (32): block_size=0 takes the
-    shorter of the two."""
-    run_script('train.py', '--data_dir=data', '--out_dir=long_student', *STUDENT, '--block_size=64',
+    shorter of the two; the run's saved config is the student checkpoint's architecture."""
+    run_script('train.py', '--data_dir=data', '--out_dir=long_student', *STUDENT, '--block_size=64', '--n_embd=24',
                '--max_iters=1', '--eval_interval=1', cwd=tiny)
     p = distill(tiny, 'from_long', '--init_from=long_student', '--block_size=0', '--max_iters=2', '--eval_interval=2')
-    assert load_checkpoint(str(tiny / 'from_long'))['config']['block_size'] == 32, p.stdout[-500:]
+    config = load_checkpoint(str(tiny / 'from_long'))['config']
+    assert config['block_size'] == 32, p.stdout[-500:]
+    # the saved config is the student's (n_embd 24), not the command line's keys (16), and it says so
+    assert config['n_embd'] == 24 and 'keeps its own architecture' in p.stdout and 'n_embd=24 (not 16)' in p.stdout
 
 
 def test_resume_continues_exactly(tiny):
