@@ -218,7 +218,9 @@ def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False,
 # model they load: the router biases of auxiliary-loss-free balancing stay as pretraining and SFT
 # left them. Their padding tokens (a quarter of a batch, all routed alike) would count as load and
 # push real tokens off their experts; DeepSeek-V3 too stops the bias updates (speed 0) for the end
-# of pretraining, and the stages after it never need them.
+# of pretraining, and the stages after it never need them. Their losses (DPO's, the policy's) come from
+# forwards without targets, so no MoE balance loss joins them either: routing stays as SFT left it,
+# but for what the losses' gradients move in the router weights.
 FROZEN_ROUTING = {'bias_update_speed': 0.0}
 
 

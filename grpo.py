@@ -49,7 +49,8 @@ task_dir = 'data/tinystories_instruct'   # prompts_train.jsonl (rollouts), promp
 reward = 'rule'              # 'rule' | 'model' | 'mix' | 'token:<text>' (a toy)
 reward_model = 'out/reward'  # for reward='model' / 'mix'
 reward_mix = 0.5             # mix: weight of the reward model (the rule gets the rest)
-no_end_penalty = 0.2         # subtracted from the reward of an answer that did not end its turn
+no_end_penalty = 0.2         # subtracted from the reward of an answer that did not end its turn (with
+                             # reward='rule', on top of the rule's own ending term: task.RULE_WEIGHTS)
 normalize_reward = False     # running mean/std of rewards first; with scale_rewards the group's z-score
                              # cancels it (it matters only with scale_rewards=False)
 # rollouts and updates

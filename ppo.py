@@ -57,7 +57,8 @@ task_dir = 'data/tinystories_instruct'   # prompts_train.jsonl (rollouts), promp
 reward = 'rule'              # 'rule' | 'model' | 'mix' | 'token:<text>' (a toy)
 reward_model = 'out/reward'  # for reward='model' / 'mix'
 reward_mix = 0.5             # mix: weight of the reward model (the rule gets the rest)
-no_end_penalty = 0.2         # subtracted from the reward of an answer that did not end its turn
+no_end_penalty = 0.2         # subtracted from the reward of an answer that did not end its turn (with
+                             # reward='rule', on top of the rule's own ending term: task.RULE_WEIGHTS)
 normalize_reward = True      # running mean / std normalisation of the sequence rewards
 value_init = 'policy'        # the value model's backbone: 'policy' (the SFT model) or 'reward'
 # rollouts and updates

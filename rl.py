@@ -418,7 +418,8 @@ def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta):
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
-    """GRPO: A_i = (r_i - mean of its group) / (std of its group + eps), or without the std."""
+    """GRPO: A_i = (r_i - mean of its group) / (std of its group + eps), or without the std (the
+    sample std, with G - 1: DeepSeekMath's formula does not say which; torch's default)."""
     g = rewards.view(-1, group_size)
     adv = g - g.mean(1, keepdim=True)
     if scale:
@@ -441,7 +442,8 @@ def clipped_policy_loss(logp, old_logp, adv, mask, eps=0.2, per_sequence=False):
     else:
         loss = -masked_mean(surrogate, mask)
     clipped = ((ratio - 1).abs() > eps) & mask
-    approx_kl = masked_mean(0.5 * (logp.detach() - old_logp) ** 2, mask)   # a statistic: no gradient
+    # k2 = (log r)^2 / 2, Schulman's low-variance estimator of KL(old || new): a statistic, no gradient
+    approx_kl = masked_mean(0.5 * (logp.detach() - old_logp) ** 2, mask)
     return loss, clipped.float().sum() / mask.float().sum().clamp(min=1), approx_kl
 
 
