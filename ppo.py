@@ -236,7 +236,7 @@ while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: ev
     for epoch in range(ppo_epochs):                # passes over the rollout, in shuffled minibatches
         order = torch.randperm(rollout_prompts, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
         for idx in order.to(rt.device).split(minibatch_size):
-            loss, stats, n, out = minibatch_update(run, ppo_loss, buffer, idx, rt.autocast)   # one step
+            loss, stats, n, out = minibatch_update(run, ppo_loss, buffer, idx, rt.autocast, token_mean=True)
             losses.append(loss)
             updates.append(stats)
             tokens += n

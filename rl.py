@@ -253,25 +253,34 @@ def minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, wh
     return None
 
 
-def minibatch_update(run, loss_fn, buffer, idx, autocast):
+def minibatch_update(run, loss_fn, buffer, idx, autocast, token_mean=False):
     """One optimizer step on the answers idx of a rollout: loss_fn(minibatch) -> (loss, stats,
     tokens) over run's gradient_accumulation_steps micro-batches, exactly that many (DDP reduces
     the gradients on the last one only; the scripts check that they divide every minibatch),
     then run.optimizer_step() (clip, step, router biases, QK-Clip).
-    Returns (the minibatch's loss, its stats, its tokens, the step's output): loss and stats are
-    means over the micro-batches."""
+    Returns (the minibatch's loss, its stats, its tokens, the step's output). loss_fn's loss and
+    stats are means over its micro-batch: over its answers (GRPO: the micro-batches' plain mean is
+    the minibatch's), or with token_mean=True over its response tokens (PPO), whose micro-batches
+    are then weighted by their share of the minibatch's response tokens (buffer['mask']), so that
+    gradient_accumulation_steps, a memory setting, does not change the objective (across DDP ranks
+    the gradients are still a plain mean)."""
     n_micro = run.c['gradient_accumulation_steps']
     parts = torch.tensor_split(idx, n_micro)
     if any(len(p) == 0 for p in parts):
         raise ValueError(f'{len(idx)} answers cannot make {n_micro} micro-batches')
+    if token_mean:       # w_m = (response tokens of micro-batch m) / (response tokens of the minibatch)
+        counts = torch.stack([buffer['mask'][p].sum() for p in parts]).float()
+        weights = (counts / counts.sum().clamp(min=1)).tolist()
+    else:
+        weights = [1 / n_micro] * n_micro
     total, tokens, sums = 0.0, 0, {}
-    for micro, part in enumerate(parts):
+    for micro, (part, w) in enumerate(zip(parts, weights)):
         with run.sync(micro):
             with autocast():
                 loss, stats, n = loss_fn({k: v[part] for k, v in buffer.items()})
-            run.backward(loss / n_micro)
-        total, tokens = total + loss.detach() / n_micro, tokens + n
-        sums = {k: sums.get(k, 0) + v / n_micro for k, v in stats.items()}
+            run.backward(loss * w)
+        total, tokens = total + loss.detach() * w, tokens + n
+        sums = {k: sums.get(k, 0) + v * w for k, v in stats.items()}
     return total, sums, tokens, run.optimizer_step()
 
 

@@ -11,7 +11,8 @@ from checkpoint import load_checkpoint
 from conftest import run_script, run_scripts
 from model import GPT, ModelConfig
 from rl import (AdaptiveKL, Rewards, RunningMoments, clipped_policy_loss, clipped_value_loss,
-                explained_variance, gae, group_advantages, kl_k3, per_token_rewards, sample_rollout, whiten)
+                explained_variance, gae, group_advantages, kl_k3, masked_mean, per_token_rewards, sample_rollout,
+                whiten)
 from tokenizer import ByteTokenizer, with_chat_tokens
 
 
@@ -358,6 +359,21 @@ def test_a_minibatch_makes_exactly_its_micro_batches_and_averages_their_statisti
     assert 'multiple of it' in minibatch_problem(64, 16, 3, 'n')
     with pytest.raises(ValueError, match='cannot make 4 micro-batches'):
         minibatch_update(run, loss_fn, {'x': torch.arange(16)}, torch.arange(3), contextlib.nullcontext)
+    # token means (PPO): micro-batches with more response tokens weigh more, so that the minibatch's
+    # loss is its mean over all its response tokens, however many micro-batches it is cut into
+    g = torch.Generator().manual_seed(0)
+    buffer = {'x': torch.randn(8, 5, generator=g), 'mask': torch.rand(8, 5, generator=g) < 0.5}
+    buffer['mask'][:, 0] = True
+    token_loss = lambda b: (masked_mean(b['x'], b['mask']), {}, 0)                   # noqa: E731
+    expected = masked_mean(buffer['x'], buffer['mask'])
+    for n in (1, 2, 4):
+        run.c = {'gradient_accumulation_steps': n}
+        loss, _, _, _ = minibatch_update(run, token_loss, buffer, torch.arange(8), contextlib.nullcontext,
+                                         token_mean=True)
+        torch.testing.assert_close(loss, expected)
+    run.c = {'gradient_accumulation_steps': 4}
+    plain, _, _, _ = minibatch_update(run, token_loss, buffer, torch.arange(8), contextlib.nullcontext)
+    assert not torch.allclose(plain, expected)                   # a plain mean of the micro-batches' means
 
 
 def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
