@@ -28,8 +28,8 @@ from config import configure
 from generate import use_cuda_graph
 from rl import (RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss, entropy,
                 evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards, masked_mean, mean_stats,
-                minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts, response_logprobs, room_problem,
-                rollout_stats, sample_rollout, settings_problem, trim_padding)
+                merged_steps, minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts,
+                response_logprobs, room_problem, rollout_stats, sample_rollout, settings_problem, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
 
@@ -192,16 +192,18 @@ r = run.step                                  # rollouts done: 0, or where a res
 while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: evaluate, plot, save
     lr = run.set_lr(r)
     buffer, stats_of_rollout = make_rollout(r)
-    losses, updates, tokens = [], [], 0
+    losses, updates, outs, tokens = [], [], [], 0
     for epoch in range(grpo_epochs):                # passes over the rollout, in shuffled minibatches
         order = torch.randperm(n_answers, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
         for idx in order.to(rt.device).split(minibatch_size):
             loss, stats, n, out = minibatch_update(run, grpo_loss, buffer, idx, rt.autocast)   # one step
             losses.append(loss)
             updates.append(stats)
+            outs.append(out)
             tokens += n
     r += 1
-    if not run.log(r, lr, torch.stack(losses).mean(), tokens, out, {**mean_stats(updates), **stats_of_rollout}):
+    if not run.log(r, lr, torch.stack(losses).mean(), tokens, merged_steps(outs),
+                   {**mean_stats(updates), **stats_of_rollout}):
         break                                 # (every log_interval rollouts; False: NaN/inf loss)
 run.finish(plots)
 close_runtime(rt)

@@ -35,9 +35,9 @@ from generate import use_cuda_graph
 from model import ScalarModel, through_last
 from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss,
                 clipped_value_loss, entropy, evaluate_policy, explained_variance, gae, load_policy, load_rewards,
-                mean_stats, minibatch_problem, minibatch_update, per_token_rewards, prompts_of_rollout, read_prompts,
-                response_logprobs, rollout_stats, room_problem, sample_rollout, settings_problem, trim_padding,
-                whiten)
+                mean_stats, merged_steps, minibatch_problem, minibatch_update, per_token_rewards, prompts_of_rollout,
+                read_prompts, response_logprobs, rollout_stats, room_problem, sample_rollout, settings_problem,
+                trim_padding, whiten)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
 
@@ -232,16 +232,18 @@ def evaluate(_):
 while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: evaluate, plot, save
     lr = run.set_lr(r)
     buffer, stats_of_rollout = make_rollout(r)
-    losses, updates, tokens = [], [], 0
+    losses, updates, outs, tokens = [], [], [], 0
     for epoch in range(ppo_epochs):                # passes over the rollout, in shuffled minibatches
         order = torch.randperm(rollout_prompts, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
         for idx in order.to(rt.device).split(minibatch_size):
             loss, stats, n, out = minibatch_update(run, ppo_loss, buffer, idx, rt.autocast, token_mean=True)
             losses.append(loss)
             updates.append(stats)
+            outs.append(out)
             tokens += n
     r += 1
-    if not run.log(r, lr, torch.stack(losses).mean(), tokens, out, {**mean_stats(updates), **stats_of_rollout}):
+    if not run.log(r, lr, torch.stack(losses).mean(), tokens, merged_steps(outs),
+                   {**mean_stats(updates), **stats_of_rollout}):
         break                                 # (every log_interval rollouts; False: NaN/inf loss)
 run.finish(plots)
 close_runtime(rt)

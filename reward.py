@@ -265,6 +265,7 @@ step = run.step                               # 0, or where a resumed run stoppe
 while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
+    correct, margin, n_pairs = 0, 0, 0                 # over the step's micro-batches, on the device
     for micro in range(gradient_accumulation_steps):
         # read in epochs: every prompt (or pair) once before any comes again
         if batch_by == 'prompt':
@@ -282,9 +283,11 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
                 micro_loss = pair_loss(rc, rr, weight) / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
+        correct, margin = correct + (rc > rr).float().sum().detach(), margin + (rc - rr).sum().detach()
+        n_pairs += len(rc)
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
-    metrics = {'accuracy': (rc > rr).float().mean().detach(), 'reward_margin': (rc - rr).mean().detach()}
+    metrics = {'accuracy': correct / n_pairs, 'reward_margin': margin / n_pairs}
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break
 run.finish()

@@ -284,6 +284,20 @@ def minibatch_update(run, loss_fn, buffer, idx, autocast, token_mean=False):
     return total, sums, tokens, run.optimizer_step()
 
 
+def merged_steps(outs):
+    """The outputs of one rollout's optimizer steps (Run.optimizer_step) as one, for Run.log: the
+    mean gradient norm and the expert loads summed over the steps (each step's are counted from the
+    step before), the rest the last step's."""
+    out = dict(outs[-1])
+    norms = [o['grad_norm'] for o in outs if o.get('grad_norm') is not None]
+    if norms:
+        out['grad_norm'] = torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms]).mean()
+    loads = [o['loads'] for o in outs if o.get('loads') is not None]
+    if loads:
+        out['loads'] = torch.stack(loads).sum(0)
+    return out
+
+
 def mean_stats(rows):
     """{name: mean over rows} of a list of {name: 0-d tensor} (one per update), on the device."""
     return {k: torch.stack([row[k] for row in rows]).mean() for k in rows[0]}

@@ -157,6 +157,13 @@ def test_reward_model_learns_a_planted_preference(planted):
     assert evals[-1]['val/accuracy'] > 0.9, evals                   # held-out pairs
     assert {'val/length_corr', 'fresh/rank_corr'} <= set(evals[-1])
     assert 'train/accuracy' in rows[1]
+    # with micro-batches the step's accuracy is over all of its pairs (2 x 2 here: quarters), not the last
+    run_script('reward.py', '--init_from=base', '--out_dir=rm_micro', '--prefs_dir=planted', '--max_iters=8',
+               '--eval_interval=8', '--batch_size=2', '--gradient_accumulation_steps=2', '--n_fresh=0', *COMMON,
+               cwd=planted)
+    micro = [r['train/accuracy'] for r in map(json.loads, open(planted / 'rm_micro' / 'log.jsonl'))
+             if 'train/accuracy' in r]
+    assert len(micro) == 8 and {0.25, 0.75} & set(micro), micro
     ckpt = load_checkpoint(str(planted / 'rm'))
     assert ckpt['stage'] == 'reward' and ckpt['model_class'] == 'scalar' and ckpt['parent'] == 'base'
     model, tok, _ = load_model(str(planted / 'rm'), scalar=None)    # ppo / grpo load it like this

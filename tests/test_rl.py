@@ -376,6 +376,17 @@ def test_a_minibatch_makes_exactly_its_micro_batches_and_averages_their_statisti
     assert not torch.allclose(plain, expected)                   # a plain mean of the micro-batches' means
 
 
+def test_a_rollouts_steps_are_logged_as_one():
+    """PPO / GRPO log once per rollout: the mean gradient norm of its optimizer steps and the expert
+    loads of all of them (each step's counts start from the step before), not the last step's."""
+    from rl import merged_steps
+    outs = [{'grad_norm': torch.tensor(1.0), 'loads': torch.tensor([[1., 3.]]), 'parts': {}},
+            {'grad_norm': torch.tensor(3.0), 'loads': torch.tensor([[2., 2.]]), 'parts': {}}]
+    out = merged_steps(outs)
+    assert float(out['grad_norm']) == 2.0 and out['loads'].tolist() == [[3., 5.]] and out['parts'] == {}
+    assert 'grad_norm' not in merged_steps([{'loads': None, 'parts': {}}])
+
+
 def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
     """At temperature T the rollout samples from softmax(logits / T) over the tokenizer's ids (the
     model's vocabulary is padded past them, and sample_next never picks a padding id): the
