@@ -165,6 +165,9 @@ def require_same_tokenizer(spec_a, name_a, spec_b, name_b):
 
 # --- the teacher: frozen ------------------------------------------------------------------------
 resume = load_checkpoint(out_dir) if init_from == 'resume' else None
+if resume and teacher and resume.get('teacher') and os.path.realpath(teacher) != os.path.realpath(resume['teacher']):
+    sys.exit(f"error: {out_dir} was distilled from {resume['teacher']}; resuming it from another teacher "
+             f"({teacher}) would not continue that run: leave teacher= out (or start a new out_dir)")
 teacher = teacher or (resume or {}).get('teacher', '')
 if not teacher:
     sys.exit("error: no teacher: set teacher='out/RUN' (a trained checkpoint folder, e.g. out/tinystories_moe)")

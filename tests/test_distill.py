@@ -223,6 +223,8 @@ def test_resume_continues_exactly(tiny):
     a = [(r['train/loss'], r['train/kd_loss']) for r in log_rows(tiny / 'straight') if 'train/loss' in r]
     b = [(r['train/loss'], r['train/kd_loss']) for r in log_rows(tiny / 'split') if 'train/loss' in r]
     assert a == b and len(a) == 8
+    other = distill(tiny, 'split', '--max_iters=8', '--init_from=resume', '--teacher=straight', *args, check=False)
+    assert other.returncode and 'split was distilled from teacher; resuming it from another teacher' in other.stderr
     pa, pb = load_checkpoint(str(tiny / 'straight'))['model'], load_checkpoint(str(tiny / 'split'))['model']
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 

@@ -446,3 +446,22 @@ def test_a_pair_two_parts_of_the_rule_separate_equally_is_of_no_kind(pipeline):
     words_only = sum(r['rejected'].endswith('.') for r in val)
     assert 0 < words_only < len(val)
     assert f'held-out pairs by what separates them: words {words_only}, features 0, ending 0, repetition 0' in p.stdout
+
+
+@pytest.mark.parametrize('script', ['reward.py', 'dpo.py'])
+def test_reward_and_dpo_resume_continue_exactly(planted, script):
+    """4 steps, then a resume to 8, log the losses of 8 straight steps: the epochs' batch order, the
+    schedule, the optimizer state and the RNG all come back (the reward model reading the prompt
+    again, its pairs by prompt)."""
+    name = script[:-3]
+    extra = (['--n_fresh=0', '--score_reread=True', '--batch_by=prompt', '--batch_size=2'] if script == 'reward.py'
+             else ['--eval_prompts=0', '--batch_size=4', '--dropout=0.1'])
+    args = ['--init_from=base', '--prefs_dir=planted', '--eval_interval=4', '--lr_decay_iters=8', *extra, *COMMON]
+    run_script(script, f'--out_dir={name}_straight', *args, '--max_iters=8', cwd=planted)
+    run_script(script, f'--out_dir={name}_split', *args, '--max_iters=4', cwd=planted)
+    run_script(script, f'--out_dir={name}_split', *args, '--max_iters=8', '--init_from=resume', cwd=planted)
+    losses = [[r['train/loss'] for r in map(json.loads, open(planted / f'{name}_{run}' / 'log.jsonl'))
+               if 'train/loss' in r] for run in ('straight', 'split')]
+    assert losses[0] == losses[1] and len(losses[0]) == 8, losses
+    a, b = (load_checkpoint(str(planted / f'{name}_{run}'))['model'] for run in ('straight', 'split'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
