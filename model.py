@@ -18,7 +18,8 @@ CUDA-graph decoding); optim.py holds Muon and QK-Clip, whose max-logit statistic
 modules record.
 Shapes in comments: B batch, T new tokens, L keys in view (cached + new), H query heads,
 Hkv key/value heads, D head dim, C model width (n_embd), V vocabulary, N = B*T tokens,
-E routed experts, K experts per token, I expert width.
+E routed experts, K experts per token, I expert width; MLA: r the latent (kv_lora_rank), Dn / Dr
+the query and key dims without / with RoPE (qk_nope_head_dim, qk_rope_head_dim), Dv v_head_dim.
 """
 
 import math
@@ -741,7 +742,7 @@ class MoE(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Losses
+# Losses (and through_last, which tells a right-padded batch's tokens from its padding)
 
 def token_logprobs(logits, targets, vocab=None):
     """(B, T) log p(target_t) under the logits, 0 where the target is -1 (prompt, padding). vocab:
