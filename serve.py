@@ -8,7 +8,8 @@ $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
   POST /v1/chat/completions   messages -> the assistant's answer (the chat template of tokenizer.py)
   POST /v1/completions        prompt -> its continuation
       both: max_tokens, temperature, top_p, frequency_penalty, presence_penalty, stop (strings), n, seed,
-            stream (server-sent events)
+            stream (server-sent events; stream_options.include_usage). Refused by name (400,
+            unsupported_parameter): logprobs, tools, logit_bias, response_format (other than text), echo...
   GET  /v1/models             the one model served
   GET  /health                {"status": "ok"} and what the engine holds: running, waiting, free blocks
   GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
@@ -30,6 +31,7 @@ connections, which one GPU's batch of at most max_batch requests never has.
 """
 
 import json
+import math
 import os
 import queue
 import threading
@@ -90,8 +92,11 @@ def engine_loop():
                 r = engine.add(**args)
                 listeners[r.id] = reply
                 reply.put(('started', r.id))
-            except ValueError as e:
+            except ValueError as e:                         # it can never fit: a 400
                 reply.put(('error', str(e)))
+            except Exception as e:                          # e.g. out of memory: a 500, and keep serving
+                traceback.print_exc()
+                reply.put(('failed', f'the engine could not admit the request: {type(e).__name__}: {e}'))
         with cancel_lock:
             stop = [r for r in engine.waiting + engine.running if r.id in cancelled]
         for r in stop:                                      # a stop string was seen, or the client left
@@ -136,8 +141,8 @@ def number(body, key, default, low, high=None, integer=False, above=False):
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise APIError(f"'{key}' must be {'an integer' if integer else 'a number'}, not {json.dumps(v)}", key)
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+        raise APIError(f"'{key}' must be {'an integer' if integer else 'a finite number'}, not {json.dumps(v)}", key)
     if v < low or (above and v == low) or (high is not None and v > high):
         raise APIError(f"'{key}' is {v}; it must be {'above' if above else 'at least'} {low}"
                        + (f' and at most {high}' if high is not None else ''), key)
@@ -181,6 +186,12 @@ def prompt_of(path, body):
     return [tok.eot_id] + tok.encode(prompt)
 
 
+# OpenAI's request fields this server does not implement, with the values that ask for nothing
+UNSUPPORTED = {'logprobs': (False,), 'top_logprobs': (0,), 'logit_bias': ({},), 'tools': ([],), 'tool_choice': ('none',),
+               'functions': ([],), 'function_call': ('none',), 'response_format': ({'type': 'text'},),
+               'echo': (False,), 'suffix': ('',), 'best_of': (1,)}
+
+
 def parse(path, body):
     """Check a request before anything runs: (prompt ids, the engine's arguments, the stop
     strings, n); APIError for what cannot be served. max_tokens defaults to default_max_tokens or
@@ -190,6 +201,12 @@ def parse(path, body):
     if body.get('model') not in (None, MODEL_ID):
         raise APIError(f"the model {json.dumps(body['model'])} does not exist: this server serves "
                        f"'{MODEL_ID}'", 'model', 'model_not_found', 404)
+    for key, harmless in UNSUPPORTED.items():             # refused by name, never silently ignored
+        if body.get(key) not in (None, *harmless):
+            raise APIError(f"'{key}' is not supported by this server", key, 'unsupported_parameter')
+    options = body.get('stream_options')
+    if options is not None and (not isinstance(options, dict) or set(options) - {'include_usage'}):
+        raise APIError("'stream_options' may hold only include_usage", 'stream_options', 'unsupported_parameter')
     prompt = prompt_of(path, body)
     context = model.config.block_size
     room = context - len(prompt)                          # tokens left for the answer
@@ -227,6 +244,8 @@ class Generation:
         kind, value = self.reply.get()
         if kind == 'error':                               # the engine refused it (e.g. the pool is too small)
             raise APIError(value)
+        if kind == 'failed':                              # the engine could not admit it
+            raise APIError(value, code='engine_error', status=500)
         self.id, self.ids, self.text, self.finish = value, [], '', None
         self.prompt_tokens = len(args['prompt'])
 
@@ -240,7 +259,7 @@ class Generation:
                 raise APIError(value, code='engine_error', status=500)
             if kind == 'done':
                 self.finish = value
-            elif value not in tok.stop_ids():
+            elif value not in tok.special_names:        # a stop token, or a chat tag: not text
                 self.ids.append(value)
             text = tok.decode(self.ids)
             cut = min((text.find(s) for s in self.stop if s in text), default=-1)
@@ -255,6 +274,12 @@ class Generation:
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
+
+
+def usage_of(gens):
+    """OpenAI's usage of a request's choices: its prompt's tokens (once), every choice's tokens."""
+    prompt, completion = gens[0].prompt_tokens, sum(len(g.ids) for g in gens)
+    return {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -286,11 +311,16 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
 
     def do_POST(self):
+        try:                                  # read the body first, whatever the route: on a kept-alive
+            length = int(self.headers.get('Content-Length') or 0)      # connection what is left unread
+        except ValueError:                                             # would start the next request
+            self.close_connection = True
+            return self.send(400, APIError('Content-Length is not a number').body())
+        raw = self.rfile.read(length)
         if self.path not in ('/v1/chat/completions', '/v1/completions'):
             return self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
         chat = self.path == '/v1/chat/completions'
         try:
-            raw = self.rfile.read(int(self.headers.get('Content-Length') or 0))
             try:
                 body = json.loads(raw or b'{}')
             except ValueError as e:
@@ -300,7 +330,8 @@ class Handler(BaseHTTPRequestHandler):
             rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
             kind = 'chat.completion' if chat else 'text_completion'
             if body.get('stream'):
-                return self.stream(gens, rid, created, kind, chat)
+                usage = bool((body.get('stream_options') or {}).get('include_usage'))
+                return self.stream(gens, rid, created, kind, chat, usage)
             for g in gens:
                 for _ in g.pieces():
                     pass
@@ -309,14 +340,14 @@ class Handler(BaseHTTPRequestHandler):
         choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': None,
                     **({'message': {'role': 'assistant', 'content': g.text}} if chat else {'text': g.text})}
                    for g in gens]
-        usage = {'prompt_tokens': gens[0].prompt_tokens, 'completion_tokens': sum(len(g.ids) for g in gens)}
         self.send(200, {'id': rid, 'object': kind, 'created': created, 'model': MODEL_ID, 'choices': choices,
-                        'usage': {**usage, 'total_tokens': usage['prompt_tokens'] + usage['completion_tokens']}})
+                        'usage': usage_of(gens)})
 
-    def stream(self, gens, rid, created, kind, chat):
+    def stream(self, gens, rid, created, kind, chat, usage=False):
         """Server-sent events: one chunk per piece of text, each choice in turn as its tokens come,
-        then a chunk with its finish_reason, then [DONE]. An engine failure mid-stream sends an
-        event {"error": ...} and ends the stream."""
+        then a chunk with its finish_reason, then (usage: stream_options.include_usage) a chunk with
+        no choices and the usage, then [DONE]. An engine failure mid-stream sends an event
+        {"error": ...} and ends the stream."""
         self.send_response(200)
         self.send_header('Content-Type', 'text/event-stream')
         self.send_header('Cache-Control', 'no-cache')
@@ -341,6 +372,9 @@ class Handler(BaseHTTPRequestHandler):
                     for piece in g.pieces():
                         event(g.index, piece)
                     event(g.index, None, g.finish)
+                if usage:
+                    write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created,
+                           'model': MODEL_ID, 'choices': [], 'usage': usage_of(gens)})
             except APIError as e:
                 write(e.body())
             write('[DONE]')
@@ -394,6 +428,7 @@ document.getElementById('form').onsubmit = async (e) => {
     frequency_penalty: +document.getElementById('frequency_penalty').value};
   const maxTokens = document.getElementById('max_tokens').value;   // empty: what the context leaves
   if (maxTokens) settings.max_tokens = +maxTokens;
+  let failed = false;   // no answer: the user's turn leaves the conversation too (no empty assistant turn)
   try {   // a chat model answers the conversation; a pretrained one continues this message's text
     let sent = messages, res;
     while (true) {   // a conversation past the model's context: leave out its oldest turns until it fits
@@ -405,7 +440,7 @@ document.getElementById('form').onsubmit = async (e) => {
       if (error.code !== 'context_length_exceeded' || error.param !== 'messages') break;
       sent = sent.slice(2);
     }
-    if (!res.ok) { out.textContent = (await res.json()).error.message; return; }
+    if (!res.ok) { out.textContent = (await res.json()).error.message; failed = true; return; }
     if (sent.length < messages.length) out.title = (messages.length - sent.length) +
       ' earlier messages were left out: the conversation is longer than the context of the model';
     const reader = res.body.getReader(), decoder = new TextDecoder(); let buf = '';
@@ -416,8 +451,8 @@ document.getElementById('form').onsubmit = async (e) => {
         if (obj.error) { out.textContent = answer + ' [' + obj.error.message + ']'; continue; }
         const choice = obj.choices[0], piece = chat ? choice.delta.content : choice.text;
         if (piece) { answer += piece; out.textContent = (chat ? '' : text) + answer; } } }
-  } catch (err) { if (err.name !== 'AbortError') out.textContent = String(err); }
-  finally { messages.push({role: 'assistant', content: answer}); controller = null;
+  } catch (err) { if (err.name !== 'AbortError') { out.textContent = String(err); failed = !answer; } }
+  finally { if (failed) messages.pop(); else messages.push({role: 'assistant', content: answer}); controller = null;
     sendBtn.disabled = false; stopBtn.disabled = true; }
 };
 </script></body></html>

@@ -7,6 +7,7 @@ request's answer alone."""
 
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -174,6 +175,13 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         (chat, {'messages': hello, 'top_p': 0}, 400, 'top_p', None),
         (chat, {'messages': hello, 'n': 0}, 400, 'n', None),
         (chat, {'messages': hello, 'frequency_penalty': 2.5}, 400, 'frequency_penalty', None),
+        (chat, b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": NaN}', 400,
+         'frequency_penalty', None),                                  # JSON's NaN: every comparison false
+        (chat, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, 'temperature', None),
+        (chat, {'messages': hello, 'logprobs': True}, 400, 'logprobs', 'unsupported_parameter'),
+        (chat, {'messages': hello, 'tools': [{'type': 'function'}]}, 400, 'tools', 'unsupported_parameter'),
+        (text, {'prompt': 'Once', 'echo': True}, 400, 'echo', 'unsupported_parameter'),
+        (chat, {'messages': hello, 'stream_options': {'x': 1}}, 400, 'stream_options', 'unsupported_parameter'),
         (chat, {'messages': hello, 'presence_penalty': -3}, 400, 'presence_penalty', None),
         (chat, {'messages': hello, 'stop': 5}, 400, 'stop', None),
         (text, {'prompt': 7}, 400, 'prompt', None),
@@ -195,6 +203,29 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
     status, good = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0})
     assert status == 200 and good['choices'][0]['message']['content'] == c.chat.completions.create(
         model='sft_serve', messages=hello, max_tokens=6, temperature=0).choices[0].message.content
+    status, plain = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0, 'logprobs': False,
+                                     'response_format': {'type': 'text'}})      # values that ask for nothing
+    assert status == 200 and plain['choices'][0]['message'] == good['choices'][0]['message']
+    conn = http.client.HTTPConnection(url.split('//')[1])   # one kept-alive connection, as the openai client's
+    conn.request('POST', '/v1/embeddings', body=json.dumps({'input': 'x' * 500}), headers={'Content-Type': 'application/json'})
+    first = conn.getresponse()
+    assert first.status == 404 and json.loads(first.read())['error']['code'] == 'not_found'
+    conn.request('POST', chat, body=json.dumps({'messages': hello, 'max_tokens': 6, 'temperature': 0}),
+                 headers={'Content-Type': 'application/json'})
+    second = conn.getresponse()                              # the 404's body did not become this request
+    assert second.status == 200 and json.loads(second.read())['choices'][0]['message'] == good['choices'][0]['message']
+    conn.close()
+    conn = http.client.HTTPConnection(url.split('//')[1])
+    conn.putrequest('POST', chat)
+    conn.putheader('Content-Length', 'ten')
+    conn.endheaders()
+    bad = conn.getresponse()
+    assert bad.status == 400 and 'Content-Length' in json.loads(bad.read())['error']['message']
+    conn.close()
+    chunks = list(c.chat.completions.create(model='sft_serve', messages=hello, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={'include_usage': True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == good['usage']['completion_tokens']
+    assert all(ch.usage is None for ch in chunks[:-1])
     parts = [{'role': 'user', 'content': [{'type': 'text', 'text': 'Write a story that uses '},
                                           {'type': 'text', 'text': 'the words: fox.'}]}]   # OpenAI's content parts
     status, same = post(url, chat, {'messages': parts, 'max_tokens': 6, 'temperature': 0})
@@ -227,17 +258,25 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
     assert h['cancelled'] == before + 1                                 # stopped early, not run to the end
 
 
-# serve.py with an engine whose step fails (as out of memory would) while a request of 13 tokens runs
+# serve.py with an engine whose step fails (as out of memory would) while a request of 13 tokens runs,
+# and whose admission fails for a request of 11
 FAILING_ENGINE = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0])
 import engine
-step = engine.Engine.step
+step, add = engine.Engine.step, engine.Engine.add
 def failing_step(self):
     if any(r.max_new_tokens == 13 for r in self.running):
         raise RuntimeError('out of memory (made by the test)')
     return step(self)
-engine.Engine.step = failing_step
+def step_with_a_chat_tag(self):     # a request of 7 tokens samples <|user|> first (ids: user, assistant, end)
+    events = failing_step(self)
+    return [(r, r.stop_ids[0] - 2 if r.max_new_tokens == 7 and len(r.output) == 1 else t, f) for r, t, f in events]
+def failing_add(self, prompt, max_new_tokens, **kw):
+    if max_new_tokens == 11:
+        raise RuntimeError('no memory to admit it (made by the test)')
+    return add(self, prompt, max_new_tokens, **kw)
+engine.Engine.step, engine.Engine.add = step_with_a_chat_tag, failing_add
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -257,8 +296,15 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
             for _ in client(url).completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=13,
                                                     temperature=0, stream=True):
                 pass
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 11})   # not even admitted
+        assert status == 500 and 'no memory to admit it' in answer['error']['message'], answer
         status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
         assert status == 200 and good['choices'][0]['finish_reason'] == 'length'
+        # a chat tag sampled in an answer (not a stop token) is no text: '<|user|>' never reaches the client
+        hello = [{'role': 'user', 'content': 'Write a story that uses the words: fox.'}]
+        status, tagged = post(url, '/v1/chat/completions', {'messages': hello, 'max_tokens': 7, 'temperature': 0})
+        assert status == 200 and tagged['usage']['completion_tokens'] == 6, tagged
+        assert '<|' not in tagged['choices'][0]['message']['content']
         h = health(url)
         assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
     finally:
@@ -298,7 +344,8 @@ def test_32_clients_x_10_requests_each_get_the_answer_served_alone(server):
 def test_the_chat_page_in_headless_chromium(server):
     """The page as a user drives it: the model's name appears, a message sent streams an answer
     into the page (greedy: the API's answer), a second turn carries the first, a turn that makes
-    the conversation longer than the context is answered without the oldest turns, Clear empties it."""
+    the conversation longer than the context is answered without the oldest turns, Clear empties it,
+    a refused turn leaves the conversation as it was."""
     url, _ = server
     c = client(url)
     question = 'Write a story that uses the words: fox, key.'
@@ -329,6 +376,14 @@ def test_the_chat_page_in_headless_chromium(server):
         assert last.text_content() == alone and 'left out' in last.get_attribute('title')
         page.click('#clear')
         assert page.locator('.msg').count() == 0
+        # a turn the server refuses (a temperature out of range) shows the error and leaves the
+        # conversation as it was: no empty answer, no unanswered question sent with the next turn
+        page.fill('#temperature', '5')
+        page.fill('#input', question)
+        page.click('#send')
+        page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+        assert 'temperature' in page.locator('.msg.assistant').nth(0).text_content()
+        assert page.evaluate('messages.length') == 0
 
 
 def test_the_chat_page_continues_text_with_a_pretrained_model(pipeline):
