@@ -77,20 +77,24 @@ engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, voc
                 cuda_graph=use_cuda_graph(cuda_graph, rt.device_type),
                 overlap=rt.device_type == 'cuda' if overlap is None else bool(overlap))
 engine.capture_graphs()                  # every batch bucket's decode step, before any request
-inbox = queue.Queue()                    # (request arguments, the reply queue) from HTTP threads
+inbox = queue.Queue()                    # (request arguments, stop strings, the reply queue) from HTTP threads
 cancelled = set()                        # ids of requests whose clients stopped listening
 cancel_lock = threading.Lock()           # cancelled is written by HTTP threads, pruned by the engine's
 
 
 def engine_loop():
-    """The one thread that touches the engine: admits new requests, steps, hands tokens out."""
-    listeners = {}
+    """The one thread that touches the engine: admits new requests, steps, hands tokens out, and
+    ends a request whose text reached one of its stop strings (each choice of n as its own tokens
+    come, so that its blocks are free at once, however the HTTP thread reads the choices)."""
+    listeners, texts = {}, {}           # request id -> its reply queue; -> (stop strings, its token ids)
     while True:
         while not inbox.empty() or not (engine.waiting or engine.running):
-            args, reply = inbox.get()
+            args, stop, reply = inbox.get()
             try:
                 r = engine.add(**args)
                 listeners[r.id] = reply
+                if stop:
+                    texts[r.id] = (stop, [])
                 reply.put(('started', r.id))
             except ValueError as e:                         # it can never fit: a 400
                 reply.put(('error', str(e)))
@@ -98,10 +102,11 @@ def engine_loop():
                 traceback.print_exc()
                 reply.put(('failed', f'the engine could not admit the request: {type(e).__name__}: {e}'))
         with cancel_lock:
-            stop = [r for r in engine.waiting + engine.running if r.id in cancelled]
-        for r in stop:                                      # a stop string was seen, or the client left
+            leaving = [r for r in engine.waiting + engine.running if r.id in cancelled]
+        for r in leaving:                                   # a stop string was seen, or the client left
             engine.cancel(r)
             listeners.pop(r.id, None)
+            texts.pop(r.id, None)
         live = {r.id for r in engine.waiting + engine.running}
         with cancel_lock:                                   # forget ids of requests that have ended
             cancelled.intersection_update(live)
@@ -114,11 +119,19 @@ def engine_loop():
             for reply in listeners.values():
                 reply.put(('failed', f'the engine failed: {type(e).__name__}: {e}'))
             listeners.clear()
+            texts.clear()
             continue
         for r, token, finished in events:
             if token is not None:
                 listeners[r.id].put(('token', token))
+                if r.id in texts and not finished and token not in tok.special_names:
+                    stop, ids = texts[r.id]
+                    ids.append(token)
+                    if any(s in tok.decode(ids) for s in stop):   # (Generation.pieces cuts the text there)
+                        engine.cancel(r)
+                        finished, token = True, r.stop_ids[0]
             if finished:
+                texts.pop(r.id, None)
                 listeners.pop(r.id).put(('done', 'stop' if token in r.stop_ids else 'length'))
 
 
@@ -240,7 +253,7 @@ class Generation:
     def __init__(self, args, stop, index):
         self.reply, self.index, self.stop = queue.Queue(), index, stop
         seed = args['seed']                               # choice i samples with seed + i
-        inbox.put(({**args, 'seed': None if seed is None else seed + index}, self.reply))
+        inbox.put(({**args, 'seed': None if seed is None else seed + index}, stop, self.reply))
         kind, value = self.reply.get()
         if kind == 'error':                               # the engine refused it (e.g. the pool is too small)
             raise APIError(value)

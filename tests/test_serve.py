@@ -112,6 +112,17 @@ def test_completions_n_seed_stop_strings_and_penalties(server):
     streamed = ''.join(ch.choices[0].text for ch in c.completions.create(
         model='sft_serve', prompt='Once upon a time', max_tokens=12, temperature=0, stream=True))
     assert streamed == full
+    # n = 2: each choice ends at its stop string as its tokens come, though the choices are read one
+    # after the other (here choice 1 stops early while choice 0 runs to max_tokens)
+    both = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=40, temperature=1.0, n=2,
+                                seed=7).choices
+    mark = next(both[1].text[i:i + 3] for i in range(len(both[1].text)) if both[1].text[i:i + 3] not in both[0].text)
+    before = health(url)['cancelled']
+    cut = c.completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=40, temperature=1.0, n=2,
+                               seed=7, stop=[mark]).choices
+    assert (cut[0].text, cut[0].finish_reason) == (both[0].text, both[0].finish_reason)
+    assert (cut[1].text, cut[1].finish_reason) == (both[1].text[:both[1].text.index(mark)], 'stop')
+    assert health(url)['cancelled'] == before + 1                    # freed at the stop, not run to the end
     # OpenAI's penalties reach the engine: the greedy answer of generate_chat with the same penalties
     msgs = [{'role': 'user', 'content': 'Write a story that uses the words: fox, key.'}]
     from checkpoint import load_model
