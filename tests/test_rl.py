@@ -102,6 +102,18 @@ def test_kl_is_zero_when_policy_equals_reference():
 
 
 
+def as_rollout(tok, prompts, rows):
+    """{'seq', 'mask'} of token rows (prompt + response [+ its stop token]) as sample_rollout makes
+    them: right-padded, the mask on the response."""
+    L = max(map(len, rows)) + 2
+    seq = torch.full((len(rows), L), tok.eot_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        seq[i, :len(r)] = torch.tensor(r)
+        mask[i, len(tok.encode_chat(p['prompt'])[0]) - 1:len(r) - 1] = True
+    return {'seq': seq, 'mask': mask}
+
+
 def test_a_rereading_reward_model_scores_rollouts_as_reward_py_encodes_pairs():
     """score_reread: what the reward model reads is prompt + answer + the prompt again as a user
     turn, scored at its end, in rollouts (Rewards) as in training (reward_input); a long answer
@@ -115,14 +127,7 @@ def test_a_rereading_reward_model_scores_rollouts_as_reward_py_encodes_pairs():
     prompts = [{'prompt': 'use fox', 'words': ['fox']}, {'prompt': 'a longer prompt: use dog', 'words': ['dog']}]
     answers = ['The fox ran.', 'dog']
     rows = [tok.encode_chat(p['prompt'], a)[0] for p, a in zip(prompts, answers)]
-    # a rollout as sample_rollout makes it: prompt + response (+ <|end|>), right-padded, mask on the response
-    L = max(map(len, rows)) + 2
-    seq = torch.full((2, L), tok.eot_id, dtype=torch.long)
-    mask = torch.zeros(2, L - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, rows)):
-        seq[i, :len(r)] = torch.tensor(r)
-        mask[i, len(tok.encode_chat(p['prompt'])[0]) - 1:len(r) - 1] = True
-    ro = {'seq': seq, 'mask': mask, 'texts': answers, 'ended': [True, True]}
+    ro = {**as_rollout(tok, prompts, rows), 'texts': answers, 'ended': [True, True]}
     r, parts = Rewards('model', tok, rm)(prompts, ro, contextlib.nullcontext)
     for i, (p, ids) in enumerate(zip(prompts, rows)):
         x = reward_input(tok, rm.config, ids, p['prompt'], 64)
@@ -151,13 +156,7 @@ def test_rollouts_are_scored_as_reward_py_encodes_their_answers_whatever_stopped
     answers, ended = ['The fox ran.', 'A dog'], [True, False]
     rows = [tok.encode_chat(p['prompt'], a, ended=e)[0] + ([] if e else [tok.eot_id])
             for p, a, e in zip(prompts, answers, ended)]                  # as sample_rollout keeps them
-    L = max(map(len, rows)) + 2
-    seq = torch.full((2, L), tok.eot_id, dtype=torch.long)
-    mask = torch.zeros(2, L - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, rows)):
-        seq[i, :len(r)] = torch.tensor(r)
-        mask[i, len(tok.encode_chat(p['prompt'])[0]) - 1:len(r) - 1] = True
-    r, _ = Rewards('model', tok, rm)(prompts, {'seq': seq, 'mask': mask, 'texts': answers, 'ended': ended},
+    r, _ = Rewards('model', tok, rm)(prompts, {**as_rollout(tok, prompts, rows), 'texts': answers, 'ended': ended},
                                      contextlib.nullcontext)
     for i, (p, a, e) in enumerate(zip(prompts, answers, ended)):
         x = reward_input(tok, rm.config, tok.encode_chat(p['prompt'], a, ended=e)[0], p['prompt'], 64)   # reward.py's
