@@ -49,11 +49,17 @@ def checkpoint_path(path):
 
 
 def run_folders(root='out'):
-    """The folders under root that hold a checkpoint, the most recently written first."""
+    """The folders under root that hold a checkpoint, or one level further down where a folder holds
+    none itself (speedrun.sh's out/speedrun_cpu/sft), the most recently written first."""
+    def subfolders(d):
+        return [e if d == '.' else os.path.join(d, e) for e in os.listdir(d)
+                if os.path.isdir(os.path.join(d, e)) and not e.startswith('.')]
     if not os.path.isdir(root):
         return []
-    found = [d if root == '.' else os.path.join(root, d) for d in os.listdir(root)]
-    found = [d for d in found if os.path.isdir(d) and os.path.exists(checkpoint_path(d))]
+    found = []
+    for d in subfolders(root):
+        found += [d] if os.path.exists(checkpoint_path(d)) else \
+                 [e for e in subfolders(d) if os.path.exists(checkpoint_path(e))]
     return sorted(found, key=lambda d: -os.path.getmtime(checkpoint_path(d)))
 
 

@@ -133,9 +133,9 @@ def test_sample_script(tmp_path, byte_data):
     (tmp_path / 'broken' / 'ckpt.pt').write_bytes(b'')                # empty, as a killed copy leaves it
     (tmp_path / 'texted').mkdir()
     (tmp_path / 'texted' / 'ckpt.pt').write_text('version https://git-lfs... or any text\n')   # not a zip
-    for name in ('older', 'newer'):                                # the newest by its checkpoint's time
-        shutil.copytree(tmp_path / 'run', tmp_path / 'out' / name)
-        os.utime(tmp_path / 'out' / name / 'ckpt.pt', (time.time() + (name == 'newer'),) * 2)
+    for age, name in enumerate(('older', 'newer', 'speedrun/sft')):   # the newest by its checkpoint's time,
+        shutil.copytree(tmp_path / 'run', tmp_path / 'out' / name)      # also one level down (speedrun.sh's)
+        os.utime(tmp_path / 'out' / name / 'ckpt.pt', (time.time() + age,) * 2)
     bad = [('--temperature=-1', 'temperature=-1.0 must be >= 0'),
            ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
            ('--num_samples=0', 'num_samples=0 must be at least 1'),
@@ -155,12 +155,14 @@ def test_sample_script(tmp_path, byte_data):
     for (arg, msg), p in zip(bad, refused):
         assert p.returncode != 0 and msg in p.stderr, (arg, p.stderr[-500:])
     found = nothing.stderr.split('checkpoints found: ')[1].strip().split(', ')   # newest first
-    assert "no checkpoint at 'nothing" in nothing.stderr and sorted(found) == ['broken', 'run', 'texted']
+    assert "no checkpoint at 'nothing" in nothing.stderr
+    assert sorted(found) == ['broken', 'out/newer', 'out/older', 'run', 'texted'], found
     assert broken.returncode != 0
     assert "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in broken.stderr
     assert 'Traceback' not in broken.stderr
     assert "the checkpoint 'texted/ckpt.pt' is damaged or incomplete" in texted.stderr and 'Traceback' not in texted.stderr
-    assert 'sampling from: out/newer, the newest checkpoint under out/ (others: out/older;' in newest.stderr
+    assert 'sampling from: out/speedrun/sft, the newest checkpoint under out/ (others: out/newer, out/older;' \
+        in newest.stderr
 
 
 def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
