@@ -104,8 +104,15 @@ cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 source = out_dir if init_from == 'resume' else init_from
 ckpt = load_checkpoint(source)
 parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the SFT model
+scoring = {'score_pooling': score_pooling, 'score_reread': score_reread}   # how the score is read
 model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, scalar=True, overrides={
-    'dropout': dropout, **FROZEN_ROUTING, **({} if init_from == 'resume' else {'score_pooling': score_pooling, 'score_reread': score_reread})})
+    'dropout': dropout, **FROZEN_ROUTING, **({} if init_from == 'resume' else scoring)})
+if init_from == 'resume':             # a resumed run reads its score as it was trained to
+    kept = {k: getattr(model.config, k) for k in scoring}
+    if kept != scoring and rt.master:
+        print(f"note: the resumed reward model keeps its {', '.join(f'{k}={v!r}' for k, v in kept.items())}")
+    config.update(kept)
+    score_pooling, score_reread = kept['score_pooling'], kept['score_reread']
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:

@@ -459,7 +459,11 @@ def test_reward_and_dpo_resume_continue_exactly(planted, script):
     args = ['--init_from=base', '--prefs_dir=planted', '--eval_interval=4', '--lr_decay_iters=8', *extra, *COMMON]
     run_script(script, f'--out_dir={name}_straight', *args, '--max_iters=8', cwd=planted)
     run_script(script, f'--out_dir={name}_split', *args, '--max_iters=4', cwd=planted)
-    run_script(script, f'--out_dir={name}_split', *args, '--max_iters=8', '--init_from=resume', cwd=planted)
+    p = run_script(script, f'--out_dir={name}_split', *args, '--max_iters=8', '--init_from=resume',
+                   *(['--score_reread=False'] if script == 'reward.py' else []), cwd=planted)
+    if script == 'reward.py':   # how the score is read is the checkpoint's: said, and saved
+        assert "keeps its score_pooling='last', score_reread=True" in p.stdout
+        assert load_checkpoint(str(planted / f'{name}_split'))['config']['score_reread'] is True
     losses = [[r['train/loss'] for r in map(json.loads, open(planted / f'{name}_{run}' / 'log.jsonl'))
                if 'train/loss' in r] for run in ('straight', 'split')]
     assert losses[0] == losses[1] and len(losses[0]) == 8, losses
