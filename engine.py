@@ -399,7 +399,7 @@ class Engine:
         self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once
         self.last_tokens = None            # the tokens the last step sampled, on the device
-        self.in_flight = None              # with overlap: the launched step not read back yet
+        self.unread_step = None            # with overlap: the launched step not read back yet
         pinned = self.device.type == 'cuda'
         self.token_buffers = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.turn = 0
@@ -499,7 +499,7 @@ class Engine:
         launched = self.launch(rows) if rows else None
         if not self.overlap:
             return self.read_back(launched) if launched else []
-        before, self.in_flight = self.in_flight, launched
+        before, self.unread_step = self.unread_step, launched
         return self.read_back(before) if before else []
 
     def launch(self, rows):
