@@ -111,8 +111,7 @@ if init_from == 'resume':             # a resumed run reads its score as it was 
     kept = {k: getattr(model.config, k) for k in scoring}
     if kept != scoring and rt.master:
         print(f"note: the resumed reward model keeps its {', '.join(f'{k}={v!r}' for k, v in kept.items())}")
-    config.update(kept)
-    score_pooling, score_reread = kept['score_pooling'], kept['score_reread']
+    config.update(kept)                # (the settings' names are not read again below: model.config is)
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
