@@ -270,7 +270,7 @@ def minibatch_update(run, loss_fn, buffer, idx, autocast, token_mean=False):
         raise ValueError(f'{len(idx)} answers cannot make {n_micro} micro-batches')
     if token_mean:       # w_m = (response tokens of micro-batch m) / (response tokens of the minibatch)
         counts = torch.stack([buffer['mask'][p].sum() for p in parts]).float()
-        weights = (counts / counts.sum().clamp(min=1)).tolist()
+        weights = counts / counts.sum().clamp(min=1)           # on the device: no wait for the host
     else:
         weights = [1 / n_micro] * n_micro
     total, tokens, sums = 0.0, 0, {}

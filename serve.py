@@ -127,7 +127,11 @@ def engine_loop():
                 if r.id in texts and not finished and token not in tok.special_names:
                     stop, ids = texts[r.id]
                     ids.append(token)
-                    if any(s in tok.decode(ids) for s in stop):   # (Generation.pieces cuts the text there)
+                    # a new match ends in the last token, and a stop string of n characters (at most 4n
+                    # bytes, a token at least one) lies in the last 4n + 1 tokens: no whole-answer decode
+                    # per token on the engine's thread (Generation.pieces cuts the text there)
+                    tail = tok.decode(ids[-(4 * max(map(len, stop)) + 1):])
+                    if any(s in tail for s in stop):
                         engine.cancel(r)
                         finished, token = True, r.stop_ids[0]
             if finished:
