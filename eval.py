@@ -36,7 +36,7 @@ out_dir = ''                 # the checkpoint folder to evaluate; '': the newest
 compare = ''                 # comma-separated checkpoint folders: evaluate each, print one table
 reuse = False                # with compare: use an existing eval.json instead of re-evaluating
 data_dir = ''                # pretraining data for val loss / bpb; '' = the checkpoint's own
-eval_iters = 50              # validation batches (of batch_size x block_size tokens)
+eval_iters = 50              # validation batches (of batch_size x block_size tokens); 0 skips val loss
 batch_size = 16
 block_size = 0               # 0: the model's block_size
 task_dir = ''                # held-out prompts; '': the checkpoint's own (sft.py records it), else
@@ -81,6 +81,8 @@ def val_loss(model, tok_spec, folder, ckpt):
     val_tinystories), or {} if the data is not found. The softmax runs over the vocabulary the
     model was trained with: the rows load_chat_model adds for the chat tokens hold zero logits, and
     counted, they would add log(1 + 64 / sum_i e^{z_i}) nats, a different amount for each model."""
+    if not eval_iters:                                     # only the answers are wanted
+        return {}
     d = data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
     if not d or not os.path.exists(os.path.join(d, 'meta.json')):
         print(f'{folder}: no pretraining data found (data_dir={d!r}); skipping val loss', file=sys.stderr)

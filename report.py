@@ -98,6 +98,36 @@ def held_out_from_log(name, rows):
     return {k: last[v] for k, v in keys.items() if v in last}
 
 
+def paired(name, a, b):
+    """(mean, standard error, prompts) over the held-out prompts of the score of answers file b
+    minus that of answers file a, both in folder name (the same prompts, in order), or None where
+    they are not both there or not for the same prompts."""
+    paths = [os.path.join(out, name, f) for f in (a, b)]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    x, y = (read_jsonl(p, ('prompt', 'score')) for p in paths)
+    if len(x) < 2 or [r['prompt'] for r in x] != [r['prompt'] for r in y]:
+        return None
+    d = [v['score'] - u['score'] for u, v in zip(x, y)]
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d)
+
+
+def penalized(name):
+    """The run's greedy answers again under OpenAI's frequency / presence penalties (eval.py
+    --frequency_penalty: eval_fp<f>_pp<p>.json, as speedrun.sh's eval stage writes for the runs that
+    answer prompts), each with the task metrics and the paired change of the score from eval.json's."""
+    found = []
+    folder = os.path.join(out, name)
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if f.startswith('eval_fp') and f.endswith('.json'):
+            ev = read_json(name, f)
+            found.append({'file': f, 'frequency_penalty': ev.get('frequency_penalty'),
+                          'presence_penalty': ev.get('presence_penalty'), 'task_score': ev.get('task/score'),
+                          'all_words': ev.get('task/all_words'), 'repetition': ev.get('task/repetition'),
+                          'gain': paired(name, 'eval_answers.jsonl', 'eval_answers' + f[len('eval'):-len('.json')] + '.jsonl')})
+    return found
+
+
 # --- what each stage did ------------------------------------------------------------------------
 times = {}
 if os.path.isfile(os.path.join(out, 'times.tsv')):
@@ -124,10 +154,10 @@ for name in TRAINED:
                     'task_score': ev.get('task/score'), 'all_words': ev.get('task/all_words'),
                     'score_sampled': ev.get('task/score_sampled'),
                     'word_by_position': ev.get('task/word_by_position'),
-                    'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'),
+                    'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'), 'repetition': ev.get('task/repetition'),
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
                     'metrics': ckpt['metrics'], 'config': ckpt['config'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {}),
-                    'source': 'log' if from_log and ev else 'eval'}
+                    'source': 'log' if from_log and ev else 'eval', 'penalized': penalized(name)}
 
 # --- the targets ----------------------------------------------------------------------------------
 checks = []
@@ -144,8 +174,12 @@ if 'sft' in stages:
     by_position = stages['sft'].get('word_by_position')      # which listed word the answers drop
     per_word = (f"; the 1st / 2nd / 3rd listed word used in {' / '.join(pct(x) for x in by_position[:3])} of answers"
                 if by_position else '')
+    # the same greedy answers with a frequency penalty: another decoder, beside the target, not in it
+    pen = ''.join(f"; greedy with a frequency penalty of {p['frequency_penalty']:g}"
+                  + (f" and a presence penalty of {p['presence_penalty']:g}" if p['presence_penalty'] else '')
+                  + f": {pct(p['all_words'])}" for p in stages['sft']['penalized'])
     check('SFT: all required words used (greedy, held-out prompts)', v, f">= {pct(TARGETS['sft_all_words'])}",
-          v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}{per_word}')
+          v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}{per_word}{pen}')
 if 'reward' in stages:
     acc = stages['reward']['metrics'].get('val/accuracy')
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
@@ -165,15 +199,8 @@ def paired_gain(run, base='sft'):
     score minus base's on each held-out prompt (eval_answers.jsonl), with its standard error, so
     that a gain can be read against the noise of the prompt sample; '' where the answers are not
     both there or not for the same prompts."""
-    paths = [os.path.join(out, name, 'eval_answers.jsonl') for name in (run, base)]
-    if not all(os.path.isfile(p) for p in paths):
-        return ''
-    a, b = (read_jsonl(p, ('prompt', 'score')) for p in paths)
-    if len(a) < 2 or [x['prompt'] for x in a] != [x['prompt'] for x in b]:
-        return ''
-    d = [x['score'] - y['score'] for x, y in zip(a, b)]        # paired: the same prompts
-    se = statistics.stdev(d) / math.sqrt(len(d))
-    return f' (per prompt: {statistics.mean(d):+.3f} ± {se:.3f}, its standard error over {len(d)} prompts)'
+    d = paired('.', os.path.join(base, 'eval_answers.jsonl'), os.path.join(run, 'eval_answers.jsonl'))
+    return f' (per prompt: {d[0]:+.3f} ± {d[1]:.3f}, its standard error over {d[2]} prompts)' if d else ''
 
 
 # a score missing (a stage's eval.json not written) leaves its target unknown, never met or missed by default
@@ -327,6 +354,21 @@ for name, s in stages.items():
 md += ['', 'Task score: the reward rule of task.py (required words, requested features, a finished answer, '
        'no repetition) on greedy answers to the held-out prompts, from held-out books (sampled: on one answer '
        'per prompt sampled at temperature 1); KL: nats per sampled answer (eval.py --reference).']
+if any(s['penalized'] for s in stages.values()):
+    md += ['', '### The same greedy answers with a frequency penalty', '',
+           "OpenAI's frequency penalty (eval.py --frequency_penalty: each token's logit lowered by the penalty "
+           'times its count in the answer so far), still greedy: greedy answers loop, and the task score '
+           'counts repetition against them. Change of the score: mean over the held-out prompts, with its '
+           'standard error.', '',
+           '| run | penalty (frequency / presence) | task score | change | all words | 4-gram repetition |',
+           '| --- | --- | --- | --- | --- | --- |']
+    for name, s in stages.items():
+        for p in s['penalized']:
+            gain = '-' if p['gain'] is None else f"{p['gain'][0]:+.3f} ± {p['gain'][1]:.3f}"
+            md.append(f"| {name} | {p['frequency_penalty']:g} / {p['presence_penalty']:g} | "
+                      f"{fmt(s['task_score'])} -> {fmt(p['task_score'])} | {gain} | "
+                      f"{pct(s['all_words'])} -> {pct(p['all_words'])} | "
+                      f"{fmt(s['repetition'])} -> {fmt(p['repetition'])} |")
 if any(s['source'] == 'log' for s in stages.values()):
     md += ['', "† eval.py did not evaluate this stage (a run cut short): its values are the stage's own last "
            "held-out evaluation in its log.jsonl, on its own prompts and batches (and so are the targets read "

@@ -24,7 +24,8 @@
 # --parallel=0|1 (stages that do not need each other's output side by side; the gpu profile's default)
 # A stage's settings can be changed from the environment: <NAME>_EXTRA is appended to the settings
 # NAME (PREPARE, MODEL, SFT, PREFS, REWARD, DPO, PPO, GRPO, STUDENT, DISTILL, EVAL; in this script's
-# profiles below; the last value of a key wins), and EVAL_RUNS names the runs eval evaluates:
+# profiles below; the last value of a key wins), EVAL_RUNS names the runs eval evaluates, and
+# FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none):
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
 # A stage that finished before is skipped, whatever the settings now: to run it again, delete its
 # folder under OUT (and its line in OUT/times.tsv) or give another --out=
@@ -72,7 +73,7 @@ case $PROFILE in
     SYSTEM="--device=cpu --compile=False"
     MODEL="config/tinystories_cpu.py --mtp_depth=1 --block_size=256 --batch_size=8 --max_iters=200 --eval_interval=200 --eval_iters=5"
     SFT="--max_iters=80 --eval_interval=80 --batch_size=8 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=10
-         --eval_prompts=16 --max_new_tokens=160 --eval_iters=4 --word_loss_weight=10"
+         --eval_prompts=16 --max_new_tokens=160 --eval_iters=4 --word_loss_weight=20"
     PREFS="--n_prompts=48 --samples_per_prompt=4 --max_new_tokens=160 --val_fraction=0.25 --swap_pairs=1"
     REWARD="--max_iters=50 --eval_interval=50 --batch_size=8 --learning_rate=3e-4 --min_lr=3e-5 --warmup_iters=10 --n_fresh=16
             --max_new_tokens=160 --score_reread=True"
@@ -94,12 +95,13 @@ case $PROFILE in
     SYSTEM=""
     MODEL="config/tinystories_moe.py --mtp_depth=1 --optimizer=muonclip --max_iters=1500 --eval_interval=500 --eval_iters=20
            --batch_size=64 --block_size=512 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=100 --cuda_graph_train=False"
-    # the tokens where an answer first uses a required word weigh 10x in SFT's loss (word_loss_weight):
+    # the tokens where an answer first uses a required word weigh 20x in SFT's loss (word_loss_weight):
     # on the H100 all required words went from 23.8% of held-out answers to 71.1% at 5x (one seed;
-    # 20-23% on four cards before), at the same val bits/byte, and from 71.5% at 5x to 87.5% at 10x
-    # (the next card, same base model: +16.0 +- 3.1 points paired; docs/results.md)
+    # 20-23% on four cards before), at the same val bits/byte, from 71.5% at 5x to 87.5% at 10x (the
+    # next card, same base model: +16.0 +- 3.1 points paired), and from 82.8% at 10x to 91.0% at 20x
+    # (the card after, same base model: +8.2 +- 2.5 points; task score -0.030 +- 0.023; docs/results.md)
     SFT="--max_iters=2000 --eval_interval=500 --batch_size=32 --block_size=512 --learning_rate=1e-3 --min_lr=1e-4
-         --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200 --word_loss_weight=10"
+         --warmup_iters=50 --eval_prompts=128 --max_new_tokens=200 --word_loss_weight=20"
     # with each training prompt's best answer also in a swapped-word minimal pair, both ways
     # (prepare/preferences.py swap_pairs): pairs only the prompt's words decide, for the reward model
     # (and DPO) to learn to look at them
@@ -151,6 +153,12 @@ case $PROFILE in
   *) echo "error: --profile=$PROFILE; valid: cpu, gpu"; exit 2 ;;
 esac
 
+# The runs that answer prompts are also evaluated greedy with OpenAI's frequency penalty (eval.py,
+# eval_fp<penalty>_pp0.json; the card's table beside the greedy one): their greedy answers loop, and
+# on the H100 a penalty of 0.5 took the task score from 0.672 to 0.972 (SFT), 0.704 to 0.993 (GRPO).
+# FREQUENCY_PENALTY=0 leaves this evaluation out
+FREQUENCY_PENALTY=${FREQUENCY_PENALTY:-0.5}
+PENALIZED="--frequency_penalty=$FREQUENCY_PENALTY --eval_iters=0 --sampled_score=False --n_samples=0"
 for name in PREPARE MODEL SFT PREFS REWARD DPO PPO GRPO STUDENT DISTILL EVAL; do   # the <NAME>_EXTRA settings
   extra=${name}_EXTRA
   declare "$name=${!name} ${!extra:-}"
@@ -209,9 +217,15 @@ dpo_seed() {
   run dpo_seed$1 $OUT/dpo_seed$1/ckpt.pt python dpo.py --init_from=$OUT/sft --out_dir=$OUT/dpo_seed$1 \
     --prefs_dir=$PREFS_DIR --task_dir=$TASK --seed=$1 $DPO $SYSTEM
 }
-eval_run() {          # eval.py on one run folder; KL to the SFT model for the runs trained from it
-  local ref=''; case $1 in dpo*|ppo|grpo) ref=--reference=$OUT/sft ;; esac
-  run eval_$1 $OUT/$1/eval.json python eval.py --out_dir=$OUT/$1 --task_dir=$TASK $ref $EVAL ${SYSTEM/--compile=False/}
+eval_run() {          # eval.py on one run folder; KL to the SFT model for the runs trained from it;
+  local ref=''; case $1 in dpo*|ppo|grpo) ref=--reference=$OUT/sft ;; esac     # then, for the runs
+  run eval_$1 $OUT/$1/eval.json python eval.py --out_dir=$OUT/$1 --task_dir=$TASK $ref $EVAL ${SYSTEM/--compile=False/} \
+    || return 1                                                                # that answer prompts,
+  [ "$FREQUENCY_PENALTY" = 0 ] && return 0                                    # the penalized answers
+  case $1 in sft|dpo*|ppo|grpo)
+    run eval_penalized_$1 $OUT/$1/eval_fp${FREQUENCY_PENALTY}_pp0.json python eval.py --out_dir=$OUT/$1 \
+      --task_dir=$TASK $EVAL $PENALIZED ${SYSTEM/--compile=False/} ;;
+  esac
 }
 EVAL_RUNS=${EVAL_RUNS:-"base sft $(for s in $DPO_SEEDS; do echo dpo_seed$s; done) ppo grpo student_scratch student_distill
   $(stage_wanted student_embed && echo student_embed || true)"}

@@ -32,6 +32,16 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     for name in ('base', 'sft'):
         run_script('eval.py', f'--out_dir=speedrun/{name}', '--task_dir=inst', '--eval_iters=2', '--n_prompts=3',
                    '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', cwd=pipeline)
+    # the SFT model's greedy answers again with a frequency penalty (no val loss: eval_iters 0), in a
+    # file of their own beside eval.json, which stays as it was
+    before = (out / 'sft' / 'eval.json').read_text()
+    run_script('eval.py', '--out_dir=speedrun/sft', '--task_dir=inst', '--eval_iters=0', '--n_prompts=3',
+               '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', '--frequency_penalty=2',
+               '--sampled_score=False', cwd=pipeline)
+    assert (out / 'sft' / 'eval.json').read_text() == before
+    pen = json.loads((out / 'sft' / 'eval_fp2_pp0.json').read_text())
+    assert pen['val/loss'] is None and pen['frequency_penalty'] == 2 and 0 <= pen['task/score'] <= 1
+    assert len((out / 'sft' / 'eval_answers_fp2_pp0.jsonl').read_text().splitlines()) == 3
     (out / 'ppo').mkdir(exist_ok=True)            # a stage whose eval.json is missing: its target is unknown
     if not (out / 'ppo' / 'ckpt.pt').exists():
         os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'ppo' / 'ckpt.pt')
@@ -56,6 +66,16 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| task score | task score, sampled | all words |' in md
     assert f"on answers sampled at temperature 1: {ev['task/score_sampled']:.3f} vs {ev['task/score_sampled']:.3f}" in md
     assert 'the 1st / 2nd / 3rd listed word used in' in md         # which word the answers drop
+    # the penalized answers: their own table (the change of the score paired over the prompts) and
+    # their all-words rate beside the SFT target's greedy one
+    ev = json.loads((out / 'sft' / 'eval.json').read_text())
+    answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
+    answers_pen = [json.loads(line) for line in (out / 'sft' / 'eval_answers_fp2_pp0.jsonl').read_text().splitlines()]
+    d = [b['score'] - a['score'] for a, b in zip(answers, answers_pen)]
+    assert '### The same greedy answers with a frequency penalty' in md
+    assert (f"| sft | 2 / 0 | {ev['task/score']:.3f} -> {pen['task/score']:.3f} | "
+            f"{statistics.mean(d):+.3f} ± {statistics.stdev(d) / 3 ** 0.5:.3f} | ") in md
+    assert f"greedy with a frequency penalty of 2: {100 * pen['task/all_words']:.1f}% |" in md
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
     for a in answers:                                  # the prompt's words, and which of them the answer used
@@ -126,6 +146,23 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     runs = [x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_')]
     assert runs[0] == 'eval_sft' and 'eval_base' not in runs, p.stdout
+    # a run that answers prompts is evaluated again, greedy with a frequency penalty (eval_fp<f>_pp0.json),
+    # after its plain evaluation (done before here; the penalized one fails: no checkpoint); not with 0
+    (tmp_path / 'pen' / 'sft').mkdir(parents=True)
+    (tmp_path / 'pen' / 'sft' / 'eval.json').write_text('{}')
+    (tmp_path / 'pen' / 'times.tsv').write_text('eval_sft\t1\n')
+    for penalty in ('0.5', '0'):
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/pen', '--stages=eval'],
+                           cwd=repo, env=dict(env, FREQUENCY_PENALTY=penalty, EVAL_RUNS='sft'), capture_output=True, text=True,
+                           timeout=300)
+        started = [x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_')]
+        if penalty == '0':
+            assert started == ['eval_sft'] and p.returncode == 0, p.stdout
+            continue
+        assert started == ['eval_sft', 'eval_penalized_sft'] and p.returncode != 0, p.stdout
+        line = next(x for x in p.stdout.splitlines() if x.startswith('eval_penalized_sft: python eval.py'))
+        assert '--frequency_penalty=0.5 --eval_iters=0 --sampled_score=False' in line, line
+        assert line.index('--eval_iters=5') < line.index('--eval_iters=0'), line     # the profile's, then 0
     # without EVAL_RUNS: the default list (student_embed only where that stage is named); the runs
     # of one phase start together with --parallel=1, so each prints its command line
     env.pop('EVAL_RUNS')
