@@ -175,8 +175,8 @@ if 'sft' in stages:
     per_word = (f"; the 1st / 2nd / 3rd listed word used in {' / '.join(pct(x) for x in by_position[:3])} of answers"
                 if by_position else '')
     # the same greedy answers with a frequency penalty: another decoder, beside the target, not in it
-    pen = ''.join(f"; greedy with a frequency penalty of {p['frequency_penalty']:g}"
-                  + (f" and a presence penalty of {p['presence_penalty']:g}" if p['presence_penalty'] else '')
+    pen = ''.join(f"; greedy with a frequency penalty of {fmt(p['frequency_penalty'], 'g')}"
+                  + (f" and a presence penalty of {fmt(p['presence_penalty'], 'g')}" if p['presence_penalty'] else '')
                   + f": {pct(p['all_words'])}" for p in stages['sft']['penalized'])
     check('SFT: all required words used (greedy, held-out prompts)', v, f">= {pct(TARGETS['sft_all_words'])}",
           v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}{per_word}{pen}')
@@ -365,7 +365,7 @@ if any(s['penalized'] for s in stages.values()):
     for name, s in stages.items():
         for p in s['penalized']:
             gain = '-' if p['gain'] is None else f"{p['gain'][0]:+.3f} ± {p['gain'][1]:.3f}"
-            md.append(f"| {name} | {p['frequency_penalty']:g} / {p['presence_penalty']:g} | "
+            md.append(f"| {name} | {fmt(p['frequency_penalty'], 'g')} / {fmt(p['presence_penalty'], 'g')} | "
                       f"{fmt(s['task_score'])} -> {fmt(p['task_score'])} | {gain} | "
                       f"{pct(s['all_words'])} -> {pct(p['all_words'])} | "
                       f"{fmt(s['repetition'])} -> {fmt(p['repetition'])} |")

@@ -11,7 +11,8 @@
 #             (stages student_distill and student_scratch: one of the two)
 #   student_embed  (only when named) the scratch student started from the teacher's embeddings, as
 #             the distilled one starts: it separates what distillation adds from what that start does
-#   eval      every checkpoint on the held-out data and prompts (eval.py -> eval.json)
+#   eval      every checkpoint on the held-out data and prompts (eval.py -> eval.json; the runs that
+#             answer prompts also greedy with a frequency penalty -> eval_fp<penalty>_pp0.json)
 #   report    report.md + report.json + plots (report.py)
 # Each stage reads the previous stage's checkpoint (init_from=) and writes its own folder under
 # OUT; a stage that finished (its output there, its line in times.tsv) is skipped, so a stopped run
@@ -157,7 +158,10 @@ esac
 # eval_fp<penalty>_pp0.json; the card's table beside the greedy one): their greedy answers loop, and
 # on the H100 a penalty of 0.5 took the task score from 0.672 to 0.972 (SFT), 0.704 to 0.993 (GRPO).
 # FREQUENCY_PENALTY=0 leaves this evaluation out
-FREQUENCY_PENALTY=${FREQUENCY_PENALTY:-0.5}
+# (written as eval.py names its file: 0.50 -> 0.5; not a number: an error)
+penalty=$(python -c 'import sys; print(f"{float(sys.argv[1]):g}")' "${FREQUENCY_PENALTY:=0.5}" 2> /dev/null) \
+  || { echo "error: FREQUENCY_PENALTY='$FREQUENCY_PENALTY' is not a number"; exit 2; }
+FREQUENCY_PENALTY=$penalty
 PENALIZED="--frequency_penalty=$FREQUENCY_PENALTY --eval_iters=0 --sampled_score=False --n_samples=0"
 for name in PREPARE MODEL SFT PREFS REWARD DPO PPO GRPO STUDENT DISTILL EVAL; do   # the <NAME>_EXTRA settings
   extra=${name}_EXTRA

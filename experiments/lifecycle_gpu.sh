@@ -68,7 +68,7 @@ wanted deep_student && SIDE_RUNS+="($link && EVAL_RUNS='student_scratch student_
 # run's prefs stage), about 3 epochs of them, the words weighted as in the main SFT, evaluated like
 # the rest (from the unweighted SFT: score 0.806, all words 38.7%, +0.19 bits/byte, docs/results.md)
 BEST_SFT="--max_iters=60 --eval_interval=30 --batch_size=16 --block_size=512 --learning_rate=3e-4 --min_lr=3e-5
-          --warmup_iters=10 --eval_prompts=128 --max_new_tokens=200 --compile=False --word_loss_weight=10"
+          --warmup_iters=10 --eval_prompts=128 --max_new_tokens=200 --compile=False --word_loss_weight=20"
 [ $PROFILE = cpu ] && BEST_SFT="--max_iters=4 --eval_interval=4 --batch_size=4 --block_size=256 --eval_prompts=8
                                 --max_new_tokens=64 --device=cpu --compile=False"
 BEST_SFT=$(echo $BEST_SFT)
@@ -140,7 +140,8 @@ case ${1:-} in
     grep -h 'Distillation' $R/report.md $S/deep_student/report.md 2> /dev/null | cut -c1-400   # the gap closed
     for f in $R/student_*/log.jsonl $S/deep_student/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
       [ -e $f ] && echo "$f: $(grep -h '"val/loss"' $f | tail -1 | cut -c1-240)"; done   # the students' last val loss
-    for f in $R/*/eval_fp*.json; do         # greedy answers with a frequency penalty, beside eval.json's
+    for f in $R/*/eval_fp*.json $(ls $S/*/sft/eval_fp*.json 2> /dev/null | grep -v "^$S/main/"); do  # greedy answers
+      # with a frequency penalty (the main run's and the SFT side runs'), beside eval.json's
       [ -e $f ] && python -c "import json, sys; d, e = (json.load(open(p)) for p in (sys.argv[1], sys.argv[2]))
 print(sys.argv[1], *(f'{k} {e[k]:.3f} -> {d[k]:.3f}' for k in ('task/score', 'task/all_words', 'task/repetition')))" \
         $f $(dirname $f)/eval.json; done

@@ -151,18 +151,28 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
     (tmp_path / 'pen' / 'sft').mkdir(parents=True)
     (tmp_path / 'pen' / 'sft' / 'eval.json').write_text('{}')
     (tmp_path / 'pen' / 'times.tsv').write_text('eval_sft\t1\n')
-    for penalty in ('0.5', '0'):
+    for penalty in ('0.50', '0.0'):               # as eval.py names its file: 0.50 -> 0.5, 0.0 -> none
         p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/pen', '--stages=eval'],
                            cwd=repo, env=dict(env, FREQUENCY_PENALTY=penalty, EVAL_RUNS='sft'), capture_output=True, text=True,
                            timeout=300)
         started = [x.split(':')[0] for x in p.stdout.splitlines() if x.startswith('eval_')]
-        if penalty == '0':
+        if penalty == '0.0':
             assert started == ['eval_sft'] and p.returncode == 0, p.stdout
             continue
         assert started == ['eval_sft', 'eval_penalized_sft'] and p.returncode != 0, p.stdout
         line = next(x for x in p.stdout.splitlines() if x.startswith('eval_penalized_sft: python eval.py'))
         assert '--frequency_penalty=0.5 --eval_iters=0 --sampled_score=False' in line, line
         assert line.index('--eval_iters=5') < line.index('--eval_iters=0'), line     # the profile's, then 0
+        (tmp_path / 'pen' / 'sft' / 'eval_fp0.5_pp0.json').write_text('{}')       # its file, as eval.py names it
+        with open(tmp_path / 'pen' / 'times.tsv', 'a') as f:
+            f.write('eval_penalized_sft\t1\n')
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/pen', '--stages=eval'],
+                           cwd=repo, env=dict(env, FREQUENCY_PENALTY=penalty, EVAL_RUNS='sft'), capture_output=True,
+                           text=True, timeout=300)
+        assert 'eval_penalized_sft: done before' in p.stdout and p.returncode == 0, p.stdout
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/pen', '--stages=eval'],
+                       cwd=repo, env=dict(env, FREQUENCY_PENALTY='half'), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "error: FREQUENCY_PENALTY='half' is not a number" in p.stdout, p.stdout
     # without EVAL_RUNS: the default list (student_embed only where that stage is named); the runs
     # of one phase start together with --parallel=1, so each prints its command line
     env.pop('EVAL_RUNS')
