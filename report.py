@@ -189,6 +189,10 @@ if 'reward' in stages:
     kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
              for k in RULE_PARTS if f'val/accuracy_{k}' in m]
     by_kind = f"; by the part of the rule that separates the pair most: {', '.join(kinds)}" if kinds else ''
+    gaps = [f"{name} ({span}) {pct(m[f'val/accuracy_{name}'])} of {m[f'val/pairs_{name}']:,}"   # reward.py GAPS
+            for name, span in (('close', '< 0.1'), ('middle', '0.1-0.3'), ('clear', '>= 0.3'))
+            if f'val/accuracy_{name}' in m]
+    by_kind += f"; by the gap between the two answers' rule scores: {', '.join(gaps)}" if gaps else ''
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
           f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}')

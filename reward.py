@@ -10,13 +10,16 @@ $ python reward.py --init_from=out/sft --batch_by=prompt     # a prompt's pairs 
 
 Every eval_interval steps it logs: held-out pair accuracy and loss, and the accuracy on the pairs
 that each part of the task rule separates most (required words, features, the ending, repetition:
-what the model has learned of the rule and what not); the length bias (Pearson
+what the model has learned of the rule and what not) and by how far apart the rule puts the two
+answers (close, middle, clear; every held-out pair with its rewards goes to out_dir/val_scored.jsonl);
+the length bias (Pearson
 correlation of reward with response length, beside the rule score's own); and the rank
 correlation between reward and rule score on fresh samples of the SFT model for held-out prompts.
 Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
-from data import read_prepared
+from data import read_prepared, write_jsonl
 from generate import use_cuda_graph
 from rl import reward_input, right_padded
 from runtime import close_runtime, init_runtime
@@ -235,6 +238,10 @@ if n_fresh and rt.master:
 val_seqs = [encode(p, side) for side in ('chosen', 'rejected') for p in val_pairs]
 val_lengths = [len(tok.encode(p[side])) for side in ('chosen', 'rejected') for p in val_pairs]
 val_rule = [p.get(f'{side}_score', float('nan')) for side in ('chosen', 'rejected') for p in val_pairs]
+# how far apart the rule puts each pair's answers (chosen - rejected): a pair it barely separates (a
+# repeated 4-gram more) is a harder call than one a missing word decides (0.2 a word of three)
+val_gap = [c - r for c, r in zip(val_rule[:len(val_pairs)], val_rule[len(val_pairs):])]
+GAPS = (('close', 0.0, 0.1), ('middle', 0.1, 0.3), ('clear', 0.3, math.inf))   # name, from, below
 
 
 def evaluate(model):
@@ -247,6 +254,18 @@ def evaluate(model):
         if mask.any():
             metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).sum().item() / int(mask.sum())
             metrics[f'val/pairs_{kind}'] = int(mask.sum())
+    for name, lo, hi in GAPS:                 # the accuracy by the rule's gap between the answers
+        mask = torch.tensor([lo <= g < hi for g in val_gap])
+        if mask.any():
+            metrics[f'val/accuracy_{name}'] = (rc[mask] > rr[mask]).sum().item() / int(mask.sum())
+            metrics[f'val/pairs_{name}'] = int(mask.sum())
+    # every held-out pair with its rewards (the latest evaluation's), to read what the model gets wrong
+    write_jsonl(os.path.join(out_dir, 'val_scored.jsonl'), [
+        {'prompt': p['prompt'], 'words': p.get('words'), 'kind': k, 'rule_gap': None if math.isnan(g) else g,
+         'reward_chosen': c,
+         'reward_rejected': j, 'correct': c > j, 'chosen': p['chosen'], 'rejected': p['rejected'],
+         'chosen_score': p.get('chosen_score'), 'rejected_score': p.get('rejected_score')}
+        for p, k, g, c, j in zip(val_pairs, val_kinds, val_gap, rc.tolist(), rr.tolist())])
     # length bias: does the reward follow response length more than the rule does?
     if np.std(val_lengths) > 0:
         metrics['val/length_corr'] = float(np.corrcoef(r, val_lengths)[0, 1])

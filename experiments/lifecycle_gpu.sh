@@ -136,7 +136,8 @@ case ${1:-} in
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
     for d in $R $S/reward_pairs2x $S/reward_refswap; do   # the reward models' last held-out accuracy, main and side
-      echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | cut -c1-300)"; done
+      echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | python -c "import json, sys
+for line in sys.stdin: d = json.loads(line); print(d['step'], *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k))")"; done
     grep -h 'Distillation' $R/report.md $S/deep_student/report.md 2> /dev/null | cut -c1-400   # the gap closed
     for f in $R/student_*/log.jsonl $S/deep_student/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
       [ -e $f ] && echo "$f: $(grep -h '"val/loss"' $f | tail -1 | cut -c1-240)"; done   # the students' last val loss

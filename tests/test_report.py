@@ -22,7 +22,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
             os.symlink(pipeline / src, out / name)
     # a reward model on 20 external pairs (5 held out): its target row names how many pairs it saw
     pairs = [{'prompt': f'Write a story number {i}.', 'chosen': 'The cat ran home.', 'rejected': 'cat cat cat',
-              'words': ['cat', 'ran', 'home']} for i in range(20)]       # (the words separate them most)
+              'words': ['cat', 'ran', 'home'], 'chosen_score': 1.0, 'rejected_score': 0.5}
+             for i in range(20)]       # (the words separate them most, and far: a clear pair)
     (pipeline / 'report_pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in pairs))
     run_script('prepare/preferences.py', '--source=report_pairs.jsonl', '--out_dir=speedrun/prefs',
                '--val_fraction=0.25', cwd=pipeline)
@@ -81,7 +82,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     for a in answers:                                  # the prompt's words, and which of them the answer used
         assert all(w in a['prompt'] for w in a['words']) and len(a['used']) == len(a['words'])
     assert 'reward.py val/accuracy at its last evaluation, on 5 held-out pairs (15 for training)' in md
-    assert '; by the part of the rule that separates the pair most: words ' in md and '% of 5 |' in md
+    assert '; by the part of the rule that separates the pair most: words ' in md and '% of 5;' in md
+    assert "; by the gap between the two answers' rule scores: clear (>= 0.3) " in md and '% of 5 |' in md
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
