@@ -18,7 +18,7 @@
 # OUT; a stage that finished (its output there, its line in times.tsv) is skipped, so a stopped run
 # continues with the stage it stopped in (that stage starts over).
 #
-# $ bash speedrun.sh --profile=cpu      # a smoke test: every stage, tiny, about 10 minutes on 2 CPU cores
+# $ bash speedrun.sh --profile=cpu      # a smoke test: every stage, tiny, 5-10 minutes on 2 CPU cores
 # $ bash speedrun.sh --profile=gpu      # one GPU (H200): the real run, under 25 minutes
 # $ bash speedrun.sh --profile=gpu --stages=prepare,train      # some stages only (in this order)
 # Options: --profile=cpu|gpu, --out=FOLDER (default out/speedrun_<profile>), --stages=a,b,...,
