@@ -190,7 +190,7 @@ if 'reward' in stages:
              for k in RULE_PARTS if f'val/accuracy_{k}' in m]
     by_kind = f"; by the part of the rule that separates the pair most: {', '.join(kinds)}" if kinds else ''
     gaps = [f"{name} ({span}) {pct(m[f'val/accuracy_{name}'])} of {m[f'val/pairs_{name}']:,}"   # reward.py GAPS
-            for name, span in (('close', '< 0.1'), ('middle', '0.1-0.3'), ('clear', '>= 0.3'))
+            for name, span in (('close', '< 0.2'), ('middle', '0.2-0.4'), ('clear', '>= 0.4'))
             if f'val/accuracy_{name}' in m]
     by_kind += f"; by the gap between the two answers' rule scores: {', '.join(gaps)}" if gaps else ''
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",

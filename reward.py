@@ -11,9 +11,9 @@ $ python reward.py --init_from=out/sft --batch_by=prompt     # a prompt's pairs 
 Every eval_interval steps it logs: held-out pair accuracy and loss, and the accuracy on the pairs
 that each part of the task rule separates most (required words, features, the ending, repetition:
 what the model has learned of the rule and what not) and by how far apart the rule puts the two
-answers (close, middle, clear; every held-out pair with its rewards goes to out_dir/val_scored.jsonl);
-the length bias (Pearson
-correlation of reward with response length, beside the rule score's own); and the rank
+answers (close: below 0.2 of the score, middle, clear: 0.4 or more; every held-out pair with its
+rewards goes to out_dir/val_scored.jsonl); the length bias (Pearson correlation of reward with
+response length, beside the rule score's own); and the rank
 correlation between reward and rule score on fresh samples of the SFT model for held-out prompts.
 Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
@@ -238,10 +238,11 @@ if n_fresh and rt.master:
 val_seqs = [encode(p, side) for side in ('chosen', 'rejected') for p in val_pairs]
 val_lengths = [len(tok.encode(p[side])) for side in ('chosen', 'rejected') for p in val_pairs]
 val_rule = [p.get(f'{side}_score', float('nan')) for side in ('chosen', 'rejected') for p in val_pairs]
-# how far apart the rule puts each pair's answers (chosen - rejected): a pair it barely separates (a
-# repeated 4-gram more) is a harder call than one a missing word decides (0.2 a word of three)
+# how far apart the rule puts each pair's answers (chosen - rejected; prepare/preferences.py keeps
+# pairs at least its margin, 0.1, apart): a pair it barely separates (a repeated 4-gram, a feature)
+# is a harder call than one that missing words decide (each of three is 0.2 of the score)
 val_gap = [c - r for c, r in zip(val_rule[:len(val_pairs)], val_rule[len(val_pairs):])]
-GAPS = (('close', 0.0, 0.1), ('middle', 0.1, 0.3), ('clear', 0.3, math.inf))   # name, from, below
+GAPS = (('close', -math.inf, 0.2), ('middle', 0.2, 0.4), ('clear', 0.4, math.inf))   # name, from, below
 
 
 def evaluate(model):
