@@ -263,9 +263,10 @@ def evaluate(model):
     # every held-out pair with its rewards (the latest evaluation's), to read what the model gets wrong
     write_jsonl(os.path.join(out_dir, 'val_scored.jsonl'), [
         {'prompt': p['prompt'], 'words': p.get('words'), 'kind': k, 'rule_gap': None if math.isnan(g) else g,
-         'reward_chosen': c,
-         'reward_rejected': j, 'correct': c > j, 'chosen': p['chosen'], 'rejected': p['rejected'],
-         'chosen_score': p.get('chosen_score'), 'rejected_score': p.get('rejected_score')}
+         'reward_chosen': c, 'reward_rejected': j, 'correct': c > j, 'chosen': p['chosen'], 'rejected': p['rejected'],
+         'chosen_score': p.get('chosen_score'), 'rejected_score': p.get('rejected_score'),
+         'features': p.get('features'), 'chosen_ended': p.get('chosen_ended', True),
+         'rejected_ended': p.get('rejected_ended', True)}
         for p, k, g, c, j in zip(val_pairs, val_kinds, val_gap, rc.tolist(), rr.tolist())])
     # length bias: does the reward follow response length more than the rule does?
     if np.std(val_lengths) > 0:

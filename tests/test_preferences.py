@@ -273,6 +273,13 @@ def test_reward_model_reports_its_accuracy_on_each_kind_of_pair(pipeline):
     for name, kind in (('clear', 'words'), ('middle', 'ending'), ('close', 'repetition')):
         if by_gap[name]:
             assert last[f'val/accuracy_{name}'] == last[f'val/accuracy_{kind}']
+    # experiments/reward_misses.py splits the same accuracy by kind, by the words each answer uses, ...
+    p = run_script('experiments/reward_misses.py', '--out_dir=rm_kinds', '--examples=1', cwd=pipeline)
+    assert f"{len(val)} held-out pairs, accuracy {100 * right / len(val):.1f}%" in p.stdout
+    for kind, n in counts.items():
+        if n:
+            assert f"| {kind} | {n} | {100 * last[f'val/accuracy_{kind}']:.1f}% |" in p.stdout
+    assert f"| 3 / 1 | {counts['words']} |" in p.stdout          # the words pairs: all three against one
 
 
 def test_dpo_starts_at_log_2_and_falls(planted):
