@@ -131,18 +131,23 @@ case ${1:-} in
     python report.py --out=$R --profile=$PROFILE > /dev/null ;;
   collect)
     mkdir -p ${2:?collect needs a folder}
+    for d in $R $S/reward_pairs2x $S/reward_refswap; do   # what each reward model gets wrong (in the archive)
+      [ -e $d/reward/val_scored.jsonl ] && python experiments/reward_misses.py --out_dir=$d/reward > $d/reward/misses.md 2>&1
+    done
     tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
     for d in $R $S/reward_pairs2x $S/reward_refswap; do   # the reward models' last held-out accuracy, main and side
       echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | python -c "import json, sys
-for line in sys.stdin: d = json.loads(line); print(d['step'], *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k))")"; done
+for line in sys.stdin: d = json.loads(line); print(d['step'], *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k))")"
+      sed -n '/words used/,/^$/p' $d/reward/misses.md 2> /dev/null; done
     grep -h 'Distillation' $R/report.md $S/deep_student/report.md 2> /dev/null | cut -c1-400   # the gap closed
     for f in $R/student_*/log.jsonl $S/deep_student/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
       [ -e $f ] && echo "$f: $(grep -h '"val/loss"' $f | tail -1 | cut -c1-240)"; done   # the students' last val loss
-    for f in $R/*/eval_fp*.json $(ls $S/*/sft/eval_fp*.json 2> /dev/null | grep -v "^$S/main/"); do  # greedy answers
-      # with a frequency penalty (the main run's and the SFT side runs'), beside eval.json's
+    # greedy answers with a frequency penalty (the main run's, and the side runs' own SFT models: find
+    # does not follow the links to the main run's folders), beside eval.json's
+    for f in $R/*/eval_fp*.json $(find $S -mindepth 3 -maxdepth 3 -path '*/sft/eval_fp*.json' 2> /dev/null); do
       [ -e $f ] && python -c "import json, sys; d, e = (json.load(open(p)) for p in (sys.argv[1], sys.argv[2]))
 print(sys.argv[1], *(f'{k} {e[k]:.3f} -> {d[k]:.3f}' for k in ('task/score', 'task/all_words', 'task/repetition')))" \
         $f $(dirname $f)/eval.json; done
