@@ -241,7 +241,8 @@ val_rule = [p.get(f'{side}_score', float('nan')) for side in ('chosen', 'rejecte
 # how far apart the rule puts each pair's answers (chosen - rejected; prepare/preferences.py keeps
 # pairs at least its margin, 0.1, apart): a pair it barely separates (a repeated 4-gram, a feature)
 # is a harder call than one that missing words decide (each of three is 0.2 of the score)
-val_gap = [c - r for c, r in zip(val_rule[:len(val_pairs)], val_rule[len(val_pairs):])]
+# (rounded: the scores' float sums put a gap of one word, 0.4 - 0.2, at 0.19999999999999996)
+val_gap = [round(c - r, 6) for c, r in zip(val_rule[:len(val_pairs)], val_rule[len(val_pairs):])]
 GAPS = (('close', -math.inf, 0.2), ('middle', 0.2, 0.4), ('clear', 0.4, math.inf))   # name, from, below
 
 

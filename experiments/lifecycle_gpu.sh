@@ -34,8 +34,9 @@ wanted() { [[ " $SIDES " == *" $1 "* ]]; }
 S=${S:-out/sft_sides}
 # the side runs: SFT settings added to the gpu profile's (speedrun.sh SFT_EXTRA), one folder each
 declare -A SIDE_SFT=(
-  [words40]="--word_loss_weight=40"                 # the required words' tokens weigh 40x in the loss (5x took
-                                                    # all words from 23.8% to 71.1%, 10x to 87.5%, the profile's
+  [words40]="--word_loss_weight=40"                 # the required words' tokens weigh 40x in the loss (each
+                                                    # card against its own main SFT: 5x took all words from
+                                                    # 23.8% to 71.1%, 10x from 71.5% to 87.5%, the profile's
                                                     # 20x from 82.8% to 91.0%, at -0.030 +- 0.023 of task score)
   [like3]="--prompt_like_repeat=3"                  # 3x the examples that ask only for listed words, as
                                                     # every held-out prompt does (26% of SFT's)

@@ -29,13 +29,13 @@ if not os.path.isfile(path):
 pairs = [json.loads(line) for line in open(path)]
 
 
-def table(title, key):
-    """Accuracy and count of the pairs grouped by key(pair)."""
+def table(title, key, order=()):
+    """Accuracy and count of the pairs grouped by key(pair), the groups named in order first."""
     groups = collections.defaultdict(list)
     for p in pairs:
         groups[key(p)].append(p['correct'])
     print(f'\n| {title} | pairs | accuracy |\n| --- | --- | --- |')
-    for k in sorted(groups, key=str):
+    for k in sorted(groups, key=lambda k: (order.index(k) if k in order else len(order), str(k))):
         print(f'| {k} | {len(groups[k])} | {100 * sum(groups[k]) / len(groups[k]):.1f}% |')
 
 
@@ -50,7 +50,8 @@ for p in pairs:
 print(f'{path}: {len(pairs)} held-out pairs, accuracy {100 * sum(p["correct"] for p in pairs) / len(pairs):.1f}%')
 table('what separates them most', lambda p: p['kind'])
 table("the rule's gap (chosen - rejected)", lambda p: 'unknown' if p['rule_gap'] is None else
-      '< 0.2' if p['rule_gap'] < 0.2 else '0.2-0.4' if p['rule_gap'] < 0.4 else '>= 0.4')
+      '< 0.2' if round(p['rule_gap'], 6) < 0.2 else '0.2-0.4' if round(p['rule_gap'], 6) < 0.4 else '>= 0.4',
+      order=('< 0.2', '0.2-0.4', '>= 0.4'))
 table('words used: chosen / rejected', lambda p: '%s / %s' % p['used'])
 table('the longer answer', lambda p: 'chosen' if len(p['chosen']) > len(p['rejected']) else
       'rejected' if len(p['rejected']) > len(p['chosen']) else 'equal')

@@ -241,11 +241,10 @@ def test_reward_model_reports_its_accuracy_on_each_kind_of_pair(pipeline):
                     'ending': story[:-1] + ' and then',                          # no last sentence end
                     'repetition': ' '.join([f'the {w[0]} and the {w[1]} saw a {w[2]}'] * 4) + '.'}[kind]
         prompt = f'Write a story that uses the words: {", ".join(w)}. ({i})'
-        # the rule's scores, as prepare/preferences.py records them: a word apart is a clear pair, an
-        # ending a middle one, a repetition a close one
-        low = {'words': 0.5, 'ending': 0.7, 'repetition': 0.95}[kind]
+        # the rule's scores, as prepare/preferences.py records them (task.score, unrounded: two words
+        # apart is a gap of 0.3999999999999999, the ending alone 0.19999999999999996)
         rows.append({'prompt': prompt, 'chosen': story, 'rejected': rejected, 'words': w, 'features': {},
-                     'chosen_score': 1.0, 'rejected_score': low})
+                     'chosen_score': score(story, w)['score'], 'rejected_score': score(rejected, w)['score']})
         expected[prompt] = kind
     (pipeline / 'kinds.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     run_script('prepare/preferences.py', '--source=kinds.jsonl', '--out_dir=kinds', '--val_fraction=0.5',
@@ -263,16 +262,16 @@ def test_reward_model_reports_its_accuracy_on_each_kind_of_pair(pipeline):
     right = round(last['val/accuracy'] * len(val))        # an exact share (9 of 10 is 0.9, not 0.8999999762)
     assert last['val/accuracy'] == right / len(val)
     # the same pairs by the rule's gap between the answers, and each with its rewards in val_scored.jsonl
-    by_gap = {'clear': counts['words'], 'middle': counts['ending'], 'close': counts['repetition']}
+    # two words apart (0.4) and the repeated sentence are clear pairs, the ending alone (0.2) a middle one
+    by_gap = {'clear': counts['words'] + counts['repetition'], 'middle': counts['ending'], 'close': 0}
     assert {k: last.get(f'val/pairs_{k}', 0) for k in by_gap} == by_gap
     scored = [json.loads(line) for line in open(pipeline / 'rm_kinds' / 'val_scored.jsonl')]
     assert [r['prompt'] for r in scored] == [r['prompt'] for r in val]
     assert all(r['kind'] == expected[r['prompt']] and r['correct'] == (r['reward_chosen'] > r['reward_rejected'])
                for r in scored)
     assert sum(r['correct'] for r in scored) == right
-    for name, kind in (('clear', 'words'), ('middle', 'ending'), ('close', 'repetition')):
-        if by_gap[name]:
-            assert last[f'val/accuracy_{name}'] == last[f'val/accuracy_{kind}']
+    if counts['ending']:
+        assert last['val/accuracy_middle'] == last['val/accuracy_ending']
     # experiments/reward_misses.py splits the same accuracy by kind, by the words each answer uses, ...
     p = run_script('experiments/reward_misses.py', '--out_dir=rm_kinds', '--examples=1', cwd=pipeline)
     assert f"{len(val)} held-out pairs, accuracy {100 * right / len(val):.1f}%" in p.stdout

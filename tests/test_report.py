@@ -8,6 +8,7 @@ import statistics
 import subprocess
 
 from conftest import run_script
+from task import score as rule_score
 
 
 def test_report_card_rows_targets_samples_and_plots(pipeline):
@@ -21,9 +22,10 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         if not (out / name).exists():
             os.symlink(pipeline / src, out / name)
     # a reward model on 20 external pairs (5 held out): its target row names how many pairs it saw
+    words = ['cat', 'ran', 'home']        # (the words separate them most, and far: 1.0 against 0.4, a clear pair)
     pairs = [{'prompt': f'Write a story number {i}.', 'chosen': 'The cat ran home.', 'rejected': 'cat cat cat',
-              'words': ['cat', 'ran', 'home'], 'chosen_score': 1.0, 'rejected_score': 0.5}
-             for i in range(20)]       # (the words separate them most, and far: a clear pair)
+              'words': words, 'chosen_score': rule_score('The cat ran home.', words)['score'],
+              'rejected_score': rule_score('cat cat cat', words)['score']} for i in range(20)]
     (pipeline / 'report_pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in pairs))
     run_script('prepare/preferences.py', '--source=report_pairs.jsonl', '--out_dir=speedrun/prefs',
                '--val_fraction=0.25', cwd=pipeline)
