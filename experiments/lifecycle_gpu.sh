@@ -123,6 +123,8 @@ case ${1:-} in
     for ((i = 0; i < ${2:-560}; i += 10)); do [ -e $R/ALL_DONE ] && break; sleep 10; done
     [ -e $R/ALL_DONE ] && echo "all done" || { [ -e $R/LIFECYCLE_DONE ] && echo "life cycle done, benchmarks running" || echo "still running"; }
     cat $R/times.tsv 2> /dev/null; tail -3 $R/logs/speedrun.log 2> /dev/null
+    for d in $S/*; do                  # the side runs' finished stages (not the link to the main run)
+      [ -L $d ] || [ ! -e $d/times.tsv ] || echo "side $(basename $d): $(tr '\t\n' ': ' < $d/times.tsv)"; done
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
   spec)      # the speculative-decoding benchmark on the base model (alone on the GPU: it times batch 1)
     python experiments/speculative_bench.py --out_dir=$R/base --out_file=$R/speculative.json 2>&1 | tee $R/logs/speculative.log ;;
