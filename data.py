@@ -456,14 +456,15 @@ def word_token_weights(tok, response, words, weight):
     return out
 
 
-def encode_chat_examples(tok, rows, block_size, word_weight=1.0):
+def encode_chat_examples(tok, rows, block_size, word_weight=1.0, show_progress=False):
     """(ids, mask) of each {'prompt', 'response'} record with the chat template (tok.encode_chat),
     cut to block_size + 1 tokens; and how many records were cut. word_weight != 1: the mask of a
     record with 'words' holds loss weights instead of booleans: word_weight on the tokens of each
     required word's first use in the response (word_token_weights), 1 on the rest of the response
-    and on its closing <|end|>, 0 on the prompt."""
+    and on its closing <|end|>, 0 on the prompt. show_progress: a progress bar over many records (the
+    speedrun's 299k with word weights take about a minute on 2 cores)."""
     out, cut = [], 0
-    for r in rows:
+    for r in progress(rows, desc='encoding examples', unit='example', disable=not show_progress or len(rows) < 10000):
         ids, mask = tok.encode_chat(r['prompt'], r['response'])
         if word_weight != 1 and r.get('words'):
             n_prompt = mask.index(True)

@@ -337,7 +337,8 @@ if task_dir:
     def read_task(name, required):
         return read_prepared(task_dir, name, required,
                              hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
-    train_ex, cut = encode_chat_examples(tok, read_task('sft_train.jsonl', ('prompt', 'response')), block_size)
+    train_ex, cut = encode_chat_examples(tok, read_task('sft_train.jsonl', ('prompt', 'response')), block_size,
+                                         show_progress=rt.master)
     val_ex, _ = encode_chat_examples(tok, read_task('sft_val.jsonl', ('prompt', 'response')), block_size)
     prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts] if eval_prompts else []
     if rt.master:

@@ -124,7 +124,7 @@ def read_task(name, required):
 
 def encode(rows, word_weight=1.0):
     """Token ids and response masks (with word_weight != 1, loss weights), cut to block_size + 1."""
-    out, cut = encode_chat_examples(tok, rows, block_size, word_weight)
+    out, cut = encode_chat_examples(tok, rows, block_size, word_weight, show_progress=rt.master)
     if cut and rt.master:
         print(f'note: {cut} of {len(rows)} examples are longer than block_size + 1 = {block_size + 1} '
               f'tokens and were cut (their ending is not trained)')

@@ -219,6 +219,18 @@ def test_word_weights_fall_on_the_tokens_of_each_required_words_first_use(kind):
     assert plain == tok.encode_chat(row['prompt'], response)[1]
 
 
+def test_encoding_many_examples_shows_its_progress(capsys):
+    """A progress bar over 10,000 records or more when asked (sft.py asks on rank 0), the same
+    examples either way; none over fewer, or when not asked."""
+    tok = with_chat_tokens(ByteTokenizer())
+    rows = [{'prompt': 'Tell a story.', 'response': f'Once, a fox {i}.'} for i in range(10000)]
+    shown = encode_chat_examples(tok, rows, 64, show_progress=True)
+    assert 'encoding examples' in capsys.readouterr().err
+    assert encode_chat_examples(tok, rows, 64) == shown and 'encoding examples' not in capsys.readouterr().err
+    encode_chat_examples(tok, rows[:9999], 64, show_progress=True)
+    assert 'encoding examples' not in capsys.readouterr().err
+
+
 def test_sft_word_loss_weight_adds_the_weighted_words_loss(pipeline):
     """Step 1's loss (before any update, same batch) with the required words' tokens weighted 4x
     is the plain loss plus 3x their cross entropy / N: larger; a weight <= 0 is refused."""
