@@ -25,7 +25,7 @@ from config import configure, model_config_from
 from data import read_jsonl
 from model import GPT, ModelConfig
 from runlog import pyplot
-from task import RULE_PARTS
+from task import GAP_BUCKETS, RULE_PARTS
 
 # -----------------------------------------------------------------------------
 out = 'out/speedrun_cpu'     # the speedrun's folder
@@ -98,11 +98,11 @@ def held_out_from_log(name, rows):
     return {k: last[v] for k, v in keys.items() if v in last}
 
 
-def paired(name, a, b):
+def paired(a, b):
     """(mean, standard error, prompts) over the held-out prompts of the score of answers file b
-    minus that of answers file a, both in folder name (the same prompts, in order), or None where
-    they are not both there or not for the same prompts."""
-    paths = [os.path.join(out, name, f) for f in (a, b)]
+    minus that of answers file a (paths under out; the same prompts, in order), or None where they
+    are not both there or not for the same prompts."""
+    paths = [os.path.join(out, f) for f in (a, b)]
     if not all(os.path.isfile(p) for p in paths):
         return None
     x, y = (read_jsonl(p, ('prompt', 'score')) for p in paths)
@@ -124,7 +124,8 @@ def penalized(name):
             found.append({'file': f, 'frequency_penalty': ev.get('frequency_penalty'),
                           'presence_penalty': ev.get('presence_penalty'), 'task_score': ev.get('task/score'),
                           'all_words': ev.get('task/all_words'), 'repetition': ev.get('task/repetition'),
-                          'gain': paired(name, 'eval_answers.jsonl', 'eval_answers' + f[len('eval'):-len('.json')] + '.jsonl')})
+                          'gain': paired(os.path.join(name, 'eval_answers.jsonl'),
+                                         os.path.join(name, 'eval_answers' + f[len('eval'):-len('.json')] + '.jsonl'))})
     return found
 
 
@@ -189,9 +190,8 @@ if 'reward' in stages:
     kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
              for k in RULE_PARTS if f'val/accuracy_{k}' in m]
     by_kind = f"; by the part of the rule that separates the pair most: {', '.join(kinds)}" if kinds else ''
-    gaps = [f"{name} ({span}) {pct(m[f'val/accuracy_{name}'])} of {m[f'val/pairs_{name}']:,}"   # reward.py GAPS
-            for name, span in (('close', '< 0.2'), ('middle', '0.2-0.4'), ('clear', '>= 0.4'))
-            if f'val/accuracy_{name}' in m]
+    gaps = [f"{name} ({span}) {pct(m[f'val/accuracy_{name}'])} of {m[f'val/pairs_{name}']:,}"
+            for name, (span, _, _) in GAP_BUCKETS.items() if f'val/accuracy_{name}' in m]
     by_kind += f"; by the gap between the two answers' rule scores: {', '.join(gaps)}" if gaps else ''
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
@@ -203,7 +203,7 @@ def paired_gain(run, base='sft'):
     score minus base's on each held-out prompt (eval_answers.jsonl), with its standard error, so
     that a gain can be read against the noise of the prompt sample; '' where the answers are not
     both there or not for the same prompts."""
-    d = paired('.', os.path.join(base, 'eval_answers.jsonl'), os.path.join(run, 'eval_answers.jsonl'))
+    d = paired(os.path.join(base, 'eval_answers.jsonl'), os.path.join(run, 'eval_answers.jsonl'))
     return f' (per prompt: {d[0]:+.3f} ± {d[1]:.3f}, its standard error over {d[2]} prompts)' if d else ''
 
 

@@ -32,7 +32,7 @@ from data import read_prepared, write_jsonl
 from generate import use_cuda_graph
 from rl import reward_input, right_padded
 from runtime import close_runtime, init_runtime
-from task import RULE_PARTS, evaluate_task, rank_correlation, score, score_parts
+from task import GAP_BUCKETS, RULE_PARTS, evaluate_task, gap_bucket, rank_correlation, score, score_parts
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -238,12 +238,9 @@ if n_fresh and rt.master:
 val_seqs = [encode(p, side) for side in ('chosen', 'rejected') for p in val_pairs]
 val_lengths = [len(tok.encode(p[side])) for side in ('chosen', 'rejected') for p in val_pairs]
 val_rule = [p.get(f'{side}_score', float('nan')) for side in ('chosen', 'rejected') for p in val_pairs]
-# how far apart the rule puts each pair's answers (chosen - rejected; prepare/preferences.py keeps
-# pairs at least its margin, 0.1, apart): a pair it barely separates (a repeated 4-gram, a feature)
-# is a harder call than one that missing words decide (each of three is 0.2 of the score)
-# (rounded: the scores' float sums put a gap of one word, 0.4 - 0.2, at 0.19999999999999996)
-val_gap = [round(c - r, 6) for c, r in zip(val_rule[:len(val_pairs)], val_rule[len(val_pairs):])]
-GAPS = (('close', -math.inf, 0.2), ('middle', 0.2, 0.4), ('clear', 0.4, math.inf))   # name, from, below
+# how far apart the rule puts each pair's answers (chosen - rejected), and its task.GAP_BUCKETS name
+val_gap = [c - r for c, r in zip(val_rule[:len(val_pairs)], val_rule[len(val_pairs):])]
+val_buckets = [gap_bucket(g) for g in val_gap]
 
 
 def evaluate(model):
@@ -251,24 +248,20 @@ def evaluate(model):
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
     metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).sum().item() / len(rc),
                'val/reward_margin': (rc - rr).mean().item()}
-    for kind in RULE_PARTS:                   # the accuracy on the pairs of each kind
-        mask = torch.tensor([k == kind for k in val_kinds])
-        if mask.any():
-            metrics[f'val/accuracy_{kind}'] = (rc[mask] > rr[mask]).sum().item() / int(mask.sum())
-            metrics[f'val/pairs_{kind}'] = int(mask.sum())
-    for name, lo, hi in GAPS:                 # the accuracy by the rule's gap between the answers
-        mask = torch.tensor([lo <= g < hi for g in val_gap])
+    # the accuracy on the pairs of each kind, and of each size of the rule's gap between the answers
+    for name, of_pair in [*((k, val_kinds) for k in RULE_PARTS), *((b, val_buckets) for b in GAP_BUCKETS)]:
+        mask = torch.tensor([x == name for x in of_pair])
         if mask.any():
             metrics[f'val/accuracy_{name}'] = (rc[mask] > rr[mask]).sum().item() / int(mask.sum())
             metrics[f'val/pairs_{name}'] = int(mask.sum())
     # every held-out pair with its rewards (the latest evaluation's), to read what the model gets wrong
     write_jsonl(os.path.join(out_dir, 'val_scored.jsonl'), [
-        {'prompt': p['prompt'], 'words': p.get('words'), 'kind': k, 'rule_gap': None if math.isnan(g) else g,
+        {'prompt': p['prompt'], 'words': p.get('words'), 'kind': k, 'rule_gap': None if b is None else round(g, 6),
          'reward_chosen': c, 'reward_rejected': j, 'correct': c > j, 'chosen': p['chosen'], 'rejected': p['rejected'],
          'chosen_score': p.get('chosen_score'), 'rejected_score': p.get('rejected_score'),
          'features': p.get('features'), 'chosen_ended': p.get('chosen_ended', True),
          'rejected_ended': p.get('rejected_ended', True)}
-        for p, k, g, c, j in zip(val_pairs, val_kinds, val_gap, rc.tolist(), rr.tolist())])
+        for p, k, g, b, c, j in zip(val_pairs, val_kinds, val_gap, val_buckets, rc.tolist(), rr.tolist())])
     # length bias: does the reward follow response length more than the rule does?
     if np.std(val_lengths) > 0:
         metrics['val/length_corr'] = float(np.corrcoef(r, val_lengths)[0, 1])

@@ -178,6 +178,18 @@ def complete_ending(text):
 
 RULE_WEIGHTS = {'words': 0.6, 'features': 0.2, 'ending': 0.2}   # of score()'s parts, before the penalty
 RULE_PARTS = (*RULE_WEIGHTS, 'repetition')                        # what score_parts() splits a score into
+# how far apart the rule puts two answers (score gap; prepare/preferences.py keeps pairs at least its
+# margin, 0.1, apart): a pair it barely separates (a repeated 4-gram, a feature) is a harder call than
+# one that missing words decide (each of three is 0.2 of the score). name -> (its text, from, below)
+GAP_BUCKETS = {'close': ('< 0.2', -math.inf, 0.2), 'middle': ('0.2-0.4', 0.2, 0.4), 'clear': ('>= 0.4', 0.4, math.inf)}
+
+
+def gap_bucket(gap):
+    """The GAP_BUCKETS name of a score gap (rounded first: the scores' float sums put a gap of one
+    word, 0.4 - 0.2, at 0.19999999999999996), or None for an unknown (None or NaN) gap."""
+    if gap is None or math.isnan(gap):
+        return None
+    return next(name for name, (_, lo, hi) in GAP_BUCKETS.items() if lo <= round(gap, 6) < hi)
 
 
 def score(text, words, features=None, ended=True):

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from task import score  # noqa: E402
+from task import GAP_BUCKETS, gap_bucket, score  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/speedrun_gpu/reward'   # a reward.py run (its val_scored.jsonl)
@@ -49,9 +49,9 @@ for p in pairs:
     p['used'] = (words_used(p, 'chosen'), words_used(p, 'rejected'))
 print(f'{path}: {len(pairs)} held-out pairs, accuracy {100 * sum(p["correct"] for p in pairs) / len(pairs):.1f}%')
 table('what separates them most', lambda p: p['kind'])
-table("the rule's gap (chosen - rejected)", lambda p: 'unknown' if p['rule_gap'] is None else
-      '< 0.2' if round(p['rule_gap'], 6) < 0.2 else '0.2-0.4' if round(p['rule_gap'], 6) < 0.4 else '>= 0.4',
-      order=('< 0.2', '0.2-0.4', '>= 0.4'))
+table("the rule's gap (chosen - rejected)",
+      lambda p: GAP_BUCKETS[b][0] if (b := gap_bucket(p['rule_gap'])) else 'unknown',
+      order=[span for span, _, _ in GAP_BUCKETS.values()])
 table('words used: chosen / rejected', lambda p: '%s / %s' % p['used'])
 table('the longer answer', lambda p: 'chosen' if len(p['chosen']) > len(p['rejected']) else
       'rejected' if len(p['rejected']) > len(p['chosen']) else 'equal')
