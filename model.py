@@ -1248,26 +1248,27 @@ class ScalarModel(GPT):
         with torch.autocast(h.device.type, enabled=False):
             return self.score_head(h.to(self.score_head.weight.dtype)).squeeze(-1).float()
 
-    def score(self, idx, last):
+    def score(self, idx, last, at=None):
         """(B,) the output at position last[b] of each row: the sequence's last real token
         (rows are right-padded, and their padding is not counted as expert load). With
         score_pooling='last+mean', plus the mean of the outputs at positions 0..last[b]: a judgement
         each token can make where it stands ("this word is one the prompt asked for"), summed,
-        instead of one the last token must gather from the whole sequence."""
+        instead of one the last token must gather from the whole sequence. at (B, K): also the
+        outputs at those positions of each row, (B, K) (reward.py's per-word checks)."""
         counted = torch.arange(idx.size(1), device=idx.device) <= last[:, None]   # (B, T)
         v = self.values(idx, counted)
         s = v.gather(1, last[:, None]).squeeze(1)
         if self.config.score_pooling == 'last+mean':
             s = s + (v * counted).sum(1) / counted.sum(1)
-        return s
+        return s if at is None else (s, v.gather(1, at))
 
     def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, segments=None,
-                counted=None, *, last=None, values=False):
-        """GPT.forward's arguments, and: with last=, the scores; with values=True, values(idx)
-        (through forward, so that torch.compile and DDP see the call); otherwise the language
-        model's forward (the backbone keeps its head)."""
+                counted=None, *, last=None, at=None, values=False):
+        """GPT.forward's arguments, and: with last=, the scores (with at=, and the outputs at those
+        positions); with values=True, values(idx) (through forward, so that torch.compile and DDP
+        see the call); otherwise the language model's forward (the backbone keeps its head)."""
         if last is not None:
-            return self.score(idx, last)
+            return self.score(idx, last, at)
         if values:
             return self.values(idx, counted)
         return super().forward(idx, targets, cache, last_only, return_logits, segments, counted)

@@ -30,7 +30,7 @@ from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from config import configure
 from data import read_prepared, write_jsonl
 from generate import use_cuda_graph
-from rl import reward_input, right_padded
+from rl import reread_word_checks, reward_input, right_padded
 from runtime import close_runtime, init_runtime
 from task import GAP_BUCKETS, RULE_PARTS, evaluate_task, gap_bucket, rank_correlation, score, score_parts
 from training import Run
@@ -54,6 +54,11 @@ score_pooling = 'last'       # the score: 'last' (the head at the last token) | 
 score_reread = False         # read the prompt again after the answer, score at its end (rl.reward_input;
                              # ModelConfig.score_reread, kept in the checkpoint)
 ranking_margin = 1.0         # m of the margin ranking loss
+word_check_weight = 0.0      # > 0 (needs score_reread): the head's output at each required word of the
+                             # reread prompt also learns whether the answer uses that word (the rule's
+                             # own check, task.word_used, as the label; binary cross entropy at this
+                             # weight beside the pair loss): a label per word and answer where the
+                             # pair gives one per two answers (rl.reread_word_checks)
 batch_size = 16              # pairs (or, batch_by='prompt', prompts) per micro-batch
 batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, each with all its pairs,
                              # every answer read once. With all pairs of K answers a prompt, shuffled
@@ -100,6 +105,8 @@ if batch_by not in ('pair', 'prompt'):
     sys.exit(f"error: batch_by='{batch_by}'; valid: pair, prompt")
 if score_pooling not in ('last', 'last+mean'):
     sys.exit(f"error: score_pooling='{score_pooling}'; valid: last, last+mean")
+if word_check_weight < 0:
+    sys.exit(f'error: word_check_weight={word_check_weight} must be 0 (off) or positive')
 if init_from == 'scratch':
     sys.exit("error: reward.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
@@ -115,6 +122,9 @@ if init_from == 'resume':             # a resumed run reads its score as it was 
     if kept != scoring and rt.master:
         print(f"note: the resumed reward model keeps its {', '.join(f'{k}={v!r}' for k, v in kept.items())}")
     config.update(kept)                # (the settings' names are not read again below: model.config is)
+if word_check_weight and not model.config.score_reread:
+    sys.exit('error: word_check_weight > 0 checks the words where the reward model rereads the prompt: '
+             'set score_reread=True')
 model.to(rt.device)
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
@@ -124,6 +134,9 @@ if block_size > model.config.block_size:
 hint = 'run python prepare/preferences.py'
 train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
+if word_check_weight and not any(p.get('words') for p in train_pairs):
+    sys.exit(f"error: word_check_weight > 0 checks the prompt's required words, and no training pair in "
+             f"{prefs_dir} has any ('words': an external set of pairs has none)")
 
 
 def what_separates(pair):
@@ -149,19 +162,44 @@ if rt.master and any(val_kinds):
 
 
 def encode(pair, side):
+    """(token ids, word checks): what the reward model reads of this answer, and with
+    word_check_weight the [(position, label)] of its required words (rl.reread_word_checks)."""
     ids, _ = tok.encode_chat(pair['prompt'], pair[side], ended=pair.get(f'{side}_ended', True))
-    return reward_input(tok, model.config, ids, pair['prompt'], block_size)
+    seq = reward_input(tok, model.config, ids, pair['prompt'], block_size)
+    checks = reread_word_checks(tok, seq, pair['prompt'], pair['words'], pair[side]) \
+        if word_check_weight and pair.get('words') else []
+    return seq, checks
 
 
-def padded(seqs):
+def padded(encoded):
     """x (N, T): the sequences right-padded; last (N,): each one's last position, where its reward
-    is read."""
-    return right_padded(seqs, tok.eot_id, rt.device)
+    is read; and the word checks: at (N, K) positions, label (N, K), real (N, K) (False: padding)."""
+    x, last = right_padded([seq for seq, _ in encoded], tok.eot_id, rt.device)
+    k = max(1, max(len(c) for _, c in encoded))
+    at, label, real = torch.zeros(len(encoded), k, dtype=torch.long), torch.zeros(len(encoded), k), \
+        torch.zeros(len(encoded), k, dtype=torch.bool)
+    for i, (_, checks) in enumerate(encoded):
+        for j, (position, used) in enumerate(checks):
+            at[i, j], label[i, j], real[i, j] = position, used, True
+    return x, last, (at.to(rt.device), label.to(rt.device), real.to(rt.device))
 
 
 def batch(pairs):
-    """The B pairs' sequences (x, last): the chosen ones, then the rejected ones."""
+    """The B pairs' sequences (x, last, word checks): the chosen ones, then the rejected ones."""
     return padded([encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs])
+
+
+def scores(model, x, last, checks):
+    """The rewards (N,) and, with word_check_weight, the word checks' loss (binary cross entropy of
+    the head's outputs at the checked positions, as logits, against the labels; 0 without checks)
+    and their correct count and number (how many outputs are on the label's side of 0)."""
+    at, label, real = checks
+    if not word_check_weight:
+        return model(x, last=last), None, 0, 0
+    r, logit = model(x, last=last, at=at)
+    logit, label = logit[real], label[real]
+    loss = F.binary_cross_entropy_with_logits(logit, label) if len(label) else r.sum() * 0
+    return r, loss, ((logit > 0) == (label > 0.5)).sum(), len(label)
 
 
 def by_prompt(pairs):
@@ -191,8 +229,8 @@ def prompt_batch(groups):
             rejected.append(len(seqs) + r)
             weight.append(1 / (len(groups) * len(comparisons)))
         seqs += [encode(p, side) for p, side in answers]
-    x, last = padded(seqs)
-    return x, last, torch.tensor(chosen, device=rt.device), torch.tensor(rejected, device=rt.device), \
+    x, last, checks = padded(seqs)
+    return x, last, checks, torch.tensor(chosen, device=rt.device), torch.tensor(rejected, device=rt.device), \
         torch.tensor(weight, device=rt.device)
 
 
@@ -207,14 +245,15 @@ def pair_loss(r_chosen, r_rejected, weight=None):
 
 
 @torch.no_grad()
-def rewards_of(model, seqs):
-    """The reward of each sequence (token ids), read at its last token, in batches of 2 x batch_size."""
-    out = []
-    for i in range(0, len(seqs), 2 * batch_size):
-        x, last = padded(seqs[i:i + 2 * batch_size])
+def rewards_of(model, encoded):
+    """The reward of each (token ids, word checks) (encode()), read at its last token, in batches of
+    2 x batch_size; and the share of its word checks on the label's side (None without any)."""
+    out, correct, n = [], 0, 0
+    for i in range(0, len(encoded), 2 * batch_size):
         with rt.autocast():
-            out += model(x, last=last).float().tolist()
-    return out
+            r, _, c, k = scores(model, *padded(encoded[i:i + 2 * batch_size]))
+        out, correct, n = out + r.float().tolist(), correct + int(c), n + k
+    return out, (correct / n if n else None)
 
 
 # fresh samples of the SFT model on held-out prompts, scored by the rule once, for the rank correlation
@@ -228,7 +267,7 @@ if n_fresh and rt.master:
                       cuda_graph=cuda_graph)
     for p, a, s in zip(prompts, r['answers'], r['scores']):
         ids, _ = tok.encode_chat(p['prompt'], a['text'], ended=a['ended'])
-        fresh.append((reward_input(tok, model.config, ids, p['prompt'], block_size), s['score']))
+        fresh.append(((reward_input(tok, model.config, ids, p['prompt'], block_size), []), s['score']))
     del sampler
     print(f'{len(fresh)} fresh samples from {parent}: mean rule score {r["score"]:.3f}')
 
@@ -244,10 +283,12 @@ val_buckets = [gap_bucket(g) for g in val_gap]
 
 
 def evaluate(model):
-    r = rewards_of(model, val_seqs)
+    r, checked = rewards_of(model, val_seqs)
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
     metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).sum().item() / len(rc),
                'val/reward_margin': (rc - rr).mean().item()}
+    if checked is not None:          # does the head know, at each reread word, whether the answer uses it?
+        metrics['val/word_check_accuracy'] = checked
     # the accuracy on the pairs of each kind, and of each size of the rule's gap between the answers
     for name, of_pair in [*((k, val_kinds) for k in RULE_PARTS), *((b, val_buckets) for b in GAP_BUCKETS)]:
         mask = torch.tensor([x == name for x in of_pair])
@@ -268,7 +309,7 @@ def evaluate(model):
         if not any(math.isnan(v) for v in val_rule) and np.std(val_rule) > 0:
             metrics['val/rule_length_corr'] = float(np.corrcoef(val_rule, val_lengths)[0, 1])
     if fresh:
-        rf = rewards_of(model, [ids for ids, _ in fresh])
+        rf, _ = rewards_of(model, [enc for enc, _ in fresh])
         metrics['fresh/rank_corr'] = rank_correlation(rf, [sc for _, sc in fresh])
     return metrics
 
@@ -287,21 +328,27 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
     correct, margin, n_pairs = 0, 0, 0                 # over the step's micro-batches, on the device
+    check_loss, checks_correct, n_checks = 0, 0, 0      # the word checks' (word_check_weight > 0)
     for micro in range(gradient_accumulation_steps):
         # read in epochs: every prompt (or pair) once before any comes again
         if batch_by == 'prompt':
             ix = run.epoch_batch(step, micro, len(train_groups), batch_size)
-            x, last, chosen, rejected, weight = prompt_batch([train_groups[i] for i in ix])
+            x, last, checks, chosen, rejected, weight = prompt_batch([train_groups[i] for i in ix])
         else:
             ix = run.epoch_batch(step, micro, len(train_pairs), batch_size)
-            x, last = batch([train_pairs[i] for i in ix])
+            x, last, checks = batch([train_pairs[i] for i in ix])
             chosen = torch.arange(batch_size, device=rt.device)   # x: the chosen, then the rejected
             rejected, weight = chosen + batch_size, None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
-                r = run.model(x, last=last)
+                r, word_loss, c, k = scores(run.model, x, last, checks)
                 rc, rr = r[chosen], r[rejected]                 # rewards of chosen and rejected
-                micro_loss = pair_loss(rc, rr, weight) / gradient_accumulation_steps
+                micro_loss = pair_loss(rc, rr, weight)
+                if word_loss is not None:                        # + w x the word checks' cross entropy
+                    micro_loss = micro_loss + word_check_weight * word_loss
+                    check_loss = check_loss + word_loss.detach() / gradient_accumulation_steps
+                    checks_correct, n_checks = checks_correct + c, n_checks + k
+                micro_loss = micro_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
         correct, margin = correct + (rc > rr).float().sum().detach(), margin + (rc - rr).sum().detach()
@@ -309,6 +356,8 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
     metrics = {'accuracy': correct / n_pairs, 'reward_margin': margin / n_pairs}
+    if word_check_weight:
+        metrics.update(word_check_loss=check_loss, word_check_accuracy=checks_correct / max(n_checks, 1))
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break
 run.finish()

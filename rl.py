@@ -22,7 +22,7 @@ from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
 from data import read_prepared
 from generate import generate_chat
 from model import through_last, token_logprobs
-from task import evaluate_task, score
+from task import evaluate_task, prompt_word_spans, score, word_used, words_of
 
 
 # --- the models and the prompts ---------------------------------------------------------------------
@@ -67,6 +67,26 @@ def reward_input(tok, config, ids, prompt, block_size):
     At most block_size ids: a long answer loses its end, never the reread."""
     suffix = [tok.chat_id('user')] + tok.encode(prompt) + [tok.chat_id('end')] if config.score_reread else []
     return list(ids)[:block_size - len(suffix)] + suffix
+
+
+def reread_word_checks(tok, seq, prompt, words, answer):
+    """Where a reward model that rereads the prompt (reward_input) can check each required word,
+    and the check's label: [(position in seq, 1.0 if the answer uses the word else 0.0)], one per
+    word of `words`, at the word's last token in the reread prompt (there the model has read the
+    whole word and can look back for it in the answer). task.word_used decides the label, as the
+    rule does. A word the tokenizer merges with the text after it (its tokens are not a prefix
+    of the prompt's) or that the prompt does not list is left out."""
+    prompt_ids = tok.encode(prompt)
+    first = len(seq) - 1 - len(prompt_ids)        # the reread prompt: seq[first:-1] (then <|end|>)
+    answer_words = words_of(answer)
+    checks = []
+    for w, span in zip(words, prompt_word_spans(prompt, words)):
+        if span is None:
+            continue
+        through = tok.encode(prompt[:span[1]])     # the prompt's tokens through the word
+        if through == prompt_ids[:len(through)]:
+            checks.append((first + len(through) - 1, float(word_used(w, answer_words))))
+    return checks
 
 
 def right_padded(seqs, pad_id, device):

@@ -222,6 +222,19 @@ def score_parts(s):
     return parts
 
 
+def prompt_word_spans(prompt, words):
+    """(start, end) character span of each of `words` where the prompt lists it (make_prompt: after
+    'the words: ', so that a required word such as 'story' is found in the list, not in 'Write a
+    story'), in the order of `words`; None for a word not listed as written."""
+    start = prompt.find('the words: ')
+    start = 0 if start < 0 else start + len('the words: ')
+    spans = []
+    for w in words:
+        m = re.compile(r'\b' + re.escape(w) + r'\b').search(prompt, start)
+        spans.append(m.span() if m else None)
+    return spans
+
+
 def make_prompt(words, features=None):
     features = features or {}
     prompt = f"Write a story that uses the words: {', '.join(words)}."

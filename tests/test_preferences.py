@@ -281,6 +281,41 @@ def test_reward_model_reports_its_accuracy_on_each_kind_of_pair(pipeline):
     assert f"| 3 / 1 | {counts['words']} |" in p.stdout          # the words pairs: all three against one
 
 
+def test_reward_model_learns_whether_the_answer_uses_each_required_word(planted):
+    """word_check_weight: beside the pairs, the head's output at each required word of the reread
+    prompt learns whether the answer uses that word (a label per word and answer): its held-out
+    accuracy rises from the untrained head's, and the log has the checks' loss and accuracy."""
+    rng = random.Random(3)
+    rows = []
+    for i in range(240):
+        w = rng.sample(WORDS[1:], 3)
+        other = ' '.join(rng.choice([x for x in WORDS if x not in w]) for _ in range(5))
+        kept = rng.choice(w)                              # the rejected answer uses one word of three
+        rows.append({'prompt': f'Write a story that uses the words: {", ".join(w)}.', 'words': w, 'features': {},
+                     'chosen': f'the {w[0]} saw the {w[1]} and a {w[2]} {other}.', 'rejected': f'the {kept} {other}.'})
+    (planted / 'checked.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run_script('prepare/preferences.py', '--source=checked.jsonl', '--out_dir=checked', '--val_fraction=0.25',
+               cwd=planted)
+    run_script('reward.py', '--init_from=base', '--out_dir=rm_checked', '--prefs_dir=checked', '--max_iters=100',
+               '--eval_interval=50', '--batch_size=8', '--learning_rate=3e-3', '--n_fresh=0', '--score_reread=True',
+               '--word_check_weight=1.0', *COMMON, cwd=planted)
+    log = [json.loads(line) for line in open(planted / 'rm_checked' / 'log.jsonl')]
+    evals = [r['val/word_check_accuracy'] for r in log if 'val/word_check_accuracy' in r]
+    train = [r for r in log if 'train/word_check_loss' in r]
+    # the untrained head is on one side of 0 for every check: the share of labels 1 (4 of 6)
+    assert len(evals) == 3 and evals[-1] > evals[0] + 0.1, evals
+    assert train[-1]['train/word_check_loss'] < train[0]['train/word_check_loss'] and \
+        0 <= train[-1]['train/word_check_accuracy'] <= 1
+    plain, negative, no_words = run_scripts([
+        ('reward.py', ['--init_from=base', '--prefs_dir=checked', '--word_check_weight=1.0', '--device=cpu']),
+        ('reward.py', ['--word_check_weight=-1.0']),
+        ('reward.py', ['--init_from=base', '--prefs_dir=planted', '--word_check_weight=1.0', '--score_reread=True',
+                       '--device=cpu'])], cwd=planted)
+    assert plain.returncode and 'set score_reread=True' in plain.stderr, plain.stderr
+    assert negative.returncode and 'word_check_weight=-1.0 must be 0 (off) or positive' in negative.stderr
+    assert no_words.returncode and 'no training pair in planted has any' in no_words.stderr, no_words.stderr
+
+
 def test_dpo_starts_at_log_2_and_falls(planted):
     run_script('dpo.py', '--init_from=base', '--out_dir=dpo', '--prefs_dir=planted', '--max_iters=30',
                '--eval_interval=15', '--batch_size=8', '--learning_rate=1e-3', '--eval_prompts=2', *COMMON,

@@ -453,3 +453,50 @@ def test_rl_curves_reads_the_printed_evaluations(tmp_path):
     assert (tmp_path / 'c.png').stat().st_size > 0
     bad = run_script('experiments/rl_curves.py', '--logs=bad.log', '--steps_per_rollout=8', cwd=tmp_path, check=False)
     assert bad.returncode != 0 and 'no evaluation lines' in bad.stderr
+
+
+@pytest.mark.parametrize('kind', ['byte', 'gpt2'])
+def test_reread_word_checks_sit_at_the_last_token_of_each_listed_word(kind):
+    """reward.py --word_check_weight: each required word is checked at its last token in the
+    reread prompt (found in the prompt's list of words, not in 'Write a story'), labelled by
+    whether the answer uses it as the rule counts it (an inflection: 'ran' uses 'run')."""
+    from conftest import shared_file
+    from rl import reread_word_checks, reward_input
+    from tokenizer import gpt2_tokenizer
+    tok = with_chat_tokens(ByteTokenizer() if kind == 'byte' else gpt2_tokenizer(shared_file('gpt2.tiktoken')))
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=256, score_reread=True)
+    prompt = 'Write a story that uses the words: story, run, dog. The story should have dialogue.'
+    answer = 'The cat ran home and told a story.'
+    ids, _ = tok.encode_chat(prompt, answer)
+    seq = reward_input(tok, config, ids, prompt, 256)
+    checks = reread_word_checks(tok, seq, prompt, ['story', 'run', 'dog'], answer)
+    assert [label for _, label in checks] == [1.0, 1.0, 0.0]
+    reread_start = len(seq) - 1 - len(tok.encode(prompt))
+    listed = prompt.index('words: ') + len('words: ')
+    for (position, _), word in zip(checks, ['story', 'run', 'dog']):
+        assert reread_start < position < len(seq) - 1                # inside the reread prompt
+        through = tok.decode(seq[reread_start:position + 1])         # the prompt up to that token
+        assert through.endswith(word) and len(through) > listed, (through, word)
+    # the positions of a long answer's sequence, cut to block_size, still point at the words
+    ids, _ = tok.encode_chat(prompt, answer * 60)
+    cut = reward_input(tok, config, ids, prompt, 256)
+    assert len(cut) == 256
+    assert [cut[p] for p, _ in reread_word_checks(tok, cut, prompt, ['story', 'run', 'dog'], answer)] == \
+        [seq[p] for p, _ in checks]
+
+
+def test_a_scalar_model_reads_its_outputs_at_the_positions_it_is_given():
+    """ScalarModel(x, last=, at=) returns the scores and the per-token outputs (values) at `at`."""
+    from model import ScalarModel
+    torch.manual_seed(0)
+    for pooling in ('last', 'last+mean'):
+        rm = ScalarModel(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=32,
+                                     score_pooling=pooling)).eval()
+        x, last = torch.randint(64, (2, 12)), torch.tensor([11, 7])
+        at = torch.tensor([[3, 5], [0, 7]])
+        with torch.no_grad():
+            s, v_at = rm(x, last=last, at=at)
+            torch.testing.assert_close(s, rm(x, last=last))
+            for b in range(2):     # a row's outputs depend on its own tokens up to each position only
+                v = rm(x[b:b + 1, :last[b] + 1], values=True)[0]
+                torch.testing.assert_close(v_at[b], v[at[b]])
