@@ -9,8 +9,11 @@
 #             student from the teacher's embeddings (folder S/embed), the reward model on twice
 #             the pairs (6,000 prompts' samples, folder S/reward_pairs2x) and one whose pairs add
 #             5,000 reference passages' swapped pairs (prepare/preferences.py --reference_swaps,
-#             folder S/reward_refswap), both students deeper and narrower at about the same active
-#             parameters (folder S/deep_student); SIDES names some of them; when all of it has finished, the serving benchmarks on the base model, alone on the GPU:
+#             folder S/reward_refswap), one on the main pairs whose head also checks each required
+#             word (reward.py --word_check_weight, folder S/reward_checks), both students deeper and
+#             narrower at about the same active parameters (folder S/deep_student); SIDES names some
+#             of them; when all of it has finished, the serving benchmarks on the base model, alone
+#             on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
 #             greedy agreement) and bench_serve.py (engine and static batching at 1/8/64/256
 #             streams, then transformers at 64)
@@ -27,7 +30,7 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
-ALL_SIDES="words40 like3 embed best reward_pairs2x reward_refswap deep_student"
+ALL_SIDES="words40 like3 embed best reward_pairs2x reward_refswap reward_checks deep_student"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -93,6 +96,13 @@ link="mkdir -p $S/reward_refswap && for x in data task base sft; do ln -sfn $A/\
 wanted reward_refswap && REWARD_RUN+=" (until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
   PREFS_EXTRA='--reference_swaps=5000' bash speedrun.sh --profile=$PROFILE --out=$S/reward_refswap
   --stages=prefs,reward > $R/logs/side_refswap.log 2>&1) &"
+# and the reward model on the main run's own pairs, its head also learning at each reread required
+# word whether the answer uses it (reward.py --word_check_weight; folder S/reward_checks): the pairs
+# the main reward model gets wrong are mostly ones a required word decides (74% right on the last card)
+link="mkdir -p $S/reward_checks && for x in data task base sft prefs; do ln -sfn $A/\$x $S/reward_checks/\$x; done"
+wanted reward_checks && REWARD_RUN+=" (until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+  REWARD_EXTRA='--word_check_weight=1.0' bash speedrun.sh --profile=$PROFILE --out=$S/reward_checks
+  --stages=reward > $R/logs/side_reward_checks.log 2>&1) &"
 REWARD_RUN=$(echo $REWARD_RUN)
 wanted best && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
@@ -134,14 +144,14 @@ case ${1:-} in
     python report.py --out=$R --profile=$PROFILE > /dev/null ;;
   collect)
     mkdir -p ${2:?collect needs a folder}
-    for d in $R $S/reward_pairs2x $S/reward_refswap; do   # what each reward model gets wrong (in the archive)
+    for d in $R $S/reward_pairs2x $S/reward_refswap $S/reward_checks; do   # what each reward model gets wrong (in the archive)
       [ -e $d/reward/val_scored.jsonl ] && python experiments/reward_misses.py --out_dir=$d/reward > $d/reward/misses.md 2>&1
     done
     tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
-    for d in $R $S/reward_pairs2x $S/reward_refswap; do   # the reward models' last held-out accuracy, main and side
+    for d in $R $S/reward_pairs2x $S/reward_refswap $S/reward_checks; do   # the reward models' last held-out accuracy, main and side
       echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | python -c "import json, sys
 for line in sys.stdin: d = json.loads(line); print(d['step'], *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k))")"
       sed -n '/words used/,/^$/p' $d/reward/misses.md 2> /dev/null; done
