@@ -190,14 +190,15 @@ def batch(pairs):
 
 
 def scores(model, x, last, checks):
-    """The rewards (N,) and, with word_check_weight, the word checks' loss (binary cross entropy of
-    the head's outputs at the checked positions, as logits, against the labels; 0 without checks)
-    and their correct count and number (how many outputs are on the label's side of 0)."""
+    """The rewards (N,), and with word_check_weight the word checks' loss (None when it is 0; 0 for a
+    batch without checks), how many of the checks the head gets right (its output on the label's
+    side of 0) and how many there are."""
     at, label, real = checks
     if not word_check_weight:
         return model(x, last=last), None, 0, 0
     r, logit = model(x, last=last, at=at)
     logit, label = logit[real], label[real]
+    # binary cross entropy, the output z as a logit: -(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z)))
     loss = F.binary_cross_entropy_with_logits(logit, label) if len(label) else r.sum() * 0
     return r, loss, ((logit > 0) == (label > 0.5)).sum(), len(label)
 
