@@ -6,6 +6,7 @@ $ python ablate.py config/ablations/attention.py                      # MHA vs G
 $ python ablate.py config/ablations/attention.py --seeds=[1,2,3] --parallel=3   # three runs at once
 $ python ablate.py config/ablations/attention.py --dry_run=True       # the runs and their commands
 $ python ablate.py config/ablations/attention.py --report_only=True   # tables and plots, no training
+$ python ablate.py config/ablations/attention.py --only="['mla']"     # train only these variants now
 $ python ablate.py --base="['config/tinystories_cpu.py']" --grid="{'n_layer': [2, 4]}" \
       --max_tokens=2e6 --out_dir=out/ablations/depth                  # a study without a file
 
@@ -72,6 +73,8 @@ devices = ''             # e.g. '0,1': the k-th concurrent run slot uses CUDA_VI
 nproc_per_node = 1       # > 1: every run under torchrun --standalone --nproc_per_node=N (DDP)
 dry_run = False          # print the runs and their commands, run nothing
 report_only = False      # write the tables and plots from the run folders as they are, train nothing
+only = []                # names of the variants to train in this call (empty: all); the others are
+                         # neither trained nor touched, and the tables still show every variant
 log_tail = 25            # lines of a failed run's output to print
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -119,6 +122,10 @@ if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, in
     fail(f'seeds must be a non-empty list of ints, e.g. [1, 2, 3]; got {seeds!r}')
 if len(set(seeds)) != len(seeds):
     fail(f'seeds {list(seeds)} repeat a seed')
+unknown = [v for v in only if v not in variants]
+if unknown:
+    fail(f"only names {', '.join(map(repr, unknown))}, not a variant of this study; its variants: "
+         f"{', '.join(variants)}")
 if max_tokens < 0 or max_flops < 0:
     fail('max_tokens and max_flops are budgets: positive, or 0 for off')
 if max_tokens and max_flops:
@@ -364,6 +371,8 @@ n = len(runs)
 label = {id(r): f"[{i + 1}/{n}] {r['variant']} seed {r['seed']}" for i, r in enumerate(runs)}
 todo = []
 for r in runs:
+    if only and r['variant'] not in only:            # another call's: left as it is
+        continue
     why = stale(r)
     if why is not None and not dry_run and not report_only:
         # resuming would continue another schedule, model or data: start over, the old run set aside
@@ -383,7 +392,7 @@ for r in runs:
     else:
         todo.append(r)
 print(f"{n} runs ({len(variants)} variants x {len(seeds)} seeds) in {out_dir}; {len(todo)} to train"
-      + (f', {parallel} at once' if parallel > 1 and todo else ''))
+      + (f" (only {', '.join(only)})" if only else '') + (f', {parallel} at once' if parallel > 1 and todo else ''))
 if dry_run or report_only:
     for r in todo:
         print(f"{label[id(r)]}: {'would resume' if r['resume'] else 'would start'}: "
@@ -765,7 +774,8 @@ for key, name, ylabel in (('moe/load_cv', 'expert_load_cv_vs_tokens.png',
 print('\n'.join(md[6:]))                             # the table and the verdict
 print(f"wrote {os.path.join(out_dir, 'results.csv')}, {os.path.join(out_dir, 'results.md')}"
       + ''.join(f', {p}' for p in plots) + f'; {hms(time.time() - t_start)} in all')
-failed = [r for r in results if r['status'] not in ('done', 'diverged')]
+failed = [r for r in results if r['status'] not in ('done', 'diverged')
+          and (not only or r['variant'] in only)]       # (a variant left to another call is no failure)
 if interrupted:
     print('stopped by Ctrl-C; run the same command again to continue', file=sys.stderr)
     sys.exit(130)

@@ -256,6 +256,21 @@ def test_a_budget_in_tokens_or_flops_becomes_max_iters(monkeypatch, tmp_path, ca
     assert fpt['wide'] > fpt['small']
 
 
+def test_only_trains_the_variants_it_names_and_the_table_shows_every_one(tmp_path, byte_data):
+    """only=[...]: this call trains those variants alone (a study's runs spread over calls, a
+    variant redone); the others are not started, and results.md still lists them, not yet done."""
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=2', '--eval_interval=2', '--warmup_iters=1']
+    study = write_study(tmp_path, base, variants={'a': {}, 'b': {'n_embd': 16}, 'c': {'n_layer': 1}}, seeds=[1],
+                        out_dir='out/o')
+    p = run_script('ablate.py', study, "--only=['c', 'a']", cwd=tmp_path)
+    out = tmp_path / 'out' / 'o'
+    assert '3 runs (3 variants x 1 seeds) in out/o; 2 to train (only c, a)' in p.stdout, p.stdout
+    assert (out / 'a_s1' / 'log.jsonl').exists() and (out / 'c_s1' / 'log.jsonl').exists() and not (out / 'b_s1').exists()
+    rows = {r['variant']: r for r in read_csv(out / 'results.csv')}
+    assert rows['a']['status'] == rows['c']['status'] == 'done' and rows['b']['status'] != 'done'
+    assert '| b | 0/1 |' in (out / 'results.md').read_text()
+
+
 def test_a_report_without_the_data_reads_a_flops_budget_from_the_runs_markers(tmp_path):
     # run folders brought back from a GPU machine, the data not here: the FLOPs per token that turn
     # max_flops into steps come from what the runs recorded (no vocabulary to build the model from)
@@ -282,6 +297,7 @@ def test_a_report_without_the_data_reads_a_flops_budget_from_the_runs_markers(tm
     ({'variants': {'a': {'n_layer': 'four'}}}, "variant 'a': --n_layer=four is not a Python literal"),
     ({'variants': {'a': {'attention': 'mqa'}}}, "variant 'a': ModelConfig.attention='mqa'"),
     ({'variants': {'a': {}}, 'seeds': []}, 'seeds must be a non-empty list'),
+    ({'variants': {'a': {}, 'b': {}}, 'only': ['a', 'c']}, "only names 'c', not a variant of this study; its variants: a, b"),
     ({'variants': {'a': {}}, 'max_tokens': 1e6, 'max_flops': 1e12}, 'set one budget per run'),
     ({'variants': {'a': {'max_iters': 5}}, 'max_tokens': 1e6}, "variant 'a' sets max_iters, but the study's budget"),
 ])
