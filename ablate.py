@@ -709,22 +709,32 @@ def save_plot(fig, name):
     plots.append(path)
 
 
+# a colour and a line style per variant, in the table's order: ten colours solid, then the same ten
+# dashed, then dotted (matplotlib's own cycle repeats its ten colours: two variants would look alike)
+STYLE = {v: {'color': f'C{i % 10}', 'linestyle': ('-', '--', ':', '-.')[i // 10 % 4]} for i, v in enumerate(order)}
+
+
+def legend(ax):
+    """The legend inside the axes, or beside them for more than 8 variants (it would hide curves)."""
+    ax.legend(fontsize=8, **({'loc': 'upper left', 'bbox_to_anchor': (1.01, 1)} if len(order) > 8 else {}))
+
+
 if plt is not None and any(r['curve'] for r in runs):
     for name, x, xlabel in (('val_loss_vs_tokens.png', 1, 'training tokens'),
                             ('val_loss_vs_time.png', 2, 'training time (s)')):
         # left: the whole run (log scale: the first evaluation, near ln(vocabulary), would flatten
         # the rest); right: its second half, zoomed, where variants a few hundredths apart separate
-        fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4.5))
+        fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13 if len(order) > 8 else 11, 4.5))
         for v in order:
             pts = mean_curve(v)
             if not pts:
                 continue
             label = f"{v} ({stats[v]['done']} seed{'s' if stats[v]['done'] > 1 else ''})"
-            line, = ax.plot([p[x] for p in pts], [p[3] for p in pts], marker='o' if len(pts) < 30 else None,
-                            markersize=3, label=label)
+            ax.plot([p[x] for p in pts], [p[3] for p in pts], marker='o' if len(pts) < 30 else None,
+                    markersize=3, label=label, **STYLE[v])
             late = [p for p in pts if p[x] >= pts[-1][x] / 2]
             zoom.plot([p[x] for p in late], [p[3] for p in late], marker='o' if len(late) < 30 else None,
-                      markersize=3, color=line.get_color(), label=label)
+                      markersize=3, label=label, **STYLE[v])
         ax.set_yscale('log')
         ax.set_title(os.path.basename(os.path.normpath(out_dir)))
         zoom.set_title('second half, zoomed')
@@ -732,7 +742,7 @@ if plt is not None and any(r['curve'] for r in runs):
             a.set_xlabel(xlabel)
             a.set_ylabel('val loss (nats/token), mean over seeds')
             a.grid(alpha=0.3)
-        zoom.legend(fontsize=8)
+        legend(zoom)
         save_plot(fig, name)
 
 
@@ -759,16 +769,18 @@ for key, name, ylabel in (('moe/load_cv', 'expert_load_cv_vs_tokens.png',
     curves = {v: train_curve(v, key) for v in order}
     if plt is None or not any(curves.values()):
         continue
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9 if len(order) > 8 else 7, 4.5))
     for v, pts in curves.items():
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{v} ({stats[v]['done']} seed"
-                    f"{'s' if stats[v]['done'] > 1 else ''})")
+                    f"{'s' if stats[v]['done'] > 1 else ''})", **STYLE[v])
+    if key == 'attn/max_logit_all':                  # logits of 10 and of 1,000 on one plot
+        ax.set_yscale('log')
     ax.set_xlabel('training tokens')
     ax.set_ylabel(ylabel + ', mean over seeds')
     ax.set_title(os.path.basename(os.path.normpath(out_dir)))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax)
     save_plot(fig, name)
 
 print('\n'.join(md[6:]))                             # the table and the verdict

@@ -285,6 +285,38 @@ def test_a_report_without_the_data_reads_a_flops_budget_from_the_runs_markers(tm
     assert read_csv(tmp_path / 'out' / 'f' / 'results.csv')[0]['max_iters'] == str(int(1e10 // (1e6 * 4 * 32)))
 
 
+def test_a_plot_of_many_variants_tells_each_one_apart(monkeypatch, tmp_path, byte_data):
+    """Twelve finished variants (folders from elsewhere: their logs alone): every curve of every plot
+    has its own colour and line style (matplotlib's cycle alone repeats after ten), the same in each
+    plot, and the max-logit plot is on a log scale."""
+    pytest.importorskip('matplotlib')
+    from matplotlib.axes import Axes
+    names = [f'v{i:02d}' for i in range(12)]
+    study = write_study(tmp_path, [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=2'],
+                        variants={v: {'learning_rate': 1e-3 * (i + 1)} for i, v in enumerate(names)}, out_dir='out/p',
+                        report_only=True)
+    for i, v in enumerate(names):
+        run = tmp_path / 'out' / 'p' / f'{v}_s1337'
+        run.mkdir(parents=True)
+        rows = [{'step': s, 'train/loss': 5.0 - i / 100, 'attn/max_logit_all': 10.0 * (i + 1), 'moe/load_cv': 0.1}
+                for s in (1, 2)] + [{'step': s, 'val/loss': 5.0 - i / 100 - s / 10} for s in (0, 2)]
+        (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    drawn, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, 'plot', lambda ax, *a, **k: drawn.append((ax, k['label'], k.get('color'),
+                                                                          k.get('linestyle'))) or plot(ax, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['ablate.py', study])
+    runpy.run_path(os.path.join(REPO, 'ablate.py'), run_name='__main__')      # a report: no exit
+    style = {}
+    for ax, label, color, linestyle in drawn:
+        assert color is not None and linestyle is not None
+        assert style.setdefault(label, (color, linestyle)) == (color, linestyle)     # the same in every plot
+    assert len(style) == 12 and len(set(style.values())) == 12, style
+    logit_axes = {ax for ax, *_ in drawn if ax.get_ylabel().startswith('max attention logit')}
+    assert len(logit_axes) == 1 and logit_axes.pop().get_yscale() == 'log'
+    assert (tmp_path / 'out' / 'p' / 'max_logit_vs_tokens.png').exists()
+
+
 @pytest.mark.parametrize('settings, message', [
     ({'variants': {'a': {}}, 'grid': {'n_layer': [1]}}, 'set either variants'),
     ({}, 'set variants'),
