@@ -711,7 +711,8 @@ def save_plot(fig, name):
 
 # a colour and a line style per variant, in the table's order: ten colours solid, then the same ten
 # dashed, then dotted (matplotlib's own cycle repeats its ten colours: two variants would look alike)
-STYLE = {v: {'color': f'C{i % 10}', 'linestyle': ('-', '--', ':', '-.')[i // 10 % 4]} for i, v in enumerate(order)}
+# (in the study's order, not the table's: a variant keeps its look as results come in)
+STYLE = {v: {'color': f'C{i % 10}', 'linestyle': ('-', '--', ':', '-.')[i // 10 % 4]} for i, v in enumerate(variants)}
 
 
 def legend(ax):

@@ -166,7 +166,7 @@ def encode(pair, side):
     word_check_weight the [(position, label)] of its required words (rl.reread_word_checks)."""
     ids, _ = tok.encode_chat(pair['prompt'], pair[side], ended=pair.get(f'{side}_ended', True))
     seq = reward_input(tok, model.config, ids, pair['prompt'], block_size)
-    checks = reread_word_checks(tok, seq, pair['prompt'], pair['words'], pair[side]) \
+    checks = reread_word_checks(tok, ids, seq, pair['prompt'], pair['words'], pair[side]) \
         if word_check_weight and pair.get('words') else []
     return seq, checks
 
@@ -344,20 +344,20 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
             with rt.autocast():
                 r, word_loss, c, k = scores(run.model, x, last, checks)
                 rc, rr = r[chosen], r[rejected]                 # rewards of chosen and rejected
-                micro_loss = pair_loss(rc, rr, weight)
-                if word_loss is not None:                        # + w x the word checks' cross entropy
-                    micro_loss = micro_loss + word_check_weight * word_loss
+                micro_loss = pair_loss(rc, rr, weight) / gradient_accumulation_steps
+                checked = micro_loss                             # + w x the word checks' cross entropy
+                if word_loss is not None:
+                    checked = micro_loss + word_check_weight * word_loss / gradient_accumulation_steps
                     check_loss = check_loss + word_loss.detach() / gradient_accumulation_steps
                     checks_correct, n_checks = checks_correct + c, n_checks + k
-                micro_loss = micro_loss / gradient_accumulation_steps
-            run.backward(micro_loss)
-        loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
+            run.backward(checked)
+        loss, tokens = loss + micro_loss.detach(), tokens + x.numel()     # (the pair loss, as val/loss)
         correct, margin = correct + (rc > rr).float().sum().detach(), margin + (rc - rr).sum().detach()
         n_pairs += len(rc)
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
     metrics = {'accuracy': correct / n_pairs, 'reward_margin': margin / n_pairs}
-    if word_check_weight:
+    if word_check_weight:    # (every rank logs the same names: a step without checks, its answers all cut, logs 0)
         metrics.update(word_check_loss=check_loss, word_check_accuracy=checks_correct / max(n_checks, 1))
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break

@@ -69,14 +69,18 @@ def reward_input(tok, config, ids, prompt, block_size):
     return list(ids)[:block_size - len(suffix)] + suffix
 
 
-def reread_word_checks(tok, seq, prompt, words, answer):
-    """Where a reward model that rereads the prompt (reward_input) can check each required word,
-    and the check's label: [(position in seq, 1.0 if the answer uses the word else 0.0)], one per
-    word of `words`, at the word's last token in the reread prompt (there the model has read the
-    whole word and can look back for it in the answer). task.word_used decides the label, as the
-    rule does. A word the tokenizer merges with the text after it (its tokens are not a prefix
-    of the prompt's) or that the prompt does not list is left out."""
+def reread_word_checks(tok, ids, seq, prompt, words, answer):
+    """Where a reward model that rereads the prompt (seq = reward_input(..., ids, prompt, ...)) can
+    check each required word, and the check's label: [(position in seq, 1.0 if the answer uses the
+    word else 0.0)], one per word of `words`, at the word's last token in the reread prompt (there
+    the model has read the whole word and can look back for it in the answer). task.word_used
+    decides the label, as the rule does. None for an answer reward_input cut short (a word of its
+    lost tail would be labelled used with nothing to look back at); a word the tokenizer merges
+    with the text after it (its tokens are not a prefix of the prompt's) or that the prompt does
+    not list is left out."""
     prompt_ids = tok.encode(prompt)
+    if len(seq) != len(ids) + len(prompt_ids) + 2:   # + <|user|> ... <|end|>: the answer was cut
+        return []
     first = len(seq) - 1 - len(prompt_ids)        # the reread prompt: seq[first:-1] (then <|end|>)
     answer_words = words_of(answer)
     checks = []

@@ -225,9 +225,12 @@ def score_parts(s):
 def prompt_word_spans(prompt, words):
     """(start, end) character span of each of `words` where the prompt lists it (make_prompt: after
     'the words: ', so that a required word such as 'story' is found in the list, not in 'Write a
-    story'), in the order of `words`; None for a word not listed as written."""
+    story'), in the order of `words`; None for a word not listed as written (all None for a prompt
+    without that list)."""
     start = prompt.find('the words: ')
-    start = 0 if start < 0 else start + len('the words: ')
+    if start < 0:                                   # not a make_prompt prompt: no list to find them in
+        return [None] * len(words)
+    start += len('the words: ')
     spans = []
     for w in words:
         m = re.compile(r'\b' + re.escape(w) + r'\b').search(prompt, start)

@@ -306,6 +306,15 @@ def test_reward_model_learns_whether_the_answer_uses_each_required_word(planted)
     assert len(evals) == 3 and evals[-1] > evals[0] + 0.1, evals
     assert train[-1]['train/word_check_loss'] < train[0]['train/word_check_loss'] and \
         0 <= train[-1]['train/word_check_accuracy'] <= 1
+    # the logged training loss is the pair loss alone, as val/loss is (one pair a step: -log sigmoid(margin))
+    run_script('reward.py', '--init_from=base', '--out_dir=rm_checked1', '--prefs_dir=checked', '--max_iters=3',
+               '--eval_interval=3', '--batch_size=1', '--n_fresh=0', '--score_reread=True', '--word_check_weight=1.0',
+               *COMMON, cwd=planted)
+    rows = [json.loads(line) for line in open(planted / 'rm_checked1' / 'log.jsonl') if 'train/loss' in line]
+    assert len(rows) == 3 and all(r['train/word_check_loss'] > 0 for r in rows)
+    for r in rows:
+        pair = -torch.nn.functional.logsigmoid(torch.tensor(r['train/reward_margin'])).item()
+        assert r['train/loss'] == pytest.approx(pair, rel=1e-4, abs=1e-5), r
     plain, negative, no_words = run_scripts([
         ('reward.py', ['--init_from=base', '--prefs_dir=checked', '--word_check_weight=1.0', '--device=cpu']),
         ('reward.py', ['--word_check_weight=-1.0']),

@@ -469,7 +469,7 @@ def test_reread_word_checks_sit_at_the_last_token_of_each_listed_word(kind):
     answer = 'The cat ran home and told a story.'
     ids, _ = tok.encode_chat(prompt, answer)
     seq = reward_input(tok, config, ids, prompt, 256)
-    checks = reread_word_checks(tok, seq, prompt, ['story', 'run', 'dog'], answer)
+    checks = reread_word_checks(tok, ids, seq, prompt, ['story', 'run', 'dog'], answer)
     assert [label for _, label in checks] == [1.0, 1.0, 0.0]
     reread_start = len(seq) - 1 - len(tok.encode(prompt))
     listed = prompt.index('words: ') + len('words: ')
@@ -477,12 +477,15 @@ def test_reread_word_checks_sit_at_the_last_token_of_each_listed_word(kind):
         assert reread_start < position < len(seq) - 1                # inside the reread prompt
         through = tok.decode(seq[reread_start:position + 1])         # the prompt up to that token
         assert through.endswith(word) and len(through) > listed, (through, word)
-    # the positions of a long answer's sequence, cut to block_size, still point at the words
-    ids, _ = tok.encode_chat(prompt, answer * 60)
+    # an answer cut to fit block_size has no checks (a word of its lost tail has nothing to look at)
+    long = 'A dog sat. ' * 60 + answer
+    ids, _ = tok.encode_chat(prompt, long)
     cut = reward_input(tok, config, ids, prompt, 256)
-    assert len(cut) == 256
-    assert [cut[p] for p, _ in reread_word_checks(tok, cut, prompt, ['story', 'run', 'dog'], answer)] == \
-        [seq[p] for p, _ in checks]
+    assert len(cut) == 256 and reread_word_checks(tok, ids, cut, prompt, ['story', 'run', 'dog'], long) == []
+    # a prompt that does not list its words (not make_prompt's) has none to check
+    other = 'Tell me about a story, a run and a dog.'
+    ids, _ = tok.encode_chat(other, answer)
+    assert reread_word_checks(tok, ids, reward_input(tok, config, ids, other, 256), other, ['story'], answer) == []
 
 
 def test_a_scalar_model_reads_its_outputs_at_the_positions_it_is_given():
