@@ -231,6 +231,18 @@ def test_encoding_many_examples_shows_its_progress(capsys):
     assert 'encoding examples' not in capsys.readouterr().err
 
 
+def test_encoding_in_worker_processes_gives_the_one_process_examples():
+    """encode_chat_examples(num_proc=2): chunks encoded by two worker processes, each with the
+    tokenizer rebuilt from its spec, come back in order: the same examples, weights and cut count
+    as one process (the speedrun's SFT encodes its 299k examples this way)."""
+    tok = with_chat_tokens(ByteTokenizer())
+    rows = [{'prompt': f'Write a story that uses the words: fox, run{i % 7}.', 'words': ['fox', f'run{i % 7}'],
+             'response': f'The fox ran {i} times.' + ' More.' * (i % 13)} for i in range(5000)]
+    one = encode_chat_examples(tok, rows, 64, word_weight=3.0, num_proc=1)
+    assert one[1] > 0 and any(3.0 in mask for _, mask in one[0])      # some cut, some words weighted
+    assert encode_chat_examples(tok, rows, 64, word_weight=3.0, num_proc=2) == one
+
+
 def test_sft_word_loss_weight_adds_the_weighted_words_loss(pipeline):
     """Step 1's loss (before any update, same batch) with the required words' tokens weighted 4x
     is the plain loss plus 3x their cross entropy / N: larger; a weight <= 0 is refused."""
