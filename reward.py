@@ -345,12 +345,12 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
                 r, word_loss, c, k = scores(run.model, x, last, checks)
                 rc, rr = r[chosen], r[rejected]                 # rewards of chosen and rejected
                 micro_loss = pair_loss(rc, rr, weight) / gradient_accumulation_steps
-                checked = micro_loss                             # + w x the word checks' cross entropy
-                if word_loss is not None:
-                    checked = micro_loss + word_check_weight * word_loss / gradient_accumulation_steps
+                trained = micro_loss                             # what backward() gets: the pair loss
+                if word_loss is not None:                        # + w x the word checks' cross entropy
+                    trained = micro_loss + word_check_weight * word_loss / gradient_accumulation_steps
                     check_loss = check_loss + word_loss.detach() / gradient_accumulation_steps
                     checks_correct, n_checks = checks_correct + c, n_checks + k
-            run.backward(checked)
+            run.backward(trained)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()     # (the pair loss, as val/loss)
         correct, margin = correct + (rc > rr).float().sum().detach(), margin + (rc - rr).sum().detach()
         n_pairs += len(rc)
