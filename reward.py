@@ -7,14 +7,16 @@ ppo.py and grpo.py load its checkpoint as the reward.
 $ python prepare/preferences.py --init_from=out/sft
 $ python reward.py --init_from=out/sft --out_dir=out/reward
 $ python reward.py --init_from=out/sft --batch_by=prompt     # a prompt's pairs together (all_pairs data)
+$ python reward.py --init_from=out/sft --score_reread=True --word_check_weight=1.0   # + per-word checks
 
 Every eval_interval steps it logs: held-out pair accuracy and loss, and the accuracy on the pairs
 that each part of the task rule separates most (required words, features, the ending, repetition:
 what the model has learned of the rule and what not) and by how far apart the rule puts the two
 answers (close: below 0.2 of the score, middle, clear: 0.4 or more; every held-out pair with its
 rewards goes to out_dir/val_scored.jsonl); the length bias (Pearson correlation of reward with
-response length, beside the rule score's own); and the rank
-correlation between reward and rule score on fresh samples of the SFT model for held-out prompts.
+response length, beside the rule score's own); the rank correlation between reward and rule
+score on fresh samples of the SFT model for held-out prompts; and with word_check_weight, the share
+of the held-out answers' word checks the head gets right (does it know which words an answer uses?).
 Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
 
