@@ -57,6 +57,7 @@ import sys
 import time
 
 from config import configure, model_config_from
+from data import prepare_command
 
 # -----------------------------------------------------------------------------
 base = None              # train.py arguments every run shares: a list ('config/X.py', '--key=value', ...)
@@ -400,6 +401,13 @@ if dry_run or report_only:
     todo = []
     if dry_run:
         sys.exit(0)
+# a base that names its data_dir is trained on it as it is (train.py prepares only data/<dataset>):
+# say once how to prepare what is missing, rather than let every run fail on it
+unprepared = {r['config']['data_dir']: r['config']['dataset'] for r in todo
+              if r['config']['data_dir'] and not os.path.exists(os.path.join(r['config']['data_dir'], 'meta.json'))}
+if unprepared:
+    fail(f"no prepared data at {', '.join(unprepared)} (no meta.json); prepare it first: "
+         + '; '.join(prepare_command(d, name) for d, name in unprepared.items()))
 
 run_device = todo[0]['config']['device'] if todo else 'cpu'
 if parallel > 1 and todo and not any(r['config']['peak_flops'] for r in todo) and \

@@ -234,6 +234,14 @@ def _encode_docs(docs):
     return np.asarray(ids, dtype=np.int64), n_bytes, len(docs)
 
 
+def prepare_command(data_dir, dataset):
+    """The command that prepares data_dir, for an error message: prepare/<the folder's name>.py
+    where that script exists (data/stories -> prepare/stories.py), else prepare/<dataset>.py."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare')
+    return f"python prepare/{name if os.path.isfile(os.path.join(here, name + '.py')) else dataset}.py --out_dir={data_dir}"
+
+
 def usable_cpus(cpu_max='/sys/fs/cgroup/cpu.max'):
     """The cores this process may use: os.cpu_count() is the host's, which on a container or a
     CI runner can be far more than the CPU affinity mask or the cgroup quota (cpu.max) allows."""

@@ -299,4 +299,5 @@ if [ $PARALLEL = 1 ]; then
 else
   for s in ${STAGES//,/ }; do stage $s || exit 1; done
 fi
-echo "speedrun: $((SECONDS - T_START)) s of wall time -> $OUT/report.md"
+if [ -e $OUT/report.md ]; then echo "speedrun: $((SECONDS - T_START)) s of wall time -> $OUT/report.md"
+else echo "speedrun: $((SECONDS - T_START)) s of wall time; no report card yet (--stages=report writes $OUT/report.md)"; fi

@@ -24,7 +24,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import configure, model_config_from
-from data import TokenData, eval_generator, load_tokenizer_spec
+from data import TokenData, eval_generator, load_tokenizer_spec, prepare_command
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
 from runtime import CUDAGraphStep, close_runtime, init_runtime, synchronize, write_profile
@@ -103,7 +103,7 @@ if not os.path.exists(os.path.join(data_dir, 'meta.json')):
     command = [sys.executable, script, *flags, f'--out_dir={data_dir}']
     if not own_data_dir:
         sys.exit(f"error: no dataset at data_dir='{data_dir}' (no meta.json); prepare one there, e.g. "
-                 f"python prepare/{dataset}.py --out_dir={data_dir}, or leave data_dir unset for data/{dataset}")
+                 f"{prepare_command(data_dir, dataset)}, or leave data_dir unset for data/{dataset}")
     if not os.path.isfile(script):
         sys.exit(f"error: no dataset at {data_dir} and no prepare/{os.path.basename(script)} to make it; "
                  f"valid datasets: {', '.join(sorted(f[:-3] for f in os.listdir(os.path.dirname(script)) if f.endswith('.py')))}")

@@ -285,6 +285,19 @@ def test_a_report_without_the_data_reads_a_flops_budget_from_the_runs_markers(tm
     assert read_csv(tmp_path / 'out' / 'f' / 'results.csv')[0]['max_iters'] == str(int(1e10 // (1e6 * 4 * 32)))
 
 
+def test_a_study_whose_data_is_not_prepared_says_how_to_prepare_it(monkeypatch, tmp_path, capsys):
+    """A base whose data_dir has no meta.json stops before any run, with the prepare command of that
+    folder (data/stories -> prepare/stories.py), not one failure per run; a dry run still lists them."""
+    study = write_study(tmp_path, ['--data_dir=data/stories', *TINY_MODEL], variants={'a': {}, 'b': {'n_embd': 16}},
+                        out_dir='out/d')
+    code, _ = ablate(monkeypatch, tmp_path, capsys, study)
+    assert code == ("error: no prepared data at data/stories (no meta.json); prepare it first: "
+                    "python prepare/stories.py --out_dir=data/stories"), code
+    assert not (tmp_path / 'out' / 'd' / 'a_s1337').exists()
+    code, out = ablate(monkeypatch, tmp_path, capsys, study, '--dry_run=True')
+    assert code == 0 and out.count('would start') == 2
+
+
 def test_a_plot_of_many_variants_tells_each_one_apart(monkeypatch, tmp_path, byte_data):
     """Twelve finished variants (folders from elsewhere: their logs alone): every curve of every plot
     has its own colour and line style (matplotlib's cycle alone repeats after ten), the same in each

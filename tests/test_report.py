@@ -133,6 +133,19 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     (out / 'ppo' / 'log.jsonl').unlink()
 
 
+def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
+    """A run of some stages only (here prepare) ends by saying where the card will be, not by
+    pointing at a report.md it did not write."""
+    from conftest import SHARED_DATA, shared_file
+    shared_file('stories')                                   # skips with a message where it is absent
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=prepare'], cwd=repo,
+                       env=dict(os.environ, SHARED_DATA=SHARED_DATA), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert 'no report card yet (--stages=report writes' in last and not (tmp_path / 'run' / 'report.md').exists(), last
+
+
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
     """speedrun.sh: <NAME>_EXTRA is appended to a stage's settings (so it wins over the profile's
     value) and EVAL_RUNS names the runs eval evaluates. The stages fail here (no base model); the

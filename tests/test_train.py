@@ -170,9 +170,10 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     train(tmp_path, byte_data, 'tuned', '--max_iters=3', '--init_from=base')
     base, tuned = load_checkpoint(str(tmp_path / 'base')), load_checkpoint(str(tmp_path / 'tuned'))
     assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
-    vocab, nodata, nothing, block, mode, graph = run_script_many('train.py', [
+    vocab, nodata, stories, nothing, block, mode, graph = run_script_many('train.py', [
         train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
         train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
+        train_args('data/stories', 'x'),                             # named as a prepare script is
         ['--dataset=nothing', '--device=cpu'],
         train_args(byte_data, 'x', '--max_iters=1', '--block_size=2000'),
         train_args(byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast'),
@@ -180,6 +181,8 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert 'vocab_size=100 is smaller than the dataset' in vocab.stderr
     assert f"no dataset at data_dir='{tmp_path / 'nodata'}' (no meta.json)" in nodata.stderr
     assert not (tmp_path / 'nodata').exists()
+    assert f"e.g. python prepare/tinystories.py --out_dir={tmp_path / 'nodata'}, or leave" in nodata.stderr
+    assert 'e.g. python prepare/stories.py --out_dir=data/stories, or leave' in stories.stderr   # not tinystories.py
     assert 'no dataset at data/nothing and no prepare/nothing.py to make it; valid datasets:' in nothing.stderr
     assert 'the val split of' in block.stderr and 'a window of block_size + 1 = 2001 needs more' in block.stderr
     assert 'evaluating' not in block.stdout                        # refused before any work
