@@ -1149,8 +1149,10 @@ class GPT(nn.Module):
 
     # --- accounting -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings=False):
-        """Parameter count; shared (tied) tensors counted once."""
+        """Parameter count; shared (tied) tensors counted once; weights stored quantized (quant.py:
+        buffers, not parameters) counted as the numbers they stand for."""
         n = sum(p.numel() for p in self.parameters())
+        n += sum(m.quantized_numel() for m in self.modules() if hasattr(m, 'quantized_numel'))
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel() if not self.config.tie_word_embeddings else 0
             n -= self.pos_emb.weight.numel() if self.config.pos_emb == 'learned' else 0

@@ -72,6 +72,10 @@ class QuantLinear(nn.Module):
     def weight(self):
         return dequantize_weight(self.qweight, self.scale, self.bits, self.scale.dtype)
 
+    def quantized_numel(self):
+        """The weights it stands for (its buffers are not parameters: GPT.num_params adds these)."""
+        return self.out_features * self.in_features
+
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -98,6 +102,12 @@ class QuantExperts(nn.Module):
         the E experts, and dequantizing all E at every step cost more than the matmuls."""
         scale = getattr(self, f'{name}_scale')
         return dequantize_weight(getattr(self, f'{name}_q')[indices], scale[indices], self.bits, scale.dtype)
+
+    def quantized_numel(self):
+        """The weights it stands for, the three (E, out, in) stacks (two int4 values a byte; its
+        buffers are not parameters: GPT.num_params adds these)."""
+        return sum(getattr(self, f'{name}_q').numel() * (1 if self.bits == 8 else 2)
+                   for name in ('gate_proj', 'up_proj', 'down_proj'))
 
     gate_proj = property(lambda self: self.stack('gate_proj'))
     up_proj = property(lambda self: self.stack('up_proj'))
