@@ -645,12 +645,12 @@ md = [f'# Ablation: {os.path.basename(os.path.normpath(out_dir))}', '',
       'wall time with evaluations, without compilation (the first log interval of each process counts '
       'at the median step time); KV cache in bf16; moe_load_cv is the coefficient of variation '
       '(std / mean) of the tokens per routed expert, averaged over layers and log lines.', '',
-      '| variant | seeds done | ' + ' | '.join(shown) + ' |',
+      '| ' + ' | '.join(['variant', 'seeds done', *shown]) + ' |',
       '|' + ' --- |' * (len(shown) + 2)]
 for v in order:
     s = stats[v]
     seeds_cell = f"{s['done']}/{s['of']}" + (f" ({s['diverged']} diverged)" if s['diverged'] else '')
-    md.append(f"| {v} | {seeds_cell} | " + ' | '.join(cell(s['values'][k], k) for k in shown) + ' |')
+    md.append('| ' + ' | '.join([v, seeds_cell, *(cell(s['values'][k], k) for k in shown)]) + ' |')
 md.append('')
 ranked = [v for v in order if stats[v]['val_mean'] is not None]
 if len(ranked) >= 2:

@@ -298,6 +298,17 @@ def test_a_study_whose_data_is_not_prepared_says_how_to_prepare_it(monkeypatch, 
     assert code == 0 and out.count('would start') == 2
 
 
+def test_a_report_before_any_run_has_finished_is_a_well_formed_table(tmp_path, byte_data):
+    """--report_only=True with no run finished: every variant listed as not done, in a Markdown
+    table whose rows have as many cells as its header and separator."""
+    study = write_study(tmp_path, [f'--data_dir={byte_data}', *TINY_MODEL], variants={'a': {}, 'b': {}},
+                        out_dir='out/e', report_only=True)
+    run_script('ablate.py', study, cwd=tmp_path)
+    table = [line for line in (tmp_path / 'out' / 'e' / 'results.md').read_text().splitlines() if line.startswith('|')]
+    assert len(table) == 4 and len({line.count('|') for line in table}) == 1, table
+    assert table[2].startswith('| a | 0/1') and table[3].startswith('| b | 0/1')
+
+
 def test_a_plot_of_many_variants_tells_each_one_apart(monkeypatch, tmp_path, byte_data):
     """Twelve finished variants (folders from elsewhere: their logs alone): every curve of every plot
     has its own colour and line style (matplotlib's cycle alone repeats after ten), the same in each
