@@ -903,6 +903,13 @@ class MTPModule(nn.Module):
         return self.block(h, rope, None, mask, counted)
 
 
+def weight_numel(module):
+    """The numbers a module's weights hold: its parameters, and its weights stored quantized
+    (quant.py's QuantLinear / QuantExperts keep them in buffers) as the numbers they stand for."""
+    return (sum(p.numel() for p in module.parameters())
+            + sum(m.quantized_numel() for m in module.modules() if hasattr(m, 'quantized_numel')))
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -1149,17 +1156,16 @@ class GPT(nn.Module):
 
     # --- accounting -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings=False):
-        """Parameter count; shared (tied) tensors counted once; weights stored quantized (quant.py:
-        buffers, not parameters) counted as the numbers they stand for."""
-        n = sum(p.numel() for p in self.parameters())
-        n += sum(m.quantized_numel() for m in self.modules() if hasattr(m, 'quantized_numel'))
+        """Parameter count; shared (tied) tensors counted once; weights stored quantized counted as
+        the numbers they stand for (weight_numel)."""
+        n = weight_numel(self)
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel() if not self.config.tie_word_embeddings else 0
             n -= self.pos_emb.weight.numel() if self.config.pos_emb == 'learned' else 0
         return n
 
     def mtp_params(self):
-        return sum(p.numel() for p in self.mtp.parameters())
+        return weight_numel(self.mtp)
 
     def active_params(self):
         """Parameters a token passes through at inference, the number model cards quote: every
@@ -1169,7 +1175,7 @@ class GPT(nn.Module):
         n = self.num_params(exclude_embeddings=True) - self.mtp_params()
         for b in self.layers:
             if isinstance(b.mlp, MoE):
-                n -= sum(p.numel() for p in b.mlp.experts.parameters()) * (1 - b.mlp.K / b.mlp.E)
+                n -= weight_numel(b.mlp.experts) * (1 - b.mlp.K / b.mlp.E)
         return int(n)
 
     def active_matmul_params(self, mtp=True):

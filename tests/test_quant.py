@@ -34,9 +34,9 @@ def test_quantized_model_is_close_and_its_moe_paths_agree(kind):
     model = GPT(ModelConfig(**MLA_MOE)).eval()
     idx = torch.randint(0, 96, (2, 24))
     ref = model(idx)[0]
-    before, n_params = weight_bytes(model), model.num_params()
+    before, counts = weight_bytes(model), (model.num_params(), model.active_params())
     quantize_model(model, kind, group_size=32)
-    assert model.num_params() == n_params       # the quantized weights count as the numbers they stand for
+    assert (model.num_params(), model.active_params()) == counts     # quantized weights count as what they stand for
     assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())      # the head too (untied)
     assert sum(isinstance(m, QuantExperts) for m in model.modules()) == 1
     assert weight_bytes(model) < before * (0.5 if kind == 'int8' else 0.4)
