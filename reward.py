@@ -175,8 +175,11 @@ def encode(pair, side):
 
 def padded(encoded):
     """x (N, T): the sequences right-padded; last (N,): each one's last position, where its reward
-    is read; and the word checks: at (N, K) positions, label (N, K), real (N, K) (False: padding)."""
+    is read; and the word checks: at (N, K) positions, label (N, K), real (N, K) (False: padding),
+    or None with word_check_weight 0."""
     x, last = right_padded([seq for seq, _ in encoded], tok.eot_id, rt.device)
+    if not word_check_weight:
+        return x, last, None
     k = max(1, max(len(c) for _, c in encoded))
     at, label, real = torch.zeros(len(encoded), k, dtype=torch.long), torch.zeros(len(encoded), k), \
         torch.zeros(len(encoded), k, dtype=torch.bool)
@@ -195,9 +198,9 @@ def scores(model, x, last, checks):
     """The rewards (N,), and with word_check_weight the word checks' loss (None when it is 0; 0 for a
     batch without checks), how many of the checks the head gets right (its output on the label's
     side of 0) and how many there are."""
-    at, label, real = checks
     if not word_check_weight:
         return model(x, last=last), None, 0, 0
+    at, label, real = checks
     r, logit = model(x, last=last, at=at)
     logit, label = logit[real], label[real]
     # binary cross entropy, the output z as a logit: -(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z)))

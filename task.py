@@ -222,15 +222,18 @@ def score_parts(s):
     return parts
 
 
+WORDS_LEAD = 'uses the words: '     # what make_prompt writes before the list of required words
+
+
 def prompt_word_spans(prompt, words):
     """(start, end) character span of each of `words` where the prompt lists it (make_prompt: after
-    'the words: ', so that a required word such as 'story' is found in the list, not in 'Write a
+    WORDS_LEAD, so that a required word such as 'story' is found in the list, not in 'Write a
     story'), in the order of `words`; None for a word not listed as written (all None for a prompt
     without that list)."""
-    start = prompt.find('the words: ')
+    start = prompt.find(WORDS_LEAD)
     if start < 0:                                   # not a make_prompt prompt: no list to find them in
         return [None] * len(words)
-    start += len('the words: ')
+    start += len(WORDS_LEAD)
     spans = []
     for w in words:
         m = re.compile(r'\b' + re.escape(w) + r'\b').search(prompt, start)
@@ -240,7 +243,7 @@ def prompt_word_spans(prompt, words):
 
 def make_prompt(words, features=None):
     features = features or {}
-    prompt = f"Write a story that uses the words: {', '.join(words)}."
+    prompt = f"Write a story that {WORDS_LEAD}{', '.join(words)}."
     if features.get('dialogue'):
         prompt += ' The story should have dialogue.'
     if features.get('max_sentences'):

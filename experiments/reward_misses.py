@@ -55,6 +55,8 @@ table("the rule's gap (chosen - rejected)",
 table('words used: chosen / rejected', lambda p: '%s / %s' % p['used'])
 table('the longer answer', lambda p: 'chosen' if len(p['chosen']) > len(p['rejected']) else
       'rejected' if len(p['rejected']) > len(p['chosen']) else 'equal')
+
+
 def fmt(x):
     return '-' if x is None else f'{x:.2f}'
 
