@@ -10,9 +10,9 @@
 #             the pairs (6,000 prompts' samples, folder S/reward_pairs2x) and one whose pairs add
 #             5,000 reference passages' swapped pairs (prepare/preferences.py --reference_swaps,
 #             folder S/reward_refswap), one on the main pairs whose head also checks each required
-#             word (reward.py --word_check_weight, folder S/reward_checks), both students deeper and
-#             narrower at about the same active parameters (folder S/deep_student); SIDES names some
-#             of them; when all of it has finished, the serving benchmarks on the base model, alone
+#             word (reward.py --word_check_weight, folder S/reward_checks), and the two together:
+#             the word checks on the twice-the-pairs run's pairs (folder S/reward_pairs2x_checks,
+#             beside reward_pairs2x's own reward model); SIDES names some of them; when all of it has finished, the serving benchmarks on the base model, alone
 #             on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
 #             greedy agreement) and bench_serve.py (engine and static batching at 1/8/64/256
@@ -30,7 +30,7 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
-ALL_SIDES="words40 like3 embed best reward_pairs2x reward_refswap reward_checks deep_student"
+ALL_SIDES="words40 like3 embed best reward_pairs2x reward_pairs2x_checks reward_refswap reward_checks"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -59,14 +59,6 @@ done
 # start the distilled student has: what distillation adds beyond it (speedrun.sh student_embed)
 link="mkdir -p $S/embed && for x in data task base; do ln -sfn $A/\$x $S/embed/\$x; done"
 wanted embed && SIDE_RUNS+="($link && EVAL_RUNS=student_embed bash speedrun.sh --profile=$PROFILE --out=$S/embed --stages=student_embed,eval > $R/logs/side_embed.log 2>&1) & "
-# and both students deeper and narrower at about the same active parameters (folder S/deep_student:
-# 10 layers of 160 against 4 of 192, 11.2M active against 11.4M): the output layer over the 50k
-# tokens holds 9.7M of the students' 11.4M active parameters, so their 4 layers have 1.8M; this
-# gives the layers 3.2M. Measured and dropped: temperature 2 (28.0% of the gap against T 1's 44.3%),
-# alpha 1 (32.9% against 31.6%, inside the noise), the distilled student at twice the learning rate
-# (43.9% against the card before's 43.5%; docs/results.md)
-link="mkdir -p $S/deep_student && for x in data task base; do ln -sfn $A/\$x $S/deep_student/\$x; done"
-wanted deep_student && SIDE_RUNS+="($link && EVAL_RUNS='student_scratch student_distill' STUDENT_EXTRA='--n_layer=10 --n_embd=160 --n_head=5 --intermediate_size=448' bash speedrun.sh --profile=$PROFILE --out=$S/deep_student --stages=student_scratch,student_distill,eval,report > $R/logs/side_deep_student.log 2>&1) & "
 # and a second SFT round from the main SFT model on rejection samples: the best answer of each
 # prompt's preference samples where it scores 1.0 (prepare/preferences.py --best_dir, in the main
 # run's prefs stage), about 3 epochs of them, the words weighted as in the main SFT, evaluated like
@@ -85,11 +77,25 @@ BEST_RUN=$(echo $BEST_RUN); wanted best || BEST_RUN=""
 # and the reward model on twice the pairs (the samples of 6,000 training prompts; folder
 # S/reward_pairs2x) for twice the steps, so that it reads each prompt about once, as the profile's
 # does: on the last card its held-out loss rose in a second pass over the pairs while its accuracy
-# stayed near 72% (the profile's 500 steps 72.0%, 1,000 steps on the same pairs 72.9%; docs/results.md)
+# stayed near 72% (the profile's 500 steps 72.0%, 1,000 steps on the same pairs 72.9%; docs/results.md).
+# With reward_pairs2x_checks, a second reward model on the same pairs beside it, with the word checks
+# (folder S/reward_pairs2x_checks; 88.2% without them and +2.4 +- 1.4 points with them on the main
+# pairs, on the card before)
+if wanted reward_pairs2x_checks && ! wanted reward_pairs2x; then
+  echo "error: the side run reward_pairs2x_checks trains on reward_pairs2x's pairs: name both in SIDES"; exit 2
+fi
+PAIRS2X="--n_prompts=6000" STEPS2X="--max_iters=1000"    # twice the profile's prompts and steps (the cpu
+[ $PROFILE = cpu ] && PAIRS2X="--n_prompts=96" STEPS2X="--max_iters=100"     # profile's: 48, 50)
 link="mkdir -p $S/reward_pairs2x && for x in data task base sft; do ln -sfn $A/\$x $S/reward_pairs2x/\$x; done"
+P2=$(realpath -m $S/reward_pairs2x/prefs)
+link2="mkdir -p $S/reward_pairs2x_checks && for x in data task base sft; do ln -sfn $A/\$x $S/reward_pairs2x_checks/\$x; done
+  && ln -sfn $P2 $S/reward_pairs2x_checks/prefs"
+CHECKS2=""; wanted reward_pairs2x_checks && CHECKS2="$link2 && REWARD_EXTRA='$STEPS2X --word_check_weight=1.0'
+  bash speedrun.sh --profile=$PROFILE --out=$S/reward_pairs2x_checks --stages=reward > $R/logs/side_reward_pairs2x_checks.log 2>&1 &"
 REWARD_RUN=""; wanted reward_pairs2x && REWARD_RUN="(until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
-  PREFS_EXTRA='--n_prompts=6000' REWARD_EXTRA='--max_iters=1000' bash speedrun.sh --profile=$PROFILE --out=$S/reward_pairs2x
-  --stages=prefs,reward > $R/logs/side_reward_pairs2x.log 2>&1) &"
+  PREFS_EXTRA='$PAIRS2X' bash speedrun.sh --profile=$PROFILE --out=$S/reward_pairs2x --stages=prefs > $R/logs/side_reward_pairs2x.log 2>&1
+  && { $CHECKS2 REWARD_EXTRA='$STEPS2X' bash speedrun.sh --profile=$PROFILE --out=$S/reward_pairs2x
+  --stages=reward >> $R/logs/side_reward_pairs2x.log 2>&1; wait; }) &"
 # and the reward model on pairs sampled the same way (the same seed) plus the swapped pairs of 5,000
 # reference passages: minimal pairs only the prompt decides, from text that uses all its words
 link="mkdir -p $S/reward_refswap && for x in data task base sft; do ln -sfn $A/\$x $S/reward_refswap/\$x; done"
@@ -144,19 +150,20 @@ case ${1:-} in
     python report.py --out=$R --profile=$PROFILE > /dev/null ;;
   collect)
     mkdir -p ${2:?collect needs a folder}
-    for d in $R $S/reward_pairs2x $S/reward_refswap $S/reward_checks; do   # what each reward model gets wrong (in the archive)
+    for d in $R $S/reward_pairs2x $S/reward_pairs2x_checks $S/reward_refswap $S/reward_checks; do   # what each reward model gets wrong (in the archive)
       [ -e $d/reward/val_scored.jsonl ] && python experiments/reward_misses.py --out_dir=$d/reward > $d/reward/misses.md 2>&1
     done
-    tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
+    # (the side runs' training pairs are left out: 26 MB each, the archive must stay under 16 MiB)
+    tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=prefs_train.jsonl --exclude=$(basename $R)/data \
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
-    for d in $R $S/reward_pairs2x $S/reward_refswap $S/reward_checks; do   # the reward models' last held-out accuracy, main and side
+    for d in $R $S/reward_pairs2x $S/reward_pairs2x_checks $S/reward_refswap $S/reward_checks; do   # the reward models' last held-out accuracy, main and side
       echo "$d: $(grep -h 'val/accuracy' $d/reward/log.jsonl 2> /dev/null | tail -1 | python -c "import json, sys
 for line in sys.stdin: d = json.loads(line); print(d['step'], *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k))")"
       sed -n '/words used/,/^$/p' $d/reward/misses.md 2> /dev/null; done
-    grep -h 'Distillation' $R/report.md $S/deep_student/report.md 2> /dev/null | cut -c1-400   # the gap closed
-    for f in $R/student_*/log.jsonl $S/deep_student/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
+    grep -h 'Distillation' $R/report.md 2> /dev/null | cut -c1-400   # the gap closed
+    for f in $R/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
       [ -e $f ] && echo "$f: $(grep -h '"val/loss"' $f | tail -1 | cut -c1-240)"; done   # the students' last val loss
     # greedy answers with a frequency penalty (the main run's, and the side runs' own SFT models: find
     # does not follow the links to the main run's folders), beside eval.json's
