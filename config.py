@@ -154,8 +154,9 @@ def _key_comments(path):
     """{key: its comment} from the assignments of a source file, `key = value  # comment` (a
     script's config block) or `key: type = value  # comment` (a dataclass field), in the order the
     file first assigns each ('' where it has no comment), the comment lines right below that
-    continue it joined on."""
-    comments, last = {}, None
+    continue it joined on. A script that is also imported (convert_hf.py) keeps its config block
+    indented under `if __name__ == '__main__':`; from that line on, indented `key = value` counts too."""
+    comments, last, in_main = {}, None, False
     try:
         lines = open(path).read().splitlines()
     except OSError:
@@ -166,8 +167,10 @@ def _key_comments(path):
             in_string ^= line.count('"""') % 2 == 1
             last = None
             continue
-        # module level: key = ...; a dataclass field (indented): key: type = ...
-        m = re.match(r'(?:(\w+)\s*|\s+(\w+)\s*:[^=#]*)=(?!=)[^#]*(?:#\s?(.*))?$', line)
+        in_main = in_main or line.startswith('if __name__ ==')
+        # module level: key = ... (indented too under __main__); a dataclass field (indented): key: type = ...
+        key = r'\s*(\w+)\s*' if in_main else r'(\w+)\s*'
+        m = re.match(rf'(?:{key}|\s+(\w+)\s*:[^=#]*)=(?!=)[^#]*(?:#\s?(.*))?$', line)
         if m:
             m = (m.group(1) or m.group(2), m.group(3))
             last = m[0] if m[0] not in comments else None

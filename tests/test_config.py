@@ -130,6 +130,25 @@ def test_help_gives_each_key_its_comment_in_the_scripts_order(tmp_path, capsys):
     assert '--kv_lora_rank=512\n      width of the compressed key/value latent (what is cached)' in model
 
 
+def test_help_reads_a_config_block_indented_under_main(tmp_path, capsys):
+    """A script that is also imported as a module (convert_hf.py) sets its keys under
+    `if __name__ == '__main__':`; --help gives them their comments too, and an indented assignment
+    before that line (in a function) is not taken for a key's."""
+    script = tmp_path / 'tool.py'
+    script.write_text('"""\nA tool.\n"""\n'
+                      'def f():\n    direction = 1   # not this one\n\n'
+                      "if __name__ == '__main__':\n"
+                      "    direction = 'export'   # 'export' or 'import'\n"
+                      "    hf_dir = ''            # the folder\n"
+                      "    hf_dir = hf_dir or 'x'\n")
+    ns = {'__file__': str(script), '__doc__': '\nA tool.\n', 'direction': 'export', 'hf_dir': ''}
+    with pytest.raises(SystemExit):
+        configure(ns, ['--help'])
+    out = capsys.readouterr().out
+    assert "--direction='export'\n      'export' or 'import'\n" in out
+    assert "--hf_dir=''\n      the folder" in out and 'not this one' not in out
+
+
 def test_a_run_prints_only_what_it_changed(capsys):
     configure(defaults(), ['--n_steps=20', '--lr=3e-4'])              # lr given its default: not a change
     assert capsys.readouterr().out == 'config, changed from the defaults: n_steps=20\n'
