@@ -85,10 +85,14 @@ stops = (tok.stop_ids() if chat else [tok.eot_id]) if stop_at_eot else None
 if speculative:
     if not model.config.mtp_depth:
         sys.exit(f'error: speculative=True drafts with MTP modules and {out_dir} has none (train with --mtp_depth=1)')
-    if len(prompt) + max_new_tokens > model.config.block_size:
-        sys.exit(f'error: speculative decoding keeps the whole answer in view: the prompt ({len(prompt)} tokens) '
-                 f'+ max_new_tokens ({max_new_tokens}) exceed block_size {model.config.block_size}; '
-                 f'pass --max_new_tokens={max(model.config.block_size - len(prompt), 0)} or fewer')
+    room = model.config.block_size - len(prompt)       # speculative decoding keeps the whole answer in view
+    if room < 1:
+        sys.exit(f'error: the prompt ({len(prompt)} tokens) fills block_size {model.config.block_size}: '
+                 f'speculative decoding needs room for the answer in the context; shorten the prompt')
+    if max_new_tokens > room:
+        print(f'speculative: at most {room} new tokens (the prompt has {len(prompt)} of block_size '
+              f'{model.config.block_size}; speculative decoding keeps the whole answer in view)', file=sys.stderr)
+        max_new_tokens = room
     with rt.autocast():
         try:
             new, stats = generate_speculative(model, prompt, max_new_tokens, stop_ids=stops or (),
