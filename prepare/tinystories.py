@@ -10,7 +10,9 @@ $ python prepare/tinystories.py --source=../shared/data/tinystories/train_sample
 Offline (the hub unreachable), the default source falls back to the local TinyStories sample
 under $SHARED_DATA (default: shared/data beside the checkout), if there is one, and says so:
 tinystories/train_sample_2mb.txt (2,316 stories) for train, valid_sample_800kb.txt for val; the
-GPT-2 ranks likewise come from its gpt2.tiktoken when tiktoken cannot download them.
+GPT-2 ranks likewise come from its gpt2.tiktoken when tiktoken cannot download them. (The val
+set is then the 888 stories of prepare/stories.py's val_tinystories; --source= the whole folder
+reads its 24-story valid_sample.txt into val as well: 912.)
 
 With the official files, a folder holding TinyStoriesV2-GPT4-train.txt and -valid.txt keeps their
 split; a source with one split is divided, val_fraction of the stories going to val.
