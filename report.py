@@ -6,7 +6,8 @@ data's meta.json, times.tsv).
 $ python report.py --out=out/speedrun_cpu
 
 Writes OUT/report.md and OUT/report.json, and the plots they show: OUT/report_losses.png (every
-stage's training loss and held-out loss), OUT/report_rl.png (PPO's and GRPO's rewards and KL to
+stage's training loss and held-out loss; the reward model's held-out pair accuracy beside its
+losses), OUT/report_rl.png (PPO's and GRPO's rewards and KL to
 the SFT model against rollouts); the base model's expert load and max attention logit plots are
 the ones train.py drew. Each target of the life-cycle run is checked and its margin printed.
 """
@@ -159,6 +160,8 @@ for name in TRAINED:
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
                     'metrics': ckpt['metrics'], 'config': ckpt['config'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {}),
                     'source': 'log' if from_log and ev else 'eval', 'penalized': penalized(name)}
+    if name == 'reward':      # its target is the held-out pair accuracy: [step, accuracy] at each evaluation
+        stages[name]['accuracy_curve'] = [[r['step'], r['val/accuracy']] for r in rows if 'val/accuracy' in r]
 
 # --- the targets ----------------------------------------------------------------------------------
 checks = []
@@ -273,8 +276,16 @@ if plt is not None and stages:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel('rollout' if name in ('ppo', 'grpo') else 'step')
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        handles = ax.lines[:]
+        if stages[name].get('accuracy_curve'):          # the reward model's: its target, on a right axis
+            acc = ax.twinx()
+            handles += acc.plot(*zip(*stages[name]['accuracy_curve']), color='tab:green', marker='o', markersize=3,
+                                label='val/accuracy (right)')
+            handles.append(acc.axhline(TARGETS['reward_accuracy'], color='tab:green', linestyle='--', linewidth=0.8,
+                                       label=f"accuracy target {pct(TARGETS['reward_accuracy'])}"))
+            acc.set(ylim=(0.4, 1.0), ylabel='held-out pair accuracy')
+        if handles:
+            ax.legend(handles=handles, fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis('off')
     fig.tight_layout()

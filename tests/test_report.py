@@ -90,6 +90,11 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
     assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20 and report['wall_time_s'] == 9
+    # the reward model's held-out accuracy at each evaluation (steps 0 and 2), as its plot draws it
+    logged = [json.loads(line) for line in (out / 'reward' / 'log.jsonl').read_text().splitlines()]
+    assert report['stages']['reward']['accuracy_curve'] == [[r['step'], r['val/accuracy']] for r in logged
+                                                            if 'val/accuracy' in r]
+    assert [s for s, _ in report['stages']['reward']['accuracy_curve']] == [0, 2]
     assert '0.3 minutes of stages in all, 0.1 minutes of wall time' in md
     assert len(report['stages']['base']['continuations']) == 5 and 'wrote speedrun/report.md' in p.stdout
     # parameters counted once each: the tied embedding is also the output layer, not a second matrix
