@@ -61,6 +61,9 @@ mean_output = 128               # exponential draw, mean mean_output in all, cli
 methods = 'engine,static'       # any of engine, engine_sync, static, hf (transformers' generate on the export)
 cuda_graph = None               # the engine's decode steps and static batching's one-token steps as
                                 # CUDA graphs; None: on for CUDA
+compile_step = False            # with the graphs: both methods' steps fused by torch.compile first (the engine's
+                                # per (rows, columns) bucket, static batching's per batch size); compiled before
+                                # the timing, like the captures
 tokens_per_block = 16           # the engine's cache block (tokens)
 prefill_chunk = 256
 device = 'auto'
@@ -77,6 +80,9 @@ steps_only = False              # run no model: print the steps each level's wor
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig, ignore_unknown_in_files=True)
 rt = init_runtime(device, dtype, seed)
+graph = use_cuda_graph(cuda_graph, rt.device_type)
+if compile_step and not graph:
+    sys.exit('error: compile_step=True fuses the CUDA-graph steps: it needs cuda_graph on (the default on CUDA)')
 levels = [int(s) for s in str(streams).split(',') if s.strip()]
 methods = [m.strip() for m in methods.split(',') if m.strip()]
 bad = [m for m in methods if m not in ('engine', 'engine_sync', 'static', 'hf')]
@@ -133,7 +139,6 @@ if rt.dtype != 'float32':
 c = model.config
 if max_prompt + max_output > c.block_size:
     sys.exit(f'error: max_prompt + max_output = {max_prompt + max_output} exceeds the block_size {c.block_size}')
-graph = use_cuda_graph(cuda_graph, rt.device_type)
 
 
 def sync():
@@ -159,7 +164,7 @@ def run_engine(reqs, C, overlap=True, timed=None):
     longest = max(len(p) + n for p, n in reqs)                      # C of the longest at once: no request
     n_blocks = C * -(-longest // tokens_per_block) + 16             # waits for blocks, C are always running
     engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, max_batch=C, prefill_chunk=prefill_chunk,
-                    cuda_graph=graph, overlap=overlap)
+                    cuda_graph=graph, overlap=overlap, compile_step=compile_step)
     t_capture = time.time()
     engine.capture_graphs(prefill=True)        # every (rows, columns) bucket's graph before the timing
     sync()
@@ -213,7 +218,7 @@ def ours_group(prompts, n):
     idx, mask = pad_prompts(prompts, device=rt.device)
     times = []
     for _ in generate_tokens(model, idx, n, temperature=0, prompt_mask=mask, cuda_graph=graph,
-                             cache_len=max_prompt + max_output):   # one captured step per batch size
+                             compile_step=compile_step, cache_len=max_prompt + max_output):   # one captured step per batch size
         sync()
         times.append(time.time())
     return times

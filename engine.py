@@ -49,7 +49,10 @@ copied into one tensor made once per (rows, columns) bucket. Padding rows and pa
 write to a scratch block that no request ever holds. On CUDA each bucket's step is captured once,
 at its first use (generate.capture_graph; capture_graphs() captures the decode buckets up front),
 and replayed after; elsewhere the same static steps run eagerly (what the CPU tests check).
-Sampling stays outside the graph, as in an eager step.
+Sampling stays outside the graph, as in an eager step. With compile_step=True each static step is
+first fused by torch.compile (its automatic dynamic shapes: a bucket its compiled code does not
+cover compiles again; generate.py's compile_step does the same for its one-token step): the step's
+many small elementwise and index kernels become fewer, larger ones.
 
 Overlap (overlap=True; SGLang's overlap scheduler, vLLM's asynchronous scheduling). A step's tokens
 are sampled on the device, and a decoding row's input at the next step is read there (feed -1 - i:
@@ -371,10 +374,15 @@ class BlockPool:
         return sum(t[0, 0].numel() for t in self.tensors.values())
 
 
+def static_forward(model, cache):
+    """A fixed-shape step's pass: (Bb, 1, V) logits of each row's last column (StaticPagedCache)."""
+    return model(cache.tokens, cache=cache, last_only=True)[0]
+
+
 class Engine:
 
     def __init__(self, model, n_blocks=256, tokens_per_block=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
-                 prefix_sharing=True, cuda_graph=False, overlap=False):
+                 prefix_sharing=True, cuda_graph=False, overlap=False, compile_step=False):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x tokens_per_block
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
@@ -383,10 +391,17 @@ class Engine:
         cuda_graph: decode steps in fixed shapes, each bucket's step a CUDA graph on CUDA (see the
         top; on the CPU the same steps run eagerly).
         overlap: read each step's tokens back one step late, so that the host prepares the next step
-        while the device runs this one (see the top)."""
+        while the device runs this one (see the top).
+        compile_step (with cuda_graph): each fixed-shape step through torch.compile before it is
+        captured (see the top); a compilation costs seconds to tens of seconds."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
         self.overlap = overlap
+        if compile_step and not cuda_graph:
+            raise ValueError('compile_step fuses the fixed-shape steps: it needs cuda_graph=True')
+        self.static_forward = torch.compile(static_forward) if compile_step else static_forward
+        if compile_step:     # the buckets may need more recompilations than dynamo's default limit, 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.pool = BlockPool(model.config, n_blocks, tokens_per_block)
         self.device = next(model.parameters()).device
         self.waiting, self.running = [], []
@@ -609,7 +624,7 @@ class Engine:
             cache.end()                                    # a replay runs no Python: lengths here
             logits = cache.logits
         else:
-            logits = self.model(cache.tokens, cache=cache, last_only=True)[0]
+            logits = self.static_forward(self.model, cache)
         self.stats['static_steps'] += 1
         self.stats['static_prefill_steps'] += int(cache.Tb > 1)
         return logits[:len(rows), -1]                      # (Bb, 1, V) -> (B, V): column Tb - 1, every row's last
@@ -641,7 +656,7 @@ class Engine:
         these steps writes a block a request holds. A capture must not allocate the pools: if no
         step has made them yet, one parked step run eagerly does."""
         def step():
-            return self.model(cache.tokens, cache=cache, last_only=True)[0]   # (Bb, 1, V)
+            return self.static_forward(self.model, cache)
         cache.fill([])
         if not self.pool.tensors:
             step()

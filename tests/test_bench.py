@@ -151,7 +151,7 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert 'engine steps: eager;' in proc.stdout          # cuda_graph None: off on the CPU
     assert all(r['graphs'] == 0 and r['capture_s'] >= 0 for r in rows if r['method'].startswith('engine'))
     assert 'graphs captured' not in proc.stdout           # (printed where the engine captured some)
-    vllm, bad, tail, steps, long_tail = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
+    vllm, bad, tail, steps, long_tail, compiled = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
                                                                 [*SERVE_MOE, '--block_size=64', '--max_prompt=60'],
                                                                 [*SERVE_MOE, '--output_lengths=exponential',
                                                                  '--mean_output=8', '--min_output=16'],
@@ -159,7 +159,8 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
                                                                  '--n_requests=8', '--min_output=1', '--max_output=9'],
                                                                 [*SERVE_MOE, '--steps_only=True', '--streams=4',
                                                                  '--n_requests=8', '--output_lengths=exponential',
-                                                                 '--min_output=1', '--mean_output=5', '--max_output=9']],
+                                                                 '--min_output=1', '--mean_output=5', '--max_output=9'],
+                                                                [*SERVE_MOE, '--compile_step=True']],   # no graphs on the CPU
                                              cwd=tmp_path)
     # a perfect continuous batcher at one stream runs the static steps; at 4, fewer
     one, four = [line.split('|')[3:6] for line in steps.stdout.splitlines() if line.startswith(('| 1 |', '| 4 |'))]
@@ -170,3 +171,4 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert vllm.returncode != 0 and "['vllm']" in vllm.stdout + vllm.stderr
     assert bad.returncode != 0 and 'exceeds the block_size 64' in bad.stdout + bad.stderr
     assert tail.returncode != 0 and 'mean_output=8 outside min_output..max_output' in tail.stdout + tail.stderr
+    assert compiled.returncode != 0 and 'compile_step=True fuses the CUDA-graph steps' in compiled.stdout + compiled.stderr

@@ -5,7 +5,7 @@ greedy tokens they get alone; blocks all go back to the pool; a request that doe
 import pytest
 import torch
 
-from engine import Engine, cache_numbers_per_token
+from engine import Engine, cache_numbers_per_token, static_forward
 from generate import generate
 from model import GPT, ModelConfig
 
@@ -453,6 +453,29 @@ def test_sampling_with_static_steps_follows_the_same_seeds():
     assert outputs[True] == outputs[False] and outputs[True][0] != outputs[True][1]
 
 
+def test_compiled_static_steps_give_each_request_its_tokens_alone():
+    """compile_step=True: the fixed-shape steps through torch.compile (on the CPU without graphs):
+    a prompt read in an 8-column step, then decode steps of 1 and 2 rows (a second request arriving
+    with its prompt chunk beside the first's decoding): every request gets its tokens alone, in
+    fixed shapes. Refused without cuda_graph (there are no fixed shapes to compile)."""
+    model = build(**VARIANTS['gqa_rope'])
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(model, n_blocks=20, tokens_per_block=8, prefill_chunk=8, cuda_graph=True, compile_step=True)
+    prompts = [[5, 3, 9, 1, 4], [7, 7, 2]]
+    first = engine.add(prompts[0], 6)
+    engine.step()
+    second = engine.add(prompts[1], 5)
+    engine.run()
+    for r, p in zip((first, second), prompts):
+        assert r.done and r.output == alone(model, p, r.max_new_tokens)
+    assert engine.stats['static_steps'] > 0 and engine.stats['eager_steps'] == 0
+    assert engine.static_forward is not static_forward
+    buckets = set(engine.static)                                        # the (rows, columns) shapes used,
+    assert len(buckets) >= 2 and torch._dynamo.utils.counters['stats']['unique_graphs'] >= len(buckets)   # each compiled
+    with pytest.raises(ValueError, match='needs cuda_graph=True'):
+        Engine(model, n_blocks=20, tokens_per_block=8, compile_step=True)
+
+
 # Overlap: each step's tokens stay on the device and are read back one step late.
 
 @pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
@@ -577,3 +600,23 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     upfront.run()
     assert r.output == alone(model, [7, 8, 9], 10)
     assert upfront.stats['graph_captures'] == n + 1 + len(capturable([(1, 8)]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
+def test_compiled_graphed_steps_give_the_eager_engines_tokens(variant, monkeypatch):
+    """compile_step=True on CUDA in float32: each bucket's step fused by torch.compile, then
+    captured and replayed; mixed arrivals get the eager engine's tokens, every step in a graph
+    where one can hold it."""
+    import engine as engine_module
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    model = build(**VARIANTS[variant]).cuda()
+    outputs = {}
+    for compiled in (None, True):
+        engine = Engine(model, n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16,
+                        cuda_graph=compiled is not None, compile_step=bool(compiled))
+        requests, _ = mixed_arrivals(engine)
+        outputs[compiled] = [r.output for r in requests]
+        assert engine.pool.available() == 40
+    used = {k for k in engine.static if engine_module.graph_capturable(model, k[0] * k[1])}
+    assert outputs[True] == outputs[None] and engine.stats['graph_captures'] == len(used) > 0
