@@ -98,6 +98,21 @@ def load_checkpoint(path, map_location='cpu'):
                  f"earlier copy")
 
 
+def saved_config(path):
+    """The settings a run folder's checkpoint was trained with (its 'config' dict), read without
+    loading its tensors (ckpt.pt memory-mapped; a sharded checkpoint's meta.pt); None where there is
+    no checkpoint or it has no settings."""
+    p = checkpoint_path(path)
+    p = os.path.join(p, 'meta.pt') if os.path.isdir(p) else p
+    if not os.path.isfile(p):
+        return None
+    try:
+        ckpt = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:                    # damaged: load_checkpoint says so when the script reads it
+        return None
+    return ckpt.get('config') or None
+
+
 def save_sharded_checkpoint(out_dir, model, optimizer, meta):
     """fsdp=True: every rank writes its shards of the model and optimizer state with
     torch.distributed.checkpoint (DCP) into out_dir/ckpt_dcp.tmp/, rank 0 adds meta.pt (the rest

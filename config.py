@@ -10,7 +10,9 @@ parsed as Python literals (true / false / none in any case too) and type-checked
 default. An
 unknown key or a value of the wrong type is an error that names the key and lists the valid
 ones. The resolved values are written back into the script's globals and returned as a dict
-(the checkpoint stores it).
+(the checkpoint stores it). With init_from='resume', every key that no config file and no
+--key=value sets takes the value the run was trained with, from out_dir's checkpoint, so that a
+resumed run continues with its own settings.
 """
 
 import ast
@@ -111,6 +113,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         args.append(arg)
         i += 1
     set_by = {}                                            # key -> the config file that set it
+    given = set()                                          # the keys a config file or --key=value sets
     # the config files first, in their order, then the overrides: an override written before a
     # config file still wins over it
     args = [a for a in args if not a.startswith('--')] + [a for a in args if a.startswith('--')]
@@ -132,6 +135,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
                 if v is not config[k] and v != config[k]:
                     config[k] = _checked(k, v, defaults[k], valid, f'config file {arg}')
                     set_by[k] = arg
+                    given.add(k)
         else:                                              # --key=value
             key, _, raw = arg[2:].partition('=')
             if key not in valid:
@@ -140,6 +144,9 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
             value = _parse_value(key, raw, defaults[key])
             current = (config[key], set_by[key]) if key in set_by else None
             config[key] = _checked(key, value, defaults[key], valid, f'--{key}', current)
+            given.add(key)
+    if config.get('init_from') == 'resume' and isinstance(config.get('out_dir'), str):
+        _resume_settings(config, defaults, valid, given, verbose and int(os.environ.get('RANK', 0)) == 0)
 
     namespace.update(config)
     if verbose and int(os.environ.get('RANK', 0)) == 0:
@@ -148,6 +155,29 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         print('config, changed from the defaults: ' + (', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))
                                                        or 'nothing'))
     return config
+
+
+def _resume_settings(config, defaults, valid, given, verbose):
+    """init_from='resume': the keys this command does not set take the values out_dir's checkpoint
+    was trained with (the learning rate, the batch, the data); the ones it sets win, and both kinds
+    of difference from the run's own values are printed."""
+    from checkpoint import saved_config
+    saved = saved_config(config['out_dir'])
+    if not saved:
+        return                                             # no checkpoint: the script says so
+    restored, changed = {}, {}
+    for k, v in saved.items():
+        if k in ('init_from', 'out_dir') or k not in valid or v == config[k]:
+            continue
+        if k in given:
+            changed[k] = v
+        else:
+            config[k] = restored[k] = _checked(k, v, defaults[k], valid, f"{config['out_dir']}'s checkpoint")
+    if verbose and (restored or changed):
+        print(f"resuming {config['out_dir']} with its own settings"
+              + (f": {', '.join(f'{k}={v!r}' for k, v in sorted(restored.items()))}" if restored else '')
+              + (f"; changed by this command: {', '.join(f'{k}={config[k]!r} (was {v!r})' for k, v in sorted(changed.items()))}"
+                 if changed else ''))
 
 
 def _key_comments(path):

@@ -149,6 +149,29 @@ def test_help_reads_a_config_block_indented_under_main(tmp_path, capsys):
     assert "--hf_dir=''\n      the folder" in out and 'not this one' not in out
 
 
+def test_a_resumed_run_takes_the_settings_it_was_trained_with(tmp_path, capsys):
+    """init_from='resume': keys this command does not set come from out_dir's checkpoint; those a
+    config file or --key=value sets win (also at the default's value), and both are printed; keys
+    the script no longer has are skipped; without a checkpoint nothing changes."""
+    import torch
+    out = tmp_path / 'run'
+    out.mkdir()
+    torch.save({'config': {'init_from': 'out/sft', 'out_dir': 'elsewhere', 'lr': 2e-5, 'n_steps': 6, 'flag': True,
+                           'betas': [0.8, 0.9], 'gone': 1}, 'model': {}}, out / 'ckpt.pt')
+    (tmp_path / 'cfg.py').write_text('lr = 1e-3\n')
+    ns = {**defaults(), 'init_from': 'scratch'}
+    cfg = configure(ns, [str(tmp_path / 'cfg.py'), '--init_from=resume', f'--out_dir={out}', '--flag=False'])
+    assert cfg['n_steps'] == 6 and cfg['betas'] == (0.8, 0.9)             # restored (a tuple, as its default)
+    assert cfg['lr'] == 1e-3 and cfg['flag'] is False                     # set by this command
+    assert cfg['init_from'] == 'resume' and cfg['out_dir'] == str(out) and 'gone' not in cfg
+    assert ns['n_steps'] == 6                                             # written back into the script
+    printed = capsys.readouterr().out
+    assert f"resuming {out} with its own settings: betas=(0.8, 0.9), n_steps=6; changed by this command: " \
+           "flag=False (was True), lr=0.001 (was 2e-05)" in printed
+    _, fresh = run(['--init_from=resume', f'--out_dir={tmp_path / "none"}'], {**defaults(), 'init_from': 'scratch'})
+    assert fresh['n_steps'] == 10                                         # no checkpoint: the defaults
+
+
 def test_a_run_prints_only_what_it_changed(capsys):
     configure(defaults(), ['--n_steps=20', '--lr=3e-4'])              # lr given its default: not a change
     assert capsys.readouterr().out == 'config, changed from the defaults: n_steps=20\n'

@@ -524,8 +524,11 @@ def test_reward_and_dpo_resume_continue_exactly(planted, script):
     args = ['--init_from=base', '--prefs_dir=planted', '--eval_interval=4', '--lr_decay_iters=8', *extra, *COMMON]
     run_script(script, f'--out_dir={name}_straight', *args, '--max_iters=8', cwd=planted)
     run_script(script, f'--out_dir={name}_split', *args, '--max_iters=4', cwd=planted)
-    p = run_script(script, f'--out_dir={name}_split', *args, '--max_iters=8', '--init_from=resume',
+    # the resume names only what changes: every other setting is the run's own, from its checkpoint
+    p = run_script(script, f'--out_dir={name}_split', '--max_iters=8', '--init_from=resume',
                    *(['--score_reread=False'] if script == 'reward.py' else []), cwd=planted)
+    assert f'resuming {name}_split with its own settings: ' in p.stdout and "prefs_dir='planted'" in p.stdout
+    assert 'changed by this command: max_iters=8 (was 4)' in p.stdout
     if script == 'reward.py':   # how the score is read is the checkpoint's: said, and saved
         assert "keeps its score_pooling='last', score_reread=True" in p.stdout
         assert load_checkpoint(str(planted / f'{name}_split'))['config']['score_reread'] is True
