@@ -119,6 +119,44 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, mininterval=1 if sys.stderr.isatty() else 30, **kwargs)
 
 
+class PrintsAboveBar:
+    """sys.stdout while a training loop's progress bar is drawn: each complete line a print() writes
+    (a stage's sample answer, a line a researcher adds to the loop) goes out above the bar, which is
+    cleared first and drawn again after, instead of running on from the bar's line (a log file holds
+    both streams). Partial lines wait for their newline; close() writes what is left and puts the
+    real stdout back."""
+
+    def __init__(self, bar, stdout):
+        self.bar, self.stdout, self.pending = bar, stdout, ''
+
+    def write(self, text):
+        self.pending += text
+        if '\n' in self.pending:
+            lines, _, self.pending = self.pending.rpartition('\n')
+            sys.stdout = self.stdout            # tqdm clears the bars drawn on the real stdout / stderr
+            try:
+                with self.bar.external_write_mode():
+                    self.stdout.write(lines + '\n')
+                    self.stdout.flush()
+            finally:
+                sys.stdout = self
+        return len(text)
+
+    def flush(self):
+        self.stdout.flush()
+
+    def close(self):
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if self.pending:
+            self.stdout.write(self.pending)
+            self.pending = ''
+        self.stdout.flush()
+
+    def __getattr__(self, name):                 # isatty, encoding, fileno, ...: the real stream's
+        return getattr(self.stdout, name)
+
+
 _PYPLOT = []
 
 

@@ -57,7 +57,7 @@ from model import MoE, ScalarModel
 from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
 import parallel
 from quant import QuantExperts, QuantLinear
-from runlog import RunLog, progress
+from runlog import PrintsAboveBar, RunLog, progress
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
 
@@ -176,6 +176,10 @@ class Run:
         self.last_heatmap_step = self.step
         self.bar = progress(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
                             desc=stage)
+        # a print() in the loop (a sample answer, a line added to try something) goes above the bar
+        self.stdout = PrintsAboveBar(self.bar, sys.stdout) if rt.master else None
+        if self.stdout is not None:
+            sys.stdout = self.stdout
 
     # --- set-up ---------------------------------------------------------------------------------
     def on_interrupt(self, signum, frame):
@@ -468,8 +472,8 @@ class Run:
             metrics = evaluate(eval_model)
             self.raw.train()
             log.log(step, **metrics)
-            self.bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()
-                                                        if isinstance(v, float)))
+            print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()   # (above the bar)
+                                               if isinstance(v, float)))
             self.plot(plots)
             if self.expert_share is not None:
                 log.heatmap(self.expert_share / self.expert_share.sum(1, keepdim=True), 'expert_load.png',
@@ -513,6 +517,8 @@ class Run:
         the loss curve are. Closes the log."""
         c, rt = self.c, self.rt
         self.bar.close()
+        if self.stdout is not None:
+            self.stdout.close()
         if self.stop_requested and not self.diverged():
             self.log_file.close()
             if rt.master:

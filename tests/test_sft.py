@@ -279,6 +279,23 @@ def test_sft_lowers_the_response_loss(pipeline, batching):
     assert tok.vocab_size == 260 <= model.config.vocab_size == 320
 
 
+def test_sft_prints_its_sample_answers_above_the_progress_bar(pipeline):
+    """stdout and stderr in one file (as speedrun.sh's logs are): the sample answer sft.py prints
+    at each evaluation starts a line of its own, never the progress bar's (a print() in any
+    stage's loop goes above the bar, which is cleared first with a carriage return)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    with open(pipeline / 'sft_bar.log', 'w') as f:
+        subprocess.run([sys.executable, os.path.join(REPO, 'sft.py'), '--out_dir=sft_bar', *SFT, '--max_iters=4',
+                        '--eval_interval=2'], cwd=pipeline, stdout=f, stderr=subprocess.STDOUT,
+                       env=dict(os.environ, PYTHONUNBUFFERED='1'), check=True, timeout=300)
+    lines = [line.split('\r')[-1] for line in (pipeline / 'sft_bar.log').read_text().split('\n')]
+    prompts = [line for line in lines if 'prompt: ' in line]
+    assert len(prompts) == 3 and all(line.startswith('  prompt: ') for line in prompts), prompts
+    assert any(line.startswith('sft: 100%') for line in lines)            # the bar, drawn last, on its own line
+
+
 def test_sft_resume_continues_exactly(pipeline):
     run_script('sft.py', '--out_dir=a', *SFT, '--max_iters=8', '--lr_decay_iters=8', '--eval_interval=4', cwd=pipeline)
     run_script('sft.py', '--out_dir=b', *SFT, '--max_iters=4', '--lr_decay_iters=8', '--eval_interval=4', cwd=pipeline)

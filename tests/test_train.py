@@ -411,3 +411,4 @@ def test_eval_py_s_val_loss_is_train_py_s_though_the_chat_tokens_grow_the_vocabu
                '--device=cpu', f'--data_dir={byte_data}', cwd=tmp_path)
     ev = json.loads((tmp_path / 'v257' / 'eval.json').read_text())
     assert ev['val/loss'] == pytest.approx(trained, abs=1e-5)
+
