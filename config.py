@@ -217,8 +217,13 @@ def _help(namespace, defaults, model_config):
     """--help: the script's usage (the first paragraph of its docstring) and every key with its
     default and the comment beside it in the script (or in the model's config class)."""
     script = namespace.get('__file__') or 'SCRIPT.py'
-    doc = (namespace.get('__doc__') or '').strip().split('\n\n')[0]
+    paragraphs = (namespace.get('__doc__') or '').strip().split('\n\n')
+    doc = '\n\n'.join(paragraphs[:2] if paragraphs[0].endswith(':') else paragraphs[:1])   # (and what its ':' opens)
     comments = _key_comments(script)
+    # a key the script leaves without a comment but train.py describes (the optimizer, schedule,
+    # system and logging keys every stage shares, set 'as in train.py') gets train.py's comment
+    shared = _key_comments(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+    comments.update({k: shared[k] for k, text in comments.items() if not text and shared.get(k)})
     model_keys = []
     if model_config is not None:
         model_comments = _key_comments(sys.modules[model_config.__module__].__file__)

@@ -94,7 +94,7 @@ gen_batch_size = 64          # documents sampled together
 generate_only = False        # write the corpus and stop
 # task_dir: the instruction case
 eval_prompts = 64            # held-out prompts answered (greedy) at each evaluation
-max_new_tokens = 300
+max_new_tokens = 300         # the longest of those answers (tokens)
 # optimizer and schedule (as in train.py)
 optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
 learning_rate = 6e-4

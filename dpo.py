@@ -40,13 +40,13 @@ save_checkpoints = True
 eval_only = False
 gradient_accumulation_steps = 1
 # data and loss
-prefs_dir = 'data/prefs'
+prefs_dir = 'data/prefs'     # prefs_train.jsonl, prefs_val.jsonl (prepare/preferences.py)
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the task score
 beta = 0.1                   # strength of the KL constraint to the reference
 batch_size = 8               # pairs per micro-batch
 block_size = 0               # 0: the model's block_size
-eval_prompts = 64
-max_new_tokens = 300
+eval_prompts = 64            # held-out prompts answered (greedy) at each evaluation
+max_new_tokens = 300         # the longest of those answers (tokens)
 dropout = 0.0
 # optimizer and schedule (as in train.py)
 optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'

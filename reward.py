@@ -68,8 +68,8 @@ batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, e
                              # answers, not the preference (InstructGPT, Ouyang et al. 2022, 3.5)
 block_size = 0               # 0: the model's block_size
 n_fresh = 128                # fresh samples (SFT model, held-out prompts) for the rank correlation
-fresh_temperature = 1.0
-max_new_tokens = 300
+fresh_temperature = 1.0      # the fresh samples' temperature
+max_new_tokens = 300         # the longest fresh sample (tokens)
 dropout = 0.0
 # optimizer and schedule (as in train.py)
 optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'

@@ -58,14 +58,15 @@ curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
 word_loss_weight = 1.0       # loss weight of the tokens where an answer first uses a required word
                              # (records with 'words'); 1: every response token alike. On the story task
-                             # (speedrun.sh, H100; each step one card, the base model shared) all words
-                             # went from 23.8% at 1 to 71.1% at 5, 71.5% to 87.5% at 10, and 82.8% to 91.0%
-                             # at 20 (the profile's), within 0.015 bits per byte (docs/results.md)
+                             # (speedrun.sh on an H100), the share of greedy answers that use all their
+                             # required words, two weights compared within one run each: 1 -> 5: 23.8% ->
+                             # 71.1%; 5 -> 10: 71.5% -> 87.5%; 10 -> 20: 82.8% -> 91.0% (20: the profile's;
+                             # bits per byte within 0.015; docs/results.md)
 prompt_like_repeat = 1       # examples whose required words all come from task.py's word lists, as every
                              # held-out prompt's do, appear this many times in the training set
 eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation
-max_new_tokens = 300
-sample_temperature = 0.8
+max_new_tokens = 300         # the longest of those answers (tokens)
+sample_temperature = 0.8     # the sampled answers' temperature
 dropout = 0.0
 # optimizer and schedule (as in train.py)
 optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'

@@ -32,7 +32,7 @@ from training import Run
 
 # -----------------------------------------------------------------------------
 # I/O
-out_dir = 'out/run'
+out_dir = 'out/run'            # where ckpt.pt, log.jsonl and the plots go
 init_from = 'scratch'        # 'scratch' | 'resume' (continue out_dir) | 'out/RUN' (start from its weights)
 eval_interval = 250          # evaluate (and checkpoint) every N steps, and at the end
 eval_iters = 50              # batches per split per evaluation
@@ -46,25 +46,26 @@ prepare = ''                 # that script and its flags, e.g. 'tinystories.py -
 data_dir = ''                # an explicit folder (never prepared here); '' means data/<dataset>
 batch_size = 32              # sequences per micro-batch (per GPU)
 block_size = 256             # tokens per sequence
-gradient_accumulation_steps = 1
+gradient_accumulation_steps = 1  # micro-batches summed into one optimizer step
 # model: these two and every ModelConfig field (n_layer, attention, n_routed_experts, ...)
 vocab_size = 0               # 0: the dataset's vocabulary, padded up to a multiple of 64
-dropout = 0.0
+dropout = 0.0                # dropout probability (0: off, as in pretraining LLMs today)
 # optimizer
 optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip' (Muon + QK-Clip)
 learning_rate = 6e-4         # Muon's update is scaled to AdamW's RMS, so one rate serves both
-min_lr = 6e-5
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+min_lr = 6e-5                # the learning rate at the end of the decay
+weight_decay = 0.1           # decoupled weight decay of the matrices (linear weights, embeddings), not of
+                             # biases or norm gains
+beta1 = 0.9                  # AdamW's first-moment decay
+beta2 = 0.95                 # AdamW's second-moment decay
 grad_clip = 1.0              # clip the global gradient norm; 0 disables
-muon_momentum = 0.95
+muon_momentum = 0.95         # muon / muonclip: the momentum of the orthogonalized update
 qk_clip_tau = 100.0          # muonclip: heads whose max logit exceeds this are scaled back to it
 log_max_logit = False        # record and log the max attention logit per layer (on with muonclip)
 # schedule
 lr_schedule = 'cosine'       # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
-warmup_iters = 100
-max_iters = 5000
+warmup_iters = 100           # steps of linear warm-up from 0 to learning_rate
+max_iters = 5000             # optimizer steps in all
 lr_decay_iters = 0           # 0: max_iters
 decay_frac = 0.2             # wsd: the share of lr_decay_iters spent decaying
 # system
@@ -77,14 +78,14 @@ cuda_graph_train = False     # CUDA: capture the whole step (forward, backward, 
 fsdp = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 expert_parallel = 0          # under torchrun with N processes, N: each rank keeps 1/N of every MoE layer's
                              # routed experts, tokens travel to them by all_to_all (parallel.py); 0: off
-seed = 1337
+seed = 1337                  # the random seed: initialization, batch order, sampling
 peak_flops = 0.0             # MFU denominator in FLOP/s; 0: measure with a large matmul
 profile = ''                 # append torch.profiler tables of the 11th and 12th steps of this run to this file
 cuda_sync_check = False      # CUDA: warn, with a stack, at every host-device sync inside a step
 # logging
-tensorboard = False
+tensorboard = False          # also log to out_dir/tb (needs tensorboard)
 wandb_project = ''           # non-empty: log to this wandb project
-run_name = ''
+run_name = ''                # wandb's run name; '': wandb picks one
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig)
 # -----------------------------------------------------------------------------

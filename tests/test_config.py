@@ -149,6 +149,22 @@ def test_help_reads_a_config_block_indented_under_main(tmp_path, capsys):
     assert "--hf_dir=''\n      the folder" in out and 'not this one' not in out
 
 
+def test_help_borrows_train_pys_comments_and_shows_what_a_colon_opens(tmp_path, capsys):
+    """A key the script leaves without a comment gets train.py's (the keys every stage shares);
+    its own comment wins; a first paragraph ending in ':' is shown with the paragraph it opens."""
+    script = tmp_path / 'stage.py'
+    script.write_text('"""\nA stage. Each step:\n\n    step one\n\nMore.\n"""\n'
+                      'warmup_iters = 0\nmin_lr = 1e-5             # its own\n')
+    ns = {'__file__': str(script), '__doc__': '\nA stage. Each step:\n\n    step one\n\nMore.\n',
+          'warmup_iters': 0, 'min_lr': 1e-5}
+    with pytest.raises(SystemExit):
+        configure(ns, ['--help'])
+    out = capsys.readouterr().out
+    assert 'A stage. Each step:\n\n    step one\n' in out and 'More.' not in out
+    assert '--warmup_iters=0\n      steps of linear warm-up from 0 to learning_rate' in out
+    assert '--min_lr=1e-05\n      its own' in out
+
+
 def test_a_resumed_run_takes_the_settings_it_was_trained_with(tmp_path, capsys):
     """init_from='resume': keys this command does not set come from out_dir's checkpoint; those a
     config file or --key=value sets win (also at the default's value), and both are printed; keys
