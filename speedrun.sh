@@ -22,7 +22,9 @@
 # $ bash speedrun.sh --profile=gpu      # one GPU (H200): the real run, under 25 minutes
 # $ bash speedrun.sh --profile=gpu --stages=prepare,train      # some stages only (in this order)
 # Options: --profile=cpu|gpu, --out=FOLDER (default out/speedrun_<profile>), --stages=a,b,...,
-# --parallel=0|1 (stages that do not need each other's output side by side; the gpu profile's default)
+# --parallel=0|1 (stages that do not need each other's output side by side; the gpu profile's default),
+# --dry_run (print each stage's command, with this profile's settings, and run nothing: copy one to
+# run that stage alone, or to change it)
 # A stage's settings can be changed from the environment: <NAME>_EXTRA is appended to the settings
 # NAME (PREPARE, MODEL, SFT, PREFS, REWARD, DPO, PPO, GRPO, STUDENT, DISTILL, EVAL; in this script's
 # profiles below; the last value of a key wins), EVAL_RUNS names the runs eval evaluates, and
@@ -36,14 +38,16 @@ PROFILE=cpu
 STAGES=prepare,train,sft,prefs,reward,dpo,ppo,grpo,distill,eval,report
 OUT=''
 PARALLEL=''
+DRY_RUN=0
 for arg in "$@"; do
   case $arg in
     --profile=*) PROFILE=${arg#*=} ;;
     --stages=*) STAGES=${arg#*=} ;;
     --out=*) OUT=${arg#*=} ;;
     --parallel=0|--parallel=1) PARALLEL=${arg#*=} ;;
+    --dry_run) DRY_RUN=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;   # the header above
-    *) echo "error: unknown option '$arg'; valid: --profile=cpu|gpu --stages=a,b,... --out=FOLDER --parallel=0|1"; exit 2 ;;
+    *) echo "error: unknown option '$arg'; valid: --profile=cpu|gpu --stages=a,b,... --out=FOLDER --parallel=0|1 --dry_run"; exit 2 ;;
   esac
 done
 OUT=${OUT:-out/speedrun_$PROFILE}
@@ -172,7 +176,8 @@ for name in PREPARE MODEL SFT PREFS REWARD DPO PPO GRPO STUDENT DISTILL EVAL; do
 done
 
 DATA=$OUT/data TASK=$OUT/task PREFS_DIR=$OUT/prefs
-mkdir -p $OUT/logs
+[ $DRY_RUN = 1 ] && PARALLEL=0     # one stage after the other, in order: each command printed once
+[ $DRY_RUN = 1 ] || mkdir -p $OUT/logs
 stage_wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
 T_START=$SECONDS
 # this run's wall time, once, into wall.tsv (report.py adds the lines of a run stopped and started
@@ -181,12 +186,13 @@ wall_line() {
   [ -e $OUT/logs/wall.$$ ] || printf 'wall\t%s\n' $((SECONDS - T_START)) >> $OUT/wall.tsv
   touch $OUT/logs/wall.$$
 }
-trap 'wall_line; rm -f $OUT/logs/wall.$$' EXIT
+[ $DRY_RUN = 1 ] || trap 'wall_line; rm -f $OUT/logs/wall.$$' EXIT
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
 # times.tsv; skipped when it finished before: DONE_FILE exists and times.tsv has its line (a
 # stage stopped midway leaves a checkpoint, not the line: it runs again)
 run() {
   local name=$1 done=$2; shift 2
+  if [ $DRY_RUN = 1 ]; then echo "$name: $*"; return; fi
   if [ -e "$done" ] && grep -qs "^$name	" $OUT/times.tsv; then
     echo "$name: done before ($done), skipped; to run it again with the settings now, delete that folder or use --out="
     return
@@ -258,7 +264,8 @@ stage() {
     eval)    local cmds=(); for r in $EVAL_RUNS; do cmds+=("eval_run $r"); done
              if [ $PARALLEL = 1 ]; then together "${cmds[@]}"
              else for c in "${cmds[@]}"; do $c || return 1; done; fi ;;
-    report)  wall_line                   # this run's wall time so far, for the card
+    report)  if [ $DRY_RUN = 1 ]; then echo "report: python report.py --out=$OUT --profile=$PROFILE"; return; fi
+             wall_line                   # this run's wall time so far, for the card
              python report.py --out=$OUT --profile=$PROFILE ;;
     *) echo "error: unknown stage '$1'; valid: $VALID_STAGES"
        return 2 ;;
@@ -302,5 +309,6 @@ if [ $PARALLEL = 1 ]; then
 else
   for s in ${STAGES//,/ }; do stage $s || exit 1; done
 fi
+[ $DRY_RUN = 1 ] && exit 0
 if [ -e $OUT/report.md ]; then echo "speedrun: $((SECONDS - T_START)) s of wall time -> $OUT/report.md"
 else echo "speedrun: $((SECONDS - T_START)) s of wall time; no report card yet (--stages=report writes $OUT/report.md)"; fi

@@ -138,6 +138,22 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     (out / 'ppo' / 'log.jsonl').unlink()
 
 
+def test_speedrun_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path):
+    """--dry_run: one line per stage, NAME: its full command with the profile's settings and the
+    environment's <NAME>_EXTRA (what a stage run alone takes), in order; no folder is written."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--dry_run'], cwd=repo,
+                       env=dict(os.environ, DPO_EXTRA='--beta=0.2'), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    names = [line.split(':')[0] for line in p.stdout.splitlines()]
+    assert names[:5] == ['prepare', 'train', 'sft', 'prefs', 'reward'] and names[-1] == 'report'
+    assert {'dpo_seed1', 'ppo', 'grpo', 'student_scratch', 'student_distill', 'eval_sft'} <= set(names)
+    dpo = next(line for line in p.stdout.splitlines() if line.startswith('dpo_seed1: '))
+    assert f'python dpo.py --init_from={tmp_path}/run/sft ' in dpo
+    assert '--beta=0.2' in dpo and '--device=cpu' in dpo
+    assert not (tmp_path / 'run').exists()
+
+
 def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
     """A run of some stages only (here prepare) ends by saying where the card will be, not by
     pointing at a report.md it did not write."""
