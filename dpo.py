@@ -91,7 +91,7 @@ block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
 
-hint = 'run python prepare/preferences.py'
+hint = 'run python prepare/preferences.py --init_from=out/sft (or set prefs_dir=)'
 train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 prompts = read_prepared(task_dir, 'prompts_val.jsonl', ('prompt', 'words'),

@@ -133,7 +133,7 @@ if block_size > model.config.block_size:
     sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
 
 # --- data: each pair -> the chosen and the rejected sequence, and where each one ends -----------
-hint = 'run python prepare/preferences.py'
+hint = 'run python prepare/preferences.py --init_from=out/sft (or set prefs_dir=)'
 train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 if word_check_weight and not any(p.get('words') for p in train_pairs):

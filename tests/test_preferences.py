@@ -359,7 +359,8 @@ def test_bad_settings(planted):
     assert by.returncode != 0 and "batch_by='answer'; valid: pair, prompt" in by.stderr
     assert pooling.returncode != 0 and "score_pooling='max'; valid: last, last+mean" in pooling.stderr
     assert prefs.returncode != 0
-    assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py" in prefs.stderr
+    assert "'nowhere/prefs_train.jsonl' not found; run python prepare/preferences.py --init_from=out/sft (or set " \
+           "prefs_dir=)" in prefs.stderr
 
 
 def test_epochs_read_every_item_once_before_any_again_whatever_the_split_of_batches():
