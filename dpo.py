@@ -7,7 +7,8 @@ pairs (prepare/preferences.py) without a reward model.
 pi_c, pi_r: log-probabilities of the chosen / rejected response under the policy, summed over the
 response tokens only (prompt and padding masked); ref_c, ref_r: the same under the frozen
 reference (the SFT model), computed once before training. beta * (pi - ref) is the implicit
-reward; its margin and accuracy (chosen > rejected) are logged for training and held-out pairs,
+reward; its margin and accuracy (chosen > rejected; a tie counts half, so the untrained policy,
+equal to its reference, scores 0.5) are logged for training and held-out pairs,
 with the task score of greedy answers to held-out prompts. Schedule, optimizer, logging,
 checkpoints and resume work as in train.py (training.Run).
 
@@ -155,7 +156,7 @@ def evaluate(model):
         loss, r_c, r_r = dpo(pi_c, pi_r, ref_val[i:i + batch_size].to(rt.device))
         losses.append(loss.item() * len(r_c))
         margins += (r_c - r_r).tolist()
-        correct += (r_c > r_r).tolist()
+        correct += ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).tolist()   # a tie (as at step 0) counts half
     n = len(val_pairs)
     metrics = {'val/loss': sum(losses) / n, 'val/reward_margin': sum(margins) / n, 'val/accuracy': sum(correct) / n}
     if prompts:
@@ -191,7 +192,7 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
     # the implicit rewards of the last micro-batch's pairs (the loss is the whole step's)
-    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': (r_c > r_r).float().mean().detach(),
+    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().detach(),
                'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach()}
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break

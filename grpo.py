@@ -153,7 +153,7 @@ def make_rollout(r):
     adv, flat_groups = group_advantages(moments.normalize(scores) if normalize_reward else scores,
                                         group_size, scale_rewards)
     stats = {**rollout_stats(scores, parts, ro), 'zero_spread_groups': flat_groups.float().mean().item(),
-             'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item()}
+             'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item()}   # k1: can be < 0 (rl.evaluate_policy)
     extra.update(reward_moments=moments.state_dict())
     if rt.master and sample_every and r % sample_every == 0:
         append_samples(os.path.join(out_dir, 'samples.md'), f'rollout {r}', ('prompt', 'answer', 'reward', 'advantage'),

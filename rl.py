@@ -228,6 +228,9 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
                         cuda_graph=cuda_graph)
     lp = batched_logprobs(policy, ro['seq'], ro['mask'], autocast, temperature=temperature, vocab=tok.vocab_size)
     ref = batched_logprobs(reference, ro['seq'], ro['mask'], autocast, temperature=temperature, vocab=tok.vocab_size)
+    # the sequence KL(pi || ref) by the k1 estimator: the mean over sampled answers of their summed
+    # log-ratio. Unbiased, but one answer's can be below 0, so a mean over few can be too (the loss's
+    # k3 estimator, rl.kl_k3, is >= 0 per token)
     metrics['val/kl_ref'] = ((lp - ref) * ro['mask']).sum(1).mean().item()
     scores, parts = rewards(prompts, ro, autocast)
     metrics['val/reward_sampled'] = scores.mean().item()

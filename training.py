@@ -103,6 +103,12 @@ class Run:
             sys.exit(f"error: init_from=resume continues a {stage} run, but {c['out_dir']} holds a "
                      f"{resume['stage']} checkpoint: pick another out_dir, or start this stage from that "
                      f"checkpoint with init_from={c['out_dir']}")
+        if rt.master and 0 < c['max_iters'] <= c.get('warmup_iters', 0):    # short runs that would quietly do little
+            print(f"note: warmup_iters={c['warmup_iters']} >= max_iters={c['max_iters']}: the learning rate stays "
+                  f"in its warm-up, below learning_rate={c['learning_rate']} (set --warmup_iters= lower)")
+        if rt.master and 0 < c['max_iters'] < c.get('log_interval', 1):
+            print(f"note: log_interval={c['log_interval']} > max_iters={c['max_iters']}: no training line will be "
+                  f"logged, only the evaluations (set --log_interval= lower)")
         self.ep = c.get('expert_parallel', 0) > 1
         if self.ep:
             self.check_expert_parallel(model, also_train)

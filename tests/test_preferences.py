@@ -333,6 +333,7 @@ def test_dpo_starts_at_log_2_and_falls(planted):
     evals = [r for r in rows if 'val/loss' in r]
     train = [r['train/loss'] for r in rows if 'train/loss' in r]
     assert evals[0]['val/loss'] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference
+    assert evals[0]['val/accuracy'] == 0.5                                # every pair a tie: half right
     assert train[0] == pytest.approx(math.log(2), abs=1e-5)
     assert evals[-1]['val/loss'] < 0.6 and evals[-1]['val/accuracy'] > 0.8   # from log 2 = 0.693
     last_train = [r for r in rows if 'train/loss' in r][-1]

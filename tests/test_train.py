@@ -412,3 +412,18 @@ def test_eval_py_s_val_loss_is_train_py_s_though_the_chat_tokens_grow_the_vocabu
     ev = json.loads((tmp_path / 'v257' / 'eval.json').read_text())
     assert ev['val/loss'] == pytest.approx(trained, abs=1e-5)
 
+
+
+def test_a_run_too_short_for_its_warmup_or_its_log_interval_says_so(tmp_path, byte_data):
+    """A few-step trial run with the defaults would train at a fraction of its learning rate and
+    log no training line; both are said at the start (and nothing when the settings fit)."""
+    short, logless, fitting = run_script_many('train.py', [
+        [f'--data_dir={byte_data}', '--out_dir=a', *TINY_MODEL, '--max_iters=2', '--eval_interval=2'],
+        [f'--data_dir={byte_data}', '--out_dir=b', *TINY_MODEL, '--max_iters=2', '--eval_interval=2',
+         '--warmup_iters=0', '--log_interval=5'],
+        [f'--data_dir={byte_data}', '--out_dir=c', *TINY_MODEL, '--max_iters=2', '--eval_interval=2',
+         '--warmup_iters=1']], cwd=tmp_path)
+    assert 'note: warmup_iters=100 >= max_iters=2: the learning rate stays in its warm-up' in short.stdout
+    assert 'note: log_interval' not in short.stdout                       # TINY_MODEL logs every step
+    assert 'note: log_interval=5 > max_iters=2: no training line will be logged' in logless.stdout
+    assert 'warmup_iters=0 >=' not in logless.stdout and 'note: warmup' not in fitting.stdout
