@@ -12,7 +12,7 @@ unknown key or a value of the wrong type is an error that names the key and list
 ones. The resolved values are written back into the script's globals and returned as a dict
 (the checkpoint stores it). With init_from='resume', every key that no config file and no
 --key=value sets takes the value the run was trained with, from out_dir's checkpoint, so that a
-resumed run continues with its own settings.
+resumed run continues with its own settings (not those of RUN_ENVIRONMENT, nor the model's).
 """
 
 import ast
@@ -24,6 +24,13 @@ from dataclasses import fields
 
 
 _CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
+# what a resume does not take from the checkpoint: how this process runs, which may differ from the
+# first run's (the device and precision; fsdp / expert_parallel under another number of processes,
+# which the resume reshards to; compilation, graphs, profiling, logging), and what only a run's
+# start reads (init_embedding)
+RUN_ENVIRONMENT = {'init_from', 'out_dir', 'device', 'dtype', 'fsdp', 'expert_parallel', 'compile', 'compile_mode',
+                   'cuda_graph', 'cuda_graph_train', 'profile', 'cuda_sync_check', 'peak_flops', 'eval_only',
+                   'tensorboard', 'wandb_project', 'run_name', 'init_embedding'}
 
 
 def _config_keys(namespace):
@@ -123,7 +130,9 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
                 sys.exit(f"error: config file '{arg}' not found")
             scope = dict(config)
             with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), scope)
+                source = f.read()
+            exec(compile(source, arg, 'exec'), scope)
+            given |= _assigned_names(source) & valid           # also where it assigns the value in effect
             for k, v in scope.items():
                 if k.startswith('_') or k.isupper() or not isinstance(v, _CONFIG_TYPES):
                     continue                               # imports, helpers, constants, private
@@ -146,7 +155,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
             config[key] = _checked(key, value, defaults[key], valid, f'--{key}', current)
             given.add(key)
     if config.get('init_from') == 'resume' and isinstance(config.get('out_dir'), str):
-        _resume_settings(config, defaults, valid, given, verbose and int(os.environ.get('RANK', 0)) == 0)
+        model_keys = {f.name for f in fields(model_config)} if model_config is not None else set()
+        _resume_settings(config, defaults, valid - model_keys, given, verbose and int(os.environ.get('RANK', 0)) == 0)
 
     namespace.update(config)
     if verbose and int(os.environ.get('RANK', 0)) == 0:
@@ -157,17 +167,30 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     return config
 
 
+def _assigned_names(source):
+    """The names a config file assigns at its top level (x = ..., x += ..., x: int = ...)."""
+    names = set()
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
 def _resume_settings(config, defaults, valid, given, verbose):
-    """init_from='resume': the keys this command does not set take the values out_dir's checkpoint
-    was trained with (the learning rate, the batch, the data); the ones it sets win, and both kinds
-    of difference from the run's own values are printed."""
+    """init_from='resume': the keys in `valid` this command does not set take the values out_dir's
+    checkpoint was trained with (the learning rate, the batch, the data), except RUN_ENVIRONMENT's;
+    the ones it sets win, and both kinds of difference from the run's own values are printed. (The
+    model's keys are left out of `valid`: the scripts build a resumed model from the checkpoint's own
+    model_config.)"""
     from checkpoint import saved_config
     saved = saved_config(config['out_dir'])
     if not saved:
         return                                             # no checkpoint: the script says so
     restored, changed = {}, {}
     for k, v in saved.items():
-        if k in ('init_from', 'out_dir') or k not in valid or v == config[k]:
+        if k in RUN_ENVIRONMENT or k not in valid or v == config[k]:
             continue
         if k in given:
             changed[k] = v
@@ -220,10 +243,12 @@ def _help(namespace, defaults, model_config):
     paragraphs = (namespace.get('__doc__') or '').strip().split('\n\n')
     doc = '\n\n'.join(paragraphs[:2] if paragraphs[0].endswith(':') else paragraphs[:1])   # (and what its ':' opens)
     comments = _key_comments(script)
-    # a key the script leaves without a comment but train.py describes (the optimizer, schedule,
-    # system and logging keys every stage shares, set 'as in train.py') gets train.py's comment
-    shared = _key_comments(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
-    comments.update({k: shared[k] for k, text in comments.items() if not text and shared.get(k)})
+    # in a training stage (it has a learning rate and a step count), a key the script leaves without
+    # a comment but train.py describes (the optimizer, schedule, system and logging keys every stage
+    # shares, set 'as in train.py') gets train.py's comment
+    if {'learning_rate', 'max_iters'} <= set(defaults):
+        shared = _key_comments(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+        comments.update({k: shared[k] for k, text in comments.items() if not text and shared.get(k)})
     model_keys = []
     if model_config is not None:
         model_comments = _key_comments(sys.modules[model_config.__module__].__file__)

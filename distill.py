@@ -133,7 +133,7 @@ problems = [msg for bad, msg in [
     (top_k_logits < 0, f'top_k_logits={top_k_logits} must be >= 0 (0: the full vocabulary)'),
     (num_samples < 1, f'num_samples={num_samples} must be at least 1'),
     (init_embedding not in ('random', 'teacher'), f"init_embedding='{init_embedding}'; valid: random, teacher"),
-    (init_embedding == 'teacher' and init_from != 'scratch',
+    (init_embedding == 'teacher' and init_from not in ('scratch', 'resume'),     # (a resumed run's own: kept)
      f"init_embedding='teacher' initialises a scratch student; init_from='{init_from}' already has its weights"),
     (sample_temperature < 0, f'sample_temperature={sample_temperature} must be >= 0 (0: greedy)'),
     (sample_top_k < 0 or sample_length < 0, 'sample_top_k and sample_length must be >= 0 (0: off / auto)'),

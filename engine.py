@@ -401,7 +401,8 @@ class Engine:
             raise ValueError('compile_step fuses the fixed-shape steps: it needs cuda_graph=True')
         self.static_forward = torch.compile(static_forward) if compile_step else static_forward
         if compile_step:     # the buckets may need more recompilations than dynamo's default limit, 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            name = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))   # (torch < 2.7)
         self.pool = BlockPool(model.config, n_blocks, tokens_per_block)
         self.device = next(model.parameters()).device
         self.waiting, self.running = [], []

@@ -133,13 +133,9 @@ class PrintsAboveBar:
         self.pending += text
         if '\n' in self.pending:
             lines, _, self.pending = self.pending.rpartition('\n')
-            sys.stdout = self.stdout            # tqdm clears the bars drawn on the real stdout / stderr
-            try:
-                with self.bar.external_write_mode():
-                    self.stdout.write(lines + '\n')
-                    self.stdout.flush()
-            finally:
-                sys.stdout = self
+            with self.bar.external_write_mode(file=sys.stderr):     # clears the bars drawn on stderr
+                self.stdout.write(lines + '\n')
+                self.stdout.flush()
         return len(text)
 
     def flush(self):
@@ -154,6 +150,8 @@ class PrintsAboveBar:
         self.stdout.flush()
 
     def __getattr__(self, name):                 # isatty, encoding, fileno, ...: the real stream's
+        if name == 'stdout':                     # (not set yet: copy.copy, pickle)
+            raise AttributeError(name)
         return getattr(self.stdout, name)
 
 

@@ -177,6 +177,8 @@ done
 
 DATA=$OUT/data TASK=$OUT/task PREFS_DIR=$OUT/prefs
 [ $DRY_RUN = 1 ] && PARALLEL=0     # one stage after the other, in order: each command printed once
+[ $DRY_RUN = 1 ] && echo "export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=$TORCHINDUCTOR_COALESCE_TILING_ANALYSIS \
+TORCHDYNAMO_SUPPRESS_ERRORS=$TORCHDYNAMO_SUPPRESS_ERRORS     # the environment the stages run in"
 [ $DRY_RUN = 1 ] || mkdir -p $OUT/logs
 stage_wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
 T_START=$SECONDS

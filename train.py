@@ -189,7 +189,7 @@ def evaluate(model):
     for each held-out split (val, and e.g. val_tinystories) also bits per byte, nats per token /
     ln 2 / bytes per token, which compares across tokenizers; val perplexity."""
     splits = ['train'] + data.val_splits
-    run.bar.write(f'evaluating: {eval_iters} batches of {batch_size} x {block_size} tokens on each of {", ".join(splits)}')
+    print(f'evaluating: {eval_iters} batches of {batch_size} x {block_size} tokens on each of {", ".join(splits)}')
     out = {}
     for split in splits:
         losses = torch.zeros(eval_iters)

@@ -149,43 +149,55 @@ def test_help_reads_a_config_block_indented_under_main(tmp_path, capsys):
     assert "--hf_dir=''\n      the folder" in out and 'not this one' not in out
 
 
-def test_help_borrows_train_pys_comments_and_shows_what_a_colon_opens(tmp_path, capsys):
-    """A key the script leaves without a comment gets train.py's (the keys every stage shares);
-    its own comment wins; a first paragraph ending in ':' is shown with the paragraph it opens."""
+def test_help_borrows_train_pys_comments_in_a_stage_and_shows_what_a_colon_opens(tmp_path, capsys):
+    """In a training stage (a learning rate and a step count), a key the script leaves without a
+    comment gets train.py's (the keys every stage shares); its own comment wins; a tool that trains
+    nothing borrows none (its out_dir is no run folder). A first paragraph ending in ':' is shown
+    with the paragraph it opens."""
     script = tmp_path / 'stage.py'
     script.write_text('"""\nA stage. Each step:\n\n    step one\n\nMore.\n"""\n'
-                      'warmup_iters = 0\nmin_lr = 1e-5             # its own\n')
+                      "out_dir = 'x'\nwarmup_iters = 0\nmin_lr = 1e-5             # its own\n"
+                      'learning_rate = 0.1\nmax_iters = 5\n')
     ns = {'__file__': str(script), '__doc__': '\nA stage. Each step:\n\n    step one\n\nMore.\n',
-          'warmup_iters': 0, 'min_lr': 1e-5}
+          'out_dir': 'x', 'warmup_iters': 0, 'min_lr': 1e-5, 'learning_rate': 0.1, 'max_iters': 5}
     with pytest.raises(SystemExit):
         configure(ns, ['--help'])
     out = capsys.readouterr().out
     assert 'A stage. Each step:\n\n    step one\n' in out and 'More.' not in out
     assert '--warmup_iters=0\n      steps of linear warm-up from 0 to learning_rate' in out
     assert '--min_lr=1e-05\n      its own' in out
+    tool = {k: v for k, v in ns.items() if k not in ('learning_rate', 'max_iters')}
+    with pytest.raises(SystemExit):
+        configure(tool, ['--help'])
+    assert "--out_dir='x'\n  --warmup_iters=0\n" in capsys.readouterr().out
 
 
 def test_a_resumed_run_takes_the_settings_it_was_trained_with(tmp_path, capsys):
     """init_from='resume': keys this command does not set come from out_dir's checkpoint; those a
-    config file or --key=value sets win (also at the default's value), and both are printed; keys
-    the script no longer has are skipped; without a checkpoint nothing changes."""
+    config file assigns (also to the value in effect) or --key=value sets win, and both are printed;
+    how this process runs (device, fsdp, ...) and the model's keys stay this command's; keys the
+    script no longer has are skipped; without a checkpoint nothing changes."""
     import torch
     out = tmp_path / 'run'
     out.mkdir()
     torch.save({'config': {'init_from': 'out/sft', 'out_dir': 'elsewhere', 'lr': 2e-5, 'n_steps': 6, 'flag': True,
-                           'betas': [0.8, 0.9], 'gone': 1}, 'model': {}}, out / 'ckpt.pt')
-    (tmp_path / 'cfg.py').write_text('lr = 1e-3\n')
-    ns = {**defaults(), 'init_from': 'scratch'}
-    cfg = configure(ns, [str(tmp_path / 'cfg.py'), '--init_from=resume', f'--out_dir={out}', '--flag=False'])
-    assert cfg['n_steps'] == 6 and cfg['betas'] == (0.8, 0.9)             # restored (a tuple, as its default)
-    assert cfg['lr'] == 1e-3 and cfg['flag'] is False                     # set by this command
+                           'betas': [0.8, 0.9], 'gone': 1, 'device': 'cuda', 'fsdp': True, 'n_layer': 8},
+                'model': {}}, out / 'ckpt.pt')
+    (tmp_path / 'cfg.py').write_text('lr = 1e-3\nn_steps = 10\n')          # n_steps: the default's value
+    ns = {**defaults(), 'init_from': 'scratch', 'device': 'auto', 'fsdp': False}
+    cfg = configure(ns, [str(tmp_path / 'cfg.py'), '--init_from=resume', f'--out_dir={out}', '--flag=False'],
+                    model_config=ModelConfig)
+    assert cfg['betas'] == (0.8, 0.9)                                     # restored (a tuple, as its default)
+    assert cfg['lr'] == 1e-3 and cfg['n_steps'] == 10 and cfg['flag'] is False   # set by this command
+    assert cfg['device'] == 'auto' and cfg['fsdp'] is False               # this process's own
+    assert cfg['n_layer'] == ModelConfig().n_layer                        # the model: the checkpoint's config
     assert cfg['init_from'] == 'resume' and cfg['out_dir'] == str(out) and 'gone' not in cfg
-    assert ns['n_steps'] == 6                                             # written back into the script
+    assert ns['betas'] == (0.8, 0.9)                                      # written back into the script
     printed = capsys.readouterr().out
-    assert f"resuming {out} with its own settings: betas=(0.8, 0.9), n_steps=6; changed by this command: " \
-           "flag=False (was True), lr=0.001 (was 2e-05)" in printed
+    assert f"resuming {out} with its own settings: betas=(0.8, 0.9); changed by this command: flag=False " \
+           "(was True), lr=0.001 (was 2e-05), n_steps=10 (was 6)" in printed
     _, fresh = run(['--init_from=resume', f'--out_dir={tmp_path / "none"}'], {**defaults(), 'init_from': 'scratch'})
-    assert fresh['n_steps'] == 10                                         # no checkpoint: the defaults
+    assert fresh['n_steps'] == 10 and fresh['lr'] == 3e-4                 # no checkpoint: the defaults
 
 
 def test_a_run_prints_only_what_it_changed(capsys):

@@ -216,7 +216,8 @@ def test_a_longer_student_checkpoint_trains_at_the_teachers_length(tiny):
 
 def test_resume_continues_exactly(tiny):
     args = ['--alpha=0.5', '--temperature=2.0', '--top_k_logits=16', '--dropout=0.1', '--lr_decay_iters=8',
-            '--eval_interval=4', '--gradient_accumulation_steps=2']
+            '--eval_interval=4', '--gradient_accumulation_steps=2', '--init_embedding=teacher']   # (as Ctrl-C's
+    # resume command repeats it: a start-only setting, kept by the resumed run)
     distill(tiny, 'straight', '--max_iters=8', *args)
     distill(tiny, 'split', '--max_iters=4', *args)
     distill(tiny, 'split', '--max_iters=8', '--init_from=resume', '--teacher=', *args)   # teacher from ckpt

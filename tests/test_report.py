@@ -145,7 +145,9 @@ def test_speedrun_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path):
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--dry_run'], cwd=repo,
                        env=dict(os.environ, DPO_EXTRA='--beta=0.2'), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
-    names = [line.split(':')[0] for line in p.stdout.splitlines()]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith('export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 ')   # as the stages run
+    names = [line.split(':')[0] for line in lines[1:]]
     assert names[:5] == ['prepare', 'train', 'sft', 'prefs', 'reward'] and names[-1] == 'report'
     assert {'dpo_seed1', 'ppo', 'grpo', 'student_scratch', 'student_distill', 'eval_sft'} <= set(names)
     dpo = next(line for line in p.stdout.splitlines() if line.startswith('dpo_seed1: '))
