@@ -433,13 +433,18 @@ class Run:
                 row['peak_mem_gb'] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
             if self.expert_load is not None:
                 # load imbalance per MoE layer: the busiest expert's tokens over the mean (1 = even)
+                # (a layer no token reached since the last line is left out, as null: the MTP module's
+                # MoE layer in the stages that do not run it)
                 load = self.expert_load
+                used = load.sum(1) > 0
                 imbalance = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
-                row['moe/max_imbalance'] = max(imbalance)
+                imbalance = [round(v, 3) if u else None for v, u in zip(imbalance, used.tolist())]
                 # coefficient of variation of the tokens per expert (std / mean; 0 = even), mean over layers
                 cv = load.float().std(1, unbiased=False) / load.float().mean(1).clamp(min=1e-9)
-                row['moe/load_cv'] = cv.mean().item()
-                row['moe/imbalance'] = [round(v, 3) for v in imbalance]
+                if used.any():
+                    row['moe/max_imbalance'] = max(v for v in imbalance if v is not None)
+                    row['moe/load_cv'] = cv[used].mean().item()
+                row['moe/imbalance'] = imbalance
                 share = (load / load.sum(1, keepdim=True).clamp(min=1)).cpu()
                 self.expert_share = share if self.expert_share is None else self.expert_share + share
             if self.logit_max is not None:

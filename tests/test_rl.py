@@ -287,6 +287,25 @@ def test_grpo_raises_a_toy_reward(sft_pipeline):
     assert len(evals) == 3 and evals[-1]['val/kl_ref'] > 0 and 'task/score_greedy' in evals[-1]
 
 
+def test_grpo_of_an_mtp_model_logs_the_balance_of_the_moe_layers_it_runs(pipeline):
+    """GRPO runs the main model alone: the MTP module's MoE layer routes no token, and is logged as
+    null in moe/imbalance, out of moe/max_imbalance and moe/load_cv (which an idle layer's 0 would
+    pull down), not as a layer of perfect balance."""
+    from conftest import TINY_MODEL
+    moe = ['--n_routed_experts=4', '--num_experts_per_tok=2', '--moe_intermediate_size=16', '--first_k_dense_replace=1',
+           '--mtp_depth=1', '--pos_emb=rope']
+    run_script('train.py', '--data_dir=data', '--out_dir=base_moe', *TINY_MODEL, *moe, '--block_size=256',
+               '--max_iters=4', '--eval_interval=4', cwd=pipeline)
+    run_script('grpo.py', '--out_dir=grpo_moe', *TOY, '--init_from=base_moe', '--rollout_prompts=2', '--group_size=2',
+               '--minibatch_size=4', '--max_iters=2', '--eval_interval=2', '--eval_prompts=0', cwd=pipeline)
+    _, rows = rewards_logged(pipeline / 'grpo_moe')
+    steps = [r for r in rows if 'moe/imbalance' in r]
+    assert len(steps) == 2
+    for r in steps:                                    # layer 1's MoE, then the MTP module's
+        assert r['moe/imbalance'][0] >= 1 and r['moe/imbalance'][1] is None
+        assert r['moe/max_imbalance'] == r['moe/imbalance'][0] and r['moe/load_cv'] > 0
+
+
 def test_ppo_resume_continues_exactly(pipeline):
     args = [*TOY, '--rollout_prompts=8', '--minibatch_size=4', '--ppo_epochs=1', '--eval_interval=2',
             '--log_interval=1', '--lr_decay_iters=4']               # rollouts of 2 updates each
