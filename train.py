@@ -117,6 +117,8 @@ if not os.path.exists(os.path.join(data_dir, 'meta.json')):
     if rt.ddp:
         torch.distributed.barrier()
 data = TokenData(data_dir)
+if not own_data_dir and rt.master:            # (a config file's dataset= would otherwise seem to be the data)
+    print(f"data: {data_dir} (data_dir is given, so dataset='{dataset}' and prepare= are not read)")
 tok_spec = load_tokenizer_spec(data.meta['tokenizer'], data_dir)
 for split in data.lengths:     # checked before any work (data.batch would only fail at its first batch)
     if data.lengths[split] <= block_size + 1:

@@ -424,6 +424,7 @@ def test_a_run_too_short_for_its_warmup_or_its_log_interval_says_so(tmp_path, by
         [f'--data_dir={byte_data}', '--out_dir=c', *TINY_MODEL, '--max_iters=2', '--eval_interval=2',
          '--warmup_iters=1']], cwd=tmp_path)
     assert 'note: warmup_iters=100 >= max_iters=2: the learning rate stays in its warm-up' in short.stdout
+    assert f"data: {byte_data} (data_dir is given, so dataset='tinystories' and prepare= are not read)" in short.stdout
     assert 'note: log_interval' not in short.stdout                       # TINY_MODEL logs every step
     assert 'note: log_interval=5 > max_iters=2: no training line will be logged' in logless.stdout
     assert 'warmup_iters=0 >=' not in logless.stdout and 'note: warmup' not in fitting.stdout
