@@ -68,9 +68,9 @@ class ModelConfig:
     # --- positions -------------------------------------------------------------------------
     pos_emb: str = 'learned'           # 'learned' | 'sinusoidal' | 'rope' | 'none'
     rope_theta: float = 10000.0
-    # None, or a dict as in DeepSeek-V3's config: {'type': 'linear' | 'dynamic' | 'yarn',
-    # 'factor', 'original_max_position_embeddings', and for yarn 'beta_fast', 'beta_slow',
-    # 'mscale', 'mscale_all_dim'}
+    # None, or a dict as in DeepSeek-V3's config: {'type' (or 'rope_type'): 'default' | 'linear' |
+    # 'dynamic' | 'yarn', 'factor', 'original_max_position_embeddings', and for yarn 'beta_fast',
+    # 'beta_slow', 'mscale', 'mscale_all_dim', optionally 'attention_factor'}
     rope_scaling: Optional[dict] = None
     # --- norm and MLP ----------------------------------------------------------------------
     norm: str = 'layernorm'            # 'layernorm' | 'rmsnorm'
@@ -305,7 +305,9 @@ def yarn_inv_freq(dim, base, factor, original_max, beta_fast=32, beta_slow=1):
     Frequency i keeps its original value where it turns more than beta_fast times over the
     original context (high frequencies: extrapolate), is divided by `factor` where it turns less
     than beta_slow times (low frequencies: interpolate), and blends linearly in between."""
-    def correction_dim(n_rotations):      # the dim index whose wavelength fits n_rotations
+    def correction_dim(n_rotations):
+        # the pair index i (0..dim/2-1) of theta_i = base^(-2i/dim) that turns n_rotations times over
+        # the original context L0: L0 theta_i / (2 pi) = n  =>  i = dim ln(L0 / (2 pi n)) / (2 ln base)
         return dim * math.log(original_max / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
     low = max(math.floor(correction_dim(beta_fast)), 0)
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
@@ -314,6 +316,7 @@ def yarn_inv_freq(dim, base, factor, original_max, beta_fast=32, beta_slow=1):
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp                # 1: keep the original frequency
     inv_freq = rope_inv_freq(dim, base)
+    # theta'_i = theta_i / factor * ramp_i + theta_i * (1 - ramp_i), ramp_i = clamp((i - low) / (high - low), 0, 1);
     # (1 - extrapolate) rather than ramp: the reference's rounding, bit for bit
     return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
 
@@ -378,6 +381,8 @@ class RotaryEmbedding(nn.Module):
             if positions.dim() == 2:
                 inv_freq = inv_freq[:, None, :]                              # (B, 1, dim/2)
         angles = positions.float()[..., None] * inv_freq           # p * theta_i
+        # q and k both carry attention_factor (YaRN's sqrt(1/t)), so the RoPE part of q.k is scaled
+        # by its square; MLA's nope part is not, hence DeepSeek's mscale_all_dim in softmax_scale
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
@@ -500,6 +505,8 @@ class MLAttention(nn.Module):
         B, T, _ = x.shape
         H = self.n_head
         # x's two projections (queries, or their low-rank part; the latent and RoPE key), one GEMM when fused
+        # q: (B, T, H*Dqk), or (B, T, q_lora_rank) before q_b_proj; ckv: (B, T, r+Dr) = [W_dkv x ; W_kr x],
+        # not yet normed or rotated
         q, ckv = fast_paths.fused_linear(x, [self.q_a_proj if self.low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
         if self.low_rank_q:
             q = self.q_b_proj(self.q_a_layernorm(q))
@@ -517,6 +524,7 @@ class MLAttention(nn.Module):
         else:
             # the cache keeps [c ; k_rope] as one row per token, the absorbed attention's key: the
             # step joins its T new rows, never the L cached ones (and a paged cache gathers once)
+            # (from here ckv is the cache's rows [RMSNorm(c) ; RoPE(k_rope)] over all L keys)
             ckv = cache.update(self.layer_idx, 'latent_rope', torch.cat([c, k_rope], dim=-1), dim=1)  # (B, L, r+Dr)
             y = self.attend_absorbed(q_nope, q_rope, ckv, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
@@ -616,12 +624,14 @@ class Router(nn.Module):
         choice = scores + self.e_score_correction_bias                       # bias: selection only
         if self.n_group > 1:
             N = x.size(0)
-            grouped = choice.view(N, self.n_group, self.E // self.n_group)
-            if self.scoring_func == 'sigmoid':                               # (N, n_group)
+            grouped = choice.view(N, self.n_group, self.E // self.n_group)   # experts grouped by index
+            # a group's score G_g (N, n_group): the sum of its 2 largest choices (V3) | its largest (V2)
+            if self.scoring_func == 'sigmoid':
                 group_scores = grouped.topk(2, dim=-1).values.sum(-1)        # V3: its 2 best
             else:
                 group_scores = grouped.amax(-1)                              # V2: its best
             best = group_scores.topk(self.topk_group, dim=-1).indices
+            # (N, n_group) bool: the topk_group best groups; the other groups' experts -> -inf
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep[..., None], float('-inf')).view(N, self.E)
         indices = fast_paths.top_k_indices(choice, self.K)                      # (N, K): choice.topk
@@ -695,6 +705,8 @@ class MoE(nn.Module):
         self.E, self.K, I = config.n_routed_experts, config.num_experts_per_tok, config.expert_size
         self.router = Router(config)
         self.experts = Experts(self.E, config.n_embd, I, config.init_std)
+        # n_shared_experts always-on experts of width I as one MLP of width n_shared_experts * I
+        # (their hidden units side by side, their outputs summed by its down projection)
         self.shared_experts = MLP(config, hidden=I * config.n_shared_experts) \
             if config.n_shared_experts else None
         self.impl, self.C, self.I = config.moe_impl, config.n_embd, I
@@ -972,10 +984,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True, segments=None,
                 counted=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss is wanted.
-        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is None
-        without targets. return_logits=False (with targets): logits is None, for a training
-        step that needs only the loss; under torch.compile a returned logits tensor is a graph
-        output whose gradient the backward must materialise, as zeros of (B, T, V) when unused.
+        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only and no targets
+        (last_only is ignored with targets); loss is None without targets. return_logits=False
+        (with targets): logits is None, for a training step that needs only the loss; under
+        torch.compile a returned logits tensor is a graph output whose gradient the backward must
+        materialise, as zeros of (B, T, V) when unused.
         With a KVCache (generate.py), idx are the tokens after what the cache holds.
         segments (B, T): rows that pack several examples (sft.py), each token numbered by its
         example: a token attends to its own example only, at positions counted from the example's
@@ -994,11 +1007,11 @@ class GPT(nn.Module):
         loss, parts = lm_loss, {'lm': lm_loss.detach()}
         if self.mtp and self.training and T > len(self.mtp):        # MTP is a training signal only
             mtp_loss, aux = self.mtp_loss(x, idx, targets, rope, segments, counted, fused)
-            loss = loss + c.mtp_loss_weight * mtp_loss
+            loss = loss + c.mtp_loss_weight * mtp_loss   # L = L_main + lambda * (1/D) sum_k L_MTP^k (V3 eq. 25)
             parts['mtp'] = mtp_loss.detach()
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        if aux_total is not None:
+        if aux_total is not None:        # + every MoE layer's alpha * L_Bal (the MTP blocks' not scaled by lambda)
             loss = loss + aux_total
             parts['aux'] = aux_total.detach()
         self.last_losses = parts
@@ -1017,10 +1030,11 @@ class GPT(nn.Module):
             rope_k = (rope[0][..., :Tk, :], rope[1][..., :Tk, :]) if rope is not None else None
             mask_k = (self.causal_mask(Tk, idx.device) if segments is None
                       else self.packed_mask(segments[:, :Tk])[1])
+            # h[:, i] for i < T - k: the previous depth's state at position i, beside Emb(t_{i+k}): (B, T-k, C)
             h, aux = module(h[:, :Tk], emb, rope_k, mask_k, None if counted is None else counted[:, :Tk])
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-            targets_k = targets[:, k:]
+            targets_k = targets[:, k:]                              # targets[:, i+k] = t_{i+k+1}: (B, T-k)
             if segments is not None:                                # t_{i+k} of another example: no loss
                 targets_k = targets_k.masked_fill(segments[:, :Tk] != segments[:, k:], -1)
             losses.append(self.head_loss(module.norm(h), targets_k, fused)[1])
