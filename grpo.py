@@ -15,8 +15,10 @@ $ python grpo.py --init_from=out/sft --reward=rule --out_dir=out/grpo
 
 max_iters, eval_interval, log_interval and warmup_iters count rollouts. Logs as ppo.py (reward,
 rule score, reward-model score, KL to the reference, clip fraction, entropy) plus the share of
-groups whose answers all scored the same (they carry no signal). Rewards, rollouts and the other
-pieces PPO uses too: rl.py.
+groups whose answers all scored the same (they carry no signal). The loss on the progress bar
+stays near 0 by construction (each group's advantages sum to 0, and the ratio starts at 1): watch
+train/reward and the held-out task score instead. Rewards, rollouts and the other pieces PPO
+uses too: rl.py.
 """
 
 import os
