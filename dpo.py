@@ -147,6 +147,12 @@ def dpo(pi_c, pi_r, ref):
     return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
 
 
+def right(r_c, r_r):
+    """Per pair, 1 where the implicit reward prefers the chosen answer, 0.5 for a tie (as at step 0,
+    where the policy is its reference), 0 otherwise: the mean is the accuracy."""
+    return (r_c > r_r).float() + 0.5 * (r_c == r_r).float()
+
+
 @torch.no_grad()
 def evaluate(model):
     losses, margins, correct = [], [], []
@@ -156,7 +162,7 @@ def evaluate(model):
         loss, r_c, r_r = dpo(pi_c, pi_r, ref_val[i:i + batch_size].to(rt.device))
         losses.append(loss.item() * len(r_c))
         margins += (r_c - r_r).tolist()
-        correct += ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).tolist()   # a tie (as at step 0) counts half
+        correct += right(r_c, r_r).tolist()
     n = len(val_pairs)
     metrics = {'val/loss': sum(losses) / n, 'val/reward_margin': sum(margins) / n, 'val/accuracy': sum(correct) / n}
     if prompts:
@@ -192,7 +198,7 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
     # the implicit rewards of the last micro-batch's pairs (the loss is the whole step's)
-    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().detach(),
+    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': right(r_c, r_r).mean().detach(),
                'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach()}
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break
