@@ -196,6 +196,8 @@ if 'reward' in stages:
     gaps = [f"{name} ({span}) {pct(m[f'val/accuracy_{name}'])} of {m[f'val/pairs_{name}']:,}"
             for name, (span, _, _) in GAP_BUCKETS.items() if f'val/accuracy_{name}' in m]
     by_kind += f"; by the gap between the two answers' rule scores: {', '.join(gaps)}" if gaps else ''
+    if m.get('val/word_check_accuracy') is not None:     # reward.py --word_check_weight: its checks of each word
+        by_kind += f"; the head's word checks right for {pct(m['val/word_check_accuracy'])} of the required words"
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
           f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}')

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 
 from conftest import run_script
-from task import score as rule_score
+from task import make_prompt, score as rule_score
 
 
 def test_report_card_rows_targets_samples_and_plots(pipeline):
@@ -21,9 +21,11 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     for name, src in (('base', 'base'), ('sft', 'sft_report'), ('data', 'data')):
         if not (out / name).exists():
             os.symlink(pipeline / src, out / name)
-    # a reward model on 20 external pairs (5 held out): its target row names how many pairs it saw
+    # a reward model on 20 external pairs (5 held out): its target row names how many pairs it saw,
+    # and how often its head's checks of the prompt's words were right (word_check_weight)
     words = ['cat', 'ran', 'home']        # (the words separate them most, and far: 1.0 against 0.4, a clear pair)
-    pairs = [{'prompt': f'Write a story number {i}.', 'chosen': 'The cat ran home.', 'rejected': 'cat cat cat',
+    pairs = [{'prompt': f'{make_prompt(words)} Use at most {5 * (i + 1)} sentences.', 'chosen': 'The cat ran home.',
+              'rejected': 'cat cat cat',
               'words': words, 'chosen_score': rule_score('The cat ran home.', words)['score'],
               'rejected_score': rule_score('cat cat cat', words)['score']} for i in range(20)]
     (pipeline / 'report_pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in pairs))
@@ -31,7 +33,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
                '--val_fraction=0.25', cwd=pipeline)
     run_script('reward.py', '--init_from=speedrun/sft', '--out_dir=speedrun/reward', '--prefs_dir=speedrun/prefs',
                '--task_dir=inst', '--max_iters=2', '--eval_interval=2', '--batch_size=4', '--n_fresh=2',
-               '--max_new_tokens=8', '--compile=False', '--device=cpu', '--peak_flops=1e12', cwd=pipeline)
+               '--max_new_tokens=8', '--compile=False', '--device=cpu', '--peak_flops=1e12', '--score_reread=True',
+               '--word_check_weight=1.0', cwd=pipeline)
     for name in ('base', 'sft'):
         run_script('eval.py', f'--out_dir=speedrun/{name}', '--task_dir=inst', '--eval_iters=2', '--n_prompts=3',
                    '--max_new_tokens=8', '--sample_tokens=6', '--device=cpu', cwd=pipeline)
@@ -85,7 +88,10 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         assert all(w in a['prompt'] for w in a['words']) and len(a['used']) == len(a['words'])
     assert 'reward.py val/accuracy at its last evaluation, on 5 held-out pairs (15 for training)' in md
     assert '; by the part of the rule that separates the pair most: words ' in md and '% of 5;' in md
-    assert "; by the gap between the two answers' rule scores: clear (>= 0.4) " in md and '% of 5 |' in md
+    assert "; by the gap between the two answers' rule scores: clear (>= 0.4) " in md and '% of 5;' in md
+    checked = [json.loads(line) for line in (out / 'reward' / 'log.jsonl').read_text().splitlines()][-1]
+    assert (f"; the head's word checks right for {100 * checked['val/word_check_accuracy']:.1f}% of the required "
+            'words |') in md
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
@@ -154,6 +160,51 @@ def test_speedrun_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path):
     assert f'python dpo.py --init_from={tmp_path}/run/sft ' in dpo
     assert '--beta=0.2' in dpo and '--device=cpu' in dpo
     assert not (tmp_path / 'run').exists()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# python for speedrun.sh's stages: logs when each stage script starts and ends, and writes the
+# files that mark it done; the distillation takes longer than the others; FAIL names a script that fails
+[ "$1" = -c ] && exec {python} "$@"
+script=$1; shift; out=''
+for a in "$@"; do case $a in --out_dir=*|--out=*) out=${{a#*=}} ;; esac; done
+echo "start $script $out" >> {log}
+[ "$script" = "$FAIL" ] && exit 1
+case $script in distill.py) sleep 4 ;; *) sleep 0.2 ;; esac
+mkdir -p $out && touch $out/ckpt.pt $out/meta.json $out/prefs_val.jsonl $out/eval.json $out/eval_fp0.5_pp0.json
+echo "end $script $out" >> {log}
+"""
+
+
+def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_path):
+    """--parallel=1: the distilled student starts with SFT and runs beside the post-training
+    phases (it needs only the base model, and only eval needs it), so it does not hold them up;
+    the eval phase waits for it. A phase that fails lets it finish, then the run stops."""
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / 'bin').mkdir()
+    fake = tmp_path / 'bin' / 'python'
+    log = tmp_path / 'stages.log'
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=log))
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--parallel=1'], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    events = [line.split()[:2] + [os.path.basename(line.split()[2])] for line in log.read_text().splitlines()]
+    at = {tuple(e): i for i, e in enumerate(events)}
+    assert at['start', 'distill.py', 'student_distill'] < at['start', 'sft.py', 'sft'] + 3       # with SFT
+    assert at['start', 'reward.py', 'reward'] < at['end', 'distill.py', 'student_distill']        # beside them
+    assert at['start', 'ppo.py', 'ppo'] < at['end', 'distill.py', 'student_distill']
+    assert at['end', 'distill.py', 'student_distill'] < at['start', 'eval.py', 'student_distill']  # then its eval
+    assert at['start', 'report.py', 'run'] == len(events) - 2                                      # the report last
+    log.unlink()
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/failed', '--parallel=1'], cwd=repo,
+                       env=dict(env, FAIL='ppo.py'), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and 'error: stage ppo failed' in p.stdout, p.stdout
+    assert 'waiting for it to finish' in p.stdout
+    events = [line.split()[:2] for line in log.read_text().splitlines()]
+    assert events[-1] == ['end', 'distill.py'] and ['start', 'reward.py'] not in events
 
 
 def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
