@@ -172,7 +172,10 @@ def batch_rows(step, micro):
 
 @torch.no_grad()
 def response_loss(model):
-    """Mean loss per response token over the first eval_iters batches of sft_val (fixed)."""
+    """Mean loss per response token over the first eval_iters batches of sft_val (fixed), through
+    the model uncompiled: each batch is as long as its longest example, and compiling a no-grad
+    graph for those shapes cost more than the eager passes it would save (a few per evaluation)."""
+    model = getattr(model, '_orig_mod', model)
     total, count = 0.0, 0
     for k in range(0, min(len(val_ex), eval_iters * batch_size), batch_size):
         x, y = chat_batch(val_ex[k:k + batch_size], tok.eot_id)
