@@ -19,7 +19,7 @@
 # continues with the stage it stopped in (that stage starts over).
 #
 # $ bash speedrun.sh --profile=cpu      # a smoke test: every stage, tiny, 5-10 minutes on 2 CPU cores
-# $ bash speedrun.sh --profile=gpu      # one GPU (H200): the real run, under 25 minutes
+# $ bash speedrun.sh --profile=gpu      # one GPU (H200): the real run (its target: under 25 minutes)
 # $ bash speedrun.sh --profile=gpu --stages=prepare,train      # some stages only (in this order)
 # Options: --profile=cpu|gpu, --out=FOLDER (default out/speedrun_<profile>), --stages=a,b,...,
 # --parallel=0|1 (stages that do not need each other's output side by side; the gpu profile's default),
@@ -58,6 +58,9 @@ export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=${TORCHINDUCTOR_COALESCE_TILING_AN
 # and should a compiler still fail, the graph it could not build runs eagerly (torch logs a warning)
 # instead of ending a 25-minute run
 export TORCHDYNAMO_SUPPRESS_ERRORS=${TORCHDYNAMO_SUPPRESS_ERRORS:-1}
+# several stages share the one GPU's memory (--parallel=1): each process's allocator maps memory into
+# segments that grow instead of many fixed-size ones, so less of it sits reserved but unusable
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 # --- the two profiles: every stage's settings ----------------------------------------------------
 # (any script's --key=value; see the top of each script for what they mean)
@@ -116,8 +119,8 @@ case $PROFILE in
     # the reward model, DPO, PPO and GRPO run eagerly: compiling was most of their time on the H200
     # (their first 10 steps took 178 s / 170 s for reward / DPO, a step after them 67 / 86 ms; PPO's
     # first rollout 266 s, later ones 2 s; GRPO's 152 s, later 3.7 s; several processes compiled at once)
-    # the reward model reads a prompt's pairs together (8 prompts a step; 1,000 steps read about every
-    # training prompt once, half of them the swapped prompts): shuffled pairs, in
+    # the reward model reads a prompt's pairs together (8 prompts a step; 1,000 steps read 8,000 of the
+    # about 10,200 training prompts, half of them the swapped prompts, each once): shuffled pairs, in
     # which each answer is in up to three, reached 75-81% on training batches and 54% on held-out
     # pairs. Its learning rate is 10x
     # the last run's 3e-5, at which the pairs that differ in words stayed near chance (57%): on the CPU,
@@ -184,7 +187,7 @@ done
 DATA=$OUT/data TASK=$OUT/task PREFS_DIR=$OUT/prefs
 [ $DRY_RUN = 1 ] && PARALLEL=0     # one stage after the other, in order: each command printed once
 [ $DRY_RUN = 1 ] && echo "export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=$TORCHINDUCTOR_COALESCE_TILING_ANALYSIS \
-TORCHDYNAMO_SUPPRESS_ERRORS=$TORCHDYNAMO_SUPPRESS_ERRORS     # the environment the stages run in"
+TORCHDYNAMO_SUPPRESS_ERRORS=$TORCHDYNAMO_SUPPRESS_ERRORS PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF     # the environment the stages run in"
 [ $DRY_RUN = 1 ] || mkdir -p $OUT/logs
 stage_wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
 T_START=$SECONDS
@@ -293,17 +296,32 @@ if [ $PARALLEL = 1 ]; then
   #   prepare | train + student_scratch | sft | prefs + ppo + grpo | reward + dpo (its seeds at once)
   #   | eval (the runs not yet evaluated) | report
   # The distilled student needs only the base model and nothing but eval needs it: it starts with
-  # SFT and runs beside the phases after it until the eval phase (on the H100 it took 808 s beside
-  # other runs, where SFT took 434 s: in SFT's phase it held up everything after it).
+  # SFT and runs beside the phases after it (on the H100 the deep student's distillation took 808 s
+  # as a side run beside other runs, SFT 357-434 s: in SFT's phase it would hold up all that follows);
+  # the phase after it ends evaluates it, the eval phase waits for it. If it fails, the other runs
+  # are still evaluated and the card written, and the run ends with an error.
   # Each phase also evaluates the runs the phase before it trained, beside its own stages, so that a
   # run cut short still has their rows on its card; the eval phase then takes the runs left.
-  trained='' beside=''
+  trained='' beside='' beside_failed=0
+  joined() {  # the distilled student has finished (or, with `wait_for`, after waiting for it): its row
+    [ -n "$beside" ] || return 0                       # is evaluated next, or it failed: say so
+    [ "${1:-}" = wait_for ] || ! kill -0 $beside 2> /dev/null || return 0
+    if wait $beside; then trained+=' student_distill'
+    else
+      beside_failed=1; EVAL_RUNS=${EVAL_RUNS/student_distill/}
+      echo "error: student_distill (run beside the phases after SFT) failed: see $OUT/logs/student_distill.log"
+    fi
+    beside=''
+  }
   stop() {    # a phase failed: the distilled student running beside it finishes first, then the run stops
-    [ -n "$beside" ] && { echo "(student_distill runs beside the other stages: waiting for it to finish)"; wait $beside; }
+    if [ -n "$beside" ] && kill -0 $beside 2> /dev/null; then
+      echo "(student_distill runs beside the other stages: waiting for it to finish)"
+    fi
+    joined wait_for
     exit 1
   }
   for phase in prepare "train student_scratch" "sft student_distill student_embed" "prefs ppo grpo" "reward dpo" eval report; do
-    if [ "$phase" = eval ] && [ -n "$beside" ]; then wait $beside || exit 1; beside=''; fi
+    if [ "$phase" = eval ]; then joined wait_for; else joined; fi
     cmds=()
     if [ "$phase" != eval ] && stage_wanted eval; then
       for r in $trained; do [[ " $(echo $EVAL_RUNS) " == *" $r "* ]] && cmds+=("eval_run $r"); done
@@ -323,6 +341,7 @@ if [ $PARALLEL = 1 ]; then
     done
     [ ${#cmds[@]} -gt 0 ] && { together "${cmds[@]}" || stop; }
   done
+  [ $beside_failed = 0 ] || exit 1
 else
   for s in ${STAGES//,/ }; do stage $s || exit 1; done
 fi

@@ -113,9 +113,10 @@ case ${1:-} in
     python report.py --out=$R --profile=$PROFILE > /dev/null ;;
   collect)
     mkdir -p ${2:?collect needs a folder}
-    # what the reward model gets wrong (in the archive)
+    # what the reward model gets wrong (in the archive; training pairs are left out: a file that comes back
+    # from the machine may be at most 16 MiB, and a copy of the pairs is 26 MB)
     [ -e $R/reward/val_scored.jsonl ] && python experiments/reward_misses.py --out_dir=$R/reward > $R/reward/misses.md 2>&1
-    tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=$(basename $R)/data \
+    tar czf $2/lifecycle.tgz --exclude='*.pt' --exclude='*.bin' --exclude='*.jsonl.tmp' --exclude=prefs_train.jsonl --exclude=$(basename $R)/data \
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md

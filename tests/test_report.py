@@ -164,13 +164,18 @@ def test_speedrun_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # python for speedrun.sh's stages: logs when each stage script starts and ends, and writes the
-# files that mark it done; the distillation takes longer than the others; FAIL names a script that fails
+# files that mark it done. The distillation ends only once the reward model has started (or a
+# stage failed): if it held up the phases after SFT, it would wait 30 s and end before reward
+# starts. FAIL names a script that fails.
 [ "$1" = -c ] && exec {python} "$@"
 script=$1; shift; out=''
 for a in "$@"; do case $a in --out_dir=*|--out=*) out=${{a#*=}} ;; esac; done
 echo "start $script $out" >> {log}
-[ "$script" = "$FAIL" ] && exit 1
-case $script in distill.py) sleep 4 ;; *) sleep 0.2 ;; esac
+[ "$script" = reward.py ] && touch {marks}/reward_started
+[ "$script" = "$FAIL" ] && {{ touch {marks}/failed; exit 1; }}
+if [ "$script" = distill.py ]; then
+  for i in $(seq 300); do [ -e {marks}/reward_started ] || [ -e {marks}/failed ] && break; sleep 0.1; done
+fi
 mkdir -p $out && touch $out/ckpt.pt $out/meta.json $out/prefs_val.jsonl $out/eval.json $out/eval_fp0.5_pp0.json
 echo "end $script $out" >> {log}
 """
@@ -179,32 +184,42 @@ echo "end $script $out" >> {log}
 def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_path):
     """--parallel=1: the distilled student starts with SFT and runs beside the post-training
     phases (it needs only the base model, and only eval needs it), so it does not hold them up;
-    the eval phase waits for it. A phase that fails lets it finish, then the run stops."""
+    it is evaluated once it has finished. A phase that fails lets it finish, then the run stops;
+    if it fails itself, the other runs are still evaluated and the card written, and the run
+    ends with an error that says so."""
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / 'bin').mkdir()
-    fake = tmp_path / 'bin' / 'python'
     log = tmp_path / 'stages.log'
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable, log=log))
-    fake.chmod(0o755)
+    (tmp_path / 'bin' / 'python').write_text(FAKE_PYTHON.format(python=sys.executable, log=log, marks=tmp_path))
+    (tmp_path / 'bin' / 'python').chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--parallel=1'], cwd=repo,
-                       env=env, capture_output=True, text=True, timeout=120)
+
+    def speedrun(out, fail=''):
+        for mark in ('reward_started', 'failed', 'stages.log'):
+            (tmp_path / mark).unlink(missing_ok=True)
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/{out}', '--parallel=1'],
+                           cwd=repo, env=dict(env, FAIL=fail), capture_output=True, text=True, timeout=120)
+        events = [tuple(line.split()[:2]) + (os.path.basename(line.split()[2]),) for line in log.read_text().splitlines()]
+        return p, events
+
+    p, events = speedrun('run')
     assert p.returncode == 0, p.stdout + p.stderr
-    events = [line.split()[:2] + [os.path.basename(line.split()[2])] for line in log.read_text().splitlines()]
-    at = {tuple(e): i for i, e in enumerate(events)}
-    assert at['start', 'distill.py', 'student_distill'] < at['start', 'sft.py', 'sft'] + 3       # with SFT
-    assert at['start', 'reward.py', 'reward'] < at['end', 'distill.py', 'student_distill']        # beside them
-    assert at['start', 'ppo.py', 'ppo'] < at['end', 'distill.py', 'student_distill']
-    assert at['end', 'distill.py', 'student_distill'] < at['start', 'eval.py', 'student_distill']  # then its eval
+    at = {e: i for i, e in enumerate(events)}
+    distill_end = at['end', 'distill.py', 'student_distill']
+    assert at['start', 'distill.py', 'student_distill'] < at['end', 'sft.py', 'sft']              # with SFT
+    assert at['start', 'reward.py', 'reward'] < distill_end and at['start', 'ppo.py', 'ppo'] < distill_end
+    assert distill_end < at['start', 'eval.py', 'student_distill'] < at['start', 'report.py', 'run']
     assert at['start', 'report.py', 'run'] == len(events) - 2                                      # the report last
-    log.unlink()
-    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/failed', '--parallel=1'], cwd=repo,
-                       env=dict(env, FAIL='ppo.py'), capture_output=True, text=True, timeout=120)
+    p, events = speedrun('stopped', fail='ppo.py')            # a phase fails: the student finishes, then the stop
     assert p.returncode == 1 and 'error: stage ppo failed' in p.stdout, p.stdout
-    assert 'waiting for it to finish' in p.stdout
-    events = [line.split()[:2] for line in log.read_text().splitlines()]
-    assert events[-1] == ['end', 'distill.py'] and ['start', 'reward.py'] not in events
+    assert 'waiting for it to finish' in p.stdout and events[-1][:2] == ('end', 'distill.py')
+    assert ('start', 'dpo.py', 'dpo_seed1') not in events
+    p, events = speedrun('no_student', fail='distill.py')     # the student fails: the rest goes on
+    assert p.returncode == 1, p.stdout
+    assert 'error: student_distill (run beside the phases after SFT) failed: see ' in p.stdout
+    assert ('start', 'report.py', 'no_student') in events and ('end', 'eval.py', 'grpo') in events
+    assert ('start', 'eval.py', 'student_distill') not in events
 
 
 def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
