@@ -189,6 +189,8 @@ if 'reward' in stages:
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
     n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training)"
                if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
+    if n_pairs and acc is not None and prefs['val_pairs']:   # the binomial standard error sqrt(p (1 - p) / n)
+        n_pairs += f", its standard error {pct(math.sqrt(acc * (1 - acc) / prefs['val_pairs']))}"
     m = stages['reward']['metrics']                     # the accuracy on each kind of pair (reward.py)
     kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
              for k in RULE_PARTS if f'val/accuracy_{k}' in m]

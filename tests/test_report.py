@@ -2,6 +2,7 @@
 pretrained model and its SFT model here; speedrun.sh --profile=cpu runs every stage in CI)."""
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -92,6 +93,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     checked = [json.loads(line) for line in (out / 'reward' / 'log.jsonl').read_text().splitlines()][-1]
     assert (f"; the head's word checks right for {100 * checked['val/word_check_accuracy']:.1f}% of the required "
             'words |') in md
+    acc = checked['val/accuracy']              # and its binomial standard error over the 5 held-out pairs
+    assert f"(15 for training), its standard error {100 * math.sqrt(acc * (1 - acc) / 5):.1f}%;" in md
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
