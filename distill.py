@@ -417,7 +417,7 @@ def evaluate(model):
         return metrics
     out = {}
     for split, d in (('train', train_data), ('val', data)):   # the same fixed batches as train.py's
-        batches = (d.batch(split, batch_size, block_size, eval_generator(seed, k, split), rt.device)
+        batches = (d.batch(split, batch_size, block_size, eval_generator(k, split), rt.device)
                    for k in range(eval_iters))
         out[split] = held_out(model, batches)
     val, kl_val, teacher_val = out['val']

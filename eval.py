@@ -97,7 +97,7 @@ def val_loss(model, tok_spec, folder, ckpt):
     for split in data.val_splits:
         losses = []
         for k in range(eval_iters):
-            g = eval_generator(seed, k, split)
+            g = eval_generator(k, split)
             x, y = data.batch(split, batch_size, T, g, rt.device)
             with rt.autocast():
                 if model.config.vocab_size > trained_vocab:      # grown for the chat tokens: without them

@@ -60,7 +60,7 @@ if d and os.path.exists(os.path.join(d, 'meta.json')):
     losses, agree, total = {'original': 0.0, 'quantized': 0.0}, 0, 0
     with torch.no_grad():
         for k in range(eval_iters):
-            x, y = data.batch('val', batch_size, T, eval_generator(seed, k, 'val'), rt.device)
+            x, y = data.batch('val', batch_size, T, eval_generator(k, 'val'), rt.device)
             with rt.autocast():
                 (lo, l1), (lq, l2) = original(x, y), quantized(x, y)
             losses['original'] += l1.item() / eval_iters

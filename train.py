@@ -198,7 +198,7 @@ def evaluate(model):
         # a bar where someone watches a terminal (a CPU's evaluation of a GPU-sized model takes minutes)
         for k in progress(range(eval_iters), desc=f'evaluating {split}', leave=False,
                           disable=not (rt.master and sys.stderr.isatty())):
-            g = eval_generator(seed, k, split)
+            g = eval_generator(k, split)
             x, y = data.batch(split, batch_size, block_size, g, rt.device)
             with rt.autocast():
                 _, loss = model(x, y, return_logits=False)

@@ -414,6 +414,20 @@ def test_eval_py_s_val_loss_is_train_py_s_though_the_chat_tokens_grow_the_vocabu
 
 
 
+def test_every_seed_is_evaluated_on_the_same_batches(tmp_path, byte_data):
+    """A run's seed picks its initialization and its training batches, not its evaluation batches:
+    the same model evaluated under two seeds gets the same val loss (in eval.py, and in train.py,
+    whose evaluations eval.py's match), so a study's spread over seeds is the models' own."""
+    train(tmp_path, byte_data, 'm', '--max_iters=4', '--eval_interval=4', '--seed=2')
+    rows = [json.loads(line) for line in (tmp_path / 'm' / 'log.jsonl').read_text().splitlines()]
+    losses = [[r for r in rows if 'val/loss' in r][-1]['val/loss']]      # train.py's own, under seed 2
+    for seed in (1, 3):
+        run_script('eval.py', '--out_dir=m', '--n_prompts=0', '--eval_iters=2', '--batch_size=4', '--block_size=32',
+                   '--device=cpu', f'--data_dir={byte_data}', f'--seed={seed}', cwd=tmp_path)
+        losses.append(json.loads((tmp_path / 'm' / 'eval.json').read_text())['val/loss'])
+    assert losses[1] == losses[2] and losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
 def test_a_run_too_short_for_its_warmup_or_its_log_interval_says_so(tmp_path, byte_data):
     """A few-step trial run with the defaults would train at a fraction of its learning rate and
     log no training line; both are said at the start (and nothing when the settings fit)."""
