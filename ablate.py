@@ -233,6 +233,12 @@ def digest(value):
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:12]
 
 
+def training_settings(cfg):
+    """What a run trains with: its resolved train.py settings, NOT_TRAINING left out, as JSON values
+    (kept in its marker, so that a later call can name the keys that changed)."""
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in NOT_TRAINING}, default=repr))
+
+
 def fingerprint(cfg):
     """(settings, data): short hashes of what a run trains: its resolved train.py settings (NOT_TRAINING
     left out) and its data, the prepared splits' token / byte / document counts and the vocabulary
@@ -253,6 +259,7 @@ def read_json(path):
 
 
 # --- the runs: one per variant x seed -------------------------------------------------------------
+DEFAULT_SETTINGS = training_settings(resolve([], "train.py's defaults"))    # (settings_changed)
 check_keys([k for k, _ in parse_args(base_args, 'base') if k], 'base')
 runs, override_keys = [], []
 for name, overrides in variants.items():
@@ -293,7 +300,8 @@ for name, overrides in variants.items():
         args = [*base_args, *var_args, f'--seed={seed}', f'--out_dir={run_dir}', f'--max_iters={iters}']
         runs.append({'variant': name, 'seed': seed, 'dir': run_dir, 'args': args, 'max_iters': iters,
                      'tokens_per_step': tokens_per_step, 'config': cfg, 'numbers': numbers,
-                     'fingerprint': fingerprint(cfg), 'save_checkpoints': cfg['save_checkpoints']})
+                     'fingerprint': fingerprint(cfg), 'settings': training_settings(cfg),
+                     'save_checkpoints': cfg['save_checkpoints']})
 if len({r['dir'] for r in runs}) != len(runs):
     fail('two variants map to the same run folder; give them names that differ in letters or digits')
 
@@ -319,6 +327,30 @@ def outcome(run):
     return 'done' if any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir'])) else None
 
 
+def settings_changed(marker, now):
+    """The settings a run's marker differs in from `now` (its training settings as this study gives
+    them), in words; '' where they differ only by settings added to train.py or ModelConfig since,
+    at their defaults (the run trained as it would now). An older marker holds the settings' hash
+    alone: then up to two added keys at their defaults are recognised."""
+    old = marker.get('settings_values')
+    if old is None:
+        at_default = [k for k, v in now.items() if v == DEFAULT_SETTINGS.get(k, ())]
+        for added in itertools.chain.from_iterable(itertools.combinations(at_default, n) for n in (1, 2)):
+            if digest({k: v for k, v in now.items() if k not in added}) == marker['settings']:
+                return ''
+        return 'which keys, its marker does not say'
+    changes = []
+    for key in sorted(set(old) | set(now)):
+        if key not in old:
+            if now[key] != DEFAULT_SETTINGS.get(key, ()):
+                changes.append(f'{key}={now[key]!r}, a setting added since')
+        elif key not in now:
+            changes.append(f'{key}={old[key]!r}, no longer a setting')
+        elif old[key] != now[key]:
+            changes.append(f'{key}: {old[key]!r} -> {now[key]!r}')
+    return '; '.join(changes)
+
+
 def stale(run):
     """Why a run folder does not belong to this study as it is now (trained toward another budget,
     with other settings, on other data), or None. A folder without the runner's marker is taken
@@ -329,9 +361,12 @@ def stale(run):
     if marker.get('max_iters') is not None and marker['max_iters'] != run['max_iters']:
         return f"trained toward max_iters={marker['max_iters']}, not {run['max_iters']}"
     settings, data = run['fingerprint']
-    if marker.get('settings') != settings:
-        return ('trained with other settings' if 'settings' in marker else
-                'trained before the runner recorded its settings')
+    if 'settings' not in marker:
+        return 'trained before the runner recorded its settings'
+    if marker['settings'] != settings:
+        changed = settings_changed(marker, run['settings'])
+        if changed:
+            return f'trained with other settings ({changed})'
     if data and marker.get('data') and marker['data'] != data:
         return 'trained on other data (the prepared splits differ)'
     return None
@@ -354,7 +389,8 @@ def write_marker(run, **fields):
     # model_numbers: for a report made where the data is absent; parallel: how many runs shared
     # the device (the report's note on speed); peak_flops: the MFU denominator a resumed run reuses
     info = {'variant': run['variant'], 'seed': run['seed'], 'max_iters': run['max_iters'],
-            'settings': settings, 'data': data, 'command': run['command'], 'model_numbers': run['numbers'],
+            'settings': settings, 'settings_values': run['settings'], 'data': data, 'command': run['command'],
+            'model_numbers': run['numbers'],
             'parallel': parallel, **({'peak_flops': run['peak_flops']} if run.get('peak_flops') else {}), **fields}
     with open(path + '.tmp', 'w') as f:
         json.dump(info, f, indent=1)
@@ -383,7 +419,7 @@ for r in runs:
         print(f"{label[id(r)]}: {why}: starts over (the old run moved to {aside})")
     elif why is not None:
         print(f"{label[id(r)]}: {why}: would start over")
-    r['resume'] = has_checkpoint(r['dir']) and r['save_checkpoints']
+    r['resume'] = why is None and has_checkpoint(r['dir']) and r['save_checkpoints']   # (stale: from scratch)
     r['command'] = command(r, r['resume'])
     ended = outcome(r)
     if ended == 'diverged':
@@ -574,9 +610,11 @@ def summarize(run):
     times = training_time(trains)
     row['train_time_s'] = time_at(times, row['steps']) if trains else None   # (no log line: unknown)
     cvs = [number(r.get('moe/load_cv')) for r in trains if number(r.get('moe/load_cv')) is not None]
-    row['moe_load_cv'] = statistics.mean(cvs) if cvs else None          # mean over the log lines
     imb = [number(r.get('moe/max_imbalance')) for r in trains if number(r.get('moe/max_imbalance')) is not None]
-    row['moe_max_imbalance'] = statistics.mean(imb) if imb else None    # busiest expert / mean, mean over lines
+    for key, values in (('moe_load_cv', cvs), ('moe_max_imbalance', imb)):   # busiest expert / mean
+        row[key] = statistics.mean(values) if values else None                 # mean over the log lines,
+        end = values[-max(1, len(values) // 10):]                              # and over the last tenth
+        row[f'{key}_end'] = statistics.mean(end) if end else None              # of them (the load now)
     logits = [number(r.get('attn/max_logit_all')) for r in trains if number(r.get('attn/max_logit_all')) is not None]
     row['max_attn_logit'] = max(logits) if logits else None            # the largest over the run
     # the val-loss curve: (step, tokens trained, training seconds, val loss) at each evaluation
@@ -588,7 +626,8 @@ def summarize(run):
 results = [summarize(r) for r in runs]
 METRICS = ['val_loss', 'val_bpb']                    # then the extra splits, then these
 LATER = ['tokens_per_sec', 'mfu', 'peak_mem_gb', 'train_time_s', 'params', 'active_params', 'flops_per_token',
-         'kv_cache_bytes_per_token', 'moe_load_cv', 'moe_max_imbalance', 'max_attn_logit']
+         'kv_cache_bytes_per_token', 'moe_load_cv', 'moe_load_cv_end', 'moe_max_imbalance', 'moe_max_imbalance_end',
+         'max_attn_logit']
 extra = []
 for row in results:
     extra += [k for k in row if re.fullmatch(r'.+_(loss|bpb)', k) and k not in METRICS + extra]
@@ -604,7 +643,8 @@ with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
 # results.md: per variant the mean over its finished seeds +- their standard deviation
 FORMAT = {'tokens_per_sec': '{:,.0f}', 'mfu': '{:.1%}', 'peak_mem_gb': '{:.2f}', 'train_time_s': '{:.0f}',
           'params': '{:.2f}M', 'active_params': '{:.2f}M', 'flops_per_token': '{:.3g}',
-          'kv_cache_bytes_per_token': '{:,.0f}', 'moe_load_cv': '{:.3f}', 'moe_max_imbalance': '{:.2f}',
+          'kv_cache_bytes_per_token': '{:,.0f}', 'moe_load_cv': '{:.3f}', 'moe_load_cv_end': '{:.3f}',
+          'moe_max_imbalance': '{:.2f}', 'moe_max_imbalance_end': '{:.2f}',
           'max_attn_logit': '{:.1f}'}
 SCALE = {'params': 1e-6, 'active_params': 1e-6}
 
@@ -644,7 +684,9 @@ md = [f'# Ablation: {os.path.basename(os.path.normpath(out_dir))}', '',
       '(the last evaluation); tokens/s and MFU are medians over the log lines; train time is training '
       'wall time with evaluations, without compilation (the first log interval of each process counts '
       'at the median step time); KV cache in bf16; moe_load_cv is the coefficient of variation '
-      '(std / mean) of the tokens per routed expert, averaged over layers and log lines.', '',
+      '(std / mean) of the tokens per routed expert, averaged over layers and log lines, '
+      'moe_max_imbalance the busiest expert\'s tokens over the mean, likewise; _end: averaged over the '
+      'last tenth of the log lines only (the balance the run ended with).', '',
       '| ' + ' | '.join(['variant', 'seeds done', *shown]) + ' |',
       '|' + ' --- |' * (len(shown) + 2)]
 for v in order:

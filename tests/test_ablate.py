@@ -3,6 +3,7 @@ finished runs; a killed run is reported failed, the others go on, and the next c
 its checkpoint; a budget in tokens or FLOPs becomes max_iters; bad studies stop with one line."""
 
 import csv
+import hashlib
 import json
 import os
 import runpy
@@ -70,6 +71,9 @@ def test_grid_runs_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, byte_
         assert float(r['tokens_per_sec']) == statistics.median(x['tokens_per_sec'] for x in trains[1:])
         assert float(r['mfu']) == statistics.median(x['mfu'] for x in trains[1:])
         assert float(r['moe_load_cv']) == pytest.approx(statistics.mean(x['moe/load_cv'] for x in trains))
+        # and the load the run ended with: over the last tenth of the log lines (here the last one)
+        assert float(r['moe_load_cv_end']) == pytest.approx(trains[-1]['moe/load_cv'])
+        assert float(r['moe_max_imbalance_end']) == pytest.approx(trains[-1]['moe/max_imbalance'])
         assert float(r['max_attn_logit']) == max(x['attn/max_logit_all'] for x in trains)
         assert r['peak_mem_gb'] == ''                     # a CPU run logs no GPU memory: an empty cell
         # 2 layers x 2 (key and value) x n_kv_head x head_dim 16 numbers, 2 bytes each
@@ -185,12 +189,49 @@ def test_a_killed_run_fails_the_rest_go_on_and_the_next_call_resumes_it(tmp_path
     write_study(tmp_path, base, variants={'killed': {}, 'next': ['--max_iters=7', '--learning_rate=2e-3']},
                 seeds=[7], out_dir='out/s')
     p = run_script('ablate.py', study, '--report_only=True', cwd=tmp_path)
-    assert 'next seed 7: trained with other settings: would start over' in p.stdout
-    assert read_csv(tmp_path / 'out' / 's' / 'results.csv')[1]['status'] == 'stale: trained with other settings'
+    why = 'trained with other settings (learning_rate: 0.0006 -> 0.002)'        # the key that changed, named
+    assert f'next seed 7: {why}: would start over' in p.stdout
+    assert read_csv(tmp_path / 'out' / 's' / 'results.csv')[1]['status'] == f'stale: {why}'
+    p = run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path)        # from scratch, not resumed
+    assert 'next seed 7: would start: ' in p.stdout and 'next seed 7: would resume' not in p.stdout
     p = run_script('ablate.py', study, cwd=tmp_path)
-    assert 'next seed 7: trained with other settings: starts over' in p.stdout
+    assert f'next seed 7: {why}: starts over' in p.stdout
     assert 'next seed 7: started from scratch' in p.stdout and 'killed seed 7: finished before, skipped' in p.stdout
     assert [r['status'] for r in read_csv(tmp_path / 'out' / 's' / 'results.csv')] == ['done', 'done']
+
+
+def digest(value):
+    """ablate.py's short hash of a run's settings."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+def test_settings_added_since_at_their_defaults_keep_a_finished_run(tmp_path, byte_data):
+    """A run's marker keeps its settings: a setting added to train.py or ModelConfig since, at its
+    default, leaves the run finished (it trained as it would now), and one that differs is named.
+    An older marker holds the settings' hash alone: up to two added keys at their defaults are
+    recognised from it."""
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=2', '--eval_interval=2', '--warmup_iters=1']
+    study = write_study(tmp_path, base, variants={'a': {}}, seeds=[1], out_dir='out/s')
+    run_script('ablate.py', study, cwd=tmp_path)
+    path = tmp_path / 'out' / 's' / 'a_s1' / 'ablate.json'
+    marker = json.loads(path.read_text())
+    values = marker['settings_values']
+    assert marker['settings'] == digest(values) and values['score_reread'] is False     # (a default)
+
+    def rerun(**changes):
+        path.write_text(json.dumps({**marker, **changes}))
+        return run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path).stdout
+
+    older = {k: v for k, v in values.items() if k not in ('score_reread', 'score_pooling')}    # before them
+    assert 'a seed 1: finished before, skipped' in rerun(settings=digest(older), settings_values=older)
+    out = rerun(settings=digest({**older, 'dropout': 0.5}), settings_values={**older, 'dropout': 0.5})
+    assert 'a seed 1: trained with other settings (dropout: 0.5 -> 0.0): would start over' in out
+    hash_only = {k: v for k, v in marker.items() if k != 'settings_values'}
+    path.write_text(json.dumps({**hash_only, 'settings': digest(older)}))
+    assert 'a seed 1: finished before, skipped' in run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path).stdout
+    path.write_text(json.dumps({**hash_only, 'settings': digest({**older, 'dropout': 0.5})}))
+    assert ('a seed 1: trained with other settings (which keys, its marker does not say): would start over'
+            in run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path).stdout)
 
 
 def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, byte_data):
