@@ -22,11 +22,14 @@ run that finished is skipped, one that was killed or failed continues from its c
 (init_from='resume'), one never started starts. A run whose loss became NaN/inf is recorded as
 diverged (at its step) and not run again: in a learning-rate sweep that is a result. A run trained
 toward another budget, with other settings or on other data (the prepared splits' sizes differ)
-than the study now gives is moved aside (OUT_DIR/<run>.stale) and starts over. A failed run's
+than the study now gives is moved aside (OUT_DIR/<run>.stale) and starts over, with the keys that
+differ named (a setting added to train.py or ModelConfig since, at its default, is no difference:
+each run's ablate.json keeps the settings it trained with). A failed run's
 output tail is printed and the others go on. Then OUT_DIR gets
   results.csv              one row per run: variant, seed, status, every override, the budget, and
                            what the run logged (final val loss and bits per byte, tokens/s, MFU, peak
-                           memory, expert-load CV, max attention logit) or its config gives
+                           memory, expert-load CV and busiest expert over the run and at its end,
+                           max attention logit) or its config gives
                            (parameters, KV-cache bytes per token); a cell is empty where it has none
   results.md               per variant mean +- std over seeds, sorted by val loss, and whether the
                            best two differ by more than the seed-to-seed spread
