@@ -174,7 +174,8 @@ def batch_rows(step, micro):
 def response_loss(model):
     """Mean loss per response token over the first eval_iters batches of sft_val (fixed), through
     the model uncompiled: each batch is as long as its longest example, and compiling a no-grad
-    graph for those shapes took 31 s on the CPU where its 4 eager batches took under a second."""
+    graph for those shapes made an evaluation-only run on the CPU (4 batches of 8) take 37.0 s
+    instead of 5.6 s."""
     model = getattr(model, '_orig_mod', model)
     total, count = 0.0, 0
     for k in range(0, min(len(val_ex), eval_iters * batch_size), batch_size):
