@@ -512,6 +512,8 @@ try:
             took = time.time() - t0
             bad_step = diverged_at(r['dir']) if rc != 0 else None
             status = 'done' if rc == 0 else 'failed' if bad_step is None else 'diverged'
+            if not r['numbers']:        # the data was prepared by this call's first run: now they can be known
+                r['numbers'], r['fingerprint'] = model_numbers(r['config'], r['variant']), fingerprint(r['config'])
             write_marker(r, status=status, returncode=rc, seconds=round(took, 1))
             if status == 'diverged':
                 print(f"{label[id(r)]}: DIVERGED: the loss became NaN/inf at step {bad_step}, after {hms(took)}; "

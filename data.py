@@ -87,8 +87,7 @@ def eval_generator(k, split):
     """The generator of the k-th fixed evaluation batch of `split` (one stream for 'train', one
     for every held-out split): the same batches at every evaluation, in every script that reports
     a loss on them (train.py, distill.py, eval.py, quantize.py) and for every run's seed, so their
-    numbers compare: drawn from each run's own seed, a study's spread over seeds was mostly which
-    batches each seed evaluated (notes/research.md)."""
+    numbers compare: two runs' val losses then differ by their models, not by the batches read."""
     return torch.Generator().manual_seed(EVAL_SEED + 7919 * k + (0 if split == 'train' else 1))
 
 

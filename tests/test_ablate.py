@@ -234,6 +234,22 @@ def test_settings_added_since_at_their_defaults_keep_a_finished_run(tmp_path, by
             in run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path).stdout)
 
 
+def test_a_study_whose_first_run_prepares_the_data_has_its_model_numbers_in_the_first_table(tmp_path):
+    """Where train.py prepares data/<dataset> in the study's first run, the vocabulary (and so the
+    parameters, FLOPs and KV bytes) is known once that run has finished: the first call's table
+    has them, and the runs' markers hold them and the data's fingerprint."""
+    from conftest import shared_file
+    source = shared_file('shakespeare', 'input.txt')        # skips with a message where it is absent
+    base = ['--dataset=shakespeare_char', f'--prepare=shakespeare_char.py --source={source}', *TINY_MODEL,
+            '--max_iters=2', '--eval_interval=2', '--warmup_iters=1']
+    study = write_study(tmp_path, base, variants={'a': {}}, seeds=[1], out_dir='out/s')
+    run_script('ablate.py', study, cwd=tmp_path)
+    row = read_csv(tmp_path / 'out' / 's' / 'results.csv')[0]
+    assert row['status'] == 'done' and float(row['params']) > 0 and float(row['flops_per_token']) > 0
+    marker = json.loads((tmp_path / 'out' / 's' / 'a_s1' / 'ablate.json').read_text())
+    assert marker['model_numbers']['params'] == int(row['params']) and marker['data'] is not None
+
+
 def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, byte_data):
     base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=4', '--eval_interval=4', '--warmup_iters=0']
     study = write_study(tmp_path, base, variants={'fine': {}, 'huge_lr': {'learning_rate': 1e30}}, seeds=[1],
