@@ -33,7 +33,8 @@ output tail is printed and the others go on. Then OUT_DIR gets
                            (parameters, KV-cache bytes per token); a cell is empty where it has none
   results.md               per variant mean +- std over seeds, sorted by val loss, and whether the
                            best two differ by more than the seed-to-seed spread
-  val_loss_vs_tokens.png   val loss against training tokens, one curve per variant (mean over seeds)
+  val_loss_vs_tokens.png   val loss against training tokens, one curve per variant (mean over seeds;
+                           in the zoomed half a band from the lowest to the highest seed)
   val_loss_vs_time.png     ... against training time (without matplotlib: one note, no plots)
   expert_load_cv_vs_tokens.png, max_logit_vs_tokens.png   the expert-load CV and the max attention
                            logit of the training log against tokens, where the runs log them
@@ -741,14 +742,16 @@ with open(os.path.join(out_dir, 'results.md'), 'w') as f:
 
 
 def mean_curve(variant):
-    """The variant's val-loss curve averaged over its finished seeds, at the evaluations they share."""
+    """The variant's val-loss curve averaged over its finished seeds, at the evaluations they share:
+    (step, tokens, seconds, mean val loss, lowest, highest over the seeds) at each."""
     curves = [r['curve'] for r in runs if r['variant'] == variant and r['curve']]
     if not curves:
         return []
     steps = sorted(set.intersection(*({p[0] for p in c} for c in curves)))
     at = [{p[0]: p for p in c} for c in curves]
     return [(s, statistics.mean(c[s][1] for c in at), statistics.mean(c[s][2] for c in at),
-             statistics.mean(c[s][3] for c in at)) for s in steps]
+             statistics.mean(c[s][3] for c in at), min(c[s][3] for c in at), max(c[s][3] for c in at))
+            for s in steps]
 
 
 plots = []
@@ -791,9 +794,12 @@ if plt is not None and any(r['curve'] for r in runs):
             late = [p for p in pts if p[x] >= pts[-1][x] / 2]
             zoom.plot([p[x] for p in late], [p[3] for p in late], marker='o' if len(late) < 30 else None,
                       markersize=3, label=label, **STYLE[v])
+            if stats[v]['done'] > 1:        # the seeds' range: a gap inside it is not shown to be real
+                zoom.fill_between([p[x] for p in late], [p[4] for p in late], [p[5] for p in late],
+                                  color=STYLE[v]['color'], alpha=0.15, linewidth=0)
         ax.set_yscale('log')
         ax.set_title(os.path.basename(os.path.normpath(out_dir)))
-        zoom.set_title('second half, zoomed')
+        zoom.set_title('second half, zoomed (band: the lowest to the highest seed)')
         for a in (ax, zoom):
             a.set_xlabel(xlabel)
             a.set_ylabel('val loss (nats/token), mean over seeds')
@@ -820,7 +826,7 @@ def train_curve(variant, key):
 # what a study adds over the val loss, over training: how evenly the experts are loaded (the
 # balancing study) and the largest attention logit (the optimizer study: what QK-clip caps)
 for key, name, ylabel in (('moe/load_cv', 'expert_load_cv_vs_tokens.png',
-                           'expert-load CV (std / mean of tokens per expert)'),
+                           'expert-load CV (std / mean of\ntokens per expert)'),
                           ('attn/max_logit_all', 'max_logit_vs_tokens.png', 'max attention logit, all layers')):
     curves = {v: train_curve(v, key) for v in order}
     if plt is None or not any(curves.values()):

@@ -366,6 +366,32 @@ def test_a_report_before_any_run_has_finished_is_a_well_formed_table(tmp_path, b
     assert table[2].startswith('| a | 0/1') and table[3].startswith('| b | 0/1')
 
 
+def test_the_zoomed_val_loss_plot_shows_the_range_over_seeds(monkeypatch, tmp_path, byte_data):
+    """With several seeds a variant's zoomed curve (its mean) has a band from its lowest to its
+    highest seed, in its colour, so that a gap between two means inside the bands is seen as such;
+    a one-seed variant has none."""
+    pytest.importorskip('matplotlib')
+    from matplotlib.axes import Axes
+    study = write_study(tmp_path, [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=4'],
+                        variants={'a': {}, 'b': {'learning_rate': 1e-3}}, seeds=[1, 2], out_dir='out/p',
+                        report_only=True)
+    for v, seeds in (('a', (1, 2)), ('b', (1,))):
+        for seed in seeds:
+            run = tmp_path / 'out' / 'p' / f'{v}_s{seed}'
+            run.mkdir(parents=True)
+            rows = [{'step': s, 'val/loss': 5.0 - s / 10 + seed / 100} for s in (0, 2, 4)]
+            (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    bands, fill = [], Axes.fill_between
+    monkeypatch.setattr(Axes, 'fill_between', lambda ax, x, lo, hi, **k: bands.append((list(x), list(lo), list(hi),
+                                                                                     k['color'])) or fill(ax, x, lo, hi, **k))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['ablate.py', study])
+    runpy.run_path(os.path.join(REPO, 'ablate.py'), run_name='__main__')      # a report: no exit
+    # one band a plot (tokens, time) for 'a' alone, over the evaluations of the second half (steps 2, 4)
+    assert len(bands) == 2 and all(b[3] == 'C0' for b in bands)
+    assert bands[0][1] == pytest.approx([4.81, 4.61]) and bands[0][2] == pytest.approx([4.82, 4.62])
+
+
 def test_a_plot_of_many_variants_tells_each_one_apart(monkeypatch, tmp_path, byte_data):
     """Twelve finished variants (folders from elsewhere: their logs alone): every curve of every plot
     has its own colour and line style (matplotlib's cycle alone repeats after ten), the same in each
