@@ -1122,7 +1122,11 @@ class GPT(nn.Module):
         """Call after each optimizer step. Auxiliary-loss-free balancing (DeepSeek-V3, eq. 16):
         b_i <- b_i + bias_update_speed * sign(mean load - load_i) for each MoE layer, from the
         tokens counted since the last call (summed over ranks by `reduce`, e.g. an all-reduce).
-        Returns the counts as an (n_moe_layers, E) tensor for logging, or None for dense models."""
+        Returns the counts as an (n_moe_layers, E) tensor for logging, or None for dense models.
+        The balancing's pieces: b is Router.e_score_correction_bias, the counts are
+        MoE.tokens_per_expert (MoE.count_load); training.Run.optimizer_step calls this, and
+        training.Run.log_line turns the counts into the log's moe/load_cv and moe/max_imbalance
+        (and expert_load.png)."""
         layers = self.moe_layers()
         if not layers:
             return None
