@@ -61,7 +61,7 @@ import sys
 import time
 
 from config import configure, model_config_from
-from data import prepare_command
+from data import EVAL_SEED, prepare_command
 
 # -----------------------------------------------------------------------------
 base = None              # train.py arguments every run shares: a list ('config/X.py', '--key=value', ...)
@@ -334,7 +334,7 @@ def outcome(run):
 def settings_changed(marker, now):
     """The settings a run's marker differs in from `now` (its training settings as this study gives
     them), in words; '' where they differ only by settings added to train.py or ModelConfig since,
-    at their defaults (the run trained as it would now). An older marker holds the settings' hash
+    or removed since, at their defaults (the run trained as it would now). An older marker holds the settings' hash
     alone: then up to two added keys at their defaults are recognised."""
     old = marker.get('settings_values')
     if old is None:
@@ -348,8 +348,9 @@ def settings_changed(marker, now):
         if key not in old:
             if now[key] != DEFAULT_SETTINGS.get(key, ()):
                 changes.append(f'{key}={now[key]!r}, a setting added since')
-        elif key not in now:
-            changes.append(f'{key}={old[key]!r}, no longer a setting')
+        elif key not in now:            # removed since: no difference if the run had it at its default
+            if old[key] != marker.get('settings_defaults', {}).get(key, ()):
+                changes.append(f'{key}={old[key]!r}, no longer a setting')
         elif old[key] != now[key]:
             changes.append(f'{key}: {old[key]!r} -> {now[key]!r}')
     return '; '.join(changes)
@@ -393,7 +394,8 @@ def write_marker(run, **fields):
     # model_numbers: for a report made where the data is absent; parallel: how many runs shared
     # the device (the report's note on speed); peak_flops: the MFU denominator a resumed run reuses
     info = {'variant': run['variant'], 'seed': run['seed'], 'max_iters': run['max_iters'],
-            'settings': settings, 'settings_values': run['settings'], 'data': data, 'command': run['command'],
+            'settings': settings, 'settings_values': run['settings'], 'settings_defaults': DEFAULT_SETTINGS,
+            'eval_batches': EVAL_SEED, 'data': data, 'command': run['command'],
             'model_numbers': run['numbers'],
             'parallel': parallel, **({'peak_flops': run['peak_flops']} if run.get('peak_flops') else {}), **fields}
     with open(path + '.tmp', 'w') as f:
@@ -514,7 +516,8 @@ try:
             bad_step = diverged_at(r['dir']) if rc != 0 else None
             status = 'done' if rc == 0 else 'failed' if bad_step is None else 'diverged'
             if not r['numbers']:        # the data was prepared by this call's first run: now they can be known
-                r['numbers'], r['fingerprint'] = model_numbers(r['config'], r['variant']), fingerprint(r['config'])
+                with contextlib.suppress(SystemExit):           # (checked before any run: never here)
+                    r['numbers'], r['fingerprint'] = model_numbers(r['config'], r['variant']), fingerprint(r['config'])
             write_marker(r, status=status, returncode=rc, seconds=round(took, 1))
             if status == 'diverged':
                 print(f"{label[id(r)]}: DIVERGED: the loss became NaN/inf at step {bad_step}, after {hms(took)}; "
@@ -591,6 +594,8 @@ def summarize(run):
     status = 'failed' if status == 'running' else status     # a runner killed mid-run left 'running'
     row = {'variant': run['variant'], 'seed': run['seed'], 'status': status}
     run['parallel'] = marker.get('parallel')
+    # trained before every run was evaluated on the same batches (data.EVAL_SEED): its own seed's
+    run['own_batches'] = status == 'done' and run['seed'] != EVAL_SEED and 'eval_batches' not in marker
     if status == 'diverged':
         row['diverged_at'] = diverged_at(run['dir'])
     row.update({k: run['config'][k] for k in override_keys})  # the resolved value of every override
@@ -732,6 +737,12 @@ if shared > 1:
     md.append('')
     md.append(f'Up to {shared} runs trained at once on one device here, so tokens/s, MFU and train time '
               f'depend on which runs overlapped: compare them only with runs made alone (--parallel=1).')
+own = [r for r in runs if r.get('own_batches')]
+if own:
+    md.append('')
+    md.append('Evaluated on batches of their own seed (trained before every run shared one set of evaluation '
+              'batches; their spread over seeds includes which batches each read): '
+              + ', '.join(f"{r['variant']} seed {r['seed']}" for r in own) + '.')
 not_done = [(r['variant'], r['seed'], r['status']) for r in results if r['status'] not in ('done', 'diverged')]
 if not_done:
     md.append('')

@@ -226,12 +226,39 @@ def test_settings_added_since_at_their_defaults_keep_a_finished_run(tmp_path, by
     assert 'a seed 1: finished before, skipped' in rerun(settings=digest(older), settings_values=older)
     out = rerun(settings=digest({**older, 'dropout': 0.5}), settings_values={**older, 'dropout': 0.5})
     assert 'a seed 1: trained with other settings (dropout: 0.5 -> 0.0): would start over' in out
+    # a setting removed since: no difference where the run had it at its default, else named
+    assert marker['settings_defaults']['score_reread'] is False
+    gone = {**values, 'old_knob': 3}
+    out = rerun(settings=digest(gone), settings_values=gone,
+                settings_defaults={**marker['settings_defaults'], 'old_knob': 3})
+    assert 'a seed 1: finished before, skipped' in out
+    out = rerun(settings=digest(gone), settings_values=gone,
+                settings_defaults={**marker['settings_defaults'], 'old_knob': 2})
+    assert 'a seed 1: trained with other settings (old_knob=3, no longer a setting): would start over' in out
     hash_only = {k: v for k, v in marker.items() if k != 'settings_values'}
     path.write_text(json.dumps({**hash_only, 'settings': digest(older)}))
     assert 'a seed 1: finished before, skipped' in run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path).stdout
     path.write_text(json.dumps({**hash_only, 'settings': digest({**older, 'dropout': 0.5})}))
     assert ('a seed 1: trained with other settings (which keys, its marker does not say): would start over'
             in run_script('ablate.py', study, '--dry_run=True', cwd=tmp_path).stdout)
+
+
+def test_a_kept_run_evaluated_on_its_own_seeds_batches_is_named_in_the_table(tmp_path, byte_data):
+    """Runs are evaluated on one shared set of batches (data.EVAL_SEED) and their markers say so; a
+    finished run of another seed whose marker does not (trained before that) is named under the
+    table, since its val loss was measured on batches of its own."""
+    base = [f'--data_dir={byte_data}', *TINY_MODEL, '--max_iters=2', '--eval_interval=2', '--warmup_iters=1']
+    study = write_study(tmp_path, base, variants={'a': {}}, seeds=[1337, 7], out_dir='out/s')
+    run_script('ablate.py', study, cwd=tmp_path)
+    out = tmp_path / 'out' / 's'
+    assert json.loads((out / 'a_s7' / 'ablate.json').read_text())['eval_batches'] == 1337
+    assert 'Evaluated on batches of their own seed' not in (out / 'results.md').read_text()
+    for seed in (1337, 7):                                      # markers as they were written before
+        path = out / f'a_s{seed}' / 'ablate.json'
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != 'eval_batches'}))
+    run_script('ablate.py', study, '--report_only=True', cwd=tmp_path)
+    md = (out / 'results.md').read_text()
+    assert 'their spread over seeds includes which batches each read): a seed 7.' in md and 'a seed 1337' not in md
 
 
 def test_a_study_whose_first_run_prepares_the_data_has_its_model_numbers_in_the_first_table(tmp_path):
