@@ -331,18 +331,23 @@ def outcome(run):
     return 'done' if any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir'])) else None
 
 
+HASH_ONLY_MATCHES = {}     # (an older marker's hash, the settings' hash now) -> explained: searched once
+
+
 def settings_changed(marker, now):
     """The settings a run's marker differs in from `now` (its training settings as this study gives
     them), in words; '' where they differ only by settings added to train.py or ModelConfig since,
-    or removed since, at their defaults (the run trained as it would now). An older marker holds the settings' hash
-    alone: then up to two added keys at their defaults are recognised."""
+    or removed since, at their defaults (the run trained as it would now). An older marker holds
+    the settings' hash alone: then up to two added keys at their defaults are recognised."""
     old = marker.get('settings_values')
     if old is None:
-        at_default = [k for k, v in now.items() if v == DEFAULT_SETTINGS.get(k, ())]
-        for added in itertools.chain.from_iterable(itertools.combinations(at_default, n) for n in (1, 2)):
-            if digest({k: v for k, v in now.items() if k not in added}) == marker['settings']:
-                return ''
-        return 'which keys, its marker does not say'
+        key = (marker['settings'], digest(now))
+        if key not in HASH_ONLY_MATCHES:      # (stale() asks several times a call: a few thousand hashes)
+            at_default = [k for k, v in now.items() if v == DEFAULT_SETTINGS.get(k, ())]
+            HASH_ONLY_MATCHES[key] = any(
+                digest({k: v for k, v in now.items() if k not in added}) == marker['settings']
+                for added in itertools.chain.from_iterable(itertools.combinations(at_default, n) for n in (1, 2)))
+        return '' if HASH_ONLY_MATCHES[key] else 'which keys, its marker does not say'
     changes = []
     for key in sorted(set(old) | set(now)):
         if key not in old:
