@@ -265,7 +265,7 @@ def read_json(path):
 # --- the runs: one per variant x seed -------------------------------------------------------------
 DEFAULT_SETTINGS = training_settings(resolve([], "train.py's defaults"))    # (settings_changed)
 check_keys([k for k, _ in parse_args(base_args, 'base') if k], 'base')
-runs, override_keys = [], []
+runs, override_keys, unknown_iters = [], [], []
 for name, overrides in variants.items():
     where = f"variant '{name}'"
     if isinstance(overrides, dict):
@@ -290,18 +290,28 @@ for name, overrides in variants.items():
     if max_tokens:
         iters = max(1, int(max_tokens // tokens_per_step))
     elif max_flops:
-        if not numbers and report_only:     # a report made without the data: the numbers a run recorded
+        if not numbers and (report_only or dry_run):   # made without the data: the numbers a run recorded
             markers = [read_json(os.path.join(out_dir, f'{dir_name}_s{seed}', 'ablate.json')) or {} for seed in seeds]
             numbers = next((m['model_numbers'] for m in markers if m.get('model_numbers')), {})
-        if not numbers:
+        data_dir = cfg['data_dir'] or os.path.join('data', cfg['dataset'])
+        if numbers:
+            iters = max(1, int(max_flops // (numbers['flops_per_token'] * tokens_per_step)))
+        elif dry_run:                       # the steps wait for the vocabulary: the runs are listed all the same
+            iters = None
+            if not unknown_iters:
+                print(f'max_iters: from max_flops once {data_dir} is prepared (the vocabulary sets the FLOPs '
+                      f'per token): {prepare_command(data_dir, cfg["dataset"])}')
+            unknown_iters.append(name)
+        else:
             fail(f'{where}: max_flops needs the model\'s FLOPs per token, so its vocabulary: prepare the '
-                 f'dataset first (no meta.json at {cfg["data_dir"] or "data/" + cfg["dataset"]}) or set vocab_size')
-        iters = max(1, int(max_flops // (numbers['flops_per_token'] * tokens_per_step)))
+                 f'dataset first (no meta.json at {data_dir}): {prepare_command(data_dir, cfg["dataset"])}; '
+                 f'or set vocab_size')
     else:
         iters = cfg['max_iters']
     for seed in seeds:
         run_dir = os.path.join(out_dir, f'{dir_name}_s{seed}')
-        args = [*base_args, *var_args, f'--seed={seed}', f'--out_dir={run_dir}', f'--max_iters={iters}']
+        args = [*base_args, *var_args, f'--seed={seed}', f'--out_dir={run_dir}',
+                f"--max_iters={'?' if iters is None else iters}"]
         runs.append({'variant': name, 'seed': seed, 'dir': run_dir, 'args': args, 'max_iters': iters,
                      'tokens_per_step': tokens_per_step, 'config': cfg, 'numbers': numbers,
                      'fingerprint': fingerprint(cfg), 'settings': training_settings(cfg),
@@ -328,7 +338,8 @@ def outcome(run):
     if marker is not None:
         ended = marker.get('status') in ('done', 'diverged')
         return marker['status'] if ended and stale(run) is None else None
-    return 'done' if any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir'])) else None
+    return 'done' if run['max_iters'] is not None and \
+        any('val/loss' in r and r['step'] >= run['max_iters'] for r in log_rows(run['dir'])) else None
 
 
 HASH_ONLY_MATCHES = {}     # (an older marker's hash, the settings' hash now) -> explained: searched once
@@ -368,7 +379,7 @@ def stale(run):
     marker = read_json(os.path.join(run['dir'], 'ablate.json'))
     if marker is None:
         return None
-    if marker.get('max_iters') is not None and marker['max_iters'] != run['max_iters']:
+    if marker.get('max_iters') is not None and run['max_iters'] is not None and marker['max_iters'] != run['max_iters']:
         return f"trained toward max_iters={marker['max_iters']}, not {run['max_iters']}"
     settings, data = run['fingerprint']
     if 'settings' not in marker:

@@ -380,6 +380,15 @@ def test_a_study_whose_data_is_not_prepared_says_how_to_prepare_it(monkeypatch, 
     assert not (tmp_path / 'out' / 'd' / 'a_s1337').exists()
     code, out = ablate(monkeypatch, tmp_path, capsys, study, '--dry_run=True')
     assert code == 0 and out.count('would start') == 2
+    # with a FLOPs budget the steps wait for the vocabulary: the dry run lists the runs all the same
+    # and says what sets them; the run itself stops with the same prepare command
+    code, out = ablate(monkeypatch, tmp_path, capsys, study, '--dry_run=True', '--max_flops=1e10')
+    assert code == 0 and out.count('would start') == 2, out
+    assert out.count('--max_iters=?') == 2 and ('max_iters: from max_flops once data/stories is prepared (the '
+                                                 'vocabulary sets the FLOPs per token): python prepare/stories.py '
+                                                 '--out_dir=data/stories') in out, out
+    code, _ = ablate(monkeypatch, tmp_path, capsys, study, '--max_flops=1e10')
+    assert 'max_flops needs' in code and 'python prepare/stories.py --out_dir=data/stories' in code, code
 
 
 def test_a_report_before_any_run_has_finished_is_a_well_formed_table(tmp_path, byte_data):
