@@ -30,7 +30,8 @@
 # profiles below; the last value of a key wins), EVAL_RUNS names the runs eval evaluates, and
 # FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none):
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
-# A stage that finished before is skipped, whatever the settings now: to run it again, delete its
+# Ctrl-C or a kill stops the stages it started too. A stage that finished before is skipped, whatever
+# the settings now (so the same command continues a stopped run): to run it again, delete its
 # folder under OUT (and its line in OUT/times.tsv) or give another --out=
 # The data comes from $SHARED_DATA (default ../shared/data beside the checkout; see prepare/stories.py).
 set -euo pipefail
@@ -198,6 +199,24 @@ wall_line() {
   touch $OUT/logs/wall.$$
 }
 [ $DRY_RUN = 1 ] || trap 'wall_line; rm -f $OUT/logs/wall.$$' EXIT
+# Ctrl-C or a kill stops the stages this script started too: a stage run in the background
+# (--parallel=1) ignores Ctrl-C, as a script's background commands do, and a kill reaches this
+# shell alone. Its descendants from one snapshot of the process table (ps -A: Linux and macOS),
+# each sent SIGTERM; without ps, its own children alone
+descendants() {
+  ps -A -o pid= -o ppid= 2> /dev/null | awk -v top=$$ '{ parent[$1] = $2 }
+    END { for (p in parent) for (q = parent[p]; q > 1; q = parent[q]) if (q == top) { print p; break } }' \
+    || jobs -p
+}
+interrupted() {   # interrupted SIGNAL EXIT_CODE
+  trap - INT TERM
+  local pids; pids=$(descendants)
+  [ -z "$pids" ] || kill -TERM $pids 2> /dev/null || true     # (some have ended since the snapshot)
+  echo "speedrun: stopped by $1, and with it the stages it had started; run the same command again to go on" \
+       "(finished stages are skipped)"
+  exit $2
+}
+[ $DRY_RUN = 1 ] || { trap 'interrupted SIGINT 130' INT; trap 'interrupted SIGTERM 143' TERM; }
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
 # times.tsv; skipped when it finished before: DONE_FILE exists and times.tsv has its line (a
 # stage stopped midway leaves a checkpoint, not the line: it runs again)

@@ -8,6 +8,8 @@ import shutil
 import statistics
 import subprocess
 
+import pytest
+
 from conftest import run_script
 from task import make_prompt, score as rule_score
 
@@ -223,6 +225,52 @@ def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_pat
     assert 'error: student_distill (run beside the phases after SFT) failed: see ' in p.stdout
     assert ('start', 'report.py', 'no_student') in events and ('end', 'eval.py', 'grpo') in events
     assert ('start', 'eval.py', 'student_distill') not in events
+
+
+@pytest.mark.parametrize('how', ['ctrl-c', 'kill'])
+def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how):
+    """--parallel=1 runs stages in the background, where they ignore Ctrl-C, and a kill reaches the
+    script alone: stopped either way, it stops every stage it started too (here PPO, GRPO, the
+    pairs and the distilled student, each a stand-in python that would run for a minute), and
+    says how to go on."""
+    import signal
+    import sys
+    import time
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / 'bin').mkdir()
+    log = tmp_path / 'stages.log'
+    stand_in = FAKE_PYTHON.format(python=sys.executable, log=log, marks=tmp_path).replace(
+        'mkdir -p $out', '[ "$script" = ppo.py ] && for i in $(seq 600); do sleep 0.1; done\nmkdir -p $out')
+    (tmp_path / 'bin' / 'python').write_text(stand_in)
+    (tmp_path / 'bin' / 'python').chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    # a session of its own, as a terminal gives a command: Ctrl-C goes to its whole process group
+    p = subprocess.Popen(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--parallel=1'], cwd=repo,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for _ in range(600):
+        if log.exists() and 'start ppo.py' in log.read_text():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+    def stand_ins():
+        ps = subprocess.run(['ps', '-A', '-ww', '-o', 'pid=', '-o', 'args='], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if str(tmp_path / 'bin' / 'python') in line]
+
+    assert any('ppo.py' in line for line in stand_ins()), log.read_text()
+    if how == 'ctrl-c':
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        os.kill(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == (130 if how == 'ctrl-c' else 143), out
+    assert f"speedrun: stopped by {'SIGINT' if how == 'ctrl-c' else 'SIGTERM'}, and with it the stages" in out, out
+    for _ in range(50):                     # (SIGTERM takes a moment to reach them)
+        if not stand_ins():
+            break
+        time.sleep(0.1)
+    assert stand_ins() == [], stand_ins()
+    assert 'end ppo.py' not in log.read_text()
 
 
 def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
