@@ -241,7 +241,8 @@ def load_chat_model(path, device='cpu', ckpt=None, overrides=None, scalar=False,
 # push real tokens off their experts; DeepSeek-V3 too stops the bias updates (speed 0) for the end
 # of pretraining, and the stages after it never need them. Their losses (DPO's, the policy's) come from
 # forwards without targets, so no MoE balance loss joins them either: routing stays as SFT left it,
-# but for what the losses' gradients move in the router weights.
+# but for what the losses' gradients move in the router weights. (reward.py's bias_update_speed
+# setting is 0 by default for this reason; it counts no padding, and > 0 balances again.)
 FROZEN_ROUTING = {'bias_update_speed': 0.0}
 
 

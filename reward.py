@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
+from checkpoint import load_chat_model, load_checkpoint
 from config import configure
 from data import read_prepared, write_jsonl
 from generate import use_cuda_graph
@@ -71,6 +71,9 @@ n_fresh = 128                # fresh samples (SFT model, held-out prompts) for t
 fresh_temperature = 1.0      # the fresh samples' temperature
 max_new_tokens = 300         # the longest fresh sample (tokens)
 dropout = 0.0
+bias_update_speed = 0.0      # the MoE router biases' step (auxiliary-loss-free balancing): 0 keeps them as
+                             # SFT left them (checkpoint.FROZEN_ROUTING); > 0 keeps balancing the load (the
+                             # padding is not counted), against a router that drifts at this stage's rate
 # optimizer and schedule (as in train.py)
 optimizer = 'adamw'          # 'adamw' | 'muon' | 'muonclip'
 learning_rate = 3e-5
@@ -107,6 +110,8 @@ if batch_by not in ('pair', 'prompt'):
     sys.exit(f"error: batch_by='{batch_by}'; valid: pair, prompt")
 if score_pooling not in ('last', 'last+mean'):
     sys.exit(f"error: score_pooling='{score_pooling}'; valid: last, last+mean")
+if bias_update_speed < 0:
+    sys.exit(f'error: bias_update_speed={bias_update_speed} must be 0 (the biases as SFT left them) or positive')
 if word_check_weight < 0:
     sys.exit(f'error: word_check_weight={word_check_weight} must be 0 (off) or positive')
 if init_from == 'scratch':
@@ -118,7 +123,7 @@ ckpt = load_checkpoint(source)
 parent = ckpt.get('parent', source) if init_from == 'resume' else source   # the SFT model
 scoring = {'score_pooling': score_pooling, 'score_reread': score_reread}   # how the score is read
 model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, scalar=True, overrides={
-    'dropout': dropout, **FROZEN_ROUTING, **({} if init_from == 'resume' else scoring)})
+    'dropout': dropout, 'bias_update_speed': bias_update_speed, **({} if init_from == 'resume' else scoring)})
 if init_from == 'resume':             # a resumed run reads its score as it was trained to
     kept = {k: getattr(model.config, k) for k in scoring}
     if kept != scoring and rt.master:

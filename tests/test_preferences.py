@@ -343,7 +343,7 @@ def test_dpo_starts_at_log_2_and_falls(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short = run_scripts([
+    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short, speed = run_scripts([
         ('reward.py', ['--loss_type=hinge']),
         ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
         ('reward.py', ['--batch_by=answer']),
@@ -351,7 +351,10 @@ def test_bad_settings(planted):
         ('dpo.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
         ('reward.py', ['--score_pooling=max']),
         ('dpo.py', ['--init_from=base', '--out_dir=dpo_short', '--prefs_dir=planted', '--block_size=12',
-                    '--max_iters=1', '--eval_interval=1', '--batch_size=2', '--eval_prompts=0', *COMMON])], cwd=planted)
+                    '--max_iters=1', '--eval_interval=1', '--batch_size=2', '--eval_prompts=0', *COMMON]),
+        ('reward.py', ['--bias_update_speed=-0.001'])], cwd=planted)
+    assert speed.returncode and 'bias_update_speed=-0.001 must be 0 (the biases as SFT left them) or positive' \
+        in speed.stderr, speed.stderr
     assert dpo_short.returncode == 0 and 'longer than block_size + 1 = 13 tokens and were cut' in dpo_short.stdout, \
         dpo_short.stderr
     for p in (rm_block, dpo_block):
@@ -391,6 +394,13 @@ def test_stages_on_padded_batches_leave_the_router_biases_as_they_were(planted):
         assert bias and before[bias[0]].abs().sum() > 0                       # train.py moved them
         assert all(torch.equal(before[k], after[k]) for k in bias), script
         assert not torch.equal(before['layers.1.mlp.router.weight'], after['layers.1.mlp.router.weight'])
+    # the reward model's bias_update_speed > 0 keeps balancing the load: its biases move again
+    run_script('reward.py', '--init_from=moe_base', '--out_dir=moe_reward_balanced', '--prefs_dir=planted',
+               '--max_iters=3', '--eval_interval=3', '--batch_size=4', '--n_fresh=0', '--bias_update_speed=0.01',
+               *COMMON, cwd=planted)
+    after = load_checkpoint(str(planted / 'moe_reward_balanced'))['model']
+    assert not any(torch.equal(before[k], after[k]) for k in bias)
+    assert load_checkpoint(str(planted / 'moe_reward_balanced'))['model_config']['bias_update_speed'] == 0.01
 
 
 def test_the_scalar_head_runs_in_float32_under_autocast():
