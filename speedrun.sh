@@ -30,7 +30,8 @@
 # profiles below; the last value of a key wins), EVAL_RUNS names the runs eval evaluates, and
 # FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none):
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
-# Ctrl-C or a kill stops the stages it started too. A stage that finished before is skipped, whatever
+# Ctrl-C stops the stages it started too (a training stage saves a checkpoint first; a kill stops them
+# at once). A stage that finished before is skipped, whatever
 # the settings now (so the same command continues a stopped run): to run it again, delete its
 # folder under OUT (and its line in OUT/times.tsv) or give another --out=
 # The data comes from $SHARED_DATA (default ../shared/data beside the checkout; see prepare/stories.py).
@@ -199,24 +200,39 @@ wall_line() {
   touch $OUT/logs/wall.$$
 }
 [ $DRY_RUN = 1 ] || trap 'wall_line; rm -f $OUT/logs/wall.$$' EXIT
-# Ctrl-C or a kill stops the stages this script started too: a stage run in the background
-# (--parallel=1) ignores Ctrl-C, as a script's background commands do, and a kill reaches this
-# shell alone. Its descendants from one snapshot of the process table (ps -A: Linux and macOS),
-# each sent SIGTERM; without ps, its own children alone
+# Ctrl-C or a kill stops the stages this script started too. Each stage runs as a job of its own
+# (job control on: set -m), so that Ctrl-C reaches this shell alone (a script's background commands
+# would ignore it) and the shell hands it on to every process under it: a training stage finishes
+# its step, saves a checkpoint and stops (training.Run), the rest stop at once. A kill (SIGTERM)
+# reaches this shell alone too, and stops them all at once. The processes under it: one snapshot
+# of the process table (ps -A: Linux and macOS), or without ps its jobs alone.
+[ $DRY_RUN = 1 ] || set -m
 descendants() {
   ps -A -o pid= -o ppid= 2> /dev/null | awk -v top=$$ '{ parent[$1] = $2 }
     END { for (p in parent) for (q = parent[p]; q > 1; q = parent[q]) if (q == top) { print p; break } }' \
     || jobs -p
 }
-interrupted() {   # interrupted SIGNAL EXIT_CODE
-  trap - INT TERM
-  local pids; pids=$(descendants)
-  [ -z "$pids" ] || kill -TERM $pids 2> /dev/null || true     # (some have ended since the snapshot)
+alive() { ps -o stat= -p $1 2> /dev/null | grep -qv Z; }     # (an exited process not yet reaped is not)
+stopping=''       # the processes a first Ctrl-C asked to stop (some may have left this shell's tree since)
+interrupted() {   # interrupted HOW EXIT_CODE; HOW: Ctrl-C (each stage stops as it does), or at once
+  set +m            # (no job notices: each stage says how it ended in its log)
+  local pids p; pids="$(descendants) $stopping"
+  if [ "$1" = Ctrl-C ] && [ -n "${pids// /}" ]; then
+    stopping=$pids
+    trap 'interrupted "a second Ctrl-C" 130' INT
+    echo "speedrun: Ctrl-C: stopping its stages (a training stage saves a checkpoint first; Ctrl-C again" \
+         "stops them at once)"
+    kill -INT $pids 2> /dev/null || true     # (some have ended since the snapshot)
+    for p in $pids; do while alive $p; do sleep 0.2; done; done
+  else
+    trap - INT TERM
+    [ -z "${pids// /}" ] || kill -TERM $pids 2> /dev/null || true
+  fi
   echo "speedrun: stopped by $1, and with it the stages it had started; run the same command again to go on" \
        "(finished stages are skipped)"
   exit $2
 }
-[ $DRY_RUN = 1 ] || { trap 'interrupted SIGINT 130' INT; trap 'interrupted SIGTERM 143' TERM; }
+[ $DRY_RUN = 1 ] || { trap 'interrupted Ctrl-C 130' INT; trap 'interrupted SIGTERM 143' TERM; }
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
 # times.tsv; skipped when it finished before: DONE_FILE exists and times.tsv has its line (a
 # stage stopped midway leaves a checkpoint, not the line: it runs again)
@@ -229,8 +245,12 @@ run() {
   fi
   [ -e "$done" ] && echo "$name: $done is there but the stage did not finish (no line in times.tsv): it runs again"
   echo "$name: $*   (log: $OUT/logs/$name.log)"
-  local t0=$SECONDS
-  if ! "$@" > $OUT/logs/$name.log 2>&1; then
+  local t0=$SECONDS rc=0
+  # in this shell as a job (set -m above), so that a kill is not put off until the stage ends; in a
+  # phase's subshell in the foreground (a subshell's background commands would ignore Ctrl-C)
+  if [ $BASHPID = $$ ]; then "$@" > $OUT/logs/$name.log 2>&1 & wait $! || rc=$?
+  else "$@" > $OUT/logs/$name.log 2>&1 || rc=$?; fi
+  if [ $rc != 0 ]; then
     echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1
   fi
   printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> $OUT/times.tsv

@@ -227,25 +227,41 @@ def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_pat
     assert ('start', 'eval.py', 'student_distill') not in events
 
 
+@pytest.mark.parametrize('parallel', [0, 1])
 @pytest.mark.parametrize('how', ['ctrl-c', 'kill'])
-def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how):
-    """--parallel=1 runs stages in the background, where they ignore Ctrl-C, and a kill reaches the
-    script alone: stopped either way, it stops every stage it started too (here PPO, GRPO, the
-    pairs and the distilled student, each a stand-in python that would run for a minute), and
-    says how to go on."""
+def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how, parallel):
+    """Ctrl-C (to the whole process group, as a terminal sends it) or a kill (to the script alone),
+    with the stages side by side or one at a time: every stage it started stops too, and it says
+    how to go on. Ctrl-C reaches the stages as Ctrl-C (PPO's stand-in, a python that runs for a
+    minute, saves and stops as training.Run does; GRPO's, a plain python, stops at once); a stage
+    that goes on (the distillation's stand-in ignores Ctrl-C) stops at a second Ctrl-C. A kill
+    stops them at once."""
+    import contextlib
     import signal
     import sys
     import time
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / 'bin').mkdir()
     log = tmp_path / 'stages.log'
+    # PPO runs for a minute and stops on Ctrl-C as training.Run does: it saves, says so, exits 130
+    ppo = ("import signal, sys, time\n"
+           "def stop(*_):\n"
+           f"    open('{log}', 'a').write('saved and stopped ppo.py\\n')\n"
+           "    sys.exit(130)\n"
+           "signal.signal(signal.SIGINT, stop)\n"
+           "time.sleep(60)\n")
+    (tmp_path / 'ppo_stand_in.py').write_text(ppo)
+    (tmp_path / 'grpo_stand_in.py').write_text('import time\ntime.sleep(60)\n')    # a python as it comes
     stand_in = FAKE_PYTHON.format(python=sys.executable, log=log, marks=tmp_path).replace(
-        'mkdir -p $out', '[ "$script" = ppo.py ] && for i in $(seq 600); do sleep 0.1; done\nmkdir -p $out')
+        'mkdir -p $out', f'[ "$script" = ppo.py ] && exec {sys.executable} {tmp_path}/ppo_stand_in.py ppo.py\n'
+                         f'[ "$script" = grpo.py ] && exec {sys.executable} {tmp_path}/grpo_stand_in.py grpo.py\n'
+                         'mkdir -p $out').replace(   # and the distillation's (a shell loop) ignores Ctrl-C
+        'if [ "$script" = distill.py ]; then', 'if [ "$script" = distill.py ]; then\n  trap "" INT')
     (tmp_path / 'bin' / 'python').write_text(stand_in)
     (tmp_path / 'bin' / 'python').chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     # a session of its own, as a terminal gives a command: Ctrl-C goes to its whole process group
-    p = subprocess.Popen(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--parallel=1'], cwd=repo,
+    p = subprocess.Popen(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', f'--parallel={parallel}'], cwd=repo,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for _ in range(600):
         if log.exists() and 'start ppo.py' in log.read_text():
@@ -255,22 +271,32 @@ def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how):
 
     def stand_ins():
         ps = subprocess.run(['ps', '-A', '-ww', '-o', 'pid=', '-o', 'args='], capture_output=True, text=True).stdout
-        return [line for line in ps.splitlines() if str(tmp_path / 'bin' / 'python') in line]
+        return [line for line in ps.splitlines() if str(tmp_path) in line]     # stages, and speedrun.sh's shells
 
     assert any('ppo.py' in line for line in stand_ins()), log.read_text()
     if how == 'ctrl-c':
         os.killpg(p.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+        # a python stage stops at the first Ctrl-C (GRPO's, beside PPO's)
+        assert not any('grpo_stand_in' in line for line in stand_ins()), stand_ins()
+        if p.poll() is None:    # a stage that goes on (the distillation's stand-in): Ctrl-C again
+            os.killpg(p.pid, signal.SIGINT)
     else:
         os.kill(p.pid, signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == (130 if how == 'ctrl-c' else 143), out
-    assert f"speedrun: stopped by {'SIGINT' if how == 'ctrl-c' else 'SIGTERM'}, and with it the stages" in out, out
+    said = 'SIGTERM' if how == 'kill' else 'a second Ctrl-C' if parallel else 'Ctrl-C'   # (beside distillation: twice)
+    assert f"speedrun: stopped by {said}, and with it the stages" in out, out
+    assert 'Interrupt ' not in out, out                                # no job notices
     for _ in range(50):                     # (SIGTERM takes a moment to reach them)
         if not stand_ins():
             break
         time.sleep(0.1)
     assert stand_ins() == [], stand_ins()
     assert 'end ppo.py' not in log.read_text()
+    # Ctrl-C reaches a training stage as Ctrl-C (it stops cleanly); a kill stops it at once
+    assert ('saved and stopped ppo.py' in log.read_text()) == (how == 'ctrl-c'), log.read_text()
 
 
 def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
