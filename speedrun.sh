@@ -31,9 +31,9 @@
 # FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none):
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
 # Ctrl-C stops the stages it started too (a training stage saves a checkpoint first; a kill stops them
-# at once). A stage that finished before is skipped, whatever
-# the settings now (so the same command continues a stopped run): to run it again, delete its
-# folder under OUT (and its line in OUT/times.tsv) or give another --out=
+# at once). A stage that finished before is skipped, whatever the settings now (so the same command
+# continues a stopped run): to run it again, delete its folder under OUT (and its line in
+# OUT/times.tsv) or give another --out=
 # The data comes from $SHARED_DATA (default ../shared/data beside the checkout; see prepare/stories.py).
 set -euo pipefail
 PROFILE=cpu
