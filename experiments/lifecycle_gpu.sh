@@ -6,7 +6,8 @@
 #             its SFT in SIDE_SFT below, each from the same base model and task, each evaluated
 #             like the main SFT (speedrun.sh --stages=sft,eval in its own folder under S), and a
 #             second SFT round on rejection samples (BEST_SFT below, folder S/best), the scratch
-#             student from the teacher's embeddings (folder S/embed); SIDES names some of them;
+#             student from the teacher's embeddings (folder S/embed), and the reward model again on
+#             the main run's pairs at other settings (SIDE_REWARD below); SIDES names some of them;
 #             when all of it has finished, the serving benchmarks on the base model, alone
 #             on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
@@ -25,7 +26,7 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
-ALL_SIDES="words40 like3 embed best"
+ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -69,6 +70,27 @@ BEST_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /
   $BEST_SFT > $R/logs/side_best.log 2>&1 && EVAL_RUNS=sft bash speedrun.sh --profile=$PROFILE --out=$S/best
   --stages=eval >> $R/logs/side_best.log 2>&1) &"
 BEST_RUN=$(echo $BEST_RUN); wanted best || BEST_RUN=""
+# the reward model again on the main run's pairs, beside its own (speedrun.sh --stages=reward in a folder
+# under S whose pairs are the main run's): its accuracy moved from card to card (67.3%, 84.1%, 88.2%,
+# 87.0% and 90.3% on side runs, then 75.9% at the same settings on the tenth card, whose head's word
+# checks stayed near their base rate for 400 steps while its router collapsed: the busiest expert
+# 15.8x the mean load of 16x possible). Other seeds (how much is the seed's?), the router biases
+# balancing again, and a third of the learning rate
+declare -A SIDE_REWARD=(
+  [reward_seed2]="--seed=1338"
+  [reward_seed3]="--seed=1339"
+  [reward_balanced]="--bias_update_speed=0.001"
+  [reward_lr1e-4]="--learning_rate=1e-4 --min_lr=1e-5"
+)
+REWARD_RUNS=""
+for v in "${!SIDE_REWARD[@]}"; do
+  wanted $v || continue
+  link="mkdir -p $S/$v && for x in data task base sft prefs; do ln -sfn $A/\$x $S/$v/\$x; done"
+  REWARD_RUNS+="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+    REWARD_EXTRA='${SIDE_REWARD[$v]}' bash speedrun.sh --profile=$PROFILE --out=$S/$v --stages=reward
+    > $R/logs/side_$v.log 2>&1) & "
+done
+REWARD_RUNS=$(echo $REWARD_RUNS)
 # measured as side runs and now the profile's (docs/results.md, eighth and ninth runs): the reward
 # model on twice the pairs for twice the steps (88.2% and 87.0% of held-out pairs, against 84.1%)
 # and with its head's word checks (paired +2.4 +- 1.4 points on the profile's pairs then, +3.2 +- 0.9
@@ -84,7 +106,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R ${STAGES:+--stages=$STAGES} > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN :; }
+      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS :; }
       wait
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
@@ -120,9 +142,15 @@ case ${1:-} in
       --exclude=$(basename $R)/task --exclude=$(basename $R)/prefs \
       -C $(dirname $R) $(basename $R) -C $(realpath -m $(dirname $S)) $(basename $S)
     cp $R/report.md $2/ 2> /dev/null; bash $0 sides | tee $2/sides.md
-    # the reward model's last held-out accuracy, and by the words the two answers use
-    echo "reward: $(grep -h 'val/accuracy' $R/reward/log.jsonl 2> /dev/null | tail -1 | python -c "import json, sys
-for line in sys.stdin: d = json.loads(line); print(d['step'], *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k))")"
+    # the reward models' last held-out accuracy (the main run's and the side runs'), with their
+    # largest expert imbalance at the end; and by the words the two answers use (the main run's)
+    for f in $R/reward/log.jsonl $S/reward_*/reward/log.jsonl; do
+      [ -e $f ] && echo "$f: $(python -c "import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+ev, tr = [r for r in rows if 'val/accuracy' in r], [r for r in rows if 'moe/max_imbalance' in r]
+d = ev[-1] if ev else {}
+print(*(f'step {d[\"step\"]}', *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k)) if ev else (),
+      f'max imbalance {tr[-1][\"moe/max_imbalance\"]}' if tr else '')" $f)"; done
     sed -n '/words used/,/^$/p' $R/reward/misses.md 2> /dev/null
     grep -h 'Distillation' $R/report.md 2> /dev/null | cut -c1-400   # the gap closed
     for f in $R/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
