@@ -203,36 +203,41 @@ wall_line() {
 # Ctrl-C or a kill stops the stages this script started too. Each stage runs as a job of its own
 # (job control on: set -m), so that Ctrl-C reaches this shell alone (a script's background commands
 # would ignore it) and the shell hands it on to every process under it: a training stage finishes
-# its step, saves a checkpoint and stops (training.Run), the rest stop at once. A kill (SIGTERM)
-# reaches this shell alone too, and stops them all at once. The processes under it: one snapshot
-# of the process table (ps -A: Linux and macOS), or without ps its jobs alone.
+# its step, saves a checkpoint and stops (training.Run), the rest stop at once. A kill (SIGTERM),
+# a hangup (the terminal closed) or Ctrl-\ reaches this shell alone too, and stops them all at
+# once. (SIGKILL cannot be handed on: the stages, in their own process groups, go on; so does
+# Ctrl-Z stop this shell alone.) The processes under it: one snapshot of the process table (ps -A:
+# Linux and macOS), and the jobs' process groups (all there is to signal where ps is missing).
 [ $DRY_RUN = 1 ] || set -m
 descendants() {
   ps -A -o pid= -o ppid= 2> /dev/null | awk -v top=$$ '{ parent[$1] = $2 }
-    END { for (p in parent) for (q = parent[p]; q > 1; q = parent[q]) if (q == top) { print p; break } }' \
-    || jobs -p
+    END { for (p in parent) for (q = parent[p]; q > 0; q = parent[q]) if (q == top) { print p; break } }' || true
+  jobs -p | sed 's/^/-/'                # (a job's pid is its process group's id)
 }
-alive() { ps -o stat= -p $1 2> /dev/null | grep -qv Z; }     # (an exited process not yet reaped is not)
+alive() { ps -o stat= -p ${1#-} 2> /dev/null | grep -qv Z; }  # (an exited process not yet reaped is not)
+say() { { echo "$@"; } 2> /dev/null || true; }     # (the terminal or a pipe may be gone: not a reason to stop)
 stopping=''       # the processes a first Ctrl-C asked to stop (some may have left this shell's tree since)
 interrupted() {   # interrupted HOW EXIT_CODE; HOW: Ctrl-C (each stage stops as it does), or at once
+  trap '' PIPE      # (Ctrl-C also ends a `| tee` this script writes to)
   set +m            # (no job notices: each stage says how it ended in its log)
   local pids p; pids="$(descendants) $stopping"
   if [ "$1" = Ctrl-C ] && [ -n "${pids// /}" ]; then
-    stopping=$pids
     trap 'interrupted "a second Ctrl-C" 130' INT
-    echo "speedrun: Ctrl-C: stopping its stages (a training stage saves a checkpoint first; Ctrl-C again" \
-         "stops them at once)"
-    kill -INT $pids 2> /dev/null || true     # (some have ended since the snapshot)
-    for p in $pids; do while alive $p; do sleep 0.2; done; done
+    kill -INT -- $pids 2> /dev/null || true     # (some have ended since the snapshot)
+    stopping=$(for p in $pids; do ! alive $p || echo $p; done)
+    say "speedrun: Ctrl-C: stopping its stages (a training stage saves a checkpoint first; Ctrl-C again" \
+        "stops them at once)"
+    for p in $stopping; do while alive $p; do sleep 0.2; done; done
   else
-    trap - INT TERM
-    [ -z "${pids// /}" ] || kill -TERM $pids 2> /dev/null || true
+    trap - INT TERM HUP QUIT
+    [ -z "${pids// /}" ] || kill -TERM -- $pids 2> /dev/null || true
   fi
-  echo "speedrun: stopped by $1, and with it the stages it had started; run the same command again to go on" \
-       "(finished stages are skipped)"
+  say "speedrun: stopped by $1, and with it the stages it had started; run the same command again to go on" \
+      "(finished stages are skipped)"
   exit $2
 }
-[ $DRY_RUN = 1 ] || { trap 'interrupted Ctrl-C 130' INT; trap 'interrupted SIGTERM 143' TERM; }
+[ $DRY_RUN = 1 ] || { trap 'interrupted Ctrl-C 130' INT; trap 'interrupted SIGTERM 143' TERM
+                      trap 'interrupted SIGHUP 129' HUP; trap 'interrupted SIGQUIT 131' QUIT; }
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
 # times.tsv; skipped when it finished before: DONE_FILE exists and times.tsv has its line (a
 # stage stopped midway leaves a checkpoint, not the line: it runs again)
@@ -248,8 +253,9 @@ run() {
   local t0=$SECONDS rc=0
   # in this shell as a job (set -m above), so that a kill is not put off until the stage ends; in a
   # phase's subshell in the foreground (a subshell's background commands would ignore Ctrl-C)
-  if [ $BASHPID = $$ ]; then "$@" > $OUT/logs/$name.log 2>&1 & wait $! || rc=$?
-  else "$@" > $OUT/logs/$name.log 2>&1 || rc=$?; fi
+  # (stdin /dev/null: a job reading the terminal would be stopped, and wait would return)
+  if [ $BASH_SUBSHELL = 0 ]; then "$@" < /dev/null > $OUT/logs/$name.log 2>&1 & wait $! || rc=$?
+  else "$@" < /dev/null > $OUT/logs/$name.log 2>&1 || rc=$?; fi
   if [ $rc != 0 ]; then
     echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1
   fi

@@ -228,14 +228,14 @@ def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_pat
 
 
 @pytest.mark.parametrize('parallel', [0, 1])
-@pytest.mark.parametrize('how', ['ctrl-c', 'kill'])
+@pytest.mark.parametrize('how', ['ctrl-c', 'kill', 'hangup'])
 def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how, parallel):
     """Ctrl-C (to the whole process group, as a terminal sends it) or a kill (to the script alone),
     with the stages side by side or one at a time: every stage it started stops too, and it says
     how to go on. Ctrl-C reaches the stages as Ctrl-C (PPO's stand-in, a python that runs for a
     minute, saves and stops as training.Run does; GRPO's, a plain python, stops at once); a stage
     that goes on (the distillation's stand-in ignores Ctrl-C) stops at a second Ctrl-C. A kill
-    stops them at once."""
+    or a hangup (the terminal closed) stops them at once."""
     import contextlib
     import signal
     import sys
@@ -282,11 +282,11 @@ def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how, parallel):
         assert not any('grpo_stand_in' in line for line in stand_ins()), stand_ins()
         if p.poll() is None:    # a stage that goes on (the distillation's stand-in): Ctrl-C again
             os.killpg(p.pid, signal.SIGINT)
-    else:
-        os.kill(p.pid, signal.SIGTERM)
+    else:                       # a kill, or the terminal closed: to the script alone
+        os.kill(p.pid, signal.SIGTERM if how == 'kill' else signal.SIGHUP)
     out, _ = p.communicate(timeout=60)
-    assert p.returncode == (130 if how == 'ctrl-c' else 143), out
-    said = 'SIGTERM' if how == 'kill' else 'a second Ctrl-C' if parallel else 'Ctrl-C'   # (beside distillation: twice)
+    assert p.returncode == {'ctrl-c': 130, 'kill': 143, 'hangup': 129}[how], out
+    said = {'kill': 'SIGTERM', 'hangup': 'SIGHUP'}.get(how, 'a second Ctrl-C' if parallel else 'Ctrl-C')
     assert f"speedrun: stopped by {said}, and with it the stages" in out, out
     assert 'Interrupt ' not in out, out                                # no job notices
     for _ in range(50):                     # (SIGTERM takes a moment to reach them)
