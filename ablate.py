@@ -265,7 +265,7 @@ def read_json(path):
 # --- the runs: one per variant x seed -------------------------------------------------------------
 DEFAULT_SETTINGS = training_settings(resolve([], "train.py's defaults"))    # (settings_changed)
 check_keys([k for k, _ in parse_args(base_args, 'base') if k], 'base')
-runs, override_keys, unknown_iters = [], [], []
+runs, override_keys, iters_note = [], [], False
 for name, overrides in variants.items():
     where = f"variant '{name}'"
     if isinstance(overrides, dict):
@@ -298,10 +298,10 @@ for name, overrides in variants.items():
             iters = max(1, int(max_flops // (numbers['flops_per_token'] * tokens_per_step)))
         elif dry_run:                       # the steps wait for the vocabulary: the runs are listed all the same
             iters = None
-            if not unknown_iters:
+            if not iters_note:
                 print(f'max_iters: from max_flops once {data_dir} is prepared (the vocabulary sets the FLOPs '
                       f'per token): {prepare_command(data_dir, cfg["dataset"])}')
-            unknown_iters.append(name)
+            iters_note = True
         else:
             fail(f'{where}: max_flops needs the model\'s FLOPs per token, so its vocabulary: prepare the '
                  f'dataset first (no meta.json at {data_dir}): {prepare_command(data_dir, cfg["dataset"])}; '
