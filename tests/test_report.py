@@ -171,12 +171,18 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # python for speedrun.sh's stages: logs when each stage script starts and ends, and writes the
 # files that mark it done. The distillation ends only once the reward model has started (or a
 # stage failed): if it held up the phases after SFT, it would wait 30 s and end before reward
-# starts. FAIL names a script that fails.
+# starts. FAIL names a script that fails. With SFT_WAITS, SFT ends only once the distillation has
+# started (it would wait 30 s and end first if the distillation did not start beside it), so how
+# fast the machine starts the two cannot decide the order the test reads.
 [ "$1" = -c ] && exec {python} "$@"
 script=$1; shift; out=''
 for a in "$@"; do case $a in --out_dir=*|--out=*) out=${{a#*=}} ;; esac; done
 echo "start $script $out" >> {log}
 [ "$script" = reward.py ] && touch {marks}/reward_started
+[ "$script" = distill.py ] && touch {marks}/distill_started
+if [ "$script" = sft.py ] && [ -n "$SFT_WAITS" ]; then
+  for i in $(seq 300); do [ -e {marks}/distill_started ] && break; sleep 0.1; done
+fi
 [ "$script" = "$FAIL" ] && {{ touch {marks}/failed; exit 1; }}
 if [ "$script" = distill.py ]; then
   for i in $(seq 300); do [ -e {marks}/reward_started ] || [ -e {marks}/failed ] && break; sleep 0.1; done
@@ -201,10 +207,11 @@ def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_pat
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
 
     def speedrun(out, fail=''):
-        for mark in ('reward_started', 'failed', 'stages.log'):
+        for mark in ('reward_started', 'distill_started', 'failed', 'stages.log'):
             (tmp_path / mark).unlink(missing_ok=True)
         p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/{out}', '--parallel=1'],
-                           cwd=repo, env=dict(env, FAIL=fail), capture_output=True, text=True, timeout=120)
+                           cwd=repo, env=dict(env, FAIL=fail, SFT_WAITS='1'), capture_output=True, text=True,
+                           timeout=120)
         events = [tuple(line.split()[:2]) + (os.path.basename(line.split()[2]),) for line in log.read_text().splitlines()]
         return p, events
 
