@@ -12,9 +12,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_optimizer_state_dict
 
 from model import GPT, ModelConfig, ScalarModel, padded_vocab_size
 from quant import BITS, quantize_model
@@ -120,6 +117,8 @@ def save_sharded_checkpoint(out_dir, model, optimizer, meta):
     ckpt_dcp/, so a crash never leaves a half-written checkpoint. A collective: every rank calls
     it. State dicts are keyed by parameter name (get_state_dict), which is what lets DCP load them
     back on any number of ranks, or whole in one process (load_sharded_checkpoint)."""
+    import torch.distributed.checkpoint as dcp        # here, not at the top: it takes about a second to import
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(out_dir, SHARDED_DIR)
     tmp, old = final + '.tmp', final + '.old'
     if dist.get_rank() == 0:
@@ -145,6 +144,8 @@ def load_sharded_checkpoint(folder):
     """A sharded checkpoint read whole in this process (no torch.distributed needed): meta.pt plus
     'model', the full weights. DCP's metadata gives each tensor's global shape and dtype; DCP
     then fills full-size tensors from however many shards were written."""
+    import torch.distributed.checkpoint as dcp        # here, not at the top: it takes about a second to import
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     meta_path = os.path.join(folder, 'meta.pt')
     if not os.path.isfile(meta_path):
         sys.exit(f"error: '{folder}' is not a complete sharded checkpoint (no meta.pt)")
@@ -168,6 +169,8 @@ def load_sharded_optimizer(model, optimizer, folder):
     FSDP, wrapped in nothing, or plain on one rank): DCP reshards it to this run's ranks. The
     optimizer's state is first initialised (get_optimizer_state_dict takes one step at lr 0) so
     that DCP knows what to fill. A collective under torch.distributed."""
+    import torch.distributed.checkpoint as dcp        # here, not at the top: it takes about a second to import
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)
     with warnings.catch_warnings():              # a single process: DCP says so
         warnings.simplefilter('ignore', UserWarning)

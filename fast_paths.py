@@ -374,7 +374,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (dh * grad_total).to(ctx.h_dtype), (dw * grad_total).to(ctx.w_dtype), None, None
 
 
-@torch.compiler.disable       # eager between compiled graphs: dynamo does not trace the row kernel
 def linear_cross_entropy(h, weight, targets, chunk_bytes=1 << 30):
     """masked_cross_entropy(h @ weight.T, targets) without the (.., V) logits held whole: h (B, T, C)
     or (N, C), weight (V, C), targets (B, T) or (N,) with -1 where no loss is wanted. Chunks of
@@ -383,4 +382,10 @@ def linear_cross_entropy(h, weight, targets, chunk_bytes=1 << 30):
     rows = max(1, chunk_bytes // (weight.size(0) * 2))
     total = LinearCrossEntropy.apply(h2, weight, t, rows)
     return total / (t >= 0).sum().clamp(min=1)
+
+
+if HAVE_TRITON:   # eager between compiled graphs: dynamo does not trace the Triton row kernel. Without
+    # Triton it traces the same math in PyTorch, and importing torch._dynamo (what the decorator
+    # does) would add about 1.5 s to the start of every script on a CPU-only build
+    linear_cross_entropy = torch.compiler.disable(linear_cross_entropy)
 

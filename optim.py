@@ -16,9 +16,9 @@ All three work on parameters sharded by FSDP2 too (fsdp=True; see "parameters sh
 
 import inspect
 import math
+import sys
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
 
 OPTIMIZERS = ('adamw', 'muon', 'muonclip')
 
@@ -58,13 +58,13 @@ def newton_schulz(G, steps=5, eps=1e-7):
 
 def is_sharded(t):
     """True for an FSDP2-sharded parameter (or its gradient, or a state tensor made like it)."""
-    if not torch.distributed.is_available():
-        return False
-    return isinstance(t, DTensor)
+    tensor = sys.modules.get('torch.distributed.tensor')   # a DTensor exists only once FSDP imported this
+    return tensor is not None and isinstance(t, tensor.DTensor)   # (importing it here would cost ~0.7 s)
 
 
 def shard_rows(t):
     """(start, stop): the rows of dim 0 of the full tensor that this rank holds of the sharded t."""
+    from torch.distributed.tensor import Shard
     if t.device_mesh.ndim != 1 or t.placements != (Shard(0),):
         raise NotImplementedError(f'parameters sharded as {t.placements} over a {t.device_mesh.ndim}-D mesh; '
                                   f'only FSDP2 row sharding (Shard(0), one mesh dimension) is supported')

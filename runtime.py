@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model import Block
 
@@ -166,6 +164,8 @@ def shard_model(model, rt):
     (MixedPrecisionPolicy); the sharded master weights and the optimizer stay fp32. On the CPU
     (gloo) everything stays fp32. cast_forward_inputs=False keeps the residual stream between
     blocks in fp32, as it is without FSDP (autocast still runs the matmuls in bf16)."""
+    from torch.distributed.device_mesh import init_device_mesh     # imported here: FSDP takes about
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard   # a second to import
     mesh = init_device_mesh(rt.device_type, (rt.world_size,))
     if rt.device_type == 'cuda' and rt.dtype == 'bfloat16':
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,

@@ -46,8 +46,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sharded_optimizer,
@@ -239,6 +237,8 @@ class Run:
         """A single-file checkpoint's optimizer state (torch's format, by parameter index), keyed
         by parameter name so that FSDP can shard it: loaded into a throwaway optimizer of the
         still unsharded model (FSDP replaces the parameters when it shards them)."""
+        # FSDP's helpers are imported where they are used: importing them takes about a second
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optimizer = self.build_optimizer(module)
         optimizer.load_state_dict(optimizer_state)
         return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
@@ -258,6 +258,7 @@ class Run:
             self.optimizer.load_state_dict(parallel.local_optimizer_state(self.raw, self.optimizer,
                                                                            resume['optimizer']))
         elif full_optimizer_state is not None:       # a single-file checkpoint, now sharded
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(trainable, self.optimizer, full_optimizer_state,
                                      options=StateDictOptions(full_state_dict=True))
         else:
@@ -582,6 +583,7 @@ class Run:
         if self.ep:
             weights = parallel.full_state_dict(self.raw)
         else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             weights = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.rt.master:
             return None
