@@ -192,6 +192,19 @@ echo "end $script $out" >> {log}
 """
 
 
+def stub_python(tmp_path, exit_code):
+    """An environment whose `python` runs no stage: each stage script exits with exit_code at once
+    (`python -c` still runs), for tests that read what speedrun.sh prints and decides, not what
+    the stages do; a real stage would spend seconds importing torch to fail or to do work the
+    test does not read."""
+    import sys
+    (tmp_path / 'stub_bin').mkdir(exist_ok=True)
+    (tmp_path / 'stub_bin' / 'python').write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && exec {sys.executable} "$@"\n'
+                                                  f'exit {exit_code}\n')
+    (tmp_path / 'stub_bin' / 'python').chmod(0o755)
+    return dict(os.environ, PATH=f"{tmp_path / 'stub_bin'}:{os.environ['PATH']}")
+
+
 def test_speedrun_runs_the_distilled_student_beside_the_stages_after_sft(tmp_path):
     """--parallel=1: the distilled student starts with SFT and runs beside the post-training
     phases (it needs only the base model, and only eval needs it), so it does not hold them up;
@@ -307,13 +320,14 @@ def test_speedrun_stopped_stops_the_stages_it_started(tmp_path, how, parallel):
 
 
 def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
-    """A run of some stages only (here prepare) ends by saying where the card will be, not by
-    pointing at a report.md it did not write."""
+    """A run of some stages only (here prepare, its python a stand-in) ends by saying where the
+    card will be, not by pointing at a report.md it did not write."""
     from conftest import SHARED_DATA, shared_file
     shared_file('stories')                                   # skips with a message where it is absent
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=prepare'], cwd=repo,
-                       env=dict(os.environ, SHARED_DATA=SHARED_DATA), capture_output=True, text=True, timeout=300)
+                       env=dict(stub_python(tmp_path, 0), SHARED_DATA=SHARED_DATA), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     last = p.stdout.strip().splitlines()[-1]
     assert 'no report card yet (--stages=report writes' in last and not (tmp_path / 'run' / 'report.md').exists(), last
@@ -321,10 +335,10 @@ def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
 
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
     """speedrun.sh: <NAME>_EXTRA is appended to a stage's settings (so it wins over the profile's
-    value) and EVAL_RUNS names the runs eval evaluates. The stages fail here (no base model); the
-    command lines they print are what is checked."""
+    value) and EVAL_RUNS names the runs eval evaluates. The stages fail here (a python that
+    fails at once stands in for them); the command lines they print are what is checked."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, SFT_EXTRA='--learning_rate=3e-4 --max_iters=7', EVAL_RUNS='sft student_scratch')
+    env = dict(stub_python(tmp_path, 1), SFT_EXTRA='--learning_rate=3e-4 --max_iters=7', EVAL_RUNS='sft student_scratch')
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     line = next(x for x in p.stdout.splitlines() if x.startswith('sft: python sft.py'))
