@@ -154,6 +154,7 @@ for name in TRAINED:
                     'val_loss': ev.get('val/loss'), 'val_bpb': ev.get('val/bpb'),
                     'val_tinystories_bpb': ev.get('val_tinystories/bpb'),
                     'task_score': ev.get('task/score'), 'all_words': ev.get('task/all_words'),
+                    'n_prompts': ev.get('task/n_prompts'),
                     'score_sampled': ev.get('task/score_sampled'),
                     'word_by_position': ev.get('task/word_by_position'),
                     'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'), 'repetition': ev.get('task/repetition'),
@@ -167,10 +168,26 @@ for name in TRAINED:
 checks = []
 
 
-def check(name, value, target, passed, how, unit='share'):
+def check(name, value, target, passed, how, unit='share', threshold=None, standard_error=None):
     """unit: 'share' (a fraction, printed as %) or 'points' (a difference of task scores, 0..1,
-    printed as a signed number of the same scale as the scores)."""
-    checks.append({'target': name, 'value': value, 'goal': target, 'met': passed, 'how': how, 'unit': unit})
+    printed as a signed number of the same scale as the scores). threshold: the number the value
+    must pass, so that the card says by how much it did or did not (margin = value - threshold);
+    standard_error: the value's, where its sample gives one, to read the margin against."""
+    margin = None if value is None or threshold is None else value - threshold
+    checks.append({'target': name, 'value': value, 'goal': target, 'met': passed, 'how': how, 'unit': unit,
+                   'margin': margin, 'standard_error': standard_error})
+
+
+def margin_text(c):
+    """'-0.2 points (standard error 1.9)': a check's margin in the unit of its value (a share's in
+    percentage points), and its standard error where there is one."""
+    if c['margin'] is None:
+        return '-'
+    scale, form, unit = (100, '+.1f', ' points') if c['unit'] == 'share' else (1, '+.3f', '')
+    text = f"{scale * c['margin']:{form}}{unit}"
+    if c['standard_error']:
+        text += f" (standard error {scale * c['standard_error']:{form[1:]}})"
+    return text
 
 
 if 'sft' in stages:
@@ -182,15 +199,21 @@ if 'sft' in stages:
     pen = ''.join(f"; greedy with a frequency penalty of {fmt(p['frequency_penalty'], 'g')}"
                   + (f" and a presence penalty of {fmt(p['presence_penalty'], 'g')}" if p['presence_penalty'] else '')
                   + f": {pct(p['all_words'])}" for p in stages['sft']['penalized'])
+    n = stages['sft'].get('n_prompts')               # the binomial standard error sqrt(p (1 - p) / n)
+    se = math.sqrt(v * (1 - v) / n) if v is not None and n else None
     check('SFT: all required words used (greedy, held-out prompts)', v, f">= {pct(TARGETS['sft_all_words'])}",
-          v is not None and v >= TARGETS['sft_all_words'], f'the base model with the template: {pct(base)}{per_word}{pen}')
+          v is not None and v >= TARGETS['sft_all_words'],
+          f'the base model with the template: {pct(base)}{per_word}{pen}' + (f'; over {n} prompts' if n else ''),
+          threshold=TARGETS['sft_all_words'], standard_error=se)
 if 'reward' in stages:
     acc = stages['reward']['metrics'].get('val/accuracy')
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
     n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training)"
                if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
+    se = None
     if n_pairs and acc is not None and prefs['val_pairs']:   # the binomial standard error sqrt(p (1 - p) / n)
-        n_pairs += f", its standard error {pct(math.sqrt(acc * (1 - acc) / prefs['val_pairs']))}"
+        se = math.sqrt(acc * (1 - acc) / prefs['val_pairs'])
+        n_pairs += f", its standard error {pct(se)}"
     m = stages['reward']['metrics']                     # the accuracy on each kind of pair (reward.py)
     kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
              for k in RULE_PARTS if f'val/accuracy_{k}' in m]
@@ -202,7 +225,8 @@ if 'reward' in stages:
         by_kind += f"; the head's word checks right for {pct(m['val/word_check_accuracy'])} of the required words"
     check('Reward model: pairwise accuracy on held-out pairs', acc, f">= {pct(TARGETS['reward_accuracy'])}",
           acc is not None and acc >= TARGETS['reward_accuracy'],
-          f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}')
+          f'reward.py val/accuracy at its last evaluation{n_pairs}{by_kind}',
+          threshold=TARGETS['reward_accuracy'], standard_error=se)
 
 
 def paired_gain(run, base='sft'):
@@ -222,17 +246,19 @@ if dpo and 'sft' in stages:
     gain = None if sft_score is None else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
           f'> spread {fmt(spread)} ({len(dpo)} seeds)', None if gain is None else len(dpo) > 1 and gain > spread,
-          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}", unit='points')
+          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}", unit='points',
+          threshold=spread if len(dpo) > 1 else None)
 for name in ('ppo', 'grpo'):
     if name in stages and 'sft' in stages:
         scores = (stages[name]['task_score'], stages['sft']['task_score'])
         gain = None if None in scores else scores[0] - scores[1]
+        d = paired(os.path.join('sft', 'eval_answers.jsonl'), os.path.join(name, 'eval_answers.jsonl'))
         check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
               None if gain is None else gain > 0,
               f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}{paired_gain(name)}; "
               f"on answers sampled at temperature 1: {fmt(stages[name]['score_sampled'])} vs "
               f"{fmt(stages['sft']['score_sampled'])}; KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer",
-              unit='points')
+              unit='points', threshold=0, standard_error=d[1] if d else None)
 if {'student_scratch', 'student_distill', 'base'} <= set(stages):
     trio = ('base', 'student_scratch', 'student_distill')
     t, s, d = (stages[k]['val_loss'] for k in trio)
@@ -258,7 +284,8 @@ if {'student_scratch', 'student_distill', 'base'} <= set(stages):
           f">= {pct(TARGETS['distill_gap_closed'])}, student <= 25% of the teacher's active parameters",
           closed is not None and closed >= TARGETS['distill_gap_closed'] and ratio <= 0.25,
           f'val loss: teacher {fmt(t)}, scratch student {fmt(s)}, distilled student {fmt(d)}; '
-          f'student active parameters {pct(ratio)} of the teacher\'s{borrowed}{measured}')
+          f'student active parameters {pct(ratio)} of the teacher\'s{borrowed}{measured}',
+          threshold=TARGETS['distill_gap_closed'])
 
 # --- plots --------------------------------------------------------------------------------------
 plots = {}
@@ -392,13 +419,13 @@ if any(s['source'] == 'log' for s in stages.values()):
     md += ['', "† eval.py did not evaluate this stage (a run cut short): its values are the stage's own last "
            "held-out evaluation in its log.jsonl, on its own prompts and batches (and so are the targets read "
            "from them)."]
-md += ['', '## Targets', '', '| target | value | goal | met | how |',
-       '| --- | --- | --- | --- | --- |']
+md += ['', '## Targets', '', '| target | value | goal | met | by how much | how |',
+       '| --- | --- | --- | --- | --- | --- |']
 for c in checks:
     v = c['value']
     shown = '-' if v is None else pct(v) if c['unit'] == 'share' else f'{v:+.3f}'
     md.append(f"| {c['target']} | {shown} | {c['goal']} | "
-              f"{'unknown' if c['met'] is None else 'yes' if c['met'] else '**no**'} | {c['how']} |")
+              f"{'unknown' if c['met'] is None else 'yes' if c['met'] else '**no**'} | {margin_text(c)} | {c['how']} |")
 md += ['', '## Plots', '']
 for key, path in plots.items():
     md.append(f'![{key}]({path})')

@@ -67,7 +67,14 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '| base | 12 s | 60 |' in md and '| sft | 5 s | 4 |' in md
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
     assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
-    assert '| GRPO: task reward above SFT (greedy, held-out prompts) | +0.000 | > 0 | **no** |' in md   # score points
+    assert '| GRPO: task reward above SFT (greedy, held-out prompts) | +0.000 | > 0 | **no** | +0.000 |' in md   # score points
+    # each target says by how much it was met or missed, a share's in percentage points, with its
+    # standard error where its sample gives one (SFT's: binomial over the prompts eval.py answered)
+    v = json.loads((out / 'sft' / 'eval.json').read_text())['task/all_words']
+    se = math.sqrt(v * (1 - v) / 3)
+    margin = f"{100 * (v - 0.9):+.1f} points" + (f" (standard error {100 * se:.1f})" if se else '')
+    assert f"| {'yes' if v >= 0.9 else '**no**'} | {margin} | the base model with the template: " in md, margin
+    assert '| target | value | goal | met | by how much | how |' in md
     assert '(per prompt: +0.000 ± 0.000, its standard error over 3 prompts)' in md    # the same answers
     # beside the greedy answers, one sampled at temperature 1 per prompt (seeded), scored the same way
     ev = json.loads((out / 'sft' / 'eval.json').read_text())
@@ -84,7 +91,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '### The same greedy answers with a frequency penalty' in md
     assert (f"| sft | 2 / 0 | {ev['task/score']:.3f} -> {pen['task/score']:.3f} | "
             f"{statistics.mean(d):+.3f} ± {statistics.stdev(d) / 3 ** 0.5:.3f} | ") in md
-    assert f"greedy with a frequency penalty of 2: {100 * pen['task/all_words']:.1f}% |" in md
+    assert f"greedy with a frequency penalty of 2: {100 * pen['task/all_words']:.1f}%; over 3 prompts |" in md
     answers = [json.loads(line) for line in (out / 'sft' / 'eval_answers.jsonl').read_text().splitlines()]
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
     for a in answers:                                  # the prompt's words, and which of them the answer used
@@ -97,6 +104,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
             'words |') in md
     acc = checked['val/accuracy']              # and its binomial standard error over the 5 held-out pairs
     assert f"(15 for training), its standard error {100 * math.sqrt(acc * (1 - acc) / 5):.1f}%;" in md
+    target = next(c for c in json.loads((out / 'report.json').read_text())['targets'] if c['target'].startswith('Reward'))
+    assert math.isclose(target['margin'], acc - 0.9) and math.isclose(target['standard_error'], math.sqrt(acc * (1 - acc) / 5))
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
