@@ -60,15 +60,29 @@ def run_folders(root='out'):
     return sorted(found, key=lambda d: -os.path.getmtime(checkpoint_path(d)))
 
 
+CHAT_STAGES = ('sft', 'dpo', 'ppo', 'grpo')      # the stages whose models answer in the chat template
+
+
+def listed(folders, at_most):
+    """'a, b, c and 4 more': a list said in one line, its length never hidden."""
+    more = f' and {len(folders) - at_most} more' if len(folders) > at_most else ''
+    return ', '.join(folders[:at_most]) + more
+
+
 def newest_run(purpose, root='out'):
     """The run folder under root written last, for a script given no out_dir (sample.py, serve.py,
-    eval.py), said on stderr with the others; no such folder exits saying how to make or name one."""
-    found = run_folders(root)
+    eval.py), said on stderr with the others (reward models left out: they hold no language
+    model), and with the newest chat model where the newest is not one (a speedrun's last run is
+    its distilled student, which continues text); no such folder exits saying how to make or name
+    one."""
+    found = [d for d in run_folders(root) if saved_meta(d, 'stage') != 'reward']
     if not found:
-        sys.exit(f'error: no checkpoint under {root}/ to {purpose}; train one first '
+        sys.exit(f'error: {purpose}: no checkpoint under {root}/; train one first '
                  f'(python train.py config/...), or name one with --out_dir=FOLDER')
-    print(f"{purpose}: {found[0]}, the newest checkpoint under {root}/ (others: {', '.join(found[1:6]) or 'none'}; "
-          f"--out_dir=FOLDER picks one)", file=sys.stderr)
+    chat = '' if saved_meta(found[0], 'stage') in CHAT_STAGES else next(
+        (f'; the newest chat model (SFT or after): {d}' for d in found if saved_meta(d, 'stage') in CHAT_STAGES), '')
+    print(f"{purpose}: {found[0]}, the newest checkpoint under {root}/ (others: {listed(found[1:], 5) or 'none'}"
+          f"{chat}; --out_dir=FOLDER picks one)", file=sys.stderr)
     return found[0]
 
 
@@ -86,7 +100,7 @@ def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(p):
         others = run_folders(os.path.dirname(os.path.normpath(path)) or '.') or run_folders()
         sys.exit(f"error: no checkpoint at '{p}' (expected an out_dir holding ckpt.pt or {SHARDED_DIR}/); "
-                 + (f"checkpoints found: {', '.join(others[:8])}" if others else 'no checkpoint found under out/'))
+                 + (f"checkpoints found: {listed(others, 8)}" if others else 'no checkpoint found under out/'))
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:               # (a text file, a cut-short zip: whatever torch.load raises)
@@ -95,10 +109,10 @@ def load_checkpoint(path, map_location='cpu'):
                  f"earlier copy")
 
 
-def saved_config(path):
-    """The settings a run folder's checkpoint was trained with (its 'config' dict), read without
-    loading its tensors (ckpt.pt memory-mapped; a sharded checkpoint's meta.pt); None where there is
-    no checkpoint or it has no settings."""
+def saved_meta(path, key):
+    """One entry of a run folder's checkpoint ('config': the settings it was trained with; 'stage':
+    the script that wrote it), read without loading its tensors (ckpt.pt memory-mapped; a sharded
+    checkpoint's meta.pt); None where there is no checkpoint or no such entry."""
     p = checkpoint_path(path)
     p = os.path.join(p, 'meta.pt') if os.path.isdir(p) else p
     if not os.path.isfile(p):
@@ -107,7 +121,7 @@ def saved_config(path):
         ckpt = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
     except Exception:                    # damaged: load_checkpoint says so when the script reads it
         return None
-    return ckpt.get('config') or None
+    return ckpt.get(key) or None
 
 
 def save_sharded_checkpoint(out_dir, model, optimizer, meta):

@@ -127,7 +127,12 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     for arg in args:
         if not arg.startswith('--'):                      # a config file
             if not os.path.isfile(arg):
-                sys.exit(f"error: config file '{arg}' not found")
+                if '=' in arg and arg.split('=')[0] in valid:        # a setting without its dashes
+                    sys.exit(f"error: config file '{arg}' not found; a setting is written --{arg}")
+                folder = os.path.dirname(arg) or '.'
+                there = sorted(f for f in os.listdir(folder) if f.endswith('.py')) if os.path.isdir(folder) else []
+                sys.exit(f"error: config file '{arg}' not found"
+                         + (f"; {folder}/ holds {', '.join(there)}" if there else ''))
             scope = dict(config)
             with open(arg) as f:
                 source = f.read()
@@ -184,8 +189,8 @@ def _resume_settings(config, defaults, valid, given, verbose):
     the ones it sets win, and both kinds of difference from the run's own values are printed. (The
     model's keys are left out of `valid`: the scripts build a resumed model from the checkpoint's own
     model_config.)"""
-    from checkpoint import saved_config
-    saved = saved_config(config['out_dir'])
+    from checkpoint import saved_meta
+    saved = saved_meta(config['out_dir'], 'config')
     if not saved:
         return                                             # no checkpoint: the script says so
     restored, changed = {}, {}

@@ -87,6 +87,9 @@ def test_config_file_with_unknown_key_or_wrong_type(tmp_path):
     f.write_text("n_steps = 'ten'\n")
     assert "'n_steps' takes int" in exit_message([str(f)])
     assert "config file 'missing.py' not found" in exit_message(['missing.py'])
+    # a setting written without its dashes is named as one; a file not there lists its folder's configs
+    assert "config file 'n_steps=3' not found; a setting is written --n_steps=3" in exit_message(['n_steps=3'])
+    assert exit_message([str(tmp_path / 'typo.py')]) == f"error: config file '{tmp_path}/typo.py' not found; {tmp_path}/ holds bad.py"
 
 
 def test_model_fields_become_keys_with_script_defaults_winning():

@@ -133,8 +133,12 @@ def test_sample_script(tmp_path, byte_data):
     (tmp_path / 'broken' / 'ckpt.pt').write_bytes(b'')                # empty, as a killed copy leaves it
     (tmp_path / 'texted').mkdir()
     (tmp_path / 'texted' / 'ckpt.pt').write_text('version https://git-lfs... or any text\n')   # not a zip
-    for age, name in enumerate(('older', 'newer', 'speedrun/sft')):   # the newest by its checkpoint's time,
-        shutil.copytree(tmp_path / 'run', tmp_path / 'out' / name)      # also one level down (speedrun.sh's)
+    for age, name in enumerate(('a', 'b', 'c', 'd', 'older', 'newer', 'speedrun/sft', 'speedrun/reward')):
+        shutil.copytree(tmp_path / 'run', tmp_path / 'out' / name)      # the newest by its checkpoint's time,
+        if name in ('older', 'speedrun/reward'):                        # also one level down (speedrun.sh's)
+            ckpt = load_checkpoint(str(tmp_path / 'out' / name))
+            ckpt['stage'] = 'sft' if name == 'older' else 'reward'
+            torch.save(ckpt, tmp_path / 'out' / name / 'ckpt.pt')
         os.utime(tmp_path / 'out' / name / 'ckpt.pt', (time.time() + age,) * 2)
     bad = [('--temperature=-1', 'temperature=-1.0 must be >= 0'),
            ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
@@ -148,21 +152,27 @@ def test_sample_script(tmp_path, byte_data):
         ['--out_dir=nothing'], ['--out_dir=broken'], ['--out_dir=texted'],
         ['--max_new_tokens=3', '--num_samples=1', '--device=cpu']],
         cwd=tmp_path)
+    empty = run_script('sample.py', cwd=tmp_path / 'broken', check=False)
     assert two.returncode == lily.returncode == newest.returncode == 0, (two.stderr, lily.stderr, newest.stderr)
     samples = two.stdout.split('-' * 40)
     assert len(samples) == 3 and samples[0].startswith('Once upon') and samples[1].strip()
     assert lily.stdout.startswith('Lily')
     for (arg, msg), p in zip(bad, refused):
         assert p.returncode != 0 and msg in p.stderr, (arg, p.stderr[-500:])
-    found = nothing.stderr.split('checkpoints found: ')[1].strip().split(', ')   # newest first
-    assert "no checkpoint at 'nothing" in nothing.stderr
-    assert sorted(found) == ['broken', 'out/newer', 'out/older', 'run', 'texted'], found
+    found, more = nothing.stderr.split('checkpoints found: ')[1].strip().rsplit(' and ', 1)   # newest first,
+    assert "no checkpoint at 'nothing" in nothing.stderr                                        # the first 8
+    assert more == '1 more' and len(found.split(', ')) == 8, found
+    assert set(found.split(', ')) < {'broken', 'run', 'texted', *[f'out/{x}' for x in ('a', 'b', 'c', 'd', 'older', 'newer')]}
     assert broken.returncode != 0
     assert "the checkpoint 'broken/ckpt.pt' is damaged or incomplete (0 bytes" in broken.stderr
     assert 'Traceback' not in broken.stderr
     assert "the checkpoint 'texted/ckpt.pt' is damaged or incomplete" in texted.stderr and 'Traceback' not in texted.stderr
-    assert 'sampling from: out/speedrun/sft, the newest checkpoint under out/ (others: out/newer, out/older;' \
-        in newest.stderr
+    # the newest language model (a reward model is newer, and left out), the others all counted, and
+    # the newest chat model where the newest is not one ('older' here, an SFT checkpoint)
+    assert ('sampling from: out/speedrun/sft, the newest checkpoint under out/ (others: out/newer, out/older, '
+            'out/d, out/c, out/b and 1 more; the newest chat model (SFT or after): out/older; --out_dir=FOLDER '
+            'picks one)') in newest.stderr, newest.stderr
+    assert empty.returncode != 0 and 'error: sampling from: no checkpoint under out/; train one first' in empty.stderr
 
 
 def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
