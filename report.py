@@ -245,7 +245,8 @@ if dpo and 'sft' in stages:
     spread = statistics.stdev(dpo) if len(dpo) > 1 else float('nan')   # the seeds' sample std
     gain = None if sft_score is None else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
-          f'> spread {fmt(spread)} ({len(dpo)} seeds)', None if gain is None else len(dpo) > 1 and gain > spread,
+          f'> spread {fmt(spread)} ({len(dpo)} seeds)' if len(dpo) > 1 else '> the spread of 2 or more seeds (1 ran)',
+          None if gain is None or len(dpo) < 2 else gain > spread,
           f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}", unit='points',
           threshold=spread if len(dpo) > 1 else None)
 for name in ('ppo', 'grpo'):
@@ -336,8 +337,9 @@ if plt is not None and stages:
             pts = [(r['step'], r['val/kl_ref']) for r in rows if 'val/kl_ref' in r]
             if pts:
                 a2.plot(*zip(*pts), label=name, marker='o')
-        a1.set(xlabel='rollout', ylabel='reward (task rule)', title='rewards')
-        a2.set(xlabel='rollout', ylabel='nats per answer', title='KL(policy || SFT), sampled held-out answers')
+        a1.set(xlabel='rollout', ylabel='reward (task rule, with the stage\'s penalties)', title='rewards')
+        a2.set(xlabel='rollout', ylabel='nats per answer',
+               title="KL(policy || SFT) on the stage's own held-out samples")
         for a in (a1, a2):
             a.grid(alpha=0.3)
             if a.lines:
@@ -385,9 +387,11 @@ md += ['', 'val: passages of whole held-out books; val_tinystories: the real Tin
 prep = times.get('prepare')
 if prep is not None:
     md.append(f"| prepare | {prep} s | | | | | | | | | | | |")
-if 'prefs' in times:
-    md.append(f"| prefs | {times['prefs']} s | | | | | | | | | | | |")
+prefs_row = f"| prefs | {times['prefs']} s | | | | | | | | | | | |" if 'prefs' in times else None
 for name, s in stages.items():
+    if prefs_row and name in ('reward', 'dpo_seed1', 'dpo_seed2', 'dpo_seed3'):   # in the order they ran
+        md.append(prefs_row)
+        prefs_row = None
     params = f"{s['params'] / 1e6:.2f}M" + (f" ({s['active_params'] / 1e6:.2f}M)" if s['active_params'] else '')
     tokens = f"{s['tokens'] / 1e6:.2f}M" if s['tokens'] else '-'
     extra = ''
@@ -397,9 +401,13 @@ for name, s in stages.items():
     md.append(f"| {name}{mark}{extra} | {s['time_s'] if s['time_s'] is not None else '-'} s | {s['step']} | {tokens} | {params} | "
               f"{fmt(s['val_loss'])} | {fmt(s['val_bpb'])} | {fmt(s['val_tinystories_bpb'])} | {fmt(s['task_score'])} | "
               f"{fmt(s['score_sampled'])} | {pct(s['all_words'])} | {pct(s['ended'])} | {fmt(s['kl_ref'], '.2f')} |")
+if prefs_row:                       # no stage after it reported
+    md.append(prefs_row)
 md += ['', 'Task score: the reward rule of task.py (required words, requested features, a finished answer, '
        'no repetition) on greedy answers to the held-out prompts, from held-out books (sampled: on one answer '
-       'per prompt sampled at temperature 1); KL: nats per sampled answer (eval.py --reference).']
+       'per prompt sampled at temperature 1); KL: nats per sampled answer (eval.py --reference). '
+       "The RL plot's numbers are PPO's and GRPO's own evaluations during training (their answer length and "
+       'prompts, rewards with their penalties), so they differ from these.']
 if any(s['penalized'] for s in stages.values()):
     md += ['', '### The same greedy answers with a frequency penalty', '',
            "OpenAI's frequency penalty (eval.py --frequency_penalty: each token's logit lowered by the penalty "
@@ -440,5 +448,5 @@ for name, s in stages.items():
                for i, a in enumerate(s['samples'])] + ['']
 with open(os.path.join(out, 'report.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
-print('\n'.join(md[:40]))
+print('\n'.join(md[:md.index('## Plots')]))            # the tables, the targets last (the plots and samples: in the file)
 print(f'... wrote {out}/report.md and {out}/report.json')

@@ -392,4 +392,13 @@ else
 fi
 [ $DRY_RUN = 1 ] && exit 0
 if [ -e $OUT/report.md ]; then echo "speedrun: $((SECONDS - T_START)) s of wall time -> $OUT/report.md"
+  # talk to what it made: the chat model with the best greedy task score on the card (a bare
+  # serve.py would take the newest checkpoint, the distilled student, which continues text)
+  best=$(python -c "import json, sys
+s = json.load(open(sys.argv[1]))['stages']
+c = [(v['task_score'], k) for k, v in s.items() if k in ('sft', 'ppo', 'grpo') or k.startswith('dpo_seed')
+     if v.get('task_score') is not None]
+print('%s %.3f' % max(c)[::-1] if c else '')" $OUT/report.json 2> /dev/null)
+  if [ -n "$best" ]; then echo "talk to it: python serve.py --out_dir=$OUT/${best% *}   (the chat model with the best" \
+    "task score on the card, ${best#* }; a chat page at http://127.0.0.1:8000)"; fi
 else echo "speedrun: $((SECONDS - T_START)) s of wall time; no report card yet (--stages=report writes $OUT/report.md)"; fi

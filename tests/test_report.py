@@ -59,12 +59,14 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'grpo' / 'ckpt.pt')
     shutil.copy(out / 'sft' / 'eval.json', out / 'grpo' / 'eval.json')
     shutil.copy(out / 'sft' / 'eval_answers.jsonl', out / 'grpo' / 'eval_answers.jsonl')
-    (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\n')
+    (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\nprefs\t4\n')
     (out / 'wall.tsv').write_text('wall\t9\n')          # stages side by side: less wall time than their sum
     p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     md = (out / 'report.md').read_text()
     assert '# Report card: the life cycle on stories (test profile)' in md
     assert '| base | 12 s | 60 |' in md and '| sft | 5 s | 4 |' in md
+    assert md.index('| sft | 5 s |') < md.index('| prefs | 4 s |') < md.index('| reward')     # in the order they ran
+    assert '## Targets' in p.stdout and '## Samples' not in p.stdout     # the screen: the tables, the targets last
     assert '| SFT: all required words used (greedy, held-out prompts) |' in md and '>= 90.0%' in md
     assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
     assert '| GRPO: task reward above SFT (greedy, held-out prompts) | +0.000 | > 0 | **no** | +0.000 |' in md   # score points
@@ -109,13 +111,13 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert '### sft: answers to held-out prompts' in md and '### base: continuations of story openings' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
-    assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 20 and report['wall_time_s'] == 9
+    assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 24 and report['wall_time_s'] == 9
     # the reward model's held-out accuracy at each evaluation (steps 0 and 2), as its plot draws it
     logged = [json.loads(line) for line in (out / 'reward' / 'log.jsonl').read_text().splitlines()]
     assert report['stages']['reward']['accuracy_curve'] == [[r['step'], r['val/accuracy']] for r in logged
                                                             if 'val/accuracy' in r]
     assert [s for s, _ in report['stages']['reward']['accuracy_curve']] == [0, 2]
-    assert '0.3 minutes of stages in all, 0.1 minutes of wall time' in md
+    assert '0.4 minutes of stages in all, 0.1 minutes of wall time' in md
     assert len(report['stages']['base']['continuations']) == 5 and 'wrote speedrun/report.md' in p.stdout
     # parameters counted once each: the tied embedding is also the output layer, not a second matrix
     assert report['stages']['base']['params'] == json.loads((out / 'base' / 'eval.json').read_text())['params']
@@ -127,6 +129,9 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         ev = json.loads((out / 'sft' / 'eval.json').read_text())
         ev['task/score'] = score
         (out / f'dpo_seed{seed}' / 'eval.json').write_text(json.dumps(ev))
+        if seed == 1:               # one seed has no spread: the goal says so
+            run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+            assert '| > the spread of 2 or more seeds (1 ran) | unknown |' in (out / 'report.md').read_text()
     run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     assert f'> spread {statistics.stdev([0.60, 0.58, 0.61]):.3f} (3 seeds)' in (out / 'report.md').read_text()
     # a run cut before eval.py reached PPO: its row and target come from PPO's own held-out evaluation
@@ -340,6 +345,27 @@ def test_speedrun_without_its_report_stage_says_there_is_no_card_yet(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     last = p.stdout.strip().splitlines()[-1]
     assert 'no report card yet (--stages=report writes' in last and not (tmp_path / 'run' / 'report.md').exists(), last
+
+
+def test_speedrun_with_a_card_names_the_chat_model_to_talk_to(tmp_path):
+    """A run that ends with its card says how to serve the chat model with the best greedy task score
+    on it (not the newest checkpoint, which a bare serve.py would take); without a chat model on the
+    card it says nothing of the kind."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'report.md').write_text('# card\n')
+    stages = {'base': {'task_score': 0.9}, 'sft': {'task_score': 0.66}, 'grpo': {'task_score': 0.759},
+              'ppo': {'task_score': 0.716}, 'dpo_seed1': {'task_score': None}, 'student_distill': {'task_score': None}}
+    for card, said in ((stages, f'talk to it: python serve.py --out_dir={out}/grpo   (the chat model with the best '
+                                'task score on the card, 0.759; a chat page at http://127.0.0.1:8000)'),
+                       ({'base': {'task_score': 0.1}}, None)):
+        (out / 'report.json').write_text(json.dumps({'stages': card}))
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={out}', '--stages=report'], cwd=repo,
+                           env=stub_python(tmp_path, 0), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        last = p.stdout.strip().splitlines()[-1]
+        assert last == said if said else 'talk to it' not in p.stdout, p.stdout
 
 
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
