@@ -28,7 +28,9 @@
 # A stage's settings can be changed from the environment: <NAME>_EXTRA is appended to the settings
 # NAME (PREPARE, MODEL, SFT, PREFS, REWARD, DPO, PPO, GRPO, STUDENT, DISTILL, EVAL; in this script's
 # profiles below; the last value of a key wins), EVAL_RUNS names the runs eval evaluates, and
-# FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none):
+# FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none), and
+# PROGRESS_EVERY how often (seconds, default 30; 0: never) a running stage's latest progress line
+# from its log is printed:
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
 # Ctrl-C stops the stages it started too (a training stage saves a checkpoint first; a kill stops them
 # at once). A stage that finished before is skipped, whatever the settings now (so the same command
@@ -54,6 +56,8 @@ for arg in "$@"; do
 done
 OUT=${OUT:-out/speedrun_$PROFILE}
 export PYTHONUNBUFFERED=1
+PROGRESS_EVERY=${PROGRESS_EVERY:-30}
+[[ $PROGRESS_EVERY =~ ^[0-9]+$ ]] || { echo "error: PROGRESS_EVERY='$PROGRESS_EVERY' is not a whole number of seconds"; exit 2; }
 # torch 2.11's inductor once asserted in its coalescing analysis (tiling_utils.get_pw_red_splits) while
 # compiling SFT's training step on the H200 (notes/lifecycle.md); that analysis only picks tilings
 export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=${TORCHINDUCTOR_COALESCE_TILING_ANALYSIS:-0}
@@ -250,17 +254,31 @@ run() {
   fi
   [ -e "$done" ] && echo "$name: $done is there but the stage did not finish (no line in times.tsv): it runs again"
   echo "$name: $*   (log: $OUT/logs/$name.log)"
-  local t0=$SECONDS rc=0
+  local t0=$SECONDS rc=0 ticker=''
+  if [ "$PROGRESS_EVERY" != 0 ]; then progress $name $OUT/logs/$name.log & ticker=$!; fi
   # in this shell as a job (set -m above), so that a kill is not put off until the stage ends; in a
   # phase's subshell in the foreground (a subshell's background commands would ignore Ctrl-C)
   # (stdin /dev/null: a job reading the terminal would be stopped, and wait would return)
   if [ $BASH_SUBSHELL = 0 ]; then "$@" < /dev/null > $OUT/logs/$name.log 2>&1 & wait $! || rc=$?
   else "$@" < /dev/null > $OUT/logs/$name.log 2>&1 || rc=$?; fi
+  [ -z "$ticker" ] || { kill $ticker 2> /dev/null; wait $ticker 2> /dev/null; } || true
   if [ $rc != 0 ]; then
     echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1
   fi
   printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> $OUT/times.tsv
   echo "$name: $((SECONDS - t0)) s"
+}
+# progress NAME LOG: every PROGRESS_EVERY seconds, the stage's latest progress line from its log
+# (its progress bar or last message), when it changed; until killed (seconds of sleep 1, so that
+# no sleep outlives it for long)
+progress() {
+  local n=0 line last=''
+  while sleep 1; do
+    n=$((n + 1)); [ $((n % PROGRESS_EVERY)) = 0 ] || continue
+    line=$(tail -c 4000 "$2" 2> /dev/null | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -1 | cut -c1-160) || true
+    [ -n "$line" ] && [ "$line" != "$last" ] && say "  $1 (${n} s): $line"
+    last=$line
+  done
 }
 # together CMD...: each CMD (a quoted command line) at once in the background; fails if any failed
 together() {

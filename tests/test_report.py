@@ -368,6 +368,27 @@ def test_speedrun_with_a_card_names_the_chat_model_to_talk_to(tmp_path):
         assert last == said if said else 'talk to it' not in p.stdout, p.stdout
 
 
+def test_speedrun_prints_a_running_stages_progress(tmp_path):
+    """A stage's output goes to its log; every PROGRESS_EVERY seconds its latest progress line (a
+    progress bar redrawn with carriage returns, here a stand-in's) is printed, when it changed."""
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'python').write_text(
+        f'#!/usr/bin/env bash\n[ "$1" = -c ] && exec {sys.executable} "$@"\n'
+        "printf 'sft: step 1/4\\r'; sleep 1.5; printf 'sft: step 2/4\\r'; sleep 2\n")
+    (tmp_path / 'bin' / 'python').chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", PROGRESS_EVERY='1')
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=120)
+    ticks = [line for line in p.stdout.splitlines() if line.startswith('  sft (')]
+    assert p.returncode == 0 and ticks and ticks[-1].endswith(': sft: step 2/4'), p.stdout
+    assert len(ticks) == len(set(line.split(': ', 1)[1] for line in ticks)), ticks   # only when it changed
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'], cwd=repo,
+                       env=dict(env, PROGRESS_EVERY='soon'), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "PROGRESS_EVERY='soon' is not a whole number of seconds" in p.stdout
+
+
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
     """speedrun.sh: <NAME>_EXTRA is appended to a stage's settings (so it wins over the profile's
     value) and EVAL_RUNS names the runs eval evaluates. The stages fail here (a python that
