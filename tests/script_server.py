@@ -32,6 +32,12 @@ try:
     import tiktoken  # noqa: F401
 except ImportError:
     pass
+try:                 # the plots every training run draws (runlog.pyplot selects the same backend)
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot  # noqa: F401
+except ImportError:
+    pass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE_PATH = sys.path[1:]                  # a fresh `python SCRIPT` has these after its own folder
