@@ -58,6 +58,10 @@ from quant import QuantExperts, QuantLinear
 from runlog import PrintsAboveBar, RunLog, progress
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
+# loss.png and the other curves are redrawn at an evaluation at most this often (a drawing costs
+# about a quarter of a second), and always when the run ends, however it ends
+PLOT_EVERY_S = 30
+
 
 def resume_command(argv, world_size=1):
     """The command line that continues a stopped run: its own arguments with --init_from=resume,
@@ -178,6 +182,7 @@ class Run:
         self.expert_load = self.expert_share = self.logit_max = None
         self.clipped = torch.zeros((), device=rt.device, dtype=torch.long)
         self.last_heatmap_step = self.step
+        self.plotted_at = time.time()        # the loss plots are redrawn at most every PLOT_EVERY_S
         self.bar = progress(total=c['max_iters'], initial=self.step, disable=not rt.master, dynamic_ncols=True,
                             desc=stage)
         # a print() in the loop (a sample answer, a line added to try something) goes above the bar
@@ -486,7 +491,8 @@ class Run:
             log.log(step, **metrics)
             print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()   # (above the bar)
                                                if isinstance(v, float)))
-            self.plot(plots)
+            if not last and time.time() - self.plotted_at >= PLOT_EVERY_S:   # (finish() draws the last)
+                self.plot(plots)
             if self.expert_share is not None:
                 log.heatmap(self.expert_share / self.expert_share.sum(1, keepdim=True), 'expert_load.png',
                             title=f'share of routed tokens per expert, steps {self.last_heatmap_step}-{step}')
@@ -506,6 +512,7 @@ class Run:
         return not last
 
     def plot(self, plots):
+        self.plotted_at = time.time()
         plots = [plots] if isinstance(plots[1], str) else plots
         for keys, name, ylabel in plots:
             self.log_file.plot(keys=keys, name=name, ylabel=ylabel)
@@ -531,6 +538,8 @@ class Run:
         self.bar.close()
         if self.stdout is not None:
             self.stdout.close()
+        if rt.master and not c['eval_only']:
+            self.plot(plots)                               # the curves to the end, however it ended
         if self.stop_requested and not self.diverged():
             self.log_file.close()
             if rt.master:
@@ -548,7 +557,6 @@ class Run:
                      f'The last good checkpoint is {last}' + ('' if os.path.exists(last) else ' (none yet)')
                      if rt.master else 1)
         if rt.master and not c['eval_only']:
-            self.plot(plots)
             path = os.path.join(c['out_dir'], 'loss.png')
             saved = f"; checkpoint in {checkpoint_path(c['out_dir'])}" if c['save_checkpoints'] else ''
             print(f'done: {self.step} steps' + saved + (f', loss curve {path}' if os.path.exists(path) else ''))

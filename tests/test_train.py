@@ -335,6 +335,8 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resume_logs_each_s
     n = load_checkpoint(str(tmp_path / 'run'))['step']
     assert n >= 3 and f'stopped by Ctrl-C after step {n}' in err and '--init_from=resume' in err
     assert not list((tmp_path / 'run').glob('*.tmp'))
+    # the loss curve is drawn on the way out too (during a run at most every training.PLOT_EVERY_S)
+    assert (tmp_path / 'run' / 'loss.png').exists() or not _has_matplotlib()
     # resumed with step n an evaluation step: Ctrl-C saved before evaluating it, so it is evaluated now
     assert load_checkpoint(str(tmp_path / 'run'))['evaluated'] is False
     run_script('train.py', f'--data_dir={byte_data}', '--out_dir=run', *TINY_MODEL, f'--max_iters={n + 2}',
