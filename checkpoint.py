@@ -121,7 +121,7 @@ def saved_meta(path, key):
         ckpt = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
     except Exception:                    # damaged: load_checkpoint says so when the script reads it
         return None
-    return ckpt.get(key) or None
+    return (ckpt.get(key) or None) if isinstance(ckpt, dict) else None
 
 
 def save_sharded_checkpoint(out_dir, model, optimizer, meta):

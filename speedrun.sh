@@ -57,7 +57,7 @@ done
 OUT=${OUT:-out/speedrun_$PROFILE}
 export PYTHONUNBUFFERED=1
 PROGRESS_EVERY=${PROGRESS_EVERY:-30}
-[[ $PROGRESS_EVERY =~ ^[0-9]+$ ]] || { echo "error: PROGRESS_EVERY='$PROGRESS_EVERY' is not a whole number of seconds"; exit 2; }
+[[ $PROGRESS_EVERY =~ ^(0|[1-9][0-9]*)$ ]] || { echo "error: PROGRESS_EVERY='$PROGRESS_EVERY' is not a whole number of seconds"; exit 2; }
 # torch 2.11's inductor once asserted in its coalescing analysis (tiling_utils.get_pw_red_splits) while
 # compiling SFT's training step on the H200 (notes/lifecycle.md); that analysis only picks tilings
 export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=${TORCHINDUCTOR_COALESCE_TILING_ANALYSIS:-0}
@@ -269,11 +269,11 @@ run() {
   echo "$name: $((SECONDS - t0)) s"
 }
 # progress NAME LOG: every PROGRESS_EVERY seconds, the stage's latest progress line from its log
-# (its progress bar or last message), when it changed; until killed (seconds of sleep 1, so that
-# no sleep outlives it for long)
+# (its progress bar or last message), when it changed; until killed, or this script is gone (a
+# SIGKILL reaches it alone); seconds of sleep 1, so that no sleep outlives it for long
 progress() {
   local n=0 line last=''
-  while sleep 1; do
+  while sleep 1 && kill -0 $$ 2> /dev/null; do
     n=$((n + 1)); [ $((n % PROGRESS_EVERY)) = 0 ] || continue
     line=$(tail -c 4000 "$2" 2> /dev/null | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -1 | cut -c1-160) || true
     [ -n "$line" ] && [ "$line" != "$last" ] && say "  $1 (${n} s): $line"
@@ -416,7 +416,7 @@ if [ -e $OUT/report.md ]; then echo "speedrun: $((SECONDS - T_START)) s of wall 
 s = json.load(open(sys.argv[1]))['stages']
 c = [(v['task_score'], k) for k, v in s.items() if k in ('sft', 'ppo', 'grpo') or k.startswith('dpo_seed')
      if v.get('task_score') is not None]
-print('%s %.3f' % max(c)[::-1] if c else '')" $OUT/report.json 2> /dev/null)
+print('%s %.3f' % max(c)[::-1] if c else '')" $OUT/report.json 2> /dev/null) || best=''   # (no card data: no line)
   if [ -n "$best" ]; then echo "talk to it: python serve.py --out_dir=$OUT/${best% *}   (the chat model with the best" \
     "task score on the card, ${best#* }; a chat page at http://127.0.0.1:8000)"; fi
 else echo "speedrun: $((SECONDS - T_START)) s of wall time; no report card yet (--stages=report writes $OUT/report.md)"; fi

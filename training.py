@@ -59,7 +59,8 @@ from runlog import PrintsAboveBar, RunLog, progress
 from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
 
 # loss.png and the other curves are redrawn at an evaluation at most this often (a drawing costs
-# about a quarter of a second), and always when the run ends, however it ends
+# about a quarter of a second), and when the run ends: at its last step, on Ctrl-C or divergence
+# (not when it is killed: then they may be up to this many seconds old)
 PLOT_EVERY_S = 30
 
 
@@ -470,7 +471,8 @@ class Run:
         or when the loss has become NaN/inf (then nothing is evaluated or saved). At step 0,
         every eval_interval steps and at max_iters, first: rank 0 runs evaluate(model) ->
         {metric: float} (the others wait), logs and prints the metrics, draws the plots
-        ((keys, file, y label) triples, or one triple) and the expert-load heatmap; then the
+        ((keys, file, y label) triples, or one triple; at most every PLOT_EVERY_S, and finish()
+        draws the last) and the expert-load heatmap; then the
         checkpoint is saved (every rank takes part) when val/loss improved, or always_save_checkpoint,
         or the stage reports no val/loss, except at step 0."""
         c, rt, log = self.c, self.rt, self.log_file
@@ -539,7 +541,7 @@ class Run:
         if self.stdout is not None:
             self.stdout.close()
         if rt.master and not c['eval_only']:
-            self.plot(plots)                               # the curves to the end, however it ended
+            self.plot(plots)                  # the curves to the end: finished, Ctrl-C or diverged
         if self.stop_requested and not self.diverged():
             self.log_file.close()
             if rt.master:

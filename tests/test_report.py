@@ -132,8 +132,18 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         if seed == 1:               # one seed has no spread: the goal says so
             run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
             assert '| > the spread of 2 or more seeds (1 ran) | unknown |' in (out / 'report.md').read_text()
+    # GRPO ahead of SFT on one prompt of three by 0.3: a gain of 0.1 and its paired standard error
+    # (0.3, 0, 0: sample std 0.173 over sqrt(3)), beside the margin
+    answers = [json.loads(line) for line in (out / 'grpo' / 'eval_answers.jsonl').read_text().splitlines()]
+    answers[0]['score'] += 0.3
+    (out / 'grpo' / 'eval_answers.jsonl').write_text(''.join(json.dumps(a) + '\n' for a in answers))
+    ev = json.loads((out / 'sft' / 'eval.json').read_text())
+    ev['task/score'] += 0.1
+    (out / 'grpo' / 'eval.json').write_text(json.dumps(ev))
     run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     assert f'> spread {statistics.stdev([0.60, 0.58, 0.61]):.3f} (3 seeds)' in (out / 'report.md').read_text()
+    assert ('| GRPO: task reward above SFT (greedy, held-out prompts) | +0.100 | > 0 | yes | +0.100 (standard error '
+            '0.100) |') in (out / 'report.md').read_text()
     # a run cut before eval.py reached PPO: its row and target come from PPO's own held-out evaluation
     # in its log (the latest of each value), marked as such
     rows = [{'step': 10, 'task/score_greedy': 0.5, 'task/all_words_greedy': 0.25}, {'step': 12, 'train/loss': 1.0},
@@ -366,6 +376,10 @@ def test_speedrun_with_a_card_names_the_chat_model_to_talk_to(tmp_path):
         assert p.returncode == 0, p.stdout + p.stderr
         last = p.stdout.strip().splitlines()[-1]
         assert last == said if said else 'talk to it' not in p.stdout, p.stdout
+    (out / 'report.json').unlink()            # a card without its data (deleted, damaged): no line, no failure
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={out}', '--stages=report'], cwd=repo,
+                       env=stub_python(tmp_path, 0), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and 'talk to it' not in p.stdout, p.stdout + p.stderr
 
 
 def test_speedrun_prints_a_running_stages_progress(tmp_path):
@@ -384,9 +398,10 @@ def test_speedrun_prints_a_running_stages_progress(tmp_path):
     ticks = [line for line in p.stdout.splitlines() if line.startswith('  sft (')]
     assert p.returncode == 0 and ticks and ticks[-1].endswith(': sft: step 2/4'), p.stdout
     assert len(ticks) == len(set(line.split(': ', 1)[1] for line in ticks)), ticks   # only when it changed
-    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'], cwd=repo,
-                       env=dict(env, PROGRESS_EVERY='soon'), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "PROGRESS_EVERY='soon' is not a whole number of seconds" in p.stdout
+    for bad in ('soon', '08'):                    # (a leading zero: bash would read it as octal)
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
+                           cwd=repo, env=dict(env, PROGRESS_EVERY=bad), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and f"PROGRESS_EVERY='{bad}' is not a whole number of seconds" in p.stdout
 
 
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
