@@ -568,6 +568,25 @@ def test_compiled_moe_on_the_cpu_in_float32():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_fused_loss_on_the_cpu_equals_eager():
+    """loss_impl='fused' under torch.compile without Triton: dynamo traces linear_cross_entropy's
+    PyTorch math (fast_paths leaves it out of the graph only where the Triton row kernel runs), and
+    the loss and the gradients are eager's."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=256, n_layer=1, n_head=2, n_embd=32, block_size=16, loss_impl='fused'))
+    x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
+    losses, grads = [], []
+    assert model.use_fused_loss(torch.zeros(1), return_logits=False)
+    for m in (model, torch.compile(model)):
+        loss = m(x, y, return_logits=False)[1]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.lm_head.weight.grad.clone())
+        model.zero_grad()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 def test_dense_first_layers_and_shared_experts():
     model = build(MLA, MOE, first_k_dense_replace=2)
     kinds = [type(layer.mlp).__name__ for layer in model.layers]
