@@ -30,6 +30,13 @@ passage, which uses all its words; one word swapped each; none whose prompt is a
 many more such pairs than the sampled answers give, without sampling. Records also carry
 "reference": true.
 
+Greedy rejected (greedy_rejected=True, training prompts only): the SFT model's own greedy answer
+as the rejected one, under the prompt's best sampled answer where that scores at least `margin`
+more. The pairs are sampled at `temperature` (1.0), where answers rarely loop; greedy decoding,
+which the task's evaluation reads, loops and leaves its turn unended more often, and DPO trained
+on sampled pairs alone did not learn to avoid that (docs/results.md). Records carry
+"greedy": true; the held-out pairs stay the sampled ones.
+
 Rejection sampling (best_dir): the same samples also give an SFT set, each prompt's best answer
 where it scores at least best_min_score and ended its turn (DeepSeek-V3 and R1 made SFT data this
 way from their own models), written as best_dir/sft_train.jsonl beside task_dir's sft_val.jsonl
@@ -69,6 +76,7 @@ all_pairs = False            # every two answers of a prompt that differ by marg
 val_fraction = 0.1
 swap_pairs = 0               # per training prompt, up to this many swapped-word minimal pairs (see the top; 0: none)
 reference_swaps = 0          # swapped pairs from this many reference passages of sft_train.jsonl (see the top)
+greedy_rejected = False      # also the SFT model's greedy answer as rejected under the best sample (see the top)
 best_dir = ''                # also write each prompt's best answer as SFT data here ('': none)
 best_min_score = 1.0         # ... if it scores at least this (1.0: every word, feature and the ending)
 batch_size = 64              # prompts per generation batch (x samples_per_prompt sequences)
@@ -86,6 +94,9 @@ if reference_swaps < 0:
     sys.exit(f'error: reference_swaps={reference_swaps} must be 0 (none) or a positive number of passages')
 if best_dir and source:
     sys.exit('error: best_dir= keeps the best of sampled answers; an external set of pairs (source=) has none')
+if greedy_rejected and source:
+    sys.exit('error: greedy_rejected=True rejects the SFT model\'s greedy answers; an external set of pairs (source=) '
+             'has none')
 
 
 if source:
@@ -110,12 +121,15 @@ else:
     prompts = prompts[:n_prompts] if n_prompts else prompts
     g = torch.Generator(device=rt.device).manual_seed(seed)
     pairs, gaps, best_answers = [], [], []
+    greedy_pairs = {}                                   # prompt -> its pair (best sample, greedy answer)
     for i in progress(range(0, len(prompts), batch_size), desc='sampling', unit='batch'):
         chunk = prompts[i:i + batch_size]
         # each prompt K times in one batch: K independent samples
         flat = [p['prompt'] for p in chunk for _ in range(samples_per_prompt)]
         answers = generate_chat(model, tok, flat, max_new_tokens, temperature, top_k=top_k or None,
                                 batch_size=len(flat), autocast=rt.autocast, generator=g, cuda_graph=cuda_graph)
+        greedy = generate_chat(model, tok, [p['prompt'] for p in chunk], max_new_tokens, 0.0, batch_size=len(chunk),
+                               autocast=rt.autocast, cuda_graph=cuda_graph) if greedy_rejected else []
         for j, p in enumerate(chunk):
             group = answers[j * samples_per_prompt:(j + 1) * samples_per_prompt]
             scored = [(score(a['text'], p['words'], p.get('features'), a['ended'])['score'], a) for a in group]
@@ -126,6 +140,15 @@ else:
             if top is not None and top >= best_min_score:
                 best_answers.append({'prompt': p['prompt'], 'response': top_answer['text'], 'words': p['words'],
                                      'features': p.get('features', {}), 'score': top})
+            if greedy:                  # the greedy answer under the best sample, if that beats it by margin
+                g_answer, (hi, best) = greedy[j], scored[-1]
+                lo = score(g_answer['text'], p['words'], p.get('features'), g_answer['ended'])['score']
+                if hi - lo >= margin - 1e-9:
+                    greedy_pairs[p['prompt']] = {
+                        'prompt': p['prompt'], 'chosen': best['text'], 'rejected': g_answer['text'],
+                        'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
+                        'rejected_ended': g_answer['ended'], 'words': p['words'], 'features': p.get('features', {}),
+                        'greedy': True}
             # (rejected, chosen) index pairs, chosen scoring at least `margin` more
             for a, b in (combinations(range(len(scored)), 2) if all_pairs else [(0, len(scored) - 1)]):
                 (lo, worst), (hi, best) = scored[a], scored[b]
@@ -135,6 +158,7 @@ else:
                                   'rejected_ended': worst['ended'], 'words': p['words'],
                                   'features': p.get('features', {})})
     stats = {'init_from': init_from, 'prompts': len(prompts), 'samples_per_prompt': samples_per_prompt,
+             'greedy_rejected': greedy_rejected,
              'temperature': temperature, 'margin': margin, 'all_pairs': all_pairs,
              'mean_score_gap': sum(gaps) / max(len(gaps), 1)}
     print(f"{len(pairs)} pairs from {len({p['prompt'] for p in pairs})} of {len(prompts)} prompts (score gap >= "
@@ -199,6 +223,13 @@ def swapped(pair, w, rng):
              'rejected_score': s[A, 'p2'], 'words': words2, **common}]
 
 
+n_greedy = 0
+if greedy_rejected and not source:   # under the training prompts: the held-out pairs stay the sampled ones
+    new = [greedy_pairs[g[0]['prompt']] for g in groups[n_val:] if g[0]['prompt'] in greedy_pairs]
+    train_pairs += new
+    n_greedy = len(new)
+    if not new:
+        print('note: greedy_rejected made no pair (no best sample beat its greedy answer by margin)', file=sys.stderr)
 n_swapped = 0
 if swap_pairs:
     rng = random.Random(seed + 2)
@@ -238,8 +269,10 @@ write_jsonl(os.path.join(out_dir, 'prefs_val.jsonl'), val_pairs)
 write_jsonl(os.path.join(out_dir, 'prefs_train.jsonl'), train_pairs)
 write_json(os.path.join(out_dir, 'meta.json'), {**stats, 'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
                                                 'swap_pairs': n_swapped, 'reference_swap_pairs': n_reference,
+                                                'greedy_pairs': n_greedy,
                                                 'val_prompts': n_val, 'train_prompts': len(groups) - n_val})
 print(f'wrote {out_dir}: {len(train_pairs)} train pairs ({len(groups) - n_val} prompts'
       f'{f", {n_swapped} of the pairs swapped" if swap_pairs else ""}'
+      f'{f", {n_greedy} with the greedy answer rejected" if greedy_rejected else ""}'
       f'{f", {n_reference} swapped from reference passages" if reference_swaps else ""}) and {len(val_pairs)} val '
       f'pairs ({n_val} prompts)')

@@ -111,6 +111,25 @@ def test_sampled_pairs_from_a_model(pipeline):
                    '--samples_per_prompt=2', '--max_new_tokens=4', '--margin=2', '--device=cpu',
                    cwd=pipeline, check=False)
     assert 'lower margin= or sample more prompts' in p.stderr
+    # greedy_rejected: under each training prompt, the model's greedy answer (the same whatever the
+    # seed) rejected under the best sample that beats it by margin; none among the held-out pairs
+    greedy = {}
+    for seed in (1, 2):
+        run_script('prepare/preferences.py', '--init_from=base', '--task_dir=inst', f'--out_dir=greedy{seed}',
+                   '--greedy_rejected=True', '--all_pairs=True', '--samples_per_prompt=3', '--max_new_tokens=12',
+                   '--margin=0.0', f'--seed={seed}', '--device=cpu', cwd=pipeline)
+        files = {s: [json.loads(line) for line in open(pipeline / f'greedy{seed}' / f'prefs_{s}.jsonl')]
+                 for s in ('train', 'val')}
+        made = [r for r in files['train'] if r.get('greedy')]
+        assert not any(r.get('greedy') for r in files['val'])
+        assert len(made) == json.loads((pipeline / f'greedy{seed}' / 'meta.json').read_text())['greedy_pairs']
+        assert all(r['chosen_score'] >= r['rejected_score'] for r in made)
+        assert {r['prompt'] for r in made} <= {r['prompt'] for r in files['train'] if not r.get('greedy')}
+        greedy[seed] = {r['prompt']: r['rejected'] for r in made}
+    both = set(greedy[1]) & set(greedy[2])          # (2 of the 3 prompts train under each seed)
+    assert both and all(greedy[1][k] == greedy[2][k] for k in both)
+    p = run_script('prepare/preferences.py', '--source=x.jsonl', '--greedy_rejected=True', cwd=pipeline, check=False)
+    assert p.returncode and 'greedy_rejected=True rejects the SFT model' in p.stderr
 
 
 def test_best_answers_make_an_sft_set_a_second_sft_round_reads(pipeline):
