@@ -75,12 +75,13 @@ def newest_run(purpose, root='out'):
     model), and with the newest chat model where the newest is not one (a speedrun's last run is
     its distilled student, which continues text); no such folder exits saying how to make or name
     one."""
-    found = [d for d in run_folders(root) if saved_meta(d, 'stage') != 'reward']
+    stage = {d: saved_meta(d, 'stage') for d in run_folders(root)}          # newest first
+    found = [d for d, s in stage.items() if s != 'reward']
     if not found:
         sys.exit(f'error: {purpose}: no checkpoint under {root}/; train one first '
                  f'(python train.py config/...), or name one with --out_dir=FOLDER')
-    chat = '' if saved_meta(found[0], 'stage') in CHAT_STAGES else next(
-        (f'; the newest chat model (SFT or after): {d}' for d in found if saved_meta(d, 'stage') in CHAT_STAGES), '')
+    chat = '' if stage[found[0]] in CHAT_STAGES else next(
+        (f'; the newest chat model (SFT or after): {d}' for d in found if stage[d] in CHAT_STAGES), '')
     print(f"{purpose}: {found[0]}, the newest checkpoint under {root}/ (others: {listed(found[1:], 5) or 'none'}"
           f"{chat}; --out_dir=FOLDER picks one)", file=sys.stderr)
     return found[0]

@@ -178,6 +178,11 @@ def check(name, value, target, passed, how, unit='share', threshold=None, standa
                    'margin': margin, 'standard_error': standard_error})
 
 
+def binomial_se(p, n):
+    """The standard error sqrt(p (1 - p) / n) of a share p measured on n items; None without them."""
+    return math.sqrt(p * (1 - p) / n) if p is not None and n else None
+
+
 def margin_text(c):
     """'-0.2 points (standard error 1.9)': a check's margin in the unit of its value (a share's in
     percentage points), and its standard error where there is one."""
@@ -199,8 +204,8 @@ if 'sft' in stages:
     pen = ''.join(f"; greedy with a frequency penalty of {fmt(p['frequency_penalty'], 'g')}"
                   + (f" and a presence penalty of {fmt(p['presence_penalty'], 'g')}" if p['presence_penalty'] else '')
                   + f": {pct(p['all_words'])}" for p in stages['sft']['penalized'])
-    n = stages['sft'].get('n_prompts')               # the binomial standard error sqrt(p (1 - p) / n)
-    se = math.sqrt(v * (1 - v) / n) if v is not None and n else None
+    n = stages['sft'].get('n_prompts')
+    se = binomial_se(v, n)
     check('SFT: all required words used (greedy, held-out prompts)', v, f">= {pct(TARGETS['sft_all_words'])}",
           v is not None and v >= TARGETS['sft_all_words'],
           f'the base model with the template: {pct(base)}{per_word}{pen}' + (f'; over {n} prompts' if n else ''),
@@ -210,9 +215,8 @@ if 'reward' in stages:
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
     n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training)"
                if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
-    se = None
-    if n_pairs and acc is not None and prefs['val_pairs']:   # the binomial standard error sqrt(p (1 - p) / n)
-        se = math.sqrt(acc * (1 - acc) / prefs['val_pairs'])
+    se = binomial_se(acc, prefs.get('val_pairs')) if n_pairs else None
+    if se is not None:
         n_pairs += f", its standard error {pct(se)}"
     m = stages['reward']['metrics']                     # the accuracy on each kind of pair (reward.py)
     kinds = [f"{k} {pct(m[f'val/accuracy_{k}'])} of {m[f'val/pairs_{k}']:,}"
@@ -229,12 +233,9 @@ if 'reward' in stages:
           threshold=TARGETS['reward_accuracy'], standard_error=se)
 
 
-def paired_gain(run, base='sft'):
-    """' (per prompt: +0.040 +- 0.020, its standard error over 256 prompts)': the mean of run's
-    score minus base's on each held-out prompt (eval_answers.jsonl), with its standard error, so
-    that a gain can be read against the noise of the prompt sample; '' where the answers are not
-    both there or not for the same prompts."""
-    d = paired(os.path.join(base, 'eval_answers.jsonl'), os.path.join(run, 'eval_answers.jsonl'))
+def paired_gain(d):
+    """' (per prompt: +0.040 +- 0.020, its standard error over 256 prompts)' for d = paired(...) of
+    SFT's and a run's answers: the gain read against the noise of the prompt sample; '' for None."""
     return f' (per prompt: {d[0]:+.3f} ± {d[1]:.3f}, its standard error over {d[2]} prompts)' if d else ''
 
 
@@ -256,7 +257,7 @@ for name in ('ppo', 'grpo'):
         d = paired(os.path.join('sft', 'eval_answers.jsonl'), os.path.join(name, 'eval_answers.jsonl'))
         check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
               None if gain is None else gain > 0,
-              f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}{paired_gain(name)}; "
+              f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}{paired_gain(d)}; "
               f"on answers sampled at temperature 1: {fmt(stages[name]['score_sampled'])} vs "
               f"{fmt(stages['sft']['score_sampled'])}; KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer",
               unit='points', threshold=0, standard_error=d[1] if d else None)
