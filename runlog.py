@@ -113,10 +113,38 @@ class RunLog:
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm progress bar that also shows in a log file: redrawn every second on a terminal, a
-    line every 30 s when stderr is a file (as speedrun.sh's logs are)."""
+    """A tqdm progress bar that also shows in a log file: redrawn every second on a terminal; where
+    stderr is a file (as speedrun.sh's logs are) a line of its own every 30 s and one at the end."""
     from tqdm import tqdm
-    return tqdm(iterable, mininterval=1 if sys.stderr.isatty() else 30, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, mininterval=1, **kwargs)
+
+    class LogLines(tqdm):
+        """tqdm in a log file: each state a whole line (no carriage returns that redraw one line,
+        which a pager or an editor shows as one long line), written when the count moved since
+        the last line; nothing cleared or redrawn around a print (the lines only add up)."""
+        def display(self, msg=None, pos=None):
+            if msg is None and self.n != getattr(self, 'line_n', None):   # msg '': tqdm clearing its line
+                self.line_n = self.n
+                self.fp.write(self.__str__() + '\n')
+                self.fp.flush()
+            return True
+
+        def clear(self, nolock=False):
+            pass
+
+    class NoBlankWrites:
+        """The file under the bar: tqdm's own carriage returns and closing newline are left out."""
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            return self.f.write(text) if text.strip() else 0
+
+        def flush(self):
+            self.f.flush()
+
+    return LogLines(iterable, mininterval=30, file=NoBlankWrites(kwargs.pop('file', sys.stderr)), **kwargs)
 
 
 class PrintsAboveBar:

@@ -393,12 +393,25 @@ def test_measuring_the_peak_flops_leaves_the_random_stream_alone():
 
 
 def test_progress_bars_write_to_a_log_file_every_30_seconds():
-    """runlog.progress: where stderr is not a terminal (a speedrun log) the bar stays on and redraws
-    every 30 s, instead of tqdm's disable=None turning it off there."""
-    from runlog import progress
-    bar = progress(total=3)                     # pytest captures stderr: not a terminal
+    """runlog.progress: where stderr is not a terminal (a speedrun log) the bar stays on (instead of
+    tqdm's disable=None turning it off there) and writes whole lines, every 30 s and at the end:
+    no carriage returns, nothing cleared or redrawn around a print above it."""
+    import io
+    from runlog import PrintsAboveBar, progress
+    log = io.StringIO()
+    bar = progress(total=3, desc='steps', file=log)        # pytest captures stderr: not a terminal
     assert not bar.disable and bar.mininterval == 30
+    out = PrintsAboveBar(bar, log)
+    bar.update(1)
+    out.write('step 1: val/loss 2.0\n')
+    bar.update(2)
+    bar.refresh()                    # the line at 3/3; a redraw at the same count and the close
+    bar.refresh()                    # write nothing more
     bar.close()
+    lines = log.getvalue().split('\n')
+    assert '\r' not in log.getvalue() and lines[-1] == '', lines
+    assert [line.split('|')[0] for line in lines[:-1]] == ['steps:   0%', 'step 1: val/loss 2.0', 'steps: 100%'], lines
+    assert '3/3' in lines[2]
 
 
 def test_the_moe_study_compares_at_equal_active_and_equal_total_parameters():
