@@ -204,10 +204,14 @@ def evaluate(model):
                 _, loss = model(x, y, return_logits=False)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
-    metrics = {'train/eval_loss': out['train'], 'val/ppl': math.exp(min(out['val'], 50))}
+    metrics = {}                                 # (printed in this order: the held-out splits first)
     for split in data.val_splits:
         metrics[f'{split}/loss'] = out[split]
         metrics[f'{split}/bpb'] = out[split] / math.log(2) / data.bytes_per_token(split)
+    metrics['val/ppl'] = math.exp(min(out['val'], 50))
+    # the same fixed batches of the training split at every evaluation: the objective's train/loss
+    # is each step's own batches and holds the MTP and balance terms too
+    metrics['train/eval_loss'] = out['train']
     return metrics
 
 
