@@ -31,6 +31,7 @@ _CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
 RUN_ENVIRONMENT = {'init_from', 'out_dir', 'device', 'dtype', 'fsdp', 'expert_parallel', 'compile', 'compile_mode',
                    'cuda_graph', 'cuda_graph_train', 'profile', 'cuda_sync_check', 'peak_flops', 'eval_only',
                    'tensorboard', 'wandb_project', 'run_name', 'init_embedding'}
+last_given = set()   # the keys the last configure() call's config files and --key=value set
 
 
 def _config_keys(namespace):
@@ -164,6 +165,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         _resume_settings(config, defaults, valid - model_keys, given, verbose and int(os.environ.get('RANK', 0)) == 0)
 
     namespace.update(config)
+    last_given.clear()
+    last_given.update(given)
     if verbose and int(os.environ.get('RANK', 0)) == 0:
         # what this run changed; every value is in the checkpoint ('config') and --help lists the defaults
         changed = {k: v for k, v in config.items() if v != defaults[k]}

@@ -376,6 +376,9 @@ def qk_clip(model, tau=100.0, reduce=None):
 
 # --- the learning-rate schedule ----------------------------------------------------------------
 
+LR_SCHEDULES = ('cosine', 'wsd', 'constant')
+
+
 def lr_at(step, lr, min_lr, warmup_iters, decay_iters, schedule='cosine', decay_frac=0.2):
     """Learning rate at `step` (0-based).
     warmup: linear from lr/(warmup+1) to lr over `warmup_iters` steps, then
@@ -399,4 +402,4 @@ def lr_at(step, lr, min_lr, warmup_iters, decay_iters, schedule='cosine', decay_
             return lr
         t = (step - decay_start) / max(1, decay_iters - decay_start)
         return lr + (min_lr - lr) * t
-    raise ValueError(f"lr_schedule='{schedule}'; valid: cosine, wsd, constant")
+    raise ValueError(f"lr_schedule='{schedule}'; valid: {', '.join(LR_SCHEDULES)}")

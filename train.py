@@ -23,7 +23,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from config import configure, model_config_from
+from config import configure, last_given, model_config_from
 from data import TokenData, eval_generator, load_tokenizer_spec, prepare_command
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
@@ -64,7 +64,8 @@ qk_clip_tau = 100.0          # muonclip: heads whose max logit exceeds this are 
 log_max_logit = False        # record and log the max attention logit per layer (on with muonclip)
 # schedule
 lr_schedule = 'cosine'       # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
-warmup_iters = 100           # steps of linear warm-up from 0 to learning_rate
+warmup_iters = 100           # steps of linear warm-up to learning_rate (from
+                             # learning_rate / (warmup_iters + 1) at step 0)
 max_iters = 5000             # optimizer steps in all
 lr_decay_iters = 0           # 0: max_iters
 decay_frac = 0.2             # wsd: the share of lr_decay_iters spent decaying
@@ -139,7 +140,20 @@ else:
     if ckpt['tokenizer'] != tok_spec:
         sys.exit(f"error: the checkpoint's tokenizer ({ckpt['tokenizer']['kind']}) differs from "
                  f"the dataset's ({tok_spec['kind']}) in {data_dir}")
-    model_cfg = ModelConfig(**{**ckpt['model_config'], 'dropout': dropout})
+    # the model is the checkpoint's; model settings this command gives (a balancing rate, the router's
+    # scoring, RoPE's base) change it where they keep its parameters' names and shapes, else stop
+    saved = ckpt['model_config']
+    asked = {k: config[k] for k in sorted(last_given) if k in saved and k not in ('dropout', 'block_size')
+             and config[k] != saved[k]}
+    model_cfg = ModelConfig(**{**saved, **asked, 'dropout': dropout})
+    if asked:
+        with torch.device('meta'):
+            before, after = (GPT(cfg).state_dict() for cfg in (ModelConfig(**saved), model_cfg))
+        said = ', '.join(f'{k}={v!r} (the checkpoint has {saved[k]!r})' for k, v in asked.items())
+        if {k: v.shape for k, v in before.items()} != {k: v.shape for k, v in after.items()}:
+            sys.exit(f"error: {said} changes the model's parameters, but init_from={init_from!r} continues "
+                     f"the checkpoint's model: leave these out, or train a new model (init_from='scratch')")
+        print(f'the checkpoint\'s model, changed by this command: {said}')
     block_size = min(block_size, model_cfg.block_size)
     # the saved config describes the model trained (the checkpoint's, not this run's defaults)
     config.update({**model_cfg.to_dict(), 'block_size': block_size})

@@ -52,7 +52,7 @@ from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sh
                         restore_rng_state, save_checkpoint, save_sharded_checkpoint)
 from data import batch_generator, epoch_batch
 from model import MoE, ScalarModel
-from optim import build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
+from optim import LR_SCHEDULES, build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
 import parallel
 from quant import QuantExperts, QuantLinear
 from runlog import PrintsAboveBar, RunLog, progress
@@ -90,6 +90,8 @@ class Run:
         self.extra = checkpoint_extra if checkpoint_extra is not None else {}
         self.also_raw, self.also_lr = also_train, also_train_lr
         self.fsdp = c['fsdp']
+        if c['lr_schedule'] not in LR_SCHEDULES:         # (else the first step past the warm-up fails)
+            sys.exit(f"error: lr_schedule={c['lr_schedule']!r}; valid: {', '.join(LR_SCHEDULES)}")
         if also_train is not None and self.fsdp:
             sys.exit(f'error: {self.stage_script()} does not support fsdp=True: use DDP (the default)')
         if self.fsdp and not rt.ddp:

@@ -177,9 +177,19 @@ def test_sample_script(tmp_path, byte_data):
 
 def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     train(tmp_path, byte_data, 'base', '--max_iters=5')
-    train(tmp_path, byte_data, 'tuned', '--max_iters=3', '--init_from=base')
+    tuned_run = train(tmp_path, byte_data, 'tuned', '--max_iters=3', '--init_from=base')
     base, tuned = load_checkpoint(str(tmp_path / 'base')), load_checkpoint(str(tmp_path / 'tuned'))
     assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
+    assert 'changed by this command' not in tuned_run.stdout       # the same model settings as base's
+    # model settings given with init_from: applied where the parameters stay as they are, else refused
+    deeper, theta, schedule = run_script_many('train.py', [
+        train_args(byte_data, 'deeper', '--max_iters=1', '--init_from=base', '--n_layer=3'),
+        train_args(byte_data, 'theta', '--max_iters=2', '--init_from=base', '--rope_theta=500.0'),
+        train_args(byte_data, 'x', '--max_iters=9', '--lr_schedule=WSD')], cwd=tmp_path)
+    assert "lr_schedule='WSD'; valid: cosine, wsd, constant" in schedule.stderr and 'step 0' not in schedule.stdout
+    assert deeper.returncode != 0 and "n_layer=3 (the checkpoint has 2) changes the model's parameters" in deeper.stderr
+    assert "changed by this command: rope_theta=500.0 (the checkpoint has 10000.0)" in theta.stdout, theta.stderr[-500:]
+    assert load_checkpoint(str(tmp_path / 'theta'))['model_config']['rope_theta'] == 500.0
     vocab, nodata, stories, nothing, block, mode, graph = run_script_many('train.py', [
         train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
         train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
