@@ -7,10 +7,17 @@ pairs (prepare/preferences.py) without a reward model.
 pi_c, pi_r: log-probabilities of the chosen / rejected response under the policy, summed over the
 response tokens only (prompt and padding masked); ref_c, ref_r: the same under the frozen
 reference (the SFT model), computed once before training. beta * (pi - ref) is the implicit
-reward; its margin and accuracy (chosen > rejected; a tie counts half, so the untrained policy,
-equal to its reference, scores 0.5) are logged for training and held-out pairs,
-with the task score of greedy answers to held-out prompts. Schedule, optimizer, logging,
-checkpoints and resume work as in train.py (training.Run).
+reward. Two variants, one setting each: loss_type='ipo' (Azar et al. 2023) regresses the log-ratio
+margin h = (pi_c - ref_c) - (pi_r - ref_r) to a fixed target instead of pushing it ever higher,
+
+    loss = (h - 1 / (2 beta))^2
+
+and sft_weight > 0 (RPO, Pang et al. 2024) adds the chosen answers' negative log-likelihood per
+token, -pi_c / |chosen| (logged as nll_chosen either way: DPO alone may make the chosen answers
+less likely too, as long as the rejected ones fall faster). The implicit reward's margin and accuracy (chosen > rejected; a tie counts
+half, so the untrained policy, equal to its reference, scores 0.5) are logged for training and
+held-out pairs, with the task score of greedy answers to held-out prompts. Schedule, optimizer,
+logging, checkpoints and resume work as in train.py (training.Run).
 
 $ python dpo.py --init_from=out/sft --out_dir=out/dpo
 """
@@ -44,6 +51,8 @@ gradient_accumulation_steps = 1
 prefs_dir = 'data/prefs'     # prefs_train.jsonl, prefs_val.jsonl (prepare/preferences.py)
 task_dir = 'data/tinystories_instruct'   # prompts_val.jsonl for the task score
 beta = 0.1                   # strength of the KL constraint to the reference
+loss_type = 'sigmoid'        # 'sigmoid' (DPO: -log sigmoid(beta h)) | 'ipo' ((h - 1 / (2 beta))^2)
+sft_weight = 0.0             # + sft_weight x the chosen answers' NLL per token (RPO); 0: DPO alone
 batch_size = 8               # pairs per micro-batch
 block_size = 0               # 0: the model's block_size
 eval_prompts = 64            # held-out prompts answered (greedy) at each evaluation
@@ -79,6 +88,8 @@ run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
 # -----------------------------------------------------------------------------
+if loss_type not in ('sigmoid', 'ipo') or sft_weight < 0:
+    sys.exit(f"error: loss_type='{loss_type}' (valid: sigmoid, ipo) or sft_weight={sft_weight} (0 or more)")
 if init_from == 'scratch':
     sys.exit("error: dpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
@@ -113,13 +124,14 @@ if n_long and rt.master:
 
 
 def sequence_logprobs(model, pairs):
-    """((logp of each chosen response, logp of each rejected response), tokens in the batch): the
-    log-probabilities are sums over the response tokens, chosen and rejected run as one batch."""
+    """((logp of each chosen response, logp of each rejected response), (their response tokens),
+    tokens in the batch): the log-probabilities are sums over the response tokens, chosen and
+    rejected run as one batch."""
     rows = [encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs]
     x, y = chat_batch(rows, tok.eot_id)
     x, y = x.to(rt.device), y.to(rt.device)
     logits, _ = model(x, counted=through_last(y >= 0))      # the padding is no expert load
-    return token_logprobs(logits, y, tok.vocab_size).sum(1).chunk(2), x.numel()
+    return token_logprobs(logits, y, tok.vocab_size).sum(1).chunk(2), (y >= 0).sum(1).chunk(2), x.numel()
 
 
 @torch.no_grad()
@@ -129,7 +141,7 @@ def reference_logprobs(ref_model, pairs, desc):
     out = []
     for i in progress(range(0, len(pairs), 2 * batch_size), desc=desc, disable=not rt.master):   # no grads: 2x fit
         with rt.autocast():
-            (c, r), _ = sequence_logprobs(ref_model, pairs[i:i + 2 * batch_size])
+            (c, r), _, _ = sequence_logprobs(ref_model, pairs[i:i + 2 * batch_size])
         out.append(torch.stack([c, r], 1))
     return torch.cat(out)
 
@@ -141,13 +153,20 @@ ref_val = reference_logprobs(ref_model, val_pairs, 'reference log-probs (val)')
 del ref_model                                 # not needed again: its memory goes to training
 
 
-def dpo(pi_c, pi_r, ref):
-    """The DPO loss and the implicit rewards beta * (pi - ref) of chosen and rejected."""
-    r_c, r_r = beta * (pi_c - ref[:, 0]), beta * (pi_r - ref[:, 1])
-    return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
+def dpo(pi_c, pi_r, ref, n_c):
+    """The loss (mean over the pairs), the implicit rewards beta * (pi - ref) of chosen and
+    rejected, and the chosen answers' NLL per token (mean over the pairs)."""
+    ref_c, ref_r = ref.unbind(1)
+    r_c, r_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    if loss_type == 'ipo':                    # h = (r_c - r_r) / beta; loss = (h - 1 / (2 beta))^2
+        loss = ((r_c - r_r) / beta - 1 / (2 * beta)).pow(2).mean()
+    else:                                     # loss = -log sigmoid(beta h)
+        loss = -F.logsigmoid(r_c - r_r).mean()
+    nll_chosen = (-pi_c / n_c.clamp(min=1)).mean()  # -log p(chosen) / |chosen|
+    return loss + sft_weight * nll_chosen, r_c, r_r, nll_chosen
 
 
-def right(r_c, r_r):
+def pair_accuracy(r_c, r_r):
     """Per pair, 1 where the implicit reward prefers the chosen answer, 0.5 for a tie (as at step 0,
     where the policy is its reference), 0 otherwise: the mean is the accuracy."""
     return (r_c > r_r).float() + 0.5 * (r_c == r_r).float()
@@ -155,16 +174,18 @@ def right(r_c, r_r):
 
 @torch.no_grad()
 def evaluate(model):
-    losses, margins, correct = [], [], []
+    losses, nlls, margins, correct = [], [], [], []
     for i in range(0, len(val_pairs), batch_size):
         with rt.autocast():
-            (pi_c, pi_r), _ = sequence_logprobs(model, val_pairs[i:i + batch_size])
-        loss, r_c, r_r = dpo(pi_c, pi_r, ref_val[i:i + batch_size].to(rt.device))
+            (pi_c, pi_r), (n_c, _), _ = sequence_logprobs(model, val_pairs[i:i + batch_size])
+        loss, r_c, r_r, nll = dpo(pi_c, pi_r, ref_val[i:i + batch_size].to(rt.device), n_c)
         losses.append(loss.item() * len(r_c))
+        nlls.append(nll.item() * len(r_c))
         margins += (r_c - r_r).tolist()
-        correct += right(r_c, r_r).tolist()
+        correct += pair_accuracy(r_c, r_r).tolist()
     n = len(val_pairs)
-    metrics = {'val/loss': sum(losses) / n, 'val/reward_margin': sum(margins) / n, 'val/accuracy': sum(correct) / n}
+    metrics = {'val/loss': sum(losses) / n, 'val/reward_margin': sum(margins) / n, 'val/accuracy': sum(correct) / n,
+               'val/nll_chosen': sum(nlls) / n}
     if prompts:
         r = evaluate_task(model, tok, prompts, max_new_tokens, 0.0, autocast=rt.autocast, seed=seed,
                           cuda_graph=cuda_graph)
@@ -190,16 +211,17 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
         ix = run.epoch_batch(step, micro, len(train_pairs), batch_size)   # every pair once an epoch
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
-                (pi_c, pi_r), n_tokens = sequence_logprobs(run.model, [train_pairs[int(i)] for i in ix])
-                micro_loss, r_c, r_r = dpo(pi_c, pi_r, ref_train[ix].to(rt.device))
+                (pi_c, pi_r), (n_c, _), n_tokens = sequence_logprobs(run.model, [train_pairs[int(i)] for i in ix])
+                micro_loss, r_c, r_r, nll_chosen = dpo(pi_c, pi_r, ref_train[ix].to(rt.device), n_c)
                 micro_loss = micro_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + n_tokens
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
     # the implicit rewards of the last micro-batch's pairs (the loss is the whole step's)
-    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': right(r_c, r_r).mean().detach(),
-               'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach()}
+    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': pair_accuracy(r_c, r_r).mean().detach(),
+               'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach(),
+               'nll_chosen': nll_chosen.detach()}
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break
 run.finish()

@@ -361,6 +361,24 @@ def test_dpo_starts_at_log_2_and_falls(planted):
     assert ckpt['stage'] == 'dpo' and ckpt['reference'] == 'base'
 
 
+def test_dpo_variants_ipo_and_an_sft_term(planted):
+    """loss_type='ipo' starts at (0 - 1 / (2 beta))^2, the policy being its reference; sft_weight
+    adds that many times the chosen answers' NLL per token (val/nll_chosen) to DPO's log 2."""
+    args = ['--init_from=base', '--prefs_dir=planted', '--max_iters=2', '--eval_interval=2', '--batch_size=4',
+            '--eval_prompts=0', *COMMON]
+    ipo, rpo, bad = run_scripts([('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args]),
+                                 ('dpo.py', ['--out_dir=rpo', '--sft_weight=0.5', *args]),
+                                 ('dpo.py', ['--loss_type=hinge', *args])], cwd=planted)
+    assert ipo.returncode == 0 and rpo.returncode == 0, ipo.stderr[-500:] + rpo.stderr[-500:]
+    evals = {name: [json.loads(line) for line in open(planted / name / 'log.jsonl') if 'val/loss' in line]
+             for name in ('ipo', 'rpo')}
+    assert evals['ipo'][0]['val/loss'] == pytest.approx(1 / (2 * 0.2) ** 2, rel=1e-5)
+    first = evals['rpo'][0]
+    assert first['val/nll_chosen'] > 0
+    assert first['val/loss'] == pytest.approx(math.log(2) + 0.5 * first['val/nll_chosen'], rel=1e-5)
+    assert bad.returncode and "loss_type='hinge' (valid: sigmoid, ipo)" in bad.stderr, bad.stderr[-500:]
+
+
 def test_bad_settings(planted):
     loss, prefs, by, rm_block, dpo_block, pooling, dpo_short, speed = run_scripts([
         ('reward.py', ['--loss_type=hinge']),
