@@ -9,7 +9,8 @@
 #             student from the teacher's embeddings (folder S/embed), and the reward model again on
 #             the main run's pairs at other settings (SIDE_REWARD below), DPO's 3 seeds on pairs that
 #             also reject the SFT model's greedy answers (folder S/dpo_greedy; its own pairs, so it
-#             samples them again: about 6 minutes of GPU beside the main run); SIDES names some of them;
+#             samples them again: about 6 minutes of GPU beside the main run), and DPO's 3 seeds with
+#             RPO's NLL term on the main run's pairs (folder S/dpo_rpo); SIDES names some of them;
 #             when all of it has finished, the serving benchmarks on the base model, alone
 #             on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
@@ -28,7 +29,7 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
-ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 dpo_greedy"
+ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 dpo_greedy dpo_rpo"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -93,15 +94,24 @@ for v in "${!SIDE_REWARD[@]}"; do
     > $R/logs/side_$v.log 2>&1) & "
 done
 REWARD_RUNS=$(echo $REWARD_RUNS)
+DPO_RUNS="dpo_seed1 dpo_seed2 dpo_seed3"; [ $PROFILE = cpu ] && DPO_RUNS=dpo_seed1   # (speedrun.sh's DPO_SEEDS)
 # DPO on pairs that also reject the SFT model's greedy answer under each training prompt's best sample
 # (prepare/preferences.py --greedy_rejected): on the tenth card DPO's greedy answers ended less often
 # and looped more than SFT's, though its sampled answers scored above SFT's (docs/results.md). Its
 # pairs, DPO's 3 seeds and their evaluation in S/dpo_greedy, against the main run's SFT
 link="mkdir -p $S/dpo_greedy && for x in data task base sft; do ln -sfn $A/\$x $S/dpo_greedy/\$x; done"
 DPO_GREEDY_RUN="(until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
-  PREFS_EXTRA='--greedy_rejected=True' EVAL_RUNS='dpo_seed1 dpo_seed2 dpo_seed3' bash speedrun.sh --profile=$PROFILE
+  PREFS_EXTRA='--greedy_rejected=True' EVAL_RUNS='$DPO_RUNS' bash speedrun.sh --profile=$PROFILE
   --out=$S/dpo_greedy --stages=prefs,dpo,eval > $R/logs/side_dpo_greedy.log 2>&1) &"
 DPO_GREEDY_RUN=$(echo $DPO_GREEDY_RUN); wanted dpo_greedy || DPO_GREEDY_RUN=""
+# DPO's 3 seeds on the main run's pairs with the chosen answers' NLL per token added at weight 1
+# (dpo.py --sft_weight, as RPO does), evaluated in S/dpo_rpo: whether keeping the chosen answers
+# likely keeps greedy decoding from looping more than SFT's
+link="mkdir -p $S/dpo_rpo && for x in data task base sft prefs; do ln -sfn $A/\$x $S/dpo_rpo/\$x; done"
+DPO_RPO_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+  DPO_EXTRA='--sft_weight=1.0' EVAL_RUNS='$DPO_RUNS' bash speedrun.sh --profile=$PROFILE
+  --out=$S/dpo_rpo --stages=dpo,eval > $R/logs/side_dpo_rpo.log 2>&1) &"
+DPO_RPO_RUN=$(echo $DPO_RPO_RUN); wanted dpo_rpo || DPO_RPO_RUN=""
 # measured as side runs and now the profile's (docs/results.md, eighth and ninth runs): the reward
 # model on twice the pairs for twice the steps (88.2% and 87.0% of held-out pairs, against 84.1%)
 # and with its head's word checks (paired +2.4 +- 1.4 points on the profile's pairs then, +3.2 +- 0.9
@@ -117,7 +127,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R ${STAGES:+--stages=$STAGES} > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN :; }
+      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_RPO_RUN :; }
       wait
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
