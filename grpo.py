@@ -149,14 +149,16 @@ def make_rollout(r):
     seq, mask = ro['seq'], ro['mask']
     old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
     ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
-    scores, parts = rewards(prompts, ro, rt.autocast)
+    scores, parts = rewards(prompts, ro, rt.autocast)    # (rl.Rewards: the rule / reward model, minus
+    # no_end_penalty where an answer did not end.) A shaping term of your own goes here, e.g. a length
+    # penalty: scores = scores - c * ro['lengths'] (as a tensor); the held-out val/reward stays unshaped
     if normalize_reward:
         moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
     adv, flat_groups = group_advantages(moments.normalize(scores) if normalize_reward else scores,
                                         group_size, scale_rewards)
     stats = {**rollout_stats(scores, parts, ro), 'zero_spread_groups': flat_groups.float().mean().item(),
              'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item()}   # k1: can be < 0 (rl.evaluate_policy)
-    extra.update(reward_moments=moments.state_dict())
+    extra.update(reward_moments=moments.state_dict())   # (extra is the dict the checkpoints save)
     if rt.master and sample_every and r % sample_every == 0:
         append_samples(os.path.join(out_dir, 'samples.md'), f'rollout {r}', ('prompt', 'answer', 'reward', 'advantage'),
                        [(p['prompt'], t, f'{x:.3f}', f'{a:+.2f}')
