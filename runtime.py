@@ -258,6 +258,45 @@ def kernel_table(prof, rows=60):
     return '\n'.join(lines) + '\n'
 
 
+class StepDiagnostics:
+    """Two calls around a training step, for the loop's diagnostics: with `profile` (a file),
+    torch.profiler over the run's 11th and 12th steps (past compilation and a graph's capture), its
+    tables appended to the file (write_profile); with `sync_check` (CUDA), a warning with a stack at
+    every host-device sync inside a step, from the run's 5th step on. With neither they do nothing."""
+
+    def __init__(self, profile, sync_check, rt, start, title):
+        self.profile, self.sync_check, self.rt, self.start, self.title = profile, sync_check, rt, start, title
+        self.prof = None
+
+    def before(self, step):
+        """Before step `step` (0-based)."""
+        if self.profile and step == self.start + 10:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.rt.device_type == 'cuda':
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+        if self.sync_check and step >= self.start + 4:
+            torch.cuda.set_sync_debug_mode('warn')
+
+    def after(self, step):
+        """After step `step` (0-based): the profile is written after the second profiled step."""
+        if self.sync_check:
+            torch.cuda.set_sync_debug_mode('default')
+        if self.prof is not None and step == self.start + 11:
+            synchronize(self.rt.device_type)
+            self.close()
+            if self.rt.master:
+                write_profile(self.finished, self.profile, f'{self.title}: steps {step - 1} and {step}',
+                              self.rt.device_type)
+
+    def close(self):
+        """Stop the profiler (after the loop too: a run may end inside the profiled steps)."""
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.finished, self.prof = self.prof, None
+
+
 def write_profile(prof, path, title, device_type):
     """Append a torch.profiler run's tables to `path`: its operations by time and, on CUDA, its
     kernels by kind (kernel_table) and where the device waited (idle_table)."""

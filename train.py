@@ -27,7 +27,7 @@ from config import configure, last_given, model_config_from
 from data import TokenData, eval_generator, load_tokenizer_spec, prepare_command
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
-from runtime import CUDAGraphStep, close_runtime, init_runtime, synchronize, write_profile
+from runtime import CUDAGraphStep, StepDiagnostics, close_runtime, init_runtime
 from training import Run
 
 # -----------------------------------------------------------------------------
@@ -258,30 +258,19 @@ if cuda_graph_train:
 # the next-token loss (train/lm_loss: the objective train/loss also holds the MTP and balance terms,
 # which the evaluations leave out) beside the evaluated ones
 plots = (('train/lm_loss', 'train/eval_loss', *(f'{s}/loss' for s in data.val_splits)), 'loss.png', 'loss (nats/token)')
-step = start = run.step                      # 0, or where a resumed run stopped
-prof = None
+step = run.step                              # 0, or where a resumed run stopped
+diagnostics = StepDiagnostics(profile, cuda_sync_check, rt, step, 'pretrain')   # (off by default)
 while run.evaluate(step, evaluate, plots):   # every eval_interval steps: evaluate, plot, save; False at the end
     lr = run.set_lr(step)                     # warmup, then decay
-    if profile and step == start + 10:        # past compilation and the graph's capture
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
-                                      ([torch.profiler.ProfilerActivity.CUDA] if rt.device_type == 'cuda' else []))
-        prof.__enter__()
-    if cuda_sync_check and step >= start + 4:
-        torch.cuda.set_sync_debug_mode('warn')
+    diagnostics.before(step)
     batches = [get_batch('train', step, micro) for micro in range(gradient_accumulation_steps)]
     out = train_step(batches)                 # (with cuda_graph_train: a replay of the graph)
-    if cuda_sync_check:
-        torch.cuda.set_sync_debug_mode('default')
+    diagnostics.after(step)
     step += 1
-    if prof is not None and step == start + 12:
-        synchronize(rt.device_type)
-        prof.__exit__(None, None, None)
-        if rt.master:
-            write_profile(prof, profile, f'pretrain: steps {step - 2} and {step - 1}', rt.device_type)
-        prof = None
+    # log every log_interval steps; also a metric of your own: run.log(..., metrics={'name': a number or
+    # 0-d tensor}) logs train/name (its value at the logged step), and the plots above may name it
     if not run.log(step, lr, out['loss'], tokens_per_step / rt.world_size, out):   # False: NaN/inf loss
         break
-if prof is not None:                          # the run ended inside the profiled steps
-    prof.__exit__(None, None, None)
+diagnostics.close()
 run.finish(plots)
 close_runtime(rt)
