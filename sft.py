@@ -14,9 +14,9 @@ example attends to itself alone, at positions counted from its own start (a bloc
 mask, GPT.forward's segments), as it is when answered: packed_attention='window' lets the tokens
 attend across the whole window instead (pretraining's way, and the fused causal attention kernel).
 curriculum=True starts from the shortest examples and widens to all of them over curriculum_iters
-steps. word_loss_weight > 1
-weights the tokens where a task answer first uses a required word: copying the word is the skill
-the task asks for, and those tokens are a few percent of an answer's loss. Every eval_interval
+steps. word_loss_weight > 1 weights the tokens where a task answer first uses a required word:
+copying the word is the skill the task asks for, and those tokens are a few percent of an answer's
+loss. prompt_loss_weight > 0 trains on the prompts' tokens too, at that weight. Every eval_interval
 steps: the response loss on sft_val and the task score of greedy and sampled answers to held-out
 prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
@@ -57,6 +57,8 @@ curriculum = False           # shortest examples first, widening to all over cur
 curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
 word_loss_weight = 1.0       # loss weight of the tokens where an answer first uses a required word
+prompt_loss_weight = 0.0     # loss weight of the prompt's tokens (0: the response only; 1: every token,
+                             # as pretraining weighs them); the validation loss stays the response's
                              # (records with 'words'); 1: every response token alike. On the story task
                              # (speedrun.sh on an H100), the share of greedy answers that use all their
                              # required words, two weights compared within one run each: 1 -> 5: 23.8% ->
@@ -102,6 +104,8 @@ if prompt_like_repeat < 1:
     sys.exit(f'error: prompt_like_repeat={prompt_like_repeat} must be at least 1')
 if word_loss_weight <= 0:
     sys.exit(f'error: word_loss_weight={word_loss_weight} must be positive')
+if prompt_loss_weight < 0:
+    sys.exit(f'error: prompt_loss_weight={prompt_loss_weight} must be 0 (the response only) or positive')
 if packed_attention not in ('example', 'window'):
     sys.exit(f"error: packed_attention='{packed_attention}'; valid: example, window")
 rt = init_runtime(device, dtype, seed)
@@ -123,9 +127,13 @@ def read_task(name, required):
     return read_prepared(task_dir, name, required, hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
 
 
-def encode(rows, word_weight=1.0):
-    """Token ids and response masks (with word_weight != 1, loss weights), cut to block_size + 1."""
+def encode(rows, word_weight=1.0, prompt_weight=0.0):
+    """Token ids and response masks (with word_weight != 1 or prompt_weight, loss weights), cut to
+    block_size + 1."""
     out, cut = encode_chat_examples(tok, rows, block_size, word_weight, show_progress=rt.master)
+    if prompt_weight:   # the prompt's tokens weigh prompt_weight; not the first, an example's EOT, which
+        # in a packed window would be a target of the example before
+        out = [(ids, mask[:1] + [m if m else prompt_weight for m in mask[1:]]) for ids, mask in out]
     if cut and rt.master:
         print(f'note: {cut} of {len(rows)} examples are longer than block_size + 1 = {block_size + 1} '
               f'tokens and were cut (their ending is not trained)')
@@ -139,7 +147,7 @@ if prompt_like_repeat > 1:          # more of the kind of example the held-out p
     if rt.master:
         print(f'{len(like):,} of the examples ask only for listed words, as the held-out prompts do: '
               f'{prompt_like_repeat} copies of each')
-train_ex = encode(train_records, word_loss_weight)
+train_ex = encode(train_records, word_loss_weight, prompt_loss_weight)
 val_ex = encode(read_task('sft_val.jsonl', ('prompt', 'response')))
 prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
 # the examples shortest first: the curriculum's order, and neighbours in length for padded batches
@@ -213,10 +221,12 @@ ckpt = None                                   # Run holds what it needs; free th
 def train_loss(x, y, w, segments):
     """The model's loss on the response tokens (y is -1 on the prompt and the padding): the mean
     cross entropy over the N response tokens, plus the MoE and MTP terms. With word_loss_weight != 1
-    the required words' tokens weigh w_t: + sum_t (w_t - 1) CE_t / N over the targets whose w_t is
-    not 1, so that the cross entropy becomes sum_t w_t CE_t / N."""
+    the required words' tokens weigh w_t (and with prompt_loss_weight the prompt's tokens, then
+    among the N): + sum_t (w_t - 1) CE_t / N over the targets whose w_t is not 1, so that the cross
+    entropy becomes sum_t w_t CE_t / N. (That needs the logits: the fused loss, which never holds
+    them, serves the unweighted case alone.)"""
     counted = through_last(y >= 0)            # the padding after a row's last target is no expert load
-    if word_loss_weight == 1:
+    if word_loss_weight == 1 and prompt_loss_weight in (0, 1):
         return run.model(x, y, segments=segments, return_logits=False, counted=counted)[1]
     logits, loss = run.model(x, y, segments=segments, counted=counted)
     extra = (w != 1) & (y >= 0)

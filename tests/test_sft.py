@@ -252,10 +252,22 @@ def test_sft_word_loss_weight_adds_the_weighted_words_loss(pipeline):
                                       ['--out_dir=w0', *SFT, '--word_loss_weight=0'],
                                       ['--out_dir=rep3', *SFT, '--max_iters=1', '--eval_interval=1',
                                        '--prompt_like_repeat=3'],
-                                      ['--out_dir=rep0', *SFT, '--prompt_like_repeat=0']], cwd=pipeline)
+                                      ['--out_dir=rep0', *SFT, '--prompt_like_repeat=0'],
+                                      ['--out_dir=p1', *SFT, '--max_iters=1', '--eval_interval=1', '--log_interval=1',
+                                       '--prompt_loss_weight=1'],
+                                      ['--out_dir=pneg', *SFT, '--prompt_loss_weight=-1'],
+                                      ['--out_dir=phalf', *SFT, '--max_iters=1', '--eval_interval=1', '--log_interval=1',
+                                       '--prompt_loss_weight=0.5']], cwd=pipeline)
     assert runs[0].returncode == 0 and runs[1].returncode == 0, runs[1].stderr[-2000:]
-    first = [next(r['train/loss'] for r in val_losses(pipeline / out)[1] if 'train/loss' in r) for out in ('w1', 'w4')]
+    first = [next(r['train/loss'] for r in val_losses(pipeline / out)[1] if 'train/loss' in r)
+             for out in ('w1', 'w4', 'p1', 'phalf')]
     assert first[1] > first[0] + 0.01, first
+    # prompt_loss_weight=1: the first step's loss also counts the prompts' tokens; the validation
+    # loss (the responses') is the same
+    assert runs[5].returncode == 0 and abs(first[2] - first[0]) > 0.01, (first, runs[5].stderr[-1000:])
+    assert val_losses(pipeline / 'p1')[0][0] == val_losses(pipeline / 'w1')[0][0]
+    assert first[3] < first[2], first       # the prompts' tokens at half weight (the weighted loss's path)
+    assert runs[6].returncode and 'prompt_loss_weight=-1.0 must be 0 (the response only) or positive' in runs[6].stderr
     assert runs[2].returncode and 'word_loss_weight=0.0 must be positive' in runs[2].stderr
     # prompt_like_repeat: the examples asking only for listed words (as held-out prompts do), 3 times
     n_train = [int(re.search(r'([\d,]+) training and', p.stdout).group(1).replace(',', '')) for p in (runs[0], runs[3])]
