@@ -173,6 +173,11 @@ d = ev[-1] if ev else {}
 print(*(f'step {d[\"step\"]}', *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k)) if ev else (),
       f'max imbalance {tr[-1][\"moe/max_imbalance\"]}' if tr else '')" $f)"; done
     sed -n '/words used/,/^$/p' $R/reward/misses.md 2> /dev/null
+    # greedy answers of SFT and of DPO's seeds, the main run's and the DPO side runs' (eval.json)
+    for f in $R/sft/eval.json $R/dpo_seed*/eval.json $S/dpo_*/dpo_seed*/eval.json; do
+      [ -e $f ] && python -c "import json, sys; e = json.load(open(sys.argv[1]))
+print(sys.argv[1], *(f'{k[5:]} {e[k]:.3f}' for k in ('task/score', 'task/all_words', 'task/ended', 'task/repetition',
+                                                    'task/score_sampled') if isinstance(e.get(k), float)))" $f; done
     grep -h 'Distillation' $R/report.md 2> /dev/null | cut -c1-400   # the gap closed
     for f in $R/student_*/log.jsonl $S/embed/student_*/log.jsonl; do
       [ -e $f ] && echo "$f: $(grep -h '"val/loss"' $f | tail -1 | cut -c1-240)"; done   # the students' last val loss
