@@ -167,7 +167,7 @@ def test_help_borrows_train_pys_comments_in_a_stage_and_shows_what_a_colon_opens
         configure(ns, ['--help'])
     out = capsys.readouterr().out
     assert 'A stage. Each step:\n\n    step one\n' in out and 'More.' not in out
-    assert '--warmup_iters=0\n      steps of linear warm-up from 0 to learning_rate' in out
+    assert '--warmup_iters=0\n      steps of linear warm-up to learning_rate (from' in out
     assert '--min_lr=1e-05\n      its own' in out
     tool = {k: v for k, v in ns.items() if k not in ('learning_rate', 'max_iters')}
     with pytest.raises(SystemExit):
