@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import re
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -244,6 +245,36 @@ def prepare_command(data_dir, dataset):
     name = os.path.basename(os.path.normpath(data_dir))
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare')
     return f"python prepare/{name if os.path.isfile(os.path.join(here, name + '.py')) else dataset}.py --out_dir={data_dir}"
+
+
+def prepare_if_missing(dataset, data_dir, prepare, rt):
+    """The token folder train.py reads: data_dir if given (it must hold a prepared dataset), else
+    data/<dataset>, which prepare/<dataset>.py (or the `prepare` command: a script under prepare/
+    and its flags) makes on first use, on rank 0 while the other ranks wait."""
+    if data_dir:
+        if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+            sys.exit(f"error: no dataset at data_dir='{data_dir}' (no meta.json); prepare one there, e.g. "
+                     f"{prepare_command(data_dir, dataset)}, or leave data_dir unset for data/{dataset}")
+        if rt.master:                 # (a config file's dataset= would otherwise seem to be the data)
+            print(f"data: {data_dir} (data_dir is given, so dataset='{dataset}' and prepare= are not read)")
+        return data_dir
+    data_dir = os.path.join('data', dataset)
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        script, *flags = (prepare or f'{dataset}.py').split()
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare')
+        if not os.path.isfile(os.path.join(here, script)):
+            sys.exit(f"error: no dataset at {data_dir} and no prepare/{script} to make it; valid datasets: "
+                     f"{', '.join(sorted(f[:-3] for f in os.listdir(here) if f.endswith('.py')))}")
+        command = [sys.executable, os.path.join(here, script), *flags, f'--out_dir={data_dir}']
+        if rt.master:
+            print(f"{data_dir} is missing; preparing it: {' '.join(command[1:])}", flush=True)
+            rc = subprocess.call(command)
+            if rc:
+                sys.exit(f"error: {' '.join(command[1:])} failed (exit {rc}); prepare the data by hand, e.g. "
+                         f"with --source=PATH to local files")
+        if rt.ddp:
+            torch.distributed.barrier()
+    return data_dir
 
 
 def usable_cpus(cpu_max='/sys/fs/cgroup/cpu.max'):

@@ -16,15 +16,13 @@ init_from='resume' continues exactly.
 """
 
 import math
-import os
-import subprocess
 import sys
 
 import torch
 
 from checkpoint import load_checkpoint
 from config import configure, last_given, model_config_from
-from data import TokenData, eval_generator, load_tokenizer_spec, prepare_command
+from data import TokenData, eval_generator, load_tokenizer_spec, prepare_if_missing
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
 from runtime import CUDAGraphStep, StepDiagnostics, close_runtime, init_runtime
@@ -92,34 +90,13 @@ config = configure(globals(), model_config=ModelConfig)
 # -----------------------------------------------------------------------------
 
 rt = init_runtime(device, dtype, seed)
-own_data_dir = not data_dir                   # data/<dataset>: prepared here when missing
-data_dir = data_dir or os.path.join('data', dataset)
 if cuda_sync_check and rt.device_type != 'cuda':
     sys.exit(f"error: cuda_sync_check=True needs a CUDA GPU (device is '{rt.device}'); "
              f"it reports where the host waits for one")
 
 # --- data (data/<dataset> is prepared on first use by prepare/<dataset>.py) -----------------
-if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-    script, *flags = (prepare or f'{dataset}.py').split()
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare', script)
-    command = [sys.executable, script, *flags, f'--out_dir={data_dir}']
-    if not own_data_dir:
-        sys.exit(f"error: no dataset at data_dir='{data_dir}' (no meta.json); prepare one there, e.g. "
-                 f"{prepare_command(data_dir, dataset)}, or leave data_dir unset for data/{dataset}")
-    if not os.path.isfile(script):
-        sys.exit(f"error: no dataset at {data_dir} and no prepare/{os.path.basename(script)} to make it; "
-                 f"valid datasets: {', '.join(sorted(f[:-3] for f in os.listdir(os.path.dirname(script)) if f.endswith('.py')))}")
-    if rt.master:
-        print(f"{data_dir} is missing; preparing it: {' '.join(command[1:])}", flush=True)
-        rc = subprocess.call(command)
-        if rc:
-            sys.exit(f"error: {' '.join(command[1:])} failed (exit {rc}); prepare the data by hand, e.g. "
-                     f"with --source=PATH to local files")
-    if rt.ddp:
-        torch.distributed.barrier()
+data_dir = prepare_if_missing(dataset, data_dir, prepare, rt)
 data = TokenData(data_dir)
-if not own_data_dir and rt.master:            # (a config file's dataset= would otherwise seem to be the data)
-    print(f"data: {data_dir} (data_dir is given, so dataset='{dataset}' and prepare= are not read)")
 tok_spec = load_tokenizer_spec(data.meta['tokenizer'], data_dir)
 for split in data.lengths:     # checked before any work (data.batch would only fail at its first batch)
     if data.lengths[split] <= block_size + 1:
