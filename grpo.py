@@ -176,6 +176,7 @@ def grpo_loss(b):
     logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps,
                                                         per_sequence=True)
+    # the k3 KL per token, averaged over each answer's tokens, then over the answers that have any
     kl_loss = masked_mean(masked_mean(kl_k3(logp, b['ref_logp']), mask, dim=1), mask.any(1))
     with torch.no_grad():
         stats = {'policy_loss': pg_loss.detach(), 'kl_loss': kl_loss.detach(), 'clip_frac': clip_frac,
