@@ -114,3 +114,17 @@ def test_import_of_a_transformers_folder_without_its_mtp_layer(tmp_path, capfd):
     idx = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(back(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize('factor', [4.0, 40.0])
+def test_yarn_frequencies_are_the_references_bit_for_bit(factor):
+    """model.yarn_inv_freq equals transformers' YaRN frequencies exactly, also for DeepSeek-V3's
+    factor 40 (not a power of 2: dividing theta_i by it rounds otherwise than 1 / (factor base^(2i/d)))."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from model import yarn_inv_freq
+    cfg = DeepseekV3Config(qk_rope_head_dim=64, rope_theta=10000.0, rope_scaling=dict(
+        type='yarn', factor=factor, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+        mscale=1.0, mscale_all_dim=1.0))
+    reference, _ = ROPE_INIT_FUNCTIONS['yarn'](cfg, 'cpu')
+    assert torch.equal(yarn_inv_freq(64, 10000.0, factor, 4096, 32, 1), reference)
