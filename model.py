@@ -375,7 +375,9 @@ class RotaryEmbedding(nn.Module):
         """positions: (T,) or (B, T) integer positions -> cos, sin of shape (..., T, dim/2)."""
         inv_freq = self.inv_freq
         if self.kind == 'dynamic':       # the base grows with the longest position in view: each
-            # row's own (a batch of requests must not change one another's angles)
+            # row's own (a batch of requests must not change one another's angles). With a KV cache
+            # only the new queries and keys get the new base; the cached keys keep the angles they
+            # were written with (as in transformers; so generate.py refuses it for speculative decoding)
             seq_len = (positions.amax(-1, keepdim=True) + 1).float().clamp(min=self.original_max)  # (..., 1)
             base = self.base * (self.factor * seq_len / self.original_max - (self.factor - 1)) \
                 ** (self.dim / (self.dim - 2))
@@ -383,8 +385,10 @@ class RotaryEmbedding(nn.Module):
             if positions.dim() == 2:
                 inv_freq = inv_freq[:, None, :]                              # (B, 1, dim/2)
         angles = positions.float()[..., None] * inv_freq           # p * theta_i
-        # q and k both carry attention_factor (YaRN's sqrt(1/t)), so the RoPE part of q.k is scaled
-        # by its square; MLA's nope part is not, hence DeepSeek's mscale_all_dim in softmax_scale
+        # q and k both carry attention_factor, so the RoPE part of q.k gains its square; softmax_scale
+        # multiplies every logit by mscale(factor, mscale_all_dim)^2. Net, with both mscales set: the
+        # RoPE part x mscale(factor, mscale)^2, MLA's nope part x mscale(factor, mscale_all_dim)^2 (V3:
+        # mscale = mscale_all_dim = 1, attention_factor 1, and every logit x (0.1 ln 40 + 1)^2 = 1.87)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
@@ -526,9 +530,8 @@ class MLAttention(nn.Module):
         else:
             # the cache keeps [c ; k_rope] as one row per token, the absorbed attention's key: the
             # step joins its T new rows, never the L cached ones (and a paged cache gathers once)
-            # (from here ckv is the cache's rows [RMSNorm(c) ; RoPE(k_rope)] over all L keys)
-            ckv = cache.update(self.layer_idx, 'latent_rope', torch.cat([c, k_rope], dim=-1), dim=1)  # (B, L, r+Dr)
-            y = self.attend_absorbed(q_nope, q_rope, ckv, mask)
+            kv_rows = cache.update(self.layer_idx, 'latent_rope', torch.cat([c, k_rope], dim=-1), dim=1)  # (B, L, r+Dr)
+            y = self.attend_absorbed(q_nope, q_rope, kv_rows, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
 
     def attend_naive(self, q_nope, q_rope, c, k_rope, mask):
@@ -547,23 +550,23 @@ class MLAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                                               dropout_p=self.dropout if self.training else 0.0)
 
-    def attend_absorbed(self, q_nope, q_rope, ckv, mask):
+    def attend_absorbed(self, q_nope, q_rope, kv_rows, mask):
         """Decoding over cached latents: W_uk moves into the query and W_uv onto the output, so
-        the L cached tokens are read as ckv = [c ; k_rope] (B, L, r+Dr), the key, whose first r
-        numbers c are the value, never expanded per head. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr)
-        -> (B, H, T, Dv)."""
+        the L cached tokens are read as kv_rows = [c ; k_rope] (B, L, r+Dr) (normed and rotated),
+        the key, whose first r numbers c are the value, never expanded per head.
+        q_nope (B, T, H, Dn), q_rope (B, T, H, Dr) -> (B, H, T, Dv)."""
         H = self.n_head
         w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.kv_lora_rank)
         w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                            # (H, Dn, r), (H, Dv, r)
         q_latent = torch.einsum('bthd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))      # W_uk^T q_nope
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)                      # (B, H, T, r+Dr)
-        k, c = ckv[:, None], ckv[:, None, :, :self.kv_lora_rank]                      # (B, 1, L, r+Dr), (B, 1, L, r)
+        k, c = kv_rows[:, None], kv_rows[:, None, :, :self.kv_lora_rank]              # (B, 1, L, r+Dr), (B, 1, L, r)
         attn_mask, is_causal = mask
+        # scale: still 1/sqrt(Dn + Dr) (softmax_scale), not SDPA's default 1/sqrt(r + Dr): the
+        # logits q_latent . c + q_rope . k_rope are the same numbers as attend_naive's q . k
         y = F.scaled_dot_product_attention(q, k, c, attn_mask=attn_mask, is_causal=is_causal,
                                            scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=True)                            # (B, H, T, r)
-        # scale: still 1/sqrt(Dn + Dr) (softmax_scale), not SDPA's default 1/sqrt(r + Dr): the
-        # logits q_latent . c + q_rope . k_rope are the same numbers as attend_naive's q . k
         return torch.einsum('bhtr,hdr->bhtd', y, w_uv.to(y.dtype))                     # W_uv (a . c)
 
 
@@ -623,9 +626,9 @@ class Router(nn.Module):
         """x: (N, C) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
         logits = F.linear(x.float(), self.weight.float()).float()            # (N, E)
         scores = logits.softmax(-1) if self.scoring_func == 'softmax' else logits.sigmoid()
-        # bias: selection only. (With softmax scores too, where a step of it weighs far more: those
-        # average 1 / E, 0.016 for 64 experts, where sigmoid's start near 0.5, so relative to the
-        # scores the same bias_update_speed is about 30x larger; scale it when you switch scoring_func.)
+        # b shifts which experts are chosen, never their weights (those come from s below). With
+        # softmax scores (mean 1/E: 0.016 at E = 64, against sigmoid's near 0.5 at the start) the same
+        # bias_update_speed is about 30x larger relative to the scores: scale it when you switch.
         choice = scores + self.e_score_correction_bias
         if self.n_group > 1:
             N = x.size(0)
@@ -902,10 +905,13 @@ class Block(nn.Module):
 
 class MTPModule(nn.Module):
     """Multi-token prediction depth k (DeepSeek-V3 section 2.2): from the previous depth's hidden
-    state h_i and the embedding of token t_{i+k}, predict t_{i+k+1}:
-        h'_i = Block(W [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i)]),   logits = Head(RMSNorm(h'_i))
+    state h_i^{k-1} (depth 0: the main model's, before its final norm) and the embedding of token
+    t_{i+k}, predict t_{i+k+1}:
+        h'_i^k = eh_proj [enorm(Emb(t_{i+k})) ; hnorm(h_i^{k-1})]     (eq. 21)
+        h_i^k  = Block(h'_i^k)                                        (eq. 22: what forward returns)
+        logits = lm_head(norm(h_i^k))                                 (eq. 23: in GPT.mtp_loss)
     sharing the embedding and output head with the main model. (The paper writes the two
-    halves in the other order; DeepSeek's released weights put the embedding first.)"""
+    halves of eq. 21 in the other order; DeepSeek's released weights put the embedding first.)"""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -1124,9 +1130,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def update_router_bias(self, reduce=None):
-        """Call after each optimizer step. Auxiliary-loss-free balancing (DeepSeek-V3, eq. 16):
-        b_i <- b_i + bias_update_speed * sign(mean load - load_i) for each MoE layer, from the
-        tokens counted since the last call (summed over ranks by `reduce`, e.g. an all-reduce).
+        """Call after each optimizer step. Auxiliary-loss-free balancing (DeepSeek-V3 section
+        2.1.2: the selection by s + b is its eq. 16, in Router.forward; the update is the text after
+        it, gamma = bias_update_speed):
+            b_i <- b_i + bias_update_speed * sign(mean load - load_i)
+        for each MoE layer, from the tokens counted since the last call (summed over ranks by `reduce`, e.g. an all-reduce).
         Returns the counts as an (n_moe_layers, E) tensor for logging, or None for dense models.
         The balancing's pieces: b is Router.e_score_correction_bias, the counts are
         MoE.tokens_per_expert (MoE.count_load); training.Run.optimizer_step calls this, and
