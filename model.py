@@ -1134,7 +1134,8 @@ class GPT(nn.Module):
         2.1.2: the selection by s + b is its eq. 16, in Router.forward; the update is the text after
         it, gamma = bias_update_speed):
             b_i <- b_i + bias_update_speed * sign(mean load - load_i)
-        for each MoE layer, from the tokens counted since the last call (summed over ranks by `reduce`, e.g. an all-reduce).
+        for each MoE layer, from the tokens counted since the last call (summed over ranks by
+        `reduce`, e.g. an all-reduce).
         Returns the counts as an (n_moe_layers, E) tensor for logging, or None for dense models.
         The balancing's pieces: b is Router.e_score_correction_bias, the counts are
         MoE.tokens_per_expert (MoE.count_load); training.Run.optimizer_step calls this, and
