@@ -123,6 +123,8 @@ def progress(iterable=None, **kwargs):
         """tqdm in a log file: each state a whole line (no carriage returns that redraw one line,
         which a pager or an editor shows as one long line), written when the count moved since
         the last line; nothing cleared or redrawn around a print (the lines only add up)."""
+        monitor_interval = 0          # no monitor thread redrawing between updates: a line at most every
+                                      # mininterval, from the loop's own thread
         def display(self, msg=None, pos=None):
             if msg is None and self.n != getattr(self, 'line_n', None):   # msg '': tqdm clearing its line
                 self.line_n = self.n

@@ -57,13 +57,13 @@ curriculum = False           # shortest examples first, widening to all over cur
 curriculum_iters = 0         # 0: half of max_iters
 curriculum_start = 0.1       # share of the examples (the shortest) available at step 0
 word_loss_weight = 1.0       # loss weight of the tokens where an answer first uses a required word
-prompt_loss_weight = 0.0     # loss weight of the prompt's tokens (0: the response only; 1: every token,
-                             # as pretraining weighs them); the validation loss stays the response's
                              # (records with 'words'); 1: every response token alike. On the story task
                              # (speedrun.sh on an H100), the share of greedy answers that use all their
                              # required words, two weights compared within one run each: 1 -> 5: 23.8% ->
                              # 71.1%; 5 -> 10: 71.5% -> 87.5%; 10 -> 20: 82.8% -> 91.0% (20: the profile's;
                              # bits per byte within 0.015; docs/results.md)
+prompt_loss_weight = 0.0     # loss weight of the prompt's tokens (0: the response only; 1: every token,
+                             # as pretraining weighs them); the validation loss stays the response's
 prompt_like_repeat = 1       # examples whose required words all come from task.py's word lists, as every
                              # held-out prompt's do, appear this many times in the training set
 eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation

@@ -124,13 +124,16 @@ else:
              and config[k] != saved[k]}
     model_cfg = ModelConfig(**{**saved, **asked, 'dropout': dropout})
     if asked:
-        with torch.device('meta'):
-            before, after = (GPT(cfg).state_dict() for cfg in (ModelConfig(**saved), model_cfg))
+        def shapes(cfg):              # (parameters listed once each: a tied head is not a parameter of its own)
+            with torch.device('meta'):
+                m = GPT(cfg)
+            return {k: v.shape for k, v in [*m.named_parameters(), *m.named_buffers()]}
         said = ', '.join(f'{k}={v!r} (the checkpoint has {saved[k]!r})' for k, v in asked.items())
-        if {k: v.shape for k, v in before.items()} != {k: v.shape for k, v in after.items()}:
+        if shapes(ModelConfig(**saved)) != shapes(model_cfg):
             sys.exit(f"error: {said} changes the model's parameters, but init_from={init_from!r} continues "
                      f"the checkpoint's model: leave these out, or train a new model (init_from='scratch')")
-        print(f'the checkpoint\'s model, changed by this command: {said}')
+        if rt.master:
+            print(f'the checkpoint\'s model, changed by this command: {said}')
     block_size = min(block_size, model_cfg.block_size)
     # the saved config describes the model trained (the checkpoint's, not this run's defaults)
     config.update({**model_cfg.to_dict(), 'block_size': block_size})

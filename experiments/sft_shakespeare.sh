@@ -15,7 +15,7 @@ mkdir -p $OUT
 python train.py config/tinystories_moe.py --data_dir=$DATA --out_dir=$OUT/base --batch_size=16 \
   --max_iters=300 --eval_interval=50 --eval_iters=10 --compile=False --always_save_checkpoint=False \
   > $OUT/base.log 2>&1 || { tail -20 $OUT/base.log; exit 1; }
-grep -o "step [0-9]*: train/eval_loss [^,]*, val/loss [0-9.]*" $OUT/base.log | tail -3
+grep -o "step [0-9]*: val/loss [0-9.]*" $OUT/base.log | tail -3
 python sft.py --init_from=$OUT/base --out_dir=$OUT/sft --task_dir=$TASK --batch_size=16 --block_size=512 \
   --max_iters=150 --eval_interval=50 --eval_iters=10 --eval_prompts=64 --max_new_tokens=200 \
   --learning_rate=3e-4 --min_lr=3e-5 --warmup_iters=20 --compile=False \

@@ -182,10 +182,14 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
     assert 'changed by this command' not in tuned_run.stdout       # the same model settings as base's
     # model settings given with init_from: applied where the parameters stay as they are, else refused
-    deeper, theta, schedule = run_script_many('train.py', [
+    deeper, theta, schedule, untied = run_script_many('train.py', [
         train_args(byte_data, 'deeper', '--max_iters=1', '--init_from=base', '--n_layer=3'),
         train_args(byte_data, 'theta', '--max_iters=2', '--init_from=base', '--rope_theta=500.0'),
-        train_args(byte_data, 'x', '--max_iters=9', '--lr_schedule=WSD')], cwd=tmp_path)
+        train_args(byte_data, 'x', '--max_iters=9', '--lr_schedule=WSD'),
+        train_args(byte_data, 'untied', '--max_iters=1', '--init_from=base', '--tie_word_embeddings=False')],
+        cwd=tmp_path)
+    # (the same shapes, but an untied head is a parameter the tied checkpoint does not have)
+    assert untied.returncode != 0 and "tie_word_embeddings=False (the checkpoint has True) changes" in untied.stderr
     assert "lr_schedule='WSD'; valid: cosine, wsd, constant" in schedule.stderr and 'step 0' not in schedule.stdout
     assert deeper.returncode != 0 and "n_layer=3 (the checkpoint has 2) changes the model's parameters" in deeper.stderr
     assert "changed by this command: rope_theta=500.0 (the checkpoint has 10000.0)" in theta.stdout, theta.stderr[-500:]
