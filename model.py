@@ -315,12 +315,11 @@ def yarn_inv_freq(dim, base, factor, original_max, beta_fast=32, beta_slow=1):
         high += 0.001                     # avoid dividing by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp                # 1: keep the original frequency
-    inv_freq = rope_inv_freq(dim, base)
     # theta'_i = theta_i / factor * ramp_i + theta_i * (1 - ramp_i), ramp_i = clamp((i - low) / (high - low), 0, 1);
     # written as the reference writes it, 1 / (factor base^(2i/d)) and (1 - extrapolate) rather than
     # ramp, so that it rounds the same, bit for bit (for a factor not a power of 2, such as V3's 40, too)
-    inv_freq_interpolated = 1.0 / (factor * base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    return inv_freq_interpolated * (1 - extrapolate) + inv_freq * extrapolate
+    base_powers = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)       # base^(2i/d) = 1 / theta_i
+    return 1.0 / (factor * base_powers) * (1 - extrapolate) + 1.0 / base_powers * extrapolate
 
 
 def softmax_scale(config):
