@@ -415,6 +415,7 @@ def test_progress_bars_write_to_a_log_file_every_30_seconds():
     log = io.StringIO()
     bar = progress(total=3, desc='steps', file=log)        # pytest captures stderr: not a terminal
     assert not bar.disable and bar.mininterval == 30
+    assert type(bar).monitor is None         # no tqdm monitor thread writing lines between the 30 s ones
     out = PrintsAboveBar(bar, log)
     bar.update(1)
     out.write('step 1: val/loss 2.0\n')
