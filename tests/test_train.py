@@ -406,13 +406,15 @@ def test_measuring_the_peak_flops_leaves_the_random_stream_alone():
     assert torch.equal(torch.rand(3), want)
 
 
-def test_progress_bars_write_to_a_log_file_every_30_seconds():
+def test_progress_bars_write_to_a_log_file_every_30_seconds(monkeypatch):
     """runlog.progress: where stderr is not a terminal (a speedrun log) the bar stays on (instead of
     tqdm's disable=None turning it off there) and writes whole lines, every 30 s and at the end:
     no carriage returns, nothing cleared or redrawn around a print above it."""
     import io
     from runlog import PrintsAboveBar, progress
+    import tqdm
     log = io.StringIO()
+    monkeypatch.setattr(tqdm.tqdm, 'monitor', None)    # as if no bar had started tqdm's monitor thread yet
     bar = progress(total=3, desc='steps', file=log)        # pytest captures stderr: not a terminal
     assert not bar.disable and bar.mininterval == 30
     assert type(bar).monitor is None         # no tqdm monitor thread writing lines between the 30 s ones
