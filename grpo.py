@@ -9,7 +9,11 @@ value model. Each iteration is one rollout and its updates:
         given to every token of the answer
         for each of grpo_epochs epochs, for each minibatch of answers:
             one optimizer step on PPO's clipped surrogate + beta * KL(pi || ref) (k3 estimator),
-            averaged over each answer's tokens, then over answers
+            averaged over each answer's tokens, then over answers (loss_agg='sequence')
+
+Two variants are settings: Dr. GRPO (Liu et al. 2025) is --scale_rewards=False --loss_agg=constant
+(no division by the group's std, no division by each answer's length); DAPO's (Yu et al. 2025)
+token-level loss and clip-higher are --loss_agg=token --clip_eps_high=0.28.
 
 $ python grpo.py --init_from=out/sft --reward=rule --out_dir=out/grpo
 
@@ -28,9 +32,9 @@ import torch
 
 from config import configure
 from generate import use_cuda_graph
-from rl import (RunningMoments, append_samples, batched_logprobs, clear_samples, clipped_policy_loss, entropy,
-                evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards, masked_mean, mean_stats,
-                merged_steps, minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts,
+from rl import (LOSS_AGGREGATIONS, RunningMoments, aggregate, append_samples, batched_logprobs, clear_samples,
+                clipped_policy_loss, entropy, evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards,
+                mean_stats, merged_steps, minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts,
                 response_logprobs, room_problem, rollout_stats, sample_rollout, settings_problem, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run
@@ -65,7 +69,11 @@ cuda_graph = None            # sampling: one-token steps replayed as a CUDA grap
 grpo_epochs = 1              # passes over each rollout
 minibatch_size = 16          # answers per optimizer step
 gradient_accumulation_steps = 1   # micro-batches per minibatch
-clip_eps = 0.2               # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+clip_eps = 0.2               # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]
+clip_eps_high = None         # None: clip_eps; above it (DAPO: 0.28) unlikely good tokens may grow further
+loss_agg = 'sequence'        # per-token terms to one loss (rl.aggregate): 'sequence' (each answer's mean,
+                             # then over answers), 'token' (over all tokens), 'constant' (each answer's
+                             # sum / max_new_tokens, then over answers)
 beta = 0.04                  # weight of the KL(pi || ref) penalty in the loss
 dropout = 0.0
 # optimizer and schedule (as in train.py; the schedule counts rollouts)
@@ -103,6 +111,10 @@ if group_size < 2:
 problem = minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, 'rollout_prompts x group_size')
 if problem:
     sys.exit(f'error: {problem}')
+if loss_agg not in LOSS_AGGREGATIONS:
+    sys.exit(f"error: loss_agg={loss_agg!r}: one of {', '.join(LOSS_AGGREGATIONS)}")
+if clip_eps_high is not None and not isinstance(clip_eps_high, (int, float)):
+    sys.exit(f'error: clip_eps_high={clip_eps_high!r} must be a number (or None: clip_eps)')
 problem = settings_problem('grpo', fsdp, temperature, dropout)
 if problem:
     sys.exit(f'error: {problem}')
@@ -169,15 +181,15 @@ def make_rollout(r):
 
 
 def grpo_loss(b):
-    """The loss of a minibatch b of the rollout: the clipped surrogate per token, averaged over
-    each answer, then over answers, plus beta * the k3 KL to the reference; with statistics."""
+    """The loss of a minibatch b of the rollout: the clipped surrogate per token plus beta * the k3
+    KL to the reference, each aggregated as loss_agg says (by default averaged over each answer's
+    tokens, then over answers); with statistics."""
     b = trim_padding(b)
     mask = b['mask']
     logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)
-    pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps,
-                                                        per_sequence=True)
-    # the k3 KL per token, averaged over each answer's tokens, then over the answers that have any
-    kl_loss = masked_mean(masked_mean(kl_k3(logp, b['ref_logp']), mask, dim=1), mask.any(1))
+    pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps, clip_eps_high,
+                                                        loss_agg, max_new_tokens)
+    kl_loss = aggregate(kl_k3(logp, b['ref_logp']), mask, loss_agg, max_new_tokens)
     with torch.no_grad():
         stats = {'policy_loss': pg_loss.detach(), 'kl_loss': kl_loss.detach(), 'clip_frac': clip_frac,
                  'approx_kl': approx_kl, 'entropy': entropy(logits.detach(), mask)}
@@ -201,7 +213,8 @@ while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: ev
     for epoch in range(grpo_epochs):                # passes over the rollout, in shuffled minibatches
         order = torch.randperm(n_answers, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
         for idx in order.to(rt.device).split(minibatch_size):
-            loss, stats, n, out = minibatch_update(run, grpo_loss, buffer, idx, rt.autocast)   # one step
+            loss, stats, n, out = minibatch_update(run, grpo_loss, buffer, idx, rt.autocast,   # one step
+                                                   token_mean=loss_agg == 'token')
             losses.append(loss)
             updates.append(stats)
             outs.append(out)

@@ -479,19 +479,41 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
 
 # --- losses and statistics ----------------------------------------------------------------------
 
-def clipped_policy_loss(logp, old_logp, adv, mask, eps=0.2, per_sequence=False):
+LOSS_AGGREGATIONS = ('token', 'sequence', 'constant')
+
+
+def aggregate(x, mask, how='token', length=None):
+    """A per-token loss x (B, T) over the response tokens (mask) as one number:
+      'token'     the mean over every response token of the batch: each token weighs the same
+                  (PPO; DAPO's token-level loss, Yu et al. 2025)
+      'sequence'  each answer's mean over its tokens, then the mean over the answers: each answer
+                  weighs the same, so a token of a short answer weighs more than one of a long
+                  answer (GRPO, Shao et al. 2024)
+      'constant'  each answer's sum over its tokens / length (a constant: the longest answer a
+                  rollout samples), then the mean over the answers: no bias by length (Dr. GRPO,
+                  Liu et al. 2025)"""
+    if how == 'token':
+        return masked_mean(x, mask)
+    if how == 'sequence':
+        return masked_mean(masked_mean(x, mask, dim=1), mask.any(1))
+    if how == 'constant':
+        return (x * mask).sum() / (mask.size(0) * length)
+    raise ValueError(f"unknown aggregation {how!r}: one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def clipped_policy_loss(logp, old_logp, adv, mask, eps=0.2, eps_high=None, agg='token', length=None):
     """PPO's clipped surrogate (Schulman et al. 2017):
-        L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A),   rho = exp(log pi - log pi_old),
-    whose gradient is zero where the ratio has left the trust region in A's favour. Averaged over
-    response tokens (per_sequence: first over each sequence's tokens, then over sequences, as in
-    GRPO). Returns (loss, clip fraction, approximate KL(old || new))."""
+        L = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A),   rho = exp(log pi - log pi_old),
+    whose gradient is zero where the ratio has left the trust region in A's favour. eps_high (None:
+    eps) above eps lets unlikely tokens with A > 0 grow further (DAPO's clip-higher). Aggregated
+    over the response tokens as `agg` says (aggregate). Returns (loss, clip fraction: the share of
+    response tokens whose gradient the clip took away, approximate KL(old || new))."""
+    eps_high = eps if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
-    if per_sequence:
-        loss = -masked_mean(surrogate, mask, dim=1).mean()
-    else:
-        loss = -masked_mean(surrogate, mask)
-    clipped = ((ratio - 1).abs() > eps) & mask
+    clipped_term = ratio.clamp(1 - eps, 1 + eps_high) * adv
+    surrogate = torch.minimum(ratio * adv, clipped_term)
+    loss = -aggregate(surrogate, mask, agg, length)
+    clipped = (clipped_term < ratio * adv) & mask       # the min took the clipped term: no gradient there
     # k2 = (log r)^2 / 2, Schulman's low-variance estimator of KL(old || new): a statistic, no gradient
     approx_kl = masked_mean(0.5 * (logp.detach() - old_logp) ** 2, mask)
     return loss, clipped.float().sum() / mask.float().sum().clamp(min=1), approx_kl

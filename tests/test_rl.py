@@ -69,9 +69,37 @@ def test_clipped_loss_gradient_is_zero_outside_the_trust_region():
     assert clip_frac.item() == 0.5
     # the pessimistic side is not clipped: ratio above 1 + eps with a negative advantage
     logp2 = torch.tensor([[0.5]], requires_grad=True)
-    loss2, _, _ = clipped_policy_loss(logp2, torch.zeros(1, 1), torch.tensor([[-1.0]]), mask[:, :1])
+    loss2, clip_frac2, _ = clipped_policy_loss(logp2, torch.zeros(1, 1), torch.tensor([[-1.0]]), mask[:, :1])
     loss2.backward()
     assert logp2.grad[0, 0] > 0
+    assert clip_frac2.item() == 0                   # outside the region, but its gradient is whole
+    # DAPO's clip-higher: a ratio of exp(0.25) = 1.28 with A > 0 is clipped at eps 0.2, not at eps_high 0.3
+    for eps_high, clipped in ((None, True), (0.3, False)):
+        logp3 = torch.tensor([[0.25]], requires_grad=True)
+        loss3, clip_frac3, _ = clipped_policy_loss(logp3, torch.zeros(1, 1), torch.ones(1, 1), mask[:, :1],
+                                                   eps_high=eps_high)
+        loss3.backward()
+        assert (logp3.grad[0, 0] == 0) == clipped and clip_frac3.item() == float(clipped)
+
+
+def test_loss_aggregations_weigh_tokens_as_their_papers_say():
+    """rl.aggregate: 'token' gives every response token the same weight; 'sequence' (GRPO) every
+    answer, so a short answer's tokens weigh more; 'constant' (Dr. GRPO) every token 1 / (answers x
+    the longest answer allowed), whatever its answer's length."""
+    from rl import aggregate
+    mask = torch.tensor([[True, False, False, False], [True, True, True, True]])     # answers of 1 and 4 tokens
+    x = torch.zeros(2, 4, requires_grad=True)
+    weights = {}
+    for how in ('token', 'sequence', 'constant'):
+        x.grad = None
+        aggregate(x, mask, how, length=8).backward()
+        weights[how] = x.grad.clone()
+    on = mask.float()
+    torch.testing.assert_close(weights['token'], on / 5)
+    torch.testing.assert_close(weights['sequence'], torch.tensor([[1 / 2, 0, 0, 0], [1 / 8] * 4]))
+    torch.testing.assert_close(weights['constant'], on / (2 * 8))
+    with pytest.raises(ValueError, match="unknown aggregation 'answer'"):
+        aggregate(x, mask, 'answer')
 
 
 def test_clipped_value_loss():
@@ -287,6 +315,23 @@ def test_grpo_raises_a_toy_reward(sft_pipeline):
     assert len(evals) == 3 and evals[-1]['val/kl_ref'] > 0 and 'task/score_greedy' in evals[-1]
 
 
+def test_grpo_loss_aggregations_reach_the_loss(sft_pipeline):
+    """grpo.py --loss_agg: at the first update the ratio is 1, so the policy loss is minus the mean
+    advantage as the aggregation weighs it: 0 under GRPO's per-answer mean (each group's advantages
+    sum to 0), not under the token mean or Dr. GRPO's constant, which weigh a long answer more."""
+    args = [*TOY, '--init_from=sft', '--rollout_prompts=2', '--group_size=4', '--minibatch_size=8', '--max_iters=1',
+            '--eval_interval=1', '--eval_prompts=0', '--scale_rewards=False', "--reward=token: ", '--max_new_tokens=40']
+    first = {}
+    for agg in ('sequence', 'token', 'constant'):
+        run_script('grpo.py', f'--out_dir=grpo_{agg}', *args, f'--loss_agg={agg}', '--clip_eps_high=0.28',
+                   cwd=sft_pipeline)
+        first[agg] = next(r for r in rewards_logged(sft_pipeline / f'grpo_{agg}')[1] if 'train/policy_loss' in r)
+    assert len({r['train/reward'] for r in first.values()}) == 1            # the same rollout each time
+    assert abs(first['sequence']['train/policy_loss']) < 1e-6
+    assert abs(first['token']['train/policy_loss']) > 1e-4 and abs(first['constant']['train/policy_loss']) > 1e-4
+    assert first['token']['train/policy_loss'] != first['constant']['train/policy_loss']
+
+
 def test_grpo_of_an_mtp_model_logs_the_balance_of_the_moe_layers_it_runs(pipeline):
     """GRPO runs the main model alone: the MTP module's MoE layer routes no token, and is logged as
     null in moe/imbalance, out of moe/max_imbalance and moe/load_cv (which an idle layer's 0 would
@@ -438,7 +483,7 @@ def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
 
 
 def test_bad_settings(pipeline):
-    minibatch, group, token, value_lr, split, temperature, dropout, room = run_scripts([
+    minibatch, group, token, value_lr, split, temperature, dropout, room, agg = run_scripts([
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu']),
         ('grpo.py', ['--init_from=base', '--group_size=1']),
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu']),
@@ -446,7 +491,8 @@ def test_bad_settings(pipeline):
         ('grpo.py', ['--init_from=base', '--minibatch_size=16', '--gradient_accumulation_steps=3']),
         ('grpo.py', ['--init_from=base', '--temperature=0']),
         ('ppo.py', ['--init_from=base', '--dropout=0.1']),
-        ('grpo.py', ['--init_from=base', '--task_dir=inst', '--max_new_tokens=5000', '--device=cpu'])],
+        ('grpo.py', ['--init_from=base', '--task_dir=inst', '--max_new_tokens=5000', '--device=cpu']),
+        ('grpo.py', ['--loss_agg=answer'])],
         cwd=pipeline)
     assert dropout.returncode and 'dropout=0.1: the policy ratio compares' in dropout.stderr
     assert room.returncode and "with max_new_tokens=5000 a rollout would pass the model's block_size" in room.stderr, \
@@ -457,6 +503,7 @@ def test_bad_settings(pipeline):
     assert minibatch.returncode and 'minibatch_size=65 must be between 1 and rollout_prompts = 64' in minibatch.stderr
     assert group.returncode and 'group_size=1 must be at least 2' in group.stderr
     assert token.returncode and "'ab' must be one token" in token.stderr
+    assert agg.returncode and "loss_agg='answer': one of token, sequence, constant" in agg.stderr
 
 
 def test_rl_curves_reads_the_printed_evaluations(tmp_path):
