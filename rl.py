@@ -458,10 +458,18 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, (adv + values) * m
 
 
-def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta):
-    """PPO's reward stream: r_t = -beta (log pi - log ref)_t on every response token (a KL
-    penalty, the k1 estimator), plus the sequence reward on its last response token."""
-    r = -beta * (logp - ref_logp) * mask
+KL_ESTIMATORS = ('k1', 'k3')
+
+
+def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta, estimator='k1'):
+    """PPO's reward stream: r_t = -beta kl_t on every response token (a KL penalty), plus the
+    sequence reward on its last response token. kl_t estimates KL(pi || ref) from the sampled token:
+    k1 = (log pi - log ref)_t (unbiased; a token can score < 0), or k3 (kl_k3: >= 0, unbiased, lower
+    variance where pi is near ref; Schulman 2020)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}: one of {', '.join(KL_ESTIMATORS)}")
+    kl = logp - ref_logp if estimator == 'k1' else kl_k3(logp, ref_logp)
+    r = -beta * kl * mask
     last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
     r[torch.arange(r.size(0)), last] += seq_rewards
     return r
