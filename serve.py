@@ -9,7 +9,8 @@ $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
   POST /v1/completions        prompt -> its continuation
       both: max_tokens, temperature, top_p, frequency_penalty, presence_penalty, stop (strings), n, seed,
             stream (server-sent events; stream_options.include_usage). Refused by name (400,
-            unsupported_parameter): logprobs, tools, logit_bias, response_format (other than text), echo...
+            unsupported_parameter): logprobs, tools, logit_bias, response_format (other than text), echo...;
+            any other field too (unrecognized_parameter; user and metadata are accepted and not used)
   GET  /v1/models             the one model served
   GET  /health                {"status": "ok"} and what the engine holds: running, waiting, free blocks
   GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
@@ -112,7 +113,24 @@ def engine_loop():
             cancelled.intersection_update(live)
         try:
             events = engine.step()
+            for r, token, finished in events:
+                if token is not None:
+                    listeners[r.id].put(('token', token))
+                    if r.id in texts and not finished and token not in tok.special_names:
+                        stop, ids = texts[r.id]
+                        ids.append(token)
+                        # a new match ends in the last token, and a stop string of n characters (at most 4n
+                        # bytes, a token at least one) lies in the last 4n + 1 tokens: no whole-answer decode
+                        # per token on the engine's thread (Generation.pieces cuts the text there)
+                        tail = tok.decode(ids[-(4 * max(map(len, stop)) + 1):])
+                        if any(s in tail for s in stop):
+                            engine.cancel(r)
+                            finished, token = True, r.stop_ids[0]
+                if finished:
+                    texts.pop(r.id, None)
+                    listeners.pop(r.id).put(('done', 'stop' if token in r.stop_ids else 'length'))
         except Exception as e:          # e.g. out of memory: fail the requests in flight, keep serving
+                                        # (so that no HTTP thread waits on a reply that never comes)
             traceback.print_exc()
             for r in engine.waiting + engine.running:
                 engine.cancel(r)
@@ -120,23 +138,6 @@ def engine_loop():
                 reply.put(('failed', f'the engine failed: {type(e).__name__}: {e}'))
             listeners.clear()
             texts.clear()
-            continue
-        for r, token, finished in events:
-            if token is not None:
-                listeners[r.id].put(('token', token))
-                if r.id in texts and not finished and token not in tok.special_names:
-                    stop, ids = texts[r.id]
-                    ids.append(token)
-                    # a new match ends in the last token, and a stop string of n characters (at most 4n
-                    # bytes, a token at least one) lies in the last 4n + 1 tokens: no whole-answer decode
-                    # per token on the engine's thread (Generation.pieces cuts the text there)
-                    tail = tok.decode(ids[-(4 * max(map(len, stop)) + 1):])
-                    if any(s in tail for s in stop):
-                        engine.cancel(r)
-                        finished, token = True, r.stop_ids[0]
-            if finished:
-                texts.pop(r.id, None)
-                listeners.pop(r.id).put(('done', 'stop' if token in r.stop_ids else 'length'))
 
 
 class APIError(Exception):
@@ -203,7 +204,13 @@ def prompt_of(path, body):
     return [tok.eot_id] + tok.encode(prompt)
 
 
-# OpenAI's request fields this server does not implement, with the values that ask for nothing
+# The request fields this server reads, by endpoint; OpenAI's metadata fields that change no answer
+# (accepted, not used); and OpenAI's fields it does not implement, with the values that ask for
+# nothing. Any other field is refused by name, as OpenAI refuses one it does not know.
+SAMPLING = {'model', 'max_tokens', 'max_completion_tokens', 'stop', 'stream', 'stream_options', 'temperature', 'top_p',
+            'seed', 'frequency_penalty', 'presence_penalty', 'n'}
+READ = {'/v1/chat/completions': SAMPLING | {'messages'}, '/v1/completions': SAMPLING | {'prompt'}}
+METADATA = {'user', 'metadata', 'store', 'service_tier', 'parallel_tool_calls'}
 UNSUPPORTED = {'logprobs': (False,), 'top_logprobs': (0,), 'logit_bias': ({},), 'tools': ([],), 'tool_choice': ('none',),
                'functions': ([],), 'function_call': ('none',), 'response_format': ({'type': 'text'},),
                'echo': (False,), 'suffix': ('',), 'best_of': (1,)}
@@ -221,6 +228,9 @@ def parse(path, body):
     for key, harmless in UNSUPPORTED.items():             # refused by name, never silently ignored
         if body.get(key) not in (None, *harmless):
             raise APIError(f"'{key}' is not supported by this server", key, 'unsupported_parameter')
+    for key in body:
+        if key not in READ[path] | METADATA | set(UNSUPPORTED):
+            raise APIError(f"unrecognized request argument supplied: '{key}'", key, 'unrecognized_parameter')
     options = body.get('stream_options')
     if options is not None and (not isinstance(options, dict) or set(options) - {'include_usage'}):
         raise APIError("'stream_options' may hold only include_usage", 'stream_options', 'unsupported_parameter')
@@ -331,8 +341,10 @@ class Handler(BaseHTTPRequestHandler):
         try:                                  # read the body first, whatever the route: on a kept-alive
             length = int(self.headers.get('Content-Length') or 0)      # connection what is left unread
         except ValueError:                                             # would start the next request
-            self.close_connection = True
-            return self.send(400, APIError('Content-Length is not a number').body())
+            length = None
+        if length is None or length < 0:                               # (read(-1) would wait for the
+            self.close_connection = True                               # client to close the connection)
+            return self.send(400, APIError('Content-Length is not a number of bytes').body())
         raw = self.rfile.read(length)
         if self.path not in ('/v1/chat/completions', '/v1/completions'):
             return self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())

@@ -161,7 +161,7 @@ def post(url, path, body):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url + path, data=data, headers={'Content-Type': 'application/json'})
     try:
-        with urllib.request.urlopen(req) as r:
+        with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
@@ -193,6 +193,8 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         (chat, {'messages': hello, 'tools': [{'type': 'function'}]}, 400, 'tools', 'unsupported_parameter'),
         (text, {'prompt': 'Once', 'echo': True}, 400, 'echo', 'unsupported_parameter'),
         (chat, {'messages': hello, 'stream_options': {'x': 1}}, 400, 'stream_options', 'unsupported_parameter'),
+        (chat, {'messages': hello, 'top_k': 5}, 400, 'top_k', 'unrecognized_parameter'),   # not silently ignored
+        (chat, {'messages': hello, 'prompt': 'Once'}, 400, 'prompt', 'unrecognized_parameter'),   # completions'
         (chat, {'messages': hello, 'presence_penalty': -3}, 400, 'presence_penalty', None),
         (chat, {'messages': hello, 'stop': 5}, 400, 'stop', None),
         (text, {'prompt': 7}, 400, 'prompt', None),
@@ -215,7 +217,7 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
     assert status == 200 and good['choices'][0]['message']['content'] == c.chat.completions.create(
         model='sft_serve', messages=hello, max_tokens=6, temperature=0).choices[0].message.content
     status, plain = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0, 'logprobs': False,
-                                     'response_format': {'type': 'text'}})      # values that ask for nothing
+                                     'response_format': {'type': 'text'}, 'user': 'u1'})   # asking for nothing
     assert status == 200 and plain['choices'][0]['message'] == good['choices'][0]['message']
     conn = http.client.HTTPConnection(url.split('//')[1])   # one kept-alive connection, as the openai client's
     conn.request('POST', '/v1/embeddings', body=json.dumps({'input': 'x' * 500}), headers={'Content-Type': 'application/json'})
@@ -226,13 +228,14 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
     second = conn.getresponse()                              # the 404's body did not become this request
     assert second.status == 200 and json.loads(second.read())['choices'][0]['message'] == good['choices'][0]['message']
     conn.close()
-    conn = http.client.HTTPConnection(url.split('//')[1])
-    conn.putrequest('POST', chat)
-    conn.putheader('Content-Length', 'ten')
-    conn.endheaders()
-    bad = conn.getresponse()
-    assert bad.status == 400 and 'Content-Length' in json.loads(bad.read())['error']['message']
-    conn.close()
+    for length in ('ten', '-1'):                             # -1: read(-1) would wait for the connection to close
+        conn = http.client.HTTPConnection(url.split('//')[1], timeout=30)
+        conn.putrequest('POST', chat)
+        conn.putheader('Content-Length', length)
+        conn.endheaders()
+        bad = conn.getresponse()
+        assert bad.status == 400 and 'Content-Length' in json.loads(bad.read())['error']['message']
+        conn.close()
     chunks = list(c.chat.completions.create(model='sft_serve', messages=hello, max_tokens=6, temperature=0,
                                             stream=True, stream_options={'include_usage': True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == good['usage']['completion_tokens']
@@ -272,7 +275,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
 # serve.py with an engine whose step fails (as out of memory would) while a request of 13 tokens runs,
 # and whose admission fails for a request of 11
 FAILING_ENGINE = """
-import runpy, sys
+import runpy, sys, types
 sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0])
 import engine
 step, add = engine.Engine.step, engine.Engine.add
@@ -283,11 +286,16 @@ def failing_step(self):
 def step_with_a_chat_tag(self):     # a request of 7 tokens samples <|user|> first (ids: user, assistant, end)
     events = failing_step(self)
     return [(r, r.stop_ids[0] - 2 if r.max_new_tokens == 7 and len(r.output) == 1 else t, f) for r, t, f in events]
+def step_with_a_bad_event(self):   # a request of 9 tokens: an event the server cannot deliver (no such request)
+    events = step_with_a_chat_tag(self)
+    ghost = [(types.SimpleNamespace(id='ghost', stop_ids=r.stop_ids), 5, False) for r in self.running
+             if r.max_new_tokens == 9]
+    return events + ghost[:1]
 def failing_add(self, prompt, max_new_tokens, **kw):
     if max_new_tokens == 11:
         raise RuntimeError('no memory to admit it (made by the test)')
     return add(self, prompt, max_new_tokens, **kw)
-engine.Engine.step, engine.Engine.add = step_with_a_chat_tag, failing_add
+engine.Engine.step, engine.Engine.add = step_with_a_bad_event, failing_add
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -307,6 +315,8 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
             for _ in client(url).completions.create(model='sft_serve', prompt='Once upon a time', max_tokens=13,
                                                     temperature=0, stream=True):
                 pass
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 9})    # the server's own loop fails
+        assert status == 500 and 'the engine failed: KeyError' in answer['error']['message'], answer
         status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 11})   # not even admitted
         assert status == 500 and 'no memory to admit it' in answer['error']['message'], answer
         status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
