@@ -262,6 +262,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     B, P = idx.shape
     c = model.config
     bs = c.block_size
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or ())     # [] or None: no stop
     streaming = c.sliding_window is not None and c.pos_emb in ('rope', 'none')
     static = cuda_graph and not streaming         # on the CPU: the same static steps, no graph
     use_graph = static and idx.is_cuda and graph_capturable(model, B)
@@ -285,8 +286,8 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         logits, _ = model(idx, cache=cache, last_only=True)
         if graphs is not None and step is None:    # captured after the prompt made the buffers
             step = DecodeGraph(model, cache, compile=compile_step)
-        if stop_ids is not None:
-            stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
+        if stop_ids:
+            stop = torch.tensor(stop_ids, device=idx.device)
         counts = None
         if frequency_penalty or presence_penalty:       # (B, V): each token's uses in the answer so far
             counts = torch.zeros(B, logits.size(-1), device=idx.device)
@@ -296,11 +297,11 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             nxt = sample_next(last, temperature, top_k, top_p, vocab_limit, generator)
             if counts is not None:
                 counts.scatter_add_(1, nxt[:, None], torch.ones_like(counts[:, :1]))
-            if stop_ids is not None:
+            if stop_ids:
                 nxt = torch.where(done, stop[0], nxt)
                 done = done | torch.isin(nxt, stop)
             yield nxt
-            if i == max_new_tokens - 1 or (stop_ids is not None and bool(done.all())):
+            if i == max_new_tokens - 1 or (stop_ids and bool(done.all())):
                 return                               # no forward pass for a token never used
             if not streaming:
                 new.append(nxt)

@@ -101,6 +101,9 @@ def test_generation_with_static_steps_equals_default(name):
     b = torch.stack(list(generate_tokens(model, idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=stop,
                                                cuda_graph=True)), 1)
     assert torch.equal(a, b)
+    for none in ([], ()):                                # no stop ids, as the engine passes them: no stop
+        c = torch.stack(list(generate_tokens(model, idx, 20, temperature=0.0, prompt_mask=mask, stop_ids=none)), 1)
+        assert torch.equal(c, out[False][:, :20])
 
 
 def test_sampling_with_static_steps_equals_default():
