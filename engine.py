@@ -458,8 +458,9 @@ class Engine:
         if self.blocks_for(total) > self.pool.n_blocks:
             raise ValueError(f'{total} tokens need {self.blocks_for(total)} blocks; the pool has {self.pool.n_blocks}')
         g = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        r = Request(list(prompt), max_new_tokens, temperature, top_k, top_p, tuple(stop_ids), g, next(self.ids),
-                    frequency_penalty, presence_penalty)
+        r = Request(prompt=list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, stop_ids=tuple(stop_ids), generator=g, id=next(self.ids),
+                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         if frequency_penalty or presence_penalty:
             r.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
         r.pending = list(prompt)
@@ -549,8 +550,11 @@ class Engine:
                 z = logits[k:k + 1]
                 if r.counts is not None:
                     z = penalize(z, r.counts[None], r.frequency_penalty, r.presence_penalty)
+                # greedy rows without a penalty keep the batched argmax: a new change to the logits
+                # that applies when greedy too (a logit bias, say) joins this test
                 if r.temperature > 0 or r.counts is not None:
-                    tokens[k] = sample_next(z, r.temperature, r.top_k, r.top_p, self.vocab_limit, r.generator)[0]
+                    tokens[k] = sample_next(z, r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                            vocab_limit=self.vocab_limit, generator=r.generator)[0]
                 if r.counts is not None:
                     r.counts.index_add_(0, tokens[k:k + 1], torch.ones_like(r.counts[:1]))
         self.last_tokens = tokens
