@@ -16,7 +16,7 @@ import sys
 import torch
 
 from checkpoint import load_model, newest_run
-from config import configure
+from config import configure, last_given
 from runtime import init_runtime
 from generate import generate_speculative, generate_tokens
 
@@ -53,6 +53,9 @@ problems = [msg for bad, msg in [
     (speculative and temperature > 0, f'speculative=True is greedy decoding: set --temperature=0 (not {temperature})'),
     (speculative and bool(frequency_penalty or presence_penalty), 'speculative=True checks plain greedy tokens: '
                                                                    'no frequency_penalty / presence_penalty'),
+    (speculative and num_samples > 1 and 'num_samples' in last_given,
+     f'speculative=True writes the one greedy answer (not num_samples={num_samples})'),
+    (compile_decode and not cuda_graph, 'compile_decode=True compiles the captured step: it needs cuda_graph=True'),
 ] if bad]
 if problems:
     sys.exit('error: ' + '; '.join(problems))

@@ -210,10 +210,12 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     # sample.py --speculative=True prints greedy decoding's text and the acceptance
     args = ('--out_dir=mtp', '--start=Once upon a', '--max_new_tokens=20', '--temperature=0', '--num_samples=1',
             '--device=cpu', '--stop_at_eot=False')
-    greedy, spec, bad, long, penalised, bad_penalty = run_script_many('sample.py', [
+    greedy, spec, bad, long, penalised, bad_penalty, two, compiled = run_script_many('sample.py', [
         args, [*args, '--speculative=True'], ['--out_dir=mtp', '--speculative=True'],
         ['--out_dir=mtp', '--speculative=True', '--temperature=0', '--max_new_tokens=256', '--stop_at_eot=False'],
-        [*args, '--presence_penalty=100'], [*args, '--speculative=True', '--frequency_penalty=1']], cwd=tmp_path)
+        [*args, '--presence_penalty=100'], [*args, '--speculative=True', '--frequency_penalty=1'],
+        [*args, '--speculative=True', '--num_samples=2'], [*args, '--compile_decode=True', '--cuda_graph=False']],
+        cwd=tmp_path)
     assert greedy.returncode == spec.returncode == 0, (greedy.stderr, spec.stderr)
     assert spec.stdout.strip() == greedy.stdout.split('-' * 40)[0].strip()
     assert 'drafted tokens accepted' in spec.stderr
@@ -225,6 +227,9 @@ def test_speculative_decoding_with_the_mtp_modules_is_greedy_decoding(tmp_path, 
     assert penalised.returncode == 0 and text != greedy.stdout.split('-' * 40)[0].strip()
     assert len(set(text[len('Once upon a'):])) == len(text) - len('Once upon a'), text
     assert bad_penalty.returncode != 0 and 'no frequency_penalty' in bad_penalty.stderr
+    # settings that would do nothing are refused (num_samples's default of 3 gives one answer, unasked)
+    assert two.returncode != 0 and 'writes the one greedy answer (not num_samples=2)' in two.stderr
+    assert compiled.returncode != 0 and 'it needs cuda_graph=True' in compiled.stderr
 
 
 def test_speculative_decoding_at_the_edges():
