@@ -45,7 +45,7 @@ import torch
 
 
 from checkpoint import load_chat_model, load_checkpoint, load_model
-from config import configure, model_config_from
+from config import configure, last_given, model_config_from
 from data import (TokenData, chat_batch, encode_chat_examples, eval_generator, load_tokenizer_spec,
                   pack_chat_examples, read_prepared, write_token_dataset)
 from generate import generate_tokens, use_cuda_graph
@@ -260,6 +260,10 @@ model.to(rt.device)
 compile_ = compile if compile is not None else rt.device_type == 'cuda'
 teacher_forward = torch.compile(teacher_model) if compile_ else teacher_model
 distilling = mode == 'logits' and alpha > 0   # else the teacher is run at evaluations only
+unused = [k for k in ('temperature', 'kl', 'top_k_logits') if k in last_given]
+if not distilling and unused and rt.master:
+    print(f"note: {'alpha=0' if mode == 'logits' else 'mode=sequence'}: the student learns the next token alone; "
+          f"{', '.join(unused)} (the loss of mode='logits' with alpha > 0) do nothing here")
 if rt.master:
     s_act, t_act = model.active_params(), teacher_model.active_params()
     print(f'teacher {teacher}: {teacher_model.num_params() / 1e6:.2f}M parameters, {t_act / 1e6:.2f}M active, '
@@ -359,8 +363,9 @@ def train_batch(step, micro_step):
 
 
 def distillation_loss(model, x, y, segments=None):
-    """(loss, the T^2 KL term or None): alpha T^2 KL(teacher || student) + (1 - alpha) CE on the
-    real next token, plus the student's MoE balance and MTP terms; with alpha = 0 (or
+    """(loss, the T^2 KL term or None): alpha T^2 KL + (1 - alpha) CE on the real next token, plus
+    the student's MoE balance and MTP terms; KL(teacher || student) with kl='forward',
+    KL(student || teacher) with 'reverse', over the top_k_logits ids; with alpha = 0 (or
     mode='sequence') train.py's loss alone, and the teacher rests. segments: packed examples kept
     apart, in the teacher's forward and the student's alike."""
     if not distilling:
@@ -381,7 +386,9 @@ teacher_scores = {}                           # the teacher's task score, measur
 @torch.no_grad()
 def held_out(model, batches):
     """Over (x, y) batches: the student's mean cross entropy per target token, its mean
-    KL(p_teacher || q_student) at T = 1 over the real vocabulary, and the teacher's cross entropy."""
+    KL(p_teacher || q_student) at T = 1 over the real vocabulary, and the teacher's cross entropy.
+    (val/kl is this forward KL whatever the run trains on, kl, temperature and top_k_logits alike, so
+    that runs of different settings compare; train/kd_loss is the training objective's T^2 KL.)"""
     ce = kl_ = teacher_ce = 0.0
     n = 0
     for x, y in batches:

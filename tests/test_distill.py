@@ -196,10 +196,11 @@ def test_hard_labels_alone_are_train_py(tiny):
     """alpha = 0: the same initial weights, batches and losses as train.py with the same seed."""
     run_script('train.py', '--data_dir=data', '--out_dir=scratch', *STUDENT, '--max_iters=6', '--eval_interval=6',
                cwd=tiny)
-    distill(tiny, 'alpha0', '--alpha=0.0', '--max_iters=6', '--eval_interval=6')
+    p = distill(tiny, 'alpha0', '--alpha=0.0', '--max_iters=6', '--eval_interval=6', '--temperature=3.0')
     a = [r['train/loss'] for r in log_rows(tiny / 'scratch') if 'train/loss' in r]
     b = [r['train/loss'] for r in log_rows(tiny / 'alpha0') if 'train/loss' in r]
     assert a == b and len(a) == 6
+    assert 'note: alpha=0: the student learns the next token alone; temperature (the loss' in p.stdout   # said
 
 
 def test_a_longer_student_checkpoint_trains_at_the_teachers_length(tiny):
