@@ -160,7 +160,8 @@ for name in TRAINED:
                     'ended': ev.get('task/ended'), 'kl_ref': ev.get('kl_ref'), 'repetition': ev.get('task/repetition'),
                     'samples': ev.get('task/samples', []), 'continuations': ev.get('continuations', []),
                     'metrics': ckpt['metrics'], 'config': ckpt['config'], 'last_log': next((r for r in reversed(rows) if 'train/loss' in r), {}),
-                    'source': 'log' if from_log and ev else 'eval', 'penalized': penalized(name)}
+                    'source': 'log' if from_log and ev else 'eval', 'penalized': penalized(name),
+                    'eval': ev}                # all of eval.json (or the log's last evaluation)
     if name == 'reward':      # its target is the held-out pair accuracy: [step, accuracy] at each evaluation
         stages[name]['accuracy_curve'] = [[r['step'], r['val/accuracy']] for r in rows if 'val/accuracy' in r]
 
@@ -381,27 +382,45 @@ for split in ('train', 'val', 'val_tinystories'):
     if f'{split}_tokens' in meta:
         md.append(f"| {split} | {meta.get(f'{split}_docs', 0):,} | {meta[f'{split}_tokens']:,} | {meta.get(f'{split}_bytes', 0):,} |")
 md += ['', 'val: passages of whole held-out books; val_tinystories: the real TinyStories validation stories.', '',
-       '## Stages', '',
-       '| stage | time | steps | tokens | parameters (active) | val loss | val bits/byte | TinyStories val bits/byte '
-       '| task score | task score, sampled | all words | ended turn | KL to SFT |',
-       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-prep = times.get('prepare')
-if prep is not None:
-    md.append(f"| prepare | {prep} s | | | | | | | | | | | |")
-prefs_row = f"| prefs | {times['prefs']} s | | | | | | | | | | | |" if 'prefs' in times else None
+       '## Stages', '']
+# The stage table: (header, the cell of stage s) per column. A metric of your own that eval.py writes
+# to eval.json is one more line here, e.g. ('distinct-2', lambda s: fmt(s['eval'].get('task/distinct2'))).
+COLUMNS = [
+    ('time', lambda s: f"{s['time_s'] if s['time_s'] is not None else '-'} s"),
+    ('steps', lambda s: s['step']),
+    ('tokens', lambda s: f"{s['tokens'] / 1e6:.2f}M" if s['tokens'] else '-'),
+    ('parameters (active)', lambda s: f"{s['params'] / 1e6:.2f}M"
+     + (f" ({s['active_params'] / 1e6:.2f}M)" if s['active_params'] else '')),
+    ('val loss', lambda s: fmt(s['val_loss'])),
+    ('val bits/byte', lambda s: fmt(s['val_bpb'])),
+    ('TinyStories val bits/byte', lambda s: fmt(s['val_tinystories_bpb'])),
+    ('task score', lambda s: fmt(s['task_score'])),
+    ('task score, sampled', lambda s: fmt(s['score_sampled'])),
+    ('all words', lambda s: pct(s['all_words'])),
+    ('ended turn', lambda s: pct(s['ended'])),
+    ('KL to SFT', lambda s: fmt(s['kl_ref'], '.2f')),
+]
+
+
+def table_row(*cells):
+    return '| ' + ' | '.join(map(str, cells)) + ' |'
+
+
+def time_row(name, seconds):          # a stage that trains nothing: its time alone
+    return table_row(name, f'{seconds} s', *[''] * (len(COLUMNS) - 1))
+
+
+md += [table_row('stage', *(header for header, _ in COLUMNS)), table_row(*['---'] * (len(COLUMNS) + 1))]
+if times.get('prepare') is not None:
+    md.append(time_row('prepare', times['prepare']))
+prefs_row = time_row('prefs', times['prefs']) if 'prefs' in times else None
 for name, s in stages.items():
     if prefs_row and name in ('reward', 'dpo_seed1', 'dpo_seed2', 'dpo_seed3'):   # in the order they ran
         md.append(prefs_row)
         prefs_row = None
-    params = f"{s['params'] / 1e6:.2f}M" + (f" ({s['active_params'] / 1e6:.2f}M)" if s['active_params'] else '')
-    tokens = f"{s['tokens'] / 1e6:.2f}M" if s['tokens'] else '-'
-    extra = ''
-    if name == 'reward':
-        extra = f" (pair accuracy {pct(s['metrics'].get('val/accuracy'))})"
+    extra = f" (pair accuracy {pct(s['metrics'].get('val/accuracy'))})" if name == 'reward' else ''
     mark = ' †' if s['source'] == 'log' else ''
-    md.append(f"| {name}{mark}{extra} | {s['time_s'] if s['time_s'] is not None else '-'} s | {s['step']} | {tokens} | {params} | "
-              f"{fmt(s['val_loss'])} | {fmt(s['val_bpb'])} | {fmt(s['val_tinystories_bpb'])} | {fmt(s['task_score'])} | "
-              f"{fmt(s['score_sampled'])} | {pct(s['all_words'])} | {pct(s['ended'])} | {fmt(s['kl_ref'], '.2f')} |")
+    md.append(table_row(f'{name}{mark}{extra}', *(cell(s) for _, cell in COLUMNS)))
 if prefs_row:                       # no stage after it reported
     md.append(prefs_row)
 md += ['', 'Task score: the reward rule of task.py (required words, requested features, a finished answer, '
