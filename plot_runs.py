@@ -18,6 +18,7 @@ key = 'val/loss'     # the metric to plot
 out = 'compare.png'
 title = ''
 ylabel = ''
+xlabel = 'step'      # the x axis: log rows' step (PPO's and GRPO's count rollouts: --xlabel=rollout)
 hline = 0.0          # draw a horizontal line here (e.g. the QK-Clip threshold); 0: none
 logy = False
 # -----------------------------------------------------------------------------
@@ -29,7 +30,7 @@ names = labels.split(',') if labels else [os.path.basename(os.path.normpath(f)) 
 if len(names) != len(folders):
     sys.exit(f'error: {len(names)} labels for {len(folders)} runs')
 
-series = {}
+series, seen = {}, set()
 for name, folder in zip(names, folders):
     path = os.path.join(folder, 'log.jsonl')
     if not os.path.isfile(path):
@@ -37,12 +38,14 @@ for name, folder in zip(names, folders):
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     pts = [(r['step'], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    seen.update(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ('step', 'time'))
     if not pts:
         print(f"warning: {path} has no '{key}'; left out", file=sys.stderr)
         continue
     series[name] = pts
-if not series:
-    sys.exit(f"error: no run has '{key}'")
+if not series:             # (a stage logs its own scalars as train/<name>, its evaluations as val/...)
+    near = sorted(k for k in seen if key.split('/')[-1] in k) or sorted(seen)
+    sys.exit(f"error: no run has '{key}'; keys they have: {', '.join(near)}")
 
 print(f'| run | {key} at the end | lowest | highest | step of lowest |')
 print('| --- | --- | --- | --- | --- |')
@@ -65,7 +68,7 @@ if hline:
     ax.axhline(hline, color='gray', linestyle='--', linewidth=1, label=f'{hline:g}')
 if logy:
     ax.set_yscale('log')
-ax.set_xlabel('step')
+ax.set_xlabel(xlabel)
 ax.set_ylabel(ylabel or key)
 ax.set_title(title or key)
 ax.grid(alpha=0.3)

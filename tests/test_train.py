@@ -489,3 +489,19 @@ def test_a_run_too_short_for_its_warmup_or_its_log_interval_says_so(tmp_path, by
     assert 'note: log_interval' not in short.stdout                       # TINY_MODEL logs every step
     assert 'note: log_interval=5 > max_iters=2: no training line will be logged' in logless.stdout
     assert 'warmup_iters=0 >=' not in logless.stdout and 'note: warmup' not in fitting.stdout
+
+
+def test_plot_runs_compares_a_metric_of_several_runs(tmp_path):
+    """plot_runs.py: a table of each run's metric (at the end, lowest, highest) and a PNG; a key no
+    run has is refused with the keys the runs do have (a stage's own scalars are train/<name>)."""
+    for name, losses in (('a', [3.0, 2.0, 2.5]), ('b', [3.0, 1.5, 1.8])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'log.jsonl').write_text(''.join(
+            json.dumps({'step': 10 * i, 'time': 0.0, 'train/policy_loss': x}) + '\n' for i, x in enumerate(losses)))
+    p = run_script('plot_runs.py', '--runs=a,b', '--key=train/policy_loss', '--out=c.png', '--xlabel=rollout',
+                   cwd=tmp_path)
+    assert '| a | 2.5000 | 2.0000 | 3.0000 | 10 |' in p.stdout and '| b | 1.8000 | 1.5000 | 3.0000 | 10 |' in p.stdout
+    pytest.importorskip('matplotlib')
+    assert (tmp_path / 'c.png').stat().st_size > 1000
+    bad = run_script('plot_runs.py', '--runs=a,b', '--key=policy_loss', cwd=tmp_path, check=False)
+    assert bad.returncode and "no run has 'policy_loss'; keys they have: train/policy_loss" in bad.stderr
