@@ -349,13 +349,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.path not in ('/v1/chat/completions', '/v1/completions'):
             return self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
         chat = self.path == '/v1/chat/completions'
+        gens = []
         try:
             try:
                 body = json.loads(raw or b'{}')
             except ValueError as e:
                 raise APIError(f'the request body is not valid JSON: {e}')
             args, stop, n = parse(self.path, body)
-            gens = [Generation(args, stop, i) for i in range(n)]
+            for i in range(n):
+                gens.append(Generation(args, stop, i))
             rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
             kind = 'chat.completion' if chat else 'text_completion'
             if body.get('stream'):
@@ -364,7 +366,8 @@ class Handler(BaseHTTPRequestHandler):
             for g in gens:
                 for _ in g.pieces():
                     pass
-        except APIError as e:
+        except APIError as e:                   # (choices already running stop: no one would read them)
+            stop_generating(gens)
             return self.send(e.status, e.body())
         choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': None,
                     **({'message': {'role': 'assistant', 'content': g.text}} if chat else {'text': g.text})}
@@ -406,11 +409,17 @@ class Handler(BaseHTTPRequestHandler):
                            'model': MODEL_ID, 'choices': [], 'usage': usage_of(gens)})
             except APIError as e:
                 write(e.body())
+                stop_generating(gens)
             write('[DONE]')
         except (BrokenPipeError, ConnectionResetError):  # the client stopped listening: free its blocks
-            with cancel_lock:
-                cancelled.update(g.id for g in gens if g.finish is None)
+            stop_generating(gens)
         self.close_connection = True
+
+
+def stop_generating(gens):
+    """Cancel the choices still generating: the engine loop drops them and frees their blocks."""
+    with cancel_lock:
+        cancelled.update(g.id for g in gens if g.finish is None)
 
 
 CHAT_PAGE = '''<!doctype html>

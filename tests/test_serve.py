@@ -292,7 +292,7 @@ def step_with_a_bad_event(self):   # a request of 9 tokens: an event the server 
              if r.max_new_tokens == 9]
     return events + ghost[:1]
 def failing_add(self, prompt, max_new_tokens, **kw):
-    if max_new_tokens == 11:
+    if max_new_tokens == 11 or kw.get('seed') == 101:       # (seed 101: choice 1 of a request of seed 100)
         raise RuntimeError('no memory to admit it (made by the test)')
     return add(self, prompt, max_new_tokens, **kw)
 engine.Engine.step, engine.Engine.add = step_with_a_bad_event, failing_add
@@ -319,6 +319,15 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
         assert status == 500 and 'the engine failed: KeyError' in answer['error']['message'], answer
         status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 11})   # not even admitted
         assert status == 500 and 'no memory to admit it' in answer['error']['message'], answer
+        # n = 2, the second choice not admitted: a 500, and the first, already running, stops too
+        before = health(url)['cancelled']
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 200, 'n': 2, 'seed': 100})
+        assert status == 500 and 'no memory to admit it' in answer['error']['message'], answer
+        for _ in range(600):
+            if health(url)['running'] == 0:
+                break
+            time.sleep(0.05)
+        assert health(url)['cancelled'] == before + 1          # cancelled, not run to its 200 tokens
         status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
         assert status == 200 and good['choices'][0]['finish_reason'] == 'length'
         # a chat tag sampled in an answer (not a stop token) is no text: '<|user|>' never reaches the client
