@@ -390,12 +390,13 @@ class Run:
     def log(self, step, lr, loss, tokens, out, metrics=None):
         """Count a finished step: step = the steps done, loss its loss (a device tensor), tokens
         this rank's tokens in it, out what optimizer_step returned, metrics the stage's own
-        ({name: number or tensor}, logged as train/<name>). The expert loads and the first
-        NaN/inf loss stay on the device; every log_interval steps the log line is written: loss,
-        the loss's parts and the metrics as means over ranks, tokens/s over all ranks, MFU, grad
-        norm, expert-load imbalance, max attention logits. Returns False when the loop should
-        stop: the loss has become NaN/inf, or Ctrl-C (then the checkpoint is saved here); finish()
-        says which."""
+        ({name: number or tensor}, logged as train/<name>, the value at this step; under DDP every
+        rank passes the same names in the same order: one all-reduce averages them by position).
+        The expert loads and the first NaN/inf loss stay on the device; every log_interval steps
+        the log line is written: loss, the loss's parts and the metrics as means over ranks,
+        tokens/s over all ranks, MFU, grad norm, expert-load imbalance, max attention logits.
+        Returns False when the loop should stop: the loss has become NaN/inf, or Ctrl-C (then the
+        checkpoint is saved here); finish() says which."""
         c = self.c
         self.step = step
         if out.get('loads') is not None:
