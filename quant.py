@@ -13,6 +13,10 @@ is what it saves; a fused low-bit matmul would be the fast path).
 Embeddings, norms and the router stay in their dtype (small, and the router decides which experts
 run); a head tied to the embedding stays too. checkpoint.load_model(..., quantize=) quantizes at
 load time, and a checkpoint saved quantized (its 'quantized' entry) loads quantized again.
+A format of your own: the quantized weights are integer buffers, which model.to(torch.bfloat16)
+(sample.py, serve.py) leaves alone; a floating-point one (fp8) would be cast unless its module lists
+it in `float32_buffers` (GPT._apply keeps those buffers' dtype). Formats are keyed by bit count here
+(BITS), so a second 8-bit format needs its own branches, not 8.
 """
 
 from types import SimpleNamespace
