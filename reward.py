@@ -56,6 +56,9 @@ score_pooling = 'last'       # the score: 'last' (the head at the last token) | 
 score_reread = False         # read the prompt again after the answer, score at its end (rl.reward_input;
                              # ModelConfig.score_reread, kept in the checkpoint)
 ranking_margin = 1.0         # m of the margin ranking loss
+rule_gap_margin = 0.0        # Llama 2's margin (Touvron et al. 2023): each pair's reward difference must pass
+                             # rule_gap_margin x the rule's score gap (chosen_score - rejected_score), so that
+                             # clearly separated pairs are pushed further apart (pair_loss); 0: off
 word_check_weight = 0.0      # > 0 (needs score_reread): the head's output at each required word of the
                              # reread prompt also learns whether the answer uses that word (the rule's
                              # own check, task.word_used, as the label; binary cross entropy at this
@@ -114,6 +117,8 @@ if bias_update_speed < 0:
     sys.exit(f'error: bias_update_speed={bias_update_speed} must be 0 (the biases as SFT left them) or positive')
 if word_check_weight < 0:
     sys.exit(f'error: word_check_weight={word_check_weight} must be 0 (off) or positive')
+if rule_gap_margin < 0:
+    sys.exit(f'error: rule_gap_margin={rule_gap_margin} must be 0 (off) or positive')
 if init_from == 'scratch':
     sys.exit("error: reward.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
@@ -141,6 +146,16 @@ if block_size > model.config.block_size:
 hint = 'run python prepare/preferences.py --init_from=out/sft (or set prefs_dir=)'
 train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
+
+
+def rule_gap(pair):
+    """How far the task rule puts the pair's answers apart: chosen_score - rejected_score."""
+    return pair['chosen_score'] - pair['rejected_score']
+
+
+if rule_gap_margin and not all('chosen_score' in p and 'rejected_score' in p for p in train_pairs + val_pairs):
+    sys.exit(f'error: rule_gap_margin > 0 reads the rule scores of both answers (chosen_score, rejected_score), '
+             f'which some pairs in {prefs_dir} lack (prepare/preferences.py writes them; an external set has none)')
 if word_check_weight and not any(p.get('words') for p in train_pairs):
     sys.exit(f"error: word_check_weight > 0 checks the prompt's required words, and no training pair in "
              f"{prefs_dir} has any ('words': an external set of pairs has none)")
@@ -232,22 +247,28 @@ def by_prompt(pairs):
 
 def prompt_batch(groups):
     """The B prompts' answers (x, last), each once, and their pairs: chosen and rejected indices
-    into x, and per pair the weight 1 / (B x the prompt's pairs), so every prompt counts alike."""
-    seqs, chosen, rejected, weight = [], [], [], []
+    into x, per pair the weight 1 / (B x the prompt's pairs), so every prompt counts alike, and
+    (with rule_gap_margin) its rule gap."""
+    seqs, chosen, rejected, weight, gap = [], [], [], [], []
     for answers, comparisons in groups:
         for c, r in comparisons:
             chosen.append(len(seqs) + c)
             rejected.append(len(seqs) + r)
             weight.append(1 / (len(groups) * len(comparisons)))
+            if rule_gap_margin:                  # (answers[i]: (a pair holding the answer, its side))
+                gap.append(answers[c][0][f'{answers[c][1]}_score'] - answers[r][0][f'{answers[r][1]}_score'])
         seqs += [encode(p, side) for p, side in answers]
     x, last, checks = padded(seqs)
     return x, last, checks, torch.tensor(chosen, device=rt.device), torch.tensor(rejected, device=rt.device), \
-        torch.tensor(weight, device=rt.device)
+        torch.tensor(weight, device=rt.device), torch.tensor(gap, device=rt.device) if rule_gap_margin else None
 
 
-def pair_loss(r_chosen, r_rejected, weight=None):
-    """The mean loss of the pairs (or, with weight, their weighted sum)."""
+def pair_loss(r_chosen, r_rejected, weight=None, gap=None):
+    """The mean loss of the pairs (or, with weight, their weighted sum). gap: the pairs' rule gaps
+    (with rule_gap_margin), a margin m(gap) the difference must pass: -log sigmoid(diff - m)."""
     diff = r_chosen - r_rejected
+    if gap is not None:
+        diff = diff - rule_gap_margin * gap
     if loss_type == 'bt':
         per_pair = -F.logsigmoid(diff)                    # Bradley-Terry: P(chosen > rejected) = sigma(diff)
     else:
@@ -296,7 +317,8 @@ val_buckets = [gap_bucket(g) for g in val_gap]
 def evaluate(model):
     r, checked = rewards_of(model, val_seqs)
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
-    metrics = {'val/loss': pair_loss(rc, rr).item(), 'val/accuracy': (rc > rr).sum().item() / len(rc),
+    gap = torch.tensor([rule_gap(p) for p in val_pairs]) if rule_gap_margin else None
+    metrics = {'val/loss': pair_loss(rc, rr, gap=gap).item(), 'val/accuracy': (rc > rr).sum().item() / len(rc),
                'val/reward_margin': (rc - rr).mean().item()}
     if checked is not None:          # does the head know, at each reread word, whether the answer uses it?
         metrics['val/word_check_accuracy'] = checked
@@ -344,17 +366,18 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
         # read in epochs: every prompt (or pair) once before any comes again
         if batch_by == 'prompt':
             ix = run.epoch_batch(step, micro, len(train_groups), batch_size)
-            x, last, checks, chosen, rejected, weight = prompt_batch([train_groups[i] for i in ix])
+            x, last, checks, chosen, rejected, weight, gap = prompt_batch([train_groups[i] for i in ix])
         else:
             ix = run.epoch_batch(step, micro, len(train_pairs), batch_size)
             x, last, checks = batch([train_pairs[i] for i in ix])
             chosen = torch.arange(batch_size, device=rt.device)   # x: the chosen, then the rejected
             rejected, weight = chosen + batch_size, None
+            gap = torch.tensor([rule_gap(train_pairs[i]) for i in ix], device=rt.device) if rule_gap_margin else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
                 r, word_loss, c, k = scores(run.model, x, last, checks)
                 rc, rr = r[chosen], r[rejected]                 # rewards of chosen and rejected
-                micro_loss = pair_loss(rc, rr, weight) / gradient_accumulation_steps
+                micro_loss = pair_loss(rc, rr, weight, gap) / gradient_accumulation_steps
                 trained = micro_loss                             # what backward() gets: the pair loss
                 if word_loss is not None:                        # + w x the word checks' cross entropy
                     trained = micro_loss + word_check_weight * word_loss / gradient_accumulation_steps

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -209,6 +210,22 @@ def test_reward_model_trains_with_the_loss_it_is_given(planted):
             d = torch.tensor(r['train/reward_margin'])
             expected = -torch.nn.functional.logsigmoid(d) if loss_type == 'bt' else (1 - d).clamp(min=0)
             assert r['train/loss'] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5), (loss_type, r)
+    # Llama 2's margin: pairs whose rule scores are 0.5 apart, rule_gap_margin 2: -log sigmoid(r_c - r_r - 1),
+    # whether the batches hold pairs or prompts (each prompt here has one pair)
+    (planted / 'scored').mkdir(exist_ok=True)
+    shutil.copy(planted / 'planted' / 'meta.json', planted / 'scored' / 'meta.json')
+    for split in ('train', 'val'):
+        rows = [json.loads(line) for line in open(planted / 'planted' / f'prefs_{split}.jsonl')]
+        (planted / 'scored' / f'prefs_{split}.jsonl').write_text(''.join(
+            json.dumps({**r, 'chosen_score': 0.75, 'rejected_score': 0.25}) + '\n' for r in rows))
+    for by in ('pair', 'prompt'):
+        run_script('reward.py', '--init_from=base', f'--out_dir=rm_gap_{by}', '--prefs_dir=scored', '--max_iters=3',
+                   '--eval_interval=3', '--batch_size=1', f'--batch_by={by}', '--rule_gap_margin=2.0', '--n_fresh=0',
+                   *COMMON, cwd=planted)
+        rows = [json.loads(line) for line in open(planted / f'rm_gap_{by}' / 'log.jsonl') if 'train/loss' in line]
+        for r in rows:
+            expected = -torch.nn.functional.logsigmoid(torch.tensor(r['train/reward_margin']) - 1.0)
+            assert r['train/loss'] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5), (by, r)
 
 
 def test_reward_model_that_rereads_the_prompt_keeps_it_in_its_checkpoint(planted):
@@ -380,7 +397,7 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short, speed = run_scripts([
+    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short, speed, gap = run_scripts([
         ('reward.py', ['--loss_type=hinge']),
         ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
         ('reward.py', ['--batch_by=answer']),
@@ -389,7 +406,10 @@ def test_bad_settings(planted):
         ('reward.py', ['--score_pooling=max']),
         ('dpo.py', ['--init_from=base', '--out_dir=dpo_short', '--prefs_dir=planted', '--block_size=12',
                     '--max_iters=1', '--eval_interval=1', '--batch_size=2', '--eval_prompts=0', *COMMON]),
-        ('reward.py', ['--bias_update_speed=-0.001'])], cwd=planted)
+        ('reward.py', ['--bias_update_speed=-0.001']),
+        ('reward.py', ['--init_from=base', '--prefs_dir=planted', '--rule_gap_margin=1.0', '--device=cpu'])],
+        cwd=planted)
+    assert gap.returncode and 'rule_gap_margin > 0 reads the rule scores of both answers' in gap.stderr, gap.stderr
     assert speed.returncode and 'bias_update_speed=-0.001 must be 0 (the biases as SFT left them) or positive' \
         in speed.stderr, speed.stderr
     assert dpo_short.returncode == 0 and 'longer than block_size + 1 = 13 tokens and were cut' in dpo_short.stdout, \
