@@ -29,7 +29,8 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
-ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 dpo_greedy dpo_rpo"
+ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 reward_gap"
+ALL_SIDES+=" dpo_greedy dpo_rpo"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -84,6 +85,7 @@ declare -A SIDE_REWARD=(
   [reward_seed3]="--seed=1339"
   [reward_balanced]="--bias_update_speed=0.001"
   [reward_lr1e-4]="--learning_rate=1e-4 --min_lr=1e-5"
+  [reward_gap]="--rule_gap_margin=2.0"       # Llama 2's margin: pairs the rule puts far apart pushed further
 )
 REWARD_RUNS=""
 for v in "${!SIDE_REWARD[@]}"; do
