@@ -399,6 +399,10 @@ class Engine:
         self.overlap = overlap
         if compile_step and not cuda_graph:
             raise ValueError('compile_step fuses the fixed-shape steps: it needs cuda_graph=True')
+        for name, n in (('n_blocks', n_blocks), ('tokens_per_block', tokens_per_block), ('max_batch', max_batch),
+                        ('prefill_chunk', prefill_chunk)):
+            if not (isinstance(n, int) and n >= 1):
+                raise ValueError(f'{name}={n!r} must be a whole number >= 1')
         self.static_forward = torch.compile(static_forward) if compile_step else static_forward
         if compile_step:     # the buckets may need more recompilations than dynamo's default limit, 8
             name = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -74,9 +75,12 @@ model.eval()
 if rt.dtype != 'float32':
     model.to(getattr(torch, rt.dtype))
 MODEL_ID = os.path.basename(os.path.normpath(out_dir))
-engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
-                cuda_graph=use_cuda_graph(cuda_graph, rt.device_type),
-                overlap=rt.device_type == 'cuda' if overlap is None else bool(overlap))
+try:
+    engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
+                    cuda_graph=use_cuda_graph(cuda_graph, rt.device_type),
+                    overlap=rt.device_type == 'cuda' if overlap is None else bool(overlap))
+except ValueError as e:
+    sys.exit(f'error: {e}')
 engine.capture_graphs()                  # every batch bucket's decode step, before any request
 inbox = queue.Queue()                    # (request arguments, stop strings, the reply queue) from HTTP threads
 cancelled = set()                        # ids of requests whose clients stopped listening

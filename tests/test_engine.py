@@ -68,6 +68,8 @@ def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
         engine.add([1] * 40, 20)
     with pytest.raises(ValueError, match="exceeds the model's block_size 96"):
         engine.add([1] * 90, 10)
+    with pytest.raises(ValueError, match='tokens_per_block=0 must be a whole number >= 1'):   # not a division by 0
+        Engine(model, n_blocks=6, tokens_per_block=0)
 
 
 def test_stop_tokens_end_a_request_and_mla_pages_only_the_latent_and_rope_key():
