@@ -13,7 +13,8 @@ value model. Each iteration is one rollout and its updates:
 
 Two variants are settings: Dr. GRPO (Liu et al. 2025) is --scale_rewards=False --loss_agg=constant
 (no division by the group's std, no division by each answer's length); DAPO's (Yu et al. 2025)
-token-level loss and clip-higher are --loss_agg=token --clip_eps_high=0.28.
+token-level loss (per rank; DDP averages the ranks) and clip-higher are --loss_agg=token
+--clip_eps_high=0.28.
 
 $ python grpo.py --init_from=out/sft --reward=rule --out_dir=out/grpo
 
@@ -113,8 +114,9 @@ if problem:
     sys.exit(f'error: {problem}')
 if loss_agg not in LOSS_AGGREGATIONS:
     sys.exit(f"error: loss_agg={loss_agg!r}: one of {', '.join(LOSS_AGGREGATIONS)}")
-if clip_eps_high is not None and not isinstance(clip_eps_high, (int, float)):
-    sys.exit(f'error: clip_eps_high={clip_eps_high!r} must be a number (or None: clip_eps)')
+if clip_eps_high is not None and (isinstance(clip_eps_high, bool) or not isinstance(clip_eps_high, (int, float))
+                                  or clip_eps_high < 0):
+    sys.exit(f'error: clip_eps_high={clip_eps_high!r} must be a number >= 0 (or None: clip_eps)')
 problem = settings_problem('grpo', fsdp, temperature, dropout)
 if problem:
     sys.exit(f'error: {problem}')

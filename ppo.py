@@ -5,8 +5,7 @@ task. Each iteration is one rollout and its updates:
     for each rollout:
         answer rollout_prompts training prompts with the policy (sampling, KV cache)
         score the answers (reward= 'rule' | 'model' | 'mix' | 'token:<s>'), normalise the scores
-        per-token rewards r_t = -beta kl_t (kl_penalty: k1 = (log pi - log ref)_t, or k3), the score
-            added on the last token
+        per-token rewards r_t = -beta (log pi - log ref)_t, the score added on the last token
         advantages and returns by GAE from the value model's estimates; advantages whitened
         for each of ppo_epochs epochs, for each minibatch of answers:
             one optimizer step on PPO's clipped policy loss + vf_coef * its clipped value loss
@@ -34,7 +33,7 @@ from checkpoint import FROZEN_ROUTING, load_chat_model
 from config import configure
 from generate import use_cuda_graph
 from model import ScalarModel, through_last
-from rl import (KL_ESTIMATORS, AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples,
+from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples,
                 clipped_policy_loss, clipped_value_loss, entropy, evaluate_policy, explained_variance, gae,
                 load_policy, load_rewards, mean_stats, merged_steps, minibatch_problem, minibatch_update,
                 per_token_rewards, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats, room_problem,
@@ -78,8 +77,6 @@ vf_coef = 0.5                # weight of the value loss beside the policy loss
 kl_beta = 0.05               # KL penalty weight (the start value with kl_target > 0)
 kl_target = 0.0              # adaptive KL controller's target (sequence KL, nats); 0: fixed beta
 kl_horizon = 10000           # adaptive KL: answers over which beta moves by at most 20% (rl.AdaptiveKL)
-kl_penalty = 'k1'            # the per-token KL estimate in the rewards: 'k1' or 'k3' (rl.per_token_rewards);
-                             # the logged kl_ref and the controller read the k1 sequence KL either way
 whiten_advantages = True     # advantages to zero mean and unit variance over the rollout's tokens
                              # (False: as GAE gives them)
 dropout = 0.0
@@ -120,8 +117,6 @@ if value_learning_rate < 0:
     sys.exit(f'error: value_learning_rate={value_learning_rate}; it must be >= 0 (0: learning_rate)')
 if value_init not in ('policy', 'reward'):
     sys.exit(f"error: value_init='{value_init}'; valid: policy, reward")
-if kl_penalty not in KL_ESTIMATORS:
-    sys.exit(f"error: kl_penalty={kl_penalty!r}; valid: {', '.join(KL_ESTIMATORS)}")
 problem = minibatch_problem(rollout_prompts, minibatch_size, gradient_accumulation_steps, 'rollout_prompts')
 if problem:
     sys.exit(f'error: {problem}')
@@ -193,7 +188,7 @@ def make_rollout(r):
     if normalize_reward:
         moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
     token_rewards = per_token_rewards(moments.normalize(scores) if normalize_reward else scores,
-                                      old_logp, ref_logp, mask, kl_ctl.beta, kl_penalty)
+                                      old_logp, ref_logp, mask, kl_ctl.beta)
     adv, returns = gae(token_rewards, old_values, mask, gamma, lam)
     kl = all_ranks(((old_logp - ref_logp) * mask).sum(1)).mean().item()   # sequence KL(pi || ref), k1
     stats = {**rollout_stats(scores, parts, ro), 'kl_ref': kl, 'beta': kl_ctl.beta}

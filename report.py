@@ -364,7 +364,8 @@ device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
 report = {'profile': profile, 'date': time.strftime('%Y-%m-%d %H:%M'), 'commit': commit, 'device': device,
           'torch': torch.__version__, 'total_time_s': sum(times.values()), 'wall_time_s': wall, 'times_s': times,
           'data': {k: v for k, v in meta.items() if k.endswith(('_tokens', '_docs', '_bytes'))},
-          'stages': stages, 'targets': checks, 'plots': plots}
+          'stages': {n: {k: v for k, v in s.items() if k != 'eval'} for n, s in stages.items()},   # (each eval.json
+          'targets': checks, 'plots': plots}                                              # lies in its stage's folder)
 with open(os.path.join(out, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2, default=str)
 

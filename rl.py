@@ -286,11 +286,12 @@ def minibatch_update(run, loss_fn, buffer, idx, autocast, token_mean=False):
     the gradients on the last one only; the scripts check that they divide every minibatch),
     then run.optimizer_step() (clip, step, router biases, QK-Clip).
     Returns (the minibatch's loss, its stats, its tokens, the step's output). loss_fn's loss and
-    stats are means over its micro-batch: over its answers (GRPO: the micro-batches' plain mean is
-    the minibatch's), or with token_mean=True over its response tokens (PPO), whose micro-batches
+    stats are means over its micro-batch: over its answers (GRPO's loss_agg 'sequence' and
+    'constant': the micro-batches' plain mean is the minibatch's), or with token_mean=True over its
+    response tokens (PPO; GRPO's 'token'), whose micro-batches
     are then weighted by their share of the minibatch's response tokens (buffer['mask']), so that
     gradient_accumulation_steps, a memory setting, does not change the objective (across DDP ranks
-    the gradients are still a plain mean)."""
+    the gradients are still a plain mean: a token mean is each rank's)."""
     n_micro = run.c['gradient_accumulation_steps']
     parts = torch.tensor_split(idx, n_micro)
     if any(len(p) == 0 for p in parts):
@@ -458,18 +459,13 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, (adv + values) * m
 
 
-KL_ESTIMATORS = ('k1', 'k3')
-
-
-def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta, estimator='k1'):
-    """PPO's reward stream: r_t = -beta kl_t on every response token (a KL penalty), plus the
-    sequence reward on its last response token. kl_t estimates KL(pi || ref) from the sampled token:
-    k1 = (log pi - log ref)_t (unbiased; a token can score < 0), or k3 (kl_k3: >= 0, unbiased, lower
-    variance where pi is near ref; Schulman 2020)."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}: one of {', '.join(KL_ESTIMATORS)}")
-    kl = logp - ref_logp if estimator == 'k1' else kl_k3(logp, ref_logp)
-    r = -beta * kl * mask
+def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta):
+    """PPO's reward stream: r_t = -beta (log pi - log ref)_t on every response token (a KL
+    penalty, the k1 estimator), plus the sequence reward on its last response token. In a reward
+    (which the policy gradient treats as fixed) k1 is the estimator whose expected gradient is that
+    of KL(pi || ref); k3 there estimates the KL's value without bias but not its gradient (it also
+    pushes KL(ref || pi) up), which is why GRPO puts k3 in its loss instead (Tang & Munos 2025)."""
+    r = -beta * (logp - ref_logp) * mask
     last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
     r[torch.arange(r.size(0)), last] += seq_rewards
     return r

@@ -10,7 +10,8 @@ $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
       both: max_tokens, temperature, top_p, frequency_penalty, presence_penalty, stop (strings), n, seed,
             stream (server-sent events; stream_options.include_usage). Refused by name (400,
             unsupported_parameter): logprobs, tools, logit_bias, response_format (other than text), echo...;
-            any other field too (unrecognized_parameter; user and metadata are accepted and not used)
+            any other field too (unrecognized_parameter; OpenAI's metadata fields, user, metadata,
+            store, ..., are accepted and not used: METADATA)
   GET  /v1/models             the one model served
   GET  /health                {"status": "ok"} and what the engine holds: running, waiting, free blocks
   GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
@@ -214,7 +215,8 @@ def prompt_of(path, body):
 SAMPLING = {'model', 'max_tokens', 'max_completion_tokens', 'stop', 'stream', 'stream_options', 'temperature', 'top_p',
             'seed', 'frequency_penalty', 'presence_penalty', 'n'}
 READ = {'/v1/chat/completions': SAMPLING | {'messages'}, '/v1/completions': SAMPLING | {'prompt'}}
-METADATA = {'user', 'metadata', 'store', 'service_tier', 'parallel_tool_calls'}
+METADATA = {'user', 'metadata', 'store', 'service_tier', 'parallel_tool_calls', 'prompt_cache_key',
+            'safety_identifier'}
 UNSUPPORTED = {'logprobs': (False,), 'top_logprobs': (0,), 'logit_bias': ({},), 'tools': ([],), 'tool_choice': ('none',),
                'functions': ([],), 'function_call': ('none',), 'response_format': ({'type': 'text'},),
                'echo': (False,), 'suffix': ('',), 'best_of': (1,)}

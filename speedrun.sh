@@ -152,8 +152,10 @@ case $PROFILE in
     # almost never loop, but greedy answers do (23% of SFT's), and the repetition penalty took the
     # greedy score from 0.743 to 0.566, so RL saw no signal against loops: rollouts now sample at
     # 0.7; (2) with lam 0.95 and a critic that explains little, the credit of a 115-token answer's
-    # first token was about 1/90 of its last token's (the audit's synthetic rollout): lam 1; (3) clip fraction 1-2%, approx KL 0.001, GRPO's
-    # training reward still rising at rollout 20: 2x the learning rate and 30 rollouts
+    # first token was about 1/90 of its last token's (the audit's synthetic rollout): lam 1;
+    # (3) clip fraction 1-2% (as counted then: every ratio outside the region, also where the clip
+    # leaves the gradient), approx KL 0.001, GRPO's training reward still rising at rollout 20:
+    # 2x the learning rate and 30 rollouts
     PPO="--compile=False --max_iters=30 --eval_interval=10 --rollout_prompts=128 --minibatch_size=32 --ppo_epochs=1
          --max_new_tokens=200 --kl_beta=0.02 --learning_rate=4e-5 --min_lr=4e-6 --value_learning_rate=2e-4
          --temperature=0.7 --lam=1.0 --eval_prompts=128"

@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import math
 
 import numpy as np
 import pytest
@@ -53,12 +52,6 @@ def test_per_token_rewards_put_the_score_on_the_last_token():
     ref = torch.tensor([[0.0, -1.5, -2.0, 0.0], [-1.0, -2.0, -1.0, -1.0]])
     r = per_token_rewards(torch.tensor([3.0, 5.0]), logp, ref, mask, beta=0.1)
     torch.testing.assert_close(r, torch.tensor([[0.0, -0.05, 3.0, 0.0], [0.0, -0.1, 0.0, 5.0]]))
-    # k3 = exp(log ref - log pi) - (log ref - log pi) - 1: exp(-0.5) + 0.5 - 1 and exp(-1) + 1 - 1
-    k3 = per_token_rewards(torch.tensor([3.0, 5.0]), logp, ref, mask, beta=0.1, estimator='k3')
-    a, b = math.exp(-0.5) - 0.5, math.exp(-1.0)
-    torch.testing.assert_close(k3, torch.tensor([[0.0, -0.1 * a, 3.0, 0.0], [0.0, -0.1 * b, 0.0, 5.0]]))
-    with pytest.raises(ValueError, match="unknown KL estimator 'k2'"):
-        per_token_rewards(torch.tensor([3.0, 5.0]), logp, ref, mask, beta=0.1, estimator='k2')
 
 
 def test_clipped_loss_gradient_is_zero_outside_the_trust_region():
@@ -325,14 +318,15 @@ def test_grpo_raises_a_toy_reward(sft_pipeline):
 def test_ppo_whitens_advantages_unless_told_not_to(sft_pipeline):
     """ppo.py: one update per rollout at ratio 1 has policy loss minus the mean advantage over the
     rollout's tokens: 0 once whitened, not with --whiten_advantages=False (the rewards, all >= 0, not
-    normalised; k3 penalties)."""
+    normalised)."""
     args = [*TOY, '--init_from=sft', '--rollout_prompts=8', '--minibatch_size=8', '--ppo_epochs=1', '--max_iters=1',
-            '--eval_interval=1', '--eval_prompts=0', "--reward=token: ", '--max_new_tokens=24', '--normalize_reward=False']
+            '--eval_interval=1', '--eval_prompts=0', "--reward=token: ", '--max_new_tokens=24',
+            '--normalize_reward=False']
     first = {}
-    for whiten in (True, False):
-        run_script('ppo.py', f'--out_dir=ppo_w{whiten}', *args, f'--whiten_advantages={whiten}', '--kl_penalty=k3',
-                   cwd=sft_pipeline)
-        first[whiten] = next(r for r in rewards_logged(sft_pipeline / f'ppo_w{whiten}')[1] if 'train/policy_loss' in r)
+    for whitened in (True, False):
+        run_script('ppo.py', f'--out_dir=ppo_w{whitened}', *args, f'--whiten_advantages={whitened}', cwd=sft_pipeline)
+        first[whitened] = next(r for r in rewards_logged(sft_pipeline / f'ppo_w{whitened}')[1]
+                               if 'train/policy_loss' in r)
     assert first[True]['train/reward'] == first[False]['train/reward']
     assert abs(first[True]['train/policy_loss']) < 1e-6 < abs(first[False]['train/policy_loss'])
 
@@ -505,7 +499,7 @@ def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
 
 
 def test_bad_settings(pipeline):
-    minibatch, group, token, value_lr, split, temperature, dropout, room, agg, kl = run_scripts([
+    minibatch, group, token, value_lr, split, temperature, dropout, room, agg, eps_high = run_scripts([
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu']),
         ('grpo.py', ['--init_from=base', '--group_size=1']),
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu']),
@@ -515,7 +509,7 @@ def test_bad_settings(pipeline):
         ('ppo.py', ['--init_from=base', '--dropout=0.1']),
         ('grpo.py', ['--init_from=base', '--task_dir=inst', '--max_new_tokens=5000', '--device=cpu']),
         ('grpo.py', ['--loss_agg=answer']),
-        ('ppo.py', ['--kl_penalty=k2'])],
+        ('grpo.py', ['--clip_eps_high=-0.5'])],
         cwd=pipeline)
     assert dropout.returncode and 'dropout=0.1: the policy ratio compares' in dropout.stderr
     assert room.returncode and "with max_new_tokens=5000 a rollout would pass the model's block_size" in room.stderr, \
@@ -527,7 +521,7 @@ def test_bad_settings(pipeline):
     assert group.returncode and 'group_size=1 must be at least 2' in group.stderr
     assert token.returncode and "'ab' must be one token" in token.stderr
     assert agg.returncode and "loss_agg='answer': one of token, sequence, constant" in agg.stderr
-    assert kl.returncode and "kl_penalty='k2'; valid: k1, k3" in kl.stderr
+    assert eps_high.returncode and 'clip_eps_high=-0.5 must be a number >= 0' in eps_high.stderr
 
 
 def test_rl_curves_reads_the_printed_evaluations(tmp_path):
