@@ -73,6 +73,20 @@ def resume_command(argv, world_size=1):
     return f'{launcher} {" ".join([argv[0], *args])} --init_from=resume'
 
 
+class EvaluationInterrupted(Exception):
+    """Ctrl-C during an evaluation in one process: the evaluation is left out (on a CPU one of a
+    large model can take an hour; under torchrun the ranks finish it together instead)."""
+
+
+def quiet_second_ctrl_c(kind, value, tb, default=sys.excepthook):
+    """sys.excepthook while a Run is live: a second Ctrl-C (KeyboardInterrupt) ends the program with
+    one line instead of a traceback; any other exception as Python prints it."""
+    if issubclass(kind, KeyboardInterrupt):
+        print('stopped at once by a second Ctrl-C: nothing saved', file=sys.stderr)
+    else:
+        default(kind, value, tb)
+
+
 class Run:
 
     def __init__(self, config, rt, model, stage, tokenizer_spec, flops_per_token, resume=None,
@@ -173,9 +187,11 @@ class Run:
             print(f"MFU is relative to {self.peak / 1e12:.2f} TFLOP/s per device "
                   f"({'given' if c['peak_flops'] else 'measured with a large matmul'})")
         # Ctrl-C: finish the step, save a checkpoint, say how to resume (a second Ctrl-C stops at once)
-        self.stop_requested = False
+        self.stop_requested = self.evaluating = False
+        self.saved_step = None                           # the step of the last checkpoint this run saved
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.on_interrupt)
+            sys.excepthook = quiet_second_ctrl_c
         self.flops_per_token = flops_per_token
         self.first_bad_step = torch.tensor(-1, device=rt.device)   # the first NaN/inf step, on the device
         self.bad_what = 'training loss'                            # (or, found at an evaluation, 'val loss')
@@ -198,6 +214,10 @@ class Run:
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
+        if self.evaluating and not self.rt.ddp:
+            print('\nCtrl-C: leaving this evaluation out, then saving a checkpoint and stopping', file=sys.stderr,
+                  flush=True)
+            raise EvaluationInterrupted       # (out of the stage's evaluate(), caught in Run.evaluate)
         print('\nCtrl-C: finishing this step, then saving a checkpoint and stopping '
               '(Ctrl-C again to stop at once, saving nothing)', file=sys.stderr, flush=True)
 
@@ -491,8 +511,16 @@ class Run:
         metrics = {}
         if rt.master:
             self.raw.eval()
-            metrics = evaluate(eval_model)
-            self.raw.train()
+            self.evaluating = True
+            try:
+                metrics = evaluate(eval_model)
+            except EvaluationInterrupted:             # Ctrl-C (one process): stop without this evaluation
+                if step > 0 and not c['eval_only'] and c['save_checkpoints'] and self.saved_step != step:
+                    self.save(step, {}, evaluated=False)      # a resumed run evaluates this step first
+                return False
+            finally:
+                self.evaluating = False
+                self.raw.train()
             log.log(step, **metrics)
             print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()   # (above the bar)
                                                if isinstance(v, float)))
@@ -549,8 +577,11 @@ class Run:
             self.log_file.close()
             if rt.master:
                 saved = (f'checkpoint of step {self.step} in {checkpoint_path(c["out_dir"])}; continue with\n'
-                         f'  {resume_command(sys.argv, rt.world_size if rt.ddp else 1)}' if c['save_checkpoints']
-                         else 'no checkpoint (save_checkpoints=False)')
+                         f'  {resume_command(sys.argv, rt.world_size if rt.ddp else 1)}'
+                         if self.saved_step == self.step else
+                         'nothing saved (eval_only)' if c['eval_only'] else
+                         'no checkpoint (save_checkpoints=False)' if not c['save_checkpoints'] else
+                         'nothing to save (no step trained yet)' if self.step == 0 else 'no checkpoint saved')
                 print(f'stopped by Ctrl-C after step {self.step}: {saved}', file=sys.stderr)
             sys.exit(130)
         if self.diverged():
@@ -666,7 +697,7 @@ class Run:
         """Every rank calls it. Rank 0 writes out_dir/ckpt.pt and the others wait until it is
         complete; under FSDP every rank writes its shards to out_dir/ckpt_dcp/."""
         ckpt = self.checkpoint(step, metrics, evaluated)
-        out_dir = self.c['out_dir']
+        out_dir, self.saved_step = self.c['out_dir'], step
         if self.fsdp:
             save_sharded_checkpoint(out_dir, self.raw, self.optimizer, ckpt)
             return

@@ -365,6 +365,46 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resume_logs_each_s
     assert [r['step'] for r in rows if 'val/loss' in r] == [0, n, n + 2]
 
 
+def test_ctrl_c_during_an_evaluation_leaves_it_out(tmp_path, byte_data):
+    """Ctrl-C in one process during an evaluation (on a CPU a large model's first one takes an hour)
+    stops at once without it: at step 0 with nothing to save; at a later step with that step's
+    checkpoint, which the resumed run evaluates first. A second Ctrl-C ends a run with one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+
+    def interrupted(*args):
+        p = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), f'--data_dir={byte_data}',
+                              '--out_dir=run', *TINY_MODEL, *args, '--eval_iters=1000000'], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
+        for line in p.stdout:                  # the evaluation starts after this line
+            if line.startswith('evaluating:'):
+                break
+        time.sleep(3)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)            # (1,000,000 batches would take hours)
+        assert p.returncode == 130 and 'Traceback' not in err, err[-2000:]
+        assert 'Ctrl-C: leaving this evaluation out' in err
+        return err
+
+    err = interrupted('--max_iters=6', '--eval_interval=3')
+    assert 'stopped by Ctrl-C after step 0: nothing to save (no step trained yet)' in err
+    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
+    run_script('train.py', f'--data_dir={byte_data}', '--out_dir=run', *TINY_MODEL, '--max_iters=3',
+               '--eval_interval=3', cwd=tmp_path)
+    err = interrupted('--max_iters=6', '--eval_interval=6', '--init_from=resume')   # step 6's evaluation
+    assert 'stopped by Ctrl-C after step 6: checkpoint of step 6' in err and '--init_from=resume' in err
+    ckpt = load_checkpoint(str(tmp_path / 'run'))
+    assert ckpt['step'] == 6 and ckpt['evaluated'] is False
+    # the hook a Run installs: a second Ctrl-C (KeyboardInterrupt) prints one line, not a traceback
+    code = 'import sys, training; sys.excepthook = training.quiet_second_ctrl_c; raise KeyboardInterrupt'
+    p = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+    assert p.stderr.strip() == 'stopped at once by a second Ctrl-C: nothing saved'
+
+
 def test_the_resume_command_keeps_the_launcher():
     """After Ctrl-C: the run's own arguments with --init_from=resume (any other init_from dropped),
     under torchrun with the same number of processes where it ran there."""
