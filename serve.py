@@ -63,12 +63,17 @@ cuda_graph = None            # decode steps as CUDA graphs, captured at start (e
 overlap = None               # read each step's tokens back a step late, so that the host prepares the next
                              # step while the GPU runs this one (engine.py); None: on for CUDA
 default_max_tokens = 256     # when a request names none (at most what the context leaves after the prompt)
+page_temperature = 0.8       # the chat page's settings when it opens (each a field on the page): small
+page_frequency_penalty = 0.0 # models read best greedy with a penalty of 0.5 (docs/results.md)
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
+if not 0 <= page_temperature <= 2 or not -2 <= page_frequency_penalty <= 2:
+    sys.exit(f'error: page_temperature={page_temperature} must be in [0, 2] and page_frequency_penalty='
+             f'{page_frequency_penalty} in [-2, 2] (the ranges OpenAI gives them)')
 out_dir = out_dir or newest_run('serving')
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)
@@ -439,9 +444,10 @@ form { display: flex; gap: .5rem; } textarea { flex: 1; height: 4rem; }
 </style></head><body>
 <h1>nano-kimi</h1><div id="model"></div>
 <div id="log"></div>
-<div id="settings">temperature <input id="temperature" type="number" step="0.1" value="0.8">
+<div id="settings">temperature <input id="temperature" type="number" step="0.1" value="PAGE_TEMPERATURE">
  top_p <input id="top_p" type="number" step="0.05" value="1.0">
- frequency penalty <input id="frequency_penalty" type="number" step="0.1" min="-2" max="2" value="0">
+ frequency penalty <input id="frequency_penalty" type="number" step="0.1" min="-2" max="2"
+  value="PAGE_FREQUENCY_PENALTY">
  max tokens <input id="max_tokens" type="number" min="1" placeholder="auto">
  <span class="hint">Enter sends, Shift+Enter starts a new line</span></div>
 <form id="form"><textarea id="input" placeholder="Write a story that uses the words: dog, ball, happy."></textarea>
@@ -502,15 +508,19 @@ document.getElementById('form').onsubmit = async (e) => {
 </script></body></html>
 '''
 
+CHAT_PAGE = CHAT_PAGE.replace('PAGE_TEMPERATURE', f'{page_temperature:g}').replace(
+    'PAGE_FREQUENCY_PENALTY', f'{page_frequency_penalty:g}')
 server = ThreadingHTTPServer((host, port), Handler)
 threading.Thread(target=engine_loop, daemon=True).start()
 per_token = cache_numbers_per_token(model.config) * next(model.parameters()).element_size()
 print(f"serving {out_dir} ({ckpt.get('stage', '?')} checkpoint, {model.num_params() / 1e6:.1f}M parameters) on "
       f"http://{host}:{server.server_address[1]}; KV cache: {n_blocks} blocks x {tokens_per_block} tokens, "
       f"{per_token:,} bytes per token ({n_blocks * tokens_per_block * per_token / 2**20:.1f} MiB); decode steps: "
-      f"{engine.decode_mode()}", flush=True)
+      f"{engine.decode_mode()}; Ctrl-C stops it", flush=True)
 try:
     server.serve_forever()
 except KeyboardInterrupt:
     server.server_close()
-    print(f"prefix sharing: {engine.stats['reused_tokens']:,} of {engine.stats['prompt_tokens']:,} prompt tokens reused ({engine.hit_rate():.1%})")
+    print(f"stopped. Prefix sharing (requests whose prompts begin alike share those cached blocks) reused "
+          f"{engine.stats['reused_tokens']:,} of {engine.stats['prompt_tokens']:,} prompt tokens "
+          f"({engine.hit_rate():.1%})")

@@ -419,6 +419,8 @@ s = json.load(open(sys.argv[1]))['stages']
 c = [(v['task_score'], k) for k, v in s.items() if k in ('sft', 'ppo', 'grpo') or k.startswith('dpo_seed')
      if v.get('task_score') is not None]
 print('%s %.3f' % max(c)[::-1] if c else '')" $OUT/report.json 2> /dev/null) || best=''   # (no card data: no line)
-  if [ -n "$best" ]; then echo "talk to it: python serve.py --out_dir=$OUT/${best% *}   (the chat model with the best" \
-    "task score on the card, ${best#* }; a chat page at http://127.0.0.1:8000)"; fi
+  # the page starts greedy with a frequency penalty of 0.5: how small models' answers read best (docs/results.md)
+  if [ -n "$best" ]; then echo "talk to it: python serve.py --out_dir=$OUT/${best% *} --page_temperature=0" \
+    "--page_frequency_penalty=0.5   (the chat model with the best task score on the card, ${best#* }; a chat page at" \
+    "http://127.0.0.1:8000)"; fi
 else echo "speedrun: $((SECONDS - T_START)) s of wall time; no report card yet (--stages=report writes $OUT/report.md)"; fi

@@ -367,8 +367,9 @@ def test_speedrun_with_a_card_names_the_chat_model_to_talk_to(tmp_path):
     (out / 'report.md').write_text('# card\n')
     stages = {'base': {'task_score': 0.9}, 'sft': {'task_score': 0.66}, 'grpo': {'task_score': 0.759},
               'ppo': {'task_score': 0.716}, 'dpo_seed1': {'task_score': None}, 'student_distill': {'task_score': None}}
-    for card, said in ((stages, f'talk to it: python serve.py --out_dir={out}/grpo   (the chat model with the best '
-                                'task score on the card, 0.759; a chat page at http://127.0.0.1:8000)'),
+    for card, said in ((stages, f'talk to it: python serve.py --out_dir={out}/grpo --page_temperature=0 '
+                                '--page_frequency_penalty=0.5   (the chat model with the best task score on the card, '
+                                '0.759; a chat page at http://127.0.0.1:8000)'),
                        ({'base': {'task_score': 0.1}}, None)):
         (out / 'report.json').write_text(json.dumps({'stages': card}))
         p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={out}', '--stages=report'], cwd=repo,

@@ -25,11 +25,11 @@ from conftest import REPO
 openai = pytest.importorskip('openai')
 
 
-def start_server(pipeline, out_dir, python=()):
+def start_server(pipeline, out_dir, python=(), args=()):
     """serve.py on a checkpoint of the tiny pipeline, on a free port: (process, its url). python:
     the interpreter's arguments before the script's (e.g. ('-c', code) that runs serve.py itself)."""
     proc = subprocess.Popen([sys.executable, *python, os.path.join(REPO, 'serve.py'), f'--out_dir={out_dir}', '--port=0',
-                             '--device=cpu', '--n_blocks=64', '--tokens_per_block=8', '--default_max_tokens=12'],
+                             '--device=cpu', '--n_blocks=64', '--tokens_per_block=8', '--default_max_tokens=12', *args],
                             cwd=pipeline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
     line = ''
@@ -369,6 +369,23 @@ def test_32_clients_x_10_requests_each_get_the_answer_served_alone(server):
     assert together == [alone[k] for k in jobs]
     h = health(url)
     assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
+
+
+def test_the_chat_pages_starting_settings_and_ctrl_c(pipeline, server):
+    """--page_temperature / --page_frequency_penalty fill the page's fields (the speedrun suggests
+    greedy with a penalty of 0.5 for its small models); Ctrl-C stops the server with a line."""
+    import signal
+    proc, url = start_server(pipeline, 'sft_serve', args=('--page_temperature=0', '--page_frequency_penalty=0.5'))
+    try:
+        page = urllib.request.urlopen(url + '/').read().decode()
+        assert 'id="temperature" type="number" step="0.1" value="0"' in page and 'value="0.5"' in page
+        assert 'PAGE_' not in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and 'stopped. Prefix sharing' in out
+    default = urllib.request.urlopen(server[0] + '/').read().decode()       # the defaults: 0.8 and 0
+    assert 'step="0.1" value="0.8"' in default
 
 
 def test_the_chat_page_in_headless_chromium(server):
