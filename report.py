@@ -375,7 +375,8 @@ md = [f"# Report card: the life cycle on stories ({profile or '?'} profile)", ''
       + (f", {wall / 60:.1f} minutes of wall time (stages that do not need each other's output ran side by side)"
          if wall and wall < 0.95 * sum(times.values()) else '') + '.', '',
       *(['The cpu profile is a smoke test of the plumbing: its 2M-parameter model trained for minutes writes '
-         'no story, so its answers loop and its targets, set for the gpu profile, are not expected to be met.',
+         'no story, so its answers loop and its targets, set for the gpu profile, are not expected to be met; '
+         'it trains one DPO seed, which leaves the DPO target (a spread of seeds) undecided.',
          ''] if profile == 'cpu' else []),
       '## Data', '',
       '| split | documents | tokens | bytes |', '| --- | --- | --- | --- |']
