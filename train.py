@@ -119,7 +119,7 @@ else:
                  f"the dataset's ({tok_spec['kind']}) in {data_dir}")
     # the model is the checkpoint's; model settings this command gives (a balancing rate, the router's
     # scoring, RoPE's base) change it where they keep its parameters' names and shapes, else stop
-    saved = ckpt['model_config']
+    saved = ModelConfig(**ckpt['model_config']).to_dict()   # (with the defaults of fields newer than it)
     asked = {k: config[k] for k in sorted(last_given) if k in saved and k not in ('dropout', 'block_size')
              and config[k] != saved[k]}
     model_cfg = ModelConfig(**{**saved, **asked, 'dropout': dropout})

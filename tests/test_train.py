@@ -194,6 +194,14 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert deeper.returncode != 0 and "n_layer=3 (the checkpoint has 2) changes the model's parameters" in deeper.stderr
     assert "changed by this command: rope_theta=500.0 (the checkpoint has 10000.0)" in theta.stdout, theta.stderr[-500:]
     assert load_checkpoint(str(tmp_path / 'theta'))['model_config']['rope_theta'] == 500.0
+    # a checkpoint from before a model setting existed (rope_theta left out of its config): the setting
+    # given with init_from is compared with its default, not ignored
+    from checkpoint import save_checkpoint
+    old = load_checkpoint(str(tmp_path / 'base'))
+    del old['model_config']['rope_theta']
+    save_checkpoint(str(tmp_path / 'old'), old)
+    older = train(tmp_path, byte_data, 'from_old', '--max_iters=1', '--init_from=old', '--rope_theta=500.0')
+    assert "changed by this command: rope_theta=500.0 (the checkpoint has 10000.0)" in older.stdout
     vocab, nodata, stories, nothing, block, mode, graph = run_script_many('train.py', [
         train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
         train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
