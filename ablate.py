@@ -161,6 +161,7 @@ import torch  # noqa: E402  (after the cheap checks above, which need no torch)
 
 from engine import cache_numbers_per_token  # noqa: E402
 from model import GPT, ModelConfig, padded_vocab_size  # noqa: E402
+from optim import LR_SCHEDULES, OPTIMIZERS  # noqa: E402
 from runlog import pyplot  # noqa: E402
 
 train_defaults = {}
@@ -191,9 +192,13 @@ def resolve(args, where):
     namespace = dict(train_defaults)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return configure(namespace, argv=args, model_config=ModelConfig, verbose=False)
+            cfg = configure(namespace, argv=args, model_config=ModelConfig, verbose=False)
     except SystemExit as e:
         fail(f"{where}: {str(e.code).removeprefix('error: ')}")
+    for key, valid in (('optimizer', OPTIMIZERS), ('lr_schedule', LR_SCHEDULES)):   # (else a run fails once started)
+        if cfg[key] not in valid:
+            fail(f"{where}: {key}={cfg[key]!r}; valid: {', '.join(valid)}")
+    return cfg
 
 
 def dataset_vocab(cfg):

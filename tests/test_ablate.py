@@ -475,6 +475,8 @@ def test_a_plot_of_many_variants_tells_each_one_apart(monkeypatch, tmp_path, byt
     ({'variants': {'a': {}, 'b': {}}, 'only': ['a', 'c']}, "only names 'c', not a variant of this study; its variants: a, b"),
     ({'variants': {'a': {}}, 'max_tokens': 1e6, 'max_flops': 1e12}, 'set one budget per run'),
     ({'variants': {'a': {'max_iters': 5}}, 'max_tokens': 1e6}, "variant 'a' sets max_iters, but the study's budget"),
+    ({'variants': {'a': {'optimizer': 'lion'}}}, "variant 'a': optimizer='lion'; valid: adamw, muon, muonclip"),
+    ({'variants': {'a': {'lr_schedule': 'inverse_sqrt'}}}, "variant 'a': lr_schedule='inverse_sqrt'; valid: cosine"),
 ])
 def test_bad_studies_stop_with_one_line_saying_why(monkeypatch, tmp_path, capsys, settings, message):
     study = write_study(tmp_path, ['--device=cpu'], **settings)
