@@ -607,7 +607,10 @@ class Router(nn.Module):
       group scored by the sum of its 2 best s_i + b_i, and only the topk_group best groups compete
       (with softmax scores a group is scored by its best expert, as DeepSeek-V2 routes).
     The weights g of the chosen experts come from s without the bias: g = s_chosen, divided by
-    their sum when norm_topk_prob, times routed_scaling_factor."""
+    their sum when norm_topk_prob, times routed_scaling_factor.
+    A routing rule of your own returns the same (weights (N, K), indices (N, K)) with every index
+    a real expert, 0 <= i < E (drop a slot with weight 0, not with an index past E: the fast
+    expert paths gather by index and do not check)."""
     float32_buffers = ('e_score_correction_bias',)   # steps of 0.001 vanish in bf16
 
     def __init__(self, config):
