@@ -29,7 +29,7 @@ output tail is printed and the others go on. Then OUT_DIR gets
   results.csv              one row per run: variant, seed, status, every override, the budget, and
                            what the run logged (final val loss and bits per byte, tokens/s, MFU, peak
                            memory, expert-load CV and busiest expert over the run and at its end,
-                           max attention logit) or its config gives
+                           max attention logit; log_keys: more, at the end) or its config gives
                            (parameters, KV-cache bytes per token); a cell is empty where it has none
   results.md               per variant mean +- std over seeds, sorted by val loss, and whether the
                            best two differ by more than the seed-to-seed spread
@@ -81,6 +81,8 @@ report_only = False      # write the tables and plots from the run folders as th
 only = []                # names of the variants to train in this call (empty: all); the others are
                          # neither trained nor touched, and the tables still show every variant
 log_tail = 25            # lines of a failed run's output to print
+log_keys = []            # more columns: keys of train.py's log lines (a metric of your own, logged as
+                         # train/<name>), each as its mean over the last tenth of the run's log lines
 # -----------------------------------------------------------------------------
 configure(globals())
 # -----------------------------------------------------------------------------
@@ -127,6 +129,8 @@ if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, in
     fail(f'seeds must be a non-empty list of ints, e.g. [1, 2, 3]; got {seeds!r}')
 if len(set(seeds)) != len(seeds):
     fail(f'seeds {list(seeds)} repeat a seed')
+if not isinstance(log_keys, (list, tuple)) or not all(isinstance(k, str) for k in log_keys):
+    fail(f"log_keys must be a list of log.jsonl keys, e.g. ['train/router_entropy']; got {log_keys!r}")
 unknown = [v for v in only if v not in variants]
 if unknown:
     fail(f"only names {', '.join(map(repr, unknown))}, not a variant of this study; its variants: "
@@ -649,6 +653,9 @@ def summarize(run):
         row[f'{key}_end'] = statistics.mean(end) if end else None              # of them (the load now)
     logits = [number(r.get('attn/max_logit_all')) for r in trains if number(r.get('attn/max_logit_all')) is not None]
     row['max_attn_logit'] = max(logits) if logits else None            # the largest over the run
+    for key in log_keys:                                               # the study's own: at the end
+        values = [number(r.get(key)) for r in trains if number(r.get(key)) is not None]
+        row[f'{key} (end)'] = statistics.mean(values[-max(1, len(values) // 10):]) if values else None
     # the val-loss curve: (step, tokens trained, training seconds, val loss) at each evaluation
     run['curve'] = [(r['step'], r['step'] * run['tokens_per_step'], time_at(times, r['step']), r['val/loss'])
                     for r in evals]
@@ -663,7 +670,7 @@ LATER = ['tokens_per_sec', 'mfu', 'peak_mem_gb', 'train_time_s', 'params', 'acti
 extra = []
 for row in results:
     extra += [k for k in row if re.fullmatch(r'.+_(loss|bpb)', k) and k not in METRICS + extra]
-METRICS += extra + LATER
+METRICS += extra + LATER + [f'{key} (end)' for key in log_keys]
 columns = ['variant', 'seed', 'status', *override_keys, 'max_iters', 'steps', 'tokens', *METRICS, 'diverged_at']
 os.makedirs(out_dir, exist_ok=True)
 with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:

@@ -50,7 +50,8 @@ def has_matplotlib():
 def test_grid_runs_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, byte_data):
     data = Path(byte_data)                                 # this test's own: its meta.json goes at the end
     base = [f'--data_dir={data}', *TINY_MODEL, *MOE, '--max_iters=4', '--eval_interval=4', '--warmup_iters=2']
-    study = write_study(tmp_path, base, grid={'n_kv_head': [1, 2]}, seeds=[1, 2], out_dir='out/s', parallel=2)
+    study = write_study(tmp_path, base, grid={'n_kv_head': [1, 2]}, seeds=[1, 2], out_dir='out/s', parallel=2,
+                        log_keys=['grad_norm'])
     p = run_script('ablate.py', study, cwd=tmp_path)
     out = tmp_path / 'out' / 's'
     assert p.stdout.count('started from scratch') == 4 and '[4/4]' in p.stdout
@@ -75,6 +76,7 @@ def test_grid_runs_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, byte_
         assert float(r['moe_load_cv_end']) == pytest.approx(trains[-1]['moe/load_cv'])
         assert float(r['moe_max_imbalance_end']) == pytest.approx(trains[-1]['moe/max_imbalance'])
         assert float(r['max_attn_logit']) == max(x['attn/max_logit_all'] for x in trains)
+        assert float(r['grad_norm (end)']) == pytest.approx(trains[-1]['grad_norm'])   # log_keys: a column each
         assert r['peak_mem_gb'] == ''                     # a CPU run logs no GPU memory: an empty cell
         # 2 layers x 2 (key and value) x n_kv_head x head_dim 16 numbers, 2 bytes each
         assert int(r['kv_cache_bytes_per_token']) == 2 * 2 * int(r['n_kv_head']) * 16 * 2
@@ -472,6 +474,7 @@ def test_a_plot_of_many_variants_tells_each_one_apart(monkeypatch, tmp_path, byt
     ({'variants': {'a': {'n_layer': 'four'}}}, "variant 'a': --n_layer=four is not a Python literal"),
     ({'variants': {'a': {'attention': 'mqa'}}}, "variant 'a': ModelConfig.attention='mqa'"),
     ({'variants': {'a': {}}, 'seeds': []}, 'seeds must be a non-empty list'),
+    ({'variants': {'a': {}}, 'log_keys': ['train/x', 3]}, 'log_keys must be a list of log.jsonl keys'),
     ({'variants': {'a': {}, 'b': {}}, 'only': ['a', 'c']}, "only names 'c', not a variant of this study; its variants: a, b"),
     ({'variants': {'a': {}}, 'max_tokens': 1e6, 'max_flops': 1e12}, 'set one budget per run'),
     ({'variants': {'a': {'max_iters': 5}}, 'max_tokens': 1e6}, "variant 'a' sets max_iters, but the study's budget"),
