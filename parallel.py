@@ -92,7 +92,7 @@ class ExpertParallelMoE(MoE):
         if self.training and self.aux_loss_alpha > 0:
             # per sequence (seq_aux) this is exact: the mean over ranks of the per-rank means; per
             # batch (seq_aux=False) it balances each rank's batch instead of the global one
-            aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1)
+            aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1, counted)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, C), aux
