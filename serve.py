@@ -21,8 +21,8 @@ A request is checked before anything runs; what cannot be served gets a 4xx in O
 {"error": {"message", "type", "param", "code"}}: malformed JSON, no messages, an unknown model
 (404, model_not_found; a request may leave the model out), a prompt or max_tokens past the
 model's context (context_length_exceeded), a sampling setting out of OpenAI's range (temperature
-0..2, top_p in (0, 1], the penalties in -2..2, n >= 1). A client that leaves mid-stream has its
-request cancelled and its blocks freed; an engine step that fails (e.g. out of memory) fails the
+0..2, top_p in (0, 1], the penalties in -2..2, n >= 1). A client that leaves mid-stream, or before
+a non-streamed answer is ready, has its request cancelled and its blocks freed; an engine step that fails (e.g. out of memory) fails the
 requests in flight with a 500 and the server goes on.
 
 One thread runs the engine; each HTTP request waits on its own queue for its tokens. The HTTP
@@ -36,6 +36,8 @@ import json
 import math
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -287,12 +289,22 @@ class Generation:
         self.id, self.ids, self.text, self.finish = value, [], '', None
         self.prompt_tokens = len(args['prompt'])
 
-    def pieces(self):
+    def pieces(self, listening=None):
         """Yield the new text as tokens arrive (held back while it may be a multi-byte character or
-        the start of a stop string); sets self.finish ('stop' | 'length')."""
-        sent = 0
+        the start of a stop string); sets self.finish ('stop' | 'length'). listening(): whether the
+        client is still there, asked every 0.2 s; ClientGone when it is not."""
+        sent, next_check = 0, time.monotonic() + 0.2
         while self.finish is None:
-            kind, value = self.reply.get()
+            try:
+                kind, value = self.reply.get(timeout=0.2 if listening else None)
+            except queue.Empty:
+                kind = None
+            if listening and time.monotonic() >= next_check:
+                if not listening():
+                    raise ClientGone
+                next_check = time.monotonic() + 0.2
+            if kind is None:
+                continue
             if kind == 'failed':
                 raise APIError(value, code='engine_error', status=500)
             if kind == 'done':
@@ -314,6 +326,10 @@ class Generation:
                 sent = len(text)
 
 
+class ClientGone(Exception):
+    """The client of a request closed its connection before the answer was ready."""
+
+
 def usage_of(gens):
     """OpenAI's usage of a request's choices: its prompt's tokens (once), every choice's tokens."""
     prompt, completion = gens[0].prompt_tokens, sum(len(g.ids) for g in gens)
@@ -328,11 +344,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def send(self, code, obj, content_type='application/json'):
         data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header('Content-Type', content_type)
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(code)
+            self.send_header('Content-Type', content_type)
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):    # the client left as its answer was sent
+            self.close_connection = True
 
     def do_GET(self):
         if self.path == '/health':                     # and what the engine holds now
@@ -375,16 +394,29 @@ class Handler(BaseHTTPRequestHandler):
                 usage = bool((body.get('stream_options') or {}).get('include_usage'))
                 return self.stream(gens, rid, created, kind, chat, usage)
             for g in gens:
-                for _ in g.pieces():
+                for _ in g.pieces(self.client_listening):
                     pass
         except APIError as e:                   # (choices already running stop: no one would read them)
             stop_generating(gens)
             return self.send(e.status, e.body())
+        except ClientGone:                      # it left (a client's timeout, say): free its blocks now
+            stop_generating(gens)
+            self.close_connection = True
+            return
         choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': None,
                     **({'message': {'role': 'assistant', 'content': g.text}} if chat else {'text': g.text})}
                    for g in gens]
         self.send(200, {'id': rid, 'object': kind, 'created': created, 'model': MODEL_ID, 'choices': choices,
                         'usage': usage_of(gens)})
+
+    def client_listening(self):
+        """False once the client has closed its connection (readable, and nothing to read); a
+        client that sent more (a next request) is still there."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b''
+        except OSError:
+            return False
 
     def stream(self, gens, rid, created, kind, chat, usage=False):
         """Server-sent events: one chunk per piece of text, each choice in turn as its tokens come,

@@ -275,17 +275,21 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
 # serve.py with an engine whose step fails (as out of memory would) while a request of 13 tokens runs,
 # and whose admission fails for a request of 11
 FAILING_ENGINE = """
-import runpy, sys, types
+import runpy, sys, time, types
 sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0])
 import engine
 step, add = engine.Engine.step, engine.Engine.add
 def failing_step(self):
     if any(r.max_new_tokens == 13 for r in self.running):
         raise RuntimeError('out of memory (made by the test)')
-    return step(self)
+    return slow_step(self)
 def step_with_a_chat_tag(self):     # a request of 7 tokens samples <|user|> first (ids: user, assistant, end)
     events = failing_step(self)
     return [(r, r.stop_ids[0] - 2 if r.max_new_tokens == 7 and len(r.output) == 1 else t, f) for r, t, f in events]
+def slow_step(self):                # a request of 97 tokens: a step every 0.05 s (its client has time to leave)
+    if any(r.max_new_tokens == 97 for r in self.running):
+        time.sleep(0.05)
+    return step(self)
 def step_with_a_bad_event(self):   # a request of 9 tokens: an event the server cannot deliver (no such request)
     events = step_with_a_chat_tag(self)
     ghost = [(types.SimpleNamespace(id='ghost', stop_ids=r.stop_ids), 5, False) for r in self.running
@@ -328,6 +332,22 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
                 break
             time.sleep(0.05)
         assert health(url)['cancelled'] == before + 1          # cancelled, not run to its 200 tokens
+        # a non-streaming client that leaves before its answer is ready: its request is cancelled
+        before = health(url)['cancelled']
+        host, port = url.split('//')[1].split(':')
+        request = json.dumps({**body, 'max_tokens': 97}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                         + f'Content-Length: {len(request)}\r\n\r\n'.encode() + request)
+            for _ in range(100):
+                if health(url)['running']:
+                    break
+                time.sleep(0.02)
+        for _ in range(300):                     # 97 steps of 0.05 s would end after about 5 s
+            if health(url)['running'] == 0:
+                break
+            time.sleep(0.02)
+        assert health(url)['cancelled'] == before + 1
         status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
         assert status == 200 and good['choices'][0]['finish_reason'] == 'length'
         # a chat tag sampled in an answer (not a stop token) is no text: '<|user|>' never reaches the client
