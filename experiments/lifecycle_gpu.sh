@@ -30,7 +30,7 @@ set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
 ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 reward_gap"
-ALL_SIDES+=" dpo_greedy dpo_rpo"
+ALL_SIDES+=" dpo_greedy dpo_rpo grpo_dr grpo_dapo"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -114,6 +114,22 @@ DPO_RPO_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2
   DPO_EXTRA='--sft_weight=1.0' EVAL_RUNS='$DPO_RUNS' bash speedrun.sh --profile=$PROFILE
   --out=$S/dpo_rpo --stages=dpo,eval > $R/logs/side_dpo_rpo.log 2>&1) &"
 DPO_RPO_RUN=$(echo $DPO_RPO_RUN); wanted dpo_rpo || DPO_RPO_RUN=""
+# GRPO's variants from the main run's SFT, each evaluated in S/<name> against the main run's GRPO (run
+# the main card with grpo in STAGES): Dr. GRPO (no std scaling, each answer's sum over max_new_tokens)
+# and DAPO's token-level loss with clip-higher (grpo.py --loss_agg, --clip_eps_high)
+declare -A SIDE_GRPO=(
+  [grpo_dr]="--scale_rewards=False --loss_agg=constant"
+  [grpo_dapo]="--loss_agg=token --clip_eps_high=0.28"
+)
+GRPO_RUNS=""
+for v in "${!SIDE_GRPO[@]}"; do
+  wanted $v || continue
+  link="mkdir -p $S/$v && for x in data task base sft; do ln -sfn $A/\$x $S/$v/\$x; done"
+  GRPO_RUNS+="(until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+    GRPO_EXTRA='${SIDE_GRPO[$v]}' EVAL_RUNS=grpo bash speedrun.sh --profile=$PROFILE --out=$S/$v --stages=grpo,eval
+    > $R/logs/side_$v.log 2>&1) & "
+done
+GRPO_RUNS=$(echo $GRPO_RUNS)
 # measured as side runs and now the profile's (docs/results.md, eighth and ninth runs): the reward
 # model on twice the pairs for twice the steps (88.2% and 87.0% of held-out pairs, against 84.1%)
 # and with its head's word checks (paired +2.4 +- 1.4 points on the profile's pairs then, +3.2 +- 0.9
@@ -129,7 +145,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R ${STAGES:+--stages=$STAGES} > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_RPO_RUN :; }
+      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_RPO_RUN $GRPO_RUNS :; }
       wait
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
@@ -175,8 +191,9 @@ d = ev[-1] if ev else {}
 print(*(f'step {d[\"step\"]}', *(f'{k[4:]} {v:.3f}' for k, v in d.items() if 'accuracy' in k)) if ev else (),
       f'max imbalance {tr[-1][\"moe/max_imbalance\"]}' if tr else '')" $f)"; done
     sed -n '/words used/,/^$/p' $R/reward/misses.md 2> /dev/null
-    # greedy answers of SFT and of DPO's seeds, the main run's and the DPO side runs' (eval.json)
-    for f in $R/sft/eval.json $R/dpo_seed*/eval.json $S/dpo_*/dpo_seed*/eval.json; do
+    # greedy answers of SFT, DPO's seeds and GRPO, the main run's and the side runs' (eval.json)
+    for f in $R/sft/eval.json $R/dpo_seed*/eval.json $S/dpo_*/dpo_seed*/eval.json $R/grpo/eval.json \
+        $S/grpo_*/grpo/eval.json; do
       [ -e $f ] && python -c "import json, sys; e = json.load(open(sys.argv[1]))
 print(sys.argv[1], *(f'{k[5:]} {e[k]:.3f}' for k in ('task/score', 'task/all_words', 'task/ended', 'task/repetition',
                                                     'task/score_sampled') if isinstance(e.get(k), float)))" $f; done
