@@ -89,8 +89,10 @@ run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
 # -----------------------------------------------------------------------------
-if loss_type not in ('sigmoid', 'ipo') or sft_weight < 0:
-    sys.exit(f"error: loss_type='{loss_type}' (valid: sigmoid, ipo) or sft_weight={sft_weight} (0 or more)")
+if loss_type not in ('sigmoid', 'ipo'):
+    sys.exit(f"error: loss_type='{loss_type}'; valid: sigmoid, ipo")
+if sft_weight < 0:
+    sys.exit(f'error: sft_weight={sft_weight} must be 0 (DPO alone) or positive')
 if init_from == 'scratch':
     sys.exit("error: dpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)

@@ -22,8 +22,8 @@ A request is checked before anything runs; what cannot be served gets a 4xx in O
 (404, model_not_found; a request may leave the model out), a prompt or max_tokens past the
 model's context (context_length_exceeded), a sampling setting out of OpenAI's range (temperature
 0..2, top_p in (0, 1], the penalties in -2..2, n >= 1). A client that leaves mid-stream, or before
-a non-streamed answer is ready, has its request cancelled and its blocks freed; an engine step that fails (e.g. out of memory) fails the
-requests in flight with a 500 and the server goes on.
+a non-streamed answer is ready, has its request cancelled and its blocks freed; an engine step that
+fails (e.g. out of memory) fails the requests in flight with a 500 and the server goes on.
 
 One thread runs the engine; each HTTP request waits on its own queue for its tokens. The HTTP
 layer is the standard library's ThreadingHTTPServer (a thread per connection): the model step is
@@ -73,9 +73,10 @@ dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
-if not 0 <= page_temperature <= 2 or not -2 <= page_frequency_penalty <= 2:
-    sys.exit(f'error: page_temperature={page_temperature} must be in [0, 2] and page_frequency_penalty='
-             f'{page_frequency_penalty} in [-2, 2] (the ranges OpenAI gives them)')
+if not 0 <= page_temperature <= 2:                 # (the ranges OpenAI gives them)
+    sys.exit(f'error: page_temperature={page_temperature} must be in [0, 2]')
+if not -2 <= page_frequency_penalty <= 2:
+    sys.exit(f'error: page_frequency_penalty={page_frequency_penalty} must be in [-2, 2]')
 out_dir = out_dir or newest_run('serving')
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)

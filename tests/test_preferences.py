@@ -383,9 +383,10 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
     adds that many times the chosen answers' NLL per token (val/nll_chosen) to DPO's log 2."""
     args = ['--init_from=base', '--prefs_dir=planted', '--max_iters=2', '--eval_interval=2', '--batch_size=4',
             '--eval_prompts=0', *COMMON]
-    ipo, rpo, bad = run_scripts([('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args]),
-                                 ('dpo.py', ['--out_dir=rpo', '--sft_weight=0.5', *args]),
-                                 ('dpo.py', ['--loss_type=hinge', *args])], cwd=planted)
+    ipo, rpo, bad, negative = run_scripts([('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args]),
+                                           ('dpo.py', ['--out_dir=rpo', '--sft_weight=0.5', *args]),
+                                           ('dpo.py', ['--loss_type=hinge', *args]),
+                                           ('dpo.py', ['--sft_weight=-1.0', *args])], cwd=planted)
     assert ipo.returncode == 0 and rpo.returncode == 0, ipo.stderr[-500:] + rpo.stderr[-500:]
     evals = {name: [json.loads(line) for line in open(planted / name / 'log.jsonl') if 'val/loss' in line]
              for name in ('ipo', 'rpo')}
@@ -393,7 +394,8 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
     first = evals['rpo'][0]
     assert first['val/nll_chosen'] > 0
     assert first['val/loss'] == pytest.approx(math.log(2) + 0.5 * first['val/nll_chosen'], rel=1e-5)
-    assert bad.returncode and "loss_type='hinge' (valid: sigmoid, ipo)" in bad.stderr, bad.stderr[-500:]
+    assert bad.returncode and "loss_type='hinge'; valid: sigmoid, ipo" in bad.stderr, bad.stderr[-500:]
+    assert negative.returncode and 'sft_weight=-1.0 must be 0 (DPO alone) or positive' in negative.stderr
 
 
 def test_bad_settings(planted):

@@ -406,6 +406,11 @@ def test_the_chat_pages_starting_settings_and_ctrl_c(pipeline, server):
     assert proc.returncode == 0 and 'stopped. Prefix sharing' in out
     default = urllib.request.urlopen(server[0] + '/').read().decode()       # the defaults: 0.8 and 0
     assert 'step="0.1" value="0.8"' in default
+    from conftest import run_script_many
+    hot, penalty = run_script_many('serve.py', [['--page_temperature=3.0'], ['--page_frequency_penalty=-2.5']],
+                                   cwd=pipeline)
+    assert hot.returncode and 'page_temperature=3.0 must be in [0, 2]' in hot.stderr
+    assert penalty.returncode and 'page_frequency_penalty=-2.5 must be in [-2, 2]' in penalty.stderr
 
 
 def test_the_chat_page_in_headless_chromium(server):
