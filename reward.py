@@ -317,7 +317,7 @@ val_buckets = [gap_bucket(g) for g in val_gap]
 def evaluate(model):
     r, checked = rewards_of(model, val_seqs)
     rc, rr = torch.tensor(r[:len(val_pairs)]), torch.tensor(r[len(val_pairs):])
-    gap = torch.tensor([rule_gap(p) for p in val_pairs]) if rule_gap_margin else None
+    gap = torch.tensor(val_gap) if rule_gap_margin else None     # (every pair has its scores then)
     metrics = {'val/loss': pair_loss(rc, rr, gap=gap).item(), 'val/accuracy': (rc > rr).sum().item() / len(rc),
                'val/reward_margin': (rc - rr).mean().item()}
     if checked is not None:          # does the head know, at each reread word, whether the answer uses it?

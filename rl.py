@@ -514,10 +514,9 @@ def clipped_policy_loss(logp, old_logp, adv, mask, eps=0.2, eps_high=None, agg='
     response tokens whose gradient the clip took away, approximate KL(old || new))."""
     eps_high = eps if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp)
-    clipped_term = ratio.clamp(1 - eps, 1 + eps_high) * adv
-    surrogate = torch.minimum(ratio * adv, clipped_term)
-    loss = -aggregate(surrogate, mask, agg, length)
-    clipped = (clipped_term < ratio * adv) & mask       # the min took the clipped term: no gradient there
+    unclipped, clipped_term = ratio * adv, ratio.clamp(1 - eps, 1 + eps_high) * adv
+    loss = -aggregate(torch.minimum(unclipped, clipped_term), mask, agg, length)
+    clipped = (clipped_term < unclipped) & mask         # the min took the clipped term: no gradient there
     # k2 = (log r)^2 / 2, Schulman's low-variance estimator of KL(old || new): a statistic, no gradient
     approx_kl = masked_mean(0.5 * (logp.detach() - old_logp) ** 2, mask)
     return loss, clipped.float().sum() / mask.float().sum().clamp(min=1), approx_kl
