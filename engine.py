@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, penalize, sample_next
+from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, penalize, sample_next, token_logprobs
 from model import attention_mask
 
 
@@ -102,6 +102,8 @@ class Request:
     frequency_penalty: float = 0.0    # OpenAI's penalties on repeated tokens (generate.penalize)
     presence_penalty: float = 0.0
     counts: torch.Tensor = None       # with a penalty: (V,) uses of each token in its output, on the device
+    logprobs: int = None              # k: record each new token's log-probability and the k most likely
+    token_logprobs: list = field(default_factory=list)   # then, per output token: (logprob, [(id, logprob)] * k)
     blocks: list = field(default_factory=list)   # its block table
     length: int = 0                   # tokens in the cache
     pending: list = field(default_factory=list)  # the prompt's tokens still to read
@@ -449,12 +451,16 @@ class Engine:
         return -(-n_tokens // self.pool.tokens_per_block)
 
     def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), seed=None,
-            frequency_penalty=0.0, presence_penalty=0.0):
+            frequency_penalty=0.0, presence_penalty=0.0, logprobs=None):
         """Queue a request (prompt: token ids); returns it (request.output fills as it runs).
-        Refused by name if it could never fit: past the model's block_size, or more blocks than
-        the pool has."""
+        logprobs=k: request.token_logprobs also gets each new token's log-probability and the k
+        most likely tokens' (generate.token_logprobs: the model's distribution, before sampling
+        reshapes it). Refused by name if it could never fit: past the model's block_size, or more
+        blocks than the pool has."""
         if not prompt or max_new_tokens < 1:
             raise ValueError('a request needs at least one prompt token and max_new_tokens >= 1')
+        if logprobs is not None and not (isinstance(logprobs, int) and logprobs >= 0):
+            raise ValueError(f'logprobs={logprobs!r} must be None or a whole number >= 0')
         total = len(prompt) + max_new_tokens
         if total > self.model.config.block_size:
             raise ValueError(f'prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the '
@@ -464,7 +470,7 @@ class Engine:
         g = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         r = Request(prompt=list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, stop_ids=tuple(stop_ids), generator=g, id=next(self.ids),
-                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, logprobs=logprobs)
         if frequency_penalty or presence_penalty:
             r.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
         r.pending = list(prompt)
@@ -561,6 +567,10 @@ class Engine:
                                             vocab_limit=self.vocab_limit, generator=r.generator)[0]
                 if r.counts is not None:
                     r.counts.index_add_(0, tokens[k:k + 1], torch.ones_like(r.counts[:1]))
+        # the log-probabilities some requests asked for, every row's at once (on the device; read
+        # back with the tokens)
+        asked = [r.logprobs for r, s in zip(rows, sampled) if s and r.logprobs is not None]
+        scores = token_logprobs(logits, tokens, max(asked), self.vocab_limit) if asked else None
         self.last_tokens = tokens
         done = None
         if self.overlap and tokens.is_cuda:             # to the host without waiting: a pinned buffer
@@ -570,17 +580,19 @@ class Engine:
             done = torch.cuda.Event()
             done.record()
             tokens = host
-        return rows, sampled, tokens, done
+        return rows, sampled, tokens, done, scores
 
     def read_back(self, launched):
         """The tokens of a launched step, on the host (waiting for that step only): each request
-        adds its token and finishes at a stop token or max_new_tokens, giving its blocks back. A
-        request that stopped (or was cancelled) while the step ran drops its token."""
-        rows, sampled, tokens, done = launched
+        adds its token (and its log-probabilities, if it asked) and finishes at a stop token or
+        max_new_tokens, giving its blocks back. A request that stopped (or was cancelled) while the
+        step ran drops its token."""
+        rows, sampled, tokens, done, scores = launched
         if done is not None:
             done.synchronize()
+        chosen, values, top = [t.tolist() for t in scores] if scores is not None else (None, None, None)
         events = []
-        for r, s, tok in zip(rows, sampled, tokens.tolist()):
+        for i, (r, s, tok) in enumerate(zip(rows, sampled, tokens.tolist())):
             if not s:
                 if not r.done:
                     events.append((r, None, False))
@@ -589,6 +601,8 @@ class Engine:
             if r.done:
                 continue
             r.output.append(tok)
+            if r.logprobs is not None:
+                r.token_logprobs.append((chosen[i], list(zip(top[i][:r.logprobs], values[i][:r.logprobs]))))
             r.done = tok in r.stop_ids or len(r.output) >= r.max_new_tokens
             events.append((r, tok, r.done))
             if r.done:

@@ -4,6 +4,8 @@ use (nanochat's engine.py plays this part there).
 
   sample_next(logits, ...)             greedy, temperature, top-k and nucleus sampling
   penalize(logits, counts, ...)        OpenAI's frequency and presence penalties on repeated tokens
+  token_logprobs(logits, tokens, k)    the model's log-probabilities of chosen tokens, and the top k
+  prompt_logprobs(model, ids, k)       the same for every token of a prompt after its first
   pad_prompts(prompts)                 left-padded (B, P) prompts and their validity mask
   KVCache, new_cache(model, ...)       keys and values (or MLA latents) of earlier tokens
   generate_tokens(model, idx, ...)     yields the next token of every row, through the cache
@@ -63,6 +65,35 @@ def penalize(logits, counts, frequency_penalty=0.0, presence_penalty=0.0):
     Positive values make a token less likely each time it is used (frequency) or once it has been
     used at all (presence): against the loops of greedy decoding. A new float32 tensor."""
     return logits.float() - frequency_penalty * counts - presence_penalty * (counts > 0).float()
+
+
+def token_logprobs(logits, tokens, k=0, vocab_limit=None):
+    """The model's log-probabilities of tokens (B,) under (B, V) logits, and of the k most likely
+    tokens of each row: what OpenAI's `logprobs` report. They are of the model's own distribution,
+        log p(t) = z_t - log sum_j exp(z_j)      over the tokenizer's ids (not the vocab padding),
+    before temperature, top-k / top-p or the penalties reshape it for sampling (vLLM's default
+    too), so an answer's numbers do not depend on how it was sampled. Returns float32 tensors
+    (chosen (B,), top values (B, k), top ids (B, k)), on the logits' device (nothing waits)."""
+    z = logits.float()
+    if vocab_limit is not None and vocab_limit < z.size(-1):
+        z = z[:, :vocab_limit]
+    lp = z.log_softmax(-1)
+    top = lp.topk(min(k, lp.size(-1)), -1)                # (k = 0: empty)
+    return lp.gather(-1, tokens[:, None].to(lp.device))[:, 0], top.values, top.indices
+
+
+@torch.no_grad()
+def prompt_logprobs(model, ids, k=0, vocab_limit=None):
+    """Log-probabilities of a prompt's tokens (a list of ids): for ids[1:], each given the ones
+    before it, with the k most likely tokens at each position, from one forward pass over the
+    whole prompt (no cache). What an evaluation of a fixed text needs (OpenAI's `echo` with
+    `logprobs`: lm-evaluation-harness scores multiple-choice answers so). Returns a list of
+    len(ids) - 1 (logprob, [(id, logprob), ...]) on the host."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    logits = model(idx)[0][0, :-1]                        # (T - 1, V): position t predicts ids[t + 1]
+    chosen, values, top = token_logprobs(logits, idx[0, 1:], k, vocab_limit)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), top.tolist(), values.tolist())]
 
 
 def pad_prompts(prompts, pad_id=0, device='cpu'):

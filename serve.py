@@ -6,17 +6,30 @@ $ python serve.py --out_dir=out/sft                      # http://127.0.0.1:8000
 $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
 
   POST /v1/chat/completions   messages -> the assistant's answer (the chat template of tokenizer.py)
-  POST /v1/completions        prompt -> its continuation
+  POST /v1/completions        prompt -> its continuation; the prompt a string, token ids, or a list of
+                              either (one answer each); echo: the prompt before the answer
       both: max_tokens, temperature, top_p, frequency_penalty, presence_penalty, stop (strings), n, seed,
-            stream (server-sent events; stream_options.include_usage). Refused by name (400,
-            unsupported_parameter): logprobs, tools, logit_bias, response_format (other than text), echo...;
+            stream (server-sent events; stream_options.include_usage), logprobs (each answer token's
+            log-probability and the most likely tokens': chat logprobs=true with top_logprobs 0..20,
+            completions logprobs 0..5, with echo the prompt's tokens too). Refused by name (400,
+            unsupported_parameter): tools, logit_bias, response_format (other than text), suffix...;
             any other field too (unrecognized_parameter; OpenAI's metadata fields, user, metadata,
             store, ..., are accepted and not used: METADATA)
   GET  /v1/models             the one model served
+  GET  /tokenizer_info, POST /tokenize, POST /detokenize
+                              the checkpoint's tokenizer (vLLM's endpoints: lm-evaluation-harness finds
+                              them and tokenizes with them; /tokenize reads special tokens' names)
   GET  /health                {"status": "ok"} and what the engine holds: running, waiting, free blocks
   GET  /                      a chat page: multi-turn, streaming, sampling settings, a stop button
 
 Any OpenAI client works, e.g. openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none').
+Log-probabilities are the model's own distribution, before temperature, top_p or the penalties
+(generate.token_logprobs). A completion's prompt of token ids is read as given; a string prompt
+starts with the end-of-text token, as every training document did, and its echo leaves that out
+(so even its first token has a log-probability). With echo and logprobs the prompt is scored by
+one more forward pass over it, on the engine's thread (generate.prompt_logprobs). This is how
+lm-evaluation-harness scores a model's multiple-choice answers (its local-completions model, with
+tokenizer= the checkpoint's, e.g. gpt2).
 A request is checked before anything runs; what cannot be served gets a 4xx in OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: malformed JSON, no messages, an unknown model
 (404, model_not_found; a request may leave the model out), a prompt or max_tokens past the
@@ -50,7 +63,7 @@ import torch
 from checkpoint import load_model, newest_run
 from config import configure
 from engine import Engine, cache_numbers_per_token
-from generate import use_cuda_graph
+from generate import prompt_logprobs, use_cuda_graph
 from runtime import init_runtime
 
 # -----------------------------------------------------------------------------
@@ -105,6 +118,10 @@ def engine_loop():
         while not inbox.empty() or not (engine.waiting or engine.running):
             args, stop, reply = inbox.get()
             try:
+                args = dict(args)
+                score = args.pop('score_prompt', None)      # echo with logprobs: the prompt's own tokens
+                if score is not None:
+                    reply.put(('prompt', prompt_logprobs(model, args['prompt'], score, tok.vocab_size)))
                 r = engine.add(**args)
                 listeners[r.id] = reply
                 if stop:
@@ -127,8 +144,8 @@ def engine_loop():
         try:
             events = engine.step()
             for r, token, finished in events:
-                if token is not None:
-                    listeners[r.id].put(('token', token))
+                if token is not None:              # (with its log-probabilities, if it asked)
+                    listeners[r.id].put(('token', (token, r.token_logprobs[-1] if r.logprobs is not None else None)))
                     if r.id in texts and not finished and token not in tok.special_names:
                         stop, ids = texts[r.id]
                         ids.append(token)
@@ -190,31 +207,56 @@ def text_of(content, where):
     return content
 
 
-def prompt_of(path, body):
-    """The prompt's token ids: the conversation in the chat template, or EOT + the text."""
-    if path == '/v1/chat/completions':
-        messages = body.get('messages')
-        if not isinstance(messages, list) or not messages:
-            raise APIError("'messages' must be a non-empty list of {role, content}", 'messages')
-        turns = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get('role') not in ('system', 'user', 'assistant'):
-                raise APIError(f"messages[{i}] must be an object whose role is system, user or assistant",
-                               'messages')
-            turns.append({'role': m['role'], 'content': text_of(m.get('content'), f'messages[{i}]')})
-        if not tok.chat:
-            raise APIError(f'{out_dir} has no chat template (fine-tune it with sft.py); use /v1/completions',
+class Prompt:
+    """One prompt of a request: ids, what the engine reads; echo_ids and echo_text, what `echo`
+    puts before the answer (a string prompt's tokens without the end-of-text token that starts
+    it; a prompt of ids, all of them and their text); shown, how many of ids[:-len(echo_ids)]
+    are not echoed (so the echoed tokens' log-probabilities are scores[shown - 1:])."""
+
+    def __init__(self, ids, echo_ids=(), echo_text=''):
+        self.ids, self.echo_ids, self.echo_text = ids, list(echo_ids), echo_text
+        self.shown = len(ids) - len(self.echo_ids)
+
+
+def prompts_of(path, body):
+    """The prompts: the conversation in the chat template; a completion's prompt EOT + the text,
+    or token ids as given; a list of either is several prompts."""
+    if path != '/v1/chat/completions':
+        prompt = body.get('prompt')
+        several = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+        return [completion_prompt(p, f'prompt[{i}]') for i, p in enumerate(prompt)] if several \
+            else [completion_prompt(prompt, 'prompt')]
+    return [Prompt(chat_prompt(body))]
+
+
+def completion_prompt(prompt, where):
+    """A completion's prompt: a string (read after the end-of-text token) or a list of token ids."""
+    if isinstance(prompt, str):
+        return Prompt([tok.eot_id] + tok.encode(prompt), tok.encode(prompt), prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool)
+                                                   and 0 <= i < tok.vocab_size for i in prompt):
+        return Prompt(prompt, prompt, tok.decode(prompt))
+    raise APIError(f"{where} must be a string or a non-empty list of token ids in [0, {tok.vocab_size})", 'prompt')
+
+
+def chat_prompt(body):
+    """The conversation's token ids in the chat template."""
+    messages = body.get('messages')
+    if not isinstance(messages, list) or not messages:
+        raise APIError("'messages' must be a non-empty list of {role, content}", 'messages')
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get('role') not in ('system', 'user', 'assistant'):
+            raise APIError(f"messages[{i}] must be an object whose role is system, user or assistant",
                            'messages')
-        try:
-            return tok.encode_messages(turns)
-        except ValueError as e:
-            raise APIError(str(e), 'messages')
-    prompt = body.get('prompt')
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError("'prompt' must be a string (or a list of one)", 'prompt')
-    return [tok.eot_id] + tok.encode(prompt)
+        turns.append({'role': m['role'], 'content': text_of(m.get('content'), f'messages[{i}]')})
+    if not tok.chat:
+        raise APIError(f'{out_dir} has no chat template (fine-tune it with sft.py); use /v1/completions',
+                       'messages')
+    try:
+        return tok.encode_messages(turns)
+    except ValueError as e:
+        raise APIError(str(e), 'messages')
 
 
 # The request fields this server reads, by endpoint; OpenAI's metadata fields that change no answer
@@ -222,18 +264,18 @@ def prompt_of(path, body):
 # nothing. Any other field is refused by name, as OpenAI refuses one it does not know.
 SAMPLING = {'model', 'max_tokens', 'max_completion_tokens', 'stop', 'stream', 'stream_options', 'temperature', 'top_p',
             'seed', 'frequency_penalty', 'presence_penalty', 'n'}
-READ = {'/v1/chat/completions': SAMPLING | {'messages'}, '/v1/completions': SAMPLING | {'prompt'}}
+READ = {'/v1/chat/completions': SAMPLING | {'messages', 'logprobs', 'top_logprobs'},
+        '/v1/completions': SAMPLING | {'prompt', 'logprobs', 'echo'}}
 METADATA = {'user', 'metadata', 'store', 'service_tier', 'parallel_tool_calls', 'prompt_cache_key',
             'safety_identifier'}
-UNSUPPORTED = {'logprobs': (False,), 'top_logprobs': (0,), 'logit_bias': ({},), 'tools': ([],), 'tool_choice': ('none',),
-               'functions': ([],), 'function_call': ('none',), 'response_format': ({'type': 'text'},),
-               'echo': (False,), 'suffix': ('',), 'best_of': (1,)}
+UNSUPPORTED = {'logit_bias': ({},), 'tools': ([],), 'tool_choice': ('none',), 'functions': ([],),
+               'function_call': ('none',), 'response_format': ({'type': 'text'},), 'suffix': ('',), 'best_of': (1,)}
 
 
 def parse(path, body):
-    """Check a request before anything runs: (prompt ids, the engine's arguments, the stop
-    strings, n); APIError for what cannot be served. max_tokens defaults to default_max_tokens or
-    what the context leaves after the prompt, whichever is less."""
+    """Check a request before anything runs: (its prompts, the engine's arguments for each, the
+    stop strings, n, echo); APIError for what cannot be served. max_tokens defaults to
+    default_max_tokens or what the context leaves after the prompt, whichever is less."""
     if not isinstance(body, dict):
         raise APIError('the request body must be a JSON object')
     if body.get('model') not in (None, MODEL_ID):
@@ -248,18 +290,34 @@ def parse(path, body):
     options = body.get('stream_options')
     if options is not None and (not isinstance(options, dict) or set(options) - {'include_usage'}):
         raise APIError("'stream_options' may hold only include_usage", 'stream_options', 'unsupported_parameter')
-    prompt = prompt_of(path, body)
+    prompts = prompts_of(path, body)
     context = model.config.block_size
-    room = context - len(prompt)                          # tokens left for the answer
-    if room < 1:
-        raise APIError(f"the prompt is {len(prompt)} tokens; the model's context is {context}, with no room for "
-                       f"an answer", 'messages' if path == '/v1/chat/completions' else 'prompt',
-                       'context_length_exceeded')
     key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
-    max_tokens = number(body, key, min(default_max_tokens, room), 1, integer=True)
-    if max_tokens > room:
-        raise APIError(f"'{key}' is {max_tokens}, but the prompt's {len(prompt)} tokens leave {room} of the model's "
-                       f"context of {context}", key, 'context_length_exceeded')
+    max_tokens = []
+    for p in prompts:
+        room = context - len(p.ids)                       # tokens left for the answer
+        if room < 1:
+            raise APIError(f"the prompt is {len(p.ids)} tokens; the model's context is {context}, with no room for "
+                           f"an answer", 'messages' if path == '/v1/chat/completions' else 'prompt',
+                           'context_length_exceeded')
+        max_tokens.append(number(body, key, min(default_max_tokens, room), 1, integer=True))
+        if max_tokens[-1] > room:
+            raise APIError(f"'{key}' is {max_tokens[-1]}, but the prompt's {len(p.ids)} tokens leave {room} of the "
+                           f"model's context of {context}", key, 'context_length_exceeded')
+    # logprobs: chat's a boolean with top_logprobs (0..20) beside it; completions' the number of
+    # likeliest tokens (0..5) itself; None: none recorded
+    if path == '/v1/chat/completions':
+        if body.get('logprobs') not in (None, True, False):
+            raise APIError("'logprobs' must be true or false", 'logprobs')
+        top = number(body, 'top_logprobs', None, 0, 20, integer=True)
+        if top is not None and not body.get('logprobs'):
+            raise APIError("'top_logprobs' needs 'logprobs': true", 'top_logprobs')
+        logprobs = (top or 0) if body.get('logprobs') else None
+    else:
+        logprobs = number(body, 'logprobs', None, 0, 5, integer=True)
+    echo = body.get('echo', False)
+    if not isinstance(echo, bool):
+        raise APIError("'echo' must be true or false", 'echo')
     stop = body.get('stop') or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -267,28 +325,37 @@ def parse(path, body):
     if not isinstance(body.get('stream', False), bool):
         raise APIError("'stream' must be true or false", 'stream')
     top_p = number(body, 'top_p', 1.0, 0, 1, above=True)
-    args = dict(prompt=prompt, max_new_tokens=max_tokens, temperature=float(number(body, 'temperature', 1.0, 0, 2)),
-                top_p=None if top_p == 1 else top_p, stop_ids=tok.stop_ids(),
-                seed=number(body, 'seed', None, -2**63, 2**63 - 1, integer=True),
+    args = dict(temperature=float(number(body, 'temperature', 1.0, 0, 2)), top_p=None if top_p == 1 else top_p,
+                stop_ids=tok.stop_ids(), seed=number(body, 'seed', None, -2**63, 2**63 - 1, integer=True),
                 frequency_penalty=float(number(body, 'frequency_penalty', 0.0, -2, 2)),
-                presence_penalty=float(number(body, 'presence_penalty', 0.0, -2, 2)))
-    return args, [s for s in stop if s], number(body, 'n', 1, 1, max_batch, integer=True)
+                presence_penalty=float(number(body, 'presence_penalty', 0.0, -2, 2)), logprobs=logprobs)
+    args = [dict(args, prompt=p.ids, max_new_tokens=m) for p, m in zip(prompts, max_tokens)]
+    return prompts, args, [s for s in stop if s], number(body, 'n', 1, 1, max_batch, integer=True), echo
 
 
 class Generation:
-    """One choice of one HTTP request: its token ids in, text out as it comes, stop strings cut."""
+    """One choice of one HTTP request: its token ids in, text out as it comes, stop strings cut;
+    with logprobs each token's (logprob, [(id, logprob)] * k) beside it in self.logprobs.
+    index: its place among the request's choices; choice: among its prompt's n (it samples with
+    seed + choice); score: echo with logprobs, the prompt's own tokens scored too (prompt_scores)."""
 
-    def __init__(self, args, stop, index):
-        self.reply, self.index, self.stop = queue.Queue(), index, stop
-        seed = args['seed']                               # choice i samples with seed + i
-        inbox.put(({**args, 'seed': None if seed is None else seed + index}, stop, self.reply))
+    def __init__(self, args, stop, index, prompt, choice=0, score=False):
+        self.reply, self.index, self.stop, self.prompt, self.choice = queue.Queue(), index, stop, prompt, choice
+        seed = args['seed']
+        score = {'score_prompt': args['logprobs']} if score else {}
+        inbox.put(({**args, **score, 'seed': None if seed is None else seed + choice}, stop, self.reply))
         kind, value = self.reply.get()
+        self.prompt_scores = None
+        if kind == 'prompt':                              # generate.prompt_logprobs of prompt.ids
+            self.prompt_scores = value
+            kind, value = self.reply.get()
         if kind == 'error':                               # the engine refused it (e.g. the pool is too small)
             raise APIError(value)
         if kind == 'failed':                              # the engine could not admit it
             raise APIError(value, code='engine_error', status=500)
-        self.id, self.ids, self.text, self.finish = value, [], '', None
-        self.prompt_tokens = len(args['prompt'])
+        self.id, self.ids, self.logprobs, self.text, self.finish = value, [], [], '', None
+        self.asked = args['logprobs'] is not None
+        self.shown = 0                                    # how many of self.ids self.text shows
 
     def pieces(self, listening=None):
         """Yield the new text as tokens arrive (held back while it may be a multi-byte character or
@@ -310,18 +377,21 @@ class Generation:
                 raise APIError(value, code='engine_error', status=500)
             if kind == 'done':
                 self.finish = value
-            elif value not in tok.special_names:        # a stop token, or a chat tag: not text
-                self.ids.append(value)
+            elif value[0] not in tok.special_names:     # a stop token, or a chat tag: not text
+                self.ids.append(value[0])
+                self.logprobs.append(value[1])
             text = tok.decode(self.ids)
             cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+            shown = len(self.ids)
             if cut >= 0:                                # a stop string: end here, free the blocks
-                text, self.finish = text[:cut], 'stop'
+                text, self.finish = text[:cut], 'stop'  # (and show the tokens that start before it)
+                shown = sum(len(tok.decode(self.ids[:i])) < cut for i in range(len(self.ids)))
                 with cancel_lock:
                     cancelled.add(self.id)
             elif self.finish is None and (text.endswith('\ufffd') or any(
                     text.endswith(s[:k]) for s in self.stop for k in range(1, len(s)))):
                 continue                                # wait for the rest
-            self.text = text
+            self.text, self.shown = text, shown
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
@@ -332,13 +402,65 @@ class ClientGone(Exception):
 
 
 def usage_of(gens):
-    """OpenAI's usage of a request's choices: its prompt's tokens (once), every choice's tokens."""
-    prompt, completion = gens[0].prompt_tokens, sum(len(g.ids) for g in gens)
+    """OpenAI's usage of a request's choices: its prompts' tokens (each once), every choice's tokens."""
+    prompt = sum(len(g.prompt.ids) for g in gens if g.choice == 0)
+    completion = sum(len(g.ids) for g in gens)
     return {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
+
+
+def token_piece(i):
+    """A token's text and its bytes (a byte-level BPE token may be part of a character)."""
+    return tok.decode([i]), tok.decode_bytes([i])
+
+
+def scored_tokens(g, echo, a, b):
+    """[(token id, logprob or None, top [(id, logprob)] or None, text offset)] for tokens a..b of
+    choice g's text: with echo its prompt's echoed tokens first (the first token of a prompt of ids
+    has no logprob: nothing comes before it), then its answer's; each offset counted in that text."""
+    p = g.prompt
+    ids = (p.echo_ids if echo else []) + g.ids
+    rows = []
+    for j in range(a, b):
+        if j < len(ids) - len(g.ids):                     # an echoed prompt token: position shown + j
+            k = p.shown + j - 1                           # of p.ids, predicted at position k
+            lp, top = g.prompt_scores[k] if g.prompt_scores is not None and k >= 0 else (None, None)
+            at = len(tok.decode(p.echo_ids[:j]))
+        else:
+            lp, top = g.logprobs[j - len(ids) + len(g.ids)]
+            at = (len(p.echo_text) if echo else 0) + len(tok.decode(g.ids[:j - len(ids) + len(g.ids)]))
+        rows.append((ids[j], lp, top, at))
+    return rows
+
+
+def completion_logprobs(rows):
+    """OpenAI's logprobs of a completion: tokens, token_logprobs, top_logprobs (the likeliest
+    tokens and the chosen one, by text), text_offset."""
+    tops = []
+    for i, lp, top, _ in rows:
+        tops.append(None if top is None else {token_piece(j)[0]: v for j, v in top})
+        if tops[-1] is not None:
+            tops[-1].setdefault(token_piece(i)[0], lp)
+    return {'tokens': [token_piece(i)[0] for i, *_ in rows], 'token_logprobs': [lp for _, lp, _, _ in rows],
+            'top_logprobs': tops, 'text_offset': [at for *_, at in rows]}
+
+
+def chat_logprobs(rows):
+    """OpenAI's logprobs of a chat answer: per token its text, logprob, bytes and top_logprobs."""
+    def entry(i, lp):
+        text, raw = token_piece(i)
+        return {'token': text, 'logprob': lp, 'bytes': list(raw)}
+    return {'content': [{**entry(i, lp), 'top_logprobs': [entry(j, v) for j, v in top]} for i, lp, top, _ in rows],
+            'refusal': None}
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+
+    def setup(self):
+        super().setup()
+        # no Nagle: a reply is written as headers, then body; with Nagle the body waited for the
+        # client's delayed ACK of the headers, about 40 ms on every kept-alive request on loopback
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, fmt, *args):                 # quiet: one line per request is noise here
         pass
@@ -363,6 +485,11 @@ class Handler(BaseHTTPRequestHandler):
             # 'chat': whether the checkpoint has the chat template (the page continues text otherwise)
             self.send(200, {'object': 'list', 'data': [{'id': MODEL_ID, 'object': 'model', 'created': 0,
                                                          'owned_by': 'nano-kimi', 'chat': bool(tok.chat)}]})
+        elif self.path == '/tokenizer_info':             # GPT-2's convention: EOT begins and ends a text
+            eot = tok.special_names[tok.eot_id]
+            self.send(200, {'tokenizer_class': tok.kind, 'vocab_size': tok.vocab_size, 'eos_token': eot,
+                            'bos_token': eot, 'pad_token': None, 'chat_template': None,
+                            'model_max_length': model.config.block_size})
         elif self.path in ('/', '/index.html'):
             self.send(200, CHAT_PAGE, 'text/html; charset=utf-8')
         else:
@@ -377,6 +504,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True                               # client to close the connection)
             return self.send(400, APIError('Content-Length is not a number of bytes').body())
         raw = self.rfile.read(length)
+        if self.path in ('/tokenize', '/detokenize'):
+            return self.tokenizer_route(raw)
         if self.path not in ('/v1/chat/completions', '/v1/completions'):
             return self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
         chat = self.path == '/v1/chat/completions'
@@ -386,14 +515,17 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw or b'{}')
             except ValueError as e:
                 raise APIError(f'the request body is not valid JSON: {e}')
-            args, stop, n = parse(self.path, body)
-            for i in range(n):
-                gens.append(Generation(args, stop, i))
+            prompts, args, stop, n, echo = parse(self.path, body)
+            for p, a in zip(prompts, args):         # choices p * n + i: n of each prompt
+                for i in range(n):                  # (echo with logprobs: its first choice scores the prompt)
+                    gens.append(Generation(a, stop, len(gens), p, i, score=i == 0 and echo
+                                           and a['logprobs'] is not None))
+                    gens[-1].prompt_scores = gens[-1 - i].prompt_scores
             rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
             kind = 'chat.completion' if chat else 'text_completion'
             if body.get('stream'):
                 usage = bool((body.get('stream_options') or {}).get('include_usage'))
-                return self.stream(gens, rid, created, kind, chat, usage)
+                return self.stream(gens, rid, created, kind, chat, usage, echo)
             for g in gens:
                 for _ in g.pieces(self.client_listening):
                     pass
@@ -404,11 +536,35 @@ class Handler(BaseHTTPRequestHandler):
             stop_generating(gens)
             self.close_connection = True
             return
-        choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': None,
-                    **({'message': {'role': 'assistant', 'content': g.text}} if chat else {'text': g.text})}
+        choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': logprobs_of(g, chat, echo),
+                    **({'message': {'role': 'assistant', 'content': g.text}} if chat
+                       else {'text': (g.prompt.echo_text if echo else '') + g.text})}
                    for g in gens]
         self.send(200, {'id': rid, 'object': kind, 'created': created, 'model': MODEL_ID, 'choices': choices,
                         'usage': usage_of(gens)})
+
+    def tokenizer_route(self, raw):
+        """/tokenize {"prompt": text} -> {"tokens", "count", "max_model_len"}; /detokenize {"tokens":
+        ids} -> {"prompt": text}, as vLLM's server answers them."""
+        try:
+            try:
+                body = json.loads(raw or b'{}')
+            except ValueError as e:
+                raise APIError(f'the request body is not valid JSON: {e}')
+            if not isinstance(body, dict):
+                raise APIError('the request body must be a JSON object')
+            if self.path == '/tokenize':
+                if not isinstance(body.get('prompt'), str):
+                    raise APIError("'prompt' must be a string", 'prompt')
+                ids = tok.encode_special(body['prompt'])
+                return self.send(200, {'tokens': ids, 'count': len(ids), 'max_model_len': model.config.block_size})
+            ids = body.get('tokens')
+            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                  and 0 <= i < tok.vocab_size for i in ids)):
+                raise APIError(f"'tokens' must be a list of token ids in [0, {tok.vocab_size})", 'tokens')
+            self.send(200, {'prompt': tok.decode(ids)})
+        except APIError as e:
+            self.send(e.status, e.body())
 
     def client_listening(self):
         """False once the client has closed its connection (readable, and nothing to read); a
@@ -419,10 +575,11 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return False
 
-    def stream(self, gens, rid, created, kind, chat, usage=False):
-        """Server-sent events: one chunk per piece of text, each choice in turn as its tokens come,
-        then a chunk with its finish_reason, then (usage: stream_options.include_usage) a chunk with
-        no choices and the usage, then [DONE]. An engine failure mid-stream sends an event
+    def stream(self, gens, rid, created, kind, chat, usage=False, echo=False):
+        """Server-sent events: one chunk per piece of text (with echo the prompt first), each choice
+        in turn as its tokens come, with the log-probabilities of the tokens it shows if asked, then
+        a chunk with its finish_reason, then (usage: stream_options.include_usage) a chunk with no
+        choices and the usage, then [DONE]. An engine failure mid-stream sends an event
         {"error": ...} and ends the stream."""
         self.send_response(200)
         self.send_header('Content-Type', 'text/event-stream')
@@ -434,9 +591,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f'data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n'.encode())
             self.wfile.flush()
 
-        def event(index, content, finish=None, first=False):
+        def event(index, content, finish=None, first=False, logprobs=None):
             delta = ({'role': 'assistant'} if first else {}) | ({'content': content} if content is not None else {})
-            choice = {'index': index, 'finish_reason': finish, 'logprobs': None,
+            choice = {'index': index, 'finish_reason': finish, 'logprobs': logprobs,
                       **({'delta': delta} if chat else {'text': content or ''})}
             write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created, 'model': MODEL_ID,
                    'choices': [choice]})
@@ -445,8 +602,13 @@ class Handler(BaseHTTPRequestHandler):
                 for g in gens:
                     if chat:
                         event(g.index, '', first=True)
+                    echoed = len(g.prompt.echo_ids) if echo else 0
+                    if echo:
+                        event(g.index, g.prompt.echo_text, logprobs=logprobs_of(g, chat, echo, 0, echoed))
+                    sent = echoed                           # tokens whose logprobs went out
                     for piece in g.pieces():
-                        event(g.index, piece)
+                        event(g.index, piece, logprobs=logprobs_of(g, chat, echo, sent, echoed + g.shown))
+                        sent = echoed + g.shown
                     event(g.index, None, g.finish)
                 if usage:
                     write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created,
@@ -458,6 +620,16 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client stopped listening: free its blocks
             stop_generating(gens)
         self.close_connection = True
+
+
+def logprobs_of(g, chat, echo, a=0, b=None):
+    """A choice's logprobs object in OpenAI's shape for its tokens a..b (echoed prompt tokens
+    first; b None: every token its text shows), or None when the request asked for none."""
+    if not g.asked:
+        return None
+    b = (len(g.prompt.echo_ids) if echo else 0) + g.shown if b is None else b
+    rows = scored_tokens(g, echo, a, b)
+    return chat_logprobs(rows) if chat else completion_logprobs(rows)
 
 
 def stop_generating(gens):

@@ -9,8 +9,10 @@ One interface over five tokenizers:
            tiktoken ranks, so encoding runs in tiktoken's fast core exactly like GPT-2's
 
     tok.encode(text) -> list[int]     plain text: the string '<|endoftext|>' is NOT special here
+    tok.encode_special(text)          ... and here it is (each special token's name its id)
     tok.encode_batch(texts)
     tok.decode(ids) -> str            special ids decode to their names, e.g. '<|endoftext|>'
+    tok.decode_bytes(ids) -> bytes    the same as bytes (a token may be part of a character)
     tok.vocab_size                    ids the tokenizer can produce (a model may pad beyond it)
     tok.eot_id                        the end-of-text id that separates documents
     tok.spec() -> dict                everything needed to rebuild it offline
@@ -65,6 +67,14 @@ class Tokenizer:
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
 
+    def encode_special(self, text):
+        """encode, with each special token's name in the text read as its id (the inverse of
+        decode): what a server's /tokenize gives a client that names the end-of-text token."""
+        names = '|'.join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True)))
+        parts = re.split(f'({names})', text)              # text, name, text, name, ..., text
+        return [i for k, part in enumerate(parts) if part
+                for i in ([self.special_tokens[part]] if k % 2 else self.encode(part))]
+
     def _decode_base(self, ids):
         raise NotImplementedError
 
@@ -86,6 +96,11 @@ class Tokenizer:
         if run:
             out.append(self._decode_base(run))
         return ''.join(out)
+
+    def decode_bytes(self, ids):
+        """The bytes the ids stand for (a byte-level token may be part of a character, which
+        decode shows as U+FFFD); each special id its name's."""
+        return self.decode(ids).encode('utf-8')
 
     def spec(self):
         spec = {'kind': self.kind, 'special_tokens': dict(self.special_tokens), **self._spec()}
@@ -152,6 +167,9 @@ class ByteTokenizer(Tokenizer):
 
     def _decode_base(self, ids):
         return bytes(ids).decode('utf-8', errors='replace')
+
+    def decode_bytes(self, ids):
+        return b''.join(self.special_names[i].encode() if i in self.special_names else bytes([i]) for i in map(int, ids))
 
 
 class CharTokenizer(Tokenizer):

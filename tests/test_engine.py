@@ -101,6 +101,40 @@ def test_sampled_requests_follow_their_own_seeds():
     assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
 
 
+@pytest.mark.parametrize('cuda_graph,overlap', [(False, False), (True, True)])
+def test_logprobs_of_each_new_token_are_the_models_beside_requests_that_ask_none(cuda_graph, overlap):
+    """A request with logprobs=k records each new token's log-probability and the k most likely
+    tokens', those of one forward pass over its prompt and answer (the model's distribution: a
+    sampled request's too, whatever its temperature); the requests beside it, which ask none (or
+    another k), keep their tokens. generate.prompt_logprobs scores the prompt's own tokens so."""
+    from generate import prompt_logprobs
+    model = build(**VARIANTS['mla_moe'])
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=16, cuda_graph=cuda_graph, overlap=overlap)
+    prompts = [[5, 9, 2], [1] * 20, [4, 4]]
+    greedy = engine.add(prompts[0], 10, logprobs=3)
+    plain = engine.add(prompts[1], 6)                                  # reads its prompt beside greedy's decoding
+    hot = engine.add(prompts[2], 8, temperature=1.5, seed=3, logprobs=0)
+    engine.run()
+    assert plain.output == alone(model, prompts[1], 6) and plain.token_logprobs == []
+    assert greedy.output == alone(model, prompts[0], 10)
+    for r, p, k in ((greedy, prompts[0], 3), (hot, prompts[2], 0)):
+        ids = p + r.output
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0][0, len(p) - 1:-1].float(), -1)   # (new, V)
+        assert len(r.token_logprobs) == len(r.output)
+        for t, (lp, top), row in zip(r.output, r.token_logprobs, ref):
+            assert abs(lp - row[t].item()) < 1e-4 and len(top) == k
+            assert [i for i, _ in top] == row.topk(k).indices.tolist()
+            assert all(abs(v - row[i].item()) < 1e-4 for i, v in top)
+        if k:                                                         # greedy: the chosen one is the most likely
+            assert all(top[0][0] == t for t, (_, top) in zip(r.output, r.token_logprobs))
+        scored = prompt_logprobs(model, ids, k)
+        assert len(scored) == len(ids) - 1
+        assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(scored[len(p) - 1:], r.token_logprobs))
+    assert min(lp for lp, _ in hot.token_logprobs) < -1                 # sampled: not only the likeliest tokens
+    with pytest.raises(ValueError, match='logprobs=-1 must be None or a whole number >= 0'):
+        engine.add([1], 2, logprobs=-1)
+
+
 def test_penalised_requests_get_their_tokens_alone_beside_plain_ones():
     """A request with OpenAI's frequency / presence penalties counts its own tokens on the device
     (nothing waits for the host) and gets what generate_tokens gives it alone."""

@@ -1,5 +1,6 @@
 """serve.py with the official openai client on loopback: chat and text completions, streamed and
-not, n, seed, stop strings, frequency and presence penalties, /v1/models, /health, the chat page;
+not, n, seed, stop strings, frequency and presence penalties, logprobs and echo, /v1/models,
+/health, the tokenizer's endpoints, the chat page;
 concurrent requests are batched by the engine and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a
 client that leaves mid-stream frees its blocks, an engine step that fails answers 500 to the
 requests in flight and the server goes on, and a load of 32 clients x 10 requests gets each
@@ -189,9 +190,19 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         (chat, b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": NaN}', 400,
          'frequency_penalty', None),                                  # JSON's NaN: every comparison false
         (chat, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, 'temperature', None),
-        (chat, {'messages': hello, 'logprobs': True}, 400, 'logprobs', 'unsupported_parameter'),
+        (chat, {'messages': hello, 'logprobs': 3}, 400, 'logprobs', None),           # chat's is true / false
+        (chat, {'messages': hello, 'top_logprobs': 2}, 400, 'top_logprobs', None),    # without logprobs: true
+        (chat, {'messages': hello, 'logprobs': True, 'top_logprobs': 21}, 400, 'top_logprobs', None),
+        (chat, {'messages': hello, 'echo': True}, 400, 'echo', 'unrecognized_parameter'),   # completions'
+        (text, {'prompt': 'Once', 'logprobs': 6}, 400, 'logprobs', None),             # OpenAI's 0..5
+        (text, {'prompt': 'Once', 'logprobs': True}, 400, 'logprobs', None),
+        (text, {'prompt': 'Once', 'echo': 1}, 400, 'echo', None),
+        (text, {'prompt': 'Once', 'top_logprobs': 2}, 400, 'top_logprobs', 'unrecognized_parameter'),   # chat's
+        (text, {'prompt': [65, 10 ** 6]}, 400, 'prompt', None),                       # an id past the vocabulary
+        (text, {'prompt': []}, 400, 'prompt', None),
+        (text, {'prompt': ['Once', 7]}, 400, 'prompt', None),
         (chat, {'messages': hello, 'tools': [{'type': 'function'}]}, 400, 'tools', 'unsupported_parameter'),
-        (text, {'prompt': 'Once', 'echo': True}, 400, 'echo', 'unsupported_parameter'),
+        (text, {'prompt': 'Once', 'suffix': 'end'}, 400, 'suffix', 'unsupported_parameter'),
         (chat, {'messages': hello, 'stream_options': {'x': 1}}, 400, 'stream_options', 'unsupported_parameter'),
         (chat, {'messages': hello, 'top_k': 5}, 400, 'top_k', 'unrecognized_parameter'),   # not silently ignored
         (chat, {'messages': hello, 'prompt': 'Once'}, 400, 'prompt', 'unrecognized_parameter'),   # completions'
@@ -248,6 +259,109 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
 
 def health(url):
     return json.load(urllib.request.urlopen(url + '/health'))
+
+
+def test_the_tokenizer_endpoints_and_kept_alive_replies_without_nagles_delay(server):
+    """/tokenizer_info, /tokenize (special tokens' names read as their ids) and /detokenize, as vLLM
+    answers them (lm-evaluation-harness tokenizes through them); bad input gets a 400. Twenty
+    requests on one kept-alive connection take well under the 40 ms each that a reply written as
+    headers then body waited for the client's delayed ACK with Nagle's algorithm on (0.84 s in all
+    before TCP_NODELAY, 0.02 s after, on loopback)."""
+    from checkpoint import load_model
+    url, pipeline = server
+    model, tok, _ = load_model(str(pipeline / 'sft_serve'))
+    context = model.config.block_size
+    info = json.load(urllib.request.urlopen(url + '/tokenizer_info'))
+    assert info['eos_token'] == '<|endoftext|>' and info['model_max_length'] == context and info['vocab_size'] == 260
+    status, body = post(url, '/tokenize', {'prompt': 'Hi<|endoftext|>fox<|end|>', 'add_special_tokens': False})
+    assert status == 200 and body['tokens'] == tok.encode('Hi') + [tok.eot_id] + tok.encode('fox') + [259]
+    assert body['count'] == len(body['tokens']) and body['max_model_len'] == context
+    assert post(url, '/detokenize', {'tokens': body['tokens']}) == (200, {'prompt': 'Hi<|endoftext|>fox<|end|>'})
+    for path, bad, param in (('/tokenize', {'prompt': 7}, 'prompt'), ('/detokenize', {'tokens': [1, 999]}, 'tokens'),
+                             ('/detokenize', {'tokens': 'ab'}, 'tokens'), ('/tokenize', [1], None)):
+        status, answer = post(url, path, bad)
+        assert status == 400 and answer['error']['param'] == param, (path, bad, answer)
+    conn = http.client.HTTPConnection(url.split('//')[1], timeout=30)
+    start = time.perf_counter()
+    for _ in range(20):
+        conn.request('POST', '/tokenize', body=json.dumps({'prompt': 'fox'}), headers={'Content-Type': 'application/json'})
+        assert json.loads(conn.getresponse().read())['tokens'] == tok.encode('fox')
+    assert time.perf_counter() - start < 0.4
+    conn.close()
+
+
+def test_logprobs_of_answers_and_echoed_prompts_are_the_models(server):
+    """logprobs through the openai client are the model's log-probabilities (one forward pass over
+    prompt and answer): a completion's, with echo its prompt's too, each top list holding its
+    chosen token, greedy's chosen token the likeliest; a chat answer's with top_logprobs; streamed
+    chunks carry the same numbers; a prompt of token ids (as lm-evaluation-harness sends it, read
+    as given: its first token has none), several prompts in one request each get their choice; a
+    stop string cuts the tokens with the text."""
+    import torch
+    from checkpoint import load_model
+    url, pipeline = server
+    c = client(url)
+    model, tok, _ = load_model(str(pipeline / 'sft_serve'))
+
+    def reference(ids):                 # log p(ids[t + 1] | ids[:t + 1]) for each t, over the tokenizer's ids
+        with torch.no_grad():           # (the model's vocabulary padding left out, as it is never sampled)
+            lp = torch.log_softmax(model.eval()(torch.tensor([ids]))[0][0, :, :tok.vocab_size].float(), -1)
+        return [lp[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+
+    def close(a, b):
+        return len(a) == len(b) and all((x is None and y is None) or abs(x - y) < 1e-4 for x, y in zip(a, b))
+
+    r = c.completions.create(model='sft_serve', prompt='Once upon', max_tokens=8, temperature=0, logprobs=2, echo=True)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text.startswith('Once upon') and len(text) > len('Once upon')
+    ids = [tok.eot_id] + tok.encode(text)                 # (the byte tokenizer: one token per character)
+    assert ''.join(lp.tokens) == text and close(lp.token_logprobs, reference(ids))   # the EOT before: no None
+    assert lp.text_offset == [len(''.join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert t in top and top[t] == v and 2 <= len(top) <= 3
+    answer = slice(len('Once upon'), None)
+    assert all(v == max(top.values()) for v, top in zip(lp.token_logprobs[answer], lp.top_logprobs[answer]))
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(
+        model='sft_serve', prompt='Once upon', max_tokens=8, temperature=0, logprobs=2, echo=True, stream=True)
+        if ch.choices[0].logprobs is not None]
+    assert sum((s.tokens for s in streamed), []) == lp.tokens and close(sum((s.token_logprobs for s in streamed), []),
+                                                                       lp.token_logprobs)
+    # lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs=1, max_tokens=1; the
+    # continuation's log-likelihood is the sum over its tokens (the last token, generated, left out)
+    context, continuation = tok.encode('Once upon a'), tok.encode(' time')
+    batch = [[tok.eot_id] + context + continuation, tok.encode('The fox')]
+    status, body = post(url, '/v1/completions', {'model': 'sft_serve', 'prompt': batch, 'temperature': 0,
+                                                 'max_tokens': 1, 'logprobs': 1, 'echo': True, 'seed': 1234})
+    assert status == 200 and [ch['index'] for ch in body['choices']] == [0, 1]
+    for ch, ids in zip(body['choices'], batch):
+        got = ch['logprobs']['token_logprobs']
+        assert got[0] is None and close(got[1:len(ids)], reference(ids)) and len(got) == len(ids) + 1
+        assert ch['text'].startswith(tok.decode(ids))
+    loglikelihood = sum(body['choices'][0]['logprobs']['token_logprobs'][1 + len(context):-1])
+    assert abs(loglikelihood - sum(reference(batch[0])[len(context):])) < 1e-4
+    assert body['usage']['prompt_tokens'] == len(batch[0]) + len(batch[1])
+    # a chat answer, streamed and not
+    msgs = [{'role': 'user', 'content': 'Write a story that uses the words: fox, key.'}]
+    r = c.chat.completions.create(model='sft_serve', messages=msgs, max_tokens=10, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    answer_ids = [b for e in content for b in e.bytes]    # (the byte tokenizer: a token's id is its byte)
+    prompt_ids = tok.encode_messages([{'role': 'user', 'content': msgs[0]['content']}])
+    assert tok.decode(answer_ids) == r.choices[0].message.content == ''.join(e.token for e in content)
+    assert close([e.logprob for e in content], reference(prompt_ids + answer_ids)[len(prompt_ids) - 1:])
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in content)
+    chunks = [ch.choices[0].logprobs for ch in c.chat.completions.create(
+        model='sft_serve', messages=msgs, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        if ch.choices and ch.choices[0].logprobs is not None]
+    assert [e.model_dump() for ch in chunks for e in ch.content] == [e.model_dump() for e in content]
+    plain = c.chat.completions.create(model='sft_serve', messages=msgs, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    # a stop string cuts the tokens where it cuts the text
+    full = c.completions.create(model='sft_serve', prompt='Once upon', max_tokens=12, temperature=0).choices[0].text
+    cut = c.completions.create(model='sft_serve', prompt='Once upon', max_tokens=12, temperature=0, logprobs=0,
+                               stop=[full[4:6]]).choices[0]
+    kept = full[:full.index(full[4:6])]
+    assert cut.text == kept and cut.logprobs.tokens == list(kept) and len(cut.logprobs.top_logprobs[0]) == 1
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
