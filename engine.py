@@ -577,6 +577,8 @@ class Engine:
             host = self.token_buffers[self.turn][:len(rows)]        # (two, used in turns: the one read
             self.turn ^= 1                                           # back next is never written now)
             host.copy_(tokens, non_blocking=True)
+            if scores is not None:                      # (pinned by torch's caching host allocator)
+                scores = tuple(t.to('cpu', non_blocking=True) for t in scores)
             done = torch.cuda.Event()
             done.record()
             tokens = host

@@ -92,8 +92,11 @@ def prompt_logprobs(model, ids, k=0, vocab_limit=None):
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     logits = model(idx)[0][0, :-1]                        # (T - 1, V): position t predicts ids[t + 1]
-    chosen, values, top = token_logprobs(logits, idx[0, 1:], k, vocab_limit)
-    return [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), top.tolist(), values.tolist())]
+    out = []
+    for a in range(0, len(ids) - 1, 256):                 # float32 log-softmax 256 positions at a time
+        chosen, values, top = token_logprobs(logits[a:a + 256], idx[0, a + 1:a + 257], k, vocab_limit)
+        out += [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), top.tolist(), values.tolist())]
+    return out
 
 
 def pad_prompts(prompts, pad_id=0, device='cpu'):

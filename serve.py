@@ -45,6 +45,7 @@ readable top to bottom; an asyncio stack (FastAPI / uvicorn) would matter for th
 connections, which one GPU's batch of at most max_batch requests never has.
 """
 
+import codecs
 import json
 import math
 import os
@@ -210,12 +211,34 @@ def text_of(content, where):
 class Prompt:
     """One prompt of a request: ids, what the engine reads; echo_ids and echo_text, what `echo`
     puts before the answer (a string prompt's tokens without the end-of-text token that starts
-    it; a prompt of ids, all of them and their text); shown, how many of ids[:-len(echo_ids)]
-    are not echoed (so the echoed tokens' log-probabilities are scores[shown - 1:])."""
+    it; a prompt of ids, all of them and their text); skipped, how many of ids come before the
+    echoed ones (so echoed token j's log-probability is the prompt's score at skipped + j - 1)."""
 
     def __init__(self, ids, echo_ids=(), echo_text=''):
         self.ids, self.echo_ids, self.echo_text = ids, list(echo_ids), echo_text
-        self.shown = len(ids) - len(self.echo_ids)
+        self.skipped = len(ids) - len(self.echo_ids)
+        self.offsets = None                               # the echoed tokens' text offsets, once asked
+
+
+class TextOffsets:
+    """Where each token's text starts (len(tok.decode(ids[:k]))), counted in one pass as tokens
+    come instead of decoding every prefix again: a token's bytes through an incremental UTF-8
+    decoder (a token that ends inside a character adds it once it is whole); special tokens add no
+    text. A word tokenizer, which joins words by rules, decodes each prefix."""
+
+    def __init__(self, ids=()):
+        self.at, self.n, self.text_ids = [], 0, []
+        self.decoder = codecs.getincrementaldecoder('utf-8')('replace')
+        for i in ids:
+            self.add(i)
+
+    def add(self, i):
+        self.at.append(self.n)
+        if i in tok.special_names:
+            return
+        self.text_ids.append(i)
+        self.n = len(tok.decode(self.text_ids)) if tok.kind == 'word' else \
+            self.n + len(self.decoder.decode(tok.decode_bytes([i])))
 
 
 def prompts_of(path, body):
@@ -232,7 +255,11 @@ def prompts_of(path, body):
 def completion_prompt(prompt, where):
     """A completion's prompt: a string (read after the end-of-text token) or a list of token ids."""
     if isinstance(prompt, str):
-        return Prompt([tok.eot_id] + tok.encode(prompt), tok.encode(prompt), prompt)
+        try:
+            ids = tok.encode(prompt)
+        except ValueError as e:                           # e.g. a lone surrogate, or a character a
+            raise APIError(f'{where} cannot be tokenized: {e}', 'prompt')    # char tokenizer lacks
+        return Prompt([tok.eot_id] + ids, ids, prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool)
                                                    and 0 <= i < tok.vocab_size for i in prompt):
         return Prompt(prompt, prompt, tok.decode(prompt))
@@ -294,16 +321,17 @@ def parse(path, body):
     context = model.config.block_size
     key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
     max_tokens = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        name = f'prompt[{i}]' if len(prompts) > 1 else 'the prompt'
         room = context - len(p.ids)                       # tokens left for the answer
         if room < 1:
-            raise APIError(f"the prompt is {len(p.ids)} tokens; the model's context is {context}, with no room for "
+            raise APIError(f"{name} is {len(p.ids)} tokens; the model's context is {context}, with no room for "
                            f"an answer", 'messages' if path == '/v1/chat/completions' else 'prompt',
                            'context_length_exceeded')
         max_tokens.append(number(body, key, min(default_max_tokens, room), 1, integer=True))
         if max_tokens[-1] > room:
-            raise APIError(f"'{key}' is {max_tokens[-1]}, but the prompt's {len(p.ids)} tokens leave {room} of the "
-                           f"model's context of {context}", key, 'context_length_exceeded')
+            raise APIError(f"'{key}' is {max_tokens[-1]}, but the {len(p.ids)} tokens of {name.replace('the ', '')} "
+                           f"leave {room} of the model's context of {context}", key, 'context_length_exceeded')
     # logprobs: chat's a boolean with top_logprobs (0..20) beside it; completions' the number of
     # likeliest tokens (0..5) itself; None: none recorded
     if path == '/v1/chat/completions':
@@ -315,7 +343,8 @@ def parse(path, body):
         logprobs = (top or 0) if body.get('logprobs') else None
     else:
         logprobs = number(body, 'logprobs', None, 0, 5, integer=True)
-    echo = body.get('echo', False)
+    echo = body.get('echo')
+    echo = False if echo is None else echo
     if not isinstance(echo, bool):
         raise APIError("'echo' must be true or false", 'echo')
     stop = body.get('stop') or []
@@ -353,9 +382,12 @@ class Generation:
             raise APIError(value)
         if kind == 'failed':                              # the engine could not admit it
             raise APIError(value, code='engine_error', status=500)
-        self.id, self.ids, self.logprobs, self.text, self.finish = value, [], [], '', None
-        self.asked = args['logprobs'] is not None
-        self.shown = 0                                    # how many of self.ids self.text shows
+        self.id, self.text, self.finish = value, '', None
+        self.ids = []                                     # the answer's text tokens
+        self.tokens, self.logprobs = [], []               # every token it generated (a stop token too)
+        self.asked = args['logprobs'] is not None         # ... and their log-probabilities, if asked
+        self.offsets = TextOffsets()                      # where each of self.tokens starts in the text
+        self.shown = 0                                    # how many of self.tokens self.text shows
 
     def pieces(self, listening=None):
         """Yield the new text as tokens arrive (held back while it may be a multi-byte character or
@@ -377,15 +409,19 @@ class Generation:
                 raise APIError(value, code='engine_error', status=500)
             if kind == 'done':
                 self.finish = value
-            elif value[0] not in tok.special_names:     # a stop token, or a chat tag: not text
-                self.ids.append(value[0])
+            else:
+                self.tokens.append(value[0])
                 self.logprobs.append(value[1])
+                if self.asked:
+                    self.offsets.add(value[0])
+                if value[0] not in tok.special_names:   # a stop token, or a chat tag: not text
+                    self.ids.append(value[0])
             text = tok.decode(self.ids)
             cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-            shown = len(self.ids)
+            shown = len(self.tokens)
             if cut >= 0:                                # a stop string: end here, free the blocks
                 text, self.finish = text[:cut], 'stop'  # (and show the tokens that start before it)
-                shown = sum(len(tok.decode(self.ids[:i])) < cut for i in range(len(self.ids)))
+                shown = self.tokens_before(text) if self.asked else 0
                 with cancel_lock:
                     cancelled.add(self.id)
             elif self.finish is None and (text.endswith('\ufffd') or any(
@@ -397,6 +433,18 @@ class Generation:
                 sent = len(text)
 
 
+    def tokens_before(self, text):
+        """How many of self.tokens a text cut from the answer shows: up to the fewest text tokens
+        whose decoding holds it (a character of several byte tokens needs all of them)."""
+        n = next(i for i in range(len(self.ids) + 1) if tok.decode(self.ids[:i]).startswith(text))
+        shown = count = 0
+        for t in self.tokens:
+            if count == n:
+                break
+            shown, count = shown + 1, count + (t not in tok.special_names)
+        return shown
+
+
 class ClientGone(Exception):
     """The client of a request closed its connection before the answer was ready."""
 
@@ -404,31 +452,43 @@ class ClientGone(Exception):
 def usage_of(gens):
     """OpenAI's usage of a request's choices: its prompts' tokens (each once), every choice's tokens."""
     prompt = sum(len(g.prompt.ids) for g in gens if g.choice == 0)
-    completion = sum(len(g.ids) for g in gens)
+    completion = sum(len(g.tokens) for g in gens)      # (a stop token counts: it was generated)
     return {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
 
 
 def token_piece(i):
-    """A token's text and its bytes (a byte-level BPE token may be part of a character)."""
-    return tok.decode([i]), tok.decode_bytes([i])
+    """A token's text and its bytes. A byte-level token that is part of a character has no text
+    of its own: its text is 'bytes:\\xNN...', as OpenAI writes it (so no two such tokens share a
+    name); a special token's text is its name."""
+    raw = tok.decode_bytes([i])
+    if i in tok.special_names:
+        return tok.special_names[i], raw
+    try:
+        return raw.decode('utf-8'), raw
+    except UnicodeDecodeError:
+        return 'bytes:' + ''.join(f'\\x{b:02x}' for b in raw), raw
 
 
-def scored_tokens(g, echo, a, b):
+def scored_tokens(g, echo, a, b, chat):
     """[(token id, logprob or None, top [(id, logprob)] or None, text offset)] for tokens a..b of
-    choice g's text: with echo its prompt's echoed tokens first (the first token of a prompt of ids
-    has no logprob: nothing comes before it), then its answer's; each offset counted in that text."""
+    choice g: with echo its prompt's echoed tokens first (the first token of a prompt of ids has no
+    logprob: nothing comes before it), then its answer's, the stop token too (lm-evaluation-harness
+    drops the last); each offset counted in the choice's text. A chat answer's tokens only, without
+    special tokens (no text) or offsets."""
     p = g.prompt
-    ids = (p.echo_ids if echo else []) + g.ids
+    n_echo = len(p.echo_ids) if echo else 0
+    if n_echo and p.offsets is None:
+        p.offsets = TextOffsets(p.echo_ids).at
     rows = []
     for j in range(a, b):
-        if j < len(ids) - len(g.ids):                     # an echoed prompt token: position shown + j
-            k = p.shown + j - 1                           # of p.ids, predicted at position k
+        if j < n_echo:                                    # an echoed prompt token: p.ids[skipped + j],
+            k = p.skipped + j - 1                         # predicted at position k
             lp, top = g.prompt_scores[k] if g.prompt_scores is not None and k >= 0 else (None, None)
-            at = len(tok.decode(p.echo_ids[:j]))
-        else:
-            lp, top = g.logprobs[j - len(ids) + len(g.ids)]
-            at = (len(p.echo_text) if echo else 0) + len(tok.decode(g.ids[:j - len(ids) + len(g.ids)]))
-        rows.append((ids[j], lp, top, at))
+            rows.append((p.echo_ids[j], lp, top, p.offsets[j]))
+        elif not (chat and g.tokens[j - n_echo] in tok.special_names):
+            lp, top = g.logprobs[j - n_echo]
+            rows.append((g.tokens[j - n_echo], lp, top, None if chat else
+                         (len(p.echo_text) if echo else 0) + g.offsets.at[j - n_echo]))
     return rows
 
 
@@ -556,7 +616,10 @@ class Handler(BaseHTTPRequestHandler):
             if self.path == '/tokenize':
                 if not isinstance(body.get('prompt'), str):
                     raise APIError("'prompt' must be a string", 'prompt')
-                ids = tok.encode_special(body['prompt'])
+                try:
+                    ids = tok.encode_special(body['prompt'])
+                except ValueError as e:                   # a lone surrogate, a character it lacks
+                    raise APIError(f"'prompt' cannot be tokenized: {e}", 'prompt')
                 return self.send(200, {'tokens': ids, 'count': len(ids), 'max_model_len': model.config.block_size})
             ids = body.get('tokens')
             if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
@@ -609,7 +672,9 @@ class Handler(BaseHTTPRequestHandler):
                     for piece in g.pieces():
                         event(g.index, piece, logprobs=logprobs_of(g, chat, echo, sent, echoed + g.shown))
                         sent = echoed + g.shown
-                    event(g.index, None, g.finish)
+                    # the finish carries what no piece of text did (a completion's stop token)
+                    rest = logprobs_of(g, chat, echo, sent) if echoed + g.shown > sent else None
+                    event(g.index, None, g.finish, logprobs=None if rest is None or chat and not rest['content'] else rest)
                 if usage:
                     write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created,
                            'model': MODEL_ID, 'choices': [], 'usage': usage_of(gens)})
@@ -628,7 +693,7 @@ def logprobs_of(g, chat, echo, a=0, b=None):
     if not g.asked:
         return None
     b = (len(g.prompt.echo_ids) if echo else 0) + g.shown if b is None else b
-    rows = scored_tokens(g, echo, a, b)
+    rows = scored_tokens(g, echo, a, b, chat)
     return chat_logprobs(rows) if chat else completion_logprobs(rows)
 
 

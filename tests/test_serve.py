@@ -201,6 +201,8 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         (text, {'prompt': [65, 10 ** 6]}, 400, 'prompt', None),                       # an id past the vocabulary
         (text, {'prompt': []}, 400, 'prompt', None),
         (text, {'prompt': ['Once', 7]}, 400, 'prompt', None),
+        (text, {'prompt': '\ud800'}, 400, 'prompt', None),                          # a lone surrogate: no UTF-8
+        (text, {'prompt': 'Once', 'echo': None, 'logprobs': None, 'max_tokens': 0}, 400, 'max_tokens', None),
         (chat, {'messages': hello, 'tools': [{'type': 'function'}]}, 400, 'tools', 'unsupported_parameter'),
         (text, {'prompt': 'Once', 'suffix': 'end'}, 400, 'suffix', 'unsupported_parameter'),
         (chat, {'messages': hello, 'stream_options': {'x': 1}}, 400, 'stream_options', 'unsupported_parameter'),
@@ -216,6 +218,8 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         error = answer['error']
         assert error['type'] == 'invalid_request_error' and error['message'], (body, answer)
         assert (error['param'], error['code']) == (param, code), (body, answer)
+    got, answer = post(url, text, {'prompt': ['Once', 'x' * 300]})        # which of several prompts
+    assert got == 400 and answer['error']['message'].startswith('prompt[1] is 301 tokens'), answer
     got, answer = post(url, '/v1/nothing', {})
     assert got == 404 and 'no route' in answer['error']['message']
     c = client(url)                                                   # the openai client's view of it
@@ -278,7 +282,8 @@ def test_the_tokenizer_endpoints_and_kept_alive_replies_without_nagles_delay(ser
     assert body['count'] == len(body['tokens']) and body['max_model_len'] == context
     assert post(url, '/detokenize', {'tokens': body['tokens']}) == (200, {'prompt': 'Hi<|endoftext|>fox<|end|>'})
     for path, bad, param in (('/tokenize', {'prompt': 7}, 'prompt'), ('/detokenize', {'tokens': [1, 999]}, 'tokens'),
-                             ('/detokenize', {'tokens': 'ab'}, 'tokens'), ('/tokenize', [1], None)):
+                             ('/detokenize', {'tokens': 'ab'}, 'tokens'), ('/tokenize', [1], None),
+                             ('/tokenize', {'prompt': '\ud800'}, 'prompt')):
         status, answer = post(url, path, bad)
         assert status == 400 and answer['error']['param'] == param, (path, bad, answer)
     conn = http.client.HTTPConnection(url.split('//')[1], timeout=30)
@@ -288,6 +293,66 @@ def test_the_tokenizer_endpoints_and_kept_alive_replies_without_nagles_delay(ser
         assert json.loads(conn.getresponse().read())['tokens'] == tok.encode('fox')
     assert time.perf_counter() - start < 0.4
     conn.close()
+
+
+def token_name(raw):
+    """A token's text in OpenAI's logprobs: its bytes as UTF-8, or 'bytes:\\xNN' where they are
+    part of a character."""
+    try:
+        return bytes(raw).decode('utf-8')
+    except UnicodeDecodeError:
+        return 'bytes:' + ''.join(f'\\x{b:02x}' for b in raw)
+
+
+EOT_FIRST = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0])
+import checkpoint
+load_model = checkpoint.load_model
+def eot_first(*args, **kw):            # the model's logits with the end-of-text token's raised by 50
+    model, tok, ckpt = load_model(*args, **kw)
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., tok.eot_id] += 50
+        return logits
+    model.lm_head.register_forward_hook(hook)
+    return model, tok, ckpt
+checkpoint.load_model = eot_first
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_a_stop_token_keeps_its_logprob_so_lm_eval_drops_the_right_one(server):
+    """A completion whose generated token is the end-of-text token (here every one: its logit is
+    raised by 50) keeps it in logprobs, though not in the text: lm-evaluation-harness sums
+    token_logprobs[ctxlen:-1], taking the last entry for the generated token; without it, the
+    last continuation token was dropped instead. Streamed, the stop token's logprob comes with
+    the finishing chunk."""
+    _, pipeline = server
+    proc, url = start_server(pipeline, 'sft_serve', python=('-c', EOT_FIRST))
+    try:
+        from checkpoint import load_model
+        _, tok, _ = load_model(str(pipeline / 'sft_serve'))
+        context, continuation = tok.encode('Tom had a red'), tok.encode(' ball')
+        ids = [tok.eot_id] + context + continuation
+        status, body = post(url, '/v1/completions', {'prompt': [ids], 'max_tokens': 1, 'logprobs': 1, 'echo': True,
+                                                     'temperature': 0})
+        choice = body['choices'][0]
+        assert status == 200 and choice['finish_reason'] == 'stop' and choice['text'] == tok.decode(ids)
+        got = choice['logprobs']
+        assert len(got['token_logprobs']) == len(ids) + 1 and got['tokens'][-1] == '<|endoftext|>'
+        assert got['text_offset'][-1] == len(choice['text']) and body['usage']['completion_tokens'] == 1
+        assert got['token_logprobs'][-1] == max(got['top_logprobs'][-1].values()) > -1e-3   # all but certain
+        continuation_logprob = sum(got['token_logprobs'][1 + len(context):-1])    # lm-eval's sum
+        assert continuation_logprob == sum(got['token_logprobs'][-1 - len(continuation):-1]) < -1
+        chunks = [ch.choices[0] for ch in client(url).completions.create(
+            model='sft_serve', prompt='Tom', max_tokens=4, logprobs=0, temperature=0, stream=True)]
+        assert ''.join(ch.text for ch in chunks) == '' and chunks[-1].finish_reason == 'stop'
+        assert chunks[-1].logprobs.tokens == ['<|endoftext|>']
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_logprobs_of_answers_and_echoed_prompts_are_the_models(server):
@@ -347,7 +412,8 @@ def test_logprobs_of_answers_and_echoed_prompts_are_the_models(server):
     content = r.choices[0].logprobs.content
     answer_ids = [b for e in content for b in e.bytes]    # (the byte tokenizer: a token's id is its byte)
     prompt_ids = tok.encode_messages([{'role': 'user', 'content': msgs[0]['content']}])
-    assert tok.decode(answer_ids) == r.choices[0].message.content == ''.join(e.token for e in content)
+    assert tok.decode(answer_ids) == r.choices[0].message.content
+    assert all(e.token == token_name(e.bytes) for e in content)
     assert close([e.logprob for e in content], reference(prompt_ids + answer_ids)[len(prompt_ids) - 1:])
     assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in content)
     chunks = [ch.choices[0].logprobs for ch in c.chat.completions.create(
@@ -467,8 +533,11 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
         # a chat tag sampled in an answer (not a stop token) is no text: '<|user|>' never reaches the client
         hello = [{'role': 'user', 'content': 'Write a story that uses the words: fox.'}]
         status, tagged = post(url, '/v1/chat/completions', {'messages': hello, 'max_tokens': 7, 'temperature': 0})
-        assert status == 200 and tagged['usage']['completion_tokens'] == 6, tagged
+        assert status == 200 and tagged['usage']['completion_tokens'] == 7, tagged    # (generated: it counts)
         assert '<|' not in tagged['choices'][0]['message']['content']
+        status, tagged = post(url, '/v1/chat/completions', {'messages': hello, 'max_tokens': 7, 'temperature': 0,
+                                                            'logprobs': True})
+        assert status == 200 and len(tagged['choices'][0]['logprobs']['content']) == 6   # nor a logprob of text
         h = health(url)
         assert h['running'] == h['waiting'] == 0 and h['free_blocks'] == h['blocks']
     finally:
