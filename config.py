@@ -32,6 +32,7 @@ RUN_ENVIRONMENT = {'init_from', 'out_dir', 'device', 'dtype', 'fsdp', 'expert_pa
                    'cuda_graph', 'cuda_graph_train', 'profile', 'cuda_sync_check', 'peak_flops', 'eval_only',
                    'tensorboard', 'wandb_project', 'run_name', 'init_embedding'}
 last_given = set()   # the keys the last configure() call's config files and --key=value set
+last_set_by = {}     # ... and where each got its value: the config file's path, or '--key'
 
 
 def _config_keys(namespace):
@@ -160,6 +161,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
             current = (config[key], set_by[key]) if key in set_by else None
             config[key] = _checked(key, value, defaults[key], valid, f'--{key}', current)
             given.add(key)
+            set_by[key] = f'--{key}'
     if config.get('init_from') == 'resume' and isinstance(config.get('out_dir'), str):
         model_keys = {f.name for f in fields(model_config)} if model_config is not None else set()
         _resume_settings(config, defaults, valid - model_keys, given, verbose and int(os.environ.get('RANK', 0)) == 0)
@@ -167,6 +169,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     namespace.update(config)
     last_given.clear()
     last_given.update(given)
+    last_set_by.clear()
+    last_set_by.update(set_by)
     if verbose and int(os.environ.get('RANK', 0)) == 0:
         # what this run changed; every value is in the checkpoint ('config') and --help lists the defaults
         changed = {k: v for k, v in config.items() if v != defaults[k]}

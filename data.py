@@ -247,6 +247,9 @@ def prepare_command(data_dir, dataset):
     return f"python prepare/{name if os.path.isfile(os.path.join(here, name + '.py')) else dataset}.py --out_dir={data_dir}"
 
 
+POST_TRAINING_DATA = ('tinystories_instruct', 'preferences', 'chat')    # prepare/ scripts of no pretraining data
+
+
 def prepare_if_missing(dataset, data_dir, prepare, rt):
     """The token folder train.py reads: data_dir if given (it must hold a prepared dataset), else
     data/<dataset>, which prepare/<dataset>.py (or the `prepare` command: a script under prepare/
@@ -263,8 +266,10 @@ def prepare_if_missing(dataset, data_dir, prepare, rt):
         script, *flags = (prepare or f'{dataset}.py').split()
         here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare')
         if not os.path.isfile(os.path.join(here, script)):
-            sys.exit(f"error: no dataset at {data_dir} and no prepare/{script} to make it; valid datasets: "
-                     f"{', '.join(sorted(f[:-3] for f in os.listdir(here) if f.endswith('.py')))}")
+            made = sorted(f[:-3] for f in os.listdir(here) if f.endswith('.py') and f[:-3] not in POST_TRAINING_DATA)
+            sys.exit(f"error: no dataset at {data_dir} and no prepare/{script} to make it; datasets prepared on first "
+                     f"use: {', '.join(made)}; text of your own: python prepare/tinystories.py "
+                     f"--source=FILE_OR_FOLDER --out_dir={data_dir}")
         command = [sys.executable, os.path.join(here, script), *flags, f'--out_dir={data_dir}']
         if rt.master:
             print(f"{data_dir} is missing; preparing it: {' '.join(command[1:])}", flush=True)
