@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from runlog import progress
-from tokenizer import tokenizer_from_spec
+from tokenizer import EOT, tokenizer_from_spec
 
 
 # -----------------------------------------------------------------------------
@@ -121,9 +121,11 @@ def read_documents(path, fields=('text', 'story')):
 
     Formats: .txt (documents separated by lines that are exactly <|endoftext|>, as in the official
     TinyStories files; a file without such lines is one document), .jsonl / .json (objects with
-    a 'text' or 'story' field) and .parquet (a 'text' column). In a folder, a file whose name
-    contains 'val' or 'valid' goes to 'val', one containing 'train' to 'train' (a single file's
-    split comes from its name the same way); files with neither word go to 'all'."""
+    a 'text' or 'story' field) and .parquet (a 'text' column). In a folder, a file whose name has
+    the word val, valid or validation goes to 'val', one with the word train to 'train' (a single
+    file's split comes from its name the same way; words as split by anything not a letter:
+    TinyStories-valid.txt, validation-00000.parquet, but not interval.txt); files with neither go to
+    'all'. A folder's files are listed by split."""
     if not os.path.exists(path):
         sys.exit(f"error: source '{path}' does not exist")
     if os.path.isdir(path):
@@ -133,11 +135,17 @@ def read_documents(path, fields=('text', 'story')):
             sys.exit(f"error: source folder '{path}' has no .txt, .jsonl, .json or .parquet files")
     else:
         files = [path]
-    splits = {}
+    splits, names = {}, {}
     for f in files:
-        name = os.path.basename(f).lower()
-        split = 'val' if 'val' in name else 'train' if 'train' in name else 'all'
-        splits.setdefault(split, []).extend(_read_file(f, fields))
+        words = set(re.split('[^a-z]+', os.path.splitext(os.path.basename(f))[0].lower()))
+        split = 'val' if words & {'val', 'valid', 'validation'} else 'train' if 'train' in words else 'all'
+        try:
+            splits.setdefault(split, []).extend(_read_file(f, fields))
+        except UnicodeDecodeError as e:
+            sys.exit(f'error: {f} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8')
+        names.setdefault(split, []).append(os.path.basename(f))
+    if os.path.isdir(path):
+        print(f"{path}: " + '; '.join(f"{split}: {', '.join(n)}" for split, n in names.items()), file=sys.stderr)
     for split, docs in splits.items():
         if not docs:
             sys.exit(f"error: source '{path}' has no documents for the {split} split")
@@ -170,13 +178,13 @@ def _read_file(path, fields):
                 return obj[k]
         sys.exit(f"error: {where} has no string field {' or '.join(map(repr, fields))}")
 
-    if path.endswith('.txt'):
-        with open(path, encoding='utf-8') as f:
+    if path.endswith('.txt'):                         # (utf-8-sig: a byte-order mark is no text)
+        with open(path, encoding='utf-8-sig') as f:
             text = f.read()
         docs = re.split(r'^\s*<\|endoftext\|>\s*$', text, flags=re.MULTILINE)
     elif path.endswith('.jsonl'):
         docs = []
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -185,7 +193,7 @@ def _read_file(path, fields):
                         sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
                     docs.append(field_of(obj, f'{path} line {n}'))
     elif path.endswith('.json'):
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:
             try:
                 objs = json.load(f)
             except json.JSONDecodeError as e:
@@ -206,9 +214,18 @@ def _read_file(path, fields):
 
 
 def split_off_val(docs, val_fraction, seed=0):
-    """(train, val): a seeded random val_fraction of the documents (at least one) held out."""
+    """(train, val): a seeded random val_fraction of the documents (at least one) held out. One
+    document (a plain text file with no <|endoftext|> lines) keeps its last val_fraction, from a
+    line break, for val, as prepare/shakespeare_char.py does."""
+    if len(docs) == 1 and isinstance(docs[0], str):
+        cut = docs[0].rfind('\n', 0, int(len(docs[0]) * (1 - val_fraction)))
+        if cut > 0 and docs[0][cut + 1:].strip():
+            print(f'one document: its last {len(docs[0]) - cut - 1:,} characters (from a line break) are the val '
+                  f'split; documents of their own are separated by lines holding {EOT}', file=sys.stderr)
+            return [docs[0][:cut]], [docs[0][cut + 1:]]
     if len(docs) < 2:
-        sys.exit(f'error: {len(docs)} document(s) cannot be split into train and val')
+        sys.exit(f'error: {len(docs)} document(s) cannot be split into train and val (separate documents by '
+                 f'lines holding {EOT}, or give a folder of files)')
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
     val_ix = set(order[:n_val].tolist())
@@ -505,8 +522,8 @@ def word_token_weights(tok, response, words, weight):
 
 
 def encode_chat_examples(tok, rows, block_size, word_weight=1.0, show_progress=False, num_proc=None):
-    """(ids, mask) of each {'prompt', 'response'} record with the chat template (tok.encode_chat),
-    cut to block_size + 1 tokens; and how many records were cut. word_weight != 1: the mask of a
+    """(ids, mask) of each {'prompt', 'response'} record (with 'messages': the conversation before
+    the response) with the chat template (tok.encode_chat), cut to block_size + 1 tokens; and how many records were cut. word_weight != 1: the mask of a
     record with 'words' holds loss weights instead of booleans: word_weight on the tokens of each
     required word's first use in the response (word_token_weights), 1 on the rest of the response
     and on its closing <|end|>, 0 on the prompt. 20,000 records or more are encoded in chunks by
@@ -546,7 +563,7 @@ def _encode_chat_chunk(args):
 def _encode_chat_rows(tok, rows, block_size, word_weight):
     out, cut = [], 0
     for r in rows:
-        ids, mask = tok.encode_chat(r['prompt'], r['response'])
+        ids, mask = tok.encode_chat(r['prompt'], r['response'], messages=r.get('messages'))
         if word_weight != 1 and r.get('words'):
             n_prompt = mask.index(True)
             weights = word_token_weights(tok, r['response'], r['words'], word_weight)

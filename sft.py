@@ -1,9 +1,13 @@
 """
-Supervised fine-tuning on the instruction task (task.py): the loss falls on the response only.
+Supervised fine-tuning on the instruction task (task.py), or on instruction data of one's own
+(prepare/chat.py reads the prompt/response, Alpaca, OpenAI messages and ShareGPT formats): the
+loss falls on the response only.
 
 $ python prepare/tinystories_instruct.py
 $ python sft.py --init_from=out/tinystories_moe --out_dir=out/sft
 $ python sft.py config/sft_tinystories.py
+$ python prepare/chat.py --source=my_chats.jsonl --out_dir=data/my_chats
+$ python sft.py --init_from=out/tinystories_moe --task_dir=data/my_chats --out_dir=out/sft_mine
 
 Each example is rendered with the chat template (tokenizer.py):
     EOT <|user|> prompt <|end|> <|assistant|> response <|end|>
@@ -17,11 +21,13 @@ curriculum=True starts from the shortest examples and widens to all of them over
 steps. word_loss_weight > 1 weights the tokens where a task answer first uses a required word:
 copying the word is the skill the task asks for, and those tokens are a few percent of an answer's
 loss. prompt_loss_weight > 0 trains on the prompts' tokens too, at that weight. Every eval_interval
-steps: the response loss on sft_val and the task score of greedy and sampled answers to held-out
-prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
+steps: the response loss on sft_val and, where the task folder has held-out prompts of the story
+task (prompts_val.jsonl), the task score of greedy and sampled answers to them. Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
 
+import json
 import math
+import os
 import sys
 
 import torch
@@ -29,7 +35,7 @@ import torch
 from checkpoint import load_chat_model
 from config import configure
 from data import chat_batch, encode_chat_examples, neighbours_in_length, pack_chat_examples, read_prepared
-from generate import use_cuda_graph
+from generate import generate_chat, use_cuda_graph
 from model import masked_cross_entropy, through_last
 from runtime import close_runtime, init_runtime
 from task import LIST_WORDS, evaluate_task
@@ -46,7 +52,8 @@ always_save_checkpoint = True
 save_checkpoints = True
 eval_only = False
 # data
-task_dir = 'data/tinystories_instruct'   # from prepare/tinystories_instruct.py
+task_dir = 'data/tinystories_instruct'   # from prepare/tinystories_instruct.py (the story task) or
+                             # prepare/chat.py (data of one's own: no task score)
 batch_size = 16              # sequences per micro-batch (per GPU)
 block_size = 0               # 0: the model's block_size
 gradient_accumulation_steps = 1
@@ -124,7 +131,18 @@ if block_size > model.config.block_size:
 
 # --- data ---------------------------------------------------------------------------------------
 def read_task(name, required):
-    return read_prepared(task_dir, name, required, hint='run python prepare/tinystories_instruct.py (or set task_dir=)')
+    """The records of a task file; each example's prompt and response must be text, the response
+    not empty (an empty one would train the model to answer nothing)."""
+    rows = read_prepared(task_dir, name, required, hint='run python prepare/tinystories_instruct.py, or '
+                         'prepare/chat.py for data of your own (or set task_dir=)')
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r['prompt'], str) or 'response' in required and not (
+                isinstance(r['response'], str) and r['response'].strip()):
+            sys.exit(f'error: {task_dir}/{name} record {n}: prompt and response must be text, the response not '
+                     f'empty (prompt {json.dumps(r["prompt"])[:40]}, response {json.dumps(r.get("response"))[:40]})')
+    if not rows:
+        sys.exit(f'error: {task_dir}/{name} holds no examples')
+    return rows
 
 
 def encode(rows, word_weight=1.0, prompt_weight=0.0):
@@ -148,8 +166,18 @@ if prompt_like_repeat > 1:          # more of the kind of example the held-out p
         print(f'{len(like):,} of the examples ask only for listed words, as the held-out prompts do: '
               f'{prompt_like_repeat} copies of each')
 train_ex = encode(train_records, word_loss_weight, prompt_loss_weight)
-val_ex = encode(read_task('sft_val.jsonl', ('prompt', 'response')))
-prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts]
+val_records = read_task('sft_val.jsonl', ('prompt', 'response'))
+val_ex = encode(val_records)
+for name, ex in (('training', train_ex), ('validation', val_ex)):
+    if not any(any(mask[1:]) for _, mask in ex):       # (mask[0]: the EOT, never a target)
+        sys.exit(f'error: no {name} example has a response token within block_size + 1 = {block_size + 1} tokens: '
+                 f'the prompts fill the window, nothing would be trained (raise block_size)')
+# the story task's held-out prompts, where the task folder has them (prepare/chat.py's has none)
+has_prompts = os.path.isfile(os.path.join(task_dir, 'prompts_val.jsonl'))
+prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts] if eval_prompts and has_prompts else []
+if eval_prompts and not has_prompts and rt.master:
+    print(f'note: {task_dir} has no prompts_val.jsonl (the story task\'s held-out prompts): no task score, the '
+          f'response loss on sft_val alone')
 # the examples shortest first: the curriculum's order, and neighbours in length for padded batches
 by_length = sorted(range(len(train_ex)), key=lambda i: len(train_ex[i][0]))
 curriculum_iters = curriculum_iters or max(1, max_iters // 2)
@@ -206,6 +234,11 @@ def evaluate(model):
             metrics.update({f'task/score_{name}': r['score'], f'task/all_words_{name}': r['all_words']})
             if name == 'greedy':
                 print(f"  prompt: {r['example']['prompt']}\n  greedy answer: {r['example']['answer'][:300]!r}")
+    elif rt.master:                   # no task: what the model answers to a held-out prompt, to read
+        first = val_records[0]['prompt']
+        with rt.autocast():
+            answer = generate_chat(getattr(model, '_orig_mod', model), tok, [first], max_new_tokens, 0.0)[0]['text']
+        print(f'  prompt: {first[:200]!r}\n  greedy answer: {answer[:300]!r}')
     return metrics
 
 

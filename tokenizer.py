@@ -114,13 +114,15 @@ class Tokenizer:
             raise ValueError('this tokenizer has no chat template; use with_chat_tokens(tok)')
         return self.special_tokens[self.chat[role]]
 
-    def encode_chat(self, prompt, response=None, ended=True):
+    def encode_chat(self, prompt, response=None, ended=True, messages=None):
         """(ids, loss_mask) for EOT <|user|> prompt <|end|> <|assistant|> [response <|end|>].
         Without a response the ids end at <|assistant|>: a prompt for generation. The mask is
         True exactly on the response tokens and the closing <|end|> (left out when the response
-        did not end, e.g. a sample cut at its length limit)."""
-        ids = [self.eot_id, self.chat_id('user')] + self.encode(prompt) + \
-              [self.chat_id('end'), self.chat_id('assistant')]
+        did not end, e.g. a sample cut at its length limit). messages: a whole conversation before
+        the response instead ([{'role', 'content'}], ending with the user turn), as
+        encode_messages writes it."""
+        ids = self.encode_messages(messages) if messages else \
+            [self.eot_id, self.chat_id('user')] + self.encode(prompt) + [self.chat_id('end'), self.chat_id('assistant')]
         mask = [False] * len(ids)
         if response is not None:
             r = self.encode(response) + ([self.chat_id('end')] if ended else [])

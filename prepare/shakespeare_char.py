@@ -46,12 +46,19 @@ if source.startswith(('http://', 'https://')):
             text = f.read()
         source = local                   # what meta.json records
 else:
+    if os.path.isdir(source) or source.endswith(('.jsonl', '.json', '.parquet')):
+        sys.exit(f"error: prepare/shakespeare_char.py reads one plain text file; for '{source}' use "
+                 f"python prepare/tinystories.py --source={source} --tokenizer=char")
     if not os.path.isfile(source):
         sys.exit(f"error: source '{source}' does not exist")
-    with open(source, encoding='utf-8') as f:
-        text = f.read()
+    try:
+        with open(source, encoding='utf-8-sig') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        sys.exit(f'error: {source} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8')
 if len(text) < 1000:
-    sys.exit(f"error: source '{source}' has only {len(text)} characters; expected the ~1.1M of tiny-shakespeare")
+    sys.exit(f"error: source '{source}' has only {len(text)} characters, too few to train on (tiny-shakespeare "
+             f"has 1.1M)")
 
 n = int(len(text) * train_fraction)
 tok = build_tokenizer(tokenizer, texts=[text], vocab_size=vocab_size, tokenizer_file=tokenizer_file or None,

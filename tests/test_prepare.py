@@ -78,12 +78,32 @@ def test_jsonl_parquet_and_folder_splits(tmp_path):
                cwd=tmp_path)
     meta, _ = check_dataset(out)
     assert (meta['train_docs'], meta['val_docs']) == (6, 2)        # the folder's split is kept
+    words = tmp_path / 'words'                                     # a split is a word of the name, not any part
+    words.mkdir()
+    for name in ('train.txt', 'survival.txt', 'TinyStories-valid.txt'):
+        (words / name).write_text(f'A story in {name}.')
+    assert {k: len(v) for k, v in read_documents(str(words)).items()} == {'train': 1, 'all': 1, 'val': 1}
+
+
+def test_one_plain_text_file_keeps_its_end_for_val(tmp_path):
+    """A .txt with no <|endoftext|> lines is one document: its last part, from a line break, is the
+    val split (it was an error: one document cannot be split)."""
+    from data import split_off_val
+    text = ''.join(f'Line {i} of my own text.\n' for i in range(100))
+    (tmp_path / 'mine.txt').write_text(text)
+    p = run_script('prepare/tinystories.py', f'--source={tmp_path / "mine.txt"}', '--tokenizer=byte',
+                   f'--out_dir={tmp_path / "out"}', cwd=tmp_path)
+    meta, _ = check_dataset(str(tmp_path / 'out'))
+    assert (meta['train_docs'], meta['val_docs']) == (1, 1) and 'one document: its last' in p.stderr
+    train, val = split_off_val([text], 0.1)
+    assert train[0] + '\n' + val[0] == text and val[0].startswith('Line 90 ')
 
 
 def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     (tmp_path / 'not_json.jsonl').write_text('{"text": "ok"}\nnot json\n')
     (tmp_path / 'no_text.jsonl').write_text('{"title": "no text"}\n')
-    cases = [('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
+    (tmp_path / 'latin.txt').write_bytes('caf\xe9'.encode('latin-1'))
+    cases = [(f'--source={tmp_path / "latin.txt"}', 'latin.txt is not UTF-8 text (unexpected end of data at byte 3)'),('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
              (f'--source={tmp_path / "not_json.jsonl"}', 'line 2 is not JSON'),
              (f'--source={tmp_path / "no_text.jsonl"}', "has no string field 'text' or 'story'"),
              ('--tokenizer=spm', "tokenizer='spm'; valid: gpt2, bpe, byte, char, word"),
@@ -131,8 +151,14 @@ def test_shakespeare_char(tmp_path):
     run_script('prepare/shakespeare_char.py', f'--source={src}', f'--out_dir={out}', cwd=tmp_path)
     meta, tok = check_dataset(out)
     assert meta['vocab_size'] == 66 and meta['train_tokens'] + meta['val_tokens'] == 1115394 + 2
-    p = run_script('prepare/shakespeare_char.py', '--source=missing.txt', cwd=tmp_path, check=False)
-    assert "source 'missing.txt' does not exist" in p.stderr
+    (tmp_path / 'mine.jsonl').write_text('{"text": "x"}\n')
+    (tmp_path / 'latin.txt').write_bytes('caf\xe9 '.encode('latin-1') * 500)
+    missing, jsonl, latin = run_script_many('prepare/shakespeare_char.py', [
+        ['--source=missing.txt'], ['--source=mine.jsonl'], ['--source=latin.txt']], cwd=tmp_path)
+    assert "source 'missing.txt' does not exist" in missing.stderr
+    assert ('reads one plain text file; for \'mine.jsonl\' use python prepare/tinystories.py --source=mine.jsonl '
+            '--tokenizer=char') in jsonl.stderr                    # (it trained on the JSON syntax)
+    assert 'latin.txt is not UTF-8 text' in latin.stderr and 'Traceback' not in latin.stderr
 
 
 def test_usable_cpus_follows_the_affinity_mask_and_the_cgroup_quota(tmp_path):

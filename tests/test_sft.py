@@ -423,3 +423,83 @@ def test_cuda_graph_defaults_to_cuda_only_and_refuses_other_values(tmp_path):
     for script, p in zip(scripts, run_scripts([(s, ['--cuda_graph=maybe', '--device=cpu']) for s in scripts],
                                               cwd=tmp_path)):
         assert p.returncode != 0 and "error: cuda_graph='maybe'; valid" in p.stderr, (script, p.stderr[-500:])
+
+
+CHATS = [   # one record in each format prepare/chat.py reads
+    {'prompt': 'Say hello to Tom.', 'response': 'Hello, Tom!'},
+    {'prompt': 'Say hi.', 'completion': 'Hi!', 'system': 'Be brief.'},
+    {'instruction': 'Greet Lily.', 'input': 'Be kind.', 'output': 'Hi Lily, nice to see you.'},
+    {'instruction': 'Greet Ben.', 'output': 'Hello Ben.'},
+    {'messages': [{'role': 'system', 'content': 'You are friendly.'}, {'role': 'user', 'content': 'Who is Sue?'},
+                  {'role': 'assistant', 'content': 'Sue is my friend.'}, {'role': 'user', 'content': 'And?'},
+                  {'role': 'assistant', 'content': [{'type': 'text', 'text': 'She likes to play.'}]}]},
+    {'conversations': [{'from': 'human', 'value': 'Tell me about Max.'}, {'from': 'gpt', 'value': 'Max has a ball.'}]},
+]
+
+
+def test_prepare_chat_reads_the_common_formats_and_sft_trains_on_them(pipeline, tmp_path):
+    """prepare/chat.py: prompt/response (and completion, with a system message), Alpaca (with and
+    without input), OpenAI messages (one example per assistant turn, the turns before it as its
+    prompt, content parts joined) and ShareGPT -> sft_train / sft_val; sft.py trains on them with the
+    conversation in the chat template, lowers the response loss, and reports no task score (the
+    story task's required words mean nothing here) but prints a held-out answer."""
+    from tokenizer import ByteTokenizer, with_chat_tokens
+    src = tmp_path / 'mine.jsonl'
+    src.write_text(''.join(json.dumps(r) + '\n' for r in CHATS * 4))
+    p = run_script('prepare/chat.py', f'--source={src}', f'--out_dir={tmp_path / "task"}', '--val_fraction=0.25',
+                   cwd=pipeline)
+    assert ('24 records (4 prompt/response, 4 prompt/completion, 8 alpaca, 4 openai, 4 sharegpt) -> '
+            in p.stdout.replace('\n', ' ')), p.stdout
+    rows = [json.loads(line) for name in ('sft_train.jsonl', 'sft_val.jsonl')
+            for line in (tmp_path / 'task' / name).read_text().splitlines()]
+    assert len(rows) == 28 and not (tmp_path / 'task' / 'prompts_val.jsonl').exists()   # 24 + one more per chat
+    pairs = {(r['prompt'], r['response']): r.get('messages') for r in rows}
+    assert pairs[('Say hello to Tom.', 'Hello, Tom!')] is None
+    assert pairs[('Say hi.', 'Hi!')] == [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Say hi.'}]
+    assert ('Greet Lily.\n\nBe kind.', 'Hi Lily, nice to see you.') in pairs and ('Greet Ben.', 'Hello Ben.') in pairs
+    assert pairs[('Who is Sue?', 'Sue is my friend.')] == CHATS[4]['messages'][:2]
+    assert pairs[('And?', 'She likes to play.')] == CHATS[4]['messages'][:4]
+    assert ('Tell me about Max.', 'Max has a ball.') in pairs
+    # the template of a conversation: its turns, then the response and <|end|>, the loss on those alone
+    tok = with_chat_tokens(ByteTokenizer())
+    ids, mask = tok.encode_chat('And?', 'She likes to play.', messages=CHATS[4]['messages'][:4])
+    prompt = tok.encode_messages(CHATS[4]['messages'][:4])
+    assert ids == prompt + tok.encode('She likes to play.') + [tok.chat_id('end')]
+    assert mask == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
+    out = run_script('sft.py', '--out_dir=sft_mine', *SFT, f'--task_dir={tmp_path / "task"}', '--max_iters=20',
+                     '--eval_interval=10', cwd=pipeline)
+    losses, log = val_losses(pipeline / 'sft_mine')
+    assert losses[-1] < losses[0] - 0.5 and not any(k.startswith('task/') for r in log for k in r), losses
+    assert 'has no prompts_val.jsonl' in out.stdout and out.stdout.count('  greedy answer: ') == 3
+
+
+def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing(pipeline, tmp_path):
+    """Each bad input gets its own error: a record of no known format (the formats listed), an empty
+    response, an assistant turn that answers no user turn, a file that is not UTF-8, one record (no
+    val split); sft.py: a response that is not text, and a block_size the prompts fill (nothing
+    would be trained: the val loss read 0)."""
+    def source(name, text):
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        return f'--source={tmp_path / name}'
+    unknown, empty, orphan, latin, single = run_script_many('prepare/chat.py', [
+        [source('a.jsonl', '{"question": "q", "reply": "r"}\n{"question": "q", "reply": "r"}\n')],
+        [source('b.jsonl', '{"prompt": "Hi", "response": "Hello"}\n{"prompt": "Hi", "response": " "}\n')],
+        [source('c.jsonl', json.dumps({'messages': [{'role': 'assistant', 'content': 'Hi'}]}) + '\n')],
+        [source('d.jsonl', '{"prompt": "caf\xe9", "response": "ok"}\n'.encode('latin-1'))],
+        [source('e.json', '[{"prompt": "Hi", "response": "Hello"}]')]], cwd=tmp_path)
+    assert "a.jsonl line 1 has fields ['question', 'reply'], none of the formats: prompt/response:" in unknown.stderr
+    assert 'b.jsonl line 2: response must be a non-empty string' in empty.stderr
+    assert 'c.jsonl line 1: the assistant turn 0 does not answer a user turn' in orphan.stderr
+    assert 'd.jsonl is not UTF-8 text' in latin.stderr and 'save it as UTF-8' in latin.stderr
+    assert 'e.json holds one record: it cannot be split into train and val' in single.stderr
+    task = tmp_path / 'task'
+    task.mkdir()
+    (task / 'meta.json').write_text('{}')
+    (task / 'sft_val.jsonl').write_text(json.dumps({'prompt': 'Hi ' * 200, 'response': 'Hello'}) + '\n')
+    (task / 'sft_train.jsonl').write_text(json.dumps({'prompt': 'Hi', 'response': 42}) + '\n')
+    number, = run_script_many('sft.py', [[*SFT, f'--task_dir={task}', '--max_iters=1']], cwd=pipeline)
+    assert "sft_train.jsonl record 1: prompt and response must be text" in number.stderr
+    (task / 'sft_train.jsonl').write_text(json.dumps({'prompt': 'Hi ' * 200, 'response': 'Hello'}) + '\n')
+    full, = run_script_many('sft.py', [[*SFT, f'--task_dir={task}', '--max_iters=1', '--block_size=64']], cwd=pipeline)
+    assert ('no training example has a response token within block_size + 1 = 65 tokens: the prompts fill the '
+            'window') in full.stderr
