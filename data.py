@@ -261,7 +261,8 @@ def prepare_command(data_dir, dataset):
     where that script exists (data/stories -> prepare/stories.py), else prepare/<dataset>.py."""
     name = os.path.basename(os.path.normpath(data_dir))
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare')
-    return f"python prepare/{name if os.path.isfile(os.path.join(here, name + '.py')) else dataset}.py --out_dir={data_dir}"
+    script = next((s for s in (name, dataset) if os.path.isfile(os.path.join(here, s + '.py'))), 'tinystories')
+    return f"python prepare/{script}.py --out_dir={data_dir}"
 
 
 POST_TRAINING_DATA = ('tinystories_instruct', 'preferences', 'chat')    # prepare/ scripts of no pretraining data
@@ -271,6 +272,12 @@ def prepare_if_missing(dataset, data_dir, prepare, rt):
     """The token folder train.py reads: data_dir if given (it must hold a prepared dataset), else
     data/<dataset>, which prepare/<dataset>.py (or the `prepare` command: a script under prepare/
     and its flags) makes on first use, on rank 0 while the other ranks wait."""
+    if data_dir and os.path.isfile(data_dir):
+        sys.exit(f"error: data_dir='{data_dir}' is a file; data_dir is a folder of prepared tokens: make one with "
+                 f"python prepare/tinystories.py --source={data_dir} --out_dir=data/NAME, then --data_dir=data/NAME")
+    if not data_dir and (os.sep in dataset or '/' in dataset or dataset.endswith(('.txt', '.jsonl', '.json'))):
+        sys.exit(f"error: dataset='{dataset}' is a name (the folder data/<dataset>); prepare a file or folder with "
+                 f"python prepare/tinystories.py --source={dataset} --out_dir=data/NAME, then --dataset=NAME")
     if data_dir:
         if not os.path.exists(os.path.join(data_dir, 'meta.json')):
             sys.exit(f"error: no dataset at data_dir='{data_dir}' (no meta.json); prepare one there, e.g. "

@@ -63,6 +63,8 @@ def init_runtime(device='auto', dtype='auto', seed=1337):
     if device == 'cuda':
         device = f'cuda:{local_rank}'                  # set_device needs the index (torch 2.11)
     device_type = device.split(':')[0]
+    if device_type not in ('cpu', 'cuda', 'mps'):      # (torch's own error lists two dozen backends)
+        sys.exit(f"error: device='{device}'; valid: auto, cpu, cuda, cuda:N, mps")
     if device_type == 'cuda':
         if not torch.cuda.is_available():
             sys.exit(f"error: device='{device}' but CUDA is not available; use --device=cpu or auto")

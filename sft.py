@@ -148,7 +148,10 @@ def read_task(name, required):
 def encode(rows, word_weight=1.0, prompt_weight=0.0):
     """Token ids and response masks (with word_weight != 1 or prompt_weight, loss weights), cut to
     block_size + 1."""
-    out, cut = encode_chat_examples(tok, rows, block_size, word_weight, show_progress=rt.master)
+    try:
+        out, cut = encode_chat_examples(tok, rows, block_size, word_weight, show_progress=rt.master)
+    except ValueError as e:               # e.g. a character a char tokenizer's corpus never had
+        sys.exit(f"error: {task_dir}'s examples cannot be tokenized with the model's {tok.kind} tokenizer: {e}")
     if prompt_weight:   # the prompt's tokens weigh prompt_weight; not the first, an example's EOT, which
         # in a packed window would be a target of the example before
         out = [(ids, mask[:1] + [m if m else prompt_weight for m in mask[1:]]) for ids, mask in out]

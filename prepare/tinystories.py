@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import configure  # noqa: E402
+from config import configure, last_given  # noqa: E402
 from data import local_copy, offline_if_unreachable, read_documents, split_off_val, write_token_dataset  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
@@ -42,6 +42,10 @@ num_proc = 0                         # tokenizer processes (0: every core)
 configure(globals())
 if tokenizer not in KINDS:
     sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
+if tokenizer_file and tokenizer != 'gpt2':        # settings that would do nothing are refused, not ignored
+    sys.exit(f"error: tokenizer_file is GPT-2's rank file; tokenizer='{tokenizer}' learns its own vocabulary")
+if 'vocab_size' in last_given and tokenizer not in ('bpe', 'word'):
+    sys.exit(f"error: vocab_size is learned by the bpe and word tokenizers; tokenizer='{tokenizer}' has a fixed one")
 
 
 def load_hf(name):

@@ -48,7 +48,8 @@ def test_tinystories_from_the_official_txt_with_gpt2(tmp_path):
 def test_tinystories_local_tokenizers(tmp_path, kind):
     src = shared_file('tinystories', 'valid_sample.txt')
     out = str(tmp_path / kind)
-    run_script('prepare/tinystories.py', f'--source={src}', f'--tokenizer={kind}', '--vocab_size=300',
+    learned = ['--vocab_size=300'] if kind in ('word', 'bpe') else []    # (refused for the others: no effect)
+    run_script('prepare/tinystories.py', f'--source={src}', f'--tokenizer={kind}', *learned,
                f'--out_dir={out}', cwd=tmp_path)
     meta, tok = check_dataset(out, n_docs=24)
     assert meta['tokenizer']['kind'] == kind
@@ -114,6 +115,10 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     runs = run_script_many('prepare/tinystories.py', [[arg] for arg, _ in cases], cwd=tmp_path)
     for (arg, message), p in zip(cases, runs):
         assert p.returncode != 0 and message in p.stderr, (arg, p.stderr[-500:])
+    rank_file, size = run_script_many('prepare/tinystories.py', [['--tokenizer=bpe', '--tokenizer_file=gpt2.tiktoken'],
+                                                                 ['--tokenizer=char', '--vocab_size=300']], cwd=tmp_path)
+    assert "tokenizer_file is GPT-2's rank file; tokenizer='bpe' learns its own vocabulary" in rank_file.stderr
+    assert "vocab_size is learned by the bpe and word tokenizers; tokenizer='char' has a fixed one" in size.stderr
 
 
 def test_a_crash_leaves_no_dataset_behind(tmp_path):
