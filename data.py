@@ -530,7 +530,8 @@ def word_token_weights(tok, response, words, weight):
 
 def encode_chat_examples(tok, rows, block_size, word_weight=1.0, show_progress=False, num_proc=None):
     """(ids, mask) of each {'prompt', 'response'} record (with 'messages': the conversation before
-    the response) with the chat template (tok.encode_chat), cut to block_size + 1 tokens; and how many records were cut. word_weight != 1: the mask of a
+    the response) with the chat template (tok.encode_chat), cut to block_size + 1 tokens; and how
+    many records were cut. word_weight != 1: the mask of a
     record with 'words' holds loss weights instead of booleans: word_weight on the tokens of each
     required word's first use in the response (word_token_weights), 1 on the rest of the response
     and on its closing <|end|>, 0 on the prompt. 20,000 records or more are encoded in chunks by

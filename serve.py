@@ -674,7 +674,8 @@ class Handler(BaseHTTPRequestHandler):
                         sent = echoed + g.shown
                     # the finish carries what no piece of text did (a completion's stop token)
                     rest = logprobs_of(g, chat, echo, sent) if echoed + g.shown > sent else None
-                    event(g.index, None, g.finish, logprobs=None if rest is None or chat and not rest['content'] else rest)
+                    empty = rest is None or chat and not rest['content']
+                    event(g.index, None, g.finish, logprobs=None if empty else rest)
                 if usage:
                     write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created,
                            'model': MODEL_ID, 'choices': [], 'usage': usage_of(gens)})

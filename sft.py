@@ -22,7 +22,8 @@ steps. word_loss_weight > 1 weights the tokens where a task answer first uses a 
 copying the word is the skill the task asks for, and those tokens are a few percent of an answer's
 loss. prompt_loss_weight > 0 trains on the prompts' tokens too, at that weight. Every eval_interval
 steps: the response loss on sft_val and, where the task folder has held-out prompts of the story
-task (prompts_val.jsonl), the task score of greedy and sampled answers to them. Schedule, optimizer, logging, checkpoints and resume work as in train.py (training.Run).
+task (prompts_val.jsonl), the task score of greedy and sampled answers to them. Schedule,
+optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 """
 
 import json

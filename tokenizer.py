@@ -171,7 +171,8 @@ class ByteTokenizer(Tokenizer):
         return bytes(ids).decode('utf-8', errors='replace')
 
     def decode_bytes(self, ids):
-        return b''.join(self.special_names[i].encode() if i in self.special_names else bytes([i]) for i in map(int, ids))
+        return b''.join(self.special_names[i].encode() if i in self.special_names else bytes([i])
+                        for i in map(int, ids))
 
 
 class CharTokenizer(Tokenizer):

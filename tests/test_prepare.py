@@ -104,7 +104,8 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     (tmp_path / 'not_json.jsonl').write_text('{"text": "ok"}\nnot json\n')
     (tmp_path / 'no_text.jsonl').write_text('{"title": "no text"}\n')
     (tmp_path / 'latin.txt').write_bytes('caf\xe9'.encode('latin-1'))
-    cases = [(f'--source={tmp_path / "latin.txt"}', 'latin.txt is not UTF-8 text (unexpected end of data at byte 3)'),('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
+    cases = [(f'--source={tmp_path / "latin.txt"}', 'latin.txt is not UTF-8 text (unexpected end of data at byte 3)'),
+             ('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
              (f'--source={tmp_path / "not_json.jsonl"}', 'line 2 is not JSON'),
              (f'--source={tmp_path / "no_text.jsonl"}', "has no string field 'text' or 'story'"),
              ('--tokenizer=spm', "tokenizer='spm'; valid: gpt2, bpe, byte, char, word"),
@@ -115,8 +116,8 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     runs = run_script_many('prepare/tinystories.py', [[arg] for arg, _ in cases], cwd=tmp_path)
     for (arg, message), p in zip(cases, runs):
         assert p.returncode != 0 and message in p.stderr, (arg, p.stderr[-500:])
-    rank_file, size = run_script_many('prepare/tinystories.py', [['--tokenizer=bpe', '--tokenizer_file=gpt2.tiktoken'],
-                                                                 ['--tokenizer=char', '--vocab_size=300']], cwd=tmp_path)
+    rank_file, size = run_script_many('prepare/tinystories.py', [
+        ['--tokenizer=bpe', '--tokenizer_file=gpt2.tiktoken'], ['--tokenizer=char', '--vocab_size=300']], cwd=tmp_path)
     assert "tokenizer_file is GPT-2's rank file; tokenizer='bpe' learns its own vocabulary" in rank_file.stderr
     assert "vocab_size is learned by the bpe and word tokenizers; tokenizer='char' has a fixed one" in size.stderr
 

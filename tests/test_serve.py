@@ -289,7 +289,8 @@ def test_the_tokenizer_endpoints_and_kept_alive_replies_without_nagles_delay(ser
     conn = http.client.HTTPConnection(url.split('//')[1], timeout=30)
     start = time.perf_counter()
     for _ in range(20):
-        conn.request('POST', '/tokenize', body=json.dumps({'prompt': 'fox'}), headers={'Content-Type': 'application/json'})
+        conn.request('POST', '/tokenize', body=json.dumps({'prompt': 'fox'}),
+                     headers={'Content-Type': 'application/json'})
         assert json.loads(conn.getresponse().read())['tokens'] == tok.encode('fox')
     assert time.perf_counter() - start < 0.4
     conn.close()

@@ -455,7 +455,8 @@ def test_prepare_chat_reads_the_common_formats_and_sft_trains_on_them(pipeline, 
     assert len(rows) == 28 and not (tmp_path / 'task' / 'prompts_val.jsonl').exists()   # 24 + one more per chat
     pairs = {(r['prompt'], r['response']): r.get('messages') for r in rows}
     assert pairs[('Say hello to Tom.', 'Hello, Tom!')] is None
-    assert pairs[('Say hi.', 'Hi!')] == [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Say hi.'}]
+    assert pairs[('Say hi.', 'Hi!')] == [{'role': 'system', 'content': 'Be brief.'},
+                                         {'role': 'user', 'content': 'Say hi.'}]
     assert ('Greet Lily.\n\nBe kind.', 'Hi Lily, nice to see you.') in pairs and ('Greet Ben.', 'Hello Ben.') in pairs
     assert pairs[('Who is Sue?', 'Sue is my friend.')] == CHATS[4]['messages'][:2]
     assert pairs[('And?', 'She likes to play.')] == CHATS[4]['messages'][:4]
