@@ -33,6 +33,7 @@ RUN_ENVIRONMENT = {'init_from', 'out_dir', 'device', 'dtype', 'fsdp', 'expert_pa
                    'tensorboard', 'wandb_project', 'run_name', 'init_embedding'}
 last_given = set()   # the keys the last configure() call's config files and --key=value set
 last_set_by = {}     # ... and where each got its value: the config file's path, or '--key'
+last_file_values = {}   # ... and the value the config files gave each key they set (before any --key=value)
 
 
 def _config_keys(namespace):
@@ -122,6 +123,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
         args.append(arg)
         i += 1
     set_by = {}                                            # key -> the config file that set it
+    file_values = {}                                       # key -> the value a config file set
     given = set()                                          # the keys a config file or --key=value sets
     # the config files first, in their order, then the overrides: an override written before a
     # config file still wins over it
@@ -151,6 +153,7 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
                 if v is not config[k] and v != config[k]:
                     config[k] = _checked(k, v, defaults[k], valid, f'config file {arg}')
                     set_by[k] = arg
+                    file_values[k] = config[k]
                     given.add(k)
         else:                                              # --key=value
             key, _, raw = arg[2:].partition('=')
@@ -171,6 +174,8 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
     last_given.update(given)
     last_set_by.clear()
     last_set_by.update(set_by)
+    last_file_values.clear()
+    last_file_values.update(file_values)
     if verbose and int(os.environ.get('RANK', 0)) == 0:
         # what this run changed; every value is in the checkpoint ('config') and --help lists the defaults
         changed = {k: v for k, v in config.items() if v != defaults[k]}

@@ -184,8 +184,13 @@ def _read_file(path, fields):
         docs = re.split(r'^\s*<\|endoftext\|>\s*$', text, flags=re.MULTILINE)
     elif path.endswith('.jsonl'):
         docs = []
-        with open(path, encoding='utf-8-sig') as f:
-            for n, line in enumerate(f, 1):
+        with open(path, 'rb') as f:                   # each line decoded alone: an error names its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')
+                except UnicodeDecodeError as e:
+                    sys.exit(f'error: {path} line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the '
+                             f'line); save it as UTF-8')
                 if line.strip():
                     try:
                         obj = json.loads(line)
@@ -275,7 +280,11 @@ def prepare_if_missing(dataset, data_dir, prepare, rt):
     if data_dir and os.path.isfile(data_dir):
         sys.exit(f"error: data_dir='{data_dir}' is a file; data_dir is a folder of prepared tokens: make one with "
                  f"python prepare/tinystories.py --source={data_dir} --out_dir=data/NAME, then --data_dir=data/NAME")
-    if not data_dir and (os.sep in dataset or '/' in dataset or dataset.endswith(('.txt', '.jsonl', '.json'))):
+    if not data_dir and os.path.isfile(os.path.join(dataset, 'meta.json')):
+        sys.exit(f"error: dataset='{dataset}' is a name (the folder data/<dataset>); for the prepared folder "
+                 f"{dataset} pass --data_dir={dataset}")
+    if not data_dir and ('/' in dataset or os.sep in dataset or
+                         dataset.endswith(('.txt', '.jsonl', '.json', '.parquet'))):
         sys.exit(f"error: dataset='{dataset}' is a name (the folder data/<dataset>); prepare a file or folder with "
                  f"python prepare/tinystories.py --source={dataset} --out_dir=data/NAME, then --dataset=NAME")
     if data_dir:

@@ -344,7 +344,9 @@ if task_dir:
     train_ex, cut = encode_chat_examples(tok, read_task('sft_train.jsonl', ('prompt', 'response')), block_size,
                                          show_progress=rt.master)
     val_ex, _ = encode_chat_examples(tok, read_task('sft_val.jsonl', ('prompt', 'response')), block_size)
-    prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts] if eval_prompts else []
+    # the story task's held-out prompts, where the folder has them (prepare/chat.py's has none)
+    has_prompts = os.path.isfile(os.path.join(task_dir, 'prompts_val.jsonl'))
+    prompts = read_task('prompts_val.jsonl', ('prompt', 'words'))[:eval_prompts] if eval_prompts and has_prompts else []
     if rt.master:
         print(f'{len(train_ex):,} training and {len(val_ex):,} validation examples ({cut} cut to block_size), '
               f'{len(prompts)} held-out prompts')

@@ -224,21 +224,25 @@ class TextOffsets:
     """Where each token's text starts (len(tok.decode(ids[:k]))), counted in one pass as tokens
     come instead of decoding every prefix again: a token's bytes through an incremental UTF-8
     decoder (a token that ends inside a character adds it once it is whole); special tokens add no
-    text. A word tokenizer, which joins words by rules, decodes each prefix."""
+    text (in an answer), or their names (specials_in_text: an echoed prompt of ids, whose text is
+    tok.decode's). A word tokenizer, which joins words by rules, decodes each prefix."""
 
-    def __init__(self, ids=()):
-        self.at, self.n, self.text_ids = [], 0, []
+    def __init__(self, ids=(), specials_in_text=False):
+        self.at, self.n, self.text_ids, self.specials_in_text = [], 0, [], specials_in_text
         self.decoder = codecs.getincrementaldecoder('utf-8')('replace')
         for i in ids:
             self.add(i)
 
     def add(self, i):
         self.at.append(self.n)
-        if i in tok.special_names:
+        special = i in tok.special_names
+        if special and not self.specials_in_text:
             return
         self.text_ids.append(i)
-        self.n = len(tok.decode(self.text_ids)) if tok.kind == 'word' else \
-            self.n + len(self.decoder.decode(tok.decode_bytes([i])))
+        if tok.kind == 'word':
+            self.n = len(tok.decode(self.text_ids))
+        else:
+            self.n += len(tok.special_names[i]) if special else len(self.decoder.decode(tok.decode_bytes([i])))
 
 
 def prompts_of(path, body):
@@ -478,7 +482,7 @@ def scored_tokens(g, echo, a, b, chat):
     p = g.prompt
     n_echo = len(p.echo_ids) if echo else 0
     if n_echo and p.offsets is None:
-        p.offsets = TextOffsets(p.echo_ids).at
+        p.offsets = TextOffsets(p.echo_ids, specials_in_text=True).at
     rows = []
     for j in range(a, b):
         if j < n_echo:                                    # an echoed prompt token: p.ids[skipped + j],

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from config import configure, last_given, last_set_by, model_config_from
+from config import configure, last_file_values, last_given, last_set_by, model_config_from
 from data import TokenData, eval_generator, load_tokenizer_spec, prepare_if_missing
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
@@ -95,9 +95,10 @@ if cuda_sync_check and rt.device_type != 'cuda':
              f"it reports where the host waits for one")
 
 # --- data (data/<dataset> is prepared on first use by prepare/<dataset>.py) -----------------
-if prepare and last_set_by.get('prepare', '').endswith('.py') and last_set_by.get('dataset', '').startswith('--'):
-    # a config file's prepare= makes that config's own dataset: a --dataset=NAME of the command (a
-    # typo, or one's own data) is not made by it (it made TinyStories under the new name), but by
+if prepare and last_set_by.get('prepare', '').endswith('.py') and last_set_by.get('dataset', '').startswith('--') \
+        and dataset != last_file_values.get('dataset'):
+    # a config file's prepare= makes that config's own dataset: another --dataset=NAME of the command
+    # (a typo, or one's own data) is not made by it (it made TinyStories under the new name), but by
     # prepare/NAME.py where there is one
     prepare = ''
 data_dir = prepare_if_missing(dataset, data_dir, prepare, rt)

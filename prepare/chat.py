@@ -21,7 +21,8 @@ their own). Writes
                                      turns before the response, where there are more than that turn}
   meta.json                          the source, the formats found, the counts
 No prompts_val.jsonl: the story task's score (task.py: required words) means nothing for data of
-one's own, so sft.py and eval.py leave it out and report the response loss.
+one's own, so sft.py leaves it out (it reports the response loss on sft_val and a held-out answer),
+and eval.py reports the pretraining data's loss alone.
 """
 
 import json
@@ -36,7 +37,7 @@ from data import start_prepared, write_json, write_jsonl  # noqa: E402
 # -----------------------------------------------------------------------------
 source = ''                  # a .jsonl / .json file or a folder of them (required)
 val_source = ''              # held-out records of their own ('': val_fraction of source's)
-out_dir = ''                 # the task folder to write ('': data/<the source's name>)
+out_dir = ''                 # the task folder to write ('': data/<the source's name>_chat)
 val_fraction = 0.05          # of the records (whole conversations), at least one
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -45,7 +46,11 @@ if not source:
     sys.exit('error: name the data: python prepare/chat.py --source=FILE.jsonl (see --help for the formats)')
 if not 0 < val_fraction < 1:
     sys.exit(f'error: val_fraction={val_fraction} must be between 0 and 1')
-out_dir = out_dir or os.path.join('data', os.path.splitext(os.path.basename(os.path.normpath(source)))[0])
+out_dir = out_dir or os.path.join('data', os.path.splitext(os.path.basename(os.path.normpath(source)))[0] + '_chat')
+if os.path.exists(os.path.join(out_dir, 'train.bin')) or os.path.exists(os.path.join(out_dir, 'meta.json')) and \
+        json.load(open(os.path.join(out_dir, 'meta.json'))).get('kind') != 'chat':
+    sys.exit(f"error: {out_dir} holds other prepared data (a pretraining dataset or the story task); "
+             f"write the instruction data to a folder of its own (--out_dir=)")
 
 RESPONSE_KEYS = ('response', 'completion', 'output', 'answer')
 ROLES = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant', 'gpt': 'assistant'}
@@ -167,12 +172,15 @@ else:                                       # whole records held out, so no conv
                  f'or give val_source=)')
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(val_fraction * len(train)))
+    n_val = min(len(train) - 1, max(1, round(val_fraction * len(train))))     # at least one of each
     val = [train[i] for i in sorted(order[:n_val])]
     train = [train[i] for i in sorted(order[n_val:])]
 train, val = [e for x in train for e in x], [e for x in val for e in x]
 
 meta_path = start_prepared(out_dir)         # the folder is invalid until meta.json lands
+for name in os.listdir(out_dir):            # no files of an earlier preparation left beside the new ones
+    if name.endswith('.jsonl'):
+        os.remove(os.path.join(out_dir, name))
 write_jsonl(os.path.join(out_dir, 'sft_train.jsonl'), train)
 write_jsonl(os.path.join(out_dir, 'sft_val.jsonl'), val)
 write_json(meta_path, {'kind': 'chat', 'source': source, 'val_source': val_source, 'seed': seed, 'formats': kinds,

@@ -48,7 +48,7 @@ if source.startswith(('http://', 'https://')):
 else:
     if os.path.isdir(source) or source.endswith(('.jsonl', '.json', '.parquet')):
         sys.exit(f"error: prepare/shakespeare_char.py reads one plain text file; for '{source}' use "
-                 f"python prepare/tinystories.py --source={source} --tokenizer=char")
+                 f"python prepare/tinystories.py --source={source} --tokenizer=char --out_dir={out_dir}")
     if not os.path.isfile(source):
         sys.exit(f"error: source '{source}' does not exist")
     try:

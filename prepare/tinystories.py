@@ -43,7 +43,7 @@ configure(globals())
 if tokenizer not in KINDS:
     sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
 if tokenizer_file and tokenizer != 'gpt2':        # settings that would do nothing are refused, not ignored
-    sys.exit(f"error: tokenizer_file is GPT-2's rank file; tokenizer='{tokenizer}' learns its own vocabulary")
+    sys.exit(f"error: tokenizer_file is GPT-2's rank file, for tokenizer='gpt2' only (not '{tokenizer}')")
 if 'vocab_size' in last_given and tokenizer not in ('bpe', 'word'):
     sys.exit(f"error: vocab_size is learned by the bpe and word tokenizers; tokenizer='{tokenizer}' has a fixed one")
 
@@ -79,6 +79,9 @@ def load_hf(name):
 local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
     source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
 splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
+if set(splits) == {'val', 'all'} or set(splits) == {'train', 'all'}:   # files named for one split: the
+    other = 'train' if 'val' in splits else 'val'                        # rest are the other
+    splits = {other: splits.pop('all'), **splits}
 if set(splits) != {'train', 'val'}:
     every = [d for docs in splits.values() for d in docs]
     splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction)))

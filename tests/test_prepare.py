@@ -84,6 +84,14 @@ def test_jsonl_parquet_and_folder_splits(tmp_path):
     for name in ('train.txt', 'survival.txt', 'TinyStories-valid.txt'):
         (words / name).write_text(f'A story in {name}.')
     assert {k: len(v) for k, v in read_documents(str(words)).items()} == {'train': 1, 'all': 1, 'val': 1}
+    named = tmp_path / 'named'                                     # only the val file named: the rest is train
+    named.mkdir()
+    (named / 'mine.txt').write_text('One.\n<|endoftext|>\nTwo.\n<|endoftext|>\nThree.\n')
+    (named / 'mine_val.txt').write_text('Held out.\n')
+    run_script('prepare/tinystories.py', f'--source={named}', '--tokenizer=byte', f'--out_dir={tmp_path / "n"}',
+               cwd=tmp_path)
+    meta, _ = check_dataset(str(tmp_path / 'n'))
+    assert (meta['train_docs'], meta['val_docs']) == (3, 1)
 
 
 def test_one_plain_text_file_keeps_its_end_for_val(tmp_path):
@@ -104,7 +112,9 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     (tmp_path / 'not_json.jsonl').write_text('{"text": "ok"}\nnot json\n')
     (tmp_path / 'no_text.jsonl').write_text('{"title": "no text"}\n')
     (tmp_path / 'latin.txt').write_bytes('caf\xe9'.encode('latin-1'))
-    cases = [(f'--source={tmp_path / "latin.txt"}', 'latin.txt is not UTF-8 text (unexpected end of data at byte 3)'),
+    (tmp_path / 'latin.jsonl').write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\xe9"}\n'.encode('latin-1'))
+    cases = [(f'--source={tmp_path / "latin.jsonl"}', 'latin.jsonl line 2 is not UTF-8 text (invalid continuation'),
+             (f'--source={tmp_path / "latin.txt"}', 'latin.txt is not UTF-8 text (unexpected end of data at byte 3)'),
              ('--source=./nowhere.txt', "source './nowhere.txt' does not exist"),
              (f'--source={tmp_path / "not_json.jsonl"}', 'line 2 is not JSON'),
              (f'--source={tmp_path / "no_text.jsonl"}', "has no string field 'text' or 'story'"),
@@ -118,7 +128,7 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
         assert p.returncode != 0 and message in p.stderr, (arg, p.stderr[-500:])
     rank_file, size = run_script_many('prepare/tinystories.py', [
         ['--tokenizer=bpe', '--tokenizer_file=gpt2.tiktoken'], ['--tokenizer=char', '--vocab_size=300']], cwd=tmp_path)
-    assert "tokenizer_file is GPT-2's rank file; tokenizer='bpe' learns its own vocabulary" in rank_file.stderr
+    assert "tokenizer_file is GPT-2's rank file, for tokenizer='gpt2' only (not 'bpe')" in rank_file.stderr
     assert "vocab_size is learned by the bpe and word tokenizers; tokenizer='char' has a fixed one" in size.stderr
 
 

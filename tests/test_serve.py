@@ -399,6 +399,7 @@ def test_logprobs_of_answers_and_echoed_prompts_are_the_models(server):
     status, body = post(url, '/v1/completions', {'model': 'sft_serve', 'prompt': batch, 'temperature': 0,
                                                  'max_tokens': 1, 'logprobs': 1, 'echo': True, 'seed': 1234})
     assert status == 200 and [ch['index'] for ch in body['choices']] == [0, 1]
+    assert body['choices'][0]['logprobs']['text_offset'][:2] == [0, len('<|endoftext|>')]   # its text holds the name
     for ch, ids in zip(body['choices'], batch):
         got = ch['logprobs']['token_logprobs']
         assert got[0] is None and close(got[1:len(ids)], reference(ids)) and len(got) == len(ids) + 1

@@ -472,6 +472,14 @@ def test_prepare_chat_reads_the_common_formats_and_sft_trains_on_them(pipeline, 
     losses, log = val_losses(pipeline / 'sft_mine')
     assert losses[-1] < losses[0] - 0.5 and not any(k.startswith('task/') for r in log for k in r), losses
     assert 'has no prompts_val.jsonl' in out.stdout and out.stdout.count('  greedy answer: ') == 3
+    quiet, distilled = run_scripts([      # eval_prompts=0 answers nothing; distill.py reads the folder too
+        ('sft.py', ['--out_dir=sft_mine_quiet', *SFT, f'--task_dir={tmp_path / "task"}', '--max_iters=1',
+                    '--eval_prompts=0']),
+        ('distill.py', ['--teacher=sft_mine', '--out_dir=distill_mine', *SFT[1:], f'--task_dir={tmp_path / "task"}',
+                        '--max_iters=2', '--eval_interval=2', '--n_layer=1', '--n_head=2', '--n_embd=16',
+                        '--pos_emb=rope'])], cwd=pipeline)
+    assert quiet.returncode == 0 and 'greedy answer' not in quiet.stdout, quiet.stderr[-500:]
+    assert distilled.returncode == 0, distilled.stderr[-1000:]
 
 
 def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing(pipeline, tmp_path):
@@ -493,6 +501,16 @@ def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing
     assert 'c.jsonl line 1: the assistant turn 0 does not answer a user turn' in orphan.stderr
     assert 'd.jsonl is not UTF-8 text' in latin.stderr and 'save it as UTF-8' in latin.stderr
     assert 'e.json holds one record: it cannot be split into train and val' in single.stderr
+    two = source('f.jsonl', '{"prompt": "Hi", "response": "Hello"}\n' * 2)
+    (tmp_path / 'data' / 'mine').mkdir(parents=True)
+    (tmp_path / 'data' / 'mine' / 'train.bin').write_bytes(b'')          # a pretraining dataset's folder
+    (tmp_path / 'f_chat').mkdir()
+    (tmp_path / 'f_chat' / 'prompts_val.jsonl').write_text('{"prompt": "old", "words": []}\n')   # an earlier run's
+    pretraining, most = run_script_many('prepare/chat.py', [
+        [two, '--out_dir=data/mine'], [two, '--val_fraction=0.9', f'--out_dir={tmp_path / "f_chat"}']], cwd=tmp_path)
+    assert 'data/mine holds other prepared data' in pretraining.stderr
+    assert '-> 1 training and 1 validation examples' in most.stdout                # not 0 training examples
+    assert sorted(os.listdir(tmp_path / 'f_chat')) == ['meta.json', 'sft_train.jsonl', 'sft_val.jsonl']
     task = tmp_path / 'task'
     task.mkdir()
     (task / 'meta.json').write_text('{}')

@@ -204,13 +204,18 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert "changed by this command: rope_theta=500.0 (the checkpoint has 10000.0)" in older.stdout
     (tmp_path / 'own.py').write_text("dataset = 'mine'\nprepare = 'shakespeare_char.py --source=/nowhere'\n")
     (tmp_path / 'mine.txt').write_text('my own text')
-    vocab, nodata, stories, nothing, typo, afile, apath, upper, block, mode, graph = run_script_many('train.py', [
+    (tmp_path / 'prepared').mkdir()
+    (tmp_path / 'prepared' / 'meta.json').write_text('{}')
+    vocab, nodata, stories, nothing, typo, own, afile, apath, folder, upper, block, mode, graph = run_script_many(
+        'train.py', [
         train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
         train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
         train_args('data/stories', 'x'),                             # named as a prepare script is
         ['--dataset=nothing', '--device=cpu'],
         ['own.py', '--dataset=mine_typo', '--device=cpu'],            # the config's prepare= makes its 'mine'
-        ['--data_dir=mine.txt', '--device=cpu'], ['--dataset=mine.txt', '--device=cpu'], ['--device=CPU'],
+        ['own.py', '--dataset=mine', '--device=cpu'],                 # ... which it still makes
+        ['--data_dir=mine.txt', '--device=cpu'], ['--dataset=mine.txt', '--device=cpu'],
+        ['--dataset=prepared', '--device=cpu'], ['--device=CPU'],
         train_args(byte_data, 'x', '--max_iters=1', '--block_size=2000'),
         train_args(byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast'),
         train_args(byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True')], cwd=tmp_path)
@@ -226,6 +231,8 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert ("data_dir='mine.txt' is a file; data_dir is a folder of prepared tokens: make one with python "
             "prepare/tinystories.py --source=mine.txt --out_dir=data/NAME") in afile.stderr
     assert "dataset='mine.txt' is a name (the folder data/<dataset>)" in apath.stderr
+    assert 'shakespeare_char.py --source=/nowhere --out_dir=data/mine failed' in own.stderr
+    assert "for the prepared folder prepared pass --data_dir=prepared" in folder.stderr
     assert "device='CPU'; valid: auto, cpu, cuda, cuda:N, mps" in upper.stderr
     assert 'the val split of' in block.stderr and 'a window of block_size + 1 = 2001 needs more' in block.stderr
     assert 'evaluating' not in block.stdout                        # refused before any work
