@@ -171,6 +171,37 @@ def records_of_lines(lines):
     return docs
 
 
+def read_records(path):
+    """[(where, record)] of a .jsonl file (a JSON value a line, blank lines skipped) or a .json file
+    (a list of them); where names the file and its line or item, for error messages. A byte-order
+    mark is allowed; text that is not UTF-8, or not JSON, exits naming its line."""
+    if path.endswith('.json'):
+        try:
+            with open(path, encoding='utf-8-sig') as f:
+                data = json.load(f)
+        except UnicodeDecodeError as e:
+            sys.exit(f'error: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8')
+        except json.JSONDecodeError as e:
+            sys.exit(f'error: {path} is not JSON ({e.msg}, line {e.lineno})')
+        if not isinstance(data, list):
+            sys.exit(f'error: {path} must hold a JSON list of records (or use .jsonl: one record per line)')
+        return [(f'{path} item {i + 1}', r) for i, r in enumerate(data)]
+    records = []
+    with open(path, 'rb') as f:                           # each line decoded alone: an error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')
+            except UnicodeDecodeError as e:
+                sys.exit(f'error: {path} line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line); '
+                         f'save it as UTF-8')
+            if line.strip():
+                try:
+                    records.append((f'{path} line {n}', json.loads(line)))
+                except json.JSONDecodeError as e:
+                    sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
+    return records
+
+
 def _read_file(path, fields):
     def field_of(obj, where):
         for k in fields:
@@ -182,30 +213,8 @@ def _read_file(path, fields):
         with open(path, encoding='utf-8-sig') as f:
             text = f.read()
         docs = re.split(r'^\s*<\|endoftext\|>\s*$', text, flags=re.MULTILINE)
-    elif path.endswith('.jsonl'):
-        docs = []
-        with open(path, 'rb') as f:                   # each line decoded alone: an error names its line
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')
-                except UnicodeDecodeError as e:
-                    sys.exit(f'error: {path} line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the '
-                             f'line); save it as UTF-8')
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
-                    docs.append(field_of(obj, f'{path} line {n}'))
-    elif path.endswith('.json'):
-        with open(path, encoding='utf-8-sig') as f:
-            try:
-                objs = json.load(f)
-            except json.JSONDecodeError as e:
-                sys.exit(f'error: {path} is not JSON ({e.msg})')
-        if not isinstance(objs, list):
-            sys.exit(f'error: {path} must hold a JSON list of objects')
-        docs = [field_of(o, f'{path} item {i}') for i, o in enumerate(objs)]
+    elif path.endswith(('.jsonl', '.json')):
+        docs = [field_of(obj, where) for where, obj in read_records(path)]
     elif path.endswith('.parquet'):
         import pyarrow.parquet as pq
         table = pq.read_table(path)

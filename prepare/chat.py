@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import start_prepared, write_json, write_jsonl  # noqa: E402
+from data import read_records, start_prepared, write_json, write_jsonl  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = ''                  # a .jsonl / .json file or a folder of them (required)
@@ -59,7 +59,7 @@ FORMATS = ('prompt/response: {"prompt", "response" (or "completion", "output", "
            'ShareGPT: {"conversations": [{"from", "value"}]}')
 
 
-def read_records(path):
+def records_of(path):
     """[(where, record)] of a .jsonl / .json file or a folder of them; where names file and line."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(('.jsonl', '.json')))
@@ -68,27 +68,9 @@ def read_records(path):
         return [r for f in files for r in read_records(f)]
     if not os.path.isfile(path):
         sys.exit(f"error: source '{path}' does not exist")
-    try:
-        with open(path, encoding='utf-8-sig') as f:            # (a byte-order mark is allowed)
-            text = f.read()
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
-    if path.endswith('.json'):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            sys.exit(f'error: {path} is not JSON ({e.msg}, line {e.lineno})')
-        if not isinstance(data, list):
-            sys.exit(f'error: {path} must hold a list of records (or use .jsonl: one record per line)')
-        return [(f'{path} record {i + 1}', r) for i, r in enumerate(data)]
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append((f'{path} line {n}', json.loads(line)))
-            except json.JSONDecodeError as e:
-                sys.exit(f'error: {path} line {n} is not JSON ({e.msg})')
-    return records
+    if not path.endswith(('.jsonl', '.json')):
+        sys.exit(f"error: {path}: instruction data is a .jsonl file (a record a line) or a .json file (a list)")
+    return read_records(path)
 
 
 def text(value, where, field):
@@ -158,12 +140,12 @@ def convert(records):
     return kinds, out
 
 
-records = read_records(source)
+records = records_of(source)
 if not records:
     sys.exit(f"error: {source} holds no records")
 kinds, train = convert(records)
 if val_source:
-    val_kinds, val = convert(read_records(val_source))
+    val_kinds, val = convert(records_of(val_source))
     for k, v in val_kinds.items():
         kinds[k] = kinds.get(k, 0) + v
 else:                                       # whole records held out, so no conversation is split

@@ -499,7 +499,7 @@ def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing
     assert "a.jsonl line 1 has fields ['question', 'reply'], none of the formats: prompt/response:" in unknown.stderr
     assert 'b.jsonl line 2: response must be a non-empty string' in empty.stderr
     assert 'c.jsonl line 1: the assistant turn 0 does not answer a user turn' in orphan.stderr
-    assert 'd.jsonl is not UTF-8 text' in latin.stderr and 'save it as UTF-8' in latin.stderr
+    assert 'd.jsonl line 1 is not UTF-8 text' in latin.stderr and 'save it as UTF-8' in latin.stderr
     assert 'e.json holds one record: it cannot be split into train and val' in single.stderr
     two = source('f.jsonl', '{"prompt": "Hi", "response": "Hello"}\n' * 2)
     (tmp_path / 'data' / 'mine').mkdir(parents=True)
