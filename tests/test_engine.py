@@ -135,6 +135,19 @@ def test_logprobs_of_each_new_token_are_the_models_beside_requests_that_ask_none
         engine.add([1], 2, logprobs=-1)
 
 
+def test_prompt_logprobs_of_a_prompt_longer_than_its_256_position_chunks():
+    """generate.prompt_logprobs scores 256 positions at a time: a 300-token prompt's scores (and top
+    k) are one forward pass's, across the chunk boundary, over the tokenizer's ids (vocab_limit)."""
+    from generate import prompt_logprobs
+    model = build(**VARIANTS['gqa_rope'], block_size=320)
+    ids = torch.randint(0, 90, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    scored = prompt_logprobs(model, ids, 2, vocab_limit=90)
+    ref = torch.log_softmax(model(torch.tensor([ids]))[0][0, :-1, :90].float(), -1)
+    assert len(scored) == 299
+    assert all(abs(lp - ref[t, ids[t + 1]].item()) < 1e-4 and [i for i, _ in top] == ref[t].topk(2).indices.tolist()
+               for t, (lp, top) in enumerate(scored))
+
+
 def test_penalised_requests_get_their_tokens_alone_beside_plain_ones():
     """A request with OpenAI's frequency / presence penalties counts its own tokens on the device
     (nothing waits for the host) and gets what generate_tokens gives it alone."""

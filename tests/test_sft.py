@@ -518,6 +518,9 @@ def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing
     (task / 'sft_train.jsonl').write_text(json.dumps({'prompt': 'Hi', 'response': 42}) + '\n')
     number, = run_script_many('sft.py', [[*SFT, f'--task_dir={task}', '--max_iters=1']], cwd=pipeline)
     assert "sft_train.jsonl record 1: prompt and response must be text" in number.stderr
+    (task / 'sft_train.jsonl').write_text('\n')
+    nothing, = run_script_many('sft.py', [[*SFT, f'--task_dir={task}', '--max_iters=1']], cwd=pipeline)
+    assert 'sft_train.jsonl holds no examples' in nothing.stderr      # (it failed after step 0 with a RuntimeError)
     (task / 'sft_train.jsonl').write_text(json.dumps({'prompt': 'Hi ' * 200, 'response': 'Hello'}) + '\n')
     full, = run_script_many('sft.py', [[*SFT, f'--task_dir={task}', '--max_iters=1', '--block_size=64']], cwd=pipeline)
     assert ('no training example has a response token within block_size + 1 = 65 tokens: the prompts fill the '

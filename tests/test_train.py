@@ -206,7 +206,7 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     (tmp_path / 'mine.txt').write_text('my own text')
     (tmp_path / 'prepared').mkdir()
     (tmp_path / 'prepared' / 'meta.json').write_text('{}')
-    vocab, nodata, stories, nothing, typo, own, afile, apath, folder, upper, block, mode, graph = run_script_many(
+    vocab, nodata, stories, nothing, typo, own, afile, apath, folder, upper, bpe4k, block, mode, graph = run_script_many(
         'train.py', [
         train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
         train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
@@ -216,6 +216,7 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
         ['own.py', '--dataset=mine', '--device=cpu'],                 # ... which it still makes
         ['--data_dir=mine.txt', '--device=cpu'], ['--dataset=mine.txt', '--device=cpu'],
         ['--dataset=prepared', '--device=cpu'], ['--device=CPU'],
+        ['--dataset=tinystories_bpe4k', '--data_dir=nowhere', '--device=cpu'],   # no prepare/ script of that name
         train_args(byte_data, 'x', '--max_iters=1', '--block_size=2000'),
         train_args(byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast'),
         train_args(byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True')], cwd=tmp_path)
@@ -234,6 +235,7 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert 'shakespeare_char.py --source=/nowhere --out_dir=data/mine failed' in own.stderr
     assert "for the prepared folder prepared pass --data_dir=prepared" in folder.stderr
     assert "device='CPU'; valid: auto, cpu, cuda, cuda:N, mps" in upper.stderr
+    assert 'e.g. python prepare/tinystories.py --out_dir=nowhere' in bpe4k.stderr   # (it named tinystories_bpe4k.py)
     assert 'the val split of' in block.stderr and 'a window of block_size + 1 = 2001 needs more' in block.stderr
     assert 'evaluating' not in block.stdout                        # refused before any work
     assert mode.returncode != 0 and "compile_mode='fast'; valid: default, reduce-overhead" in mode.stderr
