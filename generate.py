@@ -539,7 +539,8 @@ def use_cuda_graph(value, device_type):
 def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
                   batch_size=32, autocast=contextlib.nullcontext, generator=None, cuda_graph=False,
                   frequency_penalty=0.0, presence_penalty=0.0):
-    """Responses to `prompts` (strings) with the chat template, in left-padded batches through the
+    """Responses to `prompts` (strings, or conversations: [{'role', 'content'}, ...] ending with the
+    user's turn) with the chat template, in left-padded batches through the
     KV cache. Returns one dict per prompt: 'ids' (the response tokens, without the stop token),
     'text', 'ended' (True if the model ended its turn: emitted <|end|>) and 'stop' (the id of
     the token that stopped it, <|end|> or EOT, or None at max_new_tokens). An EOT also stops the
@@ -553,7 +554,8 @@ def generate_chat(model, tok, prompts, max_new_tokens=256, temperature=0.0, top_
     stops = tok.stop_ids()
     out = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [tok.encode_chat(p)[0] for p in prompts[i:i + batch_size]]
+        chunk = [tok.encode_chat(p)[0] if isinstance(p, str) else tok.encode_messages(p)
+                 for p in prompts[i:i + batch_size]]
         idx, mask = pad_prompts(chunk, pad_id=tok.eot_id, device=device)
         with autocast():
             new = list(generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,

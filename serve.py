@@ -28,8 +28,8 @@ Log-probabilities are the model's own distribution, before temperature, top_p or
 starts with the end-of-text token, as every training document did, and its echo leaves that out
 (so even its first token has a log-probability). With echo and logprobs the prompt is scored by
 one more forward pass over it, on the engine's thread (generate.prompt_logprobs). This is how
-lm-evaluation-harness scores a model's multiple-choice answers (its local-completions model, with
-tokenizer= the checkpoint's, e.g. gpt2).
+lm-evaluation-harness scores a model's multiple-choice answers (its local-completions model, which
+tokenizes through /tokenize: experiments/lm_eval_serve.sh).
 A request is checked before anything runs; what cannot be served gets a 4xx in OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: malformed JSON, no messages, an unknown model
 (404, model_not_found; a request may leave the model out), a prompt or max_tokens past the
@@ -499,12 +499,13 @@ def scored_tokens(g, echo, a, b, chat):
 def completion_logprobs(rows):
     """OpenAI's logprobs of a completion: tokens, token_logprobs, top_logprobs (the likeliest
     tokens and the chosen one, by text), text_offset."""
+    names = [token_piece(i)[0] for i, *_ in rows]
     tops = []
-    for i, lp, top, _ in rows:
+    for name, (_, lp, top, _) in zip(names, rows):
         tops.append(None if top is None else {token_piece(j)[0]: v for j, v in top})
         if tops[-1] is not None:
-            tops[-1].setdefault(token_piece(i)[0], lp)
-    return {'tokens': [token_piece(i)[0] for i, *_ in rows], 'token_logprobs': [lp for _, lp, _, _ in rows],
+            tops[-1].setdefault(name, lp)
+    return {'tokens': names, 'token_logprobs': [lp for _, lp, _, _ in rows],
             'top_logprobs': tops, 'text_offset': [at for *_, at in rows]}
 
 

@@ -36,7 +36,7 @@ import torch
 from checkpoint import load_chat_model
 from config import configure
 from data import chat_batch, encode_chat_examples, neighbours_in_length, pack_chat_examples, read_prepared
-from generate import generate, use_cuda_graph
+from generate import generate_chat, use_cuda_graph
 from model import masked_cross_entropy, through_last
 from runtime import close_runtime, init_runtime
 from task import LIST_WORDS, evaluate_task
@@ -240,12 +240,8 @@ def evaluate(model):
                 print(f"  prompt: {r['example']['prompt']}\n  greedy answer: {r['example']['answer'][:300]!r}")
     elif eval_prompts and rt.master:  # no task: what the model answers to a held-out prompt, to read
         first = val_records[0]         # (its whole conversation, as it was trained)
-        ids = tok.encode_chat(first['prompt'], messages=first.get('messages'))[0]
-        with rt.autocast():
-            new = generate(getattr(model, '_orig_mod', model), torch.tensor([ids], device=rt.device), max_new_tokens,
-                           temperature=0.0, stop_ids=tok.stop_ids(), vocab_limit=tok.vocab_size)
-        new = new[0, len(ids):].tolist()
-        answer = tok.decode([t for t in new if t not in tok.special_names])
+        answer = generate_chat(getattr(model, '_orig_mod', model), tok, [first.get('messages') or first['prompt']],
+                               max_new_tokens, 0.0, autocast=rt.autocast)[0]['text']
         print(f"  prompt: {first['prompt'][:200]!r}\n  greedy answer: {answer[:300]!r}")
     return metrics
 

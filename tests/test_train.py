@@ -206,8 +206,7 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     (tmp_path / 'mine.txt').write_text('my own text')
     (tmp_path / 'prepared').mkdir()
     (tmp_path / 'prepared' / 'meta.json').write_text('{}')
-    vocab, nodata, stories, nothing, typo, own, afile, apath, folder, upper, bpe4k, block, mode, graph = run_script_many(
-        'train.py', [
+    runs = run_script_many('train.py', [
         train_args(byte_data, 'x', '--max_iters=1', '--vocab_size=100'),
         train_args(str(tmp_path / 'nodata'), 'x'),                   # a named folder: never prepared
         train_args('data/stories', 'x'),                             # named as a prepare script is
@@ -220,6 +219,7 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
         train_args(byte_data, 'x', '--max_iters=1', '--block_size=2000'),
         train_args(byte_data, 'x', '--max_iters=1', '--compile=True', '--compile_mode=fast'),
         train_args(byte_data, 'x', '--max_iters=1', '--cuda_graph_train=True')], cwd=tmp_path)
+    vocab, nodata, stories, nothing, typo, own, afile, apath, folder, upper, bpe4k, block, mode, graph = runs
     assert 'vocab_size=100 is smaller than the dataset' in vocab.stderr
     assert f"no dataset at data_dir='{tmp_path / 'nodata'}' (no meta.json)" in nodata.stderr
     assert not (tmp_path / 'nodata').exists()
