@@ -240,25 +240,44 @@ def paired_gain(d):
     return f' (per prompt: {d[0]:+.3f} ± {d[1]:.3f}, its standard error over {d[2]} prompts)' if d else ''
 
 
+def task_scores(names):
+    """The greedy task scores of the stages names (SFT first) that a target compares, and a note: all
+    eval.py's; or, where eval.py did not evaluate some of them (a run cut short), all from the
+    stages' own last evaluations in their logs, which answered the first eval_prompts held-out
+    prompts, the same ones where every stage was given the same eval_prompts (else the scores are
+    not comparable: all None). eval.py's score for one and a log's for another would compare
+    answers to different prompts."""
+    if len({stages[k]['source'] for k in names}) == 1:
+        return [stages[k]['task_score'] for k in names], ''
+    counts = {stages[k]['config'].get('eval_prompts') for k in names}
+    if len(counts) > 1 or None in counts:
+        return [None] * len(names), ("; not compared: eval.py did not evaluate all of them, and their own "
+                                     "evaluations answered different numbers of prompts")
+    scores = [held_out_from_log(k, log_rows(k)).get('task/score') for k in names]
+    return scores, (f"; all from the stages' training logs (eval.py did not evaluate all of them), each "
+                    f"on the same first {counts.pop()} held-out prompts")
+
+
 # a score missing (a stage's eval.json not written) leaves its target unknown, never met or missed by default
-dpo = [stages[k]['task_score'] for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
-if dpo and 'sft' in stages:
-    sft_score = stages['sft']['task_score']
+seeds = [k for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
+if seeds and 'sft' in stages:
+    (sft_score, *dpo), measured = task_scores(['sft'] + seeds)
+    dpo = [x for x in dpo if x is not None]
     spread = statistics.stdev(dpo) if len(dpo) > 1 else float('nan')   # the seeds' sample std
-    gain = None if sft_score is None else statistics.mean(dpo) - sft_score
+    gain = None if sft_score is None or not dpo else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
           f'> spread {fmt(spread)} ({len(dpo)} seeds)' if len(dpo) > 1 else '> the spread of 2 or more seeds (1 ran)',
           None if gain is None or len(dpo) < 2 else gain > spread,
-          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}", unit='points',
+          f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}{measured}", unit='points',
           threshold=spread if len(dpo) > 1 else None)
 for name in ('ppo', 'grpo'):
     if name in stages and 'sft' in stages:
-        scores = (stages[name]['task_score'], stages['sft']['task_score'])
+        scores, measured = task_scores([name, 'sft'])
         gain = None if None in scores else scores[0] - scores[1]
         d = paired(os.path.join('sft', 'eval_answers.jsonl'), os.path.join(name, 'eval_answers.jsonl'))
         check(f'{name.upper()}: task reward above SFT (greedy, held-out prompts)', gain, '> 0',
               None if gain is None else gain > 0,
-              f"{fmt(stages[name]['task_score'])} vs SFT {fmt(stages['sft']['task_score'])}{paired_gain(d)}; "
+              f"{fmt(scores[0])} vs SFT {fmt(scores[1])}{paired_gain(d)}{measured}; "
               f"on answers sampled at temperature 1: {fmt(stages[name]['score_sampled'])} vs "
               f"{fmt(stages['sft']['score_sampled'])}; KL to SFT {fmt(stages[name]['kl_ref'], '.2f')} nats per answer",
               unit='points', threshold=0, standard_error=d[1] if d else None)

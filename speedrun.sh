@@ -30,7 +30,9 @@
 # profiles below; the last value of a key wins), EVAL_RUNS names the runs eval evaluates, and
 # FREQUENCY_PENALTY the penalty of their second, penalized greedy answers (0: none), and
 # PROGRESS_EVERY how often (seconds, default 30; 0: never) a running stage's latest progress line
-# from its log is printed:
+# from its log is printed; a stage that runs out of GPU memory (stages side by side share the GPU)
+# starts again after OOM_WAIT seconds (default 60, plus up to half of it at random), up to
+# OOM_RETRIES times (default 3; 0: never):
 # $ SFT_EXTRA="--learning_rate=3e-4" MODEL_EXTRA="--max_iters=3000" bash speedrun.sh --profile=gpu
 # Ctrl-C stops the stages it started too (a training stage saves a checkpoint first; a kill stops them
 # at once). A stage that finished before is skipped, whatever the settings now (so the same command
@@ -57,7 +59,10 @@ done
 OUT=${OUT:-out/speedrun_$PROFILE}
 export PYTHONUNBUFFERED=1
 PROGRESS_EVERY=${PROGRESS_EVERY:-30}
-[[ $PROGRESS_EVERY =~ ^(0|[1-9][0-9]*)$ ]] || { echo "error: PROGRESS_EVERY='$PROGRESS_EVERY' is not a whole number of seconds"; exit 2; }
+OOM_RETRIES=${OOM_RETRIES:-3} OOM_WAIT=${OOM_WAIT:-60}
+for v in PROGRESS_EVERY OOM_RETRIES OOM_WAIT; do
+  [[ ${!v} =~ ^(0|[1-9][0-9]*)$ ]] || { echo "error: $v='${!v}' is not a whole number"; exit 2; }
+done
 # torch 2.11's inductor once asserted in its coalescing analysis (tiling_utils.get_pw_red_splits) while
 # compiling SFT's training step on the H200 (notes/lifecycle.md); that analysis only picks tilings
 export TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=${TORCHINDUCTOR_COALESCE_TILING_ANALYSIS:-0}
@@ -256,13 +261,26 @@ run() {
   fi
   [ -e "$done" ] && echo "$name: $done is there but the stage did not finish (no line in times.tsv): it runs again"
   echo "$name: $*   (log: $OUT/logs/$name.log)"
-  local t0=$SECONDS rc=0 ticker=''
+  local t0=$SECONDS rc=0 ticker='' tries=0 pause
   if [ "$PROGRESS_EVERY" != 0 ]; then progress $name $OUT/logs/$name.log & ticker=$!; fi
-  # in this shell as a job (set -m above), so that a kill is not put off until the stage ends; in a
-  # phase's subshell in the foreground (a subshell's background commands would ignore Ctrl-C)
-  # (stdin /dev/null: a job reading the terminal would be stopped, and wait would return)
-  if [ $BASH_SUBSHELL = 0 ]; then "$@" < /dev/null > $OUT/logs/$name.log 2>&1 & wait $! || rc=$?
-  else "$@" < /dev/null > $OUT/logs/$name.log 2>&1 || rc=$?; fi
+  while :; do
+    rc=0
+    # in this shell as a job (set -m above), so that a kill is not put off until the stage ends; in a
+    # phase's subshell in the foreground (a subshell's background commands would ignore Ctrl-C)
+    # (stdin /dev/null: a job reading the terminal would be stopped, and wait would return)
+    if [ $BASH_SUBSHELL = 0 ]; then "$@" < /dev/null > $OUT/logs/$name.log 2>&1 & wait $! || rc=$?
+    else "$@" < /dev/null > $OUT/logs/$name.log 2>&1 || rc=$?; fi
+    # out of GPU memory: the stages side by side share one GPU, and on a smaller card than the
+    # profile was sized for (an 80 GB H100 beside the H200's 141 GB) the others can hold what this
+    # one needs. It starts again once they may have let go: after OOM_WAIT seconds plus up to half
+    # of that at random (stages that failed together do not start again together), OOM_RETRIES times
+    [ $rc != 0 ] && [ $tries -lt $OOM_RETRIES ] && grep -qs 'CUDA out of memory' $OUT/logs/$name.log || break
+    tries=$((tries + 1)); pause=$((OOM_WAIT + RANDOM % (OOM_WAIT / 2 + 1)))
+    mv $OUT/logs/$name.log $OUT/logs/$name.oom$tries.log
+    echo "$name: out of GPU memory (logs/$name.oom$tries.log); starting it again in $pause s" \
+         "(retry $tries of $OOM_RETRIES)"
+    sleep $pause & wait $! || true       # (a wait, so that Ctrl-C or a kill is not put off until the sleep ends)
+  done
   [ -z "$ticker" ] || { kill $ticker 2> /dev/null; wait $ticker 2> /dev/null; } || true
   if [ $rc != 0 ]; then
     echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1

@@ -24,6 +24,9 @@
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
 # SIDE=0 leaves out the side runs, SIDES='best embed' runs only those named (each slows the
 # main run: all of them do not fit 30 minutes of GPU time), BENCH=0 leaves out the serving benchmarks.
+# The side runs were sized for an H200's 141 GB: on an 80 GB H100 the main run's reward model and three
+# side runs once ran out of memory beside them; such a stage now starts again a minute later
+# (speedrun.sh OOM_RETRIES), so the run is slower there, not cut.
 # STAGES (speedrun.sh --stages) and EVAL_RUNS run part of the main life cycle, for the side runs' levers
 # in less time: STAGES=prepare,train,sft,prefs,student_scratch,eval,report EVAL_RUNS="base sft student_scratch"
 set -uo pipefail

@@ -151,9 +151,37 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     (out / 'ppo' / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     md = (out / 'report.md').read_text()
-    sft_score = json.loads((out / 'sft' / 'eval.json').read_text())['task/score']
     assert '| ppo † |' in md and '| 0.950 |' in md and '| 75.0% |' in md and "† eval.py did not evaluate" in md
+    # its target compares it with SFT's own last evaluation in SFT's log, on the same first
+    # eval_prompts prompts, not with eval.py's score of SFT (other prompts)
+    sft_logged = [json.loads(line) for line in (out / 'sft' / 'log.jsonl').read_text().splitlines()]
+    sft_score = [r for r in sft_logged if 'task/score_greedy' in r][-1]['task/score_greedy']
+    assert sft_score != json.loads((out / 'sft' / 'eval.json').read_text())['task/score']   # (a test that can fail)
     assert f'| PPO: task reward above SFT (greedy, held-out prompts) | {0.95 - sft_score:+.3f} | > 0 |' in md
+    assert "all from the stages' training logs (eval.py did not evaluate all of them), each on the same first 2" in md
+    # DPO's seeds cut before eval.py likewise: their scores and SFT's all from the logs
+    for i, x in enumerate((0.7, 0.75, 0.8)):
+        (out / f'dpo_seed{i + 1}').mkdir(exist_ok=True)
+        if not (out / f'dpo_seed{i + 1}' / 'ckpt.pt').exists():
+            os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / f'dpo_seed{i + 1}' / 'ckpt.pt')
+        (out / f'dpo_seed{i + 1}' / 'eval.json').unlink(missing_ok=True)
+        (out / f'dpo_seed{i + 1}' / 'log.jsonl').write_text(json.dumps({'step': 5, 'task/score_greedy': x}) + '\n')
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    assert (f'| DPO: task score above SFT by more than the seed spread | {0.75 - sft_score:+.3f} | > spread 0.050 '
+            f'(3 seeds) |') in md
+    # where a stage's own evaluations answered another number of prompts, the two are not compared
+    import torch
+    ckpt = torch.load(out / 'ppo' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    ckpt['config']['eval_prompts'] = 5
+    (out / 'ppo' / 'ckpt.pt').unlink()
+    torch.save(ckpt, out / 'ppo' / 'ckpt.pt')
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
+    assert 'their own evaluations answered different numbers of prompts' in md
+    for i in range(3):
+        shutil.rmtree(out / f'dpo_seed{i + 1}')
     assert 'smoke test' not in md
     # students cut before eval.py (from their logs) and a teacher evaluated by eval.py (other batches):
     # the share of the gap comes from the logs alone, the teacher's as distill.py measured it
@@ -402,7 +430,44 @@ def test_speedrun_prints_a_running_stages_progress(tmp_path):
     for bad in ('soon', '08'):                    # (a leading zero: bash would read it as octal)
         p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
                            cwd=repo, env=dict(env, PROGRESS_EVERY=bad), capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and f"PROGRESS_EVERY='{bad}' is not a whole number of seconds" in p.stdout
+        assert p.returncode == 2 and f"PROGRESS_EVERY='{bad}' is not a whole number" in p.stdout
+
+
+def test_speedrun_starts_a_stage_that_ran_out_of_gpu_memory_again(tmp_path):
+    """Stages side by side share one GPU: a stage that fails out of GPU memory (torch's message in
+    its log) starts again after OOM_WAIT seconds, up to OOM_RETRIES times, its failed log kept; a
+    stage that fails otherwise, or runs out of memory past the retries, stops the run."""
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / 'bin').mkdir()
+    # a stage that runs out of memory the first OOMS times it starts (it counts its starts in a file)
+    (tmp_path / 'bin' / 'python').write_text(
+        f'#!/usr/bin/env bash\n[ "$1" = -c ] && exec {sys.executable} "$@"\n'
+        f'echo start >> {tmp_path}/starts; n=$(wc -l < {tmp_path}/starts)\n'
+        'if [ $n -le $OOMS ]; then echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 32.00 MiB."; '
+        'exit 1; fi\n[ -z "$OTHER_FAILURE" ] || { echo "ValueError: bad"; exit 1; }\n'
+        'for a in "$@"; do case $a in --out_dir=*) mkdir -p ${a#*=} && touch ${a#*=}/ckpt.pt ;; esac; done\n')
+    (tmp_path / 'bin' / 'python').chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", OOM_WAIT='1', PROGRESS_EVERY='0')
+
+    def speedrun(out, **extra):
+        (tmp_path / 'starts').unlink(missing_ok=True)
+        p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/{out}', '--stages=sft'],
+                           cwd=repo, env=dict(env, **extra), capture_output=True, text=True, timeout=120)
+        return p, len((tmp_path / 'starts').read_text().splitlines()) if (tmp_path / 'starts').exists() else 0
+
+    p, starts = speedrun('two', OOMS='2')
+    assert p.returncode == 0 and starts == 3, p.stdout + p.stderr
+    assert 'sft: out of GPU memory (logs/sft.oom1.log); starting it again in ' in p.stdout and '(retry 2 of 3)' in p.stdout
+    assert 'CUDA out of memory' in (tmp_path / 'two' / 'logs' / 'sft.oom2.log').read_text()
+    assert 'CUDA out of memory' not in (tmp_path / 'two' / 'logs' / 'sft.log').read_text()
+    assert 'sft\t' in (tmp_path / 'two' / 'times.tsv').read_text()
+    p, starts = speedrun('never', OOMS='1', OOM_RETRIES='0')
+    assert p.returncode == 1 and starts == 1 and 'error: stage sft failed' in p.stdout, p.stdout
+    p, starts = speedrun('other', OOMS='0', OTHER_FAILURE='1')        # another error: not started again
+    assert p.returncode == 1 and starts == 1 and 'out of GPU memory' not in p.stdout, p.stdout
+    p, _ = speedrun('bad', OOMS='0', OOM_WAIT='soon')
+    assert p.returncode == 2 and "error: OOM_WAIT='soon' is not a whole number" in p.stdout
 
 
 def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_path):
