@@ -104,6 +104,8 @@ class Request:
     counts: torch.Tensor = None       # with a penalty: (V,) uses of each token in its output, on the device
     logprobs: int = None              # k: record each new token's log-probability and the k most likely
     token_logprobs: list = field(default_factory=list)   # then, per output token: (logprob, [(id, logprob)] * k)
+    prompt_logprobs: int = None       # k: also score the prompt's own tokens as its prefill reads them
+    prompt_scores: list = field(default_factory=list)    # then, for prompt[1:]: (logprob, [(id, logprob)] * k)
     blocks: list = field(default_factory=list)   # its block table
     length: int = 0                   # tokens in the cache
     pending: list = field(default_factory=list)  # the prompt's tokens still to read
@@ -451,16 +453,21 @@ class Engine:
         return -(-n_tokens // self.pool.tokens_per_block)
 
     def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), seed=None,
-            frequency_penalty=0.0, presence_penalty=0.0, logprobs=None):
+            frequency_penalty=0.0, presence_penalty=0.0, logprobs=None, prompt_logprobs=None):
         """Queue a request (prompt: token ids); returns it (request.output fills as it runs).
         logprobs=k: request.token_logprobs also gets each new token's log-probability and the k
         most likely tokens' (generate.token_logprobs: the model's distribution, before sampling
-        reshapes it). Refused by name if it could never fit: past the model's block_size, or more
+        reshapes it). prompt_logprobs=k: request.prompt_scores gets the same for each prompt token
+        after the first, given the ones before it, from the prefill's own forward passes (as
+        generate.prompt_logprobs scores a text: what an evaluation harness asks of a server), all
+        of them by the time its first token comes; such a request reads its whole prompt (no cached
+        prefix). Refused by name if it could never fit: past the model's block_size, or more
         blocks than the pool has."""
         if not prompt or max_new_tokens < 1:
             raise ValueError('a request needs at least one prompt token and max_new_tokens >= 1')
-        if logprobs is not None and not (isinstance(logprobs, int) and logprobs >= 0):
-            raise ValueError(f'logprobs={logprobs!r} must be None or a whole number >= 0')
+        for name, k in (('logprobs', logprobs), ('prompt_logprobs', prompt_logprobs)):
+            if k is not None and not (isinstance(k, int) and k >= 0):
+                raise ValueError(f'{name}={k!r} must be None or a whole number >= 0')
         total = len(prompt) + max_new_tokens
         if total > self.model.config.block_size:
             raise ValueError(f'prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the '
@@ -470,7 +477,8 @@ class Engine:
         g = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         r = Request(prompt=list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, stop_ids=tuple(stop_ids), generator=g, id=next(self.ids),
-                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, logprobs=logprobs)
+                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs)
         if frequency_penalty or presence_penalty:
             r.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
         r.pending = list(prompt)
@@ -491,7 +499,8 @@ class Engine:
             # reuse at most the blocks wholly inside prompt[:-1]: the last prompt token is always
             # computed, for the logits of the first new token (so a prompt made only of cached
             # blocks recomputes its last block, into a block of its own)
-            reused = self.pool.lookup(r.hashes[:(len(r.prompt) - 1) // bs])
+            # (a request that scores its prompt reuses none: its scores come from reading every token)
+            reused = [] if r.prompt_logprobs is not None else self.pool.lookup(r.hashes[:(len(r.prompt) - 1) // bs])
             idle = sum(self.pool.ref[b] == 0 for b in reused)    # cached blocks this request revives
             if need - len(reused) > self.pool.available() - idle:
                 break
@@ -535,13 +544,17 @@ class Engine:
         # the rows reading a prompt chunk go through the model apart from the rows feeding one
         # token, so that no decoding row is padded to a chunk's width: at 64 rows and one new
         # 128-token prompt, 128 + 63 token positions instead of 64 x 128
-        chunked = [r for r in rows if len(r.pending) > 1]
-        rows = chunked + [r for r in rows if len(r.pending) <= 1]
+        # (and the rows that score their prompt's tokens apart from both: they need every position's logits)
+        scoring = [r for r in rows if r.pending and r.prompt_logprobs is not None]
+        chunked = [r for r in rows if len(r.pending) > 1 and r.prompt_logprobs is None]
+        rows = scoring + chunked + [r for r in rows if len(r.pending) <= 1 and not (r.pending and r.prompt_logprobs
+                                                                                    is not None)]
         # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
         # before: -1 - i stands for entry i of that step's tokens, still on the device
         feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
-        n = len(chunked)
-        parts = [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((0, n), (n, len(rows))) if b > a]
+        n, m = len(scoring), len(scoring) + len(chunked)
+        parts = ([self.score_rows(rows[:n], feed[:n])] if n else []) + \
+            [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((n, m), (m, len(rows))) if b > a]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), row k's in row k
         self.stats['steps'] += 1
         # every row's greedy choice in one argmax; a sampling row draws with its own generator (its
@@ -626,6 +639,28 @@ class Engine:
         cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
         self.stats['eager_steps'] += 1
         return self.model(idx, cache=cache, last_only=True)[0][:, -1]   # (B, V)
+
+    def score_rows(self, rows, feed):
+        """forward_rows for rows reading a chunk of a prompt they score (eagerly, every position's
+        logits): the chunk prompt[s:s + c] at columns T - c..T - 1, where column T - c + j predicts
+        prompt[s + j + 1] (the last one of the whole prompt predicts the first new token, not scored
+        here). Adds each scored token's (logprob, top k) to r.prompt_scores; (B, V) last logits."""
+        idx, _ = pad_prompts(feed)
+        idx = idx.to(self.device)
+        cache = PagedCache(self.pool, rows, [len(f) for f in feed], self.device)
+        self.stats['eager_steps'] += 1
+        logits = self.model(idx, cache=cache)[0]                        # (B, T, V)
+        T = idx.size(1)
+        for b, (r, f) in enumerate(zip(rows, feed)):
+            start = len(r.prompt) - len(r.pending)                       # where this chunk starts
+            targets = r.prompt[start + 1:start + len(f) + 1]
+            if targets:           # (float32 log-softmax over the chunk's positions: at most prefill_chunk)
+                chosen, values, top = token_logprobs(logits[b, T - len(f):T - len(f) + len(targets)],
+                                                     torch.tensor(targets, device=self.device), r.prompt_logprobs,
+                                                     self.vocab_limit)
+                r.prompt_scores += [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), top.tolist(),
+                                                                           values.tolist())]
+        return logits[:, -1]
 
     def bucket(self, B):
         """The rows a step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and max_batch

@@ -26,8 +26,9 @@ Any OpenAI client works, e.g. openai.OpenAI(base_url='http://127.0.0.1:8000/v1',
 Log-probabilities are the model's own distribution, before temperature, top_p or the penalties
 (generate.token_logprobs). A completion's prompt of token ids is read as given; a string prompt
 starts with the end-of-text token, as every training document did, and its echo leaves that out
-(so even its first token has a log-probability). With echo and logprobs the prompt is scored by
-one more forward pass over it, on the engine's thread (generate.prompt_logprobs). This is how
+(so even its first token has a log-probability). With echo and logprobs the engine scores the
+prompt's tokens as its prefill reads them (Engine.add prompt_logprobs, batched with the other
+requests; such a prompt reuses no cached prefix), and they come with the first token. This is how
 lm-evaluation-harness scores a model's multiple-choice answers (its local-completions model, which
 tokenizes through /tokenize: experiments/lm_eval_serve.sh).
 A request is checked before anything runs; what cannot be served gets a 4xx in OpenAI's shape,
@@ -64,7 +65,7 @@ import torch
 from checkpoint import load_model, newest_run
 from config import configure
 from engine import Engine, cache_numbers_per_token
-from generate import prompt_logprobs, use_cuda_graph
+from generate import use_cuda_graph
 from runtime import init_runtime
 
 # -----------------------------------------------------------------------------
@@ -119,10 +120,6 @@ def engine_loop():
         while not inbox.empty() or not (engine.waiting or engine.running):
             args, stop, reply = inbox.get()
             try:
-                args = dict(args)
-                score = args.pop('score_prompt', None)      # echo with logprobs: the prompt's own tokens
-                if score is not None:
-                    reply.put(('prompt', prompt_logprobs(model, args['prompt'], score, tok.vocab_size)))
                 r = engine.add(**args)
                 listeners[r.id] = reply
                 if stop:
@@ -146,6 +143,8 @@ def engine_loop():
             events = engine.step()
             for r, token, finished in events:
                 if token is not None:              # (with its log-probabilities, if it asked)
+                    if r.prompt_logprobs is not None and len(r.output) == 1:    # and first, its prompt's
+                        listeners[r.id].put(('prompt', r.prompt_scores))
                     listeners[r.id].put(('token', (token, r.token_logprobs[-1] if r.logprobs is not None else None)))
                     if r.id in texts and not finished and token not in tok.special_names:
                         stop, ids = texts[r.id]
@@ -370,18 +369,16 @@ class Generation:
     """One choice of one HTTP request: its token ids in, text out as it comes, stop strings cut;
     with logprobs each token's (logprob, [(id, logprob)] * k) beside it in self.logprobs.
     index: its place among the request's choices; choice: among its prompt's n (it samples with
-    seed + choice); score: echo with logprobs, the prompt's own tokens scored too (prompt_scores)."""
+    seed + choice); echo with logprobs: score (its prompt's first choice) asks the engine to score
+    the prompt's own tokens, scorer (its other choices) is the choice that did."""
 
-    def __init__(self, args, stop, index, prompt, choice=0, score=False):
+    def __init__(self, args, stop, index, prompt, choice=0, score=False, scorer=None):
         self.reply, self.index, self.stop, self.prompt, self.choice = queue.Queue(), index, stop, prompt, choice
         seed = args['seed']
-        score = {'score_prompt': args['logprobs']} if score else {}
+        score = {'prompt_logprobs': args['logprobs']} if score else {}
         inbox.put(({**args, **score, 'seed': None if seed is None else seed + choice}, stop, self.reply))
         kind, value = self.reply.get()
-        self.prompt_scores = None
-        if kind == 'prompt':                              # generate.prompt_logprobs of prompt.ids
-            self.prompt_scores = value
-            kind, value = self.reply.get()
+        self.scorer, self.prompt_scores = self if score else scorer, None
         if kind == 'error':                               # the engine refused it (e.g. the pool is too small)
             raise APIError(value)
         if kind == 'failed':                              # the engine could not admit it
@@ -392,6 +389,19 @@ class Generation:
         self.asked = args['logprobs'] is not None         # ... and their log-probabilities, if asked
         self.offsets = TextOffsets()                      # where each of self.tokens starts in the text
         self.shown = 0                                    # how many of self.tokens self.text shows
+
+    def scores_of_prompt(self):
+        """The prompt's own tokens' (logprob, top) (echo with logprobs), waiting for them: the
+        engine sends them just before the scoring choice's first token (which pieces() reads)."""
+        s = self.scorer
+        while s.prompt_scores is None:
+            kind, value = s.reply.get()
+            if kind == 'failed':
+                raise APIError(value, code='engine_error', status=500)
+            if kind != 'prompt':           # (the scoring choice is always read first: never here)
+                raise RuntimeError(f"the prompt's scores were to come first, not {kind!r}")
+            s.prompt_scores = value
+        return s.prompt_scores
 
     def pieces(self, listening=None):
         """Yield the new text as tokens arrive (held back while it may be a multi-byte character or
@@ -413,6 +423,8 @@ class Generation:
                 raise APIError(value, code='engine_error', status=500)
             if kind == 'done':
                 self.finish = value
+            elif kind == 'prompt':                        # the prompt's scores, before the first token
+                self.prompt_scores = value
             else:
                 self.tokens.append(value[0])
                 self.logprobs.append(value[1])
@@ -487,7 +499,7 @@ def scored_tokens(g, echo, a, b, chat):
     for j in range(a, b):
         if j < n_echo:                                    # an echoed prompt token: p.ids[skipped + j],
             k = p.skipped + j - 1                         # predicted at position k
-            lp, top = g.prompt_scores[k] if g.prompt_scores is not None and k >= 0 else (None, None)
+            lp, top = g.scores_of_prompt()[k] if k >= 0 else (None, None)
             rows.append((p.echo_ids[j], lp, top, p.offsets[j]))
         elif not (chat and g.tokens[j - n_echo] in tok.special_names):
             lp, top = g.logprobs[j - n_echo]
@@ -583,9 +595,9 @@ class Handler(BaseHTTPRequestHandler):
             prompts, args, stop, n, echo = parse(self.path, body)
             for p, a in zip(prompts, args):         # choices p * n + i: n of each prompt
                 for i in range(n):                  # (echo with logprobs: its first choice scores the prompt)
-                    gens.append(Generation(a, stop, len(gens), p, i, score=i == 0 and echo
-                                           and a['logprobs'] is not None))
-                    gens[-1].prompt_scores = gens[-1 - i].prompt_scores
+                    scores = echo and a['logprobs'] is not None
+                    gens.append(Generation(a, stop, len(gens), p, i, score=scores and i == 0,
+                                           scorer=gens[-i] if scores and i else None))
             rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}", int(time.time())
             kind = 'chat.completion' if chat else 'text_completion'
             if body.get('stream'):

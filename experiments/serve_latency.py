@@ -3,6 +3,9 @@ Request latency of a running serve.py on one kept-alive connection (as the opena
 it): the median of N non-streamed one-token completions, and of N /tokenize calls where the
 server has that endpoint. With Nagle's algorithm on the server's socket a reply written as headers
 then body waits for the client's delayed ACK, about 40 ms per request on Linux loopback.
+--score_tokens=T adds lm-evaluation-harness's log-likelihood request: a prompt of T token ids,
+echo with logprobs=1, max_tokens=1 (the server scores the prompt's every token): its median alone,
+and the wall time of --concurrent such requests sent at once, each on its own connection.
 
 $ python serve.py --out_dir=out/speedrun_cpu/base --port=8123 --device=cpu &
 $ python experiments/serve_latency.py --url=http://127.0.0.1:8123 --n=20
@@ -17,6 +20,8 @@ from urllib.parse import urlparse
 parser = argparse.ArgumentParser()
 parser.add_argument('--url', default='http://127.0.0.1:8000')
 parser.add_argument('--n', type=int, default=20)
+parser.add_argument('--score_tokens', type=int, default=0)
+parser.add_argument('--concurrent', type=int, default=8)
 args = parser.parse_args()
 u = urlparse(args.url)
 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
@@ -40,3 +45,25 @@ completion = median_ms('/v1/completions', {'prompt': 'The cat sat', 'max_tokens'
 tokenize = median_ms('/tokenize', {'prompt': 'The cat sat'})
 print(f'{args.url}: one-token completion {completion:.1f} ms, /tokenize '
       + ('(no such route)' if tokenize is None else f'{tokenize:.1f} ms') + f' (medians of {args.n}, one connection)')
+
+if args.score_tokens:
+    import threading
+    ids = [(37 * i + 11) % 200 + 1 for i in range(args.score_tokens)]          # fixed ids of any tokenizer
+    scored = {'prompt': ids, 'max_tokens': 1, 'temperature': 0, 'logprobs': 1, 'echo': True}
+    alone = median_ms('/v1/completions', scored)
+
+    def one():
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        c.request('POST', '/v1/completions', body=json.dumps(scored), headers={'Content-Type': 'application/json'})
+        r = c.getresponse()
+        assert r.status == 200, r.read()
+        r.read()
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one) for _ in range(args.concurrent)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    together = (time.perf_counter() - start) * 1000
+    print(f'{args.url}: scoring a {args.score_tokens}-token prompt (echo, logprobs=1, max_tokens=1): {alone:.1f} ms '
+          f'alone (median of {args.n}); {args.concurrent} at once: {together:.0f} ms in all')

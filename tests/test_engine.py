@@ -148,6 +148,44 @@ def test_prompt_logprobs_of_a_prompt_longer_than_its_256_position_chunks():
                for t, (lp, top) in enumerate(scored))
 
 
+@pytest.mark.parametrize('cuda_graph,overlap', [(False, False), (True, True)])
+def test_a_request_scores_its_prompt_as_its_prefill_reads_it_beside_other_requests(cuda_graph, overlap):
+    """prompt_logprobs=k: the engine's prefill scores each prompt token after the first, given the
+    ones before it, across its chunks (those of generate.prompt_logprobs: one forward pass over the
+    prompt, and its top k), all of them by its first token; it reads its whole prompt though a
+    shared prefix is cached; the requests beside it, reading prompts and decoding, keep their
+    tokens, and so does it."""
+    from generate import prompt_logprobs
+    model = build(**VARIANTS['mla_moe'])
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=16, cuda_graph=cuda_graph, overlap=overlap)
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randint(0, 97, (24,), generator=g).tolist()
+    first = engine.add(shared + [3, 1], 5)                             # caches the 3 shared blocks
+    while not first.done:
+        engine.step()
+    prompts = [shared + torch.randint(0, 97, (17,), generator=g).tolist(), [7, 7, 2] * 6, [8]]
+    scorer = engine.add(prompts[0], 4, prompt_logprobs=2)            # 41 tokens: chunks of 16, 16, 9
+    plain = engine.add(prompts[1], 9)                                  # its prompt read beside the scorer's
+    engine.step()
+    short = engine.add(prompts[2], 6, prompt_logprobs=0)              # one token: nothing to score
+    steps = 0
+    while not scorer.output:
+        engine.step()
+        steps += 1
+    assert steps < 5 and len(scorer.prompt_scores) == 40               # every score by its first token
+    engine.run()
+    assert engine.stats['reused_tokens'] == 0                         # the scorer read its cached prefix again
+    for r, p, n in ((scorer, prompts[0], 4), (plain, prompts[1], 9), (short, prompts[2], 6)):
+        assert r.output == alone(model, p, n)
+    ref = prompt_logprobs(model, prompts[0], 2)
+    assert all(abs(a[0] - b[0]) < 1e-4 and [i for i, _ in a[1]] == [i for i, _ in b[1]] and
+               all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a[1], b[1])) for a, b in zip(scorer.prompt_scores, ref))
+    assert short.prompt_scores == [] and plain.prompt_scores == []
+    assert engine.pool.available() == 40
+    with pytest.raises(ValueError, match='prompt_logprobs=1.5 must be None or a whole number >= 0'):
+        engine.add([1], 2, prompt_logprobs=1.5)
+
+
 def test_penalised_requests_get_their_tokens_alone_beside_plain_ones():
     """A request with OpenAI's frequency / presence penalties counts its own tokens on the device
     (nothing waits for the host) and gets what generate_tokens gives it alone."""

@@ -407,6 +407,19 @@ def test_logprobs_of_answers_and_echoed_prompts_are_the_models(server):
     loglikelihood = sum(body['choices'][0]['logprobs']['token_logprobs'][1 + len(context):-1])
     assert abs(loglikelihood - sum(reference(batch[0])[len(context):])) < 1e-4
     assert body['usage']['prompt_tokens'] == len(batch[0]) + len(batch[1])
+    # n choices of each prompt (the engine scores the prompt once, for its first choice; the rest
+    # carry the same scores), streamed and not, two prompts of text at once
+    for stream in (False, True):
+        many = c.completions.create(model='sft_serve', prompt=['Once upon', 'A cat'], max_tokens=3, temperature=1.0,
+                                    n=2, seed=5, logprobs=1, echo=True, stream=stream)
+        got = {}
+        for ch in (many if stream else [many]):
+            for choice in ch.choices:
+                if choice.logprobs is not None:
+                    got.setdefault(choice.index, []).extend(choice.logprobs.token_logprobs)
+        assert sorted(got) == [0, 1, 2, 3]
+        for i, text in enumerate(['Once upon', 'Once upon', 'A cat', 'A cat']):
+            assert close(got[i][:len(text)], reference([tok.eot_id] + tok.encode(text))), (stream, i)
     # a chat answer, streamed and not
     msgs = [{'role': 'user', 'content': 'Write a story that uses the words: fox, key.'}]
     r = c.chat.completions.create(model='sft_serve', messages=msgs, max_tokens=10, temperature=0, logprobs=True,
@@ -474,8 +487,8 @@ def slow_step(self):                # a request of 97 tokens: a step every 0.05 
     return step(self)
 def step_with_a_bad_event(self):   # a request of 9 tokens: an event the server cannot deliver (no such request)
     events = step_with_a_chat_tag(self)
-    ghost = [(types.SimpleNamespace(id='ghost', stop_ids=r.stop_ids), 5, False) for r in self.running
-             if r.max_new_tokens == 9]
+    ghost = [(types.SimpleNamespace(id='ghost', stop_ids=r.stop_ids, prompt_logprobs=None), 5, False)
+             for r in self.running if r.max_new_tokens == 9]
     return events + ghost[:1]
 def failing_add(self, prompt, max_new_tokens, **kw):
     if max_new_tokens == 11 or kw.get('seed') == 101:       # (seed 101: choice 1 of a request of seed 100)
