@@ -7,8 +7,9 @@ $ python eval.py --compare=out/tinystories_moe,out/sft,out/dpo      # one table
 $ python eval.py --out_dir=out/sft --n_prompts=500 --temperature=0.8
 
 Writes out_dir/eval.json (val loss and bits per byte on each held-out split, the task metrics, the
-first n_samples answers with their scores, and n_samples continuations of story openings written
-as a language model, without the template), every answer with its scores in
+first n_samples answers with their scores, and n_samples continuations written as a language
+model, without the template, of story openings, or for a model of other data of the first words of
+its held-out documents), every answer with its scores in
 out_dir/eval_answers.jsonl (to read what the model gets wrong), and prints a markdown row (or, with --compare, a
 table). A checkpoint without the chat template (a pretrained model) is prompted with the template
 all the same: its tokenizer gets the template tokens appended, as sft.py does.
@@ -17,8 +18,10 @@ all the same: its tokenizer gets the template tokens appended, as sft.py does.
 import json
 import math
 import os
+import re
 import sys
 
+import numpy as np
 import torch
 
 from checkpoint import load_chat_model, load_checkpoint, newest_run
@@ -58,8 +61,11 @@ reference = ''               # a checkpoint (e.g. out/sft): also report KL(model
 sampled_score = True         # also score one answer sampled at temperature 1 (seeded) per prompt
                              # ('task/score_sampled', 'task/all_words_sampled'): what RL's rollouts draw
                              # from, beside the greedy answers (the KL reads the same answers)
-n_samples = 5                # answers kept in eval.json, and continuations of story openings
+n_samples = 5                # answers kept in eval.json, and continuations of openings:
 sample_tokens = 120          # new tokens per continuation
+openings = ''                # the texts continued, '|'-separated; '': story openings (OPENINGS) for a model
+                             # of story data (tinystories, stories), else the first words of its pretraining
+                             # data's held-out documents
 quantize = ''                # 'int8' | 'int4': weights quantized at load (quant.py); '': as saved
 device = 'auto'
 dtype = 'auto'
@@ -68,6 +74,8 @@ seed = 1337
 configure(globals(), verbose=False)
 OPENINGS = ('Once upon a time', 'One day, a little girl named Lily', 'The old wizard looked at the boy and said',
             'Tom and his dog went to the forest', 'In a small village by the sea')
+STORY_DATA = ('tinystories', 'stories')      # the prepare scripts' dataset names whose models continue OPENINGS
+OPENING_WORDS = 8                            # words of a held-out document an opening keeps
 rt = init_runtime(device, dtype, seed)
 try:
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
@@ -83,7 +91,7 @@ def val_loss(model, tok_spec, folder, ckpt):
     counted, they would add log(1 + 64 / sum_i e^{z_i}) nats, a different amount for each model."""
     if not eval_iters:                                     # only the answers are wanted
         return {}
-    d = data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
+    d = pretraining_data(ckpt)
     if not d or not os.path.exists(os.path.join(d, 'meta.json')):
         print(f'{folder}: no pretraining data found (data_dir={d!r}); skipping val loss', file=sys.stderr)
         return {}
@@ -109,20 +117,54 @@ def val_loss(model, tok_spec, folder, ckpt):
     return out
 
 
+def pretraining_data(ckpt):
+    """The folder of the checkpoint's pretraining data (data_dir, else the one it records), or ''."""
+    return data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
+
+
+def opening_texts(ckpt, tok):
+    """The n_samples texts the continuations start from: `openings`; for a model of story data (or
+    none found) the story openings; else the first OPENING_WORDS words (with the spacing between
+    them) of its data's first held-out documents, or, where the val split holds fewer documents,
+    of the text after the first line break past evenly spaced points of it (a play's lines, say)."""
+    if openings:
+        return openings.split('|')[:n_samples]
+    d = pretraining_data(ckpt)
+    if not d or not os.path.isfile(os.path.join(d, 'meta.json')):
+        return list(OPENINGS[:n_samples])
+    data = TokenData(d)
+    if data.meta.get('dataset') in STORY_DATA:
+        return list(OPENINGS[:n_samples])
+    ids = data.tokens('val')
+    starts = [0] + [int(i) + 1 for i in np.flatnonzero(ids[:-1] == tok.eot_id)]   # (every document ends in EOT)
+    doc_starts = set(starts)
+    starts += [len(ids) * (k + 1) // (n_samples + 1) for k in range(n_samples - len(starts))]
+    texts = []
+    for a in starts[:n_samples]:
+        window = ids[a:a + 64 * OPENING_WORDS].tolist()          # (a token holds at least a byte)
+        text = tok.decode(window[:window.index(tok.eot_id)] if tok.eot_id in window else window)
+        if a not in doc_starts:               # mid-document: from a line's start, else a word's
+            cut = re.search(r'\n|\s+', text)
+            text = text[cut.end():] if cut and cut.end() < len(text) else text
+        words = list(re.finditer(r'\S+', text))
+        texts.append(text[:words[min(OPENING_WORDS, len(words)) - 1].end()] if words else text)
+    return texts
+
+
 @torch.no_grad()
-def continuations(model, tok):
-    """n_samples continuations (temperature 0.8, seeded) of story openings, without the chat
-    template: what the model writes as a language model."""
-    if not n_samples:
+def continuations(model, tok, texts):
+    """A continuation (temperature 0.8, seeded) of each text, without the chat template: what the
+    model writes as a language model."""
+    if not texts:
         return []
     g = torch.Generator(device=rt.device).manual_seed(seed)
-    idx, mask = pad_prompts([[tok.eot_id] + tok.encode(o) for o in OPENINGS[:n_samples]], tok.eot_id, rt.device)
+    idx, mask = pad_prompts([[tok.eot_id] + tok.encode(o) for o in texts], tok.eot_id, rt.device)
     with rt.autocast():
         new = torch.stack(list(generate_tokens(model, idx, sample_tokens, temperature=0.8, top_k=200,
                                                stop_ids=[tok.eot_id], vocab_limit=tok.vocab_size,
                                                prompt_mask=mask, generator=g)), 1).tolist()
     return [o + tok.decode(row[:row.index(tok.eot_id)] if tok.eot_id in row else row)
-            for o, row in zip(OPENINGS, new)]
+            for o, row in zip(texts, new)]
 
 
 def task_metrics(model, tok, ckpt):
@@ -201,7 +243,8 @@ def evaluate(folder):
     result = {'run': folder, 'stage': ckpt.get('stage', '?'), 'step': ckpt.get('step', 0), 'quantized': quantized,
               'params': full.num_params(), 'active_params': full.active_params(), 'val/loss': None,
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
-              'continuations': continuations(model, tok), 'temperature': temperature,
+              'continuations': continuations(model, tok, opening_texts(ckpt, tok) if n_samples else []),
+              'temperature': temperature,
               'frequency_penalty': frequency_penalty, 'presence_penalty': presence_penalty,
               'max_new_tokens': max_new_tokens}
     suffix = result_suffix(bool(ckpt.get('quantized')))

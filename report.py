@@ -481,7 +481,7 @@ for key, path in plots.items():
 md += ['', '## Samples', '']
 for name, s in stages.items():
     if s['continuations'] and name in ('base', 'student_distill'):
-        md += [f'### {name}: continuations of story openings', '']
+        md += [f'### {name}: continuations of openings (as a language model)', '']
         md += [f'{i + 1}. {c.strip()[:600]!r}' for i, c in enumerate(s['continuations'])] + ['']
     if s['samples'] and name not in ('base', 'student_scratch', 'student_distill'):
         md += [f'### {name}: answers to held-out prompts', '']

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -387,6 +388,35 @@ def test_eval_table_and_compare(pipeline):
     p = run_script('sample.py', '--out_dir=sft_eval', '--start=Write a story.', '--num_samples=1',
                    '--max_new_tokens=8', '--device=cpu', cwd=pipeline)    # the chat template by default
     assert p.stdout.startswith('[user] Write a story.\n[assistant] ')
+
+
+def test_eval_continues_openings_of_the_models_own_held_out_text(pipeline, tmp_path):
+    """eval.json's continuations start from the first words of the held-out documents of the
+    model's pretraining data (from a point past the last one's start where there are fewer
+    documents than continuations); from the story openings for a model of story data; from
+    --openings where given."""
+    args = ['--n_prompts=0', '--eval_iters=0', '--sample_tokens=4', '--device=cpu']
+    shutil.copytree(pipeline / 'base', tmp_path / 'base')          # (its eval.json is other tests')
+
+    def openings(*extra):
+        run_script('eval.py', f"--out_dir={tmp_path / 'base'}", *args, *extra, cwd=pipeline)
+        return json.load(open(tmp_path / 'base' / 'eval.json'))['continuations']
+
+    got = openings('--n_samples=5')
+    assert len(got) == 5
+    for c, story in zip(got, STORIES[:4]):                  # the fixture's 4 held-out stories, 8 words each
+        assert c.startswith(' '.join(story.split()[:8]))
+    assert not got[4].startswith(' '.join(STORIES[0].split()[:8]))
+    assert ' '.join(got[4].split()[:3]) in ' '.join(STORIES[:4])            # whole words from within them
+    got = openings('--n_samples=2', '--openings=A red fox|The end')
+    assert got[0].startswith('A red fox') and got[1].startswith('The end') and len(got) == 2
+    story_data = tmp_path / 'stories'                      # the same data as a story set: the story openings
+    shutil.copytree(pipeline / 'data', story_data)
+    meta = json.loads((story_data / 'meta.json').read_text())
+    (story_data / 'meta.json').write_text(json.dumps({**meta, 'dataset': 'stories'}))
+    got = openings('--n_samples=3', f'--data_dir={story_data}')
+    assert [c[:len(o)] for c, o in zip(got, ('Once upon a time', 'One day, a little girl named Lily', 'The old'))] \
+        == ['Once upon a time', 'One day, a little girl named Lily', 'The old']
 
 
 def test_a_window_of_prompt_tokens_only_has_zero_loss():
