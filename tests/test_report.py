@@ -108,7 +108,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert f"(15 for training), its standard error {100 * math.sqrt(acc * (1 - acc) / 5):.1f}%;" in md
     target = next(c for c in json.loads((out / 'report.json').read_text())['targets'] if c['target'].startswith('Reward'))
     assert math.isclose(target['margin'], acc - 0.9) and math.isclose(target['standard_error'], math.sqrt(acc * (1 - acc) / 5))
-    assert '### sft: answers to held-out prompts' in md and '### base: continuations of openings (as a language model)' in md
+    assert '### sft: answers to held-out prompts' in md
+    assert '### base: continuations of openings (as a language model)' in md
     assert '![losses](report_losses.png)' in md and (out / 'report_losses.png').stat().st_size > 0
     report = json.loads((out / 'report.json').read_text())
     assert report['stages']['base']['tokens'] > 0 and report['total_time_s'] == 24 and report['wall_time_s'] == 9
