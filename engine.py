@@ -466,7 +466,7 @@ class Engine:
         if not prompt or max_new_tokens < 1:
             raise ValueError('a request needs at least one prompt token and max_new_tokens >= 1')
         for name, k in (('logprobs', logprobs), ('prompt_logprobs', prompt_logprobs)):
-            if k is not None and not (isinstance(k, int) and k >= 0):
+            if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
                 raise ValueError(f'{name}={k!r} must be None or a whole number >= 0')
         total = len(prompt) + max_new_tokens
         if total > self.model.config.block_size:

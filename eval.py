@@ -124,31 +124,38 @@ def pretraining_data(ckpt):
 
 def opening_texts(ckpt, tok):
     """The n_samples texts the continuations start from: `openings`; for a model of story data (or
-    none found) the story openings; else the first OPENING_WORDS words (with the spacing between
-    them) of its data's first held-out documents, or, where the val split holds fewer documents,
-    of the text after the first line break past evenly spaced points of it (a play's lines, say)."""
+    where its data is not found, empty, or of another tokenizer) the story openings; else the first
+    OPENING_WORDS words (with the spacing between them) of its data's first held-out documents,
+    then, where the val split holds fewer documents, of the text from the first line break (else
+    the first space) past evenly spaced points of it (a play's lines, say), each text once."""
     if openings:
         return openings.split('|')[:n_samples]
     d = pretraining_data(ckpt)
-    if not d or not os.path.isfile(os.path.join(d, 'meta.json')):
+    path = os.path.join(d, 'val.bin') if d else ''
+    if not path or not os.path.isfile(os.path.join(d, 'meta.json')) or not os.path.getsize(path):
         return list(OPENINGS[:n_samples])
-    data = TokenData(d)
-    if data.meta.get('dataset') in STORY_DATA:
+    with open(os.path.join(d, 'meta.json')) as f:
+        meta = json.load(f)
+    if (meta.get('dataset') in STORY_DATA
+            or base_spec(load_tokenizer_spec(meta['tokenizer'], d)) != base_spec(tok.spec())):
         return list(OPENINGS[:n_samples])
-    ids = data.tokens('val')
-    starts = [0] + [int(i) + 1 for i in np.flatnonzero(ids[:-1] == tok.eot_id)]   # (every document ends in EOT)
-    doc_starts = set(starts)
-    starts += [len(ids) * (k + 1) // (n_samples + 1) for k in range(n_samples - len(starts))]
+    ids = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+    doc_starts = [0] + [int(i) + 1 for i in np.flatnonzero(ids[:-1] == tok.eot_id)]   # (each document ends in EOT)
+    points = [len(ids) * (k + 1) // (n_samples + 1) for k in range(n_samples)]
     texts = []
-    for a in starts[:n_samples]:
+    for a in doc_starts[:n_samples] + points:
+        if len(texts) == n_samples:
+            break
         window = ids[a:a + 64 * OPENING_WORDS].tolist()          # (a token holds at least a byte)
         text = tok.decode(window[:window.index(tok.eot_id)] if tok.eot_id in window else window)
         if a not in doc_starts:               # mid-document: from a line's start, else a word's
-            cut = re.search(r'\n|\s+', text)
-            text = text[cut.end():] if cut and cut.end() < len(text) else text
+            cut = re.search(r'\n', text) or re.search(r'\s+', text)
+            text = text[cut.end():] if cut else ''
         words = list(re.finditer(r'\S+', text))
-        texts.append(text[:words[min(OPENING_WORDS, len(words)) - 1].end()] if words else text)
-    return texts
+        text = text[:words[min(OPENING_WORDS, len(words)) - 1].end()] if words else ''
+        if text and text not in texts:
+            texts.append(text)
+    return texts or list(OPENINGS[:n_samples])
 
 
 @torch.no_grad()

@@ -244,29 +244,35 @@ def task_scores(names):
     """The greedy task scores of the stages names (SFT first) that a target compares, and a note: all
     eval.py's; or, where eval.py did not evaluate some of them (a run cut short), all from the
     stages' own last evaluations in their logs, which answered the first eval_prompts held-out
-    prompts, the same ones where every stage was given the same eval_prompts (else the scores are
-    not comparable: all None). eval.py's score for one and a log's for another would compare
-    answers to different prompts."""
-    if len({stages[k]['source'] for k in names}) == 1:
+    prompts with answers of at most max_new_tokens: comparable where every stage had the same two
+    (else all None). eval.py's score for one and a log's for another would compare answers to
+    different prompts."""
+    if all(stages[k]['source'] == 'eval' for k in names):
         return [stages[k]['task_score'] for k in names], ''
-    counts = {stages[k]['config'].get('eval_prompts') for k in names}
-    if len(counts) > 1 or None in counts:
-        return [None] * len(names), ("; not compared: eval.py did not evaluate all of them, and their own "
-                                     "evaluations answered different numbers of prompts")
+    why = "eval.py did not evaluate all of them" if any(stages[k]['source'] == 'eval' for k in names) \
+        else "eval.py evaluated none of them"
+    for key, what in (('eval_prompts', 'prompts'), ('max_new_tokens', 'answer lengths')):
+        settings = {stages[k]['config'].get(key) for k in names}
+        if None in settings:
+            return [None] * len(names), f"; not compared: {why}, and a checkpoint does not record its {key}"
+        if len(settings) > 1:
+            return [None] * len(names), (f"; not compared: {why}, and their own evaluations used different "
+                                         f"{what} ({key} {', '.join(map(str, sorted(settings)))})")
     scores = [held_out_from_log(k, log_rows(k)).get('task/score') for k in names]
-    return scores, (f"; all from the stages' training logs (eval.py did not evaluate all of them), each "
-                    f"on the same first {counts.pop()} held-out prompts")
+    return scores, (f"; all from the stages' training logs ({why}), each on the same first "
+                    f"{stages[names[0]]['config']['eval_prompts']} held-out prompts")
 
 
 # a score missing (a stage's eval.json not written) leaves its target unknown, never met or missed by default
 seeds = [k for k in ('dpo_seed1', 'dpo_seed2', 'dpo_seed3') if stages.get(k, {}).get('task_score') is not None]
 if seeds and 'sft' in stages:
     (sft_score, *dpo), measured = task_scores(['sft'] + seeds)
-    dpo = [x for x in dpo if x is not None]
+    if None in dpo:                    # (a seed's log without a score: the comparison is not whole)
+        sft_score, dpo, measured = None, [], measured or "; not compared: a seed's log has no task score"
     spread = statistics.stdev(dpo) if len(dpo) > 1 else float('nan')   # the seeds' sample std
     gain = None if sft_score is None or not dpo else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
-          f'> spread {fmt(spread)} ({len(dpo)} seeds)' if len(dpo) > 1 else '> the spread of 2 or more seeds (1 ran)',
+          f'> spread {fmt(spread)} ({len(seeds)} seeds)' if len(seeds) > 1 else '> the spread of 2 or more seeds (1 ran)',
           None if gain is None or len(dpo) < 2 else gain > spread,
           f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}{measured}", unit='points',
           threshold=spread if len(dpo) > 1 else None)

@@ -182,8 +182,9 @@ def test_a_request_scores_its_prompt_as_its_prefill_reads_it_beside_other_reques
                all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a[1], b[1])) for a, b in zip(scorer.prompt_scores, ref))
     assert short.prompt_scores == [] and plain.prompt_scores == []
     assert engine.pool.available() == 40
-    with pytest.raises(ValueError, match='prompt_logprobs=1.5 must be None or a whole number >= 0'):
-        engine.add([1], 2, prompt_logprobs=1.5)
+    for bad in (1.5, True):                                          # (a bool is no number of tokens)
+        with pytest.raises(ValueError, match=f'prompt_logprobs={bad} must be None or a whole number >= 0'):
+            engine.add([1], 2, prompt_logprobs=bad)
 
 
 def test_penalised_requests_get_their_tokens_alone_beside_plain_ones():

@@ -180,7 +180,23 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     md = (out / 'report.md').read_text()
     assert '| PPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
-    assert 'their own evaluations answered different numbers of prompts' in md
+    assert 'their own evaluations used different prompts (eval_prompts 2, 5)' in md
+    # and where eval.py evaluated none of them, the same holds: different prompts are not compared
+    grpo_eval = (out / 'grpo' / 'eval.json').read_text()
+    (out / 'grpo' / 'eval.json').unlink()
+    (out / 'grpo' / 'log.jsonl').write_text(json.dumps({'step': 3, 'task/score_greedy': 0.9}) + '\n')
+    ckpt['config']['eval_prompts'], ckpt['config']['max_new_tokens'] = 2, ckpt['config']['max_new_tokens'] + 1
+    (out / 'grpo' / 'ckpt.pt').unlink()
+    torch.save(ckpt, out / 'grpo' / 'ckpt.pt')
+    (out / 'sft' / 'eval.json').rename(out / 'sft' / 'eval.json.kept')
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    (out / 'sft' / 'eval.json.kept').rename(out / 'sft' / 'eval.json')
+    (out / 'grpo' / 'eval.json').write_text(grpo_eval)
+    (out / 'grpo' / 'log.jsonl').unlink()
+    assert '| GRPO: task reward above SFT (greedy, held-out prompts) | - | > 0 | unknown |' in md
+    assert ('not compared: eval.py evaluated none of them, and their own evaluations used different answer '
+            'lengths (max_new_tokens') in md
     for i in range(3):
         shutil.rmtree(out / f'dpo_seed{i + 1}')
     assert 'smoke test' not in md
@@ -445,7 +461,7 @@ def test_speedrun_starts_a_stage_that_ran_out_of_gpu_memory_again(tmp_path):
     (tmp_path / 'bin' / 'python').write_text(
         f'#!/usr/bin/env bash\n[ "$1" = -c ] && exec {sys.executable} "$@"\n'
         f'echo start >> {tmp_path}/starts; n=$(wc -l < {tmp_path}/starts)\n'
-        'if [ $n -le $OOMS ]; then echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 32.00 MiB."; '
+        'if [ $n -le $OOMS ]; then echo "${MESSAGE:-torch.OutOfMemoryError: CUDA out of memory. Tried to allocate}"; '
         'exit 1; fi\n[ -z "$OTHER_FAILURE" ] || { echo "ValueError: bad"; exit 1; }\n'
         'for a in "$@"; do case $a in --out_dir=*) mkdir -p ${a#*=} && touch ${a#*=}/ckpt.pt ;; esac; done\n')
     (tmp_path / 'bin' / 'python').chmod(0o755)
@@ -463,6 +479,9 @@ def test_speedrun_starts_a_stage_that_ran_out_of_gpu_memory_again(tmp_path):
     assert 'CUDA out of memory' in (tmp_path / 'two' / 'logs' / 'sft.oom2.log').read_text()
     assert 'CUDA out of memory' not in (tmp_path / 'two' / 'logs' / 'sft.log').read_text()
     assert 'sft\t' in (tmp_path / 'two' / 'times.tsv').read_text()
+    for message in ('RuntimeError: CUDA error: out of memory', 'CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate'):
+        p, starts = speedrun('cuda' + str(len(message)), OOMS='1', MESSAGE=message)    # CUDA's own words for it
+        assert p.returncode == 0 and starts == 2, p.stdout
     p, starts = speedrun('never', OOMS='1', OOM_RETRIES='0')
     assert p.returncode == 1 and starts == 1 and 'error: stage sft failed' in p.stdout, p.stdout
     p, starts = speedrun('other', OOMS='0', OTHER_FAILURE='1')        # another error: not started again

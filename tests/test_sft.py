@@ -410,6 +410,16 @@ def test_eval_continues_openings_of_the_models_own_held_out_text(pipeline, tmp_p
     assert ' '.join(got[4].split()[:3]) in ' '.join(STORIES[:4])            # whole words from within them
     got = openings('--n_samples=2', '--openings=A red fox|The end')
     assert got[0].startswith('A red fox') and got[1].startswith('The end') and len(got) == 2
+    # one held-out document of many lines (a play): the openings after it start at lines' starts
+    from data import write_token_dataset
+    from tokenizer import ByteTokenizer
+    play = '\n'.join(f"{'ROMEO' if i % 2 else 'JULIET'}. Line {i} of the play, and more words after it"
+                     for i in range(40))
+    write_token_dataset(str(tmp_path / 'play'), {'train': STORIES, 'val': [play]}, ByteTokenizer(), 'play',
+                        num_proc=1)
+    got = openings('--n_samples=4', f"--data_dir={tmp_path / 'play'}")
+    assert got[0].startswith('JULIET. Line 0 of the play, and more') and len(got) == 4
+    assert all(c.split('.')[0] in ('ROMEO', 'JULIET') and c.split()[2].isdigit() for c in got[1:]), got
     story_data = tmp_path / 'stories'                      # the same data as a story set: the story openings
     shutil.copytree(pipeline / 'data', story_data)
     meta = json.loads((story_data / 'meta.json').read_text())
