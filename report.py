@@ -272,7 +272,8 @@ if seeds and 'sft' in stages:
     spread = statistics.stdev(dpo) if len(dpo) > 1 else float('nan')   # the seeds' sample std
     gain = None if sft_score is None or not dpo else statistics.mean(dpo) - sft_score
     check('DPO: task score above SFT by more than the seed spread', gain,
-          f'> spread {fmt(spread)} ({len(seeds)} seeds)' if len(seeds) > 1 else '> the spread of 2 or more seeds (1 ran)',
+          f'> spread {fmt(spread)} ({len(seeds)} seeds)' if len(seeds) > 1
+          else '> the spread of 2 or more seeds (1 ran)',
           None if gain is None or len(dpo) < 2 else gain > spread,
           f"DPO {', '.join(fmt(x) for x in dpo)} vs SFT {fmt(sft_score)}{measured}", unit='points',
           threshold=spread if len(dpo) > 1 else None)

@@ -276,7 +276,8 @@ run() {
     # of that at random (stages that failed together do not start again together), OOM_RETRIES times
     # (torch's allocator says 'CUDA out of memory'; CUDA itself 'CUDA error: out of memory', cuBLAS ALLOC_FAILED)
     [ $rc != 0 ] && [ $tries -lt $OOM_RETRIES ] \
-      && grep -qsE 'CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED' $OUT/logs/$name.log || break
+      && grep -qsE 'CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED' \
+         $OUT/logs/$name.log || break
     tries=$((tries + 1)); pause=$((OOM_WAIT + RANDOM % (OOM_WAIT / 2 + 1)))
     mv $OUT/logs/$name.log $OUT/logs/$name.oom$tries.log
     echo "$name: out of GPU memory (logs/$name.oom$tries.log); starting it again in $pause s" \
