@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import load_chat_model, load_checkpoint, newest_run
+from checkpoint import checkpoint_path, load_chat_model, load_checkpoint, newest_run
 from config import configure
 from data import eval_generator, load_tokenizer_spec, read_prepared, TokenData, write_json, write_jsonl
 from generate import generate_tokens, pad_prompts, use_cuda_graph
@@ -281,6 +281,10 @@ def row(r):
 
 
 folders = [f for f in compare.split(',') if f] if compare else [out_dir or newest_run('evaluating')]
+for folder in folders:        # each one checked before any is evaluated (a typo in the last one)
+    p = checkpoint_path(folder)
+    if not (os.path.isfile(p) or os.path.isdir(p)):
+        load_checkpoint(folder)               # (exits naming it, and the run folders there are)
 results = []
 for folder in folders:
     cached = os.path.join(folder, f'eval{result_suffix(saved_quantized=False)}.json')

@@ -93,6 +93,20 @@ if not 0 <= page_temperature <= 2:                 # (the ranges OpenAI gives th
 if not -2 <= page_frequency_penalty <= 2:
     sys.exit(f'error: page_frequency_penalty={page_frequency_penalty} must be in [-2, 2]')
 out_dir = out_dir or newest_run('serving')
+
+
+def port_error(e):
+    return (f'error: cannot serve on {host}:{port} ({e.strerror}): another server holds that port, '
+            f'or it is not this machine\'s; --port=N picks another (--port=0: any free one)')
+
+
+if port:                    # checked before the model loads (a bind is also checked again at the end)
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        sys.exit(port_error(e))
 rt = init_runtime(device, dtype, seed)
 model, tok, ckpt = load_model(out_dir, rt.device, quantize=quantize)
 model.eval()
@@ -798,7 +812,10 @@ document.getElementById('form').onsubmit = async (e) => {
 
 CHAT_PAGE = CHAT_PAGE.replace('PAGE_TEMPERATURE', f'{page_temperature:g}').replace(
     'PAGE_FREQUENCY_PENALTY', f'{page_frequency_penalty:g}')
-server = ThreadingHTTPServer((host, port), Handler)
+try:
+    server = ThreadingHTTPServer((host, port), Handler)
+except OSError as e:
+    sys.exit(port_error(e))
 threading.Thread(target=engine_loop, daemon=True).start()
 per_token = cache_numbers_per_token(model.config) * next(model.parameters()).element_size()
 print(f"serving {out_dir} ({ckpt.get('stage', '?')} checkpoint, {model.num_params() / 1e6:.1f}M parameters) on "

@@ -16,12 +16,14 @@ init_from='resume' continues exactly.
 """
 
 import math
+import os
 import sys
 
 import torch
 
 from checkpoint import load_checkpoint
-from config import configure, last_file_values, last_given, last_set_by, model_config_from
+import config as _config              # (its last_set_by, last_file_values: where the settings came from)
+from config import configure, last_given, model_config_from
 from data import TokenData, eval_generator, load_tokenizer_spec, prepare_if_missing
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
@@ -95,8 +97,9 @@ if cuda_sync_check and rt.device_type != 'cuda':
              f"it reports where the host waits for one")
 
 # --- data (data/<dataset> is prepared on first use by prepare/<dataset>.py) -----------------
-if prepare and last_set_by.get('prepare', '').endswith('.py') and last_set_by.get('dataset', '').startswith('--') \
-        and dataset != last_file_values.get('dataset'):
+_set_by, _file_values = _config.last_set_by, _config.last_file_values   # (underscored: no settings)
+if prepare and _set_by.get('prepare', '').endswith('.py') and _set_by.get('dataset', '').startswith('--') \
+        and dataset != _file_values.get('dataset'):
     # a config file's prepare= makes that config's own dataset: another --dataset=NAME of the command
     # (a typo, or one's own data) is not made by it (it made TinyStories under the new name), but by
     # prepare/NAME.py where there is one
@@ -112,6 +115,9 @@ for split in data.lengths:     # checked before any work (data.batch would only 
 # --- model ----------------------------------------------------------------------------------
 ckpt = None
 if init_from == 'scratch':
+    if rt.master and os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):   # (a run of other data, say)
+        print(f"note: {out_dir} holds a run already; this one, from scratch, replaces it as it saves "
+              f"(--out_dir=... keeps it; --init_from=resume continues it)", file=sys.stderr)
     if vocab_size == 0:
         vocab_size = config['vocab_size'] = padded_vocab_size(data.meta['vocab_size'])
     model_cfg = model_config_from(config, ModelConfig)

@@ -114,8 +114,9 @@ if source:
 else:
     rt = init_runtime(device, dtype, seed)
     cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
-    model, tok, _ = load_chat_model(init_from, rt.device)
+    model, tok, ckpt = load_chat_model(init_from, rt.device)
     model.eval()
+    stage = ckpt.get('stage')
     prompts = read_prepared(task_dir, 'prompts_train.jsonl', ('prompt', 'words'),
                             hint='run python prepare/tinystories_instruct.py')
     prompts = prompts[:n_prompts] if n_prompts else prompts
@@ -176,7 +177,9 @@ elif best_dir:                   # the rejection-sampled SFT set
     print(f'wrote {best_dir}: {len(best_answers)} best answers of {len(prompts)} prompts (score >= '
           f'{best_min_score}, ended), mean score {sum(b["score"] for b in best_answers) / len(best_answers):.3f}')
 if len(pairs) < 2:
-    sys.exit(f'error: only {len(pairs)} pair(s); lower margin= or sample more prompts')
+    untuned = (f"; {init_from} is a {stage} checkpoint, which never learned the chat template's answers: "
+               f"fine-tune it first (sft.py) and sample from that" if not source and stage == 'pretrain' else '')
+    sys.exit(f'error: only {len(pairs)} pair(s); lower margin= or sample more prompts{untuned}')
 # the split is by prompt: a prompt's pairs share its answers, so they all go to one file
 by_prompt = {}
 for p in pairs:

@@ -87,7 +87,7 @@ if set(splits) != {'train', 'val'}:
     splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction)))
 if max_docs:
     splits = {k: v[:max_docs] for k, v in splits.items()}
-print(f"{source}: {len(splits['train']):,} train and {len(splits['val']):,} val stories")
+print(f"{source}: {len(splits['train']):,} train and {len(splits['val']):,} val documents")
 
 # char: every character of every split (a character set says nothing of the held-out text, and a
 # character the vocabulary lacked could not be encoded); the others learn from train only

@@ -71,6 +71,17 @@ def test_unknown_key_lists_the_valid_keys():
     assert 'did you mean' not in exit_message(['--zzz=3'])     # nothing close: no guess
 
 
+def test_a_scripts_valid_keys_are_its_settings_not_what_it_imported():
+    """config's record of where each setting came from (dicts train.py reads) is no setting of
+    train.py: not listed as a valid key, not saved in its checkpoints' config."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, 'train.py', '--max_iter=1'], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode and 'valid keys: always_save_checkpoint' in p.stderr + p.stdout
+    assert 'last_set_by' not in p.stderr + p.stdout and 'last_file_values' not in p.stderr + p.stdout
+
+
 def test_config_file_runs_over_defaults_and_may_read_them(tmp_path):
     f = tmp_path / 'cfg.py'
     f.write_text('import math\nn_steps = 100\nlr = n_steps * 1e-5\n_private = 3\n')

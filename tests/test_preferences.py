@@ -112,6 +112,7 @@ def test_sampled_pairs_from_a_model(pipeline):
                    '--samples_per_prompt=2', '--max_new_tokens=4', '--margin=2', '--device=cpu',
                    cwd=pipeline, check=False)
     assert 'lower margin= or sample more prompts' in p.stderr
+    assert "base is a pretrain checkpoint, which never learned the chat template's answers: fine-tune it" in p.stderr
     # greedy_rejected: under each training prompt, the model's greedy answer (the same whatever the
     # seed) rejected under the best sample that beats it by margin; none among the held-out pairs
     greedy = {}

@@ -265,6 +265,19 @@ def health(url):
     return json.load(urllib.request.urlopen(url + '/health'))
 
 
+def test_a_port_another_server_holds_is_an_error_before_the_model_loads(tmp_path):
+    """serve.py on a port something already listens on: one line naming the port and --port,
+    at once (before it loads a model: here there is none to load)."""
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, os.path.join(REPO, 'serve.py'), f'--port={port}',
+                            f'--out_dir={tmp_path / "none"}'], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert f'error: cannot serve on 127.0.0.1:{port} (Address already in use)' in p.stderr and '--port=N' in p.stderr
+
+
 def test_the_tokenizer_endpoints_and_kept_alive_replies_without_nagles_delay(server):
     """/tokenizer_info, /tokenize (special tokens' names read as their ids) and /detokenize, as vLLM
     answers them (lm-evaluation-harness tokenizes through them); bad input gets a 400. Twenty

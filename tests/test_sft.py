@@ -372,6 +372,10 @@ def test_eval_table_and_compare(pipeline):
     assert 'prompts_train.jsonl, prompts_val.jsonl' in p.stderr
     p = run_script('eval.py', '--compare=base,sft_eval', '--reuse=True', *args, cwd=pipeline)
     assert p.stdout.strip().splitlines()[-1] == lines[-1]             # cached eval.json reused
+    # a folder without a checkpoint anywhere in the list: an error before any is evaluated
+    p = run_script('eval.py', '--compare=sft_eval,no_such_run', *args, cwd=pipeline, check=False)
+    assert p.returncode and "error: no checkpoint at 'no_such_run'" in p.stderr
+    assert 'wrote' not in p.stdout and (pipeline / 'sft_eval' / 'eval.json').read_text() == before
     # greedy with a presence penalty: its own file (reused by that name), eval.json untouched
     run_script('eval.py', '--out_dir=sft_eval', '--presence_penalty=2', *args, cwd=pipeline)
     penalised = json.load(open(pipeline / 'sft_eval' / 'eval_fp0_pp2.json'))

@@ -74,6 +74,11 @@ def test_checkpoint_contents_and_reload(tmp_path, byte_data):
     assert tok.kind == 'byte' and model.config.n_embd == 32
     assert not [f for f in os.listdir(tmp_path / 'run') if f.endswith('.tmp')]
     assert (tmp_path / 'run' / 'loss.png').exists() or not _has_matplotlib()
+    assert 'holds a run already' not in train(tmp_path, byte_data, 'fresh', '--max_iters=1').stderr
+    # a second run from scratch into the same folder says it replaces the first (a run of other data, say)
+    p = train(tmp_path, byte_data, 'run', '--max_iters=1')
+    assert 'note: run holds a run already; this one, from scratch, replaces it' in p.stderr
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 1
 
 
 def _has_matplotlib():
