@@ -311,7 +311,8 @@ def prepare_if_missing(dataset, data_dir, prepare, rt):
             made = sorted(f[:-3] for f in os.listdir(here) if f.endswith('.py') and f[:-3] not in POST_TRAINING_DATA)
             sys.exit(f"error: no dataset at {data_dir} and no prepare/{script} to make it; datasets prepared on first "
                      f"use: {', '.join(made)}; text of your own: python prepare/tinystories.py "
-                     f"--source=FILE_OR_FOLDER --out_dir={data_dir}")
+                     f"--source=FILE_OR_FOLDER --out_dir={data_dir} (GPT-2's tokenizer by default; for a small CPU "
+                     f"model --tokenizer=bpe --vocab_size=4096)")
         command = [sys.executable, os.path.join(here, script), *flags, f'--out_dir={data_dir}']
         if rt.master:
             print(f"{data_dir} is missing; preparing it: {' '.join(command[1:])}", flush=True)

@@ -150,7 +150,7 @@ def opening_texts(ckpt, tok):
         text = tok.decode(window[:window.index(tok.eot_id)] if tok.eot_id in window else window)
         if a not in doc_starts:               # mid-document: from a line's start, else a word's
             cut = re.search(r'\n', text) or re.search(r'\s+', text)
-            text = text[cut.end():] if cut else ''
+            text = text[cut.end():].lstrip() if cut else ''
         words = list(re.finditer(r'\S+', text))
         text = text[:words[min(OPENING_WORDS, len(words)) - 1].end()] if words else ''
         if text and text not in texts:
@@ -282,6 +282,8 @@ def row(r):
 
 folders = [f for f in compare.split(',') if f] if compare else [out_dir or newest_run('evaluating')]
 for folder in folders:        # each one checked before any is evaluated (a typo in the last one)
+    if reuse and os.path.isfile(os.path.join(folder, f'eval{result_suffix(saved_quantized=False)}.json')):
+        continue                              # (its results are read, not its checkpoint)
     p = checkpoint_path(folder)
     if not (os.path.isfile(p) or os.path.isdir(p)):
         load_checkpoint(folder)               # (exits naming it, and the run folders there are)

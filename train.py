@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint
 import config as _config              # (its last_set_by, last_file_values: where the settings came from)
 from config import configure, last_given, model_config_from
 from data import TokenData, eval_generator, load_tokenizer_spec, prepare_if_missing
@@ -115,7 +115,7 @@ for split in data.lengths:     # checked before any work (data.batch would only 
 # --- model ----------------------------------------------------------------------------------
 ckpt = None
 if init_from == 'scratch':
-    if rt.master and os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):   # (a run of other data, say)
+    if rt.master and save_checkpoints and not eval_only and os.path.exists(checkpoint_path(out_dir)):
         print(f"note: {out_dir} holds a run already; this one, from scratch, replaces it as it saves "
               f"(--out_dir=... keeps it; --init_from=resume continues it)", file=sys.stderr)
     if vocab_size == 0:

@@ -78,6 +78,7 @@ def load_hf(name):
 
 local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
     source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
+from_hub = not local and source == HUB_SOURCE          # (before load_hf's offline fallback renames it)
 splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
 if set(splits) == {'val', 'all'} or set(splits) == {'train', 'all'}:   # files named for one split: the
     other = 'train' if 'val' in splits else 'val'                        # rest are the other
@@ -96,5 +97,6 @@ tok = build_tokenizer(tokenizer, texts=[d for docs in splits.values() for d in d
                       vocab_size=vocab_size, tokenizer_file=tokenizer_file or None,
                       fallback_file=local_copy('gpt2.tiktoken'))
 print(f'tokenizer: {tok}')
-write_token_dataset(out_dir, splits, tok, source=source, num_proc=num_proc or None,
-                    extra_meta={'dataset': 'tinystories'})
+# the dataset's name: TinyStories from the hub (or its local sample), else the folder's (text of one's own)
+name = 'tinystories' if from_hub else os.path.basename(os.path.normpath(out_dir))
+write_token_dataset(out_dir, splits, tok, source=source, num_proc=num_proc or None, extra_meta={'dataset': name})

@@ -61,6 +61,7 @@ def test_a_char_vocabulary_covers_the_characters_only_val_has(tmp_path):
     run_script('prepare/tinystories.py', f'--source={tmp_path}', '--tokenizer=char', '--out_dir=out', cwd=tmp_path)
     meta = json.load(open(tmp_path / 'out' / 'meta.json'))
     assert meta['val_tokens'] > 0 and '€' in meta['tokenizer']['chars']
+    assert meta['dataset'] == 'out'        # text of one's own: named by its folder, not 'tinystories'
 
 
 def test_jsonl_parquet_and_folder_splits(tmp_path):

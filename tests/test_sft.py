@@ -376,6 +376,11 @@ def test_eval_table_and_compare(pipeline):
     p = run_script('eval.py', '--compare=sft_eval,no_such_run', *args, cwd=pipeline, check=False)
     assert p.returncode and "error: no checkpoint at 'no_such_run'" in p.stderr
     assert 'wrote' not in p.stdout and (pipeline / 'sft_eval' / 'eval.json').read_text() == before
+    # with reuse, a folder of results alone (its checkpoint deleted) is read, not refused
+    (pipeline / 'results_only').mkdir(exist_ok=True)
+    shutil.copy(pipeline / 'sft_eval' / 'eval.json', pipeline / 'results_only' / 'eval.json')
+    p = run_script('eval.py', '--compare=sft_eval,results_only', '--reuse=True', *args, cwd=pipeline)
+    assert p.stdout.strip().splitlines()[-1].startswith('| sft_eval | sft | 5 |')
     # greedy with a presence penalty: its own file (reused by that name), eval.json untouched
     run_script('eval.py', '--out_dir=sft_eval', '--presence_penalty=2', *args, cwd=pipeline)
     penalised = json.load(open(pipeline / 'sft_eval' / 'eval_fp0_pp2.json'))
@@ -417,7 +422,7 @@ def test_eval_continues_openings_of_the_models_own_held_out_text(pipeline, tmp_p
     # one held-out document of many lines (a play): the openings after it start at lines' starts
     from data import write_token_dataset
     from tokenizer import ByteTokenizer
-    play = '\n'.join(f"{'ROMEO' if i % 2 else 'JULIET'}. Line {i} of the play, and more words after it"
+    play = '\n\n'.join(f"{'ROMEO' if i % 2 else 'JULIET'}. Line {i} of the play, and more words after it"
                      for i in range(40))
     write_token_dataset(str(tmp_path / 'play'), {'train': STORIES, 'val': [play]}, ByteTokenizer(), 'play',
                         num_proc=1)

@@ -79,6 +79,8 @@ def test_checkpoint_contents_and_reload(tmp_path, byte_data):
     p = train(tmp_path, byte_data, 'run', '--max_iters=1')
     assert 'note: run holds a run already; this one, from scratch, replaces it' in p.stderr
     assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 1
+    p = train(tmp_path, byte_data, 'run', '--max_iters=1', '--save_checkpoints=False')   # saves nothing: no note
+    assert 'holds a run already' not in p.stderr
 
 
 def _has_matplotlib():
