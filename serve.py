@@ -100,6 +100,8 @@ def port_error(e):
             f'or it is not this machine\'s; --port=N picks another (--port=0: any free one)')
 
 
+if not 0 <= port <= 65535:
+    sys.exit(f'error: --port={port} is not a TCP port (0..65535; 0: any free one)')
 if port:                    # checked before the model loads (a bind is also checked again at the end)
     try:
         with socket.socket() as probe:

@@ -276,6 +276,10 @@ def test_a_port_another_server_holds_is_an_error_before_the_model_loads(tmp_path
                             f'--out_dir={tmp_path / "none"}'], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
     assert f'error: cannot serve on 127.0.0.1:{port} (Address already in use)' in p.stderr and '--port=N' in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'serve.py'), '--port=70000', f'--out_dir={tmp_path}'],
+                       cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip() == 'error: --port=70000 is not a TCP port (0..65535; 0: any free one)'
 
 
 def test_the_tokenizer_endpoints_and_kept_alive_replies_without_nagles_delay(server):
