@@ -142,7 +142,7 @@ def read_documents(path, fields=('text', 'story')):
         try:
             splits.setdefault(split, []).extend(_read_file(f, fields))
         except UnicodeDecodeError as e:
-            sys.exit(f'error: {f} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8')
+            sys.exit(not_utf8(f, e))
         names.setdefault(split, []).append(os.path.basename(f))
     if os.path.isdir(path):
         print(f"{path}: " + '; '.join(f"{split}: {', '.join(n)}" for split, n in names.items()), file=sys.stderr)
@@ -171,6 +171,11 @@ def records_of_lines(lines):
     return docs
 
 
+def not_utf8(where, e, of=''):
+    """The error for text that is not UTF-8 (e: the UnicodeDecodeError): where, and the byte it fails at."""
+    return f'error: {where} is not UTF-8 text ({e.reason} at byte {e.start}{of}); save it as UTF-8'
+
+
 def read_records(path):
     """[(where, record)] of a .jsonl file (a JSON value a line, blank lines skipped) or a .json file
     (a list of them); where names the file and its line or item, for error messages. A byte-order
@@ -180,7 +185,7 @@ def read_records(path):
             with open(path, encoding='utf-8-sig') as f:
                 data = json.load(f)
         except UnicodeDecodeError as e:
-            sys.exit(f'error: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8')
+            sys.exit(not_utf8(path, e))
         except json.JSONDecodeError as e:
             sys.exit(f'error: {path} is not JSON ({e.msg}, line {e.lineno})')
         if not isinstance(data, list):
@@ -192,8 +197,7 @@ def read_records(path):
             try:
                 line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')
             except UnicodeDecodeError as e:
-                sys.exit(f'error: {path} line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line); '
-                         f'save it as UTF-8')
+                sys.exit(not_utf8(f'{path} line {n}', e, ' of the line'))
             if line.strip():
                 try:
                     records.append((f'{path} line {n}', json.loads(line)))

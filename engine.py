@@ -545,14 +545,13 @@ class Engine:
         # token, so that no decoding row is padded to a chunk's width: at 64 rows and one new
         # 128-token prompt, 128 + 63 token positions instead of 64 x 128
         # (and the rows that score their prompt's tokens apart from both: they need every position's logits)
-        scoring = [r for r in rows if r.pending and r.prompt_logprobs is not None]
-        chunked = [r for r in rows if len(r.pending) > 1 and r.prompt_logprobs is None]
-        rows = scoring + chunked + [r for r in rows if len(r.pending) <= 1 and not (r.pending and r.prompt_logprobs
-                                                                                    is not None)]
+        def part(r):          # 0: scoring a prompt chunk, 1: reading a prompt chunk, 2: one token
+            return 0 if r.pending and r.prompt_logprobs is not None else 1 if len(r.pending) > 1 else 2
+        rows = sorted(rows, key=part)                   # (stable: in their order within each part)
         # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
         # before: -1 - i stands for entry i of that step's tokens, still on the device
         feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
-        n, m = len(scoring), len(scoring) + len(chunked)
+        n, m = (sum(part(r) <= k for r in rows) for k in (0, 1))
         parts = ([self.score_rows(rows[:n], feed[:n])] if n else []) + \
             [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((n, m), (m, len(rows))) if b > a]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), row k's in row k

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import local_copy, write_token_dataset  # noqa: E402
+from data import local_copy, not_utf8, write_token_dataset  # noqa: E402
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -55,7 +55,7 @@ else:
         with open(source, encoding='utf-8-sig') as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        sys.exit(f'error: {source} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8')
+        sys.exit(not_utf8(source, e))
 if len(text) < 1000:
     sys.exit(f"error: source '{source}' has only {len(text)} characters, too few to train on (tiny-shakespeare "
              f"has 1.1M)")
