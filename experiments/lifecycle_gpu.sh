@@ -10,7 +10,7 @@
 #             the main run's pairs at other settings (SIDE_REWARD below), DPO's 3 seeds on pairs that
 #             also reject the SFT model's greedy answers (folder S/dpo_greedy; its own pairs, so it
 #             samples them again: about 6 minutes of GPU beside the main run), and DPO's 3 seeds with
-#             RPO's NLL term on the main run's pairs (folder S/dpo_rpo); SIDES names some of them;
+#             DPO alone (no RPO term) on the main run's pairs (folder S/dpo_plain); SIDES names some of them;
 #             when all of it has finished, the serving benchmarks on the base model, alone
 #             on the GPU:
 #             speculative decoding (spec), int8 / int4 weights (quantize.py: memory, val loss,
@@ -33,7 +33,7 @@ set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
 ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 reward_gap"
-ALL_SIDES+=" dpo_greedy dpo_rpo grpo_dr grpo_dapo"
+ALL_SIDES+=" dpo_greedy dpo_plain grpo_dr grpo_dapo"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
 for x in $SIDES; do [[ " $ALL_SIDES " == *" $x "* ]] || { echo "error: no side run '$x'; valid: $ALL_SIDES"; exit 2; }; done
 wanted() { [[ " $SIDES " == *" $1 "* ]]; }
@@ -109,14 +109,14 @@ DPO_GREEDY_RUN="(until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 
   PREFS_EXTRA='--greedy_rejected=True' EVAL_RUNS='$DPO_RUNS' bash speedrun.sh --profile=$PROFILE
   --out=$S/dpo_greedy --stages=prefs,dpo,eval > $R/logs/side_dpo_greedy.log 2>&1) &"
 DPO_GREEDY_RUN=$(echo $DPO_GREEDY_RUN); wanted dpo_greedy || DPO_GREEDY_RUN=""
-# DPO's 3 seeds on the main run's pairs with the chosen answers' NLL per token added at weight 1
-# (dpo.py --sft_weight, as RPO does), evaluated in S/dpo_rpo: whether keeping the chosen answers
-# likely keeps greedy decoding from looping more than SFT's
-link="mkdir -p $S/dpo_rpo && for x in data task base sft prefs; do ln -sfn $A/\$x $S/dpo_rpo/\$x; done"
-DPO_RPO_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
-  DPO_EXTRA='--sft_weight=1.0' EVAL_RUNS='$DPO_RUNS' bash speedrun.sh --profile=$PROFILE
-  --out=$S/dpo_rpo --stages=dpo,eval > $R/logs/side_dpo_rpo.log 2>&1) &"
-DPO_RPO_RUN=$(echo $DPO_RPO_RUN); wanted dpo_rpo || DPO_RPO_RUN=""
+# DPO's 3 seeds on the main run's pairs without RPO's NLL term (--sft_weight=0; the gpu profile's DPO
+# has it at weight 1 since the eleventh card, where this side run was the other way round), evaluated in
+# S/dpo_plain: paired against the main run's DPO, whether the term is worth keeping
+link="mkdir -p $S/dpo_plain && for x in data task base sft prefs; do ln -sfn $A/\$x $S/dpo_plain/\$x; done"
+DPO_PLAIN_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
+  DPO_EXTRA='--sft_weight=0' EVAL_RUNS='$DPO_RUNS' bash speedrun.sh --profile=$PROFILE
+  --out=$S/dpo_plain --stages=dpo,eval > $R/logs/side_dpo_plain.log 2>&1) &"
+DPO_PLAIN_RUN=$(echo $DPO_PLAIN_RUN); wanted dpo_plain || DPO_PLAIN_RUN=""
 # GRPO's variants from the main run's SFT, each evaluated in S/<name> against the main run's GRPO (run
 # the main card with grpo in STAGES): Dr. GRPO (no std scaling, each answer's sum over max_new_tokens)
 # and DAPO's token-level loss with clip-higher (grpo.py --loss_agg, --clip_eps_high)
@@ -148,7 +148,7 @@ case ${1:-} in
       bash speedrun.sh --profile=$PROFILE --out=$R ${STAGES:+--stages=$STAGES} > $R/logs/speedrun.log 2>&1 &
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
-      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_RPO_RUN $GRPO_RUNS :; }
+      [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_PLAIN_RUN $GRPO_RUNS :; }
       wait
       touch $R/LIFECYCLE_DONE
       [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
