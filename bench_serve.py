@@ -65,7 +65,9 @@ compile_step = False            # with the graphs: both methods' steps fused by 
                                 # per (rows, columns) bucket, static batching's per batch size); compiled before
                                 # the timing, like the captures
 tokens_per_block = 16           # the engine's cache block (tokens)
-prefill_chunk = 256
+prefill_chunk = 256             # prompt tokens the engine reads a step
+prompt_rows = False             # with the graphs: the engine's prompt tokens as rows of its one-token pass
+                                # (False: each step's prompt chunks in a pass of their own; engine.py)
 device = 'auto'
 dtype = 'auto'
 seed = 1337
@@ -164,7 +166,7 @@ def run_engine(reqs, C, overlap=True, timed=None):
     longest = max(len(p) + n for p, n in reqs)                      # C of the longest at once: no request
     n_blocks = C * -(-longest // tokens_per_block) + 16             # waits for blocks, C are always running
     engine = Engine(model, n_blocks=n_blocks, tokens_per_block=tokens_per_block, max_batch=C, prefill_chunk=prefill_chunk,
-                    cuda_graph=graph, overlap=overlap, compile_step=compile_step)
+                    cuda_graph=graph, overlap=overlap, compile_step=compile_step, prompt_rows=prompt_rows)
     t_capture = time.time()
     engine.capture_graphs(prefill=True)        # every (rows, columns) bucket's graph before the timing
     sync()

@@ -9,11 +9,24 @@ Serving many requests at once: continuous batching over a paged KV cache.
 Continuous batching (Orca, Yu et al. 2022): at every step the requests that are waiting are
 admitted as far as the cache has room, finished ones leave, and every running request adds its
 next tokens: a chunk of at most prefill_chunk prompt tokens while its prompt is being read
-(chunked prefill), then one token per step. A step is at most two forward passes: one over the
-rows reading a prompt chunk (left-padded to the longest chunk) and one over the rows feeding one
-token, so that a decoding row is never padded to a chunk's width: in one pass, one new 128-token
-prompt beside 63 decoding rows is 64 x 128 positions (when the engine ran so, its steps at 64
-streams on an H200 averaged 6.1 ms against static batching's 2.6: docs/performance.md).
+(chunked prefill), then one token per step. Run eagerly, a step is at most two forward passes:
+one over the rows reading a prompt chunk (left-padded to the longest chunk) and one over the rows
+feeding one token, so that a decoding row is never padded to a chunk's width: in one pass, one new
+128-token prompt beside 63 decoding rows is 64 x 128 positions (when the engine ran so, its steps
+at 64 streams on an H200 averaged 6.1 ms against static batching's 2.6: docs/performance.md).
+
+Prompt tokens as rows (prompt_rows=True, in fixed shapes: below). Every token a step feeds is a
+row of its own in one one-column pass: a decoding request's token, and each token of a prompt
+chunk, at its own slot with its request's block table. The pass writes every row's new entry into
+the pool before any row gathers its keys, so a chunk's token sees the ones before it: attention as
+if the chunk were read in one row. (Refused for dynamic NTK RoPE, whose angles follow a row's
+longest new position.) Why: on a GPU a small model's pass is hundreds of small kernels whose time
+hardly depends on their size, so a prompt chunk in a pass of its own may cost nearly as much as
+the decode pass beside it, and in a closed loop of 64 streams about one step in four reads a new
+prompt; as rows it rides in the pass that runs anyway. The price: each prompt-token row gathers
+all of its request's keys, where a chunk's row gathers them once, and prefill_chunk bounds a
+step's prompt tokens in all (first come, first served), not each prompt's. Off by default until
+measured on a GPU (experiments/serve_prompt_rows.sh).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
 a block table (its blocks, in order); a request holds blocks for its prompt plus max_new_tokens,
@@ -39,15 +52,16 @@ launching them from Python costs more than their work: for the default MoE model
 30 tokens/s for one stream eagerly against about 470 when generate.py replays the same one-token
 step as a CUDA graph (docs/performance.md). A graph replays fixed kernels on fixed memory, but an
 engine step changes shape every time (B rows, T columns, L keys). So every step runs in fixed
-shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_batch rows, the
-columns to a bucket of 1 (a decode step: every row feeds one token), 8, 32, 128, ... (x4) or
-prefill_chunk (some row reads a prompt chunk: each row left-padded as an eager step left-pads to
-its longest row), every block table ceil(model block_size / tokens_per_block) blocks wide, so its keys
+shapes (StaticPagedCache): the rows padded to a bucket of 1, 2, 4, 8, ... or max_rows (max_batch,
+plus prefill_chunk with prompt_rows), the columns to 1 (every row feeds one token: always with
+prompt_rows) or, with prompt_rows=False, to a bucket of 8, 32, 128, ... (x4) or prefill_chunk (some
+row reads a prompt chunk: each row left-padded as an eager step left-pads to its longest row),
+every block table ceil(model block_size / tokens_per_block) blocks wide, so its keys
 are always the same L slots (the empty ones masked), and the step's inputs (per row its tokens,
 length, new-token count and block table, per column the block and offset its entries go to)
 copied into one tensor made once per (rows, columns) bucket. Padding rows and padding columns
 write to a scratch block that no request ever holds. On CUDA each bucket's step is captured once,
-at its first use (generate.capture_graph; capture_graphs() captures the decode buckets up front),
+at its first use (generate.capture_graph; capture_graphs() captures the one-column buckets up front),
 and replayed after; elsewhere the same static steps run eagerly (what the CPU tests check).
 Sampling stays outside the graph, as in an eager step. With compile_step=True each static step is
 first fused by torch.compile (its automatic dynamic shapes: a bucket its compiled code does not
@@ -64,15 +78,16 @@ is fed once more (that token is dropped), its blocks and its batch row come back
 each token reaches its caller a step later. A request ending at max_new_tokens is known on the host
 and never fed past its end.
 
-The price is compute: attention over all L slots whatever the rows' lengths, and the prompt-chunk
-pass's rows padded to its column bucket (the decoding rows are in their own one-column pass). The
-column buckets grow x4, so that a chunk is padded at most 4x while the graphs stay few (rows
-buckets x column buckets) and short chunks (a prompt's last, a short prompt) run in a small
-bucket. Run eagerly on a GPU, where each pass costs its launches, a step with both kinds of rows
-costs about two decode steps; with graphs (the default there) the decode pass is one replay.
-generate.py's static cache makes the same trade, and its graph is still several times faster
-than eager decoding at batch 64 on a GPU; on a CPU, where launches are cheap, the static steps are
-slower than eager ones (the scripts turn cuda_graph on for CUDA only).
+The price is compute: attention over all L slots whatever the rows' lengths, and with
+prompt_rows=False the prompt-chunk pass's rows padded to its column bucket (the decoding rows are
+in their own one-column pass). The column buckets grow x4, so that a chunk is padded at most 4x
+while the graphs stay few (rows buckets x column buckets) and short chunks (a prompt's last, a
+short prompt) run in a small bucket. Run eagerly on a GPU, where each pass costs its launches, a
+step with both kinds of rows costs about two decode steps; with graphs (the default there) and
+prompt_rows the whole step is one replay. generate.py's static cache makes the same trade, and its
+graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
+launches are cheap, the static steps are slower than eager ones (the scripts turn cuda_graph on
+for CUDA only).
 
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
@@ -86,7 +101,7 @@ from dataclasses import dataclass, field
 import torch
 
 from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, penalize, sample_next, token_logprobs
-from model import attention_mask
+from model import attention_mask, rope_scaling_type
 
 
 @dataclass
@@ -216,13 +231,15 @@ class StaticPagedCache(PagedCache):
         return (inputs[:, :Tb], inputs[:, Tb], inputs[:, Tb + 1], inputs[:, Tb + 2:Tb + 2 + W],
                 inputs[:, Tb + 2 + W:2 * Tb + 2 + W], inputs[:, 2 * Tb + 2 + W:])
 
-    def fill(self, rows, feed=(), last=None):
+    def fill(self, rows, feed=(), last=None, starts=None):
         """Make the next step that of `rows`, row b feeding the tokens feed[b] (at most Tb) from
-        slot rows[b].length on (a token -1 - i: entry i of `last`, the tokens the step before
-        sampled, on the device); with rows = [] every row is padding (what warm-up and capture
-        steps run: they write only the scratch block). Built on the host with a few vectorised
-        ops (a per-element Python list of Bb x 3 Tb numbers would cost milliseconds at Bb = 64,
-        Tb = 256), then copied to the device at once."""
+        slot starts[b] on (default rows[b].length; a request may be several rows of a one-column
+        step, each feeding one of its prompt tokens from its own slot: Engine.token_rows), a token
+        -1 - i standing for entry i of `last`, the tokens the step before sampled, on the device;
+        with rows = [] every row is padding (what warm-up and capture steps run: they write only the
+        scratch block). Built on the host with a few vectorised ops (a per-element Python list of
+        Bb x 3 Tb numbers would cost milliseconds at Bb = 64, Tb = 256), then copied to the device
+        at once."""
         bs, s, Tb, B = self.pool.tokens_per_block, self.pool.scratch, self.Tb, len(rows)
         host = self.staging[self.turn].zero_()
         self.turn ^= 1
@@ -234,7 +251,7 @@ class StaticPagedCache(PagedCache):
             else:    # row b's tokens in its last len(feed[b]) columns (left padding: token 0 before them)
                 at = [(b, Tb - len(f) + i) for b, f in enumerate(feed) for i in range(len(f))]
                 tokens[tuple(torch.tensor(at).T)] = torch.tensor([t for f in feed for t in f])
-            length[:B] = torch.tensor([r.length for r in rows])
+            length[:B] = torch.tensor([r.length for r in rows] if starts is None else starts)
             n[:B] = torch.tensor([len(f) for f in feed])
             for r in rows:
                 if r.table_row is None:
@@ -386,7 +403,7 @@ def static_forward(model, cache):
 class Engine:
 
     def __init__(self, model, n_blocks=256, tokens_per_block=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
-                 prefix_sharing=True, cuda_graph=False, overlap=False, compile_step=False):
+                 prefix_sharing=True, cuda_graph=False, overlap=False, compile_step=False, prompt_rows=False):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x tokens_per_block
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
@@ -397,12 +414,19 @@ class Engine:
         overlap: read each step's tokens back one step late, so that the host prepares the next step
         while the device runs this one (see the top).
         compile_step (with cuda_graph): each fixed-shape step through torch.compile before it is
-        captured (see the top); a compilation costs seconds to tens of seconds."""
+        captured (see the top); a compilation costs seconds to tens of seconds.
+        prompt_rows (with cuda_graph): prompt tokens ride in the one-token pass as rows of their
+        own, prefill_chunk of them a step in all (see the top); False: each step's prompt chunks
+        in a pass of their own."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
         self.overlap = overlap
         if compile_step and not cuda_graph:
             raise ValueError('compile_step fuses the fixed-shape steps: it needs cuda_graph=True')
+        if prompt_rows and (not cuda_graph or rope_scaling_type(model.config) == 'dynamic'):
+            raise ValueError('prompt_rows puts prompt tokens in the fixed-shape one-token pass: it needs '
+                             'cuda_graph=True, and a RoPE other than dynamic NTK (whose angles follow a '
+                             "chunk's longest position, not each token's own)")
         for name, n in (('n_blocks', n_blocks), ('tokens_per_block', tokens_per_block), ('max_batch', max_batch),
                         ('prefill_chunk', prefill_chunk)):
             if not (isinstance(n, int) and n >= 1):
@@ -420,6 +444,10 @@ class Engine:
         # prefill_chunk, then prefill_chunk itself; e.g. (1, 8, 32, 128, 256) for prefill_chunk 256
         self.token_buckets = tuple(sorted({1, prefill_chunk} | {8 * 4 ** i for i in range(8)
                                                                  if 8 * 4 ** i < prefill_chunk}))
+        # prompt tokens as rows of the one-token pass (token_rows; see the top), up to prefill_chunk
+        # of them a step beside max_batch decoding rows
+        self.prompt_rows = prompt_rows
+        self.max_rows = max_batch + (prefill_chunk if self.prompt_rows else 0)
         self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once
         self.last_tokens = None            # the tokens the last step sampled, on the device
@@ -432,10 +460,12 @@ class Engine:
         # steps: steps that ran the model (each one or two passes, see the top);
         # eager_steps: forward passes run in their own shapes (PagedCache; a step is one or two
         # passes, see the top); static_steps: passes in fixed shapes (cuda_graph),
-        # static_prefill_steps: those of them with a prompt chunk (columns > 1);
+        # static_prefill_steps: those of them with a prompt chunk (columns > 1), prompt_row_steps:
+        # those with prompt tokens as rows of a one-column pass (token_rows);
         # graph_captures: CUDA graphs captured; cancelled: requests stopped early (cancel())
         self.stats = dict(requests=0, prompt_tokens=0, reused_tokens=0, prefill_tokens=0, decode_tokens=0, steps=0,
-                          eager_steps=0, static_steps=0, static_prefill_steps=0, graph_captures=0, cancelled=0)
+                          eager_steps=0, static_steps=0, static_prefill_steps=0, prompt_row_steps=0,
+                          graph_captures=0, cancelled=0)
 
     def hit_rate(self):
         """The share of admitted prompt tokens that were reused rather than computed."""
@@ -551,9 +581,19 @@ class Engine:
         # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
         # before: -1 - i stands for entry i of that step's tokens, still on the device
         feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
+        if self.prompt_rows:     # prefill_chunk prompt tokens a step in all (not each): the first
+            left = self.prefill_chunk         # admitted prompts first, the others wait for a step
+            for k, r in enumerate(rows):
+                if part(r) == 1:
+                    feed[k], left = feed[k][:left], left - len(feed[k][:left])
+            keep = [k for k, f in enumerate(feed) if f]
+            rows, feed = [rows[k] for k in keep], [feed[k] for k in keep]
         n, m = (sum(part(r) <= k for r in rows) for k in (0, 1))
-        parts = ([self.score_rows(rows[:n], feed[:n])] if n else []) + \
-            [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((n, m), (m, len(rows))) if b > a]
+        parts = [self.score_rows(rows[:n], feed[:n])] if n else []
+        if self.prompt_rows and len(rows) > n:      # prompt chunks and one-token rows: one pass
+            parts.append(self.token_rows(rows[n:], feed[n:]))
+        elif not self.prompt_rows:
+            parts += [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((n, m), (m, len(rows))) if b > a]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), row k's in row k
         self.stats['steps'] += 1
         # every row's greedy choice in one argmax; a sampling row draws with its own generator (its
@@ -639,6 +679,21 @@ class Engine:
         self.stats['eager_steps'] += 1
         return self.model(idx, cache=cache, last_only=True)[0][:, -1]   # (B, V)
 
+    def token_rows(self, rows, feed):
+        """forward_rows in one one-column pass with every fed token a row of its own (prompt_rows):
+        the tokens of a prompt chunk are rows at their own slots, r.length + i, each with r's block
+        table, so each sees the ones before it (update() writes a pass's entries before it gathers
+        the keys). (B, V) logits of each request's last token."""
+        entries, tokens, starts, last = [], [], [], []
+        for r, f in zip(rows, feed):
+            entries += [r] * len(f)
+            tokens += [[t] for t in f]
+            starts += range(r.length, r.length + len(f))
+            last.append(len(entries) - 1)
+        logits = self.static_step(entries, tokens, starts)
+        self.stats['prompt_row_steps'] += int(len(entries) > len(rows))
+        return logits if len(entries) == len(rows) else logits[torch.tensor(last, device=logits.device)]
+
     def score_rows(self, rows, feed):
         """forward_rows for rows reading a chunk of a prompt they score (eagerly, every position's
         logits): the chunk prompt[s:s + c] at columns T - c..T - 1, where column T - c + j predicts
@@ -662,22 +717,23 @@ class Engine:
         return logits[:, -1]
 
     def bucket(self, B):
-        """The rows a step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and max_batch
-        that holds them (a few shapes, so a few graphs)."""
-        return min(1 << (B - 1).bit_length(), self.max_batch)
+        """The rows a step of B rows is padded to: the smallest of 1, 2, 4, 8, ... and max_rows
+        (max_batch, + prefill_chunk with prompt_rows) that holds them (a few shapes, so a few graphs)."""
+        return min(1 << (B - 1).bit_length(), self.max_rows)
 
     def token_bucket(self, T):
         """The columns a step whose longest row feeds T tokens is padded to: the smallest of
         self.token_buckets that holds them (T <= prefill_chunk, the largest)."""
         return next(Tb for Tb in self.token_buckets if Tb >= T)
 
-    def static_step(self, rows, feed):
-        """A step of `rows` (row b feeding the tokens feed[b]) in its (rows, columns) bucket's fixed
-        shapes: (B, V) logits of the real rows' last tokens, through the bucket's CUDA graph where
-        it has one (see refresh_graph), else eagerly."""
+    def static_step(self, rows, feed, starts=None):
+        """A step of `rows` (row b feeding the tokens feed[b], from slot starts[b], by default its
+        request's length) in its (rows, columns) bucket's fixed shapes: (B, V) logits of the real
+        rows' last tokens, through the bucket's CUDA graph where it has one (see refresh_graph),
+        else eagerly."""
         cache = self.static_cache(self.bucket(len(rows)), self.token_bucket(max(len(f) for f in feed)))
         self.refresh_graph(cache)
-        cache.fill(rows, feed, self.last_tokens)
+        cache.fill(rows, feed, self.last_tokens, starts)
         if cache.graph is not None:
             cache.graph.replay()                           # writes the pools and cache.logits
             cache.end()                                    # a replay runs no Python: lengths here
@@ -723,17 +779,19 @@ class Engine:
         self.stats['graph_captures'] += 1
 
     def capture_graphs(self, prefill=False):
-        """Capture every rows bucket's decode step (1 column) now (a server at start, a benchmark
-        before it times) rather than at its first use; with prefill=True also every (rows, columns)
-        pair of the prompt-chunk steps. Nothing without cuda_graph, or off CUDA.
+        """Capture every rows bucket's one-column step now (a server at start, a benchmark before it
+        times) rather than at its first use: with prompt_rows these are all the steps there are, up
+        to max_batch + prefill_chunk rows; without, the decode steps' buckets, and with prefill=True
+        also every (rows, columns) pair of the prompt-chunk steps. Nothing without cuda_graph, or
+        off CUDA.
         By default the prompt-chunk pairs are captured at their first use: they are many (7 rows
         buckets x 4 column buckets at max_batch 64, prefill_chunk 256), a steady load uses few of
         them (a closed loop of C streams sits at rows bucket C), and each graph keeps the memory
         of its step's activations, which grow with Bb x Tb. The price: the first step of each
         pair used also runs the capture (two warm-up steps and the capture itself)."""
         if self.cuda_graph and self.device.type == 'cuda':
-            for Bb in sorted({self.bucket(B) for B in range(1, self.max_batch + 1)}):
-                for Tb in self.token_buckets if prefill else (1,):
+            for Bb in sorted({self.bucket(B) for B in range(1, self.max_rows + 1)}):
+                for Tb in self.token_buckets if prefill and not self.prompt_rows else (1,):
                     self.refresh_graph(self.static_cache(Bb, Tb))
 
     def decode_mode(self):

@@ -416,7 +416,8 @@ def test_a_request_waits_when_the_only_room_is_its_own_cached_prefix():
 
 # Steps in fixed shapes (cuda_graph=True): the rows padded to a bucket, the columns to a token
 # bucket (1 for a decode step), full-width block tables, the inputs copied into tensors made once
-# per (rows, columns) bucket; on the CPU they run eagerly.
+# per (rows, columns) bucket; on the CPU they run eagerly. With prompt_rows=True a prompt's tokens
+# are rows of the one-column pass instead.
 
 STATIC_VARIANTS = {k: VARIANTS[k] for k in ('gpt2', 'gqa_rope', 'mla_moe')}
 STATIC_VARIANTS['window'] = dict(VARIANTS['gqa_rope'], sliding_window=12, n_sink_tokens=2)
@@ -427,14 +428,14 @@ def spy_on_static_steps(engine):
     checking that the scratch block is in no request's table and every block is where the pool says."""
     sizes, real = [], engine.static_step
 
-    def static_step(rows, feed):
+    def static_step(rows, feed, starts=None):
         assert all(engine.pool.scratch not in r.blocks for r in engine.running)
         check_pool(engine)
         # prompt chunks and one-token rows never share a pass (no decoding row padded to a chunk)
         assert all(len(f) > 1 for f in feed) or all(len(f) == 1 for f in feed), [len(f) for f in feed]
         T = max(map(len, feed))
         sizes.append((len(rows), engine.bucket(len(rows)), T, engine.token_bucket(T)))
-        return real(rows, feed)
+        return real(rows, feed, starts)
     engine.static_step = static_step
     return sizes
 
@@ -485,20 +486,52 @@ def test_static_steps_give_each_request_its_tokens_alone(variant):
     assert sorted(engine.pool.take(40)) == list(range(40))            # every block, not the scratch one
 
 
+@pytest.mark.parametrize('variant', STATIC_VARIANTS)
+def test_prompt_tokens_as_rows_of_one_column_steps_give_each_request_its_tokens_alone(variant):
+    """prompt_rows=True on the CPU: every step one one-column pass whose rows are the decoding
+    requests' tokens and up to prefill_chunk (16) prompt tokens in all, each at its own slot:
+    prompts of 5 and 23 tokens arriving together read as 5 + 11, then 12 beside the first one's
+    decoding; the 40-token prompt as 16 + 16 + 8, the 9-token one as 8 + 1 beside it (the budget
+    is shared, first come first served); batches of 3, 5, 13, 16 and 19 rows padded to 4, 8, 16
+    and 32; lengths crossing block boundaries (blocks of 8). The pool ends as the eager engine
+    leaves it. Refused without fixed shapes, and for dynamic NTK RoPE."""
+    model = build(**STATIC_VARIANTS[variant])
+    engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True, prompt_rows=True)
+    for r, p in zip(requests, prompts):
+        assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
+    s = engine.stats
+    assert s['static_steps'] == len(sizes) >= 10 and s['eager_steps'] == s['static_prefill_steps'] == 0
+    assert s['prompt_row_steps'] == 5 and engine.max_rows == 64 + 16
+    assert {T for _, _, T, _ in sizes} == {1} and {Tb for _, Tb in engine.static} == {1}   # one column
+    assert {(3, 4), (5, 8), (13, 16), (16, 16), (19, 32)} <= {(B, Bb) for B, Bb, _, _ in sizes}
+    assert max(B for B, *_ in sizes) <= len(requests) - 1 + 16
+    assert engine.pool.available() == 40 and not any(engine.pool.ref) and not engine.running
+    eager, _, _, _ = first_alone_then_mixed_arrivals(model)
+    assert_same_blocks(engine, eager)
+    dynamic = build(**VARIANTS['gqa_rope'], rope_scaling={'type': 'dynamic', 'factor': 4.0,
+                                                          'original_max_position_embeddings': 16})
+    for bad in (dict(model=model), dict(model=dynamic, cuda_graph=True)):
+        with pytest.raises(ValueError, match='prompt_rows puts prompt tokens in the fixed-shape'):
+            Engine(**bad, prompt_rows=True)
+
+
+@pytest.mark.parametrize('prompt_rows', [False, True])
 @pytest.mark.parametrize('variant', ['gpt2', 'mla_moe', 'window'])
-def test_static_steps_with_prefix_sharing_start_rows_past_their_reused_blocks(variant):
+def test_static_steps_with_prefix_sharing_start_rows_past_their_reused_blocks(variant, prompt_rows):
     """Prefix sharing with cuda_graph=True: rows whose prompt chunks start at a nonzero length
-    (3 reused blocks of 8), a suffix longer than prefill_chunk, prompts made of a cached prefix."""
+    (3 reused blocks of 8), a suffix longer than prefill_chunk, prompts made of a cached prefix;
+    the prompts read in passes of their own, or (prompt_rows) as rows of the one-column pass."""
     model = build(**STATIC_VARIANTS[variant])
     prompts = shared_prefix_prompts(29, (3, 11, 1, 20, 6))
     n_new, arrive_at = [15, 9, 20, 6, 12], [0, 0, 4, 5, 9]
     kw = dict(n_blocks=40, tokens_per_block=8, prefill_chunk=16)
-    static, graphed = run_arrivals(model, prompts, n_new, arrive_at, cuda_graph=True, **kw)
+    static, graphed = run_arrivals(model, prompts, n_new, arrive_at, cuda_graph=True, prompt_rows=prompt_rows, **kw)
     eager, plain = run_arrivals(model, prompts, n_new, arrive_at, **kw)
     for i, p in enumerate(prompts):
         assert graphed[i].output == plain[i].output == alone(model, p, n_new[i]), (variant, i)
     assert static.stats['reused_tokens'] == eager.stats['reused_tokens'] == 3 * 24
-    assert static.stats['eager_steps'] == 0 < static.stats['static_prefill_steps'] < static.stats['static_steps']
+    prompt_steps = static.stats['prompt_row_steps' if prompt_rows else 'static_prefill_steps']
+    assert static.stats['eager_steps'] == 0 < prompt_steps < static.stats['static_steps']
     assert_same_blocks(static, eager)
 
 
@@ -520,15 +553,27 @@ def test_a_static_step_fills_each_row_left_padded_and_writes_padding_to_the_scra
     assert cache.offset.tolist()[:2] == [[0, 0, 0, 3, 0, 1, 2, 3], [0] * 8]
     cache.fill([])                                     # every row parked on the scratch block
     assert cache.table.unique().tolist() == cache.block.unique().tolist() == [s] and not cache.n.any()
+    # one column, a's three prompt tokens as rows from slots 3, 4, 5 (crossing into its second
+    # block) beside b's one token (prompt_rows): each row its own slot, one new token, its request's table
+    rows = StaticPagedCache(engine.pool, 8, 1, engine.width, 'cpu')
+    rows.fill([a, a, a, b], [[11], [12], [13], [16]], starts=[3, 4, 5, 8])
+    assert rows.tokens[:, 0].tolist() == [11, 12, 13, 16, 0, 0, 0, 0]
+    assert rows.length.tolist()[:4] == [3, 4, 5, 8] and rows.n.tolist() == [1] * 4 + [0] * 4
+    assert rows.block[:, 0].tolist() == [5, 2, 2, 0] + [s] * 4 and rows.offset[:4, 0].tolist() == [3, 0, 1, 0]
+    assert rows.table[:3].tolist() == [[5, 2, 9] + [s] * 21] * 3
+    rows.end()
+    assert (a.length, b.length) == (6, 9)
 
 
 def test_sampling_with_static_steps_follows_the_same_seeds():
     """Seeded sampling, prompts of 3 to 5 tokens read in one step of 8 columns, then decode steps,
-    and a request arriving while the others decode (a prompt chunk of 9 beside them)."""
+    and a request arriving while the others decode (a prompt chunk of 9 beside them); the same
+    with the prompt tokens as rows of the one-column steps (prompt_rows)."""
     model = build(**VARIANTS['mla_moe'])
     outputs = {}
-    for graph in (False, True):
-        engine = Engine(model, n_blocks=30, tokens_per_block=8, cuda_graph=graph)
+    for graph in (False, True, 'prompt_rows'):
+        engine = Engine(model, n_blocks=30, tokens_per_block=8, cuda_graph=bool(graph),
+                        prompt_rows=graph == 'prompt_rows')
         reqs = [engine.add([3, 1, 4, 1, 5][:i + 3], 12, temperature=1.0, top_k=20, seed=10 + i) for i in range(3)]
         reqs.append(engine.add([2, 7], 12))                           # a greedy row beside them
         for _ in range(4):
@@ -537,8 +582,9 @@ def test_sampling_with_static_steps_follows_the_same_seeds():
         engine.run()
         outputs[graph] = [r.output for r in reqs]
         s = engine.stats
-        assert (s['static_steps'] > 0) == (s['eager_steps'] == 0) == (s['static_prefill_steps'] == 2) == graph
-    assert outputs[True] == outputs[False] and outputs[True][0] != outputs[True][1]
+        assert (s['static_steps'] > 0) == (s['eager_steps'] == 0) == bool(graph)
+        assert s['static_prefill_steps'] == 2 * (graph is True) and s['prompt_row_steps'] == 2 * (graph == 'prompt_rows')
+    assert outputs[True] == outputs[False] == outputs['prompt_rows'] and outputs[True][0] != outputs[True][1]
 
 
 def test_compiled_static_steps_give_each_request_its_tokens_alone():
@@ -688,6 +734,31 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
     upfront.run()
     assert r.output == alone(model, [7, 8, 9], 10)
     assert upfront.stats['graph_captures'] == n + 1 + len(capturable([(1, 8)]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
+def test_cuda_graph_steps_with_prompt_tokens_as_rows_equal_the_eager_engine(variant, monkeypatch):
+    """prompt_rows=True on CUDA in float32: every step is one one-column pass; capture_graphs()
+    captures all of them up front, one graph per rows bucket up to max_batch + prefill_chunk
+    (8 + 16), and none is captured later; with and without overlap the tokens are the eager
+    engine's."""
+    import engine as engine_module
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    model = build(**VARIANTS[variant]).cuda()
+    outputs, kw = {}, dict(n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16)
+    for graph, overlap in ((False, False), (True, False), (True, True)):
+        engine = Engine(model, cuda_graph=graph, overlap=overlap, prompt_rows=graph, **kw)
+        engine.capture_graphs()
+        captured = engine.stats['graph_captures']
+        requests, _ = mixed_arrivals(engine)
+        outputs[graph, overlap] = [r.output for r in requests]
+        assert engine.pool.available() == 40 and engine.stats['graph_captures'] == captured
+    buckets = {(Bb, 1) for Bb in (1, 2, 4, 8, 16, 24)}
+    assert set(engine.static) == buckets and engine.stats['eager_steps'] == engine.stats['static_prefill_steps'] == 0
+    assert captured == len({k for k in buckets if engine_module.graph_capturable(model, k[0])}) > 0
+    assert engine.stats['prompt_row_steps'] > 0
+    assert outputs[True, False] == outputs[True, True] == outputs[False, False]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
