@@ -66,8 +66,8 @@ compile_step = False            # with the graphs: both methods' steps fused by 
                                 # the timing, like the captures
 tokens_per_block = 16           # the engine's cache block (tokens)
 prefill_chunk = 256             # prompt tokens the engine reads a step
-prompt_rows = False             # with the graphs: the engine's prompt tokens as rows of its one-token pass
-                                # (False: each step's prompt chunks in a pass of their own; engine.py)
+prompt_rows = None              # the engine's prompt tokens as rows of its one-token pass (None: with the
+                                # graphs; False: each step's prompt chunks in a pass of their own; engine.py)
 device = 'auto'
 dtype = 'auto'
 seed = 1337

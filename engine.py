@@ -15,18 +15,21 @@ feeding one token, so that a decoding row is never padded to a chunk's width: in
 128-token prompt beside 63 decoding rows is 64 x 128 positions (when the engine ran so, its steps
 at 64 streams on an H200 averaged 6.1 ms against static batching's 2.6: docs/performance.md).
 
-Prompt tokens as rows (prompt_rows=True, in fixed shapes: below). Every token a step feeds is a
-row of its own in one one-column pass: a decoding request's token, and each token of a prompt
-chunk, at its own slot with its request's block table. The pass writes every row's new entry into
-the pool before any row gathers its keys, so a chunk's token sees the ones before it: attention as
-if the chunk were read in one row. (Refused for dynamic NTK RoPE, whose angles follow a row's
-longest new position.) Why: on a GPU a small model's pass is hundreds of small kernels whose time
-hardly depends on their size, so a prompt chunk in a pass of its own may cost nearly as much as
-the decode pass beside it, and in a closed loop of 64 streams about one step in four reads a new
-prompt; as rows it rides in the pass that runs anyway. The price: each prompt-token row gathers
-all of its request's keys, where a chunk's row gathers them once, and prefill_chunk bounds a
-step's prompt tokens in all (first come, first served), not each prompt's. Off by default until
-measured on a GPU (experiments/serve_prompt_rows.sh).
+Prompt tokens as rows (prompt_rows, the default in fixed shapes: below). Every token a step
+feeds is a row of its own in one one-column pass: a decoding request's token, and each token of a
+prompt chunk, at its own slot with its request's block table. The pass writes every row's new
+entry into the pool before any row gathers its keys, so a chunk's token sees the ones before it:
+attention as if the chunk were read in one row. (Not for dynamic NTK RoPE, whose angles follow a
+row's longest new position: there the chunks keep passes of their own.) Why: on a GPU a small
+model's pass is hundreds of small kernels whose time hardly depends on their size, so a prompt
+chunk in a pass of its own costs a good part of the decode pass beside it, and in a closed loop of
+64 streams about one step in four reads a new prompt; as rows it rides in the pass that runs
+anyway. The price: each prompt-token row gathers all of its request's keys, where a chunk's row
+gathers them once, and prefill_chunk bounds a step's prompt tokens in all (first come, first
+served), not each prompt's, so a burst of new prompts is read over more steps. On an H100, 64
+streams of the default MoE: 8% more tokens/s with long-tailed output lengths and 6% with uniform
+ones; the first token's p99, set by the opening burst, 93-109 ms against 14 (docs/performance.md;
+experiments/serve_prompt_rows.sh).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
 a block table (its blocks, in order); a request holds blocks for its prompt plus max_new_tokens,
@@ -403,7 +406,7 @@ def static_forward(model, cache):
 class Engine:
 
     def __init__(self, model, n_blocks=256, tokens_per_block=16, max_batch=64, prefill_chunk=128, vocab_limit=None,
-                 prefix_sharing=True, cuda_graph=False, overlap=False, compile_step=False, prompt_rows=False):
+                 prefix_sharing=True, cuda_graph=False, overlap=False, compile_step=False, prompt_rows=None):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x tokens_per_block
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
         of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
@@ -417,13 +420,14 @@ class Engine:
         captured (see the top); a compilation costs seconds to tens of seconds.
         prompt_rows (with cuda_graph): prompt tokens ride in the one-token pass as rows of their
         own, prefill_chunk of them a step in all (see the top); False: each step's prompt chunks
-        in a pass of their own."""
+        in a pass of their own; None: on with cuda_graph, except for dynamic NTK RoPE."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
         self.overlap = overlap
         if compile_step and not cuda_graph:
             raise ValueError('compile_step fuses the fixed-shape steps: it needs cuda_graph=True')
-        if prompt_rows and (not cuda_graph or rope_scaling_type(model.config) == 'dynamic'):
+        dynamic = rope_scaling_type(model.config) == 'dynamic'
+        if prompt_rows and (not cuda_graph or dynamic):
             raise ValueError('prompt_rows puts prompt tokens in the fixed-shape one-token pass: it needs '
                              'cuda_graph=True, and a RoPE other than dynamic NTK (whose angles follow a '
                              "chunk's longest position, not each token's own)")
@@ -446,7 +450,7 @@ class Engine:
                                                                  if 8 * 4 ** i < prefill_chunk}))
         # prompt tokens as rows of the one-token pass (token_rows; see the top), up to prefill_chunk
         # of them a step beside max_batch decoding rows
-        self.prompt_rows = prompt_rows
+        self.prompt_rows = cuda_graph and not dynamic if prompt_rows is None else prompt_rows
         self.max_rows = max_batch + (prefill_chunk if self.prompt_rows else 0)
         self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once

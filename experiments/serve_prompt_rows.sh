@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The engine's prompt tokens as rows of its one-token pass (engine.py prompt_rows=True) against each
-# step's prompt chunks in a pass of their own (prompt_rows=False, the default), side by
+# The engine's prompt tokens as rows of its one-token pass (engine.py prompt_rows, the default with
+# CUDA graphs) against each step's prompt chunks in a pass of their own (prompt_rows=False), side by
 # side on one GPU: the default TinyStories MoE with random weights, 64 streams, 512 requests, long-
 # tailed and uniform output lengths, static batching beside them; first the CUDA tests that both
 # ways give the eager engine's tokens.

@@ -463,13 +463,13 @@ def assert_same_blocks(engine, eager):
 
 @pytest.mark.parametrize('variant', STATIC_VARIANTS)
 def test_static_steps_give_each_request_its_tokens_alone(variant):
-    """cuda_graph=True on the CPU: the static path, eagerly, for every step: decode steps and
+    """cuda_graph=True, prompt_rows=False on the CPU: the static path, eagerly, for every step: decode steps and
     steps with prompt chunks (prompts of 23 and 40 tokens read in chunks of 16, the last 7 of the
     23 padded to 8 columns, two prompts' chunks in one pass), each run apart from the step's
     decoding rows, with batches of 3 and 5 rows (padded to 4 and 8) and lengths crossing block
     boundaries (blocks of 8)."""
     model = build(**STATIC_VARIANTS[variant])
-    engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True)
+    engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True, prompt_rows=False)
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
     s = engine.stats
@@ -488,15 +488,15 @@ def test_static_steps_give_each_request_its_tokens_alone(variant):
 
 @pytest.mark.parametrize('variant', STATIC_VARIANTS)
 def test_prompt_tokens_as_rows_of_one_column_steps_give_each_request_its_tokens_alone(variant):
-    """prompt_rows=True on the CPU: every step one one-column pass whose rows are the decoding
+    """prompt_rows (the default with cuda_graph) on the CPU: every step one one-column pass whose rows are the decoding
     requests' tokens and up to prefill_chunk (16) prompt tokens in all, each at its own slot:
     prompts of 5 and 23 tokens arriving together read as 5 + 11, then 12 beside the first one's
     decoding; the 40-token prompt as 16 + 16 + 8, the 9-token one as 8 + 1 beside it (the budget
     is shared, first come first served); batches of 3, 5, 13, 16 and 19 rows padded to 4, 8, 16
     and 32; lengths crossing block boundaries (blocks of 8). The pool ends as the eager engine
-    leaves it. Refused without fixed shapes, and for dynamic NTK RoPE."""
+    leaves it. Refused without fixed shapes, and for dynamic NTK RoPE (whose default is the chunk passes)."""
     model = build(**STATIC_VARIANTS[variant])
-    engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True, prompt_rows=True)
+    engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True)   # (the default)
     for r, p in zip(requests, prompts):
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
     s = engine.stats
@@ -510,6 +510,7 @@ def test_prompt_tokens_as_rows_of_one_column_steps_give_each_request_its_tokens_
     assert_same_blocks(engine, eager)
     dynamic = build(**VARIANTS['gqa_rope'], rope_scaling={'type': 'dynamic', 'factor': 4.0,
                                                           'original_max_position_embeddings': 16})
+    assert not Engine(dynamic, cuda_graph=True).prompt_rows and not Engine(model).prompt_rows
     for bad in (dict(model=model), dict(model=dynamic, cuda_graph=True)):
         with pytest.raises(ValueError, match='prompt_rows puts prompt tokens in the fixed-shape'):
             Engine(**bad, prompt_rows=True)
@@ -594,7 +595,8 @@ def test_compiled_static_steps_give_each_request_its_tokens_alone():
     fixed shapes. Refused without cuda_graph (there are no fixed shapes to compile)."""
     model = build(**VARIANTS['gqa_rope'])
     torch._dynamo.utils.counters.clear()
-    engine = Engine(model, n_blocks=20, tokens_per_block=8, prefill_chunk=8, cuda_graph=True, compile_step=True)
+    engine = Engine(model, n_blocks=20, tokens_per_block=8, prefill_chunk=8, cuda_graph=True, compile_step=True,
+                    prompt_rows=False)
     prompts = [[5, 3, 9, 1, 4], [7, 7, 2]]
     first = engine.add(prompts[0], 6)
     engine.step()
@@ -679,7 +681,7 @@ def test_overlap_sampling_and_cancelling_a_request_while_its_token_is_on_the_dev
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('variant', ['gqa_rope', 'mla_moe'])
 def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucket(variant, monkeypatch):
-    """On CUDA in float32 every step replays one captured graph per (rows, columns) bucket,
+    """prompt_rows=False on CUDA in float32: every step replays one captured graph per (rows, columns) bucket,
     decode steps and steps with prompt chunks alike, captured at its first use (the first one
     before any step has made the pools) and reused by later requests: the tokens of the eager
     engine and of the same static steps without a graph. capture_graphs() captures every rows
@@ -695,7 +697,7 @@ def test_cuda_graph_steps_equal_the_eager_engine_and_are_captured_once_per_bucke
 
     def serve(cuda_graph, upfront=None, overlap=False):
         engine = Engine(model, n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16, cuda_graph=cuda_graph,
-                        overlap=overlap)
+                        overlap=overlap, prompt_rows=False if cuda_graph else None)
         if upfront is not None:
             engine.capture_graphs(prefill=upfront)
         first = engine.add([7], 10)                    # alone: its first step is a decode step
