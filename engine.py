@@ -22,9 +22,9 @@ entry into the pool before any row gathers its keys, so a chunk's token sees the
 attention as if the chunk were read in one row. (Not for dynamic NTK RoPE, whose angles follow a
 row's longest new position: there the chunks keep passes of their own.) Why: on a GPU a small
 model's pass is hundreds of small kernels whose time hardly depends on their size, so a prompt
-chunk in a pass of its own costs a good part of the decode pass beside it, and in a closed loop of
-64 streams about one step in four reads a new prompt; as rows it rides in the pass that runs
-anyway. The price: each prompt-token row gathers all of its request's keys, where a chunk's row
+chunk in a pass of its own costs a good part of the decode pass beside it, and in a closed loop
+many steps read a new prompt (a request leaves, the next arrives alone); as rows it rides in the
+pass that runs anyway. The price: each prompt-token row gathers all of its request's keys, where a chunk's row
 gathers them once, and prefill_chunk bounds a step's prompt tokens in all (first come, first
 served), not each prompt's, so a burst of new prompts is read over more steps. On an H100, 64
 streams of the default MoE: 8% more tokens/s with long-tailed output lengths and 6% with uniform
