@@ -153,8 +153,9 @@ class PagedCache:
         lengths = [r.length for r in self.rows]
         L = max(s + n for s, n in zip(lengths, self.n_new))
         table = torch.tensor(self.tables(self.rows, max(len(r.blocks) for r in self.rows)), device=dev)
-        # row b's i-th new token (column T - k + i of the step) goes to its slot s0 + i
-        write = [(r.blocks[(s0 + i) // bs], (s0 + i) % bs, b, T - k + i)
+        # row b's i-th new token (column T - k + i of the step) goes to its slot s0 + i: pool row
+        # block x tokens_per_block + offset (see update)
+        write = [(r.blocks[(s0 + i) // bs] * bs + (s0 + i) % bs, b, T - k + i)
                  for b, (r, s0, k) in enumerate(zip(self.rows, lengths, self.n_new)) for i in range(k)]
         self.write = tuple(torch.tensor(col, device=dev) for col in zip(*write))
         return self.plan(torch.tensor(lengths, device=dev), torch.tensor(self.n_new, device=dev), T, L, table)
@@ -178,16 +179,22 @@ class PagedCache:
         c = self.pool.config
         allowed = attention_mask(q_pos.masked_fill(~real, -1), k_pos, c.sliding_window, c.n_sink_tokens)
         allowed[:, :, 0] |= ~real                     # a padding query sees one key, not none (no NaN)
-        # key s of a row is at (its block s // bs, offset s % bs)
-        self.read = (table[:, slots // bs], (slots % bs)[None, :].expand(B, L))
+        # key s of a row is at (its block s // bs, offset s % bs): pool row block x bs + offset (update)
+        self.read = table[:, slots // bs] * bs + slots % bs                     # (B, L)
         return q_pos.clamp(min=0), (allowed[:, None], False)
 
     def update(self, layer, name, x, dim):
+        """Write the step's new entries x (T along dim) into their slots, return every row's L
+        entries. The pool (blocks, tokens_per_block, ...) is read and written as rows, slot o of
+        block k being row k x tokens_per_block + o: one flat index each way (indexing with a
+        (block, offset) pair of index tensors took PyTorch's elementwise index kernel, 16 us a
+        gather on an H100: docs/performance.md)."""
         x = x.movedim(dim, 1)                                                    # (B, T, ...)
-        pool = self.pool.tensor(layer, name, x)
-        blk, off, b, t = self.write
-        pool[blk, off] = x[b, t].to(pool.dtype)
-        return pool[self.read].to(x.dtype).movedim(1, dim)                      # (B, L, ...) -> x's layout
+        rows = self.pool.tensor(layer, name, x).flatten(0, 1)                    # (blocks x bs, ...)
+        dest, b, t = self.write
+        new = x.flatten(0, 1) if b is None else x[b, t]        # the new entries in dest's order
+        rows.index_copy_(0, dest, new.to(rows.dtype))
+        return rows[self.read].to(x.dtype).movedim(1, dim)                      # (B, L, ...) -> x's layout
 
     def end(self):
         for r, n in zip(self.rows, self.n_new):
@@ -222,9 +229,7 @@ class StaticPagedCache(PagedCache):
         self.staging = [torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.turn = 0
         # column t of row b goes to (block[b, t], offset[b, t]): every column is written, the
-        # padding ones to the scratch block (update() then needs no mask)
-        self.write = (self.block, self.offset, torch.arange(Bb, device=device)[:, None],
-                      torch.arange(Tb, device=device)[None, :])
+        # padding ones to the scratch block (update() then needs no mask; begin() makes the rows)
         self.graph = self.logits = self.signature = None               # its CUDA graph, once captured
 
     def columns(self, inputs):
@@ -272,6 +277,8 @@ class StaticPagedCache(PagedCache):
 
     def begin(self, T):
         assert T == self.Tb
+        # every column written, row b's column t from x's entry b x Tb + t (update: b, t None)
+        self.write = ((self.block * self.pool.tokens_per_block + self.offset).flatten(), None, None)
         return self.plan(self.length, self.n, T, self.L, self.table)
 
 
