@@ -85,6 +85,9 @@ rt = init_runtime(device, dtype, seed)
 graph = use_cuda_graph(cuda_graph, rt.device_type)
 if compile_step and not graph:
     sys.exit('error: compile_step=True fuses the CUDA-graph steps: it needs cuda_graph on (the default on CUDA)')
+if prompt_rows and not graph:
+    sys.exit('error: prompt_rows=True puts prompt tokens in the fixed-shape steps: it needs cuda_graph on '
+             '(the default on CUDA)')
 levels = [int(s) for s in str(streams).split(',') if s.strip()]
 methods = [m.strip() for m in methods.split(',') if m.strip()]
 bad = [m for m in methods if m not in ('engine', 'engine_sync', 'static', 'hf')]

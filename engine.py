@@ -206,7 +206,8 @@ class StaticPagedCache(PagedCache):
     it can be a CUDA graph: Bb rows (the step's, then padding) of Tb columns (each row left-padded,
     as the eager step left-pads to its longest row), block tables `width` blocks wide (enough for
     the model's block_size), so L = width x tokens_per_block keys, the empty ones masked. Tb = 1 is a
-    decode step; Tb > 1 a step in which some row reads a prompt chunk. What changes from step to
+    step in which every row feeds one token (a decoding request's, or with prompt_rows one of a
+    prompt's: fill's starts); Tb > 1 a step in which some row reads a prompt chunk. What changes from step to
     step lives in one device tensor made once and filled in place by fill(rows, feed) (built on the
     host, one copy): begin() and update() run the same kernels on the same memory at every step,
     and a graph captured once replays them. A padding row has length 0, no new tokens and every
@@ -416,7 +417,8 @@ class Engine:
                  prefix_sharing=True, cuda_graph=False, overlap=False, compile_step=False, prompt_rows=None):
         """model: a GPT in eval mode (its device and dtype are the engine's). n_blocks x tokens_per_block
         tokens of cache in all; at most max_batch requests run at once; a prompt is read in chunks
-        of prefill_chunk tokens, one chunk per step, beside the other requests' decoding.
+        of prefill_chunk tokens, one chunk per step, beside the other requests' decoding (with
+        prompt_rows: prefill_chunk prompt tokens a step in all).
         vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled).
         prefix_sharing: reuse the cached blocks of prompt prefixes seen before (see the top).
         cuda_graph: decode steps in fixed shapes, each bucket's step a CUDA graph on CUDA (see the
@@ -427,7 +429,8 @@ class Engine:
         captured (see the top); a compilation costs seconds to tens of seconds.
         prompt_rows (with cuda_graph): prompt tokens ride in the one-token pass as rows of their
         own, prefill_chunk of them a step in all (see the top); False: each step's prompt chunks
-        in a pass of their own; None: on with cuda_graph, except for dynamic NTK RoPE."""
+        in a pass of their own; None: on with cuda_graph, except for dynamic NTK RoPE and on a GPU
+        where a graph cannot hold max_batch + prefill_chunk rows (generate.graph_capturable)."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
         self.vocab_limit, self.prefix_sharing, self.cuda_graph = vocab_limit, prefix_sharing, cuda_graph
         self.overlap = overlap
@@ -457,7 +460,11 @@ class Engine:
                                                                  if 8 * 4 ** i < prefill_chunk}))
         # prompt tokens as rows of the one-token pass (token_rows; see the top), up to prefill_chunk
         # of them a step beside max_batch decoding rows
-        self.prompt_rows = cuda_graph and not dynamic if prompt_rows is None else prompt_rows
+        # (by default not where a graph could not hold the largest bucket: the MoE loop on a GPU
+        # without grouped_mm would run those steps eagerly, their decoding rows with them)
+        device = next(model.parameters()).device
+        self.prompt_rows = prompt_rows if prompt_rows is not None else cuda_graph and not dynamic and (
+            device.type != 'cuda' or graph_capturable(model, max_batch + prefill_chunk))
         self.max_rows = max_batch + (prefill_chunk if self.prompt_rows else 0)
         self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once
@@ -582,23 +589,23 @@ class Engine:
     def launch(self, rows):
         """Queue the forward passes of `rows` and their sampling on the device (no wait for the
         device here, on CUDA); returns what read_back needs."""
-        # the rows reading a prompt chunk go through the model apart from the rows feeding one
-        # token, so that no decoding row is padded to a chunk's width: at 64 rows and one new
-        # 128-token prompt, 128 + 63 token positions instead of 64 x 128
+        # without prompt_rows the rows reading a prompt chunk go through the model apart from the
+        # rows feeding one token, so that no decoding row is padded to a chunk's width: at 64 rows
+        # and one new 128-token prompt, 128 + 63 token positions instead of 64 x 128 (with it, the
+        # chunks' tokens are rows of the one-token pass: token_rows)
         # (and the rows that score their prompt's tokens apart from both: they need every position's logits)
         def part(r):          # 0: scoring a prompt chunk, 1: reading a prompt chunk, 2: one token
             return 0 if r.pending and r.prompt_logprobs is not None else 1 if len(r.pending) > 1 else 2
-        rows = sorted(rows, key=part)                   # (stable: in their order within each part)
         # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
         # before: -1 - i stands for entry i of that step's tokens, still on the device
         feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
         if self.prompt_rows:     # prefill_chunk prompt tokens a step in all (not each): the first
             left = self.prefill_chunk         # admitted prompts first, the others wait for a step
             for k, r in enumerate(rows):
-                if part(r) == 1:
+                if r.pending and part(r) > 0:
                     feed[k], left = feed[k][:left], left - len(feed[k][:left])
-            keep = [k for k, f in enumerate(feed) if f]
-            rows, feed = [rows[k] for k in keep], [feed[k] for k in keep]
+        order = sorted((k for k, f in enumerate(feed) if f), key=lambda k: part(rows[k]))   # (stable)
+        rows, feed = [rows[k] for k in order], [feed[k] for k in order]
         n, m = (sum(part(r) <= k for r in rows) for k in (0, 1))
         parts = [self.score_rows(rows[:n], feed[:n])] if n else []
         if self.prompt_rows and len(rows) > n:      # prompt chunks and one-token rows: one pass
@@ -694,16 +701,15 @@ class Engine:
         """forward_rows in one one-column pass with every fed token a row of its own (prompt_rows):
         the tokens of a prompt chunk are rows at their own slots, r.length + i, each with r's block
         table, so each sees the ones before it (update() writes a pass's entries before it gathers
-        the keys). (B, V) logits of each request's last token."""
-        entries, tokens, starts, last = [], [], [], []
-        for r, f in zip(rows, feed):
-            entries += [r] * len(f)
-            tokens += [[t] for t in f]
-            starts += range(r.length, r.length + len(f))
-            last.append(len(entries) - 1)
-        logits = self.static_step(entries, tokens, starts)
-        self.stats['prompt_row_steps'] += int(len(entries) > len(rows))
-        return logits if len(entries) == len(rows) else logits[torch.tensor(last, device=logits.device)]
+        the keys, so the rows' order does not matter). Row b is request b's last token, then come
+        the chunks' other tokens: (B, V) logits of each request's last token are the first B rows
+        (a slice: an index tensor made on the host would make the host wait for the device)."""
+        last = [(r, [f[-1]], r.length + len(f) - 1) for r, f in zip(rows, feed)]
+        before = [(r, [t], r.length + i) for r, f in zip(rows, feed) for i, t in enumerate(f[:-1])]
+        entries, tokens, starts = zip(*(last + before))
+        logits = self.static_step(list(entries), list(tokens), list(starts))
+        self.stats['prompt_row_steps'] += int(any(r.pending for r in rows))
+        return logits[:len(rows)]
 
     def score_rows(self, rows, feed):
         """forward_rows for rows reading a chunk of a prompt they score (eagerly, every position's
@@ -791,8 +797,9 @@ class Engine:
 
     def capture_graphs(self, prefill=False):
         """Capture every rows bucket's one-column step now (a server at start, a benchmark before it
-        times) rather than at its first use: with prompt_rows these are all the steps there are, up
-        to max_batch + prefill_chunk rows; without, the decode steps' buckets, and with prefill=True
+        times) rather than at its first use: with prompt_rows these are all the fixed-shape steps
+        there are, up to max_batch + prefill_chunk rows (a request that scores its prompt still
+        reads it in eager passes); without, the decode steps' buckets, and with prefill=True
         also every (rows, columns) pair of the prompt-chunk steps. Nothing without cuda_graph, or
         off CUDA.
         By default the prompt-chunk pairs are captured at their first use: they are many (7 rows

@@ -76,7 +76,10 @@ n_blocks = 512               # KV-cache blocks in the pool ...
 tokens_per_block = 16        # ... of this many tokens each
 max_batch = 32               # requests decoded together at most
 prefill_chunk = 256          # prompt tokens read per step
-cuda_graph = None            # decode steps as CUDA graphs, captured at start (engine.py); None: on for CUDA
+cuda_graph = None            # the engine's steps as CUDA graphs, captured at start (engine.py); None: on for CUDA
+prompt_rows = None           # with the graphs: prompt tokens as rows of the one-token step, so that a step is one
+                             # graph (engine.py); False: prompt chunks in steps of their own (fewer, smaller
+                             # graphs: for a long context, whose every prompt row gathers all its keys)
 overlap = None               # read each step's tokens back a step late, so that the host prepares the next
                              # step while the GPU runs this one (engine.py); None: on for CUDA
 default_max_tokens = 256     # when a request names none (at most what the context leaves after the prompt)
@@ -118,10 +121,10 @@ MODEL_ID = os.path.basename(os.path.normpath(out_dir))
 try:
     engine = Engine(model, n_blocks, tokens_per_block, max_batch, prefill_chunk, vocab_limit=tok.vocab_size,
                     cuda_graph=use_cuda_graph(cuda_graph, rt.device_type),
-                    overlap=rt.device_type == 'cuda' if overlap is None else bool(overlap))
+                    overlap=rt.device_type == 'cuda' if overlap is None else bool(overlap), prompt_rows=prompt_rows)
 except ValueError as e:
     sys.exit(f'error: {e}')
-engine.capture_graphs()                  # every batch bucket's decode step, before any request
+engine.capture_graphs()                  # every rows bucket's one-token step, before any request
 inbox = queue.Queue()                    # (request arguments, stop strings, the reply queue) from HTTP threads
 cancelled = set()                        # ids of requests whose clients stopped listening
 cancel_lock = threading.Lock()           # cancelled is written by HTTP threads, pruned by the engine's

@@ -491,9 +491,10 @@ def test_prompt_tokens_as_rows_of_one_column_steps_give_each_request_its_tokens_
     """prompt_rows (the default with cuda_graph) on the CPU: every step one one-column pass whose rows are the decoding
     requests' tokens and up to prefill_chunk (16) prompt tokens in all, each at its own slot:
     prompts of 5 and 23 tokens arriving together read as 5 + 11, then 12 beside the first one's
-    decoding; the 40-token prompt as 16 + 16 + 8, the 9-token one as 8 + 1 beside it (the budget
-    is shared, first come first served); batches of 3, 5, 13, 16 and 19 rows padded to 4, 8, 16
-    and 32; lengths crossing block boundaries (blocks of 8). The pool ends as the eager engine
+    decoding; a 1-token prompt and a 40-token one as 1 + 15, then 16, then 9 beside the first 7 of
+    a 9-token prompt, whose last 2 come next (the budget is shared, first come first served);
+    batches of 3, 5, 13, 16 and 19 rows padded to 4, 8, 16 and 32; lengths crossing block
+    boundaries (blocks of 8). The pool ends as the eager engine
     leaves it. Refused without fixed shapes, and for dynamic NTK RoPE (whose default is the chunk passes)."""
     model = build(**STATIC_VARIANTS[variant])
     engine, sizes, requests, prompts = first_alone_then_mixed_arrivals(model, cuda_graph=True)   # (the default)
@@ -501,7 +502,7 @@ def test_prompt_tokens_as_rows_of_one_column_steps_give_each_request_its_tokens_
         assert r.done and r.output == alone(model, p, r.max_new_tokens), (variant, r.id)
     s = engine.stats
     assert s['static_steps'] == len(sizes) >= 10 and s['eager_steps'] == s['static_prefill_steps'] == 0
-    assert s['prompt_row_steps'] == 5 and engine.max_rows == 64 + 16
+    assert s['prompt_row_steps'] == 7 and engine.max_rows == 64 + 16       # (two 1-token prompts among them)
     assert {T for _, _, T, _ in sizes} == {1} and {Tb for _, Tb in engine.static} == {1}   # one column
     assert {(3, 4), (5, 8), (13, 16), (16, 16), (19, 32)} <= {(B, Bb) for B, Bb, _, _ in sizes}
     assert max(B for B, *_ in sizes) <= len(requests) - 1 + 16
@@ -514,6 +515,22 @@ def test_prompt_tokens_as_rows_of_one_column_steps_give_each_request_its_tokens_
     for bad in (dict(model=model), dict(model=dynamic, cuda_graph=True)):
         with pytest.raises(ValueError, match='prompt_rows puts prompt tokens in the fixed-shape'):
             Engine(**bad, prompt_rows=True)
+
+
+def test_prompt_rows_read_at_most_prefill_chunk_prompt_tokens_a_step_in_all():
+    """The budget counts every prompt being read, one-token prompts too: five 1-token prompts and a
+    20-token one with prefill_chunk=2 read 2 prompt tokens a step (first come, first served), and
+    every request gets its tokens alone."""
+    model = build(**VARIANTS['gqa_rope'], init_std=0.3)
+    engine = Engine(model, n_blocks=40, tokens_per_block=4, prefill_chunk=2, cuda_graph=True)
+    sizes = spy_on_static_steps(engine)
+    prompts = [[3], [14], [15], [92], [65], list(range(30, 50))]
+    requests = [engine.add(p, 6) for p in prompts]
+    engine.run()
+    for r, p in zip(requests, prompts):
+        assert r.output == alone(model, p, 6)
+    assert [B for B, *_ in sizes[:3]] == [2, 2 + 2, 2 + 4]    # 2 prompt tokens beside 0, 2, 4 decoding
+    assert engine.stats['prompt_row_steps'] == 3 + 20 // 2 - 1 + 1
 
 
 @pytest.mark.parametrize('prompt_rows', [False, True])
@@ -744,18 +761,20 @@ def test_cuda_graph_steps_with_prompt_tokens_as_rows_equal_the_eager_engine(vari
     """prompt_rows=True on CUDA in float32: every step is one one-column pass; capture_graphs()
     captures all of them up front, one graph per rows bucket up to max_batch + prefill_chunk
     (8 + 16), and none is captured later; with and without overlap the tokens are the eager
-    engine's."""
+    engine's, and so is every pool block (weights large enough that the tokens follow the context)."""
     import engine as engine_module
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    model = build(**VARIANTS[variant]).cuda()
-    outputs, kw = {}, dict(n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16)
+    model = build(**VARIANTS[variant], init_std=0.3).cuda()
+    outputs, engines, kw = {}, {}, dict(n_blocks=40, tokens_per_block=8, max_batch=8, prefill_chunk=16)
     for graph, overlap in ((False, False), (True, False), (True, True)):
-        engine = Engine(model, cuda_graph=graph, overlap=overlap, prompt_rows=graph, **kw)
+        engine = engines[graph, overlap] = Engine(model, cuda_graph=graph, overlap=overlap, prompt_rows=graph, **kw)
         engine.capture_graphs()
         captured = engine.stats['graph_captures']
         requests, _ = mixed_arrivals(engine)
         outputs[graph, overlap] = [r.output for r in requests]
         assert engine.pool.available() == 40 and engine.stats['graph_captures'] == captured
+    for key, pool in engines[True, False].pool.tensors.items():           # every block but the scratch one
+        torch.testing.assert_close(pool[:40], engines[False, False].pool.tensors[key][:40], rtol=1e-4, atol=1e-4)
     buckets = {(Bb, 1) for Bb in (1, 2, 4, 8, 16, 24)}
     assert set(engine.static) == buckets and engine.stats['eager_steps'] == engine.stats['static_prefill_steps'] == 0
     assert captured == len({k for k in buckets if engine_module.graph_capturable(model, k[0])}) > 0

@@ -608,7 +608,8 @@ def test_32_clients_x_10_requests_each_get_the_answer_served_alone(server):
 
 def test_the_chat_pages_starting_settings_and_ctrl_c(pipeline, server):
     """--page_temperature / --page_frequency_penalty fill the page's fields (the speedrun suggests
-    greedy with a penalty of 0.5 for its small models); Ctrl-C stops the server with a line."""
+    greedy with a penalty of 0.5 for its small models); Ctrl-C stops the server with a line; bad
+    settings are one-line errors."""
     import signal
     proc, url = start_server(pipeline, 'sft_serve', args=('--page_temperature=0', '--page_frequency_penalty=0.5'))
     try:
@@ -622,10 +623,14 @@ def test_the_chat_pages_starting_settings_and_ctrl_c(pipeline, server):
     default = urllib.request.urlopen(server[0] + '/').read().decode()       # the defaults: 0.8 and 0
     assert 'step="0.1" value="0.8"' in default
     from conftest import run_script_many
-    hot, penalty = run_script_many('serve.py', [['--page_temperature=3.0'], ['--page_frequency_penalty=-2.5']],
-                                   cwd=pipeline)
+    hot, penalty, rows = run_script_many('serve.py', [['--page_temperature=3.0'], ['--page_frequency_penalty=-2.5'],
+                                                      ['--prompt_rows=True', '--out_dir=sft_serve', '--port=0',
+                                                       '--device=cpu']], cwd=pipeline)
     assert hot.returncode and 'page_temperature=3.0 must be in [0, 2]' in hot.stderr
     assert penalty.returncode and 'page_frequency_penalty=-2.5 must be in [-2, 2]' in penalty.stderr
+    # prompt tokens as rows of the fixed-shape steps: not without them (the CPU's default)
+    assert rows.returncode == 1 and 'error: prompt_rows puts prompt tokens in the fixed-shape' in rows.stderr
+    assert 'Traceback' not in rows.stderr
 
 
 def test_the_chat_page_in_headless_chromium(server):
