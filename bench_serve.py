@@ -196,6 +196,7 @@ def run_engine(reqs, C, overlap=True, timed=None):
                 last[r.id] = now
         seconds = time.time() - t0
     engine_modes.add(engine.decode_mode())
+    engine_setup[C]['engine_stats'] = dict(engine.stats)      # (in the JSON: e.g. the steps that read prompts)
     return seconds, ttft, gaps, tokens, engine.stats['steps']
 
 

@@ -150,6 +150,9 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert '| 3 | engine |' in proc.stdout and 'bytes per token' in proc.stdout
     assert 'engine steps: eager;' in proc.stdout          # cuda_graph None: off on the CPU
     assert all(r['graphs'] == 0 and r['capture_s'] >= 0 for r in rows if r['method'].startswith('engine'))
+    # the engine's own counts: its steps, the prompt tokens it read (eager passes on the CPU)
+    assert all(r['engine_stats']['steps'] == r['steps'] and r['engine_stats']['requests'] == 5
+               and r['engine_stats']['eager_steps'] >= r['steps'] for r in rows if r['method'].startswith('engine'))
     assert 'graphs captured' not in proc.stdout           # (printed where the engine captured some)
     vllm, bad, tail, steps, long_tail, compiled = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
                                                                 [*SERVE_MOE, '--block_size=64', '--max_prompt=60'],
