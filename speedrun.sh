@@ -148,7 +148,7 @@ case $PROFILE in
     # pairs and +3.2 +- 0.9 at 1,000 steps on 6,000 prompts' (87.0% -> 90.3%; docs/results.md)
     REWARD="--compile=False --max_iters=1000 --eval_interval=100 --batch_by=prompt --batch_size=8 --learning_rate=3e-4
             --min_lr=3e-5 --n_fresh=128 --max_new_tokens=200 --score_reread=True --word_check_weight=1.0"
-    # with RPO's NLL term on the chosen answers at weight 1: on the eleventh card (docs/results.md) DPO
+    # with RPO's NLL term on the chosen answers at weight 1: on docs/results.md's eleventh run DPO
     # alone scored +0.027 above SFT (seed spread 0.024) and with the term +0.041 +- 0.020 (spread 0.020)
     DPO="--compile=False --max_iters=200 --eval_interval=100 --batch_size=16 --learning_rate=5e-6 --min_lr=5e-7
          --eval_prompts=128 --max_new_tokens=200 --sft_weight=1.0"

@@ -110,7 +110,7 @@ DPO_GREEDY_RUN="(until grep -qs '^sft' $R/times.tsv; do sleep 5; kill -0 \$main 
   --out=$S/dpo_greedy --stages=prefs,dpo,eval > $R/logs/side_dpo_greedy.log 2>&1) &"
 DPO_GREEDY_RUN=$(echo $DPO_GREEDY_RUN); wanted dpo_greedy || DPO_GREEDY_RUN=""
 # DPO's 3 seeds on the main run's pairs without RPO's NLL term (--sft_weight=0; the gpu profile's DPO
-# has it at weight 1 since the eleventh card, where this side run was the other way round), evaluated in
+# has it at weight 1 since docs/results.md's eleventh run, where this side run was the other way round), evaluated in
 # S/dpo_plain: paired against the main run's DPO, whether the term is worth keeping
 link="mkdir -p $S/dpo_plain && for x in data task base sft prefs; do ln -sfn $A/\$x $S/dpo_plain/\$x; done"
 DPO_PLAIN_RUN="(until grep -qs '^prefs' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || exit; done; $link &&
