@@ -154,7 +154,7 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert all(r['engine_stats']['steps'] == r['steps'] and r['engine_stats']['requests'] == 5
                and r['engine_stats']['eager_steps'] >= r['steps'] for r in rows if r['method'].startswith('engine'))
     assert 'graphs captured' not in proc.stdout           # (printed where the engine captured some)
-    vllm, bad, tail, steps, long_tail, compiled = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
+    vllm, bad, tail, steps, long_tail, compiled, rows = run_script_many('bench_serve.py', [[*SERVE_MOE, '--methods=engine,vllm'],
                                                                 [*SERVE_MOE, '--block_size=64', '--max_prompt=60'],
                                                                 [*SERVE_MOE, '--output_lengths=exponential',
                                                                  '--mean_output=8', '--min_output=16'],
@@ -163,7 +163,8 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
                                                                 [*SERVE_MOE, '--steps_only=True', '--streams=4',
                                                                  '--n_requests=8', '--output_lengths=exponential',
                                                                  '--min_output=1', '--mean_output=5', '--max_output=9'],
-                                                                [*SERVE_MOE, '--compile_step=True']],   # no graphs on the CPU
+                                                                [*SERVE_MOE, '--compile_step=True'],   # no graphs on the CPU
+                                                                [*SERVE_MOE, '--prompt_rows=True']],
                                              cwd=tmp_path)
     # a perfect continuous batcher at one stream runs the static steps; at 4, fewer
     one, four = [line.split('|')[3:6] for line in steps.stdout.splitlines() if line.startswith(('| 1 |', '| 4 |'))]
@@ -175,3 +176,4 @@ def test_bench_serve_continuous_and_static_batching_make_the_same_tokens(tmp_pat
     assert bad.returncode != 0 and 'exceeds the block_size 64' in bad.stdout + bad.stderr
     assert tail.returncode != 0 and 'mean_output=8 outside min_output..max_output' in tail.stdout + tail.stderr
     assert compiled.returncode != 0 and 'compile_step=True fuses the CUDA-graph steps' in compiled.stdout + compiled.stderr
+    assert rows.returncode != 0 and 'prompt_rows=True puts prompt tokens in the fixed-shape steps' in rows.stderr

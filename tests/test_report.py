@@ -234,6 +234,11 @@ def test_speedrun_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path):
     assert f'python dpo.py --init_from={tmp_path}/run/sft ' in dpo
     assert '--beta=0.2' in dpo and '--device=cpu' in dpo
     assert not (tmp_path / 'run').exists()
+    # the GPU profile's DPO adds RPO's NLL term at weight 1 (DPO_EXTRA, after it, can take it out)
+    gpu = subprocess.run(['bash', 'speedrun.sh', '--profile=gpu', f'--out={tmp_path}/gpu', '--dry_run'], cwd=repo,
+                         env=dict(os.environ, DPO_EXTRA='--sft_weight=0'), capture_output=True, text=True, timeout=60)
+    dpo = next(line for line in gpu.stdout.splitlines() if line.startswith('dpo_seed1: '))
+    assert dpo.endswith('--sft_weight=1.0 --sft_weight=0') and '--sft_weight=1.0' not in p.stdout
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
