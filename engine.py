@@ -24,12 +24,12 @@ row's longest new position: there the chunks keep passes of their own.) Why: on 
 model's pass is hundreds of small kernels whose time hardly depends on their size, so a prompt
 chunk in a pass of its own costs a good part of the decode pass beside it, and in a closed loop
 many steps read a new prompt (a request leaves, the next arrives alone); as rows it rides in the
-pass that runs anyway. The price: each prompt-token row gathers all of its request's keys, where a chunk's row
-gathers them once, and prefill_chunk bounds a step's prompt tokens in all (first come, first
-served), not each prompt's, so a burst of new prompts is read over more steps. On an H100, 64
-streams of the default MoE: 8% more tokens/s with long-tailed output lengths and 6% with uniform
-ones; the first token's p99, set by the opening burst, 93-109 ms against 14 (docs/performance.md;
-experiments/serve_prompt_rows.sh).
+pass that runs anyway. The price: each prompt-token row gathers all of its request's keys, where
+a chunk's row gathers them once, and prefill_chunk bounds a step's prompt tokens in all (first
+come, first served), not each prompt's, so a burst of new prompts is read over more steps. On an
+H100, 64 streams of the default MoE: 8% more tokens/s with long-tailed output lengths and 6% with
+uniform ones; the first token's p99, set by the opening burst, 93-109 ms against 14
+(docs/performance.md; experiments/serve_prompt_rows.sh).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
 a block table (its blocks, in order); a request holds blocks for its prompt plus max_new_tokens,
@@ -462,9 +462,8 @@ class Engine:
         # of them a step beside max_batch decoding rows
         # (by default not where a graph could not hold the largest bucket: the MoE loop on a GPU
         # without grouped_mm would run those steps eagerly, their decoding rows with them)
-        device = next(model.parameters()).device
         self.prompt_rows = prompt_rows if prompt_rows is not None else cuda_graph and not dynamic and (
-            device.type != 'cuda' or graph_capturable(model, max_batch + prefill_chunk))
+            self.device.type != 'cuda' or graph_capturable(model, max_batch + prefill_chunk))
         self.max_rows = max_batch + (prefill_chunk if self.prompt_rows else 0)
         self.static = {}                   # (rows, columns) bucket -> its StaticPagedCache (and CUDA graph)
         self.params = list(model.parameters())   # what a captured step reads, listed once
@@ -608,10 +607,10 @@ class Engine:
         rows, feed = [rows[k] for k in order], [feed[k] for k in order]
         n, m = (sum(part(r) <= k for r in rows) for k in (0, 1))
         parts = [self.score_rows(rows[:n], feed[:n])] if n else []
-        if self.prompt_rows and len(rows) > n:      # prompt chunks and one-token rows: one pass
-            parts.append(self.token_rows(rows[n:], feed[n:]))
-        elif not self.prompt_rows:
+        if not self.prompt_rows:
             parts += [self.forward_rows(rows[a:b], feed[a:b]) for a, b in ((n, m), (m, len(rows))) if b > a]
+        elif len(rows) > n:                         # prompt chunks and one-token rows: one pass
+            parts.append(self.token_rows(rows[n:], feed[n:]))
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]          # (B, V), row k's in row k
         self.stats['steps'] += 1
         # every row's greedy choice in one argmax; a sampling row draws with its own generator (its
