@@ -27,8 +27,9 @@ many steps read a new prompt (a request leaves, the next arrives alone); as rows
 pass that runs anyway. The price: each prompt-token row gathers all of its request's keys, where
 a chunk's row gathers them once, and prefill_chunk bounds a step's prompt tokens in all (first
 come, first served), not each prompt's, so a burst of new prompts is read over more steps. On an
-H100, 64 streams of the default MoE: 8% more tokens/s with long-tailed output lengths and 6% with
-uniform ones; the first token's p99, set by the opening burst, 93-109 ms against 14
+H100, 64 streams of the default MoE: 19% more tokens/s with long-tailed output lengths and 13%
+with uniform ones (2.24x and 1.42x static batching); the first token's p99, set by the opening
+burst, 68-79 ms against 15
 (docs/performance.md; experiments/serve_prompt_rows.sh).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
