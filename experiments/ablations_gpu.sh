@@ -45,6 +45,7 @@ for s in "$@"; do
       --out_dir=out/ablations/long_context/train256_s1337 --factors=2,4 >> $D/$s.log 2>&1
   fi
   grep '^|' out/ablations/$s/results.md 2> /dev/null
-  tar czf $D/$s.tgz --exclude='*.pt' --exclude='*.stale' -C out/ablations $s 2> /dev/null   # (not the runs set aside)
+  # (not the runs set aside, nor each run's own plots: the study's plots show every run)
+  tar czf $D/$s.tgz --exclude='*.pt' --exclude='*.stale' --exclude='*_s*/*.png' -C out/ablations $s 2> /dev/null
 done
 ls -la $D
