@@ -23,7 +23,8 @@
 #   collect D the report, logs, eval.json / log.jsonl of every run and the plots -> D/lifecycle.tgz
 # $ SHARED_DATA=.shared_data bash experiments/lifecycle_gpu.sh start && bash experiments/lifecycle_gpu.sh wait 560
 # SIDE=0 leaves out the side runs, SIDES='best embed' runs only those named (each slows the
-# main run: all of them do not fit 30 minutes of GPU time), BENCH=0 leaves out the serving benchmarks.
+# main run: all of them do not fit 30 minutes of GPU time), BENCH=0 leaves out the serving benchmarks,
+# BENCH='quant' (or any of 'spec quant serve') runs only those named.
 # The side runs were sized for an H200's 141 GB: on an 80 GB H100 the main run's reward model and three
 # side runs once ran out of memory beside them; such a stage now starts again a minute later
 # (speedrun.sh OOM_RETRIES), so the run is slower there, not cut.
@@ -32,6 +33,8 @@
 set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
+case $BENCH in 1) BENCH="spec quant serve" ;; 0) BENCH="" ;; esac
+for x in $BENCH; do [[ " spec quant serve " == *" $x "* ]] || { echo "error: no benchmark '$x'; valid: spec quant serve"; exit 2; }; done
 ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 reward_gap"
 ALL_SIDES+=" dpo_greedy dpo_plain grpo_dr grpo_dapo"
 SIDES=${SIDES-$ALL_SIDES}; [ $SIDE = 1 ] || SIDES=""
@@ -151,14 +154,15 @@ case ${1:-} in
       [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_PLAIN_RUN $GRPO_RUNS :; }
       wait
       touch $R/LIFECYCLE_DONE
-      [ $BENCH = 1 ] || { touch $R/ALL_DONE; exit 0; }
-      bash experiments/lifecycle_gpu.sh spec > /dev/null
-      for q in int8 int4; do   # weight memory, val loss and greedy agreement of the trained base model
-        python quantize.py --out_dir=$R/base --quantize=\$q > $R/logs/quantize_\$q.log 2>&1
+      [[ ' $BENCH ' == *' spec '* ]] && bash experiments/lifecycle_gpu.sh spec > /dev/null
+      [[ ' $BENCH ' == *' quant '* ]] && for q in int8 int4; do   # weight memory, val loss and greedy agreement
+        python quantize.py --out_dir=$R/base --quantize=\$q > $R/logs/quantize_\$q.log 2>&1   # of the base model
       done
-      python bench_serve.py $SERVE --methods=engine,static --out_file=$R/serve.json > $R/logs/serve.log 2>&1
-      python bench_serve.py $SERVE --methods=engine,static,hf --streams=64 --n_requests=128 \
-        --out_file=$R/serve_hf.json > $R/logs/serve_hf.log 2>&1
+      if [[ ' $BENCH ' == *' serve '* ]]; then
+        python bench_serve.py $SERVE --methods=engine,static --out_file=$R/serve.json > $R/logs/serve.log 2>&1
+        python bench_serve.py $SERVE --methods=engine,static,hf --streams=64 --n_requests=128 \
+          --out_file=$R/serve_hf.json > $R/logs/serve_hf.log 2>&1
+      fi
       touch $R/ALL_DONE
     " > /dev/null 2>&1 < /dev/null &
     echo "started in the background; logs in $R/logs" ;;
