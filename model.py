@@ -19,7 +19,8 @@ modules record.
 Shapes in comments: B batch, T new tokens, L keys in view (cached + new), H query heads,
 Hkv key/value heads, D head dim, C model width (n_embd), V vocabulary, N = B*T tokens,
 E routed experts, K experts per token, I expert width; MLA: r the latent (kv_lora_rank), Dn / Dr
-the query and key dims without / with RoPE (qk_nope_head_dim, qk_rope_head_dim), Dv v_head_dim.
+the query and key dims without / with RoPE (qk_nope_head_dim, qk_rope_head_dim), Dqk = Dn + Dr a
+query head's width, Dv v_head_dim.
 """
 
 import math
@@ -77,7 +78,7 @@ class ModelConfig:
     norm_eps: float = 1e-5             # HF: rms_norm_eps (MLA's two inner norms keep DeepSeek's 1e-6)
     mlp: str = 'gelu'                  # 'gelu' | 'swiglu': the dense MLPs and the shared experts; the
                                        # routed experts are always SwiGLU (Experts)
-    intermediate_size: Optional[int] = None   # dense MLP width; None: 4C (gelu), 8/3 C (swiglu)
+    intermediate_size: Optional[int] = None   # dense MLP width; None: 4C (gelu), 8/3 C rounded up to 64 (swiglu)
     # --- mixture of experts (DeepSeekMoE); 0 routed experts = a dense model -----------------
     n_routed_experts: int = 0
     n_shared_experts: int = 0          # always-on experts, each moe_intermediate_size wide
@@ -291,7 +292,8 @@ def yarn_get_mscale(scale, mscale=1.0):
 
 
 def rope_inv_freq(dim, base, device=None):
-    """RoPE's angular frequencies theta_i = base^(-2i/d), i = 0 .. d/2 - 1: (d/2,) in float32."""
+    """RoPE's angular frequencies theta_i = base^(-2i/d), i = 0 .. d/2 - 1, in float32: (d/2,) for a
+    number base, (..., d/2) for a (..., 1) tensor of bases (dynamic NTK: one base per row)."""
     return 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
@@ -446,7 +448,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=(None, True)):
         B, T, _ = x.shape
-        q, k, v = fast_paths.fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])   # one GEMM
+        q, k, v = fast_paths.fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])   # one GEMM when fused
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)                   # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)                # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -512,12 +514,14 @@ class MLAttention(nn.Module):
         # x's two projections (queries, or their low-rank part; the latent and RoPE key), one GEMM when fused
         # q: (B, T, H*Dqk), or (B, T, q_lora_rank) before q_b_proj; ckv: (B, T, r+Dr) = [W_dkv x ; W_kr x],
         # not yet normed or rotated
-        q, ckv = fast_paths.fused_linear(x, [self.q_a_proj if self.low_rank_q else self.q_proj, self.kv_a_proj_with_mqa])
+        q_first = self.q_a_proj if self.low_rank_q else self.q_proj
+        q, ckv = fast_paths.fused_linear(x, [q_first, self.kv_a_proj_with_mqa])
         if self.low_rank_q:
             q = self.q_b_proj(self.q_a_layernorm(q))
-        # heads stay inside each token's row, (B, T, H, D), as the projections write them; attention
-        # reads q, k, v as (B, H, T, D) through strides. Transposed copies (B, H, T, D) would make
-        # the RoPE-and-concatenate kernels, and their backwards, move every row across the layout
+        # q_nope, c and k_rope stay inside each token's row, (B, T, H, D), as the projections write
+        # them, and attention reads them as (B, H, T, D) through strides: no transposed copy for the
+        # concatenations and their backwards to move across the layout. (q_rope's rotation comes
+        # back laid out (B, H, T, Dr); it is the small part, Dr of Dqk.)
         q = q.view(B, T, H, self.d_nope + self.d_rope)                               # (B, T, H, Dqk)
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
         c, k_rope = ckv.split([self.kv_lora_rank, self.d_rope], dim=-1)
@@ -588,7 +592,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            gate, up = fast_paths.fused_linear(x, [self.gate_proj, self.up_proj])   # one GEMM
+            gate, up = fast_paths.fused_linear(x, [self.gate_proj, self.up_proj])   # one GEMM when fused
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate='tanh'))
 
@@ -608,9 +612,11 @@ class Router(nn.Module):
       (with softmax scores a group is scored by its best expert, as DeepSeek-V2 routes).
     The weights g of the chosen experts come from s without the bias: g = s_chosen, divided by
     their sum when norm_topk_prob, times routed_scaling_factor.
-    A routing rule of your own returns the same (weights (N, K), indices (N, K)) with every index
-    a real expert, 0 <= i < E (drop a slot with weight 0, not with an index past E: the fast
-    expert paths gather by index and do not check)."""
+    forward returns (weights (N, K), indices (N, K), scores (N, E)); a routing rule of your own
+    returns the same, with every index a real expert, 0 <= i < E (the fast expert paths gather by
+    index and do not check: drop a slot with weight 0, not with an index past E; such a slot still
+    counts as load for the bias and the balance loss, which count by index), and scores >= 0
+    (balance_loss divides each row by its sum)."""
     float32_buffers = ('e_score_correction_bias',)   # steps of 0.001 vanish in bf16
 
     def __init__(self, config):
@@ -696,9 +702,9 @@ def balance_loss(scores, indices, K, n_seq, counted=None):
     w = (torch.ones(N, 1, device=scores.device) if counted is None
          else counted.reshape(N, 1).to(scores.dtype)).view(n_seq, -1, 1)      # (n_seq, N / n_seq, 1)
     T = w.sum(1).clamp(min=1)                                                 # (n_seq, 1): tokens that count
-    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, -1, E)
+    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(n_seq, -1, E)   # (n_seq, N / n_seq, E)
     f = (chosen * w).sum(1) * E / (K * T)                                     # (n_seq, E)
-    P = ((scores / scores.sum(-1, keepdim=True)).view(n_seq, -1, E) * w).sum(1) / T
+    P = ((scores / scores.sum(-1, keepdim=True)).view(n_seq, -1, E) * w).sum(1) / T  # (n_seq, E)
     return (f * P).sum(-1).mean()
 
 
@@ -707,7 +713,9 @@ class MoE(nn.Module):
         y = sum_{shared i} FFN_i(x) + sum_{routed e in top-K} g_e FFN_e(x)
     with many small (fine-grained) routed experts and a few always-on shared experts. Keeps a
     count of the tokens sent to each expert, which drives the auxiliary-loss-free bias update
-    and the load statistics, and returns the balance loss when aux_loss_alpha > 0."""
+    and the load statistics, and returns the balance loss in training when aux_loss_alpha > 0.
+    parallel.ExpertParallelMoE repeats forward's routing, load count, loss and shared experts
+    around its all-to-all: a change to them here goes there too."""
     float32_buffers = ('tokens_per_expert',)
 
     def __init__(self, config):
@@ -936,6 +944,11 @@ def weight_numel(module):
 
 
 class GPT(nn.Module):
+    """The language model: token embedding, n_layer Blocks (attention + MLP or MoE), the final
+    norm and the output head, and mtp_depth MTP modules. Read forward first: trunk() runs the
+    embedding and the blocks, head_loss() the output head and its loss, mtp_loss() the MTP modules'
+    extra losses; the sections after it hold the router-bias update, QK-Clip's statistics, the
+    vocabulary's resize, the parameter and FLOP counts, and generate() (the reference decoder)."""
 
     def __init__(self, config):
         super().__init__()
@@ -1076,6 +1089,8 @@ class GPT(nn.Module):
         the summed MoE balance loss or None)."""
         T = idx.size(1)
         c = self.config
+        if cache is not None and segments is not None:
+            raise ValueError('segments (packed documents) are for training passes, not with a cache')
         if cache is not None:
             positions, mask = cache.begin(T)
         elif T > c.block_size and c.pos_emb in ('learned', 'sinusoidal'):
@@ -1166,6 +1181,7 @@ class GPT(nn.Module):
         for m in self.attention_modules():
             m.track_max_logit = on
 
+    # --- the vocabulary ---------------------------------------------------------------------
     @torch.no_grad()
     def resize_vocab(self, vocab_size):
         """Grow the token embedding and the output head to `vocab_size` rows (e.g. for new special
@@ -1317,7 +1333,8 @@ class ScalarModel(GPT):
 
 
 def count_params(config):
-    """{'total', 'active', 'mtp'} for a config, built on the meta device (nothing allocated)."""
+    """{'total', 'active', 'mtp'} for a config, built on the meta device (nothing allocated):
+    'total' leaves the MTP modules out (num_params() counts them), 'mtp' is theirs."""
     with torch.device('meta'):
         model = GPT(config)
     return {'total': model.num_params() - model.mtp_params(), 'active': model.active_params(),

@@ -252,6 +252,10 @@ def test_config_errors():
         ModelConfig(n_embd=100, n_head=3)
     with pytest.raises(ValueError, match='every prompt needs at least one token'):
         pad_prompts([[1], []])
+    model = tiny(pos_emb='rope')
+    with pytest.raises(ValueError, match='segments .* not with a cache'):
+        x = torch.zeros(1, 4, dtype=torch.long)
+        model(x, cache=KVCache(1, 8, 'cpu'), segments=x)
 
 
 def test_training_reduces_loss():
