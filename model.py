@@ -713,9 +713,7 @@ class MoE(nn.Module):
         y = sum_{shared i} FFN_i(x) + sum_{routed e in top-K} g_e FFN_e(x)
     with many small (fine-grained) routed experts and a few always-on shared experts. Keeps a
     count of the tokens sent to each expert, which drives the auxiliary-loss-free bias update
-    and the load statistics, and returns the balance loss in training when aux_loss_alpha > 0.
-    parallel.ExpertParallelMoE repeats forward's routing, load count, loss and shared experts
-    around its all-to-all: a change to them here goes there too."""
+    and the load statistics, and returns the balance loss in training when aux_loss_alpha > 0."""
     float32_buffers = ('tokens_per_expert',)
 
     def __init__(self, config):
@@ -736,13 +734,7 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)                                               # (N, C)
         weights, indices, scores = self.router(flat)
-        impl = self.expert_impl(flat)
-        if impl == 'grouped':         # tokens sorted by expert, one grouped GEMM per projection
-            y = fast_paths.experts_grouped(self.experts, flat, weights, indices)
-        elif impl == 'gathered':      # each token reads its experts' rows: no sort at all
-            y = fast_paths.experts_gathered(self.experts, flat, weights, indices)
-        else:
-            y = self.experts(flat, weights, indices)                          # the loop
+        y = self.routed_experts(flat, weights, indices)                       # (N, C)
         self.count_load(indices, counted)
         aux = None
         if self.training and self.aux_loss_alpha > 0:
@@ -750,6 +742,16 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, C), aux
+
+    def routed_experts(self, flat, weights, indices):
+        """sum_k g_tk FFN_e(x_t) over each token's K chosen experts: (N, C). (Expert parallelism
+        replaces this alone: parallel.ExpertParallelMoE.)"""
+        impl = self.expert_impl(flat)
+        if impl == 'grouped':         # tokens sorted by expert, one grouped GEMM per projection
+            return fast_paths.experts_grouped(self.experts, flat, weights, indices)
+        if impl == 'gathered':        # each token reads its experts' rows: no sort at all
+            return fast_paths.experts_gathered(self.experts, flat, weights, indices)
+        return self.experts(flat, weights, indices)                           # the loop
 
     @torch.no_grad()
     def count_load(self, indices, counted=None):

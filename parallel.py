@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fast_paths
-from model import MoE, balance_loss
+from model import MoE
 
 EXPERT_WEIGHTS = ('gate_proj', 'up_proj', 'down_proj')     # Experts' (E, ., .) parameter stacks
 
@@ -57,13 +57,15 @@ class AllToAll(torch.autograd.Function):
 class ExpertParallelMoE(MoE):
     """An MoE whose `experts` hold this rank's E/N experts only (made by shard_experts, not built
     directly). The router, the shared experts, the token counts and the balance loss are those of
-    MoE, computed on this rank's tokens; the routed experts run where they live."""
+    MoE.forward, computed on this rank's tokens; the routed experts run where they live
+    (routed_experts)."""
 
-    def forward(self, x, counted=None):
-        B, T, C = x.shape
-        flat = x.reshape(-1, C)                                               # (N, C) this rank's tokens
-        weights, indices, scores = self.router(flat)                          # replicated router: all E
-        N, K = indices.shape
+    def routed_experts(self, flat, weights, indices):
+        """MoE.routed_experts across the ranks: this rank's (token, expert) pairs go to the ranks
+        that hold their experts and the outputs come back. The rest of MoE.forward (the replicated
+        router, the load count, summed over ranks later, and the balance loss, on this rank's
+        tokens: exact per sequence with seq_aux, per rank's batch without) runs as it is."""
+        K = indices.size(1)
         # the N*K (token, expert) pairs, sorted by expert; experts are contiguous per rank, so
         # this also sorts them by owner: block j of the sorted pairs goes to rank j
         expert = indices.reshape(-1)
@@ -86,16 +88,7 @@ class ExpertParallelMoE(MoE):
         g = weights.reshape(-1)[order, None].to(flat.dtype)                   # g of each sorted pair
         # y_t = sum_k g_tk FFN_e(x_t), summed in the tokens' dtype (the experts' output may be
         # autocast's bf16)
-        y = torch.zeros_like(flat).index_add_(0, token, y_pairs.to(flat.dtype) * g)
-        self.count_load(indices, counted)                                     # summed over ranks later
-        aux = None
-        if self.training and self.aux_loss_alpha > 0:
-            # per sequence (seq_aux) this is exact: the mean over ranks of the per-rank means; per
-            # batch (seq_aux=False) it balances each rank's batch instead of the global one
-            aux = self.aux_loss_alpha * balance_loss(scores, indices, self.K, B if self.seq_aux else 1, counted)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        return y.view(B, T, C), aux
+        return torch.zeros_like(flat).index_add_(0, token, y_pairs.to(flat.dtype) * g)
 
     def local_experts(self, x, ids):
         """FFN_e(x_m) for received rows m, e = ids[m] a local expert: each row as a token with one
