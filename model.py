@@ -677,7 +677,7 @@ class Experts(nn.Module):
     def forward(self, x, weights, indices):
         """The reference: for each expert, gather its tokens, run it, add the weighted output.
         y_t = sum_k g_tk * down_e(silu(gate_e x_t) * up_e x_t), e = indices[t, k].
-        MoE.forward takes fast_paths.experts_grouped or experts_gathered instead where they run."""
+        MoE.routed_experts takes fast_paths.experts_grouped or experts_gathered instead where they run."""
         y = torch.zeros_like(x)
         for e in range(self.gate_proj.size(0)):
             tok, slot = (indices == e).nonzero(as_tuple=True)      # data-dependent: a host sync
