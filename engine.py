@@ -3,7 +3,7 @@ Serving many requests at once: continuous batching over a paged KV cache.
 
     engine = Engine(model, n_blocks=256, tokens_per_block=16)        # cuda_graph=True: see below
     a = engine.add(prompt_ids, max_new_tokens=64)              # any time, also while others run
-    for request, token, finished in engine.step(): ...          # one forward pass of every request
+    for request, token, finished in engine.step(): ...          # one step of every running request
     engine.run()                                                # steps until every request is done
 
 Continuous batching (Orca, Yu et al. 2022): at every step the requests that are waiting are
@@ -13,7 +13,10 @@ next tokens: a chunk of at most prefill_chunk prompt tokens while its prompt is 
 one over the rows reading a prompt chunk (left-padded to the longest chunk) and one over the rows
 feeding one token, so that a decoding row is never padded to a chunk's width: in one pass, one new
 128-token prompt beside 63 decoding rows is 64 x 128 positions (when the engine ran so, its steps
-at 64 streams on an H200 averaged 6.1 ms against static batching's 2.6: docs/performance.md).
+at 64 streams on an H200 averaged about 4.0 ms against static batching's 2.6: docs/performance.md).
+(Rows that score their prompt, add(prompt_logprobs=k), run in a third pass of their own, eagerly:
+they need every position's logits. They are outside what follows: their chunks are not counted in
+the prompt-rows budget, and their scores are read back at once, a wait for the device.)
 
 Prompt tokens as rows (prompt_rows, the default in fixed shapes: below). Every token a step
 feeds is a row of its own in one one-column pass: a decoding request's token, and each token of a
@@ -27,9 +30,9 @@ many steps read a new prompt (a request leaves, the next arrives alone); as rows
 pass that runs anyway. The price: each prompt-token row gathers all of its request's keys, where
 a chunk's row gathers them once, and prefill_chunk bounds a step's prompt tokens in all (first
 come, first served), not each prompt's, so a burst of new prompts is read over more steps. On an
-H100, 64 streams of the default MoE: 19% more tokens/s with long-tailed output lengths and 13%
-with uniform ones (2.24x and 1.42x static batching); the first token's p99, set by the opening
-burst, 68-79 ms against 15
+H100, 64 streams of the default MoE, prefill_chunk 256: 19% more tokens/s with long-tailed output
+lengths and 13% with uniform ones (2.24x and 1.42x static batching); the first token's p99, set by
+the opening burst, 68-79 ms against 15
 (docs/performance.md; experiments/serve_prompt_rows.sh).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
@@ -87,8 +90,8 @@ prompt_rows=False the prompt-chunk pass's rows padded to its column bucket (the 
 in their own one-column pass). The column buckets grow x4, so that a chunk is padded at most 4x
 while the graphs stay few (rows buckets x column buckets) and short chunks (a prompt's last, a
 short prompt) run in a small bucket. Run eagerly on a GPU, where each pass costs its launches, a
-step with both kinds of rows costs about two decode steps; with graphs (the default there) and
-prompt_rows the whole step is one replay. generate.py's static cache makes the same trade, and its
+step with both kinds of rows costs about two decode steps; with graphs (what the scripts turn on
+on CUDA) and prompt_rows the whole step is one replay. generate.py's static cache makes the same trade, and its
 graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
 launches are cheap, the static steps are slower than eager ones (the scripts turn cuda_graph on
 for CUDA only).
@@ -99,6 +102,7 @@ With greedy decoding a request's tokens are those of generate.generate_tokens ru
 
 import hashlib
 import itertools
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -219,8 +223,10 @@ class StaticPagedCache(PagedCache):
     def __init__(self, pool, Bb, Tb, width, device):
         super().__init__(pool, [], [], device)
         self.Bb, self.Tb, self.width, self.L = Bb, Tb, width, width * pool.tokens_per_block
-        # per row: its Tb tokens (left-padded), its length (tokens cached), its n new tokens, its
-        # block table, then per column the block and the offset its entries go to:
+        # per row: its Tb tokens (left-padded), its length (tokens cached; for a prompt-token row of
+        # token_rows, that token's own slot), its n new tokens, its block table, then per column the
+        # block and the offset its entries go to (every column is written, the padding ones to the
+        # scratch block, so update() needs no mask; begin() makes them one flat write index):
         # (Bb, Tb + 2 + width + 2 Tb), and views of its columns
         self.inputs = torch.zeros(Bb, 3 * Tb + 2 + width, dtype=torch.long, device=device)
         self.tokens, self.length, self.n, self.table, self.block, self.offset = self.columns(self.inputs)
@@ -230,8 +236,6 @@ class StaticPagedCache(PagedCache):
         pinned = torch.device(device).type == 'cuda'
         self.staging = [torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.turn = 0
-        # column t of row b goes to (block[b, t], offset[b, t]): every column is written, the
-        # padding ones to the scratch block (update() then needs no mask; begin() makes the rows)
         self.graph = self.logits = self.signature = None               # its CUDA graph, once captured
 
     def columns(self, inputs):
@@ -422,8 +426,8 @@ class Engine:
         prompt_rows: prefill_chunk prompt tokens a step in all).
         vocab_limit: the tokenizer's vocabulary (ids past it, the model's padding, are never sampled).
         prefix_sharing: reuse the cached blocks of prompt prefixes seen before (see the top).
-        cuda_graph: decode steps in fixed shapes, each bucket's step a CUDA graph on CUDA (see the
-        top; on the CPU the same steps run eagerly).
+        cuda_graph: steps in fixed shapes (all but the prompt-scoring pass), each bucket's step a
+        CUDA graph on CUDA (see the top; on the CPU the same steps run eagerly).
         overlap: read each step's tokens back one step late, so that the host prepares the next step
         while the device runs this one (see the top).
         compile_step (with cuda_graph): each fixed-shape step through torch.compile before it is
@@ -513,6 +517,10 @@ class Engine:
         blocks than the pool has."""
         if not prompt or max_new_tokens < 1:
             raise ValueError('a request needs at least one prompt token and max_new_tokens >= 1')
+        V = self.model.config.vocab_size
+        bad = [t for t in prompt if not (isinstance(t, numbers.Integral) and 0 <= t < V)]
+        if bad:           # (a negative id would be read as a pointer to the last step's tokens: fill)
+            raise ValueError(f'prompt token ids must be whole numbers in 0..{V - 1}; got {bad[:5]}')
         for name, k in (('logprobs', logprobs), ('prompt_logprobs', prompt_logprobs)):
             if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
                 raise ValueError(f'{name}={k!r} must be None or a whole number >= 0')
@@ -542,7 +550,7 @@ class Engine:
         prefix, and takes new blocks only for the rest."""
         bs = self.pool.tokens_per_block
         while self.waiting and len(self.running) < self.max_batch:
-            r = self.waiting[0]
+            r = self.waiting[0]                                 # (change the pick here: r leaves waiting below)
             need = self.blocks_for(len(r.prompt) + r.max_new_tokens)
             # reuse at most the blocks wholly inside prompt[:-1]: the last prompt token is always
             # computed, for the logits of the first new token (so a prompt made only of cached
@@ -560,7 +568,8 @@ class Engine:
             self.stats['requests'] += 1
             self.stats['prompt_tokens'] += len(r.prompt)
             self.stats['reused_tokens'] += r.length
-            self.running.append(self.waiting.pop(0))
+            self.waiting.remove(r)
+            self.running.append(r)
 
     def register_prompt_blocks(self, r):
         """Name r's full prompt blocks computed so far, so that later requests may reuse them.
@@ -600,10 +609,13 @@ class Engine:
         # before: -1 - i stands for entry i of that step's tokens, still on the device
         feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
         if self.prompt_rows:     # prefill_chunk prompt tokens a step in all (not each): the first
-            left = self.prefill_chunk         # admitted prompts first, the others wait for a step
+            left = self.prefill_chunk         # admitted prompts first (rows are in self.running's
+            # order, admission's), the others wait for a step; scoring rows (part 0) are not counted
             for k, r in enumerate(rows):
                 if r.pending and part(r) > 0:
                     feed[k], left = feed[k][:left], left - len(feed[k][:left])
+        # rows sorted by part (stably): rows[:n] score their prompt, rows[n:m] read a prompt chunk,
+        # rows[m:] feed one token (with prompt_rows, rows[n:] are one pass: token_rows)
         order = sorted((k for k, f in enumerate(feed) if f), key=lambda k: part(rows[k]))   # (stable)
         rows, feed = [rows[k] for k in order], [feed[k] for k in order]
         n, m = (sum(part(r) <= k for r in rows) for k in (0, 1))
@@ -749,7 +761,7 @@ class Engine:
         rows' last tokens, through the bucket's CUDA graph where it has one (see refresh_graph),
         else eagerly."""
         cache = self.static_cache(self.bucket(len(rows)), self.token_bucket(max(len(f) for f in feed)))
-        self.refresh_graph(cache)
+        self.refresh_graph(cache)              # (before fill: a capture runs a padding-only fill of its own)
         cache.fill(rows, feed, self.last_tokens, starts)
         if cache.graph is not None:
             cache.graph.replay()                           # writes the pools and cache.logits

@@ -70,6 +70,9 @@ def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_is_refused():
         engine.add([1] * 90, 10)
     with pytest.raises(ValueError, match='tokens_per_block=0 must be a whole number >= 1'):   # not a division by 0
         Engine(model, n_blocks=6, tokens_per_block=0)
+    for bad in (-1, model.config.vocab_size, 2.0):     # -1 would stand for the last step's token 0
+        with pytest.raises(ValueError, match=r'prompt token ids must be whole numbers in 0\.\.'):
+            engine.add([5, bad], 4)
 
 
 def test_stop_tokens_end_a_request_and_mla_pages_only_the_latent_and_rope_key():
