@@ -16,13 +16,14 @@ and sft_weight > 0 (RPO, Pang et al. 2024) adds the chosen answers' negative log
 token, -pi_c / |chosen| (logged as nll_chosen either way: DPO alone may make the chosen answers
 less likely too, as long as the rejected ones fall faster). The implicit reward's margin and
 accuracy (chosen > rejected; a tie counts half, so the untrained policy, equal to its reference,
-scores 0.5) are logged for training and held-out pairs, with the task score of greedy answers to
+scores 0.5, exactly where both passes are computed alike, as on the CPU) are logged for training and held-out pairs, with the task score of greedy answers to
 held-out prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.py
 (training.Run).
 
 $ python dpo.py --init_from=out/sft --out_dir=out/dpo
 """
 
+import os
 import sys
 
 import torch
@@ -109,8 +110,14 @@ if block_size > model.config.block_size:
 hint = 'run python prepare/preferences.py --init_from=out/sft (or set prefs_dir=)'
 train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)
 val_pairs = read_prepared(prefs_dir, 'prefs_val.jsonl', ('prompt', 'chosen', 'rejected'), hint)
+# the story task's held-out prompts, where the task folder has them (prepare/chat.py's has none)
+has_prompts = os.path.isfile(os.path.join(task_dir, 'prompts_val.jsonl'))
 prompts = read_prepared(task_dir, 'prompts_val.jsonl', ('prompt', 'words'),
-                        hint='run python prepare/tinystories_instruct.py')[:eval_prompts] if eval_prompts else []
+                        hint='run python prepare/tinystories_instruct.py') if eval_prompts and has_prompts else []
+prompts = prompts[:eval_prompts]
+if eval_prompts and not has_prompts and rt.master:
+    print(f"note: {task_dir} has no prompts_val.jsonl (the story task's held-out prompts): no task score, the "
+          f"pairs' loss and accuracy alone")
 
 
 def encode(pair, side, cut=True):
@@ -133,6 +140,8 @@ def sequence_logprobs(model, pairs):
     rows = [encode(p, 'chosen') for p in pairs] + [encode(p, 'rejected') for p in pairs]
     x, y = chat_batch(rows, tok.eot_id)
     x, y = x.to(rt.device), y.to(rt.device)
+    # (no targets: logits alone, so no MoE balance loss or MTP term; the router biases are frozen,
+    # FROZEN_ROUTING: the preference loss below is the whole objective)
     logits, _ = model(x, counted=through_last(y >= 0))      # the padding is no expert load
     return token_logprobs(logits, y, tok.vocab_size).sum(1).chunk(2), (y >= 0).sum(1).chunk(2), x.numel()
 
@@ -158,12 +167,16 @@ del ref_model                                 # not needed again: its memory goe
 
 def dpo(pi_c, pi_r, ref, n_c):
     """The loss (mean over the pairs), the implicit rewards beta * (pi - ref) of chosen and
-    rejected, and the chosen answers' NLL per token (mean over the pairs)."""
+    rejected, and the chosen answers' NLL per token (mean over the pairs).
+    h = log pi(y_c)/ref(y_c) - log pi(y_r)/ref(y_r), so r_c - r_r = beta h.
+    DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta h). IPO (Azar et al. 2023, eq. 17, its
+    tau is beta here): (h - 1 / (2 beta))^2. RPO (Pang et al. 2024): + sft_weight x the chosen
+    answer's NLL divided by its length."""
     ref_c, ref_r = ref.unbind(1)
     r_c, r_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
     if loss_type == 'ipo':                    # h = (r_c - r_r) / beta; loss = (h - 1 / (2 beta))^2
         loss = ((r_c - r_r) / beta - 1 / (2 * beta)).pow(2).mean()
-    else:                                     # loss = -log sigmoid(beta h)
+    else:                                     # loss = -log sigmoid(beta h) = -log sigmoid(r_c - r_r)
         loss = -F.logsigmoid(r_c - r_r).mean()
     nll_chosen = (-pi_c / n_c.clamp(min=1)).mean()  # -log p(chosen) / |chosen|
     return loss + sft_weight * nll_chosen, r_c, r_r, nll_chosen
@@ -221,7 +234,7 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
         loss, tokens = loss + micro_loss.detach(), tokens + n_tokens
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
-    # the implicit rewards of the last micro-batch's pairs (the loss is the whole step's)
+    # the implicit rewards and nll_chosen of the last micro-batch's pairs (the loss is the whole step's)
     metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': pair_accuracy(r_c, r_r).mean().detach(),
                'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach(),
                'nll_chosen': nll_chosen.detach()}

@@ -261,8 +261,10 @@ def train_loss(x, y, w, segments):
     the required words' tokens weigh w_t (and with prompt_loss_weight the prompt's tokens, then
     among the N): + sum_t (w_t - 1) CE_t / N over the targets whose w_t is not 1, so that the cross
     entropy becomes sum_t w_t CE_t / N. (That needs the logits: the fused loss, which never holds
-    them, serves the unweighted case alone.)"""
-    counted = through_last(y >= 0)            # the padding after a row's last target is no expert load
+    them, serves the unweighted case alone.) The weights reach the main head only: the MTP modules'
+    term reads y as it is (the response tokens at weight 1, and with 0 < prompt_loss_weight < 1 the
+    prompt's too, at 1)."""
+    counted = through_last(y >= 0)            # what follows a row's last target is no expert load
     if word_loss_weight == 1 and prompt_loss_weight in (0, 1):
         return run.model(x, y, segments=segments, return_logits=False, counted=counted)[1]
     logits, loss = run.model(x, y, segments=segments, counted=counted)
@@ -290,6 +292,8 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
+    # train/loss: the weighted loss above + the MoE and MTP terms; val/loss (evaluate): the response
+    # tokens' plain cross entropy; train/lm_loss: the main head's plain cross entropy over every target
     if not run.log(step, lr, loss, tokens, out):   # every log_interval steps; False: NaN/inf loss
         break
 run.finish()

@@ -384,10 +384,15 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
     adds that many times the chosen answers' NLL per token (val/nll_chosen) to DPO's log 2."""
     args = ['--init_from=base', '--prefs_dir=planted', '--max_iters=2', '--eval_interval=2', '--batch_size=4',
             '--eval_prompts=0', *COMMON]
-    ipo, rpo, bad, negative = run_scripts([('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args]),
-                                           ('dpo.py', ['--out_dir=rpo', '--sft_weight=0.5', *args]),
-                                           ('dpo.py', ['--loss_type=hinge', *args]),
-                                           ('dpo.py', ['--sft_weight=-1.0', *args])], cwd=planted)
+    ipo, rpo, bad, negative, no_task = run_scripts([
+        ('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args]),
+        ('dpo.py', ['--out_dir=rpo', '--sft_weight=0.5', *args]),
+        ('dpo.py', ['--loss_type=hinge', *args]),
+        ('dpo.py', ['--sft_weight=-1.0', *args]),
+        # a task folder without held-out prompts (prepare/chat.py's): no task score, as in sft.py
+        ('dpo.py', ['--out_dir=no_task', *args, '--eval_prompts=2', '--task_dir=planted'])], cwd=planted)
+    assert no_task.returncode == 0 and 'planted has no prompts_val.jsonl' in no_task.stdout, no_task.stderr[-500:]
+    assert not any('task/score_greedy' in line for line in open(planted / 'no_task' / 'log.jsonl'))
     assert ipo.returncode == 0 and rpo.returncode == 0, ipo.stderr[-500:] + rpo.stderr[-500:]
     evals = {name: [json.loads(line) for line in open(planted / name / 'log.jsonl') if 'val/loss' in line]
              for name in ('ipo', 'rpo')}
