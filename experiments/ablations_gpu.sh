@@ -45,7 +45,9 @@ for s in "$@"; do
       --out_dir=out/ablations/long_context/train256_s1337 --factors=2,4 >> $D/$s.log 2>&1
   fi
   grep '^|' out/ablations/$s/results.md 2> /dev/null
-  # (not the runs set aside, nor each run's own plots: the study's plots show every run)
-  tar czf $D/$s.tgz --exclude='*.pt' --exclude='*.stale' --exclude='*_s*/*.png' -C out/ablations $s 2> /dev/null
+  # (not the runs set aside, nor each run's own training plots: the study's plots show every run;
+  # long_context.py's plot in its run folder stays)
+  tar czf $D/$s.tgz --exclude='*.pt' --exclude='*.stale' --exclude='*_s[0-9]*/loss.png' \
+    --exclude='*_s[0-9]*/max_logit.png' --exclude='*_s[0-9]*/expert_load.png' -C out/ablations $s 2> /dev/null
 done
 ls -la $D

@@ -34,6 +34,7 @@ set -uo pipefail
 R=${R:-out/speedrun_gpu}
 SIDE=${SIDE:-1} BENCH=${BENCH:-1} PROFILE=${PROFILE:-gpu}     # PROFILE=cpu BENCH=0: a smoke test of this script
 case $BENCH in 1) BENCH="spec quant serve" ;; 0) BENCH="" ;; esac
+BENCH=$(echo $BENCH)        # one space between names (the background script matches ' name ')
 for x in $BENCH; do [[ " spec quant serve " == *" $x "* ]] || { echo "error: no benchmark '$x'; valid: spec quant serve"; exit 2; }; done
 ALL_SIDES="words40 like3 embed best reward_seed2 reward_seed3 reward_balanced reward_lr1e-4 reward_gap"
 ALL_SIDES+=" dpo_greedy dpo_plain grpo_dr grpo_dapo"
