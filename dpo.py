@@ -16,9 +16,9 @@ and sft_weight > 0 (RPO, Pang et al. 2024) adds the chosen answers' negative log
 token, -pi_c / |chosen| (logged as nll_chosen either way: DPO alone may make the chosen answers
 less likely too, as long as the rejected ones fall faster). The implicit reward's margin and
 accuracy (chosen > rejected; a tie counts half, so the untrained policy, equal to its reference,
-scores 0.5, exactly where both passes are computed alike, as on the CPU) are logged for training and held-out pairs, with the task score of greedy answers to
-held-out prompts. Schedule, optimizer, logging, checkpoints and resume work as in train.py
-(training.Run).
+scores 0.5, exactly where both passes are computed alike, as on the CPU) are logged for training
+and held-out pairs, with the task score of greedy answers to held-out prompts. Schedule,
+optimizer, logging, checkpoints and resume work as in train.py (training.Run).
 
 $ python dpo.py --init_from=out/sft --out_dir=out/dpo
 """
