@@ -15,8 +15,9 @@ feeding one token, so that a decoding row is never padded to a chunk's width: in
 128-token prompt beside 63 decoding rows is 64 x 128 positions (when the engine ran so, its steps
 at 64 streams on an H200 averaged about 4.0 ms against static batching's 2.6: docs/performance.md).
 (Rows that score their prompt, add(prompt_logprobs=k), run in a third pass of their own, eagerly:
-they need every position's logits. They are outside what follows: their chunks are not counted in
-the prompt-rows budget, and their scores are read back at once, a wait for the device.)
+they need every position's logits. They are outside what follows: their chunks share a budget of
+their own, prefill_chunk tokens a step among them, and their scores are read back at once, a wait
+for the device.)
 
 Prompt tokens as rows (prompt_rows, the default in fixed shapes: below). Every token a step
 feeds is a row of its own in one one-column pass: a decoding request's token, and each token of a
@@ -608,12 +609,16 @@ class Engine:
         # a row feeds its prompt's next chunk, or, decoding, the token it sampled in the step
         # before: -1 - i stands for entry i of that step's tokens, still on the device
         feed = [r.pending[:self.prefill_chunk] if r.pending else [-1 - r.src] for r in rows]
-        if self.prompt_rows:     # prefill_chunk prompt tokens a step in all (not each): the first
-            left = self.prefill_chunk         # admitted prompts first (rows are in self.running's
-            # order, admission's), the others wait for a step; scoring rows (part 0) are not counted
-            for k, r in enumerate(rows):
-                if r.pending and part(r) > 0:
-                    feed[k], left = feed[k][:left], left - len(feed[k][:left])
+        # prefill_chunk prompt tokens a step in all (not each), the first admitted prompts first
+        # (rows are in self.running's order, admission's; the others wait for a step): for the
+        # scoring rows' pass always (its (B, T, V) logits stay bounded), and with prompt_rows for
+        # the rows reading a prompt
+        budgets = {'scoring': self.prefill_chunk, 'reading': self.prefill_chunk if self.prompt_rows else None}
+        for k, r in enumerate(rows):
+            kind = 'scoring' if part(r) == 0 else 'reading'       # (a one-token prompt reads too)
+            if r.pending and budgets[kind] is not None:
+                feed[k] = feed[k][:budgets[kind]]
+                budgets[kind] -= len(feed[k])
         # rows sorted by part (stably): rows[:n] score their prompt, rows[n:m] read a prompt chunk,
         # rows[m:] feed one token (with prompt_rows, rows[n:] are one pass: token_rows)
         order = sorted((k for k, f in enumerate(feed) if f), key=lambda k: part(rows[k]))   # (stable)

@@ -190,6 +190,25 @@ def test_a_request_scores_its_prompt_as_its_prefill_reads_it_beside_other_reques
             engine.add([1], 2, prompt_logprobs=bad)
 
 
+def test_prompt_scoring_rows_share_one_budget_of_prefill_chunk_tokens_a_step():
+    """Rows that score their prompt run in an eager pass whose logits are (B, T, V): together they
+    read at most prefill_chunk prompt tokens a step, the first admitted first, and their scores and
+    tokens stay those of each request alone."""
+    from generate import prompt_logprobs
+    model = build(**VARIANTS['gqa_rope'])
+    engine = Engine(model, n_blocks=40, tokens_per_block=8, prefill_chunk=16)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (39,), generator=g).tolist() for _ in range(2)]
+    a, b = (engine.add(p, 3, prompt_logprobs=1) for p in prompts)
+    engine.step()
+    assert engine.stats['prefill_tokens'] == 16 and len(b.pending) == 39     # a read 16, b waited
+    engine.run()
+    for r, p in ((a, prompts[0]), (b, prompts[1])):
+        assert r.output == alone(model, p, 3)
+        ref = prompt_logprobs(model, p, 1)
+        assert len(r.prompt_scores) == 38 and all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(r.prompt_scores, ref))
+
+
 def test_penalised_requests_get_their_tokens_alone_beside_plain_ones():
     """A request with OpenAI's frequency / presence penalties counts its own tokens on the device
     (nothing waits for the host) and gets what generate_tokens gives it alone."""
