@@ -233,7 +233,9 @@ class StaticPagedCache(PagedCache):
         self.tokens, self.length, self.n, self.table, self.block, self.offset = self.columns(self.inputs)
         # where fill() builds them on the host: pinned on CUDA, so that the copy does not wait for
         # the device; two, used in turns, so that a copy still pending is never overwritten (the
-        # engine reads every step's tokens back, waiting for that step, before the one after next)
+        # engine reads every step's tokens back, waiting for that step, before the one after next;
+        # a capture's padding-only fill takes a turn too, safely: torch.cuda.graph waits for the
+        # device before it captures)
         pinned = torch.device(device).type == 'cuda'
         self.staging = [torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.turn = 0
