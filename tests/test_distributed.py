@@ -29,13 +29,14 @@ def one_thread_per_process(monkeypatch):
 
 def torchrun(script, *args, cwd, nproc=2, check=True, timeout=300):
     """Run a repository script (or a file path) as `torchrun --standalone --nproc_per_node=nproc`.
-    Run once more when a rank aborted in gloo's teardown ('terminate called without an active
-    exception', exit -6 after the script's last line: seen three times in two days of these tests
-    on 2 cores; the ranks meet at a barrier before destroy_process_group, which did not remove it):
-    every script here writes the same files on a rerun, so the test still sees one run's output."""
+    Run again (up to 3 more times) when a rank aborted in gloo's teardown ('terminate called
+    without an active exception', exit -6 after the script's last line: seen three times in two
+    days of these tests on 2 cores, and twice in a row once with the suite two tests at a time;
+    the ranks meet at a barrier before destroy_process_group, which did not remove it): every
+    script here writes the same files on a rerun, so the test still sees one run's output."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
     path = script if os.path.isabs(script) else os.path.join(REPO, script)
-    for attempt in range(2):
+    for attempt in range(4):
         proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                f'--nproc_per_node={nproc}', path, *args],
                               cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
