@@ -33,8 +33,7 @@ a chunk's row gathers them once, and prefill_chunk bounds a step's prompt tokens
 come, first served), not each prompt's, so a burst of new prompts is read over more steps. On an
 H100, 64 streams of the default MoE, prefill_chunk 256: 19% more tokens/s with long-tailed output
 lengths and 13% with uniform ones (2.24x and 1.42x static batching); the first token's p99, set by
-the opening burst, 68-79 ms against 15
-(docs/performance.md; experiments/serve_prompt_rows.sh).
+the opening burst, 68-79 ms against 15 (docs/performance.md; experiments/serve_prompt_rows.sh).
 
 The paged cache (vLLM, Kwon et al. 2023): one pool of fixed-size blocks per layer, and per request
 a block table (its blocks, in order); a request holds blocks for its prompt plus max_new_tokens,
@@ -92,10 +91,10 @@ in their own one-column pass). The column buckets grow x4, so that a chunk is pa
 while the graphs stay few (rows buckets x column buckets) and short chunks (a prompt's last, a
 short prompt) run in a small bucket. Run eagerly on a GPU, where each pass costs its launches, a
 step with both kinds of rows costs about two decode steps; with graphs (what the scripts turn on
-on CUDA) and prompt_rows the whole step is one replay. generate.py's static cache makes the same trade, and its
-graph is still several times faster than eager decoding at batch 64 on a GPU; on a CPU, where
-launches are cheap, the static steps are slower than eager ones (the scripts turn cuda_graph on
-for CUDA only).
+on CUDA) and prompt_rows the whole step is one replay. generate.py's static cache makes the same
+trade, and its graph is still several times faster than eager decoding at batch 64 on a GPU; on a
+CPU, where launches are cheap, the static steps are slower than eager ones (the scripts turn
+cuda_graph on for CUDA only).
 
 With greedy decoding a request's tokens are those of generate.generate_tokens run on it alone
 (tests/test_engine.py): the padding and the other rows are masked out of its attention.
