@@ -54,7 +54,7 @@ from runlog import progress
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
 from tokenizer import base_spec, tokenizer_from_spec
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -124,6 +124,7 @@ wandb_project = ''
 run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig)
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 problems = [msg for bad, msg in [
     (mode not in ('logits', 'sequence'), f"mode='{mode}'; valid: logits, sequence"),
@@ -441,8 +442,9 @@ def evaluate(model):
 flops_per_token = model.flops_per_token(block_size) + (    # + the teacher's forward (1/3 of training)
     teacher_model.flops_per_token(block_size) / 3 if distilling else 0)
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
+parent = (resume.get('parent') if resume is not None else source) or 'scratch'   # what the student started from
 run = Run(config, rt, model, 'distill', tok_spec, flops_per_token, resume=resume,
-          checkpoint_extra={'data_dir': data_dir, 'teacher': teacher, 'parent': source or 'scratch',
+          checkpoint_extra={'data_dir': data_dir, 'teacher': teacher, 'parent': parent,
                             'task_dir': task_dir, 'seq_data_dir': seq_data_dir if mode == 'sequence' else ''})
 resume = None                                 # free the CPU copy
 

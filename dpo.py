@@ -37,7 +37,7 @@ from model import through_last, token_logprobs
 from runlog import progress
 from runtime import close_runtime, init_runtime
 from task import evaluate_task
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -89,6 +89,7 @@ wandb_project = ''
 run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 if loss_type not in ('sigmoid', 'ipo'):
     sys.exit(f"error: loss_type='{loss_type}'; valid: sigmoid, ipo")

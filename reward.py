@@ -35,7 +35,7 @@ from generate import use_cuda_graph
 from rl import reread_word_checks, reward_input, right_padded
 from runtime import close_runtime, init_runtime
 from task import GAP_BUCKETS, RULE_PARTS, evaluate_task, gap_bucket, rank_correlation, score, score_parts
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -106,6 +106,7 @@ wandb_project = ''
 run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 if loss_type not in ('bt', 'margin'):
     sys.exit(f"error: loss_type='{loss_type}'; valid: bt, margin")

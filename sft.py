@@ -40,7 +40,7 @@ from generate import generate_chat, use_cuda_graph
 from model import masked_cross_entropy, through_last
 from runtime import close_runtime, init_runtime
 from task import LIST_WORDS, evaluate_task
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -107,6 +107,7 @@ wandb_project = ''
 run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 if prompt_like_repeat < 1:
     sys.exit(f'error: prompt_like_repeat={prompt_like_repeat} must be at least 1')

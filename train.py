@@ -28,7 +28,7 @@ from data import TokenData, eval_generator, load_tokenizer_spec, prepare_if_miss
 from model import GPT, ModelConfig, padded_vocab_size
 from runlog import progress
 from runtime import CUDAGraphStep, StepDiagnostics, close_runtime, init_runtime
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -89,6 +89,7 @@ wandb_project = ''           # non-empty: log to this wandb project
 run_name = ''                # wandb's run name; '': wandb picks one
 # -----------------------------------------------------------------------------
 config = configure(globals(), model_config=ModelConfig)
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 
 rt = init_runtime(device, dtype, seed)
@@ -146,7 +147,10 @@ else:
                      f"the checkpoint's model: leave these out, or train a new model (init_from='scratch')")
         if rt.master:
             print(f'the checkpoint\'s model, changed by this command: {said}')
-    block_size = min(block_size, model_cfg.block_size)
+    if 'block_size' in last_given and block_size > model_cfg.block_size:
+        sys.exit(f"error: block_size={block_size} is longer than the checkpoint's model was built for "
+                 f"({model_cfg.block_size}): train on windows of {model_cfg.block_size} or fewer tokens")
+    block_size = min(block_size, model_cfg.block_size)     # (the default: the model's own where it is shorter)
     # the saved config describes the model trained (the checkpoint's, not this run's defaults)
     config.update({**model_cfg.to_dict(), 'block_size': block_size})
 if data.meta['vocab_size'] > model_cfg.vocab_size:

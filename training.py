@@ -52,7 +52,8 @@ from checkpoint import (SHARDED_DIR, capture_rng_state, checkpoint_path, load_sh
                         restore_rng_state, save_checkpoint, save_sharded_checkpoint)
 from data import batch_generator, epoch_batch
 from model import MoE, ScalarModel
-from optim import LR_SCHEDULES, build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits, qk_clip, set_lr
+from optim import (LR_SCHEDULES, OPTIMIZERS, build_optimizer, clip_grad_norm_, is_sharded, lr_at, max_logits,
+                   qk_clip, set_lr)
 import parallel
 from quant import QuantExperts, QuantLinear
 from runlog import PrintsAboveBar, RunLog, progress
@@ -64,11 +65,44 @@ from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchroni
 PLOT_EVERY_S = 30
 
 
+def check_loop_settings(c):
+    """Exit with an error naming the first setting of the training loop that no run can use (a
+    count below 1, a rate outside its range, a name not among the valid ones). Every stage calls it
+    right after configure(), before any data or model is read; keys a stage lacks are skipped."""
+    at_least_1 = ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'gradient_accumulation_steps')
+    at_least_0 = ('max_iters', 'warmup_iters', 'grad_clip', 'learning_rate', 'min_lr', 'weight_decay')
+    for key in at_least_1:
+        if key in c and c[key] < 1:
+            sys.exit(f'error: {key}={c[key]} must be 1 or more')
+    for key in at_least_0:
+        if key in c and c[key] < 0:
+            sys.exit(f'error: {key}={c[key]} must be 0 or more')
+    if 'decay_frac' in c and not 0 <= c['decay_frac'] <= 1:
+        sys.exit(f"error: decay_frac={c['decay_frac']} must be between 0 and 1 (the share of the steps "
+                 f"spent decaying)")
+    if c.get('min_lr', 0) > c.get('learning_rate', math.inf):
+        sys.exit(f"error: min_lr={c['min_lr']} is above learning_rate={c['learning_rate']} (the schedule "
+                 f"decays from learning_rate to min_lr)")
+    if 'lr_schedule' in c and c['lr_schedule'] not in LR_SCHEDULES:
+        sys.exit(f"error: lr_schedule={c['lr_schedule']!r}; valid: {', '.join(LR_SCHEDULES)}")
+    if 'optimizer' in c and c['optimizer'] not in OPTIMIZERS:
+        sys.exit(f"error: optimizer={c['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
+    if 'compile_mode' in c:
+        try:
+            compile_mode_arg(c['compile_mode'])
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+
+
 def resume_command(argv, world_size=1):
     """The command line that continues a stopped run: its own arguments with --init_from=resume,
     under torchrun with as many processes where it ran under torchrun (one process would draw only
     the first rank's micro-batches)."""
-    args = [a for a in argv[1:] if not a.startswith('--init_from')]
+    args, skip = [], False
+    for a in argv[1:]:           # both forms: --init_from=X and --init_from X
+        if not skip and not a.startswith('--init_from'):
+            args.append(a)
+        skip = a == '--init_from'
     launcher = f'torchrun --standalone --nproc_per_node={world_size}' if world_size > 1 else 'python'
     return f'{launcher} {" ".join([argv[0], *args])} --init_from=resume'
 
@@ -104,8 +138,7 @@ class Run:
         self.extra = checkpoint_extra if checkpoint_extra is not None else {}
         self.also_raw, self.also_lr = also_train, also_train_lr
         self.fsdp = c['fsdp']
-        if c['lr_schedule'] not in LR_SCHEDULES:         # (else the first step past the warm-up fails)
-            sys.exit(f"error: lr_schedule={c['lr_schedule']!r}; valid: {', '.join(LR_SCHEDULES)}")
+        check_loop_settings(c)                           # (a stage script that did not call it)
         if also_train is not None and self.fsdp:
             sys.exit(f'error: {self.stage_script()} does not support fsdp=True: use DDP (the default)')
         if self.fsdp and not rt.ddp:
@@ -156,10 +189,7 @@ class Run:
         elif rt.rank > 0:                                # own dropout masks; rank 0 keeps the
             torch.manual_seed(c['seed'] + rt.rank)       # stream a single process would have
         compile_ = c['compile'] if c['compile'] is not None else rt.device_type == 'cuda'
-        try:
-            mode = compile_mode_arg(c['compile_mode'])
-        except ValueError as e:
-            sys.exit(f'error: {e}')
+        mode = compile_mode_arg(c['compile_mode'])     # (valid: check_loop_settings)
         # Under FSDP this compiles the sharded model as a whole: dynamo leaves FSDP's hooks at the
         # block boundaries to run eagerly and compiles what lies between them.
         compiled = [torch.compile(m, mode=mode) if compile_ else m for m in self.models]
@@ -177,7 +207,8 @@ class Run:
         # a resumed step is not evaluated again, unless its checkpoint was Ctrl-C's, saved before
         # that step's evaluation
         self.evaluated_at = self.resumed_at if resume is not None and resume.get('evaluated', True) else None
-        self.log_file = RunLog(c['out_dir'], enabled=rt.master, tensorboard=c['tensorboard'],
+        # (eval_only leaves the folder's log as it is: it prints its numbers and saves nothing)
+        self.log_file = RunLog(c['out_dir'], enabled=rt.master and not c['eval_only'], tensorboard=c['tensorboard'],
                                wandb_project=c['wandb_project'], run_name=c['run_name'], config=c,
                                resume_step=self.resumed_at)
         # MFU against a peak that means something: a GPU's measured matmul in the run's dtype, or one given
@@ -430,8 +461,8 @@ class Run:
         if at_log and not self.log_line(step, lr, loss, out, metrics):
             return False
         if self.interrupted(at_log):
-            if c['save_checkpoints'] and not self.diverged():
-                self.save(step, {}, evaluated=False)
+            if not self.diverged():
+                self.save_at_stop(step)
             return False
         return True
 
@@ -515,8 +546,8 @@ class Run:
             try:
                 metrics = evaluate(eval_model)
             except EvaluationInterrupted:             # Ctrl-C (one process): stop without this evaluation
-                if step > 0 and not c['eval_only'] and c['save_checkpoints'] and self.saved_step != step:
-                    self.save(step, {}, evaluated=False)      # a resumed run evaluates this step first
+                if step > 0:
+                    self.save_at_stop(step)
                 return False
             finally:
                 self.evaluating = False
@@ -543,6 +574,17 @@ class Run:
         synchronize(rt.device_type)
         self.t_last += time.perf_counter() - t0
         return not last
+
+    def save_at_stop(self, step):
+        """Ctrl-C's checkpoint of step `step`, marked not evaluated (a resumed run evaluates that step
+        first); none where ckpt.pt keeps the best val loss (always_save_checkpoint=False) and holds
+        one of this run's already (a resumed run's included): the interrupted state would replace it."""
+        c = self.c
+        if c['eval_only'] or not c['save_checkpoints'] or self.saved_step == step:
+            return
+        if not c['always_save_checkpoint'] and (self.saved_step is not None or self.resumed_at is not None):
+            return
+        self.save(step, {}, evaluated=False)
 
     def plot(self, plots):
         self.plotted_at = time.time()
@@ -581,7 +623,10 @@ class Run:
                          if self.saved_step == self.step else
                          'nothing saved (eval_only)' if c['eval_only'] else
                          'no checkpoint (save_checkpoints=False)' if not c['save_checkpoints'] else
-                         'nothing to save (no step trained yet)' if self.step == 0 else 'no checkpoint saved')
+                         'nothing to save (no step trained yet)' if self.step == 0 else
+                         f'{checkpoint_path(c["out_dir"])} keeps the best val loss (always_save_checkpoint=False), '
+                         f'of step {self.saved_step if self.saved_step is not None else self.resumed_at}; continue '
+                         f'from there with\n  {resume_command(sys.argv, rt.world_size if rt.ddp else 1)}')
                 print(f'stopped by Ctrl-C after step {self.step}: {saved}', file=sys.stderr)
             sys.exit(130)
         if self.diverged():

@@ -229,6 +229,7 @@ def test_resume_continues_exactly(tiny):
     assert other.returncode and 'split was distilled from teacher; resuming it from another teacher' in other.stderr
     pa, pb = load_checkpoint(str(tiny / 'straight'))['model'], load_checkpoint(str(tiny / 'split'))['model']
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert load_checkpoint(str(tiny / 'split'))['parent'] == 'scratch'     # what it started from, not itself
 
 
 def test_sequence_mode_writes_a_dataset_that_train_py_trains_on(tiny):

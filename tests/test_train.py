@@ -189,12 +189,16 @@ def test_init_from_another_run_and_bad_inputs(tmp_path, byte_data):
     assert tuned['step'] == 3 and tuned['model_config'] == base['model_config']
     assert 'changed by this command' not in tuned_run.stdout       # the same model settings as base's
     # model settings given with init_from: applied where the parameters stay as they are, else refused
-    deeper, theta, schedule, untied = run_script_many('train.py', [
+    deeper, theta, schedule, untied, longer = run_script_many('train.py', [
         train_args(byte_data, 'deeper', '--max_iters=1', '--init_from=base', '--n_layer=3'),
         train_args(byte_data, 'theta', '--max_iters=2', '--init_from=base', '--rope_theta=500.0'),
         train_args(byte_data, 'x', '--max_iters=9', '--lr_schedule=WSD'),
-        train_args(byte_data, 'untied', '--max_iters=1', '--init_from=base', '--tie_word_embeddings=False')],
+        train_args(byte_data, 'untied', '--max_iters=1', '--init_from=base', '--tie_word_embeddings=False'),
+        train_args(byte_data, 'longer', '--max_iters=1', '--init_from=base', '--block_size=64')],
         cwd=tmp_path)
+    # (a longer window than the checkpoint's was silently cut to its 32)
+    assert longer.returncode and "block_size=64 is longer than the checkpoint's model was built for (32)" \
+        in longer.stderr
     # (the same shapes, but an untied head is a parameter the tied checkpoint does not have)
     assert untied.returncode != 0 and "tie_word_embeddings=False (the checkpoint has True) changes" in untied.stderr
     assert "lr_schedule='WSD'; valid: cosine, wsd, constant" in schedule.stderr and 'step 0' not in schedule.stdout
@@ -448,6 +452,71 @@ def test_the_resume_command_keeps_the_launcher():
     assert resume_command(argv) == 'python train.py config/x.py --max_iters=9 --init_from=resume'
     assert resume_command(argv, 4) == ('torchrun --standalone --nproc_per_node=4 train.py config/x.py '
                                        '--max_iters=9 --init_from=resume')
+    # config.py takes --key value too: the init_from's value goes with it
+    argv = ['train.py', 'config/x.py', '--init_from', 'out/base', '--max_iters', '9']
+    assert resume_command(argv) == 'python train.py config/x.py --max_iters 9 --init_from=resume'
+
+
+def test_settings_no_loop_can_use_are_refused_by_name_before_any_work(tmp_path, byte_data):
+    from training import check_loop_settings
+    good = {'eval_interval': 5, 'log_interval': 1, 'eval_iters': 2, 'batch_size': 4, 'gradient_accumulation_steps': 1,
+            'max_iters': 0, 'warmup_iters': 0, 'grad_clip': 0.0, 'learning_rate': 1e-3, 'min_lr': 1e-4,
+            'weight_decay': 0.0, 'decay_frac': 0.2, 'lr_schedule': 'wsd', 'optimizer': 'muon',
+            'compile_mode': 'default'}
+    check_loop_settings(good)
+    check_loop_settings({})                        # a stage without these keys
+    for key, value, says in [
+            ('eval_interval', 0, 'eval_interval=0 must be 1 or more'), ('log_interval', 0, 'log_interval=0 must'),
+            ('eval_iters', 0, 'eval_iters=0 must be 1 or more'), ('batch_size', 0, 'batch_size=0 must'),
+            ('gradient_accumulation_steps', 0, 'gradient_accumulation_steps=0 must be 1 or more'),
+            ('max_iters', -1, 'max_iters=-1 must be 0 or more'), ('grad_clip', -1.0, 'grad_clip=-1.0 must be 0'),
+            ('warmup_iters', -5, 'warmup_iters=-5 must be 0 or more'), ('decay_frac', 1.5, 'decay_frac=1.5 must be'),
+            ('min_lr', 1e-2, 'min_lr=0.01 is above learning_rate=0.001'),
+            ('optimizer', 'sgd', "optimizer='sgd'; valid: adamw, muon, muonclip"),
+            ('lr_schedule', 'linear', "lr_schedule='linear'; valid: cosine, wsd, constant"),
+            ('compile_mode', 'fast', "compile_mode='fast'; valid: default")]:
+        with pytest.raises(SystemExit) as e:
+            check_loop_settings({**good, key: value})
+        assert says in str(e.value), (key, str(e.value))
+    # the stages call it before reading data or a model (gradient accumulation 0 trained nothing and saved)
+    accum, = run_script_many('train.py', [train_args(byte_data, 'x', '--max_iters=3',
+                                                     '--gradient_accumulation_steps=0')], cwd=tmp_path)
+    assert accum.returncode and 'gradient_accumulation_steps=0 must be 1 or more' in accum.stderr
+    assert not (tmp_path / 'x').exists()
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_where_only_the_best_is_kept(tmp_path, byte_data):
+    """With always_save_checkpoint=False ckpt.pt holds the best val loss: Ctrl-C leaves it there (the
+    interrupted state, never evaluated, would replace it) and says which step the resume continues from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), f'--data_dir={byte_data}', '--out_dir=run', *TINY_MODEL,
+           '--max_iters=100000', '--eval_interval=3', '--always_save_checkpoint=False', '--learning_rate=3e-3']
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    log, started = tmp_path / 'run' / 'log.jsonl', time.time()
+    while time.time() < started + 180 and not (log.exists() and len(log.read_text().splitlines()) >= 12):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 130 and 'Traceback' not in err, err[-2000:]
+    ckpt = load_checkpoint(str(tmp_path / 'run'))
+    rows = [json.loads(line) for line in open(log)]
+    val = {r['step']: r['val/loss'] for r in rows if 'val/loss' in r and r['step'] > 0}
+    assert ckpt['evaluated'] is not False and ckpt['step'] == min(val, key=val.get), (ckpt['step'], val)
+    assert f"keeps the best val loss (always_save_checkpoint=False), of step {ckpt['step']}" in err, err[-1000:]
+    assert '--init_from=resume' in err
+
+
+def test_an_evaluation_only_run_leaves_the_folder_s_log_as_it_is(tmp_path, byte_data):
+    train(tmp_path, byte_data, 'run', '--max_iters=3', '--eval_interval=3')
+    before = (tmp_path / 'run' / 'log.jsonl').read_text()
+    p = train(tmp_path, byte_data, 'run', '--init_from=resume', '--eval_only=True')
+    assert 'step 3: val/loss' in p.stdout
+    assert (tmp_path / 'run' / 'log.jsonl').read_text() == before
 
 
 def test_a_missing_dataset_is_made_by_its_prepare_command(tmp_path):
