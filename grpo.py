@@ -8,7 +8,8 @@ value model. Each iteration is one rollout and its updates:
             A = (r - mean of the group) / (std of the group + eps)      (scale_rewards=False: r - mean)
         given to every token of the answer
         for each of grpo_epochs epochs, for each minibatch of answers:
-            one optimizer step on PPO's clipped surrogate + beta * KL(pi || ref) (k3 estimator),
+            one optimizer step on PPO's clipped surrogate + beta * KL(pi || ref) (its k3 estimate,
+            whose gradient in a loss is the reverse KL's: rl.kl_k3),
             averaged over each answer's tokens, then over answers (loss_agg='sequence')
 
 Two variants are settings: Dr. GRPO (Liu et al. 2025) is --scale_rewards=False --loss_agg=constant
@@ -38,7 +39,7 @@ from rl import (LOSS_AGGREGATIONS, RunningMoments, aggregate, append_samples, ba
                 mean_stats, merged_steps, minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts,
                 response_logprobs, room_problem, rollout_stats, sample_rollout, settings_problem, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -105,6 +106,7 @@ wandb_project = ''
 run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 n_answers = rollout_prompts * group_size
 if group_size < 2:
@@ -117,7 +119,7 @@ if loss_agg not in LOSS_AGGREGATIONS:
 if clip_eps_high is not None and (isinstance(clip_eps_high, bool) or not isinstance(clip_eps_high, (int, float))
                                   or clip_eps_high < 0):
     sys.exit(f'error: clip_eps_high={clip_eps_high!r} must be a number >= 0 (or None: clip_eps)')
-problem = settings_problem('grpo', fsdp, temperature, dropout)
+problem = settings_problem('grpo', config)
 if problem:
     sys.exit(f'error: {problem}')
 rt = init_runtime(device, dtype, seed)
@@ -144,7 +146,8 @@ extra = {'parent': ckpt.get('parent', reference_path) if resume else reference_p
          'reward_model': reward_model if rewards.reward_model is not None else '', 'task_dir': task_dir,
          'data_dir': ckpt.get('data_dir', ''), 'reward_moments': moments.state_dict()}
 # optimizer, DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
-run = Run(config, rt, policy, 'grpo', tok.spec(), policy.flops_per_token(), resume=ckpt if resume else None,
+run = Run(config, rt, policy, 'grpo', tok.spec(), policy.flops_per_token(mtp=False),   # (no MTP run here)
+          resume=ckpt if resume else None,
           checkpoint_extra=extra, unused_parameters=policy.config.mtp_depth > 0)    # no targets: MTP unused
 ckpt = None
 
@@ -168,9 +171,10 @@ def make_rollout(r):
     # penalty: scores = scores - c * ro['lengths'] (as a tensor); the held-out val/reward stays unshaped
     if normalize_reward:
         moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
-    adv, flat_groups = group_advantages(moments.normalize(scores) if normalize_reward else scores,
+    # A_i = (r_i - mean of its group) / (std of its group + eps), given to every token of answer i
+    adv, zero_spread = group_advantages(moments.normalize(scores) if normalize_reward else scores,
                                         group_size, scale_rewards)
-    stats = {**rollout_stats(scores, parts, ro), 'zero_spread_groups': flat_groups.float().mean().item(),
+    stats = {**rollout_stats(scores, parts, ro), 'zero_spread_groups': zero_spread.float().mean().item(),
              'kl_ref': ((old_logp - ref_logp) * mask).sum(1).mean().item()}   # k1: can be < 0 (rl.evaluate_policy)
     extra.update(reward_moments=moments.state_dict())   # (extra is the dict the checkpoints save)
     if rt.master and sample_every and r % sample_every == 0:
@@ -184,8 +188,9 @@ def make_rollout(r):
 
 def grpo_loss(b):
     """The loss of a minibatch b of the rollout: the clipped surrogate per token plus beta * the k3
-    KL to the reference, each aggregated as loss_agg says (by default averaged over each answer's
-    tokens, then over answers); with statistics."""
+    estimate of the KL to the reference (its gradient: KL(ref || pi)'s, rl.kl_k3), each aggregated
+    as loss_agg says (by default averaged over each answer's tokens, then over answers); with
+    statistics."""
     b = trim_padding(b)
     mask = b['mask']
     logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)

@@ -39,7 +39,7 @@ from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, cl
                 per_token_rewards, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats, room_problem,
                 sample_rollout, settings_problem, trim_padding, whiten)
 from runtime import all_ranks, close_runtime, init_runtime
-from training import Run
+from training import Run, check_loop_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -112,6 +112,7 @@ wandb_project = ''
 run_name = ''
 # -----------------------------------------------------------------------------
 config = configure(globals())
+check_loop_settings(config)
 # -----------------------------------------------------------------------------
 if value_learning_rate < 0:
     sys.exit(f'error: value_learning_rate={value_learning_rate}; it must be >= 0 (0: learning_rate)')
@@ -120,7 +121,7 @@ if value_init not in ('policy', 'reward'):
 problem = minibatch_problem(rollout_prompts, minibatch_size, gradient_accumulation_steps, 'rollout_prompts')
 if problem:
     sys.exit(f'error: {problem}')
-problem = settings_problem('ppo', fsdp, temperature, dropout)
+problem = settings_problem('ppo', config)
 if problem:
     sys.exit(f'error: {problem}')
 rt = init_runtime(device, dtype, seed)
@@ -133,11 +134,12 @@ except ValueError as e:
 resume = init_from == 'resume'
 ckpt, policy, tok, reference, reference_path = load_policy('ppo', init_from, out_dir, rt.device, dropout)
 if resume:
-    value = ScalarModel(type(policy.config)(**ckpt['value_model_config']))
+    value = ScalarModel(type(policy.config)(**{**ckpt['value_model_config'], 'dropout': dropout}))
     value.load_state_dict(ckpt['value_model'])
 else:
     value_source = reward_model if value_init == 'reward' else init_from
-    value, value_tok, _ = load_chat_model(value_source, 'cpu', overrides=FROZEN_ROUTING, scalar=True)
+    value, value_tok, _ = load_chat_model(value_source, 'cpu', overrides={'dropout': dropout, **FROZEN_ROUTING},
+                                          scalar=True)          # (dropout as the policy's: 0, settings_problem)
     if value_tok.spec() != tok.spec():
         sys.exit(f"error: the value model's tokenizer ({value_source}) differs from the policy's")
     if value_init == 'policy':
@@ -163,7 +165,9 @@ extra = {'parent': ckpt.get('parent', reference_path) if resume else reference_p
          'reward_model': reward_model if rewards.reward_model is not None else '', 'task_dir': task_dir,
          'data_dir': ckpt.get('data_dir', ''), 'kl_beta': kl_ctl.beta, 'reward_moments': moments.state_dict()}
 # one optimizer over the policy and the value model; DDP, torch.compile; the resumed state
-run = Run(config, rt, policy, 'ppo', tok.spec(), 2 * policy.flops_per_token(), resume=ckpt if resume else None,
+# training FLOPs a token: the policy's and the value model's forward and backward (no MTP modules run here)
+flops_per_token = policy.flops_per_token(mtp=False) + value.flops_per_token(mtp=False)
+run = Run(config, rt, policy, 'ppo', tok.spec(), flops_per_token, resume=ckpt if resume else None,
           checkpoint_extra=extra, also_train=value, also_train_lr=value_learning_rate,
           unused_parameters=True)             # no targets: MTP unused; the value model's LM head too
 ckpt = None
@@ -182,13 +186,15 @@ def make_rollout(r):
     seq, mask = ro['seq'], ro['mask']
     old_logp = batched_logprobs(policy, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
     ref_logp = batched_logprobs(reference, seq, mask, rt.autocast, temperature=temperature, vocab=tok.vocab_size)
-    with rt.autocast():
+    with rt.autocast():   # V[:, t]: the value of the state seq[:, :t + 1], aligned with the log-prob columns
         old_values = torch.cat([value.values(seq[i:i + 32, :-1]).float() for i in range(0, len(seq), 32)]) * mask
     scores, parts = rewards(prompts, ro, rt.autocast)
     if normalize_reward:
         moments.update(all_ranks(scores))      # every rank's rewards: the same moments everywhere
+    # r_t = -beta (log pi - log ref)_t, plus the (normalised) score on the answer's last token
     token_rewards = per_token_rewards(moments.normalize(scores) if normalize_reward else scores,
                                       old_logp, ref_logp, mask, kl_ctl.beta)
+    # delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, returns R_t = A_t + V_t
     adv, returns = gae(token_rewards, old_values, mask, gamma, lam)
     kl = all_ranks(((old_logp - ref_logp) * mask).sum(1)).mean().item()   # sequence KL(pi || ref), k1
     stats = {**rollout_stats(scores, parts, ro), 'kl_ref': kl, 'beta': kl_ctl.beta}
@@ -210,6 +216,7 @@ def ppo_loss(b):
     mask = b['mask']
     logp, logits = response_logprobs(run.model, b['seq'], mask, temperature, tok.vocab_size)
     values = run.also(b['seq'][:, :-1], values=True, counted=through_last(mask)).float() * mask
+    # -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = pi / pi_old; and 0.5 max((V - R)^2, (V_clipped - R)^2)
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logp, b['old_logp'], b['adv'], mask, clip_eps)
     vf_loss = clipped_value_loss(values, b['old_values'], b['returns'], mask, value_clip)
     with torch.no_grad():

@@ -1,9 +1,10 @@
 """
-What PPO (ppo.py) and GRPO (grpo.py) share, in one place: loading the policy, the frozen
-reference and the reward, rollouts (batched KV-cache sampling of answers to task prompts),
-per-token log-probabilities under the policy and the reference, rewards (the task rule, the
-reward model, a mix, or a toy), running reward normalisation, GAE, the clipped policy and value
-losses, KL estimators, the adaptive KL controller and the held-out evaluation.
+What PPO (ppo.py) and GRPO (grpo.py) share, in one place (with reward.py: the reward model's
+input and its word checks): loading the policy, the frozen reference and the reward, rollouts
+(batched KV-cache sampling of answers to task prompts), per-token log-probabilities under the
+policy and the reference, rewards (the task rule, the reward model, a mix, or a toy), running
+reward normalisation, GAE, the clipped policy and value losses, KL estimators, the adaptive KL
+controller and the held-out evaluation.
 
 Layout of a rollout: each row is prompt + response (+ the stop token it sampled: <|end|> or EOT),
 right-padded; per-token tensors have one column less and are aligned with the targets
@@ -74,7 +75,7 @@ def reread_word_checks(tok, ids, seq, prompt, words, answer):
     check each required word, and the check's label: [(position in seq, 1.0 if the answer uses the
     word else 0.0)], one per word of `words`, at the word's last token in the reread prompt (there
     the model has read the whole word and can look back for it in the answer). task.word_used
-    decides the label, as the rule does. None for an answer reward_input cut short (a word of its
+    decides the label, as the rule does. [] for an answer reward_input cut short (a word of its
     lost tail would be labelled used with nothing to look back at); a word the tokenizer merges
     with the text after it (its tokens are not a prefix of the prompt's) or that the prompt does
     not list is left out."""
@@ -180,6 +181,7 @@ def response_logprobs(model, seq, mask, temperature=1.0, vocab=None):
 
 @torch.no_grad()
 def batched_logprobs(model, seq, mask, autocast, batch_size=32, temperature=1.0, vocab=None):
+    """response_logprobs of a rollout's rows, batch_size rows at a time, without gradients."""
     out = []
     for i in range(0, seq.size(0), batch_size):
         with autocast():
@@ -242,16 +244,33 @@ def evaluate_policy(policy, reference, tok, prompts, rewards, max_new_tokens, te
     return metrics
 
 
-def settings_problem(stage, fsdp, temperature, dropout):
-    """Why ppo.py / grpo.py (stage) cannot run with these settings; None if they can."""
-    if fsdp:
+REWARD_KINDS = ('rule', 'model', 'mix')        # and 'token:<text>', a toy
+
+
+def settings_problem(stage, c):
+    """Why ppo.py / grpo.py (stage) cannot run with the settings c; None if they can. Checked
+    before any model is read; keys one of the two scripts lacks are skipped."""
+    if c['fsdp']:
         return (f'{stage}.py does not support fsdp=True: each rank samples its own rollouts, whose lengths '
                 'differ, while a sharded model needs every rank in each forward pass; use DDP (the default)')
-    if temperature <= 0:
-        return f'temperature={temperature} must be positive (RL samples its rollouts)'
-    if dropout > 0:   # the old log-probs come from eval mode: the first ratio would not be 1
-        return (f'dropout={dropout}: the policy ratio compares training-mode log-probs with the rollout\'s '
-                f'(eval mode, no dropout), so it would not start at 1; set dropout=0')
+    if c['temperature'] <= 0:
+        return f"temperature={c['temperature']} must be positive (RL samples its rollouts)"
+    if c['dropout'] > 0:   # the old log-probs come from eval mode: the first ratio would not be 1
+        return (f"dropout={c['dropout']}: the policy ratio compares training-mode log-probs with the rollout's "
+                f"(eval mode, no dropout), so it would not start at 1; set dropout=0")
+    if c['reward'] not in REWARD_KINDS and not c['reward'].startswith('token:'):
+        return f"reward={c['reward']!r}; valid: {', '.join(REWARD_KINDS)}, token:<text>"
+    if not 0 <= c['clip_eps'] < 1:                    # the ratio's clip range [1 - eps, 1 + eps]
+        return f"clip_eps={c['clip_eps']} must be in [0, 1)"
+    for key in ('gamma', 'lam', 'reward_mix'):        # a discount, GAE's lambda, a mixing weight
+        if key in c and not 0 <= c[key] <= 1:
+            return f'{key}={c[key]} must be between 0 and 1'
+    for key in ('value_clip', 'vf_coef', 'kl_beta', 'kl_target', 'beta', 'no_end_penalty'):
+        if key in c and c[key] < 0:
+            return f'{key}={c[key]} must be 0 or more'
+    for key in ('ppo_epochs', 'grpo_epochs', 'max_new_tokens', 'kl_horizon', 'rollout_prompts'):
+        if key in c and c[key] < 1:
+            return f'{key}={c[key]} must be 1 or more'
     return None
 
 
@@ -346,10 +365,10 @@ class Rewards:
         if kind.startswith('token:'):
             ids = tok.encode(kind[len('token:'):])
             if len(ids) != 1:
-                raise ValueError(f"reward='{kind}': '{kind[6:]}' must be one token, it is {len(ids)}")
+                raise ValueError(f"reward='{kind}': '{kind[len('token:'):]}' must be one token, it is {len(ids)}")
             self.token = ids[0]
-        elif kind not in ('rule', 'model', 'mix'):
-            raise ValueError(f"reward='{kind}'; valid: rule, model, mix, token:<text>")
+        elif kind not in REWARD_KINDS:
+            raise ValueError(f"reward='{kind}'; valid: {', '.join(REWARD_KINDS)}, token:<text>")
         if kind in ('model', 'mix') and reward_model is None:
             raise ValueError(f"reward='{kind}' needs a reward model (reward_model=out/reward)")
 
@@ -463,8 +482,9 @@ def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta):
     """PPO's reward stream: r_t = -beta (log pi - log ref)_t on every response token (a KL
     penalty, the k1 estimator), plus the sequence reward on its last response token. In a reward
     (which the policy gradient treats as fixed) k1 is the estimator whose expected gradient is that
-    of KL(pi || ref); k3 there estimates the KL's value without bias but not its gradient (it also
-    pushes KL(ref || pi) up), which is why GRPO puts k3 in its loss instead (Tang & Munos 2025)."""
+    of KL(pi || ref); k3 there estimates the KL's value without bias but not its gradient. GRPO puts
+    k3 in its loss instead, where its expected gradient is that of the reverse KL(ref || pi): a pull
+    toward the reference all the same, but not of the KL it estimates (Tang & Munos 2025)."""
     r = -beta * (logp - ref_logp) * mask
     last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
     r[torch.arange(r.size(0)), last] += seq_rewards
@@ -472,8 +492,11 @@ def per_token_rewards(seq_rewards, logp, ref_logp, mask, beta):
 
 
 def group_advantages(rewards, group_size, scale=True, eps=1e-4):
-    """GRPO: A_i = (r_i - mean of its group) / (std of its group + eps), or without the std (the
-    sample std, with G - 1: DeepSeekMath's formula does not say which; torch's default)."""
+    """GRPO's advantages of rewards (N,), the N / group_size groups in adjacent rows:
+        A_i = (r_i - mean of its group) / (std of its group + eps)     (scale=False: r_i - mean)
+    with the sample std (G - 1 in the denominator, torch's default; DeepSeekMath's formula does not
+    say which). Returns (A (N,), (N / group_size,) True where a group's rewards are all equal: its
+    advantages are all 0, it teaches nothing)."""
     g = rewards.view(-1, group_size)
     adv = g - g.mean(1, keepdim=True)
     if scale:
@@ -530,7 +553,10 @@ def clipped_value_loss(values, old_values, returns, mask, eps=0.2):
 
 def kl_k3(logp, ref_logp):
     """Per-token KL(pi || ref) by the k3 estimator (Schulman 2020), unbiased and >= 0:
-    exp(log ref - log pi) - (log ref - log pi) - 1."""
+    exp(log ref - log pi) - (log ref - log pi) - 1. As a loss (GRPO's), differentiated at tokens
+    sampled from pi, its expected gradient is that of KL(ref || pi), the reverse KL: d k3 = (1 -
+    ref/pi) d log pi, and E_pi[(1 - ref/pi) d log pi] = -sum ref d log pi (Tang & Munos 2025);
+    k2 = (log pi - log ref)^2 / 2 would give KL(pi || ref)'s."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 

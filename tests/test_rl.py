@@ -499,7 +499,7 @@ def test_response_logprobs_are_of_the_distribution_the_rollout_samples_from():
 
 
 def test_bad_settings(pipeline):
-    minibatch, group, token, value_lr, split, temperature, dropout, room, agg, eps_high = run_scripts([
+    minibatch, group, token, value_lr, split, temperature, dropout, room, agg, eps_high, reward, epochs = run_scripts([
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--minibatch_size=65', '--device=cpu']),
         ('grpo.py', ['--init_from=base', '--group_size=1']),
         ('ppo.py', ['--init_from=base', '--task_dir=inst', '--reward=token:ab', '--eval_interval=8', '--device=cpu']),
@@ -509,7 +509,9 @@ def test_bad_settings(pipeline):
         ('ppo.py', ['--init_from=base', '--dropout=0.1']),
         ('grpo.py', ['--init_from=base', '--task_dir=inst', '--max_new_tokens=5000', '--device=cpu']),
         ('grpo.py', ['--loss_agg=answer']),
-        ('grpo.py', ['--clip_eps_high=-0.5'])],
+        ('grpo.py', ['--clip_eps_high=-0.5']),
+        ('grpo.py', ['--init_from=base', '--reward=rules']),         # (was refused after loading two models)
+        ('ppo.py', ['--init_from=base', '--ppo_epochs=0'])],
         cwd=pipeline)
     assert dropout.returncode and 'dropout=0.1: the policy ratio compares' in dropout.stderr
     assert room.returncode and "with max_new_tokens=5000 a rollout would pass the model's block_size" in room.stderr, \
@@ -522,6 +524,31 @@ def test_bad_settings(pipeline):
     assert token.returncode and "'ab' must be one token" in token.stderr
     assert agg.returncode and "loss_agg='answer': one of token, sequence, constant" in agg.stderr
     assert eps_high.returncode and 'clip_eps_high=-0.5 must be a number >= 0' in eps_high.stderr
+    assert reward.returncode and "reward='rules'; valid: rule, model, mix, token:<text>" in reward.stderr
+    assert epochs.returncode and 'ppo_epochs=0 must be 1 or more' in epochs.stderr
+
+
+def test_settings_no_rl_run_can_use_are_refused_by_name():
+    """Each out-of-range number its own error (a negative clip_eps clamped every ratio to one value,
+    kl_horizon=0 divided by zero, zero epochs failed in torch.stack)."""
+    from rl import settings_problem
+    ppo = {'fsdp': False, 'temperature': 1.0, 'dropout': 0.0, 'reward': 'rule', 'clip_eps': 0.2, 'gamma': 1.0,
+           'lam': 0.95, 'reward_mix': 0.5, 'value_clip': 0.2, 'vf_coef': 0.5, 'kl_beta': 0.05, 'kl_target': 0.0,
+           'no_end_penalty': 0.2, 'ppo_epochs': 2, 'max_new_tokens': 200, 'kl_horizon': 10000, 'rollout_prompts': 64}
+    grpo = {'fsdp': False, 'temperature': 1.0, 'dropout': 0.0, 'reward': 'token:a', 'clip_eps': 0.2, 'beta': 0.04,
+            'reward_mix': 0.5, 'no_end_penalty': 0.2, 'grpo_epochs': 1, 'max_new_tokens': 200, 'rollout_prompts': 16}
+    assert settings_problem('ppo', ppo) is None and settings_problem('grpo', grpo) is None
+    for c, key, value, says in [
+            (ppo, 'clip_eps', -0.1, 'clip_eps=-0.1 must be in [0, 1)'), (ppo, 'clip_eps', 1.5, 'clip_eps=1.5 must'),
+            (ppo, 'gamma', 1.2, 'gamma=1.2 must be between 0 and 1'), (ppo, 'lam', -0.5, 'lam=-0.5 must be between'),
+            (grpo, 'reward_mix', 2.0, 'reward_mix=2.0 must be between 0 and 1'),
+            (ppo, 'value_clip', -0.2, 'value_clip=-0.2 must be 0 or more'), (ppo, 'kl_target', -1.0, 'kl_target=-1.0'),
+            (grpo, 'beta', -0.04, 'beta=-0.04 must be 0 or more'), (ppo, 'vf_coef', -1, 'vf_coef=-1 must be 0'),
+            (ppo, 'kl_horizon', 0, 'kl_horizon=0 must be 1 or more'), (grpo, 'grpo_epochs', 0, 'grpo_epochs=0 must'),
+            (grpo, 'max_new_tokens', 0, 'max_new_tokens=0 must be 1 or more'),
+            (ppo, 'reward', 'judge', "reward='judge'; valid: rule, model, mix, token:<text>")]:
+        problem = settings_problem('x', {**c, key: value})
+        assert problem is not None and says in problem, (key, problem)
 
 
 def test_rl_curves_reads_the_printed_evaluations(tmp_path):
