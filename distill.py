@@ -245,8 +245,9 @@ else:
                            f'the teacher {teacher}' if task_dir else f'the data in {data_dir}')
     block_size = block_size or min(model.config.block_size, teacher_model.config.block_size)
     # the saved config describes the student trained (the checkpoint's architecture, as train.py does)
+    # (the settings this command gives, in its config files or --key=value, that the checkpoint's differ from)
     differ = {k: v for k, v in model.config.to_dict().items()
-              if k not in ('block_size', 'dropout') and k in config and config[k] != v
+              if k not in ('block_size', 'dropout') and k in last_given and config[k] != v
               and not (k == 'vocab_size' and config[k] == 0)}          # 0: the tokenizer's
     if differ and rt.master:
         print(f'note: the student {source} keeps its own architecture: '
@@ -426,17 +427,21 @@ def evaluate(model):
             print(f"  prompt: {r['example']['prompt']}\n  greedy answer: {r['example']['answer'][:300]!r}")
         return metrics
     out = {}
-    for split, d in (('train', train_data), ('val', data)):   # the same fixed batches as train.py's
+    # the same fixed batches as train.py's, of the train split and every held-out one (val, and e.g.
+    # val_tinystories)
+    for split, d in (('train', train_data), *((s, data) for s in data.val_splits)):
         batches = (d.batch(split, batch_size, block_size, eval_generator(k, split), rt.device)
                    for k in range(eval_iters))
-        out[split] = held_out(model, batches)
-    val, kl_val, teacher_val = out['val']
+        out[split] = held_out(model, batches)              # (CE, KL to the teacher, the teacher's CE)
+    metrics = {}
+    for split in data.val_splits:                # bits per byte = nats per token / ln 2 / bytes per token
+        metrics[f'{split}/loss'] = out[split][0]
+        metrics[f'{split}/bpb'] = out[split][0] / math.log(2) / data.bytes_per_token(split)
+    _, kl_val, teacher_val = out['val']
     # the train split's too: a teacher much surer on the text it was trained on (its train loss far
     # below its val loss) teaches targets sharper than what generalises
-    return {'train/eval_loss': out['train'][0], 'train/eval_kl': out['train'][1],
-            'train/teacher_loss': out['train'][2], 'val/loss': val, 'val/ppl': math.exp(min(val, 50)),
-            'val/bpb': val / math.log(2) / data.bytes_per_token('val'), 'val/kl': kl_val,
-            'val/teacher_loss': teacher_val}
+    return {**metrics, 'val/ppl': math.exp(min(out['val'][0], 50)), 'val/kl': kl_val, 'val/teacher_loss': teacher_val,
+            'train/eval_loss': out['train'][0], 'train/eval_kl': out['train'][1], 'train/teacher_loss': out['train'][2]}
 
 
 flops_per_token = model.flops_per_token(block_size) + (    # + the teacher's forward (1/3 of training)

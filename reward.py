@@ -376,15 +376,15 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
             gap = torch.tensor([rule_gap(train_pairs[i]) for i in ix], device=rt.device) if rule_gap_margin else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
-                r, word_loss, c, k = scores(run.model, x, last, checks)
+                r, word_loss, n_right, n_checked = scores(run.model, x, last, checks)
                 rc, rr = r[chosen], r[rejected]                 # rewards of chosen and rejected
                 micro_loss = pair_loss(rc, rr, weight, gap) / gradient_accumulation_steps
-                trained = micro_loss                             # what backward() gets: the pair loss
+                total_loss = micro_loss                          # what backward() gets: the pair loss
                 if word_loss is not None:                        # + w x the word checks' cross entropy
-                    trained = micro_loss + word_check_weight * word_loss / gradient_accumulation_steps
+                    total_loss = micro_loss + word_check_weight * word_loss / gradient_accumulation_steps
                     check_loss = check_loss + word_loss.detach() / gradient_accumulation_steps
-                    checks_correct, n_checks = checks_correct + c, n_checks + k
-            run.backward(trained)
+                    checks_correct, n_checks = checks_correct + n_right, n_checks + n_checked
+            run.backward(total_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()     # (the pair loss, as val/loss)
         correct, margin = correct + (rc > rr).float().sum().detach(), margin + (rc - rr).sum().detach()
         n_pairs += len(rc)

@@ -63,6 +63,8 @@ from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchroni
 # about a quarter of a second), and when the run ends: at its last step, on Ctrl-C or divergence
 # (not when it is killed: then they may be up to this many seconds old)
 PLOT_EVERY_S = 30
+# a stage's curves unless it names its own: (keys of the log, file, y label), or a list of such triples
+LOSS_PLOT = (('train/loss', 'val/loss'), 'loss.png', 'loss (nats/token)')
 
 
 def check_loop_settings(c):
@@ -520,7 +522,7 @@ class Run:
         self.clipped.zero_()
         return True
 
-    def evaluate(self, step, evaluate, plots=(('train/loss', 'val/loss'), 'loss.png', 'loss (nats/token)')):
+    def evaluate(self, step, evaluate, plots=LOSS_PLOT):
         """Whether the loop goes on to train step `step`: False at max_iters, with eval_only,
         or when the loss has become NaN/inf (then nothing is evaluated or saved). At step 0,
         every eval_interval steps and at max_iters, first: rank 0 runs evaluate(model) ->
@@ -605,7 +607,7 @@ class Run:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)
 
-    def finish(self, plots=(('train/loss', 'val/loss'), 'loss.png', 'loss (nats/token)')):
+    def finish(self, plots=LOSS_PLOT):
         """After the loop: exit with the step where the loss diverged, or after Ctrl-C with where
         the checkpoint is and the command that resumes it; else print where the checkpoint and
         the loss curve are. Closes the log."""
