@@ -298,3 +298,14 @@ def test_instruction_data_with_an_sft_teacher(pipeline):
                    '--eval_iters=2', '--batch_size=2', '--device=cpu', cwd=pipeline)
     cells = p.stdout.strip().splitlines()[-1].split('|')
     assert cells[2].strip() == 'distill' and float(cells[5]) > 0 and 0 <= float(cells[6]) <= 1   # bpb, task score
+
+
+def test_every_held_out_split_is_evaluated_as_train_py_does(tiny):
+    """Loss and bits per byte of each held-out split (val, and e.g. the story corpus's val_tinystories)."""
+    docs = [TEXT[i:i + 300] for i in range(0, len(TEXT), 300)]
+    write_token_dataset(str(tiny / 'two_vals'), {'train': docs[:-4], 'val': docs[-4:-2], 'val_other': docs[-2:]},
+                        ByteTokenizer(), 'test', num_proc=1)
+    distill(tiny, 'student_two_vals', '--data_dir=two_vals', '--max_iters=2', '--eval_interval=2')
+    row = [r for r in log_rows(tiny / 'student_two_vals') if 'val/loss' in r][-1]
+    assert {'val/loss', 'val/bpb', 'val_other/loss', 'val_other/bpb', 'val/kl', 'val/teacher_loss'} <= set(row), row
+    assert row['val_other/loss'] != row['val/loss']
