@@ -29,9 +29,9 @@ Pretraining data by default (data_dir: the teacher's own); with task_dir= the in
 with both losses on the response tokens only, and the task score in every evaluation.
 The student is any ModelConfig (every field is a key, as in train.py) or a trained checkpoint
 (init_from='out/RUN'). Schedule, optimizer, logging, checkpoints and exact resume work as in
-train.py (training.Run). Every evaluation logs val/loss (and, on pretraining data, val/bpb, on the
-real val split) and val/kl, the student's KL(p || q) to the teacher at T = 1, with the teacher's own
-val loss beside it.
+train.py (training.Run). Every evaluation logs val/loss (on pretraining data, as train.py does,
+loss and bits per byte of every held-out split of the real data: val, and e.g. val_tinystories) and
+val/kl, the student's KL(p || q) to the teacher at T = 1, with the teacher's own val loss beside it.
 The checkpoint (stage 'distill') is a plain language model that sample.py and eval.py load.
 """
 

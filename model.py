@@ -1296,6 +1296,11 @@ class ScalarModel(GPT):
         nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.score_head.bias)
 
+    def active_matmul_params(self, mtp=True):
+        """GPT's, less the language-model head and the MTP modules: a scalar model runs neither
+        (its score_head, one more Linear, counts)."""
+        return super().active_matmul_params(mtp=False) - self.lm_head.weight.numel()
+
     def values(self, idx, counted=None):
         """(B, T) scalar outputs, one per position, in float32. An MoE backbone's balance loss is
         only logged (last_losses): the reward and value losses leave it out. counted: as in

@@ -39,7 +39,7 @@ eval_iters = 50              # batches per split per evaluation
 log_interval = 10            # log and refresh the progress bar every N steps
 always_save_checkpoint = True  # save at every evaluation, not only when val loss improves
 save_checkpoints = True      # False: write no checkpoint at all (sweeps, benchmarks)
-eval_only = False            # evaluate once and exit
+eval_only = False            # evaluate once and exit (prints the numbers; no log, no checkpoint)
 # data
 dataset = 'tinystories'      # data/<dataset>/, made on first use by the prepare script below
 prepare = ''                 # that script and its flags, e.g. 'tinystories.py --tokenizer=bpe'; '': <dataset>.py

@@ -82,9 +82,9 @@ def check_loop_settings(c):
     if 'decay_frac' in c and not 0 <= c['decay_frac'] <= 1:
         sys.exit(f"error: decay_frac={c['decay_frac']} must be between 0 and 1 (the share of the steps "
                  f"spent decaying)")
-    if c.get('min_lr', 0) > c.get('learning_rate', math.inf):
-        sys.exit(f"error: min_lr={c['min_lr']} is above learning_rate={c['learning_rate']} (the schedule "
-                 f"decays from learning_rate to min_lr)")
+    if c.get('lr_schedule', 'constant') != 'constant' and 0 < c['learning_rate'] < c['min_lr']:
+        print(f"note: min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the rate rises to "
+              f"min_lr after the warm-up instead of decaying (set --min_lr= lower)", file=sys.stderr)
     if 'lr_schedule' in c and c['lr_schedule'] not in LR_SCHEDULES:
         sys.exit(f"error: lr_schedule={c['lr_schedule']!r}; valid: {', '.join(LR_SCHEDULES)}")
     if 'optimizer' in c and c['optimizer'] not in OPTIMIZERS:
@@ -579,12 +579,15 @@ class Run:
 
     def save_at_stop(self, step):
         """Ctrl-C's checkpoint of step `step`, marked not evaluated (a resumed run evaluates that step
-        first); none where ckpt.pt keeps the best val loss (always_save_checkpoint=False) and holds
-        one of this run's already (a resumed run's included): the interrupted state would replace it."""
+        first); none where ckpt.pt keeps the best val loss (always_save_checkpoint=False in a stage
+        whose evaluations have one) and holds one of this run's already (a resumed run's included):
+        the interrupted state would replace it."""
         c = self.c
         if c['eval_only'] or not c['save_checkpoints'] or self.saved_step == step:
             return
-        if not c['always_save_checkpoint'] and (self.saved_step is not None or self.resumed_at is not None):
+        # (best_val_loss is finite once an evaluation of this run, or of the run it resumes, had a val loss)
+        keeps_best = not c['always_save_checkpoint'] and math.isfinite(self.best_val_loss)
+        if keeps_best and (self.saved_step is not None or self.resumed_at is not None):
             return
         self.save(step, {}, evaluated=False)
 

@@ -614,3 +614,13 @@ def test_a_scalar_model_reads_its_outputs_at_the_positions_it_is_given():
             for b in range(2):     # a row's outputs depend on its own tokens up to each position only
                 v = rm(x[b:b + 1, :last[b] + 1], values=True)[0]
                 torch.testing.assert_close(v_at[b], v[at[b]])
+
+
+def test_a_scalar_model_counts_neither_the_language_model_head_nor_mtp_in_its_flops():
+    """A reward or value model runs the trunk and its score head (C -> 1) only: PPO's MFU counted the
+    value model's unused vocabulary head (V x C a token) and its MTP module."""
+    from model import GPT, ModelConfig, ScalarModel
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=256, block_size=32, mtp_depth=1)
+    lm, scalar = GPT(cfg), ScalarModel(cfg)
+    assert scalar.active_matmul_params() == lm.active_matmul_params(mtp=False) - 256 * 32 + 32
+    assert scalar.active_matmul_params(mtp=True) == scalar.active_matmul_params(mtp=False)

@@ -465,13 +465,15 @@ def test_settings_no_loop_can_use_are_refused_by_name_before_any_work(tmp_path, 
             'compile_mode': 'default'}
     check_loop_settings(good)
     check_loop_settings({})                        # a stage without these keys
+    # min_lr above learning_rate: a note (a constant schedule never reads min_lr; lr 0 freezes the weights)
+    check_loop_settings({**good, 'min_lr': 1e-2, 'lr_schedule': 'constant'})
+    check_loop_settings({**good, 'min_lr': 1e-2, 'learning_rate': 0.0})
     for key, value, says in [
             ('eval_interval', 0, 'eval_interval=0 must be 1 or more'), ('log_interval', 0, 'log_interval=0 must'),
             ('eval_iters', 0, 'eval_iters=0 must be 1 or more'), ('batch_size', 0, 'batch_size=0 must'),
             ('gradient_accumulation_steps', 0, 'gradient_accumulation_steps=0 must be 1 or more'),
             ('max_iters', -1, 'max_iters=-1 must be 0 or more'), ('grad_clip', -1.0, 'grad_clip=-1.0 must be 0'),
             ('warmup_iters', -5, 'warmup_iters=-5 must be 0 or more'), ('decay_frac', 1.5, 'decay_frac=1.5 must be'),
-            ('min_lr', 1e-2, 'min_lr=0.01 is above learning_rate=0.001'),
             ('optimizer', 'sgd', "optimizer='sgd'; valid: adamw, muon, muonclip"),
             ('lr_schedule', 'linear', "lr_schedule='linear'; valid: cosine, wsd, constant"),
             ('compile_mode', 'fast', "compile_mode='fast'; valid: default")]:
@@ -509,6 +511,27 @@ def test_ctrl_c_keeps_the_best_checkpoint_where_only_the_best_is_kept(tmp_path, 
     assert ckpt['evaluated'] is not False and ckpt['step'] == min(val, key=val.get), (ckpt['step'], val)
     assert f"keeps the best val loss (always_save_checkpoint=False), of step {ckpt['step']}" in err, err[-1000:]
     assert '--init_from=resume' in err
+
+
+def test_ctrl_c_s_checkpoint_rule():
+    """Run.save_at_stop: the interrupted state is saved unless ckpt.pt keeps the best val loss of this
+    run (or of the run it resumes); a stage whose evaluations have no val loss (PPO, GRPO: best_val_loss
+    stays inf) saves it whatever always_save_checkpoint says."""
+    from types import SimpleNamespace
+    from training import Run
+
+    def saved(always, best, saved_step, resumed_at=None, step=14):
+        c = {'eval_only': False, 'save_checkpoints': True, 'always_save_checkpoint': always}
+        calls = []
+        run = SimpleNamespace(c=c, best_val_loss=best, saved_step=saved_step, resumed_at=resumed_at,
+                              save=lambda step, metrics, evaluated: calls.append((step, evaluated)))
+        Run.save_at_stop(run, step)
+        return calls
+    assert saved(True, 3.0, 10) == [(14, False)]
+    assert saved(False, 3.0, 10) == [] and saved(False, 3.0, None, resumed_at=8) == []
+    assert saved(False, 3.0, None) == [(14, False)]            # nothing of this run's saved yet
+    assert saved(False, float('inf'), 10) == [(14, False)]     # PPO / GRPO: no val loss to keep
+    assert saved(True, 3.0, 14) == []                          # this step is saved already
 
 
 def test_an_evaluation_only_run_leaves_the_folder_s_log_as_it_is(tmp_path, byte_data):
