@@ -27,7 +27,7 @@ import torch
 from checkpoint import checkpoint_path, load_chat_model, load_checkpoint, newest_run
 from config import configure
 from data import eval_generator, load_tokenizer_spec, read_prepared, TokenData, write_json, write_jsonl
-from generate import generate_tokens, pad_prompts, use_cuda_graph
+from generate import generate_tokens, pad_prompts, sampling_problems, use_cuda_graph
 from model import GPT, masked_cross_entropy
 from rl import batched_logprobs, sample_rollout
 from runtime import init_runtime
@@ -72,6 +72,18 @@ dtype = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
+problems = sampling_problems(temperature, top_k) + [msg for bad, msg in [
+    (eval_iters < 0, f'eval_iters={eval_iters} must be >= 0 (0 skips the val loss)'),
+    (n_prompts < 0, f'n_prompts={n_prompts} must be >= 0 (0 skips the task)'),
+    (n_samples < 0, f'n_samples={n_samples} must be >= 0'),
+    (max_new_tokens < 1, f'max_new_tokens={max_new_tokens} must be at least 1'),
+    (sample_tokens < 1, f'sample_tokens={sample_tokens} must be at least 1'),
+    (batch_size < 1, f'batch_size={batch_size} must be at least 1'),
+    (gen_batch_size < 1, f'gen_batch_size={gen_batch_size} must be at least 1'),
+    (bool(compare and out_dir), f"give --compare or --out_dir, not both (out_dir={out_dir!r} would be left out)"),
+] if bad]
+if problems:
+    sys.exit('error: ' + '; '.join(problems))
 OPENINGS = ('Once upon a time', 'One day, a little girl named Lily', 'The old wizard looked at the boy and said',
             'Tom and his dog went to the forest', 'In a small village by the sea')
 STORY_DATA = ('tinystories', 'stories')      # the prepare scripts' dataset names whose models continue OPENINGS
@@ -169,7 +181,7 @@ def continuations(model, tok, texts):
     with rt.autocast():
         new = torch.stack(list(generate_tokens(model, idx, sample_tokens, temperature=0.8, top_k=200,
                                                stop_ids=[tok.eot_id], vocab_limit=tok.vocab_size,
-                                               prompt_mask=mask, generator=g)), 1).tolist()
+                                               prompt_mask=mask, generator=g, cuda_graph=cuda_graph)), 1).tolist()
     return [o + tok.decode(row[:row.index(tok.eot_id)] if tok.eot_id in row else row)
             for o, row in zip(texts, new)]
 
@@ -193,14 +205,15 @@ def task_metrics(model, tok, ckpt):
                       batch_size=gen_batch_size, autocast=rt.autocast, seed=seed, cuda_graph=cuda_graph,
                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
     out = {'task/score': r['score'], 'task/all_words': r['all_words'], 'task/words': r['words'],
-           'task/word_by_position': r['word_by_position'], 'task/ended': r['ended'], 'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
+           'task/word_by_position': r['word_by_position'], 'task/ended': r['ended'],
+           'task/repetition': r['repetition'], 'task/n_prompts': len(prompts),
            'task/example': r['example'],
            'task/samples': [{'prompt': p['prompt'], 'answer': a['text'], **{k: s[k] for k in ('score', 'all_words')}}
                             for p, a, s in zip(prompts, r['answers'], r['scores'])][:n_samples]}
     if sampled_score or reference:
         g = torch.Generator(device=rt.device).manual_seed(seed)
         ro = sample_rollout(model, tok, prompts, max_new_tokens, 1.0, generator=g, autocast=rt.autocast,
-                            batch_size=gen_batch_size)
+                            batch_size=gen_batch_size, cuda_graph=cuda_graph)
         if sampled_score:
             s = [score(t, p['words'], p.get('features'), e) for t, e, p in zip(ro['texts'], ro['ended'], prompts)]
             out['task/score_sampled'] = sum(x['score'] for x in s) / len(s)
@@ -236,6 +249,8 @@ def result_suffix(saved_quantized):
         suffix += '_' + os.path.splitext(os.path.basename(prompts_file))[0]
     if frequency_penalty or presence_penalty:                # another decoding: not eval.json either
         suffix += f'_fp{frequency_penalty:g}_pp{presence_penalty:g}'
+    if temperature:                                          # sampled, not greedy: nor this
+        suffix += f'_t{temperature:g}' + (f'_k{top_k}' if top_k else '')
     return suffix
 
 
@@ -251,7 +266,7 @@ def evaluate(folder):
               'params': full.num_params(), 'active_params': full.active_params(), 'val/loss': None,
               'val/bpb': None, **val_loss(model, tok.spec(), folder, ckpt), **task,
               'continuations': continuations(model, tok, opening_texts(ckpt, tok) if n_samples else []),
-              'temperature': temperature,
+              'temperature': temperature, 'top_k': top_k,
               'frequency_penalty': frequency_penalty, 'presence_penalty': presence_penalty,
               'max_new_tokens': max_new_tokens}
     suffix = result_suffix(bool(ckpt.get('quantized')))
@@ -280,7 +295,9 @@ def row(r):
             + (f" {fmt(r.get('kl_ref'), '.2f')} |" if reference else ''))
 
 
-folders = [f for f in compare.split(',') if f] if compare else [out_dir or newest_run('evaluating')]
+folders = [f.strip() for f in compare.split(',') if f.strip()] if compare else [out_dir or newest_run('evaluating')]
+if compare and not folders:
+    sys.exit(f'error: compare={compare!r} names no folder; e.g. --compare=out/a,out/b')
 for folder in folders:        # each one checked before any is evaluated (a typo in the last one)
     if reuse and os.path.isfile(os.path.join(folder, f'eval{result_suffix(saved_quantized=False)}.json')):
         continue                              # (its results are read, not its checkpoint)

@@ -18,7 +18,8 @@ use (nanochat's engine.py plays this part there).
   generate_speculative(model, prompt)  greedy decoding drafted by the model's own MTP modules
 
 GPT.generate in model.py is the reference: no cache, the whole window recomputed per token;
-tests hold generate_tokens equal to it.
+tests hold generate_tokens equal to it while prompt + new tokens fit block_size (past it the
+reference crops at every token and generate_tokens restarts from the latest half window).
 """
 
 import contextlib
@@ -31,6 +32,15 @@ from model import attention_mask
 
 # -----------------------------------------------------------------------------
 # Sampling
+
+def sampling_problems(temperature, top_k=0, top_p=1.0):
+    """Why sampling settings cannot be used: one message per bad value (empty if they can), for the
+    scripts that take them (sample.py, eval.py)."""
+    return [msg for bad, msg in [
+        (temperature < 0, f'temperature={temperature} must be >= 0 (0 means greedy)'),
+        (top_k < 0, f'top_k={top_k} must be >= 0 (0 means off)'),
+        (not 0 < top_p <= 1, f'top_p={top_p} must be in (0, 1]')] if bad]
+
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=None, generator=None):
     """Pick the next token from (B, V) logits: greedy at temperature 0, else sample from
@@ -52,7 +62,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, vocab_limit=Non
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p     # the mass before this token already exceeds top_p
+        # the smallest set whose probability reaches top_p: out goes a token whose predecessors' mass
+        # reaches it already (the first token never: 0 < top_p)
+        outside = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(outside, -float('inf'))
         logits = torch.full_like(logits, -float('inf')).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
@@ -595,7 +607,7 @@ def kept_drafts(drafts, greedy, stop_ids):
 
 
 @torch.no_grad()
-def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, vocab_limit=None):
+def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), draft_context=64, vocab_limit=None):
     """Greedy decoding of one prompt (a list of ids) that drafts with the MTP modules: from the
     main model's last hidden state h and the token t it predicts, MTP depth k drafts the token
     after the next, d_k = argmax Head(MTP_k(h^(k-1), Emb(d_(k-1)))) with d_0 = t (DeepSeek-V3's MTP,
@@ -603,10 +615,11 @@ def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, 
     [t, d_1, ..., d_D] checks them all: the drafts that equal the main model's own greedy tokens
     are kept, the first that does not is replaced by the main model's token, and the cache forgets
     the rest. The output is the main model's greedy decoding, token for token (tests/test_decode.py);
-    the MTP blocks see the last `window` positions (their attention context; a shorter one makes
-    worse drafts, never other tokens). vocab_limit: ids past it (vocabulary padding) are never
+    the MTP blocks see the last `draft_context` positions (their attention context; a shorter one
+    makes worse drafts, never other tokens). vocab_limit: ids past it (vocabulary padding) are never
     chosen, as in generate_tokens. Returns (new tokens, {'drafted', 'accepted', 'forward_passes'})."""
     c, mtp = model.config, model.mtp
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or ())     # as generate_tokens takes it
     if not len(mtp):
         raise ValueError('speculative decoding drafts with the MTP modules: the model has none (mtp_depth=0)')
     if len(prompt) + max_new_tokens > c.block_size:    # (drafts never run past max_new_tokens)
@@ -622,7 +635,7 @@ def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, 
     cache = KVCache(1, c.block_size, device, window=c.sliding_window, n_sink=c.n_sink_tokens, roll=False)
     greedy_of = lambda h: model.lm_head(h)[..., :vocab_limit].argmax(-1)     # noqa: E731  (h normed)
     x = model.trunk(torch.tensor([prompt], device=device), cache)[0]          # (1, P, C)
-    hidden = x[0, -window:]                                                    # main hidden per fed position
+    hidden = x[0, -draft_context:]                                             # main hidden per fed position
     tokens = list(prompt)
     nxt = int(greedy_of(model.norm(x[:, -1]))[0])
     out, stats = [nxt], {'drafted': 0, 'accepted': 0, 'forward_passes': 1}
@@ -653,7 +666,7 @@ def generate_speculative(model, prompt, max_new_tokens, stop_ids=(), window=64, 
             break
         cache.rollback(len(drafts) - k)                                        # forget the rejected
         tokens += [nxt] + drafts[:k]
-        hidden = torch.cat([hidden, x[0, :k + 1]])[-window:]
+        hidden = torch.cat([hidden, x[0, :k + 1]])[-draft_context:]
         out += drafts[:k] + [greedy[k]]                   # and the main model's token after them
         nxt = out[-1]
     return out[:max_new_tokens], stats

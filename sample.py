@@ -18,7 +18,7 @@ import torch
 from checkpoint import load_model, newest_run
 from config import configure, last_given
 from runtime import init_runtime
-from generate import generate_speculative, generate_tokens
+from generate import generate_speculative, generate_tokens, sampling_problems
 
 # -----------------------------------------------------------------------------
 out_dir = ''                 # a folder holding ckpt.pt (from any stage); '': the newest under out/
@@ -44,12 +44,9 @@ device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
 configure(globals(), verbose=False)
-problems = [msg for bad, msg in [
+problems = sampling_problems(temperature, top_k, top_p) + [msg for bad, msg in [
     (num_samples < 1, f'num_samples={num_samples} must be at least 1'),
     (max_new_tokens < 1, f'max_new_tokens={max_new_tokens} must be at least 1'),
-    (temperature < 0, f'temperature={temperature} must be >= 0 (0 means greedy)'),
-    (top_k < 0, f'top_k={top_k} must be >= 0 (0 means off)'),
-    (not 0 < top_p <= 1, f'top_p={top_p} must be in (0, 1]'),
     (speculative and temperature > 0, f'speculative=True is greedy decoding: set --temperature=0 (not {temperature})'),
     (speculative and bool(frequency_penalty or presence_penalty), 'speculative=True checks plain greedy tokens: '
                                                                    'no frequency_penalty / presence_penalty'),
@@ -65,6 +62,8 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         sys.exit(f"error: cannot read the prompt file '{start[5:]}': {e.strerror}")
+    except UnicodeDecodeError:
+        sys.exit(f"error: the prompt file '{start[5:]}' is not UTF-8 text")
 
 out_dir = out_dir or newest_run('sampling from')
 rt = init_runtime(device, dtype, seed)

@@ -93,6 +93,13 @@ def test_sampling_filters():
         assert all(x in row.topk(3).indices for x, row in zip(s, logits))
         assert (sample_next(logits, 1.0, vocab_limit=10) < 10).all()
     assert torch.equal(sample_next(logits, 0, vocab_limit=10), logits[:, :10].argmax(-1))
+    # top-p keeps the smallest set whose probability reaches top_p, a mass landing on it exactly
+    # included (it kept one token more then): {0} at 0.5, {0, 1} at 0.75 (as transformers and vLLM do)
+    tie = torch.tensor([[0.5, 0.25, 0.25 - 2 ** -10, 2 ** -10]]).log().expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(tie, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(tie, 1.0, top_p=0.75, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(tie, 1.0, top_p=0.76, generator=g).tolist()) == {0, 1, 2}
     before = logits.clone()
     sample_next(logits, 1.0, top_k=5, vocab_limit=10)
     assert torch.equal(logits, before)                 # the caller's logits are not modified

@@ -394,6 +394,19 @@ def test_eval_table_and_compare(pipeline):
     rows = p.stdout.strip().splitlines()
     assert rows[-4].endswith('| KL to reference |') and rows[-2].endswith('| 0.00 |')   # base vs itself
     assert float(rows[-1].split('|')[-2]) > 0
+    # sampled answers: their own file too (they overwrote eval.json, which compare and report.py read as greedy)
+    before = (pipeline / 'sft_eval' / 'eval.json').read_text()      # (the compare above wrote it again)
+    run_script('eval.py', '--out_dir=sft_eval', '--temperature=0.8', '--top_k=5', *args, cwd=pipeline)
+    assert json.load(open(pipeline / 'sft_eval' / 'eval_t0.8_k5.json'))['top_k'] == 5
+    assert (pipeline / 'sft_eval' / 'eval.json').read_text() == before
+    # bad values, each by name, before any model loads
+    refused = run_script_many('eval.py', [[*args, bad] for bad in ('--temperature=-1', '--eval_iters=-1',
+                                                                   '--gen_batch_size=0', '--compare=,')]
+                              + [[*args, '--compare=base', '--out_dir=sft_eval']], cwd=pipeline)
+    for p, says in zip(refused, ('temperature=-1.0 must be >= 0', 'eval_iters=-1 must be >= 0',
+                                 'gen_batch_size=0 must be at least 1', "compare=',' names no folder",
+                                 'give --compare or --out_dir, not both')):
+        assert p.returncode and says in p.stderr, (says, p.stderr[-300:])
     p = run_script('sample.py', '--out_dir=sft_eval', '--start=Write a story.', '--num_samples=1',
                    '--max_new_tokens=8', '--device=cpu', cwd=pipeline)    # the chat template by default
     assert p.stdout.startswith('[user] Write a story.\n[assistant] ')

@@ -150,7 +150,9 @@ def test_sample_script(tmp_path, byte_data):
     bad = [('--temperature=-1', 'temperature=-1.0 must be >= 0'),
            ('--top_p=0', 'top_p=0.0 must be in (0, 1]'),
            ('--num_samples=0', 'num_samples=0 must be at least 1'),
-           ('--start=FILE:nope.txt', "cannot read the prompt file 'nope.txt'")]
+           ('--start=FILE:nope.txt', "cannot read the prompt file 'nope.txt'"),
+           ('--start=FILE:latin1.txt', "the prompt file 'latin1.txt' is not UTF-8 text")]
+    (tmp_path / 'latin1.txt').write_bytes(b'\xff\xfeLily')
     two, lily, *refused, nothing, broken, texted, newest = run_script_many('sample.py', [
         ['--out_dir=run', '--start=Once upon', '--num_samples=2', '--max_new_tokens=20', '--device=cpu'],
         ['--out_dir=run', '--start=FILE:prompt.txt', '--num_samples=1', '--max_new_tokens=5', '--temperature=0',
