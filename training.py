@@ -82,7 +82,8 @@ def check_loop_settings(c):
     if 'decay_frac' in c and not 0 <= c['decay_frac'] <= 1:
         sys.exit(f"error: decay_frac={c['decay_frac']} must be between 0 and 1 (the share of the steps "
                  f"spent decaying)")
-    if c.get('lr_schedule', 'constant') != 'constant' and 0 < c['learning_rate'] < c['min_lr']:
+    if (c.get('lr_schedule', 'constant') != 'constant' and 0 < c['learning_rate'] < c['min_lr']
+            and os.environ.get('RANK', '0') == '0'):           # (once under torchrun: rank 0's)
         print(f"note: min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the rate rises to "
               f"min_lr after the warm-up instead of decaying (set --min_lr= lower)", file=sys.stderr)
     if 'lr_schedule' in c and c['lr_schedule'] not in LR_SCHEDULES:

@@ -459,7 +459,7 @@ def test_the_resume_command_keeps_the_launcher():
     assert resume_command(argv) == 'python train.py config/x.py --max_iters 9 --init_from=resume'
 
 
-def test_settings_no_loop_can_use_are_refused_by_name_before_any_work(tmp_path, byte_data):
+def test_settings_no_loop_can_use_are_refused_by_name_before_any_work(tmp_path, byte_data, capsys):
     from training import check_loop_settings
     good = {'eval_interval': 5, 'log_interval': 1, 'eval_iters': 2, 'batch_size': 4, 'gradient_accumulation_steps': 1,
             'max_iters': 0, 'warmup_iters': 0, 'grad_clip': 0.0, 'learning_rate': 1e-3, 'min_lr': 1e-4,
@@ -470,6 +470,8 @@ def test_settings_no_loop_can_use_are_refused_by_name_before_any_work(tmp_path, 
     # min_lr above learning_rate: a note (a constant schedule never reads min_lr; lr 0 freezes the weights)
     check_loop_settings({**good, 'min_lr': 1e-2, 'lr_schedule': 'constant'})
     check_loop_settings({**good, 'min_lr': 1e-2, 'learning_rate': 0.0})
+    check_loop_settings({**good, 'min_lr': 1e-2})
+    assert 'note: min_lr=0.01 is above learning_rate=0.001: the rate rises' in capsys.readouterr().err
     for key, value, says in [
             ('eval_interval', 0, 'eval_interval=0 must be 1 or more'), ('log_interval', 0, 'log_interval=0 must'),
             ('eval_iters', 0, 'eval_iters=0 must be 1 or more'), ('batch_size', 0, 'batch_size=0 must'),
