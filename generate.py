@@ -270,13 +270,19 @@ class KVCache:
         return per_layer
 
 
+def relative_positions(config):
+    """Whether the model's positions are relative (RoPE, or none), so a sliding-window cache can roll
+    past block_size; learned or sinusoidal positions cannot go past it."""
+    return config.pos_emb in ('rope', 'none')
+
+
 def new_cache(model, batch_size, max_len, device, prompt_mask=None, static=False):
     """A KVCache shaped for `model` (its sliding window and attention sinks): a rolling buffer
     only where positions are relative (RoPE or none); learned or sinusoidal positions cannot go
     past block_size, so their cache holds max_len tokens and the window is the mask's alone."""
     c = model.config
     return KVCache(batch_size, max_len, device, prompt_mask, c.sliding_window, c.n_sink_tokens, static,
-                   roll=c.pos_emb in ('rope', 'none'))
+                   roll=relative_positions(c))
 
 
 # -----------------------------------------------------------------------------
@@ -309,7 +315,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     c = model.config
     bs = c.block_size
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or ())     # [] or None: no stop
-    streaming = c.sliding_window is not None and c.pos_emb in ('rope', 'none')
+    streaming = c.sliding_window is not None and relative_positions(c)    # a rolling cache: no restart
     static = cuda_graph and not streaming         # on the CPU: the same static steps, no graph
     use_graph = static and idx.is_cuda and graph_capturable(model, B)
     valid = prompt_mask if prompt_mask is not None else torch.ones_like(idx, dtype=torch.bool)
