@@ -202,13 +202,20 @@ class APIError(Exception):
         return {'error': {'message': str(self), 'type': kind, 'param': self.param, 'code': self.code}}
 
 
+def server_error(e):
+    """An exception the server did not expect, as the 500 it answers (the traceback goes to its log)."""
+    return APIError(f'the server failed on this request: {type(e).__name__}: {e}', code='server_error', status=500)
+
+
 def number(body, key, default, low, high=None, integer=False, above=False):
     """body[key] (default when absent or null), an integer or a number in [low, high], or in
     (low, high] with above=True; APIError naming the key otherwise."""
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+    # (isfinite of an int too large for a float raises OverflowError: JSON's integers have no bound)
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or (
+            isinstance(v, float) and not math.isfinite(v)):
         raise APIError(f"'{key}' must be {'an integer' if integer else 'a finite number'}, not {json.dumps(v)}", key)
     if v < low or (above and v == low) or (high is not None and v > high):
         raise APIError(f"'{key}' is {v}; it must be {'above' if above else 'at least'} {low}"
@@ -295,10 +302,11 @@ def chat_prompt(body):
         raise APIError("'messages' must be a non-empty list of {role, content}", 'messages')
     turns = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get('role') not in ('system', 'user', 'assistant'):
-            raise APIError(f"messages[{i}] must be an object whose role is system, user or assistant",
+        if not isinstance(m, dict) or m.get('role') not in ('system', 'developer', 'user', 'assistant'):
+            raise APIError(f"messages[{i}] must be an object whose role is system, developer, user or assistant",
                            'messages')
-        turns.append({'role': m['role'], 'content': text_of(m.get('content'), f'messages[{i}]')})
+        role = 'system' if m['role'] == 'developer' else m['role']     # (OpenAI's newer name for system)
+        turns.append({'role': role, 'content': text_of(m.get('content'), f'messages[{i}]')})
     if not tok.chat:
         raise APIError(f'{out_dir} has no chat template (fine-tune it with sft.py); use /v1/completions',
                        'messages')
@@ -339,6 +347,8 @@ def parse(path, body):
     options = body.get('stream_options')
     if options is not None and (not isinstance(options, dict) or set(options) - {'include_usage'}):
         raise APIError("'stream_options' may hold only include_usage", 'stream_options', 'unsupported_parameter')
+    if options is not None and not body.get('stream'):
+        raise APIError("'stream_options' needs 'stream': true", 'stream_options')
     prompts = prompts_of(path, body)
     context = model.config.block_size
     key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
@@ -369,10 +379,12 @@ def parse(path, body):
     echo = False if echo is None else echo
     if not isinstance(echo, bool):
         raise APIError("'echo' must be true or false", 'echo')
-    stop = body.get('stop') or []
-    stop = [stop] if isinstance(stop, str) else stop
+    stop = body.get('stop')
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise APIError("'stop' must be a string or a list of strings", 'stop')
+    if len(stop) > 4:                    # OpenAI's limit (each one is checked against every step's tail)
+        raise APIError(f"'stop' holds {len(stop)} strings; at most 4", 'stop')
     if not isinstance(body.get('stream', False), bool):
         raise APIError("'stream' must be true or false", 'stream')
     top_p = number(body, 'top_p', 1.0, 0, 1, above=True)
@@ -609,7 +621,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             try:
                 body = json.loads(raw or b'{}')
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:      # (RecursionError: nested too deep)
                 raise APIError(f'the request body is not valid JSON: {e}')
             prompts, args, stop, n, echo = parse(self.path, body)
             for p, a in zip(prompts, args):         # choices p * n + i: n of each prompt
@@ -632,6 +644,10 @@ class Handler(BaseHTTPRequestHandler):
             stop_generating(gens)
             self.close_connection = True
             return
+        except Exception as e:                  # a bug of ours: say so (500), free its blocks, keep serving
+            traceback.print_exc()
+            stop_generating(gens)
+            return self.send(500, server_error(e).body())
         choices = [{'index': g.index, 'finish_reason': g.finish, 'logprobs': logprobs_of(g, chat, echo),
                     **({'message': {'role': 'assistant', 'content': g.text}} if chat
                        else {'text': (g.prompt.echo_text if echo else '') + g.text})}
@@ -645,7 +661,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             try:
                 body = json.loads(raw or b'{}')
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise APIError(f'the request body is not valid JSON: {e}')
             if not isinstance(body, dict):
                 raise APIError('the request body must be a JSON object')
@@ -715,8 +731,10 @@ class Handler(BaseHTTPRequestHandler):
                 if usage:
                     write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created,
                            'model': MODEL_ID, 'choices': [], 'usage': usage_of(gens)})
-            except APIError as e:
-                write(e.body())
+            except Exception as e:              # refused mid-stream, or a bug of ours: said, then [DONE]
+                if not isinstance(e, APIError):
+                    traceback.print_exc()
+                write((e if isinstance(e, APIError) else server_error(e)).body())
                 stop_generating(gens)
             write('[DONE]')
         except (BrokenPipeError, ConnectionResetError):  # the client stopped listening: free its blocks

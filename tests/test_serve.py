@@ -211,6 +211,13 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         (chat, {'messages': hello, 'presence_penalty': -3}, 400, 'presence_penalty', None),
         (chat, {'messages': hello, 'stop': 5}, 400, 'stop', None),
         (text, {'prompt': 7}, 400, 'prompt', None),
+        # a JSON integer too large for a float (isfinite raised OverflowError: no reply at all)
+        (text, {'prompt': 'Once', 'max_tokens': 10 ** 400}, 400, 'max_tokens', 'context_length_exceeded'),
+        (text, {'prompt': 'Once', 'seed': 10 ** 400}, 400, 'seed', None),
+        (chat, b'[' * 100_000 + b']' * 100_000, 400, None, None),           # too deep for json: no reply
+        (text, {'prompt': 'Once', 'stop': ['a', 'b', 'c', 'd', 'e']}, 400, 'stop', None),   # OpenAI's 4
+        (text, {'prompt': 'Once', 'stop': False}, 400, 'stop', None),                     # (was ignored)
+        (chat, {'messages': hello, 'stream_options': {'include_usage': True}}, 400, 'stream_options', None),
     ]
     for path, body, status, param, code in cases:
         got, answer = post(url, path, body)
@@ -231,6 +238,11 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
     status, good = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0})
     assert status == 200 and good['choices'][0]['message']['content'] == c.chat.completions.create(
         model='sft_serve', messages=hello, max_tokens=6, temperature=0).choices[0].message.content
+    status, developer = post(url, chat, {'messages': [{'role': 'developer', 'content': 'Be brief.'}, *hello],
+                                         'max_tokens': 6, 'temperature': 0})    # OpenAI's newer name for system
+    as_system = post(url, chat, {'messages': [{'role': 'system', 'content': 'Be brief.'}, *hello], 'max_tokens': 6,
+                                 'temperature': 0})[1]
+    assert status == 200 and developer['choices'][0]['message'] == as_system['choices'][0]['message']
     status, plain = post(url, chat, {'messages': hello, 'max_tokens': 6, 'temperature': 0, 'logprobs': False,
                                      'response_format': {'type': 'text'}, 'user': 'u1'})   # asking for nothing
     assert status == 200 and plain['choices'][0]['message'] == good['choices'][0]['message']
