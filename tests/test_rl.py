@@ -624,3 +624,19 @@ def test_a_scalar_model_counts_neither_the_language_model_head_nor_mtp_in_its_fl
     lm, scalar = GPT(cfg), ScalarModel(cfg)
     assert scalar.active_matmul_params() == lm.active_matmul_params(mtp=False) - 256 * 32 + 32
     assert scalar.active_matmul_params(mtp=True) == scalar.active_matmul_params(mtp=False)
+
+
+def test_ppo_s_value_model_runs_without_the_checkpoint_s_dropout(sft_pipeline, tmp_path):
+    """The policy ratio needs dropout 0 (settings_problem); the value model, loaded from a checkpoint
+    fine-tuned with dropout, kept its 0.1 (its old values came from eval mode, its trained ones not)."""
+    import shutil
+    from checkpoint import load_checkpoint, save_checkpoint
+    pipeline = sft_pipeline
+    ckpt = load_checkpoint(str(pipeline / 'sft'))
+    ckpt['model_config']['dropout'] = 0.1
+    shutil.copytree(pipeline / 'sft', tmp_path / 'sft_dropout')
+    save_checkpoint(str(tmp_path / 'sft_dropout'), ckpt)
+    run_script('ppo.py', *TOY, f"--init_from={tmp_path / 'sft_dropout'}", f"--out_dir={tmp_path / 'ppo'}",
+               '--rollout_prompts=4', '--minibatch_size=4', '--max_iters=1', '--eval_interval=1', cwd=pipeline)
+    saved = load_checkpoint(str(tmp_path / 'ppo'))
+    assert saved['value_model_config']['dropout'] == 0.0 and saved['model_config']['dropout'] == 0.0
