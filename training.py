@@ -82,10 +82,6 @@ def check_loop_settings(c):
     if 'decay_frac' in c and not 0 <= c['decay_frac'] <= 1:
         sys.exit(f"error: decay_frac={c['decay_frac']} must be between 0 and 1 (the share of the steps "
                  f"spent decaying)")
-    if (c.get('lr_schedule', 'constant') != 'constant' and 0 < c['learning_rate'] < c['min_lr']
-            and os.environ.get('RANK', '0') == '0'):           # (once under torchrun: rank 0's)
-        print(f"note: min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the rate rises to "
-              f"min_lr after the warm-up instead of decaying (set --min_lr= lower)", file=sys.stderr)
     if 'lr_schedule' in c and c['lr_schedule'] not in LR_SCHEDULES:
         sys.exit(f"error: lr_schedule={c['lr_schedule']!r}; valid: {', '.join(LR_SCHEDULES)}")
     if 'optimizer' in c and c['optimizer'] not in OPTIMIZERS:
@@ -161,6 +157,9 @@ class Run:
         if rt.master and 0 < c['max_iters'] <= c.get('warmup_iters', 0):    # short runs that would quietly do little
             print(f"note: warmup_iters={c['warmup_iters']} >= max_iters={c['max_iters']}: the learning rate stays "
                   f"in its warm-up, below learning_rate={c['learning_rate']} (set --warmup_iters= lower)")
+        if rt.master and c['lr_schedule'] != 'constant' and 0 < c['learning_rate'] < c['min_lr']:
+            print(f"note: min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the rate rises to "
+                  f"min_lr after the warm-up instead of decaying (set --min_lr= lower)", file=sys.stderr)
         if rt.master and 0 < c['max_iters'] < c.get('log_interval', 1):
             print(f"note: log_interval={c['log_interval']} > max_iters={c['max_iters']}: no training line will be "
                   f"logged, only the evaluations (set --log_interval= lower)")
