@@ -6,6 +6,8 @@ any stage's folder; the RNG states make a resume continue exactly.
 """
 
 import os
+import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -104,6 +106,12 @@ def load_checkpoint(path, map_location='cpu'):
                  + (f"checkpoints found: {listed(others, 8)}" if others else 'no checkpoint found under out/'))
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # whole, but holding objects other than tensors and plain values
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))   # the type torch names, if it does
+        sys.exit(f"error: '{p}' holds objects that torch.load(weights_only=True) refuses to unpickle "
+                 f"({found.group(1) if found else type(e).__name__}); our stages save only tensors and plain "
+                 f"Python values, so it was written by other code: load it yourself with weights_only=False "
+                 f"only if you trust it")
     except Exception as e:               # (a text file, a cut-short zip: whatever torch.load raises)
         sys.exit(f"error: the checkpoint '{p}' is damaged or incomplete ({os.path.getsize(p):,} bytes; "
                  f"{type(e).__name__}: {str(e)[:120]}); delete it, then train again or resume from an "
@@ -208,6 +216,9 @@ def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quan
                  f"head): sample, evaluate, serve or fine-tune the language model it was trained from "
                  f"({ckpt.get('parent') or 'its init_from'}); reward models are read by ppo.py / grpo.py "
                  f"(--reward_model=)")
+    if ckpt.get('tokenizer') is None:    # (an import from Hugging Face without tokenizer_from=)
+        sys.exit(f"error: {path} holds no tokenizer; import it again with convert_hf.py --direction=import "
+                 f"--tokenizer_from=FOLDER (a checkpoint or data folder with the model's tokenizer)")
     cls = ScalarModel if is_scalar or scalar else GPT
     model = cls(ModelConfig(**{**ckpt['model_config'], **(overrides or {})}))
     check_quantize(quantize, ckpt, path)

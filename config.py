@@ -70,8 +70,9 @@ def _checked(key, value, default, valid, origin, current=None):
 
 def _parse_value(key, raw, default):
     """--key=value: a Python literal, or the raw text where the default is a string; true, false
-    and none in any case are True, False, None (--compile=false must not be the text 'false',
-    which a key whose default is None would otherwise keep, and which is true)."""
+    and none in any case are True, False, None. Any other bare word is refused, also for a key
+    whose default is None ('auto': compile, cuda_graph, chat): kept as text, --compile=no or a
+    typo such as --compile=flase would be a non-empty string, which is true."""
     if isinstance(default, str):
         return raw
     words = {'true': True, 'false': False, 'none': None}
@@ -80,10 +81,9 @@ def _parse_value(key, raw, default):
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        if default is None:
-            return raw          # an 'auto' key given a bare word, e.g. --compile=... stays text
-        sys.exit(f"error: --{key}={raw} is not a Python literal "
-                 f"('{key}' takes {type(default).__name__}, default {default!r})")
+        takes = ('True, False, None or another Python literal' if default is None
+                 else f'{type(default).__name__}, default {default!r}')
+        sys.exit(f"error: --{key}={raw} is not a Python literal ('{key}' takes {takes})")
 
 
 def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unknown_in_files=False):
@@ -148,7 +148,9 @@ def configure(namespace, argv=None, model_config=None, verbose=True, ignore_unkn
                 if k not in valid and ignore_unknown_in_files:
                     continue
                 if k not in valid:
-                    sys.exit(f"error: config file {arg} sets unknown key '{k}'{_did_you_mean(k, valid)}; "
+                    hint = (_did_you_mean(k, valid)
+                            or f" (a helper value of the file's own: name it _{k} or {k.upper()})")
+                    sys.exit(f"error: config file {arg} sets unknown key '{k}'{hint}; "
                              f"valid keys: {', '.join(sorted(valid))}")
                 if v is not config[k] and v != config[k]:
                     config[k] = _checked(k, v, defaults[k], valid, f'config file {arg}')

@@ -80,7 +80,13 @@ def to_hf_config(c, eot_id=None):
 
 
 def from_hf_config(d):
-    """Our ModelConfig from a DeepSeek-V3 config.json (as a dict)."""
+    """Our ModelConfig from a DeepSeek-V3 config.json (as a dict). Routers other than V3's (sigmoid
+    scores, the bias-corrected top-k 'noaux_tc': DeepSeek-V2's softmax and greedy top-k, say) are
+    refused: their weights would load and score wrongly."""
+    router = (d.get('scoring_func', 'sigmoid'), d.get('topk_method', 'noaux_tc'))
+    if router != ('sigmoid', 'noaux_tc'):
+        raise ValueError(f"config.json routes with scoring_func={router[0]!r}, topk_method={router[1]!r}; "
+                         f"only DeepSeek-V3's ('sigmoid', 'noaux_tc') imports")
     rope = d.get('rope_scaling') or d.get('rope_parameters')
     if rope:
         rope = {k: v for k, v in rope.items() if k not in ('rope_theta',)}
@@ -257,15 +263,22 @@ def import_hf(folder):
 if __name__ == '__main__':
     from checkpoint import load_checkpoint, load_model, save_checkpoint
     from config import configure
+    from data import load_tokenizer_spec
+    from tokenizer import tokenizer_from_spec
     # -------------------------------------------------------------------------
     direction = 'export'          # 'export' (ckpt -> HF folder) | 'import' (HF folder -> ckpt)
     out_dir = 'out/run'           # our checkpoint folder
     hf_dir = ''                   # the Hugging Face folder; '' = out_dir/hf
-    tokenizer_from = ''           # import: a checkpoint or data folder whose tokenizer to attach
+    tokenizer_from = ''           # import: a checkpoint folder (any stage's) or a prepared data folder
+                                  # (data/<name>, its meta.json) whose tokenizer the model is saved with
     # -------------------------------------------------------------------------
     configure(globals())
     hf_dir = hf_dir or os.path.join(out_dir, 'hf')
     if direction == 'export':
+        q = load_checkpoint(out_dir).get('quantized')
+        if q:          # its int8 / int4 codes and scales are no DeepseekV3 weights
+            sys.exit(f"error: {out_dir} is saved quantized ({q['kind']}); export the full-precision checkpoint "
+                     f"it came from ({load_checkpoint(out_dir).get('parent') or 'its parent'}) instead")
         model, tok, ckpt = load_model(out_dir)
         try:
             export_hf(model, hf_dir, tok.eot_id)
@@ -273,11 +286,25 @@ if __name__ == '__main__':
             sys.exit(f'error: {e}')
         print(f'wrote {hf_dir} (load with DeepseekV3ForCausalLM.from_pretrained)')
     elif direction == 'import':
-        model = import_hf(hf_dir)
-        spec = load_checkpoint(tokenizer_from)['tokenizer'] if tokenizer_from else None
+        if not tokenizer_from:   # every script that loads a checkpoint decodes with its tokenizer
+            sys.exit("error: import needs tokenizer_from= (a checkpoint folder, or a data folder holding "
+                     "meta.json) whose tokenizer fits the imported model's vocabulary")
+        if os.path.isfile(os.path.join(tokenizer_from, 'meta.json')):
+            with open(os.path.join(tokenizer_from, 'meta.json')) as f:
+                spec = load_tokenizer_spec(json.load(f)['tokenizer'], tokenizer_from)
+        else:
+            spec = load_checkpoint(tokenizer_from)['tokenizer']
+        try:
+            model = import_hf(hf_dir)
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        n_ids = tokenizer_from_spec(spec).vocab_size
+        if n_ids > model.config.vocab_size:
+            sys.exit(f"error: the tokenizer of {tokenizer_from} has {n_ids:,} ids, more than the model's "
+                     f"vocab_size {model.config.vocab_size:,}: attach the tokenizer the model was trained with")
         save_checkpoint(out_dir, {'model': model.state_dict(), 'model_config': model.config.to_dict(),
                                   'tokenizer': spec, 'stage': 'import', 'step': 0, 'config': {},
-                                  'metrics': {}})
-        print(f'wrote {out_dir}/ckpt.pt' + ('' if spec else ' (no tokenizer: pass tokenizer_from=)'))
+                                  'metrics': {}, 'parent': hf_dir})
+        print(f'wrote {out_dir}/ckpt.pt')
     else:
         sys.exit(f"error: direction='{direction}'; valid: export, import")

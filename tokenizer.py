@@ -139,10 +139,12 @@ class Tokenizer:
         if not turns or turns[-1]['role'] != 'user':
             raise ValueError('the conversation must end with a user message')
         ids = [self.eot_id]
-        for i, m in enumerate(turns):
+        for m in turns:
             if m['role'] not in ('user', 'assistant'):
                 raise ValueError(f"role {m['role']!r}; valid: system, user, assistant")
-            text = f"{system}\n\n{m['content']}" if system and i == 0 and m['role'] == 'user' else m['content']
+            text = m['content']
+            if system and m['role'] == 'user':    # the first user turn, wherever it stands
+                text, system = f"{system}\n\n{text}", ''
             ids += [self.chat_id(m['role'])] + self.encode(text) + [self.chat_id('end')]
         return ids + [self.chat_id('assistant')]
 
@@ -283,10 +285,14 @@ def ranks_to_bytes(ranks):
 
 def ranks_from_bytes(blob):
     ranks = {}
-    for line in blob.splitlines():
+    for n, line in enumerate(blob.splitlines(), 1):
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:         # (binascii.Error is one): a JSON vocab, a merges.txt, ...
+                raise ValueError(f"not a tiktoken rank file (line {n}: {line[:60]!r}); each line is "
+                                 f"'base64(token) rank', as in gpt2.tiktoken") from None
     return ranks
 
 
@@ -317,7 +323,12 @@ class BPETokenizer(Tokenizer):
         return self.enc.decode(ids, errors='replace')
 
     def decode_bytes(self, ids):
-        return self.enc.decode_bytes([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not (0 <= i < self.n_base or i in self.special_names)]
+        if bad:
+            raise ValueError(f'token id {bad[0]} is outside this {self.kind} tokenizer '
+                             f'(vocab_size {self.vocab_size})')
+        return self.enc.decode_bytes(ids)
 
     def _spec(self):
         return {'ranks': self.ranks_blob, 'pat_str': self.pat_str}
@@ -351,7 +362,10 @@ def gpt2_tokenizer(tokenizer_file=None, fallback_file=None):
                                f'{e}); offline, pass tokenizer_file=PATH to a gpt2.tiktoken rank '
                                f'file') from None
         blob = ranks_to_bytes(enc._mergeable_ranks)
-    tok = BPETokenizer('gpt2', blob, r50k_pat_str, {EOT: 50256})
+    try:
+        tok = BPETokenizer('gpt2', blob, r50k_pat_str, {EOT: 50256})
+    except ValueError as e:
+        raise ValueError(f"tokenizer_file='{tokenizer_file}': {e}") from None
     if tok.n_base != 50256:
         raise ValueError(f'{tokenizer_file}: {tok.n_base} ranks, but GPT-2 has 50,256')
     return tok

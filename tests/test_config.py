@@ -1,6 +1,7 @@
 import ast
 import glob
 import os
+import re
 
 import pytest
 
@@ -38,11 +39,14 @@ def test_a_string_default_keeps_the_raw_text():
     assert cfg['out_dir'] == '123'
 
 
-def test_none_default_accepts_any_type():
+def test_none_default_accepts_any_literal_but_no_bare_word():
     _, cfg = run(['--auto=5'])
     assert cfg['auto'] == 5
-    _, cfg = run(['--auto=word'])
+    _, cfg = run(["--auto='word'"])                       # a quoted string is a literal
     assert cfg['auto'] == 'word'
+    for raw in ('no', 'off', 'flase', '[1,2'):             # kept as text, each would be true
+        with pytest.raises(SystemExit, match=f'--auto={re.escape(raw)} is not a Python literal'):
+            run([f'--auto={raw}'])
 
 
 def test_true_false_none_in_any_case_are_the_python_values():
@@ -94,7 +98,9 @@ def test_config_file_runs_over_defaults_and_may_read_them(tmp_path):
 def test_config_file_with_unknown_key_or_wrong_type(tmp_path):
     f = tmp_path / 'bad.py'
     f.write_text('n_stepz = 3\n')
-    assert "sets unknown key 'n_stepz'" in exit_message([str(f)])
+    assert "sets unknown key 'n_stepz' (did you mean 'n_steps'?)" in exit_message([str(f)])
+    f.write_text('scale = 2\nn_steps = 10 * scale\n')              # a helper of its own
+    assert "unknown key 'scale' (a helper value of the file's own: name it _scale or SCALE)" in exit_message([str(f)])
     f.write_text("n_steps = 'ten'\n")
     assert "'n_steps' takes int" in exit_message([str(f)])
     assert "config file 'missing.py' not found" in exit_message(['missing.py'])

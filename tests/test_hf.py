@@ -128,3 +128,51 @@ def test_yarn_frequencies_are_the_references_bit_for_bit(factor):
         mscale=1.0, mscale_all_dim=1.0))
     reference, _ = ROPE_INIT_FUNCTIONS['yarn'](cfg, 'cpu')
     assert torch.equal(yarn_inv_freq(64, 10000.0, factor, 4096, 32, 1), reference)
+
+
+def test_the_command_line_round_trip_and_what_it_refuses(tmp_path):
+    """convert_hf.py: export, then import with the tokenizer of a checkpoint or of a data folder
+    (meta.json); every script can load the result and its logits are the original's. Refused by name:
+    an import without a tokenizer (no script could decode it), a tokenizer with more ids than the
+    model, a router other than V3's, and the export of a quantized checkpoint (its int8 codes and
+    scales are no DeepseekV3 weights)."""
+    from checkpoint import load_model, save_checkpoint
+    from conftest import run_script
+    from data import save_tokenizer_spec
+    from quant import quantize_model
+    from tokenizer import ByteTokenizer, CharTokenizer
+    model = randomized(CONFIGS['kimi'])
+    tok = CharTokenizer([chr(32 + i) for i in range(95)])            # 95 ids + EOT = the model's 96
+    ckpt = {'model': model.state_dict(), 'model_config': model.config.to_dict(), 'tokenizer': tok.spec(),
+            'stage': 'train', 'step': 0, 'config': {}, 'metrics': {}}
+    save_checkpoint(str(tmp_path / 'run'), ckpt)
+    run_script('convert_hf.py', f'--out_dir={tmp_path}/run', f'--hf_dir={tmp_path}/hf', cwd=tmp_path)
+    idx = torch.randint(0, 96, (1, 24))
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'meta.json').write_text(json.dumps({'tokenizer': save_tokenizer_spec(tok.spec(), '.')}))
+    for source in ('run', 'data'):
+        run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf', f'--out_dir={tmp_path}/imp',
+                   f'--tokenizer_from={tmp_path}/{source}', cwd=tmp_path)
+        back, back_tok, _ = load_model(str(tmp_path / 'imp'))
+        assert back_tok.decode(back_tok.encode('a fox')) == 'a fox'
+        with torch.no_grad():
+            torch.testing.assert_close(back.eval()(idx)[0], model(idx)[0])
+    refused = run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf',
+                         f'--out_dir={tmp_path}/none', cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and 'import needs tokenizer_from=' in refused.stderr
+    save_checkpoint(str(tmp_path / 'bytes'), {**ckpt, 'tokenizer': ByteTokenizer().spec()})     # 257 ids
+    refused = run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf', f'--out_dir={tmp_path}/b',
+                         f'--tokenizer_from={tmp_path}/bytes', cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "has 257 ids, more than the model's vocab_size 96" in refused.stderr
+    cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**cfg, 'scoring_func': 'softmax'}))
+    refused = run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf', f'--out_dir={tmp_path}/s',
+                         f'--tokenizer_from={tmp_path}/run', cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "scoring_func='softmax'" in refused.stderr
+    quantized = quantize_model(randomized(CONFIGS['kimi']), 'int8')
+    save_checkpoint(str(tmp_path / 'q'), {**ckpt, 'model': quantized.state_dict(), 'quantized': quantized.quantized,
+                                          'parent': f'{tmp_path}/run'})
+    refused = run_script('convert_hf.py', f'--out_dir={tmp_path}/q', f'--hf_dir={tmp_path}/hfq', cwd=tmp_path,
+                         check=False)
+    assert refused.returncode != 0 and 'is saved quantized (int8); export the full-precision' in refused.stderr
+    assert not (tmp_path / 'hfq').exists()

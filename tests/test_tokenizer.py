@@ -3,7 +3,8 @@ import tiktoken
 
 from conftest import TEXT, shared_file
 from tokenizer import (EOT, BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer, build_tokenizer,
-                       gpt2_tokenizer, ranks_from_bytes, ranks_to_bytes, tokenizer_from_spec, train_bpe)
+                       gpt2_tokenizer, ranks_from_bytes, ranks_to_bytes, tokenizer_from_spec, train_bpe,
+                       with_chat_tokens)
 
 SAMPLE = 'Once upon a time, Lily said: "Look — a café!"\nThe end. 42 ducks, don\'t worry 😀'
 
@@ -103,4 +104,27 @@ def test_bpe_tokenizer_rejects_out_of_range_ids():
     tok = build_tokenizer('bpe', texts=['hello hello world'], vocab_size=260)
     with pytest.raises(ValueError, match='outside'):
         tok.decode([5000])
+    with pytest.raises(ValueError, match='token id 5000 is outside'):     # as serve.py's streams decode
+        tok.decode_bytes([5000])
     assert isinstance(tok, BPETokenizer)
+
+
+def test_a_file_that_is_no_rank_file_is_named(tmp_path):
+    """A Hugging Face vocab.json or merges.txt given as tokenizer_file: the file and the format
+    are named, not 'not enough values to unpack'."""
+    for name, text in (('vocab.json', '{"a": 1, "b": 2}\n'), ('merges.txt', '#version: 0.2\nh e\n')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"tokenizer_file='.*{name}': not a tiktoken rank file "
+                                             f"\\(line 1: .*'base64\\(token\\) rank'"):
+            gpt2_tokenizer(str(tmp_path / name))
+
+
+def test_a_system_message_leads_the_first_user_turn_wherever_it_stands():
+    """Also when the conversation opens with an assistant turn (a greeting): the system text was
+    dropped there."""
+    tok = with_chat_tokens(ByteTokenizer())
+    turns = [{'role': 'system', 'content': 'Be nice.'}, {'role': 'assistant', 'content': 'Hi!'},
+             {'role': 'user', 'content': 'Hello.'}, {'role': 'assistant', 'content': 'Yes?'},
+             {'role': 'user', 'content': 'Bye.'}]
+    assert tok.decode(tok.encode_messages(turns)) == ('<|endoftext|><|assistant|>Hi!<|end|><|user|>Be nice.\n\nHello.'
+                                                      '<|end|><|assistant|>Yes?<|end|><|user|>Bye.<|end|><|assistant|>')

@@ -677,3 +677,24 @@ def test_plot_runs_compares_a_metric_of_several_runs(tmp_path):
     assert (tmp_path / 'c.png').stat().st_size > 1000
     bad = run_script('plot_runs.py', '--runs=a,b', '--key=policy_loss', cwd=tmp_path, check=False)
     assert bad.returncode and "no run has 'policy_loss'; keys they have: train/policy_loss" in bad.stderr
+
+
+def test_a_checkpoint_that_weights_only_refuses_or_without_a_tokenizer_is_explained(tmp_path):
+    """A whole checkpoint holding a numpy scalar (other code's save) is not called damaged, nor
+    is its deletion advised; one without a tokenizer (an import without tokenizer_from=) says how
+    to import it again instead of an AttributeError in the tokenizer."""
+    import numpy as np
+    from checkpoint import save_checkpoint
+    from model import GPT, ModelConfig
+    os.makedirs(tmp_path / 'np')
+    torch.save({'model': {}, 'metrics': {'loss': np.float64(1.0)}}, tmp_path / 'np' / 'ckpt.pt')
+    with pytest.raises(SystemExit) as e:
+        load_checkpoint(str(tmp_path / 'np'))
+    assert 'holds objects that torch.load(weights_only=True) refuses to unpickle (numpy' in str(e.value)
+    assert 'damaged' not in str(e.value) and 'delete' not in str(e.value) and '\x1b' not in str(e.value)
+    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    save_checkpoint(str(tmp_path / 'imp'), {'model': model.state_dict(), 'model_config': model.config.to_dict(),
+                                            'tokenizer': None, 'stage': 'import', 'config': {}})
+    with pytest.raises(SystemExit, match='holds no tokenizer; import it again with convert_hf.py --direction=import '
+                                         '--tokenizer_from='):
+        load_model(str(tmp_path / 'imp'))
