@@ -476,7 +476,8 @@ def test_prepare_instruct_paragraphs_keep_the_end_of_the_text_for_val(tmp_path):
 
 def test_cuda_graph_defaults_to_cuda_only_and_refuses_other_values(tmp_path):
     """cuda_graph=None (the default of eval.py, ppo.py, grpo.py) decodes through the captured step on
-    CUDA only; True / False are kept; anything else stops the script with its name."""
+    CUDA only; True / False are kept; anything else stops the script with its name (a bare word
+    already on the command line)."""
     assert use_cuda_graph(None, 'cuda') is True and use_cuda_graph(None, 'cpu') is False
     assert use_cuda_graph(True, 'cpu') is True and use_cuda_graph(False, 'cuda') is False
     with pytest.raises(ValueError, match="cuda_graph='maybe'; valid: None"):
@@ -484,7 +485,8 @@ def test_cuda_graph_defaults_to_cuda_only_and_refuses_other_values(tmp_path):
     scripts = ('eval.py', 'ppo.py', 'grpo.py')
     for script, p in zip(scripts, run_scripts([(s, ['--cuda_graph=maybe', '--device=cpu']) for s in scripts],
                                               cwd=tmp_path)):
-        assert p.returncode != 0 and "error: cuda_graph='maybe'; valid" in p.stderr, (script, p.stderr[-500:])
+        assert p.returncode != 0 and "error: --cuda_graph=maybe is not a Python literal" in p.stderr, \
+            (script, p.stderr[-500:])
 
 
 CHATS = [   # one record in each format prepare/chat.py reads
