@@ -16,9 +16,10 @@ and sft_weight > 0 (RPO, Pang et al. 2024) adds the chosen answers' negative log
 token, -pi_c / |chosen| (logged as nll_chosen either way: DPO alone may make the chosen answers
 less likely too, as long as the rejected ones fall faster). The implicit reward's margin and
 accuracy (chosen > rejected; a tie counts half, so the untrained policy, equal to its reference,
-scores 0.5, exactly where both passes are computed alike, as on the CPU) are logged for training
-and held-out pairs, with the task score of greedy answers to held-out prompts. Schedule,
-optimizer, logging, checkpoints and resume work as in train.py (training.Run).
+scores 0.5 on the held-out pairs where both passes round alike, as on the CPU: the reference runs
+over the same batches) are logged for training and held-out pairs, with the task score of greedy
+answers to held-out prompts. Schedule, optimizer, logging, checkpoints and resume work as in
+train.py (training.Run).
 
 $ python dpo.py --init_from=out/sft --out_dir=out/dpo
 """
@@ -95,6 +96,8 @@ if loss_type not in ('sigmoid', 'ipo'):
     sys.exit(f"error: loss_type='{loss_type}'; valid: sigmoid, ipo")
 if sft_weight < 0:
     sys.exit(f'error: sft_weight={sft_weight} must be 0 (DPO alone) or positive')
+if not beta > 0:     # beta < 0 trains toward the rejected answers (and its metrics, times beta, look perfect)
+    sys.exit(f'error: beta={beta} must be positive (the KL constraint\'s strength; 0.1 is usual)')
 if init_from == 'scratch':
     sys.exit("error: dpo.py starts from a fine-tuned model: set init_from='out/sft' (or 'resume')")
 rt = init_runtime(device, dtype, seed)
@@ -126,6 +129,21 @@ def encode(pair, side, cut=True):
     return (ids[:block_size + 1], mask[:block_size + 1]) if cut else (ids, mask)
 
 
+def answer_cut_away(pair):
+    """Whether block_size + 1 tokens end before an answer's first token: the pair would score 0
+    against 0, a loss of log 2 without a gradient."""
+    return not all(any(encode(pair, side)[1]) for side in ('chosen', 'rejected'))
+
+
+n_pairs = len(train_pairs) + len(val_pairs)
+train_pairs = [p for p in train_pairs if not answer_cut_away(p)]
+val_pairs = [p for p in val_pairs if not answer_cut_away(p)]
+if len(train_pairs) + len(val_pairs) < n_pairs and rt.master:
+    print(f'note: {n_pairs - len(train_pairs) - len(val_pairs)} of the {n_pairs} pairs are left out: their prompt '
+          f'fills block_size + 1 = {block_size + 1} tokens, so an answer has no token left to compare')
+if not train_pairs or not val_pairs:
+    sys.exit(f"error: no {'training' if not train_pairs else 'held-out'} pair keeps a token of both answers within "
+             f"block_size + 1 = {block_size + 1} tokens: raise block_size (the model's: {model.config.block_size})")
 n_long = sum(len(encode(p, side, cut=False)[0]) > block_size + 1 for p in train_pairs + val_pairs
              for side in ('chosen', 'rejected'))
 if n_long and rt.master:
@@ -148,21 +166,23 @@ def sequence_logprobs(model, pairs):
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model, pairs, desc):
+def reference_logprobs(ref_model, pairs, desc, chunk):
     """(N, 2) log-probabilities of every pair's chosen and rejected response under the frozen
-    reference model: computed once, before training, as they never change."""
+    reference model: computed once, before training, as they never change; `chunk` pairs a pass."""
     out = []
-    for i in progress(range(0, len(pairs), 2 * batch_size), desc=desc, disable=not rt.master):   # no grads: 2x fit
+    for i in progress(range(0, len(pairs), chunk), desc=desc, disable=not rt.master):
         with rt.autocast():
-            (c, r), _, _ = sequence_logprobs(ref_model, pairs[i:i + 2 * batch_size])
+            (c, r), _, _ = sequence_logprobs(ref_model, pairs[i:i + chunk])
         out.append(torch.stack([c, r], 1))
     return torch.cat(out)
 
 
 ref_model, _, _ = load_chat_model(reference, rt.device)
 ref_model.eval()
-ref_train = reference_logprobs(ref_model, train_pairs, 'reference log-probs (train)')
-ref_val = reference_logprobs(ref_model, val_pairs, 'reference log-probs (val)')
+# no gradients: twice the pairs fit a pass
+ref_train = reference_logprobs(ref_model, train_pairs, 'reference log-probs (train)', 2 * batch_size)
+# the held-out pairs in evaluate()'s batches: the same shapes round alike, so the untrained policy ties
+ref_val = reference_logprobs(ref_model, val_pairs, 'reference log-probs (val)', batch_size)
 del ref_model                                 # not needed again: its memory goes to training
 
 

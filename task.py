@@ -40,11 +40,17 @@ goes going get got saw see look looked let lets would could what when where who 
 while because also very much many little big too like liked back away here'''.split())
 
 SENTENCE_END = re.compile(r'[.!?]+["”’\']?(?=\s|$)')
-WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")   # on straight_quotes(text): won't, king's are one word
+
+
+def straight_quotes(text):
+    """The text with its typographic apostrophe (’) as ' , the same length: without it WORD read
+    won’t as won + t, which uses 'win'."""
+    return text.replace('\u2019', "'")
 
 
 def words_of(text):
-    return [w.lower() for w in WORD.findall(text)]
+    return [w.lower() for w in WORD.findall(straight_quotes(text))]
 
 
 def sentences(text):
@@ -148,7 +154,7 @@ def first_use(word, text_words):
 def word_spans(text, words):
     """(start, end) character span in `text` of the first use of each of `words` (as word_used
     counts it: an inflection either way), in the order of `words`; None for a word not used."""
-    matches = list(WORD.finditer(text))
+    matches = list(WORD.finditer(straight_quotes(text)))     # (the same positions as in text)
     tw = [m.group().lower() for m in matches]
     spans = []
     for w in words:
@@ -268,7 +274,7 @@ def make_task(story, rng, n_words=3):
     inflections of one another), chosen with `rng`. Without a part-of-speech tagger these are
     content words rather than exactly one noun, one verb and one adjective. None if the story
     has too few."""
-    tokens = WORD.findall(story)
+    tokens = WORD.findall(straight_quotes(story))
     lower_seen = {t for t in tokens if t.islower()}          # appears uncapitalised somewhere
     candidates = sorted({t for t in lower_seen if len(t) >= 3 and t not in STOP_WORDS and "'" not in t})
     rng.shuffle(candidates)
@@ -486,7 +492,7 @@ def suffix_words(story, pos):
 def content_words(story):
     """make_task's candidates: words that occur uncapitalised, at least 3 letters, no stop words,
     no apostrophes (sorted)."""
-    lower_seen = {t for t in WORD.findall(story) if t.islower()}
+    lower_seen = {t for t in WORD.findall(straight_quotes(story)) if t.islower()}
     return sorted(t for t in lower_seen if len(t) >= 3 and t not in STOP_WORDS and "'" not in t)
 
 
@@ -498,7 +504,7 @@ def make_task_pos(story, rng):
     content words. Returns {'words', 'features', 'pos', 'how'}: 'how' says where each word came
     from ('list', 'suffix' or 'content'). None if the story has too few words."""
     found = {pos: set() for pos in POS_LISTS}
-    for t in {t for t in WORD.findall(story) if t.islower()}:
+    for t in {t for t in WORD.findall(straight_quotes(story)) if t.islower()}:
         for base, pos in FORM_INDEX.get(t, ()):
             found[pos].add(base)
     words, how = [], []

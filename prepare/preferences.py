@@ -30,9 +30,9 @@ passage, which uses all its words; one word swapped each; none whose prompt is a
 many more such pairs than the sampled answers give, without sampling. Records also carry
 "reference": true.
 
-Greedy rejected (greedy_rejected=True, training prompts only): the SFT model's own greedy answer
-as the rejected one, under the prompt's best sampled answer where that scores at least `margin`
-more. The pairs are sampled at `temperature` (1.0), where answers rarely loop; greedy decoding,
+Greedy rejected (greedy_rejected=True, every prompt outside the held-out split, also one whose
+samples made no pair, all tied at 1.0, say): the SFT model's own greedy answer as the rejected one,
+under the prompt's best sampled answer where that scores at least `margin` more. The pairs are sampled at `temperature` (1.0), where answers rarely loop; greedy decoding,
 which the task's evaluation reads, loops and leaves its turn unended more often, and DPO trained
 on sampled pairs alone did not learn to avoid that (docs/results.md). Records carry
 "greedy": true; the held-out pairs stay the sampled ones.
@@ -59,7 +59,8 @@ from data import read_jsonl, read_prepared, start_prepared, write_json, write_js
 from generate import generate_chat, use_cuda_graph  # noqa: E402
 from runlog import progress  # noqa: E402
 from runtime import init_runtime  # noqa: E402
-from task import POS_LISTS, WORD, LIST_WORDS, make_prompt, score, word_used, words_of  # noqa: E402
+from task import (POS_LISTS, WORD, LIST_WORDS, make_prompt, score, straight_quotes, word_used,  # noqa: E402
+                  words_of)
 
 # -----------------------------------------------------------------------------
 init_from = 'out/sft'        # the SFT checkpoint to sample from
@@ -86,6 +87,8 @@ seed = 1337
 cuda_graph = None            # answers: one-token steps replayed as a CUDA graph; None: on for CUDA
 # -----------------------------------------------------------------------------
 configure(globals())
+if margin < 0:
+    sys.exit(f'error: margin={margin} must be 0 or positive (the least score gap a pair keeps)')
 if samples_per_prompt < 2:
     sys.exit(f'error: samples_per_prompt={samples_per_prompt} must be at least 2 to make a pair')
 if swap_pairs < 0:
@@ -144,7 +147,7 @@ else:
             if greedy:                  # the greedy answer under the best sample, if that beats it by margin
                 g_answer, (hi, best) = greedy[j], scored[-1]
                 lo = score(g_answer['text'], p['words'], p.get('features'), g_answer['ended'])['score']
-                if hi - lo >= margin - 1e-9:
+                if hi - lo >= margin - 1e-9 and best['text'] != g_answer['text']:
                     greedy_pairs[p['prompt']] = {
                         'prompt': p['prompt'], 'chosen': best['text'], 'rejected': g_answer['text'],
                         'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
@@ -153,7 +156,9 @@ else:
             # (rejected, chosen) index pairs, chosen scoring at least `margin` more
             for a, b in (combinations(range(len(scored)), 2) if all_pairs else [(0, len(scored) - 1)]):
                 (lo, worst), (hi, best) = scored[a], scored[b]
-                if hi - lo >= margin - 1e-9:     # (a gap of exactly margin, whatever the rounding)
+                # a gap of exactly margin, whatever the rounding, between two different answers (at margin 0
+                # the same text sampled twice would be chosen and rejected at once)
+                if hi - lo >= margin - 1e-9 and best['text'] != worst['text']:
                     pairs.append({'prompt': p['prompt'], 'chosen': best['text'], 'rejected': worst['text'],
                                   'chosen_score': hi, 'rejected_score': lo, 'chosen_ended': best['ended'],
                                   'rejected_ended': worst['ended'], 'words': p['words'],
@@ -198,7 +203,7 @@ def swapped(pair, w, rng):
     """The two swapped pairs of `pair`'s chosen answer A and its required word w (see the top), or
     [] where A does not use w as written, no list word fits, or the rule does not agree."""
     A, words, features = pair['chosen'], pair['words'], pair.get('features') or {}
-    hits = [m for m in WORD.finditer(A) if m.group().lower() == w.lower()]
+    hits = [m for m in WORD.finditer(straight_quotes(A)) if m.group().lower() == w.lower()]   # (A's positions)
     if not hits:
         return []
     pool = next((sorted(ws) for ws in POS_LISTS.values() if w in ws), sorted(LIST_WORDS))
@@ -227,8 +232,10 @@ def swapped(pair, w, rng):
 
 
 n_greedy = 0
-if greedy_rejected and not source:   # under the training prompts: the held-out pairs stay the sampled ones
-    new = [greedy_pairs[g[0]['prompt']] for g in groups[n_val:] if g[0]['prompt'] in greedy_pairs]
+if greedy_rejected and not source:   # under every prompt but the held-out ones, which keep the sampled pairs:
+    # also those whose samples made no pair (all tied, say at 1.0, while the greedy answer loops)
+    held_out = {g[0]['prompt'] for g in groups[:n_val]}
+    new = [pair for prompt, pair in greedy_pairs.items() if prompt not in held_out]
     train_pairs += new
     n_greedy = len(new)
     if not new:

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import random
+import re
 import shutil
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from checkpoint import load_checkpoint, load_model
 from data import chat_batch
 from task import rank_correlation, score
-from conftest import TINY_MODEL, run_script, run_scripts
+from conftest import REPO, TINY_MODEL, run_script, run_scripts
 from model import GPT, ModelConfig, ScalarModel, token_logprobs
 from tokenizer import ByteTokenizer, with_chat_tokens
 
@@ -377,6 +379,12 @@ def test_dpo_starts_at_log_2_and_falls(planted):
     assert {'train/reward_margin', 'train/accuracy'} <= set(last_train) and 'task/score_greedy' in evals[-1]
     ckpt = load_checkpoint(str(planted / 'dpo'))
     assert ckpt['stage'] == 'dpo' and ckpt['reference'] == 'base'
+    # an odd batch size: the reference passes over the held-out pairs in evaluation's own batches, so
+    # the untrained policy ties on every pair (in batches of twice as many, padded longer, the
+    # float32 sums differed in their last bits and decided ties: 0.4583)
+    odd = run_script('dpo.py', '--init_from=base', '--out_dir=dpo_odd', '--prefs_dir=planted', '--eval_only=True',
+                     '--batch_size=3', '--eval_prompts=0', *COMMON, cwd=planted)
+    assert 'step 0: val/loss 0.6931, val/reward_margin 0.0000, val/accuracy 0.5000' in odd.stdout, odd.stdout[-800:]
 
 
 def test_dpo_variants_ipo_and_an_sft_term(planted):
@@ -405,23 +413,33 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
 
 
 def test_bad_settings(planted):
-    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short, speed, gap = run_scripts([
+    loss, prefs, by, rm_block, dpo_block, pooling, dpo_short, speed, gap, no_answer, beta = run_scripts([
         ('reward.py', ['--loss_type=hinge']),
         ('dpo.py', ['--init_from=base', '--prefs_dir=nowhere', '--device=cpu']),
         ('reward.py', ['--batch_by=answer']),
         ('reward.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
         ('dpo.py', ['--init_from=base', '--block_size=9999', '--device=cpu']),
         ('reward.py', ['--score_pooling=max']),
-        ('dpo.py', ['--init_from=base', '--out_dir=dpo_short', '--prefs_dir=planted', '--block_size=12',
+        # answers start at token 27 to 29 with the template: the longest prompts leave none in 29 tokens
+        ('dpo.py', ['--init_from=base', '--out_dir=dpo_short', '--prefs_dir=planted', '--block_size=28',
                     '--max_iters=1', '--eval_interval=1', '--batch_size=2', '--eval_prompts=0', *COMMON]),
         ('reward.py', ['--bias_update_speed=-0.001']),
-        ('reward.py', ['--init_from=base', '--prefs_dir=planted', '--rule_gap_margin=1.0', '--device=cpu'])],
+        ('reward.py', ['--init_from=base', '--prefs_dir=planted', '--rule_gap_margin=1.0', '--device=cpu']),
+        ('dpo.py', ['--init_from=base', '--prefs_dir=planted', '--block_size=12', '--device=cpu']),
+        ('dpo.py', ['--init_from=base', '--prefs_dir=planted', '--beta=-0.1', '--device=cpu'])],
         cwd=planted)
+    # a pair whose answers are cut away scored 0 against 0: a loss of log 2 and no gradient, trained on
+    assert no_answer.returncode and ('error: no training pair keeps a token of both answers within block_size + 1 = '
+                                     '13 tokens') in no_answer.stderr, no_answer.stderr[-500:]
+    assert beta.returncode and 'beta=-0.1 must be positive' in beta.stderr, beta.stderr[-500:]
     assert gap.returncode and 'rule_gap_margin > 0 reads the rule scores of both answers' in gap.stderr, gap.stderr
     assert speed.returncode and 'bias_update_speed=-0.001 must be 0 (the biases as SFT left them) or positive' \
         in speed.stderr, speed.stderr
-    assert dpo_short.returncode == 0 and 'longer than block_size + 1 = 13 tokens and were cut' in dpo_short.stdout, \
+    assert dpo_short.returncode == 0 and 'longer than block_size + 1 = 29 tokens and were cut' in dpo_short.stdout, \
         dpo_short.stderr
+    left_out = re.search(r'note: (\d+) of the 240 pairs are left out: their prompt fills block_size \+ 1 = 29 tokens',
+                         dpo_short.stdout)
+    assert left_out and 0 < int(left_out.group(1)) < 240, dpo_short.stdout[-1000:]
     for p in (rm_block, dpo_block):
         assert p.returncode and 'block_size=9999 exceeds the model block_size 256' in p.stderr, p.stderr
     assert loss.returncode != 0 and "loss_type='hinge'; valid: bt, margin" in loss.stderr
@@ -614,3 +632,49 @@ def test_reward_and_dpo_resume_continue_exactly(planted, script):
     assert losses[0] == losses[1] and len(losses[0]) == 8, losses
     a, b = (load_checkpoint(str(planted / f'{name}_{run}'))['model'] for run in ('straight', 'split'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_greedy_pairs_also_under_prompts_whose_samples_tied_and_no_pair_of_one_text(tmp_path, monkeypatch):
+    """prepare/preferences.py with scripted answers: where every sample of a prompt scores the same
+    (all words used) but the greedy answer misses them, that prompt had no sampled pair, so its
+    greedy pair (the most useful there is) was dropped; it now trains, outside the held-out split.
+    At margin 0 an answer sampled twice is never chosen and rejected at once."""
+    import runpy
+    import sys as _sys
+    import checkpoint
+    import generate
+    from task import make_prompt
+    words = [['fox', 'key', 'door'], ['cat', 'ball', 'tree'], ['sun', 'hat', 'boat'], ['dog', 'cake', 'bird'],
+             ['king', 'ring', 'road'], ['girl', 'box', 'hill']]
+    prompts = [{'prompt': make_prompt(w, {}), 'words': w, 'features': {}} for w in words]
+    (tmp_path / 'task').mkdir()
+    (tmp_path / 'task' / 'prompts_train.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in prompts))
+    (tmp_path / 'task' / 'meta.json').write_text('{}')
+    full = {p['prompt']: ' '.join(f'The {w} was here.' for w in p['words']) for p in prompts}
+    tied = {p['prompt'] for p in prompts[3:]}       # three prompts: all samples equal, a greedy answer missing words
+    def fake_generate_chat(model, tok, batch, max_new_tokens, temperature, **kw):
+        seen = {}
+        out = []
+        for p in batch:
+            seen[p] = seen.get(p, 0) + 1
+            text = ('The end.' if p in tied else f'A {seen[p]} day.') if temperature == 0 else \
+                full[p] if p in tied or seen[p] == 1 else 'The end.'
+            out.append({'ids': [], 'text': text, 'ended': True})
+        return out
+    monkeypatch.setattr(checkpoint, 'load_chat_model', lambda *a, **k: (torch.nn.Linear(1, 1), with_chat_tokens(
+        ByteTokenizer()), {'stage': 'sft'}))
+    monkeypatch.setattr(generate, 'generate_chat', fake_generate_chat)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_sys, 'argv', ['preferences.py', '--task_dir=task', '--out_dir=prefs', '--greedy_rejected=True',
+                                       '--samples_per_prompt=3', '--margin=0.0', '--val_fraction=0.34',
+                                       '--device=cpu'])
+    runpy.run_path(os.path.join(REPO, 'prepare', 'preferences.py'), run_name='__main__')
+    files = {s: [json.loads(line) for line in open(tmp_path / 'prefs' / f'prefs_{s}.jsonl')] for s in ('train', 'val')}
+    assert all(r['chosen'] != r['rejected'] for r in files['train'] + files['val'])
+    sampled_prompts = {r['prompt'] for r in files['train'] + files['val'] if not r.get('greedy')}
+    assert sampled_prompts == {p['prompt'] for p in prompts[:3]}        # the tied prompts made none
+    greedy = {r['prompt'] for r in files['train'] if r.get('greedy')}
+    assert tied <= greedy and not greedy & {r['prompt'] for r in files['val']}
+    monkeypatch.setattr(_sys, 'argv', ['preferences.py', '--task_dir=task', '--margin=-1.0'])
+    with pytest.raises(SystemExit, match='margin=-1.0 must be 0 or positive'):
+        runpy.run_path(os.path.join(REPO, 'prepare', 'preferences.py'), run_name='__main__')

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from task import (inflections, make_prompt, make_task, parse_instruct, repetition, score, sentences,
-                  word_used, words_of)
+                  word_spans, word_used, words_of)
 
 GOOD = ('Once upon a time, a little fox found a shiny key in the grass. "What does it open?" she '
         'asked her friend the owl. The owl smiled and said, "Let us find out!" They walked to the old '
@@ -45,6 +45,9 @@ def test_words_are_whole_words_in_any_listed_inflection():
     # a possessive uses its noun; other contractions are words of their own
     assert score("The king's crown shone. Her mothers' hats.", ['king', 'mother'])['words'] == 1.0
     assert not word_used('win', words_of("I won't go.")) and not word_used('kingdom', words_of("The king's."))
+    # ... also with the typographic apostrophe, which books and TinyStories use: won’t was won + t
+    assert score('I won’t go.', ['win'])['words'] == 0.0 and score('The king’s crown.', ['king'])['words'] == 1.0
+    assert word_spans('Tom won’t see the king’s fox.', ['king', 'fox']) == [(18, 24), (25, 28)]
 
 
 def test_features():
