@@ -212,6 +212,30 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     md = (out / 'report.md').read_text()
     assert "| Distillation: share of the scratch student -> teacher val-loss gap closed | 50.0% |" in md
     assert "all three from the students' training logs" in md
+    # a distilled student from the teacher's embeddings: the scratch student from that start
+    # (student_embed) is read as the three are, from its log (4.75), not from its eval.json (other batches)
+    ckpt = torch.load(pipeline / 'base' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    ckpt['config']['init_embedding'] = 'teacher'
+    (out / 'student_distill' / 'ckpt.pt').unlink()
+    torch.save(ckpt, out / 'student_distill' / 'ckpt.pt')
+    (out / 'student_embed').mkdir()
+    os.symlink(pipeline / 'base' / 'ckpt.pt', out / 'student_embed' / 'ckpt.pt')
+    (out / 'student_embed' / 'log.jsonl').write_text(json.dumps({'step': 10, 'val/loss': 4.75}) + '\n')
+    (out / 'student_embed' / 'eval.json').write_text(json.dumps({'val/loss': 4.6}))
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    assert 'it reaches 4.750, so distillation itself closes 33.3% of the gap from there' in md
+    # a student whose model cannot be built again (its config lacks a field): its size is unknown, and
+    # so is the target, not met at "0.0% of the teacher's"
+    del ckpt['config']['n_layer']
+    (out / 'student_distill' / 'ckpt.pt').unlink()
+    torch.save(ckpt, out / 'student_distill' / 'ckpt.pt')
+    run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
+    md = (out / 'report.md').read_text()
+    assert "| Distillation: share of the scratch student -> teacher val-loss gap closed | 50.0% |" in md
+    row = next(line for line in md.splitlines() if line.startswith('| Distillation'))
+    assert "| unknown |" in row and "student active parameters unknown of the teacher's" in row
+    shutil.rmtree(out / 'student_embed')
     run_script('report.py', '--out=speedrun', '--profile=cpu', cwd=pipeline)     # the cpu card says what it is
     assert 'The cpu profile is a smoke test of the plumbing' in (out / 'report.md').read_text()
     assert '| sft |' in md and '| sft † |' not in md           # evaluated stages keep eval.py's values
