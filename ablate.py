@@ -32,7 +32,8 @@ output tail is printed and the others go on. Then OUT_DIR gets
                            max attention logit; log_keys: more, at the end) or its config gives
                            (parameters, KV-cache bytes per token); a cell is empty where it has none
   results.md               per variant mean +- std over seeds, sorted by val loss, and whether the
-                           best two differ by more than the seed-to-seed spread
+                           best two differ by more than noise: paired by seed where both finished
+                           the same seeds (a seed fixes the batches), by a two-sided 95% t-test
   val_loss_vs_tokens.png   val loss against training tokens, one curve per variant (mean over seeds;
                            in the zoomed half a band from the lowest to the highest seed)
   val_loss_vs_time.png     ... against training time (without matplotlib: one note, no plots)
@@ -90,6 +91,16 @@ configure(globals())
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, 'train.py')
 RESERVED = ('seed', 'out_dir', 'init_from')     # the runner sets these for each run
+# Student's t, two-sided 95%: the critical value for 1, 2, ..., 30 degrees of freedom
+T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_95(dof):
+    """The two-sided 95% critical value of Student's t with `dof` degrees of freedom (1.96 past 30)."""
+    return T_95[dof - 1] if dof <= len(T_95) else 1.96
+
+
 t_start = time.time()
 
 
@@ -710,6 +721,7 @@ for name, rows in by_variant.items():
     stats[name] = {'done': len(done), 'of': len(rows), 'values': vals,
                    'val_mean': statistics.mean(vals['val_loss']) if vals['val_loss'] else None,
                    'val_std': statistics.stdev(vals['val_loss']) if len(vals['val_loss']) > 1 else None,
+                   'by_seed': {r['seed']: r['val_loss'] for r in done if r.get('val_loss') is not None},
                    'diverged': sum(r['status'] == 'diverged' for r in rows)}
 order = sorted(stats, key=lambda v: (stats[v]['val_mean'] is None, stats[v]['val_mean'] or 0.0))
 shown = [k for k in METRICS if any(stats[v]['values'][k] for v in stats)]
@@ -743,18 +755,38 @@ if len(ranked) >= 2:
                   f'the seed-to-seed spread is unknown, so whether that is more than noise cannot be told '
                   f'(run more seeds, e.g. --seeds=[1,2,3]).')
     else:
-        # the standard error of the difference of the two means, sqrt(s_a^2 / n_a + s_b^2 / n_b), a
-        # variant with one seed taking the other's std; "more than noise" is a gap above 2 of them
-        sa, sb = (x['val_std'] if x['val_std'] is not None else max(spreads) for x in (a, b))
-        se = math.sqrt(sa ** 2 / a['done'] + sb ** 2 / b['done'])
-        if gap <= 2 * se:
-            md.append(f'**Inside the noise:** the best two, {ranked[0]} and {ranked[1]}, differ by {gap:.4f} in val '
-                      f'loss, {gap / se:.1f} standard errors of that difference ({se:.4f}; seed-to-seed std up '
-                      f'to {max(spreads):.4f}): less than two, so neither is shown to be better.')
+        seeds = sorted(set(a['by_seed']) & set(b['by_seed']))
+        paired = len(seeds) >= 2 and len(seeds) == len(a['by_seed']) == len(b['by_seed'])
+        if paired:
+            # a seed fixes the training batches (and every run reads the same evaluation batches), so
+            # the two variants' runs pair up by seed: the noise is the spread of the per-seed
+            # differences d, whose mean has the standard error stdev(d) / sqrt(n)
+            diffs = [b['by_seed'][k] - a['by_seed'][k] for k in seeds]
+            se, dof = statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs) - 1
+            how = f'paired by seed, {len(diffs)} seeds: per-seed differences {min(diffs):+.4f} to {max(diffs):+.4f}'
         else:
-            md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, '
-                      + (f'{gap / se:.1f} standard errors of that difference ({se:.4f}).' if se > 0 else
-                         'and their seeds agree exactly (standard error 0).'))
+            # the standard error of the difference of the two means, sqrt(s_a^2 / n_a + s_b^2 / n_b), a
+            # variant with one seed taking the other's std, with Welch's degrees of freedom (rounded down)
+            sa, sb = (x['val_std'] if x['val_std'] is not None else max(spreads) for x in (a, b))
+            va, vb = sa ** 2 / a['done'], sb ** 2 / b['done']
+            se = math.sqrt(va + vb)
+            dof = max(1, int((va + vb) ** 2 / (va ** 2 / max(a['done'] - 1, 1) + vb ** 2 / max(b['done'] - 1, 1)))
+                      if se > 0 else 1)
+            how = f'unpaired (not the same finished seeds); seed-to-seed std up to {max(spreads):.4f}'
+        t = t_95(dof)
+        if se == 0:
+            md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, the same gap in every seed '
+                      f'({how}).' if gap > 0 else f'**Equal:** {ranked[0]} and {ranked[1]} have the same val loss '
+                      f'in every seed ({how}).')
+        elif gap <= t * se:
+            md.append(f'**Inside the noise:** the best two, {ranked[0]} and {ranked[1]}, differ by {gap:.4f} in val '
+                      f'loss, {gap / se:.1f} standard errors of that difference ({se:.4f}; {how}): not above '
+                      f'{t:.2f}, the 95% threshold of a t-test with {dof} degrees of freedom, so neither is shown '
+                      f'to be better.')
+        else:
+            md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, {gap / se:.1f} standard errors '
+                      f'of that difference ({se:.4f}; {how}), above {t:.2f}, the 95% threshold of a t-test with '
+                      f'{dof} degrees of freedom.')
 diverged = [r for r in results if r['status'] == 'diverged']
 if diverged:
     md.append('')

@@ -507,3 +507,29 @@ def test_every_study_in_the_repository_builds_its_runs(tmp_path, study):
     n = int(p.stdout.split(' runs (')[0].split()[-1])
     assert n >= 1 and len(starts) == n, p.stdout[-2000:]
     assert all('--max_iters=' in line and '--data_dir=data/stories' in line for line in starts)
+
+
+@pytest.mark.parametrize('losses, verdict', [
+    # b above a by 0.02 in every seed, the seeds 0.1 apart: the unpaired standard error (0.08) called
+    # this noise; paired by seed the gap is the same in every seed
+    ({'a': [3.0, 3.1, 3.2], 'b': [3.02, 3.12, 3.22]}, 'Best: a, 0.0200 below b in val loss'),
+    # the same val loss in every seed: the standard error is 0 (this divided by it)
+    ({'a': [3.0, 3.0], 'b': [3.0, 3.0]}, '**Equal:** a and b have the same val loss in every seed (paired by seed'),
+    # per-seed differences +0.03, -0.01, +0.01: a mean of 0.01, 0.0115 standard errors: t 0.87 < 4.30
+    ({'a': [3.0, 3.1, 3.2], 'b': [3.03, 3.09, 3.21]}, '**Inside the noise:** the best two, a and b, differ by 0.0100'),
+    # not the same seeds finished: unpaired, with Welch's degrees of freedom
+    ({'a': [3.0, 3.1, 3.2], 'b': [3.5, 3.6]}, 'unpaired (not the same finished seeds)'),
+])
+def test_the_verdict_pairs_runs_by_seed(tmp_path, losses, verdict):
+    """results.md says whether the best two variants differ by more than noise: paired by seed
+    where both finished the same seeds (a seed fixes the batches), a two-sided 95% t-test."""
+    write_study(tmp_path, ['--max_iters=4', '--device=cpu'], variants={'a': {}, 'b': {'learning_rate': 1e-3}},
+                seeds=[1, 2, 3], out_dir='out/v')
+    for v, values in losses.items():
+        for seed, loss in zip((1, 2, 3), values):
+            run_dir = tmp_path / 'out' / 'v' / f'{v}_s{seed}'
+            run_dir.mkdir(parents=True)
+            (run_dir / 'log.jsonl').write_text(json.dumps({'step': 4, 'val/loss': loss}) + '\n')
+    run_script('ablate.py', 'study.py', '--report_only=True', cwd=tmp_path)
+    md = (tmp_path / 'out' / 'v' / 'results.md').read_text()
+    assert verdict in md, md[-600:]
