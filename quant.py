@@ -4,8 +4,9 @@ stored in 8 or 4 bits, multiplied in the compute dtype after dequantizing (so me
 is what it saves; a fused low-bit matmul would be the fast path).
 
   int8: per output channel, symmetric:   q = round(w / s),  s = max |w_row| / 127,   w ~ q s
-  int4: per group of group_size inputs:  q = round(w / s) in [-8, 7],  s = max |w_group| / 7,
-        two 4-bit values packed in each byte
+  int4: per group of group_size inputs:  q = round(w / s) in [-7, 7],  s = max |w_group| / 7,
+        stored as q + 8, two 4-bit values packed in each byte (symmetric: 0, that is -8, is unused);
+        where group_size does not divide a row, the whole row is one group
 
     quantize_model(model, 'int8')        # in place: nn.Linear -> QuantLinear, Experts -> QuantExperts
     python quantize.py --out_dir=out/sft --quantize=int4 --save_dir=out/sft_int4
@@ -126,6 +127,9 @@ def quantize_model(model, kind, group_size=128, weights=True):
     """Replace, in place, every nn.Linear (the head too unless tied to the embedding) and every
     Experts of `model` by its quantized form, filled from the current weights (weights=False:
     empty, for loading a quantized state dict). Returns the model."""
+    if getattr(model, 'quantized', None):   # its layers are QuantLinear already: they would keep their format
+        raise ValueError(f"the model is quantized already ({model.quantized['kind']}); quantize its "
+                         f"full-precision weights")
     bits = BITS[kind]
     tied = model.config.tie_word_embeddings
     for parent in list(model.modules()):
@@ -159,5 +163,8 @@ def quantize_model(model, kind, group_size=128, weights=True):
 
 
 def weight_bytes(model):
-    """Bytes of the model's parameters and buffers as stored (quantized ones at their width)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of the model's parameters and saved buffers as stored (quantized ones at their width):
+    not the buffers a model computes again and does not save (RoPE and sinusoidal tables)."""
+    saved = [b for m in model.modules() for name, b in m._buffers.items()
+             if b is not None and name not in m._non_persistent_buffers_set]
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + saved)

@@ -20,7 +20,7 @@ import torch
 from checkpoint import load_model, save_checkpoint
 from config import configure
 from data import TokenData, eval_generator
-from quant import BITS, quantize_model, weight_bytes
+from quant import BITS, QuantExperts, QuantLinear, quantize_model, weight_bytes
 from runtime import init_runtime
 
 # -----------------------------------------------------------------------------
@@ -41,6 +41,9 @@ if quantize not in BITS:
     sys.exit(f"error: quantize='{quantize}'; valid: {', '.join(BITS)}")
 if group_size < 1:
     sys.exit(f'error: group_size={group_size} must be positive')
+if eval_iters < 0 or batch_size < 1 or block_size < 0:
+    sys.exit(f'error: eval_iters={eval_iters} (0: weights only), batch_size={batch_size} and block_size={block_size} '
+             f'(0: the model\'s) must be at least 0, 1 and 0')
 if save_dir and os.path.exists(save_dir) and os.path.realpath(save_dir) == os.path.realpath(out_dir):
     sys.exit(f"error: save_dir='{save_dir}' is the checkpoint's own folder: the quantized checkpoint would "
              f"replace the full-precision one (which training and a later quantization need); pick another")
@@ -48,13 +51,26 @@ rt = init_runtime(device, dtype, seed)
 original, tok, ckpt = load_model(out_dir, rt.device)
 if ckpt.get('quantized'):
     sys.exit(f"error: {out_dir} is quantized already ({ckpt['quantized']['kind']})")
+if block_size > original.config.block_size:
+    sys.exit(f'error: block_size={block_size} exceeds the model block_size {original.config.block_size}')
 quantized = quantize_model(load_model(out_dir, rt.device, ckpt=ckpt)[0], quantize, group_size)
+if quantize == 'int4':   # rows group_size does not divide are one group each (quant.group_of): say so
+    widths = set()
+    for m in quantized.modules():
+        if isinstance(m, QuantLinear):
+            widths.add(m.in_features)
+        elif isinstance(m, QuantExperts):
+            widths |= {2 * m.gate_proj_q.size(-1), 2 * m.down_proj_q.size(-1)}   # (two inputs a byte)
+    whole = sorted(w for w in widths if w % group_size)
+    if whole:
+        print(f"note: group_size={group_size} does not divide rows of {', '.join(map(str, whole))} inputs: "
+              f"each such row has one scale", file=sys.stderr)
 original.eval()
 quantized.eval()
 rows = [('weights', f'{weight_bytes(original) / 2**20:,.1f} MiB', f'{weight_bytes(quantized) / 2**20:,.1f} MiB')]
 
 d = '' if data_dir == 'none' else data_dir or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir', '')
-if d and os.path.exists(os.path.join(d, 'meta.json')):
+if eval_iters and d and os.path.exists(os.path.join(d, 'meta.json')):
     data = TokenData(d)
     T = block_size or original.config.block_size
     losses, agree, total = {'original': 0.0, 'quantized': 0.0}, 0, 0
@@ -70,7 +86,7 @@ if d and os.path.exists(os.path.join(d, 'meta.json')):
     change = losses['quantized'] / losses['original'] - 1
     rows += [('val loss', f"{losses['original']:.4f}", f"{losses['quantized']:.4f} ({100 * change:+.2f}%)"),
              ('greedy agreement', '100%', f'{100 * agree / total:.2f}% of {total:,} positions')]
-else:
+elif eval_iters:
     print(f'no pretraining data found (data_dir={d!r}); weights only', file=sys.stderr)
 print(f'| {out_dir} | original | {quantize} |\n| --- | --- | --- |')
 for name, a, b in rows:

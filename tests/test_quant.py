@@ -73,6 +73,17 @@ def test_int4_keeps_experts_of_an_odd_width_as_they_are():
     assert ((model(idx)[0] - ref).norm() / ref.norm()).item() < 0.2
 
 
+def test_a_quantized_model_is_not_quantized_again_and_its_size_counts_saved_tensors_only():
+    """Quantizing twice left int8 layers labelled int4 (a checkpoint that would not load); the
+    weights' bytes counted the sinusoidal table, which is computed again and never saved."""
+    model = GPT(ModelConfig(vocab_size=96, n_layer=1, n_head=2, n_embd=32, block_size=2048, pos_emb='sinusoidal'))
+    table = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert table > 0 and weight_bytes(model) == sum(p.numel() * p.element_size() for p in model.parameters())
+    quantize_model(model, 'int8')
+    with pytest.raises(ValueError, match=r'quantized already \(int8\)'):
+        quantize_model(model, 'int4')
+
+
 def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path, byte_data):
     run_script('train.py', f'--data_dir={byte_data}', '--out_dir=base', '--n_layer=2', '--n_head=2', '--n_embd=64',
                '--block_size=32', '--batch_size=4', '--max_iters=20', '--eval_interval=20', '--eval_iters=2',
@@ -94,8 +105,11 @@ def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path,
     # what must not happen to the full-precision checkpoint: replaced by its quantization, or
     # trained from the quantized weights (frozen buffers, and a checkpoint that would not load)
     from conftest import run_script_many
-    same, group, train, resume = run_script_many('quantize.py', [
-        ['--out_dir=base', '--save_dir=base', '--device=cpu'], ['--out_dir=base', '--group_size=0']], cwd=tmp_path) + \
+    same, group, no_eval, longer, odd_group, train, resume = run_script_many('quantize.py', [
+        ['--out_dir=base', '--save_dir=base', '--device=cpu'], ['--out_dir=base', '--group_size=0'],
+        ['--out_dir=base', '--eval_iters=0', '--device=cpu'], ['--out_dir=base', '--block_size=64', '--device=cpu'],
+        ['--out_dir=base', '--quantize=int4', '--group_size=48', '--eval_iters=1', '--device=cpu']],
+        cwd=tmp_path) + \
         run_script_many('train.py', [
             [f'--data_dir={byte_data}', '--out_dir=x', '--init_from=base_int8', '--max_iters=1', '--device=cpu'],
             [f'--data_dir={byte_data}', '--out_dir=base_int8', '--init_from=resume', '--max_iters=1', '--device=cpu']],
@@ -103,6 +117,12 @@ def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path,
     assert same.returncode and "save_dir='base' is the checkpoint's own folder" in same.stderr
     assert load_checkpoint(str(tmp_path / 'base')).get('quantized') is None
     assert group.returncode and 'group_size=0 must be positive' in group.stderr
+    # eval_iters=0: the weights' size alone (it divided by zero); a longer context than the model's refused
+    assert no_eval.returncode == 0 and '| weights |' in no_eval.stdout and 'val loss' not in no_eval.stdout
+    assert longer.returncode and 'block_size=64 exceeds the model block_size 32' in longer.stderr
+    # a group size that divides no row (64 and 256 inputs): each row one group, said
+    assert odd_group.returncode == 0 and ('note: group_size=48 does not divide rows of 64, 256 inputs: each such row '
+                                          'has one scale') in odd_group.stderr, odd_group.stderr[-500:]
     for p in (train, resume):
         assert p.returncode and 'is quantized (weights stored as int8/int4' in p.stderr, p.stderr[-500:]
     # eval.py --quantize: a result of its own, marked, parameters counted in full precision
