@@ -35,7 +35,7 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        """bf16/fp16 autocast on accelerators; plain float32 otherwise."""
+        """Autocast to the run's dtype (bf16 / fp16) wherever it is not float32, the CPU included."""
         if self.dtype == 'float32':
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
@@ -200,7 +200,7 @@ _PEAK_CACHE = {}
 
 def measure_peak_flops(device_type, dtype='bfloat16'):
     """Achievable dense matmul FLOP/s on this device, measured with a large square matmul
-    (bf16 on GPUs, the run's dtype elsewhere). MFU = model FLOPs per second / this number."""
+    (in the run's dtype on GPUs, float32 elsewhere). MFU = model FLOPs per second / this number."""
     key = (device_type, dtype)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
