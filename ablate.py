@@ -755,13 +755,13 @@ if len(ranked) >= 2:
                   f'the seed-to-seed spread is unknown, so whether that is more than noise cannot be told '
                   f'(run more seeds, e.g. --seeds=[1,2,3]).')
     else:
-        seeds = sorted(set(a['by_seed']) & set(b['by_seed']))
-        paired = len(seeds) >= 2 and len(seeds) == len(a['by_seed']) == len(b['by_seed'])
+        common = sorted(set(a['by_seed']) & set(b['by_seed']))
+        paired = len(common) >= 2 and len(common) == len(a['by_seed']) == len(b['by_seed'])
         if paired:
             # a seed fixes the training batches (and every run reads the same evaluation batches), so
             # the two variants' runs pair up by seed: the noise is the spread of the per-seed
             # differences d, whose mean has the standard error stdev(d) / sqrt(n)
-            diffs = [b['by_seed'][k] - a['by_seed'][k] for k in seeds]
+            diffs = [b['by_seed'][k] - a['by_seed'][k] for k in common]
             se, dof = statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs) - 1
             how = f'paired by seed, {len(diffs)} seeds: per-seed differences {min(diffs):+.4f} to {max(diffs):+.4f}'
         else:

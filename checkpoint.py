@@ -106,16 +106,24 @@ def load_checkpoint(path, map_location='cpu'):
                  + (f"checkpoints found: {listed(others, 8)}" if others else 'no checkpoint found under out/'))
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # whole, but holding objects other than tensors and plain values
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))   # the type torch names, if it does
+    except pickle.UnpicklingError as e:
+        # whole, but holding objects other than tensors and plain values (a global torch names), or
+        # no pickle at all (a text file: its first byte an unknown opcode)
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))   # the type torch names
+        if not found:
+            damaged(p, e)
         sys.exit(f"error: '{p}' holds objects that torch.load(weights_only=True) refuses to unpickle "
-                 f"({found.group(1) if found else type(e).__name__}); our stages save only tensors and plain "
+                 f"({found.group(1)}); our stages save only tensors and plain "
                  f"Python values, so it was written by other code: load it yourself with weights_only=False "
                  f"only if you trust it")
-    except Exception as e:               # (a text file, a cut-short zip: whatever torch.load raises)
-        sys.exit(f"error: the checkpoint '{p}' is damaged or incomplete ({os.path.getsize(p):,} bytes; "
-                 f"{type(e).__name__}: {str(e)[:120]}); delete it, then train again or resume from an "
-                 f"earlier copy")
+    except Exception as e:               # (a cut-short zip, an empty file: whatever torch.load raises)
+        damaged(p, e)
+
+
+def damaged(p, e):
+    detail = ' '.join(re.sub(r'\x1b\[[0-9;]*m', '', str(e)).split())[:120]     # one line, no terminal colours
+    sys.exit(f"error: the checkpoint '{p}' is damaged or incomplete ({os.path.getsize(p):,} bytes; "
+             f"{type(e).__name__}: {detail}); delete it, then train again or resume from an earlier copy")
 
 
 def saved_meta(path, key):
