@@ -251,6 +251,24 @@ def split_off_val(docs, val_fraction, seed=0):
             [d for i, d in enumerate(docs) if i in val_ix])
 
 
+def train_and_val(splits, val_fraction, seed=0):
+    """read_documents' {split: docs} as {'train', 'val'}. Files named for a split keep it, and files
+    named for neither ('all') join the other split: train where a val file exists (with a train
+    file too, saying so), val where only train files do. Where no file is named for a split, a
+    seeded val_fraction of all the documents is held out (split_off_val)."""
+    splits = dict(splits)
+    if 'all' in splits and ('train' in splits or 'val' in splits):
+        into = 'train' if 'val' in splits else 'val'
+        if {'train', 'val'} <= set(splits):
+            print(f"{len(splits['all']):,} documents from files named for neither split join train (the val "
+                  f"files alone are held out)", file=sys.stderr)
+        splits[into] = splits.get(into, []) + splits.pop('all')
+    if set(splits) != {'train', 'val'}:
+        every = [d for docs in splits.values() for d in docs]
+        splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction, seed)))
+    return splits
+
+
 _worker_tokenizer = None
 
 

@@ -292,7 +292,8 @@ def make_task(story, rng, n_words=3):
 def parse_instruct(doc):
     """A TinyStories-Instruct record ('Features: Dialogue, Twist', 'Words: quit, oak, gloomy',
     'Summary: ...', 'Story: ...') -> {'story', 'words', 'features'} with the rule-checkable
-    features only (dialogue); None if the record has no story or no words."""
+    features only (dialogue); words [] where the record has no Words line (the records hold a
+    random subset of the instruction kinds); None if it has no Story line."""
     fields, current = {}, None
     for line in doc.splitlines():
         m = re.match(r'^(Features|Words|Summary|Random sentence|Story):\s*(.*)$', line)
@@ -302,7 +303,7 @@ def parse_instruct(doc):
         elif current:
             fields[current] += '\n' + line
     story, words = fields.get('Story', '').strip(), fields.get('Words', '').strip()
-    if not story or not words:
+    if not story:
         return None
     features = {}
     if 'dialogue' in fields.get('Features', '').lower():

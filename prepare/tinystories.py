@@ -24,7 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure, last_given  # noqa: E402
-from data import local_copy, offline_if_unreachable, read_documents, split_off_val, write_token_dataset  # noqa: E402
+from data import (local_copy, offline_if_unreachable, read_documents, train_and_val,  # noqa: E402
+                  write_token_dataset)
 from tokenizer import KINDS, build_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -42,6 +43,8 @@ num_proc = 0                         # tokenizer processes (0: every core)
 configure(globals())
 if tokenizer not in KINDS:
     sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
+if not 0 < val_fraction < 1:
+    sys.exit(f'error: val_fraction={val_fraction} must be between 0 and 1')
 if tokenizer_file and tokenizer != 'gpt2':        # settings that would do nothing are refused, not ignored
     sys.exit(f"error: tokenizer_file is GPT-2's rank file, for tokenizer='gpt2' only (not '{tokenizer}')")
 if 'vocab_size' in last_given and tokenizer not in ('bpe', 'word'):
@@ -79,13 +82,7 @@ def load_hf(name):
 local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
     source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
 from_hub = not local and source == HUB_SOURCE          # (before load_hf's offline fallback renames it)
-splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
-if set(splits) == {'val', 'all'} or set(splits) == {'train', 'all'}:   # files named for one split: the
-    other = 'train' if 'val' in splits else 'val'                        # rest are the other
-    splits = {other: splits.pop('all'), **splits}
-if set(splits) != {'train', 'val'}:
-    every = [d for docs in splits.values() for d in docs]
-    splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction)))
+splits = train_and_val(read_documents(os.path.expanduser(source)) if local else load_hf(source), val_fraction)
 if max_docs:
     splits = {k: v[:max_docs] for k, v in splits.items()}
 print(f"{source}: {len(splits['train']):,} train and {len(splits['val']):,} val documents")

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure  # noqa: E402
-from data import (local_copy, offline_if_unreachable, read_documents, records_of_lines, split_off_val,  # noqa: E402
+from data import (local_copy, offline_if_unreachable, read_documents, records_of_lines, train_and_val,  # noqa: E402
                   start_prepared, write_json, write_jsonl)
 from task import make_prompt, make_task, parse_instruct  # noqa: E402
 
@@ -39,6 +39,11 @@ paragraphs = False           # split on blank lines (e.g. tiny-shakespeare's spe
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals())
+if not 0 < val_fraction < 1:
+    sys.exit(f'error: val_fraction={val_fraction} must be between 0 and 1')
+if n_prompts_val < 1 or n_prompts_train < 0:
+    sys.exit(f'error: n_prompts_val={n_prompts_val} must be at least 1 (the held-out prompts every stage scores) '
+             f'and n_prompts_train={n_prompts_train} at least 0')
 
 
 def load_hf(name):
@@ -71,11 +76,11 @@ def to_examples(docs, offset):
     for i, doc in enumerate(docs):
         rng = random.Random(seed * 1_000_003 + offset + i)      # per document: order-independent
         rec = parse_instruct(doc)
-        if rec is not None:
+        if rec is not None and rec['words']:
             story, words = rec['story'], rec['words']
             features = dict(rec['features'])
-        else:
-            story = doc.strip()
+        else:                          # a plain story, or a record's Story without a Words line
+            story = rec['story'] if rec is not None else doc.strip()
             task = make_task(story, rng)
             if task is None:
                 continue
@@ -88,15 +93,13 @@ def to_examples(docs, offset):
 local = os.path.exists(source) or source.startswith(('.', '/', '~')) or \
     source.endswith(('.txt', '.jsonl', '.json', '.parquet'))
 splits = read_documents(os.path.expanduser(source)) if local else load_hf(source)
+if paragraphs and not {'train', 'val'} <= set(splits):   # contiguous: the end of the text is val
+    text = '\n\n'.join(d for docs in splits.values() for d in docs)
+    cut = text.rfind('\n\n', 0, int(len(text) * (1 - val_fraction)))
+    splits = {'train': [text[:cut]], 'val': [text[cut:]]}
+splits = train_and_val(splits, val_fraction, seed)
 if paragraphs:
-    if set(splits) != {'train', 'val'}:         # contiguous: the end of the text is val
-        text = '\n\n'.join(d for docs in splits.values() for d in docs)
-        cut = text.rfind('\n\n', 0, int(len(text) * (1 - val_fraction)))
-        splits = {'train': [text[:cut]], 'val': [text[cut:]]}
     splits = {k: [p.strip() for d in v for p in d.split('\n\n') if p.strip()] for k, v in splits.items()}
-if set(splits) != {'train', 'val'}:
-    every = [d for docs in splits.values() for d in docs]
-    splits = dict(zip(('train', 'val'), split_off_val(every, val_fraction, seed)))
 if max_docs:
     splits = {k: v[:max_docs] for k, v in splits.items()}
 train = to_examples(splits['train'], 0)

@@ -93,6 +93,16 @@ def test_jsonl_parquet_and_folder_splits(tmp_path):
                cwd=tmp_path)
     meta, _ = check_dataset(str(tmp_path / 'n'))
     assert (meta['train_docs'], meta['val_docs']) == (3, 1)
+    # train and val files and one named for neither: that one joins train, and the val file stays
+    # the held-out split (all three were pooled and split again: val stories in train)
+    (named / 'mine_train.txt').write_text('Four.\n<|endoftext|>\nFive.\n')
+    p = run_script('prepare/tinystories.py', f'--source={named}', '--tokenizer=byte', f'--out_dir={tmp_path / "m"}',
+                   cwd=tmp_path)
+    meta, _ = check_dataset(str(tmp_path / 'm'))
+    assert (meta['train_docs'], meta['val_docs']) == (5, 1)
+    assert '3 documents from files named for neither split join train' in p.stderr
+    val = np.fromfile(tmp_path / 'm' / 'val.bin', dtype=meta['dtype'])
+    assert bytes(t for t in val.tolist() if t < 256).decode().strip() == 'Held out.'
 
 
 def test_one_plain_text_file_keeps_its_end_for_val(tmp_path):
@@ -188,3 +198,17 @@ def test_usable_cpus_follows_the_affinity_mask_and_the_cgroup_quota(tmp_path):
     assert usable_cpus(str(tmp_path / 'quota')) == min(cores, 2)
     (tmp_path / 'tiny').write_text('10000 100000\n')
     assert usable_cpus(str(tmp_path / 'tiny')) == 1
+
+
+def test_settings_no_split_can_use_are_refused(tmp_path):
+    """val_fraction=0 held out one document anyway, and n_prompts_val=0 ended in 'too few stories'."""
+    from conftest import run_scripts
+    src = tmp_path / 'stories.txt'
+    src.write_text('\n<|endoftext|>\n'.join(f'Story {i}. The cat sat on the mat.' for i in range(20)))
+    zero, one, prompts = run_scripts([
+        ('prepare/tinystories.py', [f'--source={src}', '--tokenizer=byte', '--val_fraction=0']),
+        ('prepare/tinystories_instruct.py', [f'--source={src}', '--val_fraction=1.0']),
+        ('prepare/tinystories_instruct.py', [f'--source={src}', '--n_prompts_val=0'])], cwd=tmp_path)
+    for p, fraction in ((zero, 0), (one, 1.0)):
+        assert p.returncode and f'val_fraction={fraction} must be between 0 and 1' in p.stderr, p.stderr[-300:]
+    assert prompts.returncode and 'n_prompts_val=0 must be at least 1' in prompts.stderr, prompts.stderr[-300:]

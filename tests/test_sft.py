@@ -164,6 +164,16 @@ def test_prepare_instruct_reads_the_instruct_format(tmp_path):
     r = read(out, 'sft_train.jsonl')[0]
     assert r['words'] == ['fox', 'key', 'door'] and r['features'] == {'dialogue': True}
     assert r['prompt'] == 'Write a story that uses the words: fox, key, door. The story should have dialogue.'
+    # records without a Words line (the set gives each a random subset of the instruction kinds):
+    # the story alone is the answer, its words drawn from it, never the Summary's header lines
+    recs = [f'Summary: a summary word zebra\nFeatures: Dialogue\nStory: \n{STORIES[0]} ({i})\n<|endoftext|>'
+            for i in range(8)]
+    src.write_text('\n'.join(recs))
+    run_script('prepare/tinystories_instruct.py', f'--source={src}', f'--out_dir={tmp_path / "plain"}',
+               '--val_fraction=0.3', cwd=tmp_path)
+    for r in read(tmp_path / 'plain', 'sft_train.jsonl'):
+        assert r['response'].startswith(STORIES[0][:30]) and 'Summary' not in r['response'], r['response'][:80]
+        assert 'zebra' not in r['words'] and all(w.lower() in r['response'].lower() for w in r['words'])
 
 
 def test_prepare_instruct_on_the_shared_sample(tmp_path):

@@ -88,6 +88,9 @@ def test_parse_instruct():
     assert parse_instruct(doc) == {'story': 'The oak was gloomy.\n"I quit," it said.',
                                    'words': ['quit', 'oak', 'gloomy'], 'features': {'dialogue': True}}
     assert parse_instruct('Just a plain story.') is None
+    # a record with a Summary and a Story but no Words line: its story, without the header lines
+    assert parse_instruct('Summary: A tree.\nStory: \nThe oak was gloomy.') == {
+        'story': 'The oak was gloomy.', 'words': [], 'features': {}}
     # the Hugging Face hub serves TinyStoriesInstruct line by line: rows grouped back into records
     from data import records_of_lines
     rows = doc.split('\n') + ['<|endoftext|>'] + ['Words: sun', 'Story: ', 'It was hot.'] + ['<|endoftext|>']
