@@ -209,6 +209,6 @@ def test_settings_no_split_can_use_are_refused(tmp_path):
         ('prepare/tinystories.py', [f'--source={src}', '--tokenizer=byte', '--val_fraction=0']),
         ('prepare/tinystories_instruct.py', [f'--source={src}', '--val_fraction=1.0']),
         ('prepare/tinystories_instruct.py', [f'--source={src}', '--n_prompts_val=0'])], cwd=tmp_path)
-    for p, fraction in ((zero, 0), (one, 1.0)):
+    for p, fraction in ((zero, 0.0), (one, 1.0)):
         assert p.returncode and f'val_fraction={fraction} must be between 0 and 1' in p.stderr, p.stderr[-300:]
     assert prompts.returncode and 'n_prompts_val=0 must be at least 1' in prompts.stderr, prompts.stderr[-300:]
