@@ -456,6 +456,18 @@ def bpe_tokenizer(ranks, pat_str=BPE_PATTERN):
 KINDS = ('gpt2', 'bpe', 'byte', 'char', 'word')
 
 
+def tokenizer_settings_problem(kind, tokenizer_file, vocab_size_given):
+    """What is wrong with a prepare script's tokenizer settings ('' if nothing): an unknown kind, or
+    a setting that would do nothing for it, which is refused rather than ignored."""
+    if kind not in KINDS:
+        return f"tokenizer='{kind}'; valid: {', '.join(KINDS)}"
+    if tokenizer_file and kind != 'gpt2':
+        return f"tokenizer_file is GPT-2's rank file, for tokenizer='gpt2' only (not '{kind}')"
+    if vocab_size_given and kind not in ('bpe', 'word'):
+        return f"vocab_size is learned by the bpe and word tokenizers; tokenizer='{kind}' has a fixed one"
+    return ''
+
+
 def build_tokenizer(kind, texts=None, vocab_size=None, tokenizer_file=None, fallback_file=None):
     """A new tokenizer of `kind`; char, word and bpe are learned from `texts` (gpt2: see
     gpt2_tokenizer for the two files)."""

@@ -11,6 +11,9 @@ them; each record in one of the common formats, recognised by its fields:
   {"instruction": "...", "input": "...", "output": "..."}       Alpaca: the input, if any, follows
                                              the instruction after a blank line
   {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}       OpenAI
+                                             ("developer" is a system turn; an assistant turn with
+                                             "weight": 0 is context only, not trained, as in
+                                             OpenAI's fine-tuning files)
   {"conversations": [{"from": "system" | "human" | "gpt", "value": "..."}, ...]}          ShareGPT
 
 A conversation gives one example per assistant turn: that turn is trained, with the turns before it
@@ -53,7 +56,8 @@ if os.path.exists(os.path.join(out_dir, 'train.bin')) or os.path.exists(os.path.
              f"write the instruction data to a folder of its own (--out_dir=)")
 
 RESPONSE_KEYS = ('response', 'completion', 'output', 'answer')
-ROLES = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant', 'gpt': 'assistant'}
+ROLES = {'system': 'system', 'developer': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant',
+         'gpt': 'assistant'}
 FORMATS = ('prompt/response: {"prompt", "response" (or "completion", "output", "answer")}; '
            'Alpaca: {"instruction", "input", "output"}; OpenAI: {"messages": [{"role", "content"}]}; '
            'ShareGPT: {"conversations": [{"from", "value"}]}')
@@ -96,12 +100,19 @@ def turns_of(where, r):
             content = m.get(text_key)
             if isinstance(content, list):       # OpenAI's content parts: the text ones, joined
                 content = ''.join(p.get('text', '') for p in content if isinstance(p, dict))
-            turns.append({'role': ROLES[m[role_key]], 'content': text(content, where, f'{key}[{i}].{text_key}')})
+            turn = {'role': ROLES[m[role_key]], 'content': text(content, where, f'{key}[{i}].{text_key}')}
+            if m.get('weight') == 0 and turn['role'] == 'assistant':
+                turn['context_only'] = True     # OpenAI's weight 0: a turn not to learn from
+            elif m.get('weight', 1) not in (0, 1):
+                sys.exit(f"error: {where}: {key}[{i}].weight is {m['weight']!r}; OpenAI's weights are 0 or 1")
+            turns.append(turn)
         return kind, turns
     if 'instruction' in r:
         prompt = text(r['instruction'], where, 'instruction')
-        if r.get('input'):
-            prompt += '\n\n' + text(r['input'], where, 'input')
+        if isinstance(r.get('input'), str) and r['input'].strip():   # (an input of spaces is none)
+            prompt += '\n\n' + r['input']
+        elif r.get('input') and not isinstance(r['input'], str):
+            text(r['input'], where, 'input')          # (not a string: says so)
         return 'alpaca', [{'role': 'user', 'content': prompt},
                           {'role': 'assistant', 'content': text(r.get('output'), where, 'output')}]
     key = next((k for k in RESPONSE_KEYS if k in r), None)
@@ -113,13 +124,14 @@ def turns_of(where, r):
 
 
 def examples(turns, where):
-    """One example per assistant turn that follows a user turn: {'prompt', 'response'} and, where
-    the turns before it are more than that user turn, 'messages' (them)."""
+    """One example per assistant turn that follows a user turn (but one marked context_only):
+    {'prompt', 'response'} and, where the turns before it are more than that user turn, 'messages'
+    (them)."""
     out = []
     for i, t in enumerate(turns):
-        if t['role'] != 'assistant':
+        if t['role'] != 'assistant' or t.get('context_only'):
             continue
-        before = turns[:i]
+        before = [{'role': b['role'], 'content': b['content']} for b in turns[:i]]
         if not before or before[-1]['role'] != 'user':
             sys.exit(f'error: {where}: the assistant turn {i} does not answer a user turn')
         ex = {'prompt': before[-1]['content'], 'response': t['content']}
@@ -146,8 +158,11 @@ if not records:
 kinds, train = convert(records)
 if val_source:
     val_kinds, val = convert(records_of(val_source))
-    for k, v in val_kinds.items():
-        kinds[k] = kinds.get(k, 0) + v
+    seen = {(e['prompt'], e['response']) for x in train for e in x}
+    shared = sum((e['prompt'], e['response']) in seen for x in val for e in x)
+    if shared:              # a held-out example that is also trained on measures memory, not learning
+        sys.exit(f'error: {shared} of the {sum(map(len, val))} examples of val_source={val_source} are also in '
+                 f'source={source} (the same prompt and response): hold out records of their own')
 else:                                       # whole records held out, so no conversation is split
     if len(train) < 2:
         sys.exit(f'error: {source} holds one record: it cannot be split into train and val (add records, '
@@ -166,7 +181,8 @@ for name in os.listdir(out_dir):            # no files of an earlier preparation
 write_jsonl(os.path.join(out_dir, 'sft_train.jsonl'), train)
 write_jsonl(os.path.join(out_dir, 'sft_val.jsonl'), val)
 write_json(meta_path, {'kind': 'chat', 'source': source, 'val_source': val_source, 'seed': seed, 'formats': kinds,
+                       **({'val_formats': val_kinds} if val_source else {}),
                        'sft_train_records': len(train), 'sft_val_records': len(val)})
-found = ', '.join(f'{n} {k}' for k, n in kinds.items())
+found = ', '.join(f'{n} {k}' for k, n in kinds.items())     # (the source's records; val_source's in meta.json)
 print(f'{len(records)} records ({found}) -> {len(train)} training and {len(val)} '
       f'validation examples in {out_dir}; next: python sft.py --init_from=out/... --task_dir={out_dir}')

@@ -12,9 +12,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import configure  # noqa: E402
+from config import configure, last_given  # noqa: E402
 from data import local_copy, not_utf8, write_token_dataset  # noqa: E402
-from tokenizer import KINDS, build_tokenizer  # noqa: E402
+from tokenizer import build_tokenizer, tokenizer_settings_problem  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -25,8 +25,8 @@ vocab_size = 1024       # bpe / word
 train_fraction = 0.9
 # -----------------------------------------------------------------------------
 configure(globals())
-if tokenizer not in KINDS:
-    sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
+if problem := tokenizer_settings_problem(tokenizer, tokenizer_file, 'vocab_size' in last_given):
+    sys.exit(f'error: {problem}')      # (a setting that would do nothing is refused, not ignored)
 if not 0 < train_fraction < 1:
     sys.exit(f'error: train_fraction={train_fraction} must be between 0 and 1')
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import configure, last_given  # noqa: E402
 from data import (local_copy, offline_if_unreachable, read_documents, train_and_val,  # noqa: E402
                   write_token_dataset)
-from tokenizer import KINDS, build_tokenizer  # noqa: E402
+from tokenizer import build_tokenizer, tokenizer_settings_problem  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'   # a Hugging Face dataset name, or a local file / folder
@@ -41,14 +41,10 @@ max_docs = 0                         # use only the first N stories of each spli
 num_proc = 0                         # tokenizer processes (0: every core)
 # -----------------------------------------------------------------------------
 configure(globals())
-if tokenizer not in KINDS:
-    sys.exit(f"error: tokenizer='{tokenizer}'; valid: {', '.join(KINDS)}")
 if not 0 < val_fraction < 1:
     sys.exit(f'error: val_fraction={val_fraction} must be between 0 and 1')
-if tokenizer_file and tokenizer != 'gpt2':        # settings that would do nothing are refused, not ignored
-    sys.exit(f"error: tokenizer_file is GPT-2's rank file, for tokenizer='gpt2' only (not '{tokenizer}')")
-if 'vocab_size' in last_given and tokenizer not in ('bpe', 'word'):
-    sys.exit(f"error: vocab_size is learned by the bpe and word tokenizers; tokenizer='{tokenizer}' has a fixed one")
+if problem := tokenizer_settings_problem(tokenizer, tokenizer_file, 'vocab_size' in last_given):
+    sys.exit(f'error: {problem}')      # (a setting that would do nothing is refused, not ignored)
 
 
 def load_hf(name):

@@ -201,14 +201,18 @@ def test_usable_cpus_follows_the_affinity_mask_and_the_cgroup_quota(tmp_path):
 
 
 def test_settings_no_split_can_use_are_refused(tmp_path):
-    """val_fraction=0 held out one document anyway, and n_prompts_val=0 ended in 'too few stories'."""
+    """val_fraction=0 held out one document anyway, n_prompts_val=0 ended in 'too few stories', and
+    a vocab_size that the char tokenizer cannot use was ignored."""
     from conftest import run_scripts
     src = tmp_path / 'stories.txt'
     src.write_text('\n<|endoftext|>\n'.join(f'Story {i}. The cat sat on the mat.' for i in range(20)))
-    zero, one, prompts = run_scripts([
+    zero, one, prompts, char = run_scripts([
         ('prepare/tinystories.py', [f'--source={src}', '--tokenizer=byte', '--val_fraction=0']),
         ('prepare/tinystories_instruct.py', [f'--source={src}', '--val_fraction=1.0']),
-        ('prepare/tinystories_instruct.py', [f'--source={src}', '--n_prompts_val=0'])], cwd=tmp_path)
+        ('prepare/tinystories_instruct.py', [f'--source={src}', '--n_prompts_val=0']),
+        # shakespeare_char.py ignored them (prepare/tinystories.py refused them already)
+        ('prepare/shakespeare_char.py', [f'--source={src}', '--vocab_size=7'])], cwd=tmp_path)
+    assert char.returncode and "vocab_size is learned by the bpe and word tokenizers; tokenizer='char'" in char.stderr
     for p, fraction in ((zero, 0.0), (one, 1.0)):
         assert p.returncode and f'val_fraction={fraction} must be between 0 and 1' in p.stderr, p.stderr[-300:]
     assert prompts.returncode and 'n_prompts_val=0 must be at least 1' in prompts.stderr, prompts.stderr[-300:]

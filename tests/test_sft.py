@@ -556,6 +556,32 @@ def test_prepare_chat_reads_the_common_formats_and_sft_trains_on_them(pipeline, 
     assert distilled.returncode == 0, distilled.stderr[-1000:]
 
 
+def test_prepare_chat_reads_openai_weights_and_developer_turns_and_keeps_val_apart(tmp_path):
+    """An OpenAI assistant turn with weight 0 is context, not an example (it was trained on); a
+    developer turn is a system one; an Alpaca input of spaces is none; a val_source sharing
+    examples with the source is refused (its val loss would be the training loss)."""
+    from conftest import run_scripts
+    src = tmp_path / 'chats.jsonl'
+    src.write_text(json.dumps({'messages': [
+        {'role': 'developer', 'content': 'Be kind.'}, {'role': 'user', 'content': 'u1'},
+        {'role': 'assistant', 'content': 'bad', 'weight': 0}, {'role': 'user', 'content': 'u2'},
+        {'role': 'assistant', 'content': 'good', 'weight': 1}]}) + '\n'
+        + json.dumps({'instruction': 'Greet Ben.', 'input': '  ', 'output': 'Hello Ben.'}) + '\n')
+    val = tmp_path / 'val.jsonl'
+    val.write_text(json.dumps({'prompt': 'Say hi.', 'response': 'Hi!'}) + '\n')
+    ok, same = run_scripts([
+        ('prepare/chat.py', [f'--source={src}', f'--val_source={val}', '--out_dir=task']),
+        ('prepare/chat.py', [f'--source={src}', f'--val_source={src}', '--out_dir=same'])], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-500:]
+    rows = [json.loads(line) for line in (tmp_path / 'task' / 'sft_train.jsonl').read_text().splitlines()]
+    assert [(r['prompt'], r['response']) for r in rows] == [('u2', 'good'), ('Greet Ben.', 'Hello Ben.')]
+    assert rows[0]['messages'] == [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'u1'},
+                                   {'role': 'assistant', 'content': 'bad'}, {'role': 'user', 'content': 'u2'}]
+    meta = json.loads((tmp_path / 'task' / 'meta.json').read_text())
+    assert meta['formats'] == {'openai': 1, 'alpaca': 1} and meta['val_formats'] == {'prompt/response': 1}
+    assert same.returncode and 'error: 2 of the 2 examples of val_source=' in same.stderr, same.stderr[-500:]
+
+
 def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing(pipeline, tmp_path):
     """Each bad input gets its own error: a record of no known format (the formats listed), an empty
     response, an assistant turn that answers no user turn, a file that is not UTF-8, one record (no
