@@ -139,7 +139,7 @@ def experts_grouped(experts, x, weights, indices, fuse_gate_up=None):
     ys = torch._grouped_mm(h, experts.down_proj.to(dtype).transpose(1, 2), offs=offs)
     # unsort and sum the K outputs of each token: y_t = sum_k g_tk y_tk (float32 sum, written
     # in the compute dtype like any autocast layer's output: its backward reads dy in bf16)
-    return GatherRows.apply(ys, inv, order, 1).view(N, K, -1).sum(1, dtype=torch.float32).to(dtype)
+    return GatherRows.apply(ys, inv, order, 1).view(N, K, ys.size(-1)).sum(1, dtype=torch.float32).to(dtype)
 
 def experts_gathered(experts, x, weights, indices):
     """For a few tokens (decoding at a small batch): every (token, k) pair reads its expert's
@@ -377,7 +377,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h, weight, targets, chunk_bytes=1 << 30):
     """masked_cross_entropy(h @ weight.T, targets) without the (.., V) logits held whole: h (B, T, C)
     or (N, C), weight (V, C), targets (B, T) or (N,) with -1 where no loss is wanted. Chunks of
-    rows whose logits take at most chunk_bytes (1 GiB: 8 chunks at 128 x 512 tokens, V = 50,304)."""
+    rows whose logits take at most chunk_bytes, counted at 2 bytes a logit (1 GiB: 7 chunks of at most
+    10,672 rows at 128 x 512 tokens, V = 50,304; a float32 run's chunks take 2 GiB)."""
     h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1).contiguous()
     rows = max(1, chunk_bytes // (weight.size(0) * 2))
     total = LinearCrossEntropy.apply(h2, weight, t, rows)

@@ -1080,9 +1080,15 @@ class GPT(nn.Module):
     def use_fused_loss(self, x, return_logits):
         """Whether the loss goes through linear_cross_entropy (see ModelConfig.loss_impl): only
         when the caller does not want the logits back and a gradient is being taken ('auto' also
-        needs CUDA, where the row kernel is a Triton one)."""
+        needs CUDA, where the row kernel is a Triton one). Never in float16: the row pass keeps
+        unnormalised exp(z - running max) values in the logits' dtype, which pass float16's largest
+        number (65,504) where a logit lies 11 above its row's first block (bf16 and float32 hold them)."""
         impl = self.config.loss_impl
         if impl == 'plain' or return_logits or not torch.is_grad_enabled():
+            return False
+        device = x.device.type
+        if x.dtype == torch.float16 or (torch.is_autocast_enabled(device)
+                                        and torch.get_autocast_dtype(device) == torch.float16):
             return False
         return impl == 'fused' or (x.is_cuda and fast_paths.HAVE_TRITON)
 

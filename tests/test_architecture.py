@@ -500,6 +500,9 @@ def test_fast_expert_paths_equal_the_loop(path):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for g_fast, g_loop in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g_fast, g_loop, atol=1e-5, rtol=1e-5)
+    # no token at all (the grouped path could not reshape 0 elements to (0, K, -1))
+    x, weights, indices = x[:0], weights[:0], indices[:0]
+    assert fast().shape == experts(x, weights, indices).shape == (0, 16)
 
 
 def test_fused_gate_up_gradients_are_contiguous():

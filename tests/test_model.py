@@ -277,3 +277,18 @@ def test_training_reduces_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_the_fused_loss_is_never_taken_in_float16():
+    """Under float16 autocast the fused loss's row buffer overflowed (p_y - S above 65,504 with a
+    vocabulary over 65k and near-uniform logits): gradients inf. The model takes the plain path there."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=70_000, n_layer=1, n_head=2, n_embd=8, block_size=8, loss_impl='fused',
+                            init_std=1e-4)).train()
+    x = torch.randint(0, 70_000, (1, 8))
+    assert model.use_fused_loss(model.tok_emb(x), return_logits=False)
+    with torch.autocast('cpu', torch.float16):
+        assert not model.use_fused_loss(model.tok_emb(x), return_logits=False)
+        _, loss = model(x, x, return_logits=False)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
