@@ -1,7 +1,10 @@
 """
 Speed and memory of a model config: the training step (forward + backward + optimizer), prefill
 and decode, on random tokens; optionally transformers' DeepseekV3ForCausalLM with the same
-config and weights, timed the same way in the same process.
+config and weights, timed the same way in the same process: eager, as its generate() and a
+training loop of one's own run it (ours compiled where compile is on: the table says which), and
+loaded only after our first training round, so that round's peak memory is ours alone (its own
+peak includes our weights and optimizer state, resident beside it).
 
 $ python bench.py config/tinystories_moe.py
 $ python bench.py config/tinystories_moe.py --compare_hf=True
@@ -177,14 +180,22 @@ y = torch.roll(x, -1, 1)
 results = {'config': {k: v for k, v in config.items()}, 'device': rt.device, 'peak_flops': peak}
 flops = raw.flops_per_token(block_size)
 
-hf = None
-if compare_hf:
+
+
+def load_hf():
+    """transformers' DeepseekV3ForCausalLM with our weights (as initialised: exported before training)."""
     import transformers
     from convert_hf import export_hf
     with tempfile.TemporaryDirectory() as d:
         export_hf(raw, d)
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).to(rt.device)
-    print(f'transformers {transformers.__version__}: DeepseekV3ForCausalLM with the same weights', flush=True)
+        model = transformers.DeepseekV3ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).to(rt.device)
+    print(f'transformers {transformers.__version__}: DeepseekV3ForCausalLM with the same weights (eager)', flush=True)
+    return model
+
+
+hf = None
+if compare_hf and 'train' in modes:     # the weights transformers' model gets: ours before our steps
+    hf_weights = {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
 
 if 'train' in modes:
     raw.train()
@@ -206,13 +217,19 @@ if 'train' in modes:
 
     train_step = None if graphed else our_train_step(model, opt, x, y)
     ours, theirs, hopt = [], [], None
-    for r in range(max(1, hf_rounds) if hf is not None else 1):
+    for r in range(max(1, hf_rounds) if compare_hf else 1):
         if train_step is None:
             if r == 0:
                 reset_memory()        # the graph's memory pool is taken while capturing: count it
             train_step = captured_step()
         ours.append(bench_train(raw, train_step, flops, reset=not (graphed and r == 0)))
         print('train', ours[-1], flush=True)
+        if compare_hf and hf is None:      # after our first round, whose peak memory is then ours alone
+            trained = {k: v.detach().clone() for k, v in raw.state_dict().items()}
+            raw.load_state_dict(hf_weights)                          # transformers gets the initial weights
+            hf = load_hf()
+            raw.load_state_dict(trained)
+            del trained, hf_weights
         if hf is not None:
             if graphed:               # give the graph's memory pool back for transformers' round (at
                 train_step = None     # batch 128 the two do not fit together); captured again after
@@ -223,7 +240,7 @@ if 'train' in modes:
             theirs.append(bench_train(hf, hf_train_step(hf, hopt, x), raw.flops_per_token(block_size, mtp=False)))
             print('train_hf', theirs[-1], flush=True)
     median_round = lambda rs: sorted(rs, key=lambda m: m['tokens_per_sec'])[len(rs) // 2]   # noqa: E731
-    # peak memory from the first round: later ones also hold transformers' optimizer state
+    # peak memory from the first round, before transformers' model was loaded
     results['train'] = {**median_round(ours), 'peak_mem_gb': ours[0]['peak_mem_gb']}
     if theirs:
         results['train_hf'] = median_round(theirs)
@@ -258,6 +275,8 @@ if quantize:
         sys.exit(f"error: quantize='{quantize}'; valid: {', '.join(BITS)}")
     quantize_model(raw, quantize)
     print(f'{quantize} weights: {weight_bytes(raw) / 2**30:.2f} GiB', flush=True)
+if compare_hf and hf is None:          # (no training round: loaded here)
+    hf = load_hf()
 if hf is not None:
     hf.eval()
     if rt.dtype != 'float32':
@@ -316,7 +335,8 @@ if 'train' in results:
 if 'train_hf' in results:
     r, ours = results['train_hf'], results['train']
     rows.append(('train tokens/s (transformers)', f"{r['tokens_per_sec']:,.0f}",
-                 f"MFU {100 * r['mfu']:.1f}%; ours / transformers = {ours['tokens_per_sec'] / r['tokens_per_sec']:.1f}x"
+                 f"MFU {100 * r['mfu']:.1f}%; ours{' (compiled)' if compile else ''} / transformers (eager) = "
+                 f"{ours['tokens_per_sec'] / r['tokens_per_sec']:.1f}x"
                  + (f" (medians of {len(results['train_rounds']['ours'])} alternating rounds)"
                     if 'train_rounds' in results else '')))
 if 'optimizer' in results:
@@ -330,7 +350,7 @@ for B in decode_batches:
             note = ''
             if f'decode_b{B}_hf' in results:
                 h = results[f'decode_b{B}_hf']['tokens_per_sec']
-                note = f'transformers {h:,.0f}; ours / transformers = {r["tokens_per_sec"] / h:.1f}x'
+                note = f'transformers (eager generate) {h:,.0f}; ours / transformers = {r["tokens_per_sec"] / h:.1f}x'
             rows.append((f'decode tokens/s, batch {B}{label}', f"{r['tokens_per_sec']:,.0f}", note))
 print()
 print(f"| {'measure':32s} | {'value':>12s} | notes |")

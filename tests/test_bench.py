@@ -40,7 +40,7 @@ def test_bench_times_transformers_in_alternating_rounds(tmp_path):
     assert len(rounds['ours']) == 3 and len(rounds['transformers']) == 3
     assert r['train']['tokens_per_sec'] == sorted(rounds['ours'])[1]
     assert r['train_hf']['tokens_per_sec'] == sorted(rounds['transformers'])[1]
-    assert 'ours / transformers' in proc.stdout and 'medians of 3 alternating rounds' in proc.stdout
+    assert 'ours / transformers (eager) = ' in proc.stdout and 'medians of 3 alternating rounds' in proc.stdout
 
 
 def test_bench_rejects_an_unknown_mode(tmp_path):
