@@ -6,6 +6,7 @@ $ python plot_runs.py --runs=out/a,out/b --key=attn/max_logit_all --out=max_logi
 """
 
 import json
+import math
 import os
 import sys
 
@@ -37,7 +38,10 @@ for name, folder in zip(names, folders):
         sys.exit(f'error: {path} not found')
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    pts = [(r['step'], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    # numbers only (a bool is no value of a curve), and finite ones: a NaN or inf (a diverged step)
+    # would hide every other value from the table's lowest and highest
+    pts = [(r['step'], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key])]
     seen.update(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ('step', 'time'))
     if not pts:
         print(f"warning: {path} has no '{key}'; left out", file=sys.stderr)

@@ -666,7 +666,8 @@ def test_a_run_too_short_for_its_warmup_or_its_log_interval_says_so(tmp_path, by
 def test_plot_runs_compares_a_metric_of_several_runs(tmp_path):
     """plot_runs.py: a table of each run's metric (at the end, lowest, highest) and a PNG; a key no
     run has is refused with the keys the runs do have (a stage's own scalars are train/<name>)."""
-    for name, losses in (('a', [3.0, 2.0, 2.5]), ('b', [3.0, 1.5, 1.8])):
+    # a NaN (a diverged step) is no value of the curve: it made the table's lowest and highest nan
+    for name, losses in (('a', [3.0, 2.0, 2.5]), ('b', [3.0, 1.5, 1.8, float('nan')])):
         (tmp_path / name).mkdir()
         (tmp_path / name / 'log.jsonl').write_text(''.join(
             json.dumps({'step': 10 * i, 'time': 0.0, 'train/policy_loss': x}) + '\n' for i, x in enumerate(losses)))
