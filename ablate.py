@@ -772,12 +772,12 @@ if len(ranked) >= 2:
             se = math.sqrt(va + vb)
             dof = max(1, int((va + vb) ** 2 / (va ** 2 / max(a['done'] - 1, 1) + vb ** 2 / max(b['done'] - 1, 1)))
                       if se > 0 else 1)
-            how = f'unpaired (not the same finished seeds); seed-to-seed std up to {max(spreads):.4f}'
+            how = f'unpaired: not the same finished seeds; seed-to-seed std up to {max(spreads):.4f}'
         t = t_95(dof)
-        if se == 0:
-            md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, the same gap in every seed '
-                      f'({how}).' if gap > 0 else f'**Equal:** {ranked[0]} and {ranked[1]} have the same val loss '
-                      f'in every seed ({how}).')
+        if se == 0:        # (paired: the same difference in every seed; unpaired: each variant's seeds agree)
+            alike = 'the same gap in every seed' if paired else "each variant's seeds agree exactly"
+            md.append(f'Best: {ranked[0]}, {gap:.4f} below {ranked[1]} in val loss, {alike} ({how}).' if gap > 0
+                      else f'**Equal:** {ranked[0]} and {ranked[1]} have the same val loss in every seed ({how}).')
         elif gap <= t * se:
             md.append(f'**Inside the noise:** the best two, {ranked[0]} and {ranked[1]}, differ by {gap:.4f} in val '
                       f'loss, {gap / se:.1f} standard errors of that difference ({se:.4f}; {how}): not above '

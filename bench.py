@@ -267,6 +267,8 @@ if 'optimizer' in modes:              # optimizer.step() alone, on fixed random 
     del opt
     raw.zero_grad(set_to_none=True)
 
+if compare_hf and hf is None:          # (no training round: loaded here, before the cast and quantization)
+    hf = load_hf()
 raw.eval()
 if rt.dtype != 'float32':
     raw.to(getattr(torch, rt.dtype))
@@ -275,8 +277,6 @@ if quantize:
         sys.exit(f"error: quantize='{quantize}'; valid: {', '.join(BITS)}")
     quantize_model(raw, quantize)
     print(f'{quantize} weights: {weight_bytes(raw) / 2**30:.2f} GiB', flush=True)
-if compare_hf and hf is None:          # (no training round: loaded here)
-    hf = load_hf()
 if hf is not None:
     hf.eval()
     if rt.dtype != 'float32':

@@ -70,9 +70,10 @@ def _checked(key, value, default, valid, origin, current=None):
 
 def _parse_value(key, raw, default):
     """--key=value: a Python literal, or the raw text where the default is a string; true, false
-    and none in any case are True, False, None. Any other bare word is refused, also for a key
-    whose default is None ('auto': compile, cuda_graph, chat): kept as text, --compile=no or a
-    typo such as --compile=flase would be a non-empty string, which is true."""
+    and none in any case are True, False, None. A key whose default is None ('auto': compile,
+    cuda_graph, chat; ablate.py's base) keeps other text only where it reads as a path (a / or a .
+    in it: --base=config/x.py); a bare word is refused, since kept as text, --compile=no or a typo
+    such as --compile=flase would be a non-empty string, which is true."""
     if isinstance(default, str):
         return raw
     words = {'true': True, 'false': False, 'none': None}
@@ -81,8 +82,10 @@ def _parse_value(key, raw, default):
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        takes = ('True, False, None or another Python literal' if default is None
-                 else f'{type(default).__name__}, default {default!r}')
+        if default is None and re.fullmatch(r'[\w.~-]*[/.][\w./~-]*', raw):
+            return raw
+        takes = (f"True, False, None, a path or another Python literal; text in quotes: --{key}=\"'text'\""
+                 if default is None else f'{type(default).__name__}, default {default!r}')
         sys.exit(f"error: --{key}={raw} is not a Python literal ('{key}' takes {takes})")
 
 

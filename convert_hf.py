@@ -3,7 +3,8 @@ Hugging Face interoperability: our checkpoints <-> a folder in DeepSeek-V3's Hug
 (config.json + model.safetensors) that transformers' DeepseekV3ForCausalLM.from_pretrained loads.
 
 $ python convert_hf.py --out_dir=out/tinystories_moe                      # export to out_dir/hf
-$ python convert_hf.py --direction=import --hf_dir=path/to/folder --out_dir=out/imported
+$ python convert_hf.py --direction=import --hf_dir=path/to/folder --out_dir=out/imported \
+      --tokenizer_from=out/tinystories_moe        # a checkpoint or data folder with the model's tokenizer
 
 Exportable: attention='mla', pos_emb='rope' (any rope_scaling), RMSNorm, SwiGLU, no biases,
 sigmoid routing (or a dense model), no sliding window. Weights use the layout of DeepSeek-V3's
@@ -275,11 +276,11 @@ if __name__ == '__main__':
     configure(globals())
     hf_dir = hf_dir or os.path.join(out_dir, 'hf')
     if direction == 'export':
-        q = load_checkpoint(out_dir).get('quantized')
-        if q:          # its int8 / int4 codes and scales are no DeepseekV3 weights
-            sys.exit(f"error: {out_dir} is saved quantized ({q['kind']}); export the full-precision checkpoint "
-                     f"it came from ({load_checkpoint(out_dir).get('parent') or 'its parent'}) instead")
-        model, tok, ckpt = load_model(out_dir)
+        ckpt = load_checkpoint(out_dir)
+        if ckpt.get('quantized'):          # its int8 / int4 codes and scales are no DeepseekV3 weights
+            sys.exit(f"error: {out_dir} is saved quantized ({ckpt['quantized']['kind']}); export the full-precision "
+                     f"checkpoint it came from ({ckpt.get('parent') or 'its parent'}) instead")
+        model, tok, ckpt = load_model(out_dir, ckpt=ckpt)
         try:
             export_hf(model, hf_dir, tok.eot_id)
         except ValueError as e:
@@ -291,7 +292,11 @@ if __name__ == '__main__':
                      "meta.json) whose tokenizer fits the imported model's vocabulary")
         if os.path.isfile(os.path.join(tokenizer_from, 'meta.json')):
             with open(os.path.join(tokenizer_from, 'meta.json')) as f:
-                spec = load_tokenizer_spec(json.load(f)['tokenizer'], tokenizer_from)
+                meta = json.load(f)
+            if 'tokenizer' not in meta:    # (a task folder: instruction data, no token files)
+                sys.exit(f"error: {tokenizer_from}/meta.json names no tokenizer; give a tokenized data folder "
+                         f"(data/<name>, with train.bin) or a checkpoint folder")
+            spec = load_tokenizer_spec(meta['tokenizer'], tokenizer_from)
         else:
             spec = load_checkpoint(tokenizer_from)['tokenizer']
         try:

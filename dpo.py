@@ -139,11 +139,13 @@ n_pairs = len(train_pairs) + len(val_pairs)
 train_pairs = [p for p in train_pairs if not answer_cut_away(p)]
 val_pairs = [p for p in val_pairs if not answer_cut_away(p)]
 if len(train_pairs) + len(val_pairs) < n_pairs and rt.master:
-    print(f'note: {n_pairs - len(train_pairs) - len(val_pairs)} of the {n_pairs} pairs are left out: their prompt '
-          f'fills block_size + 1 = {block_size + 1} tokens, so an answer has no token left to compare')
+    print(f'note: {n_pairs - len(train_pairs) - len(val_pairs)} of the {n_pairs} pairs are left out: an answer has '
+          f'no token within block_size + 1 = {block_size + 1} tokens (its prompt fills them, or it is empty)')
 if not train_pairs or not val_pairs:
+    fix = (f"raise block_size (the model's: {model.config.block_size})" if block_size < model.config.block_size
+           else "the prompts are longer than the model's context: shorten them")
     sys.exit(f"error: no {'training' if not train_pairs else 'held-out'} pair keeps a token of both answers within "
-             f"block_size + 1 = {block_size + 1} tokens: raise block_size (the model's: {model.config.block_size})")
+             f"block_size + 1 = {block_size + 1} tokens: {fix}")
 n_long = sum(len(encode(p, side, cut=False)[0]) > block_size + 1 for p in train_pairs + val_pairs
              for side in ('chosen', 'rejected'))
 if n_long and rt.master:

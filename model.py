@@ -99,7 +99,8 @@ class ModelConfig:
     loss_impl: str = 'auto'            # 'plain' (logits, then F.cross_entropy) | 'fused' (output
                                        # layer + loss in chunks, gradients in the forward:
                                        # linear_cross_entropy) | 'auto': fused on CUDA when the
-                                       # logits are not returned (the training step)
+                                       # logits are not returned (the training step); either way
+                                       # plain in float16 (GPT.use_fused_loss)
     # --- multi-token prediction (DeepSeek-V3) ----------------------------------------------
     mtp_depth: int = 0                 # extra modules predicting tokens 2..mtp_depth+1 ahead (HF:
                                        # num_nextn_predict_layers)

@@ -127,6 +127,9 @@ else:
     if ckpt.get('quantized'):          # (training.Run refuses a quantized model in the other stages)
         sys.exit(f"error: the model train.py was given is quantized (weights stored as int8/int4, frozen): "
                  f"training needs the full-precision checkpoint it was quantized from, {ckpt.get('parent')}")
+    if ckpt.get('tokenizer') is None:   # (an import from Hugging Face made without tokenizer_from=)
+        sys.exit(f"error: the checkpoint holds no tokenizer; import it again with convert_hf.py --direction=import "
+                 f"--tokenizer_from={data_dir} (the dataset's tokenizer, if the model was trained with it)")
     if ckpt['tokenizer'] != tok_spec:
         sys.exit(f"error: the checkpoint's tokenizer ({ckpt['tokenizer']['kind']}) differs from "
                  f"the dataset's ({tok_spec['kind']}) in {data_dir}")

@@ -518,7 +518,8 @@ def test_every_study_in_the_repository_builds_its_runs(tmp_path, study):
     # per-seed differences +0.03, -0.01, +0.01: a mean of 0.01, 0.0115 standard errors: t 0.87 < 4.30
     ({'a': [3.0, 3.1, 3.2], 'b': [3.03, 3.09, 3.21]}, '**Inside the noise:** the best two, a and b, differ by 0.0100'),
     # not the same seeds finished: unpaired, with Welch's degrees of freedom
-    ({'a': [3.0, 3.1, 3.2], 'b': [3.5, 3.6]}, 'unpaired (not the same finished seeds)'),
+    ({'a': [3.0, 3.1, 3.2], 'b': [3.5, 3.6]}, 'unpaired: not the same finished seeds'),
+    ({'a': [3.0, 3.0, 3.0], 'b': [3.1, 3.1]}, "each variant's seeds agree exactly (unpaired"),
 ])
 def test_the_verdict_pairs_runs_by_seed(tmp_path, losses, verdict):
     """results.md says whether the best two variants differ by more than noise: paired by seed

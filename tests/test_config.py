@@ -47,6 +47,7 @@ def test_none_default_accepts_any_literal_but_no_bare_word():
     for raw in ('no', 'off', 'flase', '[1,2'):             # kept as text, each would be true
         with pytest.raises(SystemExit, match=f'--auto={re.escape(raw)} is not a Python literal'):
             run([f'--auto={raw}'])
+    assert run(['--auto=config/x.py'])[1]['auto'] == 'config/x.py'   # a path is text (ablate.py's base)
 
 
 def test_true_false_none_in_any_case_are_the_python_values():

@@ -437,7 +437,7 @@ def test_bad_settings(planted):
         in speed.stderr, speed.stderr
     assert dpo_short.returncode == 0 and 'longer than block_size + 1 = 29 tokens and were cut' in dpo_short.stdout, \
         dpo_short.stderr
-    left_out = re.search(r'note: (\d+) of the 240 pairs are left out: their prompt fills block_size \+ 1 = 29 tokens',
+    left_out = re.search(r'note: (\d+) of the 240 pairs are left out: an answer has no token within block_size \+ 1 = 29 tokens',
                          dpo_short.stdout)
     assert left_out and 0 < int(left_out.group(1)) < 240, dpo_short.stdout[-1000:]
     for p in (rm_block, dpo_block):
