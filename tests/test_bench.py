@@ -43,6 +43,15 @@ def test_bench_times_transformers_in_alternating_rounds(tmp_path):
     assert 'ours / transformers (eager) = ' in proc.stdout and 'medians of 3 alternating rounds' in proc.stdout
 
 
+def test_bench_compares_transformers_on_quantized_weights_without_training(tmp_path):
+    """--compare_hf with --quantize and no training round: transformers' model is made from the
+    full-precision weights (the export met the quantized model and failed)."""
+    proc = run_script('bench.py', *TINY_MOE, '--modes=prefill,decode', '--compare_hf=True', '--quantize=int8',
+                      '--scoring_func=sigmoid', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False',
+                      '--tie_word_embeddings=False', '--decode_batches=(1,)', '--decode_tokens=3', cwd=tmp_path)
+    assert 'transformers (eager generate)' in proc.stdout and '| prefill tokens/s' in proc.stdout
+
+
 def test_bench_rejects_an_unknown_mode(tmp_path):
     mode, compile_mode, graph = run_script_many('bench.py', [
         [*TINY_MOE, '--modes=train,fly'], [*TINY_MOE, '--modes=train', '--compile_mode=fast'],

@@ -160,6 +160,11 @@ def test_the_command_line_round_trip_and_what_it_refuses(tmp_path):
     refused = run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf',
                          f'--out_dir={tmp_path}/none', cwd=tmp_path, check=False)
     assert refused.returncode != 0 and 'import needs tokenizer_from=' in refused.stderr
+    (tmp_path / 'task').mkdir()                                      # instruction data: no tokenizer in it
+    (tmp_path / 'task' / 'meta.json').write_text('{"kind": "chat"}')
+    refused = run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf', f'--out_dir={tmp_path}/t',
+                         f'--tokenizer_from={tmp_path}/task', cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and 'task/meta.json names no tokenizer' in refused.stderr, refused.stderr[-300:]
     save_checkpoint(str(tmp_path / 'bytes'), {**ckpt, 'tokenizer': ByteTokenizer().spec()})     # 257 ids
     refused = run_script('convert_hf.py', '--direction=import', f'--hf_dir={tmp_path}/hf', f'--out_dir={tmp_path}/b',
                          f'--tokenizer_from={tmp_path}/bytes', cwd=tmp_path, check=False)
