@@ -102,6 +102,12 @@ def test_sampled_requests_follow_their_own_seeds():
         engine.run()
         runs.append({i: r.output for i, r in reqs.items()})
     assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+    # and they do sample: one prompt under two seeds gives two answers, neither the greedy one
+    # (with the sampling branch skipped, every request decoded greedily and the lines above held)
+    engine = Engine(model, n_blocks=30, tokens_per_block=8)
+    a, b = (engine.add([3, 1, 4], 12, temperature=1.0, top_k=20, seed=s) for s in (10, 11))
+    engine.run()
+    assert a.output != b.output and alone(model, [3, 1, 4], 12) not in (a.output, b.output)
 
 
 @pytest.mark.parametrize('cuda_graph,overlap', [(False, False), (True, True)])

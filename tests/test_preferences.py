@@ -393,7 +393,8 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
     args = ['--init_from=base', '--prefs_dir=planted', '--max_iters=2', '--eval_interval=2', '--batch_size=4',
             '--eval_prompts=0', *COMMON]
     ipo, rpo, bad, negative, no_task = run_scripts([
-        ('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args]),
+        ('dpo.py', ['--out_dir=ipo', '--loss_type=ipo', '--beta=0.2', *args, '--max_iters=12', '--eval_interval=12',
+                    '--learning_rate=1e-3']),
         ('dpo.py', ['--out_dir=rpo', '--sft_weight=0.5', *args]),
         ('dpo.py', ['--loss_type=hinge', *args]),
         ('dpo.py', ['--sft_weight=-1.0', *args]),
@@ -405,6 +406,9 @@ def test_dpo_variants_ipo_and_an_sft_term(planted):
     evals = {name: [json.loads(line) for line in open(planted / name / 'log.jsonl') if 'val/loss' in line]
              for name in ('ipo', 'rpo')}
     assert evals['ipo'][0]['val/loss'] == pytest.approx(1 / (2 * 0.2) ** 2, rel=1e-5)
+    # trained, IPO prefers the chosen answers (a sign error would prefer the rejected ones) and its
+    # loss falls from (0 - 1 / (2 beta))^2
+    assert evals['ipo'][-1]['val/reward_margin'] > 0 and evals['ipo'][-1]['val/loss'] < evals['ipo'][0]['val/loss']
     first = evals['rpo'][0]
     assert first['val/nll_chosen'] > 0
     assert first['val/loss'] == pytest.approx(math.log(2) + 0.5 * first['val/nll_chosen'], rel=1e-5)

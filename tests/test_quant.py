@@ -91,6 +91,18 @@ def test_quantize_script_measures_saves_and_the_checkpoint_loads_again(tmp_path,
     p = run_script('quantize.py', '--out_dir=base', '--quantize=int8', '--save_dir=base_int8', '--eval_iters=4',
                    '--device=cpu', cwd=tmp_path)
     assert '| weights |' in p.stdout and '| val loss |' in p.stdout and 'greedy agreement' in p.stdout
+    # the numbers are the quantized model's: its val loss on the same batches as quantize.py reads them
+    # (this small model's int4 agrees on every position, so the original's own would pass a range check)
+    import re
+    from data import TokenData, eval_generator
+    p4 = run_script('quantize.py', '--out_dir=base', '--quantize=int4', '--eval_iters=4', '--device=cpu', cwd=tmp_path)
+    printed = re.search(r'\| val loss \| ([\d.]+) \| ([\d.]+) \(', p4.stdout).groups()
+    data = TokenData(str(byte_data))
+    with torch.no_grad():
+        losses = [sum(m.eval()(*data.batch('val', 8, 32, eval_generator(k, 'val'), 'cpu'))[1].item() / 4
+                      for k in range(4))
+                  for m in (load_model(str(tmp_path / 'base'))[0], load_model(str(tmp_path / 'base'), quantize='int4')[0])]
+    assert printed == tuple(f'{x:.4f}' for x in losses) and losses[0] != losses[1], (printed, losses)
     ckpt = load_checkpoint(str(tmp_path / 'base_int8'))
     assert ckpt['quantized'] == {'kind': 'int8', 'group_size': 128} and 'optimizer' not in ckpt
     loaded, _, _ = load_model(str(tmp_path / 'base_int8'))

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -103,18 +104,29 @@ def test_loss_aggregations_weigh_tokens_as_their_papers_say():
 
 
 def test_clipped_value_loss():
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    v_old, ret = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])
-    v = torch.tensor([[0.5, 1.0]])                # the second moved past the clip range toward R
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    v_old, ret = torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, -1.0]])
+    # all three moved past the clip range: the first two toward R; the third away from R, where the
+    # unclipped error is the larger one
+    v = torch.tensor([[0.5, 1.0, 0.5]], requires_grad=True)
     loss = clipped_value_loss(v, v_old, ret, mask, eps=0.2)
-    # max((V - R)^2, (clip(V) - R)^2) = [max(.25, .64), max(0, .64)]
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64) / 2)
+    # max((V - R)^2, (clip(V) - R)^2) = [max(.25, .64), max(0, .64), max(2.25, 1.44)]
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.64 + 2.25) / 3)
+    loss.backward()               # no gradient where the clipped term wins (its V is clamped)
+    assert v.grad[0, 1] == 0 and v.grad[0, 0] == 0 and v.grad[0, 2] == pytest.approx((0.5 + 1.0) / 3)
 
 
 def test_kl_is_zero_when_policy_equals_reference():
     logp = torch.randn(3, 5)
     assert kl_k3(logp, logp).abs().max() == 0
     assert (kl_k3(logp, logp + 0.3) >= 0).all() and kl_k3(logp, logp + 0.3).sum() > 0
+    # its direction, by hand: k3 = exp(d) - d - 1 with d = log ref - log pi, whose gradient in
+    # log pi is 1 - ref / pi (with d = log pi - log ref both checks above hold as well)
+    pi = torch.tensor([0.0], requires_grad=True)
+    k = kl_k3(pi, torch.tensor([0.3]))
+    assert k.item() == pytest.approx(math.exp(0.3) - 0.3 - 1)
+    k.backward()
+    assert pi.grad.item() == pytest.approx(1 - math.exp(0.3))
     tok = with_chat_tokens(ByteTokenizer())
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
