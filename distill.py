@@ -129,7 +129,8 @@ check_loop_settings(config)
 problems = [msg for bad, msg in [
     (mode not in ('logits', 'sequence'), f"mode='{mode}'; valid: logits, sequence"),
     (temperature <= 0, f'temperature={temperature} must be > 0'),
-    (not 0 <= alpha <= 1, f'alpha={alpha} must be in [0, 1] (1: the distillation loss alone, 0: hard labels alone)'),
+    (not 0 <= alpha <= 1, f'alpha={alpha} must be in [0, 1] (1: the distillation loss alone on the main head, '
+                          f'whose MoE / MTP terms stay; 0: hard labels alone)'),
     (kl not in ('forward', 'reverse'), f"kl='{kl}'; valid: forward, reverse"),
     (top_k_logits < 0, f'top_k_logits={top_k_logits} must be >= 0 (0: the full vocabulary)'),
     (num_samples < 1, f'num_samples={num_samples} must be at least 1'),
@@ -202,32 +203,38 @@ if top_k_logits > V:
 @torch.no_grad()
 def project_embeddings(student, teacher_model, V):
     """The student's token table (and head) from the teacher's, at the student's width d (the
-    weight inheritance of DistilBERT and Minitron, for a narrower student). E holds the teacher's rows
-    of the real vocabulary: its token table for the student's token table and its head for the
-    student's head; for a student that ties the two, both side by side (V x 2D). The thin SVD
-    E = U S W^T gives the best rank-d approximation of E (Eckart-Young), and U_d S_d (V x d) are
-    the tokens' coordinates along its d strongest directions: the student's rows keep the teacher's
-    inner products between tokens as far as d dimensions allow, E E^T ~ (U_d S_d)(U_d S_d)^T. The rows
-    are rescaled to the RMS of the student's own initialisation, the scale its optimizer expects."""
+    weight inheritance of DistilBERT and Minitron, for a narrower student). E stacks the teacher's
+    rows of the real vocabulary: its token table, and under it its head where the two are not one
+    matrix (2V x D). The thin SVD E = U S W^T gives the best rank-d approximation of E
+    (Eckart-Young), and one projection onto its d strongest directions, W_d (D x d), serves both:
+    the student's table is T W_d and its head H W_d, so that their inner products keep the teacher's
+    as far as d dimensions allow, token with token (T T^T ~ T W_d W_d^T T^T) and also head row with
+    table row (H T^T, the logits of the residual stream's direct path from a token to the next).
+    Two separate SVDs kept the first kind and put table and head in unrelated bases. A student that
+    ties the two gets T W_d, W_d from [T; H] (the teacher's head, if untied, shapes the directions
+    too). The rows are rescaled to the RMS of the student's own initialisation, the scale its
+    optimizer expects (one factor for table and head, so their products keep their proportions)."""
     t_emb = teacher_model.tok_emb.weight[:V].float()
     t_head = teacher_model.lm_head.weight[:V].float()
-    if student.config.tie_word_embeddings:
-        pairs = [(student.tok_emb.weight, t_emb if teacher_model.config.tie_word_embeddings
-                  else torch.cat([t_emb, t_head], 1))]
-    else:
-        pairs = [(student.tok_emb.weight, t_emb), (student.lm_head.weight, t_head)]
+    tied_teacher = teacher_model.config.tie_word_embeddings
+    E = t_emb if tied_teacher else torch.cat([t_emb, t_head], 0)           # (V or 2V, D)
     d = student.config.n_embd
-    for w, E in pairs:
-        if d > E.shape[1]:
-            sys.exit(f"error: init_embedding='teacher' projects the teacher's {E.shape[1]} columns to the "
-                     f"student's n_embd={d}; the student must not be wider")
-        U, S, _ = torch.linalg.svd(E, full_matrices=False)
-        rows = U[:, :d] * S[:d]                                        # (V, d)
-        rms = w[:V].float().pow(2).mean().sqrt() / rows.pow(2).mean().sqrt()
+    if d > E.shape[1]:
+        sys.exit(f"error: init_embedding='teacher' projects the teacher's {E.shape[1]} columns to the "
+                 f"student's n_embd={d}; the student must not be wider")
+    _, S, Wt = torch.linalg.svd(E, full_matrices=False)
+    W_d = Wt[:d].T                                                         # (D, d)
+    targets = [(student.tok_emb.weight, t_emb @ W_d)]
+    if not student.config.tie_word_embeddings:
+        targets.append((student.lm_head.weight, (t_emb if tied_teacher else t_head) @ W_d))
+    w0 = student.tok_emb.weight
+    rms = w0[:V].float().pow(2).mean().sqrt() / targets[0][1].pow(2).mean().sqrt()
+    for w, rows in targets:
         w[:V] = (rows * rms).to(w)
-        kept = (S[:d].pow(2).sum() / S.pow(2).sum()).item()          # share of ||E||^2 the d directions hold
-        print(f"init_embedding='teacher': {(V, d)} of the student from the teacher's {tuple(E.shape)}, "
-              f"projected to {d} of {E.shape[1]} dimensions ({kept:.1%} of its squared norm)")
+    kept = (S[:d].pow(2).sum() / S.pow(2).sum()).item()                  # share of ||E||^2 the d directions hold
+    print(f"init_embedding='teacher': the student's {'table and head' if len(targets) == 2 else 'table'} "
+          f"({V}, {d}) from the teacher's {tuple(E.shape)}, projected to {d} of {E.shape[1]} dimensions "
+          f"({kept:.1%} of its squared norm)")
 
 
 torch.manual_seed(seed)                       # train.py's initial weights, the same on every rank

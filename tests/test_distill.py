@@ -176,7 +176,7 @@ def test_student_embedding_from_the_teacher(tiny):
         p = distill(tiny, f'emb_{init}', f'--init_embedding={init}', '--alpha=1.0', '--max_iters=20',
                     '--eval_interval=20', '--learning_rate=1e-3')
         runs[init] = [r for r in log_rows(tiny / f'emb_{init}') if 'val/kl' in r]
-    assert "init_embedding='teacher': (257, 16) of the student from the teacher's (257, 32)" in p.stdout
+    assert "init_embedding='teacher': the student's table (257, 16) from the teacher's (257, 32)" in p.stdout
     assert runs['teacher'][-1]['val/kl'] < runs['random'][-1]['val/kl'], runs
     assert runs['teacher'][0]['val/loss'] != runs['random'][0]['val/loss']
     p = distill(tiny, 'emb_step0', '--init_embedding=teacher', '--max_iters=1', '--learning_rate=0', '--min_lr=0')
@@ -190,6 +190,20 @@ def test_student_embedding_from_the_teacher(tiny):
     torch.testing.assert_close(gram, scale * gram_rank16, atol=1e-5 * gram.abs().max().item(), rtol=0)
     p = distill(tiny, 'bad', '--init_embedding=teacher', '--n_embd=64', '--max_iters=1', check=False)
     assert p.returncode != 0 and "the student must not be wider" in p.stderr
+    # an untied teacher and student: one projection for table and head, so the student's head rows
+    # meet its table rows as the teacher's do (H T^T, the direct path from a token to the next). Two
+    # SVDs, one a matrix, put them in unrelated bases: a cosine of 0.17 with the teacher's at d = 16
+    run_script('train.py', '--data_dir=data', '--out_dir=untied', *TINY_MODEL, *TEACHER, '--max_iters=30',
+               '--eval_interval=30', '--learning_rate=3e-3', '--warmup_iters=5', '--tie_word_embeddings=False',
+               cwd=tiny)
+    p = run_script('distill.py', '--teacher=untied', '--out_dir=emb_untied', *STUDENT, '--tie_word_embeddings=False',
+                   '--init_embedding=teacher', '--max_iters=1', '--learning_rate=0', '--min_lr=0', cwd=tiny)
+    assert "the student's table and head (257, 16) from the teacher's (514, 32)" in p.stdout
+    student, _, _ = load_model(str(tiny / 'emb_untied'))
+    teacher, _, _ = load_model(str(tiny / 'untied'))
+    ours = student.lm_head.weight[:257].double() @ student.tok_emb.weight[:257].double().T
+    theirs = teacher.lm_head.weight[:257].double() @ teacher.tok_emb.weight[:257].double().T
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.5
 
 
 def test_hard_labels_alone_are_train_py(tiny):
