@@ -68,7 +68,9 @@ batch_size = 16              # pairs (or, batch_by='prompt', prompts) per micro-
 batch_by = 'pair'            # 'pair': random pairs; 'prompt': random prompts, each with all its pairs,
                              # every answer read once. With all pairs of K answers a prompt, shuffled
                              # pairs show each answer K - 1 times an epoch and the model learns the
-                             # answers, not the preference (InstructGPT, Ouyang et al. 2022, 3.5)
+                             # answers, not the preference (InstructGPT, Ouyang et al. 2022, 3.5);
+                             # its train/loss weighs each prompt alike (its pairs share 1/B), val/loss
+                             # and the accuracies each pair alike
 block_size = 0               # 0: the model's block_size
 n_fresh = 128                # fresh samples (SFT model, held-out prompts) for the rank correlation
 fresh_temperature = 1.0      # the fresh samples' temperature

@@ -71,7 +71,9 @@ word_loss_weight = 1.0       # loss weight of the tokens where an answer first u
                              # 71.1%; 5 -> 10: 71.5% -> 87.5%; 10 -> 20: 82.8% -> 91.0% (20: the profile's;
                              # bits per byte within 0.015; docs/results.md)
 prompt_loss_weight = 0.0     # loss weight of the prompt's tokens (0: the response only; 1: every token,
-                             # as pretraining weighs them); the validation loss stays the response's
+                             # as pretraining weighs them); above 0 the mean runs over every target, so a
+                             # response token weighs 1/N_all, not 1/N_response: train/loss is not comparable
+                             # across weights, the validation loss (the response's alone) is
 prompt_like_repeat = 1       # examples whose required words all come from task.py's word lists, as every
                              # held-out prompt's do, appear this many times in the training set
 eval_prompts = 64            # held-out prompts answered (greedy and sampled) at each evaluation
