@@ -70,6 +70,14 @@ def test_checkpoint_contents_and_reload(tmp_path, byte_data):
     # except the EOT separators
     m = ckpt['metrics']
     assert m['val/bpb'] == pytest.approx(m['val/loss'] / math.log(2) * 1204 / 1200, rel=1e-3)
+    # the rate each logged step trained at is the schedule's at that step (lr_at is tested on its
+    # own; a loop that read it a step late passed every other test)
+    c = ckpt['config']
+    logged = [r for r in map(json.loads, open(tmp_path / 'run' / 'log.jsonl')) if 'lr' in r]
+    assert logged and logged[0]['lr'] == pytest.approx(3e-3 / 5)                # warm-up's first step: lr / 5
+    for r in logged:
+        assert r['lr'] == pytest.approx(lr_at(r['step'] - 1, c['learning_rate'], c['min_lr'], c['warmup_iters'],
+                                              c['lr_decay_iters'], c['lr_schedule'], c['decay_frac'])), r
     model, tok, _ = load_model(str(tmp_path / 'run'))
     assert tok.kind == 'byte' and model.config.n_embd == 32
     assert not [f for f in os.listdir(tmp_path / 'run') if f.endswith('.tmp')]
@@ -628,6 +636,23 @@ def test_eval_py_s_val_loss_is_train_py_s_though_the_chat_tokens_grow_the_vocabu
                '--device=cpu', f'--data_dir={byte_data}', cwd=tmp_path)
     ev = json.loads((tmp_path / 'v257' / 'eval.json').read_text())
     assert ev['val/loss'] == pytest.approx(trained, abs=1e-5)
+    # and its bits per byte are train.py's (whose formula a test above checks): bits per token passed
+    # the other checks, the byte data having about one byte a token
+    trained_bpb = [r for r in rows if 'val/bpb' in r][-1]['val/bpb']
+    assert ev['val/bpb'] == pytest.approx(trained_bpb, abs=1e-5) and ev['val/bpb'] != pytest.approx(
+        ev['val/loss'] / math.log(2), abs=1e-4)
+
+
+def test_batches_are_a_function_of_seed_step_and_micro_batch(byte_data):
+    """data.batch_generator: the same (seed, step, index) draws the same batch (what exact resume
+    rests on), and another step, micro-batch or seed another batch (without the step's term every
+    step trained on the same batches, and the resume tests still passed)."""
+    from data import TokenData, batch_generator
+    data = TokenData(str(byte_data))
+    draw = lambda seed, step, index: data.batch('train', 4, 32, batch_generator(seed, step, index), 'cpu')[0]  # noqa
+    assert torch.equal(draw(1, 5, 0), draw(1, 5, 0))
+    for other in ((1, 6, 0), (1, 5, 1), (2, 5, 0)):
+        assert not torch.equal(draw(1, 5, 0), draw(*other)), other
 
 
 
@@ -699,3 +724,20 @@ def test_a_checkpoint_that_weights_only_refuses_or_without_a_tokenizer_is_explai
     with pytest.raises(SystemExit, match='holds no tokenizer; import it again with convert_hf.py --direction=import '
                                          '--tokenizer_from='):
         load_model(str(tmp_path / 'imp'))
+
+
+def test_the_loop_clips_the_gradient(tmp_path, byte_data):
+    """grad_clip in the training loop (clip_grad_norm_ is tested on its own; a loop that never clipped
+    passed every other test): clipped to a norm of 1e-12 the gradient sits far under AdamW's eps (1e-8), so
+    the first step barely moves the weights, where the unclipped one moves them by about the rate."""
+    from conftest import run_script_many
+    run_script_many('train.py', [train_args(byte_data, name, '--max_iters=1', '--eval_interval=1', '--weight_decay=0',
+                                            *extra)
+                                 for name, extra in (('init', ['--learning_rate=0', '--min_lr=0']),
+                                                     ('clipped', ['--grad_clip=1e-12']), ('free', ['--grad_clip=0']))],
+                    cwd=tmp_path)
+    w = {name: torch.load(tmp_path / name / 'ckpt.pt', weights_only=True)['model']
+         for name in ('init', 'clipped', 'free')}
+    moved = {name: max((w[name][k].float() - w['init'][k].float()).abs().max().item() for k in w['init'])
+             for name in ('clipped', 'free')}
+    assert moved['free'] > 1e-4 and moved['clipped'] < 1e-2 * moved['free'], moved
