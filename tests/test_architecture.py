@@ -74,7 +74,15 @@ def test_packed_examples_are_computed_as_if_each_were_alone(parts):
 
 @pytest.mark.parametrize('q_lora_rank', [None, 16])
 def test_mla_absorbed_decode_equals_expanded_attention(q_lora_rank):
-    model = build(MLA, q_lora_rank=q_lora_rank)
+    """Also where the latent is wider than the no-RoPE head part (kv_lora_rank 16 against 8), so
+    the absorbed attention's softmax scale, 1 / sqrt(qk_nope + qk_rope), is not its width's default,
+    and with the query and key weights grown tenfold so that attention is far from uniform (a
+    default scale passed the test without both)."""
+    model = build(MLA, q_lora_rank=q_lora_rank, kv_lora_rank=16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ('q_proj', 'q_b_proj', 'kv_b_proj')):
+                p.mul_(10)
     idx = torch.randint(0, 64, (2, 24))
     full, _ = model(idx)                                   # expanded keys/values, fused attention
     cache = new_cache(model, 2, 24, 'cpu')
