@@ -307,17 +307,22 @@ if {'student_scratch', 'student_distill', 'base'} <= set(stages):
                 == 'teacher' else '')
     # that start without distillation (speedrun.sh student_embed), measured as the three are: from
     # the logs where they are, else from eval.py where it evaluated it too
-    e = None if 'student_embed' not in stages else (
-        held_out_from_log('student_embed', log_rows('student_embed')).get('val/loss') if measured
-        else stages['student_embed']['val_loss'] if stages['student_embed']['source'] == stages['base']['source']
-        else None)
+    e = None
+    if 'student_embed' in stages and measured:
+        e = held_out_from_log('student_embed', log_rows('student_embed')).get('val/loss')
+    elif 'student_embed' in stages and stages['student_embed']['source'] == stages['base']['source']:
+        e = stages['student_embed']['val_loss']
     if borrowed and None not in (t, d, e):
         borrowed += (f"; trained from that start without the teacher's distribution (student_embed) it reaches "
                      f"{fmt(e)}, so distillation itself closes {pct((e - d) / (e - t)) if e != t else '-'} of "
                      f"the gap from there")
     small = None if ratio is None else ratio <= 0.25
-    met = False if small is False else None if closed is None or small is None else \
-        closed >= TARGETS['distill_gap_closed']
+    if small is False:                  # too big a student: not met, whatever it closes
+        met = False
+    elif closed is None or small is None:
+        met = None
+    else:
+        met = closed >= TARGETS['distill_gap_closed']
     check('Distillation: share of the scratch student -> teacher val-loss gap closed', closed,
           f">= {pct(TARGETS['distill_gap_closed'])}, student <= 25% of the teacher's active parameters", met,
           f'val loss: teacher {fmt(t)}, scratch student {fmt(s)}, distilled student {fmt(d)}; '

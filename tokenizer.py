@@ -314,21 +314,20 @@ class BPETokenizer(Tokenizer):
     def encode_batch(self, texts):
         return self.enc.encode_ordinary_batch(list(texts))
 
-    def decode(self, ids):
+    def checked(self, ids):
+        """ids as ints, or ValueError naming the first one outside the vocabulary."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not (0 <= i < self.n_base or i in self.special_names)]
         if bad:
             raise ValueError(f'token id {bad[0]} is outside this {self.kind} tokenizer '
                              f'(vocab_size {self.vocab_size})')
-        return self.enc.decode(ids, errors='replace')
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(self.checked(ids), errors='replace')
 
     def decode_bytes(self, ids):
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not (0 <= i < self.n_base or i in self.special_names)]
-        if bad:
-            raise ValueError(f'token id {bad[0]} is outside this {self.kind} tokenizer '
-                             f'(vocab_size {self.vocab_size})')
-        return self.enc.decode_bytes(ids)
+        return self.enc.decode_bytes(self.checked(ids))
 
     def _spec(self):
         return {'ranks': self.ranks_blob, 'pat_str': self.pat_str}

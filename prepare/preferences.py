@@ -32,7 +32,8 @@ many more such pairs than the sampled answers give, without sampling. Records al
 
 Greedy rejected (greedy_rejected=True, every prompt outside the held-out split, also one whose
 samples made no pair, all tied at 1.0, say): the SFT model's own greedy answer as the rejected one,
-under the prompt's best sampled answer where that scores at least `margin` more. The pairs are sampled at `temperature` (1.0), where answers rarely loop; greedy decoding,
+under the prompt's best sampled answer where that scores at least `margin` more. The pairs are
+sampled at `temperature` (1.0), where answers rarely loop; greedy decoding,
 which the task's evaluation reads, loops and leaves its turn unended more often, and DPO trained
 on sampled pairs alone did not learn to avoid that (docs/results.md). Records carry
 "greedy": true; the held-out pairs stay the sampled ones.
