@@ -1,10 +1,10 @@
 """serve.py with the official openai client on loopback: chat and text completions, streamed and
 not, n, seed, stop strings, frequency and presence penalties, logprobs and echo, /v1/models,
-/health, the tokenizer's endpoints, the chat page;
-concurrent requests are batched by the engine and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a
-client that leaves mid-stream frees its blocks, an engine step that fails answers 500 to the
-requests in flight and the server goes on, and a load of 32 clients x 10 requests gets each
-request's answer alone."""
+/health, the tokenizer's endpoints, the chat page; concurrent requests are batched by the engine
+and get the greedy answers of generate_chat; bad requests get OpenAI's error shape, a client that
+leaves mid-stream frees its blocks, an engine step that fails answers 500 to the requests in
+flight and the server goes on (and so does a request whose own thread fails: a 500), and a load
+of 32 clients x 10 requests gets each request's answer alone."""
 
 import concurrent.futures
 import contextlib
@@ -515,10 +515,13 @@ def slow_step(self):                # a request of 97 tokens: a step every 0.05 
         time.sleep(0.05)
     return step(self)
 def step_with_a_bad_event(self):   # a request of 9 tokens: an event the server cannot deliver (no such request)
-    events = step_with_a_chat_tag(self)
+    events = step_with_a_bad_token(self)
     ghost = [(types.SimpleNamespace(id='ghost', stop_ids=r.stop_ids, prompt_logprobs=None), 5, False)
              for r in self.running if r.max_new_tokens == 9]
     return events + ghost[:1]
+def step_with_a_bad_token(self):   # a request of 5 tokens: an id no tokenizer has (its HTTP thread fails to decode it)
+    events = step_with_a_chat_tag(self)
+    return [(r, 10 ** 9 if r.max_new_tokens == 5 and len(r.output) == 2 else t, f) for r, t, f in events]
 def failing_add(self, prompt, max_new_tokens, **kw):
     if max_new_tokens == 11 or kw.get('seed') == 101:       # (seed 101: choice 1 of a request of seed 100)
         raise RuntimeError('no memory to admit it (made by the test)')
@@ -572,6 +575,17 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
                 break
             time.sleep(0.02)
         assert health(url)['cancelled'] == before + 1
+        # a request whose HTTP thread fails (a bug of ours, here a token it cannot decode): a 500 that says
+        # so, its blocks freed, and the server goes on
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 5})
+        assert status == 500, answer
+        assert (answer['error']['type'], answer['error']['code']) == ('server_error', 'server_error'), answer
+        assert answer['error']['message'].startswith('the server failed on this request'), answer
+        for _ in range(300):
+            if health(url)['running'] == 0:
+                break
+            time.sleep(0.02)
+        assert health(url)['running'] == 0
         status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
         assert status == 200 and good['choices'][0]['finish_reason'] == 'length'
         # a chat tag sampled in an answer (not a stop token) is no text: '<|user|>' never reaches the client
