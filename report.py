@@ -135,7 +135,7 @@ times = {}
 if os.path.isfile(os.path.join(out, 'times.tsv')):
     for line in open(os.path.join(out, 'times.tsv')):
         name, seconds = line.split('\t')
-        times[name] = times.get(name, 0) + int(seconds)
+        times[name] = int(seconds)       # (a stage run again: its last run's time)
 wall = 0                                 # speedrun.sh's wall time (its runs summed, if resumed)
 if os.path.isfile(os.path.join(out, 'wall.tsv')):
     wall = sum(int(line.split('\t')[1]) for line in open(os.path.join(out, 'wall.tsv')) if '\t' in line)

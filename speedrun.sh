@@ -252,16 +252,18 @@ interrupted() {   # interrupted HOW EXIT_CODE; HOW: Ctrl-C (each stage stops as 
 [ $DRY_RUN = 1 ] || { trap 'interrupted Ctrl-C 130' INT; trap 'interrupted SIGTERM 143' TERM
                       trap 'interrupted SIGHUP 129' HUP; trap 'interrupted SIGQUIT 131' QUIT; }
 # run NAME DONE_FILE COMMAND...: the command, its output in logs/NAME.log and its wall time in
-# times.tsv; skipped when it finished before: DONE_FILE exists and times.tsv has its line (a
-# stage stopped midway leaves a checkpoint, not the line: it runs again)
+# times.tsv; skipped when it finished before: DONE_FILE exists, times.tsv has its line and its last
+# start is not still marked (logs/NAME.running: a stage stopped midway, or failed, leaves a
+# checkpoint and that mark, so it runs again, also where an earlier run of it had finished)
 run() {
   local name=$1 done=$2; shift 2
   if [ $DRY_RUN = 1 ]; then echo "$name: $*"; return; fi
-  if [ -e "$done" ] && grep -qs "^$name	" $OUT/times.tsv; then
+  if [ -e "$done" ] && grep -qs "^$name	" $OUT/times.tsv && [ ! -e $OUT/logs/$name.running ]; then
     echo "$name: done before ($done), skipped; to run it again with the settings now, delete that folder or use --out="
     return
   fi
-  [ -e "$done" ] && echo "$name: $done is there but the stage did not finish (no line in times.tsv): it runs again"
+  [ -e "$done" ] && echo "$name: $done is there but the stage did not finish: it runs again"
+  touch $OUT/logs/$name.running
   echo "$name: $*   (log: $OUT/logs/$name.log)"
   local t0=$SECONDS rc=0 ticker='' tries=0 pause
   if [ "$PROGRESS_EVERY" != 0 ]; then progress $name $OUT/logs/$name.log & ticker=$!; fi
@@ -290,7 +292,8 @@ run() {
   if [ $rc != 0 ]; then
     echo "error: stage $name failed; the end of $OUT/logs/$name.log:"; tail -25 $OUT/logs/$name.log; return 1
   fi
-  printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> $OUT/times.tsv
+  printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> $OUT/times.tsv     # (report.py reads a stage's last line)
+  rm -f $OUT/logs/$name.running
   echo "$name: $((SECONDS - t0)) s"
 }
 # progress NAME LOG: every PROGRESS_EVERY seconds, the stage's latest progress line from its log
@@ -331,6 +334,8 @@ dpo_seed() {
 }
 eval_run() {          # eval.py on one run folder; KL to the SFT model for the runs trained from it;
   local ref=''; case $1 in dpo*|ppo|grpo) ref=--reference=$OUT/sft ;; esac     # then, for the runs
+  # (an evaluation older than its checkpoint, trained again since, is evaluated again)
+  [ $DRY_RUN = 1 ] || [ ! $OUT/$1/ckpt.pt -nt $OUT/$1/eval.json ] || rm -f $OUT/$1/eval.json $OUT/$1/eval_fp*_pp0.json
   run eval_$1 $OUT/$1/eval.json python eval.py --out_dir=$OUT/$1 --task_dir=$TASK $ref $EVAL ${SYSTEM/--compile=False/} \
     || return 1                                                                # that answer prompts,
   [ "$FREQUENCY_PENALTY" = 0 ] && return 0                                    # the penalized answers

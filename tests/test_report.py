@@ -59,7 +59,8 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
         os.symlink(pipeline / 'sft_report' / 'ckpt.pt', out / 'grpo' / 'ckpt.pt')
     shutil.copy(out / 'sft' / 'eval.json', out / 'grpo' / 'eval.json')
     shutil.copy(out / 'sft' / 'eval_answers.jsonl', out / 'grpo' / 'eval_answers.jsonl')
-    (out / 'times.tsv').write_text('train\t12\nsft\t5\neval_base\t3\nprefs\t4\n')
+    # (train run twice: the report takes its last run's time)
+    (out / 'times.tsv').write_text('train\t30\nsft\t5\neval_base\t3\ntrain\t12\nprefs\t4\n')
     (out / 'wall.tsv').write_text('wall\t9\n')          # stages side by side: less wall time than their sum
     p = run_script('report.py', '--out=speedrun', '--profile=test', cwd=pipeline)
     md = (out / 'report.md').read_text()
@@ -554,8 +555,9 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
         assert '--frequency_penalty=0.5 --eval_iters=0 --sampled_score=False' in line, line
         assert line.index('--eval_iters=5') < line.index('--eval_iters=0'), line     # the profile's, then 0
         (tmp_path / 'pen' / 'sft' / 'eval_fp0.5_pp0.json').write_text('{}')       # its file, as eval.py names it
-        with open(tmp_path / 'pen' / 'times.tsv', 'a') as f:
+        with open(tmp_path / 'pen' / 'times.tsv', 'a') as f:         # and its line, its start's mark gone
             f.write('eval_penalized_sft\t1\n')
+        (tmp_path / 'pen' / 'logs' / 'eval_penalized_sft.running').unlink()
         p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/pen', '--stages=eval'],
                            cwd=repo, env=dict(env, FREQUENCY_PENALTY=penalty, EVAL_RUNS='sft'), capture_output=True,
                            text=True, timeout=300)
@@ -586,12 +588,31 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert 'sft/ckpt.pt is there but the stage did not finish' in p.stdout and p.returncode != 0
     assert (tmp_path / 'run' / 'wall.tsv').read_text().startswith('wall\t')
-    with open(tmp_path / 'run' / 'times.tsv', 'a') as f:
+    with open(tmp_path / 'run' / 'times.tsv', 'a') as f:     # as a stage that finished leaves it: its line,
         f.write('sft\t5\n')
+    (tmp_path / 'run' / 'logs' / 'sft.running').unlink()     # and its start's mark gone
     p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert 'sft: done before' in p.stdout and p.returncode == 0
     assert 'to run it again with the settings now, delete that folder or use --out=' in p.stdout
+    # run again as that says (its folder deleted), it fails midway and leaves a checkpoint: its old line
+    # in times.tsv does not make it done, and the next run starts it again
+    shutil.rmtree(tmp_path / 'run' / 'sft')
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert 'sft: python sft.py' in p.stdout and p.returncode != 0, p.stdout
+    (tmp_path / 'run' / 'sft').mkdir()
+    (tmp_path / 'run' / 'sft' / 'ckpt.pt').write_bytes(b'')
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/run', '--stages=sft'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert 'sft/ckpt.pt is there but the stage did not finish' in p.stdout and p.returncode != 0, p.stdout
+    # an evaluation older than its run's checkpoint (the run trained again since) is not done: it runs again
+    (tmp_path / 'pen' / 'sft' / 'ckpt.pt').write_bytes(b'')
+    os.utime(tmp_path / 'pen' / 'sft' / 'eval.json', (0, 0))
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/pen', '--stages=eval'],
+                       cwd=repo, env=dict(env, FREQUENCY_PENALTY='0.0', EVAL_RUNS='sft'), capture_output=True,
+                       text=True, timeout=300)
+    assert 'eval_sft: python eval.py' in p.stdout and 'done before' not in p.stdout, p.stdout
     p = subprocess.run(['bash', 'speedrun.sh', '--help'], cwd=repo, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories')
 
