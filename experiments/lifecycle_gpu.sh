@@ -141,11 +141,12 @@ GRPO_RUNS=$(echo $GRPO_RUNS)
 # model on twice the pairs for twice the steps (88.2% and 87.0% of held-out pairs, against 84.1%)
 # and with its head's word checks (paired +2.4 +- 1.4 points on the profile's pairs then, +3.2 +- 0.9
 # on twice the pairs: 90.3%); dropped: 10,000 pairs swapped from reference passages (81.7%)
-wanted best && export PREFS_EXTRA="--best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
+wanted best && export PREFS_EXTRA="${PREFS_EXTRA:-} --best_dir=$R/best $([ $PROFILE = cpu ] && echo --best_min_score=0)"
 SERVE="--checkpoint=$R/base --max_prompt=128 --max_output=384"
 case ${1:-} in
   start)
     mkdir -p $R/logs $S
+    rm -f $R/ALL_DONE $R/LIFECYCLE_DONE $R/MAIN_RC       # (an earlier start's: not this one's)
     ln -sfn $A $S/main
     setsid nohup bash -c "
       export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COALESCE_TILING_ANALYSIS=0 TORCHDYNAMO_SUPPRESS_ERRORS=1   # as speedrun.sh
@@ -153,6 +154,7 @@ case ${1:-} in
       main=\$!
       until grep -qs '^train' $R/times.tsv; do sleep 5; kill -0 \$main 2> /dev/null || break; done
       [ -n \"$SIDES\" ] && grep -qs '^train' $R/times.tsv && { $SIDE_RUNS $BEST_RUN $REWARD_RUNS $DPO_GREEDY_RUN $DPO_PLAIN_RUN $GRPO_RUNS :; }
+      wait \$main; echo \$? > $R/MAIN_RC
       wait
       touch $R/LIFECYCLE_DONE
       [[ ' $BENCH ' == *' spec '* ]] && bash experiments/lifecycle_gpu.sh spec > /dev/null
@@ -170,6 +172,7 @@ case ${1:-} in
   wait)
     for ((i = 0; i < ${2:-560}; i += 10)); do [ -e $R/ALL_DONE ] && break; sleep 10; done
     [ -e $R/ALL_DONE ] && echo "all done" || { [ -e $R/LIFECYCLE_DONE ] && echo "life cycle done, benchmarks running" || echo "still running"; }
+    [ -e $R/MAIN_RC ] && [ "$(cat $R/MAIN_RC)" != 0 ] && echo "speedrun.sh FAILED (exit $(cat $R/MAIN_RC)): see $R/logs/speedrun.log"
     cat $R/times.tsv 2> /dev/null; tail -3 $R/logs/speedrun.log 2> /dev/null
     for d in $S/*; do                  # the side runs' finished stages (not the link to the main run)
       [ -L $d ] || [ ! -e $d/times.tsv ] || echo "side $(basename $d): $(tr '\t\n' ': ' < $d/times.tsv)"; done
