@@ -57,6 +57,7 @@ for arg in "$@"; do
   esac
 done
 OUT=${OUT:-out/speedrun_$PROFILE}
+[[ $OUT == *[[:space:]]* ]] && { echo "error: --out='$OUT' holds a space; give a folder whose path has none"; exit 2; }
 export PYTHONUNBUFFERED=1
 PROGRESS_EVERY=${PROGRESS_EVERY:-30}
 OOM_RETRIES=${OOM_RETRIES:-3} OOM_WAIT=${OOM_WAIT:-60}

@@ -19,6 +19,8 @@ OUT=${OUT:-out/before_after}
 HERE=$(pwd)
 case $OUT in /*) ;; *) OUT=$HERE/$OUT ;; esac
 mkdir -p $OUT
+# an earlier invocation's results would be read as this one's (a failed measurement leaves none)
+rm -rf $OUT/*.old.json $OUT/*.new.json $OUT/train.r*.old $OUT/train.r*.new
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 

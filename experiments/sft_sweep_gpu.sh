@@ -21,7 +21,8 @@ RUNS=${RUNS:-"ref long ref_lr3e-4 long_lr3e-4"}
 case ${1:-} in
   start)
     mkdir -p $R/logs $R/ref $R/long $R/ref_lr3e-4 $R/long_lr3e-4
-    A=$PWD/$R
+    rm -f $R/DONE $R/ref/TRAINED $R/long/TRAINED        # (an earlier start's: not this one's)
+    A=$(realpath -m $R)          # (R relative or absolute)
     for v in long ref_lr3e-4 long_lr3e-4; do ln -sfn $A/ref/data $A/$v/data; ln -sfn $A/ref/task $A/$v/task; done
     ln -sfn $A/ref/base $A/ref_lr3e-4/base
     ln -sfn $A/long/base $A/long_lr3e-4/base
@@ -29,12 +30,15 @@ case ${1:-} in
       export PYTHONUNBUFFERED=1
       sweep() { bash speedrun.sh --profile=$PROFILE --out=$R/\$1 --stages=\$2 >> $R/logs/\$1.log 2>&1; }
       sweep ref prepare
-      (sweep ref train; touch $R/ref/TRAINED; EVAL_RUNS='base sft' sweep ref sft,eval) &
-      (MODEL_EXTRA=--max_iters=$LONG sweep long train; touch $R/long/TRAINED; EVAL_RUNS='base sft' sweep long sft,eval) &
-      (until [ -e $R/ref/TRAINED ]; do sleep 10; done     # (train.py saves ckpt.pt at evaluations too)
-       EVAL_RUNS=sft SFT_EXTRA='--learning_rate=3e-4 --min_lr=3e-5' sweep ref_lr3e-4 sft,eval) &
+      # TRAINED holds train's exit code (train.py saves ckpt.pt at evaluations too: no sign it ended);
+      # the SFT runs from a base model that failed do not start
+      (sweep ref train; echo \$? > $R/ref/TRAINED; grep -qx 0 $R/ref/TRAINED && EVAL_RUNS='base sft' sweep ref sft,eval) &
+      (MODEL_EXTRA=--max_iters=$LONG sweep long train; echo \$? > $R/long/TRAINED
+       grep -qx 0 $R/long/TRAINED && EVAL_RUNS='base sft' sweep long sft,eval) &
+      (until [ -e $R/ref/TRAINED ]; do sleep 10; done
+       grep -qx 0 $R/ref/TRAINED && EVAL_RUNS=sft SFT_EXTRA='--learning_rate=3e-4 --min_lr=3e-5' sweep ref_lr3e-4 sft,eval) &
       (until [ -e $R/long/TRAINED ]; do sleep 10; done
-       EVAL_RUNS=sft SFT_EXTRA='--learning_rate=3e-4 --min_lr=3e-5' sweep long_lr3e-4 sft,eval) &
+       grep -qx 0 $R/long/TRAINED && EVAL_RUNS=sft SFT_EXTRA='--learning_rate=3e-4 --min_lr=3e-5' sweep long_lr3e-4 sft,eval) &
       wait
       touch $R/DONE
     " > /dev/null 2>&1 < /dev/null &

@@ -613,6 +613,9 @@ def test_speedrun_takes_stage_settings_and_eval_runs_from_the_environment(tmp_pa
                        cwd=repo, env=dict(env, FREQUENCY_PENALTY='0.0', EVAL_RUNS='sft'), capture_output=True,
                        text=True, timeout=300)
     assert 'eval_sft: python eval.py' in p.stdout and 'done before' not in p.stdout, p.stdout
+    p = subprocess.run(['bash', 'speedrun.sh', '--profile=cpu', f'--out={tmp_path}/a run', '--stages=sft'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and 'holds a space' in p.stdout and not (tmp_path / 'a run').exists(), p.stdout
     p = subprocess.run(['bash', 'speedrun.sh', '--help'], cwd=repo, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith('The whole life cycle on real stories')
 
