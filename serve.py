@@ -171,7 +171,12 @@ def engine_loop():
                         # a new match ends in the last token, and a stop string of n characters (at most 4n
                         # bytes, a token at least one) lies in the last 4n + 1 tokens: no whole-answer decode
                         # per token on the engine's thread (Generation.pieces cuts the text there)
-                        tail = tok.decode(ids[-(4 * max(map(len, stop)) + 1):])
+                        # (a false match would end an answer the text does not end; a miss only frees
+                        # the blocks later, when the HTTP thread sees the stop in the whole text: so a
+                        # character cut at either end of the tail (U+FFFD) is left out, and the word
+                        # tokenizer, whose spacing of quotes depends on the text before, decodes it all)
+                        tail = tok.decode(ids if tok.kind == 'word' else ids[-(4 * max(map(len, stop)) + 1):])
+                        tail = tail.strip('\ufffd')
                         if any(s in tail for s in stop):
                             engine.cancel(r)
                             finished, token = True, r.stop_ids[0]
@@ -464,7 +469,10 @@ class Generation:
                 if value[0] not in tok.special_names:   # a stop token, or a chat tag: not text
                     self.ids.append(value[0])
             text = tok.decode(self.ids)
-            cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+            # stop strings are looked for in whole characters: one whose bytes have not all come yet
+            # decodes as U+FFFD for now
+            whole = text.rstrip('\ufffd') if self.finish is None else text
+            cut = min((whole.find(s) for s in self.stop if s in whole), default=-1)
             shown = len(self.tokens)
             if cut >= 0:                                # a stop string: end here, free the blocks
                 text, self.finish = text[:cut], 'stop'  # (and show the tokens that start before it)
@@ -604,6 +612,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
 
     def do_POST(self):
+        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():  # (the body's length is not said)
+            self.close_connection = True
+            return self.send(411, APIError('a chunked request body is not read here: send it with a '
+                                           'Content-Length', code='length_required', status=411).body())
         try:                                  # read the body first, whatever the route: on a kept-alive
             length = int(self.headers.get('Content-Length') or 0)      # connection what is left unread
         except ValueError:                                             # would start the next request
@@ -721,7 +733,7 @@ class Handler(BaseHTTPRequestHandler):
                     if echo:
                         event(g.index, g.prompt.echo_text, logprobs=logprobs_of(g, chat, echo, 0, echoed))
                     sent = echoed                           # tokens whose logprobs went out
-                    for piece in g.pieces():
+                    for piece in g.pieces(self.client_listening):     # (ClientGone: it left)
                         event(g.index, piece, logprobs=logprobs_of(g, chat, echo, sent, echoed + g.shown))
                         sent = echoed + g.shown
                     # the finish carries what no piece of text did (a completion's stop token)
@@ -731,6 +743,10 @@ class Handler(BaseHTTPRequestHandler):
                 if usage:
                     write({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created,
                            'model': MODEL_ID, 'choices': [], 'usage': usage_of(gens)})
+            except ClientGone:                  # it left while no text was written (held back before a
+                stop_generating(gens)           # possible stop string, say): free its blocks now
+                self.close_connection = True
+                return
             except Exception as e:              # refused mid-stream, or a bug of ours: said, then [DONE]
                 if not isinstance(e, APIError):
                     traceback.print_exc()

@@ -263,6 +263,12 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape_and_the_server_keeps_serv
         bad = conn.getresponse()
         assert bad.status == 400 and 'Content-Length' in json.loads(bad.read())['error']['message']
         conn.close()
+    conn = http.client.HTTPConnection(url.split('//')[1], timeout=30)      # a chunked body (no Content-Length):
+    conn.request('POST', chat, body=iter([json.dumps({'messages': hello}).encode()]),     # said, not misread
+                 headers={'Content-Type': 'application/json'}, encode_chunked=True)
+    bad = conn.getresponse()
+    assert bad.status == 411 and json.loads(bad.read())['error']['code'] == 'length_required'
+    conn.close()
     chunks = list(c.chat.completions.create(model='sft_serve', messages=hello, max_tokens=6, temperature=0,
                                             stream=True, stream_options={'include_usage': True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == good['usage']['completion_tokens']
@@ -506,19 +512,23 @@ step, add = engine.Engine.step, engine.Engine.add
 def failing_step(self):
     if any(r.max_new_tokens == 13 for r in self.running):
         raise RuntimeError('out of memory (made by the test)')
-    return slow_step(self)
+    return step_with_bytes(self)
 def step_with_a_chat_tag(self):     # a request of 7 tokens samples <|user|> first (ids: user, assistant, end)
     events = failing_step(self)
     return [(r, r.stop_ids[0] - 2 if r.max_new_tokens == 7 and len(r.output) == 1 else t, f) for r, t, f in events]
-def slow_step(self):                # a request of 97 tokens: a step every 0.05 s (its client has time to leave)
-    if any(r.max_new_tokens == 97 for r in self.running):
+def slow_step(self):                # a request of 97 tokens: a step every 0.05 s (its client has time to leave);
+    if any(r.max_new_tokens in (95, 97) for r in self.running):     # one of 95: its first token, again and again
         time.sleep(0.05)
-    return step(self)
+    return [(r, r.output[0] if r.max_new_tokens == 95 and t is not None and not f else t, f) for r, t, f in step(self)]
 def step_with_a_bad_event(self):   # a request of 9 tokens: an event the server cannot deliver (no such request)
     events = step_with_a_bad_token(self)
     ghost = [(types.SimpleNamespace(id='ghost', stop_ids=r.stop_ids, prompt_logprobs=None), 5, False)
              for r in self.running if r.max_new_tokens == 9]
     return events + ghost[:1]
+def step_with_bytes(self):   # a request of 76 tokens: the bytes of 'hé, héllo wörld. ' (the byte tokenizer's ids)
+    script = list('hé, héllo wörld. '.encode()) * 4
+    return [(r, script[len(r.output) - 1] if r.max_new_tokens == 76 and t not in (None, *r.stop_ids) else t, f)
+            for r, t, f in slow_step(self)]
 def step_with_a_bad_token(self):   # a request of 5 tokens: an id no tokenizer has (its HTTP thread fails to decode it)
     events = step_with_a_chat_tag(self)
     return [(r, 10 ** 9 if r.max_new_tokens == 5 and len(r.output) == 2 else t, f) for r, t, f in events]
@@ -586,8 +596,39 @@ def test_an_engine_step_that_fails_answers_500_to_the_requests_in_flight_and_the
                 break
             time.sleep(0.02)
         assert health(url)['running'] == 0
+        # a stop string is looked for in whole characters: the first byte of 'é' alone (U+FFFD for now)
+        # does not match a stop of U+FFFD, streamed or not
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 76})
+        text = answer['choices'][0]['text']
+        assert text.startswith('hé, héllo wörld. hé') and '\ufffd' not in text, answer
+        status, answer = post(url, '/v1/completions', {**body, 'max_tokens': 76, 'stop': '\ufffd'})
+        assert (answer['choices'][0]['text'], answer['choices'][0]['finish_reason']) == (text, 'length'), answer
+        pieces = [c.choices[0].text for c in client(url).completions.create(
+            model='sft_serve', prompt=body['prompt'], max_tokens=76, temperature=0, stop='\ufffd', stream=True)]
+        assert ''.join(pieces) == text
         status, good = post(url, '/v1/completions', {**body, 'max_tokens': 6})   # still serving
         assert status == 200 and good['choices'][0]['finish_reason'] == 'length'
+        # a streaming client that leaves while no text is written (every piece held back, since the answer
+        # ends with the start of a stop string: the first token's text again and again, the stop string
+        # that text and a character that never comes): its request is cancelled too
+        first = post(url, '/v1/completions', {**body, 'max_tokens': 1})[1]['choices'][0]['text']
+        before = health(url)['cancelled']
+        request = json.dumps({**body, 'max_tokens': 95, 'stream': True, 'stop': [first + '\x07']}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                         + f'Content-Length: {len(request)}\r\n\r\n'.encode() + request)
+            headers = b''
+            while b'\r\n\r\n' not in headers:
+                headers += sock.recv(4096)
+            time.sleep(0.3)
+            sock.settimeout(0.1)
+            with pytest.raises(socket.timeout):         # (nothing written yet: the text is held back)
+                sock.recv(4096)
+        for _ in range(300):                     # 95 steps of 0.05 s would end after about 5 s
+            if health(url)['running'] == 0:
+                break
+            time.sleep(0.02)
+        assert health(url)['cancelled'] == before + 1
         # a chat tag sampled in an answer (not a stop token) is no text: '<|user|>' never reaches the client
         hello = [{'role': 'user', 'content': 'Write a story that uses the words: fox.'}]
         status, tagged = post(url, '/v1/chat/completions', {'messages': hello, 'max_tokens': 7, 'temperature': 0})
@@ -719,6 +760,51 @@ def test_the_chat_page_continues_text_with_a_pretrained_model(pipeline):
             send(page, 'Once upon a time')
             page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
             assert page.locator('.msg.assistant').all_text_contents() == ['Once upon a time' + api]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# serve.py whose engine hands out a script of word-tokenizer ids instead of the model's: '"a x x x x x x
+# x x x x" b x x ...' (the words of word_checkpoint below)
+WORD_SCRIPT = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0])
+import engine
+script = [1, 2] + [4] * 10 + [1, 3] + [4] * 40
+step = engine.Engine.step
+def scripted_step(self):
+    return [(r, script[len(r.output) - 1] if t not in (None, *r.stop_ids) else t, f) for r, t, f in step(self)]
+engine.Engine.step = scripted_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_stop_strings_with_the_word_tokenizer_whose_spacing_depends_on_the_text_before(pipeline, tmp_path):
+    """The word tokenizer spaces a quote by whether it opens or closes one, so the text of the last
+    few tokens alone can differ from the answer's end: '" b' closes a quote in the answer, but a
+    tail that starts after the opening quote reads it as '"b'. A stop string the answer does not
+    hold ends nothing (it ran to its length), and one it holds cuts it there."""
+    import dataclasses
+    import torch
+    from checkpoint import save_checkpoint
+    from model import GPT, ModelConfig
+    from tokenizer import WordTokenizer, with_chat_tokens
+    tok = with_chat_tokens(WordTokenizer(['<unk>', '"', 'a', 'b', 'x']))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=16, block_size=64, n_layer=1, n_head=2, n_embd=16, pos_emb='rope')
+    save_checkpoint(str(tmp_path / 'word'), {'model_config': dataclasses.asdict(config), 'model': GPT(config).state_dict(),
+                                             'tokenizer': tok.spec(), 'stage': 'sft'})
+    proc, url = start_server(pipeline, str(tmp_path / 'word'), python=('-c', WORD_SCRIPT))
+    try:
+        body = {'prompt': 'a', 'max_tokens': 20, 'temperature': 0}
+        text = post(url, '/v1/completions', body)[1]['choices'][0]['text']
+        assert text.startswith('"a x x') and '" b' in text and '"b' not in text, text
+        status, answer = post(url, '/v1/completions', {**body, 'stop': '"b'})
+        assert (answer['choices'][0]['text'], answer['choices'][0]['finish_reason']) == (text, 'length'), answer
+        status, answer = post(url, '/v1/completions', {**body, 'stop': '" b'})
+        assert (answer['choices'][0]['text'], answer['choices'][0]['finish_reason']) == (text[:text.index('" b')], 'stop')
     finally:
         proc.terminate()
         proc.wait(timeout=30)
