@@ -794,8 +794,9 @@ def test_stop_strings_with_the_word_tokenizer_whose_spacing_depends_on_the_text_
     tok = with_chat_tokens(WordTokenizer(['<unk>', '"', 'a', 'b', 'x']))
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=16, block_size=64, n_layer=1, n_head=2, n_embd=16, pos_emb='rope')
-    save_checkpoint(str(tmp_path / 'word'), {'model_config': dataclasses.asdict(config),
-                                             'model': GPT(config).state_dict(), 'tokenizer': tok.spec(), 'stage': 'sft'})
+    state = {'model_config': dataclasses.asdict(config), 'model': GPT(config).state_dict(), 'tokenizer': tok.spec(),
+             'stage': 'sft'}
+    save_checkpoint(str(tmp_path / 'word'), state)
     proc, url = start_server(pipeline, str(tmp_path / 'word'), python=('-c', WORD_SCRIPT))
     try:
         body = {'prompt': 'a', 'max_tokens': 20, 'temperature': 0}
