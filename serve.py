@@ -51,7 +51,6 @@ import json
 import math
 import os
 import queue
-import select
 import socket
 import sys
 import threading
@@ -141,8 +140,8 @@ def engine_loop():
             try:
                 r = engine.add(**args)
                 listeners[r.id] = reply
-                if stop:
-                    texts[r.id] = (stop, [])
+                if stop and tok.kind != 'word':     # (the word tokenizer's text is the HTTP thread's to
+                    texts[r.id] = (stop, [])        # check: its spacing of quotes depends on all before)
                 reply.put(('started', r.id))
             except ValueError as e:                         # it can never fit: a 400
                 reply.put(('error', str(e)))
@@ -173,10 +172,8 @@ def engine_loop():
                         # per token on the engine's thread (Generation.pieces cuts the text there)
                         # (a false match would end an answer the text does not end; a miss only frees
                         # the blocks later, when the HTTP thread sees the stop in the whole text: so a
-                        # character cut at either end of the tail (U+FFFD) is left out, and the word
-                        # tokenizer, whose spacing of quotes depends on the text before, decodes it all)
-                        tail = tok.decode(ids if tok.kind == 'word' else ids[-(4 * max(map(len, stop)) + 1):])
-                        tail = tail.strip('\ufffd')
+                        # character cut at either end of the tail, U+FFFD, is left out)
+                        tail = tok.decode(ids[-(4 * max(map(len, stop)) + 1):]).strip('\ufffd')
                         if any(s in tail for s in stop):
                             engine.cancel(r)
                             finished, token = True, r.stop_ids[0]
@@ -611,19 +608,40 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send(404, APIError(f'no route {self.path}', code='not_found', status=404).body())
 
+    def read_chunked(self):
+        """A body sent in chunks (Transfer-Encoding: chunked, no Content-Length): each chunk a line
+        with its size in hex, its bytes and a line break, until a chunk of size 0; then the trailer's
+        lines up to a blank one. None if it is not that shape."""
+        parts = []
+        while True:
+            try:
+                size = int(self.rfile.readline(1024).split(b';')[0], 16)   # (';': a chunk extension)
+            except ValueError:
+                return None
+            if size == 0:
+                break
+            parts.append(self.rfile.read(size))
+            if self.rfile.readline(3) != b'\r\n':
+                return None
+        while self.rfile.readline(8192).strip():
+            pass
+        return b''.join(parts)
+
     def do_POST(self):
-        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():  # (the body's length is not said)
-            self.close_connection = True
-            return self.send(411, APIError('a chunked request body is not read here: send it with a '
-                                           'Content-Length', code='length_required', status=411).body())
-        try:                                  # read the body first, whatever the route: on a kept-alive
-            length = int(self.headers.get('Content-Length') or 0)      # connection what is left unread
-        except ValueError:                                             # would start the next request
-            length = None
-        if length is None or length < 0:                               # (read(-1) would wait for the
-            self.close_connection = True                               # client to close the connection)
-            return self.send(400, APIError('Content-Length is not a number of bytes').body())
-        raw = self.rfile.read(length)
+        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
+            raw = self.read_chunked()
+            if raw is None:                   # (what is left of it would start the next request)
+                self.close_connection = True
+                return self.send(400, APIError('the request body is not well-formed chunked encoding').body())
+        else:
+            try:                              # read the body first, whatever the route: on a kept-alive
+                length = int(self.headers.get('Content-Length') or 0)  # connection what is left unread
+            except ValueError:                                         # would start the next request
+                length = None
+            if length is None or length < 0:                           # (read(-1) would wait for the
+                self.close_connection = True                           # client to close the connection)
+                return self.send(400, APIError('Content-Length is not a number of bytes').body())
+            raw = self.rfile.read(length)
         if self.path in ('/tokenize', '/detokenize'):
             return self.tokenizer_route(raw)
         if self.path not in ('/v1/chat/completions', '/v1/completions'):
@@ -697,8 +715,14 @@ class Handler(BaseHTTPRequestHandler):
         """False once the client has closed its connection (readable, and nothing to read); a
         client that sent more (a next request) is still there."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b''
+            previous = self.connection.gettimeout()
+            self.connection.settimeout(0)           # (a peek that does not wait; select() would fail on a
+            try:                                    # file descriptor of 1024 or more)
+                return self.connection.recv(1, socket.MSG_PEEK) != b''
+            finally:
+                self.connection.settimeout(previous)
+        except BlockingIOError:                     # nothing to read: still there
+            return True
         except OSError:
             return False
 
@@ -714,9 +738,26 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header('Connection', 'close')
         self.end_headers()
 
+        wrote = [time.monotonic()]
+
         def write(obj):
             self.wfile.write(f'data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n'.encode())
             self.wfile.flush()
+            wrote[0] = time.monotonic()
+
+        def listening():
+            """While no text goes out (held back before a possible stop string, say), an SSE comment
+            every 0.2 s, which clients skip: a client that left shows as a write that fails. (A
+            client that only closed its sending side still reads, and is still there.)"""
+            if time.monotonic() - wrote[0] < 0.2:
+                return True
+            try:
+                self.wfile.write(b':\n\n')
+                self.wfile.flush()
+                wrote[0] = time.monotonic()
+                return True
+            except OSError:
+                return False
 
         def event(index, content, finish=None, first=False, logprobs=None):
             delta = ({'role': 'assistant'} if first else {}) | ({'content': content} if content is not None else {})
@@ -733,7 +774,7 @@ class Handler(BaseHTTPRequestHandler):
                     if echo:
                         event(g.index, g.prompt.echo_text, logprobs=logprobs_of(g, chat, echo, 0, echoed))
                     sent = echoed                           # tokens whose logprobs went out
-                    for piece in g.pieces(self.client_listening):     # (ClientGone: it left)
+                    for piece in g.pieces(listening):               # (ClientGone: it left)
                         event(g.index, piece, logprobs=logprobs_of(g, chat, echo, sent, echoed + g.shown))
                         sent = echoed + g.shown
                     # the finish carries what no piece of text did (a completion's stop token)
@@ -837,7 +878,8 @@ document.getElementById('form').onsubmit = async (e) => {
     const reader = res.body.getReader(), decoder = new TextDecoder(); let buf = '';
     while (true) { const {done, value} = await reader.read(); if (done) break;
       buf += decoder.decode(value, {stream: true}); const events = buf.split('\\n\\n'); buf = events.pop();
-      for (const ev of events) { const data = ev.replace(/^data: /, ''); if (data === '[DONE]') continue;
+      for (const ev of events) { if (!ev.startsWith('data: ')) continue;   // (':' lines: comments)
+        const data = ev.slice(6); if (data === '[DONE]') continue;
         const obj = JSON.parse(data);
         if (obj.error) { out.textContent = answer + ' [' + obj.error.message + ']'; continue; }
         const choice = obj.choices[0], piece = chat ? choice.delta.content : choice.text;
