@@ -18,6 +18,7 @@ DATA=${DATA:-data/tinystories}
 OUT=${OUT:-out/before_after}
 HERE=$(pwd)
 case $OUT in /*) ;; *) OUT=$HERE/$OUT ;; esac
+[[ $OUT == *[[:space:]]* ]] && { echo "error: OUT='$OUT' holds a space; give a folder whose path has none"; exit 2; }
 mkdir -p $OUT
 # an earlier invocation's results would be read as this one's (a failed measurement leaves none)
 rm -rf $OUT/*.old.json $OUT/*.new.json $OUT/train.r*.old $OUT/train.r*.new

@@ -22,7 +22,7 @@ case ${1:-} in
   start)
     mkdir -p $R/logs $R/ref $R/long $R/ref_lr3e-4 $R/long_lr3e-4
     rm -f $R/DONE $R/ref/TRAINED $R/long/TRAINED        # (an earlier start's: not this one's)
-    A=$(realpath -m $R)          # (R relative or absolute)
+    A=$(cd $R && pwd -P)         # (R relative or absolute)
     for v in long ref_lr3e-4 long_lr3e-4; do ln -sfn $A/ref/data $A/$v/data; ln -sfn $A/ref/task $A/$v/task; done
     ln -sfn $A/ref/base $A/ref_lr3e-4/base
     ln -sfn $A/long/base $A/long_lr3e-4/base
