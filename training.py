@@ -36,6 +36,7 @@ itself, and checkpoints are gathered into the single-process layout.
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import shutil
@@ -197,11 +198,15 @@ class Run:
         compiled = [torch.compile(m, mode=mode) if compile_ else m for m in self.models]
         self.compiled = compiled[0]
         if rt.ddp and not self.fsdp and not self.ep:
-            # broadcast_buffers=False: each rank's max-logit and expert-load buffers must keep its
-            # own counts until they are reduced (DDP would copy rank 0's over them every forward);
-            # the router biases stay equal because every rank applies the same reduced update.
+            # buffers not synced each forward: each rank's max-logit and expert-load buffers must keep
+            # its own counts until they are reduced (DDP would copy rank 0's over them every forward);
+            # the router biases stay equal because every rank applies the same reduced update. (Newer
+            # torch names it forward_sync_buffers, and warns on broadcast_buffers; its sync at the
+            # start copies buffers that are equal then anyway.)
+            no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+                       else {'broadcast_buffers': False})
             compiled = [DDP(m, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None,
-                            broadcast_buffers=False, find_unused_parameters=unused_parameters) for m in compiled]
+                            find_unused_parameters=unused_parameters, **no_sync) for m in compiled]
         self.model = compiled[0]                         # what the loop calls
         self.also = compiled[1] if also_train is not None else None
         self.eval_copy = None                            # FSDP: rank 0's full copy for evaluate()

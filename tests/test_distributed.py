@@ -64,7 +64,8 @@ def test_ddp_and_fsdp_equal_one_process_with_twice_the_accumulation(tmp_path, by
     gradient is computed in the forward: FSDP must still reduce it."""
     n = ['--max_iters=4', '--eval_interval=4']
     run_script(*train_args(byte_data, 'one', *n, '--gradient_accumulation_steps=2'), cwd=tmp_path)
-    torchrun(*train_args(byte_data, 'ddp', *n), cwd=tmp_path)
+    ddp = torchrun(*train_args(byte_data, 'ddp', *n), cwd=tmp_path)
+    assert 'FutureWarning' not in ddp.stderr, ddp.stderr     # (no deprecated DDP argument, on any torch)
     torchrun(*train_args(byte_data, 'fsdp', *n, '--fsdp=True', '--loss_impl=fused'), cwd=tmp_path)
     one = load_checkpoint(str(tmp_path / 'one'))
     assert not (tmp_path / 'fsdp' / 'ckpt.pt').exists() and (tmp_path / 'fsdp' / 'ckpt_dcp' / 'meta.pt').exists()
