@@ -242,6 +242,18 @@ def load_model(path, device='cpu', ckpt=None, overrides=None, scalar=False, quan
     return model, tokenizer_from_spec(ckpt['tokenizer']), ckpt
 
 
+def context_length(block_size, model, path):
+    """The context a post-training stage trains or scores in: block_size, or (0) the model's own.
+    One longer than the model was trained for is an error that says what to do."""
+    block_size = block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        sys.exit(f'error: block_size={block_size} exceeds the context of {path} ({model.config.block_size} tokens): '
+                 f'--block_size={model.config.block_size} (longer examples are cut), or start from a model trained '
+                 f'with a longer context (bash speedrun.sh --profile=cpu --dry_run prints CPU-sized commands whose '
+                 f'base model has 256)')
+    return block_size
+
+
 def check_quantize(quantize, ckpt, path):
     """Exit if `quantize` (a load-time setting) is no kind, or asks a checkpoint saved quantized for
     another kind (its full-precision weights are gone)."""

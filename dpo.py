@@ -30,7 +30,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoint import FROZEN_ROUTING, load_chat_model, load_checkpoint
+from checkpoint import FROZEN_ROUTING, context_length, load_chat_model, load_checkpoint
 from config import configure
 from data import chat_batch, read_prepared
 from generate import use_cuda_graph
@@ -107,9 +107,7 @@ ckpt = load_checkpoint(source)
 reference = ckpt.get('reference', source) if init_from == 'resume' else source
 model, tok, ckpt = load_chat_model(source, 'cpu', ckpt, overrides={'dropout': dropout, **FROZEN_ROUTING})
 model.to(rt.device)
-block_size = block_size or model.config.block_size
-if block_size > model.config.block_size:
-    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
+block_size = context_length(block_size, model, source)
 
 hint = 'run python prepare/preferences.py --init_from=out/sft (or set prefs_dir=)'
 train_pairs = read_prepared(prefs_dir, 'prefs_train.jsonl', ('prompt', 'chosen', 'rejected'), hint)

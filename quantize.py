@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import context_length, load_model, save_checkpoint
 from config import configure
 from data import TokenData, eval_generator
 from quant import BITS, QuantExperts, QuantLinear, quantize_model, weight_bytes
@@ -51,8 +51,7 @@ rt = init_runtime(device, dtype, seed)
 original, tok, ckpt = load_model(out_dir, rt.device)
 if ckpt.get('quantized'):
     sys.exit(f"error: {out_dir} is quantized already ({ckpt['quantized']['kind']})")
-if block_size > original.config.block_size:
-    sys.exit(f'error: block_size={block_size} exceeds the model block_size {original.config.block_size}')
+block_size = context_length(block_size, original, out_dir)
 quantized = quantize_model(load_model(out_dir, rt.device, ckpt=ckpt)[0], quantize, group_size)
 if quantize == 'int4':   # rows group_size does not divide are one group each (quant.group_of): say so
     widths = set()

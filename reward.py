@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_chat_model, load_checkpoint
+from checkpoint import context_length, load_chat_model, load_checkpoint
 from config import configure
 from data import read_prepared, write_jsonl
 from generate import use_cuda_graph
@@ -141,9 +141,7 @@ if word_check_weight and not model.config.score_reread:
     sys.exit('error: word_check_weight > 0 checks the words where the reward model rereads the prompt: '
              'set score_reread=True')
 model.to(rt.device)
-block_size = block_size or model.config.block_size
-if block_size > model.config.block_size:
-    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
+block_size = context_length(block_size, model, source)
 
 # --- data: each pair -> the chosen and the rejected sequence, and where each one ends -----------
 hint = 'run python prepare/preferences.py --init_from=out/sft (or set prefs_dir=)'

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from checkpoint import load_chat_model
+from checkpoint import context_length, load_chat_model
 from config import configure
 from data import chat_batch, encode_chat_examples, neighbours_in_length, pack_chat_examples, read_prepared
 from generate import generate_chat, use_cuda_graph
@@ -128,9 +128,7 @@ if init_from == 'scratch':
     sys.exit("error: sft.py fine-tunes a trained model: set init_from='out/RUN' (or 'resume')")
 model, tok, ckpt = load_chat_model(source, 'cpu', overrides={'dropout': dropout})
 model.to(rt.device)
-block_size = block_size or model.config.block_size
-if block_size > model.config.block_size:
-    sys.exit(f'error: block_size={block_size} exceeds the model block_size {model.config.block_size}')
+block_size = context_length(block_size, model, source)
 
 
 # --- data ---------------------------------------------------------------------------------------
