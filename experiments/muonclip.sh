@@ -13,6 +13,10 @@ COMMON="config/tinystories_moe.py --data_dir=$DATA --batch_size=16 --max_iters=$
   --eval_interval=10 --eval_iters=10 --log_interval=5 --compile=False --log_max_logit=True
   --save_checkpoints=False --qk_clip_tau=$TAU ${EXTRA:-}"
 mkdir -p $OUT
+# the default data: tiny-shakespeare in GPT-2's BPE (offline: from $SHARED_DATA, as prepare says)
+if [ ! -e $DATA/train.bin ] && [ $DATA = data/shakespeare_gpt2 ]; then
+  python prepare/shakespeare_char.py --tokenizer=gpt2 --out_dir=$DATA
+fi
 runs=()
 for opt in adamw muon muonclip; do
   for lr in 1e-3 3e-3; do
