@@ -214,7 +214,8 @@ if 'sft' in stages:
 if 'reward' in stages:
     acc = stages['reward']['metrics'].get('val/accuracy')
     prefs = read_json('prefs', 'meta.json') or {}      # prepare/preferences.py: how many pairs it made
-    n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training)"
+    n_pairs = (f", on {prefs['val_pairs']:,} held-out pairs ({prefs['train_pairs']:,} for training; held out by "
+               f"prompt: the pairs' prompts are all from training books)"
                if {'val_pairs', 'train_pairs'} <= set(prefs) else '')
     se = binomial_se(acc, prefs.get('val_pairs')) if n_pairs else None
     if se is not None:

@@ -99,7 +99,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert len(answers) == 3 and {'prompt', 'words', 'answer', 'score', 'used', 'words_share'} <= set(answers[0])
     for a in answers:                                  # the prompt's words, and which of them the answer used
         assert all(w in a['prompt'] for w in a['words']) and len(a['used']) == len(a['words'])
-    assert 'reward.py val/accuracy at its last evaluation, on 5 held-out pairs (15 for training)' in md
+    assert 'reward.py val/accuracy at its last evaluation, on 5 held-out pairs (15 for training; held out by prompt' in md
     assert '; by the part of the rule that separates the pair most: words ' in md and '% of 5;' in md
     assert "; by the gap between the two answers' rule scores: clear (>= 0.4) " in md and '% of 5;' in md
     checked = [json.loads(line) for line in (out / 'reward' / 'log.jsonl').read_text().splitlines()][-1]
