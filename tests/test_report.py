@@ -106,7 +106,7 @@ def test_report_card_rows_targets_samples_and_plots(pipeline):
     assert (f"; the head's word checks right for {100 * checked['val/word_check_accuracy']:.1f}% of the required "
             'words |') in md
     acc = checked['val/accuracy']              # and its binomial standard error over the 5 held-out pairs
-    assert f"(15 for training), its standard error {100 * math.sqrt(acc * (1 - acc) / 5):.1f}%;" in md
+    assert f"all from training books), its standard error {100 * math.sqrt(acc * (1 - acc) / 5):.1f}%;" in md
     target = next(c for c in json.loads((out / 'report.json').read_text())['targets'] if c['target'].startswith('Reward'))
     assert math.isclose(target['margin'], acc - 0.9) and math.isclose(target['standard_error'], math.sqrt(acc * (1 - acc) / 5))
     assert '### sft: answers to held-out prompts' in md
