@@ -585,8 +585,16 @@ if task_dir:
     as_prompts = set(can_prompt[:n_train])
     sft_train = [r for i, r in enumerate(train) if i not in as_prompts] + tiny
     random.Random(seed + 2).shuffle(sft_train)
+    prompts_train = [as_prompt(train[i]) for i in can_prompt[:n_train]]
+    # the word lists are small, so a training passage can draw a held-out example's very instruction
+    # (another passage its answer): such training examples are left out, so that the held-out
+    # prompts are held out to the letter
+    held_out = {r['prompt'] for r in val}
+    same_prompt = sum(r['prompt'] in held_out for r in sft_train + prompts_train)
+    sft_train = [r for r in sft_train if r['prompt'] not in held_out]
+    prompts_train = [r for r in prompts_train if r['prompt'] not in held_out]
     files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
-             'prompts_train': [as_prompt(train[i]) for i in can_prompt[:n_train]], 'sft_train': sft_train}
+             'prompts_train': prompts_train, 'sft_train': sft_train}
     meta_path = start_prepared(task_dir)          # the folder is invalid until meta.json lands
     for name, rows in files.items():
         write_jsonl(os.path.join(task_dir, f'{name}.jsonl'), rows)
@@ -598,6 +606,7 @@ if task_dir:
                  'task_words': [task_words_min, task_words_max],
                  'task_cut': task_cut, 'words_from_sentences': words_from_sentences,
                  'words_in_order': words_in_order, 'task_in_train': min(task_in_train, len(sft_train)),
+                 'train_left_out_for_a_held_out_prompt': same_prompt,
                  'val_books': [titles[i] for i in held],
                  'skipped': {'val': why_val, 'train': why_train, 'tinystories': why_tiny},
                  'words_not_from_lists': {'val': fb_val, 'train': fb_train, 'tinystories': fb_tiny},

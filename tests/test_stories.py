@@ -128,8 +128,11 @@ def test_task_files_from_the_same_text(stories):
             assert story in (val_docs if name.endswith('_val') else train_docs)   # no leak across
     stories_used = [r.get('reference', r.get('response')) for rows in files.values() for r in rows]
     assert len(stories_used) == len(set(stories_used))                  # no passage in two files
+    held_out = {r['prompt'] for r in files['prompts_val'] + files['sft_val']}    # nor a held-out instruction
+    assert not [r for r in files['sft_train'] + files['prompts_train'] if r['prompt'] in held_out]
     meta = json.load(open(inst / 'meta.json'))
     assert meta['prompts_val_records'] == len(files['prompts_val']) and meta['val_books']
+    assert meta['train_left_out_for_a_held_out_prompt'] >= 0
 
 
 def test_task_files_are_the_same_on_one_process_and_on_two(tmp_path):
