@@ -593,6 +593,9 @@ if task_dir:
     same_prompt = sum(r['prompt'] in held_out for r in sft_train + prompts_train)
     sft_train = [r for r in sft_train if r['prompt'] not in held_out]
     prompts_train = [r for r in prompts_train if r['prompt'] not in held_out]
+    if not sft_train:
+        sys.exit(f'error: each of the {same_prompt} training examples asks what a held-out example asks, to the '
+                 f'letter: no SFT data is left (more books, or words_from_sentences=0 for words from whole passages)')
     files = {'prompts_val': [as_prompt(r) for r in val[:n_val]], 'sft_val': val[n_val:],
              'prompts_train': prompts_train, 'sft_train': sft_train}
     meta_path = start_prepared(task_dir)          # the folder is invalid until meta.json lands

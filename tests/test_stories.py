@@ -247,6 +247,43 @@ def test_a_near_duplicate_of_train_text_is_not_held_out(tmp_path):
     assert val.count(EOT) == meta['val_docs'] >= 3                       # the book's other passages
 
 
+def test_a_training_example_that_asks_a_held_out_instruction_is_left_out(tmp_path):
+    """Three made-up books whose passages open alike: every other one with 'The happy dog played in
+    the park.' (its words, from the first sentences, make the same instruction in every book), the
+    rest with a sentence of the book's own. The training examples that ask a held-out example's very
+    instruction are left out and counted; the others stay."""
+    rng = random.Random(0)
+    vocab = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(4, 8))) for _ in range(3000)]
+    own = ['The small cat jumped on the bed.', 'The red bird walked to the tree.', 'The happy cat swam to the ball.']
+
+    def paragraph(opening):
+        return opening + ' ' + ' '.join(' '.join(rng.choice(vocab) for _ in range(10)).capitalize() + '.'
+                                        for _ in range(7))
+    books = ['\n\n'.join(paragraph('The happy dog played in the park.' if k % 2 else own[b]) for k in range(40)) + '\n'
+             for b in range(3)]
+    (tmp_path / 'books.txt').write_text(f'\n{EOT}\n'.join(books) + f'\n{EOT}\n')
+    run_script('prepare/stories.py', f'--source_dir={tmp_path}', '--books_file=books.txt', '--manifest_file=',
+               '--fairytales_file=', '--tinystories_file=', '--tinystories_val_file=', '--tokenizer=byte',
+               '--val_books=1', '--words_from_sentences=2', '--passage_words_max=100', '--n_prompts_val=4',
+               '--n_sft_val=8', '--n_prompts_train=8', f'--task_dir={tmp_path / "inst"}',
+               f'--out_dir={tmp_path / "data"}', cwd=tmp_path)
+    rows = {name: [json.loads(line) for line in open(tmp_path / 'inst' / f'{name}.jsonl')]
+            for name in ('prompts_val', 'sft_val', 'prompts_train', 'sft_train')}
+    held_out = {r['prompt'] for r in rows['prompts_val'] + rows['sft_val']}
+    assert any('play, dog, happy' in p for p in held_out)
+    assert rows['sft_train'] and not [r for r in rows['sft_train'] + rows['prompts_train'] if r['prompt'] in held_out]
+    assert json.load(open(tmp_path / 'inst' / 'meta.json'))['train_left_out_for_a_held_out_prompt'] > 0
+    # every passage opening alike: no SFT data would be left, which is said
+    books = ['\n\n'.join(paragraph('The happy dog played in the park.') for k in range(40)) + '\n' for b in range(3)]
+    (tmp_path / 'books.txt').write_text(f'\n{EOT}\n'.join(books) + f'\n{EOT}\n')
+    p = run_script('prepare/stories.py', f'--source_dir={tmp_path}', '--books_file=books.txt', '--manifest_file=',
+                   '--fairytales_file=', '--tinystories_file=', '--tinystories_val_file=', '--tokenizer=byte',
+                   '--val_books=1', '--words_from_sentences=2', '--passage_words_max=100', '--n_prompts_val=4',
+                   '--n_sft_val=8', '--n_prompts_train=8', f'--task_dir={tmp_path / "inst2"}',
+                   f'--out_dir={tmp_path / "data2"}', cwd=tmp_path, check=False)
+    assert p.returncode != 0 and 'asks what a held-out example asks' in p.stderr, p.stderr[-500:]
+
+
 def test_bad_settings_give_clear_errors(tmp_path):
     src = shared_dir()
     cases = [([f'--source_dir={src}', '--max_books=3', '--val_books=3'], 'val_books=3 leaves no training book'),
