@@ -738,23 +738,25 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header('Connection', 'close')
         self.end_headers()
 
-        wrote = [time.monotonic()]
+        wrote = time.monotonic()                # when the client was last written to
 
         def write(obj):
+            nonlocal wrote
             self.wfile.write(f'data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n'.encode())
             self.wfile.flush()
-            wrote[0] = time.monotonic()
+            wrote = time.monotonic()
 
         def listening():
             """While no text goes out (held back before a possible stop string, say), an SSE comment
             every 0.2 s, which clients skip: a client that left shows as a write that fails. (A
             client that only closed its sending side still reads, and is still there.)"""
-            if time.monotonic() - wrote[0] < 0.2:
+            nonlocal wrote
+            if time.monotonic() - wrote < 0.2:
                 return True
             try:
                 self.wfile.write(b':\n\n')
                 self.wfile.flush()
-                wrote[0] = time.monotonic()
+                wrote = time.monotonic()
                 return True
             except OSError:
                 return False
