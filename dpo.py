@@ -231,7 +231,7 @@ def evaluate(model):
 
 
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
-run = Run(config, rt, model, 'dpo', tok.spec(), model.flops_per_token(block_size),
+run = Run(config, rt, model, 'dpo', tok.spec(), model.flops_per_token(block_size, mtp=False),   # (no MTP run here)
           resume=ckpt if init_from == 'resume' else None,
           checkpoint_extra={'parent': ckpt.get('parent', source) if init_from == 'resume' else source,
                             'reference': reference,

@@ -1308,6 +1308,10 @@ class ScalarModel(GPT):
         (its score_head, one more Linear, counts)."""
         return super().active_matmul_params(mtp=False) - self.lm_head.weight.numel()
 
+    def flops_per_token(self, seq_len=None, mtp=False):
+        """GPT's, without the MTP modules' blocks (a scalar model never runs them)."""
+        return super().flops_per_token(seq_len, mtp=False)
+
     def values(self, idx, counted=None):
         """(B, T) scalar outputs, one per position, in float32. An MoE backbone's balance loss is
         only logged (last_losses): the reward and value losses leave it out. counted: as in

@@ -682,3 +682,20 @@ def test_greedy_pairs_also_under_prompts_whose_samples_tied_and_no_pair_of_one_t
     monkeypatch.setattr(_sys, 'argv', ['preferences.py', '--task_dir=task', '--margin=-1.0'])
     with pytest.raises(SystemExit, match='margin=-1.0 must be 0 or positive'):
         runpy.run_path(os.path.join(REPO, 'prepare', 'preferences.py'), run_name='__main__')
+
+
+def test_reward_and_dpo_count_no_flops_for_the_mtp_modules_they_do_not_run(planted):
+    """A forward without targets runs no MTP module, so the MFU of reward.py and dpo.py counts the
+    main model alone: logged mfu x peak / tokens_per_sec is that model's FLOPs per token."""
+    run_script('train.py', '--data_dir=data', '--out_dir=mtp_base', *TINY_MODEL, '--mtp_depth=1', '--block_size=256',
+               '--max_iters=2', '--eval_interval=2', '--pos_emb=rope', cwd=planted)
+    cfg = ModelConfig(**load_checkpoint(str(planted / 'mtp_base'))['model_config'])
+    for script, extra in (('reward.py', ['--n_fresh=0']), ('dpo.py', ['--eval_prompts=0'])):
+        out = f'mtp_{script[:-3]}'
+        run_script(script, '--init_from=mtp_base', f'--out_dir={out}', '--prefs_dir=planted', '--max_iters=2',
+                   '--eval_interval=2', '--batch_size=4', *extra, *COMMON, cwd=planted)
+        row = next(r for r in map(json.loads, open(planted / out / 'log.jsonl')) if 'mfu' in r)
+        model = (ScalarModel if script == 'reward.py' else GPT)(cfg)
+        expected = model.flops_per_token(cfg.block_size, mtp=False)
+        assert expected < GPT(cfg).flops_per_token(cfg.block_size)         # the MTP module's share is left out
+        assert row['mfu'] * 1e12 / row['tokens_per_sec'] == pytest.approx(expected, rel=1e-6), script
