@@ -292,6 +292,21 @@ def yarn_get_mscale(scale, mscale=1.0):
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def yarn_attention_factor(rope_scaling):
+    """The factor YaRN multiplies cos and sin by: the config's attention_factor, else
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) where both are given, else
+    mscale(factor). q and k both carry it, so the RoPE part of q.k gains its square; softmax_scale
+    multiplies every logit by mscale(factor, mscale_all_dim)^2 besides. Net, with both mscales set:
+    the RoPE part x mscale(factor, mscale)^2, MLA's nope part x mscale(factor, mscale_all_dim)^2
+    (V3: mscale = mscale_all_dim = 1, and every logit x (0.1 ln 40 + 1)^2 = 1.87)."""
+    s = rope_scaling
+    if s.get('attention_factor'):
+        return s['attention_factor']
+    if s.get('mscale') and s.get('mscale_all_dim'):
+        return yarn_get_mscale(s['factor'], s['mscale']) / yarn_get_mscale(s['factor'], s['mscale_all_dim'])
+    return yarn_get_mscale(s['factor'])
+
+
 def rope_inv_freq(dim, base, device=None):
     """RoPE's angular frequencies theta_i = base^(-2i/d), i = 0 .. d/2 - 1, in float32: (d/2,) for a
     number base, (..., d/2) for a (..., 1) tensor of bases (dynamic NTK: one base per row)."""
@@ -342,9 +357,7 @@ class RotaryEmbedding(nn.Module):
       linear:  theta_i / factor                                  (position interpolation)
       dynamic: base' = base * (factor * L / L0 - (factor - 1))^(d / (d - 2)) once the sequence
                length L exceeds the original L0                  (dynamic NTK)
-      yarn:    see yarn_inv_freq; cos and sin are also multiplied by attention_factor when the
-               config gives one, else by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
-               when it gives both, else by mscale(factor)"""
+      yarn:    see yarn_inv_freq; cos and sin are also multiplied by yarn_attention_factor"""
     float32_buffers = ('inv_freq',)      # kept by GPT._apply: bf16 would shift angles by radians
 
     def __init__(self, dim, config):
@@ -363,13 +376,7 @@ class RotaryEmbedding(nn.Module):
             original = s.get('original_max_position_embeddings', config.block_size)
             inv_freq = yarn_inv_freq(dim, self.base, s['factor'], original,
                                      s.get('beta_fast') or 32, s.get('beta_slow') or 1)
-            if s.get('attention_factor'):
-                self.attention_factor = s['attention_factor']
-            elif s.get('mscale') and s.get('mscale_all_dim'):
-                self.attention_factor = (yarn_get_mscale(s['factor'], s['mscale'])
-                                         / yarn_get_mscale(s['factor'], s['mscale_all_dim']))
-            else:
-                self.attention_factor = yarn_get_mscale(s['factor'])
+            self.attention_factor = yarn_attention_factor(s)
         self.register_buffer('inv_freq', inv_freq, persistent=False)
 
 
@@ -387,10 +394,6 @@ class RotaryEmbedding(nn.Module):
             if positions.dim() == 2:
                 inv_freq = inv_freq[:, None, :]                              # (B, 1, dim/2)
         angles = positions.float()[..., None] * inv_freq           # p * theta_i
-        # q and k both carry attention_factor, so the RoPE part of q.k gains its square; softmax_scale
-        # multiplies every logit by mscale(factor, mscale_all_dim)^2. Net, with both mscales set: the
-        # RoPE part x mscale(factor, mscale)^2, MLA's nope part x mscale(factor, mscale_all_dim)^2 (V3:
-        # mscale = mscale_all_dim = 1, attention_factor 1, and every logit x (0.1 ln 40 + 1)^2 = 1.87)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
@@ -477,7 +480,7 @@ class MLAttention(nn.Module):
     needs c and k_rope: kv_lora_rank + qk_rope_head_dim numbers per token per layer.
         q = [q_nope ; RoPE(q_rope)]    k = [W_uk c ; RoPE(k_rope)]    v = W_uv c
     Training / no cache: expand k and v for every head and use fused attention.
-    Decoding with a cache: absorb W_uk into the query and W_uv into the output,
+    With a cache (prefill and decoding): absorb W_uk into the query and W_uv into the output,
         q_nope . (W_uk c) = (W_uk^T q_nope) . c      and      sum_t a_t W_uv c_t = W_uv (sum_t a_t c_t)
     so attention runs directly over the cached latents, as one shared key/value 'head'
     (attend_naive and attend_absorbed below compute the same attention both ways; the tests hold
@@ -489,20 +492,21 @@ class MLAttention(nn.Module):
         self.layer_idx = layer_idx
         C, H = config.n_embd, config.n_head
         self.n_head, self.kv_lora_rank = H, config.kv_lora_rank
-        self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-        d_qk = self.d_nope + self.d_rope
-        self.low_rank_q = config.q_lora_rank is not None
-        if not self.low_rank_q:
+        self.qk_nope_head_dim, self.qk_rope_head_dim = config.qk_nope_head_dim, config.qk_rope_head_dim   # Dn, Dr
+        self.v_head_dim, self.q_lora_rank = config.v_head_dim, config.q_lora_rank                          # Dv
+        d_qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.q_lora_rank is None:
             self.q_proj = nn.Linear(C, H * d_qk, bias=False)
         else:                                        # queries through a low-rank bottleneck too
             self.q_a_proj = nn.Linear(C, config.q_lora_rank, bias=config.bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, 1e-6)
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * d_qk, bias=False)   # rows: head h's [q_nope ; q_rope]
         r = self.kv_lora_rank
-        self.kv_a_proj_with_mqa = nn.Linear(C, r + self.d_rope, bias=config.bias)   # [c ; k_rope]
+        self.kv_a_proj_with_mqa = nn.Linear(C, r + self.qk_rope_head_dim, bias=config.bias)   # [c ; k_rope]
         self.kv_a_layernorm = RMSNorm(r, 1e-6)      # 1e-6: DeepSeek's, whatever norm_eps is
-        self.kv_b_proj = nn.Linear(r, H * (self.d_nope + self.d_v), bias=False)   # rows: head h's [W_uk_h ; W_uv_h]
-        self.o_proj = nn.Linear(H * self.d_v, C, bias=config.bias)
+        # rows: head h's [W_uk_h ; W_uv_h]
+        self.kv_b_proj = nn.Linear(r, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, C, bias=config.bias)
         self.o_proj.residual = True
         self.dropout = config.dropout
         self.scale = softmax_scale(config)
@@ -515,17 +519,17 @@ class MLAttention(nn.Module):
         # x's two projections (queries, or their low-rank part; the latent and RoPE key), one GEMM when fused
         # q: (B, T, H*Dqk), or (B, T, q_lora_rank) before q_b_proj; ckv: (B, T, r+Dr) = [W_dkv x ; W_kr x],
         # not yet normed or rotated
-        q_first = self.q_a_proj if self.low_rank_q else self.q_proj
+        q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         q, ckv = fast_paths.fused_linear(x, [q_first, self.kv_a_proj_with_mqa])
-        if self.low_rank_q:
+        if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         # q_nope, c and k_rope stay inside each token's row, (B, T, H, D), as the projections write
         # them, and attention reads them as (B, H, T, D) through strides: no transposed copy for the
         # concatenations and their backwards to move across the layout. (q_rope's rotation comes
         # back laid out (B, H, T, Dr); it is the small part, Dr of Dqk.)
-        q = q.view(B, T, H, self.d_nope + self.d_rope)                               # (B, T, H, Dqk)
-        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
-        c, k_rope = ckv.split([self.kv_lora_rank, self.d_rope], dim=-1)
+        q = q.view(B, T, H, self.qk_nope_head_dim + self.qk_rope_head_dim)                 # (B, T, H, Dqk)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c, k_rope = ckv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c = self.kv_a_layernorm(c)                                                     # (B, T, r)
         q_rope = apply_rope(q_rope.transpose(1, 2), *rope).transpose(1, 2)             # (B, T, H, Dr)
         k_rope = apply_rope(k_rope[:, None], *rope)[:, 0]                              # (B, T, Dr)
@@ -536,16 +540,16 @@ class MLAttention(nn.Module):
             # step joins its T new rows, never the L cached ones (and a paged cache gathers once)
             kv_rows = cache.update(self.layer_idx, 'latent_rope', torch.cat([c, k_rope], dim=-1), dim=1)  # (B, L, r+Dr)
             y = self.attend_absorbed(q_nope, q_rope, kv_rows, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.d_v))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
     def attend_naive(self, q_nope, q_rope, c, k_rope, mask):
         """Training and prefill without a cache: expand the latent c into every head's key and
         value, then fused attention. q_nope (B, T, H, Dn), q_rope (B, T, H, Dr), c (B, T, r),
         k_rope (B, T, Dr) -> (B, H, T, Dv)."""
         B, T, H, _ = q_nope.shape
-        kv = self.kv_b_proj(c).view(B, T, H, self.d_nope + self.d_v)
-        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)                         # (B, T, H, .)
-        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, H, self.d_rope)], dim=-1)
+        kv = self.kv_b_proj(c).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)             # (B, T, H, .)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, T, H, self.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H, T, .) views
         attn_mask, is_causal = mask
@@ -555,13 +559,14 @@ class MLAttention(nn.Module):
                                               dropout_p=self.dropout if self.training else 0.0)
 
     def attend_absorbed(self, q_nope, q_rope, kv_rows, mask):
-        """Decoding over cached latents: W_uk moves into the query and W_uv onto the output, so
-        the L cached tokens are read as kv_rows = [c ; k_rope] (B, L, r+Dr) (normed and rotated),
-        the key, whose first r numbers c are the value, never expanded per head.
+        """Attention over cached latents (prefill and decoding through a cache): W_uk moves into
+        the query and W_uv onto the output, so the L cached tokens are read as kv_rows =
+        [c ; k_rope] (B, L, r+Dr) (normed and rotated), the key, whose first r numbers c are the
+        value, never expanded per head.
         q_nope (B, T, H, Dn), q_rope (B, T, H, Dr) -> (B, H, T, Dv)."""
         H = self.n_head
-        w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.kv_lora_rank)
-        w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]                            # (H, Dn, r), (H, Dv, r)
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]     # (H, Dn, r), (H, Dv, r)
         q_latent = torch.einsum('bthd,hdr->bhtr', q_nope, w_uk.to(q_nope.dtype))      # W_uk^T q_nope
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)                      # (B, H, T, r+Dr)
         k, c = kv_rows[:, None], kv_rows[:, None, :, :self.kv_lora_rank]              # (B, 1, L, r+Dr), (B, 1, L, r)
@@ -605,7 +610,7 @@ class Router(nn.Module):
     """Chooses K of E experts per token. Scores, selection and weights are float32; the logits'
     product runs in autocast's dtype under autocast (bf16 logits, as transformers' DeepseekV3 gets
     from the same F.linear of float32 inputs), in float32 without it.
-    softmax (Mixtral): s = softmax(W x); top-K of s.
+    softmax (Mixtral): s = softmax(W x); experts chosen by s + b (b = 0 unless bias_update_speed > 0).
     sigmoid (DeepSeek-V3): s_i = sigmoid(w_i . x); experts are CHOSEN by s_i + b_i, where b is
       the auxiliary-loss-free balancing bias (moved after each optimizer step toward equal load,
       see GPT.update_router_bias); group-limited: experts are split into n_group groups, each
@@ -654,7 +659,7 @@ class Router(nn.Module):
         indices = fast_paths.top_k_indices(choice, self.K)                      # (N, K): choice.topk
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)   # g_i / sum_j g_j (V3's 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
 
 
@@ -929,10 +934,10 @@ class MTPModule(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         C = config.n_embd
-        self.enorm, self.hnorm = RMSNorm(C, config.norm_eps), RMSNorm(C, config.norm_eps)
+        self.enorm, self.hnorm = make_norm(config, C), make_norm(config, C)   # RMSNorm in V3
         self.eh_proj = nn.Linear(2 * C, C, bias=False)
         self.block = Block(config, layer_idx)
-        self.norm = RMSNorm(C, config.norm_eps)
+        self.norm = make_norm(config, C)
 
     def forward(self, h, emb, rope, mask, counted=None):
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
@@ -1271,13 +1276,14 @@ class GPT(nn.Module):
 
     # --- generation: the reference ---------------------------------------------------------
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_limit=None):
         """nanoGPT's generate, the reference for generate.generate_tokens (the KV-cache engine):
         no cache, every new token runs the last block_size tokens through the whole model.
-        idx (B, P) -> (B, P + max_new_tokens); temperature 0 is greedy."""
+        idx (B, P) -> (B, P + max_new_tokens); temperature 0 is greedy; ids from vocab_limit on (the
+        vocabulary's padding, padded_vocab_size) are never chosen."""
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size:]
-            logits = self(window, last_only=True)[0][:, -1].float()               # (B, V)
+            logits = self(window, last_only=True)[0][:, -1, :vocab_limit].float()   # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -325,12 +325,12 @@ def rescale_qk_(attn, gamma):
       sqrt(gamma) (their product carries gamma), its q_rope rows by gamma, and the shared k_rope
       (used by every head) not at all."""
     if hasattr(attn, 'kv_b_proj'):                                          # MLA
-        H, dn, dr, dv = attn.n_head, attn.d_nope, attn.d_rope, attn.d_v
+        H, dn, dr, dv = attn.n_head, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
         g = gamma.to(attn.kv_b_proj.weight.dtype).view(H, 1)
         # per head, q's rows are [q_nope (dn) ; q_rope (dr)] and kv_b's are [k_nope (dn) ; v (dv)]
         q_rows = torch.cat([g.sqrt().expand(H, dn), g.expand(H, dr)], 1).reshape(-1)
         kv_rows = torch.cat([g.sqrt().expand(H, dn), torch.ones_like(g).expand(H, dv)], 1).reshape(-1)
-        scale_rows_((attn.q_b_proj if attn.low_rank_q else attn.q_proj).weight, q_rows)
+        scale_rows_((attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight, q_rows)
         scale_rows_(attn.kv_b_proj.weight, kv_rows)
         return
     H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim

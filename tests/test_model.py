@@ -292,3 +292,22 @@ def test_the_fused_loss_is_never_taken_in_float16():
         _, loss = model(x, x, return_logits=False)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_reference_generate_never_chooses_the_vocabulary_padding():
+    """GPT.generate's vocab_limit, as generate.sample_next's: ids past the tokenizer (the padding of
+    padded_vocab_size) are never chosen, even where the head favours them."""
+    model = tiny()
+    model.lm_head.register_forward_hook(lambda m, x, out: out.index_add(   # padding ids 50.. win
+        -1, torch.arange(50, 61), torch.full((*out.shape[:-1], 11), 100.0)))
+    idx = torch.randint(0, 50, (2, 5))
+    assert (model.generate(idx, 8, temperature=0)[:, 5:] >= 50).all()      # without the limit
+    for temperature in (0, 1.0):
+        out = model.generate(idx, 8, temperature=temperature, top_k=5, vocab_limit=50)[:, 5:]
+        assert (out < 50).all()
+
+
+def test_mtp_modules_use_the_models_norm():
+    """An MTP module's norms are the config's (LayerNorm here), as every other norm of the model."""
+    model = tiny(norm='layernorm', mtp_depth=1)
+    assert all(isinstance(m, torch.nn.LayerNorm) for m in (model.mtp[0].enorm, model.mtp[0].hnorm, model.mtp[0].norm))
