@@ -108,7 +108,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import DecodeGraphs, capture_graph, graph_capturable, pad_prompts, penalize, sample_next, token_logprobs
+from generate import (DecodeGraphs, capture_graph, chosen_and_top_logprobs, graph_capturable, pad_prompts, penalize,
+                      sample_next)
 from model import attention_mask, rope_scaling_type
 
 
@@ -510,8 +511,8 @@ class Engine:
             frequency_penalty=0.0, presence_penalty=0.0, logprobs=None, prompt_logprobs=None):
         """Queue a request (prompt: token ids); returns it (request.output fills as it runs).
         logprobs=k: request.token_logprobs also gets each new token's log-probability and the k
-        most likely tokens' (generate.token_logprobs: the model's distribution, before sampling
-        reshapes it). prompt_logprobs=k: request.prompt_scores gets the same for each prompt token
+        most likely tokens' (generate.chosen_and_top_logprobs: the model's distribution, before
+        sampling reshapes it). prompt_logprobs=k: request.prompt_scores gets the same for each prompt token
         after the first, given the ones before it, from the prefill's own forward passes (as
         generate.prompt_logprobs scores a text: what an evaluation harness asks of a server), all
         of them by the time its first token comes; such a request reads its whole prompt (no cached
@@ -658,7 +659,7 @@ class Engine:
         # the log-probabilities some requests asked for, every row's at once (on the device; read
         # back with the tokens)
         asked = [r.logprobs for r, s in zip(rows, sampled) if s and r.logprobs is not None]
-        scores = token_logprobs(logits, tokens, max(asked), self.vocab_limit) if asked else None
+        scores = chosen_and_top_logprobs(logits, tokens, max(asked), self.vocab_limit) if asked else None
         self.last_tokens = tokens
         done = None
         if self.overlap and tokens.is_cuda:             # to the host without waiting: a pinned buffer
@@ -744,9 +745,9 @@ class Engine:
             start = len(r.prompt) - len(r.pending)                       # where this chunk starts
             targets = r.prompt[start + 1:start + len(f) + 1]
             if targets:           # (float32 log-softmax over the chunk's positions: at most prefill_chunk)
-                chosen, values, top = token_logprobs(logits[b, T - len(f):T - len(f) + len(targets)],
-                                                     torch.tensor(targets, device=self.device), r.prompt_logprobs,
-                                                     self.vocab_limit)
+                chosen, values, top = chosen_and_top_logprobs(logits[b, T - len(f):T - len(f) + len(targets)],
+                                                              torch.tensor(targets, device=self.device),
+                                                              r.prompt_logprobs, self.vocab_limit)
                 r.prompt_scores += [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), top.tolist(),
                                                                            values.tolist())]
         return logits[:, -1]

@@ -4,7 +4,8 @@ use (nanochat's engine.py plays this part there).
 
   sample_next(logits, ...)             greedy, temperature, top-k and nucleus sampling
   penalize(logits, counts, ...)        OpenAI's frequency and presence penalties on repeated tokens
-  token_logprobs(logits, tokens, k)    the model's log-probabilities of chosen tokens, and the top k
+  chosen_and_top_logprobs(logits, tokens, k)
+                                       the model's log-probabilities of chosen tokens, and the top k
   prompt_logprobs(model, ids, k)       the same for every token of a prompt after its first
   pad_prompts(prompts)                 left-padded (B, P) prompts and their validity mask
   KVCache, new_cache(model, ...)       keys and values (or MLA latents) of earlier tokens
@@ -79,7 +80,7 @@ def penalize(logits, counts, frequency_penalty=0.0, presence_penalty=0.0):
     return logits.float() - frequency_penalty * counts - presence_penalty * (counts > 0).float()
 
 
-def token_logprobs(logits, tokens, k=0, vocab_limit=None):
+def chosen_and_top_logprobs(logits, tokens, k=0, vocab_limit=None):
     """The model's log-probabilities of tokens (B,) under (B, V) logits, and of the k most likely
     tokens of each row: what OpenAI's `logprobs` report. They are of the model's own distribution,
         log p(t) = z_t - log sum_j exp(z_j)      over the tokenizer's ids (not the vocab padding),
@@ -106,7 +107,8 @@ def prompt_logprobs(model, ids, k=0, vocab_limit=None):
     logits = model(idx)[0][0, :-1]                        # (T - 1, V): position t predicts ids[t + 1]
     out = []
     for a in range(0, len(ids) - 1, 256):                 # float32 log-softmax 256 positions at a time
-        chosen, values, top = token_logprobs(logits[a:a + 256], idx[0, a + 1:a + 257], k, vocab_limit)
+        chosen, values, top = chosen_and_top_logprobs(logits[a:a + 256], idx[0, a + 1:a + 257], k,
+                                                      vocab_limit)
         out += [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), top.tolist(), values.tolist())]
     return out
 

@@ -24,7 +24,7 @@ $ python serve.py --out_dir=out/sft --port=8080 --host=0.0.0.0 --n_blocks=2048
 
 Any OpenAI client works, e.g. openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none').
 Log-probabilities are the model's own distribution, before temperature, top_p or the penalties
-(generate.token_logprobs). A completion's prompt of token ids is read as given; a string prompt
+(generate.chosen_and_top_logprobs). A completion's prompt of token ids is read as given; a string prompt
 starts with the end-of-text token, as every training document did, and its echo leaves that out
 (so even its first token has a log-probability). With echo and logprobs the engine scores the
 prompt's tokens as its prefill reads them (Engine.add prompt_logprobs, batched with the other
