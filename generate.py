@@ -24,6 +24,7 @@ reference crops at every token and generate_tokens restarts from the latest half
 """
 
 import contextlib
+import sys
 
 import torch
 
@@ -547,12 +548,12 @@ def decode_graphs(model):
 def use_cuda_graph(value, device_type):
     """A script's cuda_graph setting resolved: None means on for CUDA (the captured one-token step
     of DecodeGraph gives the answers of eager decoding, several times faster), off elsewhere;
-    True / False as given. Anything else is refused by name."""
+    True / False as given. Anything else stops the script with an error that names the valid values."""
     if value is None:
         return device_type == 'cuda'
     if isinstance(value, bool):
         return value
-    raise ValueError(f'cuda_graph={value!r}; valid: None (on for CUDA), True, False')
+    sys.exit(f'error: cuda_graph={value!r}; valid: None (on for CUDA), True, False')
 
 
 @torch.no_grad()

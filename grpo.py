@@ -123,10 +123,7 @@ problem = settings_problem('grpo', config)
 if problem:
     sys.exit(f'error: {problem}')
 rt = init_runtime(device, dtype, seed)
-try:
-    cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
-except ValueError as e:
-    sys.exit(f'error: {e}')
+cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 
 # --- models: the policy (trained), the frozen reference, the reward -------------------------------
 resume = init_from == 'resume'

@@ -125,10 +125,7 @@ problem = settings_problem('ppo', config)
 if problem:
     sys.exit(f'error: {problem}')
 rt = init_runtime(device, dtype, seed)
-try:
-    cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
-except ValueError as e:
-    sys.exit(f'error: {e}')
+cuda_graph = use_cuda_graph(cuda_graph, rt.device_type)
 
 # --- models: the policy and the value model (trained), the frozen reference, the reward ---------
 resume = init_from == 'resume'
