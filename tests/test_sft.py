@@ -485,18 +485,20 @@ def test_prepare_instruct_paragraphs_keep_the_end_of_the_text_for_val(tmp_path):
 
 
 def test_cuda_graph_defaults_to_cuda_only_and_refuses_other_values(tmp_path):
-    """cuda_graph=None (the default of eval.py, ppo.py, grpo.py) decodes through the captured step on
-    CUDA only; True / False are kept; anything else stops the script with its name (a bare word
-    already on the command line)."""
+    """cuda_graph=None (the default of every stage that answers prompts) decodes through the
+    captured step on CUDA only; True / False are kept; anything else stops the script with one line
+    naming the valid values, before any model is loaded (sft, dpo, reward and distill once ended in
+    a traceback), and a bare word already on the command line."""
     assert use_cuda_graph(None, 'cuda') is True and use_cuda_graph(None, 'cpu') is False
     assert use_cuda_graph(True, 'cpu') is True and use_cuda_graph(False, 'cuda') is False
-    with pytest.raises(ValueError, match="cuda_graph='maybe'; valid: None"):
+    with pytest.raises(SystemExit, match="error: cuda_graph='maybe'; valid: None"):
         use_cuda_graph('maybe', 'cuda')
-    scripts = ('eval.py', 'ppo.py', 'grpo.py')
-    for script, p in zip(scripts, run_scripts([(s, ['--cuda_graph=maybe', '--device=cpu']) for s in scripts],
-                                              cwd=tmp_path)):
-        assert p.returncode != 0 and "error: --cuda_graph=maybe is not a Python literal" in p.stderr, \
-            (script, p.stderr[-500:])
+    scripts = ('sft.py', 'dpo.py', 'reward.py', 'ppo.py', 'grpo.py', 'distill.py', 'eval.py')
+    for value, error in (('1', 'error: cuda_graph=1; valid: None (on for CUDA), True, False'),
+                         ('maybe', 'error: --cuda_graph=maybe is not a Python literal')):
+        runs = run_scripts([(s, [f'--cuda_graph={value}', '--device=cpu']) for s in scripts], cwd=tmp_path)
+        for script, p in zip(scripts, runs):
+            assert p.returncode != 0 and error in p.stderr and 'Traceback' not in p.stderr, (script, p.stderr[-500:])
 
 
 CHATS = [   # one record in each format prepare/chat.py reads
