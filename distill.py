@@ -467,16 +467,19 @@ step = run.step                               # 0, or where a resumed run stoppe
 while run.evaluate(step, evaluate, plots):    # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
     loss, kd_mean = torch.zeros((), device=rt.device), None
-    for micro in range(gradient_accumulation_steps):
-        x, y, segments = train_batch(step, micro)
+    micro_batches = [train_batch(step, micro) for micro in range(gradient_accumulation_steps)]
+    # a micro-batch's mean loss counts by its share of the step's scored tokens (all ranks'), which
+    # varies with instruction data (task_dir): w_m = world_size * n_m / N, the mean of one large batch
+    share = run.token_share_weights([(y >= 0).sum() for _, y, _ in micro_batches])
+    for micro, (x, y, segments) in enumerate(micro_batches):
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
                 micro_loss, kd = distillation_loss(run.model, x, y, segments)
-                micro_loss = micro_loss / gradient_accumulation_steps
+                micro_loss = micro_loss * share[micro]
             run.backward(micro_loss)
         loss += micro_loss.detach()
-        if kd is not None:                    # the KL's mean over the micro-batches, like the loss
-            kd_mean = (0 if kd_mean is None else kd_mean) + kd / gradient_accumulation_steps
+        if kd is not None:                    # the KL's mean over the step's tokens, like the loss
+            kd_mean = (0 if kd_mean is None else kd_mean) + kd * share[micro]
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
     if not run.log(step, lr, loss, tokens_per_step, out, {} if kd_mean is None else {'kd_loss': kd_mean}):

@@ -281,14 +281,19 @@ step = run.step                               # 0, or where a resumed run stoppe
 while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
+    micro_batches = []                        # x, y, the targets' loss weights w, segments
     for micro in range(gradient_accumulation_steps):
-        rows, segments = batch_rows(step, micro)       # x, y and the targets' loss weights w
-        x, y, w = chat_batch(rows, tok.eot_id, block_size if packing else None, weights=True)
+        rows, segments = batch_rows(step, micro)
+        micro_batches.append((*chat_batch(rows, tok.eot_id, block_size if packing else None, weights=True), segments))
+    # a micro-batch's mean loss counts by its share of the step's response tokens (all ranks'), so the
+    # step's loss is their mean, as in one large batch: w_m = world_size * n_m / N
+    share = run.token_share_weights([int((y >= 0).sum()) for _, y, _, _ in micro_batches])
+    for micro, (x, y, w, segments) in enumerate(micro_batches):
         x, y, w = x.to(rt.device), y.to(rt.device), w.to(rt.device)
         segments = segments.to(rt.device) if segments is not None else None
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
             with rt.autocast():
-                micro_loss = train_loss(x, y, w, segments) / gradient_accumulation_steps
+                micro_loss = train_loss(x, y, w, segments) * share[micro]
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + x.numel()
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip

@@ -653,6 +653,21 @@ class Run:
             print(f'done: {self.step} steps' + saved + (f', loss curve {path}' if os.path.exists(path) else ''))
         self.log_file.close()
 
+    def token_share_weights(self, counts):
+        """The loss weight of each micro-batch of a step whose losses are means over a varying
+        number of tokens (SFT's response tokens): counts[m] = n_m, this rank's micro-batch m's tokens,
+        N = the sum of n_m over every micro-batch of every rank (one all-reduce, no wait for the host),
+            w_m = world_size * n_m / N,
+        so sum_m w_m mean_m, averaged over the ranks as DDP / FSDP average their gradients, is the
+        mean over all N tokens: what one large batch computes, whatever gradient_accumulation_steps
+        and the number of ranks (1 / gradient_accumulation_steps each would weigh a short
+        micro-batch's tokens above a long one's). Returns a (len(counts),) float32 tensor."""
+        counts = torch.stack([torch.as_tensor(n, device=self.rt.device) for n in counts]).float()  # ints, 0-d tensors
+        total = counts.sum()
+        if self.rt.ddp:
+            dist.all_reduce(total)
+        return counts * self.rt.world_size / total.clamp(min=1)
+
     def mean_over_ranks(self, numbers):
         """{name: number or 0-d tensor} -> {name: float}, averaged over the ranks by one
         all-reduce; in a single process the values themselves."""

@@ -627,3 +627,33 @@ def test_prepare_chat_and_sft_refuse_what_would_train_nothing_or_the_wrong_thing
     full, = run_script_many('sft.py', [[*SFT, f'--task_dir={task}', '--max_iters=1', '--block_size=64']], cwd=pipeline)
     assert ('no training example has a response token within block_size + 1 = 65 tokens: the prompts fill the '
             'window') in full.stderr
+
+
+def test_accumulated_micro_batches_weigh_every_response_token_alike():
+    """Micro-batches with 3 and 40 response tokens: weighted by their share of the step's tokens
+    (Run.token_share_weights, as sft.py weighs them), their accumulated gradient is the gradient
+    of one batch's mean over all 43 tokens; 1 / gradient_accumulation_steps each is not."""
+    from types import SimpleNamespace
+    from model import masked_cross_entropy
+    from training import Run
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=48, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 50, (2, 48))
+    y = torch.randint(0, 50, (2, 48))
+    y[0, :45] = -1                                            # the first row scores 3 tokens, the second 40
+    y[1, :8] = -1
+    run = SimpleNamespace(rt=SimpleNamespace(device='cpu', ddp=False, world_size=1))
+
+    def grads(weights):
+        model.zero_grad()
+        for m, w in enumerate(weights):
+            (masked_cross_entropy(model(x[m:m + 1])[0], y[m:m + 1]) * w).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    share = Run.token_share_weights(run, [int((y[m] >= 0).sum()) for m in range(2)])
+    assert share.tolist() == pytest.approx([3 / 43, 40 / 43])
+    model.zero_grad()
+    masked_cross_entropy(model(x)[0], y).backward()           # the one large batch
+    one_batch = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads(share), one_batch, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(grads([0.5, 0.5]), one_batch, atol=1e-4)
