@@ -244,6 +244,7 @@ step = run.step                               # 0, or where a resumed run stoppe
 while run.evaluate(step, evaluate):           # every eval_interval steps: evaluate, plot, save
     lr = run.set_lr(step)
     loss, tokens = torch.zeros((), device=rt.device), 0
+    metrics = dict.fromkeys(('reward_margin', 'accuracy', 'reward_chosen', 'reward_rejected', 'nll_chosen'), 0.0)
     for micro in range(gradient_accumulation_steps):
         ix = run.epoch_batch(step, micro, len(train_pairs), batch_size)   # every pair once an epoch
         with run.sync(micro):                 # DDP / FSDP reduce gradients on the last micro-step only
@@ -253,12 +254,12 @@ while run.evaluate(step, evaluate):           # every eval_interval steps: evalu
                 micro_loss = micro_loss / gradient_accumulation_steps
             run.backward(micro_loss)
         loss, tokens = loss + micro_loss.detach(), tokens + n_tokens
+        # the step's implicit rewards and nll_chosen: means over its micro-batches, as the loss
+        for name, value in (('reward_margin', r_c - r_r), ('accuracy', pair_accuracy(r_c, r_r)),
+                            ('reward_chosen', r_c), ('reward_rejected', r_r), ('nll_chosen', nll_chosen)):
+            metrics[name] = metrics[name] + value.detach().mean() / gradient_accumulation_steps
     out = run.optimizer_step()                # clip, step, zero grads, router biases, QK-Clip
     step += 1
-    # the implicit rewards and nll_chosen of the last micro-batch's pairs (the loss is the whole step's)
-    metrics = {'reward_margin': (r_c - r_r).mean().detach(), 'accuracy': pair_accuracy(r_c, r_r).mean().detach(),
-               'reward_chosen': r_c.mean().detach(), 'reward_rejected': r_r.mean().detach(),
-               'nll_chosen': nll_chosen.detach()}
     if not run.log(step, lr, loss, tokens, out, metrics):   # every log_interval; False: NaN/inf
         break
 run.finish()

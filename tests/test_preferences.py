@@ -699,3 +699,21 @@ def test_reward_and_dpo_count_no_flops_for_the_mtp_modules_they_do_not_run(plant
         expected = model.flops_per_token(cfg.block_size, mtp=False)
         assert expected < GPT(cfg).flops_per_token(cfg.block_size)         # the MTP module's share is left out
         assert row['mfu'] * 1e12 / row['tokens_per_sec'] == pytest.approx(expected, rel=1e-6), script
+
+
+def test_dpo_logs_the_whole_steps_implicit_rewards_under_accumulation(planted):
+    """With gradient_accumulation_steps=2 the logged implicit rewards, accuracy and nll_chosen are
+    the step's (both micro-batches'), as one batch of twice the size logs them: the same pairs,
+    the same update (they were the last micro-batch's alone)."""
+    rows = {}
+    for accumulation, batch in ((1, 8), (2, 4)):
+        out = f'dpo_acc{accumulation}'
+        run_script('dpo.py', '--init_from=base', f'--out_dir={out}', '--prefs_dir=planted', '--max_iters=3',
+                   '--eval_interval=3', f'--batch_size={batch}', f'--gradient_accumulation_steps={accumulation}',
+                   '--learning_rate=1e-3', '--eval_prompts=0', '--dropout=0.0', *COMMON, cwd=planted)
+        rows[accumulation] = [r for r in map(json.loads, open(planted / out / 'log.jsonl')) if 'train/loss' in r]
+    for one, two in zip(rows[1][1:], rows[2][1:]):                 # after the first update: margins apart from 0
+        assert one['train/reward_margin'] != 0
+        for key in ('train/loss', 'train/reward_margin', 'train/reward_chosen', 'train/reward_rejected',
+                    'train/nll_chosen', 'train/accuracy'):
+            assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
