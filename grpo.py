@@ -14,7 +14,7 @@ value model. Each iteration is one rollout and its updates:
 
 Two variants are settings: Dr. GRPO (Liu et al. 2025) is --scale_rewards=False --loss_agg=constant
 (no division by the group's std, no division by each answer's length); DAPO's (Yu et al. 2025)
-token-level loss (per rank; DDP averages the ranks) and clip-higher are --loss_agg=token
+token-level loss (over every rank's response tokens) and clip-higher are --loss_agg=token
 --clip_eps_high=0.28.
 
 $ python grpo.py --init_from=out/sft --reward=rule --out_dir=out/grpo
@@ -36,7 +36,7 @@ from config import configure
 from generate import use_cuda_graph
 from rl import (LOSS_AGGREGATIONS, RunningMoments, aggregate, append_samples, batched_logprobs, clear_samples,
                 clipped_policy_loss, entropy, evaluate_policy, group_advantages, kl_k3, load_policy, load_rewards,
-                mean_stats, merged_steps, minibatch_problem, minibatch_update, prompts_of_rollout, read_prompts,
+                mean_stats, merged_steps, minibatch_problem, prompts_of_rollout, read_prompts,
                 response_logprobs, room_problem, rollout_stats, sample_rollout, settings_problem, trim_padding)
 from runtime import all_ranks, close_runtime, init_runtime
 from training import Run, check_loop_settings
@@ -216,13 +216,24 @@ while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: ev
     losses, updates, outs, tokens = [], [], [], 0
     for epoch in range(grpo_epochs):                # passes over the rollout, in shuffled minibatches
         order = torch.randperm(n_answers, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
-        for idx in order.to(rt.device).split(minibatch_size):
-            loss, stats, n, out = minibatch_update(run, grpo_loss, buffer, idx, rt.autocast,   # one step
-                                                   token_mean=loss_agg == 'token')
+        for idx in order.to(rt.device).split(minibatch_size):   # one optimizer step per minibatch
+            parts = torch.tensor_split(idx, gradient_accumulation_steps)   # equal micro-batches (minibatch_problem)
+            # grpo_loss is a mean over a micro-batch's answers ('sequence', 'constant': each counts
+            # 1 / gradient_accumulation_steps) or its response tokens ('token': each counts by its
+            # share of the minibatch's), so the step's loss is the minibatch's whatever the accumulation
+            share = (run.token_share_weights([buffer['mask'][part].sum() for part in parts]) if loss_agg == 'token'
+                     else [1 / gradient_accumulation_steps] * gradient_accumulation_steps)
+            loss, stats = 0.0, {}
+            for micro, part in enumerate(parts):
+                with run.sync(micro):              # DDP reduces gradients on the last micro-step only
+                    with rt.autocast():
+                        micro_loss, micro_stats, n = grpo_loss({k: v[part] for k, v in buffer.items()})
+                    run.backward(micro_loss * share[micro])
+                loss, tokens = loss + micro_loss.detach() * share[micro], tokens + n
+                stats = {k: stats.get(k, 0) + v * share[micro] for k, v in micro_stats.items()}
+            outs.append(run.optimizer_step())      # clip, step, zero grads, router biases, QK-Clip
             losses.append(loss)
             updates.append(stats)
-            outs.append(out)
-            tokens += n
     r += 1
     if not run.log(r, lr, torch.stack(losses).mean(), tokens, merged_steps(outs),
                    {**mean_stats(updates), **stats_of_rollout}):

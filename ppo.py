@@ -35,7 +35,7 @@ from generate import use_cuda_graph
 from model import ScalarModel, through_last
 from rl import (AdaptiveKL, RunningMoments, append_samples, batched_logprobs, clear_samples,
                 clipped_policy_loss, clipped_value_loss, entropy, evaluate_policy, explained_variance, gae,
-                load_policy, load_rewards, mean_stats, merged_steps, minibatch_problem, minibatch_update,
+                load_policy, load_rewards, mean_stats, merged_steps, minibatch_problem,
                 per_token_rewards, prompts_of_rollout, read_prompts, response_logprobs, rollout_stats, room_problem,
                 sample_rollout, settings_problem, trim_padding, whiten)
 from runtime import all_ranks, close_runtime, init_runtime
@@ -241,12 +241,22 @@ while run.evaluate(r, evaluate, plots):       # every eval_interval rollouts: ev
     losses, updates, outs, tokens = [], [], [], 0
     for epoch in range(ppo_epochs):                # passes over the rollout, in shuffled minibatches
         order = torch.randperm(rollout_prompts, generator=torch.Generator().manual_seed(seed + 31 * r + epoch))
-        for idx in order.to(rt.device).split(minibatch_size):
-            loss, stats, n, out = minibatch_update(run, ppo_loss, buffer, idx, rt.autocast, token_mean=True)
+        for idx in order.to(rt.device).split(minibatch_size):   # one optimizer step per minibatch
+            parts = torch.tensor_split(idx, gradient_accumulation_steps)   # equal micro-batches (minibatch_problem)
+            # ppo_loss is a mean over a micro-batch's response tokens: each counts by its share of
+            # the minibatch's, so the step's loss is their mean whatever the accumulation
+            share = run.token_share_weights([buffer['mask'][part].sum() for part in parts])
+            loss, stats = 0.0, {}
+            for micro, part in enumerate(parts):
+                with run.sync(micro):              # DDP reduces gradients on the last micro-step only
+                    with rt.autocast():
+                        micro_loss, micro_stats, n = ppo_loss({k: v[part] for k, v in buffer.items()})
+                    run.backward(micro_loss * share[micro])
+                loss, tokens = loss + micro_loss.detach() * share[micro], tokens + n
+                stats = {k: stats.get(k, 0) + v * share[micro] for k, v in micro_stats.items()}
+            outs.append(run.optimizer_step())      # clip, step, zero grads, router biases, QK-Clip
             losses.append(loss)
             updates.append(stats)
-            outs.append(out)
-            tokens += n
     r += 1
     if not run.log(r, lr, torch.stack(losses).mean(), tokens, merged_steps(outs),
                    {**mean_stats(updates), **stats_of_rollout}):

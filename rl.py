@@ -299,38 +299,6 @@ def minibatch_problem(n_answers, minibatch_size, gradient_accumulation_steps, wh
     return None
 
 
-def minibatch_update(run, loss_fn, buffer, idx, autocast, token_mean=False):
-    """One optimizer step on the answers idx of a rollout: loss_fn(minibatch) -> (loss, stats,
-    tokens) over run's gradient_accumulation_steps micro-batches, exactly that many (DDP reduces
-    the gradients on the last one only; the scripts check that they divide every minibatch),
-    then run.optimizer_step() (clip, step, router biases, QK-Clip).
-    Returns (the minibatch's loss, its stats, its tokens, the step's output). loss_fn's loss and
-    stats are means over its micro-batch: over its answers (GRPO's loss_agg 'sequence' and
-    'constant': the micro-batches' plain mean is the minibatch's), or with token_mean=True over its
-    response tokens (PPO; GRPO's 'token'), whose micro-batches
-    are then weighted by their share of the minibatch's response tokens (buffer['mask']), so that
-    gradient_accumulation_steps, a memory setting, does not change the objective (across DDP ranks
-    the gradients are still a plain mean: a token mean is each rank's)."""
-    n_micro = run.c['gradient_accumulation_steps']
-    parts = torch.tensor_split(idx, n_micro)
-    if any(len(p) == 0 for p in parts):
-        raise ValueError(f'{len(idx)} answers cannot make {n_micro} micro-batches')
-    if token_mean:       # w_m = (response tokens of micro-batch m) / (response tokens of the minibatch)
-        counts = torch.stack([buffer['mask'][p].sum() for p in parts]).float()
-        weights = counts / counts.sum().clamp(min=1)           # on the device: no wait for the host
-    else:
-        weights = [1 / n_micro] * n_micro
-    total, tokens, sums = 0.0, 0, {}
-    for micro, (part, w) in enumerate(zip(parts, weights)):
-        with run.sync(micro):
-            with autocast():
-                loss, stats, n = loss_fn({k: v[part] for k, v in buffer.items()})
-            run.backward(loss * w)
-        total, tokens = total + loss.detach() * w, tokens + n
-        sums = {k: sums.get(k, 0) + v * w for k, v in stats.items()}
-    return total, sums, tokens, run.optimizer_step()
-
-
 def merged_steps(outs):
     """The outputs of one rollout's optimizer steps (Run.optimizer_step) as one, for Run.log: the
     mean gradient norm and the expert loads summed over the steps (each step's are counted from the
