@@ -41,12 +41,24 @@ class Runtime:
         return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
 
 
+def ctrl_c_in_one_line(kind, value, tb, default=sys.excepthook):
+    """sys.excepthook from init_runtime on: a Ctrl-C (KeyboardInterrupt) that nothing caught, in a
+    stage's set-up before its loop (loading, the reference pass, sampling) or in a script without
+    a loop, ends the program with one line instead of a traceback (it still dies by SIGINT: 130); any
+    other exception as Python prints it. (A training loop's Run then saves a checkpoint on Ctrl-C.)"""
+    if issubclass(kind, KeyboardInterrupt):
+        print('\nstopped by Ctrl-C', file=sys.stderr)
+    else:
+        default(kind, value, tb)
+
+
 def init_runtime(device='auto', dtype='auto', seed=1337):
     """Pick the device and dtype, start torch.distributed when launched by torchrun (one process
     per GPU: NCCL on CUDA, gloo on the CPU), and seed every RNG with `seed` on EVERY rank, so that
     every rank builds the same model (FSDP shards it without a broadcast). training.Run then moves
     ranks > 0 to their own stream (seed + rank) for dropout; batches are drawn from explicit
     generators (Run.batch_generator), so they differ per rank by construction."""
+    sys.excepthook = ctrl_c_in_one_line
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
         rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])

@@ -741,3 +741,20 @@ def test_the_loop_clips_the_gradient(tmp_path, byte_data):
     moved = {name: max((w[name][k].float() - w['init'][k].float()).abs().max().item() for k in w['init'])
              for name in ('clipped', 'free')}
     assert moved['free'] > 1e-4 and moved['clipped'] < 1e-2 * moved['free'], moved
+
+
+def test_ctrl_c_before_a_training_loop_ends_in_one_line(tmp_path):
+    """A Ctrl-C in a stage's set-up (loading, DPO's reference pass, sampling), before Run handles
+    it, ends the script with one line and death by SIGINT, not a traceback."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = ('import os, signal, sys, time\n'
+            f'sys.path.insert(0, {REPO!r})\n'
+            'from runtime import init_runtime\n'
+            "init_runtime('cpu')\n"
+            'os.kill(os.getpid(), signal.SIGINT)\n'
+            'time.sleep(30)\n')
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGINT and p.stderr.strip() == 'stopped by Ctrl-C', p.stderr   # (a shell: 130)
