@@ -452,7 +452,7 @@ def evaluate(model):
 
 
 flops_per_token = model.flops_per_token(block_size) + (    # + the teacher's forward (1/3 of training)
-    teacher_model.flops_per_token(block_size) / 3 if distilling else 0)
+    teacher_model.flops_per_token(block_size, mtp=False) / 3 if distilling else 0)   # (its MTP modules rest)
 # optimizer, FSDP / DDP, torch.compile, the log, and the resumed optimizer state, step and RNG
 parent = (resume.get('parent') if resume is not None else source) or 'scratch'   # what the student started from
 run = Run(config, rt, model, 'distill', tok_spec, flops_per_token, resume=resume,

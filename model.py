@@ -934,10 +934,12 @@ class MTPModule(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         C = config.n_embd
-        self.enorm, self.hnorm = make_norm(config, C), make_norm(config, C)   # RMSNorm in V3
+        # RMSNorm whatever config.norm says, as in V3 (and as every saved MTP checkpoint has them: a
+        # LayerNorm here would need weights these never learned)
+        self.enorm, self.hnorm = RMSNorm(C, config.norm_eps), RMSNorm(C, config.norm_eps)
         self.eh_proj = nn.Linear(2 * C, C, bias=False)
         self.block = Block(config, layer_idx)
-        self.norm = make_norm(config, C)
+        self.norm = RMSNorm(C, config.norm_eps)
 
     def forward(self, h, emb, rope, mask, counted=None):
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))

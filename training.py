@@ -10,8 +10,8 @@ each stage (train.py, sft.py, reward.py, dpo.py, distill.py, ppo.py, grpo.py):
         for micro in range(gradient_accumulation_steps):
             with run.sync(micro):                  # DDP/FSDP reduce gradients on the last only
                 with rt.autocast():
-                    micro_loss = ... / gradient_accumulation_steps
-                run.backward(micro_loss)
+                    micro_loss = ... / gradient_accumulation_steps   # or x run.token_share_weights(..)[micro]
+                run.backward(micro_loss)                             # where it is a mean over a varying count
             loss = loss + micro_loss.detach()      # the step's loss, for the log
         out = run.optimizer_step()                 # clip, step, zero grads, router biases, QK-Clip
         step += 1

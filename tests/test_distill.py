@@ -323,3 +323,17 @@ def test_every_held_out_split_is_evaluated_as_train_py_does(tiny):
     row = [r for r in log_rows(tiny / 'student_two_vals') if 'val/loss' in r][-1]
     assert {'val/loss', 'val/bpb', 'val_other/loss', 'val_other/bpb', 'val/kl', 'val/teacher_loss'} <= set(row), row
     assert row['val_other/loss'] != row['val/loss']
+
+
+def test_mfu_counts_the_teachers_forward_without_its_mtp_modules(tiny):
+    """The teacher runs one forward without targets, so its MTP modules rest: the logged MFU counts
+    the student's training (its own MTP module included) + a third of the teacher's main model."""
+    run_script('train.py', '--data_dir=data', '--out_dir=mtp_teacher', *TINY_MODEL, *TEACHER, '--mtp_depth=1',
+               '--max_iters=2', '--eval_interval=2', cwd=tiny)
+    run_script('distill.py', '--teacher=mtp_teacher', '--out_dir=student_of_mtp', *STUDENT, '--mtp_depth=1',
+               '--max_iters=2', '--eval_interval=2', cwd=tiny)
+    row = next(r for r in log_rows(tiny / 'student_of_mtp') if 'mfu' in r)
+    student = GPT(ModelConfig(**load_checkpoint(str(tiny / 'student_of_mtp'))['model_config']))
+    teacher = GPT(ModelConfig(**load_checkpoint(str(tiny / 'mtp_teacher'))['model_config']))
+    expected = student.flops_per_token(32) + teacher.flops_per_token(32, mtp=False) / 3
+    assert row['mfu'] * 1e12 / row['tokens_per_sec'] == pytest.approx(expected, rel=1e-6)

@@ -305,9 +305,3 @@ def test_the_reference_generate_never_chooses_the_vocabulary_padding():
     for temperature in (0, 1.0):
         out = model.generate(idx, 8, temperature=temperature, top_k=5, vocab_limit=50)[:, 5:]
         assert (out < 50).all()
-
-
-def test_mtp_modules_use_the_models_norm():
-    """An MTP module's norms are the config's (LayerNorm here), as every other norm of the model."""
-    model = tiny(norm='layernorm', mtp_depth=1)
-    assert all(isinstance(m, torch.nn.LayerNorm) for m in (model.mtp[0].enorm, model.mtp[0].hnorm, model.mtp[0].norm))
