@@ -265,15 +265,16 @@ def prompt_batch(groups):
 
 
 def pair_loss(r_chosen, r_rejected, weight=None, gap=None):
-    """The mean loss of the pairs (or, with weight, their weighted sum). gap: the pairs' rule gaps
-    (with rule_gap_margin), a margin m(gap) the difference must pass: -log sigmoid(diff - m)."""
+    """The mean loss of the pairs (or, with weight, their weighted sum), over diff = r_c - r_r - k gap
+    (k = rule_gap_margin; gap: the pairs' rule gaps, Llama 2's margin, or none):
+        bt:     -log sigmoid(diff)               margin: max(0, ranking_margin - diff)"""
     diff = r_chosen - r_rejected
     if gap is not None:
         diff = diff - rule_gap_margin * gap
     if loss_type == 'bt':
         per_pair = -F.logsigmoid(diff)                    # Bradley-Terry: P(chosen > rejected) = sigma(diff)
     else:
-        per_pair = F.relu(ranking_margin - diff)
+        per_pair = F.relu(ranking_margin - diff)          # hinge: the difference must pass ranking_margin
     return per_pair.mean() if weight is None else (weight * per_pair).sum()
 
 
