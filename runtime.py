@@ -41,13 +41,14 @@ class Runtime:
         return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
 
 
-def ctrl_c_in_one_line(kind, value, tb, default=sys.excepthook):
+def ctrl_c_in_one_line(kind, value, tb, message='\nstopped by Ctrl-C', default=sys.excepthook):
     """sys.excepthook from init_runtime on: a Ctrl-C (KeyboardInterrupt) that nothing caught, in a
     stage's set-up before its loop (loading, the reference pass, sampling) or in a script without
-    a loop, ends the program with one line instead of a traceback (it still dies by SIGINT: 130); any
-    other exception as Python prints it. (A training loop's Run then saves a checkpoint on Ctrl-C.)"""
+    a loop, ends the program with one line, `message`, instead of a traceback (it still dies by
+    SIGINT: 130); any other exception as Python prints it. (A training loop's Run then saves a
+    checkpoint on Ctrl-C, and installs this hook with its own message for a second one.)"""
     if issubclass(kind, KeyboardInterrupt):
-        print('\nstopped by Ctrl-C', file=sys.stderr)
+        print(message, file=sys.stderr)
     else:
         default(kind, value, tb)
 

@@ -36,6 +36,7 @@ itself, and checkpoints are gathered into the single-process layout.
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import os
@@ -58,7 +59,7 @@ from optim import (LR_SCHEDULES, OPTIMIZERS, build_optimizer, clip_grad_norm_, i
 import parallel
 from quant import QuantExperts, QuantLinear
 from runlog import PrintsAboveBar, RunLog, progress
-from runtime import compile_mode_arg, measure_peak_flops, shard_model, synchronize
+from runtime import compile_mode_arg, ctrl_c_in_one_line, measure_peak_flops, shard_model, synchronize
 
 # loss.png and the other curves are redrawn at an evaluation at most this often (a drawing costs
 # about a quarter of a second), and when the run ends: at its last step, on Ctrl-C or divergence
@@ -112,13 +113,8 @@ class EvaluationInterrupted(Exception):
     large model can take an hour; under torchrun the ranks finish it together instead)."""
 
 
-def quiet_second_ctrl_c(kind, value, tb, default=sys.excepthook):
-    """sys.excepthook while a Run is live: a second Ctrl-C (KeyboardInterrupt) ends the program with
-    one line instead of a traceback; any other exception as Python prints it."""
-    if issubclass(kind, KeyboardInterrupt):
-        print('stopped at once by a second Ctrl-C: nothing saved', file=sys.stderr)
-    else:
-        default(kind, value, tb)
+# sys.excepthook while a Run is live: a second Ctrl-C (KeyboardInterrupt) ends the program with one line
+quiet_second_ctrl_c = functools.partial(ctrl_c_in_one_line, message='stopped at once by a second Ctrl-C: nothing saved')
 
 
 class Run:
